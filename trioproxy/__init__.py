@@ -1,0 +1,49 @@
+"""trioproxy: a streaming reverse proxy for LLM APIs, built on trio."""
+
+from ._config import Config, ProviderConfig, ServerConfig, load_config, parse_config
+from ._events import Delta, EventType, StreamEvent, ToolCallDelta, Usage
+from ._exceptions import (
+    ConfigError,
+    ModelNotFoundError,
+    RequestError,
+    TrioproxyError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+from ._router import Route, Router
+from ._sse import ServerSentEvent, SSEDecodeError, SSEDecoder, encode_comment, encode_event
+from ._version import __version__
+from .server import create_app, serve
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Delta",
+    "EventType",
+    "ModelNotFoundError",
+    "ProviderConfig",
+    "RequestError",
+    "Route",
+    "Router",
+    "SSEDecodeError",
+    "SSEDecoder",
+    "ServerConfig",
+    "ServerSentEvent",
+    "StreamEvent",
+    "ToolCallDelta",
+    "TrioproxyError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamStatusError",
+    "UpstreamTimeoutError",
+    "Usage",
+    "__version__",
+    "create_app",
+    "load_config",
+    "parse_config",
+    "serve",
+]

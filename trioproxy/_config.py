@@ -1,0 +1,242 @@
+"""
+Settings: one TOML file plus environment variables, checked at start-up.
+
+Every mistake in the file is reported at once, one sentence each naming the key, so a user
+fixes the file in one go rather than one error per restart. Secrets never live in the file:
+a provider names the environment variable that holds its key (`api_key_env`), and the key is
+kept out of every `repr`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from ._exceptions import ConfigError
+from .providers.simulated import SimulatedSettings, settings_problems
+
+__all__ = ["Config", "ProviderConfig", "ServerConfig", "load_config", "parse_config"]
+
+PROVIDER_TYPES: Final = ("openai", "anthropic", "simulated")
+SIM: Final = "sim"
+DEFAULT_ANTHROPIC_URL: Final = "https://api.anthropic.com"
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 8000
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """
+    One `[providers.NAME]` table.
+
+    `connect_timeout` bounds opening a connection to the upstream (seconds).
+    `max_connections` bounds the provider's connection pool.
+    """
+
+    name: str
+    type: str
+    base_url: str = ""
+    api_key_env: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
+    models: tuple[str, ...] = ()
+    connect_timeout: float = 10.0
+    max_connections: int = 1000
+    request_usage: bool = True
+    anthropic_version: str = "2023-06-01"
+    default_max_tokens: int = 4096
+    simulated: SimulatedSettings = field(default_factory=SimulatedSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    providers: Mapping[str, ProviderConfig] = field(
+        default_factory=lambda: {SIM: ProviderConfig(name=SIM, type="simulated")}
+    )
+    default_provider: str | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def load_config(path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and check a config file; `None` gives the built-in defaults (just `sim`)."""
+    if path is None:
+        return parse_config({}, environ=environ)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {str(path)!r}: {exc.strerror}"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return parse_config(raw, environ=environ)
+
+
+def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = None) -> Config:
+    """Check a parsed config document; raises `ConfigError` listing every problem."""
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    _unknown_keys(raw, {"server", "providers", "default_provider"}, "config", problems)
+    server = _server(raw.get("server", {}), problems)
+
+    providers: dict[str, ProviderConfig] = {SIM: ProviderConfig(name=SIM, type="simulated")}
+    tables = raw.get("providers", {})
+    if not isinstance(tables, dict):
+        problems.append("[providers] must be a table of provider tables")
+        tables = {}
+    for name, table in tables.items():
+        provider = _provider(name, table, env, problems, warnings)
+        if provider is not None:
+            providers[name] = provider
+
+    default_provider = raw.get("default_provider")
+    if default_provider is not None and default_provider not in providers:
+        problems.append(
+            f"default_provider = {default_provider!r} names no provider (declared: {', '.join(sorted(providers))})"
+        )
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(server=server, providers=providers, default_provider=default_provider, warnings=tuple(warnings))
+
+
+def _server(table: Any, problems: list[str]) -> ServerConfig:
+    if not isinstance(table, dict):
+        problems.append("[server] must be a table")
+        return ServerConfig()
+    _unknown_keys(table, {"host", "port"}, "[server]", problems)
+    host = table.get("host", DEFAULT_HOST)
+    port = table.get("port", DEFAULT_PORT)
+    if not isinstance(host, str) or not host:
+        problems.append(f"[server].host must be a non-empty string, got {host!r}")
+        host = DEFAULT_HOST
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        problems.append(f"[server].port must be an integer from 0 to 65535, got {port!r}")
+        port = DEFAULT_PORT
+    return ServerConfig(host=host, port=port)
+
+
+_COMMON_KEYS: Final = {"type", "base_url", "api_key_env", "headers", "models", "connect_timeout", "max_connections"}
+_TYPE_KEYS: Final = {
+    "openai": {"request_usage"},
+    "anthropic": {"anthropic_version", "default_max_tokens"},
+    "simulated": set(SimulatedSettings.__dataclass_fields__),
+}
+
+
+def _provider(
+    name: str, table: Any, env: Mapping[str, str], problems: list[str], warnings: list[str]
+) -> ProviderConfig | None:
+    where = f"[providers.{name}]"
+    if not _NAME.match(name):
+        problems.append(f"{where}: a provider name may hold only letters, digits, '_', '-' and '.'")
+        return None
+    if not isinstance(table, dict):
+        problems.append(f"{where} must be a table")
+        return None
+    type_ = table.get("type")
+    if type_ not in PROVIDER_TYPES:
+        problems.append(f"{where}.type must be one of {', '.join(map(repr, PROVIDER_TYPES))}, got {type_!r}")
+        return None
+    _unknown_keys(table, _COMMON_KEYS | _TYPE_KEYS[type_], where, problems)
+    before = len(problems)
+    checked: dict[str, Any] = {}
+
+    base_url = table.get("base_url", DEFAULT_ANTHROPIC_URL if type_ == "anthropic" else "")
+    if type_ == "openai" and "base_url" not in table:
+        problems.append(f"{where}.base_url is required for an openai provider (e.g. 'http://127.0.0.1:9000/v1')")
+    elif type_ != "simulated" and (not isinstance(base_url, str) or not re.match(r"^https?://[^/]", base_url)):
+        problems.append(f"{where}.base_url must be an http:// or https:// URL, got {base_url!r}")
+    checked["base_url"] = base_url if isinstance(base_url, str) else ""
+
+    api_key_env = table.get("api_key_env")
+    if api_key_env is not None:
+        if not isinstance(api_key_env, str) or not api_key_env:
+            problems.append(f"{where}.api_key_env must be the name of an environment variable, got {api_key_env!r}")
+        else:
+            checked["api_key_env"] = api_key_env
+            checked["api_key"] = env.get(api_key_env) or None
+            if checked["api_key"] is None:
+                warnings.append(f"{where}: environment variable {api_key_env} is not set; requests go without a key")
+
+    headers = table.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        problems.append(f"{where}.headers must be a table of strings")
+    else:
+        checked["headers"] = dict(headers)
+
+    models = table.get("models", [])
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        problems.append(f"{where}.models must be a list of model names")
+    else:
+        checked["models"] = tuple(models)
+
+    _number(table, "connect_timeout", where, problems, checked, positive=True)
+    _number(table, "max_connections", where, problems, checked, positive=True, integer=True)
+    _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
+    for key in ("request_usage",):
+        if key in table:
+            if isinstance(table[key], bool):
+                checked[key] = table[key]
+            else:
+                problems.append(f"{where}.{key} must be true or false, got {table[key]!r}")
+    if "anthropic_version" in table:
+        if isinstance(table["anthropic_version"], str):
+            checked["anthropic_version"] = table["anthropic_version"]
+        else:
+            problems.append(f"{where}.anthropic_version must be a string")
+
+    if type_ == "simulated":
+        sim_values = {k: v for k, v in table.items() if k in _TYPE_KEYS["simulated"]}
+        sim_problems = settings_problems(sim_values, where=where)
+        problems.extend(sim_problems)
+        if not sim_problems:
+            checked["simulated"] = SimulatedSettings(**sim_values)
+
+    if len(problems) > before:
+        return None
+    return ProviderConfig(name=name, type=type_, **checked)
+
+
+def _number(
+    table: Mapping[str, Any],
+    key: str,
+    where: str,
+    problems: list[str],
+    checked: dict[str, Any],
+    *,
+    positive: bool,
+    integer: bool = False,
+) -> None:
+    if key not in table:
+        return
+    value = table[key]
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or (positive and value <= 0):
+        what = "a positive integer" if integer else "a positive number"
+        problems.append(f"{where}.{key} must be {what}, got {value!r}")
+    else:
+        checked[key] = value
+
+
+def _unknown_keys(table: Mapping[str, Any], known: set[str], where: str, problems: list[str]) -> None:
+    for key in table:
+        if key not in known:
+            problems.append(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")

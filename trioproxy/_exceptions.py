@@ -1,0 +1,131 @@
+"""
+trioproxy's error tree.
+
+Every failure a client can see is one of these, so the front adapters can render it in the
+client's own protocol (OpenAI JSON, Anthropic JSON, a trioproxy `error` event) without knowing
+where it came from. Foreign exceptions (httpx, h11, quart) are mapped to these at the edge
+that meets them, once.
+
+```
+TrioproxyError                 status  type
+├── ConfigError                  -      the config file is wrong (start-up only)
+├── RequestError                400     invalid_request_error: the client's request is wrong
+│   └── ModelNotFoundError      404     not_found_error: no route for the model
+└── UpstreamError               502     upstream_error: the upstream failed us
+    ├── UpstreamConnectError    502     could not reach the upstream
+    ├── UpstreamTimeoutError    504     the upstream took too long
+    ├── UpstreamStatusError     (its)   the upstream answered with an error status
+    └── UpstreamProtocolError   502     the upstream's bytes made no sense
+```
+
+`status` is the HTTP status to answer with while no byte of the response was sent; `type` is
+the error type string of OpenAI's error object (Anthropic's renderer maps it to its own).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "ModelNotFoundError",
+    "RequestError",
+    "TrioproxyError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamStatusError",
+    "UpstreamTimeoutError",
+]
+
+
+class TrioproxyError(Exception):
+    """Base of every error trioproxy raises on purpose."""
+
+    status: int = 500
+    type: str = "server_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+
+
+class ConfigError(TrioproxyError):
+    """The config is invalid; `problems` lists every mistake, one clear sentence each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class RequestError(TrioproxyError):
+    """The client's request is invalid; `param` names the offending field where there is one."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFoundError(RequestError):
+    status = 404
+    type = "not_found_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="model_not_found", param="model")
+
+
+class UpstreamError(TrioproxyError):
+    """The upstream failed. `retryable` says whether asking again could help."""
+
+    status = 502
+    type = "upstream_error"
+    retryable = True
+
+
+class UpstreamConnectError(UpstreamError):
+    pass
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    type = "timeout_error"
+
+    def __init__(self, message: str, *, kind: str) -> None:
+        super().__init__(message, code=kind)
+        self.kind = kind
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered with an HTTP error; we answer with the same status."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        type: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.type = type or _type_for_status(status)
+        self.retry_after = retry_after
+        self.retryable = status == 429 or status >= 500
+
+
+class UpstreamProtocolError(UpstreamError):
+    retryable = False
+
+
+def _type_for_status(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if 400 <= status < 500:
+        return "invalid_request_error"
+    return "upstream_error"

@@ -1,0 +1,148 @@
+"""
+The client's chat request, parsed just enough to route and stream it.
+
+A reverse proxy must not drop what it does not understand: `body` keeps the client's JSON
+object whole (`tools`, `response_format`, vendor parameters), and providers that speak the
+same protocol forward it with only `model` replaced. The typed fields are the few the proxy
+itself acts on; each is checked here so a bad request gets a 400 naming the field.
+
+Sans-IO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+
+from ._exceptions import RequestError
+
+__all__ = ["ChatRequest", "parse_chat_request", "parse_json_object"]
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """
+    An OpenAI-style chat request.
+
+    `model` is the name the client asked for (`provider/model`); `upstream_model` is the name
+    the upstream sees, filled in by the router.
+    """
+
+    body: dict[str, Any]
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    upstream_model: str = ""
+
+    def routed(self, upstream_model: str) -> ChatRequest:
+        return replace(self, upstream_model=upstream_model)
+
+    @property
+    def last_user_text(self) -> str:
+        """The text of the last user message (content parts of type `text` joined)."""
+        for message in reversed(self.messages):
+            if message.get("role") == "user":
+                return content_text(message.get("content"))
+        return ""
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's `content`, whether a string or a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return ""
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Parse a request body that must be one JSON object."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def parse_chat_request(body: dict[str, Any], *, model: str | None = None) -> ChatRequest:
+    """
+    Check the fields the proxy acts on and build a `ChatRequest`.
+
+    `model` overrides `body["model"]` (the generic endpoints build it from `provider` and
+    `model`).
+    """
+    model = body.get("model") if model is None else model
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required and must be a non-empty string", param="model")
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' is required and must be a non-empty array", param="messages")
+    for i, message in enumerate(messages):
+        _check_message(message, i)
+
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", param="stream")
+
+    include_usage = False
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise RequestError("'stream_options' must be an object", param="stream_options")
+        include_usage = stream_options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise RequestError(
+                "'stream_options.include_usage' must be a boolean", param="stream_options.include_usage"
+            )
+
+    max_tokens = None
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RequestError(f"'{name}' must be a positive integer", param=name)
+        max_tokens = value
+        break
+
+    return ChatRequest(
+        body=body,
+        model=model,
+        messages=messages,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+    )
+
+
+def _check_message(message: Any, i: int) -> None:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise RequestError(f"'{where}' must be an object", param=where)
+    role = message.get("role")
+    if role not in _ROLES:
+        raise RequestError(
+            f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}, not {role!r}", param=f"{where}.role"
+        )
+    content = message.get("content")
+    if content is None:
+        if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            return
+        raise RequestError(f"'{where}.content' is required", param=f"{where}.content")
+    if not isinstance(content, (str, list)):
+        raise RequestError(
+            f"'{where}.content' must be a string or an array of content parts", param=f"{where}.content"
+        )

@@ -1,0 +1,71 @@
+"""
+Routing: which upstream serves a model name.
+
+A model named `NAME/model` goes to `[providers.NAME]`, and the upstream sees `model` (which
+may itself hold slashes: `local/meta-llama/Llama-3-8B` asks `local` for
+`meta-llama/Llama-3-8B`). A name whose prefix is no provider goes, whole, to the
+`default_provider` when one is configured, so an app written for one upstream keeps its
+model names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ._config import Config, ProviderConfig
+from ._exceptions import ModelNotFoundError
+from ._upstream import Upstream, build_upstream
+from .providers.simulated import SIMULATED_MODELS
+
+__all__ = ["Route", "Router"]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    provider: ProviderConfig
+    upstream: Upstream
+    upstream_model: str
+
+
+class Router:
+    """Owns one upstream (and so one connection pool) per provider."""
+
+    def __init__(self, config: Config, *, make_upstream: Callable[[ProviderConfig], Upstream] = build_upstream) -> None:
+        self.config = config
+        self.upstreams: Mapping[str, Upstream] = {name: make_upstream(p) for name, p in config.providers.items()}
+
+    def route(self, model: str, *, provider: str | None = None) -> Route:
+        """The route for `model`; `provider`, when given, overrides the model's prefix."""
+        if provider is None:
+            prefix, sep, rest = model.partition("/")
+            if sep and prefix in self.upstreams and rest:
+                provider, model = prefix, rest
+            elif self.config.default_provider is not None:
+                provider = self.config.default_provider
+            else:
+                raise ModelNotFoundError(
+                    f"no route for model {model!r}: name it as 'provider/model' with a provider among "
+                    f"{', '.join(sorted(self.upstreams))}"
+                )
+        elif model.startswith(provider + "/"):
+            model = model[len(provider) + 1 :]
+        if provider not in self.upstreams:
+            raise ModelNotFoundError(
+                f"unknown provider {provider!r}; configured providers: {', '.join(sorted(self.upstreams))}"
+            )
+        if not model:
+            raise ModelNotFoundError(f"no model named for provider {provider!r}")
+        return Route(self.config.providers[provider], self.upstreams[provider], model)
+
+    def models(self) -> list[tuple[str, str]]:
+        """`(model id, provider)` pairs that can be routed, for `GET /v1/models`."""
+        listed = []
+        for name, provider in self.config.providers.items():
+            models = SIMULATED_MODELS if provider.type == "simulated" and not provider.models else provider.models
+            listed.extend((f"{name}/{model}", name) for model in models)
+        return listed
+
+    async def aclose(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.aclose()

@@ -1,0 +1,102 @@
+"""
+The `trioproxy` command: `serve` runs the proxy, `chat` streams a reply to the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from functools import partial
+
+import trio
+
+from ._config import load_config
+from ._exceptions import ConfigError, TrioproxyError
+from ._version import __version__
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trioproxy", description="A streaming reverse proxy for LLM APIs.")
+    parser.add_argument("--version", action="version", version=f"trioproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help="TOML config file (default: only the built-in 'sim' provider)")
+    serve.add_argument("--host", help="address to listen on (default: [server].host, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: [server].port, else 8000)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    chat = commands.add_parser("chat", help="stream a reply to the terminal")
+    chat.add_argument("prompt")
+    chat.add_argument("--model", default="sim/echo", help="model to ask (default: sim/echo)")
+    chat.add_argument("--url", default="http://127.0.0.1:8000", help="the proxy's base URL")
+    chat.add_argument("--max-tokens", type=int)
+    chat.add_argument("--api-key", help="client key, if the proxy requires one")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _chat(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"trioproxy: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(serve, config, host=args.host, port=args.port))
+            providers = ", ".join(sorted(config.providers))
+            print(f"trioproxy {__version__} listening on {' '.join(binds)} (providers: {providers})", flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"trioproxy: cannot serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .client import stream_chat_completion
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    async def run() -> None:
+        result = await stream_chat_completion(
+            args.url,
+            model=args.model,
+            messages=[{"role": "user", "content": args.prompt}],
+            on_text=show,
+            api_key=args.api_key,
+            max_tokens=args.max_tokens,
+        )
+        ttft = f"{result.ttft * 1000:.0f} ms" if result.ttft is not None else "n/a"
+        print(f"\n[time to first token {ttft}, {result.chunks} chunks in {result.duration:.2f} s]", file=sys.stderr)
+
+    try:
+        trio.run(run)
+    except TrioproxyError as exc:
+        print(f"\ntrioproxy chat: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

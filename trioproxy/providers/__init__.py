@@ -1,0 +1,1 @@
+"""Providers: one sans-IO translation per upstream protocol."""

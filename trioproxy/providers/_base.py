@@ -1,0 +1,95 @@
+"""
+What a provider is: a sans-IO translation between an OpenAI-style chat request and one
+upstream protocol.
+
+A translation builds the HTTP request to send and parses what comes back; the shared upstream
+layer (`trioproxy._upstream`) does the I/O. Keeping the two apart lets every translation be
+tested with plain bytes and dicts, and lets one hardened piece of code own connections,
+timeouts and cancellation for every provider.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from .._events import Delta
+from .._exceptions import UpstreamStatusError
+from .._request import ChatRequest
+from .._sse import ServerSentEvent
+
+__all__ = ["StreamParser", "Translation", "UpstreamRequest", "retry_after_seconds", "safe_message"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """An HTTP POST to make upstream. `url` is absolute; `body` is JSON bytes."""
+
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class StreamParser(Protocol):
+    """Turns one upstream stream's SSE events into deltas; one parser per stream."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether the protocol's end marker was seen (`[DONE]`, `message_stop`)."""
+        ...
+
+    def feed(self, event: ServerSentEvent) -> list[Delta]:
+        """
+        Parse one event.
+
+        Raises `UpstreamStatusError` for an error the upstream reported in the stream and
+        `UpstreamProtocolError` for bytes that are not the protocol.
+        """
+        ...
+
+
+class Translation(Protocol):
+    def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
+        """The request that asks the upstream to stream `chat` (`chat.upstream_model` set)."""
+        ...
+
+    def stream_parser(self) -> StreamParser: ...
+
+    def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamStatusError:
+        """
+        The error an upstream's non-2xx answer means, with a message safe to show a client
+        (the upstream's own message, never our credentials).
+        """
+        ...
+
+
+_SECRET_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{2})[A-Za-z0-9_\-*]{6,}")
+MAX_ERROR_MESSAGE = 500
+
+
+def safe_message(message: str, *, secret: str | None) -> str:
+    """
+    An upstream's error message made fit for a client: our credential never appears in it
+    (upstreams echo masked or whole keys back in 401s), nor anything key-shaped, and it is
+    short.
+    """
+    if secret:
+        message = message.replace(secret, "***")
+    message = _SECRET_LIKE.sub(r"\1***", message)
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[: MAX_ERROR_MESSAGE - 1] + "…"
+    return message
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """`Retry-After` in seconds, when it is given as a number (the form LLM APIs use)."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None

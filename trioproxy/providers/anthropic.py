@@ -1,0 +1,642 @@
+"""
+Translation for Anthropic Messages API upstreams (`POST /v1/messages`).
+
+Why a translation and not a pass-through: clients talk to trioproxy in the OpenAI Chat
+Completions dialect, and Anthropic speaks a different one, both for the request (a top-level
+`system`, content blocks, strictly alternating roles, `tool_use`/`tool_result` blocks, no
+unknown fields allowed) and for the stream (named events, per-block deltas, usage split over
+`message_start` and `message_delta`). This module maps the request over and parses the stream
+back into the proxy's internal `Delta`s, so every front adapter and stage works unchanged
+whatever the upstream. What cannot be expressed in Anthropic's dialect is refused with a
+`RequestError` naming the field, instead of being silently dropped or left to a vaguer
+upstream 400.
+
+Request mapping (OpenAI → Anthropic):
+
+- `system` / `developer` messages → top-level `system` (texts joined with a blank line);
+- `user` / `assistant` content: string → string; parts `text` → text block, `image_url`
+  (`data:` URL) → image block with a `base64` source, (`http(s)` URL) → a `url` source;
+  an assistant `refusal` part → text block;
+- assistant `tool_calls` → `tool_use` blocks (`input` = the parsed `function.arguments`),
+  after the message's text;
+- `tool` messages → `tool_result` blocks in a user message;
+- consecutive messages of one role are merged into one (Anthropic requires alternating
+  roles); in a merged user message the `tool_result` blocks are put first, as Anthropic
+  requires;
+- `tools[].function` → `tools[]` with `input_schema`;
+- `tool_choice`: `auto` → auto, `required` → any, `none` → none, a named function → tool;
+  `parallel_tool_calls: false` → `disable_parallel_tool_use: true`;
+- `max_tokens`/`max_completion_tokens` (or the default), `temperature`, `top_p`;
+  `stop` → `stop_sequences`; `user` → `metadata.user_id`;
+- everything else is dropped (Anthropic rejects unknown fields); `n > 1` is refused.
+
+Stream mapping (Anthropic event → `Delta`):
+
+- `message_start` → `Delta(role="assistant")`; input (and cache) tokens are remembered;
+- text `content_block_start` (non-empty text) and `text_delta` → `Delta(text=...)`;
+- tool_use `content_block_start` → a `ToolCallDelta` with id and name, `input_json_delta` →
+  a `ToolCallDelta` with an arguments fragment; tool-call indexes count tool_use blocks
+  from 0, as OpenAI numbers tool calls, not Anthropic's block indexes;
+- thinking, signature and other deltas, `content_block_stop`, `ping`, unknown events → nothing;
+- `message_delta` → `Delta(finish_reason=...)` (mapped to OpenAI's reasons); output tokens
+  are remembered (they are cumulative: the latest wins);
+- `message_stop` → `Delta(usage=...)` and the stream is finished;
+- `error` → `UpstreamStatusError` with the status matching the error type (e.g. 529).
+
+Sans-IO: no trio, no httpx.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+
+from .._events import Delta, ToolCallDelta, Usage
+from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
+from .._request import ChatRequest, content_text
+from .._sse import ServerSentEvent
+from ._base import UpstreamRequest, retry_after_seconds, safe_message
+
+__all__ = [
+    "ANTHROPIC_VERSION",
+    "AnthropicStreamParser",
+    "AnthropicTranslation",
+    "messages_request_body",
+]
+
+ANTHROPIC_VERSION: Final = "2023-06-01"
+
+#: Anthropic `stop_reason` → OpenAI `finish_reason`. Unknown reasons become "stop".
+FINISH_REASONS: Final[Mapping[str, str]] = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    "pause_turn": "stop",
+}
+
+#: Anthropic error type → the HTTP status it stands for (an in-stream error arrives in a 200).
+ERROR_STATUS: Final[Mapping[str, int]] = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+# Event names whose data we parse; any other named event is ignored unread (the protocol may
+# add event types, and clients must ignore unknown ones). "message" is the SSE default name,
+# i.e. a data-only event, whose kind we can only learn from its JSON `type`.
+_PARSED_EVENTS: Final = frozenset(
+    {
+        "message",
+        "message_start",
+        "message_delta",
+        "message_stop",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "error",
+    }
+)
+
+_EMPTY_SCHEMA: Final[Mapping[str, Any]] = {"type": "object", "properties": {}}
+
+
+class AnthropicTranslation:
+    """
+    Streaming requests to `{base_url}/v1/messages`.
+
+    `base_url` may be given with or without the trailing `/v1`. `extra_headers` (for example
+    `anthropic-beta`) are sent last, so they may override the defaults.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str = "https://api.anthropic.com",
+        api_key: str | None,
+        version: str = ANTHROPIC_VERSION,
+        default_max_tokens: int = 4096,
+        extra_headers: Mapping[str, str] = {},
+    ) -> None:
+        root = base_url.rstrip("/")
+        self.url = root + "/messages" if root.endswith("/v1") else root + "/v1/messages"
+        self.api_key = api_key
+        self.default_max_tokens = default_max_tokens
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+            "anthropic-version": version,
+        }
+        if api_key:
+            headers["x-api-key"] = api_key
+        headers.update({k.lower(): v for k, v in extra_headers.items()})
+        self._headers = headers
+
+    def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
+        body = messages_request_body(chat, default_max_tokens=self.default_max_tokens)
+        body["stream"] = True
+        return UpstreamRequest(self.url, dict(self._headers), orjson.dumps(body))
+
+    def stream_parser(self) -> AnthropicStreamParser:
+        return AnthropicStreamParser(secret=self.api_key)
+
+    def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamStatusError:
+        """
+        Anthropic answers errors as `{"type": "error", "error": {"type", "message"}}`; any other
+        body (a gateway's HTML page, say) gives a generic message carrying a short excerpt.
+        """
+        message, type_ = _error_fields(body)
+        if message is None:
+            text = body.decode("utf-8", "replace").strip()
+            message = f"upstream answered HTTP {status}" + (f": {text}" if text else "")
+        return UpstreamStatusError(
+            safe_message(message, secret=self.api_key),
+            status=status,
+            type=type_,
+            retry_after=retry_after_seconds({k.lower(): v for k, v in headers.items()}),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Request translation
+
+
+def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict[str, Any]:
+    """
+    The Anthropic Messages request body for `chat`, without `stream`.
+
+    Pure, so the whole mapping can be tested on dicts. `model` is `chat.upstream_model`, or
+    the client's own name when the request was not routed.
+    """
+    src = chat.body
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for i, message in enumerate(chat.messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"'{where}' must be an object", param=where)
+        role = message.get("role")
+        if role in ("system", "developer"):
+            text = content_text(message.get("content"))
+            if text:
+                system.append(text)
+        elif role == "user":
+            _append(messages, "user", _user_content(message.get("content"), f"{where}.content"))
+        elif role == "assistant":
+            _append(messages, "assistant", _assistant_content(message, where))
+        elif role == "tool":
+            _append(messages, "user", [_tool_result(message, where)])
+        else:
+            raise RequestError(
+                f"'{where}.role' {role!r} cannot be sent to an Anthropic upstream "
+                "(use 'tool' messages instead of the deprecated 'function')",
+                param=f"{where}.role",
+            )
+    if not messages:
+        raise RequestError(
+            "'messages' must hold at least one user or assistant message for an Anthropic upstream",
+            param="messages",
+        )
+    for message in messages:
+        if message["role"] == "user" and isinstance(message["content"], list):
+            message["content"] = _tool_results_first(message["content"])
+
+    body: dict[str, Any] = {
+        "model": chat.upstream_model or chat.model,
+        "max_tokens": chat.max_tokens or default_max_tokens,
+        "messages": messages,
+    }
+    if system:
+        body["system"] = "\n\n".join(system)
+
+    n = src.get("n")
+    if n is not None and n != 1:
+        raise RequestError("an Anthropic upstream generates one choice only; 'n' must be 1", param="n")
+    for name in ("temperature", "top_p"):
+        value = src.get(name)
+        if value is not None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise RequestError(f"'{name}' must be a number", param=name)
+            body[name] = value
+    stop = _stop_sequences(src.get("stop"))
+    if stop:
+        body["stop_sequences"] = stop
+    user = src.get("user")
+    if user is not None:
+        if not isinstance(user, str):
+            raise RequestError("'user' must be a string", param="user")
+        body["metadata"] = {"user_id": user}
+
+    tools = src.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise RequestError("'tools' must be an array", param="tools")
+        if tools:
+            body["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
+    tool_choice = _tool_choice(src.get("tool_choice"))
+    parallel = src.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise RequestError("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
+    if parallel is False and (tool_choice is not None or "tools" in body):
+        tool_choice = tool_choice or {"type": "auto"}
+        if tool_choice["type"] != "none":  # `none` takes no options
+            tool_choice["disable_parallel_tool_use"] = True
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    return body
+
+
+def _append(messages: list[dict[str, Any]], role: str, content: str | list[dict[str, Any]]) -> None:
+    """Add a message, merging it into the previous one when the role repeats."""
+    if messages and messages[-1]["role"] == role:
+        last = messages[-1]
+        last["content"] = _as_blocks(last["content"]) + _as_blocks(content)
+    else:
+        messages.append({"role": role, "content": content})
+
+
+def _as_blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return content
+
+
+def _tool_results_first(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Anthropic wants a user message's tool_result blocks before any other block."""
+    results = [b for b in blocks if b.get("type") == "tool_result"]
+    if not results or len(results) == len(blocks):
+        return blocks
+    return results + [b for b in blocks if b.get("type") != "tool_result"]
+
+
+def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return _blocks(content, where, assistant=False)
+    raise RequestError(f"'{where}' must be a string or an array of content parts", param=where)
+
+
+def _assistant_content(message: dict[str, Any], where: str) -> str | list[dict[str, Any]]:
+    content = message.get("content")
+    tool_calls = message.get("tool_calls")
+    if message.get("function_call") is not None and not tool_calls:
+        raise RequestError(
+            f"'{where}.function_call' (deprecated) cannot be sent to an Anthropic upstream; use 'tool_calls'",
+            param=f"{where}.function_call",
+        )
+    if content is None:
+        blocks: list[dict[str, Any]] = []
+        if not tool_calls:
+            raise RequestError(f"'{where}.content' is required", param=f"{where}.content")
+    elif isinstance(content, str):
+        if not tool_calls:
+            return content
+        blocks = _as_blocks(content)
+    elif isinstance(content, list):
+        blocks = _blocks(content, f"{where}.content", assistant=True)
+    else:
+        raise RequestError(f"'{where}.content' must be a string or an array of content parts", param=f"{where}.content")
+    if tool_calls is not None:
+        if not isinstance(tool_calls, list):
+            raise RequestError(f"'{where}.tool_calls' must be an array", param=f"{where}.tool_calls")
+        blocks += [_tool_use(call, f"{where}.tool_calls[{j}]") for j, call in enumerate(tool_calls)]
+    return blocks
+
+
+def _blocks(parts: list[Any], where: str, *, assistant: bool) -> list[dict[str, Any]]:
+    """Content parts → content blocks. Empty texts are dropped: Anthropic rejects them."""
+    blocks: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        at = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise RequestError(f"'{at}' must be an object", param=at)
+        kind = part.get("type")
+        if kind == "text" or (assistant and kind == "refusal"):
+            key = "text" if kind == "text" else "refusal"
+            text = part.get(key)
+            if not isinstance(text, str):
+                raise RequestError(f"'{at}.{key}' must be a string", param=f"{at}.{key}")
+            if text:
+                blocks.append({"type": "text", "text": text})
+        elif kind == "image_url" and not assistant:
+            blocks.append(_image(part.get("image_url"), f"{at}.image_url"))
+        else:
+            allowed = "'text' or 'refusal'" if assistant else "'text' or 'image_url'"
+            raise RequestError(
+                f"content part type {kind!r} at '{at}' cannot be sent to an Anthropic upstream; expected {allowed}",
+                param=f"{at}.type",
+            )
+    return blocks
+
+
+def _image(image_url: Any, where: str) -> dict[str, Any]:
+    url = image_url.get("url") if isinstance(image_url, dict) else None
+    if not isinstance(url, str):
+        raise RequestError(f"'{where}.url' must be a string", param=f"{where}.url")
+    if url.startswith("data:"):
+        header, comma, data = url[5:].partition(",")
+        media_type, _, encoding = header.partition(";")
+        if not comma or encoding != "base64" or not media_type or not data:
+            raise RequestError(
+                f"'{where}.url' must be a base64 data URL (data:image/png;base64,...)", param=f"{where}.url"
+            )
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    if url.startswith(("https://", "http://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise RequestError(f"'{where}.url' must be an http(s) URL or a base64 data URL", param=f"{where}.url")
+
+
+def _tool_use(call: Any, where: str) -> dict[str, Any]:
+    if not isinstance(call, dict):
+        raise RequestError(f"'{where}' must be an object", param=where)
+    id_ = call.get("id")
+    if not isinstance(id_, str) or not id_:
+        raise RequestError(f"'{where}.id' must be a non-empty string", param=f"{where}.id")
+    function = call.get("function")
+    if not isinstance(function, dict):
+        raise RequestError(f"'{where}.function' must be an object", param=f"{where}.function")
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"'{where}.function.name' must be a non-empty string", param=f"{where}.function.name")
+    arguments = function.get("arguments")
+    if arguments is None or arguments == "":
+        tool_input: Any = {}
+    elif isinstance(arguments, str):
+        try:
+            tool_input = orjson.loads(arguments)
+        except orjson.JSONDecodeError:
+            tool_input = None
+        if not isinstance(tool_input, dict):
+            raise RequestError(
+                f"'{where}.function.arguments' must be a JSON object encoded as a string",
+                param=f"{where}.function.arguments",
+            )
+    else:
+        raise RequestError(f"'{where}.function.arguments' must be a string", param=f"{where}.function.arguments")
+    return {"type": "tool_use", "id": id_, "name": name, "input": tool_input}
+
+
+def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
+    tool_call_id = message.get("tool_call_id")
+    if not isinstance(tool_call_id, str) or not tool_call_id:
+        raise RequestError(f"'{where}.tool_call_id' must be a non-empty string", param=f"{where}.tool_call_id")
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_call_id}
+    content = _user_content(message.get("content"), f"{where}.content")
+    if content:  # an empty result is sent without `content`, which Anthropic allows
+        block["content"] = content
+    return block
+
+
+def _tool(tool: Any, where: str) -> dict[str, Any]:
+    if not isinstance(tool, dict):
+        raise RequestError(f"'{where}' must be an object", param=where)
+    if tool.get("type", "function") != "function":
+        raise RequestError(
+            f"tool type {tool.get('type')!r} at '{where}' cannot be sent to an Anthropic upstream; expected 'function'",
+            param=f"{where}.type",
+        )
+    function = tool.get("function")
+    if not isinstance(function, dict):
+        raise RequestError(f"'{where}.function' must be an object", param=f"{where}.function")
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"'{where}.function.name' must be a non-empty string", param=f"{where}.function.name")
+    out: dict[str, Any] = {"name": name}
+    description = function.get("description")
+    if description is not None:
+        if not isinstance(description, str):
+            raise RequestError(
+                f"'{where}.function.description' must be a string", param=f"{where}.function.description"
+            )
+        out["description"] = description
+    parameters = function.get("parameters")
+    if parameters is None:
+        parameters = dict(_EMPTY_SCHEMA)
+    elif not isinstance(parameters, dict):
+        raise RequestError(
+            f"'{where}.function.parameters' must be a JSON Schema object", param=f"{where}.function.parameters"
+        )
+    out["input_schema"] = parameters
+    return out
+
+
+def _tool_choice(choice: Any) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    if choice == "auto":
+        return {"type": "auto"}
+    if choice == "required":
+        return {"type": "any"}
+    if choice == "none":
+        return {"type": "none"}
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str) and name:
+            return {"type": "tool", "name": name}
+        raise RequestError("'tool_choice.function.name' must be a non-empty string", param="tool_choice.function.name")
+    raise RequestError(
+        "'tool_choice' must be 'auto', 'required', 'none' or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+        param="tool_choice",
+    )
+
+
+def _stop_sequences(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return list(stop)
+    raise RequestError("'stop' must be a string or an array of strings", param="stop")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+def _error_fields(body: bytes) -> tuple[str | None, str | None]:
+    """Message and type of an Anthropic error body, or `(None, None)` for any other body."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None
+    error = obj.get("error") if isinstance(obj, dict) else None
+    if not isinstance(error, dict):
+        return None, None
+    message = error.get("message")
+    type_ = error.get("type")
+    if not isinstance(message, str) or not message:
+        return None, type_ if isinstance(type_, str) else None
+    return message, type_ if isinstance(type_, str) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Stream parsing
+
+
+class AnthropicStreamParser:
+    """
+    Parses one Anthropic Messages stream. State: the token counts (they arrive split over
+    `message_start` and `message_delta` and are reported at `message_stop`) and the map from
+    content-block index to tool-call index.
+    """
+
+    def __init__(self, *, secret: str | None = None) -> None:
+        self._secret = secret
+        self._finished = False
+        self._input_tokens = 0
+        self._output_tokens = 0
+        self._tool_index: dict[int, int] = {}
+        self._finish_sent = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def feed(self, event: ServerSentEvent) -> list[Delta]:
+        if self._finished or event.event not in _PARSED_EVENTS:
+            return []
+        payload = _json_object(event.data, event.event)
+        kind = payload.get("type", event.event)
+        if kind == "content_block_delta":
+            return self._block_delta(payload)
+        if kind == "content_block_start":
+            return self._block_start(payload)
+        if kind == "message_start":
+            return self._message_start(payload)
+        if kind == "message_delta":
+            return self._message_delta(payload)
+        if kind == "message_stop":
+            self._finished = True
+            usage = Usage(prompt_tokens=self._input_tokens, completion_tokens=self._output_tokens)
+            return [Delta(usage=usage)]
+        if kind == "error":
+            raise self._stream_error(payload)
+        return []  # content_block_stop, ping, and any type we do not know
+
+    def _message_start(self, payload: dict[str, Any]) -> list[Delta]:
+        message = _field(payload, "message", dict, "message_start")
+        usage = message.get("usage")
+        if usage is not None:
+            if not isinstance(usage, dict):
+                raise UpstreamProtocolError("upstream 'message_start' has a malformed 'usage'")
+            self._input_tokens = (
+                _count(usage, "input_tokens")
+                + _count(usage, "cache_creation_input_tokens")
+                + _count(usage, "cache_read_input_tokens")
+            )
+            self._output_tokens = _count(usage, "output_tokens")
+        return [Delta(role="assistant")]
+
+    def _block_start(self, payload: dict[str, Any]) -> list[Delta]:
+        index = _field(payload, "index", int, "content_block_start")
+        block = _field(payload, "content_block", dict, "content_block_start")
+        kind = _field(block, "type", str, "content_block_start.content_block")
+        if kind == "text":
+            text = block.get("text") or ""
+            if not isinstance(text, str):
+                raise UpstreamProtocolError("upstream text block has a non-string 'text'")
+            return [Delta(text=text)] if text else []
+        if kind == "tool_use":
+            id_ = _field(block, "id", str, "tool_use block")
+            name = _field(block, "name", str, "tool_use block")
+            tool_index = self._tool_index[index] = len(self._tool_index)
+            return [Delta(tool_calls=(ToolCallDelta(index=tool_index, id=id_, name=name, arguments=""),))]
+        return []  # thinking, redacted_thinking, server tools: nothing an OpenAI client can see
+
+    def _block_delta(self, payload: dict[str, Any]) -> list[Delta]:
+        index = _field(payload, "index", int, "content_block_delta")
+        delta = _field(payload, "delta", dict, "content_block_delta")
+        kind = _field(delta, "type", str, "content_block_delta.delta")
+        if kind == "text_delta":
+            text = _field(delta, "text", str, "text_delta")
+            return [Delta(text=text)] if text else []
+        if kind == "input_json_delta":
+            fragment = _field(delta, "partial_json", str, "input_json_delta")
+            tool_index = self._tool_index.get(index)
+            if tool_index is None:
+                raise UpstreamProtocolError(
+                    f"upstream sent 'input_json_delta' for content block {index}, which is not a tool_use block"
+                )
+            if not fragment:
+                return []
+            return [Delta(tool_calls=(ToolCallDelta(index=tool_index, arguments=fragment),))]
+        return []  # thinking_delta, signature_delta, citations_delta, ...
+
+    def _message_delta(self, payload: dict[str, Any]) -> list[Delta]:
+        delta = _field(payload, "delta", dict, "message_delta")
+        usage = payload.get("usage")
+        if usage is not None:
+            if not isinstance(usage, dict):
+                raise UpstreamProtocolError("upstream 'message_delta' has a malformed 'usage'")
+            if usage.get("output_tokens") is not None:
+                self._output_tokens = _count(usage, "output_tokens")  # cumulative: latest wins
+        stop_reason = delta.get("stop_reason")
+        if stop_reason is None or self._finish_sent:
+            return []
+        if not isinstance(stop_reason, str):
+            raise UpstreamProtocolError("upstream 'message_delta' has a non-string 'stop_reason'")
+        self._finish_sent = True
+        return [Delta(finish_reason=FINISH_REASONS.get(stop_reason, "stop"))]
+
+    def _stream_error(self, payload: dict[str, Any]) -> UpstreamStatusError:
+        error = _field(payload, "error", dict, "error")
+        type_ = error.get("type")
+        type_ = type_ if isinstance(type_, str) and type_ else "api_error"
+        message = error.get("message")
+        if not isinstance(message, str) or not message:
+            message = f"the upstream reported {type_} during streaming"
+        return UpstreamStatusError(
+            safe_message(message, secret=self._secret),
+            status=ERROR_STATUS.get(type_, 500),
+            type=type_,
+        )
+
+
+def _json_object(data: str, event_name: str) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError(
+            f"upstream sent a {event_name!r} event whose data is not JSON: {data[:200]!r}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise UpstreamProtocolError(
+            f"upstream sent a {event_name!r} event whose data is not a JSON object: {data[:200]!r}"
+        )
+    return obj
+
+
+def _field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """`obj[key]`, which the protocol requires to be of type `kind`."""
+    value = obj.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        if value is None:
+            raise UpstreamProtocolError(f"upstream '{where}' lacks the required field {key!r}")
+        raise UpstreamProtocolError(
+            f"upstream '{where}' field {key!r} must be {kind.__name__}, not {type(value).__name__}"
+        )
+    return value
+
+
+def _count(usage: dict[str, Any], key: str) -> int:
+    """A token count; absent or null counts as 0 (cache counts are often null)."""
+    value = usage.get(key)
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UpstreamProtocolError(f"upstream usage field {key!r} must be a non-negative integer, not {value!r}")
+    return value

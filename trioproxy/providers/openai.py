@@ -1,0 +1,196 @@
+"""
+Translation for OpenAI-compatible upstreams: OpenAI itself, vLLM, llama.cpp, Ollama, and any
+gateway that speaks Chat Completions.
+
+Client and upstream speak the same protocol, so the translation is almost the identity: the
+client's body is forwarded whole with only `model` replaced (and usage asked for, so that the
+proxy can count tokens), and each upstream chunk keeps its exact bytes in `Delta.raw` so an
+OpenAI client receives them untouched. Chunks are still parsed, because stages, first-token
+detection and token accounting need to see the text.
+
+Sans-IO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from .._events import Delta, ToolCallDelta, Usage
+from .._exceptions import UpstreamProtocolError, UpstreamStatusError
+from .._request import ChatRequest
+from .._sse import ServerSentEvent
+from ._base import UpstreamRequest, retry_after_seconds, safe_message
+
+__all__ = ["OpenAIStreamParser", "OpenAITranslation"]
+
+
+class OpenAITranslation:
+    """
+    Requests to `{base_url}/chat/completions`.
+
+    `request_usage` asks the upstream for `stream_options.include_usage` whatever the client
+    asked, so every stream is counted from the upstream's own figures; the OpenAI front
+    adapter drops the usage chunk again for a client that did not ask for it.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        request_usage: bool = True,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.api_key = api_key
+        self.request_usage = request_usage
+        headers = {"content-type": "application/json"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        headers.update({k.lower(): v for k, v in (extra_headers or {}).items()})
+        self._headers = headers
+        self._stream_headers = {**headers, "accept": "text/event-stream"}
+
+    def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
+        body = dict(chat.body)
+        body["model"] = chat.upstream_model
+        body["stream"] = True
+        if self.request_usage:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return UpstreamRequest(self.url, self._stream_headers, orjson.dumps(body))
+
+    def complete_request(self, chat: ChatRequest) -> UpstreamRequest:
+        """A non-streaming request, forwarded as the client sent it but for `model`."""
+        body = dict(chat.body)
+        body["model"] = chat.upstream_model
+        body["stream"] = False
+        body.pop("stream_options", None)
+        return UpstreamRequest(self.url, self._headers, orjson.dumps(body))
+
+    def stream_parser(self) -> OpenAIStreamParser:
+        return OpenAIStreamParser()
+
+    def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamStatusError:
+        message, type_, code = _error_fields(body)
+        if not message:
+            message = f"upstream answered HTTP {status}"
+        return UpstreamStatusError(
+            safe_message(message, secret=self.api_key),
+            status=status,
+            type=type_,
+            code=code,
+            retry_after=retry_after_seconds(headers),
+        )
+
+
+class OpenAIStreamParser:
+    """Parses `chat.completion.chunk` events; `[DONE]` ends the stream."""
+
+    def __init__(self) -> None:
+        self._finished = False
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def feed(self, event: ServerSentEvent) -> list[Delta]:
+        data = event.data
+        if self._finished:
+            return []
+        if data.startswith("[DONE]"):
+            self._finished = True
+            return []
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError(f"upstream sent a chunk that is not JSON: {data[:200]!r}") from None
+        if not isinstance(chunk, dict):
+            raise UpstreamProtocolError(f"upstream sent a chunk that is not a JSON object: {data[:200]!r}")
+        error = chunk.get("error")
+        if error:
+            raise _in_stream_error(error)
+        return [delta_from_chunk(chunk, raw=data.encode())]
+
+
+def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delta:
+    """The delta of choice 0 of one `chat.completion.chunk` (other choices stay in `raw`)."""
+    delta = Delta(raw=raw)
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        delta.usage = _usage(usage)
+    choices = chunk.get("choices")
+    if not choices:
+        return delta
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise UpstreamProtocolError("upstream chunk has a malformed 'choices' array")
+    choice = choices[0]
+    delta.finish_reason = choice.get("finish_reason")
+    body = choice.get("delta") or {}
+    if not isinstance(body, dict):
+        raise UpstreamProtocolError("upstream chunk has a malformed 'delta'")
+    delta.role = body.get("role")
+    content = body.get("content")
+    if isinstance(content, str):
+        delta.text = content
+    tool_calls = body.get("tool_calls")
+    if tool_calls:
+        delta.tool_calls = tuple(_tool_call(tc) for tc in tool_calls)
+    return delta
+
+
+def _tool_call(tc: Any) -> ToolCallDelta:
+    if not isinstance(tc, dict) or not isinstance(tc.get("index", 0), int):
+        raise UpstreamProtocolError("upstream chunk has a malformed tool call")
+    function = tc.get("function") or {}
+    return ToolCallDelta(
+        index=tc.get("index", 0),
+        id=tc.get("id"),
+        name=function.get("name"),
+        arguments=function.get("arguments") or "",
+    )
+
+
+def _usage(usage: dict[str, Any]) -> Usage:
+    prompt = usage.get("prompt_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        raise UpstreamProtocolError("upstream usage has non-integer token counts")
+    return Usage(prompt_tokens=prompt, completion_tokens=completion)
+
+
+def _in_stream_error(error: Any) -> UpstreamStatusError:
+    if isinstance(error, dict):
+        message = error.get("message") or "the upstream reported an error during streaming"
+        type_ = error.get("type") if isinstance(error.get("type"), str) else None
+        code = error.get("code")
+        status = code if isinstance(code, int) and 400 <= code < 600 else 502
+        return UpstreamStatusError(
+            safe_message(str(message), secret=None),
+            status=status,
+            type=type_ or "upstream_error",
+            code=code if isinstance(code, str) else None,
+        )
+    return UpstreamStatusError(safe_message(str(error), secret=None), status=502, type="upstream_error")
+
+
+def _error_fields(body: bytes) -> tuple[str, str | None, str | None]:
+    """Message, type and code of an error body, whatever shape an OpenAI-compatible server uses."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "replace").strip(), None, None
+    if isinstance(obj, dict):
+        error = obj.get("error", obj)
+        if isinstance(error, str):  # {"error": "..."} (llama.cpp, Ollama)
+            return error, None, None
+        if isinstance(error, dict):
+            message = error.get("message") or error.get("detail") or obj.get("detail") or ""
+            if not isinstance(message, str):
+                message = orjson.dumps(message).decode()
+            type_ = error.get("type")
+            code = error.get("code")
+            return message, type_ if isinstance(type_, str) else None, code if isinstance(code, str) else None
+    return "", None, None

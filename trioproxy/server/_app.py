@@ -1,0 +1,234 @@
+"""
+The quart-trio application: the one place that touches quart (with `_serve.py` for
+hypercorn).
+
+Each streaming request starts a session (`pipeline.start_session`) in the app's nursery and
+waits for its first item: an error there still becomes an HTTP status with the protocol's
+error body; once the upstream has accepted, the response is committed as 200 and its body
+generator only relays the session's channel. The generator's `finally` cancels the session,
+so a client that goes away — at any point — takes its upstream request with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final, Protocol
+
+import orjson
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .._accumulator import Accumulator
+from .._config import Config
+from .._events import Delta, Opened, StreamEvent
+from .._exceptions import RequestError, TrioproxyError
+from .._request import ChatRequest, content_text, parse_chat_request, parse_json_object
+from .._router import Route, Router
+from .._version import __version__
+from ..pipeline import StreamSession, start_session
+from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
+from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("trioproxy.server")
+
+STREAM_HEADERS: Final = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+SSE: Final = "text/event-stream"
+NDJSON: Final = "application/x-ndjson"
+
+
+class Renderer(Protocol):
+    def opened(self) -> bytes: ...
+    def delta(self, delta: Delta) -> bytes: ...
+    def error(self, error: TrioproxyError) -> bytes: ...
+    def done(self) -> bytes: ...
+
+
+class StreamInterrupted(TrioproxyError):
+    status = 503
+    type = "server_error"
+
+
+def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
+    """The proxy as an ASGI app; `router` replaces the one built from `config` (tests)."""
+    app = QuartTrio("trioproxy")
+    app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
+    router = router or Router(config)
+
+    def session_nursery() -> trio.Nursery:
+        return app.nursery  # type: ignore[attr-defined, no-any-return]
+
+    @app.after_serving
+    async def close_upstreams() -> None:
+        await router.aclose()
+
+    @app.get("/health")
+    async def health() -> Response:
+        providers = {name: {"type": p.type} for name, p in config.providers.items()}
+        return _json({"status": "ok", "version": __version__, "providers": providers})
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        data = [{"id": model, "object": "model", "created": 0, "owned_by": owner} for model, owner in router.models()]
+        return _json({"object": "list", "data": data})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        try:
+            chat = parse_chat_request(parse_json_object(await request.get_data()))
+            route = router.route(chat.model)
+            chat = chat.routed(route.upstream_model)
+            if not chat.stream:
+                return await _complete(route, chat)
+        except TrioproxyError as exc:
+            return _openai_error(exc)
+        renderer = OpenAIChunkRenderer(model=chat.model, include_usage=chat.include_usage)
+        return await _stream(start_session(session_nursery(), route, chat), renderer, SSE, _openai_error)
+
+    async def _complete(route: Route, chat: ChatRequest) -> Response:
+        raw = await route.upstream.complete_raw(chat)
+        if raw is not None:
+            return Response(raw, content_type="application/json")
+        session = start_session(session_nursery(), route, chat)
+        try:
+            accumulator = Accumulator()
+            async for item in session.output:
+                if isinstance(item, TrioproxyError):
+                    return _openai_error(item)
+                if isinstance(item, Delta):
+                    accumulator.add(item)
+            if not session.completed:
+                return _openai_error(StreamInterrupted("the server ended the request before it completed"))
+            return _json(completion_body(accumulator, model=chat.model, prompt_chars=_prompt_chars(chat)))
+        finally:
+            session.cancel()
+
+    def generic_endpoint(frame: Callable[[StreamEvent], bytes], content_type: str) -> Callable[[], Any]:
+        def error_response(error: TrioproxyError) -> Response:
+            return Response(frame(error_event(error)), status=error.status, content_type=content_type)
+
+        async def endpoint() -> Response:
+            request_id = _request_id()
+            try:
+                body = parse_json_object(await request.get_data())
+                chat, provider = _generic_chat_request(body)
+                route = router.route(chat.model, provider=provider)
+                chat = chat.routed(route.upstream_model)
+            except TrioproxyError as exc:
+                return error_response(exc)
+            renderer = EventRenderer(
+                frame=frame,
+                provider=route.provider.name,
+                model=route.upstream_model,
+                request_id=request_id,
+                prompt_chars=_prompt_chars(chat),
+            )
+            response = await _stream(start_session(session_nursery(), route, chat), renderer, content_type, error_response)
+            response.headers["x-request-id"] = request_id
+            return response
+
+        return endpoint
+
+    sse_endpoint = generic_endpoint(sse_frame, SSE)
+    app.add_url_rule("/v1/chat/stream", "chat_stream", sse_endpoint, methods=["POST"])
+    app.add_url_rule("/v1/stream/sse", "stream_sse", sse_endpoint, methods=["POST"])
+    app.add_url_rule("/v1/chat/stream/json", "chat_stream_json", generic_endpoint(ndjson_frame, NDJSON), methods=["POST"])
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        error = TrioproxyError(exc.description or exc.name)
+        error.status = exc.code or 500
+        error.type = "not_found_error" if exc.code == 404 else "invalid_request_error"
+        return _openai_error(error)
+
+    @app.errorhandler(Exception)
+    async def unexpected_error(exc: Exception) -> Response:
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return _openai_error(TrioproxyError("internal server error"))
+
+    return app
+
+
+async def _stream(
+    session: StreamSession,
+    renderer: Renderer,
+    content_type: str,
+    error_response: Callable[[TrioproxyError], Response],
+) -> Response:
+    """Wait until the upstream accepts or fails, then answer with a status or a stream."""
+    try:
+        first = await _first_item(session)
+    except BaseException:
+        session.cancel()
+        raise
+    if isinstance(first, TrioproxyError):
+        session.cancel()
+        return error_response(first)
+    return Response(_relay(session, renderer, first), status=200, content_type=content_type, headers=STREAM_HEADERS)
+
+
+async def _first_item(session: StreamSession) -> Opened | Delta | TrioproxyError:
+    try:
+        return await session.output.receive()
+    except trio.EndOfChannel:
+        return StreamInterrupted("the server ended the request before the upstream answered")
+
+
+async def _relay(session: StreamSession, renderer: Renderer, first: Opened | Delta) -> AsyncIterator[bytes]:
+    """The response body: the session's items, rendered. Never yields inside a nursery."""
+    try:
+        out = renderer.opened() if isinstance(first, Opened) else renderer.delta(first)
+        if out:
+            yield out
+        async for item in session.output:
+            if isinstance(item, TrioproxyError):
+                yield renderer.error(item)
+                return
+            if isinstance(item, Delta):
+                out = renderer.delta(item)
+                if out:
+                    yield out
+        if session.completed:
+            yield renderer.done()
+        else:
+            yield renderer.error(StreamInterrupted("the server ended the stream before it completed"))
+    finally:
+        session.cancel()
+
+
+def _generic_chat_request(body: dict[str, Any]) -> tuple[ChatRequest, str | None]:
+    """The generic body `{provider, model, messages, max_tokens, buffer_config, ...}`."""
+    provider = body.get("provider")
+    if provider is not None and (not isinstance(provider, str) or not provider):
+        raise RequestError("'provider' must be a non-empty string", param="provider")
+    buffer_config = body.get("buffer_config")
+    if buffer_config is not None and not isinstance(buffer_config, dict):
+        raise RequestError("'buffer_config' must be an object", param="buffer_config")
+    chat_body = {k: v for k, v in body.items() if k not in ("provider", "buffer_config")}
+    chat_body["stream"] = True
+    return parse_chat_request(chat_body), provider
+
+
+def _prompt_chars(chat: ChatRequest) -> int:
+    return sum(len(content_text(m.get("content"))) for m in chat.messages)
+
+
+def _request_id() -> str:
+    return "req_" + secrets.token_hex(8)
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def _openai_error(error: TrioproxyError) -> Response:
+    response = _json(error_body(error), status=error.status)
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        response.headers["retry-after"] = str(int(retry_after + 0.999))
+    return response

@@ -1,0 +1,95 @@
+"""
+The front adapter of trioproxy's own event endpoints: deltas rendered as `StreamEvent`s,
+framed as SSE or as NDJSON.
+
+A stream opens with a `metadata` event naming its provider and model, carries text as
+`token` events (tool-call fragments as `metadata` events of kind `tool_call`), and ends with
+exactly one `done` (finish reason, usage, characters delivered) or one `error`.
+
+Sans-IO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+from .._accumulator import Accumulator
+from .._events import Delta, StreamEvent
+from .._exceptions import TrioproxyError
+
+__all__ = ["EventRenderer", "error_event", "ndjson_frame", "sse_frame"]
+
+SSE_KEEP_ALIVE: Final = b": keep-alive\n\n"
+
+
+def sse_frame(event: StreamEvent) -> bytes:
+    return event.to_sse().encode()
+
+
+def ndjson_frame(event: StreamEvent) -> bytes:
+    return (event.to_json() + "\n").encode()
+
+
+def error_event(error: TrioproxyError, **extra: Any) -> StreamEvent:
+    data = {"message": error.message, "type": error.type, "code": error.code, "status": error.status, **extra}
+    return StreamEvent("error", data)
+
+
+class EventRenderer:
+    def __init__(
+        self,
+        *,
+        frame: Callable[[StreamEvent], bytes],
+        provider: str,
+        model: str,
+        request_id: str,
+        prompt_chars: int,
+    ) -> None:
+        self.frame = frame
+        self.provider = provider
+        self.model = model
+        self.request_id = request_id
+        self.prompt_chars = prompt_chars
+        self.accumulator = Accumulator()
+
+    def opened(self) -> bytes:
+        return self.frame(
+            StreamEvent(
+                "metadata",
+                "stream_start",
+                {"provider": self.provider, "model": self.model, "request_id": self.request_id},
+            )
+        )
+
+    def delta(self, delta: Delta) -> bytes:
+        self.accumulator.add(delta)
+        out = b""
+        if delta.text:
+            out += self.frame(StreamEvent("token", delta.text))
+        for tc in delta.tool_calls:
+            out += self.frame(
+                StreamEvent(
+                    "metadata",
+                    "tool_call",
+                    {"index": tc.index, "id": tc.id, "name": tc.name, "arguments": tc.arguments},
+                )
+            )
+        return out
+
+    def done(self) -> bytes:
+        acc = self.accumulator
+        usage = acc.usage_or_estimate(self.prompt_chars)
+        metadata = {
+            "finish_reason": acc.finish_reason or "stop",
+            "usage": {**usage.to_openai(), "estimated": usage.estimated},
+            "characters": len(acc.text),
+            "provider": self.provider,
+            "model": self.model,
+        }
+        if acc.tool_calls():
+            metadata["tool_calls"] = acc.tool_calls()
+        return self.frame(StreamEvent("done", None, metadata))
+
+    def error(self, error: TrioproxyError) -> bytes:
+        return self.frame(error_event(error, characters_delivered=len(self.accumulator.text)))

@@ -1,0 +1,42 @@
+"""
+Serving the app with hypercorn's trio worker: the one place that touches hypercorn.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .._config import Config
+from .._router import Router
+from ._app import create_app
+
+__all__ = ["serve"]
+
+logger = logging.getLogger("trioproxy.server")
+
+
+async def serve(
+    config: Config,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    router: Router | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """
+    Serve the proxy until cancelled. Reports the bound URLs through `task_status`, so
+    `await nursery.start(serve, config, port=0)` returns once it accepts connections.
+    """
+    app = create_app(config, router=router)
+    hypercorn_config = HypercornConfig()
+    hypercorn_config.bind = [f"{host or config.server.host}:{config.server.port if port is None else port}"]
+    hypercorn_config.accesslog = None
+    hypercorn_config.errorlog = logger
+    hypercorn_config.keep_alive_timeout = 75  # longer than common load balancers' idle timeout
+    for warning in config.warnings:
+        logger.warning("%s", warning)
+    await hypercorn_serve(app, hypercorn_config, task_status=task_status, mode="asgi")
