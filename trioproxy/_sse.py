@@ -7,7 +7,7 @@ expect the standard: whatever an upstream sends, trioproxy must see exactly the 
 would see. The Python SDK decoders (openai, anthropic, httpx-sse all share one) are not used: they
 keep a leading BOM (losing the first event), yield events for blocks without data, keep the event
 type of such blocks, accept `retry` values that `int()` accepts (`"+5"`, `" 7"`, `"١٢"`), and two
-of them raise on invalid UTF-8 (see `/work/shared/sse_protocol.md` §2).
+of them raise on invalid UTF-8 (the project's SSE protocol notes, "Python SDK decoders").
 
 Sans-IO in the manner of h11 and httpx's `_decoders.py`: bytes in, events out, no trio and no
 httpx, so every rule can be tested with plain bytes and every transport can reuse the code.
@@ -36,8 +36,8 @@ _LINE_END: Final = re.compile(r"\r\n|\r|\n")
 _BOM: Final = "\ufeff"
 _BOM_BYTES: Final = b"\xef\xbb\xbf"
 
-DEFAULT_MAX_LINE_SIZE: Final = 1_048_576
-DEFAULT_MAX_EVENT_SIZE: Final = 8_388_608
+_DEFAULT_MAX_LINE_SIZE: Final = 1_048_576
+_DEFAULT_MAX_EVENT_SIZE: Final = 8_388_608
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +102,8 @@ class SSEDecoder:
     def __init__(
         self,
         *,
-        max_line_size: int = DEFAULT_MAX_LINE_SIZE,
-        max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+        max_line_size: int = _DEFAULT_MAX_LINE_SIZE,
+        max_event_size: int = _DEFAULT_MAX_EVENT_SIZE,
     ) -> None:
         if max_line_size < 1 or max_event_size < 1:
             raise ValueError("max_line_size and max_event_size must be positive")
@@ -145,7 +145,8 @@ class SSEDecoder:
         """
         Take the next chunk of the stream and return the events it completes, in order.
 
-        An empty chunk is not EOF (call `close()` for that). Raises `SSEDecodeError` when a
+        An empty chunk is not EOF (call `close()` for that). Other bytes-like objects
+        (`bytearray`, `memoryview`) are accepted and copied. Raises `SSEDecodeError` when a
         line or an event exceeds its bound.
         """
         if self._error is not None:
@@ -324,7 +325,7 @@ def encode_event(
 
     `data=None` writes no `data` line; that is only allowed for a block that sets `id` or
     `retry`, because a block without data dispatches nothing and an `event:` without data makes
-    the OpenAI SDK crash (`sse_protocol.md` §4.2).
+    openai-python crash with `JSONDecodeError` (checked against openai 3.54.0).
 
     Raises `ValueError` for anything a decoder would read differently from what was meant:
     CR or LF in `event` or `id`, NUL in `id`, an `event` starting with a space, a `retry` that
