@@ -1,0 +1,59 @@
+"""
+Shared fixtures: a real scripted upstream and a real trioproxy (hypercorn) on 127.0.0.1:0.
+
+Only loopback addresses; every server lives in the test's nursery and dies with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+
+import openai
+import pytest
+import trio
+
+from trioproxy import Config, parse_config, serve
+from trioproxy.testing import FakeUpstream, open_fake_upstream
+
+UPSTREAM_KEY = "sk-upstream-secret-0123456789"
+ANTHROPIC_KEY = "sk-ant-upstream-secret-9876543210"
+
+
+def proxy_config(upstream: FakeUpstream, **extra_providers: dict) -> Config:
+    """`up` (OpenAI format) and `claude` (Anthropic format) both point at `upstream`."""
+    return parse_config(
+        {
+            "providers": {
+                "up": {"type": "openai", "base_url": upstream.url + "/v1", "api_key_env": "UP_KEY"},
+                "claude": {"type": "anthropic", "base_url": upstream.url, "api_key_env": "CLAUDE_KEY"},
+                "sim": {"type": "simulated", "ttft_ms": 0, "token_interval_ms": 0},
+                **extra_providers,
+            }
+        },
+        environ={"UP_KEY": UPSTREAM_KEY, "CLAUDE_KEY": ANTHROPIC_KEY},
+    )
+
+
+@pytest.fixture
+def upstream_keys() -> dict[str, str]:
+    """The credentials the proxy holds for each upstream provider (never for a client's eyes)."""
+    return {"up": UPSTREAM_KEY, "claude": ANTHROPIC_KEY}
+
+
+@pytest.fixture
+async def upstream(nursery: trio.Nursery) -> FakeUpstream:
+    return await open_fake_upstream(nursery)
+
+
+@pytest.fixture
+async def proxy_url(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
+    binds = await nursery.start(partial(serve, proxy_config(upstream), host="127.0.0.1", port=0))
+    return binds[0]
+
+
+@pytest.fixture
+async def client(proxy_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official SDK, unmodified, pointed at the proxy (no retries: we test each answer)."""
+    async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key="client-key", max_retries=0) as sdk:
+        yield sdk

@@ -1,0 +1,357 @@
+"""
+`POST /v1/chat/completions` end to end: the official openai SDK → trioproxy (hypercorn on
+127.0.0.1:0) → a real scripted upstream speaking OpenAI or Anthropic SSE.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import httpx
+import openai
+import orjson
+import pytest
+import trio
+
+from trioproxy import parse_config, serve
+from trioproxy.testing import FakeUpstream, Reply, ToolCall
+
+
+TOKENS = ("Hel", "lo", ",", " wörld", " 🌍", "!")
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
+# Both formats of upstream behind one proxy: "up" speaks OpenAI, "claude" speaks Anthropic.
+MODELS = pytest.mark.parametrize("model", ["up/gpt-test", "claude/claude-test"])
+
+
+async def collect(stream: openai.AsyncStream) -> tuple[str, list]:
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+@MODELS
+async def test_streamed_text_is_identical_to_the_upstreams(client, upstream: FakeUpstream, model: str) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+    text, chunks = await collect(stream)
+
+    assert text == "".join(TOKENS)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(c.usage is None for c in chunks)  # the client did not ask for usage
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_upstream_sees_the_model_name_and_every_field_the_client_sent(
+    client, upstream: FakeUpstream, upstream_keys: dict[str, str]
+) -> None:
+    stream = await client.chat.completions.create(
+        model="up/org/model-7b",
+        messages=MESSAGES,
+        stream=True,
+        temperature=0.25,
+        response_format={"type": "json_object"},
+        extra_body={"vendor_knob": {"top_k": 3}},
+    )
+    await collect(stream)
+
+    sent = upstream.requests[-1]
+    assert sent.path == "/v1/chat/completions"
+    assert sent.json["model"] == "org/model-7b"
+    assert sent.json["messages"] == MESSAGES
+    assert sent.json["temperature"] == 0.25
+    assert sent.json["response_format"] == {"type": "json_object"}
+    assert sent.json["vendor_knob"] == {"top_k": 3}
+    assert sent.headers["authorization"] == f"Bearer {upstream_keys['up']}"
+
+
+async def test_anthropic_upstream_gets_a_messages_request(
+    client, upstream: FakeUpstream, upstream_keys: dict[str, str]
+) -> None:
+    stream = await client.chat.completions.create(model="claude/claude-test", messages=MESSAGES, stream=True, max_tokens=50)
+    await collect(stream)
+
+    sent = upstream.requests[-1]
+    assert sent.path == "/v1/messages"
+    assert sent.headers["x-api-key"] == upstream_keys["claude"]
+    assert sent.headers["anthropic-version"]
+    assert sent.json["model"] == "claude-test"
+    assert sent.json["system"] == "Be brief."
+    assert sent.json["messages"] == [{"role": "user", "content": "Say hello"}]
+    assert sent.json["max_tokens"] == 50
+    assert sent.json["stream"] is True
+
+
+@MODELS
+async def test_usage_chunk_when_asked(client, upstream: FakeUpstream, model: str) -> None:
+    upstream.push(Reply(tokens=TOKENS, usage=(11, 6)))
+    stream = await client.chat.completions.create(
+        model=model, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    text, chunks = await collect(stream)
+
+    assert text == "".join(TOKENS)
+    assert chunks[-1].choices == []
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens, chunks[-1].usage.total_tokens) == (
+        11,
+        6,
+        17,
+    )
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+@MODELS
+async def test_tool_call_deltas_arrive_intact(client, upstream: FakeUpstream, model: str) -> None:
+    calls = (
+        ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris", "unit": "C"}'),
+        ToolCall(id="call_2", name="get_time", arguments='{"tz": "Europe/Paris"}'),
+    )
+    upstream.push(Reply(tokens=("Let me check.",), tool_calls=calls))
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+    ]
+    stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True, tools=tools)
+    text, chunks = await collect(stream)
+
+    assembled: dict[int, dict] = {}
+    for chunk in chunks:
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            call = assembled.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            call["id"] = call["id"] or tc.id
+            call["name"] += tc.function.name or "" if tc.function else ""
+            call["arguments"] += tc.function.arguments or "" if tc.function else ""
+    assert text == "Let me check."
+    assert assembled == {
+        0: {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'},
+        1: {"id": "call_2", "name": "get_time", "arguments": '{"tz": "Europe/Paris"}'},
+    }
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+@MODELS
+async def test_non_streaming_answer(client, upstream: FakeUpstream, model: str) -> None:
+    upstream.push(Reply(tokens=TOKENS, usage=(9, 6)))
+    completion = await client.chat.completions.create(model=model, messages=MESSAGES)
+
+    assert completion.choices[0].message.content == "".join(TOKENS)
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.prompt_tokens == 9
+    assert completion.usage.completion_tokens == 6
+
+
+async def test_simulated_provider_needs_no_upstream(client, upstream: FakeUpstream) -> None:
+    stream = await client.chat.completions.create(
+        model="sim/echo", messages=[{"role": "user", "content": "one two three"}], stream=True
+    )
+    text, _ = await collect(stream)
+    assert text == "one two three"
+    assert upstream.requests == []
+
+
+async def test_streaming_headers_and_strict_openai_framing(proxy_url: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            proxy_url + "/v1/chat/completions",
+            json={"model": "up/m", "messages": MESSAGES, "stream": True},
+        )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+    events = response.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    for event in events[:-2]:
+        assert event.startswith("data: {"), event  # no id:, event: or retry: lines, ever
+        assert "\n" not in event
+        assert orjson.loads(event[6:])["object"] == "chat.completion.chunk"
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+async def test_upstream_rate_limit_becomes_429_with_retry_after(client, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(status=429, error_message="slow down", headers={"retry-after": "7"}))
+    with pytest.raises(openai.RateLimitError) as info:
+        await client.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
+    assert info.value.status_code == 429
+    assert "slow down" in info.value.message
+    assert info.value.response.headers["retry-after"] == "7"
+
+
+@MODELS
+async def test_upstream_server_error_before_the_stream(client, upstream: FakeUpstream, model: str) -> None:
+    upstream.push(Reply(status=500, error_message="upstream exploded"))
+    with pytest.raises(openai.InternalServerError) as info:
+        await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+    assert info.value.status_code == 500
+    assert "upstream exploded" in info.value.message
+
+
+async def test_upstream_key_never_reaches_the_client(
+    client, upstream: FakeUpstream, upstream_keys: dict[str, str]
+) -> None:
+    UPSTREAM_KEY = upstream_keys["up"]
+    upstream.push(Reply(status=401, error_message=f"Incorrect API key provided: {UPSTREAM_KEY}"))
+    with pytest.raises(openai.AuthenticationError) as info:
+        await client.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
+    assert UPSTREAM_KEY not in info.value.response.text
+    assert UPSTREAM_KEY[:12] not in info.value.response.text
+
+
+async def test_unknown_model_is_404(client) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.chat.completions.create(model="nowhere/m", messages=MESSAGES, stream=True)
+    assert "nowhere" in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="sim/no-such-model", messages=MESSAGES, stream=True)
+
+
+async def test_bad_requests_are_400_naming_the_field(proxy_url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        url = proxy_url + "/v1/chat/completions"
+        not_json = await http.post(url, content=b"{not json", headers={"content-type": "application/json"})
+        no_messages = await http.post(url, json={"model": "sim/echo"})
+        bad_role = await http.post(url, json={"model": "sim/echo", "messages": [{"role": "robot", "content": "x"}]})
+        bad_stream = await http.post(url, json={"model": "sim/echo", "messages": MESSAGES, "stream": "yes"})
+        still_serving = await http.post(url, json={"model": "sim/echo", "messages": MESSAGES})
+
+    for response in (not_json, no_messages, bad_role, bad_stream):
+        assert response.status_code == 400
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    assert "not valid JSON" in not_json.json()["error"]["message"]
+    assert no_messages.json()["error"]["param"] == "messages"
+    assert bad_role.json()["error"]["param"] == "messages[0].role"
+    assert bad_stream.json()["error"]["param"] == "stream"
+    assert still_serving.status_code == 200
+
+
+@MODELS
+async def test_connection_reset_mid_stream_is_an_api_error_after_the_tokens(
+    client, upstream: FakeUpstream, model: str
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, reset_after=3))
+    stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+    received = []
+    with pytest.raises(openai.APIError) as info:
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+    assert received == list(TOKENS[:3])
+    assert "upstream" in info.value.message
+    # and the proxy keeps serving
+    upstream.push(Reply(tokens=TOKENS))
+    text, _ = await collect(await client.chat.completions.create(model=model, messages=MESSAGES, stream=True))
+    assert text == "".join(TOKENS)
+
+
+@MODELS
+async def test_in_stream_upstream_error_is_an_api_error(client, upstream: FakeUpstream, model: str) -> None:
+    upstream.push(Reply(tokens=TOKENS, error_after=2, error_message="overloaded right now"))
+    stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+    received = []
+    with pytest.raises(openai.APIError) as info:
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+    assert received == list(TOKENS[:2])
+    assert "overloaded" in info.value.message.lower()
+
+
+async def test_truncated_stream_is_never_passed_off_as_complete(proxy_url: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS, omit_done=True))
+    async with httpx.AsyncClient() as http:
+        response = await http.post(proxy_url + "/v1/chat/completions", json={"model": "up/m", "messages": MESSAGES, "stream": True})
+    assert "data: [DONE]" not in response.text
+    last = orjson.loads(response.text.strip().split("\n\n")[-1][6:])
+    assert "before its end marker" in last["error"]["message"]
+
+
+async def test_malformed_upstream_chunk_is_an_in_stream_error(client, upstream: FakeUpstream) -> None:
+    good = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+    upstream.push(Reply(raw_body=good + b'data: {"id":"c","obj\n\n'))
+    stream = await client.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
+    with pytest.raises(openai.APIError) as info:
+        await collect(stream)
+    assert "not JSON" in info.value.message
+
+
+async def test_unreachable_upstream_is_502(proxy_url: str, nursery: trio.Nursery) -> None:
+    # A port that was just free: nothing listens there.
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()
+    config = parse_config({"providers": {"gone": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}}})
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    async with openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as sdk:
+        with pytest.raises(openai.APIStatusError) as info:
+            await sdk.chat.completions.create(model="gone/m", messages=MESSAGES, stream=True)
+    assert info.value.status_code == 502
+    assert "cannot connect" in info.value.message
+
+
+# --- the client goes away -------------------------------------------------------------------
+
+
+async def test_client_disconnect_mid_stream_closes_the_upstream(client, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
+    stream = await client.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
+    seen = 0
+    async for chunk in stream:
+        seen += 1
+        if seen == 3:
+            break
+    await stream.close()
+    closed_at = trio.current_time()
+    request = upstream.requests[-1]
+    with trio.fail_after(1):
+        await request.disconnected.wait()
+    assert request.disconnected_at - closed_at < 0.1
+    assert not request.completed
+
+
+@MODELS
+async def test_client_disconnect_before_first_token_closes_the_upstream(
+    proxy_url: str, upstream: FakeUpstream, model: str
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, stall_after=0))  # headers sent, then silence
+    await _disconnect_while_waiting(proxy_url, upstream, {"model": model, "messages": MESSAGES, "stream": True})
+
+
+async def test_client_disconnect_before_upstream_headers_closes_the_upstream(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, headers_delay=60))
+    await _disconnect_while_waiting(proxy_url, upstream, {"model": "up/m", "messages": MESSAGES, "stream": True})
+
+
+@MODELS
+async def test_client_disconnect_during_non_streaming_request_closes_the_upstream(
+    proxy_url: str, upstream: FakeUpstream, model: str
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, ttft=60))
+    await _disconnect_while_waiting(proxy_url, upstream, {"model": model, "messages": MESSAGES})
+
+
+async def _disconnect_while_waiting(proxy_url: str, upstream: FakeUpstream, body: dict) -> None:
+    """Send `body`, hang up once the upstream has it, and time how soon the upstream knows."""
+    async with trio.open_nursery() as nursery:
+
+        async def request() -> None:
+            async with httpx.AsyncClient() as http:
+                async with http.stream("POST", proxy_url + "/v1/chat/completions", json=body) as response:
+                    async for _ in response.aiter_bytes():
+                        pass
+
+        nursery.start_soon(request)
+        with trio.fail_after(5):
+            await upstream.wait_for_requests(len(upstream.requests) + 1)
+        await trio.sleep(0.05)  # let the proxy settle into waiting
+        nursery.cancel_scope.cancel()  # the client hangs up
+    hung_up_at = trio.current_time()
+    recorded = upstream.requests[-1]
+    with trio.fail_after(1):
+        await recorded.disconnected.wait()
+    assert recorded.disconnected_at - hung_up_at < 0.1
+    assert not recorded.completed
