@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -54,15 +55,22 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(serve, config, host=args.host, port=args.port))
-            providers = ", ".join(sorted(config.providers))
-            print(f"trioproxy {__version__} listening on {' '.join(binds)} (providers: {providers})", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+            async def shutdown_trigger() -> None:
+                async for signum in signals:
+                    logging.getLogger("trioproxy").info("%s: shutting down", signal.Signals(signum).name)
+                    return
+
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(
+                    partial(serve, config, host=args.host, port=args.port, shutdown_trigger=shutdown_trigger)
+                )
+                providers = ", ".join(sorted(config.providers))
+                print(f"trioproxy {__version__} listening on {' '.join(binds)} (providers: {providers})", flush=True)
 
     try:
         trio.run(run)
-    except KeyboardInterrupt:
-        pass
     except OSError as exc:
         print(f"trioproxy: cannot serve: {exc}", file=sys.stderr)
         return 1

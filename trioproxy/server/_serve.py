@@ -5,6 +5,7 @@ Serving the app with hypercorn's trio worker: the one place that touches hyperco
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -25,11 +26,14 @@ async def serve(
     host: str | None = None,
     port: int | None = None,
     router: Router | None = None,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
     Serve the proxy until cancelled. Reports the bound URLs through `task_status`, so
     `await nursery.start(serve, config, port=0)` returns once it accepts connections.
+    When `shutdown_trigger` returns, the server stops accepting and lets in-flight requests
+    finish (hypercorn's graceful shutdown).
     """
     app = create_app(config, router=router)
     hypercorn_config = HypercornConfig()
@@ -39,4 +43,6 @@ async def serve(
     hypercorn_config.keep_alive_timeout = 75  # longer than common load balancers' idle timeout
     for warning in config.warnings:
         logger.warning("%s", warning)
-    await hypercorn_serve(app, hypercorn_config, task_status=task_status, mode="asgi")
+    await hypercorn_serve(
+        app, hypercorn_config, shutdown_trigger=shutdown_trigger, task_status=task_status, mode="asgi"
+    )

@@ -1,0 +1,104 @@
+"""
+The `trioproxy` command as a user runs it: real processes, real sockets on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+TRIOPROXY = [sys.executable, "-m", "trioproxy"]
+
+
+async def start_server(nursery: trio.Nursery, *args: str) -> tuple[trio.Process, str]:
+    """`trioproxy serve ... --port 0` in a process; returns it and the URL it prints."""
+    process = await nursery.start(
+        lambda task_status: trio.run_process(
+            [*TRIOPROXY, "serve", "--host", "127.0.0.1", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            task_status=task_status,
+        )
+    )
+    buffer = b""
+    with trio.fail_after(20):
+        while b"listening on" not in buffer:
+            data = await process.stdout.receive_some()
+            assert data, f"the server exited early: {buffer!r}"
+            buffer += data
+    url = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", buffer)
+    assert url, buffer
+    return process, url.group(1).decode()
+
+
+async def test_serve_then_chat_streams_to_the_terminal(nursery: trio.Nursery) -> None:
+    server, url = await start_server(nursery)
+    try:
+        with trio.fail_after(20):
+            result = await trio.run_process(
+                [*TRIOPROXY, "chat", "stream me please", "--model", "sim/echo", "--url", url],
+                capture_stdout=True,
+                capture_stderr=True,
+            )
+        assert result.stdout.decode().strip() == "stream me please"
+        assert re.search(r"time to first token \d+ ms, 3 chunks", result.stderr.decode())
+    finally:
+        server.send_signal(signal.SIGINT)
+    with trio.fail_after(10):
+        assert await server.wait() == 0
+
+
+async def test_chat_reports_errors_plainly(nursery: trio.Nursery) -> None:
+    server, url = await start_server(nursery)
+    try:
+        with trio.fail_after(20):
+            result = await trio.run_process(
+                [*TRIOPROXY, "chat", "hi", "--model", "nowhere/x", "--url", url],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert result.returncode == 1
+        assert "no route for model" in result.stderr.decode() or "unknown provider" in result.stderr.decode()
+        assert "Traceback" not in result.stderr.decode()
+    finally:
+        server.send_signal(signal.SIGINT)
+
+
+async def test_serve_with_the_readme_config(nursery: trio.Nursery, tmp_path: Path) -> None:
+    config = tmp_path / "trioproxy.toml"
+    config.write_text(
+        '[providers.local]\ntype = "openai"\nbase_url = "http://127.0.0.1:9000/v1"\n'
+        'api_key_env = "LOCAL_API_KEY"      # optional for local servers\n\n'
+        '[providers.claude]\ntype = "anthropic"\napi_key_env = "ANTHROPIC_API_KEY"\n'
+    )
+    server, url = await start_server(nursery, "--config", str(config))
+    try:
+        import httpx
+
+        async with httpx.AsyncClient() as http:
+            health = (await http.get(url + "/health")).json()
+        assert health["status"] == "ok"
+        assert set(health["providers"]) == {"local", "claude", "sim"}
+    finally:
+        server.send_signal(signal.SIGINT)
+
+
+async def test_bad_config_is_reported_per_mistake(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[providers.x]\ntype = "openai"\n\n[providers.y]\ntype = "carrier-pigeon"\n[server]\nport = "eighty"\n')
+    result = await trio.run_process(
+        [*TRIOPROXY, "serve", "--config", str(config)], capture_stdout=True, capture_stderr=True, check=False
+    )
+    err = result.stderr.decode()
+    assert result.returncode == 2
+    assert "[providers.x].base_url is required" in err
+    assert "[providers.y].type must be one of" in err
+    assert "[server].port must be an integer" in err
+    assert "Traceback" not in err
