@@ -80,6 +80,8 @@ def load_config(path: str | os.PathLike[str] | None, *, environ: Mapping[str, st
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"cannot read config file {str(path)!r}: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not valid UTF-8 text: {exc.reason} at byte {exc.start}"]) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -107,9 +109,13 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
             providers[name] = provider
 
     default_provider = raw.get("default_provider")
-    if default_provider is not None and default_provider not in providers:
+    if default_provider is not None and not isinstance(default_provider, str):
+        problems.append(f"default_provider must be a provider name (a string), got {default_provider!r}")
+        default_provider = None
+    # A provider whose table has mistakes is declared all the same: its own sentences say what is wrong.
+    if default_provider is not None and default_provider not in providers and default_provider not in tables:
         problems.append(
-            f"default_provider = {default_provider!r} names no provider (declared: {', '.join(sorted(providers))})"
+            f"default_provider = {default_provider!r} names no provider (declared: {', '.join(sorted({*providers, *tables}))})"
         )
 
     if problems:

@@ -71,7 +71,7 @@ class OpenAITranslation:
         return UpstreamRequest(self.url, self._headers, orjson.dumps(body))
 
     def stream_parser(self) -> OpenAIStreamParser:
-        return OpenAIStreamParser()
+        return OpenAIStreamParser(secret=self.api_key)
 
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamStatusError:
         message, type_, code = _error_fields(body)
@@ -87,10 +87,15 @@ class OpenAITranslation:
 
 
 class OpenAIStreamParser:
-    """Parses `chat.completion.chunk` events; `[DONE]` ends the stream."""
+    """
+    Parses `chat.completion.chunk` events; `[DONE]` ends the stream.
 
-    def __init__(self) -> None:
+    `secret` (the provider's API key) is masked in the messages of in-stream errors.
+    """
+
+    def __init__(self, *, secret: str | None = None) -> None:
         self._finished = False
+        self._secret = secret
 
     @property
     def finished(self) -> bool:
@@ -111,7 +116,7 @@ class OpenAIStreamParser:
             raise UpstreamProtocolError(f"upstream sent a chunk that is not a JSON object: {data[:200]!r}")
         error = chunk.get("error")
         if error:
-            raise _in_stream_error(error)
+            raise _in_stream_error(error, secret=self._secret)
         return [delta_from_chunk(chunk, raw=data.encode())]
 
 
@@ -145,6 +150,8 @@ def _tool_call(tc: Any) -> ToolCallDelta:
     if not isinstance(tc, dict) or not isinstance(tc.get("index", 0), int):
         raise UpstreamProtocolError("upstream chunk has a malformed tool call")
     function = tc.get("function") or {}
+    if not isinstance(function, dict):
+        raise UpstreamProtocolError("upstream chunk has a malformed tool call")
     return ToolCallDelta(
         index=tc.get("index", 0),
         id=tc.get("id"),
@@ -161,19 +168,19 @@ def _usage(usage: dict[str, Any]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion)
 
 
-def _in_stream_error(error: Any) -> UpstreamStatusError:
+def _in_stream_error(error: Any, *, secret: str | None) -> UpstreamStatusError:
     if isinstance(error, dict):
         message = error.get("message") or "the upstream reported an error during streaming"
         type_ = error.get("type") if isinstance(error.get("type"), str) else None
         code = error.get("code")
         status = code if isinstance(code, int) and 400 <= code < 600 else 502
         return UpstreamStatusError(
-            safe_message(str(message), secret=None),
+            safe_message(str(message), secret=secret),
             status=status,
             type=type_ or "upstream_error",
             code=code if isinstance(code, str) else None,
         )
-    return UpstreamStatusError(safe_message(str(error), secret=None), status=502, type="upstream_error")
+    return UpstreamStatusError(safe_message(str(error), secret=secret), status=502, type="upstream_error")
 
 
 def _error_fields(body: bytes) -> tuple[str, str | None, str | None]:

@@ -111,13 +111,14 @@ def script(chat: ChatRequest, settings: SimulatedSettings) -> list[Step]:
     prompt_tokens = sum(len(_WORD.findall(content_text(m.get("content")))) for m in chat.messages)
     steps: list[Step] = [(0.0, Delta(role="assistant"))]
     for n, piece in enumerate(pieces):
+        delay = ttft if n == 0 else interval
         if n == settings.stall_after_tokens:
-            steps.append((ttft if n == 0 else interval, Stall()))
+            steps.append((delay, Stall()))
             return steps
         if n == settings.fail_after_tokens:
-            steps.append((interval, UpstreamStatusError(f"simulated failure after {n} tokens", status=500)))
+            steps.append((delay, UpstreamStatusError(f"simulated failure after {n} tokens", status=500)))
             return steps
-        steps.append((ttft if n == 0 else interval, piece))
+        steps.append((delay, piece))
     if len(pieces) == settings.stall_after_tokens:
         steps.append((interval, Stall()))
         return steps

@@ -73,7 +73,11 @@ class OpenAIChunkRenderer:
         if delta.tool_calls:
             body["tool_calls"] = [_tool_call(tc) for tc in delta.tool_calls]
         choice = {"index": 0, "delta": body, "logprobs": None, "finish_reason": delta.finish_reason}
-        return self._event([choice], usage=None)
+        out = self._event([choice], usage=None)
+        if delta.usage is not None and self.include_usage:
+            # Usage travels in its own `choices: []` chunk (§4.3), also when it came with content.
+            out += self._event([], usage=delta.usage.to_openai())
+        return out
 
     def error(self, error: TrioproxyError) -> bytes:
         return b"data: " + orjson.dumps(error_body(error)) + b"\n\n"

@@ -1,0 +1,500 @@
+"""
+Tests of the OpenAI-compatible translation: plain dicts and bytes, no sockets.
+
+Chunks are in the shapes of `/work/shared/sse_protocol.md` §4.3.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from trioproxy._events import Delta, ToolCallDelta, Usage
+from trioproxy._exceptions import UpstreamProtocolError, UpstreamStatusError
+from trioproxy._request import ChatRequest, parse_chat_request
+from trioproxy._sse import ServerSentEvent
+from trioproxy.providers._base import MAX_ERROR_MESSAGE
+from trioproxy.providers.openai import OpenAIStreamParser, OpenAITranslation
+
+KEY = "sk-proj-TopSecretKey0123456789"
+URL = "http://127.0.0.1:9000/v1"
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+def chat(**fields: Any) -> ChatRequest:
+    body = {"model": "local/gpt-x", "messages": [{"role": "user", "content": "hi"}], **fields}
+    return parse_chat_request(body).routed("gpt-x")
+
+
+def translation(**kwargs: Any) -> OpenAITranslation:
+    return OpenAITranslation(base_url=URL, **kwargs)
+
+
+def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-123",
+            "object": "chat.completion.chunk",
+            "created": 1694268190,
+            "model": "gpt-4o-mini",
+            "system_fingerprint": "fp_44709d6fcb",
+            "choices": choices,
+            **extra,
+        }
+    ).decode()
+
+
+def feed(parser: OpenAIStreamParser, data: str) -> list[Delta]:
+    return parser.feed(ServerSentEvent(data=data))
+
+
+def parse_one(data: str) -> Delta:
+    [delta] = feed(OpenAIStreamParser(), data)
+    return delta
+
+
+# --------------------------------------------------------------------------------------------
+# requests
+
+
+def test_stream_request_forwards_unknown_fields() -> None:
+    request = translation(api_key=KEY).stream_request(
+        chat(
+            tools=TOOLS,
+            tool_choice="auto",
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+            vendor_extension={"top_k": 40, "repetition_penalty": 1.1},
+            temperature=0.5,
+        )
+    )
+    assert request.url == "http://127.0.0.1:9000/v1/chat/completions"
+    assert orjson.loads(request.body) == {
+        "model": "gpt-x",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": TOOLS,
+        "tool_choice": "auto",
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+        "vendor_extension": {"top_k": 40, "repetition_penalty": 1.1},
+        "temperature": 0.5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    assert dict(request.headers) == {
+        "content-type": "application/json",
+        "authorization": f"Bearer {KEY}",
+        "accept": "text/event-stream",
+    }
+
+
+def test_stream_request_does_not_touch_the_client_body() -> None:
+    c = chat(stream=False, stream_options={"include_usage": False, "x": 1})
+    before = orjson.dumps(c.body)
+    body = orjson.loads(translation().stream_request(c).body)
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True, "x": 1}
+    assert orjson.dumps(c.body) == before
+
+
+def test_stream_request_without_request_usage_keeps_client_choice() -> None:
+    t = translation(request_usage=False)
+    assert "stream_options" not in orjson.loads(t.stream_request(chat(stream=True)).body)
+    body = orjson.loads(t.stream_request(chat(stream=True, stream_options={"include_usage": True})).body)
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["model"] == "gpt-x"
+
+
+def test_no_authorization_without_key() -> None:
+    for t in (translation(), translation(api_key=None), translation(api_key="")):
+        request = t.stream_request(chat())
+        assert dict(request.headers) == {"content-type": "application/json", "accept": "text/event-stream"}
+        assert "authorization" not in t.complete_request(chat()).headers
+
+
+def test_base_url_trailing_slash_and_extra_headers() -> None:
+    t = OpenAITranslation(base_url=URL + "/", api_key=KEY, extra_headers={"X-Org": "acme"})
+    request = t.stream_request(chat())
+    assert request.url == "http://127.0.0.1:9000/v1/chat/completions"
+    assert request.headers["x-org"] == "acme"
+
+
+def test_complete_request() -> None:
+    request = translation(api_key=KEY).complete_request(
+        chat(stream=True, stream_options={"include_usage": True}, tools=TOOLS, vendor_extension=1)
+    )
+    assert request.url == "http://127.0.0.1:9000/v1/chat/completions"
+    assert orjson.loads(request.body) == {
+        "model": "gpt-x",
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": TOOLS,
+        "vendor_extension": 1,
+        "stream": False,
+    }
+    assert dict(request.headers) == {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
+
+
+# --------------------------------------------------------------------------------------------
+# the stream parser
+
+
+def test_role_chunk() -> None:
+    data = chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+    assert parse_one(data) == Delta(text="", role="assistant", raw=data.encode())
+
+
+def test_content_chunks() -> None:
+    parser = OpenAIStreamParser()
+    datas = [
+        chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}], usage=None)
+        for text in ("Hello", ", wörld", " 👋")
+    ]
+    deltas = [d for data in datas for d in feed(parser, data)]
+    assert deltas == [
+        Delta(text="Hello", raw=datas[0].encode()),
+        Delta(text=", wörld", raw=datas[1].encode()),
+        Delta(text=" 👋", raw=datas[2].encode()),
+    ]
+    assert not parser.finished
+
+
+def test_tool_call_fragments() -> None:
+    first = chunk(
+        [
+            {
+                "index": 0,
+                "delta": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_abc",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": ""},
+                        }
+                    ],
+                },
+                "finish_reason": None,
+            }
+        ]
+    )
+    second = chunk(
+        [
+            {
+                "index": 0,
+                "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]},
+                "finish_reason": None,
+            }
+        ]
+    )
+    third = chunk(
+        [
+            {
+                "index": 0,
+                "delta": {
+                    "tool_calls": [
+                        {"index": 0, "function": {"arguments": '"Paris"}'}},
+                        {"index": 1, "id": "call_def", "function": {"name": "f"}},
+                    ]
+                },
+                "finish_reason": None,
+            }
+        ]
+    )
+    parser = OpenAIStreamParser()
+    assert feed(parser, first) == [
+        Delta(
+            role="assistant",
+            tool_calls=(ToolCallDelta(index=0, id="call_abc", name="get_weather", arguments=""),),
+            raw=first.encode(),
+        )
+    ]
+    assert feed(parser, second) == [
+        Delta(tool_calls=(ToolCallDelta(index=0, arguments='{"city":'),), raw=second.encode())
+    ]
+    assert feed(parser, third) == [
+        Delta(
+            tool_calls=(ToolCallDelta(index=0, arguments='"Paris"}'), ToolCallDelta(index=1, id="call_def", name="f")),
+            raw=third.encode(),
+        )
+    ]
+
+
+def test_finish_chunk() -> None:
+    data = chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], usage=None)
+    assert parse_one(data) == Delta(finish_reason="stop", raw=data.encode())
+    data = chunk([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])
+    assert parse_one(data) == Delta(finish_reason="tool_calls", raw=data.encode())
+
+
+def test_usage_chunk() -> None:
+    data = chunk(
+        [],
+        usage={
+            "prompt_tokens": 9,
+            "completion_tokens": 2,
+            "total_tokens": 11,
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
+    )
+    assert parse_one(data) == Delta(usage=Usage(prompt_tokens=9, completion_tokens=2), raw=data.encode())
+
+
+def test_usage_on_finish_chunk() -> None:
+    data = chunk(
+        [{"index": 0, "delta": {}, "finish_reason": "length"}],
+        usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+    )
+    assert parse_one(data) == Delta(
+        finish_reason="length", usage=Usage(prompt_tokens=3, completion_tokens=4), raw=data.encode()
+    )
+
+
+def test_raw_is_the_exact_data_bytes() -> None:
+    # spacing, key order and vendor fields as the upstream wrote them
+    data = (
+        '{"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m",'
+        '  "choices": [{"index": 0, "delta": {"content": "é", "reasoning_content": "hmm"},'
+        ' "logprobs": {"content": []}, "finish_reason": null}], "x_vendor": true}'
+    )
+    delta = parse_one(data)
+    assert delta.raw == data.encode("utf-8")
+    assert delta.text == "é"
+
+
+def test_done_finishes() -> None:
+    parser = OpenAIStreamParser()
+    assert parser.finished is False
+    assert feed(parser, "[DONE]") == []
+    assert parser.finished is True
+    # nothing after the end marker counts, not even garbage
+    assert feed(parser, "not json") == []
+    assert feed(parser, chunk([{"index": 0, "delta": {"content": "late"}}])) == []
+
+
+def test_other_choices_stay_in_raw() -> None:
+    data = chunk([{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}])
+    assert parse_one(data) == Delta(text="a", raw=data.encode())
+
+
+def test_in_stream_error_openai_shape() -> None:
+    data = orjson.dumps(
+        {"error": {"message": "The server had an error.", "type": "server_error", "param": None, "code": None}}
+    ).decode()
+    with pytest.raises(UpstreamStatusError) as info:
+        feed(OpenAIStreamParser(), data)
+    error = info.value
+    assert (error.message, error.status, error.type, error.code, error.retryable) == (
+        "The server had an error.",
+        502,
+        "server_error",
+        None,
+        True,
+    )
+
+
+def test_in_stream_error_with_status_code_and_string_code() -> None:
+    with pytest.raises(UpstreamStatusError) as info:
+        feed(OpenAIStreamParser(), '{"error": {"message": "slow down", "code": 429}}')
+    assert (info.value.status, info.value.type, info.value.code, info.value.retryable) == (
+        429,
+        "upstream_error",
+        None,
+        True,
+    )
+    with pytest.raises(UpstreamStatusError) as info:
+        feed(OpenAIStreamParser(), '{"error": {"message": "ctx", "type": "invalid_request_error", "code": "too_long"}}')
+    assert (info.value.status, info.value.type, info.value.code) == (502, "invalid_request_error", "too_long")
+
+
+def test_in_stream_error_as_string() -> None:
+    with pytest.raises(UpstreamStatusError) as info:
+        feed(OpenAIStreamParser(), '{"error": "model crashed"}')
+    assert (info.value.message, info.value.status, info.value.type) == ("model crashed", 502, "upstream_error")
+
+
+def test_in_stream_error_masks_the_key() -> None:
+    parser = translation(api_key="plain-local-key-777").stream_parser()
+    with pytest.raises(UpstreamStatusError) as info:
+        feed(parser, '{"error": {"message": "key plain-local-key-777 was revoked"}}')
+    assert info.value.message == "key *** was revoked"
+    with pytest.raises(UpstreamStatusError) as info:
+        feed(OpenAIStreamParser(), '{"error": {"message": "bad key sk-abcdefghijklmnop"}}')
+    assert info.value.message == "bad key sk-ab***"
+
+
+@pytest.mark.parametrize("data", ["hello", "", '{"choices": [', "data: {}"])
+def test_non_json_is_a_protocol_error(data: str) -> None:
+    with pytest.raises(UpstreamProtocolError) as info:
+        feed(OpenAIStreamParser(), data)
+    assert info.value.message == f"upstream sent a chunk that is not JSON: {data[:200]!r}"
+    assert info.value.retryable is False
+
+
+@pytest.mark.parametrize("data", ["[1, 2]", '"text"', "42", "null"])
+def test_non_object_is_a_protocol_error(data: str) -> None:
+    with pytest.raises(UpstreamProtocolError) as info:
+        feed(OpenAIStreamParser(), data)
+    assert info.value.message == f"upstream sent a chunk that is not a JSON object: {data!r}"
+
+
+@pytest.mark.parametrize(
+    ("choices", "message"),
+    [
+        ("x", "upstream chunk has a malformed 'choices' array"),
+        ([1], "upstream chunk has a malformed 'choices' array"),
+        ([{"index": 0, "delta": "hi"}], "upstream chunk has a malformed 'delta'"),
+        ([{"index": 0, "delta": {"tool_calls": ["x"]}}], "upstream chunk has a malformed tool call"),
+        ([{"index": 0, "delta": {"tool_calls": [{"index": "0"}]}}], "upstream chunk has a malformed tool call"),
+        (
+            [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": "f"}]}}],
+            "upstream chunk has a malformed tool call",
+        ),
+    ],
+)
+def test_malformed_chunk(choices: Any, message: str) -> None:
+    with pytest.raises(UpstreamProtocolError) as info:
+        feed(OpenAIStreamParser(), chunk(choices))
+    assert info.value.message == message
+
+
+def test_malformed_usage() -> None:
+    with pytest.raises(UpstreamProtocolError) as info:
+        feed(OpenAIStreamParser(), chunk([], usage={"prompt_tokens": "9", "completion_tokens": 2}))
+    assert info.value.message == "upstream usage has non-integer token counts"
+
+
+# --------------------------------------------------------------------------------------------
+# error responses
+
+
+def error_from(
+    body: bytes, status: int = 400, headers: dict[str, str] | None = None, key: str | None = KEY
+) -> UpstreamStatusError:
+    return translation(api_key=key).error_from_response(status, headers or {}, body)
+
+
+def test_error_openai_shape() -> None:
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": "This model's maximum context length is 128000 tokens.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        }
+    )
+    error = error_from(body)
+    assert (error.message, error.status, error.type, error.code, error.retry_after, error.retryable) == (
+        "This model's maximum context length is 128000 tokens.",
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        None,
+        False,
+    )
+
+
+def test_error_detail_shape() -> None:  # vLLM / FastAPI
+    error = error_from(b'{"detail": "Not Found"}', status=404)
+    assert (error.message, error.status, error.type, error.code) == ("Not Found", 404, "not_found_error", None)
+    error = error_from(b'{"detail": [{"loc": ["body", "model"], "msg": "field required"}]}', status=422)
+    assert error.message == '[{"loc":["body","model"],"msg":"field required"}]'
+    assert error.type == "invalid_request_error"
+
+
+def test_error_vllm_flat_shape() -> None:
+    error = error_from(
+        b'{"object": "error", "message": "model x does not exist", "type": "NotFoundError", '
+        b'"param": null, "code": 404}',
+        status=404,
+    )
+    assert (error.message, error.type, error.code) == ("model x does not exist", "NotFoundError", None)
+
+
+def test_error_string_shape() -> None:  # llama.cpp, Ollama
+    error = error_from(b'{"error": "model \\"llama3\\" not found, try pulling it first"}', status=404)
+    assert (error.message, error.status, error.type, error.code) == (
+        'model "llama3" not found, try pulling it first',
+        404,
+        "not_found_error",
+        None,
+    )
+
+
+def test_error_plain_text() -> None:
+    error = error_from(b"  502 Bad Gateway\n", status=502)
+    assert (error.message, error.status, error.type, error.retryable) == (
+        "502 Bad Gateway",
+        502,
+        "upstream_error",
+        True,
+    )
+
+
+def test_error_empty_body() -> None:
+    error = error_from(b"", status=503)
+    assert error.message == "upstream answered HTTP 503"
+    error = error_from(b"[]", status=500)
+    assert error.message == "upstream answered HTTP 500"
+
+
+@pytest.mark.parametrize(
+    ("status", "type_"),
+    [(401, "authentication_error"), (403, "permission_error"), (429, "rate_limit_error"), (500, "upstream_error")],
+)
+def test_error_type_from_status(status: int, type_: str) -> None:
+    assert error_from(b"nope", status=status).type == type_
+
+
+def test_error_retry_after() -> None:
+    error = error_from(b'{"error": {"message": "Rate limit reached"}}', status=429, headers={"retry-after": "2.5"})
+    assert (error.status, error.type, error.retry_after, error.retryable) == (429, "rate_limit_error", 2.5, True)
+    assert error_from(b"x", status=429, headers={"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}).retry_after is None
+    assert error_from(b"x", status=429, headers={"retry-after": "-1"}).retry_after is None
+
+
+def test_error_retry_after_with_httpx_headers() -> None:
+    httpx = pytest.importorskip("httpx")
+    error = error_from(b"x", status=503, headers=httpx.Headers({"Retry-After": "7"}))
+    assert error.retry_after == 7.0
+
+
+def test_error_never_shows_the_key() -> None:
+    body = orjson.dumps(
+        {
+            "error": {
+                "message": f"Incorrect API key provided: {KEY}. Find yours at ...",
+                "type": "invalid_request_error",
+                "code": "invalid_api_key",
+            }
+        }
+    )
+    error = error_from(body, status=401)
+    assert KEY not in error.message
+    assert error.message == "Incorrect API key provided: ***. Find yours at ..."
+    assert error.type == "invalid_request_error"
+
+
+def test_error_masks_key_shaped_strings() -> None:
+    error = error_from(b"Incorrect API key provided: sk-proj-abc*********************xyz1", status=401, key=None)
+    assert error.message == "Incorrect API key provided: sk-pr***"
+    error = error_from(b'{"error": "key sk-otherKEY_0123456789 is invalid"}', status=401)
+    assert error.message == "key sk-ot*** is invalid"
+
+
+def test_error_message_is_bounded() -> None:
+    error = error_from(b"x" * 5000, status=500)
+    assert len(error.message) == MAX_ERROR_MESSAGE
+    assert error.message == "x" * (MAX_ERROR_MESSAGE - 1) + "…"
