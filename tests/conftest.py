@@ -21,9 +21,13 @@ ANTHROPIC_KEY = "sk-ant-upstream-secret-9876543210"
 
 
 def proxy_config(upstream: FakeUpstream, **extra_providers: dict) -> Config:
-    """`up` (OpenAI format) and `claude` (Anthropic format) both point at `upstream`."""
+    """
+    `up` (OpenAI format) and `claude` (Anthropic format) both point at `upstream`. Retries
+    are off, so each test sees each upstream answer; the retry tests turn them on.
+    """
     return parse_config(
         {
+            "retry": {"max_retries": 0},
             "providers": {
                 "up": {"type": "openai", "base_url": upstream.url + "/v1", "api_key_env": "UP_KEY"},
                 "claude": {"type": "anthropic", "base_url": upstream.url, "api_key_env": "CLAUDE_KEY"},

@@ -13,11 +13,13 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
 from ._exceptions import ConfigError
+from ._policy import BufferConfig, RetryConfig, Timeouts, parse_policy
+from .pipeline._content import Transform, Validator, build_transforms, build_validators
 from .providers.simulated import SimulatedSettings, settings_problems
 
 __all__ = ["Config", "ProviderConfig", "ServerConfig", "load_config", "parse_config"]
@@ -41,9 +43,9 @@ class ServerConfig:
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     """
-    One `[providers.NAME]` table.
+    One `[providers.NAME]` table: where the upstream is, and how its streams are run
+    (timeouts, retries, fallbacks, buffering, transforms and validators).
 
-    `connect_timeout` bounds opening a connection to the upstream (seconds).
     `max_connections` bounds the provider's connection pool.
     """
 
@@ -54,12 +56,30 @@ class ProviderConfig:
     api_key: str | None = field(default=None, repr=False)
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     models: tuple[str, ...] = ()
-    connect_timeout: float = 10.0
     max_connections: int = 1000
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    fallbacks: tuple[str, ...] = ()
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    transforms: tuple[Transform, ...] = ()
+    validators: tuple[Validator, ...] = ()
     request_usage: bool = True
     anthropic_version: str = "2023-06-01"
     default_max_tokens: int = 4096
     simulated: SimulatedSettings = field(default_factory=SimulatedSettings)
+
+    @property
+    def connect_timeout(self) -> float:
+        return self.timeouts.connect_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class _Defaults:
+    """The global `[timeouts]`, `[retry]` and `[buffer]` tables, which providers override."""
+
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,16 +115,29 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     problems: list[str] = []
     warnings: list[str] = []
 
-    _unknown_keys(raw, {"server", "providers", "default_provider"}, "config", problems)
+    _unknown_keys(
+        raw, {"server", "providers", "default_provider", "timeouts", "retry", "buffer"}, "config", problems
+    )
     server = _server(raw.get("server", {}), problems)
+    defaults = _Defaults(
+        timeouts=parse_policy(Timeouts(), raw.get("timeouts", {}), where="[timeouts]", problems=problems),
+        retry=parse_policy(RetryConfig(), raw.get("retry", {}), where="[retry]", problems=problems),
+        buffer=parse_policy(BufferConfig(), raw.get("buffer", {}), where="[buffer]", problems=problems),
+    )
+    if defaults.timeouts.connect_timeout <= 0:
+        problems.append("[timeouts].connect_timeout must be a positive number")
 
-    providers: dict[str, ProviderConfig] = {SIM: ProviderConfig(name=SIM, type="simulated")}
+    providers: dict[str, ProviderConfig] = {
+        SIM: ProviderConfig(
+            name=SIM, type="simulated", timeouts=defaults.timeouts, retry=defaults.retry, buffer=defaults.buffer
+        )
+    }
     tables = raw.get("providers", {})
     if not isinstance(tables, dict):
         problems.append("[providers] must be a table of provider tables")
         tables = {}
     for name, table in tables.items():
-        provider = _provider(name, table, env, problems, warnings)
+        provider = _provider(name, table, defaults, env, problems, warnings)
         if provider is not None:
             providers[name] = provider
 
@@ -117,6 +150,15 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         problems.append(
             f"default_provider = {default_provider!r} names no provider (declared: {', '.join(sorted({*providers, *tables}))})"
         )
+
+    for provider in providers.values():
+        for i, fallback in enumerate(provider.fallbacks):
+            prefix = fallback.partition("/")[0]
+            if prefix not in providers and prefix not in tables:
+                problems.append(
+                    f"[providers.{provider.name}].fallbacks[{i}] = {fallback!r} names no provider "
+                    "(write it as 'provider/model')"
+                )
 
     if problems:
         raise ConfigError(problems)
@@ -139,7 +181,22 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
     return ServerConfig(host=host, port=port)
 
 
-_COMMON_KEYS: Final = {"type", "base_url", "api_key_env", "headers", "models", "connect_timeout", "max_connections"}
+_TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval"}
+_COMMON_KEYS: Final = {
+    "type",
+    "base_url",
+    "api_key_env",
+    "headers",
+    "models",
+    "connect_timeout",
+    "max_connections",
+    "retry",
+    "fallbacks",
+    "buffer",
+    "transforms",
+    "validators",
+    *_TIMEOUT_KEYS,
+}
 _TYPE_KEYS: Final = {
     "openai": {"request_usage"},
     "anthropic": {"anthropic_version", "default_max_tokens"},
@@ -148,7 +205,7 @@ _TYPE_KEYS: Final = {
 
 
 def _provider(
-    name: str, table: Any, env: Mapping[str, str], problems: list[str], warnings: list[str]
+    name: str, table: Any, defaults: _Defaults, env: Mapping[str, str], problems: list[str], warnings: list[str]
 ) -> ProviderConfig | None:
     where = f"[providers.{name}]"
     if not _NAME.match(name):
@@ -194,7 +251,27 @@ def _provider(
     else:
         checked["models"] = tuple(models)
 
+    timeouts = parse_policy(
+        defaults.timeouts,
+        {k: v for k, v in table.items() if k in _TIMEOUT_KEYS},
+        where=where,
+        problems=problems,
+    )
     _number(table, "connect_timeout", where, problems, checked, positive=True)
+    checked["timeouts"] = replace(timeouts, connect_timeout=checked.pop("connect_timeout", timeouts.connect_timeout))
+    checked["retry"] = parse_policy(defaults.retry, table.get("retry", {}), where=f"{where}.retry", problems=problems)
+    checked["buffer"] = parse_policy(
+        defaults.buffer, table.get("buffer", {}), where=f"{where}.buffer", problems=problems
+    )
+    fallbacks = table.get("fallbacks", [])
+    if not isinstance(fallbacks, list) or not all(isinstance(f, str) and "/" in f for f in fallbacks):
+        problems.append(f"{where}.fallbacks must be a list of 'provider/model' names")
+    else:
+        checked["fallbacks"] = tuple(fallbacks)
+    if "transforms" in table:
+        checked["transforms"] = build_transforms(table["transforms"], where=f"{where}.transforms", problems=problems)
+    if "validators" in table:
+        checked["validators"] = build_validators(table["validators"], where=f"{where}.validators", problems=problems)
     _number(table, "max_connections", where, problems, checked, positive=True, integer=True)
     _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
     for key in ("request_usage",):

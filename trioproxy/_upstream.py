@@ -50,10 +50,6 @@ class Upstream(Protocol):
         """Send `OPENED`, then every delta of the generation; raise `TrioproxyError` on failure."""
         ...
 
-    async def complete_raw(self, chat: ChatRequest) -> bytes | None:
-        """The upstream's own non-streaming JSON answer, where it speaks the client's protocol."""
-        ...
-
     async def aclose(self) -> None: ...
 
 
@@ -92,17 +88,6 @@ class HttpUpstream:
         if not parser.finished:
             raise UpstreamProtocolError("the upstream closed the stream before its end marker")
 
-    async def complete_raw(self, chat: ChatRequest) -> bytes | None:
-        complete_request = getattr(self.translation, "complete_request", None)
-        if complete_request is None:
-            return None
-        request = complete_request(chat)
-        with _mapped_httpx_errors():
-            resp = await self._client.post(request.url, headers=request.headers, content=request.body)
-        if resp.status_code >= 300:
-            raise self.translation.error_from_response(resp.status_code, resp.headers, resp.content[:MAX_ERROR_BODY])
-        return resp.content
-
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -132,9 +117,6 @@ class SimulatedUpstream:
             if isinstance(step, Stall):
                 await trio.sleep_forever()
             await send.send(step)
-
-    async def complete_raw(self, chat: ChatRequest) -> bytes | None:
-        return None
 
     async def aclose(self) -> None:
         pass

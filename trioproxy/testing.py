@@ -211,7 +211,8 @@ class FakeUpstream:
     def __init__(self, replies: ReplySource = None) -> None:
         self._replies = replies
         self._queue: collections.deque[Reply] = collections.deque()
-        #: Every request, in arrival order.
+        #: Every request, in arrival order (a request too malformed to parse is answered 400
+        #: but not recorded).
         self.requests: list[RecordedRequest] = []
         self._arrived = trio.Event()
         self._port: int | None = None
@@ -547,42 +548,51 @@ class _Connection:
         await self._play(api, request, request.json, reply)
 
     async def _play(self, api: _Api, request: RecordedRequest, body: dict[str, Any], reply: Reply) -> None:
-        """Run one `Reply` script: delays, then a body, a stream or a fault."""
+        """Run one `Reply` script: delays, then an error, a raw body, a JSON body or a stream."""
         await _sleep(reply.headers_delay)
         if reply.raw_body is not None:
-            await self._send_head(reply.status, _merge_headers(_SSE_HEADERS, reply.headers))
-            await _sleep(reply.ttft)
-            await self._send_data(reply.raw_body)
-            if reply.reset_after is not None:
-                raise _ResetError
-            if reply.stall_after is not None:
-                await trio.sleep_forever()
-            await self._finish(request)
-            return
-        if not 200 <= reply.status <= 299:
+            await self._play_raw(request, reply, reply.raw_body)
+        elif not 200 <= reply.status <= 299:
             error = _error_body(api, reply.status, reply.error_message)
             await self._send_json(request, reply.status, error, reply.headers)
-            return
+        else:
+            model = body.get("model")
+            if not isinstance(model, str):
+                model = _DEFAULT_MODEL
+            number = self._server._next_response_number()
+            if body.get("stream") is True:
+                options = body.get("stream_options")
+                include_usage = isinstance(options, dict) and options.get("include_usage") is True
+                await self._play_stream(api, request, reply, model, number, include_usage=include_usage)
+            else:
+                await self._play_complete(api, request, reply, model, number)
 
-        model = body.get("model") if isinstance(body.get("model"), str) else _DEFAULT_MODEL
-        assert isinstance(model, str)
-        number = self._server._next_response_number()
-        if body.get("stream") is not True:
-            await _sleep(reply.ttft)
-            if reply.reset_after is not None:
-                raise _ResetError
-            if reply.stall_after is not None:
-                await trio.sleep_forever()
-            if reply.error_after is not None:
-                await self._send_json(request, 500, _error_body(api, 500, reply.error_message), reply.headers)
-                return
-            complete = _openai_completion if api is _Api.OPENAI else _anthropic_message
-            await self._send_json(request, 200, complete(reply, model, number), reply.headers)
-            return
+    async def _play_raw(self, request: RecordedRequest, reply: Reply, raw_body: bytes) -> None:
+        await self._send_head(reply.status, _merge_headers(_SSE_HEADERS, reply.headers))
+        await _sleep(reply.ttft)
+        await self._send_data(raw_body)
+        if reply.reset_after is not None:
+            raise _ResetError
+        if reply.stall_after is not None:
+            await trio.sleep_forever()
+        await self._finish(request)
 
+    async def _play_complete(self, api: _Api, request: RecordedRequest, reply: Reply, model: str, number: int) -> None:
+        await _sleep(reply.ttft)
+        if reply.reset_after is not None:
+            raise _ResetError
+        if reply.stall_after is not None:
+            await trio.sleep_forever()
+        if reply.error_after is not None:
+            await self._send_json(request, 500, _error_body(api, 500, reply.error_message), reply.headers)
+            return
+        complete = _openai_completion if api is _Api.OPENAI else _anthropic_message
+        await self._send_json(request, 200, complete(reply, model, number), reply.headers)
+
+    async def _play_stream(
+        self, api: _Api, request: RecordedRequest, reply: Reply, model: str, number: int, *, include_usage: bool
+    ) -> None:
         if api is _Api.OPENAI:
-            options = body.get("stream_options")
-            include_usage = isinstance(options, dict) and options.get("include_usage") is True
             frames = _openai_frames(reply, model, number, include_usage=include_usage)
             error_frame = _openai_stream_error(reply.error_message)
         else:
@@ -603,9 +613,14 @@ class _Connection:
             if frame.token:
                 if sent:
                     await _sleep(reply.interval)
-                await self._send_data(frame.data)
+                # Count before the write, for the reason given in `_send_last`.
+                request.tokens_sent = sent + 1
+                try:
+                    await self._send_data(frame.data)
+                except _ClientGoneError:
+                    request.tokens_sent = sent
+                    raise
                 sent += 1
-                request.tokens_sent = sent
             else:
                 await self._send_data(frame.data)
         await self._finish(request)
@@ -616,18 +631,15 @@ class _Connection:
             return
         body = orjson.dumps(_error_body(_Api.OPENAI, rejection.status, rejection.message))
         headers = [("content-type", "application/json"), ("content-length", str(len(body))), ("connection", "close")]
-        try:
-            await self._send_head(rejection.status, headers)
-            await self._send(h11.Data(data=body))
-            await self._send(h11.EndOfMessage())
-        except _ClientGoneError:
-            pass
+        head = h11.Response(status_code=rejection.status, headers=headers, reason=_reason(rejection.status))
+        with contextlib.suppress(_ClientGoneError):
+            await self._send(head, h11.Data(data=body), h11.EndOfMessage())
 
     # -- writing ---------------------------------------------------------------------------------
 
-    async def _send(self, event: h11.Event) -> None:
-        """Write one h11 event at once; a send that fails means the client is gone."""
-        data = self._h11.send(event)
+    async def _send(self, *events: h11.Event) -> None:
+        """Write h11 events as one `send_all`, at once. A failed send means the client is gone."""
+        data = b"".join(self._h11.send(event) or b"" for event in events)
         if data:
             try:
                 await self._stream.send_all(data)
@@ -640,9 +652,19 @@ class _Connection:
     async def _send_data(self, data: bytes) -> None:
         await self._send(h11.Data(data=data))
 
-    async def _finish(self, request: RecordedRequest) -> None:
-        await self._send(h11.EndOfMessage())
+    async def _send_last(self, request: RecordedRequest, *events: h11.Event) -> None:
+        """Write the events that end the response (the last is `EndOfMessage`) and mark it `completed`."""
+        # Set before the write: the bytes reach the kernel before `send_all` yields, so a
+        # client that has read the whole response may look before this task resumes.
         request.completed = True
+        try:
+            await self._send(*events, h11.EndOfMessage())
+        except _ClientGoneError:
+            request.completed = False
+            raise
+
+    async def _finish(self, request: RecordedRequest) -> None:
+        await self._send_last(request)
 
     async def _send_json(
         self,
@@ -651,11 +673,12 @@ class _Connection:
         payload: object,
         extra_headers: Mapping[str, str] | None = None,
     ) -> None:
+        """A complete JSON response, head and body in one write."""
         body = orjson.dumps(payload)
         base = [("content-type", "application/json"), ("content-length", str(len(body)))]
-        await self._send_head(status, _merge_headers(base, extra_headers or {}))
-        await self._send_data(body)
-        await self._finish(request)
+        headers = _merge_headers(base, extra_headers or {})
+        head = h11.Response(status_code=status, headers=headers, reason=_reason(status))
+        await self._send_last(request, head, h11.Data(data=body))
 
 
 async def _sleep(seconds: float) -> None:

@@ -1,5 +1,36 @@
 """The pipeline: a request's session and the stages that run in it."""
 
-from ._session import SessionItem, StreamSession, start_session
+from ._assemble import Pipeline, pipeline_for
+from ._content import (
+    Transform,
+    Validator,
+    banned_phrases,
+    build_transforms,
+    build_validators,
+    max_length,
+    regex_redact,
+    replace_text,
+)
+from ._reader import RetryNotice
+from ._session import HEARTBEAT, Heartbeat, SessionItem, StreamSession, start_session
+from ._stages import ValidationError
 
-__all__ = ["SessionItem", "StreamSession", "start_session"]
+__all__ = [
+    "HEARTBEAT",
+    "Heartbeat",
+    "Pipeline",
+    "RetryNotice",
+    "SessionItem",
+    "StreamSession",
+    "Transform",
+    "ValidationError",
+    "Validator",
+    "banned_phrases",
+    "build_transforms",
+    "build_validators",
+    "max_length",
+    "pipeline_for",
+    "regex_redact",
+    "replace_text",
+    "start_session",
+]

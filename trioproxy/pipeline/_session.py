@@ -8,80 +8,133 @@ generator only iterates that channel and, in its `finally`, cancels the session.
 client goes away, the server cancels the response, the generator's `finally` cancels the
 session, and the upstream reader unwinds through httpx, which closes the upstream connection.
 
-Items on `output`: `OPENED` (the upstream accepted: commit HTTP 200), `Delta`s, and at most
-one `TrioproxyError`, always last. The end of the stream is the close of the channel; a
-channel that closes with `completed` still false was cut short (the server is shutting down),
-and the client must be told so rather than shown a truncated answer as whole.
+Items on `output`: `OPENED` (the upstream accepted: commit HTTP 200), `Delta`s, `RetryNotice`s,
+`HEARTBEAT`s, and at most one `TrioproxyError`, always last. The end of the stream is the close
+of the channel; a channel that closes with `completed` still false was cut short (the server
+is shutting down), and the client must be told so rather than shown a truncated answer as
+whole.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Final
 
 import trio
 
+from .._accumulator import Accumulator
 from .._events import Delta, Opened
 from .._exceptions import TrioproxyError
 from .._request import ChatRequest
+from ._reader import RetryNotice, read_upstream
 
 if TYPE_CHECKING:
-    from .._router import Route
+    from ._assemble import Pipeline
 
-__all__ = ["SessionItem", "StreamSession", "start_session"]
+__all__ = ["HEARTBEAT", "Heartbeat", "SessionItem", "StreamSession", "start_session"]
 
 logger = logging.getLogger("trioproxy.session")
 
-SessionItem = Opened | Delta | TrioproxyError
+
+class Heartbeat:
+    """Nothing was sent for `heartbeat_interval`: the front adapter sends its keep-alive."""
+
+
+HEARTBEAT: Final = Heartbeat()
+
+SessionItem = Opened | Delta | RetryNotice | Heartbeat | TrioproxyError
 
 
 class StreamSession:
-    """One generation in flight. Create with `start_session`; always end with `cancel()`."""
+    """
+    One generation in flight. Create with `start_session`; always end with `cancel()`.
 
-    def __init__(self, route: Route, chat: ChatRequest) -> None:
-        self.route = route
+    `accumulator` holds what was delivered (text, tool calls, usage); `heartbeats` says
+    whether idle keep-alives are sent (not for non-streaming requests).
+    """
+
+    def __init__(self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True) -> None:
+        self.pipeline = pipeline
         self.chat = chat
-        self._cancel_scope = trio.CancelScope()
-        self._send, self.output = trio.open_memory_channel[SessionItem](0)
+        self.accumulator = Accumulator()
         self.completed = False
         self.finished = trio.Event()
+        self._heartbeat_interval = pipeline.timeouts.heartbeat_interval if heartbeats else 0.0
+        self._cancel_scope = trio.CancelScope()
+        self._upstream_scope = trio.CancelScope()
+        self._out, self.output = trio.open_memory_channel[SessionItem](0)
+        self._last_output = -math.inf
 
     async def run(self) -> None:
         """The session's task; returns when the stream ends or the session is cancelled."""
         try:
             with self._cancel_scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read_upstream, self._send)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._last_output = trio.current_time()
+                        send, receive = trio.open_memory_channel[SessionItem](0)
+                        nursery.start_soon(self._read_upstream, send, name="upstream reader")
+                        for stage in self.pipeline.stages(self.abort_upstream):
+                            send, next_receive = trio.open_memory_channel[SessionItem](0)
+                            nursery.start_soon(stage, receive, send, name=getattr(stage, "func", stage).__name__)
+                            receive = next_receive
+                        if self._heartbeat_interval:
+                            nursery.start_soon(self._send_heartbeats, name="heartbeat")
+                        await self._deliver(receive)
+                        nursery.cancel_scope.cancel()  # the stream is over: stop the heartbeat
+                except* Exception:
+                    # A stage's bug, not an upstream failure: log it whole, and still tell the client.
+                    logger.exception("a stage of the %s session failed", self.chat.model)
+                    with trio.move_on_after(1):
+                        await self._out.send(TrioproxyError("internal error while streaming"))
         finally:
+            self._out.close()
             self.finished.set()
 
     def cancel(self) -> None:
         """End the session now: every task stops and the upstream connection closes."""
         self._cancel_scope.cancel()
 
+    def abort_upstream(self) -> None:
+        """Cancel the upstream request at once; the stages still deliver what they hold."""
+        self._upstream_scope.cancel()
+
     async def _read_upstream(self, send: trio.MemorySendChannel[SessionItem]) -> None:
-        """Pump the upstream into `send`; a failure becomes the stream's last item."""
-        chat = self.chat
-        async with send:
-            try:
-                await self.route.upstream.stream(chat, send)  # type: ignore[arg-type]
-                self.completed = True
-                return
-            except TrioproxyError as exc:
-                error = exc
-            except trio.BrokenResourceError:
-                return  # the response stopped reading: the session is being cancelled
-            except Exception:
-                # A bug, not an upstream failure: log it whole, and still tell the client.
-                logger.exception("upstream reader for %s failed", chat.model)
-                error = TrioproxyError("internal error while streaming")
-            try:
-                await send.send(error)
-            except trio.BrokenResourceError:
-                pass  # nobody is listening any more: the client left
+        with self._upstream_scope:
+            await read_upstream(self.pipeline, self.chat, send)
+
+    async def _deliver(self, receive: trio.MemoryReceiveChannel[SessionItem]) -> None:
+        """The last stage: account for what the client gets, then hand it over."""
+        async with receive:
+            async for item in receive:
+                if isinstance(item, Delta):
+                    self.accumulator.add(item)
+                elif isinstance(item, TrioproxyError):
+                    delivered = len(self.accumulator.text)
+                    item.characters_delivered = delivered  # type: ignore[attr-defined]
+                    if self.accumulator.content_deltas:
+                        item.message += f" (after {delivered} characters were delivered; they are not repeated)"
+                    await self._send(item)
+                    return
+                await self._send(item)
+            self.completed = not self._upstream_scope.cancelled_caught
+
+    async def _send(self, item: SessionItem) -> None:
+        await self._out.send(item)
+        self._last_output = trio.current_time()
+
+    async def _send_heartbeats(self) -> None:
+        interval = self._heartbeat_interval
+        while True:
+            await trio.sleep_until(self._last_output + interval)
+            if trio.current_time() >= self._last_output + interval:
+                await self._send(HEARTBEAT)
 
 
-def start_session(nursery: trio.Nursery, route: Route, chat: ChatRequest) -> StreamSession:
-    session = StreamSession(route, chat)
+def start_session(
+    nursery: trio.Nursery, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True
+) -> StreamSession:
+    session = StreamSession(pipeline, chat, heartbeats=heartbeats)
     nursery.start_soon(session.run, name=f"session {chat.model}")
     return session

@@ -51,7 +51,6 @@ class OpenAITranslation:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         headers.update({k.lower(): v for k, v in (extra_headers or {}).items()})
-        self._headers = headers
         self._stream_headers = {**headers, "accept": "text/event-stream"}
 
     def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
@@ -61,14 +60,6 @@ class OpenAITranslation:
         if self.request_usage:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return UpstreamRequest(self.url, self._stream_headers, orjson.dumps(body))
-
-    def complete_request(self, chat: ChatRequest) -> UpstreamRequest:
-        """A non-streaming request, forwarded as the client sent it but for `model`."""
-        body = dict(chat.body)
-        body["model"] = chat.upstream_model
-        body["stream"] = False
-        body.pop("stream_options", None)
-        return UpstreamRequest(self.url, self._headers, orjson.dumps(body))
 
     def stream_parser(self) -> OpenAIStreamParser:
         return OpenAIStreamParser(secret=self.api_key)

@@ -22,14 +22,14 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from .._accumulator import Accumulator
 from .._config import Config
-from .._events import Delta, Opened, StreamEvent
+from .._events import Delta, StreamEvent
 from .._exceptions import RequestError, TrioproxyError
+from .._policy import BufferConfig, parse_policy
 from .._request import ChatRequest, content_text, parse_chat_request, parse_json_object
-from .._router import Route, Router
+from .._router import Router
 from .._version import __version__
-from ..pipeline import StreamSession, start_session
+from ..pipeline import Heartbeat, Pipeline, RetryNotice, SessionItem, StreamSession, pipeline_for, start_session
 from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
 from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
 
@@ -43,10 +43,14 @@ NDJSON: Final = "application/x-ndjson"
 
 
 class Renderer(Protocol):
+    """A front adapter: session items as the client's protocol's bytes (`b""`: nothing to send)."""
+
     def opened(self) -> bytes: ...
     def delta(self, delta: Delta) -> bytes: ...
+    def notice(self, notice: RetryNotice) -> bytes: ...
+    def heartbeat(self) -> bytes: ...
     def error(self, error: TrioproxyError) -> bytes: ...
-    def done(self) -> bytes: ...
+    def done(self, session: StreamSession) -> bytes: ...
 
 
 class StreamInterrupted(TrioproxyError):
@@ -60,8 +64,9 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
     router = router or Router(config)
 
-    def session_nursery() -> trio.Nursery:
-        return app.nursery  # type: ignore[attr-defined, no-any-return]
+    def start(pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True) -> StreamSession:
+        nursery: trio.Nursery = app.nursery  # type: ignore[attr-defined]
+        return start_session(nursery, pipeline, chat, heartbeats=heartbeats)
 
     @app.after_serving
     async def close_upstreams() -> None:
@@ -81,30 +86,24 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     async def chat_completions() -> Response:
         try:
             chat = parse_chat_request(parse_json_object(await request.get_data()))
-            route = router.route(chat.model)
-            chat = chat.routed(route.upstream_model)
-            if not chat.stream:
-                return await _complete(route, chat)
+            pipeline = pipeline_for(router, router.route(chat.model))
         except TrioproxyError as exc:
             return _openai_error(exc)
+        if not chat.stream:
+            return await _complete(pipeline, chat)
         renderer = OpenAIChunkRenderer(model=chat.model, include_usage=chat.include_usage)
-        return await _stream(start_session(session_nursery(), route, chat), renderer, SSE, _openai_error)
+        return await _stream(start(pipeline, chat), renderer, SSE, _openai_error)
 
-    async def _complete(route: Route, chat: ChatRequest) -> Response:
-        raw = await route.upstream.complete_raw(chat)
-        if raw is not None:
-            return Response(raw, content_type="application/json")
-        session = start_session(session_nursery(), route, chat)
+    async def _complete(pipeline: Pipeline, chat: ChatRequest) -> Response:
+        """A non-streaming answer, built from the upstream's stream (so retries and stages apply)."""
+        session = start(pipeline, chat, heartbeats=False)
         try:
-            accumulator = Accumulator()
             async for item in session.output:
                 if isinstance(item, TrioproxyError):
                     return _openai_error(item)
-                if isinstance(item, Delta):
-                    accumulator.add(item)
             if not session.completed:
                 return _openai_error(StreamInterrupted("the server ended the request before it completed"))
-            return _json(completion_body(accumulator, model=chat.model, prompt_chars=_prompt_chars(chat)))
+            return _json(completion_body(session.accumulator, model=chat.model, prompt_chars=_prompt_chars(chat)))
         finally:
             session.cancel()
 
@@ -116,9 +115,9 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
             request_id = _request_id()
             try:
                 body = parse_json_object(await request.get_data())
-                chat, provider = _generic_chat_request(body)
+                chat, provider, buffer = _generic_chat_request(body)
                 route = router.route(chat.model, provider=provider)
-                chat = chat.routed(route.upstream_model)
+                pipeline = pipeline_for(router, route, buffer=buffer)
             except TrioproxyError as exc:
                 return error_response(exc)
             renderer = EventRenderer(
@@ -127,8 +126,9 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
                 model=route.upstream_model,
                 request_id=request_id,
                 prompt_chars=_prompt_chars(chat),
+                chunked=pipeline.buffer.enabled,
             )
-            response = await _stream(start_session(session_nursery(), route, chat), renderer, content_type, error_response)
+            response = await _stream(start(pipeline, chat), renderer, content_type, error_response)
             response.headers["x-request-id"] = request_id
             return response
 
@@ -160,58 +160,73 @@ async def _stream(
     content_type: str,
     error_response: Callable[[TrioproxyError], Response],
 ) -> Response:
-    """Wait until the upstream accepts or fails, then answer with a status or a stream."""
+    """
+    Wait until the session has something to say: an error still gets an HTTP status and the
+    protocol's error body; anything the client must see (the upstream's acceptance, a retry
+    notice on the generic endpoints, a heartbeat) commits the response as a 200 stream.
+    """
     try:
-        first = await _first_item(session)
+        while True:
+            try:
+                first = await session.output.receive()
+            except trio.EndOfChannel:
+                first = StreamInterrupted("the server ended the request before the upstream answered")
+            if isinstance(first, TrioproxyError):
+                session.cancel()
+                return error_response(first)
+            head = _render(renderer, first)
+            if head:
+                break
     except BaseException:
         session.cancel()
         raise
-    if isinstance(first, TrioproxyError):
-        session.cancel()
-        return error_response(first)
-    return Response(_relay(session, renderer, first), status=200, content_type=content_type, headers=STREAM_HEADERS)
+    return Response(_relay(session, renderer, head), status=200, content_type=content_type, headers=STREAM_HEADERS)
 
 
-async def _first_item(session: StreamSession) -> Opened | Delta | TrioproxyError:
-    try:
-        return await session.output.receive()
-    except trio.EndOfChannel:
-        return StreamInterrupted("the server ended the request before the upstream answered")
+def _render(renderer: Renderer, item: SessionItem) -> bytes:
+    if isinstance(item, Delta):
+        return renderer.delta(item)
+    if isinstance(item, Heartbeat):
+        return renderer.heartbeat()
+    if isinstance(item, RetryNotice):
+        return renderer.notice(item)
+    if isinstance(item, TrioproxyError):
+        return renderer.error(item)
+    return renderer.opened()
 
 
-async def _relay(session: StreamSession, renderer: Renderer, first: Opened | Delta) -> AsyncIterator[bytes]:
+async def _relay(session: StreamSession, renderer: Renderer, head: bytes) -> AsyncIterator[bytes]:
     """The response body: the session's items, rendered. Never yields inside a nursery."""
     try:
-        out = renderer.opened() if isinstance(first, Opened) else renderer.delta(first)
-        if out:
-            yield out
+        yield head
         async for item in session.output:
+            out = _render(renderer, item)
+            if out:
+                yield out
             if isinstance(item, TrioproxyError):
-                yield renderer.error(item)
                 return
-            if isinstance(item, Delta):
-                out = renderer.delta(item)
-                if out:
-                    yield out
         if session.completed:
-            yield renderer.done()
+            yield renderer.done(session)
         else:
             yield renderer.error(StreamInterrupted("the server ended the stream before it completed"))
     finally:
         session.cancel()
 
 
-def _generic_chat_request(body: dict[str, Any]) -> tuple[ChatRequest, str | None]:
+def _generic_chat_request(body: dict[str, Any]) -> tuple[ChatRequest, str | None, BufferConfig | None]:
     """The generic body `{provider, model, messages, max_tokens, buffer_config, ...}`."""
     provider = body.get("provider")
     if provider is not None and (not isinstance(provider, str) or not provider):
         raise RequestError("'provider' must be a non-empty string", param="provider")
-    buffer_config = body.get("buffer_config")
-    if buffer_config is not None and not isinstance(buffer_config, dict):
-        raise RequestError("'buffer_config' must be an object", param="buffer_config")
+    buffer = None
+    if body.get("buffer_config") is not None:
+        problems: list[str] = []
+        buffer = parse_policy(BufferConfig(), body["buffer_config"], where="buffer_config", problems=problems)
+        if problems:
+            raise RequestError(problems[0], param="buffer_config")
     chat_body = {k: v for k, v in body.items() if k not in ("provider", "buffer_config")}
     chat_body["stream"] = True
-    return parse_chat_request(chat_body), provider
+    return parse_chat_request(chat_body), provider, buffer
 
 
 def _prompt_chars(chat: ChatRequest) -> int:

@@ -1,10 +1,11 @@
 """
-The front adapter of trioproxy's own event endpoints: deltas rendered as `StreamEvent`s,
-framed as SSE or as NDJSON.
+The front adapter of trioproxy's own event endpoints: session items rendered as
+`StreamEvent`s, framed as SSE or as NDJSON.
 
 A stream opens with a `metadata` event naming its provider and model, carries text as
-`token` events (tool-call fragments as `metadata` events of kind `tool_call`), and ends with
-exactly one `done` (finish reason, usage, characters delivered) or one `error`.
+`token` events (or `chunk` events when a buffer merges tokens), tool-call fragments and
+retries as `metadata` events, and ends with exactly one `done` (finish reason, usage,
+characters delivered) or one `error`.
 
 Sans-IO.
 """
@@ -12,11 +13,13 @@ Sans-IO.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from .._accumulator import Accumulator
 from .._events import Delta, StreamEvent
 from .._exceptions import TrioproxyError
+
+if TYPE_CHECKING:
+    from ..pipeline import RetryNotice, StreamSession
 
 __all__ = ["EventRenderer", "error_event", "ndjson_frame", "sse_frame"]
 
@@ -37,6 +40,12 @@ def error_event(error: TrioproxyError, **extra: Any) -> StreamEvent:
 
 
 class EventRenderer:
+    """
+    `frame` makes bytes of an event; keep-alives are SSE comments where `frame` is
+    `sse_frame`, and `metadata` heartbeat events otherwise. `chunked` names text events
+    `chunk` (merged by a buffer) instead of `token`.
+    """
+
     def __init__(
         self,
         *,
@@ -45,13 +54,15 @@ class EventRenderer:
         model: str,
         request_id: str,
         prompt_chars: int,
+        chunked: bool = False,
     ) -> None:
         self.frame = frame
         self.provider = provider
         self.model = model
         self.request_id = request_id
         self.prompt_chars = prompt_chars
-        self.accumulator = Accumulator()
+        self.text_type: Final = "chunk" if chunked else "token"
+        self._keep_alive = SSE_KEEP_ALIVE if frame is sse_frame else frame(StreamEvent("metadata", "heartbeat"))
 
     def opened(self) -> bytes:
         return self.frame(
@@ -63,10 +74,9 @@ class EventRenderer:
         )
 
     def delta(self, delta: Delta) -> bytes:
-        self.accumulator.add(delta)
         out = b""
         if delta.text:
-            out += self.frame(StreamEvent("token", delta.text))
+            out += self.frame(StreamEvent(self.text_type, delta.text))
         for tc in delta.tool_calls:
             out += self.frame(
                 StreamEvent(
@@ -77,8 +87,21 @@ class EventRenderer:
             )
         return out
 
-    def done(self) -> bytes:
-        acc = self.accumulator
+    def notice(self, notice: RetryNotice) -> bytes:
+        metadata = {
+            "attempt": notice.attempt,
+            "provider": notice.provider,
+            "model": notice.model,
+            "delay_ms": round(notice.delay * 1000),
+            "reason": notice.reason,
+        }
+        return self.frame(StreamEvent("metadata", notice.kind, metadata))
+
+    def heartbeat(self) -> bytes:
+        return self._keep_alive
+
+    def done(self, session: StreamSession) -> bytes:
+        acc = session.accumulator
         usage = acc.usage_or_estimate(self.prompt_chars)
         metadata = {
             "finish_reason": acc.finish_reason or "stop",
@@ -92,4 +115,4 @@ class EventRenderer:
         return self.frame(StreamEvent("done", None, metadata))
 
     def error(self, error: TrioproxyError) -> bytes:
-        return self.frame(error_event(error, characters_delivered=len(self.accumulator.text)))
+        return self.frame(error_event(error, characters_delivered=getattr(error, "characters_delivered", 0)))

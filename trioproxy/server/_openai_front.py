@@ -49,8 +49,14 @@ class OpenAIChunkRenderer:
     def opened(self) -> bytes:
         return b""
 
-    def done(self) -> bytes:
+    def done(self, session: object) -> bytes:
         return DONE
+
+    def heartbeat(self) -> bytes:
+        return KEEP_ALIVE
+
+    def notice(self, notice: object) -> bytes:
+        return b""  # the OpenAI protocol has no word for a retry: the stream stays clean
 
     def delta(self, delta: Delta) -> bytes:
         """The SSE bytes for one delta; `b""` when the client must not see it."""

@@ -1,0 +1,143 @@
+"""
+How a route streams: buffering, timeouts and retries, as plain checked values.
+
+Each is set globally in the config (`[buffer]`, `[timeouts]`, `[retry]`), overridden per
+provider, and — for buffering — per request on the generic endpoints. One checker,
+`parse_policy`, turns a TOML/JSON table into a value and reports every bad key in one
+sentence each, so the config file and a request body are checked by the same rules.
+
+Sans-IO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Final, TypeVar
+
+__all__ = ["BufferConfig", "RetryConfig", "Timeouts", "parse_policy"]
+
+
+@dataclass(frozen=True, slots=True)
+class BufferConfig:
+    """
+    How tokens are merged into chunks. Off by default: tokens pass straight through.
+
+    - `min_chunk_size`: hold text until at least this many characters are ready;
+    - `max_chunk_size`: never send a chunk longer than this (0: no limit); splits fall
+      between characters, and between words in word mode;
+    - `flush_interval_ms`: a character waits in the buffer at most this long (0: no timer);
+    - `buffer_by_word`: send only whole words;
+    - `buffer_by_sentence`: send only whole sentences.
+    """
+
+    min_chunk_size: int = 0
+    max_chunk_size: int = 0
+    flush_interval_ms: float = 0.0
+    buffer_by_word: bool = False
+    buffer_by_sentence: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self != BufferConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """
+    The named deadlines of a stream, in seconds; 0 turns one off.
+
+    - `connect_timeout`: opening a connection to the upstream;
+    - `first_token_timeout`: from sending the request to the first token;
+    - `silence_timeout`: the longest gap between two tokens;
+    - `total_timeout`: the whole stream, retries included;
+    - `heartbeat_interval`: how long the client may go without a byte before it gets a
+      keep-alive.
+    """
+
+    connect_timeout: float = 10.0
+    first_token_timeout: float = 120.0
+    silence_timeout: float = 60.0
+    total_timeout: float = 1200.0
+    heartbeat_interval: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """
+    Retries before the first token: exponential backoff with jitter, `Retry-After` honoured.
+
+    The n-th retry (from 0) waits `min(max_delay_ms, base_delay_ms * exponential_base ** n)`,
+    less up to `jitter` of it at random, and never less than the upstream's `Retry-After`.
+    """
+
+    max_retries: int = 2
+    base_delay_ms: float = 250.0
+    max_delay_ms: float = 8000.0
+    exponential_base: float = 2.0
+    jitter: float = 0.2
+
+    def delay(self, retry_number: int, *, retry_after: float | None = None, random: float = 0.0) -> float:
+        """Seconds to wait before retry `retry_number`; `random` is uniform in [0, 1)."""
+        backoff = min(self.max_delay_ms, self.base_delay_ms * self.exponential_base**retry_number) / 1000
+        backoff *= 1 - self.jitter * random
+        return max(backoff, retry_after or 0.0)
+
+
+_Policy = TypeVar("_Policy", BufferConfig, Timeouts, RetryConfig)
+
+_NUMBER: Final = (int, float)
+_KINDS: Final[dict[type, dict[str, tuple[type, ...]]]] = {
+    BufferConfig: {
+        "min_chunk_size": (int,),
+        "max_chunk_size": (int,),
+        "flush_interval_ms": _NUMBER,
+        "buffer_by_word": (bool,),
+        "buffer_by_sentence": (bool,),
+    },
+    Timeouts: {f.name: _NUMBER for f in fields(Timeouts)},
+    RetryConfig: {
+        "max_retries": (int,),
+        "base_delay_ms": _NUMBER,
+        "max_delay_ms": _NUMBER,
+        "exponential_base": _NUMBER,
+        "jitter": _NUMBER,
+    },
+}
+
+
+def parse_policy(base: _Policy, table: Any, *, where: str, problems: list[str]) -> _Policy:
+    """
+    `base` with the keys of `table` applied. Each bad key or value adds one sentence to
+    `problems` and is left at its `base` value.
+    """
+    if not isinstance(table, Mapping):
+        problems.append(f"{where} must be a table/object, got {table!r}")
+        return base
+    kinds = _KINDS[type(base)]
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        expected = kinds.get(key)
+        if expected is None:
+            problems.append(f"{where}: unknown key {key!r} (known: {', '.join(kinds)})")
+        elif isinstance(value, bool) != (expected == (bool,)) or not isinstance(value, expected):
+            names = " or ".join("boolean" if k is bool else "integer" if k is int else "number" for k in expected)
+            problems.append(f"{where}.{key} must be a {names}, got {value!r}")
+        elif not isinstance(value, bool) and value < 0:
+            problems.append(f"{where}.{key} must not be negative, got {value!r}")
+        else:
+            changes[key] = value
+    if isinstance(base, RetryConfig):
+        if changes.get("jitter", 0) > 1:
+            problems.append(f"{where}.jitter must be between 0 and 1, got {changes.pop('jitter')!r}")
+        if changes.get("exponential_base", 1) < 1:
+            problems.append(
+                f"{where}.exponential_base must be at least 1, got {changes.pop('exponential_base')!r}"
+            )
+    if isinstance(base, BufferConfig):
+        low = changes.get("min_chunk_size", base.min_chunk_size)
+        high = changes.get("max_chunk_size", base.max_chunk_size)
+        if high and low > high:
+            problems.append(f"{where}: min_chunk_size ({low}) is larger than max_chunk_size ({high})")
+            changes.pop("min_chunk_size", None)
+    return replace(base, **changes)

@@ -1,0 +1,74 @@
+"""
+The one place where a request's pipeline is assembled from config.
+
+Read `Pipeline.stages` to see everything a streamed request goes through:
+
+    upstream reader (attempts, retries, failover; first-token and silence watchdog)
+      → buffer      (when the route or request configures one)
+      → transforms  (in config order)
+      → validators  (in config order)
+      → delivery    (accumulator, heartbeats, the response) — in `StreamSession`
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .._policy import BufferConfig, Timeouts
+from ._content import Transform, Validator
+from ._stages import buffer_stage, transform_stage, validate_stage
+
+if TYPE_CHECKING:
+    import trio
+
+    from .._router import Route, Router
+    from ._session import SessionItem
+
+__all__ = ["Pipeline", "Stage", "pipeline_for"]
+
+Stage = Callable[
+    ["trio.MemoryReceiveChannel[SessionItem]", "trio.MemorySendChannel[SessionItem]"], Awaitable[None]
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    routes: tuple[Route, ...]
+    """The route asked for, then its fallbacks, in order."""
+    buffer: BufferConfig
+    transforms: tuple[Transform, ...]
+    validators: tuple[Validator, ...]
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self.routes[0].provider.timeouts
+
+    @property
+    def passthrough(self) -> bool:
+        """No stage changes content: upstream OpenAI chunks may reach the client byte for byte."""
+        return not (self.buffer.enabled or self.transforms or self.validators)
+
+    def stages(self, abort_upstream: Callable[[], None]) -> list[Stage]:
+        stages: list[Stage] = []
+        if self.buffer.enabled:
+            stages.append(functools.partial(buffer_stage, self.buffer))
+        if self.transforms:
+            stages.append(functools.partial(transform_stage, self.transforms))
+        if self.validators:
+            stages.append(functools.partial(validate_stage, self.validators, abort_upstream))
+        return stages
+
+
+def pipeline_for(router: Router, route: Route, *, buffer: BufferConfig | None = None) -> Pipeline:
+    """The pipeline of a request to `route`; `buffer` (from the request) overrides the route's."""
+    provider = route.provider
+    fallbacks = tuple(router.route(name) for name in provider.fallbacks)
+    return Pipeline(
+        routes=(route, *fallbacks),
+        buffer=provider.buffer if buffer is None else buffer,
+        transforms=provider.transforms,
+        validators=provider.validators,
+    )
