@@ -1,0 +1,337 @@
+"""
+The session's timing and failure rules, on trio's MockClock (`autojump_clock`): every
+deadline is checked to the exact instant, with no real sleep.
+
+The upstream here is an in-memory script, so the test sees exactly when it was cancelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trio
+
+from trioproxy import Delta, UpstreamConnectError, UpstreamProtocolError, UpstreamStatusError, UpstreamTimeoutError
+from trioproxy._config import ProviderConfig
+from trioproxy._events import OPENED, Opened
+from trioproxy._policy import BufferConfig, RetryConfig, Timeouts
+from trioproxy._request import parse_chat_request
+from trioproxy._router import Route
+from trioproxy.pipeline import HEARTBEAT, Heartbeat, Pipeline, RetryNotice, ValidationError, banned_phrases
+from trioproxy.pipeline._session import StreamSession
+
+STALL = "stall"
+CHAT = parse_chat_request({"model": "p/m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+
+
+@dataclass
+class ScriptedUpstream:
+    """Each request plays the next script: seconds to sleep, items to send, errors to raise."""
+
+    scripts: list[list[Any]]
+    calls: int = 0
+    started: list[float] = field(default_factory=list)
+    cancelled: list[float] = field(default_factory=list)
+
+    async def stream(self, chat: Any, send: trio.MemorySendChannel[Any]) -> None:
+        script = self.scripts[self.calls]
+        self.calls += 1
+        self.started.append(trio.current_time())
+        try:
+            for step in script:
+                if isinstance(step, (int, float)):
+                    await trio.sleep(step)
+                elif step == STALL:
+                    await trio.sleep_forever()
+                elif isinstance(step, Exception):
+                    raise step
+                else:
+                    await send.send(step)
+        except trio.Cancelled:
+            self.cancelled.append(trio.current_time())
+            raise
+
+    async def aclose(self) -> None:
+        pass
+
+
+def tokens(*texts: str) -> list[Any]:
+    return [OPENED, Delta(role="assistant"), *(Delta(text=t) for t in texts)]
+
+
+def route(upstream: ScriptedUpstream, name: str = "p", **policy: Any) -> Route:
+    provider = ProviderConfig(
+        name=name,
+        type="openai",
+        base_url="http://127.0.0.1:9/v1",
+        timeouts=policy.pop("timeouts", Timeouts(heartbeat_interval=0)),
+        retry=policy.pop("retry", RetryConfig(max_retries=0)),
+        **policy,
+    )
+    return Route(provider, upstream, "m")  # type: ignore[arg-type]
+
+
+def pipeline(*routes: Route, buffer: BufferConfig = BufferConfig(), validators: tuple = ()) -> Pipeline:
+    return Pipeline(routes=routes, buffer=buffer, transforms=(), validators=validators)
+
+
+async def run(p: Pipeline, *, heartbeats: bool = True) -> tuple[list[tuple[float, Any]], StreamSession]:
+    """Run a session to its end; every output item with the instant it came out."""
+    session = StreamSession(p, CHAT, heartbeats=heartbeats)
+    items = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        async for item in session.output:
+            items.append((trio.current_time(), item))
+    return items, session
+
+
+def texts(items: list[tuple[float, Any]]) -> str:
+    return "".join(i.text for _, i in items if isinstance(i, Delta))
+
+
+# --- buffering ---------------------------------------------------------------------------
+
+
+async def test_buffer_flushes_on_its_deadline_even_when_no_token_follows(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[*tokens("Hel", "lo"), 10.0, Delta(text=" world"), Delta(finish_reason="stop")]])
+    buffer = BufferConfig(min_chunk_size=100, flush_interval_ms=250)
+    items, session = await run(pipeline(route(upstream), buffer=buffer))
+
+    chunks = [(t, i.text) for t, i in items if isinstance(i, Delta) and i.text]
+    assert chunks == [(0.25, "Hello"), (10.0, " world")]  # the tail flushes before the finish reason
+    assert session.completed
+
+
+async def test_buffers_worst_case_wait_is_flush_interval(autojump_clock: trio.abc.Clock) -> None:
+    # Tokens every 40 ms into a buffer that would hold 1000 characters: each chunk leaves at
+    # most flush_interval after its oldest character arrived.
+    script = [OPENED]
+    for _ in range(50):
+        script += [0.04, Delta(text="x")]
+    upstream = ScriptedUpstream([script])
+    items, _ = await run(pipeline(route(upstream), buffer=BufferConfig(min_chunk_size=1000, flush_interval_ms=100)))
+
+    arrivals = [0.04 * (n + 1) for n in range(50)]
+    sent_at = []
+    for t, item in items:
+        if isinstance(item, Delta) and item.text:
+            sent_at += [t] * len(item.text)
+    assert len(sent_at) == 50
+    waits = [sent - arrived for sent, arrived in zip(sent_at, arrivals, strict=True)]
+    assert max(waits) == pytest.approx(0.1)
+    assert min(waits) >= 0
+
+
+# --- heartbeats --------------------------------------------------------------------------
+
+
+async def test_heartbeats_while_the_upstream_stalls_before_its_first_token(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[OPENED, 50.0, Delta(text="late"), Delta(finish_reason="stop")]])
+    timeouts = Timeouts(heartbeat_interval=15, first_token_timeout=60)
+    items, session = await run(pipeline(route(upstream, timeouts=timeouts)))
+
+    beats = [t for t, i in items if isinstance(i, Heartbeat)]
+    assert beats == [15.0, 30.0, 45.0]
+    assert texts(items) == "late"
+    assert session.completed
+
+
+async def test_heartbeats_in_mid_stream_only_after_a_quiet_interval(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[*tokens("a"), 10.0, Delta(text="b"), 20.0, Delta(text="c")]])
+    items, _ = await run(pipeline(route(upstream, timeouts=Timeouts(heartbeat_interval=15))))
+
+    assert [(t, "hb" if i is HEARTBEAT else getattr(i, "text", "")) for t, i in items if i is HEARTBEAT or getattr(i, "text", "")] == [
+        (0.0, "a"),
+        (10.0, "b"),
+        (25.0, "hb"),
+        (30.0, "c"),
+    ]
+
+
+async def test_no_heartbeats_for_non_streaming_sessions(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[*tokens("a"), 100.0, Delta(text="b")]])
+    items, _ = await run(pipeline(route(upstream, timeouts=Timeouts(heartbeat_interval=15))), heartbeats=False)
+    assert not any(isinstance(i, Heartbeat) for _, i in items)
+
+
+# --- timeouts ----------------------------------------------------------------------------
+
+
+async def test_first_token_timeout_fires_at_its_deadline_and_cancels_the_upstream(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    upstream = ScriptedUpstream([[OPENED, Delta(role="assistant"), STALL]])
+    items, session = await run(pipeline(route(upstream, timeouts=Timeouts(first_token_timeout=30, heartbeat_interval=0))))
+
+    t, error = items[-1]
+    assert isinstance(error, UpstreamTimeoutError)
+    assert (t, error.kind) == (30.0, "first_token_timeout")
+    assert upstream.cancelled == [30.0]
+    assert not session.completed
+
+
+async def test_silence_timeout_measures_the_gap_between_tokens(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[*tokens("a"), 4.0, Delta(text="b"), STALL]])
+    items, _ = await run(pipeline(route(upstream, timeouts=Timeouts(silence_timeout=5, heartbeat_interval=0))))
+
+    t, error = items[-1]
+    assert isinstance(error, UpstreamTimeoutError)
+    assert (t, error.kind) == (9.0, "silence_timeout")
+    assert upstream.cancelled == [9.0]
+    assert texts(items) == "ab"
+    assert error.characters_delivered == 2
+    assert "after 2 characters were delivered" in error.message
+
+
+async def test_total_timeout_bounds_the_whole_stream(autojump_clock: trio.abc.Clock) -> None:
+    script = tokens("a")
+    for _ in range(100):
+        script += [1.0, Delta(text="a")]
+    upstream = ScriptedUpstream([script])
+    items, _ = await run(pipeline(route(upstream, timeouts=Timeouts(total_timeout=20, heartbeat_interval=0))))
+
+    t, error = items[-1]
+    assert isinstance(error, UpstreamTimeoutError)
+    assert (t, error.kind) == (20.0, "total_timeout")
+    assert upstream.cancelled == [20.0]
+
+
+# --- retries and failover ----------------------------------------------------------------
+
+
+async def test_retry_delays_follow_the_config_and_retry_after(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream(
+        [
+            [UpstreamStatusError("busy", status=503)],
+            [UpstreamStatusError("slow down", status=429, retry_after=5.0)],
+            [UpstreamConnectError("refused")],
+            [*tokens("ok"), Delta(finish_reason="stop")],
+        ]
+    )
+    retry = RetryConfig(max_retries=3, base_delay_ms=100, exponential_base=3, max_delay_ms=10_000, jitter=0)
+    items, session = await run(pipeline(route(upstream, retry=retry)))
+
+    notices = [i for _, i in items if isinstance(i, RetryNotice)]
+    assert [(n.kind, n.attempt, n.delay) for n in notices] == [("retry", 1, 0.1), ("retry", 2, 5.0), ("retry", 3, 0.9)]
+    assert upstream.started == pytest.approx([0.0, 0.1, 5.1, 6.0])
+    assert texts(items) == "ok"
+    assert session.completed
+
+
+async def test_jitter_only_shortens_the_delay(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[UpstreamStatusError("busy", status=500)]] * 5 + [tokens("ok")])
+    retry = RetryConfig(max_retries=5, base_delay_ms=1000, exponential_base=2, max_delay_ms=3000, jitter=0.5)
+    items, _ = await run(pipeline(route(upstream, retry=retry)))
+
+    delays = [i.delay for _, i in items if isinstance(i, RetryNotice)]
+    ceilings = [1.0, 2.0, 3.0, 3.0, 3.0]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+
+
+async def test_failover_to_the_fallback_after_the_retries(autojump_clock: trio.abc.Clock) -> None:
+    primary = ScriptedUpstream([[UpstreamStatusError("down", status=502)]] * 2)
+    backup = ScriptedUpstream([[*tokens("from", " backup"), Delta(finish_reason="stop")]])
+    retry = RetryConfig(max_retries=1, base_delay_ms=10, jitter=0)
+    items, session = await run(pipeline(route(primary, retry=retry), route(backup, name="backup")))
+
+    notices = [(i.kind, i.provider) for _, i in items if isinstance(i, RetryNotice)]
+    assert notices == [("retry", "p"), ("failover", "backup")]
+    assert (primary.calls, backup.calls) == (2, 1)
+    assert texts(items) == "from backup"
+    assert session.completed
+
+
+async def test_first_token_timeout_is_retried(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[OPENED, STALL], [*tokens("second"), Delta(finish_reason="stop")]])
+    timeouts = Timeouts(first_token_timeout=10, heartbeat_interval=0)
+    retry = RetryConfig(max_retries=1, base_delay_ms=500, jitter=0)
+    items, session = await run(pipeline(route(upstream, timeouts=timeouts, retry=retry)))
+
+    assert upstream.cancelled == [10.0]
+    assert upstream.started == [0.0, 10.5]
+    assert [i for _, i in items if isinstance(i, Opened)] == [OPENED]  # committed once
+    assert texts(items) == "second"
+    assert session.completed
+
+
+async def test_a_client_error_is_neither_retried_nor_failed_over(autojump_clock: trio.abc.Clock) -> None:
+    error = UpstreamStatusError("bad request", status=400)
+    upstream = ScriptedUpstream([[error]])
+    backup = ScriptedUpstream([])
+    items, _ = await run(pipeline(route(upstream, retry=RetryConfig(max_retries=3)), route(backup, name="backup")))
+
+    assert [i for _, i in items] == [error]
+    assert (upstream.calls, backup.calls) == (1, 0)
+
+
+async def test_a_protocol_error_is_not_retried_but_fails_over(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[OPENED, UpstreamProtocolError("garbage")]])
+    backup = ScriptedUpstream([[*tokens("clean"), Delta(finish_reason="stop")]])
+    items, session = await run(
+        pipeline(route(upstream, retry=RetryConfig(max_retries=3)), route(backup, name="backup"))
+    )
+
+    assert (upstream.calls, backup.calls) == (1, 1)
+    assert [(i.kind, i.provider) for _, i in items if isinstance(i, RetryNotice)] == [("failover", "backup")]
+    assert texts(items) == "clean"
+    assert session.completed
+
+
+async def test_no_code_path_sends_text_twice(autojump_clock: trio.abc.Clock) -> None:
+    """Fail the upstream at every point of a stream, with retries and a fallback ready."""
+    words = ["one", " two", " three", " four"]
+    full = tokens(*words) + [Delta(finish_reason="stop")]
+    for cut in range(len(full) + 1):
+        failing = full[:cut] + [UpstreamConnectError("connection reset")]
+        upstream = ScriptedUpstream([failing, full, full, full])
+        backup = ScriptedUpstream([full])
+        retry = RetryConfig(max_retries=2, base_delay_ms=1, jitter=0)
+        items, session = await run(pipeline(route(upstream, retry=retry), route(backup, name="backup")))
+
+        text = texts(items)
+        tokens_before_failure = sum(1 for step in full[:cut] if isinstance(step, Delta) and step.text)
+        if tokens_before_failure == 0:
+            # nothing reached the client: a retry is safe and the text arrives exactly once
+            assert text == "".join(words), cut
+            assert session.completed, cut
+        else:
+            # text reached the client: no replay, just an error after exactly what was sent
+            assert text == "".join(words[:tokens_before_failure]), cut
+            error = items[-1][1]
+            assert isinstance(error, UpstreamConnectError), cut
+            assert error.characters_delivered == len(text), cut
+            assert upstream.calls == 1 and backup.calls == 0, cut
+
+
+# --- validators --------------------------------------------------------------------------
+
+
+async def test_a_failing_validator_withholds_the_chunk_and_cancels_the_upstream(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    upstream = ScriptedUpstream([[*tokens("all", " fine", " then", " for"), 1.0, Delta(text="bidden"), 1.0, Delta(text=" more")]])
+    items, session = await run(
+        pipeline(route(upstream), validators=(banned_phrases(["forbidden"]),))
+    )
+
+    t, error = items[-1]
+    assert isinstance(error, ValidationError)
+    assert "forbidden" in error.message
+    assert t == 1.0
+    assert upstream.cancelled == [1.0]
+    assert texts(items) == "all fine then for"
+    assert not session.completed
+
+
+async def test_cancelling_the_session_cancels_the_upstream_at_once(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[*tokens("a"), STALL]])
+    session = StreamSession(pipeline(route(upstream)), CHAT)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        await trio.sleep(3)
+        session.cancel()
+    assert upstream.cancelled == [3.0]
+    assert session.finished.is_set()
