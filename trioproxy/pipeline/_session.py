@@ -133,8 +133,24 @@ class StreamSession:
 
 
 def start_session(
-    nursery: trio.Nursery, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True
+    nursery: trio.Nursery,
+    pipeline: Pipeline,
+    chat: ChatRequest,
+    *,
+    heartbeats: bool = True,
+    registry: set[StreamSession] | None = None,
 ) -> StreamSession:
+    """Run a session in `nursery`; `registry` holds it while it runs (active streams)."""
     session = StreamSession(pipeline, chat, heartbeats=heartbeats)
-    nursery.start_soon(session.run, name=f"session {chat.model}")
+
+    async def run() -> None:
+        if registry is not None:
+            registry.add(session)
+        try:
+            await session.run()
+        finally:
+            if registry is not None:
+                registry.discard(session)
+
+    nursery.start_soon(run, name=f"session {chat.model}")
     return session

@@ -64,9 +64,11 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
     router = router or Router(config)
 
+    active: set[StreamSession] = set()
+
     def start(pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True) -> StreamSession:
         nursery: trio.Nursery = app.nursery  # type: ignore[attr-defined]
-        return start_session(nursery, pipeline, chat, heartbeats=heartbeats)
+        return start_session(nursery, pipeline, chat, heartbeats=heartbeats, registry=active)
 
     @app.after_serving
     async def close_upstreams() -> None:
@@ -75,7 +77,9 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     @app.get("/health")
     async def health() -> Response:
         providers = {name: {"type": p.type} for name, p in config.providers.items()}
-        return _json({"status": "ok", "version": __version__, "providers": providers})
+        return _json(
+            {"status": "ok", "version": __version__, "providers": providers, "active_streams": len(active)}
+        )
 
     @app.get("/v1/models")
     async def models() -> Response:
