@@ -33,7 +33,7 @@ def proxy_config(upstream: FakeUpstream, **extra_providers: dict) -> Config:
                 "claude": {"type": "anthropic", "base_url": upstream.url, "api_key_env": "CLAUDE_KEY"},
                 "sim": {"type": "simulated", "ttft_ms": 0, "token_interval_ms": 0},
                 **extra_providers,
-            }
+            },
         },
         environ={"UP_KEY": UPSTREAM_KEY, "CLAUDE_KEY": ANTHROPIC_KEY},
     )

@@ -92,7 +92,9 @@ async def test_serve_with_the_readme_config(nursery: trio.Nursery, tmp_path: Pat
 
 async def test_bad_config_is_reported_per_mistake(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
-    config.write_text('[providers.x]\ntype = "openai"\n\n[providers.y]\ntype = "carrier-pigeon"\n[server]\nport = "eighty"\n')
+    config.write_text(
+        '[providers.x]\ntype = "openai"\n\n[providers.y]\ntype = "carrier-pigeon"\n[server]\nport = "eighty"\n'
+    )
     result = await trio.run_process(
         [*TRIOPROXY, "serve", "--config", str(config)], capture_stdout=True, capture_stderr=True, check=False
     )

@@ -43,6 +43,8 @@ __all__ = [
     "Usage",
     "__version__",
     "create_app",
+    "encode_comment",
+    "encode_event",
     "load_config",
     "parse_config",
     "serve",

@@ -106,9 +106,7 @@ def parse_chat_request(body: dict[str, Any], *, model: str | None = None) -> Cha
             raise RequestError("'stream_options' must be an object", param="stream_options")
         include_usage = stream_options.get("include_usage", False)
         if not isinstance(include_usage, bool):
-            raise RequestError(
-                "'stream_options.include_usage' must be a boolean", param="stream_options.include_usage"
-            )
+            raise RequestError("'stream_options.include_usage' must be a boolean", param="stream_options.include_usage")
 
     max_tokens = None
     for name in ("max_completion_tokens", "max_tokens"):
@@ -145,6 +143,4 @@ def _check_message(message: Any, i: int) -> None:
             return
         raise RequestError(f"'{where}.content' is required", param=f"{where}.content")
     if not isinstance(content, (str, list)):
-        raise RequestError(
-            f"'{where}.content' must be a string or an array of content parts", param=f"{where}.content"
-        )
+        raise RequestError(f"'{where}.content' must be a string or an array of content parts", param=f"{where}.content")

@@ -68,7 +68,9 @@ async def test_upstream_sees_the_model_name_and_every_field_the_client_sent(
 async def test_anthropic_upstream_gets_a_messages_request(
     client, upstream: FakeUpstream, upstream_keys: dict[str, str]
 ) -> None:
-    stream = await client.chat.completions.create(model="claude/claude-test", messages=MESSAGES, stream=True, max_tokens=50)
+    stream = await client.chat.completions.create(
+        model="claude/claude-test", messages=MESSAGES, stream=True, max_tokens=50
+    )
     await collect(stream)
 
     sent = upstream.requests[-1]
@@ -262,7 +264,9 @@ async def test_in_stream_upstream_error_is_an_api_error(client, upstream: FakeUp
 async def test_truncated_stream_is_never_passed_off_as_complete(proxy_url: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(tokens=TOKENS, omit_done=True))
     async with httpx.AsyncClient() as http:
-        response = await http.post(proxy_url + "/v1/chat/completions", json={"model": "up/m", "messages": MESSAGES, "stream": True})
+        response = await http.post(
+            proxy_url + "/v1/chat/completions", json={"model": "up/m", "messages": MESSAGES, "stream": True}
+        )
     assert "data: [DONE]" not in response.text
     last = orjson.loads(response.text.strip().split("\n\n")[-1][6:])
     assert "before its end marker" in last["error"]["message"]

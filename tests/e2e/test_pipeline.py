@@ -71,13 +71,19 @@ async def test_silent_upstream_gets_heartbeats_and_the_stream_completes(
 
     upstream.push(Reply(tokens=TOKENS, ttft=0.3))
     async with httpx.AsyncClient() as http:
-        body = (await http.post(proxy + "/v1/chat/completions", json={"model": "patient/m", "messages": MESSAGES, "stream": True})).text
+        body = (
+            await http.post(
+                proxy + "/v1/chat/completions", json={"model": "patient/m", "messages": MESSAGES, "stream": True}
+            )
+        ).text
     before_first_chunk = body.split("data: ", 1)[0]
     assert before_first_chunk.count(": keep-alive\n\n") >= 2
     assert "id:" not in body and "event:" not in body
 
 
-async def test_a_retried_stream_delivers_the_text_once(sdk: openai.AsyncOpenAI, proxy: str, upstream: FakeUpstream) -> None:
+async def test_a_retried_stream_delivers_the_text_once(
+    sdk: openai.AsyncOpenAI, proxy: str, upstream: FakeUpstream
+) -> None:
     upstream.push(Reply(status=500), Reply(status=429, headers={"retry-after": "0"}), Reply(tokens=TOKENS))
     text, _ = await stream_text(sdk, "retrying/m")
     assert text == "".join(TOKENS)
@@ -101,7 +107,9 @@ async def test_failover_to_a_fallback_route(sdk: openai.AsyncOpenAI, upstream: F
     assert upstream.requests[1].json["model"] == "backup-model"
 
 
-async def test_transforms_and_buffered_chunks_are_valid_openai_chunks(sdk: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+async def test_transforms_and_buffered_chunks_are_valid_openai_chunks(
+    sdk: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
     upstream.push(Reply(tokens=TOKENS))
     text, chunks = await stream_text(sdk, "guarded/m")
     assert text == "Call me at [phone] today. Bye now!"
@@ -177,7 +185,9 @@ async def test_fault_matrix(proxy: str, upstream: FakeUpstream, fault: str) -> N
     if reply is not None:
         upstream.push(reply)
     async with httpx.AsyncClient() as http:
-        response = await http.post(proxy + "/v1/chat/completions", json={"model": model, "messages": MESSAGES, "stream": True})
+        response = await http.post(
+            proxy + "/v1/chat/completions", json={"model": model, "messages": MESSAGES, "stream": True}
+        )
         assert response.status_code == status
         if in_stream is None:
             assert response.json()["error"]["message"]

@@ -143,7 +143,11 @@ async def test_heartbeats_in_mid_stream_only_after_a_quiet_interval(autojump_clo
     upstream = ScriptedUpstream([[*tokens("a"), 10.0, Delta(text="b"), 20.0, Delta(text="c")]])
     items, _ = await run(pipeline(route(upstream, timeouts=Timeouts(heartbeat_interval=15))))
 
-    assert [(t, "hb" if i is HEARTBEAT else getattr(i, "text", "")) for t, i in items if i is HEARTBEAT or getattr(i, "text", "")] == [
+    assert [
+        (t, "hb" if i is HEARTBEAT else getattr(i, "text", ""))
+        for t, i in items
+        if i is HEARTBEAT or getattr(i, "text", "")
+    ] == [
         (0.0, "a"),
         (10.0, "b"),
         (25.0, "hb"),
@@ -164,7 +168,9 @@ async def test_first_token_timeout_fires_at_its_deadline_and_cancels_the_upstrea
     autojump_clock: trio.abc.Clock,
 ) -> None:
     upstream = ScriptedUpstream([[OPENED, Delta(role="assistant"), STALL]])
-    items, session = await run(pipeline(route(upstream, timeouts=Timeouts(first_token_timeout=30, heartbeat_interval=0))))
+    items, session = await run(
+        pipeline(route(upstream, timeouts=Timeouts(first_token_timeout=30, heartbeat_interval=0)))
+    )
 
     t, error = items[-1]
     assert isinstance(error, UpstreamTimeoutError)
@@ -312,10 +318,10 @@ async def test_no_code_path_sends_text_twice(autojump_clock: trio.abc.Clock) -> 
 async def test_a_failing_validator_withholds_the_chunk_and_cancels_the_upstream(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    upstream = ScriptedUpstream([[*tokens("all", " fine", " then", " for"), 1.0, Delta(text="bidden"), 1.0, Delta(text=" more")]])
-    items, session = await run(
-        pipeline(route(upstream), validators=(banned_phrases(["forbidden"]),))
+    upstream = ScriptedUpstream(
+        [[*tokens("all", " fine", " then", " for"), 1.0, Delta(text="bidden"), 1.0, Delta(text=" more")]]
     )
+    items, session = await run(pipeline(route(upstream), validators=(banned_phrases(["forbidden"]),)))
 
     t, error = items[-1]
     assert isinstance(error, ValidationError)

@@ -29,9 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Pipeline", "Stage", "pipeline_for"]
 
-Stage = Callable[
-    ["trio.MemoryReceiveChannel[SessionItem]", "trio.MemorySendChannel[SessionItem]"], Awaitable[None]
-]
+Stage = Callable[["trio.MemoryReceiveChannel[SessionItem]", "trio.MemorySendChannel[SessionItem]"], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

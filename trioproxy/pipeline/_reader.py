@@ -94,7 +94,7 @@ async def _attempts(
     rng: random.Random,
 ) -> None:
     error: UpstreamError | None = None
-    for number, route in enumerate(pipeline.routes):
+    for route in pipeline.routes:
         if error is not None:
             await send.send(_notice("failover", 0, route, 0.0, error))
         routed = chat.routed(route.upstream_model)
@@ -140,7 +140,9 @@ async def _attempt(
                         break
                 if watchdog.cancelled_caught:
                     what = "the first token" if kind == "first_token_timeout" else "the next token"
-                    failure = UpstreamTimeoutError(f"no {what} from the upstream within {kind} ({limit:g} s)", kind=kind)
+                    failure = UpstreamTimeoutError(
+                        f"no {what} from the upstream within {kind} ({limit:g} s)", kind=kind
+                    )
                     nursery.cancel_scope.cancel()
                     break
                 if isinstance(item, TrioproxyError):

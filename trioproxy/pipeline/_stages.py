@@ -23,7 +23,7 @@ from ._content import Transform, Validator
 from ._text_buffer import TextBuffer
 
 if TYPE_CHECKING:
-    from ._session import SessionItem
+    from ._session import SessionItem  # noqa: F401 (named in the channel aliases below)
 
 __all__ = ["ValidationError", "buffer_stage", "transform_stage", "validate_stage"]
 

@@ -77,9 +77,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     @app.get("/health")
     async def health() -> Response:
         providers = {name: {"type": p.type} for name, p in config.providers.items()}
-        return _json(
-            {"status": "ok", "version": __version__, "providers": providers, "active_streams": len(active)}
-        )
+        return _json({"status": "ok", "version": __version__, "providers": providers, "active_streams": len(active)})
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -141,7 +139,9 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     sse_endpoint = generic_endpoint(sse_frame, SSE)
     app.add_url_rule("/v1/chat/stream", "chat_stream", sse_endpoint, methods=["POST"])
     app.add_url_rule("/v1/stream/sse", "stream_sse", sse_endpoint, methods=["POST"])
-    app.add_url_rule("/v1/chat/stream/json", "chat_stream_json", generic_endpoint(ndjson_frame, NDJSON), methods=["POST"])
+    app.add_url_rule(
+        "/v1/chat/stream/json", "chat_stream_json", generic_endpoint(ndjson_frame, NDJSON), methods=["POST"]
+    )
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

@@ -60,9 +60,7 @@ class OpenAIChunkRenderer:
 
     def delta(self, delta: Delta) -> bytes:
         """The SSE bytes for one delta; `b""` when the client must not see it."""
-        usage_only = delta.usage is not None and not (
-            delta.has_content or delta.role or delta.finish_reason
-        )
+        usage_only = delta.usage is not None and not (delta.has_content or delta.role or delta.finish_reason)
         if usage_only and not self.include_usage:
             return b""
         if delta.raw is not None:
@@ -128,8 +126,6 @@ def completion_body(acc: Accumulator, *, model: str, prompt_chars: int) -> dict[
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {"index": 0, "message": message, "logprobs": None, "finish_reason": acc.finish_reason or "stop"}
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": acc.finish_reason or "stop"}],
         "usage": usage.to_openai(),
     }
