@@ -104,3 +104,35 @@ async def test_bad_config_is_reported_per_mistake(tmp_path: Path) -> None:
     assert "[providers.y].type must be one of" in err
     assert "[server].port must be an integer" in err
     assert "Traceback" not in err
+
+
+async def test_upstream_command_serves_a_scripted_stream(nursery: trio.Nursery) -> None:
+    process = await nursery.start(
+        lambda task_status: trio.run_process(
+            [*TRIOPROXY, "upstream", "--port", "0", "--tokens", "5", "--ttft-ms", "0", "--interval-ms", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            check=False,
+            task_status=task_status,
+        )
+    )
+    buffer = b""
+    with trio.fail_after(20):
+        while b"(OpenAI)" not in buffer:
+            data = await process.stdout.receive_some()
+            assert data, buffer
+            buffer += data
+    url = re.search(rb"(http://127\.0\.0\.1:\d+)/v1 ", buffer).group(1).decode()
+    try:
+        import openai
+
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0) as sdk:
+            stream = await sdk.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert text == " tok0 tok1 tok2 tok3 tok4"
+    finally:
+        process.send_signal(signal.SIGINT)
+    with trio.fail_after(10):
+        assert await process.wait() == 0

@@ -565,7 +565,7 @@ async def test_malformed_request_gets_400_and_server_survives(nursery: trio.Nurs
             while chunk := await stream.receive_some(65536):
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 400 ")
-    assert upstream.requests == []
+    assert list(upstream.requests) == []
     assert (await client.post(upstream.url + OPENAI, json=request_body())).status_code == 200
 
 

@@ -38,10 +38,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--api-key", help="client key, if the proxy requires one")
 
+    upstream = commands.add_parser(
+        "upstream", help="run a scripted OpenAI/Anthropic-compatible upstream on loopback (for benchmarks and demos)"
+    )
+    upstream.add_argument("--port", type=int, default=9000, help="port on 127.0.0.1 (default 9000; 0: any)")
+    upstream.add_argument("--tokens", type=int, default=64, help="tokens per answer (default 64)")
+    upstream.add_argument("--ttft-ms", type=float, default=50.0, help="time to first token (default 50 ms)")
+    upstream.add_argument("--interval-ms", type=float, default=20.0, help="time between tokens (default 20 ms)")
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "upstream":
+        return _upstream(args)
     return _chat(args)
+
+
+def _upstream(args: argparse.Namespace) -> int:
+    from .testing import FakeUpstream, Reply
+
+    reply = Reply(
+        tokens=[f" tok{i}" for i in range(args.tokens)],
+        ttft=args.ttft_ms / 1000,
+        interval=args.interval_ms / 1000,
+    )
+    server = FakeUpstream(reply, port=args.port, max_recorded=0)
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve)
+                print(
+                    f"trioproxy upstream on {server.url}/v1 (OpenAI) and {server.url}/v1/messages (Anthropic): "
+                    f"{args.tokens} tokens, {args.ttft_ms:g} ms to the first, {args.interval_ms:g} ms apart",
+                    flush=True,
+                )
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(run)
+    except OSError as exc:
+        print(f"trioproxy: cannot serve the upstream: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

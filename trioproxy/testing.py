@@ -206,14 +206,20 @@ class FakeUpstream:
     `replies` is a `Reply` used for every request, a callable that gets each
     `RecordedRequest` and returns its `Reply`, or None (every request gets `Reply()`).
     Replies queued with `push()` take precedence, one per request.
+
+    `port` 0 lets the kernel pick. `max_recorded` keeps only the latest requests in
+    `requests` (a long-running benchmark upstream must not grow without bound).
     """
 
-    def __init__(self, replies: ReplySource = None) -> None:
+    def __init__(self, replies: ReplySource = None, *, port: int = 0, max_recorded: int | None = None) -> None:
         self._replies = replies
         self._queue: collections.deque[Reply] = collections.deque()
-        #: Every request, in arrival order (a request too malformed to parse is answered 400
-        #: but not recorded).
-        self.requests: list[RecordedRequest] = []
+        #: Every request (or the latest `max_recorded`), in arrival order (a request too
+        #: malformed to parse is answered 400 but not recorded).
+        self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=max_recorded)
+        #: How many requests arrived in all.
+        self.request_count = 0
+        self._bind_port = port
         self._arrived = trio.Event()
         self._port: int | None = None
         self._serving = False
@@ -238,7 +244,7 @@ class FakeUpstream:
 
     async def serve(self, *, task_status: trio.TaskStatus[FakeUpstream] = trio.TASK_STATUS_IGNORED) -> None:
         """
-        Bind `127.0.0.1:0`, report `self` through `task_status` once listening, and serve
+        Bind `127.0.0.1:PORT`, report `self` through `task_status` once listening, and serve
         until cancelled.
 
         Each connection runs in its own task. A failure on one connection is logged and
@@ -247,7 +253,7 @@ class FakeUpstream:
         if self._serving:
             raise RuntimeError("FakeUpstream.serve() may run only once")
         self._serving = True
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        listeners = await trio.open_tcp_listeners(self._bind_port, host="127.0.0.1")
         self._port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._handle_connection, listeners)
@@ -263,13 +269,14 @@ class FakeUpstream:
     async def wait_for_requests(self, n: int) -> None:
         """Return once at least `n` requests have arrived (complete, body included)."""
         await trio.lowlevel.checkpoint()
-        while len(self.requests) < n:
+        while self.request_count < n:
             await self._arrived.wait()
 
     # -- internals used by _Connection ---------------------------------------------------------
 
     def _record(self, request: RecordedRequest) -> None:
         self.requests.append(request)
+        self.request_count += 1
         # Wake every waiter, then arm a fresh event: a trio.Event cannot be cleared.
         self._arrived.set()
         self._arrived = trio.Event()

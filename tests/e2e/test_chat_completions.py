@@ -148,7 +148,7 @@ async def test_simulated_provider_needs_no_upstream(client, upstream: FakeUpstre
     )
     text, _ = await collect(stream)
     assert text == "one two three"
-    assert upstream.requests == []
+    assert list(upstream.requests) == []
 
 
 async def test_streaming_headers_and_strict_openai_framing(proxy_url: str, upstream: FakeUpstream) -> None:
@@ -350,7 +350,7 @@ async def _disconnect_while_waiting(proxy_url: str, upstream: FakeUpstream, body
 
         nursery.start_soon(request)
         with trio.fail_after(5):
-            await upstream.wait_for_requests(len(upstream.requests) + 1)
+            await upstream.wait_for_requests(upstream.request_count + 1)
         await trio.sleep(0.05)  # let the proxy settle into waiting
         nursery.cancel_scope.cancel()  # the client hangs up
     hung_up_at = trio.current_time()
