@@ -7,7 +7,11 @@ all mistakes of a file at once.
 
 from __future__ import annotations
 
+import importlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -21,6 +25,7 @@ from trioproxy._config import (
     parse_config,
 )
 from trioproxy._exceptions import ConfigError
+from trioproxy._policy import BufferConfig, RetryConfig, Timeouts
 from trioproxy.providers.simulated import SimulatedSettings
 
 README_EXAMPLE = """\
@@ -205,7 +210,7 @@ def test_a_declared_sim_replaces_the_builtin() -> None:
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: default_provider, providers, server)"
+        "config: unknown key 'providrs' (known: buffer, default_provider, providers, retry, server, timeouts)"
     )
 
 
@@ -378,7 +383,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: default_provider, providers, server)",
+        "config: unknown key 'sever' (known: buffer, default_provider, providers, retry, server, timeouts)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -394,8 +399,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: default_provider, providers, server)",
-        "config: unknown key 'y' (known: default_provider, providers, server)",
+        "config: unknown key 'x' (known: buffer, default_provider, providers, retry, server, timeouts)",
+        "config: unknown key 'y' (known: buffer, default_provider, providers, retry, server, timeouts)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 
@@ -441,4 +446,372 @@ def test_file_mistakes_reported_like_dict_mistakes(tmp_path: Path) -> None:
     assert info.value.problems == [
         "[server].port must be an integer from 0 to 65535, got '80'",
         "[providers.local].base_url is required for an openai provider (e.g. 'http://127.0.0.1:9000/v1')",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# timeouts, retries, buffering: global tables and per-provider overrides
+
+OPENAI = {"type": "openai", "base_url": "http://h/v1"}
+TIMEOUT_KEYS = "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval"
+RETRY_KEYS = "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter"
+BUFFER_KEYS = "min_chunk_size, max_chunk_size, flush_interval_ms, buffer_by_word, buffer_by_sentence"
+
+
+def test_policies_default_without_tables() -> None:
+    config = parse_config({"providers": {"p": OPENAI}}, environ={})
+    for provider in config.providers.values():
+        assert provider.timeouts == Timeouts()
+        assert provider.retry == RetryConfig()
+        assert provider.buffer == BufferConfig()
+        assert provider.buffer.enabled is False
+        assert provider.connect_timeout == 10.0
+        assert (provider.fallbacks, provider.transforms, provider.validators) == ((), (), ())
+
+
+def test_global_tables_apply_to_every_provider_including_sim() -> None:
+    config = parse_config(
+        {
+            "timeouts": {"connect_timeout": 3, "silence_timeout": 5.5, "heartbeat_interval": 0},
+            "retry": {"max_retries": 0, "jitter": 0},
+            "buffer": {"buffer_by_word": True, "flush_interval_ms": 40},
+            "providers": {
+                "p": OPENAI,
+                "c": {"type": "anthropic"},
+                "s": {"type": "simulated", "ttft_ms": 0},
+            },
+        },
+        environ={},
+    )
+    assert list(config.providers) == ["sim", "p", "c", "s"]
+    for provider in config.providers.values():
+        assert provider.timeouts == Timeouts(connect_timeout=3, silence_timeout=5.5, heartbeat_interval=0)
+        assert provider.connect_timeout == 3
+        assert provider.retry == RetryConfig(max_retries=0, jitter=0)
+        assert provider.buffer == BufferConfig(buffer_by_word=True, flush_interval_ms=40)
+        assert provider.buffer.enabled is True
+
+
+def test_global_tables_apply_to_a_declared_sim() -> None:
+    config = parse_config(
+        {"timeouts": {"first_token_timeout": 7}, "providers": {"sim": {"type": "simulated"}}}, environ={}
+    )
+    assert config.providers["sim"].timeouts == Timeouts(first_token_timeout=7)
+
+
+def test_provider_keys_override_the_globals() -> None:
+    config = parse_config(
+        {
+            "timeouts": {"first_token_timeout": 30, "silence_timeout": 5, "connect_timeout": 4},
+            "retry": {"max_retries": 5, "base_delay_ms": 100},
+            "buffer": {"flush_interval_ms": 100, "min_chunk_size": 8},
+            "providers": {
+                "p": {
+                    **OPENAI,
+                    "silence_timeout": 1,
+                    "heartbeat_interval": 2.5,
+                    "total_timeout": 60,
+                    "connect_timeout": 0.5,
+                    "retry": {"max_retries": 1},
+                    "buffer": {"buffer_by_sentence": True, "min_chunk_size": 0},
+                },
+                "q": OPENAI,
+            },
+        },
+        environ={},
+    )
+    p, q = config.providers["p"], config.providers["q"]
+    # a provider key replaces that key only: the others still come from the global table
+    assert p.timeouts == Timeouts(
+        connect_timeout=0.5, first_token_timeout=30, silence_timeout=1, total_timeout=60, heartbeat_interval=2.5
+    )
+    assert p.connect_timeout == 0.5
+    assert p.retry == RetryConfig(max_retries=1, base_delay_ms=100)
+    assert p.buffer == BufferConfig(flush_interval_ms=100, buffer_by_sentence=True)
+    # a provider without overrides keeps the globals
+    assert q.timeouts == Timeouts(first_token_timeout=30, silence_timeout=5, connect_timeout=4)
+    assert q.retry == RetryConfig(max_retries=5, base_delay_ms=100)
+    assert q.buffer == BufferConfig(flush_interval_ms=100, min_chunk_size=8)
+    assert config.providers["sim"].timeouts == q.timeouts
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"timeouts": {"silence_timeout": -1}}, "[timeouts].silence_timeout must not be negative, got -1"),
+        ({"timeouts": {"total_timeout": "20m"}}, "[timeouts].total_timeout must be a number, got '20m'"),
+        ({"timeouts": {"heartbeat_interval": True}}, "[timeouts].heartbeat_interval must be a number, got True"),
+        ({"timeouts": {"connect_timeout": 0}}, "[timeouts].connect_timeout must be a positive number"),
+        ({"timeouts": {"x": 1}}, f"[timeouts]: unknown key 'x' (known: {TIMEOUT_KEYS})"),
+        ({"timeouts": 30}, "[timeouts] must be a table/object, got 30"),
+        ({"retry": {"max_retries": 1.5}}, "[retry].max_retries must be an integer, got 1.5"),
+        ({"retry": {"max_retries": -1}}, "[retry].max_retries must not be negative, got -1"),
+        ({"retry": {"jitter": 1.5}}, "[retry].jitter must be between 0 and 1, got 1.5"),
+        ({"retry": {"exponential_base": 0.5}}, "[retry].exponential_base must be at least 1, got 0.5"),
+        ({"retry": {"retries": 3}}, f"[retry]: unknown key 'retries' (known: {RETRY_KEYS})"),
+        ({"retry": [1]}, "[retry] must be a table/object, got [1]"),
+        ({"buffer": {"buffer_by_word": "yes"}}, "[buffer].buffer_by_word must be a boolean, got 'yes'"),
+        ({"buffer": {"max_chunk_size": 2.5}}, "[buffer].max_chunk_size must be an integer, got 2.5"),
+        (
+            {"buffer": {"min_chunk_size": 10, "max_chunk_size": 5}},
+            "[buffer]: min_chunk_size (10) is larger than max_chunk_size (5)",
+        ),
+        ({"buffer": {"by_word": True}}, f"[buffer]: unknown key 'by_word' (known: {BUFFER_KEYS})"),
+    ],
+)
+def test_bad_global_policy(raw: dict[str, Any], expected: str) -> None:
+    # one sentence, not one per provider
+    assert only_problem({**raw, "providers": {"p": OPENAI, "c": {"type": "anthropic"}}}) == expected
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({"first_token_timeout": -1}, "[providers.p].first_token_timeout must not be negative, got -1"),
+        ({"silence_timeout": "5"}, "[providers.p].silence_timeout must be a number, got '5'"),
+        ({"total_timeout": None}, "[providers.p].total_timeout must be a number, got None"),
+        ({"heartbeat_interval": False}, "[providers.p].heartbeat_interval must be a number, got False"),
+        ({"connect_timeout": -2}, "[providers.p].connect_timeout must be a positive number, got -2"),
+        ({"retry": {"max_retries": 2.0}}, "[providers.p].retry.max_retries must be an integer, got 2.0"),
+        ({"retry": {"base_delay_ms": -5}}, "[providers.p].retry.base_delay_ms must not be negative, got -5"),
+        ({"retry": {"jitter": 2}}, "[providers.p].retry.jitter must be between 0 and 1, got 2"),
+        ({"retry": {"tries": 3}}, f"[providers.p].retry: unknown key 'tries' (known: {RETRY_KEYS})"),
+        ({"retry": 3}, "[providers.p].retry must be a table/object, got 3"),
+        ({"buffer": {"min_chunk_size": -1}}, "[providers.p].buffer.min_chunk_size must not be negative, got -1"),
+        ({"buffer": {"flush_interval_ms": "1s"}}, "[providers.p].buffer.flush_interval_ms must be a number, got '1s'"),
+        ({"buffer": {"buffer_by_sentence": 1}}, "[providers.p].buffer.buffer_by_sentence must be a boolean, got 1"),
+        (
+            {"buffer": {"min_chunk_size": 10, "max_chunk_size": 5}},
+            "[providers.p].buffer: min_chunk_size (10) is larger than max_chunk_size (5)",
+        ),
+        ({"buffer": {"size": 5}}, f"[providers.p].buffer: unknown key 'size' (known: {BUFFER_KEYS})"),
+        ({"buffer": "word"}, "[providers.p].buffer must be a table/object, got 'word'"),
+    ],
+)
+def test_bad_provider_policy(keys: dict[str, Any], expected: str) -> None:
+    assert only_problem({"providers": {"p": {**OPENAI, **keys}}}) == expected
+
+
+def test_provider_max_chunk_size_below_the_global_minimum() -> None:
+    assert only_problem(
+        {"buffer": {"min_chunk_size": 50}, "providers": {"p": {**OPENAI, "buffer": {"max_chunk_size": 10}}}}
+    ) == ("[providers.p].buffer: min_chunk_size (50) is larger than max_chunk_size (10)")
+
+
+def test_nan_in_a_toml_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, "[timeouts]\nsilence_timeout = nan\n\n[providers.p]\ntype = 'simulated'\nretry = { jitter = nan }\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert info.value.problems == [
+        "[timeouts].silence_timeout must be a number, got nan",
+        "[providers.p].retry.jitter must be a number, got nan",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# fallbacks
+
+
+def test_fallbacks() -> None:
+    config = parse_config({"providers": {"p": {**OPENAI, "fallbacks": ["q/big", "sim/echo"]}, "q": OPENAI}}, environ={})
+    assert config.providers["p"].fallbacks == ("q/big", "sim/echo")
+    assert config.providers["q"].fallbacks == ()
+
+
+def test_fallback_naming_no_provider() -> None:
+    assert only_problem({"providers": {"p": {**OPENAI, "fallbacks": ["sim/echo", "nope/m"]}}}) == (
+        "[providers.p].fallbacks[1] = 'nope/m' names no provider (write it as 'provider/model')"
+    )
+
+
+def test_fallback_to_a_broken_provider_reports_only_that_provider() -> None:
+    assert only_problem({"providers": {"p": {**OPENAI, "fallbacks": ["q/m"]}, "q": {"type": "openai"}}}) == (
+        "[providers.q].base_url is required for an openai provider (e.g. 'http://127.0.0.1:9000/v1')"
+    )
+
+
+@pytest.mark.parametrize("fallbacks", ["q/m", ["q"], [5], {"q": "m"}])
+def test_fallbacks_must_be_provider_model_names(fallbacks: Any) -> None:
+    assert only_problem({"providers": {"p": {**OPENAI, "fallbacks": fallbacks}, "q": OPENAI}}) == (
+        "[providers.p].fallbacks must be a list of 'provider/model' names"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# transforms and validators
+
+
+def test_builtin_transforms_and_validators() -> None:
+    config = parse_config(
+        {
+            "providers": {
+                "p": {
+                    **OPENAI,
+                    "transforms": [
+                        {"type": "regex_redact", "pattern": r"\b\d{3}-\d{4}\b", "replacement": "[phone]"},
+                        {"type": "replace", "old": "colour", "new": "color"},
+                    ],
+                    "validators": [
+                        {"type": "banned_phrases", "phrases": ["internal use only"]},
+                        {"type": "max_length", "characters": 20},
+                    ],
+                }
+            }
+        },
+        environ={},
+    )
+    p = config.providers["p"]
+    redact, replace = p.transforms
+    assert replace(redact("colour 555-1234")) == "color [phone]"
+    banned, longest = p.validators
+    assert banned("for INTERNAL use only", "only") == "the response contains a banned phrase ('internal use only')"
+    assert longest("x" * 21, "x") == "the response is longer than 20 characters"
+    assert config.providers["sim"].transforms == ()
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (
+            {"transforms": [{"type": "uppercase"}]},
+            "[providers.p].transforms[0].type 'uppercase' is unknown (known: regex_redact, replace, python)",
+        ),
+        (
+            {"validators": [{"type": "max_length", "characters": 5}, {"type": "profanity"}]},
+            "[providers.p].validators[1].type 'profanity' is unknown (known: banned_phrases, max_length, python)",
+        ),
+        (
+            {"transforms": [{"type": "regex_redact", "pattern": "(\\d{3}"}]},
+            "[providers.p].transforms[0] (regex_redact): missing ), unterminated subpattern at position 0",
+        ),
+        (
+            {"transforms": [{"type": "regex_redact", "pattern": "*"}]},
+            "[providers.p].transforms[0] (regex_redact): nothing to repeat at position 0",
+        ),
+        (
+            {"validators": [{"type": "banned_phrases", "phrases": "secret"}]},
+            "[providers.p].validators[0] (banned_phrases): 'phrases' must be a list of strings, got 'secret'",
+        ),
+        (
+            {"transforms": {"type": "replace"}},
+            '[providers.p].transforms must be a list of tables like {type = "regex_redact", ...}',
+        ),
+        ({"validators": ["max_length"]}, "[providers.p].validators[0] must be a table with a 'type' key"),
+        (
+            {"validators": [{"type": "python", "function": "trioproxy_no_such_hooks:check"}]},
+            "[providers.p].validators[0] (python): No module named 'trioproxy_no_such_hooks'",
+        ),
+    ],
+)
+def test_bad_transform_or_validator(keys: dict[str, Any], expected: str) -> None:
+    assert only_problem({"providers": {"p": {**OPENAI, **keys}}}) == expected
+
+
+HOOKS_MODULE = "trioproxy_test_config_hooks"
+HOOKS_SOURCE = """\
+FACTORY_CALLS = []
+
+
+def shout(text):
+    return text.upper()
+
+
+def no_word(word, reason="banned word"):
+    FACTORY_CALLS.append(word)
+
+    def check(text, new):
+        return reason if word in text[-(len(new) + len(word)) :] else None
+
+    return check
+"""
+
+
+@pytest.fixture
+def hooks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    (tmp_path / f"{HOOKS_MODULE}.py").write_text(HOOKS_SOURCE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield importlib.import_module(HOOKS_MODULE)
+    sys.modules.pop(HOOKS_MODULE, None)
+
+
+def test_python_hook_plain_function(hooks: ModuleType) -> None:
+    config = parse_config(
+        {"providers": {"p": {**OPENAI, "transforms": [{"type": "python", "function": f"{HOOKS_MODULE}:shout"}]}}},
+        environ={},
+    )
+    (transform,) = config.providers["p"].transforms
+    assert transform is hooks.shout
+    assert transform("héllo wörld") == "HÉLLO WÖRLD"
+
+
+def test_python_hook_factory_with_args(hooks: ModuleType) -> None:
+    config = parse_config(
+        {
+            "providers": {
+                "p": {
+                    **OPENAI,
+                    "validators": [
+                        {
+                            "type": "python",
+                            "function": f"{HOOKS_MODULE}:no_word",
+                            "args": {"word": "cheese", "reason": "no cheese talk"},
+                        }
+                    ],
+                }
+            }
+        },
+        environ={},
+    )
+    (validator,) = config.providers["p"].validators
+    assert hooks.FACTORY_CALLS == ["cheese"]  # called once, at start-up
+    assert validator("I like bread", " bread") is None
+    assert validator("I like chee" + "se", "se") == "no cheese talk"
+    assert hooks.FACTORY_CALLS == ["cheese"]
+
+
+def test_python_hooks_from_a_toml_file(hooks: ModuleType, tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""\
+[buffer]
+buffer_by_sentence = true
+
+[providers.p]
+type = "simulated"
+transforms = [{{ type = "python", function = "{HOOKS_MODULE}:shout" }}]
+validators = [{{ type = "python", function = "{HOOKS_MODULE}:no_word", args = {{ word = "BAD" }} }}]
+""",
+    )
+    p = load_config(path, environ={}).providers["p"]
+    assert p.buffer == BufferConfig(buffer_by_sentence=True)
+    (transform,) = p.transforms
+    (validator,) = p.validators
+    assert validator(transform("a bad day"), "A BAD DAY") == "banned word"
+
+
+def test_python_hook_problems(hooks: ModuleType) -> None:
+    problems = problems_of(
+        {
+            "providers": {
+                "p": {
+                    **OPENAI,
+                    "transforms": [
+                        {"type": "python", "function": f"{HOOKS_MODULE}:whisper"},
+                        {"type": "python", "function": f"{HOOKS_MODULE}.shout"},
+                    ],
+                    "validators": [
+                        {"type": "python", "function": f"{HOOKS_MODULE}:no_word", "args": {"words": ["x"]}},
+                        {"type": "python", "function": f"{HOOKS_MODULE}:FACTORY_CALLS"},
+                    ],
+                }
+            }
+        }
+    )
+    assert problems == [
+        f"[providers.p].transforms[0] (python): module '{HOOKS_MODULE}' has no attribute 'whisper'",
+        "[providers.p].transforms[1] (python): 'function' must be 'package.module:name'",
+        "[providers.p].validators[0] (python): no_word() got an unexpected keyword argument 'words'",
+        f"[providers.p].validators[1] (python): {HOOKS_MODULE}:FACTORY_CALLS is not callable",
     ]

@@ -11,6 +11,7 @@ Sans-IO.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Final, TypeVar
@@ -79,7 +80,11 @@ class RetryConfig:
 
     def delay(self, retry_number: int, *, retry_after: float | None = None, random: float = 0.0) -> float:
         """Seconds to wait before retry `retry_number`; `random` is uniform in [0, 1)."""
-        backoff = min(self.max_delay_ms, self.base_delay_ms * self.exponential_base**retry_number) / 1000
+        try:
+            growth = self.exponential_base**retry_number
+        except OverflowError:  # a float power past ~1e308: the cap applies all the same
+            growth = math.inf
+        backoff = min(self.max_delay_ms, self.base_delay_ms * growth if self.base_delay_ms else 0.0) / 1000
         backoff *= 1 - self.jitter * random
         return max(backoff, retry_after or 0.0)
 
@@ -121,8 +126,10 @@ def parse_policy(base: _Policy, table: Any, *, where: str, problems: list[str]) 
         if expected is None:
             problems.append(f"{where}: unknown key {key!r} (known: {', '.join(kinds)})")
         elif isinstance(value, bool) != (expected == (bool,)) or not isinstance(value, expected):
-            names = " or ".join("boolean" if k is bool else "integer" if k is int else "number" for k in expected)
-            problems.append(f"{where}.{key} must be a {names}, got {value!r}")
+            name = "a boolean" if expected == (bool,) else "an integer" if expected == (int,) else "a number"
+            problems.append(f"{where}.{key} must be {name}, got {value!r}")
+        elif isinstance(value, float) and math.isnan(value):  # TOML has `nan`: it passes every check below
+            problems.append(f"{where}.{key} must be a number, got {value!r}")
         elif not isinstance(value, bool) and value < 0:
             problems.append(f"{where}.{key} must not be negative, got {value!r}")
         else:

@@ -118,7 +118,6 @@ def test_no_authorization_without_key() -> None:
     for t in (translation(), translation(api_key=None), translation(api_key="")):
         request = t.stream_request(chat())
         assert dict(request.headers) == {"content-type": "application/json", "accept": "text/event-stream"}
-        assert "authorization" not in t.complete_request(chat()).headers
 
 
 def test_base_url_trailing_slash_and_extra_headers() -> None:
@@ -126,21 +125,6 @@ def test_base_url_trailing_slash_and_extra_headers() -> None:
     request = t.stream_request(chat())
     assert request.url == "http://127.0.0.1:9000/v1/chat/completions"
     assert request.headers["x-org"] == "acme"
-
-
-def test_complete_request() -> None:
-    request = translation(api_key=KEY).complete_request(
-        chat(stream=True, stream_options={"include_usage": True}, tools=TOOLS, vendor_extension=1)
-    )
-    assert request.url == "http://127.0.0.1:9000/v1/chat/completions"
-    assert orjson.loads(request.body) == {
-        "model": "gpt-x",
-        "messages": [{"role": "user", "content": "hi"}],
-        "tools": TOOLS,
-        "vendor_extension": 1,
-        "stream": False,
-    }
-    assert dict(request.headers) == {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Tests of the OpenAI front adapter: bytes exactly as `/work/shared/sse_protocol.m
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -20,6 +21,7 @@ from trioproxy._exceptions import (
     UpstreamTimeoutError,
 )
 from trioproxy._sse import SSEDecoder
+from trioproxy.pipeline import RetryNotice
 from trioproxy.server._openai_front import (
     DONE,
     KEEP_ALIVE,
@@ -221,7 +223,7 @@ def test_error(error: Any, expected: dict[str, Any]) -> None:
 
 def test_done_and_opened() -> None:
     renderer = OpenAIChunkRenderer(model=MODEL, include_usage=False)
-    assert renderer.done() == b"data: [DONE]\n\n" == DONE
+    assert renderer.done(object()) == b"data: [DONE]\n\n" == DONE
     assert renderer.opened() == b""
     assert KEEP_ALIVE == b": keep-alive\n\n"
 
@@ -232,7 +234,7 @@ def test_never_an_id_or_event_line() -> None:
         stream = renderer.opened()
         for delta in STREAM:
             stream += renderer.delta(delta)
-        stream += renderer.error(UpstreamStatusError("x", status=502)) + renderer.done()
+        stream += renderer.error(UpstreamStatusError("x", status=502)) + renderer.done(None)
         lines = [line for line in stream.split(b"\n") if line]
         assert all(line.startswith(b"data: ") for line in lines), lines
         # what a standard decoder sees: every event a JSON object or [DONE], no id, default type
@@ -242,6 +244,31 @@ def test_never_an_id_or_event_line() -> None:
             assert (event.event, event.id, event.retry) == ("message", "", None)
             if event.data != "[DONE]":
                 assert isinstance(orjson.loads(event.data), dict)
+
+
+def test_done_ignores_the_session() -> None:
+    renderer = OpenAIChunkRenderer(model=MODEL, include_usage=True)
+    acc = Accumulator()
+    acc.add(Delta(text="Hello", finish_reason="length", usage=Usage(1, 2)))
+    assert renderer.done(SimpleNamespace(accumulator=acc)) == DONE
+    assert renderer.done(None) == DONE
+
+
+def test_heartbeat_is_an_sse_comment() -> None:
+    renderer = OpenAIChunkRenderer(model=MODEL, include_usage=False)
+    assert renderer.heartbeat() == b": keep-alive\n\n" == KEEP_ALIVE
+    # a standard decoder (and so every SDK) sees no event, and the stream around it is unchanged
+    assert SSEDecoder().feed(renderer.heartbeat()) == []
+    hi = renderer.delta(Delta(text="Hi"))
+    events = SSEDecoder().feed(renderer.heartbeat() + hi + renderer.heartbeat() + renderer.done(None))
+    assert [e.data for e in events] == [hi[len(b"data: ") : -2].decode(), "[DONE]"]
+
+
+@pytest.mark.parametrize("kind", ["retry", "failover"])
+def test_notice_renders_nothing(kind: str) -> None:
+    notice = RetryNotice(kind=kind, attempt=1, provider="local", model="gpt-x", delay=0.5, reason="HTTP 503")
+    for include_usage in (False, True):
+        assert OpenAIChunkRenderer(model=MODEL, include_usage=include_usage).notice(notice) == b""
 
 
 def test_each_renderer_has_its_own_id() -> None:

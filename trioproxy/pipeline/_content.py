@@ -42,6 +42,7 @@ Validator = Callable[[str, str], "str | None"]
 def regex_redact(pattern: str, replacement: str = "[REDACTED]", *, ignore_case: bool = False) -> Transform:
     """Replace every match of `pattern` in a chunk."""
     compiled = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+    compiled.sub(replacement, "")  # a bad replacement (a missing group, not a string) fails now, not mid-stream
 
     def redact(text: str) -> str:
         return compiled.sub(replacement, text)
@@ -50,6 +51,9 @@ def regex_redact(pattern: str, replacement: str = "[REDACTED]", *, ignore_case: 
 
 
 def replace_text(old: str, new: str) -> Transform:
+    if not isinstance(old, str) or not old or not isinstance(new, str):
+        raise ValueError(f"'old' must be a non-empty string and 'new' a string, got {old!r} and {new!r}")
+
     def replace(text: str) -> str:
         return text.replace(old, new)
 
@@ -58,6 +62,9 @@ def replace_text(old: str, new: str) -> Transform:
 
 def banned_phrases(phrases: Sequence[str], *, case_sensitive: bool = False) -> Validator:
     """Fail as soon as the text contains one of `phrases`, also across chunk boundaries."""
+    if isinstance(phrases, str) or not isinstance(phrases, Sequence) or not all(isinstance(p, str) for p in phrases):
+        # a lone string would ban each of its characters
+        raise ValueError(f"'phrases' must be a list of strings, got {phrases!r}")
     wanted = [p if case_sensitive else p.casefold() for p in phrases if p]
     longest = max((len(p) for p in wanted), default=0)
 
@@ -75,6 +82,9 @@ def banned_phrases(phrases: Sequence[str], *, case_sensitive: bool = False) -> V
 
 
 def max_length(characters: int) -> Validator:
+    if not isinstance(characters, int) or isinstance(characters, bool) or characters < 0:
+        raise ValueError(f"'characters' must be a non-negative integer, got {characters!r}")
+
     def check(text: str, new: str) -> str | None:
         if len(text) > characters:
             return f"the response is longer than {characters} characters"
