@@ -294,8 +294,10 @@ def test_any_token_split_gives_back_the_text(config: BufferConfig) -> None:
             for chunk in ready:
                 sent += len(chunk)
                 if (config.buffer_by_word or config.buffer_by_sentence) and not config.max_chunk_size:
-                    # a word or sentence chunk ends where whitespace follows, or with a newline
-                    assert chunk.endswith("\n") or text[sent].isspace(), (chunks, chunk)
+                    # a word or sentence chunk ends where whitespace follows, with a newline, or
+                    # (sentences) with a CJK full stop, which needs no space after it
+                    cjk_stop = config.buffer_by_sentence and chunk.rstrip("」』”’)]")[-1:] in ("。", "！", "？")
+                    assert chunk.endswith("\n") or text[sent].isspace() or cjk_stop, (chunks, chunk)
             chunks += ready
             assert text[: len("".join(chunks))] == "".join(chunks)
             assert sent + buffer.pending == pushed
@@ -325,3 +327,11 @@ def test_emoji_and_cjk_are_whole_characters() -> None:
         ["の", " テキ"],
         ["スト"],
     ]
+
+
+def test_cjk_full_stops_end_a_sentence_without_a_space() -> None:
+    buffer = TextBuffer(BufferConfig(buffer_by_sentence=True))
+    assert buffer.push("日本語の") == []
+    assert buffer.push("テキスト。次の") == ["日本語のテキスト。"]
+    assert buffer.push("文！」そして") == ["次の文！」"]
+    assert buffer.flush() == ["そして"]

@@ -126,7 +126,7 @@ def _build(
                 built.append(builtins[kind](**options))
             else:
                 problems.append(f"{here}.type {kind!r} is unknown (known: {', '.join([*builtins, 'python'])})")
-        except (TypeError, ValueError, re.error, ImportError, AttributeError) as exc:
+        except Exception as exc:  # reported as a config problem: the server does not start
             problems.append(f"{here} ({kind}): {exc}")
     return built
 

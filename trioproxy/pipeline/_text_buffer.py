@@ -19,7 +19,8 @@ from .._policy import BufferConfig
 
 __all__ = ["TextBuffer"]
 
-_SENTENCE_END: Final = re.compile(r"[.!?…。！？]+[\"'”’)\]]*(?=\s)|\n")
+_SENTENCE_END: Final = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s)|[。！？]+[」』”’)\]]*|\n")
+"""Latin punctuation ends a sentence once whitespace follows; CJK full stops need none."""
 _WHITESPACE: Final = re.compile(r"\s")
 
 
