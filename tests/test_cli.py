@@ -15,25 +15,29 @@ import trio
 TRIOPROXY = [sys.executable, "-m", "trioproxy"]
 
 
-async def start_server(nursery: trio.Nursery, *args: str) -> tuple[trio.Process, str]:
-    """`trioproxy serve ... --port 0` in a process; returns it and the URL it prints."""
+async def start_process(nursery: trio.Nursery, args: list[str], ready: bytes) -> tuple[trio.Process, bytes]:
+    """`trioproxy ARGS` in a process, once it has printed `ready`; returns it and its output."""
     process = await nursery.start(
         lambda task_status: trio.run_process(
-            [*TRIOPROXY, "serve", "--host", "127.0.0.1", "--port", "0", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            check=False,
-            task_status=task_status,
+            [*TRIOPROXY, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False, task_status=task_status
         )
     )
-    buffer = b""
+    output = b""
     with trio.fail_after(20):
-        while b"listening on" not in buffer:
+        while ready not in output:
             data = await process.stdout.receive_some()
-            assert data, f"the server exited early: {buffer!r}"
-            buffer += data
-    url = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", buffer)
-    assert url, buffer
+            assert data, f"the process exited early: {output!r}"
+            output += data
+    return process, output
+
+
+async def start_server(nursery: trio.Nursery, *args: str) -> tuple[trio.Process, str]:
+    """`trioproxy serve ... --port 0` in a process; returns it and the URL it prints."""
+    process, output = await start_process(
+        nursery, ["serve", "--host", "127.0.0.1", "--port", "0", *args], b"listening on"
+    )
+    url = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", output)
+    assert url, output
     return process, url.group(1).decode()
 
 
@@ -107,22 +111,12 @@ async def test_bad_config_is_reported_per_mistake(tmp_path: Path) -> None:
 
 
 async def test_upstream_command_serves_a_scripted_stream(nursery: trio.Nursery) -> None:
-    process = await nursery.start(
-        lambda task_status: trio.run_process(
-            [*TRIOPROXY, "upstream", "--port", "0", "--tokens", "5", "--ttft-ms", "0", "--interval-ms", "0"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            check=False,
-            task_status=task_status,
-        )
+    process, output = await start_process(
+        nursery,
+        ["upstream", "--port", "0", "--tokens", "5", "--ttft-ms", "0", "--interval-ms", "0"],
+        b"(OpenAI)",
     )
-    buffer = b""
-    with trio.fail_after(20):
-        while b"(OpenAI)" not in buffer:
-            data = await process.stdout.receive_some()
-            assert data, buffer
-            buffer += data
-    url = re.search(rb"(http://127\.0\.0\.1:\d+)/v1 ", buffer).group(1).decode()
+    url = re.search(rb"(http://127\.0\.0\.1:\d+)/v1 ", output).group(1).decode()
     try:
         import openai
 

@@ -8,7 +8,7 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import trio
@@ -64,25 +64,18 @@ def _upstream(args: argparse.Namespace) -> int:
     )
     server = FakeUpstream(reply, port=args.port, max_recorded=0)
 
-    async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(server.serve)
-                print(
-                    f"trioproxy upstream on {server.url}/v1 (OpenAI) and {server.url}/v1/messages (Anthropic): "
-                    f"{args.tokens} tokens, {args.ttft_ms:g} ms to the first, {args.interval_ms:g} ms apart",
-                    flush=True,
-                )
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
+    async def main(shutdown_trigger: Callable[[], Awaitable[None]]) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            print(
+                f"trioproxy upstream on {server.url}/v1 (OpenAI) and {server.url}/v1/messages (Anthropic): "
+                f"{args.tokens} tokens, {args.ttft_ms:g} ms to the first, {args.interval_ms:g} ms apart",
+                flush=True,
+            )
+            await shutdown_trigger()
+            nursery.cancel_scope.cancel()
 
-    try:
-        trio.run(run)
-    except OSError as exc:
-        print(f"trioproxy: cannot serve the upstream: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return _run_until_signalled(main, "the upstream")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -95,6 +88,19 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2
 
+    async def main(shutdown_trigger: Callable[[], Awaitable[None]]) -> None:
+        async with trio.open_nursery() as nursery:
+            serving = partial(serve, config, host=args.host, port=args.port, shutdown_trigger=shutdown_trigger)
+            binds = await nursery.start(serving)
+            providers = ", ".join(sorted(config.providers))
+            print(f"trioproxy {__version__} listening on {' '.join(binds)} (providers: {providers})", flush=True)
+
+    return _run_until_signalled(main, "the proxy")
+
+
+def _run_until_signalled(main: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]], what: str) -> int:
+    """Run `main(shutdown_trigger)`; SIGINT or SIGTERM makes the trigger return (exit 0)."""
+
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
@@ -103,17 +109,12 @@ def _serve(args: argparse.Namespace) -> int:
                     logging.getLogger("trioproxy").info("%s: shutting down", signal.Signals(signum).name)
                     return
 
-            async with trio.open_nursery() as nursery:
-                binds = await nursery.start(
-                    partial(serve, config, host=args.host, port=args.port, shutdown_trigger=shutdown_trigger)
-                )
-                providers = ", ".join(sorted(config.providers))
-                print(f"trioproxy {__version__} listening on {' '.join(binds)} (providers: {providers})", flush=True)
+            await main(shutdown_trigger)
 
     try:
         trio.run(run)
     except OSError as exc:
-        print(f"trioproxy: cannot serve: {exc}", file=sys.stderr)
+        print(f"trioproxy: cannot serve {what}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -23,6 +23,16 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 MODELS = pytest.mark.parametrize("model", ["up/gpt-test", "claude/claude-test"])
 
 
+async def content_until_error(stream: openai.AsyncStream) -> tuple[list[str], openai.APIError]:
+    """The text pieces a stream delivers before the SDK raises, and what it raised."""
+    received = []
+    with pytest.raises(openai.APIError) as info:
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+    return received, info.value
+
+
 async def collect(stream: openai.AsyncStream) -> tuple[str, list]:
     chunks = [chunk async for chunk in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -235,13 +245,9 @@ async def test_connection_reset_mid_stream_is_an_api_error_after_the_tokens(
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, reset_after=3))
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
-    received = []
-    with pytest.raises(openai.APIError) as info:
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received.append(chunk.choices[0].delta.content)
+    received, error = await content_until_error(stream)
     assert received == list(TOKENS[:3])
-    assert "upstream" in info.value.message
+    assert "upstream" in error.message
     # and the proxy keeps serving
     upstream.push(Reply(tokens=TOKENS))
     text, _ = await collect(await client.chat.completions.create(model=model, messages=MESSAGES, stream=True))
@@ -252,13 +258,9 @@ async def test_connection_reset_mid_stream_is_an_api_error_after_the_tokens(
 async def test_in_stream_upstream_error_is_an_api_error(client, upstream: FakeUpstream, model: str) -> None:
     upstream.push(Reply(tokens=TOKENS, error_after=2, error_message="overloaded right now"))
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
-    received = []
-    with pytest.raises(openai.APIError) as info:
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received.append(chunk.choices[0].delta.content)
+    received, error = await content_until_error(stream)
     assert received == list(TOKENS[:2])
-    assert "overloaded" in info.value.message.lower()
+    assert "overloaded" in error.message.lower()
 
 
 async def test_truncated_stream_is_never_passed_off_as_complete(proxy_url: str, upstream: FakeUpstream) -> None:
