@@ -90,6 +90,9 @@ class Delta:
     OpenAI: an OpenAI client then gets those exact bytes (vendor fields such as `logprobs` or
     `reasoning_content` intact, nothing re-serialised) unless a stage changed the delta, which
     drops `raw`.
+
+    `arrived` is when the delta's oldest character came from the upstream (trio's clock), so
+    the time it then waited inside the proxy (the buffer latency) can be measured.
     """
 
     text: str = ""
@@ -98,6 +101,7 @@ class Delta:
     finish_reason: str | None = None
     usage: Usage | None = None
     raw: bytes | None = None
+    arrived: float | None = None
 
     @property
     def has_content(self) -> bool:

@@ -102,6 +102,7 @@ async def test_buffer_flushes_on_its_deadline_even_when_no_token_follows(autojum
 
     chunks = [(t, i.text) for t, i in items if isinstance(i, Delta) and i.text]
     assert chunks == [(0.25, "Hello"), (10.0, " world")]  # the tail flushes before the finish reason
+    assert session.buffer_waits == pytest.approx([0.25, 0.0])  # measured from the oldest character
     assert session.completed
 
 

@@ -30,12 +30,15 @@ def renderer(frame: Any = ndjson_frame, prompt_chars: int = 12, *, chunked: bool
     )
 
 
-def session(*deltas: Delta) -> Any:
-    """A stand-in for the `StreamSession` that `done` reads: just its accumulator."""
+NO_WAITS = {"p50": 0.0, "p99": 0.0, "max": 0.0, "chunks": 0}
+
+
+def session(*deltas: Delta, buffer_waits: tuple[float, ...] = ()) -> Any:
+    """A stand-in for the `StreamSession` that `done` reads: its accumulator and buffer waits."""
     accumulator = Accumulator()
     for delta in deltas:
         accumulator.add(delta)
-    return SimpleNamespace(accumulator=accumulator)
+    return SimpleNamespace(accumulator=accumulator, buffer_waits=list(buffer_waits))
 
 
 def lines(out: bytes) -> list[dict[str, Any]]:
@@ -121,6 +124,7 @@ def test_done_with_upstream_usage() -> None:
                 "finish_reason": "length",
                 "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11, "estimated": False},
                 "characters": 11,
+                "buffer_latency_ms": NO_WAITS,
                 "provider": "local",
                 "model": "gpt-x",
             },
@@ -139,6 +143,7 @@ def test_done_estimates_usage_when_none_came() -> None:
         "finish_reason": "stop",
         "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6, "estimated": True},
         "characters": 9,
+        "buffer_latency_ms": NO_WAITS,
         "provider": "local",
         "model": "gpt-x",
     }
@@ -354,3 +359,10 @@ def test_chunked_whole_stream() -> None:
         ("chunk", " world."),
         ("done", None),
     ]
+
+
+def test_done_summarises_the_buffer_latency() -> None:
+    renderer = EventRenderer(frame=ndjson_frame, provider="p", model="m", request_id="r", prompt_chars=0)
+    waits = tuple(n / 1000 for n in range(1, 101))  # 1 ms .. 100 ms
+    done = orjson.loads(renderer.done(session(Delta(text="x"), buffer_waits=waits)))
+    assert done["metadata"]["buffer_latency_ms"] == {"p50": 51.0, "p99": 100.0, "max": 100.0, "chunks": 100}

@@ -153,6 +153,7 @@ async def _attempt(
                         continue
                     progress.opened = True
                 elif isinstance(item, Delta):
+                    item.arrived = trio.current_time()
                     if not pipeline.passthrough:
                         item.raw = None
                     if item.has_content or progress.token_sent:

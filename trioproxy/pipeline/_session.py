@@ -58,6 +58,8 @@ class StreamSession:
         self.pipeline = pipeline
         self.chat = chat
         self.accumulator = Accumulator()
+        self.buffer_waits: list[float] = []
+        """Seconds each text delta spent inside the proxy, from upstream to the response."""
         self.completed = False
         self.finished = trio.Event()
         self._heartbeat_interval = pipeline.timeouts.heartbeat_interval if heartbeats else 0.0
@@ -110,6 +112,10 @@ class StreamSession:
             async for item in receive:
                 if isinstance(item, Delta):
                     self.accumulator.add(item)
+                    if item.text and item.arrived is not None:
+                        await self._send(item)
+                        self.buffer_waits.append(trio.current_time() - item.arrived)
+                        continue
                 elif isinstance(item, TrioproxyError):
                     delivered = len(self.accumulator.text)
                     item.characters_delivered = delivered  # type: ignore[attr-defined]

@@ -46,8 +46,10 @@ async def buffer_stage(config: BufferConfig, receive: Receive, send: Send) -> No
     held_since = math.inf  # when the oldest held character arrived
 
     async def send_text(chunks: Sequence[str]) -> None:
+        # A chunk is as old as the oldest character in it: that is what the client waited for.
+        arrived = held_since
         for chunk in chunks:
-            await send.send(Delta(text=chunk))
+            await send.send(Delta(text=chunk, arrived=arrived))
 
     async with receive, send:
         while True:

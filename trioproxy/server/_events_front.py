@@ -34,6 +34,18 @@ def ndjson_frame(event: StreamEvent) -> bytes:
     return (event.to_json() + "\n").encode()
 
 
+def latency_summary(waits: list[float]) -> dict[str, float | int]:
+    """p50, p99 and max of `waits` (seconds) in milliseconds, and how many there were."""
+    if not waits:
+        return {"p50": 0.0, "p99": 0.0, "max": 0.0, "chunks": 0}
+    ordered = sorted(waits)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+
+    return {"p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1] * 1000, 3), "chunks": len(ordered)}
+
+
 def error_event(error: TrioproxyError, **extra: Any) -> StreamEvent:
     data = {"message": error.message, "type": error.type, "code": error.code, "status": error.status, **extra}
     return StreamEvent("error", data)
@@ -109,6 +121,7 @@ class EventRenderer:
             "characters": len(acc.text),
             "provider": self.provider,
             "model": self.model,
+            "buffer_latency_ms": latency_summary(session.buffer_waits),
         }
         if acc.tool_calls():
             metadata["tool_calls"] = acc.tool_calls()
