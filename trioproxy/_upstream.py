@@ -37,7 +37,7 @@ from .providers.anthropic import AnthropicTranslation
 from .providers.openai import OpenAITranslation
 from .providers.simulated import SimulatedSettings, Stall, script
 
-__all__ = ["HttpUpstream", "SimulatedUpstream", "Upstream", "UpstreamItem", "build_upstream"]
+__all__ = ["HttpUpstream", "ItemSink", "SimulatedUpstream", "Upstream", "UpstreamItem", "build_upstream"]
 
 UpstreamItem = Opened | Delta
 
@@ -45,8 +45,14 @@ MAX_ERROR_BODY: Final = 64 * 1024
 """How much of an upstream's error body we read: enough for any error JSON, bounded."""
 
 
+class ItemSink(Protocol):
+    """Where an upstream puts its items (a channel, or the pipeline's next stage)."""
+
+    async def send(self, item: UpstreamItem, /) -> None: ...
+
+
 class Upstream(Protocol):
-    async def stream(self, chat: ChatRequest, send: trio.MemorySendChannel[UpstreamItem]) -> None:
+    async def stream(self, chat: ChatRequest, send: ItemSink) -> None:
         """Send `OPENED`, then every delta of the generation; raise `TrioproxyError` on failure."""
         ...
 
@@ -67,9 +73,11 @@ class HttpUpstream:
             timeout=httpx.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=min(100, max_connections)),
             transport=transport,
+            # A compressed event stream only delays tokens; asking for none also lets us read raw bytes.
+            headers={"accept-encoding": "identity"},
         )
 
-    async def stream(self, chat: ChatRequest, send: trio.MemorySendChannel[UpstreamItem]) -> None:
+    async def stream(self, chat: ChatRequest, send: ItemSink) -> None:
         request = self.translation.stream_request(chat)
         parser = self.translation.stream_parser()
         decoder = SSEDecoder()
@@ -79,7 +87,8 @@ class HttpUpstream:
                     body = await _read_bounded(resp)
                     raise self.translation.error_from_response(resp.status_code, resp.headers, body)
                 await send.send(OPENED)
-                async for data in resp.aiter_bytes():
+                encoded = resp.headers.get("content-encoding", "identity") != "identity"
+                async for data in resp.aiter_bytes() if encoded else resp.aiter_raw():
                     for event in decoder.feed(data):
                         for delta in parser.feed(event):
                             await send.send(delta)
@@ -98,7 +107,7 @@ class SimulatedUpstream:
     def __init__(self, settings: SimulatedSettings) -> None:
         self.settings = settings
 
-    async def stream(self, chat: ChatRequest, send: trio.MemorySendChannel[UpstreamItem]) -> None:
+    async def stream(self, chat: ChatRequest, send: ItemSink) -> None:
         settings = self.settings
         overrides = chat.body.get("simulate")
         if overrides is not None:

@@ -2,9 +2,11 @@
 The upstream reader stage: one attempt after another until one streams, watched by the
 named timeouts.
 
-Each attempt runs the upstream in a task of its own (the pump) and reads its items under a
-deadline: `first_token_timeout` until the first token, then `silence_timeout` between tokens.
-A deadline that passes cancels the pump, which closes the upstream connection.
+Each attempt runs the upstream request inside a watchdog: one cancel scope whose deadline is
+`first_token_timeout` until the first token, then `silence_timeout` after each one. The
+deadline is lifted while an item waits for the stages downstream (a slow client is not a
+silent upstream) and set again once it is taken. A deadline that passes cancels the request,
+which closes the upstream connection.
 
 Retries and failover happen only while no token has left this stage: once one has, a failure
 ends the stream with an error instead, so no code path can send text twice. `OPENED` also
@@ -17,21 +19,21 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from .._events import OPENED, Delta
 from .._exceptions import TrioproxyError, UpstreamError, UpstreamTimeoutError
+from .._policy import Timeouts
 from .._request import ChatRequest
 
 if TYPE_CHECKING:
     from .._router import Route
-    from .._upstream import Upstream
     from ._assemble import Pipeline
     from ._session import SessionItem
 
-__all__ = ["RetryNotice", "read_upstream"]
+__all__ = ["RetryNotice", "Sink", "read_upstream"]
 
 logger = logging.getLogger("trioproxy.upstream")
 
@@ -57,51 +59,51 @@ class _Progress:
     token_sent: bool = False
 
 
+class Sink(Protocol):
+    """Where the reader puts items: the next stage's channel, or the session's delivery."""
+
+    async def send(self, item: SessionItem, /) -> None: ...
+
+
 async def read_upstream(
     pipeline: Pipeline,
     chat: ChatRequest,
-    send: trio.MemorySendChannel[SessionItem],
+    sink: Sink,
     *,
     rng: random.Random | None = None,
 ) -> None:
-    """Send the stream's items; a failure is sent as its last item. Closes `send`."""
+    """Send the stream's items into `sink`; a failure is sent as its last item."""
     progress = _Progress()
-    async with send:
-        error: TrioproxyError | None = None
-        with trio.move_on_after(pipeline.timeouts.total_timeout or math.inf) as total:
-            try:
-                await _attempts(pipeline, chat, send, progress, rng or random.Random())
-            except TrioproxyError as exc:
-                error = exc
-            except trio.BrokenResourceError:
-                return  # the stages downstream are gone: the session is ending
-        if total.cancelled_caught:
-            error = UpstreamTimeoutError(
-                f"the stream exceeded total_timeout ({pipeline.timeouts.total_timeout:g} s)", kind="total_timeout"
-            )
-        if error is not None:
-            try:
-                await send.send(error)
-            except trio.BrokenResourceError:
-                pass
+    error: TrioproxyError | None = None
+    with trio.move_on_after(pipeline.timeouts.total_timeout or math.inf) as total:
+        try:
+            await _attempts(pipeline, chat, sink, progress, rng or random.Random())
+        except TrioproxyError as exc:
+            error = exc
+    if total.cancelled_caught:
+        error = UpstreamTimeoutError(
+            f"the stream exceeded total_timeout ({pipeline.timeouts.total_timeout:g} s)", kind="total_timeout"
+        )
+    if error is not None:
+        await sink.send(error)
 
 
 async def _attempts(
     pipeline: Pipeline,
     chat: ChatRequest,
-    send: trio.MemorySendChannel[SessionItem],
+    sink: Sink,
     progress: _Progress,
     rng: random.Random,
 ) -> None:
     error: UpstreamError | None = None
     for route in pipeline.routes:
         if error is not None:
-            await send.send(_notice("failover", 0, route, 0.0, error))
+            await sink.send(_notice("failover", 0, route, 0.0, error))
         routed = chat.routed(route.upstream_model)
         retry = route.provider.retry
         for attempt in range(retry.max_retries + 1):
             try:
-                await _attempt(pipeline, route, routed, send, progress)
+                await _attempt(pipeline, route, routed, sink, progress)
                 return
             except UpstreamError as exc:
                 error = exc
@@ -109,7 +111,7 @@ async def _attempts(
                 break
             delay = retry.delay(attempt, retry_after=getattr(error, "retry_after", None), random=rng.random())
             logger.info("retrying %s/%s in %.3f s: %s", route.provider.name, route.upstream_model, delay, error)
-            await send.send(_notice("retry", attempt + 1, route, delay, error))
+            await sink.send(_notice("retry", attempt + 1, route, delay, error))
             await trio.sleep(delay)
         if progress.token_sent or error.status in _NOT_FAILOVER_STATUSES:
             break
@@ -117,72 +119,46 @@ async def _attempts(
     raise error
 
 
-async def _attempt(
-    pipeline: Pipeline,
-    route: Route,
-    chat: ChatRequest,
-    send: trio.MemorySendChannel[SessionItem],
-    progress: _Progress,
-) -> None:
-    timeouts = route.provider.timeouts
-    failure: TrioproxyError | None = None
-    pump_send, pump_recv = trio.open_memory_channel["SessionItem"](0)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_pump, route.upstream, chat, pump_send)
-        kind, limit = "first_token_timeout", timeouts.first_token_timeout
-        deadline = trio.current_time() + (limit or math.inf)
-        async with pump_recv:
-            while True:
-                with trio.move_on_at(deadline) as watchdog:
-                    try:
-                        item = await pump_recv.receive()
-                    except trio.EndOfChannel:
-                        break
-                if watchdog.cancelled_caught:
-                    what = "the first token" if kind == "first_token_timeout" else "the next token"
-                    failure = UpstreamTimeoutError(
-                        f"no {what} from the upstream within {kind} ({limit:g} s)", kind=kind
-                    )
-                    nursery.cancel_scope.cancel()
-                    break
-                if isinstance(item, TrioproxyError):
-                    failure = item
-                    break
-                if item is OPENED:
-                    if progress.opened:
-                        continue
-                    progress.opened = True
-                elif isinstance(item, Delta):
-                    item.arrived = trio.current_time()
-                    if not pipeline.passthrough:
-                        item.raw = None
-                    if item.has_content or progress.token_sent:
-                        kind, limit = "silence_timeout", timeouts.silence_timeout
-                        deadline = trio.current_time() + (limit or math.inf)
-                        progress.token_sent = progress.token_sent or item.has_content
-                await send.send(item)
-    if failure is not None:
-        raise failure
+async def _attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Sink, progress: _Progress) -> None:
+    watched = _WatchedSink(sink, route.provider.timeouts, progress, passthrough=pipeline.passthrough)
+    with watched.watchdog:
+        await route.upstream.stream(chat, watched)
+    if watched.watchdog.cancelled_caught:
+        kind, limit = watched.kind, watched.limit
+        what = "the first token" if kind == "first_token_timeout" else "the next token"
+        raise UpstreamTimeoutError(f"no {what} from the upstream within {kind} ({limit:g} s)", kind=kind)
 
 
-async def _pump(upstream: Upstream, chat: ChatRequest, send: trio.MemorySendChannel[SessionItem]) -> None:
-    """Run one upstream request; its failure becomes the last item."""
-    async with send:
-        try:
-            await upstream.stream(chat, send)  # type: ignore[arg-type]
-            return
-        except trio.BrokenResourceError:
-            return  # the attempt stopped reading: it is being abandoned
-        except TrioproxyError as exc:
-            error = exc
-        except Exception:
-            # A bug, not an upstream failure: log it whole, and still tell the client.
-            logger.exception("upstream request for %s failed", chat.model)
-            error = TrioproxyError("internal error while streaming")
-        try:
-            await send.send(error)
-        except trio.BrokenResourceError:
-            pass
+class _WatchedSink:
+    """The sink an attempt's upstream writes into: it moves the watchdog's deadline."""
+
+    def __init__(self, sink: Sink, timeouts: Timeouts, progress: _Progress, *, passthrough: bool) -> None:
+        self._sink = sink
+        self._progress = progress
+        self._passthrough = passthrough
+        self._silence = timeouts.silence_timeout
+        self.kind, self.limit = "first_token_timeout", timeouts.first_token_timeout
+        self.watchdog = trio.CancelScope(deadline=trio.current_time() + (self.limit or math.inf))
+
+    async def send(self, item: SessionItem) -> None:
+        progress = self._progress
+        if item is OPENED:
+            if progress.opened:
+                return
+            progress.opened = True
+        elif isinstance(item, Delta):
+            item.arrived = trio.current_time()
+            if not self._passthrough:
+                item.raw = None
+            if item.has_content and not progress.token_sent:
+                progress.token_sent = True
+                self.kind, self.limit = "silence_timeout", self._silence
+        deadline = self.watchdog.deadline
+        self.watchdog.deadline = math.inf  # waiting on the stages downstream is not upstream silence
+        await self._sink.send(item)
+        if progress.token_sent:
+            deadline = trio.current_time() + (self.limit or math.inf)
+        self.watchdog.deadline = deadline
 
 
 def _notice(kind: str, attempt: int, route: Route, delay: float, error: UpstreamError) -> RetryNotice:

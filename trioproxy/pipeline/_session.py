@@ -61,6 +61,7 @@ class StreamSession:
         self.buffer_waits: list[float] = []
         """Seconds each text delta spent inside the proxy, from upstream to the response."""
         self.completed = False
+        self._failed = False
         self.finished = trio.Event()
         self._heartbeat_interval = pipeline.timeouts.heartbeat_interval if heartbeats else 0.0
         self._cancel_scope = trio.CancelScope()
@@ -75,15 +76,9 @@ class StreamSession:
                 try:
                     async with trio.open_nursery() as nursery:
                         self._last_output = trio.current_time()
-                        send, receive = trio.open_memory_channel[SessionItem](0)
-                        nursery.start_soon(self._read_upstream, send, name="upstream reader")
-                        for stage in self.pipeline.stages(self.abort_upstream):
-                            send, next_receive = trio.open_memory_channel[SessionItem](0)
-                            nursery.start_soon(stage, receive, send, name=getattr(stage, "func", stage).__name__)
-                            receive = next_receive
                         if self._heartbeat_interval:
                             nursery.start_soon(self._send_heartbeats, name="heartbeat")
-                        await self._deliver(receive)
+                        await self._run_stages(nursery)
                         nursery.cancel_scope.cancel()  # the stream is over: stop the heartbeat
                 except* Exception:
                     # A stage's bug, not an upstream failure: log it whole, and still tell the client.
@@ -102,29 +97,52 @@ class StreamSession:
         """Cancel the upstream request at once; the stages still deliver what they hold."""
         self._upstream_scope.cancel()
 
-    async def _read_upstream(self, send: trio.MemorySendChannel[SessionItem]) -> None:
-        with self._upstream_scope:
-            await read_upstream(self.pipeline, self.chat, send)
+    async def _run_stages(self, nursery: trio.Nursery) -> None:
+        """
+        The reader, each stage in a task of its own, and delivery. With no stage in between,
+        the reader hands its items straight to delivery: no channel hop on the hot path.
+        """
+        stages = self.pipeline.stages(self.abort_upstream)
+        if not stages:
+            with self._upstream_scope:
+                await read_upstream(self.pipeline, self.chat, self)
+        else:
+            send, receive = trio.open_memory_channel[SessionItem](0)
+            nursery.start_soon(self._read_upstream_into, send, name="upstream reader")
+            for stage in stages:
+                send, next_receive = trio.open_memory_channel[SessionItem](0)
+                nursery.start_soon(stage, receive, send, name=getattr(stage, "func", stage).__name__)
+                receive = next_receive
+            async with receive:
+                async for item in receive:
+                    await self.send(item)
+        self.completed = not self._failed and not self._upstream_scope.cancelled_caught
 
-    async def _deliver(self, receive: trio.MemoryReceiveChannel[SessionItem]) -> None:
-        """The last stage: account for what the client gets, then hand it over."""
-        async with receive:
-            async for item in receive:
-                if isinstance(item, Delta):
-                    self.accumulator.add(item)
-                    if item.text and item.arrived is not None:
-                        await self._send(item)
-                        self.buffer_waits.append(trio.current_time() - item.arrived)
-                        continue
-                elif isinstance(item, TrioproxyError):
-                    delivered = len(self.accumulator.text)
-                    item.characters_delivered = delivered  # type: ignore[attr-defined]
-                    if self.accumulator.content_deltas:
-                        item.message += f" (after {delivered} characters were delivered; they are not repeated)"
-                    await self._send(item)
-                    return
-                await self._send(item)
-            self.completed = not self._upstream_scope.cancelled_caught
+    async def _read_upstream_into(self, send: trio.MemorySendChannel[SessionItem]) -> None:
+        async with send:
+            with self._upstream_scope:
+                try:
+                    await read_upstream(self.pipeline, self.chat, send)
+                except trio.BrokenResourceError:
+                    pass  # the stages downstream stopped reading: a validator ended the stream
+
+    async def send(self, item: SessionItem) -> None:
+        """Delivery, the last stage: account for what the client gets, then hand it over."""
+        if self._failed:
+            return  # the stream already ended with its error
+        if isinstance(item, Delta):
+            self.accumulator.add(item)
+            await self._send(item)
+            if item.text and item.arrived is not None:
+                self.buffer_waits.append(trio.current_time() - item.arrived)
+            return
+        if isinstance(item, TrioproxyError):
+            self._failed = True
+            delivered = len(self.accumulator.text)
+            item.characters_delivered = delivered  # type: ignore[attr-defined]
+            if self.accumulator.content_deltas:
+                item.message += f" (after {delivered} characters were delivered; they are not repeated)"
+        await self._send(item)
 
     async def _send(self, item: SessionItem) -> None:
         await self._out.send(item)
