@@ -41,6 +41,9 @@ async def serve(
     hypercorn_config.accesslog = None
     hypercorn_config.errorlog = logger
     hypercorn_config.keep_alive_timeout = 75  # longer than common load balancers' idle timeout
+    # hypercorn's default backlog (100) overflows when hundreds of clients connect at once, and
+    # each refused SYN costs that client a one-second retransmit.
+    hypercorn_config.backlog = 4096
     for warning in config.warnings:
         logger.warning("%s", warning)
     await hypercorn_serve(
