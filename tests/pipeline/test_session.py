@@ -342,3 +342,21 @@ async def test_cancelling_the_session_cancels_the_upstream_at_once(autojump_cloc
         session.cancel()
     assert upstream.cancelled == [3.0]
     assert session.finished.is_set()
+
+
+async def test_a_slow_client_is_not_a_silent_upstream(autojump_clock: trio.abc.Clock) -> None:
+    """The silence watchdog times the upstream only: waiting on the client does not count."""
+    upstream = ScriptedUpstream([[*tokens("a", "b", "c", "d"), Delta(finish_reason="stop")]])
+    timeouts = Timeouts(silence_timeout=5, first_token_timeout=5, heartbeat_interval=0)
+    session = StreamSession(pipeline(route(upstream, timeouts=timeouts)), CHAT)
+    received = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        async for item in session.output:
+            received.append(item)
+            await trio.sleep(30)  # the client reads one item every 30 s
+
+    assert "".join(i.text for i in received if isinstance(i, Delta)) == "abcd"
+    assert not any(isinstance(i, UpstreamTimeoutError) for i in received)
+    assert upstream.cancelled == []
+    assert session.completed
