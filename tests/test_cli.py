@@ -130,3 +130,17 @@ async def test_upstream_command_serves_a_scripted_stream(nursery: trio.Nursery) 
         process.send_signal(signal.SIGINT)
     with trio.fail_after(10):
         assert await process.wait() == 0
+
+
+async def test_a_taken_port_is_one_clear_line(nursery: trio.Nursery) -> None:
+    server, url = await start_server(nursery)
+    port = url.rsplit(":", 1)[1]
+    try:
+        result = await trio.run_process(
+            [*TRIOPROXY, "upstream", "--port", port], capture_stdout=True, capture_stderr=True, check=False
+        )
+        assert result.returncode == 1
+        assert "cannot serve the upstream" in result.stderr.decode()
+        assert "Traceback" not in result.stderr.decode()
+    finally:
+        server.send_signal(signal.SIGINT)

@@ -71,7 +71,7 @@ class HttpUpstream:
         self.translation = translation
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=min(100, max_connections)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             transport=transport,
             # A compressed event stream only delays tokens; asking for none also lets us read raw bytes.
             headers={"accept-encoding": "identity"},

@@ -1,5 +1,6 @@
 """
-The `trioproxy` command: `serve` runs the proxy, `chat` streams a reply to the terminal.
+The `trioproxy` command: `serve` runs the proxy, `chat` streams a reply to the terminal,
+`upstream` runs the scripted benchmark upstream, `bench` measures the proxy against it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from functools import partial
 
 import trio
 
+from ._bench.options import add_arguments as add_bench_arguments
+from ._bench.options import settings_from_args as bench_settings
 from ._config import load_config
 from ._exceptions import ConfigError, TrioproxyError
 from ._version import __version__
@@ -46,12 +49,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     upstream.add_argument("--ttft-ms", type=float, default=50.0, help="time to first token (default 50 ms)")
     upstream.add_argument("--interval-ms", type=float, default=20.0, help="time between tokens (default 20 ms)")
 
+    bench = commands.add_parser(
+        "bench", help="measure TTFT, inter-token and buffer latency: direct vs trioproxy vs other proxies"
+    )
+    add_bench_arguments(bench)
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "upstream":
         return _upstream(args)
+    if args.command == "bench":
+        return _bench(args)
     return _chat(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ._bench.runner import main as run_bench
+
+    return run_bench(bench_settings(args))
 
 
 def _upstream(args: argparse.Namespace) -> int:
@@ -111,10 +127,13 @@ def _run_until_signalled(main: Callable[[Callable[[], Awaitable[None]]], Awaitab
 
             await main(shutdown_trigger)
 
+    failures: list[BaseException] = []
     try:
         trio.run(run)
-    except OSError as exc:
-        print(f"trioproxy: cannot serve {what}: {exc}", file=sys.stderr)
+    except* OSError as group:  # e.g. the port is taken (it arrives wrapped by the nursery)
+        failures.extend(group.exceptions)
+    if failures:
+        print(f"trioproxy: cannot serve {what}: {failures[0]}", file=sys.stderr)
         return 1
     return 0
 

@@ -360,3 +360,25 @@ async def test_a_slow_client_is_not_a_silent_upstream(autojump_clock: trio.abc.C
     assert not any(isinstance(i, UpstreamTimeoutError) for i in received)
     assert upstream.cancelled == []
     assert session.completed
+
+
+async def test_word_buffer_times_each_chunk_from_its_own_oldest_character(autojump_clock: trio.abc.Clock) -> None:
+    """In word mode the latest word is always held: its age, not the stream's, sets the deadline."""
+    script = [OPENED]
+    for word in ("one", " two", " three", " four"):
+        script += [1.0, Delta(text=word)]
+    upstream = ScriptedUpstream([script + [STALL]])
+    buffer = BufferConfig(buffer_by_word=True, flush_interval_ms=500)
+    session = StreamSession(pipeline(route(upstream, timeouts=Timeouts(heartbeat_interval=0)), buffer=buffer), CHAT)
+    chunks = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        async for item in session.output:
+            if isinstance(item, Delta) and item.text:
+                chunks.append((trio.current_time(), item.text))
+                if len(chunks) == 4:
+                    session.cancel()
+
+    # each word waits for the next word's leading space, or for its 500 ms deadline
+    assert chunks == [(1.5, "one"), (2.5, " two"), (3.5, " three"), (4.5, " four")]
+    assert session.buffer_waits == pytest.approx([0.5, 0.5, 0.5, 0.5])

@@ -9,6 +9,7 @@ buffer sends what it holds, so nothing is lost or reordered.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -42,40 +43,60 @@ async def buffer_stage(config: BufferConfig, receive: Receive, send: Send) -> No
     text waits at most `flush_interval_ms`, even if no further token ever comes.
     """
     buffer = TextBuffer(config)
+    held = _Arrivals()
     interval = config.flush_interval_ms / 1000 or math.inf
-    held_since = math.inf  # when the oldest held character arrived
 
     async def send_text(chunks: Sequence[str]) -> None:
         # A chunk is as old as the oldest character in it: that is what the client waited for.
-        arrived = held_since
+        arrived = held.oldest
+        held.trim_to(buffer.pending)
         for chunk in chunks:
             await send.send(Delta(text=chunk, arrived=arrived))
 
     async with receive, send:
         while True:
-            with trio.move_on_at(held_since + interval) as timer:
+            with trio.move_on_at(held.oldest + interval) as timer:
                 try:
                     item = await receive.receive()
                 except trio.EndOfChannel:
                     break
             if timer.cancelled_caught:
                 await send_text(buffer.flush())
-                held_since = math.inf
                 continue
             if isinstance(item, Delta) and item.text:
-                if not buffer.pending:
-                    held_since = trio.current_time()
+                held.add(len(item.text), trio.current_time() if item.arrived is None else item.arrived)
                 await send_text(buffer.push(item.text))
-                if not buffer.pending:
-                    held_since = math.inf
-                rest = replace(item, text="", raw=None)
+                rest = replace(item, text="", raw=None, arrived=None)
                 if not (rest.role or rest.tool_calls or rest.finish_reason or rest.usage):
                     continue
                 item = rest
             await send_text(buffer.flush())
-            held_since = math.inf
             await send.send(item)
         await send_text(buffer.flush())
+
+
+class _Arrivals:
+    """
+    When each piece of the buffered text arrived, so that the buffer knows the age of its
+    oldest held character: the flush deadline and the buffer latency are measured from it.
+    """
+
+    def __init__(self) -> None:
+        self._pieces: collections.deque[tuple[int, float]] = collections.deque()
+        self._chars = 0
+
+    @property
+    def oldest(self) -> float:
+        return self._pieces[0][1] if self._pieces else math.inf
+
+    def add(self, length: int, arrived: float) -> None:
+        self._pieces.append((length, arrived))
+        self._chars += length
+
+    def trim_to(self, pending: int) -> None:
+        """Forget the pieces sent: the `pending` characters still held are the newest."""
+        while self._pieces and self._chars - self._pieces[0][0] >= pending:
+            self._chars -= self._pieces.popleft()[0]
 
 
 async def transform_stage(transforms: Sequence[Transform], receive: Receive, send: Send) -> None:

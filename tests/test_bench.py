@@ -1,0 +1,78 @@
+"""
+`trioproxy bench --quick` as a user runs it: real processes on 127.0.0.1, then the report's
+structure. Timings are not checked (they depend on the machine); that nothing was lost is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import orjson
+import trio
+
+import trioproxy
+
+PROJECT_ROOT = Path(trioproxy.__file__).resolve().parents[1]
+TARGET_FIGURES = ("ttft_ms", "itl_ms", "duration_ms", "streams_per_s", "tokens_per_s", "errors", "lost")
+BUFFER_MODES = {"off", "size", "word", "sentence", "timer"}
+
+
+def _env() -> dict[str, str]:
+    """The child must import this trioproxy even where it is not installed (a bare venv)."""
+    paths = [str(PROJECT_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
+    with trio.fail_after(120):
+        result = await trio.run_process(
+            [sys.executable, "-m", "trioproxy", "bench", "--quick", "--output", str(tmp_path)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=_env(),
+        )
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stderr[-3000:]
+
+    [json_path] = tmp_path.glob("bench-*.json")
+    report = orjson.loads(json_path.read_bytes())
+    assert {"cpu_model", "cpu_count", "memory_mb", "kernel", "python"} <= report["machine"].keys()
+    assert {"trioproxy", "trio", "httpx", "hypercorn", "quart", "h11"} <= report["versions"].keys()
+    assert report["proxy_startup_s"] > 0
+
+    targets = [target["name"] for target in report["targets"]]
+    assert targets == ["direct", "trioproxy"]
+    phases = {(phase["target"], phase["concurrency"]): phase for phase in report["sweep"]}
+    assert set(phases) == {(target, concurrency) for target in targets for concurrency in (1, 10)}
+    for (target, concurrency), phase in phases.items():
+        figures = phase["figures"]
+        assert all(figures[name] is not None for name in TARGET_FIGURES), (target, concurrency)
+        assert {"p50", "p90", "p99"} <= figures["ttft_ms"].keys()
+        assert figures["streams"] >= concurrency
+        assert (figures["errors"], figures["lost"], figures["reordered"], figures["duplicated"]) == (0, 0, 0, 0), (
+            target, concurrency, figures["error_examples"],
+        )  # fmt: skip
+        assert figures["tokens"] == figures["streams"] * 16
+        resources = phase["resources"]
+        assert resources["loadgen_cpu_s"] >= 0 and resources["upstream_cpu_s"] >= 0
+        if target == "trioproxy":
+            assert resources["proxy_cpu_ms_per_stream"] >= 0 and resources["proxy_peak_rss_mb"] > 0
+    added = {(row["target"], row["concurrency"]) for row in report["added"]}
+    assert added == {("trioproxy", 1), ("trioproxy", 10)}
+
+    modes = {mode["mode"]: mode["figures"] for mode in report["buffer"]}
+    assert set(modes) == BUFFER_MODES
+    for mode, figures in modes.items():
+        assert figures["errors"] == 0 and figures["lost"] == 0, mode
+        numbers = [figures[name] for name in ("p50_ms", "p99_ms", "max_ms", "chunks_per_stream", "chunks_per_s")]
+        assert all(number is not None and number >= 0 for number in numbers), (mode, figures)
+
+    [png] = tmp_path.glob("bench-*.png")
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    for target in targets:
+        assert target in stdout
+    assert "Buffer latency" in stdout
+    assert "concurrency 10" in stderr  # progress goes to stderr while it runs

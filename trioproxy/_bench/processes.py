@@ -1,0 +1,299 @@
+"""
+The benchmark's child processes: the upstream, the proxy and the load generator.
+
+Each runs as a process of its own, as it would in production, so that each one's CPU time can
+be read from /proc and each can be pinned to its own cores: the proxy alone on the first CPU,
+everything else on the rest. Otherwise the load generator and the upstream would compete with
+the proxy for one core, and the figures would measure the competition.
+
+Every child is started by an async context manager whose `finally` stops it (SIGTERM, then
+SIGKILL), whatever happened, Ctrl-C included. Children write their logs (stderr) to a file;
+when one fails to start, the error quotes the log's end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .wire import LineReader, PhaseResult, PhaseSpec, send_message
+
+#: The directory holding the `trioproxy` package this code belongs to.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+TRIOPROXY = [sys.executable, "-m", "trioproxy"]
+LOADGEN = [sys.executable, "-m", "trioproxy._bench.loadgen"]
+#: How long a child may take to say it is ready.
+START_TIMEOUT = 30.0
+#: How long a child gets to exit after SIGTERM before SIGKILL.
+STOP_GRACE = 3.0
+#: Extra time the runner grants a phase beyond the load generator's own deadlines.
+PHASE_MARGIN = 30.0
+
+_UPSTREAM_READY = re.compile(r"upstream on (http://127\.0\.0\.1:\d+)/v1")
+_PROXY_READY = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
+_LOADGEN_READY = re.compile(r'"loadgen"')
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on; the message says why, in words for the terminal."""
+
+
+# --------------------------------------------------------------------------------------------
+# CPUs, limits and /proc
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """Which CPUs the proxy and everything else run on (None: not pinned)."""
+
+    proxy: tuple[int, ...] | None
+    others: tuple[int, ...] | None
+    #: The proxy runs elsewhere (`--proxy-url`): its CPU is reserved, not set.
+    external_proxy: bool = False
+
+    def describe(self) -> str:
+        if self.proxy is None or self.others is None:
+            return "none (fewer than 2 CPUs available, or no sched_setaffinity)"
+        others = ",".join(map(str, self.others))
+        proxy = "kept free for the external proxy (not pinned by us)" if self.external_proxy else "proxy alone"
+        return f"CPU {','.join(map(str, self.proxy))}: {proxy}; CPU {others}: upstream, load generator, runner"
+
+
+def plan_pinning(*, external_proxy: bool) -> Pinning:
+    """The proxy alone on the first CPU this process may use, the rest on the others."""
+    if not hasattr(os, "sched_getaffinity"):
+        return Pinning(None, None, external_proxy)
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return Pinning(None, None, external_proxy)
+    return Pinning((cpus[0],), tuple(cpus[1:]), external_proxy)
+
+
+def _pin(pid: int, cpus: tuple[int, ...] | None) -> None:
+    if cpus is not None:
+        os.sched_setaffinity(pid, cpus)
+
+
+@contextmanager
+def pinned_self(cpus: tuple[int, ...] | None) -> Iterator[None]:
+    """Run the runner itself on `cpus` (off the proxy's core), and restore its affinity after."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def raise_open_files_limit() -> int:
+    """
+    Raise this process's open-file limit to its hard limit (children inherit it), and return it.
+
+    Thousands of streams need thousands of sockets in each of the load generator, the proxy
+    (twice: client and upstream side) and the upstream; a soft limit of 1024 is common.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process `pid`, from /proc/PID/stat (None where there is no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name, which may itself contain spaces and parentheses.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The peak resident set size of `pid` (VmHWM in /proc/PID/status), in MiB."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(match.group(1)) / 1024 if match else None
+
+
+# --------------------------------------------------------------------------------------------
+# Starting and stopping
+
+
+def child_env() -> dict[str, str]:
+    """
+    The environment for children: this trioproxy's directory first on PYTHONPATH, so that
+    `python -m trioproxy` runs this very code, installed or not (a checkout, a test venv).
+    """
+    env = dict(os.environ)
+    paths = [str(PACKAGE_ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+@dataclass(frozen=True)
+class Child:
+    """A started child: its process, what its ready line said, and how long it took to say it."""
+
+    name: str
+    process: trio.Process
+    #: The URL from the ready line (empty for the load generator).
+    url: str
+    startup_s: float
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def _log_tail(log: Path, lines: int = 15) -> str:
+    try:
+        text = log.read_text(errors="replace").rstrip()
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+async def _stop(process: trio.Process) -> None:
+    """SIGTERM, a grace period, then SIGKILL; always reaped. Runs shielded, from `finally`."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.terminate()
+            with trio.move_on_after(STOP_GRACE):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            with trio.move_on_after(STOP_GRACE):
+                await process.wait()
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                await pipe.aclose()
+
+
+@asynccontextmanager
+async def _started(
+    name: str, args: list[str], ready: re.Pattern[str], cpus: tuple[int, ...] | None, log_dir: Path, *, stdin: bool
+) -> AsyncIterator[tuple[Child, LineReader]]:
+    """
+    Spawn `args`, pin it, wait for a stdout line matching `ready`, and stop it on the way out.
+
+    The servers print nothing on stdout after their ready line (logs go to stderr, into the
+    log file), so their stdout pipe needs no reader afterwards.
+    """
+    log = log_dir / f"{name.replace(' ', '-')}.log"
+    spawned = time.perf_counter()
+    with log.open("wb") as log_file:
+        process = await trio.lowlevel.open_process(
+            args,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            env=child_env(),
+        )
+    try:
+        _pin(process.pid, cpus)
+        assert process.stdout is not None
+        reader = LineReader(process.stdout)
+        match = await _wait_for_line(name, reader, ready, log)
+        url = match.group(1) if match.groups() else ""
+        yield Child(name, process, url, time.perf_counter() - spawned, log), reader
+    finally:
+        await _stop(process)
+
+
+async def _wait_for_line(name: str, reader: LineReader, ready: re.Pattern[str], log: Path) -> re.Match[str]:
+    with trio.move_on_after(START_TIMEOUT):
+        while (line := await reader.readline()) is not None:
+            if match := ready.search(line.decode("utf-8", "replace")):
+                return match
+        raise BenchError(f"the {name} exited before it was ready:\n{_log_tail(log)}")
+    raise BenchError(f"the {name} was not ready within {START_TIMEOUT:g} s:\n{_log_tail(log)}")
+
+
+@asynccontextmanager
+async def start_upstream(
+    *, port: int, tokens: int, ttft_ms: float, interval_ms: float, cpus: tuple[int, ...] | None, log_dir: Path
+) -> AsyncIterator[Child]:
+    """`trioproxy upstream` on 127.0.0.1; its `url` is the base without `/v1`."""
+    args = [
+        *TRIOPROXY,
+        "upstream",
+        f"--port={port}",
+        f"--tokens={tokens}",
+        f"--ttft-ms={ttft_ms}",
+        f"--interval-ms={interval_ms}",
+    ]
+    async with _started("upstream", args, _UPSTREAM_READY, cpus, log_dir, stdin=False) as (child, _):
+        yield child
+
+
+@asynccontextmanager
+async def start_proxy(config: Path, *, cpus: tuple[int, ...] | None, log_dir: Path) -> AsyncIterator[Child]:
+    """`trioproxy serve` on 127.0.0.1 with a kernel-chosen port; `startup_s` is spawn to "listening on"."""
+    args = [
+        *TRIOPROXY,
+        "serve",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+    ]
+    async with _started("proxy", args, _PROXY_READY, cpus, log_dir, stdin=False) as (child, _):
+        yield child
+
+
+class LoadGenerator:
+    """The runner's handle on the load-generator process: one phase at a time."""
+
+    def __init__(self, child: Child, reader: LineReader) -> None:
+        self.child = child
+        self._reader = reader
+
+    async def run_phase(self, spec: PhaseSpec, on_ready: Callable[[], None]) -> PhaseResult:
+        """
+        Run one phase; `on_ready` is called between the warm-up and the measured rounds, while
+        the load generator waits, so counters read there frame exactly the measured part.
+        """
+        stdin = self.child.process.stdin
+        assert stdin is not None
+        try:
+            with trio.fail_after(2 * spec.deadline_s + PHASE_MARGIN):
+                await send_message(stdin, spec.to_message())
+                await self._reader.read_message()
+                on_ready()
+                await send_message(stdin, b'{"go": true}')
+                message = await self._reader.read_message()
+        except (EOFError, trio.BrokenResourceError) as exc:
+            raise BenchError(f"the load generator died:\n{_log_tail(self.child.log)}") from exc
+        except trio.TooSlowError as exc:
+            raise BenchError("the load generator did not finish a phase in time") from exc
+        return PhaseResult.from_message(message["result"])
+
+
+@asynccontextmanager
+async def start_loadgen(*, cpus: tuple[int, ...] | None, log_dir: Path) -> AsyncIterator[LoadGenerator]:
+    """The load generator, in its own process, ready for phases."""
+    async with _started("load generator", LOADGEN, _LOADGEN_READY, cpus, log_dir, stdin=True) as (child, reader):
+        yield LoadGenerator(child, reader)

@@ -1,0 +1,249 @@
+"""
+The report of a run: plain-text tables for the terminal, and the JSON file with every figure.
+
+Tables are plain text (no colour, no box drawing) so they paste unchanged into an issue, a
+commit message or a README.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .processes import PACKAGE_ROOT
+from .results import PhaseReport, Report
+from .stats import PhaseFigures, difference
+
+
+def added_latency(report: Report) -> list[dict[str, Any]]:
+    """What each proxy adds over the direct connection, per concurrency: TTFT and ITL, p50 and p99."""
+    direct = {phase.concurrency: phase.figures for phase in report.sweep if phase.target == "direct"}
+    added = []
+    for phase in report.sweep:
+        floor = direct.get(phase.concurrency)
+        if phase.target == "direct" or floor is None:
+            continue
+        added.append(
+            {
+                "target": phase.target,
+                "concurrency": phase.concurrency,
+                "ttft_ms": _added(phase.figures.ttft_ms, floor.ttft_ms),
+                "itl_ms": _added(phase.figures.itl_ms, floor.itl_ms),
+            }
+        )
+    return added
+
+
+def _added(proxied: Any, direct: Any) -> dict[str, float | None]:
+    return {"p50": difference(proxied.p50, direct.p50), "p99": difference(proxied.p99, direct.p99)}
+
+
+def to_json(report: Report) -> bytes:
+    """Every figure, the settings, the machine and the versions, as indented JSON."""
+    document = asdict(report)
+    document["pinning"]["description"] = report.pinning.describe()
+    document["added"] = added_latency(report)
+    return orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2)
+
+
+def default_output_dir() -> Path:
+    """`benchmarks/results/` of the checkout this code runs from, else `./trioproxy-bench/`."""
+    if (PACKAGE_ROOT / "pyproject.toml").is_file() and (PACKAGE_ROOT / "benchmarks").is_dir():
+        return PACKAGE_ROOT / "benchmarks" / "results"
+    return Path.cwd() / "trioproxy-bench"
+
+
+def write_outputs(report: Report) -> list[Path]:
+    """Write the JSON (and the PNG unless `--no-plot`); return the paths written."""
+    directory = report.settings.output or default_output_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = directory / f"{report.settings.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    json_path = stem.with_suffix(".json")
+    json_path.write_bytes(to_json(report))
+    written = [json_path]
+    if report.settings.plot and report.sweep:
+        try:
+            from .plot import write_plot
+        except ImportError:
+            print(
+                "trioproxy bench: no plot, matplotlib is not installed (pip install 'trioproxy[bench]')",
+                file=sys.stderr,
+            )
+        else:
+            written.append(write_plot(report, stem.with_suffix(".png")))
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# Terminal tables
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest]).rstrip()
+
+    return "\n".join([line(headers), *(line(row) for row in rows)])
+
+
+def _number(value: float | None, digits: int = 1, *, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _header(report: Report) -> str:
+    settings, machine = report.settings, report.machine
+    lines = [
+        f"trioproxy bench {report.versions['trioproxy']}: {settings.tokens} tokens a stream, the upstream's "
+        f"first after {settings.ttft_ms:g} ms, then every {settings.interval_ms:g} ms",
+        f"machine: {machine['cpu_model']}, {machine['cpus_usable']} CPUs, {machine['memory_mb']} MB, "
+        f"{machine['kernel']}, {machine['python']}",
+        f"pinning: {report.pinning.describe()}",
+    ]
+    if report.proxy_startup_s is not None:
+        lines.append(f'trioproxy start-up: {report.proxy_startup_s:.2f} s (spawn to "listening on")')
+    lines.append("targets: " + ", ".join(f"{target.name} {target.url}" for target in report.targets))
+    return "\n".join(lines)
+
+
+def _ordered(report: Report) -> list[PhaseReport]:
+    order = {target.name: index for index, target in enumerate(report.targets)}
+    return sorted(report.sweep, key=lambda phase: (phase.concurrency, order.get(phase.target, len(order))))
+
+
+def latency_table(report: Report) -> str:
+    added = {(row["target"], row["concurrency"]): row for row in added_latency(report)}
+    rows = []
+    for phase in _ordered(report):
+        f, extra = phase.figures, added.get((phase.target, phase.concurrency))
+        plus = [
+            _number(extra[kind][p] if extra else None, signed=True)
+            for kind in ("ttft_ms", "itl_ms")
+            for p in ("p50", "p99")
+        ]
+        rows.append(
+            [
+                phase.target,
+                str(phase.concurrency),
+                _number(f.ttft_ms.p50),
+                _number(f.ttft_ms.p90),
+                _number(f.ttft_ms.p99),
+                plus[0],
+                plus[1],
+                _number(f.itl_ms.p50),
+                _number(f.itl_ms.p99),
+                plus[2],
+                plus[3],
+                _number(f.duration_ms.p50, 0),
+                _number(f.duration_ms.p99, 0),
+            ]
+        )
+    headers = ["target", "conc", "TTFT p50", "p90", "p99", "+p50", "+p99", "ITL p50", "p99", "+p50", "+p99",
+               "stream p50", "p99"]  # fmt: skip
+    title = 'Latency, ms ("+": added over direct at the same concurrency)'
+    return f"{title}\n{table(headers, rows)}"
+
+
+def throughput_table(report: Report) -> str:
+    rows = []
+    for phase in _ordered(report):
+        f, r = phase.figures, phase.resources
+        rows.append(
+            [
+                phase.target,
+                str(phase.concurrency),
+                str(f.streams),
+                _number(f.streams_per_s),
+                _number(f.tokens_per_s, 0),
+                str(f.errors),
+                f"{f.lost}/{f.duplicated}/{f.reordered}",
+                _number(r.proxy_cpu_ms_per_stream, 2),
+                _number(r.proxy_peak_rss_mb),
+                _number(r.upstream_cpu_s, 2),
+                _number(r.loadgen_cpu_s, 2),
+            ]
+        )
+    headers = ["target", "conc", "streams", "streams/s", "tokens/s", "errors", "lost/dup/reord",
+               "proxy CPU ms/stream", "proxy peak RSS MB", "upstream CPU s", "loadgen CPU s"]  # fmt: skip
+    return f"Throughput, correctness, resources\n{table(headers, rows)}"
+
+
+def find_max_table(report: Report) -> str:
+    rows = []
+    for found in report.find_max:
+        sustained = "none" if found.sustained is None else str(found.sustained)
+        if found.bounded:
+            sustained = f">= {sustained} (--max-concurrency)"
+        stopped = f"at {found.failed_at}: {found.reason}" if found.failed_at is not None else "-"
+        rows.append([found.target, sustained, stopped])
+    title = "Largest sustained concurrency (no lost token, no stall over 10x the interval, errors <= 0.1%)"
+    return f"{title}\n{table(['target', 'sustained', 'stopped by'], rows)}"
+
+
+def buffer_table(report: Report) -> str:
+    rows = []
+    for mode in report.buffer:
+        f = mode.figures
+        config = ", ".join(f"{key}={value}" for key, value in (mode.buffer_config or {}).items()) or "-"
+        rows.append(
+            [
+                mode.mode,
+                config,
+                str(f.streams),
+                str(f.errors),
+                f"{f.lost}/{f.duplicated}/{f.reordered}",
+                _number(f.p50_ms, 2),
+                _number(f.p99_ms, 2),
+                _number(f.max_ms, 2),
+                _number(f.chunks_per_stream, 0),
+                _number(f.chunks_per_s),
+            ]
+        )
+    headers = ["mode", "buffer_config", "streams", "errors", "lost/dup/reord", "wait p50 ms", "p99", "max",
+               "chunks/stream", "chunks/s"]  # fmt: skip
+    concurrency = report.buffer[0].concurrency
+    title = f"Buffer latency: how long text waits inside trioproxy ({concurrency} concurrent streams, generic NDJSON)"
+    return f"{title}\n{table(headers, rows)}"
+
+
+def _warnings(report: Report) -> list[str]:
+    """Streams that failed or lost tokens: the figures above them are not to be trusted."""
+    warnings = []
+    for phase in report.sweep:
+        f: PhaseFigures = phase.figures
+        if f.errors or f.lost or f.duplicated or f.reordered:
+            warnings.append(
+                f"WARNING: {phase.target} at {phase.concurrency}: {f.errors} errors, "
+                f"{f.lost}/{f.duplicated}/{f.reordered} lost/duplicated/reordered tokens "
+                f"({'; '.join(f.error_examples) or 'no error message'})"
+            )
+    return warnings
+
+
+def render(report: Report) -> str:
+    """The whole terminal report."""
+    sections = [_header(report)]
+    if report.sweep:
+        sections += [latency_table(report), throughput_table(report)]
+    if report.find_max:
+        sections.append(find_max_table(report))
+    if report.buffer:
+        sections.append(buffer_table(report))
+    if warnings := _warnings(report):
+        sections.append("\n".join(warnings))
+    sections.append(f"({report.duration_s:.0f} s in all)")
+    return "\n\n".join(sections)
+
+
+def print_report(report: Report) -> None:
+    print(render(report), flush=True)
