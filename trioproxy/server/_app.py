@@ -32,6 +32,7 @@ from .._version import __version__
 from ..pipeline import Heartbeat, Pipeline, RetryNotice, SessionItem, StreamSession, pipeline_for, start_session
 from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
 from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
+from ._websocket import register_websocket_routes
 
 __all__ = ["create_app"]
 
@@ -135,6 +136,8 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
             return response
 
         return endpoint
+
+    register_websocket_routes(app, start=start, router=router)
 
     sse_endpoint = generic_endpoint(sse_frame, SSE)
     app.add_url_rule("/v1/chat/stream", "chat_stream", sse_endpoint, methods=["POST"])
