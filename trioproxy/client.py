@@ -7,18 +7,29 @@ This is the client-side httpx edge: httpx's exceptions are mapped to trioproxy's
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import orjson
+import trio
+import trio_websocket
 
-from ._exceptions import TrioproxyError, UpstreamConnectError, UpstreamProtocolError, UpstreamStatusError
+from ._events import StreamEvent
+from ._exceptions import (
+    RequestError,
+    TrioproxyError,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+)
 from ._sse import SSEDecodeError, SSEDecoder
 
-__all__ = ["ChatResult", "stream_chat_completion"]
+__all__ = ["ChatResult", "WebSocketClient", "WebSocketStream", "stream_chat_completion"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,3 +118,169 @@ def _status_error(status: int, body: bytes) -> TrioproxyError:
     except (orjson.JSONDecodeError, AttributeError):
         message = body.decode("utf-8", "replace")
     return UpstreamStatusError(message[:500], status=status)
+
+
+WS_STREAM_QUEUE_SIZE: Final = 64
+"""Events one stream may hold before the connection's reader waits for its consumer."""
+
+
+class WebSocketClient:
+    """
+    A client of trioproxy's WebSocket endpoints (`/v1/chat/ws`, `/v1/stream/ws/{client_id}`):
+    many concurrent streams over one connection.
+
+    ```python
+    async with WebSocketClient.connect("ws://127.0.0.1:8000/v1/chat/ws") as client:
+        async for event in client.stream({"model": "sim/echo", "messages": [...]}):
+            ...
+    ```
+
+    One reader task (in the nursery `connect` owns) dispatches the server's messages by `id`
+    to one bounded channel per stream; a stream only reads its channel, so no async generator
+    here yields inside a nursery or a cancel scope. A stream yields the server's events up to
+    and including its `done` or `error` event. If the connection breaks (or is closed) first,
+    every waiting stream raises `UpstreamConnectError` — never a hang.
+    """
+
+    def __init__(self, url: str, connection: trio_websocket.WebSocketConnection) -> None:
+        self.url = url
+        self._ws = connection
+        self._streams: dict[str, trio.MemorySendChannel[StreamEvent]] = {}
+        self._ids = itertools.count(1)
+        self._error: TrioproxyError | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, url: str, *, connect_timeout: float = 10.0) -> AsyncIterator[WebSocketClient]:
+        """Open a connection to `url` (`ws://…/v1/chat/ws`); it is closed when the block ends."""
+        # Nothing may raise inside the nursery: the block's own exception and a failure to
+        # connect leave unwrapped, never inside an exception group (as trio-websocket does).
+        raised: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(connect_timeout):
+                    connection = await trio_websocket.connect_websocket_url(nursery, url)
+            except (OSError, trio.TooSlowError, trio_websocket.HandshakeError) as exc:
+                raised = UpstreamConnectError(f"cannot open a WebSocket to {url}: {exc or type(exc).__name__}")
+                raised.__cause__ = exc
+            else:
+                client = cls(url, connection)
+                nursery.start_soon(client._read)
+                try:
+                    yield client
+                except BaseException as exc:
+                    raised = exc
+                finally:
+                    await client.close()
+                    nursery.cancel_scope.cancel()
+        if raised is not None:
+            raise raised
+
+    async def close(self) -> None:
+        """Close the connection; streams still running raise `UpstreamConnectError`."""
+        self._fail(UpstreamConnectError(f"the WebSocket to {self.url} was closed by the client"))
+        with trio.move_on_after(1, shield=True):
+            await self._ws.aclose()
+
+    def stream(self, request: dict[str, Any]) -> WebSocketStream:
+        """
+        Start a stream for `request` (the generic body: `model`, `messages`, …) when iterated.
+        Its `id` is `request["id"]` or one made up here; `cancel(stream.id)` stops it.
+        """
+        request_id = str(request.get("id") or f"ws-{next(self._ids)}")
+        return WebSocketStream(self, {**request, "id": request_id})
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the server to stop a stream; it then ends with an `error` event of type `cancelled`."""
+        await self._send({"type": "cancel", "id": request_id})
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if self._error is not None:
+            raise self._error
+        try:
+            await self._ws.send_message(orjson.dumps(message).decode())
+        except trio_websocket.ConnectionClosed as exc:
+            raise self._closed(exc) from exc
+
+    def _open(self, request_id: str) -> trio.MemoryReceiveChannel[StreamEvent]:
+        if self._error is not None:
+            raise self._error
+        if request_id in self._streams:
+            raise RequestError(f"stream {request_id!r} is already running on this connection", param="id")
+        send, receive = trio.open_memory_channel[StreamEvent](WS_STREAM_QUEUE_SIZE)
+        self._streams[request_id] = send
+        return receive
+
+    def _forget(self, request_id: str) -> None:
+        channel = self._streams.pop(request_id, None)
+        if channel is not None:
+            channel.close()
+
+    async def _read(self) -> None:
+        """The reader task: every message to its stream, until the connection ends."""
+        try:
+            while True:
+                message = await self._ws.get_message()
+                try:
+                    obj = orjson.loads(message)
+                    event = StreamEvent.from_dict(obj)
+                except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, AttributeError) as exc:
+                    self._fail(UpstreamProtocolError(f"malformed message from {self.url}: {exc}"))
+                    return
+                request_id = obj.get("id")
+                channel = self._streams.get(str(request_id)) if request_id is not None else None
+                if channel is None:
+                    continue  # a stream its consumer left, or an error about no stream
+                try:
+                    await channel.send(event)
+                except trio.BrokenResourceError:
+                    pass  # its consumer stopped iterating
+                if event.type in ("done", "error"):
+                    self._forget(str(request_id))
+        except trio_websocket.ConnectionClosed as exc:
+            self._fail(self._closed(exc))
+
+    def _closed(self, exc: trio_websocket.ConnectionClosed) -> TrioproxyError:
+        if self._error is not None:
+            return self._error
+        reason = exc.reason
+        detail = f"{reason.code} {reason.name}" if reason else "no close frame"
+        return UpstreamConnectError(f"the WebSocket to {self.url} closed mid-stream ({detail})")
+
+    def _fail(self, error: TrioproxyError) -> None:
+        """The connection is over: every stream still waiting ends with `error`."""
+        if self._error is None:
+            self._error = error
+        for request_id in list(self._streams):
+            self._forget(request_id)
+
+
+class WebSocketStream:
+    """One stream of a `WebSocketClient`: iterate it (once) for its `StreamEvent`s."""
+
+    def __init__(self, client: WebSocketClient, request: dict[str, Any]) -> None:
+        self.client = client
+        self.request = request
+        self.id: str = request["id"]
+
+    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        receive = self.client._open(self.id)
+        finished = False
+        try:
+            await self.client._send(self.request)
+            async for event in receive:
+                yield event
+                if event.type in ("done", "error"):
+                    finished = True
+                    return
+            raise self.client._error or UpstreamProtocolError("the stream ended without a done or error event")
+        finally:
+            receive.close()
+            self.client._forget(self.id)
+            if not finished and self.client._error is None:
+                # The consumer left early: stop the server's work too (best effort).
+                with trio.move_on_after(1, shield=True):
+                    try:
+                        await self.client.cancel(self.id)
+                    except TrioproxyError:
+                        pass

@@ -12,9 +12,8 @@ so a client that goes away — at any point — takes its upstream request with 
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import orjson
 import trio
@@ -23,14 +22,14 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .._config import Config
-from .._events import Delta, StreamEvent
-from .._exceptions import RequestError, TrioproxyError
-from .._policy import BufferConfig, parse_policy
-from .._request import ChatRequest, content_text, parse_chat_request, parse_json_object
+from .._events import StreamEvent
+from .._exceptions import TrioproxyError
+from .._request import ChatRequest, parse_chat_request, parse_json_object
 from .._router import Router
 from .._version import __version__
-from ..pipeline import Heartbeat, Pipeline, RetryNotice, SessionItem, StreamSession, pipeline_for, start_session
+from ..pipeline import Pipeline, StreamSession, pipeline_for, start_session
 from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
+from ._generic import Renderer, StreamInterrupted, generic_chat_request, new_request_id, prompt_chars, render
 from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
 from ._websocket import register_websocket_routes
 
@@ -41,22 +40,6 @@ logger = logging.getLogger("trioproxy.server")
 STREAM_HEADERS: Final = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SSE: Final = "text/event-stream"
 NDJSON: Final = "application/x-ndjson"
-
-
-class Renderer(Protocol):
-    """A front adapter: session items as the client's protocol's bytes (`b""`: nothing to send)."""
-
-    def opened(self) -> bytes: ...
-    def delta(self, delta: Delta) -> bytes: ...
-    def notice(self, notice: RetryNotice) -> bytes: ...
-    def heartbeat(self) -> bytes: ...
-    def error(self, error: TrioproxyError) -> bytes: ...
-    def done(self, session: StreamSession) -> bytes: ...
-
-
-class StreamInterrupted(TrioproxyError):
-    status = 503
-    type = "server_error"
 
 
 def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
@@ -106,7 +89,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
                     return _openai_error(item)
             if not session.completed:
                 return _openai_error(StreamInterrupted("the server ended the request before it completed"))
-            return _json(completion_body(session.accumulator, model=chat.model, prompt_chars=_prompt_chars(chat)))
+            return _json(completion_body(session.accumulator, model=chat.model, prompt_chars=prompt_chars(chat)))
         finally:
             session.cancel()
 
@@ -115,10 +98,10 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
             return Response(frame(error_event(error)), status=error.status, content_type=content_type)
 
         async def endpoint() -> Response:
-            request_id = _request_id()
+            request_id = new_request_id()
             try:
                 body = parse_json_object(await request.get_data())
-                chat, provider, buffer = _generic_chat_request(body)
+                chat, provider, buffer = generic_chat_request(body)
                 route = router.route(chat.model, provider=provider)
                 pipeline = pipeline_for(router, route, buffer=buffer)
             except TrioproxyError as exc:
@@ -128,7 +111,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
                 provider=route.provider.name,
                 model=route.upstream_model,
                 request_id=request_id,
-                prompt_chars=_prompt_chars(chat),
+                prompt_chars=prompt_chars(chat),
                 chunked=pipeline.buffer.enabled,
             )
             response = await _stream(start(pipeline, chat), renderer, content_type, error_response)
@@ -181,7 +164,7 @@ async def _stream(
             if isinstance(first, TrioproxyError):
                 session.cancel()
                 return error_response(first)
-            head = _render(renderer, first)
+            head = render(renderer, first)
             if head:
                 break
     except BaseException:
@@ -190,24 +173,12 @@ async def _stream(
     return Response(_relay(session, renderer, head), status=200, content_type=content_type, headers=STREAM_HEADERS)
 
 
-def _render(renderer: Renderer, item: SessionItem) -> bytes:
-    if isinstance(item, Delta):
-        return renderer.delta(item)
-    if isinstance(item, Heartbeat):
-        return renderer.heartbeat()
-    if isinstance(item, RetryNotice):
-        return renderer.notice(item)
-    if isinstance(item, TrioproxyError):
-        return renderer.error(item)
-    return renderer.opened()
-
-
 async def _relay(session: StreamSession, renderer: Renderer, head: bytes) -> AsyncIterator[bytes]:
     """The response body: the session's items, rendered. Never yields inside a nursery."""
     try:
         yield head
         async for item in session.output:
-            out = _render(renderer, item)
+            out = render(renderer, item)
             if out:
                 yield out
             if isinstance(item, TrioproxyError):
@@ -218,30 +189,6 @@ async def _relay(session: StreamSession, renderer: Renderer, head: bytes) -> Asy
             yield renderer.error(StreamInterrupted("the server ended the stream before it completed"))
     finally:
         session.cancel()
-
-
-def _generic_chat_request(body: dict[str, Any]) -> tuple[ChatRequest, str | None, BufferConfig | None]:
-    """The generic body `{provider, model, messages, max_tokens, buffer_config, ...}`."""
-    provider = body.get("provider")
-    if provider is not None and (not isinstance(provider, str) or not provider):
-        raise RequestError("'provider' must be a non-empty string", param="provider")
-    buffer = None
-    if body.get("buffer_config") is not None:
-        problems: list[str] = []
-        buffer = parse_policy(BufferConfig(), body["buffer_config"], where="buffer_config", problems=problems)
-        if problems:
-            raise RequestError(problems[0], param="buffer_config")
-    chat_body = {k: v for k, v in body.items() if k not in ("provider", "buffer_config")}
-    chat_body["stream"] = True
-    return parse_chat_request(chat_body), provider, buffer
-
-
-def _prompt_chars(chat: ChatRequest) -> int:
-    return sum(len(content_text(m.get("content"))) for m in chat.messages)
-
-
-def _request_id() -> str:
-    return "req_" + secrets.token_hex(8)
 
 
 def _json(obj: Any, status: int = 200) -> Response:

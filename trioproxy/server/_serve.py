@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -15,7 +16,10 @@ from .._config import Config
 from .._router import Router
 from ._app import create_app
 
-__all__ = ["serve"]
+__all__ = ["WEBSOCKET_PING_INTERVAL", "serve"]
+
+WEBSOCKET_PING_INTERVAL: Final = 20.0
+"""Seconds between the server's WebSocket pings."""
 
 logger = logging.getLogger("trioproxy.server")
 
@@ -44,6 +48,9 @@ async def serve(
     # hypercorn's default backlog (100) overflows when hundreds of clients connect at once, and
     # each refused SYN costs that client a one-second retransmit.
     hypercorn_config.backlog = 4096
+    # WebSocket pings keep idle connections (and the load balancers in between) alive; the
+    # streams themselves send no keep-alive events. See `_websocket.py` for dead peers.
+    hypercorn_config.websocket_ping_interval = WEBSOCKET_PING_INTERVAL
     for warning in config.warnings:
         logger.warning("%s", warning)
     await hypercorn_serve(

@@ -1,18 +1,198 @@
 """
 The WebSocket endpoints: `/v1/chat/ws` and `/v1/stream/ws/{client_id}`.
 
-(Being built for issue 4: `register_websocket_routes` is called by `create_app`.)
+One connection carries any number of streams (at most `MAX_STREAMS`), each tagged with the
+`id` its client chose:
+
+- a request is the generic body of `POST /v1/chat/stream` plus `"id"`; the server answers
+  with the same `StreamEvent`s as the SSE endpoint (`metadata` stream_start, `token`/`chunk`,
+  `metadata`, then one `done` or one `error`), each a JSON text message with `"id"` added;
+- `{"type": "cancel", "id": ...}` cancels that stream's session (so its upstream request) at
+  once and ends the stream with an `error` event of type `cancelled`;
+- a malformed message gets an `error` event (with its `id` when it had one) and the
+  connection stays open.
+
+Structure: one nursery per connection holds the writer task and a task per stream; the
+receive loop runs in the handler itself. When the client goes away, quart-trio cancels the
+handler, so the nursery, every stream task and (through their `finally`) every session and
+its upstream request are cancelled with it.
+
+Every stream task writes through one bounded channel to the single writer; a peer that does
+not read for `SEND_TIMEOUT` seconds is dropped. Keep-alive is hypercorn's WebSocket ping
+(`websocket_ping_interval`, set in `_serve.py`), so sessions run without heartbeat items.
+hypercorn does not track pongs: a peer that vanished without closing is noticed when a write
+to it fails (TCP retransmission gives up) or, with streams running, by `SEND_TIMEOUT`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
+import orjson
+import trio
+from quart import websocket
 from quart_trio import QuartTrio
 
-__all__ = ["register_websocket_routes"]
+from .._events import StreamEvent
+from .._exceptions import RequestError, TrioproxyError
+from ..pipeline import Heartbeat, StreamSession, pipeline_for
+from ._events_front import EventRenderer, error_event
+from ._generic import StreamInterrupted, generic_chat_request, new_request_id, prompt_chars, render
+
+__all__ = ["MAX_STREAMS", "SEND_QUEUE_SIZE", "SEND_TIMEOUT", "register_websocket_routes"]
+
+logger = logging.getLogger("trioproxy.server")
+
+MAX_STREAMS: Final = 32
+"""Concurrent streams per connection; a request beyond gets an `error` event."""
+SEND_QUEUE_SIZE: Final = 64
+"""Messages waiting for the socket, all streams of a connection together."""
+SEND_TIMEOUT: Final = 30.0
+"""Seconds one message may wait for the socket before the peer counts as gone."""
 
 
-def register_websocket_routes(app: QuartTrio, *, start: Callable[..., Any], router: Any) -> None:
+class StreamCancelled(TrioproxyError):
+    status = 499
+    type = "cancelled"
+
+
+def register_websocket_routes(app: QuartTrio, *, start: Callable[..., StreamSession], router: Any) -> None:
     """Add the WebSocket routes to `app`; `start(pipeline, chat)` starts a session."""
+
+    class Connection:
+        """The streams of one WebSocket connection."""
+
+        def __init__(self, nursery: trio.Nursery, client_id: str | None) -> None:
+            self.nursery = nursery
+            self.client_id = client_id
+            self.active: dict[Any, tuple[StreamSession, trio.CancelScope]] = {}
+            self.outbox, self._outgoing = trio.open_memory_channel[bytes](SEND_QUEUE_SIZE)
+
+        async def write(self) -> None:
+            """The one task that writes to the socket."""
+            async for message in self._outgoing:
+                try:
+                    with trio.fail_after(SEND_TIMEOUT):
+                        await websocket.send(message.decode())
+                except trio.TooSlowError:
+                    logger.warning("dropping a WebSocket peer that stopped reading")
+                    self.nursery.cancel_scope.cancel()
+                    return
+
+        async def send_error(self, error: TrioproxyError, request_id: Any = None) -> None:
+            await self.outbox.send(_tagged(error_event(error), request_id))
+
+        async def handle(self, text: str | bytes) -> None:
+            """One message from the client."""
+            try:
+                message = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                await self.send_error(RequestError("a message must be a JSON object"))
+                return
+            if not isinstance(message, dict):
+                await self.send_error(RequestError("a message must be a JSON object"))
+                return
+            request_id = message.get("id")
+            kind = message.get("type", "request")
+            if not isinstance(request_id, (str, int)) or isinstance(request_id, bool) or request_id == "":
+                await self.send_error(RequestError("'id' is required: a non-empty string or an integer", param="id"))
+                return
+            if kind == "cancel":
+                self.cancel(request_id)
+            elif kind != "request":
+                await self.send_error(
+                    RequestError(f"unknown message type {kind!r}: 'request' or 'cancel'", param="type"), request_id
+                )
+            elif request_id in self.active:
+                await self.send_error(RequestError(f"stream {request_id!r} is already running", param="id"), request_id)
+            elif len(self.active) >= MAX_STREAMS:
+                await self.send_error(
+                    RequestError(f"at most {MAX_STREAMS} streams may run at once on one connection"), request_id
+                )
+            else:
+                await self.open_stream(request_id, {k: v for k, v in message.items() if k not in ("id", "type")})
+
+        async def open_stream(self, request_id: Any, body: dict[str, Any]) -> None:
+            try:
+                chat, provider, buffer = generic_chat_request(body)
+                route = router.route(chat.model, provider=provider)
+                pipeline = pipeline_for(router, route, buffer=buffer)
+            except TrioproxyError as exc:
+                await self.send_error(exc, request_id)
+                return
+            extra = {"client_id": self.client_id} if self.client_id is not None else {}
+            renderer = EventRenderer(
+                frame=lambda event: _tagged(event, request_id, extra),
+                provider=route.provider.name,
+                model=route.upstream_model,
+                request_id=new_request_id(),
+                prompt_chars=prompt_chars(chat),
+                chunked=pipeline.buffer.enabled,
+            )
+            session = start(pipeline, chat, heartbeats=False)
+            scope = trio.CancelScope()
+            self.active[request_id] = (session, scope)
+            self.nursery.start_soon(self.relay, request_id, session, renderer, scope)
+
+        async def relay(
+            self, request_id: Any, session: StreamSession, renderer: EventRenderer, scope: trio.CancelScope
+        ) -> None:
+            """One stream: the session's items, rendered, into the outbox."""
+            try:
+                with scope:
+                    async for item in session.output:
+                        if isinstance(item, Heartbeat):
+                            continue
+                        await self.send_lines(render(renderer, item))
+                        if isinstance(item, TrioproxyError):
+                            return
+                    if session.completed:
+                        await self.send_lines(renderer.done(session))
+                    else:
+                        error = StreamInterrupted("the server ended the stream before it completed")
+                        await self.send_lines(renderer.error(error))
+                if scope.cancelled_caught:
+                    await self.send_lines(renderer.error(StreamCancelled("cancelled by the client")))
+            finally:
+                session.cancel()
+                del self.active[request_id]
+
+        async def send_lines(self, framed: bytes) -> None:
+            for line in framed.splitlines():
+                await self.outbox.send(line)
+
+        def cancel(self, request_id: Any) -> None:
+            """Cancel a running stream; an unknown id (a stream that just ended) is ignored."""
+            entry = self.active.get(request_id)
+            if entry is not None:
+                session, scope = entry
+                session.cancel()
+                scope.cancel()
+
+    async def serve_connection(client_id: str | None) -> None:
+        await websocket.accept()
+        async with trio.open_nursery() as nursery:
+            connection = Connection(nursery, client_id)
+            nursery.start_soon(connection.write)
+            while True:
+                await connection.handle(await websocket.receive())
+
+    @app.websocket("/v1/chat/ws")
+    async def chat_ws() -> None:
+        await serve_connection(None)
+
+    @app.websocket("/v1/stream/ws/<client_id>")
+    async def stream_ws(client_id: str) -> None:
+        await serve_connection(client_id)
+
+
+def _tagged(event: StreamEvent, request_id: Any, extra: dict[str, Any] | None = None) -> bytes:
+    """`event` as one line of JSON with the request's `id` (and `extra` in stream_start's metadata)."""
+    obj = event.to_dict()
+    if extra and event.type == "metadata" and event.data == "stream_start":
+        obj["metadata"] = {**obj["metadata"], **extra}
+    if request_id is not None:
+        obj["id"] = request_id
+    return orjson.dumps(obj) + b"\n"

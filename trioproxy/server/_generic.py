@@ -1,0 +1,69 @@
+"""
+What the generic event endpoints share, over HTTP and WebSocket alike: reading the generic
+request body, the renderer interface of the front adapters, and rendering session items.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Protocol
+
+from .._events import Delta
+from .._exceptions import RequestError, TrioproxyError
+from .._policy import BufferConfig, parse_policy
+from .._request import ChatRequest, content_text, parse_chat_request
+from ..pipeline import Heartbeat, RetryNotice, SessionItem, StreamSession
+
+__all__ = ["Renderer", "StreamInterrupted", "generic_chat_request", "new_request_id", "prompt_chars", "render"]
+
+
+class Renderer(Protocol):
+    """A front adapter: session items as the client's protocol's bytes (`b""`: nothing to send)."""
+
+    def opened(self) -> bytes: ...
+    def delta(self, delta: Delta) -> bytes: ...
+    def notice(self, notice: RetryNotice) -> bytes: ...
+    def heartbeat(self) -> bytes: ...
+    def error(self, error: TrioproxyError) -> bytes: ...
+    def done(self, session: StreamSession) -> bytes: ...
+
+
+class StreamInterrupted(TrioproxyError):
+    status = 503
+    type = "server_error"
+
+
+def render(renderer: Renderer, item: SessionItem) -> bytes:
+    if isinstance(item, Delta):
+        return renderer.delta(item)
+    if isinstance(item, Heartbeat):
+        return renderer.heartbeat()
+    if isinstance(item, RetryNotice):
+        return renderer.notice(item)
+    if isinstance(item, TrioproxyError):
+        return renderer.error(item)
+    return renderer.opened()
+
+
+def generic_chat_request(body: dict[str, Any]) -> tuple[ChatRequest, str | None, BufferConfig | None]:
+    """The generic body `{provider, model, messages, max_tokens, buffer_config, ...}`."""
+    provider = body.get("provider")
+    if provider is not None and (not isinstance(provider, str) or not provider):
+        raise RequestError("'provider' must be a non-empty string", param="provider")
+    buffer = None
+    if body.get("buffer_config") is not None:
+        problems: list[str] = []
+        buffer = parse_policy(BufferConfig(), body["buffer_config"], where="buffer_config", problems=problems)
+        if problems:
+            raise RequestError(problems[0], param="buffer_config")
+    chat_body = {k: v for k, v in body.items() if k not in ("provider", "buffer_config")}
+    chat_body["stream"] = True
+    return parse_chat_request(chat_body), provider, buffer
+
+
+def prompt_chars(chat: ChatRequest) -> int:
+    return sum(len(content_text(m.get("content"))) for m in chat.messages)
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(8)
