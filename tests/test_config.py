@@ -25,7 +25,7 @@ from trioproxy._config import (
     parse_config,
 )
 from trioproxy._exceptions import ConfigError
-from trioproxy._policy import BufferConfig, RetryConfig, Timeouts
+from trioproxy._policy import BufferConfig, RetryConfig, StreamsConfig, Timeouts
 from trioproxy.providers.simulated import SimulatedSettings
 
 README_EXAMPLE = """\
@@ -210,7 +210,7 @@ def test_a_declared_sim_replaces_the_builtin() -> None:
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: buffer, default_provider, providers, retry, server, timeouts)"
+        "config: unknown key 'providrs' (known: buffer, default_provider, providers, retry, server, streams, timeouts)"
     )
 
 
@@ -383,7 +383,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: buffer, default_provider, providers, retry, server, timeouts)",
+        "config: unknown key 'sever' (known: buffer, default_provider, providers, retry, server, streams, timeouts)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -399,8 +399,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: buffer, default_provider, providers, retry, server, timeouts)",
-        "config: unknown key 'y' (known: buffer, default_provider, providers, retry, server, timeouts)",
+        "config: unknown key 'x' (known: buffer, default_provider, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'y' (known: buffer, default_provider, providers, retry, server, streams, timeouts)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 
@@ -815,3 +815,53 @@ def test_python_hook_problems(hooks: ModuleType) -> None:
         "[providers.p].validators[0] (python): no_word() got an unexpected keyword argument 'words'",
         f"[providers.p].validators[1] (python): {HOOKS_MODULE}:FACTORY_CALLS is not callable",
     ]
+
+
+# -- [streams]: resumable, shareable streams on the generic SSE endpoints ----------------------
+
+
+def test_streams_default_without_a_table() -> None:
+    assert parse_config({}, environ={}).streams == StreamsConfig()
+    assert StreamsConfig() == StreamsConfig(
+        resume_grace_period=30.0, retention=300.0, max_replay_bytes=1024 * 1024, max_streams=1000, watcher_queue=64
+    )
+
+
+def test_streams_table() -> None:
+    config = parse_config(
+        {"streams": {"resume_grace_period": 0.5, "retention": 60, "max_replay_bytes": 4096, "max_streams": 3, "watcher_queue": 8}},
+        environ={},
+    )
+    assert config.streams == StreamsConfig(
+        resume_grace_period=0.5, retention=60, max_replay_bytes=4096, max_streams=3, watcher_queue=8
+    )
+
+
+def test_streams_grace_period_may_be_zero() -> None:
+    assert parse_config({"streams": {"resume_grace_period": 0}}, environ={}).streams.resume_grace_period == 0
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({"resume_grace_period": -1}, "[streams].resume_grace_period must not be negative, got -1"),
+        ({"retention": "5m"}, "[streams].retention must be a number, got '5m'"),
+        ({"max_replay_bytes": 1.5}, "[streams].max_replay_bytes must be an integer, got 1.5"),
+        ({"max_streams": 0}, "[streams].max_streams must be at least 1, got 0"),
+        ({"watcher_queue": True}, "[streams].watcher_queue must be an integer, got True"),
+        ({"watcher_queue": 0}, "[streams].watcher_queue must be at least 1, got 0"),
+        (
+            {"grace": 1},
+            (
+                "[streams]: unknown key 'grace' (known: resume_grace_period, retention, max_replay_bytes, "
+                "max_streams, watcher_queue)"
+            ),
+        ),
+    ],
+)
+def test_bad_streams_setting(table: dict[str, Any], expected: str) -> None:
+    assert only_problem({"streams": table}) == expected
+
+
+def test_streams_not_a_table() -> None:
+    assert only_problem({"streams": 5}) == "[streams] must be a table/object, got 5"

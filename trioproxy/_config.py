@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._exceptions import ConfigError
-from ._policy import BufferConfig, RetryConfig, Timeouts, parse_policy
+from ._policy import BufferConfig, RetryConfig, StreamsConfig, Timeouts, parse_policy
 from .pipeline._content import Transform, Validator, build_transforms, build_validators
 from .providers.simulated import SimulatedSettings, settings_problems
 
@@ -90,6 +90,7 @@ class Config:
     )
     default_provider: str | None = None
     warnings: tuple[str, ...] = ()
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
 
 
 def load_config(path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None) -> Config:
@@ -116,7 +117,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     warnings: list[str] = []
 
     _unknown_keys(
-        raw, {"server", "providers", "default_provider", "timeouts", "retry", "buffer"}, "config", problems
+        raw, {"server", "providers", "default_provider", "timeouts", "retry", "buffer", "streams"}, "config", problems
     )
     server = _server(raw.get("server", {}), problems)
     defaults = _Defaults(
@@ -124,6 +125,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         retry=parse_policy(RetryConfig(), raw.get("retry", {}), where="[retry]", problems=problems),
         buffer=parse_policy(BufferConfig(), raw.get("buffer", {}), where="[buffer]", problems=problems),
     )
+    streams = parse_policy(StreamsConfig(), raw.get("streams", {}), where="[streams]", problems=problems)
     if defaults.timeouts.connect_timeout <= 0:
         problems.append("[timeouts].connect_timeout must be a positive number")
 
@@ -162,7 +164,13 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
 
     if problems:
         raise ConfigError(problems)
-    return Config(server=server, providers=providers, default_provider=default_provider, warnings=tuple(warnings))
+    return Config(
+        server=server,
+        providers=providers,
+        default_provider=default_provider,
+        warnings=tuple(warnings),
+        streams=streams,
+    )
 
 
 def _server(table: Any, problems: list[str]) -> ServerConfig:

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Final, TypeVar
 
-__all__ = ["BufferConfig", "RetryConfig", "Timeouts", "parse_policy"]
+__all__ = ["BufferConfig", "RetryConfig", "StreamsConfig", "Timeouts", "parse_policy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,30 @@ class RetryConfig:
         return max(backoff, retry_after or 0.0)
 
 
-_Policy = TypeVar("_Policy", BufferConfig, Timeouts, RetryConfig)
+@dataclass(frozen=True, slots=True)
+class StreamsConfig:
+    """
+    Resumable, shareable streams on the generic SSE endpoints (the `[streams]` table).
+
+    - `resume_grace_period`: seconds a generation keeps running after its last watcher left,
+      so that a reconnect finds it still going (0: cancel the upstream at once);
+    - `retention`: seconds a finished stream can still be replayed;
+    - `max_replay_bytes`: the replay log of one stream keeps at most this many bytes of
+      events (the oldest go first; a resume from before them is refused);
+    - `max_streams`: streams held at once, running or retained; a new one drops the oldest
+      finished stream, and is refused (503) when every one is still running;
+    - `watcher_queue`: writes one watcher may fall behind before it is disconnected (it can
+      resume); a slow watcher never slows the others.
+    """
+
+    resume_grace_period: float = 30.0
+    retention: float = 300.0
+    max_replay_bytes: int = 1024 * 1024
+    max_streams: int = 1000
+    watcher_queue: int = 64
+
+
+_Policy = TypeVar("_Policy", BufferConfig, Timeouts, RetryConfig, StreamsConfig)
 
 _NUMBER: Final = (int, float)
 _KINDS: Final[dict[type, dict[str, tuple[type, ...]]]] = {
@@ -107,6 +130,13 @@ _KINDS: Final[dict[type, dict[str, tuple[type, ...]]]] = {
         "max_delay_ms": _NUMBER,
         "exponential_base": _NUMBER,
         "jitter": _NUMBER,
+    },
+    StreamsConfig: {
+        "resume_grace_period": _NUMBER,
+        "retention": _NUMBER,
+        "max_replay_bytes": (int,),
+        "max_streams": (int,),
+        "watcher_queue": (int,),
     },
 }
 
@@ -141,6 +171,10 @@ def parse_policy(base: _Policy, table: Any, *, where: str, problems: list[str]) 
             problems.append(
                 f"{where}.exponential_base must be at least 1, got {changes.pop('exponential_base')!r}"
             )
+    if isinstance(base, StreamsConfig):
+        for key in ("max_replay_bytes", "max_streams", "watcher_queue"):
+            if changes.get(key, 1) < 1:
+                problems.append(f"{where}.{key} must be at least 1, got {changes.pop(key)!r}")
     if isinstance(base, BufferConfig):
         low = changes.get("min_chunk_size", base.min_chunk_size)
         high = changes.get("max_chunk_size", base.max_chunk_size)

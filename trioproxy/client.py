@@ -10,9 +10,10 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final
+from types import TracebackType
+from typing import Any, Final, Self
 
 import httpx
 import orjson
@@ -29,7 +30,7 @@ from ._exceptions import (
 )
 from ._sse import SSEDecodeError, SSEDecoder
 
-__all__ = ["ChatResult", "WebSocketClient", "WebSocketStream", "stream_chat_completion"]
+__all__ = ["ChatResult", "SSEClient", "WebSocketClient", "WebSocketStream", "stream_chat_completion"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,3 +285,196 @@ class WebSocketStream:
                         await self.client.cancel(self.id)
                     except TrioproxyError:
                         pass
+
+
+# --------------------------------------------------------------------------------------------
+# SSEClient (issue 4)
+
+SSE_CLIENT_QUEUE_SIZE: Final = 64
+"""Events the reader task may hold before it waits for the consumer."""
+
+
+class SSEClient:
+    """
+    A client of trioproxy's generic SSE endpoints: `POST` a request (`json=`) to
+    `/v1/chat/stream` or `/v1/stream/sse`, or `GET` a stream (`/v1/streams/{id}`), and read
+    its `StreamEvent`s (each with its SSE `id`) up to and including `done` or `error`.
+
+    ```python
+    async with SSEClient(url + "/v1/chat/stream", json={"model": "sim/echo", "messages": [...]}) as events:
+        async for event in events:
+            ...
+    ```
+
+    If the connection drops (or goes silent for `timeout` s) before the stream ended, and the
+    server said the stream is resumable (`x-stream-id`, or `stream_id` in `stream_start`),
+    the client reconnects to `GET /v1/streams/{id}` with `Last-Event-ID`, at most
+    `max_reconnects` times in a row, waiting `backoff` s doubled each time (up to
+    `max_backoff`): the events continue with no gap and no duplicate, and the upstream is not
+    asked again. A first request that fails is never repeated (that would start a second
+    generation).
+
+    A reader task, in the nursery this context owns, feeds a bounded channel; iteration only
+    reads that channel, so nothing here yields inside a nursery or a cancel scope. Failures
+    surface as `TrioproxyError`s when iterating (`UpstreamStatusError` for an error status,
+    `UpstreamConnectError` for a connection that cannot be resumed, `UpstreamProtocolError`
+    for a malformed stream or one that ends without `done`/`error`) — never as an exception
+    group.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        json: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        http: httpx.AsyncClient | None = None,
+        timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        max_reconnects: int = 5,
+        backoff: float = 0.25,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.json = json
+        self.headers = {"accept": "text/event-stream", **(headers or {})}
+        self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self.max_reconnects = max_reconnects
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.stream_id: str | None = None
+        """The server's id of the stream, once known: what makes it resumable."""
+        self.last_event_id = ""
+        """The id of the last event received (sent back as `Last-Event-ID` on reconnect)."""
+        self.reconnects = 0
+        """How many times the connection was resumed."""
+        self._http = http
+        self._error: TrioproxyError | None = None
+        self._receive: trio.MemoryReceiveChannel[StreamEvent] | None = None
+        self._stack: AsyncExitStack | None = None
+
+    async def __aenter__(self) -> Self:
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await stack.enter_async_context(self._running())
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._receive is None:
+            raise RuntimeError("use SSEClient as `async with SSEClient(...) as events`")
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            if self._error is not None:
+                raise self._error from self._error.__cause__
+            raise StopAsyncIteration from None
+
+    @asynccontextmanager
+    async def _running(self) -> AsyncIterator[None]:
+        # As in `WebSocketClient.connect`: the block's own exception leaves unwrapped.
+        raised: BaseException | None = None
+        async with AsyncExitStack() as stack:
+            if self._http is None:
+                self._http = await stack.enter_async_context(httpx.AsyncClient(timeout=self.timeout))
+            send, self._receive = trio.open_memory_channel[StreamEvent](SSE_CLIENT_QUEUE_SIZE)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, send)
+                try:
+                    yield
+                except BaseException as exc:
+                    raised = exc
+                finally:
+                    self._receive.close()
+                    nursery.cancel_scope.cancel()
+        if raised is not None:
+            raise raised
+
+    async def _reader(self, send: trio.MemorySendChannel[StreamEvent]) -> None:
+        async with send:
+            try:
+                await self._read_all(send)
+            except TrioproxyError as exc:
+                self._error = exc
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the consumer left
+
+    def _resume_url(self, stream_id: str) -> str:
+        url = httpx.URL(self.url)
+        index = url.path.find("/v1/")
+        prefix = url.path[:index] if index >= 0 else ""
+        return str(url.copy_with(path=f"{prefix}/v1/streams/{stream_id}", query=None))
+
+    async def _read_all(self, send: trio.MemorySendChannel[StreamEvent]) -> None:
+        assert self._http is not None
+        method = "GET" if self.json is None else "POST"
+        url = self.url
+        failures = 0
+        while True:
+            headers = dict(self.headers)
+            if method == "GET" and self.last_event_id:
+                headers["last-event-id"] = self.last_event_id
+            content = orjson.dumps(self.json) if method == "POST" else None
+            if content is not None:
+                headers["content-type"] = "application/json"
+            try:
+                async with self._http.stream(
+                    method, url, headers=headers, content=content, timeout=self.timeout
+                ) as response:
+                    if response.status_code != 200:
+                        raise _event_status_error(response.status_code, await response.aread())
+                    self.stream_id = response.headers.get("x-stream-id") or self.stream_id
+                    decoder = SSEDecoder()
+                    async for data in response.aiter_bytes():
+                        for sse in decoder.feed(data):
+                            event = StreamEvent.from_json(sse.data, id=sse.id or None)
+                            self.last_event_id = sse.id
+                            if event.type == "metadata" and isinstance(event.metadata.get("stream_id"), str):
+                                self.stream_id = self.stream_id or event.metadata["stream_id"]
+                            failures = 0
+                            await send.send(event)
+                            if event.type in ("done", "error"):
+                                return
+                failure: TrioproxyError = UpstreamProtocolError(
+                    f"the stream from {url} ended without a done or error event"
+                )
+            except httpx.TimeoutException as exc:
+                failure = UpstreamConnectError(f"timed out reading {url}: {exc or type(exc).__name__}")
+                failure.__cause__ = exc
+            except httpx.HTTPError as exc:
+                failure = UpstreamConnectError(f"lost the stream from {url}: {exc or type(exc).__name__}")
+                failure.__cause__ = exc
+            except (SSEDecodeError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise UpstreamProtocolError(f"malformed stream from {url}: {exc}") from exc
+            if self.stream_id is None or failures >= self.max_reconnects:
+                raise failure
+            await trio.sleep(min(self.max_backoff, self.backoff * 2**failures) if self.backoff else 0)
+            failures += 1
+            self.reconnects += 1
+            method, url = "GET", self._resume_url(self.stream_id)
+
+
+def _event_status_error(status: int, body: bytes) -> TrioproxyError:
+    """An error status from a generic endpoint: its body is one SSE `error` event."""
+    try:
+        events = SSEDecoder().feed(body)
+        data = StreamEvent.from_json(events[0].data).data if events else None
+        message = data["message"] if isinstance(data, dict) else body.decode("utf-8", "replace")
+    except (SSEDecodeError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        message = body.decode("utf-8", "replace")
+    return UpstreamStatusError(str(message)[:500], status=status)
+

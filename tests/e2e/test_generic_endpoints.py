@@ -24,7 +24,7 @@ async def post_events(url: str, body: dict) -> tuple[httpx.Response, list[Stream
     else:
         assert response.headers["content-type"].startswith("text/event-stream")
         decoder = SSEDecoder()
-        events = [StreamEvent.from_json(e.data) for e in decoder.feed(response.content)]
+        events = [StreamEvent.from_json(e.data, id=e.id or None) for e in decoder.feed(response.content)]
     return response, events
 
 
@@ -43,7 +43,14 @@ async def test_events_carry_the_upstreams_text(proxy_url: str, upstream: FakeUps
     assert response.headers["x-accel-buffering"] == "no"
     assert response.headers["x-request-id"].startswith("req_")
     assert [e.type for e in events] == ["metadata"] + ["token"] * len(TOKENS) + ["done"]
-    assert events[0].metadata == {"provider": "up", "model": "m", "request_id": response.headers["x-request-id"]}
+    start = {"provider": "up", "model": "m", "request_id": response.headers["x-request-id"]}
+    if path.endswith("/json"):  # NDJSON streams are not resumable: no stream id, no event ids
+        assert events[0].metadata == start
+        assert "x-stream-id" not in response.headers
+        assert {e.id for e in events} == {None}
+    else:
+        assert events[0].metadata == {**start, "stream_id": response.headers["x-stream-id"]}
+        assert [e.id for e in events] == [str(i) for i in range(1, len(events) + 1)]
     assert "".join(e.data for e in events if e.type == "token") == "".join(TOKENS)
     done = events[-1].metadata
     assert done["finish_reason"] == "stop"

@@ -2,6 +2,12 @@
 The quart-trio application: the one place that touches quart (with `_serve.py` for
 hypercorn).
 
+The generic SSE endpoints are different: their generation is not tied to the request that
+started it. It runs as a broadcast task (`_streams.py`) that any number of responses watch,
+the POST being the first; `GET /v1/streams/{id}` attaches another, replaying what it missed
+after its `Last-Event-ID`. A watcher that goes away only detaches; the upstream is cancelled
+when no watcher is left for `[streams].resume_grace_period`.
+
 Each streaming request starts a session (`pipeline.start_session`) in the app's nursery and
 waits for its first item: an error there still becomes an HTTP status with the protocol's
 error body; once the upstream has accepted, the response is committed as 200 and its body
@@ -23,14 +29,22 @@ from werkzeug.exceptions import HTTPException
 
 from .._config import Config
 from .._events import StreamEvent
-from .._exceptions import TrioproxyError
+from .._exceptions import RequestError, TrioproxyError
 from .._request import ChatRequest, parse_chat_request, parse_json_object
 from .._router import Router
 from .._version import __version__
 from ..pipeline import Pipeline, StreamSession, pipeline_for, start_session
 from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
-from ._generic import Renderer, StreamInterrupted, generic_chat_request, new_request_id, prompt_chars, render
+from ._generic import (
+    Renderer,
+    StreamInterrupted,
+    generic_chat_request,
+    new_request_id,
+    prompt_chars,
+    render,
+)
 from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
+from ._streams import BroadcastStream, StreamRegistry, Watcher
 from ._websocket import register_websocket_routes
 
 __all__ = ["create_app"]
@@ -49,6 +63,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     router = router or Router(config)
 
     active: set[StreamSession] = set()
+    streams = StreamRegistry(config.streams)
 
     def start(pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True) -> StreamSession:
         nursery: trio.Nursery = app.nursery  # type: ignore[attr-defined]
@@ -106,19 +121,77 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
                 pipeline = pipeline_for(router, route, buffer=buffer)
             except TrioproxyError as exc:
                 return error_response(exc)
-            renderer = EventRenderer(
-                frame=frame,
-                provider=route.provider.name,
-                model=route.upstream_model,
-                request_id=request_id,
-                prompt_chars=prompt_chars(chat),
-                chunked=pipeline.buffer.enabled,
-            )
-            response = await _stream(start(pipeline, chat), renderer, content_type, error_response)
+
+            def renderer_for(stream_id: str | None, frame: Callable[[StreamEvent], bytes]) -> EventRenderer:
+                return EventRenderer(
+                    frame=frame,
+                    provider=route.provider.name,
+                    model=route.upstream_model,
+                    request_id=request_id,
+                    prompt_chars=prompt_chars(chat),
+                    chunked=pipeline.buffer.enabled,
+                    stream_id=stream_id,
+                )
+
+            if frame is sse_frame:  # resumable and shareable; NDJSON stays tied to its request
+                response = await _shared_stream(start(pipeline, chat), renderer_for, error_response)
+            else:
+                response = await _stream(start(pipeline, chat), renderer_for(None, frame), content_type, error_response)
             response.headers["x-request-id"] = request_id
             return response
 
         return endpoint
+
+    async def _shared_stream(
+        session: StreamSession,
+        renderer_for: Callable[[str, Callable[[StreamEvent], bytes]], EventRenderer],
+        error_response: Callable[[TrioproxyError], Response],
+    ) -> Response:
+        """
+        Like `_stream`, but once the upstream accepted, the generation becomes a resumable
+        stream (its own broadcast task) with this request as its first watcher.
+        """
+        try:
+            try:
+                first = await session.output.receive()
+            except trio.EndOfChannel:
+                first = StreamInterrupted("the server ended the request before the upstream answered")
+            if isinstance(first, TrioproxyError):
+                session.cancel()
+                return error_response(first)
+            stream = streams.open(session, renderer_for)
+        except TrioproxyError as exc:  # `max_streams` are running
+            session.cancel()
+            return error_response(exc)
+        except BaseException:
+            session.cancel()
+            raise
+        backlog, watcher = stream.attach()
+        stream.publish(first)
+        app.nursery.start_soon(stream.run, name=f"stream {stream.id}")  # type: ignore[attr-defined]
+        return _watch_response(stream, backlog, watcher)
+
+    @app.get("/v1/streams/<stream_id>")
+    async def watch_stream(stream_id: str) -> Response:
+        """Attach to a running or recently finished stream, after its `Last-Event-ID`."""
+        stream = streams.get(stream_id)
+        if stream is None:
+            error = TrioproxyError(f"no stream {stream_id!r}: it never existed or it has expired")
+            error.status, error.type = 404, "not_found_error"
+            return _sse_error(error)
+        last_event_id = request.headers.get("last-event-id", "").strip()
+        if last_event_id and not (last_event_id.isascii() and last_event_id.isdigit()):
+            return _sse_error(
+                RequestError(f"Last-Event-ID must be an event id of this stream, got {last_event_id[:40]!r}")
+            )
+        after = int(last_event_id or 0)
+        if after > stream.last_id:
+            return _sse_error(RequestError(f"Last-Event-ID {after} is ahead of the stream (at {stream.last_id})"))
+        try:
+            backlog, watcher = stream.attach(after)
+        except TrioproxyError as exc:  # the events after `after` are no longer kept
+            return _sse_error(exc)
+        return _watch_response(stream, backlog, watcher)
 
     register_websocket_routes(app, start=start, router=router)
 
@@ -189,6 +262,26 @@ async def _relay(session: StreamSession, renderer: Renderer, head: bytes) -> Asy
             yield renderer.error(StreamInterrupted("the server ended the stream before it completed"))
     finally:
         session.cancel()
+
+
+def _watch_response(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher) -> Response:
+    headers = {**STREAM_HEADERS, "x-stream-id": stream.id}
+    return Response(_watch(stream, backlog, watcher), status=200, content_type=SSE, headers=headers)
+
+
+async def _watch(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher) -> AsyncIterator[bytes]:
+    """A watcher's response body: the replayed events, then the live ones. Never yields inside a nursery."""
+    try:
+        if backlog:
+            yield b"".join(backlog)
+        async for data in watcher.receive:
+            yield data
+    finally:
+        stream.detach(watcher)
+
+
+def _sse_error(error: TrioproxyError) -> Response:
+    return Response(sse_frame(error_event(error)), status=error.status, content_type=SSE)
 
 
 def _json(obj: Any, status: int = 200) -> Response:

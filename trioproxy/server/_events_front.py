@@ -55,7 +55,8 @@ class EventRenderer:
     """
     `frame` makes bytes of an event; keep-alives are SSE comments where `frame` is
     `sse_frame`, and `metadata` heartbeat events otherwise. `chunked` names text events
-    `chunk` (merged by a buffer) instead of `token`.
+    `chunk` (merged by a buffer) instead of `token`. `stream_id`, for a resumable stream,
+    goes into `stream_start`'s metadata.
     """
 
     def __init__(
@@ -67,23 +68,22 @@ class EventRenderer:
         request_id: str,
         prompt_chars: int,
         chunked: bool = False,
+        stream_id: str | None = None,
     ) -> None:
         self.frame = frame
+        self.stream_id = stream_id
         self.provider = provider
         self.model = model
         self.request_id = request_id
         self.prompt_chars = prompt_chars
         self.text_type: Final = "chunk" if chunked else "token"
-        self._keep_alive = SSE_KEEP_ALIVE if frame is sse_frame else frame(StreamEvent("metadata", "heartbeat"))
+        self._keep_alive: bytes | None = None
 
     def opened(self) -> bytes:
-        return self.frame(
-            StreamEvent(
-                "metadata",
-                "stream_start",
-                {"provider": self.provider, "model": self.model, "request_id": self.request_id},
-            )
-        )
+        metadata = {"provider": self.provider, "model": self.model, "request_id": self.request_id}
+        if self.stream_id is not None:
+            metadata["stream_id"] = self.stream_id
+        return self.frame(StreamEvent("metadata", "stream_start", metadata))
 
     def delta(self, delta: Delta) -> bytes:
         out = b""
@@ -110,6 +110,9 @@ class EventRenderer:
         return self.frame(StreamEvent("metadata", notice.kind, metadata))
 
     def heartbeat(self) -> bytes:
+        if self._keep_alive is None:  # made when first needed: `frame` may number the events it frames
+            is_sse = self.frame is sse_frame
+            self._keep_alive = SSE_KEEP_ALIVE if is_sse else self.frame(StreamEvent("metadata", "heartbeat"))
         return self._keep_alive
 
     def done(self, session: StreamSession) -> bytes:

@@ -1,0 +1,324 @@
+"""
+Resumable, shareable streams: what lets a generation on the generic SSE endpoints outlive
+the request that started it.
+
+```
+session.output ─► broadcast task (app nursery, one per stream)
+                    renders each item once, as SSE events with `id:`s
+                    ├─► replay log (bounded; `ReplayLog`, in-process `MemoryReplayLog`)
+                    └─► each watcher's bounded queue ─► its response body
+```
+
+The POST that starts a generation is its first watcher; `GET /v1/streams/{id}` adds more,
+replaying the log after their `Last-Event-ID` first. Fan-out never waits: a watcher whose
+queue is full is disconnected (its response ends without `done`, so it resumes) and the others
+go on. When the last watcher leaves, the generation keeps running for `resume_grace_period`;
+after that its upstream is cancelled. A finished stream is kept for `retention` seconds.
+
+Event ids are the stream's sequence numbers, `1`, `2`, …; SSE comments (keep-alives) carry
+none and are not logged.
+
+The replay log is synchronous on purpose: attaching a watcher reads the log and joins the
+live fan-out in one step, with no await in between, so no event can fall between the two.
+A store shared by several replicas (Redis streams) would back the same interface with a
+local tail and dedupe by sequence number.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from .._events import Delta, StreamEvent
+from .._exceptions import TrioproxyError
+from .._policy import StreamsConfig
+from ..pipeline import Heartbeat, RetryNotice, SessionItem
+from ._events_front import SSE_KEEP_ALIVE, sse_frame
+from ._generic import StreamInterrupted
+
+if TYPE_CHECKING:
+    from ..pipeline import StreamSession
+    from ._events_front import EventRenderer
+
+__all__ = [
+    "BroadcastStream",
+    "MemoryReplayLog",
+    "ReplayGapError",
+    "ReplayLog",
+    "StreamRegistry",
+    "StreamsFullError",
+    "Watcher",
+]
+
+logger = logging.getLogger("trioproxy.streams")
+
+RendererFactory = Callable[[str, Callable[[StreamEvent], bytes]], "EventRenderer"]
+"""`(stream_id, frame) -> EventRenderer`: the front adapter of one stream, framing through `frame`."""
+
+
+class StreamsFullError(TrioproxyError):
+    """`max_streams` streams are running: no room for another resumable one."""
+
+    status = 503
+    type = "overloaded_error"
+
+
+class ReplayGapError(TrioproxyError):
+    """The events after the asked-for id are no longer all in the log (it is bounded)."""
+
+    status = 410
+    type = "invalid_request_error"
+
+
+class ReplayLog(Protocol):
+    """
+    A stream's events by sequence number, bounded. `append` takes ids in increasing order;
+    `read_after(n)` returns every event with an id above `n`, or raises `ReplayGapError` if
+    some of them were dropped to keep the log within its bounds.
+    """
+
+    def append(self, event_id: int, data: bytes) -> None: ...
+    def read_after(self, last_id: int) -> list[bytes]: ...
+    @property
+    def nbytes(self) -> int: ...
+    def __len__(self) -> int: ...
+
+
+class MemoryReplayLog:
+    """The in-process `ReplayLog`: at most `max_bytes` (and `max_events`); the oldest go first."""
+
+    def __init__(self, max_bytes: int, max_events: int | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.max_events = max_events
+        self._entries: deque[tuple[int, bytes]] = deque()
+        self._nbytes = 0
+        self._dropped_through = 0
+        """The highest id dropped from the front (0: nothing dropped)."""
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def append(self, event_id: int, data: bytes) -> None:
+        self._entries.append((event_id, data))
+        self._nbytes += len(data)
+        while self._entries and (
+            self._nbytes > self.max_bytes or (self.max_events is not None and len(self._entries) > self.max_events)
+        ):
+            dropped_id, dropped = self._entries.popleft()
+            self._nbytes -= len(dropped)
+            self._dropped_through = dropped_id
+
+    def read_after(self, last_id: int) -> list[bytes]:
+        if last_id < self._dropped_through:
+            raise ReplayGapError(
+                f"events after id {last_id} are no longer kept (the replay log starts after id {self._dropped_through})"
+            )
+        return [data for event_id, data in self._entries if event_id > last_id]
+
+
+class Watcher:
+    """One response following a stream: a bounded queue of SSE bytes."""
+
+    def __init__(self, queue_size: int) -> None:
+        self._send, self.receive = trio.open_memory_channel[bytes](queue_size)
+        self.dropped = False
+        """The watcher fell `queue_size` writes behind and was disconnected."""
+
+    def offer(self, data: bytes) -> bool:
+        """Queue `data` without waiting; False if the watcher is gone or too far behind."""
+        try:
+            self._send.send_nowait(data)
+        except trio.WouldBlock:
+            self.dropped = True
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    def close(self) -> None:
+        self._send.close()
+
+
+class BroadcastStream:
+    """
+    One generation, shared. Create with `StreamRegistry.open`, publish its first item, then
+    run `run()` in the app's nursery.
+    """
+
+    def __init__(
+        self,
+        stream_id: str,
+        session: StreamSession,
+        renderer_for: RendererFactory,
+        log: ReplayLog,
+        config: StreamsConfig,
+    ) -> None:
+        self.id = stream_id
+        self.session = session
+        self.renderer = renderer_for(stream_id, self._frame)
+        self.log = log
+        self.config = config
+        self.last_id = 0
+        self.finished_at: float | None = None
+        self.watchers: set[Watcher] = set()
+        self._grace = trio.CancelScope()
+        self._pending: list[tuple[int, bytes]] = []
+        self._ended = False
+        """The stream's last event (`done` or `error`) was published."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    def _frame(self, event: StreamEvent) -> bytes:
+        """The renderer's framing: each event gets the next id, and is kept for the log."""
+        self.last_id += 1
+        data = sse_frame(replace(event, id=str(self.last_id)))
+        self._pending.append((self.last_id, data))
+        return data
+
+    def attach(self, after: int = 0) -> tuple[list[bytes], Watcher]:
+        """
+        A new watcher: the logged events after id `after`, then the live ones on its queue
+        (closed at once if the stream is over). Raises `ReplayGapError`.
+        """
+        backlog = self.log.read_after(after)
+        watcher = Watcher(self.config.watcher_queue)
+        if self.finished:
+            watcher.close()
+        else:
+            self.watchers.add(watcher)
+            self._grace.deadline = math.inf
+        return backlog, watcher
+
+    def detach(self, watcher: Watcher) -> None:
+        """The watcher's response ended; the last one out starts the grace period."""
+        watcher.receive.close()
+        self._remove(watcher)
+
+    def _remove(self, watcher: Watcher) -> None:
+        watcher.close()
+        if watcher not in self.watchers:
+            return  # dropped earlier: its grace period, if any, already started then
+        self.watchers.discard(watcher)
+        if not self.watchers and not self.finished:
+            self._grace.deadline = trio.current_time() + self.config.resume_grace_period
+
+    def publish(self, item: SessionItem | None) -> None:
+        """Render `item` (None: the stream's last word), log it, and hand it to every watcher."""
+        if self._ended:
+            return
+        if isinstance(item, Heartbeat):
+            self._fan_out(SSE_KEEP_ALIVE)
+            return
+        self._ended = self._ended or item is None or isinstance(item, TrioproxyError)
+        if item is None:
+            self._finish_events()
+        elif isinstance(item, Delta):
+            self.renderer.delta(item)
+        elif isinstance(item, RetryNotice):
+            self.renderer.notice(item)
+        elif isinstance(item, TrioproxyError):
+            self.renderer.error(item)
+        else:
+            self.renderer.opened()
+        pending, self._pending = self._pending, []
+        for event_id, data in pending:
+            self.log.append(event_id, data)
+        if pending:
+            self._fan_out(b"".join(data for _, data in pending))
+
+    def _finish_events(self) -> None:
+        if self.session.completed:
+            self.renderer.done(self.session)
+        elif self._grace.cancelled_caught:
+            self.renderer.error(
+                StreamInterrupted(
+                    f"no client watched the stream for {self.config.resume_grace_period:g} s: it was cancelled"
+                )
+            )
+        else:
+            self.renderer.error(StreamInterrupted("the server ended the stream before it completed"))
+
+    def _fan_out(self, data: bytes) -> None:
+        for watcher in list(self.watchers):
+            if not watcher.offer(data):
+                if watcher.dropped:
+                    logger.info("stream %s: a watcher fell behind and was disconnected", self.id)
+                self._remove(watcher)
+
+    async def run(self) -> None:
+        """The broadcast task: relay the session until it ends or nobody watches any more."""
+        try:
+            with self._grace:
+                if not self.watchers:
+                    self._grace.deadline = trio.current_time() + self.config.resume_grace_period
+                async for item in self.session.output:
+                    self.publish(item)
+                    if self._ended:
+                        break
+        except Exception:  # a bug here must not take the app's nursery (every stream) down
+            logger.exception("the broadcast of stream %s failed", self.id)
+        finally:
+            self.session.cancel()
+            if not self._ended:  # publishing does not wait: this works while cancelled too
+                try:
+                    self.publish(None)
+                except Exception:
+                    logger.exception("the broadcast of stream %s failed", self.id)
+            self.finished_at = trio.current_time()
+            for watcher in list(self.watchers):
+                watcher.close()
+            self.watchers.clear()
+
+
+class StreamRegistry:
+    """The streams of one app, by id: at most `max_streams`, finished ones for `retention` s."""
+
+    def __init__(self, config: StreamsConfig, *, log_factory: Callable[[], ReplayLog] | None = None) -> None:
+        self.config = config
+        self._log_factory = log_factory or (lambda: MemoryReplayLog(config.max_replay_bytes))
+        self._streams: dict[str, BroadcastStream] = {}
+
+    def __len__(self) -> int:
+        self._sweep()
+        return len(self._streams)
+
+    def open(self, session: StreamSession, renderer_for: RendererFactory) -> BroadcastStream:
+        """
+        A new stream for `session`, rendered by `renderer_for(stream_id, frame)`; raises
+        `StreamsFullError` when `max_streams` are running.
+        """
+        self._sweep()
+        if len(self._streams) >= self.config.max_streams:
+            finished = [s for s in self._streams.values() if s.finished_at is not None]
+            if not finished:
+                raise StreamsFullError(f"{self.config.max_streams} streams are running; try again later")
+            oldest = min(finished, key=lambda s: s.finished_at or 0.0)
+            del self._streams[oldest.id]
+        stream_id = "st_" + secrets.token_hex(12)
+        stream = BroadcastStream(stream_id, session, renderer_for, self._log_factory(), self.config)
+        self._streams[stream_id] = stream
+        return stream
+
+    def get(self, stream_id: str) -> BroadcastStream | None:
+        """The stream, if it is running or finished less than `retention` seconds ago."""
+        self._sweep()
+        return self._streams.get(stream_id)
+
+    def _sweep(self) -> None:
+        now = trio.current_time()
+        for stream_id, stream in list(self._streams.items()):
+            if stream.finished_at is not None and now - stream.finished_at >= self.config.retention:
+                del self._streams[stream_id]
