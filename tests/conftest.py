@@ -28,6 +28,8 @@ def proxy_config(upstream: FakeUpstream, **extra_providers: dict) -> Config:
     return parse_config(
         {
             "retry": {"max_retries": 0},
+            # A client in a test that stops reading is dropped in seconds, not left to pin a task.
+            "server": {"write_timeout": 5},
             "providers": {
                 "up": {"type": "openai", "base_url": upstream.url + "/v1", "api_key_env": "UP_KEY"},
                 "claude": {"type": "anthropic", "base_url": upstream.url, "api_key_env": "CLAUDE_KEY"},

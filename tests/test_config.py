@@ -215,7 +215,7 @@ def test_unknown_top_level_key() -> None:
 
 
 def test_unknown_server_key() -> None:
-    assert only_problem({"server": {"hots": "x"}}) == "[server]: unknown key 'hots' (known: host, port)"
+    assert only_problem({"server": {"hots": "x"}}) == "[server]: unknown key 'hots' (known: host, port, write_timeout)"
 
 
 def test_unknown_provider_key() -> None:
@@ -865,3 +865,11 @@ def test_bad_streams_setting(table: dict[str, Any], expected: str) -> None:
 
 def test_streams_not_a_table() -> None:
     assert only_problem({"streams": 5}) == "[streams] must be a table/object, got 5"
+
+
+def test_server_write_timeout() -> None:
+    assert parse_config({"server": {"write_timeout": 2.5}}, environ={}).server.write_timeout == 2.5
+    assert parse_config({}, environ={}).server.write_timeout == 30.0
+    assert only_problem({"server": {"write_timeout": 0}}) == (
+        "[server].write_timeout must be a positive number of seconds, got 0"
+    )

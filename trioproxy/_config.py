@@ -34,10 +34,20 @@ DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8000
 
 
+DEFAULT_WRITE_TIMEOUT: Final = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
+    """
+    `write_timeout`: seconds a client may leave what we sent it unacknowledged (it stopped
+    reading, or vanished) before the kernel drops its connection — and with it the stream and
+    its upstream request.
+    """
+
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +187,7 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
     if not isinstance(table, dict):
         problems.append("[server] must be a table")
         return ServerConfig()
-    _unknown_keys(table, {"host", "port"}, "[server]", problems)
+    _unknown_keys(table, {"host", "port", "write_timeout"}, "[server]", problems)
     host = table.get("host", DEFAULT_HOST)
     port = table.get("port", DEFAULT_PORT)
     if not isinstance(host, str) or not host:
@@ -186,7 +196,11 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         problems.append(f"[server].port must be an integer from 0 to 65535, got {port!r}")
         port = DEFAULT_PORT
-    return ServerConfig(host=host, port=port)
+    write_timeout = table.get("write_timeout", DEFAULT_WRITE_TIMEOUT)
+    if isinstance(write_timeout, bool) or not isinstance(write_timeout, (int, float)) or not write_timeout > 0:
+        problems.append(f"[server].write_timeout must be a positive number of seconds, got {write_timeout!r}")
+        write_timeout = DEFAULT_WRITE_TIMEOUT
+    return ServerConfig(host=host, port=port, write_timeout=write_timeout)
 
 
 _TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval"}

@@ -361,3 +361,29 @@ async def _disconnect_while_waiting(proxy_url: str, upstream: FakeUpstream, body
         await recorded.disconnected.wait()
     assert recorded.disconnected_at - hung_up_at < 0.1
     assert not recorded.completed
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cancelled(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    """hypercorn's writes cannot be cancelled; the kernel's write_timeout still ends them."""
+    config = parse_config(
+        {"server": {"write_timeout": 0.5}, "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}}},
+        environ={},
+    )
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    upstream.push(Reply(tokens=tuple("y" * 65536 for _ in range(400)), interval=0.001))
+    host, port = binds[0].removeprefix("http://").split(":")
+    stalled = await trio.open_tcp_stream(host, int(port))
+    body = orjson.dumps({"model": "up/m", "messages": MESSAGES, "stream": True})
+    await stalled.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    # The client never reads: the proxy's buffers fill, its write stalls, and the kernel gives up.
+    with trio.fail_after(15):
+        await upstream.wait_for_requests(1)
+        await upstream.requests[-1].disconnected.wait()
+    assert not upstream.requests[-1].completed
+    await stalled.aclose()

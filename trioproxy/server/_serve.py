@@ -5,11 +5,13 @@ Serving the app with hypercorn's trio worker: the one place that touches hyperco
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
 from .._config import Config
@@ -22,6 +24,28 @@ WEBSOCKET_PING_INTERVAL: Final = 20.0
 """Seconds between the server's WebSocket pings."""
 
 logger = logging.getLogger("trioproxy.server")
+
+
+class _HypercornConfig(HypercornConfig):
+    """
+    hypercorn's config, with listening sockets whose connections give up on a peer that
+    leaves our writes unacknowledged for `write_timeout` (TCP_USER_TIMEOUT, inherited by every
+    accepted socket). hypercorn writes in a shielded scope with no deadline, so without this a
+    client that stops reading would pin its connection's task, stream and upstream forever;
+    with it the write fails, the stream ends and its upstream is cancelled. It also drops a
+    WebSocket peer that vanished: the server's pings go unacknowledged.
+    """
+
+    def __init__(self, *, write_timeout: float) -> None:
+        super().__init__()
+        self._write_timeout_ms = max(1, round(write_timeout * 1000))
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+            for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self._write_timeout_ms)
+        return sockets
 
 
 async def serve(
@@ -40,7 +64,7 @@ async def serve(
     finish (hypercorn's graceful shutdown).
     """
     app = create_app(config, router=router)
-    hypercorn_config = HypercornConfig()
+    hypercorn_config = _HypercornConfig(write_timeout=config.server.write_timeout)
     hypercorn_config.bind = [f"{host or config.server.host}:{config.server.port if port is None else port}"]
     hypercorn_config.accesslog = None
     hypercorn_config.errorlog = logger
