@@ -22,7 +22,7 @@ from ._policy import BufferConfig, RetryConfig, StreamsConfig, Timeouts, parse_p
 from .pipeline._content import Transform, Validator, build_transforms, build_validators
 from .providers.simulated import SimulatedSettings, settings_problems
 
-__all__ = ["Config", "ProviderConfig", "ServerConfig", "load_config", "parse_config"]
+__all__ = ["AuthConfig", "Config", "ProviderConfig", "ServerConfig", "load_config", "parse_config"]
 
 PROVIDER_TYPES: Final = ("openai", "anthropic", "simulated")
 SIM: Final = "sim"
@@ -93,6 +93,23 @@ class _Defaults:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """
+    Client keys. When any are set, every `/v1/*` route wants one, as `Authorization: Bearer`
+    or `x-api-key`; `protect_metrics` extends that to `/metrics`. Keys come from the file's
+    `keys` list and from the environment variable `keys_env` names (several, separated by
+    commas or whitespace), and are kept out of every `repr`.
+    """
+
+    keys: tuple[str, ...] = field(default=(), repr=False)
+    protect_metrics: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     providers: Mapping[str, ProviderConfig] = field(
@@ -101,6 +118,7 @@ class Config:
     default_provider: str | None = None
     warnings: tuple[str, ...] = ()
     streams: StreamsConfig = field(default_factory=StreamsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
 def load_config(path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None) -> Config:
@@ -127,7 +145,10 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     warnings: list[str] = []
 
     _unknown_keys(
-        raw, {"server", "providers", "default_provider", "timeouts", "retry", "buffer", "streams"}, "config", problems
+        raw,
+        {"server", "providers", "default_provider", "timeouts", "retry", "buffer", "streams", "auth"},
+        "config",
+        problems,
     )
     server = _server(raw.get("server", {}), problems)
     defaults = _Defaults(
@@ -136,6 +157,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         buffer=parse_policy(BufferConfig(), raw.get("buffer", {}), where="[buffer]", problems=problems),
     )
     streams = parse_policy(StreamsConfig(), raw.get("streams", {}), where="[streams]", problems=problems)
+    auth = _auth(raw.get("auth", {}), env, problems, warnings)
     if defaults.timeouts.connect_timeout <= 0:
         problems.append("[timeouts].connect_timeout must be a positive number")
 
@@ -180,7 +202,34 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         default_provider=default_provider,
         warnings=tuple(warnings),
         streams=streams,
+        auth=auth,
     )
+
+
+def _auth(table: Any, env: Mapping[str, str], problems: list[str], warnings: list[str]) -> AuthConfig:
+    if not isinstance(table, dict):
+        problems.append("[auth] must be a table")
+        return AuthConfig()
+    _unknown_keys(table, {"keys", "keys_env", "protect_metrics"}, "[auth]", problems)
+    keys: list[str] = []
+    listed = table.get("keys", [])
+    if not isinstance(listed, list) or not all(isinstance(k, str) and k.strip() for k in listed):
+        problems.append("[auth].keys must be a list of non-empty strings")
+    else:
+        keys.extend(k.strip() for k in listed)
+    keys_env = table.get("keys_env")
+    if keys_env is not None:
+        if not isinstance(keys_env, str) or not keys_env:
+            problems.append(f"[auth].keys_env must be the name of an environment variable, got {keys_env!r}")
+        elif not env.get(keys_env, "").strip():
+            warnings.append(f"[auth]: environment variable {keys_env} holds no keys")
+        else:
+            keys.extend(re.split(r"[\s,]+", env[keys_env].strip()))
+    protect_metrics = table.get("protect_metrics", True)
+    if not isinstance(protect_metrics, bool):
+        problems.append(f"[auth].protect_metrics must be true or false, got {protect_metrics!r}")
+        protect_metrics = True
+    return AuthConfig(keys=tuple(k for k in keys if k), protect_metrics=protect_metrics)
 
 
 def _server(table: Any, problems: list[str]) -> ServerConfig:

@@ -10,6 +10,7 @@ that meets them, once.
 TrioproxyError                 status  type
 ├── ConfigError                  -      the config file is wrong (start-up only)
 ├── RequestError                400     invalid_request_error: the client's request is wrong
+│   ├── AuthenticationError     401     authentication_error: no valid client key
 │   └── ModelNotFoundError      404     not_found_error: no route for the model
 └── UpstreamError               502     upstream_error: the upstream failed us
     ├── UpstreamConnectError    502     could not reach the upstream
@@ -25,6 +26,7 @@ the error type string of OpenAI's error object (Anthropic's renderer maps it to 
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "ConfigError",
     "ModelNotFoundError",
     "RequestError",
@@ -63,6 +65,11 @@ class RequestError(TrioproxyError):
 
     status = 400
     type = "invalid_request_error"
+
+
+class AuthenticationError(RequestError):
+    status = 401
+    type = "authentication_error"
 
 
 class ModelNotFoundError(RequestError):

@@ -23,17 +23,18 @@ from typing import Any, Final
 
 import orjson
 import trio
-from quart import Response, request
+from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .._config import Config
 from .._events import StreamEvent
-from .._exceptions import RequestError, TrioproxyError
+from .._exceptions import AuthenticationError, RequestError, TrioproxyError
 from .._request import ChatRequest, parse_chat_request, parse_json_object
 from .._router import Router
 from .._version import __version__
 from ..pipeline import Pipeline, StreamSession, pipeline_for, start_session
+from ._auth import key_is_valid, presented_key
 from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
 from ._generic import (
     Renderer,
@@ -72,6 +73,35 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     @app.after_serving
     async def close_upstreams() -> None:
         await router.aclose()
+
+    def refused(path: str, headers: Any) -> Response | None:
+        """A 401 in the protocol of `path` when client keys are on and none valid was shown."""
+        if not config.auth.enabled or not (
+            path.startswith("/v1/") or path == "/metrics" and config.auth.protect_metrics
+        ):
+            return None
+        if key_is_valid(presented_key(headers), config.auth.keys):
+            return None
+        error = AuthenticationError(
+            "missing or invalid API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+            code="invalid_api_key",
+        )
+        if path in ("/v1/chat/stream", "/v1/stream/sse") or path.startswith("/v1/streams/"):
+            response = Response(sse_frame(error_event(error)), status=401, content_type=SSE)
+        elif path == "/v1/chat/stream/json":
+            response = Response(ndjson_frame(error_event(error)), status=401, content_type=NDJSON)
+        else:
+            response = _openai_error(error)
+        response.headers["www-authenticate"] = "Bearer"
+        return response
+
+    @app.before_request
+    async def require_key() -> Response | None:
+        return refused(request.path, request.headers)
+
+    @app.before_websocket
+    async def require_key_for_websocket() -> Response | None:
+        return refused(websocket.path, websocket.headers)
 
     @app.get("/health")
     async def health() -> Response:
