@@ -181,9 +181,8 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         default_provider = None
     # A provider whose table has mistakes is declared all the same: its own sentences say what is wrong.
     if default_provider is not None and default_provider not in providers and default_provider not in tables:
-        problems.append(
-            f"default_provider = {default_provider!r} names no provider (declared: {', '.join(sorted({*providers, *tables}))})"
-        )
+        declared = ", ".join(sorted({*providers, *tables}))
+        problems.append(f"default_provider = {default_provider!r} names no provider (declared: {declared})")
 
     for provider in providers.values():
         for i, fallback in enumerate(provider.fallbacks):

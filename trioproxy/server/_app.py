@@ -33,7 +33,7 @@ from .._exceptions import AuthenticationError, RequestError, TrioproxyError
 from .._request import ChatRequest, parse_chat_request, parse_json_object
 from .._router import Router
 from .._version import __version__
-from ..pipeline import Pipeline, StreamSession, pipeline_for, start_session
+from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._auth import key_is_valid, presented_key
 from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
 from ._generic import (
@@ -182,10 +182,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
         stream (its own broadcast task) with this request as its first watcher.
         """
         try:
-            try:
-                first = await session.output.receive()
-            except trio.EndOfChannel:
-                first = StreamInterrupted("the server ended the request before the upstream answered")
+            first = await _first_item(session)
             if isinstance(first, TrioproxyError):
                 session.cancel()
                 return error_response(first)
@@ -247,6 +244,14 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     return app
 
 
+async def _first_item(session: StreamSession) -> SessionItem:
+    """The session's next item; an interruption error if it ended before saying anything."""
+    try:
+        return await session.output.receive()
+    except trio.EndOfChannel:
+        return StreamInterrupted("the server ended the request before the upstream answered")
+
+
 async def _stream(
     session: StreamSession,
     renderer: Renderer,
@@ -260,10 +265,7 @@ async def _stream(
     """
     try:
         while True:
-            try:
-                first = await session.output.receive()
-            except trio.EndOfChannel:
-                first = StreamInterrupted("the server ended the request before the upstream answered")
+            first = await _first_item(session)
             if isinstance(first, TrioproxyError):
                 session.cancel()
                 return error_response(first)
