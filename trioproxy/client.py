@@ -52,12 +52,13 @@ async def stream_chat_completion(
     on_text: Callable[[str], None],
     api_key: str | None = None,
     max_tokens: int | None = None,
-    timeout: float = 300.0,
+    read_timeout: float = 300.0,
 ) -> ChatResult:
     """
     Stream `POST {base_url}/v1/chat/completions`, calling `on_text` with each piece of text
     as it arrives. Raises a `TrioproxyError` for an error status, an in-stream error, a broken
-    connection or a stream that ends without `[DONE]`.
+    connection or a stream that ends without `[DONE]`. `read_timeout` bounds the wait for
+    each piece of the response (httpx's read timeout).
     """
     body: dict[str, Any] = {
         "model": model,
@@ -80,7 +81,7 @@ async def stream_chat_completion(
     usage = None
     decoder = SSEDecoder()
     try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0)) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(read_timeout, connect=10.0)) as client:
             async with client.stream("POST", url, headers=headers, content=orjson.dumps(body)) as response:
                 if response.status_code != 200:
                     raise _status_error(response.status_code, await response.aread())
