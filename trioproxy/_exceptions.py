@@ -11,7 +11,11 @@ TrioproxyError                 status  type
 ├── ConfigError                  -      the config file is wrong (start-up only)
 ├── RequestError                400     invalid_request_error: the client's request is wrong
 │   ├── AuthenticationError     401     authentication_error: no valid client key
-│   └── ModelNotFoundError      404     not_found_error: no route for the model
+│   ├── ModelNotFoundError      404     not_found_error: no route for the model
+│   └── ReplayGapError          410     a resumed stream's older events are no longer kept
+├── ValidationError             422     validation_error: a validator stopped the stream
+├── StreamInterrupted           503     server_error: the server ended a stream (shutdown)
+├── StreamsFullError            503     overloaded_error: no room for another resumable stream
 └── UpstreamError               502     upstream_error: the upstream failed us
     ├── UpstreamConnectError    502     could not reach the upstream
     ├── UpstreamTimeoutError    504     the upstream took too long
@@ -29,13 +33,17 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "ModelNotFoundError",
+    "ReplayGapError",
     "RequestError",
+    "StreamInterrupted",
+    "StreamsFullError",
     "TrioproxyError",
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",
     "UpstreamStatusError",
     "UpstreamTimeoutError",
+    "ValidationError",
 ]
 
 
@@ -78,6 +86,33 @@ class ModelNotFoundError(RequestError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="model_not_found", param="model")
+
+
+class ReplayGapError(RequestError):
+    """The events after the asked-for id are no longer all in the replay log (it is bounded)."""
+
+    status = 410
+
+
+class ValidationError(TrioproxyError):
+    """A validator stopped the stream; the message says why."""
+
+    status = 422
+    type = "validation_error"
+
+
+class StreamInterrupted(TrioproxyError):
+    """The server ended a stream before it completed (it is shutting down)."""
+
+    status = 503
+    type = "server_error"
+
+
+class StreamsFullError(TrioproxyError):
+    """`max_streams` resumable streams are running: no room for another."""
+
+    status = 503
+    type = "overloaded_error"
 
 
 class UpstreamError(TrioproxyError):

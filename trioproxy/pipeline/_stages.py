@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .._events import Delta
-from .._exceptions import TrioproxyError
+from .._exceptions import ValidationError
 from .._policy import BufferConfig
 from ._content import Transform, Validator
 from ._text_buffer import TextBuffer
@@ -30,11 +30,6 @@ __all__ = ["ValidationError", "buffer_stage", "transform_stage", "validate_stage
 
 Receive = trio.MemoryReceiveChannel["SessionItem"]
 Send = trio.MemorySendChannel["SessionItem"]
-
-
-class ValidationError(TrioproxyError):
-    status = 422
-    type = "validation_error"
 
 
 async def buffer_stage(config: BufferConfig, receive: Receive, send: Send) -> None:

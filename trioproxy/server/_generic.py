@@ -9,7 +9,7 @@ import secrets
 from typing import Any, Protocol
 
 from .._events import Delta
-from .._exceptions import RequestError, TrioproxyError
+from .._exceptions import RequestError, StreamInterrupted, TrioproxyError
 from .._policy import BufferConfig, parse_policy
 from .._request import ChatRequest, content_text, parse_chat_request
 from ..pipeline import Heartbeat, RetryNotice, SessionItem, StreamSession
@@ -26,11 +26,6 @@ class Renderer(Protocol):
     def heartbeat(self) -> bytes: ...
     def error(self, error: TrioproxyError) -> bytes: ...
     def done(self, session: StreamSession) -> bytes: ...
-
-
-class StreamInterrupted(TrioproxyError):
-    status = 503
-    type = "server_error"
 
 
 def render(renderer: Renderer, item: SessionItem) -> bytes:

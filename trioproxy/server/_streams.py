@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from .._events import Delta, StreamEvent
-from .._exceptions import TrioproxyError
+from .._exceptions import ReplayGapError, StreamsFullError, TrioproxyError
 from .._policy import StreamsConfig
 from ..pipeline import Heartbeat, RetryNotice, SessionItem
 from ._events_front import SSE_KEEP_ALIVE, sse_frame
@@ -61,20 +61,6 @@ logger = logging.getLogger("trioproxy.streams")
 
 RendererFactory = Callable[[str, Callable[[StreamEvent], bytes]], "EventRenderer"]
 """`(stream_id, frame) -> EventRenderer`: the front adapter of one stream, framing through `frame`."""
-
-
-class StreamsFullError(TrioproxyError):
-    """`max_streams` streams are running: no room for another resumable one."""
-
-    status = 503
-    type = "overloaded_error"
-
-
-class ReplayGapError(TrioproxyError):
-    """The events after the asked-for id are no longer all in the log (it is bounded)."""
-
-    status = 410
-    type = "invalid_request_error"
 
 
 class ReplayLog(Protocol):
