@@ -7,6 +7,7 @@ This is the client-side httpx edge: httpx's exceptions are mapped to trioproxy's
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -157,26 +158,18 @@ class WebSocketClient:
         """Open a connection to `url` (`ws://…/v1/chat/ws`); it is closed when the block ends."""
         # Nothing may raise inside the nursery: the block's own exception and a failure to
         # connect leave unwrapped, never inside an exception group (as trio-websocket does).
-        raised: BaseException | None = None
-        async with trio.open_nursery() as nursery:
+        async with _unwrapped_nursery() as nursery:
             try:
                 with trio.fail_after(connect_timeout):
                     connection = await trio_websocket.connect_websocket_url(nursery, url)
             except (OSError, trio.TooSlowError, trio_websocket.HandshakeError) as exc:
-                raised = UpstreamConnectError(f"cannot open a WebSocket to {url}: {exc or type(exc).__name__}")
-                raised.__cause__ = exc
-            else:
-                client = cls(url, connection)
-                nursery.start_soon(client._read)
-                try:
-                    yield client
-                except BaseException as exc:
-                    raised = exc
-                finally:
-                    await client.close()
-                    nursery.cancel_scope.cancel()
-        if raised is not None:
-            raise raised
+                raise UpstreamConnectError(f"cannot open a WebSocket to {url}: {exc or type(exc).__name__}") from exc
+            client = cls(url, connection)
+            nursery.start_soon(client._read)
+            try:
+                yield client
+            finally:
+                await client.close()
 
     async def close(self) -> None:
         """Close the connection; streams still running raise `UpstreamConnectError`."""
@@ -281,11 +274,9 @@ class WebSocketStream:
             self.client._forget(self.id)
             if not finished and self.client._error is None:
                 # The consumer left early: stop the server's work too (best effort).
-                with trio.move_on_after(1, shield=True):
-                    try:
-                        await self.client.cancel(self.id)
-                    except TrioproxyError:
-                        pass
+                # If the connection is already gone, the server has dropped the stream itself.
+                with trio.move_on_after(1, shield=True), contextlib.suppress(TrioproxyError):
+                    await self.client.cancel(self.id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,23 +378,16 @@ class SSEClient:
 
     @asynccontextmanager
     async def _running(self) -> AsyncIterator[None]:
-        # As in `WebSocketClient.connect`: the block's own exception leaves unwrapped.
-        raised: BaseException | None = None
         async with AsyncExitStack() as stack:
             if self._http is None:
                 self._http = await stack.enter_async_context(httpx.AsyncClient(timeout=self.timeout))
             send, self._receive = trio.open_memory_channel[StreamEvent](SSE_CLIENT_QUEUE_SIZE)
-            async with trio.open_nursery() as nursery:
+            async with _unwrapped_nursery() as nursery:
                 nursery.start_soon(self._reader, send)
                 try:
                     yield
-                except BaseException as exc:
-                    raised = exc
                 finally:
                     self._receive.close()
-                    nursery.cancel_scope.cancel()
-        if raised is not None:
-            raise raised
 
     async def _reader(self, send: trio.MemorySendChannel[StreamEvent]) -> None:
         async with send:
@@ -479,3 +463,21 @@ def _event_status_error(status: int, body: bytes) -> TrioproxyError:
         message = body.decode("utf-8", "replace")
     return UpstreamStatusError(str(message)[:500], status=status)
 
+
+@asynccontextmanager
+async def _unwrapped_nursery() -> AsyncIterator[trio.Nursery]:
+    """
+    A nursery for a client's background task, whose block's own exception leaves as itself
+    rather than inside an ExceptionGroup (as trio-websocket does for its users). The
+    background tasks are cancelled when the block ends.
+    """
+    raised: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            yield nursery
+        except BaseException as exc:  # re-raised below, outside the nursery: never swallowed
+            raised = exc
+        finally:
+            nursery.cancel_scope.cancel()
+    if raised is not None:
+        raise raised
