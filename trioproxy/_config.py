@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ._exceptions import ConfigError
+from ._logs import LOG_FORMATS, LOG_LEVELS, LoggingConfig
 from ._policy import BufferConfig, RetryConfig, StreamsConfig, Timeouts, parse_policy
 from .pipeline._content import Transform, Validator, build_transforms, build_validators
 from .providers.simulated import SimulatedSettings, settings_problems
@@ -119,6 +120,7 @@ class Config:
     warnings: tuple[str, ...] = ()
     streams: StreamsConfig = field(default_factory=StreamsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def load_config(path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None) -> Config:
@@ -146,7 +148,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
 
     _unknown_keys(
         raw,
-        {"server", "providers", "default_provider", "timeouts", "retry", "buffer", "streams", "auth"},
+        {"server", "providers", "default_provider", "timeouts", "retry", "buffer", "streams", "auth", "logging"},
         "config",
         problems,
     )
@@ -158,6 +160,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     )
     streams = parse_policy(StreamsConfig(), raw.get("streams", {}), where="[streams]", problems=problems)
     auth = _auth(raw.get("auth", {}), env, problems, warnings)
+    logs = _logging(raw.get("logging", {}), problems)
     if defaults.timeouts.connect_timeout <= 0:
         problems.append("[timeouts].connect_timeout must be a positive number")
 
@@ -202,6 +205,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         warnings=tuple(warnings),
         streams=streams,
         auth=auth,
+        logging=logs,
     )
 
 
@@ -229,6 +233,31 @@ def _auth(table: Any, env: Mapping[str, str], problems: list[str], warnings: lis
         problems.append(f"[auth].protect_metrics must be true or false, got {protect_metrics!r}")
         protect_metrics = True
     return AuthConfig(keys=tuple(k for k in keys if k), protect_metrics=protect_metrics)
+
+
+def _logging(table: Any, problems: list[str]) -> LoggingConfig:
+    if not isinstance(table, dict):
+        problems.append("[logging] must be a table")
+        return LoggingConfig()
+    _unknown_keys(table, {"format", "level", "access_log", "include_prompts"}, "[logging]", problems)
+    changes: dict[str, Any] = {}
+    for key, choices in (("format", LOG_FORMATS), ("level", LOG_LEVELS)):
+        value = table.get(key)
+        if value is None:
+            continue
+        if value not in choices:
+            problems.append(f"[logging].{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        else:
+            changes[key] = value
+    for key in ("access_log", "include_prompts"):
+        value = table.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            problems.append(f"[logging].{key} must be true or false, got {value!r}")
+        else:
+            changes[key] = value
+    return replace(LoggingConfig(), **changes)
 
 
 def _server(table: Any, problems: list[str]) -> ServerConfig:

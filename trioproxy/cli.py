@@ -18,6 +18,7 @@ from ._bench.options import add_arguments as add_bench_arguments
 from ._bench.options import settings_from_args as bench_settings
 from ._config import load_config
 from ._exceptions import ConfigError, TrioproxyError
+from ._logs import LOG_LEVELS, configure_logging
 from ._version import __version__
 
 __all__ = ["main"]
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--config", help="TOML config file (default: only the built-in 'sim' provider)")
     serve.add_argument("--host", help="address to listen on (default: [server].host, else 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: [server].port, else 8000)")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", choices=LOG_LEVELS, help="overrides [logging].level (default info)")
 
     chat = commands.add_parser("chat", help="stream a reply to the terminal")
     chat.add_argument("prompt")
@@ -97,12 +98,12 @@ def _upstream(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2
+    configure_logging(config.logging, level=args.log_level)
 
     async def main(shutdown_trigger: Callable[[], Awaitable[None]]) -> None:
         async with trio.open_nursery() as nursery:

@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 import trio
 
-from trioproxy import Delta, UpstreamConnectError, UpstreamProtocolError, UpstreamStatusError, UpstreamTimeoutError
+from trioproxy import (
+    Delta,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+    Usage,
+)
 from trioproxy._config import ProviderConfig
 from trioproxy._events import OPENED, Opened
 from trioproxy._policy import BufferConfig, RetryConfig, Timeouts
@@ -21,6 +28,7 @@ from trioproxy._request import parse_chat_request
 from trioproxy._router import Route
 from trioproxy.pipeline import HEARTBEAT, Heartbeat, Pipeline, RetryNotice, ValidationError, banned_phrases
 from trioproxy.pipeline._session import StreamSession
+from trioproxy.server._metrics import MAX_MODEL_LABELS, Metrics
 
 STALL = "stall"
 CHAT = parse_chat_request({"model": "p/m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
@@ -382,3 +390,114 @@ async def test_word_buffer_times_each_chunk_from_its_own_oldest_character(autoju
     # each word waits for the next word's leading space, or for its 500 ms deadline
     assert chunks == [(1.5, "one"), (2.5, " two"), (3.5, " three"), (4.5, " four")]
     assert session.buffer_waits == pytest.approx([0.5, 0.5, 0.5, 0.5])
+
+
+# --- what the session tallies for logs and metrics (session.stats) ------------------------
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def test_a_completed_stream_has_its_timings(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream(
+        [[OPENED, 0.5, Delta(text="a"), 0.02, Delta(text="b"), 0.03, Delta(text="c"), Delta(finish_reason="stop")]]
+    )
+    _, session = await run(pipeline(route(upstream)))
+
+    stats = session.stats
+    assert (stats.provider, stats.model) == ("p", "m")
+    assert stats.ttft == pytest.approx(0.5)
+    assert stats.token_gaps == pytest.approx([0.02, 0.03])
+    assert stats.duration == pytest.approx(0.55)
+    assert (stats.outcome, stats.retries, stats.failures, stats.cancelled) == ("completed", [], [], False)
+
+
+async def test_retries_and_failovers_are_counted_against_the_provider_that_failed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    first = UpstreamStatusError("busy", status=429)
+    second = UpstreamConnectError("refused")
+    primary = ScriptedUpstream([[first], [second]])
+    backup = ScriptedUpstream([[*tokens("ok"), Delta(finish_reason="stop")]])
+    retry = RetryConfig(max_retries=1, base_delay_ms=100, jitter=0)
+    _, session = await run(pipeline(route(primary, retry=retry), route(backup, name="backup")))
+
+    stats = session.stats
+    assert stats.failures == [("p", first), ("p", second)]
+    assert (stats.retries, stats.providers_left, stats.provider) == (["p"], ["p"], "backup")
+    assert stats.outcome == "completed"
+
+    metrics = Metrics(active_streams=lambda: 0)
+    metrics.observe_stream(session)
+    assert sample(metrics, "trioproxy_upstream_errors_total", provider="p", status="429") == 1
+    assert sample(metrics, "trioproxy_upstream_errors_total", provider="p", status="connect") == 1
+    assert sample(metrics, "trioproxy_retries_total", provider="p") == 1
+    assert sample(metrics, "trioproxy_failovers_total", provider="p") == 1
+    assert sample(metrics, "trioproxy_streams_total", route="", provider="backup", outcome="completed") == 1
+
+
+async def test_timeouts_are_counted_by_kind_and_end_the_stream_as_timeout(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[OPENED, STALL], [*tokens("x"), STALL]])
+    timeouts = Timeouts(first_token_timeout=10, silence_timeout=5, heartbeat_interval=0)
+    retry = RetryConfig(max_retries=1, base_delay_ms=0, jitter=0)
+    _, session = await run(pipeline(route(upstream, timeouts=timeouts, retry=retry)))
+
+    assert session.stats.timeouts == ["first_token_timeout", "silence_timeout"]
+    assert session.stats.outcome == "timeout"
+    metrics = Metrics(active_streams=lambda: 0)
+    metrics.observe_stream(session)
+    for kind in ("first_token_timeout", "silence_timeout"):
+        assert sample(metrics, "trioproxy_timeouts_total", provider="p", kind=kind) == 1
+    assert sample(metrics, "trioproxy_upstream_errors_total", provider="p", status="timeout") == 2
+
+
+async def test_a_cancelled_session_counts_one_upstream_cancellation(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[*tokens("a"), STALL]])
+    session = StreamSession(pipeline(route(upstream)), CHAT, heartbeats=False, endpoint="/v1/chat/completions")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        async for item in session.output:
+            if isinstance(item, Delta) and item.text:
+                await trio.sleep(1)
+                session.cancel()
+
+    assert upstream.cancelled == [1.0]
+    assert (session.stats.cancelled, session.stats.outcome) == (True, "cancelled")
+    metrics = Metrics(active_streams=lambda: 0)
+    metrics.observe_stream(session)
+    assert sample(metrics, "trioproxy_upstream_cancellations_total", provider="p") == 1
+    labels = {"route": "/v1/chat/completions", "provider": "p", "model": "m"}
+    assert sample(metrics, "trioproxy_stream_duration_seconds_sum", **labels) == pytest.approx(1.0)
+    assert sample(metrics, "trioproxy_time_to_first_token_seconds_count", **labels) == 1
+
+
+async def test_histograms_and_token_counters_move_as_the_stream_did(autojump_clock: trio.abc.Clock) -> None:
+    script = [OPENED, 0.2, Delta(text="one")]
+    script += [0.004, Delta(text=" two"), 0.004, Delta(text=" three")]
+    script += [Delta(finish_reason="stop", usage=Usage(prompt_tokens=7, completion_tokens=3))]
+    _, session = await run(pipeline(route(ScriptedUpstream([script]))))
+    metrics = Metrics(active_streams=lambda: 3)
+    metrics.observe_stream(session)
+
+    labels = {"route": "", "provider": "p", "model": "m"}
+    ttft = "trioproxy_time_to_first_token_seconds_bucket"
+    assert sample(metrics, ttft, le="0.1", **labels) == 0
+    assert sample(metrics, ttft, le="0.25", **labels) == 1
+    itl = "trioproxy_inter_token_latency_seconds_bucket"
+    assert sample(metrics, itl, le="0.0025", **labels) == 0
+    assert sample(metrics, itl, le="0.005", **labels) == 2
+    assert sample(metrics, "trioproxy_buffer_latency_seconds_count", **labels) == 3
+    assert sample(metrics, "trioproxy_tokens_total", provider="p", model="m", direction="in") == 7
+    assert sample(metrics, "trioproxy_tokens_total", provider="p", model="m", direction="out") == 3
+    assert sample(metrics, "trioproxy_active_streams") == 3
+
+
+async def test_model_labels_are_bounded_per_provider(autojump_clock: trio.abc.Clock) -> None:
+    metrics = Metrics(active_streams=lambda: 0)
+    labels = [metrics._model_label("p", f"model-{n}") for n in range(MAX_MODEL_LABELS + 5)]
+    assert labels[:MAX_MODEL_LABELS] == [f"model-{n}" for n in range(MAX_MODEL_LABELS)]
+    assert set(labels[MAX_MODEL_LABELS:]) == {"other"}
+    assert metrics._model_label("p", "model-0") == "model-0"
+    assert metrics._model_label("q", "model-99") == "model-99"

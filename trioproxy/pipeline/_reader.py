@@ -51,6 +51,8 @@ class RetryNotice:
     model: str
     delay: float
     reason: str
+    error: UpstreamError | None = None
+    """The failure that caused it."""
 
 
 @dataclass(slots=True)
@@ -169,4 +171,5 @@ def _notice(kind: str, attempt: int, route: Route, delay: float, error: Upstream
         model=route.upstream_model,
         delay=delay,
         reason=error.message,
+        error=error,
     )

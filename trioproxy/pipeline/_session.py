@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import trio
 
 from .._accumulator import Accumulator
 from .._events import Delta, Opened
-from .._exceptions import TrioproxyError
+from .._exceptions import TrioproxyError, UpstreamError
 from .._request import ChatRequest
 from ._reader import RetryNotice, read_upstream
+from ._stats import StreamStats
 
 if TYPE_CHECKING:
     from ._assemble import Pipeline
@@ -50,14 +52,18 @@ class StreamSession:
     """
     One generation in flight. Create with `start_session`; always end with `cancel()`.
 
-    `accumulator` holds what was delivered (text, tool calls, usage); `heartbeats` says
-    whether idle keep-alives are sent (not for non-streaming requests).
+    `accumulator` holds what was delivered (text, tool calls, usage), `stats` how it went
+    (timings, retries, failures); `heartbeats` says whether idle keep-alives are sent (not for
+    non-streaming requests); `endpoint` names the route it serves, for metrics and logs.
     """
 
-    def __init__(self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True) -> None:
+    def __init__(self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True, endpoint: str = "") -> None:
         self.pipeline = pipeline
         self.chat = chat
+        self.endpoint = endpoint
         self.accumulator = Accumulator()
+        first = pipeline.routes[0]
+        self.stats = StreamStats(started=trio.current_time(), provider=first.provider.name, model=first.upstream_model)
         self.buffer_waits: list[float] = []
         """Seconds each text delta spent inside the proxy, from upstream to the response."""
         self.completed = False
@@ -86,6 +92,8 @@ class StreamSession:
                     with trio.move_on_after(1):
                         await self._out.send(TrioproxyError("internal error while streaming"))
         finally:
+            self.stats.ended = trio.current_time()
+            self.stats.cancelled = self._cancel_scope.cancelled_caught
             self._out.close()
             self.finished.set()
 
@@ -133,16 +141,33 @@ class StreamSession:
         if isinstance(item, Delta):
             self.accumulator.add(item)
             await self._send(item)
-            if item.text and item.arrived is not None:
-                self.buffer_waits.append(trio.current_time() - item.arrived)
+            if item.has_content:
+                now = trio.current_time()
+                self.stats.token(now)
+                if item.text and item.arrived is not None:
+                    self.buffer_waits.append(now - item.arrived)
             return
-        if isinstance(item, TrioproxyError):
+        if isinstance(item, RetryNotice):
+            self._count(item)
+        elif isinstance(item, TrioproxyError):
             self._failed = True
+            self.stats.error = item
+            if isinstance(item, UpstreamError):
+                self.stats.failed(item)
             delivered = len(self.accumulator.text)
             item.characters_delivered = delivered  # type: ignore[attr-defined]
             if self.accumulator.content_deltas:
                 item.message += f" (after {delivered} characters were delivered; they are not repeated)"
         await self._send(item)
+
+    def _count(self, notice: RetryNotice) -> None:
+        stats = self.stats
+        if notice.error is not None:
+            stats.failed(notice.error)
+        if notice.kind == "retry":
+            stats.retries.append(notice.provider)
+        else:
+            stats.failed_over(notice.provider, notice.model)
 
     async def _send(self, item: SessionItem) -> None:
         await self._out.send(item)
@@ -162,10 +187,15 @@ def start_session(
     chat: ChatRequest,
     *,
     heartbeats: bool = True,
+    endpoint: str = "",
     registry: set[StreamSession] | None = None,
+    on_end: Callable[[StreamSession], None] | None = None,
 ) -> StreamSession:
-    """Run a session in `nursery`; `registry` holds it while it runs (active streams)."""
-    session = StreamSession(pipeline, chat, heartbeats=heartbeats)
+    """
+    Run a session in `nursery`; `registry` holds it while it runs (active streams), and
+    `on_end` sees it once it has ended (metrics).
+    """
+    session = StreamSession(pipeline, chat, heartbeats=heartbeats, endpoint=endpoint)
 
     async def run() -> None:
         if registry is not None:
@@ -175,6 +205,8 @@ def start_session(
         finally:
             if registry is not None:
                 registry.discard(session)
+            if on_end is not None:
+                on_end(session)
 
     nursery.start_soon(run, name=f"session {chat.model}")
     return session

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import orjson
 import trio
-from quart import Response, request, websocket
+from quart import Response, has_request_context, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -34,16 +34,12 @@ from .._request import ChatRequest, parse_chat_request, parse_json_object
 from .._router import Router
 from .._version import __version__
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
+from ._access import RECORD, AccessLog, RequestRecord
 from ._auth import key_is_valid, presented_key
 from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
-from ._generic import (
-    Renderer,
-    StreamInterrupted,
-    generic_chat_request,
-    new_request_id,
-    prompt_chars,
-    render,
-)
+from ._generic import Renderer, StreamInterrupted, generic_chat_request, prompt_chars, render
+from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ._metrics import Metrics
 from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
 from ._streams import BroadcastStream, StreamRegistry, Watcher
 from ._websocket import register_websocket_routes
@@ -65,10 +61,39 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
 
     active: set[StreamSession] = set()
     streams = StreamRegistry(config.streams)
+    metrics = Metrics(active_streams=active.__len__)
+    access_log = AccessLog(
+        app.asgi_app, metrics=metrics, enabled=config.logging.access_log, include_prompts=config.logging.include_prompts
+    )
+    app.asgi_app = access_log  # type: ignore[method-assign]
 
-    def start(pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True) -> StreamSession:
+    def start(
+        pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True, stream_id: str | None = None
+    ) -> StreamSession:
+        """Start a session for the current request (or a WebSocket's stream `stream_id`)."""
         nursery: trio.Nursery = app.nursery  # type: ignore[attr-defined]
-        return start_session(nursery, pipeline, chat, heartbeats=heartbeats, registry=active)
+        on_end = metrics.observe_stream
+        if has_websocket_context():
+            record: RequestRecord = websocket.scope[RECORD]
+
+            def on_end(session: StreamSession) -> None:
+                metrics.observe_stream(session)
+                access_log.log_stream(session, request_id=record.id, route=record.route, stream_id=stream_id)
+
+        session = start_session(
+            nursery, pipeline, chat, heartbeats=heartbeats, endpoint=_route(), registry=active, on_end=on_end
+        )
+        if has_request_context():
+            request.scope[RECORD].session = session
+        return session
+
+    @app.before_request
+    async def name_route() -> None:
+        request.scope[RECORD].route = _route()
+
+    @app.before_websocket
+    async def name_websocket_route() -> None:
+        websocket.scope[RECORD].route = _route()
 
     @app.after_serving
     async def close_upstreams() -> None:
@@ -108,6 +133,10 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
         providers = {name: {"type": p.type} for name, p in config.providers.items()}
         return _json({"status": "ok", "version": __version__, "providers": providers, "active_streams": len(active)})
 
+    @app.get("/metrics")
+    async def metrics_page() -> Response:
+        return Response(metrics.exposition(), content_type=METRICS_CONTENT_TYPE)
+
     @app.get("/v1/models")
     async def models() -> Response:
         data = [{"id": model, "object": "model", "created": 0, "owned_by": owner} for model, owner in router.models()]
@@ -143,7 +172,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
             return Response(frame(error_event(error)), status=error.status, content_type=content_type)
 
         async def endpoint() -> Response:
-            request_id = new_request_id()
+            request_id = request.scope[RECORD].id
             try:
                 body = parse_json_object(await request.get_data())
                 chat, provider, buffer = generic_chat_request(body)
@@ -167,7 +196,6 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
                 response = await _shared_stream(start(pipeline, chat), renderer_for, error_response)
             else:
                 response = await _stream(start(pipeline, chat), renderer_for(None, frame), content_type, error_response)
-            response.headers["x-request-id"] = request_id
             return response
 
         return endpoint
@@ -242,6 +270,12 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
         return _openai_error(TrioproxyError("internal server error"))
 
     return app
+
+
+def _route() -> str:
+    """The matched URL rule of the current request or WebSocket: a bounded label, unlike its path."""
+    rule = (request if has_request_context() else websocket).url_rule
+    return rule.rule if rule is not None else "unmatched"
 
 
 async def _first_item(session: StreamSession) -> SessionItem:

@@ -131,7 +131,7 @@ def register_websocket_routes(app: QuartTrio, *, start: Callable[..., StreamSess
                 prompt_chars=prompt_chars(chat),
                 chunked=pipeline.buffer.enabled,
             )
-            session = start(pipeline, chat, heartbeats=False)
+            session = start(pipeline, chat, heartbeats=False, stream_id=str(request_id))
             scope = trio.CancelScope()
             self.active[request_id] = (session, scope)
             self.nursery.start_soon(self.relay, request_id, session, renderer, scope)

@@ -1,0 +1,235 @@
+"""
+Metrics, the access log and request ids, end to end: real streams through a real proxy,
+then `/metrics` scraped and parsed, and the log lines read back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from functools import partial
+
+import httpx
+import openai
+import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from trioproxy import parse_config, serve
+from trioproxy._logs import JsonFormatter, LoggingConfig, TextFormatter
+from trioproxy.testing import FakeUpstream, Reply
+
+MESSAGES = [{"role": "user", "content": "a private prompt"}]
+CHAT = "/v1/chat/completions"
+
+
+async def scrape(proxy_url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of `/metrics`, keyed by name and labels."""
+    async with httpx.AsyncClient() as http:
+        response = await http.get(proxy_url + "/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def wait_until(check: Callable[[], bool], *, seconds: float = 5.0) -> None:
+    with trio.fail_after(seconds):
+        while not check():
+            await trio.sleep(0.01)
+
+
+async def test_metrics_move_as_streams_go_through(
+    proxy_url: str, upstream: FakeUpstream, client: openai.AsyncOpenAI, upstream_keys: dict[str, str]
+) -> None:
+    before = await scrape(proxy_url)
+    upstream.push(*[Reply(tokens=["one", " two", " three", " four"])] * 3)
+    for _ in range(3):
+        stream = await client.chat.completions.create(model="up/gpt-x", messages=MESSAGES, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "one two three four"
+    after = await scrape(proxy_url)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    stream_labels = {"route": CHAT, "provider": "up", "model": "gpt-x"}
+    assert moved("trioproxy_requests_total", route=CHAT, status="200", outcome="completed") == 3
+    assert moved("trioproxy_streams_total", route=CHAT, provider="up", outcome="completed") == 3
+    assert moved("trioproxy_time_to_first_token_seconds_count", **stream_labels) == 3
+    assert moved("trioproxy_time_to_first_token_seconds_bucket", le="+Inf", **stream_labels) == 3
+    assert moved("trioproxy_inter_token_latency_seconds_count", **stream_labels) == 3 * 3
+    assert moved("trioproxy_buffer_latency_seconds_count", **stream_labels) == 3 * 4
+    assert moved("trioproxy_stream_duration_seconds_count", **stream_labels) == 3
+    assert moved("trioproxy_tokens_total", provider="up", model="gpt-x", direction="out") == 3 * 4
+    assert moved("trioproxy_tokens_total", provider="up", model="gpt-x", direction="in") > 0
+    assert value(after, "trioproxy_active_streams") == 0
+    assert value(after, "process_resident_memory_bytes") > 0
+    assert upstream_keys["up"] not in repr(after)
+
+
+async def test_upstream_errors_retries_and_failures_are_counted(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
+    config = parse_config(
+        {
+            "retry": {"max_retries": 1, "base_delay_ms": 1, "jitter": 0},
+            "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1", "api_key_env": "K"}},
+        },
+        environ={"K": "sk-x"},
+    )
+    proxy_url = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    upstream.push(Reply(status=503), Reply(status=500))
+    async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key="k", max_retries=0) as sdk:
+        with pytest.raises(openai.InternalServerError):
+            await sdk.chat.completions.create(model="up/gpt-x", messages=MESSAGES, stream=True)
+    samples = await scrape(proxy_url)
+
+    assert value(samples, "trioproxy_upstream_errors_total", provider="up", status="503") == 1
+    assert value(samples, "trioproxy_upstream_errors_total", provider="up", status="500") == 1
+    assert value(samples, "trioproxy_retries_total", provider="up") == 1
+    assert value(samples, "trioproxy_requests_total", route=CHAT, status="500", outcome="upstream_error") == 1
+
+
+async def test_a_client_that_leaves_counts_a_disconnect_and_an_upstream_cancellation(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=[f" t{i}" for i in range(1000)], interval=0.01))
+    body = {"model": "up/gpt-x", "messages": MESSAGES, "stream": True}
+    async with httpx.AsyncClient() as http:
+        async with http.stream("POST", proxy_url + CHAT, json=body) as response:
+            async for _ in response.aiter_raw():
+                break
+    with trio.fail_after(5):
+        await upstream.requests[-1].disconnected.wait()
+
+    samples: dict = {}
+
+    async def counted() -> bool:
+        nonlocal samples
+        samples = await scrape(proxy_url)
+        return value(samples, "trioproxy_upstream_cancellations_total", provider="up") == 1
+
+    with trio.fail_after(5):
+        while not await counted():
+            await trio.sleep(0.01)
+    assert value(samples, "trioproxy_client_disconnects_total", route=CHAT) == 1
+    assert value(samples, "trioproxy_requests_total", route=CHAT, status="200", outcome="client_disconnected") == 1
+    assert value(samples, "trioproxy_streams_total", route=CHAT, provider="up", outcome="cancelled") == 1
+    assert value(samples, "trioproxy_active_streams") == 0
+
+
+async def test_routes_are_labelled_by_rule_not_path(proxy_url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        for n in range(3):
+            assert (await http.get(f"{proxy_url}/v1/streams/no-such-{n}")).status_code == 404
+        assert (await http.get(proxy_url + "/no/such/page")).status_code == 404
+    samples = await scrape(proxy_url)
+    assert (
+        value(samples, "trioproxy_requests_total", route="/v1/streams/<stream_id>", status="404", outcome="rejected")
+        == 3
+    )
+    assert value(samples, "trioproxy_requests_total", route="unmatched", status="404", outcome="rejected") == 1
+
+
+async def test_every_response_carries_a_request_id(proxy_url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        responses = [
+            await http.get(proxy_url + "/health"),
+            await http.get(proxy_url + "/v1/models"),
+            await http.get(proxy_url + "/nowhere"),
+            await http.post(proxy_url + CHAT, content=b"not json"),
+            await http.post(proxy_url + CHAT, json={"model": "sim/echo", "messages": MESSAGES, "stream": True}),
+            await http.post(proxy_url + "/v1/chat/stream", json={"model": "sim/echo", "messages": MESSAGES}),
+        ]
+        ids = [r.headers.get("x-request-id", "") for r in responses]
+        assert all(i.startswith("req_") for i in ids), ids
+        assert len(set(ids)) == len(ids)
+        # The generic stream's events carry the same id as its header.
+        assert ids[-1] in responses[-1].text
+
+        kept = await http.get(proxy_url + "/health", headers={"x-request-id": "lb-7f3a:42"})
+        assert kept.headers["x-request-id"] == "lb-7f3a:42"
+        replaced = await http.get(proxy_url + "/health", headers={"x-request-id": "bad id\twith spaces"})
+        assert replaced.headers["x-request-id"].startswith("req_")
+
+
+async def test_one_access_line_per_request_without_secrets(
+    proxy_url: str,
+    upstream: FakeUpstream,
+    client: openai.AsyncOpenAI,
+    upstream_keys: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    secret = upstream_keys["up"]
+    upstream.push(Reply(tokens=["a", "b"]), Reply(status=401, error_message=f"bad key {secret}"))
+    stream = await client.chat.completions.with_raw_response.create(model="up/gpt-x", messages=MESSAGES, stream=True)
+    request_id = stream.headers["x-request-id"]
+    async for _ in stream.parse():
+        pass
+    with pytest.raises(openai.AuthenticationError):
+        await client.chat.completions.create(model="up/gpt-x", messages=MESSAGES, stream=True)
+    await wait_until(lambda: len([r for r in caplog.records if r.name == "trioproxy.access"]) == 2)
+
+    ok, failed = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+    assert ok["request_id"] == request_id
+    assert (ok["route"], ok["status"], ok["outcome"]) == (CHAT, 200, "completed")
+    assert (ok["provider"], ok["model"], ok["tokens_out"]) == ("up", "gpt-x", 2)
+    assert ok["ttft_ms"] is not None and ok["duration_ms"] >= ok["ttft_ms"]
+    assert (failed["status"], failed["outcome"]) == (401, "upstream_error")
+    lines = [TextFormatter().format(r) + JsonFormatter().format(r) for r in caplog.records]
+    assert secret not in "".join(lines)
+    assert "private prompt" not in "".join(lines)
+
+
+async def test_prompts_are_logged_only_when_enabled(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    config = parse_config({"logging": {"include_prompts": True, "format": "json"}})
+    proxy_url = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    async with httpx.AsyncClient() as http:
+        await http.post(proxy_url + CHAT, json={"model": "sim/echo", "messages": MESSAGES, "stream": True})
+    await wait_until(lambda: any(r.name == "trioproxy.access" for r in caplog.records))
+    (record,) = [r for r in caplog.records if r.name == "trioproxy.access"]
+    line = json.loads(JsonFormatter().format(record))
+    assert line["prompt"] == [{"role": "user", "content": "a private prompt"}]
+    assert (line["level"], line["logger"], line["status"]) == ("info", "trioproxy.access", 200)
+
+
+async def test_websocket_streams_get_a_line_each(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    from trioproxy.client import WebSocketClient
+
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    proxy_url = (await nursery.start(partial(serve, parse_config({}), host="127.0.0.1", port=0)))[0]
+    async with WebSocketClient.connect(proxy_url.replace("http", "ws") + "/v1/chat/ws") as ws:
+        for n in range(2):
+            events = [e async for e in ws.stream({"model": "sim/echo", "messages": MESSAGES, "id": f"s{n}"})]
+            assert events[-1].type == "done"
+    await wait_until(lambda: len([r for r in caplog.records if r.name == "trioproxy.access"]) >= 3)
+    fields = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+    streams = [f for f in fields if f.get("stream_id")]
+    assert [(f["stream_id"], f["outcome"], f["route"]) for f in streams] == [
+        ("s0", "completed", "/v1/chat/ws"),
+        ("s1", "completed", "/v1/chat/ws"),
+    ]
+
+
+def test_text_lines_are_key_value_pairs() -> None:
+    record = logging.LogRecord("trioproxy.access", logging.INFO, __file__, 1, "POST %s", ("/x",), None)
+    record.fields = {"request_id": "req_1", "status": 200, "error": 'said "no"', "ttft_ms": None}
+    line = TextFormatter().format(record)
+    assert line.endswith('POST /x request_id=req_1 status=200 error="said \\"no\\""')
+    assert "\n" not in line
+
+
+def test_logging_config_is_checked() -> None:
+    assert parse_config({"logging": {"format": "json", "level": "debug"}}).logging == LoggingConfig(
+        format="json", level="debug"
+    )
+    with pytest.raises(Exception, match=r"\[logging\]\.format must be one of 'text', 'json', got 'xml'"):
+        parse_config({"logging": {"format": "xml"}})

@@ -1,0 +1,177 @@
+"""
+Prometheus metrics, served at `/metrics`.
+
+Each app owns its registry (so several apps in one process, as in the tests, never share
+counts). Streams are observed once, when their session ends, from `StreamStats`: nothing
+is done per token on the hot path but what the session already tallies. Requests are
+observed by the access log (`_access.py`) when their response has been sent.
+
+Label values come from the config (routes, providers) or are bounded here: a provider with
+no `models` list would take any model name a client sends, so each provider keeps at most
+`MAX_MODEL_LABELS` model names and counts the rest as "other".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.process_collector import ProcessCollector
+
+from .._exceptions import UpstreamStatusError, UpstreamTimeoutError
+from ..pipeline import StreamSession
+from ._generic import prompt_chars
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+MAX_MODEL_LABELS: Final = 50
+
+_LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_GAP_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_BUFFER_BUCKETS: Final = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+_DURATION_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_STREAM_LABELS: Final = ("route", "provider", "model")
+
+
+class Metrics:
+    def __init__(self, *, active_streams: Callable[[], int]) -> None:
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        self._models: dict[str, set[str]] = {}
+
+        self.requests = Counter(
+            "trioproxy_requests",
+            "HTTP requests and WebSocket streams answered, by outcome",
+            ("route", "status", "outcome"),
+            registry=registry,
+        )
+        self.client_disconnects = Counter(
+            "trioproxy_client_disconnects",
+            "Clients that went away before their response was complete",
+            ("route",),
+            registry=registry,
+        )
+        self.upstream_cancellations = Counter(
+            "trioproxy_upstream_cancellations",
+            "Upstream requests cancelled because their client went away (or cancelled the stream)",
+            ("provider",),
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "trioproxy_upstream_errors",
+            "Failed upstream attempts, retried or not, by HTTP status (or connect, timeout, protocol)",
+            ("provider", "status"),
+            registry=registry,
+        )
+        self.retries = Counter("trioproxy_retries", "Upstream attempts retried", ("provider",), registry=registry)
+        self.failovers = Counter(
+            "trioproxy_failovers",
+            "Streams moved to a fallback provider, by the provider left",
+            ("provider",),
+            registry=registry,
+        )
+        self.timeouts = Counter(
+            "trioproxy_timeouts", "Named timeouts that fired", ("provider", "kind"), registry=registry
+        )
+        self.tokens = Counter(
+            "trioproxy_tokens",
+            "Tokens in (prompt) and out (completion), as the upstream reported them or estimated",
+            ("provider", "model", "direction"),
+            registry=registry,
+        )
+        self.streams = Counter(
+            "trioproxy_streams", "Streams ended, by outcome", ("route", "provider", "outcome"), registry=registry
+        )
+        self.time_to_first_token = Histogram(
+            "trioproxy_time_to_first_token_seconds",
+            "From the stream's start to its first token handed to the client",
+            _STREAM_LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token_latency = Histogram(
+            "trioproxy_inter_token_latency_seconds",
+            "Between consecutive tokens handed to the client",
+            _STREAM_LABELS,
+            buckets=_GAP_BUCKETS,
+            registry=registry,
+        )
+        self.buffer_latency = Histogram(
+            "trioproxy_buffer_latency_seconds",
+            "How long text waited inside the proxy, from the upstream to the client",
+            _STREAM_LABELS,
+            buckets=_BUFFER_BUCKETS,
+            registry=registry,
+        )
+        self.stream_duration = Histogram(
+            "trioproxy_stream_duration_seconds",
+            "From the stream's start to its end, however it ended",
+            _STREAM_LABELS,
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
+        active = Gauge("trioproxy_active_streams", "Streams in flight", registry=registry)
+        active.set_function(active_streams)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe_request(self, route: str, status: int, outcome: str, *, disconnected: bool) -> None:
+        self.requests.labels(route, str(status), outcome).inc()
+        if disconnected:
+            self.client_disconnects.labels(route).inc()
+
+    def observe_stream(self, session: StreamSession) -> None:
+        """Called once per session, when it has ended."""
+        stats = session.stats
+        provider = stats.provider
+        model = self._model_label(provider, stats.model)
+        labels = (session.endpoint, provider, model)
+        self.streams.labels(session.endpoint, provider, stats.outcome).inc()
+        if stats.ttft is not None:
+            self.time_to_first_token.labels(*labels).observe(stats.ttft)
+        _observe_all(self.inter_token_latency.labels(*labels), stats.token_gaps)
+        _observe_all(self.buffer_latency.labels(*labels), session.buffer_waits)
+        if stats.duration is not None:
+            self.stream_duration.labels(*labels).observe(stats.duration)
+        for retried in stats.retries:
+            self.retries.labels(retried).inc()
+        for failed, failure in stats.failures:
+            if isinstance(failure, UpstreamTimeoutError):
+                self.timeouts.labels(failed, failure.kind).inc()
+            self.upstream_errors.labels(failed, _failure_status(failure)).inc()
+        for left in stats.providers_left:
+            self.failovers.labels(left).inc()
+        if stats.cancelled and stats.error is None:
+            self.upstream_cancellations.labels(provider).inc()
+        usage = session.accumulator.usage_or_estimate(prompt_chars(session.chat))
+        if usage.prompt_tokens:
+            self.tokens.labels(provider, model, "in").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            self.tokens.labels(provider, model, "out").inc(usage.completion_tokens)
+
+    def _model_label(self, provider: str, model: str) -> str:
+        seen = self._models.setdefault(provider, set())
+        if model in seen:
+            return model
+        if len(seen) < MAX_MODEL_LABELS:
+            seen.add(model)
+            return model
+        return "other"
+
+
+def _observe_all(histogram: Histogram, values: Iterable[float]) -> None:
+    observe = histogram.observe
+    for value in values:
+        observe(value)
+
+
+def _failure_status(failure: Exception) -> str:
+    if isinstance(failure, UpstreamStatusError):
+        return str(failure.status)
+    if isinstance(failure, UpstreamTimeoutError):
+        return "timeout"
+    return type(failure).__name__.removeprefix("Upstream").removesuffix("Error").lower() or "error"
