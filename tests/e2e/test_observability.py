@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import httpx
 import openai
@@ -233,3 +238,38 @@ def test_logging_config_is_checked() -> None:
     )
     with pytest.raises(Exception, match=r"\[logging\]\.format must be one of 'text', 'json', got 'xml'"):
         parse_config({"logging": {"format": "xml"}})
+
+
+async def test_serve_writes_json_lines(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The real command: `[logging] format = "json"` makes every stderr line a JSON object."""
+    config = tmp_path / "trioproxy.toml"
+    config.write_text('[logging]\nformat = "json"\n')
+    log = tmp_path / "stderr.log"
+    with log.open("wb") as stderr:
+        command = [sys.executable, "-m", "trioproxy", "serve", "--config", str(config), "--port", "0"]
+        process = await nursery.start(
+            partial(trio.run_process, command, stdout=subprocess.PIPE, stderr=stderr, check=False)
+        )
+        output = b""
+        with trio.fail_after(20):
+            while b"listening on" not in output:
+                data = await process.stdout.receive_some()
+                assert data, output
+                output += data
+        url = re.search(rb"http://127\.0\.0\.1:\d+", output).group().decode()  # type: ignore[union-attr]
+        async with httpx.AsyncClient() as http:
+            response = await http.post(url + CHAT, json={"model": "sim/echo", "messages": MESSAGES, "stream": True})
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            assert await process.wait() == 0
+
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    (access,) = [line for line in lines if line["logger"] == "trioproxy.access"]
+    assert access["request_id"] == response.headers["x-request-id"]
+    assert (access["status"], access["outcome"], access["provider"], access["model"]) == (
+        200,
+        "completed",
+        "sim",
+        "echo",
+    )
+    assert "private prompt" not in log.read_text()
