@@ -29,7 +29,7 @@ import pytest
 import trio
 
 from trioproxy import Config, SSEDecoder, parse_config, serve
-from trioproxy.testing import FakeUpstream, Reply
+from trioproxy.testing import FakeUpstream, RecordedRequest, Reply
 
 try:
     from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
@@ -324,13 +324,33 @@ async def test_stop_cancels_the_stream_and_its_upstream_request(
         return session.text("status"), session.text("answer")
 
     status, answer = await chromium.run(proxy, steps)
-    recorded = upstream.requests[-1]
+    await _assert_hung_up(upstream.requests[-1])
+    assert 3 <= answer.count("tick") < 2000
+    assert re.fullmatch(r"Stopped: the request was cancelled after \d+ tokens", status)
+
+
+async def test_escape_stops_too_even_before_the_first_token(
+    chromium: Chromium, proxy: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("late",), ttft=20))
+
+    def steps(session: PageSession) -> str:
+        session.open()
+        session.send("up/m", "wait for it")
+        session.trio(upstream.wait_for_requests, 1)
+        session.page.keyboard.press("Escape")
+        session.wait_for_state("stopped")
+        return session.text("status")
+
+    assert await chromium.run(proxy, steps) == "Stopped: the request was cancelled after 0 tokens"
+    await _assert_hung_up(upstream.requests[-1])
+
+
+async def _assert_hung_up(recorded: RecordedRequest) -> None:
+    """The browser's abort reached the upstream: the proxy closed its request, soon."""
     with trio.fail_after(1):
         await recorded.disconnected.wait()
     assert not recorded.completed
-    shown = answer.count("tick")
-    assert 3 <= shown < 2000
-    assert re.fullmatch(r"Stopped: the request was cancelled after \d+ tokens", status)
 
 
 # --- errors ------------------------------------------------------------------------------------
