@@ -6,10 +6,11 @@ Playwright's sync API runs its own asyncio loop and is bound to the thread that 
 one thread owns the browser for the whole module (`Chromium`). Each test hands that thread a
 function of a fresh page (`await chromium.run(steps)`, through `trio.to_thread.run_sync`) while
 the proxy (real hypercorn) and `FakeUpstream` run in trio; the steps call back into trio with
-`page.trio(...)`. Every browser wait is bounded by `WAIT_MS`.
+`session.trio(...)`. Every browser wait (actions and `expect`) is bounded by `WAIT_MS`.
 
 Screenshots go to `$TRIOPROXY_TEST_ARTIFACTS` (default `.artifacts/`): the streamed answer in
-light and dark (narrow) layouts, and the page of any browser test that fails.
+light and dark (narrow) layouts, a stopped and a failed stream, and the page of any browser
+test that fails.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class PageSession:
     page_errors: list[str] = field(default_factory=list)
 
     def trio(self, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        return trio.from_thread.run(afn, *args, trio_token=self.trio_token)
+        """`await afn(*args)` in trio, from the browser's thread, within `WAIT_MS`."""
+        return trio.from_thread.run(_within, WAIT_MS / 1000, afn, *args, trio_token=self.trio_token)
 
     def open(self) -> None:
         self.page.goto(self.origin + "/")
@@ -92,6 +94,11 @@ class PageSession:
         return self.page.get_by_test_id(test_id).inner_text()
 
 
+async def _within(seconds: float, afn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    with trio.fail_after(seconds):
+        return await afn(*args)
+
+
 class Chromium:
     """One headless Chromium, owned by one thread for its whole life."""
 
@@ -113,6 +120,7 @@ class Chromium:
         return await trio.to_thread.run_sync(lambda: self._thread.submit(job).result())
 
     def _launch(self) -> None:
+        expect.set_options(timeout=WAIT_MS)
         self._playwright = sync_playwright().start()
         self._browser = self._playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
@@ -160,8 +168,8 @@ def chromium() -> Iterator[Chromium]:
         pytest.fail("the playwright package is missing: `make test` installs the test extra (.[test])", pytrace=False)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser = Chromium()
-    browser.start()
     try:
+        browser.start()
         yield browser
     finally:
         browser.close()
@@ -286,6 +294,31 @@ async def test_the_dark_narrow_layout_streams_too(chromium: Chromium, proxy: str
     assert answer == "Narrow screens and dark rooms stream the same words"
 
 
+async def test_a_tool_call_is_shown_as_it_streams(chromium: Chromium, proxy: str) -> None:
+    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="unused", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="sim/tools", messages=[{"role": "user", "content": "Weather in Lisbon?"}], stream=True
+        )
+        name = arguments = ""
+        async for chunk in stream:
+            for call in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+                name += call.function.name or ""
+                arguments += call.function.arguments or ""
+    assert name == "get_weather" and "Weather in Lisbon?" in arguments
+
+    def steps(session: PageSession) -> tuple[str, str, str]:
+        session.open()
+        session.send("sim/tools", "Weather in Lisbon?")
+        session.wait_for_state("complete")
+        answer = session.page.get_by_test_id("answer")
+        return session.text("status"), session.text("tool-calls"), answer.get_attribute("data-placeholder") or ""
+
+    status, calls, placeholder = await chromium.run(proxy, steps)
+    assert status == "Complete (finish reason: tool_calls)"
+    assert calls == f"→ {name}({arguments})"
+    assert placeholder == "No text: the model asked for the tool call below."
+
+
 async def test_keep_alive_comments_before_the_first_token_are_skipped(
     chromium: Chromium, proxy: str, upstream: FakeUpstream
 ) -> None:
@@ -393,6 +426,33 @@ async def test_errors_are_shown_plainly(chromium: Chromium, proxy: str, upstream
     assert seen["partial_answer"] == "one two"
 
 
+@pytest.mark.parametrize(
+    ("body", "title", "message"),
+    [
+        ('data: {"choices": [{"delta": {"content": "half"}}]}\n\n', "The stream was cut short", "it ended without"),
+        ('data: {"choices": [{"delta": {"content": "half"}}]}\n\ndata: {oops\n\n', "Malformed stream", "not JSON"),
+        ('data: {"choices": [{"delta": {"content": "half"}}]}\n\ndata: 5\n\n', "Malformed stream", "not a JSON"),
+    ],
+)
+async def test_streams_the_proxy_never_sends_still_fail_plainly(
+    chromium: Chromium, proxy: str, body: str, title: str, message: str
+) -> None:
+    """As a hop between the page and the proxy might cut or garble them (the browser serves these)."""
+
+    def steps(session: PageSession) -> tuple[str, str, str]:
+        session.open()
+        session.page.route(
+            "**/v1/chat/completions", lambda route: route.fulfill(body=body, content_type="text/event-stream")
+        )
+        session.send("sim/echo", "hi")
+        session.wait_for_state("error")
+        return session.text("error-title"), session.text("error-message"), session.text("answer")
+
+    seen_title, seen_message, answer = await chromium.run(proxy, steps)
+    assert (seen_title, answer) == (title, "half")
+    assert seen_message.startswith(message)
+
+
 async def test_a_proxy_that_is_gone_is_a_network_error(chromium: Chromium, upstream: FakeUpstream) -> None:
     proxy_scope = trio.CancelScope()
     proxy_gone = trio.Event()
@@ -406,8 +466,7 @@ async def test_a_proxy_that_is_gone_is_a_network_error(chromium: Chromium, upstr
 
     async def stop_proxy() -> None:
         proxy_scope.cancel()
-        with trio.fail_after(5):
-            await proxy_gone.wait()
+        await proxy_gone.wait()
 
     def steps(session: PageSession) -> tuple[str, str]:
         session.open()
@@ -464,7 +523,7 @@ SSE_STREAMS = [
     'data: {"a": 1}\n\n: keep-alive\n\ndata: [DONE]\n\n',
     "data: one\r\ndata: two\r\n\r\n:comment\rdata:three\r\rdata: x\n\n",
     "event: error\ndata: {}\n\nid: 7\nretry: 10\ndata\n\ndata: last without its blank line",
-    "\ufeffdata: bom first\n\nfield-only\ndata:  two spaces\n\n",
+    "\ufeffdata: bom first\n\nfield-only\ndata:  two spaces, café, €\n\n",
 ]
 
 
