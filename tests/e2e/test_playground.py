@@ -167,6 +167,8 @@ def chromium() -> Iterator[Chromium]:
     if sync_playwright is None:
         pytest.fail("the playwright package is missing: `make test` installs the test extra (.[test])", pytrace=False)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for stale in ARTIFACTS.glob("failed-*.png"):  # from an earlier run: not this one's failures
+        stale.unlink()
     browser = Chromium()
     try:
         browser.start()
