@@ -6,8 +6,10 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 CONFIG ?=
 BENCH_ARGS ?=
+# The playground tests drive Debian's Chromium (never a browser build downloaded by a tool).
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: serve test bench install install-test install-bench clean
+.PHONY: serve test bench browser install install-test install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +34,20 @@ install-bench: $(VENV)/.installed-bench
 serve: $(VENV)/.installed
 	$(BIN)/trioproxy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test browser
 	$(BIN)/python -m pytest
+
+# Installs Debian's chromium (about 10 s from a warm mirror) when it is missing and we are root;
+# otherwise says how, and the playground tests fail with the same advice.
+browser:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing chromium for the playground tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+		else \
+			echo "warning: $(CHROMIUM) is missing; install it (sudo apt-get install chromium) for the playground tests" >&2; \
+		fi; \
+	fi
 
 # Direct vs trioproxy, side by side; e.g. `make bench BENCH_ARGS="--quick"` or "--find-max".
 bench: $(VENV)/.installed-bench

@@ -17,6 +17,8 @@ so a client that goes away — at any point — takes its upstream request with 
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
@@ -51,6 +53,15 @@ logger = logging.getLogger("trioproxy.server")
 STREAM_HEADERS: Final = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SSE: Final = "text/event-stream"
 NDJSON: Final = "application/x-ndjson"
+#: The playground is one self-contained page: it may run its own inline code and talk to this
+#: origin, and nothing else (no CDN, no framing).
+PLAYGROUND_HEADERS: Final = {
+    "cache-control": "no-cache",
+    "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
 
 
 def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
@@ -127,6 +138,11 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     @app.before_websocket
     async def require_key_for_websocket() -> Response | None:
         return refused(websocket.path, websocket.headers)
+
+    @app.get("/")
+    async def playground() -> Response:
+        """The playground page; open even with client keys on (its own requests carry the key)."""
+        return Response(_playground_page(), content_type="text/html; charset=utf-8", headers=PLAYGROUND_HEADERS)
 
     @app.get("/health")
     async def health() -> Response:
@@ -276,6 +292,12 @@ def _route() -> str:
     """The matched URL rule of the current request or WebSocket: a bounded label, unlike its path."""
     rule = (request if has_request_context() else websocket).url_rule
     return rule.rule if rule is not None else "unmatched"
+
+
+@functools.cache
+def _playground_page() -> bytes:
+    """Read once from the package's data: the page needs no build step and fetches nothing."""
+    return (importlib.resources.files(__package__) / "static" / "playground.html").read_bytes()
 
 
 async def _first_item(session: StreamSession) -> SessionItem:
