@@ -210,7 +210,7 @@ def test_a_declared_sim_replaces_the_builtin() -> None:
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: auth, buffer, default_provider, providers, retry, server, streams, timeouts)"
+        "config: unknown key 'providrs' (known: auth, buffer, cors, default_provider, limits, providers, retry, server, streams, timeouts)"
     )
 
 
@@ -383,7 +383,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: auth, buffer, default_provider, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'sever' (known: auth, buffer, cors, default_provider, limits, providers, retry, server, streams, timeouts)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -399,8 +399,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: auth, buffer, default_provider, providers, retry, server, streams, timeouts)",
-        "config: unknown key 'y' (known: auth, buffer, default_provider, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'x' (known: auth, buffer, cors, default_provider, limits, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'y' (known: auth, buffer, cors, default_provider, limits, providers, retry, server, streams, timeouts)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -163,8 +164,13 @@ def start_session(
     *,
     heartbeats: bool = True,
     registry: set[StreamSession] | None = None,
+    on_end: Callable[[], None] | None = None,
 ) -> StreamSession:
-    """Run a session in `nursery`; `registry` holds it while it runs (active streams)."""
+    """
+    Run a session in `nursery`; `registry` holds it while it runs (active streams), and
+    `on_end` is called when its task ends, however it ends (it frees the stream's place in
+    the server's limits).
+    """
     session = StreamSession(pipeline, chat, heartbeats=heartbeats)
 
     async def run() -> None:
@@ -175,6 +181,8 @@ def start_session(
         finally:
             if registry is not None:
                 registry.discard(session)
+            if on_end is not None:
+                on_end()
 
     nursery.start_soon(run, name=f"session {chat.model}")
     return session
