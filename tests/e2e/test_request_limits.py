@@ -105,6 +105,25 @@ async def test_a_body_over_max_body_bytes_is_a_413_before_anything_else(
     assert len(upstream.requests) == 1  # only the one within the limit
 
 
+async def test_a_declared_length_over_the_limit_is_refused_without_waiting_for_the_body(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(nursery, upstream, limits={"max_body_bytes": 4096})
+    host, port = proxy.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\n"
+        b"content-length: 1000000000\r\n\r\n{"
+    )
+    await stream.send_all(head)  # and not one byte more: the answer must not wait for them
+    received = b""
+    with trio.fail_after(2):
+        while b"request_too_large" not in received:
+            received += await stream.receive_some()
+    assert received.startswith(b"HTTP/1.1 413 ")
+    await stream.aclose()
+
+
 async def chunks(total: int, size: int = 1000) -> AsyncIterator[bytes]:
     for _ in range(total // size):
         yield b"x" * size
@@ -399,3 +418,16 @@ async def test_websocket_stream_requests_are_limited_and_refused_with_error_even
         await connection.send_message(ws_request("hi", "c"))
         assert (await next_event(connection, "c"))["type"] == "done"
     assert len(upstream.requests) == 2
+
+
+async def test_a_websocket_message_far_over_the_limit_closes_the_connection_unread(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(nursery, upstream, limits={"max_body_bytes": 1000})
+    url = proxy.replace("http://", "ws://", 1) + "/v1/chat/ws"
+    async with trio_websocket.open_websocket_url(url) as connection:
+        await connection.send_message(ws_request("x" * 2500, "huge"))  # over twice the limit
+        with trio.fail_after(2), pytest.raises(trio_websocket.ConnectionClosed) as info:
+            await connection.get_message()
+    assert info.value.reason.code == 1009  # message too big
+    assert len(upstream.requests) == 0
