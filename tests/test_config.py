@@ -918,8 +918,10 @@ def test_limits_defaults_and_table() -> None:
         ),
         (
             {"max_stream": 3},
-            "[limits]: unknown key 'max_stream' (known: max_body_bytes, max_concurrent_streams, "
-            "max_messages, max_streams_per_key, max_string_chars, requests_per_minute)",
+            (
+                "[limits]: unknown key 'max_stream' (known: max_body_bytes, max_concurrent_streams, "
+                "max_messages, max_streams_per_key, max_string_chars, requests_per_minute)"
+            ),
         ),
     ],
 )
@@ -957,8 +959,10 @@ def test_cors_off_by_default_and_table() -> None:
     [
         (
             {"allow_origins": ["https://app.example.com/"]},
-            "[cors].allow_origins: 'https://app.example.com/' is not an origin: write scheme://host[:port], "
-            "with no path and no trailing slash (e.g. 'https://app.example.com')",
+            (
+                "[cors].allow_origins: 'https://app.example.com/' is not an origin: write scheme://host[:port], "
+                "with no path and no trailing slash (e.g. 'https://app.example.com')"
+            ),
         ),
         (
             {"allow_origins": "*"},
@@ -971,13 +975,17 @@ def test_cors_off_by_default_and_table() -> None:
         ({"allow_credentials": "yes"}, "[cors].allow_credentials must be true or false, got 'yes'"),
         (
             {"allow_origins": ["*"], "allow_credentials": True},
-            "[cors].allow_credentials = true needs the origins listed: with '*', every web site could send "
-            "its visitors' cookies to the proxy",
+            (
+                "[cors].allow_credentials = true needs the origins listed: with '*', every web site could send "
+                "its visitors' cookies to the proxy"
+            ),
         ),
         (
             {"allow_origin": ["*"]},
-            "[cors]: unknown key 'allow_origin' (known: allow_credentials, allow_headers, "
-            "allow_origins, expose_headers, max_age)",
+            (
+                "[cors]: unknown key 'allow_origin' (known: allow_credentials, allow_headers, "
+                "allow_origins, expose_headers, max_age)"
+            ),
         ),
     ],
 )
