@@ -27,8 +27,8 @@ import trio_websocket
 from trioproxy import SSEDecoder, StreamEvent, create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, open_fake_upstream
 
-SLOW_TOKENS = 40
-SLOW_INTERVAL = 0.05  # a slow stream lasts about two seconds
+SLOW_TOKENS = 50
+SLOW_INTERVAL = 0.05  # a slow stream lasts about two and a half seconds
 
 
 def reply_for(request: RecordedRequest) -> Reply:
