@@ -19,6 +19,8 @@ import pytest
 from trioproxy._config import (
     DEFAULT_ANTHROPIC_URL,
     Config,
+    CorsConfig,
+    LimitsConfig,
     ProviderConfig,
     ServerConfig,
     load_config,
@@ -210,7 +212,7 @@ def test_a_declared_sim_replaces_the_builtin() -> None:
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: auth, buffer, default_provider, logging, providers, retry, server, streams, timeouts)"
+        "config: unknown key 'providrs' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)"
     )
 
 
@@ -383,7 +385,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: auth, buffer, default_provider, logging, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'sever' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -399,8 +401,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: auth, buffer, default_provider, logging, providers, retry, server, streams, timeouts)",
-        "config: unknown key 'y' (known: auth, buffer, default_provider, logging, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'x' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'y' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 
@@ -885,3 +887,107 @@ def test_auth_keys_from_the_file_and_the_environment() -> None:
     assert not unset.auth.enabled
     assert unset.warnings == ("[auth]: environment variable NOPE holds no keys",)
     assert only_problem({"auth": {"keys": "k1"}}) == "[auth].keys must be a list of non-empty strings"
+
+
+# -- [limits] and [cors] ------------------------------------------------------------------------
+
+
+def test_limits_defaults_and_table() -> None:
+    limits = parse_config({}, environ={}).limits
+    assert limits == LimitsConfig()
+    assert (limits.max_body_bytes, limits.max_messages, limits.max_string_chars) == (8 * 1024 * 1024, 2048, 0)
+    assert (limits.requests_per_minute, limits.max_streams_per_key, limits.max_concurrent_streams) == (0, 0, 1000)
+    table = {"max_body_bytes": 1024, "requests_per_minute": 60, "max_streams_per_key": 0, "max_concurrent_streams": 0}
+    assert parse_config({"limits": table}, environ={}).limits == LimitsConfig(
+        max_body_bytes=1024, requests_per_minute=60, max_streams_per_key=0, max_concurrent_streams=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({"max_body_bytes": 0}, "[limits].max_body_bytes must be a positive integer, got 0"),
+        ({"max_messages": -1}, "[limits].max_messages must be an integer, 0 or more (0: no limit), got -1"),
+        (
+            {"requests_per_minute": 1.5},
+            "[limits].requests_per_minute must be an integer, 0 or more (0: no limit), got 1.5",
+        ),
+        (
+            {"max_concurrent_streams": True},
+            "[limits].max_concurrent_streams must be an integer, 0 or more (0: no limit), got True",
+        ),
+        (
+            {"max_stream": 3},
+            (
+                "[limits]: unknown key 'max_stream' (known: max_body_bytes, max_concurrent_streams, "
+                "max_messages, max_streams_per_key, max_string_chars, requests_per_minute)"
+            ),
+        ),
+    ],
+)
+def test_bad_limits(table: dict[str, Any], expected: str) -> None:
+    assert only_problem({"limits": table}) == expected
+
+
+def test_cors_off_by_default_and_table() -> None:
+    assert not parse_config({}, environ={}).cors.enabled
+    cors = parse_config(
+        {
+            "cors": {
+                "allow_origins": ["https://App.Example.com", "http://localhost:5173"],
+                "allow_headers": ["Authorization", "x-my-*"],
+                "expose_headers": ["x-request-id"],
+                "max_age": 60,
+                "allow_credentials": True,
+            }
+        },
+        environ={},
+    ).cors
+    assert cors == CorsConfig(
+        allow_origins=("https://app.example.com", "http://localhost:5173"),
+        allow_headers=("authorization", "x-my-*"),
+        expose_headers=("x-request-id",),
+        max_age=60,
+        allow_credentials=True,
+    )
+    assert cors.enabled
+    assert "x-stainless-*" in CorsConfig().allow_headers and "authorization" in CorsConfig().allow_headers
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (
+            {"allow_origins": ["https://app.example.com/"]},
+            (
+                "[cors].allow_origins: 'https://app.example.com/' is not an origin: write scheme://host[:port], "
+                "with no path and no trailing slash (e.g. 'https://app.example.com')"
+            ),
+        ),
+        (
+            {"allow_origins": "*"},
+            "[cors].allow_origins must be a list of origins like 'https://app.example.com', or ['*']",
+        ),
+        ({"allow_headers": ["x y"]}, "[cors].allow_headers: 'x y' is not a header name (or 'prefix-*')"),
+        ({"allow_headers": ["a*b"]}, "[cors].allow_headers: 'a*b' is not a header name (or 'prefix-*')"),
+        ({"expose_headers": ["x-*"]}, "[cors].expose_headers: 'x-*' is not a header name"),
+        ({"max_age": -1}, "[cors].max_age must be a number of seconds, 0 or more, got -1"),
+        ({"allow_credentials": "yes"}, "[cors].allow_credentials must be true or false, got 'yes'"),
+        (
+            {"allow_origins": ["*"], "allow_credentials": True},
+            (
+                "[cors].allow_credentials = true needs the origins listed: with '*', every web site could send "
+                "its visitors' cookies to the proxy"
+            ),
+        ),
+        (
+            {"allow_origin": ["*"]},
+            (
+                "[cors]: unknown key 'allow_origin' (known: allow_credentials, allow_headers, "
+                "allow_origins, expose_headers, max_age)"
+            ),
+        ),
+    ],
+)
+def test_bad_cors(table: dict[str, Any], expected: str) -> None:
+    assert only_problem({"cors": table}) == expected

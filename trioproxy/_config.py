@@ -23,7 +23,16 @@ from ._policy import BufferConfig, RetryConfig, StreamsConfig, Timeouts, parse_p
 from .pipeline._content import Transform, Validator, build_transforms, build_validators
 from .providers.simulated import SimulatedSettings, settings_problems
 
-__all__ = ["AuthConfig", "Config", "ProviderConfig", "ServerConfig", "load_config", "parse_config"]
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "CorsConfig",
+    "LimitsConfig",
+    "ProviderConfig",
+    "ServerConfig",
+    "load_config",
+    "parse_config",
+]
 
 PROVIDER_TYPES: Final = ("openai", "anthropic", "simulated")
 SIM: Final = "sim"
@@ -36,6 +45,23 @@ DEFAULT_PORT: Final = 8000
 
 
 DEFAULT_WRITE_TIMEOUT: Final = 30.0
+DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
+DEFAULT_CORS_ALLOW_HEADERS: Final = (
+    "authorization",
+    "content-type",
+    "x-api-key",
+    "last-event-id",
+    "openai-organization",
+    "openai-project",
+    "openai-beta",
+    "anthropic-version",
+    "anthropic-beta",
+    "anthropic-dangerous-direct-browser-access",
+    "x-stainless-*",
+)
+"""What browsers preflight for the OpenAI and Anthropic SDKs, `fetch` with JSON, and EventSource."""
+_ORIGIN = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/?#\s]+$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z\-]+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +137,52 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """
+    What one request may ask of the proxy (the `[limits]` table); 0 turns a limit off.
+
+    - `max_body_bytes`: a larger request body (or WebSocket message) is refused with 413 and
+      not read past the limit. Images sent inline as base64 make real bodies large;
+    - `max_messages`: a longer `messages` array is a 400;
+    - `max_string_chars`: any string of the body (message content, tool arguments, a key)
+      longer than this is a 400. Off by default: an inline image is one long string, and
+      `max_body_bytes` bounds every string already;
+    - `requests_per_minute`: streams one client may start in any 60 seconds (429);
+    - `max_streams_per_key`: streams one client may run at once (429);
+    - `max_concurrent_streams`: streams the whole server runs at once (503).
+
+    A "client" is its key when `[auth]` keys are on, else its address. Every generation
+    counts as a stream, `stream: false` requests included.
+    """
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_messages: int = 2048
+    max_string_chars: int = 0
+    requests_per_minute: int = 0
+    max_streams_per_key: int = 0
+    max_concurrent_streams: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class CorsConfig:
+    """
+    Cross-origin access for browser apps (the `[cors]` table); off while `allow_origins` is
+    empty. Origins are compared lowercased, `"*"` allows any; `allow_headers` entries may end
+    in `*` to allow a family (`x-stainless-*`), and a lone `"*"` allows whatever is asked.
+    """
+
+    allow_origins: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = DEFAULT_CORS_ALLOW_HEADERS
+    expose_headers: tuple[str, ...] = ("x-request-id", "x-stream-id", "retry-after")
+    max_age: int = 600
+    allow_credentials: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.allow_origins)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     providers: Mapping[str, ProviderConfig] = field(
@@ -121,6 +193,8 @@ class Config:
     streams: StreamsConfig = field(default_factory=StreamsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    cors: CorsConfig = field(default_factory=CorsConfig)
 
 
 def load_config(path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None) -> Config:
@@ -148,7 +222,19 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
 
     _unknown_keys(
         raw,
-        {"server", "providers", "default_provider", "timeouts", "retry", "buffer", "streams", "auth", "logging"},
+        {
+            "server",
+            "providers",
+            "default_provider",
+            "timeouts",
+            "retry",
+            "buffer",
+            "streams",
+            "auth",
+            "limits",
+            "cors",
+            "logging",
+        },
         "config",
         problems,
     )
@@ -161,6 +247,8 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     streams = parse_policy(StreamsConfig(), raw.get("streams", {}), where="[streams]", problems=problems)
     auth = _auth(raw.get("auth", {}), env, problems, warnings)
     logs = _logging(raw.get("logging", {}), problems)
+    limits = _limits(raw.get("limits", {}), problems)
+    cors = _cors(raw.get("cors", {}), problems)
     if defaults.timeouts.connect_timeout <= 0:
         problems.append("[timeouts].connect_timeout must be a positive number")
 
@@ -206,7 +294,80 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         streams=streams,
         auth=auth,
         logging=logs,
+        limits=limits,
+        cors=cors,
     )
+
+
+def _limits(table: Any, problems: list[str]) -> LimitsConfig:
+    if not isinstance(table, dict):
+        problems.append("[limits] must be a table")
+        return LimitsConfig()
+    known = set(LimitsConfig.__dataclass_fields__)
+    _unknown_keys(table, known, "[limits]", problems)
+    checked: dict[str, int] = {}
+    for key, value in table.items():
+        if key not in known:
+            continue
+        least = 1 if key == "max_body_bytes" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            what = "a positive integer" if least else "an integer, 0 or more (0: no limit)"
+            problems.append(f"[limits].{key} must be {what}, got {value!r}")
+        else:
+            checked[key] = value
+    return LimitsConfig(**checked)
+
+
+def _cors(table: Any, problems: list[str]) -> CorsConfig:
+    if not isinstance(table, dict):
+        problems.append("[cors] must be a table")
+        return CorsConfig()
+    _unknown_keys(table, set(CorsConfig.__dataclass_fields__), "[cors]", problems)
+    checked: dict[str, Any] = {}
+    origins = table.get("allow_origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        problems.append("[cors].allow_origins must be a list of origins like 'https://app.example.com', or ['*']")
+    else:
+        checked["allow_origins"] = tuple(o.strip().lower() for o in origins)
+        for origin in checked["allow_origins"]:
+            if origin != "*" and not _ORIGIN.match(origin):
+                problems.append(
+                    f"[cors].allow_origins: {origin!r} is not an origin: write scheme://host[:port], "
+                    "with no path and no trailing slash (e.g. 'https://app.example.com')"
+                )
+    for key in ("allow_headers", "expose_headers"):
+        names = table.get(key)
+        if names is None:
+            continue
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            problems.append(f"[cors].{key} must be a list of header names")
+            continue
+        checked[key] = tuple(n.strip().lower() for n in names)
+        for name in checked[key]:
+            pattern = key == "allow_headers" and name.endswith("*")
+            if not _HEADER_NAME.match(name) or "*" in (name[:-1] if pattern else name):
+                problems.append(
+                    f"[cors].{key}: {name!r} is not a header name"
+                    + (" (or 'prefix-*')" if key == "allow_headers" else "")
+                )
+    max_age = table.get("max_age")
+    if max_age is not None:
+        if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0:
+            problems.append(f"[cors].max_age must be a number of seconds, 0 or more, got {max_age!r}")
+        else:
+            checked["max_age"] = max_age
+    credentials = table.get("allow_credentials")
+    if credentials is not None:
+        if not isinstance(credentials, bool):
+            problems.append(f"[cors].allow_credentials must be true or false, got {credentials!r}")
+        else:
+            checked["allow_credentials"] = credentials
+            if credentials and "*" in checked.get("allow_origins", ()):
+                problems.append(
+                    "[cors].allow_credentials = true needs the origins listed: with '*', "
+                    "every web site could send its visitors' cookies to the proxy"
+                )
+    return CorsConfig(**checked)
 
 
 def _auth(table: Any, env: Mapping[str, str], problems: list[str], warnings: list[str]) -> AuthConfig:

@@ -12,10 +12,13 @@ TrioproxyError                 status  type
 ├── RequestError                400     invalid_request_error: the client's request is wrong
 │   ├── AuthenticationError     401     authentication_error: no valid client key
 │   ├── ModelNotFoundError      404     not_found_error: no route for the model
-│   └── ReplayGapError          410     a resumed stream's older events are no longer kept
+│   ├── ReplayGapError          410     a resumed stream's older events are no longer kept
+│   └── PayloadTooLargeError    413     the request body is over `[limits].max_body_bytes`
 ├── ValidationError             422     validation_error: a validator stopped the stream
+├── RateLimitedError            429     rate_limit_error: this client is over its share (Retry-After)
 ├── StreamInterrupted           503     server_error: the server ended a stream (shutdown)
-├── StreamsFullError            503     overloaded_error: no room for another resumable stream
+├── OverloadedError             503     overloaded_error: the server is full (Retry-After)
+│   └── StreamsFullError        503     no room for another resumable stream
 └── UpstreamError               502     upstream_error: the upstream failed us
     ├── UpstreamConnectError    502     could not reach the upstream
     ├── UpstreamTimeoutError    504     the upstream took too long
@@ -33,6 +36,9 @@ __all__ = [
     "AuthenticationError",
     "ConfigError",
     "ModelNotFoundError",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "RateLimitedError",
     "ReplayGapError",
     "RequestError",
     "StreamInterrupted",
@@ -94,6 +100,44 @@ class ReplayGapError(RequestError):
     status = 410
 
 
+class PayloadTooLargeError(RequestError):
+    """The request body is larger than the server accepts; it was not read past the limit."""
+
+    status = 413
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="request_too_large")
+
+
+class RateLimitedError(TrioproxyError):
+    """
+    This client (key, or address when keys are off) is over its requests per minute or its
+    concurrent streams; `retry_after` is the number of seconds until it would be admitted
+    (sent as `Retry-After`).
+    """
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, code: str, retry_after: float) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class OverloadedError(TrioproxyError):
+    """
+    The server as a whole has no room for another stream, whoever asks. `retry_after`, when
+    known, is sent as `Retry-After`.
+    """
+
+    status = 503
+    type = "overloaded_error"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
 class ValidationError(TrioproxyError):
     """A validator stopped the stream; the message says why."""
 
@@ -108,11 +152,8 @@ class StreamInterrupted(TrioproxyError):
     type = "server_error"
 
 
-class StreamsFullError(TrioproxyError):
+class StreamsFullError(OverloadedError):
     """`max_streams` resumable streams are running: no room for another."""
-
-    status = 503
-    type = "overloaded_error"
 
 
 class UpstreamError(TrioproxyError):

@@ -65,9 +65,12 @@ def proxy_config(upstream_url: str, max_connections: int) -> str:
     """
     The TOML for the trioproxy under test: provider `up` is the benchmark upstream, with
     retries off (every failure must show) and a connection pool as large as the largest
-    concurrency measured (so the pool, not the proxy, is never what queues streams).
+    concurrency measured (so the pool, not the proxy, is never what queues streams), and the
+    server's stream limit the same (the sweep measures streams, not refusals).
     """
     return (
+        "[limits]\n"
+        f"max_concurrent_streams = {max_connections}\n"
         f"[providers.{PROVIDER}]\n"
         'type = "openai"\n'
         f'base_url = "{upstream_url}/v1"\n'

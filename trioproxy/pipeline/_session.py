@@ -193,7 +193,8 @@ def start_session(
 ) -> StreamSession:
     """
     Run a session in `nursery`; `registry` holds it while it runs (active streams), and
-    `on_end` sees it once it has ended (metrics).
+    `on_end` sees it when its task ends, however it ends (metrics; it frees the stream's place
+    in the server's limits).
     """
     session = StreamSession(pipeline, chat, heartbeats=heartbeats, endpoint=endpoint)
 

@@ -13,6 +13,12 @@ waits for its first item: an error there still becomes an HTTP status with the p
 error body; once the upstream has accepted, the response is committed as 200 and its body
 generator only relays the session's channel. The generator's `finally` cancels the session,
 so a client that goes away — at any point — takes its upstream request with it.
+
+`start` is also where `[limits]` are applied, once for every route (WebSocket included): a
+session starts only if its body's shape is within bounds and the limiter admits its client,
+and it holds its lease until its task ends. A refusal is raised as our error and rendered in
+the route's protocol; nothing reaches the upstream. Bodies are capped by quart's
+`MAX_CONTENT_LENGTH` while they are read, and the cap is reported as our 413.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
@@ -27,17 +34,19 @@ import orjson
 import trio
 from quart import Response, has_request_context, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .._config import Config
 from .._events import StreamEvent
-from .._exceptions import AuthenticationError, RequestError, TrioproxyError
+from .._exceptions import AuthenticationError, PayloadTooLargeError, RequestError, TrioproxyError
+from .._limits import Limiter, check_request_shape
 from .._request import ChatRequest, parse_chat_request, parse_json_object
 from .._router import Router
 from .._version import __version__
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import RECORD, AccessLog, RequestRecord
 from ._auth import key_is_valid, presented_key
+from ._cors import CorsMiddleware
 from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
 from ._generic import Renderer, StreamInterrupted, generic_chat_request, prompt_chars, render
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -68,6 +77,9 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     """The proxy as an ASGI app; `router` replaces the one built from `config` (tests)."""
     app = QuartTrio("trioproxy")
     app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
+    app.config["MAX_CONTENT_LENGTH"] = config.limits.max_body_bytes  # bodies are not read past it
+    if config.cors.enabled:
+        app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[method-assign]
     router = router or Router(config)
 
     active: set[StreamSession] = set()
@@ -77,26 +89,49 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
         app.asgi_app, metrics=metrics, enabled=config.logging.access_log, include_prompts=config.logging.include_prompts
     )
     app.asgi_app = access_log  # type: ignore[method-assign]
+    limits = config.limits
+    limiter = Limiter(
+        requests_per_minute=limits.requests_per_minute,
+        max_streams_per_key=limits.max_streams_per_key,
+        max_concurrent_streams=limits.max_concurrent_streams,
+    )
 
     def start(
         pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True, stream_id: str | None = None
     ) -> StreamSession:
-        """Start a session for the current request (or a WebSocket's stream `stream_id`)."""
-        nursery: trio.Nursery = app.nursery  # type: ignore[attr-defined]
-        on_end = metrics.observe_stream
-        if has_websocket_context():
-            record: RequestRecord = websocket.scope[RECORD]
+        """
+        Start a session for the current request (or a WebSocket's stream `stream_id`), if
+        `[limits]` allow it: raises `RequestError` for a body of the wrong shape,
+        `RateLimitedError` or `OverloadedError` when the limiter refuses the client.
+        """
+        check_request_shape(chat.body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars)
+        lease = limiter.admit(client_identity(), trio.current_time())
+        record: RequestRecord = (websocket if has_websocket_context() else request).scope[RECORD]
 
-            def on_end(session: StreamSession) -> None:
-                metrics.observe_stream(session)
+        def on_end(session: StreamSession) -> None:
+            lease.release()
+            metrics.observe_stream(session)
+            if stream_id is not None:  # a WebSocket stream: its own log line
                 access_log.log_stream(session, request_id=record.id, route=record.route, stream_id=stream_id)
 
-        session = start_session(
-            nursery, pipeline, chat, heartbeats=heartbeats, endpoint=_route(), registry=active, on_end=on_end
-        )
-        if has_request_context():
-            request.scope[RECORD].session = session
+        nursery: trio.Nursery = app.nursery  # type: ignore[attr-defined]
+        try:
+            session = start_session(
+                nursery, pipeline, chat, heartbeats=heartbeats, endpoint=_route(), registry=active, on_end=on_end
+            )
+        except BaseException:
+            lease.release()
+            raise
+        if stream_id is None:
+            record.session = session
         return session
+
+    def client_identity() -> str:
+        """Who the limits count against: the client key when keys are on, else the address."""
+        connection = request if has_request_context() else websocket
+        if config.auth.enabled:
+            return "key:" + (presented_key(connection.headers) or "")
+        return "address:" + (connection.scope.get("client") or ("unknown",))[0]
 
     @app.before_request
     async def name_route() -> None:
@@ -122,12 +157,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
             "missing or invalid API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
             code="invalid_api_key",
         )
-        if path in ("/v1/chat/stream", "/v1/stream/sse") or path.startswith("/v1/streams/"):
-            response = Response(sse_frame(error_event(error)), status=401, content_type=SSE)
-        elif path == "/v1/chat/stream/json":
-            response = Response(ndjson_frame(error_event(error)), status=401, content_type=NDJSON)
-        else:
-            response = _openai_error(error)
+        response = _error_response(path, error)
         response.headers["www-authenticate"] = "Bearer"
         return response
 
@@ -185,7 +215,8 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
 
     def generic_endpoint(frame: Callable[[StreamEvent], bytes], content_type: str) -> Callable[[], Any]:
         def error_response(error: TrioproxyError) -> Response:
-            return Response(frame(error_event(error)), status=error.status, content_type=content_type)
+            response = Response(frame(error_event(error)), status=error.status, content_type=content_type)
+            return _with_retry_after(response, error)
 
         async def endpoint() -> Response:
             request_id = request.scope[RECORD].id
@@ -264,7 +295,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
             return _sse_error(exc)
         return _watch_response(stream, backlog, watcher)
 
-    register_websocket_routes(app, start=start, router=router)
+    register_websocket_routes(app, start=start, router=router, max_message_bytes=limits.max_body_bytes)
 
     sse_endpoint = generic_endpoint(sse_frame, SSE)
     app.add_url_rule("/v1/chat/stream", "chat_stream", sse_endpoint, methods=["POST"])
@@ -273,8 +304,16 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
         "/v1/chat/stream/json", "chat_stream_json", generic_endpoint(ndjson_frame, NDJSON), methods=["POST"]
     )
 
+    @app.errorhandler(TrioproxyError)
+    async def refusal(exc: TrioproxyError) -> Response:
+        """A refusal raised by `start` (limits), in the protocol of the route."""
+        return _error_response((request if has_request_context() else websocket).path, exc)
+
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
+        if isinstance(exc, RequestEntityTooLarge):  # quart's MAX_CONTENT_LENGTH
+            too_large = PayloadTooLargeError(f"the request body is over the limit of {limits.max_body_bytes} bytes")
+            return _error_response(request.path, too_large)
         error = TrioproxyError(exc.description or exc.name)
         error.status = exc.code or 500
         error.type = "not_found_error" if exc.code == 404 else "invalid_request_error"
@@ -368,8 +407,19 @@ async def _watch(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher
         stream.detach(watcher)
 
 
+def _error_response(path: str, error: TrioproxyError) -> Response:
+    """`error` in the protocol of the route at `path`: an `error` event on the generic endpoints, else OpenAI's."""
+    if path in ("/v1/chat/stream", "/v1/stream/sse") or path.startswith("/v1/streams/"):
+        return _sse_error(error)
+    if path == "/v1/chat/stream/json":
+        response = Response(ndjson_frame(error_event(error)), status=error.status, content_type=NDJSON)
+        return _with_retry_after(response, error)
+    return _openai_error(error)
+
+
 def _sse_error(error: TrioproxyError) -> Response:
-    return Response(sse_frame(error_event(error)), status=error.status, content_type=SSE)
+    response = Response(sse_frame(error_event(error)), status=error.status, content_type=SSE)
+    return _with_retry_after(response, error)
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -377,8 +427,12 @@ def _json(obj: Any, status: int = 200) -> Response:
 
 
 def _openai_error(error: TrioproxyError) -> Response:
-    response = _json(error_body(error), status=error.status)
+    return _with_retry_after(_json(error_body(error), status=error.status), error)
+
+
+def _with_retry_after(response: Response, error: TrioproxyError) -> Response:
+    """`Retry-After` in whole seconds, rounded up, when the error says when to ask again."""
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
-        response.headers["retry-after"] = str(int(retry_after + 0.999))
+        response.headers["retry-after"] = str(math.ceil(retry_after))
     return response

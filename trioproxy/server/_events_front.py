@@ -12,6 +12,7 @@ Sans-IO.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -47,7 +48,11 @@ def latency_summary(waits: list[float]) -> dict[str, float | int]:
 
 
 def error_event(error: TrioproxyError, **extra: Any) -> StreamEvent:
+    """The `error` event; `retry_after` (whole seconds) when the error says when to ask again."""
     data = {"message": error.message, "type": error.type, "code": error.code, "status": error.status, **extra}
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        data["retry_after"] = math.ceil(retry_after)
     return StreamEvent("error", data)
 
 

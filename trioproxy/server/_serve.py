@@ -75,6 +75,9 @@ async def serve(
     # WebSocket pings keep idle connections (and the load balancers in between) alive; the
     # streams themselves send no keep-alive events. See `_websocket.py` for dead peers.
     hypercorn_config.websocket_ping_interval = WEBSOCKET_PING_INTERVAL
+    # Messages up to twice `max_body_bytes` are read and refused with an `error` event (413);
+    # hypercorn closes the connection (1009) on anything larger, unread.
+    hypercorn_config.websocket_max_message_size = 2 * config.limits.max_body_bytes
     for warning in config.warnings:
         logger.warning("%s", warning)
     await hypercorn_serve(

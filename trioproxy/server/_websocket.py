@@ -10,7 +10,8 @@ One connection carries any number of streams (at most `MAX_STREAMS`), each tagge
 - `{"type": "cancel", "id": ...}` cancels that stream's session (so its upstream request) at
   once and ends the stream with an `error` event of type `cancelled`;
 - a malformed message gets an `error` event (with its `id` when it had one) and the
-  connection stays open.
+  connection stays open; so does a request `[limits]` refuse (429, 503), and a message over
+  `max_body_bytes` (413, without an `id`: it is not parsed).
 
 Structure: one nursery per connection holds the writer task and a task per stream; the
 receive loop runs in the handler itself. When the client goes away, quart-trio cancels the
@@ -36,7 +37,7 @@ from quart import websocket
 from quart_trio import QuartTrio
 
 from .._events import StreamEvent
-from .._exceptions import RequestError, TrioproxyError
+from .._exceptions import PayloadTooLargeError, RequestError, TrioproxyError
 from ..pipeline import Heartbeat, StreamSession, pipeline_for
 from ._events_front import EventRenderer, error_event
 from ._generic import StreamInterrupted, generic_chat_request, new_request_id, prompt_chars, render
@@ -58,8 +59,13 @@ class StreamCancelled(TrioproxyError):
     type = "cancelled"
 
 
-def register_websocket_routes(app: QuartTrio, *, start: Callable[..., StreamSession], router: Any) -> None:
-    """Add the WebSocket routes to `app`; `start(pipeline, chat)` starts a session."""
+def register_websocket_routes(
+    app: QuartTrio, *, start: Callable[..., StreamSession], router: Any, max_message_bytes: int
+) -> None:
+    """
+    Add the WebSocket routes to `app`; `start(pipeline, chat)` starts a session or raises the
+    limits' refusal. A message longer than `max_message_bytes` is refused unread.
+    """
 
     class Connection:
         """The streams of one WebSocket connection."""
@@ -86,6 +92,12 @@ def register_websocket_routes(app: QuartTrio, *, start: Callable[..., StreamSess
 
         async def handle(self, text: str | bytes) -> None:
             """One message from the client."""
+            # A str's UTF-8 length is at most 4 bytes a character: only a long one is encoded to measure it.
+            short = isinstance(text, str) and len(text) <= max_message_bytes // 4
+            if not short and len(text.encode() if isinstance(text, str) else text) > max_message_bytes:
+                too_large = PayloadTooLargeError(f"a message is over the limit of {max_message_bytes} bytes")
+                await self.send_error(too_large)
+                return
             try:
                 message = orjson.loads(text)
             except orjson.JSONDecodeError:
@@ -131,7 +143,11 @@ def register_websocket_routes(app: QuartTrio, *, start: Callable[..., StreamSess
                 prompt_chars=prompt_chars(chat),
                 chunked=pipeline.buffer.enabled,
             )
-            session = start(pipeline, chat, heartbeats=False, stream_id=str(request_id))
+            try:
+                session = start(pipeline, chat, heartbeats=False, stream_id=str(request_id))
+            except TrioproxyError as exc:  # `[limits]` refused it
+                await self.send_error(exc, request_id)
+                return
             scope = trio.CancelScope()
             self.active[request_id] = (session, scope)
             self.nursery.start_soon(self.relay, request_id, session, renderer, scope)
