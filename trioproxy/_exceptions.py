@@ -15,6 +15,7 @@ TrioproxyError                 status  type
 │   └── ReplayGapError          410     a resumed stream's older events are no longer kept
 ├── ValidationError             422     validation_error: a validator stopped the stream
 ├── StreamInterrupted           503     server_error: the server ended a stream (shutdown)
+│   └── ShuttingDownError       503     server_error: the server is draining (Retry-After)
 ├── StreamsFullError            503     overloaded_error: no room for another resumable stream
 └── UpstreamError               502     upstream_error: the upstream failed us
     ├── UpstreamConnectError    502     could not reach the upstream
@@ -35,6 +36,7 @@ __all__ = [
     "ModelNotFoundError",
     "ReplayGapError",
     "RequestError",
+    "ShuttingDownError",
     "StreamInterrupted",
     "StreamsFullError",
     "TrioproxyError",
@@ -106,6 +108,18 @@ class StreamInterrupted(TrioproxyError):
 
     status = 503
     type = "server_error"
+
+
+class ShuttingDownError(StreamInterrupted):
+    """
+    The server is shutting down: it refuses new streams, and ends those still running at the
+    end of its grace period. `retry_after` (seconds) tells a client when to ask again — behind
+    a load balancer, another instance answers.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, code="server_shutting_down")
+        self.retry_after = retry_after
 
 
 class StreamsFullError(TrioproxyError):

@@ -10,16 +10,16 @@ session, and the upstream reader unwinds through httpx, which closes the upstrea
 
 Items on `output`: `OPENED` (the upstream accepted: commit HTTP 200), `Delta`s, `RetryNotice`s,
 `HEARTBEAT`s, and at most one `TrioproxyError`, always last. The end of the stream is the close
-of the channel; a channel that closes with `completed` still false was cut short (the server
-is shutting down), and the client must be told so rather than shown a truncated answer as
-whole.
+of the channel; a channel that closes with `completed` still false was cut short, and the
+client must be told so rather than shown a truncated answer as whole. A session ended with
+`interrupt(error)` (the server is shutting down) says so itself: `error` is its last item.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
@@ -32,7 +32,7 @@ from ._reader import RetryNotice, read_upstream
 if TYPE_CHECKING:
     from ._assemble import Pipeline
 
-__all__ = ["HEARTBEAT", "Heartbeat", "SessionItem", "StreamSession", "start_session"]
+__all__ = ["HEARTBEAT", "Heartbeat", "SessionItem", "SessionRegistry", "StreamSession", "start_session"]
 
 logger = logging.getLogger("trioproxy.session")
 
@@ -66,6 +66,9 @@ class StreamSession:
         self._heartbeat_interval = pipeline.timeouts.heartbeat_interval if heartbeats else 0.0
         self._cancel_scope = trio.CancelScope()
         self._upstream_scope = trio.CancelScope()
+        self._interruption: TrioproxyError | None = None
+        self._last_word_scope = trio.CancelScope()
+        """Around handing over the interruption error: `cancel()` means nobody is left to read it."""
         self._out, self.output = trio.open_memory_channel[SessionItem](0)
         self._last_output = -math.inf
 
@@ -73,6 +76,7 @@ class StreamSession:
         """The session's task; returns when the stream ends or the session is cancelled."""
         try:
             with self._cancel_scope:
+                await trio.lowlevel.checkpoint_if_cancelled()  # refused before it began: no upstream request
                 try:
                     async with trio.open_nursery() as nursery:
                         self._last_output = trio.current_time()
@@ -85,12 +89,26 @@ class StreamSession:
                     logger.exception("a stage of the %s session failed", self.chat.model)
                     with trio.move_on_after(1):
                         await self._out.send(TrioproxyError("internal error while streaming"))
+            if self._interruption is not None and self._cancel_scope.cancelled_caught and not self.completed:
+                with self._last_word_scope:
+                    await self.send(self._interruption)
         finally:
             self._out.close()
             self.finished.set()
 
     def cancel(self) -> None:
         """End the session now: every task stops and the upstream connection closes."""
+        self._cancel_scope.cancel()
+        self._last_word_scope.cancel()
+
+    def interrupt(self, error: TrioproxyError) -> None:
+        """
+        End the session now, like `cancel()`, but with `error` as its last item, so that its
+        client is told why (with how much it got) instead of seeing the stream stop. A session
+        that already ended is left as it was.
+        """
+        if self._interruption is None:
+            self._interruption = error
         self._cancel_scope.cancel()
 
     def abort_upstream(self) -> None:
@@ -156,25 +174,40 @@ class StreamSession:
                 await self._send(HEARTBEAT)
 
 
+class SessionRegistry(Protocol):
+    """Where running sessions are kept (a `set` will do): `add`ed when started, `discard`ed when over."""
+
+    def add(self, session: StreamSession, /) -> None: ...
+    def discard(self, session: StreamSession, /) -> None: ...
+
+
 def start_session(
     nursery: trio.Nursery,
     pipeline: Pipeline,
     chat: ChatRequest,
     *,
     heartbeats: bool = True,
-    registry: set[StreamSession] | None = None,
+    registry: SessionRegistry | None = None,
 ) -> StreamSession:
-    """Run a session in `nursery`; `registry` holds it while it runs (active streams)."""
+    """
+    Run a session in `nursery`; `registry` holds it from now until it ended (active streams),
+    so that no session is ever running without being in it, not even before its task starts.
+    """
     session = StreamSession(pipeline, chat, heartbeats=heartbeats)
 
     async def run() -> None:
-        if registry is not None:
-            registry.add(session)
         try:
             await session.run()
         finally:
             if registry is not None:
                 registry.discard(session)
 
-    nursery.start_soon(run, name=f"session {chat.model}")
+    if registry is not None:
+        registry.add(session)
+    try:
+        nursery.start_soon(run, name=f"session {chat.model}")
+    except BaseException:
+        if registry is not None:
+            registry.discard(session)
+        raise
     return session

@@ -45,6 +45,7 @@ from ._generic import (
     render,
 )
 from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
+from ._shutdown import GracefulShutdown
 from ._streams import BroadcastStream, StreamRegistry, Watcher
 from ._websocket import register_websocket_routes
 
@@ -57,18 +58,25 @@ SSE: Final = "text/event-stream"
 NDJSON: Final = "application/x-ndjson"
 
 
-def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
-    """The proxy as an ASGI app; `router` replaces the one built from `config` (tests)."""
+def create_app(config: Config, *, router: Router | None = None, shutdown: GracefulShutdown | None = None) -> QuartTrio:
+    """
+    The proxy as an ASGI app; `router` replaces the one built from `config` (tests);
+    `shutdown` is the graceful shutdown the serve layer triggers (`_shutdown.py`).
+    """
     app = QuartTrio("trioproxy")
     app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
     router = router or Router(config)
+    shutdown = shutdown or GracefulShutdown(config.server.shutdown_grace_period)
 
-    active: set[StreamSession] = set()
+    active = shutdown.streams
     streams = StreamRegistry(config.streams)
+    shutdown.on_drain(streams.stop_resuming)  # nobody can come back to resume a stream
 
     def start(pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True) -> StreamSession:
         nursery: trio.Nursery = app.nursery  # type: ignore[attr-defined]
-        return start_session(nursery, pipeline, chat, heartbeats=heartbeats, registry=active)
+        session = start_session(nursery, pipeline, chat, heartbeats=heartbeats, registry=active)
+        shutdown.admit(session)  # while draining, its first item is the refusal
+        return session
 
     @app.after_serving
     async def close_upstreams() -> None:
@@ -86,12 +94,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
             "missing or invalid API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
             code="invalid_api_key",
         )
-        if path in ("/v1/chat/stream", "/v1/stream/sse") or path.startswith("/v1/streams/"):
-            response = Response(sse_frame(error_event(error)), status=401, content_type=SSE)
-        elif path == "/v1/chat/stream/json":
-            response = Response(ndjson_frame(error_event(error)), status=401, content_type=NDJSON)
-        else:
-            response = _openai_error(error)
+        response = _error_in_protocol_of(path, error)
         response.headers["www-authenticate"] = "Bearer"
         return response
 
@@ -103,10 +106,22 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     async def require_key_for_websocket() -> Response | None:
         return refused(websocket.path, websocket.headers)
 
+    @app.before_request
+    async def refuse_while_draining() -> Response | None:
+        """A request that reaches the app during the drain: 503, retry elsewhere (`/health` says why)."""
+        if not shutdown.draining or request.path == "/health":
+            return None
+        response = _error_in_protocol_of(request.path, shutdown.refusal())
+        if request.http_version in ("1.0", "1.1"):  # HTTP/2 forbids the header (and closes by GOAWAY)
+            response.headers["connection"] = "close"
+        return response
+
     @app.get("/health")
     async def health() -> Response:
         providers = {name: {"type": p.type} for name, p in config.providers.items()}
-        return _json({"status": "ok", "version": __version__, "providers": providers, "active_streams": len(active)})
+        status = "draining" if shutdown.draining else "ok"  # a draining instance takes no new work
+        body = {"status": status, "version": __version__, "providers": providers, "active_streams": len(active)}
+        return _json(body, status=503 if shutdown.draining else 200)
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -140,7 +155,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
 
     def generic_endpoint(frame: Callable[[StreamEvent], bytes], content_type: str) -> Callable[[], Any]:
         def error_response(error: TrioproxyError) -> Response:
-            return Response(frame(error_event(error)), status=error.status, content_type=content_type)
+            return _event_error(frame, content_type, error)
 
         async def endpoint() -> Response:
             request_id = new_request_id()
@@ -220,7 +235,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
             return _sse_error(exc)
         return _watch_response(stream, backlog, watcher)
 
-    register_websocket_routes(app, start=start, router=router)
+    register_websocket_routes(app, start=start, router=router, shutdown=shutdown)
 
     sse_endpoint = generic_endpoint(sse_frame, SSE)
     app.add_url_rule("/v1/chat/stream", "chat_stream", sse_endpoint, methods=["POST"])
@@ -312,8 +327,24 @@ async def _watch(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher
         stream.detach(watcher)
 
 
+def _error_in_protocol_of(path: str, error: TrioproxyError) -> Response:
+    """`error` as an answer to a request for `path`, before it reached its route, in that route's shape."""
+    if path in ("/v1/chat/stream", "/v1/stream/sse") or path.startswith("/v1/streams/"):
+        return _sse_error(error)
+    if path == "/v1/chat/stream/json":
+        return _event_error(ndjson_frame, NDJSON, error)
+    return _openai_error(error)
+
+
 def _sse_error(error: TrioproxyError) -> Response:
-    return Response(sse_frame(error_event(error)), status=error.status, content_type=SSE)
+    return _event_error(sse_frame, SSE, error)
+
+
+def _event_error(frame: Callable[[StreamEvent], bytes], content_type: str, error: TrioproxyError) -> Response:
+    """`error` as a single event of the generic endpoints, with the error's status."""
+    response = Response(frame(error_event(error)), status=error.status, content_type=content_type)
+    _set_retry_after(response, error)
+    return response
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -322,7 +353,11 @@ def _json(obj: Any, status: int = 200) -> Response:
 
 def _openai_error(error: TrioproxyError) -> Response:
     response = _json(error_body(error), status=error.status)
+    _set_retry_after(response, error)
+    return response
+
+
+def _set_retry_after(response: Response, error: TrioproxyError) -> None:
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         response.headers["retry-after"] = str(int(retry_after + 0.999))
-    return response

@@ -17,6 +17,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from .._config import Config
 from .._router import Router
 from ._app import create_app
+from ._shutdown import GracefulShutdown
 
 __all__ = ["WEBSOCKET_PING_INTERVAL", "serve"]
 
@@ -60,10 +61,15 @@ async def serve(
     """
     Serve the proxy until cancelled. Reports the bound URLs through `task_status`, so
     `await nursery.start(serve, config, port=0)` returns once it accepts connections.
-    When `shutdown_trigger` returns, the server stops accepting and lets in-flight requests
-    finish (hypercorn's graceful shutdown).
+
+    Each return of `shutdown_trigger` is one request to stop (the CLI's returns once per
+    SIGINT or SIGTERM). The first starts a graceful shutdown (`_shutdown.py`): no new
+    connections, 503 for new requests, in-flight streams finish within
+    `[server] shutdown_grace_period` or end with an in-stream error; then `serve` returns.
+    A second ends the streams still running at once.
     """
-    app = create_app(config, router=router)
+    shutdown = GracefulShutdown(config.server.shutdown_grace_period)
+    app = create_app(config, router=router, shutdown=shutdown)
     hypercorn_config = _HypercornConfig(write_timeout=config.server.write_timeout)
     hypercorn_config.bind = [f"{host or config.server.host}:{config.server.port if port is None else port}"]
     hypercorn_config.accesslog = None
@@ -75,8 +81,22 @@ async def serve(
     # WebSocket pings keep idle connections (and the load balancers in between) alive; the
     # streams themselves send no keep-alive events. See `_websocket.py` for dead peers.
     hypercorn_config.websocket_ping_interval = WEBSOCKET_PING_INTERVAL
+    # hypercorn cancels the connections still open this long after the trigger. Ours end the
+    # streams at the grace period; each client then gets `write_timeout` to take its last
+    # bytes (the error saying why its stream ended), which the kernel bounds anyway.
+    hypercorn_config.graceful_timeout = config.server.shutdown_grace_period + config.server.write_timeout
     for warning in config.warnings:
         logger.warning("%s", warning)
-    await hypercorn_serve(
-        app, hypercorn_config, shutdown_trigger=shutdown_trigger, task_status=task_status, mode="asgi"
-    )
+    async with trio.open_nursery() as nursery:
+        drain_trigger = None
+        if shutdown_trigger is not None:
+
+            async def drain_trigger() -> None:
+                """hypercorn's trigger: stop accepting once the drain has begun (nothing new is admitted)."""
+                await shutdown_trigger()
+                await nursery.start(shutdown.drain, shutdown_trigger)
+
+        await hypercorn_serve(
+            app, hypercorn_config, shutdown_trigger=drain_trigger, task_status=task_status, mode="asgi"
+        )
+        nursery.cancel_scope.cancel()  # every connection is closed: a drain still waiting has nothing left to do
