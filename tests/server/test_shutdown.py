@@ -3,7 +3,7 @@ The drain's timing rules (`server/_shutdown.py`) on trio's MockClock (`autojump_
 grace deadline, the end of the drain when the last stream ends, and the second request to
 stop are each checked to the exact instant, with real sessions over an in-memory upstream.
 
-`tests/e2e/test_shutdown.py` sends the signals to a real `trioproxy serve` process.
+`tests/e2e/test_graceful_shutdown.py` sends the signals to a real `trioproxy serve` process.
 """
 
 from __future__ import annotations

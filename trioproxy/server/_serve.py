@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -47,6 +47,70 @@ class _HypercornConfig(HypercornConfig):
             for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self._write_timeout_ms)
         return sockets
+
+
+class _ConnectionsThatEnd:
+    """
+    The app as hypercorn sees it, with two hypercorn behaviours worked around so that a
+    connection whose work is over really ends — above all during a graceful shutdown, which
+    waits for every connection.
+
+    1. The last message of each HTTP response is sent in a shielded scope (bounded by
+       `write_timeout`). hypercorn recycles a kept-alive connection, or closes it when shutting
+       down, from inside that last `send`, after telling the app `http.disconnect`; quart-trio
+       cancels the request's task on that disconnect, and the cancel lands in the middle of
+       hypercorn's bookkeeping. The connection then never gets its idle timer: it is neither
+       closed after `keep_alive_timeout` nor at shutdown, and a client that keeps it open holds
+       the process until hypercorn's `graceful_timeout`.
+    2. While the server drains, an HTTP/1.1 WebSocket connection whose close handshake is
+       over is ended at once. hypercorn's ping task only looks whether the socket is closed
+       every `websocket_ping_interval`, and until it does the connection's task (and so the
+       process) lives on, up to 20 s. The task group cancelled here is that one connection's
+       (the app runs in it, next to the ping task); over HTTP/2 it would be the whole
+       connection's, so that case is left alone.
+    """
+
+    def __init__(self, app: Any, *, shutdown: GracefulShutdown, timeout: float) -> None:
+        self.app = app
+        self.shutdown = shutdown
+        self.timeout = timeout
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Any, receive: Any, send: Any) -> None:
+        async def send_with_a_shielded_end(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.move_on_after(self.timeout, shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await self.app(scope, receive, send_with_a_shielded_end)
+
+    async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
+        disconnected = False
+
+        async def receive_noting_the_disconnect() -> Any:
+            nonlocal disconnected
+            message = await receive()
+            disconnected = disconnected or message["type"] == "websocket.disconnect"
+            return message
+
+        await self.app(scope, receive_noting_the_disconnect, send)
+        if not self.shutdown.draining or scope.get("http_version") not in ("1.0", "1.1"):
+            return
+        with trio.move_on_after(self.timeout):  # the peer answers the server's close
+            while not disconnected:
+                await receive_noting_the_disconnect()
+        connection = trio.lowlevel.current_task().parent_nursery
+        if disconnected and connection is not None:
+            connection.cancel_scope.cancel()
 
 
 async def serve(
@@ -97,6 +161,10 @@ async def serve(
                 await nursery.start(shutdown.drain, shutdown_trigger)
 
         await hypercorn_serve(
-            app, hypercorn_config, shutdown_trigger=drain_trigger, task_status=task_status, mode="asgi"
+            _ConnectionsThatEnd(app, shutdown=shutdown, timeout=config.server.write_timeout),
+            hypercorn_config,
+            shutdown_trigger=drain_trigger,
+            task_status=task_status,
+            mode="asgi",
         )
         nursery.cancel_scope.cancel()  # every connection is closed: a drain still waiting has nothing left to do
