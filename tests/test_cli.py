@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -20,9 +21,7 @@ async def start_process(
 ) -> tuple[trio.Process, bytes]:
     """`trioproxy ARGS` in a process, once it has printed `ready`; returns it and its output."""
     process = await nursery.start(
-        lambda task_status: trio.run_process(
-            [*TRIOPROXY, *args], stdout=subprocess.PIPE, stderr=stderr, check=False, task_status=task_status
-        )
+        partial(trio.run_process, [*TRIOPROXY, *args], stdout=subprocess.PIPE, stderr=stderr, check=False)
     )
     output = b""
     with trio.fail_after(20):
