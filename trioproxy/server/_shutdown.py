@@ -133,22 +133,22 @@ class GracefulShutdown:
             self.grace_period,
         )
         task_status.started()
-        ended_by = "the grace period is over"
+        cut_short_by: str | None = "the grace period is over"  # None: every stream ended by itself
         async with trio.open_nursery() as nursery:
             nursery.cancel_scope.deadline = began + self.grace_period
 
-            async def cut_short() -> None:
-                nonlocal ended_by
+            async def on_a_second_request() -> None:
+                nonlocal cut_short_by
                 await asked_again()
-                ended_by = "asked again to stop"
+                cut_short_by = "asked again to stop"
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(cut_short, name="second shutdown request")
+            nursery.start_soon(on_a_second_request, name="second shutdown request")
             await self.streams.wait_until_empty()
-            ended_by = ""
+            cut_short_by = None
             nursery.cancel_scope.cancel()
         elapsed = trio.current_time() - began
-        if not ended_by:
+        if cut_short_by is None:
             logger.info("drained: every stream ended by itself, in %.2f s", elapsed)
             return
         interrupted = list(self.streams)
@@ -159,4 +159,6 @@ class GracefulShutdown:
                     retry_after=RETRY_AFTER,
                 )
             )
-        logger.warning("drain over after %.2f s (%s): interrupted %d stream(s)", elapsed, ended_by, len(interrupted))
+        logger.warning(
+            "drain over after %.2f s (%s): interrupted %d stream(s)", elapsed, cut_short_by, len(interrupted)
+        )
