@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -15,12 +16,12 @@ import trio
 TRIOPROXY = [sys.executable, "-m", "trioproxy"]
 
 
-async def start_process(nursery: trio.Nursery, args: list[str], ready: bytes) -> tuple[trio.Process, bytes]:
+async def start_process(
+    nursery: trio.Nursery, args: list[str], ready: bytes, *, stderr: int = subprocess.DEVNULL
+) -> tuple[trio.Process, bytes]:
     """`trioproxy ARGS` in a process, once it has printed `ready`; returns it and its output."""
     process = await nursery.start(
-        lambda task_status: trio.run_process(
-            [*TRIOPROXY, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False, task_status=task_status
-        )
+        partial(trio.run_process, [*TRIOPROXY, *args], stdout=subprocess.PIPE, stderr=stderr, check=False)
     )
     output = b""
     with trio.fail_after(20):
@@ -31,10 +32,10 @@ async def start_process(nursery: trio.Nursery, args: list[str], ready: bytes) ->
     return process, output
 
 
-async def start_server(nursery: trio.Nursery, *args: str) -> tuple[trio.Process, str]:
-    """`trioproxy serve ... --port 0` in a process; returns it and the URL it prints."""
+async def start_server(nursery: trio.Nursery, *args: str, stderr: int = subprocess.DEVNULL) -> tuple[trio.Process, str]:
+    """`trioproxy serve ... --port 0` in a process; returns it and the URL it prints (`stderr`: its log)."""
     process, output = await start_process(
-        nursery, ["serve", "--host", "127.0.0.1", "--port", "0", *args], b"listening on"
+        nursery, ["serve", "--host", "127.0.0.1", "--port", "0", *args], b"listening on", stderr=stderr
     )
     url = re.search(rb"listening on (http://127\.0\.0\.1:\d+)", output)
     assert url, output

@@ -217,7 +217,9 @@ def test_unknown_top_level_key() -> None:
 
 
 def test_unknown_server_key() -> None:
-    assert only_problem({"server": {"hots": "x"}}) == "[server]: unknown key 'hots' (known: host, port, write_timeout)"
+    assert only_problem({"server": {"hots": "x"}}) == (
+        "[server]: unknown key 'hots' (known: host, port, shutdown_grace_period, write_timeout)"
+    )
 
 
 def test_unknown_provider_key() -> None:
@@ -831,7 +833,15 @@ def test_streams_default_without_a_table() -> None:
 
 def test_streams_table() -> None:
     config = parse_config(
-        {"streams": {"resume_grace_period": 0.5, "retention": 60, "max_replay_bytes": 4096, "max_streams": 3, "watcher_queue": 8}},
+        {
+            "streams": {
+                "resume_grace_period": 0.5,
+                "retention": 60,
+                "max_replay_bytes": 4096,
+                "max_streams": 3,
+                "watcher_queue": 8,
+            }
+        },
         environ={},
     )
     assert config.streams == StreamsConfig(
@@ -875,6 +885,16 @@ def test_server_write_timeout() -> None:
     assert only_problem({"server": {"write_timeout": 0}}) == (
         "[server].write_timeout must be a positive number of seconds, got 0"
     )
+
+
+def test_server_shutdown_grace_period() -> None:
+    assert parse_config({"server": {"shutdown_grace_period": 2.5}}, environ={}).server.shutdown_grace_period == 2.5
+    assert parse_config({"server": {"shutdown_grace_period": 0}}, environ={}).server.shutdown_grace_period == 0
+    assert parse_config({}, environ={}).server.shutdown_grace_period == 30.0
+    for bad in (-1, "10", True, float("inf"), float("nan")):
+        assert only_problem({"server": {"shutdown_grace_period": bad}}) == (
+            f"[server].shutdown_grace_period must be a number of seconds, 0 or more, got {bad!r}"
+        )
 
 
 def test_auth_keys_from_the_file_and_the_environment() -> None:

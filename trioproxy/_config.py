@@ -9,6 +9,7 @@ kept out of every `repr`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -62,6 +63,7 @@ DEFAULT_CORS_ALLOW_HEADERS: Final = (
 """What browsers preflight for the OpenAI and Anthropic SDKs, `fetch` with JSON, and EventSource."""
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/?#\s]+$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z\-]+$")
+DEFAULT_SHUTDOWN_GRACE_PERIOD: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +72,15 @@ class ServerConfig:
     `write_timeout`: seconds a client may leave what we sent it unacknowledged (it stopped
     reading, or vanished) before the kernel drops its connection — and with it the stream and
     its upstream request.
+
+    `shutdown_grace_period`: seconds the streams in flight get to finish once the server was
+    asked to stop (SIGTERM, SIGINT); whatever still runs then ends with an in-stream error.
     """
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
+    shutdown_grace_period: float = DEFAULT_SHUTDOWN_GRACE_PERIOD
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,7 +431,7 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
     if not isinstance(table, dict):
         problems.append("[server] must be a table")
         return ServerConfig()
-    _unknown_keys(table, {"host", "port", "write_timeout"}, "[server]", problems)
+    _unknown_keys(table, {"host", "port", "write_timeout", "shutdown_grace_period"}, "[server]", problems)
     host = table.get("host", DEFAULT_HOST)
     port = table.get("port", DEFAULT_PORT)
     if not isinstance(host, str) or not host:
@@ -438,7 +444,11 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
     if isinstance(write_timeout, bool) or not isinstance(write_timeout, (int, float)) or not write_timeout > 0:
         problems.append(f"[server].write_timeout must be a positive number of seconds, got {write_timeout!r}")
         write_timeout = DEFAULT_WRITE_TIMEOUT
-    return ServerConfig(host=host, port=port, write_timeout=write_timeout)
+    grace = table.get("shutdown_grace_period", DEFAULT_SHUTDOWN_GRACE_PERIOD)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
+        problems.append(f"[server].shutdown_grace_period must be a number of seconds, 0 or more, got {grace!r}")
+        grace = DEFAULT_SHUTDOWN_GRACE_PERIOD
+    return ServerConfig(host=host, port=port, write_timeout=write_timeout, shutdown_grace_period=grace)
 
 
 _TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval"}

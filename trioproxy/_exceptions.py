@@ -17,6 +17,7 @@ TrioproxyError                 status  type
 ├── ValidationError             422     validation_error: a validator stopped the stream
 ├── RateLimitedError            429     rate_limit_error: this client is over its share (Retry-After)
 ├── StreamInterrupted           503     server_error: the server ended a stream (shutdown)
+│   └── ShuttingDownError       503     server_error: the server is draining (Retry-After)
 ├── OverloadedError             503     overloaded_error: the server is full (Retry-After)
 │   └── StreamsFullError        503     no room for another resumable stream
 └── UpstreamError               502     upstream_error: the upstream failed us
@@ -41,6 +42,7 @@ __all__ = [
     "RateLimitedError",
     "ReplayGapError",
     "RequestError",
+    "ShuttingDownError",
     "StreamInterrupted",
     "StreamsFullError",
     "TrioproxyError",
@@ -150,6 +152,18 @@ class StreamInterrupted(TrioproxyError):
 
     status = 503
     type = "server_error"
+
+
+class ShuttingDownError(StreamInterrupted):
+    """
+    The server is shutting down: it refuses new streams, and ends those still running at the
+    end of its grace period. `retry_after` (seconds) tells a client when to ask again — behind
+    a load balancer, another instance answers.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, code="server_shutting_down")
+        self.retry_after = retry_after
 
 
 class StreamsFullError(OverloadedError):

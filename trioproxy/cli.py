@@ -116,7 +116,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _run_until_signalled(main: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]], what: str) -> int:
-    """Run `main(shutdown_trigger)`; SIGINT or SIGTERM makes the trigger return (exit 0)."""
+    """
+    Run `main(shutdown_trigger)`; each SIGINT or SIGTERM makes one call of the trigger return
+    (the server's first starts its graceful shutdown, a second cuts it short); exit 0.
+    """
 
     async def run() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -23,6 +23,7 @@ from trioproxy import (
 )
 from trioproxy._config import ProviderConfig
 from trioproxy._events import OPENED, Opened
+from trioproxy._exceptions import StreamInterrupted
 from trioproxy._policy import BufferConfig, RetryConfig, Timeouts
 from trioproxy._request import parse_chat_request
 from trioproxy._router import Route
@@ -350,6 +351,47 @@ async def test_cancelling_the_session_cancels_the_upstream_at_once(autojump_cloc
         session.cancel()
     assert upstream.cancelled == [3.0]
     assert session.finished.is_set()
+
+
+async def test_an_interrupted_session_ends_with_its_error_after_what_was_delivered(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """`interrupt` (the server shutting down) cancels the upstream and says why, as the last item."""
+    upstream = ScriptedUpstream([[*tokens("ab", "cd"), STALL]])
+    session = StreamSession(pipeline(route(upstream)), CHAT)
+    received = []
+
+    async def interrupt_at_2() -> None:
+        await trio.sleep(2)
+        session.interrupt(StreamInterrupted("the server is shutting down"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        nursery.start_soon(interrupt_at_2)
+        async for item in session.output:
+            received.append((trio.current_time(), item))
+
+    assert upstream.cancelled == [2.0]
+    assert [i.text for _, i in received if isinstance(i, Delta) and i.text] == ["ab", "cd"]
+    last_at, last = received[-1]
+    assert isinstance(last, StreamInterrupted) and last_at == 2.0
+    assert last.message == "the server is shutting down (after 4 characters were delivered; they are not repeated)"
+    assert last.characters_delivered == 4  # type: ignore[attr-defined]
+    assert not session.completed
+
+
+async def test_an_interruption_is_not_delivered_to_a_client_that_left(autojump_clock: trio.abc.Clock) -> None:
+    """The session may not wait for a reader that is gone: `cancel` (its response ended) wins."""
+    upstream = ScriptedUpstream([[*tokens("ab"), STALL]])
+    session = StreamSession(pipeline(route(upstream)), CHAT)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        await trio.sleep(1)  # nobody reads the output: the session waits to hand over OPENED
+        session.interrupt(StreamInterrupted("the server is shutting down"))
+        await trio.sleep(5)
+        assert not session.finished.is_set()  # its error waits for the client to read it
+        session.cancel()
+    assert session.finished.is_set() and trio.current_time() == 6.0
 
 
 async def test_a_slow_client_is_not_a_silent_upstream(autojump_clock: trio.abc.Clock) -> None:

@@ -159,6 +159,33 @@ async def test_the_last_watcher_leaving_starts_the_grace_period(autojump_clock: 
     assert last.type == "error" and "no client watched" in last.data["message"]
 
 
+async def test_once_the_server_drains_a_stream_runs_on_only_while_watched(autojump_clock: trio.abc.Clock) -> None:
+    """Nobody can attach during a shutdown: waiting `resume_grace_period` for a reconnect is pointless."""
+    watched, unwatched = FakeSession(), FakeSession()
+    registry = StreamRegistry(StreamsConfig(resume_grace_period=30))
+    kept = registry.open(watched, renderer_for)  # type: ignore[arg-type]
+    dropped = registry.open(unwatched, renderer_for)  # type: ignore[arg-type]
+    _, watcher = kept.attach()
+    _, gone = dropped.attach()
+    async with trio.open_nursery() as nursery:
+        for session, stream in ((watched, kept), (unwatched, dropped)):
+            nursery.start_soon(session.play, [" a"] * 20, 0.1)
+            nursery.start_soon(stream.run)
+        await trio.sleep(0.5)
+        dropped.detach(gone)  # its client went away: it would wait 30 s for a reconnect
+        await trio.sleep(0.5)
+        assert unwatched.cancelled_at is None
+        registry.stop_resuming()
+        stopped_at = trio.current_time()
+        received: list[bytes] = []
+        await drain(watcher, received)
+    assert unwatched.cancelled_at == stopped_at
+    (last,) = events_of(b"".join(dropped.log.read_after(dropped.last_id - 1)))
+    assert last.type == "error" and "shutting down" in last.data["message"]
+    assert watched.completed  # the watched one ran to its end
+    assert [e.type for e in events_of(b"".join(received))][-1] == "done"
+
+
 async def test_finished_streams_expire_after_their_retention(autojump_clock: trio.abc.Clock) -> None:
     session = FakeSession()
     registry, stream = open_stream(session, retention=10)

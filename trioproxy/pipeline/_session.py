@@ -10,9 +10,9 @@ session, and the upstream reader unwinds through httpx, which closes the upstrea
 
 Items on `output`: `OPENED` (the upstream accepted: commit HTTP 200), `Delta`s, `RetryNotice`s,
 `HEARTBEAT`s, and at most one `TrioproxyError`, always last. The end of the stream is the close
-of the channel; a channel that closes with `completed` still false was cut short (the server
-is shutting down), and the client must be told so rather than shown a truncated answer as
-whole.
+of the channel; a channel that closes with `completed` still false was cut short, and the
+client must be told so rather than shown a truncated answer as whole. A session ended with
+`interrupt(error)` (the server is shutting down) says so itself: `error` is its last item.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
@@ -34,7 +34,7 @@ from ._stats import StreamStats
 if TYPE_CHECKING:
     from ._assemble import Pipeline
 
-__all__ = ["HEARTBEAT", "Heartbeat", "SessionItem", "StreamSession", "start_session"]
+__all__ = ["HEARTBEAT", "Heartbeat", "SessionItem", "SessionRegistry", "StreamSession", "start_session"]
 
 logger = logging.getLogger("trioproxy.session")
 
@@ -72,6 +72,9 @@ class StreamSession:
         self._heartbeat_interval = pipeline.timeouts.heartbeat_interval if heartbeats else 0.0
         self._cancel_scope = trio.CancelScope()
         self._upstream_scope = trio.CancelScope()
+        self._interruption: TrioproxyError | None = None
+        self._last_word_scope = trio.CancelScope()
+        """Around handing over the interruption error: `cancel()` means nobody is left to read it."""
         self._out, self.output = trio.open_memory_channel[SessionItem](0)
         self._last_output = -math.inf
 
@@ -79,6 +82,7 @@ class StreamSession:
         """The session's task; returns when the stream ends or the session is cancelled."""
         try:
             with self._cancel_scope:
+                await trio.lowlevel.checkpoint_if_cancelled()  # refused before it began: no upstream request
                 try:
                     async with trio.open_nursery() as nursery:
                         self._last_output = trio.current_time()
@@ -91,6 +95,9 @@ class StreamSession:
                     logger.exception("a stage of the %s session failed", self.chat.model)
                     with trio.move_on_after(1):
                         await self._out.send(TrioproxyError("internal error while streaming"))
+            if self._interruption is not None and self._cancel_scope.cancelled_caught and not self.completed:
+                with self._last_word_scope:
+                    await self.send(self._interruption)
         finally:
             self.stats.ended = trio.current_time()
             self.stats.cancelled = self._cancel_scope.cancelled_caught
@@ -99,6 +106,17 @@ class StreamSession:
 
     def cancel(self) -> None:
         """End the session now: every task stops and the upstream connection closes."""
+        self._cancel_scope.cancel()
+        self._last_word_scope.cancel()
+
+    def interrupt(self, error: TrioproxyError) -> None:
+        """
+        End the session now, like `cancel()`, but with `error` as its last item, so that its
+        client is told why (with how much it got) instead of seeing the stream stop. A session
+        that already ended is left as it was.
+        """
+        if self._interruption is None:
+            self._interruption = error
         self._cancel_scope.cancel()
 
     def abort_upstream(self) -> None:
@@ -181,6 +199,13 @@ class StreamSession:
                 await self._send(HEARTBEAT)
 
 
+class SessionRegistry(Protocol):
+    """Where running sessions are kept (a `set` will do): `add`ed when started, `discard`ed when over."""
+
+    def add(self, session: StreamSession, /) -> None: ...
+    def discard(self, session: StreamSession, /) -> None: ...
+
+
 def start_session(
     nursery: trio.Nursery,
     pipeline: Pipeline,
@@ -188,19 +213,18 @@ def start_session(
     *,
     heartbeats: bool = True,
     endpoint: str = "",
-    registry: set[StreamSession] | None = None,
+    registry: SessionRegistry | None = None,
     on_end: Callable[[StreamSession], None] | None = None,
 ) -> StreamSession:
     """
-    Run a session in `nursery`; `registry` holds it while it runs (active streams), and
+    Run a session in `nursery`; `registry` holds it from now until it ended (active streams),
+    so that no session is ever running without being in it, not even before its task starts;
     `on_end` sees it when its task ends, however it ends (metrics; it frees the stream's place
     in the server's limits).
     """
     session = StreamSession(pipeline, chat, heartbeats=heartbeats, endpoint=endpoint)
 
     async def run() -> None:
-        if registry is not None:
-            registry.add(session)
         try:
             await session.run()
         finally:
@@ -209,5 +233,12 @@ def start_session(
             if on_end is not None:
                 on_end(session)
 
-    nursery.start_soon(run, name=f"session {chat.model}")
+    if registry is not None:
+        registry.add(session)
+    try:
+        nursery.start_soon(run, name=f"session {chat.model}")
+    except BaseException:
+        if registry is not None:
+            registry.discard(session)
+        raise
     return session

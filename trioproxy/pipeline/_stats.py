@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .._exceptions import TrioproxyError, UpstreamError, UpstreamTimeoutError, ValidationError
+from .._exceptions import StreamInterrupted, TrioproxyError, UpstreamError, UpstreamTimeoutError, ValidationError
 
 __all__ = ["StreamStats"]
 
@@ -61,8 +61,10 @@ class StreamStats:
 
     @property
     def outcome(self) -> str:
-        """completed, cancelled, timeout, upstream_error, validation_error or error."""
+        """completed, cancelled, interrupted, timeout, upstream_error, validation_error or error."""
         if self.error is not None:
+            if isinstance(self.error, StreamInterrupted):
+                return "interrupted"  # by the server: it is shutting down
             if isinstance(self.error, UpstreamTimeoutError):
                 return "timeout"
             if isinstance(self.error, UpstreamError):

@@ -52,6 +52,7 @@ from ._generic import Renderer, StreamInterrupted, generic_chat_request, prompt_
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
 from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
+from ._shutdown import GracefulShutdown
 from ._streams import BroadcastStream, StreamRegistry, Watcher
 from ._websocket import register_websocket_routes
 
@@ -73,16 +74,20 @@ PLAYGROUND_HEADERS: Final = {
 }
 
 
-def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
-    """The proxy as an ASGI app; `router` replaces the one built from `config` (tests)."""
+def create_app(config: Config, *, router: Router | None = None, shutdown: GracefulShutdown | None = None) -> QuartTrio:
+    """
+    The proxy as an ASGI app; `router` replaces the one built from `config` (tests);
+    `shutdown` is the graceful shutdown the serve layer triggers (`_shutdown.py`).
+    """
     app = QuartTrio("trioproxy")
     app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
     app.config["MAX_CONTENT_LENGTH"] = config.limits.max_body_bytes  # bodies are not read past it
     if config.cors.enabled:
         app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[method-assign]
     router = router or Router(config)
+    shutdown = shutdown or GracefulShutdown(config.server.shutdown_grace_period)
 
-    active: set[StreamSession] = set()
+    active = shutdown.streams
     streams = StreamRegistry(config.streams)
     metrics = Metrics(active_streams=active.__len__)
     access_log = AccessLog(
@@ -124,6 +129,7 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
             raise
         if stream_id is None:
             record.session = session
+        shutdown.admit(session)  # while draining, its first item is the refusal
         return session
 
     def client_identity() -> str:
@@ -140,6 +146,8 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
     @app.before_websocket
     async def name_websocket_route() -> None:
         websocket.scope[RECORD].route = _route()
+
+    shutdown.on_drain(streams.stop_resuming)  # nobody can come back to resume a stream
 
     @app.after_serving
     async def close_upstreams() -> None:
@@ -174,10 +182,22 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
         """The playground page; open even with client keys on (its own requests carry the key)."""
         return Response(_playground_page(), content_type="text/html; charset=utf-8", headers=PLAYGROUND_HEADERS)
 
+    @app.before_request
+    async def refuse_while_draining() -> Response | None:
+        """A request that reaches the app during the drain: 503, retry elsewhere (`/health` says why)."""
+        if not shutdown.draining or request.path == "/health":
+            return None
+        response = _error_response(request.path, shutdown.refusal())
+        if request.http_version in ("1.0", "1.1"):  # HTTP/2 forbids the header (and closes by GOAWAY)
+            response.headers["connection"] = "close"
+        return response
+
     @app.get("/health")
     async def health() -> Response:
         providers = {name: {"type": p.type} for name, p in config.providers.items()}
-        return _json({"status": "ok", "version": __version__, "providers": providers, "active_streams": len(active)})
+        status = "draining" if shutdown.draining else "ok"  # a draining instance takes no new work
+        body = {"status": status, "version": __version__, "providers": providers, "active_streams": len(active)}
+        return _json(body, status=503 if shutdown.draining else 200)
 
     @app.get("/metrics")
     async def metrics_page() -> Response:
@@ -295,7 +315,9 @@ def create_app(config: Config, *, router: Router | None = None) -> QuartTrio:
             return _sse_error(exc)
         return _watch_response(stream, backlog, watcher)
 
-    register_websocket_routes(app, start=start, router=router, max_message_bytes=limits.max_body_bytes)
+    register_websocket_routes(
+        app, start=start, router=router, max_message_bytes=limits.max_body_bytes, shutdown=shutdown
+    )
 
     sse_endpoint = generic_endpoint(sse_frame, SSE)
     app.add_url_rule("/v1/chat/stream", "chat_stream", sse_endpoint, methods=["POST"])

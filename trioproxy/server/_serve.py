@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -17,6 +17,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from .._config import Config
 from .._router import Router
 from ._app import create_app
+from ._shutdown import GracefulShutdown
 
 __all__ = ["WEBSOCKET_PING_INTERVAL", "serve"]
 
@@ -48,6 +49,70 @@ class _HypercornConfig(HypercornConfig):
         return sockets
 
 
+class _ConnectionsThatEnd:
+    """
+    The app as hypercorn sees it, with two hypercorn behaviours worked around so that a
+    connection whose work is over really ends — above all during a graceful shutdown, which
+    waits for every connection.
+
+    1. The last message of each HTTP response is sent in a shielded scope (bounded by
+       `write_timeout`). hypercorn recycles a kept-alive connection, or closes it when shutting
+       down, from inside that last `send`, after telling the app `http.disconnect`; quart-trio
+       cancels the request's task on that disconnect, and the cancel lands in the middle of
+       hypercorn's bookkeeping. The connection then never gets its idle timer: it is neither
+       closed after `keep_alive_timeout` nor at shutdown, and a client that keeps it open holds
+       the process until hypercorn's `graceful_timeout`.
+    2. While the server drains, an HTTP/1.1 WebSocket connection whose close handshake is
+       over is ended at once. hypercorn's ping task only looks whether the socket is closed
+       every `websocket_ping_interval`, and until it does the connection's task (and so the
+       process) lives on, up to 20 s. The task group cancelled here is that one connection's
+       (the app runs in it, next to the ping task); over HTTP/2 it would be the whole
+       connection's, so that case is left alone.
+    """
+
+    def __init__(self, app: Any, *, shutdown: GracefulShutdown, timeout: float) -> None:
+        self.app = app
+        self.shutdown = shutdown
+        self.timeout = timeout
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _http(self, scope: Any, receive: Any, send: Any) -> None:
+        async def send_with_a_shielded_end(message: Any) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.move_on_after(self.timeout, shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await self.app(scope, receive, send_with_a_shielded_end)
+
+    async def _websocket(self, scope: Any, receive: Any, send: Any) -> None:
+        disconnected = False
+
+        async def receive_noting_the_disconnect() -> Any:
+            nonlocal disconnected
+            message = await receive()
+            disconnected = disconnected or message["type"] == "websocket.disconnect"
+            return message
+
+        await self.app(scope, receive_noting_the_disconnect, send)
+        if not self.shutdown.draining or scope.get("http_version") not in ("1.0", "1.1"):
+            return
+        with trio.move_on_after(self.timeout):  # the peer answers the server's close
+            while not disconnected:
+                await receive_noting_the_disconnect()
+        connection = trio.lowlevel.current_task().parent_nursery
+        if disconnected and connection is not None:
+            connection.cancel_scope.cancel()
+
+
 async def serve(
     config: Config,
     *,
@@ -60,10 +125,15 @@ async def serve(
     """
     Serve the proxy until cancelled. Reports the bound URLs through `task_status`, so
     `await nursery.start(serve, config, port=0)` returns once it accepts connections.
-    When `shutdown_trigger` returns, the server stops accepting and lets in-flight requests
-    finish (hypercorn's graceful shutdown).
+
+    Each return of `shutdown_trigger` is one request to stop (the CLI's returns once per
+    SIGINT or SIGTERM). The first starts a graceful shutdown (`_shutdown.py`): no new
+    connections, 503 for new requests, in-flight streams finish within
+    `[server] shutdown_grace_period` or end with an in-stream error; then `serve` returns.
+    A second ends the streams still running at once.
     """
-    app = create_app(config, router=router)
+    shutdown = GracefulShutdown(config.server.shutdown_grace_period)
+    app = create_app(config, router=router, shutdown=shutdown)
     hypercorn_config = _HypercornConfig(write_timeout=config.server.write_timeout)
     hypercorn_config.bind = [f"{host or config.server.host}:{config.server.port if port is None else port}"]
     hypercorn_config.accesslog = None
@@ -78,8 +148,26 @@ async def serve(
     # Messages up to twice `max_body_bytes` are read and refused with an `error` event (413);
     # hypercorn closes the connection (1009) on anything larger, unread.
     hypercorn_config.websocket_max_message_size = 2 * config.limits.max_body_bytes
+    # hypercorn cancels the connections still open this long after the trigger. Ours end the
+    # streams at the grace period; each client then gets `write_timeout` to take its last
+    # bytes (the error saying why its stream ended), which the kernel bounds anyway.
+    hypercorn_config.graceful_timeout = config.server.shutdown_grace_period + config.server.write_timeout
     for warning in config.warnings:
         logger.warning("%s", warning)
-    await hypercorn_serve(
-        app, hypercorn_config, shutdown_trigger=shutdown_trigger, task_status=task_status, mode="asgi"
-    )
+    async with trio.open_nursery() as nursery:
+        drain_trigger = None
+        if shutdown_trigger is not None:
+
+            async def drain_trigger() -> None:
+                """hypercorn's trigger: stop accepting once the drain has begun (nothing new is admitted)."""
+                await shutdown_trigger()
+                await nursery.start(shutdown.drain, shutdown_trigger)
+
+        await hypercorn_serve(
+            _ConnectionsThatEnd(app, shutdown=shutdown, timeout=config.server.write_timeout),
+            hypercorn_config,
+            shutdown_trigger=drain_trigger,
+            task_status=task_status,
+            mode="asgi",
+        )
+        nursery.cancel_scope.cancel()  # every connection is closed: a drain still waiting has nothing left to do

@@ -13,7 +13,9 @@ The POST that starts a generation is its first watcher; `GET /v1/streams/{id}` a
 replaying the log after their `Last-Event-ID` first. Fan-out never waits: a watcher whose
 queue is full is disconnected (its response ends without `done`, so it resumes) and the others
 go on. When the last watcher leaves, the generation keeps running for `resume_grace_period`;
-after that its upstream is cancelled. A finished stream is kept for `retention` seconds.
+after that its upstream is cancelled. A finished stream is kept for `retention` seconds. Once
+the server shuts down nobody can attach any more (`stop_resuming`), so a stream nobody watches
+is cancelled at once.
 
 Event ids are the stream's sequence numbers, `1`, `2`, …; SSE comments (keep-alives) carry
 none and are not logged.
@@ -158,6 +160,9 @@ class BroadcastStream:
         self.last_id = 0
         self.finished_at: float | None = None
         self.watchers: set[Watcher] = set()
+        self.resume_grace_period = config.resume_grace_period
+        self.resumable = True
+        """False once the server shuts down: nobody can attach any more."""
         self._grace = trio.CancelScope()
         self._pending: list[tuple[int, bytes]] = []
         self._ended = False
@@ -199,7 +204,14 @@ class BroadcastStream:
             return  # dropped earlier: its grace period, if any, already started then
         self.watchers.discard(watcher)
         if not self.watchers and not self.finished:
-            self._grace.deadline = trio.current_time() + self.config.resume_grace_period
+            self._grace.deadline = trio.current_time() + self.resume_grace_period
+
+    def stop_resuming(self) -> None:
+        """No watcher can come any more (the server shuts down): run on only while watched."""
+        self.resumable = False
+        self.resume_grace_period = 0.0
+        if not self.watchers and not self.finished:
+            self._grace.deadline = trio.current_time()
 
     def publish(self, item: SessionItem | None) -> None:
         """Render `item` (None: the stream's last word), log it, and hand it to every watcher."""
@@ -231,7 +243,9 @@ class BroadcastStream:
         elif self._grace.cancelled_caught:
             self.renderer.error(
                 StreamInterrupted(
-                    f"no client watched the stream for {self.config.resume_grace_period:g} s: it was cancelled"
+                    f"no client watched the stream for {self.resume_grace_period:g} s: it was cancelled"
+                    if self.resumable
+                    else "the server is shutting down and no client watched the stream: it was cancelled"
                 )
             )
         else:
@@ -249,7 +263,7 @@ class BroadcastStream:
         try:
             with self._grace:
                 if not self.watchers:
-                    self._grace.deadline = trio.current_time() + self.config.resume_grace_period
+                    self._grace.deadline = trio.current_time() + self.resume_grace_period
                 async for item in self.session.output:
                     self.publish(item)
                     if self._ended:
@@ -276,6 +290,13 @@ class StreamRegistry:
         self.config = config
         self._log_factory = log_factory or (lambda: MemoryReplayLog(config.max_replay_bytes))
         self._streams: dict[str, BroadcastStream] = {}
+        self._resuming = True
+
+    def stop_resuming(self) -> None:
+        """The server shuts down: no watcher can attach any more, so no stream waits for one."""
+        self._resuming = False
+        for stream in self._streams.values():
+            stream.stop_resuming()
 
     def __len__(self) -> int:
         self._sweep()
@@ -295,6 +316,8 @@ class StreamRegistry:
             del self._streams[oldest.id]
         stream_id = "st_" + secrets.token_hex(12)
         stream = BroadcastStream(stream_id, session, renderer_for, self._log_factory(), self.config)
+        if not self._resuming:
+            stream.stop_resuming()
         self._streams[stream_id] = stream
         return stream
 

@@ -23,6 +23,11 @@ not read for `SEND_TIMEOUT` seconds is dropped. Keep-alive is hypercorn's WebSoc
 (`websocket_ping_interval`, set in `_serve.py`), so sessions run without heartbeat items.
 hypercorn does not track pongs: a peer that vanished without closing is noticed when a write
 to it fails (TCP retransmission gives up) or, with streams running, by `SEND_TIMEOUT`.
+
+hypercorn's graceful shutdown leaves WebSocket connections open, so the server closes them
+itself while it drains (`_shutdown.py`): a new stream is refused with a 503 `error` event
+(`start` does that), the streams running go on, and once the last of them has sent its final
+event the connection is closed with 1001 (going away).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from .._exceptions import PayloadTooLargeError, RequestError, TrioproxyError
 from ..pipeline import Heartbeat, StreamSession, pipeline_for
 from ._events_front import EventRenderer, error_event
 from ._generic import StreamInterrupted, generic_chat_request, new_request_id, prompt_chars, render
+from ._shutdown import GracefulShutdown
 
 __all__ = ["MAX_STREAMS", "SEND_QUEUE_SIZE", "SEND_TIMEOUT", "register_websocket_routes"]
 
@@ -52,6 +58,8 @@ SEND_QUEUE_SIZE: Final = 64
 """Messages waiting for the socket, all streams of a connection together."""
 SEND_TIMEOUT: Final = 30.0
 """Seconds one message may wait for the socket before the peer counts as gone."""
+GOING_AWAY: Final = 1001
+"""The close code of a connection the server closes because it shuts down."""
 
 
 class StreamCancelled(TrioproxyError):
@@ -60,7 +68,12 @@ class StreamCancelled(TrioproxyError):
 
 
 def register_websocket_routes(
-    app: QuartTrio, *, start: Callable[..., StreamSession], router: Any, max_message_bytes: int
+    app: QuartTrio,
+    *,
+    start: Callable[..., StreamSession],
+    router: Any,
+    max_message_bytes: int,
+    shutdown: GracefulShutdown,
 ) -> None:
     """
     Add the WebSocket routes to `app`; `start(pipeline, chat)` starts a session or raises the
@@ -74,18 +87,31 @@ def register_websocket_routes(
             self.nursery = nursery
             self.client_id = client_id
             self.active: dict[Any, tuple[StreamSession, trio.CancelScope]] = {}
-            self.outbox, self._outgoing = trio.open_memory_channel[bytes](SEND_QUEUE_SIZE)
+            self._stream_ended = trio.Event()
+            self.outbox, self._outgoing = trio.open_memory_channel[bytes | None](SEND_QUEUE_SIZE)
+            """Messages for the socket; `None` closes the connection (the server shuts down)."""
 
         async def write(self) -> None:
             """The one task that writes to the socket."""
             async for message in self._outgoing:
                 try:
                     with trio.fail_after(SEND_TIMEOUT):
+                        if message is None:
+                            await websocket.close(GOING_AWAY, "the server is shutting down")
+                            self.nursery.cancel_scope.cancel()
+                            return
                         await websocket.send(message.decode())
                 except trio.TooSlowError:
                     logger.warning("dropping a WebSocket peer that stopped reading")
                     self.nursery.cancel_scope.cancel()
                     return
+
+        async def close_when_drained(self) -> None:
+            """Once the server drains and the last stream here has ended, close, after its final events."""
+            await shutdown.wait_draining()
+            while self.active:
+                await self._stream_ended.wait()
+            await self.outbox.send(None)
 
         async def send_error(self, error: TrioproxyError, request_id: Any = None) -> None:
             await self.outbox.send(_tagged(error_event(error), request_id))
@@ -174,6 +200,8 @@ def register_websocket_routes(
             finally:
                 session.cancel()
                 del self.active[request_id]
+                self._stream_ended.set()
+                self._stream_ended = trio.Event()
 
         async def send_lines(self, framed: bytes) -> None:
             for line in framed.splitlines():
@@ -192,6 +220,7 @@ def register_websocket_routes(
         async with trio.open_nursery() as nursery:
             connection = Connection(nursery, client_id)
             nursery.start_soon(connection.write)
+            nursery.start_soon(connection.close_when_drained)
             while True:
                 await connection.handle(await websocket.receive())
 
