@@ -194,6 +194,23 @@ async def test_the_upstream_connection_is_kept_for_the_next_stream(client, upstr
     assert [request.connection for request in upstream.requests] == [1, 1, 1]
 
 
+async def test_with_a_proxy_in_the_environment_httpxs_own_transport_streams(
+    nursery: trio.Nursery, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Proxy variables select httpx's own transport (which honours them); NO_PROXY keeps loopback direct.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    from tests.conftest import proxy_config
+
+    binds = await nursery.start(partial(serve, proxy_config(upstream), host="127.0.0.1", port=0))
+    async with openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as sdk:
+        for _ in range(2):
+            upstream.push(Reply(tokens=TOKENS))
+            text, _ = await collect(await sdk.chat.completions.create(model="up/m", messages=MESSAGES, stream=True))
+            assert text == "".join(TOKENS)
+    assert [request.connection for request in upstream.requests] == [1, 1]
+
+
 @pytest.mark.parametrize("after_the_end", ["stall", "reset"])
 async def test_an_upstream_misbehaving_after_its_end_marker_does_not_fail_the_stream(
     client, upstream: FakeUpstream, after_the_end: str
