@@ -9,14 +9,25 @@ then `Delta`s, and they raise a `TrioproxyError` when the upstream fails.
 Cancellation is the point of the design: `stream()` keeps `client.stream(...)` open inside
 the caller's task, so cancelling the request's session unwinds into httpx's `finally`, which
 closes the response and its connection — the upstream sees the client leave at once.
+
+Under the client sits `_PooledTransport`, an httpx transport over httpcore's own HTTP/1.1
+connections: a keep-alive pool whose cost per request does not grow with its size, and a trio
+network stream that reads without a cancel scope of its own when there is no read timeout
+(trioproxy's watchdog is the read timeout). httpx's own transport is kept where it does more
+than ours: when the environment names a proxy.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Final, Protocol
+import math
+import ssl
+import urllib.request
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final, Protocol
 
+import httpcore
 import httpx
 import trio
 
@@ -44,6 +55,21 @@ UpstreamItem = Opened | Delta
 MAX_ERROR_BODY: Final = 64 * 1024
 """How much of an upstream's error body we read: enough for any error JSON, bounded."""
 
+END_OF_BODY_GRACE: Final = 0.1
+"""
+Seconds we wait, after the stream's end marker, for the end of the HTTP body. Only a response
+read to its end leaves its connection in the pool; one closed early costs the next request a
+new connection (and, to a real upstream, a TLS handshake). Servers end the body right after
+the marker, so this bounds only a misbehaving one, and with it how long the client's own end
+of stream may wait.
+"""
+
+MAX_TRAILING_BYTES: Final = 64 * 1024
+"""How much an upstream may send after its end marker before we stop reading and close."""
+
+KEEPALIVE_EXPIRY: Final = 5.0
+"""Seconds an idle upstream connection is kept for reuse (httpx's default)."""
+
 
 class ItemSink(Protocol):
     """Where an upstream puts its items (a channel, or the pipeline's next stage)."""
@@ -69,6 +95,8 @@ class HttpUpstream:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.translation = translation
+        if transport is None and not urllib.request.getproxies():
+            transport = _PooledTransport(max_connections=max_connections)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
@@ -88,17 +116,238 @@ class HttpUpstream:
                     raise self.translation.error_from_response(resp.status_code, resp.headers, body)
                 await send.send(OPENED)
                 encoded = resp.headers.get("content-encoding", "identity") != "identity"
-                async for data in resp.aiter_bytes() if encoded else resp.aiter_raw():
+                chunks = resp.aiter_bytes() if encoded else resp.aiter_raw()
+                async for data in chunks:
                     for event in decoder.feed(data):
                         for delta in parser.feed(event):
                             await send.send(delta)
                     if parser.finished:
+                        await _read_to_end(chunks)
                         return
         if not parser.finished:
             raise UpstreamProtocolError("the upstream closed the stream before its end marker")
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class _PooledTransport(httpx.AsyncBaseTransport):
+    """
+    httpx's transport, HTTP/1.1 only, with a keep-alive pool that is O(1) per request.
+
+    httpcore's pool rescans all its connections on every request and every release, and
+    quadratically while many are idle: at a few hundred pooled connections that scan costs
+    more than the streams. Here a request takes the most recently used idle connection to its
+    origin (or opens one), and gives it back when its response is closed; at most
+    `max_connections` requests are in flight, and a request waits up to httpx's pool timeout
+    for a slot. An idle connection is checked before reuse (expired after `KEEPALIVE_EXPIRY`,
+    or closed by the server) and otherwise closed.
+    """
+
+    def __init__(self, *, max_connections: int) -> None:
+        self._slots = trio.Semaphore(max_connections)
+        self._idle: dict[tuple[bytes, bytes, int], deque[httpcore.AsyncHTTPConnection]] = {}
+        self._ssl_context = httpx.create_ssl_context()
+        self._backend = _TrioBackend()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        origin = httpcore.Origin(url.raw_scheme, url.raw_host, url.port or (443 if url.raw_scheme == b"https" else 80))
+        core_request = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
+            headers=request.headers.raw,
+            content=request.stream,  # type: ignore[arg-type]  # httpx's request streams are async iterables
+            extensions=request.extensions,
+        )
+        pool_timeout = request.extensions.get("timeout", {}).get("pool")
+        try:
+            with trio.fail_after(math.inf if pool_timeout is None else pool_timeout):
+                await self._slots.acquire()
+        except trio.TooSlowError:
+            raise httpx.PoolTimeout("no upstream connection became free within the pool timeout") from None
+        try:
+            while True:
+                connection = await self._idle_connection(origin) or httpcore.AsyncHTTPConnection(
+                    origin,
+                    ssl_context=self._ssl_context,
+                    keepalive_expiry=KEEPALIVE_EXPIRY,
+                    network_backend=self._backend,
+                )
+                try:
+                    with _mapped_httpcore_errors():
+                        response = await connection.handle_async_request(core_request)
+                    break
+                except httpcore.ConnectionNotAvailable:
+                    continue  # it was no longer usable: the next one, or a new one
+        except BaseException:
+            self._slots.release()
+            raise
+        stream = _PooledResponseStream(response.stream, self, connection, origin)  # type: ignore[arg-type]
+        return httpx.Response(response.status, headers=response.headers, stream=stream, extensions=response.extensions)
+
+    async def _idle_connection(self, origin: httpcore.Origin) -> httpcore.AsyncHTTPConnection | None:
+        idle = self._idle.get((origin.scheme, origin.host, origin.port))
+        while idle:
+            connection = idle.pop()
+            if connection.is_idle() and not connection.has_expired():
+                return connection
+            await connection.aclose()
+        return None
+
+    async def release(self, connection: httpcore.AsyncHTTPConnection, origin: httpcore.Origin) -> None:
+        """A response is closed: its connection goes back to the pool if it can serve another request."""
+        self._slots.release()
+        if not connection.is_idle():
+            return
+        idle = self._idle.setdefault((origin.scheme, origin.host, origin.port), deque())
+        idle.append(connection)
+        while len(idle) > 1 and idle[0].has_expired():  # the longest idle, oldest first
+            await idle.popleft().aclose()
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                await connection.aclose()
+
+
+class _PooledResponseStream(httpx.AsyncByteStream):
+    """A response body on a pooled connection; closing it gives the connection back."""
+
+    def __init__(
+        self,
+        stream: httpcore.AsyncByteStream,
+        pool: _PooledTransport,
+        connection: httpcore.AsyncHTTPConnection,
+        origin: httpcore.Origin,
+    ) -> None:
+        self._stream = stream
+        self._pool: _PooledTransport | None = pool
+        self._connection = connection
+        self._origin = origin
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        with _mapped_httpcore_errors():
+            async for part in self._stream:
+                yield part
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        # Closing does no network I/O (an unfinished response just closes its socket, an
+        # expired idle one too), so the shield cannot hang; without it a cancelled close
+        # could leak the socket or the pool's slot.
+        with trio.CancelScope(shield=True):
+            try:
+                with _mapped_httpcore_errors():
+                    await self._stream.aclose()
+            finally:
+                await pool.release(self._connection, self._origin)
+
+
+class _TrioBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's trio backend, with streams that read without a cancel scope of their own."""
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                stream = await trio.open_tcp_stream(host, port, local_address=local_address)  # TCP_NODELAY is on
+        except trio.TooSlowError as exc:
+            raise httpcore.ConnectTimeout(str(exc)) from exc
+        except (OSError, trio.BrokenResourceError) as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        for option in socket_options or ():
+            stream.setsockopt(*option)
+        return _TrioStream(stream)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.UnsupportedProtocol("trioproxy reaches upstreams over TCP only")
+
+    async def sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+
+class _TrioStream(httpcore.AsyncNetworkStream):
+    """
+    A trio stream (TCP or TLS) as httpcore's network stream.
+
+    httpcore's own opens a cancel scope and an exception-mapping context for every read, even
+    with no read timeout, which is always our case: trioproxy's watchdog bounds the silence.
+    Here a read without a timeout is a bare `receive_some`.
+    """
+
+    def __init__(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
+        self._stream = stream
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            if timeout is None:
+                return await self._stream.receive_some(max_bytes)
+            with trio.fail_after(timeout):
+                return await self._stream.receive_some(max_bytes)
+        except trio.TooSlowError as exc:
+            raise httpcore.ReadTimeout(str(exc)) from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise httpcore.ReadError(str(exc)) from exc
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                await self._stream.send_all(buffer)
+        except trio.TooSlowError as exc:
+            raise httpcore.WriteTimeout(str(exc)) from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise httpcore.WriteError(str(exc)) from exc
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        ssl_stream = trio.SSLStream(
+            self._stream, ssl_context=ssl_context, server_hostname=server_hostname, https_compatible=True
+        )
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                await ssl_stream.do_handshake()
+        except BaseException as exc:
+            await trio.aclose_forcefully(self._stream)
+            if isinstance(exc, trio.TooSlowError):
+                raise httpcore.ConnectTimeout(str(exc)) from exc
+            if isinstance(exc, trio.BrokenResourceError):
+                raise httpcore.ConnectError(str(exc)) from exc
+            raise
+        return _TrioStream(ssl_stream)
+
+    def get_extra_info(self, info: str) -> Any:
+        socket_stream = self._socket_stream()
+        if info == "is_readable":
+            return socket_stream.socket.is_readable()
+        if info == "socket":
+            return socket_stream.socket
+        if info == "client_addr":
+            return socket_stream.socket.getsockname()
+        if info == "server_addr":
+            return socket_stream.socket.getpeername()
+        return None  # "ssl_object": None, so httpcore never assumes an HTTP/2 upstream
+
+    def _socket_stream(self) -> trio.SocketStream:
+        stream = self._stream
+        return stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
 
 
 class SimulatedUpstream:
@@ -156,6 +405,26 @@ def build_upstream(provider: ProviderConfig) -> Upstream:
     return HttpUpstream(translation, connect_timeout=provider.connect_timeout, max_connections=provider.max_connections)
 
 
+async def _read_to_end(chunks: AsyncIterator[bytes]) -> None:
+    """
+    Read what follows the end marker (normally nothing but the body's end), so that httpx
+    returns the connection to the pool; bounded in time and size, else the connection closes.
+
+    The stream is already complete, so nothing here may fail it: the wait is shielded from the
+    watchdog and the session (the grace bounds it), and a connection that breaks now only
+    means it is not reused.
+    """
+    trailing = 0
+    with trio.move_on_after(END_OF_BODY_GRACE, shield=True):
+        try:
+            async for data in chunks:
+                trailing += len(data)
+                if trailing > MAX_TRAILING_BYTES:
+                    break
+        except httpx.TransportError:
+            pass  # the connection is closed, not pooled: the stream itself ended well
+
+
 async def _read_bounded(resp: httpx.Response) -> bytes:
     body = bytearray()
     async for data in resp.aiter_bytes():
@@ -188,6 +457,38 @@ def _mapped_httpx_errors() -> Iterator[None]:
         raise UpstreamError(f"upstream request failed: {_reason(exc)}") from exc
     except SSEDecodeError as exc:
         raise UpstreamProtocolError(f"the upstream's event stream is malformed: {exc}") from exc
+
+
+_HTTPCORE_ERRORS: Final[dict[type[Exception], type[httpx.HTTPError]]] = {
+    httpcore.ConnectTimeout: httpx.ConnectTimeout,
+    httpcore.ReadTimeout: httpx.ReadTimeout,
+    httpcore.WriteTimeout: httpx.WriteTimeout,
+    httpcore.PoolTimeout: httpx.PoolTimeout,
+    httpcore.TimeoutException: httpx.TimeoutException,
+    httpcore.ConnectError: httpx.ConnectError,
+    httpcore.ReadError: httpx.ReadError,
+    httpcore.WriteError: httpx.WriteError,
+    httpcore.NetworkError: httpx.NetworkError,
+    httpcore.UnsupportedProtocol: httpx.UnsupportedProtocol,
+    httpcore.LocalProtocolError: httpx.LocalProtocolError,
+    httpcore.RemoteProtocolError: httpx.RemoteProtocolError,
+    httpcore.ProtocolError: httpx.ProtocolError,
+}
+"""httpcore's errors and the httpx errors they become, most specific first (as httpx maps them)."""
+
+
+@contextlib.contextmanager
+def _mapped_httpcore_errors() -> Iterator[None]:
+    """Inside the transport, httpcore's errors become httpx's, which `_mapped_httpx_errors` knows."""
+    try:
+        yield
+    except httpcore.ConnectionNotAvailable:
+        raise
+    except Exception as exc:
+        for core, mapped in _HTTPCORE_ERRORS.items():
+            if isinstance(exc, core):
+                raise mapped(str(exc)) from exc
+        raise
 
 
 def _reason(exc: Exception) -> str:

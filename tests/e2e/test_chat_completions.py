@@ -180,6 +180,55 @@ async def test_streaming_headers_and_strict_openai_framing(proxy_url: str, upstr
         assert orjson.loads(event[6:])["object"] == "chat.completion.chunk"
 
 
+# --- upstream connections ---------------------------------------------------------------------
+
+ONE_CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":"stop"}]}\n\n'
+
+
+@MODELS
+async def test_the_upstream_connection_is_kept_for_the_next_stream(client, upstream: FakeUpstream, model: str) -> None:
+    for _ in range(3):
+        upstream.push(Reply(tokens=TOKENS))
+        text, _ = await collect(await client.chat.completions.create(model=model, messages=MESSAGES, stream=True))
+        assert text == "".join(TOKENS)
+    assert [request.connection for request in upstream.requests] == [1, 1, 1]
+
+
+async def test_with_a_proxy_in_the_environment_httpxs_own_transport_streams(
+    nursery: trio.Nursery, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Proxy variables select httpx's own transport (which honours them); NO_PROXY keeps loopback direct.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    from tests.conftest import proxy_config
+
+    binds = await nursery.start(partial(serve, proxy_config(upstream), host="127.0.0.1", port=0))
+    async with openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as sdk:
+        for _ in range(2):
+            upstream.push(Reply(tokens=TOKENS))
+            text, _ = await collect(await sdk.chat.completions.create(model="up/m", messages=MESSAGES, stream=True))
+            assert text == "".join(TOKENS)
+    assert [request.connection for request in upstream.requests] == [1, 1]
+
+
+@pytest.mark.parametrize("after_the_end", ["stall", "reset"])
+async def test_an_upstream_misbehaving_after_its_end_marker_does_not_fail_the_stream(
+    client, upstream: FakeUpstream, after_the_end: str
+) -> None:
+    fault = {"stall_after": 0} if after_the_end == "stall" else {"reset_after": 0}
+    upstream.push(Reply(raw_body=ONE_CHUNK + b"data: [DONE]\n\n", **fault))
+    text, _ = await collect(await client.chat.completions.create(model="up/m", messages=MESSAGES, stream=True))
+    assert text == "ok"
+
+    upstream.push(Reply(tokens=TOKENS))
+    text, _ = await collect(await client.chat.completions.create(model="up/m", messages=MESSAGES, stream=True))
+    assert text == "".join(TOKENS)
+    first, second = upstream.requests
+    assert second.connection != first.connection  # that connection was closed, not pooled
+    if after_the_end == "stall":
+        await first.disconnected.wait()
+
+
 # --- errors -------------------------------------------------------------------------------
 
 
