@@ -85,3 +85,16 @@ async def test_websocket_handshake_needs_a_key(proxy: str) -> None:
             while '"type":"done"' not in (message := await ws.get_message()):
                 pass
     assert '"id":"a"' in message
+
+
+async def test_metrics_want_a_key_unless_told_otherwise(nursery: trio.Nursery, proxy: str) -> None:
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(proxy + "/metrics")).status_code == 401
+        scraped = await http.get(proxy + "/metrics", headers={"authorization": "Bearer key-one"})
+        assert scraped.status_code == 200
+        assert "trioproxy_active_streams" in scraped.text
+
+        config = parse_config({"auth": {"keys": ["k"], "protect_metrics": False}})
+        open_metrics = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+        assert (await http.get(open_metrics + "/metrics")).status_code == 200
+        assert (await http.get(open_metrics + "/v1/models")).status_code == 401
