@@ -11,7 +11,7 @@ import pytest
 from trioproxy import parse_config
 
 README = Path(__file__).parent.parent / "README.md"
-TOML_BLOCKS = re.findall(r"```toml\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+TOML_BLOCKS = re.findall(r"```toml\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
 
 
 def test_the_readme_has_config_examples() -> None:

@@ -611,9 +611,7 @@ def reference_decode(raw: bytes) -> tuple[list[ServerSentEvent], str, int | None
             if data == "":
                 event_type = ""
                 continue
-            events.append(
-                ServerSentEvent(data[:-1] if data.endswith("\n") else data, event_type or "message", last_id, retry)
-            )
+            events.append(ServerSentEvent(data.removesuffix("\n"), event_type or "message", last_id, retry))
             data, event_type = "", ""
             continue
         if line.startswith(":"):

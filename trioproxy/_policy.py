@@ -168,9 +168,7 @@ def parse_policy(base: _Policy, table: Any, *, where: str, problems: list[str]) 
         if changes.get("jitter", 0) > 1:
             problems.append(f"{where}.jitter must be between 0 and 1, got {changes.pop('jitter')!r}")
         if changes.get("exponential_base", 1) < 1:
-            problems.append(
-                f"{where}.exponential_base must be at least 1, got {changes.pop('exponential_base')!r}"
-            )
+            problems.append(f"{where}.exponential_base must be at least 1, got {changes.pop('exponential_base')!r}")
     if isinstance(base, StreamsConfig):
         for key in ("max_replay_bytes", "max_streams", "watcher_queue"):
             if changes.get(key, 1) < 1:

@@ -16,7 +16,6 @@ import trio
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
-
 TOKENS = ("Hel", "lo", ",", " wörld", " 🌍", "!")
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
 # Both formats of upstream behind one proxy: "up" speaks OpenAI, "claude" speaks Anthropic.

@@ -106,10 +106,9 @@ async def test_a_client_that_leaves_counts_a_disconnect_and_an_upstream_cancella
 ) -> None:
     upstream.push(Reply(tokens=[f" t{i}" for i in range(1000)], interval=0.01))
     body = {"model": "up/gpt-x", "messages": MESSAGES, "stream": True}
-    async with httpx.AsyncClient() as http:
-        async with http.stream("POST", proxy_url + CHAT, json=body) as response:
-            async for _ in response.aiter_raw():
-                break
+    async with httpx.AsyncClient() as http, http.stream("POST", proxy_url + CHAT, json=body) as response:
+        async for _ in response.aiter_raw():
+            break
     with trio.fail_after(5):
         await upstream.requests[-1].disconnected.wait()
 

@@ -213,7 +213,9 @@ async def test_per_client_endpoint(proxy_url: str) -> None:
 
 async def test_client_yields_the_servers_error_event(proxy_url: str) -> None:
     async with WebSocketClient.connect(ws(proxy_url)) as client:
-        events = [event async for event in client.stream({"model": "nope/m", "messages": [{"role": "user", "content": "x"}]})]
+        events = [
+            event async for event in client.stream({"model": "nope/m", "messages": [{"role": "user", "content": "x"}]})
+        ]
     assert [e.type for e in events] == ["error"]
     assert events[0].data["type"] == "not_found_error"
 
@@ -243,4 +245,3 @@ async def test_client_cannot_connect_to_nothing() -> None:
     with trio.fail_after(3), pytest.raises(UpstreamConnectError, match="cannot open"):
         async with WebSocketClient.connect(f"ws://127.0.0.1:{port}/v1/chat/ws"):
             pass
-

@@ -16,7 +16,10 @@ def test_an_event_is_one_json_line_with_the_request_id() -> None:
 
 def test_client_id_goes_into_stream_start_only() -> None:
     start = StreamEvent("metadata", "stream_start", {"provider": "up"})
-    assert orjson.loads(_tagged(start, 7, {"client_id": "alice"}))["metadata"] == {"provider": "up", "client_id": "alice"}
+    assert orjson.loads(_tagged(start, 7, {"client_id": "alice"}))["metadata"] == {
+        "provider": "up",
+        "client_id": "alice",
+    }
     token = StreamEvent("token", "x")
     assert "client_id" not in orjson.loads(_tagged(token, 7, {"client_id": "alice"}))["metadata"]
 

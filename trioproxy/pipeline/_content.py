@@ -109,7 +109,7 @@ def _build(
     specs: Any, builtins: Mapping[str, Callable[..., Any]], *, where: str, problems: list[str]
 ) -> list[Callable[..., Any]]:
     if not isinstance(specs, list):
-        problems.append(f"{where} must be a list of tables like {{type = \"{next(iter(builtins))}\", ...}}")
+        problems.append(f'{where} must be a list of tables like {{type = "{next(iter(builtins))}", ...}}')
         return []
     built = []
     for i, spec in enumerate(specs):
