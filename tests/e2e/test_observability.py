@@ -272,3 +272,23 @@ async def test_serve_writes_json_lines(nursery: trio.Nursery, tmp_path: Path) ->
         "echo",
     )
     assert "private prompt" not in log.read_text()
+
+
+async def test_a_client_that_leaves_before_the_first_token_is_a_disconnect(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(ttft=30))
+    body = {"model": "up/gpt-x", "messages": MESSAGES, "stream": True}
+    async with httpx.AsyncClient() as http:
+        with trio.move_on_after(0.3):
+            await http.post(proxy_url + CHAT, json=body)
+    with trio.fail_after(5):
+        await upstream.requests[-1].disconnected.wait()
+
+    samples: dict = {}
+    with trio.fail_after(5):
+        while value(samples, "trioproxy_upstream_cancellations_total", provider="up") != 1:
+            await trio.sleep(0.01)
+            samples = await scrape(proxy_url)
+    assert value(samples, "trioproxy_requests_total", route=CHAT, status="0", outcome="client_disconnected") == 1
+    assert value(samples, "trioproxy_client_disconnects_total", route=CHAT) == 1

@@ -43,7 +43,10 @@ class RequestRecord:
     route: str = "unmatched"
     """The matched URL rule (bounded, unlike the path); set by the app."""
     status: int = 0
+    """The response's status; 0 while none was sent (the client may have left first)."""
     complete: bool = False
+    crashed: bool = False
+    """The app raised instead of answering (hypercorn answers 500)."""
     session: StreamSession | None = None
     model: str | None = None
     """The model the client asked for, once its body parsed."""
@@ -88,6 +91,9 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            record.crashed = True
+            raise
         finally:
             self._finish(record, websocket=scope["type"] == "websocket")
 
@@ -158,7 +164,7 @@ def request_outcome(record: RequestRecord, *, disconnected: bool) -> str:
     session = record.session
     if session is not None and session.stats.error is not None:
         return session.stats.outcome
-    if record.status >= 500 or record.status == 0:
+    if record.crashed or record.status >= 500:
         return "failed"
     if record.status >= 400:
         return "rejected"
