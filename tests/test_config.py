@@ -909,6 +909,18 @@ def test_auth_keys_from_the_file_and_the_environment() -> None:
     assert only_problem({"auth": {"keys": "k1"}}) == "[auth].keys must be a list of non-empty strings"
 
 
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"auth": {"protect_metrics": "no"}}, "[auth].protect_metrics must be true or false, got 'no'"),
+        ({"logging": {"access_log": 0}}, "[logging].access_log must be true or false, got 0"),
+        ({"logging": {"include_prompts": "yes"}}, "[logging].include_prompts must be true or false, got 'yes'"),
+    ],
+)
+def test_bad_boolean(raw: dict[str, Any], expected: str) -> None:
+    assert only_problem(raw) == expected
+
+
 # -- [limits] and [cors] ------------------------------------------------------------------------
 
 

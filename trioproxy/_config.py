@@ -362,17 +362,12 @@ def _cors(table: Any, problems: list[str]) -> CorsConfig:
             problems.append(f"[cors].max_age must be a number of seconds, 0 or more, got {max_age!r}")
         else:
             checked["max_age"] = max_age
-    credentials = table.get("allow_credentials")
-    if credentials is not None:
-        if not isinstance(credentials, bool):
-            problems.append(f"[cors].allow_credentials must be true or false, got {credentials!r}")
-        else:
-            checked["allow_credentials"] = credentials
-            if credentials and "*" in checked.get("allow_origins", ()):
-                problems.append(
-                    "[cors].allow_credentials = true needs the origins listed: with '*', "
-                    "every web site could send its visitors' cookies to the proxy"
-                )
+    _bool(table, "allow_credentials", "[cors]", problems, checked)
+    if checked.get("allow_credentials") and "*" in checked.get("allow_origins", ()):
+        problems.append(
+            "[cors].allow_credentials = true needs the origins listed: with '*', "
+            "every web site could send its visitors' cookies to the proxy"
+        )
     return CorsConfig(**checked)
 
 
@@ -395,11 +390,9 @@ def _auth(table: Any, env: Mapping[str, str], problems: list[str], warnings: lis
             warnings.append(f"[auth]: environment variable {keys_env} holds no keys")
         else:
             keys.extend(re.split(r"[\s,]+", env[keys_env].strip()))
-    protect_metrics = table.get("protect_metrics", True)
-    if not isinstance(protect_metrics, bool):
-        problems.append(f"[auth].protect_metrics must be true or false, got {protect_metrics!r}")
-        protect_metrics = True
-    return AuthConfig(keys=tuple(k for k in keys if k), protect_metrics=protect_metrics)
+    checked: dict[str, Any] = {}
+    _bool(table, "protect_metrics", "[auth]", problems, checked)
+    return AuthConfig(keys=tuple(k for k in keys if k), **checked)
 
 
 def _logging(table: Any, problems: list[str]) -> LoggingConfig:
@@ -417,13 +410,7 @@ def _logging(table: Any, problems: list[str]) -> LoggingConfig:
         else:
             changes[key] = value
     for key in ("access_log", "include_prompts"):
-        value = table.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, bool):
-            problems.append(f"[logging].{key} must be true or false, got {value!r}")
-        else:
-            changes[key] = value
+        _bool(table, key, "[logging]", problems, changes)
     return replace(LoggingConfig(), **changes)
 
 
@@ -544,12 +531,7 @@ def _provider(
         checked["validators"] = build_validators(table["validators"], where=f"{where}.validators", problems=problems)
     _number(table, "max_connections", where, problems, checked, positive=True, integer=True)
     _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
-    for key in ("request_usage",):
-        if key in table:
-            if isinstance(table[key], bool):
-                checked[key] = table[key]
-            else:
-                problems.append(f"{where}.{key} must be true or false, got {table[key]!r}")
+    _bool(table, "request_usage", where, problems, checked)
     if "anthropic_version" in table:
         if isinstance(table["anthropic_version"], str):
             checked["anthropic_version"] = table["anthropic_version"]
@@ -587,6 +569,15 @@ def _number(
         problems.append(f"{where}.{key} must be {what}, got {value!r}")
     else:
         checked[key] = value
+
+
+def _bool(table: Mapping[str, Any], key: str, where: str, problems: list[str], checked: dict[str, Any]) -> None:
+    if key not in table:
+        return
+    if isinstance(table[key], bool):
+        checked[key] = table[key]
+    else:
+        problems.append(f"{where}.{key} must be true or false, got {table[key]!r}")
 
 
 def _unknown_keys(table: Mapping[str, Any], known: set[str], where: str, problems: list[str]) -> None:
