@@ -42,15 +42,17 @@ async def start_server(nursery: trio.Nursery, *args: str, stderr: int = subproce
     return process, url.group(1).decode()
 
 
+async def run_trioproxy(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """`trioproxy ARGS` to its end (20 s at most), its output captured, whatever its exit status."""
+    with trio.fail_after(20):
+        return await trio.run_process([*TRIOPROXY, *args], capture_stdout=True, capture_stderr=True, check=False)
+
+
 async def test_serve_then_chat_streams_to_the_terminal(nursery: trio.Nursery) -> None:
     server, url = await start_server(nursery)
     try:
-        with trio.fail_after(20):
-            result = await trio.run_process(
-                [*TRIOPROXY, "chat", "stream me please", "--model", "sim/echo", "--url", url],
-                capture_stdout=True,
-                capture_stderr=True,
-            )
+        result = await run_trioproxy("chat", "stream me please", "--model", "sim/echo", "--url", url)
+        assert result.returncode == 0, result.stderr
         assert result.stdout.decode().strip() == "stream me please"
         assert re.search(r"time to first token \d+ ms, 3 chunks", result.stderr.decode())
     finally:
@@ -62,13 +64,7 @@ async def test_serve_then_chat_streams_to_the_terminal(nursery: trio.Nursery) ->
 async def test_chat_reports_errors_plainly(nursery: trio.Nursery) -> None:
     server, url = await start_server(nursery)
     try:
-        with trio.fail_after(20):
-            result = await trio.run_process(
-                [*TRIOPROXY, "chat", "hi", "--model", "nowhere/x", "--url", url],
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-            )
+        result = await run_trioproxy("chat", "hi", "--model", "nowhere/x", "--url", url)
         assert result.returncode == 1
         assert "no route for model" in result.stderr.decode() or "unknown provider" in result.stderr.decode()
         assert "Traceback" not in result.stderr.decode()
@@ -100,9 +96,7 @@ async def test_bad_config_is_reported_per_mistake(tmp_path: Path) -> None:
     config.write_text(
         '[providers.x]\ntype = "openai"\n\n[providers.y]\ntype = "carrier-pigeon"\n[server]\nport = "eighty"\n'
     )
-    result = await trio.run_process(
-        [*TRIOPROXY, "serve", "--config", str(config)], capture_stdout=True, capture_stderr=True, check=False
-    )
+    result = await run_trioproxy("serve", "--config", str(config))
     err = result.stderr.decode()
     assert result.returncode == 2
     assert "[providers.x].base_url is required" in err
@@ -137,9 +131,7 @@ async def test_a_taken_port_is_one_clear_line(nursery: trio.Nursery) -> None:
     server, url = await start_server(nursery)
     port = url.rsplit(":", 1)[1]
     try:
-        result = await trio.run_process(
-            [*TRIOPROXY, "upstream", "--port", port], capture_stdout=True, capture_stderr=True, check=False
-        )
+        result = await run_trioproxy("upstream", "--port", port)
         assert result.returncode == 1
         assert "cannot serve the upstream" in result.stderr.decode()
         assert "Traceback" not in result.stderr.decode()
