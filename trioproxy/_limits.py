@@ -51,16 +51,20 @@ CONCURRENCY_RETRY_AFTER: Final = 1.0
 class _Window:
     """One client's recent requests: `[bucket start, count]`, oldest first."""
 
-    __slots__ = ("buckets", "total")
+    __slots__ = ("buckets",)
 
     def __init__(self) -> None:
         self.buckets: deque[list[float]] = deque()
-        self.total = 0
+
+    @property
+    def total(self) -> int:
+        """Requests in the window: at most 61 buckets to add up, so no running count to keep in step."""
+        return int(sum(count for _, count in self.buckets))
 
     def expire(self, now: float) -> None:
         buckets = self.buckets
         while buckets and buckets[0][0] + RATE_BUCKET + RATE_WINDOW <= now:
-            self.total -= int(buckets.popleft()[1])
+            buckets.popleft()
 
 
 class RequestRate:
@@ -102,14 +106,13 @@ class RequestRate:
             window.buckets[-1][1] += 1
         else:
             window.buckets.append([start, 1])
-        window.total += 1
 
     def _forget_idle(self, now: float) -> None:
         """Drop the clients none of whose requests is still in the window (oldest first)."""
         while self._clients:
             client, window = next(iter(self._clients.items()))
             window.expire(now)
-            if window.total:
+            if window.buckets:
                 return  # admitted later than any client behind it expires: nothing more to drop
             del self._clients[client]
 
