@@ -43,9 +43,9 @@ from quart_trio import QuartTrio
 
 from .._events import StreamEvent
 from .._exceptions import PayloadTooLargeError, RequestError, TrioproxyError
-from ..pipeline import Heartbeat, StreamSession, pipeline_for
+from ..pipeline import StreamSession, pipeline_for
 from ._events_front import EventRenderer, error_event
-from ._generic import StreamInterrupted, generic_chat_request, new_request_id, prompt_chars, render
+from ._generic import generic_chat_request, last_word, new_request_id, prompt_chars, render
 from ._shutdown import GracefulShutdown
 
 __all__ = ["MAX_STREAMS", "SEND_QUEUE_SIZE", "SEND_TIMEOUT", "register_websocket_routes"]
@@ -184,17 +184,11 @@ def register_websocket_routes(
             """One stream: the session's items, rendered, into the outbox."""
             try:
                 with scope:
-                    async for item in session.output:
-                        if isinstance(item, Heartbeat):
-                            continue
+                    async for item in session.output:  # no heartbeats: `start(..., heartbeats=False)`
                         await self.send_lines(render(renderer, item))
                         if isinstance(item, TrioproxyError):
                             return
-                    if session.completed:
-                        await self.send_lines(renderer.done(session))
-                    else:
-                        error = StreamInterrupted("the server ended the stream before it completed")
-                        await self.send_lines(renderer.error(error))
+                    await self.send_lines(last_word(renderer, session))
                 if scope.cancelled_caught:
                     await self.send_lines(renderer.error(StreamCancelled("cancelled by the client")))
             finally:
