@@ -125,12 +125,15 @@ async def test_events_carry_their_id_and_the_generic_metadata(proxy_url: str) ->
         messages = []
         while not messages or messages[-1]["type"] not in ("done", "error"):
             messages.append(await receive_json(connection))
+        handshake = dict(connection.handshake_headers)
 
     assert {m["id"] for m in messages} == {"r1"}
     start = messages[0]
     assert start["type"] == "metadata" and start["data"] == "stream_start"
     assert start["metadata"]["provider"] == "up" and start["metadata"]["model"] == "m"
     assert start["metadata"]["request_id"].startswith("req_")
+    # the connection's id, as the handshake and the access log give it
+    assert start["metadata"]["request_id"] == handshake[b"x-request-id"].decode()
     assert "client_id" not in start["metadata"]
     assert messages[-1]["type"] == "done"
     assert messages[-1]["metadata"]["finish_reason"] == "stop"
