@@ -55,12 +55,11 @@ def upstream_request(upstream: FakeUpstream, prompt: str) -> RecordedRequest:
 
 
 async def wait_for_prompt(upstream: FakeUpstream, prompt: str, count: int = 1) -> list[RecordedRequest]:
+    """The upstream requests for `prompt`, once `count` of them have arrived."""
     with trio.fail_after(2):
-        while True:
-            found = [r for r in upstream.requests if r.json["messages"][-1]["content"] == prompt]
-            if len(found) >= count:
-                return found
-            await trio.sleep(0.005)
+        while len(found := [r for r in upstream.requests if r.json["messages"][-1]["content"] == prompt]) < count:
+            await upstream.wait_for_requests(upstream.request_count + 1)
+    return found
 
 
 def text(events: list[StreamEvent]) -> str:
