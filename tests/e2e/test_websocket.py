@@ -55,12 +55,11 @@ def upstream_request(upstream: FakeUpstream, prompt: str) -> RecordedRequest:
 
 
 async def wait_for_prompt(upstream: FakeUpstream, prompt: str, count: int = 1) -> list[RecordedRequest]:
+    """The upstream requests for `prompt`, once `count` of them have arrived."""
     with trio.fail_after(2):
-        while True:
-            found = [r for r in upstream.requests if r.json["messages"][-1]["content"] == prompt]
-            if len(found) >= count:
-                return found
-            await trio.sleep(0.005)
+        while len(found := [r for r in upstream.requests if r.json["messages"][-1]["content"] == prompt]) < count:
+            await upstream.wait_for_requests(upstream.request_count + 1)
+    return found
 
 
 def text(events: list[StreamEvent]) -> str:
@@ -125,12 +124,15 @@ async def test_events_carry_their_id_and_the_generic_metadata(proxy_url: str) ->
         messages = []
         while not messages or messages[-1]["type"] not in ("done", "error"):
             messages.append(await receive_json(connection))
+        handshake = dict(connection.handshake_headers)
 
     assert {m["id"] for m in messages} == {"r1"}
     start = messages[0]
     assert start["type"] == "metadata" and start["data"] == "stream_start"
     assert start["metadata"]["provider"] == "up" and start["metadata"]["model"] == "m"
     assert start["metadata"]["request_id"].startswith("req_")
+    # the connection's id, as the handshake and the access log give it
+    assert start["metadata"]["request_id"] == handshake[b"x-request-id"].decode()
     assert "client_id" not in start["metadata"]
     assert messages[-1]["type"] == "done"
     assert messages[-1]["metadata"]["finish_reason"] == "stop"

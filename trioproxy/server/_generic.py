@@ -14,7 +14,15 @@ from .._policy import BufferConfig, parse_policy
 from .._request import ChatRequest, content_text, parse_chat_request
 from ..pipeline import Heartbeat, RetryNotice, SessionItem, StreamSession
 
-__all__ = ["Renderer", "StreamInterrupted", "generic_chat_request", "new_request_id", "prompt_chars", "render"]
+__all__ = [
+    "Renderer",
+    "StreamInterrupted",
+    "generic_chat_request",
+    "last_word",
+    "new_request_id",
+    "prompt_chars",
+    "render",
+]
 
 
 class Renderer(Protocol):
@@ -29,6 +37,7 @@ class Renderer(Protocol):
 
 
 def render(renderer: Renderer, item: SessionItem) -> bytes:
+    """`item` in the renderer's protocol; after a `TrioproxyError` the stream is over."""
     if isinstance(item, Delta):
         return renderer.delta(item)
     if isinstance(item, Heartbeat):
@@ -38,6 +47,16 @@ def render(renderer: Renderer, item: SessionItem) -> bytes:
     if isinstance(item, TrioproxyError):
         return renderer.error(item)
     return renderer.opened()
+
+
+def last_word(renderer: Renderer, session: StreamSession) -> bytes:
+    """
+    How a stream whose output ended without an error ends: `done` if the session completed,
+    else an interruption error, never a `done` that passes a truncated answer off as whole.
+    """
+    if session.completed:
+        return renderer.done(session)
+    return renderer.error(StreamInterrupted("the server ended the stream before it completed"))
 
 
 def generic_chat_request(body: dict[str, Any]) -> tuple[ChatRequest, str | None, BufferConfig | None]:

@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from .._events import Delta, StreamEvent
+from .._events import StreamEvent
 from .._exceptions import ReplayGapError, StreamsFullError, TrioproxyError
 from .._policy import StreamsConfig
-from ..pipeline import Heartbeat, RetryNotice, SessionItem
+from ..pipeline import Heartbeat, SessionItem
 from ._events_front import SSE_KEEP_ALIVE, sse_frame
-from ._generic import StreamInterrupted
+from ._generic import StreamInterrupted, last_word, render
 
 if TYPE_CHECKING:
     from ..pipeline import StreamSession
@@ -223,14 +223,8 @@ class BroadcastStream:
         self._ended = self._ended or item is None or isinstance(item, TrioproxyError)
         if item is None:
             self._finish_events()
-        elif isinstance(item, Delta):
-            self.renderer.delta(item)
-        elif isinstance(item, RetryNotice):
-            self.renderer.notice(item)
-        elif isinstance(item, TrioproxyError):
-            self.renderer.error(item)
         else:
-            self.renderer.opened()
+            render(self.renderer, item)  # framed into `_pending` by `_frame`
         pending, self._pending = self._pending, []
         for event_id, data in pending:
             self.log.append(event_id, data)
@@ -238,9 +232,7 @@ class BroadcastStream:
             self._fan_out(b"".join(data for _, data in pending))
 
     def _finish_events(self) -> None:
-        if self.session.completed:
-            self.renderer.done(self.session)
-        elif self._grace.cancelled_caught:
+        if self._grace.cancelled_caught and not self.session.completed:
             self.renderer.error(
                 StreamInterrupted(
                     f"no client watched the stream for {self.resume_grace_period:g} s: it was cancelled"
@@ -249,7 +241,7 @@ class BroadcastStream:
                 )
             )
         else:
-            self.renderer.error(StreamInterrupted("the server ended the stream before it completed"))
+            last_word(self.renderer, self.session)
 
     def _fan_out(self, data: bytes) -> None:
         for watcher in list(self.watchers):

@@ -43,9 +43,10 @@ from quart_trio import QuartTrio
 
 from .._events import StreamEvent
 from .._exceptions import PayloadTooLargeError, RequestError, TrioproxyError
-from ..pipeline import Heartbeat, StreamSession, pipeline_for
+from ..pipeline import StreamSession, pipeline_for
+from ._access import RECORD
 from ._events_front import EventRenderer, error_event
-from ._generic import StreamInterrupted, generic_chat_request, new_request_id, prompt_chars, render
+from ._generic import generic_chat_request, last_word, prompt_chars, render
 from ._shutdown import GracefulShutdown
 
 __all__ = ["MAX_STREAMS", "SEND_QUEUE_SIZE", "SEND_TIMEOUT", "register_websocket_routes"]
@@ -83,9 +84,11 @@ def register_websocket_routes(
     class Connection:
         """The streams of one WebSocket connection."""
 
-        def __init__(self, nursery: trio.Nursery, client_id: str | None) -> None:
+        def __init__(self, nursery: trio.Nursery, client_id: str | None, request_id: str) -> None:
             self.nursery = nursery
             self.client_id = client_id
+            self.request_id = request_id
+            """The connection's id from the access log: its `x-request-id`, in its log lines."""
             self.active: dict[Any, tuple[StreamSession, trio.CancelScope]] = {}
             self._stream_ended = trio.Event()
             self.outbox, self._outgoing = trio.open_memory_channel[bytes | None](SEND_QUEUE_SIZE)
@@ -165,7 +168,7 @@ def register_websocket_routes(
                 frame=lambda event: _tagged(event, request_id, extra),
                 provider=route.provider.name,
                 model=route.upstream_model,
-                request_id=new_request_id(),
+                request_id=self.request_id,
                 prompt_chars=prompt_chars(chat),
                 chunked=pipeline.buffer.enabled,
             )
@@ -184,17 +187,11 @@ def register_websocket_routes(
             """One stream: the session's items, rendered, into the outbox."""
             try:
                 with scope:
-                    async for item in session.output:
-                        if isinstance(item, Heartbeat):
-                            continue
+                    async for item in session.output:  # no heartbeats: `start(..., heartbeats=False)`
                         await self.send_lines(render(renderer, item))
                         if isinstance(item, TrioproxyError):
                             return
-                    if session.completed:
-                        await self.send_lines(renderer.done(session))
-                    else:
-                        error = StreamInterrupted("the server ended the stream before it completed")
-                        await self.send_lines(renderer.error(error))
+                    await self.send_lines(last_word(renderer, session))
                 if scope.cancelled_caught:
                     await self.send_lines(renderer.error(StreamCancelled("cancelled by the client")))
             finally:
@@ -218,7 +215,7 @@ def register_websocket_routes(
     async def serve_connection(client_id: str | None) -> None:
         await websocket.accept()
         async with trio.open_nursery() as nursery:
-            connection = Connection(nursery, client_id)
+            connection = Connection(nursery, client_id, websocket.scope[RECORD].id)
             nursery.start_soon(connection.write)
             nursery.start_soon(connection.close_when_drained)
             while True:
