@@ -234,9 +234,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
             session.cancel()
 
     def generic_endpoint(frame: Callable[[StreamEvent], bytes], content_type: str) -> Callable[[], Any]:
-        def error_response(error: TrioproxyError) -> Response:
-            response = Response(frame(error_event(error)), status=error.status, content_type=content_type)
-            return _with_retry_after(response, error)
+        error_response = functools.partial(_event_error, frame, content_type)
 
         async def endpoint() -> Response:
             request_id = request.scope[RECORD].id
@@ -434,14 +432,18 @@ def _error_response(path: str, error: TrioproxyError) -> Response:
     if path in ("/v1/chat/stream", "/v1/stream/sse") or path.startswith("/v1/streams/"):
         return _sse_error(error)
     if path == "/v1/chat/stream/json":
-        response = Response(ndjson_frame(error_event(error)), status=error.status, content_type=NDJSON)
-        return _with_retry_after(response, error)
+        return _event_error(ndjson_frame, NDJSON, error)
     return _openai_error(error)
 
 
-def _sse_error(error: TrioproxyError) -> Response:
-    response = Response(sse_frame(error_event(error)), status=error.status, content_type=SSE)
+def _event_error(frame: Callable[[StreamEvent], bytes], content_type: str, error: TrioproxyError) -> Response:
+    """`error` as one `error` event of the generic endpoints, framed by `frame`."""
+    response = Response(frame(error_event(error)), status=error.status, content_type=content_type)
     return _with_retry_after(response, error)
+
+
+def _sse_error(error: TrioproxyError) -> Response:
+    return _event_error(sse_frame, SSE, error)
 
 
 def _json(obj: Any, status: int = 200) -> Response:
