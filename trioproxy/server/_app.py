@@ -32,7 +32,7 @@ from typing import Any, Final
 
 import orjson
 import trio
-from quart import Response, has_request_context, has_websocket_context, request, websocket
+from quart import Response, has_request_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -111,7 +111,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         """
         check_request_shape(chat.body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars)
         lease = limiter.admit(client_identity(), trio.current_time())
-        record: RequestRecord = (websocket if has_websocket_context() else request).scope[RECORD]
+        record: RequestRecord = _connection().scope[RECORD]
 
         def on_end(session: StreamSession) -> None:
             lease.release()
@@ -134,18 +134,10 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
 
     def client_identity() -> str:
         """Who the limits count against: the client key when keys are on, else the address."""
-        connection = request if has_request_context() else websocket
+        connection = _connection()
         if config.auth.enabled:
             return "key:" + (presented_key(connection.headers) or "")
         return "address:" + (connection.scope.get("client") or ("unknown",))[0]
-
-    @app.before_request
-    async def name_route() -> None:
-        request.scope[RECORD].route = _route()
-
-    @app.before_websocket
-    async def name_websocket_route() -> None:
-        websocket.scope[RECORD].route = _route()
 
     shutdown.on_drain(streams.stop_resuming)  # nobody can come back to resume a stream
 
@@ -153,13 +145,19 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     async def close_upstreams() -> None:
         await router.aclose()
 
-    def refused(path: str, headers: Any) -> Response | None:
-        """A 401 in the protocol of `path` when client keys are on and none valid was shown."""
+    async def name_route_and_check_key() -> Response | None:
+        """
+        Before every request and WebSocket: name its route in its `RequestRecord`, then answer
+        a 401 in the protocol of its path when client keys are on and none valid was shown.
+        """
+        connection = _connection()
+        connection.scope[RECORD].route = _route()
+        path = connection.path
         if not config.auth.enabled or not (
             path.startswith("/v1/") or path == "/metrics" and config.auth.protect_metrics
         ):
             return None
-        if key_is_valid(presented_key(headers), config.auth.keys):
+        if key_is_valid(presented_key(connection.headers), config.auth.keys):
             return None
         error = AuthenticationError(
             "missing or invalid API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
@@ -169,13 +167,8 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         response.headers["www-authenticate"] = "Bearer"
         return response
 
-    @app.before_request
-    async def require_key() -> Response | None:
-        return refused(request.path, request.headers)
-
-    @app.before_websocket
-    async def require_key_for_websocket() -> Response | None:
-        return refused(websocket.path, websocket.headers)
+    app.before_request(name_route_and_check_key)
+    app.before_websocket(name_route_and_check_key)
 
     @app.get("/")
     async def playground() -> Response:
@@ -327,7 +320,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     @app.errorhandler(TrioproxyError)
     async def refusal(exc: TrioproxyError) -> Response:
         """A refusal raised by `start` (limits), in the protocol of the route."""
-        return _error_response((request if has_request_context() else websocket).path, exc)
+        return _error_response(_connection().path, exc)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -347,9 +340,14 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     return app
 
 
+def _connection() -> Any:
+    """The current request, or else the current WebSocket."""
+    return request if has_request_context() else websocket
+
+
 def _route() -> str:
     """The matched URL rule of the current request or WebSocket: a bounded label, unlike its path."""
-    rule = (request if has_request_context() else websocket).url_rule
+    rule = _connection().url_rule
     return rule.rule if rule is not None else "unmatched"
 
 
