@@ -63,6 +63,12 @@ logger = logging.getLogger("trioproxy.server")
 STREAM_HEADERS: Final = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SSE: Final = "text/event-stream"
 NDJSON: Final = "application/x-ndjson"
+#: The generic event endpoints: how each frames its events (errors included), and as what.
+GENERIC_ENDPOINTS: Final[dict[str, tuple[Callable[[StreamEvent], bytes], str]]] = {
+    "/v1/chat/stream": (sse_frame, SSE),
+    "/v1/stream/sse": (sse_frame, SSE),
+    "/v1/chat/stream/json": (ndjson_frame, NDJSON),
+}
 #: The playground is one self-contained page: it may run its own inline code and talk to this
 #: origin, and nothing else (no CDN, no framing).
 PLAYGROUND_HEADERS: Final = {
@@ -310,12 +316,9 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         app, start=start, router=router, max_message_bytes=limits.max_body_bytes, shutdown=shutdown
     )
 
-    sse_endpoint = generic_endpoint(sse_frame, SSE)
-    app.add_url_rule("/v1/chat/stream", "chat_stream", sse_endpoint, methods=["POST"])
-    app.add_url_rule("/v1/stream/sse", "stream_sse", sse_endpoint, methods=["POST"])
-    app.add_url_rule(
-        "/v1/chat/stream/json", "chat_stream_json", generic_endpoint(ndjson_frame, NDJSON), methods=["POST"]
-    )
+    for path, (frame, content_type) in GENERIC_ENDPOINTS.items():
+        name = path.removeprefix("/v1/").replace("/", "_")
+        app.add_url_rule(path, name, generic_endpoint(frame, content_type), methods=["POST"])
 
     @app.errorhandler(TrioproxyError)
     async def refusal(exc: TrioproxyError) -> Response:
@@ -427,10 +430,10 @@ async def _watch(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher
 
 def _error_response(path: str, error: TrioproxyError) -> Response:
     """`error` in the protocol of the route at `path`: an `error` event on the generic endpoints, else OpenAI's."""
-    if path in ("/v1/chat/stream", "/v1/stream/sse") or path.startswith("/v1/streams/"):
+    if path in GENERIC_ENDPOINTS:
+        return _event_error(*GENERIC_ENDPOINTS[path], error)
+    if path.startswith("/v1/streams/"):
         return _sse_error(error)
-    if path == "/v1/chat/stream/json":
-        return _event_error(ndjson_frame, NDJSON, error)
     return _openai_error(error)
 
 
