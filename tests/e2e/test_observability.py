@@ -52,6 +52,17 @@ async def wait_until(check: Callable[[], bool], *, seconds: float = 5.0) -> None
             await trio.sleep(0.01)
 
 
+async def scrape_until(proxy_url: str, check: Callable[[dict], bool], *, seconds: float = 5.0) -> dict:
+    """
+    Scrape `/metrics` until `check` holds for its samples, and return them: requests are
+    counted once their response is over, which the client may see first.
+    """
+    with trio.fail_after(seconds):
+        while not check(samples := await scrape(proxy_url)):
+            await trio.sleep(0.01)
+    return samples
+
+
 async def test_metrics_move_as_streams_go_through(
     proxy_url: str, upstream: FakeUpstream, client: openai.AsyncOpenAI, upstream_keys: dict[str, str]
 ) -> None:
@@ -112,16 +123,9 @@ async def test_a_client_that_leaves_counts_a_disconnect_and_an_upstream_cancella
     with trio.fail_after(5):
         await upstream.requests[-1].disconnected.wait()
 
-    samples: dict = {}
-
-    async def counted() -> bool:
-        nonlocal samples
-        samples = await scrape(proxy_url)
-        return value(samples, "trioproxy_upstream_cancellations_total", provider="up") == 1
-
-    with trio.fail_after(5):
-        while not await counted():
-            await trio.sleep(0.01)
+    samples = await scrape_until(
+        proxy_url, lambda s: value(s, "trioproxy_upstream_cancellations_total", provider="up") == 1
+    )
     assert value(samples, "trioproxy_client_disconnects_total", route=CHAT) == 1
     assert value(samples, "trioproxy_requests_total", route=CHAT, status="200", outcome="client_disconnected") == 1
     assert value(samples, "trioproxy_streams_total", route=CHAT, provider="up", outcome="cancelled") == 1
@@ -279,16 +283,15 @@ async def test_a_client_that_leaves_before_the_first_token_is_a_disconnect(
 ) -> None:
     upstream.push(Reply(ttft=30))
     body = {"model": "up/gpt-x", "messages": MESSAGES, "stream": True}
-    async with httpx.AsyncClient() as http:
-        with trio.move_on_after(0.3):
-            await http.post(proxy_url + CHAT, json=body)
     with trio.fail_after(5):
+        async with httpx.AsyncClient() as http, trio.open_nursery() as leaving:
+            leaving.start_soon(partial(http.post, proxy_url + CHAT, json=body))
+            await upstream.wait_for_requests(1)  # it reached the upstream, whose first token is 30 s away
+            leaving.cancel_scope.cancel()
         await upstream.requests[-1].disconnected.wait()
 
-    samples: dict = {}
-    with trio.fail_after(5):
-        while value(samples, "trioproxy_upstream_cancellations_total", provider="up") != 1:
-            await trio.sleep(0.01)
-            samples = await scrape(proxy_url)
+    samples = await scrape_until(
+        proxy_url, lambda s: value(s, "trioproxy_upstream_cancellations_total", provider="up") == 1
+    )
     assert value(samples, "trioproxy_requests_total", route=CHAT, status="0", outcome="client_disconnected") == 1
     assert value(samples, "trioproxy_client_disconnects_total", route=CHAT) == 1

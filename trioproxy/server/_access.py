@@ -48,8 +48,6 @@ class RequestRecord:
     crashed: bool = False
     """The app raised instead of answering (hypercorn answers 500)."""
     session: StreamSession | None = None
-    model: str | None = None
-    """The model the client asked for, once its body parsed."""
 
 
 class AccessLog:
@@ -130,8 +128,6 @@ class AccessLog:
         }
         if record.session is not None:
             fields.update(self._session_fields(record.session))
-        elif record.model is not None:
-            fields["model"] = record.model
         return fields
 
     def _session_fields(self, session: StreamSession) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Any, Final
 
 import orjson
 import trio
-from quart import Response, has_request_context, has_websocket_context, request, websocket
+from quart import Response, has_request_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -63,6 +63,12 @@ logger = logging.getLogger("trioproxy.server")
 STREAM_HEADERS: Final = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SSE: Final = "text/event-stream"
 NDJSON: Final = "application/x-ndjson"
+#: The generic event endpoints: how each frames its events (errors included), and as what.
+GENERIC_ENDPOINTS: Final[dict[str, tuple[Callable[[StreamEvent], bytes], str]]] = {
+    "/v1/chat/stream": (sse_frame, SSE),
+    "/v1/stream/sse": (sse_frame, SSE),
+    "/v1/chat/stream/json": (ndjson_frame, NDJSON),
+}
 #: The playground is one self-contained page: it may run its own inline code and talk to this
 #: origin, and nothing else (no CDN, no framing).
 PLAYGROUND_HEADERS: Final = {
@@ -111,7 +117,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         """
         check_request_shape(chat.body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars)
         lease = limiter.admit(client_identity(), trio.current_time())
-        record: RequestRecord = (websocket if has_websocket_context() else request).scope[RECORD]
+        record: RequestRecord = _connection().scope[RECORD]
 
         def on_end(session: StreamSession) -> None:
             lease.release()
@@ -134,18 +140,10 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
 
     def client_identity() -> str:
         """Who the limits count against: the client key when keys are on, else the address."""
-        connection = request if has_request_context() else websocket
+        connection = _connection()
         if config.auth.enabled:
             return "key:" + (presented_key(connection.headers) or "")
         return "address:" + (connection.scope.get("client") or ("unknown",))[0]
-
-    @app.before_request
-    async def name_route() -> None:
-        request.scope[RECORD].route = _route()
-
-    @app.before_websocket
-    async def name_websocket_route() -> None:
-        websocket.scope[RECORD].route = _route()
 
     shutdown.on_drain(streams.stop_resuming)  # nobody can come back to resume a stream
 
@@ -153,13 +151,19 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     async def close_upstreams() -> None:
         await router.aclose()
 
-    def refused(path: str, headers: Any) -> Response | None:
-        """A 401 in the protocol of `path` when client keys are on and none valid was shown."""
+    async def name_route_and_check_key() -> Response | None:
+        """
+        Before every request and WebSocket: name its route in its `RequestRecord`, then answer
+        a 401 in the protocol of its path when client keys are on and none valid was shown.
+        """
+        connection = _connection()
+        connection.scope[RECORD].route = _route()
+        path = connection.path
         if not config.auth.enabled or not (
             path.startswith("/v1/") or path == "/metrics" and config.auth.protect_metrics
         ):
             return None
-        if key_is_valid(presented_key(headers), config.auth.keys):
+        if key_is_valid(presented_key(connection.headers), config.auth.keys):
             return None
         error = AuthenticationError(
             "missing or invalid API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
@@ -169,13 +173,8 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         response.headers["www-authenticate"] = "Bearer"
         return response
 
-    @app.before_request
-    async def require_key() -> Response | None:
-        return refused(request.path, request.headers)
-
-    @app.before_websocket
-    async def require_key_for_websocket() -> Response | None:
-        return refused(websocket.path, websocket.headers)
+    app.before_request(name_route_and_check_key)
+    app.before_websocket(name_route_and_check_key)
 
     @app.get("/")
     async def playground() -> Response:
@@ -234,9 +233,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
             session.cancel()
 
     def generic_endpoint(frame: Callable[[StreamEvent], bytes], content_type: str) -> Callable[[], Any]:
-        def error_response(error: TrioproxyError) -> Response:
-            response = Response(frame(error_event(error)), status=error.status, content_type=content_type)
-            return _with_retry_after(response, error)
+        error_response = functools.partial(_event_error, frame, content_type)
 
         async def endpoint() -> Response:
             request_id = request.scope[RECORD].id
@@ -319,17 +316,14 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         app, start=start, router=router, max_message_bytes=limits.max_body_bytes, shutdown=shutdown
     )
 
-    sse_endpoint = generic_endpoint(sse_frame, SSE)
-    app.add_url_rule("/v1/chat/stream", "chat_stream", sse_endpoint, methods=["POST"])
-    app.add_url_rule("/v1/stream/sse", "stream_sse", sse_endpoint, methods=["POST"])
-    app.add_url_rule(
-        "/v1/chat/stream/json", "chat_stream_json", generic_endpoint(ndjson_frame, NDJSON), methods=["POST"]
-    )
+    for path, (frame, content_type) in GENERIC_ENDPOINTS.items():
+        name = path.removeprefix("/v1/").replace("/", "_")
+        app.add_url_rule(path, name, generic_endpoint(frame, content_type), methods=["POST"])
 
     @app.errorhandler(TrioproxyError)
     async def refusal(exc: TrioproxyError) -> Response:
         """A refusal raised by `start` (limits), in the protocol of the route."""
-        return _error_response((request if has_request_context() else websocket).path, exc)
+        return _error_response(_connection().path, exc)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -349,9 +343,14 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     return app
 
 
+def _connection() -> Any:
+    """The current request, or else the current WebSocket."""
+    return request if has_request_context() else websocket
+
+
 def _route() -> str:
     """The matched URL rule of the current request or WebSocket: a bounded label, unlike its path."""
-    rule = (request if has_request_context() else websocket).url_rule
+    rule = _connection().url_rule
     return rule.rule if rule is not None else "unmatched"
 
 
@@ -431,17 +430,21 @@ async def _watch(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher
 
 def _error_response(path: str, error: TrioproxyError) -> Response:
     """`error` in the protocol of the route at `path`: an `error` event on the generic endpoints, else OpenAI's."""
-    if path in ("/v1/chat/stream", "/v1/stream/sse") or path.startswith("/v1/streams/"):
+    if path in GENERIC_ENDPOINTS:
+        return _event_error(*GENERIC_ENDPOINTS[path], error)
+    if path.startswith("/v1/streams/"):
         return _sse_error(error)
-    if path == "/v1/chat/stream/json":
-        response = Response(ndjson_frame(error_event(error)), status=error.status, content_type=NDJSON)
-        return _with_retry_after(response, error)
     return _openai_error(error)
 
 
-def _sse_error(error: TrioproxyError) -> Response:
-    response = Response(sse_frame(error_event(error)), status=error.status, content_type=SSE)
+def _event_error(frame: Callable[[StreamEvent], bytes], content_type: str, error: TrioproxyError) -> Response:
+    """`error` as one `error` event of the generic endpoints, framed by `frame`."""
+    response = Response(frame(error_event(error)), status=error.status, content_type=content_type)
     return _with_retry_after(response, error)
+
+
+def _sse_error(error: TrioproxyError) -> Response:
+    return _event_error(sse_frame, SSE, error)
 
 
 def _json(obj: Any, status: int = 200) -> Response:
