@@ -1,28 +1,25 @@
 """
 `trioproxy bench --quick` as a user runs it: real processes on 127.0.0.1, then the report's
-structure. Timings are not checked (they depend on the machine); that nothing was lost is.
+structure and the counts the workload fixes (streams, tokens, gaps, chunks). Timings are not
+checked (they depend on the machine); that nothing was lost is.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import orjson
 import trio
 
-import trioproxy
+from trioproxy._bench.processes import child_env
 
-PROJECT_ROOT = Path(trioproxy.__file__).resolve().parents[1]
 TARGET_FIGURES = ("ttft_ms", "itl_ms", "duration_ms", "streams_per_s", "tokens_per_s", "errors", "lost")
 BUFFER_MODES = {"off", "size", "word", "sentence", "timer"}
-
-
-def _env() -> dict[str, str]:
-    """The child must import this trioproxy even where it is not installed (a bare venv)."""
-    paths = [str(PROJECT_ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+#: `--quick` streams per phase: max(2, ceil(10 / N)) rounds on each of N connections.
+QUICK_STREAMS = {1: 10, 10: 20}
+#: `--quick` tokens per stream (so each stream has one gap fewer).
+QUICK_TOKENS = 16
 
 
 async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
@@ -32,7 +29,7 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            env=_env(),
+            env=child_env(),  # the child imports this trioproxy even where it is not installed
         )
     stdout, stderr = result.stdout.decode(), result.stderr.decode()
     assert result.returncode == 0, stderr[-3000:]
@@ -51,11 +48,14 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         figures = phase["figures"]
         assert all(figures[name] is not None for name in TARGET_FIGURES), (target, concurrency)
         assert {"p50", "p90", "p99"} <= figures["ttft_ms"].keys()
-        assert figures["streams"] >= concurrency
+        streams = QUICK_STREAMS[concurrency]
+        assert figures["streams"] == streams >= concurrency
+        assert (figures["ttft_ms"]["count"], figures["duration_ms"]["count"]) == (streams, streams)
+        assert figures["itl_ms"]["count"] == streams * (QUICK_TOKENS - 1)
         assert (figures["errors"], figures["lost"], figures["reordered"], figures["duplicated"]) == (0, 0, 0, 0), (
             target, concurrency, figures["error_examples"],
         )  # fmt: skip
-        assert figures["tokens"] == figures["streams"] * 16
+        assert figures["tokens"] == figures["streams"] * QUICK_TOKENS
         resources = phase["resources"]
         assert resources["loadgen_cpu_s"] >= 0 and resources["upstream_cpu_s"] >= 0
         if target == "trioproxy":
@@ -69,6 +69,10 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         assert figures["errors"] == 0 and figures["lost"] == 0, mode
         numbers = [figures[name] for name in ("p50_ms", "p99_ms", "max_ms", "chunks_per_stream", "chunks_per_s")]
         assert all(number is not None and number >= 0 for number in numbers), (mode, figures)
+        assert figures["streams"] == 12  # 4 connections, 3 rounds each
+    # Without a buffer every token is a chunk; by sentence (the text has no sentence end) the
+    # whole answer is one.
+    assert (modes["off"]["chunks_per_stream"], modes["sentence"]["chunks_per_stream"]) == (QUICK_TOKENS, 1)
 
     [png] = tmp_path.glob("bench-*.png")
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -6,6 +6,7 @@ import pytest
 
 from trioproxy._bench.stats import (
     StreamRecord,
+    Summary,
     buffer_figures,
     check_tokens,
     gaps,
@@ -57,9 +58,11 @@ def test_percentile_of_nothing_is_none_and_q_is_checked() -> None:
 def test_summarize_scales_every_figure() -> None:
     summary = summarize([0.001, 0.002, 0.003], 1000)
     assert summary.p50 == pytest.approx(2.0)
+    assert summary.p90 == pytest.approx(2.8)
+    assert summary.p99 == pytest.approx(2.98)
     assert summary.max == pytest.approx(3.0)
     assert summary.count == 3
-    assert summarize([]).p99 is None
+    assert summarize([]) == Summary(p50=None, p90=None, p99=None, max=None, count=0)
 
 
 # -- the token sequence
@@ -79,7 +82,7 @@ def test_merged_and_split_chunks_are_judged_on_the_text() -> None:
     check = check_tokens([(" tok0 tok1 to", 1.0), ("k2", 2.0)], 3)
     assert check.indices == [0, 1, 2]
     assert check.arrivals == [1.0, 1.0, 2.0]
-    assert not check.unexpected and check.lost == 0
+    assert (check.lost, check.duplicated, check.reordered, check.unexpected) == (0, 0, 0, False)
 
 
 def test_lost_duplicated_and_reordered_tokens_are_counted() -> None:
@@ -108,37 +111,45 @@ def test_phase_figures_count_missing_streams_as_errors_and_losses_only_in_comple
     figures = phase_figures(records, expected_streams=4, wall_s=2.0)
     assert figures.streams == 4
     assert figures.errors == 2  # the failed one and the one that never finished
-    assert figures.lost == 1
+    assert (figures.lost, figures.duplicated, figures.reordered) == (1, 0, 0)
     assert figures.tokens == 3
     assert figures.streams_per_s == pytest.approx(1.0)
     assert figures.tokens_per_s == pytest.approx(1.5)
     assert figures.itl_ms.max == pytest.approx(20.0)
+    assert figures.itl_ms.count == 1
     assert figures.ttft_ms.count == 2
-    assert "HTTP 502: bad gateway" in figures.error_examples
-    assert "1 streams never finished" in figures.error_examples
+    assert figures.ttft_ms.p50 == pytest.approx(50.0)
+    assert (figures.duration_ms.count, figures.duration_ms.p50) == (2, pytest.approx(1000.0))
+    assert figures.wall_s == 2.0
+    assert figures.error_examples == ["HTTP 502: bad gateway", "1 streams never finished"]
 
 
 def test_sustained_fault_names_what_went_wrong() -> None:
     fine = phase_figures([record() for _ in range(1000)], 1000, 1.0)
     assert sustained_fault(fine, interval_ms=20) is None
     stalled = phase_figures([record(gaps_us=[250_000])], 1, 1.0)
-    assert "stall" in (sustained_fault(stalled, interval_ms=20) or "")
+    assert sustained_fault(stalled, interval_ms=20) == "inter-token stall of 250 ms (over 10x 20 ms)"
+    at_the_bound = phase_figures([record(gaps_us=[200_000])], 1, 1.0)
+    assert sustained_fault(at_the_bound, interval_ms=20) is None  # 10x exactly is not a stall
     one_error_in_1000 = phase_figures([record() for _ in range(999)] + [record(error="boom")], 1000, 1.0)
     assert sustained_fault(one_error_in_1000, interval_ms=20) is None  # 0.1%: still sustained
     two_errors = phase_figures([record() for _ in range(998)] + [record(error="boom")] * 2, 1000, 1.0)
-    assert "failed" in (sustained_fault(two_errors, interval_ms=20) or "")
-    lossy = phase_figures([record(reordered=1)], 1, 1.0)
-    assert "reordered" in (sustained_fault(lossy, interval_ms=20) or "")
+    assert sustained_fault(two_errors, interval_ms=20) == "2 of 1000 streams failed"
+    lossy = phase_figures([record(lost=1), record(reordered=1)], 2, 1.0)
+    assert sustained_fault(lossy, interval_ms=20) == "2 lost, duplicated or reordered tokens"
 
 
 def test_buffer_figures_take_the_typical_p50_and_the_worst_p99() -> None:
     records = [
         record(buffer_latency_ms={"p50": 1.0, "p99": 5.0, "max": 6.0}, chunks=10, duration_s=1.0),
         record(buffer_latency_ms={"p50": 2.0, "p99": 9.0, "max": 12.0}, chunks=20, duration_s=1.0),
-        record(buffer_latency_ms={"p50": 3.0, "p99": 4.0, "max": 4.0}, chunks=30, duration_s=2.0),
+        record(buffer_latency_ms={"p50": 3.0, "p99": 4.0, "max": 4.0}, chunks=30, duration_s=2.0, duplicated=1),
+        # A failed stream: its latencies, chunks and faults are left out, and it counts as an error.
+        record(error="boom", buffer_latency_ms={"p50": 90.0, "p99": 99.0, "max": 99.0}, chunks=1, lost=5),
     ]
-    figures = buffer_figures(records, expected_streams=3)
+    figures = buffer_figures(records, expected_streams=5)
     assert (figures.p50_ms, figures.p99_ms, figures.max_ms) == (2.0, 9.0, 12.0)
     assert figures.chunks_per_stream == 20
     assert figures.chunks_per_s == 15.0  # median of 10, 20 and 15 chunks/s
-    assert figures.errors == 0
+    assert (figures.streams, figures.errors) == (5, 2)  # the failed one and the one that never finished
+    assert (figures.lost, figures.duplicated, figures.reordered) == (0, 1, 0)

@@ -35,6 +35,8 @@ from .wire import LineReader, PhaseResult, PhaseSpec, send_message
 RECEIVE_SIZE = 64 * 1024
 #: An error response's body is kept up to this many bytes, for the error message.
 MAX_ERROR_BODY = 2048
+#: Longest NDJSON line accepted (as `SSEDecoder`'s default line bound): a longer one is malformed.
+MAX_NDJSON_LINE = 1024 * 1024
 #: Connections opened at once: a burst of thousands of SYNs would overflow a listen backlog.
 CONNECT_PARALLELISM = 64
 
@@ -97,6 +99,10 @@ class _Connection:
         if self.stream is not None:
             stream, self.stream = self.stream, None
             await trio.aclose_forcefully(stream)
+
+
+class _MalformedStream(Exception):
+    """What the server sent is not the protocol the stream asked for."""
 
 
 class _StaleConnection(Exception):
@@ -187,6 +193,8 @@ class _NDJSONBody(_Body):
         for line in lines:
             if line.strip():
                 self._event(orjson.loads(line), now)
+        if len(self._partial) > MAX_NDJSON_LINE:
+            raise _MalformedStream(f"an NDJSON line longer than {MAX_NDJSON_LINE} bytes")
 
     def _event(self, event: dict[str, Any], now: float) -> None:
         kind = event.get("type")
@@ -253,7 +261,7 @@ async def _run_stream(connection: _Connection, endpoint: _Endpoint, spec: PhaseS
                 await _exchange(connection, endpoint, body)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError, _StaleConnection) as exc:
             body.fail(f"connection: {type(exc).__name__}: {exc}"[:200])
-        except (orjson.JSONDecodeError, SSEDecodeError, AttributeError, KeyError, TypeError) as exc:
+        except (_MalformedStream, orjson.JSONDecodeError, SSEDecodeError, AttributeError, KeyError, TypeError) as exc:
             body.fail(f"malformed stream: {type(exc).__name__}: {exc}"[:200])
     if scope.cancelled_caught:
         body.fail(f"no end within the stream timeout ({spec.stream_timeout_s:g} s)")

@@ -69,7 +69,7 @@ QUICK: dict[str, Any] = {
     "buffer_concurrency": 4,
 }
 #: Flags that `--quick` gives a value when they are not given.
-_WORKLOAD_FLAGS = ("concurrency", "tokens", "ttft_ms", "interval_ms", "buffer_concurrency")
+_WORKLOAD_FLAGS = tuple(QUICK)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -98,6 +98,11 @@ def _chat_url(base: str) -> str:
     return f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
 
 
+def _generic_url(chat_url: str) -> str:
+    """trioproxy's generic NDJSON endpoint, beside its Chat Completions URL (whatever base that has)."""
+    return chat_url.removesuffix("/chat/completions") + "/chat/stream/json"
+
+
 def _compare_name(url: str, existing: list[Target]) -> str:
     name = url.split("://", 1)[-1].split("/", 1)[0]
     taken = {target.name for target in existing}
@@ -271,8 +276,8 @@ async def _measure_all(settings: BenchSettings) -> Report:
             bench = _Bench(settings, loadgen, upstream, targets)
             sweep = await bench.sweep() if settings.sweep else []
             maxima = await bench.find_max(sweep) if settings.find_max else []
-            proxy_base = proxy.url if proxy is not None else settings.proxy_url
-            buffer = await bench.buffer_modes(f"{proxy_base}/v1/chat/stream/json") if settings.buffer else []
+            [trioproxy] = [target for target in targets if target.kind == "trioproxy"]
+            buffer = await bench.buffer_modes(_generic_url(trioproxy.url)) if settings.buffer else []
     return Report(
         settings=settings,
         machine=machine_info(),

@@ -88,14 +88,16 @@ class LineReader:
 
     async def readline(self) -> bytes | None:
         """The next line without its newline; None at end of stream (a last unterminated line is dropped)."""
+        scanned = 0  # bytes already searched for the newline: a long message is not searched again per read
         while True:
-            end = self._buffer.find(b"\n")
+            end = self._buffer.find(b"\n", scanned)
             if end >= 0:
                 line = bytes(self._buffer[:end])
                 del self._buffer[: end + 1]
                 return line
             if len(self._buffer) > MAX_LINE:
                 raise ValueError(f"message longer than {MAX_LINE} bytes")
+            scanned = len(self._buffer)
             data = await self._stream.receive_some(1024 * 1024)
             if not data:
                 return None

@@ -1,0 +1,35 @@
+"""The bench flags: no flag means the settings' defaults; `--quick` fills in, explicit flags win."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from trioproxy._bench.options import QUICK, BenchSettings, add_arguments, settings_from_args
+
+
+def settings(*argv: str) -> BenchSettings:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return settings_from_args(parser.parse_args(argv))
+
+
+def test_no_flag_gives_the_settings_defaults() -> None:
+    # The parser's own defaults (--compare-model, --upstream-port, --max-concurrency) must not drift.
+    assert settings() == BenchSettings()
+
+
+def test_quick_fills_in_the_workload_and_an_explicit_flag_wins() -> None:
+    assert settings("--quick") == BenchSettings(**QUICK)
+    quick_with_tokens = settings("--quick", "--tokens", "5", "--concurrency", "3,1,3")
+    assert quick_with_tokens == BenchSettings(**{**QUICK, "tokens": 5, "concurrency": (1, 3)})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("--concurrency", "0"), ("--concurrency", ","), ("--tokens", "20001"), ("--compare", "https://x")],
+)
+def test_a_bad_flag_is_refused(argv: tuple[str, ...]) -> None:
+    with pytest.raises(SystemExit):
+        settings(*argv)
