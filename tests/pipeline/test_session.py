@@ -486,7 +486,9 @@ async def test_timeouts_are_counted_by_kind_and_end_the_stream_as_timeout(autoju
     retry = RetryConfig(max_retries=1, base_delay_ms=0, jitter=0)
     _, session = await run(pipeline(route(upstream, timeouts=timeouts, retry=retry)))
 
-    assert session.stats.timeouts == ["first_token_timeout", "silence_timeout"]
+    failures = session.stats.failures
+    assert all(isinstance(failure, UpstreamTimeoutError) for _, failure in failures)
+    assert [failure.kind for _, failure in failures] == ["first_token_timeout", "silence_timeout"]  # type: ignore[attr-defined]
     assert session.stats.outcome == "timeout"
     metrics = Metrics(active_streams=lambda: 0)
     metrics.observe_stream(session)

@@ -73,8 +73,3 @@ class StreamStats:
                 return "validation_error"
             return "error"
         return "cancelled" if self.cancelled else "completed"
-
-    @property
-    def timeouts(self) -> list[str]:
-        """The kind of every timeout that fired (a retried first-token timeout counts too)."""
-        return [f.kind for _, f in self.failures if isinstance(f, UpstreamTimeoutError)]
