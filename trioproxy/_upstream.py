@@ -149,6 +149,7 @@ class _PooledTransport(httpx.AsyncBaseTransport):
         self._idle: dict[tuple[bytes, bytes, int], deque[httpcore.AsyncHTTPConnection]] = {}
         self._ssl_context = httpx.create_ssl_context()
         self._backend = _TrioBackend()
+        self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -198,6 +199,9 @@ class _PooledTransport(httpx.AsyncBaseTransport):
     async def release(self, connection: httpcore.AsyncHTTPConnection, origin: httpcore.Origin) -> None:
         """A response is closed: its connection goes back to the pool if it can serve another request."""
         self._slots.release()
+        if self._closed:
+            await connection.aclose()  # the pool is gone: nobody would ever close it there
+            return
         if not connection.is_idle():
             return
         idle = self._idle.setdefault((origin.scheme, origin.host, origin.port), deque())
@@ -206,6 +210,8 @@ class _PooledTransport(httpx.AsyncBaseTransport):
             await idle.popleft().aclose()
 
     async def aclose(self) -> None:
+        """Close the idle connections now, and each one in use when its response is closed."""
+        self._closed = True
         idle, self._idle = self._idle, {}
         for connections in idle.values():
             for connection in connections:
