@@ -17,7 +17,7 @@ BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "
 async def test_a_response_that_ends_after_the_pool_closed_closes_its_connection(nursery: trio.Nursery) -> None:
     """It may not go back to the pool: nobody would ever close it there."""
     upstream = await open_fake_upstream(nursery, Reply(tokens=("a", "b")))
-    transport = _PooledTransport(max_connections=4)
+    transport = _PooledTransport(httpx.Limits(max_connections=4))
     released = []
     release = transport.release
 
