@@ -67,9 +67,6 @@ of stream may wait.
 MAX_TRAILING_BYTES: Final = 64 * 1024
 """How much an upstream may send after its end marker before we stop reading and close."""
 
-KEEPALIVE_EXPIRY: Final = 5.0
-"""Seconds an idle upstream connection is kept for reuse (httpx's default)."""
-
 
 class ItemSink(Protocol):
     """Where an upstream puts its items (a channel, or the pipeline's next stage)."""
@@ -95,11 +92,12 @@ class HttpUpstream:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.translation = translation
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None and not urllib.request.getproxies():
-            transport = _PooledTransport(max_connections=max_connections)
+            transport = _PooledTransport(limits)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=limits,  # for httpx's own transport; ours is handed them above
             transport=transport,
             # A compressed event stream only delays tokens; asking for none also lets us read raw bytes.
             headers={"accept-encoding": "identity"},
@@ -140,15 +138,18 @@ class _PooledTransport(httpx.AsyncBaseTransport):
     more than the streams. Here a request takes the most recently used idle connection to its
     origin (or opens one), and gives it back when its response is closed; at most
     `max_connections` requests are in flight, and a request waits up to httpx's pool timeout
-    for a slot. An idle connection is checked before reuse (expired after `KEEPALIVE_EXPIRY`,
-    or closed by the server) and otherwise closed.
+    for a slot. An idle connection is checked before reuse (expired after the limits'
+    `keepalive_expiry`, httpx's 5 s by default, or closed by the server) and otherwise closed.
     """
 
-    def __init__(self, *, max_connections: int) -> None:
-        self._slots = trio.Semaphore(max_connections)
+    def __init__(self, limits: httpx.Limits) -> None:
+        assert limits.max_connections is not None
+        self._slots = trio.Semaphore(limits.max_connections)
+        self._keepalive_expiry = limits.keepalive_expiry
         self._idle: dict[tuple[bytes, bytes, int], deque[httpcore.AsyncHTTPConnection]] = {}
         self._ssl_context = httpx.create_ssl_context()
         self._backend = _TrioBackend()
+        self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -171,7 +172,7 @@ class _PooledTransport(httpx.AsyncBaseTransport):
                 connection = await self._idle_connection(origin) or httpcore.AsyncHTTPConnection(
                     origin,
                     ssl_context=self._ssl_context,
-                    keepalive_expiry=KEEPALIVE_EXPIRY,
+                    keepalive_expiry=self._keepalive_expiry,
                     network_backend=self._backend,
                 )
                 try:
@@ -198,6 +199,9 @@ class _PooledTransport(httpx.AsyncBaseTransport):
     async def release(self, connection: httpcore.AsyncHTTPConnection, origin: httpcore.Origin) -> None:
         """A response is closed: its connection goes back to the pool if it can serve another request."""
         self._slots.release()
+        if self._closed:
+            await connection.aclose()  # the pool is gone: nobody would ever close it there
+            return
         if not connection.is_idle():
             return
         idle = self._idle.setdefault((origin.scheme, origin.host, origin.port), deque())
@@ -206,6 +210,8 @@ class _PooledTransport(httpx.AsyncBaseTransport):
             await idle.popleft().aclose()
 
     async def aclose(self) -> None:
+        """Close the idle connections now, and each one in use when its response is closed."""
+        self._closed = True
         idle, self._idle = self._idle, {}
         for connections in idle.values():
             for connection in connections:

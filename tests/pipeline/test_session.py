@@ -111,7 +111,7 @@ async def test_buffer_flushes_on_its_deadline_even_when_no_token_follows(autojum
 
     chunks = [(t, i.text) for t, i in items if isinstance(i, Delta) and i.text]
     assert chunks == [(0.25, "Hello"), (10.0, " world")]  # the tail flushes before the finish reason
-    assert session.buffer_waits == pytest.approx([0.25, 0.0])  # measured from the oldest character
+    assert session.stats.buffer_waits == pytest.approx([0.25, 0.0])  # measured from the oldest character
     assert session.completed
 
 
@@ -431,7 +431,7 @@ async def test_word_buffer_times_each_chunk_from_its_own_oldest_character(autoju
 
     # each word waits for the next word's leading space, or for its 500 ms deadline
     assert chunks == [(1.5, "one"), (2.5, " two"), (3.5, " three"), (4.5, " four")]
-    assert session.buffer_waits == pytest.approx([0.5, 0.5, 0.5, 0.5])
+    assert session.stats.buffer_waits == pytest.approx([0.5, 0.5, 0.5, 0.5])
 
 
 # --- what the session tallies for logs and metrics (session.stats) ------------------------
@@ -486,7 +486,9 @@ async def test_timeouts_are_counted_by_kind_and_end_the_stream_as_timeout(autoju
     retry = RetryConfig(max_retries=1, base_delay_ms=0, jitter=0)
     _, session = await run(pipeline(route(upstream, timeouts=timeouts, retry=retry)))
 
-    assert session.stats.timeouts == ["first_token_timeout", "silence_timeout"]
+    failures = session.stats.failures
+    assert all(isinstance(failure, UpstreamTimeoutError) for _, failure in failures)
+    assert [failure.kind for _, failure in failures] == ["first_token_timeout", "silence_timeout"]  # type: ignore[attr-defined]
     assert session.stats.outcome == "timeout"
     metrics = Metrics(active_streams=lambda: 0)
     metrics.observe_stream(session)

@@ -447,6 +447,7 @@ def test_error_retry_after() -> None:
     assert (error.status, error.type, error.retry_after, error.retryable) == (429, "rate_limit_error", 2.5, True)
     assert error_from(b"x", status=429, headers={"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}).retry_after is None
     assert error_from(b"x", status=429, headers={"retry-after": "-1"}).retry_after is None
+    assert error_from(b"x", status=429, headers={"Retry-After": "3"}).retry_after == 3.0  # any case, any mapping
 
 
 def test_error_retry_after_with_httpx_headers() -> None:

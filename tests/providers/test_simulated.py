@@ -4,6 +4,7 @@ Tests of the simulated upstream's script: plain data, no clock and no trio.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -160,6 +161,13 @@ def test_fail_after_zero_tokens_waits_the_first_token_time() -> None:
     assert delay == 1.0
     assert isinstance(error, UpstreamStatusError)
     assert error.message == "simulated failure after 0 tokens"
+
+
+def test_a_fault_before_any_token_waits_the_first_token_time_even_with_nothing_to_say() -> None:
+    for settings in (SimulatedSettings(fail_after_tokens=0), SimulatedSettings(stall_after_tokens=0)):
+        steps = script(chat("lorem"), replace(settings, ttft_ms=1000, lorem_tokens=0))
+        assert len(steps) == 2
+        assert steps[1][0] == 1.0
 
 
 def test_fail_after_more_tokens_than_generated_completes() -> None:

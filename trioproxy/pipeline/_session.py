@@ -64,8 +64,6 @@ class StreamSession:
         self.accumulator = Accumulator()
         first = pipeline.routes[0]
         self.stats = StreamStats(started=trio.current_time(), provider=first.provider.name, model=first.upstream_model)
-        self.buffer_waits: list[float] = []
-        """Seconds each text delta spent inside the proxy, from upstream to the response."""
         self.completed = False
         self._failed = False
         self.finished = trio.Event()
@@ -103,6 +101,11 @@ class StreamSession:
             self.stats.cancelled = self._cancel_scope.cancelled_caught
             self._out.close()
             self.finished.set()
+
+    @property
+    def buffer_waits(self) -> list[float]:
+        """`stats.buffer_waits`, for the server's readers (`_events_front`, `_metrics`) until they read that."""
+        return self.stats.buffer_waits
 
     def cancel(self) -> None:
         """End the session now: every task stops and the upstream connection closes."""
@@ -160,10 +163,7 @@ class StreamSession:
             self.accumulator.add(item)
             await self._send(item)
             if item.has_content:
-                now = trio.current_time()
-                self.stats.token(now)
-                if item.text and item.arrived is not None:
-                    self.buffer_waits.append(now - item.arrived)
+                self.stats.token(trio.current_time(), arrived=item.arrived if item.text else None)
             return
         if isinstance(item, RetryNotice):
             self._count(item)

@@ -26,6 +26,8 @@ class StreamStats:
     ended: float | None = None
     token_gaps: list[float] = field(default_factory=list)
     """Seconds between consecutive content deltas handed to the client (inter-token latency)."""
+    buffer_waits: list[float] = field(default_factory=list)
+    """Seconds each text delta spent inside the proxy, from upstream to the client (buffer latency)."""
     retries: list[str] = field(default_factory=list)
     """The provider of each retry, in order."""
     providers_left: list[str] = field(default_factory=list)
@@ -44,12 +46,15 @@ class StreamStats:
         self.providers_left.append(self.provider)
         self.provider, self.model = provider, model
 
-    def token(self, now: float) -> None:
+    def token(self, now: float, arrived: float | None = None) -> None:
+        """A content delta reached the client at `now`; `arrived`: when its text came from the upstream."""
         if self.first_token is None:
             self.first_token = now
         else:
             self.token_gaps.append(now - self.last_token)  # type: ignore[operator]
         self.last_token = now
+        if arrived is not None:
+            self.buffer_waits.append(now - arrived)
 
     @property
     def ttft(self) -> float | None:
@@ -73,8 +78,3 @@ class StreamStats:
                 return "validation_error"
             return "error"
         return "cancelled" if self.cancelled else "completed"
-
-    @property
-    def timeouts(self) -> list[str]:
-        """The kind of every timeout that fired (a retried first-token timeout counts too)."""
-        return [f.kind for _, f in self.failures if isinstance(f, UpstreamTimeoutError)]

@@ -21,7 +21,6 @@ __all__ = ["TextBuffer"]
 
 _SENTENCE_END: Final = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s)|[。！？]+[」』”’)\]]*|\n")
 """Latin punctuation ends a sentence once whitespace follows; CJK full stops need none."""
-_WHITESPACE: Final = re.compile(r"\s")
 
 
 class TextBuffer:

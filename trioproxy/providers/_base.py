@@ -84,8 +84,11 @@ def safe_message(message: str, *, secret: str | None) -> str:
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """`Retry-After` in seconds, when it is given as a number (the form LLM APIs use)."""
-    value = headers.get("retry-after")
+    """
+    `Retry-After` in seconds, when it is given as a number (the form LLM APIs use). The name
+    is matched in any case, whatever the mapping (`httpx.Headers` or a plain dict).
+    """
+    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
     if value is None:
         return None
     try:

@@ -164,7 +164,7 @@ class AnthropicTranslation:
             safe_message(message, secret=self.api_key),
             status=status,
             type=type_,
-            retry_after=retry_after_seconds({k.lower(): v for k, v in headers.items()}),
+            retry_after=retry_after_seconds(headers),
         )
 
 

@@ -110,7 +110,7 @@ def script(chat: ChatRequest, settings: SimulatedSettings) -> list[Step]:
     pieces, finish = _pieces(model, chat, settings)
     prompt_tokens = sum(len(_WORD.findall(content_text(m.get("content")))) for m in chat.messages)
     steps: list[Step] = [(0.0, Delta(role="assistant"))]
-    for n, piece in enumerate(pieces):
+    for n in range(len(pieces) + 1):  # a fault may also come after the last piece
         delay = ttft if n == 0 else interval
         if n == settings.stall_after_tokens:
             steps.append((delay, Stall()))
@@ -118,13 +118,8 @@ def script(chat: ChatRequest, settings: SimulatedSettings) -> list[Step]:
         if n == settings.fail_after_tokens:
             steps.append((delay, UpstreamStatusError(f"simulated failure after {n} tokens", status=500)))
             return steps
-        steps.append((delay, piece))
-    if len(pieces) == settings.stall_after_tokens:
-        steps.append((interval, Stall()))
-        return steps
-    if len(pieces) == settings.fail_after_tokens:
-        steps.append((interval, UpstreamStatusError(f"simulated failure after {len(pieces)} tokens", status=500)))
-        return steps
+        if n < len(pieces):
+            steps.append((delay, pieces[n]))
     steps.append((0.0, Delta(finish_reason=finish)))
     steps.append((0.0, Delta(usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=len(pieces)))))
     return steps
