@@ -38,7 +38,7 @@ def session(*deltas: Delta, buffer_waits: tuple[float, ...] = ()) -> Any:
     accumulator = Accumulator()
     for delta in deltas:
         accumulator.add(delta)
-    return SimpleNamespace(accumulator=accumulator, buffer_waits=list(buffer_waits))
+    return SimpleNamespace(accumulator=accumulator, stats=SimpleNamespace(buffer_waits=list(buffer_waits)))
 
 
 def lines(out: bytes) -> list[dict[str, Any]]:

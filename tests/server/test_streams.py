@@ -5,6 +5,8 @@ session feeds a `BroadcastStream` through a channel, on trio's autojump clock.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import trio
 
@@ -29,7 +31,7 @@ class FakeSession:
     def __init__(self) -> None:
         self.send, self.output = trio.open_memory_channel[SessionItem](0)
         self.accumulator = Accumulator()
-        self.buffer_waits: list[float] = []
+        self.stats = SimpleNamespace(buffer_waits=[])
         self.completed = False
         self.cancelled_at: float | None = None
 

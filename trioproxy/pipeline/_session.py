@@ -102,11 +102,6 @@ class StreamSession:
             self._out.close()
             self.finished.set()
 
-    @property
-    def buffer_waits(self) -> list[float]:
-        """`stats.buffer_waits`, for the server's readers (`_events_front`, `_metrics`) until they read that."""
-        return self.stats.buffer_waits
-
     def cancel(self) -> None:
         """End the session now: every task stops and the upstream connection closes."""
         self._cancel_scope.cancel()

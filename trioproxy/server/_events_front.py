@@ -129,7 +129,7 @@ class EventRenderer:
             "characters": len(acc.text),
             "provider": self.provider,
             "model": self.model,
-            "buffer_latency_ms": latency_summary(session.buffer_waits),
+            "buffer_latency_ms": latency_summary(session.stats.buffer_waits),
         }
         if acc.tool_calls():
             metadata["tool_calls"] = acc.tool_calls()

@@ -134,7 +134,7 @@ class Metrics:
         if stats.ttft is not None:
             self.time_to_first_token.labels(*labels).observe(stats.ttft)
         _observe_all(self.inter_token_latency.labels(*labels), stats.token_gaps)
-        _observe_all(self.buffer_latency.labels(*labels), session.buffer_waits)
+        _observe_all(self.buffer_latency.labels(*labels), stats.buffer_waits)
         if stats.duration is not None:
             self.stream_duration.labels(*labels).observe(stats.duration)
         for retried in stats.retries:
