@@ -48,7 +48,7 @@ from ._access import RECORD, AccessLog, RequestRecord
 from ._auth import key_is_valid, presented_key
 from ._cors import CorsMiddleware
 from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
-from ._generic import Renderer, StreamInterrupted, generic_chat_request, prompt_chars, render
+from ._generic import Renderer, StreamInterrupted, generic_chat_request, last_word, prompt_chars, render
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
 from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
@@ -404,10 +404,7 @@ async def _relay(session: StreamSession, renderer: Renderer, head: bytes) -> Asy
                 yield out
             if isinstance(item, TrioproxyError):
                 return
-        if session.completed:
-            yield renderer.done(session)
-        else:
-            yield renderer.error(StreamInterrupted("the server ended the stream before it completed"))
+        yield last_word(renderer, session)
     finally:
         session.cancel()
 
