@@ -469,15 +469,21 @@ async def _unwrapped_nursery() -> AsyncIterator[trio.Nursery]:
     """
     A nursery for a client's background task, whose block's own exception leaves as itself
     rather than inside an ExceptionGroup (as trio-websocket does for its users). The
-    background tasks are cancelled when the block ends.
+    background tasks are cancelled when the block ends; if one of them failed as well, the
+    two errors leave together in a group, so neither is lost.
     """
     raised: BaseException | None = None
-    async with trio.open_nursery() as nursery:
-        try:
-            yield nursery
-        except BaseException as exc:  # re-raised below, outside the nursery: never swallowed
-            raised = exc
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                yield nursery
+            except BaseException as exc:  # re-raised below, outside the nursery: never swallowed
+                raised = exc
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:  # a background task failed too: both errors leave, together
+        if raised is None or isinstance(raised, trio.Cancelled):
+            raise  # the block was only cancelled, by that failure (or from outside: trio cancels again)
+        raise BaseExceptionGroup(group.message, [raised, *group.exceptions]) from None
     if raised is not None:
         raise raised
