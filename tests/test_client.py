@@ -37,7 +37,7 @@ async def test_a_background_failure_and_the_blocks_error_both_leave(autojump_clo
             try:
                 await trio.sleep_forever()  # cancelled when the background task fails
             finally:
-                raise ValueError("from the block")  # noqa: B012 (the block fails while unwinding)
+                raise ValueError("from the block")  # the block fails while unwinding
     kinds = {type(e) for e in info.value.exceptions}
     assert kinds == {ValueError, KeyError}
 
