@@ -15,6 +15,7 @@ TrioproxyError                 status  type
 │   ├── ReplayGapError          410     a resumed stream's older events are no longer kept
 │   └── PayloadTooLargeError    413     the request body is over `[limits].max_body_bytes`
 ├── ValidationError             422     validation_error: a validator stopped the stream
+├── StreamCancelled             499     cancelled: the client cancelled a stream (WebSocket `cancel`)
 ├── RateLimitedError            429     rate_limit_error: this client is over its share (Retry-After)
 ├── StreamInterrupted           503     server_error: the server ended a stream (shutdown)
 │   └── ShuttingDownError       503     server_error: the server is draining (Retry-After)
@@ -43,6 +44,7 @@ __all__ = [
     "ReplayGapError",
     "RequestError",
     "ShuttingDownError",
+    "StreamCancelled",
     "StreamInterrupted",
     "StreamsFullError",
     "TrioproxyError",
@@ -145,6 +147,13 @@ class ValidationError(TrioproxyError):
 
     status = 422
     type = "validation_error"
+
+
+class StreamCancelled(TrioproxyError):
+    """The client asked to stop a stream (a WebSocket `cancel` message); its last event says so."""
+
+    status = 499
+    type = "cancelled"
 
 
 class StreamInterrupted(TrioproxyError):

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from .._request import content_text
-from ._generic import new_request_id, prompt_chars
+from ._generic import prompt_chars
 
 if TYPE_CHECKING:
     from ..pipeline import StreamSession
@@ -32,6 +33,10 @@ RECORD: Final = "trioproxy.request"
 access_logger = logging.getLogger("trioproxy.access")
 
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(8)
 
 
 @dataclass(slots=True)

@@ -5,7 +5,6 @@ request body, the renderer interface of the front adapters, and rendering sessio
 
 from __future__ import annotations
 
-import secrets
 from typing import Any, Protocol
 
 from .._events import Delta
@@ -19,7 +18,6 @@ __all__ = [
     "StreamInterrupted",
     "generic_chat_request",
     "last_word",
-    "new_request_id",
     "prompt_chars",
     "render",
 ]
@@ -77,7 +75,3 @@ def generic_chat_request(body: dict[str, Any]) -> tuple[ChatRequest, str | None,
 
 def prompt_chars(chat: ChatRequest) -> int:
     return sum(len(content_text(m.get("content"))) for m in chat.messages)
-
-
-def new_request_id() -> str:
-    return "req_" + secrets.token_hex(8)

@@ -42,7 +42,7 @@ from quart import websocket
 from quart_trio import QuartTrio
 
 from .._events import StreamEvent
-from .._exceptions import PayloadTooLargeError, RequestError, TrioproxyError
+from .._exceptions import PayloadTooLargeError, RequestError, StreamCancelled, TrioproxyError
 from ..pipeline import StreamSession, pipeline_for
 from ._access import RECORD
 from ._events_front import EventRenderer, error_event
@@ -61,11 +61,6 @@ SEND_TIMEOUT: Final = 30.0
 """Seconds one message may wait for the socket before the peer counts as gone."""
 GOING_AWAY: Final = 1001
 """The close code of a connection the server closes because it shuts down."""
-
-
-class StreamCancelled(TrioproxyError):
-    status = 499
-    type = "cancelled"
 
 
 def register_websocket_routes(
