@@ -218,7 +218,7 @@ def test_unknown_top_level_key() -> None:
 
 def test_unknown_server_key() -> None:
     assert only_problem({"server": {"hots": "x"}}) == (
-        "[server]: unknown key 'hots' (known: host, port, shutdown_grace_period, write_timeout)"
+        "[server]: unknown key 'hots' (known: host, keep_alive_timeout, port, shutdown_grace_period, write_timeout)"
     )
 
 
@@ -885,6 +885,15 @@ def test_server_write_timeout() -> None:
     assert only_problem({"server": {"write_timeout": 0}}) == (
         "[server].write_timeout must be a positive number of seconds, got 0"
     )
+
+
+def test_server_keep_alive_timeout() -> None:
+    assert parse_config({"server": {"keep_alive_timeout": 5}}, environ={}).server.keep_alive_timeout == 5
+    assert parse_config({}, environ={}).server.keep_alive_timeout == 75.0
+    for bad in (0, -1, "75", True, float("inf")):
+        assert only_problem({"server": {"keep_alive_timeout": bad}}) == (
+            f"[server].keep_alive_timeout must be a positive number of seconds, got {bad!r}"
+        )
 
 
 def test_server_shutdown_grace_period() -> None:

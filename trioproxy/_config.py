@@ -46,6 +46,7 @@ DEFAULT_PORT: Final = 8000
 
 
 DEFAULT_WRITE_TIMEOUT: Final = 30.0
+DEFAULT_KEEP_ALIVE_TIMEOUT: Final = 75.0
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 DEFAULT_CORS_ALLOW_HEADERS: Final = (
     "authorization",
@@ -75,12 +76,16 @@ class ServerConfig:
 
     `shutdown_grace_period`: seconds the streams in flight get to finish once the server was
     asked to stop (SIGTERM, SIGINT); whatever still runs then ends with an in-stream error.
+
+    `keep_alive_timeout`: seconds an idle client connection is kept open for its next request;
+    longer than common load balancers' idle timeout, so they close first.
     """
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     shutdown_grace_period: float = DEFAULT_SHUTDOWN_GRACE_PERIOD
+    keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,7 +423,9 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
     if not isinstance(table, dict):
         problems.append("[server] must be a table")
         return ServerConfig()
-    _unknown_keys(table, {"host", "port", "write_timeout", "shutdown_grace_period"}, "[server]", problems)
+    _unknown_keys(
+        table, {"host", "port", "write_timeout", "shutdown_grace_period", "keep_alive_timeout"}, "[server]", problems
+    )
     host = table.get("host", DEFAULT_HOST)
     port = table.get("port", DEFAULT_PORT)
     if not isinstance(host, str) or not host:
@@ -427,15 +434,27 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         problems.append(f"[server].port must be an integer from 0 to 65535, got {port!r}")
         port = DEFAULT_PORT
-    write_timeout = table.get("write_timeout", DEFAULT_WRITE_TIMEOUT)
-    if isinstance(write_timeout, bool) or not isinstance(write_timeout, (int, float)) or not write_timeout > 0:
-        problems.append(f"[server].write_timeout must be a positive number of seconds, got {write_timeout!r}")
-        write_timeout = DEFAULT_WRITE_TIMEOUT
+
+    def positive_seconds(key: str, default: float) -> float:
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            problems.append(f"[server].{key} must be a positive number of seconds, got {value!r}")
+            return default
+        return value
+
+    write_timeout = positive_seconds("write_timeout", DEFAULT_WRITE_TIMEOUT)
+    keep_alive_timeout = positive_seconds("keep_alive_timeout", DEFAULT_KEEP_ALIVE_TIMEOUT)
     grace = table.get("shutdown_grace_period", DEFAULT_SHUTDOWN_GRACE_PERIOD)
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
         problems.append(f"[server].shutdown_grace_period must be a number of seconds, 0 or more, got {grace!r}")
         grace = DEFAULT_SHUTDOWN_GRACE_PERIOD
-    return ServerConfig(host=host, port=port, write_timeout=write_timeout, shutdown_grace_period=grace)
+    return ServerConfig(
+        host=host,
+        port=port,
+        write_timeout=write_timeout,
+        shutdown_grace_period=grace,
+        keep_alive_timeout=keep_alive_timeout,
+    )
 
 
 _TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval"}
