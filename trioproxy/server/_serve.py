@@ -138,7 +138,7 @@ async def serve(
     hypercorn_config.bind = [f"{host or config.server.host}:{config.server.port if port is None else port}"]
     hypercorn_config.accesslog = None
     hypercorn_config.errorlog = logger
-    hypercorn_config.keep_alive_timeout = 75  # longer than common load balancers' idle timeout
+    hypercorn_config.keep_alive_timeout = config.server.keep_alive_timeout
     # hypercorn's default backlog (100) overflows when hundreds of clients connect at once, and
     # each refused SYN costs that client a one-second retransmit.
     hypercorn_config.backlog = 4096
