@@ -313,7 +313,12 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         return _watch_response(stream, backlog, watcher)
 
     register_websocket_routes(
-        app, start=start, router=router, max_message_bytes=limits.max_body_bytes, shutdown=shutdown
+        app,
+        start=start,
+        router=router,
+        max_message_bytes=limits.max_body_bytes,
+        write_timeout=config.server.write_timeout,
+        shutdown=shutdown,
     )
 
     for path, (frame, content_type) in GENERIC_ENDPOINTS.items():

@@ -19,10 +19,10 @@ handler, so the nursery, every stream task and (through their `finally`) every s
 its upstream request are cancelled with it.
 
 Every stream task writes through one bounded channel to the single writer; a peer that does
-not read for `SEND_TIMEOUT` seconds is dropped. Keep-alive is hypercorn's WebSocket ping
+not read for `[server] write_timeout` seconds is dropped. Keep-alive is hypercorn's WebSocket ping
 (`websocket_ping_interval`, set in `_serve.py`), so sessions run without heartbeat items.
 hypercorn does not track pongs: a peer that vanished without closing is noticed when a write
-to it fails (TCP retransmission gives up) or, with streams running, by `SEND_TIMEOUT`.
+to it fails (TCP retransmission gives up) or, with streams running, by `write_timeout`.
 
 hypercorn's graceful shutdown leaves WebSocket connections open, so the server closes them
 itself while it drains (`_shutdown.py`): a new stream is refused with a 503 `error` event
@@ -49,7 +49,7 @@ from ._events_front import EventRenderer, error_event
 from ._generic import generic_chat_request, last_word, prompt_chars, render
 from ._shutdown import GracefulShutdown
 
-__all__ = ["MAX_STREAMS", "SEND_QUEUE_SIZE", "SEND_TIMEOUT", "register_websocket_routes"]
+__all__ = ["MAX_STREAMS", "SEND_QUEUE_SIZE", "register_websocket_routes"]
 
 logger = logging.getLogger("trioproxy.server")
 
@@ -57,8 +57,6 @@ MAX_STREAMS: Final = 32
 """Concurrent streams per connection; a request beyond gets an `error` event."""
 SEND_QUEUE_SIZE: Final = 64
 """Messages waiting for the socket, all streams of a connection together."""
-SEND_TIMEOUT: Final = 30.0
-"""Seconds one message may wait for the socket before the peer counts as gone."""
 GOING_AWAY: Final = 1001
 """The close code of a connection the server closes because it shuts down."""
 
@@ -69,11 +67,13 @@ def register_websocket_routes(
     start: Callable[..., StreamSession],
     router: Any,
     max_message_bytes: int,
+    write_timeout: float,
     shutdown: GracefulShutdown,
 ) -> None:
     """
     Add the WebSocket routes to `app`; `start(pipeline, chat)` starts a session or raises the
-    limits' refusal. A message longer than `max_message_bytes` is refused unread.
+    limits' refusal. A message longer than `max_message_bytes` is refused unread; one that
+    waits `write_timeout` seconds for the socket drops the peer.
     """
 
     class Connection:
@@ -93,7 +93,7 @@ def register_websocket_routes(
             """The one task that writes to the socket."""
             async for message in self._outgoing:
                 try:
-                    with trio.fail_after(SEND_TIMEOUT):
+                    with trio.fail_after(write_timeout):
                         if message is None:
                             await websocket.close(GOING_AWAY, "the server is shutting down")
                             self.nursery.cancel_scope.cancel()
