@@ -91,8 +91,8 @@ class StreamSession:
                 except* Exception:
                     # A stage's bug, not an upstream failure: log it whole, and still tell the client.
                     logger.exception("a stage of the %s session failed", self.chat.model)
-                    with trio.move_on_after(1):
-                        await self._out.send(TrioproxyError("internal error while streaming"))
+                    # Like any last item, it waits for its reader; `cancel()` bounds that wait.
+                    await self._out.send(TrioproxyError("internal error while streaming"))
             if self._interruption is not None and self._cancel_scope.cancelled_caught and not self.completed:
                 with self._last_word_scope:
                     await self.send(self._interruption)
