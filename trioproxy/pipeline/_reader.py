@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from .._events import OPENED, Delta
+from .._events import Delta, Opened
 from .._exceptions import TrioproxyError, UpstreamError, UpstreamTimeoutError
 from .._policy import Timeouts
 from .._request import ChatRequest
@@ -144,7 +144,7 @@ class _WatchedSink:
 
     async def send(self, item: SessionItem) -> None:
         progress = self._progress
-        if item is OPENED:
+        if isinstance(item, Opened):
             if progress.opened:
                 return
             progress.opened = True
