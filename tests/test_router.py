@@ -151,3 +151,21 @@ async def test_aclose_closes_every_upstream() -> None:  # runs under pytest-trio
     r = router()
     await r.aclose()
     assert [u.closed for u in r.upstreams.values()] == [True, True, True]
+
+
+async def test_aclose_closes_every_upstream_even_when_one_fails() -> None:
+    class FailingUpstream(StubUpstream):
+        async def aclose(self) -> None:
+            raise OSError("socket already gone")
+
+    made: list[StubUpstream] = []
+
+    def make(provider: ProviderConfig) -> StubUpstream:
+        made.append((FailingUpstream if provider.name == "local" else StubUpstream)(provider))
+        return made[-1]
+
+    routes = Router(config(), make_upstream=make)
+    with pytest.raises(BaseExceptionGroup) as info:
+        await routes.aclose()
+    assert [type(e) for e in info.value.exceptions] == [OSError]
+    assert [u.closed for u in made if not isinstance(u, FailingUpstream)] == [True, True]  # sim and claude

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import trio
+
 from ._config import Config, ProviderConfig
 from ._exceptions import ModelNotFoundError
 from ._upstream import Upstream, build_upstream
@@ -67,5 +69,7 @@ class Router:
         return listed
 
     async def aclose(self) -> None:
-        for upstream in self.upstreams.values():
-            await upstream.aclose()
+        """Close every upstream's pool, each whatever the others do (their errors leave together)."""
+        async with trio.open_nursery() as nursery:
+            for upstream in self.upstreams.values():
+                nursery.start_soon(upstream.aclose)
