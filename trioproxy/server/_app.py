@@ -342,7 +342,8 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
 
     @app.errorhandler(Exception)
     async def unexpected_error(exc: Exception) -> Response:
-        logger.exception("unhandled error in %s %s", request.method, request.path)
+        connection = _connection()  # a WebSocket's before-hook may raise too
+        logger.exception("unhandled error in %s %s", connection.method, connection.path)
         return _openai_error(TrioproxyError("internal server error"))
 
     return app
