@@ -195,7 +195,7 @@ def die_with_parent() -> None:
     Run in the child before it starts: the kernel sends it SIGTERM when the runner dies, so a
     runner killed outright (SIGKILL, where no `finally` runs) leaves no server behind (Linux).
     """
-    PR_SET_PDEATHSIG = 1  # linux/prctl.h
+    PR_SET_PDEATHSIG = 1  # noqa: N806 (linux/prctl.h)
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
