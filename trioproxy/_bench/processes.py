@@ -13,11 +13,9 @@ when one fails to start, the error quotes the log's end.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import resource
-import signal
 import subprocess
 import sys
 import time
@@ -190,15 +188,6 @@ async def _stop(process: trio.Process) -> None:
                 await pipe.aclose()
 
 
-def die_with_parent() -> None:
-    """
-    Run in the child before it starts: the kernel sends it SIGTERM when the runner dies, so a
-    runner killed outright (SIGKILL, where no `finally` runs) leaves no server behind (Linux).
-    """
-    PR_SET_PDEATHSIG = 1  # noqa: N806 (linux/prctl.h)
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @asynccontextmanager
 async def _started(
     name: str, args: list[str], ready: re.Pattern[str], cpus: tuple[int, ...] | None, log_dir: Path, *, stdin: bool
@@ -218,7 +207,6 @@ async def _started(
             stdout=subprocess.PIPE,
             stderr=log_file,
             env=child_env(),
-            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
     try:
         _pin(process.pid, cpus)
