@@ -8,6 +8,10 @@ import trio
 from trioproxy.client import _unwrapped_nursery
 
 
+async def fail_in_the_background() -> None:
+    raise KeyError("from the background")
+
+
 async def test_the_blocks_error_leaves_unwrapped_and_the_background_task_is_cancelled(
     autojump_clock: trio.abc.Clock,
 ) -> None:
@@ -28,12 +32,9 @@ async def test_the_blocks_error_leaves_unwrapped_and_the_background_task_is_canc
 
 
 async def test_a_background_failure_and_the_blocks_error_both_leave(autojump_clock: trio.abc.Clock) -> None:
-    async def failing() -> None:
-        raise KeyError("from the background")
-
     with pytest.raises(BaseExceptionGroup) as info:
         async with _unwrapped_nursery() as nursery:
-            nursery.start_soon(failing)
+            nursery.start_soon(fail_in_the_background)
             try:
                 await trio.sleep_forever()  # cancelled when the background task fails
             finally:
@@ -43,11 +44,8 @@ async def test_a_background_failure_and_the_blocks_error_both_leave(autojump_clo
 
 
 async def test_a_background_failure_alone_leaves_as_the_nurserys_group(autojump_clock: trio.abc.Clock) -> None:
-    async def failing() -> None:
-        raise KeyError("from the background")
-
     with pytest.raises(BaseExceptionGroup) as info:
         async with _unwrapped_nursery() as nursery:
-            nursery.start_soon(failing)
+            nursery.start_soon(fail_in_the_background)
             await trio.sleep_forever()
     assert [type(e) for e in info.value.exceptions] == [KeyError]
