@@ -412,6 +412,78 @@ async def test_a_slow_client_is_not_a_silent_upstream(autojump_clock: trio.abc.C
     assert session.completed
 
 
+# --- direct delivery ------------------------------------------------------------------------
+
+
+async def deliver_directly(
+    p: Pipeline, *, write_time: float = 0.0
+) -> tuple[list[tuple[float, Any]], list[tuple[float, Any]], StreamSession]:
+    """
+    Read the session's first item from `output`, then let it write the rest itself (as a
+    committed response does), each write taking `write_time`; no two writes may overlap.
+    """
+    session = StreamSession(p, CHAT)
+    read, written = [], []
+    writing = False
+
+    async def writer(item: Any) -> None:
+        nonlocal writing
+        assert not writing, "two writes at once"
+        writing = True
+        written.append((trio.current_time(), item))
+        await trio.sleep(write_time)
+        writing = False
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        read.append((trio.current_time(), await session.output.receive()))
+        await trio.sleep(1)  # meanwhile the session's task waits, handing over its next item
+        session.deliver_to(writer)
+        with pytest.raises(trio.ClosedResourceError):
+            await session.output.receive()
+    return read, written, session
+
+
+async def test_direct_delivery_takes_over_with_the_item_that_was_being_handed_over(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    upstream = ScriptedUpstream([[*tokens("a", "b"), 2.0, Delta(text="c"), Delta(finish_reason="stop")]])
+    read, written, session = await deliver_directly(pipeline(route(upstream)))
+
+    assert [i for _, i in read] == [OPENED]
+    assert [(t, i.text) for t, i in written if isinstance(i, Delta) and i.text] == [(1.0, "a"), (1.0, "b"), (3.0, "c")]
+    assert isinstance(written[0][1], Delta) and written[0][1].role == "assistant"  # the item that was waiting
+    assert written[-1][1].finish_reason == "stop"
+    assert session.completed and not session.failed
+    assert session.stats.ttft == 1.0  # a token counts when the client got it
+
+
+async def test_direct_delivery_writes_heartbeats_and_items_one_at_a_time(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[*tokens("a"), 20.0, Delta(text="b"), Delta(text="c")]])
+    timeouts = Timeouts(heartbeat_interval=5)
+    _, written, session = await deliver_directly(pipeline(route(upstream, timeouts=timeouts)), write_time=4.0)
+
+    # Each write takes 4 s: a heartbeat is due 5 s after the last write ended, and none is
+    # sent while a write is under way (b's, from 29 to 33 s).
+    assert [(t, "hb" if i is HEARTBEAT else i.text) for t, i in written if i is HEARTBEAT or i.text] == [
+        (5.0, "a"),
+        (14.0, "hb"),
+        (23.0, "hb"),
+        (29.0, "b"),
+        (33.0, "c"),
+    ]
+    assert session.completed
+
+
+async def test_direct_delivery_ends_with_the_error_as_the_last_word(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[*tokens("a"), 1.0, UpstreamProtocolError("garbled")]])
+    _, written, session = await deliver_directly(pipeline(route(upstream)))
+
+    last = written[-1][1]
+    assert isinstance(last, UpstreamProtocolError) and "after 1 characters were delivered" in last.message
+    assert session.failed and not session.completed
+
+
 async def test_word_buffer_times_each_chunk_from_its_own_oldest_character(autojump_clock: trio.abc.Clock) -> None:
     """In word mode the latest word is always held: its age, not the stream's, sets the deadline."""
     script = [OPENED]

@@ -13,13 +13,17 @@ Items on `output`: `OPENED` (the upstream accepted: commit HTTP 200), `Delta`s, 
 of the channel; a channel that closes with `completed` still false was cut short, and the
 client must be told so rather than shown a truncated answer as whole. A session ended with
 `interrupt(error)` (the server is shutting down) says so itself: `error` is its last item.
+
+A response that has committed to streaming can take the items straight from the session's
+tasks instead (`deliver_to`): the task that read a token from the upstream then also writes
+it to the client, and a token crosses no task switch and no channel on its way through.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
@@ -34,7 +38,7 @@ from ._stats import StreamStats
 if TYPE_CHECKING:
     from ._assemble import Pipeline
 
-__all__ = ["HEARTBEAT", "Heartbeat", "SessionItem", "SessionRegistry", "StreamSession", "start_session"]
+__all__ = ["HEARTBEAT", "Heartbeat", "ItemWriter", "SessionItem", "SessionRegistry", "StreamSession", "start_session"]
 
 logger = logging.getLogger("trioproxy.session")
 
@@ -46,6 +50,9 @@ class Heartbeat:
 HEARTBEAT: Final = Heartbeat()
 
 SessionItem = Opened | Delta | RetryNotice | Heartbeat | TrioproxyError
+
+ItemWriter = Callable[[SessionItem], Awaitable[None]]
+"""Writes one item to the client, from whichever of the session's tasks produced it."""
 
 
 class StreamSession:
@@ -74,6 +81,9 @@ class StreamSession:
         self._last_word_scope = trio.CancelScope()
         """Around handing over the interruption error: `cancel()` means nobody is left to read it."""
         self._out, self.output = trio.open_memory_channel[SessionItem](0)
+        self._writer: ItemWriter | None = None
+        self._write_lock = trio.Lock()
+        """The delivery and the heartbeat both write: one item at a time."""
         self._last_output = -math.inf
 
     async def run(self) -> None:
@@ -92,7 +102,7 @@ class StreamSession:
                     # A stage's bug, not an upstream failure: log it whole, and still tell the client.
                     logger.exception("a stage of the %s session failed", self.chat.model)
                     # Like any last item, it waits for its reader; `cancel()` bounds that wait.
-                    await self._out.send(TrioproxyError("internal error while streaming"))
+                    await self.send(TrioproxyError("internal error while streaming"))
             if self._interruption is not None and self._cancel_scope.cancelled_caught and not self.completed:
                 with self._last_word_scope:
                     await self.send(self._interruption)
@@ -116,6 +126,20 @@ class StreamSession:
         if self._interruption is None:
             self._interruption = error
         self._cancel_scope.cancel()
+
+    @property
+    def failed(self) -> bool:
+        """An error was delivered: it was the stream's last word."""
+        return self._failed
+
+    def deliver_to(self, writer: ItemWriter) -> None:
+        """
+        From now on, every item is handed to `writer` by the task that produced it, instead
+        of through `output`, which closes. An item being handed over through `output` right
+        now was not taken: closing the channel gives it back to its task, which writes it.
+        """
+        self._writer = writer
+        self.output.close()
 
     def abort_upstream(self) -> None:
         """Cancel the upstream request at once; the stages still deliver what they hold."""
@@ -183,8 +207,28 @@ class StreamSession:
             stats.failed_over(notice.provider, notice.model)
 
     async def _send(self, item: SessionItem) -> None:
-        await self._out.send(item)
+        if self._writer is None:
+            try:
+                await self._out.send(item)
+            except trio.BrokenResourceError:
+                if self._writer is None:
+                    raise
+                await self._write(item)  # `deliver_to` closed the channel while this item waited
+        else:
+            await self._write(item)
         self._last_output = trio.current_time()
+
+    async def _write(self, item: SessionItem) -> None:
+        assert self._writer is not None
+        try:
+            self._write_lock.acquire_nowait()  # the usual case, without `acquire`'s trip through the scheduler
+        except trio.WouldBlock:
+            await self._write_lock.acquire()
+        try:
+            self._last_output = trio.current_time()  # a write under way is not silence: no heartbeat
+            await self._writer(item)
+        finally:
+            self._write_lock.release()
 
     async def _send_heartbeats(self) -> None:
         interval = self._heartbeat_interval

@@ -10,9 +10,12 @@ when no watcher is left for `[streams].resume_grace_period`.
 
 Each streaming request starts a session (`pipeline.start_session`) in the app's nursery and
 waits for its first item: an error there still becomes an HTTP status with the protocol's
-error body; once the upstream has accepted, the response is committed as 200 and its body
-generator only relays the session's channel. The generator's `finally` cancels the session,
-so a client that goes away — at any point — takes its upstream request with it.
+error body; once the upstream has accepted, the response is committed as 200, and from its
+first body write on the session's own tasks write the rest straight to the ASGI `send`
+(`deliver_to`): a token then crosses no task switch between the upstream and the client. The
+body generator only waits for the session to end and writes its last word; its `finally`
+cancels the session, so a client that goes away — at any point — takes its upstream request
+with it.
 
 `start` is also where `[limits]` are applied, once for every route (WebSocket included): a
 session starts only if its body's shape is within bounds and the limiter admits its client,
@@ -27,7 +30,7 @@ import functools
 import importlib.resources
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 import orjson
@@ -64,6 +67,8 @@ STREAM_HEADERS: Final = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SSE: Final = "text/event-stream"
 NDJSON: Final = "application/x-ndjson"
 #: The generic event endpoints: how each frames its events (errors included), and as what.
+#: Where each HTTP request's ASGI `send` is kept in its scope, for `_relay`.
+ASGI_SEND: Final = "trioproxy.send"
 GENERIC_ENDPOINTS: Final[dict[str, tuple[Callable[[StreamEvent], bytes], str]]] = {
     "/v1/chat/stream": (sse_frame, SSE),
     "/v1/stream/sse": (sse_frame, SSE),
@@ -88,6 +93,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     app = QuartTrio("trioproxy")
     app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
     app.config["MAX_CONTENT_LENGTH"] = config.limits.max_body_bytes  # bodies are not read past it
+    app.asgi_app = _keeping_send(app.asgi_app)  # type: ignore[method-assign]
     if config.cors.enabled:
         app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[method-assign]
     router = router or Router(config)
@@ -397,22 +403,45 @@ async def _stream(
     except BaseException:
         session.cancel()
         raise
-    return Response(_relay(session, renderer, head), status=200, content_type=content_type, headers=STREAM_HEADERS)
+    body = _relay(session, renderer, head, request.scope[ASGI_SEND])
+    return Response(body, status=200, content_type=content_type, headers=STREAM_HEADERS)
 
 
-async def _relay(session: StreamSession, renderer: Renderer, head: bytes) -> AsyncIterator[bytes]:
-    """The response body: the session's items, rendered. Never yields inside a nursery."""
+async def _relay(
+    session: StreamSession, renderer: Renderer, head: bytes, send: Callable[[dict[str, Any]], Awaitable[None]]
+) -> AsyncIterator[bytes]:
+    """
+    The response body. Once quart has written its head, the session's tasks write its items
+    themselves, through the request's own ASGI `send` (the one quart writes with); this only
+    waits for the session to end, and then writes its last word. Never yields inside a nursery.
+    """
+    relaying = True
+
+    async def write(item: SessionItem) -> None:
+        out = render(renderer, item)
+        if out and relaying:  # not after the response ended: the client is gone
+            await send({"type": "http.response.body", "body": out, "more_body": True})
+
     try:
         yield head
-        async for item in session.output:
-            out = render(renderer, item)
-            if out:
-                yield out
-            if isinstance(item, TrioproxyError):
-                return
-        yield last_word(renderer, session)
+        session.deliver_to(write)
+        await session.finished.wait()
+        if not session.failed:  # an error was the session's own last word
+            yield last_word(renderer, session)
     finally:
+        relaying = False
         session.cancel()
+
+
+def _keeping_send(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """The app, keeping each HTTP request's `send` in its scope (at `ASGI_SEND`) for `_relay`."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope[ASGI_SEND] = send
+        await app(scope, receive, send)
+
+    return asgi
 
 
 def _watch_response(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher) -> Response:
