@@ -95,7 +95,9 @@ class HttpUpstream:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         if transport is None and not urllib.request.getproxies():
             transport = _PooledTransport(limits)
-        self._client = httpx.AsyncClient(
+        self._urls: dict[str, httpx.URL] = {}
+        """Each translation's URLs, parsed once (the config bounds them)."""
+        self._client = _CookielessClient(
             timeout=httpx.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
             limits=limits,  # for httpx's own transport; ours is handed them above
             transport=transport,
@@ -107,8 +109,9 @@ class HttpUpstream:
         request = self.translation.stream_request(chat)
         parser = self.translation.stream_parser()
         decoder = SSEDecoder()
+        url = self._urls.get(request.url) or self._urls.setdefault(request.url, httpx.URL(request.url))
         with _mapped_httpx_errors():
-            async with self._client.stream("POST", request.url, headers=request.headers, content=request.body) as resp:
+            async with self._client.stream("POST", url, headers=request.headers, content=request.body) as resp:
                 if resp.status_code >= 300:
                     body = await _read_bounded(resp)
                     raise self.translation.error_from_response(resp.status_code, resp.headers, body)
@@ -127,6 +130,32 @@ class HttpUpstream:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class _NoCookies(httpx.Cookies):
+    """A cookie jar that keeps nothing."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
+_NO_COOKIES: Final = _NoCookies()
+
+
+class _CookielessClient(httpx.AsyncClient):
+    """
+    An httpx client that keeps no cookie from the upstream's responses. One jar for the whole
+    proxy would carry a cookie set in answer to one client's request into every other client's
+    requests; and httpx's jar costs every response a trip through `http.cookiejar`.
+    """
+
+    @property  # type: ignore[override]
+    def cookies(self) -> httpx.Cookies:
+        return _NO_COOKIES
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        raise TypeError("the upstream client keeps no cookies")
 
 
 class _PooledTransport(httpx.AsyncBaseTransport):

@@ -193,6 +193,17 @@ async def test_the_upstream_connection_is_kept_for_the_next_stream(client, upstr
     assert [request.connection for request in upstream.requests] == [1, 1, 1]
 
 
+@MODELS
+async def test_a_cookie_the_upstream_set_for_one_client_is_not_sent_for_the_next(
+    client, upstream: FakeUpstream, model: str
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, headers={"set-cookie": "session=first-client; Path=/"}), Reply(tokens=TOKENS))
+    for _ in range(2):
+        text, _ = await collect(await client.chat.completions.create(model=model, messages=MESSAGES, stream=True))
+        assert text == "".join(TOKENS)
+    assert [request.headers.get("cookie") for request in upstream.requests] == [None, None]
+
+
 async def test_with_a_proxy_in_the_environment_httpxs_own_transport_streams(
     nursery: trio.Nursery, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
