@@ -8,9 +8,10 @@ import orjson
 import pytest
 import trio
 
-from trioproxy._bench.loadgen import MAX_NDJSON_LINE, _Connection, _Endpoint, _run_stream
+from trioproxy._bench.loadgen import MAX_NDJSON_LINE, _Connection, _Endpoint, _run_stream, run_phase
 from trioproxy._bench.stats import StreamRecord
 from trioproxy._bench.wire import PhaseSpec
+from trioproxy.testing import Reply, open_fake_upstream
 
 
 def ndjson(*events: dict[str, object]) -> bytes:
@@ -73,3 +74,28 @@ async def test_an_ndjson_stream_is_timed_and_checked(nursery: trio.Nursery) -> N
 async def test_a_broken_ndjson_stream_is_an_error(nursery: trio.Nursery, body: bytes, error: str) -> None:
     record = await one_stream(nursery, body, tokens=1)
     assert record.error is not None and record.error.startswith(error), record.error
+
+
+async def test_staggered_streams_start_spread_over_the_stagger(nursery: trio.Nursery) -> None:
+    upstream = await open_fake_upstream(nursery, Reply(tokens=[f" tok{i}" for i in range(3)]))
+    spec = PhaseSpec(
+        url=f"{upstream.url}/v1/chat/completions",
+        payload={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        protocol="openai",
+        concurrency=4,
+        rounds=1,
+        warmup_rounds=0,
+        tokens=3,
+        stream_timeout_s=30.0,
+        stagger_s=0.2,
+    )
+
+    async def go() -> None:
+        return None  # the runner reads its CPU counters here
+
+    result = await run_phase(spec, go)
+
+    assert [record.error for record in result.records] == [None] * 4
+    starts = sorted(request.started for request in upstream.requests)
+    # Connection i starts 50 ms after connection i - 1 (or later, never earlier).
+    assert all(later - earlier >= 0.049 for earlier, later in zip(starts, starts[1:])), starts

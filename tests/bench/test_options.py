@@ -33,3 +33,11 @@ def test_quick_fills_in_the_workload_and_an_explicit_flag_wins() -> None:
 def test_a_bad_flag_is_refused(argv: tuple[str, ...]) -> None:
     with pytest.raises(SystemExit):
         settings(*argv)
+
+
+def test_staggered_starts_spread_over_one_streams_duration_with_a_round_more() -> None:
+    staggered = settings("--staggered")
+    assert staggered == BenchSettings(staggered=True)
+    assert staggered.stream_s == pytest.approx(0.05 + 63 * 0.02)  # 50 ms to the first token, 63 gaps of 20 ms
+    assert [staggered.rounds_for(c) for c in (1, 50, 200)] == [10, 3, 3]
+    assert [BenchSettings().rounds_for(c) for c in (1, 50, 200)] == [10, 2, 2]

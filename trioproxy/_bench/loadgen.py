@@ -288,15 +288,16 @@ async def _connect_all(connections: list[_Connection]) -> None:
 async def _run_rounds(
     connections: list[_Connection], endpoint: _Endpoint, spec: PhaseSpec, rounds: int, records: list[StreamRecord]
 ) -> None:
-    """Every connection runs `rounds` streams back to back; all start together."""
+    """Every connection runs `rounds` streams back to back; they start together, or staggered (`stagger_s`)."""
 
-    async def drive(connection: _Connection) -> None:
+    async def drive(connection: _Connection, start_after: float) -> None:
+        await trio.sleep(start_after)
         for _ in range(rounds):
             records.append(await _run_stream(connection, endpoint, spec))
 
     async with trio.open_nursery() as nursery:
-        for connection in connections:
-            nursery.start_soon(drive, connection)
+        for index, connection in enumerate(connections):
+            nursery.start_soon(drive, connection, spec.stagger_s * index / len(connections))
 
 
 async def run_phase(spec: PhaseSpec, wait_for_go: Callable[[], Awaitable[None]]) -> PhaseResult:

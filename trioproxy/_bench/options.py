@@ -48,10 +48,20 @@ class BenchSettings:
     #: Prefix of the output files' names.
     name: str = "bench"
     warmup_rounds: int = 1
+    #: Start each phase's streams spread over one stream's duration (steady traffic), not all at once.
+    staggered: bool = False
+
+    @property
+    def stream_s(self) -> float:
+        """How long a stream takes at the upstream's pace: what staggered starts are spread over."""
+        return (self.ttft_ms + (self.tokens - 1) * self.interval_ms) / 1000
 
     def rounds_for(self, concurrency: int) -> int:
-        """Measured streams per connection at `concurrency` (see `MIN_STREAMS`)."""
-        return max(MIN_ROUNDS, -(-MIN_STREAMS // concurrency))
+        """
+        Measured streams per connection at `concurrency` (see `MIN_STREAMS`); with staggered
+        starts one more, as the first and last stream's time ramp the concurrency up and down.
+        """
+        return max(MIN_ROUNDS + self.staggered, -(-MIN_STREAMS // concurrency))
 
     @property
     def stream_timeout_s(self) -> float:
@@ -88,6 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--upstream-port", type=int, default=0, help="port for the benchmark upstream (default: any free port)"
     )
+    parser.add_argument(
+        "--staggered", action="store_true",
+        help="start each phase's streams spread over one stream's duration (steady traffic), not all at once",
+    )  # fmt: skip
     parser.add_argument("--find-max", action="store_true", help="double the concurrency until streams suffer")
     parser.add_argument("--max-concurrency", type=_positive_int, default=2000, help="bound for --find-max (2000)")
     parser.add_argument("--buffer-concurrency", type=_positive_int, help="streams per buffer mode (default 20)")
@@ -106,6 +120,7 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> BenchSetti
         proxy_url=args.proxy_url,
         upstream_port=args.upstream_port,
         find_max=args.find_max,
+        staggered=args.staggered,
         max_concurrency=args.max_concurrency,
         plot=not args.no_plot,
         output=args.output,

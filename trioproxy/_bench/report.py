@@ -150,7 +150,12 @@ def latency_table(report: Report) -> str:
         )
     headers = ["target", "conc", "TTFT p50", "p90", "p99", "+p50", "+p99", "ITL p50", "p99", "+p50", "+p99",
                "stream p50", "p99"]  # fmt: skip
-    title = 'Latency, ms ("+": added over direct at the same concurrency)'
+    starts = (
+        f"streams started spread over {report.settings.stream_s * 1000:.0f} ms"
+        if report.settings.staggered
+        else "each phase's streams started together"
+    )
+    title = f'Latency, ms ("+": added over direct at the same concurrency; {starts})'
     return f"{title}\n{table(headers, rows)}"
 
 

@@ -147,6 +147,7 @@ class _Bench:
             warmup_rounds=settings.warmup_rounds,
             tokens=settings.tokens,
             stream_timeout_s=settings.stream_timeout_s,
+            stagger_s=settings.stream_s if settings.staggered else 0.0,
         )
 
     async def phase(self, target: Target, concurrency: int) -> PhaseReport:

@@ -46,6 +46,8 @@ class PhaseSpec:
     tokens: int
     stream_timeout_s: float
     connect_timeout_s: float = 10.0
+    #: Connection `i` of `n` starts its first stream `i * stagger_s / n` after the others' (0: all at once).
+    stagger_s: float = 0.0
 
     def to_message(self) -> bytes:
         return orjson.dumps({"phase": self})
@@ -57,7 +59,9 @@ class PhaseSpec:
     @property
     def deadline_s(self) -> float:
         """Bound on a whole phase: every round may take its full stream timeout, plus connecting."""
-        return (self.rounds + self.warmup_rounds) * self.stream_timeout_s + 2 * self.connect_timeout_s
+        return (self.rounds + self.warmup_rounds) * self.stream_timeout_s + 2 * (
+            self.connect_timeout_s + self.stagger_s
+        )
 
 
 @dataclass(frozen=True)
