@@ -9,10 +9,12 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import hypercorn.trio.run
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.trio.tcp_server import TCPServer
 
 from .._config import Config
 from .._router import Router
@@ -47,6 +49,22 @@ class _HypercornConfig(HypercornConfig):
             for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self._write_timeout_ms)
         return sockets
+
+
+class _TCPServerThatEndsWithItsClient(TCPServer):
+    """
+    hypercorn's connection, ended as soon as its client closes it between requests.
+
+    hypercorn's own stops reading at the client's EOF, but the connection (its tasks, buffers
+    and socket, left in CLOSE_WAIT) lives on until its keep-alive timer runs out: with
+    `keep_alive_timeout` at 75 s, every connection a client had closed held ~9 KB for 75 s,
+    and a benchmark that opens 200 connections a phase grew the proxy by 3-4 MB a phase.
+    Once nothing more can arrive, the timer has nothing left to wait for.
+    """
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()
 
 
 class _ConnectionsThatEnd:
@@ -154,6 +172,7 @@ async def serve(
     hypercorn_config.graceful_timeout = config.server.shutdown_grace_period + config.server.write_timeout
     for warning in config.warnings:
         logger.warning("%s", warning)
+    hypercorn.trio.run.TCPServer = _TCPServerThatEndsWithItsClient  # type: ignore[misc]  # the class its worker uses
     async with trio.open_nursery() as nursery:
         drain_trigger = None
         if shutdown_trigger is not None:
