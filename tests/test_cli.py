@@ -4,6 +4,7 @@ The `trioproxy` command as a user runs it: real processes, real sockets on 127.0
 
 from __future__ import annotations
 
+import gc
 import re
 import signal
 import subprocess
@@ -137,3 +138,16 @@ async def test_a_taken_port_is_one_clear_line(nursery: trio.Nursery) -> None:
         assert "Traceback" not in result.stderr.decode()
     finally:
         server.send_signal(signal.SIGINT)
+
+
+def test_the_server_freezes_what_it_started_with_out_of_the_cycle_collector() -> None:
+    from trioproxy.cli import GC_YOUNG_THRESHOLD, tune_garbage_collection
+
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collection()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

