@@ -99,6 +99,10 @@ class AccessLog:
             raise
         finally:
             self._finish(record, websocket=scope["type"] == "websocket")
+            # The request is over. hypercorn's stream keeps its scope in reference cycles that
+            # only the cycle collector frees: the session (its text and timings) goes now.
+            record.session = None
+            del scope[RECORD]
 
     def _finish(self, record: RequestRecord, *, websocket: bool) -> None:
         # A WebSocket ends when its client closes it: that is not a disconnect.

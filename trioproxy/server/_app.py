@@ -437,9 +437,14 @@ def _keeping_send(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitabl
     """The app, keeping each HTTP request's `send` in its scope (at `ASGI_SEND`) for `_relay`."""
 
     async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            scope[ASGI_SEND] = send
-        await app(scope, receive, send)
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        scope[ASGI_SEND] = send
+        try:
+            await app(scope, receive, send)
+        finally:
+            del scope[ASGI_SEND]
 
     return asgi
 
