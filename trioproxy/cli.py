@@ -73,14 +73,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _upstream(args: argparse.Namespace) -> int:
-    from .testing import FakeUpstream, Reply
+    from ._bench.upstream import BenchUpstream
 
-    reply = Reply(
-        tokens=[f" tok{i}" for i in range(args.tokens)],
-        ttft=args.ttft_ms / 1000,
-        interval=args.interval_ms / 1000,
+    server = BenchUpstream(
+        tokens=args.tokens, ttft=args.ttft_ms / 1000, interval=args.interval_ms / 1000, port=args.port
     )
-    server = FakeUpstream(reply, port=args.port, max_recorded=0)
 
     async def main(shutdown_trigger: Callable[[], Awaitable[None]]) -> None:
         async with trio.open_nursery() as nursery:

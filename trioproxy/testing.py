@@ -787,9 +787,12 @@ def _data_line(payload: object) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def _openai_frames(reply: Reply, model: str, number: int, *, include_usage: bool) -> list[_Frame]:
-    """The `chat.completion.chunk` stream of sse_protocol.md §4.3, one frame per event."""
-    chat_id, created = f"chatcmpl-fake{number}", int(time.time())
+def _openai_frames(
+    reply: Reply, model: str, number: int, *, include_usage: bool, created: int | None = None
+) -> list[_Frame]:
+    """The `chat.completion.chunk` stream of sse_protocol.md §4.3, one frame per event (`created`: now)."""
+    chat_id = f"chatcmpl-fake{number}"
+    created = int(time.time()) if created is None else created
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         payload: dict[str, Any] = {

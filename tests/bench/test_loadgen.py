@@ -1,16 +1,29 @@
-"""The load generator's client against a canned HTTP/1.1 server on 127.0.0.1:0."""
+"""
+The load generator's client against canned HTTP/1.1 servers and the benchmark upstream, on 127.0.0.1:0.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
 from functools import partial
 
 import orjson
 import pytest
 import trio
 
-from trioproxy._bench.loadgen import MAX_NDJSON_LINE, _Connection, _Endpoint, _run_stream, run_phase
+from trioproxy._bench.loadgen import (
+    MAX_NDJSON_LINE,
+    _Connection,
+    _Endpoint,
+    _Reader,
+    _run_stream,
+    _SSEPayloads,
+    run_phase,
+)
 from trioproxy._bench.stats import StreamRecord
-from trioproxy._bench.wire import PhaseSpec
+from trioproxy._bench.upstream import BenchUpstream
+from trioproxy._bench.wire import PhaseSpec, Protocol
 from trioproxy.testing import Reply, open_fake_upstream
 
 
@@ -18,36 +31,100 @@ def ndjson(*events: dict[str, object]) -> bytes:
     return b"".join(orjson.dumps(event) + b"\n" for event in events)
 
 
-async def _answer(body: bytes, stream: trio.SocketStream) -> None:
-    """Read the request head, send `body` as one NDJSON response, close."""
-    received = b""
-    while b"\r\n\r\n" not in received:
-        received += await stream.receive_some(65536)
-    head = f"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: {len(body)}\r\n\r\n"
-    await stream.send_all(head.encode() + body)
-    await stream.aclose()
+# --------------------------------------------------------------------------------------------
+# Canned servers, framing and spacing streams as any compatible server may
 
 
-async def one_stream(nursery: trio.Nursery, body: bytes, tokens: int) -> StreamRecord:
-    [listener] = await nursery.start(partial(trio.serve_tcp, partial(_answer, body), 0, host="127.0.0.1"))
-    port = listener.socket.getsockname()[1]
+def sse(*events: bytes, line_end: bytes = b"\n") -> bytes:
+    return b"".join(b"data: " + event + line_end + line_end for event in events)
+
+
+def spaced_chunk(content: str) -> bytes:
+    """A `chat.completion.chunk` as a server that re-serialises JSON (spaces after separators) writes it."""
+    return json.dumps({"id": "x", "choices": [{"index": 0, "delta": {"content": content}}]}).encode()
+
+
+def chunked(body: bytes, *sizes: int) -> bytes:
+    """`body` as HTTP chunks of the given sizes (the rest in one more), then the last chunk."""
+    pieces, start = [], 0
+    for size in [*sizes, len(body)]:
+        if start < len(body):
+            pieces.append(b"%x;ext=1\r\n%b\r\n" % (len(body[start : start + size]), body[start : start + size]))
+            start += size
+    return b"".join(pieces) + b"0\r\n\r\n"
+
+
+class CannedServer:
+    """
+    Answers requests with `responses`, in order across connections. A connection is closed
+    after a response that says `connection: close`, and after `per_connection` responses.
+    """
+
+    def __init__(self, *responses: bytes, per_connection: int | None = None) -> None:
+        self.responses = list(responses)
+        self.per_connection = per_connection
+        self.connections = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        received, answered = b"", 0
+        async with stream:
+            while self.responses and answered != self.per_connection:
+                while b"\r\n\r\n" not in received:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    received += data
+                head, _, rest = received.partition(b"\r\n\r\n")
+                length = int(head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0])
+                while len(rest) < length:
+                    rest += await stream.receive_some(65536)
+                received = rest[length:]
+                response = self.responses.pop(0)
+                await stream.send_all(response)
+                answered += 1
+                if b"connection: close" in response:
+                    return
+
+
+async def run_streams(
+    nursery: trio.Nursery, server: CannedServer, streams: int, tokens: int, protocol: Protocol = "openai"
+) -> list[StreamRecord]:
+    """`streams` streams one after another on one connection of the load generator."""
+    [listener] = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+    path = "/v1/chat/completions" if protocol == "openai" else "/v1/chat/stream/json"
     spec = PhaseSpec(
-        url=f"http://127.0.0.1:{port}/v1/chat/stream/json",
-        payload={"model": "up/m"},
-        protocol="ndjson",
+        url=f"http://127.0.0.1:{listener.socket.getsockname()[1]}{path}",
+        payload={"model": "m", "stream": True},
+        protocol=protocol,
         concurrency=1,
-        rounds=1,
+        rounds=streams,
         warmup_rounds=0,
         tokens=tokens,
         stream_timeout_s=10.0,
     )
     endpoint = _Endpoint.from_spec(spec)
     connection = _Connection(endpoint, spec.connect_timeout_s)
+    reader = _Reader()
+    nursery.start_soon(reader.run)
     try:
-        return await _run_stream(connection, endpoint, spec)
+        return [await _run_stream(connection, endpoint, spec, reader) for _ in range(streams)]
     finally:
-        await connection.close()
+        connection.close()
         nursery.cancel_scope.cancel()
+
+
+OK_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+
+
+async def one_stream(nursery: trio.Nursery, body: bytes, tokens: int) -> StreamRecord:
+    """One NDJSON stream whose response is `body`, from a server that then closes the connection."""
+    response = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\ncontent-length: %d\r\n\r\n%b" % (
+        len(body),
+        body,
+    )
+    [record] = await run_streams(nursery, CannedServer(response, per_connection=1), 1, tokens, protocol="ndjson")
+    return record
 
 
 async def test_an_ndjson_stream_is_timed_and_checked(nursery: trio.Nursery) -> None:
@@ -76,6 +153,95 @@ async def test_a_broken_ndjson_stream_is_an_error(nursery: trio.Nursery, body: b
     assert record.error is not None and record.error.startswith(error), record.error
 
 
+async def test_a_re_serialised_crlf_stream_in_odd_chunks_is_read_and_the_connection_reused(
+    nursery: trio.Nursery,
+) -> None:
+    body = sse(
+        spaced_chunk(""),
+        spaced_chunk(" tok0 to"),
+        spaced_chunk("k1"),
+        spaced_chunk(" tok2"),
+        b"[DONE]",
+        line_end=b"\r\n",
+    )
+    response = OK_HEAD + b"transfer-encoding: chunked\r\n\r\n" + chunked(body, 7, 1, 100, 3)
+    server = CannedServer(response, response)
+    records = await run_streams(nursery, server, streams=2, tokens=3)
+    for record in records:
+        assert record.error is None, record.error
+        assert (record.tokens, record.chunks, record.lost, record.reordered) == (3, 3, 0, 0)
+    assert server.connections == 1
+
+
+async def test_a_kept_alive_connection_the_server_closed_gets_the_request_resent(nursery: trio.Nursery) -> None:
+    body = sse(b'{"choices":[{"delta":{"content":" tok0"}}]}', b"[DONE]")
+    # Content-Length framing and no `connection: close`: the client learns only on its next request.
+    response = OK_HEAD + b"content-length: %d\r\n\r\n%b" % (len(body), body)
+    server = CannedServer(response, response, response, per_connection=1)
+    records = await run_streams(nursery, server, streams=3, tokens=1)
+    assert [record.error for record in records] == [None, None, None]
+    assert server.connections == 3
+
+
+async def test_a_body_until_close_an_error_status_and_a_lost_token(nursery: trio.Nursery) -> None:
+    until_close = (
+        OK_HEAD + b"connection: close\r\n\r\n" + sse(b'{"choices":[{"delta":{"content":" tok1"}}]}', b"[DONE]")
+    )
+    error = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 9\r\n\r\noverload!"
+    records = await run_streams(nursery, CannedServer(until_close, error), streams=2, tokens=2)
+    assert records[0].error is None and (records[0].tokens, records[0].lost) == (1, 1)
+    assert records[1].error == "HTTP 503: overload!"
+
+
+@pytest.mark.parametrize(
+    ("stream", "payloads"),
+    [
+        (b'data: {"a":1}\n\n', [b'{"a":1}']),
+        (b'\xef\xbb\xbfdata:{"a":1}\r\n\r\n', [b'{"a":1}']),
+        (b"data: one\rdata:  two\r\r", [b"one\n two"]),
+        (b": comment\nevent: x\nid: 1\ndata\ndatax: no\ndata: y\n\nretry: 5\n\n", [b"\ny"]),
+        (b"data: a\n\ndata: b\r\n\r\ndata: c\n", [b"a", b"b"]),
+    ],
+)
+def test_sse_payloads_are_the_same_however_the_stream_is_split(stream: bytes, payloads: list[bytes]) -> None:
+    for size in range(1, len(stream) + 1):
+        decoder = _SSEPayloads()
+        found = [
+            payload for start in range(0, len(stream), size) for payload in decoder.feed(stream[start : start + size])
+        ]
+        assert found == payloads, size
+
+
+async def test_a_phase_against_the_benchmark_upstream_loses_nothing(nursery: trio.Nursery) -> None:
+    upstream = await nursery.start(BenchUpstream(tokens=8, ttft=0.001, interval=0.001).serve)
+    spec = PhaseSpec(
+        url=f"{upstream.url}/v1/chat/completions",
+        payload={"model": "m", "stream": True},
+        protocol="openai",
+        concurrency=4,
+        rounds=2,
+        warmup_rounds=1,
+        tokens=8,
+        stream_timeout_s=10.0,
+    )
+
+    async def go() -> None:
+        await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(20):
+        result = await run_phase(spec, go)
+    assert len(result.records) == 8
+    for record in result.records:
+        assert record.error is None and (record.tokens, record.lost, record.duplicated, record.reordered) == (
+            8,
+            0,
+            0,
+            0,
+        )
+        assert len(record.gaps_us) == 7 and record.ttft_s is not None
+    assert upstream.connections_accepted == 4  # warm-up and measured rounds on the same kept-alive connections
+
+
 async def test_staggered_streams_start_spread_over_the_stagger(nursery: trio.Nursery) -> None:
     upstream = await open_fake_upstream(nursery, Reply(tokens=[f" tok{i}" for i in range(3)]))
     spec = PhaseSpec(
@@ -98,4 +264,4 @@ async def test_staggered_streams_start_spread_over_the_stagger(nursery: trio.Nur
     assert [record.error for record in result.records] == [None] * 4
     starts = sorted(request.started for request in upstream.requests)
     # Connection i starts 50 ms after connection i - 1 (or later, never earlier).
-    assert all(later - earlier >= 0.049 for earlier, later in zip(starts, starts[1:])), starts
+    assert all(later - earlier >= 0.049 for earlier, later in itertools.pairwise(starts)), starts
