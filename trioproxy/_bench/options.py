@@ -29,7 +29,7 @@ class BenchSettings:
     tokens: int = 64
     ttft_ms: float = 50.0
     interval_ms: float = 20.0
-    #: Other OpenAI-compatible proxies, by URL, routed to the same upstream.
+    #: Other OpenAI-compatible proxies, `URL` or `NAME=URL`, routed to the same upstream.
     compare: tuple[str, ...] = ()
     #: The model name sent to `compare` proxies (and to a `proxy_url` trioproxy: `up/m`).
     compare_model: str = "up/m"
@@ -90,8 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ttft-ms", type=_non_negative, help="upstream time to first token (default 50)")
     parser.add_argument("--interval-ms", type=_non_negative, help="upstream time between tokens (default 20)")
     parser.add_argument(
-        "--compare", action="append", type=_http_url, default=[], metavar="URL",
-        help="another OpenAI-compatible proxy to measure side by side (repeatable)",
+        "--compare", action="append", type=_compare_target, default=[], metavar="[NAME=]URL",
+        help="another OpenAI-compatible proxy to measure side by side, named NAME in the report (repeatable)",
     )  # fmt: skip
     parser.add_argument("--compare-model", default="up/m", help="model name sent to --compare proxies (default up/m)")
     parser.add_argument("--proxy-url", type=_http_url, help="measure this running trioproxy instead of starting one")
@@ -150,6 +150,22 @@ def _concurrency_list(text: str) -> tuple[int, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one concurrency, like 1,50,200")
     return tuple(values)
+
+
+def split_compare(text: str) -> tuple[str | None, str]:
+    """`NAME=URL` as (NAME, URL); a bare URL as (None, URL)."""
+    name, equals, url = text.partition("=")
+    if not equals or "://" in name:
+        return None, text
+    return name, url
+
+
+def _compare_target(text: str) -> str:
+    name, url = split_compare(text)
+    if name is not None and not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=URL with a name before the '=': {text!r}")
+    url = _http_url(url)
+    return url if name is None else f"{name.strip()}={url}"
 
 
 def _http_url(text: str) -> str:

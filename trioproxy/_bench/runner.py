@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from .machine import machine_info, versions
-from .options import BenchSettings
+from .options import BenchSettings, split_compare
 from .processes import (
     BenchError,
     Child,
@@ -85,8 +85,9 @@ def _targets(settings: BenchSettings, upstream: Child, proxy: Child | None) -> l
         targets.append(Target("trioproxy", "trioproxy", f"{proxy.url}/v1/chat/completions", f"{PROVIDER}/m", proxy.pid))
     elif settings.proxy_url is not None:
         targets.append(Target("trioproxy", "trioproxy", _chat_url(settings.proxy_url), settings.compare_model))
-    for url in settings.compare:
-        targets.append(Target(_compare_name(url, targets), "compare", _chat_url(url), settings.compare_model))
+    for compare in settings.compare:
+        name, url = split_compare(compare)
+        targets.append(Target(_compare_name(name or url, targets), "compare", _chat_url(url), settings.compare_model))
     return targets
 
 
@@ -103,8 +104,9 @@ def _generic_url(chat_url: str) -> str:
     return chat_url.removesuffix("/chat/completions") + "/chat/stream/json"
 
 
-def _compare_name(url: str, existing: list[Target]) -> str:
-    name = url.split("://", 1)[-1].split("/", 1)[0]
+def _compare_name(name_or_url: str, existing: list[Target]) -> str:
+    """The name given, or the URL's host and port; made unique among the targets."""
+    name = name_or_url.split("://", 1)[-1].split("/", 1)[0]
     taken = {target.name for target in existing}
     return name if name not in taken else f"{name}#{len(existing)}"
 
