@@ -85,6 +85,28 @@ async def test_bad_body_gives_an_error_event_naming_the_field(proxy_url: str, pa
 
 
 @PATHS
+async def test_a_wrong_method_gives_an_error_event_and_the_allowed_one(proxy_url: str, path: str) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(proxy_url + path)
+    assert response.status_code == 405
+    assert "POST" in response.headers["allow"]
+    if path.endswith("/json"):
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        [event] = [StreamEvent.from_json(line) for line in response.text.splitlines()]
+    else:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        [event] = [StreamEvent.from_json(e.data) for e in SSEDecoder().feed(response.content)]
+    assert event.type == "error" and event.data["status"] == 405
+
+
+async def test_an_unknown_path_gets_openais_error_object(proxy_url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.post(proxy_url + "/v1/no/such/route", json={})
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found_error"
+
+
+@PATHS
 async def test_mid_stream_failure_is_an_error_event_after_the_tokens(
     proxy_url: str, upstream: FakeUpstream, path: str
 ) -> None:

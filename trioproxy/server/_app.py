@@ -344,7 +344,11 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         error = TrioproxyError(exc.description or exc.name)
         error.status = exc.code or 500
         error.type = "not_found_error" if exc.code == 404 else "invalid_request_error"
-        return _openai_error(error)
+        response = _error_response(request.path, error)  # e.g. a GET on a generic endpoint: its own shape
+        for name, value in exc.get_headers():
+            if name.lower() == "allow":
+                response.headers["allow"] = value
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected_error(exc: Exception) -> Response:
