@@ -139,6 +139,13 @@ def test_sustained_fault_names_what_went_wrong() -> None:
     assert sustained_fault(lossy, interval_ms=20) == "2 lost, duplicated or reordered tokens"
 
 
+def test_with_no_interval_a_stall_is_a_gap_over_the_floor() -> None:
+    # `--interval-ms 0`: the upstream sends every token at once; 10x 0 ms would make any gap a stall.
+    assert sustained_fault(phase_figures([record(gaps_us=[3_000])], 1, 1.0), interval_ms=0) is None
+    stalled = phase_figures([record(gaps_us=[15_000])], 1, 1.0)
+    assert sustained_fault(stalled, interval_ms=0) == "inter-token stall of 15 ms (over 10 ms)"
+
+
 def test_buffer_figures_take_the_typical_p50_and_the_worst_p99() -> None:
     records = [
         record(buffer_latency_ms={"p50": 1.0, "p99": 5.0, "max": 6.0}, chunks=10, duration_s=1.0),

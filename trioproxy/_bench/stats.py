@@ -227,17 +227,24 @@ def difference(proxied: float | None, direct: float | None) -> float | None:
     return proxied - direct
 
 
+#: The shortest gap that counts as a stall, whatever the interval: with `--interval-ms 0` the
+#: upstream sends every token at once, and 10x its interval would make any gap a stall.
+MIN_STALL_MS = 10.0
+
+
 def sustained_fault(figures: PhaseFigures, interval_ms: float) -> str | None:
     """
     Why a phase does not count as sustained, or None if it does: any lost, duplicated or
-    reordered token, an inter-token stall over 10× the upstream's interval, or more than 0.1%
-    of streams failing.
+    reordered token, an inter-token stall over 10× the upstream's interval (and over
+    `MIN_STALL_MS`), or more than 0.1% of streams failing.
     """
     damaged = figures.lost + figures.duplicated + figures.reordered
     if damaged:
         return f"{damaged} lost, duplicated or reordered tokens"
-    if figures.itl_ms.max is not None and figures.itl_ms.max > 10 * interval_ms:
-        return f"inter-token stall of {figures.itl_ms.max:.0f} ms (over 10x {interval_ms:g} ms)"
+    stall_ms = max(10 * interval_ms, MIN_STALL_MS)
+    if figures.itl_ms.max is not None and figures.itl_ms.max > stall_ms:
+        bound = f"10x {interval_ms:g} ms" if stall_ms > MIN_STALL_MS else f"{MIN_STALL_MS:g} ms"
+        return f"inter-token stall of {figures.itl_ms.max:.0f} ms (over {bound})"
     if figures.errors > 0.001 * figures.streams:
         return f"{figures.errors} of {figures.streams} streams failed"
     return None
