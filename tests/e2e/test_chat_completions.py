@@ -407,7 +407,6 @@ async def _disconnect_while_waiting(proxy_url: str, upstream: FakeUpstream, body
         nursery.start_soon(request)
         with trio.fail_after(5):
             await upstream.wait_for_requests(upstream.request_count + 1)
-        await trio.sleep(0.05)  # let the proxy settle into waiting
         nursery.cancel_scope.cancel()  # the client hangs up
     await _upstream_closed_soon_after(upstream.requests[-1], trio.current_time())
 
