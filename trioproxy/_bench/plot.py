@@ -49,9 +49,11 @@ def write_plot(report: Report, path: Path) -> Path:
         ax.grid(True, alpha=0.3)
     axes[0].legend()
     settings = report.settings
+    starts = "streams started spread out" if settings.staggered else "each phase's streams started together"
     figure.suptitle(
         f"trioproxy bench: {settings.tokens} tokens, first after {settings.ttft_ms:g} ms, "
-        f"then every {settings.interval_ms:g} ms ({report.machine['cpu_model']}, {report.machine['cpus_usable']} CPUs)"
+        f"then every {settings.interval_ms:g} ms; {starts} "
+        f"({report.machine['cpu_model']}, {report.machine['cpus_usable']} CPUs)"
     )
     figure.savefig(path, dpi=110)
     return path
