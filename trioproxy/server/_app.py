@@ -66,9 +66,9 @@ logger = logging.getLogger("trioproxy.server")
 STREAM_HEADERS: Final = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SSE: Final = "text/event-stream"
 NDJSON: Final = "application/x-ndjson"
-#: The generic event endpoints: how each frames its events (errors included), and as what.
 #: Where each HTTP request's ASGI `send` is kept in its scope, for `_relay`.
 ASGI_SEND: Final = "trioproxy.send"
+#: The generic event endpoints: how each frames its events (errors included), and as what.
 GENERIC_ENDPOINTS: Final[dict[str, tuple[Callable[[StreamEvent], bytes], str]]] = {
     "/v1/chat/stream": (sse_frame, SSE),
     "/v1/stream/sse": (sse_frame, SSE),
