@@ -5,7 +5,12 @@ upstream on 127.0.0.1, port 0.
 
 from __future__ import annotations
 
+import socket
+import struct
+
+import httpcore
 import httpx
+import pytest
 import trio
 
 from trioproxy._upstream import _PooledTransport
@@ -33,3 +38,28 @@ async def test_a_response_that_ends_after_the_pool_closed_closes_its_connection(
         [connection] = released
         assert transport._idle == {}
         assert connection.is_closed()  # type: ignore[attr-defined]
+
+
+async def test_a_plain_socket_read_waits_for_data_and_maps_a_reset() -> None:
+    from trioproxy._upstream import _read_when_readable
+
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    ours = trio.socket.socket()
+    with listener, ours:
+        await ours.connect(listener.getsockname())
+        theirs, _ = await listener.accept()
+        with theirs:
+            async with trio.open_nursery() as nursery:
+
+                async def send_later() -> None:
+                    await trio.sleep(0.01)
+                    await theirs.send(b"data: x\n\n")
+
+                nursery.start_soon(send_later)
+                assert await _read_when_readable(ours, 1024) == b"data: x\n\n"
+            # Closed with SO_LINGER 0: the peer resets the connection.
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with pytest.raises(httpcore.ReadError):
+            await _read_when_readable(ours, 1024)
