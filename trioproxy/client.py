@@ -125,6 +125,8 @@ def _status_error(status: int, body: bytes) -> TrioproxyError:
 
 WS_STREAM_QUEUE_SIZE: Final = 64
 """Events one stream may hold before the connection's reader waits for its consumer."""
+WS_CLOSE_TIMEOUT: Final = 1.0
+"""Seconds closing the WebSocket, or telling the server a stream was abandoned, may take."""
 
 
 class WebSocketClient:
@@ -174,7 +176,7 @@ class WebSocketClient:
     async def close(self) -> None:
         """Close the connection; streams still running raise `UpstreamConnectError`."""
         self._fail(UpstreamConnectError(f"the WebSocket to {self.url} was closed by the client"))
-        with trio.move_on_after(1, shield=True):
+        with trio.move_on_after(WS_CLOSE_TIMEOUT, shield=True):
             await self._ws.aclose()
 
     def stream(self, request: dict[str, Any]) -> WebSocketStream:
@@ -275,7 +277,7 @@ class WebSocketStream:
             if not finished and self.client._error is None:
                 # The consumer left early: stop the server's work too (best effort).
                 # If the connection is already gone, the server has dropped the stream itself.
-                with trio.move_on_after(1, shield=True), contextlib.suppress(TrioproxyError):
+                with trio.move_on_after(WS_CLOSE_TIMEOUT, shield=True), contextlib.suppress(TrioproxyError):
                     await self.client.cancel(self.id)
 
 

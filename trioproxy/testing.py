@@ -199,7 +199,25 @@ ReplySource = Callable[[RecordedRequest], Reply] | Reply | None
 # The server
 
 
-class FakeUpstream:
+class _LoopbackServer:
+    """A server on `127.0.0.1` whose port is known once it has started (it sets `_port`)."""
+
+    _port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on. Valid once `serve` has started."""
+        if self._port is None:
+            raise RuntimeError(f"{type(self).__name__} has not started; use `await nursery.start(server.serve)`")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """`http://127.0.0.1:PORT`, the base URL to give the proxy (append `/v1` as needed)."""
+        return f"http://127.0.0.1:{self.port}"
+
+
+class FakeUpstream(_LoopbackServer):
     """
     A scripted OpenAI/Anthropic upstream on `127.0.0.1`, on a port the kernel picks.
 
@@ -221,7 +239,6 @@ class FakeUpstream:
         self.request_count = 0
         self._bind_port = port
         self._arrived = trio.Event()
-        self._port: int | None = None
         self._serving = False
         self._connection_numbers = itertools.count(1)
         self._response_numbers = itertools.count(1)
@@ -229,18 +246,6 @@ class FakeUpstream:
     def __repr__(self) -> str:
         where = self.url if self._port is not None else "not started"
         return f"<FakeUpstream {where}, {len(self.requests)} requests>"
-
-    @property
-    def port(self) -> int:
-        """The port the server listens on. Valid once `serve` has started."""
-        if self._port is None:
-            raise RuntimeError("FakeUpstream has not started; use `await nursery.start(upstream.serve)`")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """`http://127.0.0.1:PORT`, the base URL to give the proxy (append `/v1` as needed)."""
-        return f"http://127.0.0.1:{self.port}"
 
     async def serve(self, *, task_status: trio.TaskStatus[FakeUpstream] = trio.TASK_STATUS_IGNORED) -> None:
         """

@@ -61,7 +61,8 @@ class BenchSettings:
         Measured streams per connection at `concurrency` (see `MIN_STREAMS`); with staggered
         starts one more, as the first and last stream's time ramp the concurrency up and down.
         """
-        return max(MIN_ROUNDS + self.staggered, -(-MIN_STREAMS // concurrency))
+        rounds = MIN_ROUNDS + 1 if self.staggered else MIN_ROUNDS
+        return max(rounds, -(-MIN_STREAMS // concurrency))
 
     @property
     def stream_timeout_s(self) -> float:

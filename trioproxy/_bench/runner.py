@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 
@@ -87,7 +88,11 @@ def _targets(settings: BenchSettings, upstream: Child, proxy: Child | None) -> l
         targets.append(Target("trioproxy", "trioproxy", _chat_url(settings.proxy_url), settings.compare_model))
     for compare in settings.compare:
         name, url = split_compare(compare)
-        targets.append(Target(_compare_name(name or url, targets), "compare", _chat_url(url), settings.compare_model))
+        targets.append(
+            Target(
+                _unique_name(name or urlsplit(url).netloc, targets), "compare", _chat_url(url), settings.compare_model
+            )
+        )
     return targets
 
 
@@ -104,9 +109,8 @@ def _generic_url(chat_url: str) -> str:
     return chat_url.removesuffix("/chat/completions") + "/chat/stream/json"
 
 
-def _compare_name(name_or_url: str, existing: list[Target]) -> str:
-    """The name given, or the URL's host and port; made unique among the targets."""
-    name = name_or_url.split("://", 1)[-1].split("/", 1)[0]
+def _unique_name(name: str, existing: list[Target]) -> str:
+    """`name`, or `name#N` if a target already has it."""
     taken = {target.name for target in existing}
     return name if name not in taken else f"{name}#{len(existing)}"
 

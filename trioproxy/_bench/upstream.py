@@ -57,6 +57,7 @@ from ..testing import (
     _Api,
     _error_body,
     _Frame,
+    _LoopbackServer,
     _models_body,
     _openai_completion,
     _openai_frames,
@@ -93,7 +94,7 @@ _Writes = tuple[bytes, ...]
 _Substitutions = tuple[tuple[bytes, bytes], ...]
 
 
-class BenchUpstream:
+class BenchUpstream(_LoopbackServer):
     """
     The benchmark upstream on `127.0.0.1:port` (0: the kernel picks): every answer is `tokens`
     tokens, " tok0" … " tok{tokens-1}", the first `ttft` seconds after the request, then one
@@ -107,23 +108,11 @@ class BenchUpstream:
         self._ttft = ttft
         self._interval = interval
         self._bind_port = port
-        self._port: int | None = None
         self._scripts: dict[tuple[object, ...], _Writes] = {}
         self._numbers = itertools.count(1)
         #: Connections accepted so far, and those still open.
         self.connections_accepted = 0
         self.open_connections = 0
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("BenchUpstream has not started; use `await nursery.start(upstream.serve)`")
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """`http://127.0.0.1:PORT`, without `/v1`."""
-        return f"http://127.0.0.1:{self.port}"
 
     async def serve(self, *, task_status: trio.TaskStatus[BenchUpstream] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, report `self` through `task_status`, and serve until cancelled; every socket is closed on the way out."""
