@@ -6,9 +6,11 @@ Only loopback addresses; every server lives in the test's nursery and dies with 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
+import httpx
 import openai
 import pytest
 import trio
@@ -63,3 +65,26 @@ async def client(proxy_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
     """The official SDK, unmodified, pointed at the proxy (no retries: we test each answer)."""
     async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key="client-key", max_retries=0) as sdk:
         yield sdk
+
+
+async def wait_until(check: Callable[[], bool | Awaitable[bool]], *, seconds: float = 5.0) -> None:
+    """
+    Until `check()` holds, looking every 10 ms, within `seconds`: for what a test can only
+    observe from outside (a server's sockets, its access log, its `/health`), never for time.
+    """
+    with trio.fail_after(seconds):
+        while True:
+            holds = check()
+            if await holds if inspect.isawaitable(holds) else holds:
+                return
+            await trio.sleep(0.01)
+
+
+async def wait_until_idle(proxy_url: str, *, seconds: float = 2.0) -> None:
+    """Until the proxy runs no session (`/health`'s `active_streams`; its limits count the same)."""
+    async with httpx.AsyncClient() as http:
+
+        async def idle() -> bool:
+            return not (await http.get(proxy_url + "/health")).json()["active_streams"]
+
+        await wait_until(idle, seconds=seconds)

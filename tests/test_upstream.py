@@ -12,6 +12,7 @@ import httpcore
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from trioproxy._upstream import _PooledTransport
 from trioproxy.testing import Reply, open_fake_upstream
@@ -53,11 +54,11 @@ async def test_a_plain_socket_read_waits_for_data_and_maps_a_reset() -> None:
         with theirs:
             async with trio.open_nursery() as nursery:
 
-                async def send_later() -> None:
-                    await trio.sleep(0.01)
+                async def send_once_it_waits() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
                     await theirs.send(b"data: x\n\n")
 
-                nursery.start_soon(send_later)
+                nursery.start_soon(send_once_it_waits)
                 assert await _read_when_readable(ours, 1024) == b"data: x\n\n"
             # Closed with SO_LINGER 0: the peer resets the connection.
             theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -17,6 +17,7 @@ import orjson
 import pytest
 import trio
 
+from tests.conftest import wait_until
 from trioproxy._bench.http1 import ChunkedBody, find_head_end, parse_head
 from trioproxy._bench.upstream import BenchUpstream
 from trioproxy.testing import Reply, _anthropic_frames, _openai_frames
@@ -167,8 +168,7 @@ async def test_a_client_that_leaves_mid_stream_ends_its_connection(nursery: trio
             received += await stream.receive_some()
         assert upstream.open_connections == 1
         await stream.aclose()
-        while upstream.open_connections:
-            await trio.sleep(0.01)
+        await wait_until(lambda: not upstream.open_connections)
         # The server goes on serving others.
         status, _, _ = await exchange(upstream, request("/v1/models", b"", method="GET"))
     assert status == 200

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 from functools import partial
+from typing import Any
 
 import orjson
 import pytest
@@ -212,22 +213,21 @@ def test_sse_payloads_are_the_same_however_the_stream_is_split(stream: bytes, pa
         assert found == payloads, size
 
 
+def openai_phase(base_url: str, *, tokens: int, **phase: Any) -> PhaseSpec:
+    """Four connections streaming Chat Completions from `base_url`."""
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    fields: dict[str, Any] = {"concurrency": 4, "rounds": 1, "warmup_rounds": 0, "stream_timeout_s": 10.0, **phase}
+    return PhaseSpec(url=f"{base_url}/v1/chat/completions", payload=payload, protocol="openai", tokens=tokens, **fields)
+
+
+async def go() -> None:
+    """Where the runner reads its CPU counters between the warm-up and the measured rounds."""
+    await trio.lowlevel.checkpoint()
+
+
 async def test_a_phase_against_the_benchmark_upstream_loses_nothing(nursery: trio.Nursery) -> None:
     upstream = await nursery.start(BenchUpstream(tokens=8, ttft=0.001, interval=0.001).serve)
-    spec = PhaseSpec(
-        url=f"{upstream.url}/v1/chat/completions",
-        payload={"model": "m", "stream": True},
-        protocol="openai",
-        concurrency=4,
-        rounds=2,
-        warmup_rounds=1,
-        tokens=8,
-        stream_timeout_s=10.0,
-    )
-
-    async def go() -> None:
-        await trio.lowlevel.checkpoint()
-
+    spec = openai_phase(upstream.url, tokens=8, rounds=2, warmup_rounds=1)
     with trio.fail_after(20):
         result = await run_phase(spec, go)
     assert len(result.records) == 8
@@ -244,22 +244,7 @@ async def test_a_phase_against_the_benchmark_upstream_loses_nothing(nursery: tri
 
 async def test_staggered_streams_start_spread_over_the_stagger(nursery: trio.Nursery) -> None:
     upstream = await open_fake_upstream(nursery, Reply(tokens=[f" tok{i}" for i in range(3)]))
-    spec = PhaseSpec(
-        url=f"{upstream.url}/v1/chat/completions",
-        payload={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
-        protocol="openai",
-        concurrency=4,
-        rounds=1,
-        warmup_rounds=0,
-        tokens=3,
-        stream_timeout_s=30.0,
-        stagger_s=0.2,
-    )
-
-    async def go() -> None:
-        return None  # the runner reads its CPU counters here
-
-    result = await run_phase(spec, go)
+    result = await run_phase(openai_phase(upstream.url, tokens=3, stagger_s=0.2), go)
 
     assert [record.error for record in result.records] == [None] * 4
     starts = sorted(request.started for request in upstream.requests)

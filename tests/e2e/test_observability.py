@@ -21,6 +21,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import wait_until
 from trioproxy import parse_config, serve
 from trioproxy._logs import JsonFormatter, LoggingConfig, TextFormatter
 from trioproxy.testing import FakeUpstream, Reply
@@ -46,20 +47,19 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-async def wait_until(check: Callable[[], bool], *, seconds: float = 5.0) -> None:
-    with trio.fail_after(seconds):
-        while not check():
-            await trio.sleep(0.01)
-
-
 async def scrape_until(proxy_url: str, check: Callable[[dict], bool], *, seconds: float = 5.0) -> dict:
     """
     Scrape `/metrics` until `check` holds for its samples, and return them: requests are
     counted once their response is over, which the client may see first.
     """
-    with trio.fail_after(seconds):
-        while not check(samples := await scrape(proxy_url)):
-            await trio.sleep(0.01)
+    samples: dict = {}
+
+    async def holds() -> bool:
+        nonlocal samples
+        samples = await scrape(proxy_url)
+        return check(samples)
+
+    await wait_until(holds, seconds=seconds)
     return samples
 
 

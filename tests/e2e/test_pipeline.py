@@ -15,6 +15,7 @@ import orjson
 import pytest
 import trio
 
+from tests.conftest import wait_until_idle
 from trioproxy import SSEDecoder, StreamEvent, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -200,9 +201,7 @@ async def test_fault_matrix(proxy: str, upstream: FakeUpstream, fault: str) -> N
             assert "data: [DONE]" not in response.text
 
         # nothing left behind: no session in the proxy, no upstream connection held open
-        with trio.fail_after(2):
-            while (await http.get(proxy + "/health")).json()["active_streams"]:
-                await trio.sleep(0.01)
+        await wait_until_idle(proxy)
         for request in upstream.requests:
             closed_by_upstream = reply is not None and reply.reset_after is not None
             assert request.completed or request.disconnected.is_set() or closed_by_upstream, fault

@@ -24,6 +24,7 @@ import trio
 import trio.lowlevel
 import trio_websocket
 
+from tests.conftest import wait_until_idle
 from trioproxy import SSEDecoder, StreamEvent, create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, open_fake_upstream
 
@@ -69,14 +70,6 @@ def messages(prompt: str) -> list[dict[str, str]]:
 
 def sse_events(body: bytes) -> list[StreamEvent]:
     return [StreamEvent.from_json(e.data) for e in SSEDecoder().feed(body)]
-
-
-async def wait_until_idle(proxy: str) -> None:
-    """Until the proxy runs no session (its limits count the same sessions)."""
-    async with httpx.AsyncClient() as http:
-        with trio.fail_after(2):
-            while (await http.get(proxy + "/health")).json()["active_streams"]:
-                await trio.sleep(0.005)
 
 
 async def open_stream(client: openai.AsyncOpenAI, prompt: str) -> openai.AsyncStream[Any]:
