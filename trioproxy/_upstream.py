@@ -108,7 +108,7 @@ class HttpUpstream:
 
     async def stream(self, chat: ChatRequest, send: ItemSink) -> None:
         request = self.translation.stream_request(chat)
-        parser = self.translation.stream_parser()
+        parser = self.translation.stream_parser(chat)
         decoder = SSEDecoder()
         url = self._urls.get(request.url) or self._urls.setdefault(request.url, httpx.URL(request.url))
         with _mapped_httpx_errors():
@@ -411,7 +411,7 @@ class SimulatedUpstream:
 
     async def stream(self, chat: ChatRequest, send: ItemSink) -> None:
         settings = self.settings
-        overrides = chat.body.get("simulate")
+        overrides = chat.common_body().get("simulate")
         if overrides is not None:
             if not isinstance(overrides, dict):
                 raise RequestError("'simulate' must be an object", param="simulate")
