@@ -77,6 +77,7 @@ __all__ = [
     "FINISH_REASONS",
     "FORWARDED_HEADERS",
     "STOP_REASONS",
+    "TOOL_CHOICES",
     "AnthropicStreamParser",
     "AnthropicTranslation",
     "messages_request_body",
@@ -106,6 +107,10 @@ STOP_REASONS: Final[Mapping[str, str]] = {
     "function_call": "tool_use",
     "content_filter": "refusal",
 }
+
+#: Anthropic `tool_choice.type` → OpenAI `tool_choice`, except `tool`, which names a function.
+TOOL_CHOICES: Final[Mapping[str, str]] = {"auto": "auto", "any": "required", "none": "none"}
+_ANTHROPIC_TOOL_CHOICES: Final = {choice: kind for kind, choice in TOOL_CHOICES.items()}
 
 #: Anthropic error type → the HTTP status it stands for (an in-stream error arrives in a 200).
 ERROR_STATUS: Final[Mapping[str, int]] = {
@@ -474,12 +479,8 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
 def _tool_choice(choice: Any) -> dict[str, Any] | None:
     if choice is None:
         return None
-    if choice == "auto":
-        return {"type": "auto"}
-    if choice == "required":
-        return {"type": "any"}
-    if choice == "none":
-        return {"type": "none"}
+    if isinstance(choice, str) and choice in _ANTHROPIC_TOOL_CHOICES:
+        return {"type": _ANTHROPIC_TOOL_CHOICES[choice]}
     if isinstance(choice, dict) and choice.get("type") == "function":
         function = choice.get("function")
         name = function.get("name") if isinstance(function, dict) else None

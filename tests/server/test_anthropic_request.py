@@ -1,0 +1,300 @@
+"""
+Tests of reading an Anthropic Messages request into the common model: plain dicts, no sockets.
+
+`tests/fixtures/anthropic/` holds whole requests shaped as Claude Code and the anthropic SDK
+send them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from trioproxy._exceptions import RequestError
+from trioproxy.server._anthropic_request import parse_messages_request, to_chat_completions
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "anthropic"
+USER = {"role": "user", "content": "Hi"}
+
+
+def body(**fields: Any) -> dict[str, Any]:
+    return {"model": "claude-haiku-4-5", "max_tokens": 100, "messages": [USER], **fields}
+
+
+def translate(**fields: Any) -> dict[str, Any]:
+    return to_chat_completions(body(**fields))
+
+
+def unportable(**fields: Any) -> RequestError:
+    chat = parse_messages_request(body(**fields), {})
+    with pytest.raises(RequestError) as info:
+        chat.common_body()
+    return info.value
+
+
+# --------------------------------------------------------------------------------------------
+# what every upstream needs
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"model": None}, "model"),
+        ({"model": ""}, "model"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"max_tokens": None}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": "100"}, "max_tokens"),
+        ({"stream": "yes"}, "stream"),
+    ],
+)
+def test_what_anthropic_requires_is_checked_for_every_upstream(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_messages_request({k: v for k, v in body(**fields).items() if v is not None}, {})
+    assert info.value.param == param
+    assert info.value.status == 400
+    assert f"'{param}'" in info.value.message
+
+
+def test_the_request_keeps_its_native_form_and_the_protocol_headers() -> None:
+    sent = body(stream=True, thinking={"type": "enabled", "budget_tokens": 1024})
+    headers = {"anthropic-version": "2023-06-01", "anthropic-beta": "a,b", "x-api-key": "client-key"}
+    chat = parse_messages_request(sent, headers)
+    assert chat.native is not None
+    assert (chat.protocol, chat.native.body, chat.client_body) == ("anthropic", sent, sent)
+    assert chat.native.headers == {"anthropic-version": "2023-06-01", "anthropic-beta": "a,b"}
+    assert (chat.model, chat.stream, chat.max_tokens) == ("claude-haiku-4-5", True, 100)
+    assert chat.common_body()["messages"] == [{"role": "user", "content": "Hi"}]
+
+
+def test_an_unportable_field_does_not_refuse_the_request_itself() -> None:
+    chat = parse_messages_request(body(container="container_01"), {})
+    assert chat.native is not None and chat.native.body["container"] == "container_01"
+    with pytest.raises(RequestError) as info:
+        chat.common_body()
+    assert info.value.param == "container"
+    assert "Anthropic upstreams only" in info.value.message
+
+
+# --------------------------------------------------------------------------------------------
+# the translation
+
+
+def test_a_claude_code_request() -> None:
+    request = orjson.loads((FIXTURES / "claude_code_like_request.json").read_bytes())
+    out = to_chat_completions(request)
+    system = (
+        "You are Claude Code, Anthropic's official CLI for Claude.\n\n"
+        "You are an interactive CLI tool that helps users with software engineering tasks."
+    )
+    assert out == {
+        "model": "claude-sonnet-4-5-20250929",
+        "max_tokens": 32000,
+        "stream": True,
+        "temperature": 1,
+        "user": "user_4f3c_account__session_0d9e",
+        "messages": [
+            {"role": "system", "content": system},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "<system-reminder>This is a reminder.</system-reminder>"},
+                    {"type": "text", "text": "What is in README.md?"},
+                ],
+            },
+            {
+                "role": "assistant",
+                "content": "Let me read it.",
+                "tool_calls": [
+                    {"id": "toolu_01A", "type": "function", "function": {"name": "Read", "arguments": '{"file_path":"README.md"}'}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "toolu_01A", "content": "# trioproxy"},
+            {"role": "user", "content": "Summarise it."},
+        ],
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "Bash",
+                    "description": "Executes a given bash command.",
+                    "parameters": request["tools"][0]["input_schema"],
+                },
+            },
+            {
+                "type": "function",
+                "function": {
+                    "name": "Read",
+                    "description": "Reads a file from the local filesystem.",
+                    "parameters": request["tools"][1]["input_schema"],
+                },
+            },
+        ],
+    }
+
+
+def test_a_system_message_inside_messages_stays_in_place() -> None:
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        USER,
+        {"role": "system", "content": "Now be kind."},
+    ]
+    out = translate(system="Top.", messages=messages)
+    assert out["messages"] == [
+        {"role": "system", "content": "Top."},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "system", "content": "Now be kind."},
+    ]
+
+
+def test_images() -> None:
+    content = [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.jpg"}},
+        {"type": "text", "text": "What are these?"},
+    ]
+    [message] = translate(messages=[{"role": "user", "content": content}])["messages"]
+    assert message["content"] == [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+        {"type": "text", "text": "What are these?"},
+    ]
+
+
+def test_tool_results_with_errors_and_images() -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/"}}
+    content = [
+        {"type": "tool_result", "tool_use_id": "t1", "content": "no such file", "is_error": True},
+        {"type": "tool_result", "tool_use_id": "t2", "content": [{"type": "text", "text": "shot:"}, image]},
+        {"type": "tool_result", "tool_use_id": "t3"},
+    ]
+    assert translate(messages=[{"role": "user", "content": content}])["messages"] == [
+        {"role": "tool", "tool_call_id": "t1", "content": "Error: no such file"},
+        {"role": "tool", "tool_call_id": "t2", "content": "shot:"},
+        {"role": "tool", "tool_call_id": "t3", "content": ""},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/"}}]},
+    ]
+
+
+def test_an_assistant_turn_of_only_tool_calls_has_no_content() -> None:
+    content = [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]
+    [_, message] = translate(messages=[USER, {"role": "assistant", "content": content}])["messages"]
+    assert message == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ({"type": "auto"}, {"tool_choice": "auto"}),
+        ({"type": "any"}, {"tool_choice": "required"}),
+        ({"type": "none"}, {"tool_choice": "none"}),
+        ({"type": "tool", "name": "f"}, {"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+        (
+            {"type": "any", "disable_parallel_tool_use": True},
+            {"tool_choice": "required", "parallel_tool_calls": False},
+        ),
+    ],
+)
+def test_tool_choice(choice: dict[str, Any], expected: dict[str, Any]) -> None:
+    out = translate(tool_choice=choice)
+    assert {k: out[k] for k in ("tool_choice", "parallel_tool_calls") if k in out} == expected
+
+
+def test_sampling_and_stop_fields() -> None:
+    out = translate(temperature=0.2, top_p=0.9, top_k=40, stop_sequences=["###"], metadata={"user_id": "u1"})
+    assert {k: out[k] for k in ("temperature", "top_p", "top_k", "stop", "user")} == {
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "top_k": 40,
+        "stop": ["###"],
+        "user": "u1",
+    }
+
+
+def test_hints_that_do_not_change_the_answer_are_dropped() -> None:
+    out = translate(
+        thinking={"type": "enabled", "budget_tokens": 2048},
+        context_management={"edits": []},
+        service_tier="auto",
+        output_config={"effort": "high"},
+        system=[{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}],
+        tools=[{"name": "f", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}],
+        messages=[
+            USER,
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "redacted_thinking", "data": "EmwKAhgB"},
+                    {"type": "text", "text": "Yes.", "citations": [{"type": "char_location", "cited_text": "x"}]},
+                ],
+            },
+        ],
+    )
+    assert out["messages"] == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Yes."},
+    ]
+    assert out["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert not {"thinking", "context_management", "service_tier", "output_config"} & set(out)
+
+
+def test_trioproxy_s_own_simulate_field_is_carried() -> None:
+    assert translate(simulate={"ttft_ms": 5})["simulate"] == {"ttft_ms": 5}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"container": "c"}, "container"),
+        ({"mcp_servers": []}, "mcp_servers"),
+        ({"a_field_from_next_year": 1}, "a_field_from_next_year"),
+        ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"name": "f", "input_schema": {}, "defer_loading": True}]}, "tools[0].defer_loading"),
+        ({"metadata": {"user_id": "u", "x": 1}}, "metadata.x"),
+        ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "text", "data": "d"}}]}]},
+            "messages[0].content[0].type",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]},
+            "messages[0].content[0].source.type",
+        ),
+        (
+            {"messages": [USER, {"role": "assistant", "content": [{"type": "server_tool_use", "id": "s"}]}]},
+            "messages[1].content[0].type",
+        ),
+    ],
+)
+def test_what_the_common_model_cannot_carry_is_refused_by_name(fields: dict[str, Any], param: str) -> None:
+    error = unportable(**fields)
+    assert error.param == param
+    assert error.status == 400
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": ["x"]}, "messages[0]"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "messages[0].content[0]"),
+        ({"system": [{"type": "image"}]}, "system[0]"),
+        ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
+        ({"tool_choice": {"type": "tool"}}, "tool_choice.name"),
+        ({"stop_sequences": "###"}, "stop_sequences"),
+    ],
+)
+def test_malformed_parts_are_named_too(fields: dict[str, Any], param: str) -> None:
+    assert unportable(**fields).param == param
