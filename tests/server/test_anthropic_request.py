@@ -226,9 +226,21 @@ def test_hints_that_do_not_change_the_answer_are_dropped() -> None:
         thinking={"type": "enabled", "budget_tokens": 2048},
         context_management={"edits": []},
         service_tier="auto",
+        speed="fast",
+        diagnostics={"previous_message_id": "msg_1"},
+        user_profile_id="up_1",
+        workspace_id="wrkspc_1",
+        cache_control={"type": "ephemeral"},
         output_config={"effort": "high"},
         system=[{"type": "text", "text": "S", "cache_control": {"type": "ephemeral"}}],
-        tools=[{"name": "f", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}],
+        tools=[
+            {
+                "name": "f",
+                "input_schema": {"type": "object"},
+                "cache_control": {"type": "ephemeral"},
+                "eager_input_streaming": True,
+            }
+        ],
         messages=[
             USER,
             {
@@ -246,7 +258,13 @@ def test_hints_that_do_not_change_the_answer_are_dropped() -> None:
         {"role": "assistant", "content": "Yes."},
     ]
     assert out["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    assert not {"thinking", "context_management", "service_tier", "output_config"} & set(out)
+    assert set(out) == {"model", "max_tokens", "stream", "messages", "tools"}
+
+
+def test_an_output_schema_is_a_response_format() -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    out = translate(output_config={"effort": "low", "format": {"type": "json_schema", "schema": schema}})
+    assert out["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
 
 
 def test_trioproxy_s_own_simulate_field_is_carried() -> None:
@@ -262,7 +280,16 @@ def test_trioproxy_s_own_simulate_field_is_carried() -> None:
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
         ({"tools": [{"name": "f", "input_schema": {}, "defer_loading": True}]}, "tools[0].defer_loading"),
         ({"metadata": {"user_id": "u", "x": 1}}, "metadata.x"),
-        ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format"),
+        ({"output_config": {"task_budget": 1}}, "output_config.task_budget"),
+        ({"inference_geo": "eu"}, "inference_geo"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "toolset_name": "t"}]}]},
+            "messages[0].content[0].toolset_name",
+        ),
+        (
+            {"messages": [USER, {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}, "caller": {"type": "direct"}}]}]},
+            "messages[1].content[0].caller",
+        ),
         (
             {"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "text", "data": "d"}}]}]},
             "messages[0].content[0].type",
@@ -294,6 +321,7 @@ def test_what_the_common_model_cannot_carry_is_refused_by_name(fields: dict[str,
         ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
         ({"tool_choice": {"type": "tool"}}, "tool_choice.name"),
         ({"stop_sequences": "###"}, "stop_sequences"),
+        ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format"),
     ],
 )
 def test_malformed_parts_are_named_too(fields: dict[str, Any], param: str) -> None:

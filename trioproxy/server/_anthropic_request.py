@@ -23,14 +23,19 @@ The translation (Anthropic → Chat Completions):
   auto/required/function/none, `disable_parallel_tool_use` → `parallel_tool_calls: false`;
 - `max_tokens`, `stop_sequences` → `stop`, `temperature`, `top_p`, `top_k` (a vendor field
   vLLM and llama.cpp read), `metadata.user_id` → `user`;
-- dropped, because they do not change what the answer says: `cache_control` (a caching hint),
-  `citations` of earlier answers (their text is kept), `thinking` and `redacted_thinking`
-  blocks of earlier answers (reasoning that another model cannot read back), `thinking` and
-  `output_config.effort` (how long to think: the upstream's model reasons by its own
-  settings, and its reasoning comes back as thinking blocks), `context_management` (the
-  conversation goes up whole instead of edited), `service_tier` (a capacity hint);
-- refused, naming the field: any other field or block type (documents, server tools,
-  `container`, `mcp_servers`, and fields this module does not know).
+- `output_config.format` (a JSON schema) → `response_format` `json_schema`;
+- dropped, because they do not change what the answer says: `cache_control` (a caching hint,
+  top-level or on a block), `citations` of earlier answers (their text is kept), `thinking`
+  and `redacted_thinking` blocks of earlier answers (reasoning that another model cannot
+  read back), `thinking` and `output_config.effort` (how long to think: the upstream's model
+  reasons by its own settings, and its reasoning comes back as thinking blocks),
+  `context_management` (the conversation goes up whole instead of edited), `service_tier` and
+  `speed` (Anthropic's capacity), `diagnostics` (Anthropic's cache diagnostics),
+  `user_profile_id` and `workspace_id` (Anthropic's accounts), a tool's
+  `eager_input_streaming` (a streaming hint);
+- refused, naming the field: any other field, block type or block field (documents, server
+  tools, `container`, `mcp_servers`, `inference_geo` — a data-residency promise another
+  upstream cannot keep —, and whatever this module does not know).
 
 Sans-IO.
 """
@@ -50,8 +55,29 @@ __all__ = ["parse_messages_request", "to_chat_completions"]
 
 _ROLES: Final = ("user", "assistant", "system")
 
-_DROPPED: Final = frozenset({"thinking", "context_management", "service_tier"})
+_DROPPED: Final = frozenset(
+    {
+        "cache_control",
+        "thinking",
+        "context_management",
+        "service_tier",
+        "speed",
+        "diagnostics",
+        "user_profile_id",
+        "workspace_id",
+    }
+)
 """Top-level fields that cannot change what the answer says; see the module's docstring."""
+
+_BLOCK_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "text": frozenset({"type", "text", "cache_control", "citations"}),
+    "image": frozenset({"type", "source", "cache_control"}),
+    "tool_use": frozenset({"type", "id", "name", "input", "cache_control"}),
+    "tool_result": frozenset({"type", "tool_use_id", "content", "is_error", "cache_control"}),
+    "thinking": frozenset({"type", "thinking", "signature"}),
+    "redacted_thinking": frozenset({"type", "data"}),
+}
+"""The fields of each block type the translation carries or drops; any other refuses the request."""
 
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
@@ -130,7 +156,7 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
         elif name == "tool_choice":
             out.update(_tool_choice(value))
         elif name == "output_config":
-            _check_output_config(value)
+            out.update(_output_config(value))
         elif name in _TRIOPROXY_FIELDS:
             out[name] = value
         else:
@@ -220,9 +246,15 @@ def _user(blocks: list[Any], where: str) -> list[dict[str, Any]]:
 
 
 def _block_type(block: Any, where: str) -> str:
+    """The type of a content block whose fields the translation knows."""
     kind = block.get("type") if isinstance(block, dict) else None
     if not isinstance(kind, str):
         raise RequestError(f"'{where}' must be a content block: an object with a 'type'", param=where)
+    known = _BLOCK_FIELDS.get(kind)
+    if known is not None:
+        for key in block:
+            if key not in known:
+                raise _unportable(f"'{where}.{key}'", f"{where}.{key}")
     return kind
 
 
@@ -299,7 +331,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
         raise RequestError(f"'{where}.name' must be a non-empty string", param=f"{where}.name")
     function: dict[str, Any] = {"name": name}
     for key, value in tool.items():
-        if key in ("type", "name", "cache_control"):
+        if key in ("type", "name", "cache_control", "eager_input_streaming"):
             continue
         if key == "description":
             function["description"] = value
@@ -342,9 +374,20 @@ def _metadata_user(metadata: Any) -> str | None:
     return user
 
 
-def _check_output_config(config: Any) -> None:
+def _output_config(config: Any) -> dict[str, Any]:
+    """`response_format` for a JSON schema `format`; `effort` is dropped."""
     if not isinstance(config, dict):
         raise RequestError("'output_config' must be an object", param="output_config")
-    for key in config:
-        if key != "effort":
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "format" and value is not None:
+            schema = value.get("schema") if isinstance(value, dict) else None
+            if not isinstance(value, dict) or value.get("type") != "json_schema" or not isinstance(schema, dict):
+                raise RequestError(
+                    "'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}",
+                    param="output_config.format",
+                )
+            out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+        elif key not in ("effort", "format"):
             raise _unportable(f"'output_config.{key}'", f"output_config.{key}")
+    return out
