@@ -54,7 +54,7 @@ __all__ = ["HttpUpstream", "ItemSink", "SimulatedUpstream", "Upstream", "Upstrea
 UpstreamItem = Opened | Delta
 
 MAX_ERROR_BODY: Final = 64 * 1024
-"""How much of an upstream's error body we read: enough for any error JSON, bounded."""
+"""How much of an upstream's error body (or other short JSON answer) we read: enough for any, bounded."""
 
 END_OF_BODY_GRACE: Final = 0.1
 """
@@ -78,6 +78,13 @@ class ItemSink(Protocol):
 class Upstream(Protocol):
     async def stream(self, chat: ChatRequest, send: ItemSink) -> None:
         """Send `OPENED`, then every delta of the generation; raise `TrioproxyError` on failure."""
+        ...
+
+    async def count_tokens(self, chat: ChatRequest) -> bytes | None:
+        """
+        The upstream's own answer (JSON) to "how many input tokens is `chat`", `None` when it
+        cannot say; raise `TrioproxyError` on failure.
+        """
         ...
 
     async def aclose(self) -> None: ...
@@ -128,6 +135,17 @@ class HttpUpstream:
                         return
         if not parser.finished:
             raise UpstreamProtocolError("the upstream closed the stream before its end marker")
+
+    async def count_tokens(self, chat: ChatRequest) -> bytes | None:
+        request = self.translation.count_tokens_request(chat)
+        if request is None:
+            return None
+        with _mapped_httpx_errors():
+            async with self._client.stream("POST", request.url, headers=request.headers, content=request.body) as resp:
+                body = await _read_bounded(resp)
+                if resp.status_code >= 300:
+                    raise self.translation.error_from_response(resp.status_code, resp.headers, body)
+        return body
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -428,6 +446,9 @@ class SimulatedUpstream:
             if isinstance(step, Stall):
                 await trio.sleep_forever()
             await send.send(step)
+
+    async def count_tokens(self, chat: ChatRequest) -> None:
+        return None  # a script has no tokenizer
 
     async def aclose(self) -> None:
         pass

@@ -432,3 +432,20 @@ async def test_client_keys_from_x_api_key_or_bearer(nursery: trio.Nursery) -> No
         with pytest.raises(anthropic.AuthenticationError) as info:
             await sdk.messages.create(**body)
     assert info.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+
+
+# --- count_tokens ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["up/m", "sim/echo"])
+async def test_count_tokens_is_an_estimate_marked_so_for_another_upstream(
+    proxy_url: str, upstream: FakeUpstream, model: str
+) -> None:
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            proxy_url + "/v1/messages/count_tokens",
+            json={"model": model, "messages": [{"role": "user", "content": "x" * 40}]},
+        )
+    assert response.status_code == 200
+    assert response.json() == {"input_tokens": 10, "estimated": True}
+    assert list(upstream.requests) == []

@@ -935,3 +935,14 @@ def test_stop_sequence_is_carried() -> None:
     parser = AnthropicStreamParser(keep_raw=False)
     event = ev("message_delta", {"delta": {"stop_reason": "stop_sequence", "stop_sequence": "###"}})
     assert parser.feed(event) == [Delta(finish_reason="stop", stop_sequence="###")]
+
+
+def test_count_tokens_for_an_anthropic_client_only() -> None:
+    translation = AnthropicTranslation(api_key="sk-ant-up", base_url="http://gw.local/v1")
+    body = {"model": "claude-haiku-4-5", "messages": [USER], "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    request = translation.count_tokens_request(native_chat(body, {"anthropic-beta": "b1"}))
+    assert request is not None
+    assert request.url == "http://gw.local/v1/messages/count_tokens"
+    assert orjson.loads(request.body) == {**body, "model": "claude-sonnet-4-5"}
+    assert (request.headers["anthropic-beta"], request.headers["accept"]) == ("b1", "application/json")
+    assert translation.count_tokens_request(chat([USER])) is None

@@ -326,3 +326,10 @@ def test_what_the_common_model_cannot_carry_is_refused_by_name(fields: dict[str,
 )
 def test_malformed_parts_are_named_too(fields: dict[str, Any], param: str) -> None:
     assert unportable(**fields).param == param
+
+
+def test_a_count_tokens_request_has_no_max_tokens() -> None:
+    sent = {"model": "claude-haiku-4-5", "messages": [USER]}
+    chat = parse_messages_request(sent, {}, counting=True)
+    assert chat.native is not None and chat.native.body == sent
+    assert "max_tokens" not in chat.common_body()

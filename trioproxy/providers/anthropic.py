@@ -167,6 +167,7 @@ class AnthropicTranslation:
     ) -> None:
         root = base_url.rstrip("/")
         self.url = root + "/messages" if root.endswith("/v1") else root + "/v1/messages"
+        self.count_tokens_url = self.url + "/count_tokens"
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
         headers = {
@@ -191,6 +192,15 @@ class AnthropicTranslation:
         body = messages_request_body(chat, default_max_tokens=self.default_max_tokens)
         body["stream"] = True
         return UpstreamRequest(self.url, dict(self._headers), orjson.dumps(body))
+
+    def count_tokens_request(self, chat: ChatRequest) -> UpstreamRequest | None:
+        """An Anthropic client's count request, forwarded whole with only `model` replaced."""
+        native = chat.native
+        if native is None or native.protocol != self.protocol:
+            return None
+        body = {**native.body, "model": chat.upstream_model or chat.model}
+        headers = {**self._headers, **native.headers, **self._extra_headers, "accept": "application/json"}
+        return UpstreamRequest(self.count_tokens_url, headers, orjson.dumps(body))
 
     def stream_parser(self, chat: ChatRequest) -> AnthropicStreamParser:
         return AnthropicStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)

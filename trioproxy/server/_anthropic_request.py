@@ -83,10 +83,11 @@ _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
 
 
-def parse_messages_request(body: dict[str, Any], headers: Mapping[str, str]) -> ChatRequest:
+def parse_messages_request(body: dict[str, Any], headers: Mapping[str, str], *, counting: bool = False) -> ChatRequest:
     """
     Check what Anthropic requires of every request and build the `ChatRequest`: its native
     form with the headers an Anthropic upstream must see, and its common-model translation.
+    `counting`: a `count_tokens` request, which has no `max_tokens`.
     """
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -95,6 +96,8 @@ def parse_messages_request(body: dict[str, Any], headers: Mapping[str, str]) -> 
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' is required and must be a non-empty array", param="messages")
     max_tokens = body.get("max_tokens")
+    if counting and max_tokens is None:
+        max_tokens = 1
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise RequestError("'max_tokens' is required and must be a positive integer", param="max_tokens")
     stream = body.get("stream", False)
@@ -126,7 +129,9 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     The Chat Completions body that asks what the Messages `body` asks; raises a
     `RequestError` naming the first field it cannot carry.
     """
-    out: dict[str, Any] = {"model": body["model"], "max_tokens": body["max_tokens"], "stream": bool(body.get("stream"))}
+    out: dict[str, Any] = {"model": body["model"], "stream": bool(body.get("stream"))}
+    if "max_tokens" in body:
+        out["max_tokens"] = body["max_tokens"]
     messages: list[dict[str, Any]] = []
     system = body.get("system")
     if system is not None:

@@ -41,14 +41,20 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from .._config import Config
 from .._events import StreamEvent
-from .._exceptions import AuthenticationError, PayloadTooLargeError, RequestError, TrioproxyError
+from .._exceptions import (
+    AuthenticationError,
+    PayloadTooLargeError,
+    RequestError,
+    TrioproxyError,
+    UpstreamTimeoutError,
+)
 from .._limits import Limiter, check_request_shape
 from .._request import ChatRequest, parse_chat_request, parse_json_object
 from .._router import Router
 from .._version import __version__
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import RECORD, AccessLog, RequestRecord
-from ._anthropic_front import AnthropicEventRenderer, message_from_events
+from ._anthropic_front import AnthropicEventRenderer, message_from_events, token_count_estimate
 from ._anthropic_front import error_body as anthropic_error_body
 from ._anthropic_request import parse_messages_request
 from ._auth import key_is_valid, presented_key
@@ -254,6 +260,26 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         if not chat.stream:
             return await _message(pipeline, chat, renderer)
         return await _stream(start(pipeline, chat), renderer, SSE, _anthropic_error)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens() -> Response:
+        """An Anthropic upstream's own count; an estimate, marked so, from any other."""
+        try:
+            chat = parse_messages_request(parse_json_object(await request.get_data()), request.headers, counting=True)
+            route = router.route(chat.model)
+            timeout = route.provider.timeouts.first_token_timeout
+            with trio.move_on_after(timeout or math.inf) as waited:
+                counted = await route.upstream.count_tokens(chat.routed(route.upstream_model))
+            if waited.cancelled_caught:
+                raise UpstreamTimeoutError(
+                    f"no answer from the upstream within first_token_timeout ({timeout:g} s)", kind="first_token_timeout"
+                )
+        except TrioproxyError as exc:
+            return _anthropic_error(exc)
+        if counted is None:
+            tools = chat.client_body.get("tools")
+            return _json(token_count_estimate(prompt_chars(chat) + (len(orjson.dumps(tools)) if tools else 0)))
+        return Response(counted, content_type="application/json")
 
     async def _message(pipeline: Pipeline, chat: ChatRequest, renderer: AnthropicEventRenderer) -> Response:
         """A non-streaming Messages answer: the stream's events, folded into one `Message`."""
