@@ -449,3 +449,18 @@ async def test_count_tokens_is_an_estimate_marked_so_for_another_upstream(
     assert response.status_code == 200
     assert response.json() == {"input_tokens": 10, "estimated": True}
     assert list(upstream.requests) == []
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+async def test_models_in_anthropic_s_list_shape(nursery: trio.Nursery) -> None:
+    config = parse_config({"models": {"claude-haiku-4-5": "sim/echo", "claude-*": "sim"}}, environ={})
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    async with anthropic.AsyncAnthropic(base_url=binds[0], api_key="k", max_retries=0) as sdk:
+        models = [model async for model in sdk.models.list()]
+        message = await sdk.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MESSAGES)
+    assert [model.id for model in models] == ["claude-haiku-4-5", "sim/echo", "sim/lorem", "sim/tools"]
+    assert all(model.type == "model" for model in models)
+    assert message.content[0].text == "Say hello"  # the alias routes to sim's echo
+    assert message.model == "claude-haiku-4-5"

@@ -37,7 +37,14 @@ from .._exceptions import TrioproxyError, UpstreamProtocolError
 from .._sse import SSEDecoder
 from ..providers.anthropic import ERROR_STATUS, STOP_REASONS
 
-__all__ = ["AnthropicEventRenderer", "error_body", "error_type", "message_from_events", "token_count_estimate"]
+__all__ = [
+    "AnthropicEventRenderer",
+    "error_body",
+    "error_type",
+    "message_from_events",
+    "model_list",
+    "token_count_estimate",
+]
 
 PING: Final = b'event: ping\ndata: {"type": "ping"}\n\n'
 MAX_HELD_EVENTS: Final = 64
@@ -59,6 +66,20 @@ def error_type(error: TrioproxyError) -> str:
 def error_body(error: TrioproxyError) -> dict[str, Any]:
     """Anthropic's error object: `{"type": "error", "error": {"type", "message"}}`."""
     return {"type": "error", "error": {"type": error_type(error), "message": error.message}}
+
+
+def model_list(models: list[tuple[str, str]]) -> dict[str, Any]:
+    """`GET /v1/models` in Anthropic's shape (one page), from `(model id, provider)` pairs."""
+    data = [
+        {"type": "model", "id": model, "display_name": model, "created_at": "1970-01-01T00:00:00Z"}
+        for model, _ in models
+    ]
+    return {
+        "data": data,
+        "has_more": False,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
 
 
 def token_count_estimate(prompt_chars: int) -> dict[str, Any]:

@@ -54,7 +54,7 @@ from .._router import Router
 from .._version import __version__
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import RECORD, AccessLog, RequestRecord
-from ._anthropic_front import AnthropicEventRenderer, message_from_events, token_count_estimate
+from ._anthropic_front import AnthropicEventRenderer, message_from_events, model_list, token_count_estimate
 from ._anthropic_front import error_body as anthropic_error_body
 from ._anthropic_request import parse_messages_request
 from ._auth import key_is_valid, presented_key
@@ -221,6 +221,9 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
 
     @app.get("/v1/models")
     async def models() -> Response:
+        """The routable models, in Anthropic's list shape for a client that names its API version."""
+        if "anthropic-version" in request.headers:
+            return _json(model_list(router.models()))
         data = [{"id": model, "object": "model", "created": 0, "owned_by": owner} for model, owner in router.models()]
         return _json({"object": "list", "data": data})
 
