@@ -464,3 +464,78 @@ async def test_models_in_anthropic_s_list_shape(nursery: trio.Nursery) -> None:
     assert all(model.type == "model" for model in models)
     assert message.content[0].text == "Say hello"  # the alias routes to sim's echo
     assert message.model == "claude-haiku-4-5"
+
+
+# --- stages and guarantees on this front ---------------------------------------------------------
+
+
+@pytest.fixture
+async def staged(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
+    """A proxy whose Anthropic-format routes have stages, timeouts and retries."""
+    config = proxy_config(
+        upstream,
+        redacted={
+            "type": "anthropic",
+            "base_url": upstream.url,
+            "transforms": [{"type": "regex_redact", "pattern": r"\d{3}-\d{4}", "replacement": "[phone]"}],
+            "buffer": {"buffer_by_word": True, "min_chunk_size": 8},
+        },
+        guarded={"type": "anthropic", "base_url": upstream.url, "validators": [{"type": "banned_phrases", "phrases": ["forbidden"]}]},
+        patient={"type": "anthropic", "base_url": upstream.url, "heartbeat_interval": 0.05, "first_token_timeout": 5},
+        hasty={"type": "anthropic", "base_url": upstream.url, "first_token_timeout": 0.2},
+        retrying={"type": "anthropic", "base_url": upstream.url, "retry": {"max_retries": 2, "base_delay_ms": 1}},
+    )
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    return binds[0]
+
+
+async def post_stream(proxy: str, model: str) -> bytes:
+    async with httpx.AsyncClient() as http:
+        response = await http.post(proxy + "/v1/messages", json=create(model=model, stream=True))
+    return response.content
+
+
+async def test_a_stage_that_changes_content_gets_rendered_events(staged: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=("Call ", "555-", "1234", " now, ", "please.")))
+    async with anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk:
+        async with sdk.messages.stream(**create(model="redacted/c")) as stream:
+            message = await stream.get_final_message()
+    assert message.content[0].type == "text"
+    assert message.content[0].text == "Call [phone] now, please."
+    assert message.stop_reason == "end_turn"
+    assert message.id != "msg_fake1"  # the upstream's events were not forwarded: they were changed
+
+
+async def test_a_validator_ends_the_stream_with_an_error_event(staged: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=("This ", "is ", "forbidden", " text")))
+    body = await post_stream(staged, "guarded/c")
+    assert b"message_stop" not in body
+    assert body.split(b"\n\n")[-2].startswith(b"event: error\n")
+    assert b"forbidden" not in body.split(b"event: error")[0]
+
+
+async def test_heartbeats_are_pings(staged: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS, ttft=0.5))
+    body = await post_stream(staged, "patient/c")
+    assert body.startswith(b'event: ping\ndata: {"type": "ping"}\n\n')
+    parsed = [orjson.loads(event.split(b"data: ", 1)[1]) for event in body.split(b"\n\n")[:-1]]
+    assert [data["type"] for data in parsed].count("message_start") == 1
+    assert parsed[-1] == {"type": "message_stop"}
+
+
+async def test_a_first_token_timeout_is_an_anthropic_error(staged: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS, ttft=5))
+    async with anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk:
+        with pytest.raises(anthropic.GatewayTimeoutError) as info:
+            await sdk.messages.create(**create(model="hasty/c"), stream=True)
+    assert info.value.body["error"]["type"] == "timeout_error"  # type: ignore[index]
+    assert "first_token_timeout" in info.value.message
+
+
+async def test_retries_before_the_first_token_deliver_one_message(staged: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(status=529, error_message="Overloaded"), Reply(tokens=TOKENS))
+    async with anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk:
+        async with sdk.messages.stream(**create(model="retrying/c")) as stream:
+            message = await stream.get_final_message()
+    assert message.content[0].text == "".join(TOKENS)  # type: ignore[union-attr]
+    assert len(upstream.requests) == 2
