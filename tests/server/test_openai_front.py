@@ -308,6 +308,14 @@ def test_completion_body_text() -> None:
     }
 
 
+def test_completion_body_reasoning() -> None:
+    acc = Accumulator()
+    for delta in (Delta(reasoning="Let me "), Delta(reasoning="see."), Delta(text="42")):
+        acc.add(delta)
+    message = completion_body(acc, model=MODEL, prompt_chars=0)["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("Let me see.", "42")
+
+
 def test_completion_body_tool_calls_and_estimate() -> None:
     acc = Accumulator()
     acc.add(Delta(role="assistant", tool_calls=(ToolCallDelta(index=0, id="call_1", name="f", arguments='{"a":'),)))

@@ -120,6 +120,8 @@ def completion_body(acc: Accumulator, *, model: str, prompt_chars: int) -> dict[
     """A whole `chat.completion` object from an accumulated stream (non-streaming requests)."""
     tool_calls = acc.tool_calls()
     message: dict[str, Any] = {"role": "assistant", "content": acc.text or None, "refusal": None}
+    if acc.reasoning:
+        message["reasoning_content"] = acc.reasoning  # vLLM's and DeepSeek's field
     if tool_calls:
         message["tool_calls"] = tool_calls
     usage = acc.usage_or_estimate(prompt_chars)
