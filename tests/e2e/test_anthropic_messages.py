@@ -123,21 +123,43 @@ async def test_claude_code_s_query_string_and_bearer_key(proxy_url: str, upstrea
 async def test_the_request_goes_up_whole_with_the_protocol_headers(
     proxy_url: str, upstream: FakeUpstream, upstream_keys: dict[str, str]
 ) -> None:
-    request = orjson.loads((FIXTURES / "claude_code_like_request.json").read_bytes())
-    request["model"] = "claude/claude-sonnet-4-5"
-    beta = "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27"
-    headers = {"anthropic-version": "2023-06-01", "anthropic-beta": beta, "x-api-key": "client-key"}
+    recorded = orjson.loads((FIXTURES / "claude_code_request.json").read_bytes())
+    request = {**recorded["body"], "model": "claude/claude-opus-5-5"}
     async with httpx.AsyncClient() as http:
-        response = await http.post(proxy_url + "/v1/messages?beta=true", json=request, headers=headers)
+        response = await http.post(proxy_url + recorded["path"], json=request, headers=recorded["headers"])
     assert response.status_code == 200
     sent = upstream.requests[-1]
     assert sent.path == "/v1/messages"
-    assert sent.json == {**request, "model": "claude-sonnet-4-5", "stream": True}
-    assert (sent.headers["anthropic-beta"], sent.headers["anthropic-version"]) == (beta, "2023-06-01")
+    assert sent.json == {**request, "model": "claude-opus-5-5"}
+    for name in ("anthropic-beta", "anthropic-version"):
+        assert sent.headers[name] == recorded["headers"][name]
     assert sent.headers["x-api-key"] == upstream_keys["claude"]
 
 
-@pytest.mark.parametrize("fixture", ["thinking_citations_server_tool.sse"])
+@pytest.mark.parametrize(
+    "name", ["claude_code_request.json", "claude_code_tool_result_request.json", "claude_code_nonstream_retry_request.json"]
+)
+async def test_claude_code_s_requests_to_an_openai_upstream(proxy_url: str, upstream: FakeUpstream, name: str) -> None:
+    recorded = orjson.loads((FIXTURES / name).read_bytes())
+    upstream.push(Reply(tokens=TOKENS))
+    request = {**recorded["body"], "model": "up/local-model"}
+    async with httpx.AsyncClient() as http:
+        response = await http.post(proxy_url + recorded["path"], json=request, headers=recorded["headers"])
+    assert response.status_code == 200
+    sent = upstream.requests[-1]
+    assert (sent.path, sent.json["model"], sent.json["max_tokens"]) == (
+        "/v1/chat/completions",
+        "local-model",
+        recorded["body"]["max_tokens"],
+    )
+    assert "anthropic-beta" not in sent.headers
+    if request["stream"]:
+        assert response.content.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    else:
+        assert response.json()["content"] == [{"type": "text", "text": "".join(TOKENS)}]
+
+
+@pytest.mark.parametrize("fixture", ["stream_thinking_tools.sse", "thinking_citations_server_tool.sse"])
 async def test_the_upstream_s_bytes_reach_the_client_untouched(
     proxy_url: str, upstream: FakeUpstream, fixture: str
 ) -> None:

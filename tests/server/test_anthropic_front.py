@@ -2,7 +2,9 @@
 Tests of the Anthropic front's renderer: session items in, Messages events out, no sockets.
 
 Streams with the upstream's own events come from `tests/fixtures/anthropic/*.sse` through
-the real `AnthropicStreamParser`, as they do in the proxy.
+the real `AnthropicStreamParser`, as they do in the proxy: `stream_thinking_tools.sse` (see
+that folder's README) and `thinking_citations_server_tool.sse`, written the same way with a
+web search's server-tool blocks and a `citations_delta`.
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ data: {"type":"message_stop"}
 # the upstream's own events
 
 
-@pytest.mark.parametrize("stream", [BASIC, (FIXTURES / "thinking_citations_server_tool.sse").read_bytes()])
+@pytest.mark.parametrize(
+    "stream",
+    [BASIC, *((FIXTURES / name).read_bytes() for name in ("stream_thinking_tools.sse", "thinking_citations_server_tool.sse"))],
+)
 def test_an_anthropic_upstream_s_stream_is_forwarded_byte_for_byte(stream: bytes) -> None:
     renderer = AnthropicEventRenderer(model=MODEL)
     assert render(renderer, upstream_deltas(stream)) + renderer.done() == stream
@@ -300,6 +305,14 @@ def test_message_from_an_upstream_stream_keeps_every_block() -> None:
     assert result["type"] == "web_search_tool_result"
     assert text["text"] == "It is sunny in Paris, 21 °C."
     assert text["citations"][0]["cited_text"] == "Sunny, 21 °C"
+
+
+def test_message_from_a_thinking_and_tool_use_stream() -> None:
+    message = message_from_events((FIXTURES / "stream_thinking_tools.sse").read_bytes())
+    assert [block["type"] for block in message["content"]] == ["thinking", "text", "tool_use"]
+    assert message["content"][0]["signature"]
+    assert message["content"][2]["input"] == {"city": "Paris", "unit": "celsius"}
+    assert message["stop_reason"] == "tool_use"
 
 
 def test_a_tool_input_that_is_not_json_is_the_upstream_s_fault() -> None:

@@ -85,57 +85,95 @@ def test_an_unportable_field_does_not_refuse_the_request_itself() -> None:
 # the translation
 
 
-def test_a_claude_code_request() -> None:
-    request = orjson.loads((FIXTURES / "claude_code_like_request.json").read_bytes())
-    out = to_chat_completions(request)
-    system = (
-        "You are Claude Code, Anthropic's official CLI for Claude.\n\n"
-        "You are an interactive CLI tool that helps users with software engineering tasks."
-    )
-    assert out == {
-        "model": "claude-sonnet-4-5-20250929",
-        "max_tokens": 32000,
-        "stream": True,
-        "temperature": 1,
-        "user": "user_4f3c_account__session_0d9e",
-        "messages": [
-            {"role": "system", "content": system},
+def recorded(name: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """A recorded request's body and headers (see `tests/fixtures/anthropic/README.md`)."""
+    request = orjson.loads((FIXTURES / name).read_bytes())
+    return request["body"], {k.lower(): v for k, v in request["headers"].items()}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "claude_code_request.json",
+        "claude_code_tool_result_request.json",
+        "claude_code_nonstream_retry_request.json",
+        "sdk_messages_create_request.json",
+        "sdk_messages_stream_request.json",
+    ],
+)
+def test_every_recorded_client_request_can_go_to_any_upstream(name: str) -> None:
+    sent, headers = recorded(name)
+    chat = parse_messages_request(sent, headers)
+    assert chat.native is not None
+    assert chat.native.body == sent
+    assert chat.native.headers["anthropic-version"] == headers["anthropic-version"]
+    body = chat.common_body()  # nothing refused
+    assert body["max_tokens"] == sent["max_tokens"]
+    assert body["messages"][0]["role"] == "system"
+    assert not {"thinking", "context_management", "output_config"} & set(body)
+
+
+def test_claude_code_s_first_turn() -> None:
+    sent, headers = recorded("claude_code_request.json")
+    assert "claude-code-20250219" in parse_messages_request(sent, headers).native.headers["anthropic-beta"]  # type: ignore[union-attr]
+    out = to_chat_completions(sent)
+    system, user, inner_system = out["messages"]
+    assert system == {"role": "system", "content": "\n\n".join(block["text"] for block in sent["system"])}
+    assert user["role"] == "user"
+    assert [part["text"] for part in user["content"]] == [block["text"] for block in sent["messages"][0]["content"]]
+    assert inner_system["role"] == "system"  # Claude Code's system message inside `messages`, in place
+    assert [tool["function"]["name"] for tool in out["tools"]] == [tool["name"] for tool in sent["tools"]]
+    deferred = next(tool for tool in sent["tools"] if tool.get("defer_loading"))
+    assert {"type": "function", "function": {k if k != "input_schema" else "parameters": v for k, v in deferred.items() if k != "defer_loading"}} in out["tools"]
+    assert out["user"] == sent["metadata"]["user_id"]
+
+
+def test_claude_code_s_tool_result_turn() -> None:
+    sent, _ = recorded("claude_code_tool_result_request.json")
+    out = to_chat_completions(sent)
+    assistant, tool = out["messages"][-2:]
+    [text, tool_use] = [block for block in sent["messages"][-2]["content"] if block["type"] != "thinking"]
+    assert assistant == {
+        "role": "assistant",
+        "content": text["text"],
+        "tool_calls": [
             {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "<system-reminder>This is a reminder.</system-reminder>"},
-                    {"type": "text", "text": "What is in README.md?"},
-                ],
-            },
-            {
-                "role": "assistant",
-                "content": "Let me read it.",
-                "tool_calls": [
-                    {"id": "toolu_01A", "type": "function", "function": {"name": "Read", "arguments": '{"file_path":"README.md"}'}}
-                ],
-            },
-            {"role": "tool", "tool_call_id": "toolu_01A", "content": "# trioproxy"},
-            {"role": "user", "content": "Summarise it."},
-        ],
-        "tools": [
-            {
+                "id": tool_use["id"],
                 "type": "function",
-                "function": {
-                    "name": "Bash",
-                    "description": "Executes a given bash command.",
-                    "parameters": request["tools"][0]["input_schema"],
-                },
-            },
-            {
-                "type": "function",
-                "function": {
-                    "name": "Read",
-                    "description": "Reads a file from the local filesystem.",
-                    "parameters": request["tools"][1]["input_schema"],
-                },
-            },
+                "function": {"name": tool_use["name"], "arguments": orjson.dumps(tool_use["input"]).decode()},
+            }
         ],
     }
+    [result] = sent["messages"][-1]["content"]
+    assert result["is_error"] is True
+    assert tool == {"role": "tool", "tool_call_id": result["tool_use_id"], "content": "Error: " + result["content"]}
+
+
+def test_the_sdk_s_request() -> None:
+    sent, _ = recorded("sdk_messages_create_request.json")
+    out = to_chat_completions(sent)
+    image, text = sent["messages"][0]["content"]
+    assert out["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image['source']['data']}"}},
+                {"type": "text", "text": text["text"]},
+            ],
+        },
+    ]
+    assert (out["stop"], out["user"], out["tool_choice"]) == (["\n\nHuman:"], "user-123", "auto")
+    assert out["tools"] == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Current weather for a city.",
+                "parameters": sent["tools"][0]["input_schema"],
+            },
+        }
+    ]
 
 
 def test_a_system_message_inside_messages_stays_in_place() -> None:
@@ -278,7 +316,7 @@ def test_trioproxy_s_own_simulate_field_is_carried() -> None:
         ({"mcp_servers": []}, "mcp_servers"),
         ({"a_field_from_next_year": 1}, "a_field_from_next_year"),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0].type"),
-        ({"tools": [{"name": "f", "input_schema": {}, "defer_loading": True}]}, "tools[0].defer_loading"),
+        ({"tools": [{"name": "f", "input_schema": {}, "input_examples": [{}]}]}, "tools[0].input_examples"),
         ({"metadata": {"user_id": "u", "x": 1}}, "metadata.x"),
         ({"output_config": {"task_budget": 1}}, "output_config.task_budget"),
         ({"inference_geo": "eu"}, "inference_geo"),

@@ -32,7 +32,8 @@ The translation (Anthropic → Chat Completions):
   `context_management` (the conversation goes up whole instead of edited), `service_tier` and
   `speed` (Anthropic's capacity), `diagnostics` (Anthropic's cache diagnostics),
   `user_profile_id` and `workspace_id` (Anthropic's accounts), a tool's
-  `eager_input_streaming` (a streaming hint);
+  `eager_input_streaming` (a streaming hint) and `defer_loading` (the tool is sent up front:
+  another upstream has no tool search to load it later; Claude Code marks one of its tools);
 - refused, naming the field: any other field, block type or block field (documents, server
   tools, `container`, `mcp_servers`, `inference_geo` — a data-residency promise another
   upstream cannot keep —, and whatever this module does not know).
@@ -336,7 +337,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
         raise RequestError(f"'{where}.name' must be a non-empty string", param=f"{where}.name")
     function: dict[str, Any] = {"name": name}
     for key, value in tool.items():
-        if key in ("type", "name", "cache_control", "eager_input_streaming"):
+        if key in ("type", "name", "cache_control", "eager_input_streaming", "defer_loading"):
             continue
         if key == "description":
             function["description"] = value
