@@ -99,7 +99,9 @@ class Delta:
 
     `reasoning` is text the model thinks before it answers (Anthropic's thinking blocks,
     `reasoning_content` of OpenAI-compatible servers such as vLLM); it is output, so it counts
-    as a first token. `stop_sequence` is the stop sequence that ended the generation, when the
+    as a first token. `reasoning_signature` is Anthropic's signature of that reasoning, which
+    the client must send back with it on its next turn (it may come with no reasoning text at
+    all, when Anthropic is asked to omit it). `stop_sequence` is the stop sequence that ended the generation, when the
     upstream says which (it comes with `finish_reason` "stop").
 
     `raw` is the upstream's own SSE event for this step, exactly as it came, kept only when
@@ -121,6 +123,7 @@ class Delta:
     raw: bytes | None = None
     arrived: float | None = None
     reasoning: str = ""
+    reasoning_signature: str | None = None
     stop_sequence: str | None = None
 
     @property
@@ -131,7 +134,7 @@ class Delta:
     @property
     def says_anything(self) -> bool:
         """Whether the common model sees anything in it, its `raw` bytes aside."""
-        return bool(self.has_content or self.role or self.finish_reason or self.usage)
+        return bool(self.has_content or self.role or self.finish_reason or self.usage or self.reasoning_signature)
 
 
 @dataclass(frozen=True, slots=True)

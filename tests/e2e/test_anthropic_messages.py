@@ -561,3 +561,15 @@ async def test_retries_before_the_first_token_deliver_one_message(staged: str, u
             message = await stream.get_final_message()
     assert message.content[0].text == "".join(TOKENS)  # type: ignore[union-attr]
     assert len(upstream.requests) == 2
+
+
+async def test_thinking_signatures_survive_a_stage_that_changes_content(staged: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(raw_body=(FIXTURES / "stream_thinking_tools.sse").read_bytes()))
+    async with anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk:
+        async with sdk.messages.stream(**create(model="redacted/c")) as stream:
+            message = await stream.get_final_message()
+    thinking, text, tool_use = message.content
+    assert thinking.type == "thinking" and thinking.signature and thinking.thinking
+    assert text.type == "text" and text.text
+    assert tool_use.type == "tool_use" and tool_use.input == {"city": "Paris", "unit": "celsius"}
+    assert message.stop_reason == "tool_use"

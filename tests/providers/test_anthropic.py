@@ -629,6 +629,7 @@ def test_tool_indexes_count_tool_blocks_not_content_blocks() -> None:
     assert feed_all(parser, stream) == [
         Delta(role="assistant"),
         Delta(reasoning="hmm"),
+        Delta(reasoning_signature="sig"),
         Delta(tool_calls=(ToolCallDelta(index=0, id="t_a", name="a"),)),
         Delta(tool_calls=(ToolCallDelta(index=1, id="t_b", name="b"),)),
         Delta(tool_calls=(ToolCallDelta(index=1, arguments="{}"),)),
@@ -912,6 +913,7 @@ def test_every_event_keeps_its_exact_bytes_for_an_anthropic_client() -> None:
     assert said == [
         ("assistant", "", "", None, None),
         (None, "The user asks about the weather.", "", None, None),
+        (None, "", "", None, None),  # the signature
         (None, "", "It is sunny in Paris, 21 °C.", None, None),
         (None, "", "", "stop", None),
         (None, "", "", None, Usage(2048 + 1800, 77, cache_read_tokens=1800, cache_creation_tokens=0)),

@@ -221,6 +221,16 @@ def test_reasoning_is_a_thinking_block_before_the_text() -> None:
     ]
 
 
+def test_a_signature_is_rendered_also_without_reasoning_text() -> None:
+    renderer = AnthropicEventRenderer(model=MODEL)
+    deltas = [Delta(role="assistant"), Delta(reasoning_signature="EqQB"), Delta(text="Hi")]  # thinking omitted
+    message = message_from_events(render(renderer, deltas) + renderer.done())
+    assert message["content"] == [
+        {"type": "thinking", "thinking": "", "signature": "EqQB"},
+        {"type": "text", "text": "Hi"},
+    ]
+
+
 @pytest.mark.parametrize(
     ("delta", "stop_reason", "stop_sequence"),
     [

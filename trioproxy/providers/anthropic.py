@@ -44,8 +44,8 @@ Stream mapping (Anthropic event → `Delta`):
 - tool_use `content_block_start` → a `ToolCallDelta` with id and name, `input_json_delta` →
   a `ToolCallDelta` with an arguments fragment; tool-call indexes count tool_use blocks
   from 0, as OpenAI numbers tool calls, not Anthropic's block indexes;
-- `thinking_delta` → `Delta(reasoning=...)`;
-- signature and citation deltas, other blocks (redacted thinking, server tools),
+- `thinking_delta` → `Delta(reasoning=...)`, `signature_delta` → `Delta(reasoning_signature=...)`;
+- citation deltas, other blocks (redacted thinking, server tools),
   `content_block_stop`, `ping`, unknown events → nothing (a delta with only `raw`, when kept);
 - `message_delta` → `Delta(finish_reason=...)` (mapped to OpenAI's reasons, with the
   `stop_sequence` that matched); output tokens are remembered (they are cumulative: the
@@ -630,6 +630,8 @@ class AnthropicStreamParser:
         if kind == "thinking_delta":
             thinking = _field(delta, "thinking", str, "thinking_delta")
             return [Delta(reasoning=thinking)] if thinking else []
+        if kind == "signature_delta":
+            return [Delta(reasoning_signature=_field(delta, "signature", str, "signature_delta"))]
         if kind == "input_json_delta":
             fragment = _field(delta, "partial_json", str, "input_json_delta")
             tool_index = self._tool_index.get(index)
@@ -642,7 +644,7 @@ class AnthropicStreamParser:
             if not fragment:
                 return []
             return [Delta(tool_calls=(ToolCallDelta(index=tool_index, arguments=fragment),))]
-        return []  # signature_delta, citations_delta, ...
+        return []  # citations_delta, ...
 
     def _message_delta(self, payload: dict[str, Any]) -> list[Delta]:
         delta = _field(payload, "delta", dict, "message_delta")

@@ -7,8 +7,9 @@ usage) and `message_stop`; every event named, with the same `type` in its data.
 Two sources, one stream. A delta that still carries an Anthropic upstream's own event
 (`Delta.raw`) is forwarded as is: thinking signatures, citations and server-tool blocks reach
 the client untouched. Any other delta (another upstream, or a stage that changed content) is
-rendered into blocks here: text → `text_delta`, reasoning → a thinking block, tool-call
-fragments → a `tool_use` block with `input_json_delta`s.
+rendered into blocks here: text → `text_delta`, reasoning → a thinking block (with its
+signature, when Anthropic signed it), tool-call fragments → a `tool_use` block with
+`input_json_delta`s.
 
 What the client sees is decided by the stream, not by each delta:
 
@@ -165,14 +166,17 @@ class AnthropicEventRenderer:
                 self._stop_reason, self._stop_sequence = "stop_sequence", delta.stop_sequence
         if delta.usage is not None:
             self._usage = delta.usage
-        if not delta.has_content:
+        if not (delta.has_content or delta.reasoning_signature):
             return b""
         if not self._started:
             self._start()
         out = self._flush()
-        if delta.reasoning:
+        if delta.reasoning or delta.reasoning_signature:
             out += self._in_block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        if delta.reasoning:
             out += self._block_delta({"type": "thinking_delta", "thinking": delta.reasoning})
+        if delta.reasoning_signature:
+            out += self._block_delta({"type": "signature_delta", "signature": delta.reasoning_signature})
         if delta.text:
             out += self._in_block("text", {"type": "text", "text": ""})
             out += self._block_delta({"type": "text_delta", "text": delta.text})
