@@ -382,7 +382,10 @@ def test_models_table() -> None:
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"models": ["a"]}, "[models] must be a table of model names (or patterns like 'claude-*') to 'provider' or 'provider/model'"),
+        (
+            {"models": ["a"]},
+            "[models] must be a table of model names (or patterns like 'claude-*') to 'provider' or 'provider/model'",
+        ),
         ({"models": {"a": 1}}, "[models].'a' must be 'provider' or 'provider/model', got 1"),
         ({"models": {"a": "nope/x"}}, "[models].'a' = 'nope/x' names no provider (declared: sim)"),
         ({"models": {"a": "sim/"}}, "[models].'a' = 'sim/' names no model after 'sim/'"),

@@ -137,7 +137,8 @@ async def test_the_request_goes_up_whole_with_the_protocol_headers(
 
 
 @pytest.mark.parametrize(
-    "name", ["claude_code_request.json", "claude_code_tool_result_request.json", "claude_code_nonstream_retry_request.json"]
+    "name",
+    ["claude_code_request.json", "claude_code_tool_result_request.json", "claude_code_nonstream_retry_request.json"],
 )
 async def test_claude_code_s_requests_to_an_openai_upstream(proxy_url: str, upstream: FakeUpstream, name: str) -> None:
     recorded = orjson.loads((FIXTURES / name).read_bytes())
@@ -284,7 +285,11 @@ async def test_tool_calls(claude: anthropic.AsyncAnthropic, upstream: FakeUpstre
         {"type": "tool_result", "tool_use_id": "toolu_1", "content": "21 °C"},
         {"type": "tool_result", "tool_use_id": "toolu_2", "content": "boom", "is_error": True},
     ]
-    conversation: Any = [*MESSAGES, {"role": "assistant", "content": message.content}, {"role": "user", "content": results}]
+    conversation: Any = [
+        *MESSAGES,
+        {"role": "assistant", "content": message.content},
+        {"role": "user", "content": results},
+    ]
     await claude.messages.create(**create(model=model, tools=tools, messages=conversation))
     sent = upstream.requests[-1].json
     if model.startswith("up/"):
@@ -377,9 +382,7 @@ async def test_unknown_paths_under_v1_messages_are_anthropic_404s(proxy_url: str
 async def test_a_failover_before_the_first_token_shows_one_message(
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
-    config = proxy_config(
-        upstream, flaky={"type": "anthropic", "base_url": upstream.url, "fallbacks": ["up/gpt-test"]}
-    )
+    config = proxy_config(upstream, flaky={"type": "anthropic", "base_url": upstream.url, "fallbacks": ["up/gpt-test"]})
     binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
     upstream.push(Reply(tokens=TOKENS, error_after=0, error_message="Overloaded"), Reply(tokens=TOKENS))
     async with httpx.AsyncClient() as http:
@@ -502,7 +505,11 @@ async def staged(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
             "transforms": [{"type": "regex_redact", "pattern": r"\d{3}-\d{4}", "replacement": "[phone]"}],
             "buffer": {"buffer_by_word": True, "min_chunk_size": 8},
         },
-        guarded={"type": "anthropic", "base_url": upstream.url, "validators": [{"type": "banned_phrases", "phrases": ["forbidden"]}]},
+        guarded={
+            "type": "anthropic",
+            "base_url": upstream.url,
+            "validators": [{"type": "banned_phrases", "phrases": ["forbidden"]}],
+        },
         patient={"type": "anthropic", "base_url": upstream.url, "heartbeat_interval": 0.05, "first_token_timeout": 5},
         hasty={"type": "anthropic", "base_url": upstream.url, "first_token_timeout": 0.2},
         retrying={"type": "anthropic", "base_url": upstream.url, "retry": {"max_retries": 2, "base_delay_ms": 1}},

@@ -601,7 +601,9 @@ def test_tool_use_recorded_stream() -> None:
         Delta(tool_calls=(ToolCallDelta(index=0, arguments='{"locati'),)),
         Delta(tool_calls=(ToolCallDelta(index=0, arguments='on": "San Francisco, CA"}'),)),
         Delta(finish_reason="tool_calls"),
-        Delta(usage=Usage(prompt_tokens=472 + 10 + 3, completion_tokens=89, cache_read_tokens=3, cache_creation_tokens=10)),
+        Delta(
+            usage=Usage(prompt_tokens=472 + 10 + 3, completion_tokens=89, cache_read_tokens=3, cache_creation_tokens=10)
+        ),
     ]
     arguments = "".join(tc.arguments for d in deltas for tc in d.tool_calls)
     assert orjson.loads(arguments) == {"location": "San Francisco, CA"}
@@ -871,13 +873,18 @@ def test_an_anthropic_client_s_body_goes_up_whole_with_its_headers() -> None:
         "model": "claude-sonnet-4-5",
         "max_tokens": 32000,
         "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}
+        ],
         "thinking": {"type": "enabled", "budget_tokens": 31999},
         "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
         "a_field_from_next_year": {"x": [1, 2]},
         "stream": False,
     }
-    headers = {"anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"}
+    headers = {
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+    }
     translation = AnthropicTranslation(api_key="sk-ant-up", version="2000-01-01", extra_headers={"X-Org": "o"})
     request = translation.stream_request(native_chat(body, headers))
     assert orjson.loads(request.body) == {**body, "model": "claude-sonnet-4-5", "stream": True}

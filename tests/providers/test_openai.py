@@ -327,7 +327,10 @@ def test_in_stream_error_with_status_code_and_string_code() -> None:
         True,
     )
     with pytest.raises(UpstreamStatusError) as info:
-        feed(OpenAIStreamParser(keep_raw=True), '{"error": {"message": "ctx", "type": "invalid_request_error", "code": "too_long"}}')
+        feed(
+            OpenAIStreamParser(keep_raw=True),
+            '{"error": {"message": "ctx", "type": "invalid_request_error", "code": "too_long"}}',
+        )
     assert (info.value.status, info.value.type, info.value.code) == (502, "invalid_request_error", "too_long")
 
 

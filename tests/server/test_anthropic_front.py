@@ -91,7 +91,13 @@ data: {"type":"message_stop"}
 
 @pytest.mark.parametrize(
     "stream",
-    [BASIC, *((FIXTURES / name).read_bytes() for name in ("stream_thinking_tools.sse", "thinking_citations_server_tool.sse"))],
+    [
+        BASIC,
+        *(
+            (FIXTURES / name).read_bytes()
+            for name in ("stream_thinking_tools.sse", "thinking_citations_server_tool.sse")
+        ),
+    ],
 )
 def test_an_anthropic_upstream_s_stream_is_forwarded_byte_for_byte(stream: bytes) -> None:
     renderer = AnthropicEventRenderer(model=MODEL)

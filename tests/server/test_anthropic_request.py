@@ -124,7 +124,12 @@ def test_claude_code_s_first_turn() -> None:
     assert inner_system["role"] == "system"  # Claude Code's system message inside `messages`, in place
     assert [tool["function"]["name"] for tool in out["tools"]] == [tool["name"] for tool in sent["tools"]]
     deferred = next(tool for tool in sent["tools"] if tool.get("defer_loading"))
-    assert {"type": "function", "function": {k if k != "input_schema" else "parameters": v for k, v in deferred.items() if k != "defer_loading"}} in out["tools"]
+    assert {
+        "type": "function",
+        "function": {
+            k if k != "input_schema" else "parameters": v for k, v in deferred.items() if k != "defer_loading"
+        },
+    } in out["tools"]
     assert out["user"] == sent["metadata"]["user_id"]
 
 
@@ -325,15 +330,33 @@ def test_trioproxy_s_own_simulate_field_is_carried() -> None:
             "messages[0].content[0].toolset_name",
         ),
         (
-            {"messages": [USER, {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}, "caller": {"type": "direct"}}]}]},
+            {
+                "messages": [
+                    USER,
+                    {
+                        "role": "assistant",
+                        "content": [
+                            {"type": "tool_use", "id": "t", "name": "f", "input": {}, "caller": {"type": "direct"}}
+                        ],
+                    },
+                ]
+            },
             "messages[1].content[0].caller",
         ),
         (
-            {"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "text", "data": "d"}}]}]},
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "document", "source": {"type": "text", "data": "d"}}]}
+                ]
+            },
             "messages[0].content[0].type",
         ),
         (
-            {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}]},
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "source": {"type": "file", "file_id": "f"}}]}
+                ]
+            },
             "messages[0].content[0].source.type",
         ),
         (

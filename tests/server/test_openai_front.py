@@ -187,7 +187,9 @@ def test_raw_passthrough() -> None:
     for include_usage in (False, True):
         renderer = OpenAIChunkRenderer(model=MODEL, include_usage=include_usage)
         assert renderer.delta(Delta(text="hi", raw=raw)) == raw
-    usage_raw = b'data: {"id":"up-1","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
+    usage_raw = (
+        b'data: {"id":"up-1","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
+    )
     renderer = OpenAIChunkRenderer(model=MODEL, include_usage=True)
     assert renderer.delta(Delta(usage=Usage(1, 1), raw=usage_raw)) == usage_raw
 

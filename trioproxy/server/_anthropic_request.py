@@ -171,7 +171,9 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unportable(what: str, param: str) -> RequestError:
-    return RequestError(f"{what} is understood by Anthropic upstreams only; this model's upstream is not one", param=param)
+    return RequestError(
+        f"{what} is understood by Anthropic upstreams only; this model's upstream is not one", param=param
+    )
 
 
 def _system_text(system: Any, where: str) -> str:
@@ -278,9 +280,7 @@ def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
         assert isinstance(source, dict)
         media_type, data = source.get("media_type"), source.get("data")
         if not isinstance(media_type, str) or not isinstance(data, str):
-            raise RequestError(
-                f"'{where}.source' must have a string 'media_type' and 'data'", param=f"{where}.source"
-            )
+            raise RequestError(f"'{where}.source' must have a string 'media_type' and 'data'", param=f"{where}.source")
         return {"type": "image_url", "image_url": {"url": f"data:{media_type};base64,{data}"}}
     if kind == "url":
         assert isinstance(source, dict)
@@ -390,7 +390,7 @@ def _output_config(config: Any) -> dict[str, Any]:
             schema = value.get("schema") if isinstance(value, dict) else None
             if not isinstance(value, dict) or value.get("type") != "json_schema" or not isinstance(schema, dict):
                 raise RequestError(
-                    "'output_config.format' must be {\"type\": \"json_schema\", \"schema\": {...}}",
+                    '\'output_config.format\' must be {"type": "json_schema", "schema": {...}}',
                     param="output_config.format",
                 )
             out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}

@@ -275,7 +275,8 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
                 counted = await route.upstream.count_tokens(chat.routed(route.upstream_model))
             if waited.cancelled_caught:
                 raise UpstreamTimeoutError(
-                    f"no answer from the upstream within first_token_timeout ({timeout:g} s)", kind="first_token_timeout"
+                    f"no answer from the upstream within first_token_timeout ({timeout:g} s)",
+                    kind="first_token_timeout",
                 )
         except TrioproxyError as exc:
             return _anthropic_error(exc)
