@@ -226,7 +226,7 @@ class AnthropicEventRenderer:
 
     def _start(self) -> None:
         self._started = True
-        message = {
+        message: dict[str, Any] = {
             "id": self.id,
             "type": "message",
             "role": "assistant",

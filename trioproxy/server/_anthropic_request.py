@@ -353,7 +353,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
 def _tool_choice(choice: Any) -> dict[str, Any]:
     """The Chat Completions fields that say what `tool_choice` says."""
     kind = choice.get("type") if isinstance(choice, dict) else None
-    if not isinstance(choice, dict) or (kind not in TOOL_CHOICES and kind != "tool"):
+    if not isinstance(choice, dict) or not isinstance(kind, str) or (kind not in TOOL_CHOICES and kind != "tool"):
         raise RequestError("'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'", param="tool_choice.type")
     out: dict[str, Any] = {}
     if kind == "tool":
