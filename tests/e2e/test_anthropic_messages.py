@@ -17,8 +17,9 @@ import httpx
 import orjson
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import proxy_config
+from tests.conftest import proxy_config, wait_until
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
 
@@ -474,6 +475,43 @@ async def test_count_tokens_is_an_estimate_marked_so_for_another_upstream(
     assert response.status_code == 200
     assert response.json() == {"input_tokens": 10, "estimated": True}
     assert list(upstream.requests) == []
+
+
+# --- limits and metrics ------------------------------------------------------------------------
+
+
+async def test_limits_refuse_in_anthropic_s_shape_and_metrics_count_the_route(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    config = parse_config(
+        {
+            "limits": {"max_messages": 2, "requests_per_minute": 1},
+            "providers": {"claude": {"type": "anthropic", "base_url": upstream.url}},
+        },
+        environ={},
+    )
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    async with anthropic.AsyncAnthropic(base_url=binds[0], api_key="k", max_retries=0) as sdk:
+        with pytest.raises(anthropic.BadRequestError) as too_long:
+            await sdk.messages.create(**create(model="claude/c", messages=[*MESSAGES] * 3))
+        assert "at most 2" in too_long.value.message
+        await sdk.messages.create(**create(model="claude/c"))
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            await sdk.messages.create(**create(model="claude/c"))
+        assert limited.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+        assert limited.value.response.headers["retry-after"]
+
+    async def counted() -> bool:
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(binds[0] + "/metrics")).text
+        labels = {"route": "/v1/messages", "provider": "claude", "outcome": "completed"}
+        return any(
+            sample.name == "trioproxy_streams_total" and sample.labels == labels and sample.value == 1
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+        )
+
+    await wait_until(counted)
 
 
 # --- models ---------------------------------------------------------------------------------
