@@ -184,9 +184,9 @@ def _system_text(system: Any, where: str) -> str:
     texts = []
     for j, block in enumerate(system):
         at = f"{where}[{j}]"
-        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+        if _block_type(block, at) != "text":
             raise RequestError(f"'{at}' must be a text block", param=at)
-        texts.append(block["text"])
+        texts.append(_text(block, at))
     return "\n\n".join(texts)
 
 
