@@ -303,9 +303,9 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         except BaseException:
             session.cancel()
             raise
-        backlog, watcher = stream.attach()
-        for item in opening:
+        for item in opening:  # into the log: the first watcher gets them as one backlog write
             stream.publish(item)
+        backlog, watcher = stream.attach()
         app.nursery.start_soon(stream.run, name=f"stream {stream.id}")  # type: ignore[attr-defined]
         return _watch_response(stream, backlog, watcher)
 
