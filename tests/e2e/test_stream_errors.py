@@ -156,3 +156,28 @@ async def test_a_failover_that_fails_names_every_route_tried(sdk: openai.AsyncOp
     with pytest.raises(openai.InternalServerError) as again:
         await sdk.chat.completions.create(model="gone/m", messages=MESSAGES)
     assert again.value.body["message"] == message
+
+
+async def test_an_upstream_that_sends_only_content_less_chunks_is_not_held_back_without_bound(
+    sdk: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    role_chunk = b'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"m",' + (
+        b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+    )
+    upstream.push(Reply(raw_body=role_chunk * 40, stall_after=0))
+    with trio.fail_after(5):  # not first_token_timeout (120 s): a bounded number of them starts the response
+        stream = await sdk.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
+        first = await stream.__anext__()
+        await stream.close()
+    assert first.choices[0].delta.role == "assistant"
+
+
+async def test_on_the_generic_endpoints_a_failover_event_starts_the_stream(proxy: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(status=503, error_message="backup is overloaded"))
+    async with httpx.AsyncClient() as http:
+        response = await http.post(proxy + "/v1/chat/stream/json", json={"model": "gone/m", "messages": MESSAGES})
+    assert response.status_code == 200  # the client was shown the failover: the error comes in the stream
+    events = [StreamEvent.from_json(line) for line in response.text.splitlines()]
+    assert [(e.type, e.data) for e in events[:-1]] == [("metadata", "failover")]
+    assert events[-1].type == "error" and events[-1].data["status"] == 503
+    assert events[-1].data["message"].startswith("all 2 routes failed: gone/m: ")
