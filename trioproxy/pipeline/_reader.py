@@ -77,32 +77,46 @@ async def _attempts(
     progress: _Progress,
     rng: random.Random,
 ) -> None:
-    error: UpstreamError | None = None
     failures: list[tuple[Route, UpstreamError]] = []
     for route in pipeline.routes:
-        if error is not None:
-            await sink.send(_notice("failover", 0, route, 0.0, error))
-        routed = chat.routed(route.upstream_model)
-        retry = route.provider.retry
-        for attempt in range(retry.max_retries + 1):
-            try:
-                await _attempt(pipeline, route, routed, sink, progress)
-                return
-            except UpstreamError as exc:
-                error = exc
-            if progress.token_sent or not error.retryable or attempt == retry.max_retries:
-                break
-            delay = retry.delay(attempt, retry_after=error.retry_after, random=rng.random())
-            logger.info("retrying %s/%s in %.3f s: %s", route.provider.name, route.upstream_model, delay, error)
-            await sink.send(_notice("retry", attempt + 1, route, delay, error))
-            await trio.sleep(delay)
+        if failures:
+            await sink.send(_notice("failover", 0, route, 0.0, failures[-1][1]))
+        error = await _try_route(pipeline, route, chat, sink, progress, rng)
+        if error is None:
+            return
         failures.append((route, error))
         if progress.token_sent or error.status in _NOT_FAILOVER_STATUSES:
             break
-    assert error is not None
     if len(failures) == 1:
-        raise error
+        raise failures[0][1]
     raise _every_failure(failures, routes=len(pipeline.routes))
+
+
+async def _try_route(
+    pipeline: Pipeline,
+    route: Route,
+    chat: ChatRequest,
+    sink: Sink,
+    progress: _Progress,
+    rng: random.Random,
+) -> UpstreamError | None:
+    """One route, retried as its provider says: None once an attempt streamed to its end, else the last failure."""
+    routed = chat.routed(route.upstream_model)
+    retry = route.provider.retry
+    attempt = 0
+    while True:
+        try:
+            await _attempt(pipeline, route, routed, sink, progress)
+            return None
+        except UpstreamError as exc:
+            error = exc
+        if progress.token_sent or not error.retryable or attempt == retry.max_retries:
+            return error
+        delay = retry.delay(attempt, retry_after=error.retry_after, random=rng.random())
+        logger.info("retrying %s/%s in %.3f s: %s", route.provider.name, route.upstream_model, delay, error)
+        attempt += 1
+        await sink.send(_notice("retry", attempt, route, delay, error))
+        await trio.sleep(delay)
 
 
 def _every_failure(failures: list[tuple[Route, UpstreamError]], *, routes: int) -> UpstreamError:

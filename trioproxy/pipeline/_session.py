@@ -8,7 +8,7 @@ generator only iterates that channel and, in its `finally`, cancels the session.
 client goes away, the server cancels the response, the generator's `finally` cancels the
 session, and the upstream reader unwinds through httpx, which closes the upstream connection.
 
-Items on `output`: `OPENED` (the upstream accepted: commit HTTP 200), `Delta`s, `RetryNotice`s,
+Items on `output` (`_items.py`): `OPENED` (the upstream accepted), `Delta`s, `RetryNotice`s,
 `HEARTBEAT`s, and at most one `TrioproxyError`, always last. The end of the stream is the close
 of the channel; a channel that closes with `completed` still false was cut short, and the
 client must be told so rather than shown a truncated answer as whole. A session ended with
