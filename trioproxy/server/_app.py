@@ -13,11 +13,11 @@ holds back its preamble (the upstream's acceptance, the role chunk) until someth
 must see now: the first token (or finish reason, or usage), a heartbeat that is due, a retry
 notice the front shows (`_generic.commits`). An error before that still becomes an HTTP status
 with the protocol's error body; otherwise the response is committed as 200 with the held items
-first, and from its first body write on the session's own tasks write the rest straight to the
-ASGI `send` (`deliver_to`): a token then crosses no task switch between the upstream and the client. The
-body generator only waits for the session to end and writes its last word; its `finally`
-cancels the session, so a client that goes away — at any point — takes its upstream request
-with it.
+first, and from its first body write on the session's own tasks write the rest straight to
+the ASGI `send` (`deliver_to`): a token then crosses no task switch between the upstream and
+the client. The body generator only waits for the session to end and writes its last word;
+its `finally` cancels the session, so a client that goes away — at any point — takes its
+upstream request with it.
 
 `start` is also where `[limits]` are applied, once for every route (WebSocket included): a
 session starts only if its body's shape is within bounds and the limiter admits its client,
@@ -303,7 +303,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         except BaseException:
             session.cancel()
             raise
-        for item in opening:  # into the log: the first watcher gets them as one backlog write
+        for item in opening:  # logged before the first watcher attaches: it gets them as one write
             stream.publish(item)
         backlog, watcher = stream.attach()
         app.nursery.start_soon(stream.run, name=f"stream {stream.id}")  # type: ignore[attr-defined]
