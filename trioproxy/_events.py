@@ -43,8 +43,8 @@ EVENT_TYPES: Final = frozenset(get_args(EventType))
 @dataclass(frozen=True, slots=True)
 class Opened:
     """
-    The upstream accepted the request (HTTP 200 on the wire): from here on, failures are
-    reported inside the stream rather than as an HTTP status.
+    The upstream accepted the request (HTTP 200 on the wire). The client's response need not
+    start yet: until its first token, a failure can still be an HTTP status.
     """
 
 

@@ -11,9 +11,11 @@ TrioproxyError                 status  type
 ├── ConfigError                  -      the config file is wrong (start-up only)
 ├── RequestError                400     invalid_request_error: the client's request is wrong
 │   ├── AuthenticationError     401     authentication_error: no valid client key
-│   ├── ModelNotFoundError      404     not_found_error: no route for the model
+│   ├── NotFoundError           404     not_found_error: no such stream (or path)
+│   │   └── ModelNotFoundError  404     not_found_error: no route for the model
 │   ├── ReplayGapError          410     a resumed stream's older events are no longer kept
-│   └── PayloadTooLargeError    413     the request body is over `[limits].max_body_bytes`
+│   ├── PayloadTooLargeError    413     the request body is over `[limits].max_body_bytes`
+│   └── HTTPRefusal             (its)   the HTTP layer refused it (unknown path, wrong method)
 ├── ValidationError             422     validation_error: a validator stopped the stream
 ├── StreamCancelled             499     cancelled: the client cancelled a stream (WebSocket `cancel`)
 ├── RateLimitedError            429     rate_limit_error: this client is over its share (Retry-After)
@@ -30,14 +32,22 @@ TrioproxyError                 status  type
 
 `status` is the HTTP status to answer with while no byte of the response was sent; `type` is
 the error type string of OpenAI's error object (Anthropic's renderer maps it to its own).
+
+What any error may carry is on the base class: `retry_after` (seconds, sent as `Retry-After`)
+and `characters_delivered` (set when it ends a stream). A caught error is never changed:
+`after_delivery` and `with_message` return a new one of the same class.
 """
 
 from __future__ import annotations
 
+from typing import Self
+
 __all__ = [
     "AuthenticationError",
     "ConfigError",
+    "HTTPRefusal",
     "ModelNotFoundError",
+    "NotFoundError",
     "OverloadedError",
     "PayloadTooLargeError",
     "RateLimitedError",
@@ -63,11 +73,45 @@ class TrioproxyError(Exception):
     status: int = 500
     type: str = "server_error"
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+        characters_delivered: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.param = param
+        self.retry_after = retry_after
+        """Seconds until asking again could succeed, when known."""
+        self.characters_delivered = characters_delivered
+        """How many characters of text the client got before this error ended its stream."""
+
+    def with_message(self, message: str) -> Self:
+        """This error with another message: a new one, of the same class, caused by this one."""
+        return self._copy(message=message)
+
+    def after_delivery(self, characters: int, *, content_delivered: bool) -> Self:
+        """
+        This error as the last word of a stream that delivered `characters` characters; when
+        any content was delivered, the message says so, since it will not be repeated.
+        """
+        message = self.message
+        if content_delivered:
+            message += f" (after {characters} characters were delivered; they are not repeated)"
+        return self._copy(message=message, characters_delivered=characters)
+
+    def _copy(self, **changes: object) -> Self:
+        # Subclasses' constructors take different arguments: copy the state, not the call.
+        new = type(self).__new__(type(self))
+        Exception.__init__(new, changes.get("message", self.message))
+        new.__dict__.update(self.__dict__, **changes)
+        new.__cause__ = self
+        return new
 
 
 class ConfigError(TrioproxyError):
@@ -90,10 +134,12 @@ class AuthenticationError(RequestError):
     type = "authentication_error"
 
 
-class ModelNotFoundError(RequestError):
+class NotFoundError(RequestError):
     status = 404
     type = "not_found_error"
 
+
+class ModelNotFoundError(NotFoundError):
     def __init__(self, message: str) -> None:
         super().__init__(message, code="model_not_found", param="model")
 
@@ -113,6 +159,15 @@ class PayloadTooLargeError(RequestError):
         super().__init__(message, code="request_too_large")
 
 
+class HTTPRefusal(RequestError):
+    """The HTTP layer refused the request before a route saw it; its status is the HTTP layer's."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = _type_for_status(status)
+
+
 class RateLimitedError(TrioproxyError):
     """
     This client (key, or address when keys are off) is over its requests per minute or its
@@ -124,8 +179,7 @@ class RateLimitedError(TrioproxyError):
     type = "rate_limit_error"
 
     def __init__(self, message: str, *, code: str, retry_after: float) -> None:
-        super().__init__(message, code=code)
-        self.retry_after = retry_after
+        super().__init__(message, code=code, retry_after=retry_after)
 
 
 class OverloadedError(TrioproxyError):
@@ -136,10 +190,6 @@ class OverloadedError(TrioproxyError):
 
     status = 503
     type = "overloaded_error"
-
-    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None) -> None:
-        super().__init__(message, code=code)
-        self.retry_after = retry_after
 
 
 class ValidationError(TrioproxyError):
@@ -171,8 +221,7 @@ class ShuttingDownError(StreamInterrupted):
     """
 
     def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message, code="server_shutting_down")
-        self.retry_after = retry_after
+        super().__init__(message, code="server_shutting_down", retry_after=retry_after)
 
 
 class StreamsFullError(OverloadedError):
@@ -212,10 +261,9 @@ class UpstreamStatusError(UpstreamError):
         code: str | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, code=code)
+        super().__init__(message, code=code, retry_after=retry_after)
         self.status = status
         self.type = type or _type_for_status(status)
-        self.retry_after = retry_after
         self.retryable = status == 429 or status >= 500
 
 

@@ -33,7 +33,7 @@ import httpx
 import trio
 
 from ._config import ProviderConfig
-from ._events import OPENED, Delta, Opened
+from ._events import OPENED
 from ._exceptions import (
     RequestError,
     TrioproxyError,
@@ -47,11 +47,10 @@ from ._sse import SSEDecodeError, SSEDecoder
 from .providers._base import Translation
 from .providers.anthropic import AnthropicTranslation
 from .providers.openai import OpenAITranslation
+from .pipeline._items import Sink
 from .providers.simulated import SimulatedSettings, Stall, script
 
-__all__ = ["HttpUpstream", "ItemSink", "SimulatedUpstream", "Upstream", "UpstreamItem", "build_upstream"]
-
-UpstreamItem = Opened | Delta
+__all__ = ["HttpUpstream", "SimulatedUpstream", "Upstream", "build_upstream"]
 
 MAX_ERROR_BODY: Final = 64 * 1024
 """How much of an upstream's error body (or other short JSON answer) we read: enough for any, bounded."""
@@ -69,14 +68,8 @@ MAX_TRAILING_BYTES: Final = 64 * 1024
 """How much an upstream may send after its end marker before we stop reading and close."""
 
 
-class ItemSink(Protocol):
-    """Where an upstream puts its items (a channel, or the pipeline's next stage)."""
-
-    async def send(self, item: UpstreamItem, /) -> None: ...
-
-
 class Upstream(Protocol):
-    async def stream(self, chat: ChatRequest, send: ItemSink) -> None:
+    async def stream(self, chat: ChatRequest, send: Sink) -> None:
         """Send `OPENED`, then every delta of the generation; raise `TrioproxyError` on failure."""
         ...
 
@@ -113,7 +106,7 @@ class HttpUpstream:
             headers={"accept-encoding": "identity"},
         )
 
-    async def stream(self, chat: ChatRequest, send: ItemSink) -> None:
+    async def stream(self, chat: ChatRequest, send: Sink) -> None:
         request = self.translation.stream_request(chat)
         parser = self.translation.stream_parser(chat)
         decoder = SSEDecoder()
@@ -427,7 +420,7 @@ class SimulatedUpstream:
     def __init__(self, settings: SimulatedSettings) -> None:
         self.settings = settings
 
-    async def stream(self, chat: ChatRequest, send: ItemSink) -> None:
+    async def stream(self, chat: ChatRequest, send: Sink) -> None:
         settings = self.settings
         overrides = chat.common_body().get("simulate")
         if overrides is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -82,36 +82,44 @@ async def stream_chat_completion(
     usage = None
     decoder = SSEDecoder()
     try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(read_timeout, connect=10.0)) as client:
-            async with client.stream("POST", url, headers=headers, content=orjson.dumps(body)) as response:
-                if response.status_code != 200:
-                    raise _status_error(response.status_code, await response.aread())
-                async for data in response.aiter_bytes():
-                    for event in decoder.feed(data):
-                        if event.data.startswith("[DONE]"):
-                            return ChatResult(
-                                "".join(parts), ttft, time.perf_counter() - started, chunks, finish_reason, usage
-                            )
-                        chunk = orjson.loads(event.data)
-                        if "error" in chunk:
-                            raise _status_error(502, event.data.encode())
-                        usage = chunk.get("usage") or usage
-                        for choice in chunk.get("choices") or []:
-                            finish_reason = choice.get("finish_reason") or finish_reason
-                            text = (choice.get("delta") or {}).get("content")
-                            if text:
-                                if ttft is None:
-                                    ttft = time.perf_counter() - started
-                                chunks += 1
-                                parts.append(text)
-                                on_text(text)
-    except httpx.TimeoutException as exc:
-        raise UpstreamConnectError(f"timed out talking to {url}: {exc}") from exc
-    except httpx.HTTPError as exc:
-        raise UpstreamConnectError(f"cannot stream from {url}: {exc or type(exc).__name__}") from exc
+        with _mapped_httpx_errors(url):
+            async with httpx.AsyncClient(timeout=httpx.Timeout(read_timeout, connect=10.0)) as client:
+                async with client.stream("POST", url, headers=headers, content=orjson.dumps(body)) as response:
+                    if response.status_code != 200:
+                        raise _status_error(response.status_code, await response.aread())
+                    async for data in response.aiter_bytes():
+                        for event in decoder.feed(data):
+                            if event.data.startswith("[DONE]"):
+                                return ChatResult(
+                                    "".join(parts), ttft, time.perf_counter() - started, chunks, finish_reason, usage
+                                )
+                            chunk = orjson.loads(event.data)
+                            if "error" in chunk:
+                                raise _status_error(502, event.data.encode())
+                            usage = chunk.get("usage") or usage
+                            for choice in chunk.get("choices") or []:
+                                finish_reason = choice.get("finish_reason") or finish_reason
+                                text = (choice.get("delta") or {}).get("content")
+                                if text:
+                                    if ttft is None:
+                                        ttft = time.perf_counter() - started
+                                    chunks += 1
+                                    parts.append(text)
+                                    on_text(text)
     except (SSEDecodeError, orjson.JSONDecodeError) as exc:
         raise UpstreamProtocolError(f"malformed stream from {url}: {exc}") from exc
     raise UpstreamProtocolError("the stream ended without [DONE]: the answer may be incomplete")
+
+
+@contextlib.contextmanager
+def _mapped_httpx_errors(url: str) -> Iterator[None]:
+    """httpx's exceptions become ours here, once (as `_upstream.py` maps them on the server's side)."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise UpstreamConnectError(f"timed out talking to {url}: {exc or type(exc).__name__}") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamConnectError(f"lost the connection to {url}: {exc or type(exc).__name__}") from exc
 
 
 def _status_error(status: int, body: bytes) -> TrioproxyError:
@@ -419,32 +427,29 @@ class SSEClient:
             if content is not None:
                 headers["content-type"] = "application/json"
             try:
-                async with self._http.stream(
-                    method, url, headers=headers, content=content, timeout=self.timeout
-                ) as response:
-                    if response.status_code != 200:
-                        raise _event_status_error(response.status_code, await response.aread())
-                    self.stream_id = response.headers.get("x-stream-id") or self.stream_id
-                    decoder = SSEDecoder()
-                    async for data in response.aiter_bytes():
-                        for sse in decoder.feed(data):
-                            event = StreamEvent.from_json(sse.data, id=sse.id or None)
-                            self.last_event_id = sse.id
-                            if event.type == "metadata" and isinstance(event.metadata.get("stream_id"), str):
-                                self.stream_id = self.stream_id or event.metadata["stream_id"]
-                            failures = 0
-                            await send.send(event)
-                            if event.type in ("done", "error"):
-                                return
+                with _mapped_httpx_errors(url):
+                    async with self._http.stream(
+                        method, url, headers=headers, content=content, timeout=self.timeout
+                    ) as response:
+                        if response.status_code != 200:
+                            raise _event_status_error(response.status_code, await response.aread())
+                        self.stream_id = response.headers.get("x-stream-id") or self.stream_id
+                        decoder = SSEDecoder()
+                        async for data in response.aiter_bytes():
+                            for sse in decoder.feed(data):
+                                event = StreamEvent.from_json(sse.data, id=sse.id or None)
+                                self.last_event_id = sse.id
+                                if event.type == "metadata" and isinstance(event.metadata.get("stream_id"), str):
+                                    self.stream_id = self.stream_id or event.metadata["stream_id"]
+                                failures = 0
+                                await send.send(event)
+                                if event.type in ("done", "error"):
+                                    return
                 failure: TrioproxyError = UpstreamProtocolError(
                     f"the stream from {url} ended without a done or error event"
                 )
-            except httpx.TimeoutException as exc:
-                failure = UpstreamConnectError(f"timed out reading {url}: {exc or type(exc).__name__}")
-                failure.__cause__ = exc
-            except httpx.HTTPError as exc:
-                failure = UpstreamConnectError(f"lost the stream from {url}: {exc or type(exc).__name__}")
-                failure.__cause__ = exc
+            except UpstreamConnectError as exc:
+                failure = exc
             except (SSEDecodeError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise UpstreamProtocolError(f"malformed stream from {url}: {exc}") from exc
             if self.stream_id is None or failures >= self.max_reconnects:

@@ -369,10 +369,10 @@ async def test_a_stalled_watcher_on_a_socket_is_dropped_while_the_others_finish(
 ) -> None:
     """
     The stalled watcher never reads its socket: once the kernel's buffers are full, its
-    response cannot be written, its queue (2 writes) fills, and it is disconnected. The other
+    response cannot be written, its queue (8 writes) fills, and it is disconnected. The other
     two read all 12 MiB as fast as the upstream sends them.
     """
-    proxy = await start_proxy(nursery, upstream, watcher_queue=2)
+    proxy = await start_proxy(nursery, upstream, watcher_queue=8)
     big = tuple("x" * 65536 for _ in range(192))
     upstream.push(Reply(tokens=big, interval=0.001))
     host, port = httpx.URL(proxy).host, httpx.URL(proxy).port

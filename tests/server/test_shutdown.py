@@ -107,7 +107,7 @@ async def test_at_the_grace_deadline_every_stream_ends_with_the_shutdown_error(
         assert client.ended_at == 4.25
         assert client.error is not None and not client.session.completed
         assert client.error.message.startswith("the server is shutting down and ended the stream before it completed")
-        assert client.error.characters_delivered == len(client.text)  # type: ignore[attr-defined]
+        assert client.error.characters_delivered == len(client.text)
         assert client.error.status == 503 and client.error.code == "server_shutting_down"
     assert one.error is not two.error  # each session's error says how much it delivered
     assert "(the grace period is over): interrupted 2 stream(s)" in caplog.text

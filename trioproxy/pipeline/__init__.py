@@ -11,8 +11,8 @@ from ._content import (
     regex_redact,
     replace_text,
 )
-from ._reader import RetryNotice
-from ._session import HEARTBEAT, Heartbeat, SessionItem, StreamSession, start_session
+from ._items import HEARTBEAT, Heartbeat, RetryNotice, SessionItem, Sink
+from ._session import StreamSession, start_session
 from ._stages import ValidationError
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Pipeline",
     "RetryNotice",
     "SessionItem",
+    "Sink",
     "StreamSession",
     "Transform",
     "ValidationError",

@@ -19,17 +19,14 @@ from typing import TYPE_CHECKING
 
 from .._policy import BufferConfig, Timeouts
 from ._content import Transform, Validator
-from ._stages import buffer_stage, transform_stage, validate_stage
+from ._stages import Receive, Send, buffer_stage, transform_stage, validate_stage
 
 if TYPE_CHECKING:
-    import trio
-
     from .._router import Route, Router
-    from ._session import SessionItem
 
 __all__ = ["Pipeline", "Stage", "pipeline_for"]
 
-Stage = Callable[["trio.MemoryReceiveChannel[SessionItem]", "trio.MemorySendChannel[SessionItem]"], Awaitable[None]]
+Stage = Callable[[Receive, Send], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)

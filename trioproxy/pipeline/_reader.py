@@ -19,7 +19,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -27,13 +27,13 @@ from .._events import Delta, Opened
 from .._exceptions import TrioproxyError, UpstreamError, UpstreamTimeoutError
 from .._policy import Timeouts
 from .._request import ChatRequest
+from ._assemble import Pipeline
+from ._items import RetryNotice, SessionItem, Sink
 
 if TYPE_CHECKING:
     from .._router import Route
-    from ._assemble import Pipeline
-    from ._session import SessionItem
 
-__all__ = ["RetryNotice", "Sink", "read_upstream"]
+__all__ = ["read_upstream"]
 
 logger = logging.getLogger("trioproxy.upstream")
 
@@ -41,30 +41,10 @@ _NOT_FAILOVER_STATUSES = frozenset({400, 413, 422})
 """The client's own request is at fault: another upstream would refuse it too."""
 
 
-@dataclass(frozen=True, slots=True)
-class RetryNotice:
-    """A failed attempt before the first token, and what happens next."""
-
-    kind: str  # "retry" (same route, after `delay`) or "failover" (the next route)
-    attempt: int
-    provider: str
-    model: str
-    delay: float
-    reason: str
-    error: UpstreamError | None = None
-    """The failure that caused it."""
-
-
 @dataclass(slots=True)
 class _Progress:
     opened: bool = False
     token_sent: bool = False
-
-
-class Sink(Protocol):
-    """Where the reader puts items: the next stage's channel, or the session's delivery."""
-
-    async def send(self, item: SessionItem, /) -> None: ...
 
 
 async def read_upstream(
@@ -97,28 +77,56 @@ async def _attempts(
     progress: _Progress,
     rng: random.Random,
 ) -> None:
-    error: UpstreamError | None = None
+    failures: list[tuple[Route, UpstreamError]] = []
     for route in pipeline.routes:
-        if error is not None:
-            await sink.send(_notice("failover", 0, route, 0.0, error))
-        routed = chat.routed(route.upstream_model)
-        retry = route.provider.retry
-        for attempt in range(retry.max_retries + 1):
-            try:
-                await _attempt(pipeline, route, routed, sink, progress)
-                return
-            except UpstreamError as exc:
-                error = exc
-            if progress.token_sent or not error.retryable or attempt == retry.max_retries:
-                break
-            delay = retry.delay(attempt, retry_after=getattr(error, "retry_after", None), random=rng.random())
-            logger.info("retrying %s/%s in %.3f s: %s", route.provider.name, route.upstream_model, delay, error)
-            await sink.send(_notice("retry", attempt + 1, route, delay, error))
-            await trio.sleep(delay)
+        if failures:
+            await sink.send(_notice("failover", 0, route, 0.0, failures[-1][1]))
+        error = await _try_route(pipeline, route, chat, sink, progress, rng)
+        if error is None:
+            return
+        failures.append((route, error))
         if progress.token_sent or error.status in _NOT_FAILOVER_STATUSES:
             break
-    assert error is not None
-    raise error
+    if len(failures) == 1:
+        raise failures[0][1]
+    raise _every_failure(failures, routes=len(pipeline.routes))
+
+
+async def _try_route(
+    pipeline: Pipeline,
+    route: Route,
+    chat: ChatRequest,
+    sink: Sink,
+    progress: _Progress,
+    rng: random.Random,
+) -> UpstreamError | None:
+    """One route, retried as its provider says: None once an attempt streamed to its end, else the last failure."""
+    routed = chat.routed(route.upstream_model)
+    retry = route.provider.retry
+    attempt = 0
+    while True:
+        try:
+            await _attempt(pipeline, route, routed, sink, progress)
+            return None
+        except UpstreamError as exc:
+            error = exc
+        if progress.token_sent or not error.retryable or attempt == retry.max_retries:
+            return error
+        delay = retry.delay(attempt, retry_after=error.retry_after, random=rng.random())
+        logger.info("retrying %s/%s in %.3f s: %s", route.provider.name, route.upstream_model, delay, error)
+        attempt += 1
+        await sink.send(_notice("retry", attempt, route, delay, error))
+        await trio.sleep(delay)
+
+
+def _every_failure(failures: list[tuple[Route, UpstreamError]], *, routes: int) -> UpstreamError:
+    """
+    The last failure, with a message naming every route tried and why each failed: the client
+    must see why the route it asked for failed, not only why its last fallback did.
+    """
+    tried = "all" if len(failures) == routes else f"{len(failures)} of"
+    reasons = "; ".join(f"{route.provider.name}/{route.upstream_model}: {error.message}" for route, error in failures)
+    return failures[-1][1].with_message(f"{tried} {routes} routes failed: {reasons}")
 
 
 async def _attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Sink, progress: _Progress) -> None:
@@ -127,8 +135,8 @@ async def _attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Si
         await route.upstream.stream(chat, watched)
     if watched.watchdog.cancelled_caught:
         kind, limit = watched.kind, watched.limit
-        what = "the first token" if kind == "first_token_timeout" else "the next token"
-        raise UpstreamTimeoutError(f"no {what} from the upstream within {kind} ({limit:g} s)", kind=kind)
+        what = "first" if kind == "first_token_timeout" else "further"
+        raise UpstreamTimeoutError(f"the upstream sent no {what} token within {kind} ({limit:g} s)", kind=kind)
 
 
 class _WatchedSink:
@@ -152,6 +160,8 @@ class _WatchedSink:
             item.arrived = trio.current_time()
             if not self._passthrough:
                 item.raw = None
+                if not item.says_anything:
+                    return  # only its bytes mattered (a `ping`, a block's end): the stages need not see it
             if item.has_content and not progress.token_sent:
                 progress.token_sent = True
                 self.kind, self.limit = "silence_timeout", self._silence

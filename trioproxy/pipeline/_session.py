@@ -8,7 +8,7 @@ generator only iterates that channel and, in its `finally`, cancels the session.
 client goes away, the server cancels the response, the generator's `finally` cancels the
 session, and the upstream reader unwinds through httpx, which closes the upstream connection.
 
-Items on `output`: `OPENED` (the upstream accepted: commit HTTP 200), `Delta`s, `RetryNotice`s,
+Items on `output` (`_items.py`): `OPENED` (the upstream accepted), `Delta`s, `RetryNotice`s,
 `HEARTBEAT`s, and at most one `TrioproxyError`, always last. The end of the stream is the close
 of the channel; a channel that closes with `completed` still false was cut short, and the
 client must be told so rather than shown a truncated answer as whole. A session ended with
@@ -23,36 +23,23 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
 from .._accumulator import Accumulator
-from .._events import Delta, Opened
+from .._events import Delta
 from .._exceptions import TrioproxyError, UpstreamError
 from .._request import ChatRequest
-from ._reader import RetryNotice, read_upstream
+from ._assemble import Pipeline
+from ._items import HEARTBEAT, RetryNotice, SessionItem, Sink
+from ._reader import read_upstream
 from ._stats import StreamStats
 
-if TYPE_CHECKING:
-    from ._assemble import Pipeline
-
-__all__ = ["HEARTBEAT", "Heartbeat", "ItemWriter", "SessionItem", "SessionRegistry", "StreamSession", "start_session"]
+__all__ = ["SessionRegistry", "StreamSession", "start_session"]
 
 logger = logging.getLogger("trioproxy.session")
-
-
-class Heartbeat:
-    """Nothing was sent for `heartbeat_interval`: the front adapter sends its keep-alive."""
-
-
-HEARTBEAT: Final = Heartbeat()
-
-SessionItem = Opened | Delta | RetryNotice | Heartbeat | TrioproxyError
-
-ItemWriter = Callable[[SessionItem], Awaitable[None]]
-"""Writes one item to the client, from whichever of the session's tasks produced it."""
 
 
 class StreamSession:
@@ -81,7 +68,7 @@ class StreamSession:
         self._last_word_scope = trio.CancelScope()
         """Around handing over the interruption error: `cancel()` means nobody is left to read it."""
         self._out, self.output = trio.open_memory_channel[SessionItem](0)
-        self._writer: ItemWriter | None = None
+        self._writer: Sink | None = None
         self._write_lock = trio.Lock()
         """The delivery and the heartbeat both write: one item at a time."""
         self._last_output = -math.inf
@@ -132,9 +119,9 @@ class StreamSession:
         """An error was delivered: it was the stream's last word."""
         return self._failed
 
-    def deliver_to(self, writer: ItemWriter) -> None:
+    def deliver_to(self, writer: Sink) -> None:
         """
-        From now on, every item is handed to `writer` by the task that produced it, instead
+        From now on, every item is sent to `writer` by the task that produced it, instead
         of through `output`, which closes. An item being handed over through `output` right
         now was not taken: closing the channel gives it back to its task, which writes it.
         """
@@ -188,13 +175,11 @@ class StreamSession:
             self._count(item)
         elif isinstance(item, TrioproxyError):
             self._failed = True
-            self.stats.error = item
             if isinstance(item, UpstreamError):
                 self.stats.failed(item)
-            delivered = len(self.accumulator.text)
-            item.characters_delivered = delivered  # type: ignore[attr-defined]
-            if self.accumulator.content_deltas:
-                item.message += f" (after {delivered} characters were delivered; they are not repeated)"
+            accumulator = self.accumulator
+            item = item.after_delivery(len(accumulator.text), content_delivered=bool(accumulator.content_deltas))
+            self.stats.error = item
         await self._send(item)
 
     def _count(self, notice: RetryNotice) -> None:
@@ -226,7 +211,7 @@ class StreamSession:
             await self._write_lock.acquire()
         try:
             self._last_output = trio.current_time()  # a write under way is not silence: no heartbeat
-            await self._writer(item)
+            await self._writer.send(item)
         finally:
             self._write_lock.release()
 

@@ -13,7 +13,6 @@ import collections
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -21,15 +20,13 @@ from .._events import Delta
 from .._exceptions import ValidationError
 from .._policy import BufferConfig
 from ._content import Transform, Validator
+from ._items import SessionItem
 from ._text_buffer import TextBuffer
 
-if TYPE_CHECKING:
-    from ._session import SessionItem  # noqa: F401 (named in the channel aliases below)
+__all__ = ["Receive", "Send", "ValidationError", "buffer_stage", "transform_stage", "validate_stage"]
 
-__all__ = ["ValidationError", "buffer_stage", "transform_stage", "validate_stage"]
-
-Receive = trio.MemoryReceiveChannel["SessionItem"]
-Send = trio.MemorySendChannel["SessionItem"]
+Receive = trio.MemoryReceiveChannel[SessionItem]
+Send = trio.MemorySendChannel[SessionItem]
 
 
 async def buffer_stage(config: BufferConfig, receive: Receive, send: Send) -> None:

@@ -9,13 +9,15 @@ after its `Last-Event-ID`. A watcher that goes away only detaches; the upstream 
 when no watcher is left for `[streams].resume_grace_period`.
 
 Each streaming request starts a session (`pipeline.start_session`) in the app's nursery and
-waits for its first item: an error there still becomes an HTTP status with the protocol's
-error body; once the upstream has accepted, the response is committed as 200, and from its
-first body write on the session's own tasks write the rest straight to the ASGI `send`
-(`deliver_to`): a token then crosses no task switch between the upstream and the client. The
-body generator only waits for the session to end and writes its last word; its `finally`
-cancels the session, so a client that goes away — at any point — takes its upstream request
-with it.
+holds back its preamble (the upstream's acceptance, the role chunk) until something the client
+must see now: the first token (or finish reason, or usage), a heartbeat that is due, a retry
+notice the front shows (`_generic.commits`). An error before that still becomes an HTTP status
+with the protocol's error body; otherwise the response is committed as 200 with the held items
+first, and from its first body write on the session's own tasks write the rest straight to
+the ASGI `send` (`deliver_to`): a token then crosses no task switch between the upstream and
+the client. The body generator only waits for the session to end and writes its last word;
+its `finally` cancels the session, so a client that goes away — at any point — takes its
+upstream request with it.
 
 `start` is also where `[limits]` are applied, once for every route (WebSocket included): a
 session starts only if its body's shape is within bounds and the limiter admits its client,
@@ -43,6 +45,8 @@ from .._config import Config
 from .._events import StreamEvent
 from .._exceptions import (
     AuthenticationError,
+    HTTPRefusal,
+    NotFoundError,
     PayloadTooLargeError,
     RequestError,
     TrioproxyError,
@@ -60,7 +64,7 @@ from ._anthropic_request import parse_messages_request
 from ._auth import key_is_valid, presented_key
 from ._cors import CorsMiddleware
 from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
-from ._generic import Renderer, StreamInterrupted, generic_chat_request, last_word, prompt_chars, render
+from ._generic import Renderer, StreamInterrupted, commits, generic_chat_request, last_word, prompt_chars, render
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
 from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
@@ -83,6 +87,9 @@ GENERIC_ENDPOINTS: Final[dict[str, tuple[Callable[[StreamEvent], bytes], str]]] 
     "/v1/stream/sse": (sse_frame, SSE),
     "/v1/chat/stream/json": (ndjson_frame, NDJSON),
 }
+#: Preamble items a response holds back before its head, at most: a bound on an upstream that
+#: sends nothing but content-less chunks (and on the role chunks of retried attempts).
+MAX_HELD_ITEMS: Final = 16
 #: The playground is one self-contained page: it may run its own inline code and talk to this
 #: origin, and nothing else (no CDN, no framing).
 PLAYGROUND_HEADERS: Final = {
@@ -344,10 +351,10 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         stream (its own broadcast task) with this request as its first watcher.
         """
         try:
-            first = await _first_item(session)
-            if isinstance(first, TrioproxyError):
+            opening = await _opening(session, shows_notices=True)
+            if isinstance(opening, TrioproxyError):
                 session.cancel()
-                return error_response(first)
+                return error_response(opening)
             stream = streams.open(session, renderer_for)
         except TrioproxyError as exc:  # `max_streams` are running
             session.cancel()
@@ -355,8 +362,9 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         except BaseException:
             session.cancel()
             raise
+        for item in opening:  # logged before the first watcher attaches: it gets them as one write
+            stream.publish(item)
         backlog, watcher = stream.attach()
-        stream.publish(first)
         app.nursery.start_soon(stream.run, name=f"stream {stream.id}")  # type: ignore[attr-defined]
         return _watch_response(stream, backlog, watcher)
 
@@ -365,9 +373,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         """Attach to a running or recently finished stream, after its `Last-Event-ID`."""
         stream = streams.get(stream_id)
         if stream is None:
-            error = TrioproxyError(f"no stream {stream_id!r}: it never existed or it has expired")
-            error.status, error.type = 404, "not_found_error"
-            return _sse_error(error)
+            return _sse_error(NotFoundError(f"no stream {stream_id!r}: it never existed or it has expired"))
         last_event_id = request.headers.get("last-event-id", "").strip()
         if last_event_id and not (last_event_id.isascii() and last_event_id.isdigit()):
             return _sse_error(
@@ -405,9 +411,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         if isinstance(exc, RequestEntityTooLarge):  # quart's MAX_CONTENT_LENGTH
             too_large = PayloadTooLargeError(f"the request body is over the limit of {limits.max_body_bytes} bytes")
             return _error_response(request.path, too_large)
-        error = TrioproxyError(exc.description or exc.name)
-        error.status = exc.code or 500
-        error.type = "not_found_error" if exc.code == 404 else "invalid_request_error"
+        error = HTTPRefusal(exc.description or exc.name, status=exc.code or 500)
         response = _error_response(request.path, error)  # e.g. a GET on a generic endpoint: its own shape
         for name, value in exc.get_headers():
             if name.lower() == "allow":
@@ -440,12 +444,26 @@ def _playground_page() -> bytes:
     return (importlib.resources.files(__package__) / "static" / "playground.html").read_bytes()
 
 
-async def _first_item(session: StreamSession) -> SessionItem:
-    """The session's next item; an interruption error if it ended before saying anything."""
-    try:
-        return await session.output.receive()
-    except trio.EndOfChannel:
-        return StreamInterrupted("the server ended the request before the upstream answered")
+async def _opening(session: StreamSession, *, shows_notices: bool) -> list[SessionItem] | TrioproxyError:
+    """
+    The session's first items, up to one that commits the response (`commits`), or the error
+    that ended it before: the items held back until then are few and small, and at most
+    `MAX_HELD_ITEMS` of them.
+    """
+    held: list[SessionItem] = []
+    while len(held) < MAX_HELD_ITEMS:
+        try:
+            item = await session.output.receive()
+        except trio.EndOfChannel:
+            if held:
+                break  # its last word follows what it said
+            return StreamInterrupted("the server ended the request before the upstream answered")
+        if isinstance(item, TrioproxyError):
+            return item
+        held.append(item)
+        if commits(item, shows_notices=shows_notices):
+            break
+    return held
 
 
 async def _stream(
@@ -455,24 +473,36 @@ async def _stream(
     error_response: Callable[[TrioproxyError], Response],
 ) -> Response:
     """
-    Wait until the session has something to say: an error still gets an HTTP status and the
-    protocol's error body; anything the client must see (the upstream's acceptance, a retry
-    notice on the generic endpoints, a heartbeat) commits the response as a 200 stream.
+    Wait until the session has something the client must see (`_opening`): an error before
+    that still gets an HTTP status and the protocol's error body; else the response is
+    committed as a 200 stream, and its head carries every item held until then, in order.
     """
     try:
-        while True:
-            first = await _first_item(session)
-            if isinstance(first, TrioproxyError):
-                session.cancel()
-                return error_response(first)
-            head = render(renderer, first)
-            if head:
-                break
+        opening = await _opening(session, shows_notices=renderer.shows_notices)
     except BaseException:
         session.cancel()
         raise
+    if isinstance(opening, TrioproxyError):
+        session.cancel()
+        return error_response(opening)
+    head = b"".join(render(renderer, item) for item in opening)
     body = _relay(session, renderer, head, request.scope[ASGI_SEND])
     return Response(body, status=200, content_type=content_type, headers=STREAM_HEADERS)
+
+
+class _BodyWriter:
+    """Writes the session's items, rendered, to the response through its ASGI `send`, while it lasts."""
+
+    def __init__(self, renderer: Renderer, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self._renderer = renderer
+        self._send = send
+        self.relaying = True
+        """False once the response ended: the client is gone."""
+
+    async def send(self, item: SessionItem) -> None:
+        out = render(self._renderer, item)
+        if out and self.relaying:
+            await self._send({"type": "http.response.body", "body": out, "more_body": True})
 
 
 async def _relay(
@@ -483,21 +513,15 @@ async def _relay(
     themselves, through the request's own ASGI `send` (the one quart writes with); this only
     waits for the session to end, and then writes its last word. Never yields inside a nursery.
     """
-    relaying = True
-
-    async def write(item: SessionItem) -> None:
-        out = render(renderer, item)
-        if out and relaying:  # not after the response ended: the client is gone
-            await send({"type": "http.response.body", "body": out, "more_body": True})
-
+    writer = _BodyWriter(renderer, send)
     try:
         yield head
-        session.deliver_to(write)
+        session.deliver_to(writer)
         await session.finished.wait()
         if not session.failed:  # an error was the session's own last word
             yield last_word(renderer, session)
     finally:
-        relaying = False
+        writer.relaying = False
         session.cancel()
 
 
@@ -571,7 +595,6 @@ def _anthropic_error(error: TrioproxyError) -> Response:
 
 def _with_retry_after(response: Response, error: TrioproxyError) -> Response:
     """`Retry-After` in whole seconds, rounded up, when the error says when to ask again."""
-    retry_after = getattr(error, "retry_after", None)
-    if retry_after is not None:
-        response.headers["retry-after"] = str(math.ceil(retry_after))
+    if error.retry_after is not None:
+        response.headers["retry-after"] = str(math.ceil(error.retry_after))
     return response

@@ -50,9 +50,8 @@ def latency_summary(waits: list[float]) -> dict[str, float | int]:
 def error_event(error: TrioproxyError, **extra: Any) -> StreamEvent:
     """The `error` event; `retry_after` (whole seconds) when the error says when to ask again."""
     data = {"message": error.message, "type": error.type, "code": error.code, "status": error.status, **extra}
-    retry_after = getattr(error, "retry_after", None)
-    if retry_after is not None:
-        data["retry_after"] = math.ceil(retry_after)
+    if error.retry_after is not None:
+        data["retry_after"] = math.ceil(error.retry_after)
     return StreamEvent("error", data)
 
 
@@ -63,6 +62,8 @@ class EventRenderer:
     `chunk` (merged by a buffer) instead of `token`. `stream_id`, for a resumable stream,
     goes into `stream_start`'s metadata.
     """
+
+    shows_notices: Final = True
 
     def __init__(
         self,
@@ -136,4 +137,4 @@ class EventRenderer:
         return self.frame(StreamEvent("done", None, metadata))
 
     def error(self, error: TrioproxyError) -> bytes:
-        return self.frame(error_event(error, characters_delivered=getattr(error, "characters_delivered", 0)))
+        return self.frame(error_event(error, characters_delivered=error.characters_delivered or 0))

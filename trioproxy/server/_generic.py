@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .._events import Delta
+from .._events import Delta, Opened
 from .._exceptions import RequestError, StreamInterrupted, TrioproxyError
 from .._policy import BufferConfig, parse_policy
 from .._request import ChatRequest, content_text, parse_chat_request
@@ -16,6 +16,7 @@ from ..pipeline import Heartbeat, RetryNotice, SessionItem, StreamSession
 __all__ = [
     "Renderer",
     "StreamInterrupted",
+    "commits",
     "generic_chat_request",
     "last_word",
     "prompt_chars",
@@ -24,7 +25,13 @@ __all__ = [
 
 
 class Renderer(Protocol):
-    """A front adapter: session items as the client's protocol's bytes (`b""`: nothing to send)."""
+    """
+    A front adapter: session items as the client's protocol's bytes (`b""`: nothing to send).
+    `shows_notices`: whether retries and failovers are shown to the client.
+    """
+
+    @property
+    def shows_notices(self) -> bool: ...
 
     def opened(self) -> bytes: ...
     def delta(self, delta: Delta) -> bytes: ...
@@ -45,6 +52,23 @@ def render(renderer: Renderer, item: SessionItem) -> bytes:
     if isinstance(item, TrioproxyError):
         return renderer.error(item)
     return renderer.opened()
+
+
+def commits(item: SessionItem, *, shows_notices: bool) -> bool:
+    """
+    Whether `item` commits a response to a 200 stream: anything the client must see now, that
+    is, more than the preamble of a generation. The upstream's acceptance and content-less
+    deltas (the role chunk) can wait for the first token, so that a failure before it is still
+    an HTTP status; a heartbeat cannot (an idle load balancer would cut the connection), nor a
+    retry notice the client is shown.
+    """
+    if isinstance(item, Opened):
+        return False
+    if isinstance(item, Delta):
+        return item.has_content or item.finish_reason is not None or item.usage is not None
+    if isinstance(item, RetryNotice):
+        return shows_notices
+    return True
 
 
 def last_word(renderer: Renderer, session: StreamSession) -> bytes:

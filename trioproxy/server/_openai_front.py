@@ -40,6 +40,9 @@ def error_body(error: TrioproxyError) -> dict[str, Any]:
 class OpenAIChunkRenderer:
     """Renders one stream's deltas as `chat.completion.chunk` SSE events."""
 
+    shows_notices: Final = False
+    """The OpenAI protocol has no word for a retry: the stream stays clean."""
+
     def __init__(self, *, model: str, include_usage: bool) -> None:
         self.model = model
         self.include_usage = include_usage
@@ -56,7 +59,7 @@ class OpenAIChunkRenderer:
         return KEEP_ALIVE
 
     def notice(self, notice: object) -> bytes:
-        return b""  # the OpenAI protocol has no word for a retry: the stream stays clean
+        return b""
 
     def delta(self, delta: Delta) -> bytes:
         """The SSE bytes for one delta; `b""` when the client must not see it."""

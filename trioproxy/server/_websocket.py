@@ -8,7 +8,10 @@ One connection carries any number of streams (at most `MAX_STREAMS`), each tagge
   with the same `StreamEvent`s as the SSE endpoint (`metadata` stream_start, `token`/`chunk`,
   `metadata`, then one `done` or one `error`), each a JSON text message with `"id"` added;
 - `{"type": "cancel", "id": ...}` cancels that stream's session (so its upstream request) at
-  once and ends the stream with an `error` event of type `cancelled`;
+  once and ends the stream with an `error` event of type `cancelled`, which counts the
+  characters the stream delivered;
+- a connection has no HTTP status per stream, so a stream that fails before its first token
+  ends with an `error` event like one that fails later, and nothing is held back for it;
 - a malformed message gets an `error` event (with its `id` when it had one) and the
   connection stays open; so does a request `[limits]` refuse (429, 503), and a message over
   `max_body_bytes` (413, without an `id`: it is not parsed).
@@ -41,7 +44,7 @@ import trio
 from quart import websocket
 from quart_trio import QuartTrio
 
-from .._events import StreamEvent
+from .._events import Delta, StreamEvent
 from .._exceptions import PayloadTooLargeError, RequestError, StreamCancelled, TrioproxyError
 from ..pipeline import StreamSession, pipeline_for
 from ._access import RECORD
@@ -180,15 +183,19 @@ def register_websocket_routes(
             self, request_id: Any, session: StreamSession, renderer: EventRenderer, scope: trio.CancelScope
         ) -> None:
             """One stream: the session's items, rendered, into the outbox."""
+            delivered = 0
             try:
                 with scope:
                     async for item in session.output:  # no heartbeats: `start(..., heartbeats=False)`
                         await self.send_lines(render(renderer, item))
                         if isinstance(item, TrioproxyError):
                             return
+                        if isinstance(item, Delta):
+                            delivered += len(item.text)
                     await self.send_lines(last_word(renderer, session))
                 if scope.cancelled_caught:
-                    await self.send_lines(renderer.error(StreamCancelled("cancelled by the client")))
+                    cancelled = StreamCancelled("cancelled by the client", characters_delivered=delivered)
+                    await self.send_lines(renderer.error(cancelled))
             finally:
                 session.cancel()
                 del self.active[request_id]

@@ -1,0 +1,50 @@
+"""
+What flows through a session, and where it flows to: the leaf every pipeline module (and the
+upstream) imports, so that none of them imports another for its types.
+
+Items: `OPENED` (the upstream accepted), `Delta`s, `RetryNotice`s, `HEARTBEAT`s, and at most
+one `TrioproxyError`, always last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from .._events import Delta, Opened
+from .._exceptions import TrioproxyError, UpstreamError
+
+__all__ = ["HEARTBEAT", "Heartbeat", "RetryNotice", "SessionItem", "Sink"]
+
+
+class Heartbeat:
+    """Nothing was sent for `heartbeat_interval`: the front adapter sends its keep-alive."""
+
+
+HEARTBEAT: Final = Heartbeat()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryNotice:
+    """A failed attempt before the first token, and what happens next."""
+
+    kind: str  # "retry" (same route, after `delay`) or "failover" (the next route)
+    attempt: int
+    provider: str
+    model: str
+    delay: float
+    reason: str
+    error: UpstreamError | None = None
+    """The failure that caused it."""
+
+
+SessionItem = Opened | Delta | RetryNotice | Heartbeat | TrioproxyError
+
+
+class Sink(Protocol):
+    """
+    Where items go next: an upstream's output, a stage's channel, the session's delivery, or
+    the response writing them to the client.
+    """
+
+    async def send(self, item: SessionItem, /) -> None: ...
