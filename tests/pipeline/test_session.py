@@ -547,7 +547,7 @@ async def test_retries_and_failovers_are_counted_against_the_provider_that_faile
     assert stats.outcome == "completed"
 
     metrics = Metrics(active_streams=lambda: 0)
-    metrics.observe_stream(session)
+    metrics.observe_stream(session, key="none")
     assert sample(metrics, "trioproxy_upstream_errors_total", provider="p", status="429") == 1
     assert sample(metrics, "trioproxy_upstream_errors_total", provider="p", status="connect") == 1
     assert sample(metrics, "trioproxy_retries_total", provider="p") == 1
@@ -566,7 +566,7 @@ async def test_timeouts_are_counted_by_kind_and_end_the_stream_as_timeout(autoju
     assert [failure.kind for _, failure in failures] == ["first_token_timeout", "silence_timeout"]  # type: ignore[attr-defined]
     assert session.stats.outcome == "timeout"
     metrics = Metrics(active_streams=lambda: 0)
-    metrics.observe_stream(session)
+    metrics.observe_stream(session, key="none")
     for kind in ("first_token_timeout", "silence_timeout"):
         assert sample(metrics, "trioproxy_timeouts_total", provider="p", kind=kind) == 1
     assert sample(metrics, "trioproxy_upstream_errors_total", provider="p", status="timeout") == 2
@@ -585,7 +585,7 @@ async def test_a_cancelled_session_counts_one_upstream_cancellation(autojump_clo
     assert upstream.cancelled == [1.0]
     assert (session.stats.cancelled, session.stats.outcome) == (True, "cancelled")
     metrics = Metrics(active_streams=lambda: 0)
-    metrics.observe_stream(session)
+    metrics.observe_stream(session, key="none")
     assert sample(metrics, "trioproxy_upstream_cancellations_total", provider="p") == 1
     labels = {"route": "/v1/chat/completions", "provider": "p", "model": "m"}
     assert sample(metrics, "trioproxy_stream_duration_seconds_sum", **labels) == pytest.approx(1.0)
@@ -598,7 +598,7 @@ async def test_histograms_and_token_counters_move_as_the_stream_did(autojump_clo
     script += [Delta(finish_reason="stop", usage=Usage(prompt_tokens=7, completion_tokens=3))]
     _, session = await run(pipeline(route(ScriptedUpstream([script]))))
     metrics = Metrics(active_streams=lambda: 3)
-    metrics.observe_stream(session)
+    metrics.observe_stream(session, key="none")
 
     labels = {"route": "", "provider": "p", "model": "m"}
     ttft = "trioproxy_time_to_first_token_seconds_bucket"
@@ -608,8 +608,8 @@ async def test_histograms_and_token_counters_move_as_the_stream_did(autojump_clo
     assert sample(metrics, itl, le="0.0025", **labels) == 0
     assert sample(metrics, itl, le="0.005", **labels) == 2
     assert sample(metrics, "trioproxy_buffer_latency_seconds_count", **labels) == 3
-    assert sample(metrics, "trioproxy_tokens_total", provider="p", model="m", direction="in") == 7
-    assert sample(metrics, "trioproxy_tokens_total", provider="p", model="m", direction="out") == 3
+    assert sample(metrics, "trioproxy_tokens_total", provider="p", model="m", key="none", direction="in") == 7
+    assert sample(metrics, "trioproxy_tokens_total", provider="p", model="m", key="none", direction="out") == 3
     assert sample(metrics, "trioproxy_active_streams") == 3
 
 

@@ -37,7 +37,7 @@ from .._request import ChatRequest
 from .._router import Router
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import RECORD, AccessLog, RequestRecord
-from ._auth import presented_key
+from ._auth import NO_KEY, key_name, presented_key
 from ._generic import Renderer, StreamInterrupted, commits, last_word, render
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
@@ -121,12 +121,15 @@ class Core:
         )
         lease = self.limiter.admit(self.client_identity(), trio.current_time())
         record: RequestRecord = connection().scope[RECORD]
+        key = self.key_name()
 
         def on_end(session: StreamSession) -> None:
             lease.release()
-            self.metrics.observe_stream(session)
+            self.metrics.observe_stream(session, key=key)
             if stream_id is not None:  # a WebSocket stream: its own log line
-                self.access_log.log_stream(session, request_id=record.id, route=record.route, stream_id=stream_id)
+                self.access_log.log_stream(
+                    session, request_id=record.id, route=record.route, stream_id=stream_id, key=key
+                )
 
         try:
             session = start_session(
@@ -143,6 +146,7 @@ class Core:
             raise
         if stream_id is None:
             record.session = session
+            record.key = key
         self.shutdown.admit(session)  # while draining, its first item is the refusal
         return session
 
@@ -152,6 +156,12 @@ class Core:
         if self.config.auth.enabled:
             return "key:" + (presented_key(current.headers) or "")
         return "address:" + (current.scope.get("client") or ("unknown",))[0]
+
+    def key_name(self) -> str:
+        """Whose usage a session counts as in metrics and logs: its client key's name, when keys are on."""
+        if self.config.auth.enabled:
+            return key_name(presented_key(connection().headers) or "")
+        return NO_KEY
 
     async def stream(
         self,

@@ -78,8 +78,9 @@ class Metrics:
         )
         self.tokens = Counter(
             "trioproxy_tokens",
-            "Tokens in (prompt) and out (completion), as the upstream reported them or estimated",
-            ("provider", "model", "direction"),
+            "Tokens in (prompt), of which cached (read from the upstream's prompt cache), and out"
+            " (completion), by client key, as the upstream reported them or estimated",
+            ("provider", "model", "key", "direction"),
             registry=registry,
         )
         self.streams = Counter(
@@ -124,8 +125,8 @@ class Metrics:
         if disconnected:
             self.client_disconnects.labels(route).inc()
 
-    def observe_stream(self, session: StreamSession) -> None:
-        """Called once per session, when it has ended."""
+    def observe_stream(self, session: StreamSession, *, key: str) -> None:
+        """Called once per session, when it has ended; `key` names whose usage it was (`_auth.key_name`)."""
         stats = session.stats
         provider = stats.provider
         model = self._model_label(provider, stats.model)
@@ -149,9 +150,11 @@ class Metrics:
             self.upstream_cancellations.labels(provider).inc()
         usage = session.accumulator.usage_or_estimate(prompt_chars(session.chat))
         if usage.prompt_tokens:
-            self.tokens.labels(provider, model, "in").inc(usage.prompt_tokens)
+            self.tokens.labels(provider, model, key, "in").inc(usage.prompt_tokens)
+        if usage.cache_read_tokens:
+            self.tokens.labels(provider, model, key, "cached").inc(usage.cache_read_tokens)
         if usage.completion_tokens:
-            self.tokens.labels(provider, model, "out").inc(usage.completion_tokens)
+            self.tokens.labels(provider, model, key, "out").inc(usage.completion_tokens)
 
     def _model_label(self, provider: str, model: str) -> str:
         seen = self._models.setdefault(provider, set())
