@@ -66,6 +66,8 @@ DEFAULT_CORS_ALLOW_HEADERS: Final = (
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/?#\s]+$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z\-]+$")
 DEFAULT_SHUTDOWN_GRACE_PERIOD: Final = 30.0
+MAX_WORKERS: Final = 256
+"""More worker processes than any machine has cores for: a typo, not a plan."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,8 @@ class ServerConfig:
 
     `keep_alive_timeout`: seconds an idle client connection is kept open for its next request;
     longer than common load balancers' idle timeout, so they close first.
+
+    `workers`: processes serving the listening address, each on its own core (`_workers.py`).
     """
 
     host: str = DEFAULT_HOST
@@ -87,6 +91,7 @@ class ServerConfig:
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     shutdown_grace_period: float = DEFAULT_SHUTDOWN_GRACE_PERIOD
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,7 +478,10 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
         problems.append("[server] must be a table")
         return ServerConfig()
     _unknown_keys(
-        table, {"host", "port", "write_timeout", "shutdown_grace_period", "keep_alive_timeout"}, "[server]", problems
+        table,
+        {"host", "port", "write_timeout", "shutdown_grace_period", "keep_alive_timeout", "workers"},
+        "[server]",
+        problems,
     )
     host = table.get("host", DEFAULT_HOST)
     port = table.get("port", DEFAULT_PORT)
@@ -497,12 +505,17 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
         problems.append(f"[server].shutdown_grace_period must be a number of seconds, 0 or more, got {grace!r}")
         grace = DEFAULT_SHUTDOWN_GRACE_PERIOD
+    workers = table.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        problems.append(f"[server].workers must be an integer from 1 to {MAX_WORKERS}, got {workers!r}")
+        workers = 1
     return ServerConfig(
         host=host,
         port=port,
         write_timeout=write_timeout,
         shutdown_grace_period=grace,
         keep_alive_timeout=keep_alive_timeout,
+        workers=workers,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import logging
+import os
 from typing import Final
 
 from quart import Response, request
@@ -63,7 +64,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[method-assign]
     router = router or Router(config)
     shutdown = shutdown or GracefulShutdown(config.server.shutdown_grace_period)
-    metrics = Metrics(active_streams=shutdown.streams.__len__)
+    metrics = Metrics()
     access_log = AccessLog(
         app.asgi_app, metrics=metrics, enabled=config.logging.access_log, include_prompts=config.logging.include_prompts
     )
@@ -125,7 +126,13 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     async def health() -> Response:
         providers = {name: {"type": p.type} for name, p in config.providers.items()}
         status = "draining" if shutdown.draining else "ok"  # a draining instance takes no new work
-        body = {"status": status, "version": __version__, "providers": providers, "active_streams": len(core.active)}
+        body = {
+            "status": status,
+            "version": __version__,
+            "providers": providers,
+            "active_streams": len(core.active),  # this process's: a worker of `serve --workers` counts its own
+            "pid": os.getpid(),
+        }
         return json_response(body, status=503 if shutdown.draining else 200)
 
     @app.get("/metrics")

@@ -144,6 +144,7 @@ class Core:
         except BaseException:
             lease.release()
             raise
+        self.metrics.stream_started()
         if stream_id is None:
             record.session = session
             record.key = key

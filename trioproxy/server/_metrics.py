@@ -9,24 +9,36 @@ observed by the access log (`_access.py`) when their response has been sent.
 Label values come from the config (routes, providers) or are bounded here: a provider with
 no `models` list would take any model name a client sends, so each provider keeps at most
 `MAX_MODEL_LABELS` model names and counts the rest as "other".
+
+Under `serve --workers N` (`_workers.py`) the metrics are prometheus-client's multiprocess
+mode: the supervisor gives every worker the same `PROMETHEUS_MULTIPROC_DIR`, each worker
+writes its values to files of its own there, and whichever worker answers `/metrics` adds
+them all up, the values of workers that died included (a counter never goes back). It costs
+a histogram observation 5 µs instead of 2.4 µs: about 0.3 ms of CPU for a 64-token stream.
+`trioproxy_active_streams` is a live sum (a dead worker's streams are gone with it), and the
+per-process `process_*` collector is left out: no one process is the whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Iterable
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.process_collector import ProcessCollector
 
 from .._exceptions import UpstreamStatusError, UpstreamTimeoutError
 from ..pipeline import StreamSession
 from ._generic import prompt_chars
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "MULTIPROCESS_DIR", "Metrics", "forget_worker"]
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+MULTIPROCESS_DIR: Final = "PROMETHEUS_MULTIPROC_DIR"
+"""The environment variable naming the directory of multiprocess mode (prometheus-client reads it at import)."""
 MAX_MODEL_LABELS: Final = 50
 
 _LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -37,9 +49,11 @@ _STREAM_LABELS: Final = ("route", "provider", "model")
 
 
 class Metrics:
-    def __init__(self, *, active_streams: Callable[[], int]) -> None:
+    def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
-        ProcessCollector(registry=registry)
+        self._multiprocess_dir = os.environ.get(MULTIPROCESS_DIR)
+        if self._multiprocess_dir is None:
+            ProcessCollector(registry=registry)
         self._models: dict[str, set[str]] = {}
 
         self.requests = Counter(
@@ -114,11 +128,20 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=registry,
         )
-        active = Gauge("trioproxy_active_streams", "Streams in flight", registry=registry)
-        active.set_function(active_streams)
+        self.active_streams = Gauge(
+            "trioproxy_active_streams", "Streams in flight", registry=registry, multiprocess_mode="livesum"
+        )
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, path=self._multiprocess_dir)
+        return generate_latest(every_worker)
+
+    def stream_started(self) -> None:
+        """Called once per session, when it has started (`observe_stream` ends its count)."""
+        self.active_streams.inc()
 
     def observe_request(self, route: str, status: int, outcome: str, *, disconnected: bool) -> None:
         self.requests.labels(route, str(status), outcome).inc()
@@ -127,6 +150,7 @@ class Metrics:
 
     def observe_stream(self, session: StreamSession, *, key: str) -> None:
         """Called once per session, when it has ended; `key` names whose usage it was (`_auth.key_name`)."""
+        self.active_streams.dec()
         stats = session.stats
         provider = stats.provider
         model = self._model_label(provider, stats.model)
@@ -164,6 +188,11 @@ class Metrics:
             seen.add(model)
             return model
         return "other"
+
+
+def forget_worker(pid: int, directory: str) -> None:
+    """Drop a worker that exited from the live sums in `directory`; its counts stay in the totals."""
+    mark_process_dead(pid, directory)
 
 
 def _observe_all(histogram: Histogram, values: Iterable[float]) -> None:
