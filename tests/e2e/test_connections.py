@@ -1,14 +1,23 @@
-"""The proxy's client connections, seen from the process: what a closed connection leaves behind."""
+"""
+The proxy's client connections, on raw sockets: what a closed connection leaves behind, and
+what the HTTP layer refuses before the app sees it (ambiguous framing, unknown HTTP versions,
+a WebSocket handshake nobody answers).
+"""
 
 from __future__ import annotations
 
 import os
 from urllib.parse import urlsplit
 
+import h2.config
+import h2.connection
+import h2.events
 import h11
+import pytest
 import trio
 
 from tests.conftest import wait_until
+from trioproxy.testing import FakeUpstream
 
 
 def open_descriptors() -> int:
@@ -43,3 +52,102 @@ async def test_a_connection_its_client_closed_between_requests_ends_at_once(prox
         await client.aclose()
 
     await wait_until(lambda: open_descriptors() <= with_server_ends - 2 * len(clients))
+
+
+async def exchange(proxy_url: str, data: bytes) -> bytes:
+    """Send `data` on a new connection and read until the proxy closes it (within 5 s: a kept-alive one fails)."""
+    address = urlsplit(proxy_url)
+    assert address.hostname is not None and address.port is not None
+    stream = await trio.open_tcp_stream(address.hostname, address.port)
+    received = b""
+    with trio.fail_after(5):
+        await stream.send_all(data)
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    await stream.aclose()
+    return received
+
+
+def chat_request(*, framing: bytes, body: bytes, version: bytes = b"1.1") -> bytes:
+    return (
+        b"POST /v1/chat/completions HTTP/" + version + b"\r\nhost: proxy\r\ncontent-type: application/json\r\n"
+        + framing + b"\r\n" + body
+    )
+
+
+async def test_a_request_framed_both_by_length_and_by_chunks_is_refused_and_its_connection_closed(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    """RFC 9112 §6.3: no guessing which framing is meant; the request hidden in the body is never served."""
+    chat = b'{"model": "up/m", "messages": [{"role": "user", "content": "hi"}]}'
+    hidden = chat_request(framing=b"content-length: %d\r\n" % len(chat), body=chat)
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(chat), chat)
+    smuggling = chat_request(
+        framing=b"content-length: %d\r\ntransfer-encoding: chunked\r\n" % len(chunked), body=chunked + hidden
+    )
+
+    received = await exchange(proxy_url, smuggling)
+
+    assert received.startswith(b"HTTP/1.1 400 ")
+    assert received.count(b"HTTP/1.1 ") == 1
+    assert b"Content-Length and Transfer-Encoding" in received
+    assert upstream.request_count == 0
+
+
+async def test_transfer_encoding_in_an_http_1_0_request_is_refused(proxy_url: str, upstream: FakeUpstream) -> None:
+    """HTTP/1.0 has no chunked framing (RFC 9112 §6.1): such a request's framing is faulty."""
+    chat = b'{"model": "up/m", "messages": [{"role": "user", "content": "hi"}]}'
+    request = chat_request(
+        framing=b"transfer-encoding: chunked\r\n", body=b"%x\r\n%s\r\n0\r\n\r\n" % (len(chat), chat), version=b"1.0"
+    )
+    received = await exchange(proxy_url, request)
+    assert received.startswith(b"HTTP/1.1 400 ")
+    assert upstream.request_count == 0
+
+
+@pytest.mark.parametrize("version", [b"9.9", b"2.0", b"0.9"])
+async def test_an_http_version_other_than_1_0_and_1_1_is_refused_with_505(proxy_url: str, version: bytes) -> None:
+    received = await exchange(proxy_url, b"GET /health HTTP/" + version + b"\r\nhost: proxy\r\n\r\n")
+    assert received.startswith(b"HTTP/1.1 505 ")
+    assert b'"status":"ok"' not in received
+    assert b"HTTP/1.0 and HTTP/1.1" in received
+
+
+async def test_http2_is_no_way_around_the_framing_rules(proxy_url: str, upstream: FakeUpstream) -> None:
+    """Over cleartext HTTP/2 (prior knowledge), a request with Transfer-Encoding is malformed: never served."""
+    address = urlsplit(proxy_url)
+    assert address.hostname is not None and address.port is not None
+    stream = await trio.open_tcp_stream(address.hostname, address.port)
+    # A client that sends what h2 would strip or refuse, as an attacker's would.
+    config = h2.config.H2Configuration(validate_outbound_headers=False, normalize_outbound_headers=False)
+    connection = h2.connection.H2Connection(config)
+    connection.initiate_connection()
+    chat = b'{"model": "up/m", "messages": [{"role": "user", "content": "hi"}]}'
+    headers = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", address.netloc),
+        (":path", "/v1/chat/completions"),
+        ("content-type", "application/json"),
+        ("content-length", str(len(chat))),
+        ("transfer-encoding", "chunked"),
+    ]
+    connection.send_headers(1, headers)
+    connection.send_data(1, chat, end_stream=True)
+    await stream.send_all(connection.data_to_send())
+    outcome: list[object] = []
+    with trio.fail_after(5):
+        while not outcome:
+            data = await stream.receive_some(65536)
+            if not data:
+                outcome.append("closed")
+                break
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    outcome.append(dict(event.headers)[b":status"])
+                elif isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                    outcome.append(type(event).__name__)
+            await stream.send_all(connection.data_to_send())
+    await stream.aclose()
+    assert outcome[0] in ("StreamReset", "ConnectionTerminated", "closed", b"400")  # h2 refuses it as malformed
+    assert upstream.request_count == 0
