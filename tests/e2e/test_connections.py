@@ -6,6 +6,7 @@ a WebSocket handshake nobody answers).
 
 from __future__ import annotations
 
+import logging
 import os
 from urllib.parse import urlsplit
 
@@ -13,6 +14,8 @@ import h2.config
 import h2.connection
 import h2.events
 import h11
+import httpx
+import orjson
 import pytest
 import trio
 
@@ -151,3 +154,37 @@ async def test_http2_is_no_way_around_the_framing_rules(proxy_url: str, upstream
     await stream.aclose()
     assert outcome[0] in ("StreamReset", "ConnectionTerminated", "closed", b"400")  # h2 refuses it as malformed
     assert upstream.request_count == 0
+
+
+def websocket_handshake(path: str) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nhost: proxy\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+        "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n"
+    ).encode()
+
+
+async def test_a_websocket_handshake_on_an_unknown_path_is_a_404_in_openais_shape(
+    proxy_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the Codex CLI meets when it tries `WS /v1/responses` first: a plain refusal, nothing logged as a failure."""
+    received = await exchange(proxy_url, websocket_handshake("/v1/responses"))
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ")
+    error = orjson.loads(body)["error"]
+    assert error["type"] == "not_found_error"
+    assert error["message"] == "no WebSocket endpoint at /v1/responses"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_an_unknown_path_and_a_plain_get_on_a_websocket_route_are_explained_in_our_words(
+    proxy_url: str,
+) -> None:
+    async with httpx.AsyncClient() as http:
+        unknown = await http.post(proxy_url + "/v1/no/such/route", json={})
+        plain = await http.get(proxy_url + "/v1/chat/ws")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["message"] == "no endpoint at POST /v1/no/such/route"
+    assert plain.status_code == 400
+    assert plain.json()["error"]["message"] == (
+        "/v1/chat/ws is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
+    )
