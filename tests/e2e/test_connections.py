@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from urllib.parse import urlsplit
 
 import h2.config
@@ -19,8 +20,9 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import wait_until
-from trioproxy.testing import FakeUpstream
+from tests.conftest import proxy_config, wait_until
+from trioproxy import serve
+from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
 
 def open_descriptors() -> int:
@@ -188,3 +190,40 @@ async def test_an_unknown_path_and_a_plain_get_on_a_websocket_route_are_explaine
     assert plain.json()["error"]["message"] == (
         "/v1/chat/ws is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
     )
+
+
+def half_closed_to(port: int) -> int:
+    """This process's TCP connections to 127.0.0.1:`port` that the peer closed and we did not (CLOSE-WAIT)."""
+    remote = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if row[2] == remote and row[3] == "08")
+
+
+async def test_idle_upstream_connections_the_upstream_closed_are_closed_without_new_traffic(
+    nursery: trio.Nursery,
+) -> None:
+    """They were left half-closed until the next request to that upstream (or forever)."""
+    async with trio.open_nursery() as upstream_nursery:
+        upstream = await open_fake_upstream(upstream_nursery, Reply(tokens=("a", "b", "c")))
+        proxy = (await nursery.start(partial(serve, proxy_config(upstream), host="127.0.0.1", port=0)))[0]
+        all_open = trio.Event()
+        opened = 0
+
+        async def one_stream(http: httpx.AsyncClient) -> None:
+            nonlocal opened
+            body = {"model": "up/m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+            async with http.stream("POST", proxy + "/v1/chat/completions", json=body) as response:
+                opened += 1
+                if opened == 20:
+                    all_open.set()
+                await all_open.wait()  # so that each has its own upstream connection
+                await response.aread()
+
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=20)) as http, trio.open_nursery() as streams:
+            for _ in range(20):
+                streams.start_soon(one_stream, http)
+        port = upstream.port
+        upstream_nursery.cancel_scope.cancel()  # the upstream goes away, closing its side of each connection
+
+    await wait_until(lambda: half_closed_to(port) == 0)

@@ -155,6 +155,11 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
 
     shutdown.on_drain(streams.stop_resuming)  # nobody can come back to resume a stream
 
+    @app.before_serving
+    async def expire_idle_upstream_connections() -> None:
+        """The pools' timers live in the app's nursery, from start-up until `close_upstreams` ends them."""
+        app.nursery.start_soon(router.expire_idle_connections)  # type: ignore[attr-defined]
+
     @app.after_serving
     async def close_upstreams() -> None:
         await router.aclose()
