@@ -88,7 +88,7 @@ async def test_a_request_framed_both_by_length_and_by_chunks_is_refused_and_its_
     hidden = chat_request(framing=b"content-length: %d\r\n" % len(chat), body=chat)
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(chat), chat)
     smuggling = chat_request(
-        framing=b"content-length: %d\r\ntransfer-encoding: chunked\r\n" % len(chunked), body=chunked + hidden
+        framing=b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(chunked), body=chunked + hidden
     )
 
     received = await exchange(proxy_url, smuggling)
@@ -184,8 +184,13 @@ async def test_an_unknown_path_and_a_plain_get_on_a_websocket_route_are_explaine
     async with httpx.AsyncClient() as http:
         unknown = await http.post(proxy_url + "/v1/no/such/route", json={})
         plain = await http.get(proxy_url + "/v1/chat/ws")
+        wrong_method = await http.delete(proxy_url + "/v1/chat/completions")
     assert unknown.status_code == 404
     assert unknown.json()["error"]["message"] == "no endpoint at POST /v1/no/such/route"
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["message"] == (
+        "DELETE is not allowed on /v1/chat/completions (allowed: OPTIONS, POST)"
+    )
     assert plain.status_code == 400
     assert plain.json()["error"]["message"] == (
         "/v1/chat/ws is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
