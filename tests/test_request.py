@@ -53,7 +53,8 @@ def test_not_json(raw: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    ("raw", "offset"), [(b"\xff\xfe", 0), (b'{"content": "caf\xe9"}', 16), ('{"a": "\ud800"}'.encode("utf-8", "surrogatepass"), 7)]
+    ("raw", "offset"),
+    [(b"\xff\xfe", 0), (b'{"content": "caf\xe9"}', 16), ('{"a": "\ud800"}'.encode("utf-8", "surrogatepass"), 7)],
 )
 def test_not_utf_8_names_the_first_bad_byte(raw: bytes, offset: int) -> None:
     """Not orjson's 'str is not valid UTF-8: surrogates not allowed', whatever the bad bytes."""

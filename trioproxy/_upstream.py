@@ -138,7 +138,7 @@ class HttpUpstream:
             raise UpstreamProtocolError("the upstream closed the stream before its end marker")
 
     async def expire_idle_connections(self) -> None:
-        """Expire idle connections on their own timer until `aclose` (`_PooledTransport`'s); httpx's own pool has none."""
+        """Expire idle connections on the pool's own timer until `aclose`; httpx's pool (behind a proxy) has none."""
         if self._pool is not None:
             await self._pool.expire_idle_connections()
 

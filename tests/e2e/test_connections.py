@@ -110,9 +110,12 @@ async def test_transfer_encoding_in_an_http_1_0_request_is_refused(proxy_url: st
     assert upstream.request_count == 0
 
 
-@pytest.mark.parametrize("version", [b"9.9", b"2.0", b"0.9"])
-async def test_an_http_version_other_than_1_0_and_1_1_is_refused_with_505(proxy_url: str, version: bytes) -> None:
-    received = await exchange(proxy_url, b"GET /health HTTP/" + version + b"\r\nhost: proxy\r\n\r\n")
+@pytest.mark.parametrize(
+    "line", [b"GET /health HTTP/9.9", b"GET /health HTTP/2.0", b"GET /health HTTP/0.9", b"PRI / HTTP/2.0"]
+)
+async def test_an_http_version_other_than_1_0_and_1_1_is_refused_with_505(proxy_url: str, line: bytes) -> None:
+    """Only `PRI * HTTP/2.0`, HTTP/2's preface, switches to HTTP/2."""
+    received = await exchange(proxy_url, line + b"\r\nhost: proxy\r\n\r\n")
     assert received.startswith(b"HTTP/1.1 505 ")
     assert b'"status":"ok"' not in received
     assert b"HTTP/1.0 and HTTP/1.1" in received

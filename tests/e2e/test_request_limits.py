@@ -206,7 +206,8 @@ async def test_a_body_that_trickles_is_a_408_after_the_configured_body_timeout(a
     async with app.test_app():
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
         start = trio.current_time()
-        response = await http.post("/v1/chat/completions", content=trickle(), headers={"content-type": "application/json"})
+        headers = {"content-type": "application/json"}
+        response = await http.post("/v1/chat/completions", content=trickle(), headers=headers)
     assert response.status_code == 408
     assert 5 <= trio.current_time() - start < 6
     assert response.json()["error"]["message"] == "the request body did not arrive within [server] body_timeout (5 s)"

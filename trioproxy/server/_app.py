@@ -359,11 +359,14 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         if has_websocket_context() and isinstance(exc, (NotFound, WebsocketMismatch)):
             message, status = f"no WebSocket endpoint at {path}", 404
         elif isinstance(exc, WebsocketMismatch):
-            message = f"{path} is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
+            message = (
+                f"{path} is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
+            )
         elif isinstance(exc, NotFound):
             message = f"no endpoint at {connection.method} {path}"
         elif isinstance(exc, MethodNotAllowed):
-            message = f"{connection.method} is not allowed on {path} (allowed: {', '.join(exc.valid_methods or ())})"
+            allowed = ", ".join(sorted(exc.valid_methods or ()))  # a set: in a stable order
+            message = f"{connection.method} is not allowed on {path} (allowed: {allowed})"
         elif isinstance(exc, RequestTimeout):  # quart's BODY_TIMEOUT
             message = f"the request body did not arrive within [server] body_timeout ({config.server.body_timeout:g} s)"
         else:

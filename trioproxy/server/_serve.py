@@ -62,18 +62,18 @@ class _H11ConnectionThatRefusesAmbiguousFraming(h11.Connection):
     h11's server side, refusing the requests RFC 9112 says a server must not guess about.
 
     h11 frames a request that carries both `Content-Length` and `Transfer-Encoding` by the
-    latter; a front proxy that frames it by the former would see a different request than we
-    do, and whatever it takes for the end of the body (a second request hidden there) would be
-    served on the same connection (§6.3: such a request is refused, and its connection
-    closed). h11 also takes any `HTTP/d.d` request line for HTTP/1.1, and `Transfer-Encoding`
-    in an HTTP/1.0 request, which has no chunked framing (§6.1). Each is a
-    `RemoteProtocolError` here, as h11's own refusals are: hypercorn answers it and closes the
-    connection, and the app never sees the request. `refusal` keeps the reason for the answer.
+    latter. A front proxy that frames it by the former forwards as one request what we read as
+    two, the second hidden in the first one's body and served on the same connection (§6.3:
+    such a request is refused, and its connection closed). h11 also takes any `HTTP/d.d`
+    request line for HTTP/1.1, and `Transfer-Encoding` in an HTTP/1.0 request, which has no
+    chunked framing (§6.1). Each is a `RemoteProtocolError` here, as h11's own refusals are:
+    hypercorn answers it and closes the connection, and the app never sees the request.
+    `refusal` keeps the reason for the answer.
     """
 
     refusal: str | None = None
 
-    def next_event(self) -> Any:
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         try:
             event = super().next_event()
             if isinstance(event, h11.Request):
@@ -85,7 +85,9 @@ class _H11ConnectionThatRefusesAmbiguousFraming(h11.Connection):
 
 
 def _check_framing(request: h11.Request) -> None:
-    if request.http_version not in (b"1.0", b"1.1") and not (request.method == b"PRI" and request.http_version == b"2.0"):
+    """Raise `RemoteProtocolError` for a request whose version or framing we do not serve."""
+    h2_preface = (request.method, request.target, request.http_version) == (b"PRI", b"*", b"2.0")  # hypercorn's switch
+    if request.http_version not in (b"1.0", b"1.1") and not h2_preface:
         raise h11.RemoteProtocolError(
             f"HTTP/{request.http_version.decode()} is not supported: this server speaks HTTP/1.0 and HTTP/1.1 "
             "(and HTTP/2)",
