@@ -356,7 +356,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
             too_large = PayloadTooLargeError(f"the request body is over the limit of {limits.max_body_bytes} bytes")
             return _error_response(path, too_large)
         status = exc.code or 500
-        if has_websocket_context() and isinstance(exc, (NotFound, WebsocketMismatch)):
+        if has_websocket_context() and isinstance(exc, (NotFound, WebsocketMismatch, MethodNotAllowed)):
             message, status = f"no WebSocket endpoint at {path}", 404
         elif isinstance(exc, WebsocketMismatch):
             message = (
@@ -376,7 +376,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         error.type = "not_found_error" if status == 404 else "invalid_request_error"
         response = _error_response(path, error)  # e.g. a GET on a generic endpoint: its own shape
         for name, value in exc.get_headers():
-            if name.lower() == "allow":
+            if name.lower() == "allow" and status == 405:
                 response.headers["allow"] = value
         return response
 
