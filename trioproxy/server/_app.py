@@ -37,9 +37,10 @@ from typing import Any, Final
 
 import orjson
 import trio
-from quart import Response, has_request_context, request, websocket
+from quart import Response, has_request_context, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge, RequestTimeout
+from werkzeug.routing import WebsocketMismatch
 
 from .._config import Config
 from .._events import StreamEvent
@@ -105,6 +106,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     app = QuartTrio("trioproxy")
     app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
     app.config["MAX_CONTENT_LENGTH"] = config.limits.max_body_bytes  # bodies are not read past it
+    app.config["BODY_TIMEOUT"] = config.server.body_timeout  # a body still arriving then is a 408
     app.asgi_app = _keeping_send(app.asgi_app)  # type: ignore[method-assign]
     if config.cors.enabled:
         app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[method-assign]
@@ -164,6 +166,11 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         return "address:" + (connection.scope.get("client") or ("unknown",))[0]
 
     shutdown.on_drain(streams.stop_resuming)  # nobody can come back to resume a stream
+
+    @app.before_serving
+    async def expire_idle_upstream_connections() -> None:
+        """The pools' timers live in the app's nursery, from start-up until `close_upstreams` ends them."""
+        app.nursery.start_soon(router.expire_idle_connections)  # type: ignore[attr-defined]
 
     @app.after_serving
     async def close_upstreams() -> None:
@@ -349,13 +356,36 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
+        """
+        The framework's refusals (no route, wrong method, a body too large or too slow), in
+        our words and in the protocol of the path; also before a WebSocket handshake, which
+        then gets this HTTP response instead of an upgrade.
+        """
+        connection = _connection()
+        path = connection.path
         if isinstance(exc, RequestEntityTooLarge):  # quart's MAX_CONTENT_LENGTH
             too_large = PayloadTooLargeError(f"the request body is over the limit of {limits.max_body_bytes} bytes")
-            return _error_response(request.path, too_large)
-        error = HTTPRefusal(exc.description or exc.name, status=exc.code or 500)
-        response = _error_response(request.path, error)  # e.g. a GET on a generic endpoint: its own shape
+            return _error_response(path, too_large)
+        status = exc.code or 500
+        if has_websocket_context() and isinstance(exc, (NotFound, WebsocketMismatch, MethodNotAllowed)):
+            message, status = f"no WebSocket endpoint at {path}", 404
+        elif isinstance(exc, WebsocketMismatch):
+            message = (
+                f"{path} is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
+            )
+        elif isinstance(exc, NotFound):
+            message = f"no endpoint at {connection.method} {path}"
+        elif isinstance(exc, MethodNotAllowed):
+            allowed = ", ".join(sorted(exc.valid_methods or ()))  # a set: in a stable order
+            message = f"{connection.method} is not allowed on {path} (allowed: {allowed})"
+        elif isinstance(exc, RequestTimeout):  # quart's BODY_TIMEOUT
+            message = f"the request body did not arrive within [server] body_timeout ({config.server.body_timeout:g} s)"
+        else:
+            message = exc.description or exc.name
+        error = HTTPRefusal(message, status=status)
+        response = _error_response(path, error)  # e.g. a GET on a generic endpoint: its own shape
         for name, value in exc.get_headers():
-            if name.lower() == "allow":
+            if name.lower() == "allow" and status == 405:
                 response.headers["allow"] = value
         return response
 
