@@ -47,6 +47,7 @@ DEFAULT_PORT: Final = 8000
 
 
 DEFAULT_WRITE_TIMEOUT: Final = 30.0
+DEFAULT_BODY_TIMEOUT: Final = 60.0
 DEFAULT_KEEP_ALIVE_TIMEOUT: Final = 75.0
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 DEFAULT_CORS_ALLOW_HEADERS: Final = (
@@ -83,6 +84,9 @@ class ServerConfig:
     `keep_alive_timeout`: seconds an idle client connection is kept open for its next request;
     longer than common load balancers' idle timeout, so they close first.
 
+    `body_timeout`: seconds a request's body may take to arrive, whole; a client that trickles
+    it (or stops sending) gets a 408 then, rather than holding its connection and task.
+
     `workers`: processes serving the listening address, each on its own core (`_workers.py`).
     """
 
@@ -91,6 +95,7 @@ class ServerConfig:
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     shutdown_grace_period: float = DEFAULT_SHUTDOWN_GRACE_PERIOD
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
     workers: int = 1
 
 
@@ -479,7 +484,15 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
         return ServerConfig()
     _unknown_keys(
         table,
-        {"host", "port", "write_timeout", "shutdown_grace_period", "keep_alive_timeout", "workers"},
+        {
+            "host",
+            "port",
+            "write_timeout",
+            "shutdown_grace_period",
+            "keep_alive_timeout",
+            "body_timeout",
+            "workers",
+        },
         "[server]",
         problems,
     )
@@ -501,6 +514,7 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
 
     write_timeout = positive_seconds("write_timeout", DEFAULT_WRITE_TIMEOUT)
     keep_alive_timeout = positive_seconds("keep_alive_timeout", DEFAULT_KEEP_ALIVE_TIMEOUT)
+    body_timeout = positive_seconds("body_timeout", DEFAULT_BODY_TIMEOUT)
     grace = table.get("shutdown_grace_period", DEFAULT_SHUTDOWN_GRACE_PERIOD)
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
         problems.append(f"[server].shutdown_grace_period must be a number of seconds, 0 or more, got {grace!r}")
@@ -515,6 +529,7 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
         write_timeout=write_timeout,
         shutdown_grace_period=grace,
         keep_alive_timeout=keep_alive_timeout,
+        body_timeout=body_timeout,
         workers=workers,
     )
 
