@@ -9,7 +9,7 @@ BENCH_ARGS ?=
 # The playground tests drive Debian's Chromium (never a browser build downloaded by a tool).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: serve test bench browser install install-test install-bench clean
+.PHONY: serve test bench browser redis-server install install-test install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ install-bench: $(VENV)/.installed-bench
 serve: $(VENV)/.installed
 	$(BIN)/trioproxy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: $(VENV)/.installed-test browser
+test: $(VENV)/.installed-test browser redis-server
 	$(BIN)/python -m pytest
 
 # Installs Debian's chromium (about 10 s from a warm mirror) when it is missing and we are root;
@@ -46,6 +46,18 @@ browser:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 		else \
 			echo "warning: $(CHROMIUM) is missing; install it (sudo apt-get install chromium) for the playground tests" >&2; \
+		fi; \
+	fi
+
+# The shared-state tests start their own Debian redis-server (never a mock): installed the same
+# way when it is missing and we are root; otherwise they fail saying how.
+redis-server:
+	@if ! command -v redis-server >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing redis-server for the shared-state tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; \
+		else \
+			echo "warning: redis-server is missing; install it (sudo apt-get install redis-server) for the shared-state tests" >&2; \
 		fi; \
 	fi
 

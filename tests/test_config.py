@@ -213,7 +213,7 @@ def test_a_declared_sim_replaces_the_builtin() -> None:
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)"
+        "config: unknown key 'providrs' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)"
     )
 
 
@@ -430,7 +430,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'sever' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -446,8 +446,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
-        "config: unknown key 'y' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'x' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)",
+        "config: unknown key 'y' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 
@@ -1084,3 +1084,36 @@ def test_cors_off_by_default_and_table() -> None:
 )
 def test_bad_cors(table: dict[str, Any], expected: str) -> None:
     assert only_problem({"cors": table}) == expected
+
+
+def test_redis_settings() -> None:
+    redis = parse_config(
+        {"redis": {"url": "rediss://cache.internal:6380/2", "password_env": "REDIS_PASSWORD", "on_error": "closed"}},
+        environ={"REDIS_PASSWORD": "s3cret"},
+    ).redis
+    assert (redis.url, redis.password, redis.on_error, redis.key_prefix) == (
+        "rediss://cache.internal:6380/2",
+        "s3cret",
+        "closed",
+        "trioproxy:",
+    )
+    assert "s3cret" not in repr(redis)
+    assert not parse_config({}).redis.enabled
+
+
+@pytest.mark.parametrize(
+    ("table", "problem"),
+    [
+        ({"url": "http://x"}, "[redis].url must be a redis:// or rediss:// URL, got 'http://x'"),
+        (
+            {"url": "redis://:pw@x:6379/0"},
+            "[redis].url must not hold a password: name the variable that does in [redis].password_env",
+        ),
+        ({"password_env": "NOPE"}, "[redis].password_env: environment variable NOPE is not set"),
+        ({"timeout": 0}, "[redis].timeout must be a positive number of seconds, got 0"),
+        ({"on_error": "maybe"}, "[redis].on_error must be 'open' or 'closed', got 'maybe'"),
+        ({"urll": ""}, "[redis]: unknown key 'urll' (known: key_prefix, lease_ttl, on_error, password_env, timeout, url)"),
+    ],
+)
+def test_bad_redis_settings(table: dict, problem: str) -> None:
+    assert only_problem({"redis": table}) == problem

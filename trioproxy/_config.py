@@ -16,7 +16,8 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from urllib.parse import urlsplit
+from typing import Any, Final, Literal
 
 from ._exceptions import ConfigError
 from ._logs import LOG_FORMATS, LOG_LEVELS, LoggingConfig
@@ -31,6 +32,7 @@ __all__ = [
     "LimitsConfig",
     "ModelRoute",
     "ProviderConfig",
+    "RedisConfig",
     "ServerConfig",
     "load_config",
     "parse_config",
@@ -205,6 +207,32 @@ class CorsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """
+    Shared state on Redis (`[redis]`): off while `url` is empty. See `_redis.py`.
+
+    `url` is `redis://` or `rediss://` (TLS) `host:port/db`, its password never in the file:
+    `password_env` names the environment variable holding it. Keys live under `key_prefix`.
+    `timeout`: seconds any one call to Redis may take, connecting included, before it counts
+    as failed. `lease_ttl`: seconds a stream's place in the shared limits outlives its process
+    if that process dies (a live process renews its places every third of it). `on_error`:
+    what admission does when Redis fails or is slow — "open" admits by this process's own
+    limits, "closed" refuses with a 503.
+    """
+
+    url: str = ""
+    password: str | None = field(default=None, repr=False)
+    key_prefix: str = "trioproxy:"
+    timeout: float = 0.5
+    lease_ttl: float = 30.0
+    on_error: Literal["open", "closed"] = "open"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRoute:
     """
     One `[models]` entry: a model name, or a glob pattern (`claude-*`), and where it goes:
@@ -234,6 +262,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
 
 
 def load_config(path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None) -> Config:
@@ -274,6 +303,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
             "cors",
             "logging",
             "models",
+            "redis",
         },
         "config",
         problems,
@@ -289,6 +319,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     logs = _logging(raw.get("logging", {}), problems)
     limits = _limits(raw.get("limits", {}), problems)
     cors = _cors(raw.get("cors", {}), problems)
+    redis = _redis(raw.get("redis", {}), env, problems)
     if defaults.timeouts.connect_timeout <= 0:
         problems.append("[timeouts].connect_timeout must be a positive number")
 
@@ -339,6 +370,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         logging=logs,
         limits=limits,
         cors=cors,
+        redis=redis,
     )
 
 
@@ -386,6 +418,54 @@ def _limits(table: Any, problems: list[str]) -> LimitsConfig:
         else:
             checked[key] = value
     return LimitsConfig(**checked)
+
+
+def _redis(table: Any, env: Mapping[str, str], problems: list[str]) -> RedisConfig:
+    if not isinstance(table, dict):
+        problems.append("[redis] must be a table")
+        return RedisConfig()
+    _unknown_keys(table, {"url", "password_env", "key_prefix", "timeout", "lease_ttl", "on_error"}, "[redis]", problems)
+    base = RedisConfig()
+    url = table.get("url", "")
+    if not isinstance(url, str) or (url and urlsplit(url).scheme not in ("redis", "rediss")):
+        problems.append(f"[redis].url must be a redis:// or rediss:// URL, got {url!r}")
+        url = ""
+    elif urlsplit(url).password:
+        problems.append("[redis].url must not hold a password: name the variable that does in [redis].password_env")
+        url = ""
+    password = None
+    password_env = table.get("password_env")
+    if password_env is not None:
+        if not isinstance(password_env, str) or not password_env:
+            problems.append(f"[redis].password_env must be the name of an environment variable, got {password_env!r}")
+        elif not env.get(password_env):
+            problems.append(f"[redis].password_env: environment variable {password_env} is not set")
+        else:
+            password = env[password_env]
+    prefix = table.get("key_prefix", base.key_prefix)
+    if not isinstance(prefix, str):
+        problems.append(f"[redis].key_prefix must be a string, got {prefix!r}")
+        prefix = base.key_prefix
+
+    def positive_seconds(key: str, default: float) -> float:
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            problems.append(f"[redis].{key} must be a positive number of seconds, got {value!r}")
+            return default
+        return value
+
+    on_error = table.get("on_error", base.on_error)
+    if on_error not in ("open", "closed"):
+        problems.append(f"[redis].on_error must be 'open' or 'closed', got {on_error!r}")
+        on_error = base.on_error
+    return RedisConfig(
+        url=url,
+        password=password,
+        key_prefix=prefix,
+        timeout=positive_seconds("timeout", base.timeout),
+        lease_ttl=positive_seconds("lease_ttl", base.lease_ttl),
+        on_error=on_error,
+    )
 
 
 def _cors(table: Any, problems: list[str]) -> CorsConfig:

@@ -85,6 +85,11 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         """The pools' timers live in the app's nursery, from start-up until `close_upstreams` ends them."""
         app.nursery.start_soon(router.expire_idle_connections)  # type: ignore[attr-defined]
 
+    @app.before_serving
+    async def connect_redis() -> None:
+        """The connection to Redis (`[redis]`) lives in the app's nursery, like the sessions that use it."""
+        await app.nursery.start(core.serve_redis)  # type: ignore[attr-defined]
+
     @app.after_serving
     async def close_upstreams() -> None:
         await router.aclose()

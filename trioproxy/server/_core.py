@@ -21,8 +21,10 @@ rendered in the route's protocol; nothing reaches the upstream.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import orjson
@@ -30,9 +32,10 @@ import trio
 from quart import Response, has_request_context, request, websocket
 
 from .._config import Config
-from .._exceptions import TrioproxyError
+from .._exceptions import SharedStateError, TrioproxyError
 from .._limits import Limiter, check_request_shape
 from .._policy import BufferConfig
+from .._redis import RedisState, SharedLimits
 from .._request import ChatRequest
 from .._router import Router
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
@@ -97,6 +100,13 @@ class Core:
             max_streams_per_key=limits.max_streams_per_key,
             max_concurrent_streams=limits.max_concurrent_streams,
         )
+        self.redis = RedisState(config.redis) if config.redis.enabled else None
+        """Where the limits are counted across processes, when `[redis]` is set; `serve_redis` runs it."""
+        self._shared_limits = SharedLimits(
+            requests_per_minute=limits.requests_per_minute,
+            max_streams_per_key=limits.max_streams_per_key,
+            max_concurrent_streams=limits.max_concurrent_streams,
+        )
         shutdown.on_drain(self.streams.stop_resuming)  # nobody can come back to resume a stream
 
     @property
@@ -120,12 +130,15 @@ class Core:
         check_request_shape(
             chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
         )
-        lease = self.limiter.admit(self.client_identity(), trio.current_time())
+        client = self.client_identity()
+        lease = self.limiter.admit(client, trio.current_time()) if self.redis is None else None
+        guard = None if self.redis is None else functools.partial(self._shared_admission, client)
         record: RequestRecord = connection().scope[RECORD]
         key = self.key_name()
 
         def on_end(session: StreamSession) -> None:
-            lease.release()
+            if lease is not None:
+                lease.release()
             self.metrics.observe_stream(session, key=key)
             if stream_id is not None:  # a WebSocket stream: its own log line
                 self.access_log.log_stream(
@@ -141,9 +154,11 @@ class Core:
                 endpoint=route_label(),
                 registry=self.active,
                 on_end=on_end,
+                guard=guard,
             )
         except BaseException:
-            lease.release()
+            if lease is not None:
+                lease.release()
             raise
         self.metrics.stream_started()
         if stream_id is None:
@@ -151,6 +166,51 @@ class Core:
             record.key = key
         self.shutdown.admit(session)  # while draining, its first item is the refusal
         return session
+
+    async def serve_redis(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the connection to Redis, when `[redis]` is set, until cancelled (the app's nursery owns it)."""
+        if self.redis is None:
+            task_status.started()
+            return
+        await self.redis.run(task_status=task_status)
+
+    @asynccontextmanager
+    async def _shared_admission(self, client: str, session: StreamSession) -> AsyncIterator[None]:
+        """
+        The session's place in the limits shared on Redis, held while it runs. If Redis fails
+        or is slow, `[redis] on_error`: "open" admits by this process's own limits, "closed"
+        refuses with the failure (503). A refusal is the session's only item.
+        """
+        assert self.redis is not None
+        try:
+            shared = await self.redis.admit(client, self._shared_limits)
+        except SharedStateError as failure:
+            if self.config.redis.on_error == "closed":
+                session.interrupt(failure)
+                yield
+                return
+            try:
+                local = self.limiter.admit(client, trio.current_time())
+            except TrioproxyError as refusal:
+                session.interrupt(refusal)
+                yield
+                return
+            try:
+                yield
+            finally:
+                local.release()
+            return
+        except TrioproxyError as refusal:
+            session.interrupt(refusal)
+            yield
+            return
+        try:
+            yield
+        finally:
+            try:
+                await self.redis.release(shared)
+            except SharedStateError:
+                pass  # logged by `RedisState`; the place expires within `[redis] lease_ttl`
 
     def client_identity(self) -> str:
         """Who the limits count against: the client key when keys are on, else the address."""
