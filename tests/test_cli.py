@@ -151,3 +151,32 @@ def test_the_server_freezes_what_it_started_with_out_of_the_cycle_collector() ->
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+async def test_requests_for_huge_outputs_leave_the_server_responsive(nursery: trio.Nursery) -> None:
+    import httpx
+
+    server, url = await start_server(nursery)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            huge = {"model": "sim/lorem", "stream": True, "max_tokens": 1_000_000_000}
+            huge["messages"] = [{"role": "user", "content": "hi"}]
+            # 200,000 spaces: quadratic to split with a backtracking pattern (minutes, event loop frozen)
+            spaces = {"model": "sim/echo", "stream": True, "messages": [{"role": "user", "content": " " * 200_000}]}
+            answers: dict[str, httpx.Response] = {}
+
+            async def send(name: str, body: dict[str, object]) -> None:
+                answers[name] = await http.post("/v1/chat/completions", json=body)
+
+            async with trio.open_nursery() as requests:
+                requests.start_soon(send, "huge", huge)
+                requests.start_soon(send, "spaces", spaces)
+                with trio.fail_after(5):  # a frozen server never answers
+                    assert (await http.get("/health")).status_code == 200
+        assert answers["huge"].status_code == 400
+        assert answers["huge"].json()["error"]["param"] == "max_tokens"
+        assert answers["spaces"].status_code == 200
+    finally:
+        server.send_signal(signal.SIGTERM)
+    with trio.fail_after(10):
+        assert await server.wait() == 0

@@ -206,13 +206,43 @@ def test_a_declared_sim_replaces_the_builtin() -> None:
     assert config.providers["sim"].simulated.ttft_ms == 0
 
 
+def test_builtin_sim_false_leaves_it_out() -> None:
+    raw = {"builtin_sim": False, "providers": {"local": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}}}
+    assert list(parse_config(raw, environ={}).providers) == ["local"]
+    declared = parse_config({"builtin_sim": False, "providers": {"sim": {"type": "simulated"}}}, environ={})
+    assert list(declared.providers) == ["sim"]
+
+
+def test_builtin_sim_false_and_no_provider_is_a_mistake() -> None:
+    assert only_problem({"builtin_sim": False}) == (
+        "no provider is declared: add a [providers.NAME] table (builtin_sim = false leaves out 'sim')"
+    )
+
+
+def test_builtin_sim_must_be_a_boolean() -> None:
+    assert only_problem({"builtin_sim": "no"}) == "builtin_sim must be true or false, got 'no'"
+
+
+def test_default_provider_cannot_name_a_left_out_sim() -> None:
+    raw = {"builtin_sim": False, "default_provider": "sim", "providers": {"s": {"type": "simulated"}}}
+    assert only_problem(raw) == "default_provider = 'sim' names no provider (declared: s)"
+
+
+def test_the_sims_output_cap_is_configured() -> None:
+    config = parse_config({"providers": {"sim": {"type": "simulated", "max_output_tokens": 100}}}, environ={})
+    assert config.providers["sim"].simulated.max_output_tokens == 100
+    assert only_problem({"providers": {"s": {"type": "simulated", "max_output_tokens": 10, "lorem_tokens": 11}}}) == (
+        "[providers.s].lorem_tokens: 11 is more than max_output_tokens (10)"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # one mistake, one sentence naming the key
 
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)"
+        "config: unknown key 'providrs' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)"
     )
 
 
@@ -388,7 +418,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'sever' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -404,8 +434,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
-        "config: unknown key 'y' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'x' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'y' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 

@@ -241,6 +241,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         {
             "server",
             "providers",
+            "builtin_sim",
             "default_provider",
             "timeouts",
             "retry",
@@ -268,11 +269,14 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     if defaults.timeouts.connect_timeout <= 0:
         problems.append("[timeouts].connect_timeout must be a positive number")
 
-    providers: dict[str, ProviderConfig] = {
-        SIM: ProviderConfig(
+    builtin_sim = raw.get("builtin_sim", True)
+    if not isinstance(builtin_sim, bool):
+        problems.append(f"builtin_sim must be true or false, got {builtin_sim!r}")
+    providers: dict[str, ProviderConfig] = {}
+    if builtin_sim is not False:
+        providers[SIM] = ProviderConfig(
             name=SIM, type="simulated", timeouts=defaults.timeouts, retry=defaults.retry, buffer=defaults.buffer
         )
-    }
     tables = raw.get("providers", {})
     if not isinstance(tables, dict):
         problems.append("[providers] must be a table of provider tables")
@@ -281,6 +285,9 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         provider = _provider(name, table, defaults, env, problems, warnings)
         if provider is not None:
             providers[name] = provider
+
+    if not providers and not tables:
+        problems.append("no provider is declared: add a [providers.NAME] table (builtin_sim = false leaves out 'sim')")
 
     default_provider = raw.get("default_provider")
     if default_provider is not None and not isinstance(default_provider, str):
@@ -570,9 +577,10 @@ def _provider(
     if type_ == "simulated":
         sim_values = {k: v for k, v in table.items() if k in _TYPE_KEYS["simulated"]}
         sim_problems = settings_problems(sim_values, where=where)
-        problems.extend(sim_problems)
         if not sim_problems:
             checked["simulated"] = SimulatedSettings(**sim_values)
+            sim_problems = checked["simulated"].cap_problems(where=where)
+        problems.extend(sim_problems)
 
     if len(problems) > before:
         return None

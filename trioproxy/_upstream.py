@@ -444,7 +444,11 @@ class _TrioStream(httpcore.AsyncNetworkStream):
 
 
 class SimulatedUpstream:
-    """Plays `providers.simulated.script()` in real (or mock) time."""
+    """
+    Plays `providers.simulated.script()` in real (or mock) time, making each step only when
+    it is due. Every step is a checkpoint, a zero delay included: a script with no delays
+    still lets the other tasks run between its tokens.
+    """
 
     def __init__(self, settings: SimulatedSettings) -> None:
         self.settings = settings
@@ -458,8 +462,7 @@ class SimulatedUpstream:
             settings = settings.overridden(overrides, where="simulate")
         opened = False
         for delay, step in script(chat, settings):
-            if delay > 0:
-                await trio.sleep(delay)
+            await trio.sleep(delay)
             if isinstance(step, TrioproxyError):
                 raise step
             if not opened:
