@@ -5,6 +5,7 @@ The `trioproxy` command as a user runs it: real processes, real sockets on 127.0
 from __future__ import annotations
 
 import gc
+import os
 import re
 import signal
 import subprocess
@@ -180,3 +181,23 @@ async def test_requests_for_huge_outputs_leave_the_server_responsive(nursery: tr
         server.send_signal(signal.SIGTERM)
     with trio.fail_after(10):
         assert await server.wait() == 0
+
+
+async def test_a_key_source_with_no_key_stops_the_start(tmp_path: Path) -> None:
+    config = tmp_path / "keys.toml"
+    config.write_text('[auth]\nkeys_env = "TRIOPROXY_TEST_UNSET_KEYS"\n')
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            [*TRIOPROXY, "serve", "--port", "0", "--config", str(config)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={k: v for k, v in os.environ.items() if k != "TRIOPROXY_TEST_UNSET_KEYS"},
+        )
+    assert result.returncode == 2
+    assert b"listening on" not in result.stdout
+    assert result.stderr.decode() == (
+        "trioproxy: invalid configuration:\n"
+        "  - [auth].keys_env: environment variable TRIOPROXY_TEST_UNSET_KEYS is not set; "
+        "the server would serve every route without a key\n"
+    )

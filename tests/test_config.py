@@ -952,10 +952,35 @@ def test_auth_keys_from_the_file_and_the_environment() -> None:
     assert config.auth.enabled and config.auth.protect_metrics
     assert "k1" not in repr(config)
     assert not parse_config({}, environ={}).auth.enabled
-    unset = parse_config({"auth": {"keys_env": "NOPE"}}, environ={})
-    assert not unset.auth.enabled
-    assert unset.warnings == ("[auth]: environment variable NOPE holds no keys",)
     assert only_problem({"auth": {"keys": "k1"}}) == "[auth].keys must be a list of non-empty strings"
+
+
+@pytest.mark.parametrize(
+    ("auth", "environ", "expected"),
+    [
+        (
+            {"keys_env": "NOPE"},
+            {},
+            "[auth].keys_env: environment variable NOPE is not set; the server would serve every route without a key",
+        ),
+        (
+            {"keys_env": "KEYS", "keys": ["k1"]},
+            {"KEYS": " ,, "},
+            "[auth].keys_env: environment variable KEYS holds no keys; the server would serve every route without a key",
+        ),
+        (
+            {"keys": []},
+            {},
+            "[auth].keys is empty: list a key, or remove it (an empty list would leave every route open)",
+        ),
+    ],
+)
+def test_a_key_source_that_yields_no_key_is_a_mistake(
+    auth: dict[str, Any], environ: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"auth": auth}, environ=environ)
+    assert info.value.problems == [expected]
 
 
 @pytest.mark.parametrize(

@@ -262,7 +262,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         buffer=parse_policy(BufferConfig(), raw.get("buffer", {}), where="[buffer]", problems=problems),
     )
     streams = parse_policy(StreamsConfig(), raw.get("streams", {}), where="[streams]", problems=problems)
-    auth = _auth(raw.get("auth", {}), env, problems, warnings)
+    auth = _auth(raw.get("auth", {}), env, problems)
     logs = _logging(raw.get("logging", {}), problems)
     limits = _limits(raw.get("limits", {}), problems)
     cors = _cors(raw.get("cors", {}), problems)
@@ -388,7 +388,11 @@ def _cors(table: Any, problems: list[str]) -> CorsConfig:
     return CorsConfig(**checked)
 
 
-def _auth(table: Any, env: Mapping[str, str], problems: list[str], warnings: list[str]) -> AuthConfig:
+def _auth(table: Any, env: Mapping[str, str], problems: list[str]) -> AuthConfig:
+    """
+    Every key source named must yield a key: a source that yields none (an unset or empty
+    variable, an empty list) would leave every route open while the file says it is closed.
+    """
     if not isinstance(table, dict):
         problems.append("[auth] must be a table")
         return AuthConfig()
@@ -397,19 +401,26 @@ def _auth(table: Any, env: Mapping[str, str], problems: list[str], warnings: lis
     listed = table.get("keys", [])
     if not isinstance(listed, list) or not all(isinstance(k, str) and k.strip() for k in listed):
         problems.append("[auth].keys must be a list of non-empty strings")
+    elif "keys" in table and not listed:
+        problems.append("[auth].keys is empty: list a key, or remove it (an empty list would leave every route open)")
     else:
         keys.extend(k.strip() for k in listed)
     keys_env = table.get("keys_env")
     if keys_env is not None:
         if not isinstance(keys_env, str) or not keys_env:
             problems.append(f"[auth].keys_env must be the name of an environment variable, got {keys_env!r}")
-        elif not env.get(keys_env, "").strip():
-            warnings.append(f"[auth]: environment variable {keys_env} holds no keys")
         else:
-            keys.extend(re.split(r"[\s,]+", env[keys_env].strip()))
+            found = [k for k in re.split(r"[\s,]+", env.get(keys_env, "")) if k]
+            if not found:
+                state = "is not set" if keys_env not in env else "holds no keys"
+                problems.append(
+                    f"[auth].keys_env: environment variable {keys_env} {state}; "
+                    "the server would serve every route without a key"
+                )
+            keys.extend(found)
     checked: dict[str, Any] = {}
     _bool(table, "protect_metrics", "[auth]", problems, checked)
-    return AuthConfig(keys=tuple(k for k in keys if k), **checked)
+    return AuthConfig(keys=tuple(keys), **checked)
 
 
 def _logging(table: Any, problems: list[str]) -> LoggingConfig:
