@@ -308,8 +308,16 @@ def test_key_of_another_provider_type_is_unknown() -> None:
             "[providers.p].default_max_tokens must be a positive integer, got -1",
         ),
         ({"type": "anthropic", "anthropic_version": 2023}, "[providers.p].anthropic_version must be a string"),
-        ({"type": "gemini"}, "[providers.p].type must be one of 'openai', 'anthropic', 'simulated', got 'gemini'"),
-        ({}, "[providers.p].type must be one of 'openai', 'anthropic', 'simulated', got None"),
+        (
+            {"type": "gemini"},
+            "[providers.p].type 'gemini' is unknown: say which protocol the upstream speaks, "
+            "one of 'openai', 'anthropic', 'simulated'",
+        ),
+        (
+            {},
+            "[providers.p].type is missing: say which protocol the upstream speaks, "
+            "one of 'openai', 'anthropic', 'simulated'",
+        ),
     ],
 )
 def test_bad_type(table: dict[str, Any], expected: str) -> None:
@@ -667,10 +675,19 @@ def test_fallback_to_a_broken_provider_reports_only_that_provider() -> None:
     )
 
 
-@pytest.mark.parametrize("fallbacks", ["q/m", ["q"], [5], {"q": "m"}])
-def test_fallbacks_must_be_provider_model_names(fallbacks: Any) -> None:
+@pytest.mark.parametrize(
+    ("fallbacks", "expected"),
+    [
+        ("q/m", "fallbacks must be a list of 'provider/model' names, got 'q/m'"),
+        ({"q": "m"}, "fallbacks must be a list of 'provider/model' names, got {'q': 'm'}"),
+        (["q/m", "q"], "fallbacks[1] = 'q' is not a 'provider/model' name"),
+        ([5], "fallbacks[0] = 5 is not a 'provider/model' name"),
+        (["/m"], "fallbacks[0] = '/m' is not a 'provider/model' name"),
+    ],
+)
+def test_fallbacks_must_be_provider_model_names(fallbacks: Any, expected: str) -> None:
     assert only_problem({"providers": {"p": {**OPENAI, "fallbacks": fallbacks}, "q": OPENAI}}) == (
-        "[providers.p].fallbacks must be a list of 'provider/model' names"
+        f"[providers.p].{expected}"
     )
 
 
@@ -719,11 +736,17 @@ def test_builtin_transforms_and_validators() -> None:
         ),
         (
             {"transforms": [{"type": "regex_redact", "pattern": "(\\d{3}"}]},
-            "[providers.p].transforms[0] (regex_redact): missing ), unterminated subpattern at position 0",
+            (
+                "[providers.p].transforms[0] (regex_redact): 'pattern' is not a regular expression: "
+                "missing ), unterminated subpattern at position 0"
+            ),
         ),
         (
             {"transforms": [{"type": "regex_redact", "pattern": "*"}]},
-            "[providers.p].transforms[0] (regex_redact): nothing to repeat at position 0",
+            (
+                "[providers.p].transforms[0] (regex_redact): 'pattern' is not a regular expression: "
+                "nothing to repeat at position 0"
+            ),
         ),
         (
             {"validators": [{"type": "banned_phrases", "phrases": "secret"}]},
@@ -733,10 +756,20 @@ def test_builtin_transforms_and_validators() -> None:
             {"transforms": {"type": "replace"}},
             '[providers.p].transforms must be a list of tables like {type = "regex_redact", ...}',
         ),
-        ({"validators": ["max_length"]}, "[providers.p].validators[0] must be a table with a 'type' key"),
+        (
+            {"validators": ["max_length"]},
+            "[providers.p].validators[0] must be a table like {type = \"banned_phrases\", ...}, got 'max_length'",
+        ),
+        (
+            {"validators": [{"type": "max_length"}]},
+            "[providers.p].validators[0] (max_length): missing argument 'characters'",
+        ),
         (
             {"validators": [{"type": "python", "function": "trioproxy_no_such_hooks:check"}]},
-            "[providers.p].validators[0] (python): No module named 'trioproxy_no_such_hooks'",
+            (
+                "[providers.p].validators[0] (python): cannot import 'trioproxy_no_such_hooks': "
+                "No module named 'trioproxy_no_such_hooks'"
+            ),
         ),
     ],
 )
@@ -845,9 +878,12 @@ def test_python_hook_problems(hooks: ModuleType) -> None:
         }
     )
     assert problems == [
-        f"[providers.p].transforms[0] (python): module '{HOOKS_MODULE}' has no attribute 'whisper'",
+        f"[providers.p].transforms[0] (python): module '{HOOKS_MODULE}' has no 'whisper'",
         "[providers.p].transforms[1] (python): 'function' must be 'package.module:name'",
-        "[providers.p].validators[0] (python): no_word() got an unexpected keyword argument 'words'",
+        (
+            f"[providers.p].validators[0] (python): 'args' for {HOOKS_MODULE}:no_word: missing argument 'word'; "
+            "unknown argument 'words' (takes 'word', 'reason')"
+        ),
         f"[providers.p].validators[1] (python): {HOOKS_MODULE}:FACTORY_CALLS is not callable",
     ]
 

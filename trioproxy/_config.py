@@ -39,6 +39,7 @@ PROVIDER_TYPES: Final = ("openai", "anthropic", "simulated")
 SIM: Final = "sim"
 DEFAULT_ANTHROPIC_URL: Final = "https://api.anthropic.com"
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_FALLBACK = re.compile(r"^[A-Za-z0-9_.\-]+/.+$")
 
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -520,7 +521,10 @@ def _provider(
         return None
     type_ = table.get("type")
     if type_ not in PROVIDER_TYPES:
-        problems.append(f"{where}.type must be one of {', '.join(map(repr, PROVIDER_TYPES))}, got {type_!r}")
+        what = "is missing" if type_ is None else f"{type_!r} is unknown"
+        problems.append(
+            f"{where}.type {what}: say which protocol the upstream speaks, one of {', '.join(map(repr, PROVIDER_TYPES))}"
+        )
         return None
     _unknown_keys(table, _COMMON_KEYS | _TYPE_KEYS[type_], where, problems)
     before = len(problems)
@@ -568,10 +572,14 @@ def _provider(
         defaults.buffer, table.get("buffer", {}), where=f"{where}.buffer", problems=problems
     )
     fallbacks = table.get("fallbacks", [])
-    if not isinstance(fallbacks, list) or not all(isinstance(f, str) and "/" in f for f in fallbacks):
-        problems.append(f"{where}.fallbacks must be a list of 'provider/model' names")
+    if not isinstance(fallbacks, list):
+        problems.append(f"{where}.fallbacks must be a list of 'provider/model' names, got {fallbacks!r}")
     else:
-        checked["fallbacks"] = tuple(fallbacks)
+        bad = [(i, f) for i, f in enumerate(fallbacks) if not isinstance(f, str) or not _FALLBACK.match(f)]
+        for i, fallback in bad:
+            problems.append(f"{where}.fallbacks[{i}] = {fallback!r} is not a 'provider/model' name")
+        if not bad:
+            checked["fallbacks"] = tuple(fallbacks)
     if "transforms" in table:
         checked["transforms"] = build_transforms(table["transforms"], where=f"{where}.transforms", problems=problems)
     if "validators" in table:
