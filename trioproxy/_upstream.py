@@ -37,6 +37,7 @@ from ._events import OPENED
 from ._exceptions import (
     RequestError,
     TrioproxyError,
+    UpstreamBrokenError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -532,7 +533,11 @@ async def _read_bounded(resp: httpx.Response) -> bytes:
 
 @contextlib.contextmanager
 def _mapped_httpx_errors() -> Iterator[None]:
-    """httpx's exceptions become ours here, once (as httpx maps httpcore's)."""
+    """
+    httpx's exceptions become ours here, once (as httpx maps httpcore's). A connection that
+    cannot be made and one that breaks once made are different failures (a down upstream, a
+    crashed or cut one), counted apart in the metrics.
+    """
     try:
         yield
     except httpx.TimeoutException as exc:
@@ -546,7 +551,7 @@ def _mapped_httpx_errors() -> Iterator[None]:
     except httpx.ConnectError as exc:
         raise UpstreamConnectError(f"cannot connect to the upstream: {_reason(exc)}") from exc
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError) as exc:
-        raise UpstreamConnectError(f"the upstream connection broke: {_reason(exc)}") from exc
+        raise UpstreamBrokenError(f"the upstream connection broke: {_reason(exc)}") from exc
     except httpx.DecodingError as exc:
         raise UpstreamProtocolError(f"the upstream's body could not be decoded: {_reason(exc)}") from exc
     except httpx.HTTPError as exc:
