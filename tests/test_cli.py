@@ -55,12 +55,25 @@ async def test_serve_then_chat_streams_to_the_terminal(nursery: trio.Nursery) ->
     try:
         result = await run_trioproxy("chat", "stream me please", "--model", "sim/echo", "--url", url)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.decode().strip() == "stream me please"
-        assert re.search(r"time to first token \d+ ms, 3 chunks", result.stderr.decode())
+        assert result.stdout == b"stream me please\n"  # the answer's line ends on stdout, not stderr
+        assert re.fullmatch(rb"\[time to first token \d+ ms, 3 chunks in [\d.]+ s\]\n", result.stderr)
     finally:
         server.send_signal(signal.SIGINT)
     with trio.fail_after(10):
         assert await server.wait() == 0
+
+
+async def test_chat_ends_a_cut_answer_on_stdout_and_reports_on_stderr(nursery: trio.Nursery, tmp_path: Path) -> None:
+    config = tmp_path / "failing.toml"
+    config.write_text('[providers.sim]\ntype = "simulated"\nttft_ms = 0\ntoken_interval_ms = 0\nfail_after_tokens = 2\n')
+    server, url = await start_server(nursery, "--config", str(config))
+    try:
+        result = await run_trioproxy("chat", "one two three", "--url", url)
+        assert result.returncode == 1
+        assert result.stdout == b"one two\n"
+        assert result.stderr.decode().startswith("trioproxy chat: simulated failure after 2 tokens")
+    finally:
+        server.send_signal(signal.SIGINT)
 
 
 async def test_chat_reports_errors_plainly(nursery: trio.Nursery) -> None:

@@ -165,9 +165,18 @@ def _run_until_signalled(main: Callable[[Callable[[], Awaitable[None]]], Awaitab
 def _chat(args: argparse.Namespace) -> int:
     from .client import stream_chat_completion
 
+    shown = False
+
     def show(text: str) -> None:
+        nonlocal shown
+        shown = shown or bool(text)
         sys.stdout.write(text)
         sys.stdout.flush()
+
+    def end_the_answers_line() -> None:
+        """The answer is stdout's: so is the newline that ends it (the report goes to stderr)."""
+        if shown:
+            print(flush=True)
 
     async def run() -> None:
         result = await stream_chat_completion(
@@ -178,15 +187,18 @@ def _chat(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             max_tokens=args.max_tokens,
         )
+        end_the_answers_line()
         ttft = f"{result.ttft * 1000:.0f} ms" if result.ttft is not None else "n/a"
-        print(f"\n[time to first token {ttft}, {result.chunks} chunks in {result.duration:.2f} s]", file=sys.stderr)
+        print(f"[time to first token {ttft}, {result.chunks} chunks in {result.duration:.2f} s]", file=sys.stderr)
 
     try:
         trio.run(run)
     except TrioproxyError as exc:
-        print(f"\ntrioproxy chat: {exc.message}", file=sys.stderr)
+        end_the_answers_line()
+        print(f"trioproxy chat: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        end_the_answers_line()
         return 130
     return 0
 
