@@ -289,15 +289,19 @@ def test_key_of_another_provider_type_is_unknown() -> None:
         ),
         (
             {"type": "openai", "base_url": "http://h/v1", "models": "gpt"},
-            "[providers.p].models must be a list of model names",
+            "[providers.p].models must be a list of model names, got 'gpt'",
         ),
         (
             {"type": "openai", "base_url": "http://h/v1", "models": ["ok", ""]},
-            "[providers.p].models must be a list of model names",
+            "[providers.p].models[1] = '' is not a model name",
         ),
         (
             {"type": "openai", "base_url": "http://h/v1", "headers": {"X": 1}},
-            "[providers.p].headers must be a table of strings",
+            "[providers.p].headers.X must be a string, got 1",
+        ),
+        (
+            {"type": "openai", "base_url": "http://h/v1", "headers": ["X: 1"]},
+            "[providers.p].headers must be a table of strings, got ['X: 1']",
         ),
         (
             {"type": "openai", "base_url": "http://h/v1", "api_key_env": 5},

@@ -548,14 +548,18 @@ def _provider(
                 warnings.append(f"{where}: environment variable {api_key_env} is not set; requests go without a key")
 
     headers = table.get("headers", {})
-    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-        problems.append(f"{where}.headers must be a table of strings")
+    if not isinstance(headers, dict):
+        problems.append(f"{where}.headers must be a table of strings, got {headers!r}")
+    elif bad_headers := [(k, v) for k, v in headers.items() if not isinstance(v, str)]:
+        problems.extend(f"{where}.headers.{k} must be a string, got {v!r}" for k, v in bad_headers)
     else:
         checked["headers"] = dict(headers)
 
     models = table.get("models", [])
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        problems.append(f"{where}.models must be a list of model names")
+    if not isinstance(models, list):
+        problems.append(f"{where}.models must be a list of model names, got {models!r}")
+    elif bad_models := [(i, m) for i, m in enumerate(models) if not isinstance(m, str) or not m]:
+        problems.extend(f"{where}.models[{i}] = {m!r} is not a model name" for i, m in bad_models)
     else:
         checked["models"] = tuple(models)
 
