@@ -65,7 +65,9 @@ async def test_serve_then_chat_streams_to_the_terminal(nursery: trio.Nursery) ->
 
 async def test_chat_ends_a_cut_answer_on_stdout_and_reports_on_stderr(nursery: trio.Nursery, tmp_path: Path) -> None:
     config = tmp_path / "failing.toml"
-    config.write_text('[providers.sim]\ntype = "simulated"\nttft_ms = 0\ntoken_interval_ms = 0\nfail_after_tokens = 2\n')
+    config.write_text(
+        '[providers.sim]\ntype = "simulated"\nttft_ms = 0\ntoken_interval_ms = 0\nfail_after_tokens = 2\n'
+    )
     server, url = await start_server(nursery, "--config", str(config))
     try:
         result = await run_trioproxy("chat", "one two three", "--url", url)

@@ -1006,7 +1006,8 @@ def test_auth_keys_from_the_file_and_the_environment() -> None:
         (
             {"keys_env": "KEYS", "keys": ["k1"]},
             {"KEYS": " ,, "},
-            "[auth].keys_env: environment variable KEYS holds no keys; the server would serve every route without a key",
+            "[auth].keys_env: environment variable KEYS holds no keys; "
+            "the server would serve every route without a key",
         ),
         (
             {"keys": []},

@@ -522,9 +522,8 @@ def _provider(
     type_ = table.get("type")
     if type_ not in PROVIDER_TYPES:
         what = "is missing" if type_ is None else f"{type_!r} is unknown"
-        problems.append(
-            f"{where}.type {what}: say which protocol the upstream speaks, one of {', '.join(map(repr, PROVIDER_TYPES))}"
-        )
+        types = ", ".join(map(repr, PROVIDER_TYPES))
+        problems.append(f"{where}.type {what}: say which protocol the upstream speaks, one of {types}")
         return None
     _unknown_keys(table, _COMMON_KEYS | _TYPE_KEYS[type_], where, problems)
     before = len(problems)

@@ -29,7 +29,13 @@ def test_cpu_seconds_of_no_process() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's per-process CPU clocks")
 def test_cpu_seconds_of_another_process() -> None:
-    burn = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < 0.05: pass\nprint(flush=True)\nsys.stdin.read()"
+    burn = (
+        "import sys, time\n"
+        "t = time.process_time()\n"
+        "while time.process_time() - t < 0.05: pass\n"
+        "print(flush=True)\n"
+        "sys.stdin.read()"
+    )
     child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert child.stdout is not None

@@ -79,7 +79,9 @@ def test_regex_redact_unicode() -> None:
 
 
 def test_regex_redact_bad_pattern() -> None:
-    with pytest.raises(ValueError, match="^'pattern' is not a regular expression: missing \\), unterminated subpattern"):
+    with pytest.raises(
+        ValueError, match="^'pattern' is not a regular expression: missing \\), unterminated subpattern"
+    ):
         regex_redact("(")
 
 
@@ -319,17 +321,19 @@ def test_build_unknown_type() -> None:
         (
             build_transforms,
             {"type": "regex_redact", "pattern": "(unclosed"},
-            "w[0] (regex_redact): 'pattern' is not a regular expression: missing ), unterminated subpattern at position 0",
+            "w[0] (regex_redact): 'pattern' is not a regular expression: "
+            "missing ), unterminated subpattern at position 0",
         ),
         (
             build_transforms,
             {"type": "regex_redact", "pattern": "[a-"},
-            "w[0] (regex_redact): 'pattern' is not a regular expression: unterminated character set at position 0",
+            "w[0] (regex_redact): 'pattern' is not a regular expression: " "unterminated character set at position 0",
         ),
         (
             build_transforms,
             {"type": "regex_redact", "pattern": r"(\d)", "replacement": r"\2"},
-            "w[0] (regex_redact): 'replacement' cannot replace a match of 'pattern': invalid group reference 2 at position 1",
+            "w[0] (regex_redact): 'replacement' cannot replace a match of 'pattern': "
+            "invalid group reference 2 at position 1",
         ),
         (
             build_transforms,
@@ -339,7 +343,8 @@ def test_build_unknown_type() -> None:
         (
             build_transforms,
             {"type": "regex_redact", "patern": "x"},
-            "w[0] (regex_redact): missing argument 'pattern'; unknown argument 'patern' (takes 'pattern', 'replacement', 'ignore_case')",
+            "w[0] (regex_redact): missing argument 'pattern'; "
+            "unknown argument 'patern' (takes 'pattern', 'replacement', 'ignore_case')",
         ),
         (
             build_transforms,
@@ -380,7 +385,8 @@ def test_build_reports_every_problem_and_keeps_the_good_entries() -> None:
         where="[providers.p].transforms",
     )
     assert problems == [
-        "[providers.p].transforms[1] (regex_redact): 'pattern' is not a regular expression: missing ), unterminated subpattern at position 0",
+        "[providers.p].transforms[1] (regex_redact): 'pattern' is not a regular expression: "
+        "missing ), unterminated subpattern at position 0",
         "[providers.p].transforms[2].type 'nope' is unknown (known: regex_redact, replace, python)",
         "[providers.p].transforms[3] must be a table like {type = \"regex_redact\", ...}, got 'x'",
     ]

@@ -4,9 +4,9 @@ Tests of the simulated upstream's script: plain data, no clock and no trio.
 
 from __future__ import annotations
 
-from dataclasses import replace
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -106,7 +106,9 @@ def test_lorem_counts_max_tokens(max_tokens: int) -> None:
 
 def test_tools_fragments_join_to_valid_json() -> None:
     steps = list(
-        script(chat("tools", "weather in Paris?", tools=[{"type": "function", "function": {"name": "lookup"}}]), SETTINGS)
+        script(
+            chat("tools", "weather in Paris?", tools=[{"type": "function", "function": {"name": "lookup"}}]), SETTINGS
+        )
     )
     assert steps[0] == (0.0, Delta(role="assistant"))
     assert steps[1] == (TTFT, Delta(tool_calls=(ToolCallDelta(index=0, id="call_sim_0", name="lookup", arguments=""),)))
