@@ -117,7 +117,7 @@ async def test_bad_config_is_reported_per_mistake(tmp_path: Path) -> None:
     err = result.stderr.decode()
     assert result.returncode == 2
     assert "[providers.x].base_url is required" in err
-    assert "[providers.y].type must be one of" in err
+    assert "[providers.y].type 'carrier-pigeon' is unknown" in err
     assert "[server].port must be an integer" in err
     assert "Traceback" not in err
 
