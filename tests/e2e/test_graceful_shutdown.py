@@ -94,7 +94,8 @@ async def test_an_idle_server_exits_at_once_on_sigterm(
         assert (await http.post(proxy.url + "/v1/chat/completions", json=body("short"))).status_code == 200
         signalled_at = proxy.signal()
         await proxy.wait_for_log(b"drained")
-        # ~0.05 s here; reported at 1.3-1.7 s after "drained". The bound leaves room for a busy machine.
+        # ~0.05 s here; the bound leaves room for a busy machine. (What a long run left behind is
+        # no longer collected before the exit: tests/test_cli.py.)
         assert await proxy.wait_for_exit(1.0) == 0
     assert trio.current_time() - signalled_at < 1.0
     assert b"Traceback" not in proxy.log
