@@ -1208,7 +1208,10 @@ def test_redis_settings() -> None:
         ({"password_env": "NOPE"}, "[redis].password_env: environment variable NOPE is not set"),
         ({"timeout": 0}, "[redis].timeout must be a positive number of seconds, got 0"),
         ({"on_error": "maybe"}, "[redis].on_error must be 'open' or 'closed', got 'maybe'"),
-        ({"urll": ""}, "[redis]: unknown key 'urll' (known: key_prefix, lease_ttl, on_error, password_env, timeout, url)"),
+        (
+            {"urll": ""},
+            "[redis]: unknown key 'urll' (known: key_prefix, lease_ttl, on_error, password_env, timeout, url)",
+        ),
     ],
 )
 def test_bad_redis_settings(table: dict, problem: str) -> None:

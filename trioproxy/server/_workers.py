@@ -93,7 +93,11 @@ class _Supervisor:
             forget_worker(process.pid, self.metrics_dir)
         if not self.stopping:
             logger.warning(
-                "worker %d (pid %d) exited with status %d; replacing it in %g s", slot, process.pid, status, RESTART_DELAY
+                "worker %d (pid %d) exited with status %d; replacing it in %g s",
+                slot,
+                process.pid,
+                status,
+                RESTART_DELAY,
             )
 
     def signal_all(self) -> None:
@@ -157,7 +161,9 @@ def worker_command(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "trioproxy", "serve", *argv]
 
 
-def worker_trigger(shutdown_trigger: Callable[[], Awaitable[None]], supervisor_fd: int) -> Callable[[], Awaitable[None]]:
+def worker_trigger(
+    shutdown_trigger: Callable[[], Awaitable[None]], supervisor_fd: int
+) -> Callable[[], Awaitable[None]]:
     """
     A worker's shutdown trigger: `shutdown_trigger` (a signal the supervisor passed on), or,
     once, its supervisor gone (the pipe `supervisor_fd` reads end of file) — only once, so
