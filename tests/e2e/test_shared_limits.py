@@ -22,6 +22,7 @@ import pytest
 import trio
 
 from tests.conftest import RedisServer, wait_until
+from tests.e2e.test_observability import scrape_until, value
 
 START_TIMEOUT = 30.0
 MESSAGES = [{"role": "user", "content": "one two three"}]
@@ -123,6 +124,15 @@ async def test_requests_per_minute_are_exact_across_three_processes(
         async with openai.AsyncOpenAI(base_url=three[1].url + "/v1", api_key="k", max_retries=0) as sdk:
             with pytest.raises(openai.RateLimitError):
                 await sdk.chat.completions.create(model="sim/echo", messages=MESSAGES)  # type: ignore[arg-type]
+
+        # A refusal is a rejected request, not a stream (whose end would count its tokens too).
+        chat_route = {"route": "/v1/chat/completions", "status": "429", "outcome": "rejected"}
+        rejected = streams = 0.0
+        for proxy in three:
+            samples = await scrape_until(proxy.url, lambda s: True)
+            rejected += value(samples, "trioproxy_requests_total", **chat_route)
+            streams += sum(count for (name, _), count in samples.items() if name == "trioproxy_streams_total")
+        assert (rejected, streams) == (17 + 1, 7)  # the SDK's request was refused too; streams: the admitted
 
 
 async def test_concurrent_streams_are_counted_across_processes_and_freed_when_one_dies(

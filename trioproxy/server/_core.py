@@ -132,13 +132,25 @@ class Core:
         )
         client = self.client_identity()
         lease = self.limiter.admit(client, trio.current_time()) if self.redis is None else None
-        guard = None if self.redis is None else functools.partial(self._shared_admission, client)
         record: RequestRecord = connection().scope[RECORD]
         key = self.key_name()
+        refused = False
+
+        def refuse() -> None:
+            """The shared limits refused it: a rejected request, not a stream (for metrics and the log)."""
+            nonlocal refused
+            refused = True
+            if stream_id is None:
+                record.session = None
+
+        guard = None if self.redis is None else functools.partial(self._shared_admission, client, refuse)
 
         def on_end(session: StreamSession) -> None:
             if lease is not None:
                 lease.release()
+            if refused:
+                self.metrics.stream_refused()
+                return
             self.metrics.observe_stream(session, key=key)
             if stream_id is not None:  # a WebSocket stream: its own log line
                 self.access_log.log_stream(
@@ -175,23 +187,28 @@ class Core:
         await self.redis.run(task_status=task_status)
 
     @asynccontextmanager
-    async def _shared_admission(self, client: str, session: StreamSession) -> AsyncIterator[None]:
+    async def _shared_admission(
+        self, client: str, refuse: Callable[[], None], session: StreamSession
+    ) -> AsyncIterator[None]:
         """
         The session's place in the limits shared on Redis, held while it runs. If Redis fails
         or is slow, `[redis] on_error`: "open" admits by this process's own limits, "closed"
-        refuses with the failure (503). A refusal is the session's only item.
+        refuses with the failure (503). A refusal is the session's only item (and `refuse()`
+        is told first).
         """
         assert self.redis is not None
         try:
             shared = await self.redis.admit(client, self._shared_limits)
         except SharedStateError as failure:
             if self.config.redis.on_error == "closed":
+                refuse()
                 session.interrupt(failure)
                 yield
                 return
             try:
                 local = self.limiter.admit(client, trio.current_time())
             except TrioproxyError as refusal:
+                refuse()
                 session.interrupt(refusal)
                 yield
                 return
@@ -201,6 +218,7 @@ class Core:
                 local.release()
             return
         except TrioproxyError as refusal:
+            refuse()
             session.interrupt(refusal)
             yield
             return

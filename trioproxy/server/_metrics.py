@@ -143,6 +143,10 @@ class Metrics:
         """Called once per session, when it has started (`observe_stream` ends its count)."""
         self.active_streams.inc()
 
+    def stream_refused(self) -> None:
+        """Instead of `observe_stream`, for a session the shared limits refused before it began."""
+        self.active_streams.dec()
+
     def observe_request(self, route: str, status: int, outcome: str, *, disconnected: bool) -> None:
         self.requests.labels(route, str(status), outcome).inc()
         if disconnected:
