@@ -79,7 +79,8 @@ async def run_claude(claude: Path, proxy_url: str, project: Path, prompt: str) -
 
 def answered(run: subprocess.CompletedProcess[bytes]) -> str:
     """Claude Code's answer on stdout, once it has exited 0 (else its stderr says why)."""
-    assert run.returncode == 0, (run.returncode, run.stdout.decode(errors="replace"), run.stderr.decode(errors="replace"))
+    output = run.stdout.decode(errors="replace"), run.stderr.decode(errors="replace")
+    assert run.returncode == 0, (run.returncode, *output)
     return run.stdout.decode()
 
 

@@ -19,11 +19,14 @@ class Target:
 
     name: str
     kind: Literal["direct", "trioproxy", "compare"]
-    #: The OpenAI Chat Completions URL streams are sent to.
+    #: The URL streams are sent to: the front's route (Chat Completions or Messages).
     url: str
     model: str
     #: The process whose CPU and memory are measured (a trioproxy this run started), if any.
     pid: int | None = None
+    #: The client protocol streams speak: what the target adds is measured against the direct
+    #: connection of the same front.
+    front: Literal["openai", "anthropic"] = "openai"
 
 
 @dataclass(frozen=True)
