@@ -22,6 +22,7 @@ import orjson
 import pytest
 import trio
 
+from tests.conftest import ANTHROPIC_KEY
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
@@ -101,19 +102,34 @@ async def test_claude_code_answers_from_the_simulated_provider(
     assert "pineapple banana" in answered(run)
 
 
-@pytest.fixture
-async def proxy_to_openai(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
-    """trioproxy with every model name it does not know going, whole, to the OpenAI-shaped upstream."""
+async def proxy_to(nursery: trio.Nursery, upstream: FakeUpstream, provider: str) -> str:
+    """
+    trioproxy sending Claude Code's model names, kept whole, to `upstream` as `provider`:
+    `up` speaks OpenAI Chat Completions to it, `claude` Anthropic Messages.
+    """
     config = parse_config(
         {
             "retry": {"max_retries": 0},
-            "default_provider": "up",
-            "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
+            "models": {CLAUDE_MODELS: provider},
+            "providers": {
+                "up": {"type": "openai", "base_url": upstream.url + "/v1"},
+                "claude": {"type": "anthropic", "base_url": upstream.url, "api_key_env": "CLAUDE_KEY"},
+            },
         },
-        environ={},
+        environ={"CLAUDE_KEY": ANTHROPIC_KEY},
     )
     binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
     return binds[0]
+
+
+@pytest.fixture
+async def proxy_to_openai(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
+    return await proxy_to(nursery, upstream, "up")
+
+
+@pytest.fixture
+async def proxy_to_anthropic(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
+    return await proxy_to(nursery, upstream, "claude")
 
 
 async def test_claude_code_answers_from_an_openai_upstream(
@@ -124,10 +140,9 @@ async def test_claude_code_answers_from_an_openai_upstream(
     run = await run_claude(claude, proxy_to_openai, project, "say hi")
 
     assert answered(run).strip() == "Hi from the OpenAI side."
-    sent = upstream.requests[-1]
+    [sent] = upstream.requests
     assert sent.path == "/v1/chat/completions"
     assert sent.json["model"].startswith("claude-")
-    assert sent.json["stream"] is True
     roles = [m["role"] for m in sent.json["messages"]]
     assert roles[0] == "system" and "user" in roles
     assert "say hi" in orjson.dumps(sent.json["messages"]).decode()
@@ -143,8 +158,7 @@ async def test_claude_code_runs_a_tool_through_an_openai_upstream(
     run = await run_claude(claude, proxy_to_openai, project, "what does note.txt say?")
 
     assert answered(run).strip().endswith("It says pineapple.")
-    first, second = upstream.requests[-2:]
-    assert first.json["stream"] is True and second.json["stream"] is True
+    [_, second] = upstream.requests
     call = next(m for m in second.json["messages"] if m.get("tool_calls"))
     assert call["tool_calls"][0]["id"] == "call_read_1"
     result = next(m for m in second.json["messages"] if m["role"] == "tool")
@@ -152,17 +166,45 @@ async def test_claude_code_runs_a_tool_through_an_openai_upstream(
     assert "The secret word is pineapple." in orjson.dumps(result["content"]).decode()
 
 
-async def test_claude_code_retries_a_failed_stream_without_streaming(
+async def test_a_stream_that_fails_after_text_is_answered_again_whole(
     claude: Path, project: Path, upstream: FakeUpstream, proxy_to_openai: str
 ) -> None:
-    upstream.push(
-        Reply(tokens=("Half", " an", " answer"), error_after=2),
-        Reply(tokens=("The", " whole", " answer.")),
-    )
+    upstream.push(Reply(tokens=("Half", " an", " answer"), error_after=2), Reply(tokens=("The", " whole", " answer.")))
 
     run = await run_claude(claude, proxy_to_openai, project, "say hi")
 
+    # The delivered half is not shown as the answer: the stream ended in `event: error`, not `message_stop`.
     assert answered(run).strip() == "The whole answer."
-    streamed, retried = upstream.requests[-2:]
-    assert streamed.json["stream"] is True
-    assert not retried.json.get("stream")
+    assert len(upstream.requests) == 2
+
+
+async def test_claude_code_passes_through_to_an_anthropic_upstream_whole(
+    claude: Path, project: Path, upstream: FakeUpstream, proxy_to_anthropic: str
+) -> None:
+    upstream.push(Reply(tokens=("Hi", " from", " the", " Anthropic", " side.")))
+
+    run = await run_claude(claude, proxy_to_anthropic, project, "say hi")
+
+    assert answered(run).strip() == "Hi from the Anthropic side."
+    [sent] = upstream.requests
+    assert sent.path.startswith("/v1/messages")
+    assert {"thinking", "context_management", "output_config", "metadata", "system", "tools"} <= sent.json.keys()
+    assert any(message["role"] == "system" for message in sent.json["messages"])
+    assert "claude-code-20250219" in sent.headers["anthropic-beta"]
+    assert sent.headers["x-api-key"] == ANTHROPIC_KEY  # the proxy's key, never the client's
+
+
+async def test_claude_code_retries_a_failed_stream_without_streaming(
+    claude: Path, project: Path, upstream: FakeUpstream, proxy_to_anthropic: str
+) -> None:
+    upstream.push(Reply(tokens=("Half", " an", " answer"), error_after=2), Reply(tokens=("The", " whole", " answer.")))
+
+    run = await run_claude(claude, proxy_to_anthropic, project, "say hi")
+
+    assert answered(run).strip() == "The whole answer."
+    [streamed, retried] = upstream.requests
+    # The proxy streams from the upstream either way (a non-streaming answer is folded from
+    # the stream); what marks Claude Code's non-streaming retry in the body it passes on is
+    # its smaller `max_tokens` (tests/fixtures/anthropic/claude_code_nonstream_retry_request.json).
+    assert retried.json["max_tokens"] < streamed.json["max_tokens"]
+    assert retried.json["messages"] == streamed.json["messages"]
