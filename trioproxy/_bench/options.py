@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 #: A stream per connection at least this many times, and at least this many streams per phase
@@ -19,9 +19,10 @@ MIN_ROUNDS = 2
 MIN_STREAMS = 10
 #: Bound on any concurrency asked for: each stream costs a socket in three processes.
 CONCURRENCY_LIMIT = 20_000
-#: The client protocols a run can drive trioproxy with: OpenAI Chat Completions
-#: (`/v1/chat/completions`) and Anthropic Messages (`/v1/messages`).
-FRONTS = ("openai", "anthropic")
+#: A client protocol a run can drive trioproxy with: OpenAI Chat Completions
+#: (`/v1/chat/completions`) or Anthropic Messages (`/v1/messages`).
+Front = Literal["openai", "anthropic"]
+FRONTS: tuple[Front, ...] = ("openai", "anthropic")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class BenchSettings:
 
     concurrency: tuple[int, ...] = (1, 50, 200)
     #: Each front is measured direct (the upstream's own route) and through trioproxy.
-    fronts: tuple[str, ...] = ("openai",)
+    fronts: tuple[Front, ...] = ("openai",)
     tokens: int = 64
     ttft_ms: float = 50.0
     interval_ms: float = 20.0
@@ -163,7 +164,7 @@ def _concurrency_list(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _front_list(text: str) -> tuple[str, ...]:
+def _front_list(text: str) -> tuple[Front, ...]:
     fronts = [part.strip() for part in text.split(",") if part.strip()]
     if not fronts or not set(fronts) <= set(FRONTS):
         raise argparse.ArgumentTypeError(f"expected some of {','.join(FRONTS)}, got {text!r}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .options import BenchSettings
+from .options import BenchSettings, Front
 from .processes import Pinning
 from .stats import BufferFigures, PhaseFigures
 
@@ -26,7 +26,7 @@ class Target:
     pid: int | None = None
     #: The client protocol streams speak: what the target adds is measured against the direct
     #: connection of the same front.
-    front: Literal["openai", "anthropic"] = "openai"
+    front: Front = "openai"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import trio
 
 from .machine import machine_info, versions
-from .options import BenchSettings, split_compare
+from .options import BenchSettings, Front, split_compare
 from .processes import (
     BenchError,
     Child,
@@ -69,7 +69,8 @@ def progress(line: str) -> None:
 
 def proxy_config(upstream_url: str, max_connections: int) -> str:
     """
-    The TOML for the trioproxy under test: provider `up` is the benchmark upstream, with
+    The TOML for the trioproxy under test: providers `up` (OpenAI) and `up-anthropic`
+    (Anthropic, for the Anthropic front) are the benchmark upstream, each with
     retries off (every failure must show) and a connection pool as large as the largest
     concurrency measured (so the pool, not the proxy, is never what queues streams), and the
     server's stream limit the same (the sweep measures streams, not refusals).
@@ -121,7 +122,7 @@ def _chat_url(base: str) -> str:
     return f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
 
 
-def _front_url(base: str, front: str) -> str:
+def _front_url(base: str, front: Front) -> str:
     """The route of `front` (Chat Completions or Messages) beside a base URL, as `_chat_url` reads it."""
     chat = _chat_url(base)
     return chat if front == "openai" else chat.removesuffix("/chat/completions") + "/messages"
@@ -186,7 +187,7 @@ class _Bench:
         spec = self._spec(target.url, payload, target.front, concurrency)
         result, resources = await self._measure(spec, target.pid)
         figures = phase_figures(result.records, spec.concurrency * spec.rounds, result.wall_s)
-        progress(f"  {target.name:<16} {concurrency:>5} streams: {_phase_line(figures, resources)}")
+        progress(f"  {target.name:<19} {concurrency:>5} streams: {_phase_line(figures, resources)}")
         return PhaseReport(target.name, concurrency, spec.rounds, figures, resources)
 
     async def sweep(self) -> list[PhaseReport]:
