@@ -1,7 +1,8 @@
 """
 The Claude Code CLI, unmodified, through trioproxy's Anthropic front: `claude -p` (a real
-process, its own empty `HOME`) → trioproxy (hypercorn on 127.0.0.1:0) → the simulated
-provider or an OpenAI-shaped `FakeUpstream`.
+process, its own empty `HOME`) → trioproxy (hypercorn on 127.0.0.1:0, Claude Code's model
+names routed by a `[models]` pattern) → the simulated provider, or `FakeUpstream` spoken to
+as OpenAI (translated) or as Anthropic (passed through).
 
 Claude Code is the most demanding Anthropic client there is (tests/fixtures/anthropic/README.md
 lists what it sends): a dozen tools, adaptive `thinking`, `context_management`, a long
