@@ -13,15 +13,18 @@ without it these tests are skipped, except under `CI=true`, where a missing CLI 
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 from functools import partial
 from pathlib import Path
 from typing import Final
 
+import httpx
 import orjson
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import ANTHROPIC_KEY
 from trioproxy import parse_config, serve
@@ -86,6 +89,22 @@ def answered(run: subprocess.CompletedProcess[bytes]) -> str:
     return run.stdout.decode()
 
 
+async def answer_statuses(proxy_url: str) -> dict[str, float]:
+    """
+    How many requests the proxy answered with each status, from its `/metrics`: Claude Code
+    recovers from a refusal by sending its request again without what was refused, so only
+    the proxy can tell that it served Claude Code's request as Claude Code made it.
+    """
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(proxy_url + "/metrics")).text
+    statuses: collections.Counter[str] = collections.Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "trioproxy_requests_total":
+                statuses[sample.labels["status"]] += sample.value
+    return dict(statuses)
+
+
 async def test_claude_code_answers_from_the_simulated_provider(
     nursery: trio.Nursery, claude: Path, project: Path
 ) -> None:
@@ -101,6 +120,7 @@ async def test_claude_code_answers_from_the_simulated_provider(
     run = await run_claude(claude, binds[0], project, "pineapple banana")
 
     assert "pineapple banana" in answered(run)
+    assert await answer_statuses(binds[0]) == {"200": 1}
 
 
 async def proxy_to(nursery: trio.Nursery, upstream: FakeUpstream, provider: str) -> str:
@@ -141,6 +161,7 @@ async def test_claude_code_answers_from_an_openai_upstream(
     run = await run_claude(claude, proxy_to_openai, project, "say hi")
 
     assert answered(run).strip() == "Hi from the OpenAI side."
+    assert await answer_statuses(proxy_to_openai) == {"200": 1}
     [sent] = upstream.requests
     assert sent.path == "/v1/chat/completions"
     assert sent.json["model"].startswith("claude-")
@@ -187,6 +208,7 @@ async def test_claude_code_passes_through_to_an_anthropic_upstream_whole(
     run = await run_claude(claude, proxy_to_anthropic, project, "say hi")
 
     assert answered(run).strip() == "Hi from the Anthropic side."
+    assert await answer_statuses(proxy_to_anthropic) == {"200": 1}
     [sent] = upstream.requests
     assert sent.path.startswith("/v1/messages")
     assert {"thinking", "context_management", "output_config", "metadata", "system", "tools"} <= sent.json.keys()
