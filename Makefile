@@ -8,8 +8,11 @@ CONFIG ?=
 BENCH_ARGS ?=
 # The playground tests drive Debian's Chromium (never a browser build downloaded by a tool).
 CHROMIUM := /usr/bin/chromium
+# The Claude Code CLI the e2e test drives, pinned, installed under .node/ (never globally).
+CLAUDE_CODE_VERSION := 2.1.332
+NODE_DIR := .node
 
-.PHONY: serve test bench browser install install-test install-bench clean
+.PHONY: serve test bench browser claude-code install install-test install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +37,7 @@ install-bench: $(VENV)/.installed-bench
 serve: $(VENV)/.installed
 	$(BIN)/trioproxy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: $(VENV)/.installed-test browser
+test: $(VENV)/.installed-test browser $(if $(shell command -v node),claude-code)
 	$(BIN)/python -m pytest
 
 # Installs Debian's chromium (about 10 s from a warm mirror) when it is missing and we are root;
@@ -49,9 +52,18 @@ browser:
 		fi; \
 	fi
 
+# Installs the pinned Claude Code CLI once (about 400 MB, its native binary); `make test` runs
+# this when `node` exists, and tests/e2e/test_claude_code.py drives the CLI through trioproxy.
+claude-code: $(NODE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
+
+$(NODE_DIR)/.installed-$(CLAUDE_CODE_VERSION):
+	npm install --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+	$(NODE_DIR)/node_modules/.bin/claude --version >/dev/null
+	touch $@
+
 # Direct vs trioproxy, side by side; e.g. `make bench BENCH_ARGS="--quick"` or "--find-max".
 bench: $(VENV)/.installed-bench
 	$(BIN)/trioproxy bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(NODE_DIR)
