@@ -68,6 +68,8 @@ from ._generic import Renderer, StreamInterrupted, commits, generic_chat_request
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
 from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
+from ._responses_front import ResponsesEventRenderer, response_from_events
+from ._responses_request import parse_responses_request
 from ._shutdown import GracefulShutdown
 from ._streams import BroadcastStream, StreamRegistry, Watcher
 from ._websocket import register_websocket_routes
@@ -268,7 +270,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
             return _anthropic_error(exc)
         renderer = AnthropicEventRenderer(model=chat.model, prompt_chars=prompt_chars(chat))
         if not chat.stream:
-            return await _message(pipeline, chat, renderer)
+            return await _folded(pipeline, chat, renderer, message_from_events, _anthropic_error)
         return await _stream(start(pipeline, chat), renderer, SSE, _anthropic_error)
 
     @app.post("/v1/messages/count_tokens")
@@ -292,22 +294,41 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
             return _json(token_count_estimate(prompt_chars(chat) + (len(orjson.dumps(tools)) if tools else 0)))
         return Response(counted, content_type="application/json")
 
-    async def _message(pipeline: Pipeline, chat: ChatRequest, renderer: AnthropicEventRenderer) -> Response:
-        """A non-streaming Messages answer: the stream's events, folded into one `Message`."""
+    async def _folded(
+        pipeline: Pipeline,
+        chat: ChatRequest,
+        renderer: Renderer,
+        fold: Callable[[bytes], dict[str, Any]],
+        error_response: Callable[[TrioproxyError], Response],
+    ) -> Response:
+        """A non-streaming answer: the events a stream would have carried, folded into one object by `fold`."""
         session = start(pipeline, chat, heartbeats=False)
         try:
             events = bytearray()
             async for item in session.output:
                 if isinstance(item, TrioproxyError):
-                    return _anthropic_error(item)
+                    return error_response(item)
                 events += render(renderer, item)
             if not session.completed:
-                return _anthropic_error(StreamInterrupted("the server ended the request before it completed"))
-            return _json(message_from_events(bytes(events + renderer.done(session))))
+                return error_response(StreamInterrupted("the server ended the request before it completed"))
+            return _json(fold(bytes(events + renderer.done(session))))
         except TrioproxyError as exc:  # the upstream's tool input is not JSON
-            return _anthropic_error(exc)
+            return error_response(exc)
         finally:
             session.cancel()
+
+    @app.post("/v1/responses")
+    async def responses() -> Response:
+        try:
+            body = parse_json_object(await request.get_data())
+            chat = parse_responses_request(body)
+            pipeline = pipeline_for(router, router.route(chat.model))
+        except TrioproxyError as exc:
+            return _openai_error(exc)
+        renderer = ResponsesEventRenderer(request=body, model=chat.model, prompt_chars=prompt_chars(chat))
+        if not chat.stream:
+            return await _folded(pipeline, chat, renderer, response_from_events, _openai_error)
+        return await _stream(start(pipeline, chat), renderer, SSE, _openai_error)
 
     def generic_endpoint(frame: Callable[[StreamEvent], bytes], content_type: str) -> Callable[[], Any]:
         error_response = functools.partial(_event_error, frame, content_type)

@@ -1,0 +1,287 @@
+"""
+`POST /v1/responses` end to end: the official openai SDK → trioproxy (hypercorn on
+127.0.0.1:0) → a real scripted upstream speaking Chat Completions (`up`) or Anthropic
+(`claude`), both translated, or the simulated one (`sim`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+import trio
+
+from tests.conftest import proxy_config, wait_until
+from trioproxy import serve
+from trioproxy._sse import SSEDecoder
+from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
+
+TOKENS = ("Hel", "lo", ",", " wörld", " 🌍", "!")
+MODELS = pytest.mark.parametrize("model", ["up/gpt-test", "claude/claude-test"])
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+def sent(request: RecordedRequest) -> dict[str, Any]:
+    body: dict[str, Any] = orjson.loads(request.body)
+    return body
+
+
+# --- text ---------------------------------------------------------------------------------
+
+
+@MODELS
+async def test_a_streamed_answer_through_the_stream_helper(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream, model: str
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, usage=(11, 6)))
+    async with client.responses.stream(model=model, input="Say hello", instructions="Be brief.") as stream:
+        pieces = [event.delta async for event in stream if event.type == "response.output_text.delta"]
+        response = await stream.get_final_response()
+    assert pieces == list(TOKENS)
+    assert response.output_text == "".join(TOKENS)
+    assert response.status == "completed"
+    assert response.id.startswith("resp_")
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (11, 6)
+
+
+@MODELS
+async def test_a_streamed_answer_s_events_are_in_the_api_s_order(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream, model: str
+) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    stream = await client.responses.create(model=model, input="Say hello", stream=True)
+    events = [event async for event in stream]
+    assert [event.type for event in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * len(TOKENS),
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+
+
+@MODELS
+async def test_a_non_streamed_answer(client: openai.AsyncOpenAI, upstream: FakeUpstream, model: str) -> None:
+    upstream.push(Reply(tokens=TOKENS, usage=(9, 6)))
+    response = await client.responses.create(model=model, input="Say hello", metadata={"ticket": "42"})
+    assert response.output_text == "".join(TOKENS)
+    assert (response.status, response.metadata) == ("completed", {"ticket": "42"})
+    assert response.usage is not None and response.usage.total_tokens == 15
+
+
+async def test_the_chat_completions_upstream_gets_the_translated_request(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    await client.responses.create(
+        model="up/gpt-test",
+        instructions="Be brief.",
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+        max_output_tokens=64,
+        store=False,
+        include=["reasoning.encrypted_content"],
+    )
+    body = sent(upstream.requests[-1])
+    assert upstream.requests[-1].path == "/v1/chat/completions"
+    assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert (body["model"], body["max_tokens"], body["stream"]) == ("gpt-test", 64, True)
+    assert "store" not in body and "include" not in body
+
+
+async def test_the_simulated_upstream(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+    async with client.responses.stream(model="sim/echo", input="one two three") as stream:
+        response = await stream.get_final_response()
+    assert response.output_text == "one two three"
+    assert list(upstream.requests) == []
+
+
+async def test_the_sync_client(proxy_url: str, upstream: FakeUpstream) -> None:
+    """The sync SDK, in a thread: the proxy runs in this test's trio loop."""
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=TOKENS))
+
+    def use_the_sync_sdk() -> tuple[str, str]:
+        with openai.OpenAI(base_url=proxy_url + "/v1", api_key="k", max_retries=0) as sdk:
+            created = sdk.responses.create(model="up/m", input="hi")
+            with sdk.responses.stream(model="claude/c", input="hi") as stream:
+                streamed = stream.get_final_response().output_text
+        return created.output_text, streamed
+
+    assert await trio.to_thread.run_sync(use_the_sync_sdk) == ("".join(TOKENS), "".join(TOKENS))
+
+
+# --- function calling -----------------------------------------------------------------------
+
+
+@MODELS
+async def test_function_calling_across_two_turns(client: openai.AsyncOpenAI, upstream: FakeUpstream, model: str) -> None:
+    calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
+    upstream.push(Reply(tokens=("Let me check.",), tool_calls=calls), Reply(tokens=("Sunny", " in Paris.")))
+    async with client.responses.stream(model=model, input="Weather in Paris?", tools=[WEATHER]) as stream:
+        argument_deltas = [e.delta async for e in stream if e.type == "response.function_call_arguments.delta"]
+        first = await stream.get_final_response()
+    assert "".join(argument_deltas) == '{"city": "Paris"}'
+    assert [item.type for item in first.output] == ["message", "function_call"]
+    call = first.output[1]
+    assert call.type == "function_call"
+    assert (call.call_id, call.name, call.arguments, call.status) == ("call_1", "get_weather", '{"city": "Paris"}', "completed")
+
+    second = await client.responses.create(
+        model=model,
+        tools=[WEATHER],
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            *[item.model_dump(exclude_none=True) for item in first.output],
+            {"type": "function_call_output", "call_id": "call_1", "output": "18C, sunny"},
+        ],
+    )
+    assert second.output_text == "Sunny in Paris."
+    body = sent(upstream.requests[-1])
+    if model.startswith("up/"):
+        assert body["messages"][1]["tool_calls"] == [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        ]
+        assert body["messages"][2] == {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"}
+    else:
+        assert body["messages"][1]["content"][-1]["type"] == "tool_use"
+        assert body["messages"][2]["content"][0] == {
+            "type": "tool_result",
+            "tool_use_id": "call_1",
+            "content": "18C, sunny",
+        }
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+async def test_a_field_the_upstream_cannot_carry_is_a_400_naming_it(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model="up/gpt-test", input="hi", tools=[{"type": "web_search"}])
+    assert info.value.param == "tools[0].type"
+    assert "Responses upstreams only" in info.value.message
+
+
+async def test_an_unknown_model_is_a_404(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.create(model="nowhere/x", input="hi")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_upstream_error_before_the_first_token_is_the_sdk_s_typed_error(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream, stream: bool
+) -> None:
+    upstream.push(Reply(status=429, error_message="slow down", headers={"retry-after": "3"}))
+    with pytest.raises(openai.RateLimitError) as info:
+        if stream:
+            async with client.responses.stream(model="up/gpt-test", input="hi") as events:
+                await events.get_final_response()
+        else:
+            await client.responses.create(model="up/gpt-test", input="hi")
+    assert "slow down" in info.value.message
+    assert info.value.response.headers["retry-after"] == "3"
+
+
+async def test_an_error_after_the_first_token_is_an_error_event_then_response_failed(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, error_after=2))
+    async with httpx.AsyncClient() as http:
+        response = await http.post(proxy_url + "/v1/responses", json={"model": "up/m", "input": "hi", "stream": True})
+    assert response.status_code == 200
+    events = [orjson.loads(event.data) for event in SSEDecoder().feed(response.content)]
+    kinds = [event["type"] for event in events]
+    assert kinds[-2:] == ["error", "response.failed"]
+    assert "response.completed" not in kinds
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed"
+    assert "after 5 characters were delivered" in failed["error"]["message"]
+    assert failed["output"][0]["content"][0]["text"] == "Hello"
+
+
+async def test_the_sdk_raises_an_error_after_the_first_token(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS, error_after=2))
+    with pytest.raises(openai.APIError, match="upstream failure"):
+        async with client.responses.stream(model="up/gpt-test", input="hi") as stream:
+            await stream.get_final_response()
+
+
+async def test_a_truncated_answer_is_incomplete(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS, finish_reason="length"))
+    response = await client.responses.create(model="up/gpt-test", input="hi", max_output_tokens=6)
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
+
+
+# --- stages and guarantees --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def staged(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
+    config = proxy_config(
+        upstream,
+        patient={"type": "openai", "base_url": upstream.url + "/v1", "heartbeat_interval": 0.05, "first_token_timeout": 5},
+        hasty={"type": "openai", "base_url": upstream.url + "/v1", "first_token_timeout": 0.2},
+    )
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    return str(binds[0])
+
+
+async def test_heartbeats_are_comments_the_sdk_skips(staged: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS, ttft=0.3))
+    async with httpx.AsyncClient() as http:
+        response = await http.post(staged + "/v1/responses", json={"model": "patient/m", "input": "hi", "stream": True})
+    assert response.content.startswith(b": keep-alive\n\n")
+    async with openai.AsyncOpenAI(base_url=staged + "/v1", api_key="k", max_retries=0) as sdk:
+        upstream.push(Reply(tokens=TOKENS, ttft=0.3))
+        async with sdk.responses.stream(model="patient/m", input="hi") as stream:
+            assert (await stream.get_final_response()).output_text == "".join(TOKENS)
+
+
+async def test_a_first_token_timeout_is_a_504(staged: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS, ttft=5))
+    async with openai.AsyncOpenAI(base_url=staged + "/v1", api_key="k", max_retries=0) as sdk:
+        with pytest.raises(openai.APIStatusError) as info:
+            await sdk.responses.create(model="hasty/m", input="hi")
+    assert info.value.status_code == 504
+    assert "first_token_timeout" in info.value.message
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_closes_the_upstream(proxy_url: str, upstream: FakeUpstream, stream: bool) -> None:
+    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
+    async with trio.open_nursery() as nursery:
+
+        async def request() -> None:
+            async with httpx.AsyncClient() as http:
+                body = {"model": "up/m", "input": "hi", "stream": stream}
+                async with http.stream("POST", proxy_url + "/v1/responses", json=body) as response:
+                    async for _ in response.aiter_bytes():
+                        pass
+
+        nursery.start_soon(request)
+        with trio.fail_after(5):
+            await upstream.wait_for_requests(upstream.request_count + 1)
+        if stream:  # mid-stream; a non-streamed answer is read whole, so any time is mid-answer
+            await wait_until(lambda: upstream.requests[-1].tokens_sent >= 3)
+        nursery.cancel_scope.cancel()  # the client hangs up
+    hung_up_at = trio.current_time()
+    recorded = upstream.requests[-1]
+    with trio.fail_after(1):
+        await recorded.disconnected.wait()
+    assert recorded.disconnected_at is not None
+    assert recorded.disconnected_at - hung_up_at < 0.1
+    assert not recorded.completed
