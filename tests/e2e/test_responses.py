@@ -14,10 +14,12 @@ import openai
 import orjson
 import pytest
 import trio
+import trio_websocket
 
 from tests.conftest import proxy_config, wait_until
 from trioproxy import serve
 from trioproxy._sse import SSEDecoder
+from trioproxy.server._responses_front import TERMINAL_EVENTS
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
 
 TOKENS = ("Hel", "lo", ",", " wörld", " 🌍", "!")
@@ -285,3 +287,105 @@ async def test_client_disconnect_closes_the_upstream(proxy_url: str, upstream: F
     assert recorded.disconnected_at is not None
     assert recorded.disconnected_at - hung_up_at < 0.1
     assert not recorded.completed
+
+
+# --- WebSocket mode ---------------------------------------------------------------------------
+
+
+def ws_url(proxy_url: str) -> str:
+    return proxy_url.replace("http://", "ws://", 1) + "/v1/responses"
+
+
+async def one_response(connection: trio_websocket.WebSocketConnection, **create: Any) -> list[dict[str, Any]]:
+    """Send one `response.create` and read its events, up to the terminal one (or an `error` frame alone)."""
+    await connection.send_message(orjson.dumps({"type": "response.create", **create}).decode())
+    events = []
+    with trio.fail_after(5):
+        while True:
+            event = orjson.loads(await connection.get_message())
+            events.append(event)
+            if event["type"] in TERMINAL_EVENTS or (event["type"] == "error" and "status" in event):
+                return events
+
+
+async def test_websocket_mode_answers_responses_in_turn_and_continues_from_the_last(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=("Again",)))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        first = await one_response(connection, model="up/m", input="hi", stream=True, store=False)
+        assert [e["type"] for e in first] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            *["response.output_text.delta"] * len(TOKENS),
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        assert [e["sequence_number"] for e in first] == list(range(len(first)))
+        response_id = first[-1]["response"]["id"]
+        second = await one_response(
+            connection, model="up/m", previous_response_id=response_id, input=[{"role": "user", "content": "more"}]
+        )
+        assert second[-1]["response"]["output"][0]["content"][0]["text"] == "Again"
+        assert second[-1]["response"]["id"] != response_id
+        unknown = await one_response(connection, model="up/m", previous_response_id="resp_nope", input="x")
+    assert [m["role"] for m in sent(upstream.requests[-1])["messages"]] == ["user", "assistant", "user"]
+    assert sent(upstream.requests[-1])["messages"][1]["content"] == "".join(TOKENS)
+    assert unknown == [
+        {
+            "type": "error",
+            "status": 404,
+            "status_code": 404,
+            "error": {
+                "type": "not_found_error",
+                "code": "previous_response_not_found",
+                "message": "no response 'resp_nope' on this connection: only its last one can be continued",
+                "param": "previous_response_id",
+            },
+        }
+    ]
+
+
+async def test_websocket_mode_refuses_a_bad_frame_and_stays_open(proxy_url: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        await connection.send_message("not json")
+        assert orjson.loads(await connection.get_message())["status"] == 400
+        refused = await one_response(connection, model="up/m", input="hi", tools=[{"type": "web_search"}])
+        assert (refused[0]["status"], refused[0]["error"]["param"]) == (400, "tools[0].type")
+        unknown = await one_response(connection, model="nowhere/m", input="hi")
+        assert unknown[0]["status"] == 404
+        answered = await one_response(connection, model="up/m", input="hi")
+    assert answered[-1]["type"] == "response.completed"
+
+
+async def test_websocket_mode_failures_before_and_after_the_first_token(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(status=429, error_message="slow down"), Reply(tokens=TOKENS, error_after=2))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        before = await one_response(connection, model="up/m", input="hi")
+        after = await one_response(connection, model="up/m", input="hi")
+    assert [(e["type"], e["status"], e["error"]["message"]) for e in before] == [("error", 429, "slow down")]
+    kinds = [e["type"] for e in after]
+    assert kinds[0] == "response.created" and kinds[-2:] == ["error", "response.failed"]
+    assert "response.completed" not in kinds
+
+
+async def test_websocket_mode_disconnect_closes_the_upstream(proxy_url: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        await connection.send_message(orjson.dumps({"type": "response.create", "model": "up/m", "input": "hi"}).decode())
+        with trio.fail_after(5):
+            while orjson.loads(await connection.get_message())["type"] != "response.output_text.delta":
+                pass
+    hung_up_at = trio.current_time()
+    recorded = upstream.requests[-1]
+    with trio.fail_after(1):
+        await recorded.disconnected.wait()
+    assert recorded.disconnected_at is not None
+    assert recorded.disconnected_at - hung_up_at < 0.1

@@ -70,6 +70,7 @@ from ._metrics import Metrics
 from ._openai_front import OpenAIChunkRenderer, completion_body, error_body
 from ._responses_front import ResponsesEventRenderer, response_from_events
 from ._responses_request import parse_responses_request
+from ._responses_websocket import register_responses_websocket
 from ._shutdown import GracefulShutdown
 from ._streams import BroadcastStream, StreamRegistry, Watcher
 from ._websocket import register_websocket_routes
@@ -416,6 +417,10 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         max_message_bytes=limits.max_body_bytes,
         write_timeout=config.server.write_timeout,
         shutdown=shutdown,
+    )
+
+    register_responses_websocket(
+        app, start=start, router=router, max_message_bytes=limits.max_body_bytes, write_timeout=config.server.write_timeout
     )
 
     for path, (frame, content_type) in GENERIC_ENDPOINTS.items():

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -46,7 +47,14 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import TrioproxyError, UpstreamProtocolError
 from .._sse import SSEDecoder
 
-__all__ = ["KEEP_ALIVE", "TERMINAL_EVENTS", "ResponsesEventRenderer", "response_from_events"]
+__all__ = [
+    "KEEP_ALIVE",
+    "TERMINAL_EVENTS",
+    "ResponsesEventRenderer",
+    "response_from_events",
+    "sse_event",
+    "websocket_frame",
+]
 
 KEEP_ALIVE: Final = b": keep-alive\n\n"
 TERMINAL_EVENTS: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -78,6 +86,16 @@ _ECHOED: Final = {
 """Request fields the Response object echoes, with the API's defaults when the request left them out."""
 
 
+def sse_event(payload: dict[str, Any]) -> bytes:
+    """An event of a `POST /v1/responses` stream: named, its one `data:` line the payload, LF only."""
+    return b"event: " + payload["type"].encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def websocket_frame(payload: dict[str, Any]) -> bytes:
+    """An event of WebSocket mode: the payload alone, one line (one text frame each)."""
+    return orjson.dumps(payload) + b"\n"
+
+
 def _token() -> str:
     return secrets.token_hex(12)
 
@@ -101,13 +119,23 @@ class ResponsesEventRenderer:
     """
     Renders one stream's items as Responses events. `request` is the client's Responses body
     (the Response object echoes its settings); `model` is the name the client asked for;
-    `prompt_chars` sizes the usage estimate when the upstream reports none.
+    `prompt_chars` sizes the usage estimate when the upstream reports none; `frame` writes
+    each event (SSE, or WebSocket mode's lines).
+
+    `response` is the Response object as the last lifecycle event carried it.
     """
 
     shows_notices: Final = False
     """The Responses protocol has no word for a retry: the stream stays clean."""
 
-    def __init__(self, *, request: dict[str, Any], model: str, prompt_chars: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        request: dict[str, Any],
+        model: str,
+        prompt_chars: int = 0,
+        frame: Callable[[dict[str, Any]], bytes] = sse_event,
+    ) -> None:
         self.id = "resp_" + _token()
         self.model = model
         self.created_at = int(time.time())
@@ -121,6 +149,13 @@ class ResponsesEventRenderer:
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
         self._output_chars = 0
+        self._frame = frame
+        self.response: dict[str, Any] | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether `response.created` was rendered: the client has seen the response begin."""
+        return self._started
 
     # ----------------------------------------------------------------------------------------
     # the renderer protocol
@@ -180,7 +215,9 @@ class ResponsesEventRenderer:
     def _event(self, kind: str, **fields: Any) -> bytes:
         payload = {"type": kind, **fields, "sequence_number": self._sequence}
         self._sequence += 1
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+        if "response" in fields:
+            self.response = fields["response"]
+        return self._frame(payload)
 
     def _start(self) -> bytes:
         if self._started:

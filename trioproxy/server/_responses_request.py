@@ -39,12 +39,13 @@ Sans-IO.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Final
 
 from .._exceptions import RequestError
 from .._request import ChatRequest, NativeRequest
 
-__all__ = ["parse_responses_request", "to_chat_completions"]
+__all__ = ["Turn", "continued", "input_items", "parse_responses_request", "to_chat_completions"]
 
 _ROLES: Final = frozenset({"user", "assistant", "system", "developer"})
 
@@ -97,6 +98,35 @@ def parse_responses_request(body: dict[str, Any]) -> ChatRequest:
         max_tokens=max_tokens,
         native=NativeRequest("responses", body, {}, unportable),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """
+    A response, as a later `previous_response_id` continues it: the whole input it answered
+    (its own predecessors' included) and its output items.
+    """
+
+    id: str
+    input: list[Any]
+    output: list[Any]
+
+
+def input_items(body: dict[str, Any]) -> list[Any]:
+    """The request's `input` as items (a string is one user message)."""
+    input_ = body["input"]
+    return [{"type": "message", "role": "user", "content": input_}] if isinstance(input_, str) else list(input_)
+
+
+def continued(body: dict[str, Any], previous: Turn) -> dict[str, Any]:
+    """
+    The request `body` continuing `previous` for an upstream with no notion of earlier
+    responses: the conversation rebuilt (the earlier input, its output, then the new input),
+    without `previous_response_id`. `instructions` are not inherited, as in the API.
+    """
+    out = {key: value for key, value in body.items() if key != "previous_response_id"}
+    out["input"] = [*previous.input, *previous.output, *input_items(body)]
+    return out
 
 
 def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
