@@ -93,6 +93,21 @@ async def test_the_simulated_upstream(claude: anthropic.AsyncAnthropic, upstream
     ) as stream:
         message = await stream.get_final_message()
     assert message.content[0].text == "one two three"
+
+    tools: Any = [{"name": "lookup", "input_schema": {"type": "object"}}]
+    called = await claude.messages.create(model="sim/tools", max_tokens=50, messages=MESSAGES, tools=tools)
+    assert called.stop_reason == "tool_use"
+    assert (called.content[0].type, called.content[0].name, called.content[0].input) == (
+        "tool_use",
+        "lookup",
+        {"input": "Say hello"},
+    )
+
+    with pytest.raises(anthropic.ServiceUnavailableError) as info:
+        await claude.messages.create(
+            **create(model="sim/echo"), extra_body={"simulate": {"fail_before_first_token": True}}
+        )
+    assert info.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
     assert list(upstream.requests) == []
 
 

@@ -102,6 +102,8 @@ class AnthropicEventRenderer:
     `prompt_chars` sizes the usage estimate when the upstream reports none.
     """
 
+    shows_notices: Final = False  # the Messages protocol has no word for a retry
+
     def __init__(self, *, model: str, prompt_chars: int = 0) -> None:
         self.model = model
         self.id = new_message_id()

@@ -26,7 +26,6 @@ Keep-alive is hypercorn's WebSocket ping, as on the other WebSocket endpoints.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -35,8 +34,7 @@ from quart import websocket
 from quart_trio import QuartTrio
 
 from .._exceptions import NotFoundError, PayloadTooLargeError, RequestError, TrioproxyError
-from .._router import Router
-from ..pipeline import StreamSession, pipeline_for
+from ._core import Core
 from ._generic import last_word, prompt_chars, render
 from ._responses_front import ResponsesEventRenderer, websocket_frame
 from ._responses_request import Turn, continued, input_items, parse_responses_request
@@ -49,19 +47,14 @@ IGNORED: Final = ("type", "stream", "background")
 """Fields of a `response.create` frame that are not part of the request."""
 
 
-def register_responses_websocket(
-    app: QuartTrio,
-    *,
-    start: Callable[..., StreamSession],
-    router: Router,
-    max_message_bytes: int,
-    write_timeout: float,
-) -> None:
+def register_responses_websocket(app: QuartTrio, core: Core) -> None:
     """
-    Add the WebSocket route of `/v1/responses` to `app`; `start(pipeline, chat)` starts a
-    session or raises the limits' refusal. A frame over `max_message_bytes` is refused unread;
-    a peer that does not read for `write_timeout` seconds is dropped.
+    Add the WebSocket route of `/v1/responses` to `app`. A frame over `[limits]
+    max_body_bytes` is refused unread; a peer that does not read for `[server] write_timeout`
+    seconds is dropped.
     """
+    max_message_bytes = core.config.limits.max_body_bytes
+    write_timeout = core.config.server.write_timeout
 
     async def send(frames: bytes) -> None:
         for frame in frames.splitlines():
@@ -94,11 +87,11 @@ def register_responses_websocket(
                 )
             body = continued(body, previous)
         chat = parse_responses_request({**body, "stream": True})
-        pipeline = pipeline_for(router, router.route(chat.model))
+        pipeline = core.pipeline(chat.model)
         renderer = ResponsesEventRenderer(
             request=body, model=chat.model, prompt_chars=prompt_chars(chat), frame=websocket_frame
         )
-        session = start(pipeline, chat, heartbeats=False, stream_id=str(turn))
+        session = core.start(pipeline, chat, heartbeats=False, stream_id=str(turn))
         try:
             async for item in session.output:
                 if isinstance(item, TrioproxyError) and not renderer.started:
