@@ -343,7 +343,7 @@ async def test_websocket_mode_answers_responses_in_turn_and_continues_from_the_l
             "error": {
                 "type": "not_found_error",
                 "code": "previous_response_not_found",
-                "message": "no response 'resp_nope' on this connection: only its last one can be continued",
+                "message": "no response 'resp_nope': it was never stored, or it has expired or been deleted",
                 "param": "previous_response_id",
             },
         }
@@ -389,3 +389,89 @@ async def test_websocket_mode_disconnect_closes_the_upstream(proxy_url: str, ups
         await recorded.disconnected.wait()
     assert recorded.disconnected_at is not None
     assert recorded.disconnected_at - hung_up_at < 0.1
+
+
+# --- stored responses -------------------------------------------------------------------------
+
+
+async def test_previous_response_id_continues_a_stored_response(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=("Paris.",)), Reply(tokens=("About 2 million.",)))
+    first = await client.responses.create(model="up/gpt-test", instructions="Be brief.", input="Capital of France?")
+    second = await client.responses.create(
+        model="up/gpt-test", previous_response_id=first.id, input="Its population?"
+    )
+    assert second.output_text == "About 2 million."
+    assert second.previous_response_id == first.id
+    assert sent(upstream.requests[-1])["messages"] == [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Its population?"},
+    ]  # instructions are not inherited, as in the API
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.responses.create(model="up/gpt-test", previous_response_id="resp_gone", input="x")
+    assert (info.value.code, info.value.param) == ("previous_response_not_found", "previous_response_id")
+
+
+async def test_a_stored_response_is_retrieved_and_deleted_and_store_false_keeps_none(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=TOKENS))
+    created = await client.responses.create(model="up/gpt-test", input="hi")
+    retrieved = await client.responses.retrieve(created.id)
+    assert retrieved.model_dump() == created.model_dump()
+    await client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(created.id)
+    unstored = await client.responses.create(model="up/gpt-test", input="hi", store=False)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(unstored.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve("st_not_a_response")
+
+
+async def test_a_background_response_is_resumed_after_a_sequence_number_then_followed_live(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("a", "b", "c", "d", "e", "f"), interval=0.05))
+    queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
+    assert (queued.status, queued.background) == ("queued", True)
+    watching = await client.responses.retrieve(queued.id, stream=True)
+    async for event in watching:
+        if event.sequence_number == 4:  # the first delta: then the connection drops
+            assert event.type == "response.output_text.delta" and event.delta == "a"
+            break
+    await watching.close()
+    stream = await client.responses.retrieve(queued.id, stream=True, starting_after=4)
+    events = [event async for event in stream]
+    assert [event.sequence_number for event in events] == list(range(5, 5 + len(events)))
+    assert [event.delta for event in events if event.type == "response.output_text.delta"] == ["b", "c", "d", "e", "f"]
+    assert events[-1].type == "response.completed"
+    assert len(upstream.requests) == 1  # asked once
+    again = await client.responses.retrieve(queued.id, stream=True, starting_after=-1)
+    replayed = [event async for event in again]
+    assert replayed[0].type == "response.created" and replayed[-1].type == "response.completed"
+    with pytest.raises(openai.BadRequestError):
+        await client.responses.retrieve(queued.id, stream=True, starting_after=999)
+
+
+async def test_cancelling_a_background_response_cancels_its_upstream(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
+    queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
+    with trio.fail_after(5):
+        await upstream.wait_for_requests(1)
+    cancelled = await client.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled"
+    with trio.fail_after(1):
+        await upstream.requests[-1].disconnected.wait()
+    assert (await client.responses.retrieve(queued.id)).status == "cancelled"
+
+
+async def test_the_stream_helper_resumes_a_response_by_id(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+    """`responses.stream(response_id=...)` replays from event 0 and filters on the client."""
+    upstream.push(Reply(tokens=TOKENS))
+    queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
+    async with client.responses.stream(response_id=queued.id, starting_after=3) as stream:
+        final = await stream.get_final_response()
+    assert final.output_text == "".join(TOKENS)

@@ -190,6 +190,7 @@ def test_reasoning_items_and_output_only_fields_are_dropped() -> None:
         metadata={"a": "b"},
         truncation="auto",
         stream_options={"include_obfuscation": False},
+        background=True,
         reasoning={"summary": "auto"},
     )
     assert out == {"model": "gpt-test", "stream": False, "messages": [{"role": "user", "content": "Hi"}]}
@@ -215,7 +216,6 @@ def test_text_formats(format_: dict[str, Any], expected: dict[str, Any] | None) 
     ("fields", "param"),
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
-        ({"background": True}, "background"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"max_tool_calls": 3}, "max_tool_calls"),
         ({"top_logprobs": 2}, "top_logprobs"),

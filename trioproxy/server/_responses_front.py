@@ -44,7 +44,7 @@ from typing import Any, Final
 import orjson
 
 from .._events import Delta, ToolCallDelta, Usage
-from .._exceptions import TrioproxyError, UpstreamProtocolError
+from .._exceptions import StreamCancelled, TrioproxyError, UpstreamProtocolError
 from .._sse import SSEDecoder
 
 __all__ = [
@@ -63,6 +63,7 @@ INCOMPLETE_REASONS: Final = {"length": "max_output_tokens", "content_filter": "c
 """Chat Completions `finish_reason` → `incomplete_details.reason`; any other ends as completed."""
 
 _ECHOED: Final = {
+    "background": False,
     "instructions": None,
     "max_output_tokens": None,
     "max_tool_calls": None,
@@ -122,7 +123,8 @@ class ResponsesEventRenderer:
     `prompt_chars` sizes the usage estimate when the upstream reports none; `frame` writes
     each event (SSE, or WebSocket mode's lines).
 
-    `response` is the Response object as the last lifecycle event carried it.
+    `response_id` is the Response's id when the store chose it. `response` is the Response
+    object as the last lifecycle event carried it; `failure` the error that ended it, if any.
     """
 
     shows_notices: Final = False
@@ -135,11 +137,12 @@ class ResponsesEventRenderer:
         model: str,
         prompt_chars: int = 0,
         frame: Callable[[dict[str, Any]], bytes] = sse_event,
+        response_id: str | None = None,
     ) -> None:
-        self.id = "resp_" + _token()
+        self.id = response_id or "resp_" + _token()
         self.model = model
         self.created_at = int(time.time())
-        self._request = request
+        self.request = request
         self._prompt_chars = prompt_chars
         self._sequence = 0
         self._started = False
@@ -151,6 +154,7 @@ class ResponsesEventRenderer:
         self._output_chars = 0
         self._frame = frame
         self.response: dict[str, Any] | None = None
+        self.failure: TrioproxyError | None = None
 
     @property
     def started(self) -> bool:
@@ -197,17 +201,29 @@ class ResponsesEventRenderer:
         return out + self._event("response.incomplete", response=response)
 
     def error(self, error: TrioproxyError) -> bytes:
-        """The `error` event, then `response.failed`: nothing after it, never `response.completed`."""
+        """
+        The `error` event, then `response.failed`: nothing after it, never `response.completed`.
+        A cancel (`POST /v1/responses/{id}/cancel`) is only `response.failed`, with the status
+        `cancelled`.
+        """
+        self.failure = error
         out = self._start()
         if self._open is not None:
             self._open.item["status"] = "incomplete"
             self._fill(self._open)
             self._open = None
         code = error.code or error.type
+        if isinstance(error, StreamCancelled):
+            response = self._response("cancelled", error={"code": code, "message": error.message})
+            return out + self._event("response.failed", response=response)
         body = {"type": error.type, "code": code, "message": error.message, "param": error.param}
         out += self._event("error", error=body)
         response = self._response("failed", error={"code": code, "message": error.message})
         return out + self._event("response.failed", response=response)
+
+    def snapshot(self, status: str) -> dict[str, Any]:
+        """The Response object before any event carried it (a background response just queued)."""
+        return self._response(status)
 
     # ----------------------------------------------------------------------------------------
     # events
@@ -235,7 +251,6 @@ class ResponsesEventRenderer:
             "object": "response",
             "created_at": self.created_at,
             "status": status,
-            "background": False,
             "completed_at": None,
             "error": None,
             "incomplete_details": None,
@@ -246,7 +261,7 @@ class ResponsesEventRenderer:
             "presence_penalty": 0.0,
         }
         for name, default in _ECHOED.items():
-            value = self._request.get(name)
+            value = self.request.get(name)
             response[name] = default if value is None else value
         if status != "in_progress":
             response["usage"] = self._usage_json()

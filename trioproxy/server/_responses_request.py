@@ -25,13 +25,15 @@ The translation (Responses → Chat Completions, `responses_protocol.md` §6):
   `reasoning` input items and `reasoning.summary` (reasoning another model cannot read back;
   the upstream's own reasoning streams back as reasoning summary events), `include` (extra
   output fields such as encrypted reasoning, which a Chat Completions upstream has none of),
-  `store` and `metadata` (the client's bookkeeping: echoed in the Response object),
+  `store`, `background` and `metadata` (what the proxy itself does with the response: stores
+  it, runs it apart from its request, echoes them in the Response object),
   `truncation` (the upstream's own context limit applies), `stream_options` (obfuscation
   padding), Codex's `client_metadata`;
 - refused, naming the field: item types and tools only OpenAI runs (`web_search`,
   `file_search`, `local_shell`, `custom`, ... and their call items), `input_file`, an image
   given as a `file_id`, `item_reference`, `previous_response_id`, `conversation` and
-  `prompt` (they name objects stored elsewhere), `background`, `max_tool_calls`,
+  `prompt` (they name objects stored elsewhere; the front resolves `previous_response_id`
+  from its own store before translating), `max_tool_calls`,
   `top_logprobs`, and any field this module does not know.
 
 Sans-IO.
@@ -54,7 +56,9 @@ _SAME_NAME: Final = frozenset(
 )
 """Fields Chat Completions has under the same name and meaning."""
 
-_DROPPED: Final = frozenset({"include", "store", "metadata", "truncation", "stream_options", "client_metadata"})
+_DROPPED: Final = frozenset(
+    {"include", "store", "background", "metadata", "truncation", "stream_options", "client_metadata"}
+)
 """Top-level fields that do not change what the answer says; see the module's docstring."""
 
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
@@ -167,7 +171,7 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
             out.update(_reasoning(value))
         elif name == "text":
             out.update(_text_config(value))
-        elif name in ("previous_response_id", "conversation", "prompt", "background", "max_tool_calls"):
+        elif name in ("previous_response_id", "conversation", "prompt", "max_tool_calls"):
             if value is not None and value is not False:
                 raise _unportable(f"'{name}'", name)
         else:

@@ -11,8 +11,8 @@ SDK derive it from the base URL (`responses_protocol.md` §4).
   before it asks for the next. A frame that arrives meanwhile waits its turn.
 - The connection remembers its last response, so the next one may send only its new items
   with `previous_response_id` (as Codex does, also with `store: false`): the conversation is
-  rebuilt from the earlier input and output. Another id is refused with
-  `previous_response_not_found`.
+  rebuilt from the earlier input and output. Another id is looked up among the stored
+  responses (`lookup`), and refused with `previous_response_not_found` if it is not there.
 - A request that fails before its first event (malformed, unknown model, `[limits]`, the
   upstream's refusal, a timeout before the first token) is one `error` frame with its HTTP
   `status` (also as `status_code`, which older Codex reads), as OpenAI sends it, and the
@@ -26,6 +26,7 @@ Keep-alive is hypercorn's WebSocket ping, as on the other WebSocket endpoints.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -33,7 +34,7 @@ import trio
 from quart import websocket
 from quart_trio import QuartTrio
 
-from .._exceptions import NotFoundError, PayloadTooLargeError, RequestError, TrioproxyError
+from .._exceptions import PayloadTooLargeError, RequestError, TrioproxyError
 from ._core import Core
 from ._generic import last_word, prompt_chars, render
 from ._responses_front import ResponsesEventRenderer, websocket_frame
@@ -47,9 +48,10 @@ IGNORED: Final = ("type", "stream", "background")
 """Fields of a `response.create` frame that are not part of the request."""
 
 
-def register_responses_websocket(app: QuartTrio, core: Core) -> None:
+def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[str], Turn]) -> None:
     """
-    Add the WebSocket route of `/v1/responses` to `app`. A frame over `[limits]
+    Add the WebSocket route of `/v1/responses` to `app`; `lookup(id)` finds a stored
+    response for `previous_response_id`, or raises. A frame over `[limits]
     max_body_bytes` is refused unread; a peer that does not read for `[server] write_timeout`
     seconds is dropped.
     """
@@ -78,18 +80,13 @@ def register_responses_websocket(app: QuartTrio, core: Core) -> None:
             raise RequestError("a message must be a JSON object of type 'response.create'", param="type")
         body = {key: value for key, value in frame.items() if key not in IGNORED}
         previous_id = body.get("previous_response_id")
-        if previous_id is not None:
-            if previous is None or previous.id != previous_id:
-                raise NotFoundError(
-                    f"no response {previous_id!r} on this connection: only its last one can be continued",
-                    code="previous_response_not_found",
-                    param="previous_response_id",
-                )
-            body = continued(body, previous)
+        if isinstance(previous_id, str):
+            body = continued(body, previous if previous is not None and previous.id == previous_id else lookup(previous_id))
         chat = parse_responses_request({**body, "stream": True})
+        echoed = body if previous_id is None else {**body, "previous_response_id": previous_id}
         pipeline = core.pipeline(chat.model)
         renderer = ResponsesEventRenderer(
-            request=body, model=chat.model, prompt_chars=prompt_chars(chat), frame=websocket_frame
+            request=echoed, model=chat.model, prompt_chars=prompt_chars(chat), frame=websocket_frame
         )
         session = core.start(pipeline, chat, heartbeats=False, stream_id=str(turn))
         try:
