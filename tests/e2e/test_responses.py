@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -475,3 +476,109 @@ async def test_the_stream_helper_resumes_a_response_by_id(client: openai.AsyncOp
     async with client.responses.stream(response_id=queued.id, starting_after=3) as stream:
         final = await stream.get_final_response()
     assert final.output_text == "".join(TOKENS)
+
+
+# --- a Responses upstream ---------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "responses"
+
+
+@pytest.fixture
+async def responses_proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
+    """`resp` speaks Responses upstream; `up` and `claude` as everywhere."""
+    config = proxy_config(upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1"})
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    return str(binds[0])
+
+
+async def test_a_responses_client_s_stream_passes_through_byte_for_byte(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    recorded = (FIXTURES / "text_stream.sse").read_bytes()
+    upstream.push(Reply(raw_body=recorded))
+    sent_body = {
+        "model": "resp/gpt-4o-mini",
+        "input": [{"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}, {"role": "user", "content": "hi"}],
+        "tools": [{"type": "web_search"}, {"type": "custom", "name": "apply_patch"}],
+        "include": ["reasoning.encrypted_content"],
+        "store": False,
+        "stream": True,
+        "vendor_field": {"kept": True},
+    }
+    async with httpx.AsyncClient() as http:
+        response = await http.post(responses_proxy + "/v1/responses", json=sent_body)
+    assert response.status_code == 200
+    assert response.content == recorded
+    assert upstream.requests[-1].path == "/v1/responses"
+    assert sent(upstream.requests[-1]) == {**sent_body, "model": "gpt-4o-mini"}
+
+
+async def test_a_responses_client_stores_a_response_from_a_responses_upstream(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
+    upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)))
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        async with sdk.responses.stream(model="resp/m", input="hi", tools=[WEATHER]) as stream:
+            final = await stream.get_final_response()
+        assert (await sdk.responses.retrieve(final.id)).id == final.id
+    assert final.output_text == "".join(TOKENS)
+    call = final.output[1]
+    assert call.type == "function_call" and (call.call_id, call.arguments) == ("call_1", '{"city": "Paris"}')
+    assert final.usage is not None and (final.usage.input_tokens, final.usage.output_tokens) == (9, 8)
+
+
+async def test_a_chat_completions_client_reaches_a_responses_upstream(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
+    upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)), Reply(tokens=TOKENS, finish_reason="length"))
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="resp/m",
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
+            tools=[{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["parameters"]}}],
+            max_tokens=50,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        truncated = await sdk.chat.completions.create(model="resp/m", messages=[{"role": "user", "content": "hi"}])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "".join(TOKENS)
+    arguments = "".join(
+        tc.function.arguments or ""
+        for c in chunks
+        if c.choices
+        for tc in c.choices[0].delta.tool_calls or []
+        if tc.function is not None
+    )
+    assert arguments == '{"city": "Paris"}'
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 17
+    assert truncated.choices[0].finish_reason == "length"
+    body = sent(upstream.requests[0])
+    assert body["input"] == [
+        {"type": "message", "role": "system", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": "Weather?"},
+    ]
+    assert body["tools"] == [{"type": "function", "name": "get_weather", "parameters": WEATHER["parameters"]}]
+    assert (body["max_output_tokens"], body["stream"]) == (50, True)
+
+
+async def test_a_responses_upstream_s_in_stream_failure_reaches_a_chat_client(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, error_after=2))
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True)
+        with pytest.raises(openai.APIError, match="upstream failure"):
+            async for _ in stream:
+                pass
+
+
+async def test_a_field_chat_has_and_responses_has_not_is_a_400(responses_proxy: str, upstream: FakeUpstream) -> None:
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        with pytest.raises(openai.BadRequestError) as info:
+            await sdk.chat.completions.create(model="resp/m", messages=[{"role": "user", "content": "hi"}], stop=["x"])
+    assert info.value.param == "stop"

@@ -8,6 +8,7 @@ do in the proxy; the order and fields checked are those of the recorded OpenAI s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,6 +18,7 @@ from trioproxy._events import Delta, ToolCallDelta, Usage
 from trioproxy._exceptions import UpstreamProtocolError, UpstreamStatusError
 from trioproxy._sse import SSEDecoder
 from trioproxy.providers.openai import OpenAIStreamParser
+from trioproxy.providers.responses import ResponsesStreamParser
 from trioproxy.server._responses_front import KEEP_ALIVE, ResponsesEventRenderer, response_from_events
 
 MODEL = "up/gpt-test"
@@ -219,3 +221,30 @@ def test_the_non_stream_response_is_the_one_the_stream_ends_with() -> None:
     assert (response["status"], response["output"][0]["content"][0]["text"]) == ("completed", "Hi")
     with pytest.raises(UpstreamProtocolError):
         response_from_events(stream.split(b"event: response.completed")[0])
+
+
+def upstream_deltas(wire: bytes) -> list[Delta]:
+    parser = ResponsesStreamParser(keep_raw=True)
+    return [delta for event in SSEDecoder().feed(wire) for delta in parser.feed(event)]
+
+
+RECORDED = (Path(__file__).parent.parent / "fixtures" / "responses" / "text_stream.sse").read_bytes()
+
+
+def test_a_responses_upstream_s_events_are_forwarded_and_a_failover_shows_one_opening() -> None:
+    r = ResponsesEventRenderer(request=REQUEST, model=MODEL, forward_raw=True)
+    deltas = upstream_deltas(RECORDED)
+    first_attempt = b"".join(r.delta(d) for d in deltas[:2])  # created, in_progress; then the attempt fails
+    assert first_attempt == b""
+    r.notice(object())
+    out = b"".join(r.delta(d) for d in deltas)
+    assert out + r.done() == RECORDED
+    assert r.id == "resp_sanitized_streaming"
+
+
+def test_a_failure_after_a_responses_upstream_s_events_continues_its_numbering() -> None:
+    r = ResponsesEventRenderer(request=REQUEST, model=MODEL, forward_raw=True)
+    out = b"".join(r.delta(d) for d in upstream_deltas(RECORDED)[:5])  # up to the first delta
+    out += r.error(UpstreamStatusError("cut", status=502, type="upstream_error"))
+    assert [e["type"] for e in events(out)][-2:] == ["error", "response.failed"]
+    assert events(out)[-1]["response"]["id"] == "resp_sanitized_streaming"

@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 KEEP_ALIVE: Final = b": keep-alive\n\n"
+MAX_HELD_EVENTS: Final = 64
+"""A Responses upstream's events that may wait for the first token; past it they are sent."""
 TERMINAL_EVENTS: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 INCOMPLETE_REASONS: Final = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -138,6 +140,7 @@ class ResponsesEventRenderer:
         prompt_chars: int = 0,
         frame: Callable[[dict[str, Any]], bytes] = sse_event,
         response_id: str | None = None,
+        forward_raw: bool = False,
     ) -> None:
         self.id = response_id or "resp_" + _token()
         self.model = model
@@ -155,6 +158,12 @@ class ResponsesEventRenderer:
         self._frame = frame
         self.response: dict[str, Any] | None = None
         self.failure: TrioproxyError | None = None
+        self._forward_raw = forward_raw
+        self._held: list[bytes] = []
+        """A Responses upstream's events that wait for the first token."""
+        self._streaming = False
+        self._terminal: bytes | None = None
+        """A Responses upstream's own `response.completed`/`.incomplete`, which only `done` sends."""
 
     @property
     def started(self) -> bool:
@@ -171,9 +180,15 @@ class ResponsesEventRenderer:
         return KEEP_ALIVE
 
     def notice(self, notice: object) -> bytes:
+        if self._forward_raw and not self._streaming:  # the next attempt sends its own opening events
+            self._sequence -= len(self._held)
+            self._held.clear()
+            self._started = False
         return b""
 
     def delta(self, delta: Delta) -> bytes:
+        if self._forward_raw and delta.raw is not None:
+            return self._forward(delta)
         if delta.finish_reason:
             self._finish_reason = delta.finish_reason
         if delta.usage is not None:
@@ -192,6 +207,8 @@ class ResponsesEventRenderer:
         return out
 
     def done(self, session: object = None) -> bytes:
+        if self._terminal is not None:
+            return self._flush() + self._terminal
         out = self._start() + self._close_item()
         reason = INCOMPLETE_REASONS.get(self._finish_reason or "")
         if reason is None:
@@ -207,7 +224,7 @@ class ResponsesEventRenderer:
         `cancelled`.
         """
         self.failure = error
-        out = self._start()
+        out = self._flush() + self._start()
         if self._open is not None:
             self._open.item["status"] = "incomplete"
             self._fill(self._open)
@@ -220,6 +237,43 @@ class ResponsesEventRenderer:
         out += self._event("error", error=body)
         response = self._response("failed", error={"code": code, "message": error.message})
         return out + self._event("response.failed", response=response)
+
+    # ----------------------------------------------------------------------------------------
+    # a Responses upstream's own events
+
+    def _forward(self, delta: Delta) -> bytes:
+        """
+        The upstream's event as it came; ours (an error) continue its numbering and its id.
+        Its opening events wait for the first token (a failover drops them), and its terminal
+        event for `done`.
+        """
+        raw = delta.raw
+        assert raw is not None
+        if delta.role and not self._started:  # response.created: its id is the response's
+            self._started = True
+            created = SSEDecoder().feed(raw)
+            if created:
+                self.id = orjson.loads(created[0].data).get("response", {}).get("id") or self.id
+        if delta.finish_reason is not None:
+            self._terminal = raw
+            self._sequence += 1
+            return b""
+        self._sequence += 1
+        if delta.has_content:
+            return self._flush() + raw
+        if self._streaming:
+            return raw
+        self._held.append(raw)
+        if len(self._held) > MAX_HELD_EVENTS:
+            return self._flush()
+        return b""
+
+    def _flush(self) -> bytes:
+        """What waited for the first token, now that it is here."""
+        self._streaming = True
+        out = b"".join(self._held)
+        self._held.clear()
+        return out
 
     def snapshot(self, status: str) -> dict[str, Any]:
         """The Response object before any event carried it (a background response just queued)."""

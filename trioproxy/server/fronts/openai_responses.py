@@ -6,6 +6,10 @@ WebSocket mode on the same path (`_responses_websocket`), and the stored respons
 `starting_after`, then the live ones), `POST /v1/responses/{id}/cancel`, `DELETE`. Errors are
 OpenAI's error object.
 
+A Responses upstream's events pass through byte for byte to a streaming client that stores
+nothing (`store: false`, as Codex sends); a stored response is rendered by the proxy under
+its own id, from the parsed events, so that its id and numbering are the store's.
+
 A response with `store` (the API's default) runs as a resumable stream in the shared
 registry (`Core.share`, `[streams]`: count, bytes and age bounds), under its own id: the
 request is its first watcher, a `GET ?stream=true` another, replaying the log first, so no
@@ -106,7 +110,10 @@ def register(app: QuartTrio, core: Core) -> None:
             )
 
         if body.get("store") is False:
-            renderer = renderer_for(None)
+            # Nothing is kept, so a Responses upstream's own events (its ids) can reach the client as they are.
+            renderer = ResponsesEventRenderer(
+                request=echoed, model=chat.model, prompt_chars=prompt_chars(chat), forward_raw=chat.stream
+            )
             if chat.stream:
                 return await core.stream(core.start(pipeline, chat), renderer, SSE, _error)
             events = bytearray()
