@@ -173,7 +173,7 @@ async def test_function_calling_across_two_turns(client: openai.AsyncOpenAI, ups
 
 async def test_a_field_the_upstream_cannot_carry_is_a_400_naming_it(client: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        await client.responses.create(model="up/gpt-test", input="hi", tools=[{"type": "web_search"}])
+        await client.responses.create(model="up/gpt-test", input="hi", tools=[{"type": "local_shell"}])
     assert info.value.param == "tools[0].type"
     assert "Responses upstreams only" in info.value.message
 
@@ -356,7 +356,7 @@ async def test_websocket_mode_refuses_a_bad_frame_and_stays_open(proxy_url: str,
     async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
         await connection.send_message("not json")
         assert orjson.loads(await connection.get_message())["status"] == 400
-        refused = await one_response(connection, model="up/m", input="hi", tools=[{"type": "web_search"}])
+        refused = await one_response(connection, model="up/m", input="hi", tools=[{"type": "local_shell"}])
         assert (refused[0]["status"], refused[0]["error"]["param"]) == (400, "tools[0].type")
         unknown = await one_response(connection, model="nowhere/m", input="hi")
         assert unknown[0]["status"] == 404
@@ -582,3 +582,19 @@ async def test_a_field_chat_has_and_responses_has_not_is_a_400(responses_proxy: 
         with pytest.raises(openai.BadRequestError) as info:
             await sdk.chat.completions.create(model="resp/m", messages=[{"role": "user", "content": "hi"}], stop=["x"])
     assert info.value.param == "stop"
+
+
+async def test_websocket_mode_generate_false_asks_nothing_upstream_and_can_be_continued(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        warmed = await one_response(connection, model="up/m", input="hi", generate=False)
+        assert [e["type"] for e in warmed] == ["response.created", "response.in_progress", "response.completed"]
+        assert warmed[-1]["response"]["output"] == []
+        answered = await one_response(
+            connection, model="up/m", previous_response_id=warmed[-1]["response"]["id"], input="more"
+        )
+    assert answered[-1]["type"] == "response.completed"
+    assert len(upstream.requests) == 1
+    assert [m["content"] for m in sent(upstream.requests[0])["messages"]] == ["hi", "more"]

@@ -208,6 +208,19 @@ def test_text_formats(format_: dict[str, Any], expected: dict[str, Any] | None) 
     assert translate(text={"verbosity": "low"})["verbosity"] == "low"
 
 
+def test_hosted_tools_are_dropped_and_a_namespace_s_functions_flattened() -> None:
+    function = {"type": "function", "name": "close_agent", "parameters": {"type": "object"}}
+    out = translate(
+        tools=[
+            {"type": "web_search", "external_web_access": False},
+            {"type": "web_search_preview_2025_03_11"},
+            {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.", "tools": [function]},
+        ]
+    )
+    assert out["tools"] == [{"type": "function", "function": {"name": "close_agent", "parameters": {"type": "object"}}}]
+    assert "tools" not in translate(tools=[{"type": "web_search"}])
+
+
 # --------------------------------------------------------------------------------------------
 # what the common model cannot carry
 
@@ -220,9 +233,12 @@ def test_text_formats(format_: dict[str, Any], expected: dict[str, Any] | None) 
         ({"max_tool_calls": 3}, "max_tool_calls"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"frobnicate": 1}, "frobnicate"),
-        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "tools[0].type"),
         ({"tools": [{"type": "function", "name": "f", "defer": True}]}, "tools[0].defer"),
+        ({"tools": [{"type": "local_shell"}]}, "tools[0].type"),
+        ({"tools": [{"type": "namespace", "name": "n", "tools": [{"type": "custom", "name": "x"}]}]}, "tools[0].tools[0].type"),
+        ({"tool_choice": {"type": "web_search"}}, "tool_choice.type"),
+        ({"input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"}]}, "input[0].type"),
         ({"tool_choice": {"type": "allowed_tools", "tools": []}}, "tool_choice.type"),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
         ({"input": [{"type": "local_shell_call", "call_id": "c"}]}, "input[0].type"),
@@ -257,3 +273,14 @@ def test_what_cannot_be_carried_is_a_400_naming_it(fields: dict[str, Any], param
 )
 def test_a_malformed_request_is_a_400_naming_the_field(fields: dict[str, Any], param: str) -> None:
     assert unportable(**fields).param == param
+
+
+def test_the_recorded_codex_request_reaches_a_chat_completions_upstream() -> None:
+    sent = fixture("codex_0.171.0_request.json")
+    out = parse_responses_request(sent).common_body()
+    assert [m["role"] for m in out["messages"]] == ["developer", "developer", "user", "user"]
+    names = [tool["function"]["name"] for tool in out["tools"]]
+    assert "exec_command" in names and "close_agent" in names  # a namespace's functions, flattened
+    assert len(names) == len(set(names))
+    assert "client_metadata" not in out and "include" not in out
+    parse_chat_request(out)

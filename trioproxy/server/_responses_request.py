@@ -16,8 +16,9 @@ The translation (Responses → Chat Completions, `responses_protocol.md` §6):
 - consecutive `function_call` items → one assistant message's `tool_calls` (joined to the
   assistant message just before them); `function_call_output` → a `tool` message (a list of
   parts: its texts joined; its images follow in a user message after the tool messages);
-- function `tools` (flat) → nested under `function`; `tool_choice` none/auto/required or a
-  named function; `parallel_tool_calls`, `temperature`, `top_p`, `user`,
+- function `tools` (flat) → nested under `function`, the function tools of a `namespace`
+  (Codex groups its sub-agent tools so) likewise, flattened; `tool_choice` none/auto/required
+  or a named function; `parallel_tool_calls`, `temperature`, `top_p`, `user`,
   `prompt_cache_key`, `safety_identifier`, `service_tier` as they are;
   `max_output_tokens` → `max_tokens`; `reasoning.effort` → `reasoning_effort`;
   `text.format` json_schema/json_object → `response_format`; `text.verbosity` → `verbosity`;
@@ -28,9 +29,13 @@ The translation (Responses → Chat Completions, `responses_protocol.md` §6):
   `store`, `background` and `metadata` (what the proxy itself does with the response: stores
   it, runs it apart from its request, echoes them in the Response object),
   `truncation` (the upstream's own context limit applies), `stream_options` (obfuscation
-  padding), Codex's `client_metadata`;
-- refused, naming the field: item types and tools only OpenAI runs (`web_search`,
-  `file_search`, `local_shell`, `custom`, ... and their call items), `input_file`, an image
+  padding), Codex's `client_metadata`, and the tools OpenAI runs on its own servers
+  (`web_search`, `file_search`, `code_interpreter`, `image_generation`, `mcp`,
+  `computer_use_preview`: another upstream cannot run them, so its model answers without
+  them; Codex offers `web_search` on every turn);
+- refused, naming the field: tools the client runs in shapes other than a function
+  (`local_shell`, `shell`, `apply_patch`, `custom`) and every call item but a function's
+  (a hosted tool's among them), a `tool_choice` of another type, `input_file`, an image
   given as a `file_id`, `item_reference`, `previous_response_id`, `conversation` and
   `prompt` (they name objects stored elsewhere; the front resolves `previous_response_id`
   from its own store before translating), `max_tool_calls`,
@@ -65,6 +70,9 @@ _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
 
 _TEXT_PARTS: Final = frozenset({"input_text", "output_text", "refusal"})
+
+_HOSTED_TOOLS: Final = ("web_search", "file_search", "code_interpreter", "image_generation", "mcp", "computer_use")
+"""Tools OpenAI runs on its own servers (and their dated variants): dropped for another upstream."""
 
 
 def parse_responses_request(body: dict[str, Any]) -> ChatRequest:
@@ -163,8 +171,9 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
         elif name == "tools":
             if not isinstance(value, list):
                 raise RequestError("'tools' must be an array", param=name)
-            if value:
-                out["tools"] = [_tool(tool, f"tools[{j}]") for j, tool in enumerate(value)]
+            tools = [function for j, tool in enumerate(value) for function in _tools(tool, f"tools[{j}]")]
+            if tools:
+                out["tools"] = tools
         elif name == "tool_choice":
             out["tool_choice"] = _tool_choice(value)
         elif name == "reasoning":
@@ -316,12 +325,26 @@ def _function_call_output(item: dict[str, Any], where: str) -> tuple[dict[str, A
     return {"role": "tool", "tool_call_id": call_id, "content": text}, images
 
 
-def _tool(tool: Any, where: str) -> dict[str, Any]:
+def _tools(tool: Any, where: str) -> list[dict[str, Any]]:
+    """The function tools `tool` stands for: itself, a namespace's functions, or none for a hosted tool."""
     if not isinstance(tool, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
     kind = tool.get("type")
+    if isinstance(kind, str) and kind.startswith(_HOSTED_TOOLS):
+        return []
+    if kind == "namespace":
+        functions = tool.get("tools")
+        if not isinstance(functions, list):
+            raise RequestError(f"'{where}.tools' must be an array", param=f"{where}.tools")
+        return [_tool(function, f"{where}.tools[{j}]") for j, function in enumerate(functions)]
+    return [_tool(tool, where)]
+
+
+def _tool(tool: Any, where: str) -> dict[str, Any]:
+    kind = tool.get("type") if isinstance(tool, dict) else None
     if kind != "function":
         raise _unportable(f"a tool of type {kind!r} ('{where}')", f"{where}.type")
+    assert isinstance(tool, dict)
     name = tool.get("name")
     if not isinstance(name, str) or not name:
         raise RequestError(f"'{where}.name' must be a non-empty string", param=f"{where}.name")

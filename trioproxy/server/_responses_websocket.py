@@ -7,6 +7,9 @@ SDK derive it from the base URL (`responses_protocol.md` §4).
 - The server answers with the same events as the SSE stream, one JSON text frame each, from
   `response.created` to exactly one of `response.completed`, `response.incomplete` or
   `response.failed`.
+- `"generate": false` (Codex sends it first, to warm the connection up) asks for no output:
+  the answer is `response.created`, `response.in_progress` and `response.completed` with an
+  empty output, and nothing is asked upstream; its id continues like any other.
 - Responses run one at a time, in the order they were asked for: Codex waits for one to end
   before it asks for the next. A frame that arrives meanwhile waits its turn.
 - The connection remembers its last response, so the next one may send only its new items
@@ -44,7 +47,7 @@ __all__ = ["register_responses_websocket"]
 
 logger = logging.getLogger("trioproxy.server")
 
-IGNORED: Final = ("type", "stream", "background")
+IGNORED: Final = ("type", "stream", "background", "generate")
 """Fields of a `response.create` frame that are not part of the request."""
 
 
@@ -88,6 +91,9 @@ def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[s
         renderer = ResponsesEventRenderer(
             request=echoed, model=chat.model, prompt_chars=prompt_chars(chat), frame=websocket_frame
         )
+        if frame.get("generate") is False:  # only an id to continue from: nothing is asked upstream
+            await send(renderer.done())
+            return Turn(renderer.id, input_items(body), [])
         session = core.start(pipeline, chat, heartbeats=False, stream_id=str(turn))
         try:
             async for item in session.output:
