@@ -8,8 +8,11 @@ CONFIG ?=
 BENCH_ARGS ?=
 # The playground tests drive Debian's Chromium (never a browser build downloaded by a tool).
 CHROMIUM := /usr/bin/chromium
+# The Codex CLI the e2e test drives, pinned, installed under .node/ (never globally).
+CODEX_VERSION := 0.171.0
+NODE_DIR := .node
 
-.PHONY: serve test bench browser install install-test install-bench clean
+.PHONY: serve test bench browser codex install install-test install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +37,7 @@ install-bench: $(VENV)/.installed-bench
 serve: $(VENV)/.installed
 	$(BIN)/trioproxy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: $(VENV)/.installed-test browser
+test: $(VENV)/.installed-test browser $(if $(shell command -v node),codex)
 	$(BIN)/python -m pytest
 
 # Installs Debian's chromium (about 10 s from a warm mirror) when it is missing and we are root;
@@ -53,5 +56,14 @@ browser:
 bench: $(VENV)/.installed-bench
 	$(BIN)/trioproxy bench $(BENCH_ARGS)
 
+# Installs the pinned Codex CLI once (its native binary, about 420 MB); `make test` runs this
+# when `node` exists, and tests/e2e/test_codex.py drives the CLI through trioproxy.
+codex: $(NODE_DIR)/.installed-codex-$(CODEX_VERSION)
+
+$(NODE_DIR)/.installed-codex-$(CODEX_VERSION):
+	npm install --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error @openai/codex@$(CODEX_VERSION)
+	$(NODE_DIR)/node_modules/.bin/codex --version >/dev/null
+	touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(NODE_DIR)
