@@ -278,7 +278,10 @@ def test_key_of_another_provider_type_is_unknown() -> None:
             "[providers.p].default_max_tokens must be a positive integer, got -1",
         ),
         ({"type": "anthropic", "anthropic_version": 2023}, "[providers.p].anthropic_version must be a string"),
-        ({"type": "gemini"}, "[providers.p].type must be one of 'openai', 'openai_responses', 'anthropic', 'simulated', got 'gemini'"),
+        (
+            {"type": "gemini"},
+            "[providers.p].type must be one of 'openai', 'openai_responses', 'anthropic', 'simulated', got 'gemini'",
+        ),
         ({}, "[providers.p].type must be one of 'openai', 'openai_responses', 'anthropic', 'simulated', got None"),
     ],
 )

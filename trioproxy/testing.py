@@ -873,7 +873,10 @@ def _responses_frames(reply: Reply, model: str, number: int) -> list[_Frame]:
         part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
         add({"type": "response.content_part.added", **where, "content_index": 0, "part": part})
         for token in reply.tokens:
-            add({"type": "response.output_text.delta", **where, "content_index": 0, "delta": token, "logprobs": []}, token=True)
+            add(
+                {"type": "response.output_text.delta", **where, "content_index": 0, "delta": token, "logprobs": []},
+                token=True,
+            )
         add({"type": "response.output_text.done", **where, "content_index": 0, "text": text, "logprobs": []})
         add({"type": "response.content_part.done", **where, "content_index": 0, "part": {**part, "text": text}})
         done = _response_output(reply, number)[0]
@@ -881,7 +884,13 @@ def _responses_frames(reply: Reply, model: str, number: int) -> list[_Frame]:
         output.append(done)
     for call, done in zip(reply.tool_calls, _response_output(reply, number)[len(output) :], strict=True):
         where = {"item_id": done["id"], "output_index": len(output)}
-        add({"type": "response.output_item.added", "output_index": len(output), "item": {**done, "status": "in_progress", "arguments": ""}})
+        add(
+            {
+                "type": "response.output_item.added",
+                "output_index": len(output),
+                "item": {**done, "status": "in_progress", "arguments": ""},
+            }
+        )
         for piece in _fragments(call.arguments):
             add({"type": "response.function_call_arguments.delta", **where, "delta": piece}, token=True)
         add({"type": "response.function_call_arguments.done", **where, "arguments": call.arguments})
@@ -891,7 +900,14 @@ def _responses_frames(reply: Reply, model: str, number: int) -> list[_Frame]:
     if not reply.omit_done:
         add({"type": f"response.{final['status']}", "response": final})
     return [
-        _Frame(b"event: " + payload["type"].encode() + b"\ndata: " + orjson.dumps({**payload, "sequence_number": i}) + b"\n\n", token=token)
+        _Frame(
+            b"event: "
+            + payload["type"].encode()
+            + b"\ndata: "
+            + orjson.dumps({**payload, "sequence_number": i})
+            + b"\n\n",
+            token=token,
+        )
         for i, (payload, token) in enumerate(events)
     ]
 
@@ -901,9 +917,24 @@ def _response_output(reply: Reply, number: int) -> list[dict[str, Any]]:
     output: list[dict[str, Any]] = []
     if reply.tokens:
         text = {"type": "output_text", "annotations": [], "logprobs": [], "text": "".join(reply.tokens)}
-        output.append({"id": f"msg_fake{number}", "type": "message", "status": "completed", "content": [text], "role": "assistant"})
+        output.append(
+            {
+                "id": f"msg_fake{number}",
+                "type": "message",
+                "status": "completed",
+                "content": [text],
+                "role": "assistant",
+            }
+        )
     output += [
-        {"id": f"fc_fake{number}_{i}", "type": "function_call", "status": "completed", "arguments": call.arguments, "call_id": call.id, "name": call.name}
+        {
+            "id": f"fc_fake{number}_{i}",
+            "type": "function_call",
+            "status": "completed",
+            "arguments": call.arguments,
+            "call_id": call.id,
+            "name": call.name,
+        }
         for i, call in enumerate(reply.tool_calls)
     ]
     return output
@@ -941,9 +972,17 @@ def _response(reply: Reply, model: str, number: int, *, status: str | None = Non
 def _responses_stream_error(message: str, sequence_number: int) -> bytes:
     """OpenAI's in-stream failure: a nested `error` event, then `response.failed` (§2.7)."""
     error = {"type": "server_error", "code": "server_error", "message": message, "param": None}
-    failed = {"id": "resp_failed", "object": "response", "status": "failed", "output": [], "error": {"code": "server_error", "message": message}}
+    failed = {
+        "id": "resp_failed",
+        "object": "response",
+        "status": "failed",
+        "output": [],
+        "error": {"code": "server_error", "message": message},
+    }
     return (
-        b"event: error\ndata: " + orjson.dumps({"type": "error", "sequence_number": sequence_number, "error": error}) + b"\n\n"
+        b"event: error\ndata: "
+        + orjson.dumps({"type": "error", "sequence_number": sequence_number, "error": error})
+        + b"\n\n"
         b"event: response.failed\ndata: "
         + orjson.dumps({"type": "response.failed", "sequence_number": sequence_number + 1, "response": failed})
         + b"\n\n"

@@ -131,7 +131,9 @@ async def test_the_sync_client(proxy_url: str, upstream: FakeUpstream) -> None:
 
 
 @MODELS
-async def test_function_calling_across_two_turns(client: openai.AsyncOpenAI, upstream: FakeUpstream, model: str) -> None:
+async def test_function_calling_across_two_turns(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream, model: str
+) -> None:
     calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
     upstream.push(Reply(tokens=("Let me check.",), tool_calls=calls), Reply(tokens=("Sunny", " in Paris.")))
     async with client.responses.stream(model=model, input="Weather in Paris?", tools=[WEATHER]) as stream:
@@ -141,7 +143,12 @@ async def test_function_calling_across_two_turns(client: openai.AsyncOpenAI, ups
     assert [item.type for item in first.output] == ["message", "function_call"]
     call = first.output[1]
     assert call.type == "function_call"
-    assert (call.call_id, call.name, call.arguments, call.status) == ("call_1", "get_weather", '{"city": "Paris"}', "completed")
+    assert (call.call_id, call.name, call.arguments, call.status) == (
+        "call_1",
+        "get_weather",
+        '{"city": "Paris"}',
+        "completed",
+    )
 
     second = await client.responses.create(
         model=model,
@@ -215,7 +222,9 @@ async def test_an_error_after_the_first_token_is_an_error_event_then_response_fa
     assert failed["output"][0]["content"][0]["text"] == "Hello"
 
 
-async def test_the_sdk_raises_an_error_after_the_first_token(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+async def test_the_sdk_raises_an_error_after_the_first_token(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
     upstream.push(Reply(tokens=TOKENS, error_after=2))
     with pytest.raises(openai.APIError, match="upstream failure"):
         async with client.responses.stream(model="up/gpt-test", input="hi") as stream:
@@ -236,7 +245,12 @@ async def test_a_truncated_answer_is_incomplete(client: openai.AsyncOpenAI, upst
 async def staged(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
     config = proxy_config(
         upstream,
-        patient={"type": "openai", "base_url": upstream.url + "/v1", "heartbeat_interval": 0.05, "first_token_timeout": 5},
+        patient={
+            "type": "openai",
+            "base_url": upstream.url + "/v1",
+            "heartbeat_interval": 0.05,
+            "first_token_timeout": 5,
+        },
         hasty={"type": "openai", "base_url": upstream.url + "/v1", "first_token_timeout": 0.2},
     )
     binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
@@ -364,9 +378,7 @@ async def test_websocket_mode_refuses_a_bad_frame_and_stays_open(proxy_url: str,
     assert answered[-1]["type"] == "response.completed"
 
 
-async def test_websocket_mode_failures_before_and_after_the_first_token(
-    proxy_url: str, upstream: FakeUpstream
-) -> None:
+async def test_websocket_mode_failures_before_and_after_the_first_token(proxy_url: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(status=429, error_message="slow down"), Reply(tokens=TOKENS, error_after=2))
     async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
         before = await one_response(connection, model="up/m", input="hi")
@@ -380,7 +392,9 @@ async def test_websocket_mode_failures_before_and_after_the_first_token(
 async def test_websocket_mode_disconnect_closes_the_upstream(proxy_url: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
     async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
-        await connection.send_message(orjson.dumps({"type": "response.create", "model": "up/m", "input": "hi"}).decode())
+        await connection.send_message(
+            orjson.dumps({"type": "response.create", "model": "up/m", "input": "hi"}).decode()
+        )
         with trio.fail_after(5):
             while orjson.loads(await connection.get_message())["type"] != "response.output_text.delta":
                 pass
@@ -395,12 +409,12 @@ async def test_websocket_mode_disconnect_closes_the_upstream(proxy_url: str, ups
 # --- stored responses -------------------------------------------------------------------------
 
 
-async def test_previous_response_id_continues_a_stored_response(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+async def test_previous_response_id_continues_a_stored_response(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
     upstream.push(Reply(tokens=("Paris.",)), Reply(tokens=("About 2 million.",)))
     first = await client.responses.create(model="up/gpt-test", instructions="Be brief.", input="Capital of France?")
-    second = await client.responses.create(
-        model="up/gpt-test", previous_response_id=first.id, input="Its population?"
-    )
+    second = await client.responses.create(model="up/gpt-test", previous_response_id=first.id, input="Its population?")
     assert second.output_text == "About 2 million."
     assert second.previous_response_id == first.id
     assert sent(upstream.requests[-1])["messages"] == [
@@ -571,7 +585,9 @@ async def test_a_responses_upstream_s_in_stream_failure_reaches_a_chat_client(
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, error_after=2))
     async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
-        stream = await sdk.chat.completions.create(model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True)
+        stream = await sdk.chat.completions.create(
+            model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
         with pytest.raises(openai.APIError, match="upstream failure"):
             async for _ in stream:
                 pass

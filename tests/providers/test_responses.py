@@ -91,8 +91,15 @@ def test_a_chat_request_translates_to_responses() -> None:
     out = translate(
         messages=[
             {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "data:,x"}}]},
-            {"role": "assistant", "content": "ok", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "data:,x"}}],
+            },
+            {
+                "role": "assistant",
+                "content": "ok",
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
             {"role": "tool", "tool_call_id": "c1", "content": "done"},
         ],
         tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
@@ -104,7 +111,11 @@ def test_a_chat_request_translates_to_responses() -> None:
     )
     assert out["input"] == [
         {"type": "message", "role": "developer", "content": "Be brief."},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": "data:,x"}]},
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": "data:,x"}],
+        },
         {"type": "message", "role": "assistant", "content": "ok"},
         {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "c1", "output": "done"},

@@ -66,7 +66,10 @@ TEXT = chat_stream(
     choice({"content": "Hel"}),
     choice({"content": "lo"}),
     choice({}, "stop"),
-    {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4}}},
+    {
+        "choices": [],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 4}},
+    },
 )
 
 
@@ -94,7 +97,13 @@ def test_a_text_answer_s_events_carry_stable_ids_and_the_whole_response() -> Non
     assert (created["instructions"], created["metadata"], created["model"]) == ("Be brief.", {"ticket": "42"}, MODEL)
     item_id = added["item"]["id"]
     assert item_id.startswith("msg_")
-    assert added["item"] == {"id": item_id, "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
+    assert added["item"] == {
+        "id": item_id,
+        "type": "message",
+        "status": "in_progress",
+        "content": [],
+        "role": "assistant",
+    }
     assert part_added["part"] == {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
     assert (delta["item_id"], delta["output_index"], delta["content_index"], delta["delta"]) == (item_id, 0, 0, "Hel")
     assert out[6]["text"] == "Hello"
@@ -149,7 +158,9 @@ def test_reasoning_then_text_then_two_tool_calls_are_four_items_in_order() -> No
     assert opened == ["response.output_item.added", "response.output_item.done"] * 4
 
 
-@pytest.mark.parametrize(("finish_reason", "reason"), [("length", "max_output_tokens"), ("content_filter", "content_filter")])
+@pytest.mark.parametrize(
+    ("finish_reason", "reason"), [("length", "max_output_tokens"), ("content_filter", "content_filter")]
+)
 def test_a_truncated_answer_ends_incomplete(finish_reason: str, reason: str) -> None:
     deltas = chat_stream(choice({"role": "assistant", "content": "Hel"}), choice({}, finish_reason))
     out = events(render_all(renderer(), deltas))

@@ -138,7 +138,11 @@ def test_codex_s_tool_turn_becomes_a_tool_call_and_its_result() -> None:
             "role": "assistant",
             "content": None,
             "tool_calls": [
-                {"id": "call_a1", "type": "function", "function": {"name": "shell", "arguments": '{"command":["pytest"]}'}}
+                {
+                    "id": "call_a1",
+                    "type": "function",
+                    "function": {"name": "shell", "arguments": '{"command":["pytest"]}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": "call_a1", "content": "1 failed"},
@@ -236,7 +240,10 @@ def test_hosted_tools_are_dropped_and_a_namespace_s_functions_flattened() -> Non
         ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "tools[0].type"),
         ({"tools": [{"type": "function", "name": "f", "defer": True}]}, "tools[0].defer"),
         ({"tools": [{"type": "local_shell"}]}, "tools[0].type"),
-        ({"tools": [{"type": "namespace", "name": "n", "tools": [{"type": "custom", "name": "x"}]}]}, "tools[0].tools[0].type"),
+        (
+            {"tools": [{"type": "namespace", "name": "n", "tools": [{"type": "custom", "name": "x"}]}]},
+            "tools[0].tools[0].type",
+        ),
         ({"tool_choice": {"type": "web_search"}}, "tool_choice.type"),
         ({"input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"}]}, "input[0].type"),
         ({"tool_choice": {"type": "allowed_tools", "tools": []}}, "tool_choice.type"),

@@ -270,20 +270,21 @@ class ResponsesStreamParser:
                 return Delta(tool_calls=(call,))
             return Delta()
         if kind == "response.function_call_arguments.delta":
-            index = self._calls.get(str(payload.get("item_id")))
-            if index is None:
+            started = self._calls.get(str(payload.get("item_id")))
+            if started is None:
                 raise UpstreamProtocolError("upstream sent arguments for a function call it never started")
-            return Delta(tool_calls=(ToolCallDelta(index=index, arguments=_string(payload, "delta")),))
+            return Delta(tool_calls=(ToolCallDelta(index=started, arguments=_string(payload, "delta")),))
         if kind in ("response.completed", "response.incomplete"):
             self._finished = True
             response = payload.get("response") or {}
             reason = "tool_calls" if self._calls else "stop"
             if kind == "response.incomplete":
                 details = response.get("incomplete_details") or {}
-                reason = INCOMPLETE_REASONS.get(details.get("reason"), "length")
+                reason = INCOMPLETE_REASONS.get(str(details.get("reason")), "length")
             return Delta(finish_reason=reason, usage=_usage(response.get("usage")))
         if kind == "error":
-            raise self._error(payload.get("error") if isinstance(payload.get("error"), dict) else payload)
+            error = payload.get("error")
+            raise self._error(error if isinstance(error, dict) else payload)
         if kind == "response.failed":
             response = payload.get("response") or {}
             raise self._error(response.get("error") or {})
@@ -315,4 +316,8 @@ def _usage(usage: Any) -> Usage | None:
         raise UpstreamProtocolError("upstream usage has non-integer token counts")
     details = usage.get("input_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, cache_read_tokens=cached if isinstance(cached, int) else None)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cache_read_tokens=cached if isinstance(cached, int) else None,
+    )

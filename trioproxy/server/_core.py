@@ -50,10 +50,10 @@ __all__ = [
     "Core",
     "complete",
     "connection",
-    "watch_response",
     "json_response",
     "keeping_send",
     "route_label",
+    "watch_response",
     "with_retry_after",
 ]
 

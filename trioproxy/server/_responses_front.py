@@ -64,7 +64,7 @@ TERMINAL_EVENTS: Final = frozenset({"response.completed", "response.incomplete",
 INCOMPLETE_REASONS: Final = {"length": "max_output_tokens", "content_filter": "content_filter"}
 """Chat Completions `finish_reason` → `incomplete_details.reason`; any other ends as completed."""
 
-_ECHOED: Final = {
+_ECHOED: Final[dict[str, Any]] = {
     "background": False,
     "instructions": None,
     "max_output_tokens": None,
@@ -343,7 +343,13 @@ class ResponsesEventRenderer:
             return b""
         out = self._close_item()
         if kind == "message":
-            item = {"id": "msg_" + _token(), "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
+            item = {
+                "id": "msg_" + _token(),
+                "type": "message",
+                "status": "in_progress",
+                "content": [],
+                "role": "assistant",
+            }
             out += self._open_item(_Item(kind, item, len(self._items)))
             out += self._part_event("response.content_part.added", _output_text(""))
         else:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import orjson
 import trio
@@ -84,7 +84,9 @@ def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[s
         body = {key: value for key, value in frame.items() if key not in IGNORED}
         previous_id = body.get("previous_response_id")
         if isinstance(previous_id, str):
-            body = continued(body, previous if previous is not None and previous.id == previous_id else lookup(previous_id))
+            body = continued(
+                body, previous if previous is not None and previous.id == previous_id else lookup(previous_id)
+            )
         chat = parse_responses_request({**body, "stream": True})
         echoed = body if previous_id is None else {**body, "previous_response_id": previous_id}
         pipeline = core.pipeline(chat.model)
