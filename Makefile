@@ -10,9 +10,11 @@ BENCH_ARGS ?=
 CHROMIUM := /usr/bin/chromium
 # The Codex CLI the e2e test drives, pinned, installed under .node/ (never globally).
 CODEX_VERSION := 0.171.0
+# The Vercel AI SDK the e2e test streams with (`ai` and its OpenAI provider), pinned, also under .node/.
+AI_SDK_VERSIONS := ai@7.0.173 @ai-sdk/openai@4.0.118
 NODE_DIR := .node
 
-.PHONY: serve test bench browser codex install install-test install-bench clean
+.PHONY: serve test bench browser codex vercel-ai install install-test install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +39,7 @@ install-bench: $(VENV)/.installed-bench
 serve: $(VENV)/.installed
 	$(BIN)/trioproxy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: $(VENV)/.installed-test browser $(if $(shell command -v node),codex)
+test: $(VENV)/.installed-test browser $(if $(shell command -v node),codex vercel-ai)
 	$(BIN)/python -m pytest
 
 # Installs Debian's chromium (about 10 s from a warm mirror) when it is missing and we are root;
@@ -63,6 +65,13 @@ codex: $(NODE_DIR)/.installed-codex-$(CODEX_VERSION)
 $(NODE_DIR)/.installed-codex-$(CODEX_VERSION):
 	npm install --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error @openai/codex@$(CODEX_VERSION)
 	$(NODE_DIR)/node_modules/.bin/codex --version >/dev/null
+	touch $@
+
+# The Vercel AI SDK for tests/e2e/test_vercel_ai.py (a few MB); `make test` runs this when `node` exists.
+vercel-ai: $(NODE_DIR)/.installed-ai-sdk
+
+$(NODE_DIR)/.installed-ai-sdk: Makefile
+	npm install --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error $(AI_SDK_VERSIONS)
 	touch $@
 
 clean:
