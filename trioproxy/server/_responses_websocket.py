@@ -23,7 +23,9 @@ SDK derive it from the base URL (`responses_protocol.md` §4).
   `error` and `response.failed`, as over SSE.
 
 The client going away cancels the handler, and with it the session and its upstream request.
-Keep-alive is hypercorn's WebSocket ping, as on the other WebSocket endpoints.
+Keep-alive is hypercorn's WebSocket ping, as on the other WebSocket endpoints. When the server
+drains, a response running finishes, a new one is refused (503), and the connection is closed
+with 1001 (going away) between responses, which makes Codex reconnect elsewhere.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ._core import Core
 from ._generic import last_word, prompt_chars, render
 from ._responses_front import ResponsesEventRenderer, websocket_frame
 from ._responses_request import Turn, continued, input_items, parse_responses_request
+from ._websocket import GOING_AWAY
 
 __all__ = ["register_responses_websocket"]
 
@@ -115,15 +118,27 @@ def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[s
     @app.websocket("/v1/responses")
     async def responses_ws() -> None:
         await websocket.accept()
+        responding = trio.Lock()
+        """Held while a response runs: the drain closes the connection only between responses."""
+
+        async def close_when_drained(nursery: trio.Nursery) -> None:
+            await core.shutdown.wait_draining()
+            async with responding:
+                await websocket.close(GOING_AWAY, "the server is shutting down")
+                nursery.cancel_scope.cancel()
+
         previous: Turn | None = None
         turn = 0
         try:
-            while True:
-                text = await websocket.receive()
-                turn += 1
-                try:
-                    previous = await respond(text, previous, turn)
-                except TrioproxyError as exc:
-                    await send_error(exc)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(close_when_drained, nursery)
+                while True:
+                    text = await websocket.receive()
+                    turn += 1
+                    async with responding:
+                        try:
+                            previous = await respond(text, previous, turn)
+                        except TrioproxyError as exc:
+                            await send_error(exc)
         except trio.TooSlowError:
             logger.warning("dropping a WebSocket peer that stopped reading")
