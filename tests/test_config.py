@@ -219,7 +219,8 @@ def test_unknown_top_level_key() -> None:
 
 def test_unknown_server_key() -> None:
     assert only_problem({"server": {"hots": "x"}}) == (
-        "[server]: unknown key 'hots' (known: host, keep_alive_timeout, port, shutdown_grace_period, write_timeout)"
+        "[server]: unknown key 'hots' (known: body_timeout, host, keep_alive_timeout, port, shutdown_grace_period, "
+        "write_timeout)"
     )
 
 
@@ -926,6 +927,15 @@ def test_server_keep_alive_timeout() -> None:
     for bad in (0, -1, "75", True, float("inf")):
         assert only_problem({"server": {"keep_alive_timeout": bad}}) == (
             f"[server].keep_alive_timeout must be a positive number of seconds, got {bad!r}"
+        )
+
+
+def test_server_body_timeout() -> None:
+    assert parse_config({"server": {"body_timeout": 2.5}}, environ={}).server.body_timeout == 2.5
+    assert parse_config({}, environ={}).server.body_timeout == 60.0
+    for bad in (0, -1, "60", True, float("inf")):
+        assert only_problem({"server": {"body_timeout": bad}}) == (
+            f"[server].body_timeout must be a positive number of seconds, got {bad!r}"
         )
 
 

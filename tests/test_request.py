@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from trioproxy._exceptions import RequestError
 from trioproxy._request import (
+    MAX_JSON_DEPTH,
     ChatRequest,
     content_text,
     parse_chat_request,
@@ -41,13 +43,42 @@ def test_json_object() -> None:
     assert parse_json_object(b'{"model": "m", "x": [1, 2]}') == {"model": "m", "x": [1, 2]}
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"model=m", b"\xff\xfe", b'{"a": 1} trailing'])
+@pytest.mark.parametrize("raw", [b"", b"{", b"model=m", b'{"a": 1} trailing'])
 def test_not_json(raw: bytes) -> None:
     with pytest.raises(RequestError) as info:
         parse_json_object(raw)
     assert info.value.status == 400
     assert info.value.message.startswith("request body is not valid JSON: ")
     assert info.value.param is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "offset"),
+    [(b"\xff\xfe", 0), (b'{"content": "caf\xe9"}', 16), ('{"a": "\ud800"}'.encode("utf-8", "surrogatepass"), 7)],
+)
+def test_not_utf_8_names_the_first_bad_byte(raw: bytes, offset: int) -> None:
+    """Not orjson's 'str is not valid UTF-8: surrogates not allowed', whatever the bad bytes."""
+    with pytest.raises(RequestError) as info:
+        parse_json_object(raw)
+    assert info.value.message == f"request body is not valid UTF-8 (at byte {offset})"
+
+
+def nested(depth: int) -> bytes:
+    """An object whose `x` holds arrays inside arrays: `depth` levels, the object included."""
+    return b'{"x": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+def test_a_body_nested_up_to_max_json_depth_is_accepted() -> None:
+    body = parse_json_object(nested(MAX_JSON_DEPTH))
+    assert orjson.loads(orjson.dumps(body)) == body  # and it can be serialised again, for the upstream
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 300, 1_000, 100_000])
+def test_a_body_nested_deeper_than_max_json_depth_is_a_400_naming_the_limit(depth: int) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_json_object(nested(depth))
+    assert info.value.status == 400
+    assert info.value.message == f"request body is nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
 
 
 @pytest.mark.parametrize(("raw", "kind"), [(b"[1]", "list"), (b'"text"', "str"), (b"null", "NoneType"), (b"42", "int")])

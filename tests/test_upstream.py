@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from trioproxy._upstream import _PooledTransport
+from trioproxy._upstream import IDLE_SWEEP_INTERVAL, _PooledTransport
 from trioproxy.testing import Reply, open_fake_upstream
 
 BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -64,3 +64,80 @@ async def test_a_plain_socket_read_waits_for_data_and_maps_a_reset() -> None:
             theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         with pytest.raises(httpcore.ReadError):
             await _read_when_readable(ours, 1024)
+
+
+async def stream_in_parallel(transport: _PooledTransport, url: str, n: int) -> set[object]:
+    """`n` streams, all open at once (so each on its own connection), each read to its end; their connections."""
+    connections: set[object] = set()
+    release = transport.release
+
+    async def recording_release(connection: object, origin: object) -> None:
+        connections.add(connection)
+        await release(connection, origin)  # type: ignore[arg-type]
+
+    transport.release = recording_release  # type: ignore[method-assign]
+    all_open = trio.Event()
+    opened = 0
+    # No timeouts: on the MockClock, time only passes for the pool's own timer and the replies.
+    client = httpx.AsyncClient(transport=transport, timeout=None)
+
+    async def one() -> None:
+        nonlocal opened
+        async with client.stream("POST", url, json=BODY) as response:
+            opened += 1
+            if opened == n:
+                all_open.set()
+            await all_open.wait()
+            await response.aread()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(one)
+    assert len(connections) == n
+    return connections
+
+
+async def test_idle_connections_expire_on_the_pools_own_timer_without_traffic(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """Not only when the next request comes: an idle pool holds no socket past its keep-alive expiry."""
+    upstream = await open_fake_upstream(nursery, Reply(tokens=("a", "b")))
+    transport = _PooledTransport(httpx.Limits(max_connections=100, keepalive_expiry=5))
+    nursery.start_soon(transport.expire_idle_connections)
+    connections = await stream_in_parallel(transport, upstream.url + "/v1/chat/completions", 60)
+
+    await trio.sleep(5 + IDLE_SWEEP_INTERVAL)
+    await trio.testing.wait_all_tasks_blocked()  # the sweep due now is over
+
+    assert all(connection.is_closed() for connection in connections)  # type: ignore[attr-defined]
+    assert not any(transport._idle.values())
+
+
+async def test_an_idle_connection_its_upstream_closed_is_closed_within_a_sweep(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """Not left half-closed (CLOSE-WAIT) until its keep-alive expiry, or the next request."""
+    transport = _PooledTransport(httpx.Limits(max_connections=100, keepalive_expiry=60))
+    nursery.start_soon(transport.expire_idle_connections)
+    async with trio.open_nursery() as upstream_nursery:
+        upstream = await open_fake_upstream(upstream_nursery, Reply(tokens=("a", "b")))
+        connections = await stream_in_parallel(transport, upstream.url + "/v1/chat/completions", 10)
+        assert not any(connection.is_closed() for connection in connections)  # type: ignore[attr-defined]
+        upstream_nursery.cancel_scope.cancel()  # the upstream goes away, closing its connections
+
+    await trio.sleep(IDLE_SWEEP_INTERVAL)
+    await trio.testing.wait_all_tasks_blocked()  # the sweep due now is over
+
+    assert all(connection.is_closed() for connection in connections)  # type: ignore[attr-defined]
+    assert not any(transport._idle.values())
+
+
+async def test_closing_the_pool_ends_its_timer() -> None:
+    transport = _PooledTransport(httpx.Limits(max_connections=4))
+    with trio.fail_after(1):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(transport.expire_idle_connections)
+            await trio.testing.wait_all_tasks_blocked()
+            await transport.aclose()
+        # and a timer started after the close ends at once
+        await transport.expire_idle_connections()

@@ -47,6 +47,7 @@ DEFAULT_PORT: Final = 8000
 
 
 DEFAULT_WRITE_TIMEOUT: Final = 30.0
+DEFAULT_BODY_TIMEOUT: Final = 60.0
 DEFAULT_KEEP_ALIVE_TIMEOUT: Final = 75.0
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 DEFAULT_CORS_ALLOW_HEADERS: Final = (
@@ -80,6 +81,9 @@ class ServerConfig:
 
     `keep_alive_timeout`: seconds an idle client connection is kept open for its next request;
     longer than common load balancers' idle timeout, so they close first.
+
+    `body_timeout`: seconds a request's body may take to arrive, whole; a client that trickles
+    it (or stops sending) gets a 408 then, rather than holding its connection and task.
     """
 
     host: str = DEFAULT_HOST
@@ -87,6 +91,7 @@ class ServerConfig:
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     shutdown_grace_period: float = DEFAULT_SHUTDOWN_GRACE_PERIOD
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,7 +478,10 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
         problems.append("[server] must be a table")
         return ServerConfig()
     _unknown_keys(
-        table, {"host", "port", "write_timeout", "shutdown_grace_period", "keep_alive_timeout"}, "[server]", problems
+        table,
+        {"host", "port", "write_timeout", "shutdown_grace_period", "keep_alive_timeout", "body_timeout"},
+        "[server]",
+        problems,
     )
     host = table.get("host", DEFAULT_HOST)
     port = table.get("port", DEFAULT_PORT)
@@ -493,6 +501,7 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
 
     write_timeout = positive_seconds("write_timeout", DEFAULT_WRITE_TIMEOUT)
     keep_alive_timeout = positive_seconds("keep_alive_timeout", DEFAULT_KEEP_ALIVE_TIMEOUT)
+    body_timeout = positive_seconds("body_timeout", DEFAULT_BODY_TIMEOUT)
     grace = table.get("shutdown_grace_period", DEFAULT_SHUTDOWN_GRACE_PERIOD)
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
         problems.append(f"[server].shutdown_grace_period must be a number of seconds, 0 or more, got {grace!r}")
@@ -503,6 +512,7 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
         write_timeout=write_timeout,
         shutdown_grace_period=grace,
         keep_alive_timeout=keep_alive_timeout,
+        body_timeout=body_timeout,
     )
 
 

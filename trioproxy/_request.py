@@ -19,18 +19,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 
 from ._exceptions import RequestError
 
-__all__ = ["ChatRequest", "NativeRequest", "WireProtocol", "parse_chat_request", "parse_json_object"]
+__all__ = ["MAX_JSON_DEPTH", "ChatRequest", "NativeRequest", "WireProtocol", "parse_chat_request", "parse_json_object"]
 
 WireProtocol = Literal["openai", "anthropic", "responses"]
 """A protocol a client or an upstream speaks: Chat Completions, Anthropic Messages, or OpenAI Responses."""
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+MAX_JSON_DEPTH: Final = 128
+"""
+How deeply a body's arrays and objects may nest, the body itself being level 1. Far beyond a
+real request (a `tools` JSON schema nests a few dozen levels at most), and well within what
+the body must survive after it was read: orjson serialises it again for the upstream, and
+refuses beyond 254 levels; the checks that walk the body must not recurse past Python's stack.
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,15 +122,49 @@ def content_text(content: Any) -> str:
     return ""
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """Parse a request body that must be one JSON object."""
+def parse_json_object(raw: bytes | str, *, what: str = "request body") -> dict[str, Any]:
+    """
+    Parse `what` (a request body, a WebSocket message), which must be one JSON object nested
+    at most `MAX_JSON_DEPTH` levels.
+    """
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}") from None
+        raise RequestError(_not_json(raw, exc, what)) from None
     if not isinstance(body, dict):
-        raise RequestError(f"request body must be a JSON object, not {type(body).__name__}")
+        raise RequestError(f"{what} must be a JSON object, not {type(body).__name__}")
+    opening = (b"[", b"{") if isinstance(raw, bytes) else ("[", "{")
+    if raw.count(opening[0]) + raw.count(opening[1]) > MAX_JSON_DEPTH and _nested_deeper(body, MAX_JSON_DEPTH):
+        raise RequestError(_too_deep(what))
     return body
+
+
+def _not_json(raw: bytes | str, exc: orjson.JSONDecodeError, what: str) -> str:
+    """Why `raw` is no JSON, in the client's terms: bad UTF-8 by its offset, nesting by our limit."""
+    if isinstance(raw, bytes):
+        try:
+            raw.decode()
+        except UnicodeDecodeError as bad:
+            return f"{what} is not valid UTF-8 (at byte {bad.start})"
+    if exc.msg.startswith("depth limit"):  # orjson's own, far beyond ours
+        return _too_deep(what)
+    return f"{what} is not valid JSON: {exc}"
+
+
+def _too_deep(what: str) -> str:
+    return f"{what} is nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects"
+
+
+def _nested_deeper(body: dict[str, Any], limit: int) -> bool:
+    """Whether `body` nests deeper than `limit` levels; one pass without recursion, over at most every value once."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def parse_chat_request(body: dict[str, Any], *, model: str | None = None) -> ChatRequest:

@@ -22,7 +22,7 @@ import trio
 
 from ._config import Config, ProviderConfig
 from ._exceptions import ModelNotFoundError
-from ._upstream import Upstream, build_upstream
+from ._upstream import HttpUpstream, Upstream, build_upstream
 from .providers.simulated import SIMULATED_MODELS
 
 __all__ = ["Route", "Router"]
@@ -79,6 +79,13 @@ class Router:
             models = SIMULATED_MODELS if provider.type == "simulated" and not provider.models else provider.models
             listed.extend((f"{name}/{model}", name) for model in models)
         return listed
+
+    async def expire_idle_connections(self) -> None:
+        """Run each HTTP upstream's pool timer (idle connections closed without waiting for traffic), until `aclose`."""
+        async with trio.open_nursery() as nursery:
+            for upstream in self.upstreams.values():
+                if isinstance(upstream, HttpUpstream):
+                    nursery.start_soon(upstream.expire_idle_connections)
 
     async def aclose(self) -> None:
         """Close every upstream's pool, each whatever the others do (their errors leave together)."""

@@ -68,6 +68,13 @@ of stream may wait.
 MAX_TRAILING_BYTES: Final = 64 * 1024
 """How much an upstream may send after its end marker before we stop reading and close."""
 
+IDLE_SWEEP_INTERVAL: Final = 1.0
+"""
+Seconds between two looks of a pool at its idle connections: how long, at most, an idle
+connection outlives its keep-alive expiry, or stays half-closed (CLOSE-WAIT) after its
+upstream closed it.
+"""
+
 
 class Upstream(Protocol):
     async def stream(self, chat: ChatRequest, send: Sink) -> None:
@@ -95,8 +102,9 @@ class HttpUpstream:
     ) -> None:
         self.translation = translation
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._pool: _PooledTransport | None = None
         if transport is None and not urllib.request.getproxies():
-            transport = _PooledTransport(limits)
+            transport = self._pool = _PooledTransport(limits)
         self._urls: dict[str, httpx.URL] = {}
         """Each translation's URLs, parsed once (the config bounds them)."""
         self._client = _CookielessClient(
@@ -141,6 +149,11 @@ class HttpUpstream:
                     raise self.translation.error_from_response(resp.status_code, resp.headers, body)
         return body
 
+    async def expire_idle_connections(self) -> None:
+        """Expire idle connections on the pool's own timer until `aclose`; httpx's pool (behind a proxy) has none."""
+        if self._pool is not None:
+            await self._pool.expire_idle_connections()
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -180,18 +193,20 @@ class _PooledTransport(httpx.AsyncBaseTransport):
     more than the streams. Here a request takes the most recently used idle connection to its
     origin (or opens one), and gives it back when its response is closed; at most
     `max_connections` requests are in flight, and a request waits up to httpx's pool timeout
-    for a slot. An idle connection is checked before reuse (expired after the limits'
-    `keepalive_expiry`, httpx's 5 s by default, or closed by the server) and otherwise closed.
+    for a slot. An idle connection expires after the limits' `keepalive_expiry` (httpx's 5 s
+    by default), on trio's clock, or when its server closed it; it is checked before reuse,
+    and `expire_idle_connections` closes it even if no request comes.
     """
 
     def __init__(self, limits: httpx.Limits) -> None:
         assert limits.max_connections is not None
         self._slots = trio.Semaphore(limits.max_connections)
-        self._keepalive_expiry = limits.keepalive_expiry
-        self._idle: dict[tuple[bytes, bytes, int], deque[httpcore.AsyncHTTPConnection]] = {}
+        self._keepalive_expiry = math.inf if limits.keepalive_expiry is None else limits.keepalive_expiry
+        self._idle: dict[tuple[bytes, bytes, int], deque[tuple[httpcore.AsyncHTTPConnection, float]]] = {}
+        """Each origin's idle connections, with the time each expires, the most recently used last."""
         self._ssl_context = httpx.create_ssl_context()
         self._backend = _TrioBackend()
-        self._closed = False
+        self._closed = trio.Event()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -214,7 +229,7 @@ class _PooledTransport(httpx.AsyncBaseTransport):
                 connection = await self._idle_connection(origin) or httpcore.AsyncHTTPConnection(
                     origin,
                     ssl_context=self._ssl_context,
-                    keepalive_expiry=self._keepalive_expiry,
+                    keepalive_expiry=None,  # the pool expires it, on trio's clock
                     network_backend=self._backend,
                 )
                 try:
@@ -231,9 +246,10 @@ class _PooledTransport(httpx.AsyncBaseTransport):
 
     async def _idle_connection(self, origin: httpcore.Origin) -> httpcore.AsyncHTTPConnection | None:
         idle = self._idle.get((origin.scheme, origin.host, origin.port))
+        now = trio.current_time()
         while idle:
-            connection = idle.pop()
-            if connection.is_idle() and not connection.has_expired():
+            connection, expiry = idle.pop()
+            if _usable(connection, expiry, now):
                 return connection
             await connection.aclose()
         return None
@@ -241,23 +257,54 @@ class _PooledTransport(httpx.AsyncBaseTransport):
     async def release(self, connection: httpcore.AsyncHTTPConnection, origin: httpcore.Origin) -> None:
         """A response is closed: its connection goes back to the pool if it can serve another request."""
         self._slots.release()
-        if self._closed:
+        if self._closed.is_set():
             await connection.aclose()  # the pool is gone: nobody would ever close it there
             return
         if not connection.is_idle():
             return
+        now = trio.current_time()
         idle = self._idle.setdefault((origin.scheme, origin.host, origin.port), deque())
-        idle.append(connection)
-        while len(idle) > 1 and idle[0].has_expired():  # the longest idle, oldest first
-            await idle.popleft().aclose()
+        idle.append((connection, now + self._keepalive_expiry))
+        while len(idle) > 1 and idle[0][1] <= now:  # the longest idle, oldest first
+            await idle.popleft()[0].aclose()
+
+    async def expire_idle_connections(self) -> None:
+        """
+        Until the pool is closed: every `IDLE_SWEEP_INTERVAL`, close the idle connections that
+        expired or that their server closed. Without it, an idle connection is only looked at
+        when the next request to its origin comes: after a burst, every one of its sockets
+        stays open, and half-closed once the upstream gives up on it.
+        """
+        while not self._closed.is_set():
+            with trio.move_on_after(IDLE_SWEEP_INTERVAL):
+                await self._closed.wait()
+            now = trio.current_time()
+            stale = []
+            for idle in self._idle.values():  # sorted out at once: the closes below let requests in
+                entries = list(idle)
+                idle.clear()
+                for connection, expiry in entries:
+                    if _usable(connection, expiry, now):
+                        idle.append((connection, expiry))
+                    else:
+                        stale.append(connection)
+            # Closing does no network I/O; shielded, a cancel cannot leave one open and out of the pool.
+            with trio.CancelScope(shield=True):
+                for connection in stale:
+                    await connection.aclose()
 
     async def aclose(self) -> None:
         """Close the idle connections now, and each one in use when its response is closed."""
-        self._closed = True
+        self._closed.set()
         idle, self._idle = self._idle, {}
         for connections in idle.values():
-            for connection in connections:
+            for connection, _ in connections:
                 await connection.aclose()
+
+
+def _usable(connection: httpcore.AsyncHTTPConnection, expiry: float, now: float) -> bool:
+    """Whether an idle connection may serve another request: not expired, and not closed by its server."""
+    return now < expiry and connection.is_idle() and not connection.has_expired()
 
 
 class _PooledResponseStream(httpx.AsyncByteStream):

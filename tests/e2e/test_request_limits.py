@@ -26,6 +26,7 @@ import trio_websocket
 
 from tests.conftest import wait_until_idle
 from trioproxy import SSEDecoder, StreamEvent, create_app, parse_config, serve
+from trioproxy._request import MAX_JSON_DEPTH
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, open_fake_upstream
 
 SLOW_TOKENS = 50
@@ -165,6 +166,51 @@ async def test_too_many_messages_and_too_long_strings_are_400s(nursery: trio.Nur
     (event,) = sse_events(response.content)
     assert event.type == "error" and event.data["code"] == "string_above_max_length"
     assert len(upstream.requests) == 1
+
+
+def nested_arrays(levels: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+async def test_a_body_nested_just_within_max_json_depth_streams_and_one_deeper_is_a_400(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    """Deeper than orjson re-serialises for the upstream (254 levels) was a 500 with a traceback."""
+    proxy = await start_proxy(nursery, upstream)
+    async with sdk(proxy) as client:
+        within = nested_arrays(MAX_JSON_DEPTH - 1)  # the body is the first level
+        stream = await client.chat.completions.create(
+            model="up/m", messages=messages("hi"), stream=True, extra_body={"x": within}
+        )
+        assert "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]) == "abc"
+        for levels in (MAX_JSON_DEPTH, 300, 900):
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(
+                    model="up/m", messages=messages("hi"), stream=True, extra_body={"x": nested_arrays(levels)}
+                )
+            assert f"nested deeper than {MAX_JSON_DEPTH} levels" in info.value.body["message"]
+    assert [request.json["x"] for request in upstream.requests] == [within]
+
+
+async def test_a_body_that_trickles_is_a_408_after_the_configured_body_timeout(autojump_clock: trio.abc.Clock) -> None:
+    """In-process (no sockets), so that the wait passes on trio's MockClock."""
+    app = create_app(parse_config({"server": {"body_timeout": 5}}, environ={}))
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b'{"model": "sim/echo", '
+        await trio.sleep(3600)  # and the rest never comes
+
+    async with app.test_app():
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
+        start = trio.current_time()
+        headers = {"content-type": "application/json"}
+        response = await http.post("/v1/chat/completions", content=trickle(), headers=headers)
+    assert response.status_code == 408
+    assert 5 <= trio.current_time() - start < 6
+    assert response.json()["error"]["message"] == "the request body did not arrive within [server] body_timeout (5 s)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,6 +457,22 @@ async def test_websocket_stream_requests_are_limited_and_refused_with_error_even
         await connection.send_message(ws_request("hi", "c"))
         assert (await next_event(connection, "c"))["type"] == "done"
     assert len(upstream.requests) == 2
+
+
+async def test_a_websocket_message_nested_too_deep_gets_an_error_event_and_the_connection_stays_open(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(nursery, upstream)
+    url = proxy.replace("http://", "ws://", 1) + "/v1/chat/ws"
+    async with trio_websocket.open_websocket_url(url) as connection:
+        # Deeper than orjson serialises: written by hand.
+        await connection.send_message(ws_request("hi", "deep")[:-1] + ', "x": ' + "[" * 300 + "]" * 300 + "}")
+        refused = await next_event(connection, None)  # not parsed, so not tagged
+        assert refused["data"]["status"] == 400
+        assert f"nested deeper than {MAX_JSON_DEPTH} levels" in refused["data"]["message"]
+        await connection.send_message(ws_request("hi", "ok"))
+        assert (await next_event(connection, "ok"))["type"] == "done"
+    assert len(upstream.requests) == 1
 
 
 async def test_a_websocket_message_far_over_the_limit_closes_the_connection_unread(

@@ -17,9 +17,10 @@ import importlib.resources
 import logging
 from typing import Final
 
-from quart import Response, request
+from quart import Response, has_websocket_context, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge, RequestTimeout
+from werkzeug.routing import WebsocketMismatch
 
 from .._config import Config
 from .._exceptions import AuthenticationError, HTTPRefusal, PayloadTooLargeError, TrioproxyError
@@ -58,6 +59,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     app = QuartTrio("trioproxy")
     app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
     app.config["MAX_CONTENT_LENGTH"] = config.limits.max_body_bytes  # bodies are not read past it
+    app.config["BODY_TIMEOUT"] = config.server.body_timeout  # a body still arriving then is a 408
     app.asgi_app = keeping_send(app.asgi_app)  # type: ignore[method-assign]
     if config.cors.enabled:
         app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[method-assign]
@@ -76,6 +78,11 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         access_log=access_log,
         nursery=lambda: app.nursery,  # type: ignore[attr-defined]
     )
+
+    @app.before_serving
+    async def expire_idle_upstream_connections() -> None:
+        """The pools' timers live in the app's nursery, from start-up until `close_upstreams` ends them."""
+        app.nursery.start_soon(router.expire_idle_connections)  # type: ignore[attr-defined]
 
     @app.after_serving
     async def close_upstreams() -> None:
@@ -150,15 +157,38 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
+        """
+        The framework's refusals (no route, wrong method, a body too large or too slow), in
+        our words and in the protocol of the path; also before a WebSocket handshake, which
+        then gets this HTTP response instead of an upgrade.
+        """
+        current = connection()
+        path = current.path
         if isinstance(exc, RequestEntityTooLarge):  # quart's MAX_CONTENT_LENGTH
             too_large = PayloadTooLargeError(
                 f"the request body is over the limit of {config.limits.max_body_bytes} bytes"
             )
-            return error_response(request.path, too_large)
-        error = HTTPRefusal(exc.description or exc.name, status=exc.code or 500)
-        response = error_response(request.path, error)  # e.g. a GET on a generic endpoint: its own shape
+            return error_response(path, too_large)
+        status = exc.code or 500
+        if has_websocket_context() and isinstance(exc, (NotFound, WebsocketMismatch, MethodNotAllowed)):
+            message, status = f"no WebSocket endpoint at {path}", 404
+        elif isinstance(exc, WebsocketMismatch):
+            message = (
+                f"{path} is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
+            )
+        elif isinstance(exc, NotFound):
+            message = f"no endpoint at {current.method} {path}"
+        elif isinstance(exc, MethodNotAllowed):
+            allowed = ", ".join(sorted(exc.valid_methods or ()))  # a set: in a stable order
+            message = f"{current.method} is not allowed on {path} (allowed: {allowed})"
+        elif isinstance(exc, RequestTimeout):  # quart's BODY_TIMEOUT
+            message = f"the request body did not arrive within [server] body_timeout ({config.server.body_timeout:g} s)"
+        else:
+            message = exc.description or exc.name
+        error = HTTPRefusal(message, status=status)
+        response = error_response(path, error)  # e.g. a GET on a generic endpoint: its own shape
         for name, value in exc.get_headers():
-            if name.lower() == "allow":
+            if name.lower() == "allow" and status == 405:
                 response.headers["allow"] = value
         return response
 

@@ -9,16 +9,22 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+import h11
+import hypercorn.protocol
 import hypercorn.trio.run
+import orjson
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve as hypercorn_serve
 from hypercorn.trio.tcp_server import TCPServer
 
 from .._config import Config
+from .._exceptions import RequestError
 from .._router import Router
 from ._app import create_app
+from ._openai_front import error_body
 from ._shutdown import GracefulShutdown
 
 __all__ = ["WEBSOCKET_PING_INTERVAL", "serve"]
@@ -49,6 +55,77 @@ class _HypercornConfig(HypercornConfig):
             for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self._write_timeout_ms)
         return sockets
+
+
+class _H11ConnectionThatRefusesAmbiguousFraming(h11.Connection):
+    """
+    h11's server side, refusing the requests RFC 9112 says a server must not guess about.
+
+    h11 frames a request that carries both `Content-Length` and `Transfer-Encoding` by the
+    latter. A front proxy that frames it by the former forwards as one request what we read as
+    two, the second hidden in the first one's body and served on the same connection (§6.3:
+    such a request is refused, and its connection closed). h11 also takes any `HTTP/d.d`
+    request line for HTTP/1.1, and `Transfer-Encoding` in an HTTP/1.0 request, which has no
+    chunked framing (§6.1). Each is a `RemoteProtocolError` here, as h11's own refusals are:
+    hypercorn answers it and closes the connection, and the app never sees the request.
+    `refusal` keeps the reason for the answer.
+    """
+
+    refusal: str | None = None
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        try:
+            event = super().next_event()
+            if isinstance(event, h11.Request):
+                _check_framing(event)
+        except h11.RemoteProtocolError as exc:
+            self.refusal = str(exc)
+            raise
+        return event
+
+
+def _check_framing(request: h11.Request) -> None:
+    """Raise `RemoteProtocolError` for a request whose version or framing we do not serve."""
+    h2_preface = (request.method, request.target, request.http_version) == (b"PRI", b"*", b"2.0")  # hypercorn's switch
+    if request.http_version not in (b"1.0", b"1.1") and not h2_preface:
+        raise h11.RemoteProtocolError(
+            f"HTTP/{request.http_version.decode()} is not supported: this server speaks HTTP/1.0 and HTTP/1.1 "
+            "(and HTTP/2)",
+            error_status_hint=505,
+        )
+    names = {name for name, _ in request.headers}
+    if b"transfer-encoding" in names and b"content-length" in names:
+        raise h11.RemoteProtocolError(
+            "a request may not carry both Content-Length and Transfer-Encoding (RFC 9112, section 6.3)"
+        )
+    if b"transfer-encoding" in names and request.http_version == b"1.0":
+        raise h11.RemoteProtocolError("Transfer-Encoding is not HTTP/1.0 framing (RFC 9112, section 6.1)")
+
+
+class _H11ProtocolThatRefusesAmbiguousFraming(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol over `_H11ConnectionThatRefusesAmbiguousFraming`, whose refusals say why."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connection = _H11ConnectionThatRefusesAmbiguousFraming(
+            h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+        )
+
+    async def _send_error_response(self, status_code: int) -> None:
+        """hypercorn's refusal (the connection then closes), with OpenAI's error object naming the reason."""
+        connection = self.connection
+        refusal = connection.refusal if isinstance(connection, _H11ConnectionThatRefusesAmbiguousFraming) else None
+        refusal = refusal or "the request is not valid HTTP/1.1"
+        body = orjson.dumps(error_body(RequestError(refusal)))
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", b"close"),
+            *self.config.response_headers("h11"),
+        ]
+        await self._send_h11_event(h11.Response(status_code=status_code, headers=headers))
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
 
 
 class _TCPServerThatEndsWithItsClient(TCPServer):
@@ -173,6 +250,7 @@ async def serve(
     for warning in config.warnings:
         logger.warning("%s", warning)
     hypercorn.trio.run.TCPServer = _TCPServerThatEndsWithItsClient  # type: ignore[misc]  # the class its worker uses
+    hypercorn.protocol.H11Protocol = _H11ProtocolThatRefusesAmbiguousFraming  # type: ignore[misc]  # the one it speaks
     async with trio.open_nursery() as nursery:
         drain_trigger = None
         if shutdown_trigger is not None:

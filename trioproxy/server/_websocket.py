@@ -46,6 +46,7 @@ from quart_trio import QuartTrio
 
 from .._events import Delta, StreamEvent
 from .._exceptions import PayloadTooLargeError, RequestError, StreamCancelled, TrioproxyError
+from .._request import parse_json_object
 from ..pipeline import StreamSession, pipeline_for
 from ._access import RECORD
 from ._events_front import EventRenderer, error_event
@@ -126,12 +127,9 @@ def register_websocket_routes(
                 await self.send_error(too_large)
                 return
             try:
-                message = orjson.loads(text)
-            except orjson.JSONDecodeError:
-                await self.send_error(RequestError("a message must be a JSON object"))
-                return
-            if not isinstance(message, dict):
-                await self.send_error(RequestError("a message must be a JSON object"))
+                message = parse_json_object(text, what="a message")
+            except RequestError as exc:
+                await self.send_error(exc)
                 return
             request_id = message.get("id")
             kind = message.get("type", "request")
