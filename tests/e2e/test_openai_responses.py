@@ -637,3 +637,20 @@ async def test_an_anthropic_client_reaches_a_responses_upstream(responses_proxy:
     assert upstream.requests[-1].path == "/v1/responses"
     assert body["input"][0] == {"type": "message", "role": "system", "content": "Be brief."}
     assert body["max_output_tokens"] == 100
+
+
+async def test_websocket_mode_passes_a_responses_upstream_s_events_through_and_continues_them(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    recorded = (FIXTURES / "text_stream.sse").read_bytes()
+    upstream.push(Reply(raw_body=recorded), Reply(tokens=("Again",)))
+    async with trio_websocket.open_websocket_url(ws_url(responses_proxy)) as connection:
+        first = await one_response(connection, model="resp/gpt-4o-mini", input="hi", store=False)
+        second = await one_response(
+            connection, model="resp/gpt-4o-mini", previous_response_id="resp_sanitized_streaming", input="more"
+        )
+    assert first == [orjson.loads(event.data) for event in SSEDecoder().feed(recorded)]
+    assert second[-1]["type"] == "response.completed"
+    continued_input = sent(upstream.requests[-1])["input"]
+    assert [item.get("role") for item in continued_input] == ["user", "assistant", "user"]
+    assert continued_input[1]["id"] == "msg_sanitized_streaming"  # the upstream's own output item, whole

@@ -243,22 +243,24 @@ class ResponsesEventRenderer:
 
     def _forward(self, delta: Delta) -> bytes:
         """
-        The upstream's event as it came; ours (an error) continue its numbering and its id.
-        Its opening events wait for the first token (a failover drops them), and its terminal
-        event for `done`.
+        The upstream's event as it came (in WebSocket mode, its data alone); ours (an error)
+        continue its numbering and its id. Its opening events wait for the first token (a
+        failover drops them), and its terminal event for `done`.
         """
         raw = delta.raw
         assert raw is not None
-        if delta.role and not self._started:  # response.created: its id is the response's
-            self._started = True
-            created = SSEDecoder().feed(raw)
-            if created:
-                self.id = orjson.loads(created[0].data).get("response", {}).get("id") or self.id
+        if self._frame is not sse_event or delta.role or delta.finish_reason is not None:
+            payload = orjson.loads(SSEDecoder().feed(raw)[0].data)
+            if self._frame is not sse_event:
+                raw = self._frame(payload)
+            if "response" in payload:  # created, completed, incomplete: the Response as of now
+                self.response = payload["response"]
+                self.id = self.response.get("id") or self.id
+        self._started = True
+        self._sequence += 1
         if delta.finish_reason is not None:
             self._terminal = raw
-            self._sequence += 1
             return b""
-        self._sequence += 1
         if delta.has_content:
             return self._flush() + raw
         if self._streaming:
