@@ -123,7 +123,7 @@ def register(app: QuartTrio, core: Core) -> None:
                 return _error(error)
             return json_response(response_from_events(bytes(events + renderer.done(session))))
 
-        session = core.start(pipeline, chat, heartbeats=chat.stream)
+        session = core.start(pipeline, chat, heartbeats=chat.stream or background)  # a background one may be watched
         if background:
             try:
                 stream = core.streams.open(session, renderer_for, prefix=PREFIX, encode=_encode)
