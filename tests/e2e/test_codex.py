@@ -51,11 +51,12 @@ def project(tmp_path: Path) -> Path:
 
 
 async def run_codex(
-    codex: Path, proxy_url: str, project: Path, prompt: str, *, model: str, websocket: bool
+    codex: Path, proxy_url: str, project: Path, prompt: str, *, model: str, websocket: bool, built_in: bool = False
 ) -> subprocess.CompletedProcess[bytes]:
     """
-    `codex exec PROMPT` against the proxy, with the provider flags the README gives, and
-    nothing of this machine's: its own `CODEX_HOME` and `HOME`, no terminal on stdin.
+    `codex exec PROMPT` against the proxy, with the provider flags the README gives (or, with
+    `built_in`, Codex's own OpenAI provider given the proxy's URL), and nothing of this
+    machine's: its own `CODEX_HOME` and `HOME`, no terminal on stdin.
     """
     home = project.parent / "home"
     home.mkdir(exist_ok=True)
@@ -64,6 +65,7 @@ async def run_codex(
         "HOME": str(home),
         "CODEX_HOME": str(home),
         "TP_KEY": "client-key",
+        "OPENAI_API_KEY": "client-key",
     }
     provider = [
         "-c",
@@ -79,6 +81,8 @@ async def run_codex(
         "-c",
         f"model_providers.tp.supports_websockets={'true' if websocket else 'false'}",
     ]
+    if built_in:
+        provider = ["-c", f'openai_base_url="{proxy_url}/v1"']
     with trio.fail_after(CODEX_RUN_TIMEOUT):
         return await trio.run_process(
             [str(codex), "exec", "--skip-git-repo-check", *provider, "-m", model, prompt],
@@ -154,3 +158,13 @@ async def test_codex_answers_from_a_chat_completions_upstream(
     assert body["messages"][-1]["role"] == "user"
     assert "What is the answer?" in str(body["messages"][-1]["content"])
     assert "exec_command" in [tool["function"]["name"] for tool in body["tools"]]
+
+
+async def test_codex_s_own_openai_provider_given_the_proxy_s_url_uses_websocket_mode(
+    codex: Path, proxy_url: str, project: Path
+) -> None:
+    run = await run_codex(codex, proxy_url, project, "pineapple", model="sim/echo", websocket=True, built_in=True)
+    assert answered(run).strip() == "pineapple"
+    counted = await statuses(proxy_url)
+    assert "101" in counted
+    assert not any(status.startswith(("4", "5")) for status in counted), counted
