@@ -17,6 +17,11 @@ An item is closed (its `.done` events) when the next one opens, or at the end. I
 stable across events (`resp_`, `msg_`, `rs_`, `fc_`), and the Response object, whole on each
 lifecycle event, lists every closed item.
 
+With `forward_raw` (the front asks for it when nothing is stored under the proxy's ids), a
+Responses upstream's own events (`Delta.raw`) are forwarded as they came instead: its ids,
+numbering, built-in tool items and encrypted reasoning reach the client untouched; an error
+of ours then continues its numbering under its id.
+
 What the client sees is decided by the stream:
 
 - Nothing is sent before the first token: a failover before it starts another stream, and the
