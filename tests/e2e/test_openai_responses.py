@@ -654,3 +654,23 @@ async def test_websocket_mode_passes_a_responses_upstream_s_events_through_and_c
     continued_input = sent(upstream.requests[-1])["input"]
     assert [item.get("role") for item in continued_input] == ["user", "assistant", "user"]
     assert continued_input[1]["id"] == "msg_sanitized_streaming"  # the upstream's own output item, whole
+
+
+async def test_a_stored_response_from_a_responses_upstream_keeps_its_events_under_the_store_s_id(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    recorded = (FIXTURES / "text_stream.sse").read_bytes()
+    upstream.push(Reply(raw_body=recorded))
+    async with httpx.AsyncClient() as http:
+        body = {"model": "resp/gpt-4o-mini", "input": "hi", "stream": True}
+        response = await http.post(responses_proxy + "/v1/responses", json=body)
+        events = [orjson.loads(event.data) for event in SSEDecoder().feed(response.content)]
+        stored_id = events[0]["response"]["id"]
+        retrieved = (await http.get(f"{responses_proxy}/v1/responses/{stored_id}")).json()
+    assert stored_id.startswith("resp_") and stored_id != "resp_sanitized_streaming"
+    upstream_events = [orjson.loads(event.data) for event in SSEDecoder().feed(recorded)]
+    for event in upstream_events:
+        if "response" in event:
+            event["response"]["id"] = stored_id
+    assert events == upstream_events  # every field of every event, the obfuscation padding too
+    assert retrieved == upstream_events[-1]["response"]

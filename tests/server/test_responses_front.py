@@ -243,7 +243,7 @@ RECORDED = (Path(__file__).parent.parent / "fixtures" / "responses" / "text_stre
 
 
 def test_a_responses_upstream_s_events_are_forwarded_and_a_failover_shows_one_opening() -> None:
-    r = ResponsesEventRenderer(request=REQUEST, model=MODEL, forward_raw=True)
+    r = ResponsesEventRenderer(request=REQUEST, model=MODEL)
     deltas = upstream_deltas(RECORDED)
     first_attempt = b"".join(r.delta(d) for d in deltas[:2])  # created, in_progress; then the attempt fails
     assert first_attempt == b""
@@ -254,7 +254,7 @@ def test_a_responses_upstream_s_events_are_forwarded_and_a_failover_shows_one_op
 
 
 def test_a_failure_after_a_responses_upstream_s_events_continues_its_numbering() -> None:
-    r = ResponsesEventRenderer(request=REQUEST, model=MODEL, forward_raw=True)
+    r = ResponsesEventRenderer(request=REQUEST, model=MODEL)
     out = b"".join(r.delta(d) for d in upstream_deltas(RECORDED)[:5])  # up to the first delta
     out += r.error(UpstreamStatusError("cut", status=502, type="upstream_error"))
     assert [e["type"] for e in events(out)][-2:] == ["error", "response.failed"]

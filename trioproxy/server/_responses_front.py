@@ -17,10 +17,11 @@ An item is closed (its `.done` events) when the next one opens, or at the end. I
 stable across events (`resp_`, `msg_`, `rs_`, `fc_`), and the Response object, whole on each
 lifecycle event, lists every closed item.
 
-With `forward_raw` (the front asks for it when nothing is stored under the proxy's ids), a
-Responses upstream's own events (`Delta.raw`) are forwarded as they came instead: its ids,
-numbering, built-in tool items and encrypted reasoning reach the client untouched; an error
-of ours then continues its numbering under its id.
+A Responses upstream's own events (`Delta.raw`, kept when no stage changed content) are
+forwarded as they came instead: its numbering, built-in tool items and encrypted reasoning reach the client
+untouched, and so does its response id, unless the store chose the id (`response_id`): the
+store's then stands in the events for the upstream's. An error of ours continues the
+upstream's numbering.
 
 What the client sees is decided by the stream:
 
@@ -145,9 +146,10 @@ class ResponsesEventRenderer:
         prompt_chars: int = 0,
         frame: Callable[[dict[str, Any]], bytes] = sse_event,
         response_id: str | None = None,
-        forward_raw: bool = False,
     ) -> None:
         self.id = response_id or "resp_" + _token()
+        self._keeps_id = response_id is not None
+        self._upstream_id: str | None = None
         self.model = model
         self.created_at = int(time.time())
         self.request = request
@@ -163,7 +165,6 @@ class ResponsesEventRenderer:
         self._frame = frame
         self.response: dict[str, Any] | None = None
         self.failure: TrioproxyError | None = None
-        self._forward_raw = forward_raw
         self._held: list[bytes] = []
         """A Responses upstream's events that wait for the first token."""
         self._streaming = False
@@ -185,14 +186,15 @@ class ResponsesEventRenderer:
         return KEEP_ALIVE
 
     def notice(self, notice: object) -> bytes:
-        if self._forward_raw and not self._streaming:  # the next attempt sends its own opening events
+        if self._held and not self._streaming:  # the next attempt sends its own opening events
             self._sequence -= len(self._held)
             self._held.clear()
             self._started = False
+            self._upstream_id = None
         return b""
 
     def delta(self, delta: Delta) -> bytes:
-        if self._forward_raw and delta.raw is not None:
+        if delta.raw is not None:
             return self._forward(delta)
         if delta.finish_reason:
             self._finish_reason = delta.finish_reason
@@ -248,19 +250,26 @@ class ResponsesEventRenderer:
 
     def _forward(self, delta: Delta) -> bytes:
         """
-        The upstream's event as it came (in WebSocket mode, its data alone); ours (an error)
-        continue its numbering and its id. Its opening events wait for the first token (a
-        failover drops them), and its terminal event for `done`.
+        The upstream's event as it came (through `frame` unless it writes SSE); ours (an
+        error) continue its numbering. The response's id is the upstream's, or, when the store
+        chose one (`response_id`), the store's in place of the upstream's. Its opening events
+        wait for the first token (a failover drops them), and its terminal event for `done`.
         """
         raw = delta.raw
         assert raw is not None
+        if self._upstream_id is None and delta.role:  # response.created: the upstream's id
+            created = orjson.loads(SSEDecoder().feed(raw)[0].data).get("response") or {}
+            self._upstream_id = created.get("id") if isinstance(created.get("id"), str) else None
+            if self._upstream_id is not None and not self._keeps_id:
+                self.id = self._upstream_id
+        if self._keeps_id and self._upstream_id is not None:
+            raw = raw.replace(self._upstream_id.encode(), self.id.encode())
         if self._frame is not sse_event or delta.role or delta.finish_reason is not None:
             payload = orjson.loads(SSEDecoder().feed(raw)[0].data)
             if self._frame is not sse_event:
                 raw = self._frame(payload)
-            if "response" in payload:  # created, completed, incomplete: the Response as of now
+            if isinstance(payload.get("response"), dict):  # created, completed, incomplete
                 self.response = payload["response"]
-                self.id = self.response.get("id") or self.id
         self._started = True
         self._sequence += 1
         if delta.finish_reason is not None:

@@ -6,8 +6,8 @@ SDK derive it from the base URL (`responses_protocol.md` §4).
   body...}`; `stream` and `background` are ignored (Codex sends `"stream": true`).
 - The server answers with the same events as the SSE stream, one JSON text frame each, from
   `response.created` to exactly one of `response.completed`, `response.incomplete` or
-  `response.failed`; a Responses upstream's own events pass through (nothing here is stored
-  under the proxy's ids), each event's data one frame.
+  `response.failed`; a Responses upstream's own events pass through, each event's data one
+  frame, under the upstream's id.
 - `"generate": false` (Codex sends it first, to warm the connection up) asks for no output:
   the answer is `response.created`, `response.in_progress` and `response.completed` with an
   empty output, and nothing is asked upstream; its id continues like any other.
@@ -99,7 +99,6 @@ def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[s
             model=chat.model,
             prompt_chars=prompt_chars(chat),
             frame=websocket_frame,
-            forward_raw=True,  # nothing here is stored under the proxy's ids
         )
         if frame.get("generate") is False:  # only an id to continue from: nothing is asked upstream
             await send(renderer.done())

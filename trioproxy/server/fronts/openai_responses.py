@@ -6,9 +6,9 @@ WebSocket mode on the same path (`_responses_websocket`), and the stored respons
 `starting_after`, then the live ones), `POST /v1/responses/{id}/cancel`, `DELETE`. Errors are
 OpenAI's error object.
 
-A Responses upstream's events pass through byte for byte to a streaming client that stores
-nothing (`store: false`, as Codex sends); a stored response is rendered by the proxy under
-its own id, from the parsed events, so that its id and numbering are the store's.
+A Responses upstream's events pass through: byte for byte to a streaming client that stores
+nothing (`store: false`, as Codex sends); for a stored response, through the store, with the
+store's id in place of the upstream's.
 
 A response with `store` (the API's default) runs as a resumable stream in the shared
 registry (`Core.share`, `[streams]`: count, bytes and age bounds), under its own id: the
@@ -104,16 +104,17 @@ def register(app: QuartTrio, core: Core) -> None:
         except TrioproxyError as exc:
             return _error(exc)
 
-        def renderer_for(response_id: str | None, frame: Callable[[Any], bytes] = sse_event) -> ResponsesEventRenderer:
+        def renderer_for(response_id: str, frame: Callable[[Any], bytes]) -> ResponsesEventRenderer:
             return ResponsesEventRenderer(
-                request=echoed, model=chat.model, prompt_chars=prompt_chars(chat), frame=frame, response_id=response_id
+                request=echoed,
+                model=chat.model,
+                prompt_chars=prompt_chars(chat),
+                frame=frame,
+                response_id=response_id,
             )
 
         if body.get("store") is False:
-            # Nothing is kept, so a Responses upstream's own events (its ids) can reach the client as they are.
-            renderer = ResponsesEventRenderer(
-                request=echoed, model=chat.model, prompt_chars=prompt_chars(chat), forward_raw=chat.stream
-            )
+            renderer = ResponsesEventRenderer(request=echoed, model=chat.model, prompt_chars=prompt_chars(chat))
             if chat.stream:
                 return await core.stream(core.start(pipeline, chat), renderer, SSE, _error)
             events = bytearray()
