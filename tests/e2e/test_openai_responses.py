@@ -620,15 +620,17 @@ async def test_websocket_mode_generate_false_asks_nothing_upstream_and_can_be_co
 async def test_an_anthropic_client_reaches_a_responses_upstream(responses_proxy: str, upstream: FakeUpstream) -> None:
     calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
     upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)))
-    async with anthropic.AsyncAnthropic(base_url=responses_proxy, api_key="k", max_retries=0) as claude:
-        async with claude.messages.stream(
+    async with (
+        anthropic.AsyncAnthropic(base_url=responses_proxy, api_key="k", max_retries=0) as claude,
+        claude.messages.stream(
             model="resp/m",
             max_tokens=100,
             system="Be brief.",
             messages=[{"role": "user", "content": "Weather in Paris?"}],
             tools=[{"name": "get_weather", "input_schema": WEATHER["parameters"]}],
-        ) as stream:
-            message = await stream.get_final_message()
+        ) as stream,
+    ):
+        message = await stream.get_final_message()
     assert [block.type for block in message.content] == ["text", "tool_use"]
     assert message.content[0].type == "text" and message.content[0].text == "".join(TOKENS)
     assert message.content[1].type == "tool_use" and message.content[1].input == {"city": "Paris"}
