@@ -316,12 +316,12 @@ def test_key_of_another_provider_type_is_unknown() -> None:
         (
             {"type": "gemini"},
             "[providers.p].type 'gemini' is unknown: say which protocol the upstream speaks, "
-            "one of 'openai', 'anthropic', 'simulated'",
+            "one of 'openai', 'openai_responses', 'anthropic', 'simulated'",
         ),
         (
             {},
             "[providers.p].type is missing: say which protocol the upstream speaks, "
-            "one of 'openai', 'anthropic', 'simulated'",
+            "one of 'openai', 'openai_responses', 'anthropic', 'simulated'",
         ),
     ],
 )

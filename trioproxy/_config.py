@@ -36,7 +36,7 @@ __all__ = [
     "parse_config",
 ]
 
-PROVIDER_TYPES: Final = ("openai", "anthropic", "simulated")
+PROVIDER_TYPES: Final = ("openai", "openai_responses", "anthropic", "simulated")
 SIM: Final = "sim"
 DEFAULT_ANTHROPIC_URL: Final = "https://api.anthropic.com"
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -553,6 +553,7 @@ _COMMON_KEYS: Final = {
 }
 _TYPE_KEYS: Final = {
     "openai": {"request_usage"},
+    "openai_responses": set(),
     "anthropic": {"anthropic_version", "default_max_tokens"},
     "simulated": set(SimulatedSettings.__dataclass_fields__),
 }
@@ -579,8 +580,8 @@ def _provider(
     checked: dict[str, Any] = {}
 
     base_url = table.get("base_url", DEFAULT_ANTHROPIC_URL if type_ == "anthropic" else "")
-    if type_ == "openai" and "base_url" not in table:
-        problems.append(f"{where}.base_url is required for an openai provider (e.g. 'http://127.0.0.1:9000/v1')")
+    if type_ in ("openai", "openai_responses") and "base_url" not in table:
+        problems.append(f"{where}.base_url is required for an {type_} provider (e.g. 'http://127.0.0.1:9000/v1')")
     elif type_ != "simulated" and (not isinstance(base_url, str) or not re.match(r"^https?://[^/]", base_url)):
         problems.append(f"{where}.base_url must be an http:// or https:// URL, got {base_url!r}")
     checked["base_url"] = base_url if isinstance(base_url, str) else ""

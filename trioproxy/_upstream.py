@@ -48,6 +48,7 @@ from ._sse import SSEDecodeError, SSEDecoder
 from .providers._base import Translation
 from .providers.anthropic import AnthropicTranslation
 from .providers.openai import OpenAITranslation
+from .providers.responses import ResponsesTranslation
 from .pipeline._items import Sink
 from .providers.simulated import SimulatedSettings, Stall, script
 
@@ -509,6 +510,10 @@ def build_upstream(provider: ProviderConfig) -> Upstream:
             api_key=provider.api_key,
             extra_headers=provider.headers,
             request_usage=provider.request_usage,
+        )
+    elif provider.type == "openai_responses":
+        translation = ResponsesTranslation(
+            base_url=provider.base_url, api_key=provider.api_key, extra_headers=provider.headers
         )
     elif provider.type == "anthropic":
         translation = AnthropicTranslation(
