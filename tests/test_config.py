@@ -21,6 +21,7 @@ from trioproxy._config import (
     Config,
     CorsConfig,
     LimitsConfig,
+    ModelRoute,
     ProviderConfig,
     ServerConfig,
     load_config,
@@ -212,7 +213,7 @@ def test_a_declared_sim_replaces_the_builtin() -> None:
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)"
+        "config: unknown key 'providrs' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)"
     )
 
 
@@ -367,6 +368,35 @@ def test_default_provider_not_a_string(value: Any) -> None:
     )
 
 
+def test_models_table() -> None:
+    config = parse_config(
+        {"models": {"claude-haiku-4-5": "sim/echo", "claude-*": "sim", "fast": "sim/lorem"}}, environ={}
+    )
+    assert config.models == (
+        ModelRoute("claude-haiku-4-5", "sim", "echo"),
+        ModelRoute("claude-*", "sim", None),
+        ModelRoute("fast", "sim", "lorem"),
+    )
+    assert [route.is_pattern for route in config.models] == [False, True, False]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            {"models": ["a"]},
+            "[models] must be a table of model names (or patterns like 'claude-*') to 'provider' or 'provider/model'",
+        ),
+        ({"models": {"a": 1}}, "[models].'a' must be 'provider' or 'provider/model', got 1"),
+        ({"models": {"a": "nope/x"}}, "[models].'a' = 'nope/x' names no provider (declared: sim)"),
+        ({"models": {"a": "sim/"}}, "[models].'a' = 'sim/' names no model after 'sim/'"),
+        ({"models": {"": "sim"}}, "[models]: a model name must not be empty"),
+    ],
+)
+def test_bad_models(raw: dict[str, Any], expected: str) -> None:
+    assert only_problem(raw) == expected
+
+
 def test_default_provider_naming_a_broken_provider_reports_only_the_provider() -> None:
     # The provider is declared; what is wrong is its table, not `default_provider`.
     assert only_problem({"default_provider": "local", "providers": {"local": {"type": "openai"}}}) == (
@@ -388,7 +418,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'sever' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -404,8 +434,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
-        "config: unknown key 'y' (known: auth, buffer, cors, default_provider, limits, logging, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'x' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'y' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 

@@ -169,3 +169,59 @@ async def test_aclose_closes_every_upstream_even_when_one_fails() -> None:
         await routes.aclose()
     assert [type(e) for e in info.value.exceptions] == [OSError]
     assert [u.closed for u in made if not isinstance(u, FailingUpstream)] == [True, True]  # sim and claude
+
+
+# --------------------------------------------------------------------------------------------
+# [models]: aliases and patterns
+
+
+MODELS = {
+    "claude-haiku-4-5": "local/meta-llama/L-3",
+    "fast": "sim/echo",
+    "openai/gpt-4o": "local/gpt-x",
+    "claude-*": "claude",
+    "gpt-4?-mini": "local",
+    "o[13]-*": "local/gpt-x",
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "provider", "upstream_model"),
+    [
+        ("claude-haiku-4-5", "local", "meta-llama/L-3"),  # an alias wins over a pattern
+        ("fast", "sim", "echo"),
+        ("openai/gpt-4o", "local", "gpt-x"),  # an alias may take a prefixed name
+        ("claude-sonnet-4-5-20250929", "claude", "claude-sonnet-4-5-20250929"),  # the name kept
+        ("gpt-4o-mini", "local", "gpt-4o-mini"),
+        ("o1-preview", "local", "gpt-x"),
+        ("claude/claude-opus-4-1", "claude", "claude-opus-4-1"),  # a prefix still routes
+    ],
+)
+def test_aliases_then_prefixes_then_patterns(model: str, provider: str, upstream_model: str) -> None:
+    route = router(models=MODELS).route(model)
+    assert (route.provider.name, route.upstream_model) == (provider, upstream_model)
+
+
+def test_patterns_in_file_order_and_before_the_default_provider() -> None:
+    r = router(models={"claude-3*": "local", "claude-*": "claude"}, default_provider="sim")
+    assert r.route("claude-3-opus").provider.name == "local"
+    assert r.route("claude-opus-4").provider.name == "claude"
+    assert r.route("echo").provider.name == "sim"
+
+
+def test_a_provider_override_ignores_aliases() -> None:
+    route = router(models=MODELS).route("fast", provider="local")
+    assert (route.provider.name, route.upstream_model) == ("local", "fast")
+
+
+def test_a_name_nothing_matches_is_still_404() -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        router(models=MODELS).route("mistral-large")
+    assert "'mistral-large'" in info.value.message
+
+
+def test_aliases_are_listed_patterns_are_not() -> None:
+    listed = router(models=MODELS).models()
+    assert ("claude-haiku-4-5", "local") in listed
+    assert ("fast", "sim") in listed
+    assert not [model for model, _ in listed if "*" in model or "?" in model or "[" in model]

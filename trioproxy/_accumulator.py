@@ -25,6 +25,7 @@ class _ToolCall:
 @dataclass
 class Accumulator:
     text_parts: list[str] = field(default_factory=list)
+    reasoning_parts: list[str] = field(default_factory=list)
     role: str = "assistant"
     finish_reason: str | None = None
     usage: Usage | None = None
@@ -36,6 +37,8 @@ class Accumulator:
             self.role = delta.role
         if delta.text:
             self.text_parts.append(delta.text)
+        if delta.reasoning:
+            self.reasoning_parts.append(delta.reasoning)
         if delta.has_content:
             self.content_deltas += 1
         for fragment in delta.tool_calls:
@@ -54,6 +57,10 @@ class Accumulator:
         if len(self.text_parts) > 1:
             self.text_parts[:] = ["".join(self.text_parts)]
         return self.text_parts[0] if self.text_parts else ""
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self.reasoning_parts)
 
     def tool_calls(self) -> list[dict[str, Any]]:
         """The tool calls in OpenAI's message shape, in index order."""

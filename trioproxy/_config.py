@@ -29,6 +29,7 @@ __all__ = [
     "Config",
     "CorsConfig",
     "LimitsConfig",
+    "ModelRoute",
     "ProviderConfig",
     "ServerConfig",
     "load_config",
@@ -199,12 +200,29 @@ class CorsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """
+    One `[models]` entry: a model name, or a glob pattern (`claude-*`), and where it goes:
+    `provider`, asked for `model`, or for the name the client sent when `model` is `None`.
+    """
+
+    name: str
+    provider: str
+    model: str | None = None
+
+    @property
+    def is_pattern(self) -> bool:
+        return any(c in self.name for c in "*?[")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     providers: Mapping[str, ProviderConfig] = field(
         default_factory=lambda: {SIM: ProviderConfig(name=SIM, type="simulated")}
     )
     default_provider: str | None = None
+    models: tuple[ModelRoute, ...] = ()
     warnings: tuple[str, ...] = ()
     streams: StreamsConfig = field(default_factory=StreamsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -250,6 +268,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
             "limits",
             "cors",
             "logging",
+            "models",
         },
         "config",
         problems,
@@ -300,12 +319,15 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
                     "(write it as 'provider/model')"
                 )
 
+    models = _models(raw.get("models", {}), {*providers, *tables}, problems)
+
     if problems:
         raise ConfigError(problems)
     return Config(
         server=server,
         providers=providers,
         default_provider=default_provider,
+        models=models,
         warnings=tuple(warnings),
         streams=streams,
         auth=auth,
@@ -313,6 +335,33 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         limits=limits,
         cors=cors,
     )
+
+
+def _models(table: Any, declared: set[str], problems: list[str]) -> tuple[ModelRoute, ...]:
+    """The `[models]` table: aliases and patterns, in file order (the first pattern that matches wins)."""
+    if not isinstance(table, dict):
+        problems.append(
+            "[models] must be a table of model names (or patterns like 'claude-*') to 'provider' or 'provider/model'"
+        )
+        return ()
+    routes = []
+    for name, target in table.items():
+        if not name:
+            problems.append("[models]: a model name must not be empty")
+            continue
+        if not isinstance(target, str) or not target:
+            problems.append(f"[models].{name!r} must be 'provider' or 'provider/model', got {target!r}")
+            continue
+        provider, sep, model = target.partition("/")
+        if provider not in declared:
+            problems.append(
+                f"[models].{name!r} = {target!r} names no provider (declared: {', '.join(sorted(declared))})"
+            )
+        elif sep and not model:
+            problems.append(f"[models].{name!r} = {target!r} names no model after {provider + '/'!r}")
+        else:
+            routes.append(ModelRoute(name, provider, model or None))
+    return tuple(routes)
 
 
 def _limits(table: Any, problems: list[str]) -> LimitsConfig:

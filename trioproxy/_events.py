@@ -63,22 +63,33 @@ class ToolCallDelta:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts of a whole request. `estimated` marks counts we made up ourselves."""
+    """
+    Token counts of a whole request. `estimated` marks counts we made up ourselves.
+
+    `prompt_tokens` counts the whole prompt; `cache_read_tokens` and `cache_creation_tokens`
+    say how much of it was read from, or written to, the upstream's prompt cache, when the
+    upstream says (`None`: not reported). Anthropic reports its input in those three parts.
+    """
 
     prompt_tokens: int
     completion_tokens: int
     estimated: bool = False
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def to_openai(self) -> dict[str, int]:
-        return {
+    def to_openai(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+        if self.cache_read_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cache_read_tokens}
+        return usage
 
 
 @dataclass(slots=True)
@@ -86,10 +97,19 @@ class Delta:
     """
     One step of a generation.
 
-    `raw` holds the upstream's own `chat.completion.chunk` JSON when the upstream speaks
-    OpenAI: an OpenAI client then gets those exact bytes (vendor fields such as `logprobs` or
-    `reasoning_content` intact, nothing re-serialised) unless a stage changed the delta, which
-    drops `raw`.
+    `reasoning` is text the model thinks before it answers (Anthropic's thinking blocks,
+    `reasoning_content` of OpenAI-compatible servers such as vLLM); it is output, so it counts
+    as a first token. `reasoning_signature` is Anthropic's signature of that reasoning, which
+    the client must send back with it on its next turn (it may come with no reasoning text at
+    all, when Anthropic is asked to omit it). `stop_sequence` is the stop sequence that ended the generation, when the
+    upstream says which (it comes with `finish_reason` "stop").
+
+    `raw` is the upstream's own SSE event for this step, exactly as it came, kept only when
+    the client speaks the upstream's protocol (the translation decides, from
+    `ChatRequest.protocol`): the client then gets those exact bytes (vendor fields, thinking
+    signatures, citations intact, nothing re-serialised) unless a stage changed content, which
+    drops `raw`. An event that carries nothing the common model knows (an Anthropic `ping`,
+    `content_block_stop`, a signature) becomes a delta with only `raw`.
 
     `arrived` is when the delta's oldest character came from the upstream (trio's clock), so
     the time it then waited inside the proxy (the buffer latency) can be measured.
@@ -102,11 +122,19 @@ class Delta:
     usage: Usage | None = None
     raw: bytes | None = None
     arrived: float | None = None
+    reasoning: str = ""
+    reasoning_signature: str | None = None
+    stop_sequence: str | None = None
 
     @property
     def has_content(self) -> bool:
         """Whether this delta carries generated output (what makes a "first token")."""
-        return bool(self.text or self.tool_calls)
+        return bool(self.text or self.tool_calls or self.reasoning)
+
+    @property
+    def says_anything(self) -> bool:
+        """Whether the common model sees anything in it, its `raw` bytes aside."""
+        return bool(self.has_content or self.role or self.finish_reason or self.usage or self.reasoning_signature)
 
 
 @dataclass(frozen=True, slots=True)

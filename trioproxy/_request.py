@@ -6,19 +6,29 @@ object whole (`tools`, `response_format`, vendor parameters), and providers that
 same protocol forward it with only `model` replaced. The typed fields are the few the proxy
 itself acts on; each is checked here so a bad request gets a 400 naming the field.
 
+`body` is the common model: an OpenAI Chat Completions body, which every translation takes.
+A client that speaks another protocol (Anthropic Messages) is translated into it by its front,
+which also keeps the client's own request (`native`): a provider of the client's protocol
+forwards that instead, whole, and a field the common model cannot carry refuses the request
+only when it goes to an upstream of another protocol (`common_body`).
+
 Sans-IO.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Final
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Literal
 
 import orjson
 
 from ._exceptions import RequestError
 
-__all__ = ["MAX_JSON_DEPTH", "ChatRequest", "parse_chat_request", "parse_json_object"]
+__all__ = ["MAX_JSON_DEPTH", "ChatRequest", "NativeRequest", "WireProtocol", "parse_chat_request", "parse_json_object"]
+
+WireProtocol = Literal["openai", "anthropic"]
+"""A protocol a client or an upstream speaks: Chat Completions, or Anthropic Messages."""
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -32,12 +42,30 @@ refuses beyond 254 levels; the checks that walk the body must not recurse past P
 
 
 @dataclass(frozen=True, slots=True)
+class NativeRequest:
+    """
+    A client's request in its own protocol, other than the common model's.
+
+    `headers` are the protocol's request headers an upstream of that protocol must see
+    (`anthropic-version`, `anthropic-beta`). `unportable`, when set, names what the common
+    model cannot carry (a field only that protocol knows): the request can go to an upstream
+    of that protocol only.
+    """
+
+    protocol: WireProtocol
+    body: dict[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict)
+    unportable: RequestError | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ChatRequest:
     """
-    An OpenAI-style chat request.
+    A chat request in the common model (an OpenAI Chat Completions body).
 
     `model` is the name the client asked for (`provider/model`); `upstream_model` is the name
-    the upstream sees, filled in by the router.
+    the upstream sees, filled in by the router. `native` is the client's own request when it
+    speaks another protocol than the common model's.
     """
 
     body: dict[str, Any]
@@ -47,9 +75,30 @@ class ChatRequest:
     include_usage: bool = False
     max_tokens: int | None = None
     upstream_model: str = ""
+    native: NativeRequest | None = None
 
     def routed(self, upstream_model: str) -> ChatRequest:
         return replace(self, upstream_model=upstream_model)
+
+    @property
+    def protocol(self) -> WireProtocol:
+        """The protocol the client speaks: an upstream's own bytes reach it only if they are in it."""
+        return "openai" if self.native is None else self.native.protocol
+
+    @property
+    def client_body(self) -> dict[str, Any]:
+        """The body as the client sent it (what limits measure)."""
+        return self.body if self.native is None else self.native.body
+
+    def common_body(self) -> dict[str, Any]:
+        """
+        `body`, for an upstream that does not speak the client's protocol; raises the
+        `RequestError` naming a field of the client's request it cannot carry.
+        """
+        if self.native is not None and self.native.unportable is not None:
+            unportable = self.native.unportable
+            raise RequestError(unportable.message, param=unportable.param)
+        return self.body
 
     @property
     def last_user_text(self) -> str:

@@ -53,7 +53,7 @@ from .providers.simulated import SimulatedSettings, Stall, script
 __all__ = ["HttpUpstream", "SimulatedUpstream", "Upstream", "build_upstream"]
 
 MAX_ERROR_BODY: Final = 64 * 1024
-"""How much of an upstream's error body we read: enough for any error JSON, bounded."""
+"""How much of an upstream's error body (or other short JSON answer) we read: enough for any, bounded."""
 
 END_OF_BODY_GRACE: Final = 0.1
 """
@@ -78,6 +78,13 @@ upstream closed it.
 class Upstream(Protocol):
     async def stream(self, chat: ChatRequest, send: Sink) -> None:
         """Send `OPENED`, then every delta of the generation; raise `TrioproxyError` on failure."""
+        ...
+
+    async def count_tokens(self, chat: ChatRequest) -> bytes | None:
+        """
+        The upstream's own answer (JSON) to "how many input tokens is `chat`", `None` when it
+        cannot say; raise `TrioproxyError` on failure.
+        """
         ...
 
     async def aclose(self) -> None: ...
@@ -109,7 +116,7 @@ class HttpUpstream:
 
     async def stream(self, chat: ChatRequest, send: Sink) -> None:
         request = self.translation.stream_request(chat)
-        parser = self.translation.stream_parser()
+        parser = self.translation.stream_parser(chat)
         decoder = SSEDecoder()
         url = self._urls.get(request.url) or self._urls.setdefault(request.url, httpx.URL(request.url))
         with _mapped_httpx_errors():
@@ -134,6 +141,17 @@ class HttpUpstream:
         """Expire idle connections on the pool's own timer until `aclose`; httpx's pool (behind a proxy) has none."""
         if self._pool is not None:
             await self._pool.expire_idle_connections()
+
+    async def count_tokens(self, chat: ChatRequest) -> bytes | None:
+        request = self.translation.count_tokens_request(chat)
+        if request is None:
+            return None
+        with _mapped_httpx_errors():
+            async with self._client.stream("POST", request.url, headers=request.headers, content=request.body) as resp:
+                body = await _read_bounded(resp)
+                if resp.status_code >= 300:
+                    raise self.translation.error_from_response(resp.status_code, resp.headers, body)
+        return body
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -451,7 +469,7 @@ class SimulatedUpstream:
 
     async def stream(self, chat: ChatRequest, send: Sink) -> None:
         settings = self.settings
-        overrides = chat.body.get("simulate")
+        overrides = chat.common_body().get("simulate")
         if overrides is not None:
             if not isinstance(overrides, dict):
                 raise RequestError("'simulate' must be an object", param="simulate")
@@ -468,6 +486,9 @@ class SimulatedUpstream:
             if isinstance(step, Stall):
                 await trio.sleep_forever()
             await send.send(step)
+
+    async def count_tokens(self, chat: ChatRequest) -> None:
+        return None  # a script has no tokenizer
 
     async def aclose(self) -> None:
         pass

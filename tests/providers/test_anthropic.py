@@ -8,6 +8,8 @@ translation and not at the SSE decoder.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,8 +17,8 @@ import pytest
 
 from trioproxy._events import Delta, ToolCallDelta, Usage
 from trioproxy._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
-from trioproxy._request import ChatRequest
-from trioproxy._sse import ServerSentEvent
+from trioproxy._request import ChatRequest, NativeRequest
+from trioproxy._sse import ServerSentEvent, SSEDecoder
 from trioproxy.providers.anthropic import (
     ANTHROPIC_VERSION,
     AnthropicStreamParser,
@@ -116,7 +118,7 @@ def test_no_api_key_no_header_and_custom_version_and_default_max_tokens() -> Non
 
 def test_stream_parser_is_fresh_each_time() -> None:
     translation = AnthropicTranslation(api_key=None)
-    first, second = translation.stream_parser(), translation.stream_parser()
+    first, second = translation.stream_parser(chat([USER])), translation.stream_parser(chat([USER]))
     assert isinstance(first, AnthropicStreamParser)
     assert first is not second
 
@@ -574,7 +576,7 @@ data: {"type":"message_stop"}
 
 
 def test_basic_recorded_stream() -> None:
-    parser = AnthropicStreamParser()
+    parser = AnthropicStreamParser(keep_raw=False)
     stream = events(BASIC_RESPONSE)
     assert len(stream) == 9
     assert feed_all(parser, stream) == [
@@ -589,7 +591,7 @@ def test_basic_recorded_stream() -> None:
 
 
 def test_tool_use_recorded_stream() -> None:
-    parser = AnthropicStreamParser()
+    parser = AnthropicStreamParser(keep_raw=False)
     deltas = feed_all(parser, events(TOOL_USE_RESPONSE))
     tool_id = "toolu_01T1x1fJ34qAmk2tNTrN7Up6"
     assert deltas == [
@@ -599,14 +601,16 @@ def test_tool_use_recorded_stream() -> None:
         Delta(tool_calls=(ToolCallDelta(index=0, arguments='{"locati'),)),
         Delta(tool_calls=(ToolCallDelta(index=0, arguments='on": "San Francisco, CA"}'),)),
         Delta(finish_reason="tool_calls"),
-        Delta(usage=Usage(prompt_tokens=472 + 10 + 3, completion_tokens=89)),
+        Delta(
+            usage=Usage(prompt_tokens=472 + 10 + 3, completion_tokens=89, cache_read_tokens=3, cache_creation_tokens=10)
+        ),
     ]
     arguments = "".join(tc.arguments for d in deltas for tc in d.tool_calls)
     assert orjson.loads(arguments) == {"location": "San Francisco, CA"}
 
 
 def test_tool_indexes_count_tool_blocks_not_content_blocks() -> None:
-    parser = AnthropicStreamParser()
+    parser = AnthropicStreamParser(keep_raw=False)
     stream = [
         ev("message_start", {"message": {"role": "assistant", "usage": {"input_tokens": 5, "output_tokens": 1}}}),
         ev("content_block_start", {"index": 0, "content_block": {"type": "thinking", "thinking": ""}}),
@@ -626,6 +630,8 @@ def test_tool_indexes_count_tool_blocks_not_content_blocks() -> None:
     ]
     assert feed_all(parser, stream) == [
         Delta(role="assistant"),
+        Delta(reasoning="hmm"),
+        Delta(reasoning_signature="sig"),
         Delta(tool_calls=(ToolCallDelta(index=0, id="t_a", name="a"),)),
         Delta(tool_calls=(ToolCallDelta(index=1, id="t_b", name="b"),)),
         Delta(tool_calls=(ToolCallDelta(index=1, arguments="{}"),)),
@@ -635,7 +641,7 @@ def test_tool_indexes_count_tool_blocks_not_content_blocks() -> None:
 
 
 def test_text_in_content_block_start_is_emitted() -> None:
-    parser = AnthropicStreamParser()
+    parser = AnthropicStreamParser(keep_raw=False)
     start = ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": "Pre"}})
     assert parser.feed(start) == [Delta(text="Pre")]
 
@@ -653,13 +659,13 @@ def test_text_in_content_block_start_is_emitted() -> None:
     ],
 )
 def test_finish_reasons(stop_reason: str, finish_reason: str) -> None:
-    parser = AnthropicStreamParser()
+    parser = AnthropicStreamParser(keep_raw=False)
     event = ev("message_delta", {"delta": {"stop_reason": stop_reason}, "usage": {"output_tokens": 3}})
     assert parser.feed(event) == [Delta(finish_reason=finish_reason)]
 
 
 def test_output_tokens_are_cumulative_latest_wins_and_null_cache_counts_are_zero() -> None:
-    parser = AnthropicStreamParser()
+    parser = AnthropicStreamParser(keep_raw=False)
     usage = {"input_tokens": 20, "cache_creation_input_tokens": None, "cache_read_input_tokens": 7, "output_tokens": 1}
     stream = [
         ev("message_start", {"message": {"role": "assistant", "usage": usage}}),
@@ -671,12 +677,12 @@ def test_output_tokens_are_cumulative_latest_wins_and_null_cache_counts_are_zero
     assert feed_all(parser, stream) == [
         Delta(role="assistant"),
         Delta(finish_reason="stop"),
-        Delta(usage=Usage(prompt_tokens=27, completion_tokens=12)),
+        Delta(usage=Usage(prompt_tokens=27, completion_tokens=12, cache_read_tokens=7)),
     ]
 
 
 def test_finished_only_after_message_stop_and_later_events_ignored() -> None:
-    parser = AnthropicStreamParser()
+    parser = AnthropicStreamParser(keep_raw=False)
     stream = events(BASIC_RESPONSE)
     for event in stream[:-1]:
         parser.feed(event)
@@ -689,7 +695,7 @@ def test_finished_only_after_message_stop_and_later_events_ignored() -> None:
 
 
 def test_ping_and_unknown_events_are_ignored() -> None:
-    parser = AnthropicStreamParser()
+    parser = AnthropicStreamParser(keep_raw=False)
     assert parser.feed(ServerSentEvent(data='{"type": "ping"}', event="ping")) == []
     assert parser.feed(ServerSentEvent(data="", event="ping")) == []
     assert parser.feed(ServerSentEvent(data='{"type":"future_thing","x":1}', event="future_thing")) == []
@@ -710,7 +716,7 @@ def test_ping_and_unknown_events_are_ignored() -> None:
 
 
 def test_data_only_events_are_dispatched_on_their_json_type() -> None:
-    parser = AnthropicStreamParser()
+    parser = AnthropicStreamParser(keep_raw=False)
     data = '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x"}}'
     assert parser.feed(ServerSentEvent(data=data)) == [Delta(text="x")]
     parser.feed(ServerSentEvent(data='{"type":"message_stop"}'))
@@ -732,7 +738,7 @@ def test_data_only_events_are_dispatched_on_their_json_type() -> None:
     ],
 )
 def test_error_event(error_type: str, status: int) -> None:
-    parser = AnthropicStreamParser()
+    parser = AnthropicStreamParser(keep_raw=False)
     parser.feed(events(BASIC_RESPONSE)[0])
     event = ServerSentEvent(
         data=f'{{"type": "error", "error": {{"type": "{error_type}", "message": "Overloaded"}}}}', event="error"
@@ -745,7 +751,7 @@ def test_error_event(error_type: str, status: int) -> None:
 
 
 def test_error_event_message_never_shows_the_key() -> None:
-    parser = AnthropicTranslation(api_key="sk-ant-api03-SECRETSECRET").stream_parser()
+    parser = AnthropicTranslation(api_key="sk-ant-api03-SECRETSECRET").stream_parser(chat([USER]))
     event = ev("error", {"error": {"type": "api_error", "message": "bad key sk-ant-api03-SECRETSECRET"}})
     with pytest.raises(UpstreamStatusError) as info:
         parser.feed(event)
@@ -778,7 +784,7 @@ def test_error_event_message_never_shows_the_key() -> None:
     ],
 )
 def test_malformed_data_is_a_protocol_error(event: ServerSentEvent) -> None:
-    parser = AnthropicStreamParser()
+    parser = AnthropicStreamParser(keep_raw=False)
     with pytest.raises(UpstreamProtocolError) as info:
         parser.feed(event)
     assert info.value.message.startswith("upstream")
@@ -848,3 +854,104 @@ def test_error_from_response_never_shows_the_key() -> None:
     error = translation.error_from_response(401, {"x-api-key": key}, body)
     assert key not in error.message
     assert error.message.startswith("invalid x-api-key ")
+
+
+# --------------------------------------------------------------------------------------------
+# an Anthropic client: pass-through both ways
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "anthropic"
+
+
+def native_chat(body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatRequest:
+    """An Anthropic client's request, as the Messages front hands it over."""
+    native = NativeRequest("anthropic", body, headers or {})
+    return replace(chat([USER]), native=native)
+
+
+def test_an_anthropic_client_s_body_goes_up_whole_with_its_headers() -> None:
+    body = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 32000,
+        "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}
+        ],
+        "thinking": {"type": "enabled", "budget_tokens": 31999},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "a_field_from_next_year": {"x": [1, 2]},
+        "stream": False,
+    }
+    headers = {
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+    }
+    translation = AnthropicTranslation(api_key="sk-ant-up", version="2000-01-01", extra_headers={"X-Org": "o"})
+    request = translation.stream_request(native_chat(body, headers))
+    assert orjson.loads(request.body) == {**body, "model": "claude-sonnet-4-5", "stream": True}
+    assert request.headers["anthropic-version"] == "2023-06-01"
+    assert request.headers["anthropic-beta"] == headers["anthropic-beta"]
+    assert (request.headers["x-api-key"], request.headers["x-org"]) == ("sk-ant-up", "o")
+
+
+def test_the_operator_s_headers_win_over_the_client_s() -> None:
+    translation = AnthropicTranslation(api_key=None, extra_headers={"anthropic-beta": "only-this"})
+    request = translation.stream_request(native_chat({"model": "m"}, {"anthropic-beta": "client-beta"}))
+    assert request.headers["anthropic-beta"] == "only-this"
+
+
+def test_the_routed_model_replaces_the_client_s() -> None:
+    request = AnthropicTranslation(api_key=None).stream_request(native_chat({"model": "claude-haiku-4-5"}))
+    assert orjson.loads(request.body)["model"] == "claude-sonnet-4-5"
+
+
+def split_events(stream: bytes) -> list[bytes]:
+    return [block + b"\n\n" for block in stream.split(b"\n\n")[:-1]]
+
+
+def test_every_event_keeps_its_exact_bytes_for_an_anthropic_client() -> None:
+    stream = (FIXTURES / "thinking_citations_server_tool.sse").read_bytes()
+    parser = AnthropicTranslation(api_key=None).stream_parser(native_chat({}))
+    decoder = SSEDecoder()
+    deltas = [delta for event in decoder.feed(stream) for delta in parser.feed(event)]
+    assert b"".join(d.raw for d in deltas if d.raw is not None) == stream
+    assert [d.raw for d in deltas if d.raw is not None] == split_events(stream)  # one delta per event
+    assert parser.finished
+    said = [(d.role, d.reasoning, d.text, d.finish_reason, d.usage) for d in deltas if d.says_anything]
+    assert said == [
+        ("assistant", "", "", None, None),
+        (None, "The user asks about the weather.", "", None, None),
+        (None, "", "", None, None),  # the signature
+        (None, "", "It is sunny in Paris, 21 °C.", None, None),
+        (None, "", "", "stop", None),
+        (None, "", "", None, Usage(2048 + 1800, 77, cache_read_tokens=1800, cache_creation_tokens=0)),
+    ]
+
+
+def test_no_raw_bytes_for_an_openai_client() -> None:
+    stream = (FIXTURES / "thinking_citations_server_tool.sse").read_bytes()
+    parser = AnthropicTranslation(api_key=None).stream_parser(chat([USER]))
+    deltas = [delta for event in SSEDecoder().feed(stream) for delta in parser.feed(event)]
+    assert all(d.raw is None and d.says_anything for d in deltas)
+
+
+def test_a_data_only_event_is_framed_without_a_name() -> None:
+    parser = AnthropicStreamParser(keep_raw=True)
+    [delta] = parser.feed(ServerSentEvent(data='{"type":"ping"}'))
+    assert delta.raw == b'data: {"type":"ping"}\n\n'
+
+
+def test_stop_sequence_is_carried() -> None:
+    parser = AnthropicStreamParser(keep_raw=False)
+    event = ev("message_delta", {"delta": {"stop_reason": "stop_sequence", "stop_sequence": "###"}})
+    assert parser.feed(event) == [Delta(finish_reason="stop", stop_sequence="###")]
+
+
+def test_count_tokens_for_an_anthropic_client_only() -> None:
+    translation = AnthropicTranslation(api_key="sk-ant-up", base_url="http://gw.local/v1")
+    body = {"model": "claude-haiku-4-5", "messages": [USER], "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    request = translation.count_tokens_request(native_chat(body, {"anthropic-beta": "b1"}))
+    assert request is not None
+    assert request.url == "http://gw.local/v1/messages/count_tokens"
+    assert orjson.loads(request.body) == {**body, "model": "claude-sonnet-4-5"}
+    assert (request.headers["anthropic-beta"], request.headers["accept"]) == ("b1", "application/json")
+    assert translation.count_tokens_request(chat([USER])) is None

@@ -6,14 +6,15 @@ Chunks are in the shapes of `/work/shared/sse_protocol.md` §4.3.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
 
 from trioproxy._events import Delta, ToolCallDelta, Usage
-from trioproxy._exceptions import UpstreamProtocolError, UpstreamStatusError
-from trioproxy._request import ChatRequest, parse_chat_request
+from trioproxy._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
+from trioproxy._request import ChatRequest, NativeRequest, parse_chat_request
 from trioproxy._sse import ServerSentEvent
 from trioproxy.providers._base import MAX_ERROR_MESSAGE
 from trioproxy.providers.openai import OpenAIStreamParser, OpenAITranslation
@@ -59,8 +60,13 @@ def feed(parser: OpenAIStreamParser, data: str) -> list[Delta]:
     return parser.feed(ServerSentEvent(data=data))
 
 
+def event(data: str) -> bytes:
+    """The SSE event that carried `data`: what `Delta.raw` holds."""
+    return b"data: " + data.encode() + b"\n\n"
+
+
 def parse_one(data: str) -> Delta:
-    [delta] = feed(OpenAIStreamParser(), data)
+    [delta] = feed(OpenAIStreamParser(keep_raw=True), data)
     return delta
 
 
@@ -133,20 +139,20 @@ def test_base_url_trailing_slash_and_extra_headers() -> None:
 
 def test_role_chunk() -> None:
     data = chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-    assert parse_one(data) == Delta(text="", role="assistant", raw=data.encode())
+    assert parse_one(data) == Delta(text="", role="assistant", raw=event(data))
 
 
 def test_content_chunks() -> None:
-    parser = OpenAIStreamParser()
+    parser = OpenAIStreamParser(keep_raw=True)
     datas = [
         chunk([{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}], usage=None)
         for text in ("Hello", ", wörld", " 👋")
     ]
     deltas = [d for data in datas for d in feed(parser, data)]
     assert deltas == [
-        Delta(text="Hello", raw=datas[0].encode()),
-        Delta(text=", wörld", raw=datas[1].encode()),
-        Delta(text=" 👋", raw=datas[2].encode()),
+        Delta(text="Hello", raw=event(datas[0])),
+        Delta(text=", wörld", raw=event(datas[1])),
+        Delta(text=" 👋", raw=event(datas[2])),
     ]
     assert not parser.finished
 
@@ -195,30 +201,30 @@ def test_tool_call_fragments() -> None:
             }
         ]
     )
-    parser = OpenAIStreamParser()
+    parser = OpenAIStreamParser(keep_raw=True)
     assert feed(parser, first) == [
         Delta(
             role="assistant",
             tool_calls=(ToolCallDelta(index=0, id="call_abc", name="get_weather", arguments=""),),
-            raw=first.encode(),
+            raw=event(first),
         )
     ]
     assert feed(parser, second) == [
-        Delta(tool_calls=(ToolCallDelta(index=0, arguments='{"city":'),), raw=second.encode())
+        Delta(tool_calls=(ToolCallDelta(index=0, arguments='{"city":'),), raw=event(second))
     ]
     assert feed(parser, third) == [
         Delta(
             tool_calls=(ToolCallDelta(index=0, arguments='"Paris"}'), ToolCallDelta(index=1, id="call_def", name="f")),
-            raw=third.encode(),
+            raw=event(third),
         )
     ]
 
 
 def test_finish_chunk() -> None:
     data = chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}], usage=None)
-    assert parse_one(data) == Delta(finish_reason="stop", raw=data.encode())
+    assert parse_one(data) == Delta(finish_reason="stop", raw=event(data))
     data = chunk([{"index": 0, "delta": {}, "finish_reason": "tool_calls"}])
-    assert parse_one(data) == Delta(finish_reason="tool_calls", raw=data.encode())
+    assert parse_one(data) == Delta(finish_reason="tool_calls", raw=event(data))
 
 
 def test_usage_chunk() -> None:
@@ -231,7 +237,7 @@ def test_usage_chunk() -> None:
             "completion_tokens_details": {"reasoning_tokens": 0},
         },
     )
-    assert parse_one(data) == Delta(usage=Usage(prompt_tokens=9, completion_tokens=2), raw=data.encode())
+    assert parse_one(data) == Delta(usage=Usage(prompt_tokens=9, completion_tokens=2), raw=event(data))
 
 
 def test_usage_on_finish_chunk() -> None:
@@ -240,7 +246,7 @@ def test_usage_on_finish_chunk() -> None:
         usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
     )
     assert parse_one(data) == Delta(
-        finish_reason="length", usage=Usage(prompt_tokens=3, completion_tokens=4), raw=data.encode()
+        finish_reason="length", usage=Usage(prompt_tokens=3, completion_tokens=4), raw=event(data)
     )
 
 
@@ -252,12 +258,36 @@ def test_raw_is_the_exact_data_bytes() -> None:
         ' "logprobs": {"content": []}, "finish_reason": null}], "x_vendor": true}'
     )
     delta = parse_one(data)
-    assert delta.raw == data.encode("utf-8")
-    assert delta.text == "é"
+    assert delta.raw == b"data: " + data.encode("utf-8") + b"\n\n"
+    assert (delta.text, delta.reasoning) == ("é", "hmm")
+
+
+def test_reasoning_stop_string_and_cached_tokens() -> None:
+    assert parse_one(chunk([{"index": 0, "delta": {"reasoning": "so"}}])).reasoning == "so"
+    stopped = parse_one(chunk([{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": "END"}]))
+    assert (stopped.finish_reason, stopped.stop_sequence) == ("stop", "END")
+    usage = {"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 8}}
+    assert parse_one(chunk([], usage=usage)).usage == Usage(10, 2, cache_read_tokens=8)
+
+
+def test_raw_is_kept_only_for_an_openai_client() -> None:
+    data = chunk([{"index": 0, "delta": {"content": "a"}}])
+    anthropic_client = replace(chat(), native=NativeRequest("anthropic", {}))
+    [kept] = feed(translation().stream_parser(chat()), data)
+    [dropped] = feed(translation().stream_parser(anthropic_client), data)
+    assert (kept.raw, dropped.raw, dropped.text) == (event(data), None, "a")
+
+
+def test_a_field_the_common_model_cannot_carry_refuses_the_request() -> None:
+    unportable = RequestError("'thinking' cannot go there", param="thinking")
+    request = replace(chat(), native=NativeRequest("anthropic", {}, unportable=unportable))
+    with pytest.raises(RequestError) as info:
+        translation().stream_request(request)
+    assert (info.value.message, info.value.param) == ("'thinking' cannot go there", "thinking")
 
 
 def test_done_finishes() -> None:
-    parser = OpenAIStreamParser()
+    parser = OpenAIStreamParser(keep_raw=True)
     assert parser.finished is False
     assert feed(parser, "[DONE]") == []
     assert parser.finished is True
@@ -268,7 +298,7 @@ def test_done_finishes() -> None:
 
 def test_other_choices_stay_in_raw() -> None:
     data = chunk([{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}])
-    assert parse_one(data) == Delta(text="a", raw=data.encode())
+    assert parse_one(data) == Delta(text="a", raw=event(data))
 
 
 def test_in_stream_error_openai_shape() -> None:
@@ -276,7 +306,7 @@ def test_in_stream_error_openai_shape() -> None:
         {"error": {"message": "The server had an error.", "type": "server_error", "param": None, "code": None}}
     ).decode()
     with pytest.raises(UpstreamStatusError) as info:
-        feed(OpenAIStreamParser(), data)
+        feed(OpenAIStreamParser(keep_raw=True), data)
     error = info.value
     assert (error.message, error.status, error.type, error.code, error.retryable) == (
         "The server had an error.",
@@ -289,7 +319,7 @@ def test_in_stream_error_openai_shape() -> None:
 
 def test_in_stream_error_with_status_code_and_string_code() -> None:
     with pytest.raises(UpstreamStatusError) as info:
-        feed(OpenAIStreamParser(), '{"error": {"message": "slow down", "code": 429}}')
+        feed(OpenAIStreamParser(keep_raw=True), '{"error": {"message": "slow down", "code": 429}}')
     assert (info.value.status, info.value.type, info.value.code, info.value.retryable) == (
         429,
         "upstream_error",
@@ -297,30 +327,33 @@ def test_in_stream_error_with_status_code_and_string_code() -> None:
         True,
     )
     with pytest.raises(UpstreamStatusError) as info:
-        feed(OpenAIStreamParser(), '{"error": {"message": "ctx", "type": "invalid_request_error", "code": "too_long"}}')
+        feed(
+            OpenAIStreamParser(keep_raw=True),
+            '{"error": {"message": "ctx", "type": "invalid_request_error", "code": "too_long"}}',
+        )
     assert (info.value.status, info.value.type, info.value.code) == (502, "invalid_request_error", "too_long")
 
 
 def test_in_stream_error_as_string() -> None:
     with pytest.raises(UpstreamStatusError) as info:
-        feed(OpenAIStreamParser(), '{"error": "model crashed"}')
+        feed(OpenAIStreamParser(keep_raw=True), '{"error": "model crashed"}')
     assert (info.value.message, info.value.status, info.value.type) == ("model crashed", 502, "upstream_error")
 
 
 def test_in_stream_error_masks_the_key() -> None:
-    parser = translation(api_key="plain-local-key-777").stream_parser()
+    parser = translation(api_key="plain-local-key-777").stream_parser(chat())
     with pytest.raises(UpstreamStatusError) as info:
         feed(parser, '{"error": {"message": "key plain-local-key-777 was revoked"}}')
     assert info.value.message == "key *** was revoked"
     with pytest.raises(UpstreamStatusError) as info:
-        feed(OpenAIStreamParser(), '{"error": {"message": "bad key sk-abcdefghijklmnop"}}')
+        feed(OpenAIStreamParser(keep_raw=True), '{"error": {"message": "bad key sk-abcdefghijklmnop"}}')
     assert info.value.message == "bad key sk-ab***"
 
 
 @pytest.mark.parametrize("data", ["hello", "", '{"choices": [', "data: {}"])
 def test_non_json_is_a_protocol_error(data: str) -> None:
     with pytest.raises(UpstreamProtocolError) as info:
-        feed(OpenAIStreamParser(), data)
+        feed(OpenAIStreamParser(keep_raw=True), data)
     assert info.value.message == f"upstream sent a chunk that is not JSON: {data[:200]!r}"
     assert info.value.retryable is False
 
@@ -328,7 +361,7 @@ def test_non_json_is_a_protocol_error(data: str) -> None:
 @pytest.mark.parametrize("data", ["[1, 2]", '"text"', "42", "null"])
 def test_non_object_is_a_protocol_error(data: str) -> None:
     with pytest.raises(UpstreamProtocolError) as info:
-        feed(OpenAIStreamParser(), data)
+        feed(OpenAIStreamParser(keep_raw=True), data)
     assert info.value.message == f"upstream sent a chunk that is not a JSON object: {data!r}"
 
 
@@ -348,13 +381,13 @@ def test_non_object_is_a_protocol_error(data: str) -> None:
 )
 def test_malformed_chunk(choices: Any, message: str) -> None:
     with pytest.raises(UpstreamProtocolError) as info:
-        feed(OpenAIStreamParser(), chunk(choices))
+        feed(OpenAIStreamParser(keep_raw=True), chunk(choices))
     assert info.value.message == message
 
 
 def test_malformed_usage() -> None:
     with pytest.raises(UpstreamProtocolError) as info:
-        feed(OpenAIStreamParser(), chunk([], usage={"prompt_tokens": "9", "completion_tokens": 2}))
+        feed(OpenAIStreamParser(keep_raw=True), chunk([], usage={"prompt_tokens": "9", "completion_tokens": 2}))
     assert info.value.message == "upstream usage has non-integer token counts"
 
 

@@ -164,7 +164,7 @@ def test_usage_only_delta_dropped_without_include_usage() -> None:
     renderer = OpenAIChunkRenderer(model=MODEL, include_usage=False)
     assert renderer.delta(Delta(usage=Usage(1, 2))) == b""
     # also when it still carries the upstream's usage chunk
-    assert renderer.delta(Delta(usage=Usage(1, 2), raw=b'{"choices":[],"usage":{}}')) == b""
+    assert renderer.delta(Delta(usage=Usage(1, 2), raw=b'data: {"choices":[],"usage":{}}\n\n')) == b""
 
 
 def test_usage_with_content_gets_its_own_chunk() -> None:
@@ -181,15 +181,22 @@ def test_usage_with_content_gets_its_own_chunk() -> None:
 
 def test_raw_passthrough() -> None:
     raw = (
-        b'{"id":"up-1","object":"chat.completion.chunk","created":1,"model":"gpt-x",'
-        b'"choices":[{"index":0,"delta":{"content":"hi","reasoning_content":"x"}}], "x_vendor": 1}'
+        b'data: {"id":"up-1","object":"chat.completion.chunk","created":1,"model":"gpt-x",'
+        b'"choices":[{"index":0,"delta":{"content":"hi","reasoning_content":"x"}}], "x_vendor": 1}\n\n'
     )
     for include_usage in (False, True):
         renderer = OpenAIChunkRenderer(model=MODEL, include_usage=include_usage)
-        assert renderer.delta(Delta(text="hi", raw=raw)) == b"data: " + raw + b"\n\n"
-    usage_raw = b'{"id":"up-1","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+        assert renderer.delta(Delta(text="hi", raw=raw)) == raw
+    usage_raw = (
+        b'data: {"id":"up-1","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
+    )
     renderer = OpenAIChunkRenderer(model=MODEL, include_usage=True)
-    assert renderer.delta(Delta(usage=Usage(1, 1), raw=usage_raw)) == b"data: " + usage_raw + b"\n\n"
+    assert renderer.delta(Delta(usage=Usage(1, 1), raw=usage_raw)) == usage_raw
+
+
+def test_reasoning_is_rendered_as_reasoning_content() -> None:
+    _, chunks = render([Delta(reasoning="let me see")], include_usage=False)
+    assert chunks[0]["choices"][0]["delta"] == {"reasoning_content": "let me see"}
 
 
 @pytest.mark.parametrize(
@@ -301,6 +308,14 @@ def test_completion_body_text() -> None:
         ],
         "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
     }
+
+
+def test_completion_body_reasoning() -> None:
+    acc = Accumulator()
+    for delta in (Delta(reasoning="Let me "), Delta(reasoning="see."), Delta(text="42")):
+        acc.add(delta)
+    message = completion_body(acc, model=MODEL, prompt_chars=0)["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("Let me see.", "42")
 
 
 def test_completion_body_tool_calls_and_estimate() -> None:

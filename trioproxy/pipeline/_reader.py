@@ -160,6 +160,8 @@ class _WatchedSink:
             item.arrived = trio.current_time()
             if not self._passthrough:
                 item.raw = None
+                if not item.says_anything:
+                    return  # only its bytes mattered (a `ping`, a block's end): the stages need not see it
             if item.has_content and not progress.token_sent:
                 progress.token_sent = True
                 self.kind, self.limit = "silence_timeout", self._silence

@@ -59,7 +59,7 @@ async def buffer_stage(config: BufferConfig, receive: Receive, send: Send) -> No
                 held.add(len(item.text), trio.current_time() if item.arrived is None else item.arrived)
                 await send_text(buffer.push(item.text))
                 rest = replace(item, text="", raw=None, arrived=None)
-                if not (rest.role or rest.tool_calls or rest.finish_reason or rest.usage):
+                if not rest.says_anything:
                     continue
                 item = rest
             await send_text(buffer.flush())

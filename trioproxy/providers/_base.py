@@ -17,7 +17,7 @@ from typing import Protocol
 
 from .._events import Delta
 from .._exceptions import UpstreamStatusError
-from .._request import ChatRequest
+from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
 
 __all__ = ["StreamParser", "Translation", "UpstreamRequest", "retry_after_seconds", "safe_message"]
@@ -51,11 +51,23 @@ class StreamParser(Protocol):
 
 
 class Translation(Protocol):
+    protocol: WireProtocol
+    """The protocol the upstream speaks."""
+
     def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
         """The request that asks the upstream to stream `chat` (`chat.upstream_model` set)."""
         ...
 
-    def stream_parser(self) -> StreamParser: ...
+    def count_tokens_request(self, chat: ChatRequest) -> UpstreamRequest | None:
+        """The request that asks the upstream to count `chat`'s input tokens; `None` if it cannot."""
+        ...
+
+    def stream_parser(self, chat: ChatRequest) -> StreamParser:
+        """
+        A parser for the stream of `chat`; it keeps each event's bytes (`Delta.raw`) only
+        when the client speaks the upstream's protocol.
+        """
+        ...
 
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamStatusError:
         """

@@ -1,7 +1,14 @@
 """
 Translation for Anthropic Messages API upstreams (`POST /v1/messages`).
 
-Why a translation and not a pass-through: clients talk to trioproxy in the OpenAI Chat
+An Anthropic client (the Messages front) is passed through: its body goes up whole, every
+field intact (`thinking`, `cache_control`, fields that do not exist yet), with only `model`
+replaced and `stream` set, together with its `anthropic-version` and `anthropic-beta`
+headers; and each upstream event keeps its exact bytes (`Delta.raw`), `ping`,
+`content_block_stop`, signatures and citations included, so that the client can be sent the
+upstream's stream untouched.
+
+Why a translation otherwise: an OpenAI client talks to trioproxy in the Chat
 Completions dialect, and Anthropic speaks a different one, both for the request (a top-level
 `system`, content blocks, strictly alternating roles, `tool_use`/`tool_result` blocks, no
 unknown fields allowed) and for the stream (named events, per-block deltas, usage split over
@@ -37,10 +44,14 @@ Stream mapping (Anthropic event → `Delta`):
 - tool_use `content_block_start` → a `ToolCallDelta` with id and name, `input_json_delta` →
   a `ToolCallDelta` with an arguments fragment; tool-call indexes count tool_use blocks
   from 0, as OpenAI numbers tool calls, not Anthropic's block indexes;
-- thinking, signature and other deltas, `content_block_stop`, `ping`, unknown events → nothing;
-- `message_delta` → `Delta(finish_reason=...)` (mapped to OpenAI's reasons); output tokens
-  are remembered (they are cumulative: the latest wins);
-- `message_stop` → `Delta(usage=...)` and the stream is finished;
+- `thinking_delta` → `Delta(reasoning=...)`, `signature_delta` → `Delta(reasoning_signature=...)`;
+- citation deltas, other blocks (redacted thinking, server tools),
+  `content_block_stop`, `ping`, unknown events → nothing (a delta with only `raw`, when kept);
+- `message_delta` → `Delta(finish_reason=...)` (mapped to OpenAI's reasons, with the
+  `stop_sequence` that matched); output tokens are remembered (they are cumulative: the
+  latest wins);
+- `message_stop` → `Delta(usage=...)` (with the cache counts, when reported) and the stream
+  is finished;
 - `error` → `UpstreamStatusError` with the status matching the error type (e.g. 529).
 
 Sans-IO: no trio, no httpx.
@@ -49,24 +60,33 @@ Sans-IO: no trio, no httpx.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Final
 
 import orjson
 
 from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
-from .._request import ChatRequest, content_text
+from .._request import ChatRequest, WireProtocol, content_text
 from .._sse import ServerSentEvent
 from ._base import UpstreamRequest, retry_after_seconds, safe_message
 
 __all__ = [
     "ANTHROPIC_VERSION",
+    "ERROR_STATUS",
+    "FINISH_REASONS",
+    "FORWARDED_HEADERS",
+    "STOP_REASONS",
+    "TOOL_CHOICES",
     "AnthropicStreamParser",
     "AnthropicTranslation",
     "messages_request_body",
 ]
 
 ANTHROPIC_VERSION: Final = "2023-06-01"
+
+FORWARDED_HEADERS: Final = ("anthropic-version", "anthropic-beta")
+"""An Anthropic client's request headers that an Anthropic upstream must see as they were sent."""
 
 #: Anthropic `stop_reason` → OpenAI `finish_reason`. Unknown reasons become "stop".
 FINISH_REASONS: Final[Mapping[str, str]] = {
@@ -78,6 +98,19 @@ FINISH_REASONS: Final[Mapping[str, str]] = {
     "refusal": "content_filter",
     "pause_turn": "stop",
 }
+
+#: OpenAI `finish_reason` → Anthropic `stop_reason`, for an Anthropic client of another upstream.
+STOP_REASONS: Final[Mapping[str, str]] = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+
+#: Anthropic `tool_choice.type` → OpenAI `tool_choice`, except `tool`, which names a function.
+TOOL_CHOICES: Final[Mapping[str, str]] = {"auto": "auto", "any": "required", "none": "none"}
+_ANTHROPIC_TOOL_CHOICES: Final = {choice: kind for kind, choice in TOOL_CHOICES.items()}
 
 #: Anthropic error type → the HTTP status it stands for (an in-stream error arrives in a 200).
 ERROR_STATUS: Final[Mapping[str, int]] = {
@@ -117,8 +150,11 @@ class AnthropicTranslation:
     Streaming requests to `{base_url}/v1/messages`.
 
     `base_url` may be given with or without the trailing `/v1`. `extra_headers` (for example
-    `anthropic-beta`) are sent last, so they may override the defaults.
+    `anthropic-beta`) are sent last, so they may override the defaults and the headers an
+    Anthropic client sent.
     """
+
+    protocol: WireProtocol = "anthropic"
 
     def __init__(
         self,
@@ -131,6 +167,7 @@ class AnthropicTranslation:
     ) -> None:
         root = base_url.rstrip("/")
         self.url = root + "/messages" if root.endswith("/v1") else root + "/v1/messages"
+        self.count_tokens_url = self.url + "/count_tokens"
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
         headers = {
@@ -140,16 +177,33 @@ class AnthropicTranslation:
         }
         if api_key:
             headers["x-api-key"] = api_key
-        headers.update({k.lower(): v for k, v in extra_headers.items()})
+        self._extra_headers = {k.lower(): v for k, v in extra_headers.items()}
+        headers.update(self._extra_headers)
         self._headers = headers
 
     def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
+        native = chat.native
+        if native is not None and native.protocol == self.protocol:
+            body = dict(native.body)
+            body["model"] = chat.upstream_model or chat.model
+            body["stream"] = True
+            headers = {**self._headers, **native.headers, **self._extra_headers}
+            return UpstreamRequest(self.url, headers, orjson.dumps(body))
         body = messages_request_body(chat, default_max_tokens=self.default_max_tokens)
         body["stream"] = True
         return UpstreamRequest(self.url, dict(self._headers), orjson.dumps(body))
 
-    def stream_parser(self) -> AnthropicStreamParser:
-        return AnthropicStreamParser(secret=self.api_key)
+    def count_tokens_request(self, chat: ChatRequest) -> UpstreamRequest | None:
+        """An Anthropic client's count request, forwarded whole with only `model` replaced."""
+        native = chat.native
+        if native is None or native.protocol != self.protocol:
+            return None
+        body = {**native.body, "model": chat.upstream_model or chat.model}
+        headers = {**self._headers, **native.headers, **self._extra_headers, "accept": "application/json"}
+        return UpstreamRequest(self.count_tokens_url, headers, orjson.dumps(body))
+
+    def stream_parser(self, chat: ChatRequest) -> AnthropicStreamParser:
+        return AnthropicStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
 
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamStatusError:
         """
@@ -179,7 +233,7 @@ def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict
     Pure, so the whole mapping can be tested on dicts. `model` is `chat.upstream_model`, or
     the client's own name when the request was not routed.
     """
-    src = chat.body
+    src = chat.common_body()
     system: list[str] = []
     messages: list[dict[str, Any]] = []
     for i, message in enumerate(chat.messages):
@@ -435,12 +489,8 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
 def _tool_choice(choice: Any) -> dict[str, Any] | None:
     if choice is None:
         return None
-    if choice == "auto":
-        return {"type": "auto"}
-    if choice == "required":
-        return {"type": "any"}
-    if choice == "none":
-        return {"type": "none"}
+    if isinstance(choice, str) and choice in _ANTHROPIC_TOOL_CHOICES:
+        return {"type": _ANTHROPIC_TOOL_CHOICES[choice]}
     if isinstance(choice, dict) and choice.get("type") == "function":
         function = choice.get("function")
         name = function.get("name") if isinstance(function, dict) else None
@@ -490,15 +540,19 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None]:
 class AnthropicStreamParser:
     """
     Parses one Anthropic Messages stream. State: the token counts (they arrive split over
-    `message_start` and `message_delta` and are reported at `message_stop`) and the map from
-    content-block index to tool-call index.
+    `message_start` and `message_delta` and are reported at `message_stop`), the type of each
+    content block, and the map from content-block index to tool-call index.
+
+    With `keep_raw`, every event becomes at least one delta, the first carrying the event's
+    bytes (`Delta.raw`), so that an Anthropic client can be sent the whole stream as it came.
     """
 
-    def __init__(self, *, secret: str | None = None) -> None:
+    def __init__(self, *, secret: str | None = None, keep_raw: bool) -> None:
         self._secret = secret
+        self._keep_raw = keep_raw
         self._finished = False
-        self._input_tokens = 0
-        self._output_tokens = 0
+        self._usage = Usage(prompt_tokens=0, completion_tokens=0)
+        self._blocks: dict[int, str] = {}
         self._tool_index: dict[int, int] = {}
         self._finish_sent = False
 
@@ -507,8 +561,16 @@ class AnthropicStreamParser:
         return self._finished
 
     def feed(self, event: ServerSentEvent) -> list[Delta]:
-        if self._finished or event.event not in _PARSED_EVENTS:
+        if self._finished:
             return []
+        deltas = self._parse(event) if event.event in _PARSED_EVENTS else []
+        if self._keep_raw:
+            if not deltas:
+                deltas = [Delta()]
+            deltas[0].raw = _event_bytes(event)
+        return deltas
+
+    def _parse(self, event: ServerSentEvent) -> list[Delta]:
         payload = _json_object(event.data, event.event)
         kind = payload.get("type", event.event)
         if kind == "content_block_delta":
@@ -521,8 +583,7 @@ class AnthropicStreamParser:
             return self._message_delta(payload)
         if kind == "message_stop":
             self._finished = True
-            usage = Usage(prompt_tokens=self._input_tokens, completion_tokens=self._output_tokens)
-            return [Delta(usage=usage)]
+            return [Delta(usage=self._usage)]
         if kind == "error":
             raise self._stream_error(payload)
         return []  # content_block_stop, ping, and any type we do not know
@@ -533,18 +594,20 @@ class AnthropicStreamParser:
         if usage is not None:
             if not isinstance(usage, dict):
                 raise UpstreamProtocolError("upstream 'message_start' has a malformed 'usage'")
-            self._input_tokens = (
-                _count(usage, "input_tokens")
-                + _count(usage, "cache_creation_input_tokens")
-                + _count(usage, "cache_read_input_tokens")
+            cache_read = _optional_count(usage, "cache_read_input_tokens")
+            cache_creation = _optional_count(usage, "cache_creation_input_tokens")
+            self._usage = Usage(
+                prompt_tokens=_count(usage, "input_tokens") + (cache_read or 0) + (cache_creation or 0),
+                completion_tokens=_count(usage, "output_tokens"),
+                cache_read_tokens=cache_read,
+                cache_creation_tokens=cache_creation,
             )
-            self._output_tokens = _count(usage, "output_tokens")
         return [Delta(role="assistant")]
 
     def _block_start(self, payload: dict[str, Any]) -> list[Delta]:
         index = _field(payload, "index", int, "content_block_start")
         block = _field(payload, "content_block", dict, "content_block_start")
-        kind = _field(block, "type", str, "content_block_start.content_block")
+        kind = self._blocks[index] = _field(block, "type", str, "content_block_start.content_block")
         if kind == "text":
             text = block.get("text") or ""
             if not isinstance(text, str):
@@ -555,7 +618,7 @@ class AnthropicStreamParser:
             name = _field(block, "name", str, "tool_use block")
             tool_index = self._tool_index[index] = len(self._tool_index)
             return [Delta(tool_calls=(ToolCallDelta(index=tool_index, id=id_, name=name, arguments=""),))]
-        return []  # thinking, redacted_thinking, server tools: nothing an OpenAI client can see
+        return []  # thinking (its text comes in deltas), redacted_thinking, server tools
 
     def _block_delta(self, payload: dict[str, Any]) -> list[Delta]:
         index = _field(payload, "index", int, "content_block_delta")
@@ -564,17 +627,24 @@ class AnthropicStreamParser:
         if kind == "text_delta":
             text = _field(delta, "text", str, "text_delta")
             return [Delta(text=text)] if text else []
+        if kind == "thinking_delta":
+            thinking = _field(delta, "thinking", str, "thinking_delta")
+            return [Delta(reasoning=thinking)] if thinking else []
+        if kind == "signature_delta":
+            return [Delta(reasoning_signature=_field(delta, "signature", str, "signature_delta"))]
         if kind == "input_json_delta":
             fragment = _field(delta, "partial_json", str, "input_json_delta")
             tool_index = self._tool_index.get(index)
             if tool_index is None:
+                if index in self._blocks:
+                    return []  # a server tool's input (web search, MCP): the upstream runs it
                 raise UpstreamProtocolError(
-                    f"upstream sent 'input_json_delta' for content block {index}, which is not a tool_use block"
+                    f"upstream sent 'input_json_delta' for content block {index}, which was never started"
                 )
             if not fragment:
                 return []
             return [Delta(tool_calls=(ToolCallDelta(index=tool_index, arguments=fragment),))]
-        return []  # thinking_delta, signature_delta, citations_delta, ...
+        return []  # citations_delta, ...
 
     def _message_delta(self, payload: dict[str, Any]) -> list[Delta]:
         delta = _field(payload, "delta", dict, "message_delta")
@@ -582,15 +652,21 @@ class AnthropicStreamParser:
         if usage is not None:
             if not isinstance(usage, dict):
                 raise UpstreamProtocolError("upstream 'message_delta' has a malformed 'usage'")
-            if usage.get("output_tokens") is not None:
-                self._output_tokens = _count(usage, "output_tokens")  # cumulative: latest wins
+            if usage.get("output_tokens") is not None:  # cumulative: latest wins
+                self._usage = replace(self._usage, completion_tokens=_count(usage, "output_tokens"))
         stop_reason = delta.get("stop_reason")
         if stop_reason is None or self._finish_sent:
             return []
         if not isinstance(stop_reason, str):
             raise UpstreamProtocolError("upstream 'message_delta' has a non-string 'stop_reason'")
         self._finish_sent = True
-        return [Delta(finish_reason=FINISH_REASONS.get(stop_reason, "stop"))]
+        stop_sequence = delta.get("stop_sequence")
+        return [
+            Delta(
+                finish_reason=FINISH_REASONS.get(stop_reason, "stop"),
+                stop_sequence=stop_sequence if isinstance(stop_sequence, str) else None,
+            )
+        ]
 
     def _stream_error(self, payload: dict[str, Any]) -> UpstreamStatusError:
         error = _field(payload, "error", dict, "error")
@@ -604,6 +680,18 @@ class AnthropicStreamParser:
             status=ERROR_STATUS.get(type_, 500),
             type=type_,
         )
+
+
+def _event_bytes(event: ServerSentEvent) -> bytes:
+    """
+    The event as the upstream framed it: its name (none for a data-only event, whose name is
+    the default), then its data, one `data:` line per line.
+    """
+    head = b"" if event.event == "message" else b"event: " + event.event.encode() + b"\n"
+    data = event.data.encode()
+    if b"\n" in data:
+        return head + b"".join(b"data: " + line + b"\n" for line in data.split(b"\n")) + b"\n"
+    return head + b"data: " + data + b"\n\n"
 
 
 def _json_object(data: str, event_name: str) -> dict[str, Any]:
@@ -633,10 +721,15 @@ def _field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
 
 
 def _count(usage: dict[str, Any], key: str) -> int:
-    """A token count; absent or null counts as 0 (cache counts are often null)."""
+    """A token count; absent or null counts as 0."""
+    return _optional_count(usage, key) or 0
+
+
+def _optional_count(usage: dict[str, Any], key: str) -> int | None:
+    """A token count, or `None` when absent or null (cache counts often are)."""
     value = usage.get(key)
     if value is None:
-        return 0
+        return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise UpstreamProtocolError(f"upstream usage field {key!r} must be a non-negative integer, not {value!r}")
     return value

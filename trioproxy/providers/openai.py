@@ -2,11 +2,16 @@
 Translation for OpenAI-compatible upstreams: OpenAI itself, vLLM, llama.cpp, Ollama, and any
 gateway that speaks Chat Completions.
 
-Client and upstream speak the same protocol, so the translation is almost the identity: the
-client's body is forwarded whole with only `model` replaced (and usage asked for, so that the
-proxy can count tokens), and each upstream chunk keeps its exact bytes in `Delta.raw` so an
-OpenAI client receives them untouched. Chunks are still parsed, because stages, first-token
-detection and token accounting need to see the text.
+For an OpenAI client the translation is almost the identity: the client's body is forwarded
+whole with only `model` replaced (and usage asked for, so that the proxy can count tokens),
+and each upstream chunk keeps its exact bytes in `Delta.raw` so the client receives them
+untouched. Chunks are still parsed, because stages, first-token detection and token
+accounting need to see the text. A client of another protocol is sent the common model's body
+(`ChatRequest.common_body`), and its renderer builds its events from the parsed deltas.
+
+Besides the standard fields, the parser reads the reasoning that OpenAI-compatible servers
+stream (`reasoning_content` from vLLM and DeepSeek, `reasoning` from newer vLLM), vLLM's
+`stop_reason` (the stop string that matched) and the prompt's cached tokens.
 
 Sans-IO.
 """
@@ -20,7 +25,7 @@ import orjson
 
 from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import UpstreamProtocolError, UpstreamStatusError
-from .._request import ChatRequest
+from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
 from ._base import UpstreamRequest, retry_after_seconds, safe_message
 
@@ -35,6 +40,8 @@ class OpenAITranslation:
     asked, so every stream is counted from the upstream's own figures; the OpenAI front
     adapter drops the usage chunk again for a client that did not ask for it.
     """
+
+    protocol: WireProtocol = "openai"
 
     def __init__(
         self,
@@ -54,15 +61,18 @@ class OpenAITranslation:
         self._stream_headers = {**headers, "accept": "text/event-stream"}
 
     def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
-        body = dict(chat.body)
+        body = dict(chat.common_body())
         body["model"] = chat.upstream_model
         body["stream"] = True
         if self.request_usage:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return UpstreamRequest(self.url, self._stream_headers, orjson.dumps(body))
 
-    def stream_parser(self) -> OpenAIStreamParser:
-        return OpenAIStreamParser(secret=self.api_key)
+    def count_tokens_request(self, chat: ChatRequest) -> None:
+        return None  # Chat Completions has no endpoint that counts tokens
+
+    def stream_parser(self, chat: ChatRequest) -> OpenAIStreamParser:
+        return OpenAIStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
 
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamStatusError:
         message, type_, code = _error_fields(body)
@@ -81,12 +91,14 @@ class OpenAIStreamParser:
     """
     Parses `chat.completion.chunk` events; `[DONE]` ends the stream.
 
-    `secret` (the provider's API key) is masked in the messages of in-stream errors.
+    `secret` (the provider's API key) is masked in the messages of in-stream errors;
+    `keep_raw` keeps each chunk's event bytes in its delta.
     """
 
-    def __init__(self, *, secret: str | None = None) -> None:
+    def __init__(self, *, secret: str | None = None, keep_raw: bool) -> None:
         self._finished = False
         self._secret = secret
+        self._keep_raw = keep_raw
 
     @property
     def finished(self) -> bool:
@@ -108,7 +120,7 @@ class OpenAIStreamParser:
         error = chunk.get("error")
         if error:
             raise _in_stream_error(error, secret=self._secret)
-        return [delta_from_chunk(chunk, raw=data.encode())]
+        return [delta_from_chunk(chunk, raw=b"data: " + data.encode() + b"\n\n" if self._keep_raw else None)]
 
 
 def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delta:
@@ -131,6 +143,12 @@ def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delt
     content = body.get("content")
     if isinstance(content, str):
         delta.text = content
+    reasoning = body.get("reasoning_content", body.get("reasoning"))
+    if isinstance(reasoning, str):
+        delta.reasoning = reasoning
+    stop_reason = choice.get("stop_reason")
+    if isinstance(stop_reason, str) and delta.finish_reason == "stop":
+        delta.stop_sequence = stop_reason
     tool_calls = body.get("tool_calls")
     if tool_calls:
         delta.tool_calls = tuple(_tool_call(tc) for tc in tool_calls)
@@ -156,7 +174,13 @@ def _usage(usage: dict[str, Any]) -> Usage:
     completion = usage.get("completion_tokens") or 0
     if not isinstance(prompt, int) or not isinstance(completion, int):
         raise UpstreamProtocolError("upstream usage has non-integer token counts")
-    return Usage(prompt_tokens=prompt, completion_tokens=completion)
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cache_read_tokens=cached if isinstance(cached, int) and not isinstance(cached, bool) else None,
+    )
 
 
 def _in_stream_error(error: Any, *, secret: str | None) -> UpstreamStatusError:

@@ -51,6 +51,7 @@ from .._exceptions import (
     PayloadTooLargeError,
     RequestError,
     TrioproxyError,
+    UpstreamTimeoutError,
 )
 from .._limits import Limiter, check_request_shape
 from .._request import ChatRequest, parse_chat_request, parse_json_object
@@ -58,6 +59,9 @@ from .._router import Router
 from .._version import __version__
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import RECORD, AccessLog, RequestRecord
+from ._anthropic_front import AnthropicEventRenderer, message_from_events, model_list, token_count_estimate
+from ._anthropic_front import error_body as anthropic_error_body
+from ._anthropic_request import parse_messages_request
 from ._auth import key_is_valid, presented_key
 from ._cors import CorsMiddleware
 from ._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
@@ -135,7 +139,9 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         `[limits]` allow it: raises `RequestError` for a body of the wrong shape,
         `RateLimitedError` or `OverloadedError` when the limiter refuses the client.
         """
-        check_request_shape(chat.body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars)
+        check_request_shape(
+            chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
+        )
         lease = limiter.admit(client_identity(), trio.current_time())
         record: RequestRecord = _connection().scope[RECORD]
 
@@ -229,6 +235,9 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
 
     @app.get("/v1/models")
     async def models() -> Response:
+        """The routable models, in Anthropic's list shape for a client that names its API version."""
+        if "anthropic-version" in request.headers:
+            return _json(model_list(router.models()))
         data = [{"id": model, "object": "model", "created": 0, "owned_by": owner} for model, owner in router.models()]
         return _json({"object": "list", "data": data})
 
@@ -254,6 +263,56 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
             if not session.completed:
                 return _openai_error(StreamInterrupted("the server ended the request before it completed"))
             return _json(completion_body(session.accumulator, model=chat.model, prompt_chars=prompt_chars(chat)))
+        finally:
+            session.cancel()
+
+    @app.post("/v1/messages")
+    async def messages() -> Response:
+        try:
+            chat = parse_messages_request(parse_json_object(await request.get_data()), request.headers)
+            pipeline = pipeline_for(router, router.route(chat.model))
+        except TrioproxyError as exc:
+            return _anthropic_error(exc)
+        renderer = AnthropicEventRenderer(model=chat.model, prompt_chars=prompt_chars(chat))
+        if not chat.stream:
+            return await _message(pipeline, chat, renderer)
+        return await _stream(start(pipeline, chat), renderer, SSE, _anthropic_error)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens() -> Response:
+        """An Anthropic upstream's own count; an estimate, marked so, from any other."""
+        try:
+            chat = parse_messages_request(parse_json_object(await request.get_data()), request.headers, counting=True)
+            route = router.route(chat.model)
+            timeout = route.provider.timeouts.first_token_timeout
+            with trio.move_on_after(timeout or math.inf) as waited:
+                counted = await route.upstream.count_tokens(chat.routed(route.upstream_model))
+            if waited.cancelled_caught:
+                raise UpstreamTimeoutError(
+                    f"no answer from the upstream within first_token_timeout ({timeout:g} s)",
+                    kind="first_token_timeout",
+                )
+        except TrioproxyError as exc:
+            return _anthropic_error(exc)
+        if counted is None:
+            tools = chat.client_body.get("tools")
+            return _json(token_count_estimate(prompt_chars(chat) + (len(orjson.dumps(tools)) if tools else 0)))
+        return Response(counted, content_type="application/json")
+
+    async def _message(pipeline: Pipeline, chat: ChatRequest, renderer: AnthropicEventRenderer) -> Response:
+        """A non-streaming Messages answer: the stream's events, folded into one `Message`."""
+        session = start(pipeline, chat, heartbeats=False)
+        try:
+            events = bytearray()
+            async for item in session.output:
+                if isinstance(item, TrioproxyError):
+                    return _anthropic_error(item)
+                events += render(renderer, item)
+            if not session.completed:
+                return _anthropic_error(StreamInterrupted("the server ended the request before it completed"))
+            return _json(message_from_events(bytes(events + renderer.done(session))))
+        except TrioproxyError as exc:  # the upstream's tool input is not JSON
+            return _anthropic_error(exc)
         finally:
             session.cancel()
 
@@ -393,7 +452,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     async def unexpected_error(exc: Exception) -> Response:
         connection = _connection()  # a WebSocket's before-hook may raise too
         logger.exception("unhandled error in %s %s", connection.method, connection.path)
-        return _openai_error(TrioproxyError("internal server error"))
+        return _error_response(connection.path, TrioproxyError("internal server error"))
 
     return app
 
@@ -529,11 +588,16 @@ async def _watch(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher
 
 
 def _error_response(path: str, error: TrioproxyError) -> Response:
-    """`error` in the protocol of the route at `path`: an `error` event on the generic endpoints, else OpenAI's."""
+    """
+    `error` in the protocol of the route at `path`: an `error` event on the generic endpoints,
+    Anthropic's error object under `/v1/messages`, else OpenAI's.
+    """
     if path in GENERIC_ENDPOINTS:
         return _event_error(*GENERIC_ENDPOINTS[path], error)
     if path.startswith("/v1/streams/"):
         return _sse_error(error)
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return _anthropic_error(error)
     return _openai_error(error)
 
 
@@ -553,6 +617,10 @@ def _json(obj: Any, status: int = 200) -> Response:
 
 def _openai_error(error: TrioproxyError) -> Response:
     return _with_retry_after(_json(error_body(error), status=error.status), error)
+
+
+def _anthropic_error(error: TrioproxyError) -> Response:
+    return _with_retry_after(_json(anthropic_error_body(error), status=error.status), error)
 
 
 def _with_retry_after(response: Response, error: TrioproxyError) -> Response:

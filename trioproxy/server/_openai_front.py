@@ -5,7 +5,7 @@ break the official SDKs), a usage chunk with `choices: []` only when the client 
 it, `data: [DONE]` only after a stream that really ended, and failures as OpenAI's error
 object.
 
-A delta that still carries the upstream's own chunk bytes (`Delta.raw`) is forwarded as is.
+A delta that still carries the upstream's own chunk event (`Delta.raw`) is forwarded as is.
 
 Sans-IO.
 """
@@ -67,7 +67,7 @@ class OpenAIChunkRenderer:
         if usage_only and not self.include_usage:
             return b""
         if delta.raw is not None:
-            return b"data: " + delta.raw + b"\n\n"
+            return delta.raw
         if usage_only:
             assert delta.usage is not None
             return self._event([], usage=delta.usage.to_openai())
@@ -77,6 +77,8 @@ class OpenAIChunkRenderer:
             body["content"] = delta.text
         elif delta.text:
             body["content"] = delta.text
+        if delta.reasoning:
+            body["reasoning_content"] = delta.reasoning  # vLLM's and DeepSeek's field
         if delta.tool_calls:
             body["tool_calls"] = [_tool_call(tc) for tc in delta.tool_calls]
         choice = {"index": 0, "delta": body, "logprobs": None, "finish_reason": delta.finish_reason}
@@ -121,6 +123,8 @@ def completion_body(acc: Accumulator, *, model: str, prompt_chars: int) -> dict[
     """A whole `chat.completion` object from an accumulated stream (non-streaming requests)."""
     tool_calls = acc.tool_calls()
     message: dict[str, Any] = {"role": "assistant", "content": acc.text or None, "refusal": None}
+    if acc.reasoning:
+        message["reasoning_content"] = acc.reasoning  # vLLM's and DeepSeek's field
     if tool_calls:
         message["tool_calls"] = tool_calls
     usage = acc.usage_or_estimate(prompt_chars)

@@ -1,0 +1,399 @@
+"""
+An Anthropic Messages request (`POST /v1/messages`), read into the common model.
+
+The request keeps two forms. Its own body goes to an Anthropic upstream whole
+(`NativeRequest`): a proxy in front of Anthropic must not lose `thinking`, `cache_control`,
+betas or fields that do not exist yet. Its translation into a Chat Completions body goes to
+any other upstream (OpenAI-compatible, simulated). Only what Anthropic itself requires is
+checked for every upstream (`model`, `messages`, `max_tokens`, `stream`); what the common
+model cannot carry refuses the request only on its way to an upstream of another protocol,
+with a 400 naming the field (`ChatRequest.common_body`).
+
+The translation (Anthropic → Chat Completions):
+
+- `system` (a string or text blocks), and a message of role `system` (Claude Code sends
+  one), → a `system` message, texts joined with a blank line;
+- text blocks → text parts (one text block → a string); `image` blocks with a `base64`
+  source → an `image_url` data URL, with a `url` source → that URL;
+- assistant `tool_use` blocks → `tool_calls` (`input` as JSON arguments), after the text;
+- `tool_result` blocks → `tool` messages ahead of the rest of their user message; an
+  `is_error` result's text starts with `Error: `; images in a result follow in a user
+  message (tool messages carry text only);
+- `tools` (`input_schema`) → function tools; `tool_choice` auto/any/tool/none →
+  auto/required/function/none, `disable_parallel_tool_use` → `parallel_tool_calls: false`;
+- `max_tokens`, `stop_sequences` → `stop`, `temperature`, `top_p`, `top_k` (a vendor field
+  vLLM and llama.cpp read), `metadata.user_id` → `user`;
+- `output_config.format` (a JSON schema) → `response_format` `json_schema`;
+- dropped, because they do not change what the answer says: `cache_control` (a caching hint,
+  top-level or on a block), `citations` of earlier answers (their text is kept), `thinking`
+  and `redacted_thinking` blocks of earlier answers (reasoning that another model cannot
+  read back), `thinking` and `output_config.effort` (how long to think: the upstream's model
+  reasons by its own settings, and its reasoning comes back as thinking blocks),
+  `context_management` (the conversation goes up whole instead of edited), `service_tier` and
+  `speed` (Anthropic's capacity), `diagnostics` (Anthropic's cache diagnostics),
+  `user_profile_id` and `workspace_id` (Anthropic's accounts), a tool's
+  `eager_input_streaming` (a streaming hint) and `defer_loading` (the tool is sent up front:
+  another upstream has no tool search to load it later; Claude Code marks one of its tools);
+- refused, naming the field: any other field, block type or block field (documents, server
+  tools, `container`, `mcp_servers`, `inference_geo` — a data-residency promise another
+  upstream cannot keep —, and whatever this module does not know).
+
+Sans-IO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+
+from .._exceptions import RequestError
+from .._request import ChatRequest, NativeRequest
+from ..providers.anthropic import FORWARDED_HEADERS, TOOL_CHOICES
+
+__all__ = ["parse_messages_request", "to_chat_completions"]
+
+_ROLES: Final = ("user", "assistant", "system")
+
+_DROPPED: Final = frozenset(
+    {
+        "cache_control",
+        "thinking",
+        "context_management",
+        "service_tier",
+        "speed",
+        "diagnostics",
+        "user_profile_id",
+        "workspace_id",
+    }
+)
+"""Top-level fields that cannot change what the answer says; see the module's docstring."""
+
+_BLOCK_FIELDS: Final[dict[str, frozenset[str]]] = {
+    "text": frozenset({"type", "text", "cache_control", "citations"}),
+    "image": frozenset({"type", "source", "cache_control"}),
+    "tool_use": frozenset({"type", "id", "name", "input", "cache_control"}),
+    "tool_result": frozenset({"type", "tool_use_id", "content", "is_error", "cache_control"}),
+    "thinking": frozenset({"type", "thinking", "signature"}),
+    "redacted_thinking": frozenset({"type", "data"}),
+}
+"""The fields of each block type the translation carries or drops; any other refuses the request."""
+
+_TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
+"""trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
+
+
+def parse_messages_request(body: dict[str, Any], headers: Mapping[str, str], *, counting: bool = False) -> ChatRequest:
+    """
+    Check what Anthropic requires of every request and build the `ChatRequest`: its native
+    form with the headers an Anthropic upstream must see, and its common-model translation.
+    `counting`: a `count_tokens` request, which has no `max_tokens`.
+    """
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required and must be a non-empty string", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' is required and must be a non-empty array", param="messages")
+    max_tokens = body.get("max_tokens")
+    if counting and max_tokens is None:
+        max_tokens = 1
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise RequestError("'max_tokens' is required and must be a positive integer", param="max_tokens")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", param="stream")
+
+    unportable: RequestError | None = None
+    try:
+        common = to_chat_completions(body)
+    except RequestError as exc:
+        unportable = exc
+        # Never sent anywhere (`common_body` refuses it): enough to account for the request.
+        common = {"model": model, "messages": [], "max_tokens": max_tokens, "stream": stream}
+    forwarded = {name: headers[name] for name in FORWARDED_HEADERS if name in headers}
+    return ChatRequest(
+        body=common,
+        model=model,
+        messages=common["messages"],
+        stream=stream,
+        max_tokens=max_tokens,
+        native=NativeRequest("anthropic", body, forwarded, unportable),
+    )
+
+
+def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
+    """
+    The Chat Completions body that asks what the Messages `body` asks; raises a
+    `RequestError` naming the first field it cannot carry.
+    """
+    out: dict[str, Any] = {"model": body["model"], "stream": bool(body.get("stream"))}
+    if "max_tokens" in body:
+        out["max_tokens"] = body["max_tokens"]
+    messages: list[dict[str, Any]] = []
+    system = body.get("system")
+    if system is not None:
+        messages.append({"role": "system", "content": _system_text(system, "system")})
+    for i, message in enumerate(body["messages"]):
+        messages += _messages(message, f"messages[{i}]")
+    out["messages"] = messages
+
+    for name, value in body.items():
+        if name in ("model", "max_tokens", "stream", "system", "messages") or name in _DROPPED:
+            continue
+        if name in ("temperature", "top_p", "top_k"):
+            out[name] = value
+        elif name == "stop_sequences":
+            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+                raise RequestError("'stop_sequences' must be an array of strings", param=name)
+            out["stop"] = value
+        elif name == "metadata":
+            user = _metadata_user(value)
+            if user is not None:
+                out["user"] = user
+        elif name == "tools":
+            if not isinstance(value, list):
+                raise RequestError("'tools' must be an array", param=name)
+            if value:
+                out["tools"] = [_tool(tool, f"tools[{j}]") for j, tool in enumerate(value)]
+        elif name == "tool_choice":
+            out.update(_tool_choice(value))
+        elif name == "output_config":
+            out.update(_output_config(value))
+        elif name in _TRIOPROXY_FIELDS:
+            out[name] = value
+        else:
+            raise _unportable(f"'{name}'", name)
+    return out
+
+
+def _unportable(what: str, param: str) -> RequestError:
+    return RequestError(
+        f"{what} is understood by Anthropic upstreams only; this model's upstream is not one", param=param
+    )
+
+
+def _system_text(system: Any, where: str) -> str:
+    if isinstance(system, str):
+        return system
+    if not isinstance(system, list):
+        raise RequestError(f"'{where}' must be a string or an array of text blocks", param=where)
+    texts = []
+    for j, block in enumerate(system):
+        at = f"{where}[{j}]"
+        if _block_type(block, at) != "text":
+            raise RequestError(f"'{at}' must be a text block", param=at)
+        texts.append(_text(block, at))
+    return "\n\n".join(texts)
+
+
+def _messages(message: Any, where: str) -> list[dict[str, Any]]:
+    """One Messages message as Chat Completions messages (a user message with tool results gives several)."""
+    if not isinstance(message, dict):
+        raise RequestError(f"'{where}' must be an object", param=where)
+    role = message.get("role")
+    if role not in _ROLES:
+        raise RequestError(f"'{where}.role' must be 'user' or 'assistant', not {role!r}", param=f"{where}.role")
+    content = message.get("content")
+    where = f"{where}.content"
+    if role == "system":
+        return [{"role": "system", "content": _system_text(content, where)}]
+    if isinstance(content, str):
+        return [{"role": role, "content": content}]
+    if not isinstance(content, list):
+        raise RequestError(f"'{where}' must be a string or an array of content blocks", param=where)
+    if role == "assistant":
+        return [_assistant(content, where)]
+    return _user(content, where)
+
+
+def _assistant(blocks: list[Any], where: str) -> dict[str, Any]:
+    texts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    for j, block in enumerate(blocks):
+        at = f"{where}[{j}]"
+        kind = _block_type(block, at)
+        if kind == "text":
+            texts.append(_text(block, at))
+        elif kind == "tool_use":
+            tool_calls.append(_tool_call(block, at))
+        elif kind not in ("thinking", "redacted_thinking"):
+            raise _unportable(f"a {kind!r} block in an assistant message ('{at}')", f"{at}.type")
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
+def _user(blocks: list[Any], where: str) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    result_images: list[dict[str, Any]] = []
+    for j, block in enumerate(blocks):
+        at = f"{where}[{j}]"
+        kind = _block_type(block, at)
+        if kind == "text":
+            parts.append({"type": "text", "text": _text(block, at)})
+        elif kind == "image":
+            parts.append(_image(block, at))
+        elif kind == "tool_result":
+            result, images = _tool_result(block, at)
+            results.append(result)
+            result_images += images
+        else:
+            raise _unportable(f"a {kind!r} block ('{at}')", f"{at}.type")
+    parts = result_images + parts
+    if not parts:
+        return results
+    if len(parts) == 1 and parts[0]["type"] == "text":
+        return [*results, {"role": "user", "content": parts[0]["text"]}]
+    return [*results, {"role": "user", "content": parts}]
+
+
+def _block_type(block: Any, where: str) -> str:
+    """The type of a content block whose fields the translation knows."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    if not isinstance(kind, str):
+        raise RequestError(f"'{where}' must be a content block: an object with a 'type'", param=where)
+    known = _BLOCK_FIELDS.get(kind)
+    if known is not None:
+        for key in block:
+            if key not in known:
+                raise _unportable(f"'{where}.{key}'", f"{where}.{key}")
+    return kind
+
+
+def _text(block: dict[str, Any], where: str) -> str:
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise RequestError(f"'{where}.text' must be a string", param=f"{where}.text")
+    return text
+
+
+def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64":
+        assert isinstance(source, dict)
+        media_type, data = source.get("media_type"), source.get("data")
+        if not isinstance(media_type, str) or not isinstance(data, str):
+            raise RequestError(f"'{where}.source' must have a string 'media_type' and 'data'", param=f"{where}.source")
+        return {"type": "image_url", "image_url": {"url": f"data:{media_type};base64,{data}"}}
+    if kind == "url":
+        assert isinstance(source, dict)
+        url = source.get("url")
+        if not isinstance(url, str):
+            raise RequestError(f"'{where}.source.url' must be a string", param=f"{where}.source.url")
+        return {"type": "image_url", "image_url": {"url": url}}
+    raise _unportable(f"an image source of type {kind!r} ('{where}.source')", f"{where}.source.type")
+
+
+def _tool_call(block: dict[str, Any], where: str) -> dict[str, Any]:
+    id_, name, tool_input = block.get("id"), block.get("name"), block.get("input", {})
+    if not isinstance(id_, str) or not isinstance(name, str):
+        raise RequestError(f"'{where}' must have a string 'id' and 'name'", param=where)
+    return {"id": id_, "type": "function", "function": {"name": name, "arguments": orjson.dumps(tool_input).decode()}}
+
+
+def _tool_result(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The `tool` message of a `tool_result`, and the images it returned (they go in a user message)."""
+    tool_use_id = block.get("tool_use_id")
+    if not isinstance(tool_use_id, str):
+        raise RequestError(f"'{where}.tool_use_id' must be a string", param=f"{where}.tool_use_id")
+    content = block.get("content", "")
+    images: list[dict[str, Any]] = []
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            at = f"{where}.content[{j}]"
+            kind = _block_type(part, at)
+            if kind == "text":
+                texts.append(_text(part, at))
+            elif kind == "image":
+                images.append(_image(part, at))
+            else:
+                raise _unportable(f"a {kind!r} block in a tool result ('{at}')", f"{at}.type")
+        text = "\n".join(texts)
+    else:
+        raise RequestError(f"'{where}.content' must be a string or an array of blocks", param=f"{where}.content")
+    if block.get("is_error") is True:
+        text = "Error: " + text
+    return {"role": "tool", "tool_call_id": tool_use_id, "content": text}, images
+
+
+def _tool(tool: Any, where: str) -> dict[str, Any]:
+    if not isinstance(tool, dict):
+        raise RequestError(f"'{where}' must be an object", param=where)
+    kind = tool.get("type", "custom")
+    if kind != "custom":
+        raise _unportable(f"a server tool of type {kind!r} ('{where}')", f"{where}.type")
+    name = tool.get("name")
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"'{where}.name' must be a non-empty string", param=f"{where}.name")
+    function: dict[str, Any] = {"name": name}
+    for key, value in tool.items():
+        if key in ("type", "name", "cache_control", "eager_input_streaming", "defer_loading"):
+            continue
+        if key == "description":
+            function["description"] = value
+        elif key == "input_schema":
+            function["parameters"] = value
+        elif key == "strict":
+            function["strict"] = value
+        else:
+            raise _unportable(f"'{where}.{key}'", f"{where}.{key}")
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice: Any) -> dict[str, Any]:
+    """The Chat Completions fields that say what `tool_choice` says."""
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or not isinstance(kind, str) or (kind not in TOOL_CHOICES and kind != "tool"):
+        raise RequestError("'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'", param="tool_choice.type")
+    out: dict[str, Any] = {}
+    if kind == "tool":
+        name = choice.get("name")
+        if not isinstance(name, str) or not name:
+            raise RequestError("'tool_choice.name' must be a non-empty string", param="tool_choice.name")
+        out["tool_choice"] = {"type": "function", "function": {"name": name}}
+    else:
+        out["tool_choice"] = TOOL_CHOICES[kind]
+    if choice.get("disable_parallel_tool_use") is True:
+        out["parallel_tool_calls"] = False
+    return out
+
+
+def _metadata_user(metadata: Any) -> str | None:
+    if not isinstance(metadata, dict):
+        raise RequestError("'metadata' must be an object", param="metadata")
+    for key in metadata:
+        if key != "user_id":
+            raise _unportable(f"'metadata.{key}'", f"metadata.{key}")
+    user = metadata.get("user_id")
+    if user is not None and not isinstance(user, str):
+        raise RequestError("'metadata.user_id' must be a string", param="metadata.user_id")
+    return user
+
+
+def _output_config(config: Any) -> dict[str, Any]:
+    """`response_format` for a JSON schema `format`; `effort` is dropped."""
+    if not isinstance(config, dict):
+        raise RequestError("'output_config' must be an object", param="output_config")
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "format" and value is not None:
+            schema = value.get("schema") if isinstance(value, dict) else None
+            if not isinstance(value, dict) or value.get("type") != "json_schema" or not isinstance(schema, dict):
+                raise RequestError(
+                    '\'output_config.format\' must be {"type": "json_schema", "schema": {...}}',
+                    param="output_config.format",
+                )
+            out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+        elif key not in ("effort", "format"):
+            raise _unportable(f"'output_config.{key}'", f"output_config.{key}")
+    return out
