@@ -259,6 +259,10 @@ def test_key_of_another_provider_type_is_unknown() -> None:
             "[providers.p].request_usage must be true or false, got 'yes'",
         ),
         (
+            {"type": "anthropic", "skip_malformed_events": 1},
+            "[providers.p].skip_malformed_events must be true or false, got 1",
+        ),
+        (
             {"type": "openai", "base_url": "http://h/v1", "models": "gpt"},
             "[providers.p].models must be a list of model names",
         ),

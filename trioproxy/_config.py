@@ -100,7 +100,9 @@ class ProviderConfig:
     One `[providers.NAME]` table: where the upstream is, and how its streams are run
     (timeouts, retries, fallbacks, buffering, transforms and validators).
 
-    `max_connections` bounds the provider's connection pool.
+    `max_connections` bounds the provider's connection pool. `skip_malformed_events` passes
+    over an upstream event that cannot be read (counted, and logged with the request's id)
+    instead of ending the stream with it.
     """
 
     name: str
@@ -118,6 +120,7 @@ class ProviderConfig:
     transforms: tuple[Transform, ...] = ()
     validators: tuple[Validator, ...] = ()
     request_usage: bool = True
+    skip_malformed_events: bool = False
     anthropic_version: str = "2023-06-01"
     default_max_tokens: int = 4096
     simulated: SimulatedSettings = field(default_factory=SimulatedSettings)
@@ -530,6 +533,7 @@ _COMMON_KEYS: Final = {
     "buffer",
     "transforms",
     "validators",
+    "skip_malformed_events",
     *_TIMEOUT_KEYS,
 }
 _TYPE_KEYS: Final = {
@@ -610,6 +614,7 @@ def _provider(
     _number(table, "max_connections", where, problems, checked, positive=True, integer=True)
     _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
     _bool(table, "request_usage", where, problems, checked)
+    _bool(table, "skip_malformed_events", where, problems, checked)
     if "anthropic_version" in table:
         if isinstance(table["anthropic_version"], str):
             checked["anthropic_version"] = table["anthropic_version"]

@@ -47,7 +47,7 @@ from ._sse import SSEDecodeError, SSEDecoder
 from .providers._base import Translation
 from .providers.anthropic import AnthropicTranslation
 from .providers.openai import OpenAITranslation
-from .pipeline._items import Sink
+from .pipeline._items import RetryNotice, Sink
 from .providers.simulated import SimulatedSettings, Stall, script
 
 __all__ = ["HttpUpstream", "SimulatedUpstream", "Upstream", "build_upstream"]
@@ -95,11 +95,17 @@ class HttpUpstream:
         self,
         translation: Translation,
         *,
+        name: str = "",
+        skip_malformed_events: bool = False,
         connect_timeout: float = 10.0,
         max_connections: int = 1000,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.translation = translation
+        self.name = name
+        """The provider's name, for the notices it sends."""
+        self.skip_malformed_events = skip_malformed_events
+        """An event the translation cannot read is passed over (with a notice), not the end of the stream."""
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._pool: _PooledTransport | None = None
         if transport is None and not urllib.request.getproxies():
@@ -129,13 +135,20 @@ class HttpUpstream:
                 chunks = resp.aiter_bytes() if encoded else resp.aiter_raw()
                 async for data in chunks:
                     for event in decoder.feed(data):
-                        for delta in parser.feed(event):
+                        try:
+                            deltas = parser.feed(event)
+                        except UpstreamProtocolError as exc:
+                            if not self.skip_malformed_events:
+                                raise
+                            await send.send(_skipped(exc, self.name, chat))
+                            continue
+                        for delta in deltas:
                             await send.send(delta)
                     if parser.finished:
                         await _read_to_end(chunks)
                         return
-        if not parser.finished:
-            raise UpstreamProtocolError("the upstream closed the stream before its end marker")
+                for delta in parser.end():
+                    await send.send(delta)
 
     async def expire_idle_connections(self) -> None:
         """Expire idle connections on the pool's own timer until `aclose`; httpx's pool (behind a proxy) has none."""
@@ -516,7 +529,25 @@ def build_upstream(provider: ProviderConfig) -> Upstream:
         )
     else:  # the config loader admits no other type
         raise ValueError(f"unknown provider type {provider.type!r}")
-    return HttpUpstream(translation, connect_timeout=provider.connect_timeout, max_connections=provider.max_connections)
+    return HttpUpstream(
+        translation,
+        name=provider.name,
+        skip_malformed_events=provider.skip_malformed_events,
+        connect_timeout=provider.connect_timeout,
+        max_connections=provider.max_connections,
+    )
+
+
+def _skipped(error: UpstreamProtocolError, provider: str, chat: ChatRequest) -> RetryNotice:
+    return RetryNotice(
+        kind="skipped_event",
+        attempt=0,
+        provider=provider,
+        model=chat.upstream_model or chat.model,
+        delay=0.0,
+        reason=error.message,
+        error=error,
+    )
 
 
 async def _read_to_end(chunks: AsyncIterator[bytes]) -> None:

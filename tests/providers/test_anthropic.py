@@ -955,3 +955,23 @@ def test_count_tokens_for_an_anthropic_client_only() -> None:
     assert orjson.loads(request.body) == {**body, "model": "claude-sonnet-4-5"}
     assert (request.headers["anthropic-beta"], request.headers["accept"]) == ("b1", "application/json")
     assert translation.count_tokens_request(chat([USER])) is None
+
+
+def test_a_body_that_ends_after_the_stop_reason_is_complete_and_reports_its_usage() -> None:
+    parser = AnthropicStreamParser(keep_raw=False)
+    stream = [
+        ev("message_start", {"message": {"role": "assistant", "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+        ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
+        ev("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}),
+    ]
+    feed_all(parser, stream)
+    assert parser.end() == [Delta(usage=Usage(prompt_tokens=5, completion_tokens=2))]
+    assert parser.finished is True
+
+
+def test_a_body_that_ends_before_the_stop_reason_is_broken() -> None:
+    parser = AnthropicStreamParser(keep_raw=False)
+    feed_all(parser, [ev("message_start", {"message": {"role": "assistant"}})])
+    with pytest.raises(UpstreamProtocolError, match="before a finish reason"):
+        parser.end()

@@ -516,3 +516,19 @@ def test_error_message_is_bounded() -> None:
     error = error_from(b"x" * 5000, status=500)
     assert len(error.message) == MAX_ERROR_MESSAGE
     assert error.message == "x" * (MAX_ERROR_MESSAGE - 1) + "…"
+
+
+def test_a_body_that_ends_after_the_finish_reason_is_complete_without_done() -> None:
+    parser = OpenAIStreamParser(keep_raw=False)
+    feed(parser, chunk([{"index": 0, "delta": {"content": "hi"}}]))
+    feed(parser, chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+    assert parser.end() == []
+    assert parser.finished is True
+
+
+def test_a_body_that_ends_before_any_finish_reason_is_broken() -> None:
+    parser = OpenAIStreamParser(keep_raw=False)
+    feed(parser, chunk([{"index": 0, "delta": {"content": "hi"}}]))
+    with pytest.raises(UpstreamProtocolError, match="before a finish reason"):
+        parser.end()
+    assert parser.finished is False

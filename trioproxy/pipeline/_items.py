@@ -26,9 +26,16 @@ HEARTBEAT: Final = Heartbeat()
 
 @dataclass(frozen=True, slots=True)
 class RetryNotice:
-    """A failed attempt before the first token, and what happens next."""
+    """
+    Something the stream recovered from, and what happens next: a failed attempt before the
+    first token, or an upstream event passed over.
+    """
 
-    kind: str  # "retry" (same route, after `delay`) or "failover" (the next route)
+    kind: str
+    """
+    "retry" (same route, after `delay`), "failover" (the next route), or "skipped_event" (an
+    event the upstream's translation could not read, passed over as its provider allows).
+    """
     attempt: int
     provider: str
     model: str

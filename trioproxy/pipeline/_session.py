@@ -184,6 +184,9 @@ class StreamSession:
 
     def _count(self, notice: RetryNotice) -> None:
         stats = self.stats
+        if notice.kind not in ("retry", "failover"):
+            stats.recoveries.append((notice.kind, notice.provider))
+            return
         if notice.error is not None:
             stats.failed(notice.error)
         if notice.kind == "retry":

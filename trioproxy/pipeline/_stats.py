@@ -34,6 +34,8 @@ class StreamStats:
     """The provider of each failover, in order (the one the stream moved away from)."""
     failures: list[tuple[str, UpstreamError]] = field(default_factory=list)
     """Every failed upstream attempt, retried or not, with its provider, in order."""
+    recoveries: list[tuple[str, str]] = field(default_factory=list)
+    """`(kind, provider)` of each recovery other than a retry or failover (`skipped_event`), in order."""
     error: TrioproxyError | None = None
     """The error the stream ended with, if it failed."""
     cancelled: bool = False

@@ -13,14 +13,24 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from .._events import Delta
 from .._exceptions import UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
 
-__all__ = ["StreamParser", "Translation", "UpstreamRequest", "retry_after_seconds", "safe_message"]
+__all__ = [
+    "CUT_SHORT",
+    "StreamParser",
+    "Translation",
+    "UpstreamRequest",
+    "retry_after_seconds",
+    "safe_message",
+]
+
+CUT_SHORT: Final = "the upstream ended the stream before a finish reason"
+"""What `StreamParser.end` says of a body that ended cleanly but too early."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +56,15 @@ class StreamParser(Protocol):
 
         Raises `UpstreamStatusError` for an error the upstream reported in the stream and
         `UpstreamProtocolError` for bytes that are not the protocol.
+        """
+        ...
+
+    def end(self) -> list[Delta]:
+        """
+        The body ended cleanly before the end marker: the deltas still owed (usage held for
+        the marker), and the stream is finished, when a finish reason was seen; some servers
+        never send the marker, and the answer is whole. Without a finish reason the answer was
+        cut short: raises `UpstreamProtocolError`.
         """
         ...
 

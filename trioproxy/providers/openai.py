@@ -27,7 +27,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import UpstreamRequest, retry_after_seconds, safe_message
+from ._base import CUT_SHORT, UpstreamRequest, retry_after_seconds, safe_message
 
 __all__ = ["OpenAIStreamParser", "OpenAITranslation"]
 
@@ -89,7 +89,8 @@ class OpenAITranslation:
 
 class OpenAIStreamParser:
     """
-    Parses `chat.completion.chunk` events; `[DONE]` ends the stream.
+    Parses `chat.completion.chunk` events; `[DONE]` ends the stream, and so does the end of
+    the body after a finish reason (some OpenAI-compatible servers never send `[DONE]`).
 
     `secret` (the provider's API key) is masked in the messages of in-stream errors;
     `keep_raw` keeps each chunk's event bytes in its delta.
@@ -97,12 +98,19 @@ class OpenAIStreamParser:
 
     def __init__(self, *, secret: str | None = None, keep_raw: bool) -> None:
         self._finished = False
+        self._finish_seen = False
         self._secret = secret
         self._keep_raw = keep_raw
 
     @property
     def finished(self) -> bool:
         return self._finished
+
+    def end(self) -> list[Delta]:
+        if not self._finish_seen:
+            raise UpstreamProtocolError(CUT_SHORT)
+        self._finished = True
+        return []
 
     def feed(self, event: ServerSentEvent) -> list[Delta]:
         data = event.data
@@ -120,7 +128,10 @@ class OpenAIStreamParser:
         error = chunk.get("error")
         if error:
             raise _in_stream_error(error, secret=self._secret)
-        return [delta_from_chunk(chunk, raw=b"data: " + data.encode() + b"\n\n" if self._keep_raw else None)]
+        delta = delta_from_chunk(chunk, raw=b"data: " + data.encode() + b"\n\n" if self._keep_raw else None)
+        if delta.finish_reason is not None:
+            self._finish_seen = True
+        return [delta]
 
 
 def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delta:

@@ -155,6 +155,8 @@ class AccessLog:
             fields["retries"] = len(stats.retries)
         if stats.providers_left:
             fields["failovers"] = len(stats.providers_left)
+        for kind, _ in stats.recoveries:
+            fields[kind + "s"] = fields.get(kind + "s", 0) + 1
         if stats.error is not None:
             fields["error"] = stats.error.message
         if self.include_prompts:

@@ -73,6 +73,12 @@ class Metrics:
             ("provider",),
             registry=registry,
         )
+        self.recoveries = Counter(
+            "trioproxy_recoveries",
+            "Upstream faults a stream recovered from other than by a retry or failover, by kind (skipped_event)",
+            ("provider", "kind"),
+            registry=registry,
+        )
         self.timeouts = Counter(
             "trioproxy_timeouts", "Named timeouts that fired", ("provider", "kind"), registry=registry
         )
@@ -145,6 +151,8 @@ class Metrics:
             self.upstream_errors.labels(failed, _failure_status(failure)).inc()
         for left in stats.providers_left:
             self.failovers.labels(left).inc()
+        for kind, recovered in stats.recoveries:
+            self.recoveries.labels(recovered, kind).inc()
         if stats.cancelled and stats.error is None:
             self.upstream_cancellations.labels(provider).inc()
         usage = session.accumulator.usage_or_estimate(prompt_chars(session.chat))

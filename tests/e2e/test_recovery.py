@@ -1,0 +1,90 @@
+"""
+Recovery instead of failure (issue 13), end to end: the official SDKs and plain HTTP against a
+real proxy and the scripted `FakeUpstream` on loopback. Each case ends with its defined
+outcome: the canonical text exactly once, or an honest error; and no upstream request is left
+open behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+import trio
+
+from tests.conftest import wait_until
+from tests.e2e.test_observability import scrape_until, value
+from trioproxy import parse_config, serve
+from trioproxy.testing import FakeUpstream, Reply
+
+MESSAGES = [{"role": "user", "content": "go"}]
+CHAT = "/v1/chat/completions"
+
+
+def chunk(content: str | None = None, finish_reason: str | None = None) -> bytes:
+    delta = {} if content is None else {"content": content}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    body = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **providers: dict[str, Any]) -> str:
+    """A proxy whose `up` (OpenAI format) and `claude` (Anthropic format) point at `upstream`, plus `providers`."""
+    tables = {
+        "up": {"type": "openai", "base_url": upstream.url + "/v1"},
+        "claude": {"type": "anthropic", "base_url": upstream.url},
+    }
+    for name, table in providers.items():
+        tables[name] = {**tables.get(name, {}), **table}
+    config = parse_config({"retry": {"max_retries": 0}, "providers": tables}, environ={})
+    return (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+
+
+async def test_a_malformed_event_is_skipped_when_the_provider_says_so_counted_and_logged(
+    nursery: trio.Nursery, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    proxy = await start_proxy(nursery, upstream, up={"skip_malformed_events": True})
+    body = chunk("one") + b"data: {not json\n\n" + chunk(" two") + chunk(finish_reason="stop") + b"data: [DONE]\n\n"
+    upstream.push(Reply(raw_body=body))
+    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "one two"
+
+    samples = await scrape_until(
+        proxy, lambda s: value(s, "trioproxy_recoveries_total", provider="up", kind="skipped_event") == 1
+    )
+    assert value(samples, "trioproxy_streams_total", route=CHAT, provider="up", outcome="completed") == 1
+    await wait_until(lambda: any(r.name == "trioproxy.access" for r in caplog.records))
+    (line,) = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+    assert line["skipped_events"] == 1 and line["request_id"]
+
+
+async def test_without_the_setting_a_malformed_event_ends_the_stream_honestly(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(nursery, upstream)
+    upstream.push(Reply(raw_body=chunk("one") + b"data: {not json\n\n" + chunk(" two") + chunk(finish_reason="stop")))
+    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
+        with pytest.raises(openai.APIError) as info:
+            async for _ in stream:
+                pass
+    assert "not JSON" in info.value.message
+
+
+async def test_the_generic_endpoints_announce_a_skipped_event(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
+    proxy = await start_proxy(nursery, upstream, up={"skip_malformed_events": True})
+    upstream.push(Reply(raw_body=chunk("one") + b"data: [1, 2]\n\n" + chunk(finish_reason="stop")))
+    async with httpx.AsyncClient() as http:
+        response = await http.post(proxy + "/v1/chat/stream/json", json={"model": "up/m", "messages": MESSAGES})
+    events = [orjson.loads(line) for line in response.text.splitlines()]
+    skipped = [e for e in events if e["type"] == "metadata" and e["data"] == "skipped_event"]
+    assert len(skipped) == 1 and "not a JSON object" in skipped[0]["metadata"]["reason"]
+    assert events[-1]["type"] == "done"
