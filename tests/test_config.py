@@ -493,7 +493,7 @@ def test_file_mistakes_reported_like_dict_mistakes(tmp_path: Path) -> None:
 
 OPENAI = {"type": "openai", "base_url": "http://h/v1"}
 TIMEOUT_KEYS = "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval"
-RETRY_KEYS = "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter"
+RETRY_KEYS = "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on"
 BUFFER_KEYS = "min_chunk_size, max_chunk_size, flush_interval_ms, buffer_by_word, buffer_by_sentence"
 
 

@@ -25,6 +25,7 @@ TrioproxyError                 status  type
 │   └── StreamsFullError        503     no room for another resumable stream
 └── UpstreamError               502     upstream_error: the upstream failed us
     ├── UpstreamConnectError    502     could not reach the upstream
+    │   └── UpstreamDisconnectError 502 the connection broke once it was made
     ├── UpstreamTimeoutError    504     the upstream took too long
     ├── UpstreamStatusError     (its)   the upstream answered with an error status
     └── UpstreamProtocolError   502     the upstream's bytes made no sense
@@ -59,6 +60,7 @@ __all__ = [
     "StreamsFullError",
     "TrioproxyError",
     "UpstreamConnectError",
+    "UpstreamDisconnectError",
     "UpstreamError",
     "UpstreamProtocolError",
     "UpstreamStatusError",
@@ -229,15 +231,18 @@ class StreamsFullError(OverloadedError):
 
 
 class UpstreamError(TrioproxyError):
-    """The upstream failed. `retryable` says whether asking again could help."""
+    """The upstream failed; `_policy.failure_kind` says of what kind, and so whether asking again could help."""
 
     status = 502
     type = "upstream_error"
-    retryable = True
 
 
 class UpstreamConnectError(UpstreamError):
     pass
+
+
+class UpstreamDisconnectError(UpstreamConnectError):
+    """The upstream was reached, and the connection broke (a reset, a close before the response's end)."""
 
 
 class UpstreamTimeoutError(UpstreamError):
@@ -264,11 +269,10 @@ class UpstreamStatusError(UpstreamError):
         super().__init__(message, code=code, retry_after=retry_after)
         self.status = status
         self.type = type or _type_for_status(status)
-        self.retryable = status == 429 or status >= 500
 
 
 class UpstreamProtocolError(UpstreamError):
-    retryable = False
+    pass
 
 
 def _type_for_status(status: int) -> str:

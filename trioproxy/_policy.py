@@ -16,7 +16,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Final, TypeVar
 
-__all__ = ["BufferConfig", "RetryConfig", "StreamsConfig", "Timeouts", "parse_policy"]
+from ._exceptions import (
+    UpstreamConnectError,
+    UpstreamDisconnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeoutError,
+)
+
+__all__ = [
+    "DEFAULT_RETRY_ON",
+    "FAILURE_KINDS",
+    "BufferConfig",
+    "RetryConfig",
+    "StreamsConfig",
+    "Timeouts",
+    "failure_kind",
+    "parse_policy",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +80,54 @@ class Timeouts:
     heartbeat_interval: float = 15.0
 
 
+FAILURE_KINDS: Final = (
+    "connect",
+    "first_token_timeout",
+    "connection_broken",
+    "rate_limit",
+    "server_error",
+    "timeout",
+    "protocol",
+)
+"""
+The kinds of failure before the first token that `RetryConfig.retry_on` may name:
+
+- `connect`: no connection (refused, unreachable, `connect_timeout`, no pool slot in time);
+- `first_token_timeout`: connected, and no first token within `first_token_timeout`;
+- `connection_broken`: the connection broke once it was made (a reset, a stale pooled one);
+- `rate_limit`: a 429; `server_error`: a 5xx, or a 5xx-class error in the stream (`overloaded_error`);
+- `timeout`: another timeout of the upstream request (a write that did not complete);
+- `protocol`: the upstream's bytes are not its protocol.
+
+A refusal (another 4xx) is no kind: it is never retried on the route that refused it.
+"""
+
+DEFAULT_RETRY_ON: Final = ("connection_broken", "rate_limit", "server_error", "timeout")
+"""
+Worth asking the same route again. A route that gives no connection or no first token in
+time is not: it is left for the next fallback at once, rather than costing its timeout again.
+"""
+
+
+def failure_kind(error: UpstreamError) -> str | None:
+    """The kind (one of `FAILURE_KINDS`) of an upstream failure; `None` for a refusal."""
+    if isinstance(error, UpstreamTimeoutError):
+        if error.kind in ("connect_timeout", "pool_timeout"):
+            return "connect"
+        return "first_token_timeout" if error.kind == "first_token_timeout" else "timeout"
+    if isinstance(error, UpstreamDisconnectError):
+        return "connection_broken"
+    if isinstance(error, UpstreamConnectError):
+        return "connect"
+    if isinstance(error, UpstreamProtocolError):
+        return "protocol"
+    if error.status == 429:
+        return "rate_limit"
+    if 400 <= error.status < 500:
+        return None
+    return "server_error"
+
+
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
     """
@@ -70,6 +135,8 @@ class RetryConfig:
 
     The n-th retry (from 0) waits `min(max_delay_ms, base_delay_ms * exponential_base ** n)`,
     less up to `jitter` of it at random, and never less than the upstream's `Retry-After`.
+    Only failures of a kind in `retry_on` are retried on their route; any other goes to the
+    next fallback at once (see `FAILURE_KINDS`).
     """
 
     max_retries: int = 2
@@ -77,6 +144,11 @@ class RetryConfig:
     max_delay_ms: float = 8000.0
     exponential_base: float = 2.0
     jitter: float = 0.2
+    retry_on: tuple[str, ...] = DEFAULT_RETRY_ON
+
+    def retries(self, error: UpstreamError) -> bool:
+        """Whether `error` is of a kind worth asking its route again for."""
+        return failure_kind(error) in self.retry_on
 
     def delay(self, retry_number: int, *, retry_after: float | None = None, random: float = 0.0) -> float:
         """Seconds to wait before retry `retry_number`; `random` is uniform in [0, 1)."""
@@ -130,6 +202,7 @@ _KINDS: Final[dict[type, dict[str, tuple[type, ...]]]] = {
         "max_delay_ms": _NUMBER,
         "exponential_base": _NUMBER,
         "jitter": _NUMBER,
+        "retry_on": (list,),
     },
     StreamsConfig: {
         "resume_grace_period": _NUMBER,
@@ -155,6 +228,13 @@ def parse_policy(base: _Policy, table: Any, *, where: str, problems: list[str]) 
         expected = kinds.get(key)
         if expected is None:
             problems.append(f"{where}: unknown key {key!r} (known: {', '.join(kinds)})")
+        elif expected == (list,):
+            if not isinstance(value, list) or not all(v in FAILURE_KINDS for v in value):
+                problems.append(
+                    f"{where}.{key} must be a list of failure kinds among {', '.join(FAILURE_KINDS)}, got {value!r}"
+                )
+            else:
+                changes[key] = tuple(value)
         elif isinstance(value, bool) != (expected == (bool,)) or not isinstance(value, expected):
             name = "a boolean" if expected == (bool,) else "an integer" if expected == (int,) else "a number"
             problems.append(f"{where}.{key} must be {name}, got {value!r}")

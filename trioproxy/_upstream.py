@@ -38,6 +38,7 @@ from ._exceptions import (
     RequestError,
     TrioproxyError,
     UpstreamConnectError,
+    UpstreamDisconnectError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeoutError,
@@ -595,7 +596,7 @@ def _mapped_httpx_errors() -> Iterator[None]:
     except httpx.ConnectError as exc:
         raise UpstreamConnectError(f"cannot connect to the upstream: {_reason(exc)}") from exc
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError) as exc:
-        raise UpstreamConnectError(f"the upstream connection broke: {_reason(exc)}") from exc
+        raise UpstreamDisconnectError(f"the upstream connection broke: {_reason(exc)}") from exc
     except httpx.DecodingError as exc:
         raise UpstreamProtocolError(f"the upstream's body could not be decoded: {_reason(exc)}") from exc
     except httpx.HTTPError as exc:

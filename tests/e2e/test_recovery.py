@@ -8,6 +8,8 @@ open behind it.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -19,10 +21,11 @@ import trio
 
 from tests.conftest import wait_until
 from tests.e2e.test_observability import scrape_until, value
-from trioproxy import parse_config, serve
-from trioproxy.testing import FakeUpstream, Reply
+from trioproxy import create_app, parse_config, serve
+from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
 MESSAGES = [{"role": "user", "content": "go"}]
+TOKENS = ("The", " canonical", " answer", ".")
 CHAT = "/v1/chat/completions"
 
 
@@ -88,3 +91,96 @@ async def test_the_generic_endpoints_announce_a_skipped_event(nursery: trio.Nurs
     skipped = [e for e in events if e["type"] == "metadata" and e["data"] == "skipped_event"]
     assert len(skipped) == 1 and "not a JSON object" in skipped[0]["metadata"]["reason"]
     assert events[-1]["type"] == "done"
+
+
+@asynccontextmanager
+async def in_process(tables: dict[str, dict[str, Any]], **policy: Any) -> AsyncIterator[openai.AsyncOpenAI]:
+    """
+    The app on the current (mock) clock, its upstreams real `FakeUpstream`s on loopback: the
+    timeouts pass on trio's MockClock, the upstream requests are real HTTP on real sockets.
+    """
+    config = parse_config({"retry": {"max_retries": 0}, **policy, "providers": tables}, environ={})
+    app = create_app(config)
+    async with app.test_app():
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
+        async with openai.AsyncOpenAI(
+            base_url="http://proxy.test/v1", api_key="k", max_retries=0, http_client=http
+        ) as client:
+            yield client
+
+
+async def open_upstreams(nursery: trio.Nursery, n: int) -> list[FakeUpstream]:
+    return [await open_fake_upstream(nursery) for _ in range(n)]
+
+
+async def collect(client: openai.AsyncOpenAI, model: str) -> str:
+    stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+
+async def test_a_route_that_never_answers_is_left_for_the_fallback_after_one_first_token_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    primary, backup = await open_upstreams(nursery, 2)
+    primary.push(Reply(headers_delay=1000))  # no response at all
+    backup.push(Reply(tokens=TOKENS))
+    tables = {
+        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
+        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
+    }
+    async with in_process(tables, timeouts={"first_token_timeout": 5}, retry={"max_retries": 2}) as client:
+        start = trio.current_time()
+        assert await collect(client, "primary/m") == "".join(TOKENS)
+        assert trio.current_time() - start == pytest.approx(5, abs=0.1)  # one timeout, no retry, no backoff
+    assert primary.request_count == 1
+    assert primary.requests[0].disconnected.is_set()  # the request that lost was cancelled
+
+
+async def test_a_refused_connection_goes_to_the_fallback_at_once(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    (backup,) = await open_upstreams(nursery, 1)
+    closed = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = closed.socket.getsockname()[1]
+    await closed.aclose()
+    backup.push(Reply(tokens=TOKENS))
+    tables = {
+        "gone": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "fallbacks": ["backup/m"]},
+        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
+    }
+    async with in_process(tables, retry={"max_retries": 2, "base_delay_ms": 1000}) as client:
+        start = trio.current_time()
+        assert await collect(client, "gone/m") == "".join(TOKENS)
+        assert trio.current_time() - start < 0.1
+
+
+async def test_a_5xx_is_retried_with_its_retry_after_before_the_fallback(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    primary, backup = await open_upstreams(nursery, 2)
+    primary.push(Reply(status=503, headers={"retry-after": "3"}), Reply(tokens=TOKENS))
+    tables = {
+        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
+        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
+    }
+    async with in_process(tables, retry={"max_retries": 2, "base_delay_ms": 10}) as client:
+        start = trio.current_time()
+        assert await collect(client, "primary/m") == "".join(TOKENS)
+        assert trio.current_time() - start == pytest.approx(3, abs=0.1)
+    assert (primary.request_count, backup.request_count) == (2, 0)
+
+
+async def test_a_content_filter_refusal_is_neither_retried_nor_failed_over(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    primary, backup = await open_upstreams(nursery, 2)
+    primary.push(Reply(status=400, error_message="the prompt was filtered"))
+    tables = {
+        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
+        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
+    }
+    async with in_process(tables, retry={"max_retries": 2}) as client:
+        with pytest.raises(openai.BadRequestError) as info:
+            await collect(client, "primary/m")
+    assert "filtered" in info.value.message
+    assert (primary.request_count, backup.request_count) == (1, 0)

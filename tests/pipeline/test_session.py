@@ -17,6 +17,7 @@ import trio
 from trioproxy import (
     Delta,
     UpstreamConnectError,
+    UpstreamDisconnectError,
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeoutError,
@@ -224,7 +225,7 @@ async def test_retry_delays_follow_the_config_and_retry_after(autojump_clock: tr
         [
             [UpstreamStatusError("busy", status=503)],
             [UpstreamStatusError("slow down", status=429, retry_after=5.0)],
-            [UpstreamConnectError("refused")],
+            [UpstreamDisconnectError("reset")],
             [*tokens("ok"), Delta(finish_reason="stop")],
         ]
     )
@@ -261,10 +262,33 @@ async def test_failover_to_the_fallback_after_the_retries(autojump_clock: trio.a
     assert session.completed
 
 
-async def test_first_token_timeout_is_retried(autojump_clock: trio.abc.Clock) -> None:
+async def test_no_connection_or_no_first_token_fails_over_at_once(autojump_clock: trio.abc.Clock) -> None:
+    refused = ScriptedUpstream([[UpstreamConnectError("refused")]])
+    silent = ScriptedUpstream([[OPENED, STALL]])
+    backup = ScriptedUpstream([[*tokens("from", " backup"), Delta(finish_reason="stop")]])
+    timeouts = Timeouts(first_token_timeout=10, heartbeat_interval=0)
+    retry = RetryConfig(max_retries=3, base_delay_ms=500, jitter=0)
+    items, session = await run(
+        pipeline(
+            route(refused, retry=retry, timeouts=timeouts),
+            route(silent, name="silent", retry=retry, timeouts=timeouts),
+            route(backup, name="backup", retry=retry, timeouts=timeouts),
+        )
+    )
+
+    assert (refused.calls, silent.calls) == (1, 1)  # neither retried
+    assert silent.cancelled == [10.0]
+    assert backup.started == [10.0]  # no backoff before a failover
+    notices = [(i.kind, i.provider) for _, i in items if isinstance(i, RetryNotice)]
+    assert notices == [("failover", "silent"), ("failover", "backup")]
+    assert texts(items) == "from backup"
+    assert session.completed
+
+
+async def test_a_first_token_timeout_is_retried_when_retry_on_names_it(autojump_clock: trio.abc.Clock) -> None:
     upstream = ScriptedUpstream([[OPENED, STALL], [*tokens("second"), Delta(finish_reason="stop")]])
     timeouts = Timeouts(first_token_timeout=10, heartbeat_interval=0)
-    retry = RetryConfig(max_retries=1, base_delay_ms=500, jitter=0)
+    retry = RetryConfig(max_retries=1, base_delay_ms=500, jitter=0, retry_on=("first_token_timeout",))
     items, session = await run(pipeline(route(upstream, timeouts=timeouts, retry=retry)))
 
     assert upstream.cancelled == [10.0]
@@ -272,6 +296,14 @@ async def test_first_token_timeout_is_retried(autojump_clock: trio.abc.Clock) ->
     assert [i for _, i in items if isinstance(i, Opened)] == [OPENED]  # committed once
     assert texts(items) == "second"
     assert session.completed
+
+
+async def test_what_retry_on_leaves_out_is_not_retried(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[UpstreamStatusError("busy", status=503)]])
+    retry = RetryConfig(max_retries=3, retry_on=("rate_limit",))
+    items, _ = await run(pipeline(route(upstream, retry=retry)))
+    assert upstream.calls == 1
+    assert isinstance(items[-1][1], UpstreamStatusError)
 
 
 async def test_a_client_error_is_neither_retried_nor_failed_over(autojump_clock: trio.abc.Clock) -> None:
@@ -304,7 +336,7 @@ async def test_no_code_path_sends_text_twice(autojump_clock: trio.abc.Clock) -> 
     words = ["one", " two", " three", " four"]
     full = tokens(*words) + [Delta(finish_reason="stop")]
     for cut in range(len(full) + 1):
-        failing = full[:cut] + [UpstreamConnectError("connection reset")]
+        failing = full[:cut] + [UpstreamDisconnectError("connection reset")]
         upstream = ScriptedUpstream([failing, full, full, full])
         backup = ScriptedUpstream([full])
         retry = RetryConfig(max_retries=2, base_delay_ms=1, jitter=0)
@@ -558,7 +590,7 @@ async def test_retries_and_failovers_are_counted_against_the_provider_that_faile
 async def test_timeouts_are_counted_by_kind_and_end_the_stream_as_timeout(autojump_clock: trio.abc.Clock) -> None:
     upstream = ScriptedUpstream([[OPENED, STALL], [*tokens("x"), STALL]])
     timeouts = Timeouts(first_token_timeout=10, silence_timeout=5, heartbeat_interval=0)
-    retry = RetryConfig(max_retries=1, base_delay_ms=0, jitter=0)
+    retry = RetryConfig(max_retries=1, base_delay_ms=0, jitter=0, retry_on=("first_token_timeout",))
     _, session = await run(pipeline(route(upstream, timeouts=timeouts, retry=retry)))
 
     failures = session.stats.failures

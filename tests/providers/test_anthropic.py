@@ -17,6 +17,7 @@ import pytest
 
 from trioproxy._events import Delta, ToolCallDelta, Usage
 from trioproxy._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
+from trioproxy._policy import RetryConfig
 from trioproxy._request import ChatRequest, NativeRequest
 from trioproxy._sse import ServerSentEvent, SSEDecoder
 from trioproxy.providers.anthropic import (
@@ -746,7 +747,7 @@ def test_error_event(error_type: str, status: int) -> None:
     with pytest.raises(UpstreamStatusError) as info:
         parser.feed(event)
     assert (info.value.status, info.value.type, info.value.message) == (status, error_type, "Overloaded")
-    assert info.value.retryable is (status == 429 or status >= 500)
+    assert RetryConfig().retries(info.value) is (status == 429 or status >= 500)
     assert not parser.finished
 
 
@@ -788,7 +789,7 @@ def test_malformed_data_is_a_protocol_error(event: ServerSentEvent) -> None:
     with pytest.raises(UpstreamProtocolError) as info:
         parser.feed(event)
     assert info.value.message.startswith("upstream")
-    assert info.value.retryable is False
+    assert RetryConfig().retries(info.value) is False
 
 
 # --------------------------------------------------------------------------------------------
@@ -800,7 +801,7 @@ def test_error_from_anthropic_error_body() -> None:
     body = b'{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}'
     error = translation.error_from_response(429, {"retry-after": "12.5", "x-request-id": "r"}, body)
     assert isinstance(error, UpstreamStatusError)
-    assert (error.status, error.type, error.message, error.retry_after, error.retryable) == (
+    assert (error.status, error.type, error.message, error.retry_after, RetryConfig().retries(error)) == (
         429,
         "rate_limit_error",
         "Number of request tokens has exceeded your per-minute rate limit",

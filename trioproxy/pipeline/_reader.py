@@ -110,7 +110,7 @@ async def _try_route(
             return None
         except UpstreamError as exc:
             error = exc
-        if progress.token_sent or not error.retryable or attempt == retry.max_retries:
+        if progress.token_sent or not retry.retries(error) or attempt == retry.max_retries:
             return error
         delay = retry.delay(attempt, retry_after=error.retry_after, random=rng.random())
         logger.info("retrying %s/%s in %.3f s: %s", route.provider.name, route.upstream_model, delay, error)
