@@ -492,8 +492,8 @@ def test_file_mistakes_reported_like_dict_mistakes(tmp_path: Path) -> None:
 # timeouts, retries, buffering: global tables and per-provider overrides
 
 OPENAI = {"type": "openai", "base_url": "http://h/v1"}
-TIMEOUT_KEYS = "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval"
-RETRY_KEYS = "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on"
+TIMEOUT_KEYS = "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval, hedge_after"
+RETRY_KEYS = "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges"
 BUFFER_KEYS = "min_chunk_size, max_chunk_size, flush_interval_ms, buffer_by_word, buffer_by_sentence"
 
 

@@ -519,7 +519,7 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
     )
 
 
-_TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval"}
+_TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval", "hedge_after"}
 _COMMON_KEYS: Final = {
     "type",
     "base_url",

@@ -70,7 +70,9 @@ class Timeouts:
     - `silence_timeout`: the longest gap between two tokens;
     - `total_timeout`: the whole stream, retries included;
     - `heartbeat_interval`: how long the client may go without a byte before it gets a
-      keep-alive.
+      keep-alive;
+    - `hedge_after`: how long a route may go without a first token before the next fallback
+      is asked alongside it (a hedge: the first token wins, the other request is cancelled).
     """
 
     connect_timeout: float = 10.0
@@ -78,6 +80,7 @@ class Timeouts:
     silence_timeout: float = 60.0
     total_timeout: float = 1200.0
     heartbeat_interval: float = 15.0
+    hedge_after: float = 0.0
 
 
 FAILURE_KINDS: Final = (
@@ -136,7 +139,8 @@ class RetryConfig:
     The n-th retry (from 0) waits `min(max_delay_ms, base_delay_ms * exponential_base ** n)`,
     less up to `jitter` of it at random, and never less than the upstream's `Retry-After`.
     Only failures of a kind in `retry_on` are retried on their route; any other goes to the
-    next fallback at once (see `FAILURE_KINDS`).
+    next fallback at once (see `FAILURE_KINDS`). `max_hedges` bounds the hedges of one request
+    (`Timeouts.hedge_after`).
     """
 
     max_retries: int = 2
@@ -145,6 +149,7 @@ class RetryConfig:
     exponential_base: float = 2.0
     jitter: float = 0.2
     retry_on: tuple[str, ...] = DEFAULT_RETRY_ON
+    max_hedges: int = 1
 
     def retries(self, error: UpstreamError) -> bool:
         """Whether `error` is of a kind worth asking its route again for."""
@@ -203,6 +208,7 @@ _KINDS: Final[dict[type, dict[str, tuple[type, ...]]]] = {
         "exponential_base": _NUMBER,
         "jitter": _NUMBER,
         "retry_on": (list,),
+        "max_hedges": (int,),
     },
     StreamsConfig: {
         "resume_grace_period": _NUMBER,

@@ -106,6 +106,9 @@ async def in_process(tables: dict[str, dict[str, Any]], **policy: Any) -> AsyncI
         async with openai.AsyncOpenAI(
             base_url="http://proxy.test/v1", api_key="k", max_retries=0, http_client=http
         ) as client:
+            # The SDK's first request looks up the platform in a worker thread, while the
+            # MockClock jumps ahead: done here, the time a test measures is the proxy's only.
+            await client.models.list()
             yield client
 
 
@@ -184,3 +187,34 @@ async def test_a_content_filter_refusal_is_neither_retried_nor_failed_over(
             await collect(client, "primary/m")
     assert "filtered" in info.value.message
     assert (primary.request_count, backup.request_count) == (1, 0)
+
+
+async def test_a_first_token_after_20_s_is_hedged_and_the_slow_request_cancelled(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    primary, backup = await open_upstreams(nursery, 2)
+    primary.push(Reply(tokens=("slow",), ttft=20))
+    backup.push(Reply(tokens=TOKENS, ttft=0.5))
+    tables = {
+        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"], "hedge_after": 3},
+        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
+    }
+    async with in_process(tables) as client:
+        start = trio.current_time()
+        assert await collect(client, "primary/m") == "".join(TOKENS)
+        assert trio.current_time() - start == pytest.approx(3.5, abs=0.1)
+        assert primary.requests[0].disconnected_at == pytest.approx(start + 3.5, abs=0.1)  # cancelled at once
+        assert not backup.requests[0].disconnected.is_set()
+
+        # The generic endpoints announce the hedge and who won; the metrics count it.
+        primary.push(Reply(tokens=("slow",), ttft=20))
+        backup.push(Reply(tokens=TOKENS, ttft=0.5))
+        response = await client._client.post(
+            "http://proxy.test/v1/chat/stream/json", json={"model": "primary/m", "messages": MESSAGES}
+        )
+        events = [orjson.loads(line) for line in response.text.splitlines()]
+        announced = [(e["data"], e["metadata"]["provider"]) for e in events if e["type"] == "metadata"]
+        assert ("hedge", "backup") in announced and ("hedge_won", "backup") in announced
+        assert "".join(e["data"] for e in events if e["type"] == "token") == "".join(TOKENS)
+        metrics = (await client._client.get("http://proxy.test/metrics")).text
+    assert 'trioproxy_recoveries_total{kind="hedge",provider="primary"} 2.0' in metrics

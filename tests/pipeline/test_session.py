@@ -652,3 +652,103 @@ async def test_model_labels_are_bounded_per_provider(autojump_clock: trio.abc.Cl
     assert set(labels[MAX_MODEL_LABELS:]) == {"other"}
     assert metrics._model_label("p", "model-0") == "model-0"
     assert metrics._model_label("q", "model-99") == "model-99"
+
+
+# --- hedged first tokens -----------------------------------------------------------------
+
+
+def hedged(upstream: ScriptedUpstream, name: str = "p", hedge_after: float = 2.0, **policy: Any) -> Route:
+    timeouts = Timeouts(heartbeat_interval=0, hedge_after=hedge_after)
+    return route(upstream, name, timeouts=timeouts, **policy)
+
+
+async def test_a_hedge_that_answers_first_wins_and_the_slow_route_is_cancelled(autojump_clock: trio.abc.Clock) -> None:
+    slow = ScriptedUpstream([[OPENED, Delta(role="assistant"), 10.0, *tokens("slow")]])
+    fast = ScriptedUpstream([[OPENED, Delta(role="assistant"), 0.5, Delta(text="fast"), Delta(finish_reason="stop")]])
+    items, session = await run(pipeline(hedged(slow), route(fast, name="backup")))
+
+    assert fast.started == [2.0]
+    assert slow.cancelled == [2.5]  # at the hedge's first token
+    assert texts(items) == "fast"
+    assert [i for _, i in items if isinstance(i, Opened)] == [OPENED]
+    assert [i.role for _, i in items if isinstance(i, Delta) and i.role] == ["assistant"]
+    notices = [(t, i.kind, i.provider) for t, i in items if isinstance(i, RetryNotice)]
+    assert notices == [(2.0, "hedge", "backup"), (2.5, "hedge_won", "backup")]
+    assert session.completed
+    assert (session.stats.provider, session.stats.recoveries) == ("backup", [("hedge", "p")])
+    assert session.stats.failures == []
+
+
+async def test_the_slow_route_wins_if_its_token_comes_first_and_the_hedge_is_cancelled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    slow = ScriptedUpstream([[OPENED, 3.0, Delta(text="first"), Delta(finish_reason="stop")]])
+    slower = ScriptedUpstream([[OPENED, 5.0, *tokens("late")]])
+    items, session = await run(pipeline(hedged(slow), route(slower, name="backup")))
+
+    assert slower.cancelled == [3.0]
+    assert texts(items) == "first"
+    assert [i.kind for _, i in items if isinstance(i, RetryNotice)] == ["hedge"]
+    assert session.stats.provider == "p"
+
+
+async def test_no_hedge_when_the_first_token_comes_in_time_or_the_route_fails_first(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    quick = ScriptedUpstream([[OPENED, 1.0, Delta(text="ok"), Delta(finish_reason="stop")]])
+    unused = ScriptedUpstream([])
+    items, _ = await run(pipeline(hedged(quick), route(unused, name="backup")))
+    assert (texts(items), unused.calls) == ("ok", 0)
+
+    failing = ScriptedUpstream([[1.0, UpstreamStatusError("bad gateway", status=502)]])
+    backup = ScriptedUpstream([[*tokens("b"), Delta(finish_reason="stop")]])
+    start = trio.current_time()
+    items, _ = await run(pipeline(hedged(failing), route(backup, name="backup")))
+    assert backup.started == [start + 1.0]
+    assert [i.kind for _, i in items if isinstance(i, RetryNotice)] == ["failover"]
+    assert texts(items) == "b"
+
+
+async def test_the_hedge_goes_on_when_the_slow_route_fails_and_both_failures_are_reported(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    slow = ScriptedUpstream([[OPENED, 3.0, UpstreamStatusError("bad gateway", status=502)]])
+    hedge = ScriptedUpstream([[OPENED, 5.0, UpstreamStatusError("down", status=503)]])
+    last = ScriptedUpstream([[*tokens("third"), Delta(finish_reason="stop")]])
+    items, session = await run(pipeline(hedged(slow), route(hedge, name="backup"), route(last, name="last")))
+
+    assert last.started == [7.0]
+    assert texts(items) == "third"
+    assert [(i.kind, i.provider) for _, i in items if isinstance(i, RetryNotice)] == [
+        ("hedge", "backup"),
+        ("hedge_failed", "p"),
+        ("failover", "last"),
+    ]
+    stats = session.stats
+    assert [(provider, error.status) for provider, error in stats.failures] == [("p", 502), ("backup", 503)]
+    assert (stats.provider, stats.providers_left) == ("last", ["backup"])
+
+
+async def test_one_hedge_per_request_by_default(autojump_clock: trio.abc.Clock) -> None:
+    first = ScriptedUpstream([[OPENED, 1.0, UpstreamStatusError("down", status=503)]])
+    second = ScriptedUpstream([[OPENED, 1.0, UpstreamStatusError("down", status=503)]])
+    third = ScriptedUpstream([[OPENED, 100.0]])
+    fourth = ScriptedUpstream([[OPENED, 100.0]])
+    routes = (hedged(first, hedge_after=0.5), hedged(second, "b"), hedged(third, "c"), route(fourth, name="d"))
+    items, _ = await run(pipeline(*routes))
+    # first and second race (the one hedge); third is asked alone, and no hedge joins it
+    assert third.started == [1.5] and fourth.calls == 0
+    assert [i.kind for _, i in items if isinstance(i, RetryNotice)].count("hedge") == 1
+
+
+async def test_a_hedge_that_ends_by_the_client_leaving_cancels_both_requests(autojump_clock: trio.abc.Clock) -> None:
+    slow = ScriptedUpstream([[OPENED, STALL]])
+    slower = ScriptedUpstream([[OPENED, STALL]])
+    session = StreamSession(pipeline(hedged(slow), route(slower, name="backup")), CHAT, heartbeats=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        with trio.move_on_after(5):
+            async for _ in session.output:
+                pass
+        session.cancel()
+    assert (slower.started, slow.cancelled, slower.cancelled) == ([2.0], [5.0], [5.0])

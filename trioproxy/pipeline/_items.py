@@ -28,13 +28,16 @@ HEARTBEAT: Final = Heartbeat()
 class RetryNotice:
     """
     Something the stream recovered from, and what happens next: a failed attempt before the
-    first token, or an upstream event passed over.
+    first token, a hedge, or an upstream event passed over.
     """
 
     kind: str
     """
-    "retry" (same route, after `delay`), "failover" (the next route), or "skipped_event" (an
-    event the upstream's translation could not read, passed over as its provider allows).
+    "retry" (same route, after `delay`), "failover" (the next route), "hedge" (the next route
+    asked alongside a slow first token), "hedge_won" (that route's token came first: it
+    answers), "hedge_failed" (one of the two racing routes, named, failed; the other goes on),
+    or "skipped_event" (an event the upstream's translation could not read, passed
+    over as its provider allows).
     """
     attempt: int
     provider: str

@@ -19,7 +19,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -39,6 +39,12 @@ logger = logging.getLogger("trioproxy.upstream")
 
 _NOT_FAILOVER_STATUSES = frozenset({400, 413, 422})
 """The client's own request is at fault: another upstream would refuse it too."""
+
+MAX_HELD_ITEMS: Final = 64
+"""
+What a racing attempt holds before its first token: its preamble (`OPENED`, the role, the
+upstream's opening events); beyond it, events that say nothing (pings) are dropped.
+"""
 
 
 @dataclass(slots=True)
@@ -77,19 +83,145 @@ async def _attempts(
     progress: _Progress,
     rng: random.Random,
 ) -> None:
+    routes = pipeline.routes
     failures: list[tuple[Route, UpstreamError]] = []
-    for route in pipeline.routes:
+    hedges = routes[0].provider.retry.max_hedges
+    at = 0
+    while at < len(routes):
+        route = routes[at]
         if failures:
             await sink.send(_notice("failover", 0, route, 0.0, failures[-1][1]))
-        error = await _try_route(pipeline, route, chat, sink, progress, rng)
-        if error is None:
+        hedge_after = route.provider.timeouts.hedge_after
+        if hedges and hedge_after and at + 1 < len(routes):
+            hedges -= 1
+            failed, tried, succeeded = await _race(pipeline, route, routes[at + 1], chat, sink, progress, rng)
+        else:
+            error = await _try_route(pipeline, route, chat, sink, progress, rng)
+            failed, tried, succeeded = [] if error is None else [(route, error)], 1, error is None
+        if succeeded:
             return
-        failures.append((route, error))
-        if progress.token_sent or error.status in _NOT_FAILOVER_STATUSES:
+        failures += failed
+        at += tried
+        if progress.token_sent or failures[-1][1].status in _NOT_FAILOVER_STATUSES:
             break
     if len(failures) == 1:
         raise failures[0][1]
-    raise _every_failure(failures, routes=len(pipeline.routes))
+    raise _every_failure(failures, routes=len(routes))
+
+
+async def _race(
+    pipeline: Pipeline,
+    route: Route,
+    hedge: Route,
+    chat: ChatRequest,
+    sink: Sink,
+    progress: _Progress,
+    rng: random.Random,
+) -> tuple[list[tuple[Route, UpstreamError]], int, bool]:
+    """
+    `route`, and `hedge` alongside it once `route` has given no first token for its
+    `hedge_after`: the first to send a token wins, and the other is cancelled at once (its
+    upstream request closed). Each holds what it sends before its first token, so the loser's
+    preamble never reaches the sink. The failures in the order they came, how many routes were
+    tried (1 when `route` ended before the hedge began), and whether one streamed to its end.
+    """
+    race = _Race(sink, progress)
+    failures: list[tuple[Route, UpstreamError]] = []
+    succeeded = False
+
+    async def enter(racer: Route, entrant: _Entrant) -> None:
+        nonlocal succeeded
+        with entrant.scope:
+            error = await _try_route(pipeline, racer, chat, entrant, _Progress(), rng)
+            if error is None:
+                succeeded = True
+            else:
+                failures.append((racer, error))
+                if not all(other.settled.is_set() for other in race.entrants if other is not entrant):
+                    # The other goes on: this failure does not end the race, say so now.
+                    await sink.send(_notice("hedge_failed", 0, racer, 0.0, error))
+        entrant.settled.set()
+
+    tried = 1
+    async with trio.open_nursery() as nursery:
+        first = race.entrant(route, announce=False)
+        nursery.start_soon(enter, route, first)
+        with trio.move_on_after(route.provider.timeouts.hedge_after):
+            await first.settled.wait()
+        if not first.settled.is_set():
+            tried = 2
+            reason = f"no first token within hedge_after ({route.provider.timeouts.hedge_after:g} s)"
+            await sink.send(RetryNotice("hedge", 1, hedge.provider.name, hedge.upstream_model, 0.0, reason))
+            nursery.start_soon(enter, hedge, race.entrant(hedge, announce=True))
+    return failures, tried, succeeded
+
+
+class _Race:
+    """Two attempts racing for the first token; the sink takes the winner's items only."""
+
+    def __init__(self, sink: Sink, progress: _Progress) -> None:
+        self.sink = sink
+        self.progress = progress
+        self.entrants: list[_Entrant] = []
+        self.winner: _Entrant | None = None
+
+    def entrant(self, route: Route, *, announce: bool) -> _Entrant:
+        entrant = _Entrant(self, route, announce=announce)
+        self.entrants.append(entrant)
+        return entrant
+
+
+class _Entrant:
+    """
+    One attempt's way into a race's sink: before its first token it holds what it sends
+    (`OPENED`, the role, an upstream's content-less events); its first token wins the race
+    if no other did, cancels the others, and sends what it held, then the token.
+    """
+
+    def __init__(self, race: _Race, route: Route, *, announce: bool) -> None:
+        self.race = race
+        self.route = route
+        self.announce = announce
+        """Tell the sink when it wins: the stream is answered by another route than the one asked."""
+        self.scope = trio.CancelScope()
+        self.settled = trio.Event()
+        """Its attempts ended, or it won."""
+        self.held: list[SessionItem] = []
+
+    async def send(self, item: SessionItem) -> None:
+        race = self.race
+        if race.winner is self:
+            await race.sink.send(item)
+        elif isinstance(item, RetryNotice):
+            await race.sink.send(item)
+        elif isinstance(item, Delta) and item.has_content:
+            if race.winner is not None:  # lost, and about to be cancelled: nothing of it goes out
+                await trio.lowlevel.checkpoint()
+                return
+            await self._win(item)
+        elif len(self.held) < MAX_HELD_ITEMS or (isinstance(item, Delta) and item.says_anything):
+            self.held.append(item)
+
+    async def _win(self, token: Delta) -> None:
+        race = self.race
+        race.winner = self
+        self.settled.set()
+        for other in race.entrants:
+            if other is not self:
+                other.scope.cancel()
+        if self.announce:
+            route = self.route
+            await race.sink.send(RetryNotice("hedge_won", 1, route.provider.name, route.upstream_model, 0.0, ""))
+        progress = race.progress
+        for item in self.held:
+            if isinstance(item, Opened):
+                if progress.opened:
+                    continue
+                progress.opened = True
+            await race.sink.send(item)
+        self.held.clear()
+        progress.token_sent = True
+        await race.sink.send(token)
 
 
 async def _try_route(

@@ -72,6 +72,8 @@ class StreamSession:
         self._write_lock = trio.Lock()
         """The delivery and the heartbeat both write: one item at a time."""
         self._last_output = -math.inf
+        self._hedge: tuple[str, str] | None = None
+        """The provider and model asked alongside by a hedge, once one began."""
 
     async def run(self) -> None:
         """The session's task; returns when the stream ends or the session is cancelled."""
@@ -184,8 +186,21 @@ class StreamSession:
 
     def _count(self, notice: RetryNotice) -> None:
         stats = self.stats
-        if notice.kind not in ("retry", "failover"):
-            stats.recoveries.append((notice.kind, notice.provider))
+        kind = notice.kind
+        if kind == "hedge_won":
+            stats.provider, stats.model = notice.provider, notice.model
+            return
+        if kind == "hedge_failed":
+            # One of the two racing attempts failed, and the other goes on: the stream is now its.
+            assert notice.error is not None and self._hedge is not None
+            stats.failures.append((notice.provider, notice.error))
+            if notice.provider == stats.provider:
+                stats.provider, stats.model = self._hedge
+            return
+        if kind not in ("retry", "failover"):
+            stats.recoveries.append((kind, stats.provider))
+            if kind == "hedge":
+                self._hedge = (notice.provider, notice.model)
             return
         if notice.error is not None:
             stats.failed(notice.error)

@@ -35,7 +35,10 @@ class StreamStats:
     failures: list[tuple[str, UpstreamError]] = field(default_factory=list)
     """Every failed upstream attempt, retried or not, with its provider, in order."""
     recoveries: list[tuple[str, str]] = field(default_factory=list)
-    """`(kind, provider)` of each recovery other than a retry or failover (`skipped_event`), in order."""
+    """
+    `(kind, provider)` of each recovery other than a retry or failover (`hedge`,
+    `skipped_event`), in order, with the provider answering then.
+    """
     error: TrioproxyError | None = None
     """The error the stream ended with, if it failed."""
     cancelled: bool = False
