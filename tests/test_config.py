@@ -659,10 +659,16 @@ def test_fallbacks() -> None:
     assert config.providers["q"].fallbacks == ()
 
 
-def test_fallback_naming_no_provider() -> None:
-    assert only_problem({"providers": {"p": {**OPENAI, "fallbacks": ["sim/echo", "nope/m"]}}}) == (
-        "[providers.p].fallbacks[1] = 'nope/m' names no provider (write it as 'provider/model')"
+@pytest.mark.parametrize("key", ["fallbacks", "context_fallbacks"])
+def test_fallback_naming_no_provider(key: str) -> None:
+    assert only_problem({"providers": {"p": {**OPENAI, key: ["sim/echo", "nope/m"]}}}) == (
+        f"[providers.p].{key}[1] = 'nope/m' names no provider (write it as 'provider/model')"
     )
+
+
+def test_context_fallbacks() -> None:
+    config = parse_config({"providers": {"p": {**OPENAI, "context_fallbacks": ["q/long"]}, "q": OPENAI}}, environ={})
+    assert (config.providers["p"].context_fallbacks, config.providers["q"].context_fallbacks) == (("q/long",), ())
 
 
 def test_fallback_to_a_broken_provider_reports_only_that_provider() -> None:

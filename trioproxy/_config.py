@@ -98,7 +98,8 @@ class ServerConfig:
 class ProviderConfig:
     """
     One `[providers.NAME]` table: where the upstream is, and how its streams are run
-    (timeouts, retries, fallbacks, buffering, transforms and validators).
+    (timeouts, retries, fallbacks, buffering, transforms and validators). `context_fallbacks`
+    (larger-context models) take a request its model refused as too long for its context.
 
     `max_connections` bounds the provider's connection pool. `skip_malformed_events` passes
     over an upstream event that cannot be read (counted, and logged with the request's id)
@@ -116,6 +117,7 @@ class ProviderConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryConfig = field(default_factory=RetryConfig)
     fallbacks: tuple[str, ...] = ()
+    context_fallbacks: tuple[str, ...] = ()
     buffer: BufferConfig = field(default_factory=BufferConfig)
     transforms: tuple[Transform, ...] = ()
     validators: tuple[Validator, ...] = ()
@@ -314,13 +316,14 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         problems.append(f"default_provider = {default_provider!r} names no provider (declared: {declared})")
 
     for provider in providers.values():
-        for i, fallback in enumerate(provider.fallbacks):
-            prefix = fallback.partition("/")[0]
-            if prefix not in providers and prefix not in tables:
-                problems.append(
-                    f"[providers.{provider.name}].fallbacks[{i}] = {fallback!r} names no provider "
-                    "(write it as 'provider/model')"
-                )
+        for key in ("fallbacks", "context_fallbacks"):
+            for i, fallback in enumerate(getattr(provider, key)):
+                prefix = fallback.partition("/")[0]
+                if prefix not in providers and prefix not in tables:
+                    problems.append(
+                        f"[providers.{provider.name}].{key}[{i}] = {fallback!r} names no provider "
+                        "(write it as 'provider/model')"
+                    )
 
     models = _models(raw.get("models", {}), {*providers, *tables}, problems)
 
@@ -530,6 +533,7 @@ _COMMON_KEYS: Final = {
     "max_connections",
     "retry",
     "fallbacks",
+    "context_fallbacks",
     "buffer",
     "transforms",
     "validators",
@@ -602,11 +606,12 @@ def _provider(
     checked["buffer"] = parse_policy(
         defaults.buffer, table.get("buffer", {}), where=f"{where}.buffer", problems=problems
     )
-    fallbacks = table.get("fallbacks", [])
-    if not isinstance(fallbacks, list) or not all(isinstance(f, str) and "/" in f for f in fallbacks):
-        problems.append(f"{where}.fallbacks must be a list of 'provider/model' names")
-    else:
-        checked["fallbacks"] = tuple(fallbacks)
+    for key in ("fallbacks", "context_fallbacks"):
+        names = table.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(f, str) and "/" in f for f in names):
+            problems.append(f"{where}.{key} must be a list of 'provider/model' names")
+        else:
+            checked[key] = tuple(names)
     if "transforms" in table:
         checked["transforms"] = build_transforms(table["transforms"], where=f"{where}.transforms", problems=problems)
     if "validators" in table:

@@ -28,6 +28,7 @@ TrioproxyError                 status  type
     │   └── UpstreamDisconnectError 502 the connection broke once it was made
     ├── UpstreamTimeoutError    504     the upstream took too long
     ├── UpstreamStatusError     (its)   the upstream answered with an error status
+    │   └── ContextLengthError  (its)   the prompt is longer than the model's context window
     └── UpstreamProtocolError   502     the upstream's bytes made no sense
 ```
 
@@ -46,6 +47,7 @@ from typing import Self
 __all__ = [
     "AuthenticationError",
     "ConfigError",
+    "ContextLengthError",
     "HTTPRefusal",
     "ModelNotFoundError",
     "NotFoundError",
@@ -269,6 +271,13 @@ class UpstreamStatusError(UpstreamError):
         super().__init__(message, code=code, retry_after=retry_after)
         self.status = status
         self.type = type or _type_for_status(status)
+
+
+class ContextLengthError(UpstreamStatusError):
+    """
+    The upstream refused the prompt as longer than its model's context window: the same
+    request would be refused again there, and may fit a larger model (`context_fallbacks`).
+    """
 
 
 class UpstreamProtocolError(UpstreamError):

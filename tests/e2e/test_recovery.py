@@ -218,3 +218,24 @@ async def test_a_first_token_after_20_s_is_hedged_and_the_slow_request_cancelled
         assert "".join(e["data"] for e in events if e["type"] == "token") == "".join(TOKENS)
         metrics = (await client._client.get("http://proxy.test/metrics")).text
     assert 'trioproxy_recoveries_total{kind="hedge",provider="primary"} 2.0' in metrics
+
+
+@pytest.mark.parametrize("refusing", ["up", "claude"])
+async def test_context_length_exceeded_goes_to_the_larger_model(nursery: trio.Nursery, refusing: str) -> None:
+    small, large = await open_upstreams(nursery, 2)
+    message = "prompt is too long: 9000 tokens > 8192 maximum" if refusing == "claude" else (
+        "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens."
+    )
+    small.push(Reply(status=400, error_message=message))
+    large.push(Reply(tokens=TOKENS))
+    proxy = await start_proxy(
+        nursery,
+        small,
+        up={"context_fallbacks": ["big/m-128k"], "fallbacks": ["claude/m"], "retry": {"max_retries": 2}},
+        claude={"context_fallbacks": ["big/m-128k"], "fallbacks": ["up/m"]},
+        big={"type": "openai", "base_url": large.url + "/v1"},
+    )
+    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+        assert await collect(client, f"{refusing}/m") == "".join(TOKENS)
+    assert small.request_count == 1  # never resent to the route that refused, nor to its ordinary fallback
+    assert large.requests[0].json["model"] == "m-128k"

@@ -25,7 +25,7 @@ from trioproxy import (
 )
 from trioproxy._config import ProviderConfig
 from trioproxy._events import OPENED, Opened
-from trioproxy._exceptions import StreamInterrupted
+from trioproxy._exceptions import ContextLengthError, StreamInterrupted
 from trioproxy._policy import BufferConfig, RetryConfig, Timeouts
 from trioproxy._request import parse_chat_request
 from trioproxy._router import Route
@@ -752,3 +752,44 @@ async def test_a_hedge_that_ends_by_the_client_leaving_cancels_both_requests(aut
                 pass
         session.cancel()
     assert (slower.started, slow.cancelled, slower.cancelled) == ([2.0], [5.0], [5.0])
+
+
+# --- context-window fallbacks ------------------------------------------------------------
+
+
+def too_long() -> ContextLengthError:
+    return ContextLengthError("This model's maximum context length is 8192 tokens", status=400)
+
+
+async def test_a_prompt_too_long_goes_to_the_context_fallbacks_and_never_back(autojump_clock: trio.abc.Clock) -> None:
+    small = ScriptedUpstream([[too_long()]])
+    ordinary = ScriptedUpstream([])
+    medium = ScriptedUpstream([[too_long()]])
+    large = ScriptedUpstream([[*tokens("fits"), Delta(finish_reason="stop")]])
+    small_route, medium_route, large_route = route(small), route(medium, "medium"), route(large, "large")
+    p = Pipeline(
+        routes=(small_route, route(ordinary, "ordinary")),
+        buffer=BufferConfig(),
+        transforms=(),
+        validators=(),
+        # medium lists small again: it is not asked twice
+        context_fallbacks={"p": (medium_route, large_route), "medium": (small_route, large_route)},
+    )
+    items, session = await run(p)
+
+    assert (small.calls, ordinary.calls, medium.calls, large.calls) == (1, 0, 1, 1)
+    assert [(i.kind, i.provider) for _, i in items if isinstance(i, RetryNotice)] == [
+        ("failover", "medium"),
+        ("failover", "large"),
+    ]
+    assert texts(items) == "fits"
+    assert session.completed
+
+
+async def test_a_prompt_too_long_without_context_fallbacks_is_the_400(autojump_clock: trio.abc.Clock) -> None:
+    small = ScriptedUpstream([[too_long()]])
+    ordinary = ScriptedUpstream([])
+    items, _ = await run(pipeline(route(small, retry=RetryConfig(max_retries=3)), route(ordinary, "ordinary")))
+    ((_, error),) = items
+    assert isinstance(error, ContextLengthError) and error.status == 400
+    assert (small.calls, ordinary.calls) == (1, 0)

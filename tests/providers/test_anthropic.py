@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from trioproxy._events import Delta, ToolCallDelta, Usage
-from trioproxy._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
+from trioproxy._exceptions import ContextLengthError, RequestError, UpstreamProtocolError, UpstreamStatusError
 from trioproxy._policy import RetryConfig
 from trioproxy._request import ChatRequest, NativeRequest
 from trioproxy._sse import ServerSentEvent, SSEDecoder
@@ -976,3 +976,9 @@ def test_a_body_that_ends_before_the_stop_reason_is_broken() -> None:
     feed_all(parser, [ev("message_start", {"message": {"role": "assistant"}})])
     with pytest.raises(UpstreamProtocolError, match="before a finish reason"):
         parser.end()
+
+
+def test_a_prompt_too_long_is_a_context_length_error() -> None:
+    body = b'{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}'
+    error = AnthropicTranslation(api_key=None).error_from_response(400, {}, body)
+    assert isinstance(error, ContextLengthError) and error.type == "invalid_request_error"

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from trioproxy._events import Delta, ToolCallDelta, Usage
-from trioproxy._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
+from trioproxy._exceptions import ContextLengthError, RequestError, UpstreamProtocolError, UpstreamStatusError
 from trioproxy._policy import RetryConfig
 from trioproxy._request import ChatRequest, NativeRequest, parse_chat_request
 from trioproxy._sse import ServerSentEvent
@@ -533,3 +533,31 @@ def test_a_body_that_ends_before_any_finish_reason_is_broken() -> None:
     with pytest.raises(UpstreamProtocolError, match="before a finish reason"):
         parser.end()
     assert parser.finished is False
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # OpenAI
+        b'{"error": {"message": "This model\'s maximum context length is 128000 tokens. However, your messages '
+        b'resulted in 130000 tokens.", "type": "invalid_request_error", "param": "messages", '
+        b'"code": "context_length_exceeded"}}',
+        # vLLM
+        b'{"object": "error", "message": "This model\'s maximum context length is 4096 tokens. However, you '
+        b'requested 5000 tokens.", "type": "BadRequestError", "param": null, "code": 400}',
+        # llama.cpp
+        b'{"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it",'
+        b' "type": "exceed_context_size_error"}}',
+    ],
+)
+def test_a_prompt_longer_than_the_context_is_a_context_length_error(body: bytes) -> None:
+    error = translation().error_from_response(400, {}, body)
+    assert isinstance(error, ContextLengthError) and error.status == 400
+
+
+def test_other_refusals_are_not_context_length_errors() -> None:
+    body = b'{"error": {"message": "Your request was rejected by the content filter", "code": "content_filter"}}'
+    assert type(translation().error_from_response(400, {}, body)) is UpstreamStatusError
+    # a 5xx that mentions the context is the server's failure, not a refusal of this prompt
+    body = b'{"error": {"message": "maximum context length computation crashed"}}'
+    assert type(translation().error_from_response(500, {}, body)) is UpstreamStatusError

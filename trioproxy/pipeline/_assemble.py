@@ -3,7 +3,8 @@ The one place where a request's pipeline is assembled from config.
 
 Read `Pipeline.stages` to see everything a streamed request goes through:
 
-    upstream reader (attempts, retries, failover; first-token and silence watchdog)
+    upstream reader (attempts, retries, failover, hedges, context fallbacks; first-token and
+                     silence watchdog)
       → buffer      (when the route or request configures one)
       → transforms  (in config order)
       → validators  (in config order)
@@ -13,8 +14,8 @@ Read `Pipeline.stages` to see everything a streamed request goes through:
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .._policy import BufferConfig, Timeouts
@@ -36,6 +37,8 @@ class Pipeline:
     buffer: BufferConfig
     transforms: tuple[Transform, ...]
     validators: tuple[Validator, ...]
+    context_fallbacks: Mapping[str, tuple[Route, ...]] = field(default_factory=dict)
+    """Each provider's `context_fallbacks`, for every provider a request may reach."""
 
     @property
     def timeouts(self) -> Timeouts:
@@ -60,9 +63,18 @@ class Pipeline:
 def pipeline_for(router: Router, route: Route, *, buffer: BufferConfig | None = None) -> Pipeline:
     """The pipeline of a request to `route`; `buffer` (from the request) overrides the route's."""
     provider = route.provider
-    fallbacks = tuple(router.route(name) for name in provider.fallbacks)
+    routes = (route, *(router.route(name) for name in provider.fallbacks))
+    context_fallbacks: dict[str, tuple[Route, ...]] = {}
+    reachable = list(routes)
+    while reachable:
+        provider_config = reachable.pop().provider
+        if provider_config.name not in context_fallbacks:
+            larger = tuple(router.route(name) for name in provider_config.context_fallbacks)
+            context_fallbacks[provider_config.name] = larger
+            reachable += larger
     return Pipeline(
-        routes=(route, *fallbacks),
+        routes=routes,
+        context_fallbacks=context_fallbacks,
         buffer=provider.buffer if buffer is None else buffer,
         transforms=provider.transforms,
         validators=provider.validators,

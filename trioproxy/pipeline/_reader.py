@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from .._events import Delta, Opened
-from .._exceptions import TrioproxyError, UpstreamError, UpstreamTimeoutError
+from .._exceptions import ContextLengthError, TrioproxyError, UpstreamError, UpstreamTimeoutError
 from .._policy import Timeouts
 from .._request import ChatRequest
 from ._assemble import Pipeline
@@ -102,7 +102,15 @@ async def _attempts(
             return
         failures += failed
         at += tried
-        if progress.token_sent or failures[-1][1].status in _NOT_FAILOVER_STATUSES:
+        refused_by, last = failures[-1]
+        if progress.token_sent:
+            break
+        if isinstance(last, ContextLengthError):
+            # Only a larger context can help: the refusing route's own list, none asked twice.
+            asked = {(r.provider.name, r.upstream_model) for r in routes[:at]}
+            larger = pipeline.context_fallbacks.get(refused_by.provider.name, ())
+            routes = routes[:at] + tuple(r for r in larger if (r.provider.name, r.upstream_model) not in asked)
+        elif last.status in _NOT_FAILOVER_STATUSES:
             break
     if len(failures) == 1:
         raise failures[0][1]

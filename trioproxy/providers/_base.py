@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from .._events import Delta
-from .._exceptions import UpstreamStatusError
+from .._exceptions import ContextLengthError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
 
@@ -27,6 +27,7 @@ __all__ = [
     "UpstreamRequest",
     "retry_after_seconds",
     "safe_message",
+    "status_error",
 ]
 
 CUT_SHORT: Final = "the upstream ended the stream before a finish reason"
@@ -127,3 +128,29 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     except ValueError:
         return None
     return seconds if seconds >= 0 else None
+
+
+_CONTEXT_LENGTH = re.compile(
+    r"maximum context length|context_length_exceeded|prompt is too long|exceeds the available context size",
+    re.IGNORECASE,
+)
+"""
+How upstreams say a prompt does not fit: OpenAI's code `context_length_exceeded` and its
+message ("This model's maximum context length is ... tokens"), vLLM's and SGLang's ("maximum
+context length"), Anthropic's ("prompt is too long: ... tokens > ... maximum"), llama.cpp's
+("the request exceeds the available context size").
+"""
+
+
+def status_error(
+    message: str,
+    *,
+    status: int,
+    type: str | None = None,
+    code: str | None = None,
+    retry_after: float | None = None,
+) -> UpstreamStatusError:
+    """The error for an upstream's error status (or in-stream error): a `ContextLengthError` when it says so."""
+    refused = 400 <= status < 500 and (code == "context_length_exceeded" or _CONTEXT_LENGTH.search(message))
+    kind = ContextLengthError if refused else UpstreamStatusError
+    return kind(message, status=status, type=type, code=code, retry_after=retry_after)

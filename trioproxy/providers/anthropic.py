@@ -69,7 +69,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol, content_text
 from .._sse import ServerSentEvent
-from ._base import CUT_SHORT, UpstreamRequest, retry_after_seconds, safe_message
+from ._base import CUT_SHORT, UpstreamRequest, retry_after_seconds, safe_message, status_error
 
 __all__ = [
     "ANTHROPIC_VERSION",
@@ -214,7 +214,7 @@ class AnthropicTranslation:
         if message is None:
             text = body.decode("utf-8", "replace").strip()
             message = f"upstream answered HTTP {status}" + (f": {text}" if text else "")
-        return UpstreamStatusError(
+        return status_error(
             safe_message(message, secret=self.api_key),
             status=status,
             type=type_,
@@ -681,7 +681,7 @@ class AnthropicStreamParser:
         message = error.get("message")
         if not isinstance(message, str) or not message:
             message = f"the upstream reported {type_} during streaming"
-        return UpstreamStatusError(
+        return status_error(
             safe_message(message, secret=self._secret),
             status=ERROR_STATUS.get(type_, 500),
             type=type_,

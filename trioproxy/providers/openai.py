@@ -27,7 +27,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import CUT_SHORT, UpstreamRequest, retry_after_seconds, safe_message
+from ._base import CUT_SHORT, UpstreamRequest, retry_after_seconds, safe_message, status_error
 
 __all__ = ["OpenAIStreamParser", "OpenAITranslation"]
 
@@ -78,7 +78,7 @@ class OpenAITranslation:
         message, type_, code = _error_fields(body)
         if not message:
             message = f"upstream answered HTTP {status}"
-        return UpstreamStatusError(
+        return status_error(
             safe_message(message, secret=self.api_key),
             status=status,
             type=type_,
@@ -200,13 +200,13 @@ def _in_stream_error(error: Any, *, secret: str | None) -> UpstreamStatusError:
         type_ = error.get("type") if isinstance(error.get("type"), str) else None
         code = error.get("code")
         status = code if isinstance(code, int) and 400 <= code < 600 else 502
-        return UpstreamStatusError(
+        return status_error(
             safe_message(str(message), secret=secret),
             status=status,
             type=type_ or "upstream_error",
             code=code if isinstance(code, str) else None,
         )
-    return UpstreamStatusError(safe_message(str(error), secret=secret), status=502, type="upstream_error")
+    return status_error(safe_message(str(error), secret=secret), status=502, type="upstream_error")
 
 
 def _error_fields(body: bytes) -> tuple[str, str | None, str | None]:
