@@ -87,6 +87,7 @@ def test_readme_example_parses_as_written(tmp_path: Path) -> None:
         base_url="https://api.anthropic.com",
         api_key_env="ANTHROPIC_API_KEY",
         api_key=CLAUDE_KEY,
+        continuation="prefill",  # Anthropic's default
     )
     assert DEFAULT_ANTHROPIC_URL == "https://api.anthropic.com"
     assert config.providers["sim"] == ProviderConfig(name="sim", type="simulated")
@@ -493,7 +494,7 @@ def test_file_mistakes_reported_like_dict_mistakes(tmp_path: Path) -> None:
 
 OPENAI = {"type": "openai", "base_url": "http://h/v1"}
 TIMEOUT_KEYS = "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval, hedge_after"
-RETRY_KEYS = "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges"
+RETRY_KEYS = "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, continuation_cooldown"
 BUFFER_KEYS = "min_chunk_size, max_chunk_size, flush_interval_ms, buffer_by_word, buffer_by_sentence"
 
 
@@ -657,6 +658,16 @@ def test_fallbacks() -> None:
     config = parse_config({"providers": {"p": {**OPENAI, "fallbacks": ["q/big", "sim/echo"]}, "q": OPENAI}}, environ={})
     assert config.providers["p"].fallbacks == ("q/big", "sim/echo")
     assert config.providers["q"].fallbacks == ()
+
+
+def test_continuation_defaults_by_type_and_is_checked() -> None:
+    config = parse_config({"providers": {"p": OPENAI, "c": {"type": "anthropic"}}}, environ={})
+    assert (config.providers["p"].continuation, config.providers["c"].continuation) == ("none", "prefill")
+    vllm = parse_config({"providers": {"v": {**OPENAI, "continuation": "continue_final_message"}}}, environ={})
+    assert vllm.providers["v"].continuation == "continue_final_message"
+    assert only_problem({"providers": {"p": {**OPENAI, "continuation": "prefill"}}}) == (
+        "[providers.p].continuation must be one of 'none', 'continue_final_message', got 'prefill'"
+    )
 
 
 @pytest.mark.parametrize("key", ["fallbacks", "context_fallbacks"])

@@ -224,7 +224,7 @@ def test_min_larger_than_a_max_from_the_base() -> None:
     [
         (BufferConfig(), "min_chunk_size, max_chunk_size, flush_interval_ms, buffer_by_word, buffer_by_sentence"),
         (Timeouts(), "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval, hedge_after"),
-        (RetryConfig(), "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges"),
+        (RetryConfig(), "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, continuation_cooldown"),
     ],
 )
 def test_unknown_key(base: Any, known: str) -> None:
@@ -256,7 +256,7 @@ def test_every_mistake_reported_and_good_keys_kept() -> None:
     )
     assert problems == [
         "[retry].base_delay_ms must not be negative, got -5",
-        "[retry]: unknown key 'retries' (known: max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges)",
+        "[retry]: unknown key 'retries' (known: max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, continuation_cooldown)",
         "[retry].jitter must be between 0 and 1, got 3",
         "[retry].exponential_base must be at least 1, got 0.9",
     ]

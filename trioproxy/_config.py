@@ -103,7 +103,9 @@ class ProviderConfig:
 
     `max_connections` bounds the provider's connection pool. `skip_malformed_events` passes
     over an upstream event that cannot be read (counted, and logged with the request's id)
-    instead of ending the stream with it.
+    instead of ending the stream with it. `continuation` is how the upstream continues a
+    broken answer (`_continuation.CONTINUATION_WAYS`): `prefill` by default for Anthropic,
+    `none` for an OpenAI-compatible upstream unless it is set to `continue_final_message`.
     """
 
     name: str
@@ -123,6 +125,7 @@ class ProviderConfig:
     validators: tuple[Validator, ...] = ()
     request_usage: bool = True
     skip_malformed_events: bool = False
+    continuation: str = "none"
     anthropic_version: str = "2023-06-01"
     default_max_tokens: int = 4096
     simulated: SimulatedSettings = field(default_factory=SimulatedSettings)
@@ -538,8 +541,15 @@ _COMMON_KEYS: Final = {
     "transforms",
     "validators",
     "skip_malformed_events",
+    "continuation",
     *_TIMEOUT_KEYS,
 }
+_CONTINUATION_WAYS: Final = {
+    "openai": ("none", "continue_final_message"),
+    "anthropic": ("none", "prefill"),
+    "simulated": ("none",),
+}
+"""How each type of upstream can continue a broken answer (`trioproxy._continuation`)."""
 _TYPE_KEYS: Final = {
     "openai": {"request_usage"},
     "anthropic": {"anthropic_version", "default_max_tokens"},
@@ -620,6 +630,12 @@ def _provider(
     _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
     _bool(table, "request_usage", where, problems, checked)
     _bool(table, "skip_malformed_events", where, problems, checked)
+    ways = _CONTINUATION_WAYS[type_]
+    continuation = table.get("continuation", "prefill" if type_ == "anthropic" else "none")
+    if continuation not in ways:
+        problems.append(f"{where}.continuation must be one of {', '.join(map(repr, ways))}, got {continuation!r}")
+    else:
+        checked["continuation"] = continuation
     if "anthropic_version" in table:
         if isinstance(table["anthropic_version"], str):
             checked["anthropic_version"] = table["anthropic_version"]

@@ -25,6 +25,7 @@ from ._exceptions import (
 )
 
 __all__ = [
+    "CONTINUABLE",
     "DEFAULT_RETRY_ON",
     "FAILURE_KINDS",
     "BufferConfig",
@@ -105,6 +106,13 @@ The kinds of failure before the first token that `RetryConfig.retry_on` may name
 A refusal (another 4xx) is no kind: it is never retried on the route that refused it.
 """
 
+CONTINUABLE: Final = frozenset({"connection_broken", "rate_limit", "server_error", "timeout", "protocol"})
+"""
+Failures after the first token that a continuation may recover from: the upstream broke off
+(a reset, silence, a body cut short, a malformed event, an in-stream `overloaded_error`), as
+opposed to refusing the request.
+"""
+
 DEFAULT_RETRY_ON: Final = ("connection_broken", "rate_limit", "server_error", "timeout")
 """
 Worth asking the same route again. A route that gives no connection or no first token in
@@ -140,7 +148,9 @@ class RetryConfig:
     less up to `jitter` of it at random, and never less than the upstream's `Retry-After`.
     Only failures of a kind in `retry_on` are retried on their route; any other goes to the
     next fallback at once (see `FAILURE_KINDS`). `max_hedges` bounds the hedges of one request
-    (`Timeouts.hedge_after`).
+    (`Timeouts.hedge_after`), `max_continuations` its continuations after the first token; a
+    route that refused a continuation is not asked for one again for `continuation_cooldown`
+    seconds.
     """
 
     max_retries: int = 2
@@ -150,6 +160,8 @@ class RetryConfig:
     jitter: float = 0.2
     retry_on: tuple[str, ...] = DEFAULT_RETRY_ON
     max_hedges: int = 1
+    max_continuations: int = 2
+    continuation_cooldown: float = 300.0
 
     def retries(self, error: UpstreamError) -> bool:
         """Whether `error` is of a kind worth asking its route again for."""
@@ -209,6 +221,8 @@ _KINDS: Final[dict[type, dict[str, tuple[type, ...]]]] = {
         "jitter": _NUMBER,
         "retry_on": (list,),
         "max_hedges": (int,),
+        "max_continuations": (int,),
+        "continuation_cooldown": _NUMBER,
     },
     StreamsConfig: {
         "resume_grace_period": _NUMBER,

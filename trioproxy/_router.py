@@ -21,6 +21,7 @@ from fnmatch import fnmatchcase
 import trio
 
 from ._config import Config, ProviderConfig
+from ._continuation import Refusals
 from ._exceptions import ModelNotFoundError
 from ._upstream import HttpUpstream, Upstream, build_upstream
 from .providers.simulated import SIMULATED_MODELS
@@ -43,6 +44,8 @@ class Router:
         self.upstreams: Mapping[str, Upstream] = {name: make_upstream(p) for name, p in config.providers.items()}
         self._aliases = {alias.name: alias for alias in config.models if not alias.is_pattern}
         self._patterns = [pattern for pattern in config.models if pattern.is_pattern]
+        self.continuation_refusals = Refusals()
+        """Routes that refused a continuation lately, for every request."""
 
     def route(self, model: str, *, provider: str | None = None) -> Route:
         """The route for `model`; `provider`, when given, overrides the model's prefix and `[models]`."""

@@ -303,10 +303,12 @@ async def test_connection_reset_mid_stream_is_an_api_error_after_the_tokens(
     client, upstream: FakeUpstream, model: str
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, reset_after=3))
+    if model.startswith("claude/"):  # an Anthropic upstream is asked to continue (prefill): this one cannot
+        upstream.push(Reply(refuse_continuation=True))
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
     received, error = await content_until_error(stream)
     assert received == list(TOKENS[:3])
-    assert "upstream" in error.message
+    assert "upstream" in error.message and "prefill" not in error.message
     # and the proxy keeps serving
     upstream.push(Reply(tokens=TOKENS))
     text, _ = await collect(await client.chat.completions.create(model=model, messages=MESSAGES, stream=True))
@@ -316,6 +318,8 @@ async def test_connection_reset_mid_stream_is_an_api_error_after_the_tokens(
 @MODELS
 async def test_in_stream_upstream_error_is_an_api_error(client, upstream: FakeUpstream, model: str) -> None:
     upstream.push(Reply(tokens=TOKENS, error_after=2, error_message="overloaded right now"))
+    if model.startswith("claude/"):  # an Anthropic upstream is asked to continue (prefill): this one cannot
+        upstream.push(Reply(refuse_continuation=True))
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
     received, error = await content_until_error(stream)
     assert received == list(TOKENS[:2])

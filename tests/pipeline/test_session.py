@@ -16,6 +16,7 @@ import trio
 
 from trioproxy import (
     Delta,
+    ToolCallDelta,
     UpstreamConnectError,
     UpstreamDisconnectError,
     UpstreamProtocolError,
@@ -45,10 +46,12 @@ class ScriptedUpstream:
     calls: int = 0
     started: list[float] = field(default_factory=list)
     cancelled: list[float] = field(default_factory=list)
+    chats: list[Any] = field(default_factory=list)
 
     async def stream(self, chat: Any, send: trio.MemorySendChannel[Any]) -> None:
         script = self.scripts[self.calls]
         self.calls += 1
+        self.chats.append(chat)
         self.started.append(trio.current_time())
         try:
             for step in script:
@@ -793,3 +796,106 @@ async def test_a_prompt_too_long_without_context_fallbacks_is_the_400(autojump_c
     ((_, error),) = items
     assert isinstance(error, ContextLengthError) and error.status == 400
     assert (small.calls, ordinary.calls) == (1, 0)
+
+
+# --- mid-stream continuation ---------------------------------------------------------------
+
+
+def continuing(upstream: ScriptedUpstream, name: str = "p", way: str = "prefill", **policy: Any) -> Route:
+    return route(upstream, name, continuation=way, **policy)
+
+
+def prefix(chat: Any) -> Any:
+    return chat.messages[-1]
+
+
+async def test_a_broken_stream_is_continued_and_only_the_new_text_delivered(autojump_clock: trio.abc.Clock) -> None:
+    cut = UpstreamDisconnectError("the upstream connection broke")
+    upstream = ScriptedUpstream(
+        [
+            [*tokens("Once", " upon "), cut],
+            # the model continues "Once upon" (no trailing whitespace in a prefill): " a time"
+            [OPENED, Delta(role="assistant"), Delta(text=" a"), Delta(text=" time"), Delta(finish_reason="stop"),
+             Delta(usage=Usage(prompt_tokens=12, completion_tokens=2))],
+        ]
+    )
+    items, session = await run(pipeline(continuing(upstream)))
+
+    assert texts(items) == "Once upon a time"
+    assert prefix(upstream.chats[1]) == {"role": "assistant", "content": "Once upon"}
+    assert [i for _, i in items if isinstance(i, Opened)] == [OPENED]
+    assert [i.role for _, i in items if isinstance(i, Delta) and i.role] == ["assistant"]
+    notices = [(i.kind, i.provider, i.reason) for _, i in items if isinstance(i, RetryNotice)]
+    assert notices == [("continuation", "p", "the upstream connection broke")]
+    assert session.completed
+    usage = session.accumulator.usage
+    # both attempts: the first read 12 - 3 prompt tokens and wrote the 3 delivered (10 characters)
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (21, 5, True)
+    assert session.stats.recoveries == [("continuation", "p")]
+    assert session.stats.failures == [("p", cut)]
+
+
+async def test_a_stall_and_an_in_stream_overload_are_continued_too(autojump_clock: trio.abc.Clock) -> None:
+    timeouts = Timeouts(silence_timeout=5, heartbeat_interval=0)
+    overloaded = UpstreamStatusError("Overloaded", status=529, type="overloaded_error")
+    upstream = ScriptedUpstream(
+        [
+            [*tokens("a", "b"), STALL],
+            [OPENED, Delta(text="c"), overloaded],
+            [OPENED, Delta(text="d"), Delta(finish_reason="stop")],
+        ]
+    )
+    items, session = await run(pipeline(continuing(upstream, way="continue_final_message", timeouts=timeouts)))
+    assert texts(items) == "abcd"
+    assert [prefix(chat)["content"] for chat in upstream.chats[1:]] == ["ab", "abc"]
+    assert upstream.chats[1].body["continue_final_message"] is True
+    assert session.completed
+
+
+async def test_a_refused_continuation_tells_the_original_failure_and_is_not_asked_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    cut = UpstreamDisconnectError("the upstream connection broke")
+    refusal = UpstreamStatusError("This model does not support assistant message prefill", status=400)
+    upstream = ScriptedUpstream([[*tokens("half"), cut], [refusal], [*tokens("again"), cut]])
+    backup = ScriptedUpstream([[refusal]])
+    p = pipeline(continuing(upstream), continuing(backup, "backup"))
+    items, session = await run(p)
+
+    assert texts(items) == "half"
+    error = items[-1][1]
+    assert isinstance(error, UpstreamDisconnectError) and "prefill" not in error.message
+    assert "after 4 characters were delivered" in error.message
+    assert (upstream.calls, backup.calls) == (2, 1)  # the route itself, then the next
+    assert [(provider, e.status) for provider, e in session.stats.failures] == [("p", 502), ("p", 400), ("backup", 400)]
+
+    # Within the cooldown neither is asked to continue again: the failure ends the stream at once.
+    items, _ = await run(p)
+    assert (upstream.calls, backup.calls) == (3, 1)
+    assert isinstance(items[-1][1], UpstreamDisconnectError)
+
+
+async def test_no_continuation_without_the_capability_after_a_tool_call_or_a_transform(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    cut = UpstreamDisconnectError("reset")
+    none = ScriptedUpstream([[*tokens("x"), cut]])
+    items, _ = await run(pipeline(route(none)))
+    assert (none.calls, type(items[-1][1])) == (1, UpstreamDisconnectError)
+
+    call = Delta(tool_calls=(ToolCallDelta(index=0, id="c", name="f", arguments='{"a'),))
+    tooling = ScriptedUpstream([[*tokens("x"), call, cut]])
+    items, _ = await run(pipeline(continuing(tooling)))
+    assert (tooling.calls, type(items[-1][1])) == (1, UpstreamDisconnectError)
+
+    rewritten = ScriptedUpstream([[*tokens("x"), cut]])
+    p = Pipeline(routes=(continuing(rewritten),), buffer=BufferConfig(), transforms=(str.upper,), validators=())
+    items, _ = await run(p)
+    assert (rewritten.calls, texts(items)) == (1, "X")
+
+
+async def test_a_refusal_after_the_first_token_is_never_continued(autojump_clock: trio.abc.Clock) -> None:
+    refused = UpstreamStatusError("content filtered", status=400, code="content_filter")
+    upstream = ScriptedUpstream([[*tokens("x"), refused]])
+    items, _ = await run(pipeline(continuing(upstream)))
+    assert upstream.calls == 1 and items[-1][1].status == 400

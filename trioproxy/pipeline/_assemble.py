@@ -3,8 +3,8 @@ The one place where a request's pipeline is assembled from config.
 
 Read `Pipeline.stages` to see everything a streamed request goes through:
 
-    upstream reader (attempts, retries, failover, hedges, context fallbacks; first-token and
-                     silence watchdog)
+    upstream reader (attempts, retries, failover, hedges, context fallbacks, continuations;
+                     first-token and silence watchdog)
       → buffer      (when the route or request configures one)
       → transforms  (in config order)
       → validators  (in config order)
@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .._continuation import Refusals
 from .._policy import BufferConfig, Timeouts
 from ._content import Transform, Validator
 from ._stages import Receive, Send, buffer_stage, transform_stage, validate_stage
@@ -39,6 +40,8 @@ class Pipeline:
     validators: tuple[Validator, ...]
     context_fallbacks: Mapping[str, tuple[Route, ...]] = field(default_factory=dict)
     """Each provider's `context_fallbacks`, for every provider a request may reach."""
+    refusals: Refusals = field(default_factory=Refusals)
+    """The routes that refused a continuation lately (the router's, shared by every request)."""
 
     @property
     def timeouts(self) -> Timeouts:
@@ -75,6 +78,7 @@ def pipeline_for(router: Router, route: Route, *, buffer: BufferConfig | None = 
     return Pipeline(
         routes=routes,
         context_fallbacks=context_fallbacks,
+        refusals=router.continuation_refusals,
         buffer=provider.buffer if buffer is None else buffer,
         transforms=provider.transforms,
         validators=provider.validators,

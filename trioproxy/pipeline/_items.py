@@ -28,7 +28,7 @@ HEARTBEAT: Final = Heartbeat()
 class RetryNotice:
     """
     Something the stream recovered from, and what happens next: a failed attempt before the
-    first token, a hedge, or an upstream event passed over.
+    first token, a hedge, a continuation after it, or an upstream event passed over.
     """
 
     kind: str
@@ -36,7 +36,9 @@ class RetryNotice:
     "retry" (same route, after `delay`), "failover" (the next route), "hedge" (the next route
     asked alongside a slow first token), "hedge_won" (that route's token came first: it
     answers), "hedge_failed" (one of the two racing routes, named, failed; the other goes on),
-    or "skipped_event" (an event the upstream's translation could not read, passed
+    "continuation" (after the first token, the route named is asked to continue the text
+    delivered), "continuation_failed" (it gave no new text: the next way is tried), or
+    "skipped_event" (an event the upstream's translation could not read, passed
     over as its provider allows).
     """
     attempt: int

@@ -8,9 +8,12 @@ deadline is lifted while an item waits for the stages downstream (a slow client 
 silent upstream) and set again once it is taken. A deadline that passes cancels the request,
 which closes the upstream connection.
 
-Retries and failover happen only while no token has left this stage: once one has, a failure
-ends the stream with an error instead, so no code path can send text twice. `OPENED` also
-leaves this stage at most once, whichever attempt opened.
+Before the first token, a failure is retried, failed over (by its kind), sent to a larger
+context, or raced by a hedge. After it, nothing is replayed: the only way on is a
+continuation, which asks an upstream that can to go on from the text already delivered, and
+passes on only what is new; otherwise the failure ends the stream. Everything leaves through
+one `_Delivery`, which lets `OPENED` out once and keeps the delivered text a continuation
+needs.
 """
 
 from __future__ import annotations
@@ -18,14 +21,21 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
 import trio
 
-from .._events import Delta, Opened
-from .._exceptions import ContextLengthError, TrioproxyError, UpstreamError, UpstreamTimeoutError
-from .._policy import Timeouts
+from .._continuation import Overlap, continuation, ends_with_assistant
+from .._events import Delta, Opened, Usage
+from .._exceptions import (
+    ContextLengthError,
+    TrioproxyError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeoutError,
+)
+from .._policy import CONTINUABLE, Timeouts, failure_kind
 from .._request import ChatRequest
 from ._assemble import Pipeline
 from ._items import RetryNotice, SessionItem, Sink
@@ -40,17 +50,44 @@ logger = logging.getLogger("trioproxy.upstream")
 _NOT_FAILOVER_STATUSES = frozenset({400, 413, 422})
 """The client's own request is at fault: another upstream would refuse it too."""
 
+CHARS_PER_TOKEN: Final = 4
+"""The estimate of usage where no upstream counted: about four characters a token."""
+
 MAX_HELD_ITEMS: Final = 64
 """
 What a racing attempt holds before its first token: its preamble (`OPENED`, the role, the
-upstream's opening events); beyond it, events that say nothing (pings) are dropped.
+upstream's opening events); beyond it, events that say nothing (pings) are dropped, and any
+other is a protocol error.
 """
 
 
-@dataclass(slots=True)
-class _Progress:
-    opened: bool = False
-    token_sent: bool = False
+class _Delivery:
+    """
+    The reader's way out: `OPENED` leaves once, whichever attempt opened; it records whether a
+    token left (no replay after it) and the text that did, while it is only text (what a
+    continuation can go on from).
+    """
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+        self.opened = False
+        self.token_sent = False
+        self.text: list[str] = []
+        self.text_only = True
+        """No tool call or reasoning left: a continuation may take the text as the whole answer so far."""
+
+    async def send(self, item: SessionItem) -> None:
+        if isinstance(item, Opened):
+            if self.opened:
+                return
+            self.opened = True
+        elif isinstance(item, Delta) and item.has_content:
+            self.token_sent = True
+            if item.text:
+                self.text.append(item.text)
+            if item.tool_calls or item.reasoning:
+                self.text_only = False
+        await self._sink.send(item)
 
 
 async def read_upstream(
@@ -61,11 +98,11 @@ async def read_upstream(
     rng: random.Random | None = None,
 ) -> None:
     """Send the stream's items into `sink`; a failure is sent as its last item."""
-    progress = _Progress()
+    delivery = _Delivery(sink)
     error: TrioproxyError | None = None
     with trio.move_on_after(pipeline.timeouts.total_timeout or math.inf) as total:
         try:
-            await _attempts(pipeline, chat, sink, progress, rng or random.Random())
+            await _attempts(pipeline, chat, delivery, rng or random.Random())
         except TrioproxyError as exc:
             error = exc
     if total.cancelled_caught:
@@ -76,13 +113,7 @@ async def read_upstream(
         await sink.send(error)
 
 
-async def _attempts(
-    pipeline: Pipeline,
-    chat: ChatRequest,
-    sink: Sink,
-    progress: _Progress,
-    rng: random.Random,
-) -> None:
+async def _attempts(pipeline: Pipeline, chat: ChatRequest, delivery: _Delivery, rng: random.Random) -> None:
     routes = pipeline.routes
     failures: list[tuple[Route, UpstreamError]] = []
     hedges = routes[0].provider.retry.max_hedges
@@ -90,25 +121,28 @@ async def _attempts(
     while at < len(routes):
         route = routes[at]
         if failures:
-            await sink.send(_notice("failover", 0, route, 0.0, failures[-1][1]))
+            await delivery.send(_notice("failover", 0, route, 0.0, failures[-1][1]))
         hedge_after = route.provider.timeouts.hedge_after
         if hedges and hedge_after and at + 1 < len(routes):
             hedges -= 1
-            failed, tried, succeeded = await _race(pipeline, route, routes[at + 1], chat, sink, progress, rng)
+            failed, tried, succeeded = await _race(pipeline, route, routes[at + 1], chat, delivery, rng)
         else:
-            error = await _try_route(pipeline, route, chat, sink, progress, rng)
+            error = await _try_route(pipeline, route, chat, delivery, delivery, rng)
             failed, tried, succeeded = [] if error is None else [(route, error)], 1, error is None
         if succeeded:
             return
         failures += failed
         at += tried
-        refused_by, last = failures[-1]
-        if progress.token_sent:
-            break
+        broken_at, last = failures[-1]
+        if delivery.token_sent:
+            error = await _continue(pipeline, chat, delivery, (broken_at, *routes[at:]), last)
+            if error is None:
+                return
+            raise error
         if isinstance(last, ContextLengthError):
             # Only a larger context can help: the refusing route's own list, none asked twice.
             asked = {(r.provider.name, r.upstream_model) for r in routes[:at]}
-            larger = pipeline.context_fallbacks.get(refused_by.provider.name, ())
+            larger = pipeline.context_fallbacks.get(broken_at.provider.name, ())
             routes = routes[:at] + tuple(r for r in larger if (r.provider.name, r.upstream_model) not in asked)
         elif last.status in _NOT_FAILOVER_STATUSES:
             break
@@ -117,13 +151,74 @@ async def _attempts(
     raise _every_failure(failures, routes=len(routes))
 
 
+async def _continue(
+    pipeline: Pipeline,
+    chat: ChatRequest,
+    delivery: _Delivery,
+    routes: tuple[Route, ...],
+    error: UpstreamError,
+) -> UpstreamError | None:
+    """
+    After `error` broke the stream on `routes[0]` past its first token: ask that route, then
+    the next, to continue the text delivered, each in its own way, none that refused lately;
+    `None` once one streamed to its end, else the failure the client is told, never a refusal
+    of the continuation itself. At most `max_continuations`.
+    """
+    retry = routes[0].provider.retry
+    if not _continuable(pipeline, chat, delivery, error):
+        return error
+    left = retry.max_continuations
+    candidates = list(routes)
+    while left and candidates:
+        route = candidates[0]
+        provider = route.provider
+        now = trio.current_time()
+        if provider.continuation == "none" or pipeline.refusals.refused(provider.name, route.upstream_model, now=now):
+            candidates.pop(0)
+            continue
+        left -= 1
+        text = "".join(delivery.text)
+        continued = continuation(chat, text, provider.continuation)
+        await delivery.send(_notice("continuation", retry.max_continuations - left, route, 0.0, error))
+        continuing = _Continuing(delivery, continued.overlap, delivered=len(text))
+        try:
+            await _attempt(pipeline, route, continued.chat.routed(route.upstream_model), continuing)
+            return None
+        except UpstreamError as exc:
+            if continuing.new_text:  # it went on, then broke too: go on from there, on this route first
+                error = exc
+                if not _continuable(pipeline, chat, delivery, error):
+                    return error
+                continue
+            await delivery.send(_notice("continuation_failed", 0, route, 0.0, exc))
+            if failure_kind(exc) is None:  # refused: this route takes no continuation, for a while
+                logger.info("%s/%s refused a continuation: %s", provider.name, route.upstream_model, exc)
+                pipeline.refusals.refuse(provider.name, route.upstream_model, until=now + retry.continuation_cooldown)
+            candidates.pop(0)
+    return error
+
+
+def _continuable(pipeline: Pipeline, chat: ChatRequest, delivery: _Delivery, error: UpstreamError) -> bool:
+    """
+    Whether a continuation can take the stream on after `error`: the upstream broke off (not
+    refused), what was delivered is text only and as the upstream wrote it (no transform),
+    and the client's request does not end with its own assistant turn.
+    """
+    return (
+        failure_kind(error) in CONTINUABLE
+        and delivery.text_only
+        and bool(delivery.text)
+        and not pipeline.transforms
+        and not ends_with_assistant(chat)
+    )
+
+
 async def _race(
     pipeline: Pipeline,
     route: Route,
     hedge: Route,
     chat: ChatRequest,
-    sink: Sink,
-    progress: _Progress,
+    delivery: _Delivery,
     rng: random.Random,
 ) -> tuple[list[tuple[Route, UpstreamError]], int, bool]:
     """
@@ -133,21 +228,21 @@ async def _race(
     preamble never reaches the sink. The failures in the order they came, how many routes were
     tried (1 when `route` ended before the hedge began), and whether one streamed to its end.
     """
-    race = _Race(sink, progress)
+    race = _Race(delivery)
     failures: list[tuple[Route, UpstreamError]] = []
     succeeded = False
 
     async def enter(racer: Route, entrant: _Entrant) -> None:
         nonlocal succeeded
         with entrant.scope:
-            error = await _try_route(pipeline, racer, chat, entrant, _Progress(), rng)
+            error = await _try_route(pipeline, racer, chat, entrant, delivery, rng)
             if error is None:
                 succeeded = True
             else:
                 failures.append((racer, error))
                 if not all(other.settled.is_set() for other in race.entrants if other is not entrant):
                     # The other goes on: this failure does not end the race, say so now.
-                    await sink.send(_notice("hedge_failed", 0, racer, 0.0, error))
+                    await delivery.send(_notice("hedge_failed", 0, racer, 0.0, error))
         entrant.settled.set()
 
     tried = 1
@@ -159,7 +254,7 @@ async def _race(
         if not first.settled.is_set():
             tried = 2
             reason = f"no first token within hedge_after ({route.provider.timeouts.hedge_after:g} s)"
-            await sink.send(RetryNotice("hedge", 1, hedge.provider.name, hedge.upstream_model, 0.0, reason))
+            await delivery.send(RetryNotice("hedge", 1, hedge.provider.name, hedge.upstream_model, 0.0, reason))
             nursery.start_soon(enter, hedge, race.entrant(hedge, announce=True))
     return failures, tried, succeeded
 
@@ -167,9 +262,8 @@ async def _race(
 class _Race:
     """Two attempts racing for the first token; the sink takes the winner's items only."""
 
-    def __init__(self, sink: Sink, progress: _Progress) -> None:
-        self.sink = sink
-        self.progress = progress
+    def __init__(self, delivery: _Delivery) -> None:
+        self.delivery = delivery
         self.entrants: list[_Entrant] = []
         self.winner: _Entrant | None = None
 
@@ -198,17 +292,17 @@ class _Entrant:
 
     async def send(self, item: SessionItem) -> None:
         race = self.race
-        if race.winner is self:
-            await race.sink.send(item)
-        elif isinstance(item, RetryNotice):
-            await race.sink.send(item)
+        if race.winner is self or isinstance(item, RetryNotice):
+            await race.delivery.send(item)
         elif isinstance(item, Delta) and item.has_content:
             if race.winner is not None:  # lost, and about to be cancelled: nothing of it goes out
                 await trio.lowlevel.checkpoint()
                 return
             await self._win(item)
-        elif len(self.held) < MAX_HELD_ITEMS or (isinstance(item, Delta) and item.says_anything):
+        elif len(self.held) < MAX_HELD_ITEMS:
             self.held.append(item)
+        elif not isinstance(item, Delta) or item.says_anything:
+            raise UpstreamProtocolError(f"the upstream sent more than {MAX_HELD_ITEMS} events before its first token")
 
     async def _win(self, token: Delta) -> None:
         race = self.race
@@ -217,19 +311,14 @@ class _Entrant:
         for other in race.entrants:
             if other is not self:
                 other.scope.cancel()
+        delivery = race.delivery
         if self.announce:
             route = self.route
-            await race.sink.send(RetryNotice("hedge_won", 1, route.provider.name, route.upstream_model, 0.0, ""))
-        progress = race.progress
+            await delivery.send(RetryNotice("hedge_won", 1, route.provider.name, route.upstream_model, 0.0, ""))
         for item in self.held:
-            if isinstance(item, Opened):
-                if progress.opened:
-                    continue
-                progress.opened = True
-            await race.sink.send(item)
+            await delivery.send(item)
         self.held.clear()
-        progress.token_sent = True
-        await race.sink.send(token)
+        await delivery.send(token)
 
 
 async def _try_route(
@@ -237,20 +326,23 @@ async def _try_route(
     route: Route,
     chat: ChatRequest,
     sink: Sink,
-    progress: _Progress,
+    delivery: _Delivery,
     rng: random.Random,
 ) -> UpstreamError | None:
-    """One route, retried as its provider says: None once an attempt streamed to its end, else the last failure."""
+    """
+    One route, retried as its provider says (until a token left `delivery`): None once an
+    attempt streamed to its end, else the last failure.
+    """
     routed = chat.routed(route.upstream_model)
     retry = route.provider.retry
     attempt = 0
     while True:
         try:
-            await _attempt(pipeline, route, routed, sink, progress)
+            await _attempt(pipeline, route, routed, sink)
             return None
         except UpstreamError as exc:
             error = exc
-        if progress.token_sent or not retry.retries(error) or attempt == retry.max_retries:
+        if delivery.token_sent or not retry.retries(error) or attempt == retry.max_retries:
             return error
         delay = retry.delay(attempt, retry_after=error.retry_after, random=rng.random())
         logger.info("retrying %s/%s in %.3f s: %s", route.provider.name, route.upstream_model, delay, error)
@@ -269,8 +361,8 @@ def _every_failure(failures: list[tuple[Route, UpstreamError]], *, routes: int) 
     return failures[-1][1].with_message(f"{tried} {routes} routes failed: {reasons}")
 
 
-async def _attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Sink, progress: _Progress) -> None:
-    watched = _WatchedSink(sink, route.provider.timeouts, progress, passthrough=pipeline.passthrough)
+async def _attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Sink) -> None:
+    watched = _WatchedSink(sink, route.provider.timeouts, passthrough=pipeline.passthrough)
     with watched.watchdog:
         await route.upstream.stream(chat, watched)
     if watched.watchdog.cancelled_caught:
@@ -282,35 +374,71 @@ async def _attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Si
 class _WatchedSink:
     """The sink an attempt's upstream writes into: it moves the watchdog's deadline."""
 
-    def __init__(self, sink: Sink, timeouts: Timeouts, progress: _Progress, *, passthrough: bool) -> None:
+    def __init__(self, sink: Sink, timeouts: Timeouts, *, passthrough: bool) -> None:
         self._sink = sink
-        self._progress = progress
         self._passthrough = passthrough
         self._silence = timeouts.silence_timeout
+        self._first_token = False
         self.kind, self.limit = "first_token_timeout", timeouts.first_token_timeout
         self.watchdog = trio.CancelScope(deadline=trio.current_time() + (self.limit or math.inf))
 
     async def send(self, item: SessionItem) -> None:
-        progress = self._progress
-        if isinstance(item, Opened):
-            if progress.opened:
-                return
-            progress.opened = True
-        elif isinstance(item, Delta):
+        if isinstance(item, Delta):
             item.arrived = trio.current_time()
             if not self._passthrough:
                 item.raw = None
                 if not item.says_anything:
                     return  # only its bytes mattered (a `ping`, a block's end): the stages need not see it
-            if item.has_content and not progress.token_sent:
-                progress.token_sent = True
+            if item.has_content and not self._first_token:
+                self._first_token = True
                 self.kind, self.limit = "silence_timeout", self._silence
         deadline = self.watchdog.deadline
         self.watchdog.deadline = math.inf  # waiting on the stages downstream is not upstream silence
         await self._sink.send(item)
-        if progress.token_sent:
+        if self._first_token:
             deadline = trio.current_time() + (self.limit or math.inf)
         self.watchdog.deadline = deadline
+
+
+class _Continuing:
+    """
+    A continuation's way to the delivery: only what is new. Its opening (`OPENED`, the role,
+    the upstream's own event bytes) is the client's already; the whitespace the client has
+    and the prefill left out is trimmed (`Overlap`); its usage counts the broken attempt too.
+    """
+
+    def __init__(self, delivery: _Delivery, overlap: str, *, delivered: int) -> None:
+        self._delivery = delivery
+        self._overlap = Overlap(overlap)
+        self._delivered_tokens = -(-delivered // CHARS_PER_TOKEN)
+        self.new_text = False
+
+    async def send(self, item: SessionItem) -> None:
+        if isinstance(item, Opened):
+            return
+        if isinstance(item, Delta):
+            item.raw, item.role = None, None
+            if item.text:
+                item.text = self._overlap.trim(item.text)
+            if item.usage is not None:
+                item.usage = self._both_attempts(item.usage)
+            if not item.says_anything:
+                return
+            self.new_text = self.new_text or item.has_content
+        await self._delivery.send(item)
+
+    def _both_attempts(self, usage: Usage) -> Usage:
+        """
+        The continuation's usage plus the broken attempt's, estimated: that one read the prompt
+        without the delivered text, and wrote the delivered text.
+        """
+        first_prompt = max(usage.prompt_tokens - self._delivered_tokens, 0)
+        return replace(
+            usage,
+            prompt_tokens=usage.prompt_tokens + first_prompt,
+            completion_tokens=usage.completion_tokens + self._delivered_tokens,
+            estimated=True,
+        )
 
 
 def _notice(kind: str, attempt: int, route: Route, delay: float, error: UpstreamError) -> RetryNotice:

@@ -177,8 +177,8 @@ class StreamSession:
             self._count(item)
         elif isinstance(item, TrioproxyError):
             self._failed = True
-            if isinstance(item, UpstreamError):
-                self.stats.failed(item)
+            if isinstance(item, UpstreamError) and not self.stats.counted(item):
+                self.stats.failed(item)  # (a stream a continuation could not save ends with the failure it counted)
             accumulator = self.accumulator
             item = item.after_delivery(len(accumulator.text), content_delivered=bool(accumulator.content_deltas))
             self.stats.error = item
@@ -190,17 +190,23 @@ class StreamSession:
         if kind == "hedge_won":
             stats.provider, stats.model = notice.provider, notice.model
             return
-        if kind == "hedge_failed":
-            # One of the two racing attempts failed, and the other goes on: the stream is now its.
-            assert notice.error is not None and self._hedge is not None
+        if kind in ("hedge_failed", "continuation_failed"):
+            assert notice.error is not None
             stats.failures.append((notice.provider, notice.error))
-            if notice.provider == stats.provider:
+            if kind == "hedge_failed" and notice.provider == stats.provider:
+                # One of the two racing attempts failed, and the other goes on: the stream is now its.
+                assert self._hedge is not None
                 stats.provider, stats.model = self._hedge
             return
         if kind not in ("retry", "failover"):
             stats.recoveries.append((kind, stats.provider))
             if kind == "hedge":
                 self._hedge = (notice.provider, notice.model)
+            elif kind == "continuation":
+                assert notice.error is not None
+                if not stats.counted(notice.error):  # what broke the stream, on the provider it broke on
+                    stats.failed(notice.error)
+                stats.provider, stats.model = notice.provider, notice.model
             return
         if notice.error is not None:
             stats.failed(notice.error)

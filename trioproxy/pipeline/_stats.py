@@ -47,6 +47,10 @@ class StreamStats:
     def failed(self, error: UpstreamError) -> None:
         self.failures.append((self.provider, error))
 
+    def counted(self, error: UpstreamError) -> bool:
+        """Whether this very failure is counted already (it was announced before it ended the stream)."""
+        return any(counted is error for _, counted in self.failures)
+
     def failed_over(self, provider: str, model: str) -> None:
         self.providers_left.append(self.provider)
         self.provider, self.model = provider, model
