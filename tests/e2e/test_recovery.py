@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import orjson
@@ -239,3 +240,108 @@ async def test_context_length_exceeded_goes_to_the_larger_model(nursery: trio.Nu
         assert await collect(client, f"{refusing}/m") == "".join(TOKENS)
     assert small.request_count == 1  # never resent to the route that refused, nor to its ordinary fallback
     assert large.requests[0].json["model"] == "m-128k"
+
+
+# --- the fault matrix after the first token: continuation ------------------------------------
+
+CANONICAL = tuple(f" w{i}" if i % 7 else f" w{i}." for i in range(60))
+"""60 tokens of canonical text, some ending a sentence."""
+
+VLLM = {"type": "openai", "continuation": "continue_final_message"}
+
+
+def continuing_upstream(**fault: Any) -> tuple[Reply, Reply]:
+    """The broken reply, then one that continues whatever prefix it is given."""
+    return Reply(tokens=CANONICAL, **fault), Reply(tokens=CANONICAL, continues=True)
+
+
+MID_STREAM_FAULTS = {
+    "cut after 40 of 60 tokens": {"reset_after": 40},
+    "stall after 20 tokens": {"stall_after": 20},
+    "in-stream overloaded_error after 30 tokens": {"error_after": 30},
+}
+
+
+@pytest.mark.parametrize("fault", list(MID_STREAM_FAULTS))
+@pytest.mark.parametrize("provider", ["claude", "vllm"])
+async def test_a_stream_broken_mid_way_is_continued_seamlessly(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, provider: str, fault: str
+) -> None:
+    (upstream,) = await open_upstreams(nursery, 1)
+    upstream.push(*continuing_upstream(**MID_STREAM_FAULTS[fault]))
+    base_url = upstream.url if provider == "claude" else upstream.url + "/v1"
+    tables = {
+        "claude": {"type": "anthropic", "base_url": base_url},
+        "vllm": {**VLLM, "base_url": base_url},
+    }
+    async with in_process(tables, timeouts={"silence_timeout": 5}) as client:
+        start = trio.current_time()
+        assert await collect(client, f"{provider}/m") == "".join(CANONICAL)
+        assert trio.current_time() - start <= 5.1  # at most one silence_timeout
+    broken, continued = upstream.requests
+    assert broken.disconnected.is_set() or not broken.completed or MID_STREAM_FAULTS[fault].get("error_after")
+    last = continued.json["messages"][-1]
+    delivered = "".join(CANONICAL[: broken.tokens_sent])
+    content = last["content"] if isinstance(last["content"], str) else last["content"][0]["text"]
+    assert last["role"] == "assistant" and content == (delivered.rstrip() if provider == "claude" else delivered)
+    if provider == "vllm":
+        assert (continued.json["continue_final_message"], continued.json["add_generation_prompt"]) == (True, False)
+
+
+async def test_a_malformed_tenth_event_is_continued(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
+    (upstream,) = await open_upstreams(nursery, 1)
+    nine = b"".join(chunk(token) for token in CANONICAL[:9])
+    upstream.push(Reply(raw_body=nine + b"data: {not json\n\n"), Reply(tokens=CANONICAL, continues=True))
+    tables = {"vllm": {**VLLM, "base_url": upstream.url + "/v1"}}
+    async with in_process(tables) as client:
+        assert await collect(client, "vllm/m") == "".join(CANONICAL)
+    assert upstream.requests[1].json["messages"][-1]["content"] == "".join(CANONICAL[:9])
+
+
+async def test_a_fallback_that_rejects_prefill_leaves_the_client_the_original_failure(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    primary, backup = await open_upstreams(nursery, 2)
+    primary.push(Reply(tokens=CANONICAL, reset_after=40))
+    backup.push(Reply(refuse_continuation=True))
+    tables = {
+        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
+        "backup": {"type": "anthropic", "base_url": backup.url},
+    }
+    async with in_process(tables) as client:
+        stream = await client.chat.completions.create(model="primary/m", messages=MESSAGES, stream=True)
+        received = []
+        with pytest.raises(openai.APIError) as info:
+            async for c in stream:
+                received.append(c.choices[0].delta.content or "" if c.choices else "")
+    assert "".join(received) == "".join(CANONICAL[:40])
+    assert "connection broke" in info.value.message and "prefill" not in info.value.message
+    assert f"after {len(''.join(CANONICAL[:40]))} characters were delivered" in info.value.message
+    assert backup.request_count == 1  # asked once; the refusal is remembered for continuation_cooldown
+
+
+async def test_the_generic_endpoints_announce_a_continuation(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
+    (upstream,) = await open_upstreams(nursery, 1)
+    upstream.push(*continuing_upstream(reset_after=10))
+    async with in_process({"vllm": {**VLLM, "base_url": upstream.url + "/v1"}}) as client:
+        response = await client._client.post(
+            "http://proxy.test/v1/chat/stream/json", json={"model": "vllm/m", "messages": MESSAGES}
+        )
+    events = [orjson.loads(line) for line in response.text.splitlines()]
+    (notice,) = [e for e in events if e["type"] == "metadata" and e["data"] == "continuation"]
+    assert notice["metadata"]["provider"] == "vllm" and "connection broke" in notice["metadata"]["reason"]
+    assert "".join(e["data"] for e in events if e["type"] == "token") == "".join(CANONICAL)
+    (done,) = [e for e in events if e["type"] == "done"]
+    assert done["metadata"]["usage"]["estimated"] is True  # both attempts, the broken one estimated
+
+
+async def test_an_anthropic_client_gets_one_seamless_message(nursery: trio.Nursery) -> None:
+    (upstream,) = await open_upstreams(nursery, 1)
+    upstream.push(*continuing_upstream(reset_after=40))
+    proxy = await start_proxy(nursery, upstream)
+    async with anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client:
+        async with client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as stream:
+            message = await stream.get_final_message()
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == "".join(CANONICAL)
+    assert message.stop_reason == "end_turn"
