@@ -12,7 +12,7 @@ import pytest
 
 from trioproxy._exceptions import (
     UpstreamConnectError,
-    UpstreamDisconnectError,
+    UpstreamBrokenError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamStatusError,
@@ -365,7 +365,7 @@ def test_zero_delays() -> None:
         (UpstreamTimeoutError("no slot", kind="pool_timeout"), "connect"),
         (UpstreamTimeoutError("no token", kind="first_token_timeout"), "first_token_timeout"),
         (UpstreamTimeoutError("stuck write", kind="write_timeout"), "timeout"),
-        (UpstreamDisconnectError("reset"), "connection_broken"),
+        (UpstreamBrokenError("reset"), "connection_broken"),
         (UpstreamStatusError("slow down", status=429), "rate_limit"),
         (UpstreamStatusError("down", status=503), "server_error"),
         (UpstreamStatusError("overloaded", status=529, type="overloaded_error"), "server_error"),
@@ -399,7 +399,7 @@ def _an_error_of(kind: str) -> UpstreamError:
     return {
         "connect": UpstreamConnectError("refused"),
         "first_token_timeout": UpstreamTimeoutError("no token", kind="first_token_timeout"),
-        "connection_broken": UpstreamDisconnectError("reset"),
+        "connection_broken": UpstreamBrokenError("reset"),
         "rate_limit": UpstreamStatusError("slow down", status=429),
         "server_error": UpstreamStatusError("down", status=500),
         "timeout": UpstreamTimeoutError("stuck", kind="write_timeout"),

@@ -25,7 +25,7 @@ TrioproxyError                 status  type
 │   └── StreamsFullError        503     no room for another resumable stream
 └── UpstreamError               502     upstream_error: the upstream failed us
     ├── UpstreamConnectError    502     could not reach the upstream
-    │   └── UpstreamDisconnectError 502 the connection broke once it was made
+    ├── UpstreamBrokenError     502     the connection broke once made (reset, closed mid-response)
     ├── UpstreamTimeoutError    504     the upstream took too long
     ├── UpstreamStatusError     (its)   the upstream answered with an error status
     │   └── ContextLengthError  (its)   the prompt is longer than the model's context window
@@ -61,8 +61,8 @@ __all__ = [
     "StreamInterrupted",
     "StreamsFullError",
     "TrioproxyError",
+    "UpstreamBrokenError",
     "UpstreamConnectError",
-    "UpstreamDisconnectError",
     "UpstreamError",
     "UpstreamProtocolError",
     "UpstreamStatusError",
@@ -243,8 +243,8 @@ class UpstreamConnectError(UpstreamError):
     pass
 
 
-class UpstreamDisconnectError(UpstreamConnectError):
-    """The upstream was reached, and the connection broke (a reset, a close before the response's end)."""
+class UpstreamBrokenError(UpstreamError):
+    pass
 
 
 class UpstreamTimeoutError(UpstreamError):

@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 
 from ._exceptions import (
     UpstreamConnectError,
-    UpstreamDisconnectError,
+    UpstreamBrokenError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeoutError,
@@ -126,7 +126,7 @@ def failure_kind(error: UpstreamError) -> str | None:
         if error.kind in ("connect_timeout", "pool_timeout"):
             return "connect"
         return "first_token_timeout" if error.kind == "first_token_timeout" else "timeout"
-    if isinstance(error, UpstreamDisconnectError):
+    if isinstance(error, UpstreamBrokenError):
         return "connection_broken"
     if isinstance(error, UpstreamConnectError):
         return "connect"

@@ -18,7 +18,7 @@ from trioproxy import (
     Delta,
     ToolCallDelta,
     UpstreamConnectError,
-    UpstreamDisconnectError,
+    UpstreamBrokenError,
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeoutError,
@@ -228,7 +228,7 @@ async def test_retry_delays_follow_the_config_and_retry_after(autojump_clock: tr
         [
             [UpstreamStatusError("busy", status=503)],
             [UpstreamStatusError("slow down", status=429, retry_after=5.0)],
-            [UpstreamDisconnectError("reset")],
+            [UpstreamBrokenError("reset")],
             [*tokens("ok"), Delta(finish_reason="stop")],
         ]
     )
@@ -339,7 +339,7 @@ async def test_no_code_path_sends_text_twice(autojump_clock: trio.abc.Clock) -> 
     words = ["one", " two", " three", " four"]
     full = tokens(*words) + [Delta(finish_reason="stop")]
     for cut in range(len(full) + 1):
-        failing = full[:cut] + [UpstreamDisconnectError("connection reset")]
+        failing = full[:cut] + [UpstreamBrokenError("connection reset")]
         upstream = ScriptedUpstream([failing, full, full, full])
         backup = ScriptedUpstream([full])
         retry = RetryConfig(max_retries=2, base_delay_ms=1, jitter=0)
@@ -355,7 +355,7 @@ async def test_no_code_path_sends_text_twice(autojump_clock: trio.abc.Clock) -> 
             # text reached the client: no replay, just an error after exactly what was sent
             assert text == "".join(words[:tokens_before_failure]), cut
             error = items[-1][1]
-            assert isinstance(error, UpstreamConnectError), cut
+            assert isinstance(error, UpstreamBrokenError), cut
             assert error.characters_delivered == len(text), cut
             assert upstream.calls == 1 and backup.calls == 0, cut
 
@@ -810,7 +810,7 @@ def prefix(chat: Any) -> Any:
 
 
 async def test_a_broken_stream_is_continued_and_only_the_new_text_delivered(autojump_clock: trio.abc.Clock) -> None:
-    cut = UpstreamDisconnectError("the upstream connection broke")
+    cut = UpstreamBrokenError("the upstream connection broke")
     upstream = ScriptedUpstream(
         [
             [*tokens("Once", " upon "), cut],
@@ -855,7 +855,7 @@ async def test_a_stall_and_an_in_stream_overload_are_continued_too(autojump_cloc
 async def test_a_refused_continuation_tells_the_original_failure_and_is_not_asked_again(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    cut = UpstreamDisconnectError("the upstream connection broke")
+    cut = UpstreamBrokenError("the upstream connection broke")
     refusal = UpstreamStatusError("This model does not support assistant message prefill", status=400)
     upstream = ScriptedUpstream([[*tokens("half"), cut], [refusal], [*tokens("again"), cut]])
     backup = ScriptedUpstream([[refusal]])
@@ -864,7 +864,7 @@ async def test_a_refused_continuation_tells_the_original_failure_and_is_not_aske
 
     assert texts(items) == "half"
     error = items[-1][1]
-    assert isinstance(error, UpstreamDisconnectError) and "prefill" not in error.message
+    assert isinstance(error, UpstreamBrokenError) and "prefill" not in error.message
     assert "after 4 characters were delivered" in error.message
     assert (upstream.calls, backup.calls) == (2, 1)  # the route itself, then the next
     assert [(provider, e.status) for provider, e in session.stats.failures] == [("p", 502), ("p", 400), ("backup", 400)]
@@ -872,21 +872,21 @@ async def test_a_refused_continuation_tells_the_original_failure_and_is_not_aske
     # Within the cooldown neither is asked to continue again: the failure ends the stream at once.
     items, _ = await run(p)
     assert (upstream.calls, backup.calls) == (3, 1)
-    assert isinstance(items[-1][1], UpstreamDisconnectError)
+    assert isinstance(items[-1][1], UpstreamBrokenError)
 
 
 async def test_no_continuation_without_the_capability_after_a_tool_call_or_a_transform(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    cut = UpstreamDisconnectError("reset")
+    cut = UpstreamBrokenError("reset")
     none = ScriptedUpstream([[*tokens("x"), cut]])
     items, _ = await run(pipeline(route(none)))
-    assert (none.calls, type(items[-1][1])) == (1, UpstreamDisconnectError)
+    assert (none.calls, type(items[-1][1])) == (1, UpstreamBrokenError)
 
     call = Delta(tool_calls=(ToolCallDelta(index=0, id="c", name="f", arguments='{"a'),))
     tooling = ScriptedUpstream([[*tokens("x"), call, cut]])
     items, _ = await run(pipeline(continuing(tooling)))
-    assert (tooling.calls, type(items[-1][1])) == (1, UpstreamDisconnectError)
+    assert (tooling.calls, type(items[-1][1])) == (1, UpstreamBrokenError)
 
     rewritten = ScriptedUpstream([[*tokens("x"), cut]])
     p = Pipeline(routes=(continuing(rewritten),), buffer=BufferConfig(), transforms=(str.upper,), validators=())

@@ -43,8 +43,7 @@ Sans-IO.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -84,7 +83,13 @@ _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
 
 
-def parse_messages_request(body: dict[str, Any], headers: Mapping[str, str], *, counting: bool = False) -> ChatRequest:
+class Headers(Protocol):
+    """A request's headers, looked up by lower-case name (quart's, or a plain dict)."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
+def parse_messages_request(body: dict[str, Any], headers: Headers, *, counting: bool = False) -> ChatRequest:
     """
     Check what Anthropic requires of every request and build the `ChatRequest`: its native
     form with the headers an Anthropic upstream must see, and its common-model translation.
@@ -114,7 +119,7 @@ def parse_messages_request(body: dict[str, Any], headers: Mapping[str, str], *, 
         unportable = exc
         # Never sent anywhere (`common_body` refuses it): enough to account for the request.
         common = {"model": model, "messages": [], "max_tokens": max_tokens, "stream": stream}
-    forwarded = {name: headers[name] for name in FORWARDED_HEADERS if name in headers}
+    forwarded = {name: value for name in FORWARDED_HEADERS if (value := headers.get(name)) is not None}
     return ChatRequest(
         body=common,
         model=model,

@@ -81,6 +81,8 @@ class OpenAIChunkRenderer:
             body["reasoning_content"] = delta.reasoning  # vLLM's and DeepSeek's field
         if delta.tool_calls:
             body["tool_calls"] = [_tool_call(tc) for tc in delta.tool_calls]
+        if not body and delta.finish_reason is None:
+            return b""  # nothing Chat Completions has a field for (an Anthropic thinking signature)
         choice = {"index": 0, "delta": body, "logprobs": None, "finish_reason": delta.finish_reason}
         out = self._event([choice], usage=None)
         if delta.usage is not None and self.include_usage:

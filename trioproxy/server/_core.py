@@ -1,0 +1,293 @@
+"""
+What every front shares: sessions, limits, metrics, the access log and the stream registry
+(`Core`), and how a session becomes an HTTP response (`Core.stream`, `complete`).
+
+Each streaming request starts a session (`pipeline.start_session`) in the app's nursery and
+holds back its preamble (the upstream's acceptance, the role chunk) until something the client
+must see now: the first token (or finish reason, or usage), a heartbeat that is due, a retry
+notice the front shows (`_generic.commits`). An error before that still becomes an HTTP status
+with the protocol's error body; otherwise the response is committed as 200 with the held items
+first, and from its first body write on the session's own tasks write the rest straight to
+the ASGI `send` (`deliver_to`): a token then crosses no task switch between the upstream and
+the client. The body generator only waits for the session to end and writes its last word;
+its `finally` cancels the session, so a client that goes away — at any point — takes its
+upstream request with it.
+
+`Core.start` is also where `[limits]` are applied, once for every route (WebSocket included):
+a session starts only if its body's shape is within bounds and the limiter admits its
+client, and it holds its lease until its task ends. A refusal is raised as our error and
+rendered in the route's protocol; nothing reaches the upstream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+
+import orjson
+import trio
+from quart import Response, has_request_context, request, websocket
+
+from .._config import Config
+from .._exceptions import TrioproxyError
+from .._limits import Limiter, check_request_shape
+from .._policy import BufferConfig
+from .._request import ChatRequest
+from .._router import Router
+from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
+from ._access import RECORD, AccessLog, RequestRecord
+from ._auth import presented_key
+from ._generic import Renderer, StreamInterrupted, commits, last_word, render
+from ._metrics import Metrics
+from ._shutdown import GracefulShutdown
+from ._streams import StreamRegistry
+
+__all__ = [
+    "ASGI_SEND",
+    "SSE",
+    "STREAM_HEADERS",
+    "Core",
+    "complete",
+    "connection",
+    "json_response",
+    "keeping_send",
+    "opening",
+    "route_label",
+    "with_retry_after",
+]
+
+STREAM_HEADERS: Final = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+SSE: Final = "text/event-stream"
+#: Where each HTTP request's ASGI `send` is kept in its scope, for `_relay`.
+ASGI_SEND: Final = "trioproxy.send"
+#: Preamble items a response holds back before its head, at most: a bound on an upstream that
+#: sends nothing but content-less chunks (and on the role chunks of retried attempts).
+MAX_HELD_ITEMS: Final = 16
+
+
+class Core:
+    """
+    The server's shared state, which the fronts use and own none of: the router, the limiter,
+    metrics, the access log, the resumable streams, the graceful shutdown and its set of
+    active sessions. Sessions run in `nursery` (the app's).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        router: Router,
+        shutdown: GracefulShutdown,
+        metrics: Metrics,
+        access_log: AccessLog,
+        nursery: Callable[[], trio.Nursery],
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.shutdown = shutdown
+        self.metrics = metrics
+        self.access_log = access_log
+        self.active = shutdown.streams
+        self.streams = StreamRegistry(config.streams)
+        self._nursery = nursery
+        limits = config.limits
+        self.limiter = Limiter(
+            requests_per_minute=limits.requests_per_minute,
+            max_streams_per_key=limits.max_streams_per_key,
+            max_concurrent_streams=limits.max_concurrent_streams,
+        )
+        shutdown.on_drain(self.streams.stop_resuming)  # nobody can come back to resume a stream
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The app's nursery: sessions and resumable streams outlive the handler that starts them."""
+        return self._nursery()
+
+    def pipeline(self, model: str, *, provider: str | None = None, buffer: BufferConfig | None = None) -> Pipeline:
+        """The pipeline of a request for `model`; raises `ModelNotFoundError` when nothing routes it."""
+        return pipeline_for(self.router, self.router.route(model, provider=provider), buffer=buffer)
+
+    def start(
+        self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True, stream_id: str | None = None
+    ) -> StreamSession:
+        """
+        Start a session for the current request (or a WebSocket's stream `stream_id`), if
+        `[limits]` allow it: raises `RequestError` for a body of the wrong shape,
+        `RateLimitedError` or `OverloadedError` when the limiter refuses the client.
+        """
+        limits = self.config.limits
+        check_request_shape(
+            chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
+        )
+        lease = self.limiter.admit(self.client_identity(), trio.current_time())
+        record: RequestRecord = connection().scope[RECORD]
+
+        def on_end(session: StreamSession) -> None:
+            lease.release()
+            self.metrics.observe_stream(session)
+            if stream_id is not None:  # a WebSocket stream: its own log line
+                self.access_log.log_stream(session, request_id=record.id, route=record.route, stream_id=stream_id)
+
+        try:
+            session = start_session(
+                self.nursery,
+                pipeline,
+                chat,
+                heartbeats=heartbeats,
+                endpoint=route_label(),
+                registry=self.active,
+                on_end=on_end,
+            )
+        except BaseException:
+            lease.release()
+            raise
+        if stream_id is None:
+            record.session = session
+        self.shutdown.admit(session)  # while draining, its first item is the refusal
+        return session
+
+    def client_identity(self) -> str:
+        """Who the limits count against: the client key when keys are on, else the address."""
+        current = connection()
+        if self.config.auth.enabled:
+            return "key:" + (presented_key(current.headers) or "")
+        return "address:" + (current.scope.get("client") or ("unknown",))[0]
+
+    async def stream(
+        self,
+        session: StreamSession,
+        renderer: Renderer,
+        content_type: str,
+        error_response: Callable[[TrioproxyError], Response],
+    ) -> Response:
+        """
+        Wait until the session has something the client must see (`opening`): an error before
+        that still gets an HTTP status and the protocol's error body; else the response is
+        committed as a 200 stream, and its head carries every item held until then, in order.
+        """
+        try:
+            held = await opening(session, shows_notices=renderer.shows_notices)
+        except BaseException:
+            session.cancel()
+            raise
+        if isinstance(held, TrioproxyError):
+            session.cancel()
+            return error_response(held)
+        head = b"".join(render(renderer, item) for item in held)
+        body = _relay(session, renderer, head, request.scope[ASGI_SEND])
+        return Response(body, status=200, content_type=content_type, headers=STREAM_HEADERS)
+
+
+async def opening(session: StreamSession, *, shows_notices: bool) -> list[SessionItem] | TrioproxyError:
+    """
+    The session's first items, up to one that commits the response (`commits`), or the error
+    that ended it before: the items held back until then are few and small, and at most
+    `MAX_HELD_ITEMS` of them.
+    """
+    held: list[SessionItem] = []
+    while len(held) < MAX_HELD_ITEMS:
+        try:
+            item = await session.output.receive()
+        except trio.EndOfChannel:
+            if held:
+                break  # its last word follows what it said
+            return StreamInterrupted("the server ended the request before the upstream answered")
+        if isinstance(item, TrioproxyError):
+            return item
+        held.append(item)
+        if commits(item, shows_notices=shows_notices):
+            break
+    return held
+
+
+async def complete(session: StreamSession, take: Callable[[SessionItem], None] | None = None) -> TrioproxyError | None:
+    """
+    Run a non-streaming request's session to its end, handing each item to `take`: `None`
+    once it completed, else the error that ended it. The session is over when this returns
+    (its `accumulator` holds the answer).
+    """
+    try:
+        async for item in session.output:
+            if isinstance(item, TrioproxyError):
+                return item
+            if take is not None:
+                take(item)
+        if not session.completed:
+            return StreamInterrupted("the server ended the request before it completed")
+        return None
+    finally:
+        session.cancel()
+
+
+class _BodyWriter:
+    """Writes the session's items, rendered, to the response through its ASGI `send`, while it lasts."""
+
+    def __init__(self, renderer: Renderer, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        self._renderer = renderer
+        self._send = send
+        self.relaying = True
+        """False once the response ended: the client is gone."""
+
+    async def send(self, item: SessionItem) -> None:
+        out = render(self._renderer, item)
+        if out and self.relaying:
+            await self._send({"type": "http.response.body", "body": out, "more_body": True})
+
+
+async def _relay(
+    session: StreamSession, renderer: Renderer, head: bytes, send: Callable[[dict[str, Any]], Awaitable[None]]
+) -> AsyncIterator[bytes]:
+    """
+    The response body. Once quart has written its head, the session's tasks write its items
+    themselves, through the request's own ASGI `send` (the one quart writes with); this only
+    waits for the session to end, and then writes its last word. Never yields inside a nursery.
+    """
+    writer = _BodyWriter(renderer, send)
+    try:
+        yield head
+        session.deliver_to(writer)
+        await session.finished.wait()
+        if not session.failed:  # an error was the session's own last word
+            yield last_word(renderer, session)
+    finally:
+        writer.relaying = False
+        session.cancel()
+
+
+def keeping_send(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """The app, keeping each HTTP request's `send` in its scope (at `ASGI_SEND`) for `_relay`."""
+
+    async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        scope[ASGI_SEND] = send
+        try:
+            await app(scope, receive, send)
+        finally:
+            del scope[ASGI_SEND]
+
+    return asgi
+
+
+def connection() -> Any:
+    """The current request, or else the current WebSocket."""
+    return request if has_request_context() else websocket
+
+
+def route_label() -> str:
+    """The matched URL rule of the current request or WebSocket: a bounded label, unlike its path."""
+    rule = connection().url_rule
+    return rule.rule if rule is not None else "unmatched"
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def with_retry_after(response: Response, error: TrioproxyError) -> Response:
+    """`Retry-After` in whole seconds, rounded up, when the error says when to ask again."""
+    if error.retry_after is not None:
+        response.headers["retry-after"] = str(math.ceil(error.retry_after))
+    return response

@@ -1,0 +1,82 @@
+"""
+The Anthropic Messages front: `POST /v1/messages` (any query string: Claude Code sends
+`?beta=true`), streamed or not, and `POST /v1/messages/count_tokens`; every path under
+`/v1/messages` answers errors in Anthropic's shape.
+
+The request is read by `_anthropic_request` (its native body kept for an Anthropic upstream),
+the answer rendered by `_anthropic_front`; a non-streaming answer is the same events folded
+into one `Message`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from ..._exceptions import TrioproxyError, UpstreamTimeoutError
+from ..._request import parse_json_object
+from .._anthropic_front import AnthropicEventRenderer, error_body, message_from_events, token_count_estimate
+from .._anthropic_request import parse_messages_request
+from .._core import SSE, Core, complete, json_response, with_retry_after
+from .._generic import prompt_chars, render
+
+__all__ = ["error_response", "owns", "register"]
+
+
+def owns(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def error_response(path: str, error: TrioproxyError) -> Response:
+    return _error(error)
+
+
+def _error(error: TrioproxyError) -> Response:
+    return with_retry_after(json_response(error_body(error), status=error.status), error)
+
+
+def register(app: QuartTrio, core: Core) -> None:
+    @app.post("/v1/messages")
+    async def messages() -> Response:
+        try:
+            chat = parse_messages_request(parse_json_object(await request.get_data()), request.headers)
+            pipeline = core.pipeline(chat.model)
+        except TrioproxyError as exc:
+            return _error(exc)
+        renderer = AnthropicEventRenderer(model=chat.model, prompt_chars=prompt_chars(chat))
+        if chat.stream:
+            return await core.stream(core.start(pipeline, chat), renderer, SSE, _error)
+        events = bytearray()
+        session = core.start(pipeline, chat, heartbeats=False)
+        error = await complete(session, lambda item: events.extend(render(renderer, item)))
+        if error is not None:
+            return _error(error)
+        try:
+            return json_response(message_from_events(bytes(events + renderer.done(session))))
+        except TrioproxyError as exc:  # the upstream's tool input is not JSON
+            return _error(exc)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens() -> Response:
+        """An Anthropic upstream's own count; an estimate, marked so, from any other."""
+        try:
+            chat = parse_messages_request(parse_json_object(await request.get_data()), request.headers, counting=True)
+            route = core.router.route(chat.model)
+            timeout = route.provider.timeouts.first_token_timeout
+            with trio.move_on_after(timeout or math.inf) as waited:
+                counted = await route.upstream.count_tokens(chat.routed(route.upstream_model))
+            if waited.cancelled_caught:
+                raise UpstreamTimeoutError(
+                    f"no answer from the upstream within first_token_timeout ({timeout:g} s)",
+                    kind="first_token_timeout",
+                )
+        except TrioproxyError as exc:
+            return _error(exc)
+        if counted is None:
+            tools = chat.client_body.get("tools")
+            return json_response(token_count_estimate(prompt_chars(chat) + (len(orjson.dumps(tools)) if tools else 0)))
+        return Response(counted, content_type="application/json")

@@ -1,0 +1,172 @@
+"""
+trioproxy's own events front: the generic endpoints (`POST /v1/chat/stream` and
+`/v1/stream/sse` as SSE, `/v1/chat/stream/json` as NDJSON), the WebSocket endpoints
+(`_websocket.py`), and `GET /v1/streams/{id}`; `_events_front` renders the events, and every
+error on these paths is one `error` event in the path's framing.
+
+The generic SSE endpoints are different from the other fronts' routes: their generation is not
+tied to the request that started it. It runs as a broadcast task (`_streams.py`) that any
+number of responses watch, the POST being the first; `GET /v1/streams/{id}` attaches another,
+replaying what it missed after its `Last-Event-ID`. A watcher that goes away only detaches;
+the upstream is cancelled when no watcher is left for `[streams].resume_grace_period`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
+
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from ..._events import StreamEvent
+from ..._exceptions import NotFoundError, RequestError, TrioproxyError
+from ..._request import parse_json_object
+from ...pipeline import StreamSession
+from .._access import RECORD
+from .._core import SSE, STREAM_HEADERS, Core, opening, with_retry_after
+from .._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
+from .._generic import generic_chat_request, prompt_chars
+from .._streams import BroadcastStream, Watcher
+from .._websocket import register_websocket_routes
+
+__all__ = ["GENERIC_ENDPOINTS", "error_response", "owns", "register"]
+
+NDJSON: Final = "application/x-ndjson"
+#: The generic event endpoints: how each frames its events (errors included), and as what.
+GENERIC_ENDPOINTS: Final[dict[str, tuple[Callable[[StreamEvent], bytes], str]]] = {
+    "/v1/chat/stream": (sse_frame, SSE),
+    "/v1/stream/sse": (sse_frame, SSE),
+    "/v1/chat/stream/json": (ndjson_frame, NDJSON),
+}
+
+
+def owns(path: str) -> bool:
+    return path in GENERIC_ENDPOINTS or path.startswith("/v1/streams/")
+
+
+def error_response(path: str, error: TrioproxyError) -> Response:
+    """`error` as one `error` event, framed as the endpoint at `path` frames its events."""
+    frame, content_type = GENERIC_ENDPOINTS.get(path, (sse_frame, SSE))
+    return _event_error(frame, content_type, error)
+
+
+def _event_error(frame: Callable[[StreamEvent], bytes], content_type: str, error: TrioproxyError) -> Response:
+    response = Response(frame(error_event(error)), status=error.status, content_type=content_type)
+    return with_retry_after(response, error)
+
+
+def _sse_error(error: TrioproxyError) -> Response:
+    return _event_error(sse_frame, SSE, error)
+
+
+def register(app: QuartTrio, core: Core) -> None:
+    def generic_endpoint(frame: Callable[[StreamEvent], bytes], content_type: str) -> Callable[[], Any]:
+        error_response = functools.partial(_event_error, frame, content_type)
+
+        async def endpoint() -> Response:
+            request_id = request.scope[RECORD].id
+            try:
+                body = parse_json_object(await request.get_data())
+                chat, provider, buffer = generic_chat_request(body)
+                pipeline = core.pipeline(chat.model, provider=provider, buffer=buffer)
+            except TrioproxyError as exc:
+                return error_response(exc)
+
+            route = pipeline.routes[0]
+
+            def renderer_for(stream_id: str | None, frame: Callable[[StreamEvent], bytes]) -> EventRenderer:
+                return EventRenderer(
+                    frame=frame,
+                    provider=route.provider.name,
+                    model=route.upstream_model,
+                    request_id=request_id,
+                    prompt_chars=prompt_chars(chat),
+                    chunked=pipeline.buffer.enabled,
+                    stream_id=stream_id,
+                )
+
+            if frame is sse_frame:  # resumable and shareable; NDJSON stays tied to its request
+                return await shared_stream(core.start(pipeline, chat), renderer_for, error_response)
+            return await core.stream(
+                core.start(pipeline, chat), renderer_for(None, frame), content_type, error_response
+            )
+
+        return endpoint
+
+    async def shared_stream(
+        session: StreamSession,
+        renderer_for: Callable[[str, Callable[[StreamEvent], bytes]], EventRenderer],
+        error_response: Callable[[TrioproxyError], Response],
+    ) -> Response:
+        """
+        Like `Core.stream`, but once the upstream accepted, the generation becomes a resumable
+        stream (its own broadcast task) with this request as its first watcher.
+        """
+        try:
+            held = await opening(session, shows_notices=True)
+            if isinstance(held, TrioproxyError):
+                session.cancel()
+                return error_response(held)
+            stream = core.streams.open(session, renderer_for)
+        except TrioproxyError as exc:  # `max_streams` are running
+            session.cancel()
+            return error_response(exc)
+        except BaseException:
+            session.cancel()
+            raise
+        for item in held:  # logged before the first watcher attaches: it gets them as one write
+            stream.publish(item)
+        backlog, watcher = stream.attach()
+        core.nursery.start_soon(stream.run, name=f"stream {stream.id}")
+        return _watch_response(stream, backlog, watcher)
+
+    @app.get("/v1/streams/<stream_id>")
+    async def watch_stream(stream_id: str) -> Response:
+        """Attach to a running or recently finished stream, after its `Last-Event-ID`."""
+        stream = core.streams.get(stream_id)
+        if stream is None:
+            return _sse_error(NotFoundError(f"no stream {stream_id!r}: it never existed or it has expired"))
+        last_event_id = request.headers.get("last-event-id", "").strip()
+        if last_event_id and not (last_event_id.isascii() and last_event_id.isdigit()):
+            return _sse_error(
+                RequestError(f"Last-Event-ID must be an event id of this stream, got {last_event_id[:40]!r}")
+            )
+        after = int(last_event_id or 0)
+        if after > stream.last_id:
+            return _sse_error(RequestError(f"Last-Event-ID {after} is ahead of the stream (at {stream.last_id})"))
+        try:
+            backlog, watcher = stream.attach(after)
+        except TrioproxyError as exc:  # the events after `after` are no longer kept
+            return _sse_error(exc)
+        return _watch_response(stream, backlog, watcher)
+
+    register_websocket_routes(
+        app,
+        start=core.start,
+        router=core.router,
+        max_message_bytes=core.config.limits.max_body_bytes,
+        write_timeout=core.config.server.write_timeout,
+        shutdown=core.shutdown,
+    )
+
+    for path, (frame, content_type) in GENERIC_ENDPOINTS.items():
+        name = path.removeprefix("/v1/").replace("/", "_")
+        app.add_url_rule(path, name, generic_endpoint(frame, content_type), methods=["POST"])
+
+
+def _watch_response(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher) -> Response:
+    headers = {**STREAM_HEADERS, "x-stream-id": stream.id}
+    return Response(_watch(stream, backlog, watcher), status=200, content_type=SSE, headers=headers)
+
+
+async def _watch(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher) -> AsyncIterator[bytes]:
+    """A watcher's response body: the replayed events, then the live ones. Never yields inside a nursery."""
+    try:
+        if backlog:
+            yield b"".join(backlog)
+        async for data in watcher.receive:
+            yield data
+    finally:
+        stream.detach(watcher)
