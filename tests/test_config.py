@@ -244,7 +244,7 @@ def test_the_sims_output_cap_is_configured() -> None:
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)"
+        "config: unknown key 'providrs' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)"
     )
 
 
@@ -465,7 +465,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'sever' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -481,8 +481,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
-        "config: unknown key 'y' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'x' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'y' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 
@@ -1189,3 +1189,38 @@ def test_cors_off_by_default_and_table() -> None:
 )
 def test_bad_cors(table: dict[str, Any], expected: str) -> None:
     assert only_problem({"cors": table}) == expected
+
+
+def test_several_targets_by_base_urls_or_weighted_tables() -> None:
+    config = parse_config(
+        {
+            "breaker": {"failures": 3},
+            "providers": {
+                "v": {"type": "openai", "base_urls": ["http://a/v1", "http://b/v1"], "breaker": {"cooldown": 5}},
+                "w": {"type": "openai", "targets": [{"base_url": "http://a/v1", "weight": 3}, {"base_url": "http://b/v1"}]},
+            },
+        },
+        environ={},
+    )
+    v, w = config.providers["v"], config.providers["w"]
+    assert [(t.base_url, t.weight) for t in v.targets] == [("http://a/v1", 1.0), ("http://b/v1", 1.0)]
+    assert v.base_url == "http://a/v1"
+    assert (v.breaker.failures, v.breaker.cooldown) == (3, 5)
+    assert [(t.base_url, t.weight) for t in w.targets] == [("http://a/v1", 3.0), ("http://b/v1", 1.0)]
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (
+            {"base_url": "http://a/v1", "base_urls": ["http://b/v1"]},
+            "[providers.p]: give one of base_url, base_urls and targets, not base_url and base_urls",
+        ),
+        ({"base_urls": []}, "[providers.p].base_urls must be a non-empty list of http:// or https:// URLs, got []"),
+        ({"targets": [{"base_url": "http://a", "weight": 0}]}, "[providers.p].targets[0].weight must be a positive number, got 0"),
+        ({"targets": [{"url": "http://a"}]}, "[providers.p].targets[0] must be a table with base_url and an optional weight, got {'url': 'http://a'}"),
+        ({"base_url": "http://a/v1", "breaker": {"failures": 0}}, "[providers.p].breaker.failures must be at least 1, got 0"),
+    ],
+)
+def test_bad_targets_are_named(table: dict[str, Any], expected: str) -> None:
+    assert only_problem({"providers": {"p": {"type": "openai", **table}}}) == expected

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from ._exceptions import ConfigError
 from ._logs import LOG_FORMATS, LOG_LEVELS, LoggingConfig
-from ._policy import BufferConfig, RetryConfig, StreamsConfig, Timeouts, parse_policy
+from ._policy import BreakerConfig, BufferConfig, RetryConfig, StreamsConfig, Timeouts, parse_policy
 from .pipeline._content import Transform, Validator, build_transforms, build_validators
 from .providers.simulated import SimulatedSettings, settings_problems
 
@@ -32,6 +32,7 @@ __all__ = [
     "ModelRoute",
     "ProviderConfig",
     "ServerConfig",
+    "TargetConfig",
     "load_config",
     "parse_config",
 ]
@@ -96,6 +97,14 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TargetConfig:
+    """One replica of a provider: its base URL, and its share of the requests (`weight`)."""
+
+    base_url: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     """
     One `[providers.NAME]` table: where the upstream is, and how its streams are run
@@ -112,6 +121,8 @@ class ProviderConfig:
     name: str
     type: str
     base_url: str = ""
+    targets: tuple[TargetConfig, ...] = ()
+    """Every replica, when `base_urls` or `targets` lists them (`base_url` is the first's)."""
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -122,6 +133,7 @@ class ProviderConfig:
     fallbacks: tuple[str, ...] = ()
     context_fallbacks: tuple[str, ...] = ()
     buffer: BufferConfig = field(default_factory=BufferConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
     transforms: tuple[Transform, ...] = ()
     validators: tuple[Validator, ...] = ()
     request_usage: bool = True
@@ -138,11 +150,12 @@ class ProviderConfig:
 
 @dataclass(frozen=True, slots=True)
 class _Defaults:
-    """The global `[timeouts]`, `[retry]` and `[buffer]` tables, which providers override."""
+    """The global `[timeouts]`, `[retry]`, `[buffer]` and `[breaker]` tables, which providers override."""
 
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryConfig = field(default_factory=RetryConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +286,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
             "timeouts",
             "retry",
             "buffer",
+            "breaker",
             "streams",
             "auth",
             "limits",
@@ -288,6 +302,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         timeouts=parse_policy(Timeouts(), raw.get("timeouts", {}), where="[timeouts]", problems=problems),
         retry=parse_policy(RetryConfig(), raw.get("retry", {}), where="[retry]", problems=problems),
         buffer=parse_policy(BufferConfig(), raw.get("buffer", {}), where="[buffer]", problems=problems),
+        breaker=parse_policy(BreakerConfig(), raw.get("breaker", {}), where="[breaker]", problems=problems),
     )
     streams = parse_policy(StreamsConfig(), raw.get("streams", {}), where="[streams]", problems=problems)
     auth = _auth(raw.get("auth", {}), env, problems)
@@ -548,6 +563,9 @@ _TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout
 _COMMON_KEYS: Final = {
     "type",
     "base_url",
+    "base_urls",
+    "targets",
+    "breaker",
     "api_key_env",
     "headers",
     "models",
@@ -596,10 +614,13 @@ def _provider(
     before = len(problems)
     checked: dict[str, Any] = {}
 
-    base_url = table.get("base_url", DEFAULT_ANTHROPIC_URL if type_ == "anthropic" else "")
-    if type_ == "openai" and "base_url" not in table:
+    targets = _targets(table, where, problems)
+    if targets:
+        checked["targets"] = targets
+    base_url = targets[0].base_url if targets else table.get("base_url", DEFAULT_ANTHROPIC_URL if type_ == "anthropic" else "")
+    if type_ == "openai" and not ({"base_url", "base_urls", "targets"} & table.keys()):
         problems.append(f"{where}.base_url is required for an openai provider (e.g. 'http://127.0.0.1:9000/v1')")
-    elif type_ != "simulated" and (not isinstance(base_url, str) or not re.match(r"^https?://[^/]", base_url)):
+    elif type_ != "simulated" and not ({"base_urls", "targets"} & table.keys()) and not _is_url(base_url):
         problems.append(f"{where}.base_url must be an http:// or https:// URL, got {base_url!r}")
     checked["base_url"] = base_url if isinstance(base_url, str) else ""
 
@@ -640,6 +661,9 @@ def _provider(
     checked["retry"] = parse_policy(defaults.retry, table.get("retry", {}), where=f"{where}.retry", problems=problems)
     checked["buffer"] = parse_policy(
         defaults.buffer, table.get("buffer", {}), where=f"{where}.buffer", problems=problems
+    )
+    checked["breaker"] = parse_policy(
+        defaults.breaker, table.get("breaker", {}), where=f"{where}.breaker", problems=problems
     )
     for key in ("fallbacks", "context_fallbacks"):
         names = table.get(key, [])
@@ -682,6 +706,44 @@ def _provider(
     if len(problems) > before:
         return None
     return ProviderConfig(name=name, type=type_, **checked)
+
+
+def _is_url(value: Any) -> bool:
+    return isinstance(value, str) and re.match(r"^https?://[^/]", value) is not None
+
+
+def _targets(table: Mapping[str, Any], where: str, problems: list[str]) -> tuple[TargetConfig, ...]:
+    """A provider's replicas: `base_urls = [...]`, or `[[targets]]` tables with `base_url` and `weight`."""
+    given = [key for key in ("base_url", "base_urls", "targets") if key in table]
+    if len(given) > 1:
+        problems.append(f"{where}: give one of base_url, base_urls and targets, not {' and '.join(given)}")
+        return ()
+    if "base_urls" in table:
+        urls = table["base_urls"]
+        if not isinstance(urls, list) or not urls or not all(_is_url(url) for url in urls):
+            problems.append(f"{where}.base_urls must be a non-empty list of http:// or https:// URLs, got {urls!r}")
+            return ()
+        return tuple(TargetConfig(url) for url in urls)
+    if "targets" not in table:
+        return ()
+    tables = table["targets"]
+    if not isinstance(tables, list) or not tables:
+        problems.append(f"{where}.targets must be a non-empty list of tables with base_url (and weight)")
+        return ()
+    targets = []
+    for i, target in enumerate(tables):
+        at = f"{where}.targets[{i}]"
+        if not isinstance(target, dict) or set(target) - {"base_url", "weight"}:
+            problems.append(f"{at} must be a table with base_url and an optional weight, got {target!r}")
+            continue
+        url, weight = target.get("base_url"), target.get("weight", 1)
+        if not _is_url(url):
+            problems.append(f"{at}.base_url must be an http:// or https:// URL, got {url!r}")
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            problems.append(f"{at}.weight must be a positive number, got {weight!r}")
+        else:
+            targets.append(TargetConfig(url, float(weight)))
+    return tuple(targets) if len(targets) == len(tables) else ()
 
 
 def _number(

@@ -1,5 +1,5 @@
 """
-How a route streams: buffering, timeouts and retries, as plain checked values.
+How a route streams: buffering, timeouts, retries and circuit breakers, as plain checked values.
 
 Each is set globally in the config (`[buffer]`, `[timeouts]`, `[retry]`), overridden per
 provider, and — for buffering — per request on the generic endpoints. One checker,
@@ -28,6 +28,7 @@ __all__ = [
     "CONTINUABLE",
     "DEFAULT_RETRY_ON",
     "FAILURE_KINDS",
+    "BreakerConfig",
     "BufferConfig",
     "RetryConfig",
     "StreamsConfig",
@@ -179,6 +180,18 @@ class RetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """
+    The circuit breaker of each of a provider's targets (`trioproxy._targets`): `failures`
+    consecutive failures (no connection, a broken connection, a 5xx) open it for `cooldown`
+    seconds, then one request probes the target.
+    """
+
+    failures: int = 5
+    cooldown: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class StreamsConfig:
     """
     Resumable, shareable streams on the generic SSE endpoints (the `[streams]` table).
@@ -201,7 +214,7 @@ class StreamsConfig:
     watcher_queue: int = 64
 
 
-_Policy = TypeVar("_Policy", BufferConfig, Timeouts, RetryConfig, StreamsConfig)
+_Policy = TypeVar("_Policy", BufferConfig, Timeouts, RetryConfig, BreakerConfig, StreamsConfig)
 
 _NUMBER: Final = (int, float)
 _KINDS: Final[dict[type, dict[str, tuple[type, ...]]]] = {
@@ -224,6 +237,7 @@ _KINDS: Final[dict[type, dict[str, tuple[type, ...]]]] = {
         "max_continuations": (int,),
         "continuation_cooldown": _NUMBER,
     },
+    BreakerConfig: {"failures": (int,), "cooldown": _NUMBER},
     StreamsConfig: {
         "resume_grace_period": _NUMBER,
         "retention": _NUMBER,
@@ -269,6 +283,8 @@ def parse_policy(base: _Policy, table: Any, *, where: str, problems: list[str]) 
             problems.append(f"{where}.jitter must be between 0 and 1, got {changes.pop('jitter')!r}")
         if changes.get("exponential_base", 1) < 1:
             problems.append(f"{where}.exponential_base must be at least 1, got {changes.pop('exponential_base')!r}")
+    if isinstance(base, BreakerConfig) and changes.get("failures", 1) < 1:
+        problems.append(f"{where}.failures must be at least 1, got {changes.pop('failures')!r}")
     if isinstance(base, StreamsConfig):
         for key in ("max_replay_bytes", "max_streams", "watcher_queue"):
             if changes.get(key, 1) < 1:

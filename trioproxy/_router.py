@@ -23,7 +23,7 @@ import trio
 from ._config import Config, ProviderConfig
 from ._continuation import Refusals
 from ._exceptions import ModelNotFoundError
-from ._upstream import HttpUpstream, Upstream, build_upstream
+from ._upstream import BalancedUpstream, HttpUpstream, Upstream, build_upstream
 from .providers.simulated import SIMULATED_MODELS
 
 __all__ = ["Route", "Router"]
@@ -83,11 +83,15 @@ class Router:
             listed.extend((f"{name}/{model}", name) for model in models)
         return listed
 
+    def targets(self) -> list[tuple[str, BalancedUpstream]]:
+        """Each provider with targets behind circuit breakers (every HTTP provider), for `/health` and `/metrics`."""
+        return [(name, u) for name, u in self.upstreams.items() if isinstance(u, BalancedUpstream)]
+
     async def expire_idle_connections(self) -> None:
         """Run each HTTP upstream's pool timer (idle connections closed without waiting for traffic), until `aclose`."""
         async with trio.open_nursery() as nursery:
             for upstream in self.upstreams.values():
-                if isinstance(upstream, HttpUpstream):
+                if isinstance(upstream, HttpUpstream | BalancedUpstream):
                     nursery.start_soon(upstream.expire_idle_connections)
 
     async def aclose(self) -> None:

@@ -345,3 +345,65 @@ async def test_an_anthropic_client_gets_one_seamless_message(nursery: trio.Nurse
     assert [block.type for block in message.content] == ["text"]
     assert message.content[0].text == "".join(CANONICAL)
     assert message.stop_reason == "end_turn"
+
+
+# --- several targets per provider, balanced and circuit-broken ---------------------------------
+
+
+async def test_one_of_three_replicas_down_is_skipped_once_its_breaker_opens(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    down, up1, up2 = await open_upstreams(nursery, 3)
+    for upstream in (down, up1, up2):
+        upstream._replies = Reply(status=503) if upstream is down else Reply(tokens=TOKENS)  # every request
+    tables = {
+        "vllm": {
+            "type": "openai",
+            "base_urls": [down.url + "/v1", up1.url + "/v1", up2.url + "/v1"],
+            "breaker": {"failures": 2, "cooldown": 60},
+            "retry": {"max_retries": 2, "base_delay_ms": 10},
+        }
+    }
+    async with in_process(tables) as client:
+        for _ in range(12):
+            assert await collect(client, "vllm/m") == "".join(TOKENS)
+        assert down.request_count == 2  # then skipped: no request reaches it during the cooldown
+        assert up1.request_count >= 4 and up2.request_count >= 4  # the healthy ones share the load
+
+        health = (await client._client.get("http://proxy.test/health")).json()
+        states = {t["url"]: t["state"] for t in health["providers"]["vllm"]["targets"]}
+        assert states == {down.url + "/v1": "open", up1.url + "/v1": "closed", up2.url + "/v1": "closed"}
+        metrics = (await client._client.get("http://proxy.test/metrics")).text
+    assert f'trioproxy_target_state{{provider="vllm",state="open",target="{down.url}/v1"}} 1.0' in metrics
+    assert f'trioproxy_breaker_transitions_total{{provider="vllm",state="open",target="{down.url}/v1"}} 1.0' in metrics
+
+
+async def test_a_primary_down_then_healthy_again_is_skipped_then_probed_back(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    primary, backup = await open_upstreams(nursery, 2)
+    primary._replies = Reply(status=502)
+    backup._replies = Reply(tokens=("from", " backup"))
+    tables = {
+        "primary": {
+            "type": "openai",
+            "base_url": primary.url + "/v1",
+            "fallbacks": ["backup/m"],
+            "breaker": {"failures": 2, "cooldown": 30},
+        },
+        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
+    }
+    async with in_process(tables) as client:
+        for _ in range(5):
+            assert await collect(client, "primary/m") == "from backup"
+        assert primary.request_count == 2  # then straight to the fallback
+
+        primary._replies = Reply(tokens=("from", " primary"))  # healthy again
+        await trio.sleep(30)
+        assert await collect(client, "primary/m") == "from primary"  # the probe
+        assert await collect(client, "primary/m") == "from primary"
+    lines = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+    transitions = [t for line in lines for t in line.get("breaker_transitions", [])]
+    assert len(transitions) == 2
+    assert "is open" in transitions[0] and "is closed" in transitions[1]

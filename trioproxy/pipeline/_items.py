@@ -37,7 +37,8 @@ class RetryNotice:
     asked alongside a slow first token), "hedge_won" (that route's token came first: it
     answers), "hedge_failed" (one of the two racing routes, named, failed; the other goes on),
     "continuation" (after the first token, the route named is asked to continue the text
-    delivered), "continuation_failed" (it gave no new text: the next way is tried), or
+    delivered), "continuation_failed" (it gave no new text: the next way is tried), "breaker"
+    (this attempt opened or closed a target's circuit breaker, as `reason` says), or
     "skipped_event" (an event the upstream's translation could not read, passed
     over as its provider allows).
     """

@@ -187,6 +187,9 @@ class StreamSession:
     def _count(self, notice: RetryNotice) -> None:
         stats = self.stats
         kind = notice.kind
+        if kind == "breaker":
+            stats.breaker_transitions.append(notice.reason)
+            return
         if kind == "hedge_won":
             stats.provider, stats.model = notice.provider, notice.model
             return

@@ -39,6 +39,8 @@ class StreamStats:
     `(kind, provider)` of each recovery other than a retry or failover (`hedge`,
     `skipped_event`), in order, with the provider answering then.
     """
+    breaker_transitions: list[str] = field(default_factory=list)
+    """What became of a target's circuit breaker after this stream's attempts there, in order."""
     error: TrioproxyError | None = None
     """The error the stream ended with, if it failed."""
     cancelled: bool = False

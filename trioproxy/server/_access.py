@@ -157,6 +157,8 @@ class AccessLog:
             fields["failovers"] = len(stats.providers_left)
         for kind, _ in stats.recoveries:
             fields[kind + "s"] = fields.get(kind + "s", 0) + 1
+        if stats.breaker_transitions:
+            fields["breaker_transitions"] = stats.breaker_transitions
         if stats.error is not None:
             fields["error"] = stats.error.message
         if self.include_prompts:
