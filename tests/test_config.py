@@ -1197,7 +1197,10 @@ def test_several_targets_by_base_urls_or_weighted_tables() -> None:
             "breaker": {"failures": 3},
             "providers": {
                 "v": {"type": "openai", "base_urls": ["http://a/v1", "http://b/v1"], "breaker": {"cooldown": 5}},
-                "w": {"type": "openai", "targets": [{"base_url": "http://a/v1", "weight": 3}, {"base_url": "http://b/v1"}]},
+                "w": {
+                    "type": "openai",
+                    "targets": [{"base_url": "http://a/v1", "weight": 3}, {"base_url": "http://b/v1"}],
+                },
             },
         },
         environ={},
@@ -1217,9 +1220,18 @@ def test_several_targets_by_base_urls_or_weighted_tables() -> None:
             "[providers.p]: give one of base_url, base_urls and targets, not base_url and base_urls",
         ),
         ({"base_urls": []}, "[providers.p].base_urls must be a non-empty list of http:// or https:// URLs, got []"),
-        ({"targets": [{"base_url": "http://a", "weight": 0}]}, "[providers.p].targets[0].weight must be a positive number, got 0"),
-        ({"targets": [{"url": "http://a"}]}, "[providers.p].targets[0] must be a table with base_url and an optional weight, got {'url': 'http://a'}"),
-        ({"base_url": "http://a/v1", "breaker": {"failures": 0}}, "[providers.p].breaker.failures must be at least 1, got 0"),
+        (
+            {"targets": [{"base_url": "http://a", "weight": 0}]},
+            "[providers.p].targets[0].weight must be a positive number, got 0",
+        ),
+        (
+            {"targets": [{"url": "http://a"}]},
+            "[providers.p].targets[0] must be a table with base_url and an optional weight, got {'url': 'http://a'}",
+        ),
+        (
+            {"base_url": "http://a/v1", "breaker": {"failures": 0}},
+            "[providers.p].breaker.failures must be at least 1, got 0",
+        ),
     ],
 )
 def test_bad_targets_are_named(table: dict[str, Any], expected: str) -> None:

@@ -6,6 +6,7 @@ whitespace the prefill had to leave out, the client's text is the canonical text
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 from hypothesis import given
@@ -35,7 +36,9 @@ def test_continue_final_message_keeps_the_text_whole_and_leaves_the_message_open
 
 
 def test_an_anthropic_clients_own_body_is_continued_too() -> None:
-    native = NativeRequest("anthropic", {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]})
+    native = NativeRequest(
+        "anthropic", {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]}
+    )
     continued = continuation(replace(CHAT, native=native), "Once upon", "prefill")
     assert continued.chat.native is not None
     assert continued.chat.native.body["messages"][-1] == {"role": "assistant", "content": "Once upon"}
@@ -71,7 +74,7 @@ def test_random_cuts_and_overlaps_never_duplicate_or_drop_a_character(canonical:
     rest = canonical[len(prefix) :]
     splits = sorted(data.draw(st.sets(st.integers(min_value=0, max_value=len(rest))), label="splits"))
     bounds = [0, *splits, len(rest)]
-    tokens = [rest[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    tokens = [rest[a:b] for a, b in itertools.pairwise(bounds)]
 
     overlap = Overlap(continued.overlap)
     assert delivered + "".join(overlap.trim(token) for token in tokens) == canonical

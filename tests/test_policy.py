@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from trioproxy._exceptions import (
-    UpstreamConnectError,
     UpstreamBrokenError,
+    UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamStatusError,
@@ -223,8 +223,14 @@ def test_min_larger_than_a_max_from_the_base() -> None:
     ("base", "known"),
     [
         (BufferConfig(), "min_chunk_size, max_chunk_size, flush_interval_ms, buffer_by_word, buffer_by_sentence"),
-        (Timeouts(), "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval, hedge_after"),
-        (RetryConfig(), "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, continuation_cooldown"),
+        (
+            Timeouts(),
+            "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval, hedge_after",
+        ),
+        (
+            RetryConfig(),
+            "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, continuation_cooldown",
+        ),
     ],
 )
 def test_unknown_key(base: Any, known: str) -> None:

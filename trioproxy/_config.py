@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from ._exceptions import ConfigError
 from ._logs import LOG_FORMATS, LOG_LEVELS, LoggingConfig
@@ -617,7 +617,9 @@ def _provider(
     targets = _targets(table, where, problems)
     if targets:
         checked["targets"] = targets
-    base_url = targets[0].base_url if targets else table.get("base_url", DEFAULT_ANTHROPIC_URL if type_ == "anthropic" else "")
+    base_url = (
+        targets[0].base_url if targets else table.get("base_url", DEFAULT_ANTHROPIC_URL if type_ == "anthropic" else "")
+    )
     if type_ == "openai" and not ({"base_url", "base_urls", "targets"} & table.keys()):
         problems.append(f"{where}.base_url is required for an openai provider (e.g. 'http://127.0.0.1:9000/v1')")
     elif type_ != "simulated" and not ({"base_urls", "targets"} & table.keys()) and not _is_url(base_url):
@@ -671,8 +673,8 @@ def _provider(
             problems.append(f"{where}.{key} must be a list of 'provider/model' names, got {names!r}")
             continue
         bad = [(i, f) for i, f in enumerate(names) if not isinstance(f, str) or not _FALLBACK.match(f)]
-        for i, name in bad:
-            problems.append(f"{where}.{key}[{i}] = {name!r} is not a 'provider/model' name")
+        for i, fallback in bad:
+            problems.append(f"{where}.{key}[{i}] = {fallback!r} is not a 'provider/model' name")
         if not bad:
             checked[key] = tuple(names)
     if "transforms" in table:
@@ -708,7 +710,7 @@ def _provider(
     return ProviderConfig(name=name, type=type_, **checked)
 
 
-def _is_url(value: Any) -> bool:
+def _is_url(value: Any) -> TypeGuard[str]:
     return isinstance(value, str) and re.match(r"^https?://[^/]", value) is not None
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Final, TypeVar
 
 from ._exceptions import (
-    UpstreamConnectError,
     UpstreamBrokenError,
+    UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeoutError,
@@ -274,7 +274,7 @@ def parse_policy(base: _Policy, table: Any, *, where: str, problems: list[str]) 
             problems.append(f"{where}.{key} must be {name}, got {value!r}")
         elif isinstance(value, float) and math.isnan(value):  # TOML has `nan`: it passes every check below
             problems.append(f"{where}.{key} must be a number, got {value!r}")
-        elif not isinstance(value, bool) and value < 0:
+        elif isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
             problems.append(f"{where}.{key} must not be negative, got {value!r}")
         else:
             changes[key] = value

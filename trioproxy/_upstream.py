@@ -48,10 +48,10 @@ from ._policy import BreakerConfig, failure_kind
 from ._request import ChatRequest
 from ._sse import SSEDecodeError, SSEDecoder
 from ._targets import BreakerState, Target, choose
+from .pipeline._items import RetryNotice, Sink
 from .providers._base import Translation
 from .providers.anthropic import AnthropicTranslation
 from .providers.openai import OpenAITranslation
-from .pipeline._items import RetryNotice, Sink
 from .providers.simulated import SimulatedSettings, Stall, script
 
 __all__ = ["BalancedUpstream", "HttpUpstream", "SimulatedUpstream", "Upstream", "build_upstream"]

@@ -224,8 +224,10 @@ async def test_a_first_token_after_20_s_is_hedged_and_the_slow_request_cancelled
 @pytest.mark.parametrize("refusing", ["up", "claude"])
 async def test_context_length_exceeded_goes_to_the_larger_model(nursery: trio.Nursery, refusing: str) -> None:
     small, large = await open_upstreams(nursery, 2)
-    message = "prompt is too long: 9000 tokens > 8192 maximum" if refusing == "claude" else (
-        "This model's maximum context length is 8192 tokens. However, you requested 9000 tokens."
+    message = (
+        "prompt is too long: 9000 tokens > 8192 maximum"
+        if refusing == "claude"
+        else ("This model's maximum context length is 8192 tokens. However, you requested 9000 tokens.")
     )
     small.push(Reply(status=400, error_message=message))
     large.push(Reply(tokens=TOKENS))
@@ -320,7 +322,9 @@ async def test_a_fallback_that_rejects_prefill_leaves_the_client_the_original_fa
     assert backup.request_count == 1  # asked once; the refusal is remembered for continuation_cooldown
 
 
-async def test_the_generic_endpoints_announce_a_continuation(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
+async def test_the_generic_endpoints_announce_a_continuation(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
     (upstream,) = await open_upstreams(nursery, 1)
     upstream.push(*continuing_upstream(reset_after=10))
     async with in_process({"vllm": {**VLLM, "base_url": upstream.url + "/v1"}}) as client:

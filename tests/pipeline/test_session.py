@@ -17,8 +17,8 @@ import trio
 from trioproxy import (
     Delta,
     ToolCallDelta,
-    UpstreamConnectError,
     UpstreamBrokenError,
+    UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeoutError,
@@ -815,8 +815,14 @@ async def test_a_broken_stream_is_continued_and_only_the_new_text_delivered(auto
         [
             [*tokens("Once", " upon "), cut],
             # the model continues "Once upon" (no trailing whitespace in a prefill): " a time"
-            [OPENED, Delta(role="assistant"), Delta(text=" a"), Delta(text=" time"), Delta(finish_reason="stop"),
-             Delta(usage=Usage(prompt_tokens=12, completion_tokens=2))],
+            [
+                OPENED,
+                Delta(role="assistant"),
+                Delta(text=" a"),
+                Delta(text=" time"),
+                Delta(finish_reason="stop"),
+                Delta(usage=Usage(prompt_tokens=12, completion_tokens=2)),
+            ],
         ]
     )
     items, session = await run(pipeline(continuing(upstream)))

@@ -478,7 +478,12 @@ def test_error_type_from_status(status: int, type_: str) -> None:
 
 def test_error_retry_after() -> None:
     error = error_from(b'{"error": {"message": "Rate limit reached"}}', status=429, headers={"retry-after": "2.5"})
-    assert (error.status, error.type, error.retry_after, RetryConfig().retries(error)) == (429, "rate_limit_error", 2.5, True)
+    assert (error.status, error.type, error.retry_after, RetryConfig().retries(error)) == (
+        429,
+        "rate_limit_error",
+        2.5,
+        True,
+    )
     assert error_from(b"x", status=429, headers={"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}).retry_after is None
     assert error_from(b"x", status=429, headers={"retry-after": "-1"}).retry_after is None
     assert error_from(b"x", status=429, headers={"Retry-After": "3"}).retry_after == 3.0  # any case, any mapping

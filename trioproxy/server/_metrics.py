@@ -18,9 +18,9 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from .._exceptions import UpstreamStatusError, UpstreamTimeoutError
 from .._targets import BREAKER_STATES
