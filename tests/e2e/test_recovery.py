@@ -407,7 +407,10 @@ async def test_a_primary_down_then_healthy_again_is_skipped_then_probed_back(
         await trio.sleep(30)
         assert await collect(client, "primary/m") == "from primary"  # the probe
         assert await collect(client, "primary/m") == "from primary"
-    lines = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+    lines = [r.fields for r in caplog.records if r.name == "trioproxy.access" and r.fields["route"] == CHAT]  # type: ignore[attr-defined]
+    # every attempt shows under its request's id: the first two tried the primary, then failed over
+    assert [(line.get("attempts"), line.get("failovers")) for line in lines] == [(2, 1)] * 5 + [(None, None)] * 2
+    assert all(line["request_id"] for line in lines)
     transitions = [t for line in lines for t in line.get("breaker_transitions", [])]
     assert len(transitions) == 2
     assert "is open" in transitions[0] and "is closed" in transitions[1]

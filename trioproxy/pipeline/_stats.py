@@ -68,6 +68,12 @@ class StreamStats:
             self.buffer_waits.append(now - arrived)
 
     @property
+    def attempts(self) -> int:
+        """Upstream requests made for the stream: the first, then one per retry, failover, hedge and continuation."""
+        asked = sum(1 for kind, _ in self.recoveries if kind in ("hedge", "continuation"))
+        return 1 + len(self.retries) + len(self.providers_left) + asked
+
+    @property
     def ttft(self) -> float | None:
         return None if self.first_token is None else self.first_token - self.started
 

@@ -151,6 +151,8 @@ class AccessLog:
         }
         if usage.estimated:
             fields["tokens_estimated"] = True
+        if stats.attempts > 1:
+            fields["attempts"] = stats.attempts
         if stats.retries:
             fields["retries"] = len(stats.retries)
         if stats.providers_left:
