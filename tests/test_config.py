@@ -702,6 +702,16 @@ def test_fallbacks() -> None:
     assert config.providers["q"].fallbacks == ()
 
 
+def test_continuation_per_model_by_patterns_in_order() -> None:
+    table = {"type": "anthropic", "continuation": {"claude-opus-4-6*": "none", "*": "prefill"}}
+    provider = parse_config({"providers": {"c": table}}, environ={}).providers["c"]
+    assert provider.continuation_for("claude-opus-4-6-20260101") == "none"
+    assert provider.continuation_for("claude-sonnet-4-5") == "prefill"
+    assert only_problem({"providers": {"p": {**OPENAI, "continuation": {"qwen*": "prefill"}}}}) == (
+        "[providers.p].continuation.'qwen*' must be one of 'none', 'continue_final_message', got 'prefill'"
+    )
+
+
 def test_continuation_defaults_by_type_and_is_checked() -> None:
     config = parse_config({"providers": {"p": OPENAI, "c": {"type": "anthropic"}}}, environ={})
     assert (config.providers["p"].continuation, config.providers["c"].continuation) == ("none", "prefill")

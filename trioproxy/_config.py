@@ -15,6 +15,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Final, TypeGuard
 
@@ -115,7 +116,8 @@ class ProviderConfig:
     over an upstream event that cannot be read (counted, and logged with the request's id)
     instead of ending the stream with it. `continuation` is how the upstream continues a
     broken answer (`_continuation.CONTINUATION_WAYS`): `prefill` by default for Anthropic,
-    `none` for an OpenAI-compatible upstream unless it is set to `continue_final_message`.
+    `none` for an OpenAI-compatible upstream unless it is set to `continue_final_message`; a
+    table of model patterns sets it per model (`continuation_for`).
     """
 
     name: str
@@ -139,6 +141,8 @@ class ProviderConfig:
     request_usage: bool = True
     skip_malformed_events: bool = False
     continuation: str = "none"
+    continuation_models: tuple[tuple[str, str], ...] = ()
+    """`(model pattern, way)` pairs that override `continuation` for the models they match, in order."""
     anthropic_version: str = "2023-06-01"
     default_max_tokens: int = 4096
     simulated: SimulatedSettings = field(default_factory=SimulatedSettings)
@@ -146,6 +150,12 @@ class ProviderConfig:
     @property
     def connect_timeout(self) -> float:
         return self.timeouts.connect_timeout
+
+    def continuation_for(self, model: str) -> str:
+        """How `model` continues a broken answer: the first pattern that matches it, else `continuation`."""
+        return next(
+            (way for pattern, way in self.continuation_models if fnmatchcase(model, pattern)), self.continuation
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -686,10 +696,16 @@ def _provider(
     _bool(table, "request_usage", where, problems, checked)
     _bool(table, "skip_malformed_events", where, problems, checked)
     ways = _CONTINUATION_WAYS[type_]
-    continuation = table.get("continuation", "prefill" if type_ == "anthropic" else "none")
-    if continuation not in ways:
-        problems.append(f"{where}.continuation must be one of {', '.join(map(repr, ways))}, got {continuation!r}")
-    else:
+    default = "prefill" if type_ == "anthropic" else "none"
+    continuation = table.get("continuation", default)
+    named = continuation.items() if isinstance(continuation, dict) else [("", continuation)]
+    bad = [(pattern, way) for pattern, way in named if way not in ways]
+    for pattern, way in bad:
+        key = f"continuation.{pattern!r}" if pattern else "continuation"
+        problems.append(f"{where}.{key} must be one of {', '.join(map(repr, ways))}, got {way!r}")
+    if not bad and isinstance(continuation, dict):
+        checked["continuation_models"] = tuple(continuation.items())
+    elif not bad:
         checked["continuation"] = continuation
     if "anthropic_version" in table:
         if isinstance(table["anthropic_version"], str):

@@ -172,13 +172,14 @@ async def _continue(
     while left and candidates:
         route = candidates[0]
         provider = route.provider
+        way = provider.continuation_for(route.upstream_model)
         now = trio.current_time()
-        if provider.continuation == "none" or pipeline.refusals.refused(provider.name, route.upstream_model, now=now):
+        if way == "none" or pipeline.refusals.refused(provider.name, route.upstream_model, now=now):
             candidates.pop(0)
             continue
         left -= 1
         text = "".join(delivery.text)
-        continued = continuation(chat, text, provider.continuation)
+        continued = continuation(chat, text, way)
         await delivery.send(_notice("continuation", retry.max_continuations - left, route, 0.0, error))
         continuing = _Continuing(delivery, continued.overlap, delivered=len(text))
         try:
