@@ -26,7 +26,7 @@ from trioproxy import (
 )
 from trioproxy._config import ProviderConfig
 from trioproxy._events import OPENED, Opened
-from trioproxy._exceptions import ContextLengthError, StreamInterrupted
+from trioproxy._exceptions import ContextLengthError, RequestError, StreamInterrupted
 from trioproxy._policy import BufferConfig, RetryConfig, Timeouts
 from trioproxy._request import parse_chat_request
 from trioproxy._router import Route
@@ -905,3 +905,16 @@ async def test_a_refusal_after_the_first_token_is_never_continued(autojump_clock
     upstream = ScriptedUpstream([[*tokens("x"), refused]])
     items, _ = await run(pipeline(continuing(upstream)))
     assert upstream.calls == 1 and items[-1][1].status == 400
+
+
+async def test_a_continuation_the_request_cannot_take_is_skipped_for_the_next_way(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    cut = UpstreamBrokenError("reset")
+    unportable = RequestError("'thinking' cannot go to this upstream", param="thinking")
+    broken = ScriptedUpstream([[*tokens("a"), cut]])
+    other_protocol = ScriptedUpstream([[unportable]])
+    able = ScriptedUpstream([[OPENED, Delta(text="b"), Delta(finish_reason="stop")]])
+    p = pipeline(route(broken), continuing(other_protocol, "other"), continuing(able, "able"))
+    items, session = await run(p)
+    assert texts(items) == "ab" and session.completed

@@ -30,6 +30,7 @@ from .._continuation import Overlap, continuation, ends_with_assistant
 from .._events import Delta, Opened, Usage
 from .._exceptions import (
     ContextLengthError,
+    RequestError,
     TrioproxyError,
     UpstreamError,
     UpstreamProtocolError,
@@ -185,6 +186,9 @@ async def _continue(
         try:
             await _attempt(pipeline, route, continued.chat.routed(route.upstream_model), continuing)
             return None
+        except RequestError:  # the client's request cannot go to this route's protocol: not a way on
+            candidates.pop(0)
+            continue
         except UpstreamError as exc:
             if continuing.new_text:  # it went on, then broke too: go on from there, on this route first
                 error = exc
