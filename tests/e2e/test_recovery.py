@@ -15,6 +15,7 @@ from typing import Any
 
 import anthropic
 import httpx
+import httpx2
 import openai
 import orjson
 import pytest
@@ -340,12 +341,14 @@ async def test_the_generic_endpoints_announce_a_continuation(
     assert done["metadata"]["usage"]["estimated"] is True  # both attempts, the broken one estimated
 
 
-async def test_an_anthropic_client_gets_one_seamless_message(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("provider", ["claude", "vllm"])
+async def test_an_anthropic_client_gets_one_seamless_message(nursery: trio.Nursery, provider: str) -> None:
+    """From an Anthropic upstream its events pass through, then the continuation's are rendered; from vLLM, all are."""
     (upstream,) = await open_upstreams(nursery, 1)
     upstream.push(*continuing_upstream(reset_after=40))
-    proxy = await start_proxy(nursery, upstream)
+    proxy = await start_proxy(nursery, upstream, vllm={**VLLM, "base_url": upstream.url + "/v1"})
     async with anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client:
-        async with client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as stream:
+        async with client.messages.stream(model=f"{provider}/m", max_tokens=100, messages=MESSAGES) as stream:
             message = await stream.get_final_message()
     assert [block.type for block in message.content] == ["text"]
     assert message.content[0].text == "".join(CANONICAL)
@@ -415,3 +418,28 @@ async def test_a_primary_down_then_healthy_again_is_skipped_then_probed_back(
     transitions = [t for line in lines for t in line.get("breaker_transitions", [])]
     assert len(transitions) == 2
     assert "is open" in transitions[0] and "is closed" in transitions[1]
+
+
+async def test_an_anthropic_client_gets_the_hedges_message_alone(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    slow, fast = await open_upstreams(nursery, 2)
+    slow.push(Reply(tokens=("slow",), ttft=20))
+    fast.push(Reply(tokens=TOKENS, ttft=0.5))
+    tables = {
+        "slow": {"type": "anthropic", "base_url": slow.url, "fallbacks": ["fast/m"], "hedge_after": 3},
+        "fast": {"type": "anthropic", "base_url": fast.url},
+    }
+    app = create_app(parse_config({"providers": tables}, environ={}))
+    async with app.test_app():
+        # The anthropic SDK brings its own copy of httpx, as `httpx2`.
+        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://proxy.test")
+        async with anthropic.AsyncAnthropic(base_url="http://proxy.test", api_key="k", http_client=http) as client:
+            await client.models.list()  # the SDK's first request looks up the platform in a thread
+            start = trio.current_time()
+            async with client.messages.stream(model="slow/m", max_tokens=100, messages=MESSAGES) as stream:
+                message = await stream.get_final_message()
+            assert trio.current_time() - start == pytest.approx(3.5, abs=0.1)
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == "".join(TOKENS)
+    assert slow.requests[0].disconnected.is_set()
