@@ -443,3 +443,12 @@ async def test_an_anthropic_client_gets_the_hedges_message_alone(
     assert [block.type for block in message.content] == ["text"]
     assert message.content[0].text == "".join(TOKENS)
     assert slow.requests[0].disconnected.is_set()
+
+
+async def test_a_non_streaming_answer_is_continued_too(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
+    (upstream,) = await open_upstreams(nursery, 1)
+    upstream.push(*continuing_upstream(reset_after=25))
+    async with in_process({"claude": {"type": "anthropic", "base_url": upstream.url}}) as client:
+        completion = await client.chat.completions.create(model="claude/m", messages=MESSAGES)
+    assert completion.choices[0].message.content == "".join(CANONICAL)
+    assert upstream.request_count == 2
