@@ -624,3 +624,32 @@ def test_reply_validation() -> None:
         Reply(status=101)
     with pytest.raises(RuntimeError):
         _ = FakeUpstream().url
+
+
+async def test_a_reply_that_continues_streams_only_what_follows_the_assistant_prefix(
+    nursery: trio.Nursery, client: httpx.AsyncClient
+) -> None:
+    upstream = await open_fake_upstream(nursery, Reply(tokens=("Hello", ",", " wor", "ld", "!"), continues=True))
+    prefilled = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello, wo"}]
+    response = await client.post(upstream.url + OPENAI, json=request_body(messages=prefilled))
+    texts = [p["choices"][0]["delta"].get("content") for p in openai_payloads(response.content)[:-1] if p["choices"]]
+    assert "".join(t or "" for t in texts) == "r" + "ld!"
+
+    # Without an assistant turn at the end, the whole reply; one that does not begin it, a 400.
+    response = await client.post(upstream.url + OPENAI, json=request_body())
+    assert b"Hello" in response.content
+    wrong = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Bye"}]
+    response = await client.post(upstream.url + OPENAI, json=request_body(messages=wrong))
+    assert response.status_code == 400
+
+
+async def test_a_reply_that_refuses_continuations_answers_a_prefill_with_400(
+    nursery: trio.Nursery, client: httpx.AsyncClient
+) -> None:
+    upstream = await open_fake_upstream(nursery, Reply(refuse_continuation=True))
+    prefilled = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": "He"}]}]
+    response = await client.post(upstream.url + ANTHROPIC, json=request_body(messages=prefilled))
+    assert response.status_code == 400
+    assert "prefill" in response.json()["error"]["message"]
+    response = await client.post(upstream.url + ANTHROPIC, json=request_body())
+    assert response.status_code == 200

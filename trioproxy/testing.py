@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import socket
@@ -154,6 +155,14 @@ class Reply:
     raw_body: bytes | None = None
     #: OpenAI: leave out `data: [DONE]`. Anthropic: leave out `message_stop`.
     omit_done: bool = False
+    #: When the request ends with an assistant message (an Anthropic prefill, or vLLM's
+    #: `continue_final_message`), continue it as a model would: stream only what follows its
+    #: text in `tokens` (joined), from the token it ends in. A text that `tokens` do not start
+    #: with is answered 400.
+    continues: bool = False
+    #: When the request ends with an assistant message, answer 400 as an upstream that takes
+    #: no prefill ("This model does not support assistant message prefill").
+    refuse_continuation: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ttft", "interval", "headers_delay"):
@@ -563,6 +572,18 @@ class _Connection:
     async def _play(self, api: _Api, request: RecordedRequest, body: dict[str, Any], reply: Reply) -> None:
         """Run one `Reply` script: delays, then an error, a raw body, a JSON body or a stream."""
         await _sleep(reply.headers_delay)
+        prefix = _assistant_prefix(body)
+        if prefix is not None and (reply.refuse_continuation or reply.continues):
+            rest = _continued(reply.tokens, prefix) if reply.continues else None
+            if rest is None:
+                message = (
+                    "This model does not support assistant message prefill"
+                    if reply.refuse_continuation
+                    else f"the assistant message {prefix[:40]!r} does not begin this reply"
+                )
+                await self._send_json(request, 400, _error_body(api, 400, message), reply.headers)
+                return
+            reply = dataclasses.replace(reply, tokens=rest)
         if reply.raw_body is not None:
             await self._play_raw(request, reply, reply.raw_body)
         elif not 200 <= reply.status <= 299:
@@ -770,6 +791,34 @@ def _fragments(text: str) -> list[str]:
         return []
     size = -(-len(text) // TOOL_ARGUMENT_FRAGMENTS)
     return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _assistant_prefix(body: dict[str, Any]) -> str | None:
+    """The text of the request's final assistant message, if it ends with one (to be continued)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return None
+    last = messages[-1]
+    if last.get("role") != "assistant":
+        return None
+    content = last.get("content")
+    if isinstance(content, list):
+        content = "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return content if isinstance(content, str) else None
+
+
+def _continued(tokens: Sequence[str], prefix: str) -> list[str] | None:
+    """What follows `prefix` in the joined `tokens`, from the token `prefix` ends in; None if they do not start with it."""
+    if not "".join(tokens).startswith(prefix):
+        return None
+    rest: list[str] = []
+    at = 0
+    for token in tokens:
+        end = at + len(token)
+        if end > len(prefix):
+            rest.append(token[max(len(prefix) - at, 0) :])
+        at = end
+    return rest
 
 
 def _finish_reason(reply: Reply) -> str:

@@ -303,10 +303,12 @@ async def test_connection_reset_mid_stream_is_an_api_error_after_the_tokens(
     client, upstream: FakeUpstream, model: str
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, reset_after=3))
+    if model.startswith("claude/"):  # an Anthropic upstream is asked to continue (prefill): this one cannot
+        upstream.push(Reply(refuse_continuation=True))
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
     received, error = await content_until_error(stream)
     assert received == list(TOKENS[:3])
-    assert "upstream" in error.message
+    assert "upstream" in error.message and "prefill" not in error.message
     # and the proxy keeps serving
     upstream.push(Reply(tokens=TOKENS))
     text, _ = await collect(await client.chat.completions.create(model=model, messages=MESSAGES, stream=True))
@@ -316,21 +318,38 @@ async def test_connection_reset_mid_stream_is_an_api_error_after_the_tokens(
 @MODELS
 async def test_in_stream_upstream_error_is_an_api_error(client, upstream: FakeUpstream, model: str) -> None:
     upstream.push(Reply(tokens=TOKENS, error_after=2, error_message="overloaded right now"))
+    if model.startswith("claude/"):  # an Anthropic upstream is asked to continue (prefill): this one cannot
+        upstream.push(Reply(refuse_continuation=True))
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
     received, error = await content_until_error(stream)
     assert received == list(TOKENS[:2])
     assert "overloaded" in error.message.lower()
 
 
+@MODELS
+async def test_a_body_that_ends_after_its_finish_reason_is_complete_without_the_end_marker(
+    client, upstream: FakeUpstream, model: str
+) -> None:
+    """Some OpenAI-compatible servers never send `[DONE]` (Anthropic ones, `message_stop`): the answer is whole."""
+    upstream.push(Reply(tokens=TOKENS, usage=(11, 6), omit_done=True))
+    stream = await client.chat.completions.create(
+        model=model, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    text, chunks = await collect(stream)
+    assert text == "".join(TOKENS)
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (11, 6)
+
+
 async def test_truncated_stream_is_never_passed_off_as_complete(proxy_url: str, upstream: FakeUpstream) -> None:
-    upstream.push(Reply(tokens=TOKENS, omit_done=True))
+    first = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+    upstream.push(Reply(raw_body=first))  # a clean end of the body, but no finish reason
     async with httpx.AsyncClient() as http:
         response = await http.post(
             proxy_url + "/v1/chat/completions", json={"model": "up/m", "messages": MESSAGES, "stream": True}
         )
     assert "data: [DONE]" not in response.text
     last = orjson.loads(response.text.strip().split("\n\n")[-1][6:])
-    assert "before its end marker" in last["error"]["message"]
+    assert "before a finish reason" in last["error"]["message"]
 
 
 async def test_malformed_upstream_chunk_is_an_in_stream_error(client, upstream: FakeUpstream) -> None:

@@ -176,7 +176,7 @@ FAULTS = {
     "stall before the first token": ("hasty/m", Reply(tokens=TOKENS, stall_after=0), 504, None),
     "stall mid-stream": ("hasty/m", Reply(tokens=TOKENS, stall_after=3), 200, "silence_timeout"),
     "malformed SSE": ("up/m", Reply(raw_body=GOOD + b"data: not json at all\n\n"), 200, "not JSON"),
-    "truncated JSON chunk": ("up/m", Reply(raw_body=GOOD + b'data: {"id":"c","choi'), 200, "before its end marker"),
+    "truncated JSON chunk": ("up/m", Reply(raw_body=GOOD + b'data: {"id":"c","choi'), 200, "before a finish reason"),
 }
 
 
