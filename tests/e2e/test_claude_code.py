@@ -134,7 +134,13 @@ async def proxy_to(nursery: trio.Nursery, upstream: FakeUpstream, provider: str)
             "models": {CLAUDE_MODELS: provider},
             "providers": {
                 "up": {"type": "openai", "base_url": upstream.url + "/v1"},
-                "claude": {"type": "anthropic", "base_url": upstream.url, "api_key_env": "CLAUDE_KEY"},
+                # No continuation: these tests watch Claude Code's own retry of a broken stream.
+                "claude": {
+                    "type": "anthropic",
+                    "base_url": upstream.url,
+                    "api_key_env": "CLAUDE_KEY",
+                    "continuation": "none",
+                },
             },
         },
         environ={"CLAUDE_KEY": ANTHROPIC_KEY},
