@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import httpx
@@ -386,8 +387,9 @@ async def test_client_disconnect_mid_stream_closes_the_upstream(client, upstream
         seen += 1
         if seen == 3:
             break
+    hung_up = _Instant.now()
     await stream.close()
-    await _upstream_closed_soon_after(upstream.requests[-1], trio.current_time())
+    await _upstream_closed_soon_after(upstream.requests[-1], hung_up)
 
 
 @MODELS
@@ -415,26 +417,54 @@ async def test_client_disconnect_during_non_streaming_request_closes_the_upstrea
 
 async def _disconnect_while_waiting(proxy_url: str, upstream: FakeUpstream, body: dict) -> None:
     """Send `body`, hang up once the upstream has it, and time how soon the upstream knows."""
-    async with trio.open_nursery() as nursery:
-
-        async def request() -> None:
-            async with httpx.AsyncClient() as http:
-                async with http.stream("POST", proxy_url + "/v1/chat/completions", json=body) as response:
-                    async for _ in response.aiter_bytes():
-                        pass
-
-        nursery.start_soon(request)
-        with trio.fail_after(5):
-            await upstream.wait_for_requests(upstream.request_count + 1)
-        nursery.cancel_scope.cancel()  # the client hangs up
-    await _upstream_closed_soon_after(upstream.requests[-1], trio.current_time())
+    client = await _send_post(proxy_url, body)
+    with trio.fail_after(5):
+        await upstream.wait_for_requests(upstream.request_count + 1)
+    hung_up = _Instant.now()
+    await client.aclose()  # closes the socket before its first checkpoint
+    await _upstream_closed_soon_after(upstream.requests[-1], hung_up)
 
 
-async def _upstream_closed_soon_after(recorded: RecordedRequest, hung_up_at: float) -> None:
-    """The upstream saw `recorded`'s connection close within 0.1 s of the client's hang-up, unfinished."""
-    with trio.fail_after(1):
+async def _send_post(proxy_url: str, body: dict) -> trio.SocketStream:
+    """A raw `POST /v1/chat/completions` of `body`, on a connection the caller owns (and reads, or not)."""
+    host, port = proxy_url.removeprefix("http://").split(":")
+    client = await trio.open_tcp_stream(host, int(port))
+    payload = orjson.dumps(body)
+    await client.send_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    return client
+
+
+@dataclass(frozen=True)
+class _Instant:
+    """A trio time, and how long this thread had waited for a CPU by then (Linux `schedstat`, in s)."""
+
+    time: float
+    cpu_wait: float
+
+    @classmethod
+    def now(cls) -> _Instant:
+        with open("/proc/thread-self/schedstat") as schedstat:
+            return cls(trio.current_time(), int(schedstat.read().split()[1]) / 1e9)
+
+
+async def _upstream_closed_soon_after(recorded: RecordedRequest, hung_up: _Instant) -> None:
+    """
+    The upstream saw `recorded`'s connection close within 0.1 s (the README's bound) of the
+    client's hang-up (`hung_up`, taken just before the close), unfinished.
+
+    Proxy, upstream and client share this thread, so the span is the proxy's own work plus
+    the time the kernel kept the thread waiting for a CPU: that wait is taken out. A busy
+    machine (a core hogged, five more test suites) stretched the bare span to 71 ms.
+    """
+    with trio.fail_after(5):
         await recorded.disconnected.wait()
-    assert recorded.disconnected_at - hung_up_at < 0.1
+    seen = _Instant.now()
+    assert recorded.disconnected_at is not None
+    assert recorded.disconnected_at - hung_up.time - (seen.cpu_wait - hung_up.cpu_wait) < 0.1
     assert not recorded.completed
 
 
@@ -448,14 +478,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cancelled
     )
     binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
     upstream.push(Reply(tokens=tuple("y" * 65536 for _ in range(400)), interval=0.001))
-    host, port = binds[0].removeprefix("http://").split(":")
-    stalled = await trio.open_tcp_stream(host, int(port))
-    body = orjson.dumps({"model": "up/m", "messages": MESSAGES, "stream": True})
-    await stalled.send_all(
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        + f"content-length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
+    stalled = await _send_post(binds[0], {"model": "up/m", "messages": MESSAGES, "stream": True})
     # The client never reads: the proxy's buffers fill, its write stalls, and the kernel gives up.
     with trio.fail_after(15):
         await upstream.wait_for_requests(1)
