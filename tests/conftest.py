@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 
 import httpx
@@ -88,3 +89,25 @@ async def wait_until_idle(proxy_url: str, *, seconds: float = 2.0) -> None:
             return not (await http.get(proxy_url + "/health")).json()["active_streams"]
 
         await wait_until(idle, seconds=seconds)
+
+
+@dataclass(frozen=True)
+class Instant:
+    """
+    A trio time, and how long this thread had waited for a CPU by then (Linux `schedstat`).
+
+    A test that times its own servers from its own thread times the kernel's scheduler too:
+    on a busy machine most of a "how soon did the upstream notice" span is that wait.
+    """
+
+    time: float
+    cpu_wait: float
+
+    @classmethod
+    def now(cls) -> Instant:
+        with open("/proc/thread-self/schedstat") as schedstat:
+            return cls(trio.current_time(), int(schedstat.read().split()[1]) / 1e9)
+
+    def until(self, at: float) -> float:
+        """Seconds from this instant to `at` (a trio time now past), less the CPU wait meanwhile."""
+        return at - self.time - (Instant.now().cpu_wait - self.cpu_wait)
