@@ -108,6 +108,13 @@ class Instant:
         with open("/proc/thread-self/schedstat") as schedstat:
             return cls(trio.current_time(), int(schedstat.read().split()[1]) / 1e9)
 
+    def to(self, later: Instant) -> float:
+        """Seconds from this instant to `later`, less the time the thread waited for a CPU in between."""
+        return later.time - self.time - (later.cpu_wait - self.cpu_wait)
+
     def until(self, at: float) -> float:
-        """Seconds from this instant to `at` (a trio time now past), less the CPU wait meanwhile."""
-        return at - self.time - (Instant.now().cpu_wait - self.cpu_wait)
+        """
+        Seconds from this instant to `at`, a trio time now past that another task noted, less
+        the CPU wait until now (a little more than until `at`: the bound errs towards passing).
+        """
+        return self.to(Instant(at, Instant.now().cpu_wait))
