@@ -16,6 +16,7 @@ from ._events import Delta, EventType, StreamEvent, ToolCallDelta, Usage
 from ._exceptions import (
     AuthenticationError,
     ConfigError,
+    ContextLengthError,
     HTTPRefusal,
     ModelNotFoundError,
     NotFoundError,
@@ -49,6 +50,7 @@ __all__ = [
     "AuthenticationError",
     "Config",
     "ConfigError",
+    "ContextLengthError",
     "Delta",
     "EventType",
     "HTTPRefusal",
