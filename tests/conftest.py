@@ -7,9 +7,11 @@ Only loopback addresses; every server lives in the test's nursery and dies with 
 from __future__ import annotations
 
 import inspect
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import httpx
 import openai
@@ -118,3 +120,18 @@ class Instant:
         the CPU wait until now (a little more than until `at`: the bound errs towards passing).
         """
         return self.to(Instant(at, Instant.now().cpu_wait))
+
+
+async def run_cli(argv: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+    """A command-line client run to its end against the proxy: no stdin, output kept, bounded by `timeout`."""
+    with trio.fail_after(timeout):
+        return await trio.run_process(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False
+        )
+
+
+def cli_answer(run: subprocess.CompletedProcess[bytes]) -> str:
+    """A client's answer on stdout, once it has exited 0 (else its stderr says why)."""
+    output = run.stdout.decode(errors="replace"), run.stderr.decode(errors="replace")
+    assert run.returncode == 0, (run.returncode, *output)
+    return run.stdout.decode()

@@ -26,7 +26,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ANTHROPIC_KEY
+from tests.conftest import ANTHROPIC_KEY, cli_answer, run_cli
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
@@ -70,23 +70,7 @@ async def run_claude(claude: Path, proxy_url: str, project: Path, prompt: str) -
         "DISABLE_TELEMETRY": "1",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
     }
-    with trio.fail_after(CLAUDE_RUN_TIMEOUT):
-        return await trio.run_process(
-            [str(claude), "-p", prompt],
-            cwd=project,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-
-
-def answered(run: subprocess.CompletedProcess[bytes]) -> str:
-    """Claude Code's answer on stdout, once it has exited 0 (else its stderr says why)."""
-    output = run.stdout.decode(errors="replace"), run.stderr.decode(errors="replace")
-    assert run.returncode == 0, (run.returncode, *output)
-    return run.stdout.decode()
+    return await run_cli([str(claude), "-p", prompt], cwd=project, env=env, timeout=CLAUDE_RUN_TIMEOUT)
 
 
 async def answer_statuses(proxy_url: str) -> dict[str, float]:
@@ -119,7 +103,7 @@ async def test_claude_code_answers_from_the_simulated_provider(
 
     run = await run_claude(claude, binds[0], project, "pineapple banana")
 
-    assert "pineapple banana" in answered(run)
+    assert "pineapple banana" in cli_answer(run)
     assert await answer_statuses(binds[0]) == {"200": 1}
 
 
@@ -166,7 +150,7 @@ async def test_claude_code_answers_from_an_openai_upstream(
 
     run = await run_claude(claude, proxy_to_openai, project, "say hi")
 
-    assert answered(run).strip() == "Hi from the OpenAI side."
+    assert cli_answer(run).strip() == "Hi from the OpenAI side."
     assert await answer_statuses(proxy_to_openai) == {"200": 1}
     [sent] = upstream.requests
     assert sent.path == "/v1/chat/completions"
@@ -185,7 +169,7 @@ async def test_claude_code_runs_a_tool_through_an_openai_upstream(
 
     run = await run_claude(claude, proxy_to_openai, project, "what does note.txt say?")
 
-    assert answered(run).strip().endswith("It says pineapple.")
+    assert cli_answer(run).strip().endswith("It says pineapple.")
     [_, second] = upstream.requests
     call = next(m for m in second.json["messages"] if m.get("tool_calls"))
     assert call["tool_calls"][0]["id"] == "call_read_1"
@@ -202,7 +186,7 @@ async def test_a_stream_that_fails_after_text_is_answered_again_whole(
     run = await run_claude(claude, proxy_to_openai, project, "say hi")
 
     # The delivered half is not shown as the answer: the stream ended in `event: error`, not `message_stop`.
-    assert answered(run).strip() == "The whole answer."
+    assert cli_answer(run).strip() == "The whole answer."
     assert len(upstream.requests) == 2
 
 
@@ -213,7 +197,7 @@ async def test_claude_code_passes_through_to_an_anthropic_upstream_whole(
 
     run = await run_claude(claude, proxy_to_anthropic, project, "say hi")
 
-    assert answered(run).strip() == "Hi from the Anthropic side."
+    assert cli_answer(run).strip() == "Hi from the Anthropic side."
     assert await answer_statuses(proxy_to_anthropic) == {"200": 1}
     [sent] = upstream.requests
     assert sent.path.startswith("/v1/messages")
@@ -230,7 +214,7 @@ async def test_claude_code_retries_a_failed_stream_without_streaming(
 
     run = await run_claude(claude, proxy_to_anthropic, project, "say hi")
 
-    assert answered(run).strip() == "The whole answer."
+    assert cli_answer(run).strip() == "The whole answer."
     [streamed, retried] = upstream.requests
     # The proxy streams from the upstream either way (a non-streaming answer is folded from
     # the stream); what marks Claude Code's non-streaming retry in the body it passes on is

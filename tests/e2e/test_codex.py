@@ -25,6 +25,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import cli_answer, run_cli
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -83,23 +84,7 @@ async def run_codex(
     ]
     if built_in:
         provider = ["-c", f'openai_base_url="{proxy_url}/v1"']
-    with trio.fail_after(CODEX_RUN_TIMEOUT):
-        return await trio.run_process(
-            [str(codex), "exec", "--skip-git-repo-check", *provider, "-m", model, prompt],
-            cwd=project,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-
-
-def answered(run: subprocess.CompletedProcess[bytes]) -> str:
-    """Codex's answer on stdout, once it has exited 0 (else its stderr says why)."""
-    output = run.stdout.decode(errors="replace"), run.stderr.decode(errors="replace")
-    assert run.returncode == 0, (run.returncode, *output)
-    return run.stdout.decode()
+    return await run_cli([str(codex), "exec", "--skip-git-repo-check", *provider, "-m", model, prompt], cwd=project, env=env, timeout=CODEX_RUN_TIMEOUT)
 
 
 async def statuses(proxy_url: str) -> dict[str, float]:
@@ -138,7 +123,7 @@ async def test_codex_answers_from_the_simulated_provider(
     codex: Path, proxy_url: str, project: Path, websocket: bool
 ) -> None:
     run = await run_codex(codex, proxy_url, project, "pineapple banana", model="sim/echo", websocket=websocket)
-    assert answered(run).strip() == "pineapple banana"
+    assert cli_answer(run).strip() == "pineapple banana"
     counted = await statuses(proxy_url)
     assert ("101" in counted) is websocket
     assert not any(status.startswith(("4", "5")) for status in counted), counted
@@ -150,7 +135,7 @@ async def test_codex_answers_from_a_chat_completions_upstream(
 ) -> None:
     upstream.push(Reply(tokens=("The answer", " is", " 42.")))
     run = await run_codex(codex, proxy_url, project, "What is the answer?", model="up/gpt-test", websocket=websocket)
-    assert answered(run).strip() == "The answer is 42."
+    assert cli_answer(run).strip() == "The answer is 42."
     (request,) = upstream.requests
     assert request.path == "/v1/chat/completions"
     body = request.json
@@ -164,7 +149,7 @@ async def test_codex_s_own_openai_provider_given_the_proxy_s_url_uses_websocket_
     codex: Path, proxy_url: str, project: Path
 ) -> None:
     run = await run_codex(codex, proxy_url, project, "pineapple", model="sim/echo", websocket=True, built_in=True)
-    assert answered(run).strip() == "pineapple"
+    assert cli_answer(run).strip() == "pineapple"
     counted = await statuses(proxy_url)
     assert "101" in counted
     assert not any(status.startswith(("4", "5")) for status in counted), counted
