@@ -27,8 +27,8 @@ from ._exceptions import RequestError
 
 __all__ = ["MAX_JSON_DEPTH", "ChatRequest", "NativeRequest", "WireProtocol", "parse_chat_request", "parse_json_object"]
 
-WireProtocol = Literal["openai", "anthropic"]
-"""A protocol a client or an upstream speaks: Chat Completions, or Anthropic Messages."""
+WireProtocol = Literal["openai", "anthropic", "responses"]
+"""A protocol a client or an upstream speaks: Chat Completions, Anthropic Messages, or OpenAI Responses."""
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 

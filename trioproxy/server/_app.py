@@ -16,7 +16,7 @@ import functools
 import importlib.resources
 import logging
 import os
-from typing import Final
+from typing import Any, Final
 
 from quart import Response, has_websocket_context, request
 from quart_trio import QuartTrio
@@ -66,7 +66,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[method-assign]
     router = router or Router(config)
     shutdown = shutdown or GracefulShutdown(config.server.shutdown_grace_period)
-    metrics = Metrics()
+    metrics = Metrics(targets=router.targets)
     access_log = AccessLog(
         app.asgi_app, metrics=metrics, enabled=config.logging.access_log, include_prompts=config.logging.include_prompts
     )
@@ -136,7 +136,11 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
 
     @app.get("/health")
     async def health() -> Response:
-        providers = {name: {"type": p.type} for name, p in config.providers.items()}
+        providers: dict[str, dict[str, Any]] = {name: {"type": p.type} for name, p in config.providers.items()}
+        for name, upstream in router.targets():
+            providers[name]["targets"] = [
+                {"url": t.url, "state": t.state, "outstanding": t.outstanding} for t in upstream.targets
+            ]
         status = "draining" if shutdown.draining else "ok"  # a draining instance takes no new work
         body = {
             "status": status,

@@ -15,22 +15,27 @@ mode: the supervisor gives every worker the same `PROMETHEUS_MULTIPROC_DIR`, eac
 writes its values to files of its own there, and whichever worker answers `/metrics` adds
 them all up, the values of workers that died included (a counter never goes back). It costs
 a histogram observation 5 µs instead of 2.4 µs: about 0.3 ms of CPU for a 64-token stream.
-`trioproxy_active_streams` is a live sum (a dead worker's streams are gone with it), and the
-per-process `process_*` collector is left out: no one process is the whole.
+`trioproxy_active_streams` is a live sum (a dead worker's streams are gone with it), the
+circuit breakers are each worker's own, summed (`_WorkerTargets`), and the per-process
+`process_*` collector is left out: no one process is the whole.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from .._exceptions import UpstreamStatusError, UpstreamTimeoutError
+from .._targets import BREAKER_STATES
+from .._upstream import BalancedUpstream
 from ..pipeline import StreamSession
 from ._generic import prompt_chars
 
@@ -49,11 +54,15 @@ _STREAM_LABELS: Final = ("route", "provider", "model")
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, targets: Callable[[], list[tuple[str, BalancedUpstream]]] = list) -> None:
         self.registry = registry = CollectorRegistry()
         self._multiprocess_dir = os.environ.get(MULTIPROCESS_DIR)
+        self._worker_targets: _WorkerTargets | None = None
         if self._multiprocess_dir is None:
             ProcessCollector(registry=registry)
+            registry.register(_TargetsCollector(targets))
+        else:
+            self._worker_targets = _WorkerTargets(targets, registry)
         self._models: dict[str, set[str]] = {}
 
         self.requests = Counter(
@@ -85,6 +94,12 @@ class Metrics:
             "trioproxy_failovers",
             "Streams moved to a fallback provider, by the provider left",
             ("provider",),
+            registry=registry,
+        )
+        self.recoveries = Counter(
+            "trioproxy_recoveries",
+            "Upstream faults a stream recovered from other than by a retry or failover, by kind (skipped_event)",
+            ("provider", "kind"),
             registry=registry,
         )
         self.timeouts = Counter(
@@ -135,6 +150,8 @@ class Metrics:
     def exposition(self) -> bytes:
         if self._multiprocess_dir is None:
             return generate_latest(self.registry)
+        assert self._worker_targets is not None
+        self._worker_targets.write()  # this worker's as of now; the others' as of their last stream's end
         every_worker = CollectorRegistry()
         MultiProcessCollector(every_worker, path=self._multiprocess_dir)
         return generate_latest(every_worker)
@@ -174,6 +191,8 @@ class Metrics:
             self.upstream_errors.labels(failed, _failure_status(failure)).inc()
         for left in stats.providers_left:
             self.failovers.labels(left).inc()
+        for kind, recovered in stats.recoveries:
+            self.recoveries.labels(recovered, kind).inc()
         if stats.cancelled and stats.error is None:
             self.upstream_cancellations.labels(provider).inc()
         usage = session.accumulator.usage_or_estimate(prompt_chars(session.chat))
@@ -183,6 +202,8 @@ class Metrics:
             self.tokens.labels(provider, model, key, "cached").inc(usage.cache_read_tokens)
         if usage.completion_tokens:
             self.tokens.labels(provider, model, key, "out").inc(usage.completion_tokens)
+        if self._worker_targets is not None:
+            self._worker_targets.write()
 
     def _model_label(self, provider: str, model: str) -> str:
         seen = self._models.setdefault(provider, set())
@@ -211,3 +232,69 @@ def _failure_status(failure: Exception) -> str:
     if isinstance(failure, UpstreamTimeoutError):
         return "timeout"
     return type(failure).__name__.removeprefix("Upstream").removesuffix("Error").lower() or "error"
+
+
+_TARGET_STATE: Final = (
+    "trioproxy_target_state",
+    "Each provider target's circuit breaker: 1 for its state (closed, open, half_open);"
+    " under `serve --workers`, how many workers' breakers are in it",
+)
+_TARGET_OUTSTANDING: Final = ("trioproxy_target_outstanding", "Requests in flight to each provider target")
+_BREAKER_TRANSITIONS: Final = (
+    "trioproxy_breaker_transitions",
+    "Circuit breaker changes of each provider target, by the state it went to",
+)
+
+
+class _TargetsCollector(Collector):
+    """Each provider target's circuit breaker, read when `/metrics` is scraped."""
+
+    def __init__(self, targets: Callable[[], list[tuple[str, BalancedUpstream]]]) -> None:
+        self._targets = targets
+
+    def collect(self) -> Iterator[Metric]:
+        states = GaugeMetricFamily(*_TARGET_STATE, labels=("provider", "target", "state"))
+        outstanding = GaugeMetricFamily(*_TARGET_OUTSTANDING, labels=("provider", "target"))
+        transitions = CounterMetricFamily(*_BREAKER_TRANSITIONS, labels=("provider", "target", "state"))
+        for provider, upstream in self._targets():
+            for target in upstream.targets:
+                for state in BREAKER_STATES:
+                    states.add_metric((provider, target.url, state), 1.0 if target.state == state else 0.0)
+                outstanding.add_metric((provider, target.url), target.outstanding)
+            for (url, state), count in upstream.transitions.items():
+                transitions.add_metric((provider, url, state), count)
+        yield from (states, outstanding, transitions)
+
+
+class _WorkerTargets:
+    """
+    The circuit breakers under `serve --workers`: each worker has its own, and no collector
+    reads another process's memory, so each worker writes its own to the shared files when one
+    of its streams ends (what changes a breaker is a stream's attempt) and when it answers
+    `/metrics`. The sums: a state's gauge counts the workers whose breaker is in it, the
+    outstanding requests are every worker's, the transitions every worker's since start.
+    """
+
+    def __init__(self, targets: Callable[[], list[tuple[str, BalancedUpstream]]], registry: CollectorRegistry) -> None:
+        self._targets = targets
+        labels = ("provider", "target", "state")
+        self._states = Gauge(*_TARGET_STATE, labels, registry=registry, multiprocess_mode="livesum")
+        self._outstanding = Gauge(
+            *_TARGET_OUTSTANDING, ("provider", "target"), registry=registry, multiprocess_mode="livesum"
+        )
+        self._transitions = Counter(*_BREAKER_TRANSITIONS, labels, registry=registry)
+        self._written: dict[tuple[str, str, str], int] = {}
+        """The transitions counted in the files already, by provider, target and state."""
+        self.write()
+
+    def write(self) -> None:
+        for provider, upstream in self._targets():
+            for target in upstream.targets:
+                for state in BREAKER_STATES:
+                    self._states.labels(provider, target.url, state).set(1.0 if target.state == state else 0.0)
+                self._outstanding.labels(provider, target.url).set(target.outstanding)
+            for (url, state), count in upstream.transitions.items():
+                labels = (provider, url, state)
+                if count > self._written.get(labels, 0):
+                    self._transitions.labels(*labels).inc(count - self._written.get(labels, 0))
+                    self._written[labels] = count
