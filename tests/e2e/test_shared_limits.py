@@ -227,3 +227,33 @@ async def test_redis_down_with_on_error_closed_refuses_with_503(tmp_path: Path, 
         assert response.status_code == 503 and "shared_state_unavailable" in response.text
         await redis_server.start()
         assert (await chat(proxy)).status_code == 200
+
+
+async def test_every_front_is_admitted_by_the_shared_limits_and_refused_in_its_own_shape(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Chat, Anthropic messages and each way of the Responses front count against one shared budget."""
+    async with proxies(tmp_path, config_text(redis_server.url, "requests_per_minute = 5")) as three:
+        async with openai.AsyncOpenAI(base_url=three[0].url + "/v1", api_key="k", max_retries=0) as first:
+            stored = await first.responses.create(model="sim/echo", input="one two three")
+            assert stored.status == "completed"
+            async with await first.responses.create(model="sim/echo", input="hi", stream=True) as events:
+                assert [e.type async for e in events][-1] == "response.completed"
+        async with httpx.AsyncClient(timeout=30) as http:
+            not_stored = {"model": "sim/echo", "input": "hi", "store": False}
+            assert (await http.post(three[1].url + "/v1/responses", json=not_stored)).status_code == 200
+            message = {"model": "sim/echo", "max_tokens": 20, "messages": MESSAGES}
+            assert (await http.post(three[2].url + "/v1/messages", json=message)).status_code == 200
+            assert (await chat(three[1])).status_code == 200  # the fifth of the minute, on any process
+
+            background = {"model": "sim/echo", "input": "hi", "background": True}
+            refused = await http.post(three[2].url + "/v1/responses", json=background)
+            assert refused.status_code == 429, refused.text  # refused, not "queued" and failed later
+            assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused.headers["retry-after"]
+            refused = await http.post(three[0].url + "/v1/messages", json=message)
+            assert (refused.status_code, refused.json()["error"]["type"]) == (429, "rate_limit_error")
+        async with openai.AsyncOpenAI(base_url=three[1].url + "/v1", api_key="k", max_retries=0) as second:
+            with pytest.raises(openai.RateLimitError):
+                await second.responses.create(model="sim/echo", input="hi")
+            with pytest.raises(openai.RateLimitError):
+                await second.responses.create(model="sim/echo", input="hi", stream=True)

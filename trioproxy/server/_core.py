@@ -25,6 +25,7 @@ import functools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -125,8 +126,29 @@ class Core:
         """
         Start a session for the current request (or a WebSocket's stream `stream_id`), if
         `[limits]` allow it: raises `RequestError` for a body of the wrong shape,
-        `RateLimitedError` or `OverloadedError` when the limiter refuses the client.
+        `RateLimitedError` or `OverloadedError` when the limiter refuses the client. With
+        `[redis]`, the shared limits decide in the session's task: their refusal is its only item.
         """
+        return self._start(pipeline, chat, heartbeats=heartbeats, stream_id=stream_id)[0]
+
+    async def start_admitted(self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool) -> StreamSession:
+        """
+        `start`, returning once the limits admitted the session, or raising their refusal: for
+        a front that answers before the session's first item (a background response).
+        """
+        session, admission = self._start(pipeline, chat, heartbeats=heartbeats, stream_id=None)
+        try:
+            await admission.decided.wait()
+        except BaseException:
+            session.cancel()
+            raise
+        if admission.refusal is not None:
+            raise admission.refusal
+        return session
+
+    def _start(
+        self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool, stream_id: str | None
+    ) -> tuple[StreamSession, _Admission]:
         limits = self.config.limits
         check_request_shape(
             chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
@@ -135,21 +157,24 @@ class Core:
         lease = self.limiter.admit(client, trio.current_time()) if self.redis is None else None
         record: RequestRecord = connection().scope[RECORD]
         key = self.key_name()
-        refused = False
+        admission = _Admission()
+        if self.redis is None:
+            admission.decided.set()  # by the limiter, above
 
-        def refuse() -> None:
-            """The shared limits refused it: a rejected request, not a stream (for metrics and the log)."""
-            nonlocal refused
-            refused = True
-            if stream_id is None:
+        def decide(refusal: TrioproxyError | None) -> None:
+            """The shared limits decided; a refusal is a rejected request, not a stream (metrics, the log)."""
+            admission.refusal = refusal
+            admission.decided.set()
+            if refusal is not None and stream_id is None:
                 record.session = None
 
-        guard = None if self.redis is None else functools.partial(self._shared_admission, client, refuse)
+        guard = None if self.redis is None else functools.partial(self._shared_admission, client, decide)
 
         def on_end(session: StreamSession) -> None:
+            admission.decided.set()  # (already, unless the app's end cancelled the session before)
             if lease is not None:
                 lease.release()
-            if refused:
+            if admission.refusal is not None:
                 self.metrics.stream_refused()
                 return
             self.metrics.observe_stream(session, key=key)
@@ -178,7 +203,7 @@ class Core:
             record.session = session
             record.key = key
         self.shutdown.admit(session)  # while draining, its first item is the refusal
-        return session
+        return session, admission
 
     async def serve_redis(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the connection to Redis, when `[redis]` is set, until cancelled (the app's nursery owns it)."""
@@ -189,40 +214,42 @@ class Core:
 
     @asynccontextmanager
     async def _shared_admission(
-        self, client: str, refuse: Callable[[], None], session: StreamSession
+        self, client: str, decide: Callable[[TrioproxyError | None], None], session: StreamSession
     ) -> AsyncIterator[None]:
         """
         The session's place in the limits shared on Redis, held while it runs. If Redis fails
         or is slow, `[redis] on_error`: "open" admits by this process's own limits, "closed"
-        refuses with the failure (503). A refusal is the session's only item (and `refuse()`
-        is told first).
+        refuses with the failure (503). A refusal is the session's only item; `decide` is told
+        the outcome first.
         """
         assert self.redis is not None
         try:
             shared = await self.redis.admit(client, self._shared_limits)
         except SharedStateError as failure:
             if self.config.redis.on_error == "closed":
-                refuse()
+                decide(failure)
                 session.interrupt(failure)
                 yield
                 return
             try:
                 local = self.limiter.admit(client, trio.current_time())
             except TrioproxyError as refusal:
-                refuse()
+                decide(refusal)
                 session.interrupt(refusal)
                 yield
                 return
+            decide(None)
             try:
                 yield
             finally:
                 local.release()
             return
         except TrioproxyError as refusal:
-            refuse()
+            decide(refusal)
             session.interrupt(refusal)
             yield
             return
+        decide(None)
         try:
             yield
         finally:
@@ -372,6 +399,14 @@ async def _relay(
     finally:
         writer.relaying = False
         session.cancel()
+
+
+@dataclass(eq=False, slots=True)
+class _Admission:
+    """Whether the limits took a session: `decided` is set once they did, `refusal` is theirs if they refused."""
+
+    decided: trio.Event = field(default_factory=trio.Event)
+    refusal: TrioproxyError | None = None
 
 
 def watch_response(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher) -> Response:
