@@ -113,6 +113,8 @@ async def test_usage_is_counted_per_client_key_and_model(
         Reply(tokens=["a", "b", "c"], usage=(100, 0), cached_tokens=60),
         Reply(tokens=["a"], usage=(10, 0)),
         Reply(tokens=["x", "y"], usage=(50, 0), cached_tokens=40),
+        Reply(tokens=["r", "s"], usage=(20, 0)),
+        Reply(tokens=["t"], usage=(30, 0), cached_tokens=10),
     )
     for key in keys:
         async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key=key, max_retries=0) as sdk:
@@ -122,7 +124,12 @@ async def test_usage_is_counted_per_client_key_and_model(
     async with anthropic.AsyncAnthropic(base_url=proxy_url, api_key=keys[1], max_retries=0) as claude:
         async with claude.messages.stream(model="claude/opus", max_tokens=10, messages=MESSAGES) as stream:
             await stream.until_done()
-    await wait_until(lambda: len([r for r in caplog.records if r.name == "trioproxy.access"]) == 3)
+    async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key=keys[0], max_retries=0) as sdk:
+        async with await sdk.responses.create(model="up/gpt-r", input="hi", stream=True) as events:  # stored
+            async for _ in events:
+                pass
+        await sdk.responses.create(model="up/gpt-r", input="hi", store=False)
+    await wait_until(lambda: len([r for r in caplog.records if r.name == "trioproxy.access"]) == 5)
     samples = await scrape(proxy_url)
 
     alice, bob = (fingerprint(key) for key in keys)
@@ -135,6 +142,9 @@ async def test_usage_is_counted_per_client_key_and_model(
         (bob, "claude", "opus", "in"): 50,
         (bob, "claude", "opus", "cached"): 40,
         (bob, "claude", "opus", "out"): 2,
+        (alice, "up", "gpt-r", "in"): 20 + 30,  # the Responses front, stored and streamed, then not
+        (alice, "up", "gpt-r", "cached"): 10,
+        (alice, "up", "gpt-r", "out"): 2 + 1,
     }
     counted = {
         (labels["key"], labels["provider"], labels["model"], labels["direction"]): count
@@ -149,6 +159,8 @@ async def test_usage_is_counted_per_client_key_and_model(
         (alice, "gpt-x", 100, 60, 3),
         (bob, "gpt-x", 10, 0, 1),
         (bob, "opus", 50, 40, 2),
+        (alice, "gpt-r", 20, 0, 2),
+        (alice, "gpt-r", 30, 10, 1),
     ]
 
 
