@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -18,10 +19,13 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
+import orjson
 import pytest
 import trio
+import trio_websocket
 
 from tests.conftest import wait_until
 from tests.e2e.test_observability import scrape_until, value
@@ -45,10 +49,10 @@ class Supervisor:
 
 
 @asynccontextmanager
-async def supervisor(tmp_path: Path, workers: int = 2) -> AsyncIterator[Supervisor]:
+async def supervisor(tmp_path: Path, workers: int = 2, text: str = CONFIG) -> AsyncIterator[Supervisor]:
     """`trioproxy serve --workers N` on a free port; killed with its workers if the test leaves it running."""
     config = tmp_path / "trioproxy.toml"
-    config.write_text(CONFIG)
+    config.write_text(text)
     command = [sys.executable, "-m", "trioproxy", "serve", "--config", str(config), "--port", "0"]
     command += ["--workers", str(workers)]
     with (tmp_path / "stderr.log").open("wb") as stderr:
@@ -132,6 +136,65 @@ async def test_two_workers_answer_on_one_address_with_one_metrics(tmp_path: Path
         proxy.process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await proxy.process.wait() == 0
+
+
+async def test_every_front_is_served_by_the_workers_and_counted_in_one_metrics(tmp_path: Path) -> None:
+    """Each request on a connection of its own (a new client each time): either worker may take it."""
+    with socket.socket() as closed:  # a port where nothing listens: its target's breaker opens
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    text = CONFIG + f"""
+[providers.down]
+type = "openai"
+base_url = "{down}"
+retry = {{ max_retries = 0 }}
+breaker = {{ failures = 1, cooldown = 600 }}
+"""
+    messages = [{"role": "user", "content": "one two"}]
+    async with supervisor(tmp_path, text=text) as proxy:
+        await pids_answering(proxy.url, 2)
+        for _ in range(4):
+            async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk:
+                response = await sdk.responses.create(model="sim/echo", input="one two")  # stored
+                assert response.output_text == "one two"
+            async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk:
+                async with await sdk.responses.create(model="sim/echo", input="one two", stream=True) as events:
+                    assert [e.type async for e in events][-1] == "response.completed"
+            async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="k", max_retries=0) as claude:
+                message = await claude.messages.create(model="sim/echo", max_tokens=20, messages=messages)
+                assert message.content[0].text == "one two"  # type: ignore[union-attr]
+            async with trio_websocket.open_websocket_url(proxy.url.replace("http", "ws") + "/v1/responses") as ws:
+                create = {"type": "response.create", "model": "sim/echo", "input": "one two"}
+                await ws.send_message(orjson.dumps(create).decode())
+                with trio.fail_after(10):
+                    while orjson.loads(await ws.get_message())["type"] != "response.completed":
+                        pass
+            async with httpx.AsyncClient() as http:
+                body = {"model": "sim/echo", "messages": messages}
+                events = await http.post(proxy.url + "/v1/chat/stream", json=body)
+                assert events.status_code == 200 and '"type":"done"' in events.text
+                down_body = {"model": "down/m", "messages": messages}
+                assert (await http.post(proxy.url + "/v1/chat/completions", json=down_body)).status_code == 502
+
+        def counted(samples: dict) -> bool:
+            """Both workers' requests, in one `/metrics` (the Responses streams: 8 requests, 4 WebSocket turns)."""
+            answered = {"status": "200", "outcome": "completed"}
+            streams = {"route": "/v1/responses", "provider": "sim", "outcome": "completed"}
+            return (
+                value(samples, "trioproxy_requests_total", route="/v1/responses", **answered) == 8
+                and value(samples, "trioproxy_requests_total", route="/v1/messages", **answered) == 4
+                and value(samples, "trioproxy_requests_total", route="/v1/chat/stream", **answered) == 4
+                and value(samples, "trioproxy_streams_total", **streams) == 12
+            )
+
+        samples = await scrape_until(proxy.url, counted, seconds=10)
+        # Each worker's own breaker for the one target, summed: one that opened per worker asked.
+        target = {"provider": "down", "target": down}
+        opened = value(samples, "trioproxy_target_state", state="open", **target)
+        assert 1 <= opened <= 2
+        assert opened + value(samples, "trioproxy_target_state", state="closed", **target) == 2
+        assert value(samples, "trioproxy_breaker_transitions_total", state="open", **target) == opened
+        assert value(samples, "trioproxy_target_outstanding", **target) == 0
 
 
 async def test_a_worker_that_dies_is_replaced(tmp_path: Path) -> None:
