@@ -15,7 +15,7 @@ CODEX_VERSION := 0.171.0
 AI_SDK_VERSIONS := ai@7.0.173 @ai-sdk/openai@4.0.118
 NODE_DIR := .node
 
-.PHONY: serve test bench browser claude-code codex vercel-ai install install-test install-bench clean
+.PHONY: serve test bench browser redis-server claude-code codex vercel-ai install install-test install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ install-bench: $(VENV)/.installed-bench
 serve: $(VENV)/.installed
 	$(BIN)/trioproxy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: $(VENV)/.installed-test browser $(if $(shell command -v node),claude-code codex vercel-ai)
+test: $(VENV)/.installed-test browser redis-server $(if $(shell command -v node),claude-code codex vercel-ai)
 	$(BIN)/python -m pytest
 
 # Installs Debian's chromium (about 10 s from a warm mirror) when it is missing and we are root;
@@ -52,6 +52,18 @@ browser:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 		else \
 			echo "warning: $(CHROMIUM) is missing; install it (sudo apt-get install chromium) for the playground tests" >&2; \
+		fi; \
+	fi
+
+# The shared-state tests start their own Debian redis-server (never a mock): installed the same
+# way when it is missing and we are root; otherwise they fail saying how.
+redis-server:
+	@if ! command -v redis-server >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing redis-server for the shared-state tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; \
+		else \
+			echo "warning: redis-server is missing; install it (sudo apt-get install redis-server) for the shared-state tests" >&2; \
 		fi; \
 	fi
 

@@ -244,14 +244,14 @@ def test_the_sims_output_cap_is_configured() -> None:
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)"
+        "config: unknown key 'providrs' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)"
     )
 
 
 def test_unknown_server_key() -> None:
     assert only_problem({"server": {"hots": "x"}}) == (
         "[server]: unknown key 'hots' (known: body_timeout, host, keep_alive_timeout, port, shutdown_grace_period, "
-        "write_timeout)"
+        "workers, write_timeout)"
     )
 
 
@@ -365,6 +365,18 @@ def test_bad_host(host: Any) -> None:
     assert only_problem({"server": {"host": host}}) == f"[server].host must be a non-empty string, got {host!r}"
 
 
+@pytest.mark.parametrize("workers", [0, 257, "2", 2.0, True])
+def test_bad_workers(workers: Any) -> None:
+    assert only_problem({"server": {"workers": workers}}) == (
+        f"[server].workers must be an integer from 1 to 256, got {workers!r}"
+    )
+
+
+def test_workers_default_to_one() -> None:
+    assert parse_config({}).server.workers == 1
+    assert parse_config({"server": {"workers": 4}}).server.workers == 4
+
+
 def test_server_not_a_table() -> None:
     assert only_problem({"server": 8000}) == "[server] must be a table"
 
@@ -465,7 +477,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'sever' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -481,8 +493,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
-        "config: unknown key 'y' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'x' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)",
+        "config: unknown key 'y' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 

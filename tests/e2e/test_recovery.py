@@ -8,6 +8,7 @@ open behind it.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -22,7 +23,7 @@ import pytest
 import trio
 
 from tests.conftest import wait_until
-from tests.e2e.test_observability import scrape_until, value
+from tests.e2e.test_observability import fingerprint, scrape_until, value
 from trioproxy import create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
@@ -452,3 +453,45 @@ async def test_a_non_streaming_answer_is_continued_too(nursery: trio.Nursery, au
         completion = await client.chat.completions.create(model="claude/m", messages=MESSAGES)
     assert completion.choices[0].message.content == "".join(CANONICAL)
     assert upstream.request_count == 2
+
+
+async def test_usage_per_key_counts_a_continued_and_a_hedged_stream(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """
+    A continued stream's usage is both attempts' (the broken one's estimated), under the
+    provider that continued it; a hedged one's is the winner's: so it is counted per client key.
+    """
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    broken, slow, fast = await open_upstreams(nursery, 3)
+    broken.push(Reply(tokens=CANONICAL, reset_after=40), Reply(tokens=CANONICAL, continues=True, usage=(30, 0)))
+    slow.push(Reply(tokens=("slow",), ttft=20))
+    fast.push(Reply(tokens=TOKENS, ttft=0.5, usage=(9, 0)))
+    tables = {
+        "vllm": {**VLLM, "base_url": broken.url + "/v1"},
+        "primary": {"type": "openai", "base_url": slow.url + "/v1", "fallbacks": ["backup/m"], "hedge_after": 3},
+        "backup": {"type": "openai", "base_url": fast.url + "/v1"},
+    }
+    async with in_process(tables, auth={"keys": ["k"]}) as client:
+        assert await collect(client, "vllm/m") == "".join(CANONICAL)
+        assert await collect(client, "primary/m") == "".join(TOKENS)
+        scraped = await client._client.get("http://proxy.test/metrics", headers={"authorization": "Bearer k"})
+    key = fingerprint("k")
+    delivered = -(-len("".join(CANONICAL[:40])) // 4)  # the broken attempt's tokens, estimated
+    expected = {
+        ("vllm", "in"): 30 + max(30 - delivered, 0),  # the prompt without the delivered text
+        ("vllm", "out"): (60 - 40) + delivered,
+        ("backup", "in"): 9,
+        ("backup", "out"): len(TOKENS),
+    }
+    for (provider, direction), count in expected.items():
+        sample = f'trioproxy_tokens_total{{direction="{direction}",key="{key}",model="m",provider="{provider}"}}'
+        assert f"{sample} {float(count)}" in scraped.text
+    assert not re.search(r'trioproxy_tokens_total\{[^}]*provider="primary"', scraped.text)  # the hedge's loser
+    records = [r for r in caplog.records if r.name == "trioproxy.access"]
+    lines = [r.fields for r in records if r.fields["route"] == CHAT]  # type: ignore[attr-defined]
+    assert [(f["key"], f["attempts"], f["tokens_in"], f["tokens_out"]) for f in lines] == [
+        (key, 2, expected["vllm", "in"], expected["vllm", "out"]),
+        (key, 2, 9, len(TOKENS)),
+    ]
+    assert (lines[0]["continuations"], lines[1]["hedges"]) == (1, 1)
