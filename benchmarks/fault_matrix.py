@@ -198,7 +198,7 @@ def assistant_prefix(body: dict[str, Any]) -> str | None:
 
 
 def rest_of(prefix: str) -> tuple[str, ...]:
-    """What follows `prefix` in the canonical text, from the token it ends in (whitespace a prefill left out is written again)."""
+    """What follows `prefix` in the canonical text: whitespace a prefill left out is written again."""
     text = "".join(CANONICAL)
     assert text.startswith(prefix), prefix
     return (text[len(prefix) :],)

@@ -583,13 +583,19 @@ class BalancedUpstream:
             await self._settle(target, "released", probe)
 
     async def _take(self, tried: list[Target]) -> tuple[Target, bool] | None:
-        """A target not tried yet, its request counted (`_targets.choose`), starting from the next in turn: equals take requests in turn."""
+        """
+        A target not tried yet, its request counted (`_targets.choose`), starting from the next
+        in turn: equals take requests in turn.
+        """
         self._turn = (self._turn + 1) % len(self.targets)
         rotated = self.targets[self._turn :] + self.targets[: self._turn]
         return await choose([target for target in rotated if target not in tried], trio.current_time())
 
     async def _settle(self, target: Target, verdict: Verdict, probe: bool) -> BreakerState | None:
-        """Its request ended: no longer outstanding, and its verdict told to the breaker (shielded: a cancelled request frees its probe too)."""
+        """
+        Its request ended: no longer outstanding, and its verdict told to the breaker, shielded
+        (a cancelled request frees the probe it held too).
+        """
         target.outstanding -= 1
         with trio.CancelScope(shield=True):
             return await self._breakers.settle(target.url, verdict, probe=probe, now=trio.current_time())

@@ -117,7 +117,9 @@ async def in_process(tables: dict[str, dict[str, Any]], **policy: Any) -> AsyncI
 
 
 @asynccontextmanager
-async def in_process_anthropic(tables: dict[str, dict[str, Any]], **policy: Any) -> AsyncIterator[anthropic.AsyncAnthropic]:
+async def in_process_anthropic(
+    tables: dict[str, dict[str, Any]], **policy: Any
+) -> AsyncIterator[anthropic.AsyncAnthropic]:
     """`in_process`, with the anthropic SDK as the client (it brings its own copy of httpx, as `httpx2`)."""
     config = parse_config({"retry": {"max_retries": 0}, **policy, "providers": tables}, environ={})
     app = create_app(config)
@@ -481,12 +483,20 @@ FRONT_CASES = {
 
 
 def front_tables(first: str, primary: FakeUpstream, backup: FakeUpstream) -> dict[str, dict[str, Any]]:
-    """`first` on `primary`: `claude` or `vllm` continue there; `resp` (a Responses upstream) cannot, `vllm/m` on `backup` does."""
+    """
+    `first` on `primary`: `claude` and `vllm` continue there; `resp` (a Responses upstream) and
+    `anthropic_first` (no prefill) cannot, and `vllm/m` on `backup`, their fallback, does.
+    """
     return {
         "claude": {"type": "anthropic", "base_url": primary.url},
         "vllm": {**VLLM, "base_url": (primary if first == "vllm" else backup).url + "/v1"},
         "resp": {**RESPONSES, "base_url": primary.url + "/v1", "fallbacks": ["vllm/m"]},
-        "anthropic_first": {"type": "anthropic", "base_url": primary.url, "continuation": "none", "fallbacks": ["vllm/m"]},
+        "anthropic_first": {
+            "type": "anthropic",
+            "base_url": primary.url,
+            "continuation": "none",
+            "fallbacks": ["vllm/m"],
+        },
     }
 
 
@@ -565,11 +575,12 @@ async def test_a_responses_upstream_alone_cannot_be_continued_and_says_so(
 
     async with in_process_anthropic({"resp": {**RESPONSES, "base_url": upstream.url + "/v1"}}) as anthropic_client:
         upstream.push(Reply(tokens=CANONICAL, reset_after=40))
-        text = []
+        text: list[str] = []
         with pytest.raises(anthropic.APIError) as anthropic_info:
             async with anthropic_client.messages.stream(model="resp/m", max_tokens=100, messages=MESSAGES) as stream:
                 async for event in stream:
-                    text += [event.delta.text] if event.type == "content_block_delta" else []  # type: ignore[union-attr]
+                    if event.type == "content_block_delta":
+                        text.append(event.delta.text)  # type: ignore[union-attr]
     assert "connection broke" in anthropic_info.value.message
     assert "".join(text) == delivered
 
@@ -604,11 +615,12 @@ async def test_an_anthropic_prefill_the_upstream_refuses_leaves_the_original_fai
     (upstream,) = await open_upstreams(nursery, 1)
     upstream.push(Reply(tokens=CANONICAL, reset_after=40), Reply(refuse_continuation=True))
     async with in_process_anthropic({"claude": {"type": "anthropic", "base_url": upstream.url}}) as client:
-        text = []
+        text: list[str] = []
         with pytest.raises(anthropic.APIError) as info:
             async with client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as stream:
                 async for event in stream:
-                    text += [event.delta.text] if event.type == "content_block_delta" else []  # type: ignore[union-attr]
+                    if event.type == "content_block_delta":
+                        text.append(event.delta.text)  # type: ignore[union-attr]
     assert "connection broke" in info.value.message and "prefill" not in info.value.message
     assert "".join(text) == "".join(CANONICAL[:40])
     assert upstream.request_count == 2
@@ -618,7 +630,10 @@ async def test_an_anthropic_prefill_the_upstream_refuses_leaves_the_original_fai
 async def test_every_front_fails_over_by_kind_and_to_a_larger_context(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock, front: str
 ) -> None:
-    """A route that never answers costs one first_token_timeout; a context-length refusal goes to `context_fallbacks`."""
+    """
+    A route that never answers costs one first_token_timeout, then a context-length refusal
+    goes to `context_fallbacks`.
+    """
     silent, small, large = await open_upstreams(nursery, 3)
     kind = RESPONSES if front == "responses" else {"type": "anthropic"}
     path = "/v1" if front == "responses" else ""
@@ -648,3 +663,39 @@ async def test_every_front_fails_over_by_kind_and_to_a_larger_context(
     assert took == pytest.approx(5, abs=0.1)  # one timeout, no retry, no backoff
     assert (silent.request_count, small.request_count, large.request_count) == (1, 1, 1)
     assert silent.requests[0].disconnected.is_set()
+
+
+async def test_every_attempt_shows_in_the_access_log_and_metrics_under_its_request_id(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Responses stream continued on its fallback, and an Anthropic stream won by a hedge."""
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    primary, backup, slow, fast = await open_upstreams(nursery, 4)
+    push_broken("resp", primary, backup, {"reset_after": 40})
+    slow.push(Reply(tokens=("slow",), ttft=20))
+    fast.push(Reply(tokens=TOKENS, ttft=0.5))
+    tables = {
+        **front_tables("resp", primary, backup),
+        "slow": {"type": "anthropic", "base_url": slow.url, "fallbacks": ["fast/m"], "hedge_after": 3},
+        "fast": {"type": "anthropic", "base_url": fast.url},
+    }
+    async with in_process(tables) as client:
+        async with client.responses.stream(model="resp/m", input="go") as stream:
+            await stream.get_final_response()
+        hedged = await client._client.post(
+            "http://proxy.test/v1/messages", json={"model": "slow/m", "max_tokens": 9, "messages": MESSAGES}
+        )
+        assert hedged.json()["content"][0]["text"] == "".join(TOKENS)
+        metrics = (await client._client.get("http://proxy.test/metrics")).text
+    logged = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+    lines = {line["route"]: line for line in logged}
+    continued, raced = lines["/v1/responses"], lines["/v1/messages"]
+    assert continued["request_id"] != raced["request_id"] and continued["request_id"] and raced["request_id"]
+    assert (continued["attempts"], continued["continuations"], continued["provider"]) == (2, 1, "vllm")
+    (failure,) = continued["failures"]  # each failed attempt: its provider, and why
+    assert failure.startswith("resp: the upstream connection broke")
+    assert (raced["attempts"], raced["hedges"], raced["provider"]) == (2, 1, "fast")
+    assert "failures" not in raced  # the loser was cancelled, not failed
+    assert 'trioproxy_recoveries_total{kind="continuation",provider="resp"} 1.0' in metrics
+    assert 'trioproxy_recoveries_total{kind="hedge",provider="slow"} 1.0' in metrics
+    assert 'trioproxy_upstream_errors_total{provider="resp",status="broken"} 1.0' in metrics
