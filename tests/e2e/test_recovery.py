@@ -699,3 +699,33 @@ async def test_every_attempt_shows_in_the_access_log_and_metrics_under_its_reque
     assert 'trioproxy_recoveries_total{kind="continuation",provider="resp"} 1.0' in metrics
     assert 'trioproxy_recoveries_total{kind="hedge",provider="slow"} 1.0' in metrics
     assert 'trioproxy_upstream_errors_total{provider="resp",status="broken"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("front", ["responses", "anthropic"])
+async def test_a_client_that_leaves_during_a_continuation_cancels_its_upstream_request(
+    nursery: trio.Nursery, upstream: FakeUpstream, front: str
+) -> None:
+    upstream.push(Reply(tokens=CANONICAL, reset_after=40), Reply(tokens=CANONICAL, continues=True, stall_after=5))
+    proxy = await start_proxy(nursery, upstream)
+    delivered = "".join(CANONICAL[:45])
+    text = ""
+    if front == "responses":
+        async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+            async with sdk.responses.stream(model="claude/m", input="go") as stream:
+                async for event in stream:
+                    text += event.delta if event.type == "response.output_text.delta" else ""
+                    if len(text) == len(delivered):
+                        break  # leaves: the stream is closed
+    else:
+        async with anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client:
+            async with client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as events:
+                async for event in events:
+                    if event.type == "content_block_delta":
+                        text += event.delta.text  # type: ignore[union-attr]
+                    if len(text) == len(delivered):
+                        break
+    assert text == delivered  # 40 tokens, then 5 of the continuation's
+    continued = upstream.requests[1]
+    with trio.fail_after(5):
+        await continued.disconnected.wait()
+    assert not continued.completed
