@@ -729,3 +729,27 @@ async def test_a_client_that_leaves_during_a_continuation_cancels_its_upstream_r
     with trio.fail_after(5):
         await continued.disconnected.wait()
     assert not continued.completed
+
+
+@pytest.mark.parametrize("kind", ["openai_responses", "openai"])
+async def test_a_responses_client_gets_the_hedges_response_alone(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, kind: str
+) -> None:
+    """From a Responses upstream (passed through) or a chat one (translated): the loser's opening never shows."""
+    slow, fast = await open_upstreams(nursery, 2)
+    slow.push(Reply(tokens=("slow",), ttft=20))
+    fast.push(Reply(tokens=TOKENS, ttft=0.5))
+    tables = {
+        "slow": {"type": kind, "base_url": slow.url + "/v1", "fallbacks": ["fast/m"], "hedge_after": 3},
+        "fast": {"type": kind, "base_url": fast.url + "/v1"},
+    }
+    async with in_process(tables) as client:
+        start = trio.current_time()
+        async with client.responses.stream(model="slow/m", input="go") as stream:
+            events = [event async for event in stream]
+            response = await stream.get_final_response()
+        assert trio.current_time() - start == pytest.approx(3.5, abs=0.1)
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert [event.type for event in events].count("response.created") == 1
+    assert response.output_text == "".join(TOKENS)
+    assert slow.requests[0].disconnected.is_set()
