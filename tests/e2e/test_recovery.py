@@ -539,6 +539,18 @@ async def test_a_responses_client_gets_one_seamless_response(
         assert primary.requests[0].disconnected.is_set()  # the silent request was cancelled
 
 
+async def test_a_non_streaming_stored_response_is_continued_whole(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    primary, backup = await open_upstreams(nursery, 2)
+    push_broken("resp", primary, backup, {"reset_after": 40})
+    async with in_process(front_tables("resp", primary, backup)) as client:
+        created = await client.responses.create(model="resp/m", input="go", store=True)
+        stored = await client.responses.retrieve(created.id)
+    assert created.output_text == stored.output_text == "".join(CANONICAL)
+    assert [item.type for item in stored.output] == ["message"]
+
+
 async def test_websocket_mode_continues_a_responses_upstream_on_its_fallback(
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
