@@ -286,7 +286,8 @@ class ResponsesEventRenderer:
             return b""
         if delta.has_content:
             if self._open is not None:
-                self._open.text.append(delta.text or delta.reasoning or "".join(c.arguments for c in delta.tool_calls))
+                arguments = "".join(call.arguments for call in delta.tool_calls)
+                self._open.text.append(delta.text or delta.reasoning or arguments)
             return self._flush() + raw
         if self._streaming:
             return raw
@@ -305,7 +306,8 @@ class ResponsesEventRenderer:
             return
         if payload["type"] == "response.output_item.added":
             index = payload.get("output_index")
-            self._open = _Item(str(item.get("type")), dict(item), index if isinstance(index, int) else len(self._items))
+            index = index if isinstance(index, int) else len(self._items)
+            self._open = _Item(str(item.get("type")), dict(item), index)
             self._items.append(self._open)
         elif self._open is not None and self._open.id == item["id"]:
             self._open.item = item
