@@ -159,6 +159,8 @@ class AccessLog:
             fields["tokens_estimated"] = True
         if stats.attempts > 1:
             fields["attempts"] = stats.attempts
+            if stats.failures:
+                fields["failures"] = [f"{provider}: {error.message}" for provider, error in stats.failures]
         if stats.retries:
             fields["retries"] = len(stats.retries)
         if stats.providers_left:

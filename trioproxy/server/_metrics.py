@@ -98,7 +98,8 @@ class Metrics:
         )
         self.recoveries = Counter(
             "trioproxy_recoveries",
-            "Upstream faults a stream recovered from other than by a retry or failover, by kind (skipped_event)",
+            "Upstream faults a stream recovered from other than by a retry or failover, by kind "
+            "(hedge, continuation, skipped_event)",
             ("provider", "kind"),
             registry=registry,
         )
