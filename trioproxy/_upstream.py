@@ -44,7 +44,7 @@ from ._exceptions import (
 )
 from ._request import ChatRequest
 from ._sse import SSEDecodeError, SSEDecoder
-from .providers._base import Translation
+from .providers._base import Translation, UpstreamRequest
 from .providers.anthropic import AnthropicTranslation
 from .providers.openai import OpenAITranslation
 from .pipeline._items import Sink
@@ -62,6 +62,13 @@ read to its end leaves its connection in the pool; one closed early costs the ne
 new connection (and, to a real upstream, a TLS handshake). Servers end the body right after
 the marker, so this bounds only a misbehaving one, and with it how long the client's own end
 of stream may wait.
+"""
+
+MAX_ANSWER_BYTES: Final = 64 * 1024 * 1024
+"""
+The longest answer read whole (an embeddings answer, a token count): the largest OpenAI
+embeddings answer, 2048 inputs of 3072 dimensions in base64 (what the SDKs ask for), is
+about 34 MB.
 """
 
 MAX_TRAILING_BYTES: Final = 64 * 1024
@@ -116,6 +123,11 @@ class HttpUpstream:
 
     async def stream(self, chat: ChatRequest, send: Sink) -> None:
         request = self.translation.stream_request(chat)
+        if request.answer is not None:
+            answer = await self._exchange(request)
+            await send.send(OPENED)
+            await send.send(request.answer(answer))
+            return
         parser = self.translation.stream_parser(chat)
         decoder = SSEDecoder()
         url = self._urls.get(request.url) or self._urls.setdefault(request.url, httpx.URL(request.url))
@@ -141,12 +153,16 @@ class HttpUpstream:
         request = self.translation.count_tokens_request(chat)
         if request is None:
             return None
+        return await self._exchange(request)
+
+    async def _exchange(self, request: UpstreamRequest) -> bytes:
+        """A request whose answer is one JSON document: that document, or the error the upstream answered."""
         with _mapped_httpx_errors():
             async with self._client.stream("POST", request.url, headers=request.headers, content=request.body) as resp:
-                body = await _read_bounded(resp)
                 if resp.status_code >= 300:
+                    body = await _read_bounded(resp)
                     raise self.translation.error_from_response(resp.status_code, resp.headers, body)
-        return body
+                return await _read_answer(resp)
 
     async def expire_idle_connections(self) -> None:
         """Expire idle connections on the pool's own timer until `aclose`; httpx's pool (behind a proxy) has none."""
@@ -537,6 +553,16 @@ async def _read_to_end(chunks: AsyncIterator[bytes]) -> None:
                     break
         except httpx.TransportError:
             pass  # the connection is closed, not pooled: the stream itself ended well
+
+
+async def _read_answer(resp: httpx.Response) -> bytes:
+    """A whole answer, up to `MAX_ANSWER_BYTES`: a longer one is refused, never cut short."""
+    body = bytearray()
+    async for data in resp.aiter_bytes():
+        body += data
+        if len(body) > MAX_ANSWER_BYTES:
+            raise UpstreamProtocolError(f"the upstream's answer is longer than {MAX_ANSWER_BYTES} bytes")
+    return bytes(body)
 
 
 async def _read_bounded(resp: httpx.Response) -> bytes:

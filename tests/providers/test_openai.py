@@ -14,7 +14,13 @@ import pytest
 
 from trioproxy._events import Delta, ToolCallDelta, Usage
 from trioproxy._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
-from trioproxy._request import ChatRequest, NativeRequest, parse_chat_request
+from trioproxy._request import (
+    ChatRequest,
+    NativeRequest,
+    parse_chat_request,
+    parse_completion_request,
+    parse_embedding_request,
+)
 from trioproxy._sse import ServerSentEvent
 from trioproxy.providers._base import MAX_ERROR_MESSAGE
 from trioproxy.providers.openai import OpenAIStreamParser, OpenAITranslation
@@ -516,3 +522,49 @@ def test_error_message_is_bounded() -> None:
     error = error_from(b"x" * 5000, status=500)
     assert len(error.message) == MAX_ERROR_MESSAGE
     assert error.message == "x" * (MAX_ERROR_MESSAGE - 1) + "…"
+
+
+# -- OpenAI's other endpoints ------------------------------------------------------------------
+
+
+def test_an_embeddings_request_goes_whole_to_embeddings_and_its_answer_is_one_delta() -> None:
+    body = {"model": "local/embed", "input": ["a", "b"], "dimensions": 8, "vendor": {"x": 1}}
+    request = OpenAITranslation(base_url=URL, api_key=KEY).stream_request(
+        parse_embedding_request(body).routed("embed")
+    )
+
+    assert request.url == URL + "/embeddings"
+    assert orjson.loads(request.body) == {**body, "model": "embed"}
+    assert request.headers["accept"] == "application/json"
+    assert request.answer is not None
+    answer = b'{"object":"list","data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}'
+    assert request.answer(answer) == Delta(raw=answer, usage=Usage(prompt_tokens=4, completion_tokens=0))
+    with pytest.raises(UpstreamProtocolError):
+        request.answer(b"<html>")
+
+
+def test_a_legacy_completion_goes_whole_to_completions_streamed_with_usage() -> None:
+    body = {"model": "local/coder", "prompt": "def f(", "suffix": "\n    return x", "echo": False, "stream": False}
+    translation = OpenAITranslation(base_url=URL, api_key=KEY)
+    request = translation.stream_request(parse_completion_request(body).routed("coder"))
+
+    assert request.url == URL + "/completions"
+    assert request.answer is None
+    assert orjson.loads(request.body) == {
+        **body,
+        "model": "coder",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def test_text_completion_chunks_are_parsed_and_kept_byte_for_byte() -> None:
+    parser = OpenAITranslation(base_url=URL).stream_parser(parse_completion_request({"model": "m", "prompt": "p"}))
+    data = '{"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":" x","finish_reason":null}]}'
+    usage = '{"id":"cmpl-1","object":"text_completion","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}'
+
+    [delta] = parser.feed(ServerSentEvent(data=data))
+    assert (delta.text, delta.raw) == (" x", b"data: " + data.encode() + b"\n\n")
+    [last] = parser.feed(ServerSentEvent(data=usage))
+    assert last.usage == Usage(prompt_tokens=3, completion_tokens=1)
+    assert parser.feed(ServerSentEvent(data="[DONE]")) == [] and parser.finished

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from trioproxy._exceptions import NotFoundError
-from trioproxy.server.fronts import FRONTS, anthropic_messages, error_response, events, openai_chat
+from trioproxy.server.fronts import FRONTS, anthropic_messages, error_response, events, openai_chat, openai_embeddings
 
 
 @pytest.mark.parametrize(
@@ -22,6 +22,7 @@ from trioproxy.server.fronts import FRONTS, anthropic_messages, error_response, 
         ("/v1/chat/stream/json", events),
         ("/v1/streams/st_1", events),
         ("/v1/chat/completions", openai_chat),
+        ("/v1/embeddings", openai_embeddings),
         ("/v1/messagesX", openai_chat),
         ("/v1/nothing", openai_chat),
         ("/", openai_chat),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from .._policy import BufferConfig, Timeouts
@@ -45,6 +45,13 @@ class Pipeline:
     def passthrough(self) -> bool:
         """No stage changes content: upstream OpenAI chunks may reach the client byte for byte."""
         return not (self.buffer.enabled or self.transforms or self.validators)
+
+    def unstaged(self) -> Pipeline:
+        """
+        This pipeline without its stages, for an answer that is no generation (embeddings):
+        nothing in it for a buffer, a transform or a validator, and its bytes pass unchanged.
+        """
+        return replace(self, buffer=BufferConfig(), transforms=(), validators=())
 
     def stages(self, abort_upstream: Callable[[], None]) -> list[Stage]:
         stages: list[Stage] = []

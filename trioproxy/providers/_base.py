@@ -11,7 +11,7 @@ timeouts and cancellation for every provider.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -25,11 +25,18 @@ __all__ = ["StreamParser", "Translation", "UpstreamRequest", "retry_after_second
 
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
-    """An HTTP POST to make upstream. `url` is absolute; `body` is JSON bytes."""
+    """
+    An HTTP POST to make upstream. `url` is absolute; `body` is JSON bytes.
+
+    Its answer is an event stream for the translation's parser, unless `answer` is set: then
+    it is one JSON document (an embeddings answer), read whole and bounded, and `answer`
+    makes it the one delta of the request (its bytes in `raw`, its usage counted).
+    """
 
     url: str
     headers: Mapping[str, str]
     body: bytes
+    answer: Callable[[bytes], Delta] | None = None
 
 
 class StreamParser(Protocol):
