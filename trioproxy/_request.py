@@ -256,7 +256,7 @@ def _native_request(
     messages = [{"role": "user", "content": content}]
     path = "/v1/completions" if protocol == "completions" else "/v1/embeddings"
     unportable = RequestError(
-        f"POST {path} is served by OpenAI-compatible upstreams only (providers of type \"openai\"); "
+        f'POST {path} is served by OpenAI-compatible upstreams only (providers of type "openai"); '
         f"model {model!r} routes to another",
         param="model",
     )
@@ -296,7 +296,9 @@ def _stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _max_tokens(body: dict[str, Any], *, names: tuple[str, ...] = ("max_completion_tokens", "max_tokens")) -> int | None:
+def _max_tokens(
+    body: dict[str, Any], *, names: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
+) -> int | None:
     for name in names:
         value = body.get(name)
         if value is None:

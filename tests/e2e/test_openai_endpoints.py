@@ -5,18 +5,17 @@ through the official openai SDK → trioproxy (hypercorn on 127.0.0.1:0) → a r
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import httpx
 import openai
-import orjson
 import pytest
 import trio
 
-from trioproxy import parse_config, serve
-from trioproxy.testing import FakeUpstream, Reply
-
 from tests.conftest import UPSTREAM_KEY, proxy_config
+from trioproxy import serve
+from trioproxy.testing import FakeUpstream, Reply
 
 
 @pytest.fixture
@@ -100,3 +99,116 @@ async def test_embeddings_usage_and_route_reach_the_metrics(client: openai.Async
         metrics = (await http.get(proxy_url + "/metrics")).text
     assert 'trioproxy_tokens_total{direction="in",model="embed-small",provider="up"} 7.0' in metrics
     assert 'trioproxy_streams_total{outcome="completed",provider="up",route="/v1/embeddings"} 1.0' in metrics
+
+
+# -- legacy completions -----------------------------------------------------------------------
+
+PROMPT = "def fib(n):\n    "
+SUFFIX = "\n    return a\n"
+TOKENS = ("a, b", " = 0,", " 1", "\n    for _ in range(n):")
+
+
+async def test_a_streamed_completion_is_the_upstreams_chunks_byte_for_byte(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    body = {"prompt": PROMPT, "suffix": SUFFIX, "stream": True, "max_tokens": 32, "temperature": 0, "n": 1}
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=TOKENS))
+    async with httpx.AsyncClient() as http:
+        direct = await http.post(upstream.url + "/v1/completions", json={**body, "model": "coder"})
+        proxied = await http.post(proxy_url + "/v1/completions", json={**body, "model": "up/coder"})
+
+    assert proxied.headers["content-type"].startswith("text/event-stream")
+    assert same_but_id_and_time(proxied.content) == same_but_id_and_time(direct.content)
+    assert proxied.content.endswith(b"data: [DONE]\n\n")
+    sent = upstream.requests[-1].json
+    assert sent == {**body, "model": "coder", "stream_options": {"include_usage": True}}
+
+
+def same_but_id_and_time(stream: bytes) -> bytes:
+    """A stream of the fake upstream with what differs from one answer to the next (its number, the time) blanked."""
+    return re.sub(rb'"id":"cmpl-fake\d+","object":"text_completion","created":\d+', b"", stream)
+
+
+async def test_completions_create_streams_a_fill_in_the_middle_request(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, usage=(12, 0)))
+    stream = await client.completions.create(
+        model="up/coder",
+        prompt=PROMPT,
+        suffix=SUFFIX,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"vendor_knob": 3},
+    )
+    chunks = [chunk async for chunk in stream]
+
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "".join(TOKENS)
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert (chunks[-1].choices, chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == ([], 12, 4)
+    sent = upstream.requests[-1].json
+    assert (sent["prompt"], sent["suffix"], sent["vendor_knob"], sent["model"]) == (PROMPT, SUFFIX, 3, "coder")
+
+
+async def test_completions_create_without_stream_is_one_text_completion(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, usage=(12, 0)))
+    completion = await client.completions.create(model="up/coder", prompt=PROMPT, suffix=SUFFIX, max_tokens=32)
+
+    assert completion.object == "text_completion"
+    assert completion.choices[0].text == "".join(TOKENS)
+    assert completion.choices[0].finish_reason == "stop"
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (12, 4)
+    assert upstream.requests[-1].json["suffix"] == SUFFIX
+
+
+async def test_a_completion_is_retried_before_its_first_token_and_fails_over(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(status=500), Reply(status=503), Reply(tokens=TOKENS))
+    stream = await client.completions.create(model="flaky/coder", prompt=PROMPT, stream=True)
+    chunks = [chunk async for chunk in stream]
+
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "".join(TOKENS)
+    assert [r.json["model"] for r in upstream.requests] == ["coder", "coder", "backup-model"]
+
+
+async def test_a_completion_failing_mid_stream_ends_with_an_error_not_done(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, error_after=2))
+    stream = await client.completions.create(model="up/coder", prompt=PROMPT, stream=True)
+    with pytest.raises(openai.APIError, match="upstream failure"):
+        async for _ in stream:
+            pass
+
+
+async def test_a_completion_for_an_anthropic_upstream_is_a_400_naming_why(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.completions.create(model="claude/claude-test", prompt=PROMPT, stream=True)
+
+    assert "OpenAI-compatible upstreams only" in info.value.message
+    assert not upstream.requests
+
+
+async def test_disconnect_during_a_streamed_completion_cancels_the_upstream(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("x",) * 1000, interval=0.01))
+    stream = await client.completions.create(model="up/coder", prompt=PROMPT, stream=True)
+    seen = 0
+    async for _ in stream:
+        seen += 1
+        if seen == 3:
+            break
+    hung_up_at = trio.current_time()
+    await stream.close()
+
+    recorded = upstream.requests[-1]
+    with trio.fail_after(1):
+        await recorded.disconnected.wait()
+    assert recorded.disconnected_at - hung_up_at < 0.1
+    assert not recorded.completed

@@ -529,9 +529,7 @@ def test_error_message_is_bounded() -> None:
 
 def test_an_embeddings_request_goes_whole_to_embeddings_and_its_answer_is_one_delta() -> None:
     body = {"model": "local/embed", "input": ["a", "b"], "dimensions": 8, "vendor": {"x": 1}}
-    request = OpenAITranslation(base_url=URL, api_key=KEY).stream_request(
-        parse_embedding_request(body).routed("embed")
-    )
+    request = OpenAITranslation(base_url=URL, api_key=KEY).stream_request(parse_embedding_request(body).routed("embed"))
 
     assert request.url == URL + "/embeddings"
     assert orjson.loads(request.body) == {**body, "model": "embed"}

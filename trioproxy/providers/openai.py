@@ -75,7 +75,9 @@ class OpenAITranslation:
             url = self.base_url + "/embeddings"
             return UpstreamRequest(url, self._answer_headers, orjson.dumps(body), answer=_embeddings_delta)
         if native is not None and native.protocol == "completions":
-            return UpstreamRequest(self.base_url + "/completions", self._stream_headers, self._streamed(chat, native.body))
+            return UpstreamRequest(
+                self.base_url + "/completions", self._stream_headers, self._streamed(chat, native.body)
+            )
         return UpstreamRequest(self.url, self._stream_headers, self._streamed(chat, chat.common_body()))
 
     def _streamed(self, chat: ChatRequest, client_body: dict[str, Any]) -> bytes:

@@ -44,7 +44,7 @@ class OpenAIChunkRenderer:
 
     shows_notices: Final = False
     """The OpenAI protocol has no word for a retry: the stream stays clean."""
-    object: ClassVar = "chat.completion.chunk"
+    chunk_object: ClassVar = "chat.completion.chunk"
     id_prefix: ClassVar = "chatcmpl-"
 
     def __init__(self, *, model: str, include_usage: bool) -> None:
@@ -101,7 +101,7 @@ class OpenAIChunkRenderer:
     def _event(self, choices: list[dict[str, Any]], *, usage: dict[str, int] | None) -> bytes:
         chunk: dict[str, Any] = {
             "id": self.id,
-            "object": self.object,
+            "object": self.chunk_object,
             "created": self.created,
             "model": self.model,
             "choices": choices,
@@ -114,7 +114,7 @@ class OpenAIChunkRenderer:
 class TextCompletionRenderer(OpenAIChunkRenderer):
     """Renders one legacy completion's deltas as `text_completion` SSE events."""
 
-    object: ClassVar = "text_completion"
+    chunk_object: ClassVar = "text_completion"
     id_prefix: ClassVar = "cmpl-"
 
     def _choice(self, delta: Delta) -> dict[str, Any]:
