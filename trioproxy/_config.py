@@ -100,7 +100,8 @@ class ProviderConfig:
     One `[providers.NAME]` table: where the upstream is, and how its streams are run
     (timeouts, retries, fallbacks, buffering, transforms and validators).
 
-    `max_connections` bounds the provider's connection pool.
+    `max_connections` bounds the provider's connection pool. `forward_paths` are the path
+    prefixes under `/v1/` that the proxy forwards to it as they are (`server/fronts/forwarding.py`).
     """
 
     name: str
@@ -118,6 +119,7 @@ class ProviderConfig:
     transforms: tuple[Transform, ...] = ()
     validators: tuple[Validator, ...] = ()
     request_usage: bool = True
+    forward_paths: tuple[str, ...] = ()
     anthropic_version: str = "2023-06-01"
     default_max_tokens: int = 4096
     simulated: SimulatedSettings = field(default_factory=SimulatedSettings)
@@ -516,6 +518,9 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
     )
 
 
+_FORWARD_PATH: Final = re.compile(r"^/v1/[A-Za-z0-9._~-][A-Za-z0-9._~/-]*$")
+"""A forwarded path prefix: under `/v1/`, in the characters of a plain URL path (it becomes a URL rule)."""
+
 _TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval"}
 _COMMON_KEYS: Final = {
     "type",
@@ -533,8 +538,8 @@ _COMMON_KEYS: Final = {
     *_TIMEOUT_KEYS,
 }
 _TYPE_KEYS: Final = {
-    "openai": {"request_usage"},
-    "anthropic": {"anthropic_version", "default_max_tokens"},
+    "openai": {"request_usage", "forward_paths"},
+    "anthropic": {"anthropic_version", "default_max_tokens", "forward_paths"},
     "simulated": set(SimulatedSettings.__dataclass_fields__),
 }
 
@@ -610,6 +615,17 @@ def _provider(
     _number(table, "max_connections", where, problems, checked, positive=True, integer=True)
     _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
     _bool(table, "request_usage", where, problems, checked)
+    if "forward_paths" in table:
+        forward_paths = table["forward_paths"]
+        if not isinstance(forward_paths, list) or not all(
+            isinstance(path, str) and _FORWARD_PATH.match(path) for path in forward_paths
+        ):
+            problems.append(
+                f"{where}.forward_paths must be a list of path prefixes under /v1/ "
+                "(letters, digits and '/._~-', e.g. '/v1/moderations')"
+            )
+        else:
+            checked["forward_paths"] = tuple(path.rstrip("/") for path in forward_paths)
     if "anthropic_version" in table:
         if isinstance(table["anthropic_version"], str):
             checked["anthropic_version"] = table["anthropic_version"]

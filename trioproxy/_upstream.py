@@ -35,6 +35,7 @@ import trio
 from ._config import ProviderConfig
 from ._events import OPENED
 from ._exceptions import (
+    NotFoundError,
     RequestError,
     TrioproxyError,
     UpstreamConnectError,
@@ -42,6 +43,7 @@ from ._exceptions import (
     UpstreamProtocolError,
     UpstreamTimeoutError,
 )
+from ._forwarding import ForwardRequest, ForwardSink
 from ._request import ChatRequest
 from ._sse import SSEDecodeError, SSEDecoder
 from .providers._base import Translation, UpstreamRequest
@@ -91,6 +93,13 @@ class Upstream(Protocol):
         """
         The upstream's own answer (JSON) to "how many input tokens is `chat`", `None` when it
         cannot say; raise `TrioproxyError` on failure.
+        """
+        ...
+
+    async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
+        """
+        Send a request the proxy does not serve itself, as it is, and hand its answer to
+        `sink` as it comes, whatever its status; raise `TrioproxyError` only when there is none.
         """
         ...
 
@@ -154,6 +163,15 @@ class HttpUpstream:
         if request is None:
             return None
         return await self._exchange(request)
+
+    async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
+        url = self.translation.forward_url(request.target)
+        headers = self.translation.forward_headers(request.headers)
+        with _mapped_httpx_errors():
+            async with self._client.stream(request.method, url, headers=headers, content=request.body) as resp:
+                await sink.head(resp.status_code, resp.headers.multi_items())
+                async for data in resp.aiter_raw():  # as it came: a compressed body stays compressed
+                    await sink.body(data)
 
     async def _exchange(self, request: UpstreamRequest) -> bytes:
         """A request whose answer is one JSON document: that document, or the error the upstream answered."""
@@ -505,6 +523,9 @@ class SimulatedUpstream:
 
     async def count_tokens(self, chat: ChatRequest) -> None:
         return None  # a script has no tokenizer
+
+    async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
+        raise NotFoundError("a simulated provider has no other paths to forward to")  # the config gives it none
 
     async def aclose(self) -> None:
         pass

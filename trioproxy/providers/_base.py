@@ -76,6 +76,14 @@ class Translation(Protocol):
         """
         ...
 
+    def forward_url(self, target: str) -> str:
+        """Where a client's request to `target` (a path under `/v1/`, with its query) goes upstream."""
+        ...
+
+    def forward_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """A forwarded request's headers: the client's (none of its credentials), with the provider's own added."""
+        ...
+
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamStatusError:
         """
         The error an upstream's non-2xx answer means, with a message safe to show a client

@@ -65,6 +65,7 @@ class OpenAITranslation:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         headers.update({k.lower(): v for k, v in (extra_headers or {}).items()})
+        self._credentials = {k: v for k, v in headers.items() if k != "content-type"}
         self._stream_headers = {**headers, "accept": "text/event-stream"}
         self._answer_headers = {**headers, "accept": "application/json"}
 
@@ -89,6 +90,13 @@ class OpenAITranslation:
 
     def count_tokens_request(self, chat: ChatRequest) -> None:
         return None  # Chat Completions has no endpoint that counts tokens
+
+    def forward_url(self, target: str) -> str:
+        """`base_url` stands for `/v1`, as in the SDKs (`/v1/files` → `{base_url}/files`)."""
+        return self.base_url + target.removeprefix("/v1")
+
+    def forward_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        return {**headers, **self._credentials}
 
     def stream_parser(self, chat: ChatRequest) -> OpenAIStreamParser:
         if chat.protocol == "completions":

@@ -11,7 +11,9 @@ A front is a module with three functions:
   unknown path, a refused key, a limit) is answered in that protocol's shape;
 - `error_response(path, error)` is that answer.
 
-Adding a protocol is adding a module here and naming it in `FRONTS`.
+Adding a protocol is adding a module here and naming it in `FRONTS`. `forwarding` is no
+protocol: it forwards what the providers allow, as it is, and answers errors in the shape of
+the path's front (or Anthropic's, for an Anthropic provider).
 """
 
 from __future__ import annotations

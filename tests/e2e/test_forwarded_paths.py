@@ -1,0 +1,278 @@
+"""
+Forwarding every other `/v1/` path a provider allows (`forward_paths`), end to end: clients →
+trioproxy (hypercorn on 127.0.0.1:0) → the fake upstream's echo route, which sends back what
+it got (or streams its reply's tokens as SSE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY, wait_until_idle
+from trioproxy import parse_config, serve
+from trioproxy.testing import FakeUpstream, Reply
+
+
+async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **tables: Any) -> str:
+    """`up` forwards `/v1/echo`, `claude` (Anthropic) `/v1/echo/anthropic`, `quiet` nothing."""
+    config = parse_config(
+        {
+            "retry": {"max_retries": 0},
+            "server": {"write_timeout": 5},
+            "providers": {
+                "up": {
+                    "type": "openai",
+                    "base_url": upstream.url + "/v1",
+                    "api_key_env": "UP_KEY",
+                    "forward_paths": ["/v1/echo"],
+                },
+                "claude": {
+                    "type": "anthropic",
+                    "base_url": upstream.url,
+                    "api_key_env": "CLAUDE_KEY",
+                    "forward_paths": ["/v1/echo/anthropic"],
+                },
+                "quiet": {"type": "openai", "base_url": upstream.url + "/v1"},
+            },
+            **tables,
+        },
+        environ={"UP_KEY": UPSTREAM_KEY, "CLAUDE_KEY": ANTHROPIC_KEY},
+    )
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    return binds[0]
+
+
+@pytest.fixture
+async def proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
+    return await start_proxy(nursery, upstream)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=5) as client:
+        yield client
+
+
+async def test_a_get_goes_up_with_its_query_and_the_providers_key_not_the_clients(
+    proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    answer = await http.get(
+        proxy + "/v1/echo/files?limit=2&order=desc",
+        headers={"authorization": "Bearer client-key", "x-api-key": "client-key", "x-vendor": "v"},
+    )
+
+    assert answer.status_code == 200
+    assert (answer.headers["x-echo-method"], answer.headers["x-echo-target"]) == (
+        "GET",
+        "/v1/echo/files?limit=2&order=desc",
+    )
+    sent = upstream.requests[-1]
+    assert sent.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert "x-api-key" not in sent.headers
+    assert sent.headers["x-vendor"] == "v"
+    assert answer.headers["x-request-id"]
+
+
+async def test_a_body_streams_up_and_back_whole(proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    pieces = [bytes([i]) * 10_000 for i in range(40)]
+
+    async def body() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    answer = await http.put(
+        proxy + "/v1/echo/uploads/u-1/parts", content=body(), headers={"content-type": "application/octet-stream"}
+    )
+
+    assert answer.status_code == 200
+    assert answer.content == b"".join(pieces)
+    assert answer.headers["content-type"] == "application/octet-stream"
+    assert upstream.requests[-1].headers.get("transfer-encoding") == "chunked"
+
+
+async def test_an_sse_answer_streams_through_as_it_comes(
+    proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    upstream.push(Reply(tokens=("one", "two", "three"), interval=0.05))
+    received = []
+    async with http.stream("POST", proxy + "/v1/echo/runs", headers={"accept": "text/event-stream"}) as answer:
+        assert answer.headers["content-type"] == "text/event-stream"
+        async for line in answer.aiter_lines():
+            if line:
+                received.append((line, upstream.requests[-1].tokens_sent))
+
+    assert [line for line, _ in received] == ["data: one", "data: two", "data: three"]
+    assert [sent for _, sent in received] == [1, 2, 3]  # each before the upstream sent the next
+
+
+async def test_a_json_body_is_routed_by_its_model(proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    answer = await http.post(proxy + "/v1/echo/moderations", json={"model": "up/omni-mod", "input": "hi"})
+
+    assert answer.json() == {"model": "omni-mod", "input": "hi"}
+
+
+async def test_a_model_whose_provider_does_not_forward_the_path_is_a_404(
+    proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    answer = await http.post(proxy + "/v1/echo/moderations", json={"model": "quiet/omni-mod", "input": "hi"})
+
+    assert answer.status_code == 404
+    assert "does not forward /v1/echo/moderations" in answer.json()["error"]["message"]
+    assert not upstream.requests
+
+
+async def test_an_anthropic_provider_gets_its_own_key_and_version(
+    proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    answer = await http.get(proxy + "/v1/echo/anthropic/batches", headers={"x-api-key": "client-key"})
+
+    assert answer.status_code == 200
+    sent = upstream.requests[-1]
+    assert sent.path == "/v1/echo/anthropic/batches"
+    assert sent.headers["x-api-key"] == ANTHROPIC_KEY
+    assert sent.headers["anthropic-version"]
+
+
+async def test_hop_by_hop_headers_stay_on_their_hop(
+    proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    await http.get(
+        proxy + "/v1/echo", headers={"connection": "keep-alive, x-hop", "x-hop": "1", "proxy-authorization": "p"}
+    )
+
+    sent = upstream.requests[-1]
+    assert "x-hop" not in sent.headers and "proxy-authorization" not in sent.headers
+
+
+async def test_a_path_no_provider_forwards_is_a_404_in_openais_shape(proxy: str, upstream: FakeUpstream) -> None:
+    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+        with pytest.raises(openai.NotFoundError) as info:
+            await client.files.list()
+
+    assert "no endpoint at GET /v1/files" in info.value.message
+    assert "forward_paths" in info.value.message
+    assert not upstream.requests
+
+
+async def test_the_upstreams_own_status_comes_back_as_it_is(
+    proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    upstream.push(Reply(status=409))
+    answer = await http.post(proxy + "/v1/echo/conflict", content=b"x", headers={"content-type": "text/plain"})
+
+    assert (answer.status_code, answer.content) == (409, b"x")
+
+
+async def test_client_keys_apply(nursery: trio.Nursery, upstream: FakeUpstream, http: httpx.AsyncClient) -> None:
+    proxy = await start_proxy(nursery, upstream, auth={"keys": ["key-a"]})
+
+    refused = await http.get(proxy + "/v1/echo")
+    allowed = await http.get(proxy + "/v1/echo", headers={"authorization": "Bearer key-a"})
+
+    assert refused.status_code == 401
+    assert allowed.status_code == 200
+    assert [r.headers["authorization"] for r in upstream.requests] == [f"Bearer {UPSTREAM_KEY}"]
+
+
+async def test_a_streamed_body_over_max_body_bytes_is_a_413(
+    nursery: trio.Nursery, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    proxy = await start_proxy(nursery, upstream, limits={"max_body_bytes": 4096})
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield b"x" * 1024
+
+    answer = await http.post(proxy + "/v1/echo", content=body(), headers={"content-type": "text/plain"})
+
+    assert answer.status_code == 413
+    assert "4096" in answer.json()["error"]["message"]
+
+
+async def test_requests_per_minute_count_forwarded_requests(
+    nursery: trio.Nursery, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    proxy = await start_proxy(nursery, upstream, limits={"requests_per_minute": 2})
+
+    statuses = [(await http.get(proxy + "/v1/echo")).status_code for _ in range(3)]
+
+    assert statuses == [200, 200, 429]
+    assert len(upstream.requests) == 2
+
+
+async def test_forwarded_requests_are_counted_by_route(proxy: str, http: httpx.AsyncClient) -> None:
+    await http.get(proxy + "/v1/echo/a")
+    await http.get(proxy + "/v1/echo/b")
+
+    metrics = (await http.get(proxy + "/metrics")).text
+    assert 'trioproxy_requests_total{outcome="completed",route="/v1/echo/<path:rest>",status="200"} 2.0' in metrics
+
+
+async def test_a_client_that_goes_away_mid_answer_cancels_the_upstream(
+    proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    upstream.push(Reply(tokens=("x",) * 1000, interval=0.01))
+    async with http.stream("GET", proxy + "/v1/echo/events", headers={"accept": "text/event-stream"}) as answer:
+        async for _ in answer.aiter_lines():
+            break
+        hung_up_at = trio.current_time()
+    recorded = upstream.requests[-1]
+    with trio.fail_after(1):
+        await recorded.disconnected.wait()
+    assert recorded.disconnected_at - hung_up_at < 0.1
+    assert not recorded.completed
+    await wait_until_idle(proxy)
+
+
+async def test_an_unreachable_upstream_is_a_502_before_any_answer(
+    nursery: trio.Nursery, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    closed = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    closed_port = closed.socket.getsockname()[1]
+    await closed.aclose()
+    config = parse_config(
+        {
+            "providers": {
+                "gone": {
+                    "type": "openai",
+                    "base_url": f"http://127.0.0.1:{closed_port}/v1",
+                    "forward_paths": ["/v1/files"],
+                }
+            }
+        }
+    )
+    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+
+    answer = await http.get(proxy + "/v1/files")
+
+    assert answer.status_code == 502
+    assert "cannot connect to the upstream" in answer.json()["error"]["message"]
+
+
+async def test_a_path_served_natively_is_never_forwarded(
+    nursery: trio.Nursery, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    config = parse_config(
+        {
+            "providers": {
+                "up": {"type": "openai", "base_url": upstream.url + "/v1", "forward_paths": ["/v1/models", "/v1/chat"]}
+            }
+        }
+    )
+    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+
+    models = await http.get(proxy + "/v1/models")
+    chat = await http.get(proxy + "/v1/chat/completions")
+    other = await http.get(proxy + "/v1/models/fake-model")
+
+    assert any(model["owned_by"] == "sim" for model in models.json()["data"])  # the proxy's own list
+    assert chat.status_code == 405
+    assert other.status_code == 404  # forwarded: the fake upstream has no such path
+    assert [r.path for r in upstream.requests] == ["/v1/models/fake-model"]
