@@ -6,6 +6,7 @@ it got (or streams its reply's tokens as SSE).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
@@ -15,7 +16,7 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY, wait_until_idle
+from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY, wait_until, wait_until_idle
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -276,3 +277,21 @@ async def test_a_path_served_natively_is_never_forwarded(
     assert chat.status_code == 405
     assert other.status_code == 404  # forwarded: the fake upstream has no such path
     assert [r.path for r in upstream.requests] == ["/v1/models/fake-model"]
+
+
+async def test_a_forwarded_request_has_its_access_line(
+    proxy: str, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    answer = await http.get(proxy + "/v1/echo/files?limit=1", headers={"authorization": "Bearer client-secret"})
+    await wait_until(lambda: any(r.name == "trioproxy.access" for r in caplog.records))
+
+    (line,) = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+    assert line["request_id"] == answer.headers["x-request-id"]
+    assert (line["route"], line["path"], line["status"], line["provider"]) == (
+        "/v1/echo/<path:rest>",
+        "/v1/echo/files",
+        200,
+        "up",
+    )
+    assert "client-secret" not in str(line)

@@ -6,6 +6,8 @@ through the official openai SDK → trioproxy (hypercorn on 127.0.0.1:0) → a r
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 import httpx
@@ -14,7 +16,7 @@ import pytest
 import trio
 
 from tests.conftest import UPSTREAM_KEY, proxy_config
-from trioproxy import serve
+from trioproxy import create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
 
@@ -212,3 +214,71 @@ async def test_disconnect_during_a_streamed_completion_cancels_the_upstream(
         await recorded.disconnected.wait()
     assert recorded.disconnected_at - hung_up_at < 0.1
     assert not recorded.completed
+
+
+@asynccontextmanager
+async def in_process(upstream: FakeUpstream, **timeouts: float) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The app on the current (mock) clock, with `up` at `upstream` under `timeouts`."""
+    config = proxy_config(upstream, timed={"type": "openai", "base_url": upstream.url + "/v1", **timeouts})
+    app = create_app(config)
+    async with app.test_app():
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
+        async with openai.AsyncOpenAI(
+            base_url="http://proxy.test/v1", api_key="k", max_retries=0, http_client=http
+        ) as client:
+            yield client
+
+
+async def test_a_completion_without_a_first_token_in_time_is_a_504(
+    autojump_clock: trio.abc.Clock, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, ttft=600))
+    async with in_process(upstream, first_token_timeout=1, heartbeat_interval=10) as client:
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.completions.create(model="timed/coder", prompt=PROMPT, stream=True)
+
+    assert info.value.status_code == 504
+    assert info.value.body["code"] == "first_token_timeout"
+
+
+async def test_heartbeats_keep_a_slow_completion_alive_then_its_timeout_is_in_stream(
+    autojump_clock: trio.abc.Clock, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, ttft=600))
+    async with in_process(upstream, first_token_timeout=3, heartbeat_interval=1) as client:
+        response = await client.completions.with_raw_response.create(model="timed/coder", prompt=PROMPT, stream=True)
+        body = (await response.http_response.aread()).decode()
+
+    assert response.http_response.status_code == 200
+    assert body.startswith(": keep-alive\n\n")
+    assert '"code":"first_token_timeout"' in body
+    assert "[DONE]" not in body
+
+
+async def test_client_keys_and_limits_apply_to_embeddings_and_completions(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    config = parse_config(
+        {
+            "retry": {"max_retries": 0},
+            "auth": {"keys": ["key-a"]},
+            "limits": {"requests_per_minute": 2},
+            "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
+        }
+    )
+    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    async with (
+        openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="wrong", max_retries=0) as stranger,
+        openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="key-a", max_retries=0) as client,
+    ):
+        with pytest.raises(openai.AuthenticationError):
+            await stranger.embeddings.create(model="up/embed", input="x")
+        with pytest.raises(openai.AuthenticationError):
+            await stranger.completions.create(model="up/coder", prompt=PROMPT)
+        await client.embeddings.create(model="up/embed", input="x")
+        await client.completions.create(model="up/coder", prompt=PROMPT)
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.completions.create(model="up/coder", prompt=PROMPT, stream=True)
+
+    assert info.value.response.headers["retry-after"]
+    assert [r.path for r in upstream.requests] == ["/v1/embeddings", "/v1/completions"]

@@ -53,6 +53,8 @@ class RequestRecord:
     crashed: bool = False
     """The app raised instead of answering (hypercorn answers 500)."""
     session: StreamSession | None = None
+    provider: str | None = None
+    """Where a request that runs no session went (a forwarded one)."""
 
 
 class AccessLog:
@@ -137,6 +139,8 @@ class AccessLog:
         }
         if record.session is not None:
             fields.update(self._session_fields(record.session))
+        elif record.provider is not None:
+            fields["provider"] = record.provider
         return fields
 
     def _session_fields(self, session: StreamSession) -> dict[str, Any]:

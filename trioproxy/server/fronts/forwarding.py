@@ -45,6 +45,7 @@ from ..._forwarding import ForwardRequest, allows, provider_for_path, request_he
 from ..._limits import Lease
 from ..._policy import Timeouts
 from ..._upstream import Upstream
+from .._access import RECORD, RequestRecord
 from .._core import Core
 from . import anthropic_messages
 from . import error_response as path_error_response
@@ -76,6 +77,8 @@ def register(app: QuartTrio, core: Core) -> None:
         except TrioproxyError as exc:
             return path_error_response(path, exc)
         lease = core.limiter.admit(core.client_identity(), trio.current_time())
+        record: RequestRecord = request.scope[RECORD]
+        record.provider = provider.name
         raw_path = request.scope.get("raw_path") or path.encode()
         target = raw_path.decode("ascii") + ("?" + request.query_string.decode("ascii") if request.query_string else "")
         forwarded = ForwardRequest(request.method, target, request_headers(request.headers.items()), body)
