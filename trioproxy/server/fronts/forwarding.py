@@ -46,7 +46,7 @@ from ..._limits import Lease
 from ..._policy import Timeouts
 from ..._upstream import Upstream
 from .._access import RECORD, RequestRecord
-from .._core import Core
+from .._core import Core, connection
 from . import anthropic_messages
 from . import error_response as path_error_response
 
@@ -77,7 +77,7 @@ def register(app: QuartTrio, core: Core) -> None:
         except TrioproxyError as exc:
             return path_error_response(path, exc)
         lease = core.limiter.admit(core.client_identity(), trio.current_time())
-        record: RequestRecord = request.scope[RECORD]
+        record: RequestRecord = connection().scope[RECORD]
         record.provider = provider.name
         raw_path = request.scope.get("raw_path") or path.encode()
         target = raw_path.decode("ascii") + ("?" + request.query_string.decode("ascii") if request.query_string else "")
