@@ -478,6 +478,22 @@ async def test_client_keys_from_x_api_key_or_bearer(nursery: trio.Nursery) -> No
 # --- count_tokens ---------------------------------------------------------------------------
 
 
+async def test_count_tokens_is_forwarded_to_an_anthropic_upstream(nursery: trio.Nursery) -> None:
+    """The upstream is a second trioproxy: its Messages front counts (an estimate) for its simulated provider."""
+    upstream = await nursery.start(partial(serve, parse_config({}, environ={}), host="127.0.0.1", port=0))
+    config = parse_config({"providers": {"chain": {"type": "anthropic", "base_url": upstream[0]}}}, environ={})
+    proxy = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    body = {"model": "chain/sim/echo", "messages": [{"role": "user", "content": "x" * 40}]}
+    async with httpx.AsyncClient() as http:
+        forwarded = await http.post(proxy[0] + "/v1/messages/count_tokens", json=body)
+        unknown_model = await http.post(proxy[0] + "/v1/messages/count_tokens", json={**body, "model": "chain/nope/m"})
+    assert forwarded.status_code == 200
+    assert forwarded.json() == {"input_tokens": 10, "estimated": True}  # the upstream's own answer, whole
+    assert unknown_model.status_code == 404  # the upstream's error, in Anthropic's shape
+    assert unknown_model.json()["error"]["type"] == "not_found_error"
+    assert "'nope/m'" in unknown_model.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("model", ["up/m", "sim/echo"])
 async def test_count_tokens_is_an_estimate_marked_so_for_another_upstream(
     proxy_url: str, upstream: FakeUpstream, model: str

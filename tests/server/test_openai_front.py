@@ -199,6 +199,8 @@ def test_raw_passthrough() -> None:
 def test_reasoning_is_rendered_as_reasoning_content() -> None:
     _, chunks = render([Delta(reasoning="let me see")], include_usage=False)
     assert chunks[0]["choices"][0]["delta"] == {"reasoning_content": "let me see"}
+    # an Anthropic thinking signature has no field here
+    assert OpenAIChunkRenderer(model=MODEL, include_usage=True).delta(Delta(reasoning_signature="EqQB")) == b""
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ __all__ = [
     "connection",
     "json_response",
     "keeping_send",
+    "opening",
     "route_label",
     "with_retry_after",
 ]

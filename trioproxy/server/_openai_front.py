@@ -76,13 +76,16 @@ class OpenAIChunkRenderer:
             assert delta.usage is not None
             return self._event([], usage=delta.usage.to_openai())
         choice = self._choice(delta)
+        if choice is None:
+            return b""
         out = self._event([choice], usage=None)
         if delta.usage is not None and self.include_usage:
             # Usage travels in its own `choices: []` chunk (§4.3), also when it came with content.
             out += self._event([], usage=delta.usage.to_openai())
         return out
 
-    def _choice(self, delta: Delta) -> dict[str, Any]:
+    def _choice(self, delta: Delta) -> dict[str, Any] | None:
+        """The delta's choice in the protocol's chunk; `None` when it has nothing to show."""
         body: dict[str, Any] = {}
         if delta.role:
             body["role"] = delta.role
@@ -93,6 +96,8 @@ class OpenAIChunkRenderer:
             body["reasoning_content"] = delta.reasoning  # vLLM's and DeepSeek's field
         if delta.tool_calls:
             body["tool_calls"] = [_tool_call(tc) for tc in delta.tool_calls]
+        if not body and delta.finish_reason is None:
+            return None  # nothing Chat Completions has a field for (an Anthropic thinking signature)
         return {"index": 0, "delta": body, "logprobs": None, "finish_reason": delta.finish_reason}
 
     def error(self, error: TrioproxyError) -> bytes:
@@ -117,7 +122,9 @@ class TextCompletionRenderer(OpenAIChunkRenderer):
     chunk_object: ClassVar = "text_completion"
     id_prefix: ClassVar = "cmpl-"
 
-    def _choice(self, delta: Delta) -> dict[str, Any]:
+    def _choice(self, delta: Delta) -> dict[str, Any] | None:
+        if not delta.text and delta.finish_reason is None:
+            return None
         return {"index": 0, "text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}
 
 
