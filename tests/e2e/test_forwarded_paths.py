@@ -295,3 +295,46 @@ async def test_a_forwarded_request_has_its_access_line(
         "up",
     )
     assert "client-secret" not in str(line)
+
+
+async def test_an_upstream_that_breaks_mid_answer_cuts_the_clients_answer_short(
+    proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    upstream.push(Reply(tokens=("one", "two", "three"), reset_after=2))
+    received = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with http.stream("GET", proxy + "/v1/echo/events", headers={"accept": "text/event-stream"}) as answer:
+            async for line in answer.aiter_lines():
+                received.append(line)
+
+    assert [line for line in received if line] == ["data: one", "data: two"]
+    assert (await http.get(proxy + "/health")).status_code == 200  # the server lives on
+
+
+async def test_anthropic_paths_under_messages_are_forwarded_with_anthropics_errors(
+    nursery: trio.Nursery, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    config = parse_config(
+        {
+            "auth": {"keys": ["key-a"]},
+            "providers": {
+                "claude": {
+                    "type": "anthropic",
+                    "base_url": upstream.url + "/v1",
+                    "api_key_env": "CLAUDE_KEY",
+                    "forward_paths": ["/v1/messages/batches"],
+                }
+            },
+        },
+        environ={"CLAUDE_KEY": ANTHROPIC_KEY},
+    )
+    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+
+    refused = await http.get(proxy + "/v1/messages/batches")
+    await http.get(proxy + "/v1/messages/batches/b-1?x=1", headers={"x-api-key": "key-a", "anthropic-version": "v9"})
+
+    assert refused.status_code == 401
+    assert refused.json()["type"] == "error" and refused.json()["error"]["type"] == "authentication_error"
+    sent = upstream.requests[-1]
+    assert sent.path == "/v1/messages/batches/b-1?x=1"
+    assert (sent.headers["x-api-key"], sent.headers["anthropic-version"]) == (ANTHROPIC_KEY, "v9")

@@ -232,8 +232,8 @@ async def _body(receive: trio.MemoryReceiveChannel[_Item], cancel_scope: trio.Ca
     """
     try:
         async for item in receive:
-            if isinstance(item, TrioproxyError):
-                raise item
+            if isinstance(item, TrioproxyError):  # hypercorn logs it, and closes the connection mid-body
+                raise StreamInterrupted(f"the upstream's answer broke off: {item.message}") from None
             assert isinstance(item, bytes)
             yield item
     finally:
