@@ -80,7 +80,8 @@ def register(app: QuartTrio, core: Core) -> None:
         record: RequestRecord = connection().scope[RECORD]
         record.provider = provider.name
         raw_path = request.scope.get("raw_path") or path.encode()
-        target = raw_path.decode("ascii") + ("?" + request.query_string.decode("ascii") if request.query_string else "")
+        query = request.query_string
+        target = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
         forwarded = ForwardRequest(request.method, target, request_headers(request.headers.items()), body)
         send, receive = trio.open_memory_channel[_Item](0)
         cancel_scope = trio.CancelScope()
