@@ -5,10 +5,12 @@ The `trioproxy` command as a user runs it: real processes, real sockets on 127.0
 from __future__ import annotations
 
 import gc
+import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -54,12 +56,27 @@ async def test_serve_then_chat_streams_to_the_terminal(nursery: trio.Nursery) ->
     try:
         result = await run_trioproxy("chat", "stream me please", "--model", "sim/echo", "--url", url)
         assert result.returncode == 0, result.stderr
-        assert result.stdout.decode().strip() == "stream me please"
-        assert re.search(r"time to first token \d+ ms, 3 chunks", result.stderr.decode())
+        assert result.stdout == b"stream me please\n"  # the answer's line ends on stdout, not stderr
+        assert re.fullmatch(rb"\[time to first token \d+ ms, 3 chunks in [\d.]+ s\]\n", result.stderr)
     finally:
         server.send_signal(signal.SIGINT)
     with trio.fail_after(10):
         assert await server.wait() == 0
+
+
+async def test_chat_ends_a_cut_answer_on_stdout_and_reports_on_stderr(nursery: trio.Nursery, tmp_path: Path) -> None:
+    config = tmp_path / "failing.toml"
+    config.write_text(
+        '[providers.sim]\ntype = "simulated"\nttft_ms = 0\ntoken_interval_ms = 0\nfail_after_tokens = 2\n'
+    )
+    server, url = await start_server(nursery, "--config", str(config))
+    try:
+        result = await run_trioproxy("chat", "one two three", "--url", url)
+        assert result.returncode == 1
+        assert result.stdout == b"one two\n"
+        assert result.stderr.decode().startswith("trioproxy chat: simulated failure after 2 tokens")
+    finally:
+        server.send_signal(signal.SIGINT)
 
 
 async def test_chat_reports_errors_plainly(nursery: trio.Nursery) -> None:
@@ -101,7 +118,7 @@ async def test_bad_config_is_reported_per_mistake(tmp_path: Path) -> None:
     err = result.stderr.decode()
     assert result.returncode == 2
     assert "[providers.x].base_url is required" in err
-    assert "[providers.y].type must be one of" in err
+    assert "[providers.y].type 'carrier-pigeon' is unknown" in err
     assert "[server].port must be an integer" in err
     assert "Traceback" not in err
 
@@ -151,3 +168,70 @@ def test_the_server_freezes_what_it_started_with_out_of_the_cycle_collector() ->
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_what_a_run_built_is_left_to_the_process_exit_not_collected_object_by_object() -> None:
+    # After a soak, the interpreter's teardown collected every retained stream before the
+    # process could exit (1.3 s after "drained"); frozen, they are freed by the exit at once.
+    from trioproxy.cli import _run_until_signalled
+
+    built: list[list[list[int]]] = []
+
+    async def run(shutdown_trigger: Callable[[], Awaitable[None]]) -> None:
+        built.append([[] for _ in range(10_000)])
+
+    gc.unfreeze()
+    try:
+        assert _run_until_signalled(run, "the test") == 0
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
+
+
+async def test_requests_for_huge_outputs_leave_the_server_responsive(nursery: trio.Nursery) -> None:
+    import httpx
+
+    server, url = await start_server(nursery)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            huge = {"model": "sim/lorem", "stream": True, "max_tokens": 1_000_000_000}
+            huge["messages"] = [{"role": "user", "content": "hi"}]
+            # 200,000 spaces: quadratic to split with a backtracking pattern (minutes, event loop frozen)
+            spaces = {"model": "sim/echo", "stream": True, "messages": [{"role": "user", "content": " " * 200_000}]}
+            answers: dict[str, httpx.Response] = {}
+
+            async def send(name: str, body: dict[str, object]) -> None:
+                answers[name] = await http.post("/v1/chat/completions", json=body)
+
+            async with trio.open_nursery() as requests:
+                requests.start_soon(send, "huge", huge)
+                requests.start_soon(send, "spaces", spaces)
+                with trio.fail_after(5):  # a frozen server never answers
+                    assert (await http.get("/health")).status_code == 200
+        assert answers["huge"].status_code == 400
+        assert answers["huge"].json()["error"]["param"] == "max_tokens"
+        assert answers["spaces"].status_code == 200
+    finally:
+        server.send_signal(signal.SIGTERM)
+    with trio.fail_after(10):
+        assert await server.wait() == 0
+
+
+async def test_a_key_source_with_no_key_stops_the_start(tmp_path: Path) -> None:
+    config = tmp_path / "keys.toml"
+    config.write_text('[auth]\nkeys_env = "TRIOPROXY_TEST_UNSET_KEYS"\n')
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            [*TRIOPROXY, "serve", "--port", "0", "--config", str(config)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={k: v for k, v in os.environ.items() if k != "TRIOPROXY_TEST_UNSET_KEYS"},
+        )
+    assert result.returncode == 2
+    assert b"listening on" not in result.stdout
+    assert result.stderr.decode() == (
+        "trioproxy: invalid configuration:\n"
+        "  - [auth].keys_env: environment variable TRIOPROXY_TEST_UNSET_KEYS is not set; "
+        "the server would serve every route without a key\n"
+    )

@@ -207,13 +207,43 @@ def test_a_declared_sim_replaces_the_builtin() -> None:
     assert config.providers["sim"].simulated.ttft_ms == 0
 
 
+def test_builtin_sim_false_leaves_it_out() -> None:
+    raw = {"builtin_sim": False, "providers": {"local": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}}}
+    assert list(parse_config(raw, environ={}).providers) == ["local"]
+    declared = parse_config({"builtin_sim": False, "providers": {"sim": {"type": "simulated"}}}, environ={})
+    assert list(declared.providers) == ["sim"]
+
+
+def test_builtin_sim_false_and_no_provider_is_a_mistake() -> None:
+    assert only_problem({"builtin_sim": False}) == (
+        "no provider is declared: add a [providers.NAME] table (builtin_sim = false leaves out 'sim')"
+    )
+
+
+def test_builtin_sim_must_be_a_boolean() -> None:
+    assert only_problem({"builtin_sim": "no"}) == "builtin_sim must be true or false, got 'no'"
+
+
+def test_default_provider_cannot_name_a_left_out_sim() -> None:
+    raw = {"builtin_sim": False, "default_provider": "sim", "providers": {"s": {"type": "simulated"}}}
+    assert only_problem(raw) == "default_provider = 'sim' names no provider (declared: s)"
+
+
+def test_the_sims_output_cap_is_configured() -> None:
+    config = parse_config({"providers": {"sim": {"type": "simulated", "max_output_tokens": 100}}}, environ={})
+    assert config.providers["sim"].simulated.max_output_tokens == 100
+    assert only_problem({"providers": {"s": {"type": "simulated", "max_output_tokens": 10, "lorem_tokens": 11}}}) == (
+        "[providers.s].lorem_tokens: 11 is more than max_output_tokens (10)"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # one mistake, one sentence naming the key
 
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)"
+        "config: unknown key 'providrs' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)"
     )
 
 
@@ -260,15 +290,19 @@ def test_key_of_another_provider_type_is_unknown() -> None:
         ),
         (
             {"type": "openai", "base_url": "http://h/v1", "models": "gpt"},
-            "[providers.p].models must be a list of model names",
+            "[providers.p].models must be a list of model names, got 'gpt'",
         ),
         (
             {"type": "openai", "base_url": "http://h/v1", "models": ["ok", ""]},
-            "[providers.p].models must be a list of model names",
+            "[providers.p].models[1] = '' is not a model name",
         ),
         (
             {"type": "openai", "base_url": "http://h/v1", "headers": {"X": 1}},
-            "[providers.p].headers must be a table of strings",
+            "[providers.p].headers.X must be a string, got 1",
+        ),
+        (
+            {"type": "openai", "base_url": "http://h/v1", "headers": ["X: 1"]},
+            "[providers.p].headers must be a table of strings, got ['X: 1']",
         ),
         (
             {"type": "openai", "base_url": "http://h/v1", "api_key_env": 5},
@@ -279,8 +313,16 @@ def test_key_of_another_provider_type_is_unknown() -> None:
             "[providers.p].default_max_tokens must be a positive integer, got -1",
         ),
         ({"type": "anthropic", "anthropic_version": 2023}, "[providers.p].anthropic_version must be a string"),
-        ({"type": "gemini"}, "[providers.p].type must be one of 'openai', 'anthropic', 'simulated', got 'gemini'"),
-        ({}, "[providers.p].type must be one of 'openai', 'anthropic', 'simulated', got None"),
+        (
+            {"type": "gemini"},
+            "[providers.p].type 'gemini' is unknown: say which protocol the upstream speaks, "
+            "one of 'openai', 'anthropic', 'simulated'",
+        ),
+        (
+            {},
+            "[providers.p].type is missing: say which protocol the upstream speaks, "
+            "one of 'openai', 'anthropic', 'simulated'",
+        ),
     ],
 )
 def test_bad_type(table: dict[str, Any], expected: str) -> None:
@@ -418,7 +460,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'sever' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -434,8 +476,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
-        "config: unknown key 'y' (known: auth, buffer, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'x' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'y' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 
@@ -667,10 +709,19 @@ def test_fallback_to_a_broken_provider_reports_only_that_provider() -> None:
     )
 
 
-@pytest.mark.parametrize("fallbacks", ["q/m", ["q"], [5], {"q": "m"}])
-def test_fallbacks_must_be_provider_model_names(fallbacks: Any) -> None:
+@pytest.mark.parametrize(
+    ("fallbacks", "expected"),
+    [
+        ("q/m", "fallbacks must be a list of 'provider/model' names, got 'q/m'"),
+        ({"q": "m"}, "fallbacks must be a list of 'provider/model' names, got {'q': 'm'}"),
+        (["q/m", "q"], "fallbacks[1] = 'q' is not a 'provider/model' name"),
+        ([5], "fallbacks[0] = 5 is not a 'provider/model' name"),
+        (["/m"], "fallbacks[0] = '/m' is not a 'provider/model' name"),
+    ],
+)
+def test_fallbacks_must_be_provider_model_names(fallbacks: Any, expected: str) -> None:
     assert only_problem({"providers": {"p": {**OPENAI, "fallbacks": fallbacks}, "q": OPENAI}}) == (
-        "[providers.p].fallbacks must be a list of 'provider/model' names"
+        f"[providers.p].{expected}"
     )
 
 
@@ -719,11 +770,17 @@ def test_builtin_transforms_and_validators() -> None:
         ),
         (
             {"transforms": [{"type": "regex_redact", "pattern": "(\\d{3}"}]},
-            "[providers.p].transforms[0] (regex_redact): missing ), unterminated subpattern at position 0",
+            (
+                "[providers.p].transforms[0] (regex_redact): 'pattern' is not a regular expression: "
+                "missing ), unterminated subpattern at position 0"
+            ),
         ),
         (
             {"transforms": [{"type": "regex_redact", "pattern": "*"}]},
-            "[providers.p].transforms[0] (regex_redact): nothing to repeat at position 0",
+            (
+                "[providers.p].transforms[0] (regex_redact): 'pattern' is not a regular expression: "
+                "nothing to repeat at position 0"
+            ),
         ),
         (
             {"validators": [{"type": "banned_phrases", "phrases": "secret"}]},
@@ -733,10 +790,20 @@ def test_builtin_transforms_and_validators() -> None:
             {"transforms": {"type": "replace"}},
             '[providers.p].transforms must be a list of tables like {type = "regex_redact", ...}',
         ),
-        ({"validators": ["max_length"]}, "[providers.p].validators[0] must be a table with a 'type' key"),
+        (
+            {"validators": ["max_length"]},
+            "[providers.p].validators[0] must be a table like {type = \"banned_phrases\", ...}, got 'max_length'",
+        ),
+        (
+            {"validators": [{"type": "max_length"}]},
+            "[providers.p].validators[0] (max_length): missing argument 'characters'",
+        ),
         (
             {"validators": [{"type": "python", "function": "trioproxy_no_such_hooks:check"}]},
-            "[providers.p].validators[0] (python): No module named 'trioproxy_no_such_hooks'",
+            (
+                "[providers.p].validators[0] (python): cannot import 'trioproxy_no_such_hooks': "
+                "No module named 'trioproxy_no_such_hooks'"
+            ),
         ),
     ],
 )
@@ -845,9 +912,12 @@ def test_python_hook_problems(hooks: ModuleType) -> None:
         }
     )
     assert problems == [
-        f"[providers.p].transforms[0] (python): module '{HOOKS_MODULE}' has no attribute 'whisper'",
+        f"[providers.p].transforms[0] (python): module '{HOOKS_MODULE}' has no 'whisper'",
         "[providers.p].transforms[1] (python): 'function' must be 'package.module:name'",
-        "[providers.p].validators[0] (python): no_word() got an unexpected keyword argument 'words'",
+        (
+            f"[providers.p].validators[0] (python): 'args' for {HOOKS_MODULE}:no_word: missing argument 'word'; "
+            "unknown argument 'words' (takes 'word', 'reason')"
+        ),
         f"[providers.p].validators[1] (python): {HOOKS_MODULE}:FACTORY_CALLS is not callable",
     ]
 
@@ -952,10 +1022,36 @@ def test_auth_keys_from_the_file_and_the_environment() -> None:
     assert config.auth.enabled and config.auth.protect_metrics
     assert "k1" not in repr(config)
     assert not parse_config({}, environ={}).auth.enabled
-    unset = parse_config({"auth": {"keys_env": "NOPE"}}, environ={})
-    assert not unset.auth.enabled
-    assert unset.warnings == ("[auth]: environment variable NOPE holds no keys",)
     assert only_problem({"auth": {"keys": "k1"}}) == "[auth].keys must be a list of non-empty strings"
+
+
+@pytest.mark.parametrize(
+    ("auth", "environ", "expected"),
+    [
+        (
+            {"keys_env": "NOPE"},
+            {},
+            "[auth].keys_env: environment variable NOPE is not set; the server would serve every route without a key",
+        ),
+        (
+            {"keys_env": "KEYS", "keys": ["k1"]},
+            {"KEYS": " ,, "},
+            "[auth].keys_env: environment variable KEYS holds no keys; "
+            "the server would serve every route without a key",
+        ),
+        (
+            {"keys": []},
+            {},
+            "[auth].keys is empty: list a key, or remove it (an empty list would leave every route open)",
+        ),
+    ],
+)
+def test_a_key_source_that_yields_no_key_is_a_mistake(
+    auth: dict[str, Any], environ: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"auth": auth}, environ=environ)
+    assert info.value.problems == [expected]
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ PROVIDER_TYPES: Final = ("openai", "anthropic", "simulated")
 SIM: Final = "sim"
 DEFAULT_ANTHROPIC_URL: Final = "https://api.anthropic.com"
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_FALLBACK = re.compile(r"^[A-Za-z0-9_.\-]+/.+$")
 
 
 DEFAULT_HOST: Final = "127.0.0.1"
@@ -261,6 +262,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         {
             "server",
             "providers",
+            "builtin_sim",
             "default_provider",
             "timeouts",
             "retry",
@@ -282,18 +284,21 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         buffer=parse_policy(BufferConfig(), raw.get("buffer", {}), where="[buffer]", problems=problems),
     )
     streams = parse_policy(StreamsConfig(), raw.get("streams", {}), where="[streams]", problems=problems)
-    auth = _auth(raw.get("auth", {}), env, problems, warnings)
+    auth = _auth(raw.get("auth", {}), env, problems)
     logs = _logging(raw.get("logging", {}), problems)
     limits = _limits(raw.get("limits", {}), problems)
     cors = _cors(raw.get("cors", {}), problems)
     if defaults.timeouts.connect_timeout <= 0:
         problems.append("[timeouts].connect_timeout must be a positive number")
 
-    providers: dict[str, ProviderConfig] = {
-        SIM: ProviderConfig(
+    builtin_sim = raw.get("builtin_sim", True)
+    if not isinstance(builtin_sim, bool):
+        problems.append(f"builtin_sim must be true or false, got {builtin_sim!r}")
+    providers: dict[str, ProviderConfig] = {}
+    if builtin_sim is not False:
+        providers[SIM] = ProviderConfig(
             name=SIM, type="simulated", timeouts=defaults.timeouts, retry=defaults.retry, buffer=defaults.buffer
         )
-    }
     tables = raw.get("providers", {})
     if not isinstance(tables, dict):
         problems.append("[providers] must be a table of provider tables")
@@ -302,6 +307,9 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         provider = _provider(name, table, defaults, env, problems, warnings)
         if provider is not None:
             providers[name] = provider
+
+    if not providers and not tables:
+        problems.append("no provider is declared: add a [providers.NAME] table (builtin_sim = false leaves out 'sim')")
 
     default_provider = raw.get("default_provider")
     if default_provider is not None and not isinstance(default_provider, str):
@@ -432,7 +440,11 @@ def _cors(table: Any, problems: list[str]) -> CorsConfig:
     return CorsConfig(**checked)
 
 
-def _auth(table: Any, env: Mapping[str, str], problems: list[str], warnings: list[str]) -> AuthConfig:
+def _auth(table: Any, env: Mapping[str, str], problems: list[str]) -> AuthConfig:
+    """
+    Every key source named must yield a key: a source that yields none (an unset or empty
+    variable, an empty list) would leave every route open while the file says it is closed.
+    """
     if not isinstance(table, dict):
         problems.append("[auth] must be a table")
         return AuthConfig()
@@ -441,19 +453,26 @@ def _auth(table: Any, env: Mapping[str, str], problems: list[str], warnings: lis
     listed = table.get("keys", [])
     if not isinstance(listed, list) or not all(isinstance(k, str) and k.strip() for k in listed):
         problems.append("[auth].keys must be a list of non-empty strings")
+    elif "keys" in table and not listed:
+        problems.append("[auth].keys is empty: list a key, or remove it (an empty list would leave every route open)")
     else:
         keys.extend(k.strip() for k in listed)
     keys_env = table.get("keys_env")
     if keys_env is not None:
         if not isinstance(keys_env, str) or not keys_env:
             problems.append(f"[auth].keys_env must be the name of an environment variable, got {keys_env!r}")
-        elif not env.get(keys_env, "").strip():
-            warnings.append(f"[auth]: environment variable {keys_env} holds no keys")
         else:
-            keys.extend(re.split(r"[\s,]+", env[keys_env].strip()))
+            found = [k for k in re.split(r"[\s,]+", env.get(keys_env, "")) if k]
+            if not found:
+                state = "is not set" if keys_env not in env else "holds no keys"
+                problems.append(
+                    f"[auth].keys_env: environment variable {keys_env} {state}; "
+                    "the server would serve every route without a key"
+                )
+            keys.extend(found)
     checked: dict[str, Any] = {}
     _bool(table, "protect_metrics", "[auth]", problems, checked)
-    return AuthConfig(keys=tuple(k for k in keys if k), **checked)
+    return AuthConfig(keys=tuple(keys), **checked)
 
 
 def _logging(table: Any, problems: list[str]) -> LoggingConfig:
@@ -556,7 +575,9 @@ def _provider(
         return None
     type_ = table.get("type")
     if type_ not in PROVIDER_TYPES:
-        problems.append(f"{where}.type must be one of {', '.join(map(repr, PROVIDER_TYPES))}, got {type_!r}")
+        what = "is missing" if type_ is None else f"{type_!r} is unknown"
+        types = ", ".join(map(repr, PROVIDER_TYPES))
+        problems.append(f"{where}.type {what}: say which protocol the upstream speaks, one of {types}")
         return None
     _unknown_keys(table, _COMMON_KEYS | _TYPE_KEYS[type_], where, problems)
     before = len(problems)
@@ -580,14 +601,18 @@ def _provider(
                 warnings.append(f"{where}: environment variable {api_key_env} is not set; requests go without a key")
 
     headers = table.get("headers", {})
-    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-        problems.append(f"{where}.headers must be a table of strings")
+    if not isinstance(headers, dict):
+        problems.append(f"{where}.headers must be a table of strings, got {headers!r}")
+    elif bad_headers := [(k, v) for k, v in headers.items() if not isinstance(v, str)]:
+        problems.extend(f"{where}.headers.{k} must be a string, got {v!r}" for k, v in bad_headers)
     else:
         checked["headers"] = dict(headers)
 
     models = table.get("models", [])
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        problems.append(f"{where}.models must be a list of model names")
+    if not isinstance(models, list):
+        problems.append(f"{where}.models must be a list of model names, got {models!r}")
+    elif bad_models := [(i, m) for i, m in enumerate(models) if not isinstance(m, str) or not m]:
+        problems.extend(f"{where}.models[{i}] = {m!r} is not a model name" for i, m in bad_models)
     else:
         checked["models"] = tuple(models)
 
@@ -604,10 +629,14 @@ def _provider(
         defaults.buffer, table.get("buffer", {}), where=f"{where}.buffer", problems=problems
     )
     fallbacks = table.get("fallbacks", [])
-    if not isinstance(fallbacks, list) or not all(isinstance(f, str) and "/" in f for f in fallbacks):
-        problems.append(f"{where}.fallbacks must be a list of 'provider/model' names")
+    if not isinstance(fallbacks, list):
+        problems.append(f"{where}.fallbacks must be a list of 'provider/model' names, got {fallbacks!r}")
     else:
-        checked["fallbacks"] = tuple(fallbacks)
+        bad = [(i, f) for i, f in enumerate(fallbacks) if not isinstance(f, str) or not _FALLBACK.match(f)]
+        for i, fallback in bad:
+            problems.append(f"{where}.fallbacks[{i}] = {fallback!r} is not a 'provider/model' name")
+        if not bad:
+            checked["fallbacks"] = tuple(fallbacks)
     if "transforms" in table:
         checked["transforms"] = build_transforms(table["transforms"], where=f"{where}.transforms", problems=problems)
     if "validators" in table:
@@ -635,9 +664,10 @@ def _provider(
     if type_ == "simulated":
         sim_values = {k: v for k, v in table.items() if k in _TYPE_KEYS["simulated"]}
         sim_problems = settings_problems(sim_values, where=where)
-        problems.extend(sim_problems)
         if not sim_problems:
             checked["simulated"] = SimulatedSettings(**sim_values)
+            sim_problems = checked["simulated"].cap_problems(where=where)
+        problems.extend(sim_problems)
 
     if len(problems) > before:
         return None

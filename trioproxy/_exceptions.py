@@ -25,6 +25,7 @@ TrioproxyError                 status  type
 │   └── StreamsFullError        503     no room for another resumable stream
 └── UpstreamError               502     upstream_error: the upstream failed us
     ├── UpstreamConnectError    502     could not reach the upstream
+    ├── UpstreamBrokenError     502     the connection broke once made (reset, closed mid-response)
     ├── UpstreamTimeoutError    504     the upstream took too long
     ├── UpstreamStatusError     (its)   the upstream answered with an error status
     └── UpstreamProtocolError   502     the upstream's bytes made no sense
@@ -58,6 +59,7 @@ __all__ = [
     "StreamInterrupted",
     "StreamsFullError",
     "TrioproxyError",
+    "UpstreamBrokenError",
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",
@@ -237,6 +239,10 @@ class UpstreamError(TrioproxyError):
 
 
 class UpstreamConnectError(UpstreamError):
+    pass
+
+
+class UpstreamBrokenError(UpstreamError):
     pass
 
 

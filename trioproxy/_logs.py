@@ -20,6 +20,11 @@ __all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "LoggingConfig", "TextF
 
 LOG_FORMATS: Final = ("text", "json")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+QUIET_LIBRARIES: Final = ("httpx", "httpcore")
+"""
+Loggers held at warnings, whatever the level: httpx logs a line per upstream request at
+INFO (which the access log says better), httpcore every read and write at DEBUG.
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +77,8 @@ def configure_logging(config: LoggingConfig, *, level: str | None = None) -> Non
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel((level or config.level).upper())
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _text_value(value: Any) -> str:

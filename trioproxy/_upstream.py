@@ -38,6 +38,7 @@ from ._exceptions import (
     NotFoundError,
     RequestError,
     TrioproxyError,
+    UpstreamBrokenError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -496,7 +497,11 @@ class _TrioStream(httpcore.AsyncNetworkStream):
 
 
 class SimulatedUpstream:
-    """Plays `providers.simulated.script()` in real (or mock) time."""
+    """
+    Plays `providers.simulated.script()` in real (or mock) time, making each step only when
+    it is due. Every step is a checkpoint, a zero delay included: a script with no delays
+    still lets the other tasks run between its tokens.
+    """
 
     def __init__(self, settings: SimulatedSettings) -> None:
         self.settings = settings
@@ -510,8 +515,7 @@ class SimulatedUpstream:
             settings = settings.overridden(overrides, where="simulate")
         opened = False
         for delay, step in script(chat, settings):
-            if delay > 0:
-                await trio.sleep(delay)
+            await trio.sleep(delay)
             if isinstance(step, TrioproxyError):
                 raise step
             if not opened:
@@ -597,7 +601,11 @@ async def _read_bounded(resp: httpx.Response) -> bytes:
 
 @contextlib.contextmanager
 def _mapped_httpx_errors() -> Iterator[None]:
-    """httpx's exceptions become ours here, once (as httpx maps httpcore's)."""
+    """
+    httpx's exceptions become ours here, once (as httpx maps httpcore's). A connection that
+    cannot be made and one that breaks once made are different failures (a down upstream, a
+    crashed or cut one), counted apart in the metrics.
+    """
     try:
         yield
     except httpx.TimeoutException as exc:
@@ -611,7 +619,7 @@ def _mapped_httpx_errors() -> Iterator[None]:
     except httpx.ConnectError as exc:
         raise UpstreamConnectError(f"cannot connect to the upstream: {_reason(exc)}") from exc
     except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError) as exc:
-        raise UpstreamConnectError(f"the upstream connection broke: {_reason(exc)}") from exc
+        raise UpstreamBrokenError(f"the upstream connection broke: {_reason(exc)}") from exc
     except httpx.DecodingError as exc:
         raise UpstreamProtocolError(f"the upstream's body could not be decoded: {_reason(exc)}") from exc
     except httpx.HTTPError as exc:

@@ -112,6 +112,21 @@ async def test_upstream_errors_retries_and_failures_are_counted(nursery: trio.Nu
     assert value(samples, "trioproxy_requests_total", route=CHAT, status="500", outcome="upstream_error") == 1
 
 
+async def test_a_connection_reset_mid_stream_is_counted_as_broken_not_connect(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=["one", " two", " three"], reset_after=2))
+    body = {"model": "up/gpt-x", "messages": MESSAGES, "stream": True}
+    async with httpx.AsyncClient() as http:
+        response = await http.post(proxy_url + CHAT, json=body)
+    assert "the upstream connection broke" in response.text
+
+    samples = await scrape_until(
+        proxy_url, lambda s: value(s, "trioproxy_upstream_errors_total", provider="up", status="broken") == 1
+    )
+    assert value(samples, "trioproxy_upstream_errors_total", provider="up", status="connect") == 0
+
+
 async def test_a_client_that_leaves_counts_a_disconnect_and_an_upstream_cancellation(
     proxy_url: str, upstream: FakeUpstream
 ) -> None:

@@ -113,14 +113,22 @@ def raise_open_files_limit() -> int:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process `pid`, from /proc/PID/stat (None where there is no /proc)."""
+    """
+    CPU time of process `pid`, all its threads, in nanoseconds' resolution (None where it
+    cannot be read). /proc/PID/stat counts in clock ticks, 10 ms apiece: a proxy that spends
+    0.3 ms per stream read as 0 or 10 ms more over a short phase; schedstat is in nanoseconds
+    but lags by up to a scheduler tick for a running thread. Linux's clock for a process's
+    CPU time (what glibc's `clock_getcpuclockid` returns) is exact, and any process may read it.
+    """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return time.clock_gettime_ns(_process_cpu_clock(pid)) / 1e9
+    except OSError:  # no such process, or not Linux
         return None
-    # Fields after the command name, which may itself contain spaces and parentheses.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_clock(pid: int) -> int:
+    """The clock id of `pid`'s CPU time: Linux's `MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)`."""
+    return (~pid << 3) | 2
 
 
 def peak_rss_mb(pid: int) -> float | None:

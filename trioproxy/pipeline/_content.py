@@ -20,6 +20,7 @@ Sans-IO.
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,8 +42,14 @@ Validator = Callable[[str, str], "str | None"]
 
 def regex_redact(pattern: str, replacement: str = "[REDACTED]", *, ignore_case: bool = False) -> Transform:
     """Replace every match of `pattern` in a chunk."""
-    compiled = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
-    compiled.sub(replacement, "")  # a bad replacement (a missing group, not a string) fails now, not mid-stream
+    try:
+        compiled = re.compile(pattern, re.IGNORECASE if ignore_case else 0)
+    except (re.error, TypeError) as exc:
+        raise ValueError(f"'pattern' is not a regular expression: {exc}") from None
+    try:
+        compiled.sub(replacement, "")  # a bad replacement (a missing group, not a string) fails now, not mid-stream
+    except (re.error, IndexError, TypeError) as exc:
+        raise ValueError(f"'replacement' cannot replace a match of 'pattern': {exc}") from None
 
     def redact(text: str) -> str:
         return compiled.sub(replacement, text)
@@ -114,21 +121,58 @@ def _build(
     built = []
     for i, spec in enumerate(specs):
         here = f"{where}[{i}]"
-        if not isinstance(spec, Mapping) or not isinstance(spec.get("type"), str):
-            problems.append(f"{here} must be a table with a 'type' key")
+        known = ", ".join([*builtins, "python"])
+        if not isinstance(spec, Mapping):
+            problems.append(f'{here} must be a table like {{type = "{next(iter(builtins))}", ...}}, got {spec!r}')
             continue
-        kind = spec["type"]
+        kind = spec.get("type")
+        if not isinstance(kind, str):
+            what = "has no 'type'" if kind is None else f"type must be a string, got {kind!r}"
+            problems.append(f"{here} {what} (one of: {known})")
+            continue
         options = {k: v for k, v in spec.items() if k != "type"}
         try:
             if kind == "python":
                 built.append(_python_hook(options))
             elif kind in builtins:
-                built.append(builtins[kind](**options))
+                built.append(_called(builtins[kind], options))
             else:
-                problems.append(f"{here}.type {kind!r} is unknown (known: {', '.join([*builtins, 'python'])})")
+                problems.append(f"{here}.type {kind!r} is unknown (known: {known})")
         except Exception as exc:  # reported as a config problem: the server does not start
             problems.append(f"{here} ({kind}): {exc}")
     return built
+
+
+def _called(function: Callable[..., Any], arguments: Mapping[str, Any], *, where: str = "") -> Any:
+    """
+    `function(**arguments)`, a missing or unknown argument named in the config's words rather
+    than in a Python `TypeError` (which names the function's Python name, not the config key).
+    """
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: the call itself says what is wrong
+        return function(**arguments)
+    named = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    any_name = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    unknown = [] if any_name else [a for a in arguments if a not in named]
+    missing = [
+        p.name
+        for p in parameters
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in arguments
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {_arguments(missing)}")
+    if unknown:
+        takes = f"takes {', '.join(map(repr, named))}" if named else "takes none"
+        problems.append(f"unknown {_arguments(unknown)} ({takes})")
+    if problems:
+        raise ValueError(where + "; ".join(problems))
+    return function(**arguments)
+
+
+def _arguments(names: list[str]) -> str:
+    return ("argument " if len(names) == 1 else "arguments ") + ", ".join(map(repr, names))
 
 
 def _python_hook(options: Mapping[str, Any]) -> Callable[..., Any]:
@@ -139,12 +183,18 @@ def _python_hook(options: Mapping[str, Any]) -> Callable[..., Any]:
     if not isinstance(target, str) or ":" not in target:
         raise ValueError("'function' must be 'package.module:name'")
     module_name, _, attribute = target.partition(":")
-    function = getattr(importlib.import_module(module_name), attribute)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module_name!r}: {exc}") from None
+    function = getattr(module, attribute, None)
+    if function is None:
+        raise ValueError(f"module {module_name!r} has no {attribute!r}")
     args = options.get("args")
     if args is None:
         hook = function
     elif isinstance(args, Mapping):
-        hook = function(**args)
+        hook = _called(function, args, where=f"'args' for {target}: ")
     else:
         raise ValueError("'args' must be a table")
     if not callable(hook):

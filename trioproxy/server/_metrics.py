@@ -62,7 +62,7 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "trioproxy_upstream_errors",
-            "Failed upstream attempts, retried or not, by HTTP status (or connect, timeout, protocol)",
+            "Failed upstream attempts, retried or not, by HTTP status (or connect, broken, timeout, protocol)",
             ("provider", "status"),
             registry=registry,
         )

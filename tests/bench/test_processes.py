@@ -1,0 +1,46 @@
+"""The bench's view of its processes: CPU time read from /proc."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trioproxy._bench.processes import cpu_seconds
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cpu_seconds_resolve_less_than_a_clock_tick() -> None:
+    # /proc/PID/stat counts in clock ticks (10 ms): 5 ms of work read 0 or 10 ms from it
+    before, own_before = cpu_seconds(os.getpid()), time.process_time()
+    while time.process_time() - own_before < 0.005:
+        pass
+    after, own_after = cpu_seconds(os.getpid()), time.process_time()
+    assert before is not None and after is not None
+    assert after - before == pytest.approx(own_after - own_before, abs=0.001)
+
+
+def test_cpu_seconds_of_no_process() -> None:
+    assert cpu_seconds(2**22 + 1) is None  # above the kernel's largest pid
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's per-process CPU clocks")
+def test_cpu_seconds_of_another_process() -> None:
+    burn = (
+        "import sys, time\n"
+        "t = time.process_time()\n"
+        "while time.process_time() - t < 0.05: pass\n"
+        "print(flush=True)\n"
+        "sys.stdin.read()"
+    )
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()  # it has burnt its 50 ms and waits
+        used = cpu_seconds(child.pid)
+        assert used is not None and 0.05 < used < 5
+    finally:
+        child.communicate()
