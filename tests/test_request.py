@@ -327,6 +327,8 @@ def test_a_legacy_completion_keeps_its_body_whole_for_an_openai_compatible_upstr
         ({"model": "m", "prompt": "x", "suffix": 3}, "suffix"),
         ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
         ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "n": 2}, "n"),
+        ({"model": "m", "prompt": "x", "best_of": 3, "stream": False}, "best_of"),
     ],
 )
 def test_a_bad_legacy_completion_names_its_field(body: dict, param: str) -> None:
@@ -340,6 +342,10 @@ def test_an_embeddings_request_names_a_missing_field(body: dict, param: str) -> 
     with pytest.raises(RequestError) as info:
         parse_embedding_request(body)
     assert info.value.param == param
+
+
+def test_several_choices_of_a_streamed_legacy_completion_go_up_as_asked() -> None:
+    assert parse_completion_request({"model": "m", "prompt": "x", "n": 2, "stream": True}).client_body["n"] == 2
 
 
 def test_an_embeddings_request_is_native() -> None:

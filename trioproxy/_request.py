@@ -221,6 +221,13 @@ def parse_completion_request(body: dict[str, Any]) -> ChatRequest:
     if suffix is not None and not isinstance(suffix, str):
         raise RequestError("'suffix' must be a string", param="suffix")
     stream, include_usage = _stream_fields(body)
+    for name in ("n", "best_of"):
+        value = body.get(name)
+        if not stream and isinstance(value, int) and value > 1:
+            raise RequestError(
+                f"'{name}' above 1 needs 'stream': true here: a whole answer is folded from the stream's first choice",
+                param=name,
+            )
     return _native_request(
         "completions",
         body,

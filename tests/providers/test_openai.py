@@ -566,3 +566,14 @@ def test_text_completion_chunks_are_parsed_and_kept_byte_for_byte() -> None:
     [last] = parser.feed(ServerSentEvent(data=usage))
     assert last.usage == Usage(prompt_tokens=3, completion_tokens=1)
     assert parser.feed(ServerSentEvent(data="[DONE]")) == [] and parser.finished
+
+
+def test_only_choice_0_of_a_legacy_completion_is_read_the_others_pass_as_bytes() -> None:
+    parser = OpenAITranslation(base_url=URL).stream_parser(parse_completion_request({"model": "m", "prompt": "p"}))
+    other = '{"object":"text_completion","choices":[{"index":1,"text":"B","finish_reason":null}]}'
+    first = '{"object":"text_completion","choices":[{"index":0,"text":"A","finish_reason":null}]}'
+
+    [delta_1] = parser.feed(ServerSentEvent(data=other))
+    [delta_0] = parser.feed(ServerSentEvent(data=first))
+    assert (delta_1.text, delta_1.raw) == ("", b"data: " + other.encode() + b"\n\n")
+    assert delta_0.text == "A"

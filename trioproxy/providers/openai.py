@@ -193,7 +193,10 @@ def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delt
 
 
 def delta_from_text_completion(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delta:
-    """The delta of choice 0 of one legacy `text_completion` chunk (other choices stay in `raw`)."""
+    """
+    The delta of choice 0 of one legacy `text_completion` chunk. With `n` above 1 each chunk
+    carries one choice, of any index: another choice's chunk is a delta with only its `raw`.
+    """
     delta = Delta(raw=raw)
     usage = chunk.get("usage")
     if isinstance(usage, dict):
@@ -201,9 +204,11 @@ def delta_from_text_completion(chunk: dict[str, Any], *, raw: bytes | None = Non
     choices = chunk.get("choices")
     if not choices:
         return delta
-    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+    if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
         raise UpstreamProtocolError("upstream chunk has a malformed 'choices' array")
-    choice = choices[0]
+    choice = next((choice for choice in choices if choice.get("index", 0) == 0), None)
+    if choice is None:
+        return delta
     delta.finish_reason = choice.get("finish_reason")
     text = choice.get("text")
     if isinstance(text, str):
