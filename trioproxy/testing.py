@@ -40,7 +40,7 @@ Routes (the query string is ignored for routing):
 - `GET /v1/models`: a static OpenAI models list.
 - Any method on `/v1/echo` or a path under it: the request body sent back, its content type
   kept, with `x-echo-method` and `x-echo-target` (the target as received); to a request that
-  accepts `text/event-stream`, the `Reply`'s tokens as `data:` events instead, then `[DONE]`.
+  accepts `text/event-stream`, the `Reply`'s tokens as bare `data:` events instead.
 - Anything else: 404, with an OpenAI-shaped error body.
 
 Every route but `/v1/models` takes a `Reply` (from the `push()` queue, else the default). A
