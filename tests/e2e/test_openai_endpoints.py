@@ -282,3 +282,27 @@ async def test_client_keys_and_limits_apply_to_embeddings_and_completions(
 
     assert info.value.response.headers["retry-after"]
     assert [r.path for r in upstream.requests] == ["/v1/embeddings", "/v1/completions"]
+
+
+async def test_embeddings_and_completions_follow_aliases_patterns_and_the_default_provider(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    config = parse_config(
+        {
+            "retry": {"max_retries": 0},
+            "default_provider": "up",
+            "models": {"text-embedding-3-small": "up/embed-small", "qwen-coder-*": "local"},
+            "providers": {
+                "up": {"type": "openai", "base_url": upstream.url + "/v1", "headers": {"x-provider": "up"}},
+                "local": {"type": "openai", "base_url": upstream.url + "/v1", "headers": {"x-provider": "local"}},
+            },
+        }
+    )
+    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+        await client.embeddings.create(model="text-embedding-3-small", input="x")
+        await client.completions.create(model="qwen-coder-7b", prompt=PROMPT)
+        await client.embeddings.create(model="bge-m3", input="x")
+
+    sent = [(r.headers["x-provider"], r.json["model"]) for r in upstream.requests]
+    assert sent == [("up", "embed-small"), ("local", "qwen-coder-7b"), ("up", "bge-m3")]
