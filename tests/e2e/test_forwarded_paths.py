@@ -78,6 +78,7 @@ async def test_a_get_goes_up_with_its_query_and_the_providers_key_not_the_client
     assert sent.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert "x-api-key" not in sent.headers
     assert sent.headers["x-vendor"] == "v"
+    assert "transfer-encoding" not in sent.headers and sent.body == b""  # no body, none made up
     assert answer.headers["x-request-id"]
 
 
@@ -95,7 +96,18 @@ async def test_a_body_streams_up_and_back_whole(proxy: str, upstream: FakeUpstre
     assert answer.status_code == 200
     assert answer.content == b"".join(pieces)
     assert answer.headers["content-type"] == "application/octet-stream"
-    assert upstream.requests[-1].headers.get("transfer-encoding") == "chunked"
+    assert upstream.requests[-1].headers.get("transfer-encoding") == "chunked"  # as the client sent it
+
+
+async def test_a_body_of_known_length_streams_up_with_its_length(
+    proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    upload = bytes(range(256)) * 1000
+    answer = await http.post(proxy + "/v1/echo/files", content=upload, headers={"content-type": "application/pdf"})
+
+    assert answer.content == upload
+    sent = upstream.requests[-1]
+    assert (sent.headers["content-length"], sent.headers.get("transfer-encoding")) == (str(len(upload)), None)
 
 
 async def test_an_sse_answer_streams_through_as_it_comes(

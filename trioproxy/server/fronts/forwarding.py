@@ -82,7 +82,10 @@ def register(app: QuartTrio, core: Core) -> None:
         raw_path = request.scope.get("raw_path") or path.encode()
         query = request.query_string
         target = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
-        forwarded = ForwardRequest(request.method, target, request_headers(request.headers.items()), body)
+        headers = request_headers(request.headers.items())
+        if not isinstance(body, bytes) and request.content_length is not None:
+            headers["content-length"] = str(request.content_length)  # streamed as it was framed, not chunked
+        forwarded = ForwardRequest(request.method, target, headers, body)
         send, receive = trio.open_memory_channel[_Item](0)
         cancel_scope = trio.CancelScope()
         try:
@@ -104,9 +107,10 @@ def register(app: QuartTrio, core: Core) -> None:
             return path_error_response(path, first)
         assert isinstance(first, tuple)
         status, upstream_headers = first
-        headers = response_headers(upstream_headers)
-        content_type = headers.pop("content-type", None)
-        return Response(_body(receive, cancel_scope), status=status, headers=headers, content_type=content_type)
+        answer_headers = response_headers(upstream_headers)
+        content_type = answer_headers.pop("content-type", None)
+        body_out = _body(receive, cancel_scope)
+        return Response(body_out, status=status, headers=answer_headers, content_type=content_type)
 
     native = Map(
         [Rule(rule.rule, methods=rule.methods, endpoint=rule.endpoint) for rule in app.url_map.iter_rules()]
@@ -134,6 +138,8 @@ async def _destination(core: Core, path: str) -> tuple[ProviderConfig, Upstream,
             if route.upstream_model != model:
                 body = orjson.dumps({**orjson.loads(raw), "model": route.upstream_model})
             return route.provider, route.upstream, body
+    elif request.content_length == 0 or (request.content_length is None and "transfer-encoding" not in request.headers):
+        body = b""  # none: a GET goes up without one
     else:
         body = _bounded(request.body, core.config.limits.max_body_bytes)
     provider = provider_for_path(core.config.providers.values(), path)
