@@ -955,3 +955,17 @@ def test_count_tokens_for_an_anthropic_client_only() -> None:
     assert orjson.loads(request.body) == {**body, "model": "claude-sonnet-4-5"}
     assert (request.headers["anthropic-beta"], request.headers["accept"]) == ("b1", "application/json")
     assert translation.count_tokens_request(chat([USER])) is None
+
+
+@pytest.mark.parametrize("base_url", ["http://gw.local", "http://gw.local/v1", "http://gw.local/v1/"])
+def test_a_forwarded_request_goes_under_the_apis_root_with_the_providers_key(base_url: str) -> None:
+    translation = AnthropicTranslation(base_url=base_url, api_key="sk-ant-k", extra_headers={"anthropic-beta": "b1"})
+
+    assert translation.forward_url("/v1/messages/batches?limit=2") == "http://gw.local/v1/messages/batches?limit=2"
+    assert translation.forward_headers({"x-custom": "1"}) == {
+        "anthropic-version": "2023-06-01",
+        "x-custom": "1",
+        "x-api-key": "sk-ant-k",
+        "anthropic-beta": "b1",
+    }
+    assert translation.forward_headers({"anthropic-version": "v9"})["anthropic-version"] == "v9"

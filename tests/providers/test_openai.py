@@ -577,3 +577,14 @@ def test_only_choice_0_of_a_legacy_completion_is_read_the_others_pass_as_bytes()
     [delta_0] = parser.feed(ServerSentEvent(data=first))
     assert (delta_1.text, delta_1.raw) == ("", b"data: " + other.encode() + b"\n\n")
     assert delta_0.text == "A"
+
+
+def test_a_forwarded_request_goes_under_base_url_with_the_providers_key() -> None:
+    translation = OpenAITranslation(base_url=URL + "/", api_key=KEY, extra_headers={"OpenAI-Organization": "org-1"})
+
+    assert translation.forward_url("/v1/files/f-1/content?x=1") == URL + "/files/f-1/content?x=1"
+    assert translation.forward_headers({"accept": "*/*", "authorization": "Bearer client"}) == {
+        "accept": "*/*",
+        "authorization": f"Bearer {KEY}",
+        "openai-organization": "org-1",
+    }
