@@ -350,3 +350,41 @@ async def test_anthropic_paths_under_messages_are_forwarded_with_anthropics_erro
     sent = upstream.requests[-1]
     assert sent.path == "/v1/messages/batches/b-1?x=1"
     assert (sent.headers["x-api-key"], sent.headers["anthropic-version"]) == (ANTHROPIC_KEY, "v9")
+
+
+async def test_the_drain_counts_a_forwarded_answer_and_cuts_it_at_its_deadline(
+    nursery: trio.Nursery, upstream: FakeUpstream, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioproxy.server")
+    asked_to_stop = trio.Event()
+    requests_to_stop = 0
+
+    async def shutdown_trigger() -> None:
+        nonlocal requests_to_stop
+        requests_to_stop += 1
+        if requests_to_stop > 1:
+            await trio.sleep_forever()  # one request to stop, no second
+        await asked_to_stop.wait()
+
+    config = parse_config(
+        {
+            "server": {"shutdown_grace_period": 0.5, "write_timeout": 5},
+            "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1", "forward_paths": ["/v1/echo"]}},
+        }
+    )
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0, shutdown_trigger=shutdown_trigger))
+    upstream.push(Reply(tokens=[f"t{i}" for i in range(1000)], interval=0.01))
+    lines = []
+    with pytest.raises(httpx.RemoteProtocolError):
+        async with http.stream("GET", binds[0] + "/v1/echo/events", headers={"accept": "text/event-stream"}) as answer:
+            async for line in answer.aiter_lines():
+                lines.append(line)
+                if line == "data: t0":
+                    asked_to_stop.set()
+
+    assert "data: t1" in lines  # it ran on into the grace period
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(message.startswith("draining: 1 stream(s) in flight") for message in messages)
+    assert any("interrupted 1 stream(s)" in message for message in messages)
+    with trio.fail_after(1):
+        await upstream.requests[-1].disconnected.wait()

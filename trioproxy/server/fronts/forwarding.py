@@ -42,7 +42,6 @@ from ..._exceptions import (
     UpstreamTimeoutError,
 )
 from ..._forwarding import ForwardRequest, allows, provider_for_path, request_headers, response_headers
-from ..._limits import Lease
 from ..._policy import Timeouts
 from ..._upstream import Upstream
 from .._access import RECORD, RequestRecord
@@ -86,31 +85,31 @@ def register(app: QuartTrio, core: Core) -> None:
         if not isinstance(body, bytes) and request.content_length is not None:
             headers["content-length"] = str(request.content_length)  # streamed as it was framed, not chunked
         forwarded = ForwardRequest(request.method, target, headers, body)
-        send, receive = trio.open_memory_channel[_Item](0)
-        cancel_scope = trio.CancelScope()
+        forwarding = _Forwarding(upstream, forwarded, provider.timeouts)
+        core.active.add(forwarding)  # the drain waits for it, and interrupts it at its deadline
+
+        async def ask_upstream() -> None:
+            try:
+                await forwarding.run()
+            finally:
+                core.active.discard(forwarding)
+                lease.release()
+
         try:
-            core.nursery.start_soon(_ask_upstream, upstream, forwarded, send, cancel_scope, provider.timeouts, lease)
+            core.nursery.start_soon(ask_upstream)
         except BaseException:
+            core.active.discard(forwarding)
             lease.release()
             raise
-        try:
-            first = await receive.receive()
-        except trio.EndOfChannel:  # the server is shutting down
-            first = StreamInterrupted("the server ended the request before the upstream answered")
-        except BaseException:
-            cancel_scope.cancel()
-            raise
-        if isinstance(first, TrioproxyError):
-            cancel_scope.cancel()
+        head = await forwarding.head()
+        if isinstance(head, TrioproxyError):
             if provider.type == "anthropic":
-                return anthropic_messages.error_response(path, first)
-            return path_error_response(path, first)
-        assert isinstance(first, tuple)
-        status, upstream_headers = first
+                return anthropic_messages.error_response(path, head)
+            return path_error_response(path, head)
+        status, upstream_headers = head
         answer_headers = response_headers(upstream_headers)
         content_type = answer_headers.pop("content-type", None)
-        body_out = _body(receive, cancel_scope)
-        return Response(body_out, status=status, headers=answer_headers, content_type=content_type)
+        return Response(forwarding.body(), status=status, headers=answer_headers, content_type=content_type)
 
     native = Map(
         [Rule(rule.rule, methods=rule.methods, endpoint=rule.endpoint) for rule in app.url_map.iter_rules()]
@@ -199,49 +198,77 @@ class _WatchedChannel:
         self.watchdog.deadline = trio.current_time() + (self.limit or math.inf)
 
 
-async def _ask_upstream(
-    upstream: Upstream,
-    forwarded: ForwardRequest,
-    send: trio.MemorySendChannel[_Item],
-    cancel_scope: trio.CancelScope,
-    timeouts: Timeouts,
-    lease: Lease,
-) -> None:
-    """The upstream request, in the app's nursery; its failure is the channel's last item."""
-    sink = _WatchedChannel(send, timeouts)
-    try:
-        with cancel_scope:
-            async with send:
+class _Forwarding:
+    """
+    One forwarded request in flight. `run` is its task, in the app's nursery: it asks the
+    upstream and hands the answer over a channel, to `head` and then `body`, which the
+    response iterates; the end of `body`, however it ends (the client may be gone), cancels
+    the task. `interrupt` (the drain's deadline) cancels the upstream request, and the error
+    it is given is the answer's last item.
+    """
+
+    def __init__(self, upstream: Upstream, request: ForwardRequest, timeouts: Timeouts) -> None:
+        self._upstream = upstream
+        self._request = request
+        self._send, self._receive = trio.open_memory_channel[_Item](0)
+        self._sink = _WatchedChannel(self._send, timeouts)
+        self._cancel_scope = trio.CancelScope()
+        self._upstream_scope = trio.CancelScope()
+        self._interruption: TrioproxyError | None = None
+
+    def interrupt(self, error: TrioproxyError) -> None:
+        if self._interruption is None:
+            self._interruption = error
+        self._upstream_scope.cancel()
+
+    async def run(self) -> None:
+        """The upstream request; a failure is the channel's last item."""
+        sink = self._sink
+        with self._cancel_scope:
+            async with self._send:
                 error: TrioproxyError | None = None
-                with sink.watchdog:
+                with sink.watchdog, self._upstream_scope:
                     try:
-                        await upstream.forward(forwarded, sink)
+                        await self._upstream.forward(self._request, sink)
                     except TrioproxyError as exc:
                         error = exc
                     except Exception:  # a bug: logged whole, the client told, the server kept
-                        logger.exception("forwarding %s %s failed", forwarded.method, forwarded.target)
+                        logger.exception("forwarding %s %s failed", self._request.method, self._request.target)
                         error = TrioproxyError("internal error while forwarding")
-                if sink.watchdog.cancelled_caught:
+                if self._interruption is not None:
+                    error = self._interruption
+                elif sink.watchdog.cancelled_caught:
                     what = "answer" if sink.kind == "first_token_timeout" else "further byte"
                     error = UpstreamTimeoutError(
                         f"the upstream sent no {what} within {sink.kind} ({sink.limit:g} s)", kind=sink.kind
                     )
                 if error is not None:
-                    await send.send(error)
-    finally:
-        lease.release()
+                    await self._send.send(error)
 
+    async def head(self) -> tuple[int, list[tuple[str, str]]] | TrioproxyError:
+        """The answer's status and headers, or the error that came instead (the task is then over)."""
+        try:
+            item = await self._receive.receive()
+        except trio.EndOfChannel:  # the server is shutting down
+            item = StreamInterrupted("the server ended the request before the upstream answered")
+        except BaseException:
+            self._cancel_scope.cancel()
+            raise
+        assert not isinstance(item, bytes)  # the sink hands the head over first
+        if isinstance(item, TrioproxyError):
+            self._cancel_scope.cancel()
+        return item
 
-async def _body(receive: trio.MemoryReceiveChannel[_Item], cancel_scope: trio.CancelScope) -> AsyncIterator[bytes]:
-    """
-    The answer's body as it comes. An upstream that fails once it began is not passed off as
-    a whole answer: the body ends with an error, and the client's connection with it.
-    """
-    try:
-        async for item in receive:
-            if isinstance(item, TrioproxyError):  # hypercorn logs it, and closes the connection mid-body
-                raise StreamInterrupted(f"the upstream's answer broke off: {item.message}") from None
-            assert isinstance(item, bytes)
-            yield item
-    finally:
-        cancel_scope.cancel()
+    async def body(self) -> AsyncIterator[bytes]:
+        """
+        The answer's body as it comes. An upstream that fails once it began is not passed off
+        as a whole answer: the body ends with an error, and the client's connection with it.
+        """
+        try:
+            async for item in self._receive:
+                if isinstance(item, TrioproxyError):  # hypercorn logs it, and closes the connection mid-body
+                    raise StreamInterrupted(f"the answer broke off: {item.message}") from None
+                assert isinstance(item, bytes)
+                yield item
+        finally:
+            self._cancel_scope.cancel()
