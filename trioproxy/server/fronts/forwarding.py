@@ -4,9 +4,10 @@ it is: method, query, body and answer, streamed both ways, whatever the answer's
 
 Which provider: the one the body's `model` routes to (the body is then read whole, bounded by
 `max_body_bytes`, and its `model` replaced by the upstream's name, as for chat), which must
-itself allow the path; without a JSON body naming a model, the first provider, in the
-config's order, that allows it (the body then streams through, counted against
-`max_body_bytes`). A path no provider allows has no route at all: the app's 404.
+itself allow the path; without a JSON body naming a model, the provider with the longest
+prefix that allows it (the body then streams through, framed as the client framed it, counted
+against `max_body_bytes`). A path no provider allows has no route at all: the app's 404; a
+path a front serves is never forwarded (with another method it stays the app's 405).
 
 The client's key is never forwarded (the provider's is added) and hop-by-hop headers are
 dropped (`_forwarding`). Keys, limits (a forwarded request holds a place in them until its
@@ -16,7 +17,8 @@ proxy's, as for every route. `first_token_timeout` bounds the wait for the answe
 
 The upstream request runs in a task of the app's nursery, which hands the answer over a
 channel: the response body only iterates that channel, and cancels the task when it ends, so
-a client that goes away takes the upstream request with it.
+a client that goes away takes the upstream request with it. The answer in flight is one of the
+streams the graceful shutdown waits for, and interrupts at its deadline.
 """
 
 from __future__ import annotations
