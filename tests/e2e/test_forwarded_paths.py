@@ -388,3 +388,13 @@ async def test_the_drain_counts_a_forwarded_answer_and_cuts_it_at_its_deadline(
     assert any("interrupted 1 stream(s)" in message for message in messages)
     with trio.fail_after(1):
         await upstream.requests[-1].disconnected.wait()
+
+
+async def test_the_openai_sdk_reaches_a_vendor_path_through_the_proxy(proxy: str, upstream: FakeUpstream) -> None:
+    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="client-key", max_retries=0) as client:
+        posted = await client.post("/echo/vendor/rerank", body={"model": "up/rerank-1", "query": "q"}, cast_to=object)
+        got = await client.get("/echo/vendor/jobs", options={"params": {"after": "j-1"}}, cast_to=httpx.Response)
+
+    assert posted == {"model": "rerank-1", "query": "q"}
+    assert (got.status_code, got.headers["x-echo-target"]) == (200, "/v1/echo/vendor/jobs?after=j-1")
+    assert all(r.headers["authorization"] == f"Bearer {UPSTREAM_KEY}" for r in upstream.requests)
