@@ -8,8 +8,14 @@ CONFIG ?=
 BENCH_ARGS ?=
 # The playground tests drive Debian's Chromium (never a browser build downloaded by a tool).
 CHROMIUM := /usr/bin/chromium
+# The CLIs the e2e tests drive, pinned, installed under .node/ (never globally): Claude Code,
+# Codex, and the Vercel AI SDK (`ai` and its OpenAI provider).
+CLAUDE_CODE_VERSION := 2.1.332
+CODEX_VERSION := 0.171.0
+AI_SDK_VERSIONS := ai@7.0.173 @ai-sdk/openai@4.0.118
+NODE_DIR := .node
 
-.PHONY: serve test bench browser install install-test install-bench clean
+.PHONY: serve test bench browser claude-code codex vercel-ai install install-test install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +40,7 @@ install-bench: $(VENV)/.installed-bench
 serve: $(VENV)/.installed
 	$(BIN)/trioproxy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: $(VENV)/.installed-test browser
+test: $(VENV)/.installed-test browser $(if $(shell command -v node),claude-code codex vercel-ai)
 	$(BIN)/python -m pytest
 
 # Installs Debian's chromium (about 10 s from a warm mirror) when it is missing and we are root;
@@ -49,9 +55,34 @@ browser:
 		fi; \
 	fi
 
+# Installs the pinned Claude Code CLI once (about 400 MB, its native binary); `make test` runs
+# this when `node` exists, and tests/e2e/test_claude_code.py drives the CLI through trioproxy.
+claude-code: $(NODE_DIR)/.installed-$(CLAUDE_CODE_VERSION)
+
+$(NODE_DIR)/.installed-$(CLAUDE_CODE_VERSION):
+	npm install --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error @anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION)
+	$(NODE_DIR)/node_modules/.bin/claude --version >/dev/null
+	touch $@
+
 # Direct vs trioproxy, side by side; e.g. `make bench BENCH_ARGS="--quick"` or "--find-max".
 bench: $(VENV)/.installed-bench
 	$(BIN)/trioproxy bench $(BENCH_ARGS)
 
+# Installs the pinned Codex CLI once (its native binary, about 420 MB); `make test` runs this
+# when `node` exists, and tests/e2e/test_codex.py drives the CLI through trioproxy.
+codex: $(NODE_DIR)/.installed-codex-$(CODEX_VERSION)
+
+$(NODE_DIR)/.installed-codex-$(CODEX_VERSION):
+	npm install --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error @openai/codex@$(CODEX_VERSION)
+	$(NODE_DIR)/node_modules/.bin/codex --version >/dev/null
+	touch $@
+
+# The Vercel AI SDK for tests/e2e/test_vercel_ai.py (a few MB); `make test` runs this when `node` exists.
+vercel-ai: $(NODE_DIR)/.installed-ai-sdk
+
+$(NODE_DIR)/.installed-ai-sdk: Makefile
+	npm install --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error $(AI_SDK_VERSIONS)
+	touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(NODE_DIR)

@@ -7,8 +7,11 @@ Only loopback addresses; every server lives in the test's nursery and dies with 
 from __future__ import annotations
 
 import inspect
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import httpx
 import openai
@@ -88,3 +91,47 @@ async def wait_until_idle(proxy_url: str, *, seconds: float = 2.0) -> None:
             return not (await http.get(proxy_url + "/health")).json()["active_streams"]
 
         await wait_until(idle, seconds=seconds)
+
+
+@dataclass(frozen=True)
+class Instant:
+    """
+    A trio time, and how long this thread had waited for a CPU by then (Linux `schedstat`).
+
+    A test that times its own servers from its own thread times the kernel's scheduler too:
+    on a busy machine most of a "how soon did the upstream notice" span is that wait.
+    """
+
+    time: float
+    cpu_wait: float
+
+    @classmethod
+    def now(cls) -> Instant:
+        with open("/proc/thread-self/schedstat") as schedstat:
+            return cls(trio.current_time(), int(schedstat.read().split()[1]) / 1e9)
+
+    def to(self, later: Instant) -> float:
+        """Seconds from this instant to `later`, less the time the thread waited for a CPU in between."""
+        return later.time - self.time - (later.cpu_wait - self.cpu_wait)
+
+    def until(self, at: float) -> float:
+        """
+        Seconds from this instant to `at`, a trio time now past that another task noted, less
+        the CPU wait until now (a little more than until `at`: the bound errs towards passing).
+        """
+        return self.to(Instant(at, Instant.now().cpu_wait))
+
+
+async def run_cli(argv: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+    """A command-line client run to its end against the proxy: no stdin, output kept, bounded by `timeout`."""
+    with trio.fail_after(timeout):
+        return await trio.run_process(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False
+        )
+
+
+def cli_answer(run: subprocess.CompletedProcess[bytes]) -> str:
+    """A client's answer on stdout, once it has exited 0 (else its stderr says why)."""
+    output = run.stdout.decode(errors="replace"), run.stderr.decode(errors="replace")
+    assert run.returncode == 0, (run.returncode, *output)
+    return run.stdout.decode()

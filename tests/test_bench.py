@@ -1,7 +1,8 @@
 """
-`trioproxy bench --quick` as a user runs it: real processes on 127.0.0.1, then the report's
-structure and the counts the workload fixes (streams, tokens, gaps, chunks). Timings are not
-checked (they depend on the machine); that nothing was lost is.
+`trioproxy bench --quick --fronts openai,anthropic` as a user runs it: real processes on
+127.0.0.1, then the report's structure and the counts the workload fixes (streams, tokens,
+gaps, chunks), for both client protocols. Timings are not checked (they depend on the
+machine); that nothing was lost is.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ TARGET_FIGURES = ("ttft_ms", "itl_ms", "duration_ms", "streams_per_s", "tokens_p
 BUFFER_MODES = {"off", "size", "word", "sentence", "timer"}
 #: `--quick` streams per phase: max(2, ceil(10 / N)) rounds on each of N connections.
 QUICK_STREAMS = {1: 10, 10: 20}
+#: Both client protocols, each direct and through trioproxy.
+FRONTS = ("--fronts", "openai,anthropic")
 #: `--quick` tokens per stream (so each stream has one gap fewer).
 QUICK_TOKENS = 16
 
@@ -25,7 +28,7 @@ QUICK_TOKENS = 16
 async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     with trio.fail_after(120):
         result = await trio.run_process(
-            [sys.executable, "-m", "trioproxy", "bench", "--quick", "--output", str(tmp_path)],
+            [sys.executable, "-m", "trioproxy", "bench", "--quick", *FRONTS, "--output", str(tmp_path)],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
@@ -41,7 +44,7 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert report["proxy_startup_s"] > 0
 
     targets = [target["name"] for target in report["targets"]]
-    assert targets == ["direct", "trioproxy"]
+    assert targets == ["direct", "trioproxy", "direct-anthropic", "trioproxy-anthropic"]
     phases = {(phase["target"], phase["concurrency"]): phase for phase in report["sweep"]}
     assert set(phases) == {(target, concurrency) for target in targets for concurrency in (1, 10)}
     for (target, concurrency), phase in phases.items():
@@ -58,10 +61,14 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         assert figures["tokens"] == figures["streams"] * QUICK_TOKENS
         resources = phase["resources"]
         assert resources["loadgen_cpu_s"] >= 0 and resources["upstream_cpu_s"] >= 0
-        if target == "trioproxy":
+        if target.startswith("trioproxy"):
             assert resources["proxy_cpu_ms_per_stream"] >= 0 and resources["proxy_peak_rss_mb"] > 0
-    added = {(row["target"], row["concurrency"]) for row in report["added"]}
-    assert added == {("trioproxy", 1), ("trioproxy", 10)}
+    added = {(row["target"], row["front"], row["concurrency"]) for row in report["added"]}
+    assert added == {
+        (target, front, concurrency)
+        for target, front in (("trioproxy", "openai"), ("trioproxy-anthropic", "anthropic"))
+        for concurrency in (1, 10)
+    }
 
     modes = {mode["mode"]: mode["figures"] for mode in report["buffer"]}
     assert set(modes) == BUFFER_MODES
@@ -79,4 +86,5 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     for target in targets:
         assert target in stdout
     assert "Buffer latency" in stdout
+    assert "added latency by front" in stdout
     assert "concurrency 10" in stderr  # progress goes to stderr while it runs

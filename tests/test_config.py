@@ -87,6 +87,7 @@ def test_readme_example_parses_as_written(tmp_path: Path) -> None:
         base_url="https://api.anthropic.com",
         api_key_env="ANTHROPIC_API_KEY",
         api_key=CLAUDE_KEY,
+        continuation="prefill",  # Anthropic's default
     )
     assert DEFAULT_ANTHROPIC_URL == "https://api.anthropic.com"
     assert config.providers["sim"] == ProviderConfig(name="sim", type="simulated")
@@ -243,7 +244,7 @@ def test_the_sims_output_cap_is_configured() -> None:
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)"
+        "config: unknown key 'providrs' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)"
     )
 
 
@@ -289,6 +290,10 @@ def test_key_of_another_provider_type_is_unknown() -> None:
             "[providers.p].request_usage must be true or false, got 'yes'",
         ),
         (
+            {"type": "anthropic", "skip_malformed_events": 1},
+            "[providers.p].skip_malformed_events must be true or false, got 1",
+        ),
+        (
             {"type": "openai", "base_url": "http://h/v1", "models": "gpt"},
             "[providers.p].models must be a list of model names, got 'gpt'",
         ),
@@ -316,12 +321,12 @@ def test_key_of_another_provider_type_is_unknown() -> None:
         (
             {"type": "gemini"},
             "[providers.p].type 'gemini' is unknown: say which protocol the upstream speaks, "
-            "one of 'openai', 'anthropic', 'simulated'",
+            "one of 'openai', 'openai_responses', 'anthropic', 'simulated'",
         ),
         (
             {},
             "[providers.p].type is missing: say which protocol the upstream speaks, "
-            "one of 'openai', 'anthropic', 'simulated'",
+            "one of 'openai', 'openai_responses', 'anthropic', 'simulated'",
         ),
     ],
 )
@@ -460,7 +465,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'sever' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -476,8 +481,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
-        "config: unknown key 'y' (known: auth, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'x' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
+        "config: unknown key 'y' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, streams, timeouts)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 
@@ -530,8 +535,8 @@ def test_file_mistakes_reported_like_dict_mistakes(tmp_path: Path) -> None:
 # timeouts, retries, buffering: global tables and per-provider overrides
 
 OPENAI = {"type": "openai", "base_url": "http://h/v1"}
-TIMEOUT_KEYS = "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval"
-RETRY_KEYS = "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter"
+TIMEOUT_KEYS = "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval, hedge_after"
+RETRY_KEYS = "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, continuation_cooldown"
 BUFFER_KEYS = "min_chunk_size, max_chunk_size, flush_interval_ms, buffer_by_word, buffer_by_sentence"
 
 
@@ -697,10 +702,36 @@ def test_fallbacks() -> None:
     assert config.providers["q"].fallbacks == ()
 
 
-def test_fallback_naming_no_provider() -> None:
-    assert only_problem({"providers": {"p": {**OPENAI, "fallbacks": ["sim/echo", "nope/m"]}}}) == (
-        "[providers.p].fallbacks[1] = 'nope/m' names no provider (write it as 'provider/model')"
+def test_continuation_per_model_by_patterns_in_order() -> None:
+    table = {"type": "anthropic", "continuation": {"claude-opus-4-6*": "none", "*": "prefill"}}
+    provider = parse_config({"providers": {"c": table}}, environ={}).providers["c"]
+    assert provider.continuation_for("claude-opus-4-6-20260101") == "none"
+    assert provider.continuation_for("claude-sonnet-4-5") == "prefill"
+    assert only_problem({"providers": {"p": {**OPENAI, "continuation": {"qwen*": "prefill"}}}}) == (
+        "[providers.p].continuation.'qwen*' must be one of 'none', 'continue_final_message', got 'prefill'"
     )
+
+
+def test_continuation_defaults_by_type_and_is_checked() -> None:
+    config = parse_config({"providers": {"p": OPENAI, "c": {"type": "anthropic"}}}, environ={})
+    assert (config.providers["p"].continuation, config.providers["c"].continuation) == ("none", "prefill")
+    vllm = parse_config({"providers": {"v": {**OPENAI, "continuation": "continue_final_message"}}}, environ={})
+    assert vllm.providers["v"].continuation == "continue_final_message"
+    assert only_problem({"providers": {"p": {**OPENAI, "continuation": "prefill"}}}) == (
+        "[providers.p].continuation must be one of 'none', 'continue_final_message', got 'prefill'"
+    )
+
+
+@pytest.mark.parametrize("key", ["fallbacks", "context_fallbacks"])
+def test_fallback_naming_no_provider(key: str) -> None:
+    assert only_problem({"providers": {"p": {**OPENAI, key: ["sim/echo", "nope/m"]}}}) == (
+        f"[providers.p].{key}[1] = 'nope/m' names no provider (write it as 'provider/model')"
+    )
+
+
+def test_context_fallbacks() -> None:
+    config = parse_config({"providers": {"p": {**OPENAI, "context_fallbacks": ["q/long"]}, "q": OPENAI}}, environ={})
+    assert (config.providers["p"].context_fallbacks, config.providers["q"].context_fallbacks) == (("q/long",), ())
 
 
 def test_fallback_to_a_broken_provider_reports_only_that_provider() -> None:
@@ -1168,3 +1199,50 @@ def test_cors_off_by_default_and_table() -> None:
 )
 def test_bad_cors(table: dict[str, Any], expected: str) -> None:
     assert only_problem({"cors": table}) == expected
+
+
+def test_several_targets_by_base_urls_or_weighted_tables() -> None:
+    config = parse_config(
+        {
+            "breaker": {"failures": 3},
+            "providers": {
+                "v": {"type": "openai", "base_urls": ["http://a/v1", "http://b/v1"], "breaker": {"cooldown": 5}},
+                "w": {
+                    "type": "openai",
+                    "targets": [{"base_url": "http://a/v1", "weight": 3}, {"base_url": "http://b/v1"}],
+                },
+            },
+        },
+        environ={},
+    )
+    v, w = config.providers["v"], config.providers["w"]
+    assert [(t.base_url, t.weight) for t in v.targets] == [("http://a/v1", 1.0), ("http://b/v1", 1.0)]
+    assert v.base_url == "http://a/v1"
+    assert (v.breaker.failures, v.breaker.cooldown) == (3, 5)
+    assert [(t.base_url, t.weight) for t in w.targets] == [("http://a/v1", 3.0), ("http://b/v1", 1.0)]
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (
+            {"base_url": "http://a/v1", "base_urls": ["http://b/v1"]},
+            "[providers.p]: give one of base_url, base_urls and targets, not base_url and base_urls",
+        ),
+        ({"base_urls": []}, "[providers.p].base_urls must be a non-empty list of http:// or https:// URLs, got []"),
+        (
+            {"targets": [{"base_url": "http://a", "weight": 0}]},
+            "[providers.p].targets[0].weight must be a positive number, got 0",
+        ),
+        (
+            {"targets": [{"url": "http://a"}]},
+            "[providers.p].targets[0] must be a table with base_url and an optional weight, got {'url': 'http://a'}",
+        ),
+        (
+            {"base_url": "http://a/v1", "breaker": {"failures": 0}},
+            "[providers.p].breaker.failures must be at least 1, got 0",
+        ),
+    ],
+)
+def test_bad_targets_are_named(table: dict[str, Any], expected: str) -> None:
+    assert only_problem({"providers": {"p": {"type": "openai", **table}}}) == expected

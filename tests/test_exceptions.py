@@ -40,7 +40,7 @@ def test_with_message_keeps_everything_else() -> None:
     caught = UpstreamStatusError("overloaded", status=503, type="overloaded_error", retry_after=4)
     renamed = caught.with_message("all 2 routes failed: ...")
     assert type(renamed) is UpstreamStatusError
-    assert (renamed.status, renamed.type, renamed.retry_after, renamed.retryable) == (503, "overloaded_error", 4, True)
+    assert (renamed.status, renamed.type, renamed.retry_after) == (503, "overloaded_error", 4)
     assert caught.message == "overloaded"
 
 

@@ -188,6 +188,14 @@ def test_too_many_messages_is_a_400_named_like_openai() -> None:
     assert "5 items" in info.value.message and "at most 4" in info.value.message
 
 
+def test_too_many_responses_input_items_is_the_same_400() -> None:
+    body = {"input": [{"role": "user", "content": "x"}] * 5}
+    check_request_shape(body, max_messages=5, max_string_chars=0)
+    with pytest.raises(RequestError) as info:
+        check_request_shape(body, max_messages=4, max_string_chars=0)
+    assert (info.value.code, info.value.param) == ("array_above_max_length", "input")
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

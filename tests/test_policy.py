@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from trioproxy._policy import BufferConfig, RetryConfig, Timeouts, parse_policy
+from trioproxy._exceptions import (
+    UpstreamBrokenError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+from trioproxy._policy import FAILURE_KINDS, BufferConfig, RetryConfig, Timeouts, failure_kind, parse_policy
 
 
 def parsed(base: Any, table: Any, where: str = "[x]") -> tuple[Any, list[str]]:
@@ -154,6 +162,12 @@ def test_equal_min_and_max_chunk_size() -> None:
         (Timeouts(), {"first_token_timeout": [1]}, "[x].first_token_timeout must be a number, got [1]"),
         (RetryConfig(), {"max_retries": 2.0}, "[x].max_retries must be an integer, got 2.0"),
         (RetryConfig(), {"base_delay_ms": "250"}, "[x].base_delay_ms must be a number, got '250'"),
+        (
+            RetryConfig(),
+            {"retry_on": ["rate_limit", "bad_request"]},
+            "[x].retry_on must be a list of failure kinds among connect, first_token_timeout, connection_broken, "
+            "rate_limit, server_error, timeout, protocol, got ['rate_limit', 'bad_request']",
+        ),
         # bool is not an int, nor a number
         (BufferConfig(), {"min_chunk_size": True}, "[x].min_chunk_size must be an integer, got True"),
         (BufferConfig(), {"flush_interval_ms": False}, "[x].flush_interval_ms must be a number, got False"),
@@ -209,8 +223,14 @@ def test_min_larger_than_a_max_from_the_base() -> None:
     ("base", "known"),
     [
         (BufferConfig(), "min_chunk_size, max_chunk_size, flush_interval_ms, buffer_by_word, buffer_by_sentence"),
-        (Timeouts(), "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval"),
-        (RetryConfig(), "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter"),
+        (
+            Timeouts(),
+            "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval, hedge_after",
+        ),
+        (
+            RetryConfig(),
+            "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, continuation_cooldown",
+        ),
     ],
 )
 def test_unknown_key(base: Any, known: str) -> None:
@@ -242,7 +262,7 @@ def test_every_mistake_reported_and_good_keys_kept() -> None:
     )
     assert problems == [
         "[retry].base_delay_ms must not be negative, got -5",
-        "[retry]: unknown key 'retries' (known: max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter)",
+        "[retry]: unknown key 'retries' (known: max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, continuation_cooldown)",
         "[retry].jitter must be between 0 and 1, got 3",
         "[retry].exponential_base must be at least 1, got 0.9",
     ]
@@ -338,3 +358,56 @@ def test_zero_delays() -> None:
     config = RetryConfig(base_delay_ms=0, max_delay_ms=0)
     assert [config.delay(n, random=0.5) for n in range(4)] == [0.0] * 4
     assert config.delay(2, retry_after=1.5) == 1.5
+
+
+# failure kinds: what retries on its route, what goes to the next fallback at once
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (UpstreamConnectError("refused"), "connect"),
+        (UpstreamTimeoutError("slow connect", kind="connect_timeout"), "connect"),
+        (UpstreamTimeoutError("no slot", kind="pool_timeout"), "connect"),
+        (UpstreamTimeoutError("no token", kind="first_token_timeout"), "first_token_timeout"),
+        (UpstreamTimeoutError("stuck write", kind="write_timeout"), "timeout"),
+        (UpstreamBrokenError("reset"), "connection_broken"),
+        (UpstreamStatusError("slow down", status=429), "rate_limit"),
+        (UpstreamStatusError("down", status=503), "server_error"),
+        (UpstreamStatusError("overloaded", status=529, type="overloaded_error"), "server_error"),
+        (UpstreamError("failed"), "server_error"),
+        (UpstreamProtocolError("garbage"), "protocol"),
+        (UpstreamStatusError("bad request", status=400), None),
+        (UpstreamStatusError("filtered", status=400, code="content_filter"), None),
+        (UpstreamStatusError("no key", status=401), None),
+    ],
+)
+def test_failure_kinds(error: UpstreamError, kind: str | None) -> None:
+    assert failure_kind(error) == kind
+
+
+def test_by_default_only_what_may_pass_is_retried_on_its_route() -> None:
+    retry = RetryConfig()
+    retried = {kind for kind in FAILURE_KINDS if retry.retries(_an_error_of(kind))}
+    assert retried == {"connection_broken", "rate_limit", "server_error", "timeout"}
+    assert not retry.retries(UpstreamStatusError("bad request", status=400))
+
+
+def test_retry_on_is_a_list_of_kinds() -> None:
+    value, problems = parsed(RetryConfig(), {"retry_on": ["connect", "first_token_timeout"]})
+    assert problems == []
+    assert value.retry_on == ("connect", "first_token_timeout")
+    assert value.retries(UpstreamConnectError("refused"))
+    assert not value.retries(UpstreamStatusError("down", status=503))
+
+
+def _an_error_of(kind: str) -> UpstreamError:
+    return {
+        "connect": UpstreamConnectError("refused"),
+        "first_token_timeout": UpstreamTimeoutError("no token", kind="first_token_timeout"),
+        "connection_broken": UpstreamBrokenError("reset"),
+        "rate_limit": UpstreamStatusError("slow down", status=429),
+        "server_error": UpstreamStatusError("down", status=500),
+        "timeout": UpstreamTimeoutError("stuck", kind="write_timeout"),
+        "protocol": UpstreamProtocolError("garbage"),
+    }[kind]

@@ -15,12 +15,13 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from ._exceptions import ConfigError
 from ._logs import LOG_FORMATS, LOG_LEVELS, LoggingConfig
-from ._policy import BufferConfig, RetryConfig, StreamsConfig, Timeouts, parse_policy
+from ._policy import BreakerConfig, BufferConfig, RetryConfig, StreamsConfig, Timeouts, parse_policy
 from .pipeline._content import Transform, Validator, build_transforms, build_validators
 from .providers.simulated import SimulatedSettings, settings_problems
 
@@ -32,11 +33,12 @@ __all__ = [
     "ModelRoute",
     "ProviderConfig",
     "ServerConfig",
+    "TargetConfig",
     "load_config",
     "parse_config",
 ]
 
-PROVIDER_TYPES: Final = ("openai", "anthropic", "simulated")
+PROVIDER_TYPES: Final = ("openai", "openai_responses", "anthropic", "simulated")
 SIM: Final = "sim"
 DEFAULT_ANTHROPIC_URL: Final = "https://api.anthropic.com"
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -96,18 +98,34 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TargetConfig:
+    """One replica of a provider: its base URL, and its share of the requests (`weight`)."""
+
+    base_url: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     """
     One `[providers.NAME]` table: where the upstream is, and how its streams are run
-    (timeouts, retries, fallbacks, buffering, transforms and validators).
+    (timeouts, retries, fallbacks, buffering, transforms and validators). `context_fallbacks`
+    (larger-context models) take a request its model refused as too long for its context.
 
     `max_connections` bounds the provider's connection pool. `forward_paths` are the path
     prefixes under `/v1/` that the proxy forwards to it as they are (`server/fronts/forwarding.py`).
+    `skip_malformed_events` passes over an upstream event that cannot be read (counted, and logged
+    with the request's id) instead of ending the stream with it. `continuation` is how the upstream
+    continues a broken answer (`_continuation.CONTINUATION_WAYS`): `prefill` by default for
+    Anthropic, `none` for an OpenAI-compatible upstream unless it is set to
+    `continue_final_message`; a table of model patterns sets it per model (`continuation_for`).
     """
 
     name: str
     type: str
     base_url: str = ""
+    targets: tuple[TargetConfig, ...] = ()
+    """Every replica, when `base_urls` or `targets` lists them (`base_url` is the first's)."""
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -116,11 +134,17 @@ class ProviderConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryConfig = field(default_factory=RetryConfig)
     fallbacks: tuple[str, ...] = ()
+    context_fallbacks: tuple[str, ...] = ()
     buffer: BufferConfig = field(default_factory=BufferConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
     transforms: tuple[Transform, ...] = ()
     validators: tuple[Validator, ...] = ()
     request_usage: bool = True
     forward_paths: tuple[str, ...] = ()
+    skip_malformed_events: bool = False
+    continuation: str = "none"
+    continuation_models: tuple[tuple[str, str], ...] = ()
+    """`(model pattern, way)` pairs that override `continuation` for the models they match, in order."""
     anthropic_version: str = "2023-06-01"
     default_max_tokens: int = 4096
     simulated: SimulatedSettings = field(default_factory=SimulatedSettings)
@@ -129,14 +153,21 @@ class ProviderConfig:
     def connect_timeout(self) -> float:
         return self.timeouts.connect_timeout
 
+    def continuation_for(self, model: str) -> str:
+        """How `model` continues a broken answer: the first pattern that matches it, else `continuation`."""
+        return next(
+            (way for pattern, way in self.continuation_models if fnmatchcase(model, pattern)), self.continuation
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class _Defaults:
-    """The global `[timeouts]`, `[retry]` and `[buffer]` tables, which providers override."""
+    """The global `[timeouts]`, `[retry]`, `[buffer]` and `[breaker]` tables, which providers override."""
 
     timeouts: Timeouts = field(default_factory=Timeouts)
     retry: RetryConfig = field(default_factory=RetryConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +298,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
             "timeouts",
             "retry",
             "buffer",
+            "breaker",
             "streams",
             "auth",
             "limits",
@@ -282,6 +314,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         timeouts=parse_policy(Timeouts(), raw.get("timeouts", {}), where="[timeouts]", problems=problems),
         retry=parse_policy(RetryConfig(), raw.get("retry", {}), where="[retry]", problems=problems),
         buffer=parse_policy(BufferConfig(), raw.get("buffer", {}), where="[buffer]", problems=problems),
+        breaker=parse_policy(BreakerConfig(), raw.get("breaker", {}), where="[breaker]", problems=problems),
     )
     streams = parse_policy(StreamsConfig(), raw.get("streams", {}), where="[streams]", problems=problems)
     auth = _auth(raw.get("auth", {}), env, problems)
@@ -321,13 +354,14 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         problems.append(f"default_provider = {default_provider!r} names no provider (declared: {declared})")
 
     for provider in providers.values():
-        for i, fallback in enumerate(provider.fallbacks):
-            prefix = fallback.partition("/")[0]
-            if prefix not in providers and prefix not in tables:
-                problems.append(
-                    f"[providers.{provider.name}].fallbacks[{i}] = {fallback!r} names no provider "
-                    "(write it as 'provider/model')"
-                )
+        for key in ("fallbacks", "context_fallbacks"):
+            for i, fallback in enumerate(getattr(provider, key)):
+                prefix = fallback.partition("/")[0]
+                if prefix not in providers and prefix not in tables:
+                    problems.append(
+                        f"[providers.{provider.name}].{key}[{i}] = {fallback!r} names no provider "
+                        "(write it as 'provider/model')"
+                    )
 
     models = _models(raw.get("models", {}), {*providers, *tables}, problems)
 
@@ -540,10 +574,13 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
 _FORWARD_PATH: Final = re.compile(r"^/v1/[A-Za-z0-9._~-][A-Za-z0-9._~/-]*$")
 """A forwarded path prefix: under `/v1/`, in the characters of a plain URL path (it becomes a URL rule)."""
 
-_TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval"}
+_TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval", "hedge_after"}
 _COMMON_KEYS: Final = {
     "type",
     "base_url",
+    "base_urls",
+    "targets",
+    "breaker",
     "api_key_env",
     "headers",
     "models",
@@ -551,13 +588,24 @@ _COMMON_KEYS: Final = {
     "max_connections",
     "retry",
     "fallbacks",
+    "context_fallbacks",
     "buffer",
     "transforms",
     "validators",
+    "skip_malformed_events",
+    "continuation",
     *_TIMEOUT_KEYS,
 }
+_CONTINUATION_WAYS: Final = {
+    "openai": ("none", "continue_final_message"),
+    "anthropic": ("none", "prefill"),
+    "openai_responses": ("none",),
+    "simulated": ("none",),
+}
+"""How each type of upstream can continue a broken answer (`trioproxy._continuation`)."""
 _TYPE_KEYS: Final = {
     "openai": {"request_usage", "forward_paths"},
+    "openai_responses": set(),
     "anthropic": {"anthropic_version", "default_max_tokens", "forward_paths"},
     "simulated": set(SimulatedSettings.__dataclass_fields__),
 }
@@ -583,10 +631,15 @@ def _provider(
     before = len(problems)
     checked: dict[str, Any] = {}
 
-    base_url = table.get("base_url", DEFAULT_ANTHROPIC_URL if type_ == "anthropic" else "")
-    if type_ == "openai" and "base_url" not in table:
-        problems.append(f"{where}.base_url is required for an openai provider (e.g. 'http://127.0.0.1:9000/v1')")
-    elif type_ != "simulated" and (not isinstance(base_url, str) or not re.match(r"^https?://[^/]", base_url)):
+    targets = _targets(table, where, problems)
+    if targets:
+        checked["targets"] = targets
+    base_url = (
+        targets[0].base_url if targets else table.get("base_url", DEFAULT_ANTHROPIC_URL if type_ == "anthropic" else "")
+    )
+    if type_ in ("openai", "openai_responses") and not ({"base_url", "base_urls", "targets"} & table.keys()):
+        problems.append(f"{where}.base_url is required for an {type_} provider (e.g. 'http://127.0.0.1:9000/v1')")
+    elif type_ != "simulated" and not ({"base_urls", "targets"} & table.keys()) and not _is_url(base_url):
         problems.append(f"{where}.base_url must be an http:// or https:// URL, got {base_url!r}")
     checked["base_url"] = base_url if isinstance(base_url, str) else ""
 
@@ -628,15 +681,19 @@ def _provider(
     checked["buffer"] = parse_policy(
         defaults.buffer, table.get("buffer", {}), where=f"{where}.buffer", problems=problems
     )
-    fallbacks = table.get("fallbacks", [])
-    if not isinstance(fallbacks, list):
-        problems.append(f"{where}.fallbacks must be a list of 'provider/model' names, got {fallbacks!r}")
-    else:
-        bad = [(i, f) for i, f in enumerate(fallbacks) if not isinstance(f, str) or not _FALLBACK.match(f)]
+    checked["breaker"] = parse_policy(
+        defaults.breaker, table.get("breaker", {}), where=f"{where}.breaker", problems=problems
+    )
+    for key in ("fallbacks", "context_fallbacks"):
+        names = table.get(key, [])
+        if not isinstance(names, list):
+            problems.append(f"{where}.{key} must be a list of 'provider/model' names, got {names!r}")
+            continue
+        bad = [(i, f) for i, f in enumerate(names) if not isinstance(f, str) or not _FALLBACK.match(f)]
         for i, fallback in bad:
-            problems.append(f"{where}.fallbacks[{i}] = {fallback!r} is not a 'provider/model' name")
+            problems.append(f"{where}.{key}[{i}] = {fallback!r} is not a 'provider/model' name")
         if not bad:
-            checked["fallbacks"] = tuple(fallbacks)
+            checked[key] = tuple(names)
     if "transforms" in table:
         checked["transforms"] = build_transforms(table["transforms"], where=f"{where}.transforms", problems=problems)
     if "validators" in table:
@@ -655,6 +712,19 @@ def _provider(
             )
         else:
             checked["forward_paths"] = tuple(path.rstrip("/") for path in forward_paths)
+    _bool(table, "skip_malformed_events", where, problems, checked)
+    ways = _CONTINUATION_WAYS[type_]
+    default = "prefill" if type_ == "anthropic" else "none"
+    continuation = table.get("continuation", default)
+    named = continuation.items() if isinstance(continuation, dict) else [("", continuation)]
+    bad = [(pattern, way) for pattern, way in named if way not in ways]
+    for pattern, way in bad:
+        key = f"continuation.{pattern!r}" if pattern else "continuation"
+        problems.append(f"{where}.{key} must be one of {', '.join(map(repr, ways))}, got {way!r}")
+    if not bad and isinstance(continuation, dict):
+        checked["continuation_models"] = tuple(continuation.items())
+    elif not bad:
+        checked["continuation"] = continuation
     if "anthropic_version" in table:
         if isinstance(table["anthropic_version"], str):
             checked["anthropic_version"] = table["anthropic_version"]
@@ -672,6 +742,44 @@ def _provider(
     if len(problems) > before:
         return None
     return ProviderConfig(name=name, type=type_, **checked)
+
+
+def _is_url(value: Any) -> TypeGuard[str]:
+    return isinstance(value, str) and re.match(r"^https?://[^/]", value) is not None
+
+
+def _targets(table: Mapping[str, Any], where: str, problems: list[str]) -> tuple[TargetConfig, ...]:
+    """A provider's replicas: `base_urls = [...]`, or `[[targets]]` tables with `base_url` and `weight`."""
+    given = [key for key in ("base_url", "base_urls", "targets") if key in table]
+    if len(given) > 1:
+        problems.append(f"{where}: give one of base_url, base_urls and targets, not {' and '.join(given)}")
+        return ()
+    if "base_urls" in table:
+        urls = table["base_urls"]
+        if not isinstance(urls, list) or not urls or not all(_is_url(url) for url in urls):
+            problems.append(f"{where}.base_urls must be a non-empty list of http:// or https:// URLs, got {urls!r}")
+            return ()
+        return tuple(TargetConfig(url) for url in urls)
+    if "targets" not in table:
+        return ()
+    tables = table["targets"]
+    if not isinstance(tables, list) or not tables:
+        problems.append(f"{where}.targets must be a non-empty list of tables with base_url (and weight)")
+        return ()
+    targets = []
+    for i, target in enumerate(tables):
+        at = f"{where}.targets[{i}]"
+        if not isinstance(target, dict) or set(target) - {"base_url", "weight"}:
+            problems.append(f"{at} must be a table with base_url and an optional weight, got {target!r}")
+            continue
+        url, weight = target.get("base_url"), target.get("weight", 1)
+        if not _is_url(url):
+            problems.append(f"{at}.base_url must be an http:// or https:// URL, got {url!r}")
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            problems.append(f"{at}.weight must be a positive number, got {weight!r}")
+        else:
+            targets.append(TargetConfig(url, float(weight)))
+    return tuple(targets) if len(targets) == len(tables) else ()
 
 
 def _number(

@@ -28,6 +28,7 @@ TrioproxyError                 status  type
     ├── UpstreamBrokenError     502     the connection broke once made (reset, closed mid-response)
     ├── UpstreamTimeoutError    504     the upstream took too long
     ├── UpstreamStatusError     (its)   the upstream answered with an error status
+    │   └── ContextLengthError  (its)   the prompt is longer than the model's context window
     └── UpstreamProtocolError   502     the upstream's bytes made no sense
 ```
 
@@ -46,6 +47,7 @@ from typing import Self
 __all__ = [
     "AuthenticationError",
     "ConfigError",
+    "ContextLengthError",
     "HTTPRefusal",
     "ModelNotFoundError",
     "NotFoundError",
@@ -231,11 +233,10 @@ class StreamsFullError(OverloadedError):
 
 
 class UpstreamError(TrioproxyError):
-    """The upstream failed. `retryable` says whether asking again could help."""
+    """The upstream failed; `_policy.failure_kind` says of what kind, and so whether asking again could help."""
 
     status = 502
     type = "upstream_error"
-    retryable = True
 
 
 class UpstreamConnectError(UpstreamError):
@@ -270,11 +271,17 @@ class UpstreamStatusError(UpstreamError):
         super().__init__(message, code=code, retry_after=retry_after)
         self.status = status
         self.type = type or _type_for_status(status)
-        self.retryable = status == 429 or status >= 500
+
+
+class ContextLengthError(UpstreamStatusError):
+    """
+    The upstream refused the prompt as longer than its model's context window: the same
+    request would be refused again there, and may fit a larger model (`context_fallbacks`).
+    """
 
 
 class UpstreamProtocolError(UpstreamError):
-    retryable = False
+    pass
 
 
 def _type_for_status(status: int) -> str:

@@ -216,18 +216,19 @@ class Limiter:
 
 def check_request_shape(body: Mapping[str, Any], *, max_messages: int, max_string_chars: int) -> None:
     """
-    Refuse a parsed body with more than `max_messages` messages or any string (a value or
+    Refuse a parsed body with more than `max_messages` messages (or Responses input items) or any string (a value or
     an object's key, at any depth) longer than `max_string_chars`; 0 turns a check off. The
     errors are 400s, named as OpenAI names them (`array_above_max_length`,
     `string_above_max_length`), with `param` the path to the culprit.
     """
-    messages = body.get("messages")
-    if max_messages and isinstance(messages, list) and len(messages) > max_messages:
-        raise RequestError(
-            f"'messages' has {len(messages)} items; at most {max_messages} are accepted",
-            code="array_above_max_length",
-            param="messages",
-        )
+    for name in ("messages", "input"):  # the conversation of Chat Completions and Messages; of Responses
+        messages = body.get(name)
+        if max_messages and isinstance(messages, list) and len(messages) > max_messages:
+            raise RequestError(
+                f"'{name}' has {len(messages)} items; at most {max_messages} are accepted",
+                code="array_above_max_length",
+                param=name,
+            )
     if max_string_chars:
         found = _long_string(body, max_string_chars)
         if found is not None:

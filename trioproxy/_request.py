@@ -36,10 +36,10 @@ __all__ = [
     "parse_json_object",
 ]
 
-WireProtocol = Literal["openai", "anthropic", "completions", "embeddings"]
+WireProtocol = Literal["openai", "anthropic", "responses", "completions", "embeddings"]
 """
-A protocol a client or an upstream speaks: Chat Completions, Anthropic Messages, or one of
-OpenAI's other endpoints, legacy text completions and embeddings (which only an
+A protocol a client or an upstream speaks: Chat Completions, Anthropic Messages, OpenAI Responses,
+or one of OpenAI's other endpoints, legacy text completions and embeddings (which only an
 OpenAI-compatible upstream serves).
 """
 

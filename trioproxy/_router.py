@@ -21,8 +21,9 @@ from fnmatch import fnmatchcase
 import trio
 
 from ._config import Config, ProviderConfig
+from ._continuation import Refusals
 from ._exceptions import ModelNotFoundError
-from ._upstream import HttpUpstream, Upstream, build_upstream
+from ._upstream import BalancedUpstream, HttpUpstream, Upstream, build_upstream
 from .providers.simulated import SIMULATED_MODELS
 
 __all__ = ["Route", "Router"]
@@ -43,6 +44,8 @@ class Router:
         self.upstreams: Mapping[str, Upstream] = {name: make_upstream(p) for name, p in config.providers.items()}
         self._aliases = {alias.name: alias for alias in config.models if not alias.is_pattern}
         self._patterns = [pattern for pattern in config.models if pattern.is_pattern]
+        self.continuation_refusals = Refusals()
+        """Routes that refused a continuation lately, for every request."""
 
     def route(self, model: str, *, provider: str | None = None) -> Route:
         """The route for `model`; `provider`, when given, overrides the model's prefix and `[models]`."""
@@ -80,11 +83,15 @@ class Router:
             listed.extend((f"{name}/{model}", name) for model in models)
         return listed
 
+    def targets(self) -> list[tuple[str, BalancedUpstream]]:
+        """Each provider with targets behind circuit breakers (every HTTP provider), for `/health` and `/metrics`."""
+        return [(name, u) for name, u in self.upstreams.items() if isinstance(u, BalancedUpstream)]
+
     async def expire_idle_connections(self) -> None:
         """Run each HTTP upstream's pool timer (idle connections closed without waiting for traffic), until `aclose`."""
         async with trio.open_nursery() as nursery:
             for upstream in self.upstreams.values():
-                if isinstance(upstream, HttpUpstream):
+                if isinstance(upstream, HttpUpstream | BalancedUpstream):
                     nursery.start_soon(upstream.expire_idle_connections)
 
     async def aclose(self) -> None:

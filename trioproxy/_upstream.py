@@ -20,19 +20,20 @@ than ours: when the environment names a proxy.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Final, Protocol
 
 import httpcore
 import httpx
 import trio
 
-from ._config import ProviderConfig
+from ._config import ProviderConfig, TargetConfig
 from ._events import OPENED
 from ._exceptions import (
     NotFoundError,
@@ -45,15 +46,20 @@ from ._exceptions import (
     UpstreamTimeoutError,
 )
 from ._forwarding import ForwardRequest, ForwardSink
+from ._policy import BreakerConfig, failure_kind
 from ._request import ChatRequest
 from ._sse import SSEDecodeError, SSEDecoder
+from ._targets import BreakerState, Target, choose
+from .pipeline._items import RetryNotice, Sink
 from .providers._base import Translation, UpstreamRequest
 from .providers.anthropic import AnthropicTranslation
 from .providers.openai import OpenAITranslation
-from .pipeline._items import Sink
+from .providers.responses import ResponsesTranslation
 from .providers.simulated import SimulatedSettings, Stall, script
 
-__all__ = ["HttpUpstream", "SimulatedUpstream", "Upstream", "build_upstream"]
+__all__ = ["BalancedUpstream", "HttpUpstream", "SimulatedUpstream", "Upstream", "build_upstream"]
+
+logger = logging.getLogger("trioproxy.upstream")
 
 MAX_ERROR_BODY: Final = 64 * 1024
 """How much of an upstream's error body (or other short JSON answer) we read: enough for any, bounded."""
@@ -112,11 +118,17 @@ class HttpUpstream:
         self,
         translation: Translation,
         *,
+        name: str = "",
+        skip_malformed_events: bool = False,
         connect_timeout: float = 10.0,
         max_connections: int = 1000,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.translation = translation
+        self.name = name
+        """The provider's name, for the notices it sends."""
+        self.skip_malformed_events = skip_malformed_events
+        """An event the translation cannot read is passed over (with a notice), not the end of the stream."""
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._pool: _PooledTransport | None = None
         if transport is None and not urllib.request.getproxies():
@@ -151,13 +163,25 @@ class HttpUpstream:
                 chunks = resp.aiter_bytes() if encoded else resp.aiter_raw()
                 async for data in chunks:
                     for event in decoder.feed(data):
-                        for delta in parser.feed(event):
+                        try:
+                            deltas = parser.feed(event)
+                        except UpstreamProtocolError as exc:
+                            if not self.skip_malformed_events:
+                                raise
+                            await send.send(_skipped(exc, self.name, chat))
+                            continue
+                        for delta in deltas:
                             await send.send(delta)
                     if parser.finished:
                         await _read_to_end(chunks)
                         return
-        if not parser.finished:
-            raise UpstreamProtocolError("the upstream closed the stream before its end marker")
+                for delta in parser.end():
+                    await send.send(delta)
+
+    async def expire_idle_connections(self) -> None:
+        """Expire idle connections on the pool's own timer until `aclose`; httpx's pool (behind a proxy) has none."""
+        if self._pool is not None:
+            await self._pool.expire_idle_connections()
 
     async def count_tokens(self, chat: ChatRequest) -> bytes | None:
         request = self.translation.count_tokens_request(chat)
@@ -182,11 +206,6 @@ class HttpUpstream:
                     body = await _read_bounded(resp)
                     raise self.translation.error_from_response(resp.status_code, resp.headers, body)
                 return await _read_answer(resp)
-
-    async def expire_idle_connections(self) -> None:
-        """Expire idle connections on the pool's own timer until `aclose`; httpx's pool (behind a proxy) has none."""
-        if self._pool is not None:
-            await self._pool.expire_idle_connections()
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -535,21 +554,167 @@ class SimulatedUpstream:
         pass
 
 
+class BalancedUpstream:
+    """
+    A provider's targets (replicas), each an `HttpUpstream` with its own pool, behind a circuit
+    breaker (`_targets`): a request goes to the available target with the fewest outstanding
+    requests per weight; when none is available it fails at once, as no connection (the
+    reader fails over without a connect timeout spent). A failure that says the target is
+    unwell (no connection, a broken one, a 5xx) counts against it; a change of its breaker is
+    told to the request that caused it (a `breaker` notice) and counted in `transitions`.
+    """
+
+    def __init__(self, name: str, targets: list[tuple[Target, HttpUpstream]], breaker: BreakerConfig) -> None:
+        self.name = name
+        self.targets = [target for target, _ in targets]
+        self._upstreams = {id(target): upstream for target, upstream in targets}
+        self._breaker = breaker
+        self.transitions: dict[tuple[str, BreakerState], int] = {}
+        """How many times each target's breaker went to each state."""
+        self._turn = 0
+
+    async def stream(self, chat: ChatRequest, send: Sink) -> None:
+        model = chat.upstream_model or chat.model
+
+        async def tell(reason: str) -> None:
+            await send.send(RetryNotice("breaker", 0, self.name, model, 0.0, reason))
+
+        await self._balanced(lambda upstream: upstream.stream(chat, send), tell)
+
+    async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
+        """Forwarded to a target taken as a stream's is; its answer's 5xx counts against it as a stream's failure does."""
+        status = _StatusSeen(sink)  # a forwarded answer has no notices: the log and the metrics tell of the breaker
+        await self._balanced(lambda upstream: upstream.forward(request, status), None, status)
+
+    async def _balanced(
+        self,
+        attempt: Callable[[HttpUpstream], Awaitable[None]],
+        tell: Callable[[str], Awaitable[None]] | None,
+        status: _StatusSeen | None = None,
+    ) -> None:
+        """
+        `attempt` on the target whose turn it is, and again on the next while no connection
+        could be made; its outcome (with a forwarded answer's `status`) judges the target, and a
+        change of its breaker is counted, logged and, given `tell`, told to the request.
+        """
+        tried: list[Target] = []
+        while True:
+            target = self._take(tried)
+            try:
+                await attempt(self._upstreams[id(target)])
+            except UpstreamError as exc:
+                kind = failure_kind(exc)
+                if kind not in _TARGET_FAULTS:
+                    target.released()
+                    raise
+                change = target.failed(trio.current_time(), self._breaker)
+                await self._judged(target, change, f": {exc.message}", tell)
+                tried.append(target)
+                untried = [t for t in self.targets if t not in tried]
+                if kind == "connect" and choose(untried, trio.current_time()) is not None:
+                    continue  # nothing was sent: another target takes the request at once
+                raise
+            except BaseException:
+                target.released()
+                raise
+            if status is not None and status.code >= 500:
+                change = target.failed(trio.current_time(), self._breaker)
+                why = f": status {status.code}"
+            else:
+                change, why = target.succeeded(), ""
+            await self._judged(target, change, why, tell)
+            return
+
+    async def count_tokens(self, chat: ChatRequest) -> bytes | None:
+        target = self._take([])
+        try:
+            return await self._upstreams[id(target)].count_tokens(chat)
+        finally:
+            target.released()
+
+    def _available(self, tried: list[Target]) -> list[Target]:
+        """The targets not tried yet, starting from the next in turn: equals take requests in turn."""
+        self._turn = (self._turn + 1) % len(self.targets)
+        rotated = self.targets[self._turn :] + self.targets[: self._turn]
+        return [target for target in rotated if target not in tried] if tried else rotated
+
+    def _take(self, tried: list[Target]) -> Target:
+        target = choose(self._available(tried), trio.current_time())
+        if target is None:
+            raise UpstreamConnectError(
+                f"every target of provider {self.name!r} is skipped for now: its circuit breaker is open"
+            )
+        target.taken()
+        return target
+
+    async def _judged(
+        self, target: Target, state: BreakerState | None, why: str, tell: Callable[[str], Awaitable[None]] | None
+    ) -> None:
+        """A change of a target's breaker (`state`, if any), counted, logged, and told to the request that caused it."""
+        if state is None:
+            return
+        key = (target.url, state)
+        self.transitions[key] = self.transitions.get(key, 0) + 1
+        logger.warning("circuit breaker of %s target %s: %s%s", self.name, target.url, state, why)
+        if tell is not None:
+            await tell(f"the circuit breaker of {target.url} is {state.replace('_', '-')}{why}")
+
+    async def expire_idle_connections(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for upstream in self._upstreams.values():
+                nursery.start_soon(upstream.expire_idle_connections)
+
+    async def aclose(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for upstream in self._upstreams.values():
+                nursery.start_soon(upstream.aclose)
+
+
+_TARGET_FAULTS: Final = frozenset({"connect", "connection_broken", "server_error"})
+"""Failures that say the target itself is unwell, and count against its breaker."""
+
+
+class _StatusSeen:
+    """A forwarded answer's sink that keeps the answer's status, for the target's breaker."""
+
+    def __init__(self, sink: ForwardSink) -> None:
+        self._sink = sink
+        self.code = 0
+
+    async def head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        self.code = status
+        await self._sink.head(status, headers)
+
+    async def body(self, data: bytes) -> None:
+        await self._sink.body(data)
+
+
 def build_upstream(provider: ProviderConfig) -> Upstream:
-    """The upstream a `[providers.NAME]` table describes."""
-    translation: Translation
+    """The upstream a `[providers.NAME]` table describes: its targets, balanced and circuit-broken."""
     if provider.type == "simulated":
         return SimulatedUpstream(provider.simulated)
+    targets = provider.targets or (TargetConfig(provider.base_url),)
+    return BalancedUpstream(
+        provider.name,
+        [(Target(target.base_url, target.weight), _http_upstream(provider, target.base_url)) for target in targets],
+        provider.breaker,
+    )
+
+
+def _http_upstream(provider: ProviderConfig, base_url: str) -> HttpUpstream:
+    translation: Translation
     if provider.type == "openai":
         translation = OpenAITranslation(
-            base_url=provider.base_url,
+            base_url=base_url,
             api_key=provider.api_key,
             extra_headers=provider.headers,
             request_usage=provider.request_usage,
         )
+    elif provider.type == "openai_responses":
+        translation = ResponsesTranslation(base_url=base_url, api_key=provider.api_key, extra_headers=provider.headers)
     elif provider.type == "anthropic":
         translation = AnthropicTranslation(
-            base_url=provider.base_url,
+            base_url=base_url,
             api_key=provider.api_key,
             version=provider.anthropic_version,
             default_max_tokens=provider.default_max_tokens,
@@ -557,7 +722,25 @@ def build_upstream(provider: ProviderConfig) -> Upstream:
         )
     else:  # the config loader admits no other type
         raise ValueError(f"unknown provider type {provider.type!r}")
-    return HttpUpstream(translation, connect_timeout=provider.connect_timeout, max_connections=provider.max_connections)
+    return HttpUpstream(
+        translation,
+        name=provider.name,
+        skip_malformed_events=provider.skip_malformed_events,
+        connect_timeout=provider.connect_timeout,
+        max_connections=provider.max_connections,
+    )
+
+
+def _skipped(error: UpstreamProtocolError, provider: str, chat: ChatRequest) -> RetryNotice:
+    return RetryNotice(
+        kind="skipped_event",
+        attempt=0,
+        provider=provider,
+        model=chat.upstream_model or chat.model,
+        delay=0.0,
+        reason=error.message,
+        error=error,
+    )
 
 
 async def _read_to_end(chunks: AsyncIterator[bytes]) -> None:

@@ -33,6 +33,7 @@ Routes (the query string is ignored for routing):
 
 - `POST /v1/chat/completions` and `POST /chat/completions`: OpenAI format.
 - `POST /v1/messages`: Anthropic format.
+- `POST /v1/responses` and `POST /responses`: OpenAI Responses format (typed events with `sequence_number`).
 - `POST /v1/completions` and `POST /completions`: legacy text completions (`text_completion`
   chunks, or one `text_completion` object), `prompt` and `suffix` taken as they come.
 - `POST /v1/embeddings` and `POST /embeddings`: one embedding per input (a small vector made
@@ -53,6 +54,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import socket
@@ -162,6 +164,14 @@ class Reply:
     raw_body: bytes | None = None
     #: OpenAI: leave out `data: [DONE]`. Anthropic: leave out `message_stop`.
     omit_done: bool = False
+    #: When the request ends with an assistant message (an Anthropic prefill, or vLLM's
+    #: `continue_final_message`), continue it as a model would: stream only what follows its
+    #: text in `tokens` (joined), from the token it ends in. A text that `tokens` do not start
+    #: with is answered 400.
+    continues: bool = False
+    #: When the request ends with an assistant message, answer 400 as an upstream that takes
+    #: no prefill ("This model does not support assistant message prefill").
+    refuse_continuation: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ttft", "interval", "headers_delay"):
@@ -574,6 +584,18 @@ class _Connection:
     async def _play(self, api: _Api, request: RecordedRequest, body: dict[str, Any], reply: Reply) -> None:
         """Run one `Reply` script: delays, then an error, a raw body, a JSON body or a stream."""
         await _sleep(reply.headers_delay)
+        prefix = _assistant_prefix(body)
+        if prefix is not None and (reply.refuse_continuation or reply.continues):
+            rest = _continued(reply.tokens, prefix) if reply.continues else None
+            if rest is None:
+                message = (
+                    "This model does not support assistant message prefill"
+                    if reply.refuse_continuation
+                    else f"the assistant message {prefix[:40]!r} does not begin this reply"
+                )
+                await self._send_json(request, 400, _error_body(api, 400, message), reply.headers)
+                return
+            reply = dataclasses.replace(reply, tokens=rest)
         if reply.raw_body is not None:
             await self._play_raw(request, reply, reply.raw_body)
         elif not 200 <= reply.status <= 299:
@@ -626,7 +648,12 @@ class _Connection:
         if reply.error_after is not None:
             await self._send_json(request, 500, _error_body(api, 500, reply.error_message), reply.headers)
             return
-        complete = {_Api.OPENAI: _openai_completion, _Api.COMPLETIONS: _text_completion}.get(api, _anthropic_message)
+        complete = {
+            _Api.OPENAI: _openai_completion,
+            _Api.ANTHROPIC: _anthropic_message,
+            _Api.RESPONSES: _response,
+            _Api.COMPLETIONS: _text_completion,
+        }[api]
         await self._send_json(request, 200, complete(reply, model, number), reply.headers)
 
     async def _play_stream(
@@ -638,6 +665,9 @@ class _Connection:
         elif api is _Api.COMPLETIONS:
             frames = _text_completion_frames(reply, model, number, include_usage=include_usage)
             error_frame = _openai_stream_error(reply.error_message)
+        elif api is _Api.RESPONSES:
+            frames = _responses_frames(reply, model, number)
+            error_frame = _responses_stream_error(reply.error_message, len(frames))
         else:
             frames = _anthropic_frames(reply, model, number)
             error_frame = _anthropic_stream_error(reply.error_message)
@@ -746,6 +776,7 @@ async def _sleep(seconds: float) -> None:
 class _Api(Enum):
     OPENAI = "openai"
     ANTHROPIC = "anthropic"
+    RESPONSES = "responses"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
 
@@ -754,6 +785,8 @@ _ROUTES: Final[Mapping[str, _Api]] = {
     "/v1/chat/completions": _Api.OPENAI,
     "/chat/completions": _Api.OPENAI,
     "/v1/messages": _Api.ANTHROPIC,
+    "/v1/responses": _Api.RESPONSES,
+    "/responses": _Api.RESPONSES,
     "/v1/completions": _Api.COMPLETIONS,
     "/completions": _Api.COMPLETIONS,
     "/v1/embeddings": _Api.EMBEDDINGS,
@@ -810,6 +843,34 @@ def _fragments(text: str) -> list[str]:
         return []
     size = -(-len(text) // TOOL_ARGUMENT_FRAGMENTS)
     return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _assistant_prefix(body: dict[str, Any]) -> str | None:
+    """The text of the request's final assistant message, if it ends with one (to be continued)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return None
+    last = messages[-1]
+    if last.get("role") != "assistant":
+        return None
+    content = last.get("content")
+    if isinstance(content, list):
+        content = "".join(b.get("text", "") for b in content if isinstance(b, dict))
+    return content if isinstance(content, str) else None
+
+
+def _continued(tokens: Sequence[str], prefix: str) -> list[str] | None:
+    """What follows `prefix` in the joined `tokens`, from the token `prefix` ends in; None if they do not start with it."""
+    if not "".join(tokens).startswith(prefix):
+        return None
+    rest: list[str] = []
+    at = 0
+    for token in tokens:
+        end = at + len(token)
+        if end > len(prefix):
+            rest.append(token[max(len(prefix) - at, 0) :])
+        at = end
+    return rest
 
 
 def _finish_reason(reply: Reply) -> str:
@@ -888,6 +949,145 @@ def _openai_frames(
 
 def _openai_stream_error(message: str) -> bytes:
     return _data_line({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+
+
+def _responses_frames(reply: Reply, model: str, number: int) -> list[_Frame]:
+    """
+    An OpenAI Responses stream (`responses_protocol.md` §2.5, §2.6): a message item with the
+    text tokens, then a function_call item per tool call, then `response.completed` (or
+    `response.incomplete` for the finish reasons `length` and `content_filter`).
+    """
+    events: list[tuple[dict[str, Any], bool]] = []
+    output: list[dict[str, Any]] = []
+
+    def add(payload: dict[str, Any], *, token: bool = False) -> None:
+        events.append((payload, token))
+
+    response = _response(reply, model, number, status="in_progress")
+    add({"type": "response.created", "response": response})
+    add({"type": "response.in_progress", "response": response})
+    if reply.tokens:
+        item_id, text = f"msg_fake{number}", "".join(reply.tokens)
+        where = {"item_id": item_id, "output_index": len(output)}
+        message = {"id": item_id, "type": "message", "status": "in_progress", "content": [], "role": "assistant"}
+        add({"type": "response.output_item.added", "output_index": len(output), "item": message})
+        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": ""}
+        add({"type": "response.content_part.added", **where, "content_index": 0, "part": part})
+        for token in reply.tokens:
+            add(
+                {"type": "response.output_text.delta", **where, "content_index": 0, "delta": token, "logprobs": []},
+                token=True,
+            )
+        add({"type": "response.output_text.done", **where, "content_index": 0, "text": text, "logprobs": []})
+        add({"type": "response.content_part.done", **where, "content_index": 0, "part": {**part, "text": text}})
+        done = _response_output(reply, number)[0]
+        add({"type": "response.output_item.done", "output_index": len(output), "item": done})
+        output.append(done)
+    for call, done in zip(reply.tool_calls, _response_output(reply, number)[len(output) :], strict=True):
+        where = {"item_id": done["id"], "output_index": len(output)}
+        add(
+            {
+                "type": "response.output_item.added",
+                "output_index": len(output),
+                "item": {**done, "status": "in_progress", "arguments": ""},
+            }
+        )
+        for piece in _fragments(call.arguments):
+            add({"type": "response.function_call_arguments.delta", **where, "delta": piece}, token=True)
+        add({"type": "response.function_call_arguments.done", **where, "arguments": call.arguments})
+        add({"type": "response.output_item.done", "output_index": len(output), "item": done})
+        output.append(done)
+    final = _response(reply, model, number)
+    if not reply.omit_done:
+        add({"type": f"response.{final['status']}", "response": final})
+    return [
+        _Frame(
+            b"event: "
+            + payload["type"].encode()
+            + b"\ndata: "
+            + orjson.dumps({**payload, "sequence_number": i})
+            + b"\n\n",
+            token=token,
+        )
+        for i, (payload, token) in enumerate(events)
+    ]
+
+
+def _response_output(reply: Reply, number: int) -> list[dict[str, Any]]:
+    """The output items of a finished response: the message (if any text), then each function call."""
+    output: list[dict[str, Any]] = []
+    if reply.tokens:
+        text = {"type": "output_text", "annotations": [], "logprobs": [], "text": "".join(reply.tokens)}
+        output.append(
+            {
+                "id": f"msg_fake{number}",
+                "type": "message",
+                "status": "completed",
+                "content": [text],
+                "role": "assistant",
+            }
+        )
+    output += [
+        {
+            "id": f"fc_fake{number}_{i}",
+            "type": "function_call",
+            "status": "completed",
+            "arguments": call.arguments,
+            "call_id": call.id,
+            "name": call.name,
+        }
+        for i, call in enumerate(reply.tool_calls)
+    ]
+    return output
+
+
+def _response(reply: Reply, model: str, number: int, *, status: str | None = None) -> dict[str, Any]:
+    """A Response object: in progress (empty), or finished with its output and usage."""
+    prompt, completion = _usage(reply)
+    reason = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(_finish_reason(reply))
+    finished = status is None
+    return {
+        "id": f"resp_fake{number}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status or ("incomplete" if reason else "completed"),
+        "error": None,
+        "incomplete_details": {"reason": reason} if finished and reason else None,
+        "model": model,
+        "output": _response_output(reply, number) if finished else [],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion,
+        }
+        if finished
+        else None,
+    }
+
+
+def _responses_stream_error(message: str, sequence_number: int) -> bytes:
+    """OpenAI's in-stream failure: a nested `error` event, then `response.failed` (§2.7)."""
+    error = {"type": "server_error", "code": "server_error", "message": message, "param": None}
+    failed = {
+        "id": "resp_failed",
+        "object": "response",
+        "status": "failed",
+        "output": [],
+        "error": {"code": "server_error", "message": message},
+    }
+    return (
+        b"event: error\ndata: "
+        + orjson.dumps({"type": "error", "sequence_number": sequence_number, "error": error})
+        + b"\n\n"
+        b"event: response.failed\ndata: "
+        + orjson.dumps({"type": "response.failed", "sequence_number": sequence_number + 1, "response": failed})
+        + b"\n\n"
+    )
 
 
 def _openai_completion(reply: Reply, model: str, number: int) -> dict[str, Any]:

@@ -4,7 +4,6 @@ The load generator's client against canned HTTP/1.1 servers and the benchmark up
 
 from __future__ import annotations
 
-import itertools
 import json
 from functools import partial
 from typing import Any
@@ -25,7 +24,7 @@ from trioproxy._bench.loadgen import (
 from trioproxy._bench.stats import StreamRecord
 from trioproxy._bench.upstream import BenchUpstream
 from trioproxy._bench.wire import PhaseSpec, Protocol
-from trioproxy.testing import Reply, open_fake_upstream
+from trioproxy.testing import Reply, _anthropic_frames, open_fake_upstream
 
 
 def ndjson(*events: dict[str, object]) -> bytes:
@@ -88,12 +87,19 @@ class CannedServer:
                     return
 
 
+PATHS: dict[Protocol, str] = {
+    "openai": "/v1/chat/completions",
+    "anthropic": "/v1/messages",
+    "ndjson": "/v1/chat/stream/json",
+}
+
+
 async def run_streams(
     nursery: trio.Nursery, server: CannedServer, streams: int, tokens: int, protocol: Protocol = "openai"
 ) -> list[StreamRecord]:
     """`streams` streams one after another on one connection of the load generator."""
     [listener] = await nursery.start(partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
-    path = "/v1/chat/completions" if protocol == "openai" else "/v1/chat/stream/json"
+    path = PATHS[protocol]
     spec = PhaseSpec(
         url=f"http://127.0.0.1:{listener.socket.getsockname()[1]}{path}",
         payload={"model": "m", "stream": True},
@@ -194,6 +200,46 @@ async def test_a_body_until_close_an_error_status_and_a_lost_token(nursery: trio
     assert records[1].error == "HTTP 503: overload!"
 
 
+def anthropic_stream(tokens: int) -> bytes:
+    """An Anthropic Messages stream of `tokens` tokens, as FakeUpstream (and so the benchmark upstream) sends it."""
+    reply = Reply(tokens=tuple(f" tok{index}" for index in range(tokens)))
+    return b"".join(frame.data for frame in _anthropic_frames(reply, "claude", 1))
+
+
+async def one_anthropic_stream(nursery: trio.Nursery, body: bytes, tokens: int) -> StreamRecord:
+    response = OK_HEAD + b"transfer-encoding: chunked\r\n\r\n" + chunked(body, 5, 100, 1)
+    [record] = await run_streams(nursery, CannedServer(response), 1, tokens, protocol="anthropic")
+    return record
+
+
+async def test_an_anthropic_stream_is_timed_and_checked(nursery: trio.Nursery) -> None:
+    body = anthropic_stream(3)
+    assert b"event: ping" in body and b"event: message_start" in body  # events that carry no text
+
+    record = await one_anthropic_stream(nursery, body, tokens=3)
+
+    assert record.error is None, record.error
+    assert (record.tokens, record.chunks, record.lost, record.duplicated, record.reordered) == (3, 3, 0, 0, 0)
+    assert len(record.gaps_us) == 2
+    assert record.ttft_s is not None and record.duration_s is not None and record.ttft_s <= record.duration_s
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (anthropic_stream(2).partition(b"event: message_stop")[0], "the stream ended without its end marker"),
+        (
+            anthropic_stream(2).partition(b"event: content_block_stop")[0]
+            + b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n',
+            "in-stream error: {'type': 'overloaded_error', 'message': 'Overloaded'}",
+        ),
+    ],
+)
+async def test_a_broken_anthropic_stream_is_an_error(nursery: trio.Nursery, body: bytes, error: str) -> None:
+    record = await one_anthropic_stream(nursery, body, tokens=2)
+    assert record.error == error
+
+
 @pytest.mark.parametrize(
     ("stream", "payloads"),
     [
@@ -202,6 +248,8 @@ async def test_a_body_until_close_an_error_status_and_a_lost_token(nursery: trio
         (b"data: one\rdata:  two\r\r", [b"one\n two"]),
         (b": comment\nevent: x\nid: 1\ndata\ndatax: no\ndata: y\n\nretry: 5\n\n", [b"\ny"]),
         (b"data: a\n\ndata: b\r\n\r\ndata: c\n", [b"a", b"b"]),
+        (b'event: content_block_delta\ndata: {"a":1}\n\n', [b'{"a":1}']),
+        (b"event: x\ndata: one\ndata: two\n\nevent: ping\n\nevent: y\ndata:\n\n", [b"one\ntwo", b""]),
     ],
 )
 def test_sse_payloads_are_the_same_however_the_stream_is_split(stream: bytes, payloads: list[bytes]) -> None:
@@ -218,6 +266,13 @@ def openai_phase(base_url: str, *, tokens: int, **phase: Any) -> PhaseSpec:
     payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
     fields: dict[str, Any] = {"concurrency": 4, "rounds": 1, "warmup_rounds": 0, "stream_timeout_s": 10.0, **phase}
     return PhaseSpec(url=f"{base_url}/v1/chat/completions", payload=payload, protocol="openai", tokens=tokens, **fields)
+
+
+def anthropic_phase(base_url: str, *, tokens: int, **phase: Any) -> PhaseSpec:
+    """Four connections streaming Anthropic Messages from `base_url`."""
+    payload = {"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    fields: dict[str, Any] = {"concurrency": 4, "rounds": 1, "warmup_rounds": 0, "stream_timeout_s": 10.0, **phase}
+    return PhaseSpec(url=f"{base_url}/v1/messages", payload=payload, protocol="anthropic", tokens=tokens, **fields)
 
 
 async def go() -> None:
@@ -242,11 +297,37 @@ async def test_a_phase_against_the_benchmark_upstream_loses_nothing(nursery: tri
     assert upstream.connections_accepted == 4  # warm-up and measured rounds on the same kept-alive connections
 
 
+async def test_an_anthropic_phase_against_the_benchmark_upstream_loses_nothing(nursery: trio.Nursery) -> None:
+    upstream = await nursery.start(BenchUpstream(tokens=8, ttft=0.001, interval=0.001).serve)
+    with trio.fail_after(20):
+        result = await run_phase(anthropic_phase(upstream.url, tokens=8, rounds=2), go)
+    assert len(result.records) == 8
+    for record in result.records:
+        assert record.error is None, record.error
+        assert (record.tokens, record.lost, record.duplicated, record.reordered, len(record.gaps_us)) == (8, 0, 0, 0, 7)
+
+
+async def test_an_anthropic_request_says_its_api_version(nursery: trio.Nursery) -> None:
+    upstream = await open_fake_upstream(nursery, Reply(tokens=(" tok0",)))
+    result = await run_phase(anthropic_phase(upstream.url, tokens=1, concurrency=1), go)
+
+    assert [record.error for record in result.records] == [None]
+    [sent] = upstream.requests
+    assert sent.path == "/v1/messages" and sent.headers["anthropic-version"] == "2023-06-01"
+    assert "text/event-stream" in sent.headers["accept"]
+
+
 async def test_staggered_streams_start_spread_over_the_stagger(nursery: trio.Nursery) -> None:
     upstream = await open_fake_upstream(nursery, Reply(tokens=[f" tok{i}" for i in range(3)]))
-    result = await run_phase(openai_phase(upstream.url, tokens=3, stagger_s=0.2), go)
+    measured_from: list[float] = []
+
+    async def go_now() -> None:
+        measured_from.append(trio.current_time())
+
+    result = await run_phase(openai_phase(upstream.url, tokens=3, stagger_s=0.2), go_now)
 
     assert [record.error for record in result.records] == [None] * 4
     starts = sorted(request.started for request in upstream.requests)
-    # Connection i starts 50 ms after connection i - 1 (or later, never earlier).
-    assert all(later - earlier >= 0.049 for earlier, later in itertools.pairwise(starts)), starts
+    # Connection i starts i × 50 ms after the measured rounds begin, or later (a busy machine
+    # delays a start, and with it only that start), never earlier.
+    assert all(start >= measured_from[0] + i * 0.05 for i, start in enumerate(starts)), (measured_from, starts)

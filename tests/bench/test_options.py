@@ -41,3 +41,12 @@ def test_staggered_starts_spread_over_one_streams_duration_with_a_round_more() -
     assert staggered.stream_s == pytest.approx(0.05 + 63 * 0.02)  # 50 ms to the first token, 63 gaps of 20 ms
     assert [staggered.rounds_for(c) for c in (1, 50, 200)] == [10, 3, 3]
     assert [BenchSettings().rounds_for(c) for c in (1, 50, 200)] == [10, 2, 2]
+
+
+def test_fronts_are_chosen_by_flag_in_a_fixed_order() -> None:
+    assert settings().fronts == ("openai",)
+    assert settings("--fronts", "anthropic,openai").fronts == ("openai", "anthropic")
+    assert settings("--fronts", "anthropic").fronts == ("anthropic",)
+    for bad in ("grpc", ",", "openai,grpc"):
+        with pytest.raises(SystemExit):
+            settings("--fronts", bad)

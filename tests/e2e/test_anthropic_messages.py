@@ -368,6 +368,9 @@ async def test_an_error_mid_stream_is_an_error_event_and_no_message_stop(
     proxy_url: str, claude: anthropic.AsyncAnthropic, upstream: FakeUpstream, model: str
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, error_after=2, error_message="overloaded right now"))
+    if model.startswith("claude/"):
+        # An Anthropic upstream is asked to continue (prefill): this one cannot, and is not asked again.
+        upstream.push(Reply(refuse_continuation=True))
     received = []
     with pytest.raises(anthropic.APIStatusError) as info:
         async with claude.messages.stream(**create(model=model)) as stream:

@@ -172,11 +172,11 @@ def websocket_handshake(path: str) -> bytes:
     ).encode()
 
 
-@pytest.mark.parametrize("path", ["/v1/responses", "/v1/chat/completions"])  # no route; an HTTP-only route
+@pytest.mark.parametrize("path", ["/v1/embeddings", "/v1/chat/completions"])  # no route; an HTTP-only route
 async def test_a_websocket_handshake_on_an_unknown_path_is_a_404_in_openais_shape(
     proxy_url: str, caplog: pytest.LogCaptureFixture, path: str
 ) -> None:
-    """What the Codex CLI meets when it tries `WS /v1/responses` first: a plain refusal, nothing logged as a failure."""
+    """A client that tries a WebSocket where there is none: a plain refusal, nothing logged as a failure."""
     received = await exchange(proxy_url, websocket_handshake(path))
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 404 ")

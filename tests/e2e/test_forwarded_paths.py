@@ -18,7 +18,7 @@ import trio
 
 from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY, wait_until, wait_until_idle
 from trioproxy import parse_config, serve
-from trioproxy.testing import FakeUpstream, Reply
+from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
 
 async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **tables: Any) -> str:
@@ -267,6 +267,41 @@ async def test_an_unreachable_upstream_is_a_502_before_any_answer(
 
     assert answer.status_code == 502
     assert "cannot connect to the upstream" in answer.json()["error"]["message"]
+
+
+async def test_a_provider_with_several_targets_forwards_as_it_streams_balanced_and_circuit_broken(
+    nursery: trio.Nursery, http: httpx.AsyncClient
+) -> None:
+    down, up1, up2 = [await open_fake_upstream(nursery) for _ in range(3)]
+    down._replies = Reply(status=503)  # every request: its echo answers 503
+    closed = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    refusing = f"http://127.0.0.1:{closed.socket.getsockname()[1]}/v1"
+    await closed.aclose()
+    targets = [refusing, down.url + "/v1", up1.url + "/v1", up2.url + "/v1"]
+    config = parse_config(
+        {
+            "providers": {
+                "pool": {
+                    "type": "openai",
+                    "base_urls": targets,
+                    "breaker": {"failures": 2, "cooldown": 60},
+                    "forward_paths": ["/v1/echo"],
+                }
+            }
+        }
+    )
+    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+
+    statuses = [(await http.get(proxy + "/v1/echo/files")).status_code for _ in range(12)]
+
+    # a refused connection passes the request to the next target at once; the down target's
+    # 5xx answers come back as they are, and open its breaker after two
+    assert sorted(statuses) == [200] * 10 + [503, 503]
+    assert down.request_count == 2
+    assert up1.request_count + up2.request_count == 10 and min(up1.request_count, up2.request_count) >= 2
+    health = (await http.get(proxy + "/health")).json()
+    states = {t["url"]: t["state"] for t in health["providers"]["pool"]["targets"]}
+    assert states == dict(zip(targets, ["open", "open", "closed", "closed"], strict=True))
 
 
 async def test_a_path_served_natively_is_never_forwarded(

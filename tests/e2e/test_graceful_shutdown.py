@@ -348,3 +348,23 @@ async def test_while_draining_health_says_so_and_every_route_answers_503_in_its_
             event = StreamEvent.from_json(data.removeprefix("data: ").strip())
             assert event.type == "error" and event.data["status"] == 503, path
         nursery.cancel_scope.cancel()
+
+
+async def test_sigterm_lets_a_responses_websocket_finish_its_response_then_closes_it(
+    nursery: trio.Nursery, tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """Responses' WebSocket mode: the response running ends whole, then the connection closes with 1001."""
+    proxy = await start_proxy(nursery, tmp_path, upstream, grace=30)
+    url = proxy.url.replace("http://", "ws://", 1) + "/v1/responses"
+    async with trio_websocket.open_websocket_url(url) as ws:
+        await ws.send_message(orjson.dumps({"type": "response.create", "model": "up/m", "input": "short"}).decode())
+        kinds = []
+        with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                kinds.append(orjson.loads(await ws.get_message())["type"])
+                if kinds[-1] == "response.output_text.delta" and kinds.count(kinds[-1]) == 1:
+                    proxy.signal()
+    assert kinds[-1] == "response.completed"
+    assert kinds.count("response.output_text.delta") == SHORT
+    assert (closed.value.reason.code, closed.value.reason.reason) == (1001, "the server is shutting down")
+    assert await proxy.wait_for_exit(10) == 0

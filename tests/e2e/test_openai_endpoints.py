@@ -22,7 +22,10 @@ from trioproxy.testing import FakeUpstream, Reply
 
 @pytest.fixture
 async def proxy_url(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
-    """`up` and `claude` as in every e2e test; `flaky` retries once, then fails over to `up`."""
+    """
+    `up` and `claude` as in every e2e test; `flaky` retries once, then fails over to `up`;
+    `picky` retries only a 429, fails over at once on any other failure, and continues a chat.
+    """
     config = proxy_config(
         upstream,
         flaky={
@@ -31,6 +34,14 @@ async def proxy_url(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
             "api_key_env": "UP_KEY",
             "retry": {"max_retries": 1, "base_delay_ms": 1, "max_delay_ms": 1},
             "fallbacks": ["up/backup-model"],
+        },
+        picky={
+            "type": "openai",
+            "base_url": upstream.url + "/v1",
+            "api_key_env": "UP_KEY",
+            "retry": {"max_retries": 1, "base_delay_ms": 1, "max_delay_ms": 1, "retry_on": ["rate_limit"]},
+            "fallbacks": ["up/backup-model"],
+            "continuation": "continue_final_message",
         },
     )
     binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
@@ -184,6 +195,45 @@ async def test_a_completion_failing_mid_stream_ends_with_an_error_not_done(
     with pytest.raises(openai.APIError, match="upstream failure"):
         async for _ in stream:
             pass
+
+
+async def test_retry_on_decides_for_embeddings_and_completions_as_for_chat(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(
+        Reply(status=503),
+        Reply(),
+        Reply(status=429, headers={"retry-after": "0"}),
+        Reply(status=503),
+        Reply(tokens=TOKENS),
+    )
+    embedded = await client.embeddings.create(model="picky/embed-small", input="x")
+    stream = await client.completions.create(model="picky/coder", prompt=PROMPT, stream=True)
+    text = "".join([c.choices[0].text async for c in stream if c.choices])
+
+    assert embedded.model == "backup-model"  # a 503 is not in its retry_on: the fallback at once
+    assert text == "".join(TOKENS)
+    assert [r.json["model"] for r in upstream.requests] == [
+        "embed-small",
+        "backup-model",
+        "coder",  # 429: retried on its route
+        "coder",  # 503: to the fallback
+        "backup-model",
+    ]
+
+
+async def test_a_completion_broken_mid_stream_is_not_continued_as_a_chat(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, error_after=2))
+    stream = await client.completions.create(model="picky/coder", prompt=PROMPT, stream=True)
+    text = []
+    with pytest.raises(openai.APIError, match="upstream failure"):
+        async for chunk in stream:
+            text += [choice.text for choice in chunk.choices]
+
+    assert "".join(text) == "".join(TOKENS[:2])  # no text twice: a prompt is no chat to continue
+    assert len(upstream.requests) == 1
 
 
 async def test_a_completion_for_an_anthropic_upstream_is_a_400_naming_why(

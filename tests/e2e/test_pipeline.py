@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from tests.conftest import wait_until_idle
-from trioproxy import SSEDecoder, StreamEvent, serve
+from trioproxy import SSEDecoder, StreamEvent, create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
 MESSAGES = [{"role": "user", "content": "go"}]
@@ -40,11 +40,13 @@ async def proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
             "base_url": base,
             "transforms": [{"type": "regex_redact", "pattern": r"\d{3}-\d{4}", "replacement": "[phone]"}],
             "validators": [{"type": "banned_phrases", "phrases": ["forbidden"]}],
-            "buffer": {"buffer_by_sentence": True, "flush_interval_ms": 200},
+            # Sentences, not the timer, cut the chunks: a busy machine's pauses (70 ms seen) stay far below 0.5 s.
+            "buffer": {"buffer_by_sentence": True, "flush_interval_ms": 500},
         },
         buffered={"type": "openai", "base_url": base, "buffer": {"buffer_by_word": True, "min_chunk_size": 8}},
         patient={"type": "openai", "base_url": base, "heartbeat_interval": 0.05, "first_token_timeout": 5},
-        hasty={"type": "openai", "base_url": base, "silence_timeout": 0.2, "first_token_timeout": 0.2},
+        # Long enough that a busy machine's pauses (70 ms seen) never pass for a stall.
+        hasty={"type": "openai", "base_url": base, "silence_timeout": 1, "first_token_timeout": 1},
         gone={"type": "openai", "base_url": f"http://127.0.0.1:{closed_port}/v1"},
     )
     binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
@@ -77,9 +79,26 @@ async def test_silent_upstream_gets_heartbeats_and_the_stream_completes(
                 proxy + "/v1/chat/completions", json={"model": "patient/m", "messages": MESSAGES, "stream": True}
             )
         ).text
-    before_first_chunk = body.split("data: ", 1)[0]
-    assert before_first_chunk.count(": keep-alive\n\n") >= 2
+    # At least one: the beat's timer is due long before the token's, however late both fire.
+    # How many come, and when, is counted on MockClock below.
+    assert body.split("data: ", 1)[0].startswith(": keep-alive\n\n")
     assert "id:" not in body and "event:" not in body
+
+
+async def test_heartbeats_come_every_interval_until_the_first_token(autojump_clock: trio.abc.Clock) -> None:
+    """In-process (no sockets), so that they are counted on trio's MockClock: a real clock skips beats when busy."""
+    slow = {"type": "simulated", "ttft_ms": 275, "token_interval_ms": 0, "heartbeat_interval": 0.05}
+    config = parse_config({"providers": {"slow": slow}}, environ={})
+    app = create_app(config)
+    async with app.test_app(), httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
+        response = await http.post(
+            "http://proxy.test/v1/chat/completions", json={"model": "slow/echo", "messages": MESSAGES, "stream": True}
+        )
+    blocks = response.text.split("\n\n")
+    first_text = next(index for index, block in enumerate(blocks) if '"content":"go"' in block)
+    assert '"role":"assistant"' in blocks[0]  # the simulated upstream opens the stream at once
+    assert blocks[1:first_text] == [": keep-alive"] * 5  # at 50, 100, ..., 250 ms; the text at 275 ms
+    assert "id:" not in response.text and "event:" not in response.text
 
 
 async def test_a_retried_stream_delivers_the_text_once(
@@ -176,7 +195,7 @@ FAULTS = {
     "stall before the first token": ("hasty/m", Reply(tokens=TOKENS, stall_after=0), 504, None),
     "stall mid-stream": ("hasty/m", Reply(tokens=TOKENS, stall_after=3), 200, "silence_timeout"),
     "malformed SSE": ("up/m", Reply(raw_body=GOOD + b"data: not json at all\n\n"), 200, "not JSON"),
-    "truncated JSON chunk": ("up/m", Reply(raw_body=GOOD + b'data: {"id":"c","choi'), 200, "before its end marker"),
+    "truncated JSON chunk": ("up/m", Reply(raw_body=GOOD + b'data: {"id":"c","choi'), 200, "before a finish reason"),
 }
 
 

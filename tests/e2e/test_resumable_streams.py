@@ -2,7 +2,9 @@
 Resumable, shareable streams end to end (issue 4 §3): a real hypercorn on 127.0.0.1:0, the
 scripted upstream, and clients that disconnect, resume with `Last-Event-ID`, and watch one
 generation together. Grace periods and retention are short and real (fractions of a second):
-the server and the upstream run on sockets, outside any mock clock.
+the server and the upstream run on sockets, outside any mock clock. So these tests assert only
+bounds a busy machine cannot break (a grace period is never cut short, a stream never expires
+early); the exact instants are checked on MockClock in tests/server/test_streams.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import httpx
 import pytest
 import trio
 
+from tests.conftest import wait_until
 from trioproxy import SSEDecoder, StreamEvent, serve
 from trioproxy._policy import StreamsConfig
 from trioproxy.client import SSEClient
@@ -194,12 +197,12 @@ async def test_no_watcher_past_the_grace_period_cancels_the_upstream(
     async with http.stream("POST", proxy + "/v1/chat/stream", json=BODY) as response:
         stream_id = response.headers["x-stream-id"]
         await read_events(response, limit=2)
-    left_at = trio.current_time()
+        left_at = trio.current_time()  # before the close, so the grace period starts after it
     (recorded,) = upstream.requests
     with trio.fail_after(5):
         await recorded.disconnected.wait()
     assert recorded.disconnected_at is not None
-    assert 0.25 < recorded.disconnected_at - left_at < 1.0  # the grace period, then at once
+    assert recorded.disconnected_at - left_at >= 0.3  # not before the grace period is over
 
     # A late watcher learns what happened rather than waiting for ever.
     late = await http.get(f"{proxy}/v1/streams/{stream_id}")
@@ -211,13 +214,15 @@ async def test_no_watcher_past_the_grace_period_cancels_the_upstream(
 async def test_a_reconnect_within_the_grace_period_keeps_the_upstream(
     nursery: trio.Nursery, upstream: FakeUpstream, http: httpx.AsyncClient
 ) -> None:
-    proxy = await start_proxy(nursery, upstream, resume_grace_period=0.3)
+    proxy = await start_proxy(nursery, upstream)  # a 30 s grace period: no window to miss
     upstream.push(Reply(tokens=TOKENS, interval=0.05))
     with trio.fail_after(10):
         async with http.stream("POST", proxy + "/v1/chat/stream", json=BODY) as response:
             stream_id = response.headers["x-stream-id"]
             first = await read_events(response, limit=3)
-        await trio.sleep(0.15)
+        # Back once the stream ran on without a watcher: the upstream sent more meanwhile.
+        seen = sum(event.type == "token" for event in first)
+        await wait_until(lambda: upstream.requests[0].tokens_sent >= seen + 2)
         headers = {"last-event-id": first[-1].id}
         async with http.stream("GET", f"{proxy}/v1/streams/{stream_id}", headers=headers) as response:
             rest = await read_events(response)
@@ -240,11 +245,10 @@ async def test_ndjson_and_openai_streams_still_cancel_the_upstream_at_once(
             async for line in response.aiter_lines():
                 if "w1" in line:
                     break
-            closed_at = trio.current_time()
         recorded = upstream.requests[-1]
-        with trio.fail_after(2):
+        # Cancelled at once rather than after the 30 s grace (test_chat_completions measures "at once").
+        with trio.fail_after(5):
             await recorded.disconnected.wait()
-        assert recorded.disconnected_at is not None and recorded.disconnected_at - closed_at < 0.2
 
 
 async def test_openai_endpoint_never_gets_event_ids(
@@ -262,11 +266,20 @@ async def test_a_finished_stream_expires_after_its_retention(
 ) -> None:
     proxy = await start_proxy(nursery, upstream, retention=0.3)
     upstream.push(Reply(tokens=TOKENS))
+    posted_at = trio.current_time()  # the stream finishes after this, and is kept 0.3 s from then
     response = await http.post(proxy + "/v1/chat/stream", json=BODY)
-    stream_id = response.headers["x-stream-id"]
-    assert (await http.get(f"{proxy}/v1/streams/{stream_id}")).status_code == 200
-    await trio.sleep(0.4)
-    gone = await http.get(f"{proxy}/v1/streams/{stream_id}")
+    url = f"{proxy}/v1/streams/{response.headers['x-stream-id']}"
+    statuses: list[int] = []
+
+    async def expired() -> bool:
+        statuses.append((await http.get(url)).status_code)
+        return statuses[-1] == 404
+
+    await wait_until(expired)
+    gone_at = trio.current_time()
+    assert gone_at - posted_at >= 0.3
+    assert all(status == 200 for status in statuses[:-1])
+    gone = await http.get(url)
     assert gone.status_code == 404
     assert gone.headers["content-type"].startswith("text/event-stream")
     (event,) = [StreamEvent.from_json(e.data) for e in SSEDecoder().feed(gone.content)]
@@ -374,7 +387,7 @@ async def test_a_stalled_watcher_on_a_socket_is_dropped_while_the_others_finish(
     """
     proxy = await start_proxy(nursery, upstream, watcher_queue=8)
     big = tuple("x" * 65536 for _ in range(192))
-    upstream.push(Reply(tokens=big, interval=0.001))
+    upstream.push(Reply(tokens=big, interval=0.005))  # a pace the readers keep up with on a busy machine
     host, port = httpx.URL(proxy).host, httpx.URL(proxy).port
     with trio.fail_after(20):
         async with http.stream("POST", proxy + "/v1/chat/stream", json=BODY) as response:

@@ -16,6 +16,8 @@ import trio
 
 from trioproxy import (
     Delta,
+    ToolCallDelta,
+    UpstreamBrokenError,
     UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamStatusError,
@@ -24,7 +26,7 @@ from trioproxy import (
 )
 from trioproxy._config import ProviderConfig
 from trioproxy._events import OPENED, Opened
-from trioproxy._exceptions import StreamInterrupted
+from trioproxy._exceptions import ContextLengthError, RequestError, StreamInterrupted
 from trioproxy._policy import BufferConfig, RetryConfig, Timeouts
 from trioproxy._request import parse_chat_request
 from trioproxy._router import Route
@@ -44,10 +46,12 @@ class ScriptedUpstream:
     calls: int = 0
     started: list[float] = field(default_factory=list)
     cancelled: list[float] = field(default_factory=list)
+    chats: list[Any] = field(default_factory=list)
 
     async def stream(self, chat: Any, send: trio.MemorySendChannel[Any]) -> None:
         script = self.scripts[self.calls]
         self.calls += 1
+        self.chats.append(chat)
         self.started.append(trio.current_time())
         try:
             for step in script:
@@ -224,7 +228,7 @@ async def test_retry_delays_follow_the_config_and_retry_after(autojump_clock: tr
         [
             [UpstreamStatusError("busy", status=503)],
             [UpstreamStatusError("slow down", status=429, retry_after=5.0)],
-            [UpstreamConnectError("refused")],
+            [UpstreamBrokenError("reset")],
             [*tokens("ok"), Delta(finish_reason="stop")],
         ]
     )
@@ -261,10 +265,33 @@ async def test_failover_to_the_fallback_after_the_retries(autojump_clock: trio.a
     assert session.completed
 
 
-async def test_first_token_timeout_is_retried(autojump_clock: trio.abc.Clock) -> None:
+async def test_no_connection_or_no_first_token_fails_over_at_once(autojump_clock: trio.abc.Clock) -> None:
+    refused = ScriptedUpstream([[UpstreamConnectError("refused")]])
+    silent = ScriptedUpstream([[OPENED, STALL]])
+    backup = ScriptedUpstream([[*tokens("from", " backup"), Delta(finish_reason="stop")]])
+    timeouts = Timeouts(first_token_timeout=10, heartbeat_interval=0)
+    retry = RetryConfig(max_retries=3, base_delay_ms=500, jitter=0)
+    items, session = await run(
+        pipeline(
+            route(refused, retry=retry, timeouts=timeouts),
+            route(silent, name="silent", retry=retry, timeouts=timeouts),
+            route(backup, name="backup", retry=retry, timeouts=timeouts),
+        )
+    )
+
+    assert (refused.calls, silent.calls) == (1, 1)  # neither retried
+    assert silent.cancelled == [10.0]
+    assert backup.started == [10.0]  # no backoff before a failover
+    notices = [(i.kind, i.provider) for _, i in items if isinstance(i, RetryNotice)]
+    assert notices == [("failover", "silent"), ("failover", "backup")]
+    assert texts(items) == "from backup"
+    assert session.completed
+
+
+async def test_a_first_token_timeout_is_retried_when_retry_on_names_it(autojump_clock: trio.abc.Clock) -> None:
     upstream = ScriptedUpstream([[OPENED, STALL], [*tokens("second"), Delta(finish_reason="stop")]])
     timeouts = Timeouts(first_token_timeout=10, heartbeat_interval=0)
-    retry = RetryConfig(max_retries=1, base_delay_ms=500, jitter=0)
+    retry = RetryConfig(max_retries=1, base_delay_ms=500, jitter=0, retry_on=("first_token_timeout",))
     items, session = await run(pipeline(route(upstream, timeouts=timeouts, retry=retry)))
 
     assert upstream.cancelled == [10.0]
@@ -272,6 +299,14 @@ async def test_first_token_timeout_is_retried(autojump_clock: trio.abc.Clock) ->
     assert [i for _, i in items if isinstance(i, Opened)] == [OPENED]  # committed once
     assert texts(items) == "second"
     assert session.completed
+
+
+async def test_what_retry_on_leaves_out_is_not_retried(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[UpstreamStatusError("busy", status=503)]])
+    retry = RetryConfig(max_retries=3, retry_on=("rate_limit",))
+    items, _ = await run(pipeline(route(upstream, retry=retry)))
+    assert upstream.calls == 1
+    assert isinstance(items[-1][1], UpstreamStatusError)
 
 
 async def test_a_client_error_is_neither_retried_nor_failed_over(autojump_clock: trio.abc.Clock) -> None:
@@ -304,7 +339,7 @@ async def test_no_code_path_sends_text_twice(autojump_clock: trio.abc.Clock) -> 
     words = ["one", " two", " three", " four"]
     full = tokens(*words) + [Delta(finish_reason="stop")]
     for cut in range(len(full) + 1):
-        failing = full[:cut] + [UpstreamConnectError("connection reset")]
+        failing = full[:cut] + [UpstreamBrokenError("connection reset")]
         upstream = ScriptedUpstream([failing, full, full, full])
         backup = ScriptedUpstream([full])
         retry = RetryConfig(max_retries=2, base_delay_ms=1, jitter=0)
@@ -320,7 +355,7 @@ async def test_no_code_path_sends_text_twice(autojump_clock: trio.abc.Clock) -> 
             # text reached the client: no replay, just an error after exactly what was sent
             assert text == "".join(words[:tokens_before_failure]), cut
             error = items[-1][1]
-            assert isinstance(error, UpstreamConnectError), cut
+            assert isinstance(error, UpstreamBrokenError), cut
             assert error.characters_delivered == len(text), cut
             assert upstream.calls == 1 and backup.calls == 0, cut
 
@@ -558,7 +593,7 @@ async def test_retries_and_failovers_are_counted_against_the_provider_that_faile
 async def test_timeouts_are_counted_by_kind_and_end_the_stream_as_timeout(autojump_clock: trio.abc.Clock) -> None:
     upstream = ScriptedUpstream([[OPENED, STALL], [*tokens("x"), STALL]])
     timeouts = Timeouts(first_token_timeout=10, silence_timeout=5, heartbeat_interval=0)
-    retry = RetryConfig(max_retries=1, base_delay_ms=0, jitter=0)
+    retry = RetryConfig(max_retries=1, base_delay_ms=0, jitter=0, retry_on=("first_token_timeout",))
     _, session = await run(pipeline(route(upstream, timeouts=timeouts, retry=retry)))
 
     failures = session.stats.failures
@@ -620,3 +655,266 @@ async def test_model_labels_are_bounded_per_provider(autojump_clock: trio.abc.Cl
     assert set(labels[MAX_MODEL_LABELS:]) == {"other"}
     assert metrics._model_label("p", "model-0") == "model-0"
     assert metrics._model_label("q", "model-99") == "model-99"
+
+
+# --- hedged first tokens -----------------------------------------------------------------
+
+
+def hedged(upstream: ScriptedUpstream, name: str = "p", hedge_after: float = 2.0, **policy: Any) -> Route:
+    timeouts = Timeouts(heartbeat_interval=0, hedge_after=hedge_after)
+    return route(upstream, name, timeouts=timeouts, **policy)
+
+
+async def test_a_hedge_that_answers_first_wins_and_the_slow_route_is_cancelled(autojump_clock: trio.abc.Clock) -> None:
+    slow = ScriptedUpstream([[OPENED, Delta(role="assistant"), 10.0, *tokens("slow")]])
+    fast = ScriptedUpstream([[OPENED, Delta(role="assistant"), 0.5, Delta(text="fast"), Delta(finish_reason="stop")]])
+    items, session = await run(pipeline(hedged(slow), route(fast, name="backup")))
+
+    assert fast.started == [2.0]
+    assert slow.cancelled == [2.5]  # at the hedge's first token
+    assert texts(items) == "fast"
+    assert [i for _, i in items if isinstance(i, Opened)] == [OPENED]
+    assert [i.role for _, i in items if isinstance(i, Delta) and i.role] == ["assistant"]
+    notices = [(t, i.kind, i.provider) for t, i in items if isinstance(i, RetryNotice)]
+    assert notices == [(2.0, "hedge", "backup"), (2.5, "hedge_won", "backup")]
+    assert session.completed
+    assert (session.stats.provider, session.stats.recoveries) == ("backup", [("hedge", "p")])
+    assert session.stats.failures == []
+
+
+async def test_the_slow_route_wins_if_its_token_comes_first_and_the_hedge_is_cancelled(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    slow = ScriptedUpstream([[OPENED, 3.0, Delta(text="first"), Delta(finish_reason="stop")]])
+    slower = ScriptedUpstream([[OPENED, 5.0, *tokens("late")]])
+    items, session = await run(pipeline(hedged(slow), route(slower, name="backup")))
+
+    assert slower.cancelled == [3.0]
+    assert texts(items) == "first"
+    assert [i.kind for _, i in items if isinstance(i, RetryNotice)] == ["hedge"]
+    assert session.stats.provider == "p"
+
+
+async def test_no_hedge_when_the_first_token_comes_in_time_or_the_route_fails_first(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    quick = ScriptedUpstream([[OPENED, 1.0, Delta(text="ok"), Delta(finish_reason="stop")]])
+    unused = ScriptedUpstream([])
+    items, _ = await run(pipeline(hedged(quick), route(unused, name="backup")))
+    assert (texts(items), unused.calls) == ("ok", 0)
+
+    failing = ScriptedUpstream([[1.0, UpstreamStatusError("bad gateway", status=502)]])
+    backup = ScriptedUpstream([[*tokens("b"), Delta(finish_reason="stop")]])
+    start = trio.current_time()
+    items, _ = await run(pipeline(hedged(failing), route(backup, name="backup")))
+    assert backup.started == [start + 1.0]
+    assert [i.kind for _, i in items if isinstance(i, RetryNotice)] == ["failover"]
+    assert texts(items) == "b"
+
+
+async def test_the_hedge_goes_on_when_the_slow_route_fails_and_both_failures_are_reported(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    slow = ScriptedUpstream([[OPENED, 3.0, UpstreamStatusError("bad gateway", status=502)]])
+    hedge = ScriptedUpstream([[OPENED, 5.0, UpstreamStatusError("down", status=503)]])
+    last = ScriptedUpstream([[*tokens("third"), Delta(finish_reason="stop")]])
+    items, session = await run(pipeline(hedged(slow), route(hedge, name="backup"), route(last, name="last")))
+
+    assert last.started == [7.0]
+    assert texts(items) == "third"
+    assert [(i.kind, i.provider) for _, i in items if isinstance(i, RetryNotice)] == [
+        ("hedge", "backup"),
+        ("hedge_failed", "p"),
+        ("failover", "last"),
+    ]
+    stats = session.stats
+    assert [(provider, error.status) for provider, error in stats.failures] == [("p", 502), ("backup", 503)]
+    assert (stats.provider, stats.providers_left) == ("last", ["backup"])
+
+
+async def test_one_hedge_per_request_by_default(autojump_clock: trio.abc.Clock) -> None:
+    first = ScriptedUpstream([[OPENED, 1.0, UpstreamStatusError("down", status=503)]])
+    second = ScriptedUpstream([[OPENED, 1.0, UpstreamStatusError("down", status=503)]])
+    third = ScriptedUpstream([[OPENED, 100.0]])
+    fourth = ScriptedUpstream([[OPENED, 100.0]])
+    routes = (hedged(first, hedge_after=0.5), hedged(second, "b"), hedged(third, "c"), route(fourth, name="d"))
+    items, _ = await run(pipeline(*routes))
+    # first and second race (the one hedge); third is asked alone, and no hedge joins it
+    assert third.started == [1.5] and fourth.calls == 0
+    assert [i.kind for _, i in items if isinstance(i, RetryNotice)].count("hedge") == 1
+
+
+async def test_a_hedge_that_ends_by_the_client_leaving_cancels_both_requests(autojump_clock: trio.abc.Clock) -> None:
+    slow = ScriptedUpstream([[OPENED, STALL]])
+    slower = ScriptedUpstream([[OPENED, STALL]])
+    session = StreamSession(pipeline(hedged(slow), route(slower, name="backup")), CHAT, heartbeats=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        with trio.move_on_after(5):
+            async for _ in session.output:
+                pass
+        session.cancel()
+    assert (slower.started, slow.cancelled, slower.cancelled) == ([2.0], [5.0], [5.0])
+
+
+# --- context-window fallbacks ------------------------------------------------------------
+
+
+def too_long() -> ContextLengthError:
+    return ContextLengthError("This model's maximum context length is 8192 tokens", status=400)
+
+
+async def test_a_prompt_too_long_goes_to_the_context_fallbacks_and_never_back(autojump_clock: trio.abc.Clock) -> None:
+    small = ScriptedUpstream([[too_long()]])
+    ordinary = ScriptedUpstream([])
+    medium = ScriptedUpstream([[too_long()]])
+    large = ScriptedUpstream([[*tokens("fits"), Delta(finish_reason="stop")]])
+    small_route, medium_route, large_route = route(small), route(medium, "medium"), route(large, "large")
+    p = Pipeline(
+        routes=(small_route, route(ordinary, "ordinary")),
+        buffer=BufferConfig(),
+        transforms=(),
+        validators=(),
+        # medium lists small again: it is not asked twice
+        context_fallbacks={"p": (medium_route, large_route), "medium": (small_route, large_route)},
+    )
+    items, session = await run(p)
+
+    assert (small.calls, ordinary.calls, medium.calls, large.calls) == (1, 0, 1, 1)
+    assert [(i.kind, i.provider) for _, i in items if isinstance(i, RetryNotice)] == [
+        ("failover", "medium"),
+        ("failover", "large"),
+    ]
+    assert texts(items) == "fits"
+    assert session.completed
+
+
+async def test_a_prompt_too_long_without_context_fallbacks_is_the_400(autojump_clock: trio.abc.Clock) -> None:
+    small = ScriptedUpstream([[too_long()]])
+    ordinary = ScriptedUpstream([])
+    items, _ = await run(pipeline(route(small, retry=RetryConfig(max_retries=3)), route(ordinary, "ordinary")))
+    ((_, error),) = items
+    assert isinstance(error, ContextLengthError) and error.status == 400
+    assert (small.calls, ordinary.calls) == (1, 0)
+
+
+# --- mid-stream continuation ---------------------------------------------------------------
+
+
+def continuing(upstream: ScriptedUpstream, name: str = "p", way: str = "prefill", **policy: Any) -> Route:
+    return route(upstream, name, continuation=way, **policy)
+
+
+def prefix(chat: Any) -> Any:
+    return chat.messages[-1]
+
+
+async def test_a_broken_stream_is_continued_and_only_the_new_text_delivered(autojump_clock: trio.abc.Clock) -> None:
+    cut = UpstreamBrokenError("the upstream connection broke")
+    upstream = ScriptedUpstream(
+        [
+            [*tokens("Once", " upon "), cut],
+            # the model continues "Once upon" (no trailing whitespace in a prefill): " a time"
+            [
+                OPENED,
+                Delta(role="assistant"),
+                Delta(text=" a"),
+                Delta(text=" time"),
+                Delta(finish_reason="stop"),
+                Delta(usage=Usage(prompt_tokens=12, completion_tokens=2)),
+            ],
+        ]
+    )
+    items, session = await run(pipeline(continuing(upstream)))
+
+    assert texts(items) == "Once upon a time"
+    assert prefix(upstream.chats[1]) == {"role": "assistant", "content": "Once upon"}
+    assert [i for _, i in items if isinstance(i, Opened)] == [OPENED]
+    assert [i.role for _, i in items if isinstance(i, Delta) and i.role] == ["assistant"]
+    notices = [(i.kind, i.provider, i.reason) for _, i in items if isinstance(i, RetryNotice)]
+    assert notices == [("continuation", "p", "the upstream connection broke")]
+    assert session.completed
+    usage = session.accumulator.usage
+    # both attempts: the first read 12 - 3 prompt tokens and wrote the 3 delivered (10 characters)
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (21, 5, True)
+    assert session.stats.recoveries == [("continuation", "p")]
+    assert session.stats.failures == [("p", cut)]
+
+
+async def test_a_stall_and_an_in_stream_overload_are_continued_too(autojump_clock: trio.abc.Clock) -> None:
+    timeouts = Timeouts(silence_timeout=5, heartbeat_interval=0)
+    overloaded = UpstreamStatusError("Overloaded", status=529, type="overloaded_error")
+    upstream = ScriptedUpstream(
+        [
+            [*tokens("a", "b"), STALL],
+            [OPENED, Delta(text="c"), overloaded],
+            [OPENED, Delta(text="d"), Delta(finish_reason="stop")],
+        ]
+    )
+    items, session = await run(pipeline(continuing(upstream, way="continue_final_message", timeouts=timeouts)))
+    assert texts(items) == "abcd"
+    assert [prefix(chat)["content"] for chat in upstream.chats[1:]] == ["ab", "abc"]
+    assert upstream.chats[1].body["continue_final_message"] is True
+    assert session.completed
+
+
+async def test_a_refused_continuation_tells_the_original_failure_and_is_not_asked_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    cut = UpstreamBrokenError("the upstream connection broke")
+    refusal = UpstreamStatusError("This model does not support assistant message prefill", status=400)
+    upstream = ScriptedUpstream([[*tokens("half"), cut], [refusal], [*tokens("again"), cut]])
+    backup = ScriptedUpstream([[refusal]])
+    p = pipeline(continuing(upstream), continuing(backup, "backup"))
+    items, session = await run(p)
+
+    assert texts(items) == "half"
+    error = items[-1][1]
+    assert isinstance(error, UpstreamBrokenError) and "prefill" not in error.message
+    assert "after 4 characters were delivered" in error.message
+    assert (upstream.calls, backup.calls) == (2, 1)  # the route itself, then the next
+    assert [(provider, e.status) for provider, e in session.stats.failures] == [("p", 502), ("p", 400), ("backup", 400)]
+
+    # Within the cooldown neither is asked to continue again: the failure ends the stream at once.
+    items, _ = await run(p)
+    assert (upstream.calls, backup.calls) == (3, 1)
+    assert isinstance(items[-1][1], UpstreamBrokenError)
+
+
+async def test_no_continuation_without_the_capability_after_a_tool_call_or_a_transform(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    cut = UpstreamBrokenError("reset")
+    none = ScriptedUpstream([[*tokens("x"), cut]])
+    items, _ = await run(pipeline(route(none)))
+    assert (none.calls, type(items[-1][1])) == (1, UpstreamBrokenError)
+
+    call = Delta(tool_calls=(ToolCallDelta(index=0, id="c", name="f", arguments='{"a'),))
+    tooling = ScriptedUpstream([[*tokens("x"), call, cut]])
+    items, _ = await run(pipeline(continuing(tooling)))
+    assert (tooling.calls, type(items[-1][1])) == (1, UpstreamBrokenError)
+
+    rewritten = ScriptedUpstream([[*tokens("x"), cut]])
+    p = Pipeline(routes=(continuing(rewritten),), buffer=BufferConfig(), transforms=(str.upper,), validators=())
+    items, _ = await run(p)
+    assert (rewritten.calls, texts(items)) == (1, "X")
+
+
+async def test_a_refusal_after_the_first_token_is_never_continued(autojump_clock: trio.abc.Clock) -> None:
+    refused = UpstreamStatusError("content filtered", status=400, code="content_filter")
+    upstream = ScriptedUpstream([[*tokens("x"), refused]])
+    items, _ = await run(pipeline(continuing(upstream)))
+    assert upstream.calls == 1 and items[-1][1].status == 400
+
+
+async def test_a_continuation_the_request_cannot_take_is_skipped_for_the_next_way(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    cut = UpstreamBrokenError("reset")
+    unportable = RequestError("'thinking' cannot go to this upstream", param="thinking")
+    broken = ScriptedUpstream([[*tokens("a"), cut]])
+    other_protocol = ScriptedUpstream([[unportable]])
+    able = ScriptedUpstream([[OPENED, Delta(text="b"), Delta(finish_reason="stop")]])
+    p = pipeline(route(broken), continuing(other_protocol, "other"), continuing(able, "able"))
+    items, session = await run(p)
+    assert texts(items) == "ab" and session.completed

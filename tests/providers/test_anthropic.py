@@ -16,7 +16,8 @@ import orjson
 import pytest
 
 from trioproxy._events import Delta, ToolCallDelta, Usage
-from trioproxy._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
+from trioproxy._exceptions import ContextLengthError, RequestError, UpstreamProtocolError, UpstreamStatusError
+from trioproxy._policy import RetryConfig
 from trioproxy._request import ChatRequest, NativeRequest
 from trioproxy._sse import ServerSentEvent, SSEDecoder
 from trioproxy.providers.anthropic import (
@@ -746,7 +747,7 @@ def test_error_event(error_type: str, status: int) -> None:
     with pytest.raises(UpstreamStatusError) as info:
         parser.feed(event)
     assert (info.value.status, info.value.type, info.value.message) == (status, error_type, "Overloaded")
-    assert info.value.retryable is (status == 429 or status >= 500)
+    assert RetryConfig().retries(info.value) is (status == 429 or status >= 500)
     assert not parser.finished
 
 
@@ -788,7 +789,7 @@ def test_malformed_data_is_a_protocol_error(event: ServerSentEvent) -> None:
     with pytest.raises(UpstreamProtocolError) as info:
         parser.feed(event)
     assert info.value.message.startswith("upstream")
-    assert info.value.retryable is False
+    assert RetryConfig().retries(info.value) is False
 
 
 # --------------------------------------------------------------------------------------------
@@ -800,7 +801,7 @@ def test_error_from_anthropic_error_body() -> None:
     body = b'{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}'
     error = translation.error_from_response(429, {"retry-after": "12.5", "x-request-id": "r"}, body)
     assert isinstance(error, UpstreamStatusError)
-    assert (error.status, error.type, error.message, error.retry_after, error.retryable) == (
+    assert (error.status, error.type, error.message, error.retry_after, RetryConfig().retries(error)) == (
         429,
         "rate_limit_error",
         "Number of request tokens has exceeded your per-minute rate limit",
@@ -955,6 +956,32 @@ def test_count_tokens_for_an_anthropic_client_only() -> None:
     assert orjson.loads(request.body) == {**body, "model": "claude-sonnet-4-5"}
     assert (request.headers["anthropic-beta"], request.headers["accept"]) == ("b1", "application/json")
     assert translation.count_tokens_request(chat([USER])) is None
+
+
+def test_a_body_that_ends_after_the_stop_reason_is_complete_and_reports_its_usage() -> None:
+    parser = AnthropicStreamParser(keep_raw=False)
+    stream = [
+        ev("message_start", {"message": {"role": "assistant", "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+        ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
+        ev("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}),
+    ]
+    feed_all(parser, stream)
+    assert parser.end() == [Delta(usage=Usage(prompt_tokens=5, completion_tokens=2))]
+    assert parser.finished is True
+
+
+def test_a_body_that_ends_before_the_stop_reason_is_broken() -> None:
+    parser = AnthropicStreamParser(keep_raw=False)
+    feed_all(parser, [ev("message_start", {"message": {"role": "assistant"}})])
+    with pytest.raises(UpstreamProtocolError, match="before a finish reason"):
+        parser.end()
+
+
+def test_a_prompt_too_long_is_a_context_length_error() -> None:
+    body = b'{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}'
+    error = AnthropicTranslation(api_key=None).error_from_response(400, {}, body)
+    assert isinstance(error, ContextLengthError) and error.type == "invalid_request_error"
 
 
 @pytest.mark.parametrize("base_url", ["http://gw.local", "http://gw.local/v1", "http://gw.local/v1/"])

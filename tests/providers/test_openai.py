@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from trioproxy._events import Delta, ToolCallDelta, Usage
-from trioproxy._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
+from trioproxy._exceptions import ContextLengthError, RequestError, UpstreamProtocolError, UpstreamStatusError
+from trioproxy._policy import RetryConfig
 from trioproxy._request import (
     ChatRequest,
     NativeRequest,
@@ -314,7 +315,7 @@ def test_in_stream_error_openai_shape() -> None:
     with pytest.raises(UpstreamStatusError) as info:
         feed(OpenAIStreamParser(keep_raw=True), data)
     error = info.value
-    assert (error.message, error.status, error.type, error.code, error.retryable) == (
+    assert (error.message, error.status, error.type, error.code, RetryConfig().retries(error)) == (
         "The server had an error.",
         502,
         "server_error",
@@ -326,7 +327,7 @@ def test_in_stream_error_openai_shape() -> None:
 def test_in_stream_error_with_status_code_and_string_code() -> None:
     with pytest.raises(UpstreamStatusError) as info:
         feed(OpenAIStreamParser(keep_raw=True), '{"error": {"message": "slow down", "code": 429}}')
-    assert (info.value.status, info.value.type, info.value.code, info.value.retryable) == (
+    assert (info.value.status, info.value.type, info.value.code, RetryConfig().retries(info.value)) == (
         429,
         "upstream_error",
         None,
@@ -361,7 +362,7 @@ def test_non_json_is_a_protocol_error(data: str) -> None:
     with pytest.raises(UpstreamProtocolError) as info:
         feed(OpenAIStreamParser(keep_raw=True), data)
     assert info.value.message == f"upstream sent a chunk that is not JSON: {data[:200]!r}"
-    assert info.value.retryable is False
+    assert RetryConfig().retries(info.value) is False
 
 
 @pytest.mark.parametrize("data", ["[1, 2]", '"text"', "42", "null"])
@@ -419,7 +420,7 @@ def test_error_openai_shape() -> None:
         }
     )
     error = error_from(body)
-    assert (error.message, error.status, error.type, error.code, error.retry_after, error.retryable) == (
+    assert (error.message, error.status, error.type, error.code, error.retry_after, RetryConfig().retries(error)) == (
         "This model's maximum context length is 128000 tokens.",
         400,
         "invalid_request_error",
@@ -458,7 +459,7 @@ def test_error_string_shape() -> None:  # llama.cpp, Ollama
 
 def test_error_plain_text() -> None:
     error = error_from(b"  502 Bad Gateway\n", status=502)
-    assert (error.message, error.status, error.type, error.retryable) == (
+    assert (error.message, error.status, error.type, RetryConfig().retries(error)) == (
         "502 Bad Gateway",
         502,
         "upstream_error",
@@ -483,7 +484,12 @@ def test_error_type_from_status(status: int, type_: str) -> None:
 
 def test_error_retry_after() -> None:
     error = error_from(b'{"error": {"message": "Rate limit reached"}}', status=429, headers={"retry-after": "2.5"})
-    assert (error.status, error.type, error.retry_after, error.retryable) == (429, "rate_limit_error", 2.5, True)
+    assert (error.status, error.type, error.retry_after, RetryConfig().retries(error)) == (
+        429,
+        "rate_limit_error",
+        2.5,
+        True,
+    )
     assert error_from(b"x", status=429, headers={"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}).retry_after is None
     assert error_from(b"x", status=429, headers={"retry-after": "-1"}).retry_after is None
     assert error_from(b"x", status=429, headers={"Retry-After": "3"}).retry_after == 3.0  # any case, any mapping
@@ -522,6 +528,50 @@ def test_error_message_is_bounded() -> None:
     error = error_from(b"x" * 5000, status=500)
     assert len(error.message) == MAX_ERROR_MESSAGE
     assert error.message == "x" * (MAX_ERROR_MESSAGE - 1) + "…"
+
+
+def test_a_body_that_ends_after_the_finish_reason_is_complete_without_done() -> None:
+    parser = OpenAIStreamParser(keep_raw=False)
+    feed(parser, chunk([{"index": 0, "delta": {"content": "hi"}}]))
+    feed(parser, chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+    assert parser.end() == []
+    assert parser.finished is True
+
+
+def test_a_body_that_ends_before_any_finish_reason_is_broken() -> None:
+    parser = OpenAIStreamParser(keep_raw=False)
+    feed(parser, chunk([{"index": 0, "delta": {"content": "hi"}}]))
+    with pytest.raises(UpstreamProtocolError, match="before a finish reason"):
+        parser.end()
+    assert parser.finished is False
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # OpenAI
+        b'{"error": {"message": "This model\'s maximum context length is 128000 tokens. However, your messages '
+        b'resulted in 130000 tokens.", "type": "invalid_request_error", "param": "messages", '
+        b'"code": "context_length_exceeded"}}',
+        # vLLM
+        b'{"object": "error", "message": "This model\'s maximum context length is 4096 tokens. However, you '
+        b'requested 5000 tokens.", "type": "BadRequestError", "param": null, "code": 400}',
+        # llama.cpp
+        b'{"error": {"code": 400, "message": "the request exceeds the available context size, try increasing it",'
+        b' "type": "exceed_context_size_error"}}',
+    ],
+)
+def test_a_prompt_longer_than_the_context_is_a_context_length_error(body: bytes) -> None:
+    error = translation().error_from_response(400, {}, body)
+    assert isinstance(error, ContextLengthError) and error.status == 400
+
+
+def test_other_refusals_are_not_context_length_errors() -> None:
+    body = b'{"error": {"message": "Your request was rejected by the content filter", "code": "content_filter"}}'
+    assert type(translation().error_from_response(400, {}, body)) is UpstreamStatusError
+    # a 5xx that mentions the context is the server's failure, not a refusal of this prompt
+    body = b'{"error": {"message": "maximum context length computation crashed"}}'
+    assert type(translation().error_from_response(500, {}, body)) is UpstreamStatusError
 
 
 # -- OpenAI's other endpoints ------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 
 from trioproxy._events import Delta, ToolCallDelta, Usage
 from trioproxy._exceptions import ModelNotFoundError, RequestError, UpstreamStatusError
+from trioproxy._policy import RetryConfig
 from trioproxy._request import ChatRequest, parse_chat_request
 from trioproxy.providers.simulated import (
     DEFAULT_MAX_OUTPUT_TOKENS,
@@ -138,7 +139,7 @@ def test_fail_before_first_token() -> None:
     delay, error = steps[0]
     assert delay == TTFT
     assert isinstance(error, UpstreamStatusError)
-    assert (error.message, error.status, error.type, error.retryable) == (
+    assert (error.message, error.status, error.type, RetryConfig().retries(error)) == (
         "simulated failure before the first token",
         503,
         "upstream_error",

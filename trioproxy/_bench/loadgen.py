@@ -14,7 +14,8 @@ stream.
 
 It stays a real HTTP/1.1 client (`http1`: Content-Length, chunked, read-until-close,
 `Connection: close`, keep-alive reuse) with a real SSE parse (`_SSEPayloads`), so it reads any
-OpenAI-compatible proxy given to `--compare`, whatever its server and its JSON spacing. One
+OpenAI-compatible proxy given to `--compare`, whatever its server and its JSON spacing, and any
+Anthropic Messages stream. One
 keep-alive connection per concurrent stream is opened before the clock starts, as a client's
 pool would be.
 
@@ -51,6 +52,8 @@ MAX_ERROR_BODY = 2048
 MAX_NDJSON_LINE = 1024 * 1024
 #: Longest SSE event accepted (as `SSEDecoder`'s default bound on event data).
 MAX_SSE_EVENT = 8 * 1024 * 1024
+#: The `anthropic-version` an Anthropic Messages request says it speaks (as the SDKs send it).
+ANTHROPIC_VERSION = "2023-06-01"
 #: Connections opened at once: a burst of thousands of SYNs would overflow a listen backlog.
 CONNECT_PARALLELISM = 64
 
@@ -73,7 +76,8 @@ class _Endpoint:
             raise ValueError(f"the load generator speaks plain http:// only, not {spec.url!r}")
         host, port = parts.hostname, parts.port or 80
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        accept = "text/event-stream" if spec.protocol == "openai" else "application/x-ndjson"
+        accept = "application/x-ndjson" if spec.protocol == "ndjson" else "text/event-stream"
+        version = f"anthropic-version: {ANTHROPIC_VERSION}\r\n" if spec.protocol == "anthropic" else ""
         body = orjson.dumps(spec.payload)
         head = (
             f"POST {target} HTTP/1.1\r\n"
@@ -81,6 +85,7 @@ class _Endpoint:
             "content-type: application/json\r\n"
             f"content-length: {len(body)}\r\n"
             f"accept: {accept}\r\n"
+            f"{version}"
             # Proxies that insist on a key (LiteLLM's master key, say) get one to check.
             "authorization: Bearer sk-trioproxy-bench\r\n"
             "\r\n"
@@ -237,9 +242,21 @@ class _SSEPayloads:
             and chunk.endswith(b"\n\n")
             and b"\r" not in chunk
         ):
-            # The read a streaming server sends most: one event of one `data: ` line.
+            # The read a streaming server sends most: one event of one `data: ` line (OpenAI).
             self._skip_lf = False
             return [chunk[6:-2]]
+        if (
+            self._started
+            and not self._event
+            and chunk.startswith(b"event: ")
+            and chunk.startswith(b"data: ", data := chunk.find(b"\n") + 1)
+            and chunk.find(b"\n", data) == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+        ):
+            # Anthropic's: one event of an `event: ` line and one `data: ` line.
+            self._skip_lf = False
+            return [chunk[data + 6 : -2]]
         if not self._started:
             chunk = self._event + chunk
             if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
@@ -293,6 +310,31 @@ class _OpenAIBody(_Body):
                     self.pieces.append((content, now))
 
 
+class _AnthropicBody(_Body):
+    """
+    Anthropic Messages events over SSE (`sse_protocol.md` §5): text in `text_delta`s, ended by
+    `message_stop`; `event: error` is a failure. The event's kind is read from its data's
+    `type`, which the API always sends equal to the `event:` name.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._events = _SSEPayloads()
+
+    def parse(self, data: bytes, now: float) -> None:
+        for payload in self._events.feed(data):
+            event = orjson.loads(payload)
+            kind = event.get("type")
+            if kind == "content_block_delta":
+                delta = event.get("delta") or {}
+                if delta.get("type") == "text_delta" and delta.get("text"):
+                    self.pieces.append((delta["text"], now))
+            elif kind == "message_stop":
+                self.done = True
+            elif kind == "error":
+                self.fail(f"in-stream error: {str(event.get('error'))[:200]}")
+
+
 class _NDJSONBody(_Body):
     """trioproxy's generic events, one JSON object a line, ended by a `done` event."""
 
@@ -320,8 +362,11 @@ class _NDJSONBody(_Body):
             self.fail(f"in-stream error: {str(event.get('data'))[:200]}")
 
 
+_BODIES: dict[str, type[_Body]] = {"openai": _OpenAIBody, "anthropic": _AnthropicBody, "ndjson": _NDJSONBody}
+
+
 def _new_body(spec: PhaseSpec) -> _Body:
-    return _OpenAIBody() if spec.protocol == "openai" else _NDJSONBody()
+    return _BODIES[spec.protocol]()
 
 
 class _Response:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 #: A stream per connection at least this many times, and at least this many streams per phase
@@ -19,6 +19,10 @@ MIN_ROUNDS = 2
 MIN_STREAMS = 10
 #: Bound on any concurrency asked for: each stream costs a socket in three processes.
 CONCURRENCY_LIMIT = 20_000
+#: A client protocol a run can drive trioproxy with: OpenAI Chat Completions
+#: (`/v1/chat/completions`) or Anthropic Messages (`/v1/messages`).
+Front = Literal["openai", "anthropic"]
+FRONTS: tuple[Front, ...] = ("openai", "anthropic")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,8 @@ class BenchSettings:
     """Everything that decides what a run measures. Defaults are the issue's reference workload."""
 
     concurrency: tuple[int, ...] = (1, 50, 200)
+    #: Each front is measured direct (the upstream's own route) and through trioproxy.
+    fronts: tuple[Front, ...] = ("openai",)
     tokens: int = 64
     ttft_ms: float = 50.0
     interval_ms: float = 20.0
@@ -87,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `trioproxy bench` (defaults are None so `--quick` can fill in its own)."""
     parser.add_argument("--quick", action="store_true", help="a smoke run: concurrency 1,10; 16 tokens 5 ms apart")
     parser.add_argument("--concurrency", type=_concurrency_list, help="comma-separated sweep (default 1,50,200)")
+    parser.add_argument(
+        "--fronts", type=_front_list, default=("openai",),
+        help="comma-separated client protocols to measure: openai, anthropic (default openai)",
+    )  # fmt: skip
     parser.add_argument("--tokens", type=_positive_int, help="tokens per stream (default 64)")
     parser.add_argument("--ttft-ms", type=_non_negative, help="upstream time to first token (default 50)")
     parser.add_argument("--interval-ms", type=_non_negative, help="upstream time between tokens (default 20)")
@@ -116,6 +126,7 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> BenchSetti
     workload.update({name: getattr(args, name) for name in _WORKLOAD_FLAGS if getattr(args, name) is not None})
     settings = BenchSettings(
         **workload,
+        fronts=args.fronts,
         compare=tuple(args.compare),
         compare_model=args.compare_model,
         proxy_url=args.proxy_url,
@@ -151,6 +162,13 @@ def _concurrency_list(text: str) -> tuple[int, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one concurrency, like 1,50,200")
     return tuple(values)
+
+
+def _front_list(text: str) -> tuple[Front, ...]:
+    fronts = [part.strip() for part in text.split(",") if part.strip()]
+    if not fronts or not set(fronts) <= set(FRONTS):
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(FRONTS)}, got {text!r}")
+    return tuple(front for front in FRONTS if front in fronts)
 
 
 def split_compare(text: str) -> tuple[str | None, str]:

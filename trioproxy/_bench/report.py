@@ -21,16 +21,26 @@ from .stats import PhaseFigures, difference
 
 
 def added_latency(report: Report) -> list[dict[str, Any]]:
-    """What each proxy adds over the direct connection, per concurrency: TTFT and ITL, p50 and p99."""
-    direct = {phase.concurrency: phase.figures for phase in report.sweep if phase.target == "direct"}
+    """
+    What each proxy adds over the direct connection of its front (the upstream's own route for
+    the same protocol), per concurrency: TTFT and ITL, p50 and p99.
+    """
+    targets = {target.name: target for target in report.targets}
+    direct = {
+        (targets[phase.target].front, phase.concurrency): phase.figures
+        for phase in report.sweep
+        if targets[phase.target].kind == "direct"
+    }
     added = []
     for phase in report.sweep:
-        floor = direct.get(phase.concurrency)
-        if phase.target == "direct" or floor is None:
+        target = targets[phase.target]
+        floor = direct.get((target.front, phase.concurrency))
+        if target.kind == "direct" or floor is None:
             continue
         added.append(
             {
                 "target": phase.target,
+                "front": target.front,
                 "concurrency": phase.concurrency,
                 "ttft_ms": _added(phase.figures.ttft_ms, floor.ttft_ms),
                 "itl_ms": _added(phase.figures.itl_ms, floor.itl_ms),
@@ -159,6 +169,29 @@ def latency_table(report: Report) -> str:
     return f"{title}\n{table(headers, rows)}"
 
 
+def fronts_table(report: Report) -> str:
+    """trioproxy's added latency on each front side by side: what speaking one protocol or the other costs."""
+    fronts = report.settings.fronts
+    trioproxy = {target.name for target in report.targets if target.kind == "trioproxy"}
+    added = {(row["front"], row["concurrency"]): row for row in added_latency(report) if row["target"] in trioproxy}
+    rows = []
+    for concurrency in sorted({phase.concurrency for phase in report.sweep}):
+        row = [str(concurrency)]
+        for front in fronts:
+            extra = added.get((front, concurrency))
+            row += [
+                _number(extra[kind][p] if extra else None, signed=True)
+                for kind in ("ttft_ms", "itl_ms")
+                for p in ("p50", "p99")
+            ]
+        rows.append(row)
+    headers = ["conc"]
+    for front in fronts:
+        headers += [f"{front} TTFT +p50", "+p99", "ITL +p50", "+p99"]
+    title = "trioproxy's added latency by front, ms (each over the direct connection of the same protocol)"
+    return f"{title}\n{table(headers, rows)}"
+
+
 def throughput_table(report: Report) -> str:
     rows = []
     for phase in _ordered(report):
@@ -240,6 +273,8 @@ def render(report: Report) -> str:
     sections = [_header(report)]
     if report.sweep:
         sections += [latency_table(report), throughput_table(report)]
+        if len(report.settings.fronts) > 1:
+            sections.append(fronts_table(report))
     if report.find_max:
         sections.append(find_max_table(report))
     if report.buffer:

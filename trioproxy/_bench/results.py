@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .options import BenchSettings
+from .options import BenchSettings, Front
 from .processes import Pinning
 from .stats import BufferFigures, PhaseFigures
 
@@ -19,11 +19,14 @@ class Target:
 
     name: str
     kind: Literal["direct", "trioproxy", "compare"]
-    #: The OpenAI Chat Completions URL streams are sent to.
+    #: The URL streams are sent to: the front's route (Chat Completions or Messages).
     url: str
     model: str
     #: The process whose CPU and memory are measured (a trioproxy this run started), if any.
     pid: int | None = None
+    #: The client protocol streams speak: what the target adds is measured against the direct
+    #: connection of the same front.
+    front: Front = "openai"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import trio
 
 from .machine import machine_info, versions
-from .options import BenchSettings, split_compare
+from .options import BenchSettings, Front, split_compare
 from .processes import (
     BenchError,
     Child,
@@ -46,6 +46,11 @@ from .wire import PhaseResult, PhaseSpec, Protocol
 MESSAGES = [{"role": "user", "content": "Benchmark: stream your tokens."}]
 #: The provider name trioproxy routes to the benchmark upstream.
 PROVIDER = "up"
+#: The same upstream as an Anthropic provider: the Anthropic front's streams go there, so that
+#: each front is measured with an upstream of its own protocol.
+ANTHROPIC_PROVIDER = "up-anthropic"
+#: `max_tokens`, which every Messages request must carry; the upstream's answer does not depend on it.
+ANTHROPIC_MAX_TOKENS = 4096
 
 #: The buffering modes measured, as `buffer_config` objects of the generic endpoint (None: off).
 BUFFER_MODES: dict[str, dict[str, Any] | None] = {
@@ -64,7 +69,8 @@ def progress(line: str) -> None:
 
 def proxy_config(upstream_url: str, max_connections: int) -> str:
     """
-    The TOML for the trioproxy under test: provider `up` is the benchmark upstream, with
+    The TOML for the trioproxy under test: providers `up` (OpenAI) and `up-anthropic`
+    (Anthropic, for the Anthropic front) are the benchmark upstream, each with
     retries off (every failure must show) and a connection pool as large as the largest
     concurrency measured (so the pool, not the proxy, is never what queues streams), and the
     server's stream limit the same (the sweep measures streams, not refusals).
@@ -77,15 +83,27 @@ def proxy_config(upstream_url: str, max_connections: int) -> str:
         f'base_url = "{upstream_url}/v1"\n'
         f"max_connections = {max_connections}\n"
         "retry = { max_retries = 0 }\n"
+        f"[providers.{ANTHROPIC_PROVIDER}]\n"
+        'type = "anthropic"\n'
+        f'base_url = "{upstream_url}"\n'
+        f"max_connections = {max_connections}\n"
+        "retry = { max_retries = 0 }\n"
     )
 
 
 def _targets(settings: BenchSettings, upstream: Child, proxy: Child | None) -> list[Target]:
-    targets = [Target("direct", "direct", f"{upstream.url}/v1/chat/completions", "m")]
-    if proxy is not None:
-        targets.append(Target("trioproxy", "trioproxy", f"{proxy.url}/v1/chat/completions", f"{PROVIDER}/m", proxy.pid))
-    elif settings.proxy_url is not None:
-        targets.append(Target("trioproxy", "trioproxy", _chat_url(settings.proxy_url), settings.compare_model))
+    """Per front, the direct connection then trioproxy; then the compared proxies (OpenAI only)."""
+    targets = []
+    for front in settings.fronts:
+        suffix = "" if front == "openai" else f"-{front}"
+        targets.append(Target(f"direct{suffix}", "direct", _front_url(upstream.url, front), "m", front=front))
+        if proxy is not None:
+            provider = PROVIDER if front == "openai" else ANTHROPIC_PROVIDER
+            url = _front_url(proxy.url, front)
+            targets.append(Target(f"trioproxy{suffix}", "trioproxy", url, f"{provider}/m", proxy.pid, front=front))
+        elif settings.proxy_url is not None:
+            url = _front_url(settings.proxy_url, front)
+            targets.append(Target(f"trioproxy{suffix}", "trioproxy", url, settings.compare_model, front=front))
     for compare in settings.compare:
         name, url = split_compare(compare)
         targets.append(
@@ -102,6 +120,12 @@ def _chat_url(base: str) -> str:
     if base.endswith("/chat/completions"):
         return base
     return f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
+
+
+def _front_url(base: str, front: Front) -> str:
+    """The route of `front` (Chat Completions or Messages) beside a base URL, as `_chat_url` reads it."""
+    chat = _chat_url(base)
+    return chat if front == "openai" else chat.removesuffix("/chat/completions") + "/messages"
 
 
 def _generic_url(chat_url: str) -> str:
@@ -157,11 +181,13 @@ class _Bench:
         )
 
     async def phase(self, target: Target, concurrency: int) -> PhaseReport:
-        payload = {"model": target.model, "messages": MESSAGES, "stream": True}
-        spec = self._spec(target.url, payload, "openai", concurrency)
+        payload: dict[str, Any] = {"model": target.model, "messages": MESSAGES, "stream": True}
+        if target.front == "anthropic":
+            payload["max_tokens"] = ANTHROPIC_MAX_TOKENS
+        spec = self._spec(target.url, payload, target.front, concurrency)
         result, resources = await self._measure(spec, target.pid)
         figures = phase_figures(result.records, spec.concurrency * spec.rounds, result.wall_s)
-        progress(f"  {target.name:<16} {concurrency:>5} streams: {_phase_line(figures, resources)}")
+        progress(f"  {target.name:<19} {concurrency:>5} streams: {_phase_line(figures, resources)}")
         return PhaseReport(target.name, concurrency, spec.rounds, figures, resources)
 
     async def sweep(self) -> list[PhaseReport]:
@@ -283,8 +309,9 @@ async def _measure_all(settings: BenchSettings) -> Report:
             bench = _Bench(settings, loadgen, upstream, targets)
             sweep = await bench.sweep() if settings.sweep else []
             maxima = await bench.find_max(sweep) if settings.find_max else []
-            [trioproxy] = [target for target in targets if target.kind == "trioproxy"]
-            buffer = await bench.buffer_modes(_generic_url(trioproxy.url)) if settings.buffer else []
+            trioproxy_url = proxy.url if proxy is not None else settings.proxy_url
+            assert trioproxy_url is not None
+            buffer = await bench.buffer_modes(_generic_url(_chat_url(trioproxy_url))) if settings.buffer else []
     return Report(
         settings=settings,
         machine=machine_info(),

@@ -3,7 +3,8 @@ The one place where a request's pipeline is assembled from config.
 
 Read `Pipeline.stages` to see everything a streamed request goes through:
 
-    upstream reader (attempts, retries, failover; first-token and silence watchdog)
+    upstream reader (attempts, retries, failover, hedges, context fallbacks, continuations;
+                     first-token and silence watchdog)
       → buffer      (when the route or request configures one)
       → transforms  (in config order)
       → validators  (in config order)
@@ -13,10 +14,11 @@ Read `Pipeline.stages` to see everything a streamed request goes through:
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from .._continuation import Refusals
 from .._policy import BufferConfig, Timeouts
 from ._content import Transform, Validator
 from ._stages import Receive, Send, buffer_stage, transform_stage, validate_stage
@@ -36,6 +38,10 @@ class Pipeline:
     buffer: BufferConfig
     transforms: tuple[Transform, ...]
     validators: tuple[Validator, ...]
+    context_fallbacks: Mapping[str, tuple[Route, ...]] = field(default_factory=dict)
+    """Each provider's `context_fallbacks`, for every provider a request may reach."""
+    refusals: Refusals = field(default_factory=Refusals)
+    """The routes that refused a continuation lately (the router's, shared by every request)."""
 
     @property
     def timeouts(self) -> Timeouts:
@@ -67,9 +73,19 @@ class Pipeline:
 def pipeline_for(router: Router, route: Route, *, buffer: BufferConfig | None = None) -> Pipeline:
     """The pipeline of a request to `route`; `buffer` (from the request) overrides the route's."""
     provider = route.provider
-    fallbacks = tuple(router.route(name) for name in provider.fallbacks)
+    routes = (route, *(router.route(name) for name in provider.fallbacks))
+    context_fallbacks: dict[str, tuple[Route, ...]] = {}
+    reachable = list(routes)
+    while reachable:
+        provider_config = reachable.pop().provider
+        if provider_config.name not in context_fallbacks:
+            larger = tuple(router.route(name) for name in provider_config.context_fallbacks)
+            context_fallbacks[provider_config.name] = larger
+            reachable += larger
     return Pipeline(
-        routes=(route, *fallbacks),
+        routes=routes,
+        context_fallbacks=context_fallbacks,
+        refusals=router.continuation_refusals,
         buffer=provider.buffer if buffer is None else buffer,
         transforms=provider.transforms,
         validators=provider.validators,

@@ -26,9 +26,22 @@ HEARTBEAT: Final = Heartbeat()
 
 @dataclass(frozen=True, slots=True)
 class RetryNotice:
-    """A failed attempt before the first token, and what happens next."""
+    """
+    Something the stream recovered from, and what happens next: a failed attempt before the
+    first token, a hedge, a continuation after it, or an upstream event passed over.
+    """
 
-    kind: str  # "retry" (same route, after `delay`) or "failover" (the next route)
+    kind: str
+    """
+    "retry" (same route, after `delay`), "failover" (the next route), "hedge" (the next route
+    asked alongside a slow first token), "hedge_won" (that route's token came first: it
+    answers), "hedge_failed" (one of the two racing routes, named, failed; the other goes on),
+    "continuation" (after the first token, the route named is asked to continue the text
+    delivered), "continuation_failed" (it gave no new text: the next way is tried), "breaker"
+    (this attempt opened or closed a target's circuit breaker, as `reason` says), or
+    "skipped_event" (an event the upstream's translation could not read, passed
+    over as its provider allows).
+    """
     attempt: int
     provider: str
     model: str

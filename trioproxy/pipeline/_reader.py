@@ -8,9 +8,12 @@ deadline is lifted while an item waits for the stages downstream (a slow client 
 silent upstream) and set again once it is taken. A deadline that passes cancels the request,
 which closes the upstream connection.
 
-Retries and failover happen only while no token has left this stage: once one has, a failure
-ends the stream with an error instead, so no code path can send text twice. `OPENED` also
-leaves this stage at most once, whichever attempt opened.
+Before the first token, a failure is retried, failed over (by its kind), sent to a larger
+context, or raced by a hedge. After it, nothing is replayed: the only way on is a
+continuation, which asks an upstream that can to go on from the text already delivered, and
+passes on only what is new; otherwise the failure ends the stream. Everything leaves through
+one `_Delivery`, which lets `OPENED` out once and keeps the delivered text a continuation
+needs.
 """
 
 from __future__ import annotations
@@ -18,14 +21,22 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import replace
+from typing import TYPE_CHECKING, Final
 
 import trio
 
-from .._events import Delta, Opened
-from .._exceptions import TrioproxyError, UpstreamError, UpstreamTimeoutError
-from .._policy import Timeouts
+from .._continuation import Overlap, continuation, ends_with_assistant
+from .._events import Delta, Opened, Usage
+from .._exceptions import (
+    ContextLengthError,
+    RequestError,
+    TrioproxyError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeoutError,
+)
+from .._policy import CONTINUABLE, Timeouts, failure_kind
 from .._request import ChatRequest
 from ._assemble import Pipeline
 from ._items import RetryNotice, SessionItem, Sink
@@ -40,11 +51,44 @@ logger = logging.getLogger("trioproxy.upstream")
 _NOT_FAILOVER_STATUSES = frozenset({400, 413, 422})
 """The client's own request is at fault: another upstream would refuse it too."""
 
+CHARS_PER_TOKEN: Final = 4
+"""The estimate of usage where no upstream counted: about four characters a token."""
 
-@dataclass(slots=True)
-class _Progress:
-    opened: bool = False
-    token_sent: bool = False
+MAX_HELD_ITEMS: Final = 64
+"""
+What a racing attempt holds before its first token: its preamble (`OPENED`, the role, the
+upstream's opening events); beyond it, events that say nothing (pings) are dropped, and any
+other is a protocol error.
+"""
+
+
+class _Delivery:
+    """
+    The reader's way out: `OPENED` leaves once, whichever attempt opened; it records whether a
+    token left (no replay after it) and the text that did, while it is only text (what a
+    continuation can go on from).
+    """
+
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+        self.opened = False
+        self.token_sent = False
+        self.text: list[str] = []
+        self.text_only = True
+        """No tool call or reasoning left: a continuation may take the text as the whole answer so far."""
+
+    async def send(self, item: SessionItem) -> None:
+        if isinstance(item, Opened):
+            if self.opened:
+                return
+            self.opened = True
+        elif isinstance(item, Delta) and item.has_content:
+            self.token_sent = True
+            if item.text:
+                self.text.append(item.text)
+            if item.tool_calls or item.reasoning:
+                self.text_only = False
+        await self._sink.send(item)
 
 
 async def read_upstream(
@@ -55,11 +99,11 @@ async def read_upstream(
     rng: random.Random | None = None,
 ) -> None:
     """Send the stream's items into `sink`; a failure is sent as its last item."""
-    progress = _Progress()
+    delivery = _Delivery(sink)
     error: TrioproxyError | None = None
     with trio.move_on_after(pipeline.timeouts.total_timeout or math.inf) as total:
         try:
-            await _attempts(pipeline, chat, sink, progress, rng or random.Random())
+            await _attempts(pipeline, chat, delivery, rng or random.Random())
         except TrioproxyError as exc:
             error = exc
     if total.cancelled_caught:
@@ -70,26 +114,218 @@ async def read_upstream(
         await sink.send(error)
 
 
-async def _attempts(
-    pipeline: Pipeline,
-    chat: ChatRequest,
-    sink: Sink,
-    progress: _Progress,
-    rng: random.Random,
-) -> None:
+async def _attempts(pipeline: Pipeline, chat: ChatRequest, delivery: _Delivery, rng: random.Random) -> None:
+    routes = pipeline.routes
     failures: list[tuple[Route, UpstreamError]] = []
-    for route in pipeline.routes:
+    hedges = routes[0].provider.retry.max_hedges
+    at = 0
+    while at < len(routes):
+        route = routes[at]
         if failures:
-            await sink.send(_notice("failover", 0, route, 0.0, failures[-1][1]))
-        error = await _try_route(pipeline, route, chat, sink, progress, rng)
-        if error is None:
+            await delivery.send(_notice("failover", 0, route, 0.0, failures[-1][1]))
+        hedge_after = route.provider.timeouts.hedge_after
+        if hedges and hedge_after and at + 1 < len(routes):
+            hedges -= 1
+            failed, tried, succeeded = await _race(pipeline, route, routes[at + 1], chat, delivery, rng)
+        else:
+            error = await _try_route(pipeline, route, chat, delivery, delivery, rng)
+            failed, tried, succeeded = [] if error is None else [(route, error)], 1, error is None
+        if succeeded:
             return
-        failures.append((route, error))
-        if progress.token_sent or error.status in _NOT_FAILOVER_STATUSES:
+        failures += failed
+        at += tried
+        broken_at, last = failures[-1]
+        if delivery.token_sent:
+            error = await _continue(pipeline, chat, delivery, (broken_at, *routes[at:]), last)
+            if error is None:
+                return
+            raise error
+        if isinstance(last, ContextLengthError):
+            # Only a larger context can help: the refusing route's own list, none asked twice.
+            asked = {(r.provider.name, r.upstream_model) for r in routes[:at]}
+            larger = pipeline.context_fallbacks.get(broken_at.provider.name, ())
+            routes = routes[:at] + tuple(r for r in larger if (r.provider.name, r.upstream_model) not in asked)
+        elif last.status in _NOT_FAILOVER_STATUSES:
             break
     if len(failures) == 1:
         raise failures[0][1]
-    raise _every_failure(failures, routes=len(pipeline.routes))
+    raise _every_failure(failures, routes=len(routes))
+
+
+async def _continue(
+    pipeline: Pipeline,
+    chat: ChatRequest,
+    delivery: _Delivery,
+    routes: tuple[Route, ...],
+    error: UpstreamError,
+) -> UpstreamError | None:
+    """
+    After `error` broke the stream on `routes[0]` past its first token: ask that route, then
+    the next, to continue the text delivered, each in its own way, none that refused lately;
+    `None` once one streamed to its end, else the failure the client is told, never a refusal
+    of the continuation itself. At most `max_continuations`.
+    """
+    retry = routes[0].provider.retry
+    if not _continuable(pipeline, chat, delivery, error):
+        return error
+    left = retry.max_continuations
+    candidates = list(routes)
+    while left and candidates:
+        route = candidates[0]
+        provider = route.provider
+        way = provider.continuation_for(route.upstream_model)
+        now = trio.current_time()
+        if way == "none" or pipeline.refusals.refused(provider.name, route.upstream_model, now=now):
+            candidates.pop(0)
+            continue
+        left -= 1
+        text = "".join(delivery.text)
+        continued = continuation(chat, text, way)
+        await delivery.send(_notice("continuation", retry.max_continuations - left, route, 0.0, error))
+        continuing = _Continuing(delivery, continued.overlap, delivered=len(text))
+        try:
+            await _attempt(pipeline, route, continued.chat.routed(route.upstream_model), continuing)
+            return None
+        except RequestError:  # the client's request cannot go to this route's protocol: not a way on
+            candidates.pop(0)
+            continue
+        except UpstreamError as exc:
+            if continuing.new_text:  # it went on, then broke too: go on from there, on this route first
+                error = exc
+                if not _continuable(pipeline, chat, delivery, error):
+                    return error
+                continue
+            await delivery.send(_notice("continuation_failed", 0, route, 0.0, exc))
+            if failure_kind(exc) is None:  # refused: this route takes no continuation, for a while
+                logger.info("%s/%s refused a continuation: %s", provider.name, route.upstream_model, exc)
+                pipeline.refusals.refuse(provider.name, route.upstream_model, until=now + retry.continuation_cooldown)
+            candidates.pop(0)
+    return error
+
+
+def _continuable(pipeline: Pipeline, chat: ChatRequest, delivery: _Delivery, error: UpstreamError) -> bool:
+    """
+    Whether a continuation can take the stream on after `error`: the upstream broke off (not
+    refused), what was delivered is text only and as the upstream wrote it (no transform),
+    and the client's request is a chat that does not end with its own assistant turn (a
+    legacy completion's prompt has no turns: asked again, it would be answered from the start).
+    """
+    return (
+        failure_kind(error) in CONTINUABLE
+        and delivery.text_only
+        and bool(delivery.text)
+        and not pipeline.transforms
+        and chat.protocol != "completions"
+        and not ends_with_assistant(chat)
+    )
+
+
+async def _race(
+    pipeline: Pipeline,
+    route: Route,
+    hedge: Route,
+    chat: ChatRequest,
+    delivery: _Delivery,
+    rng: random.Random,
+) -> tuple[list[tuple[Route, UpstreamError]], int, bool]:
+    """
+    `route`, and `hedge` alongside it once `route` has given no first token for its
+    `hedge_after`: the first to send a token wins, and the other is cancelled at once (its
+    upstream request closed). Each holds what it sends before its first token, so the loser's
+    preamble never reaches the sink. The failures in the order they came, how many routes were
+    tried (1 when `route` ended before the hedge began), and whether one streamed to its end.
+    """
+    race = _Race(delivery)
+    failures: list[tuple[Route, UpstreamError]] = []
+    succeeded = False
+
+    async def enter(racer: Route, entrant: _Entrant) -> None:
+        nonlocal succeeded
+        with entrant.scope:
+            error = await _try_route(pipeline, racer, chat, entrant, delivery, rng)
+            if error is None:
+                succeeded = True
+            else:
+                failures.append((racer, error))
+                if not all(other.settled.is_set() for other in race.entrants if other is not entrant):
+                    # The other goes on: this failure does not end the race, say so now.
+                    await delivery.send(_notice("hedge_failed", 0, racer, 0.0, error))
+        entrant.settled.set()
+
+    tried = 1
+    async with trio.open_nursery() as nursery:
+        first = race.entrant(route, announce=False)
+        nursery.start_soon(enter, route, first)
+        with trio.move_on_after(route.provider.timeouts.hedge_after):
+            await first.settled.wait()
+        if not first.settled.is_set():
+            tried = 2
+            reason = f"no first token within hedge_after ({route.provider.timeouts.hedge_after:g} s)"
+            await delivery.send(RetryNotice("hedge", 1, hedge.provider.name, hedge.upstream_model, 0.0, reason))
+            nursery.start_soon(enter, hedge, race.entrant(hedge, announce=True))
+    return failures, tried, succeeded
+
+
+class _Race:
+    """Two attempts racing for the first token; the sink takes the winner's items only."""
+
+    def __init__(self, delivery: _Delivery) -> None:
+        self.delivery = delivery
+        self.entrants: list[_Entrant] = []
+        self.winner: _Entrant | None = None
+
+    def entrant(self, route: Route, *, announce: bool) -> _Entrant:
+        entrant = _Entrant(self, route, announce=announce)
+        self.entrants.append(entrant)
+        return entrant
+
+
+class _Entrant:
+    """
+    One attempt's way into a race's sink: before its first token it holds what it sends
+    (`OPENED`, the role, an upstream's content-less events); its first token wins the race
+    if no other did, cancels the others, and sends what it held, then the token.
+    """
+
+    def __init__(self, race: _Race, route: Route, *, announce: bool) -> None:
+        self.race = race
+        self.route = route
+        self.announce = announce
+        """Tell the sink when it wins: the stream is answered by another route than the one asked."""
+        self.scope = trio.CancelScope()
+        self.settled = trio.Event()
+        """Its attempts ended, or it won."""
+        self.held: list[SessionItem] = []
+
+    async def send(self, item: SessionItem) -> None:
+        race = self.race
+        if race.winner is self or isinstance(item, RetryNotice):
+            await race.delivery.send(item)
+        elif isinstance(item, Delta) and item.has_content:
+            if race.winner is not None:  # lost, and about to be cancelled: nothing of it goes out
+                await trio.lowlevel.checkpoint()
+                return
+            await self._win(item)
+        elif len(self.held) < MAX_HELD_ITEMS:
+            self.held.append(item)
+        elif not isinstance(item, Delta) or item.says_anything:
+            raise UpstreamProtocolError(f"the upstream sent more than {MAX_HELD_ITEMS} events before its first token")
+
+    async def _win(self, token: Delta) -> None:
+        race = self.race
+        race.winner = self
+        self.settled.set()
+        for other in race.entrants:
+            if other is not self:
+                other.scope.cancel()
+        delivery = race.delivery
+        if self.announce:
+            route = self.route
+            await delivery.send(RetryNotice("hedge_won", 1, route.provider.name, route.upstream_model, 0.0, ""))
+        for item in self.held:
+            await delivery.send(item)
+        self.held.clear()
+        await delivery.send(token)
 
 
 async def _try_route(
@@ -97,20 +333,23 @@ async def _try_route(
     route: Route,
     chat: ChatRequest,
     sink: Sink,
-    progress: _Progress,
+    delivery: _Delivery,
     rng: random.Random,
 ) -> UpstreamError | None:
-    """One route, retried as its provider says: None once an attempt streamed to its end, else the last failure."""
+    """
+    One route, retried as its provider says (until a token left `delivery`): None once an
+    attempt streamed to its end, else the last failure.
+    """
     routed = chat.routed(route.upstream_model)
     retry = route.provider.retry
     attempt = 0
     while True:
         try:
-            await _attempt(pipeline, route, routed, sink, progress)
+            await _attempt(pipeline, route, routed, sink)
             return None
         except UpstreamError as exc:
             error = exc
-        if progress.token_sent or not error.retryable or attempt == retry.max_retries:
+        if delivery.token_sent or not retry.retries(error) or attempt == retry.max_retries:
             return error
         delay = retry.delay(attempt, retry_after=error.retry_after, random=rng.random())
         logger.info("retrying %s/%s in %.3f s: %s", route.provider.name, route.upstream_model, delay, error)
@@ -129,8 +368,8 @@ def _every_failure(failures: list[tuple[Route, UpstreamError]], *, routes: int) 
     return failures[-1][1].with_message(f"{tried} {routes} routes failed: {reasons}")
 
 
-async def _attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Sink, progress: _Progress) -> None:
-    watched = _WatchedSink(sink, route.provider.timeouts, progress, passthrough=pipeline.passthrough)
+async def _attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Sink) -> None:
+    watched = _WatchedSink(sink, route.provider.timeouts, passthrough=pipeline.passthrough)
     with watched.watchdog:
         await route.upstream.stream(chat, watched)
     if watched.watchdog.cancelled_caught:
@@ -142,35 +381,71 @@ async def _attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Si
 class _WatchedSink:
     """The sink an attempt's upstream writes into: it moves the watchdog's deadline."""
 
-    def __init__(self, sink: Sink, timeouts: Timeouts, progress: _Progress, *, passthrough: bool) -> None:
+    def __init__(self, sink: Sink, timeouts: Timeouts, *, passthrough: bool) -> None:
         self._sink = sink
-        self._progress = progress
         self._passthrough = passthrough
         self._silence = timeouts.silence_timeout
+        self._first_token = False
         self.kind, self.limit = "first_token_timeout", timeouts.first_token_timeout
         self.watchdog = trio.CancelScope(deadline=trio.current_time() + (self.limit or math.inf))
 
     async def send(self, item: SessionItem) -> None:
-        progress = self._progress
-        if isinstance(item, Opened):
-            if progress.opened:
-                return
-            progress.opened = True
-        elif isinstance(item, Delta):
+        if isinstance(item, Delta):
             item.arrived = trio.current_time()
             if not self._passthrough:
                 item.raw = None
                 if not item.says_anything:
                     return  # only its bytes mattered (a `ping`, a block's end): the stages need not see it
-            if item.has_content and not progress.token_sent:
-                progress.token_sent = True
+            if item.has_content and not self._first_token:
+                self._first_token = True
                 self.kind, self.limit = "silence_timeout", self._silence
         deadline = self.watchdog.deadline
         self.watchdog.deadline = math.inf  # waiting on the stages downstream is not upstream silence
         await self._sink.send(item)
-        if progress.token_sent:
+        if self._first_token:
             deadline = trio.current_time() + (self.limit or math.inf)
         self.watchdog.deadline = deadline
+
+
+class _Continuing:
+    """
+    A continuation's way to the delivery: only what is new. Its opening (`OPENED`, the role,
+    the upstream's own event bytes) is the client's already; the whitespace the client has
+    and the prefill left out is trimmed (`Overlap`); its usage counts the broken attempt too.
+    """
+
+    def __init__(self, delivery: _Delivery, overlap: str, *, delivered: int) -> None:
+        self._delivery = delivery
+        self._overlap = Overlap(overlap)
+        self._delivered_tokens = -(-delivered // CHARS_PER_TOKEN)
+        self.new_text = False
+
+    async def send(self, item: SessionItem) -> None:
+        if isinstance(item, Opened):
+            return
+        if isinstance(item, Delta):
+            item.raw, item.role = None, None
+            if item.text:
+                item.text = self._overlap.trim(item.text)
+            if item.usage is not None:
+                item.usage = self._both_attempts(item.usage)
+            if not item.says_anything:
+                return
+            self.new_text = self.new_text or item.has_content
+        await self._delivery.send(item)
+
+    def _both_attempts(self, usage: Usage) -> Usage:
+        """
+        The continuation's usage plus the broken attempt's, estimated: that one read the prompt
+        without the delivered text, and wrote the delivered text.
+        """
+        first_prompt = max(usage.prompt_tokens - self._delivered_tokens, 0)
+        return replace(
+            usage,
+            prompt_tokens=usage.prompt_tokens + first_prompt,
+            completion_tokens=usage.completion_tokens + self._delivered_tokens,
+            estimated=True,
+        )
 
 
 def _notice(kind: str, attempt: int, route: Route, delay: float, error: UpstreamError) -> RetryNotice:

@@ -72,6 +72,8 @@ class StreamSession:
         self._write_lock = trio.Lock()
         """The delivery and the heartbeat both write: one item at a time."""
         self._last_output = -math.inf
+        self._hedge: tuple[str, str] | None = None
+        """The provider and model asked alongside by a hedge, once one began."""
 
     async def run(self) -> None:
         """The session's task; returns when the stream ends or the session is cancelled."""
@@ -175,8 +177,8 @@ class StreamSession:
             self._count(item)
         elif isinstance(item, TrioproxyError):
             self._failed = True
-            if isinstance(item, UpstreamError):
-                self.stats.failed(item)
+            if isinstance(item, UpstreamError) and not self.stats.counted(item):
+                self.stats.failed(item)  # (a stream a continuation could not save ends with the failure it counted)
             accumulator = self.accumulator
             item = item.after_delivery(len(accumulator.text), content_delivered=bool(accumulator.content_deltas))
             self.stats.error = item
@@ -184,6 +186,31 @@ class StreamSession:
 
     def _count(self, notice: RetryNotice) -> None:
         stats = self.stats
+        kind = notice.kind
+        if kind == "breaker":
+            stats.breaker_transitions.append(notice.reason)
+            return
+        if kind == "hedge_won":
+            stats.provider, stats.model = notice.provider, notice.model
+            return
+        if kind in ("hedge_failed", "continuation_failed"):
+            assert notice.error is not None
+            stats.failures.append((notice.provider, notice.error))
+            if kind == "hedge_failed" and notice.provider == stats.provider:
+                # One of the two racing attempts failed, and the other goes on: the stream is now its.
+                assert self._hedge is not None
+                stats.provider, stats.model = self._hedge
+            return
+        if kind not in ("retry", "failover"):
+            stats.recoveries.append((kind, stats.provider))
+            if kind == "hedge":
+                self._hedge = (notice.provider, notice.model)
+            elif kind == "continuation":
+                assert notice.error is not None
+                if not stats.counted(notice.error):  # what broke the stream, on the provider it broke on
+                    stats.failed(notice.error)
+                stats.provider, stats.model = notice.provider, notice.model
+            return
         if notice.error is not None:
             stats.failed(notice.error)
         if notice.kind == "retry":

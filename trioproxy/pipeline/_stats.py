@@ -34,6 +34,13 @@ class StreamStats:
     """The provider of each failover, in order (the one the stream moved away from)."""
     failures: list[tuple[str, UpstreamError]] = field(default_factory=list)
     """Every failed upstream attempt, retried or not, with its provider, in order."""
+    recoveries: list[tuple[str, str]] = field(default_factory=list)
+    """
+    `(kind, provider)` of each recovery other than a retry or failover (`hedge`,
+    `skipped_event`), in order, with the provider answering then.
+    """
+    breaker_transitions: list[str] = field(default_factory=list)
+    """What became of a target's circuit breaker after this stream's attempts there, in order."""
     error: TrioproxyError | None = None
     """The error the stream ended with, if it failed."""
     cancelled: bool = False
@@ -41,6 +48,10 @@ class StreamStats:
 
     def failed(self, error: UpstreamError) -> None:
         self.failures.append((self.provider, error))
+
+    def counted(self, error: UpstreamError) -> bool:
+        """Whether this very failure is counted already (it was announced before it ended the stream)."""
+        return any(counted is error for _, counted in self.failures)
 
     def failed_over(self, provider: str, model: str) -> None:
         self.providers_left.append(self.provider)
@@ -55,6 +66,12 @@ class StreamStats:
         self.last_token = now
         if arrived is not None:
             self.buffer_waits.append(now - arrived)
+
+    @property
+    def attempts(self) -> int:
+        """Upstream requests made for the stream: the first, then one per retry, failover, hedge and continuation."""
+        asked = sum(1 for kind, _ in self.recoveries if kind in ("hedge", "continuation"))
+        return 1 + len(self.retries) + len(self.providers_left) + asked
 
     @property
     def ttft(self) -> float | None:

@@ -13,14 +13,25 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from .._events import Delta
-from .._exceptions import UpstreamStatusError
+from .._exceptions import ContextLengthError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
 
-__all__ = ["StreamParser", "Translation", "UpstreamRequest", "retry_after_seconds", "safe_message"]
+__all__ = [
+    "CUT_SHORT",
+    "StreamParser",
+    "Translation",
+    "UpstreamRequest",
+    "retry_after_seconds",
+    "safe_message",
+    "status_error",
+]
+
+CUT_SHORT: Final = "the upstream ended the stream before a finish reason"
+"""What `StreamParser.end` says of a body that ended cleanly but too early."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +64,15 @@ class StreamParser(Protocol):
 
         Raises `UpstreamStatusError` for an error the upstream reported in the stream and
         `UpstreamProtocolError` for bytes that are not the protocol.
+        """
+        ...
+
+    def end(self) -> list[Delta]:
+        """
+        The body ended cleanly before the end marker: the deltas still owed (usage held for
+        the marker), and the stream is finished, when a finish reason was seen; some servers
+        never send the marker, and the answer is whole. Without a finish reason the answer was
+        cut short: raises `UpstreamProtocolError`.
         """
         ...
 
@@ -123,3 +143,29 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     except ValueError:
         return None
     return seconds if seconds >= 0 else None
+
+
+_CONTEXT_LENGTH = re.compile(
+    r"maximum context length|context_length_exceeded|prompt is too long|exceeds the available context size",
+    re.IGNORECASE,
+)
+"""
+How upstreams say a prompt does not fit: OpenAI's code `context_length_exceeded` and its
+message ("This model's maximum context length is ... tokens"), vLLM's and SGLang's ("maximum
+context length"), Anthropic's ("prompt is too long: ... tokens > ... maximum"), llama.cpp's
+("the request exceeds the available context size").
+"""
+
+
+def status_error(
+    message: str,
+    *,
+    status: int,
+    type: str | None = None,
+    code: str | None = None,
+    retry_after: float | None = None,
+) -> UpstreamStatusError:
+    """The error for an upstream's error status (or in-stream error): a `ContextLengthError` when it says so."""
+    refused = 400 <= status < 500 and (code == "context_length_exceeded" or _CONTEXT_LENGTH.search(message))
+    kind = ContextLengthError if refused else UpstreamStatusError
+    return kind(message, status=status, type=type, code=code, retry_after=retry_after)

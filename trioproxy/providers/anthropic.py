@@ -51,7 +51,7 @@ Stream mapping (Anthropic event → `Delta`):
   `stop_sequence` that matched); output tokens are remembered (they are cumulative: the
   latest wins);
 - `message_stop` → `Delta(usage=...)` (with the cache counts, when reported) and the stream
-  is finished;
+  is finished; so does the end of the body after a `message_delta` with a `stop_reason`;
 - `error` → `UpstreamStatusError` with the status matching the error type (e.g. 529).
 
 Sans-IO: no trio, no httpx.
@@ -69,7 +69,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol, content_text
 from .._sse import ServerSentEvent
-from ._base import UpstreamRequest, retry_after_seconds, safe_message
+from ._base import CUT_SHORT, UpstreamRequest, retry_after_seconds, safe_message, status_error
 
 __all__ = [
     "ANTHROPIC_VERSION",
@@ -224,7 +224,7 @@ class AnthropicTranslation:
         if message is None:
             text = body.decode("utf-8", "replace").strip()
             message = f"upstream answered HTTP {status}" + (f": {text}" if text else "")
-        return UpstreamStatusError(
+        return status_error(
             safe_message(message, secret=self.api_key),
             status=status,
             type=type_,
@@ -570,6 +570,12 @@ class AnthropicStreamParser:
     def finished(self) -> bool:
         return self._finished
 
+    def end(self) -> list[Delta]:
+        if not self._finish_sent:
+            raise UpstreamProtocolError(CUT_SHORT)
+        self._finished = True
+        return [Delta(usage=self._usage)]
+
     def feed(self, event: ServerSentEvent) -> list[Delta]:
         if self._finished:
             return []
@@ -685,7 +691,7 @@ class AnthropicStreamParser:
         message = error.get("message")
         if not isinstance(message, str) or not message:
             message = f"the upstream reported {type_} during streaming"
-        return UpstreamStatusError(
+        return status_error(
             safe_message(message, secret=self._secret),
             status=ERROR_STATUS.get(type_, 500),
             type=type_,

@@ -33,7 +33,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import UpstreamRequest, retry_after_seconds, safe_message
+from ._base import CUT_SHORT, UpstreamRequest, retry_after_seconds, safe_message, status_error
 
 __all__ = ["OpenAIStreamParser", "OpenAITranslation", "delta_from_chunk", "delta_from_text_completion"]
 
@@ -107,7 +107,7 @@ class OpenAITranslation:
         message, type_, code = _error_fields(body)
         if not message:
             message = f"upstream answered HTTP {status}"
-        return UpstreamStatusError(
+        return status_error(
             safe_message(message, secret=self.api_key),
             status=status,
             type=type_,
@@ -119,7 +119,8 @@ class OpenAITranslation:
 class OpenAIStreamParser:
     """
     Parses `chat.completion.chunk` events (or, with `read`, another kind of chunk of the same
-    framing: `text_completion`); `[DONE]` ends the stream.
+    framing: `text_completion`); `[DONE]` ends the stream, and so does the end of the body after
+    a finish reason (some OpenAI-compatible servers never send `[DONE]`).
 
     `secret` (the provider's API key) is masked in the messages of in-stream errors;
     `keep_raw` keeps each chunk's event bytes in its delta.
@@ -133,6 +134,7 @@ class OpenAIStreamParser:
         read: Callable[..., Delta] | None = None,
     ) -> None:
         self._finished = False
+        self._finish_seen = False
         self._secret = secret
         self._keep_raw = keep_raw
         self._read = read or delta_from_chunk
@@ -140,6 +142,12 @@ class OpenAIStreamParser:
     @property
     def finished(self) -> bool:
         return self._finished
+
+    def end(self) -> list[Delta]:
+        if not self._finish_seen:
+            raise UpstreamProtocolError(CUT_SHORT)
+        self._finished = True
+        return []
 
     def feed(self, event: ServerSentEvent) -> list[Delta]:
         data = event.data
@@ -157,7 +165,10 @@ class OpenAIStreamParser:
         error = chunk.get("error")
         if error:
             raise _in_stream_error(error, secret=self._secret)
-        return [self._read(chunk, raw=b"data: " + data.encode() + b"\n\n" if self._keep_raw else None)]
+        delta = self._read(chunk, raw=b"data: " + data.encode() + b"\n\n" if self._keep_raw else None)
+        if delta.finish_reason is not None:
+            self._finish_seen = True
+        return [delta]
 
 
 def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delta:
@@ -260,13 +271,13 @@ def _in_stream_error(error: Any, *, secret: str | None) -> UpstreamStatusError:
         type_ = error.get("type") if isinstance(error.get("type"), str) else None
         code = error.get("code")
         status = code if isinstance(code, int) and 400 <= code < 600 else 502
-        return UpstreamStatusError(
+        return status_error(
             safe_message(str(message), secret=secret),
             status=status,
             type=type_ or "upstream_error",
             code=code if isinstance(code, str) else None,
         )
-    return UpstreamStatusError(safe_message(str(error), secret=secret), status=502, type="upstream_error")
+    return status_error(safe_message(str(error), secret=secret), status=502, type="upstream_error")
 
 
 def _error_fields(body: bytes) -> tuple[str, str | None, str | None]:

@@ -38,7 +38,12 @@ from .._request import ChatRequest, content_text
 __all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "SIMULATED_MODELS", "SimulatedSettings", "Stall", "Step", "script"]
 
 SIMULATED_MODELS: Final = ("echo", "lorem", "tools")
-DEFAULT_MAX_OUTPUT_TOKENS: Final = 4096
+DEFAULT_MAX_OUTPUT_TOKENS: Final = 131_072
+"""
+As much as today's largest models stream, so that a client asking for their limit (Claude Code
+sends `max_tokens: 128000`) is served; steps are made one at a time, so the cap bounds a
+stream's length, never its memory.
+"""
 
 _LOREM: Final = (
     "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut "

@@ -155,10 +155,16 @@ class AccessLog:
         }
         if usage.estimated:
             fields["tokens_estimated"] = True
+        if stats.attempts > 1:
+            fields["attempts"] = stats.attempts
         if stats.retries:
             fields["retries"] = len(stats.retries)
         if stats.providers_left:
             fields["failovers"] = len(stats.providers_left)
+        for kind, _ in stats.recoveries:
+            fields[kind + "s"] = fields.get(kind + "s", 0) + 1
+        if stats.breaker_transitions:
+            fields["breaker_transitions"] = stats.breaker_transitions
         if stats.error is not None:
             fields["error"] = stats.error.message
         if self.include_prompts:

@@ -17,6 +17,8 @@ What the client sees is decided by the stream, not by each delta:
   the first token starts another stream, and the client must see one `message_start` and one
   set of blocks. A retry notice drops what waited, except the `message_start`.
 - A heartbeat is an `event: ping` (after the waiting `message_start`, if any).
+- A continuation's text (rendered: its upstream events are not the client's) goes on in the
+  forwarded text block it continues, so the client sees one block, not two.
 - `message_stop` is only ever written by `done`, once the session completed, never after a
   failure; a failure after the first byte is an `event: error`.
 
@@ -118,6 +120,9 @@ class AnthropicEventRenderer:
         self._open: tuple[str, int] | None = None
         """The rendered block that is open: its kind (`text`, `thinking`, a tool index) and index."""
         self._blocks = 0
+        """Blocks started so far, forwarded or rendered: the index of the next."""
+        self._forwarded_text: int | None = None
+        """The forwarded text block still open, if any: a continuation's rendered text goes on in it."""
         self._tool_blocks: dict[int, int] = {}
         self._stop_reason: str | None = None
         self._stop_sequence: str | None = None
@@ -202,8 +207,14 @@ class AnthropicEventRenderer:
         if delta.usage is not None:  # message_stop: usage is reported with it
             self._message_stop = raw
             return b""
+        if raw.startswith(b"event: content_block_start"):
+            self._blocks += 1
+        elif raw.startswith(b"event: content_block_stop"):
+            self._forwarded_text = None
         if delta.has_content:
             self._streaming = True
+            if delta.text:
+                self._forwarded_text = self._blocks - 1
             return self._flush() + raw
         if self._streaming:
             return raw
@@ -241,8 +252,11 @@ class AnthropicEventRenderer:
         self._message_start = _event({"type": "message_start", "message": message})
 
     def _in_block(self, kind: str, block: dict[str, Any]) -> bytes:
-        """Open a block of `kind` unless one is open."""
+        """Open a block of `kind` unless one is open (text goes on in a forwarded text block still open)."""
         if self._open is not None and self._open[0] == kind:
+            return b""
+        if kind == "text" and self._open is None and self._forwarded_text is not None:
+            self._open, self._forwarded_text = ("text", self._forwarded_text), None
             return b""
         out = self._close_block()
         self._open = (kind, self._blocks)

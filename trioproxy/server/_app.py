@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import logging
-from typing import Final
+from typing import Any, Final
 
 from quart import Response, has_websocket_context, request
 from quart_trio import QuartTrio
@@ -65,7 +65,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[method-assign]
     router = router or Router(config)
     shutdown = shutdown or GracefulShutdown(config.server.shutdown_grace_period)
-    metrics = Metrics(active_streams=shutdown.streams.__len__)
+    metrics = Metrics(active_streams=shutdown.streams.__len__, targets=router.targets)
     access_log = AccessLog(
         app.asgi_app, metrics=metrics, enabled=config.logging.access_log, include_prompts=config.logging.include_prompts
     )
@@ -130,7 +130,11 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
 
     @app.get("/health")
     async def health() -> Response:
-        providers = {name: {"type": p.type} for name, p in config.providers.items()}
+        providers: dict[str, dict[str, Any]] = {name: {"type": p.type} for name, p in config.providers.items()}
+        for name, upstream in router.targets():
+            providers[name]["targets"] = [
+                {"url": t.url, "state": t.state, "outstanding": t.outstanding} for t in upstream.targets
+            ]
         status = "draining" if shutdown.draining else "ok"  # a draining instance takes no new work
         body = {"status": status, "version": __version__, "providers": providers, "active_streams": len(core.active)}
         return json_response(body, status=503 if shutdown.draining else 200)

@@ -41,7 +41,7 @@ from ._auth import presented_key
 from ._generic import Renderer, StreamInterrupted, commits, last_word, render
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
-from ._streams import StreamRegistry
+from ._streams import BroadcastStream, Encoder, RendererFactory, StreamRegistry, Watcher, sse_with_id
 
 __all__ = [
     "ASGI_SEND",
@@ -54,6 +54,7 @@ __all__ = [
     "keeping_send",
     "opening",
     "route_label",
+    "watch_response",
     "with_retry_after",
 ]
 
@@ -178,6 +179,35 @@ class Core:
         body = _relay(session, renderer, head, request.scope[ASGI_SEND])
         return Response(body, status=200, content_type=content_type, headers=STREAM_HEADERS)
 
+    async def share(
+        self,
+        session: StreamSession,
+        renderer_for: RendererFactory,
+        *,
+        shows_notices: bool,
+        prefix: str = "st_",
+        encode: Encoder = sse_with_id,
+    ) -> tuple[BroadcastStream, list[bytes], Watcher]:
+        """
+        Like `stream`, but once the upstream accepted, the generation becomes a resumable
+        stream (its own broadcast task) with the current request as its first watcher: the
+        stream, what it said until now, and the watcher. Raises the error that ended the
+        session before that (or `StreamsFullError`), the session cancelled.
+        """
+        try:
+            held = await opening(session, shows_notices=shows_notices)
+            if isinstance(held, TrioproxyError):
+                raise held
+            stream = self.streams.open(session, renderer_for, prefix=prefix, encode=encode)
+        except BaseException:
+            session.cancel()
+            raise
+        for item in held:  # logged before the first watcher attaches: it gets them as one write
+            stream.publish(item)
+        backlog, watcher = stream.attach()
+        self.nursery.start_soon(stream.run, name=f"stream {stream.id}")
+        return stream, backlog, watcher
+
 
 async def opening(session: StreamSession, *, shows_notices: bool) -> list[SessionItem] | TrioproxyError:
     """
@@ -253,6 +283,23 @@ async def _relay(
     finally:
         writer.relaying = False
         session.cancel()
+
+
+def watch_response(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher) -> Response:
+    """A watcher's SSE response: the replayed events, then the live ones."""
+    headers = {**STREAM_HEADERS, "x-stream-id": stream.id}
+    return Response(_watch(stream, backlog, watcher), status=200, content_type=SSE, headers=headers)
+
+
+async def _watch(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher) -> AsyncIterator[bytes]:
+    """A watcher's response body: the replayed events, then the live ones. Never yields inside a nursery."""
+    try:
+        if backlog:
+            yield b"".join(backlog)
+        async for data in watcher.receive:
+            yield data
+    finally:
+        stream.detach(watcher)
 
 
 def keeping_send(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:

@@ -13,14 +13,18 @@ no `models` list would take any model name a client sends, so each provider keep
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from .._exceptions import UpstreamStatusError, UpstreamTimeoutError
+from .._targets import BREAKER_STATES
+from .._upstream import BalancedUpstream
 from ..pipeline import StreamSession
 from ._generic import prompt_chars
 
@@ -37,9 +41,15 @@ _STREAM_LABELS: Final = ("route", "provider", "model")
 
 
 class Metrics:
-    def __init__(self, *, active_streams: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        *,
+        active_streams: Callable[[], int],
+        targets: Callable[[], list[tuple[str, BalancedUpstream]]] = list,
+    ) -> None:
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)
+        registry.register(_TargetsCollector(targets))
         self._models: dict[str, set[str]] = {}
 
         self.requests = Counter(
@@ -71,6 +81,12 @@ class Metrics:
             "trioproxy_failovers",
             "Streams moved to a fallback provider, by the provider left",
             ("provider",),
+            registry=registry,
+        )
+        self.recoveries = Counter(
+            "trioproxy_recoveries",
+            "Upstream faults a stream recovered from other than by a retry or failover, by kind (skipped_event)",
+            ("provider", "kind"),
             registry=registry,
         )
         self.timeouts = Counter(
@@ -145,6 +161,8 @@ class Metrics:
             self.upstream_errors.labels(failed, _failure_status(failure)).inc()
         for left in stats.providers_left:
             self.failovers.labels(left).inc()
+        for kind, recovered in stats.recoveries:
+            self.recoveries.labels(recovered, kind).inc()
         if stats.cancelled and stats.error is None:
             self.upstream_cancellations.labels(provider).inc()
         usage = session.accumulator.usage_or_estimate(prompt_chars(session.chat))
@@ -175,3 +193,33 @@ def _failure_status(failure: Exception) -> str:
     if isinstance(failure, UpstreamTimeoutError):
         return "timeout"
     return type(failure).__name__.removeprefix("Upstream").removesuffix("Error").lower() or "error"
+
+
+class _TargetsCollector(Collector):
+    """Each provider target's circuit breaker, read when `/metrics` is scraped."""
+
+    def __init__(self, targets: Callable[[], list[tuple[str, BalancedUpstream]]]) -> None:
+        self._targets = targets
+
+    def collect(self) -> Iterator[Metric]:
+        states = GaugeMetricFamily(
+            "trioproxy_target_state",
+            "Each provider target's circuit breaker: 1 for its state (closed, open, half_open)",
+            labels=("provider", "target", "state"),
+        )
+        outstanding = GaugeMetricFamily(
+            "trioproxy_target_outstanding", "Requests in flight to each provider target", labels=("provider", "target")
+        )
+        transitions = CounterMetricFamily(
+            "trioproxy_breaker_transitions",
+            "Circuit breaker changes of each provider target, by the state it went to",
+            labels=("provider", "target", "state"),
+        )
+        for provider, upstream in self._targets():
+            for target in upstream.targets:
+                for state in BREAKER_STATES:
+                    states.add_metric((provider, target.url, state), 1.0 if target.state == state else 0.0)
+                outstanding.add_metric((provider, target.url), target.outstanding)
+            for (url, state), count in upstream.transitions.items():
+                transitions.add_metric((provider, url, state), count)
+        yield from (states, outstanding, transitions)

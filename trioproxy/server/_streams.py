@@ -34,7 +34,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -47,7 +47,7 @@ from ._generic import StreamInterrupted, last_word, render
 
 if TYPE_CHECKING:
     from ..pipeline import StreamSession
-    from ._events_front import EventRenderer
+    from ._generic import Renderer
 
 __all__ = [
     "BroadcastStream",
@@ -61,8 +61,16 @@ __all__ = [
 
 logger = logging.getLogger("trioproxy.streams")
 
-RendererFactory = Callable[[str, Callable[[StreamEvent], bytes]], "EventRenderer"]
-"""`(stream_id, frame) -> EventRenderer`: the front adapter of one stream, framing through `frame`."""
+RendererFactory = Callable[[str, Callable[[Any], bytes]], "Renderer"]
+"""`(stream_id, frame) -> Renderer`: the front adapter of one stream, framing each event through `frame`."""
+
+Encoder = Callable[[Any, int], bytes]
+"""`(event, event_id) -> bytes`: how a stream's renderer's events are written, given their ids."""
+
+
+def sse_with_id(event: StreamEvent, event_id: int) -> bytes:
+    """The generic endpoints' framing: each event an SSE event whose `id:` is its number."""
+    return sse_frame(replace(event, id=str(event_id)))
 
 
 class ReplayLog(Protocol):
@@ -151,9 +159,11 @@ class BroadcastStream:
         renderer_for: RendererFactory,
         log: ReplayLog,
         config: StreamsConfig,
+        encode: Encoder = sse_with_id,
     ) -> None:
         self.id = stream_id
         self.session = session
+        self._encode = encode
         self.renderer = renderer_for(stream_id, self._frame)
         self.log = log
         self.config = config
@@ -167,15 +177,18 @@ class BroadcastStream:
         self._pending: list[tuple[int, bytes]] = []
         self._ended = False
         """The stream's last event (`done` or `error`) was published."""
+        self._cancelled_with: TrioproxyError | None = None
+        self.finished_event = trio.Event()
+        """Set once the stream is finished (its last event published)."""
 
     @property
     def finished(self) -> bool:
         return self.finished_at is not None
 
-    def _frame(self, event: StreamEvent) -> bytes:
+    def _frame(self, event: Any) -> bytes:
         """The renderer's framing: each event gets the next id, and is kept for the log."""
         self.last_id += 1
-        data = sse_frame(replace(event, id=str(self.last_id)))
+        data = self._encode(event, self.last_id)
         self._pending.append((self.last_id, data))
         return data
 
@@ -213,6 +226,12 @@ class BroadcastStream:
         if not self.watchers and not self.finished:
             self._grace.deadline = trio.current_time()
 
+    def cancel(self, reason: TrioproxyError) -> None:
+        """Stop the generation (and its upstream request); its last event is `reason`."""
+        if not self.finished and self._cancelled_with is None:
+            self._cancelled_with = reason
+            self.session.cancel()
+
     def publish(self, item: SessionItem | None) -> None:
         """Render `item` (None: the stream's last word), log it, and hand it to every watcher."""
         if self._ended:
@@ -232,7 +251,9 @@ class BroadcastStream:
             self._fan_out(b"".join(data for _, data in pending))
 
     def _finish_events(self) -> None:
-        if self._grace.cancelled_caught and not self.session.completed:
+        if self._cancelled_with is not None and not self.session.completed:
+            self.renderer.error(self._cancelled_with)
+        elif self._grace.cancelled_caught and not self.session.completed:
             self.renderer.error(
                 StreamInterrupted(
                     f"no client watched the stream for {self.resume_grace_period:g} s: it was cancelled"
@@ -273,6 +294,7 @@ class BroadcastStream:
             for watcher in list(self.watchers):
                 watcher.close()
             self.watchers.clear()
+            self.finished_event.set()
 
 
 class StreamRegistry:
@@ -294,10 +316,18 @@ class StreamRegistry:
         self._sweep()
         return len(self._streams)
 
-    def open(self, session: StreamSession, renderer_for: RendererFactory) -> BroadcastStream:
+    def open(
+        self,
+        session: StreamSession,
+        renderer_for: RendererFactory,
+        *,
+        prefix: str = "st_",
+        encode: Encoder = sse_with_id,
+    ) -> BroadcastStream:
         """
-        A new stream for `session`, rendered by `renderer_for(stream_id, frame)`; raises
-        `StreamsFullError` when `max_streams` are running.
+        A new stream for `session`, rendered by `renderer_for(stream_id, frame)` and written
+        by `encode`; its id starts with `prefix`. Raises `StreamsFullError` when `max_streams`
+        are running.
         """
         self._sweep()
         if len(self._streams) >= self.config.max_streams:
@@ -306,8 +336,8 @@ class StreamRegistry:
                 raise StreamsFullError(f"{self.config.max_streams} streams are running; try again later")
             oldest = min(finished, key=lambda s: s.finished_at or 0.0)
             del self._streams[oldest.id]
-        stream_id = "st_" + secrets.token_hex(12)
-        stream = BroadcastStream(stream_id, session, renderer_for, self._log_factory(), self.config)
+        stream_id = prefix + secrets.token_hex(12)
+        stream = BroadcastStream(stream_id, session, renderer_for, self._log_factory(), self.config, encode)
         if not self._resuming:
             stream.stop_resuming()
         self._streams[stream_id] = stream
@@ -317,6 +347,13 @@ class StreamRegistry:
         """The stream, if it is running or finished less than `retention` seconds ago."""
         self._sweep()
         return self._streams.get(stream_id)
+
+    def remove(self, stream_id: str) -> BroadcastStream | None:
+        """Forget a stream (cancelling it if it runs); the stream, if there was one."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            stream.session.cancel()
+        return stream
 
     def _sweep(self) -> None:
         now = trio.current_time()

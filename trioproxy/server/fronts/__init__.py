@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final, Protocol
 
-from . import anthropic_messages, events, openai_chat, openai_embeddings
+from . import anthropic_messages, events, openai_chat, openai_embeddings, openai_responses
 
 if TYPE_CHECKING:
     from quart import Response
@@ -38,7 +38,7 @@ class Front(Protocol):
     def error_response(self, path: str, error: TrioproxyError) -> Response: ...
 
 
-FRONTS: Final[tuple[Front, ...]] = (anthropic_messages, events, openai_embeddings, openai_chat)
+FRONTS: Final[tuple[Front, ...]] = (anthropic_messages, events, openai_embeddings, openai_responses, openai_chat)
 """In the order they claim paths: OpenAI's last, as it answers for every path no other owns."""
 
 

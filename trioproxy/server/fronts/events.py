@@ -14,7 +14,7 @@ the upstream is cancelled when no watcher is left for `[streams].resume_grace_pe
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Final
 
 from quart import Response, request
@@ -25,10 +25,9 @@ from ..._exceptions import NotFoundError, RequestError, TrioproxyError
 from ..._request import parse_json_object
 from ...pipeline import StreamSession
 from .._access import RECORD
-from .._core import SSE, STREAM_HEADERS, Core, opening, with_retry_after
+from .._core import SSE, Core, watch_response, with_retry_after
 from .._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
 from .._generic import generic_chat_request, prompt_chars
-from .._streams import BroadcastStream, Watcher
 from .._websocket import register_websocket_routes
 
 __all__ = ["GENERIC_ENDPOINTS", "error_response", "owns", "register"]
@@ -100,27 +99,12 @@ def register(app: QuartTrio, core: Core) -> None:
         renderer_for: Callable[[str, Callable[[StreamEvent], bytes]], EventRenderer],
         error_response: Callable[[TrioproxyError], Response],
     ) -> Response:
-        """
-        Like `Core.stream`, but once the upstream accepted, the generation becomes a resumable
-        stream (its own broadcast task) with this request as its first watcher.
-        """
+        """A resumable stream (`Core.share`) with this request as its first watcher."""
         try:
-            held = await opening(session, shows_notices=True)
-            if isinstance(held, TrioproxyError):
-                session.cancel()
-                return error_response(held)
-            stream = core.streams.open(session, renderer_for)
-        except TrioproxyError as exc:  # `max_streams` are running
-            session.cancel()
+            shared = await core.share(session, renderer_for, shows_notices=True)
+        except TrioproxyError as exc:
             return error_response(exc)
-        except BaseException:
-            session.cancel()
-            raise
-        for item in held:  # logged before the first watcher attaches: it gets them as one write
-            stream.publish(item)
-        backlog, watcher = stream.attach()
-        core.nursery.start_soon(stream.run, name=f"stream {stream.id}")
-        return _watch_response(stream, backlog, watcher)
+        return watch_response(*shared)
 
     @app.get("/v1/streams/<stream_id>")
     async def watch_stream(stream_id: str) -> Response:
@@ -140,7 +124,7 @@ def register(app: QuartTrio, core: Core) -> None:
             backlog, watcher = stream.attach(after)
         except TrioproxyError as exc:  # the events after `after` are no longer kept
             return _sse_error(exc)
-        return _watch_response(stream, backlog, watcher)
+        return watch_response(stream, backlog, watcher)
 
     register_websocket_routes(
         app,
@@ -154,19 +138,3 @@ def register(app: QuartTrio, core: Core) -> None:
     for path, (frame, content_type) in GENERIC_ENDPOINTS.items():
         name = path.removeprefix("/v1/").replace("/", "_")
         app.add_url_rule(path, name, generic_endpoint(frame, content_type), methods=["POST"])
-
-
-def _watch_response(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher) -> Response:
-    headers = {**STREAM_HEADERS, "x-stream-id": stream.id}
-    return Response(_watch(stream, backlog, watcher), status=200, content_type=SSE, headers=headers)
-
-
-async def _watch(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher) -> AsyncIterator[bytes]:
-    """A watcher's response body: the replayed events, then the live ones. Never yields inside a nursery."""
-    try:
-        if backlog:
-            yield b"".join(backlog)
-        async for data in watcher.receive:
-            yield data
-    finally:
-        stream.detach(watcher)

@@ -1,0 +1,678 @@
+"""
+`POST /v1/responses` end to end: the official openai SDK → trioproxy (hypercorn on
+127.0.0.1:0) → a real scripted upstream speaking Chat Completions (`up`) or Anthropic
+(`claude`), both translated, or the simulated one (`sim`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import orjson
+import pytest
+import trio
+import trio_websocket
+
+from tests.conftest import proxy_config, wait_until
+from trioproxy import serve
+from trioproxy._sse import SSEDecoder
+from trioproxy.server._responses_front import TERMINAL_EVENTS
+from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
+
+TOKENS = ("Hel", "lo", ",", " wörld", " 🌍", "!")
+MODELS = pytest.mark.parametrize("model", ["up/gpt-test", "claude/claude-test"])
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+def sent(request: RecordedRequest) -> dict[str, Any]:
+    body: dict[str, Any] = orjson.loads(request.body)
+    return body
+
+
+# --- text ---------------------------------------------------------------------------------
+
+
+@MODELS
+async def test_a_streamed_answer_through_the_stream_helper(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream, model: str
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, usage=(11, 6)))
+    async with client.responses.stream(model=model, input="Say hello", instructions="Be brief.") as stream:
+        pieces = [event.delta async for event in stream if event.type == "response.output_text.delta"]
+        response = await stream.get_final_response()
+    assert pieces == list(TOKENS)
+    assert response.output_text == "".join(TOKENS)
+    assert response.status == "completed"
+    assert response.id.startswith("resp_")
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (11, 6)
+
+
+@MODELS
+async def test_a_streamed_answer_s_events_are_in_the_api_s_order(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream, model: str
+) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    stream = await client.responses.create(model=model, input="Say hello", stream=True)
+    events = [event async for event in stream]
+    assert [event.type for event in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * len(TOKENS),
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+
+
+@MODELS
+async def test_a_non_streamed_answer(client: openai.AsyncOpenAI, upstream: FakeUpstream, model: str) -> None:
+    upstream.push(Reply(tokens=TOKENS, usage=(9, 6)))
+    response = await client.responses.create(model=model, input="Say hello", metadata={"ticket": "42"})
+    assert response.output_text == "".join(TOKENS)
+    assert (response.status, response.metadata) == ("completed", {"ticket": "42"})
+    assert response.usage is not None and response.usage.total_tokens == 15
+
+
+async def test_the_chat_completions_upstream_gets_the_translated_request(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    await client.responses.create(
+        model="up/gpt-test",
+        instructions="Be brief.",
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+        max_output_tokens=64,
+        store=False,
+        include=["reasoning.encrypted_content"],
+    )
+    body = sent(upstream.requests[-1])
+    assert upstream.requests[-1].path == "/v1/chat/completions"
+    assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert (body["model"], body["max_tokens"], body["stream"]) == ("gpt-test", 64, True)
+    assert "store" not in body and "include" not in body
+
+
+async def test_the_simulated_upstream(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+    async with client.responses.stream(model="sim/echo", input="one two three") as stream:
+        response = await stream.get_final_response()
+    assert response.output_text == "one two three"
+    assert list(upstream.requests) == []
+
+
+async def test_the_sync_client(proxy_url: str, upstream: FakeUpstream) -> None:
+    """The sync SDK, in a thread: the proxy runs in this test's trio loop."""
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=TOKENS))
+
+    def use_the_sync_sdk() -> tuple[str, str]:
+        with openai.OpenAI(base_url=proxy_url + "/v1", api_key="k", max_retries=0) as sdk:
+            created = sdk.responses.create(model="up/m", input="hi")
+            with sdk.responses.stream(model="claude/c", input="hi") as stream:
+                streamed = stream.get_final_response().output_text
+        return created.output_text, streamed
+
+    assert await trio.to_thread.run_sync(use_the_sync_sdk) == ("".join(TOKENS), "".join(TOKENS))
+
+
+# --- function calling -----------------------------------------------------------------------
+
+
+@MODELS
+async def test_function_calling_across_two_turns(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream, model: str
+) -> None:
+    calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
+    upstream.push(Reply(tokens=("Let me check.",), tool_calls=calls), Reply(tokens=("Sunny", " in Paris.")))
+    async with client.responses.stream(model=model, input="Weather in Paris?", tools=[WEATHER]) as stream:
+        argument_deltas = [e.delta async for e in stream if e.type == "response.function_call_arguments.delta"]
+        first = await stream.get_final_response()
+    assert "".join(argument_deltas) == '{"city": "Paris"}'
+    assert [item.type for item in first.output] == ["message", "function_call"]
+    call = first.output[1]
+    assert call.type == "function_call"
+    assert (call.call_id, call.name, call.arguments, call.status) == (
+        "call_1",
+        "get_weather",
+        '{"city": "Paris"}',
+        "completed",
+    )
+
+    second = await client.responses.create(
+        model=model,
+        tools=[WEATHER],
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            *[item.model_dump(exclude_none=True) for item in first.output],
+            {"type": "function_call_output", "call_id": "call_1", "output": "18C, sunny"},
+        ],
+    )
+    assert second.output_text == "Sunny in Paris."
+    body = sent(upstream.requests[-1])
+    if model.startswith("up/"):
+        assert body["messages"][1]["tool_calls"] == [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        ]
+        assert body["messages"][2] == {"role": "tool", "tool_call_id": "call_1", "content": "18C, sunny"}
+    else:
+        assert body["messages"][1]["content"][-1]["type"] == "tool_use"
+        assert body["messages"][2]["content"][0] == {
+            "type": "tool_result",
+            "tool_use_id": "call_1",
+            "content": "18C, sunny",
+        }
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+async def test_a_field_the_upstream_cannot_carry_is_a_400_naming_it(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model="up/gpt-test", input="hi", tools=[{"type": "local_shell"}])
+    assert info.value.param == "tools[0].type"
+    assert "Responses upstreams only" in info.value.message
+
+
+async def test_an_unknown_model_is_a_404(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.create(model="nowhere/x", input="hi")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_upstream_error_before_the_first_token_is_the_sdk_s_typed_error(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream, stream: bool
+) -> None:
+    upstream.push(Reply(status=429, error_message="slow down", headers={"retry-after": "3"}))
+    with pytest.raises(openai.RateLimitError) as info:
+        if stream:
+            async with client.responses.stream(model="up/gpt-test", input="hi") as events:
+                await events.get_final_response()
+        else:
+            await client.responses.create(model="up/gpt-test", input="hi")
+    assert "slow down" in info.value.message
+    assert info.value.response.headers["retry-after"] == "3"
+
+
+async def test_an_error_after_the_first_token_is_an_error_event_then_response_failed(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, error_after=2))
+    async with httpx.AsyncClient() as http:
+        response = await http.post(proxy_url + "/v1/responses", json={"model": "up/m", "input": "hi", "stream": True})
+    assert response.status_code == 200
+    events = [orjson.loads(event.data) for event in SSEDecoder().feed(response.content)]
+    kinds = [event["type"] for event in events]
+    assert kinds[-2:] == ["error", "response.failed"]
+    assert "response.completed" not in kinds
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed"
+    assert "after 5 characters were delivered" in failed["error"]["message"]
+    assert failed["output"][0]["content"][0]["text"] == "Hello"
+
+
+async def test_the_sdk_raises_an_error_after_the_first_token(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, error_after=2))
+    with pytest.raises(openai.APIError, match="upstream failure"):
+        async with client.responses.stream(model="up/gpt-test", input="hi") as stream:
+            await stream.get_final_response()
+
+
+async def test_a_truncated_answer_is_incomplete(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS, finish_reason="length"))
+    response = await client.responses.create(model="up/gpt-test", input="hi", max_output_tokens=6)
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
+
+
+# --- stages and guarantees --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def staged(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
+    config = proxy_config(
+        upstream,
+        patient={
+            "type": "openai",
+            "base_url": upstream.url + "/v1",
+            "heartbeat_interval": 0.05,
+            "first_token_timeout": 5,
+        },
+        hasty={"type": "openai", "base_url": upstream.url + "/v1", "first_token_timeout": 0.2},
+    )
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    return str(binds[0])
+
+
+async def test_heartbeats_are_comments_the_sdk_skips(staged: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS, ttft=0.3))
+    async with httpx.AsyncClient() as http:
+        response = await http.post(staged + "/v1/responses", json={"model": "patient/m", "input": "hi", "stream": True})
+    assert response.content.startswith(b": keep-alive\n\n")
+    async with openai.AsyncOpenAI(base_url=staged + "/v1", api_key="k", max_retries=0) as sdk:
+        upstream.push(Reply(tokens=TOKENS, ttft=0.3))
+        async with sdk.responses.stream(model="patient/m", input="hi") as stream:
+            assert (await stream.get_final_response()).output_text == "".join(TOKENS)
+
+
+async def test_a_first_token_timeout_is_a_504(staged: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS, ttft=5))
+    async with openai.AsyncOpenAI(base_url=staged + "/v1", api_key="k", max_retries=0) as sdk:
+        with pytest.raises(openai.APIStatusError) as info:
+            await sdk.responses.create(model="hasty/m", input="hi")
+    assert info.value.status_code == 504
+    assert "first_token_timeout" in info.value.message
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_closes_the_upstream(proxy_url: str, upstream: FakeUpstream, stream: bool) -> None:
+    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
+    async with trio.open_nursery() as nursery:
+
+        async def request() -> None:
+            async with httpx.AsyncClient() as http:
+                body = {"model": "up/m", "input": "hi", "stream": stream}
+                async with http.stream("POST", proxy_url + "/v1/responses", json=body) as response:
+                    async for _ in response.aiter_bytes():
+                        pass
+
+        nursery.start_soon(request)
+        with trio.fail_after(5):
+            await upstream.wait_for_requests(upstream.request_count + 1)
+        if stream:  # mid-stream; a non-streamed answer is read whole, so any time is mid-answer
+            await wait_until(lambda: upstream.requests[-1].tokens_sent >= 3)
+        nursery.cancel_scope.cancel()  # the client hangs up
+    hung_up_at = trio.current_time()
+    recorded = upstream.requests[-1]
+    with trio.fail_after(1):
+        await recorded.disconnected.wait()
+    assert recorded.disconnected_at is not None
+    assert recorded.disconnected_at - hung_up_at < 0.1
+    assert not recorded.completed
+
+
+# --- WebSocket mode ---------------------------------------------------------------------------
+
+
+def ws_url(proxy_url: str) -> str:
+    return proxy_url.replace("http://", "ws://", 1) + "/v1/responses"
+
+
+async def one_response(connection: trio_websocket.WebSocketConnection, **create: Any) -> list[dict[str, Any]]:
+    """Send one `response.create` and read its events, up to the terminal one (or an `error` frame alone)."""
+    await connection.send_message(orjson.dumps({"type": "response.create", **create}).decode())
+    events = []
+    with trio.fail_after(5):
+        while True:
+            event = orjson.loads(await connection.get_message())
+            events.append(event)
+            if event["type"] in TERMINAL_EVENTS or (event["type"] == "error" and "status" in event):
+                return events
+
+
+async def test_websocket_mode_answers_responses_in_turn_and_continues_from_the_last(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=("Again",)))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        first = await one_response(connection, model="up/m", input="hi", stream=True, store=False)
+        assert [e["type"] for e in first] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            *["response.output_text.delta"] * len(TOKENS),
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        assert [e["sequence_number"] for e in first] == list(range(len(first)))
+        response_id = first[-1]["response"]["id"]
+        second = await one_response(
+            connection, model="up/m", previous_response_id=response_id, input=[{"role": "user", "content": "more"}]
+        )
+        assert second[-1]["response"]["output"][0]["content"][0]["text"] == "Again"
+        assert second[-1]["response"]["id"] != response_id
+        unknown = await one_response(connection, model="up/m", previous_response_id="resp_nope", input="x")
+    assert [m["role"] for m in sent(upstream.requests[-1])["messages"]] == ["user", "assistant", "user"]
+    assert sent(upstream.requests[-1])["messages"][1]["content"] == "".join(TOKENS)
+    assert unknown == [
+        {
+            "type": "error",
+            "status": 404,
+            "status_code": 404,
+            "error": {
+                "type": "not_found_error",
+                "code": "previous_response_not_found",
+                "message": "no response 'resp_nope': it was never stored, or it has expired or been deleted",
+                "param": "previous_response_id",
+            },
+        }
+    ]
+
+
+async def test_websocket_mode_refuses_a_bad_frame_and_stays_open(proxy_url: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        await connection.send_message("not json")
+        assert orjson.loads(await connection.get_message())["status"] == 400
+        refused = await one_response(connection, model="up/m", input="hi", tools=[{"type": "local_shell"}])
+        assert (refused[0]["status"], refused[0]["error"]["param"]) == (400, "tools[0].type")
+        unknown = await one_response(connection, model="nowhere/m", input="hi")
+        assert unknown[0]["status"] == 404
+        answered = await one_response(connection, model="up/m", input="hi")
+    assert answered[-1]["type"] == "response.completed"
+
+
+async def test_websocket_mode_failures_before_and_after_the_first_token(proxy_url: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(status=429, error_message="slow down"), Reply(tokens=TOKENS, error_after=2))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        before = await one_response(connection, model="up/m", input="hi")
+        after = await one_response(connection, model="up/m", input="hi")
+    assert [(e["type"], e["status"], e["error"]["message"]) for e in before] == [("error", 429, "slow down")]
+    kinds = [e["type"] for e in after]
+    assert kinds[0] == "response.created" and kinds[-2:] == ["error", "response.failed"]
+    assert "response.completed" not in kinds
+
+
+async def test_websocket_mode_disconnect_closes_the_upstream(proxy_url: str, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        await connection.send_message(
+            orjson.dumps({"type": "response.create", "model": "up/m", "input": "hi"}).decode()
+        )
+        with trio.fail_after(5):
+            while orjson.loads(await connection.get_message())["type"] != "response.output_text.delta":
+                pass
+    hung_up_at = trio.current_time()
+    recorded = upstream.requests[-1]
+    with trio.fail_after(1):
+        await recorded.disconnected.wait()
+    assert recorded.disconnected_at is not None
+    assert recorded.disconnected_at - hung_up_at < 0.1
+
+
+# --- stored responses -------------------------------------------------------------------------
+
+
+async def test_previous_response_id_continues_a_stored_response(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("Paris.",)), Reply(tokens=("About 2 million.",)))
+    first = await client.responses.create(model="up/gpt-test", instructions="Be brief.", input="Capital of France?")
+    second = await client.responses.create(model="up/gpt-test", previous_response_id=first.id, input="Its population?")
+    assert second.output_text == "About 2 million."
+    assert second.previous_response_id == first.id
+    assert sent(upstream.requests[-1])["messages"] == [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Its population?"},
+    ]  # instructions are not inherited, as in the API
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.responses.create(model="up/gpt-test", previous_response_id="resp_gone", input="x")
+    assert (info.value.code, info.value.param) == ("previous_response_not_found", "previous_response_id")
+
+
+async def test_a_stored_response_is_retrieved_and_deleted_and_store_false_keeps_none(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=TOKENS))
+    created = await client.responses.create(model="up/gpt-test", input="hi")
+    retrieved = await client.responses.retrieve(created.id)
+    assert retrieved.model_dump() == created.model_dump()
+    await client.responses.delete(created.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(created.id)
+    unstored = await client.responses.create(model="up/gpt-test", input="hi", store=False)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(unstored.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve("st_not_a_response")
+
+
+async def test_a_background_response_is_resumed_after_a_sequence_number_then_followed_live(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("a", "b", "c", "d", "e", "f"), interval=0.05))
+    queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
+    assert (queued.status, queued.background) == ("queued", True)
+    watching = await client.responses.retrieve(queued.id, stream=True)
+    async for event in watching:
+        if event.sequence_number == 4:  # the first delta: then the connection drops
+            assert event.type == "response.output_text.delta" and event.delta == "a"
+            break
+    await watching.close()
+    stream = await client.responses.retrieve(queued.id, stream=True, starting_after=4)
+    events = [event async for event in stream]
+    assert [event.sequence_number for event in events] == list(range(5, 5 + len(events)))
+    assert [event.delta for event in events if event.type == "response.output_text.delta"] == ["b", "c", "d", "e", "f"]
+    assert events[-1].type == "response.completed"
+    assert len(upstream.requests) == 1  # asked once
+    again = await client.responses.retrieve(queued.id, stream=True, starting_after=-1)
+    replayed = [event async for event in again]
+    assert replayed[0].type == "response.created" and replayed[-1].type == "response.completed"
+    with pytest.raises(openai.BadRequestError):
+        await client.responses.retrieve(queued.id, stream=True, starting_after=999)
+
+
+async def test_cancelling_a_background_response_cancels_its_upstream(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
+    queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
+    with trio.fail_after(5):
+        await upstream.wait_for_requests(1)
+    cancelled = await client.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled"
+    with trio.fail_after(1):
+        await upstream.requests[-1].disconnected.wait()
+    assert (await client.responses.retrieve(queued.id)).status == "cancelled"
+
+
+async def test_the_stream_helper_resumes_a_response_by_id(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+    """`responses.stream(response_id=...)` replays from event 0 and filters on the client."""
+    upstream.push(Reply(tokens=TOKENS))
+    queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
+    async with client.responses.stream(response_id=queued.id, starting_after=3) as stream:
+        final = await stream.get_final_response()
+    assert final.output_text == "".join(TOKENS)
+
+
+# --- a Responses upstream ---------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "responses"
+
+
+@pytest.fixture
+async def responses_proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
+    """`resp` speaks Responses upstream; `up` and `claude` as everywhere."""
+    config = proxy_config(upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1"})
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    return str(binds[0])
+
+
+async def test_a_responses_client_s_stream_passes_through_byte_for_byte(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    recorded = (FIXTURES / "text_stream.sse").read_bytes()
+    upstream.push(Reply(raw_body=recorded))
+    sent_body = {
+        "model": "resp/gpt-4o-mini",
+        "input": [{"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}, {"role": "user", "content": "hi"}],
+        "tools": [{"type": "web_search"}, {"type": "custom", "name": "apply_patch"}],
+        "include": ["reasoning.encrypted_content"],
+        "store": False,
+        "stream": True,
+        "vendor_field": {"kept": True},
+    }
+    async with httpx.AsyncClient() as http:
+        response = await http.post(responses_proxy + "/v1/responses", json=sent_body)
+    assert response.status_code == 200
+    assert response.content == recorded
+    assert upstream.requests[-1].path == "/v1/responses"
+    assert sent(upstream.requests[-1]) == {**sent_body, "model": "gpt-4o-mini"}
+
+
+async def test_a_responses_client_stores_a_response_from_a_responses_upstream(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
+    upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)))
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        async with sdk.responses.stream(model="resp/m", input="hi", tools=[WEATHER]) as stream:
+            final = await stream.get_final_response()
+        assert (await sdk.responses.retrieve(final.id)).id == final.id
+    assert final.output_text == "".join(TOKENS)
+    call = final.output[1]
+    assert call.type == "function_call" and (call.call_id, call.arguments) == ("call_1", '{"city": "Paris"}')
+    assert final.usage is not None and (final.usage.input_tokens, final.usage.output_tokens) == (9, 8)
+
+
+async def test_a_chat_completions_client_reaches_a_responses_upstream(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
+    upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)), Reply(tokens=TOKENS, finish_reason="length"))
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="resp/m",
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
+            tools=[{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["parameters"]}}],
+            max_tokens=50,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        truncated = await sdk.chat.completions.create(model="resp/m", messages=[{"role": "user", "content": "hi"}])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "".join(TOKENS)
+    arguments = "".join(
+        tc.function.arguments or ""
+        for c in chunks
+        if c.choices
+        for tc in c.choices[0].delta.tool_calls or []
+        if tc.function is not None
+    )
+    assert arguments == '{"city": "Paris"}'
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 17
+    assert truncated.choices[0].finish_reason == "length"
+    body = sent(upstream.requests[0])
+    assert body["input"] == [
+        {"type": "message", "role": "system", "content": "Be brief."},
+        {"type": "message", "role": "user", "content": "Weather?"},
+    ]
+    assert body["tools"] == [{"type": "function", "name": "get_weather", "parameters": WEATHER["parameters"]}]
+    assert (body["max_output_tokens"], body["stream"]) == (50, True)
+
+
+async def test_a_responses_upstream_s_in_stream_failure_reaches_a_chat_client(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, error_after=2))
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        with pytest.raises(openai.APIError, match="upstream failure"):
+            async for _ in stream:
+                pass
+
+
+async def test_a_field_chat_has_and_responses_has_not_is_a_400(responses_proxy: str, upstream: FakeUpstream) -> None:
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        with pytest.raises(openai.BadRequestError) as info:
+            await sdk.chat.completions.create(model="resp/m", messages=[{"role": "user", "content": "hi"}], stop=["x"])
+    assert info.value.param == "stop"
+
+
+async def test_websocket_mode_generate_false_asks_nothing_upstream_and_can_be_continued(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        warmed = await one_response(connection, model="up/m", input="hi", generate=False)
+        assert [e["type"] for e in warmed] == ["response.created", "response.in_progress", "response.completed"]
+        assert warmed[-1]["response"]["output"] == []
+        answered = await one_response(
+            connection, model="up/m", previous_response_id=warmed[-1]["response"]["id"], input="more"
+        )
+    assert answered[-1]["type"] == "response.completed"
+    assert len(upstream.requests) == 1
+    assert [m["content"] for m in sent(upstream.requests[0])["messages"]] == ["hi", "more"]
+
+
+async def test_an_anthropic_client_reaches_a_responses_upstream(responses_proxy: str, upstream: FakeUpstream) -> None:
+    calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
+    upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)))
+    async with (
+        anthropic.AsyncAnthropic(base_url=responses_proxy, api_key="k", max_retries=0) as claude,
+        claude.messages.stream(
+            model="resp/m",
+            max_tokens=100,
+            system="Be brief.",
+            messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=[{"name": "get_weather", "input_schema": WEATHER["parameters"]}],
+        ) as stream,
+    ):
+        message = await stream.get_final_message()
+    assert [block.type for block in message.content] == ["text", "tool_use"]
+    assert message.content[0].type == "text" and message.content[0].text == "".join(TOKENS)
+    assert message.content[1].type == "tool_use" and message.content[1].input == {"city": "Paris"}
+    assert (message.stop_reason, message.usage.input_tokens, message.usage.output_tokens) == ("tool_use", 9, 8)
+    body = sent(upstream.requests[-1])
+    assert upstream.requests[-1].path == "/v1/responses"
+    assert body["input"][0] == {"type": "message", "role": "system", "content": "Be brief."}
+    assert body["max_output_tokens"] == 100
+
+
+async def test_websocket_mode_passes_a_responses_upstream_s_events_through_and_continues_them(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    recorded = (FIXTURES / "text_stream.sse").read_bytes()
+    upstream.push(Reply(raw_body=recorded), Reply(tokens=("Again",)))
+    async with trio_websocket.open_websocket_url(ws_url(responses_proxy)) as connection:
+        first = await one_response(connection, model="resp/gpt-4o-mini", input="hi", store=False)
+        second = await one_response(
+            connection, model="resp/gpt-4o-mini", previous_response_id="resp_sanitized_streaming", input="more"
+        )
+    assert first == [orjson.loads(event.data) for event in SSEDecoder().feed(recorded)]
+    assert second[-1]["type"] == "response.completed"
+    continued_input = sent(upstream.requests[-1])["input"]
+    assert [item.get("role") for item in continued_input] == ["user", "assistant", "user"]
+    assert continued_input[1]["id"] == "msg_sanitized_streaming"  # the upstream's own output item, whole
+
+
+async def test_a_stored_response_from_a_responses_upstream_keeps_its_events_under_the_store_s_id(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    recorded = (FIXTURES / "text_stream.sse").read_bytes()
+    upstream.push(Reply(raw_body=recorded))
+    async with httpx.AsyncClient() as http:
+        body = {"model": "resp/gpt-4o-mini", "input": "hi", "stream": True}
+        response = await http.post(responses_proxy + "/v1/responses", json=body)
+        events = [orjson.loads(event.data) for event in SSEDecoder().feed(response.content)]
+        stored_id = events[0]["response"]["id"]
+        retrieved = (await http.get(f"{responses_proxy}/v1/responses/{stored_id}")).json()
+    assert stored_id.startswith("resp_") and stored_id != "resp_sanitized_streaming"
+    upstream_events = [orjson.loads(event.data) for event in SSEDecoder().feed(recorded)]
+    for event in upstream_events:
+        if "response" in event:
+            event["response"]["id"] = stored_id
+    assert events == upstream_events  # every field of every event, the obfuscation padding too
+    assert retrieved == upstream_events[-1]["response"]

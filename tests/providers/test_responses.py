@@ -1,0 +1,134 @@
+"""
+Tests of the Responses upstream translation: plain bytes and dicts, no sockets. Streams are
+`tests/fixtures/responses/text_stream.sse` and the scripted upstream's own Responses events.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from trioproxy._events import Delta, Usage
+from trioproxy._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
+from trioproxy._request import ChatRequest, NativeRequest, parse_chat_request
+from trioproxy._sse import SSEDecoder
+from trioproxy.providers.responses import ResponsesStreamParser, ResponsesTranslation, responses_request_body
+from trioproxy.testing import Reply, ToolCall, _responses_frames, _responses_stream_error
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "responses"
+TRANSLATION = ResponsesTranslation(base_url="http://127.0.0.1:9/v1", api_key="sk-test-0123456789")
+
+
+def parse(wire: bytes, *, keep_raw: bool = False) -> list[Delta]:
+    parser = ResponsesStreamParser(keep_raw=keep_raw)
+    deltas = [delta for event in SSEDecoder().feed(wire) for delta in parser.feed(event)]
+    assert parser.finished
+    return deltas
+
+
+def test_a_recorded_text_stream() -> None:
+    deltas = parse((FIXTURES / "text_stream.sse").read_bytes())
+    assert deltas[0].role == "assistant"
+    assert "".join(d.text for d in deltas) == "OK"
+    assert deltas[-1].finish_reason == "stop"
+    assert deltas[-1].usage == Usage(prompt_tokens=12, completion_tokens=2, cache_read_tokens=0)
+
+
+def test_every_event_keeps_its_bytes_for_a_responses_client() -> None:
+    wire = (FIXTURES / "text_stream.sse").read_bytes()
+    deltas = parse(wire, keep_raw=True)
+    assert b"".join(d.raw or b"" for d in deltas) == wire
+
+
+def test_function_calls_are_numbered_in_the_order_they_start() -> None:
+    calls = (ToolCall(id="call_a", name="f", arguments='{"a": 1}'), ToolCall(id="call_b", name="g", arguments="{}"))
+    wire = b"".join(frame.data for frame in _responses_frames(Reply(tokens=("x",), tool_calls=calls), "m", 1))
+    deltas = parse(wire)
+    fragments = [tc for d in deltas for tc in d.tool_calls]
+    assert [(tc.index, tc.id, tc.name) for tc in fragments if tc.id] == [(0, "call_a", "f"), (1, "call_b", "g")]
+    assert "".join(tc.arguments for tc in fragments if tc.index == 0) == '{"a": 1}'
+    assert deltas[-1].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize(("finish_reason", "expected"), [("length", "length"), ("content_filter", "content_filter")])
+def test_an_incomplete_response_ends_with_its_reason(finish_reason: str, expected: str) -> None:
+    wire = b"".join(frame.data for frame in _responses_frames(Reply(finish_reason=finish_reason), "m", 1))
+    assert parse(wire)[-1].finish_reason == expected
+
+
+def test_an_in_stream_failure_is_an_upstream_status_error() -> None:
+    parser = ResponsesStreamParser(keep_raw=False, secret="sk-test-0123456789")
+    with pytest.raises(UpstreamStatusError) as info:
+        for event in SSEDecoder().feed(_responses_stream_error("boom with sk-test-0123456789", 3)):
+            parser.feed(event)
+    assert info.value.message == "boom with ***"
+    assert info.value.status == 502
+
+
+def test_arguments_for_an_unknown_call_are_a_protocol_error() -> None:
+    event = b'event: x\ndata: {"type":"response.function_call_arguments.delta","item_id":"fc_1","delta":"{"}\n\n'
+    with pytest.raises(UpstreamProtocolError):
+        ResponsesStreamParser(keep_raw=False).feed(SSEDecoder().feed(event)[0])
+
+
+def test_a_responses_client_s_body_goes_up_whole() -> None:
+    body = {"model": "resp/gpt", "input": "hi", "tools": [{"type": "web_search"}], "include": ["x"], "vendor": 1}
+    chat = ChatRequest(body={}, model="resp/gpt", messages=[], native=NativeRequest("responses", body)).routed("gpt")
+    request = TRANSLATION.stream_request(chat)
+    assert request.url == "http://127.0.0.1:9/v1/responses"
+    assert orjson.loads(request.body) == {**body, "model": "gpt", "stream": True}
+    assert request.headers["authorization"] == "Bearer sk-test-0123456789"
+
+
+def translate(**fields: Any) -> dict[str, Any]:
+    return responses_request_body(parse_chat_request({"model": "m", **fields}).body)
+
+
+def test_a_chat_request_translates_to_responses() -> None:
+    out = translate(
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "data:,x"}}],
+            },
+            {
+                "role": "assistant",
+                "content": "ok",
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "done"},
+        ],
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        tool_choice={"type": "function", "function": {"name": "f"}},
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+        max_completion_tokens=9,
+        reasoning_effort="low",
+        stream_options={"include_usage": True},
+    )
+    assert out["input"] == [
+        {"type": "message", "role": "developer", "content": "Be brief."},
+        {
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": "see"}, {"type": "input_image", "image_url": "data:,x"}],
+        },
+        {"type": "message", "role": "assistant", "content": "ok"},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "done"},
+    ]
+    assert out["tools"] == [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    assert out["tool_choice"] == {"type": "function", "name": "f"}
+    assert out["text"] == {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}}
+    assert (out["max_output_tokens"], out["reasoning"]) == (9, {"effort": "low"})
+    assert "stream_options" not in out
+
+
+@pytest.mark.parametrize("field", ["stop", "logprobs", "seed", "frequency_penalty"])
+def test_a_field_responses_has_not_is_refused_by_name(field: str) -> None:
+    with pytest.raises(RequestError) as info:
+        translate(messages=[{"role": "user", "content": "hi"}], **{field: 1})
+    assert info.value.param == field

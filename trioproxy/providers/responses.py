@@ -1,0 +1,323 @@
+"""
+Translation for OpenAI Responses upstreams (`POST {base_url}/responses`): OpenAI's own API,
+where some models exist only, and any gateway that speaks it.
+
+A Responses client (the Responses front) is passed through: its body goes up whole, every
+field intact (built-in tools, `include`, reasoning items with their encrypted content, fields
+that do not exist yet), with only `model` replaced and `stream` set; and each upstream event
+keeps its exact bytes (`Delta.raw`), so that the client can be sent the upstream's stream
+untouched. Events are still parsed, for stages and accounting.
+
+A client of another protocol (Chat Completions, Anthropic Messages) is sent the common
+model's body translated (`responses_request_body`), and its renderer builds its events from
+the parsed deltas.
+
+Request mapping (Chat Completions → Responses, `responses_protocol.md` §6 read backwards):
+
+- messages → `input` message items (system and developer messages stay messages, in place);
+  text parts → `input_text` (an assistant's → `output_text`), `image_url` → `input_image`;
+- assistant `tool_calls` → `function_call` items after the message's text; `tool` messages →
+  `function_call_output` items;
+- function tools → flat function tools; `tool_choice` likewise; `response_format` →
+  `text.format`; `max_completion_tokens`/`max_tokens` → `max_output_tokens`;
+  `reasoning_effort` → `reasoning.effort`; `temperature`, `top_p`, `parallel_tool_calls`,
+  `user`, `metadata`, `prompt_cache_key`, `safety_identifier`, `service_tier` as they are;
+- dropped: `stream_options` (usage always comes with `response.completed`), `n` of 1;
+- refused, naming the field: anything else (`stop`, `logprobs`, `frequency_penalty`, `seed`,
+  `n` > 1, ...): the Responses API has no such field.
+
+Stream mapping (Responses event → `Delta`):
+
+- `response.created` → `Delta(role="assistant")`;
+- `response.output_text.delta` → text; `response.reasoning_summary_text.delta` and
+  `response.reasoning_text.delta` → reasoning;
+- a `function_call` item's `output_item.added` → a `ToolCallDelta` (its `call_id`, name, and
+  any arguments it already has), numbered from 0 in the order the calls start; its
+  `function_call_arguments.delta`s → argument fragments;
+- `response.completed` → finish reason `tool_calls` (when there were calls) or `stop`, with
+  usage; `response.incomplete` → `length` or `content_filter`, with usage; either ends the
+  stream;
+- `error` and `response.failed` → `UpstreamStatusError` (the status its code stands for);
+- anything else → nothing (a delta with only `raw`, when kept).
+
+Sans-IO.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+
+from .._events import Delta, ToolCallDelta, Usage
+from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
+from .._request import ChatRequest, WireProtocol
+from .._sse import ServerSentEvent
+from ._base import UpstreamRequest, safe_message
+from .openai import OpenAITranslation
+
+__all__ = ["ResponsesStreamParser", "ResponsesTranslation", "responses_request_body"]
+
+_SAME_NAME: Final = frozenset(
+    {
+        "model",
+        "temperature",
+        "top_p",
+        "parallel_tool_calls",
+        "user",
+        "metadata",
+        "prompt_cache_key",
+        "safety_identifier",
+        "service_tier",
+        "store",
+    }
+)
+"""Chat Completions fields the Responses API has under the same name and meaning."""
+
+_TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
+
+#: `incomplete_details.reason` → Chat Completions `finish_reason`.
+INCOMPLETE_REASONS: Final[Mapping[str, str]] = {"max_output_tokens": "length", "content_filter": "content_filter"}
+
+#: The error codes of a failed response → the HTTP status each stands for.
+_CODE_STATUS: Final[Mapping[str, int]] = {
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    "server_is_overloaded": 503,
+    "slow_down": 503,
+    "context_length_exceeded": 400,
+    "invalid_prompt": 400,
+}
+
+
+class ResponsesTranslation(OpenAITranslation):
+    """Requests to `{base_url}/responses`; errors read as OpenAI's, as the same API answers them."""
+
+    protocol: WireProtocol = "responses"
+
+    def __init__(self, *, base_url: str, api_key: str | None = None, extra_headers: Mapping[str, str] | None = None):
+        super().__init__(base_url=base_url, api_key=api_key, extra_headers=extra_headers)
+        self.url = base_url.rstrip("/") + "/responses"
+
+    def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
+        native = chat.native
+        if native is not None and native.protocol == self.protocol:
+            body = dict(native.body)
+        else:
+            body = responses_request_body(chat.common_body())
+        body["model"] = chat.upstream_model
+        body["stream"] = True
+        return UpstreamRequest(self.url, self._stream_headers, orjson.dumps(body))
+
+    def stream_parser(self, chat: ChatRequest) -> ResponsesStreamParser:  # type: ignore[override]
+        return ResponsesStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
+
+
+def responses_request_body(common: dict[str, Any]) -> dict[str, Any]:
+    """The Responses body that asks what the Chat Completions `common` asks; raises naming what it cannot carry."""
+    body: dict[str, Any] = {"input": _input(common["messages"])}
+    for name, value in common.items():
+        if name in ("messages", "stream", "stream_options") or value is None:
+            continue
+        if name in _SAME_NAME or name in _TRIOPROXY_FIELDS:
+            body[name] = value
+        elif name in ("max_tokens", "max_completion_tokens"):
+            body["max_output_tokens"] = value
+        elif name == "reasoning_effort":
+            body["reasoning"] = {"effort": value}
+        elif name == "tools":
+            body["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(value)]
+        elif name == "tool_choice":
+            body["tool_choice"] = _tool_choice(value)
+        elif name == "response_format":
+            body["text"] = {"format": _format(value)}
+        elif name == "n" and value == 1:
+            continue
+        else:
+            raise RequestError(
+                f"'{name}' has no equivalent in the OpenAI Responses API, which this model's upstream speaks",
+                param=name,
+            )
+    return body
+
+
+def _input(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        content = message.get("content")
+        if role == "tool":
+            output = content if isinstance(content, str) else _text_of(content)
+            items.append({"type": "function_call_output", "call_id": message.get("tool_call_id"), "output": output})
+            continue
+        if content:
+            items.append({"type": "message", "role": role, "content": _content(content, role, f"messages[{i}]")})
+        for call in message.get("tool_calls") or []:
+            function = call.get("function") or {}
+            items.append(
+                {
+                    "type": "function_call",
+                    "call_id": call.get("id"),
+                    "name": function.get("name"),
+                    "arguments": function.get("arguments") or "",
+                }
+            )
+    return items
+
+
+def _text_of(content: Any) -> str:
+    if not isinstance(content, list):
+        return ""
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+
+
+def _content(content: Any, role: Any, where: str) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    text_type = "output_text" if role == "assistant" else "input_text"
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append({"type": text_type, "text": part.get("text", "")})
+        elif kind == "refusal" and role == "assistant":
+            parts.append({"type": "refusal", "refusal": part.get("refusal", "")})
+        elif kind == "image_url":
+            image = part.get("image_url") or {}
+            url = image.get("url") if isinstance(image, dict) else image
+            converted = {"type": "input_image", "image_url": url}
+            if isinstance(image, dict) and image.get("detail"):
+                converted["detail"] = image["detail"]
+            parts.append(converted)
+        else:
+            at = f"{where}.content[{j}]"
+            raise RequestError(f"a {kind!r} part ('{at}') has no equivalent in the OpenAI Responses API", param=at)
+    return parts
+
+
+def _tool(tool: Any, where: str) -> dict[str, Any]:
+    function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+    if not isinstance(function, dict):
+        raise RequestError(f"'{where}' must be a function tool", param=where)
+    return {"type": "function", **function}
+
+
+def _tool_choice(choice: Any) -> Any:
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "name": (choice.get("function") or {}).get("name")}
+    return choice
+
+
+def _format(response_format: Any) -> dict[str, Any]:
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_schema":
+        assert isinstance(response_format, dict)
+        return {"type": "json_schema", **(response_format.get("json_schema") or {})}
+    if kind in ("json_object", "text"):
+        return {"type": kind}
+    raise RequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'", param="response_format")
+
+
+class ResponsesStreamParser:
+    """
+    Parses a Responses event stream; `response.completed` or `response.incomplete` ends it.
+
+    `secret` (the provider's API key) is masked in the messages of in-stream errors;
+    `keep_raw` keeps each event's bytes in its delta.
+    """
+
+    def __init__(self, *, secret: str | None = None, keep_raw: bool) -> None:
+        self._secret = secret
+        self._keep_raw = keep_raw
+        self._finished = False
+        self._calls: dict[str, int] = {}
+        """Function-call item id → its tool-call index."""
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def feed(self, event: ServerSentEvent) -> list[Delta]:
+        if self._finished:
+            return []
+        try:
+            payload = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError(f"upstream sent an event that is not JSON: {event.data[:200]!r}") from None
+        if not isinstance(payload, dict):
+            raise UpstreamProtocolError(f"upstream sent an event that is not a JSON object: {event.data[:200]!r}")
+        delta = self._parse(payload)
+        if self._keep_raw:
+            delta.raw = b"event: " + str(payload.get("type")).encode() + b"\ndata: " + event.data.encode() + b"\n\n"
+        return [delta] if delta.says_anything or delta.raw is not None else []
+
+    def _parse(self, payload: dict[str, Any]) -> Delta:
+        kind = payload.get("type")
+        if kind == "response.created":
+            return Delta(role="assistant")
+        if kind == "response.output_text.delta":
+            return Delta(text=_string(payload, "delta"))
+        if kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+            return Delta(reasoning=_string(payload, "delta"))
+        if kind == "response.output_item.added":
+            item = payload.get("item")
+            if isinstance(item, dict) and item.get("type") == "function_call":
+                index = self._calls[str(item.get("id"))] = len(self._calls)
+                call = ToolCallDelta(
+                    index=index, id=item.get("call_id"), name=item.get("name"), arguments=item.get("arguments") or ""
+                )
+                return Delta(tool_calls=(call,))
+            return Delta()
+        if kind == "response.function_call_arguments.delta":
+            started = self._calls.get(str(payload.get("item_id")))
+            if started is None:
+                raise UpstreamProtocolError("upstream sent arguments for a function call it never started")
+            return Delta(tool_calls=(ToolCallDelta(index=started, arguments=_string(payload, "delta")),))
+        if kind in ("response.completed", "response.incomplete"):
+            self._finished = True
+            response = payload.get("response") or {}
+            reason = "tool_calls" if self._calls else "stop"
+            if kind == "response.incomplete":
+                details = response.get("incomplete_details") or {}
+                reason = INCOMPLETE_REASONS.get(str(details.get("reason")), "length")
+            return Delta(finish_reason=reason, usage=_usage(response.get("usage")))
+        if kind == "error":
+            error = payload.get("error")
+            raise self._error(error if isinstance(error, dict) else payload)
+        if kind == "response.failed":
+            response = payload.get("response") or {}
+            raise self._error(response.get("error") or {})
+        return Delta()
+
+    def _error(self, error: dict[str, Any]) -> UpstreamStatusError:
+        code = error.get("code") if isinstance(error.get("code"), str) else None
+        message = error.get("message") or "the upstream reported an error during streaming"
+        return UpstreamStatusError(
+            safe_message(str(message), secret=self._secret),
+            status=_CODE_STATUS.get(code or "", 502),
+            type=error.get("type") if isinstance(error.get("type"), str) else "upstream_error",
+            code=code,
+        )
+
+
+def _string(payload: dict[str, Any], key: str) -> str:
+    value = payload.get(key)
+    if not isinstance(value, str):
+        raise UpstreamProtocolError(f"upstream sent a {payload.get('type')} event without a string {key!r}")
+    return value
+
+
+def _usage(usage: Any) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        raise UpstreamProtocolError("upstream usage has non-integer token counts")
+    details = usage.get("input_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cache_read_tokens=cached if isinstance(cached, int) else None,
+    )

@@ -1,0 +1,148 @@
+"""
+WebSocket mode of the Responses front: `GET /v1/responses` upgraded, as Codex and the openai
+SDK derive it from the base URL (`responses_protocol.md` §4).
+
+- The client sends one text frame per turn, `{"type": "response.create", ...the create
+  body...}`; `stream` and `background` are ignored (Codex sends `"stream": true`).
+- The server answers with the same events as the SSE stream, one JSON text frame each, from
+  `response.created` to exactly one of `response.completed`, `response.incomplete` or
+  `response.failed`; a Responses upstream's own events pass through, each event's data one
+  frame, under the upstream's id.
+- `"generate": false` (Codex sends it first, to warm the connection up) asks for no output:
+  the answer is `response.created`, `response.in_progress` and `response.completed` with an
+  empty output, and nothing is asked upstream; its id continues like any other.
+- Responses run one at a time, in the order they were asked for: Codex waits for one to end
+  before it asks for the next. A frame that arrives meanwhile waits its turn.
+- The connection remembers its last response, so the next one may send only its new items
+  with `previous_response_id` (as Codex does, also with `store: false`): the conversation is
+  rebuilt from the earlier input and output. Another id is looked up among the stored
+  responses (`lookup`), and refused with `previous_response_not_found` if it is not there.
+- A request that fails before its first event (malformed, unknown model, `[limits]`, the
+  upstream's refusal, a timeout before the first token) is one `error` frame with its HTTP
+  `status` (also as `status_code`, which older Codex reads), as OpenAI sends it, and the
+  connection stays open. Once `response.created` is sent, a failure ends the response with
+  `error` and `response.failed`, as over SSE.
+
+The client going away cancels the handler, and with it the session and its upstream request.
+Keep-alive is hypercorn's WebSocket ping, as on the other WebSocket endpoints. When the server
+drains, a response running finishes, a new one is refused (503), and the connection is closed
+with 1001 (going away) between responses, which makes Codex reconnect elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+import orjson
+import trio
+from quart import websocket
+from quart_trio import QuartTrio
+
+from .._exceptions import PayloadTooLargeError, RequestError, TrioproxyError
+from ._core import Core
+from ._generic import last_word, prompt_chars, render
+from ._responses_front import ResponsesEventRenderer, websocket_frame
+from ._responses_request import Turn, continued, input_items, parse_responses_request
+from ._websocket import GOING_AWAY
+
+__all__ = ["register_responses_websocket"]
+
+logger = logging.getLogger("trioproxy.server")
+
+IGNORED: Final = ("type", "stream", "background", "generate")
+"""Fields of a `response.create` frame that are not part of the request."""
+
+
+def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[str], Turn]) -> None:
+    """
+    Add the WebSocket route of `/v1/responses` to `app`; `lookup(id)` finds a stored
+    response for `previous_response_id`, or raises. A frame over `[limits]
+    max_body_bytes` is refused unread; a peer that does not read for `[server] write_timeout`
+    seconds is dropped.
+    """
+    max_message_bytes = core.config.limits.max_body_bytes
+    write_timeout = core.config.server.write_timeout
+
+    async def send(frames: bytes) -> None:
+        for frame in frames.splitlines():
+            with trio.fail_after(write_timeout):
+                await websocket.send(frame.decode())
+
+    async def send_error(error: TrioproxyError) -> None:
+        body = {"type": error.type, "code": error.code, "message": error.message, "param": error.param}
+        frame = {"type": "error", "status": error.status, "status_code": error.status, "error": body}
+        await send(orjson.dumps(frame))
+
+    async def respond(text: str | bytes, previous: Turn | None, turn: int) -> Turn | None:
+        """One `response.create`: its events sent, and the turn a next one may continue."""
+        if len(text.encode() if isinstance(text, str) else text) > max_message_bytes:
+            raise PayloadTooLargeError(f"a message is over the limit of {max_message_bytes} bytes")
+        try:
+            frame = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raise RequestError("a message must be a JSON object") from None
+        if not isinstance(frame, dict) or frame.get("type") != "response.create":
+            raise RequestError("a message must be a JSON object of type 'response.create'", param="type")
+        body = {key: value for key, value in frame.items() if key not in IGNORED}
+        previous_id = body.get("previous_response_id")
+        if isinstance(previous_id, str):
+            body = continued(
+                body, previous if previous is not None and previous.id == previous_id else lookup(previous_id)
+            )
+        chat = parse_responses_request({**body, "stream": True})
+        echoed = body if previous_id is None else {**body, "previous_response_id": previous_id}
+        pipeline = core.pipeline(chat.model)
+        renderer = ResponsesEventRenderer(
+            request=echoed,
+            model=chat.model,
+            prompt_chars=prompt_chars(chat),
+            frame=websocket_frame,
+        )
+        if frame.get("generate") is False:  # only an id to continue from: nothing is asked upstream
+            await send(renderer.done())
+            return Turn(renderer.id, input_items(body), [])
+        session = core.start(pipeline, chat, heartbeats=False, stream_id=str(turn))
+        try:
+            async for item in session.output:
+                if isinstance(item, TrioproxyError) and not renderer.started:
+                    raise item
+                await send(render(renderer, item))
+                if isinstance(item, TrioproxyError):
+                    return None
+            await send(last_word(renderer, session))
+        finally:
+            session.cancel()
+        response = renderer.response
+        if response is None or response["status"] == "failed":
+            return None
+        return Turn(renderer.id, input_items(body), response["output"])
+
+    @app.websocket("/v1/responses")
+    async def responses_ws() -> None:
+        await websocket.accept()
+        responding = trio.Lock()
+        """Held while a response runs: the drain closes the connection only between responses."""
+
+        async def close_when_drained(nursery: trio.Nursery) -> None:
+            await core.shutdown.wait_draining()
+            async with responding:
+                await websocket.close(GOING_AWAY, "the server is shutting down")
+                nursery.cancel_scope.cancel()
+
+        previous: Turn | None = None
+        turn = 0
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(close_when_drained, nursery)
+                while True:
+                    text = await websocket.receive()
+                    turn += 1
+                    async with responding:
+                        try:
+                            previous = await respond(text, previous, turn)
+                        except TrioproxyError as exc:
+                            await send_error(exc)
+        except trio.TooSlowError:
+            logger.warning("dropping a WebSocket peer that stopped reading")

@@ -1,0 +1,207 @@
+"""
+The OpenAI Responses front: `POST /v1/responses`, streamed (`_responses_front` renders the
+events) or not (the same events folded into the Response object the stream ends with),
+WebSocket mode on the same path (`_responses_websocket`), and the stored responses:
+`GET /v1/responses/{id}` (the object, or with `stream=true` its events after
+`starting_after`, then the live ones), `POST /v1/responses/{id}/cancel`, `DELETE`. Errors are
+OpenAI's error object.
+
+A Responses upstream's events pass through: byte for byte to a streaming client that stores
+nothing (`store: false`, as Codex sends); for a stored response, through the store, with the
+store's id in place of the upstream's.
+
+A response with `store` (the API's default) runs as a resumable stream in the shared
+registry (`Core.share`, `[streams]`: count, bytes and age bounds), under its own id: the
+request is its first watcher, a `GET ?stream=true` another, replaying the log first, so no
+event is missed or repeated and the upstream is asked once. A response is kept while it runs
+and for `[streams] retention` seconds after; `previous_response_id` continues a kept one by
+rebuilding the conversation (its input and output, then the new input), which is how an
+upstream without the notion gets it. Without `background`, the response ends when its last
+watcher goes away (the upstream is cancelled at once, as on every front); with it, the
+response runs on with nobody watching until it ends or is cancelled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Final
+
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from ..._exceptions import NotFoundError, RequestError, StreamCancelled, TrioproxyError
+from ..._request import parse_json_object
+from .._core import SSE, Core, complete, json_response, watch_response
+from .._generic import prompt_chars, render
+from .._responses_front import ResponsesEventRenderer, response_from_events, sse_event
+from .._responses_request import Turn, continued, input_items, parse_responses_request
+from .._responses_websocket import register_responses_websocket
+from .._streams import BroadcastStream
+from .openai_chat import error_response
+
+__all__ = ["error_response", "owns", "register"]
+
+PREFIX: Final = "resp_"
+"""The ids of stored responses, in the registry the generic endpoints' streams share."""
+
+
+def owns(path: str) -> bool:
+    return path == "/v1/responses" or path.startswith("/v1/responses/")
+
+
+def _error(error: TrioproxyError) -> Response:
+    return error_response("/v1/responses", error)
+
+
+def _encode(payload: dict[str, Any], event_id: int) -> bytes:
+    """A stored response's events: event id `n` is `sequence_number` `n - 1`, which the payload carries."""
+    return sse_event(payload)
+
+
+def _renderer(stream: BroadcastStream) -> ResponsesEventRenderer:
+    renderer = stream.renderer
+    assert isinstance(renderer, ResponsesEventRenderer)
+    return renderer
+
+
+def register(app: QuartTrio, core: Core) -> None:
+    def stored(response_id: str) -> BroadcastStream:
+        stream = core.streams.get(response_id) if response_id.startswith(PREFIX) else None
+        if stream is None:
+            raise NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
+        return stream
+
+    def stored_turn(response_id: str) -> Turn:
+        """What `previous_response_id` continues: a stored response that ended with an answer."""
+        try:
+            stream = stored(response_id)
+        except NotFoundError as exc:
+            raise NotFoundError(exc.message, code="previous_response_not_found", param="previous_response_id") from None
+        renderer = _renderer(stream)
+        response = renderer.response
+        if not stream.finished or response is None or response["status"] not in ("completed", "incomplete"):
+            status = response["status"] if response is not None and stream.finished else "in_progress"
+            raise RequestError(
+                f"response {response_id!r} is {status}: only a finished answer can be continued",
+                param="previous_response_id",
+            )
+        return Turn(stream.id, input_items(renderer.request), response["output"])
+
+    @app.post("/v1/responses")
+    async def create() -> Response:
+        try:
+            body = parse_json_object(await request.get_data())
+            previous_id = body.get("previous_response_id")
+            if isinstance(previous_id, str):
+                body = continued(body, stored_turn(previous_id))
+            chat = parse_responses_request(body)
+            echoed = body if previous_id is None else {**body, "previous_response_id": previous_id}
+            pipeline = core.pipeline(chat.model)
+            background = body.get("background") is True
+            if background and body.get("store") is False:
+                raise RequestError("a background response must be stored: 'store' false cannot be", param="store")
+        except TrioproxyError as exc:
+            return _error(exc)
+
+        def renderer_for(response_id: str, frame: Callable[[Any], bytes]) -> ResponsesEventRenderer:
+            return ResponsesEventRenderer(
+                request=echoed,
+                model=chat.model,
+                prompt_chars=prompt_chars(chat),
+                frame=frame,
+                response_id=response_id,
+            )
+
+        if body.get("store") is False:
+            renderer = ResponsesEventRenderer(request=echoed, model=chat.model, prompt_chars=prompt_chars(chat))
+            if chat.stream:
+                return await core.stream(core.start(pipeline, chat), renderer, SSE, _error)
+            events = bytearray()
+            session = core.start(pipeline, chat, heartbeats=False)
+            error = await complete(session, lambda item: events.extend(render(renderer, item)))
+            if error is not None:
+                return _error(error)
+            return json_response(response_from_events(bytes(events + renderer.done(session))))
+
+        session = core.start(pipeline, chat, heartbeats=chat.stream or background)  # a background one may be watched
+        if background:
+            try:
+                stream = core.streams.open(session, renderer_for, prefix=PREFIX, encode=_encode)
+            except TrioproxyError as exc:  # `max_streams` are running
+                session.cancel()
+                return _error(exc)
+            stream.resume_grace_period = math.inf  # it outlives its request
+            core.nursery.start_soon(stream.run, name=f"response {stream.id}")
+            if chat.stream:
+                return watch_response(stream, *stream.attach())
+            return json_response(_renderer(stream).snapshot("queued"))
+        try:
+            stream, backlog, watcher = await core.share(
+                session, renderer_for, shows_notices=False, prefix=PREFIX, encode=_encode
+            )
+        except TrioproxyError as exc:
+            return _error(exc)
+        stream.resume_grace_period = 0.0  # not background: it ends with its last watcher
+        if chat.stream:
+            return watch_response(stream, backlog, watcher)
+        events = bytearray(b"".join(backlog))
+        try:
+            async for data in watcher.receive:
+                events += data
+        finally:
+            stream.detach(watcher)
+        failure = _renderer(stream).failure
+        if failure is not None:
+            return _error(failure)
+        return json_response(response_from_events(bytes(events)))
+
+    @app.get("/v1/responses/<response_id>")
+    async def retrieve(response_id: str) -> Response:
+        try:
+            stream = stored(response_id)
+            renderer = _renderer(stream)
+            if request.args.get("stream") not in ("true", "1"):
+                return json_response(renderer.response or renderer.snapshot("queued"))
+            after = _starting_after(request.args.get("starting_after"), stream.last_id)
+            backlog, watcher = stream.attach(after)
+        except TrioproxyError as exc:
+            return _error(exc)
+        return watch_response(stream, backlog, watcher)
+
+    @app.post("/v1/responses/<response_id>/cancel")
+    async def cancel(response_id: str) -> Response:
+        try:
+            stream = stored(response_id)
+        except TrioproxyError as exc:
+            return _error(exc)
+        stream.cancel(StreamCancelled("cancelled by the client"))
+        await stream.finished_event.wait()
+        return json_response(_renderer(stream).response)
+
+    @app.delete("/v1/responses/<response_id>")
+    async def delete(response_id: str) -> Response:
+        try:
+            stream = stored(response_id)
+        except TrioproxyError as exc:
+            return _error(exc)
+        core.streams.remove(stream.id)
+        return json_response({"id": stream.id, "object": "response", "deleted": True})
+
+    register_responses_websocket(app, core, stored_turn)
+
+
+def _starting_after(value: str | None, last_id: int) -> int:
+    """The event id a replay starts after: `starting_after` is a sequence number, one less than its event's id."""
+    if value is None:
+        return 0
+    try:
+        sequence_number = int(value)
+    except ValueError:
+        raise RequestError("'starting_after' must be an integer", param="starting_after") from None
+    if sequence_number < -1 or sequence_number + 1 > last_id:
+        raise RequestError(
+            f"'starting_after' {sequence_number} is not an event of this response (its last is {last_id - 1})",
+            param="starting_after",
+        )
+    return sequence_number + 1
