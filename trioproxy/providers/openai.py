@@ -174,14 +174,9 @@ class OpenAIStreamParser:
 def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delta:
     """The delta of choice 0 of one `chat.completion.chunk` (other choices stay in `raw`)."""
     delta = Delta(raw=raw)
-    usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        delta.usage = _usage(usage)
-    choices = chunk.get("choices")
+    choices = _choices(chunk, delta)
     if not choices:
         return delta
-    if not isinstance(choices, list) or not isinstance(choices[0], dict):
-        raise UpstreamProtocolError("upstream chunk has a malformed 'choices' array")
     choice = choices[0]
     delta.finish_reason = choice.get("finish_reason")
     body = choice.get("delta") or {}
@@ -209,15 +204,7 @@ def delta_from_text_completion(chunk: dict[str, Any], *, raw: bytes | None = Non
     carries one choice, of any index: another choice's chunk is a delta with only its `raw`.
     """
     delta = Delta(raw=raw)
-    usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        delta.usage = _usage(usage)
-    choices = chunk.get("choices")
-    if not choices:
-        return delta
-    if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
-        raise UpstreamProtocolError("upstream chunk has a malformed 'choices' array")
-    choice = next((choice for choice in choices if choice.get("index", 0) == 0), None)
+    choice = next((choice for choice in _choices(chunk, delta) if choice.get("index", 0) == 0), None)
     if choice is None:
         return delta
     delta.finish_reason = choice.get("finish_reason")
@@ -225,6 +212,19 @@ def delta_from_text_completion(chunk: dict[str, Any], *, raw: bytes | None = Non
     if isinstance(text, str):
         delta.text = text
     return delta
+
+
+def _choices(chunk: dict[str, Any], delta: Delta) -> list[dict[str, Any]]:
+    """A chunk's choices (none if it has none), once its usage is counted in `delta`."""
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        delta.usage = _usage(usage)
+    choices = chunk.get("choices")
+    if not choices:
+        return []
+    if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
+        raise UpstreamProtocolError("upstream chunk has a malformed 'choices' array")
+    return choices
 
 
 def _embeddings_delta(body: bytes) -> Delta:
