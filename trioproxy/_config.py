@@ -119,12 +119,13 @@ class ProviderConfig:
     (timeouts, retries, fallbacks, buffering, transforms and validators). `context_fallbacks`
     (larger-context models) take a request its model refused as too long for its context.
 
-    `max_connections` bounds the provider's connection pool. `skip_malformed_events` passes
-    over an upstream event that cannot be read (counted, and logged with the request's id)
-    instead of ending the stream with it. `continuation` is how the upstream continues a
-    broken answer (`_continuation.CONTINUATION_WAYS`): `prefill` by default for Anthropic,
-    `none` for an OpenAI-compatible upstream unless it is set to `continue_final_message`; a
-    table of model patterns sets it per model (`continuation_for`).
+    `max_connections` bounds the provider's connection pool. `forward_paths` are the path
+    prefixes under `/v1/` that the proxy forwards to it as they are (`server/fronts/forwarding.py`).
+    `skip_malformed_events` passes over an upstream event that cannot be read (counted, and logged
+    with the request's id) instead of ending the stream with it. `continuation` is how the upstream
+    continues a broken answer (`_continuation.CONTINUATION_WAYS`): `prefill` by default for
+    Anthropic, `none` for an OpenAI-compatible upstream unless it is set to
+    `continue_final_message`; a table of model patterns sets it per model (`continuation_for`).
     """
 
     name: str
@@ -146,6 +147,7 @@ class ProviderConfig:
     transforms: tuple[Transform, ...] = ()
     validators: tuple[Validator, ...] = ()
     request_usage: bool = True
+    forward_paths: tuple[str, ...] = ()
     skip_malformed_events: bool = False
     continuation: str = "none"
     continuation_models: tuple[tuple[str, str], ...] = ()
@@ -667,6 +669,9 @@ def _server(table: Any, problems: list[str]) -> ServerConfig:
     )
 
 
+_FORWARD_PATH: Final = re.compile(r"^/v1/[A-Za-z0-9._~-][A-Za-z0-9._~/-]*$")
+"""A forwarded path prefix: under `/v1/`, in the characters of a plain URL path (it becomes a URL rule)."""
+
 _TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval", "hedge_after"}
 _COMMON_KEYS: Final = {
     "type",
@@ -697,9 +702,9 @@ _CONTINUATION_WAYS: Final = {
 }
 """How each type of upstream can continue a broken answer (`trioproxy._continuation`)."""
 _TYPE_KEYS: Final = {
-    "openai": {"request_usage"},
+    "openai": {"request_usage", "forward_paths"},
     "openai_responses": set(),
-    "anthropic": {"anthropic_version", "default_max_tokens"},
+    "anthropic": {"anthropic_version", "default_max_tokens", "forward_paths"},
     "simulated": set(SimulatedSettings.__dataclass_fields__),
 }
 
@@ -794,6 +799,17 @@ def _provider(
     _number(table, "max_connections", where, problems, checked, positive=True, integer=True)
     _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
     _bool(table, "request_usage", where, problems, checked)
+    if "forward_paths" in table:
+        forward_paths = table["forward_paths"]
+        if not isinstance(forward_paths, list) or not all(
+            isinstance(path, str) and _FORWARD_PATH.match(path) for path in forward_paths
+        ):
+            problems.append(
+                f"{where}.forward_paths must be a list of path prefixes under /v1/ "
+                "(letters, digits and '/._~-', e.g. '/v1/moderations')"
+            )
+        else:
+            checked["forward_paths"] = tuple(path.rstrip("/") for path in forward_paths)
     _bool(table, "skip_malformed_events", where, problems, checked)
     ways = _CONTINUATION_WAYS[type_]
     default = "prefill" if type_ == "anthropic" else "none"

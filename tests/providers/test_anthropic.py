@@ -982,3 +982,17 @@ def test_a_prompt_too_long_is_a_context_length_error() -> None:
     body = b'{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}'
     error = AnthropicTranslation(api_key=None).error_from_response(400, {}, body)
     assert isinstance(error, ContextLengthError) and error.type == "invalid_request_error"
+
+
+@pytest.mark.parametrize("base_url", ["http://gw.local", "http://gw.local/v1", "http://gw.local/v1/"])
+def test_a_forwarded_request_goes_under_the_apis_root_with_the_providers_key(base_url: str) -> None:
+    translation = AnthropicTranslation(base_url=base_url, api_key="sk-ant-k", extra_headers={"anthropic-beta": "b1"})
+
+    assert translation.forward_url("/v1/messages/batches?limit=2") == "http://gw.local/v1/messages/batches?limit=2"
+    assert translation.forward_headers({"x-custom": "1"}) == {
+        "anthropic-version": "2023-06-01",
+        "x-custom": "1",
+        "x-api-key": "sk-ant-k",
+        "anthropic-beta": "b1",
+    }
+    assert translation.forward_headers({"anthropic-version": "v9"})["anthropic-version"] == "v9"

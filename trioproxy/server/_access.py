@@ -55,6 +55,8 @@ class RequestRecord:
     session: StreamSession | None = None
     key: str | None = None
     """Whose usage the session counts as (`_auth.key_name`); set with `session`."""
+    provider: str | None = None
+    """Where a request that runs no session went (a forwarded one)."""
 
 
 class AccessLog:
@@ -141,6 +143,8 @@ class AccessLog:
         }
         if record.session is not None and record.key is not None:
             fields.update(self._session_fields(record.session, record.key))
+        elif record.provider is not None:
+            fields["provider"] = record.provider
         return fields
 
     def _session_fields(self, session: StreamSession, key: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from ._cors import CorsMiddleware
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
-from .fronts import FRONTS, error_response
+from .fronts import FRONTS, error_response, forwarding
 
 __all__ = ["create_app"]
 
@@ -165,6 +165,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
 
     for front in FRONTS:
         front.register(app, core)
+    forwarding.register(app, core)  # after the fronts: a path served here is never forwarded
 
     @app.errorhandler(TrioproxyError)
     async def refusal(exc: TrioproxyError) -> Response:
@@ -194,6 +195,8 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
             )
         elif isinstance(exc, NotFound):
             message = f"no endpoint at {current.method} {path}"
+            if path.startswith("/v1/"):
+                message += " (a provider's forward_paths can forward it)"
         elif isinstance(exc, MethodNotAllowed):
             allowed = ", ".join(sorted(exc.valid_methods or ()))  # a set: in a stable order
             message = f"{current.method} is not allowed on {path} (allowed: {allowed})"
