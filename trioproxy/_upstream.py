@@ -132,8 +132,9 @@ class HttpUpstream:
         parser = self.translation.stream_parser(chat)
         decoder = SSEDecoder()
         url = self._urls.get(request.url) or self._urls.setdefault(request.url, httpx.URL(request.url))
+        headers = request.headers if chat.trace is None else chat.trace.headers(request.headers)
         with _mapped_httpx_errors():
-            async with self._client.stream("POST", url, headers=request.headers, content=request.body) as resp:
+            async with self._client.stream("POST", url, headers=headers, content=request.body) as resp:
                 if resp.status_code >= 300:
                     body = await _read_bounded(resp)
                     raise self.translation.error_from_response(resp.status_code, resp.headers, body)
@@ -540,6 +541,8 @@ class BalancedUpstream:
         tried: list[Target] = []
         while True:
             target = self._take(tried)
+            if chat.trace is not None:
+                chat.trace.target(target.url)
             try:
                 await self._upstreams[id(target)].stream(chat, send)
             except UpstreamError as exc:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import trio
@@ -42,6 +43,9 @@ from ._generic import Renderer, StreamInterrupted, commits, last_word, render
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
 from ._streams import BroadcastStream, Encoder, RendererFactory, StreamRegistry, Watcher, sse_with_id
+
+if TYPE_CHECKING:
+    from .._tracing import Tracing
 
 __all__ = [
     "ASGI_SEND",
@@ -71,7 +75,8 @@ class Core:
     """
     The server's shared state, which the fronts use and own none of: the router, the limiter,
     metrics, the access log, the resumable streams, the graceful shutdown and its set of
-    active sessions. Sessions run in `nursery` (the app's).
+    active sessions, and the traces (`tracing`, `None` when off). Sessions run in `nursery`
+    (the app's).
     """
 
     def __init__(
@@ -83,8 +88,10 @@ class Core:
         metrics: Metrics,
         access_log: AccessLog,
         nursery: Callable[[], trio.Nursery],
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        self.tracing = tracing
         self.router = router
         self.shutdown = shutdown
         self.metrics = metrics
@@ -115,17 +122,29 @@ class Core:
         """
         Start a session for the current request (or a WebSocket's stream `stream_id`), if
         `[limits]` allow it: raises `RequestError` for a body of the wrong shape,
-        `RateLimitedError` or `OverloadedError` when the limiter refuses the client.
+        `RateLimitedError` or `OverloadedError` when the limiter refuses the client. Traced,
+        the request's span starts here and ends with its session, or with its refusal.
         """
+        trace = None
+        if self.tracing is not None:
+            trace = self.tracing.request(chat, pipeline.routes[0], endpoint=route_label(), headers=connection().headers)
+            pipeline = replace(pipeline, trace=trace)
         limits = self.config.limits
-        check_request_shape(
-            chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
-        )
-        lease = self.limiter.admit(self.client_identity(), trio.current_time())
+        try:
+            check_request_shape(
+                chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
+            )
+            lease = self.limiter.admit(self.client_identity(), trio.current_time())
+        except TrioproxyError as exc:
+            if trace is not None:
+                trace.refused(exc)
+            raise
         record: RequestRecord = connection().scope[RECORD]
 
         def on_end(session: StreamSession) -> None:
             lease.release()
+            if trace is not None:
+                trace.ended(session)
             self.metrics.observe_stream(session)
             if stream_id is not None:  # a WebSocket stream: its own log line
                 self.access_log.log_stream(session, request_id=record.id, route=record.route, stream_id=stream_id)
@@ -140,8 +159,10 @@ class Core:
                 registry=self.active,
                 on_end=on_end,
             )
-        except BaseException:
+        except BaseException as exc:
             lease.release()
+            if trace is not None:
+                trace.refused(exc)
             raise
         if stream_id is None:
             record.session = session

@@ -215,6 +215,7 @@ async def serve(
     port: int | None = None,
     router: Router | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    tracer_provider: Any = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
@@ -226,9 +227,12 @@ async def serve(
     connections, 503 for new requests, in-flight streams finish within
     `[server] shutdown_grace_period` or end with an in-stream error; then `serve` returns.
     A second ends the streams still running at once.
+
+    `tracer_provider`: an OpenTelemetry `TracerProvider` to trace with, instead of the one
+    `[tracing]` describes (`create_app`).
     """
     shutdown = GracefulShutdown(config.server.shutdown_grace_period)
-    app = create_app(config, router=router, shutdown=shutdown)
+    app = create_app(config, router=router, shutdown=shutdown, tracer_provider=tracer_provider)
     hypercorn_config = _HypercornConfig(write_timeout=config.server.write_timeout)
     hypercorn_config.bind = [f"{host or config.server.host}:{config.server.port if port is None else port}"]
     hypercorn_config.accesslog = None
