@@ -318,9 +318,10 @@ def collector() -> Iterator[tuple[str, list[ExportTraceServiceRequest]]]:
 async def test_tracing_configured_exports_over_otlp_by_the_time_the_server_stopped(
     upstream: FakeUpstream, collector: tuple[str, list[ExportTraceServiceRequest]]
 ) -> None:
+    """Sampling none of its own traces, the proxy still records those its clients sample, and passes the decision on."""
     endpoint, received = collector
-    upstream.push(Reply(tokens=TOKENS))
-    tracing = {"enabled": True, "endpoint": endpoint, "service_name": "proxy-under-test", "sample_ratio": 1}
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=TOKENS))
+    tracing = {"enabled": True, "endpoint": endpoint, "service_name": "proxy-under-test", "sample_ratio": 0}
     config = parse_config(
         {"tracing": tracing, "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}}}, environ={}
     )
@@ -329,6 +330,7 @@ async def test_tracing_configured_exports_over_otlp_by_the_time_the_server_stopp
         proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0, shutdown_trigger=stop.wait)))[0]
         async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
             await stream_text(client, "up/m", extra_headers=CLIENT_CONTEXT)
+            await stream_text(client, "up/m")
         stop.set()  # the graceful shutdown exports what the batch still holds
     spans = [
         (resource.resource, span)
@@ -341,6 +343,8 @@ async def test_tracing_configured_exports_over_otlp_by_the_time_the_server_stopp
     assert {span.trace_id for _, span in spans} == {TRACE_ID.to_bytes(16, "big")}
     service = {a.key: a.value.string_value for a in spans[0][0].attributes}["service.name"]
     assert service == "proxy-under-test"
+    # The sampled bit of each upstream request's trace flags (W3C Trace Context, level 2 sets others too).
+    assert [int(request.headers["traceparent"][-2:], 16) & 1 for request in upstream.requests] == [1, 0]
 
 
 async def test_tracing_without_opentelemetry_installed_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -143,11 +143,11 @@ class Core:
 
         def on_end(session: StreamSession) -> None:
             lease.release()
-            if trace is not None:
-                trace.ended(session)
             self.metrics.observe_stream(session)
             if stream_id is not None:  # a WebSocket stream: its own log line
                 self.access_log.log_stream(session, request_id=record.id, route=record.route, stream_id=stream_id)
+            if trace is not None:
+                trace.ended(session)
 
         try:
             session = start_session(
