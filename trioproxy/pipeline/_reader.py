@@ -229,12 +229,12 @@ async def _race(
     kind: str,
 ) -> tuple[list[tuple[Route, UpstreamError]], int, bool]:
     """
-    `route` (asked as `kind`), and `hedge` alongside it once `route` has given no first token
-    for its `hedge_after`: the first to send a token wins, and the other is cancelled at once
-    (its upstream request closed). Each holds what it sends before its first token, so the
-    loser's preamble never reaches the sink. The failures in the order they came, how many
-    routes were tried (1 when `route` ended before the hedge began), and whether one streamed
-    to its end.
+    `route`, and `hedge` alongside it once `route` has given no first token for its
+    `hedge_after`: the first to send a token wins, and the other is cancelled at once (its
+    upstream request closed). Each holds what it sends before its first token, so the loser's
+    preamble never reaches the sink. The failures in the order they came, how many routes were
+    tried (1 when `route` ended before the hedge began), and whether one streamed to its end.
+    `kind`: what asking `route` is (first, failover).
     """
     race = _Race(delivery)
     failures: list[tuple[Route, UpstreamError]] = []
@@ -339,8 +339,8 @@ async def _try_route(
     kind: str,
 ) -> UpstreamError | None:
     """
-    One route, asked as `kind` then retried as its provider says (until a token left
-    `delivery`): None once an attempt streamed to its end, else the last failure.
+    One route, retried as its provider says (until a token left `delivery`): None once an
+    attempt streamed to its end, else the last failure. `kind`: what its first attempt is.
     """
     routed = chat.routed(route.upstream_model)
     retry = route.provider.retry
