@@ -26,7 +26,7 @@ import os
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Final, Protocol
 
 import httpcore
@@ -49,7 +49,7 @@ from ._request import ChatRequest
 from ._sse import SSEDecodeError, SSEDecoder
 from ._targets import Breakers, BreakerState, LocalBreakers, Target, Verdict, choose
 from .pipeline._items import RetryNotice, Sink
-from .providers._base import Translation
+from .providers._base import Translation, UpstreamRequest
 from .providers.anthropic import AnthropicTranslation
 from .providers.openai import OpenAITranslation
 from .providers.responses import ResponsesTranslation
@@ -91,6 +91,13 @@ class Upstream(Protocol):
         """
         The upstream's own answer (JSON) to "how many input tokens is `chat`", `None` when it
         cannot say; raise `TrioproxyError` on failure.
+        """
+        ...
+
+    async def compact(self, chat: ChatRequest) -> bytes | None:
+        """
+        The upstream's own compaction (JSON) of `chat`'s conversation (OpenAI Responses'
+        `/responses/compact`), `None` when it has none; raise `TrioproxyError` on failure.
         """
         ...
 
@@ -163,7 +170,13 @@ class HttpUpstream:
             await self._pool.expire_idle_connections()
 
     async def count_tokens(self, chat: ChatRequest) -> bytes | None:
-        request = self.translation.count_tokens_request(chat)
+        return await self._answer(self.translation.count_tokens_request(chat))
+
+    async def compact(self, chat: ChatRequest) -> bytes | None:
+        return await self._answer(self.translation.compact_request(chat))
+
+    async def _answer(self, request: UpstreamRequest | None) -> bytes | None:
+        """The JSON body the upstream answers a non-streaming `request` with; `None` for no request."""
         if request is None:
             return None
         with _mapped_httpx_errors():
@@ -513,6 +526,9 @@ class SimulatedUpstream:
     async def count_tokens(self, chat: ChatRequest) -> None:
         return None  # a script has no tokenizer
 
+    async def compact(self, chat: ChatRequest) -> None:
+        return None
+
     async def aclose(self) -> None:
         pass
 
@@ -571,6 +587,13 @@ class BalancedUpstream:
             return
 
     async def count_tokens(self, chat: ChatRequest) -> bytes | None:
+        return await self._ask_one(lambda upstream: upstream.count_tokens(chat))
+
+    async def compact(self, chat: ChatRequest) -> bytes | None:
+        return await self._ask_one(lambda upstream: upstream.compact(chat))
+
+    async def _ask_one(self, ask: Callable[[HttpUpstream], Awaitable[bytes | None]]) -> bytes | None:
+        """A question other than a generation, to one target: no failover, the breaker not told."""
         taken = await self._take([])
         if taken is None:
             raise UpstreamConnectError(
@@ -578,7 +601,7 @@ class BalancedUpstream:
             )
         target, probe = taken
         try:
-            return await self._upstreams[target.url].count_tokens(chat)
+            return await ask(self._upstreams[target.url])
         finally:
             await self._settle(target, "released", probe)
 

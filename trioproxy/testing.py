@@ -743,6 +743,9 @@ _ROUTES: Final[Mapping[str, _Api]] = {
     "/v1/messages": _Api.ANTHROPIC,
     "/v1/responses": _Api.RESPONSES,
     "/responses": _Api.RESPONSES,
+    # Answered with a `Reply`'s `raw_body` (their JSON), or else as `/v1/responses` is.
+    "/v1/responses/input_tokens": _Api.RESPONSES,
+    "/v1/responses/compact": _Api.RESPONSES,
 }
 
 _SSE_HEADERS: Final = (("content-type", "text/event-stream"), ("cache-control", "no-cache"))

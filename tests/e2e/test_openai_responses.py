@@ -676,3 +676,89 @@ async def test_a_stored_response_from_a_responses_upstream_keeps_its_events_unde
             event["response"]["id"] = stored_id
     assert events == upstream_events  # every field of every event, the obfuscation padding too
     assert retrieved == upstream_events[-1]["response"]
+
+
+# --- input items, input tokens, compaction ------------------------------------------------------
+
+
+async def test_a_stored_response_s_input_items_are_listed_in_pages(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("18C",)), Reply(tokens=("Warm.",)))
+    given = [
+        {"type": "message", "role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18C"},
+    ]
+    first = await client.responses.create(model="up/gpt-test", input=given, tools=[WEATHER])  # type: ignore[arg-type]
+    second = await client.responses.create(model="up/gpt-test", previous_response_id=first.id, input="And?")
+
+    newest_first = await client.responses.input_items.list(first.id)
+    assert [item.type for item in newest_first.data] == ["function_call_output", "function_call", "message"]
+    assert newest_first.has_more is False and newest_first.data[2].content[0].text == "Weather in Paris?"  # type: ignore[union-attr]
+    page = await client.responses.input_items.list(first.id, order="asc", limit=2)
+    assert [item.type for item in page.data] == ["message", "function_call"] and page.has_more is True
+    every = [item async for item in client.responses.input_items.list(first.id, order="asc", limit=2)]  # page by page
+    assert [item.id for item in every] == [item.id for item in reversed(newest_first.data)]
+    assert len({item.id for item in every}) == 3  # ids made for items sent without one, the same on every call
+
+    # The continued response's input is the whole conversation it answered.
+    continued = [item async for item in client.responses.input_items.list(second.id, order="asc")]
+    assert [item.type for item in continued] == ["message", "function_call", "function_call_output", "message", "message"]
+    assert continued[3].role == "assistant" and continued[4].content[0].text == "And?"  # type: ignore[union-attr]
+
+    async with httpx.AsyncClient(base_url=str(client.base_url)) as http:
+        before = (await http.get(f"responses/{first.id}/input_items", params={"before": every[0].id})).json()
+        assert [item["id"] for item in before["data"]] == [every[2].id, every[1].id]  # listed before it, newest first
+        assert (await http.get(f"responses/{first.id}/input_items", params={"limit": 101})).status_code == 400
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.input_items.list(first.id, after="msg_unknown")
+    assert info.value.param == "after"
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.input_items.list("resp_unknown")
+
+
+COMPACTED = {
+    "id": "cmp_1",
+    "object": "response.compaction",
+    "created_at": 1,
+    "output": [{"id": "cmp_item_1", "type": "compaction", "encrypted_content": "gAAAA"}],
+    "usage": {
+        "input_tokens": 12,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 3,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 15,
+    },
+}
+
+
+async def test_input_tokens_and_compaction_are_forwarded_to_a_responses_upstream(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    counted = {"object": "response.input_tokens", "input_tokens": 7}
+    upstream.push(Reply(raw_body=orjson.dumps(counted)), Reply(raw_body=orjson.dumps(COMPACTED)))
+    items = [{"role": "user", "content": "hi"}, {"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}]
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        count = await sdk.responses.input_tokens.count(model="resp/gpt-5", input=items)  # type: ignore[arg-type]
+        compacted = await sdk.responses.compact(model="resp/gpt-5", input=items, instructions="Be brief.")  # type: ignore[arg-type]
+    assert count.input_tokens == 7
+    assert compacted.output[0].type == "compaction" and compacted.usage.total_tokens == 15
+    assert [request.path for request in upstream.requests] == ["/v1/responses/input_tokens", "/v1/responses/compact"]
+    assert sent(upstream.requests[0]) == {"model": "gpt-5", "input": items}
+    assert sent(upstream.requests[1]) == {"model": "gpt-5", "input": items, "instructions": "Be brief."}
+
+
+async def test_input_tokens_are_estimated_and_compaction_refused_for_another_upstream(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    count = await client.responses.input_tokens.count(model="up/gpt-test", input="x" * 40, instructions="y" * 8)
+    assert count.input_tokens == 12 and count.model_extra == {"estimated": True}
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.input_tokens.count(model="up/gpt-test", input="x", tools=[{"type": "shell"}])  # type: ignore[list-item]
+    assert info.value.param == "tools[0].type"  # what the upstream could not be asked is refused, as on create
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.compact(model="up/gpt-test", input="x")
+    assert (info.value.code, info.value.param) == ("unsupported_compaction", "model")
+    assert "only the Responses API compacts" in info.value.message
+    assert list(upstream.requests) == []

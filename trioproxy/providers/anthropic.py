@@ -202,6 +202,9 @@ class AnthropicTranslation:
         headers = {**self._headers, **native.headers, **self._extra_headers, "accept": "application/json"}
         return UpstreamRequest(self.count_tokens_url, headers, orjson.dumps(body))
 
+    def compact_request(self, chat: ChatRequest) -> None:
+        return None  # Messages compacts within a request (a beta's `context_management`), not by its own endpoint
+
     def stream_parser(self, chat: ChatRequest) -> AnthropicStreamParser:
         return AnthropicStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
 

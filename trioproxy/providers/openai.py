@@ -68,8 +68,11 @@ class OpenAITranslation:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return UpstreamRequest(self.url, self._stream_headers, orjson.dumps(body))
 
-    def count_tokens_request(self, chat: ChatRequest) -> None:
+    def count_tokens_request(self, chat: ChatRequest) -> UpstreamRequest | None:
         return None  # Chat Completions has no endpoint that counts tokens
+
+    def compact_request(self, chat: ChatRequest) -> UpstreamRequest | None:
+        return None  # nor one that compacts a conversation
 
     def stream_parser(self, chat: ChatRequest) -> OpenAIStreamParser:
         return OpenAIStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)

@@ -101,6 +101,21 @@ class ResponsesTranslation(OpenAITranslation):
         super().__init__(base_url=base_url, api_key=api_key, extra_headers=extra_headers)
         self.url = base_url.rstrip("/") + "/responses"
 
+    def count_tokens_request(self, chat: ChatRequest) -> UpstreamRequest | None:
+        """A Responses client's `POST /responses/input_tokens`, forwarded whole with only `model` replaced."""
+        return self._forwarded(chat, "/input_tokens")
+
+    def compact_request(self, chat: ChatRequest) -> UpstreamRequest | None:
+        """A Responses client's `POST /responses/compact`, forwarded whole with only `model` replaced."""
+        return self._forwarded(chat, "/compact")
+
+    def _forwarded(self, chat: ChatRequest, path: str) -> UpstreamRequest | None:
+        native = chat.native
+        if native is None or native.protocol != self.protocol:
+            return None
+        body = {**native.body, "model": chat.upstream_model or chat.model}
+        return UpstreamRequest(self.url + path, {**self._stream_headers, "accept": "application/json"}, orjson.dumps(body))
+
     def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
         native = chat.native
         if native is not None and native.protocol == self.protocol:
