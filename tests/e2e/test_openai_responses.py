@@ -21,7 +21,7 @@ import trio_websocket
 from tests.conftest import proxy_config, wait_until
 from trioproxy import serve
 from trioproxy._sse import SSEDecoder
-from trioproxy.server._responses_front import TERMINAL_EVENTS
+from trioproxy.server._responses_front import TERMINAL_EVENTS, response_from_events
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
 
 TOKENS = ("Hel", "lo", ",", " wörld", " 🌍", "!")
@@ -762,3 +762,46 @@ async def test_input_tokens_are_estimated_and_compaction_refused_for_another_ups
     assert (info.value.code, info.value.param) == ("unsupported_compaction", "model")
     assert "only the Responses API compacts" in info.value.message
     assert list(upstream.requests) == []
+
+
+# --- a stage on a Responses upstream's stream ----------------------------------------------------
+
+
+@pytest.fixture
+async def redacting_proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
+    """`resp` speaks Responses upstream, and a transform rewrites its text: its events are re-rendered."""
+    redact = {"type": "regex_redact", "pattern": "sunny", "replacement": "[weather]"}
+    config = proxy_config(
+        upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "transforms": [redact]}
+    )
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    return str(binds[0])
+
+
+@pytest.mark.parametrize("store", [False, True])
+async def test_items_the_common_model_does_not_carry_survive_a_stage_in_order(
+    redacting_proxy: str, upstream: FakeUpstream, store: bool
+) -> None:
+    recorded = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
+    upstream.push(Reply(raw_body=recorded), Reply(raw_body=recorded))
+    upstream_final = response_from_events(recorded)
+    async with openai.AsyncOpenAI(base_url=redacting_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        async with sdk.responses.stream(model="resp/gpt-5", input="Weather in Paris?", store=store) as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_response()
+        unstreamed = await sdk.responses.create(model="resp/gpt-5", input="Weather in Paris?", store=store)
+
+    for response in (final, unstreamed):
+        reasoning, search, message = response.output
+        assert reasoning.model_dump(exclude_none=True) == {
+            **upstream_final["output"][0],
+            "id": reasoning.id,
+        }  # its encrypted content and summary, under the id its events gave it
+        assert search.model_dump(exclude_none=True) == upstream_final["output"][1]  # whole, as the upstream sent it
+        assert message.type == "message" and response.output_text == "Paris is [weather] today."
+    added = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"]
+    done = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.done"]
+    assert added == done == [(0, "reasoning"), (1, "web_search_call"), (2, "message")]
+    summary = "".join(e.delta for e in events if e.type == "response.reasoning_summary_text.delta")
+    assert summary == upstream_final["output"][0]["summary"][0]["text"]  # still streamed as it came
+    assert [e.sequence_number for e in events] == list(range(len(events)))

@@ -34,6 +34,10 @@ Stream mapping (Responses event → `Delta`):
 - a `function_call` item's `output_item.added` → a `ToolCallDelta` (its `call_id`, name, and
   any arguments it already has), numbered from 0 in the order the calls start; its
   `function_call_arguments.delta`s → argument fragments;
+- for a Responses client, an `output_item.done` of any item but a message or a function call
+  (a reasoning item, with its `encrypted_content`; a hosted tool's call, `web_search_call`,
+  `file_search_call`, ...; a `custom_tool_call`) → a `raw_item`, the item whole, so that a
+  stream re-rendered after a stage changed content still has it, in its place;
 - `response.completed` → finish reason `tool_calls` (when there were calls) or `stop`, with
   usage; `response.incomplete` → `length` or `content_filter`, with usage; either ends the
   stream;
@@ -77,6 +81,9 @@ _SAME_NAME: Final = frozenset(
 """Chat Completions fields the Responses API has under the same name and meaning."""
 
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
+
+_MODELLED_ITEMS: Final = frozenset({"message", "function_call"})
+"""Output items whose every field the common model carries (text, a tool call); any other is a `raw_item`."""
 
 #: `incomplete_details.reason` → Chat Completions `finish_reason`.
 INCOMPLETE_REASONS: Final[Mapping[str, str]] = {"max_output_tokens": "length", "content_filter": "content_filter"}
@@ -284,6 +291,11 @@ class ResponsesStreamParser:
                     index=index, id=item.get("call_id"), name=item.get("name"), arguments=item.get("arguments") or ""
                 )
                 return Delta(tool_calls=(call,))
+            return Delta()
+        if kind == "response.output_item.done":
+            item = payload.get("item")
+            if self._keep_raw and isinstance(item, dict) and item.get("type") not in _MODELLED_ITEMS:
+                return Delta(raw_item=item)
             return Delta()
         if kind == "response.function_call_arguments.delta":
             started = self._calls.get(str(payload.get("item_id")))
