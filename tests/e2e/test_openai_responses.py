@@ -17,9 +17,10 @@ import orjson
 import pytest
 import trio
 import trio_websocket
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import proxy_config, wait_until
-from trioproxy import serve
+from tests.conftest import proxy_config, wait_until, wait_until_idle
+from trioproxy import parse_config, serve
 from trioproxy._sse import SSEDecoder
 from trioproxy.server._responses_front import TERMINAL_EVENTS, response_from_events
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
@@ -805,3 +806,93 @@ async def test_items_the_common_model_does_not_carry_survive_a_stage_in_order(
     summary = "".join(e.delta for e in events if e.type == "response.reasoning_summary_text.delta")
     assert summary == upstream_final["output"][0]["summary"][0]["text"]  # still streamed as it came
     assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+async def test_websocket_mode_needs_a_key_and_counts_against_its_limits(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    config = parse_config(
+        {
+            "auth": {"keys": ["key-one"]},
+            "limits": {"max_streams_per_key": 1, "max_body_bytes": 1000},
+            "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
+        },
+        environ={},
+    )
+    [proxy] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    with pytest.raises(trio_websocket.ConnectionRejected) as info:
+        async with trio_websocket.open_websocket_url(ws_url(proxy)):
+            pass
+    assert info.value.status_code == 401
+    assert orjson.loads(info.value.body or b"{}")["error"]["code"] == "invalid_api_key"  # OpenAI's shape
+
+    key = [(b"authorization", b"Bearer key-one")]
+    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01), Reply(tokens=TOKENS))
+    async with (
+        trio_websocket.open_websocket_url(ws_url(proxy), extra_headers=key) as first,
+        trio_websocket.open_websocket_url(ws_url(proxy), extra_headers=key) as second,
+    ):
+        await first.send_message(orjson.dumps({"type": "response.create", "model": "up/m", "input": "go"}).decode())
+        with trio.fail_after(5):
+            await upstream.wait_for_requests(1)
+        [refused] = await one_response(second, model="up/m", input="hi")
+        assert (refused["status"], refused["error"]["code"]) == (429, "too_many_streams")
+        [too_large] = await one_response(second, model="up/m", input="x" * 1500)
+        assert (too_large["status"], too_large["error"]["code"]) == (413, "request_too_large")
+    await wait_until_idle(proxy)
+    async with trio_websocket.open_websocket_url(ws_url(proxy), extra_headers=key) as again:
+        answered = await one_response(again, model="up/m", input="hi")
+    assert answered[-1]["type"] == "response.completed"
+    assert len(upstream.requests) == 2
+
+
+async def test_deleting_a_running_background_response_cancels_its_upstream_and_forgets_it(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
+    queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
+    with trio.fail_after(5):
+        await upstream.wait_for_requests(1)
+    await client.responses.delete(queued.id)
+    with trio.fail_after(1):
+        await upstream.requests[-1].disconnected.wait()
+    for retrieve in (
+        client.responses.retrieve(queued.id),
+        client.responses.retrieve(queued.id, stream=True, starting_after=3),
+        client.responses.cancel(queued.id),
+        client.responses.input_items.list(queued.id),
+    ):
+        with pytest.raises(openai.NotFoundError) as info:
+            await retrieve
+        assert queued.id in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.delete(queued.id)
+
+
+async def test_usage_over_sse_and_websocket_mode_is_counted_in_the_metrics(
+    client: openai.AsyncOpenAI, proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, usage=(9, 8)), Reply(tokens=TOKENS, usage=(5, 4)))
+    async with client.responses.stream(model="up/gpt-test", input="hi") as stream:
+        await stream.get_final_response()
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        await one_response(connection, model="up/gpt-test", input="hi")
+
+    def tokens(metrics: str) -> dict[str, float]:
+        return {
+            sample.labels["direction"]: sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "trioproxy_tokens_total" and sample.labels["model"] == "gpt-test"
+        }
+
+    counted: dict[str, float] = {}
+
+    async def both_counted() -> bool:
+        nonlocal counted
+        async with httpx.AsyncClient() as http:
+            counted = tokens((await http.get(proxy_url + "/metrics")).text)
+        return counted.get("out") == 8 + 4
+
+    await wait_until(both_counted)
+    assert (counted["in"], counted["out"]) == (9 + 5, 8 + 4)
