@@ -27,17 +27,15 @@ response runs on with nobody watching until it ends or is cancelled.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
-import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..._exceptions import NotFoundError, RequestError, StreamCancelled, TrioproxyError, UpstreamTimeoutError
+from ..._exceptions import NotFoundError, RequestError, StreamCancelled, TrioproxyError
 from ..._request import ChatRequest, parse_json_object
-from ..._upstream import Upstream
 from .._core import SSE, Core, complete, json_response, watch_response
 from .._generic import prompt_chars, render
 from .._responses_front import ResponsesEventRenderer, response_from_events, sse_event
@@ -173,24 +171,12 @@ def register(app: QuartTrio, core: Core) -> None:
             body = continued({"input": [], **body}, stored_turn(previous_id))
         return parse_responses_request(body)
 
-    async def ask_upstream(
-        chat: ChatRequest, ask: Callable[[Upstream, ChatRequest], Awaitable[bytes | None]]
-    ) -> bytes | None:
-        """`ask` the model's upstream (`chat` routed to it) within its `first_token_timeout`."""
-        route = core.router.route(chat.model)
-        timeout = route.provider.timeouts.first_token_timeout
-        with trio.move_on_after(timeout or math.inf):
-            return await ask(route.upstream, chat.routed(route.upstream_model))
-        raise UpstreamTimeoutError(
-            f"no answer from the upstream within first_token_timeout ({timeout:g} s)", kind="first_token_timeout"
-        )
-
     @app.post("/v1/responses/input_tokens")
     async def input_tokens() -> Response:
         """A Responses upstream's own count; an estimate, marked so, from any other."""
         try:
             chat = parsed_side_request(parse_json_object(await request.get_data()))
-            counted = await ask_upstream(chat, lambda upstream, routed: upstream.count_tokens(routed))
+            counted = await core.ask_upstream(chat, lambda upstream, routed: upstream.count_tokens(routed))
             if counted is None:
                 chat.common_body()  # what another upstream could not be asked is refused here too
         except TrioproxyError as exc:
@@ -206,7 +192,7 @@ def register(app: QuartTrio, core: Core) -> None:
         """A Responses upstream's own compaction; refused for any other, which has no such thing."""
         try:
             chat = parsed_side_request(parse_json_object(await request.get_data()))
-            compacted = await ask_upstream(chat, lambda upstream, routed: upstream.compact(routed))
+            compacted = await core.ask_upstream(chat, lambda upstream, routed: upstream.compact(routed))
             if compacted is None:
                 raise RequestError(
                     f"model {chat.model!r} is not served by an OpenAI Responses upstream, and only the Responses API "
