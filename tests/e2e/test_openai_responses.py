@@ -896,3 +896,12 @@ async def test_usage_over_sse_and_websocket_mode_is_counted_in_the_metrics(
 
     await wait_until(both_counted)
     assert (counted["in"], counted["out"]) == (9 + 5, 8 + 4)
+
+
+async def test_only_a_background_response_can_be_cancelled(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    stored = await client.responses.create(model="up/gpt-test", input="hi")
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.cancel(stored.id)
+    assert "background" in info.value.message
+    assert (await client.responses.retrieve(stored.id)).status == "completed"

@@ -231,6 +231,12 @@ def register(app: QuartTrio, core: Core) -> None:
     async def cancel(response_id: str) -> Response:
         try:
             stream = stored(response_id)
+            if _renderer(stream).request.get("background") is not True:
+                raise RequestError(
+                    f"response {response_id!r} was not created with 'background': only a background response "
+                    "can be cancelled (another ends when its client goes away)",
+                    param="response_id",
+                )
         except TrioproxyError as exc:
             return _error(exc)
         stream.cancel(StreamCancelled("cancelled by the client"))
