@@ -905,3 +905,31 @@ async def test_only_a_background_response_can_be_cancelled(client: openai.AsyncO
         await client.responses.cancel(stored.id)
     assert "background" in info.value.message
     assert (await client.responses.retrieve(stored.id)).status == "completed"
+
+
+async def test_websocket_mode_through_the_sdk_s_own_connection(proxy_url: str, upstream: FakeUpstream) -> None:
+    """`client.responses.connect()` (the sync SDK, in a thread): two responses in turn, the second continuing the first."""
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=("Again",)))
+
+    def converse() -> list[list[Any]]:
+        client = openai.OpenAI(base_url=proxy_url + "/v1", api_key="k", max_retries=0)
+        turns: list[list[Any]] = []
+        with client.responses.connect(max_retries=0) as connection:
+            previous = None
+            for text in ("hi", "more"):
+                connection.response.create(model="up/gpt-test", input=text, previous_response_id=previous)  # type: ignore[arg-type]
+                events = []
+                for event in connection:
+                    events.append(event)
+                    if event.type in TERMINAL_EVENTS or event.type == "error":
+                        break
+                turns.append(events)
+                previous = events[-1].response.id
+        return turns
+
+    with trio.fail_after(20):
+        first, second = await trio.to_thread.run_sync(converse)
+    assert "".join(e.delta for e in first if e.type == "response.output_text.delta") == "".join(TOKENS)
+    assert first[-1].type == second[-1].type == "response.completed"
+    assert second[-1].response.output_text == "Again"
+    assert [m["content"] for m in sent(upstream.requests[1])["messages"]] == ["hi", "".join(TOKENS), "more"]
