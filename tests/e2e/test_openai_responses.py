@@ -933,3 +933,25 @@ async def test_websocket_mode_through_the_sdk_s_own_connection(proxy_url: str, u
     assert first[-1].type == second[-1].type == "response.completed"
     assert second[-1].response.output_text == "Again"
     assert [m["content"] for m in sent(upstream.requests[1])["messages"]] == ["hi", "".join(TOKENS), "more"]
+
+
+async def test_websocket_mode_stores_a_response_unless_told_not_to(
+    client: openai.AsyncOpenAI, proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=("Not kept",)), Reply(tokens=("Again",)))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        stored = await one_response(connection, model="up/gpt-test", input="hi")
+        unstored = await one_response(connection, model="up/gpt-test", input="hi", store=False)
+    assert [e["sequence_number"] for e in stored] == list(range(len(stored)))
+    response_id = stored[-1]["response"]["id"]
+    retrieved = await client.responses.retrieve(response_id)
+    assert retrieved.model_dump(mode="json") == openai.types.responses.Response.model_validate(
+        stored[-1]["response"]
+    ).model_dump(mode="json")  # the SDK's own type, validated whole
+    replayed = [event async for event in await client.responses.retrieve(response_id, stream=True)]
+    assert [(e.type, e.sequence_number) for e in replayed] == [(e["type"], e["sequence_number"]) for e in stored]
+    # Another connection (or plain HTTP) continues it, as with a response made over HTTP.
+    continued = await client.responses.create(model="up/gpt-test", previous_response_id=response_id, input="more")
+    assert continued.output_text == "Again"
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(unstored[-1]["response"]["id"])

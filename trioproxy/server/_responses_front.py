@@ -381,7 +381,10 @@ class ResponsesEventRenderer:
         )
         return {
             "input_tokens": usage.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": usage.cache_read_tokens or 0},
+            "input_tokens_details": {
+                "cached_tokens": usage.cache_read_tokens or 0,
+                "cache_write_tokens": usage.cache_creation_tokens or 0,
+            },
             "output_tokens": usage.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage.total_tokens,

@@ -36,12 +36,13 @@ from quart_trio import QuartTrio
 
 from ..._exceptions import NotFoundError, RequestError, StreamCancelled, TrioproxyError
 from ..._request import ChatRequest, parse_json_object
+from ...pipeline import StreamSession
 from .._core import SSE, Core, complete, json_response, watch_response
 from .._generic import prompt_chars, render
 from .._responses_front import ResponsesEventRenderer, response_from_events, sse_event
 from .._responses_request import Turn, continued, input_items, listed_input_items, parse_responses_request
 from .._responses_websocket import register_responses_websocket
-from .._streams import BroadcastStream
+from .._streams import BroadcastStream, RendererFactory, Watcher
 from .openai_chat import error_response
 
 __all__ = ["error_response", "owns", "register"]
@@ -92,6 +93,19 @@ def register(app: QuartTrio, core: Core) -> None:
             )
         return Turn(stream.id, input_items(renderer.request), response["output"])
 
+    async def share(
+        session: StreamSession, chat: ChatRequest, echoed: dict[str, Any]
+    ) -> tuple[BroadcastStream, list[bytes], Watcher]:
+        """
+        A stored response that is not `background`, once its upstream accepted: shared in the
+        registry, its requester the first watcher, ending with its last watcher (`Core.share`).
+        """
+        stream, backlog, watcher = await core.share(
+            session, _stored_renderer(chat, echoed), shows_notices=False, prefix=PREFIX, encode=_encode
+        )
+        stream.resume_grace_period = 0.0
+        return stream, backlog, watcher
+
     @app.post("/v1/responses")
     async def create() -> Response:
         try:
@@ -107,15 +121,6 @@ def register(app: QuartTrio, core: Core) -> None:
                 raise RequestError("a background response must be stored: 'store' false cannot be", param="store")
         except TrioproxyError as exc:
             return _error(exc)
-
-        def renderer_for(response_id: str, frame: Callable[[Any], bytes]) -> ResponsesEventRenderer:
-            return ResponsesEventRenderer(
-                request=echoed,
-                model=chat.model,
-                prompt_chars=prompt_chars(chat),
-                frame=frame,
-                response_id=response_id,
-            )
 
         if body.get("store") is False:
             renderer = ResponsesEventRenderer(request=echoed, model=chat.model, prompt_chars=prompt_chars(chat))
@@ -134,7 +139,7 @@ def register(app: QuartTrio, core: Core) -> None:
             except TrioproxyError as exc:
                 return _error(exc)
             try:
-                stream = core.streams.open(session, renderer_for, prefix=PREFIX, encode=_encode)
+                stream = core.streams.open(session, _stored_renderer(chat, echoed), prefix=PREFIX, encode=_encode)
             except TrioproxyError as exc:  # `max_streams` are running
                 session.cancel()
                 return _error(exc)
@@ -145,12 +150,9 @@ def register(app: QuartTrio, core: Core) -> None:
             return json_response(_renderer(stream).snapshot("queued"))
         session = core.start(pipeline, chat, heartbeats=chat.stream)
         try:
-            stream, backlog, watcher = await core.share(
-                session, renderer_for, shows_notices=False, prefix=PREFIX, encode=_encode
-            )
+            stream, backlog, watcher = await share(session, chat, echoed)
         except TrioproxyError as exc:
             return _error(exc)
-        stream.resume_grace_period = 0.0  # not background: it ends with its last watcher
         if chat.stream:
             return watch_response(stream, backlog, watcher)
         events = bytearray(b"".join(backlog))
@@ -252,7 +254,18 @@ def register(app: QuartTrio, core: Core) -> None:
         core.streams.remove(stream.id)
         return json_response({"id": stream.id, "object": "response", "deleted": True})
 
-    register_responses_websocket(app, core, stored_turn)
+    register_responses_websocket(app, core, stored_turn, share)
+
+
+def _stored_renderer(chat: ChatRequest, echoed: dict[str, Any]) -> RendererFactory:
+    """The renderer of a stored response to `chat`, whose Response object echoes the request `echoed`."""
+
+    def renderer_for(response_id: str, frame: Callable[[Any], bytes]) -> ResponsesEventRenderer:
+        return ResponsesEventRenderer(
+            request=echoed, model=chat.model, prompt_chars=prompt_chars(chat), frame=frame, response_id=response_id
+        )
+
+    return renderer_for
 
 
 def _starting_after(value: str | None, last_id: int) -> int:
