@@ -52,7 +52,7 @@ class WebSocketError(Exception):
 
 
 def handshake_request(host: str, port: int, target: str, key: bytes, headers: str = "") -> bytes:
-    """The opening handshake's GET: `key` is 16 random bytes, base64-encoded; `headers` extra lines, each ending CRLF."""
+    """The opening handshake's GET: `key` is 16 random bytes in base64; `headers`, lines each ending CRLF."""
     return (
         f"GET {target} HTTP/1.1\r\n"
         f"host: {f'[{host}]' if ':' in host else host}:{port}\r\n"

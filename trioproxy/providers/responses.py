@@ -121,7 +121,8 @@ class ResponsesTranslation(OpenAITranslation):
         if native is None or native.protocol != self.protocol:
             return None
         body = {**native.body, "model": chat.upstream_model or chat.model}
-        return UpstreamRequest(self.url + path, {**self._stream_headers, "accept": "application/json"}, orjson.dumps(body))
+        headers = {**self._stream_headers, "accept": "application/json"}
+        return UpstreamRequest(self.url + path, headers, orjson.dumps(body))
 
     def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
         native = chat.native

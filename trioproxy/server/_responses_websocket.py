@@ -133,7 +133,9 @@ def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[s
             return None
         return Turn(renderer.id, input_items(body), response["output"])
 
-    async def stored(session: StreamSession, chat: ChatRequest, body: dict[str, Any], echoed: dict[str, Any]) -> Turn | None:
+    async def stored(
+        session: StreamSession, chat: ChatRequest, body: dict[str, Any], echoed: dict[str, Any]
+    ) -> Turn | None:
         """A stored response's events, read from its stream's log (SSE) as frames."""
         stream, backlog, watcher = await share(session, chat, echoed)  # before its first event: raises
         events = SSEDecoder()
