@@ -23,7 +23,7 @@ from tests.conftest import proxy_config, wait_until, wait_until_idle
 from trioproxy import parse_config, serve
 from trioproxy._sse import SSEDecoder
 from trioproxy.server._responses_front import TERMINAL_EVENTS, response_from_events
-from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
+from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall, open_fake_upstream
 
 TOKENS = ("Hel", "lo", ",", " wörld", " 🌍", "!")
 MODELS = pytest.mark.parametrize("model", ["up/gpt-test", "claude/claude-test"])
@@ -955,3 +955,32 @@ async def test_websocket_mode_stores_a_response_unless_told_not_to(
     assert continued.output_text == "Again"
     with pytest.raises(openai.NotFoundError):
         await client.responses.retrieve(unstored[-1]["response"]["id"])
+
+
+async def test_a_stream_that_delivered_a_hosted_tool_s_call_is_not_continued_as_text(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    """
+    A fallback can continue text only: after a `web_search_call` item was delivered, a text
+    prefix is not the whole answer so far, so a broken stream ends with its error.
+    """
+    backup = await open_fake_upstream(nursery)
+    recorded = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
+    events_sent = [event + b"\n\n" for event in recorded.split(b"\n\n") if event and b'"rs_builtin"' not in event]
+    first_delta = next(i for i, event in enumerate(events_sent) if event.startswith(b"event: response.output_text.delta"))
+    upstream.push(Reply(raw_body=b"".join(events_sent[: first_delta + 1]), reset_after=0))  # no reasoning: a search, then text
+    backup.push(Reply(tokens=("Paris is ", "sunny today."), continues=True))
+    vllm = {"type": "openai", "continuation": "continue_final_message", "base_url": backup.url + "/v1"}
+    config = proxy_config(
+        upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "fallbacks": ["vllm/m"]}, vllm=vllm
+    )
+    [proxy] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    events: list[Any] = []
+    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.responses.create(model="resp/gpt-5", input="Weather in Paris?", store=False, stream=True)
+        with pytest.raises(openai.APIError, match="connection broke"):
+            async for event in stream:
+                events.append(event)
+    assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["web_search_call"]
+    assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["Paris is "]
+    assert backup.request_count == 0
