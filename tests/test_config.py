@@ -1128,6 +1128,8 @@ def test_limits_defaults_and_table() -> None:
     ("table", "expected"),
     [
         ({"max_body_bytes": 0}, "[limits].max_body_bytes must be a positive integer, got 0"),
+        ({"estimated_output_tokens": 0}, "[limits].estimated_output_tokens must be a positive integer, got 0"),
+        ({"tokens_per_day": -5}, "[limits].tokens_per_day must be an integer, 0 or more (0: no limit), got -5"),
         ({"max_messages": -1}, "[limits].max_messages must be an integer, 0 or more (0: no limit), got -1"),
         (
             {"requests_per_minute": 1.5},
@@ -1140,8 +1142,9 @@ def test_limits_defaults_and_table() -> None:
         (
             {"max_stream": 3},
             (
-                "[limits]: unknown key 'max_stream' (known: max_body_bytes, max_concurrent_streams, "
-                "max_messages, max_streams_per_key, max_string_chars, requests_per_minute)"
+                "[limits]: unknown key 'max_stream' (known: estimated_output_tokens, max_body_bytes, "
+                "max_concurrent_streams, max_messages, max_streams_per_key, max_string_chars, "
+                "requests_per_minute, tokens_per_day, tokens_per_minute)"
             ),
         ),
     ],

@@ -133,3 +133,47 @@ async def test_no_key_appears_in_redis(redis_server: RedisServer) -> None:
             keys = sorted(k.decode() for k in await client.keys("*"))
     assert all(k.startswith("tp:") for k in keys) and len(keys) == 3
     assert not any("secret" in k for k in keys)
+
+
+async def test_token_budgets_are_reserved_exactly_and_reconciled_with_the_usage(redis_server: RedisServer) -> None:
+    limits = SharedLimits(tokens_per_minute=1000, tokens_per_day=1500)
+    async with running(redis_server) as first, running(redis_server) as second:
+
+        async def reserve(state: RedisState, tokens: int) -> SharedLease | None:
+            try:
+                return await state.admit("key:a", limits, tokens)
+            except RateLimitedError:
+                return None
+
+        leases: list[SharedLease | None] = []
+        async with trio.open_nursery() as nursery:  # 20 reservations of 100 at once: exactly 10 fit
+
+            async def one(state: RedisState) -> None:
+                leases.append(await reserve(state, 100))
+
+            for n in range(20):
+                nursery.start_soon(one, (first, second)[n % 2])
+        held = [lease for lease in leases if lease is not None]
+        assert len(held) == 10
+        with pytest.raises(RateLimitedError) as refused:
+            await second.admit("key:a", limits, 1)
+        assert refused.value.code == "tokens_per_minute_exceeded"
+        assert 58 < refused.value.retry_after <= 60  # type: ignore[operator]
+
+        for lease in held:  # each used 10 of its 100: 100 in all
+            await first.release(lease, used=10)
+        lease = await second.admit("key:a", limits, 900)  # 100 + 900 = 1000
+        await second.release(lease)  # no usage known: the reservation stands
+        with pytest.raises(RateLimitedError):
+            await first.admit("key:a", limits, 1)
+
+        with pytest.raises(RateLimitedError) as too_big:
+            await first.admit("key:b", limits, 1001)
+        assert (too_big.value.code, too_big.value.retry_after) == ("tokens_per_minute_exceeded", None)
+
+        day = SharedLimits(tokens_per_day=1500)
+        await first.admit("key:c", day, 1000)
+        with pytest.raises(RateLimitedError) as over_the_day:
+            await second.admit("key:c", day, 501)
+        assert over_the_day.value.code == "tokens_per_day_exceeded"
+        assert 86_390 < over_the_day.value.retry_after <= 86_400  # type: ignore[operator]

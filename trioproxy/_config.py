@@ -208,7 +208,11 @@ class LimitsConfig:
       `max_body_bytes` bounds every string already;
     - `requests_per_minute`: streams one client may start in any 60 seconds (429);
     - `max_streams_per_key`: streams one client may run at once (429);
-    - `max_concurrent_streams`: streams the whole server runs at once (503).
+    - `max_concurrent_streams`: streams the whole server runs at once (503);
+    - `tokens_per_minute`, `tokens_per_day`: tokens one client may use (429). Admission
+      reserves the request's prompt (about four characters a token) and its maximum output
+      (`max_tokens`, `max_output_tokens`, or `estimated_output_tokens` when it gives none);
+      the stream's end corrects that to the upstream's count.
 
     A "client" is its key when `[auth]` keys are on, else its address. Every generation
     counts as a stream, `stream: false` requests included.
@@ -220,6 +224,9 @@ class LimitsConfig:
     requests_per_minute: int = 0
     max_streams_per_key: int = 0
     max_concurrent_streams: int = 1000
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    estimated_output_tokens: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,7 +489,7 @@ def _limits(table: Any, problems: list[str]) -> LimitsConfig:
     for key, value in table.items():
         if key not in known:
             continue
-        least = 1 if key == "max_body_bytes" else 0
+        least = 1 if key in ("max_body_bytes", "estimated_output_tokens") else 0
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             what = "a positive integer" if least else "an integer, 0 or more (0: no limit)"
             problems.append(f"[limits].{key} must be {what}, got {value!r}")

@@ -3,10 +3,10 @@ Shared state on Redis (`[redis]`): the one module that talks to Redis, through c
 runs on anyio, and so on trio).
 
 What several processes must agree on lives here, so that N workers and replicas enforce one
-set of limits rather than N: requests per minute, and concurrent streams per client and in
-all. Each admission is one Lua script, atomic in Redis: it expires what is over, checks every
-limit, and records the request and the stream's lease, or none of them; the time is Redis's
-own (`TIME`), so the processes' clocks need not agree.
+set of limits rather than N: requests per minute, token budgets, and concurrent streams per
+client and in all. Each admission is one Lua script, atomic in Redis: it expires what is over,
+checks every limit, and records the request, its token reservations and the stream's lease, or
+none of them; the time is Redis's own (`TIME`), so the processes' clocks need not agree.
 
 - The rate is exact: one sorted-set member per admitted request, scored by its time, so no
   60-second window ever holds more than the limit; `Retry-After` is when the oldest leaves.
@@ -14,6 +14,10 @@ own (`TIME`), so the processes' clocks need not agree.
   client's and everyone's. The process renews its leases every third of `lease_ttl` and
   removes each when its stream ends; a process that dies stops renewing, and its leases
   expire within `lease_ttl`.
+- A token budget is exact too: each reservation a member of a sorted set scored by its time,
+  its amount in a hash beside, with their running total (`#total`), so a check reads one
+  field and only a refusal walks the entries (for `Retry-After`). The stream's end corrects
+  the amount to the upstream's count (a second script), unless it left its window already.
 - Clients are named by the SHA-256 of their identity: no key appears in a Redis key.
 
 Every call is bounded by `[redis] timeout` (connecting included): whatever coredis raises,
@@ -38,7 +42,7 @@ from coredis.retry import NoRetryPolicy
 
 from ._config import RedisConfig
 from ._exceptions import OverloadedError, RateLimitedError, SharedStateError
-from ._limits import CONCURRENCY_RETRY_AFTER, RATE_WINDOW
+from ._limits import CONCURRENCY_RETRY_AFTER, RATE_WINDOW, token_budget_refusal
 
 __all__ = ["RedisState", "SharedLease", "SharedLimits"]
 
@@ -54,6 +58,33 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window, rpm, per_client, total = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lease, ttl = ARGV[5], tonumber(ARGV[6])
+local tokens = tonumber(ARGV[7])
+local budgets = {{KEYS[4], KEYS[5], tonumber(ARGV[8]), window}, {KEYS[6], KEYS[7], tonumber(ARGV[9]), 86400000}}
+
+local function expire(times, amounts, cutoff)
+  local gone = redis.call('ZRANGEBYSCORE', times, '-inf', cutoff)
+  if #gone == 0 then return end
+  local freed = 0
+  for _, id in ipairs(gone) do
+    freed = freed + (tonumber(redis.call('HGET', amounts, id)) or 0)
+    redis.call('HDEL', amounts, id)
+  end
+  redis.call('ZREMRANGEBYSCORE', times, '-inf', cutoff)
+  redis.call('HINCRBY', amounts, '#total', -freed)
+end
+
+local function wait(times, amounts, limit, span)
+  if tokens > limit then return -1 end
+  local used = tonumber(redis.call('HGET', amounts, '#total')) or 0
+  if used + tokens <= limit then return 0 end
+  local entries = redis.call('ZRANGE', times, 0, -1, 'WITHSCORES')
+  for i = 1, #entries, 2 do
+    used = used - (tonumber(redis.call('HGET', amounts, entries[i])) or 0)
+    if used + tokens <= limit then return tonumber(entries[i + 1]) + span - now end
+  end
+  return 0
+end
+
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 if rpm > 0 then
@@ -63,11 +94,27 @@ if rpm > 0 then
     return {1, tonumber(oldest[2]) + window - now}
   end
 end
+for i, budget in ipairs(budgets) do
+  if budget[3] > 0 then
+    expire(budget[1], budget[2], now - budget[4])
+    local ms = wait(budget[1], budget[2], budget[3], budget[4])
+    if ms ~= 0 then return {3 + i, ms} end
+  end
+end
 if per_client > 0 and redis.call('ZCARD', KEYS[2]) >= per_client then return {2, 0} end
 if total > 0 and redis.call('ZCARD', KEYS[3]) >= total then return {3, 0} end
 if rpm > 0 then
   redis.call('ZADD', KEYS[1], now, lease)
   redis.call('PEXPIRE', KEYS[1], window)
+end
+for _, budget in ipairs(budgets) do
+  if budget[3] > 0 then
+    redis.call('ZADD', budget[1], now, lease)
+    redis.call('HSET', budget[2], lease, tokens)
+    redis.call('HINCRBY', budget[2], '#total', tokens)
+    redis.call('PEXPIRE', budget[1], budget[4])
+    redis.call('PEXPIRE', budget[2], budget[4])
+  end
 end
 redis.call('ZADD', KEYS[2], now + ttl, lease)
 redis.call('PEXPIRE', KEYS[2], ttl)
@@ -75,7 +122,25 @@ redis.call('ZADD', KEYS[3], now + ttl, lease)
 redis.call('PEXPIRE', KEYS[3], ttl)
 return {0, 0}
 """
-"""KEYS: the client's requests, the client's leases, all leases. ARGV: window ms, the three limits, lease id, ttl ms."""
+"""
+KEYS: the client's requests, the client's leases, all leases, then each token budget's
+(minute, day) reservation times and amounts. ARGV: window ms, the three limits, lease id,
+ttl ms, tokens to reserve, tokens per minute, tokens per day. Returns the verdict (0: admitted;
+1 rate, 2 client's streams, 3 all streams, 4 tokens per minute, 5 tokens per day) and the ms
+until it could pass (-1: never).
+"""
+
+_RECONCILE: Final = """
+for i = 1, #KEYS do
+  local reserved = tonumber(redis.call('HGET', KEYS[i], ARGV[1]))
+  if reserved then
+    redis.call('HSET', KEYS[i], ARGV[1], ARGV[2])
+    redis.call('HINCRBY', KEYS[i], '#total', tonumber(ARGV[2]) - reserved)
+  end
+end
+return 0
+"""
+"""KEYS: the amounts of each budget the lease reserved in. ARGV: lease id, tokens used. A reservation gone from its window is left gone."""
 
 _RENEW: Final = """
 local t = redis.call('TIME')
@@ -98,14 +163,20 @@ class SharedLimits:
     requests_per_minute: int = 0
     max_streams_per_key: int = 0
     max_concurrent_streams: int = 0
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class SharedLease:
-    """A stream's place in the shared limits: `id`, in its client's set of leases (`client_key`)."""
+    """
+    A stream's place in the shared limits: `id`, in its client's set of leases (`client_key`);
+    its token reservations are under the same `id` in `budget_keys` (one per budget that is on).
+    """
 
     id: str
     client_key: str
+    budget_keys: tuple[str, ...] = ()
 
 
 class RedisState:
@@ -125,6 +196,7 @@ class RedisState:
         )
         self._admit = self._client.register_script(_ADMIT)
         self._renew = self._client.register_script(_RENEW)
+        self._reconcile = self._client.register_script(_RECONCILE)
         self._leases: dict[str, SharedLease] = {}
         """The leases this process holds, which it renews."""
         self.answering = True
@@ -144,17 +216,28 @@ class RedisState:
     def _client_key(self, what: str, client: str) -> str:
         return self._key(what, hashlib.sha256(client.encode()).hexdigest())
 
-    async def admit(self, client: str, limits: SharedLimits) -> SharedLease:
+    async def admit(self, client: str, limits: SharedLimits, tokens: int = 0) -> SharedLease:
         """
-        A lease for one more stream of `client`, with the request counted, if every limit allows.
+        A lease for one more stream of `client`, with the request counted and `tokens`
+        reserved in each token budget, if every limit allows.
 
         Raises:
-            RateLimitedError: `client` is over its requests per minute or concurrent streams.
+            RateLimitedError: `client` is over its requests per minute, a token budget or its
+                concurrent streams.
             OverloadedError: `max_concurrent_streams` streams run, across every process.
             SharedStateError: Redis failed, or did not answer in time.
         """
-        lease = SharedLease(secrets.token_hex(12), self._client_key("streams", client))
+        budgets = [
+            (self._client_key(f"tokens:{period}", client), limit)
+            for period, limit in (("minute", limits.tokens_per_minute), ("day", limits.tokens_per_day))
+        ]
+        lease = SharedLease(
+            secrets.token_hex(12),
+            self._client_key("streams", client),
+            tuple(key + ":amounts" for key, limit in budgets if limit),
+        )
         keys = [self._client_key("requests", client), lease.client_key, self._key("streams")]
+        keys += [part for key, _ in budgets for part in (key + ":times", key + ":amounts")]
         args = [
             int(RATE_WINDOW * 1000),
             limits.requests_per_minute,
@@ -162,6 +245,9 @@ class RedisState:
             limits.max_concurrent_streams,
             lease.id,
             self._ttl_ms,
+            tokens,
+            limits.tokens_per_minute,
+            limits.tokens_per_day,
         ]
         verdict, wait_ms = await self._call(self._admit(keys=keys, args=args))
         if verdict == 1:
@@ -172,6 +258,10 @@ class RedisState:
                 code="rate_limit_exceeded",
                 retry_after=wait,
             )
+        if verdict in (4, 5):
+            period, limit = ("minute", limits.tokens_per_minute) if verdict == 4 else ("day", limits.tokens_per_day)
+            wait = math.inf if int(wait_ms) < 0 else int(wait_ms) / 1000
+            raise token_budget_refusal(period, limit, tokens, wait)
         if verdict == 2:
             raise RateLimitedError(
                 f"this client already runs {limits.max_streams_per_key} streams, its limit; retry when one ends",
@@ -187,14 +277,18 @@ class RedisState:
         self._leases[lease.id] = lease
         return lease
 
-    async def release(self, lease: SharedLease) -> None:
+    async def release(self, lease: SharedLease, used: int | None = None) -> None:
         """
-        Give the lease's place back, even from a cancelled task (shielded, and bounded like
-        every call); if Redis cannot be told, the place expires within `lease_ttl`.
+        Give the lease's place back and, when the stream's usage is known (`used` tokens),
+        correct its token reservations to it; even from a cancelled task (shielded, and
+        bounded like every call). If Redis cannot be told, the place expires within
+        `lease_ttl`, and the reservations stay whole until they leave their windows.
         """
         self._leases.pop(lease.id, None)
         with trio.CancelScope(shield=True):
             async with self.bounded():
+                if used is not None and lease.budget_keys:
+                    await self._reconcile(keys=list(lease.budget_keys), args=[lease.id, used])
                 await self._client.zrem(lease.client_key, [lease.id])
                 await self._client.zrem(self._key("streams"), [lease.id])
 

@@ -15,7 +15,8 @@ upstream request with it.
 
 `Core.start` is also where `[limits]` are applied, once for every route (WebSocket included):
 a session starts only if its body's shape is within bounds and the limiter admits its
-client, and it holds its lease until its task ends. A refusal is raised as our error and
+client (reserving the tokens it may cost in the token budgets), and it holds its lease until
+its task ends, when the reservation is corrected to the upstream's count of the tokens used. A refusal is raised as our error and
 rendered in the route's protocol; nothing reaches the upstream.
 """
 
@@ -35,7 +36,7 @@ from quart import Response, has_request_context, request, websocket
 
 from .._config import Config
 from .._exceptions import SharedStateError, TrioproxyError, UpstreamTimeoutError
-from .._limits import Limiter, check_request_shape
+from .._limits import Lease, Limiter, check_request_shape
 from .._policy import BufferConfig
 from .._redis import RedisState, SharedLimits
 from .._request import ChatRequest
@@ -44,7 +45,7 @@ from .._upstream import Upstream
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import RECORD, AccessLog, RequestRecord
 from ._auth import NO_KEY, key_name, presented_key
-from ._generic import Renderer, StreamInterrupted, commits, last_word, render
+from ._generic import Renderer, StreamInterrupted, commits, last_word, prompt_chars, render
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
 from ._streams import BroadcastStream, Encoder, RendererFactory, StreamRegistry, Watcher, sse_with_id
@@ -109,6 +110,8 @@ class Core:
             requests_per_minute=limits.requests_per_minute,
             max_streams_per_key=limits.max_streams_per_key,
             max_concurrent_streams=limits.max_concurrent_streams,
+            tokens_per_minute=limits.tokens_per_minute,
+            tokens_per_day=limits.tokens_per_day,
         )
         self.redis = RedisState(config.redis) if config.redis.enabled else None
         """Where the limits are counted across processes, when `[redis]` is set; `serve_redis` runs it."""
@@ -116,6 +119,8 @@ class Core:
             requests_per_minute=limits.requests_per_minute,
             max_streams_per_key=limits.max_streams_per_key,
             max_concurrent_streams=limits.max_concurrent_streams,
+            tokens_per_minute=limits.tokens_per_minute,
+            tokens_per_day=limits.tokens_per_day,
         )
         shutdown.on_drain(self.streams.stop_resuming)  # nobody can come back to resume a stream
 
@@ -164,11 +169,12 @@ class Core:
             trace = self.tracing.request(chat, pipeline.routes[0], endpoint=route_label(), headers=connection().headers)
             pipeline = replace(pipeline, trace=trace)
         client = self.client_identity()
+        tokens = self._tokens_to_reserve(chat)
         try:
             check_request_shape(
                 chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
             )
-            lease = self.limiter.admit(client, trio.current_time()) if self.redis is None else None
+            lease = self.limiter.admit(client, trio.current_time(), tokens) if self.redis is None else None
         except TrioproxyError as exc:
             if trace is not None:
                 trace.refused(exc)
@@ -186,11 +192,12 @@ class Core:
             if refusal is not None and stream_id is None:
                 record.session = None
 
-        guard = None if self.redis is None else functools.partial(self._shared_admission, client, decide)
+        guard = None if self.redis is None else functools.partial(self._shared_admission, client, tokens, decide)
 
         def on_end(session: StreamSession) -> None:
             admission.decided.set()  # (already, unless the app's end cancelled the session before)
             if lease is not None:
+                _reconcile(lease, session)
                 lease.release()
             if admission.refusal is not None:
                 self.metrics.stream_refused()
@@ -238,7 +245,7 @@ class Core:
 
     @asynccontextmanager
     async def _shared_admission(
-        self, client: str, decide: Callable[[TrioproxyError | None], None], session: StreamSession
+        self, client: str, tokens: int, decide: Callable[[TrioproxyError | None], None], session: StreamSession
     ) -> AsyncIterator[None]:
         """
         The session's place in the limits shared on Redis, held while it runs. If Redis fails
@@ -248,7 +255,7 @@ class Core:
         """
         assert self.redis is not None
         try:
-            shared = await self.redis.admit(client, self._shared_limits)
+            shared = await self.redis.admit(client, self._shared_limits, tokens)
         except SharedStateError as failure:
             if self.config.redis.on_error == "closed":
                 decide(failure)
@@ -256,7 +263,7 @@ class Core:
                 yield
                 return
             try:
-                local = self.limiter.admit(client, trio.current_time())
+                local = self.limiter.admit(client, trio.current_time(), tokens)
             except TrioproxyError as refusal:
                 decide(refusal)
                 session.interrupt(refusal)
@@ -266,6 +273,7 @@ class Core:
             try:
                 yield
             finally:
+                _reconcile(local, session)
                 local.release()
             return
         except TrioproxyError as refusal:
@@ -278,7 +286,7 @@ class Core:
             yield
         finally:
             try:
-                await self.redis.release(shared)
+                await self.redis.release(shared, _used_tokens(session))
             except SharedStateError:
                 pass  # logged by `RedisState`; the place expires within `[redis] lease_ttl`
 
@@ -297,6 +305,17 @@ class Core:
         raise UpstreamTimeoutError(
             f"no answer from the upstream within first_token_timeout ({timeout:g} s)", kind="first_token_timeout"
         )
+
+    def _tokens_to_reserve(self, chat: ChatRequest) -> int:
+        """
+        What a request may cost, reserved in the token budgets at admission: its prompt (about
+        four characters a token) and its maximum output, or `estimated_output_tokens` when it
+        sets none. 0 when no budget is on.
+        """
+        limits = self.config.limits
+        if not (limits.tokens_per_minute or limits.tokens_per_day):
+            return 0
+        return -(-prompt_chars(chat) // 4) + (chat.max_tokens or limits.estimated_output_tokens)
 
     def client_identity(self) -> str:
         """Who the limits count against: the client key when keys are on, else the address."""
@@ -439,6 +458,18 @@ async def _relay(
     finally:
         writer.relaying = False
         session.cancel()
+
+
+def _used_tokens(session: StreamSession) -> int | None:
+    """The tokens the upstream says the session used, or `None` when it did not say (its reservation stands)."""
+    usage = session.accumulator.usage
+    return None if usage is None else usage.total_tokens
+
+
+def _reconcile(lease: Lease, session: StreamSession) -> None:
+    used = _used_tokens(session)
+    if used is not None:
+        lease.reconcile(used)
 
 
 @dataclass(eq=False, slots=True)
