@@ -1298,3 +1298,15 @@ def test_several_targets_by_base_urls_or_weighted_tables() -> None:
 )
 def test_bad_targets_are_named(table: dict[str, Any], expected: str) -> None:
     assert only_problem({"providers": {"p": {"type": "openai", **table}}}) == expected
+
+
+def test_redis_stream_settings() -> None:
+    redis = parse_config({"redis": {"url": "redis://h:1/0", "stream_max_events": 50, "follow_block": 2}}, environ={}).redis
+    assert (redis.stream_max_events, redis.follow_block) == (50, 2)
+    assert parse_config({}, environ={}).redis.stream_max_events == 10_000
+    assert only_problem({"redis": {"stream_max_events": 0}}) == (
+        "[redis].stream_max_events must be a positive integer, got 0"
+    )
+    assert only_problem({"redis": {"follow_block": -1}}) == (
+        "[redis].follow_block must be a positive number of seconds, got -1"
+    )

@@ -15,8 +15,8 @@ import trio
 
 from tests.conftest import RedisServer, wait_until
 from trioproxy._config import RedisConfig
-from trioproxy._exceptions import OverloadedError, RateLimitedError, SharedStateError
-from trioproxy._redis import RedisState, SharedLease, SharedLimits
+from trioproxy._exceptions import OverloadedError, RateLimitedError, ReplayGapError, SharedStateError
+from trioproxy._redis import LoggedEvents, RedisState, SharedLease, SharedLimits
 
 
 @asynccontextmanager
@@ -137,7 +137,8 @@ async def test_no_key_appears_in_redis(redis_server: RedisServer) -> None:
 
 async def test_token_budgets_are_reserved_exactly_and_reconciled_with_the_usage(redis_server: RedisServer) -> None:
     limits = SharedLimits(tokens_per_minute=1000, tokens_per_day=1500)
-    async with running(redis_server) as first, running(redis_server) as second:
+    # A generous timeout: twenty admissions at once open connections at once, on a busy machine.
+    async with running(redis_server, timeout=5) as first, running(redis_server, timeout=5) as second:
 
         async def reserve(state: RedisState, tokens: int) -> SharedLease | None:
             try:
@@ -177,3 +178,37 @@ async def test_token_budgets_are_reserved_exactly_and_reconciled_with_the_usage(
             await second.admit("key:c", day, 501)
         assert over_the_day.value.code == "tokens_per_day_exceeded"
         assert 86_390 < over_the_day.value.retry_after <= 86_400  # type: ignore[operator]
+
+
+async def test_a_streams_events_are_appended_once_read_after_an_id_and_followed_to_their_end(
+    redis_server: RedisServer,
+) -> None:
+    async with running(redis_server, stream_max_events=1000) as writer, running(redis_server) as reader:
+        assert await reader.read_events("st_x", 0) is None
+        await writer.append_events("st_x", [(1, b"one"), (2, b"two")], ended=False)
+        await writer.append_events("st_x", [(2, b"two"), (3, b"three")], ended=False)  # a retried write: 2 once
+        logged = await reader.read_events("st_x", 1)
+        assert logged == LoggedEvents([(2, b"two"), (3, b"three")], ended=False, last_id=3)
+        assert await reader.read_events("st_x", 3) == LoggedEvents([], ended=False, last_id=3)
+
+        async def end_later() -> None:
+            await trio.sleep(0.2)
+            await writer.append_events("st_x", [(4, b"four")], ended=True)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(end_later)
+            with trio.fail_after(3):
+                followed = await reader.follow_events("st_x", 3)  # waits for it
+        assert followed == LoggedEvents([(4, b"four")], ended=True, last_id=4)
+        assert await reader.read_events("st_x", 4) == LoggedEvents([], ended=True, last_id=4)
+        await writer.append_events("st_x", [(5, b"late")], ended=True)  # after its end: ignored
+        assert (await reader.read_events("st_x", 0)).events[-1] == (4, b"four")  # type: ignore[union-attr]
+
+
+async def test_a_replay_from_before_the_kept_events_is_a_gap(redis_server: RedisServer) -> None:
+    async with running(redis_server, stream_max_events=1) as state:
+        for n in range(1, 300):  # MAXLEN ~ trims whole nodes: far more than one node's worth
+            await state.append_events("st_y", [(n, b"x")], ended=False)
+        with pytest.raises(ReplayGapError):
+            await state.read_events("st_y", 0)
+        assert (await state.read_events("st_y", 298)).events == [(299, b"x")]  # type: ignore[union-attr]

@@ -281,7 +281,10 @@ class RedisConfig:
     as failed. `lease_ttl`: seconds a stream's place in the shared limits outlives its process
     if that process dies (a live process renews its places every third of it). `on_error`:
     what admission does when Redis fails or is slow — "open" admits by this process's own
-    limits, "closed" refuses with a 503.
+    limits, "closed" refuses with a 503. `stream_max_events`: entries one resumable stream
+    (or stored response) keeps in its Redis Stream, at most (the oldest go first).
+    `follow_block`: seconds a process following another's stream waits on Redis for its next
+    event before it writes a keep-alive and waits again.
     """
 
     url: str = ""
@@ -290,6 +293,8 @@ class RedisConfig:
     timeout: float = 0.5
     lease_ttl: float = 30.0
     on_error: Literal["open", "closed"] = "open"
+    stream_max_events: int = 10_000
+    follow_block: float = 5.0
 
     @property
     def enabled(self) -> bool:
@@ -502,7 +507,8 @@ def _redis(table: Any, env: Mapping[str, str], problems: list[str]) -> RedisConf
     if not isinstance(table, dict):
         problems.append("[redis] must be a table")
         return RedisConfig()
-    _unknown_keys(table, {"url", "password_env", "key_prefix", "timeout", "lease_ttl", "on_error"}, "[redis]", problems)
+    known = {"url", "password_env", "key_prefix", "timeout", "lease_ttl", "on_error", "stream_max_events", "follow_block"}
+    _unknown_keys(table, known, "[redis]", problems)
     base = RedisConfig()
     url = table.get("url", "")
     if not isinstance(url, str) or (url and urlsplit(url).scheme not in ("redis", "rediss")):
@@ -536,6 +542,10 @@ def _redis(table: Any, env: Mapping[str, str], problems: list[str]) -> RedisConf
     if on_error not in ("open", "closed"):
         problems.append(f"[redis].on_error must be 'open' or 'closed', got {on_error!r}")
         on_error = base.on_error
+    max_events = table.get("stream_max_events", base.stream_max_events)
+    if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1:
+        problems.append(f"[redis].stream_max_events must be a positive integer, got {max_events!r}")
+        max_events = base.stream_max_events
     return RedisConfig(
         url=url,
         password=password,
@@ -543,6 +553,8 @@ def _redis(table: Any, env: Mapping[str, str], problems: list[str]) -> RedisConf
         timeout=positive_seconds("timeout", base.timeout),
         lease_ttl=positive_seconds("lease_ttl", base.lease_ttl),
         on_error=on_error,
+        stream_max_events=max_events,
+        follow_block=positive_seconds("follow_block", base.follow_block),
     )
 
 

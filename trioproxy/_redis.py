@@ -18,6 +18,11 @@ none of them; the time is Redis's own (`TIME`), so the processes' clocks need no
   its amount in a hash beside, with their running total (`#total`), so a check reads one
   field and only a refusal walks the entries (for `Retry-After`). The stream's end corrects
   the amount to the upstream's count (a second script), unless it left its window already.
+- A resumable stream's (or stored response's) events are a Redis Stream, entry `0-n` for
+  event `n` and an `end` entry after the last, bounded by `[redis] stream_max_events` (MAXLEN)
+  and expiring `[streams] retention` after its last write (`append_events`, one script); any
+  process replays it (`read_events`) and follows it (`follow_events`, a blocking XREAD on
+  connections of its own, bounded by `timeout + follow_block`).
 - Clients are named by the SHA-256 of their identity: no key appears in a Redis key.
 
 Every call is bounded by `[redis] timeout` (connecting included): whatever coredis raises,
@@ -31,20 +36,21 @@ import hashlib
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
 import coredis
 import trio
+from coredis.response.types import StreamEntry
 from coredis.retry import NoRetryPolicy
 
 from ._config import RedisConfig
-from ._exceptions import OverloadedError, RateLimitedError, SharedStateError
+from ._exceptions import OverloadedError, RateLimitedError, ReplayGapError, SharedStateError
 from ._limits import CONCURRENCY_RETRY_AFTER, RATE_WINDOW, token_budget_refusal
 
-__all__ = ["RedisState", "SharedLease", "SharedLimits"]
+__all__ = ["LoggedEvents", "RedisState", "SharedLease", "SharedLimits"]
 
 logger = logging.getLogger("trioproxy.redis")
 
@@ -156,6 +162,45 @@ return 0
 """KEYS: all leases, then each lease's client's leases. ARGV: ttl ms, then each lease id (in KEYS' order)."""
 
 
+_APPEND: Final = """
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local last = 0
+if #top > 0 then
+  if top[1][2][1] == 'end' then return 0 end
+  last = tonumber(string.match(top[1][1], '^0%-(%d+)$'))
+end
+for i = 4, #ARGV, 2 do
+  local id = tonumber(ARGV[i])
+  if id > last then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-' .. id, 'd', ARGV[i + 1])
+    last = id
+  end
+end
+if ARGV[3] == '1' then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '0-' .. (last + 1), 'end', '1')
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 0
+"""
+"""
+KEYS: the stream's events. ARGV: the most entries kept, their age ms, '1' if the stream ended
+here, then each event's id and data. Entry `0-n` is event `n`; an `end` entry follows the last.
+An event already there (a call that timed out after Redis ran it, retried) is not added twice.
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEvents:
+    """
+    A stream's events read from Redis: `(id, data)` in order, whether its end was among them,
+    and the id of its last event (so far).
+    """
+
+    events: list[tuple[int, bytes]]
+    ended: bool
+    last_id: int
+
+
 @dataclass(frozen=True, slots=True)
 class SharedLimits:
     """The limits enforced across processes (`[limits]`); 0 turns one off."""
@@ -185,8 +230,10 @@ class RedisState:
     leases; it must be running (`nursery.start(state.run)`) while anything else is called.
     """
 
-    def __init__(self, config: RedisConfig) -> None:
+    def __init__(self, config: RedisConfig, *, stream_retention: float = 300.0) -> None:
         self.config = config
+        self.stream_retention = stream_retention
+        """Seconds a stream's events are kept after its last one (`[streams] retention`)."""
         self._client = coredis.Redis.from_url(
             config.url,
             password=config.password,
@@ -197,6 +244,15 @@ class RedisState:
         self._admit = self._client.register_script(_ADMIT)
         self._renew = self._client.register_script(_RENEW)
         self._reconcile = self._client.register_script(_RECONCILE)
+        self._append = self._client.register_script(_APPEND)
+        self._follower = coredis.Redis.from_url(
+            config.url,
+            password=config.password,
+            connect_timeout=config.timeout,
+            stream_timeout=config.timeout + config.follow_block,
+            retry_policy=NoRetryPolicy(),
+        )
+        """Its own connections for blocking reads (`follow_events`), which wait `follow_block` longer."""
         self._leases: dict[str, SharedLease] = {}
         """The leases this process holds, which it renews."""
         self.answering = True
@@ -204,7 +260,7 @@ class RedisState:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the client (coredis's pool lives in it) and renew the leases, until cancelled."""
-        async with self._client:
+        async with self._client, self._follower:
             task_status.started()
             while True:
                 await trio.sleep(self.config.lease_ttl / 3)
@@ -292,18 +348,85 @@ class RedisState:
                 await self._client.zrem(lease.client_key, [lease.id])
                 await self._client.zrem(self._key("streams"), [lease.id])
 
+    shared = True
+    """Other processes see the streams kept here (`_streams.StreamStore`)."""
+
+    async def append_events(self, stream_id: str, events: Sequence[tuple[int, bytes]], *, ended: bool) -> None:
+        """
+        Add a stream's next `events` (`(id, data)`, ids increasing) to its Redis Stream, and its
+        end if `ended`; the stream keeps at most `[redis] stream_max_events` entries (the
+        oldest go first) and lives `[streams] retention` seconds after its last write.
+
+        Raises:
+            SharedStateError: Redis failed, or did not answer in time.
+        """
+        args: list[str | int | bytes] = [self.config.stream_max_events, int(self.stream_retention * 1000)]
+        args.append("1" if ended else "0")
+        for event_id, data in events:
+            args += [event_id, data]
+        await self._call(self._append(keys=[self._stream_key(stream_id)], args=args))
+
+    async def read_events(self, stream_id: str, after: int) -> LoggedEvents | None:
+        """
+        The stream's events after id `after`, or `None` if Redis keeps no stream `stream_id`.
+
+        Raises:
+            ReplayGapError: some of those events are no longer kept.
+            SharedStateError: Redis failed, or did not answer in time.
+        """
+        key = self._stream_key(stream_id)
+        async with self.bounded():
+            newest = await self._client.xrevrange(key, "+", "-", count=1)
+            if not newest:
+                return None
+            entries = await self._client.xrange(key, f"({_entry_id(after)}", "+")
+        if entries:
+            logged = _logged(entries, after=after)
+        else:  # nothing after `after`: the newest entry says where the stream is
+            head = _logged(newest)
+            logged = LoggedEvents([], head.ended, head.last_id)
+        first = logged.events[0][0] if logged.events else logged.last_id + 1
+        if after < logged.last_id and first > after + 1:
+            raise ReplayGapError(
+                f"events after id {after} are no longer kept (the replay log starts after id {first - 1})"
+            )
+        return logged
+
+    async def follow_events(self, stream_id: str, after: int) -> LoggedEvents | None:
+        """
+        The stream's next events after id `after`, waiting up to `[redis] follow_block`
+        seconds for one (none then: an empty list); `None` once Redis keeps no such stream.
+
+        Raises:
+            SharedStateError: Redis failed, or did not answer within `timeout + follow_block`.
+        """
+        key = self._stream_key(stream_id)
+        block = int(self.config.follow_block * 1000)
+        async with self.bounded(self.config.timeout + self.config.follow_block):
+            read = await self._follower.xread({key: _entry_id(after)}, count=256, block=block)
+            if not read and not await self._client.exists([key]):
+                return None
+        return _logged(next(iter(read.values())), after=after) if read else LoggedEvents([], False, after)
+
+    def _stream_key(self, stream_id: str) -> str:
+        return self._key("stream", stream_id)
+
     @asynccontextmanager
-    async def bounded(self) -> AsyncIterator[None]:
+    async def bounded(self, seconds: float | None = None) -> AsyncIterator[None]:
         """
-        Any calls to Redis inside, bounded by `[redis] timeout` and mapped to `SharedStateError`.
-        The log says when Redis stops answering and when it is back, once each.
+        Any calls to Redis inside, bounded by `[redis] timeout` (or `seconds`, for a blocking
+        read) and mapped to `SharedStateError`. The log says when Redis stops answering and
+        when it is back, once each.
         """
+        seconds = self.config.timeout if seconds is None else seconds
         try:
-            with trio.fail_after(self.config.timeout):
+            with trio.fail_after(seconds):
                 yield
         except trio.TooSlowError:
             failure = SharedStateError(
-                f"Redis did not answer within [redis] timeout ({self.config.timeout:g} s)",
+                f"Redis did not answer within [redis] timeout ({self.config.timeout:g} s)"
+                if seconds == self.config.timeout
+                else f"Redis did not answer within {seconds:g} s",
                 code=UNAVAILABLE,
                 retry_after=1,
             )
@@ -336,3 +459,23 @@ class RedisState:
             await self._call(self._renew(keys=keys, args=[self._ttl_ms, *(lease.id for lease in leases)]))
         except SharedStateError as exc:
             logger.warning("could not renew %d stream lease(s) in Redis: %s", len(leases), exc.message)
+
+
+def _entry_id(event_id: int) -> str:
+    return f"0-{event_id}"
+
+
+def _logged(entries: Sequence[StreamEntry], *, after: int = 0) -> LoggedEvents:
+    """The events of `entries` (which follow event `after`); an `end` entry's id is one past the last event's."""
+    events: list[tuple[int, bytes]] = []
+    ended = False
+    last_id = after
+    for entry in entries:
+        entry_id = int(entry.identifier.split(b"-")[1])
+        data = entry.field_values.get(b"d")
+        if data is None:
+            ended, last_id = True, entry_id - 1
+        else:
+            events.append((entry_id, data))
+            last_id = entry_id
+    return LoggedEvents(events, ended, last_id)

@@ -48,7 +48,16 @@ from ._auth import NO_KEY, key_name, presented_key
 from ._generic import Renderer, StreamInterrupted, commits, last_word, prompt_chars, render
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
-from ._streams import BroadcastStream, Encoder, RendererFactory, StreamRegistry, Watcher, sse_with_id
+from ._streams import (
+    LOCAL_STORE,
+    BroadcastStream,
+    Encoder,
+    RemoteStream,
+    RendererFactory,
+    StreamRegistry,
+    Watcher,
+    sse_with_id,
+)
 
 if TYPE_CHECKING:
     from .._tracing import Tracing
@@ -64,6 +73,7 @@ __all__ = [
     "keeping_send",
     "opening",
     "route_label",
+    "watch_remote_response",
     "watch_response",
     "with_retry_after",
 ]
@@ -103,7 +113,11 @@ class Core:
         self.metrics = metrics
         self.access_log = access_log
         self.active = shutdown.streams
-        self.streams = StreamRegistry(config.streams)
+        self.redis = (
+            RedisState(config.redis, stream_retention=config.streams.retention) if config.redis.enabled else None
+        )
+        """Where limits and streams are shared across processes, when `[redis]` is set; `serve_redis` runs it."""
+        self.streams = StreamRegistry(config.streams, store=self.redis or LOCAL_STORE)
         self._nursery = nursery
         limits = config.limits
         self.limiter = Limiter(
@@ -113,8 +127,6 @@ class Core:
             tokens_per_minute=limits.tokens_per_minute,
             tokens_per_day=limits.tokens_per_day,
         )
-        self.redis = RedisState(config.redis) if config.redis.enabled else None
-        """Where the limits are counted across processes, when `[redis]` is set; `serve_redis` runs it."""
         self._shared_limits = SharedLimits(
             requests_per_minute=limits.requests_per_minute,
             max_streams_per_key=limits.max_streams_per_key,
@@ -495,6 +507,20 @@ async def _watch(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher
             yield data
     finally:
         stream.detach(watcher)
+
+
+def watch_remote_response(stream: RemoteStream) -> Response:
+    """The SSE response of a watcher of another process's stream: the replayed events, then the live ones."""
+    headers = {**STREAM_HEADERS, "x-stream-id": stream.id}
+    return Response(_watch_remote(stream), status=200, content_type=SSE, headers=headers)
+
+
+async def _watch_remote(stream: RemoteStream) -> AsyncIterator[bytes]:
+    """Never yields inside a nursery or cancel scope: each `next()` is awaited whole."""
+    if stream.backlog:
+        yield b"".join(stream.backlog)
+    while (data := await stream.next()) is not None:
+        yield data
 
 
 def keeping_send(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
