@@ -16,7 +16,8 @@ import trio
 from tests.conftest import RedisServer, wait_until
 from trioproxy._config import RedisConfig
 from trioproxy._exceptions import OverloadedError, RateLimitedError, ReplayGapError, SharedStateError
-from trioproxy._redis import LoggedEvents, RedisState, SharedLease, SharedLimits
+from trioproxy._policy import BreakerConfig
+from trioproxy._redis import LoggedEvents, RedisState, SharedBreakers, SharedLease, SharedLimits
 
 
 @asynccontextmanager
@@ -212,3 +213,38 @@ async def test_a_replay_from_before_the_kept_events_is_a_gap(redis_server: Redis
         with pytest.raises(ReplayGapError):
             await state.read_events("st_y", 0)
         assert (await state.read_events("st_y", 298)).events == [(299, b"x")]  # type: ignore[union-attr]
+
+
+async def test_a_breaker_opened_by_one_process_is_skipped_by_the_others_and_probed_once(
+    redis_server: RedisServer,
+) -> None:
+    config = BreakerConfig(failures=2, cooldown=0.5)
+    url = "http://10.0.0.1:8000/v1"
+    async with running(redis_server, lease_ttl=5) as first_state, running(redis_server, lease_ttl=5) as second_state:
+        first, second = SharedBreakers(first_state, "p", config), SharedBreakers(second_state, "p", config)
+        assert await second.admit(url, 0) == "closed"
+        assert await first.admit(url, 0) == "closed"
+        assert await first.settle(url, "failed", probe=False, now=0) is None
+        assert await second.settle(url, "failed", probe=False, now=0) == "open"  # two failures, two processes
+        assert await first.admit(url, 0) is None  # skipped: no connection tried
+        assert first.state(url) == "open"
+        await trio.sleep(0.6)  # the cooldown, on Redis's clock
+        admitted = [await breakers.admit(url, 0) for breakers in (first, second, first)]
+        assert admitted == ["half_open", None, None]  # one probe among them all
+        assert await first.settle(url, "succeeded", probe=True, now=0) == "closed"
+        assert await second.admit(url, 0) == "closed"
+        assert SharedBreakers(first_state, "other", config).state(url) == "closed"  # another provider's own
+
+
+async def test_breakers_fall_back_to_the_process_while_redis_is_down(redis_server: RedisServer) -> None:
+    config = BreakerConfig(failures=1, cooldown=30)
+    url = "http://10.0.0.1:8000/v1"
+    async with running(redis_server) as state:
+        breakers = SharedBreakers(state, "p", config)
+        await redis_server.stop()
+        with trio.fail_after(3):
+            assert await breakers.admit(url, 0) == "closed"
+            assert await breakers.settle(url, "failed", probe=False, now=0) == "open"  # this process's own
+            assert await breakers.admit(url, 1) is None
+        await redis_server.start()
+        assert await breakers.admit(url, 1) == "closed"  # Redis's, again (it restarted empty)

@@ -23,6 +23,9 @@ none of them; the time is Redis's own (`TIME`), so the processes' clocks need no
   and expiring `[streams] retention` after its last write (`append_events`, one script); any
   process replays it (`read_events`) and follows it (`follow_events`, a blocking XREAD on
   connections of its own, bounded by `timeout + follow_block`).
+- A provider's circuit breakers (`SharedBreakers`): one hash per target, admitted and settled
+  by a script each, with the rules of `_targets.LocalBreakers`; this process's own decide
+  while Redis fails.
 - Clients are named by the SHA-256 of their identity: no key appears in a Redis key.
 
 Every call is bounded by `[redis] timeout` (connecting included): whatever coredis raises,
@@ -49,8 +52,10 @@ from coredis.retry import NoRetryPolicy
 from ._config import RedisConfig
 from ._exceptions import OverloadedError, RateLimitedError, ReplayGapError, SharedStateError
 from ._limits import CONCURRENCY_RETRY_AFTER, RATE_WINDOW, token_budget_refusal
+from ._policy import BreakerConfig
+from ._targets import BREAKER_STATES, BreakerState, LocalBreakers, Verdict
 
-__all__ = ["LoggedEvents", "RedisState", "SharedLease", "SharedLimits"]
+__all__ = ["LoggedEvents", "RedisState", "SharedBreakers", "SharedLease", "SharedLimits"]
 
 logger = logging.getLogger("trioproxy.redis")
 
@@ -189,6 +194,54 @@ An event already there (a call that timed out after Redis ran it, retried) is no
 """
 
 
+_BREAKER_ADMIT: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local breaker = redis.call('HMGET', KEYS[1], 'state', 'open_until', 'probe_until')
+local state = breaker[1] or 'closed'
+if state == 'closed' then return 'closed' end
+if state == 'open' then
+  if now < tonumber(breaker[2]) then return 'open' end
+  redis.call('HSET', KEYS[1], 'state', 'half_open')
+end
+if now < (tonumber(breaker[3]) or 0) then return 'probing' end
+redis.call('HSET', KEYS[1], 'probe_until', now + tonumber(ARGV[1]))
+return 'probe'
+"""
+"""
+KEYS: the target's breaker. ARGV: ms a probe holds the half-open breaker, at most (its process
+may die). Returns `closed`, `probe` (this request probes), `open` or `probing` (skip it).
+"""
+
+_BREAKER_SETTLE: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local verdict, probe, threshold, cooldown = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3]), tonumber(ARGV[4])
+local breaker = redis.call('HMGET', KEYS[1], 'state', 'failures')
+local state = breaker[1] or 'closed'
+if probe then redis.call('HDEL', KEYS[1], 'probe_until') end
+if verdict == 'released' then return {state, ''} end
+redis.call('PEXPIRE', KEYS[1], 86400000)
+if verdict == 'succeeded' then
+  if state == 'closed' and (tonumber(breaker[2]) or 0) == 0 then return {state, ''} end
+  redis.call('HSET', KEYS[1], 'failures', 0, 'state', 'closed')
+  if state == 'closed' then return {state, ''} end
+  return {'closed', 'closed'}
+end
+local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+if state == 'half_open' and not probe then return {state, ''} end
+if state == 'open' or (state == 'closed' and failures < threshold) then return {state, ''} end
+redis.call('HSET', KEYS[1], 'state', 'open', 'open_until', now + cooldown)
+return {'open', 'open'}
+"""
+"""
+KEYS: the target's breaker. ARGV: the verdict, '1' if the request was the probe, the failures
+that open it, its cooldown ms. Returns its state and, if it changed, the new one ('' if not).
+The same rules as `_targets.LocalBreakers`, on Redis's clock; a breaker untouched for a day is
+forgotten (closed).
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class LoggedEvents:
     """
@@ -245,6 +298,8 @@ class RedisState:
         self._renew = self._client.register_script(_RENEW)
         self._reconcile = self._client.register_script(_RECONCILE)
         self._append = self._client.register_script(_APPEND)
+        self._breaker_admit = self._client.register_script(_BREAKER_ADMIT)
+        self._breaker_settle = self._client.register_script(_BREAKER_SETTLE)
         self._follower = coredis.Redis.from_url(
             config.url,
             password=config.password,
@@ -479,3 +534,64 @@ def _logged(entries: Sequence[StreamEntry], *, after: int = 0) -> LoggedEvents:
             events.append((entry_id, data))
             last_id = entry_id
     return LoggedEvents(events, ended, last_id)
+
+
+class SharedBreakers:
+    """
+    The circuit breakers of one provider's targets (`_targets.Breakers`), shared on Redis: a
+    target that failures seen by one process opened is skipped by every process, and one
+    request among them all probes it. A probe holds the half-open breaker for `[redis]
+    lease_ttl` at most, so a process that dies mid-probe does not keep it. When Redis fails or
+    is slow (`[redis] timeout`), this process's own breakers (`LocalBreakers`) decide meanwhile.
+    """
+
+    def __init__(self, redis: RedisState, provider: str, config: BreakerConfig) -> None:
+        self._redis = redis
+        self._provider = provider
+        self._config = config
+        self._local = LocalBreakers(config)
+        self._known: dict[str, BreakerState] = {}
+        """Each target's state as Redis last told this process."""
+
+    def _key(self, url: str) -> str:
+        return self._redis._key("breaker", self._provider, hashlib.sha256(url.encode()).hexdigest()[:32])
+
+    async def admit(self, url: str, now: float) -> BreakerState | None:
+        script = self._redis._breaker_admit(keys=[self._key(url)], args=[self._redis._ttl_ms])
+        try:
+            said = _text(await self._redis._call(script))
+        except SharedStateError:
+            return await self._local.admit(url, now)
+        state = self._known[url] = _ADMITTED_STATES[said]
+        return state if said in ("closed", "probe") else None
+
+    async def settle(self, url: str, verdict: Verdict, *, probe: bool, now: float) -> BreakerState | None:
+        args = [verdict, "1" if probe else "0", self._config.failures, int(self._config.cooldown * 1000)]
+        try:
+            state, change = await self._redis._call(self._redis._breaker_settle(keys=[self._key(url)], args=args))
+        except SharedStateError:
+            return await self._local.settle(url, verdict, probe=probe, now=now)
+        self._known[url] = _state(state)
+        return _state(change) if _text(change) else None
+
+    def state(self, url: str) -> BreakerState:
+        return self._known.get(url) or self._local.state(url)
+
+
+_ADMITTED_STATES: Final[dict[str, BreakerState]] = {
+    "closed": "closed",
+    "probe": "half_open",
+    "probing": "half_open",
+    "open": "open",
+}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _state(value: bytes | str) -> BreakerState:
+    """A state a script returned: one of `BREAKER_STATES`."""
+    text = _text(value)
+    assert text in BREAKER_STATES, text
+    return text  # type: ignore[return-value]

@@ -47,6 +47,7 @@ from ._exceptions import (
 )
 from ._forwarding import ForwardRequest, ForwardSink
 from ._policy import failure_kind
+from ._redis import RedisState, SharedBreakers
 from ._request import ChatRequest
 from ._sse import SSEDecodeError, SSEDecoder
 from ._targets import Breakers, BreakerState, LocalBreakers, Target, Verdict, choose
@@ -733,15 +734,24 @@ class _StatusSeen:
         await self._sink.body(data)
 
 
-def build_upstream(provider: ProviderConfig) -> Upstream:
-    """The upstream a `[providers.NAME]` table describes: its targets, balanced and circuit-broken."""
+def build_upstream(provider: ProviderConfig, *, shared: RedisState | None = None) -> Upstream:
+    """
+    The upstream a `[providers.NAME]` table describes: its targets, balanced and
+    circuit-broken; the breakers shared on Redis when `shared` is given (`[redis]`), else this
+    process's own.
+    """
     if provider.type == "simulated":
         return SimulatedUpstream(provider.simulated)
     targets = provider.targets or (TargetConfig(provider.base_url),)
+    breakers: Breakers = (
+        LocalBreakers(provider.breaker)
+        if shared is None
+        else SharedBreakers(shared, provider.name, provider.breaker)
+    )
     return BalancedUpstream(
         provider.name,
         [(target.base_url, target.weight, _http_upstream(provider, target.base_url)) for target in targets],
-        LocalBreakers(provider.breaker),
+        breakers,
     )
 
 

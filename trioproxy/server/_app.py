@@ -25,7 +25,9 @@ from werkzeug.routing import WebsocketMismatch
 
 from .._config import Config
 from .._exceptions import AuthenticationError, ConfigError, HTTPRefusal, PayloadTooLargeError, TrioproxyError
+from .._redis import RedisState
 from .._router import Router
+from .._upstream import build_upstream
 from .._version import __version__
 from ._access import RECORD, AccessLog
 from ._anthropic_front import model_list
@@ -75,7 +77,8 @@ def create_app(
     app.asgi_app = keeping_send(app.asgi_app)  # type: ignore[method-assign]
     if config.cors.enabled:
         app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[method-assign]
-    router = router or Router(config)
+    redis = RedisState(config.redis, stream_retention=config.streams.retention) if config.redis.enabled else None
+    router = router or Router(config, make_upstream=functools.partial(build_upstream, shared=redis))
     shutdown = shutdown or GracefulShutdown(config.server.shutdown_grace_period)
     metrics = Metrics(targets=router.targets)
     access_log = AccessLog(
@@ -91,6 +94,7 @@ def create_app(
         access_log=access_log,
         nursery=lambda: app.nursery,  # type: ignore[attr-defined]
         tracing=tracing,
+        redis=redis,
     )
 
     @app.before_serving

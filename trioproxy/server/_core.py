@@ -105,6 +105,7 @@ class Core:
         access_log: AccessLog,
         nursery: Callable[[], trio.Nursery],
         tracing: Tracing | None = None,
+        redis: RedisState | None = None,
     ) -> None:
         self.config = config
         self.tracing = tracing
@@ -113,10 +114,8 @@ class Core:
         self.metrics = metrics
         self.access_log = access_log
         self.active = shutdown.streams
-        self.redis = (
-            RedisState(config.redis, stream_retention=config.streams.retention) if config.redis.enabled else None
-        )
-        """Where limits and streams are shared across processes, when `[redis]` is set; `serve_redis` runs it."""
+        self.redis = redis
+        """Where limits, streams and breakers are shared across processes, when `[redis]` is set; `serve_redis` runs it."""
         self.streams = StreamRegistry(config.streams, store=self.redis or LOCAL_STORE)
         self._nursery = nursery
         limits = config.limits
