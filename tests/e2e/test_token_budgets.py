@@ -1,7 +1,8 @@
 """
 Token budgets (`[limits] tokens_per_minute`, `tokens_per_day`) in one process, end to end: real
 hypercorn and a scripted upstream on 127.0.0.1:0 whose usage the tests choose, the official
-SDKs as clients. Admission reserves the prompt and the maximum output; the stream's end
+SDKs as clients, on every front (chat, legacy completions, embeddings, Responses, Anthropic
+messages, the generic events). Admission reserves the prompt and the maximum output; the stream's end
 corrects that to the upstream's count; a request that does not fit is a 429 in every front's
 shape, naming the budget, with `Retry-After`. The windows pass on trio's MockClock in-process.
 The budgets shared on Redis across processes are in `test_shared_limits.py`.
@@ -28,7 +29,7 @@ PROMPT = [{"role": "user", "content": "hi"}]
 
 
 def reply_for(request: RecordedRequest) -> Reply:
-    if request.json["messages"][-1]["content"] == "fail":
+    if request.json.get("messages", [{}])[-1].get("content") == "fail":
         return Reply(status=500)
     return Reply(tokens=("a", "b", "c"), usage=(7, 3))
 
@@ -105,6 +106,20 @@ async def test_a_stream_without_usage_keeps_its_reservation_and_no_max_tokens_re
         await ask(client, 98)  # 901 + 99 = 1000: just fits; counts 10
         with pytest.raises(openai.RateLimitError):
             await ask(client, 89)  # 911 + 90 = 1001
+
+
+async def test_embeddings_reserve_their_input_only_and_legacy_completions_their_output_too(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    proxy = await start_proxy(nursery, upstream, tokens_per_minute=50, estimated_output_tokens=1000)
+    async with sdk(proxy) as client:
+        await client.embeddings.create(model="up/m", input="hi")  # reserves 1, not the estimate; uses 7
+        await client.completions.create(model="up/m", prompt="hi", max_tokens=40)  # 7 + 41 fits; uses 10
+        with pytest.raises(openai.RateLimitError) as info:  # 17 + 34 does not
+            await client.completions.create(model="up/m", prompt="hi", max_tokens=33)
+        assert info.value.body["code"] == "tokens_per_minute_exceeded"
+        await client.completions.create(model="up/m", prompt="hi", max_tokens=32, stream=True)  # 17 + 33 = 50
+    assert len(upstream.requests) == 3
 
 
 async def test_a_request_larger_than_the_whole_budget_is_a_429_without_retry_after(

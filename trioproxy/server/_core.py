@@ -321,12 +321,14 @@ class Core:
         """
         What a request may cost, reserved in the token budgets at admission: its prompt (about
         four characters a token) and its maximum output, or `estimated_output_tokens` when it
-        sets none. 0 when no budget is on.
+        sets none (an embedding has none). 0 when no budget is on.
         """
         limits = self.config.limits
         if not (limits.tokens_per_minute or limits.tokens_per_day):
             return 0
-        return -(-prompt_chars(chat) // 4) + (chat.max_tokens or limits.estimated_output_tokens)
+        embeddings = chat.native is not None and chat.native.protocol == "embeddings"
+        output = 0 if embeddings else chat.max_tokens or limits.estimated_output_tokens
+        return -(-prompt_chars(chat) // 4) + output
 
     def client_identity(self) -> str:
         """Who the limits count against: the client key when keys are on, else the address."""
