@@ -463,6 +463,10 @@ class RedisState:
                 return None
         return _logged(next(iter(read.values())), after=after) if read else LoggedEvents([], False, after)
 
+    async def delete_events(self, stream_id: str) -> None:
+        """Forget a stream's events (its stored response was deleted)."""
+        await self._call(self._client.delete([self._stream_key(stream_id)]))
+
     def _stream_key(self, stream_id: str) -> str:
         return self._key("stream", stream_id)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import trio
 
 from tests.conftest import RedisServer
@@ -100,6 +101,10 @@ async def test_a_stored_response_is_retrieved_and_followed_on_another_process(
                 assert retrieved.output_text == followed[-1].response.output_text  # type: ignore[union-attr]
                 assert len(retrieved.output_text.split()) == 30
             await stream.close()
+            assert (await creator.responses.delete(response_id)) is None  # where it ran: from Redis too
+            async with openai.AsyncOpenAI(base_url=second.url + "/v1", api_key="k", max_retries=0) as other:
+                with pytest.raises(openai.NotFoundError):
+                    await other.responses.retrieve(response_id)
         assert (await streams_started(first), await streams_started(second)) == (1, 0)
 
 

@@ -39,7 +39,7 @@ import logging
 import math
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -80,8 +80,14 @@ Encoder = Callable[[Any, int], bytes]
 """`(event, event_id) -> bytes`: how a stream's renderer's events are written, given their ids."""
 
 
-SHARED_STATE_WARNING: Final = b": warning shared_state_unavailable: Redis failed; this stream is resumable on this process only, until Redis answers\n\n"
-"""What a stream's watchers are told when its events cannot be written to Redis: a comment line, which every SSE client skips."""
+SHARED_STATE_WARNING: Final = (
+    b": warning shared_state_unavailable: Redis failed;"
+    b" this stream is resumable on this process only, until Redis answers\n\n"
+)
+"""
+What a stream's watchers are told when its events cannot be written to Redis: a comment line,
+which every SSE client skips.
+"""
 
 
 class StreamStore(Protocol):
@@ -97,6 +103,7 @@ class StreamStore(Protocol):
     async def append_events(self, stream_id: str, events: Sequence[tuple[int, bytes]], *, ended: bool) -> None: ...
     async def read_events(self, stream_id: str, after: int) -> LoggedEvents | None: ...
     async def follow_events(self, stream_id: str, after: int) -> LoggedEvents | None: ...
+    async def delete_events(self, stream_id: str) -> None: ...
 
 
 class _LocalStore:
@@ -112,6 +119,9 @@ class _LocalStore:
 
     async def follow_events(self, stream_id: str, after: int) -> LoggedEvents | None:
         return None
+
+    async def delete_events(self, stream_id: str) -> None:
+        pass
 
 
 LOCAL_STORE: Final[StreamStore] = _LocalStore()
@@ -236,6 +246,7 @@ class BroadcastStream:
         self._unwritten_bytes = 0
         self._published = trio.Event()
         """Set when there is something for the mirror to write."""
+        self._mirror_scope = trio.CancelScope()
 
     @property
     def finished(self) -> bool:
@@ -316,12 +327,20 @@ class BroadcastStream:
             self._unwritten_bytes -= len(dropped)
         self._published.set()
 
+    def stop_sharing(self) -> None:
+        """Write nothing more to the store (the stream is being deleted)."""
+        self._mirror_scope.cancel()
+
     async def _mirror(self) -> None:
         """
         Write what is published to the store, until the stream's end is written; while the
-        store fails, try again on each publication (and every `[redis] timeout` after the end,
-        for `retention` seconds at most).
+        store fails, try again on each publication (and every second after the end, for
+        `retention` seconds at most).
         """
+        with self._mirror_scope:
+            await self._write_to_store()
+
+    async def _write_to_store(self) -> None:
         warned = False
         while True:
             await self._published.wait()
@@ -338,7 +357,8 @@ class BroadcastStream:
                     await trio.sleep(failure.retry_after or 1.0)
                     self._published.set()
                 continue
-            for _ in events:
+            written_through = events[-1][0] if events else 0
+            while self._unwritten and self._unwritten[0][0] <= written_through:  # (some may have been dropped)
                 _, data = self._unwritten.popleft()
                 self._unwritten_bytes -= len(data)
             if ended:
@@ -475,6 +495,17 @@ class StreamRegistry:
         if logged is None:
             return None
         return RemoteStream(stream_id, self.store, logged)
+
+    async def delete(self, stream_id: str) -> None:
+        """
+        Forget a stream here and in the store (cancelling it if it runs). Raises
+        `SharedStateError` when the store fails: the stream is then still kept here.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.stop_sharing()
+        await self.store.delete_events(stream_id)
+        self.remove(stream_id)
 
     def remove(self, stream_id: str) -> BroadcastStream | None:
         """Forget a stream (cancelling it if it runs); the stream, if there was one."""

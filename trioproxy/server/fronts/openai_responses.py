@@ -264,9 +264,9 @@ def register(app: QuartTrio, core: Core) -> None:
     async def delete(response_id: str) -> Response:
         try:
             stream = stored(response_id)
+            await core.streams.delete(stream.id)  # from Redis too, where another process could find it
         except TrioproxyError as exc:
             return _error(exc)
-        core.streams.remove(stream.id)
         return json_response({"id": stream.id, "object": "response", "deleted": True})
 
     register_responses_websocket(app, core, stored_turn, share)
