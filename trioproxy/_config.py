@@ -507,7 +507,8 @@ def _redis(table: Any, env: Mapping[str, str], problems: list[str]) -> RedisConf
     if not isinstance(table, dict):
         problems.append("[redis] must be a table")
         return RedisConfig()
-    known = {"url", "password_env", "key_prefix", "timeout", "lease_ttl", "on_error", "stream_max_events", "follow_block"}
+    known = {"url", "password_env", "key_prefix", "timeout", "lease_ttl", "on_error"}
+    known |= {"stream_max_events", "follow_block"}
     _unknown_keys(table, known, "[redis]", problems)
     base = RedisConfig()
     url = table.get("url", "")

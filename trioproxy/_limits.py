@@ -40,10 +40,10 @@ __all__ = [
     "DAY_BUCKET",
     "MAX_TRACKED_CLIENTS",
     "RATE_WINDOW",
+    "TOKEN_WINDOWS",
     "Lease",
     "Limiter",
     "SlidingWindow",
-    "TOKEN_WINDOWS",
     "check_request_shape",
     "token_budget_refusal",
 ]
@@ -129,7 +129,7 @@ class SlidingWindow:
         raise AssertionError("unreachable: amount is within the limit")
 
     def record(self, client: str, now: float, amount: int = 1) -> float:
-        """Count `amount` for `client` at `now` (after `retry_after` said yes); the start of its bucket, for `adjust`."""
+        """Count `amount` for `client` at `now` (once `retry_after` said yes): the start of its bucket, for `adjust`."""
         self._forget_idle(now)
         window = self._clients.get(client)
         if window is None:
@@ -231,9 +231,7 @@ class Limiter:
         self.requests_per_minute = requests_per_minute
         self.max_streams_per_key = max_streams_per_key
         self.max_concurrent_streams = max_concurrent_streams
-        self.rate = (
-            SlidingWindow(requests_per_minute, max_clients=max_tracked_clients) if requests_per_minute else None
-        )
+        self.rate = SlidingWindow(requests_per_minute, max_clients=max_tracked_clients) if requests_per_minute else None
         budgets = [
             (period, SlidingWindow(limit, window=TOKEN_WINDOWS[period], bucket=bucket, max_clients=max_tracked_clients))
             for period, limit, bucket in (

@@ -151,7 +151,10 @@ for i = 1, #KEYS do
 end
 return 0
 """
-"""KEYS: the amounts of each budget the lease reserved in. ARGV: lease id, tokens used. A reservation gone from its window is left gone."""
+"""
+KEYS: the amounts of each budget the lease reserved in. ARGV: lease id, tokens used. A
+reservation gone from its window is left gone.
+"""
 
 _RENEW: Final = """
 local t = redis.call('TIME')

@@ -744,9 +744,7 @@ def build_upstream(provider: ProviderConfig, *, shared: RedisState | None = None
         return SimulatedUpstream(provider.simulated)
     targets = provider.targets or (TargetConfig(provider.base_url),)
     breakers: Breakers = (
-        LocalBreakers(provider.breaker)
-        if shared is None
-        else SharedBreakers(shared, provider.name, provider.breaker)
+        LocalBreakers(provider.breaker) if shared is None else SharedBreakers(shared, provider.name, provider.breaker)
     )
     return BalancedUpstream(
         provider.name,

@@ -45,8 +45,9 @@ breaker = {{ failures = 2, cooldown = 60 }}
             assert failed.status_code == 502 and "skipped" not in failed.text
         skipped = await http.post(second.url + "/v1/chat/completions", json=body)
         assert skipped.status_code == 502
-        assert "every target of provider 'dead' is skipped for now: its circuit breaker is open" in (
-            skipped.json()["error"]["message"]
+        assert (
+            "every target of provider 'dead' is skipped for now: its circuit breaker is open"
+            in (skipped.json()["error"]["message"])
         )
         health = (await http.get(second.url + "/health")).json()
     assert [target["state"] for target in health["providers"]["dead"]["targets"]] == ["open"]

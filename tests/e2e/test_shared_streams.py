@@ -52,14 +52,15 @@ async def test_a_stream_started_on_one_process_is_resumed_on_another_replayed_th
         async with httpx.AsyncClient(timeout=30) as http:
             async with http.stream("POST", first.url + "/v1/chat/stream", json=SLOW_STREAM) as started:
                 stream_id = started.headers["x-stream-id"]
-                _, seen = await read_until(started.aiter_bytes(), 6)  # stream_start and the first tokens; then it leaves
+                _, seen = await read_until(started.aiter_bytes(), 6)  # stream_start, the first tokens; it leaves
             last = int(seen[-1].id or 0)
             headers = {"last-event-id": str(last)}
             with trio.fail_after(20):
                 resumed = await http.get(second.url + f"/v1/streams/{stream_id}", headers=headers)
             assert resumed.status_code == 200 and resumed.headers["x-stream-id"] == stream_id
             rest = events_of(resumed.content)
-            assert [int(e.id or 0) for e in rest] == list(range(last + 1, last + 1 + len(rest)))  # none lost or repeated
+            # None lost or repeated:
+            assert [int(e.id or 0) for e in rest] == list(range(last + 1, last + 1 + len(rest)))
             assert rest[-1].type == "done"
             tokens = [e for e in seen + rest if e.type == "token"]
             assert len(tokens) == 30

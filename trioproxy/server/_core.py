@@ -16,8 +16,9 @@ upstream request with it.
 `Core.start` is also where `[limits]` are applied, once for every route (WebSocket included):
 a session starts only if its body's shape is within bounds and the limiter admits its
 client (reserving the tokens it may cost in the token budgets), and it holds its lease until
-its task ends, when the reservation is corrected to the upstream's count of the tokens used. A refusal is raised as our error and
-rendered in the route's protocol; nothing reaches the upstream.
+its task ends, when the reservation is corrected to the upstream's count of the tokens used.
+A refusal is raised as our error and rendered in the route's protocol; nothing reaches the
+upstream.
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ class Core:
         self.access_log = access_log
         self.active = shutdown.streams
         self.redis = redis
-        """Where limits, streams and breakers are shared across processes, when `[redis]` is set; `serve_redis` runs it."""
+        """
+        Where limits, streams and breakers are shared across processes, when `[redis]` is set;
+        `serve_redis` runs it.
+        """
         self.streams = StreamRegistry(config.streams, store=self.redis or LOCAL_STORE)
         self._nursery = nursery
         limits = config.limits

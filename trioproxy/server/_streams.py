@@ -62,8 +62,8 @@ __all__ = [
     "SHARED_STATE_WARNING",
     "BroadcastStream",
     "MemoryReplayLog",
-    "ReplayGapError",
     "RemoteStream",
+    "ReplayGapError",
     "ReplayLog",
     "StreamRegistry",
     "StreamStore",
@@ -472,9 +472,7 @@ class StreamRegistry:
             oldest = min(finished, key=lambda s: s.finished_at or 0.0)
             del self._streams[oldest.id]
         stream_id = prefix + secrets.token_hex(12)
-        stream = BroadcastStream(
-            stream_id, session, renderer_for, self._log_factory(), self.config, encode, self.store
-        )
+        stream = BroadcastStream(stream_id, session, renderer_for, self._log_factory(), self.config, encode, self.store)
         if not self._resuming:
             stream.stop_resuming()
         self._streams[stream_id] = stream

@@ -292,7 +292,9 @@ def _starting_after(value: str | None) -> int:
     except ValueError:
         raise RequestError("'starting_after' must be an integer", param="starting_after") from None
     if sequence_number < -1:
-        raise RequestError(f"'starting_after' {sequence_number} is not an event of this response", param="starting_after")
+        raise RequestError(
+            f"'starting_after' {sequence_number} is not an event of this response", param="starting_after"
+        )
     return sequence_number + 1
 
 
