@@ -119,7 +119,7 @@ class SlidingWindow:
         if window is None:
             return 0.0
         window.expire(now, self._span)
-        total = window.total
+        total: float = window.total
         if total + amount <= self.limit:
             return 0.0
         for start, count in window.buckets:  # until enough left the window

@@ -42,7 +42,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 import coredis
 import trio
@@ -352,7 +352,7 @@ class RedisState:
         )
         keys = [self._client_key("requests", client), lease.client_key, self._key("streams")]
         keys += [part for key, _ in budgets for part in (key + ":times", key + ":amounts")]
-        args = [
+        args: list[int | str] = [
             int(RATE_WINDOW * 1000),
             limits.requests_per_minute,
             limits.max_streams_per_key,
@@ -363,7 +363,7 @@ class RedisState:
             limits.tokens_per_minute,
             limits.tokens_per_day,
         ]
-        verdict, wait_ms = await self._call(self._admit(keys=keys, args=args))
+        verdict, wait_ms = cast("list[int]", await self._call(self._admit(keys=keys, args=args)))
         if verdict == 1:
             wait = int(wait_ms) / 1000
             raise RateLimitedError(
@@ -470,6 +470,18 @@ class RedisState:
         """Forget a stream's events (its stored response was deleted)."""
         await self._call(self._client.delete([self._stream_key(stream_id)]))
 
+    async def admit_to_breaker(self, key: str) -> str:
+        """`_BREAKER_ADMIT` on the breaker at `key`: `closed`, `probe`, `open` or `probing`."""
+        return _text(cast("bytes", await self._call(self._breaker_admit(keys=[key], args=[self._ttl_ms]))))
+
+    async def settle_breaker(
+        self, key: str, verdict: str, *, probe: bool, failures: int, cooldown: float
+    ) -> tuple[str, str]:
+        """`_BREAKER_SETTLE` on the breaker at `key`: its state, and the new one if it changed (else '')."""
+        args: list[int | str] = [verdict, "1" if probe else "0", failures, int(cooldown * 1000)]
+        state, change = cast("list[bytes]", await self._call(self._breaker_settle(keys=[key], args=args)))
+        return _text(state), _text(change)
+
     def _stream_key(self, stream_id: str) -> str:
         return self._key("stream", stream_id)
 
@@ -533,12 +545,12 @@ def _logged(entries: Sequence[StreamEntry], *, after: int = 0) -> LoggedEvents:
     ended = False
     last_id = after
     for entry in entries:
-        entry_id = int(entry.identifier.split(b"-")[1])
+        entry_id = int(_text(entry.identifier).split("-")[1])
         data = entry.field_values.get(b"d")
         if data is None:
             ended, last_id = True, entry_id - 1
         else:
-            events.append((entry_id, data))
+            events.append((entry_id, data.encode() if isinstance(data, str) else data))
             last_id = entry_id
     return LoggedEvents(events, ended, last_id)
 
@@ -564,22 +576,22 @@ class SharedBreakers:
         return self._redis._key("breaker", self._provider, hashlib.sha256(url.encode()).hexdigest()[:32])
 
     async def admit(self, url: str, now: float) -> BreakerState | None:
-        script = self._redis._breaker_admit(keys=[self._key(url)], args=[self._redis._ttl_ms])
         try:
-            said = _text(await self._redis._call(script))
+            said = await self._redis.admit_to_breaker(self._key(url))
         except SharedStateError:
             return await self._local.admit(url, now)
         state = self._known[url] = _ADMITTED_STATES[said]
         return state if said in ("closed", "probe") else None
 
     async def settle(self, url: str, verdict: Verdict, *, probe: bool, now: float) -> BreakerState | None:
-        args = [verdict, "1" if probe else "0", self._config.failures, int(self._config.cooldown * 1000)]
         try:
-            state, change = await self._redis._call(self._redis._breaker_settle(keys=[self._key(url)], args=args))
+            state, change = await self._redis.settle_breaker(
+                self._key(url), verdict, probe=probe, failures=self._config.failures, cooldown=self._config.cooldown
+            )
         except SharedStateError:
             return await self._local.settle(url, verdict, probe=probe, now=now)
         self._known[url] = _state(state)
-        return _state(change) if _text(change) else None
+        return _state(change) if change else None
 
     def state(self, url: str) -> BreakerState:
         return self._known.get(url) or self._local.state(url)
@@ -597,8 +609,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _state(value: bytes | str) -> BreakerState:
+def _state(text: str) -> BreakerState:
     """A state a script returned: one of `BREAKER_STATES`."""
-    text = _text(value)
     assert text in BREAKER_STATES, text
     return text  # type: ignore[return-value]
