@@ -248,3 +248,15 @@ async def test_breakers_fall_back_to_the_process_while_redis_is_down(redis_serve
             assert await breakers.admit(url, 1) is None
         await redis_server.start()
         assert await breakers.admit(url, 1) == "closed"  # Redis's, again (it restarted empty)
+
+
+async def test_a_follower_that_leaves_mid_wait_leaves_no_reply_behind(redis_server: RedisServer) -> None:
+    """A watcher's client gone cancels its blocking read: the next reads get their own replies."""
+    async with running(redis_server, follow_block=2) as state:
+        await state.append_events("st_z", [(1, b"a")], ended=False)
+        for n in range(2, 8):
+            with trio.move_on_after(0.05):
+                await state.follow_events("st_z", n - 1)  # waits, and is cancelled
+            await state.append_events("st_z", [(n, b"%d" % n)], ended=False)
+            assert await state.follow_events("st_z", n - 1) == LoggedEvents([(n, b"%d" % n)], ended=False, last_id=n)
+            assert (await state.read_events("st_z", n - 1)).events == [(n, b"%d" % n)]  # type: ignore[union-attr]
