@@ -1301,9 +1301,9 @@ def test_bad_targets_are_named(table: dict[str, Any], expected: str) -> None:
 
 
 def test_redis_stream_settings() -> None:
-    table = {"url": "redis://h:1/0", "stream_max_events": 50, "follow_block": 2}
+    table = {"url": "redis://h:1/0", "stream_max_events": 50, "stream_write_interval": 0.5, "follow_block": 2}
     redis = parse_config({"redis": table}, environ={}).redis
-    assert (redis.stream_max_events, redis.follow_block) == (50, 2)
+    assert (redis.stream_max_events, redis.stream_write_interval, redis.follow_block) == (50, 0.5, 2)
     assert parse_config({}, environ={}).redis.stream_max_events == 10_000
     assert only_problem({"redis": {"stream_max_events": 0}}) == (
         "[redis].stream_max_events must be a positive integer, got 0"

@@ -283,6 +283,8 @@ class RedisConfig:
     what admission does when Redis fails or is slow — "open" admits by this process's own
     limits, "closed" refuses with a 503. `stream_max_events`: entries one resumable stream
     (or stored response) keeps in its Redis Stream, at most (the oldest go first).
+    `stream_write_interval`: seconds between two writes of one stream's events to Redis, at
+    least (what comes meanwhile goes in the next; each write is a round trip and costs CPU).
     `follow_block`: seconds a process following another's stream waits on Redis for its next
     event before it writes a keep-alive and waits again.
     """
@@ -294,6 +296,7 @@ class RedisConfig:
     lease_ttl: float = 30.0
     on_error: Literal["open", "closed"] = "open"
     stream_max_events: int = 10_000
+    stream_write_interval: float = 0.2
     follow_block: float = 5.0
 
     @property
@@ -508,7 +511,7 @@ def _redis(table: Any, env: Mapping[str, str], problems: list[str]) -> RedisConf
         problems.append("[redis] must be a table")
         return RedisConfig()
     known = {"url", "password_env", "key_prefix", "timeout", "lease_ttl", "on_error"}
-    known |= {"stream_max_events", "follow_block"}
+    known |= {"stream_max_events", "stream_write_interval", "follow_block"}
     _unknown_keys(table, known, "[redis]", problems)
     base = RedisConfig()
     url = table.get("url", "")
@@ -555,6 +558,7 @@ def _redis(table: Any, env: Mapping[str, str], problems: list[str]) -> RedisConf
         lease_ttl=positive_seconds("lease_ttl", base.lease_ttl),
         on_error=on_error,
         stream_max_events=max_events,
+        stream_write_interval=positive_seconds("stream_write_interval", base.stream_write_interval),
         follow_block=positive_seconds("follow_block", base.follow_block),
     )
 

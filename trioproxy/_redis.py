@@ -409,6 +409,11 @@ class RedisState:
     shared = True
     """Other processes see the streams kept here (`_streams.StreamStore`)."""
 
+    @property
+    def write_interval(self) -> float:
+        """Seconds between two writes of one stream's events, at least (`[redis] stream_write_interval`)."""
+        return self.config.stream_write_interval
+
     async def append_events(self, stream_id: str, events: Sequence[tuple[int, bytes]], *, ended: bool) -> None:
         """
         Add a stream's next `events` (`(id, data)`, ids increasing) to its Redis Stream, and its

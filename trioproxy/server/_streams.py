@@ -93,12 +93,16 @@ which every SSE client skips.
 class StreamStore(Protocol):
     """
     Where streams' events are kept for other processes too. `shared`: False for the
-    in-process store, which keeps nothing more than each stream's own replay log. The calls
-    raise `SharedStateError` when the store fails.
+    in-process store, which keeps nothing more than each stream's own replay log.
+    `write_interval`: seconds between two writes of one stream, at least (what comes meanwhile
+    goes in the next: each write costs a round trip). The calls raise `SharedStateError` when
+    the store fails.
     """
 
     @property
     def shared(self) -> bool: ...
+    @property
+    def write_interval(self) -> float: ...
 
     async def append_events(self, stream_id: str, events: Sequence[tuple[int, bytes]], *, ended: bool) -> None: ...
     async def read_events(self, stream_id: str, after: int) -> LoggedEvents | None: ...
@@ -110,6 +114,7 @@ class _LocalStore:
     """The in-process `StreamStore`: another process never finds a stream here."""
 
     shared = False
+    write_interval = 0.0
 
     async def append_events(self, stream_id: str, events: Sequence[tuple[int, bytes]], *, ended: bool) -> None:
         pass
@@ -333,17 +338,22 @@ class BroadcastStream:
 
     async def _mirror(self) -> None:
         """
-        Write what is published to the store, until the stream's end is written; while the
-        store fails, try again on each publication (and every second after the end, for
-        `retention` seconds at most).
+        Write what is published to the store, until the stream's end is written: at most once
+        every `write_interval`, what was published since the last write. While the store
+        fails, try again likewise (and every second after the end, for `retention` seconds
+        at most).
         """
         with self._mirror_scope:
             await self._write_to_store()
 
     async def _write_to_store(self) -> None:
         warned = False
+        next_write = -math.inf
         while True:
             await self._published.wait()
+            with trio.move_on_at(next_write):  # the write interval, unless the stream ends: that goes at once
+                await self.finished_event.wait()
+            next_write = trio.current_time() + self._store.write_interval
             self._published = trio.Event()
             events, ended = list(self._unwritten), self._ended
             try:
