@@ -514,7 +514,7 @@ class RedisState:
         else:
             if not self.answering:
                 self.answering = True
-                logger.warning("Redis answers again: limits are shared again")
+                logger.warning("Redis answers again: limits, streams and circuit breakers are shared again")
             return
         if self.answering:
             self.answering = False
