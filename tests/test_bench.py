@@ -60,9 +60,11 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         )  # fmt: skip
         assert figures["tokens"] == figures["streams"] * QUICK_TOKENS
         resources = phase["resources"]
-        assert resources["loadgen_cpu_s"] >= 0 and resources["upstream_cpu_s"] >= 0
+        assert resources["loadgen_cpu_s"] >= 0
+        assert resources["upstream_cpu_s"] >= 0
         if target.startswith("trioproxy"):
-            assert resources["proxy_cpu_ms_per_stream"] >= 0 and resources["proxy_peak_rss_mb"] > 0
+            assert resources["proxy_cpu_ms_per_stream"] >= 0
+            assert resources["proxy_peak_rss_mb"] > 0
     added = {(row["target"], row["front"], row["concurrency"]) for row in report["added"]}
     assert added == {
         (target, front, concurrency)
@@ -73,7 +75,8 @@ async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     modes = {mode["mode"]: mode["figures"] for mode in report["buffer"]}
     assert set(modes) == BUFFER_MODES
     for mode, figures in modes.items():
-        assert figures["errors"] == 0 and figures["lost"] == 0, mode
+        assert figures["errors"] == 0, mode
+        assert figures["lost"] == 0, mode
         numbers = [figures[name] for name in ("p50_ms", "p99_ms", "max_ms", "chunks_per_stream", "chunks_per_s")]
         assert all(number is not None and number >= 0 for number in numbers), (mode, figures)
         assert figures["streams"] == 12  # 4 connections, 3 rounds each

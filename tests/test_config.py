@@ -1050,7 +1050,8 @@ def test_server_shutdown_grace_period() -> None:
 def test_auth_keys_from_the_file_and_the_environment() -> None:
     config = parse_config({"auth": {"keys": ["k1"], "keys_env": "KEYS"}}, environ={"KEYS": "k2,k3  k4"})
     assert config.auth.keys == ("k1", "k2", "k3", "k4")
-    assert config.auth.enabled and config.auth.protect_metrics
+    assert config.auth.enabled
+    assert config.auth.protect_metrics
     assert "k1" not in repr(config)
     assert not parse_config({}, environ={}).auth.enabled
     assert only_problem({"auth": {"keys": "k1"}}) == "[auth].keys must be a list of non-empty strings"
@@ -1159,7 +1160,8 @@ def test_cors_off_by_default_and_table() -> None:
         allow_credentials=True,
     )
     assert cors.enabled
-    assert "x-stainless-*" in CorsConfig().allow_headers and "authorization" in CorsConfig().allow_headers
+    assert "x-stainless-*" in CorsConfig().allow_headers
+    assert "authorization" in CorsConfig().allow_headers
 
 
 @pytest.mark.parametrize(

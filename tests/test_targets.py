@@ -16,7 +16,8 @@ def test_the_least_outstanding_per_weight_takes_the_request() -> None:
         assert target is not None
         target.taken()
         picked.append(target.url)
-    assert picked.count("b") == 6 and picked.count("a") == 2  # b takes three for each of a's
+    assert picked.count("b") == 6
+    assert picked.count("a") == 2  # b takes three for each of a's
 
 
 def test_consecutive_failures_open_the_breaker_for_its_cooldown_then_one_probe() -> None:
@@ -29,7 +30,8 @@ def test_consecutive_failures_open_the_breaker_for_its_cooldown_then_one_probe()
     assert choose([a], now=10.9) is None
 
     probe = choose([a], now=11)  # the cooldown passed: half-open, one probe
-    assert probe is a and a.state == "half_open"
+    assert probe is a
+    assert a.state == "half_open"
     a.taken()
     assert choose([a], now=11) is None  # only one probe at a time
     assert a.succeeded() == "closed"
@@ -50,7 +52,8 @@ def test_a_failed_probe_opens_it_again_and_a_success_resets_the_count() -> None:
     b.taken()
     b.failed(now=0, breaker=BREAKER)
     b.taken()
-    assert b.succeeded() is None and b.failures == 0
+    assert b.succeeded() is None
+    assert b.failures == 0
 
 
 def test_a_request_without_a_verdict_frees_its_slot_and_the_probe() -> None:

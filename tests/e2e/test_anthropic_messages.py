@@ -198,8 +198,11 @@ async def test_thinking_signatures_and_citations_reach_the_sdk(
     ) as stream:
         message = await stream.get_final_message()
     thinking, _, _, text = message.content
-    assert thinking.type == "thinking" and thinking.signature.startswith("EqQB")
-    assert text.type == "text" and text.citations and text.citations[0].cited_text == "Sunny, 21 °C"
+    assert thinking.type == "thinking"
+    assert thinking.signature.startswith("EqQB")
+    assert text.type == "text"
+    assert text.citations
+    assert text.citations[0].cited_text == "Sunny, 21 °C"
     assert message.usage.cache_read_input_tokens == 1800
 
 
@@ -286,7 +289,8 @@ async def test_tool_calls(claude: anthropic.AsyncAnthropic, upstream: FakeUpstre
         message = await stream.get_final_message()
     assert message.stop_reason == "tool_use"
     text, weather, time = message.content
-    assert text.type == "text" and text.text == "Let me check."
+    assert text.type == "text"
+    assert text.text == "Let me check."
     assert (weather.type, weather.id, weather.name, weather.input) == (
         "tool_use",
         "toolu_1",
@@ -648,7 +652,11 @@ async def test_thinking_signatures_survive_a_stage_that_changes_content(staged: 
         async with sdk.messages.stream(**create(model="redacted/c")) as stream:
             message = await stream.get_final_message()
     thinking, text, tool_use = message.content
-    assert thinking.type == "thinking" and thinking.signature and thinking.thinking
-    assert text.type == "text" and text.text
-    assert tool_use.type == "tool_use" and tool_use.input == {"city": "Paris", "unit": "celsius"}
+    assert thinking.type == "thinking"
+    assert thinking.signature
+    assert thinking.thinking
+    assert text.type == "text"
+    assert text.text
+    assert tool_use.type == "tool_use"
+    assert tool_use.input == {"city": "Paris", "unit": "celsius"}
     assert message.stop_reason == "tool_use"

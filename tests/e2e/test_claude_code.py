@@ -156,7 +156,8 @@ async def test_claude_code_answers_from_an_openai_upstream(
     assert sent.path == "/v1/chat/completions"
     assert sent.json["model"].startswith("claude-")
     roles = [m["role"] for m in sent.json["messages"]]
-    assert roles[0] == "system" and "user" in roles
+    assert roles[0] == "system"
+    assert "user" in roles
     assert "say hi" in orjson.dumps(sent.json["messages"]).decode()
     assert {t["function"]["name"] for t in sent.json["tools"]} >= {"Bash", "Read"}
 

@@ -120,7 +120,8 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(
                     finish = chunk.choices[0].finish_reason
         # The SDK keeps its connection open for the next request: the server closes it.
         assert await proxy.wait_for_exit(5) == 0
-    assert signalled_at is not None and trio.current_time() - signalled_at < 5
+    assert signalled_at is not None
+    assert trio.current_time() - signalled_at < 5
 
     assert text == "".join(f" t{i}" for i in range(SHORT))
     assert finish == "stop"
@@ -203,8 +204,10 @@ async def test_streams_still_running_at_the_grace_deadline_end_with_an_error_and
 
     message = "the server is shutting down and ended the stream before it completed"
     text, error = sdk_outcome["text"], sdk_outcome["error"]
-    assert isinstance(error, openai.APIError) and message in error.message
-    assert text and f"after {len(text)} characters were delivered" in error.message
+    assert isinstance(error, openai.APIError)
+    assert message in error.message
+    assert text
+    assert f"after {len(text)} characters were delivered" in error.message
 
     openai_events = [orjson.loads(e.data) for e in SSEDecoder().feed(received["openai sse"]) if e.data != "[DONE]"]
     assert "data: [DONE]" not in received["openai sse"].decode()
@@ -218,15 +221,18 @@ async def test_streams_still_running_at_the_grace_deadline_end_with_an_error_and
     }
     for name, events in generic.items():
         assert "token" in [e.type for e in events], name
-        assert events[-1].type == "error" and "done" not in [e.type for e in events], name
-        assert events[-1].data["code"] == "server_shutting_down" and message in events[-1].data["message"], name
+        assert events[-1].type == "error", name
+        assert "done" not in [e.type for e in events], name
+        assert events[-1].data["code"] == "server_shutting_down", name
+        assert message in events[-1].data["message"], name
         delivered = "".join(e.data for e in events if e.type == "token")
         assert events[-1].data["characters_delivered"] == len(delivered), name
     assert received["websocket close"] == b"1001 the server is shutting down"
 
     assert upstream.request_count == 5
     for sent in upstream.requests:  # every upstream saw its client, the proxy, hang up
-        assert sent.disconnected.is_set() and not sent.completed
+        assert sent.disconnected.is_set()
+        assert not sent.completed
     assert b"draining: 5 stream(s) in flight, 1 s grace period" in proxy.log
     assert b"(the grace period is over): interrupted 5 stream(s)" in proxy.log
     assert b"Traceback" not in proxy.log
@@ -281,7 +287,8 @@ async def test_work_arriving_during_the_drain_is_refused_and_a_second_signal_end
                     answer += event.data
                 else:
                     break
-            assert response is not None and response.status_code == 503
+            assert response is not None
+            assert response.status_code == 503
             assert dict(response.headers)[b"retry-after"] == b"1"
             assert orjson.loads(answer)["error"]["code"] == "server_shutting_down"
             assert "takes no new requests" in orjson.loads(answer)["error"]["message"]
@@ -295,7 +302,8 @@ async def test_work_arriving_during_the_drain_is_refused_and_a_second_signal_end
                     refused = message
                 elif message["type"] == "token":
                     tokens_for_a += 1
-            assert refused["type"] == "error" and refused["data"]["status"] == 503
+            assert refused["type"] == "error"
+            assert refused["data"]["status"] == 503
             assert refused["data"]["code"] == "server_shutting_down"
             assert upstream.request_count == 1  # neither refused request reached the upstream
 
@@ -303,7 +311,8 @@ async def test_work_arriving_during_the_drain_is_refused_and_a_second_signal_end
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 while True:
                     last = orjson.loads(await ws.get_message())
-            assert last["id"] == "a" and last["type"] == "error"
+            assert last["id"] == "a"
+            assert last["type"] == "error"
             assert last["data"]["code"] == "server_shutting_down"
             assert closed.value.reason.code == 1001
 
@@ -334,7 +343,8 @@ async def test_while_draining_health_says_so_and_every_route_answers_503_in_its_
 
         chat = await client.post("/v1/chat/completions", json=body("hi", stream=True))
         assert chat.status_code == 503
-        assert chat.headers["retry-after"] == "1" and chat.headers["connection"] == "close"
+        assert chat.headers["retry-after"] == "1"
+        assert chat.headers["connection"] == "close"
         assert (await chat.get_json())["error"]["code"] == "server_shutting_down"
 
         for path, content_type in (
@@ -342,11 +352,13 @@ async def test_while_draining_health_says_so_and_every_route_answers_503_in_its_
             ("/v1/chat/stream/json", "application/x-ndjson"),
         ):
             response = await client.post(path, json=body("hi"))
-            assert response.status_code == 503 and response.headers["retry-after"] == "1", path
+            assert response.status_code == 503, path
+            assert response.headers["retry-after"] == "1", path
             assert response.content_type == content_type
             data = (await response.get_data()).decode()
             event = StreamEvent.from_json(data.removeprefix("data: ").strip())
-            assert event.type == "error" and event.data["status"] == 503, path
+            assert event.type == "error", path
+            assert event.data["status"] == 503, path
         nursery.cancel_scope.cancel()
 
 

@@ -85,7 +85,8 @@ async def test_a_non_streamed_answer(client: openai.AsyncOpenAI, upstream: FakeU
     response = await client.responses.create(model=model, input="Say hello", metadata={"ticket": "42"})
     assert response.output_text == "".join(TOKENS)
     assert (response.status, response.metadata) == ("completed", {"ticket": "42"})
-    assert response.usage is not None and response.usage.total_tokens == 15
+    assert response.usage is not None
+    assert response.usage.total_tokens == 15
 
 
 async def test_the_chat_completions_upstream_gets_the_translated_request(
@@ -104,7 +105,8 @@ async def test_the_chat_completions_upstream_gets_the_translated_request(
     assert upstream.requests[-1].path == "/v1/chat/completions"
     assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert (body["model"], body["max_tokens"], body["stream"]) == ("gpt-test", 64, True)
-    assert "store" not in body and "include" not in body
+    assert "store" not in body
+    assert "include" not in body
 
 
 async def test_the_simulated_upstream(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
@@ -236,7 +238,8 @@ async def test_a_truncated_answer_is_incomplete(client: openai.AsyncOpenAI, upst
     upstream.push(Reply(tokens=TOKENS, finish_reason="length"))
     response = await client.responses.create(model="up/gpt-test", input="hi", max_output_tokens=6)
     assert response.status == "incomplete"
-    assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
 
 
 # --- stages and guarantees --------------------------------------------------------------------
@@ -386,7 +389,8 @@ async def test_websocket_mode_failures_before_and_after_the_first_token(proxy_ur
         after = await one_response(connection, model="up/m", input="hi")
     assert [(e["type"], e["status"], e["error"]["message"]) for e in before] == [("error", 429, "slow down")]
     kinds = [e["type"] for e in after]
-    assert kinds[0] == "response.created" and kinds[-2:] == ["error", "response.failed"]
+    assert kinds[0] == "response.created"
+    assert kinds[-2:] == ["error", "response.failed"]
     assert "response.completed" not in kinds
 
 
@@ -454,7 +458,8 @@ async def test_a_background_response_is_resumed_after_a_sequence_number_then_fol
     watching = await client.responses.retrieve(queued.id, stream=True)
     async for event in watching:
         if event.sequence_number == 4:  # the first delta: then the connection drops
-            assert event.type == "response.output_text.delta" and event.delta == "a"
+            assert event.type == "response.output_text.delta"
+            assert event.delta == "a"
             break
     await watching.close()
     stream = await client.responses.retrieve(queued.id, stream=True, starting_after=4)
@@ -465,7 +470,8 @@ async def test_a_background_response_is_resumed_after_a_sequence_number_then_fol
     assert len(upstream.requests) == 1  # asked once
     again = await client.responses.retrieve(queued.id, stream=True, starting_after=-1)
     replayed = [event async for event in again]
-    assert replayed[0].type == "response.created" and replayed[-1].type == "response.completed"
+    assert replayed[0].type == "response.created"
+    assert replayed[-1].type == "response.completed"
     with pytest.raises(openai.BadRequestError):
         await client.responses.retrieve(queued.id, stream=True, starting_after=999)
 
@@ -539,8 +545,10 @@ async def test_a_responses_client_stores_a_response_from_a_responses_upstream(
         assert (await sdk.responses.retrieve(final.id)).id == final.id
     assert final.output_text == "".join(TOKENS)
     call = final.output[1]
-    assert call.type == "function_call" and (call.call_id, call.arguments) == ("call_1", '{"city": "Paris"}')
-    assert final.usage is not None and (final.usage.input_tokens, final.usage.output_tokens) == (9, 8)
+    assert call.type == "function_call"
+    assert (call.call_id, call.arguments) == ("call_1", '{"city": "Paris"}')
+    assert final.usage is not None
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (9, 8)
 
 
 async def test_a_chat_completions_client_reaches_a_responses_upstream(
@@ -570,7 +578,8 @@ async def test_a_chat_completions_client_reaches_a_responses_upstream(
     )
     assert arguments == '{"city": "Paris"}'
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
-    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 17
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == 17
     assert truncated.choices[0].finish_reason == "length"
     body = sent(upstream.requests[0])
     assert body["input"] == [
@@ -632,8 +641,10 @@ async def test_an_anthropic_client_reaches_a_responses_upstream(responses_proxy:
     ):
         message = await stream.get_final_message()
     assert [block.type for block in message.content] == ["text", "tool_use"]
-    assert message.content[0].type == "text" and message.content[0].text == "".join(TOKENS)
-    assert message.content[1].type == "tool_use" and message.content[1].input == {"city": "Paris"}
+    assert message.content[0].type == "text"
+    assert message.content[0].text == "".join(TOKENS)
+    assert message.content[1].type == "tool_use"
+    assert message.content[1].input == {"city": "Paris"}
     assert (message.stop_reason, message.usage.input_tokens, message.usage.output_tokens) == ("tool_use", 9, 8)
     body = sent(upstream.requests[-1])
     assert upstream.requests[-1].path == "/v1/responses"
@@ -669,7 +680,8 @@ async def test_a_stored_response_from_a_responses_upstream_keeps_its_events_unde
         events = [orjson.loads(event.data) for event in SSEDecoder().feed(response.content)]
         stored_id = events[0]["response"]["id"]
         retrieved = (await http.get(f"{responses_proxy}/v1/responses/{stored_id}")).json()
-    assert stored_id.startswith("resp_") and stored_id != "resp_sanitized_streaming"
+    assert stored_id.startswith("resp_")
+    assert stored_id != "resp_sanitized_streaming"
     upstream_events = [orjson.loads(event.data) for event in SSEDecoder().feed(recorded)]
     for event in upstream_events:
         if "response" in event:

@@ -82,7 +82,8 @@ async def test_silent_upstream_gets_heartbeats_and_the_stream_completes(
     # At least one: the beat's timer is due long before the token's, however late both fire.
     # How many come, and when, is counted on MockClock below.
     assert body.split("data: ", 1)[0].startswith(": keep-alive\n\n")
-    assert "id:" not in body and "event:" not in body
+    assert "id:" not in body
+    assert "event:" not in body
 
 
 async def test_heartbeats_come_every_interval_until_the_first_token(autojump_clock: trio.abc.Clock) -> None:
@@ -98,7 +99,8 @@ async def test_heartbeats_come_every_interval_until_the_first_token(autojump_clo
     first_text = next(index for index, block in enumerate(blocks) if '"content":"go"' in block)
     assert '"role":"assistant"' in blocks[0]  # the simulated upstream opens the stream at once
     assert blocks[1:first_text] == [": keep-alive"] * 5  # at 50, 100, ..., 250 ms; the text at 275 ms
-    assert "id:" not in response.text and "event:" not in response.text
+    assert "id:" not in response.text
+    assert "event:" not in response.text
 
 
 async def test_a_retried_stream_delivers_the_text_once(

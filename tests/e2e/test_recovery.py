@@ -68,7 +68,8 @@ async def test_a_malformed_event_is_skipped_when_the_provider_says_so_counted_an
     assert value(samples, "trioproxy_streams_total", route=CHAT, provider="up", outcome="completed") == 1
     await wait_until(lambda: any(r.name == "trioproxy.access" for r in caplog.records))
     (line,) = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
-    assert line["skipped_events"] == 1 and line["request_id"]
+    assert line["skipped_events"] == 1
+    assert line["request_id"]
 
 
 async def test_without_the_setting_a_malformed_event_ends_the_stream_honestly(
@@ -91,7 +92,8 @@ async def test_the_generic_endpoints_announce_a_skipped_event(nursery: trio.Nurs
         response = await http.post(proxy + "/v1/chat/stream/json", json={"model": "up/m", "messages": MESSAGES})
     events = [orjson.loads(line) for line in response.text.splitlines()]
     skipped = [e for e in events if e["type"] == "metadata" and e["data"] == "skipped_event"]
-    assert len(skipped) == 1 and "not a JSON object" in skipped[0]["metadata"]["reason"]
+    assert len(skipped) == 1
+    assert "not a JSON object" in skipped[0]["metadata"]["reason"]
     assert events[-1]["type"] == "done"
 
 
@@ -216,7 +218,8 @@ async def test_a_first_token_after_20_s_is_hedged_and_the_slow_request_cancelled
         )
         events = [orjson.loads(line) for line in response.text.splitlines()]
         announced = [(e["data"], e["metadata"]["provider"]) for e in events if e["type"] == "metadata"]
-        assert ("hedge", "backup") in announced and ("hedge_won", "backup") in announced
+        assert ("hedge", "backup") in announced
+        assert ("hedge_won", "backup") in announced
         assert "".join(e["data"] for e in events if e["type"] == "token") == "".join(TOKENS)
         metrics = (await client._client.get("http://proxy.test/metrics")).text
     assert 'trioproxy_recoveries_total{kind="hedge",provider="primary"} 2.0' in metrics
@@ -287,7 +290,8 @@ async def test_a_stream_broken_mid_way_is_continued_seamlessly(
     last = continued.json["messages"][-1]
     delivered = "".join(CANONICAL[: broken.tokens_sent])
     content = last["content"] if isinstance(last["content"], str) else last["content"][0]["text"]
-    assert last["role"] == "assistant" and content == (delivered.rstrip() if provider == "claude" else delivered)
+    assert last["role"] == "assistant"
+    assert content == (delivered.rstrip() if provider == "claude" else delivered)
     if provider == "vllm":
         assert (continued.json["continue_final_message"], continued.json["add_generation_prompt"]) == (True, False)
 
@@ -319,7 +323,8 @@ async def test_a_fallback_that_rejects_prefill_leaves_the_client_the_original_fa
             async for c in stream:
                 received.append(c.choices[0].delta.content or "" if c.choices else "")
     assert "".join(received) == "".join(CANONICAL[:40])
-    assert "connection broke" in info.value.message and "prefill" not in info.value.message
+    assert "connection broke" in info.value.message
+    assert "prefill" not in info.value.message
     assert f"after {len(''.join(CANONICAL[:40]))} characters were delivered" in info.value.message
     assert backup.request_count == 1  # asked once; the refusal is remembered for continuation_cooldown
 
@@ -335,7 +340,8 @@ async def test_the_generic_endpoints_announce_a_continuation(
         )
     events = [orjson.loads(line) for line in response.text.splitlines()]
     (notice,) = [e for e in events if e["type"] == "metadata" and e["data"] == "continuation"]
-    assert notice["metadata"]["provider"] == "vllm" and "connection broke" in notice["metadata"]["reason"]
+    assert notice["metadata"]["provider"] == "vllm"
+    assert "connection broke" in notice["metadata"]["reason"]
     assert "".join(e["data"] for e in events if e["type"] == "token") == "".join(CANONICAL)
     (done,) = [e for e in events if e["type"] == "done"]
     assert done["metadata"]["usage"]["estimated"] is True  # both attempts, the broken one estimated
@@ -376,7 +382,8 @@ async def test_one_of_three_replicas_down_is_skipped_once_its_breaker_opens(
         for _ in range(12):
             assert await collect(client, "vllm/m") == "".join(TOKENS)
         assert down.request_count == 2  # then skipped: no request reaches it during the cooldown
-        assert up1.request_count >= 4 and up2.request_count >= 4  # the healthy ones share the load
+        assert up1.request_count >= 4
+        assert up2.request_count >= 4  # the healthy ones share the load
 
         health = (await client._client.get("http://proxy.test/health")).json()
         states = {t["url"]: t["state"] for t in health["providers"]["vllm"]["targets"]}
@@ -417,7 +424,8 @@ async def test_a_primary_down_then_healthy_again_is_skipped_then_probed_back(
     assert all(line["request_id"] for line in lines)
     transitions = [t for line in lines for t in line.get("breaker_transitions", [])]
     assert len(transitions) == 2
-    assert "is open" in transitions[0] and "is closed" in transitions[1]
+    assert "is open" in transitions[0]
+    assert "is closed" in transitions[1]
 
 
 async def test_an_anthropic_client_gets_the_hedges_message_alone(

@@ -133,7 +133,8 @@ async def test_sse_client_gives_up_after_max_reconnects(nursery: trio.Nursery, u
                     received.append(event)
     assert "cut by the test" in info.value.message
     assert events.reconnects == 2
-    assert received and received[0].type == "metadata"
+    assert received
+    assert received[0].type == "metadata"
     assert len(upstream.requests) == 1
 
 
@@ -283,7 +284,8 @@ async def test_a_finished_stream_expires_after_its_retention(
     assert gone.status_code == 404
     assert gone.headers["content-type"].startswith("text/event-stream")
     (event,) = [StreamEvent.from_json(e.data) for e in SSEDecoder().feed(gone.content)]
-    assert event.type == "error" and event.data["status"] == 404
+    assert event.type == "error"
+    assert event.data["status"] == 404
 
 
 async def test_bad_and_future_last_event_ids_are_400(

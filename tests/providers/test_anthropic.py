@@ -981,4 +981,5 @@ def test_a_body_that_ends_before_the_stop_reason_is_broken() -> None:
 def test_a_prompt_too_long_is_a_context_length_error() -> None:
     body = b'{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}'
     error = AnthropicTranslation(api_key=None).error_from_response(400, {}, body)
-    assert isinstance(error, ContextLengthError) and error.type == "invalid_request_error"
+    assert isinstance(error, ContextLengthError)
+    assert error.type == "invalid_request_error"

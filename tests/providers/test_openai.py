@@ -557,7 +557,8 @@ def test_a_body_that_ends_before_any_finish_reason_is_broken() -> None:
 )
 def test_a_prompt_longer_than_the_context_is_a_context_length_error(body: bytes) -> None:
     error = translation().error_from_response(400, {}, body)
-    assert isinstance(error, ContextLengthError) and error.status == 400
+    assert isinstance(error, ContextLengthError)
+    assert error.status == 400
 
 
 def test_other_refusals_are_not_context_length_errors() -> None:

@@ -39,7 +39,8 @@ def payload(out: bytes) -> Any:
     assert out.startswith(b"data: ")
     assert out.endswith(b"\n\n")
     body = out[len(b"data: ") : -2]
-    assert b"\n" not in body and b"\r" not in body
+    assert b"\n" not in body
+    assert b"\r" not in body
     return orjson.loads(body)
 
 
