@@ -36,11 +36,11 @@ def test_delta_has_content() -> None:
 
 
 def test_opened_is_a_singleton_value() -> None:
-    assert OPENED == Opened()
+    assert Opened() == OPENED
 
 
 def test_event_types() -> None:
-    assert EVENT_TYPES == {"token", "chunk", "done", "error", "metadata"}
+    assert {"token", "chunk", "done", "error", "metadata"} == EVENT_TYPES
 
 
 def test_to_json_is_compact_and_one_line() -> None:

@@ -478,7 +478,7 @@ class _Reader:
         now = time.perf_counter()
         try:
             ended = response.feed(data, now)
-        except Exception as exc:  # noqa: BLE001 - every failure belongs to its stream: `receive` raises it there
+        except Exception as exc:  # every failure belongs to its stream: `receive` raises it there
             response.failure = exc
             ended = True
         if ended:

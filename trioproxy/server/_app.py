@@ -97,7 +97,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         current.scope[RECORD].route = route_label()
         path = current.path
         if not config.auth.enabled or not (
-            path.startswith("/v1/") or path == "/metrics" and config.auth.protect_metrics
+            path.startswith("/v1/") or (path == "/metrics" and config.auth.protect_metrics)
         ):
             return None
         if key_is_valid(presented_key(current.headers), config.auth.keys):
