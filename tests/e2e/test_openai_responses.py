@@ -688,3 +688,17 @@ async def test_a_stored_response_from_a_responses_upstream_keeps_its_events_unde
             event["response"]["id"] = stored_id
     assert events == upstream_events  # every field of every event, the obfuscation padding too
     assert retrieved == upstream_events[-1]["response"]
+
+
+async def test_a_responses_upstream_that_ends_before_its_response_completed_is_an_error_a_chat_client_sees(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    recorded = (FIXTURES / "text_stream.sse").read_bytes()
+    upstream.push(Reply(raw_body=recorded[: recorded.index(b"event: response.completed")]))
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        with pytest.raises(openai.APIError, match="ended the stream before a finish reason"):
+            async for _ in stream:
+                pass

@@ -54,7 +54,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import UpstreamRequest, safe_message
+from ._base import CUT_SHORT, UpstreamRequest, safe_message
 from .openai import OpenAITranslation
 
 __all__ = ["ResponsesStreamParser", "ResponsesTranslation", "responses_request_body"]
@@ -110,7 +110,7 @@ class ResponsesTranslation(OpenAITranslation):
         body["stream"] = True
         return UpstreamRequest(self.url, self._stream_headers, orjson.dumps(body))
 
-    def stream_parser(self, chat: ChatRequest) -> ResponsesStreamParser:  # type: ignore[override]
+    def stream_parser(self, chat: ChatRequest) -> ResponsesStreamParser:
         return ResponsesStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
 
 
@@ -237,6 +237,12 @@ class ResponsesStreamParser:
     @property
     def finished(self) -> bool:
         return self._finished
+
+    def end(self) -> list[Delta]:
+        """`response.completed` or `response.incomplete` ends a Responses stream: a body ending first was cut short."""
+        if not self._finished:
+            raise UpstreamProtocolError(CUT_SHORT)
+        return []
 
     def feed(self, event: ServerSentEvent) -> list[Delta]:
         if self._finished:
