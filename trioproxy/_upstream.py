@@ -26,8 +26,8 @@ import os
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from typing import Any, Final, Protocol
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from typing import Any, Final, Protocol, cast
 
 import httpcore
 import httpx
@@ -194,7 +194,7 @@ class _CookielessClient(httpx.AsyncClient):
     requests; and httpx's jar costs every response a trip through `http.cookiejar`.
     """
 
-    @property  # type: ignore[override]
+    @property
     def cookies(self) -> httpx.Cookies:
         return _NO_COOKIES
 
@@ -234,7 +234,7 @@ class _PooledTransport(httpx.AsyncBaseTransport):
             method=request.method,
             url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
             headers=request.headers.raw,
-            content=request.stream,  # type: ignore[arg-type]  # httpx's request streams are async iterables
+            content=request.stream,
             extensions=request.extensions,
         )
         pool_timeout = request.extensions.get("timeout", {}).get("pool")
@@ -260,7 +260,7 @@ class _PooledTransport(httpx.AsyncBaseTransport):
         except BaseException:
             self._slots.release()
             raise
-        stream = _PooledResponseStream(response.stream, self, connection, origin)  # type: ignore[arg-type]
+        stream = _PooledResponseStream(cast(_AsyncBody, response.stream), self, connection, origin)
         return httpx.Response(response.status, headers=response.headers, stream=stream, extensions=response.extensions)
 
     async def _idle_connection(self, origin: httpcore.Origin) -> httpcore.AsyncHTTPConnection | None:
@@ -326,12 +326,18 @@ def _usable(connection: httpcore.AsyncHTTPConnection, expiry: float, now: float)
     return now < expiry and connection.is_idle() and not connection.has_expired()
 
 
+class _AsyncBody(AsyncIterable[bytes], Protocol):
+    """What an httpcore async connection's response body is (its type says only `Iterable | AsyncIterable`)."""
+
+    async def aclose(self) -> None: ...
+
+
 class _PooledResponseStream(httpx.AsyncByteStream):
     """A response body on a pooled connection; closing it gives the connection back."""
 
     def __init__(
         self,
-        stream: httpcore.AsyncByteStream,
+        stream: _AsyncBody,
         pool: _PooledTransport,
         connection: httpcore.AsyncHTTPConnection,
         origin: httpcore.Origin,
@@ -424,13 +430,15 @@ class _TrioStream(httpcore.AsyncNetworkStream):
             return await _read_when_readable(self._stream.socket, max_bytes)
         try:
             if timeout is None:
-                return await self._stream.receive_some(max_bytes)
-            with trio.fail_after(timeout):
-                return await self._stream.receive_some(max_bytes)
+                data = await self._stream.receive_some(max_bytes)
+            else:
+                with trio.fail_after(timeout):
+                    data = await self._stream.receive_some(max_bytes)
         except trio.TooSlowError as exc:
             raise httpcore.ReadTimeout(str(exc)) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise httpcore.ReadError(str(exc)) from exc
+        return data if isinstance(data, bytes) else bytes(data)  # trio types TLS reads `bytes | bytearray`
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if not buffer:
@@ -449,6 +457,8 @@ class _TrioStream(httpcore.AsyncNetworkStream):
     async def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.AsyncNetworkStream:
+        if not isinstance(self._stream, trio.SocketStream):
+            raise httpcore.UnsupportedProtocol("TLS inside TLS (an HTTPS proxy) is not supported")
         ssl_stream = trio.SSLStream(
             self._stream, ssl_context=ssl_context, server_hostname=server_hostname, https_compatible=True
         )

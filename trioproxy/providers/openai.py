@@ -27,7 +27,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import CUT_SHORT, UpstreamRequest, retry_after_seconds, safe_message, status_error
+from ._base import CUT_SHORT, StreamParser, UpstreamRequest, retry_after_seconds, safe_message, status_error
 
 __all__ = ["OpenAIStreamParser", "OpenAITranslation"]
 
@@ -71,7 +71,7 @@ class OpenAITranslation:
     def count_tokens_request(self, chat: ChatRequest) -> None:
         return None  # Chat Completions has no endpoint that counts tokens
 
-    def stream_parser(self, chat: ChatRequest) -> OpenAIStreamParser:
+    def stream_parser(self, chat: ChatRequest) -> StreamParser:
         return OpenAIStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
 
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamStatusError:

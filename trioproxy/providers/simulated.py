@@ -117,7 +117,7 @@ def settings_problems(values: Mapping[str, Any], *, where: str, keys: tuple[str,
             problems.append(f"{where}: unknown setting {key!r} (expected one of {', '.join(keys)})")
         elif (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             problems.append(f"{where}.{key}: expected {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
-        elif not isinstance(value, bool) and value < 0:
+        elif isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
             problems.append(f"{where}.{key}: must not be negative, got {value!r}")
     return problems
 

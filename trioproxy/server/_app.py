@@ -26,7 +26,7 @@ from .._config import Config
 from .._exceptions import AuthenticationError, HTTPRefusal, PayloadTooLargeError, TrioproxyError
 from .._router import Router
 from .._version import __version__
-from ._access import RECORD, AccessLog
+from ._access import AccessLog, request_record
 from ._anthropic_front import model_list
 from ._auth import key_is_valid, presented_key
 from ._core import Core, connection, json_response, keeping_send, route_label
@@ -60,29 +60,31 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
     app.config["MAX_CONTENT_LENGTH"] = config.limits.max_body_bytes  # bodies are not read past it
     app.config["BODY_TIMEOUT"] = config.server.body_timeout  # a body still arriving then is a 408
-    app.asgi_app = keeping_send(app.asgi_app)  # type: ignore[method-assign]
+    # Quart's way to add ASGI middleware. Ours take the scope as a plain dict (they add keys to
+    # it), not as hypercorn's TypedDicts: the three assignments are typed ignores.
+    app.asgi_app = keeping_send(app.asgi_app)  # type: ignore[assignment]
     if config.cors.enabled:
-        app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[method-assign]
+        app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[assignment,arg-type]
     router = router or Router(config)
     shutdown = shutdown or GracefulShutdown(config.server.shutdown_grace_period)
     metrics = Metrics(active_streams=shutdown.streams.__len__, targets=router.targets)
     access_log = AccessLog(
         app.asgi_app, metrics=metrics, enabled=config.logging.access_log, include_prompts=config.logging.include_prompts
     )
-    app.asgi_app = access_log  # type: ignore[method-assign]
+    app.asgi_app = access_log  # type: ignore[assignment]
     core = Core(
         config,
         router=router,
         shutdown=shutdown,
         metrics=metrics,
         access_log=access_log,
-        nursery=lambda: app.nursery,  # type: ignore[attr-defined]
+        nursery=lambda: app.nursery,
     )
 
     @app.before_serving
     async def expire_idle_upstream_connections() -> None:
         """The pools' timers live in the app's nursery, from start-up until `close_upstreams` ends them."""
-        app.nursery.start_soon(router.expire_idle_connections)  # type: ignore[attr-defined]
+        app.nursery.start_soon(router.expire_idle_connections)
 
     @app.after_serving
     async def close_upstreams() -> None:
@@ -94,7 +96,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         a 401 in the protocol of its path when client keys are on and none valid was shown.
         """
         current = connection()
-        current.scope[RECORD].route = route_label()
+        request_record(current.scope).route = route_label()
         path = current.path
         if not config.auth.enabled or not (
             path.startswith("/v1/") or (path == "/metrics" and config.auth.protect_metrics)

@@ -22,8 +22,8 @@ rendered in the route's protocol; nothing reaches the upstream.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Final, cast
 
 import orjson
 import trio
@@ -36,7 +36,7 @@ from .._policy import BufferConfig
 from .._request import ChatRequest
 from .._router import Router
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
-from ._access import RECORD, AccessLog, RequestRecord
+from ._access import AccessLog, request_record
 from ._auth import presented_key
 from ._generic import Renderer, StreamInterrupted, commits, last_word, render
 from ._metrics import Metrics
@@ -62,6 +62,7 @@ STREAM_HEADERS: Final = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SSE: Final = "text/event-stream"
 #: Where each HTTP request's ASGI `send` is kept in its scope, for `_relay`.
 ASGI_SEND: Final = "trioproxy.send"
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 #: Preamble items a response holds back before its head, at most: a bound on an upstream that
 #: sends nothing but content-less chunks (and on the role chunks of retried attempts).
 MAX_HELD_ITEMS: Final = 16
@@ -122,7 +123,7 @@ class Core:
             chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
         )
         lease = self.limiter.admit(self.client_identity(), trio.current_time())
-        record: RequestRecord = connection().scope[RECORD]
+        record = request_record(connection().scope)
 
         def on_end(session: StreamSession) -> None:
             lease.release()
@@ -176,7 +177,7 @@ class Core:
             session.cancel()
             return error_response(held)
         head = b"".join(render(renderer, item) for item in held)
-        body = _relay(session, renderer, head, request.scope[ASGI_SEND])
+        body = _relay(session, renderer, head, kept_send(request.scope))
         return Response(body, status=200, content_type=content_type, headers=STREAM_HEADERS)
 
     async def share(
@@ -266,7 +267,7 @@ class _BodyWriter:
 
 
 async def _relay(
-    session: StreamSession, renderer: Renderer, head: bytes, send: Callable[[dict[str, Any]], Awaitable[None]]
+    session: StreamSession, renderer: Renderer, head: bytes, send: ASGISend
 ) -> AsyncIterator[bytes]:
     """
     The response body. Once quart has written its head, the session's tasks write its items
@@ -316,6 +317,11 @@ def keeping_send(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable
             del scope[ASGI_SEND]
 
     return asgi
+
+
+def kept_send(scope: Mapping[str, object]) -> ASGISend:
+    """The `send` that `keeping_send` keeps in an HTTP request's scope, which hypercorn's scope types do not know."""
+    return cast(ASGISend, scope[ASGI_SEND])
 
 
 def connection() -> Any:

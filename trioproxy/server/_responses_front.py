@@ -97,7 +97,8 @@ _ECHOED: Final[dict[str, Any]] = {
 
 def sse_event(payload: dict[str, Any]) -> bytes:
     """An event of a `POST /v1/responses` stream: named, its one `data:` line the payload, LF only."""
-    return b"event: " + payload["type"].encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+    name: str = payload["type"]
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
 def websocket_frame(payload: dict[str, Any]) -> bytes:

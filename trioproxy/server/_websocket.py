@@ -48,7 +48,7 @@ from .._events import Delta, StreamEvent
 from .._exceptions import PayloadTooLargeError, RequestError, StreamCancelled, TrioproxyError
 from .._request import parse_json_object
 from ..pipeline import StreamSession, pipeline_for
-from ._access import RECORD
+from ._access import request_record
 from ._events_front import EventRenderer, error_event
 from ._generic import generic_chat_request, last_word, prompt_chars, render
 from ._shutdown import GracefulShutdown
@@ -215,7 +215,7 @@ def register_websocket_routes(
     async def serve_connection(client_id: str | None) -> None:
         await websocket.accept()
         async with trio.open_nursery() as nursery:
-            connection = Connection(nursery, client_id, websocket.scope[RECORD].id)
+            connection = Connection(nursery, client_id, request_record(websocket.scope).id)
             nursery.start_soon(connection.write)
             nursery.start_soon(connection.close_when_drained)
             while True:

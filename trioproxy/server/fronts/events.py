@@ -24,7 +24,7 @@ from ..._events import StreamEvent
 from ..._exceptions import NotFoundError, RequestError, TrioproxyError
 from ..._request import parse_json_object
 from ...pipeline import StreamSession
-from .._access import RECORD
+from .._access import request_record
 from .._core import SSE, Core, watch_response, with_retry_after
 from .._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
 from .._generic import generic_chat_request, prompt_chars
@@ -65,7 +65,7 @@ def register(app: QuartTrio, core: Core) -> None:
         error_response = functools.partial(_event_error, frame, content_type)
 
         async def endpoint() -> Response:
-            request_id = request.scope[RECORD].id
+            request_id = request_record(request.scope).id
             try:
                 body = parse_json_object(await request.get_data())
                 chat, provider, buffer = generic_chat_request(body)
