@@ -610,6 +610,42 @@ def _provider(
     name: str, table: Any, defaults: _Defaults, env: Mapping[str, str], problems: list[str], warnings: list[str]
 ) -> ProviderConfig | None:
     where = f"[providers.{name}]"
+    type_ = _provider_type(name, table, where, problems)
+    if type_ is None:
+        return None
+    _unknown_keys(table, _COMMON_KEYS | _TYPE_KEYS[type_], where, problems)
+    before = len(problems)
+    checked: dict[str, Any] = {}
+    _base_url(table, type_, where, problems, checked)
+    _api_key(table, env, where, problems, warnings, checked)
+    _headers(table, where, problems, checked)
+    _model_names(table, where, problems, checked)
+    _policies(table, defaults, where, problems, checked)
+    for key in ("fallbacks", "context_fallbacks"):
+        _fallbacks(table, key, where, problems, checked)
+    if "transforms" in table:
+        checked["transforms"] = build_transforms(table["transforms"], where=f"{where}.transforms", problems=problems)
+    if "validators" in table:
+        checked["validators"] = build_validators(table["validators"], where=f"{where}.validators", problems=problems)
+    _number(table, "max_connections", where, problems, checked, positive=True, integer=True)
+    _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
+    _bool(table, "request_usage", where, problems, checked)
+    _bool(table, "skip_malformed_events", where, problems, checked)
+    _continuation(table, type_, where, problems, checked)
+    if "anthropic_version" in table:
+        if isinstance(table["anthropic_version"], str):
+            checked["anthropic_version"] = table["anthropic_version"]
+        else:
+            problems.append(f"{where}.anthropic_version must be a string")
+    if type_ == "simulated":
+        _simulated(table, where, problems, checked)
+    if len(problems) > before:
+        return None
+    return ProviderConfig(name=name, type=type_, **checked)
+
+
+def _provider_type(name: str, table: Any, where: str, problems: list[str]) -> str | None:
+    """The provider's `type`, if its name and its table are well formed."""
     if not _NAME.match(name):
         problems.append(f"{where}: a provider name may hold only letters, digits, '_', '-' and '.'")
         return None
@@ -617,15 +653,18 @@ def _provider(
         problems.append(f"{where} must be a table")
         return None
     type_ = table.get("type")
-    if type_ not in PROVIDER_TYPES:
+    if not isinstance(type_, str) or type_ not in PROVIDER_TYPES:
         what = "is missing" if type_ is None else f"{type_!r} is unknown"
         types = ", ".join(map(repr, PROVIDER_TYPES))
         problems.append(f"{where}.type {what}: say which protocol the upstream speaks, one of {types}")
         return None
-    _unknown_keys(table, _COMMON_KEYS | _TYPE_KEYS[type_], where, problems)
-    before = len(problems)
-    checked: dict[str, Any] = {}
+    return type_
 
+
+def _base_url(
+    table: Mapping[str, Any], type_: str, where: str, problems: list[str], checked: dict[str, Any]
+) -> None:
+    """`targets` and the `base_url` of the first (or only) one."""
     targets = _targets(table, where, problems)
     if targets:
         checked["targets"] = targets
@@ -638,16 +677,28 @@ def _provider(
         problems.append(f"{where}.base_url must be an http:// or https:// URL, got {base_url!r}")
     checked["base_url"] = base_url if isinstance(base_url, str) else ""
 
-    api_key_env = table.get("api_key_env")
-    if api_key_env is not None:
-        if not isinstance(api_key_env, str) or not api_key_env:
-            problems.append(f"{where}.api_key_env must be the name of an environment variable, got {api_key_env!r}")
-        else:
-            checked["api_key_env"] = api_key_env
-            checked["api_key"] = env.get(api_key_env) or None
-            if checked["api_key"] is None:
-                warnings.append(f"{where}: environment variable {api_key_env} is not set; requests go without a key")
 
+def _api_key(
+    table: Mapping[str, Any],
+    env: Mapping[str, str],
+    where: str,
+    problems: list[str],
+    warnings: list[str],
+    checked: dict[str, Any],
+) -> None:
+    api_key_env = table.get("api_key_env")
+    if api_key_env is None:
+        return
+    if not isinstance(api_key_env, str) or not api_key_env:
+        problems.append(f"{where}.api_key_env must be the name of an environment variable, got {api_key_env!r}")
+        return
+    checked["api_key_env"] = api_key_env
+    checked["api_key"] = env.get(api_key_env) or None
+    if checked["api_key"] is None:
+        warnings.append(f"{where}: environment variable {api_key_env} is not set; requests go without a key")
+
+
+def _headers(table: Mapping[str, Any], where: str, problems: list[str], checked: dict[str, Any]) -> None:
     headers = table.get("headers", {})
     if not isinstance(headers, dict):
         problems.append(f"{where}.headers must be a table of strings, got {headers!r}")
@@ -656,6 +707,8 @@ def _provider(
     else:
         checked["headers"] = dict(headers)
 
+
+def _model_names(table: Mapping[str, Any], where: str, problems: list[str], checked: dict[str, Any]) -> None:
     models = table.get("models", [])
     if not isinstance(models, list):
         problems.append(f"{where}.models must be a list of model names, got {models!r}")
@@ -664,6 +717,11 @@ def _provider(
     else:
         checked["models"] = tuple(models)
 
+
+def _policies(
+    table: Mapping[str, Any], defaults: _Defaults, where: str, problems: list[str], checked: dict[str, Any]
+) -> None:
+    """The provider's timeouts (keys of its own table) and its retry, buffer and breaker tables, over the defaults."""
     timeouts = parse_policy(
         defaults.timeouts,
         {k: v for k, v in table.items() if k in _TIMEOUT_KEYS},
@@ -679,28 +737,29 @@ def _provider(
     checked["breaker"] = parse_policy(
         defaults.breaker, table.get("breaker", {}), where=f"{where}.breaker", problems=problems
     )
-    for key in ("fallbacks", "context_fallbacks"):
-        names = table.get(key, [])
-        if not isinstance(names, list):
-            problems.append(f"{where}.{key} must be a list of 'provider/model' names, got {names!r}")
-            continue
-        bad = [(i, f) for i, f in enumerate(names) if not isinstance(f, str) or not _FALLBACK.match(f)]
-        for i, fallback in bad:
-            problems.append(f"{where}.{key}[{i}] = {fallback!r} is not a 'provider/model' name")
-        if not bad:
-            checked[key] = tuple(names)
-    if "transforms" in table:
-        checked["transforms"] = build_transforms(table["transforms"], where=f"{where}.transforms", problems=problems)
-    if "validators" in table:
-        checked["validators"] = build_validators(table["validators"], where=f"{where}.validators", problems=problems)
-    _number(table, "max_connections", where, problems, checked, positive=True, integer=True)
-    _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
-    _bool(table, "request_usage", where, problems, checked)
-    _bool(table, "skip_malformed_events", where, problems, checked)
+
+
+def _fallbacks(table: Mapping[str, Any], key: str, where: str, problems: list[str], checked: dict[str, Any]) -> None:
+    names = table.get(key, [])
+    if not isinstance(names, list):
+        problems.append(f"{where}.{key} must be a list of 'provider/model' names, got {names!r}")
+        return
+    bad = [(i, f) for i, f in enumerate(names) if not isinstance(f, str) or not _FALLBACK.match(f)]
+    for i, fallback in bad:
+        problems.append(f"{where}.{key}[{i}] = {fallback!r} is not a 'provider/model' name")
+    if not bad:
+        checked[key] = tuple(names)
+
+
+def _continuation(
+    table: Mapping[str, Any], type_: str, where: str, problems: list[str], checked: dict[str, Any]
+) -> None:
+    """`continuation`: one way for every model, or a table of model patterns and their ways."""
     ways = _CONTINUATION_WAYS[type_]
-    default = "prefill" if type_ == "anthropic" else "none"
-    continuation = table.get("continuation", default)
-    named = continuation.items() if isinstance(continuation, dict) else [("", continuation)]
+    continuation = table.get("continuation", "prefill" if type_ == "anthropic" else "none")
+    named: list[tuple[str, object]] = (
+        list(continuation.items()) if isinstance(continuation, dict) else [("", continuation)]
+    )
     bad = [(pattern, way) for pattern, way in named if way not in ways]
     for pattern, way in bad:
         key = f"continuation.{pattern!r}" if pattern else "continuation"
@@ -709,23 +768,16 @@ def _provider(
         checked["continuation_models"] = tuple(continuation.items())
     elif not bad:
         checked["continuation"] = continuation
-    if "anthropic_version" in table:
-        if isinstance(table["anthropic_version"], str):
-            checked["anthropic_version"] = table["anthropic_version"]
-        else:
-            problems.append(f"{where}.anthropic_version must be a string")
 
-    if type_ == "simulated":
-        sim_values = {k: v for k, v in table.items() if k in _TYPE_KEYS["simulated"]}
-        sim_problems = settings_problems(sim_values, where=where)
-        if not sim_problems:
-            checked["simulated"] = SimulatedSettings(**sim_values)
-            sim_problems = checked["simulated"].cap_problems(where=where)
-        problems.extend(sim_problems)
 
-    if len(problems) > before:
-        return None
-    return ProviderConfig(name=name, type=type_, **checked)
+def _simulated(table: Mapping[str, Any], where: str, problems: list[str], checked: dict[str, Any]) -> None:
+    """The settings of a `simulated` provider, which are keys of its own table."""
+    sim_values = {k: v for k, v in table.items() if k in _TYPE_KEYS["simulated"]}
+    sim_problems = settings_problems(sim_values, where=where)
+    if not sim_problems:
+        checked["simulated"] = SimulatedSettings(**sim_values)
+        sim_problems = checked["simulated"].cap_problems(where=where)
+    problems.extend(sim_problems)
 
 
 def _is_url(value: Any) -> TypeGuard[str]:
