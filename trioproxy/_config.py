@@ -13,7 +13,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -322,46 +322,12 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     if defaults.timeouts.connect_timeout <= 0:
         problems.append("[timeouts].connect_timeout must be a positive number")
 
-    builtin_sim = raw.get("builtin_sim", True)
-    if not isinstance(builtin_sim, bool):
-        problems.append(f"builtin_sim must be true or false, got {builtin_sim!r}")
-    providers: dict[str, ProviderConfig] = {}
-    if builtin_sim is not False:
-        providers[SIM] = ProviderConfig(
-            name=SIM, type="simulated", timeouts=defaults.timeouts, retry=defaults.retry, buffer=defaults.buffer
-        )
-    tables = raw.get("providers", {})
-    if not isinstance(tables, dict):
-        problems.append("[providers] must be a table of provider tables")
-        tables = {}
-    for name, table in tables.items():
-        provider = _provider(name, table, defaults, env, problems, warnings)
-        if provider is not None:
-            providers[name] = provider
-
-    if not providers and not tables:
-        problems.append("no provider is declared: add a [providers.NAME] table (builtin_sim = false leaves out 'sim')")
-
-    default_provider = raw.get("default_provider")
-    if default_provider is not None and not isinstance(default_provider, str):
-        problems.append(f"default_provider must be a provider name (a string), got {default_provider!r}")
-        default_provider = None
+    providers, tables = _providers(raw, defaults, env, problems, warnings)
     # A provider whose table has mistakes is declared all the same: its own sentences say what is wrong.
-    if default_provider is not None and default_provider not in providers and default_provider not in tables:
-        declared = ", ".join(sorted({*providers, *tables}))
-        problems.append(f"default_provider = {default_provider!r} names no provider (declared: {declared})")
-
-    for provider in providers.values():
-        for key in ("fallbacks", "context_fallbacks"):
-            for i, fallback in enumerate(getattr(provider, key)):
-                prefix = fallback.partition("/")[0]
-                if prefix not in providers and prefix not in tables:
-                    problems.append(
-                        f"[providers.{provider.name}].{key}[{i}] = {fallback!r} names no provider "
-                        "(write it as 'provider/model')"
-                    )
-
-    models = _models(raw.get("models", {}), {*providers, *tables}, problems)
+    declared = {*providers, *tables}
+    default_provider = _default_provider(raw.get("default_provider"), declared, problems)
+    _check_fallbacks_name_providers(providers.values(), declared, problems)
+    models = _models(raw.get("models", {}), declared, problems)
 
     if problems:
         raise ConfigError(problems)
@@ -425,38 +391,64 @@ def _limits(table: Any, problems: list[str]) -> LimitsConfig:
     return LimitsConfig(**checked)
 
 
+def _providers(
+    raw: Mapping[str, Any], defaults: _Defaults, env: Mapping[str, str], problems: list[str], warnings: list[str]
+) -> tuple[dict[str, ProviderConfig], dict[str, Any]]:
+    """The providers that are well formed, the built-in `sim` unless left out; and every provider table."""
+    builtin_sim = raw.get("builtin_sim", True)
+    if not isinstance(builtin_sim, bool):
+        problems.append(f"builtin_sim must be true or false, got {builtin_sim!r}")
+    providers: dict[str, ProviderConfig] = {}
+    if builtin_sim is not False:
+        providers[SIM] = ProviderConfig(
+            name=SIM, type="simulated", timeouts=defaults.timeouts, retry=defaults.retry, buffer=defaults.buffer
+        )
+    tables = raw.get("providers", {})
+    if not isinstance(tables, dict):
+        problems.append("[providers] must be a table of provider tables")
+        tables = {}
+    for name, table in tables.items():
+        provider = _provider(name, table, defaults, env, problems, warnings)
+        if provider is not None:
+            providers[name] = provider
+    if not providers and not tables:
+        problems.append("no provider is declared: add a [providers.NAME] table (builtin_sim = false leaves out 'sim')")
+    return providers, tables
+
+
+def _default_provider(value: object, declared: set[str], problems: list[str]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        problems.append(f"default_provider must be a provider name (a string), got {value!r}")
+        return None
+    if value not in declared:
+        problems.append(f"default_provider = {value!r} names no provider (declared: {', '.join(sorted(declared))})")
+    return value
+
+
+def _check_fallbacks_name_providers(
+    providers: Iterable[ProviderConfig], declared: set[str], problems: list[str]
+) -> None:
+    for provider in providers:
+        for key in ("fallbacks", "context_fallbacks"):
+            for i, fallback in enumerate(getattr(provider, key)):
+                if fallback.partition("/")[0] not in declared:
+                    problems.append(
+                        f"[providers.{provider.name}].{key}[{i}] = {fallback!r} names no provider "
+                        "(write it as 'provider/model')"
+                    )
+
+
 def _cors(table: Any, problems: list[str]) -> CorsConfig:
     if not isinstance(table, dict):
         problems.append("[cors] must be a table")
         return CorsConfig()
     _unknown_keys(table, set(CorsConfig.__dataclass_fields__), "[cors]", problems)
     checked: dict[str, Any] = {}
-    origins = table.get("allow_origins", [])
-    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
-        problems.append("[cors].allow_origins must be a list of origins like 'https://app.example.com', or ['*']")
-    else:
-        checked["allow_origins"] = tuple(o.strip().lower() for o in origins)
-        for origin in checked["allow_origins"]:
-            if origin != "*" and not _ORIGIN.match(origin):
-                problems.append(
-                    f"[cors].allow_origins: {origin!r} is not an origin: write scheme://host[:port], "
-                    "with no path and no trailing slash (e.g. 'https://app.example.com')"
-                )
+    _cors_origins(table, problems, checked)
     for key in ("allow_headers", "expose_headers"):
-        names = table.get(key)
-        if names is None:
-            continue
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            problems.append(f"[cors].{key} must be a list of header names")
-            continue
-        checked[key] = tuple(n.strip().lower() for n in names)
-        for name in checked[key]:
-            pattern = key == "allow_headers" and name.endswith("*")
-            if not _HEADER_NAME.match(name) or "*" in (name[:-1] if pattern else name):
-                problems.append(
-                    f"[cors].{key}: {name!r} is not a header name"
-                    + (" (or 'prefix-*')" if key == "allow_headers" else "")
-                )
+        _cors_header_names(table, key, problems, checked)
     max_age = table.get("max_age")
     if max_age is not None:
         if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0:
@@ -470,6 +462,37 @@ def _cors(table: Any, problems: list[str]) -> CorsConfig:
             "every web site could send its visitors' cookies to the proxy"
         )
     return CorsConfig(**checked)
+
+
+def _cors_origins(table: Mapping[str, Any], problems: list[str], checked: dict[str, Any]) -> None:
+    origins = table.get("allow_origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        problems.append("[cors].allow_origins must be a list of origins like 'https://app.example.com', or ['*']")
+        return
+    checked["allow_origins"] = tuple(o.strip().lower() for o in origins)
+    for origin in checked["allow_origins"]:
+        if origin != "*" and not _ORIGIN.match(origin):
+            problems.append(
+                f"[cors].allow_origins: {origin!r} is not an origin: write scheme://host[:port], "
+                "with no path and no trailing slash (e.g. 'https://app.example.com')"
+            )
+
+
+def _cors_header_names(table: Mapping[str, Any], key: str, problems: list[str], checked: dict[str, Any]) -> None:
+    """`allow_headers` (where a name may end in `*`: a prefix) or `expose_headers`."""
+    names = table.get(key)
+    if names is None:
+        return
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        problems.append(f"[cors].{key} must be a list of header names")
+        return
+    checked[key] = tuple(n.strip().lower() for n in names)
+    for name in checked[key]:
+        pattern = key == "allow_headers" and name.endswith("*")
+        if not _HEADER_NAME.match(name) or "*" in (name[:-1] if pattern else name):
+            problems.append(
+                f"[cors].{key}: {name!r} is not a header name" + (" (or 'prefix-*')" if key == "allow_headers" else "")
+            )
 
 
 def _auth(table: Any, env: Mapping[str, str], problems: list[str]) -> AuthConfig:
