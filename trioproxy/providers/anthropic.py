@@ -233,30 +233,36 @@ def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict
     Pure, so the whole mapping can be tested on dicts. `model` is `chat.upstream_model`, or
     the client's own name when the request was not routed.
     """
+    system, messages = _system_and_messages(chat.messages)
+    body: dict[str, Any] = {
+        "model": chat.upstream_model or chat.model,
+        "max_tokens": chat.max_tokens or default_max_tokens,
+        "messages": messages,
+    }
+    if system:
+        body["system"] = system
     src = chat.common_body()
+    _sampling(src, body)
+    _tools(src, body)
+    return body
+
+
+def _system_and_messages(chat_messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """
+    The system prompt (the system and developer messages' texts) and the Messages `messages`:
+    consecutive same-role messages merged, tool results first in each user message.
+    """
     system: list[str] = []
     messages: list[dict[str, Any]] = []
-    for i, message in enumerate(chat.messages):
+    for i, message in enumerate(chat_messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise RequestError(f"'{where}' must be an object", param=where)
-        role = message.get("role")
-        if role in ("system", "developer"):
-            text = content_text(message.get("content"))
-            if text:
+        if message.get("role") in ("system", "developer"):
+            if text := content_text(message.get("content")):
                 system.append(text)
-        elif role == "user":
-            _append(messages, "user", _user_content(message.get("content"), f"{where}.content"))
-        elif role == "assistant":
-            _append(messages, "assistant", _assistant_content(message, where))
-        elif role == "tool":
-            _append(messages, "user", [_tool_result(message, where)])
         else:
-            raise RequestError(
-                f"'{where}.role' {role!r} cannot be sent to an Anthropic upstream "
-                "(use 'tool' messages instead of the deprecated 'function')",
-                param=f"{where}.role",
-            )
+            _append(messages, *_role_and_content(message, where))
     if not messages:
         raise RequestError(
             "'messages' must hold at least one user or assistant message for an Anthropic upstream",
@@ -265,15 +271,27 @@ def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict
     for message in messages:
         if message["role"] == "user" and isinstance(message["content"], list):
             message["content"] = _tool_results_first(message["content"])
+    return "\n\n".join(system), messages
 
-    body: dict[str, Any] = {
-        "model": chat.upstream_model or chat.model,
-        "max_tokens": chat.max_tokens or default_max_tokens,
-        "messages": messages,
-    }
-    if system:
-        body["system"] = "\n\n".join(system)
 
+def _role_and_content(message: dict[str, Any], where: str) -> tuple[str, str | list[dict[str, Any]]]:
+    """The Messages role and content of a user, assistant or tool message."""
+    role = message.get("role")
+    if role == "user":
+        return "user", _user_content(message.get("content"), f"{where}.content")
+    if role == "assistant":
+        return "assistant", _assistant_content(message, where)
+    if role == "tool":
+        return "user", [_tool_result(message, where)]
+    raise RequestError(
+        f"'{where}.role' {role!r} cannot be sent to an Anthropic upstream "
+        "(use 'tool' messages instead of the deprecated 'function')",
+        param=f"{where}.role",
+    )
+
+
+def _sampling(src: Mapping[str, Any], body: dict[str, Any]) -> None:
+    """`n` (one only), `temperature`, `top_p`, `stop` and `user` into `body`."""
     n = src.get("n")
     if n is not None and n != 1:
         raise RequestError("an Anthropic upstream generates one choice only; 'n' must be 1", param="n")
@@ -292,6 +310,9 @@ def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict
             raise RequestError("'user' must be a string", param="user")
         body["metadata"] = {"user_id": user}
 
+
+def _tools(src: Mapping[str, Any], body: dict[str, Any]) -> None:
+    """`tools`, `tool_choice` and `parallel_tool_calls` into `body`."""
     tools = src.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
@@ -308,7 +329,6 @@ def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict
             tool_choice["disable_parallel_tool_use"] = True
     if tool_choice is not None:
         body["tool_choice"] = tool_choice
-    return body
 
 
 def _append(messages: list[dict[str, Any]], role: str, content: str | list[dict[str, Any]]) -> None:
