@@ -189,34 +189,37 @@ def parse_chat_request(body: dict[str, Any], *, model: str | None = None) -> Cha
         stream = False
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", param="stream")
+    return ChatRequest(
+        body=body,
+        model=model,
+        messages=messages,
+        stream=stream,
+        include_usage=_include_usage(body.get("stream_options")),
+        max_tokens=_max_tokens(body),
+    )
 
-    include_usage = False
-    stream_options = body.get("stream_options")
-    if stream_options is not None:
-        if not isinstance(stream_options, dict):
-            raise RequestError("'stream_options' must be an object", param="stream_options")
-        include_usage = stream_options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise RequestError("'stream_options.include_usage' must be a boolean", param="stream_options.include_usage")
 
-    max_tokens = None
+def _include_usage(stream_options: object) -> bool:
+    if stream_options is None:
+        return False
+    if not isinstance(stream_options, dict):
+        raise RequestError("'stream_options' must be an object", param="stream_options")
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise RequestError("'stream_options.include_usage' must be a boolean", param="stream_options.include_usage")
+    return include_usage
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    """`max_completion_tokens`, or the older `max_tokens`."""
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if value is None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise RequestError(f"'{name}' must be a positive integer", param=name)
-        max_tokens = value
-        break
-
-    return ChatRequest(
-        body=body,
-        model=model,
-        messages=messages,
-        stream=stream,
-        include_usage=include_usage,
-        max_tokens=max_tokens,
-    )
+        return value
+    return None
 
 
 def _check_message(message: Any, i: int) -> None:
