@@ -147,32 +147,31 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     out["messages"] = messages
 
     for name, value in body.items():
-        if name in ("model", "max_tokens", "stream", "system", "messages") or name in _DROPPED:
-            continue
-        if name in ("temperature", "top_p", "top_k"):
-            out[name] = value
-        elif name == "stop_sequences":
-            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-                raise RequestError("'stop_sequences' must be an array of strings", param=name)
-            out["stop"] = value
-        elif name == "metadata":
-            user = _metadata_user(value)
-            if user is not None:
-                out["user"] = user
-        elif name == "tools":
-            if not isinstance(value, list):
-                raise RequestError("'tools' must be an array", param=name)
-            if value:
-                out["tools"] = [_tool(tool, f"tools[{j}]") for j, tool in enumerate(value)]
-        elif name == "tool_choice":
-            out.update(_tool_choice(value))
-        elif name == "output_config":
-            out.update(_output_config(value))
-        elif name in _TRIOPROXY_FIELDS:
-            out[name] = value
-        else:
-            raise _unportable(f"'{name}'", name)
+        if name not in ("model", "max_tokens", "stream", "system", "messages") and name not in _DROPPED:
+            out.update(_fields(name, value))
     return out
+
+
+def _fields(name: str, value: Any) -> dict[str, Any]:
+    """The Chat Completions fields (none, one or more) that carry the Messages field `name`."""
+    if name in ("temperature", "top_p", "top_k") or name in _TRIOPROXY_FIELDS:
+        return {name: value}
+    if name == "stop_sequences":
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise RequestError("'stop_sequences' must be an array of strings", param=name)
+        return {"stop": value}
+    if name == "metadata":
+        user = _metadata_user(value)
+        return {} if user is None else {"user": user}
+    if name == "tools":
+        if not isinstance(value, list):
+            raise RequestError("'tools' must be an array", param=name)
+        return {"tools": [_tool(tool, f"tools[{j}]") for j, tool in enumerate(value)]} if value else {}
+    if name == "tool_choice":
+        return _tool_choice(value)
+    if name == "output_config":
+        return _output_config(value)
+    raise _unportable(f"'{name}'", name)
 
 
 def _unportable(what: str, param: str) -> RequestError:

@@ -161,31 +161,32 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     out["messages"] = messages
 
     for name, value in body.items():
-        if name in ("model", "stream", "instructions", "input") or name in _DROPPED:
-            continue
-        if name in _SAME_NAME or name in _TRIOPROXY_FIELDS:
-            out[name] = value
-        elif name == "max_output_tokens":
-            if value is not None:
-                out["max_tokens"] = value
-        elif name == "tools":
-            if not isinstance(value, list):
-                raise RequestError("'tools' must be an array", param=name)
-            tools = [function for j, tool in enumerate(value) for function in _tools(tool, f"tools[{j}]")]
-            if tools:
-                out["tools"] = tools
-        elif name == "tool_choice":
-            out["tool_choice"] = _tool_choice(value)
-        elif name == "reasoning":
-            out.update(_reasoning(value))
-        elif name == "text":
-            out.update(_text_config(value))
-        elif name in ("previous_response_id", "conversation", "prompt", "max_tool_calls"):
-            if value is not None and value is not False:
-                raise _unportable(f"'{name}'", name)
-        else:
-            raise _unportable(f"'{name}'", name)
+        if name not in ("model", "stream", "instructions", "input") and name not in _DROPPED:
+            out.update(_fields(name, value))
     return out
+
+
+def _fields(name: str, value: Any) -> dict[str, Any]:
+    """The Chat Completions fields (none, one or more) that carry the Responses field `name`."""
+    if name in _SAME_NAME or name in _TRIOPROXY_FIELDS:
+        return {name: value}
+    if name == "max_output_tokens":
+        return {} if value is None else {"max_tokens": value}
+    if name == "tools":
+        if not isinstance(value, list):
+            raise RequestError("'tools' must be an array", param=name)
+        tools = [function for j, tool in enumerate(value) for function in _tools(tool, f"tools[{j}]")]
+        return {"tools": tools} if tools else {}
+    if name == "tool_choice":
+        return {"tool_choice": _tool_choice(value)}
+    if name == "reasoning":
+        return _reasoning(value)
+    if name == "text":
+        return _text_config(value)
+    unset = value is None or value is False
+    if name in ("previous_response_id", "conversation", "prompt", "max_tool_calls") and unset:
+        return {}  # nothing to carry
+    raise _unportable(f"'{name}'", name)
 
 
 def _unportable(what: str, param: str) -> RequestError:
