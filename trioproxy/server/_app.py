@@ -80,7 +80,16 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         access_log=access_log,
         nursery=lambda: app.nursery,
     )
+    _register_lifetime(app, router)
+    _register_gates(app, config, shutdown)
+    _register_pages(app, config, router, shutdown, core, metrics)
+    for front in FRONTS:
+        front.register(app, core)
+    _register_error_handlers(app, config)
+    return app
 
+
+def _register_lifetime(app: QuartTrio, router: Router) -> None:
     @app.before_serving
     async def expire_idle_upstream_connections() -> None:
         """The pools' timers live in the app's nursery, from start-up until `close_upstreams` ends them."""
@@ -89,6 +98,10 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     @app.after_serving
     async def close_upstreams() -> None:
         await router.aclose()
+
+
+def _register_gates(app: QuartTrio, config: Config, shutdown: GracefulShutdown) -> None:
+    """What every request and WebSocket passes first: its route named, its key checked, the drain."""
 
     async def name_route_and_check_key() -> Response | None:
         """
@@ -115,11 +128,6 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     app.before_request(name_route_and_check_key)
     app.before_websocket(name_route_and_check_key)
 
-    @app.get("/")
-    async def playground() -> Response:
-        """The playground page; open even with client keys on (its own requests carry the key)."""
-        return Response(_playground_page(), content_type="text/html; charset=utf-8", headers=PLAYGROUND_HEADERS)
-
     @app.before_request
     async def refuse_while_draining() -> Response | None:
         """A request that reaches the app during the drain: 503, retry elsewhere (`/health` says why)."""
@@ -129,6 +137,17 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         if request.http_version in ("1.0", "1.1"):  # HTTP/2 forbids the header (and closes by GOAWAY)
             response.headers["connection"] = "close"
         return response
+
+
+def _register_pages(
+    app: QuartTrio, config: Config, router: Router, shutdown: GracefulShutdown, core: Core, metrics: Metrics
+) -> None:
+    """The routes that are no front: the playground, health, metrics and the model list."""
+
+    @app.get("/")
+    async def playground() -> Response:
+        """The playground page; open even with client keys on (its own requests carry the key)."""
+        return Response(_playground_page(), content_type="text/html; charset=utf-8", headers=PLAYGROUND_HEADERS)
 
     @app.get("/health")
     async def health() -> Response:
@@ -153,9 +172,8 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         data = [{"id": model, "object": "model", "created": 0, "owned_by": owner} for model, owner in router.models()]
         return json_response({"object": "list", "data": data})
 
-    for front in FRONTS:
-        front.register(app, core)
 
+def _register_error_handlers(app: QuartTrio, config: Config) -> None:
     @app.errorhandler(TrioproxyError)
     async def refusal(exc: TrioproxyError) -> Response:
         """A refusal raised by `Core.start` (limits), in the protocol of the route."""
@@ -175,22 +193,10 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
                 f"the request body is over the limit of {config.limits.max_body_bytes} bytes"
             )
             return error_response(path, too_large)
-        status = exc.code or 500
         if has_websocket_context() and isinstance(exc, (NotFound, WebsocketMismatch, MethodNotAllowed)):
             message, status = f"no WebSocket endpoint at {path}", 404
-        elif isinstance(exc, WebsocketMismatch):
-            message = (
-                f"{path} is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
-            )
-        elif isinstance(exc, NotFound):
-            message = f"no endpoint at {current.method} {path}"
-        elif isinstance(exc, MethodNotAllowed):
-            allowed = ", ".join(sorted(exc.valid_methods or ()))  # a set: in a stable order
-            message = f"{current.method} is not allowed on {path} (allowed: {allowed})"
-        elif isinstance(exc, RequestTimeout):  # quart's BODY_TIMEOUT
-            message = f"the request body did not arrive within [server] body_timeout ({config.server.body_timeout:g} s)"
         else:
-            message = exc.description or exc.name
+            message, status = _refusal_message(exc, current.method, path, config), exc.code or 500
         error = HTTPRefusal(message, status=status)
         response = error_response(path, error)  # e.g. a GET on a generic endpoint: its own shape
         for name, value in exc.get_headers():
@@ -204,7 +210,19 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         logger.exception("unhandled error in %s %s", current.method, current.path)
         return error_response(current.path, TrioproxyError("internal server error"))
 
-    return app
+
+def _refusal_message(exc: HTTPException, method: str, path: str, config: Config) -> str:
+    """The framework's refusal of an HTTP request, in our words."""
+    if isinstance(exc, WebsocketMismatch):
+        return f"{path} is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
+    if isinstance(exc, NotFound):
+        return f"no endpoint at {method} {path}"
+    if isinstance(exc, MethodNotAllowed):
+        allowed = ", ".join(sorted(exc.valid_methods or ()))  # a set: in a stable order
+        return f"{method} is not allowed on {path} (allowed: {allowed})"
+    if isinstance(exc, RequestTimeout):  # quart's BODY_TIMEOUT
+        return f"the request body did not arrive within [server] body_timeout ({config.server.body_timeout:g} s)"
+    return exc.description or exc.name
 
 
 @functools.cache
