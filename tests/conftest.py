@@ -122,12 +122,14 @@ class Instant:
         return self.to(Instant(at, Instant.now().cpu_wait))
 
 
-async def run_cli(argv: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[bytes]:
-    """A command-line client run to its end against the proxy: no stdin, output kept, bounded by `timeout`."""
-    with trio.fail_after(timeout):
-        return await trio.run_process(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False
-        )
+async def run_cli(argv: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """
+    A command-line client run to its end against the proxy: no stdin, output kept. The caller
+    bounds it (`trio.fail_after`): a cancel kills the process.
+    """
+    return await trio.run_process(
+        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False
+    )
 
 
 def cli_answer(run: subprocess.CompletedProcess[bytes]) -> str:

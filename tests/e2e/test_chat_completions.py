@@ -182,7 +182,10 @@ async def test_streaming_headers_and_strict_openai_framing(proxy_url: str, upstr
 
 # --- upstream connections ---------------------------------------------------------------------
 
-ONE_CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":"stop"}]}\n\n'
+ONE_CHUNK = (
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":"stop"}]}\n\n'
+)
 
 
 @MODELS
@@ -343,7 +346,10 @@ async def test_a_body_that_ends_after_its_finish_reason_is_complete_without_the_
 
 
 async def test_truncated_stream_is_never_passed_off_as_complete(proxy_url: str, upstream: FakeUpstream) -> None:
-    first = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+    first = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+    )
     upstream.push(Reply(raw_body=first))  # a clean end of the body, but no finish reason
     async with httpx.AsyncClient() as http:
         response = await http.post(
@@ -355,7 +361,10 @@ async def test_truncated_stream_is_never_passed_off_as_complete(proxy_url: str, 
 
 
 async def test_malformed_upstream_chunk_is_an_in_stream_error(client, upstream: FakeUpstream) -> None:
-    good = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+    good = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+    )
     upstream.push(Reply(raw_body=good + b'data: {"id":"c","obj\n\n'))
     stream = await client.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
     with pytest.raises(openai.APIError) as info:

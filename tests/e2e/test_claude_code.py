@@ -70,7 +70,8 @@ async def run_claude(claude: Path, proxy_url: str, project: Path, prompt: str) -
         "DISABLE_TELEMETRY": "1",
         "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
     }
-    return await run_cli([str(claude), "-p", prompt], cwd=project, env=env, timeout=CLAUDE_RUN_TIMEOUT)
+    with trio.fail_after(CLAUDE_RUN_TIMEOUT):
+        return await run_cli([str(claude), "-p", prompt], cwd=project, env=env)
 
 
 async def answer_statuses(proxy_url: str) -> dict[str, float]:

@@ -186,7 +186,10 @@ async def test_buffer_config_per_request_on_the_generic_endpoint(proxy: str, ups
 
 # --- the fault matrix ----------------------------------------------------------------------
 
-GOOD = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+GOOD = (
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+)
 
 FAULTS = {
     "connect refused": ("gone/m", None, 502, None),
