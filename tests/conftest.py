@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import inspect
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import openai
@@ -20,6 +21,8 @@ import trio
 
 from trioproxy import Config, parse_config, serve
 from trioproxy.testing import FakeUpstream, open_fake_upstream
+
+T = TypeVar("T")
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 ANTHROPIC_KEY = "sk-ant-upstream-secret-9876543210"
@@ -120,6 +123,15 @@ class Instant:
         the CPU wait until now (a little more than until `at`: the bound errs towards passing).
         """
         return self.to(Instant(at, Instant.now().cpu_wait))
+
+
+async def collect_into(items: AsyncIterable[T], into: list[T]) -> None:
+    """
+    Iterate `items` to their end, keeping each in `into`: the one statement of a
+    `pytest.raises` block for a stream that fails part way (`into` holds what came first).
+    """
+    async for item in items:
+        into.append(item)
 
 
 async def run_cli(argv: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import Instant
+from tests.conftest import Instant, collect_into
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
 
@@ -25,12 +25,10 @@ MODELS = pytest.mark.parametrize("model", ["up/gpt-test", "claude/claude-test"])
 
 async def content_until_error(stream: openai.AsyncStream) -> tuple[list[str], openai.APIError]:
     """The text pieces a stream delivers before the SDK raises, and what it raised."""
-    received = []
+    chunks: list[openai.types.chat.ChatCompletionChunk] = []
     with pytest.raises(openai.APIError) as info:
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received.append(chunk.choices[0].delta.content)
-    return received, info.value
+        await collect_into(stream, chunks)
+    return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content], info.value
 
 
 async def collect(stream: openai.AsyncStream) -> tuple[str, list]:

@@ -148,7 +148,7 @@ async def test_streams_still_running_at_the_grace_deadline_end_with_an_error_and
         async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk:
             stream = await sdk.chat.completions.create(**body("long"), stream=True)
             text = ""
-            with pytest.raises(openai.APIError) as raised:
+            with pytest.raises(openai.APIError) as raised:  # noqa: PT012 - read until the shutdown ends it, marking the first token
                 async for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:
                         text += chunk.choices[0].delta.content
@@ -173,7 +173,7 @@ async def test_streams_still_running_at_the_grace_deadline_end_with_an_error_and
         async with trio_websocket.open_websocket_url(url) as ws:
             await ws.send_message(orjson.dumps({**body("long"), "id": "a"}).decode())
             lines = []
-            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:  # noqa: PT012 - read until the shutdown closes it
                 while True:
                     lines.append(await ws.get_message())
                     if '"token"' in lines[-1]:
@@ -308,7 +308,7 @@ async def test_work_arriving_during_the_drain_is_refused_and_a_second_signal_end
             assert upstream.request_count == 1  # neither refused request reached the upstream
 
             proxy.signal()  # a second signal: no more waiting
-            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:  # noqa: PT012 - read until the shutdown closes it
                 while True:
                     last = orjson.loads(await ws.get_message())
             assert last["id"] == "a"
@@ -371,7 +371,7 @@ async def test_sigterm_lets_a_responses_websocket_finish_its_response_then_close
     async with trio_websocket.open_websocket_url(url) as ws:
         await ws.send_message(orjson.dumps({"type": "response.create", "model": "up/m", "input": "short"}).decode())
         kinds = []
-        with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+        with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as closed:  # noqa: PT012 - as above
             while True:
                 kinds.append(orjson.loads(await ws.get_message())["type"])
                 if kinds[-1] == "response.output_text.delta" and kinds.count(kinds[-1]) == 1:

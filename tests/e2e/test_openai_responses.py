@@ -193,17 +193,22 @@ async def test_an_unknown_model_is_a_404(client: openai.AsyncOpenAI) -> None:
         await client.responses.create(model="nowhere/x", input="hi")
 
 
+async def ask(client: openai.AsyncOpenAI, *, stream: bool) -> None:
+    """One response for "hi", streamed through the SDK's helper or not."""
+    if stream:
+        async with client.responses.stream(model="up/gpt-test", input="hi") as events:
+            await events.get_final_response()
+    else:
+        await client.responses.create(model="up/gpt-test", input="hi")
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_an_upstream_error_before_the_first_token_is_the_sdk_s_typed_error(
     client: openai.AsyncOpenAI, upstream: FakeUpstream, stream: bool
 ) -> None:
     upstream.push(Reply(status=429, error_message="slow down", headers={"retry-after": "3"}))
     with pytest.raises(openai.RateLimitError) as info:
-        if stream:
-            async with client.responses.stream(model="up/gpt-test", input="hi") as events:
-                await events.get_final_response()
-        else:
-            await client.responses.create(model="up/gpt-test", input="hi")
+        await ask(client, stream=stream)
     assert "slow down" in info.value.message
     assert info.value.response.headers["retry-after"] == "3"
 

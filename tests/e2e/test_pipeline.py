@@ -15,7 +15,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import wait_until_idle
+from tests.conftest import collect_into, wait_until_idle
 from trioproxy import SSEDecoder, StreamEvent, create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -154,12 +154,10 @@ async def test_a_failing_validator_stops_the_stream_and_the_upstream(
 ) -> None:
     upstream.push(Reply(tokens=("Fine.", " This", " is", " forbidden", " text.") + ("x",) * 500, interval=0.005))
     stream = await sdk.chat.completions.create(model="guarded/m", messages=MESSAGES, stream=True)
-    received = []
+    chunks: list[openai.types.chat.ChatCompletionChunk] = []
     with pytest.raises(openai.APIError) as info:
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received.append(chunk.choices[0].delta.content)
-    assert received == ["Fine."]
+        await collect_into(stream, chunks)
+    assert [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content] == ["Fine."]
     assert "banned phrase" in info.value.message
     with trio.fail_after(1):
         await upstream.requests[-1].disconnected.wait()

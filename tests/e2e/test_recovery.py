@@ -21,7 +21,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import wait_until
+from tests.conftest import collect_into, wait_until
 from tests.e2e.test_observability import scrape_until, value
 from trioproxy import create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
@@ -318,11 +318,10 @@ async def test_a_fallback_that_rejects_prefill_leaves_the_client_the_original_fa
     }
     async with in_process(tables) as client:
         stream = await client.chat.completions.create(model="primary/m", messages=MESSAGES, stream=True)
-        received = []
+        chunks: list[openai.types.chat.ChatCompletionChunk] = []
         with pytest.raises(openai.APIError) as info:
-            async for c in stream:
-                received.append(c.choices[0].delta.content or "" if c.choices else "")
-    assert "".join(received) == "".join(CANONICAL[:40])
+            await collect_into(stream, chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(CANONICAL[:40])
     assert "connection broke" in info.value.message
     assert "prefill" not in info.value.message
     assert f"after {len(''.join(CANONICAL[:40]))} characters were delivered" in info.value.message
@@ -353,9 +352,11 @@ async def test_an_anthropic_client_gets_one_seamless_message(nursery: trio.Nurse
     (upstream,) = await open_upstreams(nursery, 1)
     upstream.push(*continuing_upstream(reset_after=40))
     proxy = await start_proxy(nursery, upstream, vllm={**VLLM, "base_url": upstream.url + "/v1"})
-    async with anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client:
-        async with client.messages.stream(model=f"{provider}/m", max_tokens=100, messages=MESSAGES) as stream:
-            message = await stream.get_final_message()
+    async with (
+        anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client,
+        client.messages.stream(model=f"{provider}/m", max_tokens=100, messages=MESSAGES) as stream,
+    ):
+        message = await stream.get_final_message()
     assert [block.type for block in message.content] == ["text"]
     assert message.content[0].text == "".join(CANONICAL)
     assert message.stop_reason == "end_turn"

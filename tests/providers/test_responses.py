@@ -61,9 +61,9 @@ def test_an_incomplete_response_ends_with_its_reason(finish_reason: str, expecte
 
 def test_an_in_stream_failure_is_an_upstream_status_error() -> None:
     parser = ResponsesStreamParser(keep_raw=False, secret="sk-test-0123456789")
+    failure, _ = SSEDecoder().feed(_responses_stream_error("boom with sk-test-0123456789", 3))  # then response.failed
     with pytest.raises(UpstreamStatusError) as info:
-        for event in SSEDecoder().feed(_responses_stream_error("boom with sk-test-0123456789", 3)):
-            parser.feed(event)
+        parser.feed(failure)
     assert info.value.message == "boom with ***"
     assert info.value.status == 502
 
