@@ -98,10 +98,10 @@ def test_from_dict_copies_metadata() -> None:
 
 @pytest.mark.parametrize("type_", ["message", "Token", "", "done "])
 def test_invalid_type_rejected(type_: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="unknown StreamEvent type") as info:
         StreamEvent(type_)  # type: ignore[arg-type]
     assert str(info.value) == (
         f"unknown StreamEvent type {type_!r}; expected one of ['chunk', 'done', 'error', 'metadata', 'token']"
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown StreamEvent type"):
         StreamEvent.from_json(orjson.dumps({"type": type_, "data": "x"}))

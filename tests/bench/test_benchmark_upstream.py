@@ -274,5 +274,5 @@ async def test_cancelling_the_server_closes_every_socket() -> None:
         with contextlib.suppress(trio.BrokenResourceError):  # a reset ends it as well as a FIN
             while await stream.receive_some():
                 pass  # what was on its way, then the end
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="all attempts to connect"):
         await connect(upstream)

@@ -391,7 +391,7 @@ async def test_client_disconnect_mid_stream_closes_the_upstream(client, upstream
     upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
     stream = await client.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
     seen = 0
-    async for chunk in stream:
+    async for _ in stream:
         seen += 1
         if seen == 3:
             break

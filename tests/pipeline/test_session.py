@@ -87,7 +87,10 @@ def route(upstream: ScriptedUpstream, name: str = "p", **policy: Any) -> Route:
     return Route(provider, upstream, "m")  # type: ignore[arg-type]
 
 
-def pipeline(*routes: Route, buffer: BufferConfig = BufferConfig(), validators: tuple = ()) -> Pipeline:
+NO_BUFFER = BufferConfig()
+
+
+def pipeline(*routes: Route, buffer: BufferConfig = NO_BUFFER, validators: tuple = ()) -> Pipeline:
     return Pipeline(routes=routes, buffer=buffer, transforms=(), validators=validators)
 
 
@@ -339,9 +342,9 @@ async def test_a_protocol_error_is_not_retried_but_fails_over(autojump_clock: tr
 async def test_no_code_path_sends_text_twice(autojump_clock: trio.abc.Clock) -> None:
     """Fail the upstream at every point of a stream, with retries and a fallback ready."""
     words = ["one", " two", " three", " four"]
-    full = tokens(*words) + [Delta(finish_reason="stop")]
+    full = [*tokens(*words), Delta(finish_reason="stop")]
     for cut in range(len(full) + 1):
-        failing = full[:cut] + [UpstreamBrokenError("connection reset")]
+        failing = [*full[:cut], UpstreamBrokenError("connection reset")]
         upstream = ScriptedUpstream([failing, full, full, full])
         backup = ScriptedUpstream([full])
         retry = RetryConfig(max_retries=2, base_delay_ms=1, jitter=0)
@@ -536,7 +539,7 @@ async def test_word_buffer_times_each_chunk_from_its_own_oldest_character(autoju
     script = [OPENED]
     for word in ("one", " two", " three", " four"):
         script += [1.0, Delta(text=word)]
-    upstream = ScriptedUpstream([script + [STALL]])
+    upstream = ScriptedUpstream([[*script, STALL]])
     buffer = BufferConfig(buffer_by_word=True, flush_interval_ms=500)
     session = StreamSession(pipeline(route(upstream, timeouts=Timeouts(heartbeat_interval=0)), buffer=buffer), CHAT)
     chunks = []

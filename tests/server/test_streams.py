@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from trioproxy import SSEDecoder, StreamEvent
+from trioproxy import SSEDecoder, StreamEvent, StreamsFullError
 from trioproxy._accumulator import Accumulator
 from trioproxy._events import OPENED, Delta
 from trioproxy._policy import StreamsConfig
@@ -208,9 +208,9 @@ async def test_finished_streams_expire_after_their_retention(autojump_clock: tri
 async def test_a_full_registry_of_running_streams_refuses_another() -> None:
     registry = StreamRegistry(StreamsConfig(max_streams=1))
     registry.open(FakeSession(), renderer_for)  # type: ignore[arg-type]
-    with pytest.raises(Exception) as info:
+    with pytest.raises(StreamsFullError) as info:
         registry.open(FakeSession(), renderer_for)  # type: ignore[arg-type]
-    assert getattr(info.value, "status", None) == 503
+    assert info.value.status == 503
 
 
 async def test_heartbeats_reach_watchers_without_an_id_and_are_not_logged() -> None:

@@ -115,7 +115,10 @@ class BenchUpstream(_LoopbackServer):
         self.open_connections = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[BenchUpstream] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, report `self` through `task_status`, and serve until cancelled; every socket is closed on the way out."""
+        """
+        Listen, report `self` through `task_status`, and serve until cancelled; every socket is
+        closed on the way out.
+        """
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -251,9 +254,10 @@ class BenchUpstream(_LoopbackServer):
             else:
                 frames = _anthropic_frames(self._reply, model, number_placeholder)
             writes = self._scripts[key] = _render_writes(frames, chunked=chunked)
-        formats = (_OPENAI_ID, _CREATED) if api is _Api.OPENAI else (_ANTHROPIC_ID,)
+        formats = (_OPENAI_ID, _CREATED) if api is _Api.OPENAI else (_ANTHROPIC_ID,)  # Anthropic's: no time
         substitutions = tuple(
-            (format % placeholder, format % value) for format, placeholder, value in zip(formats, placeholders, values)
+            (format % placeholder, format % value)
+            for format, placeholder, value in zip(formats, placeholders, values, strict=False)
         )
         return writes, substitutions
 
