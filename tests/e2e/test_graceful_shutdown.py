@@ -132,76 +132,52 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(
     assert b"Traceback" not in proxy.log
 
 
-async def test_streams_still_running_at_the_grace_deadline_end_with_an_error_and_exit_0(
-    nursery: trio.Nursery, tmp_path: Path, upstream: FakeUpstream
+async def read_openai_sdk(url: str, first_token: dict[str, trio.Event], outcome: dict[str, object]) -> None:
+    """A long stream through the SDK until the shutdown ends it: its text and error into `outcome`."""
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(**body("long"), stream=True)
+        text = ""
+        with pytest.raises(openai.APIError) as raised:  # noqa: PT012 - read until the shutdown ends it, marking the first token
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text += chunk.choices[0].delta.content
+                    first_token["openai sdk"].set()
+        outcome.update(text=text, error=raised.value)
+
+
+async def read_raw(
+    url: str, name: str, first_token: dict[str, trio.Event], received: dict[str, bytes], extra: dict[str, object]
 ) -> None:
-    """Every kind of stream: the OpenAI SDK, raw OpenAI SSE, NDJSON, a resumable SSE stream, WebSocket."""
-    grace = 1.0
-    proxy = await start_proxy(nursery, tmp_path, upstream, grace=grace)
-    names = ("openai sdk", "openai sse", "ndjson", "resumable sse", "websocket")
-    first_token = {name: trio.Event() for name in names}
-    ended_at: dict[str, float] = {}
-    received: dict[str, bytes] = {}
-    sdk_outcome: dict[str, object] = {}
+    """A long stream's bytes, as they come, until the shutdown ends it."""
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("POST", url, json=body("long", **extra)) as response,
+    ):
+        assert response.status_code == 200
+        data = b""
+        async for piece in response.aiter_bytes():
+            data += piece
+            if b" t1" in data:
+                first_token[name].set()
+        received[name] = data
 
-    async def openai_sdk() -> None:
-        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk:
-            stream = await sdk.chat.completions.create(**body("long"), stream=True)
-            text = ""
-            with pytest.raises(openai.APIError) as raised:  # noqa: PT012 - read until the shutdown ends it, marking the first token
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        text += chunk.choices[0].delta.content
-                        first_token["openai sdk"].set()
-            sdk_outcome.update(text=text, error=raised.value)
 
-    async def raw(name: str, path: str, **extra: object) -> None:
-        async with (
-            httpx.AsyncClient(timeout=10) as http,
-            http.stream("POST", proxy.url + path, json=body("long", **extra)) as response,
-        ):
-            assert response.status_code == 200
-            data = b""
-            async for piece in response.aiter_bytes():
-                data += piece
-                if b" t1" in data:
-                    first_token[name].set()
-            received[name] = data
+async def read_websocket(url: str, first_token: dict[str, trio.Event], received: dict[str, bytes]) -> None:
+    """A long stream on a WebSocket until the shutdown closes it: its messages, then its close code and reason."""
+    async with trio_websocket.open_websocket_url(url.replace("http://", "ws://", 1) + "/v1/chat/ws") as ws:
+        await ws.send_message(orjson.dumps({**body("long"), "id": "a"}).decode())
+        lines = []
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:  # noqa: PT012 - read until the shutdown closes it
+            while True:
+                lines.append(await ws.get_message())
+                if '"token"' in lines[-1]:
+                    first_token["websocket"].set()
+        received["websocket"] = "\n".join(lines).encode()
+        received["websocket close"] = f"{closed.value.reason.code} {closed.value.reason.reason}".encode()
 
-    async def websocket() -> None:
-        url = proxy.url.replace("http://", "ws://", 1) + "/v1/chat/ws"
-        async with trio_websocket.open_websocket_url(url) as ws:
-            await ws.send_message(orjson.dumps({**body("long"), "id": "a"}).decode())
-            lines = []
-            with pytest.raises(trio_websocket.ConnectionClosed) as closed:  # noqa: PT012 - read until the shutdown closes it
-                while True:
-                    lines.append(await ws.get_message())
-                    if '"token"' in lines[-1]:
-                        first_token["websocket"].set()
-            received["websocket"] = "\n".join(lines).encode()
-            received["websocket close"] = f"{closed.value.reason.code} {closed.value.reason.reason}".encode()
 
-    async def timed(name: str, read: Callable[[], Awaitable[None]]) -> None:
-        await read()
-        ended_at[name] = trio.current_time()
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as clients:
-            clients.start_soon(timed, "openai sdk", openai_sdk)
-            clients.start_soon(timed, "openai sse", partial(raw, "openai sse", "/v1/chat/completions", stream=True))
-            clients.start_soon(timed, "ndjson", partial(raw, "ndjson", "/v1/chat/stream/json"))
-            clients.start_soon(timed, "resumable sse", partial(raw, "resumable sse", "/v1/chat/stream"))
-            clients.start_soon(timed, "websocket", websocket)
-            for started in first_token.values():
-                await started.wait()
-            signalled_at = proxy.signal()
-
-    assert await proxy.wait_for_exit(8) == 0
-    assert trio.current_time() - signalled_at < grace + 2  # not hypercorn's later cut (grace + write_timeout)
-    assert set(ended_at) == set(names)
-    for name, at in ended_at.items():  # each stream ran on through the grace period, then ended
-        assert grace - 0.1 <= at - signalled_at < grace + 1.5, name
-
+def assert_each_stream_was_ended_by_the_shutdown(received: dict[str, bytes], sdk_outcome: dict[str, object]) -> None:
+    """Each client got its text, then the error that says the server shut down, in its protocol."""
     message = "the server is shutting down and ended the stream before it completed"
     text, error = sdk_outcome["text"], sdk_outcome["error"]
     assert isinstance(error, openai.APIError)
@@ -228,6 +204,45 @@ async def test_streams_still_running_at_the_grace_deadline_end_with_an_error_and
         delivered = "".join(e.data for e in events if e.type == "token")
         assert events[-1].data["characters_delivered"] == len(delivered), name
     assert received["websocket close"] == b"1001 the server is shutting down"
+
+
+async def test_streams_still_running_at_the_grace_deadline_end_with_an_error_and_exit_0(
+    nursery: trio.Nursery, tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    """Every kind of stream: the OpenAI SDK, raw OpenAI SSE, NDJSON, a resumable SSE stream, WebSocket."""
+    grace = 1.0
+    proxy = await start_proxy(nursery, tmp_path, upstream, grace=grace)
+    names = ("openai sdk", "openai sse", "ndjson", "resumable sse", "websocket")
+    first_token = {name: trio.Event() for name in names}
+    ended_at: dict[str, float] = {}
+    received: dict[str, bytes] = {}
+    sdk_outcome: dict[str, object] = {}
+
+    async def timed(name: str, read: Callable[[], Awaitable[None]]) -> None:
+        await read()
+        ended_at[name] = trio.current_time()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as clients:
+            clients.start_soon(timed, "openai sdk", partial(read_openai_sdk, proxy.url, first_token, sdk_outcome))
+            for name, path, extra in (
+                ("openai sse", "/v1/chat/completions", {"stream": True}),
+                ("ndjson", "/v1/chat/stream/json", {}),
+                ("resumable sse", "/v1/chat/stream", {}),
+            ):
+                clients.start_soon(timed, name, partial(read_raw, proxy.url + path, name, first_token, received, extra))
+            clients.start_soon(timed, "websocket", partial(read_websocket, proxy.url, first_token, received))
+            for started in first_token.values():
+                await started.wait()
+            signalled_at = proxy.signal()
+
+    assert await proxy.wait_for_exit(8) == 0
+    assert trio.current_time() - signalled_at < grace + 2  # not hypercorn's later cut (grace + write_timeout)
+    assert set(ended_at) == set(names)
+    for name, at in ended_at.items():  # each stream ran on through the grace period, then ended
+        assert grace - 0.1 <= at - signalled_at < grace + 1.5, name
+
+    assert_each_stream_was_ended_by_the_shutdown(received, sdk_outcome)
 
     assert upstream.request_count == 5
     for sent in upstream.requests:  # every upstream saw its client, the proxy, hang up
