@@ -280,7 +280,7 @@ def load_config(path: str | os.PathLike[str] | None, *, environ: Mapping[str, st
     return parse_config(raw, environ=environ)
 
 
-def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = None) -> Config:
+def parse_config(raw: Mapping[str, object], *, environ: Mapping[str, str] | None = None) -> Config:
     """Check a parsed config document; raises `ConfigError` listing every problem."""
     env = os.environ if environ is None else environ
     problems: list[str] = []
@@ -345,7 +345,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     )
 
 
-def _models(table: Any, declared: set[str], problems: list[str]) -> tuple[ModelRoute, ...]:
+def _models(table: object, declared: set[str], problems: list[str]) -> tuple[ModelRoute, ...]:
     """The `[models]` table: aliases and patterns, in file order (the first pattern that matches wins)."""
     if not isinstance(table, dict):
         problems.append(
@@ -372,7 +372,7 @@ def _models(table: Any, declared: set[str], problems: list[str]) -> tuple[ModelR
     return tuple(routes)
 
 
-def _limits(table: Any, problems: list[str]) -> LimitsConfig:
+def _limits(table: object, problems: list[str]) -> LimitsConfig:
     if not isinstance(table, dict):
         problems.append("[limits] must be a table")
         return LimitsConfig()
@@ -392,7 +392,7 @@ def _limits(table: Any, problems: list[str]) -> LimitsConfig:
 
 
 def _providers(
-    raw: Mapping[str, Any], defaults: _Defaults, env: Mapping[str, str], problems: list[str], warnings: list[str]
+    raw: Mapping[str, object], defaults: _Defaults, env: Mapping[str, str], problems: list[str], warnings: list[str]
 ) -> tuple[dict[str, ProviderConfig], dict[str, Any]]:
     """The providers that are well formed, the built-in `sim` unless left out; and every provider table."""
     builtin_sim = raw.get("builtin_sim", True)
@@ -440,7 +440,7 @@ def _check_fallbacks_name_providers(
                     )
 
 
-def _cors(table: Any, problems: list[str]) -> CorsConfig:
+def _cors(table: object, problems: list[str]) -> CorsConfig:
     if not isinstance(table, dict):
         problems.append("[cors] must be a table")
         return CorsConfig()
@@ -464,7 +464,7 @@ def _cors(table: Any, problems: list[str]) -> CorsConfig:
     return CorsConfig(**checked)
 
 
-def _cors_origins(table: Mapping[str, Any], problems: list[str], checked: dict[str, Any]) -> None:
+def _cors_origins(table: Mapping[str, object], problems: list[str], checked: dict[str, Any]) -> None:
     origins = table.get("allow_origins", [])
     if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
         problems.append("[cors].allow_origins must be a list of origins like 'https://app.example.com', or ['*']")
@@ -478,7 +478,7 @@ def _cors_origins(table: Mapping[str, Any], problems: list[str], checked: dict[s
             )
 
 
-def _cors_header_names(table: Mapping[str, Any], key: str, problems: list[str], checked: dict[str, Any]) -> None:
+def _cors_header_names(table: Mapping[str, object], key: str, problems: list[str], checked: dict[str, Any]) -> None:
     """`allow_headers` (where a name may end in `*`: a prefix) or `expose_headers`."""
     names = table.get(key)
     if names is None:
@@ -495,7 +495,7 @@ def _cors_header_names(table: Mapping[str, Any], key: str, problems: list[str], 
             )
 
 
-def _auth(table: Any, env: Mapping[str, str], problems: list[str]) -> AuthConfig:
+def _auth(table: object, env: Mapping[str, str], problems: list[str]) -> AuthConfig:
     """
     Every key source named must yield a key: a source that yields none (an unset or empty
     variable, an empty list) would leave every route open while the file says it is closed.
@@ -530,7 +530,7 @@ def _auth(table: Any, env: Mapping[str, str], problems: list[str]) -> AuthConfig
     return AuthConfig(keys=tuple(keys), **checked)
 
 
-def _logging(table: Any, problems: list[str]) -> LoggingConfig:
+def _logging(table: object, problems: list[str]) -> LoggingConfig:
     if not isinstance(table, dict):
         problems.append("[logging] must be a table")
         return LoggingConfig()
@@ -549,7 +549,7 @@ def _logging(table: Any, problems: list[str]) -> LoggingConfig:
     return replace(LoggingConfig(), **changes)
 
 
-def _server(table: Any, problems: list[str]) -> ServerConfig:
+def _server(table: object, problems: list[str]) -> ServerConfig:
     if not isinstance(table, dict):
         problems.append("[server] must be a table")
         return ServerConfig()
@@ -630,10 +630,16 @@ _TYPE_KEYS: Final = {
 
 
 def _provider(
-    name: str, table: Any, defaults: _Defaults, env: Mapping[str, str], problems: list[str], warnings: list[str]
+    name: str, table: object, defaults: _Defaults, env: Mapping[str, str], problems: list[str], warnings: list[str]
 ) -> ProviderConfig | None:
     where = f"[providers.{name}]"
-    type_ = _provider_type(name, table, where, problems)
+    if not _NAME.match(name):
+        problems.append(f"{where}: a provider name may hold only letters, digits, '_', '-' and '.'")
+        return None
+    if not isinstance(table, dict):
+        problems.append(f"{where} must be a table")
+        return None
+    type_ = _provider_type(table, where, problems)
     if type_ is None:
         return None
     _unknown_keys(table, _COMMON_KEYS | _TYPE_KEYS[type_], where, problems)
@@ -655,11 +661,7 @@ def _provider(
     _bool(table, "request_usage", where, problems, checked)
     _bool(table, "skip_malformed_events", where, problems, checked)
     _continuation(table, type_, where, problems, checked)
-    if "anthropic_version" in table:
-        if isinstance(table["anthropic_version"], str):
-            checked["anthropic_version"] = table["anthropic_version"]
-        else:
-            problems.append(f"{where}.anthropic_version must be a string")
+    _string(table, "anthropic_version", where, problems, checked)
     if type_ == "simulated":
         _simulated(table, where, problems, checked)
     if len(problems) > before:
@@ -667,14 +669,7 @@ def _provider(
     return ProviderConfig(name=name, type=type_, **checked)
 
 
-def _provider_type(name: str, table: Any, where: str, problems: list[str]) -> str | None:
-    """The provider's `type`, if its name and its table are well formed."""
-    if not _NAME.match(name):
-        problems.append(f"{where}: a provider name may hold only letters, digits, '_', '-' and '.'")
-        return None
-    if not isinstance(table, dict):
-        problems.append(f"{where} must be a table")
-        return None
+def _provider_type(table: Mapping[str, object], where: str, problems: list[str]) -> str | None:
     type_ = table.get("type")
     if not isinstance(type_, str) or type_ not in PROVIDER_TYPES:
         what = "is missing" if type_ is None else f"{type_!r} is unknown"
@@ -685,7 +680,7 @@ def _provider_type(name: str, table: Any, where: str, problems: list[str]) -> st
 
 
 def _base_url(
-    table: Mapping[str, Any], type_: str, where: str, problems: list[str], checked: dict[str, Any]
+    table: Mapping[str, object], type_: str, where: str, problems: list[str], checked: dict[str, Any]
 ) -> None:
     """`targets` and the `base_url` of the first (or only) one."""
     targets = _targets(table, where, problems)
@@ -702,7 +697,7 @@ def _base_url(
 
 
 def _api_key(
-    table: Mapping[str, Any],
+    table: Mapping[str, object],
     env: Mapping[str, str],
     where: str,
     problems: list[str],
@@ -721,7 +716,7 @@ def _api_key(
         warnings.append(f"{where}: environment variable {api_key_env} is not set; requests go without a key")
 
 
-def _headers(table: Mapping[str, Any], where: str, problems: list[str], checked: dict[str, Any]) -> None:
+def _headers(table: Mapping[str, object], where: str, problems: list[str], checked: dict[str, Any]) -> None:
     headers = table.get("headers", {})
     if not isinstance(headers, dict):
         problems.append(f"{where}.headers must be a table of strings, got {headers!r}")
@@ -731,7 +726,7 @@ def _headers(table: Mapping[str, Any], where: str, problems: list[str], checked:
         checked["headers"] = dict(headers)
 
 
-def _model_names(table: Mapping[str, Any], where: str, problems: list[str], checked: dict[str, Any]) -> None:
+def _model_names(table: Mapping[str, object], where: str, problems: list[str], checked: dict[str, Any]) -> None:
     models = table.get("models", [])
     if not isinstance(models, list):
         problems.append(f"{where}.models must be a list of model names, got {models!r}")
@@ -742,7 +737,7 @@ def _model_names(table: Mapping[str, Any], where: str, problems: list[str], chec
 
 
 def _policies(
-    table: Mapping[str, Any], defaults: _Defaults, where: str, problems: list[str], checked: dict[str, Any]
+    table: Mapping[str, object], defaults: _Defaults, where: str, problems: list[str], checked: dict[str, Any]
 ) -> None:
     """The provider's timeouts (keys of its own table) and its retry, buffer and breaker tables, over the defaults."""
     timeouts = parse_policy(
@@ -762,7 +757,7 @@ def _policies(
     )
 
 
-def _fallbacks(table: Mapping[str, Any], key: str, where: str, problems: list[str], checked: dict[str, Any]) -> None:
+def _fallbacks(table: Mapping[str, object], key: str, where: str, problems: list[str], checked: dict[str, Any]) -> None:
     names = table.get(key, [])
     if not isinstance(names, list):
         problems.append(f"{where}.{key} must be a list of 'provider/model' names, got {names!r}")
@@ -775,7 +770,7 @@ def _fallbacks(table: Mapping[str, Any], key: str, where: str, problems: list[st
 
 
 def _continuation(
-    table: Mapping[str, Any], type_: str, where: str, problems: list[str], checked: dict[str, Any]
+    table: Mapping[str, object], type_: str, where: str, problems: list[str], checked: dict[str, Any]
 ) -> None:
     """`continuation`: one way for every model, or a table of model patterns and their ways."""
     ways = _CONTINUATION_WAYS[type_]
@@ -793,9 +788,9 @@ def _continuation(
         checked["continuation"] = continuation
 
 
-def _simulated(table: Mapping[str, Any], where: str, problems: list[str], checked: dict[str, Any]) -> None:
+def _simulated(table: Mapping[str, object], where: str, problems: list[str], checked: dict[str, Any]) -> None:
     """The settings of a `simulated` provider, which are keys of its own table."""
-    sim_values = {k: v for k, v in table.items() if k in _TYPE_KEYS["simulated"]}
+    sim_values: dict[str, Any] = {k: v for k, v in table.items() if k in _TYPE_KEYS["simulated"]}  # checked below
     sim_problems = settings_problems(sim_values, where=where)
     if not sim_problems:
         checked["simulated"] = SimulatedSettings(**sim_values)
@@ -803,11 +798,11 @@ def _simulated(table: Mapping[str, Any], where: str, problems: list[str], checke
     problems.extend(sim_problems)
 
 
-def _is_url(value: Any) -> TypeGuard[str]:
+def _is_url(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and re.match(r"^https?://[^/]", value) is not None
 
 
-def _targets(table: Mapping[str, Any], where: str, problems: list[str]) -> tuple[TargetConfig, ...]:
+def _targets(table: Mapping[str, object], where: str, problems: list[str]) -> tuple[TargetConfig, ...]:
     """A provider's replicas: `base_urls = [...]`, or `[[targets]]` tables with `base_url` and `weight`."""
     given = [key for key in ("base_url", "base_urls", "targets") if key in table]
     if len(given) > 1:
@@ -842,7 +837,7 @@ def _targets(table: Mapping[str, Any], where: str, problems: list[str]) -> tuple
 
 
 def _number(
-    table: Mapping[str, Any],
+    table: Mapping[str, object],
     key: str,
     where: str,
     problems: list[str],
@@ -862,7 +857,19 @@ def _number(
         checked[key] = value
 
 
-def _bool(table: Mapping[str, Any], key: str, where: str, problems: list[str], checked: dict[str, Any]) -> None:
+def _string(
+    table: Mapping[str, object], key: str, where: str, problems: list[str], checked: dict[str, Any]
+) -> None:
+    if key not in table:
+        return
+    value = table[key]
+    if isinstance(value, str):
+        checked[key] = value
+    else:
+        problems.append(f"{where}.{key} must be a string")
+
+
+def _bool(table: Mapping[str, object], key: str, where: str, problems: list[str], checked: dict[str, Any]) -> None:
     if key not in table:
         return
     if isinstance(table[key], bool):
@@ -871,7 +878,7 @@ def _bool(table: Mapping[str, Any], key: str, where: str, problems: list[str], c
         problems.append(f"{where}.{key} must be true or false, got {table[key]!r}")
 
 
-def _unknown_keys(table: Mapping[str, Any], known: set[str], where: str, problems: list[str]) -> None:
+def _unknown_keys(table: Mapping[str, object], known: set[str], where: str, problems: list[str]) -> None:
     for key in table:
         if key not in known:
             problems.append(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
