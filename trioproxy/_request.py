@@ -109,7 +109,7 @@ class ChatRequest:
         return ""
 
 
-def content_text(content: Any) -> str:
+def content_text(content: object) -> str:
     """The text of a message's `content`, whether a string or a list of content parts."""
     if isinstance(content, str):
         return content
@@ -222,7 +222,7 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
     return None
 
 
-def _check_message(message: Any, i: int) -> None:
+def _check_message(message: object, i: int) -> None:
     where = f"messages[{i}]"
     if not isinstance(message, dict):
         raise RequestError(f"'{where}' must be an object", param=where)

@@ -354,7 +354,7 @@ def _tool_results_first(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return results + [b for b in blocks if b.get("type") != "tool_result"]
 
 
-def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
+def _user_content(content: object, where: str) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -415,7 +415,7 @@ def _blocks(parts: list[Any], where: str, *, assistant: bool) -> list[dict[str, 
     return blocks
 
 
-def _image(image_url: Any, where: str) -> dict[str, Any]:
+def _image(image_url: object, where: str) -> dict[str, Any]:
     url = image_url.get("url") if isinstance(image_url, dict) else None
     if not isinstance(url, str):
         raise RequestError(f"'{where}.url' must be a string", param=f"{where}.url")
@@ -432,7 +432,7 @@ def _image(image_url: Any, where: str) -> dict[str, Any]:
     raise RequestError(f"'{where}.url' must be an http(s) URL or a base64 data URL", param=f"{where}.url")
 
 
-def _tool_use(call: Any, where: str) -> dict[str, Any]:
+def _tool_use(call: object, where: str) -> dict[str, Any]:
     if not isinstance(call, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
     id_ = call.get("id")
@@ -473,7 +473,7 @@ def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
     return block
 
 
-def _tool(tool: Any, where: str) -> dict[str, Any]:
+def _tool(tool: object, where: str) -> dict[str, Any]:
     if not isinstance(tool, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
     if tool.get("type", "function") != "function":
@@ -506,7 +506,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _tool_choice(choice: Any) -> dict[str, Any] | None:
+def _tool_choice(choice: object) -> dict[str, Any] | None:
     if choice is None:
         return None
     if isinstance(choice, str) and choice in _ANTHROPIC_TOOL_CHOICES:
@@ -523,7 +523,7 @@ def _tool_choice(choice: Any) -> dict[str, Any] | None:
     )
 
 
-def _stop_sequences(stop: Any) -> list[str]:
+def _stop_sequences(stop: object) -> list[str]:
     if stop is None:
         return []
     if isinstance(stop, str):

@@ -166,7 +166,7 @@ def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delt
     return delta
 
 
-def _tool_call(tc: Any) -> ToolCallDelta:
+def _tool_call(tc: object) -> ToolCallDelta:
     if not isinstance(tc, dict) or not isinstance(tc.get("index", 0), int):
         raise UpstreamProtocolError("upstream chunk has a malformed tool call")
     function = tc.get("function") or {}
@@ -194,7 +194,7 @@ def _usage(usage: dict[str, Any]) -> Usage:
     )
 
 
-def _in_stream_error(error: Any, *, secret: str | None) -> UpstreamStatusError:
+def _in_stream_error(error: object, *, secret: str | None) -> UpstreamStatusError:
     if isinstance(error, dict):
         message = error.get("message") or "the upstream reported an error during streaming"
         type_ = error.get("type") if isinstance(error.get("type"), str) else None

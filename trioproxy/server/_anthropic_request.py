@@ -152,7 +152,7 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fields(name: str, value: Any) -> dict[str, Any]:
+def _fields(name: str, value: object) -> dict[str, Any]:
     """The Chat Completions fields (none, one or more) that carry the Messages field `name`."""
     if name in ("temperature", "top_p", "top_k") or name in _TRIOPROXY_FIELDS:
         return {name: value}
@@ -180,7 +180,7 @@ def _unportable(what: str, param: str) -> RequestError:
     )
 
 
-def _system_text(system: Any, where: str) -> str:
+def _system_text(system: object, where: str) -> str:
     if isinstance(system, str):
         return system
     if not isinstance(system, list):
@@ -194,7 +194,7 @@ def _system_text(system: Any, where: str) -> str:
     return "\n\n".join(texts)
 
 
-def _messages(message: Any, where: str) -> list[dict[str, Any]]:
+def _messages(message: object, where: str) -> list[dict[str, Any]]:
     """One Messages message as Chat Completions messages (a user message with tool results gives several)."""
     if not isinstance(message, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
@@ -257,10 +257,10 @@ def _user(blocks: list[Any], where: str) -> list[dict[str, Any]]:
     return [*results, {"role": "user", "content": parts}]
 
 
-def _block_type(block: Any, where: str) -> str:
+def _block_type(block: object, where: str) -> str:
     """The type of a content block whose fields the translation knows."""
     kind = block.get("type") if isinstance(block, dict) else None
-    if not isinstance(kind, str):
+    if not isinstance(block, dict) or not isinstance(kind, str):
         raise RequestError(f"'{where}' must be a content block: an object with a 'type'", param=where)
     known = _BLOCK_FIELDS.get(kind)
     if known is not None:
@@ -330,7 +330,7 @@ def _tool_result(block: dict[str, Any], where: str) -> tuple[dict[str, Any], lis
     return {"role": "tool", "tool_call_id": tool_use_id, "content": text}, images
 
 
-def _tool(tool: Any, where: str) -> dict[str, Any]:
+def _tool(tool: object, where: str) -> dict[str, Any]:
     if not isinstance(tool, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
     kind = tool.get("type", "custom")
@@ -354,7 +354,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def _tool_choice(choice: Any) -> dict[str, Any]:
+def _tool_choice(choice: object) -> dict[str, Any]:
     """The Chat Completions fields that say what `tool_choice` says."""
     kind = choice.get("type") if isinstance(choice, dict) else None
     if not isinstance(choice, dict) or not isinstance(kind, str) or (kind not in TOOL_CHOICES and kind != "tool"):
@@ -372,7 +372,7 @@ def _tool_choice(choice: Any) -> dict[str, Any]:
     return out
 
 
-def _metadata_user(metadata: Any) -> str | None:
+def _metadata_user(metadata: object) -> str | None:
     if not isinstance(metadata, dict):
         raise RequestError("'metadata' must be an object", param="metadata")
     for key in metadata:
@@ -384,7 +384,7 @@ def _metadata_user(metadata: Any) -> str | None:
     return user
 
 
-def _output_config(config: Any) -> dict[str, Any]:
+def _output_config(config: object) -> dict[str, Any]:
     """`response_format` for a JSON schema `format`; `effort` is dropped."""
     if not isinstance(config, dict):
         raise RequestError("'output_config' must be an object", param="output_config")

@@ -19,7 +19,7 @@ from typing import Any, Final
 import orjson
 
 from .._accumulator import Accumulator
-from .._events import Delta
+from .._events import Delta, ToolCallDelta
 from .._exceptions import TrioproxyError
 
 __all__ = ["OpenAIChunkRenderer", "completion_body", "error_body"]
@@ -106,7 +106,7 @@ class OpenAIChunkRenderer:
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
-def _tool_call(tc: Any) -> dict[str, Any]:
+def _tool_call(tc: ToolCallDelta) -> dict[str, Any]:
     call: dict[str, Any] = {"index": tc.index}
     if tc.id is not None:
         call["id"] = tc.id

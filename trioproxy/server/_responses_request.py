@@ -166,7 +166,7 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fields(name: str, value: Any) -> dict[str, Any]:
+def _fields(name: str, value: object) -> dict[str, Any]:
     """The Chat Completions fields (none, one or more) that carry the Responses field `name`."""
     if name in _SAME_NAME or name in _TRIOPROXY_FIELDS:
         return {name: value}
@@ -275,7 +275,7 @@ def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     return {"role": role, "content": parts}
 
 
-def _part(part: Any, where: str) -> dict[str, Any]:
+def _part(part: object, where: str) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, dict) else None
     if not isinstance(kind, str):
         raise RequestError(f"'{where}' must be a content part: an object with a 'type'", param=where)
@@ -326,7 +326,7 @@ def _function_call_output(item: dict[str, Any], where: str) -> tuple[dict[str, A
     return {"role": "tool", "tool_call_id": call_id, "content": text}, images
 
 
-def _tools(tool: Any, where: str) -> list[dict[str, Any]]:
+def _tools(tool: object, where: str) -> list[dict[str, Any]]:
     """The function tools `tool` stands for: itself, a namespace's functions, or none for a hosted tool."""
     if not isinstance(tool, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
@@ -341,7 +341,7 @@ def _tools(tool: Any, where: str) -> list[dict[str, Any]]:
     return [_tool(tool, where)]
 
 
-def _tool(tool: Any, where: str) -> dict[str, Any]:
+def _tool(tool: object, where: str) -> dict[str, Any]:
     kind = tool.get("type") if isinstance(tool, dict) else None
     if kind != "function":
         raise _unportable(f"a tool of type {kind!r} ('{where}')", f"{where}.type")
@@ -361,7 +361,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def _tool_choice(choice: Any) -> Any:
+def _tool_choice(choice: object) -> Any:
     if choice in ("none", "auto", "required"):
         return choice
     kind = choice.get("type") if isinstance(choice, dict) else None
@@ -379,7 +379,7 @@ def _tool_choice(choice: Any) -> Any:
     )
 
 
-def _reasoning(reasoning: Any) -> dict[str, Any]:
+def _reasoning(reasoning: object) -> dict[str, Any]:
     """`reasoning_effort` for `effort`; `summary` is dropped."""
     if reasoning is None:
         return {}
@@ -395,7 +395,7 @@ def _reasoning(reasoning: Any) -> dict[str, Any]:
     return out
 
 
-def _text_config(text: Any) -> dict[str, Any]:
+def _text_config(text: object) -> dict[str, Any]:
     """`response_format` for a JSON `format`, `verbosity` as it is."""
     if text is None:
         return {}
@@ -413,7 +413,7 @@ def _text_config(text: Any) -> dict[str, Any]:
     return out
 
 
-def _format(format_: Any) -> dict[str, Any]:
+def _format(format_: object) -> dict[str, Any]:
     kind = format_.get("type") if isinstance(format_, dict) else None
     if format_ is None or kind == "text":
         return {}
