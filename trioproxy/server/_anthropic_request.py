@@ -89,7 +89,7 @@ class Headers(Protocol):
     def get(self, key: str, /) -> str | None: ...
 
 
-def parse_messages_request(body: dict[str, Any], headers: Headers, *, counting: bool = False) -> ChatRequest:
+def parse_messages_request(body: dict[str, object], headers: Headers, *, counting: bool = False) -> ChatRequest:
     """
     Check what Anthropic requires of every request and build the `ChatRequest`: its native
     form with the headers an Anthropic upstream must see, and its common-model translation.
@@ -138,7 +138,7 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"model": body["model"], "stream": bool(body.get("stream"))}
     if "max_tokens" in body:
         out["max_tokens"] = body["max_tokens"]
-    messages: list[dict[str, Any]] = []
+    messages: list[dict[str, object]] = []
     system = body.get("system")
     if system is not None:
         messages.append({"role": "system", "content": _system_text(system, "system")})
@@ -152,7 +152,7 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fields(name: str, value: object) -> dict[str, Any]:
+def _fields(name: str, value: object) -> dict[str, object]:
     """The Chat Completions fields (none, one or more) that carry the Messages field `name`."""
     if name in ("temperature", "top_p", "top_k") or name in _TRIOPROXY_FIELDS:
         return {name: value}
@@ -194,7 +194,7 @@ def _system_text(system: object, where: str) -> str:
     return "\n\n".join(texts)
 
 
-def _messages(message: object, where: str) -> list[dict[str, Any]]:
+def _messages(message: object, where: str) -> list[dict[str, object]]:
     """One Messages message as Chat Completions messages (a user message with tool results gives several)."""
     if not isinstance(message, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
@@ -214,9 +214,9 @@ def _messages(message: object, where: str) -> list[dict[str, Any]]:
     return _user(content, where)
 
 
-def _assistant(blocks: list[Any], where: str) -> dict[str, Any]:
+def _assistant(blocks: list[Any], where: str) -> dict[str, object]:
     texts: list[str] = []
-    tool_calls: list[dict[str, Any]] = []
+    tool_calls: list[dict[str, object]] = []
     for j, block in enumerate(blocks):
         at = f"{where}[{j}]"
         kind = _block_type(block, at)
@@ -226,16 +226,16 @@ def _assistant(blocks: list[Any], where: str) -> dict[str, Any]:
             tool_calls.append(_tool_call(block, at))
         elif kind not in ("thinking", "redacted_thinking"):
             raise _unportable(f"a {kind!r} block in an assistant message ('{at}')", f"{at}.type")
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None}
+    message: dict[str, object] = {"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None}
     if tool_calls:
         message["tool_calls"] = tool_calls
     return message
 
 
-def _user(blocks: list[Any], where: str) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    parts: list[dict[str, Any]] = []
-    result_images: list[dict[str, Any]] = []
+def _user(blocks: list[Any], where: str) -> list[dict[str, object]]:
+    results: list[dict[str, object]] = []
+    parts: list[dict[str, object]] = []
+    result_images: list[dict[str, object]] = []
     for j, block in enumerate(blocks):
         at = f"{where}[{j}]"
         kind = _block_type(block, at)
@@ -270,14 +270,14 @@ def _block_type(block: object, where: str) -> str:
     return kind
 
 
-def _text(block: dict[str, Any], where: str) -> str:
+def _text(block: dict[str, object], where: str) -> str:
     text = block.get("text")
     if not isinstance(text, str):
         raise RequestError(f"'{where}.text' must be a string", param=f"{where}.text")
     return text
 
 
-def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
+def _image(block: dict[str, object], where: str) -> dict[str, object]:
     source = block.get("source")
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "base64":
@@ -295,20 +295,20 @@ def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
     raise _unportable(f"an image source of type {kind!r} ('{where}.source')", f"{where}.source.type")
 
 
-def _tool_call(block: dict[str, Any], where: str) -> dict[str, Any]:
+def _tool_call(block: dict[str, object], where: str) -> dict[str, object]:
     id_, name, tool_input = block.get("id"), block.get("name"), block.get("input", {})
     if not isinstance(id_, str) or not isinstance(name, str):
         raise RequestError(f"'{where}' must have a string 'id' and 'name'", param=where)
     return {"id": id_, "type": "function", "function": {"name": name, "arguments": orjson.dumps(tool_input).decode()}}
 
 
-def _tool_result(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _tool_result(block: dict[str, object], where: str) -> tuple[dict[str, object], list[dict[str, object]]]:
     """The `tool` message of a `tool_result`, and the images it returned (they go in a user message)."""
     tool_use_id = block.get("tool_use_id")
     if not isinstance(tool_use_id, str):
         raise RequestError(f"'{where}.tool_use_id' must be a string", param=f"{where}.tool_use_id")
     content = block.get("content", "")
-    images: list[dict[str, Any]] = []
+    images: list[dict[str, object]] = []
     if isinstance(content, str):
         text = content
     elif isinstance(content, list):
@@ -330,7 +330,7 @@ def _tool_result(block: dict[str, Any], where: str) -> tuple[dict[str, Any], lis
     return {"role": "tool", "tool_call_id": tool_use_id, "content": text}, images
 
 
-def _tool(tool: object, where: str) -> dict[str, Any]:
+def _tool(tool: object, where: str) -> dict[str, object]:
     if not isinstance(tool, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
     kind = tool.get("type", "custom")
@@ -339,7 +339,7 @@ def _tool(tool: object, where: str) -> dict[str, Any]:
     name = tool.get("name")
     if not isinstance(name, str) or not name:
         raise RequestError(f"'{where}.name' must be a non-empty string", param=f"{where}.name")
-    function: dict[str, Any] = {"name": name}
+    function: dict[str, object] = {"name": name}
     for key, value in tool.items():
         if key in ("type", "name", "cache_control", "eager_input_streaming", "defer_loading"):
             continue
@@ -354,12 +354,12 @@ def _tool(tool: object, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def _tool_choice(choice: object) -> dict[str, Any]:
+def _tool_choice(choice: object) -> dict[str, object]:
     """The Chat Completions fields that say what `tool_choice` says."""
     kind = choice.get("type") if isinstance(choice, dict) else None
     if not isinstance(choice, dict) or not isinstance(kind, str) or (kind not in TOOL_CHOICES and kind != "tool"):
         raise RequestError("'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'", param="tool_choice.type")
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     if kind == "tool":
         name = choice.get("name")
         if not isinstance(name, str) or not name:
@@ -384,11 +384,11 @@ def _metadata_user(metadata: object) -> str | None:
     return user
 
 
-def _output_config(config: object) -> dict[str, Any]:
+def _output_config(config: object) -> dict[str, object]:
     """`response_format` for a JSON schema `format`; `effort` is dropped."""
     if not isinstance(config, dict):
         raise RequestError("'output_config' must be an object", param="output_config")
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for key, value in config.items():
         if key == "format" and value is not None:
             schema = value.get("schema") if isinstance(value, dict) else None
