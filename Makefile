@@ -15,7 +15,7 @@ CODEX_VERSION := 0.171.0
 AI_SDK_VERSIONS := ai@7.0.173 @ai-sdk/openai@4.0.118
 NODE_DIR := .node
 
-.PHONY: serve check test bench browser claude-code codex vercel-ai install install-test install-bench clean
+.PHONY: serve check test bench browser redis-server claude-code codex vercel-ai install install-test install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ check: $(VENV)/.installed-test
 	$(BIN)/ruff check trioproxy tests benchmarks
 	$(BIN)/mypy
 
-test: check browser $(if $(shell command -v node),claude-code codex vercel-ai)
+test: check browser redis-server $(if $(shell command -v node),claude-code codex vercel-ai)
 	$(BIN)/python -m pytest
 
 # Installs Debian's chromium (about 10 s from a warm mirror) when it is missing and we are root;
@@ -58,6 +58,18 @@ browser:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 		else \
 			echo "warning: $(CHROMIUM) is missing; install it (sudo apt-get install chromium) for the playground tests" >&2; \
+		fi; \
+	fi
+
+# The shared-state tests start their own Debian redis-server (never a mock): installed the same
+# way when it is missing and we are root; otherwise they fail saying how.
+redis-server:
+	@if ! command -v redis-server >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing redis-server for the shared-state tests"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; \
+		else \
+			echo "warning: redis-server is missing; install it (sudo apt-get install redis-server) for the shared-state tests" >&2; \
 		fi; \
 	fi
 

@@ -7,6 +7,8 @@ Only loopback addresses; every server lives in the test's nursery and dies with 
 from __future__ import annotations
 
 import inspect
+import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -149,3 +151,54 @@ def cli_answer(run: subprocess.CompletedProcess[bytes]) -> str:
     output = run.stdout.decode(errors="replace"), run.stderr.decode(errors="replace")
     assert run.returncode == 0, (run.returncode, *output)
     return run.stdout.decode()
+
+
+class RedisServer:
+    """
+    A real `redis-server` (Debian's package) on 127.0.0.1, with its files in a temp dir and
+    nothing saved; `stop()` kills it (as a crash would) and `start()` brings it back on the
+    same port, empty.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        with socket.socket() as probe:  # a free port, kept across restarts
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process: trio.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is missing: `make test` installs it (apt-get install redis-server)")
+        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory]
+        command += ["--save", "", "--appendonly", "no", "--logfile", ""]
+        self.process = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL)
+
+        async def accepts() -> bool:
+            try:
+                await (await trio.open_tcp_stream("127.0.0.1", self.port)).aclose()
+            except OSError:
+                return False
+            return True
+
+        await wait_until(accepts, seconds=10)
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            await self.process.wait()
+            self.process = None
+
+
+@pytest.fixture
+async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RedisServer]:
+    server = RedisServer(str(tmp_path_factory.mktemp("redis")))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

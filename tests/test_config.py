@@ -45,8 +45,8 @@ api_key_env = "ANTHROPIC_API_KEY"
 LOCAL_KEY = "local-secret-key-1234"
 CLAUDE_KEY = "sk-ant-secret-5678"
 TOP_LEVEL_KEYS = (
-    "auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, retry, server, "
-    "streams, timeouts"
+    "auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, "
+    "server, streams, timeouts"
 )
 
 
@@ -255,7 +255,7 @@ def test_unknown_top_level_key() -> None:
 def test_unknown_server_key() -> None:
     assert only_problem({"server": {"hots": "x"}}) == (
         "[server]: unknown key 'hots' (known: body_timeout, host, keep_alive_timeout, port, shutdown_grace_period, "
-        "write_timeout)"
+        "workers, write_timeout)"
     )
 
 
@@ -367,6 +367,18 @@ def test_bad_port(port: Any) -> None:
 @pytest.mark.parametrize("host", ["", 127])
 def test_bad_host(host: Any) -> None:
     assert only_problem({"server": {"host": host}}) == f"[server].host must be a non-empty string, got {host!r}"
+
+
+@pytest.mark.parametrize("workers", [0, 257, "2", 2.0, True])
+def test_bad_workers(workers: Any) -> None:
+    assert only_problem({"server": {"workers": workers}}) == (
+        f"[server].workers must be an integer from 1 to 256, got {workers!r}"
+    )
+
+
+def test_workers_default_to_one() -> None:
+    assert parse_config({}).server.workers == 1
+    assert parse_config({"server": {"workers": 4}}).server.workers == 4
 
 
 def test_server_not_a_table() -> None:

@@ -3,61 +3,72 @@
 from __future__ import annotations
 
 from trioproxy._policy import BreakerConfig
-from trioproxy._targets import Target, choose
+from trioproxy._targets import LocalBreakers, Target, choose
 
 BREAKER = BreakerConfig(failures=2, cooldown=10)
 
 
-def test_the_least_outstanding_per_weight_takes_the_request() -> None:
-    a, b = Target("a"), Target("b", weight=3)
-    picked = []
-    for _ in range(8):
-        target = choose([a, b], now=0)
-        assert target is not None
-        target.taken()
-        picked.append(target.url)
-    assert picked.count("b") == 6
-    assert picked.count("a") == 2  # b takes three for each of a's
+async def take(targets: list[Target], now: float) -> str | None:
+    """The URL of the target `choose` picks (its request now outstanding there), or None."""
+    chosen = await choose(targets, now)
+    return None if chosen is None else chosen[0].url
 
 
-def test_consecutive_failures_open_the_breaker_for_its_cooldown_then_one_probe() -> None:
-    a, b = Target("a"), Target("b")
-    a.taken()
-    assert a.failed(now=0, breaker=BREAKER) is None  # one failure: still closed
-    a.taken()
-    assert a.failed(now=1, breaker=BREAKER) == "open"
-    assert choose([a, b], now=5) is b  # skipped, no connection tried
-    assert choose([a], now=10.9) is None
+async def fail(breakers: LocalBreakers, url: str, now: float, *, probe: bool = False) -> str | None:
+    return await breakers.settle(url, "failed", probe=probe, now=now)
 
-    probe = choose([a], now=11)  # the cooldown passed: half-open, one probe
-    assert probe is a
+
+async def test_the_least_outstanding_per_weight_takes_the_request() -> None:
+    breakers = LocalBreakers(BREAKER)
+    a, b = Target("a", breakers), Target("b", breakers, weight=3)
+    picked = [await take([a, b], now=0) for _ in range(8)]
+    assert picked.count("b") == 6 and picked.count("a") == 2  # b takes three for each of a's
+    assert (a.outstanding, b.outstanding) == (2, 6)
+
+
+async def test_consecutive_failures_open_the_breaker_for_its_cooldown_then_one_probe() -> None:
+    breakers = LocalBreakers(BREAKER)
+    a, b = Target("a", breakers), Target("b", breakers)
+    assert await fail(breakers, "a", now=0) is None  # one failure: still closed
+    assert await fail(breakers, "a", now=1) == "open"
+    assert await take([a, b], now=5) == "b"  # skipped, no connection tried
+    assert await take([a], now=10.9) is None
+
+    assert await choose([a], now=11) == (a, True)  # the cooldown passed: half-open, and this is its one probe
     assert a.state == "half_open"
-    a.taken()
-    assert choose([a], now=11) is None  # only one probe at a time
-    assert a.succeeded() == "closed"
-    assert choose([a], now=12) is a
+    assert await take([a], now=11) is None  # only one probe at a time
+    assert await breakers.settle("a", "succeeded", probe=True, now=12) == "closed"
+    assert await choose([a], now=12) == (a, False)
 
 
-def test_a_failed_probe_opens_it_again_and_a_success_resets_the_count() -> None:
-    a = Target("a")
+async def test_a_failed_probe_opens_it_again_and_a_success_resets_the_count() -> None:
+    breakers = LocalBreakers(BREAKER)
+    a = Target("a", breakers)
     for now in (0, 1):
-        a.taken()
-        a.failed(now=now, breaker=BREAKER)
-    assert choose([a], now=11) is a
-    a.taken()
-    assert a.failed(now=11, breaker=BREAKER) == "open"
-    assert (a.state, a.open_until) == ("open", 21)
+        await fail(breakers, "a", now=now)
+    assert await choose([a], now=11) == (a, True)
+    assert await fail(breakers, "a", now=11, probe=True) == "open"
+    assert await take([a], now=20.9) is None and await take([a], now=21) == "a"  # open until 21
 
-    b = Target("b")
-    b.taken()
-    b.failed(now=0, breaker=BREAKER)
-    b.taken()
-    assert b.succeeded() is None
-    assert b.failures == 0
+    await fail(breakers, "b", now=0)
+    assert await breakers.settle("b", "succeeded", probe=False, now=0) is None
+    assert await fail(breakers, "b", now=0) is None  # the count started again
 
 
-def test_a_request_without_a_verdict_frees_its_slot_and_the_probe() -> None:
-    a = Target("a", state="half_open")
-    a.taken()
-    a.released()
-    assert (a.outstanding, a.probing, choose([a], now=0)) == (0, False, a)
+async def test_an_older_request_failing_while_half_open_leaves_the_verdict_to_the_probe() -> None:
+    breakers = LocalBreakers(BREAKER)
+    for now in (0, 1):
+        await fail(breakers, "a", now=now)
+    assert await breakers.admit("a", now=11) == "half_open"
+    assert await fail(breakers, "a", now=11) is None  # sent before it opened
+    assert breakers.state("a") == "half_open"
+
+
+async def test_a_request_without_a_verdict_frees_the_probe() -> None:
+    breakers = LocalBreakers(BREAKER)
+    a = Target("a", breakers)
+    for now in (0, 1):
+        await fail(breakers, "a", now=now)
+    assert await choose([a], now=11) == (a, True)
+    assert await breakers.settle("a", "released", probe=True, now=11) is None
+    assert await choose([a], now=11) == (a, True)  # the next request probes it

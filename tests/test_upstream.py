@@ -14,7 +14,11 @@ import pytest
 import trio
 import trio.testing
 
-from trioproxy._upstream import IDLE_SWEEP_INTERVAL, _PooledTransport
+from trioproxy import parse_config
+from trioproxy._exceptions import UpstreamConnectError
+from trioproxy._request import parse_chat_request
+from trioproxy._targets import Breakers, BreakerState, Verdict
+from trioproxy._upstream import IDLE_SWEEP_INTERVAL, BalancedUpstream, _http_upstream, _PooledTransport
 from trioproxy.testing import Reply, open_fake_upstream
 
 BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -141,3 +145,68 @@ async def test_closing_the_pool_ends_its_timer() -> None:
             await transport.aclose()
         # and a timer started after the close ends at once
         await transport.expire_idle_connections()
+
+
+class ScriptedBreakers:
+    """
+    A `Breakers` other than the in-process one (as a shared store would be): it admits every
+    request as the probe, or none, and records what it is told.
+    """
+
+    def __init__(self, *, admits: bool) -> None:
+        self.admits = admits
+        self.settled: list[tuple[str, str, bool]] = []
+
+    async def admit(self, url: str, now: float) -> BreakerState | None:
+        return "half_open" if self.admits else None
+
+    async def settle(self, url: str, verdict: Verdict, *, probe: bool, now: float) -> BreakerState | None:
+        await trio.sleep(0)  # a round trip to the store
+        self.settled.append((url, verdict, probe))
+        return None
+
+    def state(self, url: str) -> BreakerState:
+        return "half_open" if self.admits else "open"
+
+
+def balanced(urls: list[str], breakers: Breakers) -> BalancedUpstream:
+    config = parse_config({"providers": {"p": {"type": "openai", "base_url": urls[0]}}}, environ={})
+    provider = config.providers["p"]
+    return BalancedUpstream("p", [(url, 1.0, _http_upstream(provider, url)) for url in urls], breakers)
+
+
+class Collected:
+    def __init__(self) -> None:
+        self.items: list[object] = []
+
+    async def send(self, item: object) -> None:
+        self.items.append(item)
+
+
+CHAT = parse_chat_request({"model": "p/m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+
+
+async def test_the_breakers_state_lives_behind_its_interface_and_a_cancelled_probe_is_settled(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = await open_fake_upstream(nursery, Reply(stall_after=1))
+    breakers = ScriptedBreakers(admits=True)
+    balanced_upstream = balanced([upstream.url + "/v1"], breakers)
+    with trio.move_on_after(5) as scope:
+        async with trio.open_nursery() as request:
+            request.start_soon(balanced_upstream.stream, CHAT, Collected())
+            await upstream.wait_for_requests(1)
+            request.cancel_scope.cancel()  # the client went away mid-stream
+    assert not scope.cancelled_caught
+    assert breakers.settled == [(upstream.url + "/v1", "released", True)]  # the probe freed, though cancelled
+    assert balanced_upstream.targets[0].outstanding == 0
+    await balanced_upstream.aclose()
+
+
+async def test_targets_the_breakers_skip_are_not_tried(nursery: trio.Nursery) -> None:
+    upstream = await open_fake_upstream(nursery)
+    balanced_upstream = balanced([upstream.url + "/v1"], ScriptedBreakers(admits=False))
+    with pytest.raises(UpstreamConnectError, match="circuit breaker is open"):
+        await balanced_upstream.stream(CHAT, Collected())
+    assert upstream.request_count == 0
+    await balanced_upstream.aclose()

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Final, TypeGuard
+from typing import Any, Final, Literal, TypeGuard
+from urllib.parse import urlsplit
 
 from ._exceptions import ConfigError
 from ._logs import LOG_FORMATS, LOG_LEVELS, LoggingConfig
@@ -32,6 +33,7 @@ __all__ = [
     "LimitsConfig",
     "ModelRoute",
     "ProviderConfig",
+    "RedisConfig",
     "ServerConfig",
     "TargetConfig",
     "load_config",
@@ -70,6 +72,8 @@ DEFAULT_CORS_ALLOW_HEADERS: Final = (
 _ORIGIN = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/?#\s]+$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9a-z\-]+$")
 DEFAULT_SHUTDOWN_GRACE_PERIOD: Final = 30.0
+MAX_WORKERS: Final = 256
+"""More worker processes than any machine has cores for: a typo, not a plan."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,8 @@ class ServerConfig:
 
     `body_timeout`: seconds a request's body may take to arrive, whole; a client that trickles
     it (or stops sending) gets a 408 then, rather than holding its connection and task.
+
+    `workers`: processes serving the listening address, each on its own core (`_workers.py`).
     """
 
     host: str = DEFAULT_HOST
@@ -95,6 +101,7 @@ class ServerConfig:
     shutdown_grace_period: float = DEFAULT_SHUTDOWN_GRACE_PERIOD
     keep_alive_timeout: float = DEFAULT_KEEP_ALIVE_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +239,32 @@ class CorsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """
+    Shared state on Redis (`[redis]`): off while `url` is empty. See `_redis.py`.
+
+    `url` is `redis://` or `rediss://` (TLS) `host:port/db`, its password never in the file:
+    `password_env` names the environment variable holding it. Keys live under `key_prefix`.
+    `timeout`: seconds any one call to Redis may take, connecting included, before it counts
+    as failed. `lease_ttl`: seconds a stream's place in the shared limits outlives its process
+    if that process dies (a live process renews its places every third of it). `on_error`:
+    what admission does when Redis fails or is slow — "open" admits by this process's own
+    limits, "closed" refuses with a 503.
+    """
+
+    url: str = ""
+    password: str | None = field(default=None, repr=False)
+    key_prefix: str = "trioproxy:"
+    timeout: float = 0.5
+    lease_ttl: float = 30.0
+    on_error: Literal["open", "closed"] = "open"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True, slots=True)
 class ModelRoute:
     """
     One `[models]` entry: a model name, or a glob pattern (`claude-*`), and where it goes:
@@ -261,6 +294,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
 
 
 def load_config(path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None) -> Config:
@@ -303,6 +337,7 @@ def parse_config(raw: Mapping[str, object], *, environ: Mapping[str, str] | None
             "cors",
             "logging",
             "models",
+            "redis",
         },
         "config",
         problems,
@@ -319,6 +354,7 @@ def parse_config(raw: Mapping[str, object], *, environ: Mapping[str, str] | None
     logs = _logging(raw.get("logging", {}), problems)
     limits = _limits(raw.get("limits", {}), problems)
     cors = _cors(raw.get("cors", {}), problems)
+    redis = _redis(raw.get("redis", {}), env, problems)
     if defaults.timeouts.connect_timeout <= 0:
         problems.append("[timeouts].connect_timeout must be a positive number")
 
@@ -342,6 +378,7 @@ def parse_config(raw: Mapping[str, object], *, environ: Mapping[str, str] | None
         logging=logs,
         limits=limits,
         cors=cors,
+        redis=redis,
     )
 
 
@@ -438,6 +475,64 @@ def _check_fallbacks_name_providers(
                         f"[providers.{provider.name}].{key}[{i}] = {fallback!r} names no provider "
                         "(write it as 'provider/model')"
                     )
+
+
+def _redis(table: object, env: Mapping[str, str], problems: list[str]) -> RedisConfig:
+    if not isinstance(table, dict):
+        problems.append("[redis] must be a table")
+        return RedisConfig()
+    _unknown_keys(table, {"url", "password_env", "key_prefix", "timeout", "lease_ttl", "on_error"}, "[redis]", problems)
+    base = RedisConfig()
+    url = _redis_url(table.get("url", ""), problems)
+    password = _redis_password(table.get("password_env"), env, problems)
+    prefix = table.get("key_prefix", base.key_prefix)
+    if not isinstance(prefix, str):
+        problems.append(f"[redis].key_prefix must be a string, got {prefix!r}")
+        prefix = base.key_prefix
+
+    def positive_seconds(key: str, default: float) -> float:
+        value = table.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            problems.append(f"[redis].{key} must be a positive number of seconds, got {value!r}")
+            return default
+        return value
+
+    on_error = table.get("on_error", base.on_error)
+    if on_error not in ("open", "closed"):
+        problems.append(f"[redis].on_error must be 'open' or 'closed', got {on_error!r}")
+        on_error = base.on_error
+    return RedisConfig(
+        url=url,
+        password=password,
+        key_prefix=prefix,
+        timeout=positive_seconds("timeout", base.timeout),
+        lease_ttl=positive_seconds("lease_ttl", base.lease_ttl),
+        on_error=on_error,
+    )
+
+
+def _redis_url(url: object, problems: list[str]) -> str:
+    """`[redis].url`, if it is a Redis URL without a password; otherwise "" (Redis off)."""
+    if not isinstance(url, str) or (url and urlsplit(url).scheme not in ("redis", "rediss")):
+        problems.append(f"[redis].url must be a redis:// or rediss:// URL, got {url!r}")
+        return ""
+    if urlsplit(url).password:
+        problems.append("[redis].url must not hold a password: name the variable that does in [redis].password_env")
+        return ""
+    return url
+
+
+def _redis_password(password_env: object, env: Mapping[str, str], problems: list[str]) -> str | None:
+    """The password in the environment variable `[redis].password_env` names, if it names one."""
+    if password_env is None:
+        return None
+    if not isinstance(password_env, str) or not password_env:
+        problems.append(f"[redis].password_env must be the name of an environment variable, got {password_env!r}")
+        return None
+    if not env.get(password_env):
+        problems.append(f"[redis].password_env: environment variable {password_env} is not set")
+        return None
+    return env[password_env]
 
 
 def _cors(table: object, problems: list[str]) -> CorsConfig:
@@ -555,7 +650,15 @@ def _server(table: object, problems: list[str]) -> ServerConfig:
         return ServerConfig()
     _unknown_keys(
         table,
-        {"host", "port", "write_timeout", "shutdown_grace_period", "keep_alive_timeout", "body_timeout"},
+        {
+            "host",
+            "port",
+            "write_timeout",
+            "shutdown_grace_period",
+            "keep_alive_timeout",
+            "body_timeout",
+            "workers",
+        },
         "[server]",
         problems,
     )
@@ -582,6 +685,10 @@ def _server(table: object, problems: list[str]) -> ServerConfig:
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
         problems.append(f"[server].shutdown_grace_period must be a number of seconds, 0 or more, got {grace!r}")
         grace = DEFAULT_SHUTDOWN_GRACE_PERIOD
+    workers = table.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        problems.append(f"[server].workers must be an integer from 1 to {MAX_WORKERS}, got {workers!r}")
+        workers = 1
     return ServerConfig(
         host=host,
         port=port,
@@ -589,6 +696,7 @@ def _server(table: object, problems: list[str]) -> ServerConfig:
         shutdown_grace_period=grace,
         keep_alive_timeout=keep_alive_timeout,
         body_timeout=body_timeout,
+        workers=workers,
     )
 
 

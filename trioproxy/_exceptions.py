@@ -22,7 +22,8 @@ TrioproxyError                 status  type
 ├── StreamInterrupted           503     server_error: the server ended a stream (shutdown)
 │   └── ShuttingDownError       503     server_error: the server is draining (Retry-After)
 ├── OverloadedError             503     overloaded_error: the server is full (Retry-After)
-│   └── StreamsFullError        503     no room for another resumable stream
+│   ├── StreamsFullError        503     no room for another resumable stream
+│   └── SharedStateError        503     Redis (shared state) failed or was too slow
 └── UpstreamError               502     upstream_error: the upstream failed us
     ├── UpstreamConnectError    502     could not reach the upstream
     ├── UpstreamBrokenError     502     the connection broke once made (reset, closed mid-response)
@@ -56,6 +57,7 @@ __all__ = [
     "RateLimitedError",
     "ReplayGapError",
     "RequestError",
+    "SharedStateError",
     "ShuttingDownError",
     "StreamCancelled",
     "StreamInterrupted",
@@ -194,6 +196,14 @@ class OverloadedError(TrioproxyError):
 
     status = 503
     type = "overloaded_error"
+
+
+class SharedStateError(OverloadedError):
+    """
+    Redis, where the shared state lives (`_redis.py`), failed or did not answer within
+    `[redis] timeout`: raised by that module only, for whatever coredis raised. Admission
+    then falls back to this process's limits, or refuses with it (`[redis] on_error`).
+    """
 
 
 class ValidationError(TrioproxyError):

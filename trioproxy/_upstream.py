@@ -44,10 +44,10 @@ from ._exceptions import (
     UpstreamProtocolError,
     UpstreamTimeoutError,
 )
-from ._policy import BreakerConfig, failure_kind
+from ._policy import failure_kind
 from ._request import ChatRequest
 from ._sse import SSEDecodeError, SSEDecoder
-from ._targets import BreakerState, Target, choose
+from ._targets import Breakers, BreakerState, LocalBreakers, Target, Verdict, choose
 from .pipeline._items import RetryNotice, Sink
 from .providers._base import Translation
 from .providers.anthropic import AnthropicTranslation
@@ -530,70 +530,86 @@ class SimulatedUpstream:
 class BalancedUpstream:
     """
     A provider's targets (replicas), each an `HttpUpstream` with its own pool, behind a circuit
-    breaker (`_targets`): a request goes to the available target with the fewest outstanding
-    requests per weight; when none is available it fails at once, as no connection (the
-    reader fails over without a connect timeout spent). A failure that says the target is
-    unwell (no connection, a broken one, a 5xx) counts against it; a change of its breaker is
-    told to the request that caused it (a `breaker` notice) and counted in `transitions`.
+    breaker (`_targets`, its state in `breakers`): a request goes to the available target with
+    the fewest outstanding requests per weight; when none is available it fails at once, as no
+    connection (the reader fails over without a connect timeout spent). A failure that says
+    the target is unwell (no connection, a broken one, a 5xx) counts against it; a change of
+    its breaker is told to the request that caused it (a `breaker` notice) and counted in
+    `transitions`.
     """
 
-    def __init__(self, name: str, targets: list[tuple[Target, HttpUpstream]], breaker: BreakerConfig) -> None:
+    def __init__(self, name: str, targets: list[tuple[str, float, HttpUpstream]], breakers: Breakers) -> None:
         self.name = name
-        self.targets = [target for target, _ in targets]
-        self._upstreams = {id(target): upstream for target, upstream in targets}
-        self._breaker = breaker
+        self.targets = [Target(url, breakers, weight) for url, weight, _ in targets]
+        self._upstreams = {url: upstream for url, _, upstream in targets}
+        self._breakers = breakers
         self.transitions: dict[tuple[str, BreakerState], int] = {}
         """How many times each target's breaker went to each state."""
         self._turn = 0
 
     async def stream(self, chat: ChatRequest, send: Sink) -> None:
         tried: list[Target] = []
+        taken = await self._take(tried)
+        if taken is None:
+            raise UpstreamConnectError(
+                f"every target of provider {self.name!r} is skipped for now: its circuit breaker is open"
+            )
         while True:
-            target = self._take(tried)
+            target, probe = taken
             try:
-                await self._upstreams[id(target)].stream(chat, send)
+                await self._upstreams[target.url].stream(chat, send)
             except UpstreamError as exc:
                 kind = failure_kind(exc)
                 if kind not in _TARGET_FAULTS:
-                    target.released()
+                    await self._settle(target, "released", probe)
                     raise
-                change = target.failed(trio.current_time(), self._breaker)
+                change = await self._settle(target, "failed", probe)
                 if change is not None:
                     await send.send(self._transition(target, change, chat, f": {exc.message}"))
                 tried.append(target)
-                untried = [t for t in self.targets if t not in tried]
-                if kind == "connect" and choose(untried, trio.current_time()) is not None:
-                    continue  # nothing was sent: another target takes the request at once
+                if kind == "connect":
+                    taken = await self._take(tried)
+                    if taken is not None:
+                        continue  # nothing was sent: another target takes the request at once
                 raise
             except BaseException:
-                target.released()
+                await self._settle(target, "released", probe)
                 raise
-            change = target.succeeded()
+            change = await self._settle(target, "succeeded", probe)
             if change is not None:
                 await send.send(self._transition(target, change, chat, ""))
             return
 
     async def count_tokens(self, chat: ChatRequest) -> bytes | None:
-        target = self._take([])
-        try:
-            return await self._upstreams[id(target)].count_tokens(chat)
-        finally:
-            target.released()
-
-    def _available(self, tried: list[Target]) -> list[Target]:
-        """The targets not tried yet, starting from the next in turn: equals take requests in turn."""
-        self._turn = (self._turn + 1) % len(self.targets)
-        rotated = self.targets[self._turn :] + self.targets[: self._turn]
-        return [target for target in rotated if target not in tried] if tried else rotated
-
-    def _take(self, tried: list[Target]) -> Target:
-        target = choose(self._available(tried), trio.current_time())
-        if target is None:
+        taken = await self._take([])
+        if taken is None:
             raise UpstreamConnectError(
                 f"every target of provider {self.name!r} is skipped for now: its circuit breaker is open"
             )
-        target.taken()
-        return target
+        target, probe = taken
+        try:
+            return await self._upstreams[target.url].count_tokens(chat)
+        finally:
+            await self._settle(target, "released", probe)
+
+    async def _take(self, tried: list[Target]) -> tuple[Target, bool] | None:
+        """
+        A target not tried yet, its request counted (`_targets.choose`), starting from the next
+        in turn: equals take requests in turn.
+        """
+        self._turn = (self._turn + 1) % len(self.targets)
+        rotated = self.targets[self._turn :] + self.targets[: self._turn]
+        return await choose([target for target in rotated if target not in tried], trio.current_time())
+
+    async def _settle(self, target: Target, verdict: Verdict, probe: bool) -> BreakerState | None:
+        """
+        Its request ended: no longer outstanding, and its verdict told to the breaker, shielded
+        (a cancelled request frees the probe it held too).
+        """
+        target.outstanding -= 1
+        with trio.CancelScope(shield=True):
+            state = await self._breakers.settle(target.url, verdict, probe=probe, now=trio.current_time())
+        return state
 
     def _transition(self, target: Target, state: BreakerState, chat: ChatRequest, why: str) -> RetryNotice:
         key = (target.url, state)
@@ -624,8 +640,8 @@ def build_upstream(provider: ProviderConfig) -> Upstream:
     targets = provider.targets or (TargetConfig(provider.base_url),)
     return BalancedUpstream(
         provider.name,
-        [(Target(target.base_url, target.weight), _http_upstream(provider, target.base_url)) for target in targets],
-        provider.breaker,
+        [(target.base_url, target.weight, _http_upstream(provider, target.base_url)) for target in targets],
+        LocalBreakers(provider.breaker),
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--host", help="address to listen on (default: [server].host, else 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: [server].port, else 8000)")
     serve.add_argument("--log-level", choices=LOG_LEVELS, help="overrides [logging].level (default info)")
+    serve.add_argument(
+        "--workers", type=_positive_int, help="worker processes, one core each (default: [server].workers, else 1)"
+    )
+    # A worker of `--workers`: the listening socket and the supervisor's pipe it inherited.
+    serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
 
     chat = commands.add_parser("chat", help="stream a reply to the terminal")
     chat.add_argument("prompt")
@@ -95,6 +102,7 @@ def _upstream(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
+    from .server._workers import serve_workers, worker_command, worker_trigger
 
     try:
         config = load_config(args.config)
@@ -102,16 +110,45 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"trioproxy: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.logging, level=args.log_level)
+    workers = args.workers or config.server.workers
+    providers = ", ".join(sorted(config.providers))
 
     async def main(shutdown_trigger: Callable[[], Awaitable[None]]) -> None:
         async with trio.open_nursery() as nursery:
-            serving = partial(serve, config, host=args.host, port=args.port, shutdown_trigger=shutdown_trigger)
+            if args.listen_fd is not None:  # one of the workers below
+                trigger = worker_trigger(shutdown_trigger, args.supervisor_fd)
+                await nursery.start(partial(serve, config, listen_fd=args.listen_fd, shutdown_trigger=trigger))
+                tune_garbage_collection()
+                logging.getLogger("trioproxy.server").info("worker pid %d serving", os.getpid())
+                return
+            if workers > 1:
+                options = [("--config", args.config), ("--log-level", args.log_level)]
+                command = worker_command([part for option in options if option[1] for part in option])
+                serving = partial(
+                    serve_workers,
+                    config,
+                    command,
+                    workers=workers,
+                    host=args.host,
+                    port=args.port,
+                    shutdown_trigger=shutdown_trigger,
+                )
+                how = f" with {workers} workers"
+            else:
+                serving = partial(serve, config, host=args.host, port=args.port, shutdown_trigger=shutdown_trigger)
+                how = ""
             binds = await nursery.start(serving)
             tune_garbage_collection()
-            providers = ", ".join(sorted(config.providers))
-            print(f"trioproxy {__version__} listening on {' '.join(binds)} (providers: {providers})", flush=True)
+            print(f"trioproxy {__version__} listening on {' '.join(binds)}{how} (providers: {providers})", flush=True)
 
     return _run_until_signalled(main, "the proxy")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 #: Net allocations of container objects between two young-generation collections (CPython: 700).

@@ -150,6 +150,10 @@ class Reply:
     finish_reason: str | None = None
     #: (prompt_tokens, completion_tokens). A completion count of 0 means `len(tokens)`.
     usage: tuple[int, int] = (7, 0)
+    #: Of the prompt tokens, how many were read from the upstream's prompt cache: OpenAI's
+    #: `prompt_tokens_details.cached_tokens`, Anthropic's `cache_read_input_tokens` (its
+    #: `input_tokens` then counts the rest). 0: not reported at all.
+    cached_tokens: int = 0
     #: Send exactly these bytes as the body instead of a generated stream, for malformed
     #: SSE or truncated JSON.
     raw_body: bytes | None = None
@@ -854,6 +858,26 @@ def _usage(reply: Reply) -> tuple[int, int]:
     return prompt, completion or len(reply.tokens)
 
 
+def _openai_usage(reply: Reply) -> dict[str, Any]:
+    prompt, completion = _usage(reply)
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    if reply.cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": reply.cached_tokens}
+    return usage
+
+
+def _anthropic_input(reply: Reply) -> dict[str, int]:
+    """The input part of an Anthropic usage: uncached input, and what was read from the cache."""
+    prompt, _ = _usage(reply)
+    if not reply.cached_tokens:
+        return {"input_tokens": prompt}
+    return {"input_tokens": prompt - reply.cached_tokens, "cache_read_input_tokens": reply.cached_tokens}
+
+
 def _error_body(api: _Api, status: int, message: str) -> dict[str, Any]:
     if api is _Api.ANTHROPIC:
         return {"type": "error", "error": {"type": _ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
@@ -903,7 +927,6 @@ def _openai_frames(
         ]
     frames.append(_Frame(chunk({}, _finish_reason(reply))))
     if include_usage:
-        prompt, completion = _usage(reply)
         usage_chunk = {
             "id": chat_id,
             "object": "chat.completion.chunk",
@@ -911,7 +934,7 @@ def _openai_frames(
             "model": model,
             "system_fingerprint": _SYSTEM_FINGERPRINT,
             "choices": [],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+            "usage": _openai_usage(reply),
         }
         frames.append(_Frame(_data_line(usage_chunk)))
     if not reply.omit_done:
@@ -1063,7 +1086,6 @@ def _responses_stream_error(message: str, sequence_number: int) -> bytes:
 
 
 def _openai_completion(reply: Reply, model: str, number: int) -> dict[str, Any]:
-    prompt, completion = _usage(reply)
     message: dict[str, Any] = {
         "role": "assistant",
         "content": "".join(reply.tokens) if reply.tokens else None,
@@ -1081,7 +1103,7 @@ def _openai_completion(reply: Reply, model: str, number: int) -> dict[str, Any]:
         "model": model,
         "system_fingerprint": _SYSTEM_FINGERPRINT,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(reply)}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        "usage": _openai_usage(reply),
     }
 
 
@@ -1092,7 +1114,7 @@ def _event(payload: dict[str, Any], *, token: bool = False) -> _Frame:
 
 def _anthropic_frames(reply: Reply, model: str, number: int) -> list[_Frame]:
     """The Messages stream of sse_protocol.md §5.1-5.2, one frame per event."""
-    prompt, completion = _usage(reply)
+    _, completion = _usage(reply)
     frames = [
         _event(
             {
@@ -1105,7 +1127,7 @@ def _anthropic_frames(reply: Reply, model: str, number: int) -> list[_Frame]:
                     "model": model,
                     "stop_reason": None,
                     "stop_sequence": None,
-                    "usage": {"input_tokens": prompt, "output_tokens": 1},
+                    "usage": {**_anthropic_input(reply), "output_tokens": 1},
                 },
             }
         )
@@ -1160,7 +1182,7 @@ def _anthropic_stream_error(message: str) -> bytes:
 
 
 def _anthropic_message(reply: Reply, model: str, number: int) -> dict[str, Any]:
-    prompt, completion = _usage(reply)
+    _, completion = _usage(reply)
     content: list[dict[str, Any]] = []
     if reply.tokens:
         content.append({"type": "text", "text": "".join(reply.tokens)})
@@ -1179,5 +1201,5 @@ def _anthropic_message(reply: Reply, model: str, number: int) -> dict[str, Any]:
         "content": content,
         "stop_reason": _ANTHROPIC_STOP_REASONS.get(finish, finish),
         "stop_sequence": None,
-        "usage": {"input_tokens": prompt, "output_tokens": completion},
+        "usage": {**_anthropic_input(reply), "output_tokens": completion},
     }

@@ -5,6 +5,8 @@ then `/metrics` scraped and parsed, and the log lines read back.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import re
@@ -15,14 +17,16 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import wait_until
+from tests.conftest import proxy_config, wait_until
 from trioproxy import parse_config, serve
+from trioproxy._config import AuthConfig
 from trioproxy._logs import JsonFormatter, LoggingConfig, TextFormatter
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -84,11 +88,88 @@ async def test_metrics_move_as_streams_go_through(
     assert moved("trioproxy_inter_token_latency_seconds_count", **stream_labels) == 3 * 3
     assert moved("trioproxy_buffer_latency_seconds_count", **stream_labels) == 3 * 4
     assert moved("trioproxy_stream_duration_seconds_count", **stream_labels) == 3
-    assert moved("trioproxy_tokens_total", provider="up", model="gpt-x", direction="out") == 3 * 4
-    assert moved("trioproxy_tokens_total", provider="up", model="gpt-x", direction="in") > 0
+    tokens = {"provider": "up", "model": "gpt-x", "key": "none"}
+    assert moved("trioproxy_tokens_total", direction="out", **tokens) == 3 * 4
+    assert moved("trioproxy_tokens_total", direction="in", **tokens) > 0
     assert value(after, "trioproxy_active_streams") == 0
     assert value(after, "process_resident_memory_bytes") > 0
     assert upstream_keys["up"] not in repr(after)
+
+
+def fingerprint(key: str) -> str:
+    """How a client key is named in metrics and logs, as `printf %s KEY | sha256sum | cut -c1-12` shows it."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+async def test_usage_is_counted_per_client_key_and_model(
+    nursery: trio.Nursery, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    keys = ("client-key-alice", "client-key-bob")
+    config = proxy_config(upstream)
+    config = dataclasses.replace(config, auth=AuthConfig(keys=keys, protect_metrics=False))
+    proxy_url = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    upstream.push(
+        Reply(tokens=["a", "b", "c"], usage=(100, 0), cached_tokens=60),
+        Reply(tokens=["a"], usage=(10, 0)),
+        Reply(tokens=["x", "y"], usage=(50, 0), cached_tokens=40),
+        Reply(tokens=["r", "s"], usage=(20, 0)),
+        Reply(tokens=["t"], usage=(30, 0), cached_tokens=10),
+    )
+    for key in keys:
+        async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key=key, max_retries=0) as sdk:
+            stream = await sdk.chat.completions.create(model="up/gpt-x", messages=MESSAGES, stream=True)
+            async for _ in stream:
+                pass
+    async with anthropic.AsyncAnthropic(base_url=proxy_url, api_key=keys[1], max_retries=0) as claude:
+        async with claude.messages.stream(model="claude/opus", max_tokens=10, messages=MESSAGES) as stream:
+            await stream.until_done()
+    async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key=keys[0], max_retries=0) as sdk:
+        async with await sdk.responses.create(model="up/gpt-r", input="hi", stream=True) as events:  # stored
+            async for _ in events:
+                pass
+        await sdk.responses.create(model="up/gpt-r", input="hi", store=False)
+    await wait_until(lambda: len([r for r in caplog.records if r.name == "trioproxy.access"]) == 5)
+    samples = await scrape(proxy_url)
+
+    alice, bob = (fingerprint(key) for key in keys)
+    expected = {
+        (alice, "up", "gpt-x", "in"): 100,
+        (alice, "up", "gpt-x", "cached"): 60,
+        (alice, "up", "gpt-x", "out"): 3,
+        (bob, "up", "gpt-x", "in"): 10,
+        (bob, "up", "gpt-x", "out"): 1,
+        (bob, "claude", "opus", "in"): 50,
+        (bob, "claude", "opus", "cached"): 40,
+        (bob, "claude", "opus", "out"): 2,
+        (alice, "up", "gpt-r", "in"): 20 + 30,  # the Responses front, stored and streamed, then not
+        (alice, "up", "gpt-r", "cached"): 10,
+        (alice, "up", "gpt-r", "out"): 2 + 1,
+    }
+    counted = {
+        (labels["key"], labels["provider"], labels["model"], labels["direction"]): count
+        for (name, label_set), count in samples.items()
+        if name == "trioproxy_tokens_total" and (labels := dict(label_set))
+    }
+    assert counted == expected
+    assert not any(key in repr(samples) for key in keys)
+
+    lines = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+    assert [(f["key"], f["model"], f["tokens_in"], f["tokens_cached"], f["tokens_out"]) for f in lines] == [
+        (alice, "gpt-x", 100, 60, 3),
+        (bob, "gpt-x", 10, 0, 1),
+        (bob, "opus", 50, 40, 2),
+        (alice, "gpt-r", 20, 0, 2),
+        (alice, "gpt-r", 30, 10, 1),
+    ]
+
+
+async def test_usage_without_client_keys_is_counted_under_no_key(proxy_url: str, client: openai.AsyncOpenAI) -> None:
+    """Without `[auth]` keys a client is an address: not a label (unbounded), so all count as `none`."""
+    await client.chat.completions.create(model="sim/echo", messages=MESSAGES)
+    labels = {"key": "none", "provider": "sim", "model": "echo"}
+    samples = await scrape_until(proxy_url, lambda s: value(s, "trioproxy_tokens_total", direction="out", **labels) > 0)
+    assert value(samples, "trioproxy_tokens_total", direction="in", **labels) > 0
 
 
 async def test_upstream_errors_retries_and_failures_are_counted(nursery: trio.Nursery, upstream: FakeUpstream) -> None:

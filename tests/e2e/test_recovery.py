@@ -8,6 +8,7 @@ open behind it.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -20,9 +21,11 @@ import openai
 import orjson
 import pytest
 import trio
+import trio_websocket
 
 from tests.conftest import collect_into, wait_until
-from tests.e2e.test_observability import scrape_until, value
+from tests.e2e.test_observability import fingerprint, scrape_until, value
+from tests.e2e.test_openai_responses import one_response, ws_url
 from trioproxy import create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
@@ -113,6 +116,22 @@ async def in_process(tables: dict[str, dict[str, Any]], **policy: Any) -> AsyncI
             # The SDK's first request looks up the platform in a worker thread, while the
             # MockClock jumps ahead: done here, the time a test measures is the proxy's only.
             await client.models.list()
+            yield client
+
+
+@asynccontextmanager
+async def in_process_anthropic(
+    tables: dict[str, dict[str, Any]], **policy: Any
+) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    """`in_process`, with the anthropic SDK as the client (it brings its own copy of httpx, as `httpx2`)."""
+    config = parse_config({"retry": {"max_retries": 0}, **policy, "providers": tables}, environ={})
+    app = create_app(config)
+    async with app.test_app():
+        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://proxy.test")
+        async with anthropic.AsyncAnthropic(
+            base_url="http://proxy.test", api_key="k", max_retries=0, http_client=http
+        ) as client:
+            await client.models.list()  # the SDK's first request looks up the platform in a thread
             yield client
 
 
@@ -439,16 +458,11 @@ async def test_an_anthropic_client_gets_the_hedges_message_alone(
         "slow": {"type": "anthropic", "base_url": slow.url, "fallbacks": ["fast/m"], "hedge_after": 3},
         "fast": {"type": "anthropic", "base_url": fast.url},
     }
-    app = create_app(parse_config({"providers": tables}, environ={}))
-    async with app.test_app():
-        # The anthropic SDK brings its own copy of httpx, as `httpx2`.
-        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://proxy.test")
-        async with anthropic.AsyncAnthropic(base_url="http://proxy.test", api_key="k", http_client=http) as client:
-            await client.models.list()  # the SDK's first request looks up the platform in a thread
-            start = trio.current_time()
-            async with client.messages.stream(model="slow/m", max_tokens=100, messages=MESSAGES) as stream:
-                message = await stream.get_final_message()
-            assert trio.current_time() - start == pytest.approx(3.5, abs=0.1)
+    async with in_process_anthropic(tables) as client:
+        start = trio.current_time()
+        async with client.messages.stream(model="slow/m", max_tokens=100, messages=MESSAGES) as stream:
+            message = await stream.get_final_message()
+        assert trio.current_time() - start == pytest.approx(3.5, abs=0.1)
     assert [block.type for block in message.content] == ["text"]
     assert message.content[0].text == "".join(TOKENS)
     assert slow.requests[0].disconnected.is_set()
@@ -461,3 +475,345 @@ async def test_a_non_streaming_answer_is_continued_too(nursery: trio.Nursery, au
         completion = await client.chat.completions.create(model="claude/m", messages=MESSAGES)
     assert completion.choices[0].message.content == "".join(CANONICAL)
     assert upstream.request_count == 2
+
+
+async def test_usage_per_key_counts_a_continued_and_a_hedged_stream(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """
+    A continued stream's usage is both attempts' (the broken one's estimated), under the
+    provider that continued it; a hedged one's is the winner's: so it is counted per client key.
+    """
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    broken, slow, fast = await open_upstreams(nursery, 3)
+    broken.push(Reply(tokens=CANONICAL, reset_after=40), Reply(tokens=CANONICAL, continues=True, usage=(30, 0)))
+    slow.push(Reply(tokens=("slow",), ttft=20))
+    fast.push(Reply(tokens=TOKENS, ttft=0.5, usage=(9, 0)))
+    tables = {
+        "vllm": {**VLLM, "base_url": broken.url + "/v1"},
+        "primary": {"type": "openai", "base_url": slow.url + "/v1", "fallbacks": ["backup/m"], "hedge_after": 3},
+        "backup": {"type": "openai", "base_url": fast.url + "/v1"},
+    }
+    async with in_process(tables, auth={"keys": ["k"]}) as client:
+        assert await collect(client, "vllm/m") == "".join(CANONICAL)
+        assert await collect(client, "primary/m") == "".join(TOKENS)
+        scraped = await client._client.get("http://proxy.test/metrics", headers={"authorization": "Bearer k"})
+    key = fingerprint("k")
+    delivered = -(-len("".join(CANONICAL[:40])) // 4)  # the broken attempt's tokens, estimated
+    expected = {
+        ("vllm", "in"): 30 + max(30 - delivered, 0),  # the prompt without the delivered text
+        ("vllm", "out"): (60 - 40) + delivered,
+        ("backup", "in"): 9,
+        ("backup", "out"): len(TOKENS),
+    }
+    for (provider, direction), count in expected.items():
+        sample = f'trioproxy_tokens_total{{direction="{direction}",key="{key}",model="m",provider="{provider}"}}'
+        assert f"{sample} {float(count)}" in scraped.text
+    assert not re.search(r'trioproxy_tokens_total\{[^}]*provider="primary"', scraped.text)  # the hedge's loser
+    records = [r for r in caplog.records if r.name == "trioproxy.access"]
+    lines = [r.fields for r in records if r.fields["route"] == CHAT]  # type: ignore[attr-defined]
+    assert [(f["key"], f["attempts"], f["tokens_in"], f["tokens_out"]) for f in lines] == [
+        (key, 2, expected["vllm", "in"], expected["vllm", "out"]),
+        (key, 2, 9, len(TOKENS)),
+    ]
+    assert (lines[0]["continuations"], lines[1]["hedges"]) == (1, 1)
+
+
+# --- every front: the Responses API and Anthropic Messages ------------------------------------
+
+RESPONSES = {"type": "openai_responses"}
+
+FRONT_CASES = {
+    # name: (first route's table, whether it can continue, the fault)
+    "anthropic prefill, cut": ("claude", {"reset_after": 40}),
+    "anthropic prefill, stall": ("claude", {"stall_after": 20}),
+    "anthropic prefill, overloaded_error": ("claude", {"error_after": 30}),
+    "vllm, cut": ("vllm", {"reset_after": 40}),
+    "vllm, stall": ("vllm", {"stall_after": 20}),
+    "vllm, in-stream error": ("vllm", {"error_after": 30}),
+}
+
+
+def front_tables(first: str, primary: FakeUpstream, backup: FakeUpstream) -> dict[str, dict[str, Any]]:
+    """
+    `first` on `primary`: `claude` and `vllm` continue there; `resp` (a Responses upstream) and
+    `anthropic_first` (no prefill) cannot, and `vllm/m` on `backup`, their fallback, does.
+    """
+    return {
+        "claude": {"type": "anthropic", "base_url": primary.url},
+        "vllm": {**VLLM, "base_url": (primary if first == "vllm" else backup).url + "/v1"},
+        "resp": {**RESPONSES, "base_url": primary.url + "/v1", "fallbacks": ["vllm/m"]},
+        "anthropic_first": {
+            "type": "anthropic",
+            "base_url": primary.url,
+            "continuation": "none",
+            "fallbacks": ["vllm/m"],
+        },
+    }
+
+
+def push_broken(first: str, primary: FakeUpstream, backup: FakeUpstream, fault: dict[str, int]) -> None:
+    if first in ("claude", "vllm"):
+        primary.push(*continuing_upstream(**fault))
+    else:  # it breaks, and its fallback continues in another protocol
+        primary.push(Reply(tokens=CANONICAL, **fault))
+        backup.push(Reply(tokens=CANONICAL, continues=True))
+
+
+@pytest.mark.parametrize(
+    ("first", "fault"), [*FRONT_CASES.values(), ("resp", {"reset_after": 40})], ids=[*FRONT_CASES, "responses, cut"]
+)
+async def test_a_responses_client_gets_one_seamless_response(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, first: str, fault: dict[str, int]
+) -> None:
+    """
+    Through `client.responses.stream`: one `response.created`, `sequence_number`s 0, 1, 2, …
+    and one message whose `output_text.done` carries the whole text. From a Responses upstream
+    its events pass through, then the fallback's continuation goes on in its message item.
+    """
+    primary, backup = await open_upstreams(nursery, 2)
+    push_broken(first, primary, backup, fault)
+    async with in_process(front_tables(first, primary, backup), timeouts={"silence_timeout": 5}) as client:
+        start = trio.current_time()
+        async with client.responses.stream(model=f"{first}/m", input="go") as stream:
+            events = [event async for event in stream]
+            response = await stream.get_final_response()
+        assert trio.current_time() - start <= 5.1  # at most one silence_timeout
+    types = [event.type for event in events]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert types.count("response.created") == 1 and types.count("response.output_item.added") == 1
+    (done,) = [event for event in events if event.type == "response.output_text.done"]
+    assert done.text == "".join(CANONICAL)
+    assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == done.text
+    assert response.status == "completed" and response.output_text == "".join(CANONICAL)
+    assert [item.type for item in response.output] == ["message"]
+    if "stall_after" in fault:
+        assert primary.requests[0].disconnected.is_set()  # the silent request was cancelled
+
+
+async def test_a_non_streaming_stored_response_is_continued_whole(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    primary, backup = await open_upstreams(nursery, 2)
+    push_broken("resp", primary, backup, {"reset_after": 40})
+    async with in_process(front_tables("resp", primary, backup)) as client:
+        created = await client.responses.create(model="resp/m", input="go", store=True)
+        stored = await client.responses.retrieve(created.id)
+    assert created.output_text == stored.output_text == "".join(CANONICAL)
+    assert [item.type for item in stored.output] == ["message"]
+
+
+async def test_websocket_mode_continues_a_responses_upstream_on_its_fallback(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    backup = await open_fake_upstream(nursery)
+    push_broken("resp", upstream, backup, {"reset_after": 40})
+    proxy = await start_proxy(nursery, upstream, **front_tables("resp", upstream, backup))
+    async with trio_websocket.open_websocket_url(ws_url(proxy)) as connection:
+        events = await one_response(connection, model="resp/m", input="go")
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    (done,) = [event for event in events if event["type"] == "response.output_text.done"]
+    assert done["text"] == "".join(CANONICAL)
+    assert events[-1]["type"] == "response.completed"
+    assert [item["content"][0]["text"] for item in events[-1]["response"]["output"]] == ["".join(CANONICAL)]
+
+
+async def test_a_responses_upstream_alone_cannot_be_continued_and_says_so(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """OpenAI's Responses API takes no prefill: without a fallback that can, the stream ends with its error."""
+    (upstream,) = await open_upstreams(nursery, 1)
+    upstream.push(Reply(tokens=CANONICAL, reset_after=40))
+    delivered = "".join(CANONICAL[:40])
+    async with in_process({"resp": {**RESPONSES, "base_url": upstream.url + "/v1"}}) as client:
+        events: list[Any] = []
+        with pytest.raises(openai.APIError) as info:
+            async with client.responses.stream(model="resp/m", input="go") as stream:
+                async for event in stream:
+                    events.append(event)
+    assert "connection broke" in info.value.message
+    assert f"after {len(delivered)} characters were delivered" in info.value.message
+    assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == delivered
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert upstream.request_count == 1
+
+    async with in_process_anthropic({"resp": {**RESPONSES, "base_url": upstream.url + "/v1"}}) as anthropic_client:
+        upstream.push(Reply(tokens=CANONICAL, reset_after=40))
+        text: list[str] = []
+        with pytest.raises(anthropic.APIError) as anthropic_info:
+            async with anthropic_client.messages.stream(model="resp/m", max_tokens=100, messages=MESSAGES) as stream:
+                async for event in stream:
+                    if event.type == "content_block_delta":
+                        text.append(event.delta.text)  # type: ignore[union-attr]
+    assert "connection broke" in anthropic_info.value.message
+    assert "".join(text) == delivered
+
+
+@pytest.mark.parametrize(
+    ("first", "fault"),
+    [*FRONT_CASES.values(), ("anthropic_first", {"reset_after": 40})],
+    ids=[*FRONT_CASES, "anthropic without prefill, cut: its vllm fallback"],
+)
+async def test_an_anthropic_stream_client_gets_one_seamless_message(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, first: str, fault: dict[str, int]
+) -> None:
+    """Through `client.messages.stream`: one `message_start`, one text block at index 0, the whole text."""
+    primary, backup = await open_upstreams(nursery, 2)
+    push_broken(first, primary, backup, fault)
+    async with in_process_anthropic(front_tables(first, primary, backup), timeouts={"silence_timeout": 5}) as client:
+        async with client.messages.stream(model=f"{first}/m", max_tokens=100, messages=MESSAGES) as stream:
+            events = [event async for event in stream]
+            message = await stream.get_final_message()
+    types = [event.type for event in events]
+    assert types.count("message_start") == 1 and types.count("content_block_start") == 1
+    blocks = [event for event in events if event.type.startswith("content_block")]
+    assert {event.index for event in blocks} == {0}  # type: ignore[union-attr]
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == "".join(CANONICAL)  # type: ignore[union-attr]
+    assert message.stop_reason == "end_turn"
+
+
+async def test_an_anthropic_prefill_the_upstream_refuses_leaves_the_original_failure(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    (upstream,) = await open_upstreams(nursery, 1)
+    upstream.push(Reply(tokens=CANONICAL, reset_after=40), Reply(refuse_continuation=True))
+    async with in_process_anthropic({"claude": {"type": "anthropic", "base_url": upstream.url}}) as client:
+        text: list[str] = []
+        with pytest.raises(anthropic.APIError) as info:
+            async with client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as stream:
+                async for event in stream:
+                    if event.type == "content_block_delta":
+                        text.append(event.delta.text)  # type: ignore[union-attr]
+    assert "connection broke" in info.value.message and "prefill" not in info.value.message
+    assert "".join(text) == "".join(CANONICAL[:40])
+    assert upstream.request_count == 2
+
+
+@pytest.mark.parametrize("front", ["responses", "anthropic"])
+async def test_every_front_fails_over_by_kind_and_to_a_larger_context(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, front: str
+) -> None:
+    """
+    A route that never answers costs one first_token_timeout, then a context-length refusal
+    goes to `context_fallbacks`.
+    """
+    silent, small, large = await open_upstreams(nursery, 3)
+    kind = RESPONSES if front == "responses" else {"type": "anthropic"}
+    path = "/v1" if front == "responses" else ""
+    too_long = "Your input exceeds the context window of this model." if front == "responses" else "prompt is too long"
+    silent.push(Reply(headers_delay=1000))
+    small.push(Reply(status=400, error_message=too_long))
+    large.push(Reply(tokens=TOKENS), Reply(tokens=TOKENS))
+    tables = {
+        "silent": {**kind, "base_url": silent.url + path, "fallbacks": ["small/m"]},
+        "small": {**kind, "base_url": small.url + path, "context_fallbacks": ["large/m"], "fallbacks": ["silent/m"]},
+        "large": {**kind, "base_url": large.url + path},
+    }
+    policy = {"timeouts": {"first_token_timeout": 5}, "retry": {"max_retries": 2}}
+    if front == "responses":
+        async with in_process(tables, **policy) as client:
+            start = trio.current_time()
+            async with client.responses.stream(model="silent/m", input="go") as stream:
+                text = (await stream.get_final_response()).output_text
+            took = trio.current_time() - start
+    else:
+        async with in_process_anthropic(tables, **policy) as anthropic_client:
+            start = trio.current_time()
+            async with anthropic_client.messages.stream(model="silent/m", max_tokens=9, messages=MESSAGES) as stream:
+                text = await stream.get_final_text()
+            took = trio.current_time() - start
+    assert text == "".join(TOKENS)
+    assert took == pytest.approx(5, abs=0.1)  # one timeout, no retry, no backoff
+    assert (silent.request_count, small.request_count, large.request_count) == (1, 1, 1)
+    assert silent.requests[0].disconnected.is_set()
+
+
+async def test_every_attempt_shows_in_the_access_log_and_metrics_under_its_request_id(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Responses stream continued on its fallback, and an Anthropic stream won by a hedge."""
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    primary, backup, slow, fast = await open_upstreams(nursery, 4)
+    push_broken("resp", primary, backup, {"reset_after": 40})
+    slow.push(Reply(tokens=("slow",), ttft=20))
+    fast.push(Reply(tokens=TOKENS, ttft=0.5))
+    tables = {
+        **front_tables("resp", primary, backup),
+        "slow": {"type": "anthropic", "base_url": slow.url, "fallbacks": ["fast/m"], "hedge_after": 3},
+        "fast": {"type": "anthropic", "base_url": fast.url},
+    }
+    async with in_process(tables) as client:
+        async with client.responses.stream(model="resp/m", input="go") as stream:
+            await stream.get_final_response()
+        hedged = await client._client.post(
+            "http://proxy.test/v1/messages", json={"model": "slow/m", "max_tokens": 9, "messages": MESSAGES}
+        )
+        assert hedged.json()["content"][0]["text"] == "".join(TOKENS)
+        metrics = (await client._client.get("http://proxy.test/metrics")).text
+    logged = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+    lines = {line["route"]: line for line in logged}
+    continued, raced = lines["/v1/responses"], lines["/v1/messages"]
+    assert continued["request_id"] != raced["request_id"] and continued["request_id"] and raced["request_id"]
+    assert (continued["attempts"], continued["continuations"], continued["provider"]) == (2, 1, "vllm")
+    (failure,) = continued["failures"]  # each failed attempt: its provider, and why
+    assert failure.startswith("resp: the upstream connection broke")
+    assert (raced["attempts"], raced["hedges"], raced["provider"]) == (2, 1, "fast")
+    assert "failures" not in raced  # the loser was cancelled, not failed
+    assert 'trioproxy_recoveries_total{kind="continuation",provider="resp"} 1.0' in metrics
+    assert 'trioproxy_recoveries_total{kind="hedge",provider="slow"} 1.0' in metrics
+    assert 'trioproxy_upstream_errors_total{provider="resp",status="broken"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("front", ["responses", "anthropic"])
+async def test_a_client_that_leaves_during_a_continuation_cancels_its_upstream_request(
+    nursery: trio.Nursery, upstream: FakeUpstream, front: str
+) -> None:
+    upstream.push(Reply(tokens=CANONICAL, reset_after=40), Reply(tokens=CANONICAL, continues=True, stall_after=5))
+    proxy = await start_proxy(nursery, upstream)
+    delivered = "".join(CANONICAL[:45])
+    text = ""
+    if front == "responses":
+        async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+            async with sdk.responses.stream(model="claude/m", input="go") as stream:
+                async for event in stream:
+                    text += event.delta if event.type == "response.output_text.delta" else ""
+                    if len(text) == len(delivered):
+                        break  # leaves: the stream is closed
+    else:
+        async with anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client:
+            async with client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as events:
+                async for event in events:
+                    if event.type == "content_block_delta":
+                        text += event.delta.text  # type: ignore[union-attr]
+                    if len(text) == len(delivered):
+                        break
+    assert text == delivered  # 40 tokens, then 5 of the continuation's
+    continued = upstream.requests[1]
+    with trio.fail_after(5):
+        await continued.disconnected.wait()
+    assert not continued.completed
+
+
+@pytest.mark.parametrize("kind", ["openai_responses", "openai"])
+async def test_a_responses_client_gets_the_hedges_response_alone(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, kind: str
+) -> None:
+    """From a Responses upstream (passed through) or a chat one (translated): the loser's opening never shows."""
+    slow, fast = await open_upstreams(nursery, 2)
+    slow.push(Reply(tokens=("slow",), ttft=20))
+    fast.push(Reply(tokens=TOKENS, ttft=0.5))
+    tables = {
+        "slow": {"type": kind, "base_url": slow.url + "/v1", "fallbacks": ["fast/m"], "hedge_after": 3},
+        "fast": {"type": kind, "base_url": fast.url + "/v1"},
+    }
+    async with in_process(tables) as client:
+        start = trio.current_time()
+        async with client.responses.stream(model="slow/m", input="go") as stream:
+            events = [event async for event in stream]
+            response = await stream.get_final_response()
+        assert trio.current_time() - start == pytest.approx(3.5, abs=0.1)
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert [event.type for event in events].count("response.created") == 1
+    assert response.output_text == "".join(TOKENS)
+    assert slow.requests[0].disconnected.is_set()

@@ -593,8 +593,8 @@ async def test_retries_and_failovers_are_counted_against_the_provider_that_faile
     assert (stats.retries, stats.providers_left, stats.provider) == (["p"], ["p"], "backup")
     assert stats.outcome == "completed"
 
-    metrics = Metrics(active_streams=lambda: 0)
-    metrics.observe_stream(session)
+    metrics = Metrics()
+    metrics.observe_stream(session, key="none")
     assert sample(metrics, "trioproxy_upstream_errors_total", provider="p", status="429") == 1
     assert sample(metrics, "trioproxy_upstream_errors_total", provider="p", status="connect") == 1
     assert sample(metrics, "trioproxy_retries_total", provider="p") == 1
@@ -612,8 +612,8 @@ async def test_timeouts_are_counted_by_kind_and_end_the_stream_as_timeout(autoju
     assert all(isinstance(failure, UpstreamTimeoutError) for _, failure in failures)
     assert [failure.kind for _, failure in failures] == ["first_token_timeout", "silence_timeout"]  # type: ignore[attr-defined]
     assert session.stats.outcome == "timeout"
-    metrics = Metrics(active_streams=lambda: 0)
-    metrics.observe_stream(session)
+    metrics = Metrics()
+    metrics.observe_stream(session, key="none")
     for kind in ("first_token_timeout", "silence_timeout"):
         assert sample(metrics, "trioproxy_timeouts_total", provider="p", kind=kind) == 1
     assert sample(metrics, "trioproxy_upstream_errors_total", provider="p", status="timeout") == 2
@@ -631,8 +631,8 @@ async def test_a_cancelled_session_counts_one_upstream_cancellation(autojump_clo
 
     assert upstream.cancelled == [1.0]
     assert (session.stats.cancelled, session.stats.outcome) == (True, "cancelled")
-    metrics = Metrics(active_streams=lambda: 0)
-    metrics.observe_stream(session)
+    metrics = Metrics()
+    metrics.observe_stream(session, key="none")
     assert sample(metrics, "trioproxy_upstream_cancellations_total", provider="p") == 1
     labels = {"route": "/v1/chat/completions", "provider": "p", "model": "m"}
     assert sample(metrics, "trioproxy_stream_duration_seconds_sum", **labels) == pytest.approx(1.0)
@@ -644,8 +644,10 @@ async def test_histograms_and_token_counters_move_as_the_stream_did(autojump_clo
     script += [0.004, Delta(text=" two"), 0.004, Delta(text=" three")]
     script += [Delta(finish_reason="stop", usage=Usage(prompt_tokens=7, completion_tokens=3))]
     _, session = await run(pipeline(route(ScriptedUpstream([script]))))
-    metrics = Metrics(active_streams=lambda: 3)
-    metrics.observe_stream(session)
+    metrics = Metrics()
+    for _ in range(3):
+        metrics.stream_started()
+    metrics.observe_stream(session, key="none")
 
     labels = {"route": "", "provider": "p", "model": "m"}
     ttft = "trioproxy_time_to_first_token_seconds_bucket"
@@ -655,13 +657,13 @@ async def test_histograms_and_token_counters_move_as_the_stream_did(autojump_clo
     assert sample(metrics, itl, le="0.0025", **labels) == 0
     assert sample(metrics, itl, le="0.005", **labels) == 2
     assert sample(metrics, "trioproxy_buffer_latency_seconds_count", **labels) == 3
-    assert sample(metrics, "trioproxy_tokens_total", provider="p", model="m", direction="in") == 7
-    assert sample(metrics, "trioproxy_tokens_total", provider="p", model="m", direction="out") == 3
-    assert sample(metrics, "trioproxy_active_streams") == 3
+    assert sample(metrics, "trioproxy_tokens_total", provider="p", model="m", key="none", direction="in") == 7
+    assert sample(metrics, "trioproxy_tokens_total", provider="p", model="m", key="none", direction="out") == 3
+    assert sample(metrics, "trioproxy_active_streams") == 2  # three started, this one ended
 
 
 async def test_model_labels_are_bounded_per_provider(autojump_clock: trio.abc.Clock) -> None:
-    metrics = Metrics(active_streams=lambda: 0)
+    metrics = Metrics()
     labels = [metrics._model_label("p", f"model-{n}") for n in range(MAX_MODEL_LABELS + 5)]
     assert labels[:MAX_MODEL_LABELS] == [f"model-{n}" for n in range(MAX_MODEL_LABELS)]
     assert set(labels[MAX_MODEL_LABELS:]) == {"other"}

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from trioproxy._events import Delta, Usage
-from trioproxy._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
+from trioproxy._exceptions import ContextLengthError, RequestError, UpstreamProtocolError, UpstreamStatusError
 from trioproxy._request import ChatRequest, NativeRequest, parse_chat_request
 from trioproxy._sse import SSEDecoder
 from trioproxy.providers.responses import ResponsesStreamParser, ResponsesTranslation, responses_request_body
@@ -66,6 +66,19 @@ def test_an_in_stream_failure_is_an_upstream_status_error() -> None:
         parser.feed(failure)
     assert info.value.message == "boom with ***"
     assert info.value.status == 502
+
+
+def test_an_in_stream_context_length_failure_is_a_context_length_error() -> None:
+    """A `response.failed` with `context_length_exceeded` goes to the route's `context_fallbacks` like a 400."""
+    failed = {
+        "type": "response.failed",
+        "sequence_number": 2,
+        "response": {"status": "failed", "error": {"code": "context_length_exceeded", "message": "too long"}},
+    }
+    event = b"event: response.failed\ndata: " + orjson.dumps(failed) + b"\n\n"
+    with pytest.raises(ContextLengthError) as info:
+        ResponsesStreamParser(keep_raw=False).feed(SSEDecoder().feed(event)[0])
+    assert info.value.status == 400
 
 
 def test_arguments_for_an_unknown_call_are_a_protocol_error() -> None:

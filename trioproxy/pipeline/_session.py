@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 import trio
@@ -265,18 +266,25 @@ def start_session(
     endpoint: str = "",
     registry: SessionRegistry | None = None,
     on_end: Callable[[StreamSession], None] | None = None,
+    guard: Callable[[StreamSession], AbstractAsyncContextManager[None]] | None = None,
 ) -> StreamSession:
     """
     Run a session in `nursery`; `registry` holds it from now until it ended (active streams),
     so that no session is ever running without being in it, not even before its task starts;
     `on_end` sees it when its task ends, however it ends (metrics; it frees the stream's place
-    in the server's limits).
+    in the server's limits). `guard(session)`, when given, is a context the session runs in,
+    entered by its task first: what admission must wait for (shared limits) happens there; it
+    may refuse the session (`interrupt` it before it began: its refusal is its only item).
     """
     session = StreamSession(pipeline, chat, heartbeats=heartbeats, endpoint=endpoint)
 
     async def run() -> None:
         try:
-            await session.run()
+            if guard is None:
+                await session.run()
+            else:
+                async with guard(session):
+                    await session.run()
         finally:
             if registry is not None:
                 registry.discard(session)

@@ -131,14 +131,16 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 
 _CONTEXT_LENGTH = re.compile(
-    r"maximum context length|context_length_exceeded|prompt is too long|exceeds the available context size",
+    r"maximum context length|context_length_exceeded|prompt is too long|exceeds the available context size"
+    r"|exceeds the context window",
     re.IGNORECASE,
 )
 """
 How upstreams say a prompt does not fit: OpenAI's code `context_length_exceeded` and its
 message ("This model's maximum context length is ... tokens"), vLLM's and SGLang's ("maximum
 context length"), Anthropic's ("prompt is too long: ... tokens > ... maximum"), llama.cpp's
-("the request exceeds the available context size").
+("the request exceeds the available context size"), OpenAI Responses' ("Your input exceeds the
+context window of this model").
 """
 
 

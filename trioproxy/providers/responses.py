@@ -37,7 +37,8 @@ Stream mapping (Responses event → `Delta`):
 - `response.completed` → finish reason `tool_calls` (when there were calls) or `stop`, with
   usage; `response.incomplete` → `length` or `content_filter`, with usage; either ends the
   stream;
-- `error` and `response.failed` → `UpstreamStatusError` (the status its code stands for);
+- `error` and `response.failed` → `UpstreamStatusError` (the status its code stands for; a
+  `ContextLengthError` for `context_length_exceeded`);
 - anything else → nothing (a delta with only `raw`, when kept).
 
 Sans-IO.
@@ -54,7 +55,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import CUT_SHORT, UpstreamRequest, safe_message
+from ._base import CUT_SHORT, UpstreamRequest, safe_message, status_error
 from .openai import OpenAITranslation
 
 __all__ = ["ResponsesStreamParser", "ResponsesTranslation", "responses_request_body"]
@@ -300,7 +301,7 @@ class ResponsesStreamParser:
     def _error(self, error: dict[str, Any]) -> UpstreamStatusError:
         code = error.get("code") if isinstance(error.get("code"), str) else None
         message = error.get("message") or "the upstream reported an error during streaming"
-        return UpstreamStatusError(
+        return status_error(
             safe_message(str(message), secret=self._secret),
             status=_CODE_STATUS.get(code or "", 502),
             type=error.get("type") if isinstance(error.get("type"), str) else "upstream_error",

@@ -54,6 +54,8 @@ class RequestRecord:
     crashed: bool = False
     """The app raised instead of answering (hypercorn answers 500)."""
     session: StreamSession | None = None
+    key: str | None = None
+    """Whose usage the session counts as (`_auth.key_name`); set with `session`."""
 
 
 def request_record(scope: Mapping[str, object]) -> RequestRecord:
@@ -124,13 +126,15 @@ class AccessLog:
                 "%s %s %s %s", record.method, record.path, record.status, outcome, extra={"fields": fields}
             )
 
-    def log_stream(self, session: StreamSession, *, request_id: str, route: str, stream_id: str | None) -> None:
+    def log_stream(
+        self, session: StreamSession, *, request_id: str, route: str, stream_id: str | None, key: str
+    ) -> None:
         """One line for a stream that is not a request of its own (a WebSocket stream)."""
         if not self.enabled or not access_logger.isEnabledFor(logging.INFO):
             return
         stats = session.stats
         fields: dict[str, Any] = {"request_id": request_id, "route": route, "stream_id": stream_id}
-        fields.update(self._session_fields(session))
+        fields.update(self._session_fields(session, key))
         fields["outcome"] = stats.outcome
         access_logger.info("WS %s stream %s %s", route, stream_id, stats.outcome, extra={"fields": fields})
 
@@ -144,24 +148,28 @@ class AccessLog:
             "outcome": outcome,
             "duration_ms": _ms(trio.current_time() - record.started),
         }
-        if record.session is not None:
-            fields.update(self._session_fields(record.session))
+        if record.session is not None and record.key is not None:
+            fields.update(self._session_fields(record.session, record.key))
         return fields
 
-    def _session_fields(self, session: StreamSession) -> dict[str, Any]:
+    def _session_fields(self, session: StreamSession, key: str) -> dict[str, Any]:
         stats = session.stats
         usage = session.accumulator.usage_or_estimate(prompt_chars(session.chat))
         fields: dict[str, Any] = {
+            "key": key,
             "provider": stats.provider,
             "model": stats.model,
             "ttft_ms": None if stats.ttft is None else _ms(stats.ttft),
             "tokens_in": usage.prompt_tokens,
+            "tokens_cached": usage.cache_read_tokens or 0,
             "tokens_out": usage.completion_tokens,
         }
         if usage.estimated:
             fields["tokens_estimated"] = True
         if stats.attempts > 1:
             fields["attempts"] = stats.attempts
+            if stats.failures:
+                fields["failures"] = [f"{provider}: {error.message}" for provider, error in stats.failures]
         if stats.retries:
             fields["retries"] = len(stats.retries)
         if stats.providers_left:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import logging
+import os
 from typing import Any, Final
 
 from quart import Response, has_websocket_context, request
@@ -67,7 +68,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[assignment,arg-type]
     router = router or Router(config)
     shutdown = shutdown or GracefulShutdown(config.server.shutdown_grace_period)
-    metrics = Metrics(active_streams=shutdown.streams.__len__, targets=router.targets)
+    metrics = Metrics(targets=router.targets)
     access_log = AccessLog(
         app.asgi_app, metrics=metrics, enabled=config.logging.access_log, include_prompts=config.logging.include_prompts
     )
@@ -80,7 +81,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         access_log=access_log,
         nursery=lambda: app.nursery,
     )
-    _register_lifetime(app, router)
+    _register_lifetime(app, router, core)
     _register_gates(app, config, shutdown)
     _register_pages(app, config, router, shutdown, core, metrics)
     for front in FRONTS:
@@ -89,11 +90,16 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     return app
 
 
-def _register_lifetime(app: QuartTrio, router: Router) -> None:
+def _register_lifetime(app: QuartTrio, router: Router, core: Core) -> None:
     @app.before_serving
     async def expire_idle_upstream_connections() -> None:
         """The pools' timers live in the app's nursery, from start-up until `close_upstreams` ends them."""
         app.nursery.start_soon(router.expire_idle_connections)
+
+    @app.before_serving
+    async def connect_redis() -> None:
+        """The connection to Redis (`[redis]`) lives in the app's nursery, like the sessions that use it."""
+        await app.nursery.start(core.serve_redis)
 
     @app.after_serving
     async def close_upstreams() -> None:
@@ -157,7 +163,13 @@ def _register_pages(
                 {"url": t.url, "state": t.state, "outstanding": t.outstanding} for t in upstream.targets
             ]
         status = "draining" if shutdown.draining else "ok"  # a draining instance takes no new work
-        body = {"status": status, "version": __version__, "providers": providers, "active_streams": len(core.active)}
+        body = {
+            "status": status,
+            "version": __version__,
+            "providers": providers,
+            "active_streams": len(core.active),  # this process's: a worker of `serve --workers` counts its own
+            "pid": os.getpid(),
+        }
         return json_response(body, status=503 if shutdown.draining else 200)
 
     @app.get("/metrics")

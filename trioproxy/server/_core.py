@@ -21,8 +21,11 @@ rendered in the route's protocol; nothing reaches the upstream.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 import orjson
@@ -30,14 +33,15 @@ import trio
 from quart import Response, has_request_context, request, websocket
 
 from .._config import Config
-from .._exceptions import TrioproxyError
+from .._exceptions import SharedStateError, TrioproxyError
 from .._limits import Limiter, check_request_shape
 from .._policy import BufferConfig
+from .._redis import RedisState, SharedLimits
 from .._request import ChatRequest
 from .._router import Router
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import AccessLog, request_record
-from ._auth import presented_key
+from ._auth import NO_KEY, key_name, presented_key
 from ._generic import Renderer, StreamInterrupted, commits, last_word, render
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
@@ -99,6 +103,13 @@ class Core:
             max_streams_per_key=limits.max_streams_per_key,
             max_concurrent_streams=limits.max_concurrent_streams,
         )
+        self.redis = RedisState(config.redis) if config.redis.enabled else None
+        """Where the limits are counted across processes, when `[redis]` is set; `serve_redis` runs it."""
+        self._shared_limits = SharedLimits(
+            requests_per_minute=limits.requests_per_minute,
+            max_streams_per_key=limits.max_streams_per_key,
+            max_concurrent_streams=limits.max_concurrent_streams,
+        )
         shutdown.on_drain(self.streams.stop_resuming)  # nobody can come back to resume a stream
 
     @property
@@ -116,20 +127,62 @@ class Core:
         """
         Start a session for the current request (or a WebSocket's stream `stream_id`), if
         `[limits]` allow it: raises `RequestError` for a body of the wrong shape,
-        `RateLimitedError` or `OverloadedError` when the limiter refuses the client.
+        `RateLimitedError` or `OverloadedError` when the limiter refuses the client. With
+        `[redis]`, the shared limits decide in the session's task: their refusal is its only item.
         """
+        return self._start(pipeline, chat, heartbeats=heartbeats, stream_id=stream_id)[0]
+
+    async def start_admitted(self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool) -> StreamSession:
+        """
+        `start`, returning once the limits admitted the session, or raising their refusal: for
+        a front that answers before the session's first item (a background response).
+        """
+        session, admission = self._start(pipeline, chat, heartbeats=heartbeats, stream_id=None)
+        try:
+            await admission.decided.wait()
+        except BaseException:
+            session.cancel()
+            raise
+        if admission.refusal is not None:
+            raise admission.refusal
+        return session
+
+    def _start(
+        self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool, stream_id: str | None
+    ) -> tuple[StreamSession, _Admission]:
         limits = self.config.limits
         check_request_shape(
             chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
         )
-        lease = self.limiter.admit(self.client_identity(), trio.current_time())
+        client = self.client_identity()
+        lease = self.limiter.admit(client, trio.current_time()) if self.redis is None else None
         record = request_record(connection().scope)
+        key = self.key_name()
+        admission = _Admission()
+        if self.redis is None:
+            admission.decided.set()  # by the limiter, above
+
+        def decide(refusal: TrioproxyError | None) -> None:
+            """The shared limits decided; a refusal is a rejected request, not a stream (metrics, the log)."""
+            admission.refusal = refusal
+            admission.decided.set()
+            if refusal is not None and stream_id is None:
+                record.session = None
+
+        guard = None if self.redis is None else functools.partial(self._shared_admission, client, decide)
 
         def on_end(session: StreamSession) -> None:
-            lease.release()
-            self.metrics.observe_stream(session)
+            admission.decided.set()  # (already, unless the app's end cancelled the session before)
+            if lease is not None:
+                lease.release()
+            if admission.refusal is not None:
+                self.metrics.stream_refused()
+                return
+            self.metrics.observe_stream(session, key=key)
             if stream_id is not None:  # a WebSocket stream: its own log line
-                self.access_log.log_stream(session, request_id=record.id, route=record.route, stream_id=stream_id)
+                self.access_log.log_stream(
+                    session, request_id=record.id, route=record.route, stream_id=stream_id, key=key
+                )
 
         try:
             session = start_session(
@@ -140,14 +193,71 @@ class Core:
                 endpoint=route_label(),
                 registry=self.active,
                 on_end=on_end,
+                guard=guard,
             )
         except BaseException:
-            lease.release()
+            if lease is not None:
+                lease.release()
             raise
+        self.metrics.stream_started()
         if stream_id is None:
             record.session = session
+            record.key = key
         self.shutdown.admit(session)  # while draining, its first item is the refusal
-        return session
+        return session, admission
+
+    async def serve_redis(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the connection to Redis, when `[redis]` is set, until cancelled (the app's nursery owns it)."""
+        if self.redis is None:
+            task_status.started()
+            return
+        await self.redis.run(task_status=task_status)
+
+    @asynccontextmanager
+    async def _shared_admission(
+        self, client: str, decide: Callable[[TrioproxyError | None], None], session: StreamSession
+    ) -> AsyncIterator[None]:
+        """
+        The session's place in the limits shared on Redis, held while it runs. If Redis fails
+        or is slow, `[redis] on_error`: "open" admits by this process's own limits, "closed"
+        refuses with the failure (503). A refusal is the session's only item; `decide` is told
+        the outcome first.
+        """
+        assert self.redis is not None
+        try:
+            shared = await self.redis.admit(client, self._shared_limits)
+        except SharedStateError as failure:
+            if self.config.redis.on_error == "closed":
+                decide(failure)
+                session.interrupt(failure)
+                yield
+                return
+            try:
+                local = self.limiter.admit(client, trio.current_time())
+            except TrioproxyError as refusal:
+                decide(refusal)
+                session.interrupt(refusal)
+                yield
+                return
+            decide(None)
+            try:
+                yield
+            finally:
+                local.release()
+            return
+        except TrioproxyError as refusal:
+            decide(refusal)
+            session.interrupt(refusal)
+            yield
+            return
+        decide(None)
+        try:
+            yield
+        finally:
+            try:
+                await self.redis.release(shared)
+            except SharedStateError:
+                pass  # logged by `RedisState`; the place expires within `[redis] lease_ttl`
 
     def client_identity(self) -> str:
         """Who the limits count against: the client key when keys are on, else the address."""
@@ -155,6 +265,12 @@ class Core:
         if self.config.auth.enabled:
             return "key:" + (presented_key(current.headers) or "")
         return "address:" + (current.scope.get("client") or ("unknown",))[0]
+
+    def key_name(self) -> str:
+        """Whose usage a session counts as in metrics and logs: its client key's name, when keys are on."""
+        if self.config.auth.enabled:
+            return key_name(presented_key(connection().headers) or "")
+        return NO_KEY
 
     async def stream(
         self,
@@ -254,7 +370,7 @@ async def complete(session: StreamSession, take: Callable[[SessionItem], None] |
 class _BodyWriter:
     """Writes the session's items, rendered, to the response through its ASGI `send`, while it lasts."""
 
-    def __init__(self, renderer: Renderer, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    def __init__(self, renderer: Renderer, send: ASGISend) -> None:
         self._renderer = renderer
         self._send = send
         self.relaying = True
@@ -284,6 +400,14 @@ async def _relay(
     finally:
         writer.relaying = False
         session.cancel()
+
+
+@dataclass(eq=False, slots=True)
+class _Admission:
+    """Whether the limits took a session: `decided` is set once they did, `refusal` is theirs if they refused."""
+
+    decided: trio.Event = field(default_factory=trio.Event)
+    refusal: TrioproxyError | None = None
 
 
 def watch_response(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher) -> Response:

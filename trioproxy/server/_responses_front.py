@@ -21,7 +21,9 @@ A Responses upstream's own events (`Delta.raw`, kept when no stage changed conte
 forwarded as they came instead: its numbering, built-in tool items and encrypted reasoning reach the client
 untouched, and so does its response id, unless the store chose the id (`response_id`): the
 store's then stands in the events for the upstream's. An error of ours continues the
-upstream's numbering.
+upstream's numbering, and so does a continuation's text from an upstream of another
+protocol (`trioproxy.pipeline`): it goes on in the upstream's open message item, whose
+`.done` events then carry its whole text, and the Response lists the upstream's items.
 
 What the client sees is decided by the stream:
 
@@ -65,6 +67,8 @@ __all__ = [
 KEEP_ALIVE: Final = b": keep-alive\n\n"
 MAX_HELD_EVENTS: Final = 64
 """A Responses upstream's events that may wait for the first token; past it they are sent."""
+_ITEM_EVENT: Final = b"event: response.output_item."
+"""How a Responses upstream's `output_item.added` and `.done` events begin (`Delta.raw`)."""
 TERMINAL_EVENTS: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 INCOMPLETE_REASONS: Final = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -190,6 +194,8 @@ class ResponsesEventRenderer:
         if self._held and not self._streaming:  # the next attempt sends its own opening events
             self._sequence -= len(self._held)
             self._held.clear()
+            self._items.clear()
+            self._open = None
             self._started = False
             self._upstream_id = None
         return b""
@@ -265,18 +271,24 @@ class ResponsesEventRenderer:
                 self.id = self._upstream_id
         if self._keeps_id and self._upstream_id is not None:
             raw = raw.replace(self._upstream_id.encode(), self.id.encode())
-        if self._frame is not sse_event or delta.role or delta.finish_reason is not None:
+        item_event = raw.startswith(_ITEM_EVENT)
+        if self._frame is not sse_event or delta.role or delta.finish_reason is not None or item_event:
             payload = orjson.loads(SSEDecoder().feed(raw)[0].data)
             if self._frame is not sse_event:
                 raw = self._frame(payload)
             if isinstance(payload.get("response"), dict):  # created, completed, incomplete
                 self.response = payload["response"]
+            if item_event:
+                self._follow_item(payload)
         self._started = True
         self._sequence += 1
         if delta.finish_reason is not None:
             self._terminal = raw
             return b""
         if delta.has_content:
+            if self._open is not None:
+                arguments = "".join(call.arguments for call in delta.tool_calls)
+                self._open.text.append(delta.text or delta.reasoning or arguments)
             return self._flush() + raw
         if self._streaming:
             return raw
@@ -284,6 +296,23 @@ class ResponsesEventRenderer:
         if len(self._held) > MAX_HELD_EVENTS:
             return self._flush()
         return b""
+
+    def _follow_item(self, payload: dict[str, Any]) -> None:
+        """
+        Keep up with the upstream's output items (`output_item.added`/`.done`), so that a
+        continuation rendered here goes on in its open message, and the Response lists them.
+        """
+        item = payload.get("item")
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            return
+        if payload["type"] == "response.output_item.added":
+            index = payload.get("output_index")
+            index = index if isinstance(index, int) else len(self._items)
+            self._open = _Item(str(item.get("type")), dict(item), index)
+            self._items.append(self._open)
+        elif self._open is not None and self._open.id == item["id"]:
+            self._open.item = item
+            self._open = None
 
     def _flush(self) -> bytes:
         """What waited for the first token, now that it is here."""
@@ -442,7 +471,7 @@ class ResponsesEventRenderer:
             item.item["content"] = [_output_text(text)]
         elif item.kind == "reasoning":
             item.item["summary"] = [_summary_text(text)]
-        else:
+        elif item.kind == "function_call":
             item.item["arguments"] = text
 
 

@@ -27,10 +27,16 @@ from ._app import create_app
 from ._openai_front import error_body
 from ._shutdown import GracefulShutdown
 
-__all__ = ["WEBSOCKET_PING_INTERVAL", "serve"]
+__all__ = ["WEBSOCKET_PING_INTERVAL", "listening_socket", "serve"]
 
 WEBSOCKET_PING_INTERVAL: Final = 20.0
 """Seconds between the server's WebSocket pings."""
+BACKLOG: Final = 4096
+"""
+Connections the kernel queues before they are accepted. hypercorn's default (100) overflows
+when hundreds of clients connect at once, and each refused SYN costs that client a one-second
+retransmit.
+"""
 
 logger = logging.getLogger("trioproxy.server")
 
@@ -208,6 +214,22 @@ class _ConnectionsThatEnd:
             connection.cancel_scope.cancel()
 
 
+def _hypercorn_config(config: Config, *, host: str | None, port: int | None) -> _HypercornConfig:
+    hypercorn_config = _HypercornConfig(write_timeout=config.server.write_timeout)
+    hypercorn_config.bind = [f"{host or config.server.host}:{config.server.port if port is None else port}"]
+    return hypercorn_config
+
+
+def listening_socket(config: Config, *, host: str | None = None, port: int | None = None) -> socket.socket:
+    """
+    The socket `serve` would listen on, listening already, and inheritable: the workers of
+    `serve --workers` all accept from it (`serve(listen_fd=...)`).
+    """
+    (sock,) = _hypercorn_config(config, host=host, port=port).create_sockets().insecure_sockets
+    sock.listen(BACKLOG)
+    return sock
+
+
 async def serve(
     config: Config,
     *,
@@ -215,11 +237,15 @@ async def serve(
     port: int | None = None,
     router: Router | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    listen_fd: int | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
     Serve the proxy until cancelled. Reports the bound URLs through `task_status`, so
     `await nursery.start(serve, config, port=0)` returns once it accepts connections.
+
+    `listen_fd`, instead of `host` and `port`: a listening socket this process inherited, which
+    other processes accept from too (a worker of `serve --workers`, `_workers.py`).
 
     Each return of `shutdown_trigger` is one request to stop (the CLI's returns once per
     SIGINT or SIGTERM). The first starts a graceful shutdown (`_shutdown.py`): no new
@@ -229,14 +255,13 @@ async def serve(
     """
     shutdown = GracefulShutdown(config.server.shutdown_grace_period)
     app = create_app(config, router=router, shutdown=shutdown)
-    hypercorn_config = _HypercornConfig(write_timeout=config.server.write_timeout)
-    hypercorn_config.bind = [f"{host or config.server.host}:{config.server.port if port is None else port}"]
+    hypercorn_config = _hypercorn_config(config, host=host, port=port)
+    if listen_fd is not None:
+        hypercorn_config.bind = [f"fd://{listen_fd}"]
     hypercorn_config.accesslog = None
     hypercorn_config.errorlog = logger
     hypercorn_config.keep_alive_timeout = config.server.keep_alive_timeout
-    # hypercorn's default backlog (100) overflows when hundreds of clients connect at once, and
-    # each refused SYN costs that client a one-second retransmit.
-    hypercorn_config.backlog = 4096
+    hypercorn_config.backlog = BACKLOG
     # WebSocket pings keep idle connections (and the load balancers in between) alive; the
     # streams themselves send no keep-alive events. See `_websocket.py` for dead peers.
     hypercorn_config.websocket_ping_interval = WEBSOCKET_PING_INTERVAL

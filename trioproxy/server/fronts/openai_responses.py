@@ -124,8 +124,11 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
                 return _error(error)
             return json_response(response_from_events(bytes(events + renderer.done(session))))
 
-        session = core.start(pipeline, chat, heartbeats=chat.stream or background)  # a background one may be watched
         if background:
+            try:  # answered before the session's first item: once the limits (shared or not) took it
+                session = await core.start_admitted(pipeline, chat, heartbeats=True)  # it may be watched
+            except TrioproxyError as exc:
+                return _error(exc)
             try:
                 stream = core.streams.open(session, renderer_for, prefix=PREFIX, encode=_encode)
             except TrioproxyError as exc:  # `max_streams` are running
@@ -136,6 +139,7 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
             if chat.stream:
                 return watch_response(stream, *stream.attach())
             return json_response(_renderer(stream).snapshot("queued"))
+        session = core.start(pipeline, chat, heartbeats=chat.stream)
         try:
             stream, backlog, watcher = await core.share(
                 session, renderer_for, shows_notices=False, prefix=PREFIX, encode=_encode
