@@ -131,5 +131,6 @@ async def test_no_key_appears_in_redis(redis_server: RedisServer) -> None:
         await state.admit("key:sk-client-secret", SharedLimits(requests_per_minute=5))
         async with coredis.Redis.from_url(redis_server.url) as client:
             keys = sorted(k.decode() for k in await client.keys("*"))
-    assert all(k.startswith("tp:") for k in keys) and len(keys) == 3
+    assert all(k.startswith("tp:") for k in keys)
+    assert len(keys) == 3
     assert not any("secret" in k for k in keys)

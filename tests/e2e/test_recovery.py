@@ -581,11 +581,13 @@ async def test_a_responses_client_gets_one_seamless_response(
         assert trio.current_time() - start <= 5.1  # at most one silence_timeout
     types = [event.type for event in events]
     assert [event.sequence_number for event in events] == list(range(len(events)))
-    assert types.count("response.created") == 1 and types.count("response.output_item.added") == 1
+    assert types.count("response.created") == 1
+    assert types.count("response.output_item.added") == 1
     (done,) = [event for event in events if event.type == "response.output_text.done"]
     assert done.text == "".join(CANONICAL)
     assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == done.text
-    assert response.status == "completed" and response.output_text == "".join(CANONICAL)
+    assert response.status == "completed"
+    assert response.output_text == "".join(CANONICAL)
     assert [item.type for item in response.output] == ["message"]
     if "stall_after" in fault:
         assert primary.requests[0].disconnected.is_set()  # the silent request was cancelled
@@ -665,7 +667,8 @@ async def test_an_anthropic_stream_client_gets_one_seamless_message(
             events = [event async for event in stream]
             message = await stream.get_final_message()
     types = [event.type for event in events]
-    assert types.count("message_start") == 1 and types.count("content_block_start") == 1
+    assert types.count("message_start") == 1
+    assert types.count("content_block_start") == 1
     blocks = [event for event in events if event.type.startswith("content_block")]
     assert {event.index for event in blocks} == {0}  # type: ignore[union-attr]
     assert [block.type for block in message.content] == ["text"]
@@ -685,7 +688,8 @@ async def test_an_anthropic_prefill_the_upstream_refuses_leaves_the_original_fai
                 async for event in stream:
                     if event.type == "content_block_delta":
                         text.append(event.delta.text)  # type: ignore[union-attr]
-    assert "connection broke" in info.value.message and "prefill" not in info.value.message
+    assert "connection broke" in info.value.message
+    assert "prefill" not in info.value.message
     assert "".join(text) == "".join(CANONICAL[:40])
     assert upstream.request_count == 2
 
@@ -754,7 +758,9 @@ async def test_every_attempt_shows_in_the_access_log_and_metrics_under_its_reque
     logged = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
     lines = {line["route"]: line for line in logged}
     continued, raced = lines["/v1/responses"], lines["/v1/messages"]
-    assert continued["request_id"] != raced["request_id"] and continued["request_id"] and raced["request_id"]
+    assert continued["request_id"] != raced["request_id"]
+    assert continued["request_id"]
+    assert raced["request_id"]
     assert (continued["attempts"], continued["continuations"], continued["provider"]) == (2, 1, "vllm")
     (failure,) = continued["failures"]  # each failed attempt: its provider, and why
     assert failure.startswith("resp: the upstream connection broke")

@@ -110,7 +110,8 @@ async def pids_answering(url: str, count: int) -> set[int]:
 async def test_two_workers_answer_on_one_address_with_one_metrics(tmp_path: Path) -> None:
     async with supervisor(tmp_path) as proxy:
         pids = await pids_answering(proxy.url, 2)
-        assert proxy.process.pid not in pids and set(_children(proxy.process.pid)) == pids
+        assert proxy.process.pid not in pids
+        assert set(_children(proxy.process.pid)) == pids
 
         async with httpx.AsyncClient() as http:
             for _ in range(20):
@@ -172,7 +173,8 @@ breaker = {{ failures = 1, cooldown = 600 }}
             async with httpx.AsyncClient() as http:
                 body = {"model": "sim/echo", "messages": messages}
                 events = await http.post(proxy.url + "/v1/chat/stream", json=body)
-                assert events.status_code == 200 and '"type":"done"' in events.text
+                assert events.status_code == 200
+                assert '"type":"done"' in events.text
                 down_body = {"model": "down/m", "messages": messages}
                 assert (await http.post(proxy.url + "/v1/chat/completions", json=down_body)).status_code == 502
 
