@@ -121,9 +121,11 @@ async def test_usage_is_counted_per_client_key_and_model(
             stream = await sdk.chat.completions.create(model="up/gpt-x", messages=MESSAGES, stream=True)
             async for _ in stream:
                 pass
-    async with anthropic.AsyncAnthropic(base_url=proxy_url, api_key=keys[1], max_retries=0) as claude:
-        async with claude.messages.stream(model="claude/opus", max_tokens=10, messages=MESSAGES) as stream:
-            await stream.until_done()
+    async with (
+        anthropic.AsyncAnthropic(base_url=proxy_url, api_key=keys[1], max_retries=0) as claude,
+        claude.messages.stream(model="claude/opus", max_tokens=10, messages=MESSAGES) as stream,
+    ):
+        await stream.until_done()
     async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key=keys[0], max_retries=0) as sdk:
         async with await sdk.responses.create(model="up/gpt-r", input="hi", stream=True) as events:  # stored
             async for _ in events:

@@ -53,6 +53,16 @@ async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **providers
     return (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
 
 
+async def sdk_stream_events(manager: Any, into: list[Any]) -> None:
+    """Open an SDK's stream helper (`responses.stream`, `messages.stream`) and keep its events in `into`."""
+    async with manager as stream:
+        await collect_into(stream, into)
+
+
+def text_of_messages_events(events: list[Any]) -> str:
+    return "".join(event.delta.text for event in events if event.type == "content_block_delta")
+
+
 async def test_a_malformed_event_is_skipped_when_the_provider_says_so_counted_and_logged(
     nursery: trio.Nursery, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -630,9 +640,7 @@ async def test_a_responses_upstream_alone_cannot_be_continued_and_says_so(
     async with in_process({"resp": {**RESPONSES, "base_url": upstream.url + "/v1"}}) as client:
         events: list[Any] = []
         with pytest.raises(openai.APIError) as info:
-            async with client.responses.stream(model="resp/m", input="go") as stream:
-                async for event in stream:
-                    events.append(event)
+            await sdk_stream_events(client.responses.stream(model="resp/m", input="go"), events)
     assert "connection broke" in info.value.message
     assert f"after {len(delivered)} characters were delivered" in info.value.message
     assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == delivered
@@ -641,14 +649,13 @@ async def test_a_responses_upstream_alone_cannot_be_continued_and_says_so(
 
     async with in_process_anthropic({"resp": {**RESPONSES, "base_url": upstream.url + "/v1"}}) as anthropic_client:
         upstream.push(Reply(tokens=CANONICAL, reset_after=40))
-        text: list[str] = []
+        message_events: list[Any] = []
         with pytest.raises(anthropic.APIError) as anthropic_info:
-            async with anthropic_client.messages.stream(model="resp/m", max_tokens=100, messages=MESSAGES) as stream:
-                async for event in stream:
-                    if event.type == "content_block_delta":
-                        text.append(event.delta.text)  # type: ignore[union-attr]
+            await sdk_stream_events(
+                anthropic_client.messages.stream(model="resp/m", max_tokens=100, messages=MESSAGES), message_events
+            )
     assert "connection broke" in anthropic_info.value.message
-    assert "".join(text) == delivered
+    assert text_of_messages_events(message_events) == delivered
 
 
 @pytest.mark.parametrize(
@@ -662,10 +669,12 @@ async def test_an_anthropic_stream_client_gets_one_seamless_message(
     """Through `client.messages.stream`: one `message_start`, one text block at index 0, the whole text."""
     primary, backup = await open_upstreams(nursery, 2)
     push_broken(first, primary, backup, fault)
-    async with in_process_anthropic(front_tables(first, primary, backup), timeouts={"silence_timeout": 5}) as client:
-        async with client.messages.stream(model=f"{first}/m", max_tokens=100, messages=MESSAGES) as stream:
-            events = [event async for event in stream]
-            message = await stream.get_final_message()
+    async with (
+        in_process_anthropic(front_tables(first, primary, backup), timeouts={"silence_timeout": 5}) as client,
+        client.messages.stream(model=f"{first}/m", max_tokens=100, messages=MESSAGES) as stream,
+    ):
+        events = [event async for event in stream]
+        message = await stream.get_final_message()
     types = [event.type for event in events]
     assert types.count("message_start") == 1
     assert types.count("content_block_start") == 1
@@ -682,15 +691,12 @@ async def test_an_anthropic_prefill_the_upstream_refuses_leaves_the_original_fai
     (upstream,) = await open_upstreams(nursery, 1)
     upstream.push(Reply(tokens=CANONICAL, reset_after=40), Reply(refuse_continuation=True))
     async with in_process_anthropic({"claude": {"type": "anthropic", "base_url": upstream.url}}) as client:
-        text: list[str] = []
+        events: list[Any] = []
         with pytest.raises(anthropic.APIError) as info:
-            async with client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as stream:
-                async for event in stream:
-                    if event.type == "content_block_delta":
-                        text.append(event.delta.text)  # type: ignore[union-attr]
+            await sdk_stream_events(client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES), events)
     assert "connection broke" in info.value.message
     assert "prefill" not in info.value.message
-    assert "".join(text) == "".join(CANONICAL[:40])
+    assert text_of_messages_events(events) == "".join(CANONICAL[:40])
     assert upstream.request_count == 2
 
 
@@ -780,20 +786,24 @@ async def test_a_client_that_leaves_during_a_continuation_cancels_its_upstream_r
     delivered = "".join(CANONICAL[:45])
     text = ""
     if front == "responses":
-        async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
-            async with sdk.responses.stream(model="claude/m", input="go") as stream:
-                async for event in stream:
-                    text += event.delta if event.type == "response.output_text.delta" else ""
-                    if len(text) == len(delivered):
-                        break  # leaves: the stream is closed
+        async with (
+            openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk,
+            sdk.responses.stream(model="claude/m", input="go") as stream,
+        ):
+            async for event in stream:
+                text += event.delta if event.type == "response.output_text.delta" else ""
+                if len(text) == len(delivered):
+                    break  # leaves: the stream is closed
     else:
-        async with anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client:
-            async with client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as events:
-                async for event in events:
-                    if event.type == "content_block_delta":
-                        text += event.delta.text  # type: ignore[union-attr]
-                    if len(text) == len(delivered):
-                        break
+        async with (
+            anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client,
+            client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as events,
+        ):
+            async for event in events:
+                if event.type == "content_block_delta":
+                    text += event.delta.text  # type: ignore[union-attr]
+                if len(text) == len(delivered):
+                    break
     assert text == delivered  # 40 tokens, then 5 of the continuation's
     continued = upstream.requests[1]
     with trio.fail_after(5):
