@@ -15,6 +15,8 @@ from trioproxy._request import (
     ChatRequest,
     content_text,
     parse_chat_request,
+    parse_completion_request,
+    parse_embedding_request,
     parse_json_object,
 )
 
@@ -303,3 +305,49 @@ def test_content_text() -> None:
     assert content_text(None) == ""
     assert content_text(5) == ""
     assert content_text([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == "ab"
+
+
+def test_a_legacy_completion_keeps_its_body_whole_for_an_openai_compatible_upstream() -> None:
+    body = {"model": "local/coder", "prompt": "def f(", "suffix": "):", "stream": True, "max_tokens": 9, "n": 2}
+    chat = parse_completion_request(body)
+
+    assert (chat.model, chat.stream, chat.max_tokens, chat.protocol) == ("local/coder", True, 9, "completions")
+    assert chat.client_body is body
+    assert chat.last_user_text == "def f("
+    with pytest.raises(RequestError, match="OpenAI-compatible upstreams only"):
+        chat.common_body()
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x"}, "model"),
+        ({"model": "m"}, "prompt"),
+        ({"model": "m", "prompt": ""}, "prompt"),
+        ({"model": "m", "prompt": "x", "suffix": 3}, "suffix"),
+        ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "n": 2}, "n"),
+        ({"model": "m", "prompt": "x", "best_of": 3, "stream": False}, "best_of"),
+    ],
+)
+def test_a_bad_legacy_completion_names_its_field(body: dict, param: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_completion_request(body)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize(("body", "param"), [({"input": "x"}, "model"), ({"model": "m", "input": []}, "input")])
+def test_an_embeddings_request_names_a_missing_field(body: dict, param: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_embedding_request(body)
+    assert info.value.param == param
+
+
+def test_several_choices_of_a_streamed_legacy_completion_go_up_as_asked() -> None:
+    assert parse_completion_request({"model": "m", "prompt": "x", "n": 2, "stream": True}).client_body["n"] == 2
+
+
+def test_an_embeddings_request_is_native() -> None:
+    chat = parse_embedding_request({"model": "m", "input": ["a", "b"]})
+    assert (chat.protocol, chat.stream, chat.last_user_text) == ("embeddings", False, "ab")

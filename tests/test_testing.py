@@ -14,8 +14,10 @@ be checkable independently of the code it will be used to test.
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
+import struct
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
@@ -211,6 +213,49 @@ async def test_openai_non_stream(nursery: trio.Nursery, client: httpx.AsyncClien
         ]
         assert choice["finish_reason"] == "tool_calls"
         assert completion["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+
+
+async def test_legacy_completions_stream_and_whole(nursery: trio.Nursery, client: httpx.AsyncClient) -> None:
+    upstream = await open_fake_upstream(nursery, Reply(tokens=("a", "b"), usage=(4, 0)))
+    body = {"model": "coder", "prompt": "x", "suffix": "y", "stream": True, "stream_options": {"include_usage": True}}
+    streamed = openai_payloads((await client.post(upstream.url + "/v1/completions", json=body)).content)
+    whole = (await client.post(upstream.url + "/completions", json={**body, "stream": False})).json()
+
+    assert [p["choices"] for p in streamed[:3]] == [
+        [{"index": 0, "text": "a", "logprobs": None, "finish_reason": None}],
+        [{"index": 0, "text": "b", "logprobs": None, "finish_reason": None}],
+        [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}],
+    ]
+    assert all(p["object"] == "text_completion" for p in streamed[:4])
+    assert streamed[3]["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    assert streamed[4] == b"[DONE]"
+    assert (whole["object"], whole["choices"][0]["text"], whole["usage"]["total_tokens"]) == (
+        "text_completion",
+        "ab",
+        6,
+    )
+
+
+async def test_embeddings_as_floats_or_base64(nursery: trio.Nursery, client: httpx.AsyncClient) -> None:
+    upstream = await open_fake_upstream(nursery)
+    floats = (await client.post(upstream.url + "/v1/embeddings", json={"model": "e", "input": ["ab", "c"]})).json()
+    encoded = await client.post(
+        upstream.url + "/embeddings", json={"model": "e", "input": "ab", "encoding_format": "base64"}
+    )
+
+    assert [item["embedding"] for item in floats["data"]] == [[2.0, 0.0, 0.5], [1.0, 1.0, 0.5]]
+    assert floats["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+    assert base64.b64decode(encoded.json()["data"][0]["embedding"]) == struct.pack("<3f", 2.0, 0.0, 0.5)
+
+
+async def test_the_echo_route_sends_the_request_back(nursery: trio.Nursery, client: httpx.AsyncClient) -> None:
+    upstream = await open_fake_upstream(nursery, Reply(tokens=("t1", "t2")))
+    echoed = await client.patch(upstream.url + "/v1/echo/x?q=1", content=b"\x00body", headers={"content-type": "a/b"})
+    streamed = await client.get(upstream.url + "/v1/echo", headers={"accept": "text/event-stream"})
+
+    assert (echoed.status_code, echoed.content, echoed.headers["content-type"]) == (200, b"\x00body", "a/b")
+    assert (echoed.headers["x-echo-method"], echoed.headers["x-echo-target"]) == ("PATCH", "/v1/echo/x?q=1")
+    assert streamed.content == b"data: t1\n\ndata: t2\n\n"
 
 
 # --------------------------------------------------------------------------------------------

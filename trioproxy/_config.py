@@ -119,12 +119,13 @@ class ProviderConfig:
     (timeouts, retries, fallbacks, buffering, transforms and validators). `context_fallbacks`
     (larger-context models) take a request its model refused as too long for its context.
 
-    `max_connections` bounds the provider's connection pool. `skip_malformed_events` passes
-    over an upstream event that cannot be read (counted, and logged with the request's id)
-    instead of ending the stream with it. `continuation` is how the upstream continues a
-    broken answer (`_continuation.CONTINUATION_WAYS`): `prefill` by default for Anthropic,
-    `none` for an OpenAI-compatible upstream unless it is set to `continue_final_message`; a
-    table of model patterns sets it per model (`continuation_for`).
+    `max_connections` bounds the provider's connection pool. `forward_paths` are the path
+    prefixes under `/v1/` that the proxy forwards to it as they are (`server/fronts/forwarding.py`).
+    `skip_malformed_events` passes over an upstream event that cannot be read (counted, and logged
+    with the request's id) instead of ending the stream with it. `continuation` is how the upstream
+    continues a broken answer (`_continuation.CONTINUATION_WAYS`): `prefill` by default for
+    Anthropic, `none` for an OpenAI-compatible upstream unless it is set to
+    `continue_final_message`; a table of model patterns sets it per model (`continuation_for`).
     """
 
     name: str
@@ -146,6 +147,7 @@ class ProviderConfig:
     transforms: tuple[Transform, ...] = ()
     validators: tuple[Validator, ...] = ()
     request_usage: bool = True
+    forward_paths: tuple[str, ...] = ()
     skip_malformed_events: bool = False
     continuation: str = "none"
     continuation_models: tuple[tuple[str, str], ...] = ()
@@ -700,6 +702,9 @@ def _server(table: object, problems: list[str]) -> ServerConfig:
     )
 
 
+_FORWARD_PATH: Final = re.compile(r"^/v1/[A-Za-z0-9._~-][A-Za-z0-9._~/-]*$")
+"""A forwarded path prefix: under `/v1/`, in the characters of a plain URL path (it becomes a URL rule)."""
+
 _TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval", "hedge_after"}
 _COMMON_KEYS: Final = {
     "type",
@@ -730,9 +735,9 @@ _CONTINUATION_WAYS: Final = {
 }
 """How each type of upstream can continue a broken answer (`trioproxy._continuation`)."""
 _TYPE_KEYS: Final = {
-    "openai": {"request_usage"},
+    "openai": {"request_usage", "forward_paths"},
     "openai_responses": set(),
-    "anthropic": {"anthropic_version", "default_max_tokens"},
+    "anthropic": {"anthropic_version", "default_max_tokens", "forward_paths"},
     "simulated": set(SimulatedSettings.__dataclass_fields__),
 }
 
@@ -767,6 +772,7 @@ def _provider(
     _number(table, "max_connections", where, problems, checked, positive=True, integer=True)
     _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
     _bool(table, "request_usage", where, problems, checked)
+    _forward_paths(table, where, problems, checked)
     _bool(table, "skip_malformed_events", where, problems, checked)
     _continuation(table, type_, where, problems, checked)
     _string(table, "anthropic_version", where, problems, checked)
@@ -875,6 +881,21 @@ def _fallbacks(table: Mapping[str, object], key: str, where: str, problems: list
         problems.append(f"{where}.{key}[{i}] = {fallback!r} is not a 'provider/model' name")
     if not bad:
         checked[key] = tuple(names)
+
+
+def _forward_paths(table: Mapping[str, object], where: str, problems: list[str], checked: dict[str, Any]) -> None:
+    if "forward_paths" not in table:
+        return
+    forward_paths = table["forward_paths"]
+    if not isinstance(forward_paths, list) or not all(
+        isinstance(path, str) and _FORWARD_PATH.match(path) for path in forward_paths
+    ):
+        problems.append(
+            f"{where}.forward_paths must be a list of path prefixes under /v1/ "
+            "(letters, digits and '/._~-', e.g. '/v1/moderations')"
+        )
+    else:
+        checked["forward_paths"] = tuple(path.rstrip("/") for path in forward_paths)
 
 
 def _continuation(

@@ -25,10 +25,23 @@ import orjson
 
 from ._exceptions import RequestError
 
-__all__ = ["MAX_JSON_DEPTH", "ChatRequest", "NativeRequest", "WireProtocol", "parse_chat_request", "parse_json_object"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "ChatRequest",
+    "NativeRequest",
+    "WireProtocol",
+    "parse_chat_request",
+    "parse_completion_request",
+    "parse_embedding_request",
+    "parse_json_object",
+]
 
-WireProtocol = Literal["openai", "anthropic", "responses"]
-"""A protocol a client or an upstream speaks: Chat Completions, Anthropic Messages, or OpenAI Responses."""
+WireProtocol = Literal["openai", "anthropic", "responses", "completions", "embeddings"]
+"""
+A protocol a client or an upstream speaks: Chat Completions, Anthropic Messages, OpenAI Responses,
+or one of OpenAI's other endpoints, legacy text completions and embeddings (which only an
+OpenAI-compatible upstream serves).
+"""
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -109,7 +122,7 @@ class ChatRequest:
         return ""
 
 
-def content_text(content: object) -> str:
+def content_text(content: Any) -> str:
     """The text of a message's `content`, whether a string or a list of content parts."""
     if isinstance(content, str):
         return content
@@ -133,8 +146,8 @@ def parse_json_object(raw: bytes | str, *, what: str = "request body") -> dict[s
         raise RequestError(_not_json(raw, exc, what)) from None
     if not isinstance(body, dict):
         raise RequestError(f"{what} must be a JSON object, not {type(body).__name__}")
-    openings = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
-    if openings > MAX_JSON_DEPTH and _nested_deeper(body, MAX_JSON_DEPTH):
+    opening = (b"[", b"{") if isinstance(raw, bytes) else ("[", "{")
+    if raw.count(opening[0]) + raw.count(opening[1]) > MAX_JSON_DEPTH and _nested_deeper(body, MAX_JSON_DEPTH):
         raise RequestError(_too_deep(what))
     return body
 
@@ -174,45 +187,126 @@ def parse_chat_request(body: dict[str, Any], *, model: str | None = None) -> Cha
     `model` overrides `body["model"]` (the generic endpoints build it from `provider` and
     `model`).
     """
-    model = body.get("model") if model is None else model
-    if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required and must be a non-empty string", param="model")
-
+    model = _model(body if model is None else {"model": model})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' is required and must be a non-empty array", param="messages")
     for i, message in enumerate(messages):
         _check_message(message, i)
 
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be a boolean", param="stream")
+    stream, include_usage = _stream_fields(body)
     return ChatRequest(
         body=body,
         model=model,
         messages=messages,
         stream=stream,
-        include_usage=_include_usage(body.get("stream_options")),
+        include_usage=include_usage,
         max_tokens=_max_tokens(body),
     )
 
 
-def _include_usage(stream_options: object) -> bool:
-    if stream_options is None:
-        return False
-    if not isinstance(stream_options, dict):
-        raise RequestError("'stream_options' must be an object", param="stream_options")
-    include_usage = stream_options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise RequestError("'stream_options.include_usage' must be a boolean", param="stream_options.include_usage")
-    return include_usage
+def parse_completion_request(body: dict[str, Any]) -> ChatRequest:
+    """
+    A legacy text completion (`POST /v1/completions`): `model` and `prompt` checked, the body
+    kept whole as the native request (`suffix`, `echo`, `logprobs`, `best_of` and every other
+    field reach the upstream as sent). The common model sees the prompt as one user message,
+    for estimates only: a prompt to continue is not a chat turn, so the request goes to an
+    OpenAI-compatible upstream only.
+    """
+    model = _model(body)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, (str, list)) or not prompt:
+        raise RequestError("'prompt' is required: a string, or an array of strings or tokens", param="prompt")
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise RequestError("'suffix' must be a string", param="suffix")
+    stream, include_usage = _stream_fields(body)
+    for name in ("n", "best_of"):
+        value = body.get(name)
+        if not stream and isinstance(value, int) and value > 1:
+            raise RequestError(
+                f"'{name}' above 1 needs 'stream': true here: a whole answer is folded from the stream's first choice",
+                param=name,
+            )
+    return _native_request(
+        "completions",
+        body,
+        model,
+        prompt,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=_max_tokens(body, names=("max_tokens",)),
+    )
 
 
-def _max_tokens(body: dict[str, Any]) -> int | None:
-    """`max_completion_tokens`, or the older `max_tokens`."""
-    for name in ("max_completion_tokens", "max_tokens"):
+def parse_embedding_request(body: dict[str, Any]) -> ChatRequest:
+    """`POST /v1/embeddings`: `model` and `input` checked, the body kept whole for an OpenAI-compatible upstream."""
+    model = _model(body)
+    inputs = body.get("input")
+    if not isinstance(inputs, (str, list)) or not inputs:
+        raise RequestError("'input' is required: a string, or an array of strings or tokens", param="input")
+    return _native_request("embeddings", body, model, inputs)
+
+
+def _native_request(
+    protocol: WireProtocol,
+    body: dict[str, Any],
+    model: str,
+    text: str | list[Any],
+    *,
+    stream: bool = False,
+    include_usage: bool = False,
+    max_tokens: int | None = None,
+) -> ChatRequest:
+    """A request of one of OpenAI's other endpoints, which the common model cannot carry."""
+    content = text if isinstance(text, str) else "".join(part for part in text if isinstance(part, str))
+    messages = [{"role": "user", "content": content}]
+    path = "/v1/completions" if protocol == "completions" else "/v1/embeddings"
+    unportable = RequestError(
+        f'POST {path} is served by OpenAI-compatible upstreams only (providers of type "openai"); '
+        f"model {model!r} routes to another",
+        param="model",
+    )
+    return ChatRequest(
+        body={"model": model, "messages": messages, "stream": stream},
+        model=model,
+        messages=messages,
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens=max_tokens,
+        native=NativeRequest(protocol, body, unportable=unportable),
+    )
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required and must be a non-empty string", param="model")
+    return model
+
+
+def _stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
+    """`stream`, and whether `stream_options` asks for usage."""
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be a boolean", param="stream")
+    include_usage = False
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            raise RequestError("'stream_options' must be an object", param="stream_options")
+        include_usage = stream_options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise RequestError("'stream_options.include_usage' must be a boolean", param="stream_options.include_usage")
+    return stream, include_usage
+
+
+def _max_tokens(
+    body: dict[str, Any], *, names: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
+) -> int | None:
+    for name in names:
         value = body.get(name)
         if value is None:
             continue
@@ -222,7 +316,7 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
     return None
 
 
-def _check_message(message: object, i: int) -> None:
+def _check_message(message: Any, i: int) -> None:
     where = f"messages[{i}]"
     if not isinstance(message, dict):
         raise RequestError(f"'{where}' must be an object", param=where)

@@ -26,7 +26,7 @@ import os
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Final, Protocol, cast
 
 import httpcore
@@ -36,6 +36,7 @@ import trio
 from ._config import ProviderConfig, TargetConfig
 from ._events import OPENED
 from ._exceptions import (
+    NotFoundError,
     RequestError,
     TrioproxyError,
     UpstreamBrokenError,
@@ -44,12 +45,13 @@ from ._exceptions import (
     UpstreamProtocolError,
     UpstreamTimeoutError,
 )
+from ._forwarding import ForwardRequest, ForwardSink
 from ._policy import failure_kind
 from ._request import ChatRequest
 from ._sse import SSEDecodeError, SSEDecoder
 from ._targets import Breakers, BreakerState, LocalBreakers, Target, Verdict, choose
 from .pipeline._items import RetryNotice, Sink
-from .providers._base import Translation
+from .providers._base import Translation, UpstreamRequest
 from .providers.anthropic import AnthropicTranslation
 from .providers.openai import OpenAITranslation
 from .providers.responses import ResponsesTranslation
@@ -69,6 +71,13 @@ read to its end leaves its connection in the pool; one closed early costs the ne
 new connection (and, to a real upstream, a TLS handshake). Servers end the body right after
 the marker, so this bounds only a misbehaving one, and with it how long the client's own end
 of stream may wait.
+"""
+
+MAX_ANSWER_BYTES: Final = 64 * 1024 * 1024
+"""
+The longest answer read whole (an embeddings answer, a token count): the largest OpenAI
+embeddings answer, 2048 inputs of 3072 dimensions in base64 (what the SDKs ask for), is
+about 34 MB.
 """
 
 MAX_TRAILING_BYTES: Final = 64 * 1024
@@ -91,6 +100,13 @@ class Upstream(Protocol):
         """
         The upstream's own answer (JSON) to "how many input tokens is `chat`", `None` when it
         cannot say; raise `TrioproxyError` on failure.
+        """
+        ...
+
+    async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
+        """
+        Send a request the proxy does not serve itself, as it is, and hand its answer to
+        `sink` as it comes, whatever its status; raise `TrioproxyError` only when there is none.
         """
         ...
 
@@ -129,6 +145,11 @@ class HttpUpstream:
 
     async def stream(self, chat: ChatRequest, send: Sink) -> None:
         request = self.translation.stream_request(chat)
+        if request.answer is not None:
+            answer = await self._exchange(request)
+            await send.send(OPENED)
+            await send.send(request.answer(answer))
+            return
         parser = self.translation.stream_parser(chat)
         decoder = SSEDecoder()
         url = self._urls.get(request.url) or self._urls.setdefault(request.url, httpx.URL(request.url))
@@ -166,12 +187,25 @@ class HttpUpstream:
         request = self.translation.count_tokens_request(chat)
         if request is None:
             return None
+        return await self._exchange(request)
+
+    async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
+        url = self.translation.forward_url(request.target)
+        headers = self.translation.forward_headers(request.headers)
+        with _mapped_httpx_errors():
+            async with self._client.stream(request.method, url, headers=headers, content=request.body) as resp:
+                await sink.head(resp.status_code, resp.headers.multi_items())
+                async for data in resp.aiter_raw():  # as it came: a compressed body stays compressed
+                    await sink.body(data)
+
+    async def _exchange(self, request: UpstreamRequest) -> bytes:
+        """A request whose answer is one JSON document: that document, or the error the upstream answered."""
         with _mapped_httpx_errors():
             async with self._client.stream("POST", request.url, headers=request.headers, content=request.body) as resp:
-                body = await _read_bounded(resp)
                 if resp.status_code >= 300:
+                    body = await _read_bounded(resp)
                     raise self.translation.error_from_response(resp.status_code, resp.headers, body)
-        return body
+                return await _read_answer(resp)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -523,6 +557,9 @@ class SimulatedUpstream:
     async def count_tokens(self, chat: ChatRequest) -> None:
         return None  # a script has no tokenizer
 
+    async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
+        raise NotFoundError("a simulated provider has no other paths to forward to")  # the config gives it none
+
     async def aclose(self) -> None:
         pass
 
@@ -548,6 +585,29 @@ class BalancedUpstream:
         self._turn = 0
 
     async def stream(self, chat: ChatRequest, send: Sink) -> None:
+        model = chat.upstream_model or chat.model
+
+        async def tell(reason: str) -> None:
+            await send.send(RetryNotice("breaker", 0, self.name, model, 0.0, reason))
+
+        await self._balanced(lambda upstream: upstream.stream(chat, send), tell)
+
+    async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
+        """Forwarded to a target taken as a stream's is; its answer's 5xx counts against it as a stream's failure does."""
+        status = _StatusSeen(sink)  # a forwarded answer has no notices: the log and the metrics tell of the breaker
+        await self._balanced(lambda upstream: upstream.forward(request, status), None, status)
+
+    async def _balanced(
+        self,
+        attempt: Callable[[HttpUpstream], Awaitable[None]],
+        tell: Callable[[str], Awaitable[None]] | None,
+        status: _StatusSeen | None = None,
+    ) -> None:
+        """
+        `attempt` on the target whose turn it is, and again on the next while no connection
+        could be made; its outcome (with a forwarded answer's `status`) judges the target, and a
+        change of its breaker is counted, logged and, given `tell`, told to the request.
+        """
         tried: list[Target] = []
         taken = await self._take(tried)
         if taken is None:
@@ -557,15 +617,14 @@ class BalancedUpstream:
         while True:
             target, probe = taken
             try:
-                await self._upstreams[target.url].stream(chat, send)
+                await attempt(self._upstreams[target.url])
             except UpstreamError as exc:
                 kind = failure_kind(exc)
                 if kind not in _TARGET_FAULTS:
                     await self._settle(target, "released", probe)
                     raise
                 change = await self._settle(target, "failed", probe)
-                if change is not None:
-                    await send.send(self._transition(target, change, chat, f": {exc.message}"))
+                await self._judged(target, change, f": {exc.message}", tell)
                 tried.append(target)
                 if kind == "connect":
                     taken = await self._take(tried)
@@ -575,9 +634,12 @@ class BalancedUpstream:
             except BaseException:
                 await self._settle(target, "released", probe)
                 raise
-            change = await self._settle(target, "succeeded", probe)
-            if change is not None:
-                await send.send(self._transition(target, change, chat, ""))
+            if status is not None and status.code >= 500:
+                change = await self._settle(target, "failed", probe)
+                why = f": status {status.code}"
+            else:
+                change, why = await self._settle(target, "succeeded", probe), ""
+            await self._judged(target, change, why, tell)
             return
 
     async def count_tokens(self, chat: ChatRequest) -> bytes | None:
@@ -611,12 +673,17 @@ class BalancedUpstream:
             state = await self._breakers.settle(target.url, verdict, probe=probe, now=trio.current_time())
         return state
 
-    def _transition(self, target: Target, state: BreakerState, chat: ChatRequest, why: str) -> RetryNotice:
+    async def _judged(
+        self, target: Target, state: BreakerState | None, why: str, tell: Callable[[str], Awaitable[None]] | None
+    ) -> None:
+        """A change of a target's breaker (`state`, if any), counted, logged, and told to the request that caused it."""
+        if state is None:
+            return
         key = (target.url, state)
         self.transitions[key] = self.transitions.get(key, 0) + 1
         logger.warning("circuit breaker of %s target %s: %s%s", self.name, target.url, state, why)
-        reason = f"the circuit breaker of {target.url} is {state.replace('_', '-')}{why}"
-        return RetryNotice("breaker", 0, self.name, chat.upstream_model or chat.model, 0.0, reason)
+        if tell is not None:
+            await tell(f"the circuit breaker of {target.url} is {state.replace('_', '-')}{why}")
 
     async def expire_idle_connections(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -631,6 +698,21 @@ class BalancedUpstream:
 
 _TARGET_FAULTS: Final = frozenset({"connect", "connection_broken", "server_error"})
 """Failures that say the target itself is unwell, and count against its breaker."""
+
+
+class _StatusSeen:
+    """A forwarded answer's sink that keeps the answer's status, for the target's breaker."""
+
+    def __init__(self, sink: ForwardSink) -> None:
+        self._sink = sink
+        self.code = 0
+
+    async def head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        self.code = status
+        await self._sink.head(status, headers)
+
+    async def body(self, data: bytes) -> None:
+        await self._sink.body(data)
 
 
 def build_upstream(provider: ProviderConfig) -> Upstream:
@@ -705,6 +787,16 @@ async def _read_to_end(chunks: AsyncIterator[bytes]) -> None:
                     break
         except httpx.TransportError:
             pass  # the connection is closed, not pooled: the stream itself ended well
+
+
+async def _read_answer(resp: httpx.Response) -> bytes:
+    """A whole answer, up to `MAX_ANSWER_BYTES`: a longer one is refused, never cut short."""
+    body = bytearray()
+    async for data in resp.aiter_bytes():
+        body += data
+        if len(body) > MAX_ANSWER_BYTES:
+            raise UpstreamProtocolError(f"the upstream's answer is longer than {MAX_ANSWER_BYTES} bytes")
+    return bytes(body)
 
 
 async def _read_bounded(resp: httpx.Response) -> bytes:

@@ -34,15 +34,24 @@ Routes (the query string is ignored for routing):
 - `POST /v1/chat/completions` and `POST /chat/completions`: OpenAI format.
 - `POST /v1/messages`: Anthropic format.
 - `POST /v1/responses` and `POST /responses`: OpenAI Responses format (typed events with `sequence_number`).
+- `POST /v1/completions` and `POST /completions`: legacy text completions (`text_completion`
+  chunks, or one `text_completion` object), `prompt` and `suffix` taken as they come.
+- `POST /v1/embeddings` and `POST /embeddings`: one embedding per input (a small vector made
+  from the input's length and index), as floats or, when asked, base64 (as the SDKs ask).
 - `GET /v1/models`: a static OpenAI models list.
+- Any method on `/v1/echo` or a path under it: the request body sent back, its content type
+  kept, with `x-echo-method` and `x-echo-target` (the target as received); to a request that
+  accepts `text/event-stream`, the `Reply`'s tokens as bare `data:` events instead.
 - Anything else: 404, with an OpenAI-shaped error body.
 
-Only the chat routes take a `Reply` (from the `push()` queue, else the default). A body that
-is not a JSON object gets a 400 in the route's error shape and uses up no `Reply`.
+Every route but `/v1/models` takes a `Reply` (from the `push()` queue, else the default). A
+body that is not a JSON object gets a 400 in the route's error shape and uses up no `Reply`
+(the echo route takes any body).
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -579,6 +588,9 @@ class _Connection:
         if method == "GET" and route == "/v1/models":
             await self._send_json(request, 200, _models_body())
             return
+        if route == "/v1/echo" or route.startswith("/v1/echo/"):
+            await self._play_echo(request, self._server._reply_for(request))
+            return
         api = _ROUTES.get(route) if method == "POST" else None
         if api is None:
             await self._send_json(request, 404, _error_body(_Api.OPENAI, 404, f"no route for {method} {route}"))
@@ -619,12 +631,28 @@ class _Connection:
             if not isinstance(model, str):
                 model = _DEFAULT_MODEL
             number = self._server._next_response_number()
-            if body.get("stream") is True:
+            if api is _Api.EMBEDDINGS:
+                await _sleep(reply.ttft)
+                await self._send_json(request, 200, _embeddings(body, model, reply), reply.headers)
+            elif body.get("stream") is True:
                 options = body.get("stream_options")
                 include_usage = isinstance(options, dict) and options.get("include_usage") is True
                 await self._play_stream(api, request, reply, model, number, include_usage=include_usage)
             else:
                 await self._play_complete(api, request, reply, model, number)
+
+    async def _play_echo(self, request: RecordedRequest, reply: Reply) -> None:
+        """The echo route: the body back as it came, or the reply's tokens as bare `data:` events."""
+        await _sleep(reply.headers_delay)
+        echo = [("x-echo-method", request.method), ("x-echo-target", request.path)]
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            content_type = request.headers.get("content-type", "application/octet-stream")
+            headers = [("content-type", content_type), ("content-length", str(len(request.body))), *echo]
+            head = h11.Response(status_code=reply.status, headers=headers, reason=_reason(reply.status))
+            await self._send_last(request, head, h11.Data(data=request.body))
+            return
+        frames = [_Frame(b"data: " + token.encode() + b"\n\n", token=True) for token in reply.tokens]
+        await self._send_frames(request, reply, [("content-type", "text/event-stream"), *echo], frames, b"")
 
     async def _play_raw(self, request: RecordedRequest, reply: Reply, raw_body: bytes) -> None:
         await self._send_head(reply.status, _merge_headers(_SSE_HEADERS, reply.headers))
@@ -645,7 +673,12 @@ class _Connection:
         if reply.error_after is not None:
             await self._send_json(request, 500, _error_body(api, 500, reply.error_message), reply.headers)
             return
-        complete = {_Api.OPENAI: _openai_completion, _Api.ANTHROPIC: _anthropic_message, _Api.RESPONSES: _response}[api]
+        complete = {
+            _Api.OPENAI: _openai_completion,
+            _Api.ANTHROPIC: _anthropic_message,
+            _Api.RESPONSES: _response,
+            _Api.COMPLETIONS: _text_completion,
+        }[api]
         await self._send_json(request, 200, complete(reply, model, number), reply.headers)
 
     async def _play_stream(
@@ -654,14 +687,27 @@ class _Connection:
         if api is _Api.OPENAI:
             frames = _openai_frames(reply, model, number, include_usage=include_usage)
             error_frame = _openai_stream_error(reply.error_message)
+        elif api is _Api.COMPLETIONS:
+            frames = _text_completion_frames(reply, model, number, include_usage=include_usage)
+            error_frame = _openai_stream_error(reply.error_message)
         elif api is _Api.RESPONSES:
             frames = _responses_frames(reply, model, number)
             error_frame = _responses_stream_error(reply.error_message, len(frames))
         else:
             frames = _anthropic_frames(reply, model, number)
             error_frame = _anthropic_stream_error(reply.error_message)
+        await self._send_frames(request, reply, list(_SSE_HEADERS), frames, error_frame)
 
-        await self._send_head(reply.status, _merge_headers(_SSE_HEADERS, reply.headers))
+    async def _send_frames(
+        self,
+        request: RecordedRequest,
+        reply: Reply,
+        headers: list[tuple[str, str]],
+        frames: list[_Frame],
+        error_frame: bytes,
+    ) -> None:
+        """A stream's frames, timed and faulted as `reply` says."""
+        await self._send_head(reply.status, _merge_headers(headers, reply.headers))
         await _sleep(reply.ttft)
         sent = 0
         for frame in frames:
@@ -756,6 +802,8 @@ class _Api(Enum):
     OPENAI = "openai"
     ANTHROPIC = "anthropic"
     RESPONSES = "responses"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
 
 
 _ROUTES: Final[Mapping[str, _Api]] = {
@@ -764,6 +812,10 @@ _ROUTES: Final[Mapping[str, _Api]] = {
     "/v1/messages": _Api.ANTHROPIC,
     "/v1/responses": _Api.RESPONSES,
     "/responses": _Api.RESPONSES,
+    "/v1/completions": _Api.COMPLETIONS,
+    "/completions": _Api.COMPLETIONS,
+    "/v1/embeddings": _Api.EMBEDDINGS,
+    "/embeddings": _Api.EMBEDDINGS,
 }
 
 _SSE_HEADERS: Final = (("content-type", "text/event-stream"), ("cache-control", "no-cache"))
@@ -1105,6 +1157,61 @@ def _openai_completion(reply: Reply, model: str, number: int) -> dict[str, Any]:
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish_reason(reply)}],
         "usage": _openai_usage(reply),
     }
+
+
+def _text_completion_chunk(
+    completion_id: str, created: int, model: str, choices: list[dict[str, Any]], usage: object = None
+) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": _SYSTEM_FINGERPRINT,
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+def _text_completion_frames(reply: Reply, model: str, number: int, *, include_usage: bool) -> list[_Frame]:
+    """A legacy completions stream: one `text_completion` chunk per token, as OpenAI and vLLM send it."""
+    completion_id, created = f"cmpl-fake{number}", int(time.time())
+
+    def chunk(text: str, finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return _data_line(_text_completion_chunk(completion_id, created, model, [choice]))
+
+    frames = [_Frame(chunk(token), token=True) for token in reply.tokens]
+    frames.append(_Frame(chunk("", _finish_reason(reply))))
+    if include_usage:
+        prompt, completion = _usage(reply)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        frames.append(_Frame(_data_line(_text_completion_chunk(completion_id, created, model, [], usage))))
+    if not reply.omit_done:
+        frames.append(_Frame(b"data: [DONE]\n\n"))
+    return frames
+
+
+def _text_completion(reply: Reply, model: str, number: int) -> dict[str, Any]:
+    prompt, completion = _usage(reply)
+    choice = {"index": 0, "text": "".join(reply.tokens), "logprobs": None, "finish_reason": _finish_reason(reply)}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return _text_completion_chunk(f"cmpl-fake{number}", int(time.time()), model, [choice], usage)
+
+
+def _embeddings(body: dict[str, Any], model: str, reply: Reply) -> dict[str, Any]:
+    """One vector per input, `[len(input), index, 0.5]`; base64 little-endian float32s when asked."""
+    inputs = body.get("input")
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    data = []
+    for index, item in enumerate(inputs):
+        vector = [float(len(item) if isinstance(item, (str, list)) else 0), float(index), 0.5]
+        embedding: Any = vector
+        if body.get("encoding_format") == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    prompt = reply.usage[0]
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
 
 
 def _event(payload: dict[str, Any], *, token: bool = False) -> _Frame:

@@ -77,8 +77,12 @@ async def exchange(proxy_url: str, data: bytes) -> bytes:
 
 def chat_request(*, framing: bytes, body: bytes, version: bytes = b"1.1") -> bytes:
     return (
-        b"POST /v1/chat/completions HTTP/" + version + b"\r\nhost: proxy\r\ncontent-type: application/json\r\n"
-        + framing + b"\r\n" + body
+        b"POST /v1/chat/completions HTTP/"
+        + version
+        + b"\r\nhost: proxy\r\ncontent-type: application/json\r\n"
+        + framing
+        + b"\r\n"
+        + body
     )
 
 
@@ -193,7 +197,10 @@ async def test_an_unknown_path_and_a_plain_get_on_a_websocket_route_are_explaine
         plain = await http.get(proxy_url + "/v1/chat/ws")
         wrong_method = await http.delete(proxy_url + "/v1/chat/completions")
     assert unknown.status_code == 404
-    assert unknown.json()["error"]["message"] == "no endpoint at POST /v1/no/such/route"
+    assert (
+        unknown.json()["error"]["message"]
+        == "no endpoint at POST /v1/no/such/route (a provider's forward_paths can forward it)"
+    )
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"]["message"] == (
         "DELETE is not allowed on /v1/chat/completions (allowed: OPTIONS, POST)"

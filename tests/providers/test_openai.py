@@ -15,7 +15,13 @@ import pytest
 from trioproxy._events import Delta, ToolCallDelta, Usage
 from trioproxy._exceptions import ContextLengthError, RequestError, UpstreamProtocolError, UpstreamStatusError
 from trioproxy._policy import RetryConfig
-from trioproxy._request import ChatRequest, NativeRequest, parse_chat_request
+from trioproxy._request import (
+    ChatRequest,
+    NativeRequest,
+    parse_chat_request,
+    parse_completion_request,
+    parse_embedding_request,
+)
 from trioproxy._sse import ServerSentEvent
 from trioproxy.providers._base import MAX_ERROR_MESSAGE
 from trioproxy.providers.openai import OpenAIStreamParser, OpenAITranslation
@@ -567,3 +573,69 @@ def test_other_refusals_are_not_context_length_errors() -> None:
     # a 5xx that mentions the context is the server's failure, not a refusal of this prompt
     body = b'{"error": {"message": "maximum context length computation crashed"}}'
     assert type(translation().error_from_response(500, {}, body)) is UpstreamStatusError
+
+
+# -- OpenAI's other endpoints ------------------------------------------------------------------
+
+
+def test_an_embeddings_request_goes_whole_to_embeddings_and_its_answer_is_one_delta() -> None:
+    body = {"model": "local/embed", "input": ["a", "b"], "dimensions": 8, "vendor": {"x": 1}}
+    request = OpenAITranslation(base_url=URL, api_key=KEY).stream_request(parse_embedding_request(body).routed("embed"))
+
+    assert request.url == URL + "/embeddings"
+    assert orjson.loads(request.body) == {**body, "model": "embed"}
+    assert request.headers["accept"] == "application/json"
+    assert request.answer is not None
+    answer = b'{"object":"list","data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}'
+    assert request.answer(answer) == Delta(raw=answer, usage=Usage(prompt_tokens=4, completion_tokens=0))
+    with pytest.raises(UpstreamProtocolError):
+        request.answer(b"<html>")
+
+
+def test_a_legacy_completion_goes_whole_to_completions_streamed_with_usage() -> None:
+    body = {"model": "local/coder", "prompt": "def f(", "suffix": "\n    return x", "echo": False, "stream": False}
+    translation = OpenAITranslation(base_url=URL, api_key=KEY)
+    request = translation.stream_request(parse_completion_request(body).routed("coder"))
+
+    assert request.url == URL + "/completions"
+    assert request.answer is None
+    assert orjson.loads(request.body) == {
+        **body,
+        "model": "coder",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def test_text_completion_chunks_are_parsed_and_kept_byte_for_byte() -> None:
+    parser = OpenAITranslation(base_url=URL).stream_parser(parse_completion_request({"model": "m", "prompt": "p"}))
+    data = '{"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":" x","finish_reason":null}]}'
+    usage = '{"id":"cmpl-1","object":"text_completion","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}'
+
+    [delta] = parser.feed(ServerSentEvent(data=data))
+    assert (delta.text, delta.raw) == (" x", b"data: " + data.encode() + b"\n\n")
+    [last] = parser.feed(ServerSentEvent(data=usage))
+    assert last.usage == Usage(prompt_tokens=3, completion_tokens=1)
+    assert parser.feed(ServerSentEvent(data="[DONE]")) == [] and parser.finished
+
+
+def test_only_choice_0_of_a_legacy_completion_is_read_the_others_pass_as_bytes() -> None:
+    parser = OpenAITranslation(base_url=URL).stream_parser(parse_completion_request({"model": "m", "prompt": "p"}))
+    other = '{"object":"text_completion","choices":[{"index":1,"text":"B","finish_reason":null}]}'
+    first = '{"object":"text_completion","choices":[{"index":0,"text":"A","finish_reason":null}]}'
+
+    [delta_1] = parser.feed(ServerSentEvent(data=other))
+    [delta_0] = parser.feed(ServerSentEvent(data=first))
+    assert (delta_1.text, delta_1.raw) == ("", b"data: " + other.encode() + b"\n\n")
+    assert delta_0.text == "A"
+
+
+def test_a_forwarded_request_goes_under_base_url_with_the_providers_key() -> None:
+    translation = OpenAITranslation(base_url=URL + "/", api_key=KEY, extra_headers={"OpenAI-Organization": "org-1"})
+
+    assert translation.forward_url("/v1/files/f-1/content?x=1") == URL + "/files/f-1/content?x=1"
+    assert translation.forward_headers({"accept": "*/*", "authorization": "Bearer client"}) == {
+        "accept": "*/*",
+        "authorization": f"Bearer {KEY}",
+        "openai-organization": "org-1",
+    }

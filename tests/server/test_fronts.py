@@ -9,7 +9,15 @@ import orjson
 import pytest
 
 from trioproxy._exceptions import NotFoundError
-from trioproxy.server.fronts import FRONTS, anthropic_messages, error_response, events, openai_chat, openai_responses
+from trioproxy.server.fronts import (
+    FRONTS,
+    anthropic_messages,
+    error_response,
+    events,
+    openai_chat,
+    openai_embeddings,
+    openai_responses,
+)
 
 
 @pytest.mark.parametrize(
@@ -24,6 +32,7 @@ from trioproxy.server.fronts import FRONTS, anthropic_messages, error_response, 
         ("/v1/responses", openai_responses),
         ("/v1/responses/resp_1/cancel", openai_responses),
         ("/v1/chat/completions", openai_chat),
+        ("/v1/embeddings", openai_embeddings),
         ("/v1/messagesX", openai_chat),
         ("/v1/nothing", openai_chat),
         ("/", openai_chat),

@@ -26,8 +26,10 @@ from trioproxy.server._openai_front import (
     DONE,
     KEEP_ALIVE,
     OpenAIChunkRenderer,
+    TextCompletionRenderer,
     completion_body,
     error_body,
+    text_completion_body,
 )
 
 MODEL = "local/gpt-x"
@@ -348,3 +350,27 @@ def test_completion_body_without_finish_reason_says_stop() -> None:
     acc = Accumulator()
     acc.add(Delta(text="x"))
     assert completion_body(acc, model=MODEL, prompt_chars=0)["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_legacy_completion_renders_text_completion_chunks() -> None:
+    renderer = TextCompletionRenderer(model=MODEL, include_usage=True)
+    chunk = payload(renderer.delta(Delta(text="def", arrived=0.0)))
+    last = renderer.delta(Delta(finish_reason="length", usage=Usage(prompt_tokens=3, completion_tokens=1)))
+    finish, usage = (payload(event + b"\n\n") for event in last.split(b"\n\n")[:2])
+
+    assert chunk["id"].startswith("cmpl-") and chunk["object"] == "text_completion"
+    assert chunk["choices"] == [{"index": 0, "text": "def", "logprobs": None, "finish_reason": None}]
+    assert finish["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 4
+    assert renderer.delta(Delta(text="x", raw=b"data: {}\n\n")) == b"data: {}\n\n"
+
+
+def test_a_whole_legacy_completion_is_folded_from_the_stream() -> None:
+    acc = Accumulator()
+    acc.add(Delta(text="a, b"))
+    acc.add(Delta(text=" = 0, 1", finish_reason="stop", usage=Usage(prompt_tokens=5, completion_tokens=2)))
+    body = text_completion_body(acc, model=MODEL, prompt_chars=12)
+
+    assert body["object"] == "text_completion" and body["model"] == MODEL
+    assert body["choices"] == [{"index": 0, "text": "a, b = 0, 1", "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .._continuation import Refusals
@@ -51,6 +51,13 @@ class Pipeline:
     def passthrough(self) -> bool:
         """No stage changes content: upstream OpenAI chunks may reach the client byte for byte."""
         return not (self.buffer.enabled or self.transforms or self.validators)
+
+    def unstaged(self) -> Pipeline:
+        """
+        This pipeline without its stages, for an answer that is no generation (embeddings):
+        nothing in it for a buffer, a transform or a validator, and its bytes pass unchanged.
+        """
+        return replace(self, buffer=BufferConfig(), transforms=(), validators=())
 
     def stages(self, abort_upstream: Callable[[], None]) -> list[Stage]:
         stages: list[Stage] = []

@@ -207,13 +207,15 @@ def _continuable(pipeline: Pipeline, chat: ChatRequest, delivery: _Delivery, err
     """
     Whether a continuation can take the stream on after `error`: the upstream broke off (not
     refused), what was delivered is text only and as the upstream wrote it (no transform),
-    and the client's request does not end with its own assistant turn.
+    and the client's request is a chat that does not end with its own assistant turn (a
+    legacy completion's prompt has no turns: asked again, it would be answered from the start).
     """
     return (
         failure_kind(error) in CONTINUABLE
         and delivery.text_only
         and bool(delivery.text)
         and not pipeline.transforms
+        and chat.protocol != "completions"
         and not ends_with_assistant(chat)
     )
 

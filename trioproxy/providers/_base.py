@@ -11,7 +11,7 @@ timeouts and cancellation for every provider.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -36,11 +36,18 @@ CUT_SHORT: Final = "the upstream ended the stream before a finish reason"
 
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
-    """An HTTP POST to make upstream. `url` is absolute; `body` is JSON bytes."""
+    """
+    An HTTP POST to make upstream. `url` is absolute; `body` is JSON bytes.
+
+    Its answer is an event stream for the translation's parser, unless `answer` is set: then
+    it is one JSON document (an embeddings answer), read whole and bounded, and `answer`
+    makes it the one delta of the request (its bytes in `raw`, its usage counted).
+    """
 
     url: str
     headers: Mapping[str, str]
     body: bytes
+    answer: Callable[[bytes], Delta] | None = None
 
 
 class StreamParser(Protocol):
@@ -87,6 +94,14 @@ class Translation(Protocol):
         A parser for the stream of `chat`; it keeps each event's bytes (`Delta.raw`) only
         when the client speaks the upstream's protocol.
         """
+        ...
+
+    def forward_url(self, target: str) -> str:
+        """Where a client's request to `target` (a path under `/v1/`, with its query) goes upstream."""
+        ...
+
+    def forward_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """A forwarded request's headers: the client's (none of its credentials), with the provider's own added."""
         ...
 
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamStatusError:

@@ -165,8 +165,8 @@ class AnthropicTranslation:
         default_max_tokens: int = 4096,
         extra_headers: Mapping[str, str] = {},
     ) -> None:
-        root = base_url.rstrip("/")
-        self.url = root + "/messages" if root.endswith("/v1") else root + "/v1/messages"
+        self.root = base_url.rstrip("/").removesuffix("/v1")
+        self.url = self.root + "/v1/messages"
         self.count_tokens_url = self.url + "/count_tokens"
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
@@ -201,6 +201,16 @@ class AnthropicTranslation:
         body = {**native.body, "model": chat.upstream_model or chat.model}
         headers = {**self._headers, **native.headers, **self._extra_headers, "accept": "application/json"}
         return UpstreamRequest(self.count_tokens_url, headers, orjson.dumps(body))
+
+    def forward_url(self, target: str) -> str:
+        return self.root + target
+
+    def forward_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The client's `anthropic-version` and betas kept, the provider's key and headers added."""
+        forwarded = {"anthropic-version": self._headers["anthropic-version"], **headers}
+        if self.api_key:
+            forwarded["x-api-key"] = self.api_key
+        return {**forwarded, **self._extra_headers}
 
     def stream_parser(self, chat: ChatRequest) -> AnthropicStreamParser:
         return AnthropicStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)

@@ -9,6 +9,12 @@ untouched. Chunks are still parsed, because stages, first-token detection and to
 accounting need to see the text. A client of another protocol is sent the common model's body
 (`ChatRequest.common_body`), and its renderer builds its events from the parsed deltas.
 
+The same upstreams serve OpenAI's other endpoints, which the common model does not carry:
+a legacy text completion (`ChatRequest.native` of protocol "completions") goes whole to
+`{base_url}/completions`, streamed, and its `text_completion` chunks are parsed like chat
+chunks (their `text` is the delta's) and kept byte for byte; an embeddings request goes whole
+to `{base_url}/embeddings`, and its JSON answer is one delta carrying it unchanged.
+
 Besides the standard fields, the parser reads the reasoning that OpenAI-compatible servers
 stream (`reasoning_content` from vLLM and DeepSeek, `reasoning` from newer vLLM), vLLM's
 `stop_reason` (the stop string that matched) and the prompt's cached tokens.
@@ -18,7 +24,7 @@ Sans-IO.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -29,7 +35,7 @@ from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
 from ._base import CUT_SHORT, StreamParser, UpstreamRequest, retry_after_seconds, safe_message, status_error
 
-__all__ = ["OpenAIStreamParser", "OpenAITranslation"]
+__all__ = ["OpenAIStreamParser", "OpenAITranslation", "delta_from_chunk", "delta_from_text_completion"]
 
 
 class OpenAITranslation:
@@ -51,27 +57,50 @@ class OpenAITranslation:
         extra_headers: Mapping[str, str] | None = None,
         request_usage: bool = True,
     ) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.api_key = api_key
         self.request_usage = request_usage
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         headers.update({k.lower(): v for k, v in (extra_headers or {}).items()})
+        self._credentials = {k: v for k, v in headers.items() if k != "content-type"}
         self._stream_headers = {**headers, "accept": "text/event-stream"}
+        self._answer_headers = {**headers, "accept": "application/json"}
 
     def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
-        body = dict(chat.common_body())
-        body["model"] = chat.upstream_model
-        body["stream"] = True
+        native = chat.native
+        if native is not None and native.protocol == "embeddings":
+            body = {**native.body, "model": chat.upstream_model}
+            url = self.base_url + "/embeddings"
+            return UpstreamRequest(url, self._answer_headers, orjson.dumps(body), answer=_embeddings_delta)
+        if native is not None and native.protocol == "completions":
+            return UpstreamRequest(
+                self.base_url + "/completions", self._stream_headers, self._streamed(chat, native.body)
+            )
+        return UpstreamRequest(self.url, self._stream_headers, self._streamed(chat, chat.common_body()))
+
+    def _streamed(self, chat: ChatRequest, client_body: dict[str, Any]) -> bytes:
+        """The client's body, asking for `chat.upstream_model`, streamed (with usage, if `request_usage`)."""
+        body = {**client_body, "model": chat.upstream_model, "stream": True}
         if self.request_usage:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        return UpstreamRequest(self.url, self._stream_headers, orjson.dumps(body))
+        return orjson.dumps(body)
 
     def count_tokens_request(self, chat: ChatRequest) -> None:
         return None  # Chat Completions has no endpoint that counts tokens
 
+    def forward_url(self, target: str) -> str:
+        """`base_url` stands for `/v1`, as in the SDKs (`/v1/files` → `{base_url}/files`)."""
+        return self.base_url + target.removeprefix("/v1")
+
+    def forward_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
+        return {**headers, **self._credentials}
+
     def stream_parser(self, chat: ChatRequest) -> StreamParser:
+        if chat.protocol == "completions":
+            return OpenAIStreamParser(secret=self.api_key, keep_raw=True, read=delta_from_text_completion)
         return OpenAIStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
 
     def error_from_response(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamStatusError:
@@ -89,18 +118,26 @@ class OpenAITranslation:
 
 class OpenAIStreamParser:
     """
-    Parses `chat.completion.chunk` events; `[DONE]` ends the stream, and so does the end of
-    the body after a finish reason (some OpenAI-compatible servers never send `[DONE]`).
+    Parses `chat.completion.chunk` events (or, with `read`, another kind of chunk of the same
+    framing: `text_completion`); `[DONE]` ends the stream, and so does the end of the body after
+    a finish reason (some OpenAI-compatible servers never send `[DONE]`).
 
     `secret` (the provider's API key) is masked in the messages of in-stream errors;
     `keep_raw` keeps each chunk's event bytes in its delta.
     """
 
-    def __init__(self, *, secret: str | None = None, keep_raw: bool) -> None:
+    def __init__(
+        self,
+        *,
+        secret: str | None = None,
+        keep_raw: bool,
+        read: Callable[..., Delta] | None = None,
+    ) -> None:
         self._finished = False
         self._finish_seen = False
         self._secret = secret
         self._keep_raw = keep_raw
+        self._read = read or delta_from_chunk
 
     @property
     def finished(self) -> bool:
@@ -128,7 +165,7 @@ class OpenAIStreamParser:
         error = chunk.get("error")
         if error:
             raise _in_stream_error(error, secret=self._secret)
-        delta = delta_from_chunk(chunk, raw=b"data: " + data.encode() + b"\n\n" if self._keep_raw else None)
+        delta = self._read(chunk, raw=b"data: " + data.encode() + b"\n\n" if self._keep_raw else None)
         if delta.finish_reason is not None:
             self._finish_seen = True
         return [delta]
@@ -137,14 +174,9 @@ class OpenAIStreamParser:
 def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delta:
     """The delta of choice 0 of one `chat.completion.chunk` (other choices stay in `raw`)."""
     delta = Delta(raw=raw)
-    usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        delta.usage = _usage(usage)
-    choices = chunk.get("choices")
+    choices = _choices(chunk, delta)
     if not choices:
         return delta
-    if not isinstance(choices, list) or not isinstance(choices[0], dict):
-        raise UpstreamProtocolError("upstream chunk has a malformed 'choices' array")
     choice = choices[0]
     delta.finish_reason = choice.get("finish_reason")
     body = choice.get("delta") or {}
@@ -164,6 +196,45 @@ def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delt
     if tool_calls:
         delta.tool_calls = tuple(_tool_call(tc) for tc in tool_calls)
     return delta
+
+
+def delta_from_text_completion(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delta:
+    """
+    The delta of choice 0 of one legacy `text_completion` chunk. With `n` above 1 each chunk
+    carries one choice, of any index: another choice's chunk is a delta with only its `raw`.
+    """
+    delta = Delta(raw=raw)
+    choice = next((choice for choice in _choices(chunk, delta) if choice.get("index", 0) == 0), None)
+    if choice is None:
+        return delta
+    delta.finish_reason = choice.get("finish_reason")
+    text = choice.get("text")
+    if isinstance(text, str):
+        delta.text = text
+    return delta
+
+
+def _choices(chunk: dict[str, Any], delta: Delta) -> list[dict[str, Any]]:
+    """A chunk's choices (none if it has none), once its usage is counted in `delta`."""
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        delta.usage = _usage(usage)
+    choices = chunk.get("choices")
+    if not choices:
+        return []
+    if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
+        raise UpstreamProtocolError("upstream chunk has a malformed 'choices' array")
+    return choices
+
+
+def _embeddings_delta(body: bytes) -> Delta:
+    """An embeddings answer: its bytes, unchanged, and its usage (its input tokens) counted."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError(f"upstream sent an answer that is not JSON: {body[:200]!r}") from None
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    return Delta(raw=body, usage=_usage(usage) if isinstance(usage, dict) else None)
 
 
 def _tool_call(tc: object) -> ToolCallDelta:

@@ -56,6 +56,8 @@ class RequestRecord:
     session: StreamSession | None = None
     key: str | None = None
     """Whose usage the session counts as (`_auth.key_name`); set with `session`."""
+    provider: str | None = None
+    """Where a request that runs no session went (a forwarded one)."""
 
 
 def request_record(scope: Mapping[str, object]) -> RequestRecord:
@@ -150,6 +152,8 @@ class AccessLog:
         }
         if record.session is not None and record.key is not None:
             fields.update(self._session_fields(record.session, record.key))
+        elif record.provider is not None:
+            fields["provider"] = record.provider
         return fields
 
     def _session_fields(self, session: StreamSession, key: str) -> dict[str, Any]:

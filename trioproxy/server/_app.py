@@ -35,7 +35,7 @@ from ._cors import CorsMiddleware
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
-from .fronts import FRONTS, error_response
+from .fronts import FRONTS, error_response, forwarding
 
 __all__ = ["create_app"]
 
@@ -86,6 +86,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     _register_pages(app, config, router, shutdown, core, metrics)
     for front in FRONTS:
         front.register(app, core)
+    forwarding.register(app, core)  # after the fronts: a path served here is never forwarded
     _register_error_handlers(app, config)
     return app
 
@@ -228,7 +229,8 @@ def _refusal_message(exc: HTTPException, method: str, path: str, config: Config)
     if isinstance(exc, WebsocketMismatch):
         return f"{path} is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
     if isinstance(exc, NotFound):
-        return f"no endpoint at {method} {path}"
+        forwardable = " (a provider's forward_paths can forward it)" if path.startswith("/v1/") else ""
+        return f"no endpoint at {method} {path}{forwardable}"
     if isinstance(exc, MethodNotAllowed):
         allowed = ", ".join(sorted(exc.valid_methods or ()))  # a set: in a stable order
         return f"{method} is not allowed on {path} (allowed: {allowed})"

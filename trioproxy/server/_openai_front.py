@@ -6,6 +6,8 @@ it, `data: [DONE]` only after a stream that really ended, and failures as OpenAI
 object.
 
 A delta that still carries the upstream's own chunk event (`Delta.raw`) is forwarded as is.
+Legacy text completions are the same protocol with other chunks (`text_completion`, each
+choice's `text`): `TextCompletionRenderer`, and `text_completion_body` for a whole answer.
 
 Sans-IO.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import orjson
 
@@ -22,14 +24,14 @@ from .._accumulator import Accumulator
 from .._events import Delta, ToolCallDelta
 from .._exceptions import TrioproxyError
 
-__all__ = ["OpenAIChunkRenderer", "completion_body", "error_body"]
+__all__ = ["OpenAIChunkRenderer", "TextCompletionRenderer", "completion_body", "error_body", "text_completion_body"]
 
 DONE: Final = b"data: [DONE]\n\n"
 KEEP_ALIVE: Final = b": keep-alive\n\n"
 
 
-def new_completion_id() -> str:
-    return "chatcmpl-" + secrets.token_hex(12)
+def new_completion_id(prefix: str = "chatcmpl-") -> str:
+    return prefix + secrets.token_hex(12)
 
 
 def error_body(error: TrioproxyError) -> dict[str, Any]:
@@ -42,11 +44,13 @@ class OpenAIChunkRenderer:
 
     shows_notices: Final = False
     """The OpenAI protocol has no word for a retry: the stream stays clean."""
+    chunk_object: ClassVar = "chat.completion.chunk"
+    id_prefix: ClassVar = "chatcmpl-"
 
     def __init__(self, *, model: str, include_usage: bool) -> None:
         self.model = model
         self.include_usage = include_usage
-        self.id = new_completion_id()
+        self.id = new_completion_id(self.id_prefix)
         self.created = int(time.time())
 
     def opened(self) -> bytes:
@@ -71,6 +75,17 @@ class OpenAIChunkRenderer:
         if usage_only:
             assert delta.usage is not None
             return self._event([], usage=delta.usage.to_openai())
+        choice = self._choice(delta)
+        if choice is None:
+            return b""
+        out = self._event([choice], usage=None)
+        if delta.usage is not None and self.include_usage:
+            # Usage travels in its own `choices: []` chunk (§4.3), also when it came with content.
+            out += self._event([], usage=delta.usage.to_openai())
+        return out
+
+    def _choice(self, delta: Delta) -> dict[str, Any] | None:
+        """The delta's choice in the protocol's chunk; `None` when it has nothing to show."""
         body: dict[str, Any] = {}
         if delta.role:
             body["role"] = delta.role
@@ -82,13 +97,8 @@ class OpenAIChunkRenderer:
         if delta.tool_calls:
             body["tool_calls"] = [_tool_call(tc) for tc in delta.tool_calls]
         if not body and delta.finish_reason is None:
-            return b""  # nothing Chat Completions has a field for (an Anthropic thinking signature)
-        choice = {"index": 0, "delta": body, "logprobs": None, "finish_reason": delta.finish_reason}
-        out = self._event([choice], usage=None)
-        if delta.usage is not None and self.include_usage:
-            # Usage travels in its own `choices: []` chunk (§4.3), also when it came with content.
-            out += self._event([], usage=delta.usage.to_openai())
-        return out
+            return None  # nothing Chat Completions has a field for (an Anthropic thinking signature)
+        return {"index": 0, "delta": body, "logprobs": None, "finish_reason": delta.finish_reason}
 
     def error(self, error: TrioproxyError) -> bytes:
         return b"data: " + orjson.dumps(error_body(error)) + b"\n\n"
@@ -96,7 +106,7 @@ class OpenAIChunkRenderer:
     def _event(self, choices: list[dict[str, Any]], *, usage: dict[str, int] | None) -> bytes:
         chunk: dict[str, Any] = {
             "id": self.id,
-            "object": "chat.completion.chunk",
+            "object": self.chunk_object,
             "created": self.created,
             "model": self.model,
             "choices": choices,
@@ -104,6 +114,18 @@ class OpenAIChunkRenderer:
         if self.include_usage:
             chunk["usage"] = usage
         return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+class TextCompletionRenderer(OpenAIChunkRenderer):
+    """Renders one legacy completion's deltas as `text_completion` SSE events."""
+
+    chunk_object: ClassVar = "text_completion"
+    id_prefix: ClassVar = "cmpl-"
+
+    def _choice(self, delta: Delta) -> dict[str, Any] | None:
+        if not delta.text and delta.finish_reason is None:
+            return None
+        return {"index": 0, "text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}
 
 
 def _tool_call(tc: ToolCallDelta) -> dict[str, Any]:
@@ -137,4 +159,17 @@ def completion_body(acc: Accumulator, *, model: str, prompt_chars: int) -> dict[
         "model": model,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": acc.finish_reason or "stop"}],
         "usage": usage.to_openai(),
+    }
+
+
+def text_completion_body(acc: Accumulator, *, model: str, prompt_chars: int) -> dict[str, Any]:
+    """A whole legacy `text_completion` object from an accumulated stream (non-streaming requests)."""
+    choice = {"index": 0, "text": acc.text, "logprobs": None, "finish_reason": acc.finish_reason or "stop"}
+    return {
+        "id": new_completion_id("cmpl-"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": acc.usage_or_estimate(prompt_chars).to_openai(),
     }

@@ -19,7 +19,8 @@ this module's job, in one object the app and the serve layer share:
 
 Streams are counted as sessions (`StreamSession`): every kind of stream — OpenAI, generic SSE
 and NDJSON, resumable, WebSocket, and non-streaming requests — runs as one, and each turns an
-interruption into its own protocol's error. hypercorn's `graceful_timeout` is set longer than
+interruption into its own protocol's error. A forwarded request's answer is counted too
+(`fronts/forwarding.py`): interrupted, it ends its client's connection mid-body. hypercorn's `graceful_timeout` is set longer than
 the grace period (`_serve.py`), so those final errors reach their clients before it tears the
 connections down.
 """
@@ -28,14 +29,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
 from .._exceptions import ShuttingDownError
 from ..pipeline import StreamSession
 
-__all__ = ["RETRY_AFTER", "GracefulShutdown", "InFlightStreams"]
+__all__ = ["RETRY_AFTER", "GracefulShutdown", "InFlight", "InFlightStreams"]
 
 logger = logging.getLogger("trioproxy.server")
 
@@ -46,20 +47,28 @@ attempt goes to another instance, so there is nothing to wait for but the balanc
 """
 
 
+class InFlight(Protocol):
+    """A stream in flight: a session, or a forwarded answer."""
+
+    def interrupt(self, error: ShuttingDownError) -> None:
+        """End it now, its client told why as well as its protocol can."""
+        ...
+
+
 class InFlightStreams:
-    """The sessions running now (a `SessionRegistry`); `wait_until_empty` waits for none to be left."""
+    """The streams running now (a `SessionRegistry`); `wait_until_empty` waits for none to be left."""
 
     def __init__(self) -> None:
-        self._sessions: set[StreamSession] = set()
+        self._sessions: set[InFlight] = set()
         self._emptied = trio.Event()
         self._emptied.set()
 
-    def add(self, session: StreamSession, /) -> None:
+    def add(self, session: InFlight, /) -> None:
         self._sessions.add(session)
         if self._emptied.is_set():
             self._emptied = trio.Event()
 
-    def discard(self, session: StreamSession, /) -> None:
+    def discard(self, session: InFlight, /) -> None:
         self._sessions.discard(session)
         if not self._sessions:
             self._emptied.set()
@@ -67,7 +76,7 @@ class InFlightStreams:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __iter__(self) -> Iterator[StreamSession]:
+    def __iter__(self) -> Iterator[InFlight]:
         return iter(list(self._sessions))
 
     async def wait_until_empty(self) -> None:

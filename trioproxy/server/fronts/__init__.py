@@ -11,14 +11,16 @@ A front is a module with three functions:
   unknown path, a refused key, a limit) is answered in that protocol's shape;
 - `error_response(path, error)` is that answer.
 
-Adding a protocol is adding a module here and naming it in `FRONTS`.
+Adding a protocol is adding a module here and naming it in `FRONTS`. `forwarding` is no
+protocol: it forwards what the providers allow, as it is, and answers errors in the shape of
+the path's front (or Anthropic's, for an Anthropic provider).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final, Protocol
 
-from . import anthropic_messages, events, openai_chat, openai_responses
+from . import anthropic_messages, events, openai_chat, openai_embeddings, openai_responses
 
 if TYPE_CHECKING:
     from quart import Response
@@ -36,7 +38,7 @@ class Front(Protocol):
     def error_response(self, path: str, error: TrioproxyError) -> Response: ...
 
 
-FRONTS: Final[tuple[Front, ...]] = (anthropic_messages, events, openai_responses, openai_chat)
+FRONTS: Final[tuple[Front, ...]] = (anthropic_messages, events, openai_embeddings, openai_responses, openai_chat)
 """In the order they claim paths: OpenAI's last, as it answers for every path no other owns."""
 
 
