@@ -146,8 +146,8 @@ def parse_json_object(raw: bytes | str, *, what: str = "request body") -> dict[s
         raise RequestError(_not_json(raw, exc, what)) from None
     if not isinstance(body, dict):
         raise RequestError(f"{what} must be a JSON object, not {type(body).__name__}")
-    opening = (b"[", b"{") if isinstance(raw, bytes) else ("[", "{")
-    if raw.count(opening[0]) + raw.count(opening[1]) > MAX_JSON_DEPTH and _nested_deeper(body, MAX_JSON_DEPTH):
+    openings = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    if openings > MAX_JSON_DEPTH and _nested_deeper(body, MAX_JSON_DEPTH):
         raise RequestError(_too_deep(what))
     return body
 

@@ -593,7 +593,10 @@ class BalancedUpstream:
         await self._balanced(lambda upstream: upstream.stream(chat, send), tell)
 
     async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
-        """Forwarded to a target taken as a stream's is; its answer's 5xx counts against it as a stream's failure does."""
+        """
+        Forwarded to a target taken as a stream's is; its answer's 5xx counts against it as a
+        stream's failure does.
+        """
         status = _StatusSeen(sink)  # a forwarded answer has no notices: the log and the metrics tell of the breaker
         await self._balanced(lambda upstream: upstream.forward(request, status), None, status)
 

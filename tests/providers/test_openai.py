@@ -616,7 +616,8 @@ def test_text_completion_chunks_are_parsed_and_kept_byte_for_byte() -> None:
     assert (delta.text, delta.raw) == (" x", b"data: " + data.encode() + b"\n\n")
     [last] = parser.feed(ServerSentEvent(data=usage))
     assert last.usage == Usage(prompt_tokens=3, completion_tokens=1)
-    assert parser.feed(ServerSentEvent(data="[DONE]")) == [] and parser.finished
+    assert parser.feed(ServerSentEvent(data="[DONE]")) == []
+    assert parser.finished
 
 
 def test_only_choice_0_of_a_legacy_completion_is_read_the_others_pass_as_bytes() -> None:
