@@ -606,7 +606,7 @@ class _Connection:
             return
         await self._play(api, request, request.json, reply)
 
-    async def _play(self, api: _Api, request: RecordedRequest, body: dict[str, Any], reply: Reply) -> None:
+    async def _play(self, api: _Api, request: RecordedRequest, body: dict[str, object], reply: Reply) -> None:
         """Run one `Reply` script: delays, then an error, a raw body, a JSON body or a stream."""
         await _sleep(reply.headers_delay)
         prefix = _assistant_prefix(body)
@@ -870,7 +870,7 @@ def _fragments(text: str) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
-def _assistant_prefix(body: dict[str, Any]) -> str | None:
+def _assistant_prefix(body: dict[str, object]) -> str | None:
     """The text of the request's final assistant message, if it ends with one (to be continued)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
@@ -910,9 +910,9 @@ def _usage(reply: Reply) -> tuple[int, int]:
     return prompt, completion or len(reply.tokens)
 
 
-def _openai_usage(reply: Reply) -> dict[str, Any]:
+def _openai_usage(reply: Reply) -> dict[str, object]:
     prompt, completion = _usage(reply)
-    usage: dict[str, Any] = {
+    usage: dict[str, object] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
@@ -930,14 +930,14 @@ def _anthropic_input(reply: Reply) -> dict[str, int]:
     return {"input_tokens": prompt - reply.cached_tokens, "cache_read_input_tokens": reply.cached_tokens}
 
 
-def _error_body(api: _Api, status: int, message: str) -> dict[str, Any]:
+def _error_body(api: _Api, status: int, message: str) -> dict[str, object]:
     if api is _Api.ANTHROPIC:
         return {"type": "error", "error": {"type": _ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
     kind = _OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-def _models_body() -> dict[str, Any]:
+def _models_body() -> dict[str, object]:
     return {
         "object": "list",
         "data": [{"id": _DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "trioproxy-testing"}],
@@ -955,8 +955,8 @@ def _openai_frames(
     chat_id = f"chatcmpl-fake{number}"
     created = int(time.time()) if created is None else created
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        payload: dict[str, Any] = {
+    def chunk(delta: dict[str, object], finish_reason: str | None = None) -> bytes:
+        payload: dict[str, object] = {
             "id": chat_id,
             "object": "chat.completion.chunk",
             "created": created,
@@ -1004,10 +1004,10 @@ def _responses_frames(reply: Reply, model: str, number: int) -> list[_Frame]:
     text tokens, then a function_call item per tool call, then `response.completed` (or
     `response.incomplete` for the finish reasons `length` and `content_filter`).
     """
-    events: list[tuple[dict[str, Any], bool]] = []
-    output: list[dict[str, Any]] = []
+    events: list[tuple[dict[str, object], bool]] = []
+    output: list[dict[str, object]] = []
 
-    def add(payload: dict[str, Any], *, token: bool = False) -> None:
+    def add(payload: dict[str, object], *, token: bool = False) -> None:
         events.append((payload, token))
 
     response = _response(reply, model, number, status="in_progress")
@@ -1050,7 +1050,7 @@ def _responses_frames(reply: Reply, model: str, number: int) -> list[_Frame]:
     return [
         _Frame(
             b"event: "
-            + payload["type"].encode()
+            + str(payload["type"]).encode()
             + b"\ndata: "
             + orjson.dumps({**payload, "sequence_number": i})
             + b"\n\n",
@@ -1060,9 +1060,9 @@ def _responses_frames(reply: Reply, model: str, number: int) -> list[_Frame]:
     ]
 
 
-def _response_output(reply: Reply, number: int) -> list[dict[str, Any]]:
+def _response_output(reply: Reply, number: int) -> list[dict[str, object]]:
     """The output items of a finished response: the message (if any text), then each function call."""
-    output: list[dict[str, Any]] = []
+    output: list[dict[str, object]] = []
     if reply.tokens:
         text = {"type": "output_text", "annotations": [], "logprobs": [], "text": "".join(reply.tokens)}
         output.append(
@@ -1088,7 +1088,7 @@ def _response_output(reply: Reply, number: int) -> list[dict[str, Any]]:
     return output
 
 
-def _response(reply: Reply, model: str, number: int, *, status: str | None = None) -> dict[str, Any]:
+def _response(reply: Reply, model: str, number: int, *, status: str | None = None) -> dict[str, object]:
     """A Response object: in progress (empty), or finished with its output and usage."""
     prompt, completion = _usage(reply)
     reason = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(_finish_reason(reply))
@@ -1137,8 +1137,8 @@ def _responses_stream_error(message: str, sequence_number: int) -> bytes:
     )
 
 
-def _openai_completion(reply: Reply, model: str, number: int) -> dict[str, Any]:
-    message: dict[str, Any] = {
+def _openai_completion(reply: Reply, model: str, number: int) -> dict[str, object]:
+    message: dict[str, object] = {
         "role": "assistant",
         "content": "".join(reply.tokens) if reply.tokens else None,
         "refusal": None,
@@ -1160,8 +1160,8 @@ def _openai_completion(reply: Reply, model: str, number: int) -> dict[str, Any]:
 
 
 def _text_completion_chunk(
-    completion_id: str, created: int, model: str, choices: list[dict[str, Any]], usage: object = None
-) -> dict[str, Any]:
+    completion_id: str, created: int, model: str, choices: list[dict[str, object]], usage: object = None
+) -> dict[str, object]:
     return {
         "id": completion_id,
         "object": "text_completion",
@@ -1192,14 +1192,14 @@ def _text_completion_frames(reply: Reply, model: str, number: int, *, include_us
     return frames
 
 
-def _text_completion(reply: Reply, model: str, number: int) -> dict[str, Any]:
+def _text_completion(reply: Reply, model: str, number: int) -> dict[str, object]:
     prompt, completion = _usage(reply)
     choice = {"index": 0, "text": "".join(reply.tokens), "logprobs": None, "finish_reason": _finish_reason(reply)}
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     return _text_completion_chunk(f"cmpl-fake{number}", int(time.time()), model, [choice], usage)
 
 
-def _embeddings(body: dict[str, Any], model: str, reply: Reply) -> dict[str, Any]:
+def _embeddings(body: dict[str, object], model: str, reply: Reply) -> dict[str, object]:
     """One vector per input, `[len(input), index, 0.5]`; base64 little-endian float32s when asked."""
     inputs = body.get("input")
     inputs = inputs if isinstance(inputs, list) else [inputs]
@@ -1214,9 +1214,9 @@ def _embeddings(body: dict[str, Any], model: str, reply: Reply) -> dict[str, Any
     return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
 
 
-def _event(payload: dict[str, Any], *, token: bool = False) -> _Frame:
+def _event(payload: dict[str, object], *, token: bool = False) -> _Frame:
     """An Anthropic event: the SSE event name always equals the data's `type`."""
-    return _Frame(b"event: " + payload["type"].encode() + b"\n" + _data_line(payload), token=token)
+    return _Frame(b"event: " + str(payload["type"]).encode() + b"\n" + _data_line(payload), token=token)
 
 
 def _anthropic_frames(reply: Reply, model: str, number: int) -> list[_Frame]:
@@ -1242,14 +1242,14 @@ def _anthropic_frames(reply: Reply, model: str, number: int) -> list[_Frame]:
     ping = _event({"type": "ping"})
     pinged = False
 
-    def open_block(index: int, block: dict[str, Any]) -> None:
+    def open_block(index: int, block: dict[str, object]) -> None:
         nonlocal pinged
         frames.append(_event({"type": "content_block_start", "index": index, "content_block": block}))
         if not pinged:  # where the recorded stream has it: right after the first block start
             frames.append(ping)
             pinged = True
 
-    def delta(index: int, body: dict[str, Any], *, token: bool) -> _Frame:
+    def delta(index: int, body: dict[str, object], *, token: bool) -> _Frame:
         return _event({"type": "content_block_delta", "index": index, "delta": body}, token=token)
 
     index = 0
@@ -1288,9 +1288,9 @@ def _anthropic_stream_error(message: str) -> bytes:
     return _event({"type": "error", "error": {"type": "overloaded_error", "message": message}}).data
 
 
-def _anthropic_message(reply: Reply, model: str, number: int) -> dict[str, Any]:
+def _anthropic_message(reply: Reply, model: str, number: int) -> dict[str, object]:
     _, completion = _usage(reply)
-    content: list[dict[str, Any]] = []
+    content: list[dict[str, object]] = []
     if reply.tokens:
         content.append({"type": "text", "text": "".join(reply.tokens)})
     for call in reply.tool_calls:
