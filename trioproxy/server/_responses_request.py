@@ -146,8 +146,8 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     The Chat Completions body that asks what the Responses `body` asks; raises a
     `RequestError` naming the first field it cannot carry.
     """
-    out: dict[str, Any] = {"model": body["model"], "stream": bool(body.get("stream"))}
-    messages: list[dict[str, Any]] = []
+    out: dict[str, object] = {"model": body["model"], "stream": bool(body.get("stream"))}
+    messages: list[dict[str, object]] = []
     instructions = body.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):
@@ -166,7 +166,7 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _fields(name: str, value: object) -> dict[str, Any]:
+def _fields(name: str, value: object) -> dict[str, object]:
     """The Chat Completions fields (none, one or more) that carry the Responses field `name`."""
     if name in _SAME_NAME or name in _TRIOPROXY_FIELDS:
         return {name: value}
@@ -229,7 +229,7 @@ class _Conversation:
             self._result_images = []
 
 
-def _messages(items: list[Any]) -> list[dict[str, Any]]:
+def _messages(items: list[Any]) -> list[dict[str, object]]:
     conversation = _Conversation()
     for i, item in enumerate(items):
         where = f"input[{i}]"
@@ -253,7 +253,7 @@ def _messages(items: list[Any]) -> list[dict[str, Any]]:
     return conversation.finish()
 
 
-def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
+def _message(item: dict[str, object], where: str) -> dict[str, object]:
     role = item.get("role")
     if role not in _ROLES:
         raise RequestError(
@@ -290,26 +290,26 @@ def _part(part: object, where: str) -> dict[str, Any]:
         url = part.get("image_url")
         if not isinstance(url, str):
             raise _unportable(f"an image without an 'image_url' ('{where}')", f"{where}.image_url")
-        image: dict[str, Any] = {"url": url}
+        image: dict[str, object] = {"url": url}
         if isinstance(part.get("detail"), str):
             image["detail"] = part["detail"]
         return {"type": "image_url", "image_url": image}
     raise _unportable(f"a {kind!r} part ('{where}')", f"{where}.type")
 
 
-def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+def _function_call(item: dict[str, object], where: str) -> dict[str, object]:
     call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "")
     if not isinstance(call_id, str) or not isinstance(name, str) or not isinstance(arguments, str):
         raise RequestError(f"'{where}' must have a string 'call_id', 'name' and 'arguments'", param=where)
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def _function_call_output(item: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _function_call_output(item: dict[str, object], where: str) -> tuple[dict[str, object], list[dict[str, object]]]:
     """The `tool` message of a function call's output, and the images it returned."""
     call_id, output = item.get("call_id"), item.get("output")
     if not isinstance(call_id, str):
         raise RequestError(f"'{where}.call_id' must be a string", param=f"{where}.call_id")
-    images: list[dict[str, Any]] = []
+    images: list[dict[str, object]] = []
     if isinstance(output, str):
         text = output
     elif isinstance(output, list):
@@ -326,7 +326,7 @@ def _function_call_output(item: dict[str, Any], where: str) -> tuple[dict[str, A
     return {"role": "tool", "tool_call_id": call_id, "content": text}, images
 
 
-def _tools(tool: object, where: str) -> list[dict[str, Any]]:
+def _tools(tool: object, where: str) -> list[dict[str, object]]:
     """The function tools `tool` stands for: itself, a namespace's functions, or none for a hosted tool."""
     if not isinstance(tool, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
@@ -341,7 +341,7 @@ def _tools(tool: object, where: str) -> list[dict[str, Any]]:
     return [_tool(tool, where)]
 
 
-def _tool(tool: object, where: str) -> dict[str, Any]:
+def _tool(tool: object, where: str) -> dict[str, object]:
     kind = tool.get("type") if isinstance(tool, dict) else None
     if kind != "function":
         raise _unportable(f"a tool of type {kind!r} ('{where}')", f"{where}.type")
@@ -349,7 +349,7 @@ def _tool(tool: object, where: str) -> dict[str, Any]:
     name = tool.get("name")
     if not isinstance(name, str) or not name:
         raise RequestError(f"'{where}.name' must be a non-empty string", param=f"{where}.name")
-    function: dict[str, Any] = {"name": name}
+    function: dict[str, object] = {"name": name}
     for key, value in tool.items():
         if key in ("type", "name"):
             continue
@@ -379,13 +379,13 @@ def _tool_choice(choice: object) -> Any:
     )
 
 
-def _reasoning(reasoning: object) -> dict[str, Any]:
+def _reasoning(reasoning: object) -> dict[str, object]:
     """`reasoning_effort` for `effort`; `summary` is dropped."""
     if reasoning is None:
         return {}
     if not isinstance(reasoning, dict):
         raise RequestError("'reasoning' must be an object", param="reasoning")
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for key, value in reasoning.items():
         if key == "effort":
             if value is not None:
@@ -395,13 +395,13 @@ def _reasoning(reasoning: object) -> dict[str, Any]:
     return out
 
 
-def _text_config(text: object) -> dict[str, Any]:
+def _text_config(text: object) -> dict[str, object]:
     """`response_format` for a JSON `format`, `verbosity` as it is."""
     if text is None:
         return {}
     if not isinstance(text, dict):
         raise RequestError("'text' must be an object", param="text")
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for key, value in text.items():
         if key == "verbosity":
             if value is not None:
@@ -413,7 +413,7 @@ def _text_config(text: object) -> dict[str, Any]:
     return out
 
 
-def _format(format_: object) -> dict[str, Any]:
+def _format(format_: object) -> dict[str, object]:
     kind = format_.get("type") if isinstance(format_, dict) else None
     if format_ is None or kind == "text":
         return {}
