@@ -122,7 +122,7 @@ class ChatRequest:
         return ""
 
 
-def content_text(content: Any) -> str:
+def content_text(content: object) -> str:
     """The text of a message's `content`, whether a string or a list of content parts."""
     if isinstance(content, str):
         return content
@@ -170,7 +170,7 @@ def _too_deep(what: str) -> str:
 
 def _nested_deeper(body: dict[str, Any], limit: int) -> bool:
     """Whether `body` nests deeper than `limit` levels; one pass without recursion, over at most every value once."""
-    stack: list[tuple[Any, int]] = [(body, 1)]
+    stack: list[tuple[dict[str, object] | list[object], int]] = [(body, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > limit:
@@ -316,7 +316,7 @@ def _max_tokens(
     return None
 
 
-def _check_message(message: Any, i: int) -> None:
+def _check_message(message: object, i: int) -> None:
     where = f"messages[{i}]"
     if not isinstance(message, dict):
         raise RequestError(f"'{where}' must be an object", param=where)

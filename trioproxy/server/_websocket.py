@@ -36,7 +36,7 @@ event the connection is closed with 1001 (going away).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -121,7 +121,7 @@ class _Connection:
         self.client_id = client_id
         self.request_id = request_id
         """The connection's id from the access log: its `x-request-id`, in its log lines."""
-        self.active: dict[Any, tuple[StreamSession, trio.CancelScope]] = {}
+        self.active: dict[str | int, tuple[StreamSession, trio.CancelScope]] = {}
         self._stream_ended = trio.Event()
         self.outbox, self._outgoing = trio.open_memory_channel[bytes | None](SEND_QUEUE_SIZE)
         """Messages for the socket; `None` closes the connection (the server shuts down)."""
@@ -148,7 +148,7 @@ class _Connection:
             await self._stream_ended.wait()
         await self.outbox.send(None)
 
-    async def send_error(self, error: TrioproxyError, request_id: Any = None) -> None:
+    async def send_error(self, error: TrioproxyError, request_id: str | int | None = None) -> None:
         await self.outbox.send(_tagged(error_event(error), request_id))
 
     async def handle(self, text: str | bytes) -> None:
@@ -187,7 +187,7 @@ class _Connection:
             return RequestError(f"at most {MAX_STREAMS} streams may run at once on one connection")
         return None
 
-    async def open_stream(self, request_id: Any, body: dict[str, Any]) -> None:
+    async def open_stream(self, request_id: str | int, body: dict[str, Any]) -> None:
         try:
             chat, provider, buffer = generic_chat_request(body)
             route = self.routes.router.route(chat.model, provider=provider)
@@ -214,7 +214,7 @@ class _Connection:
         self.nursery.start_soon(self.relay, request_id, session, renderer, scope)
 
     async def relay(
-        self, request_id: Any, session: StreamSession, renderer: EventRenderer, scope: trio.CancelScope
+        self, request_id: str | int, session: StreamSession, renderer: EventRenderer, scope: trio.CancelScope
     ) -> None:
         """One stream: the session's items, rendered, into the outbox."""
         delivered = 0
@@ -240,7 +240,7 @@ class _Connection:
         for line in framed.splitlines():
             await self.outbox.send(line)
 
-    def cancel(self, request_id: Any) -> None:
+    def cancel(self, request_id: str | int) -> None:
         """Cancel a running stream; an unknown id (a stream that just ended) is ignored."""
         entry = self.active.get(request_id)
         if entry is not None:
@@ -250,7 +250,7 @@ class _Connection:
 
 
 
-def _tagged(event: StreamEvent, request_id: Any, extra: dict[str, Any] | None = None) -> bytes:
+def _tagged(event: StreamEvent, request_id: str | int | None, extra: Mapping[str, str] | None = None) -> bytes:
     """`event` as one line of JSON with the request's `id` (and `extra` in stream_start's metadata)."""
     obj = event.to_dict()
     if extra and event.type == "metadata" and event.data == "stream_start":
