@@ -24,6 +24,7 @@ from trioproxy._config import (
     ModelRoute,
     ProviderConfig,
     ServerConfig,
+    TracingConfig,
     load_config,
     parse_config,
 )
@@ -46,7 +47,7 @@ LOCAL_KEY = "local-secret-key-1234"
 CLAUDE_KEY = "sk-ant-secret-5678"
 TOP_LEVEL_KEYS = (
     "auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, "
-    "server, streams, timeouts"
+    "server, streams, timeouts, tracing"
 )
 
 
@@ -1155,6 +1156,42 @@ def test_limits_defaults_and_table() -> None:
 )
 def test_bad_limits(table: dict[str, Any], expected: str) -> None:
     assert only_problem({"limits": table}) == expected
+
+
+def test_tracing_off_by_default_and_table() -> None:
+    assert parse_config({}, environ={}).tracing == TracingConfig(enabled=False)
+    table = {
+        "enabled": True,
+        "endpoint": "http://collector:4318",
+        "protocol": "grpc",
+        "service_name": "edge-proxy",
+        "sample_ratio": 0,
+    }
+    assert parse_config({"tracing": table}, environ={}).tracing == TracingConfig(
+        enabled=True, endpoint="http://collector:4318", protocol="grpc", service_name="edge-proxy", sample_ratio=0.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({"enabled": "yes"}, "[tracing].enabled must be true or false, got 'yes'"),
+        ({"endpoint": "collector:4318"}, "[tracing].endpoint must be an http:// or https:// URL, got 'collector:4318'"),
+        (
+            {"protocol": "http/json"},
+            "[tracing].protocol must be one of 'http/protobuf', 'grpc', got 'http/json'",
+        ),
+        ({"service_name": " "}, "[tracing].service_name must be a non-empty string, got ' '"),
+        ({"sample_ratio": 1.5}, "[tracing].sample_ratio must be a number from 0 to 1, got 1.5"),
+        (
+            {"sample_ration": 1},
+            "[tracing]: unknown key 'sample_ration' (known: enabled, endpoint, protocol, sample_ratio, service_name)",
+        ),
+        ([], "[tracing] must be a table"),
+    ],
+)
+def test_bad_tracing(table: Any, expected: str) -> None:
+    assert only_problem({"tracing": table}) == expected
 
 
 def test_cors_off_by_default_and_table() -> None:

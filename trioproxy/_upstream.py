@@ -153,8 +153,9 @@ class HttpUpstream:
         parser = self.translation.stream_parser(chat)
         decoder = SSEDecoder()
         url = self._urls.get(request.url) or self._urls.setdefault(request.url, httpx.URL(request.url))
+        headers = request.headers if chat.trace is None else chat.trace.headers(request.headers)
         with _mapped_httpx_errors():
-            async with self._client.stream("POST", url, headers=request.headers, content=request.body) as resp:
+            async with self._client.stream("POST", url, headers=headers, content=request.body) as resp:
                 if resp.status_code >= 300:
                     body = await _read_bounded(resp)
                     raise self.translation.error_from_response(resp.status_code, resp.headers, body)
@@ -590,7 +591,12 @@ class BalancedUpstream:
         async def tell(reason: str) -> None:
             await send.send(RetryNotice("breaker", 0, self.name, model, 0.0, reason))
 
-        await self._balanced(lambda upstream: upstream.stream(chat, send), tell)
+        async def attempt(url: str, upstream: HttpUpstream) -> None:
+            if chat.trace is not None:
+                chat.trace.target(url)
+            await upstream.stream(chat, send)
+
+        await self._balanced(attempt, tell)
 
     async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
         """
@@ -598,17 +604,17 @@ class BalancedUpstream:
         stream's failure does.
         """
         status = _StatusSeen(sink)  # a forwarded answer has no notices: the log and the metrics tell of the breaker
-        await self._balanced(lambda upstream: upstream.forward(request, status), None, status)
+        await self._balanced(lambda _url, upstream: upstream.forward(request, status), None, status)
 
     async def _balanced(
         self,
-        attempt: Callable[[HttpUpstream], Awaitable[None]],
+        attempt: Callable[[str, HttpUpstream], Awaitable[None]],
         tell: Callable[[str], Awaitable[None]] | None,
         status: _StatusSeen | None = None,
     ) -> None:
         """
-        `attempt` on the target whose turn it is, and again on the next while no connection
-        could be made; its outcome (with a forwarded answer's `status`) judges the target, and a
+        `attempt` on the target whose turn it is (given its url and upstream), and again on the
+        next while no connection could be made; its outcome (with a forwarded answer's `status`) judges the target, and a
         change of its breaker is counted, logged and, given `tell`, told to the request.
         """
         tried: list[Target] = []
@@ -620,7 +626,7 @@ class BalancedUpstream:
         while True:
             target, probe = taken
             try:
-                await attempt(self._upstreams[target.url])
+                await attempt(target.url, self._upstreams[target.url])
             except UpstreamError as exc:
                 kind = failure_kind(exc)
                 if kind not in _TARGET_FAULTS:

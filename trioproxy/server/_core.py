@@ -26,8 +26,8 @@ import functools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import orjson
 import trio
@@ -47,6 +47,9 @@ from ._generic import Renderer, StreamInterrupted, commits, last_word, render
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
 from ._streams import BroadcastStream, Encoder, RendererFactory, StreamRegistry, Watcher, sse_with_id
+
+if TYPE_CHECKING:
+    from .._tracing import Tracing
 
 __all__ = [
     "ASGI_SEND",
@@ -77,7 +80,8 @@ class Core:
     """
     The server's shared state, which the fronts use and own none of: the router, the limiter,
     metrics, the access log, the resumable streams, the graceful shutdown and its set of
-    active sessions. Sessions run in `nursery` (the app's).
+    active sessions, and the traces (`tracing`, `None` when off). Sessions run in `nursery`
+    (the app's).
     """
 
     def __init__(
@@ -89,8 +93,10 @@ class Core:
         metrics: Metrics,
         access_log: AccessLog,
         nursery: Callable[[], trio.Nursery],
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        self.tracing = tracing
         self.router = router
         self.shutdown = shutdown
         self.metrics = metrics
@@ -130,6 +136,7 @@ class Core:
         `[limits]` allow it: raises `RequestError` for a body of the wrong shape,
         `RateLimitedError` or `OverloadedError` when the limiter refuses the client. With
         `[redis]`, the shared limits decide in the session's task: their refusal is its only item.
+        Traced, the request's span starts here and ends with its session, or with its refusal.
         """
         return self._start(pipeline, chat, heartbeats=heartbeats, stream_id=stream_id)[0]
 
@@ -152,11 +159,20 @@ class Core:
         self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool, stream_id: str | None
     ) -> tuple[StreamSession, _Admission]:
         limits = self.config.limits
-        check_request_shape(
-            chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
-        )
+        trace = None
+        if self.tracing is not None:
+            trace = self.tracing.request(chat, pipeline.routes[0], endpoint=route_label(), headers=connection().headers)
+            pipeline = replace(pipeline, trace=trace)
         client = self.client_identity()
-        lease = self.limiter.admit(client, trio.current_time()) if self.redis is None else None
+        try:
+            check_request_shape(
+                chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
+            )
+            lease = self.limiter.admit(client, trio.current_time()) if self.redis is None else None
+        except TrioproxyError as exc:
+            if trace is not None:
+                trace.refused(exc)
+            raise
         record = request_record(connection().scope)
         key = self.key_name()
         admission = _Admission()
@@ -178,12 +194,16 @@ class Core:
                 lease.release()
             if admission.refusal is not None:
                 self.metrics.stream_refused()
+                if trace is not None:
+                    trace.refused(admission.refusal)
                 return
             self.metrics.observe_stream(session, key=key)
             if stream_id is not None:  # a WebSocket stream: its own log line
                 self.access_log.log_stream(
                     session, request_id=record.id, route=record.route, stream_id=stream_id, key=key
                 )
+            if trace is not None:
+                trace.ended(session)
 
         try:
             session = start_session(
@@ -196,9 +216,11 @@ class Core:
                 on_end=on_end,
                 guard=guard,
             )
-        except BaseException:
+        except BaseException as exc:
             if lease is not None:
                 lease.release()
+            if trace is not None:
+                trace.refused(exc)
             raise
         self.metrics.stream_started()
         if stream_id is None:
