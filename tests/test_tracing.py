@@ -234,11 +234,13 @@ async def test_a_request_the_limits_refuse_is_a_failed_span_with_no_attempt(
 
 
 async def anthropic_messages(proxy: str) -> None:
-    async with anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client:
-        async with client.messages.stream(
+    async with (
+        anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client,
+        client.messages.stream(
             model="claude/claude-test", max_tokens=64, messages=MESSAGES, extra_headers=CLIENT_CONTEXT
-        ) as stream:
-            await stream.get_final_message()
+        ) as stream,
+    ):
+        await stream.get_final_message()
 
 
 async def openai_responses(proxy: str) -> None:

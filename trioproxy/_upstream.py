@@ -614,8 +614,9 @@ class BalancedUpstream:
     ) -> None:
         """
         `attempt` on the target whose turn it is (given its url and upstream), and again on the
-        next while no connection could be made; its outcome (with a forwarded answer's `status`) judges the target, and a
-        change of its breaker is counted, logged and, given `tell`, told to the request.
+        next while no connection could be made; its outcome (with a forwarded answer's `status`)
+        judges the target, and a change of its breaker is counted, logged and, given `tell`, told
+        to the request.
         """
         tried: list[Target] = []
         taken = await self._take(tried)
