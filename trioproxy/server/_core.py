@@ -155,7 +155,7 @@ class Core:
             raise admission.refusal
         return session
 
-    def _start(  # noqa: C901 - the otel branch reworks the session start: split after its merge
+    def _start(  # noqa: C901 - its closures share the lease, admission, trace and record: to become one object
         self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool, stream_id: str | None
     ) -> tuple[StreamSession, _Admission]:
         limits = self.config.limits
