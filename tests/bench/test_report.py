@@ -95,6 +95,6 @@ def test_workers_are_compared_with_one_process_and_with_what_the_workload_asked(
     assert row["saturated"] == {"1": True, "2": True}
     text = render(report).split("Workers: one process against `serve --workers 2`")[1]
     [scaled] = [line for line in text.splitlines() if line.startswith("trioproxy-2w ")]
-    # workers, conc, streams/s, CPU ms/stream (the workers' and the supervisor's), split, supervisor ms
-    assert scaled.split()[1:7] == ["2", "200", "225.0", "8.52", "40/60", "4.0"]
+    # workers, conc, streams/s, CPU ms/stream (the workers' and the supervisor's), cores, split, supervisor ms
+    assert scaled.split()[1:8] == ["2", "200", "225.0", "8.52", "1.92", "40/60", "4.0"]
     assert "at 200 streams: 2 workers 1.80x the streams/s of 1 (225.0 against 125.0; direct 300.0; " in text

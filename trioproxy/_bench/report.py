@@ -260,8 +260,9 @@ def throughput_table(report: Report) -> str:
 def workers_table(report: Report) -> str:
     """
     One process against N workers at each concurrency: throughput, CPU (every worker's and the
-    supervisor's summed, and how it split between the workers), added TTFT, and the core
-    shares of the upstream and the load generator, which show they were not the bottleneck.
+    supervisor's summed, and how it split between the workers), added TTFT, and the cores each
+    side used: the proxy's say whether it got the cores it was given (on a shared machine it may
+    not have), the upstream's and the load generator's that they were not the bottleneck.
     """
     added = {(row["target"], row["concurrency"]): row["ttft_ms"] for row in added_latency(report)}
     targets = {target.name: target for target in report.targets}
@@ -278,6 +279,7 @@ def workers_table(report: Report) -> str:
                 str(phase.concurrency),
                 _number(f.streams_per_s),
                 _number(r.proxy_cpu_ms_per_stream, 2),
+                _number(_share(r.proxy_cpu_s, f.wall_s), 2),
                 _split(r.worker_cpu_s),
                 _number(None if r.supervisor_cpu_s is None else r.supervisor_cpu_s * 1000, 1),
                 _number(ttft["p50"] if ttft else None, signed=True),
@@ -286,8 +288,8 @@ def workers_table(report: Report) -> str:
                 _number(_share(r.loadgen_cpu_s, f.wall_s), 2),
             ]
         )
-    headers = ["target", "workers", "conc", "streams/s", "CPU ms/stream", "worker CPU %", "supervisor CPU ms",
-               "TTFT +p50", "+p99", "upstream cores", "loadgen cores"]  # fmt: skip
+    headers = ["target", "workers", "conc", "streams/s", "CPU ms/stream", "proxy cores", "worker CPU %",
+               "supervisor CPU ms", "TTFT +p50", "+p99", "upstream cores", "loadgen cores"]  # fmt: skip
     title = (
         f"Workers: one process against `serve --workers {report.settings.workers}`, same upstream and load generator "
         "(CPU: every worker and the supervisor, summed; cores: CPU s per wall s)"
