@@ -58,6 +58,11 @@ def _added(proxied: Any, direct: Any) -> dict[str, float | None]:
 SATURATED_BELOW = 0.9
 
 
+#: The upstream and the load generator are one process each: past this share of a core, what
+#: they can carry, not the proxy, may be what a phase measured.
+HARNESS_BOUND = 0.8
+
+
 def scaling(report: Report) -> list[dict[str, Any]]:
     """
     With `--workers N`, per front and concurrency: the streams/s of one trioproxy process and
@@ -294,7 +299,15 @@ def workers_table(report: Report) -> str:
         f"Workers: one process against `serve --workers {report.settings.workers}`, same upstream and load generator "
         "(CPU: every worker and the supervisor, summed; cores: CPU s per wall s)"
     )
-    return "\n".join([title, table(headers, rows), *(_scaling_line(row) for row in scaling(report))])
+    lines = [_scaling_line(row) for row in scaling(report)]
+    for phase in _ordered(report):
+        r = phase.resources
+        for side, cpu_s in (("upstream", r.upstream_cpu_s), ("load generator", r.loadgen_cpu_s)):
+            cores = _share(cpu_s, phase.figures.wall_s)
+            if cores is not None and cores >= HARNESS_BOUND:
+                lines.append(f"WARNING: the {side} used {cores:.2f} of its one core during {phase.target} at "
+                             f"{phase.concurrency}: it may have been the bottleneck, not the proxy")  # fmt: skip
+    return "\n".join([title, table(headers, rows), *lines])
 
 
 def _scaling_line(row: dict[str, Any]) -> str:
