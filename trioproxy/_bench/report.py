@@ -56,8 +56,6 @@ def _added(proxied: Any, direct: Any) -> dict[str, float | None]:
 #: A proxy whose streams/s stay within this fraction of the direct connection's, at the same
 #: concurrency, served what the workload asked: its capacity is not reached, only bounded below.
 SATURATED_BELOW = 0.9
-
-
 #: The upstream and the load generator are one process each: past this share of a core, what
 #: they can carry, not the proxy, may be what a phase measured.
 HARNESS_BOUND = 0.8
