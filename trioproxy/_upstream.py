@@ -110,6 +110,13 @@ class Upstream(Protocol):
         """
         ...
 
+    async def compact(self, chat: ChatRequest) -> bytes | None:
+        """
+        The upstream's own compaction (JSON) of `chat`'s conversation (OpenAI Responses'
+        `/responses/compact`), `None` when it has none; raise `TrioproxyError` on failure.
+        """
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -185,7 +192,13 @@ class HttpUpstream:
             await self._pool.expire_idle_connections()
 
     async def count_tokens(self, chat: ChatRequest) -> bytes | None:
-        request = self.translation.count_tokens_request(chat)
+        return await self._answer(self.translation.count_tokens_request(chat))
+
+    async def compact(self, chat: ChatRequest) -> bytes | None:
+        return await self._answer(self.translation.compact_request(chat))
+
+    async def _answer(self, request: UpstreamRequest | None) -> bytes | None:
+        """The JSON body the upstream answers a non-streaming `request` with; `None` for no request."""
         if request is None:
             return None
         return await self._exchange(request)
@@ -561,6 +574,9 @@ class SimulatedUpstream:
     async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
         raise NotFoundError("a simulated provider has no other paths to forward to")  # the config gives it none
 
+    async def compact(self, chat: ChatRequest) -> None:
+        return None
+
     async def aclose(self) -> None:
         pass
 
@@ -653,6 +669,13 @@ class BalancedUpstream:
             return
 
     async def count_tokens(self, chat: ChatRequest) -> bytes | None:
+        return await self._ask_one(lambda upstream: upstream.count_tokens(chat))
+
+    async def compact(self, chat: ChatRequest) -> bytes | None:
+        return await self._ask_one(lambda upstream: upstream.compact(chat))
+
+    async def _ask_one(self, ask: Callable[[HttpUpstream], Awaitable[bytes | None]]) -> bytes | None:
+        """A question other than a generation, to one target: no failover, the breaker not told."""
         taken = await self._take([])
         if taken is None:
             raise UpstreamConnectError(
@@ -660,7 +683,7 @@ class BalancedUpstream:
             )
         target, probe = taken
         try:
-            return await self._upstreams[target.url].count_tokens(chat)
+            return await ask(self._upstreams[target.url])
         finally:
             await self._settle(target, "released", probe)
 

@@ -75,7 +75,7 @@ class _Delivery:
         self.token_sent = False
         self.text: list[str] = []
         self.text_only = True
-        """No tool call or reasoning left: a continuation may take the text as the whole answer so far."""
+        """No tool call, reasoning or other item left: a continuation may take the text as the whole answer so far."""
 
     async def send(self, item: SessionItem) -> None:
         if isinstance(item, Opened):
@@ -86,7 +86,7 @@ class _Delivery:
             self.token_sent = True
             if item.text:
                 self.text.append(item.text)
-            if item.tool_calls or item.reasoning:
+            if item.tool_calls or item.reasoning or item.raw_item:
                 self.text_only = False
         await self._sink.send(item)
 

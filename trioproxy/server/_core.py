@@ -34,12 +34,13 @@ import trio
 from quart import Response, has_request_context, request, websocket
 
 from .._config import Config
-from .._exceptions import SharedStateError, TrioproxyError
+from .._exceptions import SharedStateError, TrioproxyError, UpstreamTimeoutError
 from .._limits import Limiter, check_request_shape
 from .._policy import BufferConfig
 from .._redis import RedisState, SharedLimits
 from .._request import ChatRequest
 from .._router import Router
+from .._upstream import Upstream
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import AccessLog, request_record
 from ._auth import NO_KEY, key_name, presented_key
@@ -280,6 +281,22 @@ class Core:
             # A failure is logged by `RedisState`; the place expires within `[redis] lease_ttl`.
             with contextlib.suppress(SharedStateError):
                 await self.redis.release(shared)
+
+    async def ask_upstream(
+        self, chat: ChatRequest, ask: Callable[[Upstream, ChatRequest], Awaitable[bytes | None]]
+    ) -> bytes | None:
+        """
+        A question other than a generation (count the input's tokens, compact it) to the
+        upstream of `chat`'s model, `chat` routed to it, within its `first_token_timeout`: the
+        JSON it answers, or `None` when it cannot say.
+        """
+        route = self.router.route(chat.model)
+        timeout = route.provider.timeouts.first_token_timeout
+        with trio.move_on_after(timeout or math.inf):
+            return await ask(route.upstream, chat.routed(route.upstream_model))
+        raise UpstreamTimeoutError(
+            f"no answer from the upstream within first_token_timeout ({timeout:g} s)", kind="first_token_timeout"
+        )
 
     def client_identity(self) -> str:
         """Who the limits count against: the client key when keys are on, else the address."""
