@@ -118,9 +118,12 @@ async def test_a_responses_stream_and_response_through_the_sdk(upstream: BenchUp
             second = [event async for event in again]
             response = await sdk.responses.create(model="gpt-x", input="x")
     assert "".join(deltas) == TEXT == final.output_text == response.output_text
-    assert final.status == "completed" and final.usage is not None and final.usage.output_tokens == TOKENS
+    assert final.status == "completed"
+    assert final.usage is not None
+    assert final.usage.output_tokens == TOKENS
     assert len(deltas) == TOKENS  # one event per token, as the schedule writes them
-    assert final.id != second[0].response.id and final.output[0].id != second[-1].response.output[0].id
+    assert final.id != second[0].response.id
+    assert final.output[0].id != second[-1].response.output[0].id
     assert upstream.connections_accepted == 1
 
 

@@ -37,7 +37,8 @@ async def test_one_process_and_two_workers_are_measured_with_the_cpu_of_every_wo
     targets = {target["name"]: target for target in report["targets"]}
     assert list(targets) == ["direct", "trioproxy", "trioproxy-2w"]
     supervisor, workers = targets["trioproxy-2w"]["pid"], targets["trioproxy-2w"]["worker_pids"]
-    assert len(set(workers)) == 2 and supervisor not in workers
+    assert len(set(workers)) == 2
+    assert supervisor not in workers
     assert targets["trioproxy"]["worker_pids"] == []
     assert report["workers_startup_s"] > 0
 

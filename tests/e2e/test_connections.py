@@ -258,7 +258,8 @@ async def test_a_stream_its_client_reads_slower_than_it_comes_arrives_whole_and_
     tokens = tuple(f"<{index:03d}>" + "y" * 65_000 for index in range(40))
     upstream.push(Reply(tokens=tokens))
     address = urlsplit(proxy_url)
-    assert address.hostname is not None and address.port is not None
+    assert address.hostname is not None
+    assert address.port is not None
     sock = trio.socket.socket()
     sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)  # before connect: the window is small
     await sock.connect((address.hostname, address.port))

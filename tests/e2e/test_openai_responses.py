@@ -727,9 +727,11 @@ async def test_a_stored_response_s_input_items_are_listed_in_pages(
 
     newest_first = await client.responses.input_items.list(first.id)
     assert [item.type for item in newest_first.data] == ["function_call_output", "function_call", "message"]
-    assert newest_first.has_more is False and newest_first.data[2].content[0].text == "Weather in Paris?"  # type: ignore[union-attr]
+    assert newest_first.has_more is False
+    assert newest_first.data[2].content[0].text == "Weather in Paris?"  # type: ignore[union-attr]
     page = await client.responses.input_items.list(first.id, order="asc", limit=2)
-    assert [item.type for item in page.data] == ["message", "function_call"] and page.has_more is True
+    assert [item.type for item in page.data] == ["message", "function_call"]
+    assert page.has_more is True
     every = [item async for item in client.responses.input_items.list(first.id, order="asc", limit=2)]  # page by page
     assert [item.id for item in every] == [item.id for item in reversed(newest_first.data)]
     assert len({item.id for item in every}) == 3  # ids made for items sent without one, the same on every call
@@ -737,7 +739,8 @@ async def test_a_stored_response_s_input_items_are_listed_in_pages(
     # The continued response's input is the whole conversation it answered.
     continued = [item async for item in client.responses.input_items.list(second.id, order="asc")]
     assert [item.type for item in continued] == ["message", "function_call", "function_call_output", "message", "message"]
-    assert continued[3].role == "assistant" and continued[4].content[0].text == "And?"  # type: ignore[union-attr]
+    assert continued[3].role == "assistant"
+    assert continued[4].content[0].text == "And?"  # type: ignore[union-attr]
 
     async with httpx.AsyncClient(base_url=str(client.base_url)) as http:
         before = (await http.get(f"responses/{first.id}/input_items", params={"before": every[0].id})).json()
@@ -775,7 +778,8 @@ async def test_input_tokens_and_compaction_are_forwarded_to_a_responses_upstream
         count = await sdk.responses.input_tokens.count(model="resp/gpt-5", input=items)  # type: ignore[arg-type]
         compacted = await sdk.responses.compact(model="resp/gpt-5", input=items, instructions="Be brief.")  # type: ignore[arg-type]
     assert count.input_tokens == 7
-    assert compacted.output[0].type == "compaction" and compacted.usage.total_tokens == 15
+    assert compacted.output[0].type == "compaction"
+    assert compacted.usage.total_tokens == 15
     assert [request.path for request in upstream.requests] == ["/v1/responses/input_tokens", "/v1/responses/compact"]
     assert sent(upstream.requests[0]) == {"model": "gpt-5", "input": items}
     assert sent(upstream.requests[1]) == {"model": "gpt-5", "input": items, "instructions": "Be brief."}
@@ -785,7 +789,8 @@ async def test_input_tokens_are_estimated_and_compaction_refused_for_another_ups
     client: openai.AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
     count = await client.responses.input_tokens.count(model="up/gpt-test", input="x" * 40, instructions="y" * 8)
-    assert count.input_tokens == 12 and count.model_extra == {"estimated": True}
+    assert count.input_tokens == 12
+    assert count.model_extra == {"estimated": True}
     with pytest.raises(openai.BadRequestError) as info:
         await client.responses.input_tokens.count(model="up/gpt-test", input="x", tools=[{"type": "shell"}])  # type: ignore[list-item]
     assert info.value.param == "tools[0].type"  # what the upstream could not be asked is refused, as on create
@@ -830,7 +835,8 @@ async def test_items_the_common_model_does_not_carry_survive_a_stage_in_order(
             "id": reasoning.id,
         }  # its encrypted content and summary, under the id its events gave it
         assert search.model_dump(exclude_none=True) == upstream_final["output"][1]  # whole, as the upstream sent it
-        assert message.type == "message" and response.output_text == "Paris is [weather] today."
+        assert message.type == "message"
+        assert response.output_text == "Paris is [weather] today."
     added = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"]
     done = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.done"]
     assert added == done == [(0, "reasoning"), (1, "web_search_call"), (2, "message")]
