@@ -12,6 +12,7 @@ import orjson
 import pytest
 import trio
 
+from trioproxy import parse_config, serve
 from trioproxy._bench.loadgen import (
     MAX_NDJSON_LINE,
     _Connection,
@@ -24,7 +25,6 @@ from trioproxy._bench.loadgen import (
 from trioproxy._bench.stats import StreamRecord
 from trioproxy._bench.upstream import BenchUpstream
 from trioproxy._bench.wire import PhaseSpec, Protocol
-from trioproxy import parse_config, serve
 from trioproxy.testing import Reply, _anthropic_frames, _responses_frames, _responses_stream_error, open_fake_upstream
 
 

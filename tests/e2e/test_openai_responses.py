@@ -19,7 +19,7 @@ import trio
 import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import proxy_config, wait_until, wait_until_idle
+from tests.conftest import collect_into, proxy_config, wait_until, wait_until_idle
 from trioproxy import parse_config, serve
 from trioproxy._sse import SSEDecoder
 from trioproxy.server._responses_front import TERMINAL_EVENTS, response_from_events
@@ -738,7 +738,8 @@ async def test_a_stored_response_s_input_items_are_listed_in_pages(
 
     # The continued response's input is the whole conversation it answered.
     continued = [item async for item in client.responses.input_items.list(second.id, order="asc")]
-    assert [item.type for item in continued] == ["message", "function_call", "function_call_output", "message", "message"]
+    expected = ["message", "function_call", "function_call_output", "message", "message"]
+    assert [item.type for item in continued] == expected
     assert continued[3].role == "assistant"
     assert continued[4].content[0].text == "And?"  # type: ignore[union-attr]
 
@@ -945,7 +946,10 @@ async def test_only_a_background_response_can_be_cancelled(client: openai.AsyncO
 
 
 async def test_websocket_mode_through_the_sdk_s_own_connection(proxy_url: str, upstream: FakeUpstream) -> None:
-    """`client.responses.connect()` (the sync SDK, in a thread): two responses in turn, the second continuing the first."""
+    """
+    `client.responses.connect()` (the sync SDK, in a thread): two responses in turn, the second
+    continuing the first.
+    """
     upstream.push(Reply(tokens=TOKENS), Reply(tokens=("Again",)))
 
     def converse() -> list[list[Any]]:
@@ -1004,20 +1008,23 @@ async def test_a_stream_that_delivered_a_hosted_tool_s_call_is_not_continued_as_
     backup = await open_fake_upstream(nursery)
     recorded = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
     events_sent = [event + b"\n\n" for event in recorded.split(b"\n\n") if event and b'"rs_builtin"' not in event]
-    first_delta = next(i for i, event in enumerate(events_sent) if event.startswith(b"event: response.output_text.delta"))
-    upstream.push(Reply(raw_body=b"".join(events_sent[: first_delta + 1]), reset_after=0))  # no reasoning: a search, then text
+    delta = b"event: response.output_text.delta"
+    first_delta = next(i for i, event in enumerate(events_sent) if event.startswith(delta))
+    # No reasoning: a search, then text.
+    upstream.push(Reply(raw_body=b"".join(events_sent[: first_delta + 1]), reset_after=0))
     backup.push(Reply(tokens=("Paris is ", "sunny today."), continues=True))
     vllm = {"type": "openai", "continuation": "continue_final_message", "base_url": backup.url + "/v1"}
     config = proxy_config(
-        upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "fallbacks": ["vllm/m"]}, vllm=vllm
+        upstream,
+        resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "fallbacks": ["vllm/m"]},
+        vllm=vllm,
     )
     [proxy] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
     events: list[Any] = []
     async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
         stream = await sdk.responses.create(model="resp/gpt-5", input="Weather in Paris?", store=False, stream=True)
         with pytest.raises(openai.APIError, match="connection broke"):
-            async for event in stream:
-                events.append(event)
+            await collect_into(stream, events)
     assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["web_search_call"]
     assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["Paris is "]
     assert backup.request_count == 0

@@ -46,7 +46,8 @@ def test_every_event_keeps_its_bytes_for_a_responses_client() -> None:
 def test_items_the_common_model_does_not_carry_are_kept_whole_for_a_responses_client() -> None:
     wire = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
     items = [delta.raw_item for delta in parse(wire, keep_raw=True) if delta.raw_item is not None]
-    assert [(item["type"], item["id"]) for item in items] == [("reasoning", "rs_builtin"), ("web_search_call", "ws_builtin")]
+    expected = [("reasoning", "rs_builtin"), ("web_search_call", "ws_builtin")]
+    assert [(item["type"], item["id"]) for item in items] == expected
     assert items[0]["encrypted_content"] == "gAAAAABpEncryptedReasoning=="
     assert items[1]["action"]["query"] == "weather Paris today"
     chat_client = parse(wire)  # another protocol's renderer could not place them: nothing but text and reasoning
