@@ -24,7 +24,8 @@ from trioproxy._bench.loadgen import (
 from trioproxy._bench.stats import StreamRecord
 from trioproxy._bench.upstream import BenchUpstream
 from trioproxy._bench.wire import PhaseSpec, Protocol
-from trioproxy.testing import Reply, _anthropic_frames, open_fake_upstream
+from trioproxy.testing import Reply, open_fake_upstream
+from trioproxy.testing._wire import anthropic_frames
 
 
 def ndjson(*events: dict[str, object]) -> bytes:
@@ -203,7 +204,7 @@ async def test_a_body_until_close_an_error_status_and_a_lost_token(nursery: trio
 def anthropic_stream(tokens: int) -> bytes:
     """An Anthropic Messages stream of `tokens` tokens, as FakeUpstream (and so the benchmark upstream) sends it."""
     reply = Reply(tokens=tuple(f" tok{index}" for index in range(tokens)))
-    return b"".join(frame.data for frame in _anthropic_frames(reply, "claude", 1))
+    return b"".join(frame.data for frame in anthropic_frames(reply, "claude", 1))
 
 
 async def one_anthropic_stream(nursery: trio.Nursery, body: bytes, tokens: int) -> StreamRecord:
