@@ -24,6 +24,7 @@ from trioproxy._config import (
     ModelRoute,
     ProviderConfig,
     ServerConfig,
+    TracingConfig,
     load_config,
     parse_config,
 )
@@ -244,7 +245,7 @@ def test_the_sims_output_cap_is_configured() -> None:
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)"
+        "config: unknown key 'providrs' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts, tracing)"
     )
 
 
@@ -477,7 +478,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)",
+        "config: unknown key 'sever' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts, tracing)",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -493,8 +494,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)",
-        "config: unknown key 'y' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts)",
+        "config: unknown key 'x' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts, tracing)",
+        "config: unknown key 'y' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts, tracing)",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 
@@ -1147,6 +1148,42 @@ def test_limits_defaults_and_table() -> None:
 )
 def test_bad_limits(table: dict[str, Any], expected: str) -> None:
     assert only_problem({"limits": table}) == expected
+
+
+def test_tracing_off_by_default_and_table() -> None:
+    assert parse_config({}, environ={}).tracing == TracingConfig(enabled=False)
+    table = {
+        "enabled": True,
+        "endpoint": "http://collector:4318",
+        "protocol": "grpc",
+        "service_name": "edge-proxy",
+        "sample_ratio": 0,
+    }
+    assert parse_config({"tracing": table}, environ={}).tracing == TracingConfig(
+        enabled=True, endpoint="http://collector:4318", protocol="grpc", service_name="edge-proxy", sample_ratio=0.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ({"enabled": "yes"}, "[tracing].enabled must be true or false, got 'yes'"),
+        ({"endpoint": "collector:4318"}, "[tracing].endpoint must be an http:// or https:// URL, got 'collector:4318'"),
+        (
+            {"protocol": "http/json"},
+            "[tracing].protocol must be one of 'http/protobuf', 'grpc', got 'http/json'",
+        ),
+        ({"service_name": " "}, "[tracing].service_name must be a non-empty string, got ' '"),
+        ({"sample_ratio": 1.5}, "[tracing].sample_ratio must be a number from 0 to 1, got 1.5"),
+        (
+            {"sample_ration": 1},
+            "[tracing]: unknown key 'sample_ration' (known: enabled, endpoint, protocol, sample_ratio, service_name)",
+        ),
+        ([], "[tracing] must be a table"),
+    ],
+)
+def test_bad_tracing(table: Any, expected: str) -> None:
+    assert only_problem({"tracing": table}) == expected
 
 
 def test_cors_off_by_default_and_table() -> None:

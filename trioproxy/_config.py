@@ -36,6 +36,7 @@ __all__ = [
     "RedisConfig",
     "ServerConfig",
     "TargetConfig",
+    "TracingConfig",
     "load_config",
     "parse_config",
 ]
@@ -240,6 +241,28 @@ class CorsConfig:
         return bool(self.allow_origins)
 
 
+OTLP_PROTOCOLS: Final = ("http/protobuf", "grpc")
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """
+    OpenTelemetry traces (the `[tracing]` table), off by default; `_tracing.py` says what is traced.
+
+    What is left unset is the OpenTelemetry SDK's to decide, from its `OTEL_*` environment
+    variables: `endpoint` (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_EXPORTER_OTLP_ENDPOINT`,
+    else a collector on localhost), `service_name` (`OTEL_SERVICE_NAME`, else "trioproxy") and
+    `sample_ratio` (`OTEL_TRACES_SAMPLER`, else every trace the client's `traceparent` does not
+    leave out). `endpoint` is the collector's URL; with no path, the signal's own (`/v1/traces`).
+    """
+
+    enabled: bool = False
+    endpoint: str | None = None
+    protocol: str = "http/protobuf"
+    service_name: str | None = None
+    sample_ratio: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
     """
@@ -297,6 +320,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     cors: CorsConfig = field(default_factory=CorsConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
 
 
 def load_config(path: str | os.PathLike[str] | None, *, environ: Mapping[str, str] | None = None) -> Config:
@@ -340,6 +364,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
             "logging",
             "models",
             "redis",
+            "tracing",
         },
         "config",
         problems,
@@ -357,6 +382,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     limits = _limits(raw.get("limits", {}), problems)
     cors = _cors(raw.get("cors", {}), problems)
     redis = _redis(raw.get("redis", {}), env, problems)
+    tracing = _tracing(raw.get("tracing", {}), problems)
     if defaults.timeouts.connect_timeout <= 0:
         problems.append("[timeouts].connect_timeout must be a positive number")
 
@@ -415,6 +441,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
         limits=limits,
         cors=cors,
         redis=redis,
+        tracing=tracing,
     )
 
 
@@ -557,6 +584,41 @@ def _cors(table: Any, problems: list[str]) -> CorsConfig:
             "every web site could send its visitors' cookies to the proxy"
         )
     return CorsConfig(**checked)
+
+
+def _tracing(table: Any, problems: list[str]) -> TracingConfig:
+    if not isinstance(table, dict):
+        problems.append("[tracing] must be a table")
+        return TracingConfig()
+    _unknown_keys(table, set(TracingConfig.__dataclass_fields__), "[tracing]", problems)
+    checked: dict[str, Any] = {}
+    _bool(table, "enabled", "[tracing]", problems, checked)
+    endpoint = table.get("endpoint")
+    if endpoint is not None:
+        if not _is_url(endpoint):
+            problems.append(f"[tracing].endpoint must be an http:// or https:// URL, got {endpoint!r}")
+        else:
+            checked["endpoint"] = endpoint
+    protocol = table.get("protocol")
+    if protocol is not None:
+        if protocol not in OTLP_PROTOCOLS:
+            choices = ", ".join(map(repr, OTLP_PROTOCOLS))
+            problems.append(f"[tracing].protocol must be one of {choices}, got {protocol!r}")
+        else:
+            checked["protocol"] = protocol
+    service_name = table.get("service_name")
+    if service_name is not None:
+        if not isinstance(service_name, str) or not service_name.strip():
+            problems.append(f"[tracing].service_name must be a non-empty string, got {service_name!r}")
+        else:
+            checked["service_name"] = service_name
+    ratio = table.get("sample_ratio")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            problems.append(f"[tracing].sample_ratio must be a number from 0 to 1, got {ratio!r}")
+        else:
+            checked["sample_ratio"] = float(ratio)
+    return TracingConfig(**checked)
 
 
 def _auth(table: Any, env: Mapping[str, str], problems: list[str]) -> AuthConfig:

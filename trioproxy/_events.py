@@ -111,6 +111,11 @@ class Delta:
     drops `raw`. An event that carries nothing the common model knows (an Anthropic `ping`,
     `content_block_stop`, a signature) becomes a delta with only `raw`.
 
+    `raw_item` is an output item the common model has no fields for (a Responses upstream's
+    hosted tool call, its reasoning with encrypted content), whole, in the upstream's JSON,
+    kept, like `raw`, only for a client of the upstream's protocol. Unlike `raw` it survives
+    the stages, which leave it alone: a renderer re-rendering the stream places it in order.
+
     `arrived` is when the delta's oldest character came from the upstream (trio's clock), so
     the time it then waited inside the proxy (the buffer latency) can be measured.
     """
@@ -125,11 +130,12 @@ class Delta:
     reasoning: str = ""
     reasoning_signature: str | None = None
     stop_sequence: str | None = None
+    raw_item: dict[str, Any] | None = None
 
     @property
     def has_content(self) -> bool:
         """Whether this delta carries generated output (what makes a "first token")."""
-        return bool(self.text or self.tool_calls or self.reasoning)
+        return bool(self.text or self.tool_calls or self.reasoning or self.raw_item)
 
     @property
     def says_anything(self) -> bool:

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import orjson
 
 from ._exceptions import RequestError
+
+if TYPE_CHECKING:
+    from ._tracing import AttemptTrace
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -78,7 +81,9 @@ class ChatRequest:
 
     `model` is the name the client asked for (`provider/model`); `upstream_model` is the name
     the upstream sees, filled in by the router. `native` is the client's own request when it
-    speaks another protocol than the common model's.
+    speaks another protocol than the common model's. `trace`, when tracing is on, is the
+    upstream attempt this request is sent as: the upstream layer tells it the target it chose
+    and sends its trace context along.
     """
 
     body: dict[str, Any]
@@ -89,6 +94,7 @@ class ChatRequest:
     max_tokens: int | None = None
     upstream_model: str = ""
     native: NativeRequest | None = None
+    trace: AttemptTrace | None = None
 
     def routed(self, upstream_model: str) -> ChatRequest:
         return replace(self, upstream_model=upstream_model)

@@ -197,7 +197,7 @@ def _run_until_signalled(main: Callable[[Callable[[], Awaitable[None]]], Awaitab
     failures: list[BaseException] = []
     try:
         trio.run(run)
-    except* OSError as group:  # e.g. the port is taken (it arrives wrapped by the nursery)
+    except* (OSError, ConfigError) as group:  # a port taken, [tracing] without OpenTelemetry (wrapped)
         failures.extend(group.exceptions)
     finally:
         gc.freeze()

@@ -21,7 +21,7 @@ from tests.conftest import Instant, wait_until
 from trioproxy._bench.http1 import ChunkedBody, find_head_end, parse_head
 from trioproxy._bench.upstream import BenchUpstream
 from trioproxy.testing import Reply
-from trioproxy.testing._wire import anthropic_frames, openai_frames
+from trioproxy.testing._wire import anthropic_frames, openai_frames, responses_frames
 
 TOKENS = 5
 TEXT = "".join(f" tok{index}" for index in range(TOKENS))
@@ -104,6 +104,22 @@ async def test_an_anthropic_stream_and_message_through_the_sdk(upstream: BenchUp
     assert message.content[0].text == TEXT and message.model == "claude-x"
 
 
+async def test_a_responses_stream_and_response_through_the_sdk(upstream: BenchUpstream) -> None:
+    async with openai.AsyncOpenAI(base_url=upstream.url + "/v1", api_key="k", max_retries=0) as sdk:
+        with trio.fail_after(10):
+            async with sdk.responses.stream(model="gpt-x", input="x") as stream:
+                deltas = [event.delta async for event in stream if event.type == "response.output_text.delta"]
+                final = await stream.get_final_response()
+            again = await sdk.responses.create(model="gpt-x", input="x", stream=True)
+            second = [event async for event in again]
+            response = await sdk.responses.create(model="gpt-x", input="x")
+    assert "".join(deltas) == TEXT == final.output_text == response.output_text
+    assert final.status == "completed" and final.usage is not None and final.usage.output_tokens == TOKENS
+    assert len(deltas) == TOKENS  # one event per token, as the schedule writes them
+    assert final.id != second[0].response.id and final.output[0].id != second[-1].response.output[0].id
+    assert upstream.connections_accepted == 1
+
+
 @pytest.mark.parametrize(
     ("path", "payload"),
     [
@@ -113,6 +129,7 @@ async def test_an_anthropic_stream_and_message_through_the_sdk(upstream: BenchUp
             {"model": 'a "quoted" model', "stream": True, "stream_options": {"include_usage": True}},
         ),
         ("/v1/messages", {"model": "claude", "stream": True, "max_tokens": 5}),
+        ("/v1/responses", {"model": "gpt-x", "input": "x", "stream": True}),
     ],
 )
 async def test_the_stream_is_byte_for_byte_what_fake_upstream_sends(
@@ -130,10 +147,13 @@ async def test_the_stream_is_byte_for_byte_what_fake_upstream_sends(
         b"cache-control": b"no-cache",
         b"transfer-encoding": b"chunked",
     }
-    number = int(re.search(rb'"id":"(?:chatcmpl-fake|msg_fake)(\d+)"', received)[1])
+    number = int(re.search(rb'"id":"(?:chatcmpl-fake|msg_fake|resp_fake)(\d+)"', received)[1])
     reply, model = Reply(tokens=[f" tok{index}" for index in range(TOKENS)]), str(payload["model"])
     if path == "/v1/messages":
         frames = anthropic_frames(reply, model, number)
+    elif path == "/v1/responses":
+        created = int(re.search(rb'"created_at":(\d+)', received)[1])
+        frames = responses_frames(reply, model, number, created=created)
     else:
         created = int(re.search(rb'"created":(\d+)', received)[1])
         include_usage = "stream_options" in payload

@@ -24,8 +24,9 @@ from trioproxy._bench.loadgen import (
 from trioproxy._bench.stats import StreamRecord
 from trioproxy._bench.upstream import BenchUpstream
 from trioproxy._bench.wire import PhaseSpec, Protocol
+from trioproxy import parse_config, serve
 from trioproxy.testing import Reply, open_fake_upstream
-from trioproxy.testing._wire import anthropic_frames
+from trioproxy.testing._wire import anthropic_frames, responses_frames, responses_stream_error
 
 
 def ndjson(*events: dict[str, object]) -> bytes:
@@ -92,6 +93,7 @@ PATHS: dict[Protocol, str] = {
     "openai": "/v1/chat/completions",
     "anthropic": "/v1/messages",
     "ndjson": "/v1/chat/stream/json",
+    "responses": "/v1/responses",
 }
 
 
@@ -332,3 +334,77 @@ async def test_staggered_streams_start_spread_over_the_stagger(nursery: trio.Nur
     # Connection i starts i × 50 ms after the measured rounds begin, or later (a busy machine
     # delays a start, and with it only that start), never earlier.
     assert all(start >= measured_from[0] + i * 0.05 for i, start in enumerate(starts)), (measured_from, starts)
+
+
+def responses_phase(url: str, *, tokens: int, protocol: Protocol = "responses", **phase: Any) -> PhaseSpec:
+    """Four connections streaming OpenAI Responses from `url` (its `/v1/responses`)."""
+    payload = {"model": "m", "input": "hi", "stream": True, "store": False}
+    fields: dict[str, Any] = {"concurrency": 4, "rounds": 1, "warmup_rounds": 0, "stream_timeout_s": 10.0, **phase}
+    return PhaseSpec(url=url, payload=payload, protocol=protocol, tokens=tokens, **fields)
+
+
+def check_every_token(records: list[StreamRecord], streams: int, tokens: int) -> None:
+    assert len(records) == streams
+    for record in records:
+        assert record.error is None, record.error
+        assert (record.tokens, record.lost, record.duplicated, record.reordered) == (tokens, 0, 0, 0)
+        assert len(record.gaps_us) == tokens - 1 and record.ttft_s is not None
+
+
+async def test_a_responses_phase_against_the_benchmark_upstream_loses_nothing(nursery: trio.Nursery) -> None:
+    upstream = await nursery.start(BenchUpstream(tokens=8, ttft=0.001, interval=0.001).serve)
+    with trio.fail_after(20):
+        result = await run_phase(responses_phase(upstream.url + "/v1/responses", tokens=8, rounds=2), go)
+    check_every_token(result.records, 8, 8)
+
+
+def responses_stream(tokens: int) -> bytes:
+    reply = Reply(tokens=tuple(f" tok{index}" for index in range(tokens)))
+    return b"".join(frame.data for frame in responses_frames(reply, "gpt", 1))
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (responses_stream(2).partition(b"event: response.completed")[0], "the stream ended without its end marker"),
+        (
+            responses_stream(2).replace(b"response.completed", b"response.incomplete"),
+            "response.incomplete: None",
+        ),
+        (
+            responses_stream(2).partition(b"event: response.output_item.done")[0]
+            + responses_stream_error("Overloaded", 9),
+            "in-stream error: {'type': 'server_error', 'code': 'server_error', 'message': 'Overloaded', 'param': None}",
+        ),
+    ],
+)
+async def test_a_broken_responses_stream_is_an_error(nursery: trio.Nursery, body: bytes, error: str) -> None:
+    response = OK_HEAD + b"transfer-encoding: chunked\r\n\r\n" + chunked(body, 5, 100, 1)
+    [record] = await run_streams(nursery, CannedServer(response), 1, 2, protocol="responses")
+    assert record.error == error
+
+
+async def test_websocket_mode_streams_one_response_create_after_another_on_each_connection(
+    nursery: trio.Nursery,
+) -> None:
+    upstream = await nursery.start(BenchUpstream(tokens=8, ttft=0.001, interval=0.001).serve)
+    config = parse_config(
+        {"providers": {"up": {"type": "openai_responses", "base_url": upstream.url + "/v1"}}}, environ={}
+    )
+    [proxy_url] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    spec = responses_phase(proxy_url + "/v1/responses", tokens=8, protocol="responses-ws", rounds=2, warmup_rounds=1)
+    spec = PhaseSpec(**{**spec.__dict__, "payload": {**spec.payload, "model": "up/m"}})
+    with trio.fail_after(20):
+        result = await run_phase(spec, go)
+    check_every_token(result.records, 8, 8)
+    assert upstream.connections_accepted == 4  # as many as WebSockets: each ran its streams in turn
+
+
+async def test_a_refused_websocket_upgrade_is_every_stream_s_error(nursery: trio.Nursery) -> None:
+    upstream = await nursery.start(BenchUpstream(tokens=1, ttft=0.001, interval=0.001).serve)  # no WebSocket route
+    spec = responses_phase(upstream.url + "/v1/responses", tokens=1, protocol="responses-ws", concurrency=1)
+    with trio.fail_after(20):
+        result = await run_phase(spec, go)
+    [record] = result.records
+    assert record.error is not None
+    assert record.error.startswith("connection: ProtocolError: the WebSocket upgrade was refused"), record.error

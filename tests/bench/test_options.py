@@ -47,6 +47,7 @@ def test_fronts_are_chosen_by_flag_in_a_fixed_order() -> None:
     assert settings().fronts == ("openai",)
     assert settings("--fronts", "anthropic,openai").fronts == ("openai", "anthropic")
     assert settings("--fronts", "anthropic").fronts == ("anthropic",)
+    assert settings("--fronts", "responses-ws,openai,responses").fronts == ("openai", "responses", "responses-ws")
     for bad in ("grpc", ",", "openai,grpc"):
         with pytest.raises(SystemExit):
             settings("--fronts", bad)

@@ -61,3 +61,18 @@ def test_one_front_has_no_side_by_side_table() -> None:
     report = report_of(phase("direct", 50.0, 20.0), phase("trioproxy", 52.0, 20.5))
     one_front = Report(**{**report.__dict__, "settings": BenchSettings(concurrency=(1,))})
     assert "by front" not in render(one_front)
+
+
+def test_websocket_mode_is_compared_with_the_direct_responses_stream() -> None:
+    report = report_of(phase("direct-responses", 50.0, 20.0), phase("trioproxy-responses-ws", 51.5, 20.25))
+    targets = [
+        Target("direct-responses", "direct", "http://u/v1/responses", "m", front="responses"),
+        Target("trioproxy-responses-ws", "trioproxy", "http://p/v1/responses", "up-responses/m", front="responses-ws"),
+    ]
+    settings = BenchSettings(concurrency=(1,), fronts=("responses", "responses-ws"))
+    report = Report(**{**report.__dict__, "targets": targets, "settings": settings})
+
+    added = [(r["target"], r["front"], r["ttft_ms"]["p50"], r["itl_ms"]["p50"]) for r in added_latency(report)]
+    assert added == [("trioproxy-responses-ws", "responses-ws", 1.5, 0.25)]
+    side_by_side = render(report).split("trioproxy's added latency by front")[1].splitlines()
+    assert side_by_side[2].split() == ["1", "-", "-", "-", "-", "+1.5", "+1.5", "+0.2", "+0.2"]

@@ -62,3 +62,22 @@ def test_a_running_proxys_anthropic_front_is_its_messages_route(proxy_url: str) 
     settings = BenchSettings(fronts=("anthropic",), proxy_url=proxy_url)
     [direct, trioproxy] = _targets(settings, UPSTREAM, None)
     assert (direct.url, trioproxy.url) == ("http://127.0.0.1:9000/v1/messages", "http://127.0.0.1:8000/v1/messages")
+
+
+def test_the_responses_fronts_share_a_direct_connection_to_the_upstream_s_responses_route() -> None:
+    proxy = Child("trioproxy", SimpleNamespace(pid=4242), "http://127.0.0.1:8000", 0.0, None)  # type: ignore[arg-type]
+    targets = _targets(BenchSettings(fronts=("responses", "responses-ws")), UPSTREAM, proxy)
+
+    assert [(t.name, t.kind, t.front, t.url, t.model) for t in targets] == [
+        ("direct-responses", "direct", "responses", "http://127.0.0.1:9000/v1/responses", "m"),
+        ("trioproxy-responses", "trioproxy", "responses", "http://127.0.0.1:8000/v1/responses", "up-responses/m"),
+        ("trioproxy-responses-ws", "trioproxy", "responses-ws", "http://127.0.0.1:8000/v1/responses", "up-responses/m"),
+    ]
+    only_websocket = _targets(BenchSettings(fronts=("responses-ws",)), UPSTREAM, proxy)
+    assert [(t.name, t.front) for t in only_websocket] == [
+        ("direct-responses", "responses"),
+        ("trioproxy-responses-ws", "responses-ws"),
+    ]
+    config = parse_config(tomllib.loads(proxy_config(UPSTREAM.url, 50)), environ={})
+    assert config.providers["up-responses"].type == "openai_responses"
+    assert config.providers["up-responses"].base_url == UPSTREAM.url + "/v1"

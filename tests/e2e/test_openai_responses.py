@@ -17,12 +17,13 @@ import orjson
 import pytest
 import trio
 import trio_websocket
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import proxy_config, wait_until
-from trioproxy import serve
+from tests.conftest import proxy_config, wait_until, wait_until_idle
+from trioproxy import parse_config, serve
 from trioproxy._sse import SSEDecoder
-from trioproxy.server._responses_front import TERMINAL_EVENTS
-from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
+from trioproxy.server._responses_front import TERMINAL_EVENTS, response_from_events
+from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall, open_fake_upstream
 
 TOKENS = ("Hel", "lo", ",", " wörld", " 🌍", "!")
 MODELS = pytest.mark.parametrize("model", ["up/gpt-test", "claude/claude-test"])
@@ -676,3 +677,310 @@ async def test_a_stored_response_from_a_responses_upstream_keeps_its_events_unde
             event["response"]["id"] = stored_id
     assert events == upstream_events  # every field of every event, the obfuscation padding too
     assert retrieved == upstream_events[-1]["response"]
+
+
+# --- input items, input tokens, compaction ------------------------------------------------------
+
+
+async def test_a_stored_response_s_input_items_are_listed_in_pages(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("18C",)), Reply(tokens=("Warm.",)))
+    given = [
+        {"type": "message", "role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "18C"},
+    ]
+    first = await client.responses.create(model="up/gpt-test", input=given, tools=[WEATHER])  # type: ignore[arg-type]
+    second = await client.responses.create(model="up/gpt-test", previous_response_id=first.id, input="And?")
+
+    newest_first = await client.responses.input_items.list(first.id)
+    assert [item.type for item in newest_first.data] == ["function_call_output", "function_call", "message"]
+    assert newest_first.has_more is False and newest_first.data[2].content[0].text == "Weather in Paris?"  # type: ignore[union-attr]
+    page = await client.responses.input_items.list(first.id, order="asc", limit=2)
+    assert [item.type for item in page.data] == ["message", "function_call"] and page.has_more is True
+    every = [item async for item in client.responses.input_items.list(first.id, order="asc", limit=2)]  # page by page
+    assert [item.id for item in every] == [item.id for item in reversed(newest_first.data)]
+    assert len({item.id for item in every}) == 3  # ids made for items sent without one, the same on every call
+
+    # The continued response's input is the whole conversation it answered.
+    continued = [item async for item in client.responses.input_items.list(second.id, order="asc")]
+    assert [item.type for item in continued] == ["message", "function_call", "function_call_output", "message", "message"]
+    assert continued[3].role == "assistant" and continued[4].content[0].text == "And?"  # type: ignore[union-attr]
+
+    async with httpx.AsyncClient(base_url=str(client.base_url)) as http:
+        before = (await http.get(f"responses/{first.id}/input_items", params={"before": every[0].id})).json()
+        assert [item["id"] for item in before["data"]] == [every[2].id, every[1].id]  # listed before it, newest first
+        assert (await http.get(f"responses/{first.id}/input_items", params={"limit": 101})).status_code == 400
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.input_items.list(first.id, after="msg_unknown")
+    assert info.value.param == "after"
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.input_items.list("resp_unknown")
+
+
+COMPACTED = {
+    "id": "cmp_1",
+    "object": "response.compaction",
+    "created_at": 1,
+    "output": [{"id": "cmp_item_1", "type": "compaction", "encrypted_content": "gAAAA"}],
+    "usage": {
+        "input_tokens": 12,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": 3,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 15,
+    },
+}
+
+
+async def test_input_tokens_and_compaction_are_forwarded_to_a_responses_upstream(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    counted = {"object": "response.input_tokens", "input_tokens": 7}
+    upstream.push(Reply(raw_body=orjson.dumps(counted)), Reply(raw_body=orjson.dumps(COMPACTED)))
+    items = [{"role": "user", "content": "hi"}, {"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}]
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        count = await sdk.responses.input_tokens.count(model="resp/gpt-5", input=items)  # type: ignore[arg-type]
+        compacted = await sdk.responses.compact(model="resp/gpt-5", input=items, instructions="Be brief.")  # type: ignore[arg-type]
+    assert count.input_tokens == 7
+    assert compacted.output[0].type == "compaction" and compacted.usage.total_tokens == 15
+    assert [request.path for request in upstream.requests] == ["/v1/responses/input_tokens", "/v1/responses/compact"]
+    assert sent(upstream.requests[0]) == {"model": "gpt-5", "input": items}
+    assert sent(upstream.requests[1]) == {"model": "gpt-5", "input": items, "instructions": "Be brief."}
+
+
+async def test_input_tokens_are_estimated_and_compaction_refused_for_another_upstream(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    count = await client.responses.input_tokens.count(model="up/gpt-test", input="x" * 40, instructions="y" * 8)
+    assert count.input_tokens == 12 and count.model_extra == {"estimated": True}
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.input_tokens.count(model="up/gpt-test", input="x", tools=[{"type": "shell"}])  # type: ignore[list-item]
+    assert info.value.param == "tools[0].type"  # what the upstream could not be asked is refused, as on create
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.compact(model="up/gpt-test", input="x")
+    assert (info.value.code, info.value.param) == ("unsupported_compaction", "model")
+    assert "only the Responses API compacts" in info.value.message
+    assert list(upstream.requests) == []
+
+
+# --- a stage on a Responses upstream's stream ----------------------------------------------------
+
+
+@pytest.fixture
+async def redacting_proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
+    """`resp` speaks Responses upstream, and a transform rewrites its text: its events are re-rendered."""
+    redact = {"type": "regex_redact", "pattern": "sunny", "replacement": "[weather]"}
+    config = proxy_config(
+        upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "transforms": [redact]}
+    )
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    return str(binds[0])
+
+
+@pytest.mark.parametrize("store", [False, True])
+async def test_items_the_common_model_does_not_carry_survive_a_stage_in_order(
+    redacting_proxy: str, upstream: FakeUpstream, store: bool
+) -> None:
+    recorded = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
+    upstream.push(Reply(raw_body=recorded), Reply(raw_body=recorded))
+    upstream_final = response_from_events(recorded)
+    async with openai.AsyncOpenAI(base_url=redacting_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        async with sdk.responses.stream(model="resp/gpt-5", input="Weather in Paris?", store=store) as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_response()
+        unstreamed = await sdk.responses.create(model="resp/gpt-5", input="Weather in Paris?", store=store)
+
+    for response in (final, unstreamed):
+        reasoning, search, message = response.output
+        assert reasoning.model_dump(exclude_none=True) == {
+            **upstream_final["output"][0],
+            "id": reasoning.id,
+        }  # its encrypted content and summary, under the id its events gave it
+        assert search.model_dump(exclude_none=True) == upstream_final["output"][1]  # whole, as the upstream sent it
+        assert message.type == "message" and response.output_text == "Paris is [weather] today."
+    added = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"]
+    done = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.done"]
+    assert added == done == [(0, "reasoning"), (1, "web_search_call"), (2, "message")]
+    summary = "".join(e.delta for e in events if e.type == "response.reasoning_summary_text.delta")
+    assert summary == upstream_final["output"][0]["summary"][0]["text"]  # still streamed as it came
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+async def test_websocket_mode_needs_a_key_and_counts_against_its_limits(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    config = parse_config(
+        {
+            "auth": {"keys": ["key-one"]},
+            "limits": {"max_streams_per_key": 1, "max_body_bytes": 1000},
+            "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
+        },
+        environ={},
+    )
+    [proxy] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    with pytest.raises(trio_websocket.ConnectionRejected) as info:
+        async with trio_websocket.open_websocket_url(ws_url(proxy)):
+            pass
+    assert info.value.status_code == 401
+    assert orjson.loads(info.value.body or b"{}")["error"]["code"] == "invalid_api_key"  # OpenAI's shape
+
+    key = [(b"authorization", b"Bearer key-one")]
+    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01), Reply(tokens=TOKENS))
+    async with (
+        trio_websocket.open_websocket_url(ws_url(proxy), extra_headers=key) as first,
+        trio_websocket.open_websocket_url(ws_url(proxy), extra_headers=key) as second,
+    ):
+        await first.send_message(orjson.dumps({"type": "response.create", "model": "up/m", "input": "go"}).decode())
+        with trio.fail_after(5):
+            await upstream.wait_for_requests(1)
+        [refused] = await one_response(second, model="up/m", input="hi")
+        assert (refused["status"], refused["error"]["code"]) == (429, "too_many_streams")
+        [too_large] = await one_response(second, model="up/m", input="x" * 1500)
+        assert (too_large["status"], too_large["error"]["code"]) == (413, "request_too_large")
+    await wait_until_idle(proxy)
+    async with trio_websocket.open_websocket_url(ws_url(proxy), extra_headers=key) as again:
+        answered = await one_response(again, model="up/m", input="hi")
+    assert answered[-1]["type"] == "response.completed"
+    assert len(upstream.requests) == 2
+
+
+async def test_deleting_a_running_background_response_cancels_its_upstream_and_forgets_it(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
+    queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
+    with trio.fail_after(5):
+        await upstream.wait_for_requests(1)
+    await client.responses.delete(queued.id)
+    with trio.fail_after(1):
+        await upstream.requests[-1].disconnected.wait()
+    for retrieve in (
+        client.responses.retrieve(queued.id),
+        client.responses.retrieve(queued.id, stream=True, starting_after=3),
+        client.responses.cancel(queued.id),
+        client.responses.input_items.list(queued.id),
+    ):
+        with pytest.raises(openai.NotFoundError) as info:
+            await retrieve
+        assert queued.id in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.delete(queued.id)
+
+
+async def test_usage_over_sse_and_websocket_mode_is_counted_in_the_metrics(
+    client: openai.AsyncOpenAI, proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, usage=(9, 8)), Reply(tokens=TOKENS, usage=(5, 4)))
+    async with client.responses.stream(model="up/gpt-test", input="hi") as stream:
+        await stream.get_final_response()
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        await one_response(connection, model="up/gpt-test", input="hi")
+
+    def tokens(metrics: str) -> dict[str, float]:
+        return {
+            sample.labels["direction"]: sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "trioproxy_tokens_total" and sample.labels["model"] == "gpt-test"
+        }
+
+    counted: dict[str, float] = {}
+
+    async def both_counted() -> bool:
+        nonlocal counted
+        async with httpx.AsyncClient() as http:
+            counted = tokens((await http.get(proxy_url + "/metrics")).text)
+        return counted.get("out") == 8 + 4
+
+    await wait_until(both_counted)
+    assert (counted["in"], counted["out"]) == (9 + 5, 8 + 4)
+
+
+async def test_only_a_background_response_can_be_cancelled(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+    upstream.push(Reply(tokens=TOKENS))
+    stored = await client.responses.create(model="up/gpt-test", input="hi")
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.cancel(stored.id)
+    assert "background" in info.value.message
+    assert (await client.responses.retrieve(stored.id)).status == "completed"
+
+
+async def test_websocket_mode_through_the_sdk_s_own_connection(proxy_url: str, upstream: FakeUpstream) -> None:
+    """`client.responses.connect()` (the sync SDK, in a thread): two responses in turn, the second continuing the first."""
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=("Again",)))
+
+    def converse() -> list[list[Any]]:
+        client = openai.OpenAI(base_url=proxy_url + "/v1", api_key="k", max_retries=0)
+        turns: list[list[Any]] = []
+        with client.responses.connect(max_retries=0) as connection:
+            previous = None
+            for text in ("hi", "more"):
+                connection.response.create(model="up/gpt-test", input=text, previous_response_id=previous)  # type: ignore[arg-type]
+                events = []
+                for event in connection:
+                    events.append(event)
+                    if event.type in TERMINAL_EVENTS or event.type == "error":
+                        break
+                turns.append(events)
+                previous = events[-1].response.id
+        return turns
+
+    with trio.fail_after(20):
+        first, second = await trio.to_thread.run_sync(converse)
+    assert "".join(e.delta for e in first if e.type == "response.output_text.delta") == "".join(TOKENS)
+    assert first[-1].type == second[-1].type == "response.completed"
+    assert second[-1].response.output_text == "Again"
+    assert [m["content"] for m in sent(upstream.requests[1])["messages"]] == ["hi", "".join(TOKENS), "more"]
+
+
+async def test_websocket_mode_stores_a_response_unless_told_not_to(
+    client: openai.AsyncOpenAI, proxy_url: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=("Not kept",)), Reply(tokens=("Again",)))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        stored = await one_response(connection, model="up/gpt-test", input="hi")
+        unstored = await one_response(connection, model="up/gpt-test", input="hi", store=False)
+    assert [e["sequence_number"] for e in stored] == list(range(len(stored)))
+    response_id = stored[-1]["response"]["id"]
+    retrieved = await client.responses.retrieve(response_id)
+    assert retrieved.model_dump(mode="json") == openai.types.responses.Response.model_validate(
+        stored[-1]["response"]
+    ).model_dump(mode="json")  # the SDK's own type, validated whole
+    replayed = [event async for event in await client.responses.retrieve(response_id, stream=True)]
+    assert [(e.type, e.sequence_number) for e in replayed] == [(e["type"], e["sequence_number"]) for e in stored]
+    # Another connection (or plain HTTP) continues it, as with a response made over HTTP.
+    continued = await client.responses.create(model="up/gpt-test", previous_response_id=response_id, input="more")
+    assert continued.output_text == "Again"
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(unstored[-1]["response"]["id"])
+
+
+async def test_a_stream_that_delivered_a_hosted_tool_s_call_is_not_continued_as_text(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    """
+    A fallback can continue text only: after a `web_search_call` item was delivered, a text
+    prefix is not the whole answer so far, so a broken stream ends with its error.
+    """
+    backup = await open_fake_upstream(nursery)
+    recorded = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
+    events_sent = [event + b"\n\n" for event in recorded.split(b"\n\n") if event and b'"rs_builtin"' not in event]
+    first_delta = next(i for i, event in enumerate(events_sent) if event.startswith(b"event: response.output_text.delta"))
+    upstream.push(Reply(raw_body=b"".join(events_sent[: first_delta + 1]), reset_after=0))  # no reasoning: a search, then text
+    backup.push(Reply(tokens=("Paris is ", "sunny today."), continues=True))
+    vllm = {"type": "openai", "continuation": "continue_final_message", "base_url": backup.url + "/v1"}
+    config = proxy_config(
+        upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "fallbacks": ["vllm/m"]}, vllm=vllm
+    )
+    [proxy] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    events: list[Any] = []
+    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.responses.create(model="resp/gpt-5", input="Weather in Paris?", store=False, stream=True)
+        with pytest.raises(openai.APIError, match="connection broke"):
+            async for event in stream:
+                events.append(event)
+    assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["web_search_call"]
+    assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["Paris is "]
+    assert backup.request_count == 0

@@ -44,6 +44,17 @@ def test_every_event_keeps_its_bytes_for_a_responses_client() -> None:
     assert b"".join(d.raw or b"" for d in deltas) == wire
 
 
+def test_items_the_common_model_does_not_carry_are_kept_whole_for_a_responses_client() -> None:
+    wire = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
+    items = [delta.raw_item for delta in parse(wire, keep_raw=True) if delta.raw_item is not None]
+    assert [(item["type"], item["id"]) for item in items] == [("reasoning", "rs_builtin"), ("web_search_call", "ws_builtin")]
+    assert items[0]["encrypted_content"] == "gAAAAABpEncryptedReasoning=="
+    assert items[1]["action"]["query"] == "weather Paris today"
+    chat_client = parse(wire)  # another protocol's renderer could not place them: nothing but text and reasoning
+    assert all(delta.raw_item is None for delta in chat_client)
+    assert "".join(d.reasoning for d in chat_client).startswith("**Checking the weather**")
+
+
 def test_function_calls_are_numbered_in_the_order_they_start() -> None:
     calls = (ToolCall(id="call_a", name="f", arguments='{"a": 1}'), ToolCall(id="call_b", name="g", arguments="{}"))
     wire = b"".join(frame.data for frame in responses_frames(Reply(tokens=("x",), tool_calls=calls), "m", 1))

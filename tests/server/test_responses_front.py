@@ -114,7 +114,7 @@ def test_a_text_answer_s_events_carry_stable_ids_and_the_whole_response() -> Non
     assert (completed["id"], completed["status"], completed["output"]) == (r.id, "completed", [done_item])
     assert completed["usage"] == {
         "input_tokens": 12,
-        "input_tokens_details": {"cached_tokens": 4},
+        "input_tokens_details": {"cached_tokens": 4, "cache_write_tokens": 0},
         "output_tokens": 2,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": 14,

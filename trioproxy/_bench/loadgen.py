@@ -15,9 +15,11 @@ stream.
 It stays a real HTTP/1.1 client (`http1`: Content-Length, chunked, read-until-close,
 `Connection: close`, keep-alive reuse) with a real SSE parse (`_SSEPayloads`), so it reads any
 OpenAI-compatible proxy given to `--compare`, whatever its server and its JSON spacing, and any
-Anthropic Messages stream. One
+Anthropic Messages or OpenAI Responses stream. One
 keep-alive connection per concurrent stream is opened before the clock starts, as a client's
-pool would be.
+pool would be. The Responses front's WebSocket mode (`responses-ws`) is a WebSocket per
+concurrent stream instead, opened (handshake included) before the clock starts, with one
+`response.create` message per stream, as Codex sends its turns (`websocket`).
 
 Every stream is bounded by its `stream_timeout_s`, every phase by `PhaseSpec.deadline_s`.
 
@@ -42,6 +44,18 @@ import trio
 
 from .http1 import Body, ProtocolError, UntilCloseBody, find_head_end, parse_head
 from .stats import StreamRecord, check_tokens, gaps
+from .websocket import (
+    CLOSE,
+    PING,
+    PONG,
+    TEXT,
+    MessageDecoder,
+    WebSocketError,
+    accept_key,
+    client_frame,
+    handshake_request,
+    new_key,
+)
 from .wire import LineReader, PhaseResult, PhaseSpec, send_message
 
 #: Bytes asked of the kernel per read.
@@ -66,8 +80,11 @@ class _Endpoint:
 
     host: str
     port: int
-    #: The whole request: head and JSON body.
+    #: The whole request: head and JSON body; in WebSocket mode, the `response.create` message's frame.
     request: bytes
+    #: WebSocket mode: the opening handshake's request (its key's own), sent once per connection.
+    handshake: bytes | None = None
+    handshake_key: bytes = b""
 
     @classmethod
     def from_spec(cls, spec: PhaseSpec) -> _Endpoint:
@@ -76,6 +93,12 @@ class _Endpoint:
             raise ValueError(f"the load generator speaks plain http:// only, not {spec.url!r}")
         host, port = parts.hostname, parts.port or 80
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # Proxies that insist on a key (LiteLLM's master key, say) get one to check.
+        authorization = "authorization: Bearer sk-trioproxy-bench\r\n"
+        if spec.protocol == "responses-ws":
+            key = new_key()
+            frame = client_frame(TEXT, orjson.dumps({"type": "response.create", **spec.payload}))
+            return cls(host, port, frame, handshake_request(host, port, target, key, authorization), key)
         accept = "application/x-ndjson" if spec.protocol == "ndjson" else "text/event-stream"
         version = f"anthropic-version: {ANTHROPIC_VERSION}\r\n" if spec.protocol == "anthropic" else ""
         body = orjson.dumps(spec.payload)
@@ -86,15 +109,17 @@ class _Endpoint:
             f"content-length: {len(body)}\r\n"
             f"accept: {accept}\r\n"
             f"{version}"
-            # Proxies that insist on a key (LiteLLM's master key, say) get one to check.
-            "authorization: Bearer sk-trioproxy-bench\r\n"
+            f"{authorization}"
             "\r\n"
         )
         return cls(host, port, head.encode("latin-1") + body)
 
 
 class _Connection:
-    """One keep-alive HTTP/1.1 connection on a non-blocking socket, reopened when it breaks or the server closes it."""
+    """
+    One keep-alive HTTP/1.1 connection on a non-blocking socket, reopened when it breaks or the
+    server closes it; in WebSocket mode, one WebSocket, upgraded as it opens.
+    """
 
     def __init__(self, endpoint: _Endpoint, connect_timeout: float) -> None:
         self._endpoint = endpoint
@@ -102,12 +127,20 @@ class _Connection:
         self.socket: socket.socket | None = None
         #: A request has been sent on this connection: the server may since have closed it.
         self.used = False
+        #: WebSocket mode: the server's messages, read across the connection's streams.
+        self.messages: MessageDecoder | None = None
 
     async def open(self) -> socket.socket:
         if self.socket is None:
             with trio.fail_after(self._connect_timeout):
-                self.socket = await _connect(self._endpoint.host, self._endpoint.port)
-            self.used = False
+                sock = await _connect(self._endpoint.host, self._endpoint.port)
+                try:
+                    if self._endpoint.handshake is not None:
+                        self.messages = await _upgrade(sock, self._endpoint)
+                except BaseException:
+                    sock.close()
+                    raise
+            self.socket, self.used = sock, False
         return self.socket
 
     def close(self) -> None:
@@ -115,6 +148,29 @@ class _Connection:
             sock, self.socket = self.socket, None
             trio.lowlevel.notify_closing(sock)
             sock.close()
+
+
+async def _upgrade(sock: socket.socket, endpoint: _Endpoint) -> MessageDecoder:
+    """The opening handshake on a fresh connection; the decoder of the server's messages after it."""
+    assert endpoint.handshake is not None
+    await _send_all(sock, endpoint.handshake)
+    received = b""
+    while (end := find_head_end(received)) < 0:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            data = sock.recv(RECEIVE_SIZE)
+        except BlockingIOError:
+            continue
+        if not data:
+            raise ProtocolError("the connection ended before the WebSocket handshake's answer")
+        received += data
+    head = parse_head(received[:end])
+    if head.status != 101 or head.headers.get(b"sec-websocket-accept") != accept_key(endpoint.handshake_key):
+        raise ProtocolError(f"the WebSocket upgrade was refused: {b' '.join(head.start)[:100]!r}")
+    messages = MessageDecoder()
+    if messages.feed(received[end:]):
+        raise ProtocolError("the server sent a message before it was asked anything")
+    return messages
 
 
 async def _connect(host: str, port: int) -> socket.socket:
@@ -335,6 +391,37 @@ class _AnthropicBody(_Body):
                 self.fail(f"in-stream error: {str(event.get('error'))[:200]}")
 
 
+class _ResponsesBody(_Body):
+    """
+    OpenAI Responses events, over SSE or as WebSocket messages: text in
+    `response.output_text.delta`s, ended by `response.completed`; `response.incomplete`,
+    `response.failed` and `error` are failures.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._events = _SSEPayloads()
+
+    def parse(self, data: bytes, now: float) -> None:
+        for payload in self._events.feed(data):
+            self.event(payload, now)
+
+    def event(self, payload: bytes, now: float) -> None:
+        event = orjson.loads(payload)
+        kind = event.get("type")
+        if kind == "response.output_text.delta":
+            if event["delta"]:
+                self.pieces.append((event["delta"], now))
+        elif kind == "response.completed":
+            self.done = True
+        elif kind == "error":
+            self.fail(f"in-stream error: {str(event.get('error'))[:200]}")
+        elif kind in ("response.failed", "response.incomplete"):
+            response = event.get("response") or {}
+            reason = response.get("error") or response.get("incomplete_details")
+            self.fail(f"{kind}: {str(reason)[:200]}")
+
+
 class _NDJSONBody(_Body):
     """trioproxy's generic events, one JSON object a line, ended by a `done` event."""
 
@@ -362,7 +449,13 @@ class _NDJSONBody(_Body):
             self.fail(f"in-stream error: {str(event.get('data'))[:200]}")
 
 
-_BODIES: dict[str, type[_Body]] = {"openai": _OpenAIBody, "anthropic": _AnthropicBody, "ndjson": _NDJSONBody}
+_BODIES: dict[str, type[_Body]] = {
+    "openai": _OpenAIBody,
+    "anthropic": _AnthropicBody,
+    "responses": _ResponsesBody,
+    "responses-ws": _ResponsesBody,
+    "ndjson": _NDJSONBody,
+}
 
 
 def _new_body(spec: PhaseSpec) -> _Body:
@@ -437,6 +530,47 @@ class _Response:
         return framing, buffer
 
 
+class _WebSocketResponse:
+    """
+    One response in WebSocket mode: the server's messages on the connection until the
+    response ends (`response.completed`, or a failure). A ping is answered at once.
+    """
+
+    __slots__ = ("_messages", "_reused", "_socket", "_started", "body", "ended", "failure", "keep_alive")
+
+    def __init__(self, body: _ResponsesBody, sock: socket.socket, messages: MessageDecoder, *, reused: bool) -> None:
+        self.body = body
+        body.status = 200  # the upgrade was accepted as the connection opened: a message has no status
+        self.ended = trio.Event()
+        self.failure: Exception | None = None
+        self.keep_alive = True
+        self._socket = sock
+        self._messages = messages
+        self._reused = reused
+        self._started = False
+
+    def feed(self, data: bytes, now: float) -> bool:
+        """As `_Response.feed`: True once the response has ended."""
+        if not data:
+            if self._reused and not self._started:
+                raise _StaleConnection
+            raise ProtocolError("the connection ended in the middle of a response")
+        for opcode, payload in self._messages.feed(data):
+            self._started = True
+            if opcode == TEXT:
+                self.body.event(payload, now)
+            elif opcode == PING:
+                with contextlib.suppress(BlockingIOError):  # a full socket buffer: the next ping is answered
+                    self._socket.send(client_frame(PONG, payload))
+            elif opcode == CLOSE:
+                raise ProtocolError(f"the server closed the WebSocket: {payload[2:200]!r}")
+        if self.body.done or self.body.error is not None:
+            self.body.ended_at = now
+            self.keep_alive = self.body.error is None
+            return True
+        return False
+
+
 class _Reader:
     """
     The one task that reads every response in flight: it waits, through trio, for a selector
@@ -449,7 +583,7 @@ class _Reader:
         if not hasattr(self._selector, "fileno"):
             raise RuntimeError("the load generator needs epoll or kqueue (a selector trio can wait for)")
 
-    async def receive(self, sock: socket.socket, response: _Response) -> None:
+    async def receive(self, sock: socket.socket, response: _Response | _WebSocketResponse) -> None:
         """Read `response` from `sock` to its end; raise what reading it raised."""
         self._selector.register(sock, selectors.EVENT_READ, response)
         try:
@@ -468,7 +602,7 @@ class _Reader:
             for key, _ in selector.select(0):
                 self._read(key.fileobj, key.data)  # type: ignore[arg-type]
 
-    def _read(self, sock: socket.socket, response: _Response) -> None:
+    def _read(self, sock: socket.socket, response: _Response | _WebSocketResponse) -> None:
         try:
             data = sock.recv(RECEIVE_SIZE)
         except BlockingIOError:
@@ -500,7 +634,12 @@ async def _exchange(connection: _Connection, endpoint: _Endpoint, body: _Body, r
         if reused:
             raise _StaleConnection from None
         raise
-    response = _Response(body, reused=reused)
+    response: _Response | _WebSocketResponse
+    if connection.messages is not None:
+        assert isinstance(body, _ResponsesBody)
+        response = _WebSocketResponse(body, sock, connection.messages, reused=reused)
+    else:
+        response = _Response(body, reused=reused)
     await reader.receive(sock, response)
     if not response.keep_alive:
         connection.close()
@@ -519,7 +658,7 @@ async def _run_stream(connection: _Connection, endpoint: _Endpoint, spec: PhaseS
                 await _exchange(connection, endpoint, body, reader)
         except (OSError, trio.TooSlowError, ProtocolError, _StaleConnection) as exc:
             body.fail(f"connection: {type(exc).__name__}: {exc}"[:200])
-        except (_MalformedStream, orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
+        except (_MalformedStream, WebSocketError, orjson.JSONDecodeError, AttributeError, KeyError, TypeError) as exc:
             body.fail(f"malformed stream: {type(exc).__name__}: {exc}"[:200])
     if scope.cancelled_caught:
         body.fail(f"no end within the stream timeout ({spec.stream_timeout_s:g} s)")
@@ -535,7 +674,7 @@ async def _connect_all(connections: list[_Connection]) -> None:
     async def connect(connection: _Connection) -> None:
         # A failure is not fatal here: its streams will try again and record the failure.
         async with limiter:
-            with contextlib.suppress(OSError, trio.TooSlowError):
+            with contextlib.suppress(OSError, trio.TooSlowError, ProtocolError):
                 await connection.open()
 
     async with trio.open_nursery() as nursery:

@@ -20,9 +20,14 @@ MIN_STREAMS = 10
 #: Bound on any concurrency asked for: each stream costs a socket in three processes.
 CONCURRENCY_LIMIT = 20_000
 #: A client protocol a run can drive trioproxy with: OpenAI Chat Completions
-#: (`/v1/chat/completions`) or Anthropic Messages (`/v1/messages`).
-Front = Literal["openai", "anthropic"]
-FRONTS: tuple[Front, ...] = ("openai", "anthropic")
+#: (`/v1/chat/completions`), Anthropic Messages (`/v1/messages`), OpenAI Responses
+#: (`/v1/responses`) over SSE or in WebSocket mode.
+Front = Literal["openai", "anthropic", "responses", "responses-ws"]
+FRONTS: tuple[Front, ...] = ("openai", "anthropic", "responses", "responses-ws")
+#: The front whose direct connection another is measured against, when the upstream has no
+#: route of its own for it: WebSocket mode against the Responses stream over HTTP (the same
+#: events; OpenAI serves both, the benchmark upstream only the latter).
+DIRECT_FRONT: dict[Front, Front] = {"responses-ws": "responses"}
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=_concurrency_list, help="comma-separated sweep (default 1,50,200)")
     parser.add_argument(
         "--fronts", type=_front_list, default=("openai",),
-        help="comma-separated client protocols to measure: openai, anthropic (default openai)",
+        help="comma-separated client protocols to measure: openai, anthropic, responses, responses-ws (default openai)",
     )  # fmt: skip
     parser.add_argument("--tokens", type=_positive_int, help="tokens per stream (default 64)")
     parser.add_argument("--ttft-ms", type=_non_negative, help="upstream time to first token (default 50)")

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from .options import DIRECT_FRONT
 from .processes import PACKAGE_ROOT
 from .results import PhaseReport, Report
 from .stats import PhaseFigures, difference
@@ -23,7 +24,8 @@ from .stats import PhaseFigures, difference
 def added_latency(report: Report) -> list[dict[str, Any]]:
     """
     What each proxy adds over the direct connection of its front (the upstream's own route for
-    the same protocol), per concurrency: TTFT and ITL, p50 and p99.
+    the same protocol; for WebSocket mode, its Responses route), per concurrency: TTFT and
+    ITL, p50 and p99.
     """
     targets = {target.name: target for target in report.targets}
     direct = {
@@ -34,7 +36,7 @@ def added_latency(report: Report) -> list[dict[str, Any]]:
     added = []
     for phase in report.sweep:
         target = targets[phase.target]
-        floor = direct.get((target.front, phase.concurrency))
+        floor = direct.get((DIRECT_FRONT.get(target.front, target.front), phase.concurrency))
         if target.kind == "direct" or floor is None:
             continue
         added.append(

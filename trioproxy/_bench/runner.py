@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import trio
 
 from .machine import machine_info, versions
-from .options import BenchSettings, Front, split_compare
+from .options import DIRECT_FRONT, BenchSettings, Front, split_compare
 from .processes import (
     BenchError,
     Child,
@@ -51,6 +51,17 @@ PROVIDER = "up"
 ANTHROPIC_PROVIDER = "up-anthropic"
 #: `max_tokens`, which every Messages request must carry; the upstream's answer does not depend on it.
 ANTHROPIC_MAX_TOKENS = 4096
+#: The same upstream as a Responses provider, for the Responses front (SSE and WebSocket mode).
+RESPONSES_PROVIDER = "up-responses"
+#: Each front's provider in the trioproxy under test.
+PROVIDERS: dict[Front, str] = {
+    "openai": PROVIDER,
+    "anthropic": ANTHROPIC_PROVIDER,
+    "responses": RESPONSES_PROVIDER,
+    "responses-ws": RESPONSES_PROVIDER,
+}
+#: The input every Responses stream sends (`MESSAGES`' text).
+RESPONSES_INPUT = MESSAGES[0]["content"]
 
 #: The buffering modes measured, as `buffer_config` objects of the generic endpoint (None: off).
 BUFFER_MODES: dict[str, dict[str, Any] | None] = {
@@ -69,8 +80,9 @@ def progress(line: str) -> None:
 
 def proxy_config(upstream_url: str, max_connections: int) -> str:
     """
-    The TOML for the trioproxy under test: providers `up` (OpenAI) and `up-anthropic`
-    (Anthropic, for the Anthropic front) are the benchmark upstream, each with
+    The TOML for the trioproxy under test: providers `up` (OpenAI), `up-anthropic`
+    (Anthropic, for the Anthropic front) and `up-responses` (OpenAI Responses, for the
+    Responses front) are the benchmark upstream, each with
     retries off (every failure must show) and a connection pool as large as the largest
     concurrency measured (so the pool, not the proxy, is never what queues streams), and the
     server's stream limit the same (the sweep measures streams, not refusals).
@@ -88,17 +100,29 @@ def proxy_config(upstream_url: str, max_connections: int) -> str:
         f'base_url = "{upstream_url}"\n'
         f"max_connections = {max_connections}\n"
         "retry = { max_retries = 0 }\n"
+        f"[providers.{RESPONSES_PROVIDER}]\n"
+        'type = "openai_responses"\n'
+        f'base_url = "{upstream_url}/v1"\n'
+        f"max_connections = {max_connections}\n"
+        "retry = { max_retries = 0 }\n"
     )
 
 
 def _targets(settings: BenchSettings, upstream: Child, proxy: Child | None) -> list[Target]:
-    """Per front, the direct connection then trioproxy; then the compared proxies (OpenAI only)."""
-    targets = []
+    """
+    Per front, the direct connection (one for the fronts measured against the same, see
+    `DIRECT_FRONT`) then trioproxy; then the compared proxies (OpenAI only).
+    """
+    targets: list[Target] = []
     for front in settings.fronts:
         suffix = "" if front == "openai" else f"-{front}"
-        targets.append(Target(f"direct{suffix}", "direct", _front_url(upstream.url, front), "m", front=front))
+        direct = DIRECT_FRONT.get(front, front)
+        if not any(target.kind == "direct" and target.front == direct for target in targets):
+            direct_suffix = "" if direct == "openai" else f"-{direct}"
+            url = _front_url(upstream.url, direct)
+            targets.append(Target(f"direct{direct_suffix}", "direct", url, "m", front=direct))
         if proxy is not None:
-            provider = PROVIDER if front == "openai" else ANTHROPIC_PROVIDER
+            provider = PROVIDERS[front]
             url = _front_url(proxy.url, front)
             targets.append(Target(f"trioproxy{suffix}", "trioproxy", url, f"{provider}/m", proxy.pid, front=front))
         elif settings.proxy_url is not None:
@@ -123,9 +147,13 @@ def _chat_url(base: str) -> str:
 
 
 def _front_url(base: str, front: Front) -> str:
-    """The route of `front` (Chat Completions or Messages) beside a base URL, as `_chat_url` reads it."""
+    """
+    The route of `front` (Chat Completions, Messages or Responses, the last also WebSocket
+    mode's) beside a base URL, as `_chat_url` reads it.
+    """
     chat = _chat_url(base)
-    return chat if front == "openai" else chat.removesuffix("/chat/completions") + "/messages"
+    routes = {"anthropic": "/messages", "responses": "/responses", "responses-ws": "/responses"}
+    return chat if front == "openai" else chat.removesuffix("/chat/completions") + routes[front]
 
 
 def _generic_url(chat_url: str) -> str:
@@ -184,6 +212,10 @@ class _Bench:
         payload: dict[str, Any] = {"model": target.model, "messages": MESSAGES, "stream": True}
         if target.front == "anthropic":
             payload["max_tokens"] = ANTHROPIC_MAX_TOKENS
+        elif target.front in ("responses", "responses-ws"):
+            # `store: false`, as Codex sends: the upstream's events pass through byte for byte (a
+            # stored response would also be logged for its replays).
+            payload = {"model": target.model, "input": RESPONSES_INPUT, "stream": True, "store": False}
         spec = self._spec(target.url, payload, target.front, concurrency)
         result, resources = await self._measure(spec, target.pid)
         figures = phase_figures(result.records, spec.concurrency * spec.rounds, result.wall_s)

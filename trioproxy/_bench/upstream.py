@@ -25,7 +25,8 @@ it (with the frames before it), then one token every `interval` (the last with t
 after it). A non-streaming request gets its whole answer after `ttft`, as from FakeUpstream.
 
 Routes, as FakeUpstream's: `POST /v1/chat/completions` (and `/chat/completions`), streaming or
-not, honouring `stream_options.include_usage`; `POST /v1/messages` (Anthropic); `GET /v1/models`;
+not, honouring `stream_options.include_usage`; `POST /v1/messages` (Anthropic); `POST
+/v1/responses` (and `/responses`: OpenAI Responses); `GET /v1/models`;
 404 for anything else; 400 for a body that is not a JSON object, or a malformed request (which
 also closes the connection); 413 for a body over `MAX_REQUEST_BODY`.
 """
@@ -62,6 +63,8 @@ from ..testing._wire import (
     openai_completion,
     openai_frames,
     reason_phrase,
+    response_object,
+    responses_frames,
 )
 from .http1 import Head, ProtocolError, find_head_end, parse_head
 
@@ -87,6 +90,10 @@ _ACCEPT_SKIP_ERRORS: Final = frozenset({errno.ECONNABORTED, errno.EPERM, errno.E
 _OPENAI_ID: Final = b'"id":"chatcmpl-fake%b"'
 _ANTHROPIC_ID: Final = b'"id":"msg_fake%b"'
 _CREATED: Final = b'"created":%b,'
+_RESPONSE_ID: Final = b'"id":"resp_fake%b"'
+_RESPONSE_CREATED: Final = b'"created_at":%b,'
+#: A Responses stream's message item: its id, and the events that name it.
+_RESPONSE_ITEM_IDS: Final = (b'"id":"msg_fake%b"', b'"item_id":"msg_fake%b"')
 
 #: A response's writes, ready for the wire: `writes[k]` is sent when token k is due.
 _Writes = tuple[bytes, ...]
@@ -219,8 +226,8 @@ class BenchUpstream(LoopbackServer):
             writes, substitutions = self._stream(api, model, include_usage, request.chunked, number)
             scheduled = _Scheduled(connection, writes, substitutions, request.started)
         else:
-            complete = openai_completion if api is Api.OPENAI else anthropic_message
-            answer = _json_response(200, complete(self._reply, model, number), close=request.close)
+            complete = {Api.OPENAI: openai_completion, Api.ANTHROPIC: anthropic_message, Api.RESPONSES: response_object}
+            answer = _json_response(200, complete[api](self._reply, model, number), close=request.close)
             scheduled = _Scheduled(connection, (answer,), (), request.started)
         scheduler.add(scheduled)
 
@@ -228,8 +235,8 @@ class BenchUpstream(LoopbackServer):
         self, api: Api, model: str, include_usage: bool, chunked: bool, number: int
     ) -> tuple[_Writes, _Substitutions]:
         """
-        A stream's writes and what this response swaps into them: its number (the id) and, for
-        OpenAI, when it was created.
+        A stream's writes and what this response swaps into them: its number (the ids) and, for
+        OpenAI and Responses, when it was created.
 
         The writes come from a script rendered once per (API, model, usage option, framing)
         and per length of those two values: rendered with placeholders as long as the values,
@@ -248,13 +255,19 @@ class BenchUpstream(LoopbackServer):
                 frames = openai_frames(
                     self._reply, model, number_placeholder, include_usage=include_usage, created=created_placeholder
                 )
+            elif api is Api.RESPONSES:
+                frames = responses_frames(self._reply, model, number_placeholder, created=created_placeholder)
             else:
                 frames = anthropic_frames(self._reply, model, number_placeholder)
             writes = self._scripts[key] = _render_writes(frames, chunked=chunked)
-        formats = (_OPENAI_ID, _CREATED) if api is Api.OPENAI else (_ANTHROPIC_ID,)
-        substitutions = tuple(
-            (format % placeholder, format % value) for format, placeholder, value in zip(formats, placeholders, values)
-        )
+        # (format, which value: 0 the number, 1 the time)
+        if api is Api.OPENAI:
+            formats: tuple[tuple[bytes, int], ...] = ((_OPENAI_ID, 0), (_CREATED, 1))
+        elif api is Api.RESPONSES:
+            formats = ((_RESPONSE_ID, 0), *((item_id, 0) for item_id in _RESPONSE_ITEM_IDS), (_RESPONSE_CREATED, 1))
+        else:
+            formats = ((_ANTHROPIC_ID, 0),)
+        substitutions = tuple((format % placeholders[which], format % values[which]) for format, which in formats)
         return writes, substitutions
 
 

@@ -25,7 +25,7 @@ from .stats import StreamRecord
 #: The longest message accepted: a result for thousands of streams with every gap is a few MB.
 MAX_LINE = 512 * 1024 * 1024
 
-Protocol = Literal["openai", "anthropic", "ndjson"]
+Protocol = Literal["openai", "anthropic", "responses", "responses-ws", "ndjson"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,9 @@ class PhaseSpec:
     url: str
     #: The JSON request body.
     payload: dict[str, Any]
-    #: `openai`: SSE `chat.completion.chunk`s; `anthropic`: SSE Messages events; `ndjson`:
-    #: trioproxy's generic events.
+    #: `openai`: SSE `chat.completion.chunk`s; `anthropic`: SSE Messages events; `responses`:
+    #: SSE Responses events; `responses-ws`: the same over a WebSocket, the payload sent as a
+    #: `response.create` message; `ndjson`: trioproxy's generic events.
     protocol: Protocol
     concurrency: int
     rounds: int

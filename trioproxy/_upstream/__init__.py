@@ -63,6 +63,13 @@ class Upstream(Protocol):
         """
         ...
 
+    async def compact(self, chat: ChatRequest) -> bytes | None:
+        """
+        The upstream's own compaction (JSON) of `chat`'s conversation (OpenAI Responses'
+        `/responses/compact`), `None` when it has none; raise `TrioproxyError` on failure.
+        """
+        ...
+
     async def aclose(self) -> None: ...
 
 

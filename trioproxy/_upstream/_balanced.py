@@ -51,22 +51,27 @@ class BalancedUpstream:
         async def tell(reason: str) -> None:
             await send.send(RetryNotice("breaker", 0, self.name, model, 0.0, reason))
 
-        await self._balanced(lambda upstream: upstream.stream(chat, send), tell)
+        async def attempt(url: str, upstream: HttpUpstream) -> None:
+            if chat.trace is not None:
+                chat.trace.target(url)
+            await upstream.stream(chat, send)
+
+        await self._balanced(attempt, tell)
 
     async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
         """Forwarded to a target taken as a stream's is; its answer's 5xx counts against it as a stream's failure does."""
         status = _StatusSeen(sink)  # a forwarded answer has no notices: the log and the metrics tell of the breaker
-        await self._balanced(lambda upstream: upstream.forward(request, status), None, status)
+        await self._balanced(lambda _url, upstream: upstream.forward(request, status), None, status)
 
     async def _balanced(
         self,
-        attempt: Callable[[HttpUpstream], Awaitable[None]],
+        attempt: Callable[[str, HttpUpstream], Awaitable[None]],
         tell: Callable[[str], Awaitable[None]] | None,
         status: _StatusSeen | None = None,
     ) -> None:
         """
-        `attempt` on the target whose turn it is, and again on the next while no connection
-        could be made; its outcome (with a forwarded answer's `status`) judges the target, and a
+        `attempt` on the target whose turn it is (given its url and upstream), and again on the
+        next while no connection could be made; its outcome (with a forwarded answer's `status`) judges the target, and a
         change of its breaker is counted, logged and, given `tell`, told to the request.
         """
         tried: list[Target] = []
@@ -78,7 +83,7 @@ class BalancedUpstream:
         while True:
             target, probe = taken
             try:
-                await attempt(self._upstreams[target.url])
+                await attempt(target.url, self._upstreams[target.url])
             except UpstreamError as exc:
                 kind = failure_kind(exc)
                 if kind not in _TARGET_FAULTS:
@@ -104,6 +109,13 @@ class BalancedUpstream:
             return
 
     async def count_tokens(self, chat: ChatRequest) -> bytes | None:
+        return await self._ask_one(lambda upstream: upstream.count_tokens(chat))
+
+    async def compact(self, chat: ChatRequest) -> bytes | None:
+        return await self._ask_one(lambda upstream: upstream.compact(chat))
+
+    async def _ask_one(self, ask: Callable[[HttpUpstream], Awaitable[bytes | None]]) -> bytes | None:
+        """A question other than a generation, to one target: no failover, the breaker not told."""
         taken = await self._take([])
         if taken is None:
             raise UpstreamConnectError(
@@ -111,7 +123,7 @@ class BalancedUpstream:
             )
         target, probe = taken
         try:
-            return await self._upstreams[target.url].count_tokens(chat)
+            return await ask(self._upstreams[target.url])
         finally:
             await self._settle(target, "released", probe)
 

@@ -90,8 +90,9 @@ class HttpUpstream:
         parser = self.translation.stream_parser(chat)
         decoder = SSEDecoder()
         url = self._urls.get(request.url) or self._urls.setdefault(request.url, httpx.URL(request.url))
+        headers = request.headers if chat.trace is None else chat.trace.headers(request.headers)
         with mapped_httpx_errors():
-            async with self._client.stream("POST", url, headers=request.headers, content=request.body) as resp:
+            async with self._client.stream("POST", url, headers=headers, content=request.body) as resp:
                 if resp.status_code >= 300:
                     body = await _read_bounded(resp)
                     raise self.translation.error_from_response(resp.status_code, resp.headers, body)
@@ -121,7 +122,13 @@ class HttpUpstream:
             await self._pool.expire_idle_connections()
 
     async def count_tokens(self, chat: ChatRequest) -> bytes | None:
-        request = self.translation.count_tokens_request(chat)
+        return await self._answer(self.translation.count_tokens_request(chat))
+
+    async def compact(self, chat: ChatRequest) -> bytes | None:
+        return await self._answer(self.translation.compact_request(chat))
+
+    async def _answer(self, request: UpstreamRequest | None) -> bytes | None:
+        """The JSON body the upstream answers a non-streaming `request` with; `None` for no request."""
         if request is None:
             return None
         return await self._exchange(request)

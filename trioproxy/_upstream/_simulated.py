@@ -49,5 +49,8 @@ class SimulatedUpstream:
     async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
         raise NotFoundError("a simulated provider has no other paths to forward to")  # the config gives it none
 
+    async def compact(self, chat: ChatRequest) -> None:
+        return None
+
     async def aclose(self) -> None:
         pass

@@ -25,6 +25,7 @@ from ._stages import Receive, Send, buffer_stage, transform_stage, validate_stag
 
 if TYPE_CHECKING:
     from .._router import Route, Router
+    from .._tracing import RequestTrace
 
 __all__ = ["Pipeline", "Stage", "pipeline_for"]
 
@@ -42,6 +43,8 @@ class Pipeline:
     """Each provider's `context_fallbacks`, for every provider a request may reach."""
     refusals: Refusals = field(default_factory=Refusals)
     """The routes that refused a continuation lately (the router's, shared by every request)."""
+    trace: RequestTrace | None = None
+    """The request's trace when tracing is on: each upstream attempt is a span of it."""
 
     @property
     def timeouts(self) -> Timeouts:

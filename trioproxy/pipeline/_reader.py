@@ -75,7 +75,7 @@ class _Delivery:
         self.token_sent = False
         self.text: list[str] = []
         self.text_only = True
-        """No tool call or reasoning left: a continuation may take the text as the whole answer so far."""
+        """No tool call, reasoning or other item left: a continuation may take the text as the whole answer so far."""
 
     async def send(self, item: SessionItem) -> None:
         if isinstance(item, Opened):
@@ -86,7 +86,7 @@ class _Delivery:
             self.token_sent = True
             if item.text:
                 self.text.append(item.text)
-            if item.tool_calls or item.reasoning:
+            if item.tool_calls or item.reasoning or item.raw_item:
                 self.text_only = False
         await self._sink.send(item)
 
@@ -124,11 +124,12 @@ async def _attempts(pipeline: Pipeline, chat: ChatRequest, delivery: _Delivery, 
         if failures:
             await delivery.send(_notice("failover", 0, route, 0.0, failures[-1][1]))
         hedge_after = route.provider.timeouts.hedge_after
+        kind = "failover" if failures else "first"
         if hedges and hedge_after and at + 1 < len(routes):
             hedges -= 1
-            failed, tried, succeeded = await _race(pipeline, route, routes[at + 1], chat, delivery, rng)
+            failed, tried, succeeded = await _race(pipeline, route, routes[at + 1], chat, delivery, rng, kind)
         else:
-            error = await _try_route(pipeline, route, chat, delivery, delivery, rng)
+            error = await _try_route(pipeline, route, chat, delivery, delivery, rng, kind)
             failed, tried, succeeded = [] if error is None else [(route, error)], 1, error is None
         if succeeded:
             return
@@ -184,7 +185,7 @@ async def _continue(
         await delivery.send(_notice("continuation", retry.max_continuations - left, route, 0.0, error))
         continuing = _Continuing(delivery, continued.overlap, delivered=len(text))
         try:
-            await _attempt(pipeline, route, continued.chat.routed(route.upstream_model), continuing)
+            await _attempt(pipeline, route, continued.chat.routed(route.upstream_model), continuing, "continuation")
             return None
         except RequestError:  # the client's request cannot go to this route's protocol: not a way on
             candidates.pop(0)
@@ -227,6 +228,7 @@ async def _race(
     chat: ChatRequest,
     delivery: _Delivery,
     rng: random.Random,
+    kind: str,
 ) -> tuple[list[tuple[Route, UpstreamError]], int, bool]:
     """
     `route`, and `hedge` alongside it once `route` has given no first token for its
@@ -234,15 +236,16 @@ async def _race(
     upstream request closed). Each holds what it sends before its first token, so the loser's
     preamble never reaches the sink. The failures in the order they came, how many routes were
     tried (1 when `route` ended before the hedge began), and whether one streamed to its end.
+    `kind`: what asking `route` is (first, failover).
     """
     race = _Race(delivery)
     failures: list[tuple[Route, UpstreamError]] = []
     succeeded = False
 
-    async def enter(racer: Route, entrant: _Entrant) -> None:
+    async def enter(racer: Route, entrant: _Entrant, kind: str) -> None:
         nonlocal succeeded
         with entrant.scope:
-            error = await _try_route(pipeline, racer, chat, entrant, delivery, rng)
+            error = await _try_route(pipeline, racer, chat, entrant, delivery, rng, kind)
             if error is None:
                 succeeded = True
             else:
@@ -255,14 +258,14 @@ async def _race(
     tried = 1
     async with trio.open_nursery() as nursery:
         first = race.entrant(route, announce=False)
-        nursery.start_soon(enter, route, first)
+        nursery.start_soon(enter, route, first, kind)
         with trio.move_on_after(route.provider.timeouts.hedge_after):
             await first.settled.wait()
         if not first.settled.is_set():
             tried = 2
             reason = f"no first token within hedge_after ({route.provider.timeouts.hedge_after:g} s)"
             await delivery.send(RetryNotice("hedge", 1, hedge.provider.name, hedge.upstream_model, 0.0, reason))
-            nursery.start_soon(enter, hedge, race.entrant(hedge, announce=True))
+            nursery.start_soon(enter, hedge, race.entrant(hedge, announce=True), "hedge")
     return failures, tried, succeeded
 
 
@@ -335,17 +338,18 @@ async def _try_route(
     sink: Sink,
     delivery: _Delivery,
     rng: random.Random,
+    kind: str,
 ) -> UpstreamError | None:
     """
     One route, retried as its provider says (until a token left `delivery`): None once an
-    attempt streamed to its end, else the last failure.
+    attempt streamed to its end, else the last failure. `kind`: what its first attempt is.
     """
     routed = chat.routed(route.upstream_model)
     retry = route.provider.retry
     attempt = 0
     while True:
         try:
-            await _attempt(pipeline, route, routed, sink)
+            await _attempt(pipeline, route, routed, sink, "retry" if attempt else kind)
             return None
         except UpstreamError as exc:
             error = exc
@@ -368,7 +372,17 @@ def _every_failure(failures: list[tuple[Route, UpstreamError]], *, routes: int) 
     return failures[-1][1].with_message(f"{tried} {routes} routes failed: {reasons}")
 
 
-async def _attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Sink) -> None:
+async def _attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Sink, kind: str) -> None:
+    """One upstream request, `kind` first, retry, failover, hedge or continuation: a span of its own when traced."""
+    trace = pipeline.trace
+    if trace is None:
+        await _watched_attempt(pipeline, route, chat, sink)
+        return
+    with trace.attempt(kind, route) as attempt:
+        await _watched_attempt(pipeline, route, replace(chat, trace=attempt), sink)
+
+
+async def _watched_attempt(pipeline: Pipeline, route: Route, chat: ChatRequest, sink: Sink) -> None:
     watched = _WatchedSink(sink, route.provider.timeouts, passthrough=pipeline.passthrough)
     with watched.watchdog:
         await route.upstream.stream(chat, watched)

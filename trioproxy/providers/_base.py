@@ -89,6 +89,10 @@ class Translation(Protocol):
         """The request that asks the upstream to count `chat`'s input tokens; `None` if it cannot."""
         ...
 
+    def compact_request(self, chat: ChatRequest) -> UpstreamRequest | None:
+        """The request that asks the upstream to compact `chat`'s conversation; `None` if it cannot."""
+        ...
+
     def stream_parser(self, chat: ChatRequest) -> StreamParser:
         """
         A parser for the stream of `chat`; it keeps each event's bytes (`Delta.raw`) only

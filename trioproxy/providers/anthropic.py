@@ -212,6 +212,9 @@ class AnthropicTranslation:
             forwarded["x-api-key"] = self.api_key
         return {**forwarded, **self._extra_headers}
 
+    def compact_request(self, chat: ChatRequest) -> None:
+        return None  # Messages compacts within a request (a beta's `context_management`), not by its own endpoint
+
     def stream_parser(self, chat: ChatRequest) -> AnthropicStreamParser:
         return AnthropicStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
 

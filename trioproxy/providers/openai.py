@@ -88,7 +88,7 @@ class OpenAITranslation:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return orjson.dumps(body)
 
-    def count_tokens_request(self, chat: ChatRequest) -> None:
+    def count_tokens_request(self, chat: ChatRequest) -> UpstreamRequest | None:
         return None  # Chat Completions has no endpoint that counts tokens
 
     def forward_url(self, target: str) -> str:
@@ -97,6 +97,9 @@ class OpenAITranslation:
 
     def forward_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
         return {**headers, **self._credentials}
+
+    def compact_request(self, chat: ChatRequest) -> UpstreamRequest | None:
+        return None  # nor one that compacts a conversation
 
     def stream_parser(self, chat: ChatRequest) -> OpenAIStreamParser:
         if chat.protocol == "completions":

@@ -34,6 +34,10 @@ Stream mapping (Responses event → `Delta`):
 - a `function_call` item's `output_item.added` → a `ToolCallDelta` (its `call_id`, name, and
   any arguments it already has), numbered from 0 in the order the calls start; its
   `function_call_arguments.delta`s → argument fragments;
+- for a Responses client, an `output_item.done` of any item but a message or a function call
+  (a reasoning item, with its `encrypted_content`; a hosted tool's call, `web_search_call`,
+  `file_search_call`, ...; a `custom_tool_call`) → a `raw_item`, the item whole, so that a
+  stream re-rendered after a stage changed content still has it, in its place;
 - `response.completed` → finish reason `tool_calls` (when there were calls) or `stop`, with
   usage; `response.incomplete` → `length` or `content_filter`, with usage; either ends the
   stream;
@@ -78,6 +82,9 @@ _SAME_NAME: Final = frozenset(
 
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 
+_MODELLED_ITEMS: Final = frozenset({"message", "function_call"})
+"""Output items whose every field the common model carries (text, a tool call); any other is a `raw_item`."""
+
 #: `incomplete_details.reason` → Chat Completions `finish_reason`.
 INCOMPLETE_REASONS: Final[Mapping[str, str]] = {"max_output_tokens": "length", "content_filter": "content_filter"}
 
@@ -100,6 +107,22 @@ class ResponsesTranslation(OpenAITranslation):
     def __init__(self, *, base_url: str, api_key: str | None = None, extra_headers: Mapping[str, str] | None = None):
         super().__init__(base_url=base_url, api_key=api_key, extra_headers=extra_headers)
         self.url = base_url.rstrip("/") + "/responses"
+
+    def count_tokens_request(self, chat: ChatRequest) -> UpstreamRequest | None:
+        """A Responses client's `POST /responses/input_tokens`, forwarded whole with only `model` replaced."""
+        return self._forwarded(chat, "/input_tokens")
+
+    def compact_request(self, chat: ChatRequest) -> UpstreamRequest | None:
+        """A Responses client's `POST /responses/compact`, forwarded whole with only `model` replaced."""
+        return self._forwarded(chat, "/compact")
+
+    def _forwarded(self, chat: ChatRequest, path: str) -> UpstreamRequest | None:
+        native = chat.native
+        if native is None or native.protocol != self.protocol:
+            return None
+        body = {**native.body, "model": chat.upstream_model or chat.model}
+        headers = {**self._stream_headers, "accept": "application/json"}
+        return UpstreamRequest(self.url + path, headers, orjson.dumps(body))
 
     def stream_request(self, chat: ChatRequest) -> UpstreamRequest:
         native = chat.native
@@ -269,6 +292,11 @@ class ResponsesStreamParser:
                     index=index, id=item.get("call_id"), name=item.get("name"), arguments=item.get("arguments") or ""
                 )
                 return Delta(tool_calls=(call,))
+            return Delta()
+        if kind == "response.output_item.done":
+            item = payload.get("item")
+            if self._keep_raw and isinstance(item, dict) and item.get("type") not in _MODELLED_ITEMS:
+                return Delta(raw_item=item)
             return Delta()
         if kind == "response.function_call_arguments.delta":
             started = self._calls.get(str(payload.get("item_id")))

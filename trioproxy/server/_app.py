@@ -16,7 +16,7 @@ import functools
 import importlib.resources
 import logging
 import os
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from quart import Response, has_websocket_context, request
 from quart_trio import QuartTrio
@@ -24,7 +24,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, Reque
 from werkzeug.routing import WebsocketMismatch
 
 from .._config import Config
-from .._exceptions import AuthenticationError, HTTPRefusal, PayloadTooLargeError, TrioproxyError
+from .._exceptions import AuthenticationError, ConfigError, HTTPRefusal, PayloadTooLargeError, TrioproxyError
 from .._router import Router
 from .._version import __version__
 from ._access import RECORD, AccessLog
@@ -36,6 +36,9 @@ from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
 from .fronts import FRONTS, error_response, forwarding
+
+if TYPE_CHECKING:
+    from .._tracing import Tracing
 
 __all__ = ["create_app"]
 
@@ -52,10 +55,18 @@ PLAYGROUND_HEADERS: Final = {
 }
 
 
-def create_app(config: Config, *, router: Router | None = None, shutdown: GracefulShutdown | None = None) -> QuartTrio:
+def create_app(
+    config: Config,
+    *,
+    router: Router | None = None,
+    shutdown: GracefulShutdown | None = None,
+    tracer_provider: Any = None,
+) -> QuartTrio:
     """
     The proxy as an ASGI app; `router` replaces the one built from `config` (tests);
-    `shutdown` is the graceful shutdown the serve layer triggers (`_shutdown.py`).
+    `shutdown` is the graceful shutdown the serve layer triggers (`_shutdown.py`);
+    `tracer_provider`, an OpenTelemetry `TracerProvider`, turns tracing on with it instead of
+    the one `[tracing]` describes (an app that has its own, tests).
     """
     app = QuartTrio("trioproxy")
     app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
@@ -71,6 +82,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         app.asgi_app, metrics=metrics, enabled=config.logging.access_log, include_prompts=config.logging.include_prompts
     )
     app.asgi_app = access_log  # type: ignore[method-assign]
+    tracing = _tracing(config, tracer_provider)
     core = Core(
         config,
         router=router,
@@ -78,6 +90,7 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         metrics=metrics,
         access_log=access_log,
         nursery=lambda: app.nursery,  # type: ignore[attr-defined]
+        tracing=tracing,
     )
 
     @app.before_serving
@@ -93,6 +106,8 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
     @app.after_serving
     async def close_upstreams() -> None:
         await router.aclose()
+        if tracing is not None:
+            await tracing.aclose()  # the last spans are exported
 
     async def name_route_and_check_key() -> Response | None:
         """
@@ -218,6 +233,19 @@ def create_app(config: Config, *, router: Router | None = None, shutdown: Gracef
         return error_response(current.path, TrioproxyError("internal server error"))
 
     return app
+
+
+def _tracing(config: Config, tracer_provider: Any) -> Tracing | None:
+    """The traces, when `[tracing]` or a provider asks for them; only then is OpenTelemetry imported."""
+    if not config.tracing.enabled and tracer_provider is None:
+        return None
+    try:
+        from .._tracing import Tracing
+    except ImportError as exc:
+        raise ConfigError(
+            [f"[tracing] is enabled, but OpenTelemetry is not installed ({exc.name}): pip install 'trioproxy[otel]'"]
+        ) from None
+    return Tracing.from_config(config.tracing) if tracer_provider is None else Tracing(tracer_provider)
 
 
 @functools.cache

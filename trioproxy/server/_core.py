@@ -24,21 +24,23 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
+import functools
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, Final
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 import trio
 from quart import Response, has_request_context, request, websocket
 
 from .._config import Config
-from .._exceptions import SharedStateError, TrioproxyError
+from .._exceptions import SharedStateError, TrioproxyError, UpstreamTimeoutError
 from .._limits import Limiter, check_request_shape
 from .._policy import BufferConfig
 from .._redis import RedisState, SharedLimits
 from .._request import ChatRequest
 from .._router import Router
+from .._upstream import Upstream
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import RECORD, AccessLog, RequestRecord
 from ._auth import NO_KEY, key_name, presented_key
@@ -46,6 +48,9 @@ from ._generic import Renderer, StreamInterrupted, commits, last_word, render
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
 from ._streams import BroadcastStream, Encoder, RendererFactory, StreamRegistry, Watcher, sse_with_id
+
+if TYPE_CHECKING:
+    from .._tracing import Tracing
 
 __all__ = [
     "ASGI_SEND",
@@ -75,7 +80,8 @@ class Core:
     """
     The server's shared state, which the fronts use and own none of: the router, the limiter,
     metrics, the access log, the resumable streams, the graceful shutdown and its set of
-    active sessions. Sessions run in `nursery` (the app's).
+    active sessions, and the traces (`tracing`, `None` when off). Sessions run in `nursery`
+    (the app's).
     """
 
     def __init__(
@@ -87,8 +93,10 @@ class Core:
         metrics: Metrics,
         access_log: AccessLog,
         nursery: Callable[[], trio.Nursery],
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        self.tracing = tracing
         self.router = router
         self.shutdown = shutdown
         self.metrics = metrics
@@ -128,6 +136,7 @@ class Core:
         `[limits]` allow it: raises `RequestError` for a body of the wrong shape,
         `RateLimitedError` or `OverloadedError` when the limiter refuses the client. With
         `[redis]`, the shared limits decide in the session's task: their refusal is its only item.
+        Traced, the request's span starts here and ends with its session, or with its refusal.
         """
         return self._start(pipeline, chat, heartbeats=heartbeats, stream_id=stream_id)[0]
 
@@ -150,11 +159,20 @@ class Core:
         self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool, stream_id: str | None
     ) -> tuple[StreamSession, _Admission]:
         limits = self.config.limits
-        check_request_shape(
-            chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
-        )
+        trace = None
+        if self.tracing is not None:
+            trace = self.tracing.request(chat, pipeline.routes[0], endpoint=route_label(), headers=connection().headers)
+            pipeline = replace(pipeline, trace=trace)
         client = self.client_identity()
-        lease = self.limiter.admit(client, trio.current_time()) if self.redis is None else None
+        try:
+            check_request_shape(
+                chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
+            )
+            lease = self.limiter.admit(client, trio.current_time()) if self.redis is None else None
+        except TrioproxyError as exc:
+            if trace is not None:
+                trace.refused(exc)
+            raise
         record: RequestRecord = connection().scope[RECORD]
         key = self.key_name()
         admission = _Admission()
@@ -176,12 +194,16 @@ class Core:
                 lease.release()
             if admission.refusal is not None:
                 self.metrics.stream_refused()
+                if trace is not None:
+                    trace.refused(admission.refusal)
                 return
             self.metrics.observe_stream(session, key=key)
             if stream_id is not None:  # a WebSocket stream: its own log line
                 self.access_log.log_stream(
                     session, request_id=record.id, route=record.route, stream_id=stream_id, key=key
                 )
+            if trace is not None:
+                trace.ended(session)
 
         try:
             session = start_session(
@@ -194,9 +216,11 @@ class Core:
                 on_end=on_end,
                 guard=guard,
             )
-        except BaseException:
+        except BaseException as exc:
             if lease is not None:
                 lease.release()
+            if trace is not None:
+                trace.refused(exc)
             raise
         self.metrics.stream_started()
         if stream_id is None:
@@ -257,6 +281,22 @@ class Core:
                 await self.redis.release(shared)
             except SharedStateError:
                 pass  # logged by `RedisState`; the place expires within `[redis] lease_ttl`
+
+    async def ask_upstream(
+        self, chat: ChatRequest, ask: Callable[[Upstream, ChatRequest], Awaitable[bytes | None]]
+    ) -> bytes | None:
+        """
+        A question other than a generation (count the input's tokens, compact it) to the
+        upstream of `chat`'s model, `chat` routed to it, within its `first_token_timeout`: the
+        JSON it answers, or `None` when it cannot say.
+        """
+        route = self.router.route(chat.model)
+        timeout = route.provider.timeouts.first_token_timeout
+        with trio.move_on_after(timeout or math.inf):
+            return await ask(route.upstream, chat.routed(route.upstream_model))
+        raise UpstreamTimeoutError(
+            f"no answer from the upstream within first_token_timeout ({timeout:g} s)", kind="first_token_timeout"
+        )
 
     def client_identity(self) -> str:
         """Who the limits count against: the client key when keys are on, else the address."""

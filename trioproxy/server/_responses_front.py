@@ -11,7 +11,11 @@ Output items, from the common model:
 - text → a `message` item with one `output_text` part (`output_text.delta`s);
 - reasoning → a `reasoning` item with one summary part (`reasoning_summary_text.delta`s);
 - each tool call (by its index) → a `function_call` item (`function_call_arguments.delta`s),
-  `call_id` the upstream's tool-call id.
+  `call_id` the upstream's tool-call id;
+- a Responses upstream's item the common model does not carry (`Delta.raw_item`: a hosted
+  tool's call, a reasoning item's encrypted content) → that item whole, in its place
+  (`output_item.added` and `.done`); a reasoning item's closes the reasoning item its summary
+  streamed, which takes the upstream's fields.
 
 An item is closed (its `.done` events) when the next one opens, or at the end. Ids are
 stable across events (`resp_`, `msg_`, `rs_`, `fc_`), and the Response object, whole on each
@@ -121,6 +125,8 @@ class _Item:
         self.item = item
         self.output_index = output_index
         self.text: list[str] = []
+        self.upstream: dict[str, Any] | None = None
+        """A Responses upstream's own final JSON of this item (a reasoning item's), which closing it takes."""
 
     @property
     def id(self) -> str:
@@ -217,6 +223,8 @@ class ResponsesEventRenderer:
             out += self._item_delta("response.output_text.delta", delta.text, content_index=0, logprobs=[])
         for call in delta.tool_calls:
             out += self._tool_call(call)
+        if delta.raw_item is not None:
+            out += self._upstream_item(delta.raw_item)
         return out
 
     def done(self, session: object = None) -> bytes:
@@ -373,7 +381,10 @@ class ResponsesEventRenderer:
         )
         return {
             "input_tokens": usage.prompt_tokens,
-            "input_tokens_details": {"cached_tokens": usage.cache_read_tokens or 0},
+            "input_tokens_details": {
+                "cached_tokens": usage.cache_read_tokens or 0,
+                "cache_write_tokens": usage.cache_creation_tokens or 0,
+            },
             "output_tokens": usage.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage.total_tokens,
@@ -442,6 +453,21 @@ class ResponsesEventRenderer:
             out += self._item_delta("response.function_call_arguments.delta", call.arguments)
         return out
 
+    def _upstream_item(self, item: dict[str, Any]) -> bytes:
+        """
+        A Responses upstream's item the common model does not carry, whole: it closes the
+        reasoning item its summary opened, which takes the upstream's fields (its encrypted
+        content) under the id its events gave it; any other stands alone, `added` and `done`.
+        """
+        if self._open is not None and self._open.kind == item.get("type") == "reasoning":
+            self._open.upstream = item
+            return self._close_item()
+        out = self._close_item()
+        whole = _Item("upstream", dict(item), len(self._items))
+        out += self._open_item(whole)
+        self._open = None
+        return out + self._event("response.output_item.done", output_index=whole.output_index, item=whole.item)
+
     def _close_item(self) -> bytes:
         """The open item's `.done` events; its final JSON goes into the Response's output."""
         item = self._open
@@ -459,6 +485,8 @@ class ResponsesEventRenderer:
             out = self._event("response.function_call_arguments.done", **where, arguments=text)
         item.item["status"] = "completed"
         self._fill(item)
+        if item.upstream is not None:
+            item.item = {**item.upstream, "id": item.id}
         self._open = None
         return out + self._event("response.output_item.done", output_index=item.output_index, item=item.item)
 

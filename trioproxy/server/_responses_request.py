@@ -52,7 +52,7 @@ from typing import Any, Final
 from .._exceptions import RequestError
 from .._request import ChatRequest, NativeRequest
 
-__all__ = ["Turn", "continued", "input_items", "parse_responses_request", "to_chat_completions"]
+__all__ = ["Turn", "continued", "input_items", "listed_input_items", "parse_responses_request", "to_chat_completions"]
 
 _ROLES: Final = frozenset({"user", "assistant", "system", "developer"})
 
@@ -128,6 +128,31 @@ def input_items(body: dict[str, Any]) -> list[Any]:
     """The request's `input` as items (a string is one user message)."""
     input_ = body["input"]
     return [{"type": "message", "role": "user", "content": input_}] if isinstance(input_, str) else list(input_)
+
+
+_ITEM_ID_PREFIXES: Final = {"message": "msg", "function_call": "fc", "reasoning": "rs"}
+
+
+def listed_input_items(response_id: str, items: list[Any]) -> list[dict[str, Any]]:
+    """
+    A stored response's input items as `GET /v1/responses/{id}/input_items` lists them: each
+    with an id (an item sent without one, as Codex sends them all, gets one made of the
+    response's id and its place, so that a cursor names the same item on every call), a
+    message's `type` and `status`, and its content as parts (a string is one text part).
+    """
+    listed = []
+    for index, item in enumerate(items):
+        out = dict(item) if isinstance(item, dict) else {"type": "message", "role": "user", "content": str(item)}
+        kind = out.setdefault("type", "message")
+        if kind == "message":
+            out.setdefault("status", "completed")
+            if isinstance(out.get("content"), str):
+                text_type = "output_text" if out.get("role") == "assistant" else "input_text"
+                out["content"] = [{"type": text_type, "text": out["content"]}]
+        if not isinstance(out.get("id"), str):
+            out["id"] = f"{_ITEM_ID_PREFIXES.get(kind, 'item')}_{response_id.removeprefix('resp_')}_{index}"
+        listed.append(out)
+    return listed
 
 
 def continued(body: dict[str, Any], previous: Turn) -> dict[str, Any]:

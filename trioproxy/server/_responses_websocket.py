@@ -13,6 +13,10 @@ SDK derive it from the base URL (`responses_protocol.md` §4).
   empty output, and nothing is asked upstream; its id continues like any other.
 - Responses run one at a time, in the order they were asked for: Codex waits for one to end
   before it asks for the next. A frame that arrives meanwhile waits its turn.
+- With `store` (the API's default) a response is stored as one made over HTTP is (`share`):
+  `GET /v1/responses/{id}`, its replay and `previous_response_id` on another connection work;
+  it still ends with its requester (the connection) unless another watcher follows it.
+  `store: false` (as Codex sends) keeps nothing.
 - The connection remembers its last response, so the next one may send only its new items
   with `previous_response_id` (as Codex does, also with `store: false`): the conversation is
   rebuilt from the earlier input and output. Another id is looked up among the stored
@@ -32,8 +36,8 @@ with 1001 (going away) between responses, which makes Codex reconnect elsewhere.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import orjson
 import trio
@@ -41,10 +45,14 @@ from quart import websocket
 from quart_trio import QuartTrio
 
 from .._exceptions import PayloadTooLargeError, RequestError, TrioproxyError
+from .._request import ChatRequest
+from .._sse import SSEDecoder
+from ..pipeline import StreamSession
 from ._core import Core
 from ._generic import last_word, prompt_chars, render
 from ._responses_front import ResponsesEventRenderer, websocket_frame
 from ._responses_request import Turn, continued, input_items, parse_responses_request
+from ._streams import BroadcastStream, Watcher
 from ._websocket import GOING_AWAY
 
 __all__ = ["register_responses_websocket"]
@@ -55,10 +63,14 @@ IGNORED: Final = ("type", "stream", "background", "generate")
 """Fields of a `response.create` frame that are not part of the request."""
 
 
-def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[str], Turn]) -> None:
+Share = Callable[[StreamSession, ChatRequest, dict[str, Any]], Awaitable[tuple[BroadcastStream, list[bytes], Watcher]]]
+"""How a stored response runs: its session, request and echoed body → its stream, backlog and watcher."""
+
+
+def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[str], Turn], share: Share) -> None:
     """
     Add the WebSocket route of `/v1/responses` to `app`; `lookup(id)` finds a stored
-    response for `previous_response_id`, or raises. A frame over `[limits]
+    response for `previous_response_id`, or raises; `share` runs a stored one. A frame over `[limits]
     max_body_bytes` is refused unread; a peer that does not read for `[server] write_timeout`
     seconds is dropped.
     """
@@ -104,6 +116,8 @@ def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[s
             await send(renderer.done())
             return Turn(renderer.id, input_items(body), [])
         session = core.start(pipeline, chat, heartbeats=False, stream_id=str(turn))
+        if body.get("store") is not False:
+            return await stored(session, chat, body, echoed)
         try:
             async for item in session.output:
                 if isinstance(item, TrioproxyError) and not renderer.started:
@@ -118,6 +132,27 @@ def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[s
         if response is None or response["status"] == "failed":
             return None
         return Turn(renderer.id, input_items(body), response["output"])
+
+    async def stored(
+        session: StreamSession, chat: ChatRequest, body: dict[str, Any], echoed: dict[str, Any]
+    ) -> Turn | None:
+        """A stored response's events, read from its stream's log (SSE) as frames."""
+        stream, backlog, watcher = await share(session, chat, echoed)  # before its first event: raises
+        events = SSEDecoder()
+        try:
+            for event in events.feed(b"".join(backlog)):
+                await send(event.data.encode())
+            async for data in watcher.receive:
+                for event in events.feed(data):
+                    await send(event.data.encode())
+        finally:
+            stream.detach(watcher)
+        renderer = stream.renderer
+        assert isinstance(renderer, ResponsesEventRenderer)
+        response = renderer.response
+        if response is None or response["status"] == "failed":
+            return None
+        return Turn(stream.id, input_items(body), response["output"])
 
     @app.websocket("/v1/responses")
     async def responses_ws() -> None:

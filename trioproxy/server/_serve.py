@@ -238,6 +238,7 @@ async def serve(
     router: Router | None = None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     listen_fd: int | None = None,
+    tracer_provider: Any = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """
@@ -252,9 +253,12 @@ async def serve(
     connections, 503 for new requests, in-flight streams finish within
     `[server] shutdown_grace_period` or end with an in-stream error; then `serve` returns.
     A second ends the streams still running at once.
+
+    `tracer_provider`: an OpenTelemetry `TracerProvider` to trace with, instead of the one
+    `[tracing]` describes (`create_app`).
     """
     shutdown = GracefulShutdown(config.server.shutdown_grace_period)
-    app = create_app(config, router=router, shutdown=shutdown)
+    app = create_app(config, router=router, shutdown=shutdown, tracer_provider=tracer_provider)
     hypercorn_config = _hypercorn_config(config, host=host, port=port)
     if listen_fd is not None:
         hypercorn_config.bind = [f"fd://{listen_fd}"]

@@ -78,6 +78,9 @@ ROUTES: Final[Mapping[str, Api]] = {
     "/completions": Api.COMPLETIONS,
     "/v1/embeddings": Api.EMBEDDINGS,
     "/embeddings": Api.EMBEDDINGS,
+    # Answered with a `Reply`'s `raw_body` (their JSON), or else as `/v1/responses` is.
+    "/v1/responses/input_tokens": Api.RESPONSES,
+    "/v1/responses/compact": Api.RESPONSES,
 }
 
 SSE_HEADERS: Final = (("content-type", "text/event-stream"), ("cache-control", "no-cache"))
@@ -259,11 +262,12 @@ def openai_stream_error(message: str) -> bytes:
     return _data_line({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
 
 
-def responses_frames(reply: Reply, model: str, number: int) -> list[Frame]:
+def responses_frames(reply: Reply, model: str, number: int, *, created: int | None = None) -> list[Frame]:
     """
     An OpenAI Responses stream (`responses_protocol.md` §2.5, §2.6): a message item with the
     text tokens, then a function_call item per tool call, then `response.completed` (or
-    `response.incomplete` for the finish reasons `length` and `content_filter`).
+    `response.incomplete` for the finish reasons `length` and `content_filter`); `created`:
+    its `created_at` (now).
     """
     events: list[tuple[dict[str, Any], bool]] = []
     output: list[dict[str, Any]] = []
@@ -271,7 +275,7 @@ def responses_frames(reply: Reply, model: str, number: int) -> list[Frame]:
     def add(payload: dict[str, Any], *, token: bool = False) -> None:
         events.append((payload, token))
 
-    response = response_object(reply, model, number, status="in_progress")
+    response = response_object(reply, model, number, status="in_progress", created=created)
     add({"type": "response.created", "response": response})
     add({"type": "response.in_progress", "response": response})
     if reply.tokens:
@@ -305,7 +309,7 @@ def responses_frames(reply: Reply, model: str, number: int) -> list[Frame]:
         add({"type": "response.function_call_arguments.done", **where, "arguments": call.arguments})
         add({"type": "response.output_item.done", "output_index": len(output), "item": done})
         output.append(done)
-    final = response_object(reply, model, number)
+    final = response_object(reply, model, number, created=created)
     if not reply.omit_done:
         add({"type": f"response.{final['status']}", "response": final})
     return [
@@ -349,15 +353,17 @@ def _response_output(reply: Reply, number: int) -> list[dict[str, Any]]:
     return output
 
 
-def response_object(reply: Reply, model: str, number: int, *, status: str | None = None) -> dict[str, Any]:
-    """A Response object: in progress (empty), or finished with its output and usage."""
+def response_object(
+    reply: Reply, model: str, number: int, *, status: str | None = None, created: int | None = None
+) -> dict[str, Any]:
+    """A Response object: in progress (empty), or finished with its output and usage (`created`: now)."""
     prompt, completion = _usage(reply)
     reason = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(_finish_reason(reply))
     finished = status is None
     return {
         "id": f"resp_fake{number}",
         "object": "response",
-        "created_at": int(time.time()),
+        "created_at": int(time.time()) if created is None else created,
         "status": status or ("incomplete" if reason else "completed"),
         "error": None,
         "incomplete_details": {"reason": reason} if finished and reason else None,

@@ -10,14 +10,11 @@ into one `Message`.
 
 from __future__ import annotations
 
-import math
-
 import orjson
-import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..._exceptions import TrioproxyError, UpstreamTimeoutError
+from ..._exceptions import TrioproxyError
 from ..._request import parse_json_object
 from .._anthropic_front import AnthropicEventRenderer, error_body, message_from_events, token_count_estimate
 from .._anthropic_request import parse_messages_request
@@ -65,15 +62,7 @@ def register(app: QuartTrio, core: Core) -> None:
         """An Anthropic upstream's own count; an estimate, marked so, from any other."""
         try:
             chat = parse_messages_request(parse_json_object(await request.get_data()), request.headers, counting=True)
-            route = core.router.route(chat.model)
-            timeout = route.provider.timeouts.first_token_timeout
-            with trio.move_on_after(timeout or math.inf) as waited:
-                counted = await route.upstream.count_tokens(chat.routed(route.upstream_model))
-            if waited.cancelled_caught:
-                raise UpstreamTimeoutError(
-                    f"no answer from the upstream within first_token_timeout ({timeout:g} s)",
-                    kind="first_token_timeout",
-                )
+            counted = await core.ask_upstream(chat, lambda upstream, routed: upstream.count_tokens(routed))
         except TrioproxyError as exc:
             return _error(exc)
         if counted is None:

@@ -3,8 +3,11 @@ The OpenAI Responses front: `POST /v1/responses`, streamed (`_responses_front` r
 events) or not (the same events folded into the Response object the stream ends with),
 WebSocket mode on the same path (`_responses_websocket`), and the stored responses:
 `GET /v1/responses/{id}` (the object, or with `stream=true` its events after
-`starting_after`, then the live ones), `POST /v1/responses/{id}/cancel`, `DELETE`. Errors are
-OpenAI's error object.
+`starting_after`, then the live ones), `GET /v1/responses/{id}/input_items`, `POST
+/v1/responses/{id}/cancel`, `DELETE`; and `POST /v1/responses/input_tokens` and `POST
+/v1/responses/compact`, forwarded to a Responses upstream (input tokens are estimated for any
+other; compaction is refused, as only the Responses API has it). Errors are OpenAI's error
+object.
 
 A Responses upstream's events pass through: byte for byte to a streaming client that stores
 nothing (`store: false`, as Codex sends); for a stored response, through the store, with the
@@ -27,17 +30,19 @@ import math
 from collections.abc import Callable
 from typing import Any, Final
 
+import orjson
 from quart import Response, request
 from quart_trio import QuartTrio
 
 from ..._exceptions import NotFoundError, RequestError, StreamCancelled, TrioproxyError
-from ..._request import parse_json_object
+from ..._request import ChatRequest, parse_json_object
+from ...pipeline import StreamSession
 from .._core import SSE, Core, complete, json_response, watch_response
 from .._generic import prompt_chars, render
 from .._responses_front import ResponsesEventRenderer, response_from_events, sse_event
-from .._responses_request import Turn, continued, input_items, parse_responses_request
+from .._responses_request import Turn, continued, input_items, listed_input_items, parse_responses_request
 from .._responses_websocket import register_responses_websocket
-from .._streams import BroadcastStream
+from .._streams import BroadcastStream, RendererFactory, Watcher
 from .openai_chat import error_response
 
 __all__ = ["error_response", "owns", "register"]
@@ -88,6 +93,19 @@ def register(app: QuartTrio, core: Core) -> None:
             )
         return Turn(stream.id, input_items(renderer.request), response["output"])
 
+    async def share(
+        session: StreamSession, chat: ChatRequest, echoed: dict[str, Any]
+    ) -> tuple[BroadcastStream, list[bytes], Watcher]:
+        """
+        A stored response that is not `background`, once its upstream accepted: shared in the
+        registry, its requester the first watcher, ending with its last watcher (`Core.share`).
+        """
+        stream, backlog, watcher = await core.share(
+            session, _stored_renderer(chat, echoed), shows_notices=False, prefix=PREFIX, encode=_encode
+        )
+        stream.resume_grace_period = 0.0
+        return stream, backlog, watcher
+
     @app.post("/v1/responses")
     async def create() -> Response:
         try:
@@ -103,15 +121,6 @@ def register(app: QuartTrio, core: Core) -> None:
                 raise RequestError("a background response must be stored: 'store' false cannot be", param="store")
         except TrioproxyError as exc:
             return _error(exc)
-
-        def renderer_for(response_id: str, frame: Callable[[Any], bytes]) -> ResponsesEventRenderer:
-            return ResponsesEventRenderer(
-                request=echoed,
-                model=chat.model,
-                prompt_chars=prompt_chars(chat),
-                frame=frame,
-                response_id=response_id,
-            )
 
         if body.get("store") is False:
             renderer = ResponsesEventRenderer(request=echoed, model=chat.model, prompt_chars=prompt_chars(chat))
@@ -130,7 +139,7 @@ def register(app: QuartTrio, core: Core) -> None:
             except TrioproxyError as exc:
                 return _error(exc)
             try:
-                stream = core.streams.open(session, renderer_for, prefix=PREFIX, encode=_encode)
+                stream = core.streams.open(session, _stored_renderer(chat, echoed), prefix=PREFIX, encode=_encode)
             except TrioproxyError as exc:  # `max_streams` are running
                 session.cancel()
                 return _error(exc)
@@ -141,12 +150,9 @@ def register(app: QuartTrio, core: Core) -> None:
             return json_response(_renderer(stream).snapshot("queued"))
         session = core.start(pipeline, chat, heartbeats=chat.stream)
         try:
-            stream, backlog, watcher = await core.share(
-                session, renderer_for, shows_notices=False, prefix=PREFIX, encode=_encode
-            )
+            stream, backlog, watcher = await share(session, chat, echoed)
         except TrioproxyError as exc:
             return _error(exc)
-        stream.resume_grace_period = 0.0  # not background: it ends with its last watcher
         if chat.stream:
             return watch_response(stream, backlog, watcher)
         events = bytearray(b"".join(backlog))
@@ -159,6 +165,56 @@ def register(app: QuartTrio, core: Core) -> None:
         if failure is not None:
             return _error(failure)
         return json_response(response_from_events(bytes(events)))
+
+    def parsed_side_request(body: dict[str, Any]) -> ChatRequest:
+        """An `input_tokens` or `compact` body, its `previous_response_id` resolved from the store."""
+        previous_id = body.get("previous_response_id")
+        if isinstance(previous_id, str):
+            body = continued({"input": [], **body}, stored_turn(previous_id))
+        return parse_responses_request(body)
+
+    @app.post("/v1/responses/input_tokens")
+    async def input_tokens() -> Response:
+        """A Responses upstream's own count; an estimate, marked so, from any other."""
+        try:
+            chat = parsed_side_request(parse_json_object(await request.get_data()))
+            counted = await core.ask_upstream(chat, lambda upstream, routed: upstream.count_tokens(routed))
+            if counted is None:
+                chat.common_body()  # what another upstream could not be asked is refused here too
+        except TrioproxyError as exc:
+            return _error(exc)
+        if counted is not None:
+            return Response(counted, content_type="application/json")
+        tools = chat.client_body.get("tools")
+        chars = prompt_chars(chat) + (len(orjson.dumps(tools)) if tools else 0)
+        return json_response({"object": "response.input_tokens", "input_tokens": -(-chars // 4), "estimated": True})
+
+    @app.post("/v1/responses/compact")
+    async def compact() -> Response:
+        """A Responses upstream's own compaction; refused for any other, which has no such thing."""
+        try:
+            chat = parsed_side_request(parse_json_object(await request.get_data()))
+            compacted = await core.ask_upstream(chat, lambda upstream, routed: upstream.compact(routed))
+            if compacted is None:
+                raise RequestError(
+                    f"model {chat.model!r} is not served by an OpenAI Responses upstream, and only the Responses API "
+                    "compacts a conversation (its compaction item is opaque to any other): compact with an ordinary "
+                    "response instead",
+                    code="unsupported_compaction",
+                    param="model",
+                )
+        except TrioproxyError as exc:
+            return _error(exc)
+        return Response(compacted, content_type="application/json")
+
+    @app.get("/v1/responses/<response_id>/input_items")
+    async def list_input_items(response_id: str) -> Response:
+        try:
+            stream = stored(response_id)
+            items = listed_input_items(stream.id, input_items(_renderer(stream).request))
+            return json_response(_page(items, request.args))
+        except TrioproxyError as exc:
+            return _error(exc)
 
     @app.get("/v1/responses/<response_id>")
     async def retrieve(response_id: str) -> Response:
@@ -177,6 +233,12 @@ def register(app: QuartTrio, core: Core) -> None:
     async def cancel(response_id: str) -> Response:
         try:
             stream = stored(response_id)
+            if _renderer(stream).request.get("background") is not True:
+                raise RequestError(
+                    f"response {response_id!r} was not created with 'background': only a background response "
+                    "can be cancelled (another ends when its client goes away)",
+                    param="response_id",
+                )
         except TrioproxyError as exc:
             return _error(exc)
         stream.cancel(StreamCancelled("cancelled by the client"))
@@ -192,7 +254,18 @@ def register(app: QuartTrio, core: Core) -> None:
         core.streams.remove(stream.id)
         return json_response({"id": stream.id, "object": "response", "deleted": True})
 
-    register_responses_websocket(app, core, stored_turn)
+    register_responses_websocket(app, core, stored_turn, share)
+
+
+def _stored_renderer(chat: ChatRequest, echoed: dict[str, Any]) -> RendererFactory:
+    """The renderer of a stored response to `chat`, whose Response object echoes the request `echoed`."""
+
+    def renderer_for(response_id: str, frame: Callable[[Any], bytes]) -> ResponsesEventRenderer:
+        return ResponsesEventRenderer(
+            request=echoed, model=chat.model, prompt_chars=prompt_chars(chat), frame=frame, response_id=response_id
+        )
+
+    return renderer_for
 
 
 def _starting_after(value: str | None, last_id: int) -> int:
@@ -209,3 +282,46 @@ def _starting_after(value: str | None, last_id: int) -> int:
             param="starting_after",
         )
     return sequence_number + 1
+
+
+DEFAULT_PAGE: Final = 20
+MAX_PAGE: Final = 100
+
+
+def _page(items: list[dict[str, Any]], args: Any) -> dict[str, Any]:
+    """
+    One page of a list, as OpenAI's list endpoints give it: `order` (`desc`, the default, or
+    `asc`), then the items after the id `after` or before the id `before`, at most `limit`
+    (1-100, default 20).
+    """
+    order = args.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise RequestError("'order' must be 'asc' or 'desc'", param="order")
+    try:
+        limit = int(args.get("limit", DEFAULT_PAGE))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE:
+        raise RequestError(f"'limit' must be an integer from 1 to {MAX_PAGE}", param="limit")
+    ordered = items if order == "asc" else items[::-1]
+    ids = [item["id"] for item in ordered]
+    start, end = 0, len(ordered)
+    for name in ("after", "before"):
+        cursor = args.get(name)
+        if cursor is None:
+            continue
+        if cursor not in ids:
+            raise RequestError(f"'{name}' {cursor!r} is not an input item of this response", param=name)
+        if name == "after":
+            start = ids.index(cursor) + 1
+        else:
+            end = ids.index(cursor)
+    window = ordered[start:end]
+    data = window[:limit] if args.get("before") is None or args.get("after") is not None else window[-limit:]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(data) < len(window),
+    }
