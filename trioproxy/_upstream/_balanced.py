@@ -21,7 +21,6 @@ from ._http import HttpUpstream
 
 __all__ = ["BalancedUpstream"]
 
-
 logger = logging.getLogger("trioproxy.upstream")
 
 

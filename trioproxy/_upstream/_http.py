@@ -26,7 +26,6 @@ from ._pool import PooledTransport
 
 __all__ = ["END_OF_BODY_GRACE", "MAX_ANSWER_BYTES", "MAX_ERROR_BODY", "MAX_TRAILING_BYTES", "HttpUpstream"]
 
-
 MAX_ERROR_BODY: Final = 64 * 1024
 """How much of an upstream's error body (or other short JSON answer) we read: enough for any, bounded."""
 

@@ -20,7 +20,6 @@ from ._errors import mapped_httpcore_errors
 
 __all__ = ["IDLE_SWEEP_INTERVAL", "PooledTransport"]
 
-
 IDLE_SWEEP_INTERVAL: Final = 1.0
 """
 Seconds between two looks of a pool at its idle connections: how long, at most, an idle

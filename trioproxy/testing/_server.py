@@ -54,14 +54,11 @@ __all__ = ["FakeUpstream", "LoopbackServer", "RecordedRequest", "ReplySource", "
 # The package's name, as the log records carried when it was one module.
 logger = logging.getLogger("trioproxy.testing")
 
-
 #: Bytes asked of the kernel per read. Request heads are capped separately by h11's own
 #: `max_incomplete_event_size` (16 KiB).
 MAX_RECEIVE: Final = 64 * 1024
-
 #: A larger request body is answered with 413 and the connection is closed.
 MAX_REQUEST_BODY: Final = 8 * 1024 * 1024
-
 #: Bytes a client may pipeline while a response is still in flight. The reader must keep reading
 #: during a response (that is how it sees EOF), so this is the cap on what it holds meanwhile.
 MAX_PIPELINED: Final = 64 * 1024

@@ -51,16 +51,16 @@ __all__ = [
     "text_completion_frames",
 ]
 
-
 #: Number of argument fragments a tool call is streamed in (fewer for very short arguments).
 TOOL_ARGUMENT_FRAGMENTS: Final = 3
-
+#: The model an answer names when its request names none.
 DEFAULT_MODEL: Final = "fake-model"
-
 _SYSTEM_FINGERPRINT: Final = "fp_trioproxy_fake"
 
 
 class Api(Enum):
+    """The API a route speaks: it picks the answer's events or body and the error bodies' shape."""
+
     OPENAI = "openai"
     ANTHROPIC = "anthropic"
     RESPONSES = "responses"
