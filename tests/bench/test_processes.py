@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from trioproxy._bench.processes import cpu_seconds
+from trioproxy._bench.processes import cpu_seconds, plan_pinning
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -44,3 +44,19 @@ def test_cpu_seconds_of_another_process() -> None:
         assert used is not None and 0.05 < used < 5
     finally:
         child.communicate()
+
+
+@pytest.mark.parametrize(
+    ("cpus", "proxy_cpus", "expected"),
+    [
+        ({0, 1}, 1, ((0,), (1,))),
+        ({0, 1, 2, 3}, 2, ((0, 1), (2, 3))),
+        ({0, 1}, 2, (None, None)),  # --workers 2 on 2 CPUs: everything shares both, nothing is pinned
+    ],
+)
+def test_the_proxy_gets_one_cpu_per_worker_when_one_is_left_for_the_rest(
+    monkeypatch: pytest.MonkeyPatch, cpus: set[int], proxy_cpus: int, expected: tuple[object, object]
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus, raising=False)
+    pinning = plan_pinning(external_proxy=False, proxy_cpus=proxy_cpus)
+    assert (pinning.proxy, pinning.others) == expected
