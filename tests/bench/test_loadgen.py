@@ -25,7 +25,8 @@ from trioproxy._bench.stats import StreamRecord
 from trioproxy._bench.upstream import BenchUpstream
 from trioproxy._bench.wire import PhaseSpec, Protocol
 from trioproxy import parse_config, serve
-from trioproxy.testing import Reply, _anthropic_frames, _responses_frames, _responses_stream_error, open_fake_upstream
+from trioproxy.testing import Reply, open_fake_upstream
+from trioproxy.testing._wire import anthropic_frames, responses_frames, responses_stream_error
 
 
 def ndjson(*events: dict[str, object]) -> bytes:
@@ -205,7 +206,7 @@ async def test_a_body_until_close_an_error_status_and_a_lost_token(nursery: trio
 def anthropic_stream(tokens: int) -> bytes:
     """An Anthropic Messages stream of `tokens` tokens, as FakeUpstream (and so the benchmark upstream) sends it."""
     reply = Reply(tokens=tuple(f" tok{index}" for index in range(tokens)))
-    return b"".join(frame.data for frame in _anthropic_frames(reply, "claude", 1))
+    return b"".join(frame.data for frame in anthropic_frames(reply, "claude", 1))
 
 
 async def one_anthropic_stream(nursery: trio.Nursery, body: bytes, tokens: int) -> StreamRecord:
@@ -359,7 +360,7 @@ async def test_a_responses_phase_against_the_benchmark_upstream_loses_nothing(nu
 
 def responses_stream(tokens: int) -> bytes:
     reply = Reply(tokens=tuple(f" tok{index}" for index in range(tokens)))
-    return b"".join(frame.data for frame in _responses_frames(reply, "gpt", 1))
+    return b"".join(frame.data for frame in responses_frames(reply, "gpt", 1))
 
 
 @pytest.mark.parametrize(
@@ -372,7 +373,7 @@ def responses_stream(tokens: int) -> bytes:
         ),
         (
             responses_stream(2).partition(b"event: response.output_item.done")[0]
-            + _responses_stream_error("Overloaded", 9),
+            + responses_stream_error("Overloaded", 9),
             "in-stream error: {'type': 'server_error', 'code': 'server_error', 'message': 'Overloaded', 'param': None}",
         ),
     ],
