@@ -5,6 +5,7 @@ The load generator's client against canned HTTP/1.1 servers and the benchmark up
 from __future__ import annotations
 
 import json
+import socket
 from functools import partial
 from typing import Any
 
@@ -19,10 +20,12 @@ from trioproxy._bench.loadgen import (
     _Reader,
     _run_stream,
     _SSEPayloads,
+    _upgrade,
     run_phase,
 )
 from trioproxy._bench.stats import StreamRecord
 from trioproxy._bench.upstream import BenchUpstream
+from trioproxy._bench.websocket import accept_key
 from trioproxy._bench.wire import PhaseSpec, Protocol
 from trioproxy import parse_config, serve
 from trioproxy.testing import Reply, open_fake_upstream
@@ -408,3 +411,26 @@ async def test_a_refused_websocket_upgrade_is_every_stream_s_error(nursery: trio
     [record] = result.records
     assert record.error is not None
     assert record.error.startswith("connection: ProtocolError: the WebSocket upgrade was refused"), record.error
+
+
+async def test_a_ping_that_comes_with_the_websocket_handshake_is_answered_not_an_error() -> None:
+    """hypercorn pings as soon as it accepts a WebSocket: that frame may share a read with the 101."""
+    endpoint = _Endpoint.from_spec(
+        responses_phase("http://127.0.0.1:9/v1/responses", tokens=1, protocol="responses-ws", concurrency=1)
+    )
+    client, server = socket.socketpair()
+    with client, server:
+        client.setblocking(False)
+        server.settimeout(5)
+        handshake = (
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+            b"sec-websocket-accept: " + accept_key(endpoint.handshake_key) + b"\r\n\r\n"
+        )
+        server.sendall(handshake + b"\x89\x04ping")  # the 101 and a ping frame in one write
+        with trio.fail_after(5):
+            messages = await _upgrade(client, endpoint)
+        answer = server.recv(65536)
+    assert messages.feed(b"") == []
+    pong = answer.rpartition(b"\r\n\r\n")[2]  # after the handshake's request
+    assert pong[0] == 0x8A  # FIN | PONG, masked as a client's frame
+    assert len(pong) == 2 + 4 + 4
