@@ -27,6 +27,13 @@ SANS_IO_MODULES = [
     "trioproxy.providers.openai",
     "trioproxy.providers.anthropic",
     "trioproxy.providers.simulated",
+    "trioproxy.providers.responses",
+    "trioproxy.server._openai_front",
+    "trioproxy.server._anthropic_front",
+    "trioproxy.server._responses_front",
+    "trioproxy.server._events_front",
+    "trioproxy.server._anthropic_request",
+    "trioproxy.server._responses_request",
 ]
 
 

@@ -128,7 +128,7 @@ class _ChatCollector:
 
 @contextlib.contextmanager
 def _mapped_httpx_errors(url: str) -> Iterator[None]:
-    """httpx's exceptions become ours here, once (as `_upstream.py` maps them on the server's side)."""
+    """httpx's exceptions become ours here, once (as `trioproxy._upstream` maps them on the server's side)."""
     try:
         yield
     except httpx.TimeoutException as exc:

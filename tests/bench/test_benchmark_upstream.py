@@ -20,7 +20,8 @@ import trio
 from tests.conftest import Instant, wait_until
 from trioproxy._bench.http1 import ChunkedBody, find_head_end, parse_head
 from trioproxy._bench.upstream import BenchUpstream
-from trioproxy.testing import Reply, _anthropic_frames, _openai_frames, _responses_frames
+from trioproxy.testing import Reply
+from trioproxy.testing._wire import anthropic_frames, openai_frames, responses_frames
 
 TOKENS = 5
 TEXT = "".join(f" tok{index}" for index in range(TOKENS))
@@ -157,14 +158,14 @@ async def test_the_stream_is_byte_for_byte_what_fake_upstream_sends(
     number = int(re.search(rb'"id":"(?:chatcmpl-fake|msg_fake|resp_fake)(\d+)"', received)[1])
     reply, model = Reply(tokens=[f" tok{index}" for index in range(TOKENS)]), str(payload["model"])
     if path == "/v1/messages":
-        frames = _anthropic_frames(reply, model, number)
+        frames = anthropic_frames(reply, model, number)
     elif path == "/v1/responses":
         created = int(re.search(rb'"created_at":(\d+)', received)[1])
-        frames = _responses_frames(reply, model, number, created=created)
+        frames = responses_frames(reply, model, number, created=created)
     else:
         created = int(re.search(rb'"created":(\d+)', received)[1])
         include_usage = "stream_options" in payload
-        frames = _openai_frames(reply, model, number, include_usage=include_usage, created=created)
+        frames = openai_frames(reply, model, number, include_usage=include_usage, created=created)
     # Each event is one chunk, as h11 frames FakeUpstream's writes.
     expected = b"".join(b"%x\r\n%b\r\n" % (len(frame.data), frame.data) for frame in frames) + b"0\r\n\r\n"
     assert received[head_end:] == expected

@@ -5,6 +5,7 @@ The load generator's client against canned HTTP/1.1 servers and the benchmark up
 from __future__ import annotations
 
 import json
+import socket
 from functools import partial
 from typing import Any
 
@@ -20,12 +21,15 @@ from trioproxy._bench.loadgen import (
     _Reader,
     _run_stream,
     _SSEPayloads,
+    _upgrade,
     run_phase,
 )
 from trioproxy._bench.stats import StreamRecord
 from trioproxy._bench.upstream import BenchUpstream
+from trioproxy._bench.websocket import accept_key
 from trioproxy._bench.wire import PhaseSpec, Protocol
-from trioproxy.testing import Reply, _anthropic_frames, _responses_frames, _responses_stream_error, open_fake_upstream
+from trioproxy.testing import Reply, open_fake_upstream
+from trioproxy.testing._wire import anthropic_frames, responses_frames, responses_stream_error
 
 
 def ndjson(*events: dict[str, object]) -> bytes:
@@ -209,7 +213,7 @@ async def test_a_body_until_close_an_error_status_and_a_lost_token(nursery: trio
 def anthropic_stream(tokens: int) -> bytes:
     """An Anthropic Messages stream of `tokens` tokens, as FakeUpstream (and so the benchmark upstream) sends it."""
     reply = Reply(tokens=tuple(f" tok{index}" for index in range(tokens)))
-    return b"".join(frame.data for frame in _anthropic_frames(reply, "claude", 1))
+    return b"".join(frame.data for frame in anthropic_frames(reply, "claude", 1))
 
 
 async def one_anthropic_stream(nursery: trio.Nursery, body: bytes, tokens: int) -> StreamRecord:
@@ -370,7 +374,7 @@ async def test_a_responses_phase_against_the_benchmark_upstream_loses_nothing(nu
 
 def responses_stream(tokens: int) -> bytes:
     reply = Reply(tokens=tuple(f" tok{index}" for index in range(tokens)))
-    return b"".join(frame.data for frame in _responses_frames(reply, "gpt", 1))
+    return b"".join(frame.data for frame in responses_frames(reply, "gpt", 1))
 
 
 @pytest.mark.parametrize(
@@ -383,7 +387,7 @@ def responses_stream(tokens: int) -> bytes:
         ),
         (
             responses_stream(2).partition(b"event: response.output_item.done")[0]
-            + _responses_stream_error("Overloaded", 9),
+            + responses_stream_error("Overloaded", 9),
             "in-stream error: {'type': 'server_error', 'code': 'server_error', 'message': 'Overloaded', 'param': None}",
         ),
     ],
@@ -418,3 +422,26 @@ async def test_a_refused_websocket_upgrade_is_every_stream_s_error(nursery: trio
     [record] = result.records
     assert record.error is not None
     assert record.error.startswith("connection: ProtocolError: the WebSocket upgrade was refused"), record.error
+
+
+async def test_a_ping_that_comes_with_the_websocket_handshake_is_answered_not_an_error() -> None:
+    """hypercorn pings as soon as it accepts a WebSocket: that frame may share a read with the 101."""
+    endpoint = _Endpoint.from_spec(
+        responses_phase("http://127.0.0.1:9/v1/responses", tokens=1, protocol="responses-ws", concurrency=1)
+    )
+    client, server = socket.socketpair()
+    with client, server:
+        client.setblocking(False)
+        server.settimeout(5)
+        handshake = (
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+            b"sec-websocket-accept: " + accept_key(endpoint.handshake_key) + b"\r\n\r\n"
+        )
+        server.sendall(handshake + b"\x89\x04ping")  # the 101 and a ping frame in one write
+        with trio.fail_after(5):
+            messages = await _upgrade(client, endpoint)
+        answer = server.recv(65536)
+    assert messages.feed(b"") == []
+    pong = answer.rpartition(b"\r\n\r\n")[2]  # after the handshake's request
+    assert pong[0] == 0x8A  # FIN | PONG, masked as a client's frame
+    assert len(pong) == 2 + 4 + 4

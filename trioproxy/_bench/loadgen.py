@@ -168,8 +168,11 @@ async def _upgrade(sock: socket.socket, endpoint: _Endpoint) -> MessageDecoder:
     if head.status != 101 or head.headers.get(b"sec-websocket-accept") != accept_key(endpoint.handshake_key):
         raise ProtocolError(f"the WebSocket upgrade was refused: {b' '.join(head.start)[:100]!r}")
     messages = MessageDecoder()
-    if messages.feed(received[end:]):
-        raise ProtocolError("the server sent a message before it was asked anything")
+    for opcode, payload in messages.feed(received[end:]):
+        if opcode == PING:  # hypercorn pings as soon as it accepts: it may come in the 101's read
+            await _send_all(sock, client_frame(PONG, payload))
+        elif opcode != PONG:
+            raise ProtocolError("the server sent a message before it was asked anything")
     return messages
 
 
