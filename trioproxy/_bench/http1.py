@@ -233,7 +233,7 @@ class ChunkedBody(Body):
         self._state = _SIZE
         self._trailer_bytes = 0
 
-    def feed(self, data: bytes) -> bytes:  # noqa: C901 - the body parser's one pass per read (bench hot path); the responses-rest branch edits _bench
+    def feed(self, data: bytes) -> bytes:  # noqa: C901 - the body parser's one pass per read (the bench's hot path)
         if not data:
             raise ProtocolError("the connection ended inside a chunked body")
         if self._held:

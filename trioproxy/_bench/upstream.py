@@ -436,7 +436,7 @@ class _Connection:
         #: Set when the response in flight ends; made only when a task waits for that.
         self._ended: trio.Event | None = None
 
-    async def read_request(self) -> _Request | None:  # noqa: C901 - the responses-rest branch edits _bench: split after its merge
+    async def read_request(self) -> _Request | None:  # noqa: C901 - to split (responses-rest, which edits _bench, merged late)
         """The next whole request, or None once the client has left (which stops a response in flight)."""
         try:
             while (end := find_head_end(self._received)) < 0:

@@ -184,7 +184,7 @@ class StreamSession:
             self.stats.error = item
         await self._send(item)
 
-    def _count(self, notice: RetryNotice) -> None:  # noqa: C901 - one branch per notice kind; the cpu and otel branches edit the session
+    def _count(self, notice: RetryNotice) -> None:  # noqa: C901 - one branch per notice kind; to split (cpu and otel merged late)
         stats = self.stats
         kind = notice.kind
         if kind == "breaker":

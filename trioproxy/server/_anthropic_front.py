@@ -163,7 +163,7 @@ class AnthropicEventRenderer:
         out += _event({"type": "message_delta", "delta": delta, "usage": _usage(usage)})
         return out + _event({"type": "message_stop"})
 
-    def delta(self, delta: Delta) -> bytes:  # noqa: C901 - the renderer's one pass per delta; the cpu branch is reworking the front renderers
+    def delta(self, delta: Delta) -> bytes:  # noqa: C901 - the renderer's one pass per delta, on the hot path
         if delta.raw is not None:
             return self._forward(delta)
         if delta.role and not self._started:

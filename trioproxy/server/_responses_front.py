@@ -263,7 +263,7 @@ class ResponsesEventRenderer:
     # ----------------------------------------------------------------------------------------
     # a Responses upstream's own events
 
-    def _forward(self, delta: Delta) -> bytes:  # noqa: C901 - the cpu branch is reworking the front renderers: split after its merge
+    def _forward(self, delta: Delta) -> bytes:  # noqa: C901 - to split: the cpu branch's rework of the renderers was merged as this work ended
         """
         The upstream's event as it came (through `frame` unless it writes SSE); ours (an
         error) continue its numbering. The response's id is the upstream's, or, when the store

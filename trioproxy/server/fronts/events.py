@@ -60,7 +60,7 @@ def _sse_error(error: TrioproxyError) -> Response:
     return _event_error(sse_frame, SSE, error)
 
 
-def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures; the cpu branch edits the fronts: split after its merge
+def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures; to split as the WebSocket routes were (cpu merged late)
     def generic_endpoint(frame: Callable[[StreamEvent], bytes], content_type: str) -> Callable[[], Any]:
         error_response = functools.partial(_event_error, frame, content_type)
 

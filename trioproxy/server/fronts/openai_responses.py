@@ -70,7 +70,7 @@ def _renderer(stream: BroadcastStream) -> ResponsesEventRenderer:
     return renderer
 
 
-def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures; the responses-rest and cpu branches edit this front: split after their merge
+def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures; to split as _responses_websocket was (responses-rest merged late)
     def stored(response_id: str) -> BroadcastStream:
         stream = core.streams.get(response_id) if response_id.startswith(PREFIX) else None
         if stream is None:
