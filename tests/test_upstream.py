@@ -1,5 +1,5 @@
 """
-The upstream layer's own pool (`_PooledTransport`), against `trioproxy.testing`'s fake
+The upstream layer's own pool (`PooledTransport`), against `trioproxy.testing`'s fake
 upstream on 127.0.0.1, port 0.
 """
 
@@ -12,13 +12,16 @@ import httpcore
 import httpx
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from trioproxy import parse_config
 from trioproxy._exceptions import UpstreamConnectError
 from trioproxy._request import parse_chat_request
 from trioproxy._targets import Breakers, BreakerState, Verdict
-from trioproxy._upstream import IDLE_SWEEP_INTERVAL, BalancedUpstream, _http_upstream, _PooledTransport
+from trioproxy._upstream import BalancedUpstream, _http_upstream
+from trioproxy._upstream._backend import read_when_readable
+from trioproxy._upstream._pool import IDLE_SWEEP_INTERVAL, PooledTransport
 from trioproxy.testing import Reply, open_fake_upstream
 
 BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -27,7 +30,7 @@ BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "
 async def test_a_response_that_ends_after_the_pool_closed_closes_its_connection(nursery: trio.Nursery) -> None:
     """It may not go back to the pool: nobody would ever close it there."""
     upstream = await open_fake_upstream(nursery, Reply(tokens=("a", "b")))
-    transport = _PooledTransport(httpx.Limits(max_connections=4))
+    transport = PooledTransport(httpx.Limits(max_connections=4))
     released = []
     release = transport.release
 
@@ -46,8 +49,6 @@ async def test_a_response_that_ends_after_the_pool_closed_closes_its_connection(
 
 
 async def test_a_plain_socket_read_waits_for_data_and_maps_a_reset() -> None:
-    from trioproxy._upstream import _read_when_readable
-
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -63,14 +64,14 @@ async def test_a_plain_socket_read_waits_for_data_and_maps_a_reset() -> None:
                     await theirs.send(b"data: x\n\n")
 
                 nursery.start_soon(send_once_it_waits)
-                assert await _read_when_readable(ours, 1024) == b"data: x\n\n"
+                assert await read_when_readable(ours, 1024) == b"data: x\n\n"
             # Closed with SO_LINGER 0: the peer resets the connection.
             theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         with pytest.raises(httpcore.ReadError):
-            await _read_when_readable(ours, 1024)
+            await read_when_readable(ours, 1024)
 
 
-async def stream_in_parallel(transport: _PooledTransport, url: str, n: int) -> set[object]:
+async def stream_in_parallel(transport: PooledTransport, url: str, n: int) -> set[object]:
     """`n` streams, all open at once (so each on its own connection), each read to its end; their connections."""
     connections: set[object] = set()
     release = transport.release
@@ -106,7 +107,7 @@ async def test_idle_connections_expire_on_the_pools_own_timer_without_traffic(
 ) -> None:
     """Not only when the next request comes: an idle pool holds no socket past its keep-alive expiry."""
     upstream = await open_fake_upstream(nursery, Reply(tokens=("a", "b")))
-    transport = _PooledTransport(httpx.Limits(max_connections=100, keepalive_expiry=5))
+    transport = PooledTransport(httpx.Limits(max_connections=100, keepalive_expiry=5))
     nursery.start_soon(transport.expire_idle_connections)
     connections = await stream_in_parallel(transport, upstream.url + "/v1/chat/completions", 60)
 
@@ -121,7 +122,7 @@ async def test_an_idle_connection_its_upstream_closed_is_closed_within_a_sweep(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
     """Not left half-closed (CLOSE-WAIT) until its keep-alive expiry, or the next request."""
-    transport = _PooledTransport(httpx.Limits(max_connections=100, keepalive_expiry=60))
+    transport = PooledTransport(httpx.Limits(max_connections=100, keepalive_expiry=60))
     nursery.start_soon(transport.expire_idle_connections)
     async with trio.open_nursery() as upstream_nursery:
         upstream = await open_fake_upstream(upstream_nursery, Reply(tokens=("a", "b")))
@@ -137,7 +138,7 @@ async def test_an_idle_connection_its_upstream_closed_is_closed_within_a_sweep(
 
 
 async def test_closing_the_pool_ends_its_timer() -> None:
-    transport = _PooledTransport(httpx.Limits(max_connections=4))
+    transport = PooledTransport(httpx.Limits(max_connections=4))
     with trio.fail_after(1):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(transport.expire_idle_connections)
@@ -161,7 +162,7 @@ class ScriptedBreakers:
         return "half_open" if self.admits else None
 
     async def settle(self, url: str, verdict: Verdict, *, probe: bool, now: float) -> BreakerState | None:
-        await trio.sleep(0)  # a round trip to the store
+        await trio.lowlevel.checkpoint()  # a round trip to the store
         self.settled.append((url, verdict, probe))
         return None
 

@@ -363,7 +363,8 @@ class RedisState:
             limits.tokens_per_minute,
             limits.tokens_per_day,
         ]
-        verdict, wait_ms = cast("list[int]", await self._call(self._admit(keys=keys, args=args)))
+        reply: object = await self._call(self._admit(keys=keys, args=args))
+        verdict, wait_ms = cast("list[int]", reply)  # _ADMIT returns {verdict, wait in ms}
         if verdict == 1:
             wait = int(wait_ms) / 1000
             raise RateLimitedError(

@@ -5,6 +5,7 @@ The load generator's client against canned HTTP/1.1 servers and the benchmark up
 from __future__ import annotations
 
 import json
+import socket
 from functools import partial
 from typing import Any
 
@@ -12,6 +13,7 @@ import orjson
 import pytest
 import trio
 
+from trioproxy import parse_config, serve
 from trioproxy._bench.loadgen import (
     MAX_NDJSON_LINE,
     _Connection,
@@ -19,13 +21,15 @@ from trioproxy._bench.loadgen import (
     _Reader,
     _run_stream,
     _SSEPayloads,
+    _upgrade,
     run_phase,
 )
 from trioproxy._bench.stats import StreamRecord
 from trioproxy._bench.upstream import BenchUpstream
+from trioproxy._bench.websocket import accept_key
 from trioproxy._bench.wire import PhaseSpec, Protocol
-from trioproxy import parse_config, serve
-from trioproxy.testing import Reply, _anthropic_frames, _responses_frames, _responses_stream_error, open_fake_upstream
+from trioproxy.testing import Reply, open_fake_upstream
+from trioproxy.testing._wire import anthropic_frames, responses_frames, responses_stream_error
 
 
 def ndjson(*events: dict[str, object]) -> bytes:
@@ -146,7 +150,9 @@ async def test_an_ndjson_stream_is_timed_and_checked(nursery: trio.Nursery) -> N
     assert record.error is None
     assert (record.tokens, record.chunks, record.lost, record.duplicated, record.reordered) == (3, 2, 0, 0, 0)
     assert record.buffer_latency_ms == {"p50": 1.0, "p99": 2.0, "max": 3.0}
-    assert record.ttft_s is not None and record.duration_s is not None and record.ttft_s <= record.duration_s
+    assert record.ttft_s is not None
+    assert record.duration_s is not None
+    assert record.ttft_s <= record.duration_s
 
 
 @pytest.mark.parametrize(
@@ -159,7 +165,8 @@ async def test_an_ndjson_stream_is_timed_and_checked(nursery: trio.Nursery) -> N
 )
 async def test_a_broken_ndjson_stream_is_an_error(nursery: trio.Nursery, body: bytes, error: str) -> None:
     record = await one_stream(nursery, body, tokens=1)
-    assert record.error is not None and record.error.startswith(error), record.error
+    assert record.error is not None
+    assert record.error.startswith(error), record.error
 
 
 async def test_a_re_serialised_crlf_stream_in_odd_chunks_is_read_and_the_connection_reused(
@@ -198,14 +205,15 @@ async def test_a_body_until_close_an_error_status_and_a_lost_token(nursery: trio
     )
     error = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 9\r\n\r\noverload!"
     records = await run_streams(nursery, CannedServer(until_close, error), streams=2, tokens=2)
-    assert records[0].error is None and (records[0].tokens, records[0].lost) == (1, 1)
+    assert records[0].error is None
+    assert (records[0].tokens, records[0].lost) == (1, 1)
     assert records[1].error == "HTTP 503: overload!"
 
 
 def anthropic_stream(tokens: int) -> bytes:
     """An Anthropic Messages stream of `tokens` tokens, as FakeUpstream (and so the benchmark upstream) sends it."""
     reply = Reply(tokens=tuple(f" tok{index}" for index in range(tokens)))
-    return b"".join(frame.data for frame in _anthropic_frames(reply, "claude", 1))
+    return b"".join(frame.data for frame in anthropic_frames(reply, "claude", 1))
 
 
 async def one_anthropic_stream(nursery: trio.Nursery, body: bytes, tokens: int) -> StreamRecord:
@@ -216,14 +224,17 @@ async def one_anthropic_stream(nursery: trio.Nursery, body: bytes, tokens: int) 
 
 async def test_an_anthropic_stream_is_timed_and_checked(nursery: trio.Nursery) -> None:
     body = anthropic_stream(3)
-    assert b"event: ping" in body and b"event: message_start" in body  # events that carry no text
+    assert b"event: ping" in body
+    assert b"event: message_start" in body  # events that carry no text
 
     record = await one_anthropic_stream(nursery, body, tokens=3)
 
     assert record.error is None, record.error
     assert (record.tokens, record.chunks, record.lost, record.duplicated, record.reordered) == (3, 3, 0, 0, 0)
     assert len(record.gaps_us) == 2
-    assert record.ttft_s is not None and record.duration_s is not None and record.ttft_s <= record.duration_s
+    assert record.ttft_s is not None
+    assert record.duration_s is not None
+    assert record.ttft_s <= record.duration_s
 
 
 @pytest.mark.parametrize(
@@ -289,13 +300,15 @@ async def test_a_phase_against_the_benchmark_upstream_loses_nothing(nursery: tri
         result = await run_phase(spec, go)
     assert len(result.records) == 8
     for record in result.records:
-        assert record.error is None and (record.tokens, record.lost, record.duplicated, record.reordered) == (
+        assert record.error is None
+        assert (record.tokens, record.lost, record.duplicated, record.reordered) == (
             8,
             0,
             0,
             0,
         )
-        assert len(record.gaps_us) == 7 and record.ttft_s is not None
+        assert len(record.gaps_us) == 7
+        assert record.ttft_s is not None
     assert upstream.connections_accepted == 4  # warm-up and measured rounds on the same kept-alive connections
 
 
@@ -315,7 +328,8 @@ async def test_an_anthropic_request_says_its_api_version(nursery: trio.Nursery) 
 
     assert [record.error for record in result.records] == [None]
     [sent] = upstream.requests
-    assert sent.path == "/v1/messages" and sent.headers["anthropic-version"] == "2023-06-01"
+    assert sent.path == "/v1/messages"
+    assert sent.headers["anthropic-version"] == "2023-06-01"
     assert "text/event-stream" in sent.headers["accept"]
 
 
@@ -347,7 +361,8 @@ def check_every_token(records: list[StreamRecord], streams: int, tokens: int) ->
     for record in records:
         assert record.error is None, record.error
         assert (record.tokens, record.lost, record.duplicated, record.reordered) == (tokens, 0, 0, 0)
-        assert len(record.gaps_us) == tokens - 1 and record.ttft_s is not None
+        assert len(record.gaps_us) == tokens - 1
+        assert record.ttft_s is not None
 
 
 async def test_a_responses_phase_against_the_benchmark_upstream_loses_nothing(nursery: trio.Nursery) -> None:
@@ -359,7 +374,7 @@ async def test_a_responses_phase_against_the_benchmark_upstream_loses_nothing(nu
 
 def responses_stream(tokens: int) -> bytes:
     reply = Reply(tokens=tuple(f" tok{index}" for index in range(tokens)))
-    return b"".join(frame.data for frame in _responses_frames(reply, "gpt", 1))
+    return b"".join(frame.data for frame in responses_frames(reply, "gpt", 1))
 
 
 @pytest.mark.parametrize(
@@ -372,7 +387,7 @@ def responses_stream(tokens: int) -> bytes:
         ),
         (
             responses_stream(2).partition(b"event: response.output_item.done")[0]
-            + _responses_stream_error("Overloaded", 9),
+            + responses_stream_error("Overloaded", 9),
             "in-stream error: {'type': 'server_error', 'code': 'server_error', 'message': 'Overloaded', 'param': None}",
         ),
     ],
@@ -407,3 +422,26 @@ async def test_a_refused_websocket_upgrade_is_every_stream_s_error(nursery: trio
     [record] = result.records
     assert record.error is not None
     assert record.error.startswith("connection: ProtocolError: the WebSocket upgrade was refused"), record.error
+
+
+async def test_a_ping_that_comes_with_the_websocket_handshake_is_answered_not_an_error() -> None:
+    """hypercorn pings as soon as it accepts a WebSocket: that frame may share a read with the 101."""
+    endpoint = _Endpoint.from_spec(
+        responses_phase("http://127.0.0.1:9/v1/responses", tokens=1, protocol="responses-ws", concurrency=1)
+    )
+    client, server = socket.socketpair()
+    with client, server:
+        client.setblocking(False)
+        server.settimeout(5)
+        handshake = (
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+            b"sec-websocket-accept: " + accept_key(endpoint.handshake_key) + b"\r\n\r\n"
+        )
+        server.sendall(handshake + b"\x89\x04ping")  # the 101 and a ping frame in one write
+        with trio.fail_after(5):
+            messages = await _upgrade(client, endpoint)
+        answer = server.recv(65536)
+    assert messages.feed(b"") == []
+    pong = answer.rpartition(b"\r\n\r\n")[2]  # after the handshake's request
+    assert pong[0] == 0x8A  # FIN | PONG, masked as a client's frame
+    assert len(pong) == 2 + 4 + 4

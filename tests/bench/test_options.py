@@ -51,3 +51,15 @@ def test_fronts_are_chosen_by_flag_in_a_fixed_order() -> None:
     for bad in ("grpc", ",", "openai,grpc"):
         with pytest.raises(SystemExit):
             settings("--fronts", bad)
+
+
+def test_workers_adds_a_concurrency_that_many_times_the_largest_unless_one_is_given() -> None:
+    assert settings("--workers", "2").concurrency == (1, 50, 200, 400)
+    assert settings("--quick", "--workers", "3").concurrency == (1, 10, 30)
+    assert settings("--workers", "2", "--concurrency", "1,8") == BenchSettings(concurrency=(1, 8), workers=2)
+
+
+@pytest.mark.parametrize("workers", ["1", "0", "two"])
+def test_workers_is_a_count_of_two_or_more(workers: str) -> None:
+    with pytest.raises(SystemExit):
+        settings("--workers", workers)

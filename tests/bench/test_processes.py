@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from trioproxy._bench.processes import cpu_seconds
+from trioproxy._bench.processes import cpu_seconds, plan_pinning
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -19,7 +19,8 @@ def test_cpu_seconds_resolve_less_than_a_clock_tick() -> None:
     while time.process_time() - own_before < 0.005:
         pass
     after, own_after = cpu_seconds(os.getpid()), time.process_time()
-    assert before is not None and after is not None
+    assert before is not None
+    assert after is not None
     assert after - before == pytest.approx(own_after - own_before, abs=0.001)
 
 
@@ -41,6 +42,23 @@ def test_cpu_seconds_of_another_process() -> None:
         assert child.stdout is not None
         child.stdout.readline()  # it has burnt its 50 ms and waits
         used = cpu_seconds(child.pid)
-        assert used is not None and 0.05 < used < 5
+        assert used is not None
+        assert 0.05 < used < 5
     finally:
         child.communicate()
+
+
+@pytest.mark.parametrize(
+    ("cpus", "proxy_cpus", "expected"),
+    [
+        ({0, 1}, 1, ((0,), (1,))),
+        ({0, 1, 2, 3}, 2, ((0, 1), (2, 3))),
+        ({0, 1}, 2, (None, None)),  # --workers 2 on 2 CPUs: everything shares both, nothing is pinned
+    ],
+)
+def test_the_proxy_gets_one_cpu_per_worker_when_one_is_left_for_the_rest(
+    monkeypatch: pytest.MonkeyPatch, cpus: set[int], proxy_cpus: int, expected: tuple[object, object]
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus, raising=False)
+    pinning = plan_pinning(external_proxy=False, proxy_cpus=proxy_cpus)
+    assert (pinning.proxy, pinning.others) == expected

@@ -16,7 +16,8 @@ from trioproxy._exceptions import ContextLengthError, RequestError, UpstreamProt
 from trioproxy._request import ChatRequest, NativeRequest, parse_chat_request
 from trioproxy._sse import SSEDecoder
 from trioproxy.providers.responses import ResponsesStreamParser, ResponsesTranslation, responses_request_body
-from trioproxy.testing import Reply, ToolCall, _responses_frames, _responses_stream_error
+from trioproxy.testing import Reply, ToolCall
+from trioproxy.testing._wire import responses_frames, responses_stream_error
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "responses"
 TRANSLATION = ResponsesTranslation(base_url="http://127.0.0.1:9/v1", api_key="sk-test-0123456789")
@@ -46,7 +47,8 @@ def test_every_event_keeps_its_bytes_for_a_responses_client() -> None:
 def test_items_the_common_model_does_not_carry_are_kept_whole_for_a_responses_client() -> None:
     wire = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
     items = [delta.raw_item for delta in parse(wire, keep_raw=True) if delta.raw_item is not None]
-    assert [(item["type"], item["id"]) for item in items] == [("reasoning", "rs_builtin"), ("web_search_call", "ws_builtin")]
+    expected = [("reasoning", "rs_builtin"), ("web_search_call", "ws_builtin")]
+    assert [(item["type"], item["id"]) for item in items] == expected
     assert items[0]["encrypted_content"] == "gAAAAABpEncryptedReasoning=="
     assert items[1]["action"]["query"] == "weather Paris today"
     chat_client = parse(wire)  # another protocol's renderer could not place them: nothing but text and reasoning
@@ -56,7 +58,7 @@ def test_items_the_common_model_does_not_carry_are_kept_whole_for_a_responses_cl
 
 def test_function_calls_are_numbered_in_the_order_they_start() -> None:
     calls = (ToolCall(id="call_a", name="f", arguments='{"a": 1}'), ToolCall(id="call_b", name="g", arguments="{}"))
-    wire = b"".join(frame.data for frame in _responses_frames(Reply(tokens=("x",), tool_calls=calls), "m", 1))
+    wire = b"".join(frame.data for frame in responses_frames(Reply(tokens=("x",), tool_calls=calls), "m", 1))
     deltas = parse(wire)
     fragments = [tc for d in deltas for tc in d.tool_calls]
     assert [(tc.index, tc.id, tc.name) for tc in fragments if tc.id] == [(0, "call_a", "f"), (1, "call_b", "g")]
@@ -66,15 +68,15 @@ def test_function_calls_are_numbered_in_the_order_they_start() -> None:
 
 @pytest.mark.parametrize(("finish_reason", "expected"), [("length", "length"), ("content_filter", "content_filter")])
 def test_an_incomplete_response_ends_with_its_reason(finish_reason: str, expected: str) -> None:
-    wire = b"".join(frame.data for frame in _responses_frames(Reply(finish_reason=finish_reason), "m", 1))
+    wire = b"".join(frame.data for frame in responses_frames(Reply(finish_reason=finish_reason), "m", 1))
     assert parse(wire)[-1].finish_reason == expected
 
 
 def test_an_in_stream_failure_is_an_upstream_status_error() -> None:
     parser = ResponsesStreamParser(keep_raw=False, secret="sk-test-0123456789")
+    failure, _ = SSEDecoder().feed(responses_stream_error("boom with sk-test-0123456789", 3))  # then response.failed
     with pytest.raises(UpstreamStatusError) as info:
-        for event in SSEDecoder().feed(_responses_stream_error("boom with sk-test-0123456789", 3)):
-            parser.feed(event)
+        parser.feed(failure)
     assert info.value.message == "boom with ***"
     assert info.value.status == 502
 

@@ -19,6 +19,8 @@ MIN_ROUNDS = 2
 MIN_STREAMS = 10
 #: Bound on any concurrency asked for: each stream costs a socket in three processes.
 CONCURRENCY_LIMIT = 20_000
+#: Bound on `--workers`: each is a trioproxy process.
+MAX_WORKERS = 256
 #: A client protocol a run can drive trioproxy with: OpenAI Chat Completions
 #: (`/v1/chat/completions`), Anthropic Messages (`/v1/messages`), OpenAI Responses
 #: (`/v1/responses`) over SSE or in WebSocket mode.
@@ -61,6 +63,8 @@ class BenchSettings:
     warmup_rounds: int = 1
     #: Start each phase's streams spread over one stream's duration (steady traffic), not all at once.
     staggered: bool = False
+    #: Also measure `trioproxy serve --workers N` beside the one process, in the same run (None: one only).
+    workers: int | None = None
 
     @property
     def stream_s(self) -> float:
@@ -118,6 +122,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--staggered", action="store_true",
         help="start each phase's streams spread over one stream's duration (steady traffic), not all at once",
     )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=_worker_count, metavar="N",
+        help="also measure trioproxy with N worker processes beside one process, in the same run "
+        "(adds a concurrency N times the largest unless --concurrency is given)",
+    )  # fmt: skip
     parser.add_argument("--find-max", action="store_true", help="double the concurrency until streams suffer")
     parser.add_argument("--max-concurrency", type=_positive_int, default=2000, help="bound for --find-max (2000)")
     parser.add_argument("--buffer-concurrency", type=_positive_int, help="streams per buffer mode (default 20)")
@@ -129,6 +138,8 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> BenchSetti
     """The settings the flags ask for: explicit flags win over `--quick`, which wins over defaults."""
     workload = dict(QUICK) if args.quick else {}
     workload.update({name: getattr(args, name) for name in _WORKLOAD_FLAGS if getattr(args, name) is not None})
+    if args.workers is not None and args.concurrency is None:
+        workload["concurrency"] = saturating(workload.get("concurrency", BenchSettings.concurrency), args.workers)
     settings = BenchSettings(
         **workload,
         fronts=args.fronts,
@@ -138,11 +149,27 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> BenchSetti
         upstream_port=args.upstream_port,
         find_max=args.find_max,
         staggered=args.staggered,
+        workers=args.workers,
         max_concurrency=args.max_concurrency,
         plot=not args.no_plot,
         output=args.output,
     )
     return replace(settings, **overrides)
+
+
+def saturating(concurrency: tuple[int, ...], workers: int) -> tuple[int, ...]:
+    """
+    `concurrency` and `workers` times its largest: a level the sweep's largest fills one
+    process at, so that N processes are asked N times as much and their saturation shows.
+    """
+    return (*concurrency, max(concurrency) * workers)
+
+
+def _worker_count(text: str) -> int:
+    value = int(text)
+    if not 2 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be between 2 and {MAX_WORKERS} (one process is always measured)")
+    return value
 
 
 def _positive_int(text: str) -> int:

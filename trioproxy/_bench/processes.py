@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
@@ -42,6 +42,10 @@ PHASE_MARGIN = 30.0
 _UPSTREAM_READY = re.compile(r"upstream on (http://127\.0\.0\.1:\d+)/v1")
 _PROXY_READY = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 _LOADGEN_READY = re.compile(r'"loadgen"')
+#: What each worker of `serve --workers` logs, at level info, once it accepts connections.
+_WORKER_SERVING = re.compile(r"worker pid (\d+) serving")
+#: How often the log is read while waiting for the workers.
+WORKER_POLL = 0.05
 
 
 class BenchError(Exception):
@@ -63,20 +67,26 @@ class Pinning:
 
     def describe(self) -> str:
         if self.proxy is None or self.others is None:
-            return "none (fewer than 2 CPUs available, or no sched_setaffinity)"
+            return "none (no CPU left beside one per proxy worker, or no sched_setaffinity)"
         others = ",".join(map(str, self.others))
         proxy = "kept free for the external proxy (not pinned by us)" if self.external_proxy else "proxy alone"
+        if len(self.proxy) > 1:
+            proxy += f" (its workers; one process on CPU {self.proxy[0]})"
         return f"CPU {','.join(map(str, self.proxy))}: {proxy}; CPU {others}: upstream, load generator, runner"
 
 
-def plan_pinning(*, external_proxy: bool) -> Pinning:
-    """The proxy alone on the first CPU this process may use, the rest on the others."""
+def plan_pinning(*, external_proxy: bool, proxy_cpus: int = 1) -> Pinning:
+    """
+    The proxy alone on the first `proxy_cpus` CPUs this process may use (one per worker), the
+    rest on the others; nothing pinned where that leaves the rest no CPU, so that the
+    workers, the upstream and the load generator share every CPU rather than some of them.
+    """
     if not hasattr(os, "sched_getaffinity"):
         return Pinning(None, None, external_proxy)
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
+    if len(cpus) <= proxy_cpus:
         return Pinning(None, None, external_proxy)
-    return Pinning((cpus[0],), tuple(cpus[1:]), external_proxy)
+    return Pinning(tuple(cpus[:proxy_cpus]), tuple(cpus[proxy_cpus:]), external_proxy)
 
 
 def _pin(pid: int, cpus: tuple[int, ...] | None) -> None:
@@ -126,6 +136,14 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def cpu_seconds_of_all(pids: tuple[int, ...]) -> tuple[float, ...]:
+    """`cpu_seconds` of each of `pids`; a `BenchError` if one has exited (its CPU time is lost)."""
+    seconds = [cpu_seconds(pid) for pid in pids]
+    if gone := [pid for pid, used in zip(pids, seconds, strict=True) if used is None]:
+        raise BenchError(f"process {', '.join(map(str, gone))} of the proxy exited during the run")
+    return tuple(used for used in seconds if used is not None)
+
+
 def _process_cpu_clock(pid: int) -> int:
     """The clock id of `pid`'s CPU time: Linux's `MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)`."""
     return (~pid << 3) | 2
@@ -166,6 +184,8 @@ class Child:
     url: str
     startup_s: float
     log: Path
+    #: The worker processes of a `serve --workers` (empty for one process): the pids whose CPU is the proxy's.
+    worker_pids: tuple[int, ...] = ()
 
     @property
     def pid(self) -> int:
@@ -254,22 +274,41 @@ async def start_upstream(
 
 
 @asynccontextmanager
-async def start_proxy(config: Path, *, cpus: tuple[int, ...] | None, log_dir: Path) -> AsyncIterator[Child]:
-    """`trioproxy serve` on 127.0.0.1 with a kernel-chosen port; `startup_s` is spawn to "listening on"."""
-    args = [
-        *TRIOPROXY,
-        "serve",
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--log-level",
-        "warning",
-    ]
-    async with _started("proxy", args, _PROXY_READY, cpus, log_dir, stdin=False) as (child, _):
-        yield child
+async def start_proxy(
+    config: Path, *, cpus: tuple[int, ...] | None, log_dir: Path, workers: int = 1
+) -> AsyncIterator[Child]:
+    """
+    `trioproxy serve` on 127.0.0.1 with a kernel-chosen port; `startup_s` is spawn to
+    "listening on", or with `workers` above 1 to the last worker serving. Workers log that at
+    level info (the config must turn the access log off, or every request would log a line).
+    """
+    args = [*TRIOPROXY, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", "0"]
+    if workers > 1:
+        args += ["--workers", str(workers), "--log-level", "info"]
+    else:
+        args += ["--log-level", "warning"]
+    name = "proxy" if workers == 1 else f"proxy with {workers} workers"
+    async with _started(name, args, _PROXY_READY, cpus, log_dir, stdin=False) as (child, _):
+        if workers == 1:
+            yield child
+            return
+        listening = time.perf_counter()
+        pids = await _wait_for_workers(child, workers)
+        for pid in pids:  # they inherit the supervisor's CPUs; set again, in case they started before it was pinned
+            _pin(pid, cpus)
+        yield replace(child, worker_pids=pids, startup_s=child.startup_s + time.perf_counter() - listening)
+
+
+async def _wait_for_workers(child: Child, workers: int) -> tuple[int, ...]:
+    """The pids of the first `workers` workers that said they serve, in the order they said it."""
+    with trio.move_on_after(START_TIMEOUT):
+        while child.process.returncode is None:
+            pids = tuple(int(pid) for pid in _WORKER_SERVING.findall(child.log.read_text(errors="replace")))
+            if len(pids) >= workers:
+                return pids[:workers]
+            await trio.sleep(WORKER_POLL)
+        raise BenchError(f"the {child.name} exited before its workers served:\n{_log_tail(child.log)}")
+    raise BenchError(f"the {child.name}'s workers did not serve within {START_TIMEOUT:g} s:\n{_log_tail(child.log)}")
 
 
 class LoadGenerator:

@@ -55,11 +55,53 @@ def _added(proxied: Any, direct: Any) -> dict[str, float | None]:
     return {"p50": difference(proxied.p50, direct.p50), "p99": difference(proxied.p99, direct.p99)}
 
 
+#: A proxy whose streams/s stay within this fraction of the direct connection's, at the same
+#: concurrency, served what the workload asked: its capacity is not reached, only bounded below.
+SATURATED_BELOW = 0.9
+#: The upstream and the load generator are one process each: past this share of a core, what
+#: they can carry, not the proxy, may be what a phase measured.
+HARNESS_BOUND = 0.8
+
+
+def scaling(report: Report) -> list[dict[str, Any]]:
+    """
+    With `--workers N`, per front and concurrency: the streams/s of one trioproxy process and
+    of N workers, their ratio, the direct connection's streams/s (what the workload asks at
+    that concurrency), and whether each proxy fell short of it (saturated: its streams/s is
+    its capacity; else the ratio says only that N workers kept up).
+    """
+    phases = {(phase.target, phase.concurrency): phase.figures for phase in report.sweep}
+    rows = []
+    for scaled in (target for target in report.targets if target.workers > 1):
+        [one] = [t for t in report.targets if t.kind == "trioproxy" and t.workers == 1 and t.front == scaled.front]
+        [direct] = [t for t in report.targets if t.kind == "direct" and t.front == scaled.front]
+        counts = ("1", str(scaled.workers))
+        for concurrency in report.settings.concurrency:
+            keys = [(one.name, concurrency), (scaled.name, concurrency), (direct.name, concurrency)]
+            if not all(key in phases for key in keys):
+                continue
+            one_rate, scaled_rate, ceiling = (phases[key].streams_per_s for key in keys)
+            rows.append(
+                {
+                    "front": scaled.front,
+                    "concurrency": concurrency,
+                    "workers": scaled.workers,
+                    "streams_per_s": dict(zip(counts, (one_rate, scaled_rate), strict=True)),
+                    "ratio": scaled_rate / one_rate if one_rate else None,
+                    "direct_streams_per_s": ceiling,
+                    "saturated": {count: rate < SATURATED_BELOW * ceiling
+                                  for count, rate in zip(counts, (one_rate, scaled_rate), strict=True)},
+                }
+            )  # fmt: skip
+    return rows
+
+
 def to_json(report: Report) -> bytes:
     """Every figure, the settings, the machine and the versions, as indented JSON."""
     document = asdict(report)
     document["pinning"]["description"] = report.pinning.describe()
     document["added"] = added_latency(report)
+    document["scaling"] = scaling(report)
     return orjson.dumps(document, default=str, option=orjson.OPT_INDENT_2)
 
 
@@ -124,6 +166,8 @@ def _header(report: Report) -> str:
     ]
     if report.proxy_startup_s is not None:
         lines.append(f'trioproxy start-up: {report.proxy_startup_s:.2f} s (spawn to "listening on")')
+    if report.workers_startup_s is not None:
+        lines.append(f"trioproxy with {settings.workers} workers: {report.workers_startup_s:.2f} s to all serving")
     lines.append("targets: " + ", ".join(f"{target.name} {target.url}" for target in report.targets))
     return "\n".join(lines)
 
@@ -218,6 +262,78 @@ def throughput_table(report: Report) -> str:
     return f"Throughput, correctness, resources\n{table(headers, rows)}"
 
 
+def workers_table(report: Report) -> str:
+    """
+    One process against N workers at each concurrency: throughput, CPU (every worker's and the
+    supervisor's summed, and how it split between the workers), added TTFT, and the cores each
+    side used: the proxy's say whether it got the cores it was given (on a shared machine it may
+    not have), the upstream's and the load generator's that they were not the bottleneck.
+    """
+    added = {(row["target"], row["concurrency"]): row["ttft_ms"] for row in added_latency(report)}
+    targets = {target.name: target for target in report.targets}
+    rows = []
+    for phase in _ordered(report):
+        target = targets[phase.target]
+        if target.kind == "compare":
+            continue
+        f, r, ttft = phase.figures, phase.resources, added.get((phase.target, phase.concurrency))
+        rows.append(
+            [
+                phase.target,
+                "-" if target.kind == "direct" else str(target.workers),
+                str(phase.concurrency),
+                _number(f.streams_per_s),
+                _number(r.proxy_cpu_ms_per_stream, 2),
+                _number(_share(r.proxy_cpu_s, f.wall_s), 2),
+                _split(r.worker_cpu_s),
+                _number(None if r.supervisor_cpu_s is None else r.supervisor_cpu_s * 1000, 1),
+                _number(ttft["p50"] if ttft else None, signed=True),
+                _number(ttft["p99"] if ttft else None, signed=True),
+                _number(_share(r.upstream_cpu_s, f.wall_s), 2),
+                _number(_share(r.loadgen_cpu_s, f.wall_s), 2),
+            ]
+        )
+    headers = ["target", "workers", "conc", "streams/s", "CPU ms/stream", "proxy cores", "worker CPU %",
+               "supervisor CPU ms", "TTFT +p50", "+p99", "upstream cores", "loadgen cores"]  # fmt: skip
+    title = (
+        f"Workers: one process against `serve --workers {report.settings.workers}`, same upstream and load generator "
+        "(CPU: every worker and the supervisor, summed; cores: CPU s per wall s)"
+    )
+    lines = [_scaling_line(row) for row in scaling(report)]
+    for phase in _ordered(report):
+        r = phase.resources
+        for side, cpu_s in (("upstream", r.upstream_cpu_s), ("load generator", r.loadgen_cpu_s)):
+            cores = _share(cpu_s, phase.figures.wall_s)
+            if cores is not None and cores >= HARNESS_BOUND:
+                lines.append(f"WARNING: the {side} used {cores:.2f} of its one core during {phase.target} at "
+                             f"{phase.concurrency}: it may have been the bottleneck, not the proxy")  # fmt: skip
+    return "\n".join([title, table(headers, rows), *lines])
+
+
+def _scaling_line(row: dict[str, Any]) -> str:
+    one, many = "1", str(row["workers"])
+    front = "" if row["front"] == "openai" else f" ({row['front']})"
+    how = ", ".join(
+        f"{count} worker{'s' if count != '1' else ''} {'saturated' if row['saturated'][count] else 'kept up'}"
+        for count in (one, many)
+    )
+    return (
+        f"at {row['concurrency']} streams{front}: {many} workers {_number(row['ratio'], 2)}x the streams/s of 1 "
+        f"({_number(row['streams_per_s'][many])} against {_number(row['streams_per_s'][one])}; "
+        f"direct {_number(row['direct_streams_per_s'])}; {how})"
+    )
+
+
+def _split(worker_cpu_s: tuple[float, ...]) -> str:
+    """Each worker's part of the workers' CPU, in percent: how evenly the kernel spread the connections."""
+    total = sum(worker_cpu_s)
+    return "/".join(f"{100 * used / total:.0f}" for used in worker_cpu_s) if total else "-"
+
+
+def _share(cpu_s: float | None, wall_s: float) -> float | None:
+    return None if cpu_s is None or not wall_s else cpu_s / wall_s
+
+
 def find_max_table(report: Report) -> str:
     rows = []
     for found in report.find_max:
@@ -277,6 +393,8 @@ def render(report: Report) -> str:
         sections += [latency_table(report), throughput_table(report)]
         if len(report.settings.fronts) > 1:
             sections.append(fronts_table(report))
+        if report.settings.workers is not None:
+            sections.append(workers_table(report))
     if report.find_max:
         sections.append(find_max_table(report))
     if report.buffer:

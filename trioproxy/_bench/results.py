@@ -27,6 +27,14 @@ class Target:
     #: The client protocol streams speak: what the target adds is measured against the direct
     #: connection of the same front.
     front: Front = "openai"
+    #: Its worker processes, under `serve --workers` (`pid` is then their supervisor): their
+    #: CPU is the proxy's, summed with the supervisor's.
+    worker_pids: tuple[int, ...] = ()
+
+    @property
+    def workers(self) -> int:
+        """How many processes serve the target's streams (1 for one process, or what is not ours)."""
+        return len(self.worker_pids) or 1
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,9 @@ class Resources:
     proxy_peak_rss_mb: float | None
     upstream_cpu_s: float | None
     loadgen_cpu_s: float
+    #: Under `serve --workers`: each worker's CPU, and the supervisor's (`proxy_cpu_s` sums them all).
+    worker_cpu_s: tuple[float, ...] = ()
+    supervisor_cpu_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -85,3 +96,5 @@ class Report:
     find_max: list[MaxReport]
     buffer: list[BufferReport]
     duration_s: float
+    #: With `--workers N`: spawn to the last of the N workers serving.
+    workers_startup_s: float | None = None

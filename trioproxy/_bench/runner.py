@@ -29,6 +29,7 @@ from .processes import (
     Child,
     LoadGenerator,
     cpu_seconds,
+    cpu_seconds_of_all,
     peak_rss_mb,
     pinned_self,
     plan_pinning,
@@ -85,9 +86,12 @@ def proxy_config(upstream_url: str, max_connections: int) -> str:
     Responses front) are the benchmark upstream, each with
     retries off (every failure must show) and a connection pool as large as the largest
     concurrency measured (so the pool, not the proxy, is never what queues streams), and the
-    server's stream limit the same (the sweep measures streams, not refusals).
+    server's stream limit the same (the sweep measures streams, not refusals). No access log:
+    a line per stream is not what is measured, and `--workers` runs at level info.
     """
     return (
+        "[logging]\n"
+        "access_log = false\n"
         "[limits]\n"
         f"max_concurrent_streams = {max_connections}\n"
         f"[providers.{PROVIDER}]\n"
@@ -108,10 +112,13 @@ def proxy_config(upstream_url: str, max_connections: int) -> str:
     )
 
 
-def _targets(settings: BenchSettings, upstream: Child, proxy: Child | None) -> list[Target]:
+def _targets(
+    settings: BenchSettings, upstream: Child, proxy: Child | None, scaled: Child | None = None
+) -> list[Target]:
     """
     Per front, the direct connection (one for the fronts measured against the same, see
-    `DIRECT_FRONT`) then trioproxy; then the compared proxies (OpenAI only).
+    `DIRECT_FRONT`), then trioproxy (and with `--workers N`, the `scaled` trioproxy of N
+    workers); then the compared proxies (OpenAI only).
     """
     targets: list[Target] = []
     for front in settings.fronts:
@@ -121,18 +128,24 @@ def _targets(settings: BenchSettings, upstream: Child, proxy: Child | None) -> l
             direct_suffix = "" if direct == "openai" else f"-{direct}"
             url = _front_url(upstream.url, direct)
             targets.append(Target(f"direct{direct_suffix}", "direct", url, "m", front=direct))
+        provider = PROVIDERS[front]
         if proxy is not None:
-            provider = PROVIDERS[front]
             url = _front_url(proxy.url, front)
             targets.append(Target(f"trioproxy{suffix}", "trioproxy", url, f"{provider}/m", proxy.pid, front=front))
         elif settings.proxy_url is not None:
             url = _front_url(settings.proxy_url, front)
             targets.append(Target(f"trioproxy{suffix}", "trioproxy", url, settings.compare_model, front=front))
+        if scaled is not None:
+            name = f"trioproxy-{len(scaled.worker_pids)}w{suffix}"
+            url = _front_url(scaled.url, front)
+            targets.append(
+                Target(name, "trioproxy", url, f"{provider}/m", scaled.pid, front=front, worker_pids=scaled.worker_pids)
+            )
     for compare in settings.compare:
-        name, url = split_compare(compare)
+        label, url = split_compare(compare)
         targets.append(
             Target(
-                _unique_name(name or urlsplit(url).netloc, targets), "compare", _chat_url(url), settings.compare_model
+                _unique_name(label or urlsplit(url).netloc, targets), "compare", _chat_url(url), settings.compare_model
             )
         )
     return targets
@@ -176,22 +189,31 @@ class _Bench:
         self.upstream = upstream
         self.targets = targets
 
-    async def _measure(self, spec: PhaseSpec, measured_pid: int | None) -> tuple[PhaseResult, Resources]:
-        before: dict[str, float | None] = {}
+    async def _measure(self, spec: PhaseSpec, measured: Target | None) -> tuple[PhaseResult, Resources]:
+        """
+        Run a phase, reading the CPU of `measured` (a trioproxy this run started: its one
+        process, or its supervisor and every worker) and of the upstream around its measured part.
+        """
+        pids = () if measured is None or measured.pid is None else (measured.pid, *measured.worker_pids)
+        before: dict[str, Any] = {}
 
         def on_ready() -> None:
-            before["proxy"] = cpu_seconds(measured_pid) if measured_pid else None
+            before["proxy"] = cpu_seconds_of_all(pids)
             before["upstream"] = cpu_seconds(self.upstream.pid)
 
         result = await self.loadgen.run_phase(spec, on_ready)
-        proxy_cpu = _delta(cpu_seconds(measured_pid) if measured_pid else None, before["proxy"])
+        used = [after - start for after, start in zip(cpu_seconds_of_all(pids), before["proxy"], strict=True)]
+        proxy_cpu = sum(used) if pids else None
         streams = spec.concurrency * spec.rounds
+        peaks = [peak_rss_mb(pid) for pid in pids]
         return result, Resources(
             proxy_cpu_s=proxy_cpu,
             proxy_cpu_ms_per_stream=None if proxy_cpu is None else proxy_cpu * 1000 / streams,
-            proxy_peak_rss_mb=peak_rss_mb(measured_pid) if measured_pid else None,
+            proxy_peak_rss_mb=sum(peak for peak in peaks if peak is not None) if pids else None,
             upstream_cpu_s=_delta(cpu_seconds(self.upstream.pid), before["upstream"]),
             loadgen_cpu_s=result.cpu_s,
+            worker_cpu_s=tuple(used[1:]) if len(pids) > 1 else (),
+            supervisor_cpu_s=used[0] if len(pids) > 1 else None,
         )
 
     def _spec(self, url: str, payload: dict[str, Any], protocol: Protocol, concurrency: int) -> PhaseSpec:
@@ -217,7 +239,7 @@ class _Bench:
             # stored response would also be logged for its replays).
             payload = {"model": target.model, "input": RESPONSES_INPUT, "stream": True, "store": False}
         spec = self._spec(target.url, payload, target.front, concurrency)
-        result, resources = await self._measure(spec, target.pid)
+        result, resources = await self._measure(spec, target)
         figures = phase_figures(result.records, spec.concurrency * spec.rounds, result.wall_s)
         progress(f"  {target.name:<19} {concurrency:>5} streams: {_phase_line(figures, resources)}")
         return PhaseReport(target.name, concurrency, spec.rounds, figures, resources)
@@ -314,8 +336,10 @@ async def _stop_on_signal() -> None:
 async def _measure_all(settings: BenchSettings) -> Report:
     """Start what is needed, run the parts `settings` asks for, stop everything, report."""
     started = time.perf_counter()
+    if settings.workers is not None and settings.proxy_url is not None:
+        raise BenchError("--workers measures trioproxy processes the bench starts, not one at --proxy-url")
     open_files = raise_open_files_limit()
-    pinning = plan_pinning(external_proxy=settings.proxy_url is not None)
+    pinning = plan_pinning(external_proxy=settings.proxy_url is not None, proxy_cpus=settings.workers or 1)
     progress(f"pinning: {pinning.describe()}")
     with tempfile.TemporaryDirectory(prefix="trioproxy-bench-") as tmp, pinned_self(pinning.others):
         work = Path(tmp)
@@ -330,14 +354,21 @@ async def _measure_all(settings: BenchSettings) -> Report:
                     log_dir=work,
                 )
             )
-            proxy = None
+            proxy = scaled = None
             if settings.proxy_url is None:
                 config = work / "trioproxy.toml"
                 config.write_text(proxy_config(upstream.url, _largest_concurrency(settings)))
-                proxy = await stack.enter_async_context(start_proxy(config, cpus=pinning.proxy, log_dir=work))
+                one_cpu = pinning.proxy[:1] if pinning.proxy is not None else None
+                proxy = await stack.enter_async_context(start_proxy(config, cpus=one_cpu, log_dir=work))
                 progress(f"trioproxy listening on {proxy.url} after {proxy.startup_s:.2f} s")
+            if settings.workers is not None:
+                scaled = await stack.enter_async_context(
+                    start_proxy(config, cpus=pinning.proxy, log_dir=work, workers=settings.workers)
+                )
+                progress(f"trioproxy with {settings.workers} workers (pids {', '.join(map(str, scaled.worker_pids))}) "
+                         f"listening on {scaled.url}, all serving after {scaled.startup_s:.2f} s")  # fmt: skip
             loadgen = await stack.enter_async_context(start_loadgen(cpus=pinning.others, log_dir=work))
-            targets = _targets(settings, upstream, proxy)
+            targets = _targets(settings, upstream, proxy, scaled)
             bench = _Bench(settings, loadgen, upstream, targets)
             sweep = await bench.sweep() if settings.sweep else []
             maxima = await bench.find_max(sweep) if settings.find_max else []
@@ -356,6 +387,7 @@ async def _measure_all(settings: BenchSettings) -> Report:
         find_max=maxima,
         buffer=buffer,
         duration_s=time.perf_counter() - started,
+        workers_startup_s=scaled.startup_s if scaled is not None else None,
     )
 
 

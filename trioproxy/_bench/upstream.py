@@ -48,23 +48,23 @@ from typing import Final
 import orjson
 import trio
 
-from ..testing import (
-    _DEFAULT_MODEL,
-    _ROUTES,
-    _SSE_HEADERS,
-    Reply,
-    _anthropic_frames,
-    _anthropic_message,
-    _Api,
-    _error_body,
-    _Frame,
-    _LoopbackServer,
-    _models_body,
-    _openai_completion,
-    _openai_frames,
-    _reason,
-    _response,
-    _responses_frames,
+from ..testing import Reply
+from ..testing._server import LoopbackServer
+from ..testing._wire import (
+    DEFAULT_MODEL,
+    ROUTES,
+    SSE_HEADERS,
+    Api,
+    Frame,
+    anthropic_frames,
+    anthropic_message,
+    error_body,
+    models_body,
+    openai_completion,
+    openai_frames,
+    reason_phrase,
+    response_object,
+    responses_frames,
 )
 from .http1 import Head, ProtocolError, find_head_end, parse_head
 
@@ -101,7 +101,7 @@ _Writes = tuple[bytes, ...]
 _Substitutions = tuple[tuple[bytes, bytes], ...]
 
 
-class BenchUpstream(_LoopbackServer):
+class BenchUpstream(LoopbackServer):
     """
     The benchmark upstream on `127.0.0.1:port` (0: the kernel picks): every answer is `tokens`
     tokens, " tok0" … " tok{tokens-1}", the first `ttft` seconds after the request, then one
@@ -122,7 +122,10 @@ class BenchUpstream(_LoopbackServer):
         self.open_connections = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[BenchUpstream] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, report `self` through `task_status`, and serve until cancelled; every socket is closed on the way out."""
+        """
+        Listen, report `self` through `task_status`, and serve until cancelled; every socket is
+        closed on the way out.
+        """
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -174,7 +177,7 @@ class BenchUpstream(_LoopbackServer):
                     request = await connection.read_request()
                 except _BadRequest as exc:
                     await connection.wait_ended()
-                    body = _error_body(_Api.OPENAI, exc.status, str(exc))
+                    body = error_body(Api.OPENAI, exc.status, str(exc))
                     connection.answer(_json_response(exc.status, body, close=True))
                     await connection.wait_ended()
                     return
@@ -199,11 +202,11 @@ class BenchUpstream(_LoopbackServer):
         method = request.head.start[0].decode("latin-1")
         route = request.head.start[1].partition(b"?")[0].decode("latin-1")
         if method == "GET" and route == "/v1/models":
-            connection.answer(_json_response(200, _models_body(), close=request.close))
+            connection.answer(_json_response(200, models_body(), close=request.close))
             return
-        api = _ROUTES.get(route) if method == "POST" else None
+        api = ROUTES.get(route) if method == "POST" else None
         if api is None:
-            body = _error_body(_Api.OPENAI, 404, f"no route for {method} {route}")
+            body = error_body(Api.OPENAI, 404, f"no route for {method} {route}")
             connection.answer(_json_response(404, body, close=request.close))
             return
         try:
@@ -211,28 +214,28 @@ class BenchUpstream(_LoopbackServer):
         except orjson.JSONDecodeError:
             payload = None
         if not isinstance(payload, dict):
-            body = _error_body(api, 400, "the request body must be a JSON object")
+            body = error_body(api, 400, "the request body must be a JSON object")
             connection.answer(_json_response(400, body, close=request.close))
             return
         model = payload.get("model")
         if not isinstance(model, str):
-            model = _DEFAULT_MODEL
+            model = DEFAULT_MODEL
         number = next(self._numbers)
         connection.begin_response()
         if payload.get("stream") is True:
             options = payload.get("stream_options")
-            include_usage = api is _Api.OPENAI and isinstance(options, dict) and options.get("include_usage") is True
+            include_usage = api is Api.OPENAI and isinstance(options, dict) and options.get("include_usage") is True
             connection.write(_stream_head(chunked=request.chunked, close=request.close))
             writes, substitutions = self._stream(api, model, include_usage, request.chunked, number)
             scheduled = _Scheduled(connection, writes, substitutions, request.started)
         else:
-            complete = {_Api.OPENAI: _openai_completion, _Api.ANTHROPIC: _anthropic_message, _Api.RESPONSES: _response}
+            complete = {Api.OPENAI: openai_completion, Api.ANTHROPIC: anthropic_message, Api.RESPONSES: response_object}
             answer = _json_response(200, complete[api](self._reply, model, number), close=request.close)
             scheduled = _Scheduled(connection, (answer,), (), request.started)
         scheduler.add(scheduled)
 
     def _stream(
-        self, api: _Api, model: str, include_usage: bool, chunked: bool, number: int
+        self, api: Api, model: str, include_usage: bool, chunked: bool, number: int
     ) -> tuple[_Writes, _Substitutions]:
         """
         A stream's writes and what this response swaps into them: its number (the ids) and, for
@@ -251,19 +254,19 @@ class BenchUpstream(_LoopbackServer):
             if len(self._scripts) >= MAX_SCRIPTS:
                 self._scripts.clear()
             number_placeholder, created_placeholder = map(int, placeholders)
-            if api is _Api.OPENAI:
-                frames = _openai_frames(
+            if api is Api.OPENAI:
+                frames = openai_frames(
                     self._reply, model, number_placeholder, include_usage=include_usage, created=created_placeholder
                 )
-            elif api is _Api.RESPONSES:
-                frames = _responses_frames(self._reply, model, number_placeholder, created=created_placeholder)
+            elif api is Api.RESPONSES:
+                frames = responses_frames(self._reply, model, number_placeholder, created=created_placeholder)
             else:
-                frames = _anthropic_frames(self._reply, model, number_placeholder)
+                frames = anthropic_frames(self._reply, model, number_placeholder)
             writes = self._scripts[key] = _render_writes(frames, chunked=chunked)
         # (format, which value: 0 the number, 1 the time)
-        if api is _Api.OPENAI:
+        if api is Api.OPENAI:
             formats: tuple[tuple[bytes, int], ...] = ((_OPENAI_ID, 0), (_CREATED, 1))
-        elif api is _Api.RESPONSES:
+        elif api is Api.RESPONSES:
             formats = ((_RESPONSE_ID, 0), *((item_id, 0) for item_id in _RESPONSE_ITEM_IDS), (_RESPONSE_CREATED, 1))
         else:
             formats = ((_ANTHROPIC_ID, 0),)
@@ -271,7 +274,7 @@ class BenchUpstream(_LoopbackServer):
         return writes, substitutions
 
 
-def _render_writes(frames: Sequence[_Frame], *, chunked: bool) -> _Writes:
+def _render_writes(frames: Sequence[Frame], *, chunked: bool) -> _Writes:
     """
     One write per token, with the frames before it; the frames after the last token join it.
     Each frame is one HTTP chunk (as h11 frames each write); the last write ends the body.
@@ -293,14 +296,14 @@ def _render_writes(frames: Sequence[_Frame], *, chunked: bool) -> _Writes:
 
 
 def _head(status: int, headers: Sequence[tuple[str, str]]) -> bytes:
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
     lines += [f"{name}: {value}\r\n".encode("latin-1") for name, value in headers]
     return b"".join(lines) + b"\r\n"
 
 
 @functools.cache
 def _stream_head(*, chunked: bool, close: bool) -> bytes:
-    headers = list(_SSE_HEADERS)
+    headers = list(SSE_HEADERS)
     if chunked:
         headers.append(("transfer-encoding", "chunked"))
     if close:
@@ -433,7 +436,7 @@ class _Connection:
         #: Set when the response in flight ends; made only when a task waits for that.
         self._ended: trio.Event | None = None
 
-    async def read_request(self) -> _Request | None:
+    async def read_request(self) -> _Request | None:  # noqa: C901 - to split (responses-rest, which edits _bench, merged late)
         """The next whole request, or None once the client has left (which stops a response in flight)."""
         try:
             while (end := find_head_end(self._received)) < 0:

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""
+CPU per stream, for deciding whether a change to the hot path pays: the same upstream, proxy
+and load generator as `trioproxy bench`, pinned the same way, but only short phases, each
+repeated, and their medians.
+
+    python benchmarks/cpu_per_stream.py                          # 50 streams, 5 phases
+    python benchmarks/cpu_per_stream.py --concurrency 1,10,50 --repeat 3
+
+Each phase runs the direct connection and then trioproxy at one concurrency (the reference
+workload: 64 tokens, 50 ms to the first, 20 ms apart) and prints trioproxy's CPU per stream,
+the TTFT p50 it adds over direct, and its streams/s; then each concurrency's medians, with
+every phase's figure so the spread shows. On a machine shared with other work the spread
+between phases is ±15% or more: compare two versions by alternating runs of each, not by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import trio
+
+# Runs from a checkout without installing: the package is one directory up.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trioproxy._bench.options import BenchSettings, _concurrency_list, _positive_int
+from trioproxy._bench.processes import pinned_self, plan_pinning, start_loadgen, start_proxy, start_upstream
+from trioproxy._bench.runner import _Bench, _targets, proxy_config
+
+
+async def measure(settings: BenchSettings, repeat: int) -> dict[int, list[tuple[float, float, float]]]:
+    """(CPU ms per stream, added TTFT p50 ms, streams/s) of each trioproxy phase, by concurrency."""
+    figures: dict[int, list[tuple[float, float, float]]] = {}
+    pinning = plan_pinning(external_proxy=False)
+    with tempfile.TemporaryDirectory(prefix="trioproxy-cpu-") as tmp, pinned_self(pinning.others):
+        work = Path(tmp)
+        async with AsyncExitStack() as stack:
+            upstream = await stack.enter_async_context(
+                start_upstream(
+                    port=0,
+                    tokens=settings.tokens,
+                    ttft_ms=settings.ttft_ms,
+                    interval_ms=settings.interval_ms,
+                    cpus=pinning.others,
+                    log_dir=work,
+                )
+            )
+            config = work / "trioproxy.toml"
+            config.write_text(proxy_config(upstream.url, max(settings.concurrency)))
+            proxy = await stack.enter_async_context(start_proxy(config, cpus=pinning.proxy, log_dir=work))
+            loadgen = await stack.enter_async_context(start_loadgen(cpus=pinning.others, log_dir=work))
+            direct, through = _targets(settings, upstream, proxy)
+            bench = _Bench(settings, loadgen, upstream, [direct, through])
+            for _ in range(repeat):
+                for concurrency in settings.concurrency:
+                    floor = await bench.phase(direct, concurrency)
+                    phase = await bench.phase(through, concurrency)
+                    cpu = phase.resources.proxy_cpu_ms_per_stream
+                    ttft, ttft_floor = phase.figures.ttft_ms.p50, floor.figures.ttft_ms.p50
+                    if cpu is None or ttft is None or ttft_floor is None:
+                        raise SystemExit(f"no figures at {concurrency} streams: {phase.figures.error_examples}")
+                    figures.setdefault(concurrency, []).append((cpu, ttft - ttft_floor, phase.figures.streams_per_s))
+    return figures
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=_concurrency_list, default=(50,), help="comma-separated (default 50)")
+    parser.add_argument("--repeat", type=_positive_int, default=5, help="phases per concurrency (default 5)")
+    args = parser.parse_args(argv)
+    settings = BenchSettings(concurrency=args.concurrency, buffer=False, plot=False)
+    figures = trio.run(measure, settings, args.repeat)
+    print("streams  CPU ms/stream (median: each phase)   added TTFT p50 ms (median: each phase)   streams/s")
+    for concurrency, phases in sorted(figures.items()):
+        cpu, ttft, rate = ([phase[i] for phase in phases] for i in range(3))
+        print(
+            f"{concurrency:>7}  {statistics.median(cpu):6.2f}: {' '.join(f'{v:.2f}' for v in cpu):<24}"
+            f"  {statistics.median(ttft):7.2f}: {' '.join(f'{v:.1f}' for v in ttft):<24}"
+            f"  {statistics.median(rate):6.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
