@@ -118,7 +118,8 @@ def test_a_reservation_counts_until_reconciled_with_the_usage() -> None:
         limiter.admit("a", T0 + 1, tokens=400)
     assert (info.value.status, info.value.code) == (429, "tokens_per_minute_exceeded")
     assert info.value.retry_after == pytest.approx(1 + RATE_WINDOW - 1)  # when the reservation leaves
-    assert "1000 tokens per minute" in info.value.message and "reserves 400" in info.value.message
+    assert "1000 tokens per minute" in info.value.message
+    assert "reserves 400" in info.value.message
     lease.reconcile(150)  # it used far less than it reserved
     lease.reconcile(999)  # once only
     limiter.admit("a", T0 + 1, tokens=850).release()

@@ -57,7 +57,8 @@ async def test_a_stream_started_on_one_process_is_resumed_on_another_replayed_th
             headers = {"last-event-id": str(last)}
             with trio.fail_after(20):
                 resumed = await http.get(second.url + f"/v1/streams/{stream_id}", headers=headers)
-            assert resumed.status_code == 200 and resumed.headers["x-stream-id"] == stream_id
+            assert resumed.status_code == 200
+            assert resumed.headers["x-stream-id"] == stream_id
             rest = events_of(resumed.content)
             # None lost or repeated:
             assert [int(e.id or 0) for e in rest] == list(range(last + 1, last + 1 + len(rest)))
@@ -112,40 +113,44 @@ async def test_a_stored_response_is_retrieved_and_followed_on_another_process(
 async def test_redis_killed_mid_stream_the_stream_goes_on_where_it_runs_then_sharing_resumes(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    async with proxies(tmp_path, config_text(redis_server.url, ""), count=2) as (first, second):
-        async with httpx.AsyncClient(timeout=30) as http:
-            async with http.stream("POST", first.url + "/v1/chat/stream", json=SLOW_STREAM) as running:
-                stream_id = running.headers["x-stream-id"]
-                chunks = running.aiter_bytes()
-                head, _ = await read_until(chunks, 4)
-                async with http.stream("GET", second.url + f"/v1/streams/{stream_id}") as follower:
-                    followed = follower.aiter_bytes()
-                    await read_until(followed, 4)
-                    await redis_server.stop()
-                    with trio.fail_after(10):  # no hang: the follower is told, and its response ends
-                        tail = b"".join([data async for data in followed])
-                assert WARNING in tail and "done" not in [e.type for e in events_of(tail)]
-                with trio.fail_after(20):
-                    rest = b"".join([data async for data in chunks])
-            everything = events_of(head + rest)
-            assert WARNING in rest  # once, to the watchers where it runs
-            assert rest.count(WARNING) == 1
-            assert everything[-1].type == "done"
-            assert len([e for e in everything if e.type == "token"]) == 30
-
-            with trio.fail_after(5):  # elsewhere: a 503 in its shape, not a 500 nor a hang
-                down = await http.get(second.url + f"/v1/streams/{stream_id}")
-            assert down.status_code == 503 and b"shared_state_unavailable" in down.content
-            resumed = await http.get(first.url + f"/v1/streams/{stream_id}", headers={"last-event-id": "2"})
-            assert events_of(resumed.content)[-1].type == "done"  # where it ran, from its own log
-
-            await redis_server.start()
-            async with http.stream("POST", first.url + "/v1/chat/stream", json=SLOW_STREAM) as again:
-                new_id = again.headers["x-stream-id"]
-                await read_until(again.aiter_bytes(), 3)
+    async with (
+        proxies(tmp_path, config_text(redis_server.url, ""), count=2) as (first, second),
+        httpx.AsyncClient(timeout=30) as http,
+    ):
+        async with http.stream("POST", first.url + "/v1/chat/stream", json=SLOW_STREAM) as running:
+            stream_id = running.headers["x-stream-id"]
+            chunks = running.aiter_bytes()
+            head, _ = await read_until(chunks, 4)
+            async with http.stream("GET", second.url + f"/v1/streams/{stream_id}") as follower:
+                followed = follower.aiter_bytes()
+                await read_until(followed, 4)
+                await redis_server.stop()
+                with trio.fail_after(10):  # no hang: the follower is told, and its response ends
+                    tail = b"".join([data async for data in followed])
+            assert WARNING in tail
+            assert "done" not in [e.type for e in events_of(tail)]
             with trio.fail_after(20):
-                shared = await http.get(second.url + f"/v1/streams/{new_id}")
-            assert events_of(shared.content)[-1].type == "done"
+                rest = b"".join([data async for data in chunks])
+        everything = events_of(head + rest)
+        assert WARNING in rest  # once, to the watchers where it runs
+        assert rest.count(WARNING) == 1
+        assert everything[-1].type == "done"
+        assert len([e for e in everything if e.type == "token"]) == 30
+
+        with trio.fail_after(5):  # elsewhere: a 503 in its shape, not a 500 nor a hang
+            down = await http.get(second.url + f"/v1/streams/{stream_id}")
+        assert down.status_code == 503
+        assert b"shared_state_unavailable" in down.content
+        resumed = await http.get(first.url + f"/v1/streams/{stream_id}", headers={"last-event-id": "2"})
+        assert events_of(resumed.content)[-1].type == "done"  # where it ran, from its own log
+
+        await redis_server.start()
+        async with http.stream("POST", first.url + "/v1/chat/stream", json=SLOW_STREAM) as again:
+            new_id = again.headers["x-stream-id"]
+            await read_until(again.aiter_bytes(), 3)
+        with trio.fail_after(20):
+            shared = await http.get(second.url + f"/v1/streams/{new_id}")
+        assert events_of(shared.content)[-1].type == "done"
     logs = [proxy.log.read_text() for proxy in (first, second)]
     assert "resumable on this process only" in logs[0]
     assert "Traceback" not in "".join(logs)

@@ -90,7 +90,8 @@ async def test_a_reservation_is_reconciled_with_the_usage_and_a_request_over_the
     async with httpx.AsyncClient() as http:
         body = {"provider": "up", "model": "m", "messages": PROMPT, "max_tokens": 985}
         response = await http.post(proxy + "/v1/chat/stream/json", json=body)
-    assert response.status_code == 429 and response.headers["retry-after"]
+    assert response.status_code == 429
+    assert response.headers["retry-after"]
     event = StreamEvent.from_json(response.text.strip())
     assert (event.type, event.data["code"]) == ("error", "tokens_per_minute_exceeded")
     assert len(upstream.requests) == 3  # the refusals cost the upstream nothing

@@ -5,6 +5,7 @@ session feeds a `BroadcastStream` through a channel, on trio's autojump clock.
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -290,10 +291,11 @@ async def test_a_stream_is_written_to_the_store_in_batches_at_most_every_write_i
         await stream.run()
     written = [event_id for _, ids, _ in store.writes for event_id in ids]
     assert written == list(range(1, stream.last_id + 1))
-    assert store.writes[-1][2] and not any(ended for _, _, ended in store.writes[:-1])  # the end, once, last
+    assert store.writes[-1][2]
+    assert not any(ended for _, _, ended in store.writes[:-1])
     assert len(store.writes) <= 0.5 / 0.2 + 2
     times = [at for at, _, _ in store.writes]
-    assert all(b - a >= 0.2 for a, b in zip(times, times[1:-1], strict=False))
+    assert all(b - a >= 0.2 for a, b in itertools.pairwise(times[:-1]))
     assert times[-1] - stream.finished_at < 0.01  # the end went at once
 
 
@@ -317,6 +319,9 @@ async def test_a_failing_store_warns_the_watchers_once_and_the_stream_goes_on(au
         await stream.run()
     body = b"".join(seen)
     assert body.count(SHARED_STATE_WARNING) == 1
-    assert events_of(body)[-1].type == "done" and len([e for e in events_of(body) if e.type == "token"]) == 30
+    assert events_of(body)[-1].type == "done"
+    assert len([e for e in events_of(body) if e.type == "token"]) == 30
     written = [event_id for _, ids, _ in store.writes for event_id in ids]
-    assert written == sorted(set(written)) and written[-1] == stream.last_id and store.writes[-1][2]
+    assert written == sorted(set(written))
+    assert written[-1] == stream.last_id
+    assert store.writes[-1][2]
