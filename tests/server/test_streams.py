@@ -16,6 +16,7 @@ from trioproxy._accumulator import Accumulator
 from trioproxy._events import OPENED, Delta
 from trioproxy._exceptions import SharedStateError
 from trioproxy._policy import StreamsConfig
+from trioproxy._redis import LoggedEvents
 from trioproxy.pipeline import SessionItem
 from trioproxy.server._events_front import EventRenderer
 from trioproxy.server._streams import (
@@ -325,3 +326,24 @@ async def test_a_failing_store_warns_the_watchers_once_and_the_stream_goes_on(au
     assert written == sorted(set(written))
     assert written[-1] == stream.last_id
     assert store.writes[-1][2]
+
+
+async def test_a_watcher_ahead_of_what_the_store_has_follows_from_its_own_last_event() -> None:
+    """Its client saw events the running process has not written yet: it is neither refused nor sent them twice."""
+    asked: list[int] = []
+
+    class Store(RecordingStore):
+        async def read_events(self, stream_id: str, after: int) -> LoggedEvents:  # type: ignore[override]
+            return LoggedEvents([], ended=False, last_id=2)
+
+        async def follow_events(self, stream_id: str, after: int) -> LoggedEvents:  # type: ignore[override]
+            asked.append(after)
+            return LoggedEvents([(5, b"five")], ended=True, last_id=5)
+
+    registry = StreamRegistry(StreamsConfig(), store=Store(write_interval=0.2))  # type: ignore[arg-type]
+    remote = await registry.remote("st_x", 4)
+    assert remote is not None
+    assert (remote.last_id, remote.last_written, remote.ended) == (4, 2, False)
+    assert await remote.next() == b"five"
+    assert asked == [4]
+    assert await remote.next() is None

@@ -502,7 +502,7 @@ class StreamRegistry:
         logged = await self.store.read_events(stream_id, after)
         if logged is None:
             return None
-        return RemoteStream(stream_id, self.store, logged)
+        return RemoteStream(stream_id, self.store, logged, after)
 
     async def delete(self, stream_id: str) -> None:
         """
@@ -537,11 +537,19 @@ class RemoteStream:
     resumes (`Last-Event-ID`), here or on the process that runs the stream.
     """
 
-    def __init__(self, stream_id: str, store: StreamStore, logged: LoggedEvents) -> None:
+    def __init__(self, stream_id: str, store: StreamStore, logged: LoggedEvents, after: int) -> None:
         self.id = stream_id
         self._store = store
         self.backlog = [data for _, data in logged.events]
-        self.last_id = logged.last_id
+        self.last_id = max(after, logged.last_id)
+        """
+        The last event this watcher has: its client may hold events not yet written to Redis
+        (they go every `write_interval`), which it is then not sent again.
+        """
+        self.last_written = logged.last_id
+        """The last event Redis has (so far)."""
+        self.ended = logged.ended
+        """The stream's end was written to Redis: it has no event after `last_written`."""
         self._over = logged.ended
 
     async def next(self) -> bytes | None:

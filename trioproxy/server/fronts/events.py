@@ -124,7 +124,8 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
                 remote = await core.streams.remote(stream_id, after)
                 if remote is None:
                     raise NotFoundError(f"no stream {stream_id!r}: it never existed or it has expired")
-                _check_not_ahead(after, remote.last_id)
+                if remote.ended:  # else its events up to `after` may not be written yet
+                    _check_not_ahead(after, remote.last_written)
                 return watch_remote_response(remote)
             _check_not_ahead(after, stream.last_id)
             backlog, watcher = stream.attach(after)  # raises if the events after `after` are no longer kept

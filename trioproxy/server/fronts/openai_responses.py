@@ -241,7 +241,8 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
             raise NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
         if not streaming:
             return json_response(_latest_response(response_id, b"".join(remote.backlog)))
-        _check_starting_after(after, remote.last_id)
+        if remote.ended:  # else its events up to `after` may not be written yet
+            _check_starting_after(after, remote.last_written)
         return watch_remote_response(remote)
 
     @app.post("/v1/responses/<response_id>/cancel")
