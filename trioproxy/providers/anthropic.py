@@ -576,9 +576,9 @@ def _output_and_thinking(
 
 def _output_format(response_format: object, chat: ChatRequest) -> dict[str, object] | None:
     """`output_config.format` for a JSON schema `response_format`; none for text."""
-    name = chat.client_name("response_format")
     if response_format is None:
         return None
+    name = chat.client_name("response_format")
     if not isinstance(response_format, dict):
         raise RequestError(f"'{name}' must be an object", param=name)
     kind = response_format.get("type")
@@ -597,7 +597,7 @@ def _output_format(response_format: object, chat: ChatRequest) -> dict[str, obje
     json_schema = response_format.get("json_schema")
     schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
     if not isinstance(schema, dict):
-        where = name if name != "response_format" else "response_format.json_schema"
+        where = chat.client_name("response_format.json_schema")
         raise RequestError(
             f"'{where}.schema' must be a JSON Schema object for an Anthropic upstream", param=f"{where}.schema"
         )
