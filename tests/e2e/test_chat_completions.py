@@ -130,7 +130,8 @@ async def test_what_an_anthropic_upstream_cannot_hold_the_answer_to_is_a_400_nam
 ) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         await client.chat.completions.create(model="claude/claude-test", messages=MESSAGES, **fields)
-    assert info.value.param == param and f"'{param}'" in info.value.message
+    assert info.value.param == param
+    assert f"'{param}'" in info.value.message
     assert not upstream.requests
 
 

@@ -216,7 +216,8 @@ async def test_a_schema_and_an_effort_reach_an_anthropic_upstream_and_its_thinki
     assert (body["thinking"], body["max_tokens"]) == ({"type": "enabled", "budget_tokens": 4000}, 8000)
     assert "".join(summary) == THOUGHT
     reasoning, message, call = response.output
-    assert reasoning.type == "reasoning" and [part.text for part in reasoning.summary] == [THOUGHT]
+    assert reasoning.type == "reasoning"
+    assert [part.text for part in reasoning.summary] == [THOUGHT]
     assert (message.type, call.type) == ("message", "function_call")
 
 
@@ -233,7 +234,8 @@ async def test_what_an_anthropic_upstream_cannot_hold_the_answer_to_is_a_400_nam
 ) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         await client.responses.create(model="claude/claude-test", input="hi", **fields)
-    assert info.value.param is not None and info.value.param.startswith(param)
+    assert info.value.param is not None
+    assert info.value.param.startswith(param)
     assert f"'{param}" in info.value.message
     assert not upstream.requests
 

@@ -603,11 +603,13 @@ def test_a_refusal_names_the_field_as_the_client_sent_it() -> None:
     )
     with pytest.raises(RequestError) as info:
         messages_request_body(request, default_max_tokens=1024)
-    assert info.value.param == "text.format" and "'text.format'" in info.value.message
+    assert info.value.param == "text.format"
+    assert "'text.format'" in info.value.message
     request = replace(request, body={**request.body, "response_format": None})
     with pytest.raises(RequestError) as info:
         messages_request_body(request, default_max_tokens=1024)
-    assert info.value.param == "reasoning.effort" and "'reasoning.effort'" in info.value.message
+    assert info.value.param == "reasoning.effort"
+    assert "'reasoning.effort'" in info.value.message
 
 
 def test_translation_does_not_mutate_the_client_request() -> None:

@@ -274,7 +274,11 @@ def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict
     """
     system, messages = _system_and_messages(chat.messages)
     max_tokens = chat.max_tokens or default_max_tokens
-    body: dict[str, object] = {"model": chat.upstream_model or chat.model, "max_tokens": max_tokens, "messages": messages}
+    body: dict[str, object] = {
+        "model": chat.upstream_model or chat.model,
+        "max_tokens": max_tokens,
+        "messages": messages,
+    }
     if system:
         body["system"] = system
     src = chat.common_body()
