@@ -182,9 +182,10 @@ async def test_function_calling_across_two_turns(
 # --- errors ---------------------------------------------------------------------------------
 
 
-async def test_a_field_the_upstream_cannot_carry_is_a_400_naming_it(client: openai.AsyncOpenAI) -> None:
+@MODELS
+async def test_a_field_the_upstream_cannot_carry_is_a_400_naming_it(client: openai.AsyncOpenAI, model: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        await client.responses.create(model="up/gpt-test", input="hi", tools=[{"type": "local_shell"}])
+        await client.responses.create(model=model, input="hi", tools=[{"type": "local_shell"}])
     assert info.value.param == "tools[0].type"
     assert "Responses upstreams only" in info.value.message
 

@@ -270,8 +270,10 @@ def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict
     The Anthropic Messages request body for `chat`, without `stream`.
 
     Pure, so the whole mapping can be tested on dicts. `model` is `chat.upstream_model`, or
-    the client's own name when the request was not routed.
+    the client's own name when the request was not routed. What the common model cannot carry
+    of the client's request is refused first: its messages are then not the client's.
     """
+    src = chat.common_body()
     system, messages = _system_and_messages(chat.messages)
     max_tokens = chat.max_tokens or default_max_tokens
     body: dict[str, object] = {
@@ -281,7 +283,6 @@ def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict
     }
     if system:
         body["system"] = system
-    src = chat.common_body()
     _sampling(src, body)
     _tools(src, body)
     body.update(_output_and_thinking(src, chat, max_tokens, messages))
