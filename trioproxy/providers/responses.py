@@ -59,7 +59,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import CUT_SHORT, UpstreamRequest, safe_message, status_error
+from ._base import CUT_SHORT, DropParams, UpstreamRequest, drop_or_refuse, safe_message, status_error
 from .openai import OpenAITranslation
 
 __all__ = ["ResponsesStreamParser", "ResponsesTranslation", "responses_request_body"]
@@ -104,9 +104,17 @@ class ResponsesTranslation(OpenAITranslation):
 
     protocol: WireProtocol = "responses"
 
-    def __init__(self, *, base_url: str, api_key: str | None = None, extra_headers: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        drop_params: DropParams = False,
+    ):
         super().__init__(base_url=base_url, api_key=api_key, extra_headers=extra_headers)
         self.url = base_url.rstrip("/") + "/responses"
+        self.drop_params = drop_params
 
     def count_tokens_request(self, chat: ChatRequest) -> UpstreamRequest | None:
         """A Responses client's `POST /responses/input_tokens`, forwarded whole with only `model` replaced."""
@@ -129,7 +137,7 @@ class ResponsesTranslation(OpenAITranslation):
         if native is not None and native.protocol == self.protocol:
             body = dict(native.body)
         else:
-            body = responses_request_body(chat.common_body())
+            body = responses_request_body(chat, drop_params=self.drop_params)
         body["model"] = chat.upstream_model
         body["stream"] = True
         return UpstreamRequest(self.url, self._stream_headers, orjson.dumps(body))
@@ -138,8 +146,12 @@ class ResponsesTranslation(OpenAITranslation):
         return ResponsesStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
 
 
-def responses_request_body(common: dict[str, Any]) -> dict[str, Any]:
-    """The Responses body that asks what the Chat Completions `common` asks; raises naming what it cannot carry."""
+def responses_request_body(chat: ChatRequest, *, drop_params: DropParams = False) -> dict[str, Any]:
+    """
+    The Responses body that asks what `chat`'s common body asks; raises naming what it cannot
+    carry, unless `drop_params` drops it.
+    """
+    common = chat.common_body()
     body: dict[str, Any] = {"input": _input(common["messages"])}
     for name, value in common.items():
         if name in ("messages", "stream", "stream_options") or value is None:
@@ -155,14 +167,11 @@ def responses_request_body(common: dict[str, Any]) -> dict[str, Any]:
         elif name == "tool_choice":
             body["tool_choice"] = _tool_choice(value)
         elif name == "response_format":
-            body["text"] = {"format": _format(value)}
-        elif name == "n" and value == 1:
-            continue
+            body.setdefault("text", {})["format"] = _format(value)
+        elif name == "verbosity":
+            body.setdefault("text", {})["verbosity"] = value
         else:
-            raise RequestError(
-                f"'{name}' has no equivalent in the OpenAI Responses API, which this model's upstream speaks",
-                param=name,
-            )
+            drop_or_refuse(chat, name, value, drop_params, upstream="the OpenAI Responses API")
     return body
 
 

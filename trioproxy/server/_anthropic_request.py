@@ -82,6 +82,14 @@ _BLOCK_FIELDS: Final[dict[str, frozenset[str]]] = {
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
 
+_CLIENT_NAMES: Final = {
+    "stop": "stop_sequences",
+    "user": "metadata.user_id",
+    "response_format": "output_config.format",
+    "parallel_tool_calls": "tool_choice.disable_parallel_tool_use",
+}
+"""The Messages names of the translated fields that Chat Completions names otherwise."""
+
 
 class Headers(Protocol):
     """A request's headers, looked up by lower-case name (quart's, or a plain dict)."""
@@ -126,7 +134,7 @@ def parse_messages_request(body: dict[str, object], headers: Headers, *, countin
         messages=common["messages"],
         stream=stream,
         max_tokens=max_tokens,
-        native=NativeRequest("anthropic", body, forwarded, unportable),
+        native=NativeRequest("anthropic", body, forwarded, unportable, _CLIENT_NAMES),
     )
 
 

@@ -73,6 +73,7 @@ _CLIENT_NAMES: Final = {
     "max_tokens": "max_output_tokens",
     "reasoning_effort": "reasoning.effort",
     "response_format": "text.format",
+    "verbosity": "text.verbosity",
 }
 """The Responses names of the translated fields that Chat Completions names otherwise."""
 
