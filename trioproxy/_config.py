@@ -995,7 +995,7 @@ def _drop_params(table: Mapping[str, object], where: str, problems: list[str], c
     drop_params = table.get("drop_params", False)
     if isinstance(drop_params, bool):
         checked["drop_params"] = drop_params
-    elif isinstance(drop_params, list) and drop_params and all(isinstance(n, str) and n for n in drop_params):
+    elif isinstance(drop_params, list) and all(isinstance(n, str) and n for n in drop_params):
         checked["drop_params"] = frozenset(drop_params)
     else:
         problems.append(
