@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from trioproxy._exceptions import RequestError
+from trioproxy.providers.responses import responses_request_body
 from trioproxy.server._anthropic_request import parse_messages_request, to_chat_completions
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "anthropic"
@@ -396,3 +397,13 @@ def test_a_count_tokens_request_has_no_max_tokens() -> None:
     assert chat.native is not None
     assert chat.native.body == sent
     assert "max_tokens" not in chat.common_body()
+
+
+@pytest.mark.parametrize(
+    "name", ["claude_code_request.json", "claude_code_tool_result_request.json", "claude_code_nonstream_retry_request.json"]
+)
+def test_what_claude_code_always_sends_is_never_refused_by_a_responses_upstream(name: str) -> None:
+    sent, headers = recorded(name)
+    body = responses_request_body(parse_messages_request(sent, headers).routed("gpt"))
+    assert body["input"]
+    assert body["tools"]

@@ -14,6 +14,7 @@ import pytest
 
 from trioproxy._exceptions import RequestError
 from trioproxy._request import parse_chat_request
+from trioproxy.providers.anthropic import messages_request_body
 from trioproxy.server._responses_request import parse_responses_request, to_chat_completions
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "responses"
@@ -306,3 +307,12 @@ def test_the_recorded_codex_request_reaches_a_chat_completions_upstream() -> Non
     assert "client_metadata" not in out
     assert "include" not in out
     parse_chat_request(out)
+
+
+@pytest.mark.parametrize("name", ["codex_request.json", "codex_0.171.0_request.json"])
+def test_what_codex_always_sends_is_never_refused_by_an_anthropic_upstream(name: str) -> None:
+    """`prompt_cache_key`, `parallel_tool_calls`, `tool_choice`, `store`, `include`: translated or hints."""
+    chat = parse_responses_request(fixture(name)).routed("claude")
+    body = messages_request_body(chat, default_max_tokens=32000)
+    assert body["tools"]
+    assert "prompt_cache_key" not in body
