@@ -36,7 +36,9 @@ def node_dir() -> Path:
 
 
 # What the SDK sends by default reaches an upstream of either protocol: none of it is refused.
-@pytest.mark.parametrize(("model", "path"), [("up/gpt-test", "/v1/chat/completions"), ("claude/claude-test", "/v1/messages")])
+@pytest.mark.parametrize(
+    ("model", "path"), [("up/gpt-test", "/v1/chat/completions"), ("claude/claude-test", "/v1/messages")]
+)
 async def test_stream_text_streams_incrementally(
     node_dir: Path, proxy_url: str, upstream: FakeUpstream, model: str, path: str
 ) -> None:

@@ -400,7 +400,8 @@ def test_a_count_tokens_request_has_no_max_tokens() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["claude_code_request.json", "claude_code_tool_result_request.json", "claude_code_nonstream_retry_request.json"]
+    "name",
+    ["claude_code_request.json", "claude_code_tool_result_request.json", "claude_code_nonstream_retry_request.json"],
 )
 def test_what_claude_code_always_sends_is_never_refused_by_a_responses_upstream(name: str) -> None:
     sent, headers = recorded(name)

@@ -57,6 +57,7 @@ Chat Completions fields at the value that asks for nothing (the API's default): 
 libraries send them so, and an upstream that has no such field answers the same without it.
 """
 
+
 def drop_or_refuse(chat: ChatRequest, name: str, value: object, drop_params: DropParams, *, upstream: str) -> None:
     """
     A field `name` of `chat`'s common body, set to `value`, that `upstream` (say, "the

@@ -33,7 +33,7 @@ Request mapping (OpenAI → Anthropic):
 - `tools[].function` → `tools[]` with `input_schema`;
 - `tool_choice`: `auto` → auto, `required` → any, `none` → none, a named function → tool;
   `parallel_tool_calls: false` → `disable_parallel_tool_use: true`;
-- `max_tokens`/`max_completion_tokens` (or the default), `temperature`, `top_p`;
+- `max_tokens`/`max_completion_tokens` (or the default), `temperature`, `top_p`, `top_k`;
   `stop` → `stop_sequences`; `user` → `metadata.user_id`;
 - `response_format` `json_schema` → `output_config.format` (its `schema`: Anthropic holds
   every answer to it, so `strict` is moot and `name`/`description` have nowhere to go);
@@ -45,7 +45,12 @@ Request mapping (OpenAI → Anthropic):
   thinking. Left off for a request that answers tool calls or ends with an assistant prefill
   (a continuation): Anthropic then wants the earlier turn's signed thinking block, which the
   common model does not carry, or refuses a prefill;
-- everything else is dropped (Anthropic rejects unknown fields); `n > 1` is refused.
+- dropped, because they do not change the answer (`_HINTS`): `stream_options`, `store`,
+  `metadata`, `prompt_cache_key`, `safety_identifier`, `service_tier`; and a field at the
+  value that asks for nothing (`n` 1, penalties 0, ...: `NEUTRAL_VALUES`);
+- refused, naming the field as the client sent it: any other (penalties, `seed`,
+  `logit_bias`, `logprobs`, `n` > 1, `verbosity`, unknown fields): the answer would not be the
+  one asked for. The provider's `drop_params` drops the fields it names instead.
 
 Stream mapping (Anthropic event → `Delta`):
 

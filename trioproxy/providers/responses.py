@@ -20,11 +20,14 @@ Request mapping (Chat Completions → Responses, `responses_protocol.md` §6 rea
   `function_call_output` items;
 - function tools → flat function tools; `tool_choice` likewise; `response_format` →
   `text.format`; `max_completion_tokens`/`max_tokens` → `max_output_tokens`;
-  `reasoning_effort` → `reasoning.effort`; `temperature`, `top_p`, `parallel_tool_calls`,
-  `user`, `metadata`, `prompt_cache_key`, `safety_identifier`, `service_tier` as they are;
-- dropped: `stream_options` (usage always comes with `response.completed`), `n` of 1;
-- refused, naming the field: anything else (`stop`, `logprobs`, `frequency_penalty`, `seed`,
-  `n` > 1, ...): the Responses API has no such field.
+  `reasoning_effort` → `reasoning.effort`; `verbosity` → `text.verbosity`; `temperature`,
+  `top_p`, `parallel_tool_calls`, `user`, `metadata`, `prompt_cache_key`, `safety_identifier`,
+  `service_tier`, `store` as they are;
+- dropped: `stream_options` (usage always comes with `response.completed`), and a field at
+  the value that asks for nothing (`n` 1, penalties 0, ...: `NEUTRAL_VALUES`);
+- refused, naming the field as the client sent it: anything else (`stop`, `logprobs`,
+  `frequency_penalty`, `seed`, `n` > 1, an Anthropic client's `top_k`, ...): the Responses API
+  has no such field. The provider's `drop_params` drops the fields it names instead.
 
 Stream mapping (Responses event → `Delta`):
 
