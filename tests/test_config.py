@@ -272,15 +272,21 @@ def test_drop_params() -> None:
             "providers": {
                 "claude": {"type": "anthropic", "drop_params": ["seed", "logit_bias"]},
                 "resp": {"type": "openai_responses", "base_url": "http://h/v1", "drop_params": True},
+                "vllm": {"type": "openai", "base_url": "http://h/v1", "drop_params": ["top_logprobs"]},
                 "strict": {"type": "anthropic"},
             }
         },
         environ={},
     )
     drops = {name: provider.drop_params for name, provider in config.providers.items() if name != "sim"}
-    assert drops == {"claude": frozenset({"seed", "logit_bias"}), "resp": True, "strict": False}
-    problem = only_problem({"providers": {"o": {"type": "openai", "base_url": "http://h/v1", "drop_params": True}}})
-    assert problem.startswith("[providers.o]: unknown key 'drop_params'")
+    assert drops == {
+        "claude": frozenset({"seed", "logit_bias"}),
+        "resp": True,
+        "vllm": frozenset({"top_logprobs"}),
+        "strict": False,
+    }
+    problem = only_problem({"providers": {"s": {"type": "simulated", "drop_params": True}}})
+    assert problem.startswith("[providers.s]: unknown key 'drop_params'")
 
 
 def test_key_of_another_provider_type_is_unknown() -> None:

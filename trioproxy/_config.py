@@ -826,7 +826,7 @@ _CONTINUATION_WAYS: Final = {
 }
 """How each type of upstream can continue a broken answer (`trioproxy._continuation`)."""
 _TYPE_KEYS: Final = {
-    "openai": {"request_usage", "forward_paths"},
+    "openai": {"request_usage", "forward_paths", "drop_params"},
     "openai_responses": {"drop_params"},
     "anthropic": {"anthropic_version", "default_max_tokens", "forward_paths", "drop_params"},
     "simulated": set(SimulatedSettings.__dataclass_fields__),

@@ -83,6 +83,25 @@ def test_an_unportable_field_does_not_refuse_the_request_itself() -> None:
     assert "Anthropic upstreams only" in info.value.message
 
 
+def test_a_provider_s_drop_params_drops_a_top_level_field_another_upstream_has_no_equivalent_for() -> None:
+    chat = parse_messages_request(body(container="c", mcp_servers=[], temperature=0.5), {})
+    with pytest.raises(RequestError) as info:
+        chat.common_body(frozenset({"container"}))
+    assert info.value.param == "mcp_servers"
+    for drop_params in (True, frozenset({"container", "mcp_servers"})):
+        common = chat.common_body(drop_params)
+        assert (common["temperature"], common["messages"]) == (0.5, [{"role": "user", "content": "Hi"}])
+        assert not {"container", "mcp_servers"} & set(common)
+
+
+def test_drop_params_drops_no_block_and_no_field_within_another() -> None:
+    """Only a top-level field can be dropped: what is inside the conversation or a setting is its meaning."""
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}
+    for fields in ({"messages": [{"role": "user", "content": [document]}]}, {"metadata": {"tier": "gold"}}):
+        with pytest.raises(RequestError):
+            parse_messages_request(body(**fields), {}).common_body(True)
+
+
 # --------------------------------------------------------------------------------------------
 # the translation
 

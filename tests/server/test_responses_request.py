@@ -296,6 +296,23 @@ def test_a_malformed_request_is_a_400_naming_the_field(fields: dict[str, Any], p
     assert unportable(**fields).param == param
 
 
+def test_a_provider_s_drop_params_drops_a_top_level_field_another_upstream_has_no_equivalent_for() -> None:
+    chat = parse_responses_request(body(top_logprobs=3, max_tool_calls=5, temperature=0.5))
+    with pytest.raises(RequestError) as info:
+        chat.common_body()
+    assert info.value.param == "top_logprobs"
+    with pytest.raises(RequestError) as info:
+        chat.common_body(frozenset({"top_logprobs"}))
+    assert info.value.param == "max_tool_calls"
+    for drop_params in (True, frozenset({"top_logprobs", "max_tool_calls"})):
+        common = chat.common_body(drop_params)
+        assert common["temperature"] == 0.5
+        assert not {"top_logprobs", "max_tool_calls"} & set(common)
+    with pytest.raises(RequestError) as info:  # a tool the client runs in another shape is no field to drop
+        parse_responses_request(body(tools=[{"type": "local_shell"}])).common_body(True)
+    assert info.value.param == "tools[0].type"
+
+
 def test_the_recorded_codex_request_reaches_a_chat_completions_upstream() -> None:
     sent = fixture("codex_0.171.0_request.json")
     out = parse_responses_request(sent).common_body()

@@ -101,6 +101,7 @@ def _http_upstream(provider: ProviderConfig, base_url: str) -> HttpUpstream:
             api_key=provider.api_key,
             extra_headers=provider.headers,
             request_usage=provider.request_usage,
+            drop_params=provider.drop_params,
         )
     elif provider.type == "openai_responses":
         translation = ResponsesTranslation(

@@ -13,11 +13,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeAlias
+from typing import Final, Protocol
 
 from .._events import Delta
 from .._exceptions import ContextLengthError, RequestError, UpstreamStatusError
-from .._request import ChatRequest, WireProtocol
+from .._request import ChatRequest, DropParams, WireProtocol, drops
 from .._sse import ServerSentEvent
 
 __all__ = [
@@ -36,13 +36,6 @@ __all__ = [
 CUT_SHORT: Final = "the upstream ended the stream before a finish reason"
 """What `StreamParser.end` says of a body that ended cleanly but too early."""
 
-
-DropParams: TypeAlias = bool | frozenset[str]
-"""
-A provider's `drop_params`: which fields of a client's request its translation drops instead
-of refusing when the upstream has no equivalent: all of them (`True`), those named (by the
-client's name or the Chat Completions one), or none (`False`, the default).
-"""
 
 NEUTRAL_VALUES: Final[Mapping[str, object]] = {
     "n": 1,
@@ -69,7 +62,7 @@ def drop_or_refuse(chat: ChatRequest, name: str, value: object, drop_params: Dro
     if name in NEUTRAL_VALUES and value == NEUTRAL_VALUES[name]:
         return
     client_name = chat.client_name(name)
-    if drop_params is True or (drop_params and (name in drop_params or client_name in drop_params)):
+    if drops(drop_params, name, client_name):
         return
     raise RequestError(
         f"'{client_name}' has no equivalent in {upstream}, which this model's upstream speaks "

@@ -323,7 +323,7 @@ def messages_request_body(
     of the client's request is refused first: its messages are then not the client's; then
     a field Anthropic has no equivalent for, unless `drop_params` drops it.
     """
-    src = chat.common_body()
+    src = chat.common_body(drop_params)
     for name, value in src.items():
         if value is not None and name not in _CARRIED and name not in _HINTS:
             drop_or_refuse(chat, name, value, drop_params, upstream=_UPSTREAM)

@@ -115,9 +115,8 @@ class ResponsesTranslation(OpenAITranslation):
         extra_headers: Mapping[str, str] | None = None,
         drop_params: DropParams = False,
     ):
-        super().__init__(base_url=base_url, api_key=api_key, extra_headers=extra_headers)
+        super().__init__(base_url=base_url, api_key=api_key, extra_headers=extra_headers, drop_params=drop_params)
         self.url = base_url.rstrip("/") + "/responses"
-        self.drop_params = drop_params
 
     def count_tokens_request(self, chat: ChatRequest) -> UpstreamRequest | None:
         """A Responses client's `POST /responses/input_tokens`, forwarded whole with only `model` replaced."""
@@ -154,7 +153,7 @@ def responses_request_body(chat: ChatRequest, *, drop_params: DropParams = False
     The Responses body that asks what `chat`'s common body asks; raises naming what it cannot
     carry, unless `drop_params` drops it.
     """
-    common = chat.common_body()
+    common = chat.common_body(drop_params)
     body: dict[str, Any] = {"input": _input(common["messages"])}
     for name, value in common.items():
         if name in ("messages", "stream", "stream_options") or value is None:
