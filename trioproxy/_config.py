@@ -158,7 +158,7 @@ class ProviderConfig:
     drop_params: bool | frozenset[str] = False
     """
     What the translation to this provider's protocol drops instead of refusing, of the fields
-    it has no equivalent for (`providers._base.DropParams`): all, those named, or none.
+    it has no equivalent for (`_request.DropParams`): all, those named, or none.
     """
     simulated: SimulatedSettings = field(default_factory=SimulatedSettings)
 
