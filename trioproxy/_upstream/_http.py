@@ -1,8 +1,8 @@
 """
 `HttpUpstream`: one translation over one pooled httpx client, the only code in trioproxy that
-sends a request through httpx. It keeps `client.stream(...)` open inside the caller's task, so
-cancelling the session unwinds into httpx's `finally`: the response and its connection close
-and the upstream sees the client leave at once.
+sends a request through httpx. It keeps the streamed response open inside the caller's task,
+so cancelling the session unwinds into the `finally` that closes it: the response and its
+connection close and the upstream sees the client leave at once.
 """
 
 from __future__ import annotations
