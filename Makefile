@@ -15,7 +15,7 @@ CODEX_VERSION := 0.171.0
 AI_SDK_VERSIONS := ai@7.0.173 @ai-sdk/openai@4.0.118
 NODE_DIR := .node
 
-.PHONY: serve test bench browser redis-server claude-code codex vercel-ai install install-test install-bench clean
+.PHONY: serve check test bench browser redis-server claude-code codex vercel-ai install install-test install-bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,13 @@ install-bench: $(VENV)/.installed-bench
 serve: $(VENV)/.installed
 	$(BIN)/trioproxy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: $(VENV)/.installed-test browser redis-server $(if $(shell command -v node),claude-code codex vercel-ai)
+# Static checks, run first by `make test`: ruff (lint; settings in pyproject.toml) on the code, the
+# tests and the benchmarks, and mypy in strict mode on the package.
+check: $(VENV)/.installed-test
+	$(BIN)/ruff check trioproxy tests benchmarks
+	$(BIN)/mypy
+
+test: check browser redis-server $(if $(shell command -v node),claude-code codex vercel-ai)
 	$(BIN)/python -m pytest
 
 # Installs Debian's chromium (about 10 s from a warm mirror) when it is missing and we are root;

@@ -215,7 +215,7 @@ def chunk(content: str) -> bytes:
     return b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [choice]}) + b"\n\n"
 
 
-def cases(recovery: bool) -> list[Case]:
+def cases(recovery: bool) -> list[Case]:  # noqa: C901 - one closure per scenario: the matrix reads as one table
     from trioproxy.testing import Reply
 
     whole = Reply(tokens=CANONICAL)

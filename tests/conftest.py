@@ -10,10 +10,11 @@ import inspect
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import openai
@@ -22,6 +23,8 @@ import trio
 
 from trioproxy import Config, parse_config, serve
 from trioproxy.testing import FakeUpstream, open_fake_upstream
+
+T = TypeVar("T")
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 ANTHROPIC_KEY = "sk-ant-upstream-secret-9876543210"
@@ -124,12 +127,23 @@ class Instant:
         return self.to(Instant(at, Instant.now().cpu_wait))
 
 
-async def run_cli(argv: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[bytes]:
-    """A command-line client run to its end against the proxy: no stdin, output kept, bounded by `timeout`."""
-    with trio.fail_after(timeout):
-        return await trio.run_process(
-            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False
-        )
+async def collect_into(items: AsyncIterable[T], into: list[T]) -> None:
+    """
+    Iterate `items` to their end, keeping each in `into`: the one statement of a
+    `pytest.raises` block for a stream that fails part way (`into` holds what came first).
+    """
+    async for item in items:
+        into.append(item)
+
+
+async def run_cli(argv: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """
+    A command-line client run to its end against the proxy: no stdin, output kept. The caller
+    bounds it (`trio.fail_after`): a cancel kills the process.
+    """
+    return await trio.run_process(
+        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False
+    )
 
 
 def cli_answer(run: subprocess.CompletedProcess[bytes]) -> str:

@@ -23,7 +23,7 @@ async def test_the_blocks_error_leaves_unwrapped_and_the_background_task_is_canc
         finally:
             cancelled.set()
 
-    with pytest.raises(ValueError, match="from the block"):
+    with pytest.raises(ValueError, match="from the block"):  # noqa: PT012 - the nursery block is what is tested
         async with _unwrapped_nursery() as nursery:
             nursery.start_soon(background)
             await trio.sleep(1)
@@ -32,7 +32,7 @@ async def test_the_blocks_error_leaves_unwrapped_and_the_background_task_is_canc
 
 
 async def test_a_background_failure_and_the_blocks_error_both_leave(autojump_clock: trio.abc.Clock) -> None:
-    with pytest.raises(BaseExceptionGroup) as info:
+    with pytest.raises(BaseExceptionGroup) as info:  # noqa: PT012 - the nursery block is what is tested
         async with _unwrapped_nursery() as nursery:
             nursery.start_soon(fail_in_the_background)
             try:
@@ -44,7 +44,7 @@ async def test_a_background_failure_and_the_blocks_error_both_leave(autojump_clo
 
 
 async def test_a_background_failure_alone_leaves_as_the_nurserys_group(autojump_clock: trio.abc.Clock) -> None:
-    with pytest.raises(BaseExceptionGroup) as info:
+    with pytest.raises(BaseExceptionGroup) as info:  # noqa: PT012 - the nursery block is what is tested
         async with _unwrapped_nursery() as nursery:
             nursery.start_soon(fail_in_the_background)
             await trio.sleep_forever()

@@ -45,6 +45,10 @@ api_key_env = "ANTHROPIC_API_KEY"
 
 LOCAL_KEY = "local-secret-key-1234"
 CLAUDE_KEY = "sk-ant-secret-5678"
+TOP_LEVEL_KEYS = (
+    "auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, "
+    "server, streams, timeouts, tracing"
+)
 
 
 def write(tmp_path: Path, text: str, name: str = "trioproxy.toml") -> Path:
@@ -245,7 +249,7 @@ def test_the_sims_output_cap_is_configured() -> None:
 
 def test_unknown_top_level_key() -> None:
     assert only_problem({"providrs": {}}) == (
-        "config: unknown key 'providrs' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts, tracing)"
+        f"config: unknown key 'providrs' (known: {TOP_LEVEL_KEYS})"
     )
 
 
@@ -478,7 +482,7 @@ def test_several_mistakes_reported_at_once() -> None:
         }
     )
     assert problems == [
-        "config: unknown key 'sever' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts, tracing)",
+        f"config: unknown key 'sever' (known: {TOP_LEVEL_KEYS})",
         "[server].port must be an integer from 0 to 65535, got 70000",
         problems[2],  # the unknown-key sentence lists every known key; checked below
         "[providers.local].base_url must be an http:// or https:// URL, got 'localhost:9000'",
@@ -494,8 +498,8 @@ def test_config_error_message_lists_every_problem() -> None:
         parse_config({"x": 1, "y": 2}, environ={})
     error = info.value
     assert error.problems == [
-        "config: unknown key 'x' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts, tracing)",
-        "config: unknown key 'y' (known: auth, breaker, buffer, builtin_sim, cors, default_provider, limits, logging, models, providers, redis, retry, server, streams, timeouts, tracing)",
+        f"config: unknown key 'x' (known: {TOP_LEVEL_KEYS})",
+        f"config: unknown key 'y' (known: {TOP_LEVEL_KEYS})",
     ]
     assert str(error) == "invalid configuration:\n" + "\n".join(f"  - {p}" for p in error.problems)
 
@@ -549,7 +553,10 @@ def test_file_mistakes_reported_like_dict_mistakes(tmp_path: Path) -> None:
 
 OPENAI = {"type": "openai", "base_url": "http://h/v1"}
 TIMEOUT_KEYS = "connect_timeout, first_token_timeout, silence_timeout, total_timeout, heartbeat_interval, hedge_after"
-RETRY_KEYS = "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, continuation_cooldown"
+RETRY_KEYS = (
+    "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, "
+    "continuation_cooldown"
+)
 BUFFER_KEYS = "min_chunk_size, max_chunk_size, flush_interval_ms, buffer_by_word, buffer_by_sentence"
 
 
@@ -1063,7 +1070,8 @@ def test_server_shutdown_grace_period() -> None:
 def test_auth_keys_from_the_file_and_the_environment() -> None:
     config = parse_config({"auth": {"keys": ["k1"], "keys_env": "KEYS"}}, environ={"KEYS": "k2,k3  k4"})
     assert config.auth.keys == ("k1", "k2", "k3", "k4")
-    assert config.auth.enabled and config.auth.protect_metrics
+    assert config.auth.enabled
+    assert config.auth.protect_metrics
     assert "k1" not in repr(config)
     assert not parse_config({}, environ={}).auth.enabled
     assert only_problem({"auth": {"keys": "k1"}}) == "[auth].keys must be a list of non-empty strings"
@@ -1208,7 +1216,8 @@ def test_cors_off_by_default_and_table() -> None:
         allow_credentials=True,
     )
     assert cors.enabled
-    assert "x-stainless-*" in CorsConfig().allow_headers and "authorization" in CorsConfig().allow_headers
+    assert "x-stainless-*" in CorsConfig().allow_headers
+    assert "authorization" in CorsConfig().allow_headers
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,8 @@ def test_random_cuts_and_overlaps_never_duplicate_or_drop_a_character(canonical:
     delivered = canonical[:cut]
     continued = continuation(CHAT, delivered, way)
     prefix = continued.chat.messages[-1]["content"]
-    assert delivered.startswith(prefix) and delivered == prefix + continued.overlap
+    assert delivered.startswith(prefix)
+    assert delivered == prefix + continued.overlap
 
     # The model continues its prefix with the rest of the canonical text, split anyhow.
     rest = canonical[len(prefix) :]

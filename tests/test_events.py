@@ -36,11 +36,11 @@ def test_delta_has_content() -> None:
 
 
 def test_opened_is_a_singleton_value() -> None:
-    assert OPENED == Opened()
+    assert Opened() == OPENED
 
 
 def test_event_types() -> None:
-    assert EVENT_TYPES == {"token", "chunk", "done", "error", "metadata"}
+    assert {"token", "chunk", "done", "error", "metadata"} == EVENT_TYPES
 
 
 def test_to_json_is_compact_and_one_line() -> None:
@@ -98,10 +98,10 @@ def test_from_dict_copies_metadata() -> None:
 
 @pytest.mark.parametrize("type_", ["message", "Token", "", "done "])
 def test_invalid_type_rejected(type_: str) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="unknown StreamEvent type") as info:
         StreamEvent(type_)  # type: ignore[arg-type]
     assert str(info.value) == (
         f"unknown StreamEvent type {type_!r}; expected one of ['chunk', 'done', 'error', 'metadata', 'token']"
     )
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown StreamEvent type"):
         StreamEvent.from_json(orjson.dumps({"type": type_, "data": "x"}))

@@ -23,10 +23,12 @@ def test_every_error_may_carry_retry_after_and_characters_delivered() -> None:
 def test_after_delivery_is_a_new_error_of_the_same_class() -> None:
     caught = UpstreamTimeoutError("the upstream sent no further token", kind="silence_timeout")
     ended = caught.after_delivery(27, content_delivered=True)
-    assert type(ended) is UpstreamTimeoutError and ended is not caught
+    assert type(ended) is UpstreamTimeoutError
+    assert ended is not caught
     assert (ended.status, ended.kind, ended.characters_delivered) == (504, "silence_timeout", 27)
     assert ended.message.endswith(" token (after 27 characters were delivered; they are not repeated)")
-    assert str(ended) == ended.message and ended.__cause__ is caught
+    assert str(ended) == ended.message
+    assert ended.__cause__ is caught
     assert (caught.message, caught.characters_delivered) == ("the upstream sent no further token", None)
 
 

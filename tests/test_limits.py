@@ -114,7 +114,8 @@ def test_streams_per_key_are_refused_with_429_and_a_short_retry_after() -> None:
     limiter.admit("b", T0)  # another key has its own share
     first.release()
     limiter.admit("a", T0)
-    assert limiter.streams_of("a") == 2 and limiter.streams == 3
+    assert limiter.streams_of("a") == 2
+    assert limiter.streams == 3
     del second
 
 
@@ -135,7 +136,8 @@ def test_a_lease_is_released_once_however_often_it_is_released() -> None:
     lease.release()
     lease.release()  # the session's end and a handler's cleanup may both do it
     assert lease.released
-    assert limiter.streams == 0 and limiter.streams_of("a") == 0
+    assert limiter.streams == 0
+    assert limiter.streams_of("a") == 0
     other = limiter.admit("a", T0)
     with pytest.raises(OverloadedError):  # a second release did not free a slot it never held
         limiter.admit("b", T0)
@@ -172,7 +174,8 @@ def test_all_limits_off_admit_everything() -> None:
     assert limiter.streams == 10_000
     for lease in leases:
         lease.release()
-    assert limiter.rate is None and limiter.streams == 0
+    assert limiter.rate is None
+    assert limiter.streams == 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +188,8 @@ def test_too_many_messages_is_a_400_named_like_openai() -> None:
     with pytest.raises(RequestError) as info:
         check_request_shape(body, max_messages=4, max_string_chars=0)
     assert (info.value.status, info.value.code, info.value.param) == (400, "array_above_max_length", "messages")
-    assert "5 items" in info.value.message and "at most 4" in info.value.message
+    assert "5 items" in info.value.message
+    assert "at most 4" in info.value.message
 
 
 def test_too_many_responses_input_items_is_the_same_400() -> None:

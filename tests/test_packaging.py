@@ -14,4 +14,5 @@ def test_the_license_is_an_spdx_expression_with_a_setuptools_that_reads_it() -> 
     assert PYPROJECT["project"]["license"] == "MIT"
     [setuptools] = [r for r in PYPROJECT["build-system"]["requires"] if r.startswith("setuptools")]
     lowest = re.fullmatch(r"setuptools>=(\d+)(\.\d+)*", setuptools)
-    assert lowest and int(lowest.group(1)) >= 77, setuptools  # PEP 639 license expressions
+    assert lowest, setuptools
+    assert int(lowest.group(1)) >= 77, setuptools  # PEP 639 license expressions

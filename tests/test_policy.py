@@ -229,7 +229,8 @@ def test_min_larger_than_a_max_from_the_base() -> None:
         ),
         (
             RetryConfig(),
-            "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, continuation_cooldown",
+            "max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, "
+            "max_continuations, continuation_cooldown",
         ),
     ],
 )
@@ -262,7 +263,8 @@ def test_every_mistake_reported_and_good_keys_kept() -> None:
     )
     assert problems == [
         "[retry].base_delay_ms must not be negative, got -5",
-        "[retry]: unknown key 'retries' (known: max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, retry_on, max_hedges, max_continuations, continuation_cooldown)",
+        "[retry]: unknown key 'retries' (known: max_retries, base_delay_ms, max_delay_ms, exponential_base, jitter, "
+        "retry_on, max_hedges, max_continuations, continuation_cooldown)",
         "[retry].jitter must be between 0 and 1, got 3",
         "[retry].exponential_base must be at least 1, got 0.9",
     ]

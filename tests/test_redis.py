@@ -6,6 +6,7 @@ so lease expiry waits for real (a second or two), polled within a bound.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,10 +34,8 @@ async def admitted(state: RedisState, client: str, limits: SharedLimits, tries: 
     leases: list[SharedLease] = []
 
     async def one() -> None:
-        try:
+        with contextlib.suppress(RateLimitedError):
             leases.append(await state.admit(client, limits))
-        except RateLimitedError:
-            pass
 
     async with trio.open_nursery() as nursery:
         for _ in range(tries):
@@ -61,7 +60,7 @@ async def test_requests_per_minute_are_exact_under_concurrent_admissions(redis_s
 async def test_concurrent_streams_per_client_and_in_all(redis_server: RedisServer) -> None:
     limits = SharedLimits(max_streams_per_key=2, max_concurrent_streams=3)
     async with running(redis_server) as first, running(redis_server) as second:
-        a1, a2 = await admitted(first, "key:a", limits, 5)
+        a1, _ = await admitted(first, "key:a", limits, 5)
         with pytest.raises(RateLimitedError) as per_client:
             await second.admit("key:a", limits)
         assert (per_client.value.code, per_client.value.retry_after) == ("too_many_streams", 1.0)
@@ -131,5 +130,6 @@ async def test_no_key_appears_in_redis(redis_server: RedisServer) -> None:
         await state.admit("key:sk-client-secret", SharedLimits(requests_per_minute=5))
         async with coredis.Redis.from_url(redis_server.url) as client:
             keys = sorted(k.decode() for k in await client.keys("*"))
-    assert all(k.startswith("tp:") for k in keys) and len(keys) == 3
+    assert all(k.startswith("tp:") for k in keys)
+    assert len(keys) == 3
     assert not any("secret" in k for k in keys)

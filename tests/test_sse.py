@@ -549,7 +549,7 @@ data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":
 event: message_stop
 data: {"type":"message_stop"}
 
-"""
+"""  # noqa: E501 - recorded wire data, kept verbatim
 
 
 def test_anthropic_stream(decode: Decode) -> None:
@@ -582,13 +582,8 @@ def test_anthropic_stream_without_final_blank_line_loses_message_stop(decode: De
 # Differential check against a literal, character-by-character reading of §9.2.6
 
 
-def reference_decode(raw: bytes) -> tuple[list[ServerSentEvent], str, int | None]:
-    """
-    The spec's algorithm done the slow, obvious way, on the whole stream at once.
-
-    "utf-8-sig" is the UTF-8 decode algorithm: it strips one leading BOM and nothing else.
-    """
-    text = raw.decode("utf-8-sig", "replace")
+def reference_lines(text: str) -> list[str]:
+    """The lines of `text`, each ended by CRLF, LF or CR; a final line without a line end is discarded (EOF)."""
     lines: list[str] = []
     current: list[str] = []
     i = 0
@@ -602,7 +597,16 @@ def reference_decode(raw: bytes) -> tuple[list[ServerSentEvent], str, int | None
         else:
             current.append(ch)
         i += 1
-    # `current` is a final line without a line end: discarded at EOF.
+    return lines
+
+
+def reference_decode(raw: bytes) -> tuple[list[ServerSentEvent], str, int | None]:
+    """
+    The spec's algorithm done the slow, obvious way, on the whole stream at once.
+
+    "utf-8-sig" is the UTF-8 decode algorithm: it strips one leading BOM and nothing else.
+    """
+    lines = reference_lines(raw.decode("utf-8-sig", "replace"))
     events: list[ServerSentEvent] = []
     data, event_type, id_buffer, last_id, retry = "", "", "", "", None
     for line in lines:

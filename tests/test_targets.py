@@ -22,7 +22,8 @@ async def test_the_least_outstanding_per_weight_takes_the_request() -> None:
     breakers = LocalBreakers(BREAKER)
     a, b = Target("a", breakers), Target("b", breakers, weight=3)
     picked = [await take([a, b], now=0) for _ in range(8)]
-    assert picked.count("b") == 6 and picked.count("a") == 2  # b takes three for each of a's
+    assert picked.count("b") == 6
+    assert picked.count("a") == 2  # b takes three for each of a's
     assert (a.outstanding, b.outstanding) == (2, 6)
 
 
@@ -48,7 +49,8 @@ async def test_a_failed_probe_opens_it_again_and_a_success_resets_the_count() ->
         await fail(breakers, "a", now=now)
     assert await choose([a], now=11) == (a, True)
     assert await fail(breakers, "a", now=11, probe=True) == "open"
-    assert await take([a], now=20.9) is None and await take([a], now=21) == "a"  # open until 21
+    assert await take([a], now=20.9) is None
+    assert await take([a], now=21) == "a"  # open until 21
 
     await fail(breakers, "b", now=0)
     assert await breakers.settle("b", "succeeded", probe=False, now=0) is None

@@ -78,7 +78,8 @@ def attempt_kinds(attempts: Sequence[ReadableSpan]) -> list[tuple[Any, Any]]:
 def assert_nested(request: ReadableSpan, attempts: Sequence[ReadableSpan]) -> None:
     """Every attempt is a child of the request's span, in its trace."""
     for attempt in attempts:
-        assert attempt.parent is not None and attempt.parent.span_id == request.context.span_id
+        assert attempt.parent is not None
+        assert attempt.parent.span_id == request.context.span_id
         assert attempt.context.trace_id == request.context.trace_id
 
 
@@ -98,8 +99,11 @@ async def test_a_retried_stream_is_one_request_span_over_two_attempts_in_the_cli
 
     request, attempts = await request_span(exporter)
     assert request.name == "chat up/m"
-    assert request.parent is not None and request.parent.span_id == CLIENT_SPAN_ID and request.parent.is_remote
-    assert request.context.trace_id == TRACE_ID and request.context.trace_state.get("vendor") == "opaque"
+    assert request.parent is not None
+    assert request.parent.span_id == CLIENT_SPAN_ID
+    assert request.parent.is_remote
+    assert request.context.trace_id == TRACE_ID
+    assert request.context.trace_state.get("vendor") == "opaque"
     assert request.status.status_code is StatusCode.UNSET
     attributes = request.attributes
     assert attributes["gen_ai.operation.name"] == "chat"
@@ -118,7 +122,8 @@ async def test_a_retried_stream_is_one_request_span_over_two_attempts_in_the_cli
     assert (failed.attributes["error.type"], failed.attributes["http.response.status_code"]) == ("server_error", 500)
     assert failed.end_time <= succeeded.start_time  # the retry began after the failure, not alongside it
     for attempt, received in zip(attempts, upstream.requests, strict=True):
-        assert attempt.name == "chat m" and attempt.attributes["gen_ai.request.model"] == "m"
+        assert attempt.name == "chat m"
+        assert attempt.attributes["gen_ai.request.model"] == "m"
         assert attempt.attributes["server.address"] == "127.0.0.1"
         assert attempt.attributes["server.port"] == upstream.port
         # Each upstream request carries its own attempt's context, in the client's trace and state.
@@ -208,7 +213,8 @@ async def test_a_failure_on_every_route_fails_each_attempt_and_the_request(
     request, attempts = await request_span(exporter)
     assert attempt_kinds(attempts) == [("first", "error"), ("failover", "error")]
     assert_nested(request, attempts)
-    assert request.status.status_code is StatusCode.ERROR and "2 routes failed" in request.status.description
+    assert request.status.status_code is StatusCode.ERROR
+    assert "2 routes failed" in request.status.description
     assert request.attributes["error.type"] == "server_error"
     assert request.attributes["trioproxy.outcome"] == "upstream_error"
     assert "gen_ai.usage.input_tokens" not in request.attributes  # nobody counted: no estimate passed off as usage
@@ -222,16 +228,19 @@ async def test_a_request_the_limits_refuse_is_a_failed_span_with_no_attempt(
         with pytest.raises(openai.BadRequestError):
             await client.chat.completions.create(model="up/m", messages=MESSAGES * 2)
     request, attempts = await request_span(exporter)
-    assert attempts == [] and upstream.request_count == 0
+    assert attempts == []
+    assert upstream.request_count == 0
     assert (request.status.status_code, request.attributes["error.type"]) == (StatusCode.ERROR, "invalid_request_error")
 
 
 async def anthropic_messages(proxy: str) -> None:
-    async with anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client:
-        async with client.messages.stream(
+    async with (
+        anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client,
+        client.messages.stream(
             model="claude/claude-test", max_tokens=64, messages=MESSAGES, extra_headers=CLIENT_CONTEXT
-        ) as stream:
-            await stream.get_final_message()
+        ) as stream,
+    ):
+        await stream.get_final_message()
 
 
 async def openai_responses(proxy: str) -> None:
@@ -385,4 +394,5 @@ async def test_a_client_s_traceparent_is_not_forwarded_when_tracing_is_off(
     async with httpx.AsyncClient() as http:
         body = {"model": "up/m", "messages": MESSAGES}
         assert (await http.post(proxy + "/v1/chat/completions", json=body, headers=CLIENT_CONTEXT)).status_code == 200
-    assert "traceparent" not in upstream.requests[0].headers and "tracestate" not in upstream.requests[0].headers
+    assert "traceparent" not in upstream.requests[0].headers
+    assert "tracestate" not in upstream.requests[0].headers

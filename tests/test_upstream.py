@@ -12,6 +12,7 @@ import httpcore
 import httpx
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from trioproxy import parse_config
@@ -161,7 +162,7 @@ class ScriptedBreakers:
         return "half_open" if self.admits else None
 
     async def settle(self, url: str, verdict: Verdict, *, probe: bool, now: float) -> BreakerState | None:
-        await trio.sleep(0)  # a round trip to the store
+        await trio.lowlevel.checkpoint()  # a round trip to the store
         self.settled.append((url, verdict, probe))
         return None
 

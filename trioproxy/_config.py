@@ -13,7 +13,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -340,7 +340,7 @@ def load_config(path: str | os.PathLike[str] | None, *, environ: Mapping[str, st
     return parse_config(raw, environ=environ)
 
 
-def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = None) -> Config:
+def parse_config(raw: Mapping[str, object], *, environ: Mapping[str, str] | None = None) -> Config:
     """Check a parsed config document; raises `ConfigError` listing every problem."""
     env = os.environ if environ is None else environ
     problems: list[str] = []
@@ -386,46 +386,12 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     if defaults.timeouts.connect_timeout <= 0:
         problems.append("[timeouts].connect_timeout must be a positive number")
 
-    builtin_sim = raw.get("builtin_sim", True)
-    if not isinstance(builtin_sim, bool):
-        problems.append(f"builtin_sim must be true or false, got {builtin_sim!r}")
-    providers: dict[str, ProviderConfig] = {}
-    if builtin_sim is not False:
-        providers[SIM] = ProviderConfig(
-            name=SIM, type="simulated", timeouts=defaults.timeouts, retry=defaults.retry, buffer=defaults.buffer
-        )
-    tables = raw.get("providers", {})
-    if not isinstance(tables, dict):
-        problems.append("[providers] must be a table of provider tables")
-        tables = {}
-    for name, table in tables.items():
-        provider = _provider(name, table, defaults, env, problems, warnings)
-        if provider is not None:
-            providers[name] = provider
-
-    if not providers and not tables:
-        problems.append("no provider is declared: add a [providers.NAME] table (builtin_sim = false leaves out 'sim')")
-
-    default_provider = raw.get("default_provider")
-    if default_provider is not None and not isinstance(default_provider, str):
-        problems.append(f"default_provider must be a provider name (a string), got {default_provider!r}")
-        default_provider = None
+    providers, tables = _providers(raw, defaults, env, problems, warnings)
     # A provider whose table has mistakes is declared all the same: its own sentences say what is wrong.
-    if default_provider is not None and default_provider not in providers and default_provider not in tables:
-        declared = ", ".join(sorted({*providers, *tables}))
-        problems.append(f"default_provider = {default_provider!r} names no provider (declared: {declared})")
-
-    for provider in providers.values():
-        for key in ("fallbacks", "context_fallbacks"):
-            for i, fallback in enumerate(getattr(provider, key)):
-                prefix = fallback.partition("/")[0]
-                if prefix not in providers and prefix not in tables:
-                    problems.append(
-                        f"[providers.{provider.name}].{key}[{i}] = {fallback!r} names no provider "
-                        "(write it as 'provider/model')"
-                    )
-
-    models = _models(raw.get("models", {}), {*providers, *tables}, problems)
+    declared = {*providers, *tables}
+    default_provider = _default_provider(raw.get("default_provider"), declared, problems)
+    _check_fallbacks_name_providers(providers.values(), declared, problems)
+    models = _models(raw.get("models", {}), declared, problems)
 
     if problems:
         raise ConfigError(problems)
@@ -445,7 +411,7 @@ def parse_config(raw: Mapping[str, Any], *, environ: Mapping[str, str] | None = 
     )
 
 
-def _models(table: Any, declared: set[str], problems: list[str]) -> tuple[ModelRoute, ...]:
+def _models(table: object, declared: set[str], problems: list[str]) -> tuple[ModelRoute, ...]:
     """The `[models]` table: aliases and patterns, in file order (the first pattern that matches wins)."""
     if not isinstance(table, dict):
         problems.append(
@@ -472,7 +438,7 @@ def _models(table: Any, declared: set[str], problems: list[str]) -> tuple[ModelR
     return tuple(routes)
 
 
-def _limits(table: Any, problems: list[str]) -> LimitsConfig:
+def _limits(table: object, problems: list[str]) -> LimitsConfig:
     if not isinstance(table, dict):
         problems.append("[limits] must be a table")
         return LimitsConfig()
@@ -491,28 +457,63 @@ def _limits(table: Any, problems: list[str]) -> LimitsConfig:
     return LimitsConfig(**checked)
 
 
-def _redis(table: Any, env: Mapping[str, str], problems: list[str]) -> RedisConfig:
+def _providers(
+    raw: Mapping[str, object], defaults: _Defaults, env: Mapping[str, str], problems: list[str], warnings: list[str]
+) -> tuple[dict[str, ProviderConfig], dict[str, Any]]:
+    """The providers that are well formed, the built-in `sim` unless left out; and every provider table."""
+    builtin_sim = raw.get("builtin_sim", True)
+    if not isinstance(builtin_sim, bool):
+        problems.append(f"builtin_sim must be true or false, got {builtin_sim!r}")
+    providers: dict[str, ProviderConfig] = {}
+    if builtin_sim is not False:
+        providers[SIM] = ProviderConfig(
+            name=SIM, type="simulated", timeouts=defaults.timeouts, retry=defaults.retry, buffer=defaults.buffer
+        )
+    tables = raw.get("providers", {})
+    if not isinstance(tables, dict):
+        problems.append("[providers] must be a table of provider tables")
+        tables = {}
+    for name, table in tables.items():
+        provider = _provider(name, table, defaults, env, problems, warnings)
+        if provider is not None:
+            providers[name] = provider
+    if not providers and not tables:
+        problems.append("no provider is declared: add a [providers.NAME] table (builtin_sim = false leaves out 'sim')")
+    return providers, tables
+
+
+def _default_provider(value: object, declared: set[str], problems: list[str]) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        problems.append(f"default_provider must be a provider name (a string), got {value!r}")
+        return None
+    if value not in declared:
+        problems.append(f"default_provider = {value!r} names no provider (declared: {', '.join(sorted(declared))})")
+    return value
+
+
+def _check_fallbacks_name_providers(
+    providers: Iterable[ProviderConfig], declared: set[str], problems: list[str]
+) -> None:
+    for provider in providers:
+        for key in ("fallbacks", "context_fallbacks"):
+            for i, fallback in enumerate(getattr(provider, key)):
+                if fallback.partition("/")[0] not in declared:
+                    problems.append(
+                        f"[providers.{provider.name}].{key}[{i}] = {fallback!r} names no provider "
+                        "(write it as 'provider/model')"
+                    )
+
+
+def _redis(table: object, env: Mapping[str, str], problems: list[str]) -> RedisConfig:
     if not isinstance(table, dict):
         problems.append("[redis] must be a table")
         return RedisConfig()
     _unknown_keys(table, {"url", "password_env", "key_prefix", "timeout", "lease_ttl", "on_error"}, "[redis]", problems)
     base = RedisConfig()
-    url = table.get("url", "")
-    if not isinstance(url, str) or (url and urlsplit(url).scheme not in ("redis", "rediss")):
-        problems.append(f"[redis].url must be a redis:// or rediss:// URL, got {url!r}")
-        url = ""
-    elif urlsplit(url).password:
-        problems.append("[redis].url must not hold a password: name the variable that does in [redis].password_env")
-        url = ""
-    password = None
-    password_env = table.get("password_env")
-    if password_env is not None:
-        if not isinstance(password_env, str) or not password_env:
-            problems.append(f"[redis].password_env must be the name of an environment variable, got {password_env!r}")
-        elif not env.get(password_env):
-            problems.append(f"[redis].password_env: environment variable {password_env} is not set")
-        else:
-            password = env[password_env]
+    url = _redis_url(table.get("url", ""), problems)
+    password = _redis_password(table.get("password_env"), env, problems)
     prefix = table.get("key_prefix", base.key_prefix)
     if not isinstance(prefix, str):
         problems.append(f"[redis].key_prefix must be a string, got {prefix!r}")
@@ -539,38 +540,39 @@ def _redis(table: Any, env: Mapping[str, str], problems: list[str]) -> RedisConf
     )
 
 
-def _cors(table: Any, problems: list[str]) -> CorsConfig:
+def _redis_url(url: object, problems: list[str]) -> str:
+    """`[redis].url`, if it is a Redis URL without a password; otherwise "" (Redis off)."""
+    if not isinstance(url, str) or (url and urlsplit(url).scheme not in ("redis", "rediss")):
+        problems.append(f"[redis].url must be a redis:// or rediss:// URL, got {url!r}")
+        return ""
+    if urlsplit(url).password:
+        problems.append("[redis].url must not hold a password: name the variable that does in [redis].password_env")
+        return ""
+    return url
+
+
+def _redis_password(password_env: object, env: Mapping[str, str], problems: list[str]) -> str | None:
+    """The password in the environment variable `[redis].password_env` names, if it names one."""
+    if password_env is None:
+        return None
+    if not isinstance(password_env, str) or not password_env:
+        problems.append(f"[redis].password_env must be the name of an environment variable, got {password_env!r}")
+        return None
+    if not env.get(password_env):
+        problems.append(f"[redis].password_env: environment variable {password_env} is not set")
+        return None
+    return env[password_env]
+
+
+def _cors(table: object, problems: list[str]) -> CorsConfig:
     if not isinstance(table, dict):
         problems.append("[cors] must be a table")
         return CorsConfig()
     _unknown_keys(table, set(CorsConfig.__dataclass_fields__), "[cors]", problems)
     checked: dict[str, Any] = {}
-    origins = table.get("allow_origins", [])
-    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
-        problems.append("[cors].allow_origins must be a list of origins like 'https://app.example.com', or ['*']")
-    else:
-        checked["allow_origins"] = tuple(o.strip().lower() for o in origins)
-        for origin in checked["allow_origins"]:
-            if origin != "*" and not _ORIGIN.match(origin):
-                problems.append(
-                    f"[cors].allow_origins: {origin!r} is not an origin: write scheme://host[:port], "
-                    "with no path and no trailing slash (e.g. 'https://app.example.com')"
-                )
+    _cors_origins(table, problems, checked)
     for key in ("allow_headers", "expose_headers"):
-        names = table.get(key)
-        if names is None:
-            continue
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            problems.append(f"[cors].{key} must be a list of header names")
-            continue
-        checked[key] = tuple(n.strip().lower() for n in names)
-        for name in checked[key]:
-            pattern = key == "allow_headers" and name.endswith("*")
-            if not _HEADER_NAME.match(name) or "*" in (name[:-1] if pattern else name):
-                problems.append(
-                    f"[cors].{key}: {name!r} is not a header name"
-                    + (" (or 'prefix-*')" if key == "allow_headers" else "")
-                )
+        _cors_header_names(table, key, problems, checked)
     max_age = table.get("max_age")
     if max_age is not None:
         if isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 0:
@@ -584,6 +586,37 @@ def _cors(table: Any, problems: list[str]) -> CorsConfig:
             "every web site could send its visitors' cookies to the proxy"
         )
     return CorsConfig(**checked)
+
+
+def _cors_origins(table: Mapping[str, object], problems: list[str], checked: dict[str, Any]) -> None:
+    origins = table.get("allow_origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        problems.append("[cors].allow_origins must be a list of origins like 'https://app.example.com', or ['*']")
+        return
+    checked["allow_origins"] = tuple(o.strip().lower() for o in origins)
+    for origin in checked["allow_origins"]:
+        if origin != "*" and not _ORIGIN.match(origin):
+            problems.append(
+                f"[cors].allow_origins: {origin!r} is not an origin: write scheme://host[:port], "
+                "with no path and no trailing slash (e.g. 'https://app.example.com')"
+            )
+
+
+def _cors_header_names(table: Mapping[str, object], key: str, problems: list[str], checked: dict[str, Any]) -> None:
+    """`allow_headers` (where a name may end in `*`: a prefix) or `expose_headers`."""
+    names = table.get(key)
+    if names is None:
+        return
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        problems.append(f"[cors].{key} must be a list of header names")
+        return
+    checked[key] = tuple(n.strip().lower() for n in names)
+    for name in checked[key]:
+        pattern = key == "allow_headers" and name.endswith("*")
+        if not _HEADER_NAME.match(name) or "*" in (name[:-1] if pattern else name):
+            problems.append(
+                f"[cors].{key}: {name!r} is not a header name" + (" (or 'prefix-*')" if key == "allow_headers" else "")
+            )
 
 
 def _tracing(table: Any, problems: list[str]) -> TracingConfig:
@@ -621,7 +654,7 @@ def _tracing(table: Any, problems: list[str]) -> TracingConfig:
     return TracingConfig(**checked)
 
 
-def _auth(table: Any, env: Mapping[str, str], problems: list[str]) -> AuthConfig:
+def _auth(table: object, env: Mapping[str, str], problems: list[str]) -> AuthConfig:
     """
     Every key source named must yield a key: a source that yields none (an unset or empty
     variable, an empty list) would leave every route open while the file says it is closed.
@@ -656,7 +689,7 @@ def _auth(table: Any, env: Mapping[str, str], problems: list[str]) -> AuthConfig
     return AuthConfig(keys=tuple(keys), **checked)
 
 
-def _logging(table: Any, problems: list[str]) -> LoggingConfig:
+def _logging(table: object, problems: list[str]) -> LoggingConfig:
     if not isinstance(table, dict):
         problems.append("[logging] must be a table")
         return LoggingConfig()
@@ -675,7 +708,7 @@ def _logging(table: Any, problems: list[str]) -> LoggingConfig:
     return replace(LoggingConfig(), **changes)
 
 
-def _server(table: Any, problems: list[str]) -> ServerConfig:
+def _server(table: object, problems: list[str]) -> ServerConfig:
     if not isinstance(table, dict):
         problems.append("[server] must be a table")
         return ServerConfig()
@@ -772,7 +805,7 @@ _TYPE_KEYS: Final = {
 
 
 def _provider(
-    name: str, table: Any, defaults: _Defaults, env: Mapping[str, str], problems: list[str], warnings: list[str]
+    name: str, table: object, defaults: _Defaults, env: Mapping[str, str], problems: list[str], warnings: list[str]
 ) -> ProviderConfig | None:
     where = f"[providers.{name}]"
     if not _NAME.match(name):
@@ -781,16 +814,51 @@ def _provider(
     if not isinstance(table, dict):
         problems.append(f"{where} must be a table")
         return None
-    type_ = table.get("type")
-    if type_ not in PROVIDER_TYPES:
-        what = "is missing" if type_ is None else f"{type_!r} is unknown"
-        types = ", ".join(map(repr, PROVIDER_TYPES))
-        problems.append(f"{where}.type {what}: say which protocol the upstream speaks, one of {types}")
+    type_ = _provider_type(table, where, problems)
+    if type_ is None:
         return None
     _unknown_keys(table, _COMMON_KEYS | _TYPE_KEYS[type_], where, problems)
     before = len(problems)
     checked: dict[str, Any] = {}
+    _base_url(table, type_, where, problems, checked)
+    _api_key(table, env, where, problems, warnings, checked)
+    _headers(table, where, problems, checked)
+    _model_names(table, where, problems, checked)
+    _policies(table, defaults, where, problems, checked)
+    for key in ("fallbacks", "context_fallbacks"):
+        _fallbacks(table, key, where, problems, checked)
+    if "transforms" in table:
+        checked["transforms"] = build_transforms(table["transforms"], where=f"{where}.transforms", problems=problems)
+    if "validators" in table:
+        checked["validators"] = build_validators(table["validators"], where=f"{where}.validators", problems=problems)
+    _number(table, "max_connections", where, problems, checked, positive=True, integer=True)
+    _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
+    _bool(table, "request_usage", where, problems, checked)
+    _forward_paths(table, where, problems, checked)
+    _bool(table, "skip_malformed_events", where, problems, checked)
+    _continuation(table, type_, where, problems, checked)
+    _string(table, "anthropic_version", where, problems, checked)
+    if type_ == "simulated":
+        _simulated(table, where, problems, checked)
+    if len(problems) > before:
+        return None
+    return ProviderConfig(name=name, type=type_, **checked)
 
+
+def _provider_type(table: Mapping[str, object], where: str, problems: list[str]) -> str | None:
+    type_ = table.get("type")
+    if not isinstance(type_, str) or type_ not in PROVIDER_TYPES:
+        what = "is missing" if type_ is None else f"{type_!r} is unknown"
+        types = ", ".join(map(repr, PROVIDER_TYPES))
+        problems.append(f"{where}.type {what}: say which protocol the upstream speaks, one of {types}")
+        return None
+    return type_
+
+
+def _base_url(
+    table: Mapping[str, object], type_: str, where: str, problems: list[str], checked: dict[str, Any]
+) -> None:
+    """`targets` and the `base_url` of the first (or only) one."""
     targets = _targets(table, where, problems)
     if targets:
         checked["targets"] = targets
@@ -803,16 +871,28 @@ def _provider(
         problems.append(f"{where}.base_url must be an http:// or https:// URL, got {base_url!r}")
     checked["base_url"] = base_url if isinstance(base_url, str) else ""
 
-    api_key_env = table.get("api_key_env")
-    if api_key_env is not None:
-        if not isinstance(api_key_env, str) or not api_key_env:
-            problems.append(f"{where}.api_key_env must be the name of an environment variable, got {api_key_env!r}")
-        else:
-            checked["api_key_env"] = api_key_env
-            checked["api_key"] = env.get(api_key_env) or None
-            if checked["api_key"] is None:
-                warnings.append(f"{where}: environment variable {api_key_env} is not set; requests go without a key")
 
+def _api_key(
+    table: Mapping[str, object],
+    env: Mapping[str, str],
+    where: str,
+    problems: list[str],
+    warnings: list[str],
+    checked: dict[str, Any],
+) -> None:
+    api_key_env = table.get("api_key_env")
+    if api_key_env is None:
+        return
+    if not isinstance(api_key_env, str) or not api_key_env:
+        problems.append(f"{where}.api_key_env must be the name of an environment variable, got {api_key_env!r}")
+        return
+    checked["api_key_env"] = api_key_env
+    checked["api_key"] = env.get(api_key_env) or None
+    if checked["api_key"] is None:
+        warnings.append(f"{where}: environment variable {api_key_env} is not set; requests go without a key")
+
+
+def _headers(table: Mapping[str, object], where: str, problems: list[str], checked: dict[str, Any]) -> None:
     headers = table.get("headers", {})
     if not isinstance(headers, dict):
         problems.append(f"{where}.headers must be a table of strings, got {headers!r}")
@@ -821,6 +901,8 @@ def _provider(
     else:
         checked["headers"] = dict(headers)
 
+
+def _model_names(table: Mapping[str, object], where: str, problems: list[str], checked: dict[str, Any]) -> None:
     models = table.get("models", [])
     if not isinstance(models, list):
         problems.append(f"{where}.models must be a list of model names, got {models!r}")
@@ -829,6 +911,11 @@ def _provider(
     else:
         checked["models"] = tuple(models)
 
+
+def _policies(
+    table: Mapping[str, object], defaults: _Defaults, where: str, problems: list[str], checked: dict[str, Any]
+) -> None:
+    """The provider's timeouts (keys of its own table) and its retry, buffer and breaker tables, over the defaults."""
     timeouts = parse_policy(
         defaults.timeouts,
         {k: v for k, v in table.items() if k in _TIMEOUT_KEYS},
@@ -844,39 +931,44 @@ def _provider(
     checked["breaker"] = parse_policy(
         defaults.breaker, table.get("breaker", {}), where=f"{where}.breaker", problems=problems
     )
-    for key in ("fallbacks", "context_fallbacks"):
-        names = table.get(key, [])
-        if not isinstance(names, list):
-            problems.append(f"{where}.{key} must be a list of 'provider/model' names, got {names!r}")
-            continue
-        bad = [(i, f) for i, f in enumerate(names) if not isinstance(f, str) or not _FALLBACK.match(f)]
-        for i, fallback in bad:
-            problems.append(f"{where}.{key}[{i}] = {fallback!r} is not a 'provider/model' name")
-        if not bad:
-            checked[key] = tuple(names)
-    if "transforms" in table:
-        checked["transforms"] = build_transforms(table["transforms"], where=f"{where}.transforms", problems=problems)
-    if "validators" in table:
-        checked["validators"] = build_validators(table["validators"], where=f"{where}.validators", problems=problems)
-    _number(table, "max_connections", where, problems, checked, positive=True, integer=True)
-    _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
-    _bool(table, "request_usage", where, problems, checked)
-    if "forward_paths" in table:
-        forward_paths = table["forward_paths"]
-        if not isinstance(forward_paths, list) or not all(
-            isinstance(path, str) and _FORWARD_PATH.match(path) for path in forward_paths
-        ):
-            problems.append(
-                f"{where}.forward_paths must be a list of path prefixes under /v1/ "
-                "(letters, digits and '/._~-', e.g. '/v1/moderations')"
-            )
-        else:
-            checked["forward_paths"] = tuple(path.rstrip("/") for path in forward_paths)
-    _bool(table, "skip_malformed_events", where, problems, checked)
+
+
+def _fallbacks(table: Mapping[str, object], key: str, where: str, problems: list[str], checked: dict[str, Any]) -> None:
+    names = table.get(key, [])
+    if not isinstance(names, list):
+        problems.append(f"{where}.{key} must be a list of 'provider/model' names, got {names!r}")
+        return
+    bad = [(i, f) for i, f in enumerate(names) if not isinstance(f, str) or not _FALLBACK.match(f)]
+    for i, fallback in bad:
+        problems.append(f"{where}.{key}[{i}] = {fallback!r} is not a 'provider/model' name")
+    if not bad:
+        checked[key] = tuple(names)
+
+
+def _forward_paths(table: Mapping[str, object], where: str, problems: list[str], checked: dict[str, Any]) -> None:
+    if "forward_paths" not in table:
+        return
+    forward_paths = table["forward_paths"]
+    if not isinstance(forward_paths, list) or not all(
+        isinstance(path, str) and _FORWARD_PATH.match(path) for path in forward_paths
+    ):
+        problems.append(
+            f"{where}.forward_paths must be a list of path prefixes under /v1/ "
+            "(letters, digits and '/._~-', e.g. '/v1/moderations')"
+        )
+    else:
+        checked["forward_paths"] = tuple(path.rstrip("/") for path in forward_paths)
+
+
+def _continuation(
+    table: Mapping[str, object], type_: str, where: str, problems: list[str], checked: dict[str, Any]
+) -> None:
+    """`continuation`: one way for every model, or a table of model patterns and their ways."""
     ways = _CONTINUATION_WAYS[type_]
-    default = "prefill" if type_ == "anthropic" else "none"
-    continuation = table.get("continuation", default)
-    named = continuation.items() if isinstance(continuation, dict) else [("", continuation)]
+    continuation = table.get("continuation", "prefill" if type_ == "anthropic" else "none")
+    named: list[tuple[str, object]] = (
+        list(continuation.items()) if isinstance(continuation, dict) else [("", continuation)]
+    )
     bad = [(pattern, way) for pattern, way in named if way not in ways]
     for pattern, way in bad:
         key = f"continuation.{pattern!r}" if pattern else "continuation"
@@ -885,30 +977,23 @@ def _provider(
         checked["continuation_models"] = tuple(continuation.items())
     elif not bad:
         checked["continuation"] = continuation
-    if "anthropic_version" in table:
-        if isinstance(table["anthropic_version"], str):
-            checked["anthropic_version"] = table["anthropic_version"]
-        else:
-            problems.append(f"{where}.anthropic_version must be a string")
-
-    if type_ == "simulated":
-        sim_values = {k: v for k, v in table.items() if k in _TYPE_KEYS["simulated"]}
-        sim_problems = settings_problems(sim_values, where=where)
-        if not sim_problems:
-            checked["simulated"] = SimulatedSettings(**sim_values)
-            sim_problems = checked["simulated"].cap_problems(where=where)
-        problems.extend(sim_problems)
-
-    if len(problems) > before:
-        return None
-    return ProviderConfig(name=name, type=type_, **checked)
 
 
-def _is_url(value: Any) -> TypeGuard[str]:
+def _simulated(table: Mapping[str, object], where: str, problems: list[str], checked: dict[str, Any]) -> None:
+    """The settings of a `simulated` provider, which are keys of its own table."""
+    sim_values: dict[str, Any] = {k: v for k, v in table.items() if k in _TYPE_KEYS["simulated"]}  # checked below
+    sim_problems = settings_problems(sim_values, where=where)
+    if not sim_problems:
+        checked["simulated"] = SimulatedSettings(**sim_values)
+        sim_problems = checked["simulated"].cap_problems(where=where)
+    problems.extend(sim_problems)
+
+
+def _is_url(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and re.match(r"^https?://[^/]", value) is not None
 
 
-def _targets(table: Mapping[str, Any], where: str, problems: list[str]) -> tuple[TargetConfig, ...]:
+def _targets(table: Mapping[str, object], where: str, problems: list[str]) -> tuple[TargetConfig, ...]:
     """A provider's replicas: `base_urls = [...]`, or `[[targets]]` tables with `base_url` and `weight`."""
     given = [key for key in ("base_url", "base_urls", "targets") if key in table]
     if len(given) > 1:
@@ -943,7 +1028,7 @@ def _targets(table: Mapping[str, Any], where: str, problems: list[str]) -> tuple
 
 
 def _number(
-    table: Mapping[str, Any],
+    table: Mapping[str, object],
     key: str,
     where: str,
     problems: list[str],
@@ -963,7 +1048,19 @@ def _number(
         checked[key] = value
 
 
-def _bool(table: Mapping[str, Any], key: str, where: str, problems: list[str], checked: dict[str, Any]) -> None:
+def _string(
+    table: Mapping[str, object], key: str, where: str, problems: list[str], checked: dict[str, Any]
+) -> None:
+    if key not in table:
+        return
+    value = table[key]
+    if isinstance(value, str):
+        checked[key] = value
+    else:
+        problems.append(f"{where}.{key} must be a string")
+
+
+def _bool(table: Mapping[str, object], key: str, where: str, problems: list[str], checked: dict[str, Any]) -> None:
     if key not in table:
         return
     if isinstance(table[key], bool):
@@ -972,7 +1069,7 @@ def _bool(table: Mapping[str, Any], key: str, where: str, problems: list[str], c
         problems.append(f"{where}.{key} must be true or false, got {table[key]!r}")
 
 
-def _unknown_keys(table: Mapping[str, Any], known: set[str], where: str, problems: list[str]) -> None:
+def _unknown_keys(table: Mapping[str, object], known: set[str], where: str, problems: list[str]) -> None:
     for key in table:
         if key not in known:
             problems.append(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")

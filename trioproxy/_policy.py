@@ -262,22 +262,31 @@ def parse_policy(base: _Policy, table: Any, *, where: str, problems: list[str]) 
         expected = kinds.get(key)
         if expected is None:
             problems.append(f"{where}: unknown key {key!r} (known: {', '.join(kinds)})")
-        elif expected == (list,):
-            if not isinstance(value, list) or not all(v in FAILURE_KINDS for v in value):
-                problems.append(
-                    f"{where}.{key} must be a list of failure kinds among {', '.join(FAILURE_KINDS)}, got {value!r}"
-                )
-            else:
-                changes[key] = tuple(value)
-        elif isinstance(value, bool) != (expected == (bool,)) or not isinstance(value, expected):
-            name = "a boolean" if expected == (bool,) else "an integer" if expected == (int,) else "a number"
-            problems.append(f"{where}.{key} must be {name}, got {value!r}")
-        elif isinstance(value, float) and math.isnan(value):  # TOML has `nan`: it passes every check below
-            problems.append(f"{where}.{key} must be a number, got {value!r}")
-        elif isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-            problems.append(f"{where}.{key} must not be negative, got {value!r}")
+        elif (problem := _value_problem(value, expected)) is not None:
+            problems.append(f"{where}.{key} {problem}, got {value!r}")
         else:
-            changes[key] = value
+            changes[key] = tuple(value) if expected == (list,) else value
+    _check_ranges(base, changes, where, problems)
+    return replace(base, **changes)
+
+
+def _value_problem(value: object, expected: tuple[type, ...]) -> str | None:
+    """What is wrong with `value` for a key of the `expected` kinds, if anything."""
+    if expected == (list,):
+        if not isinstance(value, list) or not all(v in FAILURE_KINDS for v in value):
+            return f"must be a list of failure kinds among {', '.join(FAILURE_KINDS)}"
+        return None
+    if isinstance(value, bool) != (expected == (bool,)) or not isinstance(value, expected):
+        return "must be " + ("a boolean" if expected == (bool,) else "an integer" if expected == (int,) else "a number")
+    if isinstance(value, float) and math.isnan(value):  # TOML has `nan`: it passes every check below
+        return "must be a number"
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        return "must not be negative"
+    return None
+
+
+def _check_ranges(base: _Policy, changes: dict[str, Any], where: str, problems: list[str]) -> None:
+    """The bounds of some values beyond their kind; a value out of them is dropped from `changes`."""
     if isinstance(base, RetryConfig):
         if changes.get("jitter", 0) > 1:
             problems.append(f"{where}.jitter must be between 0 and 1, got {changes.pop('jitter')!r}")
@@ -295,4 +304,3 @@ def parse_policy(base: _Policy, table: Any, *, where: str, problems: list[str]) 
         if high and low > high:
             problems.append(f"{where}: min_chunk_size ({low}) is larger than max_chunk_size ({high})")
             changes.pop("min_chunk_size", None)
-    return replace(base, **changes)

@@ -30,7 +30,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 import coredis
 import trio
@@ -155,7 +155,7 @@ class RedisState:
         """
         lease = SharedLease(secrets.token_hex(12), self._client_key("streams", client))
         keys = [self._client_key("requests", client), lease.client_key, self._key("streams")]
-        args = [
+        args: list[int | str] = [
             int(RATE_WINDOW * 1000),
             limits.requests_per_minute,
             limits.max_streams_per_key,
@@ -163,7 +163,8 @@ class RedisState:
             lease.id,
             self._ttl_ms,
         ]
-        verdict, wait_ms = await self._call(self._admit(keys=keys, args=args))
+        reply: object = await self._call(self._admit(keys=keys, args=args))
+        verdict, wait_ms = cast("list[int]", reply)  # _ADMIT returns {verdict, wait in ms}
         if verdict == 1:
             wait = int(wait_ms) / 1000
             raise RateLimitedError(

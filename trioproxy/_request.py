@@ -128,7 +128,7 @@ class ChatRequest:
         return ""
 
 
-def content_text(content: Any) -> str:
+def content_text(content: object) -> str:
     """The text of a message's `content`, whether a string or a list of content parts."""
     if isinstance(content, str):
         return content
@@ -152,8 +152,8 @@ def parse_json_object(raw: bytes | str, *, what: str = "request body") -> dict[s
         raise RequestError(_not_json(raw, exc, what)) from None
     if not isinstance(body, dict):
         raise RequestError(f"{what} must be a JSON object, not {type(body).__name__}")
-    opening = (b"[", b"{") if isinstance(raw, bytes) else ("[", "{")
-    if raw.count(opening[0]) + raw.count(opening[1]) > MAX_JSON_DEPTH and _nested_deeper(body, MAX_JSON_DEPTH):
+    openings = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    if openings > MAX_JSON_DEPTH and _nested_deeper(body, MAX_JSON_DEPTH):
         raise RequestError(_too_deep(what))
     return body
 
@@ -176,7 +176,7 @@ def _too_deep(what: str) -> str:
 
 def _nested_deeper(body: dict[str, Any], limit: int) -> bool:
     """Whether `body` nests deeper than `limit` levels; one pass without recursion, over at most every value once."""
-    stack: list[tuple[Any, int]] = [(body, 1)]
+    stack: list[tuple[dict[str, object] | list[object], int]] = [(body, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > limit:
@@ -322,7 +322,7 @@ def _max_tokens(
     return None
 
 
-def _check_message(message: Any, i: int) -> None:
+def _check_message(message: object, i: int) -> None:
     where = f"messages[{i}]"
     if not isinstance(message, dict):
         raise RequestError(f"'{where}' must be an object", param=where)

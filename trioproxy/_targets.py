@@ -25,7 +25,7 @@ from typing import Final, Literal, Protocol
 
 from ._policy import BreakerConfig
 
-__all__ = ["BREAKER_STATES", "Breakers", "BreakerState", "LocalBreakers", "Target", "Verdict", "choose"]
+__all__ = ["BREAKER_STATES", "BreakerState", "Breakers", "LocalBreakers", "Target", "Verdict", "choose"]
 
 BreakerState = Literal["closed", "open", "half_open"]
 BREAKER_STATES: Final[tuple[BreakerState, ...]] = ("closed", "open", "half_open")

@@ -256,7 +256,7 @@ def _exporter(config: TracingConfig) -> SpanExporter:
             raise ConfigError(
                 ["[tracing].protocol = 'grpc' needs opentelemetry-exporter-otlp-proto-grpc: pip install it"]
             ) from None
-        return GrpcExporter(endpoint=endpoint)  # type: ignore[no-any-return]
+        return GrpcExporter(endpoint=endpoint)  # type: ignore[no-any-return]  # the optional exporter: untyped here
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     if endpoint is not None and urllib.parse.urlsplit(endpoint).path in ("", "/"):

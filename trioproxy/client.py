@@ -29,7 +29,7 @@ from ._exceptions import (
     UpstreamProtocolError,
     UpstreamStatusError,
 )
-from ._sse import SSEDecodeError, SSEDecoder
+from ._sse import ServerSentEvent, SSEDecodeError, SSEDecoder
 
 __all__ = ["ChatResult", "SSEClient", "WebSocketClient", "WebSocketStream", "stream_chat_completion"]
 
@@ -74,41 +74,56 @@ async def stream_chat_completion(
         headers["authorization"] = f"Bearer {api_key}"
     url = base_url.rstrip("/") + "/v1/chat/completions"
 
-    started = time.perf_counter()
-    ttft = None
-    parts: list[str] = []
-    chunks = 0
-    finish_reason = None
-    usage = None
+    collected = _ChatCollector(on_text)
     decoder = SSEDecoder()
     try:
         with _mapped_httpx_errors(url):
-            async with httpx.AsyncClient(timeout=httpx.Timeout(read_timeout, connect=10.0)) as client:
-                async with client.stream("POST", url, headers=headers, content=orjson.dumps(body)) as response:
-                    if response.status_code != 200:
-                        raise _status_error(response.status_code, await response.aread())
-                    async for data in response.aiter_bytes():
-                        for event in decoder.feed(data):
-                            if event.data.startswith("[DONE]"):
-                                return ChatResult(
-                                    "".join(parts), ttft, time.perf_counter() - started, chunks, finish_reason, usage
-                                )
-                            chunk = orjson.loads(event.data)
-                            if "error" in chunk:
-                                raise _status_error(502, event.data.encode())
-                            usage = chunk.get("usage") or usage
-                            for choice in chunk.get("choices") or []:
-                                finish_reason = choice.get("finish_reason") or finish_reason
-                                text = (choice.get("delta") or {}).get("content")
-                                if text:
-                                    if ttft is None:
-                                        ttft = time.perf_counter() - started
-                                    chunks += 1
-                                    parts.append(text)
-                                    on_text(text)
+            async with (
+                httpx.AsyncClient(timeout=httpx.Timeout(read_timeout, connect=10.0)) as client,
+                client.stream("POST", url, headers=headers, content=orjson.dumps(body)) as response,
+            ):
+                if response.status_code != 200:
+                    raise _status_error(response.status_code, await response.aread())
+                async for data in response.aiter_bytes():
+                    for event in decoder.feed(data):
+                        if event.data.startswith("[DONE]"):
+                            return collected.result()
+                        chunk = orjson.loads(event.data)
+                        if "error" in chunk:
+                            raise _status_error(502, event.data.encode())
+                        collected.add(chunk)
     except (SSEDecodeError, orjson.JSONDecodeError) as exc:
         raise UpstreamProtocolError(f"malformed stream from {url}: {exc}") from exc
     raise UpstreamProtocolError("the stream ended without [DONE]: the answer may be incomplete")
+
+
+class _ChatCollector:
+    """What a Chat Completions stream has said so far, each piece of text passed on to `on_text`."""
+
+    def __init__(self, on_text: Callable[[str], None]) -> None:
+        self.on_text = on_text
+        self.started = time.perf_counter()
+        self.ttft: float | None = None
+        self.parts: list[str] = []
+        self.chunks = 0
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.usage = chunk.get("usage") or self.usage
+        for choice in chunk.get("choices") or []:
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            text = (choice.get("delta") or {}).get("content")
+            if text:
+                if self.ttft is None:
+                    self.ttft = time.perf_counter() - self.started
+                self.chunks += 1
+                self.parts.append(text)
+                self.on_text(text)
+
+    def result(self) -> ChatResult:
+        duration = time.perf_counter() - self.started
+        return ChatResult("".join(self.parts), self.ttft, duration, self.chunks, self.finish_reason, self.usage)
 
 
 @contextlib.contextmanager
@@ -236,10 +251,8 @@ class WebSocketClient:
                 channel = self._streams.get(str(request_id)) if request_id is not None else None
                 if channel is None:
                     continue  # a stream its consumer left, or an error about no stream
-                try:
+                with contextlib.suppress(trio.BrokenResourceError):  # its consumer stopped iterating
                     await channel.send(event)
-                except trio.BrokenResourceError:
-                    pass  # its consumer stopped iterating
                 if event.type in ("done", "error"):
                     self._forget(str(request_id))
         except trio_websocket.ConnectionClosed as exc:
@@ -414,18 +427,31 @@ class SSEClient:
         prefix = url.path[:index] if index >= 0 else ""
         return str(url.copy_with(path=f"{prefix}/v1/streams/{stream_id}", query=None))
 
+    def _request_headers(self, method: str) -> dict[str, str]:
+        """A resuming GET names the last event seen; the first request, a POST, sends JSON."""
+        headers = dict(self.headers)
+        if method == "GET" and self.last_event_id:
+            headers["last-event-id"] = self.last_event_id
+        if method == "POST":
+            headers["content-type"] = "application/json"
+        return headers
+
+    def _event(self, sse: ServerSentEvent) -> StreamEvent:
+        """The event `sse` carries; its id is the one to resume after, and a `metadata` event names the stream."""
+        event = StreamEvent.from_json(sse.data, id=sse.id or None)
+        self.last_event_id = sse.id
+        if event.type == "metadata" and isinstance(event.metadata.get("stream_id"), str):
+            self.stream_id = self.stream_id or event.metadata["stream_id"]
+        return event
+
     async def _read_all(self, send: trio.MemorySendChannel[StreamEvent]) -> None:
         assert self._http is not None
         method = "GET" if self.json is None else "POST"
         url = self.url
         failures = 0
         while True:
-            headers = dict(self.headers)
-            if method == "GET" and self.last_event_id:
-                headers["last-event-id"] = self.last_event_id
             content = orjson.dumps(self.json) if method == "POST" else None
-            if content is not None:
-                headers["content-type"] = "application/json"
+            headers = self._request_headers(method)
             try:
                 with _mapped_httpx_errors(url):
                     async with self._http.stream(
@@ -437,10 +463,7 @@ class SSEClient:
                         decoder = SSEDecoder()
                         async for data in response.aiter_bytes():
                             for sse in decoder.feed(data):
-                                event = StreamEvent.from_json(sse.data, id=sse.id or None)
-                                self.last_event_id = sse.id
-                                if event.type == "metadata" and isinstance(event.metadata.get("stream_id"), str):
-                                    self.stream_id = self.stream_id or event.metadata["stream_id"]
+                                event = self._event(sse)
                                 failures = 0
                                 await send.send(event)
                                 if event.type in ("done", "error"):

@@ -76,7 +76,8 @@ async def test_an_openai_stream_through_the_sdk_has_every_token_and_honours_incl
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == TEXT
     assert all(chunk.usage is None for chunk in chunks)
     assert chunks[-1].choices[0].finish_reason == "stop"
-    assert usage_chunks[-1].choices == [] and usage_chunks[-1].usage.completion_tokens == TOKENS
+    assert usage_chunks[-1].choices == []
+    assert usage_chunks[-1].usage.completion_tokens == TOKENS
     assert chunks[0].id != usage_chunks[0].id  # each response its own id
     assert upstream.connections_accepted == 1  # the second request reused the kept-alive connection
 
@@ -86,9 +87,11 @@ async def test_a_non_streaming_openai_request_gets_a_chat_completion(upstream: B
         with trio.fail_after(10):
             completion = await sdk.chat.completions.create(model="gpt-x", messages=MESSAGES)
             models = await sdk.models.list()
-    assert completion.object == "chat.completion" and completion.model == "gpt-x"
+    assert completion.object == "chat.completion"
+    assert completion.model == "gpt-x"
     assert completion.choices[0].message.content == TEXT
-    assert completion.usage is not None and completion.usage.completion_tokens == TOKENS
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == TOKENS
     assert [model.id for model in models.data] == ["fake-model"]
 
 
@@ -100,8 +103,10 @@ async def test_an_anthropic_stream_and_message_through_the_sdk(upstream: BenchUp
                 final = await stream.get_final_message()
             message = await sdk.messages.create(model="claude-x", max_tokens=10, messages=MESSAGES)
     assert text == TEXT
-    assert final.stop_reason == "end_turn" and final.usage.output_tokens == TOKENS
-    assert message.content[0].text == TEXT and message.model == "claude-x"
+    assert final.stop_reason == "end_turn"
+    assert final.usage.output_tokens == TOKENS
+    assert message.content[0].text == TEXT
+    assert message.model == "claude-x"
 
 
 async def test_a_responses_stream_and_response_through_the_sdk(upstream: BenchUpstream) -> None:
@@ -114,9 +119,12 @@ async def test_a_responses_stream_and_response_through_the_sdk(upstream: BenchUp
             second = [event async for event in again]
             response = await sdk.responses.create(model="gpt-x", input="x")
     assert "".join(deltas) == TEXT == final.output_text == response.output_text
-    assert final.status == "completed" and final.usage is not None and final.usage.output_tokens == TOKENS
+    assert final.status == "completed"
+    assert final.usage is not None
+    assert final.usage.output_tokens == TOKENS
     assert len(deltas) == TOKENS  # one event per token, as the schedule writes them
-    assert final.id != second[0].response.id and final.output[0].id != second[-1].response.output[0].id
+    assert final.id != second[0].response.id
+    assert final.output[0].id != second[-1].response.output[0].id
     assert upstream.connections_accepted == 1
 
 
@@ -179,7 +187,8 @@ async def test_tokens_keep_their_schedule(nursery: trio.Nursery) -> None:
     # thread (client and upstream both) waited for a CPU is taken out: a busy machine's share.
     for index, (arrival, arrival_less_cpu_wait) in enumerate(arrivals):
         due = 0.05 + 0.02 * index
-        assert due - 0.002 <= arrival and arrival_less_cpu_wait <= due + 0.05, (index, arrival, arrival_less_cpu_wait)
+        assert due - 0.002 <= arrival, (index, arrival, arrival_less_cpu_wait)
+        assert arrival_less_cpu_wait <= due + 0.05, (index, arrival, arrival_less_cpu_wait)
 
 
 async def test_a_client_that_leaves_mid_stream_ends_its_connection(nursery: trio.Nursery) -> None:
@@ -220,7 +229,8 @@ async def test_a_bad_request_gets_a_json_error(
 ) -> None:
     with trio.fail_after(10):
         got, headers, body = await exchange(upstream, data)
-    assert got == status and headers[b"content-type"] == b"application/json"
+    assert got == status
+    assert headers[b"content-type"] == b"application/json"
     assert set(orjson.loads(body)["error"]) == error
 
 
@@ -229,7 +239,8 @@ async def test_a_malformed_request_closes_the_connection_after_its_answer(upstre
     with trio.fail_after(10):
         await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
         status, headers, _ = await read_response(stream)
-        assert status == 400 and headers[b"connection"] == b"close"
+        assert status == 400
+        assert headers[b"connection"] == b"close"
         assert await stream.receive_some() == b""
 
 
@@ -242,13 +253,17 @@ async def test_expect_100_continue_and_http_1_0(upstream: BenchUpstream) -> None
         assert await stream.receive_some() == b"HTTP/1.1 100 Continue\r\n\r\n"
         await stream.send_all(body)
         status, _, received = await read_response(stream)
-        assert status == 200 and received.endswith(b"data: [DONE]\n\n")
+        assert status == 200
+        assert received.endswith(b"data: [DONE]\n\n")
         # HTTP/1.0 has no chunks: the stream ends with the connection.
         legacy = await connect(upstream)
         await legacy.send_all(request("/v1/chat/completions", body).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
         status, headers, received = await read_response(legacy)
-    assert status == 200 and headers[b"connection"] == b"close" and b"transfer-encoding" not in headers
-    assert received.count(b"data: ") == TOKENS + 3 and received.endswith(b"data: [DONE]\n\n")
+    assert status == 200
+    assert headers[b"connection"] == b"close"
+    assert b"transfer-encoding" not in headers
+    assert received.count(b"data: ") == TOKENS + 3
+    assert received.endswith(b"data: [DONE]\n\n")
 
 
 async def test_a_client_that_does_not_read_gets_everything_in_order_and_stalls_no_one(nursery: trio.Nursery) -> None:
@@ -283,5 +298,5 @@ async def test_cancelling_the_server_closes_every_socket() -> None:
         with contextlib.suppress(trio.BrokenResourceError):  # a reset ends it as well as a FIN
             while await stream.receive_some():
                 pass  # what was on its way, then the end
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="all attempts to connect"):
         await connect(upstream)

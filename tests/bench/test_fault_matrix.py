@@ -11,7 +11,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fault_matrix.py"
 
 def test_the_matrix_shows_each_fault_s_outcome_and_time() -> None:
     run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=120, check=True)
-    assert "with recovery" in run.stdout and not run.stderr
+    assert "with recovery" in run.stdout
+    assert not run.stderr
     rows = {
         cells[0]: cells[1:]
         for line in run.stdout.splitlines()

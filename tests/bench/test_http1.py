@@ -35,12 +35,14 @@ def test_a_request_head_is_parsed_with_repeated_headers_joined() -> None:
     parsed = head(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nx-a:  2 \r\n\r\nbody")
     assert parsed.start == (b"POST", b"/v1/chat/completions?x=1", b"HTTP/1.1")
     assert parsed.headers == {b"host": b"a", b"x-a": b"1, 2"}
-    assert parsed.version == b"HTTP/1.1" and parsed.keep_alive
+    assert parsed.version == b"HTTP/1.1"
+    assert parsed.keep_alive
 
 
 def test_a_status_line_without_reason_and_bare_lf_line_ends_are_accepted() -> None:
     parsed = head(b"HTTP/1.0 204\nConnection: keep-alive\n\n")
-    assert parsed.status == 204 and parsed.start[2] == b""
+    assert parsed.status == 204
+    assert parsed.start[2] == b""
     assert parsed.keep_alive  # HTTP/1.0 only with an explicit keep-alive
 
 
@@ -131,7 +133,8 @@ def test_a_whole_chunk_per_read_is_returned_as_it_comes() -> None:
     body = ChunkedBody()
     assert body.feed(b"3\r\nabc\r\n") == b"abc"
     assert body.feed(b"2\r\nde\r\n0\r\n\r\n") == b"de"
-    assert body.done and body.trailing == b""
+    assert body.done
+    assert body.trailing == b""
 
 
 @pytest.mark.parametrize(
@@ -163,10 +166,13 @@ def test_a_length_body_stops_at_its_length_and_keeps_what_follows() -> None:
     body = LengthBody(5)
     assert body.feed(b"hel") == b"hel"
     assert body.feed(b"loHTTP/1.1") == b"lo"
-    assert body.done and body.trailing == b"HTTP/1.1"
+    assert body.done
+    assert body.trailing == b"HTTP/1.1"
 
 
 def test_a_body_until_close_ends_with_the_connection() -> None:
     body = UntilCloseBody()
-    assert body.feed(b"abc") == b"abc" and not body.done
-    assert body.feed(b"") == b"" and body.done
+    assert body.feed(b"abc") == b"abc"
+    assert not body.done
+    assert body.feed(b"") == b""
+    assert body.done

@@ -13,6 +13,7 @@ import orjson
 import pytest
 import trio
 
+from trioproxy import parse_config, serve
 from trioproxy._bench.loadgen import (
     MAX_NDJSON_LINE,
     _Connection,
@@ -27,7 +28,6 @@ from trioproxy._bench.stats import StreamRecord
 from trioproxy._bench.upstream import BenchUpstream
 from trioproxy._bench.websocket import accept_key
 from trioproxy._bench.wire import PhaseSpec, Protocol
-from trioproxy import parse_config, serve
 from trioproxy.testing import Reply, open_fake_upstream
 from trioproxy.testing._wire import anthropic_frames, responses_frames, responses_stream_error
 
@@ -150,7 +150,9 @@ async def test_an_ndjson_stream_is_timed_and_checked(nursery: trio.Nursery) -> N
     assert record.error is None
     assert (record.tokens, record.chunks, record.lost, record.duplicated, record.reordered) == (3, 2, 0, 0, 0)
     assert record.buffer_latency_ms == {"p50": 1.0, "p99": 2.0, "max": 3.0}
-    assert record.ttft_s is not None and record.duration_s is not None and record.ttft_s <= record.duration_s
+    assert record.ttft_s is not None
+    assert record.duration_s is not None
+    assert record.ttft_s <= record.duration_s
 
 
 @pytest.mark.parametrize(
@@ -163,7 +165,8 @@ async def test_an_ndjson_stream_is_timed_and_checked(nursery: trio.Nursery) -> N
 )
 async def test_a_broken_ndjson_stream_is_an_error(nursery: trio.Nursery, body: bytes, error: str) -> None:
     record = await one_stream(nursery, body, tokens=1)
-    assert record.error is not None and record.error.startswith(error), record.error
+    assert record.error is not None
+    assert record.error.startswith(error), record.error
 
 
 async def test_a_re_serialised_crlf_stream_in_odd_chunks_is_read_and_the_connection_reused(
@@ -202,7 +205,8 @@ async def test_a_body_until_close_an_error_status_and_a_lost_token(nursery: trio
     )
     error = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 9\r\n\r\noverload!"
     records = await run_streams(nursery, CannedServer(until_close, error), streams=2, tokens=2)
-    assert records[0].error is None and (records[0].tokens, records[0].lost) == (1, 1)
+    assert records[0].error is None
+    assert (records[0].tokens, records[0].lost) == (1, 1)
     assert records[1].error == "HTTP 503: overload!"
 
 
@@ -220,14 +224,17 @@ async def one_anthropic_stream(nursery: trio.Nursery, body: bytes, tokens: int) 
 
 async def test_an_anthropic_stream_is_timed_and_checked(nursery: trio.Nursery) -> None:
     body = anthropic_stream(3)
-    assert b"event: ping" in body and b"event: message_start" in body  # events that carry no text
+    assert b"event: ping" in body
+    assert b"event: message_start" in body  # events that carry no text
 
     record = await one_anthropic_stream(nursery, body, tokens=3)
 
     assert record.error is None, record.error
     assert (record.tokens, record.chunks, record.lost, record.duplicated, record.reordered) == (3, 3, 0, 0, 0)
     assert len(record.gaps_us) == 2
-    assert record.ttft_s is not None and record.duration_s is not None and record.ttft_s <= record.duration_s
+    assert record.ttft_s is not None
+    assert record.duration_s is not None
+    assert record.ttft_s <= record.duration_s
 
 
 @pytest.mark.parametrize(
@@ -293,13 +300,15 @@ async def test_a_phase_against_the_benchmark_upstream_loses_nothing(nursery: tri
         result = await run_phase(spec, go)
     assert len(result.records) == 8
     for record in result.records:
-        assert record.error is None and (record.tokens, record.lost, record.duplicated, record.reordered) == (
+        assert record.error is None
+        assert (record.tokens, record.lost, record.duplicated, record.reordered) == (
             8,
             0,
             0,
             0,
         )
-        assert len(record.gaps_us) == 7 and record.ttft_s is not None
+        assert len(record.gaps_us) == 7
+        assert record.ttft_s is not None
     assert upstream.connections_accepted == 4  # warm-up and measured rounds on the same kept-alive connections
 
 
@@ -319,7 +328,8 @@ async def test_an_anthropic_request_says_its_api_version(nursery: trio.Nursery) 
 
     assert [record.error for record in result.records] == [None]
     [sent] = upstream.requests
-    assert sent.path == "/v1/messages" and sent.headers["anthropic-version"] == "2023-06-01"
+    assert sent.path == "/v1/messages"
+    assert sent.headers["anthropic-version"] == "2023-06-01"
     assert "text/event-stream" in sent.headers["accept"]
 
 
@@ -351,7 +361,8 @@ def check_every_token(records: list[StreamRecord], streams: int, tokens: int) ->
     for record in records:
         assert record.error is None, record.error
         assert (record.tokens, record.lost, record.duplicated, record.reordered) == (tokens, 0, 0, 0)
-        assert len(record.gaps_us) == tokens - 1 and record.ttft_s is not None
+        assert len(record.gaps_us) == tokens - 1
+        assert record.ttft_s is not None
 
 
 async def test_a_responses_phase_against_the_benchmark_upstream_loses_nothing(nursery: trio.Nursery) -> None:

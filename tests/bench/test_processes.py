@@ -19,7 +19,8 @@ def test_cpu_seconds_resolve_less_than_a_clock_tick() -> None:
     while time.process_time() - own_before < 0.005:
         pass
     after, own_after = cpu_seconds(os.getpid()), time.process_time()
-    assert before is not None and after is not None
+    assert before is not None
+    assert after is not None
     assert after - before == pytest.approx(own_after - own_before, abs=0.001)
 
 
@@ -41,7 +42,8 @@ def test_cpu_seconds_of_another_process() -> None:
         assert child.stdout is not None
         child.stdout.readline()  # it has burnt its 50 ms and waits
         used = cpu_seconds(child.pid)
-        assert used is not None and 0.05 < used < 5
+        assert used is not None
+        assert 0.05 < used < 5
     finally:
         child.communicate()
 

@@ -51,7 +51,7 @@ def test_percentile_interpolates_between_closest_ranks(values: list[float], q: f
 
 def test_percentile_of_nothing_is_none_and_q_is_checked() -> None:
     assert percentile([], 50) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="q must be between 0 and 100"):
         percentile([1.0], 101)
 
 

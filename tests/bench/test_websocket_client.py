@@ -35,7 +35,8 @@ def test_the_accept_key_is_rfc_6455_s_example() -> None:
 def test_a_client_frame_is_masked_and_unmasks_to_its_payload(length: int) -> None:
     payload = bytes(i % 251 for i in range(length))
     frame = client_frame(TEXT, payload)
-    assert frame[0] == 0x81 and frame[1] & 0x80  # FIN text, masked
+    assert frame[0] == 0x81
+    assert frame[1] & 0x80  # FIN text, masked
     header = {0: 2, 5: 2, 125: 2, 126: 4, 65535: 4, 65536: 10}[length]
     mask, masked = frame[header : header + 4], frame[header + 4 :]
     assert bytes(byte ^ mask[i % 4] for i, byte in enumerate(masked)) == payload

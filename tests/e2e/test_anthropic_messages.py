@@ -17,9 +17,10 @@ import httpx
 import orjson
 import pytest
 import trio
+from anthropic.lib.streaming import AsyncMessageStreamManager
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import proxy_config, wait_until
+from tests.conftest import collect_into, proxy_config, wait_until
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
 
@@ -198,8 +199,11 @@ async def test_thinking_signatures_and_citations_reach_the_sdk(
     ) as stream:
         message = await stream.get_final_message()
     thinking, _, _, text = message.content
-    assert thinking.type == "thinking" and thinking.signature.startswith("EqQB")
-    assert text.type == "text" and text.citations and text.citations[0].cited_text == "Sunny, 21 °C"
+    assert thinking.type == "thinking"
+    assert thinking.signature.startswith("EqQB")
+    assert text.type == "text"
+    assert text.citations
+    assert text.citations[0].cited_text == "Sunny, 21 °C"
     assert message.usage.cache_read_input_tokens == 1800
 
 
@@ -286,7 +290,8 @@ async def test_tool_calls(claude: anthropic.AsyncAnthropic, upstream: FakeUpstre
         message = await stream.get_final_message()
     assert message.stop_reason == "tool_use"
     text, weather, time = message.content
-    assert text.type == "text" and text.text == "Let me check."
+    assert text.type == "text"
+    assert text.text == "Let me check."
     assert (weather.type, weather.id, weather.name, weather.input) == (
         "tool_use",
         "toolu_1",
@@ -363,6 +368,12 @@ async def test_the_sdk_raises_its_own_typed_errors_with_the_message(
     assert failed.value.body["error"]["type"] == "api_error"  # type: ignore[index]
 
 
+async def stream_text(manager: AsyncMessageStreamManager, into: list[str]) -> None:
+    """Open the SDK's message stream and keep its text, piece by piece, in `into`."""
+    async with manager as stream:
+        await collect_into(stream.text_stream, into)
+
+
 @MODELS
 async def test_an_error_mid_stream_is_an_error_event_and_no_message_stop(
     proxy_url: str, claude: anthropic.AsyncAnthropic, upstream: FakeUpstream, model: str
@@ -371,11 +382,9 @@ async def test_an_error_mid_stream_is_an_error_event_and_no_message_stop(
     if model.startswith("claude/"):
         # An Anthropic upstream is asked to continue (prefill): this one cannot, and is not asked again.
         upstream.push(Reply(refuse_continuation=True))
-    received = []
+    received: list[str] = []
     with pytest.raises(anthropic.APIStatusError) as info:
-        async with claude.messages.stream(**create(model=model)) as stream:
-            async for text in stream.text_stream:
-                received.append(text)
+        await stream_text(claude.messages.stream(**create(model=model)), received)
     assert received == list(TOKENS[:2])
     assert "overloaded right now" in info.value.message
 
@@ -598,9 +607,11 @@ async def post_stream(proxy: str, model: str) -> bytes:
 
 async def test_a_stage_that_changes_content_gets_rendered_events(staged: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(tokens=("Call ", "555-", "1234", " now, ", "please.")))
-    async with anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk:
-        async with sdk.messages.stream(**create(model="redacted/c")) as stream:
-            message = await stream.get_final_message()
+    async with (
+        anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk,
+        sdk.messages.stream(**create(model="redacted/c")) as stream,
+    ):
+        message = await stream.get_final_message()
     assert message.content[0].type == "text"
     assert message.content[0].text == "Call [phone] now, please."
     assert message.stop_reason == "end_turn"
@@ -635,20 +646,28 @@ async def test_a_first_token_timeout_is_an_anthropic_error(staged: str, upstream
 
 async def test_retries_before_the_first_token_deliver_one_message(staged: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(status=529, error_message="Overloaded"), Reply(tokens=TOKENS))
-    async with anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk:
-        async with sdk.messages.stream(**create(model="retrying/c")) as stream:
-            message = await stream.get_final_message()
+    async with (
+        anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk,
+        sdk.messages.stream(**create(model="retrying/c")) as stream,
+    ):
+        message = await stream.get_final_message()
     assert message.content[0].text == "".join(TOKENS)  # type: ignore[union-attr]
     assert len(upstream.requests) == 2
 
 
 async def test_thinking_signatures_survive_a_stage_that_changes_content(staged: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(raw_body=(FIXTURES / "stream_thinking_tools.sse").read_bytes()))
-    async with anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk:
-        async with sdk.messages.stream(**create(model="redacted/c")) as stream:
-            message = await stream.get_final_message()
+    async with (
+        anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk,
+        sdk.messages.stream(**create(model="redacted/c")) as stream,
+    ):
+        message = await stream.get_final_message()
     thinking, text, tool_use = message.content
-    assert thinking.type == "thinking" and thinking.signature and thinking.thinking
-    assert text.type == "text" and text.text
-    assert tool_use.type == "tool_use" and tool_use.input == {"city": "Paris", "unit": "celsius"}
+    assert thinking.type == "thinking"
+    assert thinking.signature
+    assert thinking.thinking
+    assert text.type == "text"
+    assert text.text
+    assert tool_use.type == "tool_use"
+    assert tool_use.input == {"city": "Paris", "unit": "celsius"}
     assert message.stop_reason == "tool_use"

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import Instant
+from tests.conftest import Instant, collect_into
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
 
@@ -25,12 +25,10 @@ MODELS = pytest.mark.parametrize("model", ["up/gpt-test", "claude/claude-test"])
 
 async def content_until_error(stream: openai.AsyncStream) -> tuple[list[str], openai.APIError]:
     """The text pieces a stream delivers before the SDK raises, and what it raised."""
-    received = []
+    chunks: list[openai.types.chat.ChatCompletionChunk] = []
     with pytest.raises(openai.APIError) as info:
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received.append(chunk.choices[0].delta.content)
-    return received, info.value
+        await collect_into(stream, chunks)
+    return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content], info.value
 
 
 async def collect(stream: openai.AsyncStream) -> tuple[str, list]:
@@ -182,7 +180,10 @@ async def test_streaming_headers_and_strict_openai_framing(proxy_url: str, upstr
 
 # --- upstream connections ---------------------------------------------------------------------
 
-ONE_CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":"stop"}]}\n\n'
+ONE_CHUNK = (
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":"stop"}]}\n\n'
+)
 
 
 @MODELS
@@ -309,7 +310,8 @@ async def test_connection_reset_mid_stream_is_an_api_error_after_the_tokens(
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
     received, error = await content_until_error(stream)
     assert received == list(TOKENS[:3])
-    assert "upstream" in error.message and "prefill" not in error.message
+    assert "upstream" in error.message
+    assert "prefill" not in error.message
     # and the proxy keeps serving
     upstream.push(Reply(tokens=TOKENS))
     text, _ = await collect(await client.chat.completions.create(model=model, messages=MESSAGES, stream=True))
@@ -342,7 +344,10 @@ async def test_a_body_that_ends_after_its_finish_reason_is_complete_without_the_
 
 
 async def test_truncated_stream_is_never_passed_off_as_complete(proxy_url: str, upstream: FakeUpstream) -> None:
-    first = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+    first = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+    )
     upstream.push(Reply(raw_body=first))  # a clean end of the body, but no finish reason
     async with httpx.AsyncClient() as http:
         response = await http.post(
@@ -354,7 +359,10 @@ async def test_truncated_stream_is_never_passed_off_as_complete(proxy_url: str, 
 
 
 async def test_malformed_upstream_chunk_is_an_in_stream_error(client, upstream: FakeUpstream) -> None:
-    good = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+    good = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+    )
     upstream.push(Reply(raw_body=good + b'data: {"id":"c","obj\n\n'))
     stream = await client.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
     with pytest.raises(openai.APIError) as info:
@@ -383,7 +391,7 @@ async def test_client_disconnect_mid_stream_closes_the_upstream(client, upstream
     upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
     stream = await client.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
     seen = 0
-    async for chunk in stream:
+    async for _ in stream:
         seen += 1
         if seen == 3:
             break

@@ -84,7 +84,9 @@ async def run_codex(
     ]
     if built_in:
         provider = ["-c", f'openai_base_url="{proxy_url}/v1"']
-    return await run_cli([str(codex), "exec", "--skip-git-repo-check", *provider, "-m", model, prompt], cwd=project, env=env, timeout=CODEX_RUN_TIMEOUT)
+    argv = [str(codex), "exec", "--skip-git-repo-check", *provider, "-m", model, prompt]
+    with trio.fail_after(CODEX_RUN_TIMEOUT):
+        return await run_cli(argv, cwd=project, env=env)
 
 
 async def statuses(proxy_url: str) -> dict[str, float]:

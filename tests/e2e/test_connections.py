@@ -48,7 +48,8 @@ async def get_health(stream: trio.SocketStream, host: str) -> int:
 async def test_a_connection_its_client_closed_between_requests_ends_at_once(proxy_url: str) -> None:
     """Not after `keep_alive_timeout` (75 s): its socket, tasks and buffers are freed now."""
     address = urlsplit(proxy_url)
-    assert address.hostname is not None and address.port is not None
+    assert address.hostname is not None
+    assert address.port is not None
     clients = [await trio.open_tcp_stream(address.hostname, address.port) for _ in range(20)]
     for client in clients:
         assert await get_health(client, address.netloc) == 200
@@ -62,7 +63,8 @@ async def test_a_connection_its_client_closed_between_requests_ends_at_once(prox
 async def exchange(proxy_url: str, data: bytes) -> bytes:
     """Send `data` on a new connection and read until the proxy closes it (within 5 s: a kept-alive one fails)."""
     address = urlsplit(proxy_url)
-    assert address.hostname is not None and address.port is not None
+    assert address.hostname is not None
+    assert address.port is not None
     stream = await trio.open_tcp_stream(address.hostname, address.port)
     received = b""
     with trio.fail_after(5):
@@ -128,7 +130,8 @@ async def test_an_http_version_other_than_1_0_and_1_1_is_refused_with_505(proxy_
 async def test_http2_is_no_way_around_the_framing_rules(proxy_url: str, upstream: FakeUpstream) -> None:
     """Over cleartext HTTP/2 (prior knowledge), a request with Transfer-Encoding is malformed: never served."""
     address = urlsplit(proxy_url)
-    assert address.hostname is not None and address.port is not None
+    assert address.hostname is not None
+    assert address.port is not None
     stream = await trio.open_tcp_stream(address.hostname, address.port)
     # A client that sends what h2 would strip or refuse, as an attacker's would.
     config = h2.config.H2Configuration(validate_outbound_headers=False, normalize_outbound_headers=False)
@@ -255,7 +258,8 @@ async def test_a_stream_its_client_reads_slower_than_it_comes_arrives_whole_and_
     tokens = tuple(f"<{index:03d}>" + "y" * 65_000 for index in range(40))
     upstream.push(Reply(tokens=tokens))
     address = urlsplit(proxy_url)
-    assert address.hostname is not None and address.port is not None
+    assert address.hostname is not None
+    assert address.port is not None
     sock = trio.socket.socket()
     sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)  # before connect: the window is small
     await sock.connect((address.hostname, address.port))

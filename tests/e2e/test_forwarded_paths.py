@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any
 
@@ -16,7 +17,7 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY, wait_until, wait_until_idle
+from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY, collect_into, wait_until, wait_until_idle
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
@@ -78,7 +79,8 @@ async def test_a_get_goes_up_with_its_query_and_the_providers_key_not_the_client
     assert sent.headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert "x-api-key" not in sent.headers
     assert sent.headers["x-vendor"] == "v"
-    assert "transfer-encoding" not in sent.headers and sent.body == b""  # no body, none made up
+    assert "transfer-encoding" not in sent.headers
+    assert sent.body == b""  # no body, none made up
     assert answer.headers["x-request-id"]
 
 
@@ -161,7 +163,8 @@ async def test_hop_by_hop_headers_stay_on_their_hop(
     )
 
     sent = upstream.requests[-1]
-    assert "x-hop" not in sent.headers and "proxy-authorization" not in sent.headers
+    assert "x-hop" not in sent.headers
+    assert "proxy-authorization" not in sent.headers
 
 
 async def test_a_path_no_provider_forwards_is_a_404_in_openais_shape(proxy: str, upstream: FakeUpstream) -> None:
@@ -298,7 +301,8 @@ async def test_a_provider_with_several_targets_forwards_as_it_streams_balanced_a
     # 5xx answers come back as they are, and open its breaker after two
     assert sorted(statuses) == [200] * 10 + [503, 503]
     assert down.request_count == 2
-    assert up1.request_count + up2.request_count == 10 and min(up1.request_count, up2.request_count) >= 2
+    assert up1.request_count + up2.request_count == 10
+    assert min(up1.request_count, up2.request_count) >= 2
     health = (await http.get(proxy + "/health")).json()
     states = {t["url"]: t["state"] for t in health["providers"]["pool"]["targets"]}
     assert states == dict(zip(targets, ["open", "open", "closed", "closed"], strict=True))
@@ -344,15 +348,21 @@ async def test_a_forwarded_request_has_its_access_line(
     assert "client-secret" not in str(line)
 
 
+async def lines_into(answer: AbstractAsyncContextManager[httpx.Response], into: list[str]) -> None:
+    """Open a streamed answer and keep its lines in `into`, until it ends or breaks."""
+    async with answer as response:
+        await collect_into(response.aiter_lines(), into)
+
+
 async def test_an_upstream_that_breaks_mid_answer_cuts_the_clients_answer_short(
     proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
 ) -> None:
     upstream.push(Reply(tokens=("one", "two", "three"), reset_after=2))
-    received = []
+    received: list[str] = []
     with pytest.raises(httpx.RemoteProtocolError):
-        async with http.stream("GET", proxy + "/v1/echo/events", headers={"accept": "text/event-stream"}) as answer:
-            async for line in answer.aiter_lines():
-                received.append(line)
+        await lines_into(
+            http.stream("GET", proxy + "/v1/echo/events", headers={"accept": "text/event-stream"}), received
+        )
 
     assert [line for line in received if line] == ["data: one", "data: two"]
     assert (await http.get(proxy + "/health")).status_code == 200  # the server lives on
@@ -381,7 +391,8 @@ async def test_anthropic_paths_under_messages_are_forwarded_with_anthropics_erro
     await http.get(proxy + "/v1/messages/batches/b-1?x=1", headers={"x-api-key": "key-a", "anthropic-version": "v9"})
 
     assert refused.status_code == 401
-    assert refused.json()["type"] == "error" and refused.json()["error"]["type"] == "authentication_error"
+    assert refused.json()["type"] == "error"
+    assert refused.json()["error"]["type"] == "authentication_error"
     sent = upstream.requests[-1]
     assert sent.path == "/v1/messages/batches/b-1?x=1"
     assert (sent.headers["x-api-key"], sent.headers["anthropic-version"]) == (ANTHROPIC_KEY, "v9")
@@ -410,7 +421,7 @@ async def test_the_drain_counts_a_forwarded_answer_and_cuts_it_at_its_deadline(
     binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0, shutdown_trigger=shutdown_trigger))
     upstream.push(Reply(tokens=[f"t{i}" for i in range(1000)], interval=0.01))
     lines = []
-    with pytest.raises(httpx.RemoteProtocolError):
+    with pytest.raises(httpx.RemoteProtocolError):  # noqa: PT012 - read, asking the server to stop at the first line
         async with http.stream("GET", binds[0] + "/v1/echo/events", headers={"accept": "text/event-stream"}) as answer:
             async for line in answer.aiter_lines():
                 lines.append(line)

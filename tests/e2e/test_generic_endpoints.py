@@ -96,7 +96,8 @@ async def test_a_wrong_method_gives_an_error_event_and_the_allowed_one(proxy_url
     else:
         assert response.headers["content-type"].startswith("text/event-stream")
         [event] = [StreamEvent.from_json(e.data) for e in SSEDecoder().feed(response.content)]
-    assert event.type == "error" and event.data["status"] == 405
+    assert event.type == "error"
+    assert event.data["status"] == 405
 
 
 async def test_an_unknown_path_gets_openais_error_object(proxy_url: str) -> None:

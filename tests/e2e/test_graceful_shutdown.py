@@ -120,7 +120,8 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(
                     finish = chunk.choices[0].finish_reason
         # The SDK keeps its connection open for the next request: the server closes it.
         assert await proxy.wait_for_exit(5) == 0
-    assert signalled_at is not None and trio.current_time() - signalled_at < 5
+    assert signalled_at is not None
+    assert trio.current_time() - signalled_at < 5
 
     assert text == "".join(f" t{i}" for i in range(SHORT))
     assert finish == "stop"
@@ -129,6 +130,80 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(
     assert b"draining: 1 stream(s) in flight, 30 s grace period" in proxy.log
     assert b"drained: every stream ended by itself" in proxy.log
     assert b"Traceback" not in proxy.log
+
+
+async def read_openai_sdk(url: str, first_token: dict[str, trio.Event], outcome: dict[str, object]) -> None:
+    """A long stream through the SDK until the shutdown ends it: its text and error into `outcome`."""
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(**body("long"), stream=True)
+        text = ""
+        with pytest.raises(openai.APIError) as raised:  # noqa: PT012 - read until the shutdown ends it, marking the first token
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text += chunk.choices[0].delta.content
+                    first_token["openai sdk"].set()
+        outcome.update(text=text, error=raised.value)
+
+
+async def read_raw(
+    url: str, name: str, first_token: dict[str, trio.Event], received: dict[str, bytes], extra: dict[str, object]
+) -> None:
+    """A long stream's bytes, as they come, until the shutdown ends it."""
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        http.stream("POST", url, json=body("long", **extra)) as response,
+    ):
+        assert response.status_code == 200
+        data = b""
+        async for piece in response.aiter_bytes():
+            data += piece
+            if b" t1" in data:
+                first_token[name].set()
+        received[name] = data
+
+
+async def read_websocket(url: str, first_token: dict[str, trio.Event], received: dict[str, bytes]) -> None:
+    """A long stream on a WebSocket until the shutdown closes it: its messages, then its close code and reason."""
+    async with trio_websocket.open_websocket_url(url.replace("http://", "ws://", 1) + "/v1/chat/ws") as ws:
+        await ws.send_message(orjson.dumps({**body("long"), "id": "a"}).decode())
+        lines = []
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:  # noqa: PT012 - read until the shutdown closes it
+            while True:
+                lines.append(await ws.get_message())
+                if '"token"' in lines[-1]:
+                    first_token["websocket"].set()
+        received["websocket"] = "\n".join(lines).encode()
+        received["websocket close"] = f"{closed.value.reason.code} {closed.value.reason.reason}".encode()
+
+
+def assert_each_stream_was_ended_by_the_shutdown(received: dict[str, bytes], sdk_outcome: dict[str, object]) -> None:
+    """Each client got its text, then the error that says the server shut down, in its protocol."""
+    message = "the server is shutting down and ended the stream before it completed"
+    text, error = sdk_outcome["text"], sdk_outcome["error"]
+    assert isinstance(error, openai.APIError)
+    assert message in error.message
+    assert text
+    assert f"after {len(text)} characters were delivered" in error.message
+
+    openai_events = [orjson.loads(e.data) for e in SSEDecoder().feed(received["openai sse"]) if e.data != "[DONE]"]
+    assert "data: [DONE]" not in received["openai sse"].decode()
+    assert all("choices" in e for e in openai_events[:-1])
+    assert openai_events[-1]["error"]["code"] == "server_shutting_down"
+
+    generic = {
+        "ndjson": [StreamEvent.from_json(line) for line in received["ndjson"].decode().splitlines()],
+        "resumable sse": [StreamEvent.from_json(e.data) for e in SSEDecoder().feed(received["resumable sse"])],
+        "websocket": [StreamEvent.from_json(line) for line in received["websocket"].decode().splitlines()],
+    }
+    for name, events in generic.items():
+        assert "token" in [e.type for e in events], name
+        assert events[-1].type == "error", name
+        assert "done" not in [e.type for e in events], name
+        assert events[-1].data["code"] == "server_shutting_down", name
+        assert message in events[-1].data["message"], name
+        delivered = "".join(e.data for e in events if e.type == "token")
+        assert events[-1].data["characters_delivered"] == len(delivered), name
+    assert received["websocket close"] == b"1001 the server is shutting down"
 
 
 async def test_streams_still_running_at_the_grace_deadline_end_with_an_error_and_exit_0(
@@ -143,54 +218,20 @@ async def test_streams_still_running_at_the_grace_deadline_end_with_an_error_and
     received: dict[str, bytes] = {}
     sdk_outcome: dict[str, object] = {}
 
-    async def openai_sdk() -> None:
-        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk:
-            stream = await sdk.chat.completions.create(**body("long"), stream=True)
-            text = ""
-            with pytest.raises(openai.APIError) as raised:
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        text += chunk.choices[0].delta.content
-                        first_token["openai sdk"].set()
-            sdk_outcome.update(text=text, error=raised.value)
-
-    async def raw(name: str, path: str, **extra: object) -> None:
-        async with (
-            httpx.AsyncClient(timeout=10) as http,
-            http.stream("POST", proxy.url + path, json=body("long", **extra)) as response,
-        ):
-            assert response.status_code == 200
-            data = b""
-            async for piece in response.aiter_bytes():
-                data += piece
-                if b" t1" in data:
-                    first_token[name].set()
-            received[name] = data
-
-    async def websocket() -> None:
-        url = proxy.url.replace("http://", "ws://", 1) + "/v1/chat/ws"
-        async with trio_websocket.open_websocket_url(url) as ws:
-            await ws.send_message(orjson.dumps({**body("long"), "id": "a"}).decode())
-            lines = []
-            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
-                while True:
-                    lines.append(await ws.get_message())
-                    if '"token"' in lines[-1]:
-                        first_token["websocket"].set()
-            received["websocket"] = "\n".join(lines).encode()
-            received["websocket close"] = f"{closed.value.reason.code} {closed.value.reason.reason}".encode()
-
     async def timed(name: str, read: Callable[[], Awaitable[None]]) -> None:
         await read()
         ended_at[name] = trio.current_time()
 
     with trio.fail_after(10):
         async with trio.open_nursery() as clients:
-            clients.start_soon(timed, "openai sdk", openai_sdk)
-            clients.start_soon(timed, "openai sse", partial(raw, "openai sse", "/v1/chat/completions", stream=True))
-            clients.start_soon(timed, "ndjson", partial(raw, "ndjson", "/v1/chat/stream/json"))
-            clients.start_soon(timed, "resumable sse", partial(raw, "resumable sse", "/v1/chat/stream"))
-            clients.start_soon(timed, "websocket", websocket)
+            clients.start_soon(timed, "openai sdk", partial(read_openai_sdk, proxy.url, first_token, sdk_outcome))
+            for name, path, extra in (
+                ("openai sse", "/v1/chat/completions", {"stream": True}),
+                ("ndjson", "/v1/chat/stream/json", {}),
+                ("resumable sse", "/v1/chat/stream", {}),
+            ):
+                clients.start_soon(timed, name, partial(read_raw, proxy.url + path, name, first_token, received, extra))
+            clients.start_soon(timed, "websocket", partial(read_websocket, proxy.url, first_token, received))
             for started in first_token.values():
                 await started.wait()
             signalled_at = proxy.signal()
@@ -201,32 +242,12 @@ async def test_streams_still_running_at_the_grace_deadline_end_with_an_error_and
     for name, at in ended_at.items():  # each stream ran on through the grace period, then ended
         assert grace - 0.1 <= at - signalled_at < grace + 1.5, name
 
-    message = "the server is shutting down and ended the stream before it completed"
-    text, error = sdk_outcome["text"], sdk_outcome["error"]
-    assert isinstance(error, openai.APIError) and message in error.message
-    assert text and f"after {len(text)} characters were delivered" in error.message
-
-    openai_events = [orjson.loads(e.data) for e in SSEDecoder().feed(received["openai sse"]) if e.data != "[DONE]"]
-    assert "data: [DONE]" not in received["openai sse"].decode()
-    assert all("choices" in e for e in openai_events[:-1])
-    assert openai_events[-1]["error"]["code"] == "server_shutting_down"
-
-    generic = {
-        "ndjson": [StreamEvent.from_json(line) for line in received["ndjson"].decode().splitlines()],
-        "resumable sse": [StreamEvent.from_json(e.data) for e in SSEDecoder().feed(received["resumable sse"])],
-        "websocket": [StreamEvent.from_json(line) for line in received["websocket"].decode().splitlines()],
-    }
-    for name, events in generic.items():
-        assert "token" in [e.type for e in events], name
-        assert events[-1].type == "error" and "done" not in [e.type for e in events], name
-        assert events[-1].data["code"] == "server_shutting_down" and message in events[-1].data["message"], name
-        delivered = "".join(e.data for e in events if e.type == "token")
-        assert events[-1].data["characters_delivered"] == len(delivered), name
-    assert received["websocket close"] == b"1001 the server is shutting down"
+    assert_each_stream_was_ended_by_the_shutdown(received, sdk_outcome)
 
     assert upstream.request_count == 5
     for sent in upstream.requests:  # every upstream saw its client, the proxy, hang up
-        assert sent.disconnected.is_set() and not sent.completed
+        assert sent.disconnected.is_set()
+        assert not sent.completed
     assert b"draining: 5 stream(s) in flight, 1 s grace period" in proxy.log
     assert b"(the grace period is over): interrupted 5 stream(s)" in proxy.log
     assert b"Traceback" not in proxy.log
@@ -281,7 +302,8 @@ async def test_work_arriving_during_the_drain_is_refused_and_a_second_signal_end
                     answer += event.data
                 else:
                     break
-            assert response is not None and response.status_code == 503
+            assert response is not None
+            assert response.status_code == 503
             assert dict(response.headers)[b"retry-after"] == b"1"
             assert orjson.loads(answer)["error"]["code"] == "server_shutting_down"
             assert "takes no new requests" in orjson.loads(answer)["error"]["message"]
@@ -295,15 +317,17 @@ async def test_work_arriving_during_the_drain_is_refused_and_a_second_signal_end
                     refused = message
                 elif message["type"] == "token":
                     tokens_for_a += 1
-            assert refused["type"] == "error" and refused["data"]["status"] == 503
+            assert refused["type"] == "error"
+            assert refused["data"]["status"] == 503
             assert refused["data"]["code"] == "server_shutting_down"
             assert upstream.request_count == 1  # neither refused request reached the upstream
 
             proxy.signal()  # a second signal: no more waiting
-            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:  # noqa: PT012 - read until the shutdown closes it
                 while True:
                     last = orjson.loads(await ws.get_message())
-            assert last["id"] == "a" and last["type"] == "error"
+            assert last["id"] == "a"
+            assert last["type"] == "error"
             assert last["data"]["code"] == "server_shutting_down"
             assert closed.value.reason.code == 1001
 
@@ -334,7 +358,8 @@ async def test_while_draining_health_says_so_and_every_route_answers_503_in_its_
 
         chat = await client.post("/v1/chat/completions", json=body("hi", stream=True))
         assert chat.status_code == 503
-        assert chat.headers["retry-after"] == "1" and chat.headers["connection"] == "close"
+        assert chat.headers["retry-after"] == "1"
+        assert chat.headers["connection"] == "close"
         assert (await chat.get_json())["error"]["code"] == "server_shutting_down"
 
         for path, content_type in (
@@ -342,11 +367,13 @@ async def test_while_draining_health_says_so_and_every_route_answers_503_in_its_
             ("/v1/chat/stream/json", "application/x-ndjson"),
         ):
             response = await client.post(path, json=body("hi"))
-            assert response.status_code == 503 and response.headers["retry-after"] == "1", path
+            assert response.status_code == 503, path
+            assert response.headers["retry-after"] == "1", path
             assert response.content_type == content_type
             data = (await response.get_data()).decode()
             event = StreamEvent.from_json(data.removeprefix("data: ").strip())
-            assert event.type == "error" and event.data["status"] == 503, path
+            assert event.type == "error", path
+            assert event.data["status"] == 503, path
         nursery.cancel_scope.cancel()
 
 
@@ -359,7 +386,7 @@ async def test_sigterm_lets_a_responses_websocket_finish_its_response_then_close
     async with trio_websocket.open_websocket_url(url) as ws:
         await ws.send_message(orjson.dumps({"type": "response.create", "model": "up/m", "input": "short"}).decode())
         kinds = []
-        with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+        with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as closed:  # noqa: PT012 - as above
             while True:
                 kinds.append(orjson.loads(await ws.get_message())["type"])
                 if kinds[-1] == "response.output_text.delta" and kinds.count(kinds[-1]) == 1:

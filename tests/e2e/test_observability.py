@@ -121,9 +121,11 @@ async def test_usage_is_counted_per_client_key_and_model(
             stream = await sdk.chat.completions.create(model="up/gpt-x", messages=MESSAGES, stream=True)
             async for _ in stream:
                 pass
-    async with anthropic.AsyncAnthropic(base_url=proxy_url, api_key=keys[1], max_retries=0) as claude:
-        async with claude.messages.stream(model="claude/opus", max_tokens=10, messages=MESSAGES) as stream:
-            await stream.until_done()
+    async with (
+        anthropic.AsyncAnthropic(base_url=proxy_url, api_key=keys[1], max_retries=0) as claude,
+        claude.messages.stream(model="claude/opus", max_tokens=10, messages=MESSAGES) as stream,
+    ):
+        await stream.until_done()
     async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key=keys[0], max_retries=0) as sdk:
         async with await sdk.responses.create(model="up/gpt-r", input="hi", stream=True) as events:  # stored
             async for _ in events:
@@ -285,7 +287,8 @@ async def test_one_access_line_per_request_without_secrets(
     assert ok["request_id"] == request_id
     assert (ok["route"], ok["status"], ok["outcome"]) == (CHAT, 200, "completed")
     assert (ok["provider"], ok["model"], ok["tokens_out"]) == ("up", "gpt-x", 2)
-    assert ok["ttft_ms"] is not None and ok["duration_ms"] >= ok["ttft_ms"]
+    assert ok["ttft_ms"] is not None
+    assert ok["duration_ms"] >= ok["ttft_ms"]
     assert (failed["status"], failed["outcome"]) == (401, "upstream_error")
     lines = [TextFormatter().format(r) + JsonFormatter().format(r) for r in caplog.records]
     assert secret not in "".join(lines)

@@ -15,7 +15,7 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import UPSTREAM_KEY, proxy_config
+from tests.conftest import UPSTREAM_KEY, collect_into, proxy_config
 from trioproxy import create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -227,12 +227,12 @@ async def test_a_completion_broken_mid_stream_is_not_continued_as_a_chat(
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, error_after=2))
     stream = await client.completions.create(model="picky/coder", prompt=PROMPT, stream=True)
-    text = []
+    chunks: list[openai.types.Completion] = []
     with pytest.raises(openai.APIError, match="upstream failure"):
-        async for chunk in stream:
-            text += [choice.text for choice in chunk.choices]
+        await collect_into(stream, chunks)
 
-    assert "".join(text) == "".join(TOKENS[:2])  # no text twice: a prompt is no chat to continue
+    text = "".join(choice.text for chunk in chunks for choice in chunk.choices)
+    assert text == "".join(TOKENS[:2])  # no text twice: a prompt is no chat to continue
     assert len(upstream.requests) == 1
 
 

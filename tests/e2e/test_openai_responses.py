@@ -19,7 +19,7 @@ import trio
 import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import proxy_config, wait_until, wait_until_idle
+from tests.conftest import collect_into, proxy_config, wait_until, wait_until_idle
 from trioproxy import parse_config, serve
 from trioproxy._sse import SSEDecoder
 from trioproxy.server._responses_front import TERMINAL_EVENTS, response_from_events
@@ -86,7 +86,8 @@ async def test_a_non_streamed_answer(client: openai.AsyncOpenAI, upstream: FakeU
     response = await client.responses.create(model=model, input="Say hello", metadata={"ticket": "42"})
     assert response.output_text == "".join(TOKENS)
     assert (response.status, response.metadata) == ("completed", {"ticket": "42"})
-    assert response.usage is not None and response.usage.total_tokens == 15
+    assert response.usage is not None
+    assert response.usage.total_tokens == 15
 
 
 async def test_the_chat_completions_upstream_gets_the_translated_request(
@@ -105,7 +106,8 @@ async def test_the_chat_completions_upstream_gets_the_translated_request(
     assert upstream.requests[-1].path == "/v1/chat/completions"
     assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert (body["model"], body["max_tokens"], body["stream"]) == ("gpt-test", 64, True)
-    assert "store" not in body and "include" not in body
+    assert "store" not in body
+    assert "include" not in body
 
 
 async def test_the_simulated_upstream(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
@@ -192,17 +194,22 @@ async def test_an_unknown_model_is_a_404(client: openai.AsyncOpenAI) -> None:
         await client.responses.create(model="nowhere/x", input="hi")
 
 
+async def ask(client: openai.AsyncOpenAI, *, stream: bool) -> None:
+    """One response for "hi", streamed through the SDK's helper or not."""
+    if stream:
+        async with client.responses.stream(model="up/gpt-test", input="hi") as events:
+            await events.get_final_response()
+    else:
+        await client.responses.create(model="up/gpt-test", input="hi")
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_an_upstream_error_before_the_first_token_is_the_sdk_s_typed_error(
     client: openai.AsyncOpenAI, upstream: FakeUpstream, stream: bool
 ) -> None:
     upstream.push(Reply(status=429, error_message="slow down", headers={"retry-after": "3"}))
     with pytest.raises(openai.RateLimitError) as info:
-        if stream:
-            async with client.responses.stream(model="up/gpt-test", input="hi") as events:
-                await events.get_final_response()
-        else:
-            await client.responses.create(model="up/gpt-test", input="hi")
+        await ask(client, stream=stream)
     assert "slow down" in info.value.message
     assert info.value.response.headers["retry-after"] == "3"
 
@@ -237,7 +244,8 @@ async def test_a_truncated_answer_is_incomplete(client: openai.AsyncOpenAI, upst
     upstream.push(Reply(tokens=TOKENS, finish_reason="length"))
     response = await client.responses.create(model="up/gpt-test", input="hi", max_output_tokens=6)
     assert response.status == "incomplete"
-    assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
 
 
 # --- stages and guarantees --------------------------------------------------------------------
@@ -387,7 +395,8 @@ async def test_websocket_mode_failures_before_and_after_the_first_token(proxy_ur
         after = await one_response(connection, model="up/m", input="hi")
     assert [(e["type"], e["status"], e["error"]["message"]) for e in before] == [("error", 429, "slow down")]
     kinds = [e["type"] for e in after]
-    assert kinds[0] == "response.created" and kinds[-2:] == ["error", "response.failed"]
+    assert kinds[0] == "response.created"
+    assert kinds[-2:] == ["error", "response.failed"]
     assert "response.completed" not in kinds
 
 
@@ -455,7 +464,8 @@ async def test_a_background_response_is_resumed_after_a_sequence_number_then_fol
     watching = await client.responses.retrieve(queued.id, stream=True)
     async for event in watching:
         if event.sequence_number == 4:  # the first delta: then the connection drops
-            assert event.type == "response.output_text.delta" and event.delta == "a"
+            assert event.type == "response.output_text.delta"
+            assert event.delta == "a"
             break
     await watching.close()
     stream = await client.responses.retrieve(queued.id, stream=True, starting_after=4)
@@ -466,7 +476,8 @@ async def test_a_background_response_is_resumed_after_a_sequence_number_then_fol
     assert len(upstream.requests) == 1  # asked once
     again = await client.responses.retrieve(queued.id, stream=True, starting_after=-1)
     replayed = [event async for event in again]
-    assert replayed[0].type == "response.created" and replayed[-1].type == "response.completed"
+    assert replayed[0].type == "response.created"
+    assert replayed[-1].type == "response.completed"
     with pytest.raises(openai.BadRequestError):
         await client.responses.retrieve(queued.id, stream=True, starting_after=999)
 
@@ -540,8 +551,10 @@ async def test_a_responses_client_stores_a_response_from_a_responses_upstream(
         assert (await sdk.responses.retrieve(final.id)).id == final.id
     assert final.output_text == "".join(TOKENS)
     call = final.output[1]
-    assert call.type == "function_call" and (call.call_id, call.arguments) == ("call_1", '{"city": "Paris"}')
-    assert final.usage is not None and (final.usage.input_tokens, final.usage.output_tokens) == (9, 8)
+    assert call.type == "function_call"
+    assert (call.call_id, call.arguments) == ("call_1", '{"city": "Paris"}')
+    assert final.usage is not None
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (9, 8)
 
 
 async def test_a_chat_completions_client_reaches_a_responses_upstream(
@@ -571,7 +584,8 @@ async def test_a_chat_completions_client_reaches_a_responses_upstream(
     )
     assert arguments == '{"city": "Paris"}'
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
-    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 17
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == 17
     assert truncated.choices[0].finish_reason == "length"
     body = sent(upstream.requests[0])
     assert body["input"] == [
@@ -633,8 +647,10 @@ async def test_an_anthropic_client_reaches_a_responses_upstream(responses_proxy:
     ):
         message = await stream.get_final_message()
     assert [block.type for block in message.content] == ["text", "tool_use"]
-    assert message.content[0].type == "text" and message.content[0].text == "".join(TOKENS)
-    assert message.content[1].type == "tool_use" and message.content[1].input == {"city": "Paris"}
+    assert message.content[0].type == "text"
+    assert message.content[0].text == "".join(TOKENS)
+    assert message.content[1].type == "tool_use"
+    assert message.content[1].input == {"city": "Paris"}
     assert (message.stop_reason, message.usage.input_tokens, message.usage.output_tokens) == ("tool_use", 9, 8)
     body = sent(upstream.requests[-1])
     assert upstream.requests[-1].path == "/v1/responses"
@@ -670,13 +686,28 @@ async def test_a_stored_response_from_a_responses_upstream_keeps_its_events_unde
         events = [orjson.loads(event.data) for event in SSEDecoder().feed(response.content)]
         stored_id = events[0]["response"]["id"]
         retrieved = (await http.get(f"{responses_proxy}/v1/responses/{stored_id}")).json()
-    assert stored_id.startswith("resp_") and stored_id != "resp_sanitized_streaming"
+    assert stored_id.startswith("resp_")
+    assert stored_id != "resp_sanitized_streaming"
     upstream_events = [orjson.loads(event.data) for event in SSEDecoder().feed(recorded)]
     for event in upstream_events:
         if "response" in event:
             event["response"]["id"] = stored_id
     assert events == upstream_events  # every field of every event, the obfuscation padding too
     assert retrieved == upstream_events[-1]["response"]
+
+
+async def test_a_responses_upstream_that_ends_before_its_response_completed_is_an_error_a_chat_client_sees(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    recorded = (FIXTURES / "text_stream.sse").read_bytes()
+    upstream.push(Reply(raw_body=recorded[: recorded.index(b"event: response.completed")]))
+    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        with pytest.raises(openai.APIError, match="ended the stream before a finish reason"):
+            async for _ in stream:
+                pass
 
 
 # --- input items, input tokens, compaction ------------------------------------------------------
@@ -696,17 +727,21 @@ async def test_a_stored_response_s_input_items_are_listed_in_pages(
 
     newest_first = await client.responses.input_items.list(first.id)
     assert [item.type for item in newest_first.data] == ["function_call_output", "function_call", "message"]
-    assert newest_first.has_more is False and newest_first.data[2].content[0].text == "Weather in Paris?"  # type: ignore[union-attr]
+    assert newest_first.has_more is False
+    assert newest_first.data[2].content[0].text == "Weather in Paris?"  # type: ignore[union-attr]
     page = await client.responses.input_items.list(first.id, order="asc", limit=2)
-    assert [item.type for item in page.data] == ["message", "function_call"] and page.has_more is True
+    assert [item.type for item in page.data] == ["message", "function_call"]
+    assert page.has_more is True
     every = [item async for item in client.responses.input_items.list(first.id, order="asc", limit=2)]  # page by page
     assert [item.id for item in every] == [item.id for item in reversed(newest_first.data)]
     assert len({item.id for item in every}) == 3  # ids made for items sent without one, the same on every call
 
     # The continued response's input is the whole conversation it answered.
     continued = [item async for item in client.responses.input_items.list(second.id, order="asc")]
-    assert [item.type for item in continued] == ["message", "function_call", "function_call_output", "message", "message"]
-    assert continued[3].role == "assistant" and continued[4].content[0].text == "And?"  # type: ignore[union-attr]
+    expected = ["message", "function_call", "function_call_output", "message", "message"]
+    assert [item.type for item in continued] == expected
+    assert continued[3].role == "assistant"
+    assert continued[4].content[0].text == "And?"  # type: ignore[union-attr]
 
     async with httpx.AsyncClient(base_url=str(client.base_url)) as http:
         before = (await http.get(f"responses/{first.id}/input_items", params={"before": every[0].id})).json()
@@ -744,7 +779,8 @@ async def test_input_tokens_and_compaction_are_forwarded_to_a_responses_upstream
         count = await sdk.responses.input_tokens.count(model="resp/gpt-5", input=items)  # type: ignore[arg-type]
         compacted = await sdk.responses.compact(model="resp/gpt-5", input=items, instructions="Be brief.")  # type: ignore[arg-type]
     assert count.input_tokens == 7
-    assert compacted.output[0].type == "compaction" and compacted.usage.total_tokens == 15
+    assert compacted.output[0].type == "compaction"
+    assert compacted.usage.total_tokens == 15
     assert [request.path for request in upstream.requests] == ["/v1/responses/input_tokens", "/v1/responses/compact"]
     assert sent(upstream.requests[0]) == {"model": "gpt-5", "input": items}
     assert sent(upstream.requests[1]) == {"model": "gpt-5", "input": items, "instructions": "Be brief."}
@@ -754,7 +790,8 @@ async def test_input_tokens_are_estimated_and_compaction_refused_for_another_ups
     client: openai.AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
     count = await client.responses.input_tokens.count(model="up/gpt-test", input="x" * 40, instructions="y" * 8)
-    assert count.input_tokens == 12 and count.model_extra == {"estimated": True}
+    assert count.input_tokens == 12
+    assert count.model_extra == {"estimated": True}
     with pytest.raises(openai.BadRequestError) as info:
         await client.responses.input_tokens.count(model="up/gpt-test", input="x", tools=[{"type": "shell"}])  # type: ignore[list-item]
     assert info.value.param == "tools[0].type"  # what the upstream could not be asked is refused, as on create
@@ -799,7 +836,8 @@ async def test_items_the_common_model_does_not_carry_survive_a_stage_in_order(
             "id": reasoning.id,
         }  # its encrypted content and summary, under the id its events gave it
         assert search.model_dump(exclude_none=True) == upstream_final["output"][1]  # whole, as the upstream sent it
-        assert message.type == "message" and response.output_text == "Paris is [weather] today."
+        assert message.type == "message"
+        assert response.output_text == "Paris is [weather] today."
     added = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"]
     done = [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.done"]
     assert added == done == [(0, "reasoning"), (1, "web_search_call"), (2, "message")]
@@ -908,7 +946,10 @@ async def test_only_a_background_response_can_be_cancelled(client: openai.AsyncO
 
 
 async def test_websocket_mode_through_the_sdk_s_own_connection(proxy_url: str, upstream: FakeUpstream) -> None:
-    """`client.responses.connect()` (the sync SDK, in a thread): two responses in turn, the second continuing the first."""
+    """
+    `client.responses.connect()` (the sync SDK, in a thread): two responses in turn, the second
+    continuing the first.
+    """
     upstream.push(Reply(tokens=TOKENS), Reply(tokens=("Again",)))
 
     def converse() -> list[list[Any]]:
@@ -967,20 +1008,23 @@ async def test_a_stream_that_delivered_a_hosted_tool_s_call_is_not_continued_as_
     backup = await open_fake_upstream(nursery)
     recorded = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
     events_sent = [event + b"\n\n" for event in recorded.split(b"\n\n") if event and b'"rs_builtin"' not in event]
-    first_delta = next(i for i, event in enumerate(events_sent) if event.startswith(b"event: response.output_text.delta"))
-    upstream.push(Reply(raw_body=b"".join(events_sent[: first_delta + 1]), reset_after=0))  # no reasoning: a search, then text
+    delta = b"event: response.output_text.delta"
+    first_delta = next(i for i, event in enumerate(events_sent) if event.startswith(delta))
+    # No reasoning: a search, then text.
+    upstream.push(Reply(raw_body=b"".join(events_sent[: first_delta + 1]), reset_after=0))
     backup.push(Reply(tokens=("Paris is ", "sunny today."), continues=True))
     vllm = {"type": "openai", "continuation": "continue_final_message", "base_url": backup.url + "/v1"}
     config = proxy_config(
-        upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "fallbacks": ["vllm/m"]}, vllm=vllm
+        upstream,
+        resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "fallbacks": ["vllm/m"]},
+        vllm=vllm,
     )
     [proxy] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
     events: list[Any] = []
     async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
         stream = await sdk.responses.create(model="resp/gpt-5", input="Weather in Paris?", store=False, stream=True)
         with pytest.raises(openai.APIError, match="connection broke"):
-            async for event in stream:
-                events.append(event)
+            await collect_into(stream, events)
     assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["web_search_call"]
     assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["Paris is "]
     assert backup.request_count == 0

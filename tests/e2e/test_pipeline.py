@@ -15,7 +15,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import wait_until_idle
+from tests.conftest import collect_into, wait_until_idle
 from trioproxy import SSEDecoder, StreamEvent, create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -82,7 +82,8 @@ async def test_silent_upstream_gets_heartbeats_and_the_stream_completes(
     # At least one: the beat's timer is due long before the token's, however late both fire.
     # How many come, and when, is counted on MockClock below.
     assert body.split("data: ", 1)[0].startswith(": keep-alive\n\n")
-    assert "id:" not in body and "event:" not in body
+    assert "id:" not in body
+    assert "event:" not in body
 
 
 async def test_heartbeats_come_every_interval_until_the_first_token(autojump_clock: trio.abc.Clock) -> None:
@@ -98,7 +99,8 @@ async def test_heartbeats_come_every_interval_until_the_first_token(autojump_clo
     first_text = next(index for index, block in enumerate(blocks) if '"content":"go"' in block)
     assert '"role":"assistant"' in blocks[0]  # the simulated upstream opens the stream at once
     assert blocks[1:first_text] == [": keep-alive"] * 5  # at 50, 100, ..., 250 ms; the text at 275 ms
-    assert "id:" not in response.text and "event:" not in response.text
+    assert "id:" not in response.text
+    assert "event:" not in response.text
 
 
 async def test_a_retried_stream_delivers_the_text_once(
@@ -152,12 +154,10 @@ async def test_a_failing_validator_stops_the_stream_and_the_upstream(
 ) -> None:
     upstream.push(Reply(tokens=("Fine.", " This", " is", " forbidden", " text.") + ("x",) * 500, interval=0.005))
     stream = await sdk.chat.completions.create(model="guarded/m", messages=MESSAGES, stream=True)
-    received = []
+    chunks: list[openai.types.chat.ChatCompletionChunk] = []
     with pytest.raises(openai.APIError) as info:
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                received.append(chunk.choices[0].delta.content)
-    assert received == ["Fine."]
+        await collect_into(stream, chunks)
+    assert [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content] == ["Fine."]
     assert "banned phrase" in info.value.message
     with trio.fail_after(1):
         await upstream.requests[-1].disconnected.wait()
@@ -184,7 +184,10 @@ async def test_buffer_config_per_request_on_the_generic_endpoint(proxy: str, ups
 
 # --- the fault matrix ----------------------------------------------------------------------
 
-GOOD = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+GOOD = (
+    b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"ok"},"finish_reason":null}]}\n\n'
+)
 
 FAULTS = {
     "connect refused": ("gone/m", None, 502, None),

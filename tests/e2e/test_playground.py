@@ -272,7 +272,8 @@ async def test_a_sim_answer_streams_in_live_with_ttft_and_tokens_per_second(chro
 
     seen = await chromium.run(proxy, steps)
     assert seen["answer"] == expected
-    assert expected.startswith(seen["live_answer"]) and len(seen["live_answer"]) < len(expected)
+    assert expected.startswith(seen["live_answer"])
+    assert len(seen["live_answer"]) < len(expected)
     assert seen["live_ttft"].endswith(" ms")  # measured as soon as the first token arrived
     assert seen["status"] == "Complete (finish reason: stop)"
     assert 150 <= _number(seen["ttft"]) < 5000  # the simulated 150 ms, plus the trip
@@ -306,7 +307,8 @@ async def test_a_tool_call_is_shown_as_it_streams(chromium: Chromium, proxy: str
             for call in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
                 name += call.function.name or ""
                 arguments += call.function.arguments or ""
-    assert name == "get_weather" and "Weather in Lisbon?" in arguments
+    assert name == "get_weather"
+    assert "Weather in Lisbon?" in arguments
 
     def steps(session: PageSession) -> tuple[str, str, str]:
         session.open()

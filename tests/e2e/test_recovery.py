@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.conftest import wait_until
+from tests.conftest import collect_into, wait_until
 from tests.e2e.test_observability import fingerprint, scrape_until, value
 from tests.e2e.test_openai_responses import one_response, ws_url
 from trioproxy import create_app, parse_config, serve
@@ -53,6 +53,16 @@ async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **providers
     return (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
 
 
+async def sdk_stream_events(manager: Any, into: list[Any]) -> None:
+    """Open an SDK's stream helper (`responses.stream`, `messages.stream`) and keep its events in `into`."""
+    async with manager as stream:
+        await collect_into(stream, into)
+
+
+def text_of_messages_events(events: list[Any]) -> str:
+    return "".join(event.delta.text for event in events if event.type == "content_block_delta")
+
+
 async def test_a_malformed_event_is_skipped_when_the_provider_says_so_counted_and_logged(
     nursery: trio.Nursery, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -71,7 +81,8 @@ async def test_a_malformed_event_is_skipped_when_the_provider_says_so_counted_an
     assert value(samples, "trioproxy_streams_total", route=CHAT, provider="up", outcome="completed") == 1
     await wait_until(lambda: any(r.name == "trioproxy.access" for r in caplog.records))
     (line,) = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
-    assert line["skipped_events"] == 1 and line["request_id"]
+    assert line["skipped_events"] == 1
+    assert line["request_id"]
 
 
 async def test_without_the_setting_a_malformed_event_ends_the_stream_honestly(
@@ -94,7 +105,8 @@ async def test_the_generic_endpoints_announce_a_skipped_event(nursery: trio.Nurs
         response = await http.post(proxy + "/v1/chat/stream/json", json={"model": "up/m", "messages": MESSAGES})
     events = [orjson.loads(line) for line in response.text.splitlines()]
     skipped = [e for e in events if e["type"] == "metadata" and e["data"] == "skipped_event"]
-    assert len(skipped) == 1 and "not a JSON object" in skipped[0]["metadata"]["reason"]
+    assert len(skipped) == 1
+    assert "not a JSON object" in skipped[0]["metadata"]["reason"]
     assert events[-1]["type"] == "done"
 
 
@@ -235,7 +247,8 @@ async def test_a_first_token_after_20_s_is_hedged_and_the_slow_request_cancelled
         )
         events = [orjson.loads(line) for line in response.text.splitlines()]
         announced = [(e["data"], e["metadata"]["provider"]) for e in events if e["type"] == "metadata"]
-        assert ("hedge", "backup") in announced and ("hedge_won", "backup") in announced
+        assert ("hedge", "backup") in announced
+        assert ("hedge_won", "backup") in announced
         assert "".join(e["data"] for e in events if e["type"] == "token") == "".join(TOKENS)
         metrics = (await client._client.get("http://proxy.test/metrics")).text
     assert 'trioproxy_recoveries_total{kind="hedge",provider="primary"} 2.0' in metrics
@@ -306,7 +319,8 @@ async def test_a_stream_broken_mid_way_is_continued_seamlessly(
     last = continued.json["messages"][-1]
     delivered = "".join(CANONICAL[: broken.tokens_sent])
     content = last["content"] if isinstance(last["content"], str) else last["content"][0]["text"]
-    assert last["role"] == "assistant" and content == (delivered.rstrip() if provider == "claude" else delivered)
+    assert last["role"] == "assistant"
+    assert content == (delivered.rstrip() if provider == "claude" else delivered)
     if provider == "vllm":
         assert (continued.json["continue_final_message"], continued.json["add_generation_prompt"]) == (True, False)
 
@@ -333,12 +347,12 @@ async def test_a_fallback_that_rejects_prefill_leaves_the_client_the_original_fa
     }
     async with in_process(tables) as client:
         stream = await client.chat.completions.create(model="primary/m", messages=MESSAGES, stream=True)
-        received = []
+        chunks: list[openai.types.chat.ChatCompletionChunk] = []
         with pytest.raises(openai.APIError) as info:
-            async for c in stream:
-                received.append(c.choices[0].delta.content or "" if c.choices else "")
-    assert "".join(received) == "".join(CANONICAL[:40])
-    assert "connection broke" in info.value.message and "prefill" not in info.value.message
+            await collect_into(stream, chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(CANONICAL[:40])
+    assert "connection broke" in info.value.message
+    assert "prefill" not in info.value.message
     assert f"after {len(''.join(CANONICAL[:40]))} characters were delivered" in info.value.message
     assert backup.request_count == 1  # asked once; the refusal is remembered for continuation_cooldown
 
@@ -354,7 +368,8 @@ async def test_the_generic_endpoints_announce_a_continuation(
         )
     events = [orjson.loads(line) for line in response.text.splitlines()]
     (notice,) = [e for e in events if e["type"] == "metadata" and e["data"] == "continuation"]
-    assert notice["metadata"]["provider"] == "vllm" and "connection broke" in notice["metadata"]["reason"]
+    assert notice["metadata"]["provider"] == "vllm"
+    assert "connection broke" in notice["metadata"]["reason"]
     assert "".join(e["data"] for e in events if e["type"] == "token") == "".join(CANONICAL)
     (done,) = [e for e in events if e["type"] == "done"]
     assert done["metadata"]["usage"]["estimated"] is True  # both attempts, the broken one estimated
@@ -366,9 +381,11 @@ async def test_an_anthropic_client_gets_one_seamless_message(nursery: trio.Nurse
     (upstream,) = await open_upstreams(nursery, 1)
     upstream.push(*continuing_upstream(reset_after=40))
     proxy = await start_proxy(nursery, upstream, vllm={**VLLM, "base_url": upstream.url + "/v1"})
-    async with anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client:
-        async with client.messages.stream(model=f"{provider}/m", max_tokens=100, messages=MESSAGES) as stream:
-            message = await stream.get_final_message()
+    async with (
+        anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client,
+        client.messages.stream(model=f"{provider}/m", max_tokens=100, messages=MESSAGES) as stream,
+    ):
+        message = await stream.get_final_message()
     assert [block.type for block in message.content] == ["text"]
     assert message.content[0].text == "".join(CANONICAL)
     assert message.stop_reason == "end_turn"
@@ -395,7 +412,8 @@ async def test_one_of_three_replicas_down_is_skipped_once_its_breaker_opens(
         for _ in range(12):
             assert await collect(client, "vllm/m") == "".join(TOKENS)
         assert down.request_count == 2  # then skipped: no request reaches it during the cooldown
-        assert up1.request_count >= 4 and up2.request_count >= 4  # the healthy ones share the load
+        assert up1.request_count >= 4
+        assert up2.request_count >= 4  # the healthy ones share the load
 
         health = (await client._client.get("http://proxy.test/health")).json()
         states = {t["url"]: t["state"] for t in health["providers"]["vllm"]["targets"]}
@@ -436,7 +454,8 @@ async def test_a_primary_down_then_healthy_again_is_skipped_then_probed_back(
     assert all(line["request_id"] for line in lines)
     transitions = [t for line in lines for t in line.get("breaker_transitions", [])]
     assert len(transitions) == 2
-    assert "is open" in transitions[0] and "is closed" in transitions[1]
+    assert "is open" in transitions[0]
+    assert "is closed" in transitions[1]
 
 
 async def test_an_anthropic_client_gets_the_hedges_message_alone(
@@ -572,11 +591,13 @@ async def test_a_responses_client_gets_one_seamless_response(
         assert trio.current_time() - start <= 5.1  # at most one silence_timeout
     types = [event.type for event in events]
     assert [event.sequence_number for event in events] == list(range(len(events)))
-    assert types.count("response.created") == 1 and types.count("response.output_item.added") == 1
+    assert types.count("response.created") == 1
+    assert types.count("response.output_item.added") == 1
     (done,) = [event for event in events if event.type == "response.output_text.done"]
     assert done.text == "".join(CANONICAL)
     assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == done.text
-    assert response.status == "completed" and response.output_text == "".join(CANONICAL)
+    assert response.status == "completed"
+    assert response.output_text == "".join(CANONICAL)
     assert [item.type for item in response.output] == ["message"]
     if "stall_after" in fault:
         assert primary.requests[0].disconnected.is_set()  # the silent request was cancelled
@@ -619,9 +640,7 @@ async def test_a_responses_upstream_alone_cannot_be_continued_and_says_so(
     async with in_process({"resp": {**RESPONSES, "base_url": upstream.url + "/v1"}}) as client:
         events: list[Any] = []
         with pytest.raises(openai.APIError) as info:
-            async with client.responses.stream(model="resp/m", input="go") as stream:
-                async for event in stream:
-                    events.append(event)
+            await sdk_stream_events(client.responses.stream(model="resp/m", input="go"), events)
     assert "connection broke" in info.value.message
     assert f"after {len(delivered)} characters were delivered" in info.value.message
     assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == delivered
@@ -630,14 +649,13 @@ async def test_a_responses_upstream_alone_cannot_be_continued_and_says_so(
 
     async with in_process_anthropic({"resp": {**RESPONSES, "base_url": upstream.url + "/v1"}}) as anthropic_client:
         upstream.push(Reply(tokens=CANONICAL, reset_after=40))
-        text: list[str] = []
+        message_events: list[Any] = []
         with pytest.raises(anthropic.APIError) as anthropic_info:
-            async with anthropic_client.messages.stream(model="resp/m", max_tokens=100, messages=MESSAGES) as stream:
-                async for event in stream:
-                    if event.type == "content_block_delta":
-                        text.append(event.delta.text)  # type: ignore[union-attr]
+            await sdk_stream_events(
+                anthropic_client.messages.stream(model="resp/m", max_tokens=100, messages=MESSAGES), message_events
+            )
     assert "connection broke" in anthropic_info.value.message
-    assert "".join(text) == delivered
+    assert text_of_messages_events(message_events) == delivered
 
 
 @pytest.mark.parametrize(
@@ -651,12 +669,15 @@ async def test_an_anthropic_stream_client_gets_one_seamless_message(
     """Through `client.messages.stream`: one `message_start`, one text block at index 0, the whole text."""
     primary, backup = await open_upstreams(nursery, 2)
     push_broken(first, primary, backup, fault)
-    async with in_process_anthropic(front_tables(first, primary, backup), timeouts={"silence_timeout": 5}) as client:
-        async with client.messages.stream(model=f"{first}/m", max_tokens=100, messages=MESSAGES) as stream:
-            events = [event async for event in stream]
-            message = await stream.get_final_message()
+    async with (
+        in_process_anthropic(front_tables(first, primary, backup), timeouts={"silence_timeout": 5}) as client,
+        client.messages.stream(model=f"{first}/m", max_tokens=100, messages=MESSAGES) as stream,
+    ):
+        events = [event async for event in stream]
+        message = await stream.get_final_message()
     types = [event.type for event in events]
-    assert types.count("message_start") == 1 and types.count("content_block_start") == 1
+    assert types.count("message_start") == 1
+    assert types.count("content_block_start") == 1
     blocks = [event for event in events if event.type.startswith("content_block")]
     assert {event.index for event in blocks} == {0}  # type: ignore[union-attr]
     assert [block.type for block in message.content] == ["text"]
@@ -670,14 +691,12 @@ async def test_an_anthropic_prefill_the_upstream_refuses_leaves_the_original_fai
     (upstream,) = await open_upstreams(nursery, 1)
     upstream.push(Reply(tokens=CANONICAL, reset_after=40), Reply(refuse_continuation=True))
     async with in_process_anthropic({"claude": {"type": "anthropic", "base_url": upstream.url}}) as client:
-        text: list[str] = []
+        events: list[Any] = []
         with pytest.raises(anthropic.APIError) as info:
-            async with client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as stream:
-                async for event in stream:
-                    if event.type == "content_block_delta":
-                        text.append(event.delta.text)  # type: ignore[union-attr]
-    assert "connection broke" in info.value.message and "prefill" not in info.value.message
-    assert "".join(text) == "".join(CANONICAL[:40])
+            await sdk_stream_events(client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES), events)
+    assert "connection broke" in info.value.message
+    assert "prefill" not in info.value.message
+    assert text_of_messages_events(events) == "".join(CANONICAL[:40])
     assert upstream.request_count == 2
 
 
@@ -745,7 +764,9 @@ async def test_every_attempt_shows_in_the_access_log_and_metrics_under_its_reque
     logged = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
     lines = {line["route"]: line for line in logged}
     continued, raced = lines["/v1/responses"], lines["/v1/messages"]
-    assert continued["request_id"] != raced["request_id"] and continued["request_id"] and raced["request_id"]
+    assert continued["request_id"] != raced["request_id"]
+    assert continued["request_id"]
+    assert raced["request_id"]
     assert (continued["attempts"], continued["continuations"], continued["provider"]) == (2, 1, "vllm")
     (failure,) = continued["failures"]  # each failed attempt: its provider, and why
     assert failure.startswith("resp: the upstream connection broke")
@@ -765,20 +786,24 @@ async def test_a_client_that_leaves_during_a_continuation_cancels_its_upstream_r
     delivered = "".join(CANONICAL[:45])
     text = ""
     if front == "responses":
-        async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
-            async with sdk.responses.stream(model="claude/m", input="go") as stream:
-                async for event in stream:
-                    text += event.delta if event.type == "response.output_text.delta" else ""
-                    if len(text) == len(delivered):
-                        break  # leaves: the stream is closed
+        async with (
+            openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk,
+            sdk.responses.stream(model="claude/m", input="go") as stream,
+        ):
+            async for event in stream:
+                text += event.delta if event.type == "response.output_text.delta" else ""
+                if len(text) == len(delivered):
+                    break  # leaves: the stream is closed
     else:
-        async with anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client:
-            async with client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as events:
-                async for event in events:
-                    if event.type == "content_block_delta":
-                        text += event.delta.text  # type: ignore[union-attr]
-                    if len(text) == len(delivered):
-                        break
+        async with (
+            anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client,
+            client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as events,
+        ):
+            async for event in events:
+                if event.type == "content_block_delta":
+                    text += event.delta.text  # type: ignore[union-attr]
+                if len(text) == len(delivered):
+                    break
     assert text == delivered  # 40 tokens, then 5 of the continuation's
     continued = upstream.requests[1]
     with trio.fail_after(5):

@@ -55,6 +55,14 @@ async def read_events(response: httpx.Response, limit: int | None = None) -> lis
     return events
 
 
+async def sse_client_events(client: SSEClient, into: list[StreamEvent] | None = None) -> None:
+    """Open `client` and read its events to the end (or its error), keeping them in `into`."""
+    async with client as events:
+        async for event in events:
+            if into is not None:
+                into.append(event)
+
+
 def text_of(events: list[StreamEvent]) -> str:
     return "".join(e.data for e in events if e.type == "token")
 
@@ -125,15 +133,13 @@ async def test_sse_client_gives_up_after_max_reconnects(nursery: trio.Nursery, u
     upstream.push(Reply(tokens=TOKENS, interval=0.01))
     received: list[StreamEvent] = []
     async with httpx.AsyncClient(transport=CutFirstResponse(after_events=3, cut_resumes=True)) as http:
+        client = SSEClient(proxy + "/v1/chat/stream", json=BODY, http=http, max_reconnects=2, backoff=0.01)
         with trio.fail_after(10), pytest.raises(UpstreamConnectError) as info:
-            async with SSEClient(
-                proxy + "/v1/chat/stream", json=BODY, http=http, max_reconnects=2, backoff=0.01
-            ) as events:
-                async for event in events:
-                    received.append(event)
+            await sse_client_events(client, received)
     assert "cut by the test" in info.value.message
-    assert events.reconnects == 2
-    assert received and received[0].type == "metadata"
+    assert client.reconnects == 2
+    assert received
+    assert received[0].type == "metadata"
     assert len(upstream.requests) == 1
 
 
@@ -152,15 +158,13 @@ async def test_sse_client_raises_the_servers_error_status(nursery: trio.Nursery,
 
     proxy = await start_proxy(nursery, upstream)
     with pytest.raises(UpstreamStatusError) as info:
-        async with SSEClient(proxy + "/v1/chat/stream", json={"model": "atlantis/m", "messages": MESSAGES}) as events:
-            async for _ in events:
-                pass
+        await sse_client_events(
+            SSEClient(proxy + "/v1/chat/stream", json={"model": "atlantis/m", "messages": MESSAGES})
+        )
     assert info.value.status == 404
     assert "atlantis" in info.value.message
     with pytest.raises(UpstreamStatusError) as info:
-        async with SSEClient(proxy + "/v1/streams/st_nothing") as events:
-            async for _ in events:
-                pass
+        await sse_client_events(SSEClient(proxy + "/v1/streams/st_nothing"))
     assert info.value.status == 404
 
 
@@ -283,7 +287,8 @@ async def test_a_finished_stream_expires_after_its_retention(
     assert gone.status_code == 404
     assert gone.headers["content-type"].startswith("text/event-stream")
     (event,) = [StreamEvent.from_json(e.data) for e in SSEDecoder().feed(gone.content)]
-    assert event.type == "error" and event.data["status"] == 404
+    assert event.type == "error"
+    assert event.data["status"] == 404
 
 
 async def test_bad_and_future_last_event_ids_are_400(

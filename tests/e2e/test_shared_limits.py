@@ -208,7 +208,8 @@ async def test_redis_killed_and_restarted_falls_back_to_each_process_then_shares
         assert [(await chat(three[2])).status_code for _ in range(3)] == [200] * 3
         assert (await chat(three[0])).status_code == 429  # shared again: three[0] has not asked since
     logs = [proxy.log.read_text() for proxy in three]
-    assert "Redis failed" in logs[1] and "Redis answers again" in logs[0] + logs[1] + logs[2]
+    assert "Redis failed" in logs[1]
+    assert "Redis answers again" in logs[0] + logs[1] + logs[2]
     assert "Traceback" not in "".join(logs)
 
 
@@ -224,7 +225,8 @@ async def test_redis_down_with_on_error_closed_refuses_with_503(tmp_path: Path, 
         assert refused.json()["error"]["code"] == "shared_state_unavailable"
         async with httpx.AsyncClient() as http:  # the generic endpoint: its own error shape
             response = await http.post(proxy.url + "/v1/chat/stream", json={"model": "sim/echo", "messages": MESSAGES})
-        assert response.status_code == 503 and "shared_state_unavailable" in response.text
+        assert response.status_code == 503
+        assert "shared_state_unavailable" in response.text
         await redis_server.start()
         assert (await chat(proxy)).status_code == 200
 
@@ -249,7 +251,8 @@ async def test_every_front_is_admitted_by_the_shared_limits_and_refused_in_its_o
             background = {"model": "sim/echo", "input": "hi", "background": True}
             refused = await http.post(three[2].url + "/v1/responses", json=background)
             assert refused.status_code == 429, refused.text  # refused, not "queued" and failed later
-            assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused.headers["retry-after"]
+            assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+            assert refused.headers["retry-after"]
             refused = await http.post(three[0].url + "/v1/messages", json=message)
             assert (refused.status_code, refused.json()["error"]["type"]) == (429, "rate_limit_error")
         async with openai.AsyncOpenAI(base_url=three[1].url + "/v1", api_key="k", max_retries=0) as second:

@@ -130,7 +130,8 @@ async def test_a_validator_refusing_the_first_chunk_is_a_422(sdk: openai.AsyncOp
         response = await http.post(proxy + "/v1/chat/stream/json", json=body)
     assert response.status_code == 422
     (event,) = [StreamEvent.from_json(line) for line in response.text.splitlines()]
-    assert event.type == "error" and event.data["type"] == "validation_error"
+    assert event.type == "error"
+    assert event.data["type"] == "validation_error"
 
 
 async def test_an_upstream_error_after_its_200_but_before_a_token_is_an_http_status(
@@ -150,7 +151,8 @@ async def test_a_failover_that_fails_names_every_route_tried(sdk: openai.AsyncOp
     message = info.value.body["message"]
     assert message.startswith("all 2 routes failed: ")
     assert "gone/m: cannot connect to the upstream" in message
-    assert "up/backup: " in message and "backup is overloaded" in message
+    assert "up/backup: " in message
+    assert "backup is overloaded" in message
 
     upstream.push(Reply(status=503, error_message="backup is overloaded"))
     with pytest.raises(openai.InternalServerError) as again:
@@ -179,5 +181,6 @@ async def test_on_the_generic_endpoints_a_failover_event_starts_the_stream(proxy
     assert response.status_code == 200  # the client was shown the failover: the error comes in the stream
     events = [StreamEvent.from_json(line) for line in response.text.splitlines()]
     assert [(e.type, e.data) for e in events[:-1]] == [("metadata", "failover")]
-    assert events[-1].type == "error" and events[-1].data["status"] == 503
+    assert events[-1].type == "error"
+    assert events[-1].data["status"] == 503
     assert events[-1].data["message"].startswith("all 2 routes failed: gone/m: ")

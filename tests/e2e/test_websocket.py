@@ -96,7 +96,8 @@ async def test_two_streams_on_one_connection_cancel_one(proxy_url: str, upstream
                 with trio.fail_after(1):
                     await upstream_request(upstream, "slow").disconnected.wait()
 
-    assert slow_events[0].type == "metadata" and slow_events[0].data == "stream_start"
+    assert slow_events[0].type == "metadata"
+    assert slow_events[0].data == "stream_start"
     assert slow_events[-1].type == "error"
     assert slow_events[-1].data["type"] == "cancelled"
     assert 0 < len(text(slow_events)) < 2000 * len("tick")
@@ -129,8 +130,10 @@ async def test_events_carry_their_id_and_the_generic_metadata(proxy_url: str) ->
 
     assert {m["id"] for m in messages} == {"r1"}
     start = messages[0]
-    assert start["type"] == "metadata" and start["data"] == "stream_start"
-    assert start["metadata"]["provider"] == "up" and start["metadata"]["model"] == "m"
+    assert start["type"] == "metadata"
+    assert start["data"] == "stream_start"
+    assert start["metadata"]["provider"] == "up"
+    assert start["metadata"]["model"] == "m"
     assert start["metadata"]["request_id"].startswith("req_")
     # the connection's id, as the handshake and the access log give it
     assert start["metadata"]["request_id"] == handshake[b"x-request-id"].decode()
@@ -153,24 +156,28 @@ async def test_malformed_messages_get_error_events_and_the_connection_keeps_work
         assert "id" not in await error_for("[1, 2]")
         assert "id" not in await error_for(orjson.dumps({"model": "up/m", "messages": []}).decode())
         missing = await error_for(orjson.dumps({"id": "x", "model": "up/m"}).decode())
-        assert missing["id"] == "x" and "messages" in missing["data"]["message"]
+        assert missing["id"] == "x"
+        assert "messages" in missing["data"]["message"]
         unknown = await error_for(orjson.dumps({"id": "y", "type": "subscribe"}).decode())
         assert unknown["id"] == "y"
 
         # An unknown model is an in-stream error of that request, not a closed connection.
         await connection.send_message(orjson.dumps({**request("fast", "z"), "provider": "nope"}).decode())
         unroutable = await receive_json(connection)
-        assert unroutable["id"] == "z" and unroutable["type"] == "error"
+        assert unroutable["id"] == "z"
+        assert unroutable["type"] == "error"
 
         # A second request with the id of a running stream is refused; the first goes on.
         await connection.send_message(orjson.dumps(request("stall", "dup")).decode())
         assert (await receive_json(connection))["data"] == "stream_start"
         assert (await receive_json(connection))["data"] == "tick"
         duplicate = await error_for(orjson.dumps(request("fast", "dup")).decode())
-        assert duplicate["id"] == "dup" and "already running" in duplicate["data"]["message"]
+        assert duplicate["id"] == "dup"
+        assert "already running" in duplicate["data"]["message"]
         await connection.send_message(orjson.dumps({"type": "cancel", "id": "dup"}).decode())
         cancelled = await receive_json(connection)
-        assert cancelled["id"] == "dup" and cancelled["data"]["type"] == "cancelled"
+        assert cancelled["id"] == "dup"
+        assert cancelled["data"]["type"] == "cancelled"
 
         # Still serving.
         await connection.send_message(orjson.dumps(request("fast", "ok")).decode())
@@ -232,13 +239,14 @@ async def test_client_raises_when_the_server_goes_away(nursery: trio.Nursery, up
 
     (url,) = await nursery.start(run_proxy)
     events: list[StreamEvent] = []
-    with trio.fail_after(3), pytest.raises(UpstreamConnectError, match="closed"):
+    with trio.fail_after(3), pytest.raises(UpstreamConnectError, match="closed"):  # noqa: PT012 - read, stopping the server at the first token
         async with WebSocketClient.connect(ws(url)) as client:
             async for event in client.stream(request("slow")):
                 events.append(event)
                 if event.type == "token":
                     server_scope.cancel()
-    assert events and events[-1].type == "token"
+    assert events
+    assert events[-1].type == "token"
 
 
 async def test_client_cannot_connect_to_nothing() -> None:

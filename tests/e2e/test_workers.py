@@ -16,14 +16,12 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import anthropic
 import httpx
 import openai
 import orjson
-import pytest
 import trio
 import trio_websocket
 
@@ -110,7 +108,8 @@ async def pids_answering(url: str, count: int) -> set[int]:
 async def test_two_workers_answer_on_one_address_with_one_metrics(tmp_path: Path) -> None:
     async with supervisor(tmp_path) as proxy:
         pids = await pids_answering(proxy.url, 2)
-        assert proxy.process.pid not in pids and set(_children(proxy.process.pid)) == pids
+        assert proxy.process.pid not in pids
+        assert set(_children(proxy.process.pid)) == pids
 
         async with httpx.AsyncClient() as http:
             for _ in range(20):
@@ -157,9 +156,11 @@ breaker = {{ failures = 1, cooldown = 600 }}
             async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk:
                 response = await sdk.responses.create(model="sim/echo", input="one two")  # stored
                 assert response.output_text == "one two"
-            async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk:
-                async with await sdk.responses.create(model="sim/echo", input="one two", stream=True) as events:
-                    assert [e.type async for e in events][-1] == "response.completed"
+            async with (
+                openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk,
+                await sdk.responses.create(model="sim/echo", input="one two", stream=True) as events,
+            ):
+                assert [e.type async for e in events][-1] == "response.completed"
             async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="k", max_retries=0) as claude:
                 message = await claude.messages.create(model="sim/echo", max_tokens=20, messages=messages)
                 assert message.content[0].text == "one two"  # type: ignore[union-attr]
@@ -172,7 +173,8 @@ breaker = {{ failures = 1, cooldown = 600 }}
             async with httpx.AsyncClient() as http:
                 body = {"model": "sim/echo", "messages": messages}
                 events = await http.post(proxy.url + "/v1/chat/stream", json=body)
-                assert events.status_code == 200 and '"type":"done"' in events.text
+                assert events.status_code == 200
+                assert '"type":"done"' in events.text
                 down_body = {"model": "down/m", "messages": messages}
                 assert (await http.post(proxy.url + "/v1/chat/completions", json=down_body)).status_code == 502
 
@@ -217,9 +219,11 @@ async def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
         texts: list[str] = []
 
         async def stream() -> None:
-            async with httpx.AsyncClient(timeout=60) as http:
-                async with http.stream("POST", proxy.url + "/v1/chat/completions", json=SLOW_BODY) as response:
-                    texts.append("".join([chunk async for chunk in response.aiter_text()]))
+            async with (
+                httpx.AsyncClient(timeout=60) as http,
+                http.stream("POST", proxy.url + "/v1/chat/completions", json=SLOW_BODY) as response,
+            ):
+                texts.append("".join([chunk async for chunk in response.aiter_text()]))
 
         busy: set[int] = set()
 

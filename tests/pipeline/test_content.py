@@ -80,7 +80,7 @@ def test_regex_redact_unicode() -> None:
 
 def test_regex_redact_bad_pattern() -> None:
     with pytest.raises(
-        ValueError, match="^'pattern' is not a regular expression: missing \\), unterminated subpattern"
+        ValueError, match=r"^'pattern' is not a regular expression: missing \), unterminated subpattern"
     ):
         regex_redact("(")
 
@@ -88,7 +88,7 @@ def test_regex_redact_bad_pattern() -> None:
 @pytest.mark.parametrize("replacement", [r"\2", r"\g<name>", 5])
 def test_regex_redact_bad_replacement_fails_when_built(replacement: Any) -> None:
     # not at the first match, in the middle of a stream
-    with pytest.raises(ValueError, match="^'replacement' cannot replace a match of 'pattern': "):
+    with pytest.raises(ValueError, match=r"^'replacement' cannot replace a match of 'pattern': "):
         regex_redact(r"(\d)", replacement)
 
 

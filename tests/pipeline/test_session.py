@@ -87,7 +87,10 @@ def route(upstream: ScriptedUpstream, name: str = "p", **policy: Any) -> Route:
     return Route(provider, upstream, "m")  # type: ignore[arg-type]
 
 
-def pipeline(*routes: Route, buffer: BufferConfig = BufferConfig(), validators: tuple = ()) -> Pipeline:
+NO_BUFFER = BufferConfig()
+
+
+def pipeline(*routes: Route, buffer: BufferConfig = NO_BUFFER, validators: tuple = ()) -> Pipeline:
     return Pipeline(routes=routes, buffer=buffer, transforms=(), validators=validators)
 
 
@@ -316,7 +319,9 @@ async def test_a_client_error_is_neither_retried_nor_failed_over(autojump_clock:
     items, _ = await run(pipeline(route(upstream, retry=RetryConfig(max_retries=3)), route(backup, name="backup")))
 
     ((_, last),) = items
-    assert type(last) is UpstreamStatusError and last.message == "bad request" and last.status == 400
+    assert type(last) is UpstreamStatusError
+    assert last.message == "bad request"
+    assert last.status == 400
     assert last.__cause__ is error  # a new error: the caught one is left as it was
     assert (upstream.calls, backup.calls) == (1, 0)
 
@@ -337,9 +342,9 @@ async def test_a_protocol_error_is_not_retried_but_fails_over(autojump_clock: tr
 async def test_no_code_path_sends_text_twice(autojump_clock: trio.abc.Clock) -> None:
     """Fail the upstream at every point of a stream, with retries and a fallback ready."""
     words = ["one", " two", " three", " four"]
-    full = tokens(*words) + [Delta(finish_reason="stop")]
+    full = [*tokens(*words), Delta(finish_reason="stop")]
     for cut in range(len(full) + 1):
-        failing = full[:cut] + [UpstreamBrokenError("connection reset")]
+        failing = [*full[:cut], UpstreamBrokenError("connection reset")]
         upstream = ScriptedUpstream([failing, full, full, full])
         backup = ScriptedUpstream([full])
         retry = RetryConfig(max_retries=2, base_delay_ms=1, jitter=0)
@@ -357,7 +362,8 @@ async def test_no_code_path_sends_text_twice(autojump_clock: trio.abc.Clock) -> 
             error = items[-1][1]
             assert isinstance(error, UpstreamBrokenError), cut
             assert error.characters_delivered == len(text), cut
-            assert upstream.calls == 1 and backup.calls == 0, cut
+            assert upstream.calls == 1, cut
+            assert backup.calls == 0, cut
 
 
 # --- validators --------------------------------------------------------------------------
@@ -412,7 +418,8 @@ async def test_an_interrupted_session_ends_with_its_error_after_what_was_deliver
     assert upstream.cancelled == [2.0]
     assert [i.text for _, i in received if isinstance(i, Delta) and i.text] == ["ab", "cd"]
     last_at, last = received[-1]
-    assert isinstance(last, StreamInterrupted) and last_at == 2.0
+    assert isinstance(last, StreamInterrupted)
+    assert last_at == 2.0
     assert last.message == "the server is shutting down (after 4 characters were delivered; they are not repeated)"
     assert last.characters_delivered == 4  # type: ignore[attr-defined]
     assert not session.completed
@@ -429,7 +436,8 @@ async def test_an_interruption_is_not_delivered_to_a_client_that_left(autojump_c
         await trio.sleep(5)
         assert not session.finished.is_set()  # its error waits for the client to read it
         session.cancel()
-    assert session.finished.is_set() and trio.current_time() == 6.0
+    assert session.finished.is_set()
+    assert trio.current_time() == 6.0
 
 
 async def test_a_slow_client_is_not_a_silent_upstream(autojump_clock: trio.abc.Clock) -> None:
@@ -490,9 +498,11 @@ async def test_direct_delivery_takes_over_with_the_item_that_was_being_handed_ov
 
     assert [i for _, i in read] == [OPENED]
     assert [(t, i.text) for t, i in written if isinstance(i, Delta) and i.text] == [(1.0, "a"), (1.0, "b"), (3.0, "c")]
-    assert isinstance(written[0][1], Delta) and written[0][1].role == "assistant"  # the item that was waiting
+    assert isinstance(written[0][1], Delta)
+    assert written[0][1].role == "assistant"  # the item that was waiting
     assert written[-1][1].finish_reason == "stop"
-    assert session.completed and not session.failed
+    assert session.completed
+    assert not session.failed
     assert session.stats.ttft == 1.0  # a token counts when the client got it
 
 
@@ -518,8 +528,10 @@ async def test_direct_delivery_ends_with_the_error_as_the_last_word(autojump_clo
     _, written, session = await deliver_directly(pipeline(route(upstream)))
 
     last = written[-1][1]
-    assert isinstance(last, UpstreamProtocolError) and "after 1 characters were delivered" in last.message
-    assert session.failed and not session.completed
+    assert isinstance(last, UpstreamProtocolError)
+    assert "after 1 characters were delivered" in last.message
+    assert session.failed
+    assert not session.completed
 
 
 async def test_word_buffer_times_each_chunk_from_its_own_oldest_character(autojump_clock: trio.abc.Clock) -> None:
@@ -527,7 +539,7 @@ async def test_word_buffer_times_each_chunk_from_its_own_oldest_character(autoju
     script = [OPENED]
     for word in ("one", " two", " three", " four"):
         script += [1.0, Delta(text=word)]
-    upstream = ScriptedUpstream([script + [STALL]])
+    upstream = ScriptedUpstream([[*script, STALL]])
     buffer = BufferConfig(buffer_by_word=True, flush_interval_ms=500)
     session = StreamSession(pipeline(route(upstream, timeouts=Timeouts(heartbeat_interval=0)), buffer=buffer), CHAT)
     chunks = []
@@ -742,7 +754,8 @@ async def test_one_hedge_per_request_by_default(autojump_clock: trio.abc.Clock) 
     routes = (hedged(first, hedge_after=0.5), hedged(second, "b"), hedged(third, "c"), route(fourth, name="d"))
     items, _ = await run(pipeline(*routes))
     # first and second race (the one hedge); third is asked alone, and no hedge joins it
-    assert third.started == [1.5] and fourth.calls == 0
+    assert third.started == [1.5]
+    assert fourth.calls == 0
     assert [i.kind for _, i in items if isinstance(i, RetryNotice)].count("hedge") == 1
 
 
@@ -796,7 +809,8 @@ async def test_a_prompt_too_long_without_context_fallbacks_is_the_400(autojump_c
     ordinary = ScriptedUpstream([])
     items, _ = await run(pipeline(route(small, retry=RetryConfig(max_retries=3)), route(ordinary, "ordinary")))
     ((_, error),) = items
-    assert isinstance(error, ContextLengthError) and error.status == 400
+    assert isinstance(error, ContextLengthError)
+    assert error.status == 400
     assert (small.calls, ordinary.calls) == (1, 0)
 
 
@@ -838,7 +852,8 @@ async def test_a_broken_stream_is_continued_and_only_the_new_text_delivered(auto
     assert session.completed
     usage = session.accumulator.usage
     # both attempts: the first read 12 - 3 prompt tokens and wrote the 3 delivered (10 characters)
-    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (21, 5, True)
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (21, 5, True)
     assert session.stats.recoveries == [("continuation", "p")]
     assert session.stats.failures == [("p", cut)]
 
@@ -872,7 +887,8 @@ async def test_a_refused_continuation_tells_the_original_failure_and_is_not_aske
 
     assert texts(items) == "half"
     error = items[-1][1]
-    assert isinstance(error, UpstreamBrokenError) and "prefill" not in error.message
+    assert isinstance(error, UpstreamBrokenError)
+    assert "prefill" not in error.message
     assert "after 4 characters were delivered" in error.message
     assert (upstream.calls, backup.calls) == (2, 1)  # the route itself, then the next
     assert [(provider, e.status) for provider, e in session.stats.failures] == [("p", 502), ("p", 400), ("backup", 400)]
@@ -906,7 +922,8 @@ async def test_a_refusal_after_the_first_token_is_never_continued(autojump_clock
     refused = UpstreamStatusError("content filtered", status=400, code="content_filter")
     upstream = ScriptedUpstream([[*tokens("x"), refused]])
     items, _ = await run(pipeline(continuing(upstream)))
-    assert upstream.calls == 1 and items[-1][1].status == 400
+    assert upstream.calls == 1
+    assert items[-1][1].status == 400
 
 
 async def test_a_continuation_the_request_cannot_take_is_skipped_for_the_next_way(
@@ -919,4 +936,5 @@ async def test_a_continuation_the_request_cannot_take_is_skipped_for_the_next_wa
     able = ScriptedUpstream([[OPENED, Delta(text="b"), Delta(finish_reason="stop")]])
     p = pipeline(route(broken), continuing(other_protocol, "other"), continuing(able, "able"))
     items, session = await run(p)
-    assert texts(items) == "ab" and session.completed
+    assert texts(items) == "ab"
+    assert session.completed

@@ -277,6 +277,17 @@ def random_tokens(rng: random.Random, text: str) -> list[str]:
     return tokens
 
 
+def assert_ends_at_a_boundary(config: BufferConfig, chunk: str, after: str) -> None:
+    """
+    A word or sentence chunk (with no size cap) ends where whitespace follows, with a newline,
+    or (sentences) with a CJK full stop, which needs no space after it.
+    """
+    if not (config.buffer_by_word or config.buffer_by_sentence) or config.max_chunk_size:
+        return
+    cjk_stop = config.buffer_by_sentence and chunk.rstrip("」』”’)]")[-1:] in ("。", "！", "？")
+    assert chunk.endswith("\n") or after[:1].isspace() or cjk_stop, (chunk, after[:20])
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=repr)
 def test_any_token_split_gives_back_the_text(config: BufferConfig) -> None:
     rng = random.Random(20240611)
@@ -293,11 +304,7 @@ def test_any_token_split_gives_back_the_text(config: BufferConfig) -> None:
             pushed += len(token)
             for chunk in ready:
                 sent += len(chunk)
-                if (config.buffer_by_word or config.buffer_by_sentence) and not config.max_chunk_size:
-                    # a word or sentence chunk ends where whitespace follows, with a newline, or
-                    # (sentences) with a CJK full stop, which needs no space after it
-                    cjk_stop = config.buffer_by_sentence and chunk.rstrip("」』”’)]")[-1:] in ("。", "！", "？")
-                    assert chunk.endswith("\n") or text[sent].isspace() or cjk_stop, (chunks, chunk)
+                assert_ends_at_a_boundary(config, chunk, text[sent:])
             chunks += ready
             assert text[: len("".join(chunks))] == "".join(chunks)
             assert sent + buffer.pending == pushed

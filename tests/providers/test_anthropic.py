@@ -532,7 +532,7 @@ data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":
 event: message_stop
 data: {"type":"message_stop"}
 
-"""
+"""  # noqa: E501 - recorded wire data, kept verbatim
 
 # Built from the bullet list of §5.2 (`tool_use_response.txt`): cache counts and service_tier in
 # `message_start`, a text block then a tool_use block at index 1 whose first fragment is "".
@@ -573,7 +573,7 @@ data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":
 event: message_stop
 data: {"type":"message_stop"}
 
-"""
+"""  # noqa: E501 - recorded wire data, kept verbatim
 
 
 def test_basic_recorded_stream() -> None:
@@ -798,7 +798,10 @@ def test_malformed_data_is_a_protocol_error(event: ServerSentEvent) -> None:
 
 def test_error_from_anthropic_error_body() -> None:
     translation = AnthropicTranslation(api_key="sk-ant-api03-abcdefghijkl")
-    body = b'{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}'
+    body = (
+        b'{"type":"error","error":{"type":"rate_limit_error",'
+        b'"message":"Number of request tokens has exceeded your per-minute rate limit"}}'
+    )
     error = translation.error_from_response(429, {"retry-after": "12.5", "x-request-id": "r"}, body)
     assert isinstance(error, UpstreamStatusError)
     assert (error.status, error.type, error.message, error.retry_after, RetryConfig().retries(error)) == (
@@ -979,9 +982,13 @@ def test_a_body_that_ends_before_the_stop_reason_is_broken() -> None:
 
 
 def test_a_prompt_too_long_is_a_context_length_error() -> None:
-    body = b'{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}'
+    body = (
+        b'{"type":"error","error":{"type":"invalid_request_error",'
+        b'"message":"prompt is too long: 210000 tokens > 200000 maximum"}}'
+    )
     error = AnthropicTranslation(api_key=None).error_from_response(400, {}, body)
-    assert isinstance(error, ContextLengthError) and error.type == "invalid_request_error"
+    assert isinstance(error, ContextLengthError)
+    assert error.type == "invalid_request_error"
 
 
 @pytest.mark.parametrize("base_url", ["http://gw.local", "http://gw.local/v1", "http://gw.local/v1/"])

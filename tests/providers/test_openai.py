@@ -563,7 +563,8 @@ def test_a_body_that_ends_before_any_finish_reason_is_broken() -> None:
 )
 def test_a_prompt_longer_than_the_context_is_a_context_length_error(body: bytes) -> None:
     error = translation().error_from_response(400, {}, body)
-    assert isinstance(error, ContextLengthError) and error.status == 400
+    assert isinstance(error, ContextLengthError)
+    assert error.status == 400
 
 
 def test_other_refusals_are_not_context_length_errors() -> None:
@@ -615,7 +616,8 @@ def test_text_completion_chunks_are_parsed_and_kept_byte_for_byte() -> None:
     assert (delta.text, delta.raw) == (" x", b"data: " + data.encode() + b"\n\n")
     [last] = parser.feed(ServerSentEvent(data=usage))
     assert last.usage == Usage(prompt_tokens=3, completion_tokens=1)
-    assert parser.feed(ServerSentEvent(data="[DONE]")) == [] and parser.finished
+    assert parser.feed(ServerSentEvent(data="[DONE]")) == []
+    assert parser.finished
 
 
 def test_only_choice_0_of_a_legacy_completion_is_read_the_others_pass_as_bytes() -> None:

@@ -47,7 +47,8 @@ def test_every_event_keeps_its_bytes_for_a_responses_client() -> None:
 def test_items_the_common_model_does_not_carry_are_kept_whole_for_a_responses_client() -> None:
     wire = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
     items = [delta.raw_item for delta in parse(wire, keep_raw=True) if delta.raw_item is not None]
-    assert [(item["type"], item["id"]) for item in items] == [("reasoning", "rs_builtin"), ("web_search_call", "ws_builtin")]
+    expected = [("reasoning", "rs_builtin"), ("web_search_call", "ws_builtin")]
+    assert [(item["type"], item["id"]) for item in items] == expected
     assert items[0]["encrypted_content"] == "gAAAAABpEncryptedReasoning=="
     assert items[1]["action"]["query"] == "weather Paris today"
     chat_client = parse(wire)  # another protocol's renderer could not place them: nothing but text and reasoning
@@ -73,9 +74,9 @@ def test_an_incomplete_response_ends_with_its_reason(finish_reason: str, expecte
 
 def test_an_in_stream_failure_is_an_upstream_status_error() -> None:
     parser = ResponsesStreamParser(keep_raw=False, secret="sk-test-0123456789")
+    failure, _ = SSEDecoder().feed(responses_stream_error("boom with sk-test-0123456789", 3))  # then response.failed
     with pytest.raises(UpstreamStatusError) as info:
-        for event in SSEDecoder().feed(responses_stream_error("boom with sk-test-0123456789", 3)):
-            parser.feed(event)
+        parser.feed(failure)
     assert info.value.message == "boom with ***"
     assert info.value.status == 502
 

@@ -82,7 +82,7 @@ data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":
 event: message_stop
 data: {"type":"message_stop"}
 
-"""
+"""  # noqa: E501 - recorded wire data, kept verbatim
 
 
 # --------------------------------------------------------------------------------------------

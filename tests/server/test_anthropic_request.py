@@ -74,7 +74,8 @@ def test_the_request_keeps_its_native_form_and_the_protocol_headers() -> None:
 
 def test_an_unportable_field_does_not_refuse_the_request_itself() -> None:
     chat = parse_messages_request(body(container="container_01"), {})
-    assert chat.native is not None and chat.native.body["container"] == "container_01"
+    assert chat.native is not None
+    assert chat.native.body["container"] == "container_01"
     with pytest.raises(RequestError) as info:
         chat.common_body()
     assert info.value.param == "container"
@@ -392,5 +393,6 @@ def test_malformed_parts_are_named_too(fields: dict[str, Any], param: str) -> No
 def test_a_count_tokens_request_has_no_max_tokens() -> None:
     sent = {"model": "claude-haiku-4-5", "messages": [USER]}
     chat = parse_messages_request(sent, {}, counting=True)
-    assert chat.native is not None and chat.native.body == sent
+    assert chat.native is not None
+    assert chat.native.body == sent
     assert "max_tokens" not in chat.common_body()

@@ -127,4 +127,5 @@ async def test_the_middleware_leaves_other_scopes_alone() -> None:
         await send({"type": "websocket.accept"})
 
     sent = await run(CorsMiddleware(app, CorsConfig(allow_origins=(SITE,))), {"type": "websocket", "headers": []})
-    assert seen == ["websocket"] and sent == [{"type": "websocket.accept"}]
+    assert seen == ["websocket"]
+    assert sent == [{"type": "websocket.accept"}]

@@ -208,7 +208,8 @@ def test_whole_stream_framing(frame: Any) -> None:
     out = r.opened() + r.delta(Delta(text="a\nb")) + r.delta(Delta(finish_reason="stop")) + r.done(s)
     if frame is sse_frame:
         assert out.count(b"\n\n") == 3
-        assert b"id:" not in out and b"event:" not in out
+        assert b"id:" not in out
+        assert b"event:" not in out
         decoded = [StreamEvent.from_json(e.data) for e in SSEDecoder().feed(out)]
     else:
         assert out.count(b"\n") == 3
@@ -303,8 +304,10 @@ def test_error_characters_delivered_set_by_the_session() -> None:
 def test_notice(notice: RetryNotice, expected: dict[str, Any]) -> None:
     assert lines(renderer().notice(notice)) == [expected]
     out = renderer(sse_frame).notice(notice)
-    assert out.startswith(b"data: ") and out.endswith(b"\n\n")
-    assert b"id:" not in out and b"event:" not in out
+    assert out.startswith(b"data: ")
+    assert out.endswith(b"\n\n")
+    assert b"id:" not in out
+    assert b"event:" not in out
     [event] = SSEDecoder().feed(out)
     assert orjson.loads(event.data) == expected
 

@@ -41,7 +41,8 @@ def payload(out: bytes) -> Any:
     assert out.startswith(b"data: ")
     assert out.endswith(b"\n\n")
     body = out[len(b"data: ") : -2]
-    assert b"\n" not in body and b"\r" not in body
+    assert b"\n" not in body
+    assert b"\r" not in body
     return orjson.loads(body)
 
 
@@ -357,10 +358,12 @@ def test_a_legacy_completion_renders_text_completion_chunks() -> None:
     last = renderer.delta(Delta(finish_reason="length", usage=Usage(prompt_tokens=3, completion_tokens=1)))
     finish, usage = (payload(event + b"\n\n") for event in last.split(b"\n\n")[:2])
 
-    assert chunk["id"].startswith("cmpl-") and chunk["object"] == "text_completion"
+    assert chunk["id"].startswith("cmpl-")
+    assert chunk["object"] == "text_completion"
     assert chunk["choices"] == [{"index": 0, "text": "def", "logprobs": None, "finish_reason": None}]
     assert finish["choices"][0]["finish_reason"] == "length"
-    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 4
+    assert usage["choices"] == []
+    assert usage["usage"]["total_tokens"] == 4
     assert renderer.delta(Delta(text="x", raw=b"data: {}\n\n")) == b"data: {}\n\n"
 
 
@@ -370,6 +373,7 @@ def test_a_whole_legacy_completion_is_folded_from_the_stream() -> None:
     acc.add(Delta(text=" = 0, 1", finish_reason="stop", usage=Usage(prompt_tokens=5, completion_tokens=2)))
     body = text_completion_body(acc, model=MODEL, prompt_chars=12)
 
-    assert body["object"] == "text_completion" and body["model"] == MODEL
+    assert body["object"] == "text_completion"
+    assert body["model"] == MODEL
     assert body["choices"] == [{"index": 0, "text": "a, b = 0, 1", "logprobs": None, "finish_reason": "stop"}]
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}

@@ -92,7 +92,8 @@ def test_a_text_answer_s_events_carry_stable_ids_and_the_whole_response() -> Non
     r = renderer()
     out = events(render_all(r, TEXT))
     created, added, part_added, delta = out[0]["response"], out[2], out[3], out[4]
-    assert created["id"] == r.id and r.id.startswith("resp_")
+    assert created["id"] == r.id
+    assert r.id.startswith("resp_")
     assert (created["status"], created["output"], created["usage"]) == ("in_progress", [], None)
     assert (created["instructions"], created["metadata"], created["model"]) == ("Be brief.", {"ticket": "42"}, MODEL)
     item_id = added["item"]["id"]

@@ -67,7 +67,8 @@ def test_the_native_body_is_kept_whole_and_the_request_speaks_responses() -> Non
     sent = fixture("codex_request.json")
     chat = parse_responses_request(sent)
     assert chat.protocol == "responses"
-    assert chat.native is not None and chat.native.body is sent
+    assert chat.native is not None
+    assert chat.native.body is sent
     assert (chat.model, chat.stream, chat.max_tokens) == ("gpt-5-codex", True, None)
 
 
@@ -149,7 +150,8 @@ def test_codex_s_tool_turn_becomes_a_tool_call_and_its_result() -> None:
     ]
     assert out["tool_choice"] == "auto"
     assert out["prompt_cache_key"] == "5f1c2a7e-0000-4000-8000-000000000001"
-    assert "include" not in out and "store" not in out
+    assert "include" not in out
+    assert "store" not in out
     parse_chat_request(out)
 
 
@@ -287,7 +289,9 @@ def test_the_recorded_codex_request_reaches_a_chat_completions_upstream() -> Non
     out = parse_responses_request(sent).common_body()
     assert [m["role"] for m in out["messages"]] == ["developer", "developer", "user", "user"]
     names = [tool["function"]["name"] for tool in out["tools"]]
-    assert "exec_command" in names and "close_agent" in names  # a namespace's functions, flattened
+    assert "exec_command" in names
+    assert "close_agent" in names  # a namespace's functions, flattened
     assert len(names) == len(set(names))
-    assert "client_metadata" not in out and "include" not in out
+    assert "client_metadata" not in out
+    assert "include" not in out
     parse_chat_request(out)

@@ -84,8 +84,10 @@ async def test_streams_that_end_within_the_grace_period_finish_and_the_drain_end
         nursery.cancel_scope.cancel()  # `never` would wait on: the serve layer cancels it too
 
     assert (short.text, long.text) == ("xxx", "xxxxx")
-    assert short.session.completed and long.session.completed
-    assert short.error is None and long.error is None
+    assert short.session.completed
+    assert long.session.completed
+    assert short.error is None
+    assert long.error is None
     assert drained_at == 5.0  # the last stream's end, not the grace period's
     assert upstreams[0].cancelled == upstreams[1].cancelled == []
     assert "draining: 2 stream(s) in flight, 10 s grace period" in caplog.text
@@ -105,10 +107,12 @@ async def test_at_the_grace_deadline_every_stream_ends_with_the_shutdown_error(
     assert (one.text, two.text) == ("xxxx", "xxxxxxxx")
     for client in (one, two):
         assert client.ended_at == 4.25
-        assert client.error is not None and not client.session.completed
+        assert client.error is not None
+        assert not client.session.completed
         assert client.error.message.startswith("the server is shutting down and ended the stream before it completed")
         assert client.error.characters_delivered == len(client.text)
-        assert client.error.status == 503 and client.error.code == "server_shutting_down"
+        assert client.error.status == 503
+        assert client.error.code == "server_shutting_down"
     assert one.error is not two.error  # each session's error says how much it delivered
     assert "(the grace period is over): interrupted 2 stream(s)" in caplog.text
 
@@ -124,7 +128,8 @@ async def test_a_second_request_to_stop_ends_the_streams_at_once(autojump_clock:
         asked_again.set()
 
     assert upstream.cancelled == [3.0]
-    assert client.error is not None and client.ended_at == 3.0
+    assert client.error is not None
+    assert client.ended_at == 3.0
 
 
 async def test_a_stream_asked_for_during_the_drain_is_refused_before_its_upstream(
@@ -140,7 +145,8 @@ async def test_a_stream_asked_for_during_the_drain_is_refused_before_its_upstrea
 
     assert upstream.calls == 0
     assert late.items == [late.error]  # the refusal is its first and only item
-    assert late.error is not None and late.error.retry_after == RETRY_AFTER
+    assert late.error is not None
+    assert late.error.retry_after == RETRY_AFTER
     assert "takes no new requests" in late.error.message
     assert trio.current_time() == 0.0
 
@@ -165,4 +171,5 @@ async def test_a_zero_grace_period_ends_every_stream_at_once(autojump_clock: tri
         await trio.sleep(1)
         await nursery.start(shutdown.drain, never)
     assert upstream.cancelled == [1.0]
-    assert client.text == "a" and client.error is not None
+    assert client.text == "a"
+    assert client.error is not None

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from trioproxy import SSEDecoder, StreamEvent
+from trioproxy import SSEDecoder, StreamEvent, StreamsFullError
 from trioproxy._accumulator import Accumulator
 from trioproxy._events import OPENED, Delta
 from trioproxy._policy import StreamsConfig
@@ -89,7 +89,8 @@ def test_replay_log_is_bounded_by_bytes_and_count_and_refuses_a_gap() -> None:
     log = MemoryReplayLog(max_bytes=10, max_events=3)
     for i in range(1, 11):
         log.append(i, b"abcd")
-        assert log.nbytes <= 10 and len(log) <= 3
+        assert log.nbytes <= 10
+        assert len(log) <= 3
     assert log.read_after(8) == [b"abcd", b"abcd"]
     assert log.read_after(9) == [b"abcd"]
     with pytest.raises(ReplayGapError):
@@ -158,7 +159,8 @@ async def test_the_last_watcher_leaving_starts_the_grace_period(autojump_clock: 
     assert session.cancelled_at == pytest.approx(left_at + 2, abs=0.01)
     assert stream.finished
     (last,) = events_of(b"".join(stream.log.read_after(stream.last_id - 1)))
-    assert last.type == "error" and "no client watched" in last.data["message"]
+    assert last.type == "error"
+    assert "no client watched" in last.data["message"]
 
 
 async def test_once_the_server_drains_a_stream_runs_on_only_while_watched(autojump_clock: trio.abc.Clock) -> None:
@@ -183,7 +185,8 @@ async def test_once_the_server_drains_a_stream_runs_on_only_while_watched(autoju
         await drain(watcher, received)
     assert unwatched.cancelled_at == stopped_at
     (last,) = events_of(b"".join(dropped.log.read_after(dropped.last_id - 1)))
-    assert last.type == "error" and "shutting down" in last.data["message"]
+    assert last.type == "error"
+    assert "shutting down" in last.data["message"]
     assert watched.completed  # the watched one ran to its end
     assert [e.type for e in events_of(b"".join(received))][-1] == "done"
 
@@ -205,9 +208,9 @@ async def test_finished_streams_expire_after_their_retention(autojump_clock: tri
 async def test_a_full_registry_of_running_streams_refuses_another() -> None:
     registry = StreamRegistry(StreamsConfig(max_streams=1))
     registry.open(FakeSession(), renderer_for)  # type: ignore[arg-type]
-    with pytest.raises(Exception) as info:
+    with pytest.raises(StreamsFullError) as info:
         registry.open(FakeSession(), renderer_for)  # type: ignore[arg-type]
-    assert getattr(info.value, "status", None) == 503
+    assert info.value.status == 503
 
 
 async def test_heartbeats_reach_watchers_without_an_id_and_are_not_logged() -> None:
@@ -220,7 +223,8 @@ async def test_heartbeats_reach_watchers_without_an_id_and_are_not_logged() -> N
     stream.publish(HEARTBEAT)
     assert watcher.receive.receive_nowait().startswith(b"id: 1\n")
     assert watcher.receive.receive_nowait() == b": keep-alive\n\n"
-    assert len(stream.log) == 1 and stream.last_id == 1
+    assert len(stream.log) == 1
+    assert stream.last_id == 1
 
 
 async def test_a_broadcast_cancelled_by_shutdown_tells_its_watchers(autojump_clock: trio.abc.Clock) -> None:
@@ -237,4 +241,5 @@ async def test_a_broadcast_cancelled_by_shutdown_tells_its_watchers(autojump_clo
     events = events_of(b"".join(received))
     assert [e.type for e in events] == ["metadata"] + ["token"] * 5 + ["error"]
     assert "ended the stream before it completed" in events[-1].data["message"]
-    assert session.cancelled_at is not None and stream.finished
+    assert session.cancelled_at is not None
+    assert stream.finished

@@ -10,7 +10,9 @@ from trioproxy.server._websocket import _tagged
 
 def test_an_event_is_one_json_line_with_the_request_id() -> None:
     framed = _tagged(StreamEvent("token", "a\nb\r\nc"), "r1")
-    assert framed.endswith(b"\n") and framed.count(b"\n") == 1 and b"\r" not in framed
+    assert framed.endswith(b"\n")
+    assert framed.count(b"\n") == 1
+    assert b"\r" not in framed
     assert orjson.loads(framed) == {"type": "token", "data": "a\nb\r\nc", "metadata": {}, "id": "r1"}
 
 

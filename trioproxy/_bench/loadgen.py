@@ -192,7 +192,7 @@ async def _connect(host: str, port: int) -> socket.socket:
                 await trio.lowlevel.wait_writable(sock)
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
-                raise OSError(code, f"cannot connect to {address[0]}:{address[1]}: {os.strerror(code)}")
+                raise OSError(code, f"cannot connect to {host}:{port}: {os.strerror(code)}")
         except OSError as exc:
             sock.close()
             failure = exc
@@ -269,6 +269,21 @@ class _Body:
         )
 
 
+def _one_event_payload(chunk: bytes) -> bytes | None:
+    """
+    The payload when `chunk` is exactly one event of one `data: ` line (OpenAI's), or of an
+    `event: ` line and a `data: ` line (Anthropic's): the read a streaming server sends most.
+    """
+    if not chunk.endswith(b"\n\n") or b"\r" in chunk:
+        return None
+    if chunk.startswith(b"data: ") and chunk.find(b"\n") == len(chunk) - 2:
+        return chunk[6:-2]
+    data = chunk.find(b"\n") + 1
+    if chunk.startswith(b"event: ") and chunk.startswith(b"data: ", data) and chunk.find(b"\n", data) == len(chunk) - 2:
+        return chunk[data + 6 : -2]
+    return None
+
+
 class _SSEPayloads:
     """
     The data of each server-sent event in a stream's bytes, by the rules of WHATWG HTML §9.2.6
@@ -293,29 +308,9 @@ class _SSEPayloads:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The payloads of the events that `chunk` completes, in order."""
-        if (
-            self._started
-            and not self._event
-            and chunk.startswith(b"data: ")
-            and chunk.find(b"\n") == len(chunk) - 2
-            and chunk.endswith(b"\n\n")
-            and b"\r" not in chunk
-        ):
-            # The read a streaming server sends most: one event of one `data: ` line (OpenAI).
+        if self._started and not self._event and (payload := _one_event_payload(chunk)) is not None:
             self._skip_lf = False
-            return [chunk[6:-2]]
-        if (
-            self._started
-            and not self._event
-            and chunk.startswith(b"event: ")
-            and chunk.startswith(b"data: ", data := chunk.find(b"\n") + 1)
-            and chunk.find(b"\n", data) == len(chunk) - 2
-            and chunk.endswith(b"\n\n")
-            and b"\r" not in chunk
-        ):
-            # Anthropic's: one event of an `event: ` line and one `data: ` line.
-            self._skip_lf = False
-            return [chunk[data + 6 : -2]]
+            return [payload]
         if not self._started:
             chunk = self._event + chunk
             if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
@@ -599,11 +594,11 @@ class _Reader:
 
     async def run(self) -> None:
         selector = self._selector
-        selector_fd = selector.fileno()  # type: ignore[attr-defined]
+        selector_fd = selector.fileno()
         while True:
             await trio.lowlevel.wait_readable(selector_fd)
             for key, _ in selector.select(0):
-                self._read(key.fileobj, key.data)  # type: ignore[arg-type]
+                self._read(key.fileobj, key.data)  # type: ignore[arg-type]  # registered as a socket in `receive`
 
     def _read(self, sock: socket.socket, response: _Response | _WebSocketResponse) -> None:
         try:
@@ -615,7 +610,7 @@ class _Reader:
         now = time.perf_counter()
         try:
             ended = response.feed(data, now)
-        except Exception as exc:  # noqa: BLE001 - every failure belongs to its stream: `receive` raises it there
+        except Exception as exc:  # every failure belongs to its stream: `receive` raises it there
             response.failure = exc
             ended = True
         if ended:

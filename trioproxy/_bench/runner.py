@@ -142,10 +142,10 @@ def _targets(
                 Target(name, "trioproxy", url, f"{provider}/m", scaled.pid, front=front, worker_pids=scaled.worker_pids)
             )
     for compare in settings.compare:
-        name, url = split_compare(compare)
+        label, url = split_compare(compare)
         targets.append(
             Target(
-                _unique_name(name or urlsplit(url).netloc, targets), "compare", _chat_url(url), settings.compare_model
+                _unique_name(label or urlsplit(url).netloc, targets), "compare", _chat_url(url), settings.compare_model
             )
         )
     return targets

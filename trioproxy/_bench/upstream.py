@@ -122,7 +122,10 @@ class BenchUpstream(LoopbackServer):
         self.open_connections = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[BenchUpstream] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen, report `self` through `task_status`, and serve until cancelled; every socket is closed on the way out."""
+        """
+        Listen, report `self` through `task_status`, and serve until cancelled; every socket is
+        closed on the way out.
+        """
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -433,7 +436,7 @@ class _Connection:
         #: Set when the response in flight ends; made only when a task waits for that.
         self._ended: trio.Event | None = None
 
-    async def read_request(self) -> _Request | None:
+    async def read_request(self) -> _Request | None:  # noqa: C901 - to split (responses-rest, which edits _bench, merged late)
         """The next whole request, or None once the client has left (which stops a response in flight)."""
         try:
             while (end := find_head_end(self._received)) < 0:

@@ -105,28 +105,12 @@ class MessageDecoder:
         buffer = self._buffer + data if self._buffer else data
         messages: list[tuple[int, bytes]] = []
         start = 0
-        while len(buffer) - start >= 2:
-            first, second = buffer[start], buffer[start + 1]
-            if second & 0x80:
-                raise WebSocketError("a server frame must not be masked")
-            if first & 0x70:
-                raise WebSocketError("a frame with reserved bits set (no extension was agreed)")
-            length, header = second & 0x7F, 2
-            if length == 126:
-                header = 4
-                if len(buffer) - start < header:
-                    break
-                length = int.from_bytes(buffer[start + 2 : start + 4])
-            elif length == 127:
-                header = 10
-                if len(buffer) - start < header:
-                    break
-                length = int.from_bytes(buffer[start + 2 : start + 10])
-            if length > MAX_MESSAGE:
-                raise WebSocketError(f"a frame longer than {MAX_MESSAGE} bytes")
+        while (sizes := _frame_sizes(buffer, start)) is not None:
+            header, length = sizes
             end = start + header + length
             if len(buffer) < end:
                 break
+            first = buffer[start]
             message = self._frame(first & 0x80 != 0, first & 0x0F, buffer[start + header : end])
             if message is not None:
                 messages.append(message)
@@ -156,3 +140,23 @@ class MessageDecoder:
             return opcode, payload
         self._opcode, self._fragments = opcode, [payload]
         return None
+
+
+def _frame_sizes(buffer: bytes, start: int) -> tuple[int, int] | None:
+    """The header's and the payload's lengths of the frame at `start`, or None until its header is whole."""
+    if len(buffer) - start < 2:
+        return None
+    first, second = buffer[start], buffer[start + 1]
+    if second & 0x80:
+        raise WebSocketError("a server frame must not be masked")
+    if first & 0x70:
+        raise WebSocketError("a frame with reserved bits set (no extension was agreed)")
+    length, header = second & 0x7F, 2
+    if length >= 126:
+        header = 4 if length == 126 else 10
+        if len(buffer) - start < header:
+            return None
+        length = int.from_bytes(buffer[start + 2 : start + header])
+    if length > MAX_MESSAGE:
+        raise WebSocketError(f"a frame longer than {MAX_MESSAGE} bytes")
+    return header, length

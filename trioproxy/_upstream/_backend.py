@@ -79,13 +79,15 @@ class _TrioStream(httpcore.AsyncNetworkStream):
             return await read_when_readable(self._stream.socket, max_bytes)
         try:
             if timeout is None:
-                return await self._stream.receive_some(max_bytes)
-            with trio.fail_after(timeout):
-                return await self._stream.receive_some(max_bytes)
+                data = await self._stream.receive_some(max_bytes)
+            else:
+                with trio.fail_after(timeout):
+                    data = await self._stream.receive_some(max_bytes)
         except trio.TooSlowError as exc:
             raise httpcore.ReadTimeout(str(exc)) from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise httpcore.ReadError(str(exc)) from exc
+        return data if isinstance(data, bytes) else bytes(data)  # trio types TLS reads `bytes | bytearray`
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
         if not buffer:
@@ -104,6 +106,8 @@ class _TrioStream(httpcore.AsyncNetworkStream):
     async def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
     ) -> httpcore.AsyncNetworkStream:
+        if not isinstance(self._stream, trio.SocketStream):
+            raise httpcore.UnsupportedProtocol("TLS inside TLS (an HTTPS proxy) is not supported")
         ssl_stream = trio.SSLStream(
             self._stream, ssl_context=ssl_context, server_hostname=server_hostname, https_compatible=True
         )

@@ -58,7 +58,10 @@ class BalancedUpstream:
         await self._balanced(attempt, tell)
 
     async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
-        """Forwarded to a target taken as a stream's is; its answer's 5xx counts against it as a stream's failure does."""
+        """
+        Forwarded to a target taken as a stream's is; its answer's 5xx counts against it as a
+        stream's failure does.
+        """
         status = _StatusSeen(sink)  # a forwarded answer has no notices: the log and the metrics tell of the breaker
         await self._balanced(lambda _url, upstream: upstream.forward(request, status), None, status)
 
@@ -70,8 +73,9 @@ class BalancedUpstream:
     ) -> None:
         """
         `attempt` on the target whose turn it is (given its url and upstream), and again on the
-        next while no connection could be made; its outcome (with a forwarded answer's `status`) judges the target, and a
-        change of its breaker is counted, logged and, given `tell`, told to the request.
+        next while no connection could be made; its outcome (with a forwarded answer's `status`)
+        judges the target, and a change of its breaker is counted, logged and, given `tell`, told
+        to the request.
         """
         tried: list[Target] = []
         taken = await self._take(tried)
@@ -142,7 +146,8 @@ class BalancedUpstream:
         """
         target.outstanding -= 1
         with trio.CancelScope(shield=True):
-            return await self._breakers.settle(target.url, verdict, probe=probe, now=trio.current_time())
+            state = await self._breakers.settle(target.url, verdict, probe=probe, now=trio.current_time())
+        return state
 
     async def _judged(
         self, target: Target, state: BreakerState | None, why: str, tell: Callable[[str], Awaitable[None]] | None

@@ -189,7 +189,7 @@ class _CookielessClient(httpx.AsyncClient):
     requests; and httpx's jar costs every response a trip through `http.cookiejar`.
     """
 
-    @property  # type: ignore[override]
+    @property
     def cookies(self) -> httpx.Cookies:
         return _NO_COOKIES
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import AsyncIterator
-from typing import Final
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Final, Protocol, cast
 
 import h11
 import httpcore
@@ -63,7 +63,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
             method=request.method,
             url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
             headers=request.headers.raw,
-            content=request.stream,  # type: ignore[arg-type]  # httpx's request streams are async iterables
+            content=request.stream,
             extensions=request.extensions,
         )
         pool_timeout = request.extensions.get("timeout", {}).get("pool")
@@ -89,7 +89,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
         except BaseException:
             self._slots.release()
             raise
-        stream = _PooledResponseStream(response.stream, self, connection, origin)  # type: ignore[arg-type]
+        stream = _PooledResponseStream(cast(_AsyncBody, response.stream), self, connection, origin)
         return httpx.Response(response.status, headers=response.headers, stream=stream, extensions=response.extensions)
 
     async def _idle_connection(self, origin: httpcore.Origin) -> httpcore.AsyncHTTPConnection | None:
@@ -155,6 +155,12 @@ def _usable(connection: httpcore.AsyncHTTPConnection, expiry: float, now: float)
     return now < expiry and connection.is_idle() and not connection.has_expired()
 
 
+class _AsyncBody(AsyncIterable[bytes], Protocol):
+    """What an httpcore async connection's response body is (its type says only `Iterable | AsyncIterable`)."""
+
+    async def aclose(self) -> None: ...
+
+
 class _PooledResponseStream(httpx.AsyncByteStream):
     """
     A response body on a pooled connection; closing it gives the connection back.
@@ -168,7 +174,7 @@ class _PooledResponseStream(httpx.AsyncByteStream):
 
     def __init__(
         self,
-        stream: httpcore.AsyncByteStream,
+        stream: _AsyncBody,
         pool: PooledTransport,
         connection: httpcore.AsyncHTTPConnection,
         origin: httpcore.Origin,

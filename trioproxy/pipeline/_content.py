@@ -191,6 +191,7 @@ def _python_hook(options: Mapping[str, Any]) -> Callable[..., Any]:
     if function is None:
         raise ValueError(f"module {module_name!r} has no {attribute!r}")
     args = options.get("args")
+    hook: object
     if args is None:
         hook = function
     elif isinstance(args, Mapping):
@@ -199,4 +200,4 @@ def _python_hook(options: Mapping[str, Any]) -> Callable[..., Any]:
         raise ValueError("'args' must be a table")
     if not callable(hook):
         raise ValueError(f"{target} is not callable")
-    return hook  # type: ignore[no-any-return]
+    return hook

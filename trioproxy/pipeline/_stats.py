@@ -61,8 +61,8 @@ class StreamStats:
         """A content delta reached the client at `now`; `arrived`: when its text came from the upstream."""
         if self.first_token is None:
             self.first_token = now
-        else:
-            self.token_gaps.append(now - self.last_token)  # type: ignore[operator]
+        if self.last_token is not None:
+            self.token_gaps.append(now - self.last_token)
         self.last_token = now
         if arrived is not None:
             self.buffer_waits.append(now - arrived)

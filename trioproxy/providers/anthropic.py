@@ -61,7 +61,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 import orjson
 
@@ -239,54 +239,79 @@ class AnthropicTranslation:
 # Request translation
 
 
-def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict[str, Any]:
+class _Message(TypedDict):
+    """A Messages API message, as the translation builds it."""
+
+    role: str
+    content: str | list[dict[str, object]]
+
+
+def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict[str, object]:
     """
     The Anthropic Messages request body for `chat`, without `stream`.
 
     Pure, so the whole mapping can be tested on dicts. `model` is `chat.upstream_model`, or
     the client's own name when the request was not routed.
     """
-    src = chat.common_body()
-    system: list[str] = []
-    messages: list[dict[str, Any]] = []
-    for i, message in enumerate(chat.messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise RequestError(f"'{where}' must be an object", param=where)
-        role = message.get("role")
-        if role in ("system", "developer"):
-            text = content_text(message.get("content"))
-            if text:
-                system.append(text)
-        elif role == "user":
-            _append(messages, "user", _user_content(message.get("content"), f"{where}.content"))
-        elif role == "assistant":
-            _append(messages, "assistant", _assistant_content(message, where))
-        elif role == "tool":
-            _append(messages, "user", [_tool_result(message, where)])
-        else:
-            raise RequestError(
-                f"'{where}.role' {role!r} cannot be sent to an Anthropic upstream "
-                "(use 'tool' messages instead of the deprecated 'function')",
-                param=f"{where}.role",
-            )
-    if not messages:
-        raise RequestError(
-            "'messages' must hold at least one user or assistant message for an Anthropic upstream",
-            param="messages",
-        )
-    for message in messages:
-        if message["role"] == "user" and isinstance(message["content"], list):
-            message["content"] = _tool_results_first(message["content"])
-
-    body: dict[str, Any] = {
+    system, messages = _system_and_messages(chat.messages)
+    body: dict[str, object] = {
         "model": chat.upstream_model or chat.model,
         "max_tokens": chat.max_tokens or default_max_tokens,
         "messages": messages,
     }
     if system:
-        body["system"] = "\n\n".join(system)
+        body["system"] = system
+    src = chat.common_body()
+    _sampling(src, body)
+    _tools(src, body)
+    return body
 
+
+def _system_and_messages(chat_messages: list[dict[str, Any]]) -> tuple[str, list[_Message]]:
+    """
+    The system prompt (the system and developer messages' texts) and the Messages `messages`:
+    consecutive same-role messages merged, tool results first in each user message.
+    """
+    system: list[str] = []
+    messages: list[_Message] = []
+    for i, message in enumerate(chat_messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"'{where}' must be an object", param=where)
+        if message.get("role") in ("system", "developer"):
+            if text := content_text(message.get("content")):
+                system.append(text)
+        else:
+            _append(messages, *_role_and_content(message, where))
+    if not messages:
+        raise RequestError(
+            "'messages' must hold at least one user or assistant message for an Anthropic upstream",
+            param="messages",
+        )
+    for built in messages:
+        if built["role"] == "user" and isinstance(built["content"], list):
+            built["content"] = _tool_results_first(built["content"])
+    return "\n\n".join(system), messages
+
+
+def _role_and_content(message: dict[str, object], where: str) -> tuple[str, str | list[dict[str, object]]]:
+    """The Messages role and content of a user, assistant or tool message."""
+    role = message.get("role")
+    if role == "user":
+        return "user", _user_content(message.get("content"), f"{where}.content")
+    if role == "assistant":
+        return "assistant", _assistant_content(message, where)
+    if role == "tool":
+        return "user", [_tool_result(message, where)]
+    raise RequestError(
+        f"'{where}.role' {role!r} cannot be sent to an Anthropic upstream "
+        "(use 'tool' messages instead of the deprecated 'function')",
+        param=f"{where}.role",
+    )
+
+
+def _sampling(src: Mapping[str, Any], body: dict[str, object]) -> None:
+    """`n` (one only), `temperature`, `top_p`, `stop` and `user` into `body`."""
     n = src.get("n")
     if n is not None and n != 1:
         raise RequestError("an Anthropic upstream generates one choice only; 'n' must be 1", param="n")
@@ -305,6 +330,9 @@ def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict
             raise RequestError("'user' must be a string", param="user")
         body["metadata"] = {"user_id": user}
 
+
+def _tools(src: Mapping[str, Any], body: dict[str, object]) -> None:
+    """`tools`, `tool_choice` and `parallel_tool_calls` into `body`."""
     tools = src.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
@@ -321,10 +349,9 @@ def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict
             tool_choice["disable_parallel_tool_use"] = True
     if tool_choice is not None:
         body["tool_choice"] = tool_choice
-    return body
 
 
-def _append(messages: list[dict[str, Any]], role: str, content: str | list[dict[str, Any]]) -> None:
+def _append(messages: list[_Message], role: str, content: str | list[dict[str, object]]) -> None:
     """Add a message, merging it into the previous one when the role repeats."""
     if messages and messages[-1]["role"] == role:
         last = messages[-1]
@@ -333,13 +360,13 @@ def _append(messages: list[dict[str, Any]], role: str, content: str | list[dict[
         messages.append({"role": role, "content": content})
 
 
-def _as_blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _as_blocks(content: str | list[dict[str, object]]) -> list[dict[str, object]]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}] if content else []
     return content
 
 
-def _tool_results_first(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _tool_results_first(blocks: list[dict[str, object]]) -> list[dict[str, object]]:
     """Anthropic wants a user message's tool_result blocks before any other block."""
     results = [b for b in blocks if b.get("type") == "tool_result"]
     if not results or len(results) == len(blocks):
@@ -347,7 +374,7 @@ def _tool_results_first(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return results + [b for b in blocks if b.get("type") != "tool_result"]
 
 
-def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
+def _user_content(content: object, where: str) -> str | list[dict[str, object]]:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -355,7 +382,7 @@ def _user_content(content: Any, where: str) -> str | list[dict[str, Any]]:
     raise RequestError(f"'{where}' must be a string or an array of content parts", param=where)
 
 
-def _assistant_content(message: dict[str, Any], where: str) -> str | list[dict[str, Any]]:
+def _assistant_content(message: dict[str, object], where: str) -> str | list[dict[str, object]]:
     content = message.get("content")
     tool_calls = message.get("tool_calls")
     if message.get("function_call") is not None and not tool_calls:
@@ -364,7 +391,7 @@ def _assistant_content(message: dict[str, Any], where: str) -> str | list[dict[s
             param=f"{where}.function_call",
         )
     if content is None:
-        blocks: list[dict[str, Any]] = []
+        blocks: list[dict[str, object]] = []
         if not tool_calls:
             raise RequestError(f"'{where}.content' is required", param=f"{where}.content")
     elif isinstance(content, str):
@@ -382,9 +409,9 @@ def _assistant_content(message: dict[str, Any], where: str) -> str | list[dict[s
     return blocks
 
 
-def _blocks(parts: list[Any], where: str, *, assistant: bool) -> list[dict[str, Any]]:
+def _blocks(parts: list[Any], where: str, *, assistant: bool) -> list[dict[str, object]]:
     """Content parts → content blocks. Empty texts are dropped: Anthropic rejects them."""
-    blocks: list[dict[str, Any]] = []
+    blocks: list[dict[str, object]] = []
     for j, part in enumerate(parts):
         at = f"{where}[{j}]"
         if not isinstance(part, dict):
@@ -408,7 +435,7 @@ def _blocks(parts: list[Any], where: str, *, assistant: bool) -> list[dict[str, 
     return blocks
 
 
-def _image(image_url: Any, where: str) -> dict[str, Any]:
+def _image(image_url: object, where: str) -> dict[str, object]:
     url = image_url.get("url") if isinstance(image_url, dict) else None
     if not isinstance(url, str):
         raise RequestError(f"'{where}.url' must be a string", param=f"{where}.url")
@@ -425,7 +452,7 @@ def _image(image_url: Any, where: str) -> dict[str, Any]:
     raise RequestError(f"'{where}.url' must be an http(s) URL or a base64 data URL", param=f"{where}.url")
 
 
-def _tool_use(call: Any, where: str) -> dict[str, Any]:
+def _tool_use(call: object, where: str) -> dict[str, object]:
     if not isinstance(call, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
     id_ = call.get("id")
@@ -455,18 +482,18 @@ def _tool_use(call: Any, where: str) -> dict[str, Any]:
     return {"type": "tool_use", "id": id_, "name": name, "input": tool_input}
 
 
-def _tool_result(message: dict[str, Any], where: str) -> dict[str, Any]:
+def _tool_result(message: dict[str, object], where: str) -> dict[str, object]:
     tool_call_id = message.get("tool_call_id")
     if not isinstance(tool_call_id, str) or not tool_call_id:
         raise RequestError(f"'{where}.tool_call_id' must be a non-empty string", param=f"{where}.tool_call_id")
-    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": tool_call_id}
+    block: dict[str, object] = {"type": "tool_result", "tool_use_id": tool_call_id}
     content = _user_content(message.get("content"), f"{where}.content")
     if content:  # an empty result is sent without `content`, which Anthropic allows
         block["content"] = content
     return block
 
 
-def _tool(tool: Any, where: str) -> dict[str, Any]:
+def _tool(tool: object, where: str) -> dict[str, object]:
     if not isinstance(tool, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
     if tool.get("type", "function") != "function":
@@ -480,7 +507,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
     name = function.get("name")
     if not isinstance(name, str) or not name:
         raise RequestError(f"'{where}.function.name' must be a non-empty string", param=f"{where}.function.name")
-    out: dict[str, Any] = {"name": name}
+    out: dict[str, object] = {"name": name}
     description = function.get("description")
     if description is not None:
         if not isinstance(description, str):
@@ -499,7 +526,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _tool_choice(choice: Any) -> dict[str, Any] | None:
+def _tool_choice(choice: object) -> dict[str, object] | None:
     if choice is None:
         return None
     if isinstance(choice, str) and choice in _ANTHROPIC_TOOL_CHOICES:
@@ -516,7 +543,7 @@ def _tool_choice(choice: Any) -> dict[str, Any] | None:
     )
 
 
-def _stop_sequences(stop: Any) -> list[str]:
+def _stop_sequences(stop: object) -> list[str]:
     if stop is None:
         return []
     if isinstance(stop, str):
@@ -607,7 +634,7 @@ class AnthropicStreamParser:
             raise self._stream_error(payload)
         return []  # content_block_stop, ping, and any type we do not know
 
-    def _message_start(self, payload: dict[str, Any]) -> list[Delta]:
+    def _message_start(self, payload: dict[str, object]) -> list[Delta]:
         message = _field(payload, "message", dict, "message_start")
         usage = message.get("usage")
         if usage is not None:
@@ -623,7 +650,7 @@ class AnthropicStreamParser:
             )
         return [Delta(role="assistant")]
 
-    def _block_start(self, payload: dict[str, Any]) -> list[Delta]:
+    def _block_start(self, payload: dict[str, object]) -> list[Delta]:
         index = _field(payload, "index", int, "content_block_start")
         block = _field(payload, "content_block", dict, "content_block_start")
         kind = self._blocks[index] = _field(block, "type", str, "content_block_start.content_block")
@@ -639,7 +666,7 @@ class AnthropicStreamParser:
             return [Delta(tool_calls=(ToolCallDelta(index=tool_index, id=id_, name=name, arguments=""),))]
         return []  # thinking (its text comes in deltas), redacted_thinking, server tools
 
-    def _block_delta(self, payload: dict[str, Any]) -> list[Delta]:
+    def _block_delta(self, payload: dict[str, object]) -> list[Delta]:
         index = _field(payload, "index", int, "content_block_delta")
         delta = _field(payload, "delta", dict, "content_block_delta")
         kind = _field(delta, "type", str, "content_block_delta.delta")
@@ -665,7 +692,7 @@ class AnthropicStreamParser:
             return [Delta(tool_calls=(ToolCallDelta(index=tool_index, arguments=fragment),))]
         return []  # citations_delta, ...
 
-    def _message_delta(self, payload: dict[str, Any]) -> list[Delta]:
+    def _message_delta(self, payload: dict[str, object]) -> list[Delta]:
         delta = _field(payload, "delta", dict, "message_delta")
         usage = payload.get("usage")
         if usage is not None:
@@ -687,7 +714,7 @@ class AnthropicStreamParser:
             )
         ]
 
-    def _stream_error(self, payload: dict[str, Any]) -> UpstreamStatusError:
+    def _stream_error(self, payload: dict[str, object]) -> UpstreamStatusError:
         error = _field(payload, "error", dict, "error")
         type_ = error.get("type")
         type_ = type_ if isinstance(type_, str) and type_ else "api_error"
@@ -713,7 +740,7 @@ def _event_bytes(event: ServerSentEvent) -> bytes:
     return head + b"data: " + data + b"\n\n"
 
 
-def _json_object(data: str, event_name: str) -> dict[str, Any]:
+def _json_object(data: str, event_name: str) -> dict[str, object]:
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -727,7 +754,7 @@ def _json_object(data: str, event_name: str) -> dict[str, Any]:
     return obj
 
 
-def _field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
+def _field(obj: dict[str, object], key: str, kind: type, where: str) -> Any:
     """`obj[key]`, which the protocol requires to be of type `kind`."""
     value = obj.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -739,12 +766,12 @@ def _field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
-def _count(usage: dict[str, Any], key: str) -> int:
+def _count(usage: dict[str, object], key: str) -> int:
     """A token count; absent or null counts as 0."""
     return _optional_count(usage, key) or 0
 
 
-def _optional_count(usage: dict[str, Any], key: str) -> int | None:
+def _optional_count(usage: dict[str, object], key: str) -> int | None:
     """A token count, or `None` when absent or null (cache counts often are)."""
     value = usage.get(key)
     if value is None:

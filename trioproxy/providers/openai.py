@@ -33,7 +33,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import CUT_SHORT, UpstreamRequest, retry_after_seconds, safe_message, status_error
+from ._base import CUT_SHORT, StreamParser, UpstreamRequest, retry_after_seconds, safe_message, status_error
 
 __all__ = ["OpenAIStreamParser", "OpenAITranslation", "delta_from_chunk", "delta_from_text_completion"]
 
@@ -101,7 +101,7 @@ class OpenAITranslation:
     def compact_request(self, chat: ChatRequest) -> UpstreamRequest | None:
         return None  # nor one that compacts a conversation
 
-    def stream_parser(self, chat: ChatRequest) -> OpenAIStreamParser:
+    def stream_parser(self, chat: ChatRequest) -> StreamParser:
         if chat.protocol == "completions":
             return OpenAIStreamParser(secret=self.api_key, keep_raw=True, read=delta_from_text_completion)
         return OpenAIStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
@@ -240,7 +240,7 @@ def _embeddings_delta(body: bytes) -> Delta:
     return Delta(raw=body, usage=_usage(usage) if isinstance(usage, dict) else None)
 
 
-def _tool_call(tc: Any) -> ToolCallDelta:
+def _tool_call(tc: object) -> ToolCallDelta:
     if not isinstance(tc, dict) or not isinstance(tc.get("index", 0), int):
         raise UpstreamProtocolError("upstream chunk has a malformed tool call")
     function = tc.get("function") or {}
@@ -268,7 +268,7 @@ def _usage(usage: dict[str, Any]) -> Usage:
     )
 
 
-def _in_stream_error(error: Any, *, secret: str | None) -> UpstreamStatusError:
+def _in_stream_error(error: object, *, secret: str | None) -> UpstreamStatusError:
     if isinstance(error, dict):
         message = error.get("message") or "the upstream reported an error during streaming"
         type_ = error.get("type") if isinstance(error.get("type"), str) else None

@@ -59,7 +59,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import UpstreamRequest, safe_message, status_error
+from ._base import CUT_SHORT, UpstreamRequest, safe_message, status_error
 from .openai import OpenAITranslation
 
 __all__ = ["ResponsesStreamParser", "ResponsesTranslation", "responses_request_body"]
@@ -134,7 +134,7 @@ class ResponsesTranslation(OpenAITranslation):
         body["stream"] = True
         return UpstreamRequest(self.url, self._stream_headers, orjson.dumps(body))
 
-    def stream_parser(self, chat: ChatRequest) -> ResponsesStreamParser:  # type: ignore[override]
+    def stream_parser(self, chat: ChatRequest) -> ResponsesStreamParser:
         return ResponsesStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
 
 
@@ -190,25 +190,26 @@ def _input(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return items
 
 
-def _text_of(content: Any) -> str:
+def _text_of(content: object) -> str:
     if not isinstance(content, list):
         return ""
     return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
 
 
-def _content(content: Any, role: Any, where: str) -> str | list[dict[str, Any]]:
+def _content(content: str | list[object], role: object, where: str) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
     text_type = "output_text" if role == "assistant" else "input_text"
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
+        fields: dict[str, object] = part if isinstance(part, dict) else {}
+        kind = fields.get("type")
         if kind == "text":
-            parts.append({"type": text_type, "text": part.get("text", "")})
+            parts.append({"type": text_type, "text": fields.get("text", "")})
         elif kind == "refusal" and role == "assistant":
-            parts.append({"type": "refusal", "refusal": part.get("refusal", "")})
+            parts.append({"type": "refusal", "refusal": fields.get("refusal", "")})
         elif kind == "image_url":
-            image = part.get("image_url") or {}
+            image = fields.get("image_url") or {}
             url = image.get("url") if isinstance(image, dict) else image
             converted = {"type": "input_image", "image_url": url}
             if isinstance(image, dict) and image.get("detail"):
@@ -220,20 +221,20 @@ def _content(content: Any, role: Any, where: str) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _tool(tool: Any, where: str) -> dict[str, Any]:
+def _tool(tool: object, where: str) -> dict[str, Any]:
     function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
     if not isinstance(function, dict):
         raise RequestError(f"'{where}' must be a function tool", param=where)
     return {"type": "function", **function}
 
 
-def _tool_choice(choice: Any) -> Any:
+def _tool_choice(choice: object) -> Any:
     if isinstance(choice, dict) and choice.get("type") == "function":
         return {"type": "function", "name": (choice.get("function") or {}).get("name")}
     return choice
 
 
-def _format(response_format: Any) -> dict[str, Any]:
+def _format(response_format: object) -> dict[str, Any]:
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "json_schema":
         assert isinstance(response_format, dict)
@@ -262,6 +263,12 @@ class ResponsesStreamParser:
     def finished(self) -> bool:
         return self._finished
 
+    def end(self) -> list[Delta]:
+        """`response.completed` or `response.incomplete` ends a Responses stream: a body ending first was cut short."""
+        if not self._finished:
+            raise UpstreamProtocolError(CUT_SHORT)
+        return []
+
     def feed(self, event: ServerSentEvent) -> list[Delta]:
         if self._finished:
             return []
@@ -276,7 +283,7 @@ class ResponsesStreamParser:
             delta.raw = b"event: " + str(payload.get("type")).encode() + b"\ndata: " + event.data.encode() + b"\n\n"
         return [delta] if delta.says_anything or delta.raw is not None else []
 
-    def _parse(self, payload: dict[str, Any]) -> Delta:
+    def _parse(self, payload: dict[str, Any]) -> Delta:  # noqa: C901 - one branch per Responses event type, in the protocol's order
         kind = payload.get("type")
         if kind == "response.created":
             return Delta(role="assistant")
@@ -337,7 +344,7 @@ def _string(payload: dict[str, Any], key: str) -> str:
     return value
 
 
-def _usage(usage: Any) -> Usage | None:
+def _usage(usage: object) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0

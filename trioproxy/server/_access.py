@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import trio
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from ..pipeline import StreamSession
     from ._metrics import Metrics
 
-__all__ = ["RECORD", "AccessLog", "RequestRecord"]
+__all__ = ["RECORD", "AccessLog", "RequestRecord", "request_record"]
 
 RECORD: Final = "trioproxy.request"
 """The ASGI scope key of a request's `RequestRecord`."""
@@ -57,6 +58,14 @@ class RequestRecord:
     """Whose usage the session counts as (`_auth.key_name`); set with `session`."""
     provider: str | None = None
     """Where a request that runs no session went (a forwarded one)."""
+
+
+def request_record(scope: Mapping[str, object]) -> RequestRecord:
+    """
+    The `RequestRecord` of the request or WebSocket whose ASGI scope this is. `AccessLog`
+    wraps the app and puts one in every such scope, which hypercorn's scope types do not know.
+    """
+    return cast(RequestRecord, scope[RECORD])
 
 
 class AccessLog:

@@ -89,7 +89,7 @@ class Headers(Protocol):
     def get(self, key: str, /) -> str | None: ...
 
 
-def parse_messages_request(body: dict[str, Any], headers: Headers, *, counting: bool = False) -> ChatRequest:
+def parse_messages_request(body: dict[str, object], headers: Headers, *, counting: bool = False) -> ChatRequest:
     """
     Check what Anthropic requires of every request and build the `ChatRequest`: its native
     form with the headers an Anthropic upstream must see, and its common-model translation.
@@ -138,7 +138,7 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"model": body["model"], "stream": bool(body.get("stream"))}
     if "max_tokens" in body:
         out["max_tokens"] = body["max_tokens"]
-    messages: list[dict[str, Any]] = []
+    messages: list[dict[str, object]] = []
     system = body.get("system")
     if system is not None:
         messages.append({"role": "system", "content": _system_text(system, "system")})
@@ -147,32 +147,31 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     out["messages"] = messages
 
     for name, value in body.items():
-        if name in ("model", "max_tokens", "stream", "system", "messages") or name in _DROPPED:
-            continue
-        if name in ("temperature", "top_p", "top_k"):
-            out[name] = value
-        elif name == "stop_sequences":
-            if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-                raise RequestError("'stop_sequences' must be an array of strings", param=name)
-            out["stop"] = value
-        elif name == "metadata":
-            user = _metadata_user(value)
-            if user is not None:
-                out["user"] = user
-        elif name == "tools":
-            if not isinstance(value, list):
-                raise RequestError("'tools' must be an array", param=name)
-            if value:
-                out["tools"] = [_tool(tool, f"tools[{j}]") for j, tool in enumerate(value)]
-        elif name == "tool_choice":
-            out.update(_tool_choice(value))
-        elif name == "output_config":
-            out.update(_output_config(value))
-        elif name in _TRIOPROXY_FIELDS:
-            out[name] = value
-        else:
-            raise _unportable(f"'{name}'", name)
+        if name not in ("model", "max_tokens", "stream", "system", "messages") and name not in _DROPPED:
+            out.update(_fields(name, value))
     return out
+
+
+def _fields(name: str, value: object) -> dict[str, object]:
+    """The Chat Completions fields (none, one or more) that carry the Messages field `name`."""
+    if name in ("temperature", "top_p", "top_k") or name in _TRIOPROXY_FIELDS:
+        return {name: value}
+    if name == "stop_sequences":
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise RequestError("'stop_sequences' must be an array of strings", param=name)
+        return {"stop": value}
+    if name == "metadata":
+        user = _metadata_user(value)
+        return {} if user is None else {"user": user}
+    if name == "tools":
+        if not isinstance(value, list):
+            raise RequestError("'tools' must be an array", param=name)
+        return {"tools": [_tool(tool, f"tools[{j}]") for j, tool in enumerate(value)]} if value else {}
+    if name == "tool_choice":
+        return _tool_choice(value)
+    if name == "output_config":
+        return _output_config(value)
+    raise _unportable(f"'{name}'", name)
 
 
 def _unportable(what: str, param: str) -> RequestError:
@@ -181,7 +180,7 @@ def _unportable(what: str, param: str) -> RequestError:
     )
 
 
-def _system_text(system: Any, where: str) -> str:
+def _system_text(system: object, where: str) -> str:
     if isinstance(system, str):
         return system
     if not isinstance(system, list):
@@ -195,7 +194,7 @@ def _system_text(system: Any, where: str) -> str:
     return "\n\n".join(texts)
 
 
-def _messages(message: Any, where: str) -> list[dict[str, Any]]:
+def _messages(message: object, where: str) -> list[dict[str, object]]:
     """One Messages message as Chat Completions messages (a user message with tool results gives several)."""
     if not isinstance(message, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
@@ -215,9 +214,9 @@ def _messages(message: Any, where: str) -> list[dict[str, Any]]:
     return _user(content, where)
 
 
-def _assistant(blocks: list[Any], where: str) -> dict[str, Any]:
+def _assistant(blocks: list[Any], where: str) -> dict[str, object]:
     texts: list[str] = []
-    tool_calls: list[dict[str, Any]] = []
+    tool_calls: list[dict[str, object]] = []
     for j, block in enumerate(blocks):
         at = f"{where}[{j}]"
         kind = _block_type(block, at)
@@ -227,16 +226,16 @@ def _assistant(blocks: list[Any], where: str) -> dict[str, Any]:
             tool_calls.append(_tool_call(block, at))
         elif kind not in ("thinking", "redacted_thinking"):
             raise _unportable(f"a {kind!r} block in an assistant message ('{at}')", f"{at}.type")
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None}
+    message: dict[str, object] = {"role": "assistant", "content": "".join(texts) if texts or not tool_calls else None}
     if tool_calls:
         message["tool_calls"] = tool_calls
     return message
 
 
-def _user(blocks: list[Any], where: str) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
-    parts: list[dict[str, Any]] = []
-    result_images: list[dict[str, Any]] = []
+def _user(blocks: list[Any], where: str) -> list[dict[str, object]]:
+    results: list[dict[str, object]] = []
+    parts: list[dict[str, object]] = []
+    result_images: list[dict[str, object]] = []
     for j, block in enumerate(blocks):
         at = f"{where}[{j}]"
         kind = _block_type(block, at)
@@ -258,10 +257,10 @@ def _user(blocks: list[Any], where: str) -> list[dict[str, Any]]:
     return [*results, {"role": "user", "content": parts}]
 
 
-def _block_type(block: Any, where: str) -> str:
+def _block_type(block: object, where: str) -> str:
     """The type of a content block whose fields the translation knows."""
     kind = block.get("type") if isinstance(block, dict) else None
-    if not isinstance(kind, str):
+    if not isinstance(block, dict) or not isinstance(kind, str):
         raise RequestError(f"'{where}' must be a content block: an object with a 'type'", param=where)
     known = _BLOCK_FIELDS.get(kind)
     if known is not None:
@@ -271,14 +270,14 @@ def _block_type(block: Any, where: str) -> str:
     return kind
 
 
-def _text(block: dict[str, Any], where: str) -> str:
+def _text(block: dict[str, object], where: str) -> str:
     text = block.get("text")
     if not isinstance(text, str):
         raise RequestError(f"'{where}.text' must be a string", param=f"{where}.text")
     return text
 
 
-def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
+def _image(block: dict[str, object], where: str) -> dict[str, object]:
     source = block.get("source")
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "base64":
@@ -296,20 +295,20 @@ def _image(block: dict[str, Any], where: str) -> dict[str, Any]:
     raise _unportable(f"an image source of type {kind!r} ('{where}.source')", f"{where}.source.type")
 
 
-def _tool_call(block: dict[str, Any], where: str) -> dict[str, Any]:
+def _tool_call(block: dict[str, object], where: str) -> dict[str, object]:
     id_, name, tool_input = block.get("id"), block.get("name"), block.get("input", {})
     if not isinstance(id_, str) or not isinstance(name, str):
         raise RequestError(f"'{where}' must have a string 'id' and 'name'", param=where)
     return {"id": id_, "type": "function", "function": {"name": name, "arguments": orjson.dumps(tool_input).decode()}}
 
 
-def _tool_result(block: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _tool_result(block: dict[str, object], where: str) -> tuple[dict[str, object], list[dict[str, object]]]:
     """The `tool` message of a `tool_result`, and the images it returned (they go in a user message)."""
     tool_use_id = block.get("tool_use_id")
     if not isinstance(tool_use_id, str):
         raise RequestError(f"'{where}.tool_use_id' must be a string", param=f"{where}.tool_use_id")
     content = block.get("content", "")
-    images: list[dict[str, Any]] = []
+    images: list[dict[str, object]] = []
     if isinstance(content, str):
         text = content
     elif isinstance(content, list):
@@ -331,7 +330,7 @@ def _tool_result(block: dict[str, Any], where: str) -> tuple[dict[str, Any], lis
     return {"role": "tool", "tool_call_id": tool_use_id, "content": text}, images
 
 
-def _tool(tool: Any, where: str) -> dict[str, Any]:
+def _tool(tool: object, where: str) -> dict[str, object]:
     if not isinstance(tool, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
     kind = tool.get("type", "custom")
@@ -340,7 +339,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
     name = tool.get("name")
     if not isinstance(name, str) or not name:
         raise RequestError(f"'{where}.name' must be a non-empty string", param=f"{where}.name")
-    function: dict[str, Any] = {"name": name}
+    function: dict[str, object] = {"name": name}
     for key, value in tool.items():
         if key in ("type", "name", "cache_control", "eager_input_streaming", "defer_loading"):
             continue
@@ -355,12 +354,12 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def _tool_choice(choice: Any) -> dict[str, Any]:
+def _tool_choice(choice: object) -> dict[str, object]:
     """The Chat Completions fields that say what `tool_choice` says."""
     kind = choice.get("type") if isinstance(choice, dict) else None
     if not isinstance(choice, dict) or not isinstance(kind, str) or (kind not in TOOL_CHOICES and kind != "tool"):
         raise RequestError("'tool_choice.type' must be 'auto', 'any', 'tool' or 'none'", param="tool_choice.type")
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     if kind == "tool":
         name = choice.get("name")
         if not isinstance(name, str) or not name:
@@ -373,7 +372,7 @@ def _tool_choice(choice: Any) -> dict[str, Any]:
     return out
 
 
-def _metadata_user(metadata: Any) -> str | None:
+def _metadata_user(metadata: object) -> str | None:
     if not isinstance(metadata, dict):
         raise RequestError("'metadata' must be an object", param="metadata")
     for key in metadata:
@@ -385,11 +384,11 @@ def _metadata_user(metadata: Any) -> str | None:
     return user
 
 
-def _output_config(config: Any) -> dict[str, Any]:
+def _output_config(config: object) -> dict[str, object]:
     """`response_format` for a JSON schema `format`; `effort` is dropped."""
     if not isinstance(config, dict):
         raise RequestError("'output_config' must be an object", param="output_config")
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for key, value in config.items():
         if key == "format" and value is not None:
             schema = value.get("schema") if isinstance(value, dict) else None

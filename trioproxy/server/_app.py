@@ -27,7 +27,7 @@ from .._config import Config
 from .._exceptions import AuthenticationError, ConfigError, HTTPRefusal, PayloadTooLargeError, TrioproxyError
 from .._router import Router
 from .._version import __version__
-from ._access import RECORD, AccessLog
+from ._access import AccessLog, request_record
 from ._anthropic_front import model_list
 from ._auth import key_is_valid, presented_key
 from ._core import Core, connection, json_response, keeping_send, route_label
@@ -72,16 +72,18 @@ def create_app(
     app.config["RESPONSE_TIMEOUT"] = None  # LLM streams outlive Quart's 60 s default
     app.config["MAX_CONTENT_LENGTH"] = config.limits.max_body_bytes  # bodies are not read past it
     app.config["BODY_TIMEOUT"] = config.server.body_timeout  # a body still arriving then is a 408
-    app.asgi_app = keeping_send(app.asgi_app)  # type: ignore[method-assign]
+    # Quart's way to add ASGI middleware. Ours take the scope as a plain dict (they add keys to
+    # it), not as hypercorn's TypedDicts: the three assignments are typed ignores.
+    app.asgi_app = keeping_send(app.asgi_app)  # type: ignore[assignment]
     if config.cors.enabled:
-        app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[method-assign]
+        app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[assignment,arg-type]
     router = router or Router(config)
     shutdown = shutdown or GracefulShutdown(config.server.shutdown_grace_period)
     metrics = Metrics(targets=router.targets)
     access_log = AccessLog(
         app.asgi_app, metrics=metrics, enabled=config.logging.access_log, include_prompts=config.logging.include_prompts
     )
-    app.asgi_app = access_log  # type: ignore[method-assign]
+    app.asgi_app = access_log  # type: ignore[assignment]
     tracing = _tracing(config, tracer_provider)
     core = Core(
         config,
@@ -89,19 +91,29 @@ def create_app(
         shutdown=shutdown,
         metrics=metrics,
         access_log=access_log,
-        nursery=lambda: app.nursery,  # type: ignore[attr-defined]
+        nursery=lambda: app.nursery,
         tracing=tracing,
     )
+    _register_lifetime(app, router, core, tracing)
+    _register_gates(app, config, shutdown)
+    _register_pages(app, config, router, shutdown, core, metrics)
+    for front in FRONTS:
+        front.register(app, core)
+    forwarding.register(app, core)  # after the fronts: a path served here is never forwarded
+    _register_error_handlers(app, config)
+    return app
 
+
+def _register_lifetime(app: QuartTrio, router: Router, core: Core, tracing: Tracing | None) -> None:
     @app.before_serving
     async def expire_idle_upstream_connections() -> None:
         """The pools' timers live in the app's nursery, from start-up until `close_upstreams` ends them."""
-        app.nursery.start_soon(router.expire_idle_connections)  # type: ignore[attr-defined]
+        app.nursery.start_soon(router.expire_idle_connections)
 
     @app.before_serving
     async def connect_redis() -> None:
         """The connection to Redis (`[redis]`) lives in the app's nursery, like the sessions that use it."""
-        await app.nursery.start(core.serve_redis)  # type: ignore[attr-defined]
+        await app.nursery.start(core.serve_redis)
 
     @app.after_serving
     async def close_upstreams() -> None:
@@ -109,16 +121,20 @@ def create_app(
         if tracing is not None:
             await tracing.aclose()  # the last spans are exported
 
+
+def _register_gates(app: QuartTrio, config: Config, shutdown: GracefulShutdown) -> None:
+    """What every request and WebSocket passes first: its route named, its key checked, the drain."""
+
     async def name_route_and_check_key() -> Response | None:
         """
         Before every request and WebSocket: name its route in its `RequestRecord`, then answer
         a 401 in the protocol of its path when client keys are on and none valid was shown.
         """
         current = connection()
-        current.scope[RECORD].route = route_label()
+        request_record(current.scope).route = route_label()
         path = current.path
         if not config.auth.enabled or not (
-            path.startswith("/v1/") or path == "/metrics" and config.auth.protect_metrics
+            path.startswith("/v1/") or (path == "/metrics" and config.auth.protect_metrics)
         ):
             return None
         if key_is_valid(presented_key(current.headers), config.auth.keys):
@@ -134,11 +150,6 @@ def create_app(
     app.before_request(name_route_and_check_key)
     app.before_websocket(name_route_and_check_key)
 
-    @app.get("/")
-    async def playground() -> Response:
-        """The playground page; open even with client keys on (its own requests carry the key)."""
-        return Response(_playground_page(), content_type="text/html; charset=utf-8", headers=PLAYGROUND_HEADERS)
-
     @app.before_request
     async def refuse_while_draining() -> Response | None:
         """A request that reaches the app during the drain: 503, retry elsewhere (`/health` says why)."""
@@ -148,6 +159,17 @@ def create_app(
         if request.http_version in ("1.0", "1.1"):  # HTTP/2 forbids the header (and closes by GOAWAY)
             response.headers["connection"] = "close"
         return response
+
+
+def _register_pages(
+    app: QuartTrio, config: Config, router: Router, shutdown: GracefulShutdown, core: Core, metrics: Metrics
+) -> None:
+    """The routes that are no front: the playground, health, metrics and the model list."""
+
+    @app.get("/")
+    async def playground() -> Response:
+        """The playground page; open even with client keys on (its own requests carry the key)."""
+        return Response(_playground_page(), content_type="text/html; charset=utf-8", headers=PLAYGROUND_HEADERS)
 
     @app.get("/health")
     async def health() -> Response:
@@ -178,10 +200,8 @@ def create_app(
         data = [{"id": model, "object": "model", "created": 0, "owned_by": owner} for model, owner in router.models()]
         return json_response({"object": "list", "data": data})
 
-    for front in FRONTS:
-        front.register(app, core)
-    forwarding.register(app, core)  # after the fronts: a path served here is never forwarded
 
+def _register_error_handlers(app: QuartTrio, config: Config) -> None:
     @app.errorhandler(TrioproxyError)
     async def refusal(exc: TrioproxyError) -> Response:
         """A refusal raised by `Core.start` (limits), in the protocol of the route."""
@@ -201,24 +221,10 @@ def create_app(
                 f"the request body is over the limit of {config.limits.max_body_bytes} bytes"
             )
             return error_response(path, too_large)
-        status = exc.code or 500
         if has_websocket_context() and isinstance(exc, (NotFound, WebsocketMismatch, MethodNotAllowed)):
             message, status = f"no WebSocket endpoint at {path}", 404
-        elif isinstance(exc, WebsocketMismatch):
-            message = (
-                f"{path} is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
-            )
-        elif isinstance(exc, NotFound):
-            message = f"no endpoint at {current.method} {path}"
-            if path.startswith("/v1/"):
-                message += " (a provider's forward_paths can forward it)"
-        elif isinstance(exc, MethodNotAllowed):
-            allowed = ", ".join(sorted(exc.valid_methods or ()))  # a set: in a stable order
-            message = f"{current.method} is not allowed on {path} (allowed: {allowed})"
-        elif isinstance(exc, RequestTimeout):  # quart's BODY_TIMEOUT
-            message = f"the request body did not arrive within [server] body_timeout ({config.server.body_timeout:g} s)"
         else:
-            message = exc.description or exc.name
+            message, status = _refusal_message(exc, current.method, path, config), exc.code or 500
         error = HTTPRefusal(message, status=status)
         response = error_response(path, error)  # e.g. a GET on a generic endpoint: its own shape
         for name, value in exc.get_headers():
@@ -232,7 +238,20 @@ def create_app(
         logger.exception("unhandled error in %s %s", current.method, current.path)
         return error_response(current.path, TrioproxyError("internal server error"))
 
-    return app
+
+def _refusal_message(exc: HTTPException, method: str, path: str, config: Config) -> str:
+    """The framework's refusal of an HTTP request, in our words."""
+    if isinstance(exc, WebsocketMismatch):
+        return f"{path} is a WebSocket endpoint: open it with a WebSocket handshake (GET with Upgrade: websocket)"
+    if isinstance(exc, NotFound):
+        forwardable = " (a provider's forward_paths can forward it)" if path.startswith("/v1/") else ""
+        return f"no endpoint at {method} {path}{forwardable}"
+    if isinstance(exc, MethodNotAllowed):
+        allowed = ", ".join(sorted(exc.valid_methods or ()))  # a set: in a stable order
+        return f"{method} is not allowed on {path} (allowed: {allowed})"
+    if isinstance(exc, RequestTimeout):  # quart's BODY_TIMEOUT
+        return f"the request body did not arrive within [server] body_timeout ({config.server.body_timeout:g} s)"
+    return exc.description or exc.name
 
 
 def _tracing(config: Config, tracer_provider: Any) -> Tracing | None:

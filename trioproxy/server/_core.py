@@ -21,13 +21,13 @@ rendered in the route's protocol; nothing reaches the upstream.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import orjson
 import trio
@@ -42,7 +42,7 @@ from .._request import ChatRequest
 from .._router import Router
 from .._upstream import Upstream
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
-from ._access import RECORD, AccessLog, RequestRecord
+from ._access import AccessLog, request_record
 from ._auth import NO_KEY, key_name, presented_key
 from ._generic import Renderer, StreamInterrupted, commits, last_word, render
 from ._metrics import Metrics
@@ -71,6 +71,7 @@ STREAM_HEADERS: Final = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 SSE: Final = "text/event-stream"
 #: Where each HTTP request's ASGI `send` is kept in its scope, for `_relay`.
 ASGI_SEND: Final = "trioproxy.send"
+ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 #: Preamble items a response holds back before its head, at most: a bound on an upstream that
 #: sends nothing but content-less chunks (and on the role chunks of retried attempts).
 MAX_HELD_ITEMS: Final = 16
@@ -155,7 +156,7 @@ class Core:
             raise admission.refusal
         return session
 
-    def _start(
+    def _start(  # noqa: C901 - its closures share the lease, admission, trace and record: to become one object
         self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool, stream_id: str | None
     ) -> tuple[StreamSession, _Admission]:
         limits = self.config.limits
@@ -173,7 +174,7 @@ class Core:
             if trace is not None:
                 trace.refused(exc)
             raise
-        record: RequestRecord = connection().scope[RECORD]
+        record = request_record(connection().scope)
         key = self.key_name()
         admission = _Admission()
         if self.redis is None:
@@ -277,10 +278,9 @@ class Core:
         try:
             yield
         finally:
-            try:
+            # A failure is logged by `RedisState`; the place expires within `[redis] lease_ttl`.
+            with contextlib.suppress(SharedStateError):
                 await self.redis.release(shared)
-            except SharedStateError:
-                pass  # logged by `RedisState`; the place expires within `[redis] lease_ttl`
 
     async def ask_upstream(
         self, chat: ChatRequest, ask: Callable[[Upstream, ChatRequest], Awaitable[bytes | None]]
@@ -332,7 +332,7 @@ class Core:
             session.cancel()
             return error_response(held)
         head = b"".join(render(renderer, item) for item in held)
-        body = _relay(session, renderer, head, request.scope[ASGI_SEND])
+        body = _relay(session, renderer, head, kept_send(request.scope))
         return Response(body, status=200, content_type=content_type, headers=STREAM_HEADERS)
 
     async def share(
@@ -409,7 +409,7 @@ async def complete(session: StreamSession, take: Callable[[SessionItem], None] |
 class _BodyWriter:
     """Writes the session's items, rendered, to the response through its ASGI `send`, while it lasts."""
 
-    def __init__(self, renderer: Renderer, send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    def __init__(self, renderer: Renderer, send: ASGISend) -> None:
         self._renderer = renderer
         self._send = send
         self.relaying = True
@@ -422,7 +422,7 @@ class _BodyWriter:
 
 
 async def _relay(
-    session: StreamSession, renderer: Renderer, head: bytes, send: Callable[[dict[str, Any]], Awaitable[None]]
+    session: StreamSession, renderer: Renderer, head: bytes, send: ASGISend
 ) -> AsyncIterator[bytes]:
     """
     The response body. Once quart has written its head, the session's tasks write its items
@@ -480,6 +480,11 @@ def keeping_send(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable
             del scope[ASGI_SEND]
 
     return asgi
+
+
+def kept_send(scope: Mapping[str, object]) -> ASGISend:
+    """The `send` that `keeping_send` keeps in an HTTP request's scope, which hypercorn's scope types do not know."""
+    return cast(ASGISend, scope[ASGI_SEND])
 
 
 def connection() -> Any:

@@ -37,6 +37,7 @@ from .._exceptions import UpstreamStatusError, UpstreamTimeoutError
 from .._targets import BREAKER_STATES
 from .._upstream import BalancedUpstream
 from ..pipeline import StreamSession
+from ..pipeline._stats import StreamStats
 from ._generic import prompt_chars
 
 __all__ = ["CONTENT_TYPE", "MULTIPROCESS_DIR", "Metrics", "forget_worker"]
@@ -178,22 +179,8 @@ class Metrics:
         model = self._model_label(provider, stats.model)
         labels = (session.endpoint, provider, model)
         self.streams.labels(session.endpoint, provider, stats.outcome).inc()
-        if stats.ttft is not None:
-            self.time_to_first_token.labels(*labels).observe(stats.ttft)
-        _observe_all(self.inter_token_latency.labels(*labels), stats.token_gaps)
-        _observe_all(self.buffer_latency.labels(*labels), stats.buffer_waits)
-        if stats.duration is not None:
-            self.stream_duration.labels(*labels).observe(stats.duration)
-        for retried in stats.retries:
-            self.retries.labels(retried).inc()
-        for failed, failure in stats.failures:
-            if isinstance(failure, UpstreamTimeoutError):
-                self.timeouts.labels(failed, failure.kind).inc()
-            self.upstream_errors.labels(failed, _failure_status(failure)).inc()
-        for left in stats.providers_left:
-            self.failovers.labels(left).inc()
-        for kind, recovered in stats.recoveries:
-            self.recoveries.labels(recovered, kind).inc()
+        self._observe_timings(labels, stats)
+        self._observe_upstream_events(stats)
         if stats.cancelled and stats.error is None:
             self.upstream_cancellations.labels(provider).inc()
         usage = session.accumulator.usage_or_estimate(prompt_chars(session.chat))
@@ -205,6 +192,27 @@ class Metrics:
             self.tokens.labels(provider, model, key, "out").inc(usage.completion_tokens)
         if self._worker_targets is not None:
             self._worker_targets.write()
+
+    def _observe_timings(self, labels: tuple[str, str, str], stats: StreamStats) -> None:
+        if stats.ttft is not None:
+            self.time_to_first_token.labels(*labels).observe(stats.ttft)
+        _observe_all(self.inter_token_latency.labels(*labels), stats.token_gaps)
+        _observe_all(self.buffer_latency.labels(*labels), stats.buffer_waits)
+        if stats.duration is not None:
+            self.stream_duration.labels(*labels).observe(stats.duration)
+
+    def _observe_upstream_events(self, stats: StreamStats) -> None:
+        """The stream's retries, upstream failures, failovers and recoveries."""
+        for retried in stats.retries:
+            self.retries.labels(retried).inc()
+        for failed, failure in stats.failures:
+            if isinstance(failure, UpstreamTimeoutError):
+                self.timeouts.labels(failed, failure.kind).inc()
+            self.upstream_errors.labels(failed, _failure_status(failure)).inc()
+        for left in stats.providers_left:
+            self.failovers.labels(left).inc()
+        for kind, recovered in stats.recoveries:
+            self.recoveries.labels(recovered, kind).inc()
 
     def _model_label(self, provider: str, model: str) -> str:
         seen = self._models.setdefault(provider, set())

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Final
 import orjson
 
 from .._accumulator import Accumulator
-from .._events import Delta
+from .._events import Delta, ToolCallDelta
 from .._exceptions import TrioproxyError
 
 __all__ = ["OpenAIChunkRenderer", "TextCompletionRenderer", "completion_body", "error_body", "text_completion_body"]
@@ -128,7 +128,7 @@ class TextCompletionRenderer(OpenAIChunkRenderer):
         return {"index": 0, "text": delta.text, "logprobs": None, "finish_reason": delta.finish_reason}
 
 
-def _tool_call(tc: Any) -> dict[str, Any]:
+def _tool_call(tc: ToolCallDelta) -> dict[str, Any]:
     call: dict[str, Any] = {"index": tc.index}
     if tc.id is not None:
         call["id"] = tc.id

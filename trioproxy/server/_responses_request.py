@@ -171,8 +171,8 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     The Chat Completions body that asks what the Responses `body` asks; raises a
     `RequestError` naming the first field it cannot carry.
     """
-    out: dict[str, Any] = {"model": body["model"], "stream": bool(body.get("stream"))}
-    messages: list[dict[str, Any]] = []
+    out: dict[str, object] = {"model": body["model"], "stream": bool(body.get("stream"))}
+    messages: list[dict[str, object]] = []
     instructions = body.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):
@@ -186,31 +186,32 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     out["messages"] = messages
 
     for name, value in body.items():
-        if name in ("model", "stream", "instructions", "input") or name in _DROPPED:
-            continue
-        if name in _SAME_NAME or name in _TRIOPROXY_FIELDS:
-            out[name] = value
-        elif name == "max_output_tokens":
-            if value is not None:
-                out["max_tokens"] = value
-        elif name == "tools":
-            if not isinstance(value, list):
-                raise RequestError("'tools' must be an array", param=name)
-            tools = [function for j, tool in enumerate(value) for function in _tools(tool, f"tools[{j}]")]
-            if tools:
-                out["tools"] = tools
-        elif name == "tool_choice":
-            out["tool_choice"] = _tool_choice(value)
-        elif name == "reasoning":
-            out.update(_reasoning(value))
-        elif name == "text":
-            out.update(_text_config(value))
-        elif name in ("previous_response_id", "conversation", "prompt", "max_tool_calls"):
-            if value is not None and value is not False:
-                raise _unportable(f"'{name}'", name)
-        else:
-            raise _unportable(f"'{name}'", name)
+        if name not in ("model", "stream", "instructions", "input") and name not in _DROPPED:
+            out.update(_fields(name, value))
     return out
+
+
+def _fields(name: str, value: object) -> dict[str, object]:
+    """The Chat Completions fields (none, one or more) that carry the Responses field `name`."""
+    if name in _SAME_NAME or name in _TRIOPROXY_FIELDS:
+        return {name: value}
+    if name == "max_output_tokens":
+        return {} if value is None else {"max_tokens": value}
+    if name == "tools":
+        if not isinstance(value, list):
+            raise RequestError("'tools' must be an array", param=name)
+        tools = [function for j, tool in enumerate(value) for function in _tools(tool, f"tools[{j}]")]
+        return {"tools": tools} if tools else {}
+    if name == "tool_choice":
+        return {"tool_choice": _tool_choice(value)}
+    if name == "reasoning":
+        return _reasoning(value)
+    if name == "text":
+        return _text_config(value)
+    unset = value is None or value is False
+    if name in ("previous_response_id", "conversation", "prompt", "max_tool_calls") and unset:
+        return {}  # nothing to carry
+    raise _unportable(f"'{name}'", name)
 
 
 def _unportable(what: str, param: str) -> RequestError:
@@ -253,7 +254,7 @@ class _Conversation:
             self._result_images = []
 
 
-def _messages(items: list[Any]) -> list[dict[str, Any]]:
+def _messages(items: list[Any]) -> list[dict[str, object]]:
     conversation = _Conversation()
     for i, item in enumerate(items):
         where = f"input[{i}]"
@@ -277,7 +278,7 @@ def _messages(items: list[Any]) -> list[dict[str, Any]]:
     return conversation.finish()
 
 
-def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
+def _message(item: dict[str, object], where: str) -> dict[str, object]:
     role = item.get("role")
     if role not in _ROLES:
         raise RequestError(
@@ -299,7 +300,7 @@ def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
     return {"role": role, "content": parts}
 
 
-def _part(part: Any, where: str) -> dict[str, Any]:
+def _part(part: object, where: str) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, dict) else None
     if not isinstance(kind, str):
         raise RequestError(f"'{where}' must be a content part: an object with a 'type'", param=where)
@@ -314,26 +315,26 @@ def _part(part: Any, where: str) -> dict[str, Any]:
         url = part.get("image_url")
         if not isinstance(url, str):
             raise _unportable(f"an image without an 'image_url' ('{where}')", f"{where}.image_url")
-        image: dict[str, Any] = {"url": url}
+        image: dict[str, object] = {"url": url}
         if isinstance(part.get("detail"), str):
             image["detail"] = part["detail"]
         return {"type": "image_url", "image_url": image}
     raise _unportable(f"a {kind!r} part ('{where}')", f"{where}.type")
 
 
-def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+def _function_call(item: dict[str, object], where: str) -> dict[str, object]:
     call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "")
     if not isinstance(call_id, str) or not isinstance(name, str) or not isinstance(arguments, str):
         raise RequestError(f"'{where}' must have a string 'call_id', 'name' and 'arguments'", param=where)
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-def _function_call_output(item: dict[str, Any], where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _function_call_output(item: dict[str, object], where: str) -> tuple[dict[str, object], list[dict[str, object]]]:
     """The `tool` message of a function call's output, and the images it returned."""
     call_id, output = item.get("call_id"), item.get("output")
     if not isinstance(call_id, str):
         raise RequestError(f"'{where}.call_id' must be a string", param=f"{where}.call_id")
-    images: list[dict[str, Any]] = []
+    images: list[dict[str, object]] = []
     if isinstance(output, str):
         text = output
     elif isinstance(output, list):
@@ -350,7 +351,7 @@ def _function_call_output(item: dict[str, Any], where: str) -> tuple[dict[str, A
     return {"role": "tool", "tool_call_id": call_id, "content": text}, images
 
 
-def _tools(tool: Any, where: str) -> list[dict[str, Any]]:
+def _tools(tool: object, where: str) -> list[dict[str, object]]:
     """The function tools `tool` stands for: itself, a namespace's functions, or none for a hosted tool."""
     if not isinstance(tool, dict):
         raise RequestError(f"'{where}' must be an object", param=where)
@@ -365,7 +366,7 @@ def _tools(tool: Any, where: str) -> list[dict[str, Any]]:
     return [_tool(tool, where)]
 
 
-def _tool(tool: Any, where: str) -> dict[str, Any]:
+def _tool(tool: object, where: str) -> dict[str, object]:
     kind = tool.get("type") if isinstance(tool, dict) else None
     if kind != "function":
         raise _unportable(f"a tool of type {kind!r} ('{where}')", f"{where}.type")
@@ -373,7 +374,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
     name = tool.get("name")
     if not isinstance(name, str) or not name:
         raise RequestError(f"'{where}.name' must be a non-empty string", param=f"{where}.name")
-    function: dict[str, Any] = {"name": name}
+    function: dict[str, object] = {"name": name}
     for key, value in tool.items():
         if key in ("type", "name"):
             continue
@@ -385,7 +386,7 @@ def _tool(tool: Any, where: str) -> dict[str, Any]:
     return {"type": "function", "function": function}
 
 
-def _tool_choice(choice: Any) -> Any:
+def _tool_choice(choice: object) -> Any:
     if choice in ("none", "auto", "required"):
         return choice
     kind = choice.get("type") if isinstance(choice, dict) else None
@@ -403,13 +404,13 @@ def _tool_choice(choice: Any) -> Any:
     )
 
 
-def _reasoning(reasoning: Any) -> dict[str, Any]:
+def _reasoning(reasoning: object) -> dict[str, object]:
     """`reasoning_effort` for `effort`; `summary` is dropped."""
     if reasoning is None:
         return {}
     if not isinstance(reasoning, dict):
         raise RequestError("'reasoning' must be an object", param="reasoning")
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for key, value in reasoning.items():
         if key == "effort":
             if value is not None:
@@ -419,13 +420,13 @@ def _reasoning(reasoning: Any) -> dict[str, Any]:
     return out
 
 
-def _text_config(text: Any) -> dict[str, Any]:
+def _text_config(text: object) -> dict[str, object]:
     """`response_format` for a JSON `format`, `verbosity` as it is."""
     if text is None:
         return {}
     if not isinstance(text, dict):
         raise RequestError("'text' must be an object", param="text")
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     for key, value in text.items():
         if key == "verbosity":
             if value is not None:
@@ -437,7 +438,7 @@ def _text_config(text: Any) -> dict[str, Any]:
     return out
 
 
-def _format(format_: Any) -> dict[str, Any]:
+def _format(format_: object) -> dict[str, object]:
     kind = format_.get("type") if isinstance(format_, dict) else None
     if format_ is None or kind == "text":
         return {}

@@ -74,85 +74,7 @@ def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[s
     max_body_bytes` is refused unread; a peer that does not read for `[server] write_timeout`
     seconds is dropped.
     """
-    max_message_bytes = core.config.limits.max_body_bytes
-    write_timeout = core.config.server.write_timeout
-
-    async def send(frames: bytes) -> None:
-        for frame in frames.splitlines():
-            with trio.fail_after(write_timeout):
-                await websocket.send(frame.decode())
-
-    async def send_error(error: TrioproxyError) -> None:
-        body = {"type": error.type, "code": error.code, "message": error.message, "param": error.param}
-        frame = {"type": "error", "status": error.status, "status_code": error.status, "error": body}
-        await send(orjson.dumps(frame))
-
-    async def respond(text: str | bytes, previous: Turn | None, turn: int) -> Turn | None:
-        """One `response.create`: its events sent, and the turn a next one may continue."""
-        if len(text.encode() if isinstance(text, str) else text) > max_message_bytes:
-            raise PayloadTooLargeError(f"a message is over the limit of {max_message_bytes} bytes")
-        try:
-            frame = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            raise RequestError("a message must be a JSON object") from None
-        if not isinstance(frame, dict) or frame.get("type") != "response.create":
-            raise RequestError("a message must be a JSON object of type 'response.create'", param="type")
-        body = {key: value for key, value in frame.items() if key not in IGNORED}
-        previous_id = body.get("previous_response_id")
-        if isinstance(previous_id, str):
-            body = continued(
-                body, previous if previous is not None and previous.id == previous_id else lookup(previous_id)
-            )
-        chat = parse_responses_request({**body, "stream": True})
-        echoed = body if previous_id is None else {**body, "previous_response_id": previous_id}
-        pipeline = core.pipeline(chat.model)
-        renderer = ResponsesEventRenderer(
-            request=echoed,
-            model=chat.model,
-            prompt_chars=prompt_chars(chat),
-            frame=websocket_frame,
-        )
-        if frame.get("generate") is False:  # only an id to continue from: nothing is asked upstream
-            await send(renderer.done())
-            return Turn(renderer.id, input_items(body), [])
-        session = core.start(pipeline, chat, heartbeats=False, stream_id=str(turn))
-        if body.get("store") is not False:
-            return await stored(session, chat, body, echoed)
-        try:
-            async for item in session.output:
-                if isinstance(item, TrioproxyError) and not renderer.started:
-                    raise item
-                await send(render(renderer, item))
-                if isinstance(item, TrioproxyError):
-                    return None
-            await send(last_word(renderer, session))
-        finally:
-            session.cancel()
-        response = renderer.response
-        if response is None or response["status"] == "failed":
-            return None
-        return Turn(renderer.id, input_items(body), response["output"])
-
-    async def stored(
-        session: StreamSession, chat: ChatRequest, body: dict[str, Any], echoed: dict[str, Any]
-    ) -> Turn | None:
-        """A stored response's events, read from its stream's log (SSE) as frames."""
-        stream, backlog, watcher = await share(session, chat, echoed)  # before its first event: raises
-        events = SSEDecoder()
-        try:
-            for event in events.feed(b"".join(backlog)):
-                await send(event.data.encode())
-            async for data in watcher.receive:
-                for event in events.feed(data):
-                    await send(event.data.encode())
-        finally:
-            stream.detach(watcher)
-        renderer = stream.renderer
-        assert isinstance(renderer, ResponsesEventRenderer)
-        response = renderer.response
-        if response is None or response["status"] == "failed":
-            return None
-        return Turn(stream.id, input_items(body), response["output"])
+    responder = _Responder(core, lookup, share)
 
     @app.websocket("/v1/responses")
     async def responses_ws() -> None:
@@ -176,8 +98,116 @@ def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[s
                     turn += 1
                     async with responding:
                         try:
-                            previous = await respond(text, previous, turn)
+                            previous = await responder.respond(text, previous, turn)
                         except TrioproxyError as exc:
-                            await send_error(exc)
+                            await responder.send_error(exc)
         except trio.TooSlowError:
             logger.warning("dropping a WebSocket peer that stopped reading")
+
+
+class _Responder:
+    """Answers a connection's `response.create` frames (one at a time: the route holds a lock)."""
+
+    def __init__(self, core: Core, lookup: Callable[[str], Turn], share: Share) -> None:
+        self.core = core
+        self.lookup = lookup
+        self.share = share
+
+    async def send(self, frames: bytes) -> None:
+        for frame in frames.splitlines():
+            with trio.fail_after(self.core.config.server.write_timeout):
+                await websocket.send(frame.decode())
+
+    async def send_error(self, error: TrioproxyError) -> None:
+        body = {"type": error.type, "code": error.code, "message": error.message, "param": error.param}
+        frame = {"type": "error", "status": error.status, "status_code": error.status, "error": body}
+        await self.send(orjson.dumps(frame))
+
+    async def respond(self, text: str | bytes, previous: Turn | None, turn: int) -> Turn | None:
+        """One `response.create`: its events sent, and the turn a next one may continue."""
+        frame = _response_create(text, self.core.config.limits.max_body_bytes)
+        body = {key: value for key, value in frame.items() if key not in IGNORED}
+        previous_id = body.get("previous_response_id")
+        if isinstance(previous_id, str):
+            body = continued(body, _previous_turn(previous_id, previous, self.lookup))
+        chat = parse_responses_request({**body, "stream": True})
+        echoed = body if previous_id is None else {**body, "previous_response_id": previous_id}
+        pipeline = self.core.pipeline(chat.model)
+        renderer = ResponsesEventRenderer(
+            request=echoed,
+            model=chat.model,
+            prompt_chars=prompt_chars(chat),
+            frame=websocket_frame,
+        )
+        if frame.get("generate") is False:  # only an id to continue from: nothing is asked upstream
+            await self.send(renderer.done())
+            return Turn(renderer.id, input_items(body), [])
+        session = self.core.start(pipeline, chat, heartbeats=False, stream_id=str(turn))
+        if body.get("store") is not False:
+            return await self.stored(session, chat, body, echoed)
+        try:
+            completed = await _relay(session, renderer, self.send)
+        finally:
+            session.cancel()
+        return _turn(renderer, renderer.id, body) if completed else None
+
+    async def stored(
+        self, session: StreamSession, chat: ChatRequest, body: dict[str, Any], echoed: dict[str, Any]
+    ) -> Turn | None:
+        """A stored response's events, read from its stream's log (SSE) as frames."""
+        stream, backlog, watcher = await self.share(session, chat, echoed)  # before its first event: raises
+        events = SSEDecoder()
+        try:
+            for event in events.feed(b"".join(backlog)):
+                await self.send(event.data.encode())
+            async for data in watcher.receive:
+                for event in events.feed(data):
+                    await self.send(event.data.encode())
+        finally:
+            stream.detach(watcher)
+        renderer = stream.renderer
+        assert isinstance(renderer, ResponsesEventRenderer)
+        return _turn(renderer, stream.id, body)
+
+
+def _turn(renderer: ResponsesEventRenderer, response_id: str, body: dict[str, Any]) -> Turn | None:
+    """The turn a next `response.create` may continue: none after a failed response."""
+    response = renderer.response
+    if response is None or response["status"] == "failed":
+        return None
+    return Turn(response_id, input_items(body), response["output"])
+
+
+def _previous_turn(previous_id: str, last: Turn | None, lookup: Callable[[str], Turn]) -> Turn:
+    """The turn `previous_response_id` names: the connection's last one, or a stored response."""
+    return last if last is not None and last.id == previous_id else lookup(previous_id)
+
+
+def _response_create(text: str | bytes, max_message_bytes: int) -> dict[str, Any]:
+    """The `response.create` frame `text` is; raises the refusal of any other message."""
+    if len(text.encode() if isinstance(text, str) else text) > max_message_bytes:
+        raise PayloadTooLargeError(f"a message is over the limit of {max_message_bytes} bytes")
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise RequestError("a message must be a JSON object") from None
+    if not isinstance(frame, dict) or frame.get("type") != "response.create":
+        raise RequestError("a message must be a JSON object of type 'response.create'", param="type")
+    return frame
+
+
+async def _relay(
+    session: StreamSession, renderer: ResponsesEventRenderer, send: Callable[[bytes], Awaitable[None]]
+) -> bool:
+    """
+    The session's items, rendered, to `send`; whether the response ended without an error.
+    An error before the first event is raised: the client gets it as an `error` frame.
+    """
+    async for item in session.output:
+        if isinstance(item, TrioproxyError) and not renderer.started:
+            raise item
+        await send(render(renderer, item))
+        if isinstance(item, TrioproxyError):
+            return False
+    await send(last_word(renderer, session))
+    return True

@@ -303,8 +303,8 @@ async def serve(
     hypercorn_config.graceful_timeout = config.server.shutdown_grace_period + config.server.write_timeout
     for warning in config.warnings:
         logger.warning("%s", warning)
-    hypercorn.trio.run.TCPServer = _TCPServerThatEndsWithItsClient  # type: ignore[misc]  # the class its worker uses
-    hypercorn.protocol.H11Protocol = _H11ProtocolThatRefusesAmbiguousFraming  # type: ignore[misc]  # the one it speaks
+    hypercorn.trio.run.TCPServer = _TCPServerThatEndsWithItsClient  # type: ignore[attr-defined]  # not exported; its worker uses it
+    hypercorn.protocol.H11Protocol = _H11ProtocolThatRefusesAmbiguousFraming  # type: ignore[attr-defined]  # not exported; it speaks it
     async with trio.open_nursery() as nursery:
         drain_trigger = None
         if shutdown_trigger is not None:

@@ -20,9 +20,9 @@ this module's job, in one object the app and the serve layer share:
 Streams are counted as sessions (`StreamSession`): every kind of stream — OpenAI, generic SSE
 and NDJSON, resumable, WebSocket, and non-streaming requests — runs as one, and each turns an
 interruption into its own protocol's error. A forwarded request's answer is counted too
-(`fronts/forwarding.py`): interrupted, it ends its client's connection mid-body. hypercorn's `graceful_timeout` is set longer than
-the grace period (`_serve.py`), so those final errors reach their clients before it tears the
-connections down.
+(`fronts/forwarding.py`): interrupted, it ends its client's connection mid-body. hypercorn's
+`graceful_timeout` is set longer than the grace period (`_serve.py`), so those final errors
+reach their clients before it tears the connections down.
 """
 
 from __future__ import annotations

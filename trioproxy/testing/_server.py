@@ -267,6 +267,9 @@ class _Connection:
         self._stream = stream
         self._h11 = h11.Connection(h11.SERVER)
         self._inflight: _InFlight | None = None
+        self._head: h11.Request | None = None
+        self._body = bytearray()
+        """The request being read: its head and the body so far."""
         self._pause: trio.CancelScope | None = None
         self._pipelined = 0
 
@@ -290,43 +293,61 @@ class _Connection:
 
     async def _read_loop(self, requests: trio.MemorySendChannel[_Item]) -> None:
         async with requests:
-            head: h11.Request | None = None
-            body = bytearray()
             while True:
                 try:
                     event = self._h11.next_event()
                 except h11.RemoteProtocolError as exc:
-                    if self._inflight is not None:
-                        # Garbage after a complete request, while we answer it: nobody can
-                        # be told, so drop the connection (the failure is logged).
-                        raise
-                    await requests.send(_Rejection(exc.error_status_hint, str(exc)))
+                    await self._refuse_garbage(requests, exc)
                     return
-                if event is h11.NEED_DATA or event is h11.PAUSED:
-                    if not await self._receive(paused=event is h11.PAUSED):
+                if isinstance(event, h11.Event):
+                    if not await self._take(event, requests):
                         return
-                elif isinstance(event, h11.Request):
-                    head, body = event, bytearray()
-                    if self._h11.they_are_waiting_for_100_continue:
-                        try:
-                            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-                        except _ClientGoneError:
-                            return
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                    if len(body) > MAX_REQUEST_BODY:
-                        await requests.send(_Rejection(413, f"request body exceeds {MAX_REQUEST_BODY} bytes"))
-                        return
-                elif isinstance(event, h11.EndOfMessage):
-                    assert head is not None
-                    request = self._make_request(head, bytes(body))
-                    head, body = None, bytearray()
-                    self._server._record(request)
-                    self._inflight = _InFlight(request)
-                    await requests.send(request)
-                elif isinstance(event, h11.ConnectionClosed):
-                    self._client_gone()
+                elif not await self._receive(paused=event is h11.PAUSED):  # or NEED_DATA
                     return
+
+    async def _take(self, event: h11.Event, requests: trio.MemorySendChannel[_Item]) -> bool:
+        """One event of a request (its head, body or end); False once the connection is done."""
+        if isinstance(event, h11.Request):
+            self._head, self._body = event, bytearray()
+            return await self._continue_if_asked()
+        if isinstance(event, h11.Data):
+            self._body += event.data
+            return await self._body_within_limit(requests)
+        if isinstance(event, h11.EndOfMessage):
+            assert self._head is not None
+            request = self._make_request(self._head, bytes(self._body))
+            self._head, self._body = None, bytearray()
+            self._server._record(request)
+            self._inflight = _InFlight(request)
+            await requests.send(request)
+        elif isinstance(event, h11.ConnectionClosed):
+            self._client_gone()
+            return False
+        return True
+
+    async def _refuse_garbage(self, requests: trio.MemorySendChannel[_Item], exc: h11.RemoteProtocolError) -> None:
+        """A request that is not HTTP gets its 4xx; garbage while a request is answered drops the connection."""
+        if self._inflight is not None:
+            # Garbage after a complete request, while we answer it: nobody can be told, so
+            # drop the connection (the failure is logged).
+            raise exc
+        await requests.send(_Rejection(exc.error_status_hint, str(exc)))
+
+    async def _body_within_limit(self, requests: trio.MemorySendChannel[_Item]) -> bool:
+        """Whether the body read so far is within `MAX_REQUEST_BODY`; one over it gets a 413."""
+        if len(self._body) <= MAX_REQUEST_BODY:
+            return True
+        await requests.send(_Rejection(413, f"request body exceeds {MAX_REQUEST_BODY} bytes"))
+        return False
+
+    async def _continue_if_asked(self) -> bool:
+        """Answer `Expect: 100-continue`, if the request asks; False once the client has gone."""
+        if self._h11.they_are_waiting_for_100_continue:
+            try:
+                await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+            except _ClientGoneError:
+                return False
+        return True
 
     async def _receive(self, *, paused: bool) -> bool:
         """

@@ -137,7 +137,7 @@ def _fragments(text: str) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
-def assistant_prefix(body: dict[str, Any]) -> str | None:
+def assistant_prefix(body: dict[str, object]) -> str | None:
     """The text of the request's final assistant message, if it ends with one (to be continued)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
@@ -152,7 +152,10 @@ def assistant_prefix(body: dict[str, Any]) -> str | None:
 
 
 def continued(tokens: Sequence[str], prefix: str) -> list[str] | None:
-    """What follows `prefix` in the joined `tokens`, from the token `prefix` ends in; None if they do not start with it."""
+    """
+    What follows `prefix` in the joined `tokens`, from the token `prefix` ends in; None if
+    they do not start with it.
+    """
     if not "".join(tokens).startswith(prefix):
         return None
     rest: list[str] = []
@@ -174,9 +177,9 @@ def _usage(reply: Reply) -> tuple[int, int]:
     return prompt, completion or len(reply.tokens)
 
 
-def _openai_usage(reply: Reply) -> dict[str, Any]:
+def _openai_usage(reply: Reply) -> dict[str, object]:
     prompt, completion = _usage(reply)
-    usage: dict[str, Any] = {
+    usage: dict[str, object] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
@@ -194,14 +197,14 @@ def _anthropic_input(reply: Reply) -> dict[str, int]:
     return {"input_tokens": prompt - reply.cached_tokens, "cache_read_input_tokens": reply.cached_tokens}
 
 
-def error_body(api: Api, status: int, message: str) -> dict[str, Any]:
+def error_body(api: Api, status: int, message: str) -> dict[str, object]:
     if api is Api.ANTHROPIC:
         return {"type": "error", "error": {"type": _ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
     kind = _OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-def models_body() -> dict[str, Any]:
+def models_body() -> dict[str, object]:
     return {
         "object": "list",
         "data": [{"id": DEFAULT_MODEL, "object": "model", "created": 0, "owned_by": "trioproxy-testing"}],
@@ -219,8 +222,8 @@ def openai_frames(
     chat_id = f"chatcmpl-fake{number}"
     created = int(time.time()) if created is None else created
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        payload: dict[str, Any] = {
+    def chunk(delta: dict[str, object], finish_reason: str | None = None) -> bytes:
+        payload: dict[str, object] = {
             "id": chat_id,
             "object": "chat.completion.chunk",
             "created": created,
@@ -269,10 +272,10 @@ def responses_frames(reply: Reply, model: str, number: int, *, created: int | No
     `response.incomplete` for the finish reasons `length` and `content_filter`); `created`:
     its `created_at` (now).
     """
-    events: list[tuple[dict[str, Any], bool]] = []
-    output: list[dict[str, Any]] = []
+    events: list[tuple[dict[str, object], bool]] = []
+    output: list[dict[str, object]] = []
 
-    def add(payload: dict[str, Any], *, token: bool = False) -> None:
+    def add(payload: dict[str, object], *, token: bool = False) -> None:
         events.append((payload, token))
 
     response = response_object(reply, model, number, status="in_progress", created=created)
@@ -315,7 +318,7 @@ def responses_frames(reply: Reply, model: str, number: int, *, created: int | No
     return [
         Frame(
             b"event: "
-            + payload["type"].encode()
+            + str(payload["type"]).encode()
             + b"\ndata: "
             + orjson.dumps({**payload, "sequence_number": i})
             + b"\n\n",
@@ -325,9 +328,9 @@ def responses_frames(reply: Reply, model: str, number: int, *, created: int | No
     ]
 
 
-def _response_output(reply: Reply, number: int) -> list[dict[str, Any]]:
+def _response_output(reply: Reply, number: int) -> list[dict[str, object]]:
     """The output items of a finished response: the message (if any text), then each function call."""
-    output: list[dict[str, Any]] = []
+    output: list[dict[str, object]] = []
     if reply.tokens:
         text = {"type": "output_text", "annotations": [], "logprobs": [], "text": "".join(reply.tokens)}
         output.append(
@@ -355,7 +358,7 @@ def _response_output(reply: Reply, number: int) -> list[dict[str, Any]]:
 
 def response_object(
     reply: Reply, model: str, number: int, *, status: str | None = None, created: int | None = None
-) -> dict[str, Any]:
+) -> dict[str, object]:
     """A Response object: in progress (empty), or finished with its output and usage (`created`: now)."""
     prompt, completion = _usage(reply)
     reason = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(_finish_reason(reply))
@@ -404,8 +407,8 @@ def responses_stream_error(message: str, sequence_number: int) -> bytes:
     )
 
 
-def openai_completion(reply: Reply, model: str, number: int) -> dict[str, Any]:
-    message: dict[str, Any] = {
+def openai_completion(reply: Reply, model: str, number: int) -> dict[str, object]:
+    message: dict[str, object] = {
         "role": "assistant",
         "content": "".join(reply.tokens) if reply.tokens else None,
         "refusal": None,
@@ -427,8 +430,8 @@ def openai_completion(reply: Reply, model: str, number: int) -> dict[str, Any]:
 
 
 def _text_completion_chunk(
-    completion_id: str, created: int, model: str, choices: list[dict[str, Any]], usage: object = None
-) -> dict[str, Any]:
+    completion_id: str, created: int, model: str, choices: list[dict[str, object]], usage: object = None
+) -> dict[str, object]:
     return {
         "id": completion_id,
         "object": "text_completion",
@@ -459,14 +462,14 @@ def text_completion_frames(reply: Reply, model: str, number: int, *, include_usa
     return frames
 
 
-def text_completion(reply: Reply, model: str, number: int) -> dict[str, Any]:
+def text_completion(reply: Reply, model: str, number: int) -> dict[str, object]:
     prompt, completion = _usage(reply)
     choice = {"index": 0, "text": "".join(reply.tokens), "logprobs": None, "finish_reason": _finish_reason(reply)}
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     return _text_completion_chunk(f"cmpl-fake{number}", int(time.time()), model, [choice], usage)
 
 
-def embeddings_body(body: dict[str, Any], model: str, reply: Reply) -> dict[str, Any]:
+def embeddings_body(body: dict[str, object], model: str, reply: Reply) -> dict[str, object]:
     """One vector per input, `[len(input), index, 0.5]`; base64 little-endian float32s when asked."""
     inputs = body.get("input")
     inputs = inputs if isinstance(inputs, list) else [inputs]
@@ -481,9 +484,9 @@ def embeddings_body(body: dict[str, Any], model: str, reply: Reply) -> dict[str,
     return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}
 
 
-def _event(payload: dict[str, Any], *, token: bool = False) -> Frame:
+def _event(payload: dict[str, object], *, token: bool = False) -> Frame:
     """An Anthropic event: the SSE event name always equals the data's `type`."""
-    return Frame(b"event: " + payload["type"].encode() + b"\n" + _data_line(payload), token=token)
+    return Frame(b"event: " + str(payload["type"]).encode() + b"\n" + _data_line(payload), token=token)
 
 
 def anthropic_frames(reply: Reply, model: str, number: int) -> list[Frame]:
@@ -509,14 +512,14 @@ def anthropic_frames(reply: Reply, model: str, number: int) -> list[Frame]:
     ping = _event({"type": "ping"})
     pinged = False
 
-    def open_block(index: int, block: dict[str, Any]) -> None:
+    def open_block(index: int, block: dict[str, object]) -> None:
         nonlocal pinged
         frames.append(_event({"type": "content_block_start", "index": index, "content_block": block}))
         if not pinged:  # where the recorded stream has it: right after the first block start
             frames.append(ping)
             pinged = True
 
-    def delta(index: int, body: dict[str, Any], *, token: bool) -> Frame:
+    def delta(index: int, body: dict[str, object], *, token: bool) -> Frame:
         return _event({"type": "content_block_delta", "index": index, "delta": body}, token=token)
 
     index = 0
@@ -555,9 +558,9 @@ def anthropic_stream_error(message: str) -> bytes:
     return _event({"type": "error", "error": {"type": "overloaded_error", "message": message}}).data
 
 
-def anthropic_message(reply: Reply, model: str, number: int) -> dict[str, Any]:
+def anthropic_message(reply: Reply, model: str, number: int) -> dict[str, object]:
     _, completion = _usage(reply)
-    content: list[dict[str, Any]] = []
+    content: list[dict[str, object]] = []
     if reply.tokens:
         content.append({"type": "text", "text": "".join(reply.tokens)})
     for call in reply.tool_calls:

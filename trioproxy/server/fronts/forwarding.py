@@ -46,7 +46,7 @@ from ..._exceptions import (
 from ..._forwarding import ForwardRequest, allows, provider_for_path, request_headers, response_headers
 from ..._policy import Timeouts
 from ..._upstream import Upstream
-from .._access import RECORD, RequestRecord
+from .._access import request_record
 from .._core import Core, connection
 from . import anthropic_messages
 from . import error_response as path_error_response
@@ -78,16 +78,8 @@ def register(app: QuartTrio, core: Core) -> None:
         except TrioproxyError as exc:
             return path_error_response(path, exc)
         lease = core.limiter.admit(core.client_identity(), trio.current_time())
-        record: RequestRecord = connection().scope[RECORD]
-        record.provider = provider.name
-        raw_path = request.scope.get("raw_path") or path.encode()
-        query = request.query_string
-        target = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
-        headers = request_headers(request.headers.items())
-        if not isinstance(body, bytes) and request.content_length is not None:
-            headers["content-length"] = str(request.content_length)  # streamed as it was framed, not chunked
-        forwarded = ForwardRequest(request.method, target, headers, body)
-        forwarding = _Forwarding(upstream, forwarded, provider.timeouts)
+        request_record(connection().scope).provider = provider.name
+        forwarding = _Forwarding(upstream, _forwarded_request(path, body), provider.timeouts)
         core.active.add(forwarding)  # the drain waits for it, and interrupts it at its deadline
 
         async def ask_upstream() -> None:
@@ -105,9 +97,7 @@ def register(app: QuartTrio, core: Core) -> None:
             raise
         head = await forwarding.head()
         if isinstance(head, TrioproxyError):
-            if provider.type == "anthropic":
-                return anthropic_messages.error_response(path, head)
-            return path_error_response(path, head)
+            return _error_response(provider, path, head)
         status, upstream_headers = head
         answer_headers = response_headers(upstream_headers)
         content_type = answer_headers.pop("content-type", None)
@@ -121,6 +111,24 @@ def register(app: QuartTrio, core: Core) -> None:
     for prefix in prefixes:
         for rule in (prefix, prefix + "/<path:rest>"):
             app.add_url_rule(rule, endpoint=f"forward {rule}", view_func=forward, methods=METHODS)
+
+
+def _forwarded_request(path: str, body: bytes | AsyncIterable[bytes]) -> ForwardRequest:
+    """The current request as the upstream gets it: its raw path and query, its end-to-end headers."""
+    raw_path = request.scope.get("raw_path") or path.encode()
+    query = request.query_string
+    target = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+    headers = request_headers(request.headers.items())
+    if not isinstance(body, bytes) and request.content_length is not None:
+        headers["content-length"] = str(request.content_length)  # streamed as it was framed, not chunked
+    return ForwardRequest(request.method, target, headers, body)
+
+
+def _error_response(provider: ProviderConfig, path: str, error: TrioproxyError) -> Response:
+    """A failure before the upstream's head, in the shape of the provider's own API."""
+    if provider.type == "anthropic":
+        return anthropic_messages.error_response(path, error)
+    return path_error_response(path, error)
 
 
 async def _destination(core: Core, path: str) -> tuple[ProviderConfig, Upstream, bytes | AsyncIterable[bytes]]:
