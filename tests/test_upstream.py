@@ -237,7 +237,8 @@ async def serve_raw(answers: list[bytes], task_status: trio.TaskStatus[str] = tr
                 while b"\r\n\r\n" not in buffer:
                     buffer += await stream.receive_some(65536)
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
-                length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+                lines = head.lower().split(b"\r\n")
+                [length] = [int(line[15:]) for line in lines if line.startswith(b"content-length:")]
                 while len(buffer) < length:
                     buffer += await stream.receive_some(65536)
                 buffer = buffer[length:]

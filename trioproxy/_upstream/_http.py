@@ -92,7 +92,8 @@ class HttpUpstream:
         url = self._urls.get(request.url) or self._urls.setdefault(request.url, httpx.URL(request.url))
         headers = request.headers if chat.trace is None else chat.trace.headers(request.headers)
         with mapped_httpx_errors():
-            async with self._streamed(self._client.build_request("POST", url, headers=headers, content=request.body)) as resp:
+            outgoing = self._client.build_request("POST", url, headers=headers, content=request.body)
+            async with self._streamed(outgoing) as resp:
                 if resp.status_code >= 300:
                     body = await _read_bounded(resp)
                     raise self.translation.error_from_response(resp.status_code, resp.headers, body)

@@ -167,9 +167,10 @@ class _PooledResponseStream(httpx.AsyncByteStream):
 
     It reads the body itself, from the connection's h11 state and network stream, rather
     than through httpcore's two generators and their trace contexts: one layer from the socket
-    to the SSE decoder where there were four (httpx's and httpcore's). h11 still decodes the body (chunk extensions, trailers, a body cut short
-    is its `RemoteProtocolError`), and closing goes through httpcore's stream as before, so
-    the connection is pooled only when h11 saw the whole response.
+    to the SSE decoder where there were four (httpx's and httpcore's). h11 still decodes the
+    body (chunk extensions, trailers, a body cut short is its `RemoteProtocolError`), and
+    closing goes through httpcore's stream as before, so the connection is pooled only when
+    h11 saw the whole response.
     """
 
     def __init__(
