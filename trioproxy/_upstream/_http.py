@@ -121,8 +121,9 @@ class HttpUpstream:
     async def _streamed(self, request: httpx.Request) -> AsyncIterator[httpx.Response]:
         """
         `request`'s response, open for streaming. On our pool it is sent to the transport
-        directly: a request built whole here needs none of the client's `send` (auth,
-        redirects, cookies, event hooks), which cost more than the transport's own work.
+        directly: a request the client built whole needs none of the client's `send` (auth,
+        redirects, cookies, event hooks, the response's wrapping), 3% of a stream's
+        function calls in the upstream layer.
         """
         if self._pool is None:
             response = await self._client.send(request, stream=True)
