@@ -1136,6 +1136,8 @@ def test_limits_defaults_and_table() -> None:
     ("table", "expected"),
     [
         ({"max_body_bytes": 0}, "[limits].max_body_bytes must be a positive integer, got 0"),
+        ({"estimated_output_tokens": 0}, "[limits].estimated_output_tokens must be a positive integer, got 0"),
+        ({"tokens_per_day": -5}, "[limits].tokens_per_day must be an integer, 0 or more (0: no limit), got -5"),
         ({"max_messages": -1}, "[limits].max_messages must be an integer, 0 or more (0: no limit), got -1"),
         (
             {"requests_per_minute": 1.5},
@@ -1148,8 +1150,9 @@ def test_limits_defaults_and_table() -> None:
         (
             {"max_stream": 3},
             (
-                "[limits]: unknown key 'max_stream' (known: max_body_bytes, max_concurrent_streams, "
-                "max_messages, max_streams_per_key, max_string_chars, requests_per_minute)"
+                "[limits]: unknown key 'max_stream' (known: estimated_output_tokens, max_body_bytes, "
+                "max_concurrent_streams, max_messages, max_streams_per_key, max_string_chars, "
+                "requests_per_minute, tokens_per_day, tokens_per_minute)"
             ),
         ),
     ],
@@ -1304,3 +1307,16 @@ def test_several_targets_by_base_urls_or_weighted_tables() -> None:
 )
 def test_bad_targets_are_named(table: dict[str, Any], expected: str) -> None:
     assert only_problem({"providers": {"p": {"type": "openai", **table}}}) == expected
+
+
+def test_redis_stream_settings() -> None:
+    table = {"url": "redis://h:1/0", "stream_max_events": 50, "stream_write_interval": 0.5, "follow_block": 2}
+    redis = parse_config({"redis": table}, environ={}).redis
+    assert (redis.stream_max_events, redis.stream_write_interval, redis.follow_block) == (50, 0.5, 2)
+    assert parse_config({}, environ={}).redis.stream_max_events == 10_000
+    assert only_problem({"redis": {"stream_max_events": 0}}) == (
+        "[redis].stream_max_events must be a positive integer, got 0"
+    )
+    assert only_problem({"redis": {"follow_block": -1}}) == (
+        "[redis].follow_block must be a positive number of seconds, got -1"
+    )

@@ -8,7 +8,14 @@ from __future__ import annotations
 import pytest
 
 from trioproxy._exceptions import OverloadedError, RateLimitedError, RequestError
-from trioproxy._limits import CONCURRENCY_RETRY_AFTER, RATE_WINDOW, Limiter, RequestRate, check_request_shape
+from trioproxy._limits import (
+    CONCURRENCY_RETRY_AFTER,
+    DAY_BUCKET,
+    RATE_WINDOW,
+    Limiter,
+    SlidingWindow,
+    check_request_shape,
+)
 
 T0 = 1000.0  # a bucket boundary; trio's clock starts anywhere
 
@@ -17,14 +24,14 @@ T0 = 1000.0  # a bucket boundary; trio's clock starts anywhere
 # requests per minute
 
 
-def admit_all(rate: RequestRate, client: str, times: list[float]) -> None:
+def admit_all(rate: SlidingWindow, client: str, times: list[float]) -> None:
     for now in times:
         assert rate.retry_after(client, now) == 0
         rate.record(client, now)
 
 
 def test_the_limit_is_reached_and_retry_after_is_when_the_oldest_bucket_leaves() -> None:
-    rate = RequestRate(3)
+    rate = SlidingWindow(3)
     admit_all(rate, "a", [T0 + 0.2, T0 + 10.5, T0 + 20.0])
     # The first request counts until the end of its second plus the window.
     assert rate.retry_after("a", T0 + 30.0) == pytest.approx(T0 + 1 + RATE_WINDOW - (T0 + 30.0))
@@ -38,7 +45,7 @@ def test_the_limit_is_reached_and_retry_after_is_when_the_oldest_bucket_leaves()
 @pytest.mark.parametrize("start", [0.0, 0.999, 12345.5, -7.25])
 def test_no_window_of_sixty_seconds_holds_more_than_the_limit(start: float) -> None:
     """Requests as fast as admitted, for five minutes: every 60 s span holds at most `limit`."""
-    rate = RequestRate(5)
+    rate = SlidingWindow(5)
     admitted: list[float] = []
     now = start
     while now < start + 300:
@@ -59,14 +66,14 @@ def test_no_window_of_sixty_seconds_holds_more_than_the_limit(start: float) -> N
 
 
 def test_clients_are_counted_apart() -> None:
-    rate = RequestRate(1)
+    rate = SlidingWindow(1)
     admit_all(rate, "a", [T0])
     assert rate.retry_after("a", T0) > 0
     assert rate.retry_after("b", T0) == 0
 
 
 def test_idle_clients_are_forgotten() -> None:
-    rate = RequestRate(10)
+    rate = SlidingWindow(10)
     for i in range(100):
         rate.record(f"client-{i}", T0 + i * 0.01)
     assert len(rate) == 100
@@ -75,7 +82,7 @@ def test_idle_clients_are_forgotten() -> None:
 
 
 def test_memory_is_bounded_whatever_the_number_of_clients() -> None:
-    rate = RequestRate(1, max_clients=50)
+    rate = SlidingWindow(1, max_clients=50)
     for i in range(1000):
         rate.record(f"client-{i}", T0)
     assert len(rate) == 50
@@ -87,7 +94,7 @@ def test_memory_is_bounded_whatever_the_number_of_clients() -> None:
 
 
 def test_a_client_keeps_at_most_one_counter_a_second() -> None:
-    rate = RequestRate(1_000_000)
+    rate = SlidingWindow(1_000_000)
     for i in range(10_000):
         rate.record("busy", T0 + i * 0.001)  # ten seconds, a thousand a second
     window = rate._clients["busy"]
@@ -97,7 +104,75 @@ def test_a_client_keeps_at_most_one_counter_a_second() -> None:
 
 def test_a_limit_below_one_is_a_mistake() -> None:
     with pytest.raises(ValueError, match="at least 1"):
-        RequestRate(0)
+        SlidingWindow(0)
+
+
+# --------------------------------------------------------------------------------------------
+# token budgets
+
+
+def test_a_reservation_counts_until_reconciled_with_the_usage() -> None:
+    limiter = Limiter(tokens_per_minute=1000)
+    lease = limiter.admit("a", T0, tokens=700)
+    with pytest.raises(RateLimitedError) as info:  # 700 reserved + 400 > 1000
+        limiter.admit("a", T0 + 1, tokens=400)
+    assert (info.value.status, info.value.code) == (429, "tokens_per_minute_exceeded")
+    assert info.value.retry_after == pytest.approx(1 + RATE_WINDOW - 1)  # when the reservation leaves
+    assert "1000 tokens per minute" in info.value.message
+    assert "reserves 400" in info.value.message
+    lease.reconcile(150)  # it used far less than it reserved
+    lease.reconcile(999)  # once only
+    limiter.admit("a", T0 + 1, tokens=850).release()
+    with pytest.raises(RateLimitedError):
+        limiter.admit("a", T0 + 1, tokens=1)
+    limiter.admit("b", T0 + 1, tokens=1000)  # another client has its own budget
+
+
+def test_a_stream_that_used_more_than_it_reserved_counts_what_it_used() -> None:
+    limiter = Limiter(tokens_per_minute=1000)
+    limiter.admit("a", T0, tokens=100).reconcile(900)
+    with pytest.raises(RateLimitedError):
+        limiter.admit("a", T0, tokens=101)
+    limiter.admit("a", T0, tokens=100)
+
+
+def test_a_reservation_that_left_the_window_is_not_reconciled() -> None:
+    limiter = Limiter(tokens_per_minute=1000)
+    old = limiter.admit("a", T0, tokens=1000)
+    limiter.admit("a", T0 + 1 + RATE_WINDOW, tokens=1000)
+    old.reconcile(0)  # a stream that ran for over a minute: its bucket is gone, nothing given back twice
+    with pytest.raises(RateLimitedError):
+        limiter.admit("a", T0 + 1 + RATE_WINDOW, tokens=1)
+
+
+def test_the_day_budget_counts_per_quarter_hour() -> None:
+    limiter = Limiter(tokens_per_day=10_000)
+    limiter.admit("a", T0 * DAY_BUCKET + 10, tokens=6000)
+    limiter.admit("a", T0 * DAY_BUCKET + 3600, tokens=4000)
+    with pytest.raises(RateLimitedError) as info:
+        limiter.admit("a", T0 * DAY_BUCKET + 7200, tokens=1)
+    assert info.value.code == "tokens_per_day_exceeded"
+    # The first reservation leaves at the end of its quarter hour plus a day.
+    assert info.value.retry_after == pytest.approx(DAY_BUCKET + 86_400 - 7200)
+
+
+def test_a_request_larger_than_the_whole_budget_is_refused_without_retry_after() -> None:
+    limiter = Limiter(tokens_per_minute=1000, tokens_per_day=5000)
+    with pytest.raises(RateLimitedError) as info:
+        limiter.admit("a", T0, tokens=1001)
+    assert (info.value.code, info.value.retry_after) == ("tokens_per_minute_exceeded", None)
+    assert "more than the 1000 tokens per minute" in info.value.message
+    limiter.admit("a", T0, tokens=1000)  # and it reserved nothing
+
+
+def test_a_refusal_by_another_limit_reserves_no_tokens() -> None:
+    limiter = Limiter(tokens_per_minute=1000, max_streams_per_key=1)
+    lease = limiter.admit("a", T0, tokens=500)
+    with pytest.raises(RateLimitedError) as info:
+        limiter.admit("a", T0, tokens=500)
+    assert info.value.code == "too_many_streams"
+    lease.release()
+    limiter.admit("a", T0, tokens=500)  # the refused one took none of the budget
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ import trio
 
 from tests.conftest import RedisServer, wait_until
 from trioproxy._config import RedisConfig
-from trioproxy._exceptions import OverloadedError, RateLimitedError, SharedStateError
-from trioproxy._redis import RedisState, SharedLease, SharedLimits
+from trioproxy._exceptions import OverloadedError, RateLimitedError, ReplayGapError, SharedStateError
+from trioproxy._policy import BreakerConfig
+from trioproxy._redis import LoggedEvents, RedisState, SharedBreakers, SharedLease, SharedLimits
 
 
 @asynccontextmanager
@@ -133,3 +134,129 @@ async def test_no_key_appears_in_redis(redis_server: RedisServer) -> None:
     assert all(k.startswith("tp:") for k in keys)
     assert len(keys) == 3
     assert not any("secret" in k for k in keys)
+
+
+async def test_token_budgets_are_reserved_exactly_and_reconciled_with_the_usage(redis_server: RedisServer) -> None:
+    limits = SharedLimits(tokens_per_minute=1000, tokens_per_day=1500)
+    # A generous timeout: twenty admissions at once open connections at once, on a busy machine.
+    async with running(redis_server, timeout=5) as first, running(redis_server, timeout=5) as second:
+
+        async def reserve(state: RedisState, tokens: int) -> SharedLease | None:
+            try:
+                return await state.admit("key:a", limits, tokens)
+            except RateLimitedError:
+                return None
+
+        leases: list[SharedLease | None] = []
+        async with trio.open_nursery() as nursery:  # 20 reservations of 100 at once: exactly 10 fit
+
+            async def one(state: RedisState) -> None:
+                leases.append(await reserve(state, 100))
+
+            for n in range(20):
+                nursery.start_soon(one, (first, second)[n % 2])
+        held = [lease for lease in leases if lease is not None]
+        assert len(held) == 10
+        with pytest.raises(RateLimitedError) as refused:
+            await second.admit("key:a", limits, 1)
+        assert refused.value.code == "tokens_per_minute_exceeded"
+        assert 58 < refused.value.retry_after <= 60  # type: ignore[operator]
+
+        for lease in held:  # each used 10 of its 100: 100 in all
+            await first.release(lease, used=10)
+        lease = await second.admit("key:a", limits, 900)  # 100 + 900 = 1000
+        await second.release(lease)  # no usage known: the reservation stands
+        with pytest.raises(RateLimitedError):
+            await first.admit("key:a", limits, 1)
+
+        with pytest.raises(RateLimitedError) as too_big:
+            await first.admit("key:b", limits, 1001)
+        assert (too_big.value.code, too_big.value.retry_after) == ("tokens_per_minute_exceeded", None)
+
+        day = SharedLimits(tokens_per_day=1500)
+        await first.admit("key:c", day, 1000)
+        with pytest.raises(RateLimitedError) as over_the_day:
+            await second.admit("key:c", day, 501)
+        assert over_the_day.value.code == "tokens_per_day_exceeded"
+        assert 86_390 < over_the_day.value.retry_after <= 86_400  # type: ignore[operator]
+
+
+async def test_a_streams_events_are_appended_once_read_after_an_id_and_followed_to_their_end(
+    redis_server: RedisServer,
+) -> None:
+    async with running(redis_server, stream_max_events=1000) as writer, running(redis_server) as reader:
+        assert await reader.read_events("st_x", 0) is None
+        await writer.append_events("st_x", [(1, b"one"), (2, b"two")], ended=False)
+        await writer.append_events("st_x", [(2, b"two"), (3, b"three")], ended=False)  # a retried write: 2 once
+        logged = await reader.read_events("st_x", 1)
+        assert logged == LoggedEvents([(2, b"two"), (3, b"three")], ended=False, last_id=3)
+        assert await reader.read_events("st_x", 3) == LoggedEvents([], ended=False, last_id=3)
+
+        async def end_later() -> None:
+            await trio.sleep(0.2)
+            await writer.append_events("st_x", [(4, b"four")], ended=True)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(end_later)
+            with trio.fail_after(3):
+                followed = await reader.follow_events("st_x", 3)  # waits for it
+        assert followed == LoggedEvents([(4, b"four")], ended=True, last_id=4)
+        assert await reader.read_events("st_x", 4) == LoggedEvents([], ended=True, last_id=4)
+        await writer.append_events("st_x", [(5, b"late")], ended=True)  # after its end: ignored
+        assert (await reader.read_events("st_x", 0)).events[-1] == (4, b"four")  # type: ignore[union-attr]
+
+
+async def test_a_replay_from_before_the_kept_events_is_a_gap(redis_server: RedisServer) -> None:
+    async with running(redis_server, stream_max_events=1) as state:
+        for n in range(1, 300):  # MAXLEN ~ trims whole nodes: far more than one node's worth
+            await state.append_events("st_y", [(n, b"x")], ended=False)
+        with pytest.raises(ReplayGapError):
+            await state.read_events("st_y", 0)
+        assert (await state.read_events("st_y", 298)).events == [(299, b"x")]  # type: ignore[union-attr]
+
+
+async def test_a_breaker_opened_by_one_process_is_skipped_by_the_others_and_probed_once(
+    redis_server: RedisServer,
+) -> None:
+    config = BreakerConfig(failures=2, cooldown=0.5)
+    url = "http://10.0.0.1:8000/v1"
+    async with running(redis_server, lease_ttl=5) as first_state, running(redis_server, lease_ttl=5) as second_state:
+        first, second = SharedBreakers(first_state, "p", config), SharedBreakers(second_state, "p", config)
+        assert await second.admit(url, 0) == "closed"
+        assert await first.admit(url, 0) == "closed"
+        assert await first.settle(url, "failed", probe=False, now=0) is None
+        assert await second.settle(url, "failed", probe=False, now=0) == "open"  # two failures, two processes
+        assert await first.admit(url, 0) is None  # skipped: no connection tried
+        assert first.state(url) == "open"
+        await trio.sleep(0.6)  # the cooldown, on Redis's clock
+        admitted = [await breakers.admit(url, 0) for breakers in (first, second, first)]
+        assert admitted == ["half_open", None, None]  # one probe among them all
+        assert await first.settle(url, "succeeded", probe=True, now=0) == "closed"
+        assert await second.admit(url, 0) == "closed"
+        assert SharedBreakers(first_state, "other", config).state(url) == "closed"  # another provider's own
+
+
+async def test_breakers_fall_back_to_the_process_while_redis_is_down(redis_server: RedisServer) -> None:
+    config = BreakerConfig(failures=1, cooldown=30)
+    url = "http://10.0.0.1:8000/v1"
+    async with running(redis_server) as state:
+        breakers = SharedBreakers(state, "p", config)
+        await redis_server.stop()
+        with trio.fail_after(3):
+            assert await breakers.admit(url, 0) == "closed"
+            assert await breakers.settle(url, "failed", probe=False, now=0) == "open"  # this process's own
+            assert await breakers.admit(url, 1) is None
+        await redis_server.start()
+        assert await breakers.admit(url, 1) == "closed"  # Redis's, again (it restarted empty)
+
+
+async def test_a_follower_that_leaves_mid_wait_leaves_no_reply_behind(redis_server: RedisServer) -> None:
+    """A watcher's client gone cancels its blocking read: the next reads get their own replies."""
+    async with running(redis_server, follow_block=2) as state:
+        await state.append_events("st_z", [(1, b"a")], ended=False)
+        for n in range(2, 8):
+            with trio.move_on_after(0.05):
+                await state.follow_events("st_z", n - 1)  # waits, and is cancelled
+            await state.append_events("st_z", [(n, b"%d" % n)], ended=False)
+            assert await state.follow_events("st_z", n - 1) == LoggedEvents([(n, b"%d" % n)], ended=False, last_id=n)
+            assert (await state.read_events("st_z", n - 1)).events == [(n, b"%d" % n)]  # type: ignore[union-attr]

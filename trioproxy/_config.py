@@ -208,7 +208,11 @@ class LimitsConfig:
       `max_body_bytes` bounds every string already;
     - `requests_per_minute`: streams one client may start in any 60 seconds (429);
     - `max_streams_per_key`: streams one client may run at once (429);
-    - `max_concurrent_streams`: streams the whole server runs at once (503).
+    - `max_concurrent_streams`: streams the whole server runs at once (503);
+    - `tokens_per_minute`, `tokens_per_day`: tokens one client may use (429). Admission
+      reserves the request's prompt (about four characters a token) and its maximum output
+      (`max_tokens`, `max_output_tokens`, or `estimated_output_tokens` when it gives none);
+      the stream's end corrects that to the upstream's count.
 
     A "client" is its key when `[auth]` keys are on, else its address. Every generation
     counts as a stream, `stream: false` requests included.
@@ -220,6 +224,9 @@ class LimitsConfig:
     requests_per_minute: int = 0
     max_streams_per_key: int = 0
     max_concurrent_streams: int = 1000
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    estimated_output_tokens: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +281,12 @@ class RedisConfig:
     as failed. `lease_ttl`: seconds a stream's place in the shared limits outlives its process
     if that process dies (a live process renews its places every third of it). `on_error`:
     what admission does when Redis fails or is slow — "open" admits by this process's own
-    limits, "closed" refuses with a 503.
+    limits, "closed" refuses with a 503. `stream_max_events`: entries one resumable stream
+    (or stored response) keeps in its Redis Stream, at most (the oldest go first).
+    `stream_write_interval`: seconds between two writes of one stream's events to Redis, at
+    least (what comes meanwhile goes in the next; each write is a round trip and costs CPU).
+    `follow_block`: seconds a process following another's stream waits on Redis for its next
+    event before it writes a keep-alive and waits again.
     """
 
     url: str = ""
@@ -283,6 +295,9 @@ class RedisConfig:
     timeout: float = 0.5
     lease_ttl: float = 30.0
     on_error: Literal["open", "closed"] = "open"
+    stream_max_events: int = 10_000
+    stream_write_interval: float = 0.2
+    follow_block: float = 5.0
 
     @property
     def enabled(self) -> bool:
@@ -448,7 +463,7 @@ def _limits(table: object, problems: list[str]) -> LimitsConfig:
     for key, value in table.items():
         if key not in known:
             continue
-        least = 1 if key == "max_body_bytes" else 0
+        least = 1 if key in ("max_body_bytes", "estimated_output_tokens") else 0
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             what = "a positive integer" if least else "an integer, 0 or more (0: no limit)"
             problems.append(f"[limits].{key} must be {what}, got {value!r}")
@@ -510,7 +525,9 @@ def _redis(table: object, env: Mapping[str, str], problems: list[str]) -> RedisC
     if not isinstance(table, dict):
         problems.append("[redis] must be a table")
         return RedisConfig()
-    _unknown_keys(table, {"url", "password_env", "key_prefix", "timeout", "lease_ttl", "on_error"}, "[redis]", problems)
+    known = {"url", "password_env", "key_prefix", "timeout", "lease_ttl", "on_error"}
+    known |= {"stream_max_events", "stream_write_interval", "follow_block"}
+    _unknown_keys(table, known, "[redis]", problems)
     base = RedisConfig()
     url = _redis_url(table.get("url", ""), problems)
     password = _redis_password(table.get("password_env"), env, problems)
@@ -530,6 +547,10 @@ def _redis(table: object, env: Mapping[str, str], problems: list[str]) -> RedisC
     if on_error not in ("open", "closed"):
         problems.append(f"[redis].on_error must be 'open' or 'closed', got {on_error!r}")
         on_error = base.on_error
+    max_events = table.get("stream_max_events", base.stream_max_events)
+    if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1:
+        problems.append(f"[redis].stream_max_events must be a positive integer, got {max_events!r}")
+        max_events = base.stream_max_events
     return RedisConfig(
         url=url,
         password=password,
@@ -537,6 +558,9 @@ def _redis(table: object, env: Mapping[str, str], problems: list[str]) -> RedisC
         timeout=positive_seconds("timeout", base.timeout),
         lease_ttl=positive_seconds("lease_ttl", base.lease_ttl),
         on_error=on_error,
+        stream_max_events=max_events,
+        stream_write_interval=positive_seconds("stream_write_interval", base.stream_write_interval),
+        follow_block=positive_seconds("follow_block", base.follow_block),
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from ._request import ChatRequest, NativeRequest
+from ._request import ChatRequest
 
 __all__ = ["CONTINUATION_WAYS", "Continuation", "Overlap", "Refusals", "continuation", "ends_with_assistant"]
 
@@ -48,12 +48,7 @@ def continuation(chat: ChatRequest, text: str, way: str) -> Continuation:
     body = {**chat.body, "messages": [*chat.messages, turn], **extra}
     native = chat.native
     if native is not None:
-        native = NativeRequest(
-            native.protocol,
-            {**native.body, "messages": [*native.body.get("messages", []), turn]},
-            native.headers,
-            native.unportable,
-        )
+        native = replace(native, body={**native.body, "messages": [*native.body.get("messages", []), turn]})
     return Continuation(replace(chat, body=body, messages=body["messages"], native=native), overlap)
 
 

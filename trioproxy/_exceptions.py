@@ -176,15 +176,16 @@ class HTTPRefusal(RequestError):
 
 class RateLimitedError(TrioproxyError):
     """
-    This client (key, or address when keys are off) is over its requests per minute or its
-    concurrent streams; `retry_after` is the number of seconds until it would be admitted
-    (sent as `Retry-After`).
+    This client (key, or address when keys are off) is over its requests per minute, a token
+    budget or its concurrent streams; `retry_after` is the number of seconds until it would be
+    admitted (sent as `Retry-After`), `None` when waiting cannot help (a request larger than a
+    whole budget).
     """
 
     status = 429
     type = "rate_limit_error"
 
-    def __init__(self, message: str, *, code: str, retry_after: float) -> None:
+    def __init__(self, message: str, *, code: str, retry_after: float | None) -> None:
         super().__init__(message, code=code, retry_after=retry_after)
 
 

@@ -65,13 +65,16 @@ class NativeRequest:
     `headers` are the protocol's request headers an upstream of that protocol must see
     (`anthropic-version`, `anthropic-beta`). `unportable`, when set, names what the common
     model cannot carry (a field only that protocol knows): the request can go to an upstream
-    of that protocol only.
+    of that protocol only. `names` are the client's names of the common body's fields where
+    its protocol names them otherwise (`text.format` for `response_format`), so that a
+    translation that refuses one names what the client sent.
     """
 
     protocol: WireProtocol
     body: dict[str, Any]
     headers: Mapping[str, str] = field(default_factory=dict)
     unportable: RequestError | None = None
+    names: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,10 @@ class ChatRequest:
             unportable = self.native.unportable
             raise RequestError(unportable.message, param=unportable.param)
         return self.body
+
+    def client_name(self, name: str) -> str:
+        """What the client called the common body's field `name`."""
+        return name if self.native is None else self.native.names.get(name, name)
 
     @property
     def last_user_text(self) -> str:

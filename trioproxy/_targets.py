@@ -10,8 +10,8 @@ being tried; then it is half-open: one request probes it, and its outcome closes
 or opens it again. So an outage costs one connect timeout per `failures` requests, not one
 per request.
 
-The breakers' state lives behind `Breakers`: `LocalBreakers` keeps it in this process; a
-store shared by every process (Redis, issue 14) can take its place, so that what one process
+The breakers' state lives behind `Breakers`: `LocalBreakers` keeps it in this process;
+`_redis.SharedBreakers`, with `[redis]`, keeps it for every process, so that what one process
 learns of a target the others need not pay for again. Requests in flight (`outstanding`)
 stay per process: they are this process's load on the target.
 

@@ -260,6 +260,22 @@ async def test_an_openai_upstream_gets_the_translated_request(
     assert "thinking" not in sent.json
 
 
+async def test_an_output_schema_reaches_another_upstream_and_thinking_and_effort_do_not(
+    claude: anthropic.AsyncAnthropic, upstream: FakeUpstream
+) -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    await claude.messages.create(
+        **create(
+            model="up/gpt-test",
+            thinking={"type": "enabled", "budget_tokens": 1024},
+            output_config={"effort": "high", "format": {"type": "json_schema", "schema": schema}},
+        )
+    )
+    sent = upstream.requests[-1].json
+    assert sent["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    assert not {"thinking", "output_config", "reasoning_effort"} & sent.keys()
+
+
 async def test_a_field_another_upstream_cannot_take_is_a_400_naming_it(
     claude: anthropic.AsyncAnthropic, upstream: FakeUpstream
 ) -> None:

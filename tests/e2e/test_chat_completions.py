@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import httpx
 import openai
@@ -90,6 +91,48 @@ async def test_anthropic_upstream_gets_a_messages_request(
     assert sent.json["messages"] == [{"role": "user", "content": "Say hello"}]
     assert sent.json["max_tokens"] == 50
     assert sent.json["stream"] is True
+
+
+THINKING_STREAM = Path(__file__).parent.parent / "fixtures" / "anthropic" / "stream_thinking_tools.sse"
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+async def test_a_schema_and_an_effort_reach_an_anthropic_upstream_and_its_thinking_comes_back(
+    client, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(raw_body=THINKING_STREAM.read_bytes()))
+    stream = await client.chat.completions.create(
+        model="claude/claude-test",
+        messages=MESSAGES,
+        stream=True,
+        max_completion_tokens=2048,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}},
+        reasoning_effort="high",
+    )
+    _, chunks = await collect(stream)
+
+    sent = upstream.requests[-1].json
+    assert sent["output_config"] == {"format": {"type": "json_schema", "schema": CITY}}
+    assert (sent["thinking"], sent["max_tokens"]) == ({"type": "enabled", "budget_tokens": 1536}, 2048)
+    thought = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    assert thought.startswith("The user wants the weather in Paris.")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"reasoning_effort": "low", "max_tokens": 512}, "reasoning_effort"),
+    ],
+)
+async def test_what_an_anthropic_upstream_cannot_hold_the_answer_to_is_a_400_naming_it(
+    client, upstream: FakeUpstream, fields: dict, param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model="claude/claude-test", messages=MESSAGES, **fields)
+    assert info.value.param == param
+    assert f"'{param}'" in info.value.message
+    assert not upstream.requests
 
 
 @MODELS

@@ -182,11 +182,63 @@ async def test_function_calling_across_two_turns(
 # --- errors ---------------------------------------------------------------------------------
 
 
-async def test_a_field_the_upstream_cannot_carry_is_a_400_naming_it(client: openai.AsyncOpenAI) -> None:
+@MODELS
+async def test_a_field_the_upstream_cannot_carry_is_a_400_naming_it(client: openai.AsyncOpenAI, model: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        await client.responses.create(model="up/gpt-test", input="hi", tools=[{"type": "local_shell"}])
+        await client.responses.create(model=model, input="hi", tools=[{"type": "local_shell"}])
     assert info.value.param == "tools[0].type"
     assert "Responses upstreams only" in info.value.message
+
+
+THINKING_STREAM = Path(__file__).parent.parent / "fixtures" / "anthropic" / "stream_thinking_tools.sse"
+THOUGHT = (
+    'The user wants the weather in Paris. I have a get_weather tool that takes a city, so I should call it with "Paris"'
+    " — no need to guess."
+)
+
+
+async def test_a_schema_and_an_effort_reach_an_anthropic_upstream_and_its_thinking_comes_back_as_reasoning(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(raw_body=THINKING_STREAM.read_bytes()))
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    async with client.responses.stream(
+        model="claude/claude-test",
+        input="Weather in Paris?",
+        tools=[WEATHER],
+        text={"format": {"type": "json_schema", "name": "city", "schema": schema, "strict": True}},
+        reasoning={"effort": "medium", "summary": "auto"},
+        max_output_tokens=8000,
+    ) as stream:
+        summary = [event.delta async for event in stream if event.type == "response.reasoning_summary_text.delta"]
+        response = await stream.get_final_response()
+    body = sent(upstream.requests[-1])
+    assert body["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    assert (body["thinking"], body["max_tokens"]) == ({"type": "enabled", "budget_tokens": 4000}, 8000)
+    assert "".join(summary) == THOUGHT
+    reasoning, message, call = response.output
+    assert reasoning.type == "reasoning"
+    assert [part.text for part in reasoning.summary] == [THOUGHT]
+    assert (message.type, call.type) == ("message", "function_call")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
+        ({"reasoning": {"effort": "high"}, "max_output_tokens": 1000}, "reasoning.effort"),
+    ],
+)
+async def test_what_an_anthropic_upstream_cannot_hold_the_answer_to_is_a_400_naming_it(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model="claude/claude-test", input="hi", **fields)
+    assert info.value.param is not None
+    assert info.value.param.startswith(param)
+    assert f"'{param}" in info.value.message
+    assert not upstream.requests
 
 
 async def test_an_unknown_model_is_a_404(client: openai.AsyncOpenAI) -> None:

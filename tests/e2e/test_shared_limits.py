@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -260,3 +261,46 @@ async def test_every_front_is_admitted_by_the_shared_limits_and_refused_in_its_o
                 await second.responses.create(model="sim/echo", input="hi")
             with pytest.raises(openai.RateLimitError):
                 await second.responses.create(model="sim/echo", input="hi", stream=True)
+
+
+async def test_token_budgets_are_reserved_and_reconciled_exactly_across_three_processes(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """
+    Each slow stream reserves 44 tokens (13 characters of prompt: 4, and its max_tokens, 40)
+    and uses 43 (the simulated provider counts 3 words of prompt and its 40 tokens).
+    """
+    async with proxies(tmp_path, config_text(redis_server.url, "tokens_per_minute = 220")) as three:
+        statuses: list[int] = []
+        refusals: list[httpx.Response] = []
+
+        async def ask(proxy: Proxy) -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                response = await http.post(proxy.url + "/v1/chat/completions", json=SLOW)
+            statuses.append(response.status_code)
+            if response.status_code == 429:
+                refusals.append(response)
+
+        async with trio.open_nursery() as nursery:  # 15 at once, 5 to each process: 5 * 44 = 220 fit
+            for n in range(15):
+                nursery.start_soon(ask, three[n % 3])
+        assert sorted(statuses) == [200] * 5 + [429] * 10
+        error = refusals[0].json()["error"]
+        assert (error["type"], error["code"]) == ("rate_limit_error", "tokens_per_minute_exceeded")
+        assert 55 <= int(refusals[0].headers["retry-after"]) <= 60
+
+        # Reconciled at each stream's end, whichever process ran it: 5 * 43 = 215 used, so one
+        # more request reserving 5 (4 + max_tokens 1) fits exactly; it uses 4, and then 5 do not.
+        async def admitted() -> bool:
+            return (await chat(three[2], max_tokens=1)).status_code == 200
+
+        await wait_until(admitted, seconds=10)
+        await wait_until(lambda: _refused(three[0]), seconds=10)
+        async with anthropic.AsyncAnthropic(base_url=three[1].url, api_key="k", max_retries=0) as claude:
+            with pytest.raises(anthropic.RateLimitError):
+                await claude.messages.create(model="sim/echo", max_tokens=1, messages=MESSAGES)  # type: ignore[arg-type]
+
+
+async def _refused(proxy: Proxy) -> bool:
+    response = await chat(proxy, max_tokens=1)
+    return response.status_code == 429 and response.json()["error"]["code"] == "tokens_per_minute_exceeded"

@@ -492,6 +492,126 @@ def test_bad_fields_name_the_field(fields: dict[str, Any], param: str) -> None:
     assert refused([USER], **fields).param == param
 
 
+WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def test_a_json_schema_response_format_is_an_output_format() -> None:
+    json_schema = {"name": "weather", "description": "A city", "schema": WEATHER_SCHEMA, "strict": True}
+    body = translate([USER], response_format={"type": "json_schema", "json_schema": json_schema})
+    assert body["output_config"] == {"format": {"type": "json_schema", "schema": WEATHER_SCHEMA}}
+    assert "output_config" not in translate([USER], response_format={"type": "text"})
+    assert "output_config" not in translate([USER], response_format=None)
+
+
+@pytest.mark.parametrize(
+    ("response_format", "param", "words"),
+    [
+        ({"type": "json_object"}, "response_format", "no JSON mode without a schema"),
+        ({"type": "json_schema", "json_schema": {"name": "w"}}, "response_format.json_schema.schema", "object"),
+        ({"type": "json_schema"}, "response_format.json_schema.schema", "object"),
+        ({"type": "yaml"}, "response_format.type", "json_schema"),
+        ("json", "response_format", "object"),
+    ],
+)
+def test_a_response_format_anthropic_cannot_hold_an_answer_to_is_refused(
+    response_format: Any, param: str, words: str
+) -> None:
+    error = refused([USER], response_format=response_format)
+    assert (error.param, words in error.message) == (param, True)
+
+
+@pytest.mark.parametrize(
+    ("effort", "max_tokens", "budget"),
+    [
+        ("minimal", 4096, 1024),
+        ("low", 4096, 1024),
+        ("low", 8000, 2000),
+        ("medium", 4096, 2048),
+        ("high", 4096, 3072),
+        ("xhigh", 10000, 9000),
+        ("minimal", 1025, 1024),
+    ],
+)
+def test_reasoning_effort_is_a_thinking_budget_within_max_tokens(effort: str, max_tokens: int, budget: int) -> None:
+    body = translate([USER], reasoning_effort=effort, max_tokens=max_tokens)
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": budget}
+    assert body["max_tokens"] == max_tokens
+
+
+def test_the_default_max_tokens_holds_the_budget_too() -> None:
+    body = messages_request_body(chat([USER], reasoning_effort="medium"), default_max_tokens=4096)
+    assert (body["max_tokens"], body["thinking"]) == (4096, {"type": "enabled", "budget_tokens": 2048})
+
+
+def test_reasoning_effort_none_asks_for_no_thinking() -> None:
+    assert "thinking" not in translate([USER], reasoning_effort="none")
+    assert "thinking" not in translate([USER], reasoning_effort=None)
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"reasoning_effort": "low", "max_tokens": 1024}, "above 1024"),
+        ({"reasoning_effort": "extreme"}, "one of"),
+        ({"reasoning_effort": 3}, "one of"),
+    ],
+)
+def test_a_reasoning_effort_anthropic_cannot_think_within_is_refused(fields: dict[str, Any], words: str) -> None:
+    error = refused([USER], **fields)
+    assert (error.param, words in error.message) == ("reasoning_effort", True)
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [USER, {"role": "assistant", "content": None, "tool_calls": [CALL]}],
+        [
+            USER,
+            {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ],
+        [USER, {"role": "assistant", "content": "The answer so far"}],
+    ],
+)
+def test_no_thinking_for_a_turn_that_answers_tool_calls_or_continues_a_prefill(messages: list[dict[str, Any]]) -> None:
+    body = translate(messages, reasoning_effort="high", max_tokens=4096)
+    assert "thinking" not in body
+
+
+def test_thinking_for_a_new_user_turn_after_tool_calls() -> None:
+    messages = [
+        USER,
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    assert translate(messages, reasoning_effort="low", max_tokens=4096)["thinking"]["budget_tokens"] == 1024
+
+
+def test_a_refusal_names_the_field_as_the_client_sent_it() -> None:
+    request = replace(
+        chat([USER], response_format={"type": "json_object"}, reasoning_effort="low", max_tokens=100),
+        native=NativeRequest(
+            "responses",
+            {},
+            names={"response_format": "text.format", "reasoning_effort": "reasoning.effort"},
+        ),
+    )
+    with pytest.raises(RequestError) as info:
+        messages_request_body(request, default_max_tokens=1024)
+    assert info.value.param == "text.format"
+    assert "'text.format'" in info.value.message
+    request = replace(request, body={**request.body, "response_format": None})
+    with pytest.raises(RequestError) as info:
+        messages_request_body(request, default_max_tokens=1024)
+    assert info.value.param == "reasoning.effort"
+    assert "'reasoning.effort'" in info.value.message
+
+
 def test_translation_does_not_mutate_the_client_request() -> None:
     messages = [USER, {"role": "user", "content": "again"}]
     request = chat(messages, tools=TOOL, parallel_tool_calls=False)

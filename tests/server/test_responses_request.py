@@ -72,6 +72,17 @@ def test_the_native_body_is_kept_whole_and_the_request_speaks_responses() -> Non
     assert (chat.model, chat.stream, chat.max_tokens) == ("gpt-5-codex", True, None)
 
 
+def test_a_translated_field_keeps_its_responses_name_for_a_refusal() -> None:
+    chat = parse_responses_request({"model": "m", "input": "hi"})
+    names = ("response_format", "reasoning_effort", "max_tokens", "temperature")
+    assert [chat.client_name(name) for name in names] == [
+        "text.format",
+        "reasoning.effort",
+        "max_output_tokens",
+        "temperature",
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # the translation
 

@@ -5,6 +5,7 @@ session feeds a `BroadcastStream` through a channel, on trio's autojump clock.
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -13,10 +14,13 @@ import trio
 from trioproxy import SSEDecoder, StreamEvent, StreamsFullError
 from trioproxy._accumulator import Accumulator
 from trioproxy._events import OPENED, Delta
+from trioproxy._exceptions import SharedStateError
 from trioproxy._policy import StreamsConfig
+from trioproxy._redis import LoggedEvents
 from trioproxy.pipeline import SessionItem
 from trioproxy.server._events_front import EventRenderer
 from trioproxy.server._streams import (
+    SHARED_STATE_WARNING,
     BroadcastStream,
     MemoryReplayLog,
     ReplayGapError,
@@ -243,3 +247,103 @@ async def test_a_broadcast_cancelled_by_shutdown_tells_its_watchers(autojump_clo
     assert "ended the stream before it completed" in events[-1].data["message"]
     assert session.cancelled_at is not None
     assert stream.finished
+
+
+# -- the shared store (Redis, with [redis]) ---------------------------------------------------
+
+
+class RecordingStore:
+    """A `StreamStore` that keeps each write, and fails while `failing` says so."""
+
+    shared = True
+
+    def __init__(self, write_interval: float) -> None:
+        self.write_interval = write_interval
+        self.writes: list[tuple[float, list[int], bool]] = []
+        self.failing = False
+
+    async def append_events(self, stream_id: str, events, *, ended: bool) -> None:  # type: ignore[no-untyped-def]
+        await trio.sleep(0.001)  # a round trip
+        if self.failing:
+            raise SharedStateError("Redis failed: down", code="shared_state_unavailable", retry_after=1)
+        self.writes.append((trio.current_time(), [event_id for event_id, _ in events], ended))
+
+    async def read_events(self, stream_id: str, after: int) -> None:
+        return None
+
+    async def follow_events(self, stream_id: str, after: int) -> None:
+        return None
+
+    async def delete_events(self, stream_id: str) -> None:
+        pass
+
+
+async def test_a_stream_is_written_to_the_store_in_batches_at_most_every_write_interval(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """50 tokens 10 ms apart, a write every 0.2 s at most: a handful of writes, every event once, in order."""
+    session = FakeSession()
+    store = RecordingStore(write_interval=0.2)
+    registry = StreamRegistry(StreamsConfig(), store=store)  # type: ignore[arg-type]
+    stream = registry.open(session, renderer_for)  # type: ignore[arg-type]
+    stream.publish(OPENED)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.play, [f" t{i}" for i in range(50)], 0.01)
+        await stream.run()
+    written = [event_id for _, ids, _ in store.writes for event_id in ids]
+    assert written == list(range(1, stream.last_id + 1))
+    assert store.writes[-1][2]
+    assert not any(ended for _, _, ended in store.writes[:-1])
+    assert len(store.writes) <= 0.5 / 0.2 + 2
+    times = [at for at, _, _ in store.writes]
+    assert all(b - a >= 0.2 for a, b in itertools.pairwise(times[:-1]))
+    assert times[-1] - stream.finished_at < 0.01  # the end went at once
+
+
+async def test_a_failing_store_warns_the_watchers_once_and_the_stream_goes_on(autojump_clock: trio.abc.Clock) -> None:
+    session = FakeSession()
+    store = RecordingStore(write_interval=0.05)
+    store.failing = True
+    registry = StreamRegistry(StreamsConfig(), store=store)  # type: ignore[arg-type]
+    stream = registry.open(session, renderer_for)  # type: ignore[arg-type]
+    _, watcher = stream.attach()
+    seen: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain, watcher, seen)
+        nursery.start_soon(session.play, [f" t{i}" for i in range(30)], 0.01)
+
+        async def recover() -> None:
+            await trio.sleep(0.2)
+            store.failing = False  # Redis is back
+
+        nursery.start_soon(recover)
+        await stream.run()
+    body = b"".join(seen)
+    assert body.count(SHARED_STATE_WARNING) == 1
+    assert events_of(body)[-1].type == "done"
+    assert len([e for e in events_of(body) if e.type == "token"]) == 30
+    written = [event_id for _, ids, _ in store.writes for event_id in ids]
+    assert written == sorted(set(written))
+    assert written[-1] == stream.last_id
+    assert store.writes[-1][2]
+
+
+async def test_a_watcher_ahead_of_what_the_store_has_follows_from_its_own_last_event() -> None:
+    """Its client saw events the running process has not written yet: it is neither refused nor sent them twice."""
+    asked: list[int] = []
+
+    class Store(RecordingStore):
+        async def read_events(self, stream_id: str, after: int) -> LoggedEvents:  # type: ignore[override]
+            return LoggedEvents([], ended=False, last_id=2)
+
+        async def follow_events(self, stream_id: str, after: int) -> LoggedEvents:  # type: ignore[override]
+            asked.append(after)
+            return LoggedEvents([(5, b"five")], ended=True, last_id=5)
+
+    registry = StreamRegistry(StreamsConfig(), store=Store(write_interval=0.2))  # type: ignore[arg-type]
+    remote = await registry.remote("st_x", 4)
+    assert remote is not None
+    assert (remote.last_id, remote.last_written, remote.ended) == (4, 2, False)
+    assert await remote.next() == b"five"
+    assert asked == [4]
+    assert await remote.next() is None

@@ -32,8 +32,9 @@ from typing import Protocol
 
 from .._config import ProviderConfig, TargetConfig
 from .._forwarding import ForwardRequest, ForwardSink
+from .._redis import RedisState, SharedBreakers
 from .._request import ChatRequest
-from .._targets import LocalBreakers
+from .._targets import Breakers, LocalBreakers
 from ..pipeline._items import Sink
 from ..providers._base import Translation
 from ..providers.anthropic import AnthropicTranslation
@@ -75,15 +76,22 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
-def build_upstream(provider: ProviderConfig) -> Upstream:
-    """The upstream a `[providers.NAME]` table describes: its targets, balanced and circuit-broken."""
+def build_upstream(provider: ProviderConfig, *, shared: RedisState | None = None) -> Upstream:
+    """
+    The upstream a `[providers.NAME]` table describes: its targets, balanced and
+    circuit-broken; the breakers shared on Redis when `shared` is given (`[redis]`), else this
+    process's own.
+    """
     if provider.type == "simulated":
         return SimulatedUpstream(provider.simulated)
     targets = provider.targets or (TargetConfig(provider.base_url),)
+    breakers: Breakers = (
+        LocalBreakers(provider.breaker) if shared is None else SharedBreakers(shared, provider.name, provider.breaker)
+    )
     return BalancedUpstream(
         provider.name,
         [(target.base_url, target.weight, _http_upstream(provider, target.base_url)) for target in targets],
-        LocalBreakers(provider.breaker),
+        breakers,
     )
 
 

@@ -35,6 +35,16 @@ Request mapping (OpenAI → Anthropic):
   `parallel_tool_calls: false` → `disable_parallel_tool_use: true`;
 - `max_tokens`/`max_completion_tokens` (or the default), `temperature`, `top_p`;
   `stop` → `stop_sequences`; `user` → `metadata.user_id`;
+- `response_format` `json_schema` → `output_config.format` (its `schema`: Anthropic holds
+  every answer to it, so `strict` is moot and `name`/`description` have nowhere to go);
+  `json_object` is refused: Anthropic has no JSON mode without a schema, and a permissive
+  schema is not one it takes (its objects must close `additionalProperties`);
+- `reasoning_effort` → `thinking` `enabled` with a `budget_tokens` that is a share of
+  `max_tokens` (`THINKING_SHARES`; Anthropic counts thinking within `max_tokens`, and wants
+  at least 1024 tokens of it), refused when `max_tokens` cannot hold that; `none` → no
+  thinking. Left off for a request that answers tool calls or ends with an assistant prefill
+  (a continuation): Anthropic then wants the earlier turn's signed thinking block, which the
+  common model does not carry, or refuses a prefill;
 - everything else is dropped (Anthropic rejects unknown fields); `n > 1` is refused.
 
 Stream mapping (Anthropic event → `Delta`):
@@ -76,7 +86,9 @@ __all__ = [
     "ERROR_STATUS",
     "FINISH_REASONS",
     "FORWARDED_HEADERS",
+    "MIN_THINKING_BUDGET",
     "STOP_REASONS",
+    "THINKING_SHARES",
     "TOOL_CHOICES",
     "AnthropicStreamParser",
     "AnthropicTranslation",
@@ -111,6 +123,13 @@ STOP_REASONS: Final[Mapping[str, str]] = {
 #: Anthropic `tool_choice.type` → OpenAI `tool_choice`, except `tool`, which names a function.
 TOOL_CHOICES: Final[Mapping[str, str]] = {"auto": "auto", "any": "required", "none": "none"}
 _ANTHROPIC_TOOL_CHOICES: Final = {choice: kind for kind, choice in TOOL_CHOICES.items()}
+
+#: OpenAI `reasoning_effort` → the share of `max_tokens` Anthropic may think for (at least
+#: `MIN_THINKING_BUDGET`). `none` asks for no thinking.
+THINKING_SHARES: Final[Mapping[str, float]] = {"minimal": 0.0, "low": 0.25, "medium": 0.5, "high": 0.75, "xhigh": 0.9}
+
+MIN_THINKING_BUDGET: Final = 1024
+"""The least `thinking.budget_tokens` Anthropic takes; it must also stay below `max_tokens`."""
 
 #: Anthropic error type → the HTTP status it stands for (an in-stream error arrives in a 200).
 ERROR_STATUS: Final[Mapping[str, int]] = {
@@ -251,19 +270,22 @@ def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict
     The Anthropic Messages request body for `chat`, without `stream`.
 
     Pure, so the whole mapping can be tested on dicts. `model` is `chat.upstream_model`, or
-    the client's own name when the request was not routed.
+    the client's own name when the request was not routed. What the common model cannot carry
+    of the client's request is refused first: its messages are then not the client's.
     """
+    src = chat.common_body()
     system, messages = _system_and_messages(chat.messages)
+    max_tokens = chat.max_tokens or default_max_tokens
     body: dict[str, object] = {
         "model": chat.upstream_model or chat.model,
-        "max_tokens": chat.max_tokens or default_max_tokens,
+        "max_tokens": max_tokens,
         "messages": messages,
     }
     if system:
         body["system"] = system
-    src = chat.common_body()
     _sampling(src, body)
     _tools(src, body)
+    body.update(_output_and_thinking(src, chat, max_tokens, messages))
     return body
 
 
@@ -541,6 +563,79 @@ def _tool_choice(choice: object) -> dict[str, object] | None:
         "'tool_choice' must be 'auto', 'required', 'none' or {\"type\": \"function\", \"function\": {\"name\": ...}}",
         param="tool_choice",
     )
+
+
+def _output_and_thinking(
+    src: Mapping[str, Any], chat: ChatRequest, max_tokens: int, messages: list[_Message]
+) -> dict[str, object]:
+    """`output_config.format` for `response_format`, `thinking` for `reasoning_effort`."""
+    out: dict[str, object] = {}
+    output_format = _output_format(src.get("response_format"), chat)
+    if output_format is not None:
+        out["output_config"] = {"format": output_format}
+    thinking = _thinking(src.get("reasoning_effort"), max_tokens, chat)
+    if thinking is not None and not _answers_tool_calls_or_prefill(messages):
+        out["thinking"] = thinking
+    return out
+
+
+def _output_format(response_format: object, chat: ChatRequest) -> dict[str, object] | None:
+    """`output_config.format` for a JSON schema `response_format`; none for text."""
+    if response_format is None:
+        return None
+    name = chat.client_name("response_format")
+    if not isinstance(response_format, dict):
+        raise RequestError(f"'{name}' must be an object", param=name)
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        raise RequestError(
+            f"'{name}' of type json_object cannot be sent to an Anthropic upstream: it has no JSON mode without "
+            "a schema; give a json_schema",
+            param=name,
+        )
+    if kind != "json_schema":
+        raise RequestError(
+            f"'{name}.type' must be 'text' or 'json_schema' for an Anthropic upstream", param=f"{name}.type"
+        )
+    json_schema = response_format.get("json_schema")
+    schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
+    if not isinstance(schema, dict):
+        where = chat.client_name("response_format.json_schema")
+        raise RequestError(
+            f"'{where}.schema' must be a JSON Schema object for an Anthropic upstream", param=f"{where}.schema"
+        )
+    return {"type": "json_schema", "schema": schema}
+
+
+def _thinking(effort: object, max_tokens: int, chat: ChatRequest) -> dict[str, object] | None:
+    """Extended thinking for a `reasoning_effort`: its share of `max_tokens`, within Anthropic's bounds."""
+    if effort is None or effort == "none":
+        return None
+    name = chat.client_name("reasoning_effort")
+    share = THINKING_SHARES.get(effort) if isinstance(effort, str) else None
+    if share is None:
+        raise RequestError(f"'{name}' must be one of none, {', '.join(THINKING_SHARES)}", param=name)
+    if max_tokens <= MIN_THINKING_BUDGET:
+        raise RequestError(
+            f"'{name}' needs '{chat.client_name('max_tokens')}' above {MIN_THINKING_BUDGET} for an Anthropic "
+            f"upstream: it thinks within them, for at least {MIN_THINKING_BUDGET} tokens",
+            param=name,
+        )
+    return {"type": "enabled", "budget_tokens": max(MIN_THINKING_BUDGET, int(max_tokens * share))}
+
+
+def _answers_tool_calls_or_prefill(messages: list[_Message]) -> bool:
+    """
+    Whether the request ends with tool results or an assistant turn: Anthropic's thinking then
+    wants the previous turn's signed thinking block back, or refuses the prefill.
+    """
+    last = messages[-1]
+    if last["role"] == "assistant":
+        return True
+    content = last["content"]
+    return isinstance(content, list) and any(block.get("type") == "tool_result" for block in content)
 
 
 def _stop_sequences(stop: object) -> list[str]:

@@ -25,7 +25,9 @@ from werkzeug.routing import WebsocketMismatch
 
 from .._config import Config
 from .._exceptions import AuthenticationError, ConfigError, HTTPRefusal, PayloadTooLargeError, TrioproxyError
+from .._redis import RedisState
 from .._router import Router
+from .._upstream import build_upstream
 from .._version import __version__
 from ._access import AccessLog, request_record
 from ._anthropic_front import model_list
@@ -77,7 +79,8 @@ def create_app(
     app.asgi_app = keeping_send(app.asgi_app)  # type: ignore[assignment]
     if config.cors.enabled:
         app.asgi_app = CorsMiddleware(app.asgi_app, config.cors)  # type: ignore[assignment,arg-type]
-    router = router or Router(config)
+    redis = RedisState(config.redis, stream_retention=config.streams.retention) if config.redis.enabled else None
+    router = router or Router(config, make_upstream=functools.partial(build_upstream, shared=redis))
     shutdown = shutdown or GracefulShutdown(config.server.shutdown_grace_period)
     metrics = Metrics(targets=router.targets)
     access_log = AccessLog(
@@ -93,6 +96,7 @@ def create_app(
         access_log=access_log,
         nursery=lambda: app.nursery,
         tracing=tracing,
+        redis=redis,
     )
     _register_lifetime(app, router, core, tracing)
     _register_gates(app, config, shutdown)

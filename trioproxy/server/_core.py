@@ -15,8 +15,10 @@ upstream request with it.
 
 `Core.start` is also where `[limits]` are applied, once for every route (WebSocket included):
 a session starts only if its body's shape is within bounds and the limiter admits its
-client, and it holds its lease until its task ends. A refusal is raised as our error and
-rendered in the route's protocol; nothing reaches the upstream.
+client (reserving the tokens it may cost in the token budgets), and it holds its lease until
+its task ends, when the reservation is corrected to the upstream's count of the tokens used.
+A refusal is raised as our error and rendered in the route's protocol; nothing reaches the
+upstream.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from quart import Response, has_request_context, request, websocket
 
 from .._config import Config
 from .._exceptions import SharedStateError, TrioproxyError, UpstreamTimeoutError
-from .._limits import Limiter, check_request_shape
+from .._limits import Lease, Limiter, check_request_shape
 from .._policy import BufferConfig
 from .._redis import RedisState, SharedLimits
 from .._request import ChatRequest
@@ -44,10 +46,19 @@ from .._upstream import Upstream
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import AccessLog, request_record
 from ._auth import NO_KEY, key_name, presented_key
-from ._generic import Renderer, StreamInterrupted, commits, last_word, render
+from ._generic import Renderer, StreamInterrupted, commits, last_word, prompt_chars, render
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
-from ._streams import BroadcastStream, Encoder, RendererFactory, StreamRegistry, Watcher, sse_with_id
+from ._streams import (
+    LOCAL_STORE,
+    BroadcastStream,
+    Encoder,
+    RemoteStream,
+    RendererFactory,
+    StreamRegistry,
+    Watcher,
+    sse_with_id,
+)
 
 if TYPE_CHECKING:
     from .._tracing import Tracing
@@ -63,6 +74,7 @@ __all__ = [
     "keeping_send",
     "opening",
     "route_label",
+    "watch_remote_response",
     "watch_response",
     "with_retry_after",
 ]
@@ -95,6 +107,7 @@ class Core:
         access_log: AccessLog,
         nursery: Callable[[], trio.Nursery],
         tracing: Tracing | None = None,
+        redis: RedisState | None = None,
     ) -> None:
         self.config = config
         self.tracing = tracing
@@ -103,20 +116,27 @@ class Core:
         self.metrics = metrics
         self.access_log = access_log
         self.active = shutdown.streams
-        self.streams = StreamRegistry(config.streams)
+        self.redis = redis
+        """
+        Where limits, streams and breakers are shared across processes, when `[redis]` is set;
+        `serve_redis` runs it.
+        """
+        self.streams = StreamRegistry(config.streams, store=self.redis or LOCAL_STORE)
         self._nursery = nursery
         limits = config.limits
         self.limiter = Limiter(
             requests_per_minute=limits.requests_per_minute,
             max_streams_per_key=limits.max_streams_per_key,
             max_concurrent_streams=limits.max_concurrent_streams,
+            tokens_per_minute=limits.tokens_per_minute,
+            tokens_per_day=limits.tokens_per_day,
         )
-        self.redis = RedisState(config.redis) if config.redis.enabled else None
-        """Where the limits are counted across processes, when `[redis]` is set; `serve_redis` runs it."""
         self._shared_limits = SharedLimits(
             requests_per_minute=limits.requests_per_minute,
             max_streams_per_key=limits.max_streams_per_key,
             max_concurrent_streams=limits.max_concurrent_streams,
+            tokens_per_minute=limits.tokens_per_minute,
+            tokens_per_day=limits.tokens_per_day,
         )
         shutdown.on_drain(self.streams.stop_resuming)  # nobody can come back to resume a stream
 
@@ -165,11 +185,12 @@ class Core:
             trace = self.tracing.request(chat, pipeline.routes[0], endpoint=route_label(), headers=connection().headers)
             pipeline = replace(pipeline, trace=trace)
         client = self.client_identity()
+        tokens = self._tokens_to_reserve(chat)
         try:
             check_request_shape(
                 chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
             )
-            lease = self.limiter.admit(client, trio.current_time()) if self.redis is None else None
+            lease = self.limiter.admit(client, trio.current_time(), tokens) if self.redis is None else None
         except TrioproxyError as exc:
             if trace is not None:
                 trace.refused(exc)
@@ -187,11 +208,12 @@ class Core:
             if refusal is not None and stream_id is None:
                 record.session = None
 
-        guard = None if self.redis is None else functools.partial(self._shared_admission, client, decide)
+        guard = None if self.redis is None else functools.partial(self._shared_admission, client, tokens, decide)
 
         def on_end(session: StreamSession) -> None:
             admission.decided.set()  # (already, unless the app's end cancelled the session before)
             if lease is not None:
+                _reconcile(lease, session)
                 lease.release()
             if admission.refusal is not None:
                 self.metrics.stream_refused()
@@ -239,7 +261,7 @@ class Core:
 
     @asynccontextmanager
     async def _shared_admission(
-        self, client: str, decide: Callable[[TrioproxyError | None], None], session: StreamSession
+        self, client: str, tokens: int, decide: Callable[[TrioproxyError | None], None], session: StreamSession
     ) -> AsyncIterator[None]:
         """
         The session's place in the limits shared on Redis, held while it runs. If Redis fails
@@ -249,7 +271,7 @@ class Core:
         """
         assert self.redis is not None
         try:
-            shared = await self.redis.admit(client, self._shared_limits)
+            shared = await self.redis.admit(client, self._shared_limits, tokens)
         except SharedStateError as failure:
             if self.config.redis.on_error == "closed":
                 decide(failure)
@@ -257,7 +279,7 @@ class Core:
                 yield
                 return
             try:
-                local = self.limiter.admit(client, trio.current_time())
+                local = self.limiter.admit(client, trio.current_time(), tokens)
             except TrioproxyError as refusal:
                 decide(refusal)
                 session.interrupt(refusal)
@@ -267,6 +289,7 @@ class Core:
             try:
                 yield
             finally:
+                _reconcile(local, session)
                 local.release()
             return
         except TrioproxyError as refusal:
@@ -280,7 +303,7 @@ class Core:
         finally:
             # A failure is logged by `RedisState`; the place expires within `[redis] lease_ttl`.
             with contextlib.suppress(SharedStateError):
-                await self.redis.release(shared)
+                await self.redis.release(shared, _used_tokens(session))
 
     async def ask_upstream(
         self, chat: ChatRequest, ask: Callable[[Upstream, ChatRequest], Awaitable[bytes | None]]
@@ -297,6 +320,19 @@ class Core:
         raise UpstreamTimeoutError(
             f"no answer from the upstream within first_token_timeout ({timeout:g} s)", kind="first_token_timeout"
         )
+
+    def _tokens_to_reserve(self, chat: ChatRequest) -> int:
+        """
+        What a request may cost, reserved in the token budgets at admission: its prompt (about
+        four characters a token) and its maximum output, or `estimated_output_tokens` when it
+        sets none (an embedding has none). 0 when no budget is on.
+        """
+        limits = self.config.limits
+        if not (limits.tokens_per_minute or limits.tokens_per_day):
+            return 0
+        embeddings = chat.native is not None and chat.native.protocol == "embeddings"
+        output = 0 if embeddings else chat.max_tokens or limits.estimated_output_tokens
+        return -(-prompt_chars(chat) // 4) + output
 
     def client_identity(self) -> str:
         """Who the limits count against: the client key when keys are on, else the address."""
@@ -441,6 +477,18 @@ async def _relay(
         session.cancel()
 
 
+def _used_tokens(session: StreamSession) -> int | None:
+    """The tokens the upstream says the session used, or `None` when it did not say (its reservation stands)."""
+    usage = session.accumulator.usage
+    return None if usage is None else usage.total_tokens
+
+
+def _reconcile(lease: Lease, session: StreamSession) -> None:
+    used = _used_tokens(session)
+    if used is not None:
+        lease.reconcile(used)
+
+
 @dataclass(eq=False, slots=True)
 class _Admission:
     """Whether the limits took a session: `decided` is set once they did, `refusal` is theirs if they refused."""
@@ -464,6 +512,20 @@ async def _watch(stream: BroadcastStream, backlog: list[bytes], watcher: Watcher
             yield data
     finally:
         stream.detach(watcher)
+
+
+def watch_remote_response(stream: RemoteStream) -> Response:
+    """The SSE response of a watcher of another process's stream: the replayed events, then the live ones."""
+    headers = {**STREAM_HEADERS, "x-stream-id": stream.id}
+    return Response(_watch_remote(stream), status=200, content_type=SSE, headers=headers)
+
+
+async def _watch_remote(stream: RemoteStream) -> AsyncIterator[bytes]:
+    """Never yields inside a nursery or cancel scope: each `next()` is awaited whole."""
+    if stream.backlog:
+        yield b"".join(stream.backlog)
+    while (data := await stream.next()) is not None:
+        yield data
 
 
 def keeping_send(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:

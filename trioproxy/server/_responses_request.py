@@ -69,6 +69,13 @@ _DROPPED: Final = frozenset(
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
 
+_CLIENT_NAMES: Final = {
+    "max_tokens": "max_output_tokens",
+    "reasoning_effort": "reasoning.effort",
+    "response_format": "text.format",
+}
+"""The Responses names of the translated fields that Chat Completions names otherwise."""
+
 _TEXT_PARTS: Final = frozenset({"input_text", "output_text", "refusal"})
 
 _HOSTED_TOOLS: Final = ("web_search", "file_search", "code_interpreter", "image_generation", "mcp", "computer_use")
@@ -108,7 +115,7 @@ def parse_responses_request(body: dict[str, Any]) -> ChatRequest:
         messages=common["messages"],
         stream=stream,
         max_tokens=max_tokens,
-        native=NativeRequest("responses", body, {}, unportable),
+        native=NativeRequest("responses", body, {}, unportable, _CLIENT_NAMES),
     )
 
 

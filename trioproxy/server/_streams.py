@@ -22,8 +22,15 @@ none and are not logged.
 
 The replay log is synchronous on purpose: attaching a watcher reads the log and joins the
 live fan-out in one step, with no await in between, so no event can fall between the two.
-A store shared by several replicas (Redis streams) would back the same interface with a
-local tail and dedupe by sequence number.
+
+With `[redis]`, each stream's events are also kept in a Redis Stream (`StreamStore`:
+`RedisState`; in-process, `LOCAL_STORE` keeps nothing more), written by a mirror task beside
+the broadcast, so that another process can replay them and follow the live ones
+(`RemoteStream`) while this one runs the generation: the upstream is asked once. The mirror
+never holds the broadcast back: it takes what was published since its last write, at most
+`max_replay_bytes` of it (older unwritten events are dropped: a replay from before them is a
+gap). If Redis fails, the stream goes on here, its watchers are told once with a comment line
+(`SHARED_STATE_WARNING`), and the mirror writes again from where it was when Redis answers.
 """
 
 from __future__ import annotations
@@ -32,15 +39,16 @@ import logging
 import math
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
 from .._events import StreamEvent
-from .._exceptions import ReplayGapError, StreamsFullError, TrioproxyError
+from .._exceptions import ReplayGapError, SharedStateError, StreamsFullError, TrioproxyError
 from .._policy import StreamsConfig
+from .._redis import LoggedEvents
 from ..pipeline import Heartbeat, SessionItem
 from ._events_front import SSE_KEEP_ALIVE, sse_frame
 from ._generic import StreamInterrupted, last_word, render
@@ -50,11 +58,15 @@ if TYPE_CHECKING:
     from ._generic import Renderer
 
 __all__ = [
+    "LOCAL_STORE",
+    "SHARED_STATE_WARNING",
     "BroadcastStream",
     "MemoryReplayLog",
+    "RemoteStream",
     "ReplayGapError",
     "ReplayLog",
     "StreamRegistry",
+    "StreamStore",
     "StreamsFullError",
     "Watcher",
 ]
@@ -66,6 +78,58 @@ RendererFactory = Callable[[str, Callable[[Any], bytes]], "Renderer"]
 
 Encoder = Callable[[Any, int], bytes]
 """`(event, event_id) -> bytes`: how a stream's renderer's events are written, given their ids."""
+
+
+SHARED_STATE_WARNING: Final = (
+    b": warning shared_state_unavailable: Redis failed;"
+    b" this stream is resumable on this process only, until Redis answers\n\n"
+)
+"""
+What a stream's watchers are told when its events cannot be written to Redis: a comment line,
+which every SSE client skips.
+"""
+
+
+class StreamStore(Protocol):
+    """
+    Where streams' events are kept for other processes too. `shared`: False for the
+    in-process store, which keeps nothing more than each stream's own replay log.
+    `write_interval`: seconds between two writes of one stream, at least (what comes meanwhile
+    goes in the next: each write costs a round trip). The calls raise `SharedStateError` when
+    the store fails.
+    """
+
+    @property
+    def shared(self) -> bool: ...
+    @property
+    def write_interval(self) -> float: ...
+
+    async def append_events(self, stream_id: str, events: Sequence[tuple[int, bytes]], *, ended: bool) -> None: ...
+    async def read_events(self, stream_id: str, after: int) -> LoggedEvents | None: ...
+    async def follow_events(self, stream_id: str, after: int) -> LoggedEvents | None: ...
+    async def delete_events(self, stream_id: str) -> None: ...
+
+
+class _LocalStore:
+    """The in-process `StreamStore`: another process never finds a stream here."""
+
+    shared = False
+    write_interval = 0.0
+
+    async def append_events(self, stream_id: str, events: Sequence[tuple[int, bytes]], *, ended: bool) -> None:
+        pass
+
+    async def read_events(self, stream_id: str, after: int) -> LoggedEvents | None:
+        return None
+
+    async def follow_events(self, stream_id: str, after: int) -> LoggedEvents | None:
+        return None
+
+    async def delete_events(self, stream_id: str) -> None:
+        pass
+
+
+LOCAL_STORE: Final[StreamStore] = _LocalStore()
 
 
 def sse_with_id(event: StreamEvent, event_id: int) -> bytes:
@@ -160,6 +224,7 @@ class BroadcastStream:
         log: ReplayLog,
         config: StreamsConfig,
         encode: Encoder = sse_with_id,
+        store: StreamStore = LOCAL_STORE,
     ) -> None:
         self.id = stream_id
         self.session = session
@@ -180,6 +245,13 @@ class BroadcastStream:
         self._cancelled_with: TrioproxyError | None = None
         self.finished_event = trio.Event()
         """Set once the stream is finished (its last event published)."""
+        self._store = store
+        self._unwritten: deque[tuple[int, bytes]] = deque()
+        """Events published and not yet in the store, at most `max_replay_bytes` of them."""
+        self._unwritten_bytes = 0
+        self._published = trio.Event()
+        """Set when there is something for the mirror to write."""
+        self._mirror_scope = trio.CancelScope()
 
     @property
     def finished(self) -> bool:
@@ -247,8 +319,60 @@ class BroadcastStream:
         pending, self._pending = self._pending, []
         for event_id, data in pending:
             self.log.append(event_id, data)
+        if self._store.shared and (pending or self._ended):
+            self._keep_for_store(pending)
         if pending:
             self._fan_out(b"".join(data for _, data in pending))
+
+    def _keep_for_store(self, events: list[tuple[int, bytes]]) -> None:
+        self._unwritten.extend(events)
+        self._unwritten_bytes += sum(len(data) for _, data in events)
+        while self._unwritten_bytes > self.config.max_replay_bytes and len(self._unwritten) > 1:
+            _, dropped = self._unwritten.popleft()
+            self._unwritten_bytes -= len(dropped)
+        self._published.set()
+
+    def stop_sharing(self) -> None:
+        """Write nothing more to the store (the stream is being deleted)."""
+        self._mirror_scope.cancel()
+
+    async def _mirror(self) -> None:
+        """
+        Write what is published to the store, until the stream's end is written: at most once
+        every `write_interval`, what was published since the last write. While the store
+        fails, try again likewise (and every second after the end, for `retention` seconds
+        at most).
+        """
+        with self._mirror_scope:
+            await self._write_to_store()
+
+    async def _write_to_store(self) -> None:
+        warned = False
+        next_write = -math.inf
+        while True:
+            await self._published.wait()
+            with trio.move_on_at(next_write):  # the write interval, unless the stream ends: that goes at once
+                await self.finished_event.wait()
+            next_write = trio.current_time() + self._store.write_interval
+            self._published = trio.Event()
+            events, ended = list(self._unwritten), self._ended
+            try:
+                await self._store.append_events(self.id, events, ended=ended)
+            except SharedStateError as failure:
+                if not warned:
+                    warned = True
+                    logger.warning("stream %s: %s; it is resumable on this process only", self.id, failure.message)
+                    self._fan_out(SHARED_STATE_WARNING)
+                if ended:
+                    await trio.sleep(failure.retry_after or 1.0)
+                    self._published.set()
+                continue
+            written_through = events[-1][0] if events else 0
+            while self._unwritten and self._unwritten[0][0] <= written_through:  # (some may have been dropped)
+                _, data = self._unwritten.popleft()
+                self._unwritten_bytes -= len(data)
+            if ended:
+                return
 
     def _finish_events(self) -> None:
         if self._cancelled_with is not None and not self.session.completed:
@@ -272,7 +396,20 @@ class BroadcastStream:
                 self._remove(watcher)
 
     async def run(self) -> None:
-        """The broadcast task: relay the session until it ends or nobody watches any more."""
+        """
+        The broadcast task: relay the session until it ends or nobody watches any more; with a
+        shared store, its mirror runs beside it until the end is written there (for
+        `retention` seconds at most).
+        """
+        if not self._store.shared:
+            await self._broadcast()
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._mirror, name=f"stream {self.id} mirror")
+            await self._broadcast()
+            nursery.cancel_scope.deadline = trio.current_time() + self.config.retention
+
+    async def _broadcast(self) -> None:
         try:
             with self._grace:
                 if not self.watchers:
@@ -300,8 +437,16 @@ class BroadcastStream:
 class StreamRegistry:
     """The streams of one app, by id: at most `max_streams`, finished ones for `retention` s."""
 
-    def __init__(self, config: StreamsConfig, *, log_factory: Callable[[], ReplayLog] | None = None) -> None:
+    def __init__(
+        self,
+        config: StreamsConfig,
+        *,
+        log_factory: Callable[[], ReplayLog] | None = None,
+        store: StreamStore = LOCAL_STORE,
+    ) -> None:
         self.config = config
+        self.store = store
+        """Where the streams are kept for other processes too (Redis), or not (`LOCAL_STORE`)."""
         self._log_factory = log_factory or (lambda: MemoryReplayLog(config.max_replay_bytes))
         self._streams: dict[str, BroadcastStream] = {}
         self._resuming = True
@@ -337,7 +482,7 @@ class StreamRegistry:
             oldest = min(finished, key=lambda s: s.finished_at or 0.0)
             del self._streams[oldest.id]
         stream_id = prefix + secrets.token_hex(12)
-        stream = BroadcastStream(stream_id, session, renderer_for, self._log_factory(), self.config, encode)
+        stream = BroadcastStream(stream_id, session, renderer_for, self._log_factory(), self.config, encode, self.store)
         if not self._resuming:
             stream.stop_resuming()
         self._streams[stream_id] = stream
@@ -347,6 +492,28 @@ class StreamRegistry:
         """The stream, if it is running or finished less than `retention` seconds ago."""
         self._sweep()
         return self._streams.get(stream_id)
+
+    async def remote(self, stream_id: str, after: int) -> RemoteStream | None:
+        """
+        A stream another process runs (or ran), from the store, with its events after id
+        `after`: `None` if the store keeps no such stream. Raises `ReplayGapError`, or
+        `SharedStateError` when the store fails.
+        """
+        logged = await self.store.read_events(stream_id, after)
+        if logged is None:
+            return None
+        return RemoteStream(stream_id, self.store, logged, after)
+
+    async def delete(self, stream_id: str) -> None:
+        """
+        Forget a stream here and in the store (cancelling it if it runs). Raises
+        `SharedStateError` when the store fails: the stream is then still kept here.
+        """
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.stop_sharing()
+        await self.store.delete_events(stream_id)
+        self.remove(stream_id)
 
     def remove(self, stream_id: str) -> BroadcastStream | None:
         """Forget a stream (cancelling it if it runs); the stream, if there was one."""
@@ -360,3 +527,47 @@ class StreamRegistry:
         for stream_id, stream in list(self._streams.items()):
             if stream.finished_at is not None and now - stream.finished_at >= self.config.retention:
                 del self._streams[stream_id]
+
+
+class RemoteStream:
+    """
+    A stream run by another process, read from the shared store: `backlog`, its events after
+    the watcher's last, then each `next()` write, the live ones, until its end. Redis failing
+    ends the following with a comment line (`SHARED_STATE_WARNING`) and no end: the client
+    resumes (`Last-Event-ID`), here or on the process that runs the stream.
+    """
+
+    def __init__(self, stream_id: str, store: StreamStore, logged: LoggedEvents, after: int) -> None:
+        self.id = stream_id
+        self._store = store
+        self.backlog = [data for _, data in logged.events]
+        self.last_id = max(after, logged.last_id)
+        """
+        The last event this watcher has: its client may hold events not yet written to Redis
+        (they go every `write_interval`), which it is then not sent again.
+        """
+        self.last_written = logged.last_id
+        """The last event Redis has (so far)."""
+        self.ended = logged.ended
+        """The stream's end was written to Redis: it has no event after `last_written`."""
+        self._over = logged.ended
+
+    async def next(self) -> bytes | None:
+        """
+        The next write: the events that came, or `SSE_KEEP_ALIVE` when none did within
+        `[redis] follow_block`; `None` once the stream is over for this watcher.
+        """
+        if self._over:
+            return None
+        try:
+            logged = await self._store.follow_events(self.id, self.last_id)
+        except SharedStateError:
+            self._over = True
+            return SHARED_STATE_WARNING
+        if logged is None:  # expired meanwhile: it ended long ago, or its process died
+            return None
+        self._over = logged.ended
+        if logged.events:
+            self.last_id = logged.events[-1][0]
+            return b"".join(data for _, data in logged.events)
+        return None if logged.ended else SSE_KEEP_ALIVE

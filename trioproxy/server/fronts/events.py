@@ -25,7 +25,7 @@ from ..._exceptions import NotFoundError, RequestError, TrioproxyError
 from ..._request import parse_json_object
 from ...pipeline import StreamSession
 from .._access import request_record
-from .._core import SSE, Core, watch_response, with_retry_after
+from .._core import SSE, Core, watch_remote_response, watch_response, with_retry_after
 from .._events_front import EventRenderer, error_event, ndjson_frame, sse_frame
 from .._generic import generic_chat_request, prompt_chars
 from .._websocket import register_websocket_routes
@@ -108,21 +108,28 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
 
     @app.get("/v1/streams/<stream_id>")
     async def watch_stream(stream_id: str) -> Response:
-        """Attach to a running or recently finished stream, after its `Last-Event-ID`."""
-        stream = core.streams.get(stream_id)
-        if stream is None:
-            return _sse_error(NotFoundError(f"no stream {stream_id!r}: it never existed or it has expired"))
+        """
+        Attach to a running or recently finished stream, after its `Last-Event-ID`: this
+        process's own, else one another process runs, from the shared store (`[redis]`).
+        """
         last_event_id = request.headers.get("last-event-id", "").strip()
         if last_event_id and not (last_event_id.isascii() and last_event_id.isdigit()):
             return _sse_error(
                 RequestError(f"Last-Event-ID must be an event id of this stream, got {last_event_id[:40]!r}")
             )
         after = int(last_event_id or 0)
-        if after > stream.last_id:
-            return _sse_error(RequestError(f"Last-Event-ID {after} is ahead of the stream (at {stream.last_id})"))
+        stream = core.streams.get(stream_id)
         try:
-            backlog, watcher = stream.attach(after)
-        except TrioproxyError as exc:  # the events after `after` are no longer kept
+            if stream is None:
+                remote = await core.streams.remote(stream_id, after)
+                if remote is None:
+                    raise NotFoundError(f"no stream {stream_id!r}: it never existed or it has expired")
+                if remote.ended:  # else its events up to `after` may not be written yet
+                    _check_not_ahead(after, remote.last_written)
+                return watch_remote_response(remote)
+            _check_not_ahead(after, stream.last_id)
+            backlog, watcher = stream.attach(after)  # raises if the events after `after` are no longer kept
+        except TrioproxyError as exc:
             return _sse_error(exc)
         return watch_response(stream, backlog, watcher)
 
@@ -138,3 +145,8 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
     for path, (frame, content_type) in GENERIC_ENDPOINTS.items():
         name = path.removeprefix("/v1/").replace("/", "_")
         app.add_url_rule(path, name, generic_endpoint(frame, content_type), methods=["POST"])
+
+
+def _check_not_ahead(after: int, last_id: int) -> None:
+    if after > last_id:
+        raise RequestError(f"Last-Event-ID {after} is ahead of the stream (at {last_id})")

@@ -36,8 +36,9 @@ from quart_trio import QuartTrio
 
 from ..._exceptions import NotFoundError, RequestError, StreamCancelled, TrioproxyError
 from ..._request import ChatRequest, parse_json_object
+from ..._sse import SSEDecoder
 from ...pipeline import StreamSession
-from .._core import SSE, Core, complete, json_response, watch_response
+from .._core import SSE, Core, complete, json_response, watch_remote_response, watch_response
 from .._generic import prompt_chars, render
 from .._responses_front import ResponsesEventRenderer, response_from_events, sse_event
 from .._responses_request import Turn, continued, input_items, listed_input_items, parse_responses_request
@@ -218,16 +219,31 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
 
     @app.get("/v1/responses/<response_id>")
     async def retrieve(response_id: str) -> Response:
+        streaming = request.args.get("stream") in ("true", "1")
         try:
-            stream = stored(response_id)
+            after = _starting_after(request.args.get("starting_after")) if streaming else 0
+            stream = core.streams.get(response_id) if response_id.startswith(PREFIX) else None
+            if stream is None:
+                return await retrieve_elsewhere(response_id, streaming, after)
             renderer = _renderer(stream)
-            if request.args.get("stream") not in ("true", "1"):
+            if not streaming:
                 return json_response(renderer.response or renderer.snapshot("queued"))
-            after = _starting_after(request.args.get("starting_after"), stream.last_id)
+            _check_starting_after(after, stream.last_id)
             backlog, watcher = stream.attach(after)
         except TrioproxyError as exc:
             return _error(exc)
         return watch_response(stream, backlog, watcher)
+
+    async def retrieve_elsewhere(response_id: str, streaming: bool, after: int) -> Response:
+        """A response another process runs (or ran), from the shared store (`[redis]`)."""
+        remote = await core.streams.remote(response_id, after) if response_id.startswith(PREFIX) else None
+        if remote is None:
+            raise NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
+        if not streaming:
+            return json_response(_latest_response(response_id, b"".join(remote.backlog)))
+        if remote.ended:  # else its events up to `after` may not be written yet
+            _check_starting_after(after, remote.last_written)
+        return watch_remote_response(remote)
 
     @app.post("/v1/responses/<response_id>/cancel")
     async def cancel(response_id: str) -> Response:
@@ -249,9 +265,9 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
     async def delete(response_id: str) -> Response:
         try:
             stream = stored(response_id)
+            await core.streams.delete(stream.id)  # from Redis too, where another process could find it
         except TrioproxyError as exc:
             return _error(exc)
-        core.streams.remove(stream.id)
         return json_response({"id": stream.id, "object": "response", "deleted": True})
 
     register_responses_websocket(app, core, stored_turn, share)
@@ -268,7 +284,7 @@ def _stored_renderer(chat: ChatRequest, echoed: dict[str, Any]) -> RendererFacto
     return renderer_for
 
 
-def _starting_after(value: str | None, last_id: int) -> int:
+def _starting_after(value: str | None) -> int:
     """The event id a replay starts after: `starting_after` is a sequence number, one less than its event's id."""
     if value is None:
         return 0
@@ -276,12 +292,19 @@ def _starting_after(value: str | None, last_id: int) -> int:
         sequence_number = int(value)
     except ValueError:
         raise RequestError("'starting_after' must be an integer", param="starting_after") from None
-    if sequence_number < -1 or sequence_number + 1 > last_id:
+    if sequence_number < -1:
         raise RequestError(
-            f"'starting_after' {sequence_number} is not an event of this response (its last is {last_id - 1})",
-            param="starting_after",
+            f"'starting_after' {sequence_number} is not an event of this response", param="starting_after"
         )
     return sequence_number + 1
+
+
+def _check_starting_after(after: int, last_id: int) -> None:
+    if after > last_id:
+        raise RequestError(
+            f"'starting_after' {after - 1} is not an event of this response (its last is {last_id - 1})",
+            param="starting_after",
+        )
 
 
 DEFAULT_PAGE: Final = 20
@@ -325,3 +348,13 @@ def _page(items: list[dict[str, Any]], args: Any) -> dict[str, Any]:
         "last_id": data[-1]["id"] if data else None,
         "has_more": len(data) < len(window),
     }
+
+
+def _latest_response(response_id: str, events: bytes) -> dict[str, Any]:
+    """The Response object as the newest of a stored response's events carries it (`queued`: none yet)."""
+    latest: dict[str, Any] = {"id": response_id, "object": "response", "status": "queued"}
+    for event in SSEDecoder().feed(events):
+        payload = orjson.loads(event.data)
+        if isinstance(payload.get("response"), dict):
+            latest = payload["response"]
+    return latest
