@@ -266,6 +266,29 @@ def test_unknown_provider_key() -> None:
     assert "api_key_env" in problem
 
 
+def test_drop_params() -> None:
+    config = parse_config(
+        {
+            "providers": {
+                "claude": {"type": "anthropic", "drop_params": ["seed", "logit_bias"]},
+                "resp": {"type": "openai_responses", "base_url": "http://h/v1", "drop_params": True},
+                "vllm": {"type": "openai", "base_url": "http://h/v1", "drop_params": ["top_logprobs"]},
+                "strict": {"type": "anthropic"},
+            }
+        },
+        environ={},
+    )
+    drops = {name: provider.drop_params for name, provider in config.providers.items() if name != "sim"}
+    assert drops == {
+        "claude": frozenset({"seed", "logit_bias"}),
+        "resp": True,
+        "vllm": frozenset({"top_logprobs"}),
+        "strict": False,
+    }
+    problem = only_problem({"providers": {"s": {"type": "simulated", "drop_params": True}}})
+    assert problem.startswith("[providers.s]: unknown key 'drop_params'")
+
+
 def test_key_of_another_provider_type_is_unknown() -> None:
     problem = only_problem({"providers": {"c": {"type": "anthropic", "request_usage": True}}})
     assert problem.startswith("[providers.c]: unknown key 'request_usage'")
@@ -323,6 +346,16 @@ def test_key_of_another_provider_type_is_unknown() -> None:
             "[providers.p].default_max_tokens must be a positive integer, got -1",
         ),
         ({"type": "anthropic", "anthropic_version": 2023}, "[providers.p].anthropic_version must be a string"),
+        (
+            {"type": "anthropic", "drop_params": "seed"},
+            "[providers.p].drop_params must be true, false or a list of field names (e.g. ['seed', 'logit_bias']), "
+            "got 'seed'",
+        ),
+        (
+            {"type": "openai_responses", "base_url": "http://h/v1", "drop_params": ["seed", 3]},
+            "[providers.p].drop_params must be true, false or a list of field names (e.g. ['seed', 'logit_bias']), "
+            "got ['seed', 3]",
+        ),
         (
             {"type": "gemini"},
             "[providers.p].type 'gemini' is unknown: say which protocol the upstream speaks, "

@@ -155,6 +155,11 @@ class ProviderConfig:
     """`(model pattern, way)` pairs that override `continuation` for the models they match, in order."""
     anthropic_version: str = "2023-06-01"
     default_max_tokens: int = 4096
+    drop_params: bool | frozenset[str] = False
+    """
+    What the translation to this provider's protocol drops instead of refusing, of the fields
+    it has no equivalent for (`_request.DropParams`): all, those named, or none.
+    """
     simulated: SimulatedSettings = field(default_factory=SimulatedSettings)
 
     @property
@@ -821,9 +826,9 @@ _CONTINUATION_WAYS: Final = {
 }
 """How each type of upstream can continue a broken answer (`trioproxy._continuation`)."""
 _TYPE_KEYS: Final = {
-    "openai": {"request_usage", "forward_paths"},
-    "openai_responses": set(),
-    "anthropic": {"anthropic_version", "default_max_tokens", "forward_paths"},
+    "openai": {"request_usage", "forward_paths", "drop_params"},
+    "openai_responses": {"drop_params"},
+    "anthropic": {"anthropic_version", "default_max_tokens", "forward_paths", "drop_params"},
     "simulated": set(SimulatedSettings.__dataclass_fields__),
 }
 
@@ -859,6 +864,7 @@ def _provider(
     _number(table, "default_max_tokens", where, problems, checked, positive=True, integer=True)
     _bool(table, "request_usage", where, problems, checked)
     _forward_paths(table, where, problems, checked)
+    _drop_params(table, where, problems, checked)
     _bool(table, "skip_malformed_events", where, problems, checked)
     _continuation(table, type_, where, problems, checked)
     _string(table, "anthropic_version", where, problems, checked)
@@ -982,6 +988,20 @@ def _forward_paths(table: Mapping[str, object], where: str, problems: list[str],
         )
     else:
         checked["forward_paths"] = tuple(path.rstrip("/") for path in forward_paths)
+
+
+def _drop_params(table: Mapping[str, object], where: str, problems: list[str], checked: dict[str, Any]) -> None:
+    """`drop_params`: true, false, or the names of the fields to drop."""
+    drop_params = table.get("drop_params", False)
+    if isinstance(drop_params, bool):
+        checked["drop_params"] = drop_params
+    elif isinstance(drop_params, list) and all(isinstance(n, str) and n for n in drop_params):
+        checked["drop_params"] = frozenset(drop_params)
+    else:
+        problems.append(
+            f"{where}.drop_params must be true, false or a list of field names (e.g. ['seed', 'logit_bias']), "
+            f"got {drop_params!r}"
+        )
 
 
 def _continuation(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import orjson
 
@@ -31,8 +31,10 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_JSON_DEPTH",
     "ChatRequest",
+    "DropParams",
     "NativeRequest",
     "WireProtocol",
+    "drops",
     "parse_chat_request",
     "parse_completion_request",
     "parse_embedding_request",
@@ -47,6 +49,21 @@ OpenAI-compatible upstream serves).
 """
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+DropParams: TypeAlias = bool | frozenset[str]
+"""
+A provider's `drop_params`: which fields of a client's request the translation to its
+protocol drops instead of refusing, where it has no equivalent for them: all (`True`), those
+named (as the client sent them, or as Chat Completions names them), or none (`False`, the
+default).
+"""
+
+
+def drops(drop_params: DropParams, *names: str) -> bool:
+    """Whether `drop_params` drops a field known by any of `names`."""
+    if isinstance(drop_params, bool):
+        return drop_params
+    return any(name in drop_params for name in names)
 
 MAX_JSON_DEPTH: Final = 128
 """
@@ -64,10 +81,13 @@ class NativeRequest:
 
     `headers` are the protocol's request headers an upstream of that protocol must see
     (`anthropic-version`, `anthropic-beta`). `unportable`, when set, names what the common
-    model cannot carry (a field only that protocol knows): the request can go to an upstream
-    of that protocol only. `names` are the client's names of the common body's fields where
-    its protocol names them otherwise (`text.format` for `response_format`), so that a
-    translation that refuses one names what the client sent.
+    model cannot carry (a block or item only that protocol knows): the request can go to an
+    upstream of that protocol only. `uncarried` are the top-level fields it has no equivalent
+    for, each with its refusal, left out of the common body: an upstream of another protocol
+    refuses the request for them too, unless its provider drops them (`drop_params`). `names`
+    are the client's names of the common body's fields where its protocol names them otherwise
+    (`text.format` for `response_format`), so that a translation that refuses one names what
+    the client sent.
     """
 
     protocol: WireProtocol
@@ -75,6 +95,7 @@ class NativeRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
     unportable: RequestError | None = None
     names: Mapping[str, str] = field(default_factory=dict)
+    uncarried: Mapping[str, RequestError] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,14 +133,18 @@ class ChatRequest:
         """The body as the client sent it (what limits measure)."""
         return self.body if self.native is None else self.native.body
 
-    def common_body(self) -> dict[str, Any]:
+    def common_body(self, drop_params: DropParams = False) -> dict[str, Any]:
         """
         `body`, for an upstream that does not speak the client's protocol; raises the
-        `RequestError` naming a field of the client's request it cannot carry.
+        `RequestError` naming a field of the client's request it cannot carry, unless the
+        upstream's provider drops it (`drop_params`, for a top-level field).
         """
-        if self.native is not None and self.native.unportable is not None:
-            unportable = self.native.unportable
-            raise RequestError(unportable.message, param=unportable.param)
+        if self.native is None:
+            return self.body
+        uncarried = (error for name, error in self.native.uncarried.items() if not drops(drop_params, name))
+        refusal = self.native.unportable or next(uncarried, None)
+        if refusal is not None:
+            raise RequestError(refusal.message, param=refusal.param)
         return self.body
 
     def client_name(self, name: str) -> str:

@@ -687,3 +687,27 @@ async def test_thinking_signatures_survive_a_stage_that_changes_content(staged: 
     assert tool_use.type == "tool_use"
     assert tool_use.input == {"city": "Paris", "unit": "celsius"}
     assert message.stop_reason == "tool_use"
+
+
+async def test_a_field_a_responses_upstream_has_no_equivalent_for_is_a_400_naming_the_anthropic_field(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    config = proxy_config(
+        upstream,
+        resp={"type": "openai_responses", "base_url": upstream.url + "/v1"},
+        lenient={"type": "openai_responses", "base_url": upstream.url + "/v1", "drop_params": ["stop_sequences"]},
+    )
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    ask: dict[str, Any] = {"max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], "stop_sequences": ["END"]}
+    async with anthropic.AsyncAnthropic(base_url=binds[0], api_key="k", max_retries=0) as client:
+        with pytest.raises(anthropic.BadRequestError) as info:
+            await client.messages.create(model="resp/gpt", **ask)
+        error = info.value.body["error"]
+        assert "'stop_sequences' has no equivalent in the OpenAI Responses API" in error["message"]
+        assert not upstream.requests
+
+        upstream.push(Reply(tokens=("Hel", "lo")))
+        message = await client.messages.create(model="lenient/gpt", **ask)
+    assert message.content[0].text == "Hello"
+    assert upstream.requests[-1].path == "/v1/responses"
+    assert "stop" not in upstream.requests[-1].json

@@ -14,7 +14,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import Instant, collect_into
+from tests.conftest import Instant, collect_into, proxy_config
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall
 
@@ -133,6 +133,28 @@ async def test_what_an_anthropic_upstream_cannot_hold_the_answer_to_is_a_400_nam
     assert info.value.param == param
     assert f"'{param}'" in info.value.message
     assert not upstream.requests
+
+
+async def test_a_field_an_anthropic_upstream_has_no_equivalent_for_is_a_400_unless_its_provider_drops_it(
+    nursery: trio.Nursery, upstream: FakeUpstream
+) -> None:
+    lenient = {"type": "anthropic", "base_url": upstream.url, "drop_params": ["seed"]}
+    binds = await nursery.start(partial(serve, proxy_config(upstream, lenient=lenient), host="127.0.0.1", port=0))
+    async with openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="claude/claude-test", messages=MESSAGES, seed=7)
+        assert info.value.param == "seed"
+        assert "'seed' has no equivalent in the Anthropic Messages API" in info.value.message
+        assert not upstream.requests
+
+        upstream.push(Reply(tokens=TOKENS))
+        answer = await client.chat.completions.create(
+            model="lenient/claude-test", messages=MESSAGES, seed=7, n=1, prompt_cache_key="k"
+        )
+    assert answer.choices[0].message.content == "".join(TOKENS)
+    sent = upstream.requests[-1].json
+    assert "seed" not in sent
+    assert "prompt_cache_key" not in sent
 
 
 @MODELS

@@ -111,7 +111,7 @@ async def test_claude_code_answers_from_the_simulated_provider(
 async def proxy_to(nursery: trio.Nursery, upstream: FakeUpstream, provider: str) -> str:
     """
     trioproxy sending Claude Code's model names, kept whole, to `upstream` as `provider`:
-    `up` speaks OpenAI Chat Completions to it, `claude` Anthropic Messages.
+    `up` speaks OpenAI Chat Completions to it, `resp` OpenAI Responses, `claude` Anthropic Messages.
     """
     config = parse_config(
         {
@@ -119,6 +119,7 @@ async def proxy_to(nursery: trio.Nursery, upstream: FakeUpstream, provider: str)
             "models": {CLAUDE_MODELS: provider},
             "providers": {
                 "up": {"type": "openai", "base_url": upstream.url + "/v1"},
+                "resp": {"type": "openai_responses", "base_url": upstream.url + "/v1"},
                 # No continuation: these tests watch Claude Code's own retry of a broken stream.
                 "claude": {
                     "type": "anthropic",
@@ -161,6 +162,21 @@ async def test_claude_code_answers_from_an_openai_upstream(
     assert "user" in roles
     assert "say hi" in orjson.dumps(sent.json["messages"]).decode()
     assert {t["function"]["name"] for t in sent.json["tools"]} >= {"Bash", "Read"}
+
+
+async def test_claude_code_answers_from_a_responses_upstream(
+    nursery: trio.Nursery, claude: Path, project: Path, upstream: FakeUpstream
+) -> None:
+    """Nothing Claude Code always sends is refused: `thinking`, `context_management` and the like are hints, dropped."""
+    proxy = await proxy_to(nursery, upstream, "resp")
+    upstream.push(Reply(tokens=("Hi", " from", " Responses.")))
+
+    run = await run_claude(claude, proxy, project, "say hi")
+
+    assert cli_answer(run).strip() == "Hi from Responses."
+    [sent] = upstream.requests
+    assert sent.path == "/v1/responses"
+    assert {"Bash", "Read"} <= {tool["name"] for tool in sent.json["tools"]}
 
 
 async def test_claude_code_runs_a_tool_through_an_openai_upstream(

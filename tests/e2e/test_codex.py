@@ -109,6 +109,7 @@ async def proxy_url(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
             "providers": {
                 "sim": {"type": "simulated", "ttft_ms": 0, "token_interval_ms": 0},
                 "up": {"type": "openai", "base_url": upstream.url + "/v1"},
+                "claude": {"type": "anthropic", "base_url": upstream.url},
             },
         },
         environ={},
@@ -145,6 +146,19 @@ async def test_codex_answers_from_a_chat_completions_upstream(
     assert body["messages"][-1]["role"] == "user"
     assert "What is the answer?" in str(body["messages"][-1]["content"])
     assert "exec_command" in [tool["function"]["name"] for tool in body["tools"]]
+
+
+async def test_codex_answers_from_an_anthropic_upstream(
+    codex: Path, proxy_url: str, upstream: FakeUpstream, project: Path
+) -> None:
+    """Nothing Codex always sends is refused: `prompt_cache_key` and the like are hints, dropped."""
+    upstream.push(Reply(tokens=("The answer", " is", " 42.")))
+    run = await run_codex(codex, proxy_url, project, "What is the answer?", model="claude/claude-test", websocket=False)
+    assert cli_answer(run).strip() == "The answer is 42."
+    (request,) = upstream.requests
+    assert request.path == "/v1/messages"
+    assert "exec_command" in [tool["name"] for tool in request.json["tools"]]
+    assert "prompt_cache_key" not in request.json
 
 
 async def test_codex_s_own_openai_provider_given_the_proxy_s_url_uses_websocket_mode(

@@ -190,6 +190,25 @@ async def test_a_field_the_upstream_cannot_carry_is_a_400_naming_it(client: open
     assert "Responses upstreams only" in info.value.message
 
 
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_a_field_another_upstream_has_no_equivalent_for_is_dropped_by_a_provider_that_names_it(
+    nursery: trio.Nursery, upstream: FakeUpstream, kind: str
+) -> None:
+    base_url = upstream.url + "/v1" if kind == "openai" else upstream.url
+    lenient = {"type": kind, "base_url": base_url, "drop_params": ["top_logprobs"]}
+    binds = await nursery.start(partial(serve, proxy_config(upstream, lenient=lenient), host="127.0.0.1", port=0))
+    async with openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.responses.create(model="up/gpt-test", input="hi", top_logprobs=2)
+        assert info.value.param == "top_logprobs"
+        assert not upstream.requests
+
+        upstream.push(Reply(tokens=("Hel", "lo")))
+        response = await client.responses.create(model="lenient/m", input="hi", top_logprobs=2)
+    assert response.output_text == "Hello"
+    assert "top_logprobs" not in upstream.requests[-1].json
+
+
 THINKING_STREAM = Path(__file__).parent.parent / "fixtures" / "anthropic" / "stream_thinking_tools.sse"
 THOUGHT = (
     'The user wants the weather in Paris. I have a get_weather tool that takes a city, so I should call it with "Paris"'

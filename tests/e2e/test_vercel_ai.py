@@ -1,7 +1,7 @@
 """
 The Vercel AI SDK's default OpenAI provider (`openai(model)`, which means the Responses API)
 streaming `streamText` through trioproxy: a real node process (`vercel_ai_stream.mjs`) →
-trioproxy (hypercorn on 127.0.0.1:0) → `FakeUpstream` as Chat Completions. `make vercel-ai`
+trioproxy (hypercorn on 127.0.0.1:0) → `FakeUpstream` as Chat Completions or Anthropic Messages. `make vercel-ai`
 installs the pinned SDK under `.node/`; without it the test is skipped, except under
 `CI=true`, where it fails.
 """
@@ -35,9 +35,15 @@ def node_dir() -> Path:
     pytest.skip(f"the Vercel AI SDK is not installed under {NODE_DIR} (`make vercel-ai` installs it)")
 
 
-async def test_stream_text_streams_incrementally(node_dir: Path, proxy_url: str, upstream: FakeUpstream) -> None:
+# What the SDK sends by default reaches an upstream of either protocol: none of it is refused.
+@pytest.mark.parametrize(
+    ("model", "path"), [("up/gpt-test", "/v1/chat/completions"), ("claude/claude-test", "/v1/messages")]
+)
+async def test_stream_text_streams_incrementally(
+    node_dir: Path, proxy_url: str, upstream: FakeUpstream, model: str, path: str
+) -> None:
     upstream.push(Reply(tokens=TOKENS, interval=0.3))
-    command = ["node", str(SCRIPT), str(node_dir), proxy_url + "/v1", "up/gpt-test", "Count to five"]
+    command = ["node", str(SCRIPT), str(node_dir), proxy_url + "/v1", model, "Count to five"]
     lines: list[dict[str, str]] = []
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -54,7 +60,7 @@ async def test_stream_text_streams_incrementally(node_dir: Path, proxy_url: str,
     assert process.returncode == 0
     assert [line["delta"] for line in lines[:-1]] == list(TOKENS)
     assert lines[-1] == {"text": "".join(TOKENS), "finishReason": "stop"}
-    assert upstream.requests[-1].path == "/v1/chat/completions"
+    assert upstream.requests[-1].path == path
     async with httpx.AsyncClient() as http:  # the SDK asked the Responses front
         metrics = (await http.get(proxy_url + "/metrics")).text
     assert 'trioproxy_requests_total{outcome="completed",route="/v1/responses",status="200"} 1.0' in metrics

@@ -446,22 +446,29 @@ def test_bad_tool_choice_names_the_field(choice: Any, param: str) -> None:
     assert refused([USER], tools=TOOL, tool_choice=choice).param == param
 
 
-def test_sampling_fields_stop_user_and_dropped_fields() -> None:
+def test_sampling_fields_stop_user_hints_and_neutral_values() -> None:
     body = translate(
         [USER],
         max_completion_tokens=300,
         temperature=0.2,
         top_p=0.9,
+        top_k=40,
         stop="END",
         user="u-42",
         n=1,
-        presence_penalty=0.5,
-        frequency_penalty=0.1,
-        logit_bias={"1": 2},
-        seed=7,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        logprobs=False,
+        modalities=["text"],
+        seed=None,
         response_format={"type": "text"},
         stream_options={"include_usage": True},
-        logprobs=False,
+        store=True,
+        metadata={"ticket": "42"},
+        prompt_cache_key="k",
+        safety_identifier="s",
+        service_tier="auto",
     )
     assert body == {
         "model": "claude-sonnet-4-5",
@@ -469,11 +476,60 @@ def test_sampling_fields_stop_user_and_dropped_fields() -> None:
         "messages": [{"role": "user", "content": "Hi"}],
         "temperature": 0.2,
         "top_p": 0.9,
+        "top_k": 40,
         "stop_sequences": ["END"],
         "metadata": {"user_id": "u-42"},
     }
     assert translate([USER], stop=["a", "b"])["stop_sequences"] == ["a", "b"]
     assert "stop_sequences" not in translate([USER], stop=[])
+
+
+ANSWER_CHANGING = [
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", -0.1),
+    ("logit_bias", {"1": 2}),
+    ("seed", 7),
+    ("logprobs", True),
+    ("top_logprobs", 2),
+    ("n", 2),
+    ("verbosity", "low"),
+    ("modalities", ["text", "audio"]),
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("web_search_options", {}),
+    ("functions", [{"name": "f"}]),
+    ("vendor_field", 1),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), ANSWER_CHANGING)
+def test_a_field_anthropic_has_no_equivalent_for_is_refused_by_name(name: str, value: object) -> None:
+    error = refused([USER], **{name: value})
+    assert error.param == name
+    assert f"'{name}' has no equivalent in the Anthropic Messages API" in error.message
+    assert "drop_params" in error.message
+
+
+@pytest.mark.parametrize(("name", "value"), ANSWER_CHANGING)
+def test_drop_params_drops_a_field_instead(name: str, value: object) -> None:
+    request = chat([USER], **{name: value}, temperature=0.5)
+    for drop_params in (True, frozenset({name})):
+        body = messages_request_body(request, default_max_tokens=64, drop_params=drop_params)
+        assert name not in body
+        assert body["temperature"] == 0.5
+    with pytest.raises(RequestError):
+        messages_request_body(request, default_max_tokens=64, drop_params=frozenset({"other"}))
+
+
+def test_a_refusal_names_the_field_as_a_responses_client_sent_it() -> None:
+    names = {"verbosity": "text.verbosity"}
+    request = replace(chat([USER], verbosity="low"), native=NativeRequest("responses", {}, names=names))
+    with pytest.raises(RequestError) as info:
+        messages_request_body(request, default_max_tokens=64)
+    assert info.value.param == "text.verbosity"
+    assert "'text.verbosity'" in info.value.message
+    body = messages_request_body(request, default_max_tokens=64, drop_params=frozenset({"text.verbosity"}))
+    assert "verbosity" not in body
 
 
 @pytest.mark.parametrize(
@@ -484,7 +540,7 @@ def test_sampling_fields_stop_user_and_dropped_fields() -> None:
         ({"user": 5}, "user"),
         ({"temperature": "hot"}, "temperature"),
         ({"top_p": True}, "top_p"),
-        ({"n": 2}, "n"),
+        ({"top_k": "many"}, "top_k"),
         ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ],
 )

@@ -110,7 +110,7 @@ def test_a_responses_client_s_body_goes_up_whole() -> None:
 
 
 def translate(**fields: Any) -> dict[str, Any]:
-    return responses_request_body(parse_chat_request({"model": "m", **fields}).body)
+    return responses_request_body(parse_chat_request({"model": "m", **fields}))
 
 
 def test_a_chat_request_translates_to_responses() -> None:
@@ -153,8 +153,60 @@ def test_a_chat_request_translates_to_responses() -> None:
     assert "stream_options" not in out
 
 
-@pytest.mark.parametrize("field", ["stop", "logprobs", "seed", "frequency_penalty"])
-def test_a_field_responses_has_not_is_refused_by_name(field: str) -> None:
+ANSWER_CHANGING = [
+    ("stop", "END"),
+    ("logprobs", True),
+    ("top_logprobs", 2),
+    ("seed", 7),
+    ("frequency_penalty", 0.5),
+    ("presence_penalty", -0.5),
+    ("logit_bias", {"1": 2}),
+    ("n", 2),
+    ("vendor_field", 1),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), ANSWER_CHANGING)
+def test_a_field_responses_has_not_is_refused_by_name(field: str, value: object) -> None:
     with pytest.raises(RequestError) as info:
-        translate(messages=[{"role": "user", "content": "hi"}], **{field: 1})
+        translate(messages=[{"role": "user", "content": "hi"}], **{field: value})
     assert info.value.param == field
+    assert f"'{field}' has no equivalent in the OpenAI Responses API" in info.value.message
+
+
+@pytest.mark.parametrize(("field", "value"), ANSWER_CHANGING)
+def test_drop_params_drops_a_field_responses_has_not(field: str, value: object) -> None:
+    chat = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value})
+    for drop_params in (True, frozenset({field})):
+        assert field not in responses_request_body(chat, drop_params=drop_params)
+    with pytest.raises(RequestError):
+        responses_request_body(chat, drop_params=frozenset({"other"}))
+
+
+def test_neutral_values_and_hints_are_dropped_and_verbosity_is_carried() -> None:
+    out = translate(
+        messages=[{"role": "user", "content": "hi"}],
+        n=1,
+        logprobs=False,
+        presence_penalty=0,
+        frequency_penalty=0,
+        logit_bias={},
+        seed=None,
+        stream_options={"include_usage": True},
+        verbosity="low",
+        response_format={"type": "json_object"},
+    )
+    assert out == {
+        "input": [{"type": "message", "role": "user", "content": "hi"}],
+        "model": "m",
+        "text": {"format": {"type": "json_object"}, "verbosity": "low"},
+    }
+
+
+def test_a_refusal_names_the_field_as_an_anthropic_client_sent_it() -> None:
+    common = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["END"]}
+    native = NativeRequest("anthropic", {}, names={"stop": "stop_sequences"})
+    chat = ChatRequest(body=common, model="m", messages=common["messages"], native=native)
+    with pytest.raises(RequestError) as info:
+        responses_request_body(chat)
+    assert info.value.param == "stop_sequences"

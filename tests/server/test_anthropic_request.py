@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from trioproxy._exceptions import RequestError
+from trioproxy.providers.responses import responses_request_body
 from trioproxy.server._anthropic_request import parse_messages_request, to_chat_completions
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "anthropic"
@@ -80,6 +81,25 @@ def test_an_unportable_field_does_not_refuse_the_request_itself() -> None:
         chat.common_body()
     assert info.value.param == "container"
     assert "Anthropic upstreams only" in info.value.message
+
+
+def test_a_provider_s_drop_params_drops_a_top_level_field_another_upstream_has_no_equivalent_for() -> None:
+    chat = parse_messages_request(body(container="c", mcp_servers=[], temperature=0.5), {})
+    with pytest.raises(RequestError) as info:
+        chat.common_body(frozenset({"container"}))
+    assert info.value.param == "mcp_servers"
+    for drop_params in (True, frozenset({"container", "mcp_servers"})):
+        common = chat.common_body(drop_params)
+        assert (common["temperature"], common["messages"]) == (0.5, [{"role": "user", "content": "Hi"}])
+        assert not {"container", "mcp_servers"} & set(common)
+
+
+def test_drop_params_drops_no_block_and_no_field_within_another() -> None:
+    """Only a top-level field can be dropped: what is inside the conversation or a setting is its meaning."""
+    document = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}
+    for fields in ({"messages": [{"role": "user", "content": [document]}]}, {"metadata": {"tier": "gold"}}):
+        with pytest.raises(RequestError):
+            parse_messages_request(body(**fields), {}).common_body(True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,3 +416,14 @@ def test_a_count_tokens_request_has_no_max_tokens() -> None:
     assert chat.native is not None
     assert chat.native.body == sent
     assert "max_tokens" not in chat.common_body()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["claude_code_request.json", "claude_code_tool_result_request.json", "claude_code_nonstream_retry_request.json"],
+)
+def test_what_claude_code_always_sends_is_never_refused_by_a_responses_upstream(name: str) -> None:
+    sent, headers = recorded(name)
+    body = responses_request_body(parse_messages_request(sent, headers).routed("gpt"))
+    assert body["input"]
+    assert body["tools"]

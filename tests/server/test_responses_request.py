@@ -14,6 +14,7 @@ import pytest
 
 from trioproxy._exceptions import RequestError
 from trioproxy._request import parse_chat_request
+from trioproxy.providers.anthropic import messages_request_body
 from trioproxy.server._responses_request import parse_responses_request, to_chat_completions
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "responses"
@@ -295,6 +296,23 @@ def test_a_malformed_request_is_a_400_naming_the_field(fields: dict[str, Any], p
     assert unportable(**fields).param == param
 
 
+def test_a_provider_s_drop_params_drops_a_top_level_field_another_upstream_has_no_equivalent_for() -> None:
+    chat = parse_responses_request(body(top_logprobs=3, max_tool_calls=5, temperature=0.5))
+    with pytest.raises(RequestError) as info:
+        chat.common_body()
+    assert info.value.param == "top_logprobs"
+    with pytest.raises(RequestError) as info:
+        chat.common_body(frozenset({"top_logprobs"}))
+    assert info.value.param == "max_tool_calls"
+    for drop_params in (True, frozenset({"top_logprobs", "max_tool_calls"})):
+        common = chat.common_body(drop_params)
+        assert common["temperature"] == 0.5
+        assert not {"top_logprobs", "max_tool_calls"} & set(common)
+    with pytest.raises(RequestError) as info:  # a tool the client runs in another shape is no field to drop
+        parse_responses_request(body(tools=[{"type": "local_shell"}])).common_body(True)
+    assert info.value.param == "tools[0].type"
+
+
 def test_the_recorded_codex_request_reaches_a_chat_completions_upstream() -> None:
     sent = fixture("codex_0.171.0_request.json")
     out = parse_responses_request(sent).common_body()
@@ -306,3 +324,12 @@ def test_the_recorded_codex_request_reaches_a_chat_completions_upstream() -> Non
     assert "client_metadata" not in out
     assert "include" not in out
     parse_chat_request(out)
+
+
+@pytest.mark.parametrize("name", ["codex_request.json", "codex_0.171.0_request.json"])
+def test_what_codex_always_sends_is_never_refused_by_an_anthropic_upstream(name: str) -> None:
+    """`prompt_cache_key`, `parallel_tool_calls`, `tool_choice`, `store`, `include`: translated or hints."""
+    chat = parse_responses_request(fixture(name)).routed("claude")
+    body = messages_request_body(chat, default_max_tokens=32000)
+    assert body["tools"]
+    assert "prompt_cache_key" not in body

@@ -103,9 +103,15 @@ def _http_upstream(provider: ProviderConfig, base_url: str) -> HttpUpstream:
             api_key=provider.api_key,
             extra_headers=provider.headers,
             request_usage=provider.request_usage,
+            drop_params=provider.drop_params,
         )
     elif provider.type == "openai_responses":
-        translation = ResponsesTranslation(base_url=base_url, api_key=provider.api_key, extra_headers=provider.headers)
+        translation = ResponsesTranslation(
+            base_url=base_url,
+            api_key=provider.api_key,
+            extra_headers=provider.headers,
+            drop_params=provider.drop_params,
+        )
     elif provider.type == "anthropic":
         translation = AnthropicTranslation(
             base_url=base_url,
@@ -113,6 +119,7 @@ def _http_upstream(provider: ProviderConfig, base_url: str) -> HttpUpstream:
             version=provider.anthropic_version,
             default_max_tokens=provider.default_max_tokens,
             extra_headers=provider.headers,
+            drop_params=provider.drop_params,
         )
     else:  # the config loader admits no other type
         raise ValueError(f"unknown provider type {provider.type!r}")

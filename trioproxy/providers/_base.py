@@ -16,15 +16,18 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from .._events import Delta
-from .._exceptions import ContextLengthError, UpstreamStatusError
-from .._request import ChatRequest, WireProtocol
+from .._exceptions import ContextLengthError, RequestError, UpstreamStatusError
+from .._request import ChatRequest, DropParams, WireProtocol, drops
 from .._sse import ServerSentEvent
 
 __all__ = [
     "CUT_SHORT",
+    "NEUTRAL_VALUES",
+    "DropParams",
     "StreamParser",
     "Translation",
     "UpstreamRequest",
+    "drop_or_refuse",
     "retry_after_seconds",
     "safe_message",
     "status_error",
@@ -32,6 +35,40 @@ __all__ = [
 
 CUT_SHORT: Final = "the upstream ended the stream before a finish reason"
 """What `StreamParser.end` says of a body that ended cleanly but too early."""
+
+
+NEUTRAL_VALUES: Final[Mapping[str, object]] = {
+    "n": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "logprobs": False,
+    "modalities": ["text"],
+}
+"""
+Chat Completions fields at the value that asks for nothing (the API's default): clients and
+libraries send them so, and an upstream that has no such field answers the same without it.
+"""
+
+
+def drop_or_refuse(chat: ChatRequest, name: str, value: object, drop_params: DropParams, *, upstream: str) -> None:
+    """
+    A field `name` of `chat`'s common body, set to `value`, that `upstream` (say, "the
+    Anthropic Messages API") has no equivalent for: returns when the value asks for nothing
+    (`NEUTRAL_VALUES`) or the provider's `drop_params` drops the field, else raises the
+    `RequestError` naming it as the client sent it. Dropped silently, it would have the
+    upstream answer another question than the one asked.
+    """
+    if name in NEUTRAL_VALUES and value == NEUTRAL_VALUES[name]:
+        return
+    client_name = chat.client_name(name)
+    if drops(drop_params, name, client_name):
+        return
+    raise RequestError(
+        f"'{client_name}' has no equivalent in {upstream}, which this model's upstream speaks "
+        "(an operator may set the provider's drop_params to drop it instead)",
+        param=client_name,
+    )
 
 
 @dataclass(frozen=True, slots=True)

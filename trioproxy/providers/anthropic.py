@@ -33,7 +33,7 @@ Request mapping (OpenAI → Anthropic):
 - `tools[].function` → `tools[]` with `input_schema`;
 - `tool_choice`: `auto` → auto, `required` → any, `none` → none, a named function → tool;
   `parallel_tool_calls: false` → `disable_parallel_tool_use: true`;
-- `max_tokens`/`max_completion_tokens` (or the default), `temperature`, `top_p`;
+- `max_tokens`/`max_completion_tokens` (or the default), `temperature`, `top_p`, `top_k`;
   `stop` → `stop_sequences`; `user` → `metadata.user_id`;
 - `response_format` `json_schema` → `output_config.format` (its `schema`: Anthropic holds
   every answer to it, so `strict` is moot and `name`/`description` have nowhere to go);
@@ -45,7 +45,12 @@ Request mapping (OpenAI → Anthropic):
   thinking. Left off for a request that answers tool calls or ends with an assistant prefill
   (a continuation): Anthropic then wants the earlier turn's signed thinking block, which the
   common model does not carry, or refuses a prefill;
-- everything else is dropped (Anthropic rejects unknown fields); `n > 1` is refused.
+- dropped, because they do not change the answer (`_HINTS`): `stream_options`, `store`,
+  `metadata`, `prompt_cache_key`, `safety_identifier`, `service_tier`; and a field at the
+  value that asks for nothing (`n` 1, penalties 0, ...: `NEUTRAL_VALUES`);
+- refused, naming the field as the client sent it: any other (penalties, `seed`,
+  `logit_bias`, `logprobs`, `n` > 1, `verbosity`, unknown fields): the answer would not be the
+  one asked for. The provider's `drop_params` drops the fields it names instead.
 
 Stream mapping (Anthropic event → `Delta`):
 
@@ -79,7 +84,15 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol, content_text
 from .._sse import ServerSentEvent
-from ._base import CUT_SHORT, UpstreamRequest, retry_after_seconds, safe_message, status_error
+from ._base import (
+    CUT_SHORT,
+    DropParams,
+    UpstreamRequest,
+    drop_or_refuse,
+    retry_after_seconds,
+    safe_message,
+    status_error,
+)
 
 __all__ = [
     "ANTHROPIC_VERSION",
@@ -163,6 +176,38 @@ _PARSED_EVENTS: Final = frozenset(
 
 _EMPTY_SCHEMA: Final[Mapping[str, Any]] = {"type": "object", "properties": {}}
 
+_CARRIED: Final = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop",
+        "user",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "reasoning_effort",
+    }
+)
+"""Chat Completions fields the translation carries (`messages_request_body`)."""
+
+_HINTS: Final = frozenset(
+    {"stream_options", "store", "metadata", "prompt_cache_key", "safety_identifier", "service_tier", "simulate"}
+)
+"""
+Chat Completions fields dropped because they do not change the answer: usage comes with every
+Anthropic stream; storing the completion, its tags, the cache key, the end user's safety id
+and the capacity tier are OpenAI's own; `simulate` is for the simulated upstream.
+"""
+
+_UPSTREAM: Final = "the Anthropic Messages API"
+
 
 class AnthropicTranslation:
     """
@@ -183,12 +228,14 @@ class AnthropicTranslation:
         version: str = ANTHROPIC_VERSION,
         default_max_tokens: int = 4096,
         extra_headers: Mapping[str, str] = {},
+        drop_params: DropParams = False,
     ) -> None:
         self.root = base_url.rstrip("/").removesuffix("/v1")
         self.url = self.root + "/v1/messages"
         self.count_tokens_url = self.url + "/count_tokens"
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
+        self.drop_params = drop_params
         headers = {
             "content-type": "application/json",
             "accept": "text/event-stream",
@@ -208,7 +255,7 @@ class AnthropicTranslation:
             body["stream"] = True
             headers = {**self._headers, **native.headers, **self._extra_headers}
             return UpstreamRequest(self.url, headers, orjson.dumps(body))
-        body = messages_request_body(chat, default_max_tokens=self.default_max_tokens)
+        body = messages_request_body(chat, default_max_tokens=self.default_max_tokens, drop_params=self.drop_params)
         body["stream"] = True
         return UpstreamRequest(self.url, dict(self._headers), orjson.dumps(body))
 
@@ -265,15 +312,21 @@ class _Message(TypedDict):
     content: str | list[dict[str, object]]
 
 
-def messages_request_body(chat: ChatRequest, *, default_max_tokens: int) -> dict[str, object]:
+def messages_request_body(
+    chat: ChatRequest, *, default_max_tokens: int, drop_params: DropParams = False
+) -> dict[str, object]:
     """
     The Anthropic Messages request body for `chat`, without `stream`.
 
     Pure, so the whole mapping can be tested on dicts. `model` is `chat.upstream_model`, or
     the client's own name when the request was not routed. What the common model cannot carry
-    of the client's request is refused first: its messages are then not the client's.
+    of the client's request is refused first: its messages are then not the client's; then
+    a field Anthropic has no equivalent for, unless `drop_params` drops it.
     """
-    src = chat.common_body()
+    src = chat.common_body(drop_params)
+    for name, value in src.items():
+        if value is not None and name not in _CARRIED and name not in _HINTS:
+            drop_or_refuse(chat, name, value, drop_params, upstream=_UPSTREAM)
     system, messages = _system_and_messages(chat.messages)
     max_tokens = chat.max_tokens or default_max_tokens
     body: dict[str, object] = {
@@ -333,11 +386,8 @@ def _role_and_content(message: dict[str, object], where: str) -> tuple[str, str 
 
 
 def _sampling(src: Mapping[str, Any], body: dict[str, object]) -> None:
-    """`n` (one only), `temperature`, `top_p`, `stop` and `user` into `body`."""
-    n = src.get("n")
-    if n is not None and n != 1:
-        raise RequestError("an Anthropic upstream generates one choice only; 'n' must be 1", param="n")
-    for name in ("temperature", "top_p"):
+    """`temperature`, `top_p`, `top_k`, `stop` and `user` into `body`."""
+    for name in ("temperature", "top_p", "top_k"):
         value = src.get(name)
         if value is not None:
             if not isinstance(value, (int, float)) or isinstance(value, bool):

@@ -31,7 +31,7 @@ import orjson
 
 from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import UpstreamProtocolError, UpstreamStatusError
-from .._request import ChatRequest, WireProtocol
+from .._request import ChatRequest, DropParams, WireProtocol
 from .._sse import ServerSentEvent
 from ._base import CUT_SHORT, StreamParser, UpstreamRequest, retry_after_seconds, safe_message, status_error
 
@@ -44,7 +44,9 @@ class OpenAITranslation:
 
     `request_usage` asks the upstream for `stream_options.include_usage` whatever the client
     asked, so every stream is counted from the upstream's own figures; the OpenAI front
-    adapter drops the usage chunk again for a client that did not ask for it.
+    adapter drops the usage chunk again for a client that did not ask for it. `drop_params`
+    drops the fields of another protocol's client that Chat Completions has no equivalent for
+    (`ChatRequest.common_body`), instead of refusing them.
     """
 
     protocol: WireProtocol = "openai"
@@ -56,11 +58,13 @@ class OpenAITranslation:
         api_key: str | None = None,
         extra_headers: Mapping[str, str] | None = None,
         request_usage: bool = True,
+        drop_params: DropParams = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self.api_key = api_key
         self.request_usage = request_usage
+        self.drop_params = drop_params
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -79,7 +83,7 @@ class OpenAITranslation:
             return UpstreamRequest(
                 self.base_url + "/completions", self._stream_headers, self._streamed(chat, native.body)
             )
-        return UpstreamRequest(self.url, self._stream_headers, self._streamed(chat, chat.common_body()))
+        return UpstreamRequest(self.url, self._stream_headers, self._streamed(chat, chat.common_body(self.drop_params)))
 
     def _streamed(self, chat: ChatRequest, client_body: dict[str, Any]) -> bytes:
         """The client's body, asking for `chat.upstream_model`, streamed (with usage, if `request_usage`)."""

@@ -20,11 +20,14 @@ Request mapping (Chat Completions → Responses, `responses_protocol.md` §6 rea
   `function_call_output` items;
 - function tools → flat function tools; `tool_choice` likewise; `response_format` →
   `text.format`; `max_completion_tokens`/`max_tokens` → `max_output_tokens`;
-  `reasoning_effort` → `reasoning.effort`; `temperature`, `top_p`, `parallel_tool_calls`,
-  `user`, `metadata`, `prompt_cache_key`, `safety_identifier`, `service_tier` as they are;
-- dropped: `stream_options` (usage always comes with `response.completed`), `n` of 1;
-- refused, naming the field: anything else (`stop`, `logprobs`, `frequency_penalty`, `seed`,
-  `n` > 1, ...): the Responses API has no such field.
+  `reasoning_effort` → `reasoning.effort`; `verbosity` → `text.verbosity`; `temperature`,
+  `top_p`, `parallel_tool_calls`, `user`, `metadata`, `prompt_cache_key`, `safety_identifier`,
+  `service_tier`, `store` as they are;
+- dropped: `stream_options` (usage always comes with `response.completed`), and a field at
+  the value that asks for nothing (`n` 1, penalties 0, ...: `NEUTRAL_VALUES`);
+- refused, naming the field as the client sent it: anything else (`stop`, `logprobs`,
+  `frequency_penalty`, `seed`, `n` > 1, an Anthropic client's `top_k`, ...): the Responses API
+  has no such field. The provider's `drop_params` drops the fields it names instead.
 
 Stream mapping (Responses event → `Delta`):
 
@@ -59,7 +62,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import CUT_SHORT, UpstreamRequest, safe_message, status_error
+from ._base import CUT_SHORT, DropParams, UpstreamRequest, drop_or_refuse, safe_message, status_error
 from .openai import OpenAITranslation
 
 __all__ = ["ResponsesStreamParser", "ResponsesTranslation", "responses_request_body"]
@@ -104,8 +107,15 @@ class ResponsesTranslation(OpenAITranslation):
 
     protocol: WireProtocol = "responses"
 
-    def __init__(self, *, base_url: str, api_key: str | None = None, extra_headers: Mapping[str, str] | None = None):
-        super().__init__(base_url=base_url, api_key=api_key, extra_headers=extra_headers)
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+        drop_params: DropParams = False,
+    ):
+        super().__init__(base_url=base_url, api_key=api_key, extra_headers=extra_headers, drop_params=drop_params)
         self.url = base_url.rstrip("/") + "/responses"
 
     def count_tokens_request(self, chat: ChatRequest) -> UpstreamRequest | None:
@@ -129,7 +139,7 @@ class ResponsesTranslation(OpenAITranslation):
         if native is not None and native.protocol == self.protocol:
             body = dict(native.body)
         else:
-            body = responses_request_body(chat.common_body())
+            body = responses_request_body(chat, drop_params=self.drop_params)
         body["model"] = chat.upstream_model
         body["stream"] = True
         return UpstreamRequest(self.url, self._stream_headers, orjson.dumps(body))
@@ -138,8 +148,12 @@ class ResponsesTranslation(OpenAITranslation):
         return ResponsesStreamParser(secret=self.api_key, keep_raw=chat.protocol == self.protocol)
 
 
-def responses_request_body(common: dict[str, Any]) -> dict[str, Any]:
-    """The Responses body that asks what the Chat Completions `common` asks; raises naming what it cannot carry."""
+def responses_request_body(chat: ChatRequest, *, drop_params: DropParams = False) -> dict[str, Any]:
+    """
+    The Responses body that asks what `chat`'s common body asks; raises naming what it cannot
+    carry, unless `drop_params` drops it.
+    """
+    common = chat.common_body(drop_params)
     body: dict[str, Any] = {"input": _input(common["messages"])}
     for name, value in common.items():
         if name in ("messages", "stream", "stream_options") or value is None:
@@ -155,14 +169,11 @@ def responses_request_body(common: dict[str, Any]) -> dict[str, Any]:
         elif name == "tool_choice":
             body["tool_choice"] = _tool_choice(value)
         elif name == "response_format":
-            body["text"] = {"format": _format(value)}
-        elif name == "n" and value == 1:
-            continue
+            body.setdefault("text", {})["format"] = _format(value)
+        elif name == "verbosity":
+            body.setdefault("text", {})["verbosity"] = value
         else:
-            raise RequestError(
-                f"'{name}' has no equivalent in the OpenAI Responses API, which this model's upstream speaks",
-                param=name,
-            )
+            drop_or_refuse(chat, name, value, drop_params, upstream="the OpenAI Responses API")
     return body
 
 

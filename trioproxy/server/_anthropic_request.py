@@ -36,7 +36,9 @@ The translation (Anthropic → Chat Completions):
   another upstream has no tool search to load it later; Claude Code marks one of its tools);
 - refused, naming the field: any other field, block type or block field (documents, server
   tools, `container`, `mcp_servers`, `inference_geo` — a data-residency promise another
-  upstream cannot keep —, and whatever this module does not know).
+  upstream cannot keep —, and whatever this module does not know). A top-level field among
+  them is left out of the common body with its refusal kept (`NativeRequest.uncarried`), so
+  that a provider whose `drop_params` names it drops it instead.
 
 Sans-IO.
 """
@@ -82,6 +84,14 @@ _BLOCK_FIELDS: Final[dict[str, frozenset[str]]] = {
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
 
+_CLIENT_NAMES: Final = {
+    "stop": "stop_sequences",
+    "user": "metadata.user_id",
+    "response_format": "output_config.format",
+    "parallel_tool_calls": "tool_choice.disable_parallel_tool_use",
+}
+"""The Messages names of the translated fields that Chat Completions names otherwise."""
+
 
 class Headers(Protocol):
     """A request's headers, looked up by lower-case name (quart's, or a plain dict)."""
@@ -113,8 +123,9 @@ def parse_messages_request(body: dict[str, object], headers: Headers, *, countin
         raise RequestError("'stream' must be a boolean", param="stream")
 
     unportable: RequestError | None = None
+    uncarried: dict[str, RequestError] = {}
     try:
-        common = to_chat_completions(body)
+        common = to_chat_completions(body, uncarried)
     except RequestError as exc:
         unportable = exc
         # Never sent anywhere (`common_body` refuses it): enough to account for the request.
@@ -126,14 +137,16 @@ def parse_messages_request(body: dict[str, object], headers: Headers, *, countin
         messages=common["messages"],
         stream=stream,
         max_tokens=max_tokens,
-        native=NativeRequest("anthropic", body, forwarded, unportable),
+        native=NativeRequest("anthropic", body, forwarded, unportable, _CLIENT_NAMES, uncarried),
     )
 
 
-def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
+def to_chat_completions(body: dict[str, Any], uncarried: dict[str, RequestError] | None = None) -> dict[str, Any]:
     """
     The Chat Completions body that asks what the Messages `body` asks; raises a
-    `RequestError` naming the first field it cannot carry.
+    `RequestError` naming the first field it cannot carry, except a top-level field with no
+    equivalent when `uncarried` is given: that is left out, and its refusal recorded there
+    (an upstream's provider may drop it, `ChatRequest.common_body`).
     """
     out: dict[str, Any] = {"model": body["model"], "stream": bool(body.get("stream"))}
     if "max_tokens" in body:
@@ -147,13 +160,20 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     out["messages"] = messages
 
     for name, value in body.items():
-        if name not in ("model", "max_tokens", "stream", "system", "messages") and name not in _DROPPED:
-            out.update(_fields(name, value))
+        if name in ("model", "max_tokens", "stream", "system", "messages") or name in _DROPPED:
+            continue
+        fields = _fields(name, value)
+        if fields is not None:
+            out.update(fields)
+        elif uncarried is None:
+            raise _unportable(f"'{name}'", name)
+        else:
+            uncarried[name] = _unportable(f"'{name}'", name)
     return out
 
 
-def _fields(name: str, value: object) -> dict[str, object]:
-    """The Chat Completions fields (none, one or more) that carry the Messages field `name`."""
+def _fields(name: str, value: object) -> dict[str, object] | None:
+    """The Chat Completions fields (none, one or more) that carry the Messages field `name`; `None` if none can."""
     if name in ("temperature", "top_p", "top_k") or name in _TRIOPROXY_FIELDS:
         return {name: value}
     if name == "stop_sequences":
@@ -171,7 +191,7 @@ def _fields(name: str, value: object) -> dict[str, object]:
         return _tool_choice(value)
     if name == "output_config":
         return _output_config(value)
-    raise _unportable(f"'{name}'", name)
+    return None
 
 
 def _unportable(what: str, param: str) -> RequestError:

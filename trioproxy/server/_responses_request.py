@@ -39,7 +39,9 @@ The translation (Responses → Chat Completions, `responses_protocol.md` §6):
   given as a `file_id`, `item_reference`, `previous_response_id`, `conversation` and
   `prompt` (they name objects stored elsewhere; the front resolves `previous_response_id`
   from its own store before translating), `max_tool_calls`,
-  `top_logprobs`, and any field this module does not know.
+  `top_logprobs`, and any field this module does not know. A top-level field among them is
+  left out of the common body with its refusal kept (`NativeRequest.uncarried`), so that a
+  provider whose `drop_params` names it drops it instead.
 
 Sans-IO.
 """
@@ -73,6 +75,7 @@ _CLIENT_NAMES: Final = {
     "max_tokens": "max_output_tokens",
     "reasoning_effort": "reasoning.effort",
     "response_format": "text.format",
+    "verbosity": "text.verbosity",
 }
 """The Responses names of the translated fields that Chat Completions names otherwise."""
 
@@ -103,8 +106,9 @@ def parse_responses_request(body: dict[str, Any]) -> ChatRequest:
         raise RequestError("'max_output_tokens' must be a positive integer", param="max_output_tokens")
 
     unportable: RequestError | None = None
+    uncarried: dict[str, RequestError] = {}
     try:
-        common = to_chat_completions(body)
+        common = to_chat_completions(body, uncarried)
     except RequestError as exc:
         unportable = exc
         # Never sent anywhere (`common_body` refuses it): enough to account for the request.
@@ -115,7 +119,7 @@ def parse_responses_request(body: dict[str, Any]) -> ChatRequest:
         messages=common["messages"],
         stream=stream,
         max_tokens=max_tokens,
-        native=NativeRequest("responses", body, {}, unportable, _CLIENT_NAMES),
+        native=NativeRequest("responses", body, {}, unportable, _CLIENT_NAMES, uncarried),
     )
 
 
@@ -173,10 +177,12 @@ def continued(body: dict[str, Any], previous: Turn) -> dict[str, Any]:
     return out
 
 
-def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
+def to_chat_completions(body: dict[str, Any], uncarried: dict[str, RequestError] | None = None) -> dict[str, Any]:
     """
     The Chat Completions body that asks what the Responses `body` asks; raises a
-    `RequestError` naming the first field it cannot carry.
+    `RequestError` naming the first field it cannot carry, except a top-level field with no
+    equivalent when `uncarried` is given: that is left out, and its refusal recorded there
+    (an upstream's provider may drop it, `ChatRequest.common_body`).
     """
     out: dict[str, object] = {"model": body["model"], "stream": bool(body.get("stream"))}
     messages: list[dict[str, object]] = []
@@ -193,13 +199,20 @@ def to_chat_completions(body: dict[str, Any]) -> dict[str, Any]:
     out["messages"] = messages
 
     for name, value in body.items():
-        if name not in ("model", "stream", "instructions", "input") and name not in _DROPPED:
-            out.update(_fields(name, value))
+        if name in ("model", "stream", "instructions", "input") or name in _DROPPED:
+            continue
+        fields = _fields(name, value)
+        if fields is not None:
+            out.update(fields)
+        elif uncarried is None:
+            raise _unportable(f"'{name}'", name)
+        else:
+            uncarried[name] = _unportable(f"'{name}'", name)
     return out
 
 
-def _fields(name: str, value: object) -> dict[str, object]:
-    """The Chat Completions fields (none, one or more) that carry the Responses field `name`."""
+def _fields(name: str, value: object) -> dict[str, object] | None:
+    """The Chat Completions fields (none, one or more) that carry the Responses field `name`; `None` if none can."""
     if name in _SAME_NAME or name in _TRIOPROXY_FIELDS:
         return {name: value}
     if name == "max_output_tokens":
@@ -218,7 +231,7 @@ def _fields(name: str, value: object) -> dict[str, object]:
     unset = value is None or value is False
     if name in ("previous_response_id", "conversation", "prompt", "max_tool_calls") and unset:
         return {}  # nothing to carry
-    raise _unportable(f"'{name}'", name)
+    return None
 
 
 def _unportable(what: str, param: str) -> RequestError:
