@@ -57,14 +57,13 @@ import orjson
 
 from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import StreamCancelled, TrioproxyError, UpstreamProtocolError
-from .._sse import SSEDecoder
+from .._sse import SSEDecoder, encode_typed_event
 
 __all__ = [
     "KEEP_ALIVE",
     "TERMINAL_EVENTS",
     "ResponsesEventRenderer",
     "response_from_events",
-    "sse_event",
     "websocket_frame",
 ]
 
@@ -101,12 +100,6 @@ _ECHOED: Final[dict[str, Any]] = {
     "user": None,
 }
 """Request fields the Response object echoes, with the API's defaults when the request left them out."""
-
-
-def sse_event(payload: dict[str, Any]) -> bytes:
-    """An event of a `POST /v1/responses` stream: named, its one `data:` line the payload, LF only."""
-    name: str = payload["type"]
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
 def websocket_frame(payload: dict[str, Any]) -> bytes:
@@ -155,7 +148,7 @@ class ResponsesEventRenderer:
         request: dict[str, Any],
         model: str,
         prompt_chars: int = 0,
-        frame: Callable[[dict[str, Any]], bytes] = sse_event,
+        frame: Callable[[dict[str, Any]], bytes] = encode_typed_event,
         response_id: str | None = None,
     ) -> None:
         self.id = response_id or "resp_" + _token()
@@ -280,9 +273,9 @@ class ResponsesEventRenderer:
         if self._keeps_id and self._upstream_id is not None:
             raw = raw.replace(self._upstream_id.encode(), self.id.encode())
         item_event = raw.startswith(_ITEM_EVENT)
-        if self._frame is not sse_event or delta.role or delta.finish_reason is not None or item_event:
+        if self._frame is not encode_typed_event or delta.role or delta.finish_reason is not None or item_event:
             payload = orjson.loads(SSEDecoder().feed(raw)[0].data)
-            if self._frame is not sse_event:
+            if self._frame is not encode_typed_event:
                 raw = self._frame(payload)
             if isinstance(payload.get("response"), dict):  # created, completed, incomplete
                 self.response = payload["response"]

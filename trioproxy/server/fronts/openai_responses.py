@@ -36,11 +36,11 @@ from quart_trio import QuartTrio
 
 from ..._exceptions import NotFoundError, RequestError, StreamCancelled, TrioproxyError
 from ..._request import ChatRequest, parse_json_object
-from ..._sse import SSEDecoder
+from ..._sse import SSEDecoder, encode_typed_event
 from ...pipeline import StreamSession
 from .._core import SSE, Core, complete, json_response, watch_remote_response, watch_response
 from .._generic import prompt_chars, render
-from .._responses_front import ResponsesEventRenderer, response_from_events, sse_event
+from .._responses_front import ResponsesEventRenderer, response_from_events
 from .._responses_request import Turn, continued, input_items, listed_input_items, parse_responses_request
 from .._responses_websocket import register_responses_websocket
 from .._streams import BroadcastStream, RendererFactory, Watcher
@@ -62,7 +62,7 @@ def _error(error: TrioproxyError) -> Response:
 
 def _encode(payload: dict[str, Any], event_id: int) -> bytes:
     """A stored response's events: event id `n` is `sequence_number` `n - 1`, which the payload carries."""
-    return sse_event(payload)
+    return encode_typed_event(payload)
 
 
 def _renderer(stream: BroadcastStream) -> ResponsesEventRenderer:
