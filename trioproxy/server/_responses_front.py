@@ -256,7 +256,7 @@ class ResponsesEventRenderer:
     # ----------------------------------------------------------------------------------------
     # a Responses upstream's own events
 
-    def _forward(self, delta: Delta) -> bytes:  # noqa: C901 - to split: the cpu branch's rework of the renderers was merged as this work ended
+    def _forward(self, delta: Delta) -> bytes:
         """
         The upstream's event as it came (through `frame` unless it writes SSE); ours (an
         error) continue its numbering. The response's id is the upstream's, or, when the store
@@ -266,21 +266,12 @@ class ResponsesEventRenderer:
         raw = delta.raw
         assert raw is not None
         if self._upstream_id is None and delta.role:  # response.created: the upstream's id
-            created = orjson.loads(SSEDecoder().feed(raw)[0].data).get("response") or {}
-            self._upstream_id = created.get("id") if isinstance(created.get("id"), str) else None
-            if self._upstream_id is not None and not self._keeps_id:
-                self.id = self._upstream_id
+            self._adopt_upstream_id(raw)
         if self._keeps_id and self._upstream_id is not None:
             raw = raw.replace(self._upstream_id.encode(), self.id.encode())
         item_event = raw.startswith(_ITEM_EVENT)
         if self._frame is not encode_typed_event or delta.role or delta.finish_reason is not None or item_event:
-            payload = orjson.loads(SSEDecoder().feed(raw)[0].data)
-            if self._frame is not encode_typed_event:
-                raw = self._frame(payload)
-            if isinstance(payload.get("response"), dict):  # created, completed, incomplete
-                self.response = payload["response"]
-            if item_event:
-                self._follow_item(payload)
+            raw = self._read_forwarded(raw, item_event=item_event)
         self._started = True
         self._sequence += 1
         if delta.finish_reason is not None:
@@ -297,6 +288,28 @@ class ResponsesEventRenderer:
         if len(self._held) > MAX_HELD_EVENTS:
             return self._flush()
         return b""
+
+    def _adopt_upstream_id(self, created_event: bytes) -> None:
+        """Note the upstream's response id from its `response.created`; it is ours unless the store chose one."""
+        created = orjson.loads(SSEDecoder().feed(created_event)[0].data).get("response") or {}
+        self._upstream_id = created.get("id") if isinstance(created.get("id"), str) else None
+        if self._upstream_id is not None and not self._keeps_id:
+            self.id = self._upstream_id
+
+    def _read_forwarded(self, raw: bytes, *, item_event: bool) -> bytes:
+        """
+        An event the renderer must read (it carries the Response, or an output item) or
+        reframe (`frame` is not SSE): the event as it goes out. Not every delta's: a text
+        delta forwarded as SSE is never parsed.
+        """
+        payload = orjson.loads(SSEDecoder().feed(raw)[0].data)
+        if self._frame is not encode_typed_event:
+            raw = self._frame(payload)
+        if isinstance(payload.get("response"), dict):  # created, completed, incomplete
+            self.response = payload["response"]
+        if item_event:
+            self._follow_item(payload)
+        return raw
 
     def _follow_item(self, payload: dict[str, Any]) -> None:
         """
