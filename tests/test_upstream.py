@@ -16,10 +16,10 @@ import trio.lowlevel
 import trio.testing
 
 from trioproxy import parse_config
-from trioproxy._exceptions import UpstreamConnectError
+from trioproxy._exceptions import UpstreamBrokenError, UpstreamConnectError
 from trioproxy._request import parse_chat_request
 from trioproxy._targets import Breakers, BreakerState, Verdict
-from trioproxy._upstream import BalancedUpstream, _http_upstream
+from trioproxy._upstream import BalancedUpstream, HttpUpstream, _http_upstream
 from trioproxy._upstream._backend import read_when_readable
 from trioproxy._upstream._pool import IDLE_SWEEP_INTERVAL, PooledTransport
 from trioproxy.testing import Reply, open_fake_upstream
@@ -211,3 +211,80 @@ async def test_targets_the_breakers_skip_are_not_tried(nursery: trio.Nursery) ->
         await balanced_upstream.stream(CHAT, Collected())
     assert upstream.request_count == 0
     await balanced_upstream.aclose()
+
+
+SSE_CHUNKS = (
+    b'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"he"},"finish_reason":null}]}\n\n',
+    b'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"m",'
+    b'"choices":[{"index":0,"delta":{"content":"llo"},"finish_reason":"stop"}]}\n\n',
+    b"data: [DONE]\n\n",
+)
+
+
+async def serve_raw(answers: list[bytes], task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """
+    An upstream on 127.0.0.1 that accepts one connection, answers each request on it with the
+    next of `answers`, verbatim, and then closes it.
+    """
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    task_status.started(f"http://127.0.0.1:{listener.socket.getsockname()[1]}/v1")
+    async with listener:
+        stream = await listener.accept()
+        async with stream:
+            buffer = b""
+            for answer in answers:
+                while b"\r\n\r\n" not in buffer:
+                    buffer += await stream.receive_some(65536)
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                lines = head.lower().split(b"\r\n")
+                [length] = [int(line[15:]) for line in lines if line.startswith(b"content-length:")]
+                while len(buffer) < length:
+                    buffer += await stream.receive_some(65536)
+                buffer = buffer[length:]
+                await stream.send_all(answer)
+
+
+def http_upstream(url: str) -> HttpUpstream:
+    config = parse_config({"providers": {"p": {"type": "openai", "base_url": url}}}, environ={})
+    return _http_upstream(config.providers["p"], url)
+
+
+def chunked(parts: tuple[bytes, ...], *, extension: bytes = b"", trailer: bytes = b"") -> bytes:
+    body = b"".join(b"%x%s\r\n%s\r\n" % (len(part), extension, part) for part in parts)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    return head + body + b"0\r\n" + trailer + b"\r\n"
+
+
+def streamed_text(collected: Collected) -> str:
+    return "".join(item.text for item in collected.items if getattr(item, "text", None))  # type: ignore[attr-defined]
+
+
+async def test_a_chunked_body_with_extensions_and_trailers_streams_whole_and_its_connection_is_reused(
+    nursery: trio.Nursery,
+) -> None:
+    """The body reader decodes chunked framing itself through h11: extensions and trailers are framing, not text."""
+    answers = [
+        chunked(SSE_CHUNKS, extension=b";name=value"),
+        chunked(SSE_CHUNKS, trailer=b"x-trailer: done\r\n"),
+    ]
+    url = await nursery.start(serve_raw, answers)
+    upstream = http_upstream(url)
+    with trio.fail_after(5):
+        for _ in answers:  # both on the one connection the raw upstream accepts
+            collected = Collected()
+            await upstream.stream(CHAT, collected)
+            assert streamed_text(collected) == "hello"
+    await upstream.aclose()
+
+
+async def test_a_body_cut_short_is_a_broken_stream(nursery: trio.Nursery) -> None:
+    whole = chunked(SSE_CHUNKS)
+    cut = whole[: whole.index(b"[DONE]")]  # the connection closes inside a chunk
+    url = await nursery.start(serve_raw, [cut])
+    upstream = http_upstream(url)
+    collected = Collected()
+    with trio.fail_after(5), pytest.raises(UpstreamBrokenError):
+        await upstream.stream(CHAT, collected)
+    assert streamed_text(collected) == "hello"  # what came before the cut was delivered
+    await upstream.aclose()

@@ -220,6 +220,10 @@ async def exchange(upstream: BenchUpstream, data: bytes) -> tuple[int, dict[byte
         (request("/v1/chat/completions", b"not json"), 400, {"message", "type", "param", "code"}),
         (request("/v1/messages", b"[1, 2]"), 400, {"type", "message"}),
         (request("/v1/nowhere", {"model": "m"}), 404, {"message", "type", "param", "code"}),
+        # FakeUpstream serves these; the benchmark upstream does not, and must not answer them as another API
+        (request("/v1/completions", {"model": "m", "stream": True}), 404, {"message", "type", "param", "code"}),
+        (request("/v1/embeddings", {"model": "m", "input": "x"}), 404, {"message", "type", "param", "code"}),
+        (request("/v1/responses/compact", {"model": "m"}), 404, {"message", "type", "param", "code"}),
         (request("/v1/chat/completions", {}, method="GET"), 404, {"message", "type", "param", "code"}),
         (b"POST /v1/chat/completions HTTP/1.1\r\nbad header\r\n\r\n", 400, {"message", "type", "param", "code"}),
     ],

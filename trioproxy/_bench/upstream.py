@@ -72,6 +72,13 @@ __all__ = ["BenchUpstream"]
 
 logger = logging.getLogger(__name__)
 
+_SERVED: Final[dict[str, Api]] = {
+    route: api
+    for route, api in ROUTES.items()
+    if api in (Api.OPENAI, Api.ANTHROPIC, Api.RESPONSES) and not route.startswith("/v1/responses/")
+}
+"""The streamed generations this upstream serves: FakeUpstream's routes less its other endpoints."""
+
 #: Bytes asked of the kernel per read.
 MAX_RECEIVE: Final = 64 * 1024
 #: A larger request body is answered with 413 and the connection closed.
@@ -204,7 +211,7 @@ class BenchUpstream(LoopbackServer):
         if method == "GET" and route == "/v1/models":
             connection.answer(_json_response(200, models_body(), close=request.close))
             return
-        api = ROUTES.get(route) if method == "POST" else None
+        api = _SERVED.get(route) if method == "POST" else None
         if api is None:
             body = error_body(Api.OPENAI, 404, f"no route for {method} {route}")
             connection.answer(_json_response(404, body, close=request.close))

@@ -8,14 +8,16 @@ behind a circuit breaker. They push the same items into a channel: `OPENED` once
 has accepted the request, then `Delta`s, and they raise a `TrioproxyError` when the upstream
 fails.
 
-Cancellation is the point of the design: `stream()` keeps `client.stream(...)` open inside
-the caller's task, so cancelling the request's session unwinds into httpx's `finally`, which
-closes the response and its connection — the upstream sees the client leave at once.
+Cancellation is the point of the design: `stream()` keeps its response open inside the
+caller's task, so cancelling the request's session unwinds into the `finally` that closes the
+response and its connection — the upstream sees the client leave at once.
 
 Under the client sits `PooledTransport`, an httpx transport over httpcore's own HTTP/1.1
-connections: a keep-alive pool whose cost per request does not grow with its size, and a trio
-network stream that reads without a cancel scope of its own when there is no read timeout
-(trioproxy's watchdog is the read timeout). httpx's own transport is kept where it does more
+connections: a keep-alive pool whose cost per request does not grow with its size, a response
+body read from the connection's h11 state and socket in one generator, and a trio network
+stream that reads without a cancel scope of its own when there is no read timeout
+(trioproxy's watchdog is the read timeout). A stream's request, built by the client, goes to
+the pool directly. httpx's own transport is kept where it does more
 than ours: when the environment names a proxy.
 
 One job a module: `_http` (HttpUpstream), `_pool` (the keep-alive pool), `_backend` (httpcore

@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Final
 
+import h11
 import httpcore
 import httpx
 
@@ -66,6 +67,7 @@ _HTTPCORE_ERRORS: Final[dict[type[Exception], type[httpx.HTTPError]]] = {
     httpcore.UnsupportedProtocol: httpx.UnsupportedProtocol,
     httpcore.LocalProtocolError: httpx.LocalProtocolError,
     httpcore.RemoteProtocolError: httpx.RemoteProtocolError,
+    h11.RemoteProtocolError: httpx.RemoteProtocolError,  # the pool's body reader drives h11 itself
     httpcore.ProtocolError: httpx.ProtocolError,
 }
 """httpcore's errors and the httpx errors they become, most specific first (as httpx maps them)."""

@@ -11,6 +11,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final, Protocol, cast
 
+import h11
 import httpcore
 import httpx
 import trio
@@ -18,7 +19,7 @@ import trio
 from ._backend import TrioBackend
 from ._errors import mapped_httpcore_errors
 
-__all__ = ["IDLE_SWEEP_INTERVAL", "PooledTransport"]
+__all__ = ["IDLE_SWEEP_INTERVAL", "READ_SIZE", "PooledTransport"]
 
 IDLE_SWEEP_INTERVAL: Final = 1.0
 """
@@ -26,6 +27,9 @@ Seconds between two looks of a pool at its idle connections: how long, at most, 
 connection outlives its keep-alive expiry, or stays half-closed (CLOSE-WAIT) after its
 upstream closed it.
 """
+
+READ_SIZE: Final = 64 * 1024
+"""The most bytes one read of a response body takes from its socket (httpcore's own figure)."""
 
 
 class PooledTransport(httpx.AsyncBaseTransport):
@@ -158,7 +162,16 @@ class _AsyncBody(AsyncIterable[bytes], Protocol):
 
 
 class _PooledResponseStream(httpx.AsyncByteStream):
-    """A response body on a pooled connection; closing it gives the connection back."""
+    """
+    A response body on a pooled connection; closing it gives the connection back.
+
+    It reads the body itself, from the connection's h11 state and network stream, rather
+    than through httpcore's two generators and their trace contexts: one layer from the socket
+    to the SSE decoder where there were four (httpx's and httpcore's). h11 still decodes the
+    body (chunk extensions, trailers, a body cut short is its `RemoteProtocolError`), and
+    closing goes through httpcore's stream as before, so the connection is pooled only when
+    h11 saw the whole response.
+    """
 
     def __init__(
         self,
@@ -173,9 +186,18 @@ class _PooledResponseStream(httpx.AsyncByteStream):
         self._origin = origin
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        http11 = self._stream._connection  # type: ignore[attr-defined]  # httpcore's HTTP/1.1 connection
+        state: h11.Connection = http11._h11_state
+        network: httpcore.AsyncNetworkStream = http11._network_stream
         with mapped_httpcore_errors():
-            async for part in self._stream:
-                yield part
+            while True:
+                event = state.next_event()
+                if event is h11.NEED_DATA:
+                    state.receive_data(await network.read(READ_SIZE))  # b"" at its end: h11 tells a cut body
+                elif type(event) is h11.Data:
+                    yield bytes(event.data)
+                elif type(event) is h11.EndOfMessage:
+                    return
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
