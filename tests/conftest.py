@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,7 +22,7 @@ import openai
 import pytest
 import trio
 
-from trioproxy import Config, parse_config, serve
+from trioproxy import Config, create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, open_fake_upstream
 
 T = TypeVar("T")
@@ -49,6 +50,22 @@ def proxy_config(upstream: FakeUpstream, **extra_providers: dict) -> Config:
         },
         environ={"UP_KEY": UPSTREAM_KEY, "CLAUDE_KEY": ANTHROPIC_KEY},
     )
+
+
+@asynccontextmanager
+async def in_process(config: Config) -> AsyncIterator[tuple[httpx.AsyncClient, openai.AsyncOpenAI]]:
+    """
+    The app of `config` on the current (mock) clock, reached through ASGI (no sockets, so that
+    its timeouts and windows pass on trio's MockClock): an httpx client at `http://proxy.test`
+    and the official SDK on it (no retries).
+    """
+    app = create_app(config)
+    async with (
+        app.test_app(),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test") as http,
+        openai.AsyncOpenAI(base_url="http://proxy.test/v1", api_key="k", max_retries=0, http_client=http) as client,
+    ):
+        yield http, client
 
 
 @pytest.fixture

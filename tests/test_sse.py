@@ -22,6 +22,7 @@ from trioproxy._sse import (
     SSEDecoder,
     encode_comment,
     encode_event,
+    encode_typed_event,
 )
 
 Decode = Callable[..., tuple[list[ServerSentEvent], SSEDecoder]]
@@ -753,6 +754,14 @@ def test_encode_comment() -> None:
     assert encode_comment() == ": \n\n"
     events, _ = decode_all([encode_comment("x: y").encode(), encode_event("after").encode()])
     assert events == [ServerSentEvent("after")]
+
+
+def test_encode_typed_event_is_named_by_its_type_and_reads_back_as_its_payload() -> None:
+    payload = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "a\nb\r\n"}}
+    encoded = encode_typed_event(payload)
+    assert encoded.startswith(b"event: content_block_delta\ndata: {")
+    events, _ = decode_all([encoded])
+    assert [(event.event, json.loads(event.data)) for event in events] == [("content_block_delta", payload)]
 
 
 @pytest.mark.parametrize("text", ["a\nb", "a\rb", "\r\n"])

@@ -19,8 +19,11 @@ after each colon, one `data:` line per line of the payload, and never an event w
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, final
+from typing import Any, Final, final
+
+import orjson
 
 __all__ = [
     "SSEDecodeError",
@@ -28,6 +31,7 @@ __all__ = [
     "ServerSentEvent",
     "encode_comment",
     "encode_event",
+    "encode_typed_event",
 ]
 
 # Only CRLF, lone CR and lone LF end a line (§9.2.6). `str.splitlines()` would also split on
@@ -308,7 +312,7 @@ class SSEDecoder:
         return event
 
 
-def encode_event(  # noqa: C901 - its checks and encoding in one pass, once per event; to split (merged late)
+def encode_event(  # noqa: C901 - its checks and encoding in one pass: once per token on the generic SSE stream
     data: str | None = None,
     *,
     event: str | None = None,
@@ -373,3 +377,14 @@ def encode_comment(text: str = "") -> str:
     if "\r" in text or "\n" in text:
         raise ValueError(f"SSE comment must not contain CR or LF: {text!r}")
     return f": {text}\n\n"
+
+
+def encode_typed_event(payload: Mapping[str, Any]) -> bytes:
+    """
+    An event named by its payload's `type`, its one `data:` line the payload's JSON: how the
+    Messages and Responses APIs stream, the name repeated in the data. Unlike `encode_event` it
+    checks nothing, for the renderers' hot path: compact JSON has no line end, and the names are
+    the protocols' own event types.
+    """
+    name: str = payload["type"]
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"

@@ -6,8 +6,6 @@ through the official openai SDK → trioproxy (hypercorn on 127.0.0.1:0) → a r
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 
 import httpx
@@ -15,8 +13,8 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import UPSTREAM_KEY, collect_into, proxy_config
-from trioproxy import create_app, parse_config, serve
+from tests.conftest import UPSTREAM_KEY, collect_into, in_process, proxy_config
+from trioproxy import Config, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
 
@@ -266,24 +264,16 @@ async def test_disconnect_during_a_streamed_completion_cancels_the_upstream(
     assert not recorded.completed
 
 
-@asynccontextmanager
-async def in_process(upstream: FakeUpstream, **timeouts: float) -> AsyncIterator[openai.AsyncOpenAI]:
-    """The app on the current (mock) clock, with `up` at `upstream` under `timeouts`."""
-    config = proxy_config(upstream, timed={"type": "openai", "base_url": upstream.url + "/v1", **timeouts})
-    app = create_app(config)
-    async with app.test_app():
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
-        async with openai.AsyncOpenAI(
-            base_url="http://proxy.test/v1", api_key="k", max_retries=0, http_client=http
-        ) as client:
-            yield client
+def timed(upstream: FakeUpstream, **timeouts: float) -> Config:
+    """`timed` at `upstream`, under `timeouts`."""
+    return proxy_config(upstream, timed={"type": "openai", "base_url": upstream.url + "/v1", **timeouts})
 
 
 async def test_a_completion_without_a_first_token_in_time_is_a_504(
     autojump_clock: trio.abc.Clock, upstream: FakeUpstream
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, ttft=600))
-    async with in_process(upstream, first_token_timeout=1, heartbeat_interval=10) as client:
+    async with in_process(timed(upstream, first_token_timeout=1, heartbeat_interval=10)) as (_, client):
         with pytest.raises(openai.APIStatusError) as info:
             await client.completions.create(model="timed/coder", prompt=PROMPT, stream=True)
 
@@ -295,7 +285,7 @@ async def test_heartbeats_keep_a_slow_completion_alive_then_its_timeout_is_in_st
     autojump_clock: trio.abc.Clock, upstream: FakeUpstream
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, ttft=600))
-    async with in_process(upstream, first_token_timeout=3, heartbeat_interval=1) as client:
+    async with in_process(timed(upstream, first_token_timeout=3, heartbeat_interval=1)) as (_, client):
         response = await client.completions.with_raw_response.create(model="timed/coder", prompt=PROMPT, stream=True)
         body = (await response.http_response.aread()).decode()
 

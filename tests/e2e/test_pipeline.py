@@ -15,8 +15,8 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import collect_into, wait_until_idle
-from trioproxy import SSEDecoder, StreamEvent, create_app, parse_config, serve
+from tests.conftest import collect_into, in_process, wait_until_idle
+from trioproxy import SSEDecoder, StreamEvent, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
 MESSAGES = [{"role": "user", "content": "go"}]
@@ -90,10 +90,9 @@ async def test_heartbeats_come_every_interval_until_the_first_token(autojump_clo
     """In-process (no sockets), so that they are counted on trio's MockClock: a real clock skips beats when busy."""
     slow = {"type": "simulated", "ttft_ms": 275, "token_interval_ms": 0, "heartbeat_interval": 0.05}
     config = parse_config({"providers": {"slow": slow}}, environ={})
-    app = create_app(config)
-    async with app.test_app(), httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as http:
+    async with in_process(config) as (http, _):
         response = await http.post(
-            "http://proxy.test/v1/chat/completions", json={"model": "slow/echo", "messages": MESSAGES, "stream": True}
+            "/v1/chat/completions", json={"model": "slow/echo", "messages": MESSAGES, "stream": True}
         )
     blocks = response.text.split("\n\n")
     first_text = next(index for index, block in enumerate(blocks) if '"content":"go"' in block)

@@ -23,10 +23,10 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.conftest import collect_into, wait_until
+from tests.conftest import collect_into, in_process, wait_until
 from tests.e2e.test_observability import fingerprint, scrape_until, value
 from tests.e2e.test_openai_responses import one_response, ws_url
-from trioproxy import create_app, parse_config, serve
+from trioproxy import Config, create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
 MESSAGES = [{"role": "user", "content": "go"}]
@@ -110,32 +110,30 @@ async def test_the_generic_endpoints_announce_a_skipped_event(nursery: trio.Nurs
     assert events[-1]["type"] == "done"
 
 
+def recovery_config(tables: dict[str, dict[str, Any]], **policy: Any) -> Config:
+    """The providers `tables` under `policy`, no retries unless it says so."""
+    return parse_config({"retry": {"max_retries": 0}, **policy, "providers": tables}, environ={})
+
+
 @asynccontextmanager
-async def in_process(tables: dict[str, dict[str, Any]], **policy: Any) -> AsyncIterator[openai.AsyncOpenAI]:
+async def proxied(tables: dict[str, dict[str, Any]], **policy: Any) -> AsyncIterator[openai.AsyncOpenAI]:
     """
-    The app on the current (mock) clock, its upstreams real `FakeUpstream`s on loopback: the
+    The app in process (`in_process`), its upstreams real `FakeUpstream`s on loopback: the
     timeouts pass on trio's MockClock, the upstream requests are real HTTP on real sockets.
     """
-    config = parse_config({"retry": {"max_retries": 0}, **policy, "providers": tables}, environ={})
-    app = create_app(config)
-    async with app.test_app():
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
-        async with openai.AsyncOpenAI(
-            base_url="http://proxy.test/v1", api_key="k", max_retries=0, http_client=http
-        ) as client:
-            # The SDK's first request looks up the platform in a worker thread, while the
-            # MockClock jumps ahead: done here, the time a test measures is the proxy's only.
-            await client.models.list()
-            yield client
+    async with in_process(recovery_config(tables, **policy)) as (_, client):
+        # The SDK's first request looks up the platform in a worker thread, while the
+        # MockClock jumps ahead: done here, the time a test measures is the proxy's only.
+        await client.models.list()
+        yield client
 
 
 @asynccontextmanager
-async def in_process_anthropic(
+async def proxied_anthropic(
     tables: dict[str, dict[str, Any]], **policy: Any
 ) -> AsyncIterator[anthropic.AsyncAnthropic]:
-    """`in_process`, with the anthropic SDK as the client (it brings its own copy of httpx, as `httpx2`)."""
-    config = parse_config({"retry": {"max_retries": 0}, **policy, "providers": tables}, environ={})
-    app = create_app(config)
+    """`proxied`, with the anthropic SDK as the client (it brings its own copy of httpx, as `httpx2`)."""
+    app = create_app(recovery_config(tables, **policy))
     async with app.test_app():
         http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://proxy.test")
         async with anthropic.AsyncAnthropic(
@@ -164,7 +162,7 @@ async def test_a_route_that_never_answers_is_left_for_the_fallback_after_one_fir
         "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
         "backup": {"type": "openai", "base_url": backup.url + "/v1"},
     }
-    async with in_process(tables, timeouts={"first_token_timeout": 5}, retry={"max_retries": 2}) as client:
+    async with proxied(tables, timeouts={"first_token_timeout": 5}, retry={"max_retries": 2}) as client:
         start = trio.current_time()
         assert await collect(client, "primary/m") == "".join(TOKENS)
         assert trio.current_time() - start == pytest.approx(5, abs=0.1)  # one timeout, no retry, no backoff
@@ -184,7 +182,7 @@ async def test_a_refused_connection_goes_to_the_fallback_at_once(
         "gone": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "fallbacks": ["backup/m"]},
         "backup": {"type": "openai", "base_url": backup.url + "/v1"},
     }
-    async with in_process(tables, retry={"max_retries": 2, "base_delay_ms": 1000}) as client:
+    async with proxied(tables, retry={"max_retries": 2, "base_delay_ms": 1000}) as client:
         start = trio.current_time()
         assert await collect(client, "gone/m") == "".join(TOKENS)
         assert trio.current_time() - start < 0.1
@@ -199,7 +197,7 @@ async def test_a_5xx_is_retried_with_its_retry_after_before_the_fallback(
         "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
         "backup": {"type": "openai", "base_url": backup.url + "/v1"},
     }
-    async with in_process(tables, retry={"max_retries": 2, "base_delay_ms": 10}) as client:
+    async with proxied(tables, retry={"max_retries": 2, "base_delay_ms": 10}) as client:
         start = trio.current_time()
         assert await collect(client, "primary/m") == "".join(TOKENS)
         assert trio.current_time() - start == pytest.approx(3, abs=0.1)
@@ -215,7 +213,7 @@ async def test_a_content_filter_refusal_is_neither_retried_nor_failed_over(
         "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
         "backup": {"type": "openai", "base_url": backup.url + "/v1"},
     }
-    async with in_process(tables, retry={"max_retries": 2}) as client:
+    async with proxied(tables, retry={"max_retries": 2}) as client:
         with pytest.raises(openai.BadRequestError) as info:
             await collect(client, "primary/m")
     assert "filtered" in info.value.message
@@ -232,7 +230,7 @@ async def test_a_first_token_after_20_s_is_hedged_and_the_slow_request_cancelled
         "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"], "hedge_after": 3},
         "backup": {"type": "openai", "base_url": backup.url + "/v1"},
     }
-    async with in_process(tables) as client:
+    async with proxied(tables) as client:
         start = trio.current_time()
         assert await collect(client, "primary/m") == "".join(TOKENS)
         assert trio.current_time() - start == pytest.approx(3.5, abs=0.1)
@@ -309,7 +307,7 @@ async def test_a_stream_broken_mid_way_is_continued_seamlessly(
         "claude": {"type": "anthropic", "base_url": base_url},
         "vllm": {**VLLM, "base_url": base_url},
     }
-    async with in_process(tables, timeouts={"silence_timeout": 5}) as client:
+    async with proxied(tables, timeouts={"silence_timeout": 5}) as client:
         start = trio.current_time()
         assert await collect(client, f"{provider}/m") == "".join(CANONICAL)
         assert trio.current_time() - start <= 5.1  # at most one silence_timeout
@@ -330,7 +328,7 @@ async def test_a_malformed_tenth_event_is_continued(nursery: trio.Nursery, autoj
     nine = b"".join(chunk(token) for token in CANONICAL[:9])
     upstream.push(Reply(raw_body=nine + b"data: {not json\n\n"), Reply(tokens=CANONICAL, continues=True))
     tables = {"vllm": {**VLLM, "base_url": upstream.url + "/v1"}}
-    async with in_process(tables) as client:
+    async with proxied(tables) as client:
         assert await collect(client, "vllm/m") == "".join(CANONICAL)
     assert upstream.requests[1].json["messages"][-1]["content"] == "".join(CANONICAL[:9])
 
@@ -345,7 +343,7 @@ async def test_a_fallback_that_rejects_prefill_leaves_the_client_the_original_fa
         "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
         "backup": {"type": "anthropic", "base_url": backup.url},
     }
-    async with in_process(tables) as client:
+    async with proxied(tables) as client:
         stream = await client.chat.completions.create(model="primary/m", messages=MESSAGES, stream=True)
         chunks: list[openai.types.chat.ChatCompletionChunk] = []
         with pytest.raises(openai.APIError) as info:
@@ -362,7 +360,7 @@ async def test_the_generic_endpoints_announce_a_continuation(
 ) -> None:
     (upstream,) = await open_upstreams(nursery, 1)
     upstream.push(*continuing_upstream(reset_after=10))
-    async with in_process({"vllm": {**VLLM, "base_url": upstream.url + "/v1"}}) as client:
+    async with proxied({"vllm": {**VLLM, "base_url": upstream.url + "/v1"}}) as client:
         response = await client._client.post(
             "http://proxy.test/v1/chat/stream/json", json={"model": "vllm/m", "messages": MESSAGES}
         )
@@ -408,7 +406,7 @@ async def test_one_of_three_replicas_down_is_skipped_once_its_breaker_opens(
             "retry": {"max_retries": 2, "base_delay_ms": 10},
         }
     }
-    async with in_process(tables) as client:
+    async with proxied(tables) as client:
         for _ in range(12):
             assert await collect(client, "vllm/m") == "".join(TOKENS)
         assert down.request_count == 2  # then skipped: no request reaches it during the cooldown
@@ -439,7 +437,7 @@ async def test_a_primary_down_then_healthy_again_is_skipped_then_probed_back(
         },
         "backup": {"type": "openai", "base_url": backup.url + "/v1"},
     }
-    async with in_process(tables) as client:
+    async with proxied(tables) as client:
         for _ in range(5):
             assert await collect(client, "primary/m") == "from backup"
         assert primary.request_count == 2  # then straight to the fallback
@@ -468,7 +466,7 @@ async def test_an_anthropic_client_gets_the_hedges_message_alone(
         "slow": {"type": "anthropic", "base_url": slow.url, "fallbacks": ["fast/m"], "hedge_after": 3},
         "fast": {"type": "anthropic", "base_url": fast.url},
     }
-    async with in_process_anthropic(tables) as client:
+    async with proxied_anthropic(tables) as client:
         start = trio.current_time()
         async with client.messages.stream(model="slow/m", max_tokens=100, messages=MESSAGES) as stream:
             message = await stream.get_final_message()
@@ -481,7 +479,7 @@ async def test_an_anthropic_client_gets_the_hedges_message_alone(
 async def test_a_non_streaming_answer_is_continued_too(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
     (upstream,) = await open_upstreams(nursery, 1)
     upstream.push(*continuing_upstream(reset_after=25))
-    async with in_process({"claude": {"type": "anthropic", "base_url": upstream.url}}) as client:
+    async with proxied({"claude": {"type": "anthropic", "base_url": upstream.url}}) as client:
         completion = await client.chat.completions.create(model="claude/m", messages=MESSAGES)
     assert completion.choices[0].message.content == "".join(CANONICAL)
     assert upstream.request_count == 2
@@ -504,7 +502,7 @@ async def test_usage_per_key_counts_a_continued_and_a_hedged_stream(
         "primary": {"type": "openai", "base_url": slow.url + "/v1", "fallbacks": ["backup/m"], "hedge_after": 3},
         "backup": {"type": "openai", "base_url": fast.url + "/v1"},
     }
-    async with in_process(tables, auth={"keys": ["k"]}) as client:
+    async with proxied(tables, auth={"keys": ["k"]}) as client:
         assert await collect(client, "vllm/m") == "".join(CANONICAL)
         assert await collect(client, "primary/m") == "".join(TOKENS)
         scraped = await client._client.get("http://proxy.test/metrics", headers={"authorization": "Bearer k"})
@@ -583,7 +581,7 @@ async def test_a_responses_client_gets_one_seamless_response(
     """
     primary, backup = await open_upstreams(nursery, 2)
     push_broken(first, primary, backup, fault)
-    async with in_process(front_tables(first, primary, backup), timeouts={"silence_timeout": 5}) as client:
+    async with proxied(front_tables(first, primary, backup), timeouts={"silence_timeout": 5}) as client:
         start = trio.current_time()
         async with client.responses.stream(model=f"{first}/m", input="go") as stream:
             events = [event async for event in stream]
@@ -608,7 +606,7 @@ async def test_a_non_streaming_stored_response_is_continued_whole(
 ) -> None:
     primary, backup = await open_upstreams(nursery, 2)
     push_broken("resp", primary, backup, {"reset_after": 40})
-    async with in_process(front_tables("resp", primary, backup)) as client:
+    async with proxied(front_tables("resp", primary, backup)) as client:
         created = await client.responses.create(model="resp/m", input="go", store=True)
         stored = await client.responses.retrieve(created.id)
     assert created.output_text == stored.output_text == "".join(CANONICAL)
@@ -637,7 +635,7 @@ async def test_a_responses_upstream_alone_cannot_be_continued_and_says_so(
     (upstream,) = await open_upstreams(nursery, 1)
     upstream.push(Reply(tokens=CANONICAL, reset_after=40))
     delivered = "".join(CANONICAL[:40])
-    async with in_process({"resp": {**RESPONSES, "base_url": upstream.url + "/v1"}}) as client:
+    async with proxied({"resp": {**RESPONSES, "base_url": upstream.url + "/v1"}}) as client:
         events: list[Any] = []
         with pytest.raises(openai.APIError) as info:
             await sdk_stream_events(client.responses.stream(model="resp/m", input="go"), events)
@@ -647,7 +645,7 @@ async def test_a_responses_upstream_alone_cannot_be_continued_and_says_so(
     assert [event.sequence_number for event in events] == list(range(len(events)))
     assert upstream.request_count == 1
 
-    async with in_process_anthropic({"resp": {**RESPONSES, "base_url": upstream.url + "/v1"}}) as anthropic_client:
+    async with proxied_anthropic({"resp": {**RESPONSES, "base_url": upstream.url + "/v1"}}) as anthropic_client:
         upstream.push(Reply(tokens=CANONICAL, reset_after=40))
         message_events: list[Any] = []
         with pytest.raises(anthropic.APIError) as anthropic_info:
@@ -670,7 +668,7 @@ async def test_an_anthropic_stream_client_gets_one_seamless_message(
     primary, backup = await open_upstreams(nursery, 2)
     push_broken(first, primary, backup, fault)
     async with (
-        in_process_anthropic(front_tables(first, primary, backup), timeouts={"silence_timeout": 5}) as client,
+        proxied_anthropic(front_tables(first, primary, backup), timeouts={"silence_timeout": 5}) as client,
         client.messages.stream(model=f"{first}/m", max_tokens=100, messages=MESSAGES) as stream,
     ):
         events = [event async for event in stream]
@@ -690,7 +688,7 @@ async def test_an_anthropic_prefill_the_upstream_refuses_leaves_the_original_fai
 ) -> None:
     (upstream,) = await open_upstreams(nursery, 1)
     upstream.push(Reply(tokens=CANONICAL, reset_after=40), Reply(refuse_continuation=True))
-    async with in_process_anthropic({"claude": {"type": "anthropic", "base_url": upstream.url}}) as client:
+    async with proxied_anthropic({"claude": {"type": "anthropic", "base_url": upstream.url}}) as client:
         events: list[Any] = []
         with pytest.raises(anthropic.APIError) as info:
             await sdk_stream_events(client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES), events)
@@ -722,13 +720,13 @@ async def test_every_front_fails_over_by_kind_and_to_a_larger_context(
     }
     policy = {"timeouts": {"first_token_timeout": 5}, "retry": {"max_retries": 2}}
     if front == "responses":
-        async with in_process(tables, **policy) as client:
+        async with proxied(tables, **policy) as client:
             start = trio.current_time()
             async with client.responses.stream(model="silent/m", input="go") as stream:
                 text = (await stream.get_final_response()).output_text
             took = trio.current_time() - start
     else:
-        async with in_process_anthropic(tables, **policy) as anthropic_client:
+        async with proxied_anthropic(tables, **policy) as anthropic_client:
             start = trio.current_time()
             async with anthropic_client.messages.stream(model="silent/m", max_tokens=9, messages=MESSAGES) as stream:
                 text = await stream.get_final_text()
@@ -753,7 +751,7 @@ async def test_every_attempt_shows_in_the_access_log_and_metrics_under_its_reque
         "slow": {"type": "anthropic", "base_url": slow.url, "fallbacks": ["fast/m"], "hedge_after": 3},
         "fast": {"type": "anthropic", "base_url": fast.url},
     }
-    async with in_process(tables) as client:
+    async with proxied(tables) as client:
         async with client.responses.stream(model="resp/m", input="go") as stream:
             await stream.get_final_response()
         hedged = await client._client.post(
@@ -823,7 +821,7 @@ async def test_a_responses_client_gets_the_hedges_response_alone(
         "slow": {"type": kind, "base_url": slow.url + "/v1", "fallbacks": ["fast/m"], "hedge_after": 3},
         "fast": {"type": kind, "base_url": fast.url + "/v1"},
     }
-    async with in_process(tables) as client:
+    async with proxied(tables) as client:
         start = trio.current_time()
         async with client.responses.stream(model="slow/m", input="go") as stream:
             events = [event async for event in stream]

@@ -24,8 +24,8 @@ import trio
 import trio.lowlevel
 import trio_websocket
 
-from tests.conftest import Instant, wait_until_idle
-from trioproxy import SSEDecoder, StreamEvent, create_app, parse_config, serve
+from tests.conftest import Instant, in_process, wait_until_idle
+from trioproxy import SSEDecoder, StreamEvent, parse_config, serve
 from trioproxy._request import MAX_JSON_DEPTH
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, open_fake_upstream
 
@@ -198,14 +198,13 @@ async def test_a_body_nested_just_within_max_json_depth_streams_and_one_deeper_i
 
 async def test_a_body_that_trickles_is_a_408_after_the_configured_body_timeout(autojump_clock: trio.abc.Clock) -> None:
     """In-process (no sockets), so that the wait passes on trio's MockClock."""
-    app = create_app(parse_config({"server": {"body_timeout": 5}}, environ={}))
+    config = parse_config({"server": {"body_timeout": 5}}, environ={})
 
     async def trickle() -> AsyncIterator[bytes]:
         yield b'{"model": "sim/echo", '
         await trio.sleep(3600)  # and the rest never comes
 
-    async with app.test_app():
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
+    async with in_process(config) as (http, _):
         start = trio.current_time()
         headers = {"content-type": "application/json"}
         response = await http.post("/v1/chat/completions", content=trickle(), headers=headers)
@@ -253,36 +252,31 @@ async def test_the_window_frees_a_slot_when_retry_after_says(autojump_clock: tri
         },
         environ={},
     )
-    app = create_app(config)
-    async with app.test_app():
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
-        async with openai.AsyncOpenAI(
-            base_url="http://proxy.test/v1", api_key="k", max_retries=0, http_client=http
-        ) as client:
+    async with in_process(config) as (_, client):
 
-            async def ask() -> str:
-                completion = await client.chat.completions.create(model="sim/echo", messages=messages("hi"))
-                return completion.choices[0].message.content or ""
+        async def ask() -> str:
+            completion = await client.chat.completions.create(model="sim/echo", messages=messages("hi"))
+            return completion.choices[0].message.content or ""
 
-            start = trio.current_time()
-            assert await ask() == "hi"
-            await trio.sleep(10)
-            assert await ask() == "hi"
-            await trio.sleep(20)
-            with pytest.raises(openai.RateLimitError) as info:
-                await ask()
-            retry_after = int(info.value.response.headers["retry-after"])
-            assert 30 <= retry_after <= 31  # the first request leaves the window at about 60 s
-            await trio.sleep(retry_after - 1)
-            with pytest.raises(openai.RateLimitError):  # not a second early
-                await ask()
-            await trio.sleep(1)
-            assert await ask() == "hi"
-            # The second request (at 10 s) is still in the window, for about ten seconds more.
-            with pytest.raises(openai.RateLimitError) as again:
-                await ask()
-            assert 9 <= int(again.value.response.headers["retry-after"]) <= 11
-            assert trio.current_time() - start < 65
+        start = trio.current_time()
+        assert await ask() == "hi"
+        await trio.sleep(10)
+        assert await ask() == "hi"
+        await trio.sleep(20)
+        with pytest.raises(openai.RateLimitError) as info:
+            await ask()
+        retry_after = int(info.value.response.headers["retry-after"])
+        assert 30 <= retry_after <= 31  # the first request leaves the window at about 60 s
+        await trio.sleep(retry_after - 1)
+        with pytest.raises(openai.RateLimitError):  # not a second early
+            await ask()
+        await trio.sleep(1)
+        assert await ask() == "hi"
+        # The second request (at 10 s) is still in the window, for about ten seconds more.
+        with pytest.raises(openai.RateLimitError) as again:
+            await ask()
+        assert 9 <= int(again.value.response.headers["retry-after"]) <= 11
+        assert trio.current_time() - start < 65
 
 
 async def test_streams_per_key_are_counted_per_client_key(nursery: trio.Nursery, upstream: FakeUpstream) -> None:

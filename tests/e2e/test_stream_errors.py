@@ -10,7 +10,6 @@ Timing tests run the app in-process on trio's MockClock; the others on real hype
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -20,31 +19,23 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import proxy_config
-from trioproxy import SSEDecoder, StreamEvent, create_app, parse_config, serve
+from tests.conftest import in_process, proxy_config
+from trioproxy import Config, SSEDecoder, StreamEvent, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
 MESSAGES = [{"role": "user", "content": "go"}]
 
 
-@asynccontextmanager
-async def in_process(**sim: Any) -> AsyncIterator[tuple[httpx.AsyncClient, openai.AsyncOpenAI]]:
-    """The app on the current (mock) clock, with one simulated provider `sim` configured by `sim`."""
-    config = parse_config(
+def simulated(**sim: Any) -> Config:
+    """One simulated provider `sim`, configured by `sim`, no retries."""
+    return parse_config(
         {"retry": {"max_retries": 0}, "providers": {"sim": {"type": "simulated", "token_interval_ms": 0, **sim}}},
         environ={},
     )
-    app = create_app(config)
-    async with app.test_app():
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
-        async with openai.AsyncOpenAI(
-            base_url="http://proxy.test/v1", api_key="k", max_retries=0, http_client=http
-        ) as client:
-            yield http, client
 
 
 async def test_a_first_token_timeout_before_any_heartbeat_is_a_504(autojump_clock: trio.abc.Clock) -> None:
-    async with in_process(ttft_ms=5000, first_token_timeout=1, heartbeat_interval=10) as (http, client):
+    async with in_process(simulated(ttft_ms=5000, first_token_timeout=1, heartbeat_interval=10)) as (http, client):
         with pytest.raises(openai.APIStatusError) as info:
             await client.chat.completions.create(model="sim/echo", messages=MESSAGES, stream=True)
         assert info.value.status_code == 504
@@ -63,7 +54,7 @@ async def test_a_first_token_timeout_before_any_heartbeat_is_a_504(autojump_cloc
 async def test_heartbeats_flow_during_a_long_first_token_and_then_the_timeout_is_in_stream(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    async with in_process(ttft_ms=10_000, first_token_timeout=3.5, heartbeat_interval=1) as (http, client):
+    async with in_process(simulated(ttft_ms=10_000, first_token_timeout=3.5, heartbeat_interval=1)) as (http, client):
         stream = await client.chat.completions.create(model="sim/echo", messages=MESSAGES, stream=True)
         with pytest.raises(openai.APIError) as info:
             async for _ in stream:
@@ -85,7 +76,7 @@ async def test_heartbeats_flow_during_a_long_first_token_and_then_the_timeout_is
 async def test_a_stream_that_starts_in_time_still_carries_its_role_chunk_first(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    async with in_process(ttft_ms=500, first_token_timeout=1, heartbeat_interval=10) as (_, client):
+    async with in_process(simulated(ttft_ms=500, first_token_timeout=1, heartbeat_interval=10)) as (_, client):
         stream = await client.chat.completions.create(model="sim/echo", messages=MESSAGES, stream=True)
         chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"

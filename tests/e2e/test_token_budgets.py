@@ -19,7 +19,8 @@ import openai
 import pytest
 import trio
 
-from trioproxy import StreamEvent, create_app, parse_config, serve
+from tests.conftest import in_process
+from trioproxy import StreamEvent, parse_config, serve
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, open_fake_upstream
 
 #: Every answer's usage: 7 prompt and 3 completion tokens.
@@ -141,32 +142,27 @@ async def test_the_windows_free_the_budget_when_retry_after_says(autojump_clock:
     config = parse_config(
         {"limits": {"tokens_per_minute": 100, "tokens_per_day": 150}, "providers": {"sim": simulated}}, environ={}
     )
-    app = create_app(config)
-    async with app.test_app():
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
-        async with openai.AsyncOpenAI(
-            base_url="http://proxy.test/v1", api_key="k", max_retries=0, http_client=http
-        ) as client:
+    async with in_process(config) as (_, client):
 
-            async def lorem(max_tokens: int) -> None:  # "hi": 1 token of prompt reserved, 1 counted
-                await client.chat.completions.create(model="sim/lorem", messages=PROMPT, max_tokens=max_tokens)  # type: ignore[arg-type]
+        async def lorem(max_tokens: int) -> None:  # "hi": 1 token of prompt reserved, 1 counted
+            await client.chat.completions.create(model="sim/lorem", messages=PROMPT, max_tokens=max_tokens)  # type: ignore[arg-type]
 
-            await lorem(59)  # 60 reserved, 60 used
-            await trio.sleep(10)
-            with pytest.raises(openai.RateLimitError) as minute:
-                await lorem(40)
-            assert minute.value.body["code"] == "tokens_per_minute_exceeded"
-            wait = int(minute.value.response.headers["retry-after"])
-            assert 50 <= wait <= 51
-            await trio.sleep(wait - 1)
-            with pytest.raises(openai.RateLimitError):  # not a second early
-                await lorem(40)
-            await trio.sleep(1)
-            await lorem(59)  # the minute is free; the day now holds 120
-            with pytest.raises(openai.RateLimitError) as day:  # within the minute's 100, not the day's 150
-                await lorem(30)
-            assert day.value.body["code"] == "tokens_per_day_exceeded"
-            wait = int(day.value.response.headers["retry-after"])
-            assert 86_400 - 61 <= wait <= 86_400 + 900  # the first leaves a day after its quarter hour
-            await trio.sleep(wait)
+        await lorem(59)  # 60 reserved, 60 used
+        await trio.sleep(10)
+        with pytest.raises(openai.RateLimitError) as minute:
+            await lorem(40)
+        assert minute.value.body["code"] == "tokens_per_minute_exceeded"
+        wait = int(minute.value.response.headers["retry-after"])
+        assert 50 <= wait <= 51
+        await trio.sleep(wait - 1)
+        with pytest.raises(openai.RateLimitError):  # not a second early
+            await lorem(40)
+        await trio.sleep(1)
+        await lorem(59)  # the minute is free; the day now holds 120
+        with pytest.raises(openai.RateLimitError) as day:  # within the minute's 100, not the day's 150
             await lorem(30)
+        assert day.value.body["code"] == "tokens_per_day_exceeded"
+        wait = int(day.value.response.headers["retry-after"])
+        assert 86_400 - 61 <= wait <= 86_400 + 900  # the first leaves a day after its quarter hour
+        await trio.sleep(wait)
+        await lorem(30)

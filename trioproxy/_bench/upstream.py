@@ -66,7 +66,7 @@ from ..testing._wire import (
     response_object,
     responses_frames,
 )
-from .http1 import Head, ProtocolError, find_head_end, parse_head
+from .http1 import Body, Head, ProtocolError, find_head_end, parse_head
 
 __all__ = ["BenchUpstream"]
 
@@ -443,8 +443,24 @@ class _Connection:
         #: Set when the response in flight ends; made only when a task waits for that.
         self._ended: trio.Event | None = None
 
-    async def read_request(self) -> _Request | None:  # noqa: C901 - to split (responses-rest, which edits _bench, merged late)
+    async def read_request(self) -> _Request | None:
         """The next whole request, or None once the client has left (which stops a response in flight)."""
+        read = await self._read_head()
+        if read is None:
+            return None
+        head, framing = read
+        if not framing.done and b"100-continue" in head.tokens(b"expect"):
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = await self._read_body(framing)
+        if body is None:
+            return None
+        return _Request(head, body, trio.current_time())
+
+    async def _read_head(self) -> tuple[Head, Body] | None:
+        """
+        The next request's head and its body's framing, the head's bytes taken from
+        `_received`; None once the client has left.
+        """
         try:
             while (end := find_head_end(self._received)) < 0:
                 if not await self._receive():
@@ -455,9 +471,12 @@ class _Connection:
             framing = head.request_body()
         except ProtocolError as exc:
             raise _BadRequest(400, str(exc)) from None
-        data, self._received = self._received[end:], b""
-        if not framing.done and b"100-continue" in head.tokens(b"expect"):
-            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._received = self._received[end:]
+        return head, framing
+
+    async def _read_body(self, framing: Body) -> bytes | None:
+        """The body `framing` delimits, at most `MAX_REQUEST_BODY`; what follows it stays in `_received`."""
+        data, self._received = self._received, b""
         body = bytearray()
         while not framing.done:
             if not data:
@@ -472,7 +491,7 @@ class _Connection:
             if len(body) > MAX_REQUEST_BODY:
                 raise _BadRequest(413, f"request body exceeds {MAX_REQUEST_BODY} bytes")
         self._received = data
-        return _Request(head, bytes(body), trio.current_time())
+        return bytes(body)
 
     async def _receive(self) -> bool:
         """

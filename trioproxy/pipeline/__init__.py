@@ -14,6 +14,7 @@ from ._content import (
 from ._items import HEARTBEAT, Heartbeat, RetryNotice, SessionItem, Sink
 from ._session import StreamSession, start_session
 from ._stages import ValidationError
+from ._stats import StreamStats
 
 __all__ = [
     "HEARTBEAT",
@@ -23,6 +24,7 @@ __all__ = [
     "SessionItem",
     "Sink",
     "StreamSession",
+    "StreamStats",
     "Transform",
     "ValidationError",
     "Validator",

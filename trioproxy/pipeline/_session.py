@@ -184,39 +184,45 @@ class StreamSession:
             self.stats.error = item
         await self._send(item)
 
-    def _count(self, notice: RetryNotice) -> None:  # noqa: C901 - one branch per notice kind; to split (cpu and otel merged late)
+    def _count(self, notice: RetryNotice) -> None:
         stats = self.stats
-        kind = notice.kind
-        if kind == "breaker":
+        if notice.kind == "breaker":
             stats.breaker_transitions.append(notice.reason)
-            return
-        if kind == "hedge_won":
+        elif notice.kind == "hedge_won":
             stats.provider, stats.model = notice.provider, notice.model
-            return
-        if kind in ("hedge_failed", "continuation_failed"):
-            assert notice.error is not None
-            stats.failures.append((notice.provider, notice.error))
-            if kind == "hedge_failed" and notice.provider == stats.provider:
-                # One of the two racing attempts failed, and the other goes on: the stream is now its.
-                assert self._hedge is not None
-                stats.provider, stats.model = self._hedge
-            return
-        if kind not in ("retry", "failover"):
-            stats.recoveries.append((kind, stats.provider))
-            if kind == "hedge":
-                self._hedge = (notice.provider, notice.model)
-            elif kind == "continuation":
-                assert notice.error is not None
-                if not stats.counted(notice.error):  # what broke the stream, on the provider it broke on
-                    stats.failed(notice.error)
-                stats.provider, stats.model = notice.provider, notice.model
-            return
-        if notice.error is not None:
-            stats.failed(notice.error)
-        if notice.kind == "retry":
-            stats.retries.append(notice.provider)
+        elif notice.kind in ("hedge_failed", "continuation_failed"):
+            self._count_failed_attempt(notice)
+        elif notice.kind in ("retry", "failover"):
+            if notice.error is not None:
+                stats.failed(notice.error)
+            if notice.kind == "retry":
+                stats.retries.append(notice.provider)
+            else:
+                stats.failed_over(notice.provider, notice.model)
         else:
-            stats.failed_over(notice.provider, notice.model)
+            self._count_recovery(notice)
+
+    def _count_failed_attempt(self, notice: RetryNotice) -> None:
+        """A hedge's or a continuation's attempt failed; the stream goes on without it."""
+        stats = self.stats
+        assert notice.error is not None
+        stats.failures.append((notice.provider, notice.error))
+        if notice.kind == "hedge_failed" and notice.provider == stats.provider:
+            # One of the two racing attempts failed, and the other goes on: the stream is now its.
+            assert self._hedge is not None
+            stats.provider, stats.model = self._hedge
+
+    def _count_recovery(self, notice: RetryNotice) -> None:
+        """A recovery other than a retry or failover (`hedge`, `continuation`, `skipped_event`)."""
+        stats = self.stats
+        stats.recoveries.append((notice.kind, stats.provider))
+        if notice.kind == "hedge":
+            self._hedge = (notice.provider, notice.model)
+        elif notice.kind == "continuation":
+            assert notice.error is not None
+            if not stats.counted(notice.error):  # what broke the stream, on the provider it broke on
+                stats.failed(notice.error)
+            stats.provider, stats.model = notice.provider, notice.model
 
     async def _send(self, item: SessionItem) -> None:
         if self._writer is None:

@@ -37,7 +37,7 @@ import orjson
 
 from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import TrioproxyError, UpstreamProtocolError
-from .._sse import SSEDecoder
+from .._sse import SSEDecoder, encode_typed_event
 from ..providers.anthropic import ERROR_STATUS, STOP_REASONS
 
 __all__ = [
@@ -94,11 +94,6 @@ def new_message_id() -> str:
     return "msg_" + secrets.token_hex(12)
 
 
-def _event(payload: dict[str, Any]) -> bytes:
-    name: str = payload["type"]
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
-
-
 class AnthropicEventRenderer:
     """
     Renders one stream's items as Messages events. `model` is the name the client asked for;
@@ -147,7 +142,7 @@ class AnthropicEventRenderer:
         return b""
 
     def error(self, error: TrioproxyError) -> bytes:
-        return _event(error_body(error))
+        return encode_typed_event(error_body(error))
 
     def done(self, session: object = None) -> bytes:
         if self._message_stop is not None:
@@ -160,8 +155,8 @@ class AnthropicEventRenderer:
         )
         stop_reason = self._stop_reason or "end_turn"
         delta = {"stop_reason": stop_reason, "stop_sequence": self._stop_sequence}
-        out += _event({"type": "message_delta", "delta": delta, "usage": _usage(usage)})
-        return out + _event({"type": "message_stop"})
+        out += encode_typed_event({"type": "message_delta", "delta": delta, "usage": _usage(usage)})
+        return out + encode_typed_event({"type": "message_stop"})
 
     def delta(self, delta: Delta) -> bytes:  # noqa: C901 - the renderer's one pass per delta, on the hot path
         if delta.raw is not None:
@@ -250,7 +245,7 @@ class AnthropicEventRenderer:
             "stop_sequence": None,
             "usage": {"input_tokens": 0, "output_tokens": 0},
         }
-        self._message_start = _event({"type": "message_start", "message": message})
+        self._message_start = encode_typed_event({"type": "message_start", "message": message})
 
     def _in_block(self, kind: str, block: dict[str, Any]) -> bytes:
         """Open a block of `kind` unless one is open (text goes on in a forwarded text block still open)."""
@@ -262,19 +257,19 @@ class AnthropicEventRenderer:
         out = self._close_block()
         self._open = (kind, self._blocks)
         self._blocks += 1
-        return out + _event({"type": "content_block_start", "index": self._open[1], "content_block": block})
+        return out + encode_typed_event({"type": "content_block_start", "index": self._open[1], "content_block": block})
 
     def _close_block(self) -> bytes:
         if self._open is None:
             return b""
         index = self._open[1]
         self._open = None
-        return _event({"type": "content_block_stop", "index": index})
+        return encode_typed_event({"type": "content_block_stop", "index": index})
 
     def _block_delta(self, body: dict[str, Any], index: int | None = None) -> bytes:
         assert self._open is not None
         at = self._open[1] if index is None else index
-        return _event({"type": "content_block_delta", "index": at, "delta": body})
+        return encode_typed_event({"type": "content_block_delta", "index": at, "delta": body})
 
     def _tool_call(self, call: ToolCallDelta) -> bytes:
         out = b""

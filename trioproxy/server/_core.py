@@ -73,6 +73,7 @@ __all__ = [
     "json_response",
     "keeping_send",
     "opening",
+    "rendered_answer",
     "route_label",
     "watch_remote_response",
     "watch_response",
@@ -440,6 +441,18 @@ async def complete(session: StreamSession, take: Callable[[SessionItem], None] |
         return None
     finally:
         session.cancel()
+
+
+async def rendered_answer(session: StreamSession, renderer: Renderer) -> bytes | TrioproxyError:
+    """
+    A non-streaming answer as the events a stream would have carried, `done`'s included (the
+    fronts fold them into one object), or the error that ended the session.
+    """
+    events = bytearray()
+    error = await complete(session, lambda item: events.extend(render(renderer, item)))
+    if error is not None:
+        return error
+    return bytes(events + renderer.done(session))
 
 
 class _BodyWriter:

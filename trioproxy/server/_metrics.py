@@ -36,8 +36,7 @@ from prometheus_client.registry import Collector
 from .._exceptions import UpstreamStatusError, UpstreamTimeoutError
 from .._targets import BREAKER_STATES
 from .._upstream import BalancedUpstream
-from ..pipeline import StreamSession
-from ..pipeline._stats import StreamStats
+from ..pipeline import StreamSession, StreamStats
 from ._generic import prompt_chars
 
 __all__ = ["CONTENT_TYPE", "MULTIPROCESS_DIR", "Metrics", "forget_worker"]

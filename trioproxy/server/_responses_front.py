@@ -57,14 +57,13 @@ import orjson
 
 from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import StreamCancelled, TrioproxyError, UpstreamProtocolError
-from .._sse import SSEDecoder
+from .._sse import SSEDecoder, encode_typed_event
 
 __all__ = [
     "KEEP_ALIVE",
     "TERMINAL_EVENTS",
     "ResponsesEventRenderer",
     "response_from_events",
-    "sse_event",
     "websocket_frame",
 ]
 
@@ -101,12 +100,6 @@ _ECHOED: Final[dict[str, Any]] = {
     "user": None,
 }
 """Request fields the Response object echoes, with the API's defaults when the request left them out."""
-
-
-def sse_event(payload: dict[str, Any]) -> bytes:
-    """An event of a `POST /v1/responses` stream: named, its one `data:` line the payload, LF only."""
-    name: str = payload["type"]
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
 def websocket_frame(payload: dict[str, Any]) -> bytes:
@@ -155,7 +148,7 @@ class ResponsesEventRenderer:
         request: dict[str, Any],
         model: str,
         prompt_chars: int = 0,
-        frame: Callable[[dict[str, Any]], bytes] = sse_event,
+        frame: Callable[[dict[str, Any]], bytes] = encode_typed_event,
         response_id: str | None = None,
     ) -> None:
         self.id = response_id or "resp_" + _token()
@@ -263,7 +256,7 @@ class ResponsesEventRenderer:
     # ----------------------------------------------------------------------------------------
     # a Responses upstream's own events
 
-    def _forward(self, delta: Delta) -> bytes:  # noqa: C901 - to split: the cpu branch's rework of the renderers was merged as this work ended
+    def _forward(self, delta: Delta) -> bytes:
         """
         The upstream's event as it came (through `frame` unless it writes SSE); ours (an
         error) continue its numbering. The response's id is the upstream's, or, when the store
@@ -273,21 +266,12 @@ class ResponsesEventRenderer:
         raw = delta.raw
         assert raw is not None
         if self._upstream_id is None and delta.role:  # response.created: the upstream's id
-            created = orjson.loads(SSEDecoder().feed(raw)[0].data).get("response") or {}
-            self._upstream_id = created.get("id") if isinstance(created.get("id"), str) else None
-            if self._upstream_id is not None and not self._keeps_id:
-                self.id = self._upstream_id
+            self._adopt_upstream_id(raw)
         if self._keeps_id and self._upstream_id is not None:
             raw = raw.replace(self._upstream_id.encode(), self.id.encode())
         item_event = raw.startswith(_ITEM_EVENT)
-        if self._frame is not sse_event or delta.role or delta.finish_reason is not None or item_event:
-            payload = orjson.loads(SSEDecoder().feed(raw)[0].data)
-            if self._frame is not sse_event:
-                raw = self._frame(payload)
-            if isinstance(payload.get("response"), dict):  # created, completed, incomplete
-                self.response = payload["response"]
-            if item_event:
-                self._follow_item(payload)
+        if self._frame is not encode_typed_event or delta.role or delta.finish_reason is not None or item_event:
+            raw = self._read_forwarded(raw, item_event=item_event)
         self._started = True
         self._sequence += 1
         if delta.finish_reason is not None:
@@ -304,6 +288,28 @@ class ResponsesEventRenderer:
         if len(self._held) > MAX_HELD_EVENTS:
             return self._flush()
         return b""
+
+    def _adopt_upstream_id(self, created_event: bytes) -> None:
+        """Note the upstream's response id from its `response.created`; it is ours unless the store chose one."""
+        created = orjson.loads(SSEDecoder().feed(created_event)[0].data).get("response") or {}
+        self._upstream_id = created.get("id") if isinstance(created.get("id"), str) else None
+        if self._upstream_id is not None and not self._keeps_id:
+            self.id = self._upstream_id
+
+    def _read_forwarded(self, raw: bytes, *, item_event: bool) -> bytes:
+        """
+        An event the renderer must read (it carries the Response, or an output item) or
+        reframe (`frame` is not SSE): the event as it goes out. Not every delta's: a text
+        delta forwarded as SSE is never parsed.
+        """
+        payload = orjson.loads(SSEDecoder().feed(raw)[0].data)
+        if self._frame is not encode_typed_event:
+            raw = self._frame(payload)
+        if isinstance(payload.get("response"), dict):  # created, completed, incomplete
+            self.response = payload["response"]
+        if item_event:
+            self._follow_item(payload)
+        return raw
 
     def _follow_item(self, payload: dict[str, Any]) -> None:
         """

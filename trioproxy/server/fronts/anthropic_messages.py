@@ -18,8 +18,8 @@ from ..._exceptions import TrioproxyError
 from ..._request import parse_json_object
 from .._anthropic_front import AnthropicEventRenderer, error_body, message_from_events, token_count_estimate
 from .._anthropic_request import parse_messages_request
-from .._core import SSE, Core, complete, json_response, with_retry_after
-from .._generic import prompt_chars, render
+from .._core import SSE, Core, json_response, rendered_answer, with_retry_after
+from .._generic import prompt_chars
 
 __all__ = ["error_response", "owns", "register"]
 
@@ -47,13 +47,11 @@ def register(app: QuartTrio, core: Core) -> None:
         renderer = AnthropicEventRenderer(model=chat.model, prompt_chars=prompt_chars(chat))
         if chat.stream:
             return await core.stream(core.start(pipeline, chat), renderer, SSE, _error)
-        events = bytearray()
-        session = core.start(pipeline, chat, heartbeats=False)
-        error = await complete(session, lambda item: events.extend(render(renderer, item)))
-        if error is not None:
-            return _error(error)
+        events = await rendered_answer(core.start(pipeline, chat, heartbeats=False), renderer)
+        if isinstance(events, TrioproxyError):
+            return _error(events)
         try:
-            return json_response(message_from_events(bytes(events + renderer.done(session))))
+            return json_response(message_from_events(events))
         except TrioproxyError as exc:  # the upstream's tool input is not JSON
             return _error(exc)
 

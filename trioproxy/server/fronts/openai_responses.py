@@ -36,11 +36,11 @@ from quart_trio import QuartTrio
 
 from ..._exceptions import NotFoundError, RequestError, StreamCancelled, TrioproxyError
 from ..._request import ChatRequest, parse_json_object
-from ..._sse import SSEDecoder
-from ...pipeline import StreamSession
-from .._core import SSE, Core, complete, json_response, watch_remote_response, watch_response
-from .._generic import prompt_chars, render
-from .._responses_front import ResponsesEventRenderer, response_from_events, sse_event
+from ..._sse import SSEDecoder, encode_typed_event
+from ...pipeline import Pipeline, StreamSession
+from .._core import SSE, Core, json_response, rendered_answer, watch_remote_response, watch_response
+from .._generic import prompt_chars
+from .._responses_front import ResponsesEventRenderer, response_from_events
 from .._responses_request import Turn, continued, input_items, listed_input_items, parse_responses_request
 from .._responses_websocket import register_responses_websocket
 from .._streams import BroadcastStream, RendererFactory, Watcher
@@ -62,7 +62,7 @@ def _error(error: TrioproxyError) -> Response:
 
 def _encode(payload: dict[str, Any], event_id: int) -> bytes:
     """A stored response's events: event id `n` is `sequence_number` `n - 1`, which the payload carries."""
-    return sse_event(payload)
+    return encode_typed_event(payload)
 
 
 def _renderer(stream: BroadcastStream) -> ResponsesEventRenderer:
@@ -71,17 +71,34 @@ def _renderer(stream: BroadcastStream) -> ResponsesEventRenderer:
     return renderer
 
 
-def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures; to split as _responses_websocket was (responses-rest merged late)
-    def stored(response_id: str) -> BroadcastStream:
-        stream = core.streams.get(response_id) if response_id.startswith(PREFIX) else None
+def register(app: QuartTrio, core: Core) -> None:
+    routes = _Routes(core)
+    app.post("/v1/responses")(routes.create)
+    app.post("/v1/responses/input_tokens")(routes.input_tokens)
+    app.post("/v1/responses/compact")(routes.compact)
+    app.get("/v1/responses/<response_id>/input_items")(routes.list_input_items)
+    app.get("/v1/responses/<response_id>")(routes.retrieve)
+    app.post("/v1/responses/<response_id>/cancel")(routes.cancel)
+    app.delete("/v1/responses/<response_id>")(routes.delete)
+    register_responses_websocket(app, core, routes.stored_turn, routes.share)
+
+
+class _Routes:
+    """The routes' handlers, and the store lookups they and WebSocket mode share."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def stored(self, response_id: str) -> BroadcastStream:
+        stream = self.core.streams.get(response_id) if response_id.startswith(PREFIX) else None
         if stream is None:
             raise NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
         return stream
 
-    def stored_turn(response_id: str) -> Turn:
+    def stored_turn(self, response_id: str) -> Turn:
         """What `previous_response_id` continues: a stored response that ended with an answer."""
         try:
-            stream = stored(response_id)
+            stream = self.stored(response_id)
         except NotFoundError as exc:
             raise NotFoundError(exc.message, code="previous_response_not_found", param="previous_response_id") from None
         renderer = _renderer(stream)
@@ -95,63 +112,70 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
         return Turn(stream.id, input_items(renderer.request), response["output"])
 
     async def share(
-        session: StreamSession, chat: ChatRequest, echoed: dict[str, Any]
+        self, session: StreamSession, chat: ChatRequest, echoed: dict[str, Any]
     ) -> tuple[BroadcastStream, list[bytes], Watcher]:
         """
         A stored response that is not `background`, once its upstream accepted: shared in the
         registry, its requester the first watcher, ending with its last watcher (`Core.share`).
         """
-        stream, backlog, watcher = await core.share(
+        stream, backlog, watcher = await self.core.share(
             session, _stored_renderer(chat, echoed), shows_notices=False, prefix=PREFIX, encode=_encode
         )
         stream.resume_grace_period = 0.0
         return stream, backlog, watcher
 
-    @app.post("/v1/responses")
-    async def create() -> Response:  # noqa: C901 - as `register` above
+    async def create(self) -> Response:
         try:
             body = parse_json_object(await request.get_data())
             previous_id = body.get("previous_response_id")
             if isinstance(previous_id, str):
-                body = continued(body, stored_turn(previous_id))
+                body = continued(body, self.stored_turn(previous_id))
             chat = parse_responses_request(body)
             echoed = body if previous_id is None else {**body, "previous_response_id": previous_id}
-            pipeline = core.pipeline(chat.model)
+            pipeline = self.core.pipeline(chat.model)
             background = body.get("background") is True
             if background and body.get("store") is False:
                 raise RequestError("a background response must be stored: 'store' false cannot be", param="store")
         except TrioproxyError as exc:
             return _error(exc)
-
         if body.get("store") is False:
-            renderer = ResponsesEventRenderer(request=echoed, model=chat.model, prompt_chars=prompt_chars(chat))
-            if chat.stream:
-                return await core.stream(core.start(pipeline, chat), renderer, SSE, _error)
-            events = bytearray()
-            session = core.start(pipeline, chat, heartbeats=False)
-            error = await complete(session, lambda item: events.extend(render(renderer, item)))
-            if error is not None:
-                return _error(error)
-            return json_response(response_from_events(bytes(events + renderer.done(session))))
-
+            return await self.unstored(pipeline, chat, echoed)
         if background:
-            try:  # answered before the session's first item: once the limits (shared or not) took it
-                session = await core.start_admitted(pipeline, chat, heartbeats=True)  # it may be watched
-            except TrioproxyError as exc:
-                return _error(exc)
-            try:
-                stream = core.streams.open(session, _stored_renderer(chat, echoed), prefix=PREFIX, encode=_encode)
-            except TrioproxyError as exc:  # `max_streams` are running
-                session.cancel()
-                return _error(exc)
-            stream.resume_grace_period = math.inf  # it outlives its request
-            core.nursery.start_soon(stream.run, name=f"response {stream.id}")
-            if chat.stream:
-                return watch_response(stream, *stream.attach())
-            return json_response(_renderer(stream).snapshot("queued"))
-        session = core.start(pipeline, chat, heartbeats=chat.stream)
+            return await self.background(pipeline, chat, echoed)
+        return await self.shared(pipeline, chat, echoed)
+
+    async def unstored(self, pipeline: Pipeline, chat: ChatRequest, echoed: dict[str, Any]) -> Response:
+        """`store: false`: the session's events straight to the client, or folded into the Response."""
+        renderer = ResponsesEventRenderer(request=echoed, model=chat.model, prompt_chars=prompt_chars(chat))
+        if chat.stream:
+            return await self.core.stream(self.core.start(pipeline, chat), renderer, SSE, _error)
+        events = await rendered_answer(self.core.start(pipeline, chat, heartbeats=False), renderer)
+        if isinstance(events, TrioproxyError):
+            return _error(events)
+        return json_response(response_from_events(events))
+
+    async def background(self, pipeline: Pipeline, chat: ChatRequest, echoed: dict[str, Any]) -> Response:
+        """`background`: stored, running on with nobody watching; answered once the limits took it."""
+        try:  # answered before the session's first item: once the limits (shared or not) took it
+            session = await self.core.start_admitted(pipeline, chat, heartbeats=True)  # it may be watched
+        except TrioproxyError as exc:
+            return _error(exc)
         try:
-            stream, backlog, watcher = await share(session, chat, echoed)
+            stream = self.core.streams.open(session, _stored_renderer(chat, echoed), prefix=PREFIX, encode=_encode)
+        except TrioproxyError as exc:  # `max_streams` are running
+            session.cancel()
+            return _error(exc)
+        stream.resume_grace_period = math.inf  # it outlives its request
+        self.core.nursery.start_soon(stream.run, name=f"response {stream.id}")
+        if chat.stream:
+            return watch_response(stream, *stream.attach())
+        return json_response(_renderer(stream).snapshot("queued"))
+
+    async def shared(self, pipeline: Pipeline, chat: ChatRequest, echoed: dict[str, Any]) -> Response:
+        """Stored, not `background`: the requester watches the shared stream (`share`) to its end."""
+        session = self.core.start(pipeline, chat, heartbeats=chat.stream)
+        try:
+            stream, backlog, watcher = await self.share(session, chat, echoed)
         except TrioproxyError as exc:
             return _error(exc)
         if chat.stream:
@@ -167,19 +191,18 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
             return _error(failure)
         return json_response(response_from_events(bytes(events)))
 
-    def parsed_side_request(body: dict[str, Any]) -> ChatRequest:
+    def parsed_side_request(self, body: dict[str, Any]) -> ChatRequest:
         """An `input_tokens` or `compact` body, its `previous_response_id` resolved from the store."""
         previous_id = body.get("previous_response_id")
         if isinstance(previous_id, str):
-            body = continued({"input": [], **body}, stored_turn(previous_id))
+            body = continued({"input": [], **body}, self.stored_turn(previous_id))
         return parse_responses_request(body)
 
-    @app.post("/v1/responses/input_tokens")
-    async def input_tokens() -> Response:
+    async def input_tokens(self) -> Response:
         """A Responses upstream's own count; an estimate, marked so, from any other."""
         try:
-            chat = parsed_side_request(parse_json_object(await request.get_data()))
-            counted = await core.ask_upstream(chat, lambda upstream, routed: upstream.count_tokens(routed))
+            chat = self.parsed_side_request(parse_json_object(await request.get_data()))
+            counted = await self.core.ask_upstream(chat, lambda upstream, routed: upstream.count_tokens(routed))
             if counted is None:
                 chat.common_body()  # what another upstream could not be asked is refused here too
         except TrioproxyError as exc:
@@ -190,12 +213,11 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
         chars = prompt_chars(chat) + (len(orjson.dumps(tools)) if tools else 0)
         return json_response({"object": "response.input_tokens", "input_tokens": -(-chars // 4), "estimated": True})
 
-    @app.post("/v1/responses/compact")
-    async def compact() -> Response:
+    async def compact(self) -> Response:
         """A Responses upstream's own compaction; refused for any other, which has no such thing."""
         try:
-            chat = parsed_side_request(parse_json_object(await request.get_data()))
-            compacted = await core.ask_upstream(chat, lambda upstream, routed: upstream.compact(routed))
+            chat = self.parsed_side_request(parse_json_object(await request.get_data()))
+            compacted = await self.core.ask_upstream(chat, lambda upstream, routed: upstream.compact(routed))
             if compacted is None:
                 raise RequestError(
                     f"model {chat.model!r} is not served by an OpenAI Responses upstream, and only the Responses API "
@@ -208,23 +230,21 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
             return _error(exc)
         return Response(compacted, content_type="application/json")
 
-    @app.get("/v1/responses/<response_id>/input_items")
-    async def list_input_items(response_id: str) -> Response:
+    async def list_input_items(self, response_id: str) -> Response:
         try:
-            stream = stored(response_id)
+            stream = self.stored(response_id)
             items = listed_input_items(stream.id, input_items(_renderer(stream).request))
             return json_response(_page(items, request.args))
         except TrioproxyError as exc:
             return _error(exc)
 
-    @app.get("/v1/responses/<response_id>")
-    async def retrieve(response_id: str) -> Response:
+    async def retrieve(self, response_id: str) -> Response:
         streaming = request.args.get("stream") in ("true", "1")
         try:
             after = _starting_after(request.args.get("starting_after")) if streaming else 0
-            stream = core.streams.get(response_id) if response_id.startswith(PREFIX) else None
+            stream = self.core.streams.get(response_id) if response_id.startswith(PREFIX) else None
             if stream is None:
-                return await retrieve_elsewhere(response_id, streaming, after)
+                return await self.retrieve_elsewhere(response_id, streaming, after)
             renderer = _renderer(stream)
             if not streaming:
                 return json_response(renderer.response or renderer.snapshot("queued"))
@@ -234,9 +254,9 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
             return _error(exc)
         return watch_response(stream, backlog, watcher)
 
-    async def retrieve_elsewhere(response_id: str, streaming: bool, after: int) -> Response:
+    async def retrieve_elsewhere(self, response_id: str, streaming: bool, after: int) -> Response:
         """A response another process runs (or ran), from the shared store (`[redis]`)."""
-        remote = await core.streams.remote(response_id, after) if response_id.startswith(PREFIX) else None
+        remote = await self.core.streams.remote(response_id, after) if response_id.startswith(PREFIX) else None
         if remote is None:
             raise NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
         if not streaming:
@@ -245,10 +265,9 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
             _check_starting_after(after, remote.last_written)
         return watch_remote_response(remote)
 
-    @app.post("/v1/responses/<response_id>/cancel")
-    async def cancel(response_id: str) -> Response:
+    async def cancel(self, response_id: str) -> Response:
         try:
-            stream = stored(response_id)
+            stream = self.stored(response_id)
             if _renderer(stream).request.get("background") is not True:
                 raise RequestError(
                     f"response {response_id!r} was not created with 'background': only a background response "
@@ -261,16 +280,13 @@ def register(app: QuartTrio, core: Core) -> None:  # noqa: C901 - route closures
         await stream.finished_event.wait()
         return json_response(_renderer(stream).response)
 
-    @app.delete("/v1/responses/<response_id>")
-    async def delete(response_id: str) -> Response:
+    async def delete(self, response_id: str) -> Response:
         try:
-            stream = stored(response_id)
-            await core.streams.delete(stream.id)  # from Redis too, where another process could find it
+            stream = self.stored(response_id)
+            await self.core.streams.delete(stream.id)  # from Redis too, where another process could find it
         except TrioproxyError as exc:
             return _error(exc)
         return json_response({"id": stream.id, "object": "response", "deleted": True})
-
-    register_responses_websocket(app, core, stored_turn, share)
 
 
 def _stored_renderer(chat: ChatRequest, echoed: dict[str, Any]) -> RendererFactory:
