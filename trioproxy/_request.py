@@ -17,7 +17,7 @@ Sans-IO.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
@@ -34,6 +34,7 @@ __all__ = [
     "DropParams",
     "NativeRequest",
     "WireProtocol",
+    "carried_fields",
     "drops",
     "parse_chat_request",
     "parse_completion_request",
@@ -355,6 +356,35 @@ def translated_request(
         max_tokens=max_tokens,
         native=NativeRequest(protocol, body, headers or {}, unportable, names, uncarried),
     )
+
+
+def carried_fields(
+    body: Mapping[str, Any],
+    *,
+    skipped: Collection[str],
+    translate: Callable[[str, object], dict[str, object] | None],
+    refusal: Callable[[str, str], RequestError],
+    uncarried: dict[str, RequestError] | None,
+) -> dict[str, object]:
+    """
+    The common-model fields that carry `body`'s top-level fields but the `skipped` ones (those
+    a translation takes apart, or drops), as `translate` makes them of each (`None`: no
+    equivalent). A field with no equivalent raises its `refusal` (the field as a message names
+    it, and as `param`), unless `uncarried` is given: then it is left out and its refusal
+    recorded there, for the provider of an upstream to drop (`ChatRequest.common_body`).
+    """
+    out: dict[str, object] = {}
+    for name, value in body.items():
+        if name in skipped:
+            continue
+        fields = translate(name, value)
+        if fields is not None:
+            out.update(fields)
+        elif uncarried is None:
+            raise refusal(f"'{name}'", name)
+        else:
+            uncarried[name] = refusal(f"'{name}'", name)
+    return out
 
 
 def parse_model(body: dict[str, Any]) -> str:

@@ -50,7 +50,7 @@ from typing import Any, Final, Protocol
 import orjson
 
 from .._exceptions import RequestError
-from .._request import ChatRequest, parse_model, parse_stream, translated_request
+from .._request import ChatRequest, carried_fields, parse_model, parse_stream, translated_request
 from ..providers.anthropic import FORWARDED_HEADERS, TOOL_CHOICES
 
 __all__ = ["parse_messages_request", "to_chat_completions"]
@@ -80,6 +80,9 @@ _BLOCK_FIELDS: Final[dict[str, frozenset[str]]] = {
     "redacted_thinking": frozenset({"type", "data"}),
 }
 """The fields of each block type the translation carries or drops; any other refuses the request."""
+
+_TRANSLATED: Final = frozenset({"model", "max_tokens", "stream", "system", "messages"})
+"""Top-level fields `to_chat_completions` carries itself."""
 
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
@@ -144,17 +147,8 @@ def to_chat_completions(body: dict[str, Any], uncarried: dict[str, RequestError]
     for i, message in enumerate(body["messages"]):
         messages += _messages(message, f"messages[{i}]")
     out["messages"] = messages
-
-    for name, value in body.items():
-        if name in ("model", "max_tokens", "stream", "system", "messages") or name in _DROPPED:
-            continue
-        fields = _fields(name, value)
-        if fields is not None:
-            out.update(fields)
-        elif uncarried is None:
-            raise _unportable(f"'{name}'", name)
-        else:
-            uncarried[name] = _unportable(f"'{name}'", name)
+    skipped = _TRANSLATED | _DROPPED
+    out.update(carried_fields(body, skipped=skipped, translate=_fields, refusal=_unportable, uncarried=uncarried))
     return out
 
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .._exceptions import RequestError
-from .._request import ChatRequest, parse_model, parse_stream, translated_request
+from .._request import ChatRequest, carried_fields, parse_model, parse_stream, translated_request
 
 __all__ = ["Turn", "continued", "input_items", "listed_input_items", "parse_responses_request", "to_chat_completions"]
 
@@ -67,6 +67,9 @@ _DROPPED: Final = frozenset(
     {"include", "store", "background", "metadata", "truncation", "stream_options", "client_metadata"}
 )
 """Top-level fields that do not change what the answer says; see the module's docstring."""
+
+_TRANSLATED: Final = frozenset({"model", "stream", "instructions", "input"})
+"""Top-level fields `to_chat_completions` carries itself."""
 
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
@@ -177,17 +180,8 @@ def to_chat_completions(body: dict[str, Any], uncarried: dict[str, RequestError]
     else:
         messages += _messages(input_)
     out["messages"] = messages
-
-    for name, value in body.items():
-        if name in ("model", "stream", "instructions", "input") or name in _DROPPED:
-            continue
-        fields = _fields(name, value)
-        if fields is not None:
-            out.update(fields)
-        elif uncarried is None:
-            raise _unportable(f"'{name}'", name)
-        else:
-            uncarried[name] = _unportable(f"'{name}'", name)
+    skipped = _TRANSLATED | _DROPPED
+    out.update(carried_fields(body, skipped=skipped, translate=_fields, refusal=_unportable, uncarried=uncarried))
     return out
 
 
