@@ -20,6 +20,9 @@ Clients measured, all on trio:
   trio-asyncio (`aio_as_trio` per call). Measured when both are installed (`pip install redis
   trio-asyncio`); otherwise skipped, and the table says so.
 
+Last, what the shared circuit breaker costs one upstream request that succeeds, as
+`_redis.SharedBreakers` makes its calls (or not: see `[redis] breaker_snapshot_age`).
+
 The calls run one after another (no pipelining, as a request makes them), so wall time is a
 round trip plus the client's work; CPU is this process's (`time.process_time`), so it leaves
 out redis-server's own. On a machine shared with other work, compare medians of a few runs.
@@ -28,9 +31,6 @@ out redis-server's own. On a machine shared with other work, compare medians of 
 from __future__ import annotations
 
 import argparse
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +43,10 @@ import trio
 # Runs from a checkout without installing: the package is one directory up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trioproxy._bench.processes import start_redis
 from trioproxy._config import RedisConfig
-from trioproxy._redis import _ADMIT, _APPEND, _BREAKER_ADMIT, _BREAKER_SETTLE, RedisState, SharedLimits
+from trioproxy._policy import BreakerConfig
+from trioproxy._redis import _ADMIT, _APPEND, _BREAKER_ADMIT, _BREAKER_SETTLE, RedisState, SharedBreakers, SharedLimits
 
 LIMITS: Final = SharedLimits(requests_per_minute=10**9, max_streams_per_key=10**6, max_concurrent_streams=10**6)
 """Every limit on, none reached: the admission script does all its work and always admits."""
@@ -123,6 +125,18 @@ def _script_args(lease: str) -> tuple[list[str], list[int | str]]:
         0,
     ]
     return keys, args
+
+
+def breaker_per_request(state: RedisState) -> Call:
+    """What the shared breaker costs an upstream request that succeeds: `SharedBreakers`' admit, then settle."""
+    breakers = SharedBreakers(state, "bench", BreakerConfig())
+    url = "http://127.0.0.1:1/v1"
+
+    async def request(n: int) -> None:
+        await breakers.admit(url, trio.current_time())
+        await breakers.settle(url, "succeeded", probe=False, now=trio.current_time())
+
+    return request
 
 
 def coredis_calls(state: RedisState) -> dict[str, Call]:
@@ -235,37 +249,19 @@ async def measure_redis_py(url: str, count: int, warmup: int) -> dict[str, tuple
 
 
 async def main(count: int, warmup: int) -> None:
-    if shutil.which("redis-server") is None:
-        sys.exit("redis-server is missing (apt-get install redis-server)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    results: dict[str, dict[str, tuple[float, float]] | str] = {}
     with tempfile.TemporaryDirectory(prefix="trioproxy-redis-bench-") as directory:
-        command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", directory]
-        server = await trio.lowlevel.open_process(
-            [*command, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
-        )
-        try:
-            with trio.fail_after(10):
-                while True:
-                    try:
-                        stream = await trio.open_tcp_stream("127.0.0.1", port)
-                        break
-                    except OSError:
-                        await trio.sleep(0.05)
-            url = f"redis://127.0.0.1:{port}/0"
-            results: dict[str, dict[str, tuple[float, float]] | str] = {}
-            async with stream:
+        async with start_redis(cpus=None, log_dir=Path(directory)) as url:
+            port = int(url.rsplit(":", 1)[1].split("/")[0])
+            async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
                 results["raw RESP"] = await measure(await raw_calls(RespClient(stream)), count, warmup)
             state = RedisState(RedisConfig(url=url, key_prefix="bench:", timeout=5.0))
             async with trio.open_nursery() as nursery:
                 await nursery.start(state.run)
                 results["coredis"] = await measure(coredis_calls(state), count, warmup)
+                per_request = await measure({"": breaker_per_request(state)}, count, warmup)
                 nursery.cancel_scope.cancel()
             results["redis-py (trio-asyncio)"] = await measure_redis_py(url, count, warmup)
-        finally:
-            server.kill()
-            await server.wait()
     print(f"per call, ms (wall / this process's CPU), {count} calls each after {warmup} to warm up")
     names = list(next(r for r in results.values() if isinstance(r, dict)))
     print(f"{'':28}" + "".join(f"{client:>26}" for client in results))
@@ -277,6 +273,8 @@ async def main(count: int, warmup: int) -> None:
     for client, figures in results.items():
         if isinstance(figures, str):
             print(f"{client}: {figures}")
+    wall, cpu = per_request[""]
+    print(f"the shared breaker per upstream request (SharedBreakers: admit, settle a success): {wall:.3f} / {cpu:.3f}")
 
 
 if __name__ == "__main__":

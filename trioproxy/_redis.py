@@ -200,20 +200,21 @@ An event already there (a call that timed out after Redis ran it, retried) is no
 _BREAKER_ADMIT: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local breaker = redis.call('HMGET', KEYS[1], 'state', 'open_until', 'probe_until')
-local state = breaker[1] or 'closed'
-if state == 'closed' then return 'closed' end
+local breaker = redis.call('HMGET', KEYS[1], 'state', 'open_until', 'probe_until', 'failures')
+local state, failures = breaker[1] or 'closed', tonumber(breaker[4]) or 0
+if state == 'closed' then return {'closed', failures} end
 if state == 'open' then
-  if now < tonumber(breaker[2]) then return 'open' end
+  if now < tonumber(breaker[2]) then return {'open', failures} end
   redis.call('HSET', KEYS[1], 'state', 'half_open')
 end
-if now < (tonumber(breaker[3]) or 0) then return 'probing' end
+if now < (tonumber(breaker[3]) or 0) then return {'probing', failures} end
 redis.call('HSET', KEYS[1], 'probe_until', now + tonumber(ARGV[1]))
-return 'probe'
+return {'probe', failures}
 """
 """
 KEYS: the target's breaker. ARGV: ms a probe holds the half-open breaker, at most (its process
-may die). Returns `closed`, `probe` (this request probes), `open` or `probing` (skip it).
+may die). Returns `closed`, `probe` (this request probes), `open` or `probing` (skip it), and
+the failures counted.
 """
 
 _BREAKER_SETTLE: Final = """
@@ -223,23 +224,24 @@ local verdict, probe, threshold, cooldown = ARGV[1], ARGV[2] == '1', tonumber(AR
 local breaker = redis.call('HMGET', KEYS[1], 'state', 'failures')
 local state = breaker[1] or 'closed'
 if probe then redis.call('HDEL', KEYS[1], 'probe_until') end
-if verdict == 'released' then return {state, ''} end
+if verdict == 'released' then return {state, '', tonumber(breaker[2]) or 0} end
 redis.call('PEXPIRE', KEYS[1], 86400000)
 if verdict == 'succeeded' then
-  if state == 'closed' and (tonumber(breaker[2]) or 0) == 0 then return {state, ''} end
+  if state == 'closed' and (tonumber(breaker[2]) or 0) == 0 then return {state, '', 0} end
   redis.call('HSET', KEYS[1], 'failures', 0, 'state', 'closed')
-  if state == 'closed' then return {state, ''} end
-  return {'closed', 'closed'}
+  if state == 'closed' then return {state, '', 0} end
+  return {'closed', 'closed', 0}
 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if state == 'half_open' and not probe then return {state, ''} end
-if state == 'open' or (state == 'closed' and failures < threshold) then return {state, ''} end
+if state == 'half_open' and not probe then return {state, '', failures} end
+if state == 'open' or (state == 'closed' and failures < threshold) then return {state, '', failures} end
 redis.call('HSET', KEYS[1], 'state', 'open', 'open_until', now + cooldown)
-return {'open', 'open'}
+return {'open', 'open', failures}
 """
 """
 KEYS: the target's breaker. ARGV: the verdict, '1' if the request was the probe, the failures
-that open it, its cooldown ms. Returns its state and, if it changed, the new one ('' if not).
+that open it, its cooldown ms. Returns its state, the new one if it changed ('' if not), and
+the failures counted.
 The same rules as `_targets.LocalBreakers`, on Redis's clock; a breaker untouched for a day is
 forgotten (closed).
 """
@@ -476,17 +478,24 @@ class RedisState:
         """Forget a stream's events (its stored response was deleted)."""
         await self._call(self._client.delete([self._stream_key(stream_id)]))
 
-    async def admit_to_breaker(self, key: str) -> str:
-        """`_BREAKER_ADMIT` on the breaker at `key`: `closed`, `probe`, `open` or `probing`."""
-        return _text(cast("bytes", await self._call(self._breaker_admit(keys=[key], args=[self._ttl_ms]))))
+    async def admit_to_breaker(self, key: str) -> tuple[str, int]:
+        """`_BREAKER_ADMIT` on the breaker at `key`: `closed`, `probe`, `open` or `probing`, and its failures."""
+        said, failures = cast(
+            "list[bytes | int]", await self._call(self._breaker_admit(keys=[key], args=[self._ttl_ms]))
+        )
+        return _text(cast("bytes", said)), int(failures)
 
     async def settle_breaker(
         self, key: str, verdict: str, *, probe: bool, failures: int, cooldown: float
-    ) -> tuple[str, str]:
-        """`_BREAKER_SETTLE` on the breaker at `key`: its state, and the new one if it changed (else '')."""
+    ) -> tuple[str, str, int]:
+        """
+        `_BREAKER_SETTLE` on the breaker at `key`: its state, the new one if it changed (else
+        ''), and its failures.
+        """
         args: list[int | str] = [verdict, "1" if probe else "0", failures, int(cooldown * 1000)]
-        state, change = cast("list[bytes]", await self._call(self._breaker_settle(keys=[key], args=args)))
-        return _text(state), _text(change)
+        reply = cast("list[bytes | int]", await self._call(self._breaker_settle(keys=[key], args=args)))
+        state, change, counted = reply
+        return _text(cast("bytes", state)), _text(cast("bytes", change)), int(counted)
 
     def _stream_key(self, stream_id: str) -> str:
         return self._key("stream", stream_id)
@@ -561,6 +570,15 @@ def _logged(entries: Sequence[StreamEntry], *, after: int = 0) -> LoggedEvents:
     return LoggedEvents(events, ended, last_id)
 
 
+@dataclass(slots=True)
+class _Snapshot:
+    """A breaker as Redis last told this process: its state and failures, at `at` (trio's clock)."""
+
+    state: BreakerState
+    failures: int
+    at: float
+
+
 class SharedBreakers:
     """
     The circuit breakers of one provider's targets (`_targets.Breakers`), shared on Redis: a
@@ -568,6 +586,13 @@ class SharedBreakers:
     request among them all probes it. A probe holds the half-open breaker for `[redis]
     lease_ttl` at most, so a process that dies mid-probe does not keep it. When Redis fails or
     is slow (`[redis] timeout`), this process's own breakers (`LocalBreakers`) decide meanwhile.
+
+    What needs no write is not sent: a breaker that Redis said, less than `[redis]
+    breaker_snapshot_age` ago, is closed is taken as closed without asking again, and a
+    success on it (closed, no failures) is not written; a request released without a verdict
+    is only told if it held the probe. A failure, a probe and a breaker not closed always go to
+    Redis. So a target opened by one process is skipped by the others within
+    `breaker_snapshot_age`.
     """
 
     def __init__(self, redis: RedisState, provider: str, config: BreakerConfig) -> None:
@@ -575,32 +600,48 @@ class SharedBreakers:
         self._provider = provider
         self._config = config
         self._local = LocalBreakers(config)
-        self._known: dict[str, BreakerState] = {}
-        """Each target's state as Redis last told this process."""
+        self._known: dict[str, _Snapshot] = {}
+        """Each target's breaker as Redis last told this process."""
 
     def _key(self, url: str) -> str:
         return self._redis._key("breaker", self._provider, hashlib.sha256(url.encode()).hexdigest()[:32])
 
+    def _closed_lately(self, url: str, now: float) -> _Snapshot | None:
+        """The target's snapshot if it says closed and is younger than `breaker_snapshot_age`, while Redis answers."""
+        known = self._known.get(url)
+        if known is None or known.state != "closed" or not self._redis.answering:
+            return None
+        return known if now - known.at < self._redis.config.breaker_snapshot_age else None
+
     async def admit(self, url: str, now: float) -> BreakerState | None:
+        if self._closed_lately(url, now) is not None:
+            return "closed"
         try:
-            said = await self._redis.admit_to_breaker(self._key(url))
+            said, failures = await self._redis.admit_to_breaker(self._key(url))
         except SharedStateError:
             return await self._local.admit(url, now)
-        state = self._known[url] = _ADMITTED_STATES[said]
-        return state if said in ("closed", "probe") else None
+        self._known[url] = _Snapshot(_ADMITTED_STATES[said], failures, now)
+        return "closed" if said == "closed" else "half_open" if said == "probe" else None
 
     async def settle(self, url: str, verdict: Verdict, *, probe: bool, now: float) -> BreakerState | None:
+        if not probe and verdict == "released":
+            return None  # nothing to write: a probe it held is the only trace a request leaves before its verdict
+        if not probe and verdict == "succeeded":
+            known = self._closed_lately(url, now)
+            if known is not None and known.failures == 0:
+                return None  # what Redis holds already
         try:
-            state, change = await self._redis.settle_breaker(
+            state, change, failures = await self._redis.settle_breaker(
                 self._key(url), verdict, probe=probe, failures=self._config.failures, cooldown=self._config.cooldown
             )
         except SharedStateError:
             return await self._local.settle(url, verdict, probe=probe, now=now)
-        self._known[url] = _state(state)
+        self._known[url] = _Snapshot(_state(state), failures, now)
         return _state(change) if change else None
 
     def state(self, url: str) -> BreakerState:
-        return self._known.get(url) or self._local.state(url)
+        known = self._known.get(url)
+        return known.state if known is not None else self._local.state(url)
 
 
 _ADMITTED_STATES: Final[dict[str, BreakerState]] = {
