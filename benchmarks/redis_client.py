@@ -46,7 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trioproxy._bench.processes import start_redis
 from trioproxy._config import RedisConfig
 from trioproxy._policy import BreakerConfig
-from trioproxy._redis import _ADMIT, _APPEND, _BREAKER_ADMIT, _BREAKER_SETTLE, RedisState, SharedBreakers, SharedLimits
+from trioproxy._redis import (
+    _ADMIT,
+    _APPEND,
+    _BREAKER_ADMIT,
+    _BREAKER_SETTLE,
+    _RELEASE,
+    RedisState,
+    SharedBreakers,
+    SharedLimits,
+)
 
 LIMITS: Final = SharedLimits(requests_per_minute=10**9, max_streams_per_key=10**6, max_concurrent_streams=10**6)
 """Every limit on, none reached: the admission script does all its work and always admits."""
@@ -164,6 +173,7 @@ async def raw_calls(client: RespClient) -> dict[str, Call]:
         ("breaker_admit", _BREAKER_ADMIT),
         ("settle", _BREAKER_SETTLE),
         ("append", _APPEND),
+        ("release", _RELEASE),
     ):
         reply = await client.call("SCRIPT", "LOAD", script)
         assert isinstance(reply, bytes)
@@ -173,8 +183,7 @@ async def raw_calls(client: RespClient) -> dict[str, Call]:
         lease = f"raw-{n}"
         keys, args = _script_args(lease)
         await client.call("EVALSHA", sha["admit"], len(keys), *keys, *args)
-        await client.call("ZREM", keys[1], lease)
-        await client.call("ZREM", keys[2], lease)
+        await client.call("EVALSHA", sha["release"], 2, keys[1], keys[2], lease, "")
 
     async def write(n: int) -> None:
         args = [10000, 300000, "0", *(part for event_id, data in EVENTS for part in (event_id, data))]
@@ -219,6 +228,7 @@ async def measure_redis_py(url: str, count: int, warmup: int) -> dict[str, tuple
                 ("breaker_admit", _BREAKER_ADMIT),
                 ("settle", _BREAKER_SETTLE),
                 ("append", _APPEND),
+                ("release", _RELEASE),
             )
         }
 
@@ -226,8 +236,7 @@ async def measure_redis_py(url: str, count: int, warmup: int) -> dict[str, tuple
             lease = f"py-{n}"
             keys, args = _script_args(lease)
             await scripts["admit"](keys=keys, args=args)
-            await client.zrem(keys[1], lease)
-            await client.zrem(keys[2], lease)
+            await scripts["release"](keys=keys[1:3], args=[lease, ""])
 
         async def write(n: int) -> None:
             args = [10000, 300000, "0", *(part for event_id, data in EVENTS for part in (event_id, data))]

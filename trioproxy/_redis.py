@@ -17,7 +17,8 @@ none of them; the time is Redis's own (`TIME`), so the processes' clocks need no
 - A token budget is exact too: each reservation a member of a sorted set scored by its time,
   its amount in a hash beside, with their running total (`#total`), so a check reads one
   field and only a refusal walks the entries (for `Retry-After`). The stream's end corrects
-  the amount to the upstream's count (a second script), unless it left its window already.
+  the amount to the upstream's count (a second script, which also gives the stream's place
+back), unless it left its window already.
 - A resumable stream's (or stored response's) events are a Redis Stream, entry `0-n` for
   event `n` and an `end` entry after the last, bounded by `[redis] stream_max_events` (MAXLEN)
   and expiring `[streams] retention` after its last write (`append_events`, one script); any
@@ -141,8 +142,11 @@ ttl ms, tokens to reserve, tokens per minute, tokens per day. Returns the verdic
 until it could pass (-1: never).
 """
 
-_RECONCILE: Final = """
-for i = 1, #KEYS do
+_RELEASE: Final = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[2] == '' then return 0 end
+for i = 3, #KEYS do
   local reserved = tonumber(redis.call('HGET', KEYS[i], ARGV[1]))
   if reserved then
     redis.call('HSET', KEYS[i], ARGV[1], ARGV[2])
@@ -152,8 +156,10 @@ end
 return 0
 """
 """
-KEYS: the amounts of each budget the lease reserved in. ARGV: lease id, tokens used. A
-reservation gone from its window is left gone.
+KEYS: the lease's client's leases, all leases, then the amounts of each budget it reserved in.
+ARGV: lease id, tokens used ('' when the upstream did not say: the reservations stand). One
+round trip for the place and the reconciliation; a reservation gone from its window is left
+gone.
 """
 
 _RENEW: Final = """
@@ -301,7 +307,7 @@ class RedisState:
         )
         self._admit = self._client.register_script(_ADMIT)
         self._renew = self._client.register_script(_RENEW)
-        self._reconcile = self._client.register_script(_RECONCILE)
+        self._release = self._client.register_script(_RELEASE)
         self._append = self._client.register_script(_APPEND)
         self._breaker_admit = self._client.register_script(_BREAKER_ADMIT)
         self._breaker_settle = self._client.register_script(_BREAKER_SETTLE)
@@ -402,12 +408,9 @@ class RedisState:
         `lease_ttl`, and the reservations stay whole until they leave their windows.
         """
         self._leases.pop(lease.id, None)
+        keys = [lease.client_key, self._key("streams"), *lease.budget_keys]
         with trio.CancelScope(shield=True):
-            async with self.bounded():
-                if used is not None and lease.budget_keys:
-                    await self._reconcile(keys=list(lease.budget_keys), args=[lease.id, used])
-                await self._client.zrem(lease.client_key, [lease.id])
-                await self._client.zrem(self._key("streams"), [lease.id])
+            await self._call(self._release(keys=keys, args=[lease.id, "" if used is None else used]))
 
     shared = True
     """Other processes see the streams kept here (`_streams.StreamStore`)."""
