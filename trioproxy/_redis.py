@@ -25,8 +25,9 @@ back), unless it left its window already.
   process replays it (`read_events`) and follows it (`follow_events`, a blocking XREAD on
   connections of its own, bounded by `timeout + follow_block`).
 - A provider's circuit breakers (`SharedBreakers`): one hash per target, admitted and settled
-  by a script each, with the rules of `_targets.LocalBreakers`; this process's own decide
-  while Redis fails.
+  by a script each, with the rules of `_targets.LocalBreakers`, and not asked at all about a
+  breaker it said is closed less than `[redis] breaker_snapshot_age` ago; this process's own
+  decide while Redis fails.
 - Clients are named by the SHA-256 of their identity: no key appears in a Redis key.
 
 Every call is bounded by `[redis] timeout` (connecting included): whatever coredis raises,
