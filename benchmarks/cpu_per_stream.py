@@ -6,6 +6,7 @@ repeated, and their medians.
 
     python benchmarks/cpu_per_stream.py                          # 50 streams, 5 phases
     python benchmarks/cpu_per_stream.py --concurrency 1,10,50 --repeat 3
+    python benchmarks/cpu_per_stream.py --redis                  # with [redis], on a redis-server of its own
 
 Each phase runs the direct connection and then trioproxy at one concurrency (the reference
 workload: 64 tokens, 50 ms to the first, 20 ms apart) and prints trioproxy's CPU per stream,
@@ -17,6 +18,7 @@ between phases is ±15% or more: compare two versions by alternating runs of eac
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -29,11 +31,20 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trioproxy._bench.options import BenchSettings, _concurrency_list, _positive_int
-from trioproxy._bench.processes import pinned_self, plan_pinning, start_loadgen, start_proxy, start_upstream
+from trioproxy._bench.processes import (
+    pinned_self,
+    plan_pinning,
+    start_loadgen,
+    start_proxy,
+    start_redis,
+    start_upstream,
+)
 from trioproxy._bench.runner import _Bench, _targets, proxy_config
 
 
-async def measure(settings: BenchSettings, repeat: int) -> dict[int, list[tuple[float, float, float]]]:
+async def measure(
+    settings: BenchSettings, repeat: int, *, redis: bool = False
+) -> dict[int, list[tuple[float, float, float]]]:
     """(CPU ms per stream, added TTFT p50 ms, streams/s) of each trioproxy phase, by concurrency."""
     figures: dict[int, list[tuple[float, float, float]]] = {}
     pinning = plan_pinning(external_proxy=False)
@@ -51,7 +62,14 @@ async def measure(settings: BenchSettings, repeat: int) -> dict[int, list[tuple[
                 )
             )
             config = work / "trioproxy.toml"
-            config.write_text(proxy_config(upstream.url, max(settings.concurrency)))
+            text = proxy_config(upstream.url, max(settings.concurrency))
+            if redis:  # what sharing the limits and the breakers costs each stream
+                url = await stack.enter_async_context(start_redis(cpus=pinning.others, log_dir=work))
+                text += f'[redis]\nurl = "{url}"\n'
+                # A phase starts as the last ends, before the proxy gave all its places back to Redis.
+                limit = max(settings.concurrency)
+                text = text.replace(f"max_concurrent_streams = {limit}\n", f"max_concurrent_streams = {2 * limit}\n")
+            config.write_text(text)
             proxy = await stack.enter_async_context(start_proxy(config, cpus=pinning.proxy, log_dir=work))
             loadgen = await stack.enter_async_context(start_loadgen(cpus=pinning.others, log_dir=work))
             direct, through = _targets(settings, upstream, proxy)
@@ -72,9 +90,10 @@ def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=_concurrency_list, default=(50,), help="comma-separated (default 50)")
     parser.add_argument("--repeat", type=_positive_int, default=5, help="phases per concurrency (default 5)")
+    parser.add_argument("--redis", action="store_true", help="with [redis], on a redis-server it starts")
     args = parser.parse_args(argv)
     settings = BenchSettings(concurrency=args.concurrency, buffer=False, plot=False)
-    figures = trio.run(measure, settings, args.repeat)
+    figures = trio.run(functools.partial(measure, settings, args.repeat, redis=args.redis))
     print("streams  CPU ms/stream (median: each phase)   added TTFT p50 ms (median: each phase)   streams/s")
     for concurrency, phases in sorted(figures.items()):
         cpu, ttft, rate = ([phase[i] for phase in phases] for i in range(3))

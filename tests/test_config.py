@@ -1353,3 +1353,11 @@ def test_redis_stream_settings() -> None:
     assert only_problem({"redis": {"follow_block": -1}}) == (
         "[redis].follow_block must be a positive number of seconds, got -1"
     )
+
+
+def test_redis_breaker_snapshot_age() -> None:
+    assert parse_config({}, environ={}).redis.breaker_snapshot_age == 0.1
+    assert parse_config({"redis": {"breaker_snapshot_age": 0}}, environ={}).redis.breaker_snapshot_age == 0
+    assert only_problem({"redis": {"breaker_snapshot_age": -0.5}}) == (
+        "[redis].breaker_snapshot_age must be 0 or a positive number of seconds, got -0.5"
+    )

@@ -220,7 +220,8 @@ async def test_a_breaker_opened_by_one_process_is_skipped_by_the_others_and_prob
 ) -> None:
     config = BreakerConfig(failures=2, cooldown=0.5)
     url = "http://10.0.0.1:8000/v1"
-    async with running(redis_server, lease_ttl=5) as first_state, running(redis_server, lease_ttl=5) as second_state:
+    every_time = {"lease_ttl": 5, "breaker_snapshot_age": 0}  # each call asks Redis
+    async with running(redis_server, **every_time) as first_state, running(redis_server, **every_time) as second_state:
         first, second = SharedBreakers(first_state, "p", config), SharedBreakers(second_state, "p", config)
         assert await second.admit(url, 0) == "closed"
         assert await first.admit(url, 0) == "closed"
@@ -234,6 +235,25 @@ async def test_a_breaker_opened_by_one_process_is_skipped_by_the_others_and_prob
         assert await first.settle(url, "succeeded", probe=True, now=0) == "closed"
         assert await second.admit(url, 0) == "closed"
         assert SharedBreakers(first_state, "other", config).state(url) == "closed"  # another provider's own
+
+
+async def test_a_closed_breaker_is_taken_from_what_redis_said_within_breaker_snapshot_age(
+    redis_server: RedisServer,
+) -> None:
+    """What needs no write is not sent: the cost is that another process's news arrives up to the age late."""
+    config = BreakerConfig(failures=2, cooldown=30)
+    url = "http://10.0.0.1:8000/v1"
+    async with running(redis_server, breaker_snapshot_age=0.1) as first_state, running(redis_server) as second_state:
+        first, second = SharedBreakers(first_state, "p", config), SharedBreakers(second_state, "p", config)
+        assert await first.admit(url, 10.0) == "closed"  # asked: closed, no failures
+        assert await second.admit(url, 10.0) == "closed"
+        assert await second.settle(url, "failed", probe=False, now=10.0) is None  # a failure: always written
+        assert await first.settle(url, "succeeded", probe=False, now=10.05) is None  # not written...
+        assert await second.settle(url, "failed", probe=False, now=10.05) == "open"  # ...so this is the second
+        assert await first.admit(url, 10.09) == "closed"  # what Redis said 90 ms ago
+        assert await first.admit(url, 10.11) is None  # asked again: open, skipped
+        assert first.state(url) == "open"
+        assert await first.admit(url, 10.12) is None  # not closed: asked every time
 
 
 async def test_breakers_fall_back_to_the_process_while_redis_is_down(redis_server: RedisServer) -> None:

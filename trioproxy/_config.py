@@ -291,7 +291,9 @@ class RedisConfig:
     `stream_write_interval`: seconds between two writes of one stream's events to Redis, at
     least (what comes meanwhile goes in the next; each write is a round trip and costs CPU).
     `follow_block`: seconds a process following another's stream waits on Redis for its next
-    event before it writes a keep-alive and waits again.
+    event before it writes a keep-alive and waits again. `breaker_snapshot_age`: seconds a
+    circuit breaker that Redis said is closed is taken as closed without asking again (0: ask
+    every time); a target opened elsewhere is skipped here within it.
     """
 
     url: str = ""
@@ -303,6 +305,7 @@ class RedisConfig:
     stream_max_events: int = 10_000
     stream_write_interval: float = 0.2
     follow_block: float = 5.0
+    breaker_snapshot_age: float = 0.1
 
     @property
     def enabled(self) -> bool:
@@ -531,7 +534,7 @@ def _redis(table: object, env: Mapping[str, str], problems: list[str]) -> RedisC
         problems.append("[redis] must be a table")
         return RedisConfig()
     known = {"url", "password_env", "key_prefix", "timeout", "lease_ttl", "on_error"}
-    known |= {"stream_max_events", "stream_write_interval", "follow_block"}
+    known |= {"stream_max_events", "stream_write_interval", "follow_block", "breaker_snapshot_age"}
     _unknown_keys(table, known, "[redis]", problems)
     base = RedisConfig()
     url = _redis_url(table.get("url", ""), problems)
@@ -556,6 +559,10 @@ def _redis(table: object, env: Mapping[str, str], problems: list[str]) -> RedisC
     if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1:
         problems.append(f"[redis].stream_max_events must be a positive integer, got {max_events!r}")
         max_events = base.stream_max_events
+    snapshot_age = table.get("breaker_snapshot_age", base.breaker_snapshot_age)
+    if isinstance(snapshot_age, bool) or not isinstance(snapshot_age, (int, float)) or not 0 <= snapshot_age < math.inf:
+        problems.append(f"[redis].breaker_snapshot_age must be 0 or a positive number of seconds, got {snapshot_age!r}")
+        snapshot_age = base.breaker_snapshot_age
     return RedisConfig(
         url=url,
         password=password,
@@ -566,6 +573,7 @@ def _redis(table: object, env: Mapping[str, str], problems: list[str]) -> RedisC
         stream_max_events=max_events,
         stream_write_interval=positive_seconds("stream_write_interval", base.stream_write_interval),
         follow_block=positive_seconds("follow_block", base.follow_block),
+        breaker_snapshot_age=snapshot_age,
     )
 
 
@@ -1092,9 +1100,7 @@ def _number(
         checked[key] = value
 
 
-def _string(
-    table: Mapping[str, object], key: str, where: str, problems: list[str], checked: dict[str, Any]
-) -> None:
+def _string(table: Mapping[str, object], key: str, where: str, problems: list[str], checked: dict[str, Any]) -> None:
     if key not in table:
         return
     value = table[key]

@@ -17,15 +17,17 @@ none of them; the time is Redis's own (`TIME`), so the processes' clocks need no
 - A token budget is exact too: each reservation a member of a sorted set scored by its time,
   its amount in a hash beside, with their running total (`#total`), so a check reads one
   field and only a refusal walks the entries (for `Retry-After`). The stream's end corrects
-  the amount to the upstream's count (a second script), unless it left its window already.
+  the amount to the upstream's count (a second script, which also gives the stream's place
+back), unless it left its window already.
 - A resumable stream's (or stored response's) events are a Redis Stream, entry `0-n` for
   event `n` and an `end` entry after the last, bounded by `[redis] stream_max_events` (MAXLEN)
   and expiring `[streams] retention` after its last write (`append_events`, one script); any
   process replays it (`read_events`) and follows it (`follow_events`, a blocking XREAD on
   connections of its own, bounded by `timeout + follow_block`).
 - A provider's circuit breakers (`SharedBreakers`): one hash per target, admitted and settled
-  by a script each, with the rules of `_targets.LocalBreakers`; this process's own decide
-  while Redis fails.
+  by a script each, with the rules of `_targets.LocalBreakers`, and not asked at all about a
+  breaker it said is closed less than `[redis] breaker_snapshot_age` ago; this process's own
+  decide while Redis fails.
 - Clients are named by the SHA-256 of their identity: no key appears in a Redis key.
 
 Every call is bounded by `[redis] timeout` (connecting included): whatever coredis raises,
@@ -141,8 +143,11 @@ ttl ms, tokens to reserve, tokens per minute, tokens per day. Returns the verdic
 until it could pass (-1: never).
 """
 
-_RECONCILE: Final = """
-for i = 1, #KEYS do
+_RELEASE: Final = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[2] == '' then return 0 end
+for i = 3, #KEYS do
   local reserved = tonumber(redis.call('HGET', KEYS[i], ARGV[1]))
   if reserved then
     redis.call('HSET', KEYS[i], ARGV[1], ARGV[2])
@@ -152,8 +157,10 @@ end
 return 0
 """
 """
-KEYS: the amounts of each budget the lease reserved in. ARGV: lease id, tokens used. A
-reservation gone from its window is left gone.
+KEYS: the lease's client's leases, all leases, then the amounts of each budget it reserved in.
+ARGV: lease id, tokens used ('' when the upstream did not say: the reservations stand). One
+round trip for the place and the reconciliation; a reservation gone from its window is left
+gone.
 """
 
 _RENEW: Final = """
@@ -200,20 +207,21 @@ An event already there (a call that timed out after Redis ran it, retried) is no
 _BREAKER_ADMIT: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local breaker = redis.call('HMGET', KEYS[1], 'state', 'open_until', 'probe_until')
-local state = breaker[1] or 'closed'
-if state == 'closed' then return 'closed' end
+local breaker = redis.call('HMGET', KEYS[1], 'state', 'open_until', 'probe_until', 'failures')
+local state, failures = breaker[1] or 'closed', tonumber(breaker[4]) or 0
+if state == 'closed' then return {'closed', failures} end
 if state == 'open' then
-  if now < tonumber(breaker[2]) then return 'open' end
+  if now < tonumber(breaker[2]) then return {'open', failures} end
   redis.call('HSET', KEYS[1], 'state', 'half_open')
 end
-if now < (tonumber(breaker[3]) or 0) then return 'probing' end
+if now < (tonumber(breaker[3]) or 0) then return {'probing', failures} end
 redis.call('HSET', KEYS[1], 'probe_until', now + tonumber(ARGV[1]))
-return 'probe'
+return {'probe', failures}
 """
 """
 KEYS: the target's breaker. ARGV: ms a probe holds the half-open breaker, at most (its process
-may die). Returns `closed`, `probe` (this request probes), `open` or `probing` (skip it).
+may die). Returns `closed`, `probe` (this request probes), `open` or `probing` (skip it), and
+the failures counted.
 """
 
 _BREAKER_SETTLE: Final = """
@@ -223,23 +231,24 @@ local verdict, probe, threshold, cooldown = ARGV[1], ARGV[2] == '1', tonumber(AR
 local breaker = redis.call('HMGET', KEYS[1], 'state', 'failures')
 local state = breaker[1] or 'closed'
 if probe then redis.call('HDEL', KEYS[1], 'probe_until') end
-if verdict == 'released' then return {state, ''} end
+if verdict == 'released' then return {state, '', tonumber(breaker[2]) or 0} end
 redis.call('PEXPIRE', KEYS[1], 86400000)
 if verdict == 'succeeded' then
-  if state == 'closed' and (tonumber(breaker[2]) or 0) == 0 then return {state, ''} end
+  if state == 'closed' and (tonumber(breaker[2]) or 0) == 0 then return {state, '', 0} end
   redis.call('HSET', KEYS[1], 'failures', 0, 'state', 'closed')
-  if state == 'closed' then return {state, ''} end
-  return {'closed', 'closed'}
+  if state == 'closed' then return {state, '', 0} end
+  return {'closed', 'closed', 0}
 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if state == 'half_open' and not probe then return {state, ''} end
-if state == 'open' or (state == 'closed' and failures < threshold) then return {state, ''} end
+if state == 'half_open' and not probe then return {state, '', failures} end
+if state == 'open' or (state == 'closed' and failures < threshold) then return {state, '', failures} end
 redis.call('HSET', KEYS[1], 'state', 'open', 'open_until', now + cooldown)
-return {'open', 'open'}
+return {'open', 'open', failures}
 """
 """
 KEYS: the target's breaker. ARGV: the verdict, '1' if the request was the probe, the failures
-that open it, its cooldown ms. Returns its state and, if it changed, the new one ('' if not).
+that open it, its cooldown ms. Returns its state, the new one if it changed ('' if not), and
+the failures counted.
 The same rules as `_targets.LocalBreakers`, on Redis's clock; a breaker untouched for a day is
 forgotten (closed).
 """
@@ -299,7 +308,7 @@ class RedisState:
         )
         self._admit = self._client.register_script(_ADMIT)
         self._renew = self._client.register_script(_RENEW)
-        self._reconcile = self._client.register_script(_RECONCILE)
+        self._release = self._client.register_script(_RELEASE)
         self._append = self._client.register_script(_APPEND)
         self._breaker_admit = self._client.register_script(_BREAKER_ADMIT)
         self._breaker_settle = self._client.register_script(_BREAKER_SETTLE)
@@ -400,12 +409,9 @@ class RedisState:
         `lease_ttl`, and the reservations stay whole until they leave their windows.
         """
         self._leases.pop(lease.id, None)
+        keys = [lease.client_key, self._key("streams"), *lease.budget_keys]
         with trio.CancelScope(shield=True):
-            async with self.bounded():
-                if used is not None and lease.budget_keys:
-                    await self._reconcile(keys=list(lease.budget_keys), args=[lease.id, used])
-                await self._client.zrem(lease.client_key, [lease.id])
-                await self._client.zrem(self._key("streams"), [lease.id])
+            await self._call(self._release(keys=keys, args=[lease.id, "" if used is None else used]))
 
     shared = True
     """Other processes see the streams kept here (`_streams.StreamStore`)."""
@@ -476,17 +482,24 @@ class RedisState:
         """Forget a stream's events (its stored response was deleted)."""
         await self._call(self._client.delete([self._stream_key(stream_id)]))
 
-    async def admit_to_breaker(self, key: str) -> str:
-        """`_BREAKER_ADMIT` on the breaker at `key`: `closed`, `probe`, `open` or `probing`."""
-        return _text(cast("bytes", await self._call(self._breaker_admit(keys=[key], args=[self._ttl_ms]))))
+    async def admit_to_breaker(self, key: str) -> tuple[str, int]:
+        """`_BREAKER_ADMIT` on the breaker at `key`: `closed`, `probe`, `open` or `probing`, and its failures."""
+        said, failures = cast(
+            "list[bytes | int]", await self._call(self._breaker_admit(keys=[key], args=[self._ttl_ms]))
+        )
+        return _text(cast("bytes", said)), int(failures)
 
     async def settle_breaker(
         self, key: str, verdict: str, *, probe: bool, failures: int, cooldown: float
-    ) -> tuple[str, str]:
-        """`_BREAKER_SETTLE` on the breaker at `key`: its state, and the new one if it changed (else '')."""
+    ) -> tuple[str, str, int]:
+        """
+        `_BREAKER_SETTLE` on the breaker at `key`: its state, the new one if it changed (else
+        ''), and its failures.
+        """
         args: list[int | str] = [verdict, "1" if probe else "0", failures, int(cooldown * 1000)]
-        state, change = cast("list[bytes]", await self._call(self._breaker_settle(keys=[key], args=args)))
-        return _text(state), _text(change)
+        reply = cast("list[bytes | int]", await self._call(self._breaker_settle(keys=[key], args=args)))
+        state, change, counted = reply
+        return _text(cast("bytes", state)), _text(cast("bytes", change)), int(counted)
 
     def _stream_key(self, stream_id: str) -> str:
         return self._key("stream", stream_id)
@@ -561,6 +574,15 @@ def _logged(entries: Sequence[StreamEntry], *, after: int = 0) -> LoggedEvents:
     return LoggedEvents(events, ended, last_id)
 
 
+@dataclass(slots=True)
+class _Snapshot:
+    """A breaker as Redis last told this process: its state and failures, at `at` (trio's clock)."""
+
+    state: BreakerState
+    failures: int
+    at: float
+
+
 class SharedBreakers:
     """
     The circuit breakers of one provider's targets (`_targets.Breakers`), shared on Redis: a
@@ -568,6 +590,13 @@ class SharedBreakers:
     request among them all probes it. A probe holds the half-open breaker for `[redis]
     lease_ttl` at most, so a process that dies mid-probe does not keep it. When Redis fails or
     is slow (`[redis] timeout`), this process's own breakers (`LocalBreakers`) decide meanwhile.
+
+    What needs no write is not sent: a breaker that Redis said, less than `[redis]
+    breaker_snapshot_age` ago, is closed is taken as closed without asking again, and a
+    success on it (closed, no failures) is not written; a request released without a verdict
+    is only told if it held the probe. A failure, a probe and a breaker not closed always go to
+    Redis. So a target opened by one process is skipped by the others within
+    `breaker_snapshot_age`.
     """
 
     def __init__(self, redis: RedisState, provider: str, config: BreakerConfig) -> None:
@@ -575,32 +604,48 @@ class SharedBreakers:
         self._provider = provider
         self._config = config
         self._local = LocalBreakers(config)
-        self._known: dict[str, BreakerState] = {}
-        """Each target's state as Redis last told this process."""
+        self._known: dict[str, _Snapshot] = {}
+        """Each target's breaker as Redis last told this process."""
 
     def _key(self, url: str) -> str:
         return self._redis._key("breaker", self._provider, hashlib.sha256(url.encode()).hexdigest()[:32])
 
+    def _closed_lately(self, url: str, now: float) -> _Snapshot | None:
+        """The target's snapshot if it says closed and is younger than `breaker_snapshot_age`, while Redis answers."""
+        known = self._known.get(url)
+        if known is None or known.state != "closed" or not self._redis.answering:
+            return None
+        return known if now - known.at < self._redis.config.breaker_snapshot_age else None
+
     async def admit(self, url: str, now: float) -> BreakerState | None:
+        if self._closed_lately(url, now) is not None:
+            return "closed"
         try:
-            said = await self._redis.admit_to_breaker(self._key(url))
+            said, failures = await self._redis.admit_to_breaker(self._key(url))
         except SharedStateError:
             return await self._local.admit(url, now)
-        state = self._known[url] = _ADMITTED_STATES[said]
-        return state if said in ("closed", "probe") else None
+        self._known[url] = _Snapshot(_ADMITTED_STATES[said], failures, now)
+        return "closed" if said == "closed" else "half_open" if said == "probe" else None
 
     async def settle(self, url: str, verdict: Verdict, *, probe: bool, now: float) -> BreakerState | None:
+        if not probe and verdict == "released":
+            return None  # nothing to write: a probe it held is the only trace a request leaves before its verdict
+        if not probe and verdict == "succeeded":
+            known = self._closed_lately(url, now)
+            if known is not None and known.failures == 0:
+                return None  # what Redis holds already
         try:
-            state, change = await self._redis.settle_breaker(
+            state, change, failures = await self._redis.settle_breaker(
                 self._key(url), verdict, probe=probe, failures=self._config.failures, cooldown=self._config.cooldown
             )
         except SharedStateError:
             return await self._local.settle(url, verdict, probe=probe, now=now)
-        self._known[url] = _state(state)
+        self._known[url] = _Snapshot(_state(state), failures, now)
         return _state(change) if change else None
 
     def state(self, url: str) -> BreakerState:
-        return self._known.get(url) or self._local.state(url)
+        known = self._known.get(url)
+        return known.state if known is not None else self._local.state(url)
 
 
 _ADMITTED_STATES: Final[dict[str, BreakerState]] = {

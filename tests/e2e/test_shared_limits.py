@@ -24,6 +24,7 @@ import trio
 
 from tests.conftest import RedisServer, wait_until
 from tests.e2e.test_observability import scrape_until, value
+from trioproxy.testing import FakeUpstream
 
 START_TIMEOUT = 30.0
 MESSAGES = [{"role": "user", "content": "one two three"}]
@@ -261,6 +262,37 @@ async def test_every_front_is_admitted_by_the_shared_limits_and_refused_in_its_o
                 await second.responses.create(model="sim/echo", input="hi")
             with pytest.raises(openai.RateLimitError):
                 await second.responses.create(model="sim/echo", input="hi", stream=True)
+
+
+async def test_forwarded_requests_count_with_chat_against_one_shared_rate(
+    tmp_path: Path, redis_server: RedisServer, upstream: FakeUpstream
+) -> None:
+    """A forwarded path (`forward_paths`) is admitted by the same shared limits as chat, across processes."""
+    forwarding = f"""
+[providers.up]
+type = "openai"
+base_url = "{upstream.url}/v1"
+forward_paths = ["/v1/echo"]
+"""
+    text = config_text(redis_server.url, "requests_per_minute = 6") + forwarding
+    async with proxies(tmp_path, text) as three, httpx.AsyncClient(timeout=30) as http:
+        answers: list[tuple[str, httpx.Response]] = []
+
+        async def ask(proxy: Proxy, forwarded: bool) -> None:
+            if forwarded:
+                answers.append(("forwarded", await http.get(proxy.url + "/v1/echo")))
+            else:
+                answers.append(("chat", await chat(proxy)))
+
+        async with trio.open_nursery() as nursery:  # 18 at once: 6 forwarded, 12 chat, spread over three
+            for n in range(18):
+                nursery.start_soon(ask, three[n % 3], n % 3 == 0)
+        admitted = [kind for kind, answer in answers if answer.status_code == 200]
+        assert len(admitted) == 6, [(kind, answer.status_code) for kind, answer in answers]
+        assert len(upstream.requests) == admitted.count("forwarded")
+        refused = next(answer for kind, answer in answers if kind == "forwarded" and answer.status_code == 429)
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 55 <= int(refused.headers["retry-after"]) <= 60
 
 
 async def test_token_budgets_are_reserved_and_reconciled_exactly_across_three_processes(

@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import re
 import resource
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -42,6 +44,7 @@ PHASE_MARGIN = 30.0
 _UPSTREAM_READY = re.compile(r"upstream on (http://127\.0\.0\.1:\d+)/v1")
 _PROXY_READY = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 _LOADGEN_READY = re.compile(r'"loadgen"')
+_REDIS_READY = re.compile(r"Ready to accept connections")
 #: What each worker of `serve --workers` logs, at level info, once it accepts connections.
 _WORKER_SERVING = re.compile(r"worker pid (\d+) serving")
 #: How often the log is read while waiting for the workers.
@@ -271,6 +274,20 @@ async def start_upstream(
     ]
     async with _started("upstream", args, _UPSTREAM_READY, cpus, log_dir, stdin=False) as (child, _):
         yield child
+
+
+@asynccontextmanager
+async def start_redis(*, cpus: tuple[int, ...] | None, log_dir: Path) -> AsyncIterator[str]:
+    """Debian's `redis-server` on a free loopback port, saving nothing: its `redis://` URL."""
+    if shutil.which("redis-server") is None:
+        raise BenchError("redis-server is missing: apt-get install redis-server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(log_dir)]
+    args += ["--save", "", "--appendonly", "no"]
+    async with _started("redis", args, _REDIS_READY, cpus, log_dir, stdin=False):
+        yield f"redis://127.0.0.1:{port}/0"
 
 
 @asynccontextmanager

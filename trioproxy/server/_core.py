@@ -18,7 +18,9 @@ a session starts only if its body's shape is within bounds and the limiter admit
 client (reserving the tokens it may cost in the token budgets), and it holds its lease until
 its task ends, when the reservation is corrected to the upstream's count of the tokens used.
 A refusal is raised as our error and rendered in the route's protocol; nothing reaches the
-upstream.
+upstream. `Core.admitted` is that admission for every kind of request (a session's guard with
+`[redis]`, a forwarded request), in Redis or in this process, with `[redis] on_error` applied
+in one place.
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ class Core:
         def on_end(session: StreamSession) -> None:
             admission.decided.set()  # (already, unless the app's end cancelled the session before)
             if lease is not None:
-                _reconcile(lease, session)
+                _reconcile(lease, _used_tokens(session))
                 lease.release()
             if admission.refusal is not None:
                 self.metrics.stream_refused()
@@ -261,50 +263,58 @@ class Core:
         await self.redis.run(task_status=task_status)
 
     @asynccontextmanager
+    async def admitted(
+        self, client: str, tokens: int = 0, used: Callable[[], int | None] = lambda: None
+    ) -> AsyncIterator[None]:
+        """
+        A place in `[limits]` for one request of `client` (with `tokens` reserved in the token
+        budgets), held inside: in Redis with `[redis]`, else in this process. On the way out,
+        the reservation is corrected to `used()` (the upstream's count, `None` when it did
+        not say) and the place given back. If Redis fails or is slow, `[redis] on_error`:
+        "open" admits by this process's own limits, "closed" refuses with the failure (503).
+
+        Raises:
+            RateLimitedError, OverloadedError: the limits refuse the request.
+            SharedStateError: Redis failed, and `on_error = "closed"`.
+        """
+        if self.redis is not None:
+            try:
+                shared = await self.redis.admit(client, self._shared_limits, tokens)
+            except SharedStateError:
+                if self.config.redis.on_error == "closed":
+                    raise
+            else:
+                try:
+                    yield
+                finally:
+                    # A failure is logged by `RedisState`; the place expires within `[redis] lease_ttl`.
+                    with contextlib.suppress(SharedStateError):
+                        await self.redis.release(shared, used())
+                return
+        lease = self.limiter.admit(client, trio.current_time(), tokens)
+        try:
+            yield
+        finally:
+            _reconcile(lease, used())
+            lease.release()
+
+    @asynccontextmanager
     async def _shared_admission(
         self, client: str, tokens: int, decide: Callable[[TrioproxyError | None], None], session: StreamSession
     ) -> AsyncIterator[None]:
         """
-        The session's place in the limits shared on Redis, held while it runs. If Redis fails
-        or is slow, `[redis] on_error`: "open" admits by this process's own limits, "closed"
-        refuses with the failure (503). A refusal is the session's only item; `decide` is told
-        the outcome first.
+        A session's guard with `[redis]`: its place in the limits (`admitted`), held while it
+        runs. A refusal is the session's only item; `decide` is told the outcome first.
         """
-        assert self.redis is not None
-        try:
-            shared = await self.redis.admit(client, self._shared_limits, tokens)
-        except SharedStateError as failure:
-            if self.config.redis.on_error == "closed":
-                decide(failure)
-                session.interrupt(failure)
-                yield
-                return
+        async with contextlib.AsyncExitStack() as held:
             try:
-                local = self.limiter.admit(client, trio.current_time(), tokens)
+                await held.enter_async_context(self.admitted(client, tokens, functools.partial(_used_tokens, session)))
             except TrioproxyError as refusal:
                 decide(refusal)
                 session.interrupt(refusal)
-                yield
-                return
-            decide(None)
-            try:
-                yield
-            finally:
-                _reconcile(local, session)
-                local.release()
-            return
-        except TrioproxyError as refusal:
-            decide(refusal)
-            session.interrupt(refusal)
+            else:
+                decide(None)
             yield
-            return
-        decide(None)
-        try:
-            yield
-        finally:
-            # A failure is logged by `RedisState`; the place expires within `[redis] lease_ttl`.
-            with contextlib.suppress(SharedStateError):
-                await self.redis.release(shared, _used_tokens(session))
 
     async def ask_upstream(
         self, chat: ChatRequest, ask: Callable[[Upstream, ChatRequest], Awaitable[bytes | None]]
@@ -496,8 +506,7 @@ def _used_tokens(session: StreamSession) -> int | None:
     return None if usage is None else usage.total_tokens
 
 
-def _reconcile(lease: Lease, session: StreamSession) -> None:
-    used = _used_tokens(session)
+def _reconcile(lease: Lease, used: int | None) -> None:
     if used is not None:
         lease.reconcile(used)
 

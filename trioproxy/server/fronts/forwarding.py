@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Final
 
 import orjson
@@ -77,23 +78,21 @@ def register(app: QuartTrio, core: Core) -> None:
             provider, upstream, body = await _destination(core, path)
         except TrioproxyError as exc:
             return path_error_response(path, exc)
-        lease = core.limiter.admit(core.client_identity(), trio.current_time())
         request_record(connection().scope).provider = provider.name
         forwarding = _Forwarding(upstream, _forwarded_request(path, body), provider.timeouts)
+        admission = core.admitted(core.client_identity())
         core.active.add(forwarding)  # the drain waits for it, and interrupts it at its deadline
 
         async def ask_upstream() -> None:
             try:
-                await forwarding.run()
+                await forwarding.run(admission)
             finally:
                 core.active.discard(forwarding)
-                lease.release()
 
         try:
             core.nursery.start_soon(ask_upstream)
         except BaseException:
             core.active.discard(forwarding)
-            lease.release()
             raise
         head = await forwarding.head()
         if isinstance(head, TrioproxyError):
@@ -231,29 +230,41 @@ class _Forwarding:
             self._interruption = error
         self._upstream_scope.cancel()
 
-    async def run(self) -> None:
-        """The upstream request; a failure is the channel's last item."""
-        sink = self._sink
+    async def run(self, admission: AbstractAsyncContextManager[None]) -> None:
+        """
+        The upstream request, holding its place in the limits (`admission`, `Core.admitted`)
+        until the answer ends; a refusal, or a failure, is the channel's last item.
+        """
         with self._cancel_scope:
             async with self._send:
-                error: TrioproxyError | None = None
-                with sink.watchdog, self._upstream_scope:
-                    try:
-                        await self._upstream.forward(self._request, sink)
-                    except TrioproxyError as exc:
-                        error = exc
-                    except Exception:  # a bug: logged whole, the client told, the server kept
-                        logger.exception("forwarding %s %s failed", self._request.method, self._request.target)
-                        error = TrioproxyError("internal error while forwarding")
-                if self._interruption is not None:
-                    error = self._interruption
-                elif sink.watchdog.cancelled_caught:
-                    what = "answer" if sink.kind == "first_token_timeout" else "further byte"
-                    error = UpstreamTimeoutError(
-                        f"the upstream sent no {what} within {sink.kind} ({sink.limit:g} s)", kind=sink.kind
-                    )
+                try:
+                    async with admission:
+                        error = await self._ask()
+                except TrioproxyError as refusal:  # raised entering the admission, so before the upstream was asked
+                    error = refusal
                 if error is not None:
                     await self._send.send(error)
+
+    async def _ask(self) -> TrioproxyError | None:
+        """The upstream's answer, handed over the channel: `None` once whole, else why it is not."""
+        sink = self._sink
+        error: TrioproxyError | None = None
+        with sink.watchdog, self._upstream_scope:
+            try:
+                await self._upstream.forward(self._request, sink)
+            except TrioproxyError as exc:
+                error = exc
+            except Exception:  # a bug: logged whole, the client told, the server kept
+                logger.exception("forwarding %s %s failed", self._request.method, self._request.target)
+                error = TrioproxyError("internal error while forwarding")
+        if self._interruption is not None:
+            return self._interruption
+        if sink.watchdog.cancelled_caught:
+            what = "answer" if sink.kind == "first_token_timeout" else "further byte"
+            return UpstreamTimeoutError(
+                f"the upstream sent no {what} within {sink.kind} ({sink.limit:g} s)", kind=sink.kind
+            )
+        return error
 
     async def head(self) -> tuple[int, list[tuple[str, str]]] | TrioproxyError:
         """The answer's status and headers, or the error that came instead (the task is then over)."""
