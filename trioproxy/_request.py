@@ -17,7 +17,7 @@ Sans-IO.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
@@ -34,11 +34,15 @@ __all__ = [
     "DropParams",
     "NativeRequest",
     "WireProtocol",
+    "carried_fields",
     "drops",
     "parse_chat_request",
     "parse_completion_request",
     "parse_embedding_request",
     "parse_json_object",
+    "parse_model",
+    "parse_stream",
+    "translated_request",
 ]
 
 WireProtocol = Literal["openai", "anthropic", "responses", "completions", "embeddings"]
@@ -225,7 +229,7 @@ def parse_chat_request(body: dict[str, Any], *, model: str | None = None) -> Cha
     `model` overrides `body["model"]` (the generic endpoints build it from `provider` and
     `model`).
     """
-    model = _model(body if model is None else {"model": model})
+    model = parse_model(body if model is None else {"model": model})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' is required and must be a non-empty array", param="messages")
@@ -251,7 +255,7 @@ def parse_completion_request(body: dict[str, Any]) -> ChatRequest:
     for estimates only: a prompt to continue is not a chat turn, so the request goes to an
     OpenAI-compatible upstream only.
     """
-    model = _model(body)
+    model = parse_model(body)
     prompt = body.get("prompt")
     if not isinstance(prompt, (str, list)) or not prompt:
         raise RequestError("'prompt' is required: a string, or an array of strings or tokens", param="prompt")
@@ -279,7 +283,7 @@ def parse_completion_request(body: dict[str, Any]) -> ChatRequest:
 
 def parse_embedding_request(body: dict[str, Any]) -> ChatRequest:
     """`POST /v1/embeddings`: `model` and `input` checked, the body kept whole for an OpenAI-compatible upstream."""
-    model = _model(body)
+    model = parse_model(body)
     inputs = body.get("input")
     if not isinstance(inputs, (str, list)) or not inputs:
         raise RequestError("'input' is required: a string, or an array of strings or tokens", param="input")
@@ -316,20 +320,94 @@ def _native_request(
     )
 
 
-def _model(body: dict[str, Any]) -> str:
+def translated_request(
+    protocol: WireProtocol,
+    body: dict[str, Any],
+    translate: Callable[[dict[str, Any], dict[str, RequestError]], dict[str, Any]],
+    *,
+    model: str,
+    stream: bool,
+    max_tokens: int | None,
+    names: Mapping[str, str],
+    headers: Mapping[str, str] | None = None,
+) -> ChatRequest:
+    """
+    A request of a protocol with a translation into the common model (Anthropic Messages,
+    OpenAI Responses), its fields the proxy acts on already checked: kept whole (`native`),
+    with what `translate` makes of it. What the translation cannot carry is not refused here
+    but kept with its refusal (`NativeRequest.unportable`, `uncarried`), since an upstream of
+    the client's own protocol takes the request as it is (`common_body`).
+    """
+    unportable: RequestError | None = None
+    uncarried: dict[str, RequestError] = {}
+    try:
+        common = translate(body, uncarried)
+    except RequestError as exc:
+        unportable = exc
+        # Never sent anywhere (`common_body` refuses it): enough to account for the request.
+        common = {"model": model, "messages": [], "stream": stream}
+        if max_tokens is not None:
+            common["max_tokens"] = max_tokens
+    return ChatRequest(
+        body=common,
+        model=model,
+        messages=common["messages"],
+        stream=stream,
+        max_tokens=max_tokens,
+        native=NativeRequest(protocol, body, headers or {}, unportable, names, uncarried),
+    )
+
+
+def carried_fields(
+    body: Mapping[str, Any],
+    *,
+    skipped: Collection[str],
+    translate: Callable[[str, object], dict[str, object] | None],
+    refusal: Callable[[str, str], RequestError],
+    uncarried: dict[str, RequestError] | None,
+) -> dict[str, object]:
+    """
+    The common-model fields that carry `body`'s top-level fields but the `skipped` ones (those
+    a translation takes apart, or drops), as `translate` makes them of each (`None`: no
+    equivalent). A field with no equivalent raises its `refusal` (the field as a message names
+    it, and as `param`), unless `uncarried` is given: then it is left out and its refusal
+    recorded there, for the provider of an upstream to drop (`ChatRequest.common_body`).
+    """
+    out: dict[str, object] = {}
+    for name, value in body.items():
+        if name in skipped:
+            continue
+        fields = translate(name, value)
+        if fields is not None:
+            out.update(fields)
+        elif uncarried is None:
+            raise refusal(f"'{name}'", name)
+        else:
+            uncarried[name] = refusal(f"'{name}'", name)
+    return out
+
+
+def parse_model(body: dict[str, Any]) -> str:
+    """`model`, which every protocol requires."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError("'model' is required and must be a non-empty string", param="model")
     return model
 
 
-def _stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
-    """`stream`, and whether `stream_options` asks for usage."""
+def parse_stream(body: dict[str, Any]) -> bool:
+    """`stream`: a boolean, `null` or left out meaning `false` in every protocol."""
     stream = body.get("stream", False)
     if stream is None:
-        stream = False
+        return False
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be a boolean", param="stream")
+    return stream
+
+
+def _stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
+    """`stream`, and whether `stream_options` asks for usage."""
+    stream = parse_stream(body)
     include_usage = False
     stream_options = body.get("stream_options")
     if stream_options is not None:

@@ -201,10 +201,15 @@ async def test_a_field_another_upstream_has_no_equivalent_for_is_dropped_by_a_pr
         with pytest.raises(openai.BadRequestError) as info:
             await client.responses.create(model="up/gpt-test", input="hi", top_logprobs=2)
         assert info.value.param == "top_logprobs"
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.responses.input_tokens.count(model="up/gpt-test", input="hi", extra_body={"top_logprobs": 2})
+        assert info.value.param == "top_logprobs"
         assert not upstream.requests
 
+        count = await client.responses.input_tokens.count(model="lenient/m", input="hi", extra_body={"top_logprobs": 2})
         upstream.push(Reply(tokens=("Hel", "lo")))
         response = await client.responses.create(model="lenient/m", input="hi", top_logprobs=2)
+    assert count.model_extra == {"estimated": True}
     assert response.output_text == "Hello"
     assert "top_logprobs" not in upstream.requests[-1].json
 

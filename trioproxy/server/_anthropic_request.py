@@ -50,7 +50,7 @@ from typing import Any, Final, Protocol
 import orjson
 
 from .._exceptions import RequestError
-from .._request import ChatRequest, NativeRequest
+from .._request import ChatRequest, carried_fields, parse_model, parse_stream, translated_request
 from ..providers.anthropic import FORWARDED_HEADERS, TOOL_CHOICES
 
 __all__ = ["parse_messages_request", "to_chat_completions"]
@@ -81,6 +81,9 @@ _BLOCK_FIELDS: Final[dict[str, frozenset[str]]] = {
 }
 """The fields of each block type the translation carries or drops; any other refuses the request."""
 
+_TRANSLATED: Final = frozenset({"model", "max_tokens", "stream", "system", "messages"})
+"""Top-level fields `to_chat_completions` carries itself."""
+
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
 
@@ -105,9 +108,7 @@ def parse_messages_request(body: dict[str, object], headers: Headers, *, countin
     form with the headers an Anthropic upstream must see, and its common-model translation.
     `counting`: a `count_tokens` request, which has no `max_tokens`.
     """
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required and must be a non-empty string", param="model")
+    model = parse_model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' is required and must be a non-empty array", param="messages")
@@ -116,28 +117,16 @@ def parse_messages_request(body: dict[str, object], headers: Headers, *, countin
         max_tokens = 1
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise RequestError("'max_tokens' is required and must be a positive integer", param="max_tokens")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be a boolean", param="stream")
-
-    unportable: RequestError | None = None
-    uncarried: dict[str, RequestError] = {}
-    try:
-        common = to_chat_completions(body, uncarried)
-    except RequestError as exc:
-        unportable = exc
-        # Never sent anywhere (`common_body` refuses it): enough to account for the request.
-        common = {"model": model, "messages": [], "max_tokens": max_tokens, "stream": stream}
     forwarded = {name: value for name in FORWARDED_HEADERS if (value := headers.get(name)) is not None}
-    return ChatRequest(
-        body=common,
+    return translated_request(
+        "anthropic",
+        body,
+        to_chat_completions,
         model=model,
-        messages=common["messages"],
-        stream=stream,
+        stream=parse_stream(body),
         max_tokens=max_tokens,
-        native=NativeRequest("anthropic", body, forwarded, unportable, _CLIENT_NAMES, uncarried),
+        names=_CLIENT_NAMES,
+        headers=forwarded,
     )
 
 
@@ -158,17 +147,8 @@ def to_chat_completions(body: dict[str, Any], uncarried: dict[str, RequestError]
     for i, message in enumerate(body["messages"]):
         messages += _messages(message, f"messages[{i}]")
     out["messages"] = messages
-
-    for name, value in body.items():
-        if name in ("model", "max_tokens", "stream", "system", "messages") or name in _DROPPED:
-            continue
-        fields = _fields(name, value)
-        if fields is not None:
-            out.update(fields)
-        elif uncarried is None:
-            raise _unportable(f"'{name}'", name)
-        else:
-            uncarried[name] = _unportable(f"'{name}'", name)
+    skipped = _TRANSLATED | _DROPPED
+    out.update(carried_fields(body, skipped=skipped, translate=_fields, refusal=_unportable, uncarried=uncarried))
     return out
 
 

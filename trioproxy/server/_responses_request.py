@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .._exceptions import RequestError
-from .._request import ChatRequest, NativeRequest
+from .._request import ChatRequest, carried_fields, parse_model, parse_stream, translated_request
 
 __all__ = ["Turn", "continued", "input_items", "listed_input_items", "parse_responses_request", "to_chat_completions"]
 
@@ -67,6 +67,9 @@ _DROPPED: Final = frozenset(
     {"include", "store", "background", "metadata", "truncation", "stream_options", "client_metadata"}
 )
 """Top-level fields that do not change what the answer says; see the module's docstring."""
+
+_TRANSLATED: Final = frozenset({"model", "stream", "instructions", "input"})
+"""Top-level fields `to_chat_completions` carries itself."""
 
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
@@ -90,36 +93,16 @@ def parse_responses_request(body: dict[str, Any]) -> ChatRequest:
     Check what every Responses request needs and build the `ChatRequest`: its native form,
     and its common-model translation (or the error naming what that cannot carry).
     """
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError("'model' is required and must be a non-empty string", param="model")
+    model = parse_model(body)
     input_ = body.get("input")
     if not (isinstance(input_, str) and input_) and not (isinstance(input_, list) and input_):
         raise RequestError("'input' is required: a non-empty string or array of input items", param="input")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be a boolean", param="stream")
+    stream = parse_stream(body)
     max_tokens = body.get("max_output_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
         raise RequestError("'max_output_tokens' must be a positive integer", param="max_output_tokens")
-
-    unportable: RequestError | None = None
-    uncarried: dict[str, RequestError] = {}
-    try:
-        common = to_chat_completions(body, uncarried)
-    except RequestError as exc:
-        unportable = exc
-        # Never sent anywhere (`common_body` refuses it): enough to account for the request.
-        common = {"model": model, "messages": [], "stream": stream}
-    return ChatRequest(
-        body=common,
-        model=model,
-        messages=common["messages"],
-        stream=stream,
-        max_tokens=max_tokens,
-        native=NativeRequest("responses", body, {}, unportable, _CLIENT_NAMES, uncarried),
+    return translated_request(
+        "responses", body, to_chat_completions, model=model, stream=stream, max_tokens=max_tokens, names=_CLIENT_NAMES
     )
 
 
@@ -197,17 +180,8 @@ def to_chat_completions(body: dict[str, Any], uncarried: dict[str, RequestError]
     else:
         messages += _messages(input_)
     out["messages"] = messages
-
-    for name, value in body.items():
-        if name in ("model", "stream", "instructions", "input") or name in _DROPPED:
-            continue
-        fields = _fields(name, value)
-        if fields is not None:
-            out.update(fields)
-        elif uncarried is None:
-            raise _unportable(f"'{name}'", name)
-        else:
-            uncarried[name] = _unportable(f"'{name}'", name)
+    skipped = _TRANSLATED | _DROPPED
+    out.update(carried_fields(body, skipped=skipped, translate=_fields, refusal=_unportable, uncarried=uncarried))
     return out
 
 

@@ -203,8 +203,8 @@ class _Routes:
         try:
             chat = self.parsed_side_request(parse_json_object(await request.get_data()))
             counted = await self.core.ask_upstream(chat, lambda upstream, routed: upstream.count_tokens(routed))
-            if counted is None:
-                chat.common_body()  # what another upstream could not be asked is refused here too
+            if counted is None:  # what another upstream could not be asked is refused here too, unless it drops it
+                chat.common_body(self.core.router.route(chat.model).provider.drop_params)
         except TrioproxyError as exc:
             return _error(exc)
         if counted is not None:
