@@ -140,6 +140,17 @@ base_url = "{upstream.url}/v1"
         chained = [item async for item in on_first.responses.input_items.list(continued.id, order="asc")]
         assert len(chained) == 3  # the whole conversation it answered, read back on the process that ran the first
 
+        running = await on_first.responses.create(model="slow/lorem", input="go", max_output_tokens=30, stream=True)
+        async for event in running:
+            if event.type == "response.created":
+                running_id = event.response.id
+            if event.type == "response.output_text.delta":
+                break
+        with pytest.raises(openai.BadRequestError) as early:  # as on the process that runs it
+            await on_second.responses.create(model="up/m", previous_response_id=running_id, input="x")
+        assert "is in_progress" in early.value.message
+        await running.close()
+
         await on_first.responses.delete(created.id)
         with pytest.raises(openai.NotFoundError) as gone:
             await on_second.responses.create(model="up/m", previous_response_id=created.id, input="x")

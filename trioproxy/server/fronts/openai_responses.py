@@ -57,6 +57,10 @@ PREFIX: Final = "resp_"
 """The ids of stored responses, in the registry the generic endpoints' streams share."""
 
 
+AFTER_EVERY_EVENT: Final = 2**63 - 1
+"""An event id past every stream's last: the shared store read after it says only where the stream is."""
+
+
 def owns(path: str) -> bool:
     return path == "/v1/responses" or path.startswith("/v1/responses/")
 
@@ -97,7 +101,7 @@ class _Routes:
     def stored(self, response_id: str) -> BroadcastStream:
         stream = self.core.streams.get(response_id) if response_id.startswith(PREFIX) else None
         if stream is None:
-            raise NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
+            raise _not_stored(response_id)
         return stream
 
     async def stored_turn(self, response_id: str) -> Turn:
@@ -106,6 +110,8 @@ class _Routes:
             status, turn = await self.conversation(response_id)
         except NotFoundError as exc:
             raise NotFoundError(exc.message, code="previous_response_not_found", param="previous_response_id") from None
+        except RequestError as exc:
+            raise RequestError(exc.message, param="previous_response_id") from None
         if status not in ("completed", "incomplete"):
             raise RequestError(
                 f"response {response_id!r} is {status}: only a finished answer can be continued",
@@ -116,15 +122,27 @@ class _Routes:
     async def conversation(self, response_id: str) -> tuple[str, Turn]:
         """
         A stored response's status and conversation: held here, or else (`[redis]`) as the
-        process that ran it kept it when it ended. Raises `NotFoundError`, or
-        `SharedStateError` when Redis fails.
+        process that ran it kept it when it ended. Raises `NotFoundError`, `RequestError` for
+        one still running on another process, or `SharedStateError` when Redis fails.
         """
         stream = self.core.streams.get(response_id) if response_id.startswith(PREFIX) else None
         if stream is not None:
             return _conversation(stream)
-        kept = await self.core.streams.store.read_conversation(response_id) if response_id.startswith(PREFIX) else None
+        store = self.core.streams.store
+        kept = await store.read_conversation(response_id) if response_id.startswith(PREFIX) else None
         if kept is None:
-            raise NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
+            logged = await store.read_events(response_id, AFTER_EVERY_EVENT) if response_id.startswith(PREFIX) else None
+            if logged is None:
+                raise _not_stored(response_id)
+            if not logged.ended:
+                raise RequestError(
+                    f"response {response_id!r} is in_progress on another process: "
+                    "only there until it ends, then on any process"
+                )
+            raise NotFoundError(
+                f"response {response_id!r} ended on another process, which could not share its conversation "
+                "(over [streams] max_replay_bytes, or Redis failed): only that process has it"
+            )
         conversation = orjson.loads(kept)
         return conversation["status"], Turn(response_id, conversation["input"], conversation["output"])
 
@@ -320,7 +338,7 @@ class _Routes:
         """A response another process runs (or ran), from the shared store (`[redis]`)."""
         remote = await self.core.streams.remote(response_id, after) if response_id.startswith(PREFIX) else None
         if remote is None:
-            raise NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
+            raise _not_stored(response_id)
         if not streaming:
             return json_response(_latest_response(response_id, b"".join(remote.backlog)))
         if remote.ended:  # else its events up to `after` may not be written yet
@@ -349,6 +367,10 @@ class _Routes:
         except TrioproxyError as exc:
             return _error(exc)
         return json_response({"id": stream.id, "object": "response", "deleted": True})
+
+
+def _not_stored(response_id: str) -> NotFoundError:
+    return NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
 
 
 def _conversation(stream: BroadcastStream) -> tuple[str, Turn]:
