@@ -167,6 +167,32 @@ base_url = "{upstream.url}/v1"
     assert "Traceback" not in "".join(proxy.log.read_text() for proxy in (first, second))
 
 
+async def test_a_conversation_over_max_replay_bytes_is_not_shared_and_the_refusal_says_so(
+    tmp_path: Path, redis_server: RedisServer, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("Long.",)), Reply(tokens=("Still here.",)))
+    text = config_text(redis_server.url, "") + f"""
+[streams]
+max_replay_bytes = 10000
+
+[providers.up]
+type = "openai"
+base_url = "{upstream.url}/v1"
+"""
+    async with (
+        proxies(tmp_path, text, count=2) as (first, second),
+        openai.AsyncOpenAI(base_url=first.url + "/v1", api_key="k", max_retries=0) as on_first,
+        openai.AsyncOpenAI(base_url=second.url + "/v1", api_key="k", max_retries=0) as on_second,
+    ):
+        created = await on_first.responses.create(model="up/m", input="word " * 4000)
+        with pytest.raises(openai.NotFoundError) as elsewhere:
+            await on_second.responses.create(model="up/m", previous_response_id=created.id, input="more")
+        assert "could not share its conversation" in elsewhere.value.message
+        here = await on_first.responses.create(model="up/m", previous_response_id=created.id, input="more")
+        assert here.output_text == "Still here."
+    assert "over [streams] max_replay_bytes (10000): not kept in Redis" in first.log.read_text()
+
+
 async def test_redis_killed_mid_stream_the_stream_goes_on_where_it_runs_then_sharing_resumes(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
