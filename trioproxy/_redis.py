@@ -23,7 +23,9 @@ back), unless it left its window already.
   event `n` and an `end` entry after the last, bounded by `[redis] stream_max_events` (MAXLEN)
   and expiring `[streams] retention` after its last write (`append_events`, one script); any
   process replays it (`read_events`) and follows it (`follow_events`, a blocking XREAD on
-  connections of its own, bounded by `timeout + follow_block`).
+  connections of its own, bounded by `timeout + follow_block`). A stored response's
+  conversation, what `previous_response_id` continues, is a string beside it, written once
+  when it ends (`keep_conversation`), expiring with it, deleted with it.
 - A provider's circuit breakers (`SharedBreakers`): one hash per target, admitted and settled
   by a script each, with the rules of `_targets.LocalBreakers`, and not asked at all about a
   breaker it said is closed less than `[redis] breaker_snapshot_age` ago; this process's own
