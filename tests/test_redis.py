@@ -206,6 +206,21 @@ async def test_a_streams_events_are_appended_once_read_after_an_id_and_followed_
         assert (await reader.read_events("st_x", 0)).events[-1] == (4, b"four")  # type: ignore[union-attr]
 
 
+async def test_a_conversation_is_kept_beside_its_stream_as_long_and_deleted_with_it(redis_server: RedisServer) -> None:
+    import coredis
+
+    async with running(redis_server, key_prefix="tp:") as state, coredis.Redis.from_url(redis_server.url) as client:
+        state.stream_retention = 60.0
+        assert await state.read_conversation("resp_x") is None
+        await state.append_events("resp_x", [(1, b"one")], ended=True)
+        await state.keep_conversation("resp_x", b'{"input": []}')
+        assert await state.read_conversation("resp_x") == b'{"input": []}'
+        assert 59_000 < await client.pttl("tp:stream:resp_x:conversation") <= 60_000
+        await state.delete_events("resp_x")
+        assert await state.read_conversation("resp_x") is None
+        assert await state.read_events("resp_x", 0) is None
+
+
 async def test_a_replay_from_before_the_kept_events_is_a_gap(redis_server: RedisServer) -> None:
     async with running(redis_server, stream_max_events=1) as state:
         for n in range(1, 300):  # MAXLEN ~ trims whole nodes: far more than one node's worth

@@ -23,7 +23,9 @@ back), unless it left its window already.
   event `n` and an `end` entry after the last, bounded by `[redis] stream_max_events` (MAXLEN)
   and expiring `[streams] retention` after its last write (`append_events`, one script); any
   process replays it (`read_events`) and follows it (`follow_events`, a blocking XREAD on
-  connections of its own, bounded by `timeout + follow_block`).
+  connections of its own, bounded by `timeout + follow_block`). A stored response's
+  conversation, what `previous_response_id` continues, is a string beside it, written once
+  when it ends (`keep_conversation`), expiring with it, deleted with it.
 - A provider's circuit breakers (`SharedBreakers`): one hash per target, admitted and settled
   by a script each, with the rules of `_targets.LocalBreakers`, and not asked at all about a
   breaker it said is closed less than `[redis] breaker_snapshot_age` ago; this process's own
@@ -479,8 +481,29 @@ class RedisState:
         return _logged(next(iter(read.values())), after=after) if read else LoggedEvents([], False, after)
 
     async def delete_events(self, stream_id: str) -> None:
-        """Forget a stream's events (its stored response was deleted)."""
-        await self._call(self._client.delete([self._stream_key(stream_id)]))
+        """Forget a stream's events and its conversation (its stored response was deleted)."""
+        await self._call(self._client.delete([self._stream_key(stream_id), self._conversation_key(stream_id)]))
+
+    async def keep_conversation(self, stream_id: str, conversation: bytes) -> None:
+        """
+        Keep what continuing a stored response needs (`previous_response_id`) beside its
+        stream, as long: `[streams] retention` seconds.
+
+        Raises:
+            SharedStateError: Redis failed, or did not answer in time.
+        """
+        key = self._conversation_key(stream_id)
+        await self._call(self._client.set(key, conversation, px=int(self.stream_retention * 1000)))
+
+    async def read_conversation(self, stream_id: str) -> bytes | None:
+        """
+        What `keep_conversation` kept for the stream, or `None`.
+
+        Raises:
+            SharedStateError: Redis failed, or did not answer in time.
+        """
+        kept = await self._call(self._client.get(self._conversation_key(stream_id)))
+        return kept.encode() if isinstance(kept, str) else kept
 
     async def admit_to_breaker(self, key: str) -> tuple[str, int]:
         """`_BREAKER_ADMIT` on the breaker at `key`: `closed`, `probe`, `open` or `probing`, and its failures."""
@@ -503,6 +526,9 @@ class RedisState:
 
     def _stream_key(self, stream_id: str) -> str:
         return self._key("stream", stream_id)
+
+    def _conversation_key(self, stream_id: str) -> str:
+        return self._key("stream", stream_id, "conversation")
 
     @asynccontextmanager
     async def bounded(self, seconds: float | None = None) -> AsyncIterator[None]:

@@ -20,6 +20,7 @@ from tests.conftest import RedisServer
 from tests.e2e.test_observability import scrape_until
 from tests.e2e.test_shared_limits import MESSAGES, Proxy, config_text, proxies
 from trioproxy import SSEDecoder, StreamEvent
+from trioproxy.testing import FakeUpstream, Reply
 
 #: 30 tokens 50 ms apart: a stream still running while the test looks.
 SLOW_STREAM = {"model": "slow/lorem", "messages": MESSAGES, "max_tokens": 30}
@@ -108,6 +109,88 @@ async def test_a_stored_response_is_retrieved_and_followed_on_another_process(
                 with pytest.raises(openai.NotFoundError):
                     await other.responses.retrieve(response_id)
         assert (await streams_started(first), await streams_started(second)) == (1, 0)
+
+
+async def test_a_stored_response_is_continued_and_its_input_items_listed_on_another_process(
+    tmp_path: Path, redis_server: RedisServer, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("Paris.",)), Reply(tokens=("About 2 million.",)))
+    provider = f"""
+[providers.up]
+type = "openai"
+base_url = "{upstream.url}/v1"
+"""
+    async with (
+        proxies(tmp_path, config_text(redis_server.url, "") + provider, count=2) as (first, second),
+        openai.AsyncOpenAI(base_url=first.url + "/v1", api_key="k", max_retries=0) as on_first,
+        openai.AsyncOpenAI(base_url=second.url + "/v1", api_key="k", max_retries=0) as on_second,
+    ):
+        created = await on_first.responses.create(model="up/m", input="Capital of France?")
+        continued = await on_second.responses.create(
+            model="up/m", previous_response_id=created.id, input="Its population?"
+        )
+        assert continued.output_text == "About 2 million."
+        assert upstream.requests[-1].json["messages"] == [
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "Its population?"},
+        ]
+        listed = [item async for item in on_second.responses.input_items.list(created.id, order="asc")]
+        assert [(item.type, item.role) for item in listed] == [("message", "user")]  # type: ignore[union-attr]
+        chained = [item async for item in on_first.responses.input_items.list(continued.id, order="asc")]
+        assert len(chained) == 3  # the whole conversation it answered, read back on the process that ran the first
+
+        running = await on_first.responses.create(model="slow/lorem", input="go", max_output_tokens=30, stream=True)
+        async for event in running:
+            if event.type == "response.created":
+                running_id = event.response.id
+            if event.type == "response.output_text.delta":
+                break
+        with pytest.raises(openai.BadRequestError) as early:  # as on the process that runs it
+            await on_second.responses.create(model="up/m", previous_response_id=running_id, input="x")
+        assert "is in_progress" in early.value.message
+        await running.close()
+
+        await on_first.responses.delete(created.id)
+        with pytest.raises(openai.NotFoundError) as gone:
+            await on_second.responses.create(model="up/m", previous_response_id=created.id, input="x")
+        assert gone.value.code == "previous_response_not_found"
+
+        await redis_server.stop()  # a response not held here cannot be read: a 503 in OpenAI's shape
+        with trio.fail_after(5), pytest.raises(openai.APIStatusError) as down:
+            await on_first.responses.create(model="up/m", previous_response_id=continued.id, input="x")
+        assert (down.value.status_code, down.value.code) == (503, "shared_state_unavailable")
+        with trio.fail_after(5), pytest.raises(openai.APIStatusError) as down:
+            await on_first.responses.input_items.list(continued.id)
+        assert down.value.status_code == 503
+    assert len(upstream.requests) == 2
+    assert "Traceback" not in "".join(proxy.log.read_text() for proxy in (first, second))
+
+
+async def test_a_conversation_over_max_replay_bytes_is_not_shared_and_the_refusal_says_so(
+    tmp_path: Path, redis_server: RedisServer, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=("Long.",)), Reply(tokens=("Still here.",)))
+    text = config_text(redis_server.url, "") + f"""
+[streams]
+max_replay_bytes = 10000
+
+[providers.up]
+type = "openai"
+base_url = "{upstream.url}/v1"
+"""
+    async with (
+        proxies(tmp_path, text, count=2) as (first, second),
+        openai.AsyncOpenAI(base_url=first.url + "/v1", api_key="k", max_retries=0) as on_first,
+        openai.AsyncOpenAI(base_url=second.url + "/v1", api_key="k", max_retries=0) as on_second,
+    ):
+        created = await on_first.responses.create(model="up/m", input="word " * 4000)
+        with pytest.raises(openai.NotFoundError) as elsewhere:
+            await on_second.responses.create(model="up/m", previous_response_id=created.id, input="more")
+        assert "could not share its conversation" in elsewhere.value.message
+        here = await on_first.responses.create(model="up/m", previous_response_id=created.id, input="more")
+        assert here.output_text == "Still here."
+    assert "over [streams] max_replay_bytes (10000): not kept in Redis" in first.log.read_text()
 
 
 async def test_redis_killed_mid_stream_the_stream_goes_on_where_it_runs_then_sharing_resumes(

@@ -63,11 +63,13 @@ IGNORED: Final = ("type", "stream", "background", "generate")
 """Fields of a `response.create` frame that are not part of the request."""
 
 
+Lookup = Callable[[str], Awaitable[Turn]]
+"""`lookup(id)`: the stored response `id` as `previous_response_id` continues it."""
 Share = Callable[[StreamSession, ChatRequest, dict[str, Any]], Awaitable[tuple[BroadcastStream, list[bytes], Watcher]]]
 """How a stored response runs: its session, request and echoed body → its stream, backlog and watcher."""
 
 
-def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[str], Turn], share: Share) -> None:
+def register_responses_websocket(app: QuartTrio, core: Core, lookup: Lookup, share: Share) -> None:
     """
     Add the WebSocket route of `/v1/responses` to `app`; `lookup(id)` finds a stored
     response for `previous_response_id`, or raises; `share` runs a stored one. A frame over `[limits]
@@ -108,7 +110,7 @@ def register_responses_websocket(app: QuartTrio, core: Core, lookup: Callable[[s
 class _Responder:
     """Answers a connection's `response.create` frames (one at a time: the route holds a lock)."""
 
-    def __init__(self, core: Core, lookup: Callable[[str], Turn], share: Share) -> None:
+    def __init__(self, core: Core, lookup: Lookup, share: Share) -> None:
         self.core = core
         self.lookup = lookup
         self.share = share
@@ -129,7 +131,7 @@ class _Responder:
         body = {key: value for key, value in frame.items() if key not in IGNORED}
         previous_id = body.get("previous_response_id")
         if isinstance(previous_id, str):
-            body = continued(body, _previous_turn(previous_id, previous, self.lookup))
+            body = continued(body, await _previous_turn(previous_id, previous, self.lookup))
         chat = parse_responses_request({**body, "stream": True})
         echoed = body if previous_id is None else {**body, "previous_response_id": previous_id}
         pipeline = self.core.pipeline(chat.model)
@@ -178,9 +180,9 @@ def _turn(renderer: ResponsesEventRenderer, response_id: str, body: dict[str, An
     return Turn(response_id, input_items(body), response["output"])
 
 
-def _previous_turn(previous_id: str, last: Turn | None, lookup: Callable[[str], Turn]) -> Turn:
+async def _previous_turn(previous_id: str, last: Turn | None, lookup: Lookup) -> Turn:
     """The turn `previous_response_id` names: the connection's last one, or a stored response."""
-    return last if last is not None and last.id == previous_id else lookup(previous_id)
+    return last if last is not None and last.id == previous_id else await lookup(previous_id)
 
 
 def _response_create(text: str | bytes, max_message_bytes: int) -> dict[str, Any]:

@@ -95,8 +95,9 @@ class StreamStore(Protocol):
     Where streams' events are kept for other processes too. `shared`: False for the
     in-process store, which keeps nothing more than each stream's own replay log.
     `write_interval`: seconds between two writes of one stream, at least (what comes meanwhile
-    goes in the next: each write costs a round trip). The calls raise `SharedStateError` when
-    the store fails.
+    goes in the next: each write costs a round trip). A stored response's conversation, what
+    `previous_response_id` continues, is kept beside its events (`keep_conversation`). The
+    calls raise `SharedStateError` when the store fails.
     """
 
     @property
@@ -108,6 +109,8 @@ class StreamStore(Protocol):
     async def read_events(self, stream_id: str, after: int) -> LoggedEvents | None: ...
     async def follow_events(self, stream_id: str, after: int) -> LoggedEvents | None: ...
     async def delete_events(self, stream_id: str) -> None: ...
+    async def keep_conversation(self, stream_id: str, conversation: bytes) -> None: ...
+    async def read_conversation(self, stream_id: str) -> bytes | None: ...
 
 
 class _LocalStore:
@@ -127,6 +130,12 @@ class _LocalStore:
 
     async def delete_events(self, stream_id: str) -> None:
         pass
+
+    async def keep_conversation(self, stream_id: str, conversation: bytes) -> None:
+        pass
+
+    async def read_conversation(self, stream_id: str) -> bytes | None:
+        return None
 
 
 LOCAL_STORE: Final[StreamStore] = _LocalStore()

@@ -19,13 +19,16 @@ request is its first watcher, a `GET ?stream=true` another, replaying the log fi
 event is missed or repeated and the upstream is asked once. A response is kept while it runs
 and for `[streams] retention` seconds after; `previous_response_id` continues a kept one by
 rebuilding the conversation (its input and output, then the new input), which is how an
-upstream without the notion gets it. Without `background`, the response ends when its last
+upstream without the notion gets it. With `[redis]`, a stored response's conversation is kept
+there too once it ends (`keep_conversation`), so that another process continues it and lists
+its input items. Without `background`, the response ends when its last
 watcher goes away (the upstream is cancelled at once, as on every front); with it, the
 response runs on with nobody watching until it ends or is cancelled.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any, Final
@@ -34,7 +37,7 @@ import orjson
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ..._exceptions import NotFoundError, RequestError, StreamCancelled, TrioproxyError
+from ..._exceptions import NotFoundError, RequestError, SharedStateError, StreamCancelled, TrioproxyError
 from ..._request import ChatRequest, parse_json_object
 from ..._sse import SSEDecoder, encode_typed_event
 from ...pipeline import Pipeline, StreamSession
@@ -48,8 +51,14 @@ from .openai_chat import error_response
 
 __all__ = ["error_response", "owns", "register"]
 
+logger = logging.getLogger("trioproxy.responses")
+
 PREFIX: Final = "resp_"
 """The ids of stored responses, in the registry the generic endpoints' streams share."""
+
+
+AFTER_EVERY_EVENT: Final = 2**63 - 1
+"""An event id past every stream's last: the shared store read after it says only where the stream is."""
 
 
 def owns(path: str) -> bool:
@@ -92,32 +101,97 @@ class _Routes:
     def stored(self, response_id: str) -> BroadcastStream:
         stream = self.core.streams.get(response_id) if response_id.startswith(PREFIX) else None
         if stream is None:
-            raise NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
+            raise _not_stored(response_id)
         return stream
 
-    def stored_turn(self, response_id: str) -> Turn:
+    async def stored_turn(self, response_id: str) -> Turn:
         """What `previous_response_id` continues: a stored response that ended with an answer."""
         try:
-            stream = self.stored(response_id)
+            status, turn = await self.conversation(response_id)
         except NotFoundError as exc:
             raise NotFoundError(exc.message, code="previous_response_not_found", param="previous_response_id") from None
-        renderer = _renderer(stream)
-        response = renderer.response
-        if not stream.finished or response is None or response["status"] not in ("completed", "incomplete"):
-            status = response["status"] if response is not None and stream.finished else "in_progress"
+        except RequestError as exc:
+            raise RequestError(exc.message, param="previous_response_id") from None
+        if status not in ("completed", "incomplete"):
             raise RequestError(
                 f"response {response_id!r} is {status}: only a finished answer can be continued",
                 param="previous_response_id",
             )
-        return Turn(stream.id, input_items(renderer.request), response["output"])
+        return turn
+
+    async def conversation(self, response_id: str) -> tuple[str, Turn]:
+        """
+        A stored response's status and conversation: held here, or else (`[redis]`) as the
+        process that ran it kept it when it ended. Raises `NotFoundError`, `RequestError` for
+        one still running on another process, or `SharedStateError` when Redis fails.
+        """
+        stream = self.core.streams.get(response_id) if response_id.startswith(PREFIX) else None
+        if stream is not None:
+            return _conversation(stream)
+        store = self.core.streams.store
+        kept = await store.read_conversation(response_id) if response_id.startswith(PREFIX) else None
+        if kept is None:
+            logged = await store.read_events(response_id, AFTER_EVERY_EVENT) if response_id.startswith(PREFIX) else None
+            if logged is None:
+                raise _not_stored(response_id)
+            if not logged.ended:
+                raise RequestError(
+                    f"response {response_id!r} is in_progress on another process: "
+                    "only there until it ends, then on any process"
+                )
+            raise NotFoundError(
+                f"response {response_id!r} ended on another process, which could not share its conversation "
+                "(over [streams] max_replay_bytes, or Redis failed): only that process has it"
+            )
+        conversation = orjson.loads(kept)
+        return conversation["status"], Turn(response_id, conversation["input"], conversation["output"])
+
+    async def keep_conversation(self, stream: BroadcastStream) -> None:
+        """
+        With `[redis]`, once the stored response ends: its conversation kept beside its events,
+        for other processes. One over `[streams] max_replay_bytes` is not kept (the log says
+        so): it is continued on this process only.
+        """
+        if not self.core.streams.store.shared:
+            return
+        await stream.finished_event.wait()
+        if self.core.streams.get(stream.id) is not stream:
+            return  # deleted meanwhile
+        status, turn = _conversation(stream)
+        conversation = orjson.dumps({"status": status, "input": turn.input, "output": turn.output})
+        bound = self.core.streams.config.max_replay_bytes
+        if len(conversation) > bound:
+            logger.warning(
+                "response %s: its conversation (%d bytes) is over [streams] max_replay_bytes (%d): not kept in Redis, "
+                "only this process can continue it or list its input items",
+                stream.id,
+                len(conversation),
+                bound,
+            )
+            return
+        try:
+            await self.core.streams.store.keep_conversation(stream.id, conversation)
+        except SharedStateError as failure:
+            logger.warning(
+                "response %s: %s; only this process can continue it or list its input items", stream.id, failure.message
+            )
 
     async def share(
         self, session: StreamSession, chat: ChatRequest, echoed: dict[str, Any]
     ) -> tuple[BroadcastStream, list[bytes], Watcher]:
         """
         A stored response that is not `background`, once its upstream accepted: shared in the
-        registry, its requester the first watcher, ending with its last watcher (`Core.share`).
+        registry, its requester the first watcher, ending with its last watcher (`Core.share`);
+        its conversation kept in Redis once it ends, by a task of the app's.
         """
+        stream, backlog, watcher = await self.share_unkept(session, chat, echoed)
+        self.core.nursery.start_soon(self.keep_conversation, stream, name=f"response {stream.id} conversation")
+        return stream, backlog, watcher
+
+    async def share_unkept(
+        self, session: StreamSession, chat: ChatRequest, echoed: dict[str, Any]
+    ) -> tuple[BroadcastStream, list[bytes], Watcher]:
+        """`share`, the caller keeping the conversation (`keep_conversation`)."""
         stream, backlog, watcher = await self.core.share(
             session, _stored_renderer(chat, echoed), shows_notices=False, prefix=PREFIX, encode=_encode
         )
@@ -129,7 +203,7 @@ class _Routes:
             body = parse_json_object(await request.get_data())
             previous_id = body.get("previous_response_id")
             if isinstance(previous_id, str):
-                body = continued(body, self.stored_turn(previous_id))
+                body = continued(body, await self.stored_turn(previous_id))
             chat = parse_responses_request(body)
             echoed = body if previous_id is None else {**body, "previous_response_id": previous_id}
             pipeline = self.core.pipeline(chat.model)
@@ -167,41 +241,47 @@ class _Routes:
             return _error(exc)
         stream.resume_grace_period = math.inf  # it outlives its request
         self.core.nursery.start_soon(stream.run, name=f"response {stream.id}")
+        self.core.nursery.start_soon(self.keep_conversation, stream, name=f"response {stream.id} conversation")
         if chat.stream:
             return watch_response(stream, *stream.attach())
         return json_response(_renderer(stream).snapshot("queued"))
 
     async def shared(self, pipeline: Pipeline, chat: ChatRequest, echoed: dict[str, Any]) -> Response:
-        """Stored, not `background`: the requester watches the shared stream (`share`) to its end."""
+        """
+        Stored, not `background`: the requester watches the shared stream (`share`) to its end.
+        Not streamed, it is answered once its conversation is kept (`[redis]`), so that any
+        process continues it at once.
+        """
         session = self.core.start(pipeline, chat, heartbeats=chat.stream)
         try:
-            stream, backlog, watcher = await self.share(session, chat, echoed)
+            if chat.stream:
+                return watch_response(*await self.share(session, chat, echoed))
+            stream, backlog, watcher = await self.share_unkept(session, chat, echoed)
         except TrioproxyError as exc:
             return _error(exc)
-        if chat.stream:
-            return watch_response(stream, backlog, watcher)
         events = bytearray(b"".join(backlog))
         try:
             async for data in watcher.receive:
                 events += data
         finally:
             stream.detach(watcher)
+        await self.keep_conversation(stream)
         failure = _renderer(stream).failure
         if failure is not None:
             return _error(failure)
         return json_response(response_from_events(bytes(events)))
 
-    def parsed_side_request(self, body: dict[str, Any]) -> ChatRequest:
+    async def parsed_side_request(self, body: dict[str, Any]) -> ChatRequest:
         """An `input_tokens` or `compact` body, its `previous_response_id` resolved from the store."""
         previous_id = body.get("previous_response_id")
         if isinstance(previous_id, str):
-            body = continued({"input": [], **body}, self.stored_turn(previous_id))
+            body = continued({"input": [], **body}, await self.stored_turn(previous_id))
         return parse_responses_request(body)
 
     async def input_tokens(self) -> Response:
         """A Responses upstream's own count; an estimate, marked so, from any other."""
         try:
-            chat = self.parsed_side_request(parse_json_object(await request.get_data()))
+            chat = await self.parsed_side_request(parse_json_object(await request.get_data()))
             counted = await self.core.ask_upstream(chat, lambda upstream, routed: upstream.count_tokens(routed))
             if counted is None:  # what another upstream could not be asked is refused here too, unless it drops it
                 chat.common_body(self.core.router.route(chat.model).provider.drop_params)
@@ -216,7 +296,7 @@ class _Routes:
     async def compact(self) -> Response:
         """A Responses upstream's own compaction; refused for any other, which has no such thing."""
         try:
-            chat = self.parsed_side_request(parse_json_object(await request.get_data()))
+            chat = await self.parsed_side_request(parse_json_object(await request.get_data()))
             compacted = await self.core.ask_upstream(chat, lambda upstream, routed: upstream.compact(routed))
             if compacted is None:
                 raise RequestError(
@@ -232,8 +312,8 @@ class _Routes:
 
     async def list_input_items(self, response_id: str) -> Response:
         try:
-            stream = self.stored(response_id)
-            items = listed_input_items(stream.id, input_items(_renderer(stream).request))
+            _, turn = await self.conversation(response_id)
+            items = listed_input_items(turn.id, turn.input)
             return json_response(_page(items, request.args))
         except TrioproxyError as exc:
             return _error(exc)
@@ -258,7 +338,7 @@ class _Routes:
         """A response another process runs (or ran), from the shared store (`[redis]`)."""
         remote = await self.core.streams.remote(response_id, after) if response_id.startswith(PREFIX) else None
         if remote is None:
-            raise NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
+            raise _not_stored(response_id)
         if not streaming:
             return json_response(_latest_response(response_id, b"".join(remote.backlog)))
         if remote.ended:  # else its events up to `after` may not be written yet
@@ -287,6 +367,19 @@ class _Routes:
         except TrioproxyError as exc:
             return _error(exc)
         return json_response({"id": stream.id, "object": "response", "deleted": True})
+
+
+def _not_stored(response_id: str) -> NotFoundError:
+    return NotFoundError(f"no response {response_id!r}: it was never stored, or it has expired or been deleted")
+
+
+def _conversation(stream: BroadcastStream) -> tuple[str, Turn]:
+    """A stored response's status (`in_progress` until it ends) and conversation, as `previous_response_id` takes it."""
+    renderer = _renderer(stream)
+    response = renderer.response
+    status = response["status"] if response is not None and stream.finished else "in_progress"
+    output = response["output"] if response is not None and stream.finished else []
+    return status, Turn(stream.id, input_items(renderer.request), output)
 
 
 def _stored_renderer(chat: ChatRequest, echoed: dict[str, Any]) -> RendererFactory:
