@@ -58,6 +58,21 @@ async def test_requests_per_minute_are_exact_under_concurrent_admissions(redis_s
         assert len(await admitted(second, "key:b", limits, 3)) == 3  # another client has its own
 
 
+async def test_admissions_at_once_on_a_fresh_redis_find_their_script_loaded(redis_server: RedisServer) -> None:
+    """
+    Unloaded, each of 50 admissions at once would run EVALSHA, get NOSCRIPT, load the script
+    and run it again: twice the round trips, all in their time to first token.
+    """
+    import coredis
+
+    async with running(redis_server) as state, coredis.Redis.from_url(redis_server.url) as probe:
+        await probe.config_resetstat()
+        assert len(await admitted(state, "key:a", SharedLimits(), 50)) == 50
+        calls = await probe.info("commandstats")
+    assert "cmdstat_script|load" not in calls
+    assert calls["cmdstat_evalsha"]["calls"] == 50
+
+
 async def test_concurrent_streams_per_client_and_in_all(redis_server: RedisServer) -> None:
     limits = SharedLimits(max_streams_per_key=2, max_concurrent_streams=3)
     async with running(redis_server) as first, running(redis_server) as second:
