@@ -57,6 +57,8 @@ from trioproxy._redis import (
     SharedLimits,
 )
 
+TIMEOUT: Final = 5.0
+"""Every client's bound on one call, in seconds: coredis's is `[redis] timeout`, the others get the same."""
 LIMITS: Final = SharedLimits(requests_per_minute=10**9, max_streams_per_key=10**6, max_concurrent_streams=10**6)
 """Every limit on, none reached: the admission script does all its work and always admits."""
 EVENTS: Final = [(n, b'{"type":"token","text":" tok%d"}' % n) for n in range(10)]
@@ -67,7 +69,10 @@ Call = Callable[[int], Awaitable[object]]
 
 
 class RespClient:
-    """The least a RESP2 client is: encode a command, read one reply. No pool, no retry, no timeout."""
+    """
+    The least a RESP2 client is: encode a command, read one reply, within `TIMEOUT` (as
+    coredis's calls are bounded). No pool, no retry.
+    """
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
@@ -78,8 +83,9 @@ class RespClient:
         for part in parts:
             data = part if isinstance(part, bytes) else str(part).encode()
             out += [b"$%d\r\n" % len(data), data, b"\r\n"]
-        await self._stream.send_all(b"".join(out))
-        return await self._reply()
+        with trio.fail_after(TIMEOUT):
+            await self._stream.send_all(b"".join(out))
+            return await self._reply()
 
     async def _fill(self) -> None:
         data = await self._stream.receive_some(65536)
@@ -220,7 +226,7 @@ async def measure_redis_py(url: str, count: int, warmup: int) -> dict[str, tuple
     except ImportError as exc:
         return f"not installed ({exc.name}): pip install redis trio-asyncio"
     async with trio_asyncio.open_loop():
-        client = aioredis.Redis.from_url(url)
+        client = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT)
         scripts = {
             name: client.register_script(text)
             for name, text in (
@@ -264,7 +270,7 @@ async def main(count: int, warmup: int) -> None:
             port = int(url.rsplit(":", 1)[1].split("/")[0])
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
                 results["raw RESP"] = await measure(await raw_calls(RespClient(stream)), count, warmup)
-            state = RedisState(RedisConfig(url=url, key_prefix="bench:", timeout=5.0))
+            state = RedisState(RedisConfig(url=url, key_prefix="bench:", timeout=TIMEOUT))
             async with trio.open_nursery() as nursery:
                 await nursery.start(state.run)
                 results["coredis"] = await measure(coredis_calls(state), count, warmup)
