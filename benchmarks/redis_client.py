@@ -63,6 +63,16 @@ LIMITS: Final = SharedLimits(requests_per_minute=10**9, max_streams_per_key=10**
 """Every limit on, none reached: the admission script does all its work and always admits."""
 EVENTS: Final = [(n, b'{"type":"token","text":" tok%d"}' % n) for n in range(10)]
 """One batched write of a resumable stream: ten events."""
+APPEND_ARGS: Final = [10000, 300000, "0", *(part for event_id, data in EVENTS for part in (event_id, data))]
+"""The append script's arguments for `EVENTS`, as `RedisState.append_events` gives them with the default bounds."""
+SCRIPTS: Final = {
+    "admit": _ADMIT,
+    "breaker_admit": _BREAKER_ADMIT,
+    "settle": _BREAKER_SETTLE,
+    "append": _APPEND,
+    "release": _RELEASE,
+}
+"""trioproxy's Lua scripts, loaded by the other clients under these names."""
 
 Call = Callable[[int], Awaitable[object]]
 """One measured call; its argument numbers it (a fresh stream for each write, say)."""
@@ -174,13 +184,7 @@ def coredis_calls(state: RedisState) -> dict[str, Call]:
 async def raw_calls(client: RespClient) -> dict[str, Call]:
     """The same commands on the raw RESP client."""
     sha = {}
-    for name, script in (
-        ("admit", _ADMIT),
-        ("breaker_admit", _BREAKER_ADMIT),
-        ("settle", _BREAKER_SETTLE),
-        ("append", _APPEND),
-        ("release", _RELEASE),
-    ):
+    for name, script in SCRIPTS.items():
         reply = await client.call("SCRIPT", "LOAD", script)
         assert isinstance(reply, bytes)
         sha[name] = reply
@@ -192,8 +196,7 @@ async def raw_calls(client: RespClient) -> dict[str, Call]:
         await client.call("EVALSHA", sha["release"], 2, keys[1], keys[2], lease, "")
 
     async def write(n: int) -> None:
-        args = [10000, 300000, "0", *(part for event_id, data in EVENTS for part in (event_id, data))]
-        await client.call("EVALSHA", sha["append"], 1, f"bench:stream:raw-{n}", *args)
+        await client.call("EVALSHA", sha["append"], 1, f"bench:stream:raw-{n}", *APPEND_ARGS)
 
     return {
         "admission + release": admit_release,
@@ -227,16 +230,7 @@ async def measure_redis_py(url: str, count: int, warmup: int) -> dict[str, tuple
         return f"not installed ({exc.name}): pip install redis trio-asyncio"
     async with trio_asyncio.open_loop():
         client = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT)
-        scripts = {
-            name: client.register_script(text)
-            for name, text in (
-                ("admit", _ADMIT),
-                ("breaker_admit", _BREAKER_ADMIT),
-                ("settle", _BREAKER_SETTLE),
-                ("append", _APPEND),
-                ("release", _RELEASE),
-            )
-        }
+        scripts = {name: client.register_script(text) for name, text in SCRIPTS.items()}
 
         async def admit_release(n: int) -> None:
             lease = f"py-{n}"
@@ -245,8 +239,7 @@ async def measure_redis_py(url: str, count: int, warmup: int) -> dict[str, tuple
             await scripts["release"](keys=keys[1:3], args=[lease, ""])
 
         async def write(n: int) -> None:
-            args = [10000, 300000, "0", *(part for event_id, data in EVENTS for part in (event_id, data))]
-            await scripts["append"](keys=[f"bench:stream:py-{n}"], args=args)
+            await scripts["append"](keys=[f"bench:stream:py-{n}"], args=APPEND_ARGS)
 
         asyncio_calls = {
             "admission + release": admit_release,
