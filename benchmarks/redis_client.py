@@ -43,6 +43,7 @@ import trio
 # Runs from a checkout without installing: the package is one directory up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trioproxy._bench.options import _positive_int
 from trioproxy._bench.processes import start_redis
 from trioproxy._config import RedisConfig
 from trioproxy._policy import BreakerConfig
@@ -287,7 +288,7 @@ async def main(count: int, warmup: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=2000, help="calls of each kind measured (default 2000)")
+    parser.add_argument("--calls", type=_positive_int, default=2000, help="calls of each kind measured (default 2000)")
     parser.add_argument("--warmup", type=int, default=200, help="calls of each kind first, not measured (default 200)")
     options = parser.parse_args()
     trio.run(main, options.calls, options.warmup)
