@@ -37,9 +37,8 @@ from trioproxy._bench.processes import (
     start_loadgen,
     start_proxy,
     start_redis,
-    start_upstream,
 )
-from trioproxy._bench.runner import _Bench, _targets, proxy_config
+from trioproxy._bench.runner import _Bench, _targets, proxy_config, start_bench_upstream
 
 
 async def measure(
@@ -51,16 +50,7 @@ async def measure(
     with tempfile.TemporaryDirectory(prefix="trioproxy-cpu-") as tmp, pinned_self(pinning.others):
         work = Path(tmp)
         async with AsyncExitStack() as stack:
-            upstream = await stack.enter_async_context(
-                start_upstream(
-                    port=0,
-                    tokens=settings.tokens,
-                    ttft_ms=settings.ttft_ms,
-                    interval_ms=settings.interval_ms,
-                    cpus=pinning.others,
-                    log_dir=work,
-                )
-            )
+            upstream = await stack.enter_async_context(start_bench_upstream(settings, pinning, work))
             config = work / "trioproxy.toml"
             text = proxy_config(upstream.url, max(settings.concurrency))
             if redis:  # what sharing the limits and the breakers costs each stream

@@ -6,7 +6,7 @@ outcome the client got and its time to answer. Prints the table as Markdown.
 
 Time is trio's MockClock (it jumps whenever every task waits), so a case with a 20 s first
 token takes milliseconds and its times are exact: they are the proxy's own decisions, not
-the machine's speed. Bounded: eleven cases, at most a dozen requests each, loopback only.
+the machine's speed. Bounded: twelve cases, at most a dozen requests each, loopback only.
 
 The recovery settings (`hedge_after`, `continuation`, `context_fallbacks`, `breaker`,
 `base_urls`) are applied only where the checkout knows them, so the same script measures a

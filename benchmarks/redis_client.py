@@ -43,6 +43,7 @@ import trio
 # Runs from a checkout without installing: the package is one directory up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trioproxy._bench.options import _positive_int
 from trioproxy._bench.processes import start_redis
 from trioproxy._config import RedisConfig
 from trioproxy._policy import BreakerConfig
@@ -57,17 +58,32 @@ from trioproxy._redis import (
     SharedLimits,
 )
 
+TIMEOUT: Final = 5.0
+"""Every client's bound on one call, in seconds: coredis's is `[redis] timeout`, the others get the same."""
 LIMITS: Final = SharedLimits(requests_per_minute=10**9, max_streams_per_key=10**6, max_concurrent_streams=10**6)
 """Every limit on, none reached: the admission script does all its work and always admits."""
 EVENTS: Final = [(n, b'{"type":"token","text":" tok%d"}' % n) for n in range(10)]
 """One batched write of a resumable stream: ten events."""
+APPEND_ARGS: Final = [10000, 300000, "0", *(part for event_id, data in EVENTS for part in (event_id, data))]
+"""The append script's arguments for `EVENTS`, as `RedisState.append_events` gives them with the default bounds."""
+SCRIPTS: Final = {
+    "admit": _ADMIT,
+    "breaker_admit": _BREAKER_ADMIT,
+    "settle": _BREAKER_SETTLE,
+    "append": _APPEND,
+    "release": _RELEASE,
+}
+"""trioproxy's Lua scripts, loaded by the other clients under these names."""
 
 Call = Callable[[int], Awaitable[object]]
 """One measured call; its argument numbers it (a fresh stream for each write, say)."""
 
 
 class RespClient:
-    """The least a RESP2 client is: encode a command, read one reply. No pool, no retry, no timeout."""
+    """
+    The least a RESP2 client is: encode a command, read one reply, within `TIMEOUT` (as
+    coredis's calls are bounded). No pool, no retry.
+    """
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
@@ -78,8 +94,9 @@ class RespClient:
         for part in parts:
             data = part if isinstance(part, bytes) else str(part).encode()
             out += [b"$%d\r\n" % len(data), data, b"\r\n"]
-        await self._stream.send_all(b"".join(out))
-        return await self._reply()
+        with trio.fail_after(TIMEOUT):
+            await self._stream.send_all(b"".join(out))
+            return await self._reply()
 
     async def _fill(self) -> None:
         data = await self._stream.receive_some(65536)
@@ -168,13 +185,7 @@ def coredis_calls(state: RedisState) -> dict[str, Call]:
 async def raw_calls(client: RespClient) -> dict[str, Call]:
     """The same commands on the raw RESP client."""
     sha = {}
-    for name, script in (
-        ("admit", _ADMIT),
-        ("breaker_admit", _BREAKER_ADMIT),
-        ("settle", _BREAKER_SETTLE),
-        ("append", _APPEND),
-        ("release", _RELEASE),
-    ):
+    for name, script in SCRIPTS.items():
         reply = await client.call("SCRIPT", "LOAD", script)
         assert isinstance(reply, bytes)
         sha[name] = reply
@@ -186,8 +197,7 @@ async def raw_calls(client: RespClient) -> dict[str, Call]:
         await client.call("EVALSHA", sha["release"], 2, keys[1], keys[2], lease, "")
 
     async def write(n: int) -> None:
-        args = [10000, 300000, "0", *(part for event_id, data in EVENTS for part in (event_id, data))]
-        await client.call("EVALSHA", sha["append"], 1, f"bench:stream:raw-{n}", *args)
+        await client.call("EVALSHA", sha["append"], 1, f"bench:stream:raw-{n}", *APPEND_ARGS)
 
     return {
         "admission + release": admit_release,
@@ -220,17 +230,8 @@ async def measure_redis_py(url: str, count: int, warmup: int) -> dict[str, tuple
     except ImportError as exc:
         return f"not installed ({exc.name}): pip install redis trio-asyncio"
     async with trio_asyncio.open_loop():
-        client = aioredis.Redis.from_url(url)
-        scripts = {
-            name: client.register_script(text)
-            for name, text in (
-                ("admit", _ADMIT),
-                ("breaker_admit", _BREAKER_ADMIT),
-                ("settle", _BREAKER_SETTLE),
-                ("append", _APPEND),
-                ("release", _RELEASE),
-            )
-        }
+        client = aioredis.Redis.from_url(url, socket_timeout=TIMEOUT)
+        scripts = {name: client.register_script(text) for name, text in SCRIPTS.items()}
 
         async def admit_release(n: int) -> None:
             lease = f"py-{n}"
@@ -239,8 +240,7 @@ async def measure_redis_py(url: str, count: int, warmup: int) -> dict[str, tuple
             await scripts["release"](keys=keys[1:3], args=[lease, ""])
 
         async def write(n: int) -> None:
-            args = [10000, 300000, "0", *(part for event_id, data in EVENTS for part in (event_id, data))]
-            await scripts["append"](keys=[f"bench:stream:py-{n}"], args=args)
+            await scripts["append"](keys=[f"bench:stream:py-{n}"], args=APPEND_ARGS)
 
         asyncio_calls = {
             "admission + release": admit_release,
@@ -264,7 +264,7 @@ async def main(count: int, warmup: int) -> None:
             port = int(url.rsplit(":", 1)[1].split("/")[0])
             async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
                 results["raw RESP"] = await measure(await raw_calls(RespClient(stream)), count, warmup)
-            state = RedisState(RedisConfig(url=url, key_prefix="bench:", timeout=5.0))
+            state = RedisState(RedisConfig(url=url, key_prefix="bench:", timeout=TIMEOUT))
             async with trio.open_nursery() as nursery:
                 await nursery.start(state.run)
                 results["coredis"] = await measure(coredis_calls(state), count, warmup)
@@ -288,7 +288,7 @@ async def main(count: int, warmup: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=2000, help="calls of each kind measured (default 2000)")
+    parser.add_argument("--calls", type=_positive_int, default=2000, help="calls of each kind measured (default 2000)")
     parser.add_argument("--warmup", type=int, default=200, help="calls of each kind first, not measured (default 200)")
     options = parser.parse_args()
     trio.run(main, options.calls, options.warmup)

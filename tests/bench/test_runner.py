@@ -14,6 +14,8 @@ from trioproxy._bench.processes import Child
 from trioproxy._bench.runner import _generic_url, _targets, proxy_config
 
 UPSTREAM = Child("upstream", None, "http://127.0.0.1:9000", 0.0, None)  # type: ignore[arg-type]
+#: A trioproxy the bench started (it has a process), as opposed to one at `--proxy-url`.
+PROXY = Child("trioproxy", SimpleNamespace(pid=4242), "http://127.0.0.1:8000", 0.0, None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -42,8 +44,7 @@ def test_compared_proxies_are_named_as_given_or_by_host() -> None:
 
 
 def test_each_front_is_measured_direct_and_through_trioproxy_on_an_upstream_of_its_protocol() -> None:
-    proxy = Child("trioproxy", SimpleNamespace(pid=4242), "http://127.0.0.1:8000", 0.0, None)  # type: ignore[arg-type]
-    targets = _targets(BenchSettings(fronts=("openai", "anthropic")), UPSTREAM, proxy)
+    targets = _targets(BenchSettings(fronts=("openai", "anthropic")), UPSTREAM, PROXY)
 
     assert [(t.name, t.kind, t.front, t.url, t.model) for t in targets] == [
         ("direct", "direct", "openai", "http://127.0.0.1:9000/v1/chat/completions", "m"),
@@ -65,15 +66,14 @@ def test_a_running_proxys_anthropic_front_is_its_messages_route(proxy_url: str) 
 
 
 def test_the_responses_fronts_share_a_direct_connection_to_the_upstream_s_responses_route() -> None:
-    proxy = Child("trioproxy", SimpleNamespace(pid=4242), "http://127.0.0.1:8000", 0.0, None)  # type: ignore[arg-type]
-    targets = _targets(BenchSettings(fronts=("responses", "responses-ws")), UPSTREAM, proxy)
+    targets = _targets(BenchSettings(fronts=("responses", "responses-ws")), UPSTREAM, PROXY)
 
     assert [(t.name, t.kind, t.front, t.url, t.model) for t in targets] == [
         ("direct-responses", "direct", "responses", "http://127.0.0.1:9000/v1/responses", "m"),
         ("trioproxy-responses", "trioproxy", "responses", "http://127.0.0.1:8000/v1/responses", "up-responses/m"),
         ("trioproxy-responses-ws", "trioproxy", "responses-ws", "http://127.0.0.1:8000/v1/responses", "up-responses/m"),
     ]
-    only_websocket = _targets(BenchSettings(fronts=("responses-ws",)), UPSTREAM, proxy)
+    only_websocket = _targets(BenchSettings(fronts=("responses-ws",)), UPSTREAM, PROXY)
     assert [(t.name, t.front) for t in only_websocket] == [
         ("direct-responses", "responses"),
         ("trioproxy-responses-ws", "responses-ws"),

@@ -19,7 +19,7 @@ class Target:
 
     name: str
     kind: Literal["direct", "trioproxy", "compare"]
-    #: The URL streams are sent to: the front's route (Chat Completions or Messages).
+    #: The URL streams are sent to: the front's route (Chat Completions, Messages or Responses).
     url: str
     model: str
     #: The process whose CPU and memory are measured (a trioproxy this run started), if any.

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,6 +28,7 @@ from .processes import (
     BenchError,
     Child,
     LoadGenerator,
+    Pinning,
     cpu_seconds,
     cpu_seconds_of_all,
     peak_rss_mb,
@@ -344,16 +345,7 @@ async def _measure_all(settings: BenchSettings) -> Report:
     with tempfile.TemporaryDirectory(prefix="trioproxy-bench-") as tmp, pinned_self(pinning.others):
         work = Path(tmp)
         async with AsyncExitStack() as stack:
-            upstream = await stack.enter_async_context(
-                start_upstream(
-                    port=settings.upstream_port,
-                    tokens=settings.tokens,
-                    ttft_ms=settings.ttft_ms,
-                    interval_ms=settings.interval_ms,
-                    cpus=pinning.others,
-                    log_dir=work,
-                )
-            )
+            upstream = await stack.enter_async_context(start_bench_upstream(settings, pinning, work))
             proxy = scaled = None
             if settings.proxy_url is None:
                 config = work / "trioproxy.toml"
@@ -388,6 +380,18 @@ async def _measure_all(settings: BenchSettings) -> Report:
         buffer=buffer,
         duration_s=time.perf_counter() - started,
         workers_startup_s=scaled.startup_s if scaled is not None else None,
+    )
+
+
+def start_bench_upstream(settings: BenchSettings, pinning: Pinning, work: Path) -> AbstractAsyncContextManager[Child]:
+    """The benchmark upstream `settings` describe, on the CPUs left to the load generator, logging into `work`."""
+    return start_upstream(
+        port=settings.upstream_port,
+        tokens=settings.tokens,
+        ttft_ms=settings.ttft_ms,
+        interval_ms=settings.interval_ms,
+        cpus=pinning.others,
+        log_dir=work,
     )
 
 

@@ -41,7 +41,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -101,6 +101,19 @@ _RESPONSE_ID: Final = b'"id":"resp_fake%b"'
 _RESPONSE_CREATED: Final = b'"created_at":%b,'
 #: A Responses stream's message item: its id, and the events that name it.
 _RESPONSE_ITEM_IDS: Final = (b'"id":"msg_fake%b"', b'"item_id":"msg_fake%b"')
+#: Each API's places for a response's own values in its stream, as (format, which value: 0 the
+#: response's number, 1 the time).
+_SWAPPED: Final[dict[Api, tuple[tuple[bytes, int], ...]]] = {
+    Api.OPENAI: ((_OPENAI_ID, 0), (_CREATED, 1)),
+    Api.ANTHROPIC: ((_ANTHROPIC_ID, 0),),
+    Api.RESPONSES: ((_RESPONSE_ID, 0), *((item_id, 0) for item_id in _RESPONSE_ITEM_IDS), (_RESPONSE_CREATED, 1)),
+}
+#: Each API's whole (`stream` not true) answer.
+_WHOLE_ANSWERS: Final[dict[Api, Callable[[Reply, str, int], dict[str, object]]]] = {
+    Api.OPENAI: openai_completion,
+    Api.ANTHROPIC: anthropic_message,
+    Api.RESPONSES: response_object,
+}
 
 #: A response's writes, ready for the wire: `writes[k]` is sent when token k is due.
 _Writes = tuple[bytes, ...]
@@ -236,8 +249,7 @@ class BenchUpstream(LoopbackServer):
             writes, substitutions = self._stream(api, model, include_usage, request.chunked, number)
             scheduled = _Scheduled(connection, writes, substitutions, request.started)
         else:
-            complete = {Api.OPENAI: openai_completion, Api.ANTHROPIC: anthropic_message, Api.RESPONSES: response_object}
-            answer = _json_response(200, complete[api](self._reply, model, number), close=request.close)
+            answer = _json_response(200, _WHOLE_ANSWERS[api](self._reply, model, number), close=request.close)
             scheduled = _Scheduled(connection, (answer,), (), request.started)
         scheduler.add(scheduled)
 
@@ -270,14 +282,7 @@ class BenchUpstream(LoopbackServer):
             else:
                 frames = anthropic_frames(self._reply, model, number_placeholder)
             writes = self._scripts[key] = _render_writes(frames, chunked=chunked)
-        # (format, which value: 0 the number, 1 the time)
-        if api is Api.OPENAI:
-            formats: tuple[tuple[bytes, int], ...] = ((_OPENAI_ID, 0), (_CREATED, 1))
-        elif api is Api.RESPONSES:
-            formats = ((_RESPONSE_ID, 0), *((item_id, 0) for item_id in _RESPONSE_ITEM_IDS), (_RESPONSE_CREATED, 1))
-        else:
-            formats = ((_ANTHROPIC_ID, 0),)
-        substitutions = tuple((format % placeholders[which], format % values[which]) for format, which in formats)
+        substitutions = tuple((format % placeholders[which], format % values[which]) for format, which in _SWAPPED[api])
         return writes, substitutions
 
 
