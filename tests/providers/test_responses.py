@@ -153,6 +153,17 @@ def test_a_chat_request_translates_to_responses() -> None:
     assert "stream_options" not in out
 
 
+@pytest.mark.parametrize(
+    ("call", "param"),
+    [("c1", "messages[0].tool_calls[0]"), ({"id": "c1", "function": "f"}, "messages[0].tool_calls[0].function")],
+)
+def test_a_malformed_tool_call_is_refused_by_name(call: object, param: str) -> None:
+    with pytest.raises(RequestError) as info:
+        translate(messages=[{"role": "assistant", "content": None, "tool_calls": [call]}])
+    assert info.value.param == param
+    assert f"'{param}' must be an object" in info.value.message
+
+
 ANSWER_CHANGING = [
     ("stop", "END"),
     ("logprobs", True),

@@ -188,17 +188,24 @@ def _input(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if content:
             items.append({"type": "message", "role": role, "content": _content(content, role, f"messages[{i}]")})
-        for call in message.get("tool_calls") or []:
-            function = call.get("function") or {}
-            items.append(
-                {
-                    "type": "function_call",
-                    "call_id": call.get("id"),
-                    "name": function.get("name"),
-                    "arguments": function.get("arguments") or "",
-                }
-            )
+        for j, call in enumerate(message.get("tool_calls") or []):
+            items.append(_function_call(call, f"messages[{i}].tool_calls[{j}]"))
     return items
+
+
+def _function_call(call: object, where: str) -> dict[str, Any]:
+    """An assistant message's tool call as a `function_call` item; one that is not an object is refused."""
+    if not isinstance(call, dict):
+        raise RequestError(f"'{where}' must be an object", param=where)
+    function = call.get("function") or {}
+    if not isinstance(function, dict):
+        raise RequestError(f"'{where}.function' must be an object", param=f"{where}.function")
+    return {
+        "type": "function_call",
+        "call_id": call.get("id"),
+        "name": function.get("name"),
+        "arguments": function.get("arguments") or "",
+    }
 
 
 def _text_of(content: object) -> str:
