@@ -330,18 +330,17 @@ class ResponsesStreamParser:
             return Delta(tool_calls=(ToolCallDelta(index=started, arguments=_string(payload, "delta")),))
         if kind in ("response.completed", "response.incomplete"):
             self._finished = True
-            response = payload.get("response") or {}
+            response = _object(payload, "response")
             reason = "tool_calls" if self._calls else "stop"
             if kind == "response.incomplete":
-                details = response.get("incomplete_details") or {}
+                details = _object(response, "incomplete_details")
                 reason = INCOMPLETE_REASONS.get(str(details.get("reason")), "length")
             return Delta(finish_reason=reason, usage=_usage(response.get("usage")))
         if kind == "error":
             error = payload.get("error")
             raise self._error(error if isinstance(error, dict) else payload)
         if kind == "response.failed":
-            response = payload.get("response") or {}
-            raise self._error(response.get("error") or {})
+            raise self._error(_object(_object(payload, "response"), "error"))
         return Delta()
 
     def _error(self, error: dict[str, Any]) -> UpstreamStatusError:
@@ -353,6 +352,16 @@ class ResponsesStreamParser:
             type=error.get("type") if isinstance(error.get("type"), str) else "upstream_error",
             code=code,
         )
+
+
+def _object(payload: dict[str, Any], key: str) -> dict[str, Any]:
+    """`payload[key]`, an object the protocol may leave out (then empty)."""
+    value = payload.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UpstreamProtocolError(f"upstream sent an event whose {key!r} is not an object")
+    return value
 
 
 def _string(payload: dict[str, Any], key: str) -> str:
