@@ -1005,9 +1005,13 @@ def _drop_params(table: Mapping[str, object], where: str, problems: list[str], c
 def _continuation(
     table: Mapping[str, object], type_: str, where: str, problems: list[str], checked: dict[str, Any]
 ) -> None:
-    """`continuation`: one way for every model, or a table of model patterns and their ways."""
+    """
+    `continuation`: one way for every model, or a table of model patterns and their ways (a
+    model none matches continues as its type does by default).
+    """
     ways = _CONTINUATION_WAYS[type_]
-    continuation = table.get("continuation", "prefill" if type_ == "anthropic" else "none")
+    default = "prefill" if type_ == "anthropic" else "none"
+    continuation = table.get("continuation", default)
     named: list[tuple[str, object]] = (
         list(continuation.items()) if isinstance(continuation, dict) else [("", continuation)]
     )
@@ -1017,6 +1021,7 @@ def _continuation(
         problems.append(f"{where}.{key} must be one of {', '.join(map(repr, ways))}, got {way!r}")
     if not bad and isinstance(continuation, dict):
         checked["continuation_models"] = tuple(continuation.items())
+        checked["continuation"] = default
     elif not bad:
         checked["continuation"] = continuation
 
