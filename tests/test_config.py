@@ -765,6 +765,13 @@ def test_continuation_per_model_by_patterns_in_order() -> None:
     )
 
 
+def test_a_model_no_continuation_pattern_matches_continues_as_its_type_does() -> None:
+    table = {"type": "anthropic", "continuation": {"claude-opus-4-6*": "none"}}
+    provider = parse_config({"providers": {"c": table}}, environ={}).providers["c"]
+    assert provider.continuation_for("claude-opus-4-6-20260101") == "none"
+    assert provider.continuation_for("claude-sonnet-4-5") == "prefill"
+
+
 def test_continuation_defaults_by_type_and_is_checked() -> None:
     config = parse_config({"providers": {"p": OPENAI, "c": {"type": "anthropic"}}}, environ={})
     assert (config.providers["p"].continuation, config.providers["c"].continuation) == ("none", "prefill")

@@ -544,13 +544,6 @@ def _redis(table: object, env: Mapping[str, str], problems: list[str]) -> RedisC
         problems.append(f"[redis].key_prefix must be a string, got {prefix!r}")
         prefix = base.key_prefix
 
-    def positive_seconds(key: str, default: float) -> float:
-        value = table.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            problems.append(f"[redis].{key} must be a positive number of seconds, got {value!r}")
-            return default
-        return value
-
     on_error = table.get("on_error", base.on_error)
     if on_error not in ("open", "closed"):
         problems.append(f"[redis].on_error must be 'open' or 'closed', got {on_error!r}")
@@ -567,12 +560,14 @@ def _redis(table: object, env: Mapping[str, str], problems: list[str]) -> RedisC
         url=url,
         password=password,
         key_prefix=prefix,
-        timeout=positive_seconds("timeout", base.timeout),
-        lease_ttl=positive_seconds("lease_ttl", base.lease_ttl),
+        timeout=_positive_seconds(table, "timeout", base.timeout, "[redis]", problems),
+        lease_ttl=_positive_seconds(table, "lease_ttl", base.lease_ttl, "[redis]", problems),
         on_error=on_error,
         stream_max_events=max_events,
-        stream_write_interval=positive_seconds("stream_write_interval", base.stream_write_interval),
-        follow_block=positive_seconds("follow_block", base.follow_block),
+        stream_write_interval=_positive_seconds(
+            table, "stream_write_interval", base.stream_write_interval, "[redis]", problems
+        ),
+        follow_block=_positive_seconds(table, "follow_block", base.follow_block, "[redis]", problems),
         breaker_snapshot_age=snapshot_age,
     )
 
@@ -772,16 +767,11 @@ def _server(table: object, problems: list[str]) -> ServerConfig:
         problems.append(f"[server].port must be an integer from 0 to 65535, got {port!r}")
         port = DEFAULT_PORT
 
-    def positive_seconds(key: str, default: float) -> float:
-        value = table.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            problems.append(f"[server].{key} must be a positive number of seconds, got {value!r}")
-            return default
-        return value
-
-    write_timeout = positive_seconds("write_timeout", DEFAULT_WRITE_TIMEOUT)
-    keep_alive_timeout = positive_seconds("keep_alive_timeout", DEFAULT_KEEP_ALIVE_TIMEOUT)
-    body_timeout = positive_seconds("body_timeout", DEFAULT_BODY_TIMEOUT)
+    write_timeout = _positive_seconds(table, "write_timeout", DEFAULT_WRITE_TIMEOUT, "[server]", problems)
+    keep_alive_timeout = _positive_seconds(
+        table, "keep_alive_timeout", DEFAULT_KEEP_ALIVE_TIMEOUT, "[server]", problems
+    )
+    body_timeout = _positive_seconds(table, "body_timeout", DEFAULT_BODY_TIMEOUT, "[server]", problems)
     grace = table.get("shutdown_grace_period", DEFAULT_SHUTDOWN_GRACE_PERIOD)
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
         problems.append(f"[server].shutdown_grace_period must be a number of seconds, 0 or more, got {grace!r}")
@@ -1015,9 +1005,13 @@ def _drop_params(table: Mapping[str, object], where: str, problems: list[str], c
 def _continuation(
     table: Mapping[str, object], type_: str, where: str, problems: list[str], checked: dict[str, Any]
 ) -> None:
-    """`continuation`: one way for every model, or a table of model patterns and their ways."""
+    """
+    `continuation`: one way for every model, or a table of model patterns and their ways (a
+    model none matches continues as its type does by default).
+    """
     ways = _CONTINUATION_WAYS[type_]
-    continuation = table.get("continuation", "prefill" if type_ == "anthropic" else "none")
+    default = "prefill" if type_ == "anthropic" else "none"
+    continuation = table.get("continuation", default)
     named: list[tuple[str, object]] = (
         list(continuation.items()) if isinstance(continuation, dict) else [("", continuation)]
     )
@@ -1027,6 +1021,7 @@ def _continuation(
         problems.append(f"{where}.{key} must be one of {', '.join(map(repr, ways))}, got {way!r}")
     if not bad and isinstance(continuation, dict):
         checked["continuation_models"] = tuple(continuation.items())
+        checked["continuation"] = default
     elif not bad:
         checked["continuation"] = continuation
 
@@ -1098,6 +1093,14 @@ def _number(
         problems.append(f"{where}.{key} must be {what}, got {value!r}")
     else:
         checked[key] = value
+
+
+def _positive_seconds(table: Mapping[str, object], key: str, default: float, where: str, problems: list[str]) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        problems.append(f"{where}.{key} must be a positive number of seconds, got {value!r}")
+        return default
+    return value
 
 
 def _string(table: Mapping[str, object], key: str, where: str, problems: list[str], checked: dict[str, Any]) -> None:

@@ -746,6 +746,18 @@ async def test_the_hedge_goes_on_when_the_slow_route_fails_and_both_failures_are
     assert (stats.provider, stats.providers_left) == ("last", ["backup"])
 
 
+async def test_a_raced_route_that_answers_with_no_token_is_passed_on_whole(autojump_clock: trio.abc.Clock) -> None:
+    empty = ScriptedUpstream([[OPENED, Delta(role="assistant"), 1.0, Delta(finish_reason="content_filter")]])
+    unused = ScriptedUpstream([])
+    items, session = await run(pipeline(hedged(empty), route(unused, name="backup")))
+
+    assert unused.calls == 0
+    assert [i for _, i in items if isinstance(i, Opened)] == [OPENED]
+    finishes = [(i.role, i.finish_reason) for _, i in items if isinstance(i, Delta) and (i.role or i.finish_reason)]
+    assert finishes == [("assistant", None), (None, "content_filter")]
+    assert session.completed
+
+
 async def test_one_hedge_per_request_by_default(autojump_clock: trio.abc.Clock) -> None:
     first = ScriptedUpstream([[OPENED, 1.0, UpstreamStatusError("down", status=503)]])
     second = ScriptedUpstream([[OPENED, 1.0, UpstreamStatusError("down", status=503)]])

@@ -100,6 +100,21 @@ def test_arguments_for_an_unknown_call_are_a_protocol_error() -> None:
         ResponsesStreamParser(keep_raw=False).feed(SSEDecoder().feed(event)[0])
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"type": "response.completed", "response": "done"},
+        {"type": "response.incomplete", "response": {"incomplete_details": "max_output_tokens"}},
+        {"type": "response.failed", "response": [1]},
+        {"type": "response.failed", "response": {"error": "boom"}},
+    ],
+)
+def test_an_event_whose_object_is_not_one_is_a_protocol_error(payload: dict[str, Any]) -> None:
+    event = b"event: x\ndata: " + orjson.dumps(payload) + b"\n\n"
+    with pytest.raises(UpstreamProtocolError, match="is not an object"):
+        ResponsesStreamParser(keep_raw=False).feed(SSEDecoder().feed(event)[0])
+
+
 def test_a_responses_client_s_body_goes_up_whole() -> None:
     body = {"model": "resp/gpt", "input": "hi", "tools": [{"type": "web_search"}], "include": ["x"], "vendor": 1}
     chat = ChatRequest(body={}, model="resp/gpt", messages=[], native=NativeRequest("responses", body)).routed("gpt")
@@ -151,6 +166,17 @@ def test_a_chat_request_translates_to_responses() -> None:
     assert out["text"] == {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}}
     assert (out["max_output_tokens"], out["reasoning"]) == (9, {"effort": "low"})
     assert "stream_options" not in out
+
+
+@pytest.mark.parametrize(
+    ("call", "param"),
+    [("c1", "messages[0].tool_calls[0]"), ({"id": "c1", "function": "f"}, "messages[0].tool_calls[0].function")],
+)
+def test_a_malformed_tool_call_is_refused_by_name(call: object, param: str) -> None:
+    with pytest.raises(RequestError) as info:
+        translate(messages=[{"role": "assistant", "content": None, "tool_calls": [call]}])
+    assert info.value.param == param
+    assert f"'{param}' must be an object" in info.value.message
 
 
 ANSWER_CHANGING = [

@@ -248,6 +248,8 @@ async def _race(
             error = await _try_route(pipeline, racer, chat, entrant, delivery, rng, kind)
             if error is None:
                 succeeded = True
+                if race.winner is None:  # an answer with no token (a refusal, an empty text): it wins all the same
+                    await entrant.win()
             else:
                 failures.append((racer, error))
                 if not all(other.settled.is_set() for other in race.entrants if other is not entrant):
@@ -286,8 +288,9 @@ class _Race:
 class _Entrant:
     """
     One attempt's way into a race's sink: before its first token it holds what it sends
-    (`OPENED`, the role, an upstream's content-less events); its first token wins the race
-    if no other did, cancels the others, and sends what it held, then the token.
+    (`OPENED`, the role, an upstream's content-less events); its first token, or its end when
+    it answered with none, wins the race if no other did: it cancels the others, and sends
+    what it held.
     """
 
     def __init__(self, race: _Race, route: Route, *, announce: bool) -> None:
@@ -308,13 +311,15 @@ class _Entrant:
             if race.winner is not None:  # lost, and about to be cancelled: nothing of it goes out
                 await trio.lowlevel.checkpoint()
                 return
-            await self._win(item)
+            await self.win()
+            await race.delivery.send(item)
         elif len(self.held) < MAX_HELD_ITEMS:
             self.held.append(item)
         elif not isinstance(item, Delta) or item.says_anything:
             raise UpstreamProtocolError(f"the upstream sent more than {MAX_HELD_ITEMS} events before its first token")
 
-    async def _win(self, token: Delta) -> None:
+    async def win(self) -> None:
+        """Take the race: cancel the others, and send what this one held."""
         race = self.race
         race.winner = self
         self.settled.set()
@@ -328,7 +333,6 @@ class _Entrant:
         for item in self.held:
             await delivery.send(item)
         self.held.clear()
-        await delivery.send(token)
 
 
 async def _try_route(

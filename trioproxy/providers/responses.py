@@ -188,17 +188,24 @@ def _input(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if content:
             items.append({"type": "message", "role": role, "content": _content(content, role, f"messages[{i}]")})
-        for call in message.get("tool_calls") or []:
-            function = call.get("function") or {}
-            items.append(
-                {
-                    "type": "function_call",
-                    "call_id": call.get("id"),
-                    "name": function.get("name"),
-                    "arguments": function.get("arguments") or "",
-                }
-            )
+        for j, call in enumerate(message.get("tool_calls") or []):
+            items.append(_function_call(call, f"messages[{i}].tool_calls[{j}]"))
     return items
+
+
+def _function_call(call: object, where: str) -> dict[str, Any]:
+    """An assistant message's tool call as a `function_call` item; one that is not an object is refused."""
+    if not isinstance(call, dict):
+        raise RequestError(f"'{where}' must be an object", param=where)
+    function = call.get("function") or {}
+    if not isinstance(function, dict):
+        raise RequestError(f"'{where}.function' must be an object", param=f"{where}.function")
+    return {
+        "type": "function_call",
+        "call_id": call.get("id"),
+        "name": function.get("name"),
+        "arguments": function.get("arguments") or "",
+    }
 
 
 def _text_of(content: object) -> str:
@@ -323,18 +330,17 @@ class ResponsesStreamParser:
             return Delta(tool_calls=(ToolCallDelta(index=started, arguments=_string(payload, "delta")),))
         if kind in ("response.completed", "response.incomplete"):
             self._finished = True
-            response = payload.get("response") or {}
+            response = _object(payload, "response")
             reason = "tool_calls" if self._calls else "stop"
             if kind == "response.incomplete":
-                details = response.get("incomplete_details") or {}
+                details = _object(response, "incomplete_details")
                 reason = INCOMPLETE_REASONS.get(str(details.get("reason")), "length")
             return Delta(finish_reason=reason, usage=_usage(response.get("usage")))
         if kind == "error":
             error = payload.get("error")
             raise self._error(error if isinstance(error, dict) else payload)
         if kind == "response.failed":
-            response = payload.get("response") or {}
-            raise self._error(response.get("error") or {})
+            raise self._error(_object(_object(payload, "response"), "error"))
         return Delta()
 
     def _error(self, error: dict[str, Any]) -> UpstreamStatusError:
@@ -346,6 +352,16 @@ class ResponsesStreamParser:
             type=error.get("type") if isinstance(error.get("type"), str) else "upstream_error",
             code=code,
         )
+
+
+def _object(payload: dict[str, Any], key: str) -> dict[str, Any]:
+    """`payload[key]`, an object the protocol may leave out (then empty)."""
+    value = payload.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UpstreamProtocolError(f"upstream sent an event whose {key!r} is not an object")
+    return value
 
 
 def _string(payload: dict[str, Any], key: str) -> str:
