@@ -7,7 +7,6 @@ and the limits shared again once it is back.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -24,9 +23,9 @@ import trio
 
 from tests.conftest import RedisServer, wait_until
 from tests.e2e.test_observability import scrape_until, value
+from tests.e2e.test_workers import listening_url
 from trioproxy.testing import FakeUpstream
 
-START_TIMEOUT = 30.0
 MESSAGES = [{"role": "user", "content": "one two three"}]
 #: 40 tokens 50 ms apart: a stream that is still running while the test looks.
 SLOW = {"model": "slow/lorem", "messages": MESSAGES, "stream": True, "max_tokens": 40}
@@ -72,15 +71,7 @@ async def proxies(tmp_path: Path, text: str, count: int = 3) -> AsyncIterator[li
                     with log.open("wb") as stderr:
                         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=stderr)
                     processes.append(process)
-                    assert process.stdout is not None
-                    output = b""
-                    with trio.fail_after(START_TIMEOUT):
-                        while b"listening on" not in output:
-                            data = await process.stdout.receive_some()
-                            assert data, output
-                            output += data
-                    url = re.search(rb"http://127\.0\.0\.1:\d+", output).group().decode()  # type: ignore[union-attr]
-                    started[index] = Proxy(url, process, log)
+                    started[index] = Proxy(await listening_url(process), process, log)
 
                 nursery.start_soon(start)
         yield [started[index] for index in range(count)]
