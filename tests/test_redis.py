@@ -11,6 +11,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import coredis
 import pytest
 import trio
 
@@ -63,8 +64,6 @@ async def test_admissions_at_once_on_a_fresh_redis_find_their_script_loaded(redi
     Unloaded, each of 50 admissions at once would run EVALSHA, get NOSCRIPT, load the script
     and run it again: twice the round trips, all in their time to first token.
     """
-    import coredis
-
     async with running(redis_server) as state, coredis.Redis.from_url(redis_server.url) as probe:
         await probe.config_resetstat()
         assert len(await admitted(state, "key:a", SharedLimits(), 50)) == 50
@@ -140,8 +139,6 @@ async def test_redis_down_or_stalled_is_a_shared_state_error_then_recovers(redis
 
 
 async def test_no_key_appears_in_redis(redis_server: RedisServer) -> None:
-    import coredis
-
     async with running(redis_server, key_prefix="tp:") as state:
         await state.admit("key:sk-client-secret", SharedLimits(requests_per_minute=5))
         async with coredis.Redis.from_url(redis_server.url) as client:
@@ -199,7 +196,11 @@ async def test_token_budgets_are_reserved_exactly_and_reconciled_with_the_usage(
 async def test_a_streams_events_are_appended_once_read_after_an_id_and_followed_to_their_end(
     redis_server: RedisServer,
 ) -> None:
-    async with running(redis_server, stream_max_events=1000) as writer, running(redis_server) as reader:
+    async with (
+        running(redis_server, stream_max_events=1000) as writer,
+        running(redis_server) as reader,
+        coredis.Redis.from_url(redis_server.url) as watcher,
+    ):
         assert await reader.read_events("st_x", 0) is None
         await writer.append_events("st_x", [(1, b"one"), (2, b"two")], ended=False)
         await writer.append_events("st_x", [(2, b"two"), (3, b"three")], ended=False)  # a retried write: 2 once
@@ -207,8 +208,11 @@ async def test_a_streams_events_are_appended_once_read_after_an_id_and_followed_
         assert logged == LoggedEvents([(2, b"two"), (3, b"three")], ended=False, last_id=3)
         assert await reader.read_events("st_x", 3) == LoggedEvents([], ended=False, last_id=3)
 
+        async def follower_blocked() -> bool:
+            return (await watcher.info("clients"))["blocked_clients"] == 1
+
         async def end_later() -> None:
-            await trio.sleep(0.2)
+            await wait_until(follower_blocked, seconds=3)
             await writer.append_events("st_x", [(4, b"four")], ended=True)
 
         async with trio.open_nursery() as nursery:
@@ -222,8 +226,6 @@ async def test_a_streams_events_are_appended_once_read_after_an_id_and_followed_
 
 
 async def test_a_conversation_is_kept_beside_its_stream_as_long_and_deleted_with_it(redis_server: RedisServer) -> None:
-    import coredis
-
     async with running(redis_server, key_prefix="tp:") as state, coredis.Redis.from_url(redis_server.url) as client:
         state.stream_retention = 60.0
         assert await state.read_conversation("resp_x") is None
