@@ -170,10 +170,14 @@ class ScriptedBreakers:
         return "half_open" if self.admits else "open"
 
 
-def balanced(urls: list[str], breakers: Breakers) -> BalancedUpstream:
-    config = parse_config({"providers": {"p": {"type": "openai", "base_url": urls[0]}}}, environ={})
-    provider = config.providers["p"]
-    return BalancedUpstream("p", [(url, 1.0, _http_upstream(provider, url)) for url in urls], breakers)
+def http_upstream(url: str) -> HttpUpstream:
+    config = parse_config({"providers": {"p": {"type": "openai", "base_url": url}}}, environ={})
+    return _http_upstream(config.providers["p"], url)
+
+
+def balanced(url: str, breakers: Breakers) -> BalancedUpstream:
+    """Provider `p`'s one target, `url`, behind `breakers`."""
+    return BalancedUpstream("p", [(url, 1.0, http_upstream(url))], breakers)
 
 
 class Collected:
@@ -192,7 +196,7 @@ async def test_the_breakers_state_lives_behind_its_interface_and_a_cancelled_pro
 ) -> None:
     upstream = await open_fake_upstream(nursery, Reply(stall_after=1))
     breakers = ScriptedBreakers(admits=True)
-    balanced_upstream = balanced([upstream.url + "/v1"], breakers)
+    balanced_upstream = balanced(upstream.url + "/v1", breakers)
     with trio.move_on_after(5) as scope:
         async with trio.open_nursery() as request:
             request.start_soon(balanced_upstream.stream, CHAT, Collected())
@@ -206,7 +210,7 @@ async def test_the_breakers_state_lives_behind_its_interface_and_a_cancelled_pro
 
 async def test_targets_the_breakers_skip_are_not_tried(nursery: trio.Nursery) -> None:
     upstream = await open_fake_upstream(nursery)
-    balanced_upstream = balanced([upstream.url + "/v1"], ScriptedBreakers(admits=False))
+    balanced_upstream = balanced(upstream.url + "/v1", ScriptedBreakers(admits=False))
     with pytest.raises(UpstreamConnectError, match="circuit breaker is open"):
         await balanced_upstream.stream(CHAT, Collected())
     assert upstream.request_count == 0
@@ -243,11 +247,6 @@ async def serve_raw(answers: list[bytes], task_status: trio.TaskStatus[str] = tr
                     buffer += await stream.receive_some(65536)
                 buffer = buffer[length:]
                 await stream.send_all(answer)
-
-
-def http_upstream(url: str) -> HttpUpstream:
-    config = parse_config({"providers": {"p": {"type": "openai", "base_url": url}}}, environ={})
-    return _http_upstream(config.providers["p"], url)
 
 
 def chunked(parts: tuple[bytes, ...], *, extension: bytes = b"", trailer: bytes = b"") -> bytes:
