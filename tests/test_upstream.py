@@ -27,11 +27,9 @@ from trioproxy.testing import Reply, open_fake_upstream
 BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def test_a_response_that_ends_after_the_pool_closed_closes_its_connection(nursery: trio.Nursery) -> None:
-    """It may not go back to the pool: nobody would ever close it there."""
-    upstream = await open_fake_upstream(nursery, Reply(tokens=("a", "b")))
-    transport = PooledTransport(httpx.Limits(max_connections=4))
-    released = []
+def recorded_releases(transport: PooledTransport) -> list[object]:
+    """The connections `transport` is given back from now on, in order, as it releases them."""
+    released: list[object] = []
     release = transport.release
 
     async def recording_release(connection: object, origin: object) -> None:
@@ -39,6 +37,14 @@ async def test_a_response_that_ends_after_the_pool_closed_closes_its_connection(
         await release(connection, origin)  # type: ignore[arg-type]
 
     transport.release = recording_release  # type: ignore[method-assign]
+    return released
+
+
+async def test_a_response_that_ends_after_the_pool_closed_closes_its_connection(nursery: trio.Nursery) -> None:
+    """It may not go back to the pool: nobody would ever close it there."""
+    upstream = await open_fake_upstream(nursery, Reply(tokens=("a", "b")))
+    transport = PooledTransport(httpx.Limits(max_connections=4))
+    released = recorded_releases(transport)
     async with httpx.AsyncClient(transport=transport) as client:
         async with client.stream("POST", upstream.url + "/v1/chat/completions", json=BODY) as response:
             await transport.aclose()  # the server shuts down while the stream is in flight
@@ -73,14 +79,7 @@ async def test_a_plain_socket_read_waits_for_data_and_maps_a_reset() -> None:
 
 async def stream_in_parallel(transport: PooledTransport, url: str, n: int) -> set[object]:
     """`n` streams, all open at once (so each on its own connection), each read to its end; their connections."""
-    connections: set[object] = set()
-    release = transport.release
-
-    async def recording_release(connection: object, origin: object) -> None:
-        connections.add(connection)
-        await release(connection, origin)  # type: ignore[arg-type]
-
-    transport.release = recording_release  # type: ignore[method-assign]
+    released = recorded_releases(transport)
     all_open = trio.Event()
     opened = 0
     # No timeouts: on the MockClock, time only passes for the pool's own timer and the replies.
@@ -98,6 +97,7 @@ async def stream_in_parallel(transport: PooledTransport, url: str, n: int) -> se
     async with trio.open_nursery() as nursery:
         for _ in range(n):
             nursery.start_soon(one)
+    connections = set(released)
     assert len(connections) == n
     return connections
 
