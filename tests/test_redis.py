@@ -45,6 +45,15 @@ async def admitted(state: RedisState, client: str, limits: SharedLimits, tries: 
     return leases
 
 
+async def until_one_blocked(watcher: coredis.Redis[bytes]) -> None:
+    """Until Redis reports one client blocked: a follower's XREAD waits there."""
+
+    async def one_blocked() -> bool:
+        return (await watcher.info("clients"))["blocked_clients"] == 1
+
+    await wait_until(one_blocked, seconds=3)
+
+
 async def test_requests_per_minute_are_exact_under_concurrent_admissions(redis_server: RedisServer) -> None:
     limits = SharedLimits(requests_per_minute=10)
     async with running(redis_server) as first, running(redis_server) as second:
@@ -208,11 +217,8 @@ async def test_a_streams_events_are_appended_once_read_after_an_id_and_followed_
         assert logged == LoggedEvents([(2, b"two"), (3, b"three")], ended=False, last_id=3)
         assert await reader.read_events("st_x", 3) == LoggedEvents([], ended=False, last_id=3)
 
-        async def follower_blocked() -> bool:
-            return (await watcher.info("clients"))["blocked_clients"] == 1
-
         async def end_later() -> None:
-            await wait_until(follower_blocked, seconds=3)
+            await until_one_blocked(watcher)
             await writer.append_events("st_x", [(4, b"four")], ended=True)
 
         async with trio.open_nursery() as nursery:
@@ -304,11 +310,16 @@ async def test_breakers_fall_back_to_the_process_while_redis_is_down(redis_serve
 
 async def test_a_follower_that_leaves_mid_wait_leaves_no_reply_behind(redis_server: RedisServer) -> None:
     """A watcher's client gone cancels its blocking read: the next reads get their own replies."""
-    async with running(redis_server, follow_block=2) as state:
+    async with (
+        running(redis_server, follow_block=2) as state,
+        coredis.Redis.from_url(redis_server.url) as watcher,
+    ):
         await state.append_events("st_z", [(1, b"a")], ended=False)
         for n in range(2, 8):
-            with trio.move_on_after(0.05):
-                await state.follow_events("st_z", n - 1)  # waits, and is cancelled
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(state.follow_events, "st_z", n - 1)
+                await until_one_blocked(watcher)  # it waits...
+                nursery.cancel_scope.cancel()  # ...and is cancelled
             await state.append_events("st_z", [(n, b"%d" % n)], ended=False)
             assert await state.follow_events("st_z", n - 1) == LoggedEvents([(n, b"%d" % n)], ended=False, last_id=n)
             assert (await state.read_events("st_z", n - 1)).events == [(n, b"%d" % n)]  # type: ignore[union-attr]
