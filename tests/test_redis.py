@@ -11,6 +11,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import coredis
 import pytest
 import trio
 
@@ -44,6 +45,15 @@ async def admitted(state: RedisState, client: str, limits: SharedLimits, tries: 
     return leases
 
 
+async def until_one_blocked(watcher: coredis.Redis[bytes]) -> None:
+    """Until Redis reports one client blocked: a follower's XREAD waits there."""
+
+    async def one_blocked() -> bool:
+        return (await watcher.info("clients"))["blocked_clients"] == 1
+
+    await wait_until(one_blocked, seconds=3)
+
+
 async def test_requests_per_minute_are_exact_under_concurrent_admissions(redis_server: RedisServer) -> None:
     limits = SharedLimits(requests_per_minute=10)
     async with running(redis_server) as first, running(redis_server) as second:
@@ -63,8 +73,6 @@ async def test_admissions_at_once_on_a_fresh_redis_find_their_script_loaded(redi
     Unloaded, each of 50 admissions at once would run EVALSHA, get NOSCRIPT, load the script
     and run it again: twice the round trips, all in their time to first token.
     """
-    import coredis
-
     async with running(redis_server) as state, coredis.Redis.from_url(redis_server.url) as probe:
         await probe.config_resetstat()
         assert len(await admitted(state, "key:a", SharedLimits(), 50)) == 50
@@ -140,8 +148,6 @@ async def test_redis_down_or_stalled_is_a_shared_state_error_then_recovers(redis
 
 
 async def test_no_key_appears_in_redis(redis_server: RedisServer) -> None:
-    import coredis
-
     async with running(redis_server, key_prefix="tp:") as state:
         await state.admit("key:sk-client-secret", SharedLimits(requests_per_minute=5))
         async with coredis.Redis.from_url(redis_server.url) as client:
@@ -199,7 +205,11 @@ async def test_token_budgets_are_reserved_exactly_and_reconciled_with_the_usage(
 async def test_a_streams_events_are_appended_once_read_after_an_id_and_followed_to_their_end(
     redis_server: RedisServer,
 ) -> None:
-    async with running(redis_server, stream_max_events=1000) as writer, running(redis_server) as reader:
+    async with (
+        running(redis_server, stream_max_events=1000) as writer,
+        running(redis_server) as reader,
+        coredis.Redis.from_url(redis_server.url) as watcher,
+    ):
         assert await reader.read_events("st_x", 0) is None
         await writer.append_events("st_x", [(1, b"one"), (2, b"two")], ended=False)
         await writer.append_events("st_x", [(2, b"two"), (3, b"three")], ended=False)  # a retried write: 2 once
@@ -208,7 +218,7 @@ async def test_a_streams_events_are_appended_once_read_after_an_id_and_followed_
         assert await reader.read_events("st_x", 3) == LoggedEvents([], ended=False, last_id=3)
 
         async def end_later() -> None:
-            await trio.sleep(0.2)
+            await until_one_blocked(watcher)
             await writer.append_events("st_x", [(4, b"four")], ended=True)
 
         async with trio.open_nursery() as nursery:
@@ -222,8 +232,6 @@ async def test_a_streams_events_are_appended_once_read_after_an_id_and_followed_
 
 
 async def test_a_conversation_is_kept_beside_its_stream_as_long_and_deleted_with_it(redis_server: RedisServer) -> None:
-    import coredis
-
     async with running(redis_server, key_prefix="tp:") as state, coredis.Redis.from_url(redis_server.url) as client:
         state.stream_retention = 60.0
         assert await state.read_conversation("resp_x") is None
@@ -302,11 +310,16 @@ async def test_breakers_fall_back_to_the_process_while_redis_is_down(redis_serve
 
 async def test_a_follower_that_leaves_mid_wait_leaves_no_reply_behind(redis_server: RedisServer) -> None:
     """A watcher's client gone cancels its blocking read: the next reads get their own replies."""
-    async with running(redis_server, follow_block=2) as state:
+    async with (
+        running(redis_server, follow_block=2) as state,
+        coredis.Redis.from_url(redis_server.url) as watcher,
+    ):
         await state.append_events("st_z", [(1, b"a")], ended=False)
         for n in range(2, 8):
-            with trio.move_on_after(0.05):
-                await state.follow_events("st_z", n - 1)  # waits, and is cancelled
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(state.follow_events, "st_z", n - 1)
+                await until_one_blocked(watcher)  # it waits...
+                nursery.cancel_scope.cancel()  # ...and is cancelled
             await state.append_events("st_z", [(n, b"%d" % n)], ended=False)
             assert await state.follow_events("st_z", n - 1) == LoggedEvents([(n, b"%d" % n)], ended=False, last_id=n)
             assert (await state.read_events("st_z", n - 1)).events == [(n, b"%d" % n)]  # type: ignore[union-attr]

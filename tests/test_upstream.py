@@ -27,11 +27,9 @@ from trioproxy.testing import Reply, open_fake_upstream
 BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
 
-async def test_a_response_that_ends_after_the_pool_closed_closes_its_connection(nursery: trio.Nursery) -> None:
-    """It may not go back to the pool: nobody would ever close it there."""
-    upstream = await open_fake_upstream(nursery, Reply(tokens=("a", "b")))
-    transport = PooledTransport(httpx.Limits(max_connections=4))
-    released = []
+def recorded_releases(transport: PooledTransport) -> list[object]:
+    """The connections `transport` is given back from now on, in order, as it releases them."""
+    released: list[object] = []
     release = transport.release
 
     async def recording_release(connection: object, origin: object) -> None:
@@ -39,6 +37,14 @@ async def test_a_response_that_ends_after_the_pool_closed_closes_its_connection(
         await release(connection, origin)  # type: ignore[arg-type]
 
     transport.release = recording_release  # type: ignore[method-assign]
+    return released
+
+
+async def test_a_response_that_ends_after_the_pool_closed_closes_its_connection(nursery: trio.Nursery) -> None:
+    """It may not go back to the pool: nobody would ever close it there."""
+    upstream = await open_fake_upstream(nursery, Reply(tokens=("a", "b")))
+    transport = PooledTransport(httpx.Limits(max_connections=4))
+    released = recorded_releases(transport)
     async with httpx.AsyncClient(transport=transport) as client:
         async with client.stream("POST", upstream.url + "/v1/chat/completions", json=BODY) as response:
             await transport.aclose()  # the server shuts down while the stream is in flight
@@ -73,14 +79,7 @@ async def test_a_plain_socket_read_waits_for_data_and_maps_a_reset() -> None:
 
 async def stream_in_parallel(transport: PooledTransport, url: str, n: int) -> set[object]:
     """`n` streams, all open at once (so each on its own connection), each read to its end; their connections."""
-    connections: set[object] = set()
-    release = transport.release
-
-    async def recording_release(connection: object, origin: object) -> None:
-        connections.add(connection)
-        await release(connection, origin)  # type: ignore[arg-type]
-
-    transport.release = recording_release  # type: ignore[method-assign]
+    released = recorded_releases(transport)
     all_open = trio.Event()
     opened = 0
     # No timeouts: on the MockClock, time only passes for the pool's own timer and the replies.
@@ -98,6 +97,7 @@ async def stream_in_parallel(transport: PooledTransport, url: str, n: int) -> se
     async with trio.open_nursery() as nursery:
         for _ in range(n):
             nursery.start_soon(one)
+    connections = set(released)
     assert len(connections) == n
     return connections
 
@@ -170,10 +170,14 @@ class ScriptedBreakers:
         return "half_open" if self.admits else "open"
 
 
-def balanced(urls: list[str], breakers: Breakers) -> BalancedUpstream:
-    config = parse_config({"providers": {"p": {"type": "openai", "base_url": urls[0]}}}, environ={})
-    provider = config.providers["p"]
-    return BalancedUpstream("p", [(url, 1.0, _http_upstream(provider, url)) for url in urls], breakers)
+def http_upstream(url: str) -> HttpUpstream:
+    config = parse_config({"providers": {"p": {"type": "openai", "base_url": url}}}, environ={})
+    return _http_upstream(config.providers["p"], url)
+
+
+def balanced(url: str, breakers: Breakers) -> BalancedUpstream:
+    """Provider `p`'s one target, `url`, behind `breakers`."""
+    return BalancedUpstream("p", [(url, 1.0, http_upstream(url))], breakers)
 
 
 class Collected:
@@ -192,7 +196,7 @@ async def test_the_breakers_state_lives_behind_its_interface_and_a_cancelled_pro
 ) -> None:
     upstream = await open_fake_upstream(nursery, Reply(stall_after=1))
     breakers = ScriptedBreakers(admits=True)
-    balanced_upstream = balanced([upstream.url + "/v1"], breakers)
+    balanced_upstream = balanced(upstream.url + "/v1", breakers)
     with trio.move_on_after(5) as scope:
         async with trio.open_nursery() as request:
             request.start_soon(balanced_upstream.stream, CHAT, Collected())
@@ -206,7 +210,7 @@ async def test_the_breakers_state_lives_behind_its_interface_and_a_cancelled_pro
 
 async def test_targets_the_breakers_skip_are_not_tried(nursery: trio.Nursery) -> None:
     upstream = await open_fake_upstream(nursery)
-    balanced_upstream = balanced([upstream.url + "/v1"], ScriptedBreakers(admits=False))
+    balanced_upstream = balanced(upstream.url + "/v1", ScriptedBreakers(admits=False))
     with pytest.raises(UpstreamConnectError, match="circuit breaker is open"):
         await balanced_upstream.stream(CHAT, Collected())
     assert upstream.request_count == 0
@@ -243,11 +247,6 @@ async def serve_raw(answers: list[bytes], task_status: trio.TaskStatus[str] = tr
                     buffer += await stream.receive_some(65536)
                 buffer = buffer[length:]
                 await stream.send_all(answer)
-
-
-def http_upstream(url: str) -> HttpUpstream:
-    config = parse_config({"providers": {"p": {"type": "openai", "base_url": url}}}, environ={})
-    return _http_upstream(config.providers["p"], url)
 
 
 def chunked(parts: tuple[bytes, ...], *, extension: bytes = b"", trailer: bytes = b"") -> bytes:

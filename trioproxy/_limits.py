@@ -98,7 +98,6 @@ class SlidingWindow:
         if limit < 1 or max_clients < 1:
             raise ValueError("limit and max_clients must be at least 1")
         self.limit = limit
-        self.window = window
         self.bucket = bucket
         self.max_clients = max_clients
         self._span = bucket + window

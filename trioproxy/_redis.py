@@ -43,8 +43,8 @@ import hashlib
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Awaitable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Final, TypeVar, cast
 
@@ -348,10 +348,9 @@ class RedisState:
         `bounded`, and the scripts load on first use.
         """
         scripts = (self._admit, self._renew, self._release, self._append, self._breaker_admit, self._breaker_settle)
-        with suppress(SharedStateError):
-            async with self.bounded():
-                for script in scripts:
-                    await self._client.script_load(script.script)
+        with suppress(SharedStateError), self.bounded():
+            for script in scripts:
+                await self._client.script_load(script.script)
 
     def _key(self, *parts: str) -> str:
         return self.config.key_prefix + ":".join(parts)
@@ -465,7 +464,7 @@ class RedisState:
             SharedStateError: Redis failed, or did not answer in time.
         """
         key = self._stream_key(stream_id)
-        async with self.bounded():
+        with self.bounded():
             newest = await self._client.xrevrange(key, "+", "-", count=1)
             if not newest:
                 return None
@@ -492,7 +491,7 @@ class RedisState:
         """
         key = self._stream_key(stream_id)
         block = int(self.config.follow_block * 1000)
-        async with self.bounded(self.config.timeout + self.config.follow_block):
+        with self.bounded(self.config.timeout + self.config.follow_block):
             read = await self._follower.xread({key: _entry_id(after)}, count=256, block=block)
             if not read and not await self._client.exists([key]):
                 return None
@@ -548,8 +547,8 @@ class RedisState:
     def _conversation_key(self, stream_id: str) -> str:
         return self._key("stream", stream_id, "conversation")
 
-    @asynccontextmanager
-    async def bounded(self, seconds: float | None = None) -> AsyncIterator[None]:
+    @contextmanager
+    def bounded(self, seconds: float | None = None) -> Iterator[None]:
         """
         Any calls to Redis inside, bounded by `[redis] timeout` (or `seconds`, for a blocking
         read) and mapped to `SharedStateError`. The log says when Redis stops answering and
@@ -580,7 +579,7 @@ class RedisState:
         raise failure
 
     async def _call(self, call: Awaitable[_T]) -> _T:
-        async with self.bounded():
+        with self.bounded():
             return await call
 
     @property

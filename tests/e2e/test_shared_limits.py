@@ -7,7 +7,6 @@ and the limits shared again once it is back.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -24,9 +23,9 @@ import trio
 
 from tests.conftest import RedisServer, wait_until
 from tests.e2e.test_observability import scrape_until, value
+from tests.e2e.test_workers import listening_url
 from trioproxy.testing import FakeUpstream
 
-START_TIMEOUT = 30.0
 MESSAGES = [{"role": "user", "content": "one two three"}]
 #: 40 tokens 50 ms apart: a stream that is still running while the test looks.
 SLOW = {"model": "slow/lorem", "messages": MESSAGES, "stream": True, "max_tokens": 40}
@@ -72,15 +71,7 @@ async def proxies(tmp_path: Path, text: str, count: int = 3) -> AsyncIterator[li
                     with log.open("wb") as stderr:
                         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=stderr)
                     processes.append(process)
-                    assert process.stdout is not None
-                    output = b""
-                    with trio.fail_after(START_TIMEOUT):
-                        while b"listening on" not in output:
-                            data = await process.stdout.receive_some()
-                            assert data, output
-                            output += data
-                    url = re.search(rb"http://127\.0\.0\.1:\d+", output).group().decode()  # type: ignore[union-attr]
-                    started[index] = Proxy(url, process, log)
+                    started[index] = Proxy(await listening_url(process), process, log)
 
                 nursery.start_soon(start)
         yield [started[index] for index in range(count)]
@@ -97,6 +88,19 @@ async def chat(proxy: Proxy, **body: object) -> httpx.Response:
         )
 
 
+async def chats_at_once(proxies: list[Proxy], count: int, **body: object) -> list[httpx.Response]:
+    """`count` chat requests (`chat`'s, with `body`) at once, to `proxies` in turn; their answers."""
+    answers: list[httpx.Response] = []
+
+    async def ask(proxy: Proxy) -> None:
+        answers.append(await chat(proxy, **body))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(count):
+            nursery.start_soon(ask, proxies[n % len(proxies)])
+    return answers
+
+
 async def streams_running(http: httpx.AsyncClient, running: list[Proxy], count: int) -> bool:
     """Whether `running` (their `/health`) run `count` streams together."""
     return sum([(await http.get(p.url + "/health")).json()["active_streams"] for p in running]) == count
@@ -106,22 +110,12 @@ async def test_requests_per_minute_are_exact_across_three_processes(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with proxies(tmp_path, config_text(redis_server.url, "requests_per_minute = 7")) as three:
-        statuses: list[int] = []
-        refusals: list[httpx.Response] = []
-
-        async def ask(proxy: Proxy) -> None:
-            response = await chat(proxy)
-            statuses.append(response.status_code)
-            if response.status_code == 429:
-                refusals.append(response)
-
-        async with trio.open_nursery() as nursery:  # 24 at once, 8 to each process
-            for n in range(24):
-                nursery.start_soon(ask, three[n % 3])
-        assert sorted(statuses) == [200] * 7 + [429] * 17
-        error = refusals[0].json()["error"]
+        answers = await chats_at_once(three, 24)  # 8 to each process
+        assert sorted(answer.status_code for answer in answers) == [200] * 7 + [429] * 17
+        refused = next(answer for answer in answers if answer.status_code == 429)
+        error = refused.json()["error"]
         assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
-        assert 55 <= int(refusals[0].headers["retry-after"]) <= 60
+        assert 55 <= int(refused.headers["retry-after"]) <= 60
 
         async with openai.AsyncOpenAI(base_url=three[1].url + "/v1", api_key="k", max_retries=0) as sdk:
             with pytest.raises(openai.RateLimitError):
@@ -304,23 +298,12 @@ async def test_token_budgets_are_reserved_and_reconciled_exactly_across_three_pr
     and uses 43 (the simulated provider counts 3 words of prompt and its 40 tokens).
     """
     async with proxies(tmp_path, config_text(redis_server.url, "tokens_per_minute = 220")) as three:
-        statuses: list[int] = []
-        refusals: list[httpx.Response] = []
-
-        async def ask(proxy: Proxy) -> None:
-            async with httpx.AsyncClient(timeout=30) as http:
-                response = await http.post(proxy.url + "/v1/chat/completions", json=SLOW)
-            statuses.append(response.status_code)
-            if response.status_code == 429:
-                refusals.append(response)
-
-        async with trio.open_nursery() as nursery:  # 15 at once, 5 to each process: 5 * 44 = 220 fit
-            for n in range(15):
-                nursery.start_soon(ask, three[n % 3])
-        assert sorted(statuses) == [200] * 5 + [429] * 10
-        error = refusals[0].json()["error"]
+        answers = await chats_at_once(three, 15, **SLOW)  # 5 to each process: 5 * 44 = 220 fit
+        assert sorted(answer.status_code for answer in answers) == [200] * 5 + [429] * 10
+        refused = next(answer for answer in answers if answer.status_code == 429)
+        error = refused.json()["error"]
         assert (error["type"], error["code"]) == ("rate_limit_error", "tokens_per_minute_exceeded")
-        assert 55 <= int(refusals[0].headers["retry-after"]) <= 60
+        assert 55 <= int(refused.headers["retry-after"]) <= 60
 
         # Reconciled at each stream's end, whichever process ran it: 5 * 43 = 215 used, so one
         # more request reserving 5 (4 + max_tokens 1) fits exactly; it uses 4, and then 5 do not.

@@ -56,21 +56,25 @@ async def supervisor(tmp_path: Path, workers: int = 2, text: str = CONFIG) -> As
     with (tmp_path / "stderr.log").open("wb") as stderr:
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=stderr)
         try:
-            assert process.stdout is not None
-            output = b""
-            with trio.fail_after(START_TIMEOUT):
-                while b"listening on" not in output:
-                    data = await process.stdout.receive_some()
-                    assert data, output
-                    output += data
-            url = re.search(rb"http://127\.0\.0\.1:\d+", output).group().decode()  # type: ignore[union-attr]
-            yield Supervisor(process, url)
+            yield Supervisor(process, await listening_url(process))
         finally:
             if process.returncode is None:
                 for pid in _children(process.pid):
                     os.kill(pid, signal.SIGKILL)
                 process.kill()
                 await process.wait()
+
+
+async def listening_url(process: trio.Process) -> str:
+    """The URL a starting `trioproxy serve` process (its stdout a pipe) prints once it listens."""
+    assert process.stdout is not None
+    output = b""
+    with trio.fail_after(START_TIMEOUT):
+        while b"listening on" not in output:
+            data = await process.stdout.receive_some()
+            assert data, output
+            output += data
+    return re.search(rb"http://127\.0\.0\.1:\d+", output).group().decode()  # type: ignore[union-attr]
 
 
 def _children(pid: int) -> list[int]:

@@ -94,9 +94,7 @@ class HttpUpstream:
         with mapped_httpx_errors():
             outgoing = self._client.build_request("POST", url, headers=headers, content=request.body)
             async with self._streamed(outgoing) as resp:
-                if resp.status_code >= 300:
-                    body = await _read_bounded(resp)
-                    raise self.translation.error_from_response(resp.status_code, resp.headers, body)
+                await self._raise_for_status(resp)
                 await send.send(OPENED)
                 encoded = resp.headers.get("content-encoding", "identity") != "identity"
                 chunks = resp.aiter_bytes() if encoded else aiter(resp.stream)  # type: ignore[arg-type]
@@ -165,10 +163,14 @@ class HttpUpstream:
         """A request whose answer is one JSON document: that document, or the error the upstream answered."""
         with mapped_httpx_errors():
             async with self._client.stream("POST", request.url, headers=request.headers, content=request.body) as resp:
-                if resp.status_code >= 300:
-                    body = await _read_bounded(resp)
-                    raise self.translation.error_from_response(resp.status_code, resp.headers, body)
+                await self._raise_for_status(resp)
                 return await _read_answer(resp)
+
+    async def _raise_for_status(self, resp: httpx.Response) -> None:
+        """Raise the error an answer of status 300 or more tells (its body read up to `MAX_ERROR_BODY`)."""
+        if resp.status_code >= 300:
+            body = await _read_bounded(resp)
+            raise self.translation.error_from_response(resp.status_code, resp.headers, body)
 
     async def aclose(self) -> None:
         await self._client.aclose()
