@@ -124,7 +124,7 @@ class ProviderConfig:
     prefixes under `/v1/` that the proxy forwards to it as they are (`server/fronts/forwarding.py`).
     `skip_malformed_events` passes over an upstream event that cannot be read (counted, and logged
     with the request's id) instead of ending the stream with it. `continuation` is how the upstream
-    continues a broken answer (`_continuation.CONTINUATION_WAYS`): `prefill` by default for
+    continues a broken answer (the ways each type allows: `_CONTINUATION_WAYS`): `prefill` by default for
     Anthropic, `none` for an OpenAI-compatible upstream unless it is set to
     `continue_final_message`; a table of model patterns sets it per model (`continuation_for`).
     """

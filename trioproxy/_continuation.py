@@ -22,9 +22,7 @@ from typing import Any, Final
 
 from ._request import ChatRequest
 
-__all__ = ["CONTINUATION_WAYS", "Continuation", "Overlap", "Refusals", "continuation", "ends_with_assistant"]
-
-CONTINUATION_WAYS: Final = ("none", "prefill", "continue_final_message")
+__all__ = ["Continuation", "Overlap", "Refusals", "continuation", "ends_with_assistant"]
 
 
 @dataclass(frozen=True, slots=True)
