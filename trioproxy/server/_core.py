@@ -30,7 +30,7 @@ import functools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import orjson
@@ -127,13 +127,6 @@ class Core:
         self.streams = StreamRegistry(config.streams, store=self.redis or LOCAL_STORE)
         self._nursery = nursery
         limits = config.limits
-        self.limiter = Limiter(
-            requests_per_minute=limits.requests_per_minute,
-            max_streams_per_key=limits.max_streams_per_key,
-            max_concurrent_streams=limits.max_concurrent_streams,
-            tokens_per_minute=limits.tokens_per_minute,
-            tokens_per_day=limits.tokens_per_day,
-        )
         self._shared_limits = SharedLimits(
             requests_per_minute=limits.requests_per_minute,
             max_streams_per_key=limits.max_streams_per_key,
@@ -141,6 +134,7 @@ class Core:
             tokens_per_minute=limits.tokens_per_minute,
             tokens_per_day=limits.tokens_per_day,
         )
+        self.limiter = Limiter(**asdict(self._shared_limits))  # the same bounds, in this process
         shutdown.on_drain(self.streams.stop_resuming)  # nobody can come back to resume a stream
 
     @property
