@@ -40,6 +40,7 @@ __all__ = [
     "parse_completion_request",
     "parse_embedding_request",
     "parse_json_object",
+    "parse_max_tokens",
     "parse_model",
     "parse_stream",
     "translated_request",
@@ -243,7 +244,7 @@ def parse_chat_request(body: dict[str, Any], *, model: str | None = None) -> Cha
         messages=messages,
         stream=stream,
         include_usage=include_usage,
-        max_tokens=_max_tokens(body),
+        max_tokens=parse_max_tokens(body),
     )
 
 
@@ -277,7 +278,7 @@ def parse_completion_request(body: dict[str, Any]) -> ChatRequest:
         prompt,
         stream=stream,
         include_usage=include_usage,
-        max_tokens=_max_tokens(body, names=("max_tokens",)),
+        max_tokens=parse_max_tokens(body, names=("max_tokens",)),
     )
 
 
@@ -419,9 +420,10 @@ def _stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _max_tokens(
+def parse_max_tokens(
     body: dict[str, Any], *, names: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
 ) -> int | None:
+    """The first of `names` that is set: a positive integer; `None` when none is."""
     for name in names:
         value = body.get(name)
         if value is None:

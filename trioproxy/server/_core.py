@@ -14,13 +14,12 @@ its `finally` cancels the session, so a client that goes away â€” at any point â
 upstream request with it.
 
 `Core.start` is also where `[limits]` are applied, once for every route (WebSocket included):
-a session starts only if its body's shape is within bounds and the limiter admits its
-client (reserving the tokens it may cost in the token budgets), and it holds its lease until
-its task ends, when the reservation is corrected to the upstream's count of the tokens used.
-A refusal is raised as our error and rendered in the route's protocol; nothing reaches the
-upstream. `Core.admitted` is that admission for every kind of request (a session's guard with
-`[redis]`, a forwarded request), in Redis or in this process, with `[redis] on_error` applied
-in one place.
+a session starts only if its body's shape is within bounds, and its task first takes a place
+in the limits for its client (reserving the tokens it may cost in the token budgets), held
+until it ends, when the reservation is corrected to the upstream's count of the tokens used.
+A refusal is our error, rendered in the route's protocol; nothing reaches the upstream.
+`Core.admitted` is that admission for every kind of request (a session's guard, a forwarded
+request), in Redis or in this process, with `[redis] on_error` applied in one place.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import functools
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import orjson
@@ -39,7 +38,7 @@ from quart import Response, has_request_context, request, websocket
 
 from .._config import Config
 from .._exceptions import SharedStateError, TrioproxyError, UpstreamTimeoutError
-from .._limits import Lease, Limiter, check_request_shape
+from .._limits import Limiter, check_request_shape
 from .._policy import BufferConfig
 from .._redis import RedisState, SharedLimits
 from .._request import ChatRequest
@@ -127,13 +126,6 @@ class Core:
         self.streams = StreamRegistry(config.streams, store=self.redis or LOCAL_STORE)
         self._nursery = nursery
         limits = config.limits
-        self.limiter = Limiter(
-            requests_per_minute=limits.requests_per_minute,
-            max_streams_per_key=limits.max_streams_per_key,
-            max_concurrent_streams=limits.max_concurrent_streams,
-            tokens_per_minute=limits.tokens_per_minute,
-            tokens_per_day=limits.tokens_per_day,
-        )
         self._shared_limits = SharedLimits(
             requests_per_minute=limits.requests_per_minute,
             max_streams_per_key=limits.max_streams_per_key,
@@ -141,6 +133,7 @@ class Core:
             tokens_per_minute=limits.tokens_per_minute,
             tokens_per_day=limits.tokens_per_day,
         )
+        self.limiter = Limiter(**asdict(self._shared_limits))  # the same bounds, in this process
         shutdown.on_drain(self.streams.stop_resuming)  # nobody can come back to resume a stream
 
     @property
@@ -157,10 +150,10 @@ class Core:
     ) -> StreamSession:
         """
         Start a session for the current request (or a WebSocket's stream `stream_id`), if
-        `[limits]` allow it: raises `RequestError` for a body of the wrong shape,
-        `RateLimitedError` or `OverloadedError` when the limiter refuses the client. With
-        `[redis]`, the shared limits decide in the session's task: their refusal is its only item.
-        Traced, the request's span starts here and ends with its session, or with its refusal.
+        `[limits]` allow it: raises `RequestError` for a body of the wrong shape. The limits
+        (`admitted`) decide in the session's task: their refusal (`RateLimitedError`,
+        `OverloadedError`) is its only item. Traced, the request's span starts here and ends
+        with its session, or with its refusal.
         """
         return self._start(pipeline, chat, heartbeats=heartbeats, stream_id=stream_id)[0]
 
@@ -179,7 +172,7 @@ class Core:
             raise admission.refusal
         return session
 
-    def _start(  # noqa: C901 - its closures share the lease, admission, trace and record: to become one object
+    def _start(  # noqa: C901 - its closures share the admission, trace and record: to become one object
         self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool, stream_id: str | None
     ) -> tuple[StreamSession, _Admission]:
         limits = self.config.limits
@@ -187,13 +180,10 @@ class Core:
         if self.tracing is not None:
             trace = self.tracing.request(chat, pipeline.routes[0], endpoint=route_label(), headers=connection().headers)
             pipeline = replace(pipeline, trace=trace)
-        client = self.client_identity()
-        tokens = self._tokens_to_reserve(chat)
         try:
             check_request_shape(
                 chat.client_body, max_messages=limits.max_messages, max_string_chars=limits.max_string_chars
             )
-            lease = self.limiter.admit(client, trio.current_time(), tokens) if self.redis is None else None
         except TrioproxyError as exc:
             if trace is not None:
                 trace.refused(exc)
@@ -201,23 +191,18 @@ class Core:
         record = request_record(connection().scope)
         key = self.key_name()
         admission = _Admission()
-        if self.redis is None:
-            admission.decided.set()  # by the limiter, above
 
         def decide(refusal: TrioproxyError | None) -> None:
-            """The shared limits decided; a refusal is a rejected request, not a stream (metrics, the log)."""
+            """The limits decided; a refusal is a rejected request, not a stream (metrics, the log)."""
             admission.refusal = refusal
             admission.decided.set()
             if refusal is not None and stream_id is None:
                 record.session = None
 
-        guard = None if self.redis is None else functools.partial(self._shared_admission, client, tokens, decide)
+        guard = functools.partial(self._guard, self.client_identity(), self._tokens_to_reserve(chat), decide)
 
         def on_end(session: StreamSession) -> None:
             admission.decided.set()  # (already, unless the app's end cancelled the session before)
-            if lease is not None:
-                _reconcile(lease, _used_tokens(session))
-                lease.release()
             if admission.refusal is not None:
                 self.metrics.stream_refused()
                 if trace is not None:
@@ -243,8 +228,6 @@ class Core:
                 guard=guard,
             )
         except BaseException as exc:
-            if lease is not None:
-                lease.release()
             if trace is not None:
                 trace.refused(exc)
             raise
@@ -295,16 +278,17 @@ class Core:
         try:
             yield
         finally:
-            _reconcile(lease, used())
+            if (spent := used()) is not None:
+                lease.reconcile(spent)
             lease.release()
 
     @asynccontextmanager
-    async def _shared_admission(
+    async def _guard(
         self, client: str, tokens: int, decide: Callable[[TrioproxyError | None], None], session: StreamSession
     ) -> AsyncIterator[None]:
         """
-        A session's guard with `[redis]`: its place in the limits (`admitted`), held while it
-        runs. A refusal is the session's only item; `decide` is told the outcome first.
+        A session's guard: its place in the limits (`admitted`), held while it runs. A refusal
+        is the session's only item; `decide` is told the outcome first.
         """
         async with contextlib.AsyncExitStack() as held:
             try:
@@ -504,11 +488,6 @@ def _used_tokens(session: StreamSession) -> int | None:
     """The tokens the upstream says the session used, or `None` when it did not say (its reservation stands)."""
     usage = session.accumulator.usage
     return None if usage is None else usage.total_tokens
-
-
-def _reconcile(lease: Lease, used: int | None) -> None:
-    if used is not None:
-        lease.reconcile(used)
 
 
 @dataclass(eq=False, slots=True)

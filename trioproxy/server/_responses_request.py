@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .._exceptions import RequestError
-from .._request import ChatRequest, carried_fields, parse_model, parse_stream, translated_request
+from .._request import ChatRequest, carried_fields, parse_max_tokens, parse_model, parse_stream, translated_request
 
 __all__ = ["Turn", "continued", "input_items", "listed_input_items", "parse_responses_request", "to_chat_completions"]
 
@@ -98,9 +98,7 @@ def parse_responses_request(body: dict[str, Any]) -> ChatRequest:
     if not (isinstance(input_, str) and input_) and not (isinstance(input_, list) and input_):
         raise RequestError("'input' is required: a non-empty string or array of input items", param="input")
     stream = parse_stream(body)
-    max_tokens = body.get("max_output_tokens")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        raise RequestError("'max_output_tokens' must be a positive integer", param="max_output_tokens")
+    max_tokens = parse_max_tokens(body, names=("max_output_tokens",))
     return translated_request(
         "responses", body, to_chat_completions, model=model, stream=stream, max_tokens=max_tokens, names=_CLIENT_NAMES
     )

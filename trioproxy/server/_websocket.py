@@ -77,9 +77,10 @@ def register_websocket_routes(
     shutdown: GracefulShutdown,
 ) -> None:
     """
-    Add the WebSocket routes to `app`; `start(pipeline, chat)` starts a session or raises the
-    limits' refusal. A message longer than `max_message_bytes` is refused unread; one that
-    waits `write_timeout` seconds for the socket drops the peer.
+    Add the WebSocket routes to `app`; `start(pipeline, chat)` starts a session (a refusal
+    of `[limits]` is its only item) or refuses a body out of their bounds. A message longer
+    than `max_message_bytes` is refused unread; one that waits `write_timeout` seconds for the
+    socket drops the peer.
     """
     routes = _Routes(start, router, max_message_bytes, write_timeout, shutdown)
 
@@ -206,7 +207,7 @@ class _Connection:
         )
         try:
             session = self.routes.start(pipeline, chat, heartbeats=False, stream_id=str(request_id))
-        except TrioproxyError as exc:  # `[limits]` refused it
+        except TrioproxyError as exc:  # a body out of `[limits]` bounds
             await self.send_error(exc, request_id)
             return
         scope = trio.CancelScope()
