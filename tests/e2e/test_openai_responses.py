@@ -27,6 +27,18 @@ from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall, op
 
 TOKENS = ("Hel", "lo", ",", " wörld", " 🌍", "!")
 MODELS = pytest.mark.parametrize("model", ["up/gpt-test", "claude/claude-test"])
+#: The event types of a streamed answer of `TOKENS`, in the API's order.
+TEXT_EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    *["response.output_text.delta"] * len(TOKENS),
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
 WEATHER = {
     "type": "function",
     "name": "get_weather",
@@ -66,17 +78,7 @@ async def test_a_streamed_answer_s_events_are_in_the_api_s_order(
     upstream.push(Reply(tokens=TOKENS))
     stream = await client.responses.create(model=model, input="Say hello", stream=True)
     events = [event async for event in stream]
-    assert [event.type for event in events] == [
-        "response.created",
-        "response.in_progress",
-        "response.output_item.added",
-        "response.content_part.added",
-        *["response.output_text.delta"] * len(TOKENS),
-        "response.output_text.done",
-        "response.content_part.done",
-        "response.output_item.done",
-        "response.completed",
-    ]
+    assert [event.type for event in events] == TEXT_EVENTS
     assert [event.sequence_number for event in events] == list(range(len(events)))
 
 
@@ -415,17 +417,7 @@ async def test_websocket_mode_answers_responses_in_turn_and_continues_from_the_l
     upstream.push(Reply(tokens=TOKENS), Reply(tokens=("Again",)))
     async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
         first = await one_response(connection, model="up/m", input="hi", stream=True, store=False)
-        assert [e["type"] for e in first] == [
-            "response.created",
-            "response.in_progress",
-            "response.output_item.added",
-            "response.content_part.added",
-            *["response.output_text.delta"] * len(TOKENS),
-            "response.output_text.done",
-            "response.content_part.done",
-            "response.output_item.done",
-            "response.completed",
-        ]
+        assert [e["type"] for e in first] == TEXT_EVENTS
         assert [e["sequence_number"] for e in first] == list(range(len(first)))
         response_id = first[-1]["response"]["id"]
         second = await one_response(
