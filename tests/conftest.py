@@ -7,6 +7,7 @@ Only loopback addresses; every server lives in the test's nursery and dies with 
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
 import socket
 import subprocess
@@ -167,6 +168,18 @@ async def collect_into(items: AsyncIterable[T], into: list[T]) -> None:
     """
     async for item in items:
         into.append(item)
+
+
+def installed(path: Path, what: str, make_target: str) -> Path:
+    """
+    `path`, where `make {make_target}` installs `what` under `.node/`: without it a test is
+    skipped, except under `CI=true`, where a missing install fails it.
+    """
+    if path.exists():
+        return path
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is missing at {path}: run `make {make_target}`")
+    pytest.skip(f"{what} is not installed at {path} (`make {make_target}` installs it)")
 
 
 async def run_cli(argv: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:

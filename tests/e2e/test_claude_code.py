@@ -26,7 +26,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ANTHROPIC_KEY, cli_answer, run_cli
+from tests.conftest import ANTHROPIC_KEY, cli_answer, installed, run_cli
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
@@ -39,11 +39,7 @@ CLAUDE_MODELS: Final = "claude-*"
 
 @pytest.fixture
 def claude() -> Path:
-    if CLAUDE.exists():
-        return CLAUDE
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"the Claude Code CLI is missing at {CLAUDE}: run `make claude-code`")
-    pytest.skip(f"the Claude Code CLI is not installed at {CLAUDE} (`make claude-code` installs it)")
+    return installed(CLAUDE, "the Claude Code CLI", "claude-code")
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import cli_answer, run_cli
+from tests.conftest import cli_answer, installed, run_cli
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -36,11 +36,7 @@ CODEX_RUN_TIMEOUT: Final = 90
 
 @pytest.fixture
 def codex() -> Path:
-    if CODEX.exists():
-        return CODEX
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"the Codex CLI is missing at {CODEX}: run `make codex`")
-    pytest.skip(f"the Codex CLI is not installed at {CODEX} (`make codex` installs it)")
+    return installed(CODEX, "the Codex CLI", "codex")
 
 
 @pytest.fixture
