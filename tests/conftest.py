@@ -6,6 +6,7 @@ Only loopback addresses; every server lives in the test's nursery and dies with 
 
 from __future__ import annotations
 
+import collections
 import inspect
 import os
 import shutil
@@ -22,6 +23,7 @@ import httpx
 import openai
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from trioproxy import Config, create_app, parse_config, serve
 from trioproxy.testing import FakeUpstream, RecordedRequest, open_fake_upstream
@@ -168,6 +170,18 @@ async def collect_into(items: AsyncIterable[T], into: list[T]) -> None:
     """
     async for item in items:
         into.append(item)
+
+
+async def answer_statuses(proxy_url: str, route: str | None = None) -> dict[str, float]:
+    """How many requests (to `route`, or to any) the proxy answered with each status, from its `/metrics`."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(proxy_url + "/metrics")).text
+    counted: collections.Counter[str] = collections.Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "trioproxy_requests_total" and route in (None, sample.labels["route"]):
+                counted[sample.labels["status"]] += sample.value
+    return dict(counted)
 
 
 def installed(path: Path, what: str, make_target: str) -> Path:
