@@ -213,6 +213,13 @@ def cli_answer(run: subprocess.CompletedProcess[bytes]) -> str:
     return run.stdout.decode()
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed): for a server to come, or a target that refuses."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class RedisServer:
     """
     A real `redis-server` (Debian's package) on 127.0.0.1, with its files in a temp dir and
@@ -222,9 +229,7 @@ class RedisServer:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        with socket.socket() as probe:  # a free port, kept across restarts
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()  # kept across restarts
         self.process: trio.Process | None = None
 
     @property

@@ -14,7 +14,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import Instant, collect_into, proxy_config, upstream_closed_soon_after
+from tests.conftest import Instant, collect_into, free_port, proxy_config, upstream_closed_soon_after
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
@@ -436,11 +436,7 @@ async def test_malformed_upstream_chunk_is_an_in_stream_error(client, upstream: 
 
 
 async def test_unreachable_upstream_is_502(proxy_url: str, nursery: trio.Nursery) -> None:
-    # A port that was just free: nothing listens there.
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    await listener.aclose()
-    config = parse_config({"providers": {"gone": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1"}}})
+    config = parse_config({"providers": {"gone": {"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1"}}})
     binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
     async with openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as sdk:
         with pytest.raises(openai.APIStatusError) as info:

@@ -17,7 +17,7 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY, collect_into, wait_until, wait_until_idle
+from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY, collect_into, free_port, wait_until, wait_until_idle
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
@@ -250,15 +250,12 @@ async def test_a_client_that_goes_away_mid_answer_cancels_the_upstream(
 async def test_an_unreachable_upstream_is_a_502_before_any_answer(
     nursery: trio.Nursery, upstream: FakeUpstream, http: httpx.AsyncClient
 ) -> None:
-    closed = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    closed_port = closed.socket.getsockname()[1]
-    await closed.aclose()
     config = parse_config(
         {
             "providers": {
                 "gone": {
                     "type": "openai",
-                    "base_url": f"http://127.0.0.1:{closed_port}/v1",
+                    "base_url": f"http://127.0.0.1:{free_port()}/v1",
                     "forward_paths": ["/v1/files"],
                 }
             }
@@ -277,9 +274,7 @@ async def test_a_provider_with_several_targets_forwards_as_it_streams_balanced_a
 ) -> None:
     down, up1, up2 = [await open_fake_upstream(nursery) for _ in range(3)]
     down._replies = Reply(status=503)  # every request: its echo answers 503
-    closed = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    refusing = f"http://127.0.0.1:{closed.socket.getsockname()[1]}/v1"
-    await closed.aclose()
+    refusing = f"http://127.0.0.1:{free_port()}/v1"
     targets = [refusing, down.url + "/v1", up1.url + "/v1", up2.url + "/v1"]
     config = parse_config(
         {
