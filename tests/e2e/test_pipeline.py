@@ -15,7 +15,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import collect_into, free_port, in_process, wait_until_idle
+from tests.conftest import collect_into, free_port, in_process, proxy_config, wait_until_idle
 from trioproxy import SSEDecoder, StreamEvent, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -25,8 +25,6 @@ TOKENS = ("Call", " me", " at", " 555", "-1234", " today.", " Bye", " now!")
 
 @pytest.fixture
 async def proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
-    from conftest import proxy_config  # the shared fixture module
-
     base = upstream.url + "/v1"
     config = proxy_config(
         upstream,
