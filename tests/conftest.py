@@ -262,8 +262,8 @@ class RedisServer:
 @pytest.fixture
 async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RedisServer]:
     server = RedisServer(str(tmp_path_factory.mktemp("redis")))
-    await server.start()
     try:
+        await server.start()  # a server that never accepts is killed too
         yield server
     finally:
         await server.stop()
