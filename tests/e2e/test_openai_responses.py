@@ -23,7 +23,7 @@ from tests.conftest import Instant, collect_into, proxy_config, upstream_closed_
 from trioproxy import parse_config, serve
 from trioproxy._sse import SSEDecoder
 from trioproxy.server._responses_front import TERMINAL_EVENTS, response_from_events
-from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, ToolCall, open_fake_upstream
+from trioproxy.testing import FakeUpstream, Reply, ToolCall, open_fake_upstream
 
 TOKENS = ("Hel", "lo", ",", " wörld", " 🌍", "!")
 MODELS = pytest.mark.parametrize("model", ["up/gpt-test", "claude/claude-test"])
@@ -45,11 +45,6 @@ WEATHER = {
     "description": "The weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }
-
-
-def sent(request: RecordedRequest) -> dict[str, Any]:
-    body: dict[str, Any] = orjson.loads(request.body)
-    return body
 
 
 # --- text ---------------------------------------------------------------------------------
@@ -104,7 +99,7 @@ async def test_the_chat_completions_upstream_gets_the_translated_request(
         store=False,
         include=["reasoning.encrypted_content"],
     )
-    body = sent(upstream.requests[-1])
+    body = upstream.requests[-1].json
     assert upstream.requests[-1].path == "/v1/chat/completions"
     assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert (body["model"], body["max_tokens"], body["stream"]) == ("gpt-test", 64, True)
@@ -166,7 +161,7 @@ async def test_function_calling_across_two_turns(
         ],
     )
     assert second.output_text == "Sunny in Paris."
-    body = sent(upstream.requests[-1])
+    body = upstream.requests[-1].json
     if model.startswith("up/"):
         assert body["messages"][1]["tool_calls"] == [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
@@ -238,7 +233,7 @@ async def test_a_schema_and_an_effort_reach_an_anthropic_upstream_and_its_thinki
     ) as stream:
         summary = [event.delta async for event in stream if event.type == "response.reasoning_summary_text.delta"]
         response = await stream.get_final_response()
-    body = sent(upstream.requests[-1])
+    body = upstream.requests[-1].json
     assert body["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
     assert (body["thinking"], body["max_tokens"]) == ({"type": "enabled", "budget_tokens": 4000}, 8000)
     assert "".join(summary) == THOUGHT
@@ -420,8 +415,8 @@ async def test_websocket_mode_answers_responses_in_turn_and_continues_from_the_l
         assert second[-1]["response"]["output"][0]["content"][0]["text"] == "Again"
         assert second[-1]["response"]["id"] != response_id
         unknown = await one_response(connection, model="up/m", previous_response_id="resp_nope", input="x")
-    assert [m["role"] for m in sent(upstream.requests[-1])["messages"]] == ["user", "assistant", "user"]
-    assert sent(upstream.requests[-1])["messages"][1]["content"] == "".join(TOKENS)
+    assert [m["role"] for m in upstream.requests[-1].json["messages"]] == ["user", "assistant", "user"]
+    assert upstream.requests[-1].json["messages"][1]["content"] == "".join(TOKENS)
     assert unknown == [
         {
             "type": "error",
@@ -485,7 +480,7 @@ async def test_previous_response_id_continues_a_stored_response(
     second = await client.responses.create(model="up/gpt-test", previous_response_id=first.id, input="Its population?")
     assert second.output_text == "About 2 million."
     assert second.previous_response_id == first.id
-    assert sent(upstream.requests[-1])["messages"] == [
+    assert upstream.requests[-1].json["messages"] == [
         {"role": "user", "content": "Capital of France?"},
         {"role": "assistant", "content": "Paris."},
         {"role": "user", "content": "Its population?"},
@@ -594,7 +589,7 @@ async def test_a_responses_client_s_stream_passes_through_byte_for_byte(
     assert response.status_code == 200
     assert response.content == recorded
     assert upstream.requests[-1].path == "/v1/responses"
-    assert sent(upstream.requests[-1]) == {**sent_body, "model": "gpt-4o-mini"}
+    assert upstream.requests[-1].json == {**sent_body, "model": "gpt-4o-mini"}
 
 
 async def test_a_responses_client_stores_a_response_from_a_responses_upstream(
@@ -644,7 +639,7 @@ async def test_a_chat_completions_client_reaches_a_responses_upstream(
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.total_tokens == 17
     assert truncated.choices[0].finish_reason == "length"
-    body = sent(upstream.requests[0])
+    body = upstream.requests[0].json
     assert body["input"] == [
         {"type": "message", "role": "system", "content": "Be brief."},
         {"type": "message", "role": "user", "content": "Weather?"},
@@ -686,7 +681,7 @@ async def test_websocket_mode_generate_false_asks_nothing_upstream_and_can_be_co
         )
     assert answered[-1]["type"] == "response.completed"
     assert len(upstream.requests) == 1
-    assert [m["content"] for m in sent(upstream.requests[0])["messages"]] == ["hi", "more"]
+    assert [m["content"] for m in upstream.requests[0].json["messages"]] == ["hi", "more"]
 
 
 async def test_an_anthropic_client_reaches_a_responses_upstream(responses_proxy: str, upstream: FakeUpstream) -> None:
@@ -709,7 +704,7 @@ async def test_an_anthropic_client_reaches_a_responses_upstream(responses_proxy:
     assert message.content[1].type == "tool_use"
     assert message.content[1].input == {"city": "Paris"}
     assert (message.stop_reason, message.usage.input_tokens, message.usage.output_tokens) == ("tool_use", 9, 8)
-    body = sent(upstream.requests[-1])
+    body = upstream.requests[-1].json
     assert upstream.requests[-1].path == "/v1/responses"
     assert body["input"][0] == {"type": "message", "role": "system", "content": "Be brief."}
     assert body["max_output_tokens"] == 100
@@ -727,7 +722,7 @@ async def test_websocket_mode_passes_a_responses_upstream_s_events_through_and_c
         )
     assert first == [orjson.loads(event.data) for event in SSEDecoder().feed(recorded)]
     assert second[-1]["type"] == "response.completed"
-    continued_input = sent(upstream.requests[-1])["input"]
+    continued_input = upstream.requests[-1].json["input"]
     assert [item.get("role") for item in continued_input] == ["user", "assistant", "user"]
     assert continued_input[1]["id"] == "msg_sanitized_streaming"  # the upstream's own output item, whole
 
@@ -839,8 +834,8 @@ async def test_input_tokens_and_compaction_are_forwarded_to_a_responses_upstream
     assert compacted.output[0].type == "compaction"
     assert compacted.usage.total_tokens == 15
     assert [request.path for request in upstream.requests] == ["/v1/responses/input_tokens", "/v1/responses/compact"]
-    assert sent(upstream.requests[0]) == {"model": "gpt-5", "input": items}
-    assert sent(upstream.requests[1]) == {"model": "gpt-5", "input": items, "instructions": "Be brief."}
+    assert upstream.requests[0].json == {"model": "gpt-5", "input": items}
+    assert upstream.requests[1].json == {"model": "gpt-5", "input": items, "instructions": "Be brief."}
 
 
 async def test_input_tokens_are_estimated_and_compaction_refused_for_another_upstream(
@@ -1030,7 +1025,7 @@ async def test_websocket_mode_through_the_sdk_s_own_connection(proxy_url: str, u
     assert "".join(e.delta for e in first if e.type == "response.output_text.delta") == "".join(TOKENS)
     assert first[-1].type == second[-1].type == "response.completed"
     assert second[-1].response.output_text == "Again"
-    assert [m["content"] for m in sent(upstream.requests[1])["messages"]] == ["hi", "".join(TOKENS), "more"]
+    assert [m["content"] for m in upstream.requests[1].json["messages"]] == ["hi", "".join(TOKENS), "more"]
 
 
 async def test_websocket_mode_stores_a_response_unless_told_not_to(
