@@ -272,8 +272,8 @@ async def test_an_unreachable_upstream_is_a_502_before_any_answer(
 async def test_a_provider_with_several_targets_forwards_as_it_streams_balanced_and_circuit_broken(
     nursery: trio.Nursery, http: httpx.AsyncClient
 ) -> None:
-    down, up1, up2 = [await open_fake_upstream(nursery) for _ in range(3)]
-    down._replies = Reply(status=503)  # every request: its echo answers 503
+    down = await open_fake_upstream(nursery, Reply(status=503))  # every request: its echo answers 503
+    up1, up2 = [await open_fake_upstream(nursery) for _ in range(2)]
     refusing = f"http://127.0.0.1:{free_port()}/v1"
     targets = [refusing, down.url + "/v1", up1.url + "/v1", up2.url + "/v1"]
     config = parse_config(

@@ -392,9 +392,8 @@ async def test_an_anthropic_client_gets_one_seamless_message(nursery: trio.Nurse
 async def test_one_of_three_replicas_down_is_skipped_once_its_breaker_opens(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
-    down, up1, up2 = await open_upstreams(nursery, 3)
-    for upstream in (down, up1, up2):
-        upstream._replies = Reply(status=503) if upstream is down else Reply(tokens=TOKENS)  # every request
+    down = await open_fake_upstream(nursery, Reply(status=503))  # every request
+    up1, up2 = [await open_fake_upstream(nursery, Reply(tokens=TOKENS)) for _ in range(2)]
     tables = {
         "vllm": {
             "type": "openai",
