@@ -6,7 +6,9 @@ Only loopback addresses; every server lives in the test's nursery and dies with 
 
 from __future__ import annotations
 
+import collections
 import inspect
+import os
 import shutil
 import socket
 import subprocess
@@ -21,9 +23,10 @@ import httpx
 import openai
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from trioproxy import Config, create_app, parse_config, serve
-from trioproxy.testing import FakeUpstream, open_fake_upstream
+from trioproxy.testing import FakeUpstream, RecordedRequest, open_fake_upstream
 
 T = TypeVar("T")
 
@@ -144,6 +147,22 @@ class Instant:
         return self.to(Instant(at, Instant.now().cpu_wait))
 
 
+async def upstream_closed_soon_after(recorded: RecordedRequest, hung_up: Instant) -> None:
+    """
+    The upstream saw `recorded`'s connection close within 0.1 s (the README's bound) of the
+    client's hang-up (`hung_up`, taken as it hangs up), unfinished.
+
+    Proxy, upstream and client share this thread, so the span is the proxy's own work plus
+    the time the kernel kept the thread waiting for a CPU: that wait is taken out. A busy
+    machine (a core hogged, load 6) stretched the bare span to 71 ms; without the wait, 2 ms.
+    """
+    with trio.fail_after(5):
+        await recorded.disconnected.wait()
+    assert recorded.disconnected_at is not None
+    assert hung_up.until(recorded.disconnected_at) < 0.1
+    assert not recorded.completed
+
+
 async def collect_into(items: AsyncIterable[T], into: list[T]) -> None:
     """
     Iterate `items` to their end, keeping each in `into`: the one statement of a
@@ -151,6 +170,30 @@ async def collect_into(items: AsyncIterable[T], into: list[T]) -> None:
     """
     async for item in items:
         into.append(item)
+
+
+async def answer_statuses(proxy_url: str, route: str | None = None) -> dict[str, float]:
+    """How many requests (to `route`, or to any) the proxy answered with each status, from its `/metrics`."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(proxy_url + "/metrics")).text
+    counted: collections.Counter[str] = collections.Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "trioproxy_requests_total" and route in (None, sample.labels["route"]):
+                counted[sample.labels["status"]] += sample.value
+    return dict(counted)
+
+
+def installed(path: Path, what: str, make_target: str) -> Path:
+    """
+    `path`, where `make {make_target}` installs `what` under `.node/`: without it a test is
+    skipped, except under `CI=true`, where a missing install fails it.
+    """
+    if path.exists():
+        return path
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is missing at {path}: run `make {make_target}`")
+    pytest.skip(f"{what} is not installed at {path} (`make {make_target}` installs it)")
 
 
 async def run_cli(argv: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
@@ -170,6 +213,13 @@ def cli_answer(run: subprocess.CompletedProcess[bytes]) -> str:
     return run.stdout.decode()
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed): for a server to come, or a target that refuses."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class RedisServer:
     """
     A real `redis-server` (Debian's package) on 127.0.0.1, with its files in a temp dir and
@@ -179,9 +229,7 @@ class RedisServer:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        with socket.socket() as probe:  # a free port, kept across restarts
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()  # kept across restarts
         self.process: trio.Process | None = None
 
     @property
@@ -214,8 +262,8 @@ class RedisServer:
 @pytest.fixture
 async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RedisServer]:
     server = RedisServer(str(tmp_path_factory.mktemp("redis")))
-    await server.start()
     try:
+        await server.start()  # a server that never accepts is killed too
         yield server
     finally:
         await server.stop()

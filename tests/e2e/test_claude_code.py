@@ -13,20 +13,17 @@ without it these tests are skipped, except under `CI=true`, where a missing CLI 
 
 from __future__ import annotations
 
-import collections
 import os
 import subprocess
 from functools import partial
 from pathlib import Path
 from typing import Final
 
-import httpx
 import orjson
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ANTHROPIC_KEY, cli_answer, run_cli
+from tests.conftest import ANTHROPIC_KEY, answer_statuses, cli_answer, installed, run_cli
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
@@ -39,11 +36,7 @@ CLAUDE_MODELS: Final = "claude-*"
 
 @pytest.fixture
 def claude() -> Path:
-    if CLAUDE.exists():
-        return CLAUDE
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"the Claude Code CLI is missing at {CLAUDE}: run `make claude-code`")
-    pytest.skip(f"the Claude Code CLI is not installed at {CLAUDE} (`make claude-code` installs it)")
+    return installed(CLAUDE, "the Claude Code CLI", "claude-code")
 
 
 @pytest.fixture
@@ -74,22 +67,6 @@ async def run_claude(claude: Path, proxy_url: str, project: Path, prompt: str) -
         return await run_cli([str(claude), "-p", prompt], cwd=project, env=env)
 
 
-async def answer_statuses(proxy_url: str) -> dict[str, float]:
-    """
-    How many requests the proxy answered with each status, from its `/metrics`: Claude Code
-    recovers from a refusal by sending its request again without what was refused, so only
-    the proxy can tell that it served Claude Code's request as Claude Code made it.
-    """
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(proxy_url + "/metrics")).text
-    statuses: collections.Counter[str] = collections.Counter()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "trioproxy_requests_total":
-                statuses[sample.labels["status"]] += sample.value
-    return dict(statuses)
-
-
 async def test_claude_code_answers_from_the_simulated_provider(
     nursery: trio.Nursery, claude: Path, project: Path
 ) -> None:
@@ -105,6 +82,8 @@ async def test_claude_code_answers_from_the_simulated_provider(
     run = await run_claude(claude, binds[0], project, "pineapple banana")
 
     assert "pineapple banana" in cli_answer(run)
+    # Claude Code recovers from a refusal by sending its request again without what was
+    # refused: only the proxy's counts tell that it served the request as Claude Code made it.
     assert await answer_statuses(binds[0]) == {"200": 1}
 
 

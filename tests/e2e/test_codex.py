@@ -13,19 +13,16 @@ where a missing CLI fails them.
 
 from __future__ import annotations
 
-import collections
 import os
 import subprocess
 from functools import partial
 from pathlib import Path
 from typing import Final
 
-import httpx
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import cli_answer, run_cli
+from tests.conftest import answer_statuses, cli_answer, installed, run_cli
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -36,11 +33,7 @@ CODEX_RUN_TIMEOUT: Final = 90
 
 @pytest.fixture
 def codex() -> Path:
-    if CODEX.exists():
-        return CODEX
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"the Codex CLI is missing at {CODEX}: run `make codex`")
-    pytest.skip(f"the Codex CLI is not installed at {CODEX} (`make codex` installs it)")
+    return installed(CODEX, "the Codex CLI", "codex")
 
 
 @pytest.fixture
@@ -89,18 +82,6 @@ async def run_codex(
         return await run_cli(argv, cwd=project, env=env)
 
 
-async def statuses(proxy_url: str) -> dict[str, float]:
-    """How many `/v1/responses` requests the proxy answered with each status (101: a WebSocket)."""
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(proxy_url + "/metrics")).text
-    counted: collections.Counter[str] = collections.Counter()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "trioproxy_requests_total" and sample.labels["route"] == "/v1/responses":
-                counted[sample.labels["status"]] += sample.value
-    return dict(counted)
-
-
 @pytest.fixture
 async def proxy_url(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
     config = parse_config(
@@ -127,7 +108,7 @@ async def test_codex_answers_from_the_simulated_provider(
 ) -> None:
     run = await run_codex(codex, proxy_url, project, "pineapple banana", model="sim/echo", websocket=websocket)
     assert cli_answer(run).strip() == "pineapple banana"
-    counted = await statuses(proxy_url)
+    counted = await answer_statuses(proxy_url, "/v1/responses")
     assert ("101" in counted) is websocket
     assert not any(status.startswith(("4", "5")) for status in counted), counted
 
@@ -166,6 +147,6 @@ async def test_codex_s_own_openai_provider_given_the_proxy_s_url_uses_websocket_
 ) -> None:
     run = await run_codex(codex, proxy_url, project, "pineapple", model="sim/echo", websocket=True, built_in=True)
     assert cli_answer(run).strip() == "pineapple"
-    counted = await statuses(proxy_url)
+    counted = await answer_statuses(proxy_url, "/v1/responses")
     assert "101" in counted
     assert not any(status.startswith(("4", "5")) for status in counted), counted

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import collect_into, in_process, wait_until_idle
+from tests.conftest import collect_into, free_port, in_process, proxy_config, wait_until_idle
 from trioproxy import SSEDecoder, StreamEvent, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -25,11 +25,6 @@ TOKENS = ("Call", " me", " at", " 555", "-1234", " today.", " Bye", " now!")
 
 @pytest.fixture
 async def proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
-    from conftest import proxy_config  # the shared fixture module
-
-    closed = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    closed_port = closed.socket.getsockname()[1]
-    await closed.aclose()
     base = upstream.url + "/v1"
     config = proxy_config(
         upstream,
@@ -47,7 +42,7 @@ async def proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
         patient={"type": "openai", "base_url": base, "heartbeat_interval": 0.05, "first_token_timeout": 5},
         # Long enough that a busy machine's pauses (70 ms seen) never pass for a stall.
         hasty={"type": "openai", "base_url": base, "silence_timeout": 1, "first_token_timeout": 1},
-        gone={"type": "openai", "base_url": f"http://127.0.0.1:{closed_port}/v1"},
+        gone={"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1"},
     )
     binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
     return binds[0]

@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.conftest import collect_into, in_process, wait_until
+from tests.conftest import collect_into, free_port, in_process, wait_until
 from tests.e2e.test_observability import fingerprint, scrape_until, value
 from tests.e2e.test_openai_responses import one_response, ws_url
 from trioproxy import Config, create_app, parse_config, serve
@@ -174,12 +174,9 @@ async def test_a_refused_connection_goes_to_the_fallback_at_once(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
     (backup,) = await open_upstreams(nursery, 1)
-    closed = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = closed.socket.getsockname()[1]
-    await closed.aclose()
     backup.push(Reply(tokens=TOKENS))
     tables = {
-        "gone": {"type": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "fallbacks": ["backup/m"]},
+        "gone": {"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1", "fallbacks": ["backup/m"]},
         "backup": {"type": "openai", "base_url": backup.url + "/v1"},
     }
     async with proxied(tables, retry={"max_retries": 2, "base_delay_ms": 1000}) as client:
@@ -395,9 +392,8 @@ async def test_an_anthropic_client_gets_one_seamless_message(nursery: trio.Nurse
 async def test_one_of_three_replicas_down_is_skipped_once_its_breaker_opens(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
-    down, up1, up2 = await open_upstreams(nursery, 3)
-    for upstream in (down, up1, up2):
-        upstream._replies = Reply(status=503) if upstream is down else Reply(tokens=TOKENS)  # every request
+    down = await open_fake_upstream(nursery, Reply(status=503))  # every request
+    up1, up2 = [await open_fake_upstream(nursery, Reply(tokens=TOKENS)) for _ in range(2)]
     tables = {
         "vllm": {
             "type": "openai",

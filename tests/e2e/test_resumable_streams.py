@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import wait_until
+from tests.conftest import proxy_config, wait_until
 from trioproxy import SSEDecoder, StreamEvent, serve
 from trioproxy._policy import StreamsConfig
 from trioproxy.client import SSEClient
@@ -30,8 +30,6 @@ BODY = {"model": "up/m", "messages": MESSAGES}
 
 
 async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **streams: float) -> str:
-    from conftest import proxy_config  # the shared fixture module
-
     config = dataclasses.replace(proxy_config(upstream), streams=StreamsConfig(**streams))
     binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
     return binds[0]

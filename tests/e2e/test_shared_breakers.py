@@ -7,20 +7,12 @@ target from its first request on, without trying a connection.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, free_port
 from tests.e2e.test_shared_limits import MESSAGES, proxies
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then closed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_a_target_opened_by_one_process_is_skipped_by_the_other(
@@ -35,7 +27,7 @@ max_retries = 0
 
 [providers.dead]
 type = "openai"
-base_url = "http://127.0.0.1:{closed_port()}/v1"
+base_url = "http://127.0.0.1:{free_port()}/v1"
 breaker = {{ failures = 2, cooldown = 60 }}
 """
     body = {"model": "dead/m", "messages": MESSAGES}

@@ -19,7 +19,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import in_process, proxy_config
+from tests.conftest import free_port, in_process, proxy_config
 from trioproxy import Config, SSEDecoder, StreamEvent, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -85,9 +85,6 @@ async def test_a_stream_that_starts_in_time_still_carries_its_role_chunk_first(
 
 @pytest.fixture
 async def proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
-    closed = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    closed_port = closed.socket.getsockname()[1]
-    await closed.aclose()
     config = proxy_config(
         upstream,
         guarded={
@@ -97,7 +94,7 @@ async def proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
             "validators": [{"type": "banned_phrases", "phrases": ["forbidden"]}],
         },
         broken={"type": "simulated", "ttft_ms": 0, "fail_after_tokens": 0},
-        gone={"type": "openai", "base_url": f"http://127.0.0.1:{closed_port}/v1", "fallbacks": ["up/backup"]},
+        gone={"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1", "fallbacks": ["up/backup"]},
     )
     binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
     return binds[0]

@@ -8,7 +8,6 @@ installs the pinned SDK under `.node/`; without it the test is skipped, except u
 
 from __future__ import annotations
 
-import os
 import subprocess
 from functools import partial
 from pathlib import Path
@@ -19,6 +18,7 @@ import orjson
 import pytest
 import trio
 
+from tests.conftest import installed
 from trioproxy.testing import FakeUpstream, Reply
 
 NODE_DIR: Final = Path(__file__).parents[2] / ".node"
@@ -28,11 +28,8 @@ TOKENS: Final = ("One", " two", " three", " four", " five")
 
 @pytest.fixture
 def node_dir() -> Path:
-    if (NODE_DIR / "node_modules" / "@ai-sdk" / "openai").exists():
-        return NODE_DIR
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"the Vercel AI SDK is missing under {NODE_DIR}: run `make vercel-ai`")
-    pytest.skip(f"the Vercel AI SDK is not installed under {NODE_DIR} (`make vercel-ai` installs it)")
+    installed(NODE_DIR / "node_modules" / "@ai-sdk" / "openai", "the Vercel AI SDK", "vercel-ai")
+    return NODE_DIR
 
 
 # What the SDK sends by default reaches an upstream of either protocol: none of it is refused.

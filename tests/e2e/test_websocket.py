@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.conftest import proxy_config
+from tests.conftest import free_port, proxy_config
 from trioproxy import StreamEvent, serve
 from trioproxy._exceptions import UpstreamConnectError
 from trioproxy.client import WebSocketClient
@@ -250,9 +250,6 @@ async def test_client_raises_when_the_server_goes_away(nursery: trio.Nursery, up
 
 
 async def test_client_cannot_connect_to_nothing() -> None:
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    port = listener.socket.getsockname()[1]
-    await listener.aclose()
     with trio.fail_after(3), pytest.raises(UpstreamConnectError, match="cannot open"):
-        async with WebSocketClient.connect(f"ws://127.0.0.1:{port}/v1/chat/ws"):
+        async with WebSocketClient.connect(f"ws://127.0.0.1:{free_port()}/v1/chat/ws"):
             pass
