@@ -422,8 +422,8 @@ async def test_a_primary_down_then_healthy_again_is_skipped_then_probed_back(
 ) -> None:
     caplog.set_level(logging.INFO, logger="trioproxy.access")
     primary, backup = await open_upstreams(nursery, 2)
-    primary._replies = Reply(status=502)
-    backup._replies = Reply(tokens=("from", " backup"))
+    primary.replies = Reply(status=502)
+    backup.replies = Reply(tokens=("from", " backup"))
     tables = {
         "primary": {
             "type": "openai",
@@ -438,7 +438,7 @@ async def test_a_primary_down_then_healthy_again_is_skipped_then_probed_back(
             assert await collect(client, "primary/m") == "from backup"
         assert primary.request_count == 2  # then straight to the fallback
 
-        primary._replies = Reply(tokens=("from", " primary"))  # healthy again
+        primary.replies = Reply(tokens=("from", " primary"))  # healthy again
         await trio.sleep(30)
         assert await collect(client, "primary/m") == "from primary"  # the probe
         assert await collect(client, "primary/m") == "from primary"

@@ -117,14 +117,15 @@ class FakeUpstream(LoopbackServer):
 
     `replies` is a `Reply` used for every request, a callable that gets each
     `RecordedRequest` and returns its `Reply`, or None (every request gets `Reply()`).
-    Replies queued with `push()` take precedence, one per request.
+    Replies queued with `push()` take precedence, one per request. `replies` may be set again
+    while serving (an upstream that goes down, then comes back): the next request gets the new.
 
     `port` 0 lets the kernel pick. `max_recorded` keeps only the latest requests in
     `requests` (a long-running benchmark upstream must not grow without bound).
     """
 
     def __init__(self, replies: ReplySource = None, *, port: int = 0, max_recorded: int | None = None) -> None:
-        self._replies = replies
+        self.replies = replies
         self._queue: collections.deque[Reply] = collections.deque()
         #: Every request (or the latest `max_recorded`), in arrival order (a request too
         #: malformed to parse is answered 400 but not recorded).
@@ -183,11 +184,11 @@ class FakeUpstream(LoopbackServer):
     def _reply_for(self, request: RecordedRequest) -> Reply:
         if self._queue:
             return self._queue.popleft()
-        if self._replies is None:
+        if self.replies is None:
             return Reply()
-        if isinstance(self._replies, Reply):
-            return self._replies
-        reply = self._replies(request)
+        if isinstance(self.replies, Reply):
+            return self.replies
+        reply = self.replies(request)
         if not isinstance(reply, Reply):
             raise TypeError(f"the replies callable returned {type(reply).__name__}, not Reply")
         return reply
