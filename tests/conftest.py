@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import inspect
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -106,6 +107,18 @@ async def wait_until(check: Callable[[], bool | Awaitable[bool]], *, seconds: fl
             if await holds if inspect.isawaitable(holds) else holds:
                 return
             await trio.sleep(0.01)
+
+
+async def listening_url(process: trio.Process, *, seconds: float = 30.0) -> str:
+    """The URL a starting `trioproxy serve` process (its stdout a pipe) prints once it listens."""
+    assert process.stdout is not None
+    output = b""
+    with trio.fail_after(seconds):
+        while b"listening on" not in output:
+            data = await process.stdout.receive_some()
+            assert data, output
+            output += data
+    return re.search(rb"http://127\.0\.0\.1:\d+", output).group().decode()  # type: ignore[union-attr]
 
 
 async def wait_until_idle(proxy_url: str, *, seconds: float = 2.0) -> None:

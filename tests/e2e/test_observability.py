@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import proxy_config, wait_until
+from tests.conftest import listening_url, proxy_config, wait_until
 from trioproxy import parse_config, serve
 from trioproxy._config import AuthConfig
 from trioproxy._logs import JsonFormatter, LoggingConfig, TextFormatter
@@ -352,13 +351,7 @@ async def test_serve_writes_json_lines(nursery: trio.Nursery, tmp_path: Path) ->
         process = await nursery.start(
             partial(trio.run_process, command, stdout=subprocess.PIPE, stderr=stderr, check=False)
         )
-        output = b""
-        with trio.fail_after(20):
-            while b"listening on" not in output:
-                data = await process.stdout.receive_some()
-                assert data, output
-                output += data
-        url = re.search(rb"http://127\.0\.0\.1:\d+", output).group().decode()  # type: ignore[union-attr]
+        url = await listening_url(process, seconds=20)
         async with httpx.AsyncClient() as http:
             response = await http.post(url + CHAT, json={"model": "sim/echo", "messages": MESSAGES, "stream": True})
         process.send_signal(signal.SIGINT)

@@ -21,9 +21,8 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import RedisServer, wait_until
+from tests.conftest import RedisServer, listening_url, wait_until
 from tests.e2e.test_observability import scrape_until, value
-from tests.e2e.test_workers import listening_url
 from trioproxy.testing import FakeUpstream
 
 MESSAGES = [{"role": "user", "content": "one two three"}]

@@ -8,9 +8,7 @@ replaced worker) is polled, never slept for.
 from __future__ import annotations
 
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -25,7 +23,7 @@ import orjson
 import trio
 import trio_websocket
 
-from tests.conftest import wait_until
+from tests.conftest import free_port, listening_url, wait_until
 from tests.e2e.test_observability import scrape_until, value
 
 #: Starting a worker imports the whole proxy: seconds, on a busy machine.
@@ -56,25 +54,13 @@ async def supervisor(tmp_path: Path, workers: int = 2, text: str = CONFIG) -> As
     with (tmp_path / "stderr.log").open("wb") as stderr:
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE, stderr=stderr)
         try:
-            yield Supervisor(process, await listening_url(process))
+            yield Supervisor(process, await listening_url(process, seconds=START_TIMEOUT))
         finally:
             if process.returncode is None:
                 for pid in _children(process.pid):
                     os.kill(pid, signal.SIGKILL)
                 process.kill()
                 await process.wait()
-
-
-async def listening_url(process: trio.Process) -> str:
-    """The URL a starting `trioproxy serve` process (its stdout a pipe) prints once it listens."""
-    assert process.stdout is not None
-    output = b""
-    with trio.fail_after(START_TIMEOUT):
-        while b"listening on" not in output:
-            data = await process.stdout.receive_some()
-            assert data, output
-            output += data
-    return re.search(rb"http://127\.0\.0\.1:\d+", output).group().decode()  # type: ignore[union-attr]
 
 
 def _children(pid: int) -> list[int]:
@@ -143,9 +129,7 @@ async def test_two_workers_answer_on_one_address_with_one_metrics(tmp_path: Path
 
 async def test_every_front_is_served_by_the_workers_and_counted_in_one_metrics(tmp_path: Path) -> None:
     """Each request on a connection of its own (a new client each time): either worker may take it."""
-    with socket.socket() as closed:  # a port where nothing listens: its target's breaker opens
-        closed.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    down = f"http://127.0.0.1:{free_port()}/v1"  # a port where nothing listens: its target's breaker opens
     text = CONFIG + f"""
 [providers.down]
 type = "openai"
