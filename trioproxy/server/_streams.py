@@ -80,6 +80,10 @@ Encoder = Callable[[Any, int], bytes]
 """`(event, event_id) -> bytes`: how a stream's renderer's events are written, given their ids."""
 
 
+FINAL_WRITE_RETRY: Final = 1.0
+"""Seconds before a stream's last events are written to the store again, after the store failed
+and said nothing of when to retry (Redis down: until it is back, or `[streams] retention`)."""
+
 SHARED_STATE_WARNING: Final = (
     b": warning shared_state_unavailable: Redis failed;"
     b" this stream is resumable on this process only, until Redis answers\n\n"
@@ -373,7 +377,7 @@ class BroadcastStream:
                     logger.warning("stream %s: %s; it is resumable on this process only", self.id, failure.message)
                     self._fan_out(SHARED_STATE_WARNING)
                 if ended:
-                    await trio.sleep(failure.retry_after or 1.0)
+                    await trio.sleep(failure.retry_after or FINAL_WRITE_RETRY)
                     self._published.set()
                 continue
             written_through = events[-1][0] if events else 0
