@@ -79,6 +79,9 @@ class _Supervisor:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # signals come from the supervisor, not the terminal's group
             )
+        except BaseException:
+            os.close(write_end)  # no worker to watch it
+            raise
         finally:
             os.close(read_end)
         self.processes.add(process)
