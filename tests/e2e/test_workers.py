@@ -205,12 +205,15 @@ async def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
     """Streams on both workers run to their end after SIGTERM; new connections are refused; exit 0."""
     async with supervisor(tmp_path) as proxy, trio.open_nursery() as nursery:
         texts: list[str] = []
+        answering = 0  # streams whose response head came: admitted by a worker before the signal
 
         async def stream() -> None:
+            nonlocal answering
             async with (
                 httpx.AsyncClient(timeout=60) as http,
                 http.stream("POST", proxy.url + "/v1/chat/completions", json=SLOW_BODY) as response,
             ):
+                answering += 1
                 texts.append("".join([chunk async for chunk in response.aiter_text()]))
 
         busy: set[int] = set()
@@ -226,6 +229,7 @@ async def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
 
         await wait_until(both_busy, seconds=START_TIMEOUT)
         started = len(nursery.child_tasks)
+        await wait_until(lambda: answering == started, seconds=START_TIMEOUT)  # none still on its way in
         proxy.process.send_signal(signal.SIGTERM)
 
         async def refused() -> bool:
