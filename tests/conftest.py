@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import openai
@@ -158,6 +158,23 @@ class Instant:
         the CPU wait until now (a little more than until `at`: the bound errs towards passing).
         """
         return self.to(Instant(at, Instant.now().cpu_wait))
+
+
+async def hang_up_mid_stream(
+    stream: Any, upstream: FakeUpstream, *, counts: Callable[[Any], bool] = lambda _event: True
+) -> None:
+    """
+    Read an SDK's `stream` until three of its events have come (those `counts` counts), hang
+    up, and check the upstream's request was closed soon after (`upstream_closed_soon_after`).
+    """
+    seen = 0
+    async for event in stream:
+        seen += counts(event)
+        if seen == 3:
+            break
+    hung_up = Instant.now()
+    await stream.close()
+    await upstream_closed_soon_after(upstream.requests[-1], hung_up)
 
 
 async def upstream_closed_soon_after(recorded: RecordedRequest, hung_up: Instant) -> None:

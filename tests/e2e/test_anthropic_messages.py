@@ -20,7 +20,14 @@ import trio
 from anthropic.lib.streaming import AsyncMessageStreamManager
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Instant, collect_into, proxy_config, upstream_closed_soon_after, wait_until
+from tests.conftest import (
+    Instant,
+    collect_into,
+    hang_up_mid_stream,
+    proxy_config,
+    upstream_closed_soon_after,
+    wait_until,
+)
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
@@ -447,13 +454,7 @@ async def test_client_disconnect_mid_stream_closes_the_upstream(
 ) -> None:
     upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
     stream = await claude.messages.create(**create(model=model), stream=True)
-    seen = 0
-    async for event in stream:
-        seen += event.type == "content_block_delta"
-        if seen == 3:
-            break
-    await stream.close()
-    await upstream_closed_soon_after(upstream.requests[-1], Instant.now())
+    await hang_up_mid_stream(stream, upstream, counts=lambda event: event.type == "content_block_delta")
 
 
 @MODELS

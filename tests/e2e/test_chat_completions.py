@@ -14,7 +14,14 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import Instant, collect_into, free_port, proxy_config, upstream_closed_soon_after
+from tests.conftest import (
+    Instant,
+    collect_into,
+    free_port,
+    hang_up_mid_stream,
+    proxy_config,
+    upstream_closed_soon_after,
+)
 from trioproxy import parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
@@ -451,14 +458,7 @@ async def test_unreachable_upstream_is_502(proxy_url: str, nursery: trio.Nursery
 async def test_client_disconnect_mid_stream_closes_the_upstream(client, upstream: FakeUpstream) -> None:
     upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
     stream = await client.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
-    seen = 0
-    async for _ in stream:
-        seen += 1
-        if seen == 3:
-            break
-    hung_up = Instant.now()
-    await stream.close()
-    await upstream_closed_soon_after(upstream.requests[-1], hung_up)
+    await hang_up_mid_stream(stream, upstream)
 
 
 @MODELS

@@ -13,7 +13,13 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import UPSTREAM_KEY, Instant, collect_into, in_process, proxy_config, upstream_closed_soon_after
+from tests.conftest import (
+    UPSTREAM_KEY,
+    collect_into,
+    hang_up_mid_stream,
+    in_process,
+    proxy_config,
+)
 from trioproxy import Config, parse_config, serve
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -249,14 +255,7 @@ async def test_disconnect_during_a_streamed_completion_cancels_the_upstream(
 ) -> None:
     upstream.push(Reply(tokens=("x",) * 1000, interval=0.01))
     stream = await client.completions.create(model="up/coder", prompt=PROMPT, stream=True)
-    seen = 0
-    async for _ in stream:
-        seen += 1
-        if seen == 3:
-            break
-    hung_up = Instant.now()
-    await stream.close()
-    await upstream_closed_soon_after(upstream.requests[-1], hung_up)
+    await hang_up_mid_stream(stream, upstream)
 
 
 def timed(upstream: FakeUpstream, **timeouts: float) -> Config:
