@@ -90,10 +90,15 @@ class World:
         self.upstreams[name] = upstream
         return upstream
 
+    @staticmethod
+    def script(upstream: Any) -> Script:  # a FakeUpstream of the checkout measured
+        """The upstream's `Script`: `replies` today, `_replies` in a checkout from before it was public."""
+        return upstream.replies if hasattr(upstream, "replies") else upstream._replies
+
     def upstream_counts(self) -> str:
         parts = []
         for name, upstream in self.upstreams.items():
-            resets = upstream._replies.resets
+            resets = self.script(upstream).resets
             left_open = sum(
                 1
                 for r in upstream.requests
@@ -282,7 +287,7 @@ def cases(recovery: bool) -> list[Case]:  # noqa: C901 - one closure per scenari
         recovery = {"primary": {"breaker": {"failures": 2, "cooldown": 30}}}
 
         def heal() -> None:
-            primary._replies.replies = [whole]
+            world.script(primary).replies = [whole]
 
         policy = {"retry": {"max_retries": 2}}
         return await world.ask(
