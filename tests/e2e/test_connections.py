@@ -282,3 +282,66 @@ async def test_a_stream_its_client_reads_slower_than_it_comes_arrives_whole_and_
     assert events[-1] == b"[DONE]"
     text = "".join(orjson.loads(event)["choices"][0]["delta"].get("content") or "" for event in events[:-1])
     assert text == "".join(tokens)
+
+
+def sse_text(body: bytes) -> str:
+    """The text of a Chat Completions event stream's body."""
+    events = [event.removeprefix(b"data: ") for event in body.split(b"\n\n") if event]
+    assert events[-1] == b"[DONE]"
+    return "".join(orjson.loads(event)["choices"][0]["delta"].get("content") or "" for event in events[:-1])
+
+
+async def test_a_streamed_body_is_one_chunk_per_event_and_its_connection_serves_the_next_request(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    """
+    The tokens bypass hypercorn and h11 (`_serve._ChunkedBodyLane`): framed as h11 frames them,
+    one chunk per event, and h11 still ends the body, so the kept-alive connection goes on.
+    """
+    tokens = ("Hello", ", ", "world", "!")
+    upstream.push(Reply(tokens=tokens))
+    chat = b'{"model": "up/m", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
+    address = urlsplit(proxy_url)
+    assert address.hostname is not None
+    assert address.port is not None
+    stream = await trio.open_tcp_stream(address.hostname, address.port)
+    await stream.send_all(chat_request(framing=b"content-length: %d\r\n" % len(chat), body=chat))
+    raw = b""
+    with trio.fail_after(5):
+        while not raw.endswith(b"\r\n0\r\n\r\n"):
+            raw += await stream.receive_some(65536)
+        assert await get_health(stream, address.netloc) == 200  # the same connection, kept alive
+    await stream.aclose()
+
+    head, _, framed = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    chunks = []
+    while framed != b"0\r\n\r\n":
+        size, _, rest = framed.partition(b"\r\n")
+        chunk, crlf, framed = rest[: int(size, 16)], rest[int(size, 16) : int(size, 16) + 2], rest[int(size, 16) + 2 :]
+        assert crlf == b"\r\n"
+        chunks.append(chunk)
+    # The head's chunk holds the role and the first token (the response commits on it); then
+    # each token is a chunk of its own, none held back for the next, then the finish and `[DONE]`.
+    assert len(chunks) == len(tokens) + 2
+    assert all(chunk.startswith(b"data: ") and chunk.count(b"\n\n") == 1 for chunk in chunks[1:])
+    assert sse_text(b"".join(chunks)) == "".join(tokens)
+
+
+async def test_a_stream_to_an_http_1_0_client_is_unframed_and_ends_with_its_connection(
+    proxy_url: str, upstream: FakeUpstream
+) -> None:
+    """HTTP/1.0 has no chunked framing: the body is the events as they are, and the connection's close ends it."""
+    tokens = ("Hello", ", ", "world", "!")
+    upstream.push(Reply(tokens=tokens))
+    chat = b'{"model": "up/m", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
+
+    received = await exchange(
+        proxy_url, chat_request(framing=b"content-length: %d\r\n" % len(chat), body=chat, version=b"1.0")
+    )
+
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower()
+    assert body.startswith(b"data: ")
+    assert sse_text(body) == "".join(tokens)

@@ -30,7 +30,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import orjson
 import trio
@@ -66,8 +66,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ASGI_SEND",
+    "BODY_LANE",
     "SSE",
     "STREAM_HEADERS",
+    "BodyLane",
     "Core",
     "complete",
     "connection",
@@ -86,6 +88,8 @@ SSE: Final = "text/event-stream"
 #: Where each HTTP request's ASGI `send` is kept in its scope, for `_relay`.
 ASGI_SEND: Final = "trioproxy.send"
 ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
+#: Where the server (`_serve.py`) offers an HTTP request a `BodyLane`, in its scope's extensions.
+BODY_LANE: Final = "trioproxy.body_lane"
 #: Preamble items a response holds back before its head, at most: a bound on an upstream that
 #: sends nothing but content-less chunks (and on the role chunks of retried attempts).
 MAX_HELD_ITEMS: Final = 16
@@ -363,7 +367,7 @@ class Core:
             session.cancel()
             return error_response(held)
         head = b"".join(render(renderer, item) for item in held)
-        body = _relay(session, renderer, head, kept_send(request.scope))
+        body = _relay(session, renderer, head, kept_send(request.scope), body_lane(request.scope))
         return Response(body, status=200, content_type=content_type, headers=STREAM_HEADERS)
 
     async def share(
@@ -449,30 +453,52 @@ async def rendered_answer(session: StreamSession, renderer: Renderer) -> bytes |
     return bytes(events + renderer.done(session))
 
 
-class _BodyWriter:
-    """Writes the session's items, rendered, to the response through its ASGI `send`, while it lasts."""
+class BodyLane(Protocol):
+    """
+    A streamed response's way to its client round the ASGI `send`, once its head is written
+    (the server's HTTP/1.1 chunked bodies have one: `_serve._ChunkedBodyLane`). It takes a
+    part of the body only when the client could not tell the difference.
+    """
 
-    def __init__(self, renderer: Renderer, send: ASGISend) -> None:
+    def write(self, data: bytes) -> bytes | None:
+        """`None`: not taken, nothing written. Else the part the socket did not take now (`b""`: none)."""
+
+    async def write_rest(self, rest: bytes) -> None:
+        """Write what `write` left, before anything else is written."""
+
+
+class _BodyWriter:
+    """
+    Writes the session's items, rendered, to the response while it lasts: through its body
+    lane when it has one and the lane takes them, else through its ASGI `send`.
+    """
+
+    def __init__(self, renderer: Renderer, send: ASGISend, lane: BodyLane | None) -> None:
         self._renderer = renderer
         self._send = send
+        self._lane = lane
         self.relaying = True
         """False once the response ended: the client is gone."""
 
     async def send(self, item: SessionItem) -> None:
         out = render(self._renderer, item)
         if out and self.relaying:
+            if self._lane is not None and (rest := self._lane.write(out)) is not None:
+                if rest:
+                    await self._lane.write_rest(rest)
+                return
             await self._send({"type": "http.response.body", "body": out, "more_body": True})
 
 
 async def _relay(
-    session: StreamSession, renderer: Renderer, head: bytes, send: ASGISend
+    session: StreamSession, renderer: Renderer, head: bytes, send: ASGISend, lane: BodyLane | None
 ) -> AsyncIterator[bytes]:
     """
     The response body. Once quart has written its head, the session's tasks write its items
     themselves, through the request's own ASGI `send` (the one quart writes with); this only
     waits for the session to end, and then writes its last word. Never yields inside a nursery.
     """
-    writer = _BodyWriter(renderer, send)
+    writer = _BodyWriter(renderer, send, lane)
     try:
         yield head
         session.deliver_to(writer)
@@ -548,6 +574,11 @@ def keeping_send(app: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable
 def kept_send(scope: Mapping[str, object]) -> ASGISend:
     """The `send` that `keeping_send` keeps in an HTTP request's scope, which hypercorn's scope types do not know."""
     return cast(ASGISend, scope[ASGI_SEND])
+
+
+def body_lane(scope: Mapping[str, Any]) -> BodyLane | None:
+    """The `BodyLane` the server offers an HTTP request, if it offers one (hypercorn's scope types do not know it)."""
+    return cast("BodyLane | None", scope.get("extensions", {}).get(BODY_LANE))
 
 
 def connection() -> Any:
