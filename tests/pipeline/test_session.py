@@ -210,6 +210,42 @@ async def test_silence_timeout_measures_the_gap_between_tokens(autojump_clock: t
     assert "after 2 characters were delivered" in error.message
 
 
+async def test_the_first_token_moves_the_watchdog_from_the_first_token_timeout_to_the_silence_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The watchdog asleep until the first token's deadline (60 s) wakes for the shorter silence (5 s)."""
+    upstream = ScriptedUpstream([[*tokens("a"), STALL]])
+    timeouts = Timeouts(first_token_timeout=60, silence_timeout=5, heartbeat_interval=0)
+    items, _ = await run(pipeline(route(upstream, timeouts=timeouts)))
+
+    t, error = items[-1]
+    assert isinstance(error, UpstreamTimeoutError)
+    assert (t, error.kind) == (5.0, "silence_timeout")
+
+
+async def test_silence_is_watched_after_the_first_token_when_the_first_token_timeout_is_off(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    upstream = ScriptedUpstream([[OPENED, 100.0, *tokens("a")[1:], STALL]])
+    timeouts = Timeouts(first_token_timeout=0, silence_timeout=5, heartbeat_interval=0)
+    items, _ = await run(pipeline(route(upstream, timeouts=timeouts)))
+
+    t, error = items[-1]
+    assert isinstance(error, UpstreamTimeoutError)
+    assert (t, error.kind) == (105.0, "silence_timeout")
+    assert texts(items) == "a"
+
+
+async def test_with_the_silence_timeout_off_only_the_first_token_is_watched(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[*tokens("a"), 1000.0, Delta(text="b"), Delta(finish_reason="stop")]])
+    timeouts = Timeouts(first_token_timeout=5, silence_timeout=0, heartbeat_interval=0)
+    items, session = await run(pipeline(route(upstream, timeouts=timeouts)))
+
+    assert texts(items) == "ab"
+    assert session.completed
+    assert items[-1][0] == 1000.0
+
+
 async def test_total_timeout_bounds_the_whole_stream(autojump_clock: trio.abc.Clock) -> None:
     script = tokens("a")
     for _ in range(100):
