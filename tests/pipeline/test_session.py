@@ -559,6 +559,22 @@ async def test_direct_delivery_writes_heartbeats_and_items_one_at_a_time(autojum
     assert session.completed
 
 
+async def test_a_token_that_comes_during_a_heartbeat_s_write_waits_for_it(autojump_clock: trio.abc.Clock) -> None:
+    upstream = ScriptedUpstream([[*tokens("a"), 15.0, Delta(text="b"), Delta(text="c")]])
+    timeouts = Timeouts(heartbeat_interval=5)
+    _, written, session = await deliver_directly(pipeline(route(upstream, timeouts=timeouts)), write_time=4.0)
+
+    # b comes at 24 s, while the heartbeat due at 23 s is being written (until 27 s).
+    assert [(t, "hb" if i is HEARTBEAT else i.text) for t, i in written if i is HEARTBEAT or i.text] == [
+        (5.0, "a"),
+        (14.0, "hb"),
+        (23.0, "hb"),
+        (27.0, "b"),
+        (31.0, "c"),
+    ]
+    assert session.completed
+
+
 async def test_direct_delivery_ends_with_the_error_as_the_last_word(autojump_clock: trio.abc.Clock) -> None:
     upstream = ScriptedUpstream([[*tokens("a"), 1.0, UpstreamProtocolError("garbled")]])
     _, written, session = await deliver_directly(pipeline(route(upstream)))
