@@ -22,6 +22,9 @@ circuit breakers are each worker's own, summed (`_WorkerTargets`), and the per-p
 
 from __future__ import annotations
 
+import bisect
+import collections
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final
@@ -229,9 +232,20 @@ def forget_worker(pid: int, directory: str) -> None:
 
 
 def _observe_all(histogram: Histogram, values: Iterable[float]) -> None:
-    observe = histogram.observe
-    for value in values:
-        observe(value)
+    """
+    Observe each value, as `histogram.observe` does, counted per bucket first. A stream's
+    ~64 inter-token gaps and ~64 buffer waits were as many `observe`s, each walking the
+    buckets and taking two locks (its bucket's and the sum's); this takes one per bucket
+    touched, plus the sum's. prometheus_client has no batch `observe`: this uses its
+    histogram's buckets (`_upper_bounds`, `_buckets`, `_sum`), as `observe` itself does.
+    """
+    values = list(values)
+    if not values:
+        return
+    bounds, buckets = histogram._upper_bounds, histogram._buckets
+    for index, count in collections.Counter(bisect.bisect_left(bounds, value) for value in values).items():
+        buckets[index].inc(count)  # the first bucket whose bound is >= the value, as `observe` picks
+    histogram._sum.inc(math.fsum(values))
 
 
 def _failure_status(failure: Exception) -> str:
