@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 
+import h11
 import httpcore
 import httpx
 import pytest
@@ -287,3 +288,184 @@ async def test_a_body_cut_short_is_a_broken_stream(nursery: trio.Nursery) -> Non
         await upstream.stream(CHAT, collected)
     assert streamed_text(collected) == "hello"  # what came before the cut was delivered
     await upstream.aclose()
+
+
+async def test_a_chunked_stream_is_read_whole_and_its_connection_pooled_and_reused(nursery: trio.Nursery) -> None:
+    upstream = await open_fake_upstream(nursery, Reply(tokens=("one", " two", " three")))
+    transport = PooledTransport(httpx.Limits(max_connections=4))
+    released = recorded_releases(transport)
+    async with httpx.AsyncClient(transport=transport) as client:
+        for _ in range(2):
+            async with client.stream("POST", upstream.url + "/v1/chat/completions", json=BODY) as response:
+                assert response.headers["transfer-encoding"] == "chunked"
+                body = await response.aread()
+            assert all(b'"content":"%s"' % token in body for token in (b"one", b" two", b" three"))
+            assert body.endswith(b"data: [DONE]\n\n")
+            assert released[-1].is_idle()  # type: ignore[attr-defined]  # back in the pool, as after any response
+    first, second = released
+    assert first is second  # the second request went on the first one's connection
+
+
+async def serve_writes(
+    answers: list[tuple[bytes, ...]],
+    accepted: list[trio.SocketStream],
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """
+    An upstream on 127.0.0.1 that answers each request, on whichever connection it comes, with
+    the next of `answers`: its writes one by one, each once the client waits for more (so that
+    each is a read of its own), `b""` closing the connection. It adds each connection it
+    accepts to `accepted`.
+    """
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    task_status.started(f"http://127.0.0.1:{listener.socket.getsockname()[1]}/v1")
+    pending = iter(answers)
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    received = await stream.receive_some(65536)
+                    if not received:
+                        return
+                    buffer += received
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                [length] = [
+                    int(line[15:]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+                ]
+                while len(buffer) < length:
+                    buffer += await stream.receive_some(65536)
+                buffer = buffer[length:]
+                for write in next(pending):
+                    await trio.testing.wait_all_tasks_blocked()
+                    if not write:
+                        return
+                    await stream.send_all(write)
+
+    async with listener, trio.open_nursery() as nursery:
+        while True:
+            stream = await listener.accept()
+            accepted.append(stream)
+            nursery.start_soon(answer, stream)
+
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+CHUNKS = tuple(b"%x\r\n%s\r\n" % (len(part), part) for part in SSE_CHUNKS)
+END = b"0\r\n\r\n"
+
+
+async def streamed_answers(nursery: trio.Nursery, answers: list[tuple[bytes, ...]]) -> list[trio.SocketStream]:
+    """Each of `answers` streamed in turn by one `HttpUpstream`, all as "hello"; the connections it made."""
+    accepted: list[trio.SocketStream] = []
+    upstream = http_upstream(await nursery.start(serve_writes, answers, accepted))
+    with trio.fail_after(5):
+        for _ in answers:
+            collected = Collected()
+            await upstream.stream(CHAT, collected)
+            assert streamed_text(collected) == "hello"
+    await upstream.aclose()
+    return accepted
+
+
+async def test_chunks_in_writes_of_their_own_are_read_past_h11(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h11 reads the head and the end (its connection then is idle as after any response); the chunks are ours."""
+    events = 0
+    next_event = h11.Connection.next_event
+
+    def counted_next_event(self: h11.Connection) -> object:
+        nonlocal events
+        events += 1
+        return next_event(self)
+
+    monkeypatch.setattr(h11.Connection, "next_event", counted_next_event)
+    comment = b": keep-alive\n\n"  # an SSE comment
+    filler = b"%x\r\n%s\r\n" % (len(comment), comment)
+    accepted = await streamed_answers(nursery, [(HEAD, *CHUNKS[:1], *[filler] * 20, *CHUNKS[1:], END)] * 2)
+    assert len(accepted) == 1  # the second answer came on the first one's connection
+    assert events < 20
+
+
+async def test_the_head_and_the_first_chunks_in_one_write_then_the_rest(nursery: trio.Nursery) -> None:
+    """h11 reads what came with the head, and hands over at the first chunk's end."""
+    accepted = await streamed_answers(
+        nursery,
+        [
+            (HEAD + CHUNKS[0], CHUNKS[1], CHUNKS[2] + END),
+            (HEAD + CHUNKS[0] + CHUNKS[1], CHUNKS[2], END),
+            (HEAD + CHUNKS[0][:-1], b"\n" + CHUNKS[1], CHUNKS[2] + END),  # h11 reads the CRLF that came apart
+            (HEAD + b"".join(CHUNKS) + END,),
+        ],
+    )
+    assert len(accepted) == 1
+
+
+def split_at(data: bytes, *cuts: int) -> tuple[bytes, ...]:
+    return tuple(data[start:stop] for start, stop in zip((0, *cuts), (*cuts, len(data)), strict=True))
+
+
+async def test_chunks_split_across_writes_at_awkward_places(nursery: trio.Nursery) -> None:
+    body = b"".join(CHUNKS)
+    first = len(CHUNKS[0])
+    accepted = await streamed_answers(
+        nursery,
+        [
+            (HEAD, *split_at(body, 1, first - 1, first + 2, first + 40, len(body) - 3), END),  # size, CRLF, data
+            (HEAD, body + b"0\r", b"\n\r", b"\n"),  # the last chunk and the end, apart
+            (HEAD, body, b"0;ext=1\r\nx-trailer:", b" done\r\nx-other: 2\r\n", b"\r\n"),  # extension, trailers
+        ],
+    )
+    assert len(accepted) == 1
+
+
+async def test_a_body_cut_inside_a_chunk_past_the_head_is_a_broken_stream_on_a_connection_not_reused(
+    nursery: trio.Nursery,
+) -> None:
+    accepted: list[trio.SocketStream] = []
+    answers = [(HEAD, CHUNKS[0], CHUNKS[1], CHUNKS[2][:9], b""), (HEAD, *CHUNKS, END)]
+    upstream = http_upstream(await nursery.start(serve_writes, answers, accepted))
+    collected = Collected()
+    with trio.fail_after(5), pytest.raises(UpstreamBrokenError, match="connection broke"):
+        await upstream.stream(CHAT, collected)
+    assert streamed_text(collected) == "hello"  # what came before the cut was delivered
+    collected = Collected()
+    with trio.fail_after(5):
+        await upstream.stream(CHAT, collected)
+    assert streamed_text(collected) == "hello"
+    assert len(accepted) == 2
+    await upstream.aclose()
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [b"0x10\r\n", b"-1\r\n", b"zz\r\n", CHUNKS[1][:-2] + b"XY", b"0\r\nnot a field\r\n\r\n", b"9" * (70 * 1024)],
+)
+async def test_a_malformed_chunk_past_the_head_is_a_broken_stream_on_a_connection_not_reused(
+    nursery: trio.Nursery, malformed: bytes
+) -> None:
+    accepted: list[trio.SocketStream] = []
+    answers = [(HEAD, CHUNKS[0], malformed), (HEAD, *CHUNKS, END)]
+    upstream = http_upstream(await nursery.start(serve_writes, answers, accepted))
+    with trio.fail_after(5), pytest.raises(UpstreamBrokenError):
+        await upstream.stream(CHAT, Collected())
+    collected = Collected()
+    with trio.fail_after(5):
+        await upstream.stream(CHAT, collected)
+    assert streamed_text(collected) == "hello"
+    assert len(accepted) == 2
+    await upstream.aclose()
+
+
+async def test_bytes_after_the_end_of_a_body_keep_its_connection_out_of_the_pool(nursery: trio.Nursery) -> None:
+    """No response was asked for them: the connection's next response could not be told apart."""
+    accepted = await streamed_answers(nursery, [(HEAD, *CHUNKS, END + b"HTTP/1.1 200 OK\r\n"), (HEAD, *CHUNKS, END)])
+    assert len(accepted) == 2
+
+
+async def test_a_content_length_body_is_read_whole_and_its_connection_reused(nursery: trio.Nursery) -> None:
+    body = b"".join(SSE_CHUNKS)
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)
+    accepted = await streamed_answers(nursery, [(head, body[:50], body[50:]), (head + body,)])
+    assert len(accepted) == 1
