@@ -420,22 +420,34 @@ async def test_chunks_split_across_writes_at_awkward_places(nursery: trio.Nurser
     assert len(accepted) == 1
 
 
+async def broken_then_whole(
+    nursery: trio.Nursery, broken: tuple[bytes, ...], match: str | None = None
+) -> tuple[str, list[trio.SocketStream]]:
+    """
+    `broken` streamed (a broken stream, `match`ing its message), then a whole answer: the text
+    the broken one delivered, and the connections made (two: the broken one was not reused).
+    """
+    accepted: list[trio.SocketStream] = []
+    upstream = http_upstream(await nursery.start(serve_writes, [broken, (HEAD, *CHUNKS, END)], accepted))
+    collected = Collected()
+    with trio.fail_after(5), pytest.raises(UpstreamBrokenError, match=match):
+        await upstream.stream(CHAT, collected)
+    delivered = streamed_text(collected)
+    whole = Collected()
+    with trio.fail_after(5):
+        await upstream.stream(CHAT, whole)
+    assert streamed_text(whole) == "hello"
+    await upstream.aclose()
+    return delivered, accepted
+
+
 async def test_a_body_cut_inside_a_chunk_past_the_head_is_a_broken_stream_on_a_connection_not_reused(
     nursery: trio.Nursery,
 ) -> None:
-    accepted: list[trio.SocketStream] = []
-    answers = [(HEAD, CHUNKS[0], CHUNKS[1], CHUNKS[2][:9], b""), (HEAD, *CHUNKS, END)]
-    upstream = http_upstream(await nursery.start(serve_writes, answers, accepted))
-    collected = Collected()
-    with trio.fail_after(5), pytest.raises(UpstreamBrokenError, match="connection broke"):
-        await upstream.stream(CHAT, collected)
-    assert streamed_text(collected) == "hello"  # what came before the cut was delivered
-    collected = Collected()
-    with trio.fail_after(5):
-        await upstream.stream(CHAT, collected)
-    assert streamed_text(collected) == "hello"
+    broken = (HEAD, CHUNKS[0], CHUNKS[1], CHUNKS[2][:9], b"")
+    delivered, accepted = await broken_then_whole(nursery, broken, match="connection broke")
+    assert delivered == "hello"  # what came before the cut was delivered
     assert len(accepted) == 2
-    await upstream.aclose()
 
 
 @pytest.mark.parametrize(
@@ -445,17 +457,8 @@ async def test_a_body_cut_inside_a_chunk_past_the_head_is_a_broken_stream_on_a_c
 async def test_a_malformed_chunk_past_the_head_is_a_broken_stream_on_a_connection_not_reused(
     nursery: trio.Nursery, malformed: bytes
 ) -> None:
-    accepted: list[trio.SocketStream] = []
-    answers = [(HEAD, CHUNKS[0], malformed), (HEAD, *CHUNKS, END)]
-    upstream = http_upstream(await nursery.start(serve_writes, answers, accepted))
-    with trio.fail_after(5), pytest.raises(UpstreamBrokenError):
-        await upstream.stream(CHAT, Collected())
-    collected = Collected()
-    with trio.fail_after(5):
-        await upstream.stream(CHAT, collected)
-    assert streamed_text(collected) == "hello"
+    _, accepted = await broken_then_whole(nursery, (HEAD, CHUNKS[0], malformed))
     assert len(accepted) == 2
-    await upstream.aclose()
 
 
 async def test_bytes_after_the_end_of_a_body_keep_its_connection_out_of_the_pool(nursery: trio.Nursery) -> None:

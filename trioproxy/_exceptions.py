@@ -43,6 +43,7 @@ and `characters_delivered` (set when it ends a stream). A caught error is never 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Self
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "UpstreamStatusError",
     "UpstreamTimeoutError",
     "ValidationError",
+    "exception_leaves",
 ]
 
 
@@ -307,3 +309,12 @@ def _type_for_status(status: int) -> str:
     if 400 <= status < 500:
         return "invalid_request_error"
     return "upstream_error"
+
+
+def exception_leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside `exc`, however deeply grouped (trio's nurseries group them); else `exc` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from exception_leaves(inner)
+    else:
+        yield exc

@@ -542,36 +542,25 @@ async def test_direct_delivery_takes_over_with_the_item_that_was_being_handed_ov
     assert session.stats.ttft == 1.0  # a token counts when the client got it
 
 
-async def test_direct_delivery_writes_heartbeats_and_items_one_at_a_time(autojump_clock: trio.abc.Clock) -> None:
-    upstream = ScriptedUpstream([[*tokens("a"), 20.0, Delta(text="b"), Delta(text="c")]])
+@pytest.mark.parametrize(
+    ("pause", "expected"),
+    [
+        # Each write takes 4 s: a heartbeat is due 5 s after the last write ended, and none is
+        # sent while a write is under way (b's, from 29 to 33 s).
+        (20.0, [(5.0, "a"), (14.0, "hb"), (23.0, "hb"), (29.0, "b"), (33.0, "c")]),
+        # b comes at 24 s, while the heartbeat due at 23 s is being written: it waits until 27 s.
+        (15.0, [(5.0, "a"), (14.0, "hb"), (23.0, "hb"), (27.0, "b"), (31.0, "c")]),
+    ],
+    ids=["a heartbeat waits for a write", "a token waits for a heartbeat's write"],
+)
+async def test_direct_delivery_writes_heartbeats_and_items_one_at_a_time(
+    autojump_clock: trio.abc.Clock, pause: float, expected: list[tuple[float, str]]
+) -> None:
+    upstream = ScriptedUpstream([[*tokens("a"), pause, Delta(text="b"), Delta(text="c")]])
     timeouts = Timeouts(heartbeat_interval=5)
     _, written, session = await deliver_directly(pipeline(route(upstream, timeouts=timeouts)), write_time=4.0)
 
-    # Each write takes 4 s: a heartbeat is due 5 s after the last write ended, and none is
-    # sent while a write is under way (b's, from 29 to 33 s).
-    assert [(t, "hb" if i is HEARTBEAT else i.text) for t, i in written if i is HEARTBEAT or i.text] == [
-        (5.0, "a"),
-        (14.0, "hb"),
-        (23.0, "hb"),
-        (29.0, "b"),
-        (33.0, "c"),
-    ]
-    assert session.completed
-
-
-async def test_a_token_that_comes_during_a_heartbeat_s_write_waits_for_it(autojump_clock: trio.abc.Clock) -> None:
-    upstream = ScriptedUpstream([[*tokens("a"), 15.0, Delta(text="b"), Delta(text="c")]])
-    timeouts = Timeouts(heartbeat_interval=5)
-    _, written, session = await deliver_directly(pipeline(route(upstream, timeouts=timeouts)), write_time=4.0)
-
-    # b comes at 24 s, while the heartbeat due at 23 s is being written (until 27 s).
-    assert [(t, "hb" if i is HEARTBEAT else i.text) for t, i in written if i is HEARTBEAT or i.text] == [
-        (5.0, "a"),
-        (14.0, "hb"),
-        (23.0, "hb"),
-        (27.0, "b"),
-        (31.0, "c"),
-    ]
+    assert [(t, "hb" if i is HEARTBEAT else i.text) for t, i in written if i is HEARTBEAT or i.text] == expected
     assert session.completed
 
 

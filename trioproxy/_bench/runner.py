@@ -14,7 +14,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from .._exceptions import exception_leaves
 from .machine import machine_info, versions
 from .options import DIRECT_FRONT, BenchSettings, Front, split_compare
 from .processes import (
@@ -405,7 +405,7 @@ def main(settings: BenchSettings) -> int:
     try:
         report = trio.run(run, settings)
     except BaseException as exc:  # sorted below; anything unexpected is re-raised
-        leaves = list(_leaves(exc))
+        leaves = list(exception_leaves(exc))
         reasons = [leaf for leaf in leaves if isinstance(leaf, BenchError)]
         for reason in reasons:
             print(f"trioproxy bench: {reason}", file=sys.stderr)
@@ -418,12 +418,3 @@ def main(settings: BenchSettings) -> int:
     for path in write_outputs(report):
         progress(f"wrote {path}")
     return 0
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    """The exceptions inside `exc`, however deeply grouped (trio's nurseries group them)."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
@@ -35,6 +34,7 @@ from .._exceptions import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeoutError,
+    exception_leaves,
 )
 from .._policy import CONTINUABLE, Timeouts, failure_kind
 from .._request import ChatRequest
@@ -408,19 +408,11 @@ def _only(group: BaseExceptionGroup[BaseException]) -> BaseException:
     failure, or, when the attempt was cancelled from outside (both its tasks then raise
     `Cancelled`), one `Cancelled`.
     """
-    leaves = list(_leaves(group))
+    leaves = list(exception_leaves(group))
     failures = [exc for exc in leaves if not isinstance(exc, trio.Cancelled)]
     if len(failures) == 1:
         return failures[0]
     return group if failures else leaves[0]
-
-
-def _leaves(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
 
 
 class _WatchedSink:
