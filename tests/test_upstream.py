@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import zlib
 
 import h11
 import httpcore
@@ -17,7 +18,7 @@ import trio.lowlevel
 import trio.testing
 
 from trioproxy import parse_config
-from trioproxy._exceptions import UpstreamBrokenError, UpstreamConnectError
+from trioproxy._exceptions import UpstreamBrokenError, UpstreamConnectError, UpstreamProtocolError
 from trioproxy._request import parse_chat_request
 from trioproxy._targets import Breakers, BreakerState, Verdict
 from trioproxy._upstream import BalancedUpstream, HttpUpstream, _http_upstream
@@ -472,3 +473,37 @@ async def test_a_content_length_body_is_read_whole_and_its_connection_reused(nur
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(body)
     accepted = await streamed_answers(nursery, [(head, body[:50], body[50:]), (head + body,)])
     assert len(accepted) == 1
+
+
+async def test_a_compressed_stream_whose_end_after_done_is_corrupt_still_ends_well(nursery: trio.Nursery) -> None:
+    """
+    The stream was whole at `[DONE]`: what follows is read only to pool the connection, and a
+    gzip trailer that does not check out there only means the connection is not reused.
+    """
+    gzip = zlib.compressobj(wbits=31)
+    events = gzip.compress(b"".join(SSE_CHUNKS)) + gzip.flush(zlib.Z_SYNC_FLUSH)  # decodable up to here
+    trailer = bytearray(gzip.flush())
+    trailer[-5] ^= 0xFF  # its CRC-32 no longer matches
+    head = HEAD.replace(b"\r\n\r\n", b"\r\ncontent-encoding: gzip\r\n\r\n")
+    framed = tuple(b"%x\r\n%s\r\n" % (len(part), part) for part in (events, bytes(trailer)))
+    accepted: list[trio.SocketStream] = []
+    upstream = http_upstream(await nursery.start(serve_writes, [(head, *framed, END), (HEAD, *CHUNKS, END)], accepted))
+    collected = Collected()
+    with trio.fail_after(5):
+        await upstream.stream(CHAT, collected)
+    assert streamed_text(collected) == "hello"
+    await upstream.aclose()
+
+
+async def test_a_compressed_stream_corrupt_before_its_end_is_a_malformed_stream(nursery: trio.Nursery) -> None:
+    gzip = zlib.compressobj(wbits=31)
+    first = gzip.compress(SSE_CHUNKS[0]) + gzip.flush(zlib.Z_SYNC_FLUSH)
+    head = HEAD.replace(b"\r\n\r\n", b"\r\ncontent-encoding: gzip\r\n\r\n")
+    framed = tuple(b"%x\r\n%s\r\n" % (len(part), part) for part in (first, b"\xff" * 32))
+    accepted: list[trio.SocketStream] = []
+    upstream = http_upstream(await nursery.start(serve_writes, [(head, *framed, END)], accepted))
+    collected = Collected()
+    with trio.fail_after(5), pytest.raises(UpstreamProtocolError, match="could not be decoded"):
+        await upstream.stream(CHAT, collected)
+    assert streamed_text(collected) == "he"
+    await upstream.aclose()

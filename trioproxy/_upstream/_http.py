@@ -230,8 +230,8 @@ async def _read_to_end(chunks: AsyncIterator[bytes]) -> None:
                 trailing += len(data)
                 if trailing > MAX_TRAILING_BYTES:
                     break
-        except httpx.TransportError:
-            pass  # the connection is closed, not pooled: the stream itself ended well
+        except (httpx.TransportError, httpx.DecodingError):
+            pass  # the connection is closed, not pooled: the stream itself ended well (a corrupt compressed end too)
 
 
 async def _read_answer(resp: httpx.Response) -> bytes:
