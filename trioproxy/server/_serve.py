@@ -177,7 +177,7 @@ class _ChunkedBodyLane:
         Else what the socket did not take at once, to be written with `write_rest` before
         anything else: `b""` when it took it all.
         """
-        protocol, server = self._protocol, self._server
+        protocol = self._protocol
         connection = protocol.connection
         if (
             protocol.stream is not self._stream
@@ -185,19 +185,11 @@ class _ChunkedBodyLane:
             or not isinstance(connection, h11.Connection)
             or connection.our_state is not h11.SEND_BODY
             or type(connection._writer) is not ChunkedWriter
-            or server.send_lock.locked()
-            or not isinstance(server.stream, trio.SocketStream)
         ):
             return None
-        sock = server.stream.socket
-        if sock.did_shutdown_SHUT_WR:
-            return None
         frame = b"%x\r\n%b\r\n" % (len(data), data)
-        try:
-            sent = os.write(sock.fileno(), frame)
-        except OSError:  # EAGAIN: the buffer is full; else hypercorn's way meets the error again
-            sent = 0
-        return frame[sent:]
+        sent = self._server.write_now(frame)
+        return None if sent is None else frame[sent:]
 
     async def write_rest(self, rest: bytes) -> None:
         """What `write` left, written hypercorn's way (its lock, its handling of a broken socket)."""
@@ -229,18 +221,27 @@ class _TCPServerThatEndsWithItsClient(TCPServer):
         goes hypercorn's way, after what was sent, so nothing is reordered and every failure is
         handled as hypercorn handles it.
         """
-        if isinstance(event, RawData) and not self.send_lock.locked() and isinstance(self.stream, trio.SocketStream):
-            sock = self.stream.socket
-            data = event.data
-            if not sock.did_shutdown_SHUT_WR:
-                try:
-                    sent = os.write(sock.fileno(), data)
-                except OSError:  # EAGAIN: the buffer is full; else hypercorn's way meets the error again
-                    sent = 0
-                if sent == len(data):
-                    return
-                event = RawData(data=data[sent:])
+        if isinstance(event, RawData) and (sent := self.write_now(event.data)) is not None:
+            if sent == len(event.data):
+                return
+            event = RawData(data=event.data[sent:])
         await super().protocol_send(event)
+
+    def write_now(self, data: bytes) -> int | None:
+        """
+        How much of `data` the socket took at once, written with one non-blocking `send`; `None`
+        when that way is closed (not plain TCP, a write of hypercorn's under way, the socket
+        shut for writing): nothing was written. What is left must go hypercorn's way next.
+        """
+        if self.send_lock.locked() or not isinstance(self.stream, trio.SocketStream):
+            return None
+        sock = self.stream.socket
+        if sock.did_shutdown_SHUT_WR:
+            return None
+        try:
+            return os.write(sock.fileno(), data)
+        except OSError:  # EAGAIN: the buffer is full; else hypercorn's way meets the error again
+            return 0
 
 
 class _ConnectionsThatEnd:
