@@ -179,3 +179,12 @@ def test_every_split_of_one_body_into_two_and_three_feeds() -> None:
         for j in range(i, len(wire) + 1):
             body, decoder = decoded(wire[:i], wire[i:j], wire[j:])
             assert (body, decoder.ended, decoder.trailing) == (b"hello world", True, b"")
+
+
+def test_what_follows_the_body_is_kept_up_to_the_framing_bound() -> None:
+    """Enough to tell there was something after the body; never a buffer that grows with each feed."""
+    decoder = ChunkedDecoder()
+    decoder.feed(b"0\r\n\r\nmore")
+    for _ in range(3):
+        decoder.feed(b"x" * MAX_FRAMING_SIZE)
+    assert decoder.trailing == (b"more" + b"x" * MAX_FRAMING_SIZE)[:MAX_FRAMING_SIZE]

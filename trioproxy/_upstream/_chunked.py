@@ -44,7 +44,7 @@ class ChunkedDecoder:
     Strict where a lenient reading would change the body's meaning (a size is hex digits
     only, every chunk's data ends with CRLF, a trailer line is a field line), lenient where
     h11 was (whitespace after a size); extensions and trailer fields are read and dropped.
-    Once `ended`, what followed the body is `trailing`.
+    Once `ended`, what followed the body is `trailing` (its first `MAX_FRAMING_SIZE` bytes).
     """
 
     def __init__(self) -> None:
@@ -59,7 +59,7 @@ class ChunkedDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         if self.ended:
-            self.trailing += data
+            self.trailing += data[: MAX_FRAMING_SIZE - len(self.trailing)]  # enough to tell there was some
             return []
         if not data:
             raise ChunkedDecodeError("the body ended before its last chunk")
