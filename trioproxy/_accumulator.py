@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._events import Delta, Usage
+from ._events import Delta, Usage, estimated_tokens
 
 __all__ = ["Accumulator"]
 
@@ -79,7 +79,7 @@ class Accumulator:
             return self.usage
         completion_chars = len(self.text) + sum(len(c["function"]["arguments"]) for c in self.tool_calls())
         return Usage(
-            prompt_tokens=-(-prompt_chars // 4),
-            completion_tokens=max(self.content_deltas, -(-completion_chars // 4)),
+            prompt_tokens=estimated_tokens(prompt_chars),
+            completion_tokens=max(self.content_deltas, estimated_tokens(completion_chars)),
             estimated=True,
         )

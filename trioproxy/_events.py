@@ -32,6 +32,7 @@ __all__ = [
     "StreamEvent",
     "ToolCallDelta",
     "Usage",
+    "estimated_tokens",
 ]
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
@@ -59,6 +60,15 @@ class ToolCallDelta:
     id: str | None = None
     name: str | None = None
     arguments: str = ""
+
+
+CHARS_PER_TOKEN: Final = 4
+"""Characters per token in an estimate, where no upstream counted them (about four in English text)."""
+
+
+def estimated_tokens(chars: int) -> int:
+    """About how many tokens `chars` characters make (rounded up): what a count says when the upstream gave none."""
+    return -(-chars // CHARS_PER_TOKEN)
 
 
 @dataclass(frozen=True, slots=True)

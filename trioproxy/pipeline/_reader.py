@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from .._continuation import Overlap, continuation, ends_with_assistant
-from .._events import Delta, Opened, Usage
+from .._events import Delta, Opened, Usage, estimated_tokens
 from .._exceptions import (
     ContextLengthError,
     RequestError,
@@ -50,9 +50,6 @@ logger = logging.getLogger("trioproxy.upstream")
 
 _NOT_FAILOVER_STATUSES = frozenset({400, 413, 422})
 """The client's own request is at fault: another upstream would refuse it too."""
-
-CHARS_PER_TOKEN: Final = 4
-"""The estimate of usage where no upstream counted: about four characters a token."""
 
 MAX_HELD_ITEMS: Final = 64
 """
@@ -487,7 +484,7 @@ class _Continuing:
     def __init__(self, delivery: _Delivery, overlap: str, *, delivered: int) -> None:
         self._delivery = delivery
         self._overlap = Overlap(overlap)
-        self._delivered_tokens = -(-delivered // CHARS_PER_TOKEN)
+        self._delivered_tokens = estimated_tokens(delivered)
         self.new_text = False
 
     async def send(self, item: SessionItem) -> None:

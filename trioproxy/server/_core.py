@@ -37,6 +37,7 @@ import trio
 from quart import Response, has_request_context, request, websocket
 
 from .._config import Config
+from .._events import estimated_tokens
 from .._exceptions import SharedStateError, TrioproxyError, UpstreamTimeoutError
 from .._limits import Limiter, check_request_shape
 from .._policy import BufferConfig
@@ -322,8 +323,8 @@ class Core:
 
     def _tokens_to_reserve(self, chat: ChatRequest) -> int:
         """
-        What a request may cost, reserved in the token budgets at admission: its prompt (about
-        four characters a token) and its maximum output, or `estimated_output_tokens` when it
+        What a request may cost, reserved in the token budgets at admission: its prompt (an
+        estimate from its characters) and its maximum output, or `estimated_output_tokens` when it
         sets none (an embedding has none). 0 when no budget is on.
         """
         limits = self.config.limits
@@ -331,7 +332,7 @@ class Core:
             return 0
         embeddings = chat.native is not None and chat.native.protocol == "embeddings"
         output = 0 if embeddings else chat.max_tokens or limits.estimated_output_tokens
-        return -(-prompt_chars(chat) // 4) + output
+        return estimated_tokens(prompt_chars(chat)) + output
 
     def client_identity(self) -> str:
         """Who the limits count against: the client key when keys are on, else the address."""
