@@ -55,7 +55,7 @@ from coredis.retry import NoRetryPolicy
 
 from ._config import RedisConfig
 from ._exceptions import OverloadedError, RateLimitedError, ReplayGapError, SharedStateError
-from ._limits import CONCURRENCY_RETRY_AFTER, RATE_WINDOW, token_budget_refusal
+from ._limits import CONCURRENCY_RETRY_AFTER, RATE_WINDOW, TOKEN_WINDOWS, token_budget_refusal
 from ._policy import BreakerConfig
 from ._targets import BREAKER_STATES, BreakerState, LocalBreakers, Verdict
 
@@ -74,7 +74,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window, rpm, per_client, total = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lease, ttl = ARGV[5], tonumber(ARGV[6])
 local tokens = tonumber(ARGV[7])
-local budgets = {{KEYS[4], KEYS[5], tonumber(ARGV[8]), window}, {KEYS[6], KEYS[7], tonumber(ARGV[9]), 86400000}}
+local budgets = {
+  {KEYS[4], KEYS[5], tonumber(ARGV[8]), window},
+  {KEYS[6], KEYS[7], tonumber(ARGV[9]), tonumber(ARGV[10])},
+}
 
 local function expire(times, amounts, cutoff)
   local gone = redis.call('ZRANGEBYSCORE', times, '-inf', cutoff)
@@ -140,7 +143,7 @@ return {0, 0}
 """
 KEYS: the client's requests, the client's leases, all leases, then each token budget's
 (minute, day) reservation times and amounts. ARGV: window ms, the three limits, lease id,
-ttl ms, tokens to reserve, tokens per minute, tokens per day. Returns the verdict (0: admitted;
+ttl ms, tokens to reserve, tokens per minute, tokens per day, the day's window ms. Returns the verdict (0: admitted;
 1 rate, 2 client's streams, 3 all streams, 4 tokens per minute, 5 tokens per day) and the ms
 until it could pass (-1: never).
 """
@@ -390,6 +393,7 @@ class RedisState:
             tokens,
             limits.tokens_per_minute,
             limits.tokens_per_day,
+            int(TOKEN_WINDOWS["day"] * 1000),
         ]
         reply: object = await self._call(self._admit(keys=keys, args=args))
         verdict, wait_ms = cast("list[int]", reply)  # _ADMIT returns {verdict, wait in ms}
