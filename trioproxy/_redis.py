@@ -67,6 +67,8 @@ _T = TypeVar("_T")
 
 UNAVAILABLE: Final = "shared_state_unavailable"
 """The `code` of a `SharedStateError` (a refusal when `[redis] on_error = "closed"`)."""
+FOLLOW_BATCH: Final = 256
+"""Events one blocking read (`follow_events`) takes at most, a bound on one reply: the rest come with the next."""
 
 _ADMIT: Final = """
 local t = redis.call('TIME')
@@ -496,7 +498,7 @@ class RedisState:
         key = self._stream_key(stream_id)
         block = int(self.config.follow_block * 1000)
         with self.bounded(self.config.timeout + self.config.follow_block):
-            read = await self._follower.xread({key: _entry_id(after)}, count=256, block=block)
+            read = await self._follower.xread({key: _entry_id(after)}, count=FOLLOW_BATCH, block=block)
             if not read and not await self._client.exists([key]):
                 return None
         return _logged(next(iter(read.values())), after=after) if read else LoggedEvents([], False, after)
