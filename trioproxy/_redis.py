@@ -56,7 +56,7 @@ from coredis.retry import NoRetryPolicy
 from ._config import RedisConfig
 from ._exceptions import OverloadedError, RateLimitedError, ReplayGapError, SharedStateError
 from ._limits import CONCURRENCY_RETRY_AFTER, RATE_WINDOW, TOKEN_WINDOWS, token_budget_refusal
-from ._policy import BreakerConfig
+from ._policy import BreakerConfig, StreamsConfig
 from ._targets import BREAKER_STATES, BreakerState, LocalBreakers, Verdict
 
 __all__ = ["LoggedEvents", "RedisState", "SharedBreakers", "SharedLease", "SharedLimits"]
@@ -302,7 +302,7 @@ class RedisState:
     leases; it must be running (`nursery.start(state.run)`) while anything else is called.
     """
 
-    def __init__(self, config: RedisConfig, *, stream_retention: float = 300.0) -> None:
+    def __init__(self, config: RedisConfig, *, stream_retention: float = StreamsConfig().retention) -> None:
         self.config = config
         self.stream_retention = stream_retention
         """Seconds a stream's events are kept after its last one (`[streams] retention`)."""
