@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trioproxy._bench.options import _positive_int
 from trioproxy._bench.processes import start_redis
 from trioproxy._config import RedisConfig
+from trioproxy._limits import TOKEN_WINDOWS
 from trioproxy._policy import BreakerConfig
 from trioproxy._redis import (
     _ADMIT,
@@ -149,6 +150,7 @@ def _script_args(lease: str) -> tuple[list[str], list[int | str]]:
         0,
         0,
         0,
+        int(TOKEN_WINDOWS["day"] * 1000),
     ]
     return keys, args
 

@@ -55,8 +55,8 @@ from coredis.retry import NoRetryPolicy
 
 from ._config import RedisConfig
 from ._exceptions import OverloadedError, RateLimitedError, ReplayGapError, SharedStateError
-from ._limits import CONCURRENCY_RETRY_AFTER, RATE_WINDOW, token_budget_refusal
-from ._policy import BreakerConfig
+from ._limits import CONCURRENCY_RETRY_AFTER, RATE_WINDOW, TOKEN_WINDOWS, token_budget_refusal
+from ._policy import BreakerConfig, StreamsConfig
 from ._targets import BREAKER_STATES, BreakerState, LocalBreakers, Verdict
 
 __all__ = ["LoggedEvents", "RedisState", "SharedBreakers", "SharedLease", "SharedLimits"]
@@ -67,6 +67,8 @@ _T = TypeVar("_T")
 
 UNAVAILABLE: Final = "shared_state_unavailable"
 """The `code` of a `SharedStateError` (a refusal when `[redis] on_error = "closed"`)."""
+FOLLOW_BATCH: Final = 256
+"""Events one blocking read (`follow_events`) takes at most, a bound on one reply: the rest come with the next."""
 
 _ADMIT: Final = """
 local t = redis.call('TIME')
@@ -74,7 +76,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window, rpm, per_client, total = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local lease, ttl = ARGV[5], tonumber(ARGV[6])
 local tokens = tonumber(ARGV[7])
-local budgets = {{KEYS[4], KEYS[5], tonumber(ARGV[8]), window}, {KEYS[6], KEYS[7], tonumber(ARGV[9]), 86400000}}
+local budgets = {
+  {KEYS[4], KEYS[5], tonumber(ARGV[8]), window},
+  {KEYS[6], KEYS[7], tonumber(ARGV[9]), tonumber(ARGV[10])},
+}
 
 local function expire(times, amounts, cutoff)
   local gone = redis.call('ZRANGEBYSCORE', times, '-inf', cutoff)
@@ -140,7 +145,7 @@ return {0, 0}
 """
 KEYS: the client's requests, the client's leases, all leases, then each token budget's
 (minute, day) reservation times and amounts. ARGV: window ms, the three limits, lease id,
-ttl ms, tokens to reserve, tokens per minute, tokens per day. Returns the verdict (0: admitted;
+ttl ms, tokens to reserve, tokens per minute, tokens per day, the day's window ms. Returns the verdict (0: admitted;
 1 rate, 2 client's streams, 3 all streams, 4 tokens per minute, 5 tokens per day) and the ms
 until it could pass (-1: never).
 """
@@ -297,7 +302,7 @@ class RedisState:
     leases; it must be running (`nursery.start(state.run)`) while anything else is called.
     """
 
-    def __init__(self, config: RedisConfig, *, stream_retention: float = 300.0) -> None:
+    def __init__(self, config: RedisConfig, *, stream_retention: float = StreamsConfig().retention) -> None:
         self.config = config
         self.stream_retention = stream_retention
         """Seconds a stream's events are kept after its last one (`[streams] retention`)."""
@@ -390,6 +395,7 @@ class RedisState:
             tokens,
             limits.tokens_per_minute,
             limits.tokens_per_day,
+            int(TOKEN_WINDOWS["day"] * 1000),
         ]
         reply: object = await self._call(self._admit(keys=keys, args=args))
         verdict, wait_ms = cast("list[int]", reply)  # _ADMIT returns {verdict, wait in ms}
@@ -492,7 +498,7 @@ class RedisState:
         key = self._stream_key(stream_id)
         block = int(self.config.follow_block * 1000)
         with self.bounded(self.config.timeout + self.config.follow_block):
-            read = await self._follower.xread({key: _entry_id(after)}, count=256, block=block)
+            read = await self._follower.xread({key: _entry_id(after)}, count=FOLLOW_BATCH, block=block)
             if not read and not await self._client.exists([key]):
                 return None
         return _logged(next(iter(read.values())), after=after) if read else LoggedEvents([], False, after)
