@@ -497,7 +497,7 @@ class RedisState:
         """
         key = self._stream_key(stream_id)
         block = int(self.config.follow_block * 1000)
-        with self.bounded(self.config.timeout + self.config.follow_block):
+        with self.bounded(blocking=True):
             read = await self._follower.xread({key: _entry_id(after)}, count=FOLLOW_BATCH, block=block)
             if not read and not await self._client.exists([key]):
                 return None
@@ -554,23 +554,21 @@ class RedisState:
         return self._key("stream", stream_id, "conversation")
 
     @contextmanager
-    def bounded(self, seconds: float | None = None) -> Iterator[None]:
+    def bounded(self, *, blocking: bool = False) -> Iterator[None]:
         """
-        Any calls to Redis inside, bounded by `[redis] timeout` (or `seconds`, for a blocking
-        read) and mapped to `SharedStateError`. The log says when Redis stops answering and
-        when it is back, once each.
+        Any calls to Redis inside, bounded by `[redis] timeout` (plus `follow_block` for a
+        `blocking` read) and mapped to `SharedStateError`. The log says when Redis stops
+        answering and when it is back, once each.
         """
-        seconds = self.config.timeout if seconds is None else seconds
+        config = self.config
+        seconds = config.timeout + config.follow_block if blocking else config.timeout
         try:
             with trio.fail_after(seconds):
                 yield
         except trio.TooSlowError:
+            bound = "timeout + follow_block" if blocking else "timeout"
             failure = SharedStateError(
-                f"Redis did not answer within [redis] timeout ({self.config.timeout:g} s)"
-                if seconds == self.config.timeout
-                else f"Redis did not answer within {seconds:g} s",
-                code=UNAVAILABLE,
-                retry_after=1,
+                f"Redis did not answer within [redis] {bound} ({seconds:g} s)", code=UNAVAILABLE, retry_after=1
             )
         except coredis.exceptions.RedisError as exc:
             failure = SharedStateError(f"Redis failed: {exc}", code=UNAVAILABLE, retry_after=1)
