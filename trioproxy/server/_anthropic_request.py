@@ -81,8 +81,8 @@ _BLOCK_FIELDS: Final[dict[str, frozenset[str]]] = {
 }
 """The fields of each block type the translation carries or drops; any other refuses the request."""
 
-_TRANSLATED: Final = frozenset({"model", "max_tokens", "stream", "system", "messages"})
-"""Top-level fields `to_chat_completions` carries itself."""
+_NOT_FIELDS: Final = frozenset({"model", "max_tokens", "stream", "system", "messages"}) | _DROPPED
+"""Top-level fields `to_chat_completions` carries itself, or drops: not for `carried_fields`."""
 
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
@@ -147,8 +147,7 @@ def to_chat_completions(body: dict[str, Any], uncarried: dict[str, RequestError]
     for i, message in enumerate(body["messages"]):
         messages += _messages(message, f"messages[{i}]")
     out["messages"] = messages
-    skipped = _TRANSLATED | _DROPPED
-    out.update(carried_fields(body, skipped=skipped, translate=_fields, refusal=_unportable, uncarried=uncarried))
+    out.update(carried_fields(body, skipped=_NOT_FIELDS, translate=_fields, refusal=_unportable, uncarried=uncarried))
     return out
 
 

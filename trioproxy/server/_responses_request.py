@@ -68,8 +68,8 @@ _DROPPED: Final = frozenset(
 )
 """Top-level fields that do not change what the answer says; see the module's docstring."""
 
-_TRANSLATED: Final = frozenset({"model", "stream", "instructions", "input"})
-"""Top-level fields `to_chat_completions` carries itself."""
+_NOT_FIELDS: Final = frozenset({"model", "stream", "instructions", "input"}) | _DROPPED
+"""Top-level fields `to_chat_completions` carries itself, or drops: not for `carried_fields`."""
 
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
@@ -178,8 +178,7 @@ def to_chat_completions(body: dict[str, Any], uncarried: dict[str, RequestError]
     else:
         messages += _messages(input_)
     out["messages"] = messages
-    skipped = _TRANSLATED | _DROPPED
-    out.update(carried_fields(body, skipped=skipped, translate=_fields, refusal=_unportable, uncarried=uncarried))
+    out.update(carried_fields(body, skipped=_NOT_FIELDS, translate=_fields, refusal=_unportable, uncarried=uncarried))
     return out
 
 

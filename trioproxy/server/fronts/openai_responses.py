@@ -125,13 +125,15 @@ class _Routes:
         process that ran it kept it when it ended. Raises `NotFoundError`, `RequestError` for
         one still running on another process, or `SharedStateError` when Redis fails.
         """
-        stream = self.core.streams.get(response_id) if response_id.startswith(PREFIX) else None
+        if not response_id.startswith(PREFIX):
+            raise _not_stored(response_id)
+        stream = self.core.streams.get(response_id)
         if stream is not None:
             return _conversation(stream)
         store = self.core.streams.store
-        kept = await store.read_conversation(response_id) if response_id.startswith(PREFIX) else None
+        kept = await store.read_conversation(response_id)
         if kept is None:
-            logged = await store.read_events(response_id, AFTER_EVERY_EVENT) if response_id.startswith(PREFIX) else None
+            logged = await store.read_events(response_id, AFTER_EVERY_EVENT)
             if logged is None:
                 raise _not_stored(response_id)
             if not logged.ended:
@@ -322,7 +324,9 @@ class _Routes:
         streaming = request.args.get("stream") in ("true", "1")
         try:
             after = _starting_after(request.args.get("starting_after")) if streaming else 0
-            stream = self.core.streams.get(response_id) if response_id.startswith(PREFIX) else None
+            if not response_id.startswith(PREFIX):
+                raise _not_stored(response_id)
+            stream = self.core.streams.get(response_id)
             if stream is None:
                 return await self.retrieve_elsewhere(response_id, streaming, after)
             renderer = _renderer(stream)
@@ -336,7 +340,7 @@ class _Routes:
 
     async def retrieve_elsewhere(self, response_id: str, streaming: bool, after: int) -> Response:
         """A response another process runs (or ran), from the shared store (`[redis]`)."""
-        remote = await self.core.streams.remote(response_id, after) if response_id.startswith(PREFIX) else None
+        remote = await self.core.streams.remote(response_id, after)
         if remote is None:
             raise _not_stored(response_id)
         if not streaming:
