@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import orjson
 
-from .._events import Delta, ToolCallDelta, Usage
+from .._events import Delta, ToolCallDelta, Usage, estimated_tokens
 from .._exceptions import TrioproxyError, UpstreamProtocolError
 from .._sse import SSEDecoder, encode_typed_event
 from ..providers.anthropic import ERROR_STATUS, STOP_REASONS
@@ -87,7 +87,7 @@ def model_list(models: list[tuple[str, str]]) -> dict[str, Any]:
 
 def token_count_estimate(prompt_chars: int) -> dict[str, Any]:
     """A `count_tokens` answer for an upstream that cannot count: about four characters a token, marked so."""
-    return {"input_tokens": -(-prompt_chars // 4), "estimated": True}
+    return {"input_tokens": estimated_tokens(prompt_chars), "estimated": True}
 
 
 def new_message_id() -> str:
@@ -149,8 +149,8 @@ class AnthropicEventRenderer:
             return self._flush() + self._message_stop
         out = self._flush() + self._close_block()
         usage = self._usage or Usage(
-            prompt_tokens=-(-self._prompt_chars // 4),
-            completion_tokens=-(-self._output_chars // 4),
+            prompt_tokens=estimated_tokens(self._prompt_chars),
+            completion_tokens=estimated_tokens(self._output_chars),
             estimated=True,
         )
         stop_reason = self._stop_reason or "end_turn"

@@ -55,7 +55,7 @@ from typing import Any, Final
 
 import orjson
 
-from .._events import Delta, ToolCallDelta, Usage
+from .._events import Delta, ToolCallDelta, Usage, estimated_tokens
 from .._exceptions import StreamCancelled, TrioproxyError, UpstreamProtocolError
 from .._sse import SSEDecoder, encode_typed_event
 
@@ -384,7 +384,9 @@ class ResponsesEventRenderer:
 
     def _usage_json(self) -> dict[str, Any]:
         usage = self._usage or Usage(
-            prompt_tokens=-(-self._prompt_chars // 4), completion_tokens=-(-self._output_chars // 4), estimated=True
+            prompt_tokens=estimated_tokens(self._prompt_chars),
+            completion_tokens=estimated_tokens(self._output_chars),
+            estimated=True,
         )
         return {
             "input_tokens": usage.prompt_tokens,

@@ -37,6 +37,7 @@ import orjson
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from ..._events import estimated_tokens
 from ..._exceptions import NotFoundError, RequestError, SharedStateError, StreamCancelled, TrioproxyError
 from ..._request import ChatRequest, parse_json_object
 from ..._sse import SSEDecoder, encode_typed_event
@@ -293,7 +294,9 @@ class _Routes:
             return Response(counted, content_type="application/json")
         tools = chat.client_body.get("tools")
         chars = prompt_chars(chat) + (len(orjson.dumps(tools)) if tools else 0)
-        return json_response({"object": "response.input_tokens", "input_tokens": -(-chars // 4), "estimated": True})
+        return json_response(
+            {"object": "response.input_tokens", "input_tokens": estimated_tokens(chars), "estimated": True}
+        )
 
     async def compact(self) -> Response:
         """A Responses upstream's own compaction; refused for any other, which has no such thing."""
