@@ -56,13 +56,13 @@ async def measure(
         async with AsyncExitStack() as stack:
             upstream = await stack.enter_async_context(start_bench_upstream(settings, pinning, work))
             config = work / "trioproxy.toml"
-            text = proxy_config(upstream.url, max(settings.concurrency))
+            limit = max(settings.concurrency)
             if redis:  # what sharing the limits and the breakers costs each stream
                 url = await stack.enter_async_context(start_redis(cpus=pinning.others, log_dir=work))
-                text += f'[redis]\nurl = "{url}"\n'
                 # A phase starts as the last ends, before the proxy gave all its places back to Redis.
-                limit = max(settings.concurrency)
-                text = text.replace(f"max_concurrent_streams = {limit}\n", f"max_concurrent_streams = {2 * limit}\n")
+                text = proxy_config(upstream.url, limit, max_streams=2 * limit) + f'[redis]\nurl = "{url}"\n'
+            else:
+                text = proxy_config(upstream.url, limit)
             config.write_text(text)
             proxy = await stack.enter_async_context(start_proxy(config, cpus=pinning.proxy, log_dir=work))
             loadgen = await stack.enter_async_context(start_loadgen(cpus=pinning.others, log_dir=work))

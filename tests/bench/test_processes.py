@@ -1,4 +1,4 @@
-"""The bench's view of its processes: CPU time read from /proc."""
+"""The bench's processes: CPU time read from /proc, the CPUs they are pinned to, the redis-server it starts."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import trio
 
-from trioproxy._bench.processes import cpu_seconds, plan_pinning
+from trioproxy._bench.processes import cpu_seconds, plan_pinning, start_redis
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -62,3 +65,19 @@ def test_the_proxy_gets_one_cpu_per_worker_when_one_is_left_for_the_rest(
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cpus, raising=False)
     pinning = plan_pinning(external_proxy=False, proxy_cpus=proxy_cpus)
     assert (pinning.proxy, pinning.others) == expected
+
+
+async def test_the_redis_it_starts_answers_at_its_url_and_stops_with_it(tmp_path: Path) -> None:
+    """Debian's redis-server, as for the Redis tests (`make test` installs it; missing, `BenchError` says so)."""
+    async with start_redis(cpus=None, log_dir=tmp_path) as url:
+        address = urlsplit(url)
+        assert (address.scheme, address.hostname, address.path) == ("redis", "127.0.0.1", "/0")
+        assert address.port is not None
+        port = address.port
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(b"PING\r\n")
+                assert await stream.receive_some() == b"+PONG\r\n"
+    with pytest.raises(OSError, match="all attempts to connect"):  # stopped on the way out
+        await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()

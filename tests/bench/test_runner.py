@@ -81,3 +81,12 @@ def test_the_responses_fronts_share_a_direct_connection_to_the_upstream_s_respon
     config = parse_config(tomllib.loads(proxy_config(UPSTREAM.url, 50)), environ={})
     assert config.providers["up-responses"].type == "openai_responses"
     assert config.providers["up-responses"].base_url == UPSTREAM.url + "/v1"
+
+
+def test_the_server_s_stream_limit_is_the_pool_s_unless_given() -> None:
+    def limits(**extra: int) -> tuple[int, int | None]:
+        config = parse_config(tomllib.loads(proxy_config(UPSTREAM.url, 50, **extra)), environ={})
+        return config.limits.max_concurrent_streams, config.providers["up"].max_connections
+
+    assert limits() == (50, 50)
+    assert limits(max_streams=100) == (100, 50)

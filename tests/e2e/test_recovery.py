@@ -134,13 +134,13 @@ async def proxied_anthropic(
 ) -> AsyncIterator[anthropic.AsyncAnthropic]:
     """`proxied`, with the anthropic SDK as the client (it brings its own copy of httpx, as `httpx2`)."""
     app = create_app(recovery_config(tables, **policy))
-    async with app.test_app():
-        http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://proxy.test")
-        async with anthropic.AsyncAnthropic(
-            base_url="http://proxy.test", api_key="k", max_retries=0, http_client=http
-        ) as client:
-            await client.models.list()  # the SDK's first request looks up the platform in a thread
-            yield client
+    async with (
+        app.test_app(),
+        httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://proxy.test") as http,
+        anthropic.AsyncAnthropic(base_url="http://proxy.test", api_key="k", max_retries=0, http_client=http) as client,
+    ):
+        await client.models.list()  # the SDK's first request looks up the platform in a thread
+        yield client
 
 
 async def open_upstreams(nursery: trio.Nursery, n: int) -> list[FakeUpstream]:

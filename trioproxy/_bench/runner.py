@@ -80,21 +80,22 @@ def progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def proxy_config(upstream_url: str, max_connections: int) -> str:
+def proxy_config(upstream_url: str, max_connections: int, *, max_streams: int | None = None) -> str:
     """
     The TOML for the trioproxy under test: providers `up` (OpenAI), `up-anthropic`
     (Anthropic, for the Anthropic front) and `up-responses` (OpenAI Responses, for the
     Responses front) are the benchmark upstream, each with
     retries off (every failure must show) and a connection pool as large as the largest
     concurrency measured (so the pool, not the proxy, is never what queues streams), and the
-    server's stream limit the same (the sweep measures streams, not refusals). No access log:
-    a line per stream is not what is measured, and `--workers` runs at level info.
+    server's stream limit the same unless `max_streams` says (the sweep measures streams, not
+    refusals). No access log: a line per stream is not what is measured, and `--workers` runs
+    at level info.
     """
     return (
         "[logging]\n"
         "access_log = false\n"
         "[limits]\n"
-        f"max_concurrent_streams = {max_connections}\n"
+        f"max_concurrent_streams = {max_connections if max_streams is None else max_streams}\n"
         f"[providers.{PROVIDER}]\n"
         'type = "openai"\n'
         f'base_url = "{upstream_url}/v1"\n'
