@@ -10,6 +10,7 @@ from trioproxy._exceptions import (
     TrioproxyError,
     UpstreamStatusError,
     UpstreamTimeoutError,
+    exception_leaves,
 )
 
 
@@ -52,3 +53,10 @@ def test_not_found_errors_and_http_refusals_have_their_own_status_and_type() -> 
     refusal = HTTPRefusal("The method is not allowed for the requested URL.", status=405)
     assert (refusal.status, refusal.type) == (405, "invalid_request_error")
     assert HTTPRefusal("Not Found", status=404).type == "not_found_error"
+
+
+def test_exception_leaves_are_the_exceptions_inside_however_deeply_grouped() -> None:
+    a, b, c = ValueError("a"), KeyError("b"), RuntimeError("c")
+    nested = BaseExceptionGroup("outer", [a, ExceptionGroup("inner", [b, ExceptionGroup("deeper", [c])])])
+    assert list(exception_leaves(nested)) == [a, b, c]
+    assert list(exception_leaves(a)) == [a]  # no group: itself
