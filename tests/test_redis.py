@@ -308,6 +308,24 @@ async def test_breakers_fall_back_to_the_process_while_redis_is_down(redis_serve
         assert await breakers.admit(url, 1) == "closed"  # Redis's, again (it restarted empty)
 
 
+async def test_a_breaker_in_an_unknown_state_is_a_shared_state_error_and_the_process_decides(
+    redis_server: RedisServer,
+) -> None:
+    """Whatever wrote it (another version, a hand), a state no script knows is broken shared state, not an assert."""
+    config = BreakerConfig(failures=1, cooldown=30)
+    url = "http://10.0.0.1:8000/v1"
+    async with running(redis_server) as state, coredis.Redis.from_url(redis_server.url) as writer:
+        breakers = SharedBreakers(state, "p", config)
+        key = breakers._key(url)
+        await writer.hset(key, {"state": "melted"})
+        with pytest.raises(SharedStateError) as broken:
+            await state.settle_breaker(key, "released", probe=True, failures=1, cooldown=30)
+        assert broken.value.code == "shared_state_unavailable"
+        assert "'melted'" in broken.value.message
+        assert await breakers.settle(url, "released", probe=True, now=0) is None  # this process's own
+        assert breakers.state(url) == "closed"
+
+
 async def test_a_follower_that_leaves_mid_wait_leaves_no_reply_behind(redis_server: RedisServer) -> None:
     """A watcher's client gone cancels its blocking read: the next reads get their own replies."""
     async with (

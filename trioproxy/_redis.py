@@ -29,7 +29,7 @@ back), unless it left its window already.
 - A provider's circuit breakers (`SharedBreakers`): one hash per target, admitted and settled
   by a script each, with the rules of `_targets.LocalBreakers`, and not asked at all about a
   breaker it said is closed less than `[redis] breaker_snapshot_age` ago; this process's own
-  decide while Redis fails.
+  decide while Redis fails (or holds a breaker in a state no script knows).
 - Clients are named by the SHA-256 of their identity: no key appears in a Redis key.
 
 Every call is bounded by `[redis] timeout` (connecting included): whatever coredis raises,
@@ -537,15 +537,20 @@ class RedisState:
 
     async def settle_breaker(
         self, key: str, verdict: str, *, probe: bool, failures: int, cooldown: float
-    ) -> tuple[str, str, int]:
+    ) -> tuple[BreakerState, BreakerState | None, int]:
         """
         `_BREAKER_SETTLE` on the breaker at `key`: its state, the new one if it changed (else
-        ''), and its failures.
+        `None`), and its failures.
+
+        Raises:
+            SharedStateError: Redis failed, did not answer in time, or holds the breaker in a
+                state no script knows (written by something else).
         """
         args: list[int | str] = [verdict, "1" if probe else "0", failures, int(cooldown * 1000)]
         reply = cast("list[bytes | int]", await self._call(self._breaker_settle(keys=[key], args=args)))
         state, change, counted = reply
-        return _text(cast("bytes", state)), _text(cast("bytes", change)), int(counted)
+        changed = _text(cast("bytes", change))
+        return _state(_text(cast("bytes", state))), _state(changed) if changed else None, int(counted)
 
     def _stream_key(self, stream_id: str) -> str:
         return self._key("stream", stream_id)
@@ -687,8 +692,8 @@ class SharedBreakers:
             )
         except SharedStateError:
             return await self._local.settle(url, verdict, probe=probe, now=now)
-        self._known[url] = _Snapshot(_state(state), failures, now)
-        return _state(change) if change else None
+        self._known[url] = _Snapshot(state, failures, now)
+        return change
 
     def state(self, url: str) -> BreakerState:
         known = self._known.get(url)
@@ -708,6 +713,10 @@ def _text(value: bytes | str) -> str:
 
 
 def _state(text: str) -> BreakerState:
-    """A state a script returned: one of `BREAKER_STATES`."""
-    assert text in BREAKER_STATES, text
+    """
+    A state a script returned: one of `BREAKER_STATES`, or the shared state is broken (a
+    `SharedStateError`, so that the caller's fallback applies).
+    """
+    if text not in BREAKER_STATES:
+        raise SharedStateError(f"Redis holds a circuit breaker in an unknown state: {text!r}", code=UNAVAILABLE)
     return text  # narrowed by the `in` above
