@@ -19,7 +19,7 @@ from tests.conftest import RedisServer, wait_until
 from trioproxy._config import RedisConfig
 from trioproxy._exceptions import OverloadedError, RateLimitedError, ReplayGapError, SharedStateError
 from trioproxy._policy import BreakerConfig
-from trioproxy._redis import LoggedEvents, RedisState, SharedBreakers, SharedLease, SharedLimits
+from trioproxy._redis import BREAKER_TTL, LoggedEvents, RedisState, SharedBreakers, SharedLease, SharedLimits
 
 
 @asynccontextmanager
@@ -324,6 +324,16 @@ async def test_a_breaker_in_an_unknown_state_is_a_shared_state_error_and_the_pro
         assert "'melted'" in broken.value.message
         assert await breakers.settle(url, "released", probe=True, now=0) is None  # this process's own
         assert breakers.state(url) == "closed"
+
+
+async def test_a_breaker_settled_is_kept_for_breaker_ttl(redis_server: RedisServer) -> None:
+    url = "http://10.0.0.1:8000/v1"
+    async with running(redis_server) as state, coredis.Redis.from_url(redis_server.url) as watcher:
+        breakers = SharedBreakers(state, "p", BreakerConfig(failures=3, cooldown=30))
+        assert await breakers.settle(url, "failed", probe=False, now=0) is None
+        assert await breakers.settle(url, "failed", probe=False, now=0) is None
+        kept_ms = await watcher.pttl(breakers._key(url))
+    assert BREAKER_TTL * 1000 - 1000 < kept_ms <= BREAKER_TTL * 1000
 
 
 async def test_a_follower_that_leaves_mid_wait_leaves_no_reply_behind(redis_server: RedisServer) -> None:

@@ -69,6 +69,8 @@ UNAVAILABLE: Final = "shared_state_unavailable"
 """The `code` of a `SharedStateError` (a refusal when `[redis] on_error = "closed"`)."""
 FOLLOW_BATCH: Final = 256
 """Events one blocking read (`follow_events`) takes at most, a bound on one reply: the rest come with the next."""
+BREAKER_TTL: Final = 24 * 60 * 60.0
+"""Seconds a breaker's hash is kept after its last verdict (`_BREAKER_SETTLE`): then it is forgotten, closed."""
 
 _ADMIT: Final = """
 local t = redis.call('TIME')
@@ -235,11 +237,12 @@ _BREAKER_SETTLE: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local verdict, probe, threshold, cooldown = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3]), tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
 local breaker = redis.call('HMGET', KEYS[1], 'state', 'failures')
 local state = breaker[1] or 'closed'
 if probe then redis.call('HDEL', KEYS[1], 'probe_until') end
 if verdict == 'released' then return {state, '', tonumber(breaker[2]) or 0} end
-redis.call('PEXPIRE', KEYS[1], 86400000)
+redis.call('PEXPIRE', KEYS[1], ttl)
 if verdict == 'succeeded' then
   if state == 'closed' and (tonumber(breaker[2]) or 0) == 0 then return {state, '', 0} end
   redis.call('HSET', KEYS[1], 'failures', 0, 'state', 'closed')
@@ -254,10 +257,10 @@ return {'open', 'open', failures}
 """
 """
 KEYS: the target's breaker. ARGV: the verdict, '1' if the request was the probe, the failures
-that open it, its cooldown ms. Returns its state, the new one if it changed ('' if not), and
-the failures counted.
-The same rules as `_targets.LocalBreakers`, on Redis's clock; a breaker untouched for a day is
-forgotten (closed).
+that open it, its cooldown ms, how long it is kept after a verdict, ms (`BREAKER_TTL`).
+Returns its state, the new one if it changed ('' if not), and the failures counted.
+The same rules as `_targets.LocalBreakers`, on Redis's clock; a breaker without a verdict for
+`BREAKER_TTL` is forgotten (closed).
 """
 
 
@@ -546,7 +549,8 @@ class RedisState:
             SharedStateError: Redis failed, did not answer in time, or holds the breaker in a
                 state no script knows (written by something else).
         """
-        args: list[int | str] = [verdict, "1" if probe else "0", failures, int(cooldown * 1000)]
+        kept = int(BREAKER_TTL * 1000)
+        args: list[int | str] = [verdict, "1" if probe else "0", failures, int(cooldown * 1000), kept]
         reply = cast("list[bytes | int]", await self._call(self._breaker_settle(keys=[key], args=args)))
         state, change, counted = reply
         changed = _text(cast("bytes", change))
