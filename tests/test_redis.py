@@ -330,10 +330,11 @@ async def test_a_breaker_settled_is_kept_for_breaker_ttl(redis_server: RedisServ
     url = "http://10.0.0.1:8000/v1"
     async with running(redis_server) as state, coredis.Redis.from_url(redis_server.url) as watcher:
         breakers = SharedBreakers(state, "p", BreakerConfig(failures=3, cooldown=30))
-        assert await breakers.settle(url, "failed", probe=False, now=0) is None
-        assert await breakers.settle(url, "failed", probe=False, now=0) is None
-        kept_ms = await watcher.pttl(breakers._key(url))
-    assert BREAKER_TTL * 1000 - 1000 < kept_ms <= BREAKER_TTL * 1000
+        kept_ms = []
+        for _ in range(2):  # the first failure creates the hash; the second finds it
+            assert await breakers.settle(url, "failed", probe=False, now=0) is None
+            kept_ms.append(await watcher.pttl(breakers._key(url)))
+    assert all(BREAKER_TTL * 1000 - 1000 < ms <= BREAKER_TTL * 1000 for ms in kept_ms), kept_ms
 
 
 async def test_a_follower_that_leaves_mid_wait_leaves_no_reply_behind(redis_server: RedisServer) -> None:

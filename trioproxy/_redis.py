@@ -242,14 +242,15 @@ local breaker = redis.call('HMGET', KEYS[1], 'state', 'failures')
 local state = breaker[1] or 'closed'
 if probe then redis.call('HDEL', KEYS[1], 'probe_until') end
 if verdict == 'released' then return {state, '', tonumber(breaker[2]) or 0} end
-redis.call('PEXPIRE', KEYS[1], ttl)
 if verdict == 'succeeded' then
+  redis.call('PEXPIRE', KEYS[1], ttl)
   if state == 'closed' and (tonumber(breaker[2]) or 0) == 0 then return {state, '', 0} end
   redis.call('HSET', KEYS[1], 'failures', 0, 'state', 'closed')
   if state == 'closed' then return {state, '', 0} end
   return {'closed', 'closed', 0}
 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+redis.call('PEXPIRE', KEYS[1], ttl) -- after HINCRBY, which may create the hash: PEXPIRE skips a missing key
 if state == 'half_open' and not probe then return {state, '', failures} end
 if state == 'open' or (state == 'closed' and failures < threshold) then return {state, '', failures} end
 redis.call('HSET', KEYS[1], 'state', 'open', 'open_until', now + cooldown)
