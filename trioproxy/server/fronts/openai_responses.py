@@ -285,9 +285,10 @@ class _Routes:
         """A Responses upstream's own count; an estimate, marked so, from any other."""
         try:
             chat = await self.parsed_side_request(parse_json_object(await request.get_data()))
-            counted = await self.core.ask_upstream(chat, lambda upstream, routed: upstream.count_tokens(routed))
+            route = self.core.router.route(chat.model)
+            counted = await self.core.ask_upstream(route, chat, lambda upstream, routed: upstream.count_tokens(routed))
             if counted is None:  # what another upstream could not be asked is refused here too, unless it drops it
-                chat.common_body(self.core.router.route(chat.model).provider.drop_params)
+                chat.common_body(route.provider.drop_params)
         except TrioproxyError as exc:
             return _error(exc)
         if counted is not None:
@@ -302,7 +303,8 @@ class _Routes:
         """A Responses upstream's own compaction; refused for any other, which has no such thing."""
         try:
             chat = await self.parsed_side_request(parse_json_object(await request.get_data()))
-            compacted = await self.core.ask_upstream(chat, lambda upstream, routed: upstream.compact(routed))
+            route = self.core.router.route(chat.model)
+            compacted = await self.core.ask_upstream(route, chat, lambda upstream, routed: upstream.compact(routed))
             if compacted is None:
                 raise RequestError(
                     f"model {chat.model!r} is not served by an OpenAI Responses upstream, and only the Responses API "
