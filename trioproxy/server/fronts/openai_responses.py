@@ -185,11 +185,16 @@ class _Routes:
         """
         A stored response that is not `background`, once its upstream accepted: shared in the
         registry, its requester the first watcher, ending with its last watcher (`Core.share`);
-        its conversation kept in Redis once it ends, by a task of the app's.
+        its conversation kept in Redis once it ends (`keep_conversation_later`).
         """
         stream, backlog, watcher = await self.share_unkept(session, chat, echoed)
-        self.core.nursery.start_soon(self.keep_conversation, stream, name=f"response {stream.id} conversation")
+        self.keep_conversation_later(stream)
         return stream, backlog, watcher
+
+    def keep_conversation_later(self, stream: BroadcastStream) -> None:
+        """With `[redis]`, `keep_conversation` by a task of the app's; without, there is nowhere to keep it."""
+        if self.core.streams.store.shared:
+            self.core.nursery.start_soon(self.keep_conversation, stream, name=f"response {stream.id} conversation")
 
     async def share_unkept(
         self, session: StreamSession, chat: ChatRequest, echoed: dict[str, Any]
@@ -244,7 +249,7 @@ class _Routes:
             return _error(exc)
         stream.resume_grace_period = math.inf  # it outlives its request
         self.core.nursery.start_soon(stream.run, name=f"response {stream.id}")
-        self.core.nursery.start_soon(self.keep_conversation, stream, name=f"response {stream.id} conversation")
+        self.keep_conversation_later(stream)
         if chat.stream:
             return watch_response(stream, *stream.attach())
         return json_response(_renderer(stream).snapshot("queued"))
