@@ -54,6 +54,7 @@ from trioproxy._redis import (
     _BREAKER_ADMIT,
     _BREAKER_SETTLE,
     _RELEASE,
+    BREAKER_TTL,
     RedisState,
     SharedBreakers,
     SharedLimits,
@@ -205,7 +206,7 @@ async def raw_calls(client: RespClient) -> dict[str, Call]:
         "admission + release": admit_release,
         "breaker admit": lambda n: client.call("EVALSHA", sha["breaker_admit"], 1, "bench:breaker:raw", 30000),
         "breaker settle (success)": lambda n: client.call(
-            "EVALSHA", sha["settle"], 1, "bench:breaker:raw", "succeeded", "0", 5, 30000
+            "EVALSHA", sha["settle"], 1, "bench:breaker:raw", "succeeded", "0", 5, 30000, int(BREAKER_TTL * 1000)
         ),
         "stream write (10 events)": write,
     }
@@ -248,7 +249,7 @@ async def measure_redis_py(url: str, count: int, warmup: int) -> dict[str, tuple
             "admission + release": admit_release,
             "breaker admit": lambda n: scripts["breaker_admit"](keys=["bench:breaker:py"], args=[30000]),
             "breaker settle (success)": lambda n: scripts["settle"](
-                keys=["bench:breaker:py"], args=["succeeded", "0", 5, 30000]
+                keys=["bench:breaker:py"], args=["succeeded", "0", 5, 30000, int(BREAKER_TTL * 1000)]
             ),
             "stream write (10 events)": write,
         }

@@ -38,6 +38,17 @@ HANG_UP_BOUND = 0.1
 #: How long a test waits for that close at all, before it fails on the bound.
 HANG_UP_WAIT = 5.0
 
+# Bounds on what a real process does, in real seconds: autojump_clock moves this test's clock,
+# never another process's. Generous, not measured: on two cores shared by several suites a
+# process's start (imports, config) can take many times its usual second, and a bound only
+# says when a test gives up on a hang.
+#: A `trioproxy` command starts and says it is ready, or runs to its end.
+PROCESS_RUN_BOUND = 20.0
+#: A signalled `trioproxy serve` process ends its streams (its grace period, when shorter) and exits.
+PROCESS_EXIT_BOUND = 10.0
+#: A `trioproxy bench --quick` run: the proxy, the upstream and the load generator as processes, measuring.
+QUICK_BENCH_BOUND = 150.0
+
 
 def proxy_config(upstream: FakeUpstream, **extra_providers: dict) -> Config:
     """

@@ -13,6 +13,7 @@ from pathlib import Path
 import orjson
 import trio
 
+from tests.conftest import QUICK_BENCH_BOUND
 from trioproxy._bench.processes import child_env
 
 TARGET_FIGURES = ("ttft_ms", "itl_ms", "duration_ms", "streams_per_s", "tokens_per_s", "errors", "lost")
@@ -26,7 +27,7 @@ QUICK_TOKENS = 16
 
 
 async def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
-    with trio.fail_after(120):
+    with trio.fail_after(QUICK_BENCH_BOUND):
         result = await trio.run_process(
             [sys.executable, "-m", "trioproxy", "bench", "--quick", *FRONTS, "--output", str(tmp_path)],
             capture_stdout=True,

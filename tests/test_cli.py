@@ -16,6 +16,8 @@ from pathlib import Path
 
 import trio
 
+from tests.conftest import PROCESS_EXIT_BOUND, PROCESS_RUN_BOUND
+
 TRIOPROXY = [sys.executable, "-m", "trioproxy"]
 
 
@@ -27,7 +29,7 @@ async def start_process(
         partial(trio.run_process, [*TRIOPROXY, *args], stdout=subprocess.PIPE, stderr=stderr, check=False)
     )
     output = b""
-    with trio.fail_after(20):
+    with trio.fail_after(PROCESS_RUN_BOUND):
         while ready not in output:
             data = await process.stdout.receive_some()
             assert data, f"the process exited early: {output!r}"
@@ -46,8 +48,8 @@ async def start_server(nursery: trio.Nursery, *args: str, stderr: int = subproce
 
 
 async def run_trioproxy(*args: str) -> subprocess.CompletedProcess[bytes]:
-    """`trioproxy ARGS` to its end (20 s at most), its output captured, whatever its exit status."""
-    with trio.fail_after(20):
+    """`trioproxy ARGS` to its end (`PROCESS_RUN_BOUND` at most), its output captured, whatever its exit status."""
+    with trio.fail_after(PROCESS_RUN_BOUND):
         return await trio.run_process([*TRIOPROXY, *args], capture_stdout=True, capture_stderr=True, check=False)
 
 
@@ -60,7 +62,7 @@ async def test_serve_then_chat_streams_to_the_terminal(nursery: trio.Nursery) ->
         assert re.fullmatch(rb"\[time to first token \d+ ms, 3 chunks in [\d.]+ s\]\n", result.stderr)
     finally:
         server.send_signal(signal.SIGINT)
-    with trio.fail_after(10):
+    with trio.fail_after(PROCESS_EXIT_BOUND):
         assert await server.wait() == 0
 
 
@@ -141,7 +143,7 @@ async def test_upstream_command_serves_a_scripted_stream(nursery: trio.Nursery) 
         assert text == " tok0 tok1 tok2 tok3 tok4"
     finally:
         process.send_signal(signal.SIGINT)
-    with trio.fail_after(10):
+    with trio.fail_after(PROCESS_EXIT_BOUND):
         assert await process.wait() == 0
 
 
@@ -213,14 +215,14 @@ async def test_requests_for_huge_outputs_leave_the_server_responsive(nursery: tr
         assert answers["spaces"].status_code == 200
     finally:
         server.send_signal(signal.SIGTERM)
-    with trio.fail_after(10):
+    with trio.fail_after(PROCESS_EXIT_BOUND):
         assert await server.wait() == 0
 
 
 async def test_a_key_source_with_no_key_stops_the_start(tmp_path: Path) -> None:
     config = tmp_path / "keys.toml"
     config.write_text('[auth]\nkeys_env = "TRIOPROXY_TEST_UNSET_KEYS"\n')
-    with trio.fail_after(20):
+    with trio.fail_after(PROCESS_RUN_BOUND):
         result = await trio.run_process(
             [*TRIOPROXY, "serve", "--port", "0", "--config", str(config)],
             capture_stdout=True,

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import trio
 
+from tests.conftest import PROCESS_EXIT_BOUND
 from tests.test_cli import start_server
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -28,7 +29,7 @@ async def test_an_upstream_request_logs_our_access_line_and_no_httpx_line(
             assert (await http.post(url + "/v1/chat/completions", json=body)).status_code == 200
     finally:
         server.send_signal(signal.SIGTERM)
-    with trio.fail_after(10):
+    with trio.fail_after(PROCESS_EXIT_BOUND):
         assert await server.wait() == 0
     output = b""
     while data := await server.stderr.receive_some():

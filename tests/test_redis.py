@@ -19,7 +19,7 @@ from tests.conftest import RedisServer, wait_until
 from trioproxy._config import RedisConfig
 from trioproxy._exceptions import OverloadedError, RateLimitedError, ReplayGapError, SharedStateError
 from trioproxy._policy import BreakerConfig
-from trioproxy._redis import LoggedEvents, RedisState, SharedBreakers, SharedLease, SharedLimits
+from trioproxy._redis import BREAKER_TTL, LoggedEvents, RedisState, SharedBreakers, SharedLease, SharedLimits
 
 
 @asynccontextmanager
@@ -306,6 +306,35 @@ async def test_breakers_fall_back_to_the_process_while_redis_is_down(redis_serve
             assert await breakers.admit(url, 1) is None
         await redis_server.start()
         assert await breakers.admit(url, 1) == "closed"  # Redis's, again (it restarted empty)
+
+
+async def test_a_breaker_in_an_unknown_state_is_a_shared_state_error_and_the_process_decides(
+    redis_server: RedisServer,
+) -> None:
+    """Whatever wrote it (another version, a hand), a state no script knows is broken shared state, not an assert."""
+    config = BreakerConfig(failures=1, cooldown=30)
+    url = "http://10.0.0.1:8000/v1"
+    async with running(redis_server) as state, coredis.Redis.from_url(redis_server.url) as writer:
+        breakers = SharedBreakers(state, "p", config)
+        key = breakers._key(url)
+        await writer.hset(key, {"state": "melted"})
+        with pytest.raises(SharedStateError) as broken:
+            await state.settle_breaker(key, "released", probe=True, failures=1, cooldown=30)
+        assert broken.value.code == "shared_state_unavailable"
+        assert "'melted'" in broken.value.message
+        assert await breakers.settle(url, "released", probe=True, now=0) is None  # this process's own
+        assert breakers.state(url) == "closed"
+
+
+async def test_a_breaker_settled_is_kept_for_breaker_ttl(redis_server: RedisServer) -> None:
+    url = "http://10.0.0.1:8000/v1"
+    async with running(redis_server) as state, coredis.Redis.from_url(redis_server.url) as watcher:
+        breakers = SharedBreakers(state, "p", BreakerConfig(failures=3, cooldown=30))
+        kept_ms = []
+        for _ in range(2):  # the first failure creates the hash; the second finds it
+            assert await breakers.settle(url, "failed", probe=False, now=0) is None
+            kept_ms.append(await watcher.pttl(breakers._key(url)))
+    assert all(BREAKER_TTL * 1000 - 1000 < ms <= BREAKER_TTL * 1000 for ms in kept_ms), kept_ms
 
 
 async def test_a_follower_that_leaves_mid_wait_leaves_no_reply_behind(redis_server: RedisServer) -> None:

@@ -203,9 +203,10 @@ class OverloadedError(TrioproxyError):
 
 class SharedStateError(OverloadedError):
     """
-    Redis, where the shared state lives (`_redis.py`), failed or did not answer within
-    `[redis] timeout`: raised by that module only, for whatever coredis raised. Admission
-    then falls back to this process's limits, or refuses with it (`[redis] on_error`).
+    Redis, where the shared state lives (`_redis.py`), failed, did not answer within
+    `[redis] timeout`, or holds what no script of ours wrote: raised by that module only, for
+    whatever coredis raised. Admission then falls back to this process's limits, or refuses
+    with it (`[redis] on_error`).
     """
 
 

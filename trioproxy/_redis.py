@@ -29,7 +29,7 @@ back), unless it left its window already.
 - A provider's circuit breakers (`SharedBreakers`): one hash per target, admitted and settled
   by a script each, with the rules of `_targets.LocalBreakers`, and not asked at all about a
   breaker it said is closed less than `[redis] breaker_snapshot_age` ago; this process's own
-  decide while Redis fails.
+  decide while Redis fails (or holds a breaker in a state no script knows).
 - Clients are named by the SHA-256 of their identity: no key appears in a Redis key.
 
 Every call is bounded by `[redis] timeout` (connecting included): whatever coredis raises,
@@ -69,6 +69,8 @@ UNAVAILABLE: Final = "shared_state_unavailable"
 """The `code` of a `SharedStateError` (a refusal when `[redis] on_error = "closed"`)."""
 FOLLOW_BATCH: Final = 256
 """Events one blocking read (`follow_events`) takes at most, a bound on one reply: the rest come with the next."""
+BREAKER_TTL: Final = 24 * 60 * 60.0
+"""Seconds a breaker's hash is kept after its last verdict (`_BREAKER_SETTLE`): then it is forgotten, closed."""
 
 _ADMIT: Final = """
 local t = redis.call('TIME')
@@ -235,18 +237,20 @@ _BREAKER_SETTLE: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local verdict, probe, threshold, cooldown = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3]), tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
 local breaker = redis.call('HMGET', KEYS[1], 'state', 'failures')
 local state = breaker[1] or 'closed'
 if probe then redis.call('HDEL', KEYS[1], 'probe_until') end
 if verdict == 'released' then return {state, '', tonumber(breaker[2]) or 0} end
-redis.call('PEXPIRE', KEYS[1], 86400000)
 if verdict == 'succeeded' then
+  redis.call('PEXPIRE', KEYS[1], ttl)
   if state == 'closed' and (tonumber(breaker[2]) or 0) == 0 then return {state, '', 0} end
   redis.call('HSET', KEYS[1], 'failures', 0, 'state', 'closed')
   if state == 'closed' then return {state, '', 0} end
   return {'closed', 'closed', 0}
 end
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+redis.call('PEXPIRE', KEYS[1], ttl) -- after HINCRBY, which may create the hash: PEXPIRE skips a missing key
 if state == 'half_open' and not probe then return {state, '', failures} end
 if state == 'open' or (state == 'closed' and failures < threshold) then return {state, '', failures} end
 redis.call('HSET', KEYS[1], 'state', 'open', 'open_until', now + cooldown)
@@ -254,10 +258,10 @@ return {'open', 'open', failures}
 """
 """
 KEYS: the target's breaker. ARGV: the verdict, '1' if the request was the probe, the failures
-that open it, its cooldown ms. Returns its state, the new one if it changed ('' if not), and
-the failures counted.
-The same rules as `_targets.LocalBreakers`, on Redis's clock; a breaker untouched for a day is
-forgotten (closed).
+that open it, its cooldown ms, how long it is kept after a verdict, ms (`BREAKER_TTL`).
+Returns its state, the new one if it changed ('' if not), and the failures counted.
+The same rules as `_targets.LocalBreakers`, on Redis's clock; a breaker without a verdict for
+`BREAKER_TTL` is forgotten (closed).
 """
 
 
@@ -537,15 +541,21 @@ class RedisState:
 
     async def settle_breaker(
         self, key: str, verdict: str, *, probe: bool, failures: int, cooldown: float
-    ) -> tuple[str, str, int]:
+    ) -> tuple[BreakerState, BreakerState | None, int]:
         """
         `_BREAKER_SETTLE` on the breaker at `key`: its state, the new one if it changed (else
-        ''), and its failures.
+        `None`), and its failures.
+
+        Raises:
+            SharedStateError: Redis failed, did not answer in time, or holds the breaker in a
+                state no script knows (written by something else).
         """
-        args: list[int | str] = [verdict, "1" if probe else "0", failures, int(cooldown * 1000)]
+        kept = int(BREAKER_TTL * 1000)
+        args: list[int | str] = [verdict, "1" if probe else "0", failures, int(cooldown * 1000), kept]
         reply = cast("list[bytes | int]", await self._call(self._breaker_settle(keys=[key], args=args)))
         state, change, counted = reply
-        return _text(cast("bytes", state)), _text(cast("bytes", change)), int(counted)
+        changed = _text(cast("bytes", change))
+        return _state(_text(cast("bytes", state))), _state(changed) if changed else None, int(counted)
 
     def _stream_key(self, stream_id: str) -> str:
         return self._key("stream", stream_id)
@@ -687,8 +697,8 @@ class SharedBreakers:
             )
         except SharedStateError:
             return await self._local.settle(url, verdict, probe=probe, now=now)
-        self._known[url] = _Snapshot(_state(state), failures, now)
-        return _state(change) if change else None
+        self._known[url] = _Snapshot(state, failures, now)
+        return change
 
     def state(self, url: str) -> BreakerState:
         known = self._known.get(url)
@@ -708,6 +718,10 @@ def _text(value: bytes | str) -> str:
 
 
 def _state(text: str) -> BreakerState:
-    """A state a script returned: one of `BREAKER_STATES`."""
-    assert text in BREAKER_STATES, text
+    """
+    A state a script returned: one of `BREAKER_STATES`, or the shared state is broken (a
+    `SharedStateError`, so that the caller's fallback applies).
+    """
+    if text not in BREAKER_STATES:
+        raise SharedStateError(f"Redis holds a circuit breaker in an unknown state: {text!r}", code=UNAVAILABLE)
     return text  # narrowed by the `in` above

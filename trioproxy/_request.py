@@ -44,6 +44,7 @@ __all__ = [
     "parse_model",
     "parse_stream",
     "translated_request",
+    "unportable_refusal",
 ]
 
 WireProtocol = Literal["openai", "anthropic", "responses", "completions", "embeddings"]
@@ -386,6 +387,20 @@ def carried_fields(
         else:
             uncarried[name] = refusal(f"'{name}'", name)
     return out
+
+
+def unportable_refusal(upstreams: str) -> Callable[[str, str], RequestError]:
+    """
+    How a translation from a protocol only `upstreams` upstreams speak refuses what it has no
+    equivalent for: the refusal of `what` (a phrase naming it) at `param`.
+    """
+
+    def refusal(what: str, param: str) -> RequestError:
+        return RequestError(
+            f"{what} is understood by {upstreams} upstreams only; this model's upstream is not one", param=param
+        )
+
+    return refusal
 
 
 def parse_model(body: dict[str, Any]) -> str:

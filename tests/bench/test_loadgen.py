@@ -4,6 +4,7 @@ The load generator's client against canned HTTP/1.1 servers and the benchmark up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from functools import partial
@@ -13,7 +14,8 @@ import orjson
 import pytest
 import trio
 
-from trioproxy import parse_config, serve
+from tests.bench.test_websocket_client import server_frame
+from trioproxy import SSEDecoder, parse_config, serve
 from trioproxy._bench.loadgen import (
     MAX_NDJSON_LINE,
     _Connection,
@@ -26,7 +28,7 @@ from trioproxy._bench.loadgen import (
 )
 from trioproxy._bench.stats import StreamRecord
 from trioproxy._bench.upstream import BenchUpstream
-from trioproxy._bench.websocket import accept_key
+from trioproxy._bench.websocket import PING, TEXT, MessageDecoder, accept_key
 from trioproxy._bench.wire import PhaseSpec, Protocol
 from trioproxy.testing import Reply, open_fake_upstream
 from trioproxy.testing._wire import anthropic_frames, responses_frames, responses_stream_error
@@ -445,3 +447,41 @@ async def test_a_ping_that_comes_with_the_websocket_handshake_is_answered_not_an
     pong = answer.rpartition(b"\r\n\r\n")[2]  # after the handshake's request
     assert pong[0] == 0x8A  # FIN | PONG, masked as a client's frame
     assert len(pong) == 2 + 4 + 4
+
+
+async def test_a_pong_the_socket_cannot_take_whole_fails_the_connection() -> None:
+    """
+    The reader answers a ping without waiting (it serves every socket): when the send buffer
+    cannot take the whole pong, the WebSocket is given up with an error in the stream's
+    record, rather than the pong left out, or cut short and every frame after it corrupt.
+    """
+    spec = responses_phase("http://127.0.0.1:9/v1/responses", tokens=1, protocol="responses-ws", concurrency=1)
+    endpoint = _Endpoint.from_spec(spec)
+    messages = [event.data.encode() for event in SSEDecoder().feed(responses_stream(1))]
+    client, server = socket.socketpair()  # a Unix socket: its buffers fill and stay full, with no ACK to wait for
+    with client, server:
+        client.setblocking(False)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        connection = _Connection(endpoint, spec.connect_timeout_s)
+        connection.socket, connection.messages = client, MessageDecoder()  # as `open` leaves a WebSocket
+        peer = trio.socket.from_stdlib_socket(server)
+
+        async def answer_then_read_nothing() -> None:
+            received = b""
+            while len(received) < len(endpoint.request):  # the response.create message
+                received += await peer.recv(65536)
+            with contextlib.suppress(BlockingIOError):  # the client's send buffer filled: not one byte more fits
+                while True:
+                    client.send(b"\0" * 65536)
+            await peer.send(server_frame(PING, b"p" * 125) + b"".join(server_frame(TEXT, m) for m in messages))
+
+        reader = _Reader()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader.run)
+            nursery.start_soon(answer_then_read_nothing)
+            with trio.fail_after(5):
+                record = await _run_stream(connection, endpoint, spec, reader)
+            nursery.cancel_scope.cancel()
+    assert record.error is not None
+    assert record.error.startswith("connection: ProtocolError: a pong could not be written whole"), record.error
+    assert connection.socket is None  # closed: the next stream opens another

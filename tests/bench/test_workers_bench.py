@@ -13,6 +13,7 @@ import orjson
 import pytest
 import trio
 
+from tests.conftest import QUICK_BENCH_BOUND
 from trioproxy._bench.processes import child_env
 
 CONCURRENCY = (1, 4)
@@ -21,7 +22,7 @@ CONCURRENCY = (1, 4)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's per-process CPU clocks")
 async def test_one_process_and_two_workers_are_measured_with_the_cpu_of_every_worker(tmp_path: Path) -> None:
     argv = ["bench", "--quick", "--workers", "2", "--concurrency", ",".join(map(str, CONCURRENCY)), "--no-plot"]
-    with trio.fail_after(150):
+    with trio.fail_after(QUICK_BENCH_BOUND):
         result = await trio.run_process(
             [sys.executable, "-m", "trioproxy", *argv, "--output", str(tmp_path)],
             capture_stdout=True,

@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio_websocket
 
+from tests.conftest import PROCESS_EXIT_BOUND
 from tests.test_cli import start_server
 from trioproxy import SSEDecoder, StreamEvent, parse_config
 from trioproxy.server._app import create_app
@@ -110,7 +111,7 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(
     async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk:
         stream = await sdk.chat.completions.create(**body("short"), stream=True)
         text, finish, signalled_at = "", None, None
-        with trio.fail_after(10):
+        with trio.fail_after(PROCESS_EXIT_BOUND):
             async for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     text += chunk.choices[0].delta.content
@@ -222,7 +223,7 @@ async def test_streams_still_running_at_the_grace_deadline_end_with_an_error_and
         await read()
         ended_at[name] = trio.current_time()
 
-    with trio.fail_after(10):
+    with trio.fail_after(PROCESS_EXIT_BOUND):
         async with trio.open_nursery() as clients:
             clients.start_soon(timed, "openai sdk", partial(read_openai_sdk, proxy.url, first_token, sdk_outcome))
             for name, path, extra in (
@@ -263,7 +264,7 @@ async def test_work_arriving_during_the_drain_is_refused_and_a_second_signal_end
     proxy = await start_proxy(nursery, tmp_path, upstream, grace=30)
     port = int(proxy.url.rsplit(":", 1)[1])
     ws_url = proxy.url.replace("http://", "ws://", 1) + "/v1/chat/ws"
-    with trio.fail_after(10):
+    with trio.fail_after(PROCESS_EXIT_BOUND):
         async with trio_websocket.open_websocket_url(ws_url) as ws:
             await ws.send_message(orjson.dumps({**body("long"), "id": "a"}).decode())
             while '"token"' not in await ws.get_message():
@@ -386,7 +387,7 @@ async def test_sigterm_lets_a_responses_websocket_finish_its_response_then_close
     async with trio_websocket.open_websocket_url(url) as ws:
         await ws.send_message(orjson.dumps({"type": "response.create", "model": "up/m", "input": "short"}).decode())
         kinds = []
-        with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as closed:  # noqa: PT012 - as above
+        with trio.fail_after(PROCESS_EXIT_BOUND), pytest.raises(trio_websocket.ConnectionClosed) as closed:  # noqa: PT012 - as above
             while True:
                 kinds.append(orjson.loads(await ws.get_message())["type"])
                 if kinds[-1] == "response.output_text.delta" and kinds.count(kinds[-1]) == 1:

@@ -23,7 +23,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import listening_url, proxy_config, wait_until
+from tests.conftest import PROCESS_EXIT_BOUND, listening_url, proxy_config, wait_until
 from trioproxy import parse_config, serve
 from trioproxy._config import AuthConfig
 from trioproxy._logs import JsonFormatter, LoggingConfig, TextFormatter
@@ -355,7 +355,7 @@ async def test_serve_writes_json_lines(nursery: trio.Nursery, tmp_path: Path) ->
         async with httpx.AsyncClient() as http:
             response = await http.post(url + CHAT, json={"model": "sim/echo", "messages": MESSAGES, "stream": True})
         process.send_signal(signal.SIGINT)
-        with trio.fail_after(10):
+        with trio.fail_after(PROCESS_EXIT_BOUND):
             assert await process.wait() == 0
 
     lines = [json.loads(line) for line in log.read_text().splitlines()]

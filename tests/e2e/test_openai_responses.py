@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import coredis
 import httpx
 import openai
 import orjson
@@ -19,7 +20,15 @@ import trio
 import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Instant, collect_into, proxy_config, upstream_closed_soon_after, wait_until, wait_until_idle
+from tests.conftest import (
+    Instant,
+    RedisServer,
+    collect_into,
+    proxy_config,
+    upstream_closed_soon_after,
+    wait_until,
+    wait_until_idle,
+)
 from trioproxy import parse_config, serve
 from trioproxy._sse import SSEDecoder
 from trioproxy.server._responses_front import TERMINAL_EVENTS, response_from_events
@@ -555,6 +564,59 @@ async def test_the_stream_helper_resumes_a_response_by_id(client: openai.AsyncOp
     async with client.responses.stream(response_id=queued.id, starting_after=3) as stream:
         final = await stream.get_final_response()
     assert final.output_text == "".join(TOKENS)
+
+
+class SpawnedTasks(trio.abc.Instrument):
+    """The names of the tasks spawned while it is on: the proxy's too, since it runs in this test's trio run."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.names.append(task.name)
+
+
+async def stored_streamed_and_in_background(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> list[str]:
+    """A stored response streamed and one in the background, run to their ends, watched by `SpawnedTasks`: their ids."""
+    upstream.push(Reply(tokens=TOKENS), Reply(tokens=TOKENS))
+    async with client.responses.stream(model="up/gpt-test", input="hi") as stream:
+        streamed = await stream.get_final_response()
+    queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
+    async with client.responses.stream(response_id=queued.id) as stream:
+        assert (await stream.get_final_response()).status == "completed"
+    return [streamed.id, queued.id]
+
+
+async def test_without_redis_no_task_is_started_to_keep_a_conversation(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    spawned = SpawnedTasks()
+    trio.lowlevel.add_instrument(spawned)
+    try:
+        streamed, background = await stored_streamed_and_in_background(client, upstream)
+    finally:
+        trio.lowlevel.remove_instrument(spawned)
+    assert {f"stream {streamed}", f"response {background}"} <= set(spawned.names)  # each one's run is seen
+    assert [name for name in spawned.names if name.endswith(" conversation")] == []
+
+
+async def test_with_redis_a_streamed_or_background_response_s_conversation_is_kept_there(
+    nursery: trio.Nursery, upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    config = parse_config(
+        {
+            "redis": {"url": redis_server.url},
+            "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
+        }
+    )
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    async with (
+        openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as client,
+        coredis.Redis.from_url(redis_server.url) as redis,
+    ):
+        ids = await stored_streamed_and_in_background(client, upstream)
+        for response_id in ids:  # kept by a task once the response ended: soon after its last event
+            await wait_until(partial(redis.exists, [f"trioproxy:stream:{response_id}:conversation"]))
 
 
 # --- a Responses upstream ---------------------------------------------------------------------

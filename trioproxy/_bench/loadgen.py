@@ -558,8 +558,7 @@ class _WebSocketResponse:
             if opcode == TEXT:
                 self.body.event(payload, now)
             elif opcode == PING:
-                with contextlib.suppress(BlockingIOError):  # a full socket buffer: the next ping is answered
-                    self._socket.send(client_frame(PONG, payload))
+                self._pong(payload)
             elif opcode == CLOSE:
                 raise ProtocolError(f"the server closed the WebSocket: {payload[2:200]!r}")
         if self.body.done or self.body.error is not None:
@@ -567,6 +566,23 @@ class _WebSocketResponse:
             self.keep_alive = self.body.error is None
             return True
         return False
+
+    def _pong(self, payload: bytes) -> None:
+        """
+        Answer a ping without waiting (the reader serves every socket), whole or not at all: a
+        pong the send buffer cannot take whole fails the connection, since a pong cut short
+        would corrupt every frame after it, and one left out may get the WebSocket closed.
+        """
+        frame = client_frame(PONG, payload)
+        try:
+            sent = self._socket.send(frame)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(frame):
+            raise ProtocolError(
+                f"a pong could not be written whole ({sent} of {len(frame)} bytes): the socket's send buffer "
+                "is full, the server is not reading"
+            )
 
 
 class _Reader:

@@ -50,7 +50,7 @@ from typing import Any, Final, Protocol
 import orjson
 
 from .._exceptions import RequestError
-from .._request import ChatRequest, carried_fields, parse_model, parse_stream, translated_request
+from .._request import ChatRequest, carried_fields, parse_model, parse_stream, translated_request, unportable_refusal
 from ..providers.anthropic import FORWARDED_HEADERS, TOOL_CHOICES
 
 __all__ = ["parse_messages_request", "to_chat_completions"]
@@ -83,6 +83,7 @@ _BLOCK_FIELDS: Final[dict[str, frozenset[str]]] = {
 
 _NOT_FIELDS: Final = frozenset({"model", "max_tokens", "stream", "system", "messages"}) | _DROPPED
 """Top-level fields `to_chat_completions` carries itself, or drops: not for `carried_fields`."""
+_unportable: Final = unportable_refusal("Anthropic")
 
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
@@ -171,12 +172,6 @@ def _fields(name: str, value: object) -> dict[str, object] | None:
     if name == "output_config":
         return _output_config(value)
     return None
-
-
-def _unportable(what: str, param: str) -> RequestError:
-    return RequestError(
-        f"{what} is understood by Anthropic upstreams only; this model's upstream is not one", param=param
-    )
 
 
 def _system_text(system: object, where: str) -> str:

@@ -43,7 +43,7 @@ from .._limits import Limiter, check_request_shape
 from .._policy import BufferConfig
 from .._redis import RedisState, SharedLimits
 from .._request import ChatRequest
-from .._router import Router
+from .._router import Route, Router
 from .._upstream import Upstream
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import AccessLog, request_record
@@ -306,14 +306,13 @@ class Core:
             yield
 
     async def ask_upstream(
-        self, chat: ChatRequest, ask: Callable[[Upstream, ChatRequest], Awaitable[bytes | None]]
+        self, route: Route, chat: ChatRequest, ask: Callable[[Upstream, ChatRequest], Awaitable[bytes | None]]
     ) -> bytes | None:
         """
         A question other than a generation (count the input's tokens, compact it) to the
-        upstream of `chat`'s model, `chat` routed to it, within its `first_token_timeout`: the
-        JSON it answers, or `None` when it cannot say.
+        upstream of `route` (`chat`'s model's), `chat` routed to it, within its
+        `first_token_timeout`: the JSON it answers, or `None` when it cannot say.
         """
-        route = self.router.route(chat.model)
         timeout = route.provider.timeouts.first_token_timeout
         with trio.move_on_after(timeout or math.inf):
             return await ask(route.upstream, chat.routed(route.upstream_model))

@@ -52,7 +52,15 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .._exceptions import RequestError
-from .._request import ChatRequest, carried_fields, parse_max_tokens, parse_model, parse_stream, translated_request
+from .._request import (
+    ChatRequest,
+    carried_fields,
+    parse_max_tokens,
+    parse_model,
+    parse_stream,
+    translated_request,
+    unportable_refusal,
+)
 
 __all__ = ["Turn", "continued", "input_items", "listed_input_items", "parse_responses_request", "to_chat_completions"]
 
@@ -70,6 +78,7 @@ _DROPPED: Final = frozenset(
 
 _NOT_FIELDS: Final = frozenset({"model", "stream", "instructions", "input"}) | _DROPPED
 """Top-level fields `to_chat_completions` carries itself, or drops: not for `carried_fields`."""
+_unportable: Final = unportable_refusal("OpenAI Responses")
 
 _TRIOPROXY_FIELDS: Final = frozenset({"simulate"})
 """trioproxy's own request fields (the simulated upstream's faults), carried over as they are."""
@@ -203,12 +212,6 @@ def _fields(name: str, value: object) -> dict[str, object] | None:
     if name in ("previous_response_id", "conversation", "prompt", "max_tool_calls") and unset:
         return {}  # nothing to carry
     return None
-
-
-def _unportable(what: str, param: str) -> RequestError:
-    return RequestError(
-        f"{what} is understood by OpenAI Responses upstreams only; this model's upstream is not one", param=param
-    )
 
 
 class _Conversation:

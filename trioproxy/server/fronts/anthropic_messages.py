@@ -60,7 +60,8 @@ def register(app: QuartTrio, core: Core) -> None:
         """An Anthropic upstream's own count; an estimate, marked so, from any other."""
         try:
             chat = parse_messages_request(parse_json_object(await request.get_data()), request.headers, counting=True)
-            counted = await core.ask_upstream(chat, lambda upstream, routed: upstream.count_tokens(routed))
+            route = core.router.route(chat.model)
+            counted = await core.ask_upstream(route, chat, lambda upstream, routed: upstream.count_tokens(routed))
         except TrioproxyError as exc:
             return _error(exc)
         if counted is None:

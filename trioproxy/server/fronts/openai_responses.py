@@ -185,11 +185,16 @@ class _Routes:
         """
         A stored response that is not `background`, once its upstream accepted: shared in the
         registry, its requester the first watcher, ending with its last watcher (`Core.share`);
-        its conversation kept in Redis once it ends, by a task of the app's.
+        its conversation kept in Redis once it ends (`keep_conversation_later`).
         """
         stream, backlog, watcher = await self.share_unkept(session, chat, echoed)
-        self.core.nursery.start_soon(self.keep_conversation, stream, name=f"response {stream.id} conversation")
+        self.keep_conversation_later(stream)
         return stream, backlog, watcher
+
+    def keep_conversation_later(self, stream: BroadcastStream) -> None:
+        """With `[redis]`, `keep_conversation` by a task of the app's; without, there is nowhere to keep it."""
+        if self.core.streams.store.shared:
+            self.core.nursery.start_soon(self.keep_conversation, stream, name=f"response {stream.id} conversation")
 
     async def share_unkept(
         self, session: StreamSession, chat: ChatRequest, echoed: dict[str, Any]
@@ -244,7 +249,7 @@ class _Routes:
             return _error(exc)
         stream.resume_grace_period = math.inf  # it outlives its request
         self.core.nursery.start_soon(stream.run, name=f"response {stream.id}")
-        self.core.nursery.start_soon(self.keep_conversation, stream, name=f"response {stream.id} conversation")
+        self.keep_conversation_later(stream)
         if chat.stream:
             return watch_response(stream, *stream.attach())
         return json_response(_renderer(stream).snapshot("queued"))
@@ -285,9 +290,10 @@ class _Routes:
         """A Responses upstream's own count; an estimate, marked so, from any other."""
         try:
             chat = await self.parsed_side_request(parse_json_object(await request.get_data()))
-            counted = await self.core.ask_upstream(chat, lambda upstream, routed: upstream.count_tokens(routed))
+            route = self.core.router.route(chat.model)
+            counted = await self.core.ask_upstream(route, chat, lambda upstream, routed: upstream.count_tokens(routed))
             if counted is None:  # what another upstream could not be asked is refused here too, unless it drops it
-                chat.common_body(self.core.router.route(chat.model).provider.drop_params)
+                chat.common_body(route.provider.drop_params)
         except TrioproxyError as exc:
             return _error(exc)
         if counted is not None:
@@ -302,7 +308,8 @@ class _Routes:
         """A Responses upstream's own compaction; refused for any other, which has no such thing."""
         try:
             chat = await self.parsed_side_request(parse_json_object(await request.get_data()))
-            compacted = await self.core.ask_upstream(chat, lambda upstream, routed: upstream.compact(routed))
+            route = self.core.router.route(chat.model)
+            compacted = await self.core.ask_upstream(route, chat, lambda upstream, routed: upstream.compact(routed))
             if compacted is None:
                 raise RequestError(
                     f"model {chat.model!r} is not served by an OpenAI Responses upstream, and only the Responses API "
