@@ -8,11 +8,21 @@ repeated, and their medians.
     python benchmarks/cpu_per_stream.py --concurrency 1,10,50 --repeat 3
     python benchmarks/cpu_per_stream.py --redis                  # with [redis], on a redis-server of its own
     python benchmarks/cpu_per_stream.py --staggered --concurrency 100   # steady traffic: the steadiest figure
+    python benchmarks/cpu_per_stream.py --reference nginx        # and Debian's nginx, as a floor
 
 Each phase runs the direct connection and then trioproxy at one concurrency (the reference
 workload: 64 tokens, 50 ms to the first, 20 ms apart) and prints trioproxy's CPU per stream,
 the TTFT p50 it adds over direct, and its streams/s; then each concurrency's medians, with
-every phase's figure so the spread shows. On a machine shared with other work the spread
+every phase's figure so the spread shows. A phase where a stream failed or a token was lost,
+duplicated or reordered stops the run.
+
+With `--reference nginx`, Debian's nginx (`/usr/sbin/nginx`; `apt-get install nginx-light`)
+streams from the same upstream after trioproxy in every phase, to the same load generator,
+pinned to trioproxy's CPU: one worker, `proxy_buffering off`, no cache, no access log,
+HTTP/1.1 upstream connections kept alive, everything it writes in the run's temporary
+directory. Its CPU (the master's and the worker's) gets the same line, and the medians
+trioproxy's CPU per stream as a multiple of nginx's, from the same run: what a proxy that does
+no more than move bytes costs on this machine. On a machine shared with other work the spread
 between phases is ±15% or more: compare two versions by alternating runs of each, not by one.
 Streams that start together are handled in batches whose size varies from phase to phase (on
 this project's machine, ±15% even when it is idle); with `--staggered` they start spread over
