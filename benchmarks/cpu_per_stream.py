@@ -8,11 +8,21 @@ repeated, and their medians.
     python benchmarks/cpu_per_stream.py --concurrency 1,10,50 --repeat 3
     python benchmarks/cpu_per_stream.py --redis                  # with [redis], on a redis-server of its own
     python benchmarks/cpu_per_stream.py --staggered --concurrency 100   # steady traffic: the steadiest figure
+    python benchmarks/cpu_per_stream.py --reference nginx        # and Debian's nginx, as a floor
 
 Each phase runs the direct connection and then trioproxy at one concurrency (the reference
 workload: 64 tokens, 50 ms to the first, 20 ms apart) and prints trioproxy's CPU per stream,
 the TTFT p50 it adds over direct, and its streams/s; then each concurrency's medians, with
-every phase's figure so the spread shows. On a machine shared with other work the spread
+every phase's figure so the spread shows. A phase where a stream failed or a token was lost,
+duplicated or reordered stops the run.
+
+With `--reference nginx`, Debian's nginx (`/usr/sbin/nginx`; `apt-get install nginx-light`)
+streams from the same upstream after trioproxy in every phase, to the same load generator,
+pinned to trioproxy's CPU: one worker, `proxy_buffering off`, no cache, no access log,
+HTTP/1.1 upstream connections kept alive, everything it writes in the run's temporary
+directory. Its CPU (the master's and the worker's) gets the same line, and the medians
+trioproxy's CPU per stream as a multiple of nginx's, from the same run: what a proxy that does
+no more than move bytes costs on this machine. On a machine shared with other work the spread
 between phases is ±15% or more: compare two versions by alternating runs of each, not by one.
 Streams that start together are handled in batches whose size varies from phase to phase (on
 this project's machine, ±15% even when it is idle); with `--staggered` they start spread over
@@ -36,20 +46,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trioproxy._bench.options import BenchSettings, _concurrency_list, _positive_int
 from trioproxy._bench.processes import (
+    BenchError,
     pinned_self,
     plan_pinning,
     start_loadgen,
+    start_nginx,
     start_proxy,
     start_redis,
 )
-from trioproxy._bench.runner import _Bench, _targets, proxy_config, start_bench_upstream
+from trioproxy._bench.results import PhaseReport, Target
+from trioproxy._bench.runner import _Bench, _chat_url, _targets, proxy_config, start_bench_upstream
+
+#: A phase's (CPU ms per stream, added TTFT p50 ms, streams/s).
+Figures = tuple[float, float, float]
 
 
 async def measure(
-    settings: BenchSettings, repeat: int, *, redis: bool = False
-) -> dict[int, list[tuple[float, float, float]]]:
-    """(CPU ms per stream, added TTFT p50 ms, streams/s) of each trioproxy phase, by concurrency."""
-    figures: dict[int, list[tuple[float, float, float]]] = {}
+    settings: BenchSettings, repeat: int, *, redis: bool = False, reference: str | None = None
+) -> dict[int, dict[str, list[Figures]]]:
+    """The figures of each phase, by concurrency and target: trioproxy, then the `reference` proxy if any."""
+    figures: dict[int, dict[str, list[Figures]]] = {}
     pinning = plan_pinning(external_proxy=False)
     with tempfile.TemporaryDirectory(prefix="trioproxy-cpu-") as tmp, pinned_self(pinning.others):
         work = Path(tmp)
@@ -65,19 +81,64 @@ async def measure(
                 text = proxy_config(upstream.url, limit)
             config.write_text(text)
             proxy = await stack.enter_async_context(start_proxy(config, cpus=pinning.proxy, log_dir=work))
-            loadgen = await stack.enter_async_context(start_loadgen(cpus=pinning.others, log_dir=work))
             direct, through = _targets(settings, upstream, proxy)
-            bench = _Bench(settings, loadgen, upstream, [direct, through])
+            proxies = [through]
+            if reference == "nginx":  # on the same CPU, idle while trioproxy is measured, and the other way round
+                nginx = await stack.enter_async_context(
+                    start_nginx(upstream.url, limit, cpus=pinning.proxy, log_dir=work)
+                )
+                url = _chat_url(nginx.url)
+                proxies.append(Target("nginx", "compare", url, "m", nginx.pid, worker_pids=nginx.worker_pids))
+            loadgen = await stack.enter_async_context(start_loadgen(cpus=pinning.others, log_dir=work))
+            bench = _Bench(settings, loadgen, upstream, [direct, *proxies])
             for _ in range(repeat):
                 for concurrency in settings.concurrency:
                     floor = await bench.phase(direct, concurrency)
-                    phase = await bench.phase(through, concurrency)
-                    cpu = phase.resources.proxy_cpu_ms_per_stream
-                    ttft, ttft_floor = phase.figures.ttft_ms.p50, floor.figures.ttft_ms.p50
-                    if cpu is None or ttft is None or ttft_floor is None:
-                        raise SystemExit(f"no figures at {concurrency} streams: {phase.figures.error_examples}")
-                    figures.setdefault(concurrency, []).append((cpu, ttft - ttft_floor, phase.figures.streams_per_s))
+                    for target in proxies:
+                        phase = await bench.phase(target, concurrency)
+                        figures.setdefault(concurrency, {}).setdefault(target.name, []).append(_figures(phase, floor))
     return figures
+
+
+def _figures(phase: PhaseReport, floor: PhaseReport) -> Figures:
+    """A proxy's phase against the direct one before it; a `BenchError` if a stream failed or a token went astray."""
+    for report in (floor, phase):
+        figures = report.figures
+        astray = figures.lost + figures.duplicated + figures.reordered
+        if figures.errors or astray:
+            examples = "".join(f"; {example}" for example in figures.error_examples)
+            raise BenchError(
+                f"{report.target} at {report.concurrency} streams: {figures.errors} failed, {astray} tokens lost, "
+                f"duplicated or reordered{examples}"
+            )
+    cpu = phase.resources.proxy_cpu_ms_per_stream
+    ttft, ttft_floor = phase.figures.ttft_ms.p50, floor.figures.ttft_ms.p50
+    if cpu is None or ttft is None or ttft_floor is None:
+        raise BenchError(f"no figures at {phase.concurrency} streams: {phase.figures.error_examples}")
+    return cpu, ttft - ttft_floor, phase.figures.streams_per_s
+
+
+def summary(figures: dict[int, dict[str, list[Figures]]]) -> str:
+    """Each concurrency's medians, target by target, with every phase's figure; and trioproxy's CPU over nginx's."""
+    lines = [
+        "streams  target     CPU ms/stream (median: each phase)   added TTFT p50 ms (median: each phase)   streams/s"
+    ]
+    for concurrency, targets in sorted(figures.items()):
+        medians = {}
+        for name, phases in targets.items():
+            cpu, ttft, rate = ([phase[i] for phase in phases] for i in range(3))
+            medians[name] = statistics.median(cpu)
+            lines.append(
+                f"{concurrency:>7}  {name:<9} {medians[name]:6.2f}: {' '.join(f'{v:.2f}' for v in cpu):<24}"
+                f"  {statistics.median(ttft):7.2f}: {' '.join(f'{v:.1f}' for v in ttft):<24}"
+                f"  {statistics.median(rate):6.1f}"
+            )
+        if "nginx" in medians:
+            trioproxy, nginx = medians["trioproxy"], medians["nginx"]
+            lines.append(
+                f"{'':>18} trioproxy / nginx CPU per stream: {trioproxy:.2f} / {nginx:.2f} = {trioproxy / nginx:.1f}x"
+            )
+    return "\n".join(lines)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -86,17 +147,19 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=_positive_int, default=5, help="phases per concurrency (default 5)")
     parser.add_argument("--redis", action="store_true", help="with [redis], on a redis-server it starts")
     parser.add_argument("--staggered", action="store_true", help="streams start spread out, as steady traffic")
+    parser.add_argument(
+        "--reference", choices=["nginx"], help="also measure Debian's nginx (/usr/sbin/nginx) in the same phases"
+    )
     args = parser.parse_args(argv)
     settings = BenchSettings(concurrency=args.concurrency, buffer=False, plot=False, staggered=args.staggered)
-    figures = trio.run(functools.partial(measure, settings, args.repeat, redis=args.redis))
-    print("streams  CPU ms/stream (median: each phase)   added TTFT p50 ms (median: each phase)   streams/s")
-    for concurrency, phases in sorted(figures.items()):
-        cpu, ttft, rate = ([phase[i] for phase in phases] for i in range(3))
-        print(
-            f"{concurrency:>7}  {statistics.median(cpu):6.2f}: {' '.join(f'{v:.2f}' for v in cpu):<24}"
-            f"  {statistics.median(ttft):7.2f}: {' '.join(f'{v:.1f}' for v in ttft):<24}"
-            f"  {statistics.median(rate):6.1f}"
+    try:
+        figures = trio.run(
+            functools.partial(measure, settings, args.repeat, redis=args.redis, reference=args.reference)
         )
+    except BenchError as exc:
+        print(f"cpu_per_stream: {exc}", file=sys.stderr)
+        return 1
+    print(summary(figures))
     return 0
 
 

@@ -1,5 +1,6 @@
 """
-The benchmark's child processes: the upstream, the proxy and the load generator.
+The benchmark's child processes: the upstream, the proxy and the load generator (and, when
+asked, a redis-server and an nginx as a reference proxy).
 
 Each runs as a process of its own, as it would in production, so that each one's CPU time can
 be read from /proc and each can be pinned to its own cores: the proxy alone on the first CPU,
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import trio
 
@@ -34,6 +36,8 @@ from .wire import LineReader, PhaseResult, PhaseSpec, send_message
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 TRIOPROXY = [sys.executable, "-m", "trioproxy"]
 LOADGEN = [sys.executable, "-m", "trioproxy._bench.loadgen"]
+#: Debian's nginx (packages `nginx-light` or `nginx`), the reference proxy of `cpu_per_stream.py`.
+NGINX = Path("/usr/sbin/nginx")
 #: How long a child may take to say it is ready.
 START_TIMEOUT = 30.0
 #: How long a child gets to exit after SIGTERM before SIGKILL.
@@ -47,6 +51,8 @@ _LOADGEN_READY = re.compile(r'"loadgen"')
 _REDIS_READY = re.compile(r"Ready to accept connections")
 #: What each worker of `serve --workers` logs, at level info, once it accepts connections.
 _WORKER_SERVING = re.compile(r"worker pid (\d+) serving")
+#: What nginx's master logs, at level notice, as it forks a worker (on the socket it listens on).
+_NGINX_WORKER = re.compile(r"start worker process (\d+)")
 #: How often the log is read while waiting for the workers.
 WORKER_POLL = 0.05
 
@@ -221,10 +227,17 @@ async def _stop(process: trio.Process) -> None:
 
 @asynccontextmanager
 async def _started(
-    name: str, args: list[str], ready: re.Pattern[str], cpus: tuple[int, ...] | None, log_dir: Path, *, stdin: bool
+    name: str,
+    args: list[str],
+    ready: re.Pattern[str] | None,
+    cpus: tuple[int, ...] | None,
+    log_dir: Path,
+    *,
+    stdin: bool,
 ) -> AsyncIterator[tuple[Child, LineReader]]:
     """
-    Spawn `args`, pin it, wait for a stdout line matching `ready`, and stop it on the way out.
+    Spawn `args`, pin it, wait for a stdout line matching `ready` (None: the caller waits for
+    its own sign), and stop it on the way out.
 
     The servers print nothing on stdout after their ready line (logs go to stderr, into the
     log file), so their stdout pipe needs no reader afterwards.
@@ -243,8 +256,8 @@ async def _started(
         _pin(process.pid, cpus)
         assert process.stdout is not None
         reader = LineReader(process.stdout)
-        match = await _wait_for_line(name, reader, ready, log)
-        url = match.group(1) if match.groups() else ""
+        match = None if ready is None else await _wait_for_line(name, reader, ready, log)
+        url = match.group(1) if match is not None and match.groups() else ""
         yield Child(name, process, url, time.perf_counter() - spawned, log), reader
     finally:
         await _stop(process)
@@ -281,13 +294,86 @@ async def start_redis(*, cpus: tuple[int, ...] | None, log_dir: Path) -> AsyncIt
     """Debian's `redis-server` on a free loopback port, saving nothing: its `redis://` URL."""
     if shutil.which("redis-server") is None:
         raise BenchError("redis-server is missing: apt-get install redis-server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(log_dir)]
     args += ["--save", "", "--appendonly", "no"]
     async with _started("redis", args, _REDIS_READY, cpus, log_dir, stdin=False):
         yield f"redis://127.0.0.1:{port}/0"
+
+
+def _free_port() -> int:
+    """A loopback port free now, for a server that cannot listen on port 0 and say which it got."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def nginx_config(upstream_url: str, *, port: int, max_connections: int, directory: Path) -> str:
+    """
+    nginx as trioproxy is run in the benchmark: one worker on 127.0.0.1:`port`, streaming from
+    the upstream as it comes (no buffering, no cache, no access log) over HTTP/1.1 connections
+    kept alive, up to `max_connections` idle, as trioproxy's pool is as large as the largest
+    concurrency. Everything it writes (pid, log, temporary files) goes into `directory`, so it
+    runs as root or not; its log, at level notice, names the worker it forks.
+    """
+    temp = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # made at start-up, used or not
+    return "\n".join(
+        [
+            "daemon off;",
+            "worker_processes 1;",
+            f"pid {directory / 'nginx.pid'};",
+            f"lock_file {directory / 'nginx.lock'};",
+            f"error_log {directory / 'nginx.log'} notice;",  # the log `start_nginx` quotes and reads
+            # Each stream holds a client connection and an upstream one; idle upstream ones are kept too.
+            "events {",
+            f"    worker_connections {3 * max_connections + 16};",
+            "}",
+            "http {",
+            "    access_log off;",
+            *(f"    {name}_temp_path {directory / name};" for name in temp),
+            "    upstream bench {",
+            f"        server {urlsplit(upstream_url).netloc};",
+            f"        keepalive {max_connections};",
+            "    }",
+            "    server {",
+            f"        listen 127.0.0.1:{port};",
+            "        location / {",
+            "            proxy_pass http://bench;",
+            "            proxy_http_version 1.1;",
+            '            proxy_set_header Connection "";',
+            "            proxy_buffering off;",
+            "            proxy_cache off;",
+            "        }",
+            "    }",
+            "}",
+            "",
+        ]
+    )
+
+
+@asynccontextmanager
+async def start_nginx(
+    upstream_url: str, max_connections: int, *, cpus: tuple[int, ...] | None, log_dir: Path
+) -> AsyncIterator[Child]:
+    """
+    Debian's nginx in front of the upstream (`nginx_config`), in the foreground, its master and
+    its one worker pinned to `cpus`; ready when the master has forked the worker, on a socket
+    already listening. Its CPU is the master's and the worker's, as for `serve --workers`.
+    """
+    if not await trio.Path(NGINX).exists():
+        raise BenchError(f"{NGINX} is missing: apt-get install nginx-light (or nginx)")
+    port = _free_port()
+    config = log_dir / "nginx.conf"
+    config.write_text(nginx_config(upstream_url, port=port, max_connections=max_connections, directory=log_dir))
+    # -e: its log before it reads the config is the same file, which `_started` quotes if it fails.
+    args = [str(NGINX), "-p", str(log_dir), "-c", str(config), "-e", str(log_dir / "nginx.log")]
+    async with _started("nginx", args, None, cpus, log_dir, stdin=False) as (child, _):
+        waited = time.perf_counter()
+        pids = await _wait_for_workers(child, 1, _NGINX_WORKER)
+        _pin(pids[0], cpus)  # forked before the master was pinned, perhaps
+        startup_s = child.startup_s + time.perf_counter() - waited
+        yield replace(child, url=f"http://127.0.0.1:{port}", worker_pids=pids, startup_s=startup_s)
 
 
 @asynccontextmanager
@@ -316,11 +402,11 @@ async def start_proxy(
         yield replace(child, worker_pids=pids, startup_s=child.startup_s + time.perf_counter() - listening)
 
 
-async def _wait_for_workers(child: Child, workers: int) -> tuple[int, ...]:
-    """The pids of the first `workers` workers that said they serve, in the order they said it."""
+async def _wait_for_workers(child: Child, workers: int, serving: re.Pattern[str] = _WORKER_SERVING) -> tuple[int, ...]:
+    """The pids of the first `workers` workers the log says serve (`serving`), in the order it said it."""
     with trio.move_on_after(START_TIMEOUT):
         while child.process.returncode is None:
-            pids = tuple(int(pid) for pid in _WORKER_SERVING.findall(child.log.read_text(errors="replace")))
+            pids = tuple(int(pid) for pid in serving.findall(child.log.read_text(errors="replace")))
             if len(pids) >= workers:
                 return pids[:workers]
             await trio.sleep(WORKER_POLL)
