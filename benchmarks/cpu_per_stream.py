@@ -9,6 +9,7 @@ repeated, and their medians.
     python benchmarks/cpu_per_stream.py --redis                  # with [redis], on a redis-server of its own
     python benchmarks/cpu_per_stream.py --staggered --concurrency 100   # steady traffic: the steadiest figure
     python benchmarks/cpu_per_stream.py --reference nginx        # and Debian's nginx, as a floor
+    python benchmarks/cpu_per_stream.py --reference nginx --reference trio-relay
 
 Each phase runs the direct connection and then trioproxy at one concurrency (the reference
 workload: 64 tokens, 50 ms to the first, 20 ms apart) and prints trioproxy's CPU per stream,
@@ -22,7 +23,9 @@ pinned to trioproxy's CPU: one worker, `proxy_buffering off`, no cache, no acces
 HTTP/1.1 upstream connections kept alive, everything it writes in the run's temporary
 directory. Its CPU (the master's and the worker's) gets the same line, and the medians
 trioproxy's CPU per stream as a multiple of nginx's, from the same run: what a proxy that does
-no more than move bytes costs on this machine. On a machine shared with other work the spread
+no more than move bytes costs on this machine. `--reference trio-relay` does the same with
+`trioproxy._bench.relay`, a relay of HTTP/1.1 on trio that only frames messages: what any
+proxy written on trio pays, before it does anything of its own. On a machine shared with other work the spread
 between phases is ±15% or more: compare two versions by alternating runs of each, not by one.
 Streams that start together are handled in batches whose size varies from phase to phase (on
 this project's machine, ±15% even when it is idle); with `--staggered` they start spread over
@@ -36,6 +39,7 @@ import functools
 import statistics
 import sys
 import tempfile
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -53,18 +57,21 @@ from trioproxy._bench.processes import (
     start_nginx,
     start_proxy,
     start_redis,
+    start_relay,
 )
 from trioproxy._bench.results import PhaseReport, Target
 from trioproxy._bench.runner import _Bench, _chat_url, _targets, proxy_config, start_bench_upstream
 
+#: The proxies `--reference` measures beside trioproxy: Debian's nginx, and `trioproxy._bench.relay`.
+REFERENCES = ("nginx", "trio-relay")
 #: A phase's (CPU ms per stream, added TTFT p50 ms, streams/s).
 Figures = tuple[float, float, float]
 
 
 async def measure(
-    settings: BenchSettings, repeat: int, *, redis: bool = False, reference: str | None = None
+    settings: BenchSettings, repeat: int, *, redis: bool = False, references: Sequence[str] = ()
 ) -> dict[int, dict[str, list[Figures]]]:
-    """The figures of each phase, by concurrency and target: trioproxy, then the `reference` proxy if any."""
+    """The figures of each phase, by concurrency and target: trioproxy, then each of the `references` (`REFERENCES`)."""
     figures: dict[int, dict[str, list[Figures]]] = {}
     pinning = plan_pinning(external_proxy=False)
     with tempfile.TemporaryDirectory(prefix="trioproxy-cpu-") as tmp, pinned_self(pinning.others):
@@ -83,12 +90,14 @@ async def measure(
             proxy = await stack.enter_async_context(start_proxy(config, cpus=pinning.proxy, log_dir=work))
             direct, through = _targets(settings, upstream, proxy)
             proxies = [through]
-            if reference == "nginx":  # on the same CPU, idle while trioproxy is measured, and the other way round
-                nginx = await stack.enter_async_context(
-                    start_nginx(upstream.url, limit, cpus=pinning.proxy, log_dir=work)
-                )
-                url = _chat_url(nginx.url)
-                proxies.append(Target("nginx", "compare", url, "m", nginx.pid, worker_pids=nginx.worker_pids))
+            for name in references:  # on the same CPU, idle while trioproxy is measured, and the other way round
+                if name == "nginx":
+                    started = start_nginx(upstream.url, limit, cpus=pinning.proxy, log_dir=work)
+                else:
+                    started = start_relay(upstream.url, cpus=pinning.proxy, log_dir=work)
+                child = await stack.enter_async_context(started)
+                url = _chat_url(child.url)
+                proxies.append(Target(name, "compare", url, "m", child.pid, worker_pids=child.worker_pids))
             loadgen = await stack.enter_async_context(start_loadgen(cpus=pinning.others, log_dir=work))
             bench = _Bench(settings, loadgen, upstream, [direct, *proxies])
             for _ in range(repeat):
@@ -119,9 +128,9 @@ def _figures(phase: PhaseReport, floor: PhaseReport) -> Figures:
 
 
 def summary(figures: dict[int, dict[str, list[Figures]]]) -> str:
-    """Each concurrency's medians, target by target, with every phase's figure; and trioproxy's CPU over nginx's."""
+    """Each concurrency's medians, target by target, with every phase's figure; trioproxy's CPU over each reference."""
     lines = [
-        "streams  target     CPU ms/stream (median: each phase)   added TTFT p50 ms (median: each phase)   streams/s"
+        "streams  target      CPU ms/stream (median: each phase)   added TTFT p50 ms (median: each phase)   streams/s"
     ]
     for concurrency, targets in sorted(figures.items()):
         medians = {}
@@ -129,15 +138,17 @@ def summary(figures: dict[int, dict[str, list[Figures]]]) -> str:
             cpu, ttft, rate = ([phase[i] for phase in phases] for i in range(3))
             medians[name] = statistics.median(cpu)
             lines.append(
-                f"{concurrency:>7}  {name:<9} {medians[name]:6.2f}: {' '.join(f'{v:.2f}' for v in cpu):<24}"
+                f"{concurrency:>7}  {name:<10} {medians[name]:6.2f}: {' '.join(f'{v:.2f}' for v in cpu):<24}"
                 f"  {statistics.median(ttft):7.2f}: {' '.join(f'{v:.1f}' for v in ttft):<24}"
                 f"  {statistics.median(rate):6.1f}"
             )
-        if "nginx" in medians:
-            trioproxy, nginx = medians["trioproxy"], medians["nginx"]
-            lines.append(
-                f"{'':>18} trioproxy / nginx CPU per stream: {trioproxy:.2f} / {nginx:.2f} = {trioproxy / nginx:.1f}x"
-            )
+        trioproxy = medians["trioproxy"]
+        for name in REFERENCES:
+            if name in medians:
+                lines.append(
+                    f"{'':>18} trioproxy / {name} CPU per stream: {trioproxy:.2f} / {medians[name]:.2f}"
+                    f" = {trioproxy / medians[name]:.1f}x"
+                )
     return "\n".join(lines)
 
 
@@ -148,13 +159,17 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", action="store_true", help="with [redis], on a redis-server it starts")
     parser.add_argument("--staggered", action="store_true", help="streams start spread out, as steady traffic")
     parser.add_argument(
-        "--reference", choices=["nginx"], help="also measure Debian's nginx (/usr/sbin/nginx) in the same phases"
+        "--reference",
+        action="append",
+        choices=REFERENCES,
+        default=[],
+        help="also measure Debian's nginx (/usr/sbin/nginx) or the bare relay on trio in the same phases (repeatable)",
     )
     args = parser.parse_args(argv)
     settings = BenchSettings(concurrency=args.concurrency, buffer=False, plot=False, staggered=args.staggered)
     try:
         figures = trio.run(
-            functools.partial(measure, settings, args.repeat, redis=args.redis, reference=args.reference)
+            functools.partial(measure, settings, args.repeat, redis=args.redis, references=args.reference)
         )
     except BenchError as exc:
         print(f"cpu_per_stream: {exc}", file=sys.stderr)

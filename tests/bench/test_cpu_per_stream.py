@@ -70,6 +70,22 @@ def test_the_summary_gives_each_target_s_medians_and_trioproxy_s_cpu_as_a_ratio_
     assert lines[3].strip() == "trioproxy / nginx CPU per stream: 7.80 / 1.30 = 6.0x"
 
 
+def test_each_reference_gets_its_ratio_line_in_a_fixed_order(script: ModuleType) -> None:
+    figures = {
+        200: {
+            "trioproxy": [(6.0, 3.0, 100.0)],
+            "trio-relay": [(3.0, 0.5, 110.0)],
+            "nginx": [(1.5, 0.1, 114.0)],
+        }
+    }
+    ratios = [line.strip() for line in script.summary(figures).splitlines() if " / " in line]
+
+    assert ratios == [
+        "trioproxy / nginx CPU per stream: 6.00 / 1.50 = 4.0x",
+        "trioproxy / trio-relay CPU per stream: 6.00 / 3.00 = 2.0x",
+    ]
+
+
 def test_without_a_reference_the_summary_has_no_ratio(script: ModuleType) -> None:
     summary = script.summary({1: {"trioproxy": [(40.0, 2.0, 0.8)]}})
     assert len(summary.splitlines()) == 2
@@ -106,7 +122,7 @@ def test_a_missing_nginx_stops_the_run_with_how_to_install_it(
 )
 async def test_nginx_is_measured_in_the_same_phases_as_trioproxy(script: ModuleType) -> None:
     settings = BenchSettings(concurrency=(1, 4), tokens=16, ttft_ms=20, interval_ms=5, buffer=False, plot=False)
-    figures = await script.measure(settings, 1, reference="nginx")  # raises if a stream failed or lost a token
+    figures = await script.measure(settings, 1, references=["nginx"])  # raises if a stream failed or lost a token
 
     assert {concurrency: list(targets) for concurrency, targets in figures.items()} == {
         1: ["trioproxy", "nginx"],
@@ -116,3 +132,18 @@ async def test_nginx_is_measured_in_the_same_phases_as_trioproxy(script: ModuleT
         [(nginx_cpu, _, nginx_rate)] = targets["nginx"]
         assert nginx_cpu > 0
         assert nginx_rate > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's per-process CPU clocks")
+async def test_the_relay_on_trio_is_measured_in_the_same_phases_as_trioproxy(script: ModuleType) -> None:
+    settings = BenchSettings(concurrency=(1, 4), tokens=16, ttft_ms=20, interval_ms=5, buffer=False, plot=False)
+    figures = await script.measure(settings, 1, references=["trio-relay"])  # raises if a stream failed or lost a token
+
+    assert {concurrency: list(targets) for concurrency, targets in figures.items()} == {
+        1: ["trioproxy", "trio-relay"],
+        4: ["trioproxy", "trio-relay"],
+    }
+    for targets in figures.values():
+        [(relay_cpu, _, relay_rate)] = targets["trio-relay"]
+        assert relay_cpu > 0
+        assert relay_rate > 0

@@ -36,6 +36,7 @@ from .wire import LineReader, PhaseResult, PhaseSpec, send_message
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 TRIOPROXY = [sys.executable, "-m", "trioproxy"]
 LOADGEN = [sys.executable, "-m", "trioproxy._bench.loadgen"]
+RELAY = [sys.executable, "-m", "trioproxy._bench.relay"]
 #: Debian's nginx (packages `nginx-light` or `nginx`), the reference proxy of `cpu_per_stream.py`.
 NGINX = Path("/usr/sbin/nginx")
 #: How long a child may take to say it is ready.
@@ -374,6 +375,14 @@ async def start_nginx(
         _pin(pids[0], cpus)  # forked before the master was pinned, perhaps
         startup_s = child.startup_s + time.perf_counter() - waited
         yield replace(child, url=f"http://127.0.0.1:{port}", worker_pids=pids, startup_s=startup_s)
+
+
+@asynccontextmanager
+async def start_relay(upstream_url: str, *, cpus: tuple[int, ...] | None, log_dir: Path) -> AsyncIterator[Child]:
+    """The bare relay on trio (`relay.py`) in front of the upstream, on 127.0.0.1 with a kernel-chosen port."""
+    args = [*RELAY, "--upstream", upstream_url]
+    async with _started("trio relay", args, _PROXY_READY, cpus, log_dir, stdin=False) as (child, _):
+        yield child
 
 
 @asynccontextmanager
