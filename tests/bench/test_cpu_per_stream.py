@@ -116,34 +116,22 @@ def test_a_missing_nginx_stops_the_run_with_how_to_install_it(
     assert "apt-get install nginx-light (or nginx)" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's per-process CPU clocks")
-@pytest.mark.skipif(
+NGINX_MISSING = pytest.mark.skipif(
     not processes.NGINX.exists(), reason="Debian's nginx is not installed (apt-get install nginx-light)"
 )
-async def test_nginx_is_measured_in_the_same_phases_as_trioproxy(script: ModuleType) -> None:
-    settings = BenchSettings(concurrency=(1, 4), tokens=16, ttft_ms=20, interval_ms=5, buffer=False, plot=False)
-    figures = await script.measure(settings, 1, references=["nginx"])  # raises if a stream failed or lost a token
-
-    assert {concurrency: list(targets) for concurrency, targets in figures.items()} == {
-        1: ["trioproxy", "nginx"],
-        4: ["trioproxy", "nginx"],
-    }
-    for targets in figures.values():
-        [(nginx_cpu, _, nginx_rate)] = targets["nginx"]
-        assert nginx_cpu > 0
-        assert nginx_rate > 0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's per-process CPU clocks")
-async def test_the_relay_on_trio_is_measured_in_the_same_phases_as_trioproxy(script: ModuleType) -> None:
+@pytest.mark.parametrize("reference", [pytest.param("nginx", marks=NGINX_MISSING), "trio-relay"])
+async def test_a_reference_is_measured_in_the_same_phases_as_trioproxy(script: ModuleType, reference: str) -> None:
     settings = BenchSettings(concurrency=(1, 4), tokens=16, ttft_ms=20, interval_ms=5, buffer=False, plot=False)
-    figures = await script.measure(settings, 1, references=["trio-relay"])  # raises if a stream failed or lost a token
+    figures = await script.measure(settings, 1, references=[reference])  # raises if a stream failed or lost a token
 
     assert {concurrency: list(targets) for concurrency, targets in figures.items()} == {
-        1: ["trioproxy", "trio-relay"],
-        4: ["trioproxy", "trio-relay"],
+        1: ["trioproxy", reference],
+        4: ["trioproxy", reference],
     }
     for targets in figures.values():
-        [(relay_cpu, _, relay_rate)] = targets["trio-relay"]
-        assert relay_cpu > 0
-        assert relay_rate > 0
+        [(cpu, _, rate)] = targets[reference]
+        assert cpu > 0
+        assert rate > 0
