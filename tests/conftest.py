@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -76,6 +77,25 @@ async def in_process(config: Config) -> AsyncIterator[tuple[httpx.AsyncClient, o
         yield http, client
 
 
+async def serve_proxy(nursery: trio.Nursery, config: Config, **serving: Any) -> str:
+    """
+    `config` served by a real hypercorn (`trioproxy.serve`) on 127.0.0.1:0, in `nursery` (it
+    stops with it): the proxy's base URL. `serving` goes to `serve` (`shutdown_trigger`, ...).
+    """
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0, **serving))
+    return str(binds[0])
+
+
+def openai_sdk(url: str, api_key: str = "k") -> openai.AsyncOpenAI:
+    """OpenAI's official SDK, unmodified, on the server at `url` (no retries: we test each answer)."""
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0)
+
+
+def anthropic_sdk(url: str, api_key: str = "k") -> anthropic.AsyncAnthropic:
+    """Anthropic's official SDK, unmodified, on the server at `url` (no retries: we test each answer)."""
+    return anthropic.AsyncAnthropic(base_url=url, api_key=api_key, max_retries=0)
+
+
 @pytest.fixture
 def upstream_keys() -> dict[str, str]:
     """The credentials the proxy holds for each upstream provider (never for a client's eyes)."""
@@ -89,14 +109,12 @@ async def upstream(nursery: trio.Nursery) -> FakeUpstream:
 
 @pytest.fixture
 async def proxy_url(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
-    binds = await nursery.start(partial(serve, proxy_config(upstream), host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, proxy_config(upstream))
 
 
 @pytest.fixture
 async def client(proxy_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    """The official SDK, unmodified, pointed at the proxy (no retries: we test each answer)."""
-    async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key="client-key", max_retries=0) as sdk:
+    async with openai_sdk(proxy_url, "client-key") as sdk:
         yield sdk
 
 

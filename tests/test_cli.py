@@ -16,6 +16,8 @@ from pathlib import Path
 
 import trio
 
+from tests.conftest import openai_sdk
+
 TRIOPROXY = [sys.executable, "-m", "trioproxy"]
 
 
@@ -131,9 +133,8 @@ async def test_upstream_command_serves_a_scripted_stream(nursery: trio.Nursery) 
     )
     url = re.search(rb"(http://127\.0\.0\.1:\d+)/v1 ", output).group(1).decode()
     try:
-        import openai
 
-        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0) as sdk:
+        async with openai_sdk(url) as sdk:
             stream = await sdk.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "x"}], stream=True
             )

@@ -13,7 +13,8 @@ import orjson
 import pytest
 import trio
 
-from trioproxy import parse_config, serve
+from tests.conftest import serve_proxy
+from trioproxy import parse_config
 from trioproxy._bench.loadgen import (
     MAX_NDJSON_LINE,
     _Connection,
@@ -405,7 +406,7 @@ async def test_websocket_mode_streams_one_response_create_after_another_on_each_
     config = parse_config(
         {"providers": {"up": {"type": "openai_responses", "base_url": upstream.url + "/v1"}}}, environ={}
     )
-    [proxy_url] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    proxy_url = await serve_proxy(nursery, config)
     spec = responses_phase(proxy_url + "/v1/responses", tokens=8, protocol="responses-ws", rounds=2, warmup_rounds=1)
     spec = PhaseSpec(**{**spec.__dict__, "payload": {**spec.payload, "model": "up/m"}})
     with trio.fail_after(20):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -23,8 +22,8 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import ANTHROPIC_KEY, answer_statuses, cli_answer, installed, run_cli
-from trioproxy import parse_config, serve
+from tests.conftest import ANTHROPIC_KEY, answer_statuses, cli_answer, installed, run_cli, serve_proxy
+from trioproxy import parse_config
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
 CLAUDE: Final = Path(__file__).parents[2] / ".node" / "node_modules" / ".bin" / "claude"
@@ -77,14 +76,14 @@ async def test_claude_code_answers_from_the_simulated_provider(
         },
         environ={},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    proxy = await serve_proxy(nursery, config)
 
-    run = await run_claude(claude, binds[0], project, "pineapple banana")
+    run = await run_claude(claude, proxy, project, "pineapple banana")
 
     assert "pineapple banana" in cli_answer(run)
     # Claude Code recovers from a refusal by sending its request again without what was
     # refused: only the proxy's counts tell that it served the request as Claude Code made it.
-    assert await answer_statuses(binds[0]) == {"200": 1}
+    assert await answer_statuses(proxy) == {"200": 1}
 
 
 async def proxy_to(nursery: trio.Nursery, upstream: FakeUpstream, provider: str) -> str:
@@ -110,8 +109,7 @@ async def proxy_to(nursery: trio.Nursery, upstream: FakeUpstream, provider: str)
         },
         environ={"CLAUDE_KEY": ANTHROPIC_KEY},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, config)
 
 
 @pytest.fixture

@@ -6,11 +6,9 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import httpx
 import openai
 import orjson
@@ -19,8 +17,18 @@ import trio
 import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Instant, collect_into, proxy_config, upstream_closed_soon_after, wait_until, wait_until_idle
-from trioproxy import parse_config, serve
+from tests.conftest import (
+    Instant,
+    anthropic_sdk,
+    collect_into,
+    openai_sdk,
+    proxy_config,
+    serve_proxy,
+    upstream_closed_soon_after,
+    wait_until,
+    wait_until_idle,
+)
+from trioproxy import parse_config
 from trioproxy._sse import SSEDecoder
 from trioproxy.server._responses_front import TERMINAL_EVENTS, response_from_events
 from trioproxy.testing import FakeUpstream, Reply, ToolCall, open_fake_upstream
@@ -193,8 +201,8 @@ async def test_a_field_another_upstream_has_no_equivalent_for_is_dropped_by_a_pr
 ) -> None:
     base_url = upstream.url + "/v1" if kind == "openai" else upstream.url
     lenient = {"type": kind, "base_url": base_url, "drop_params": ["top_logprobs"]}
-    binds = await nursery.start(partial(serve, proxy_config(upstream, lenient=lenient), host="127.0.0.1", port=0))
-    async with openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as client:
+    proxy = await serve_proxy(nursery, proxy_config(upstream, lenient=lenient))
+    async with openai_sdk(proxy) as client:
         with pytest.raises(openai.BadRequestError) as info:
             await client.responses.create(model="up/gpt-test", input="hi", top_logprobs=2)
         assert info.value.param == "top_logprobs"
@@ -336,8 +344,7 @@ async def staged(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
         },
         hasty={"type": "openai", "base_url": upstream.url + "/v1", "first_token_timeout": 0.2},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return str(binds[0])
+    return await serve_proxy(nursery, config)
 
 
 async def test_heartbeats_are_comments_the_sdk_skips(staged: str, upstream: FakeUpstream) -> None:
@@ -345,7 +352,7 @@ async def test_heartbeats_are_comments_the_sdk_skips(staged: str, upstream: Fake
     async with httpx.AsyncClient() as http:
         response = await http.post(staged + "/v1/responses", json={"model": "patient/m", "input": "hi", "stream": True})
     assert response.content.startswith(b": keep-alive\n\n")
-    async with openai.AsyncOpenAI(base_url=staged + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(staged) as sdk:
         upstream.push(Reply(tokens=TOKENS, ttft=0.3))
         async with sdk.responses.stream(model="patient/m", input="hi") as stream:
             assert (await stream.get_final_response()).output_text == "".join(TOKENS)
@@ -353,7 +360,7 @@ async def test_heartbeats_are_comments_the_sdk_skips(staged: str, upstream: Fake
 
 async def test_a_first_token_timeout_is_a_504(staged: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(tokens=TOKENS, ttft=5))
-    async with openai.AsyncOpenAI(base_url=staged + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(staged) as sdk:
         with pytest.raises(openai.APIStatusError) as info:
             await sdk.responses.create(model="hasty/m", input="hi")
     assert info.value.status_code == 504
@@ -566,8 +573,7 @@ FIXTURES = Path(__file__).parent.parent / "fixtures" / "responses"
 async def responses_proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
     """`resp` speaks Responses upstream; `up` and `claude` as everywhere."""
     config = proxy_config(upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1"})
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return str(binds[0])
+    return await serve_proxy(nursery, config)
 
 
 async def test_a_responses_client_s_stream_passes_through_byte_for_byte(
@@ -597,7 +603,7 @@ async def test_a_responses_client_stores_a_response_from_a_responses_upstream(
 ) -> None:
     calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
     upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)))
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(responses_proxy) as sdk:
         async with sdk.responses.stream(model="resp/m", input="hi", tools=[WEATHER]) as stream:
             final = await stream.get_final_response()
         assert (await sdk.responses.retrieve(final.id)).id == final.id
@@ -614,7 +620,7 @@ async def test_a_chat_completions_client_reaches_a_responses_upstream(
 ) -> None:
     calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
     upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)), Reply(tokens=TOKENS, finish_reason="length"))
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(responses_proxy) as sdk:
         stream = await sdk.chat.completions.create(
             model="resp/m",
             messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
@@ -652,7 +658,7 @@ async def test_a_responses_upstream_s_in_stream_failure_reaches_a_chat_client(
     responses_proxy: str, upstream: FakeUpstream
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, error_after=2))
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(responses_proxy) as sdk:
         stream = await sdk.chat.completions.create(
             model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True
         )
@@ -662,7 +668,7 @@ async def test_a_responses_upstream_s_in_stream_failure_reaches_a_chat_client(
 
 
 async def test_a_field_chat_has_and_responses_has_not_is_a_400(responses_proxy: str, upstream: FakeUpstream) -> None:
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(responses_proxy) as sdk:
         with pytest.raises(openai.BadRequestError) as info:
             await sdk.chat.completions.create(model="resp/m", messages=[{"role": "user", "content": "hi"}], stop=["x"])
     assert info.value.param == "stop"
@@ -688,7 +694,7 @@ async def test_an_anthropic_client_reaches_a_responses_upstream(responses_proxy:
     calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
     upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)))
     async with (
-        anthropic.AsyncAnthropic(base_url=responses_proxy, api_key="k", max_retries=0) as claude,
+        anthropic_sdk(responses_proxy) as claude,
         claude.messages.stream(
             model="resp/m",
             max_tokens=100,
@@ -753,7 +759,7 @@ async def test_a_responses_upstream_that_ends_before_its_response_completed_is_a
 ) -> None:
     recorded = (FIXTURES / "text_stream.sse").read_bytes()
     upstream.push(Reply(raw_body=recorded[: recorded.index(b"event: response.completed")]))
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(responses_proxy) as sdk:
         stream = await sdk.chat.completions.create(
             model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True
         )
@@ -827,7 +833,7 @@ async def test_input_tokens_and_compaction_are_forwarded_to_a_responses_upstream
     counted = {"object": "response.input_tokens", "input_tokens": 7}
     upstream.push(Reply(raw_body=orjson.dumps(counted)), Reply(raw_body=orjson.dumps(COMPACTED)))
     items = [{"role": "user", "content": "hi"}, {"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}]
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(responses_proxy) as sdk:
         count = await sdk.responses.input_tokens.count(model="resp/gpt-5", input=items)  # type: ignore[arg-type]
         compacted = await sdk.responses.compact(model="resp/gpt-5", input=items, instructions="Be brief.")  # type: ignore[arg-type]
     assert count.input_tokens == 7
@@ -864,8 +870,7 @@ async def redacting_proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
     config = proxy_config(
         upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "transforms": [redact]}
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return str(binds[0])
+    return await serve_proxy(nursery, config)
 
 
 @pytest.mark.parametrize("store", [False, True])
@@ -875,7 +880,7 @@ async def test_items_the_common_model_does_not_carry_survive_a_stage_in_order(
     recorded = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
     upstream.push(Reply(raw_body=recorded), Reply(raw_body=recorded))
     upstream_final = response_from_events(recorded)
-    async with openai.AsyncOpenAI(base_url=redacting_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(redacting_proxy) as sdk:
         async with sdk.responses.stream(model="resp/gpt-5", input="Weather in Paris?", store=store) as stream:
             events = [event async for event in stream]
             final = await stream.get_final_response()
@@ -909,7 +914,7 @@ async def test_websocket_mode_needs_a_key_and_counts_against_its_limits(
         },
         environ={},
     )
-    [proxy] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    proxy = await serve_proxy(nursery, config)
     with pytest.raises(trio_websocket.ConnectionRejected) as info:
         async with trio_websocket.open_websocket_url(ws_url(proxy)):
             pass
@@ -1071,9 +1076,9 @@ async def test_a_stream_that_delivered_a_hosted_tool_s_call_is_not_continued_as_
         resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "fallbacks": ["vllm/m"]},
         vllm=vllm,
     )
-    [proxy] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    proxy = await serve_proxy(nursery, config)
     events: list[Any] = []
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(proxy) as sdk:
         stream = await sdk.responses.create(model="resp/gpt-5", input="Weather in Paris?", store=False, stream=True)
         with pytest.raises(openai.APIError, match="connection broke"):
             await collect_into(stream, events)

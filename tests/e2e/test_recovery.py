@@ -11,7 +11,6 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import anthropic
@@ -23,10 +22,10 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.conftest import collect_into, free_port, in_process, wait_until
+from tests.conftest import anthropic_sdk, collect_into, free_port, in_process, openai_sdk, serve_proxy, wait_until
 from tests.e2e.test_observability import fingerprint, scrape_until, value
 from tests.e2e.test_openai_responses import one_response, ws_url
-from trioproxy import Config, create_app, parse_config, serve
+from trioproxy import Config, create_app, parse_config
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
 MESSAGES = [{"role": "user", "content": "go"}]
@@ -50,7 +49,7 @@ async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **providers
     for name, table in providers.items():
         tables[name] = {**tables.get(name, {}), **table}
     config = parse_config({"retry": {"max_retries": 0}, "providers": tables}, environ={})
-    return (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    return await serve_proxy(nursery, config)
 
 
 async def sdk_stream_events(manager: Any, into: list[Any]) -> None:
@@ -70,7 +69,7 @@ async def test_a_malformed_event_is_skipped_when_the_provider_says_so_counted_an
     proxy = await start_proxy(nursery, upstream, up={"skip_malformed_events": True})
     body = chunk("one") + b"data: {not json\n\n" + chunk(" two") + chunk(finish_reason="stop") + b"data: [DONE]\n\n"
     upstream.push(Reply(raw_body=body))
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(proxy) as sdk:
         stream = await sdk.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == "one two"
@@ -90,7 +89,7 @@ async def test_without_the_setting_a_malformed_event_ends_the_stream_honestly(
 ) -> None:
     proxy = await start_proxy(nursery, upstream)
     upstream.push(Reply(raw_body=chunk("one") + b"data: {not json\n\n" + chunk(" two") + chunk(finish_reason="stop")))
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(proxy) as sdk:
         stream = await sdk.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
         with pytest.raises(openai.APIError) as info:
             async for _ in stream:
@@ -266,7 +265,7 @@ async def test_context_length_exceeded_goes_to_the_larger_model(nursery: trio.Nu
         claude={"context_fallbacks": ["big/m-128k"], "fallbacks": ["up/m"]},
         big={"type": "openai", "base_url": large.url + "/v1"},
     )
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         assert await collect(client, f"{refusing}/m") == "".join(TOKENS)
     assert small.request_count == 1  # never resent to the route that refused, nor to its ordinary fallback
     assert large.requests[0].json["model"] == "m-128k"
@@ -377,7 +376,7 @@ async def test_an_anthropic_client_gets_one_seamless_message(nursery: trio.Nurse
     upstream.push(*continuing_upstream(reset_after=40))
     proxy = await start_proxy(nursery, upstream, vllm={**VLLM, "base_url": upstream.url + "/v1"})
     async with (
-        anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client,
+        anthropic_sdk(proxy) as client,
         client.messages.stream(model=f"{provider}/m", max_tokens=100, messages=MESSAGES) as stream,
     ):
         message = await stream.get_final_message()
@@ -781,7 +780,7 @@ async def test_a_client_that_leaves_during_a_continuation_cancels_its_upstream_r
     text = ""
     if front == "responses":
         async with (
-            openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk,
+            openai_sdk(proxy) as sdk,
             sdk.responses.stream(model="claude/m", input="go") as stream,
         ):
             async for event in stream:
@@ -790,7 +789,7 @@ async def test_a_client_that_leaves_during_a_continuation_cancels_its_upstream_r
                     break  # leaves: the stream is closed
     else:
         async with (
-            anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client,
+            anthropic_sdk(proxy) as client,
             client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as events,
         ):
             async for event in events:
