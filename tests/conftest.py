@@ -61,6 +61,16 @@ def proxy_config(upstream: FakeUpstream, **extra_providers: dict) -> Config:
     )
 
 
+def openai_upstream_config(upstream: FakeUpstream, **sections: Any) -> Config:
+    """
+    `up` alone (OpenAI format, no key) pointing at `upstream`, retries off and a client that
+    stops reading dropped in seconds (as in `proxy_config`), plus `sections` (each replacing its default).
+    """
+    providers = {"up": {"type": "openai", "base_url": upstream.url + "/v1"}}
+    raw = {"retry": {"max_retries": 0}, "server": {"write_timeout": 5}, "providers": providers, **sections}
+    return parse_config(raw, environ={})
+
+
 @asynccontextmanager
 async def in_process(config: Config) -> AsyncIterator[tuple[httpx.AsyncClient, openai.AsyncOpenAI]]:
     """

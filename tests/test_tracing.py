@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from tests.conftest import anthropic_sdk, openai_sdk, serve_proxy, wait_until
+from tests.conftest import anthropic_sdk, openai_sdk, openai_upstream_config, serve_proxy, wait_until
 from trioproxy import ConfigError, create_app, parse_config
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
@@ -328,9 +328,7 @@ async def test_tracing_configured_exports_over_otlp_by_the_time_the_server_stopp
     endpoint, received = collector
     upstream.push(Reply(tokens=TOKENS), Reply(tokens=TOKENS))
     tracing = {"enabled": True, "endpoint": endpoint, "service_name": "proxy-under-test", "sample_ratio": 0}
-    config = parse_config(
-        {"tracing": tracing, "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}}}, environ={}
-    )
+    config = openai_upstream_config(upstream, tracing=tracing)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         proxy = await serve_proxy(nursery, config, shutdown_trigger=stop.wait)

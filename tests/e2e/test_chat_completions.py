@@ -19,6 +19,7 @@ from tests.conftest import (
     free_port,
     hang_up_mid_stream,
     openai_sdk,
+    openai_upstream_config,
     proxy_config,
     serve_proxy,
     upstream_closed_soon_after,
@@ -512,11 +513,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cancelled
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     """hypercorn's writes cannot be cancelled; the kernel's write_timeout still ends them."""
-    config = parse_config(
-        {"server": {"write_timeout": 0.5}, "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}}},
-        environ={},
-    )
-    proxy = await serve_proxy(nursery, config)
+    proxy = await serve_proxy(nursery, openai_upstream_config(upstream, server={"write_timeout": 0.5}))
     upstream.push(Reply(tokens=tuple("y" * 65536 for _ in range(400)), interval=0.001))
     stalled = await _send_post(proxy, {"model": "up/m", "messages": MESSAGES, "stream": True})
     # The client never reads: the proxy's buffers fill, its write stalls, and the kernel gives up.

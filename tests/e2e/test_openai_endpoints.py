@@ -18,6 +18,7 @@ from tests.conftest import (
     hang_up_mid_stream,
     in_process,
     openai_sdk,
+    openai_upstream_config,
     proxy_config,
     serve_proxy,
 )
@@ -292,14 +293,7 @@ async def test_heartbeats_keep_a_slow_completion_alive_then_its_timeout_is_in_st
 async def test_client_keys_and_limits_apply_to_embeddings_and_completions(
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
-    config = parse_config(
-        {
-            "retry": {"max_retries": 0},
-            "auth": {"keys": ["key-a"]},
-            "limits": {"requests_per_minute": 2},
-            "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
-        }
-    )
+    config = openai_upstream_config(upstream, auth={"keys": ["key-a"]}, limits={"requests_per_minute": 2})
     proxy = await serve_proxy(nursery, config)
     async with (
         openai_sdk(proxy, "wrong") as stranger,

@@ -22,13 +22,13 @@ from tests.conftest import (
     anthropic_sdk,
     collect_into,
     openai_sdk,
+    openai_upstream_config,
     proxy_config,
     serve_proxy,
     upstream_closed_soon_after,
     wait_until,
     wait_until_idle,
 )
-from trioproxy import parse_config
 from trioproxy._sse import SSEDecoder
 from trioproxy.server._responses_front import TERMINAL_EVENTS, response_from_events
 from trioproxy.testing import FakeUpstream, Reply, ToolCall, open_fake_upstream
@@ -906,15 +906,8 @@ async def test_items_the_common_model_does_not_carry_survive_a_stage_in_order(
 async def test_websocket_mode_needs_a_key_and_counts_against_its_limits(
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
-    config = parse_config(
-        {
-            "auth": {"keys": ["key-one"]},
-            "limits": {"max_streams_per_key": 1, "max_body_bytes": 1000},
-            "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
-        },
-        environ={},
-    )
-    proxy = await serve_proxy(nursery, config)
+    limits = {"max_streams_per_key": 1, "max_body_bytes": 1000}
+    proxy = await serve_proxy(nursery, openai_upstream_config(upstream, auth={"keys": ["key-one"]}, limits=limits))
     with pytest.raises(trio_websocket.ConnectionRejected) as info:
         async with trio_websocket.open_websocket_url(ws_url(proxy)):
             pass

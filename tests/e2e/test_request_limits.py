@@ -23,7 +23,7 @@ import trio
 import trio.lowlevel
 import trio_websocket
 
-from tests.conftest import Instant, in_process, openai_sdk, serve_proxy, wait_until_idle
+from tests.conftest import Instant, in_process, openai_sdk, openai_upstream_config, serve_proxy, wait_until_idle
 from trioproxy import SSEDecoder, StreamEvent, parse_config
 from trioproxy._request import MAX_JSON_DEPTH
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, open_fake_upstream
@@ -50,13 +50,7 @@ async def upstream(nursery: trio.Nursery) -> FakeUpstream:
 
 
 async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **tables: Any) -> str:
-    raw = {
-        "retry": {"max_retries": 0},
-        "server": {"write_timeout": 5},
-        "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
-        **tables,
-    }
-    return await serve_proxy(nursery, parse_config(raw, environ={}))
+    return await serve_proxy(nursery, openai_upstream_config(upstream, **tables))
 
 
 def messages(prompt: str) -> list[dict[str, str]]:

@@ -18,7 +18,7 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import anthropic_sdk, in_process, openai_sdk, serve_proxy
+from tests.conftest import anthropic_sdk, in_process, openai_sdk, openai_upstream_config, serve_proxy
 from trioproxy import StreamEvent, parse_config
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, open_fake_upstream
 
@@ -40,12 +40,7 @@ async def upstream(nursery: trio.Nursery) -> FakeUpstream:
 
 
 async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **limits: int) -> str:
-    raw = {
-        "retry": {"max_retries": 0},
-        "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
-        "limits": limits,
-    }
-    return await serve_proxy(nursery, parse_config(raw, environ={}))
+    return await serve_proxy(nursery, openai_upstream_config(upstream, limits=limits))
 
 
 async def ask(client: openai.AsyncOpenAI, max_tokens: int | None, content: str = "hi", stream: bool = False) -> None:
