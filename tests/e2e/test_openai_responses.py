@@ -541,13 +541,19 @@ async def test_a_background_response_is_resumed_after_a_sequence_number_then_fol
         await client.responses.retrieve(queued.id, stream=True, starting_after=999)
 
 
-async def test_cancelling_a_background_response_cancels_its_upstream(
-    client: openai.AsyncOpenAI, upstream: FakeUpstream
-) -> None:
+async def running_in_background(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> openai.types.responses.Response:
+    """A background response whose upstream answer runs on (10 s of tokens), once the upstream has its request."""
     upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
     queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
     with trio.fail_after(5):
         await upstream.wait_for_requests(1)
+    return queued
+
+
+async def test_cancelling_a_background_response_cancels_its_upstream(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    queued = await running_in_background(client, upstream)
     cancelled = await client.responses.cancel(queued.id)
     assert cancelled.status == "cancelled"
     with trio.fail_after(1):
@@ -654,17 +660,22 @@ async def test_a_chat_completions_client_reaches_a_responses_upstream(
     assert (body["max_output_tokens"], body["stream"]) == (50, True)
 
 
+async def chat_stream_fails(proxy_url: str, *, match: str) -> None:
+    """A chat client's stream of `resp/m` through the proxy ends in an error whose message has `match`."""
+    async with openai_sdk(proxy_url) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        with pytest.raises(openai.APIError, match=match):
+            async for _ in stream:
+                pass
+
+
 async def test_a_responses_upstream_s_in_stream_failure_reaches_a_chat_client(
     responses_proxy: str, upstream: FakeUpstream
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, error_after=2))
-    async with openai_sdk(responses_proxy) as sdk:
-        stream = await sdk.chat.completions.create(
-            model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True
-        )
-        with pytest.raises(openai.APIError, match="upstream failure"):
-            async for _ in stream:
-                pass
+    await chat_stream_fails(responses_proxy, match="upstream failure")
 
 
 async def test_a_field_chat_has_and_responses_has_not_is_a_400(responses_proxy: str, upstream: FakeUpstream) -> None:
@@ -759,13 +770,7 @@ async def test_a_responses_upstream_that_ends_before_its_response_completed_is_a
 ) -> None:
     recorded = (FIXTURES / "text_stream.sse").read_bytes()
     upstream.push(Reply(raw_body=recorded[: recorded.index(b"event: response.completed")]))
-    async with openai_sdk(responses_proxy) as sdk:
-        stream = await sdk.chat.completions.create(
-            model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True
-        )
-        with pytest.raises(openai.APIError, match="ended the stream before a finish reason"):
-            async for _ in stream:
-                pass
+    await chat_stream_fails(responses_proxy, match="ended the stream before a finish reason")
 
 
 # --- input items, input tokens, compaction ------------------------------------------------------
@@ -937,10 +942,7 @@ async def test_websocket_mode_needs_a_key_and_counts_against_its_limits(
 async def test_deleting_a_running_background_response_cancels_its_upstream_and_forgets_it(
     client: openai.AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
-    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
-    queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
-    with trio.fail_after(5):
-        await upstream.wait_for_requests(1)
+    queued = await running_in_background(client, upstream)
     await client.responses.delete(queued.id)
     with trio.fail_after(1):
         await upstream.requests[-1].disconnected.wait()
