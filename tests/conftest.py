@@ -209,6 +209,27 @@ async def hang_up_mid_stream(
     await upstream_closed_soon_after(upstream.requests[-1], hung_up)
 
 
+async def hang_up_once_asked(url: str, body: Any, upstream: FakeUpstream, *, tokens_sent: int = 0) -> None:
+    """
+    POST `body` to `url` (reading what comes), hang up once the upstream has the request and
+    has sent `tokens_sent` tokens of its answer, and check the upstream's request was closed
+    (`upstream_closed_soon_after`).
+    """
+    async with trio.open_nursery() as nursery:
+
+        async def request() -> None:
+            async with httpx.AsyncClient() as http, http.stream("POST", url, json=body) as response:
+                async for _ in response.aiter_bytes():
+                    pass
+
+        nursery.start_soon(request)
+        with trio.fail_after(5):
+            await upstream.wait_for_requests(upstream.request_count + 1)
+        await wait_until(lambda: upstream.requests[-1].tokens_sent >= tokens_sent)
+        nursery.cancel_scope.cancel()  # the client hangs up
+    await upstream_closed_soon_after(upstream.requests[-1], Instant.now())
+
+
 async def upstream_closed_soon_after(recorded: RecordedRequest, hung_up: Instant) -> None:
     """
     The upstream saw `recorded`'s connection close within `HANG_UP_BOUND` (the README's) of the

@@ -20,13 +20,12 @@ from anthropic.lib.streaming import AsyncMessageStreamManager
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
-    Instant,
     anthropic_sdk,
     collect_into,
     hang_up_mid_stream,
+    hang_up_once_asked,
     proxy_config,
     serve_proxy,
-    upstream_closed_soon_after,
     wait_until,
 )
 from trioproxy import parse_config
@@ -464,20 +463,7 @@ async def test_client_disconnect_before_the_first_token_closes_the_upstream(
     proxy_url: str, upstream: FakeUpstream, model: str, stream: bool
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, ttft=60))
-    async with trio.open_nursery() as nursery:
-
-        async def request() -> None:
-            async with httpx.AsyncClient() as http:
-                body = create(model=model, stream=stream)
-                async with http.stream("POST", proxy_url + "/v1/messages", json=body) as response:
-                    async for _ in response.aiter_bytes():
-                        pass
-
-        nursery.start_soon(request)
-        with trio.fail_after(5):
-            await upstream.wait_for_requests(upstream.request_count + 1)
-        nursery.cancel_scope.cancel()  # the client hangs up
-    await upstream_closed_soon_after(upstream.requests[-1], Instant.now())
+    await hang_up_once_asked(proxy_url + "/v1/messages", create(model=model, stream=stream), upstream)
 
 
 # --- client keys ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from tests.conftest import (
     Instant,
     anthropic_sdk,
     collect_into,
+    hang_up_once_asked,
     openai_sdk,
     openai_upstream_config,
     proxy_config,
@@ -370,22 +371,9 @@ async def test_a_first_token_timeout_is_a_504(staged: str, upstream: FakeUpstrea
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_disconnect_closes_the_upstream(proxy_url: str, upstream: FakeUpstream, stream: bool) -> None:
     upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
-    async with trio.open_nursery() as nursery:
-
-        async def request() -> None:
-            async with httpx.AsyncClient() as http:
-                body = {"model": "up/m", "input": "hi", "stream": stream}
-                async with http.stream("POST", proxy_url + "/v1/responses", json=body) as response:
-                    async for _ in response.aiter_bytes():
-                        pass
-
-        nursery.start_soon(request)
-        with trio.fail_after(5):
-            await upstream.wait_for_requests(upstream.request_count + 1)
-        if stream:  # mid-stream; a non-streamed answer is read whole, so any time is mid-answer
-            await wait_until(lambda: upstream.requests[-1].tokens_sent >= 3)
-        nursery.cancel_scope.cancel()  # the client hangs up
-    await upstream_closed_soon_after(upstream.requests[-1], Instant.now())
+    body = {"model": "up/m", "input": "hi", "stream": stream}
+    # Streamed, it hangs up mid-stream; a non-streamed answer is read whole, so any time is mid-answer.
+    await hang_up_once_asked(proxy_url + "/v1/responses", body, upstream, tokens_sent=3 if stream else 0)
 
 
 # --- WebSocket mode ---------------------------------------------------------------------------
