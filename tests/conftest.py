@@ -296,6 +296,32 @@ def cli_answer(run: subprocess.CompletedProcess[bytes]) -> str:
     return run.stdout.decode()
 
 
+class RequestSkipper:
+    """
+    Reads past the HTTP/1.1 requests on a raw upstream's connection (each head, then as much
+    body as its `content-length` says), keeping what comes after for the next: for raw
+    upstreams that answer whatever is asked.
+    """
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.received = b""
+
+    async def skip(self) -> bool:
+        """Past the next request: False if the connection closed before a whole head came."""
+        while b"\r\n\r\n" not in self.received:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return False
+            self.received += data
+        head, _, rest = self.received.partition(b"\r\n\r\n")
+        [length] = [int(line[15:]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+        while len(rest) < length:
+            rest += await self.stream.receive_some(65536)
+        self.received = rest[length:]
+        return True
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (bound, then closed): for a server to come, or a target that refuses."""
     with socket.socket() as sock:

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import serve_proxy
+from tests.conftest import RequestSkipper, serve_proxy
 from trioproxy import parse_config
 from trioproxy._bench.loadgen import (
     MAX_NDJSON_LINE,
@@ -73,19 +73,11 @@ class CannedServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
-        received, answered = b"", 0
+        requests, answered = RequestSkipper(stream), 0
         async with stream:
             while self.responses and answered != self.per_connection:
-                while b"\r\n\r\n" not in received:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    received += data
-                head, _, rest = received.partition(b"\r\n\r\n")
-                length = int(head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0])
-                while len(rest) < length:
-                    rest += await stream.receive_some(65536)
-                received = rest[length:]
+                if not await requests.skip():
+                    return
                 response = self.responses.pop(0)
                 await stream.send_all(response)
                 answered += 1
