@@ -13,7 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 import trio
+from openai.types.chat import ChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioproxy import Config, create_app, parse_config, serve
@@ -244,6 +245,16 @@ async def upstream_closed_soon_after(recorded: RecordedRequest, hung_up: Instant
     assert recorded.disconnected_at is not None
     assert hung_up.until(recorded.disconnected_at) < HANG_UP_BOUND
     assert not recorded.completed
+
+
+def chat_text(chunks: Iterable[ChatCompletionChunk]) -> str:
+    """The text that a streamed chat completion's `chunks` deliver."""
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+
+async def streamed_chat_text(stream: AsyncIterable[ChatCompletionChunk]) -> str:
+    """The text of a streamed chat completion, read to its end."""
+    return chat_text([chunk async for chunk in stream])
 
 
 async def collect_into(items: AsyncIterable[T], into: list[T]) -> None:

@@ -23,7 +23,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from tests.conftest import anthropic_sdk, openai_sdk, openai_upstream_config, serve_proxy, wait_until
+from tests.conftest import (
+    anthropic_sdk,
+    openai_sdk,
+    openai_upstream_config,
+    serve_proxy,
+    streamed_chat_text,
+    wait_until,
+)
 from trioproxy import ConfigError, create_app, parse_config
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
@@ -82,7 +89,7 @@ def assert_nested(request: ReadableSpan, attempts: Sequence[ReadableSpan]) -> No
 
 async def stream_text(client: openai.AsyncOpenAI, model: str, **kwargs: Any) -> str:
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **kwargs)
-    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    return await streamed_chat_text(stream)
 
 
 async def test_a_retried_stream_is_one_request_span_over_two_attempts_in_the_client_s_trace(

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.conftest import openai_sdk, serve_proxy
+from tests.conftest import openai_sdk, serve_proxy, streamed_chat_text
 from trioproxy import SSEDecoder, StreamEvent, parse_config
 
 MESSAGES = [{"role": "user", "content": "hello keys"}]
@@ -34,7 +34,7 @@ async def test_the_sdk_with_a_key_streams(proxy: str) -> None:
     for key in ("key-one", "key-two", "key-in-file"):
         async with openai_sdk(proxy, key) as sdk:
             stream = await sdk.chat.completions.create(model="sim/echo", messages=MESSAGES, stream=True)
-            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            text = await streamed_chat_text(stream)
         assert text == "hello keys"
 
 

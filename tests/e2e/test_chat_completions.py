@@ -15,6 +15,7 @@ import trio
 
 from tests.conftest import (
     Instant,
+    chat_text,
     collect_into,
     free_port,
     hang_up_mid_stream,
@@ -43,7 +44,7 @@ async def content_until_error(stream: openai.AsyncStream) -> tuple[list[str], op
 
 async def collect(stream: openai.AsyncStream) -> tuple[str, list]:
     chunks = [chunk async for chunk in stream]
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text = chat_text(chunks)
     return text, chunks
 
 

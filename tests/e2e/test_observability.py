@@ -22,7 +22,15 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import anthropic_sdk, listening_url, openai_sdk, proxy_config, serve_proxy, wait_until
+from tests.conftest import (
+    anthropic_sdk,
+    listening_url,
+    openai_sdk,
+    proxy_config,
+    serve_proxy,
+    streamed_chat_text,
+    wait_until,
+)
 from trioproxy import parse_config
 from trioproxy._config import AuthConfig
 from trioproxy._logs import JsonFormatter, LoggingConfig, TextFormatter
@@ -72,7 +80,7 @@ async def test_metrics_move_as_streams_go_through(
     upstream.push(*[Reply(tokens=["one", " two", " three", " four"])] * 3)
     for _ in range(3):
         stream = await client.chat.completions.create(model="up/gpt-x", messages=MESSAGES, stream=True)
-        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "one two three four"
+        assert await streamed_chat_text(stream) == "one two three four"
     after = await scrape(proxy_url)
 
     def moved(name: str, **labels: str) -> float:

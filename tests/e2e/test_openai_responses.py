@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import (
     Instant,
     anthropic_sdk,
+    chat_text,
     collect_into,
     hang_up_once_asked,
     openai_sdk,
@@ -625,7 +626,7 @@ async def test_a_chat_completions_client_reaches_a_responses_upstream(
         )
         chunks = [chunk async for chunk in stream]
         truncated = await sdk.chat.completions.create(model="resp/m", messages=[{"role": "user", "content": "hi"}])
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text = chat_text(chunks)
     assert text == "".join(TOKENS)
     arguments = "".join(
         tc.function.arguments or ""

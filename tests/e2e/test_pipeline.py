@@ -13,7 +13,16 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import collect_into, free_port, in_process, openai_sdk, proxy_config, serve_proxy, wait_until_idle
+from tests.conftest import (
+    chat_text,
+    collect_into,
+    free_port,
+    in_process,
+    openai_sdk,
+    proxy_config,
+    serve_proxy,
+    wait_until_idle,
+)
 from trioproxy import SSEDecoder, StreamEvent, parse_config
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -54,7 +63,7 @@ async def sdk(proxy: str):
 async def stream_text(sdk: openai.AsyncOpenAI, model: str) -> tuple[str, list]:
     stream = await sdk.chat.completions.create(model=model, messages=MESSAGES, stream=True)
     chunks = [c async for c in stream]
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+    return chat_text(chunks), chunks
 
 
 async def test_silent_upstream_gets_heartbeats_and_the_stream_completes(

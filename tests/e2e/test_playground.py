@@ -28,7 +28,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import openai_sdk, serve_proxy
+from tests.conftest import openai_sdk, serve_proxy, streamed_chat_text
 from trioproxy import Config, SSEDecoder, parse_config, serve
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply
 
@@ -252,7 +252,7 @@ async def test_a_sim_answer_streams_in_live_with_ttft_and_tokens_per_second(chro
         stream = await sdk.chat.completions.create(
             model="sim/lorem", messages=[{"role": "user", "content": "Tell me"}], stream=True
         )
-        expected = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        expected = await streamed_chat_text(stream)
     assert len(expected.split()) == LOREM_TOKENS
 
     def steps(session: PageSession) -> dict[str, str]:

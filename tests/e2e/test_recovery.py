@@ -22,7 +22,17 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.conftest import anthropic_sdk, collect_into, free_port, in_process, openai_sdk, serve_proxy, wait_until
+from tests.conftest import (
+    anthropic_sdk,
+    chat_text,
+    collect_into,
+    free_port,
+    in_process,
+    openai_sdk,
+    serve_proxy,
+    streamed_chat_text,
+    wait_until,
+)
 from tests.e2e.test_observability import fingerprint, scrape_until, value
 from tests.e2e.test_openai_responses import one_response, ws_url
 from trioproxy import Config, create_app, parse_config
@@ -71,7 +81,7 @@ async def test_a_malformed_event_is_skipped_when_the_provider_says_so_counted_an
     upstream.push(Reply(raw_body=body))
     async with openai_sdk(proxy) as sdk:
         stream = await sdk.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
-        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        text = await streamed_chat_text(stream)
     assert text == "one two"
 
     samples = await scrape_until(
@@ -148,7 +158,7 @@ async def open_upstreams(nursery: trio.Nursery, n: int) -> list[FakeUpstream]:
 
 async def collect(client: openai.AsyncOpenAI, model: str) -> str:
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
-    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    return await streamed_chat_text(stream)
 
 
 async def test_a_route_that_never_answers_is_left_for_the_fallback_after_one_first_token_timeout(
@@ -344,7 +354,7 @@ async def test_a_fallback_that_rejects_prefill_leaves_the_client_the_original_fa
         chunks: list[openai.types.chat.ChatCompletionChunk] = []
         with pytest.raises(openai.APIError) as info:
             await collect_into(stream, chunks)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(CANONICAL[:40])
+    assert chat_text(chunks) == "".join(CANONICAL[:40])
     assert "connection broke" in info.value.message
     assert "prefill" not in info.value.message
     assert f"after {len(''.join(CANONICAL[:40]))} characters were delivered" in info.value.message

@@ -23,7 +23,15 @@ import trio
 import trio.lowlevel
 import trio_websocket
 
-from tests.conftest import Instant, in_process, openai_sdk, openai_upstream_config, serve_proxy, wait_until_idle
+from tests.conftest import (
+    Instant,
+    in_process,
+    openai_sdk,
+    openai_upstream_config,
+    serve_proxy,
+    streamed_chat_text,
+    wait_until_idle,
+)
 from trioproxy import SSEDecoder, StreamEvent, parse_config
 from trioproxy._request import MAX_JSON_DEPTH
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, open_fake_upstream
@@ -174,7 +182,7 @@ async def test_a_body_nested_just_within_max_json_depth_streams_and_one_deeper_i
         stream = await client.chat.completions.create(
             model="up/m", messages=messages("hi"), stream=True, extra_body={"x": within}
         )
-        assert "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]) == "abc"
+        assert await streamed_chat_text(stream) == "abc"
         for levels in (MAX_JSON_DEPTH, 300, 900):
             with pytest.raises(openai.BadRequestError) as info:
                 await client.chat.completions.create(

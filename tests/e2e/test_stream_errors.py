@@ -18,7 +18,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import free_port, in_process, openai_sdk, proxy_config, serve_proxy
+from tests.conftest import chat_text, free_port, in_process, openai_sdk, proxy_config, serve_proxy
 from trioproxy import Config, SSEDecoder, StreamEvent, parse_config
 from trioproxy.testing import FakeUpstream, Reply
 
@@ -79,7 +79,7 @@ async def test_a_stream_that_starts_in_time_still_carries_its_role_chunk_first(
         stream = await client.chat.completions.create(model="sim/echo", messages=MESSAGES, stream=True)
         chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "go"
+    assert chat_text(chunks) == "go"
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import orjson
 import trio
 import trio_websocket
 
-from tests.conftest import anthropic_sdk, free_port, listening_url, openai_sdk, wait_until
+from tests.conftest import anthropic_sdk, free_port, listening_url, openai_sdk, streamed_chat_text, wait_until
 from tests.e2e.test_observability import scrape_until, value
 
 #: Starting a worker imports the whole proxy: seconds, on a busy machine.
@@ -119,7 +119,7 @@ async def test_two_workers_answer_on_one_address_with_one_metrics(tmp_path: Path
         async with openai_sdk(proxy.url) as sdk:
             messages = [{"role": "user", "content": "hi"}]
             stream = await sdk.chat.completions.create(model="sim/echo", messages=messages, stream=True)
-            assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "hi"
+            assert await streamed_chat_text(stream) == "hi"
         proxy.process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await proxy.process.wait() == 0
