@@ -156,6 +156,14 @@ async def open_upstreams(nursery: trio.Nursery, n: int) -> list[FakeUpstream]:
     return [await open_fake_upstream(nursery) for _ in range(n)]
 
 
+def failing_over(primary: FakeUpstream, backup: FakeUpstream, **settings: Any) -> dict[str, dict[str, Any]]:
+    """Provider tables: `primary` (OpenAI format, with `settings`) falling back to `backup` (OpenAI format)."""
+    return {
+        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"], **settings},
+        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
+    }
+
+
 async def collect(client: openai.AsyncOpenAI, model: str) -> str:
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
     return await streamed_chat_text(stream)
@@ -167,10 +175,7 @@ async def test_a_route_that_never_answers_is_left_for_the_fallback_after_one_fir
     primary, backup = await open_upstreams(nursery, 2)
     primary.push(Reply(headers_delay=1000))  # no response at all
     backup.push(Reply(tokens=TOKENS))
-    tables = {
-        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
-        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
-    }
+    tables = failing_over(primary, backup)
     async with proxied(tables, timeouts={"first_token_timeout": 5}, retry={"max_retries": 2}) as client:
         start = trio.current_time()
         assert await collect(client, "primary/m") == "".join(TOKENS)
@@ -199,10 +204,7 @@ async def test_a_5xx_is_retried_with_its_retry_after_before_the_fallback(
 ) -> None:
     primary, backup = await open_upstreams(nursery, 2)
     primary.push(Reply(status=503, headers={"retry-after": "3"}), Reply(tokens=TOKENS))
-    tables = {
-        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
-        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
-    }
+    tables = failing_over(primary, backup)
     async with proxied(tables, retry={"max_retries": 2, "base_delay_ms": 10}) as client:
         start = trio.current_time()
         assert await collect(client, "primary/m") == "".join(TOKENS)
@@ -215,10 +217,7 @@ async def test_a_content_filter_refusal_is_neither_retried_nor_failed_over(
 ) -> None:
     primary, backup = await open_upstreams(nursery, 2)
     primary.push(Reply(status=400, error_message="the prompt was filtered"))
-    tables = {
-        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
-        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
-    }
+    tables = failing_over(primary, backup)
     async with proxied(tables, retry={"max_retries": 2}) as client:
         with pytest.raises(openai.BadRequestError) as info:
             await collect(client, "primary/m")
@@ -232,10 +231,7 @@ async def test_a_first_token_after_20_s_is_hedged_and_the_slow_request_cancelled
     primary, backup = await open_upstreams(nursery, 2)
     primary.push(Reply(tokens=("slow",), ttft=20))
     backup.push(Reply(tokens=TOKENS, ttft=0.5))
-    tables = {
-        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"], "hedge_after": 3},
-        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
-    }
+    tables = failing_over(primary, backup, hedge_after=3)
     async with proxied(tables) as client:
         start = trio.current_time()
         assert await collect(client, "primary/m") == "".join(TOKENS)
@@ -433,15 +429,7 @@ async def test_a_primary_down_then_healthy_again_is_skipped_then_probed_back(
     primary, backup = await open_upstreams(nursery, 2)
     primary.replies = Reply(status=502)
     backup.replies = Reply(tokens=("from", " backup"))
-    tables = {
-        "primary": {
-            "type": "openai",
-            "base_url": primary.url + "/v1",
-            "fallbacks": ["backup/m"],
-            "breaker": {"failures": 2, "cooldown": 30},
-        },
-        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
-    }
+    tables = failing_over(primary, backup, breaker={"failures": 2, "cooldown": 30})
     async with proxied(tables) as client:
         for _ in range(5):
             assert await collect(client, "primary/m") == "from backup"
