@@ -13,17 +13,19 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import anthropic
 import httpx
 import openai
 import pytest
 import trio
+from openai.types.chat import ChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioproxy import Config, create_app, parse_config, serve
@@ -71,6 +73,16 @@ def proxy_config(upstream: FakeUpstream, **extra_providers: dict) -> Config:
     )
 
 
+def openai_upstream_config(upstream: FakeUpstream, **sections: Any) -> Config:
+    """
+    `up` alone (OpenAI format, no key) pointing at `upstream`, retries off and a client that
+    stops reading dropped in seconds (as in `proxy_config`), plus `sections` (each replacing its default).
+    """
+    providers = {"up": {"type": "openai", "base_url": upstream.url + "/v1"}}
+    raw = {"retry": {"max_retries": 0}, "server": {"write_timeout": 5}, "providers": providers, **sections}
+    return parse_config(raw, environ={})
+
+
 @asynccontextmanager
 async def in_process(config: Config) -> AsyncIterator[tuple[httpx.AsyncClient, openai.AsyncOpenAI]]:
     """
@@ -87,6 +99,25 @@ async def in_process(config: Config) -> AsyncIterator[tuple[httpx.AsyncClient, o
         yield http, client
 
 
+async def serve_proxy(nursery: trio.Nursery, config: Config, **serving: Any) -> str:
+    """
+    `config` served by a real hypercorn (`trioproxy.serve`) on 127.0.0.1:0, in `nursery` (it
+    stops with it): the proxy's base URL. `serving` goes to `serve` (`shutdown_trigger`, ...).
+    """
+    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0, **serving))
+    return str(binds[0])
+
+
+def openai_sdk(url: str, api_key: str = "k") -> openai.AsyncOpenAI:
+    """OpenAI's official SDK, unmodified, on the server at `url` (no retries: we test each answer)."""
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0)
+
+
+def anthropic_sdk(url: str, api_key: str = "k") -> anthropic.AsyncAnthropic:
+    """Anthropic's official SDK, unmodified, on the server at `url` (no retries: we test each answer)."""
+    return anthropic.AsyncAnthropic(base_url=url, api_key=api_key, max_retries=0)
+
+
 @pytest.fixture
 def upstream_keys() -> dict[str, str]:
     """The credentials the proxy holds for each upstream provider (never for a client's eyes)."""
@@ -100,14 +131,12 @@ async def upstream(nursery: trio.Nursery) -> FakeUpstream:
 
 @pytest.fixture
 async def proxy_url(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
-    binds = await nursery.start(partial(serve, proxy_config(upstream), host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, proxy_config(upstream))
 
 
 @pytest.fixture
 async def client(proxy_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    """The official SDK, unmodified, pointed at the proxy (no retries: we test each answer)."""
-    async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key="client-key", max_retries=0) as sdk:
+    async with openai_sdk(proxy_url, "client-key") as sdk:
         yield sdk
 
 
@@ -192,6 +221,27 @@ async def hang_up_mid_stream(
     await upstream_closed_soon_after(upstream.requests[-1], hung_up)
 
 
+async def hang_up_once_asked(url: str, body: Any, upstream: FakeUpstream, *, tokens_sent: int = 0) -> None:
+    """
+    POST `body` to `url` (reading what comes), hang up once the upstream has the request and
+    has sent `tokens_sent` tokens of its answer, and check the upstream's request was closed
+    (`upstream_closed_soon_after`).
+    """
+    async with trio.open_nursery() as nursery:
+
+        async def request() -> None:
+            async with httpx.AsyncClient() as http, http.stream("POST", url, json=body) as response:
+                async for _ in response.aiter_bytes():
+                    pass
+
+        nursery.start_soon(request)
+        with trio.fail_after(5):
+            await upstream.wait_for_requests(upstream.request_count + 1)
+        await wait_until(lambda: upstream.requests[-1].tokens_sent >= tokens_sent)
+        nursery.cancel_scope.cancel()  # the client hangs up
+    await upstream_closed_soon_after(upstream.requests[-1], Instant.now())
+
+
 async def upstream_closed_soon_after(recorded: RecordedRequest, hung_up: Instant) -> None:
     """
     The upstream saw `recorded`'s connection close within `HANG_UP_BOUND` (the README's) of the
@@ -206,6 +256,16 @@ async def upstream_closed_soon_after(recorded: RecordedRequest, hung_up: Instant
     assert recorded.disconnected_at is not None
     assert hung_up.until(recorded.disconnected_at) < HANG_UP_BOUND
     assert not recorded.completed
+
+
+def chat_text(chunks: Iterable[ChatCompletionChunk]) -> str:
+    """The text that a streamed chat completion's `chunks` deliver."""
+    return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+
+async def streamed_chat_text(stream: AsyncIterable[ChatCompletionChunk]) -> str:
+    """The text of a streamed chat completion, read to its end."""
+    return chat_text([chunk async for chunk in stream])
 
 
 async def collect_into(items: AsyncIterable[T], into: list[T]) -> None:
@@ -256,6 +316,32 @@ def cli_answer(run: subprocess.CompletedProcess[bytes]) -> str:
     output = run.stdout.decode(errors="replace"), run.stderr.decode(errors="replace")
     assert run.returncode == 0, (run.returncode, *output)
     return run.stdout.decode()
+
+
+class RequestSkipper:
+    """
+    Reads past the HTTP/1.1 requests on a raw upstream's connection (each head, then as much
+    body as its `content-length` says), keeping what comes after for the next: for raw
+    upstreams that answer whatever is asked.
+    """
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.received = b""
+
+    async def skip(self) -> bool:
+        """Past the next request: False if the connection closed before a whole head came."""
+        while b"\r\n\r\n" not in self.received:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return False
+            self.received += data
+        head, _, rest = self.received.partition(b"\r\n\r\n")
+        [length] = [int(line[15:]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+        while len(rest) < length:
+            rest += await self.stream.receive_some(65536)
+        self.received = rest[length:]
+        return True
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import PROCESS_EXIT_BOUND, PROCESS_RUN_BOUND
+from tests.conftest import PROCESS_EXIT_BOUND, PROCESS_RUN_BOUND, openai_sdk, streamed_chat_text
 
 TRIOPROXY = [sys.executable, "-m", "trioproxy"]
 
@@ -133,13 +133,11 @@ async def test_upstream_command_serves_a_scripted_stream(nursery: trio.Nursery) 
     )
     url = re.search(rb"(http://127\.0\.0\.1:\d+)/v1 ", output).group(1).decode()
     try:
-        import openai
-
-        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0) as sdk:
+        async with openai_sdk(url) as sdk:
             stream = await sdk.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "x"}], stream=True
             )
-            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            text = await streamed_chat_text(stream)
         assert text == " tok0 tok1 tok2 tok3 tok4"
     finally:
         process.send_signal(signal.SIGINT)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -523,34 +524,7 @@ def test_openai_stream_with_crlf(decode: Decode) -> None:
 
 
 # sse_protocol.md §5.2 (anthropic-sdk-python tests/lib/streaming/fixtures/basic_response.txt).
-ANTHROPIC_STREAM = b"""event: message_start
-data: {"type":"message_start","message":{"id":"msg_4QpJur2dWWDjF6C758FbBw5vm12BaVipnK","type":"message","role":"assistant","content":[],"model":"claude-3-opus-latest","stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":11,"output_tokens":1}}}
-
-event: content_block_start
-data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}
-
-event: ping
-data: {"type": "ping"}
-
-event: content_block_delta
-data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}
-
-event: content_block_delta
-data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" there"}}
-
-event: content_block_delta
-data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"!"}}
-
-event: content_block_stop
-data: {"type":"content_block_stop","index":0}
-
-event: message_delta
-data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":6}}
-
-event: message_stop
-data: {"type":"message_stop"}
-
-"""  # noqa: E501 - recorded wire data, kept verbatim
+ANTHROPIC_STREAM = (Path(__file__).parent / "fixtures" / "anthropic" / "basic_response.sse").read_bytes()
 
 
 def test_anthropic_stream(decode: Decode) -> None:

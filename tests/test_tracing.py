@@ -10,11 +10,9 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
-from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import anthropic
 import httpx
 import openai
 import pytest
@@ -25,8 +23,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from tests.conftest import wait_until
-from trioproxy import ConfigError, create_app, parse_config, serve
+from tests.conftest import (
+    anthropic_sdk,
+    openai_sdk,
+    openai_upstream_config,
+    serve_proxy,
+    streamed_chat_text,
+    wait_until,
+)
+from trioproxy import ConfigError, create_app, parse_config
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
 MESSAGES = [{"role": "user", "content": "go"}]
@@ -54,8 +59,7 @@ async def start_proxy(
     nursery: trio.Nursery, tracer_provider: TracerProvider, providers: dict[str, Any], **policy: Any
 ) -> str:
     config = parse_config({"retry": {"max_retries": 0}, **policy, "providers": providers}, environ={})
-    serving = partial(serve, config, host="127.0.0.1", port=0, tracer_provider=tracer_provider)
-    return (await nursery.start(serving))[0]
+    return await serve_proxy(nursery, config, tracer_provider=tracer_provider)
 
 
 def openai_upstream(upstream: FakeUpstream, **table: Any) -> dict[str, Any]:
@@ -85,7 +89,7 @@ def assert_nested(request: ReadableSpan, attempts: Sequence[ReadableSpan]) -> No
 
 async def stream_text(client: openai.AsyncOpenAI, model: str, **kwargs: Any) -> str:
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **kwargs)
-    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    return await streamed_chat_text(stream)
 
 
 async def test_a_retried_stream_is_one_request_span_over_two_attempts_in_the_client_s_trace(
@@ -94,7 +98,7 @@ async def test_a_retried_stream_is_one_request_span_over_two_attempts_in_the_cli
     upstream.push(Reply(status=500), Reply(tokens=TOKENS, usage=(9, 4), finish_reason="stop"))
     retrying = openai_upstream(upstream, retry={"max_retries": 1, "base_delay_ms": 1})
     proxy = await start_proxy(nursery, tracer_provider, {"up": retrying})
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         assert await stream_text(client, "up/m", extra_headers=CLIENT_CONTEXT) == "".join(TOKENS)
 
     request, attempts = await request_span(exporter)
@@ -136,7 +140,7 @@ async def test_without_a_traceparent_a_request_starts_its_own_trace_and_passes_i
 ) -> None:
     upstream.push(Reply(tokens=TOKENS))
     proxy = await start_proxy(nursery, tracer_provider, {"up": openai_upstream(upstream)})
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         await stream_text(client, "up/m")
     request, (attempt,) = await request_span(exporter)
     assert request.parent is None
@@ -161,7 +165,7 @@ async def test_a_hedge_is_an_attempt_span_of_its_own_and_the_loser_s_is_cancelle
         "backup": openai_upstream(backup),
     }
     proxy = await start_proxy(nursery, tracer_provider, providers)
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         assert await stream_text(client, "primary/m", extra_headers=CLIENT_CONTEXT) == "".join(TOKENS)
 
     request, attempts = await request_span(exporter)
@@ -188,7 +192,7 @@ async def test_a_continuation_is_an_attempt_span_after_the_broken_one(
     vllm = openai_upstream(upstream, continuation="continue_final_message")
     # A buffer stage: the reader runs in a task of its own, apart from delivery.
     proxy = await start_proxy(nursery, tracer_provider, {"vllm": vllm}, buffer={"buffer_by_word": True})
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         assert await stream_text(client, "vllm/m") == "".join(canonical)
 
     request, attempts = await request_span(exporter)
@@ -206,7 +210,7 @@ async def test_a_failure_on_every_route_fails_each_attempt_and_the_request(
     backup.push(Reply(status=500))
     providers = {"primary": openai_upstream(primary, fallbacks=["backup/m"]), "backup": openai_upstream(backup)}
     proxy = await start_proxy(nursery, tracer_provider, providers)
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         with pytest.raises(openai.InternalServerError):
             await stream_text(client, "primary/m")
 
@@ -224,7 +228,7 @@ async def test_a_request_the_limits_refuse_is_a_failed_span_with_no_attempt(
     nursery: trio.Nursery, upstream: FakeUpstream, tracer_provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     proxy = await start_proxy(nursery, tracer_provider, {"up": openai_upstream(upstream)}, limits={"max_messages": 1})
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         with pytest.raises(openai.BadRequestError):
             await client.chat.completions.create(model="up/m", messages=MESSAGES * 2)
     request, attempts = await request_span(exporter)
@@ -235,7 +239,7 @@ async def test_a_request_the_limits_refuse_is_a_failed_span_with_no_attempt(
 
 async def anthropic_messages(proxy: str) -> None:
     async with (
-        anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client,
+        anthropic_sdk(proxy) as client,
         client.messages.stream(
             model="claude/claude-test", max_tokens=64, messages=MESSAGES, extra_headers=CLIENT_CONTEXT
         ) as stream,
@@ -244,12 +248,12 @@ async def anthropic_messages(proxy: str) -> None:
 
 
 async def openai_responses(proxy: str) -> None:
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         await client.responses.create(model="up/gpt-test", input="go", extra_headers=CLIENT_CONTEXT)
 
 
 async def openai_chat(proxy: str) -> None:
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         await client.chat.completions.create(
             model="claude/claude-test", messages=MESSAGES, extra_headers=CLIENT_CONTEXT
         )
@@ -331,13 +335,11 @@ async def test_tracing_configured_exports_over_otlp_by_the_time_the_server_stopp
     endpoint, received = collector
     upstream.push(Reply(tokens=TOKENS), Reply(tokens=TOKENS))
     tracing = {"enabled": True, "endpoint": endpoint, "service_name": "proxy-under-test", "sample_ratio": 0}
-    config = parse_config(
-        {"tracing": tracing, "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}}}, environ={}
-    )
+    config = openai_upstream_config(upstream, tracing=tracing)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0, shutdown_trigger=stop.wait)))[0]
-        async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+        proxy = await serve_proxy(nursery, config, shutdown_trigger=stop.wait)
+        async with openai_sdk(proxy) as client:
             await stream_text(client, "up/m", extra_headers=CLIENT_CONTEXT)
             await stream_text(client, "up/m")
         stop.set()  # the graceful shutdown exports what the batch still holds
@@ -389,7 +391,7 @@ async def test_a_client_s_traceparent_is_not_forwarded_when_tracing_is_off(
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     config = parse_config({"providers": {"up": openai_upstream(upstream)}}, environ={})
-    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    proxy = await serve_proxy(nursery, config)
     upstream.push(Reply(tokens=TOKENS))
     async with httpx.AsyncClient() as http:
         body = {"model": "up/m", "messages": MESSAGES}

@@ -17,6 +17,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
+from tests.conftest import RequestSkipper
 from trioproxy import parse_config
 from trioproxy._exceptions import UpstreamBrokenError, UpstreamConnectError, UpstreamProtocolError
 from trioproxy._request import parse_chat_request
@@ -238,16 +239,10 @@ async def serve_raw(answers: list[bytes], task_status: trio.TaskStatus[str] = tr
     async with listener:
         stream = await listener.accept()
         async with stream:
-            buffer = b""
+            requests = RequestSkipper(stream)
             for answer in answers:
-                while b"\r\n\r\n" not in buffer:
-                    buffer += await stream.receive_some(65536)
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                lines = head.lower().split(b"\r\n")
-                [length] = [int(line[15:]) for line in lines if line.startswith(b"content-length:")]
-                while len(buffer) < length:
-                    buffer += await stream.receive_some(65536)
-                buffer = buffer[length:]
+                if not await requests.skip():
+                    return
                 await stream.send_all(answer)
 
 
@@ -324,20 +319,8 @@ async def serve_writes(
 
     async def answer(stream: trio.SocketStream) -> None:
         async with stream:
-            buffer = b""
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    received = await stream.receive_some(65536)
-                    if not received:
-                        return
-                    buffer += received
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                [length] = [
-                    int(line[15:]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
-                ]
-                while len(buffer) < length:
-                    buffer += await stream.receive_some(65536)
-                buffer = buffer[length:]
+            requests = RequestSkipper(stream)
+            while await requests.skip():
                 for write in next(pending):
                     await trio.testing.wait_all_tasks_blocked()
                     if not write:

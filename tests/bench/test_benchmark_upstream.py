@@ -11,13 +11,11 @@ import contextlib
 import re
 import socket
 
-import anthropic
-import openai
 import orjson
 import pytest
 import trio
 
-from tests.conftest import Instant, wait_until
+from tests.conftest import Instant, anthropic_sdk, openai_sdk, wait_until
 from trioproxy._bench.http1 import ChunkedBody, find_head_end, parse_head
 from trioproxy._bench.upstream import BenchUpstream
 from trioproxy.testing import Reply
@@ -65,7 +63,7 @@ async def read_response(stream: trio.SocketStream, pending: bytes = b"") -> tupl
 async def test_an_openai_stream_through_the_sdk_has_every_token_and_honours_include_usage(
     upstream: BenchUpstream,
 ) -> None:
-    async with openai.AsyncOpenAI(base_url=upstream.url + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(upstream.url) as sdk:
         with trio.fail_after(10):
             stream = await sdk.chat.completions.create(model="m", messages=MESSAGES, stream=True)
             chunks = [chunk async for chunk in stream]
@@ -83,7 +81,7 @@ async def test_an_openai_stream_through_the_sdk_has_every_token_and_honours_incl
 
 
 async def test_a_non_streaming_openai_request_gets_a_chat_completion(upstream: BenchUpstream) -> None:
-    async with openai.AsyncOpenAI(base_url=upstream.url + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(upstream.url) as sdk:
         with trio.fail_after(10):
             completion = await sdk.chat.completions.create(model="gpt-x", messages=MESSAGES)
             models = await sdk.models.list()
@@ -96,7 +94,7 @@ async def test_a_non_streaming_openai_request_gets_a_chat_completion(upstream: B
 
 
 async def test_an_anthropic_stream_and_message_through_the_sdk(upstream: BenchUpstream) -> None:
-    async with anthropic.AsyncAnthropic(base_url=upstream.url, api_key="k", max_retries=0) as sdk:
+    async with anthropic_sdk(upstream.url) as sdk:
         with trio.fail_after(10):
             async with sdk.messages.stream(model="claude-x", max_tokens=10, messages=MESSAGES) as stream:
                 text = "".join([piece async for piece in stream.text_stream])
@@ -110,7 +108,7 @@ async def test_an_anthropic_stream_and_message_through_the_sdk(upstream: BenchUp
 
 
 async def test_a_responses_stream_and_response_through_the_sdk(upstream: BenchUpstream) -> None:
-    async with openai.AsyncOpenAI(base_url=upstream.url + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(upstream.url) as sdk:
         with trio.fail_after(10):
             async with sdk.responses.stream(model="gpt-x", input="x") as stream:
                 deltas = [event.delta async for event in stream if event.type == "response.output_text.delta"]

@@ -15,7 +15,8 @@ import pytest
 import trio
 
 from tests.bench.test_websocket_client import server_frame
-from trioproxy import SSEDecoder, parse_config, serve
+from tests.conftest import RequestSkipper, serve_proxy
+from trioproxy import SSEDecoder, parse_config
 from trioproxy._bench.loadgen import (
     MAX_NDJSON_LINE,
     _Connection,
@@ -74,19 +75,11 @@ class CannedServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
-        received, answered = b"", 0
+        requests, answered = RequestSkipper(stream), 0
         async with stream:
             while self.responses and answered != self.per_connection:
-                while b"\r\n\r\n" not in received:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    received += data
-                head, _, rest = received.partition(b"\r\n\r\n")
-                length = int(head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0])
-                while len(rest) < length:
-                    rest += await stream.receive_some(65536)
-                received = rest[length:]
+                if not await requests.skip():
+                    return
                 response = self.responses.pop(0)
                 await stream.send_all(response)
                 answered += 1
@@ -407,7 +400,7 @@ async def test_websocket_mode_streams_one_response_create_after_another_on_each_
     config = parse_config(
         {"providers": {"up": {"type": "openai_responses", "base_url": upstream.url + "/v1"}}}, environ={}
     )
-    [proxy_url] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    proxy_url = await serve_proxy(nursery, config)
     spec = responses_phase(proxy_url + "/v1/responses", tokens=8, protocol="responses-ws", rounds=2, warmup_rounds=1)
     spec = PhaseSpec(**{**spec.__dict__, "payload": {**spec.payload, "model": "up/m"}})
     with trio.fail_after(20):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +20,15 @@ from anthropic.lib.streaming import AsyncMessageStreamManager
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
-    Instant,
+    anthropic_sdk,
     collect_into,
     hang_up_mid_stream,
+    hang_up_once_asked,
     proxy_config,
-    upstream_closed_soon_after,
+    serve_proxy,
     wait_until,
 )
-from trioproxy import parse_config, serve
+from trioproxy import parse_config
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "anthropic"
@@ -42,7 +42,7 @@ MODELS = pytest.mark.parametrize("model", ["claude/claude-test", "up/gpt-test"])
 @pytest.fixture
 async def claude(proxy_url: str) -> AsyncIterator[anthropic.AsyncAnthropic]:
     """The official SDK, unmodified, pointed at the proxy (no retries: we test each answer)."""
-    async with anthropic.AsyncAnthropic(base_url=proxy_url, api_key="client-key", max_retries=0) as sdk:
+    async with anthropic_sdk(proxy_url, "client-key") as sdk:
         yield sdk
 
 
@@ -434,10 +434,10 @@ async def test_a_failover_before_the_first_token_shows_one_message(
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     config = proxy_config(upstream, flaky={"type": "anthropic", "base_url": upstream.url, "fallbacks": ["up/gpt-test"]})
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    proxy = await serve_proxy(nursery, config)
     upstream.push(Reply(tokens=TOKENS, error_after=0, error_message="Overloaded"), Reply(tokens=TOKENS))
     async with httpx.AsyncClient() as http:
-        response = await http.post(binds[0] + "/v1/messages", json=create(model="flaky/c", stream=True))
+        response = await http.post(proxy + "/v1/messages", json=create(model="flaky/c", stream=True))
     kinds = [line.removeprefix(b"event: ") for line in response.content.split(b"\n") if line.startswith(b"event: ")]
     assert kinds.count(b"message_start") == 1
     assert kinds.count(b"content_block_start") == 1
@@ -463,20 +463,7 @@ async def test_client_disconnect_before_the_first_token_closes_the_upstream(
     proxy_url: str, upstream: FakeUpstream, model: str, stream: bool
 ) -> None:
     upstream.push(Reply(tokens=TOKENS, ttft=60))
-    async with trio.open_nursery() as nursery:
-
-        async def request() -> None:
-            async with httpx.AsyncClient() as http:
-                body = create(model=model, stream=stream)
-                async with http.stream("POST", proxy_url + "/v1/messages", json=body) as response:
-                    async for _ in response.aiter_bytes():
-                        pass
-
-        nursery.start_soon(request)
-        with trio.fail_after(5):
-            await upstream.wait_for_requests(upstream.request_count + 1)
-        nursery.cancel_scope.cancel()  # the client hangs up
-    await upstream_closed_soon_after(upstream.requests[-1], Instant.now())
+    await hang_up_once_asked(proxy_url + "/v1/messages", create(model=model, stream=stream), upstream)
 
 
 # --- client keys ---------------------------------------------------------------------------
@@ -484,12 +471,12 @@ async def test_client_disconnect_before_the_first_token_closes_the_upstream(
 
 async def test_client_keys_from_x_api_key_or_bearer(nursery: trio.Nursery) -> None:
     config = parse_config({"auth": {"keys": ["sk-client-1"]}}, environ={})
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    proxy = await serve_proxy(nursery, config)
     body = create(model="sim/echo")
     for credentials in ({"api_key": "sk-client-1"}, {"auth_token": "sk-client-1"}):
-        async with anthropic.AsyncAnthropic(base_url=binds[0], max_retries=0, **credentials) as sdk:
+        async with anthropic.AsyncAnthropic(base_url=proxy, max_retries=0, **credentials) as sdk:
             assert (await sdk.messages.create(**body)).content[0].text == "Say hello"
-    async with anthropic.AsyncAnthropic(base_url=binds[0], api_key="wrong", max_retries=0) as sdk:
+    async with anthropic_sdk(proxy, "wrong") as sdk:
         with pytest.raises(anthropic.AuthenticationError) as info:
             await sdk.messages.create(**body)
     assert info.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
@@ -500,13 +487,13 @@ async def test_client_keys_from_x_api_key_or_bearer(nursery: trio.Nursery) -> No
 
 async def test_count_tokens_is_forwarded_to_an_anthropic_upstream(nursery: trio.Nursery) -> None:
     """The upstream is a second trioproxy: its Messages front counts (an estimate) for its simulated provider."""
-    upstream = await nursery.start(partial(serve, parse_config({}, environ={}), host="127.0.0.1", port=0))
-    config = parse_config({"providers": {"chain": {"type": "anthropic", "base_url": upstream[0]}}}, environ={})
-    proxy = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    upstream = await serve_proxy(nursery, parse_config({}, environ={}))
+    config = parse_config({"providers": {"chain": {"type": "anthropic", "base_url": upstream}}}, environ={})
+    proxy = await serve_proxy(nursery, config)
     body = {"model": "chain/sim/echo", "messages": [{"role": "user", "content": "x" * 40}]}
     async with httpx.AsyncClient() as http:
-        forwarded = await http.post(proxy[0] + "/v1/messages/count_tokens", json=body)
-        unknown_model = await http.post(proxy[0] + "/v1/messages/count_tokens", json={**body, "model": "chain/nope/m"})
+        forwarded = await http.post(proxy + "/v1/messages/count_tokens", json=body)
+        unknown_model = await http.post(proxy + "/v1/messages/count_tokens", json={**body, "model": "chain/nope/m"})
     assert forwarded.status_code == 200
     assert forwarded.json() == {"input_tokens": 10, "estimated": True}  # the upstream's own answer, whole
     assert unknown_model.status_code == 404  # the upstream's error, in Anthropic's shape
@@ -541,8 +528,8 @@ async def test_limits_refuse_in_anthropic_s_shape_and_metrics_count_the_route(
         },
         environ={},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    async with anthropic.AsyncAnthropic(base_url=binds[0], api_key="k", max_retries=0) as sdk:
+    proxy = await serve_proxy(nursery, config)
+    async with anthropic_sdk(proxy) as sdk:
         with pytest.raises(anthropic.BadRequestError) as too_long:
             await sdk.messages.create(**create(model="claude/c", messages=[*MESSAGES] * 3))
         assert "at most 2" in too_long.value.message
@@ -554,7 +541,7 @@ async def test_limits_refuse_in_anthropic_s_shape_and_metrics_count_the_route(
 
     async def counted() -> bool:
         async with httpx.AsyncClient() as http:
-            metrics = (await http.get(binds[0] + "/metrics")).text
+            metrics = (await http.get(proxy + "/metrics")).text
         labels = {"route": "/v1/messages", "provider": "claude", "outcome": "completed"}
         return any(
             sample.name == "trioproxy_streams_total" and sample.labels == labels and sample.value == 1
@@ -570,8 +557,8 @@ async def test_limits_refuse_in_anthropic_s_shape_and_metrics_count_the_route(
 
 async def test_models_in_anthropic_s_list_shape(nursery: trio.Nursery) -> None:
     config = parse_config({"models": {"claude-haiku-4-5": "sim/echo", "claude-*": "sim"}}, environ={})
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    async with anthropic.AsyncAnthropic(base_url=binds[0], api_key="k", max_retries=0) as sdk:
+    proxy = await serve_proxy(nursery, config)
+    async with anthropic_sdk(proxy) as sdk:
         models = [model async for model in sdk.models.list()]
         message = await sdk.messages.create(model="claude-haiku-4-5", max_tokens=10, messages=MESSAGES)
     assert [model.id for model in models] == ["claude-haiku-4-5", "sim/echo", "sim/lorem", "sim/tools"]
@@ -603,8 +590,7 @@ async def staged(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
         hasty={"type": "anthropic", "base_url": upstream.url, "first_token_timeout": 0.2},
         retrying={"type": "anthropic", "base_url": upstream.url, "retry": {"max_retries": 2, "base_delay_ms": 1}},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, config)
 
 
 async def post_stream(proxy: str, model: str) -> bytes:
@@ -616,7 +602,7 @@ async def post_stream(proxy: str, model: str) -> bytes:
 async def test_a_stage_that_changes_content_gets_rendered_events(staged: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(tokens=("Call ", "555-", "1234", " now, ", "please.")))
     async with (
-        anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk,
+        anthropic_sdk(staged) as sdk,
         sdk.messages.stream(**create(model="redacted/c")) as stream,
     ):
         message = await stream.get_final_message()
@@ -645,7 +631,7 @@ async def test_heartbeats_are_pings(staged: str, upstream: FakeUpstream) -> None
 
 async def test_a_first_token_timeout_is_an_anthropic_error(staged: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(tokens=TOKENS, ttft=5))
-    async with anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk:
+    async with anthropic_sdk(staged) as sdk:
         with pytest.raises(anthropic.GatewayTimeoutError) as info:
             await sdk.messages.create(**create(model="hasty/c"), stream=True)
     assert info.value.body["error"]["type"] == "timeout_error"  # type: ignore[index]
@@ -655,7 +641,7 @@ async def test_a_first_token_timeout_is_an_anthropic_error(staged: str, upstream
 async def test_retries_before_the_first_token_deliver_one_message(staged: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(status=529, error_message="Overloaded"), Reply(tokens=TOKENS))
     async with (
-        anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk,
+        anthropic_sdk(staged) as sdk,
         sdk.messages.stream(**create(model="retrying/c")) as stream,
     ):
         message = await stream.get_final_message()
@@ -666,7 +652,7 @@ async def test_retries_before_the_first_token_deliver_one_message(staged: str, u
 async def test_thinking_signatures_survive_a_stage_that_changes_content(staged: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(raw_body=(FIXTURES / "stream_thinking_tools.sse").read_bytes()))
     async with (
-        anthropic.AsyncAnthropic(base_url=staged, api_key="k", max_retries=0) as sdk,
+        anthropic_sdk(staged) as sdk,
         sdk.messages.stream(**create(model="redacted/c")) as stream,
     ):
         message = await stream.get_final_message()
@@ -689,9 +675,9 @@ async def test_a_field_a_responses_upstream_has_no_equivalent_for_is_a_400_namin
         resp={"type": "openai_responses", "base_url": upstream.url + "/v1"},
         lenient={"type": "openai_responses", "base_url": upstream.url + "/v1", "drop_params": ["stop_sequences"]},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    proxy = await serve_proxy(nursery, config)
     ask: dict[str, Any] = {"max_tokens": 64, "messages": [{"role": "user", "content": "hi"}], "stop_sequences": ["END"]}
-    async with anthropic.AsyncAnthropic(base_url=binds[0], api_key="k", max_retries=0) as client:
+    async with anthropic_sdk(proxy) as client:
         with pytest.raises(anthropic.BadRequestError) as info:
             await client.messages.create(model="resp/gpt", **ask)
         error = info.value.body["error"]

@@ -5,15 +5,14 @@ x-api-key), and a refusal is a 401 in the protocol's own shape; /health stays op
 
 from __future__ import annotations
 
-from functools import partial
-
 import httpx
 import openai
 import pytest
 import trio
 import trio_websocket
 
-from trioproxy import SSEDecoder, StreamEvent, parse_config, serve
+from tests.conftest import openai_sdk, serve_proxy, streamed_chat_text
+from trioproxy import SSEDecoder, StreamEvent, parse_config
 
 MESSAGES = [{"role": "user", "content": "hello keys"}]
 KEYS = "key-one, key-two"
@@ -28,20 +27,19 @@ async def proxy(nursery: trio.Nursery) -> str:
         },
         environ={"PROXY_KEYS": KEYS},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, config)
 
 
 async def test_the_sdk_with_a_key_streams(proxy: str) -> None:
     for key in ("key-one", "key-two", "key-in-file"):
-        async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key=key, max_retries=0) as sdk:
+        async with openai_sdk(proxy, key) as sdk:
             stream = await sdk.chat.completions.create(model="sim/echo", messages=MESSAGES, stream=True)
-            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+            text = await streamed_chat_text(stream)
         assert text == "hello keys"
 
 
 async def test_the_sdk_without_a_valid_key_gets_authentication_error(proxy: str) -> None:
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="key-on", max_retries=0) as sdk:
+    async with openai_sdk(proxy, "key-on") as sdk:
         with pytest.raises(openai.AuthenticationError) as info:
             await sdk.chat.completions.create(model="sim/echo", messages=MESSAGES, stream=True)
         with pytest.raises(openai.AuthenticationError):
@@ -95,6 +93,6 @@ async def test_metrics_want_a_key_unless_told_otherwise(nursery: trio.Nursery, p
         assert "trioproxy_active_streams" in scraped.text
 
         config = parse_config({"auth": {"keys": ["k"], "protect_metrics": False}})
-        open_metrics = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+        open_metrics = await serve_proxy(nursery, config)
         assert (await http.get(open_metrics + "/metrics")).status_code == 200
         assert (await http.get(open_metrics + "/v1/models")).status_code == 401

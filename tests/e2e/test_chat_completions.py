@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import httpx
@@ -16,13 +15,17 @@ import trio
 
 from tests.conftest import (
     Instant,
+    chat_text,
     collect_into,
     free_port,
     hang_up_mid_stream,
+    openai_sdk,
+    openai_upstream_config,
     proxy_config,
+    serve_proxy,
     upstream_closed_soon_after,
 )
-from trioproxy import parse_config, serve
+from trioproxy import parse_config
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
 TOKENS = ("Hel", "lo", ",", " wörld", " 🌍", "!")
@@ -41,7 +44,7 @@ async def content_until_error(stream: openai.AsyncStream) -> tuple[list[str], op
 
 async def collect(stream: openai.AsyncStream) -> tuple[str, list]:
     chunks = [chunk async for chunk in stream]
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text = chat_text(chunks)
     return text, chunks
 
 
@@ -146,8 +149,8 @@ async def test_a_field_an_anthropic_upstream_has_no_equivalent_for_is_a_400_unle
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     lenient = {"type": "anthropic", "base_url": upstream.url, "drop_params": ["seed"]}
-    binds = await nursery.start(partial(serve, proxy_config(upstream, lenient=lenient), host="127.0.0.1", port=0))
-    async with openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as client:
+    proxy = await serve_proxy(nursery, proxy_config(upstream, lenient=lenient))
+    async with openai_sdk(proxy) as client:
         with pytest.raises(openai.BadRequestError) as info:
             await client.chat.completions.create(model="claude/claude-test", messages=MESSAGES, seed=7)
         assert info.value.param == "seed"
@@ -286,8 +289,8 @@ async def test_with_a_proxy_in_the_environment_httpxs_own_transport_streams(
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     from tests.conftest import proxy_config
 
-    binds = await nursery.start(partial(serve, proxy_config(upstream), host="127.0.0.1", port=0))
-    async with openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as sdk:
+    proxy = await serve_proxy(nursery, proxy_config(upstream))
+    async with openai_sdk(proxy) as sdk:
         for _ in range(2):
             upstream.push(Reply(tokens=TOKENS))
             text, _ = await collect(await sdk.chat.completions.create(model="up/m", messages=MESSAGES, stream=True))
@@ -444,8 +447,8 @@ async def test_malformed_upstream_chunk_is_an_in_stream_error(client, upstream: 
 
 async def test_unreachable_upstream_is_502(proxy_url: str, nursery: trio.Nursery) -> None:
     config = parse_config({"providers": {"gone": {"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1"}}})
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    async with openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as sdk:
+    proxy = await serve_proxy(nursery, config)
+    async with openai_sdk(proxy) as sdk:
         with pytest.raises(openai.APIStatusError) as info:
             await sdk.chat.completions.create(model="gone/m", messages=MESSAGES, stream=True)
     assert info.value.status_code == 502
@@ -511,13 +514,9 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cancelled
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     """hypercorn's writes cannot be cancelled; the kernel's write_timeout still ends them."""
-    config = parse_config(
-        {"server": {"write_timeout": 0.5}, "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}}},
-        environ={},
-    )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    proxy = await serve_proxy(nursery, openai_upstream_config(upstream, server={"write_timeout": 0.5}))
     upstream.push(Reply(tokens=tuple("y" * 65536 for _ in range(400)), interval=0.001))
-    stalled = await _send_post(binds[0], {"model": "up/m", "messages": MESSAGES, "stream": True})
+    stalled = await _send_post(proxy, {"model": "up/m", "messages": MESSAGES, "stream": True})
     # The client never reads: the proxy's buffers fill, its write stalls, and the kernel gives up.
     with trio.fail_after(15):
         await upstream.wait_for_requests(1)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -23,8 +22,8 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import ANTHROPIC_KEY, answer_statuses, cli_answer, installed, run_cli
-from trioproxy import parse_config, serve
+from tests.conftest import ANTHROPIC_KEY, answer_statuses, cli_answer, installed, run_cli, serve_proxy
+from trioproxy import parse_config
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
 
 CLAUDE: Final = Path(__file__).parents[2] / ".node" / "node_modules" / ".bin" / "claude"
@@ -67,6 +66,19 @@ async def run_claude(claude: Path, proxy_url: str, project: Path, prompt: str) -
         return await run_cli([str(claude), "-p", prompt], cwd=project, env=env)
 
 
+async def say_hi(claude: Path, proxy_url: str, project: Path, upstream: FakeUpstream, *answers: Reply) -> str:
+    """What `claude -p "say hi"` prints through the proxy, the upstream giving `answers` in turn."""
+    upstream.push(*answers)
+    return cli_answer(await run_claude(claude, proxy_url, project, "say hi")).strip()
+
+
+#: A stream that fails after two text deltas, then the whole answer to the retry.
+HALF_THEN_WHOLE: Final = (
+    Reply(tokens=("Half", " an", " answer"), error_after=2),
+    Reply(tokens=("The", " whole", " answer.")),
+)
+
+
 async def test_claude_code_answers_from_the_simulated_provider(
     nursery: trio.Nursery, claude: Path, project: Path
 ) -> None:
@@ -77,14 +89,14 @@ async def test_claude_code_answers_from_the_simulated_provider(
         },
         environ={},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    proxy = await serve_proxy(nursery, config)
 
-    run = await run_claude(claude, binds[0], project, "pineapple banana")
+    run = await run_claude(claude, proxy, project, "pineapple banana")
 
     assert "pineapple banana" in cli_answer(run)
     # Claude Code recovers from a refusal by sending its request again without what was
     # refused: only the proxy's counts tell that it served the request as Claude Code made it.
-    assert await answer_statuses(binds[0]) == {"200": 1}
+    assert await answer_statuses(proxy) == {"200": 1}
 
 
 async def proxy_to(nursery: trio.Nursery, upstream: FakeUpstream, provider: str) -> str:
@@ -110,8 +122,7 @@ async def proxy_to(nursery: trio.Nursery, upstream: FakeUpstream, provider: str)
         },
         environ={"CLAUDE_KEY": ANTHROPIC_KEY},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, config)
 
 
 @pytest.fixture
@@ -127,11 +138,8 @@ async def proxy_to_anthropic(nursery: trio.Nursery, upstream: FakeUpstream) -> s
 async def test_claude_code_answers_from_an_openai_upstream(
     claude: Path, project: Path, upstream: FakeUpstream, proxy_to_openai: str
 ) -> None:
-    upstream.push(Reply(tokens=("Hi", " from", " the", " OpenAI", " side.")))
-
-    run = await run_claude(claude, proxy_to_openai, project, "say hi")
-
-    assert cli_answer(run).strip() == "Hi from the OpenAI side."
+    answer = Reply(tokens=("Hi", " from", " the", " OpenAI", " side."))
+    assert await say_hi(claude, proxy_to_openai, project, upstream, answer) == "Hi from the OpenAI side."
     assert await answer_statuses(proxy_to_openai) == {"200": 1}
     [sent] = upstream.requests
     assert sent.path == "/v1/chat/completions"
@@ -148,11 +156,8 @@ async def test_claude_code_answers_from_a_responses_upstream(
 ) -> None:
     """Nothing Claude Code always sends is refused: `thinking`, `context_management` and the like are hints, dropped."""
     proxy = await proxy_to(nursery, upstream, "resp")
-    upstream.push(Reply(tokens=("Hi", " from", " Responses.")))
-
-    run = await run_claude(claude, proxy, project, "say hi")
-
-    assert cli_answer(run).strip() == "Hi from Responses."
+    answer = Reply(tokens=("Hi", " from", " Responses."))
+    assert await say_hi(claude, proxy, project, upstream, answer) == "Hi from Responses."
     [sent] = upstream.requests
     assert sent.path == "/v1/responses"
     assert {"Bash", "Read"} <= {tool["name"] for tool in sent.json["tools"]}
@@ -178,23 +183,16 @@ async def test_claude_code_runs_a_tool_through_an_openai_upstream(
 async def test_a_stream_that_fails_after_text_is_answered_again_whole(
     claude: Path, project: Path, upstream: FakeUpstream, proxy_to_openai: str
 ) -> None:
-    upstream.push(Reply(tokens=("Half", " an", " answer"), error_after=2), Reply(tokens=("The", " whole", " answer.")))
-
-    run = await run_claude(claude, proxy_to_openai, project, "say hi")
-
     # The delivered half is not shown as the answer: the stream ended in `event: error`, not `message_stop`.
-    assert cli_answer(run).strip() == "The whole answer."
+    assert await say_hi(claude, proxy_to_openai, project, upstream, *HALF_THEN_WHOLE) == "The whole answer."
     assert len(upstream.requests) == 2
 
 
 async def test_claude_code_passes_through_to_an_anthropic_upstream_whole(
     claude: Path, project: Path, upstream: FakeUpstream, proxy_to_anthropic: str
 ) -> None:
-    upstream.push(Reply(tokens=("Hi", " from", " the", " Anthropic", " side.")))
-
-    run = await run_claude(claude, proxy_to_anthropic, project, "say hi")
-
-    assert cli_answer(run).strip() == "Hi from the Anthropic side."
+    answer = Reply(tokens=("Hi", " from", " the", " Anthropic", " side."))
+    assert await say_hi(claude, proxy_to_anthropic, project, upstream, answer) == "Hi from the Anthropic side."
     assert await answer_statuses(proxy_to_anthropic) == {"200": 1}
     [sent] = upstream.requests
     assert sent.path.startswith("/v1/messages")
@@ -207,11 +205,7 @@ async def test_claude_code_passes_through_to_an_anthropic_upstream_whole(
 async def test_claude_code_retries_a_failed_stream_without_streaming(
     claude: Path, project: Path, upstream: FakeUpstream, proxy_to_anthropic: str
 ) -> None:
-    upstream.push(Reply(tokens=("Half", " an", " answer"), error_after=2), Reply(tokens=("The", " whole", " answer.")))
-
-    run = await run_claude(claude, proxy_to_anthropic, project, "say hi")
-
-    assert cli_answer(run).strip() == "The whole answer."
+    assert await say_hi(claude, proxy_to_anthropic, project, upstream, *HALF_THEN_WHOLE) == "The whole answer."
     [streamed, retried] = upstream.requests
     # The proxy streams from the upstream either way (a non-streaming answer is folded from
     # the stream); what marks Claude Code's non-streaming retry in the body it passes on is

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-from functools import partial
 from pathlib import Path
 from typing import Final
 
 import pytest
 import trio
 
-from tests.conftest import answer_statuses, cli_answer, installed, run_cli
-from trioproxy import parse_config, serve
+from tests.conftest import answer_statuses, cli_answer, installed, run_cli, serve_proxy
+from trioproxy import parse_config
 from trioproxy.testing import FakeUpstream, Reply
 
 CODEX: Final = Path(__file__).parents[2] / ".node" / "node_modules" / ".bin" / "codex"
@@ -95,8 +94,7 @@ async def proxy_url(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
         },
         environ={},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return str(binds[0])
+    return await serve_proxy(nursery, config)
 
 
 WEBSOCKET = pytest.mark.parametrize("websocket", [False, True], ids=["http", "websocket"])

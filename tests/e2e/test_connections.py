@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from functools import partial
 from urllib.parse import urlsplit
 
 import h2.config
@@ -20,8 +19,7 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import proxy_config, wait_until
-from trioproxy import serve
+from tests.conftest import proxy_config, serve_proxy, wait_until
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
 
@@ -225,7 +223,7 @@ async def test_idle_upstream_connections_the_upstream_closed_are_closed_without_
     """They were left half-closed until the next request to that upstream (or forever)."""
     async with trio.open_nursery() as upstream_nursery:
         upstream = await open_fake_upstream(upstream_nursery, Reply(tokens=("a", "b", "c")))
-        proxy = (await nursery.start(partial(serve, proxy_config(upstream), host="127.0.0.1", port=0)))[0]
+        proxy = await serve_proxy(nursery, proxy_config(upstream))
         all_open = trio.Event()
         opened = 0
 

@@ -6,13 +6,12 @@ headers that let its page read it; another origin's get none.
 
 from __future__ import annotations
 
-from functools import partial
-
 import httpx
 import pytest
 import trio
 
-from trioproxy import SSEDecoder, StreamEvent, parse_config, serve
+from tests.conftest import serve_proxy
+from trioproxy import SSEDecoder, StreamEvent, parse_config
 
 SITE = "https://app.example.com"
 KEY = "browser-key"
@@ -29,8 +28,7 @@ async def proxy(nursery: trio.Nursery) -> str:
         },
         environ={},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, config)
 
 
 def preflight_headers(origin: str) -> dict[str, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from functools import partial
 from typing import Any
 
 import httpx
@@ -23,11 +22,13 @@ from tests.conftest import (
     Instant,
     collect_into,
     free_port,
+    openai_sdk,
+    serve_proxy,
     upstream_closed_soon_after,
     wait_until,
     wait_until_idle,
 )
-from trioproxy import parse_config, serve
+from trioproxy import parse_config
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
 
@@ -56,8 +57,7 @@ async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **tables: A
         },
         environ={"UP_KEY": UPSTREAM_KEY, "CLAUDE_KEY": ANTHROPIC_KEY},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, config)
 
 
 @pytest.fixture
@@ -177,7 +177,7 @@ async def test_hop_by_hop_headers_stay_on_their_hop(
 
 
 async def test_a_path_no_provider_forwards_is_a_404_in_openais_shape(proxy: str, upstream: FakeUpstream) -> None:
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         with pytest.raises(openai.NotFoundError) as info:
             await client.files.list()
 
@@ -266,7 +266,7 @@ async def test_an_unreachable_upstream_is_a_502_before_any_answer(
             }
         }
     )
-    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    proxy = await serve_proxy(nursery, config)
 
     answer = await http.get(proxy + "/v1/files")
 
@@ -293,7 +293,7 @@ async def test_a_provider_with_several_targets_forwards_as_it_streams_balanced_a
             }
         }
     )
-    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    proxy = await serve_proxy(nursery, config)
 
     statuses = [(await http.get(proxy + "/v1/echo/files")).status_code for _ in range(12)]
 
@@ -318,7 +318,7 @@ async def test_a_path_served_natively_is_never_forwarded(
             }
         }
     )
-    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    proxy = await serve_proxy(nursery, config)
 
     models = await http.get(proxy + "/v1/models")
     chat = await http.get(proxy + "/v1/chat/completions")
@@ -385,7 +385,7 @@ async def test_anthropic_paths_under_messages_are_forwarded_with_anthropics_erro
         },
         environ={"CLAUDE_KEY": ANTHROPIC_KEY},
     )
-    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    proxy = await serve_proxy(nursery, config)
 
     refused = await http.get(proxy + "/v1/messages/batches")
     await http.get(proxy + "/v1/messages/batches/b-1?x=1", headers={"x-api-key": "key-a", "anthropic-version": "v9"})
@@ -418,11 +418,11 @@ async def test_the_drain_counts_a_forwarded_answer_and_cuts_it_at_its_deadline(
             "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1", "forward_paths": ["/v1/echo"]}},
         }
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0, shutdown_trigger=shutdown_trigger))
+    proxy = await serve_proxy(nursery, config, shutdown_trigger=shutdown_trigger)
     upstream.push(Reply(tokens=[f"t{i}" for i in range(1000)], interval=0.01))
     lines = []
     with pytest.raises(httpx.RemoteProtocolError):  # noqa: PT012 - read, asking the server to stop at the first line
-        async with http.stream("GET", binds[0] + "/v1/echo/events", headers={"accept": "text/event-stream"}) as answer:
+        async with http.stream("GET", proxy + "/v1/echo/events", headers={"accept": "text/event-stream"}) as answer:
             async for line in answer.aiter_lines():
                 lines.append(line)
                 if line == "data: t0":
@@ -437,7 +437,7 @@ async def test_the_drain_counts_a_forwarded_answer_and_cuts_it_at_its_deadline(
 
 
 async def test_the_openai_sdk_reaches_a_vendor_path_through_the_proxy(proxy: str, upstream: FakeUpstream) -> None:
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="client-key", max_retries=0) as client:
+    async with openai_sdk(proxy, "client-key") as client:
         posted = await client.post("/echo/vendor/rerank", body={"model": "up/rerank-1", "query": "q"}, cast_to=object)
         got = await client.get("/echo/vendor/jobs", options={"params": {"after": "j-1"}}, cast_to=httpx.Response)
 

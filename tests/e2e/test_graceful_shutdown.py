@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.conftest import PROCESS_EXIT_BOUND
+from tests.conftest import PROCESS_EXIT_BOUND, openai_sdk
 from tests.test_cli import start_server
 from trioproxy import SSEDecoder, StreamEvent, parse_config
 from trioproxy.server._app import create_app
@@ -108,7 +108,7 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(
     # The grace period is far longer than the stream: the process must exit when the stream
     # ends, not when the grace period does (the `fail_after`s below would fire first).
     proxy = await start_proxy(nursery, tmp_path, upstream, grace=30)
-    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(proxy.url) as sdk:
         stream = await sdk.chat.completions.create(**body("short"), stream=True)
         text, finish, signalled_at = "", None, None
         with trio.fail_after(PROCESS_EXIT_BOUND):
@@ -135,7 +135,7 @@ async def test_sigterm_lets_a_stream_in_flight_finish_and_exits_0(
 
 async def read_openai_sdk(url: str, first_token: dict[str, trio.Event], outcome: dict[str, object]) -> None:
     """A long stream through the SDK until the shutdown ends it: its text and error into `outcome`."""
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(url) as sdk:
         stream = await sdk.chat.completions.create(**body("long"), stream=True)
         text = ""
         with pytest.raises(openai.APIError) as raised:  # noqa: PT012 - read until the shutdown ends it, marking the first token

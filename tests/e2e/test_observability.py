@@ -16,15 +16,23 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import anthropic
 import httpx
 import openai
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import PROCESS_EXIT_BOUND, listening_url, proxy_config, wait_until
-from trioproxy import parse_config, serve
+from tests.conftest import (
+    PROCESS_EXIT_BOUND,
+    anthropic_sdk,
+    listening_url,
+    openai_sdk,
+    proxy_config,
+    serve_proxy,
+    streamed_chat_text,
+    wait_until,
+)
+from trioproxy import parse_config
 from trioproxy._config import AuthConfig
 from trioproxy._logs import JsonFormatter, LoggingConfig, TextFormatter
 from trioproxy.testing import FakeUpstream, Reply
@@ -73,7 +81,7 @@ async def test_metrics_move_as_streams_go_through(
     upstream.push(*[Reply(tokens=["one", " two", " three", " four"])] * 3)
     for _ in range(3):
         stream = await client.chat.completions.create(model="up/gpt-x", messages=MESSAGES, stream=True)
-        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "one two three four"
+        assert await streamed_chat_text(stream) == "one two three four"
     after = await scrape(proxy_url)
 
     def moved(name: str, **labels: str) -> float:
@@ -107,7 +115,7 @@ async def test_usage_is_counted_per_client_key_and_model(
     keys = ("client-key-alice", "client-key-bob")
     config = proxy_config(upstream)
     config = dataclasses.replace(config, auth=AuthConfig(keys=keys, protect_metrics=False))
-    proxy_url = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    proxy_url = await serve_proxy(nursery, config)
     upstream.push(
         Reply(tokens=["a", "b", "c"], usage=(100, 0), cached_tokens=60),
         Reply(tokens=["a"], usage=(10, 0)),
@@ -116,16 +124,16 @@ async def test_usage_is_counted_per_client_key_and_model(
         Reply(tokens=["t"], usage=(30, 0), cached_tokens=10),
     )
     for key in keys:
-        async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key=key, max_retries=0) as sdk:
+        async with openai_sdk(proxy_url, key) as sdk:
             stream = await sdk.chat.completions.create(model="up/gpt-x", messages=MESSAGES, stream=True)
             async for _ in stream:
                 pass
     async with (
-        anthropic.AsyncAnthropic(base_url=proxy_url, api_key=keys[1], max_retries=0) as claude,
+        anthropic_sdk(proxy_url, keys[1]) as claude,
         claude.messages.stream(model="claude/opus", max_tokens=10, messages=MESSAGES) as stream,
     ):
         await stream.until_done()
-    async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key=keys[0], max_retries=0) as sdk:
+    async with openai_sdk(proxy_url, keys[0]) as sdk:
         async with await sdk.responses.create(model="up/gpt-r", input="hi", stream=True) as events:  # stored
             async for _ in events:
                 pass
@@ -181,9 +189,9 @@ async def test_upstream_errors_retries_and_failures_are_counted(nursery: trio.Nu
         },
         environ={"K": "sk-x"},
     )
-    proxy_url = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    proxy_url = await serve_proxy(nursery, config)
     upstream.push(Reply(status=503), Reply(status=500))
-    async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(proxy_url) as sdk:
         with pytest.raises(openai.InternalServerError):
             await sdk.chat.completions.create(model="up/gpt-x", messages=MESSAGES, stream=True)
     samples = await scrape(proxy_url)
@@ -297,7 +305,7 @@ async def test_one_access_line_per_request_without_secrets(
 async def test_prompts_are_logged_only_when_enabled(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="trioproxy.access")
     config = parse_config({"logging": {"include_prompts": True, "format": "json"}})
-    proxy_url = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    proxy_url = await serve_proxy(nursery, config)
     async with httpx.AsyncClient() as http:
         await http.post(proxy_url + CHAT, json={"model": "sim/echo", "messages": MESSAGES, "stream": True})
     await wait_until(lambda: any(r.name == "trioproxy.access" for r in caplog.records))
@@ -311,7 +319,7 @@ async def test_websocket_streams_get_a_line_each(nursery: trio.Nursery, caplog: 
     from trioproxy.client import WebSocketClient
 
     caplog.set_level(logging.INFO, logger="trioproxy.access")
-    proxy_url = (await nursery.start(partial(serve, parse_config({}), host="127.0.0.1", port=0)))[0]
+    proxy_url = await serve_proxy(nursery, parse_config({}))
     async with WebSocketClient.connect(proxy_url.replace("http", "ws") + "/v1/chat/ws") as ws:
         for n in range(2):
             events = [e async for e in ws.stream({"model": "sim/echo", "messages": MESSAGES, "id": f"s{n}"})]

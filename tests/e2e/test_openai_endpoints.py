@@ -6,7 +6,6 @@ through the official openai SDK → trioproxy (hypercorn on 127.0.0.1:0) → a r
 from __future__ import annotations
 
 import re
-from functools import partial
 
 import httpx
 import openai
@@ -18,9 +17,12 @@ from tests.conftest import (
     collect_into,
     hang_up_mid_stream,
     in_process,
+    openai_sdk,
+    openai_upstream_config,
     proxy_config,
+    serve_proxy,
 )
-from trioproxy import Config, parse_config, serve
+from trioproxy import Config, parse_config
 from trioproxy.testing import FakeUpstream, Reply
 
 
@@ -48,8 +50,7 @@ async def proxy_url(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
             "continuation": "continue_final_message",
         },
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, config)
 
 
 # -- embeddings -------------------------------------------------------------------------------
@@ -292,18 +293,11 @@ async def test_heartbeats_keep_a_slow_completion_alive_then_its_timeout_is_in_st
 async def test_client_keys_and_limits_apply_to_embeddings_and_completions(
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
-    config = parse_config(
-        {
-            "retry": {"max_retries": 0},
-            "auth": {"keys": ["key-a"]},
-            "limits": {"requests_per_minute": 2},
-            "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
-        }
-    )
-    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    config = openai_upstream_config(upstream, auth={"keys": ["key-a"]}, limits={"requests_per_minute": 2})
+    proxy = await serve_proxy(nursery, config)
     async with (
-        openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="wrong", max_retries=0) as stranger,
-        openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="key-a", max_retries=0) as client,
+        openai_sdk(proxy, "wrong") as stranger,
+        openai_sdk(proxy, "key-a") as client,
     ):
         with pytest.raises(openai.AuthenticationError):
             await stranger.embeddings.create(model="up/embed", input="x")
@@ -332,8 +326,8 @@ async def test_embeddings_and_completions_follow_aliases_patterns_and_the_defaul
             },
         }
     )
-    proxy = (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    proxy = await serve_proxy(nursery, config)
+    async with openai_sdk(proxy) as client:
         await client.embeddings.create(model="text-embedding-3-small", input="x")
         await client.completions.create(model="qwen-coder-7b", prompt=PROMPT)
         await client.embeddings.create(model="bge-m3", input="x")

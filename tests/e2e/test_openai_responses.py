@@ -10,7 +10,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import anthropic
 import coredis
 import httpx
 import openai
@@ -23,13 +22,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import (
     Instant,
     RedisServer,
+    anthropic_sdk,
+    chat_text,
     collect_into,
+    hang_up_once_asked,
+    openai_sdk,
+    openai_upstream_config,
     proxy_config,
+    serve_proxy,
     upstream_closed_soon_after,
     wait_until,
     wait_until_idle,
 )
-from trioproxy import parse_config, serve
+from trioproxy import parse_config
 from trioproxy._sse import SSEDecoder
 from trioproxy.server._responses_front import TERMINAL_EVENTS, response_from_events
 from trioproxy.testing import FakeUpstream, Reply, ToolCall, open_fake_upstream
@@ -202,8 +207,8 @@ async def test_a_field_another_upstream_has_no_equivalent_for_is_dropped_by_a_pr
 ) -> None:
     base_url = upstream.url + "/v1" if kind == "openai" else upstream.url
     lenient = {"type": kind, "base_url": base_url, "drop_params": ["top_logprobs"]}
-    binds = await nursery.start(partial(serve, proxy_config(upstream, lenient=lenient), host="127.0.0.1", port=0))
-    async with openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as client:
+    proxy = await serve_proxy(nursery, proxy_config(upstream, lenient=lenient))
+    async with openai_sdk(proxy) as client:
         with pytest.raises(openai.BadRequestError) as info:
             await client.responses.create(model="up/gpt-test", input="hi", top_logprobs=2)
         assert info.value.param == "top_logprobs"
@@ -345,8 +350,7 @@ async def staged(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
         },
         hasty={"type": "openai", "base_url": upstream.url + "/v1", "first_token_timeout": 0.2},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return str(binds[0])
+    return await serve_proxy(nursery, config)
 
 
 async def test_heartbeats_are_comments_the_sdk_skips(staged: str, upstream: FakeUpstream) -> None:
@@ -354,7 +358,7 @@ async def test_heartbeats_are_comments_the_sdk_skips(staged: str, upstream: Fake
     async with httpx.AsyncClient() as http:
         response = await http.post(staged + "/v1/responses", json={"model": "patient/m", "input": "hi", "stream": True})
     assert response.content.startswith(b": keep-alive\n\n")
-    async with openai.AsyncOpenAI(base_url=staged + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(staged) as sdk:
         upstream.push(Reply(tokens=TOKENS, ttft=0.3))
         async with sdk.responses.stream(model="patient/m", input="hi") as stream:
             assert (await stream.get_final_response()).output_text == "".join(TOKENS)
@@ -362,7 +366,7 @@ async def test_heartbeats_are_comments_the_sdk_skips(staged: str, upstream: Fake
 
 async def test_a_first_token_timeout_is_a_504(staged: str, upstream: FakeUpstream) -> None:
     upstream.push(Reply(tokens=TOKENS, ttft=5))
-    async with openai.AsyncOpenAI(base_url=staged + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(staged) as sdk:
         with pytest.raises(openai.APIStatusError) as info:
             await sdk.responses.create(model="hasty/m", input="hi")
     assert info.value.status_code == 504
@@ -372,22 +376,9 @@ async def test_a_first_token_timeout_is_a_504(staged: str, upstream: FakeUpstrea
 @pytest.mark.parametrize("stream", [True, False])
 async def test_client_disconnect_closes_the_upstream(proxy_url: str, upstream: FakeUpstream, stream: bool) -> None:
     upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
-    async with trio.open_nursery() as nursery:
-
-        async def request() -> None:
-            async with httpx.AsyncClient() as http:
-                body = {"model": "up/m", "input": "hi", "stream": stream}
-                async with http.stream("POST", proxy_url + "/v1/responses", json=body) as response:
-                    async for _ in response.aiter_bytes():
-                        pass
-
-        nursery.start_soon(request)
-        with trio.fail_after(5):
-            await upstream.wait_for_requests(upstream.request_count + 1)
-        if stream:  # mid-stream; a non-streamed answer is read whole, so any time is mid-answer
-            await wait_until(lambda: upstream.requests[-1].tokens_sent >= 3)
-        nursery.cancel_scope.cancel()  # the client hangs up
-    await upstream_closed_soon_after(upstream.requests[-1], Instant.now())
+    body = {"model": "up/m", "input": "hi", "stream": stream}
+    # Streamed, it hangs up mid-stream; a non-streamed answer is read whole, so any time is mid-answer.
+    await hang_up_once_asked(proxy_url + "/v1/responses", body, upstream, tokens_sent=3 if stream else 0)
 
 
 # --- WebSocket mode ---------------------------------------------------------------------------
@@ -543,13 +534,19 @@ async def test_a_background_response_is_resumed_after_a_sequence_number_then_fol
         await client.responses.retrieve(queued.id, stream=True, starting_after=999)
 
 
-async def test_cancelling_a_background_response_cancels_its_upstream(
-    client: openai.AsyncOpenAI, upstream: FakeUpstream
-) -> None:
+async def running_in_background(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> openai.types.responses.Response:
+    """A background response whose upstream answer runs on (10 s of tokens), once the upstream has its request."""
     upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
     queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
     with trio.fail_after(5):
         await upstream.wait_for_requests(1)
+    return queued
+
+
+async def test_cancelling_a_background_response_cancels_its_upstream(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    queued = await running_in_background(client, upstream)
     cancelled = await client.responses.cancel(queued.id)
     assert cancelled.status == "cancelled"
     with trio.fail_after(1):
@@ -609,11 +606,8 @@ async def test_with_redis_a_streamed_or_background_response_s_conversation_is_ke
             "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
         }
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    async with (
-        openai.AsyncOpenAI(base_url=binds[0] + "/v1", api_key="k", max_retries=0) as client,
-        coredis.Redis.from_url(redis_server.url) as redis,
-    ):
+    url = await serve_proxy(nursery, config)
+    async with openai_sdk(url) as client, coredis.Redis.from_url(redis_server.url) as redis:
         ids = await stored_streamed_and_in_background(client, upstream)
         for response_id in ids:  # kept by a task once the response ended: soon after its last event
             await wait_until(partial(redis.exists, [f"trioproxy:stream:{response_id}:conversation"]))
@@ -628,8 +622,7 @@ FIXTURES = Path(__file__).parent.parent / "fixtures" / "responses"
 async def responses_proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
     """`resp` speaks Responses upstream; `up` and `claude` as everywhere."""
     config = proxy_config(upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1"})
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return str(binds[0])
+    return await serve_proxy(nursery, config)
 
 
 async def test_a_responses_client_s_stream_passes_through_byte_for_byte(
@@ -659,7 +652,7 @@ async def test_a_responses_client_stores_a_response_from_a_responses_upstream(
 ) -> None:
     calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
     upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)))
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(responses_proxy) as sdk:
         async with sdk.responses.stream(model="resp/m", input="hi", tools=[WEATHER]) as stream:
             final = await stream.get_final_response()
         assert (await sdk.responses.retrieve(final.id)).id == final.id
@@ -676,7 +669,7 @@ async def test_a_chat_completions_client_reaches_a_responses_upstream(
 ) -> None:
     calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
     upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)), Reply(tokens=TOKENS, finish_reason="length"))
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(responses_proxy) as sdk:
         stream = await sdk.chat.completions.create(
             model="resp/m",
             messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}],
@@ -687,7 +680,7 @@ async def test_a_chat_completions_client_reaches_a_responses_upstream(
         )
         chunks = [chunk async for chunk in stream]
         truncated = await sdk.chat.completions.create(model="resp/m", messages=[{"role": "user", "content": "hi"}])
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    text = chat_text(chunks)
     assert text == "".join(TOKENS)
     arguments = "".join(
         tc.function.arguments or ""
@@ -710,21 +703,26 @@ async def test_a_chat_completions_client_reaches_a_responses_upstream(
     assert (body["max_output_tokens"], body["stream"]) == (50, True)
 
 
-async def test_a_responses_upstream_s_in_stream_failure_reaches_a_chat_client(
-    responses_proxy: str, upstream: FakeUpstream
-) -> None:
-    upstream.push(Reply(tokens=TOKENS, error_after=2))
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+async def chat_stream_fails(proxy_url: str, *, match: str) -> None:
+    """A chat client's stream of `resp/m` through the proxy ends in an error whose message has `match`."""
+    async with openai_sdk(proxy_url) as sdk:
         stream = await sdk.chat.completions.create(
             model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True
         )
-        with pytest.raises(openai.APIError, match="upstream failure"):
+        with pytest.raises(openai.APIError, match=match):
             async for _ in stream:
                 pass
 
 
+async def test_a_responses_upstream_s_in_stream_failure_reaches_a_chat_client(
+    responses_proxy: str, upstream: FakeUpstream
+) -> None:
+    upstream.push(Reply(tokens=TOKENS, error_after=2))
+    await chat_stream_fails(responses_proxy, match="upstream failure")
+
+
 async def test_a_field_chat_has_and_responses_has_not_is_a_400(responses_proxy: str, upstream: FakeUpstream) -> None:
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(responses_proxy) as sdk:
         with pytest.raises(openai.BadRequestError) as info:
             await sdk.chat.completions.create(model="resp/m", messages=[{"role": "user", "content": "hi"}], stop=["x"])
     assert info.value.param == "stop"
@@ -750,7 +748,7 @@ async def test_an_anthropic_client_reaches_a_responses_upstream(responses_proxy:
     calls = (ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}'),)
     upstream.push(Reply(tokens=TOKENS, tool_calls=calls, usage=(9, 8)))
     async with (
-        anthropic.AsyncAnthropic(base_url=responses_proxy, api_key="k", max_retries=0) as claude,
+        anthropic_sdk(responses_proxy) as claude,
         claude.messages.stream(
             model="resp/m",
             max_tokens=100,
@@ -815,13 +813,7 @@ async def test_a_responses_upstream_that_ends_before_its_response_completed_is_a
 ) -> None:
     recorded = (FIXTURES / "text_stream.sse").read_bytes()
     upstream.push(Reply(raw_body=recorded[: recorded.index(b"event: response.completed")]))
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
-        stream = await sdk.chat.completions.create(
-            model="resp/m", messages=[{"role": "user", "content": "hi"}], stream=True
-        )
-        with pytest.raises(openai.APIError, match="ended the stream before a finish reason"):
-            async for _ in stream:
-                pass
+    await chat_stream_fails(responses_proxy, match="ended the stream before a finish reason")
 
 
 # --- input items, input tokens, compaction ------------------------------------------------------
@@ -889,7 +881,7 @@ async def test_input_tokens_and_compaction_are_forwarded_to_a_responses_upstream
     counted = {"object": "response.input_tokens", "input_tokens": 7}
     upstream.push(Reply(raw_body=orjson.dumps(counted)), Reply(raw_body=orjson.dumps(COMPACTED)))
     items = [{"role": "user", "content": "hi"}, {"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}]
-    async with openai.AsyncOpenAI(base_url=responses_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(responses_proxy) as sdk:
         count = await sdk.responses.input_tokens.count(model="resp/gpt-5", input=items)  # type: ignore[arg-type]
         compacted = await sdk.responses.compact(model="resp/gpt-5", input=items, instructions="Be brief.")  # type: ignore[arg-type]
     assert count.input_tokens == 7
@@ -926,8 +918,7 @@ async def redacting_proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
     config = proxy_config(
         upstream, resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "transforms": [redact]}
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return str(binds[0])
+    return await serve_proxy(nursery, config)
 
 
 @pytest.mark.parametrize("store", [False, True])
@@ -937,7 +928,7 @@ async def test_items_the_common_model_does_not_carry_survive_a_stage_in_order(
     recorded = (FIXTURES / "builtin_tools_stream.sse").read_bytes()
     upstream.push(Reply(raw_body=recorded), Reply(raw_body=recorded))
     upstream_final = response_from_events(recorded)
-    async with openai.AsyncOpenAI(base_url=redacting_proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(redacting_proxy) as sdk:
         async with sdk.responses.stream(model="resp/gpt-5", input="Weather in Paris?", store=store) as stream:
             events = [event async for event in stream]
             final = await stream.get_final_response()
@@ -963,15 +954,8 @@ async def test_items_the_common_model_does_not_carry_survive_a_stage_in_order(
 async def test_websocket_mode_needs_a_key_and_counts_against_its_limits(
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
-    config = parse_config(
-        {
-            "auth": {"keys": ["key-one"]},
-            "limits": {"max_streams_per_key": 1, "max_body_bytes": 1000},
-            "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
-        },
-        environ={},
-    )
-    [proxy] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    limits = {"max_streams_per_key": 1, "max_body_bytes": 1000}
+    proxy = await serve_proxy(nursery, openai_upstream_config(upstream, auth={"keys": ["key-one"]}, limits=limits))
     with pytest.raises(trio_websocket.ConnectionRejected) as info:
         async with trio_websocket.open_websocket_url(ws_url(proxy)):
             pass
@@ -1001,10 +985,7 @@ async def test_websocket_mode_needs_a_key_and_counts_against_its_limits(
 async def test_deleting_a_running_background_response_cancels_its_upstream_and_forgets_it(
     client: openai.AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
-    upstream.push(Reply(tokens=("a",) * 1000, interval=0.01))
-    queued = await client.responses.create(model="up/gpt-test", input="hi", background=True)
-    with trio.fail_after(5):
-        await upstream.wait_for_requests(1)
+    queued = await running_in_background(client, upstream)
     await client.responses.delete(queued.id)
     with trio.fail_after(1):
         await upstream.requests[-1].disconnected.wait()
@@ -1133,9 +1114,9 @@ async def test_a_stream_that_delivered_a_hosted_tool_s_call_is_not_continued_as_
         resp={"type": "openai_responses", "base_url": upstream.url + "/v1", "fallbacks": ["vllm/m"]},
         vllm=vllm,
     )
-    [proxy] = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
+    proxy = await serve_proxy(nursery, config)
     events: list[Any] = []
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(proxy) as sdk:
         stream = await sdk.responses.create(model="resp/gpt-5", input="Weather in Paris?", store=False, stream=True)
         with pytest.raises(openai.APIError, match="connection broke"):
             await collect_into(stream, events)

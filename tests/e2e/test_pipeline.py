@@ -7,16 +7,23 @@ checked on MockClock in tests/pipeline/test_session.py.
 
 from __future__ import annotations
 
-from functools import partial
-
 import httpx
 import openai
 import orjson
 import pytest
 import trio
 
-from tests.conftest import collect_into, free_port, in_process, proxy_config, wait_until_idle
-from trioproxy import SSEDecoder, StreamEvent, parse_config, serve
+from tests.conftest import (
+    chat_text,
+    collect_into,
+    free_port,
+    in_process,
+    openai_sdk,
+    proxy_config,
+    serve_proxy,
+    wait_until_idle,
+)
+from trioproxy import SSEDecoder, StreamEvent, parse_config
 from trioproxy.testing import FakeUpstream, Reply
 
 MESSAGES = [{"role": "user", "content": "go"}]
@@ -44,20 +51,19 @@ async def proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
         hasty={"type": "openai", "base_url": base, "silence_timeout": 1, "first_token_timeout": 1},
         gone={"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1"},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, config)
 
 
 @pytest.fixture
 async def sdk(proxy: str):
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         yield client
 
 
 async def stream_text(sdk: openai.AsyncOpenAI, model: str) -> tuple[str, list]:
     stream = await sdk.chat.completions.create(model=model, messages=MESSAGES, stream=True)
     chunks = [c async for c in stream]
-    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+    return chat_text(chunks), chunks
 
 
 async def test_silent_upstream_gets_heartbeats_and_the_stream_completes(

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import openai
 import pytest
 import trio
 
+from tests.conftest import openai_sdk, serve_proxy, streamed_chat_text
 from trioproxy import Config, SSEDecoder, parse_config, serve
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply
 
@@ -200,13 +200,13 @@ def playground_config(upstream: FakeUpstream, **extra: Any) -> Config:
 
 @pytest.fixture
 async def proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
-    return (await nursery.start(partial(serve, playground_config(upstream), host="127.0.0.1", port=0)))[0]
+    return await serve_proxy(nursery, playground_config(upstream))
 
 
 @pytest.fixture
 async def keyed_proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
     config = playground_config(upstream, auth={"keys": ["key-one"]})
-    return (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    return await serve_proxy(nursery, config)
 
 
 # --- the page itself --------------------------------------------------------------------------
@@ -248,11 +248,11 @@ def _number(text: str) -> float:
 
 
 async def test_a_sim_answer_streams_in_live_with_ttft_and_tokens_per_second(chromium: Chromium, proxy: str) -> None:
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="unused", max_retries=0) as sdk:
+    async with openai_sdk(proxy, "unused") as sdk:
         stream = await sdk.chat.completions.create(
             model="sim/lorem", messages=[{"role": "user", "content": "Tell me"}], stream=True
         )
-        expected = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        expected = await streamed_chat_text(stream)
     assert len(expected.split()) == LOREM_TOKENS
 
     def steps(session: PageSession) -> dict[str, str]:
@@ -298,7 +298,7 @@ async def test_the_dark_narrow_layout_streams_too(chromium: Chromium, proxy: str
 
 
 async def test_a_tool_call_is_shown_as_it_streams(chromium: Chromium, proxy: str) -> None:
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="unused", max_retries=0) as sdk:
+    async with openai_sdk(proxy, "unused") as sdk:
         stream = await sdk.chat.completions.create(
             model="sim/tools", messages=[{"role": "user", "content": "Weather in Lisbon?"}], stream=True
         )

@@ -11,7 +11,6 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import anthropic
@@ -23,10 +22,20 @@ import pytest
 import trio
 import trio_websocket
 
-from tests.conftest import collect_into, free_port, in_process, wait_until
+from tests.conftest import (
+    anthropic_sdk,
+    chat_text,
+    collect_into,
+    free_port,
+    in_process,
+    openai_sdk,
+    serve_proxy,
+    streamed_chat_text,
+    wait_until,
+)
 from tests.e2e.test_observability import fingerprint, scrape_until, value
 from tests.e2e.test_openai_responses import one_response, ws_url
-from trioproxy import Config, create_app, parse_config, serve
+from trioproxy import Config, create_app, parse_config
 from trioproxy.testing import FakeUpstream, Reply, open_fake_upstream
 
 MESSAGES = [{"role": "user", "content": "go"}]
@@ -50,7 +59,7 @@ async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **providers
     for name, table in providers.items():
         tables[name] = {**tables.get(name, {}), **table}
     config = parse_config({"retry": {"max_retries": 0}, "providers": tables}, environ={})
-    return (await nursery.start(partial(serve, config, host="127.0.0.1", port=0)))[0]
+    return await serve_proxy(nursery, config)
 
 
 async def sdk_stream_events(manager: Any, into: list[Any]) -> None:
@@ -70,9 +79,9 @@ async def test_a_malformed_event_is_skipped_when_the_provider_says_so_counted_an
     proxy = await start_proxy(nursery, upstream, up={"skip_malformed_events": True})
     body = chunk("one") + b"data: {not json\n\n" + chunk(" two") + chunk(finish_reason="stop") + b"data: [DONE]\n\n"
     upstream.push(Reply(raw_body=body))
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(proxy) as sdk:
         stream = await sdk.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
-        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        text = await streamed_chat_text(stream)
     assert text == "one two"
 
     samples = await scrape_until(
@@ -90,7 +99,7 @@ async def test_without_the_setting_a_malformed_event_ends_the_stream_honestly(
 ) -> None:
     proxy = await start_proxy(nursery, upstream)
     upstream.push(Reply(raw_body=chunk("one") + b"data: {not json\n\n" + chunk(" two") + chunk(finish_reason="stop")))
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk:
+    async with openai_sdk(proxy) as sdk:
         stream = await sdk.chat.completions.create(model="up/m", messages=MESSAGES, stream=True)
         with pytest.raises(openai.APIError) as info:
             async for _ in stream:
@@ -147,9 +156,17 @@ async def open_upstreams(nursery: trio.Nursery, n: int) -> list[FakeUpstream]:
     return [await open_fake_upstream(nursery) for _ in range(n)]
 
 
+def failing_over(primary: FakeUpstream, backup: FakeUpstream, **settings: Any) -> dict[str, dict[str, Any]]:
+    """Provider tables: `primary` (OpenAI format, with `settings`) falling back to `backup` (OpenAI format)."""
+    return {
+        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"], **settings},
+        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
+    }
+
+
 async def collect(client: openai.AsyncOpenAI, model: str) -> str:
     stream = await client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
-    return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    return await streamed_chat_text(stream)
 
 
 async def test_a_route_that_never_answers_is_left_for_the_fallback_after_one_first_token_timeout(
@@ -158,10 +175,7 @@ async def test_a_route_that_never_answers_is_left_for_the_fallback_after_one_fir
     primary, backup = await open_upstreams(nursery, 2)
     primary.push(Reply(headers_delay=1000))  # no response at all
     backup.push(Reply(tokens=TOKENS))
-    tables = {
-        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
-        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
-    }
+    tables = failing_over(primary, backup)
     async with proxied(tables, timeouts={"first_token_timeout": 5}, retry={"max_retries": 2}) as client:
         start = trio.current_time()
         assert await collect(client, "primary/m") == "".join(TOKENS)
@@ -190,10 +204,7 @@ async def test_a_5xx_is_retried_with_its_retry_after_before_the_fallback(
 ) -> None:
     primary, backup = await open_upstreams(nursery, 2)
     primary.push(Reply(status=503, headers={"retry-after": "3"}), Reply(tokens=TOKENS))
-    tables = {
-        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
-        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
-    }
+    tables = failing_over(primary, backup)
     async with proxied(tables, retry={"max_retries": 2, "base_delay_ms": 10}) as client:
         start = trio.current_time()
         assert await collect(client, "primary/m") == "".join(TOKENS)
@@ -206,10 +217,7 @@ async def test_a_content_filter_refusal_is_neither_retried_nor_failed_over(
 ) -> None:
     primary, backup = await open_upstreams(nursery, 2)
     primary.push(Reply(status=400, error_message="the prompt was filtered"))
-    tables = {
-        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"]},
-        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
-    }
+    tables = failing_over(primary, backup)
     async with proxied(tables, retry={"max_retries": 2}) as client:
         with pytest.raises(openai.BadRequestError) as info:
             await collect(client, "primary/m")
@@ -223,10 +231,7 @@ async def test_a_first_token_after_20_s_is_hedged_and_the_slow_request_cancelled
     primary, backup = await open_upstreams(nursery, 2)
     primary.push(Reply(tokens=("slow",), ttft=20))
     backup.push(Reply(tokens=TOKENS, ttft=0.5))
-    tables = {
-        "primary": {"type": "openai", "base_url": primary.url + "/v1", "fallbacks": ["backup/m"], "hedge_after": 3},
-        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
-    }
+    tables = failing_over(primary, backup, hedge_after=3)
     async with proxied(tables) as client:
         start = trio.current_time()
         assert await collect(client, "primary/m") == "".join(TOKENS)
@@ -266,7 +271,7 @@ async def test_context_length_exceeded_goes_to_the_larger_model(nursery: trio.Nu
         claude={"context_fallbacks": ["big/m-128k"], "fallbacks": ["up/m"]},
         big={"type": "openai", "base_url": large.url + "/v1"},
     )
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         assert await collect(client, f"{refusing}/m") == "".join(TOKENS)
     assert small.request_count == 1  # never resent to the route that refused, nor to its ordinary fallback
     assert large.requests[0].json["model"] == "m-128k"
@@ -345,7 +350,7 @@ async def test_a_fallback_that_rejects_prefill_leaves_the_client_the_original_fa
         chunks: list[openai.types.chat.ChatCompletionChunk] = []
         with pytest.raises(openai.APIError) as info:
             await collect_into(stream, chunks)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(CANONICAL[:40])
+    assert chat_text(chunks) == "".join(CANONICAL[:40])
     assert "connection broke" in info.value.message
     assert "prefill" not in info.value.message
     assert f"after {len(''.join(CANONICAL[:40]))} characters were delivered" in info.value.message
@@ -377,7 +382,7 @@ async def test_an_anthropic_client_gets_one_seamless_message(nursery: trio.Nurse
     upstream.push(*continuing_upstream(reset_after=40))
     proxy = await start_proxy(nursery, upstream, vllm={**VLLM, "base_url": upstream.url + "/v1"})
     async with (
-        anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client,
+        anthropic_sdk(proxy) as client,
         client.messages.stream(model=f"{provider}/m", max_tokens=100, messages=MESSAGES) as stream,
     ):
         message = await stream.get_final_message()
@@ -424,15 +429,7 @@ async def test_a_primary_down_then_healthy_again_is_skipped_then_probed_back(
     primary, backup = await open_upstreams(nursery, 2)
     primary.replies = Reply(status=502)
     backup.replies = Reply(tokens=("from", " backup"))
-    tables = {
-        "primary": {
-            "type": "openai",
-            "base_url": primary.url + "/v1",
-            "fallbacks": ["backup/m"],
-            "breaker": {"failures": 2, "cooldown": 30},
-        },
-        "backup": {"type": "openai", "base_url": backup.url + "/v1"},
-    }
+    tables = failing_over(primary, backup, breaker={"failures": 2, "cooldown": 30})
     async with proxied(tables) as client:
         for _ in range(5):
             assert await collect(client, "primary/m") == "from backup"
@@ -781,7 +778,7 @@ async def test_a_client_that_leaves_during_a_continuation_cancels_its_upstream_r
     text = ""
     if front == "responses":
         async with (
-            openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as sdk,
+            openai_sdk(proxy) as sdk,
             sdk.responses.stream(model="claude/m", input="go") as stream,
         ):
             async for event in stream:
@@ -790,7 +787,7 @@ async def test_a_client_that_leaves_during_a_continuation_cancels_its_upstream_r
                     break  # leaves: the stream is closed
     else:
         async with (
-            anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as client,
+            anthropic_sdk(proxy) as client,
             client.messages.stream(model="claude/m", max_tokens=100, messages=MESSAGES) as events,
         ):
             async for event in events:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Any
 
 import httpx
@@ -24,8 +23,16 @@ import trio
 import trio.lowlevel
 import trio_websocket
 
-from tests.conftest import Instant, in_process, wait_until_idle
-from trioproxy import SSEDecoder, StreamEvent, parse_config, serve
+from tests.conftest import (
+    Instant,
+    in_process,
+    openai_sdk,
+    openai_upstream_config,
+    serve_proxy,
+    streamed_chat_text,
+    wait_until_idle,
+)
+from trioproxy import SSEDecoder, StreamEvent, parse_config
 from trioproxy._request import MAX_JSON_DEPTH
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, open_fake_upstream
 
@@ -51,18 +58,7 @@ async def upstream(nursery: trio.Nursery) -> FakeUpstream:
 
 
 async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **tables: Any) -> str:
-    raw = {
-        "retry": {"max_retries": 0},
-        "server": {"write_timeout": 5},
-        "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
-        **tables,
-    }
-    binds = await nursery.start(partial(serve, parse_config(raw, environ={}), host="127.0.0.1", port=0))
-    return binds[0]
-
-
-def sdk(proxy: str, key: str = "client-key") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy + "/v1", api_key=key, max_retries=0)
+    return await serve_proxy(nursery, openai_upstream_config(upstream, **tables))
 
 
 def messages(prompt: str) -> list[dict[str, str]]:
@@ -88,7 +84,7 @@ async def test_a_body_over_max_body_bytes_is_a_413_before_anything_else(
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     proxy = await start_proxy(nursery, upstream, limits={"max_body_bytes": 4096})
-    async with sdk(proxy) as client:
+    async with openai_sdk(proxy) as client:
         with pytest.raises(openai.APIStatusError) as info:
             await client.chat.completions.create(model="up/m", messages=messages("x" * 5000))
         assert (await client.chat.completions.create(model="up/m", messages=messages("x" * 3000))).choices
@@ -148,7 +144,7 @@ async def test_a_chunked_body_is_cut_off_at_the_limit_in_the_routes_own_shape(
 
 async def test_too_many_messages_and_too_long_strings_are_400s(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
     proxy = await start_proxy(nursery, upstream, limits={"max_messages": 3, "max_string_chars": 100})
-    async with sdk(proxy) as client:
+    async with openai_sdk(proxy) as client:
         with pytest.raises(openai.BadRequestError) as many:
             await client.chat.completions.create(model="up/m", messages=messages("hi") * 4)
         with pytest.raises(openai.BadRequestError) as long:
@@ -181,12 +177,12 @@ async def test_a_body_nested_just_within_max_json_depth_streams_and_one_deeper_i
 ) -> None:
     """Deeper than orjson re-serialises for the upstream (254 levels) was a 500 with a traceback."""
     proxy = await start_proxy(nursery, upstream)
-    async with sdk(proxy) as client:
+    async with openai_sdk(proxy) as client:
         within = nested_arrays(MAX_JSON_DEPTH - 1)  # the body is the first level
         stream = await client.chat.completions.create(
             model="up/m", messages=messages("hi"), stream=True, extra_body={"x": within}
         )
-        assert "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]) == "abc"
+        assert await streamed_chat_text(stream) == "abc"
         for levels in (MAX_JSON_DEPTH, 300, 900):
             with pytest.raises(openai.BadRequestError) as info:
                 await client.chat.completions.create(
@@ -221,7 +217,7 @@ async def test_requests_per_minute_is_a_429_with_an_honest_retry_after(
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     proxy = await start_proxy(nursery, upstream, limits={"requests_per_minute": 2})
-    async with sdk(proxy) as client:
+    async with openai_sdk(proxy) as client:
         for _ in range(2):
             await client.chat.completions.create(model="up/m", messages=messages("hi"))
         with pytest.raises(openai.RateLimitError) as info:
@@ -281,7 +277,7 @@ async def test_the_window_frees_a_slot_when_retry_after_says(autojump_clock: tri
 
 async def test_streams_per_key_are_counted_per_client_key(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
     proxy = await start_proxy(nursery, upstream, auth={"keys": ["key-a", "key-b"]}, limits={"max_streams_per_key": 1})
-    async with sdk(proxy, "key-a") as a, sdk(proxy, "key-b") as b:
+    async with openai_sdk(proxy, "key-a") as a, openai_sdk(proxy, "key-b") as b:
         running = await open_stream(a, "endless")
         with pytest.raises(openai.RateLimitError) as info:
             await a.chat.completions.create(model="up/m", messages=messages("hi"))
@@ -294,7 +290,7 @@ async def test_streams_per_key_are_counted_per_client_key(nursery: trio.Nursery,
 
 async def test_without_keys_a_client_is_its_address(nursery: trio.Nursery, upstream: FakeUpstream) -> None:
     proxy = await start_proxy(nursery, upstream, limits={"max_streams_per_key": 1})
-    async with sdk(proxy, "one") as first, sdk(proxy, "two") as second:
+    async with openai_sdk(proxy, "one") as first, openai_sdk(proxy, "two") as second:
         running = await open_stream(first, "endless")
         with pytest.raises(openai.RateLimitError):  # another key, but the same address
             await second.chat.completions.create(model="up/m", messages=messages("hi"))
@@ -309,7 +305,7 @@ async def test_the_global_limit_is_a_503_the_sdk_calls_internal_server_error(
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     proxy = await start_proxy(nursery, upstream, limits={"max_concurrent_streams": 1})
-    async with sdk(proxy) as client:
+    async with openai_sdk(proxy) as client:
         running = await open_stream(client, "endless")
         with pytest.raises(openai.InternalServerError) as info:
             await client.chat.completions.create(model="up/m", messages=messages("hi"), stream=True)
@@ -332,7 +328,7 @@ async def test_the_slot_frees_when_the_stream_completes_fails_or_its_client_leav
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     proxy = await start_proxy(nursery, upstream, limits={"max_concurrent_streams": 1})
-    async with sdk(proxy) as client:
+    async with openai_sdk(proxy) as client:
         # Completion: the slot is free by the time the client has the whole answer.
         for _ in range(3):
             assert (await client.chat.completions.create(model="up/m", messages=messages("hi"))).choices
@@ -344,7 +340,7 @@ async def test_the_slot_frees_when_the_stream_completes_fails_or_its_client_leav
         assert (await client.chat.completions.create(model="up/m", messages=messages("hi"))).choices
 
     # A client that goes away mid-stream, without a word.
-    async with httpx.AsyncClient() as http, sdk(proxy) as client:
+    async with httpx.AsyncClient() as http, openai_sdk(proxy) as client:
         body = {"model": "up/m", "messages": messages("endless"), "stream": True}
         async with http.stream("POST", proxy + "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
@@ -368,7 +364,7 @@ async def test_a_flood_is_refused_fast_while_admitted_streams_finish_whole(
     admitted: list[tuple[list[str], list[Instant]]] = []  # per stream: its tokens and when each came
     refusals: list[tuple[int, float]] = []  # status, when it came back
 
-    async with sdk(proxy) as client:
+    async with openai_sdk(proxy) as client:
 
         async def admitted_stream() -> None:
             nonlocal started

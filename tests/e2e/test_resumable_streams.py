@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from functools import partial
 
 import httpx
 import pytest
 import trio
 
-from tests.conftest import proxy_config, wait_until
-from trioproxy import SSEDecoder, StreamEvent, serve
+from tests.conftest import proxy_config, serve_proxy, wait_until
+from trioproxy import SSEDecoder, StreamEvent
 from trioproxy._policy import StreamsConfig
 from trioproxy.client import SSEClient
 from trioproxy.testing import FakeUpstream, Reply
@@ -31,8 +30,7 @@ BODY = {"model": "up/m", "messages": MESSAGES}
 
 async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **streams: float) -> str:
     config = dataclasses.replace(proxy_config(upstream), streams=StreamsConfig(**streams))
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, config)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import RedisServer, listening_url, wait_until
+from tests.conftest import RedisServer, anthropic_sdk, listening_url, openai_sdk, wait_until
 from tests.e2e.test_observability import scrape_until, value
 from trioproxy.testing import FakeUpstream
 
@@ -116,7 +116,7 @@ async def test_requests_per_minute_are_exact_across_three_processes(
         assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
         assert 55 <= int(refused.headers["retry-after"]) <= 60
 
-        async with openai.AsyncOpenAI(base_url=three[1].url + "/v1", api_key="k", max_retries=0) as sdk:
+        async with openai_sdk(three[1].url) as sdk:
             with pytest.raises(openai.RateLimitError):
                 await sdk.chat.completions.create(model="sim/echo", messages=MESSAGES)  # type: ignore[arg-type]
 
@@ -231,7 +231,7 @@ async def test_every_front_is_admitted_by_the_shared_limits_and_refused_in_its_o
 ) -> None:
     """Chat, Anthropic messages and each way of the Responses front count against one shared budget."""
     async with proxies(tmp_path, config_text(redis_server.url, "requests_per_minute = 5")) as three:
-        async with openai.AsyncOpenAI(base_url=three[0].url + "/v1", api_key="k", max_retries=0) as first:
+        async with openai_sdk(three[0].url) as first:
             stored = await first.responses.create(model="sim/echo", input="one two three")
             assert stored.status == "completed"
             async with await first.responses.create(model="sim/echo", input="hi", stream=True) as events:
@@ -250,7 +250,7 @@ async def test_every_front_is_admitted_by_the_shared_limits_and_refused_in_its_o
             assert refused.headers["retry-after"]
             refused = await http.post(three[0].url + "/v1/messages", json=message)
             assert (refused.status_code, refused.json()["error"]["type"]) == (429, "rate_limit_error")
-        async with openai.AsyncOpenAI(base_url=three[1].url + "/v1", api_key="k", max_retries=0) as second:
+        async with openai_sdk(three[1].url) as second:
             with pytest.raises(openai.RateLimitError):
                 await second.responses.create(model="sim/echo", input="hi")
             with pytest.raises(openai.RateLimitError):
@@ -311,7 +311,7 @@ async def test_token_budgets_are_reserved_and_reconciled_exactly_across_three_pr
 
         await wait_until(admitted, seconds=10)
         await wait_until(lambda: _refused(three[0]), seconds=10)
-        async with anthropic.AsyncAnthropic(base_url=three[1].url, api_key="k", max_retries=0) as claude:
+        async with anthropic_sdk(three[1].url) as claude:
             with pytest.raises(anthropic.RateLimitError):
                 await claude.messages.create(model="sim/echo", max_tokens=1, messages=MESSAGES)  # type: ignore[arg-type]
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, openai_sdk
 from tests.e2e.test_observability import scrape_until
 from tests.e2e.test_shared_limits import MESSAGES, Proxy, config_text, proxies
 from trioproxy import SSEDecoder, StreamEvent
@@ -80,7 +80,7 @@ async def test_a_stored_response_is_retrieved_and_followed_on_another_process(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     async with proxies(tmp_path, config_text(redis_server.url, ""), count=2) as (first, second):
-        async with openai.AsyncOpenAI(base_url=first.url + "/v1", api_key="k", max_retries=0) as creator:
+        async with openai_sdk(first.url) as creator:
             stream = await creator.responses.create(model="slow/lorem", input="go", max_output_tokens=30, stream=True)
             seen = []
             async for event in stream:
@@ -89,7 +89,7 @@ async def test_a_stored_response_is_retrieved_and_followed_on_another_process(
                     break
             response_id = seen[0].response.id  # type: ignore[union-attr]
             after = seen[-1].sequence_number
-            async with openai.AsyncOpenAI(base_url=second.url + "/v1", api_key="k", max_retries=0) as other:
+            async with openai_sdk(second.url) as other:
                 with trio.fail_after(20):
                     followed = [
                         event
@@ -105,7 +105,7 @@ async def test_a_stored_response_is_retrieved_and_followed_on_another_process(
                 assert len(retrieved.output_text.split()) == 30
             await stream.close()
             assert (await creator.responses.delete(response_id)) is None  # where it ran: from Redis too
-            async with openai.AsyncOpenAI(base_url=second.url + "/v1", api_key="k", max_retries=0) as other:
+            async with openai_sdk(second.url) as other:
                 with pytest.raises(openai.NotFoundError):
                     await other.responses.retrieve(response_id)
         assert (await streams_started(first), await streams_started(second)) == (1, 0)
@@ -122,8 +122,8 @@ base_url = "{upstream.url}/v1"
 """
     async with (
         proxies(tmp_path, config_text(redis_server.url, "") + provider, count=2) as (first, second),
-        openai.AsyncOpenAI(base_url=first.url + "/v1", api_key="k", max_retries=0) as on_first,
-        openai.AsyncOpenAI(base_url=second.url + "/v1", api_key="k", max_retries=0) as on_second,
+        openai_sdk(first.url) as on_first,
+        openai_sdk(second.url) as on_second,
     ):
         created = await on_first.responses.create(model="up/m", input="Capital of France?")
         continued = await on_second.responses.create(
@@ -181,8 +181,8 @@ base_url = "{upstream.url}/v1"
 """
     async with (
         proxies(tmp_path, text, count=2) as (first, second),
-        openai.AsyncOpenAI(base_url=first.url + "/v1", api_key="k", max_retries=0) as on_first,
-        openai.AsyncOpenAI(base_url=second.url + "/v1", api_key="k", max_retries=0) as on_second,
+        openai_sdk(first.url) as on_first,
+        openai_sdk(second.url) as on_second,
     ):
         created = await on_first.responses.create(model="up/m", input="word " * 4000)
         with pytest.raises(openai.NotFoundError) as elsewhere:

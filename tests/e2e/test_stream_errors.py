@@ -10,7 +10,6 @@ Timing tests run the app in-process on trio's MockClock; the others on real hype
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Any
 
 import httpx
@@ -19,8 +18,8 @@ import orjson
 import pytest
 import trio
 
-from tests.conftest import free_port, in_process, proxy_config
-from trioproxy import Config, SSEDecoder, StreamEvent, parse_config, serve
+from tests.conftest import chat_text, free_port, in_process, openai_sdk, proxy_config, serve_proxy
+from trioproxy import Config, SSEDecoder, StreamEvent, parse_config
 from trioproxy.testing import FakeUpstream, Reply
 
 MESSAGES = [{"role": "user", "content": "go"}]
@@ -80,7 +79,7 @@ async def test_a_stream_that_starts_in_time_still_carries_its_role_chunk_first(
         stream = await client.chat.completions.create(model="sim/echo", messages=MESSAGES, stream=True)
         chunks = [chunk async for chunk in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "go"
+    assert chat_text(chunks) == "go"
 
 
 @pytest.fixture
@@ -96,13 +95,12 @@ async def proxy(nursery: trio.Nursery, upstream: FakeUpstream) -> str:
         broken={"type": "simulated", "ttft_ms": 0, "fail_after_tokens": 0},
         gone={"type": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1", "fallbacks": ["up/backup"]},
     )
-    binds = await nursery.start(partial(serve, config, host="127.0.0.1", port=0))
-    return binds[0]
+    return await serve_proxy(nursery, config)
 
 
 @pytest.fixture
 async def sdk(proxy: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0) as client:
+    async with openai_sdk(proxy) as client:
         yield client
 
 

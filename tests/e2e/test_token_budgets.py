@@ -10,7 +10,6 @@ The budgets shared on Redis across processes are in `test_shared_limits.py`.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import anthropic
@@ -19,8 +18,8 @@ import openai
 import pytest
 import trio
 
-from tests.conftest import in_process
-from trioproxy import StreamEvent, parse_config, serve
+from tests.conftest import anthropic_sdk, in_process, openai_sdk, openai_upstream_config, serve_proxy
+from trioproxy import StreamEvent, parse_config
 from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, open_fake_upstream
 
 #: Every answer's usage: 7 prompt and 3 completion tokens.
@@ -41,17 +40,7 @@ async def upstream(nursery: trio.Nursery) -> FakeUpstream:
 
 
 async def start_proxy(nursery: trio.Nursery, upstream: FakeUpstream, **limits: int) -> str:
-    raw = {
-        "retry": {"max_retries": 0},
-        "providers": {"up": {"type": "openai", "base_url": upstream.url + "/v1"}},
-        "limits": limits,
-    }
-    binds = await nursery.start(partial(serve, parse_config(raw, environ={}), host="127.0.0.1", port=0))
-    return binds[0]
-
-
-def sdk(proxy: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy + "/v1", api_key="k", max_retries=0)
+    return await serve_proxy(nursery, openai_upstream_config(upstream, limits=limits))
 
 
 async def ask(client: openai.AsyncOpenAI, max_tokens: int | None, content: str = "hi", stream: bool = False) -> None:
@@ -68,7 +57,7 @@ async def test_a_reservation_is_reconciled_with_the_usage_and_a_request_over_the
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     proxy = await start_proxy(nursery, upstream, tokens_per_minute=1000)
-    async with sdk(proxy) as client:
+    async with openai_sdk(proxy) as client:
         await ask(client, 500)  # reserves 501, then counts 10
         await ask(client, 980, stream=True)  # 10 + 981 fits only because the first was reconciled
         with pytest.raises(openai.RateLimitError) as info:  # 20 + 986 does not
@@ -81,7 +70,7 @@ async def test_a_reservation_is_reconciled_with_the_usage_and_a_request_over_the
         assert responses.value.body["code"] == "tokens_per_minute_exceeded"
         await ask(client, 979)  # 20 + 980: still fits
 
-    async with anthropic.AsyncAnthropic(base_url=proxy, api_key="k", max_retries=0) as claude:
+    async with anthropic_sdk(proxy) as claude:
         with pytest.raises(anthropic.RateLimitError) as refused:
             await claude.messages.create(model="up/m", max_tokens=985, messages=PROMPT)  # type: ignore[arg-type]
     assert refused.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
@@ -102,7 +91,7 @@ async def test_a_stream_without_usage_keeps_its_reservation_and_no_max_tokens_re
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     proxy = await start_proxy(nursery, upstream, tokens_per_minute=1000, estimated_output_tokens=900)
-    async with sdk(proxy) as client:
+    async with openai_sdk(proxy) as client:
         with pytest.raises(openai.InternalServerError):
             await ask(client, None, content="fail")  # reserves 1 + 900, and no usage ever comes
         await ask(client, 98)  # 901 + 99 = 1000: just fits; counts 10
@@ -114,7 +103,7 @@ async def test_embeddings_reserve_their_input_only_and_legacy_completions_their_
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     proxy = await start_proxy(nursery, upstream, tokens_per_minute=50, estimated_output_tokens=1000)
-    async with sdk(proxy) as client:
+    async with openai_sdk(proxy) as client:
         await client.embeddings.create(model="up/m", input="hi")  # reserves 1, not the estimate; uses 7
         await client.completions.create(model="up/m", prompt="hi", max_tokens=40)  # 7 + 41 fits; uses 10
         with pytest.raises(openai.RateLimitError) as info:  # 17 + 34 does not
@@ -128,7 +117,7 @@ async def test_a_request_larger_than_the_whole_budget_is_a_429_without_retry_aft
     nursery: trio.Nursery, upstream: FakeUpstream
 ) -> None:
     proxy = await start_proxy(nursery, upstream, tokens_per_minute=1000)
-    async with sdk(proxy) as client:
+    async with openai_sdk(proxy) as client:
         with pytest.raises(openai.RateLimitError) as info:
             await ask(client, 1000)
     assert "retry-after" not in info.value.response.headers

@@ -16,14 +16,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import anthropic
 import httpx
-import openai
 import orjson
 import trio
 import trio_websocket
 
-from tests.conftest import free_port, listening_url, wait_until
+from tests.conftest import anthropic_sdk, free_port, listening_url, openai_sdk, streamed_chat_text, wait_until
 from tests.e2e.test_observability import scrape_until, value
 
 #: Starting a worker imports the whole proxy: seconds, on a busy machine.
@@ -118,10 +116,10 @@ async def test_two_workers_answer_on_one_address_with_one_metrics(tmp_path: Path
         streams = {"route": "/v1/chat/completions", "provider": "sim", "outcome": "completed"}
         assert value(samples, "trioproxy_streams_total", **streams) == 20
         assert value(samples, "trioproxy_active_streams") == 0
-        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk:
+        async with openai_sdk(proxy.url) as sdk:
             messages = [{"role": "user", "content": "hi"}]
             stream = await sdk.chat.completions.create(model="sim/echo", messages=messages, stream=True)
-            assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "hi"
+            assert await streamed_chat_text(stream) == "hi"
         proxy.process.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await proxy.process.wait() == 0
@@ -141,15 +139,15 @@ breaker = {{ failures = 1, cooldown = 600 }}
     async with supervisor(tmp_path, text=text) as proxy:
         await pids_answering(proxy.url, 2)
         for _ in range(4):
-            async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk:
+            async with openai_sdk(proxy.url) as sdk:
                 response = await sdk.responses.create(model="sim/echo", input="one two")  # stored
                 assert response.output_text == "one two"
             async with (
-                openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0) as sdk,
+                openai_sdk(proxy.url) as sdk,
                 await sdk.responses.create(model="sim/echo", input="one two", stream=True) as events,
             ):
                 assert [e.type async for e in events][-1] == "response.completed"
-            async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="k", max_retries=0) as claude:
+            async with anthropic_sdk(proxy.url) as claude:
                 message = await claude.messages.create(model="sim/echo", max_tokens=20, messages=messages)
                 assert message.content[0].text == "one two"  # type: ignore[union-attr]
             async with trio_websocket.open_websocket_url(proxy.url.replace("http", "ws") + "/v1/responses") as ws:

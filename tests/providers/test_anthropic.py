@@ -27,6 +27,8 @@ from trioproxy.providers.anthropic import (
     messages_request_body,
 )
 
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "anthropic"
+
 # --------------------------------------------------------------------------------------------
 # helpers
 
@@ -680,35 +682,8 @@ def test_translation_does_not_mutate_the_client_request() -> None:
 # --------------------------------------------------------------------------------------------
 # stream parsing
 
-BASIC_RESPONSE = """\
-event: message_start
-data: {"type":"message_start","message":{"id":"msg_4QpJur2dWWDjF6C758FbBw5vm12BaVipnK","type":"message","role":"assistant","content":[],"model":"claude-3-opus-latest","stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":11,"output_tokens":1}}}
-
-event: content_block_start
-data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}
-
-event: ping
-data: {"type": "ping"}
-
-event: content_block_delta
-data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}
-
-event: content_block_delta
-data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" there"}}
-
-event: content_block_delta
-data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"!"}}
-
-event: content_block_stop
-data: {"type":"content_block_stop","index":0}
-
-event: message_delta
-data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":6}}
-
-event: message_stop
-data: {"type":"message_stop"}
-
-"""  # noqa: E501 - recorded wire data, kept verbatim
+# sse_protocol.md §5.2 (anthropic-sdk-python tests/lib/streaming/fixtures/basic_response.txt).
+BASIC_RESPONSE = (FIXTURES / "basic_response.sse").read_text()
 
 # Built from the bullet list of §5.2 (`tool_use_response.txt`): cache counts and service_tier in
 # `message_start`, a text block then a tool_use block at index 1 whose first fragment is "".
@@ -1038,8 +1013,6 @@ def test_error_from_response_never_shows_the_key() -> None:
 
 # --------------------------------------------------------------------------------------------
 # an Anthropic client: pass-through both ways
-
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "anthropic"
 
 
 def native_chat(body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatRequest:

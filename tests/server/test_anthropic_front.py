@@ -57,32 +57,9 @@ def render(renderer: AnthropicEventRenderer, deltas: list[Delta]) -> bytes:
     return b"".join(renderer.delta(delta) for delta in deltas)
 
 
-BASIC = b"""\
-event: message_start
-data: {"type":"message_start","message":{"id":"msg_up1","type":"message","role":"assistant","content":[],"model":"claude-3-opus-latest","stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":11,"output_tokens":1}}}
-
-event: content_block_start
-data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}
-
-event: ping
-data: {"type": "ping"}
-
-event: content_block_delta
-data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"}}
-
-event: content_block_delta
-data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":" there"}}
-
-event: content_block_stop
-data: {"type":"content_block_stop","index":0}
-
-event: message_delta
-data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":6}}
-
-event: message_stop
-data: {"type":"message_stop"}
-
-"""  # noqa: E501 - recorded wire data, kept verbatim
+# sse_protocol.md §5.2 (anthropic-sdk-python tests/lib/streaming/fixtures/basic_response.txt).
+BASIC = (FIXTURES / "basic_response.sse").read_bytes()
+BASIC_ID = "msg_4QpJur2dWWDjF6C758FbBw5vm12BaVipnK"
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,11 +103,11 @@ def test_nothing_is_sent_before_the_first_token() -> None:
 def test_a_failover_before_the_first_token_shows_one_message_start_and_one_set_of_blocks() -> None:
     renderer = AnthropicEventRenderer(model=MODEL)
     first = upstream_deltas(BASIC)[:3]  # the first attempt failed after its first block started
-    second = upstream_deltas(BASIC.replace(b"msg_up1", b"msg_up2"))
+    second = upstream_deltas(BASIC.replace(BASIC_ID.encode(), b"msg_up2"))
     out = render(renderer, first) + renderer.notice(object()) + render(renderer, second) + renderer.done()
     names = [name for name, _ in events(out)]
     assert names == [name for name, _ in events(BASIC)]
-    assert events(out)[0][1]["message"]["id"] == "msg_up1"
+    assert events(out)[0][1]["message"]["id"] == BASIC_ID
 
 
 def test_a_failover_to_another_protocol_keeps_the_first_message_start() -> None:
@@ -147,7 +124,7 @@ def test_a_failover_to_another_protocol_keeps_the_first_message_start() -> None:
         "message_delta",
         "message_stop",
     ]
-    assert parsed[0][1]["message"]["id"] == "msg_up1"
+    assert parsed[0][1]["message"]["id"] == BASIC_ID
 
 
 def test_a_heartbeat_sends_the_waiting_message_start_then_a_ping() -> None:
