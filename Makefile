@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-HOST   ?= 127.0.0.1
-PORT   ?= 8000
+# Where `make serve` listens, when given; else the config's [server] host and port (default 127.0.0.1:8000).
+HOST   ?=
+PORT   ?=
 CONFIG ?=
 BENCH_ARGS ?=
 # The playground tests drive Debian's Chromium (never a browser build downloaded by a tool).
@@ -38,7 +39,7 @@ install-test: $(VENV)/.installed-test
 install-bench: $(VENV)/.installed-bench
 
 serve: $(VENV)/.installed
-	$(BIN)/trioproxy serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
+	$(BIN)/trioproxy serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(CONFIG),--config $(CONFIG))
 
 # Static checks, run first by `make test`: ruff (lint; settings in pyproject.toml) on the code, the
 # tests and the benchmarks, and mypy in strict mode on the package.

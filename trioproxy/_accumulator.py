@@ -8,11 +8,14 @@ event and (later) metrics all agree on what was generated. Sans-IO.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ._events import Delta, Usage, estimated_tokens
+from ._exceptions import TrioproxyError
 
 __all__ = ["Accumulator"]
+
+_Error = TypeVar("_Error", bound=TrioproxyError)
 
 
 @dataclass
@@ -72,6 +75,10 @@ class Accumulator:
             }
             for index, call in sorted(self._tool_calls.items())
         ]
+
+    def ended_with(self, error: _Error) -> _Error:
+        """`error` as the end of this stream: it says how much text was delivered, which is not repeated."""
+        return error.after_delivery(len(self.text), content_delivered=bool(self.content_deltas))
 
     def usage_or_estimate(self, prompt_chars: int = 0) -> Usage:
         """The upstream's usage, else an estimate (about four characters a token), marked so."""

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from ._config import ProviderConfig
+if TYPE_CHECKING:  # the config module loads the pipeline, and with it trio
+    from ._config import ProviderConfig
 
 __all__ = ["ForwardRequest", "ForwardSink", "allows", "provider_for_path", "request_headers", "response_headers"]
 

@@ -65,9 +65,9 @@ class BufferConfig:
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """
-    The named deadlines of a stream, in seconds; 0 turns one off.
+    The named deadlines of a stream, in seconds; 0 turns one off (all but `connect_timeout`).
 
-    - `connect_timeout`: opening a connection to the upstream;
+    - `connect_timeout`: opening a connection to the upstream (never off: it must be positive);
     - `first_token_timeout`: from sending the request to the first token;
     - `silence_timeout`: the longest gap between two tokens;
     - `total_timeout`: the whole stream, retries included;

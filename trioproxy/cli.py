@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from functools import partial
 
 import trio
@@ -198,13 +198,22 @@ def _run_until_signalled(main: Callable[[Callable[[], Awaitable[None]]], Awaitab
     try:
         trio.run(run)
     except* (OSError, ConfigError) as group:  # a port taken, [tracing] without OpenTelemetry (wrapped)
-        failures.extend(group.exceptions)
+        failures.extend(_leaves(group))
     finally:
         gc.freeze()
     if failures:
         print(f"trioproxy: cannot serve {what}: {failures[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    """The exceptions in `group` and in the groups nested in it: nurseries wrap what a task raised."""
+    for exception in group.exceptions:
+        if isinstance(exception, BaseExceptionGroup):
+            yield from _leaves(exception)
+        else:
+            yield exception
 
 
 def _chat(args: argparse.Namespace) -> int:

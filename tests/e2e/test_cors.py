@@ -45,11 +45,26 @@ async def test_a_preflight_from_an_allowed_origin_needs_no_key(proxy: str) -> No
         response = await http.options(proxy + "/v1/chat/completions", headers=preflight_headers(SITE))
     assert response.status_code == 204
     assert response.headers["access-control-allow-origin"] == SITE
-    assert response.headers["access-control-allow-methods"] == "GET, POST"
+    assert response.headers["access-control-allow-methods"] == "GET, POST, PUT, PATCH, DELETE"
     allowed = response.headers["access-control-allow-headers"].split(", ")
     assert allowed == ["authorization", "content-type", "x-stainless-lang", "x-stainless-retry-count"]
     assert response.headers["vary"] == "Origin"
     assert int(response.headers["access-control-max-age"]) == 600
+
+
+async def test_a_page_may_delete_a_stored_response(proxy: str) -> None:
+    """The openai SDK's `responses.delete` from a page: the browser first asks whether DELETE is allowed."""
+    headers = {"origin": SITE, "authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient() as http:
+        created = await http.post(proxy + "/v1/responses", json={"model": "sim/echo", "input": "hi"}, headers=headers)
+        url = f"{proxy}/v1/responses/{created.json()['id']}"
+        asked = {**preflight_headers(SITE), "access-control-request-method": "DELETE"}
+        preflight = await http.options(url, headers=asked)
+        deleted = await http.delete(url, headers=headers)
+    assert preflight.status_code == 204
+    assert "DELETE" in preflight.headers["access-control-allow-methods"].split(", ")
+    assert deleted.status_code == 200
+    assert deleted.headers["access-control-allow-origin"] == SITE
 
 
 async def test_a_preflight_from_another_origin_is_refused(proxy: str) -> None:

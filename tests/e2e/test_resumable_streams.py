@@ -209,6 +209,8 @@ async def test_no_watcher_past_the_grace_period_cancels_the_upstream(
     events = [StreamEvent.from_json(e.data) for e in SSEDecoder().feed(late.content)]
     assert events[-1].type == "error"
     assert "no client watched" in events[-1].data["message"]
+    # It says how much text the stream had delivered, as any error that ends a stream does.
+    assert events[-1].data["characters_delivered"] == len(text_of(events)) > 0
 
 
 async def test_a_reconnect_within_the_grace_period_keeps_the_upstream(

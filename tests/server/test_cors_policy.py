@@ -27,7 +27,7 @@ def test_preflight_from_an_allowed_origin_lists_the_requested_headers_it_allows(
     assert status == 204
     assert headers["access-control-allow-origin"] == [SITE]
     assert headers["vary"] == ["Origin"]
-    assert headers["access-control-allow-methods"] == ["GET, POST"]
+    assert headers["access-control-allow-methods"] == ["GET, POST, PUT, PATCH, DELETE"]
     assert headers["access-control-max-age"] == ["77"]
     # `x-stainless-*` covers the SDK's family; a header nobody allowed is left out, so the browser refuses it.
     assert headers["access-control-allow-headers"] == ["authorization, content-type, x-stainless-os"]

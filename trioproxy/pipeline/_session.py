@@ -183,8 +183,7 @@ class StreamSession:
             self._failed = True
             if isinstance(item, UpstreamError) and not self.stats.counted(item):
                 self.stats.failed(item)  # (a stream a continuation could not save ends with the failure it counted)
-            accumulator = self.accumulator
-            item = item.after_delivery(len(accumulator.text), content_delivered=bool(accumulator.content_deltas))
+            item = self.accumulator.ended_with(item)
             self.stats.error = item
         await self._send(item)
 

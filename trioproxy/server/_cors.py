@@ -22,8 +22,8 @@ from .._config import CorsConfig
 
 __all__ = ["ALLOW_METHODS", "CorsMiddleware", "CorsPolicy"]
 
-ALLOW_METHODS: Final = b"GET, POST"
-"""Every method a route of the proxy takes."""
+ALLOW_METHODS: Final = b"GET, POST, PUT, PATCH, DELETE"
+"""Every method a route of the proxy takes: `DELETE /v1/responses/{id}`, and the forwarded paths' methods."""
 
 Headers = list[tuple[bytes, bytes]]
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]

@@ -78,7 +78,8 @@ def last_word(renderer: Renderer, session: StreamSession) -> bytes:
     """
     if session.completed:
         return renderer.done(session)
-    return renderer.error(StreamInterrupted("the server ended the stream before it completed"))
+    interrupted = StreamInterrupted("the server ended the stream before it completed")
+    return renderer.error(session.accumulator.ended_with(interrupted))
 
 
 def generic_chat_request(body: dict[str, Any]) -> tuple[ChatRequest, str | None, BufferConfig | None]:

@@ -391,13 +391,12 @@ class BroadcastStream:
         if self._cancelled_with is not None and not self.session.completed:
             self.renderer.error(self._cancelled_with)
         elif self._grace.cancelled_caught and not self.session.completed:
-            self.renderer.error(
-                StreamInterrupted(
-                    f"no client watched the stream for {self.resume_grace_period:g} s: it was cancelled"
-                    if self.resumable
-                    else "the server is shutting down and no client watched the stream: it was cancelled"
-                )
+            interrupted = StreamInterrupted(
+                f"no client watched the stream for {self.resume_grace_period:g} s: it was cancelled"
+                if self.resumable
+                else "the server is shutting down and no client watched the stream: it was cancelled"
             )
+            self.renderer.error(self.session.accumulator.ended_with(interrupted))
         else:
             last_word(self.renderer, self.session)
 
