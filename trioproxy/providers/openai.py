@@ -33,7 +33,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, DropParams, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import CUT_SHORT, StreamParser, UpstreamRequest, retry_after_seconds, safe_message, status_error
+from ._base import CUT_SHORT, StreamParser, UpstreamRequest, is_count, retry_after_seconds, safe_message, status_error
 
 __all__ = ["OpenAIStreamParser", "OpenAITranslation", "delta_from_chunk", "delta_from_text_completion"]
 
@@ -241,7 +241,7 @@ def _embeddings_delta(body: bytes) -> Delta:
 
 
 def _tool_call(tc: object) -> ToolCallDelta:
-    if not isinstance(tc, dict) or not _is_count(tc.get("index", 0)):
+    if not isinstance(tc, dict) or not is_count(tc.get("index", 0)):
         raise UpstreamProtocolError("upstream chunk has a malformed tool call")
     function = tc.get("function") or {}
     if not isinstance(function, dict):
@@ -270,13 +270,9 @@ def _usage(usage: dict[str, Any]) -> Usage:
     completion = usage.get("completion_tokens") or 0
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    if not (_is_count(prompt) and _is_count(completion) and (cached is None or _is_count(cached))):
+    if not (is_count(prompt) and is_count(completion) and (cached is None or is_count(cached))):
         raise UpstreamProtocolError(f"upstream usage has token counts that are not non-negative integers: {usage!r:.200}")
     return Usage(prompt_tokens=prompt, completion_tokens=completion, cache_read_tokens=cached)
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _in_stream_error(error: object, *, secret: str | None) -> UpstreamStatusError:
