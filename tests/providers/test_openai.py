@@ -379,6 +379,8 @@ def test_non_object_is_a_protocol_error(data: str) -> None:
         ([1], "upstream chunk has a malformed 'choices' array"),
         ([{"index": 0, "delta": "hi"}], "upstream chunk has a malformed 'delta'"),
         ([{"index": 0, "delta": {"tool_calls": ["x"]}}], "upstream chunk has a malformed tool call"),
+        ([{"index": 0, "delta": {"tool_calls": 5}}], "upstream chunk has a malformed 'tool_calls' array"),
+        ([{"index": 0, "delta": {"tool_calls": {"index": 0}}}], "upstream chunk has a malformed 'tool_calls' array"),
         ([{"index": 0, "delta": {"tool_calls": [{"index": "0"}]}}], "upstream chunk has a malformed tool call"),
         (
             [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": "f"}]}}],

@@ -199,6 +199,8 @@ def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delt
         delta.stop_sequence = stop_reason
     tool_calls = body.get("tool_calls")
     if tool_calls:
+        if not isinstance(tool_calls, list):
+            raise UpstreamProtocolError("upstream chunk has a malformed 'tool_calls' array")
         delta.tool_calls = tuple(_tool_call(tc) for tc in tool_calls)
     return delta
 
