@@ -127,6 +127,14 @@ def test_a_failover_to_another_protocol_keeps_the_first_message_start() -> None:
     assert parsed[0][1]["message"]["id"] == BASIC_ID
 
 
+@pytest.mark.parametrize("deltas", [[], [Delta(finish_reason="stop")], [Delta(usage=Usage(3, 0))]])
+def test_an_answer_with_no_content_still_starts_with_message_start(deltas: list[Delta]) -> None:
+    """An upstream may end its stream with no token at all (`data: [DONE]` alone): the message is empty, not headless."""
+    renderer = AnthropicEventRenderer(model=MODEL)
+    names = [name for name, _ in events(render(renderer, deltas) + renderer.done())]
+    assert names == ["message_start", "message_delta", "message_stop"]
+
+
 def test_a_heartbeat_sends_the_waiting_message_start_then_a_ping() -> None:
     renderer = AnthropicEventRenderer(model=MODEL)
     assert renderer.heartbeat() == PING  # nothing from the upstream yet

@@ -147,6 +147,8 @@ class AnthropicEventRenderer:
     def done(self, session: object = None) -> bytes:
         if self._message_stop is not None:
             return self._flush() + self._message_stop
+        if not self._started:  # an answer with no content at all: still a message
+            self._start()
         out = self._flush() + self._close_block()
         usage = self._usage or Usage(
             prompt_tokens=estimated_tokens(self._prompt_chars),
