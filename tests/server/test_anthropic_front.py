@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from anthropic.lib.streaming._messages import accumulate_event
 
 from trioproxy._events import Delta, ToolCallDelta, Usage
 from trioproxy._exceptions import (
@@ -125,6 +126,19 @@ def test_a_failover_to_another_protocol_keeps_the_first_message_start() -> None:
         "message_stop",
     ]
     assert parsed[0][1]["message"]["id"] == BASIC_ID
+
+
+def test_a_failover_to_another_protocol_numbers_its_blocks_from_zero() -> None:
+    """The failed attempt's block start was never sent: the SDK indexes blocks by the number they carry."""
+    renderer = AnthropicEventRenderer(model=MODEL)
+    out = render(renderer, upstream_deltas(BASIC)[:3]) + renderer.notice(object())
+    out += render(renderer, [Delta(text="Hi"), Delta(finish_reason="stop")]) + renderer.done()
+    blocks = [data for name, data in events(out) if name.startswith("content_block")]
+    assert [data["index"] for data in blocks] == [0, 0, 0]
+    snapshot = None
+    for _, data in events(out):
+        snapshot = accumulate_event(event=data, current_snapshot=snapshot, json_bufs={})
+    assert snapshot is not None and snapshot.content[0].text == "Hi"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("deltas", [[], [Delta(finish_reason="stop")], [Delta(usage=Usage(3, 0))]])

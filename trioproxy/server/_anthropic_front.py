@@ -138,7 +138,9 @@ class AnthropicEventRenderer:
         return out + PING
 
     def notice(self, notice: object) -> bytes:
-        self._held.clear()  # the next attempt sends its own blocks
+        # The next attempt sends its own blocks, numbered from the first of the dropped ones.
+        self._blocks -= sum(raw.startswith(b"event: content_block_start") for raw in self._held)
+        self._held.clear()
         return b""
 
     def error(self, error: TrioproxyError) -> bytes:
