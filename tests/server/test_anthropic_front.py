@@ -335,3 +335,14 @@ def test_a_tool_input_that_is_not_json_is_the_upstream_s_fault() -> None:
     out = render(renderer, [Delta(tool_calls=(ToolCallDelta(index=0, id="c", name="f", arguments="{oops"),))])
     with pytest.raises(UpstreamProtocolError):
         message_from_events(out + renderer.done())
+
+
+def test_a_continuation_that_adds_no_text_still_closes_the_forwarded_text_block() -> None:
+    """The upstream broke mid-text; the continuation only finished it: the open block is stopped before the message ends."""
+    renderer = AnthropicEventRenderer(model=MODEL)
+    deltas = upstream_deltas(BASIC)
+    cut = next(i for i, delta in enumerate(deltas) if delta.text) + 1  # after its first text delta
+    out = render(renderer, deltas[:cut]) + render(renderer, [Delta(finish_reason="stop")]) + renderer.done()
+    names = [name for name, _ in events(out)]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert events(out)[-3][1]["index"] == 0

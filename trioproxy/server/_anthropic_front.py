@@ -264,10 +264,14 @@ class AnthropicEventRenderer:
         return out + encode_typed_event({"type": "content_block_start", "index": self._open[1], "content_block": block})
 
     def _close_block(self) -> bytes:
-        if self._open is None:
+        """Stop the open block: a rendered one, or the forwarded text block a continuation would have gone on in."""
+        if self._open is not None:
+            index = self._open[1]
+        elif self._forwarded_text is not None:
+            index = self._forwarded_text
+        else:
             return b""
-        index = self._open[1]
-        self._open = None
+        self._open = self._forwarded_text = None
         return encode_typed_event({"type": "content_block_stop", "index": index})
 
     def _block_delta(self, body: dict[str, Any], index: int | None = None) -> bytes:
