@@ -139,6 +139,17 @@ def test_a_field_of_the_wrong_type_is_a_protocol_error(payload: dict[str, Any], 
         ResponsesStreamParser(keep_raw=keep_raw).feed(one_event(payload))
 
 
+@pytest.mark.parametrize("payload", [{}, {"type": 5, "delta": "x"}, {"type": "response.x\n\ndata: {}", "delta": "x"}])
+@pytest.mark.parametrize("keep_raw", [False, True])
+def test_an_event_without_a_one_line_string_type_is_a_protocol_error(payload: dict[str, Any], keep_raw: bool) -> None:
+    """
+    Its type names the event a Responses client is sent (`event:` line): without one, the
+    resumable stream's framing raised `KeyError`; with a line break, it would frame events of its own.
+    """
+    with pytest.raises(UpstreamProtocolError):
+        ResponsesStreamParser(keep_raw=keep_raw).feed(one_event(payload))
+
+
 @pytest.mark.parametrize(
     "payload",
     [

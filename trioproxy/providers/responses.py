@@ -296,9 +296,12 @@ class ResponsesStreamParser:
             raise UpstreamProtocolError(f"upstream sent an event that is not JSON: {event.data[:200]!r}") from None
         if not isinstance(payload, dict):
             raise UpstreamProtocolError(f"upstream sent an event that is not a JSON object: {event.data[:200]!r}")
+        kind = payload.get("type")
+        if not isinstance(kind, str) or "\n" in kind or "\r" in kind:  # it names the event a client is sent
+            raise UpstreamProtocolError(f"upstream sent an event without a one-line string 'type': {event.data[:200]!r}")
         delta = self._parse(payload)
         if self._keep_raw:
-            delta.raw = b"event: " + str(payload.get("type")).encode() + b"\ndata: " + event.data.encode() + b"\n\n"
+            delta.raw = b"event: " + kind.encode() + b"\ndata: " + event.data.encode() + b"\n\n"
         return [delta] if delta.says_anything or delta.raw is not None else []
 
     def _parse(self, payload: dict[str, Any]) -> Delta:  # noqa: C901 - one branch per Responses event type, in the protocol's order
