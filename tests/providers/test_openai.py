@@ -432,7 +432,7 @@ def test_malformed_usage(usage: dict[str, Any]) -> None:
     """A negative count would hand tokens back to the client's budget."""
     with pytest.raises(UpstreamProtocolError) as info:
         feed(OpenAIStreamParser(keep_raw=True), chunk([], usage=usage))
-    assert info.value.message.startswith("upstream usage has token counts that are not non-negative integers")
+    assert info.value.message.startswith("upstream usage has token counts that are not whole and non-negative")
 
 
 # --------------------------------------------------------------------------------------------

@@ -138,12 +138,13 @@ def test_a_failover_to_another_protocol_numbers_its_blocks_from_zero() -> None:
     snapshot = None
     for _, data in events(out):
         snapshot = accumulate_event(event=data, current_snapshot=snapshot, json_bufs={})
-    assert snapshot is not None and snapshot.content[0].text == "Hi"  # type: ignore[union-attr]
+    assert snapshot is not None
+    assert snapshot.content[0].text == "Hi"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("deltas", [[], [Delta(finish_reason="stop")], [Delta(usage=Usage(3, 0))]])
 def test_an_answer_with_no_content_still_starts_with_message_start(deltas: list[Delta]) -> None:
-    """An upstream may end its stream with no token at all (`data: [DONE]` alone): the message is empty, not headless."""
+    """An upstream may send no token at all (`data: [DONE]` alone): the message is empty, not headless."""
     renderer = AnthropicEventRenderer(model=MODEL)
     names = [name for name, _ in events(render(renderer, deltas) + renderer.done())]
     assert names == ["message_start", "message_delta", "message_stop"]
@@ -338,7 +339,7 @@ def test_a_tool_input_that_is_not_json_is_the_upstream_s_fault() -> None:
 
 
 def test_a_continuation_that_adds_no_text_still_closes_the_forwarded_text_block() -> None:
-    """The upstream broke mid-text; the continuation only finished it: the open block is stopped before the message ends."""
+    """The upstream broke mid-text; the continuation only finished it: the open block stops before the message ends."""
     renderer = AnthropicEventRenderer(model=MODEL)
     deltas = upstream_deltas(BASIC)
     cut = next(i for i, delta in enumerate(deltas) if delta.text) + 1  # after its first text delta

@@ -273,7 +273,9 @@ def _usage(usage: dict[str, Any]) -> Usage:
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     if not (is_count(prompt) and is_count(completion) and (cached is None or is_count(cached))):
-        raise UpstreamProtocolError(f"upstream usage has token counts that are not non-negative integers: {usage!r:.200}")
+        raise UpstreamProtocolError(
+            f"upstream usage has token counts that are not whole and non-negative: {usage!r:.200}"
+        )
     return Usage(prompt_tokens=prompt, completion_tokens=completion, cache_read_tokens=cached)
 
 

@@ -298,7 +298,7 @@ class ResponsesStreamParser:
             raise UpstreamProtocolError(f"upstream sent an event that is not a JSON object: {event.data[:200]!r}")
         kind = payload.get("type")
         if not isinstance(kind, str) or "\n" in kind or "\r" in kind:  # it names the event a client is sent
-            raise UpstreamProtocolError(f"upstream sent an event without a one-line string 'type': {event.data[:200]!r}")
+            raise UpstreamProtocolError(f"upstream sent an event without a one-line string 'type': {event.data[:99]!r}")
         delta = self._parse(payload)
         if self._keep_raw:
             delta.raw = b"event: " + kind.encode() + b"\ndata: " + event.data.encode() + b"\n\n"
@@ -401,5 +401,7 @@ def _usage(usage: object) -> Usage | None:
     details = usage.get("input_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     if not (is_count(prompt) and is_count(completion) and (cached is None or is_count(cached))):
-        raise UpstreamProtocolError(f"upstream usage has token counts that are not non-negative integers: {usage!r:.200}")
+        raise UpstreamProtocolError(
+            f"upstream usage has token counts that are not whole and non-negative: {usage!r:.200}"
+        )
     return Usage(prompt_tokens=prompt, completion_tokens=completion, cache_read_tokens=cached)
