@@ -193,6 +193,8 @@ JSON: Final = st.recursive(
 )
 """Any JSON value, bounded (a huge one is the SSE decoder's to refuse, not the parser's)."""
 
+_NESTED: Final = orjson.loads("[" * 100 + "]" * 100)
+
 _KEYS: Final = st.sampled_from(
     ["type", "index", "id", "call_id", "item_id", "name", "delta", "text", "usage", "choices", "content_block",
      "message", "response", "item", "output_index", "sequence_number", "finish_reason", "error", "tool_calls",
@@ -244,7 +246,7 @@ def _with_data(event: ServerSentEvent, payload: Any) -> ServerSentEvent:
 def mutated_event(draw: st.DrawFn, event: ServerSentEvent) -> ServerSentEvent:
     """`event` with one thing changed that may make it invalid."""
     payload = _json_data(event)
-    kind = draw(st.sampled_from(["replace", "delete", "add", "rename", "not_json", "done"]))
+    kind = draw(st.sampled_from(["replace", "delete", "add", "rename", "not_json", "done", "huge"]))
     if kind == "rename":
         return dataclasses.replace(event, event=draw(st.sampled_from(_EVENT_NAMES)))
     if kind == "not_json":
@@ -254,6 +256,11 @@ def mutated_event(draw: st.DrawFn, event: ServerSentEvent) -> ServerSentEvent:
         return dataclasses.replace(event, data="[DONE]")
     if not isinstance(payload, dict | list):
         return dataclasses.replace(event, data=orjson.dumps(draw(JSON)).decode())
+    if kind == "huge":  # within the SSE decoder's bounds, which a larger one would hit first
+        if draw(st.booleans()):
+            return dataclasses.replace(event, data="[" * 2000 + "]" * 2000)  # deeper than orjson reads (1024)
+        value = draw(st.sampled_from(["x" * 200_000, 2**64 - 1, -(2**63), _NESTED]))
+        return _with_data(event, _set(payload, draw(st.sampled_from(_paths(payload))), value))
     if kind == "replace":
         paths = _paths(payload)
         depth = draw(st.integers(0, max(len(path) for path in paths)))  # as likely shallow as deep
