@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -1123,3 +1124,45 @@ async def test_a_stream_that_delivered_a_hosted_tool_s_call_is_not_continued_as_
     assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["web_search_call"]
     assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["Paris is "]
     assert backup.request_count == 0
+
+
+@pytest.mark.parametrize("store", [True, False])
+async def test_tool_calls_the_responses_protocol_cannot_carry_end_the_stream_with_that_error(
+    proxy_url: str, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture, store: bool
+) -> None:
+    """
+    A Chat Completions upstream may go back to a tool call after starting another; a Response's
+    function_call items cannot interleave. The client is told so, as the stream's error, and
+    no bug is logged (it was: the broadcast failed, and the client heard only that the
+    server ended the stream).
+    """
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [choice]}) + b"\n\n"
+
+    def call(index: int, **fields: Any) -> dict[str, Any]:
+        return {"tool_calls": [{"index": index, **fields}]}
+
+    interleaved = (
+        chunk({"role": "assistant", "content": ""})
+        + chunk(call(0, id="call_a", type="function", function={"name": "f", "arguments": ""}))
+        + chunk(call(1, id="call_b", type="function", function={"name": "g", "arguments": ""}))
+        + chunk(call(0, function={"arguments": "{}"}))
+        + chunk({}, "tool_calls")
+        + b"data: [DONE]\n\n"
+    )
+    upstream.push(Reply(raw_body=interleaved))
+    async with httpx.AsyncClient(base_url=proxy_url) as http:
+        body = {"model": "up/gpt-test", "input": "go", "stream": True, "store": store}
+        response = await http.post("/v1/responses", json=body)
+        upstream.push(Reply(raw_body=interleaved))
+        whole = await http.post("/v1/responses", json={**body, "stream": False})
+    events = [orjson.loads(event.data) for event in SSEDecoder().feed(response.content)]
+    assert [event["type"] for event in events][-2:] == ["error", "response.failed"]
+    assert events[-2]["error"]["message"].startswith("the upstream went back to tool call 0 after starting another")
+    assert events[-1]["response"]["error"]["code"] == "upstream_error"
+    # Not streamed: the error, as the status the answer could not be given with.
+    assert whole.status_code == 502
+    assert whole.json()["error"]["message"].startswith("the upstream went back to tool call 0")
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]

@@ -943,6 +943,28 @@ def test_malformed_data_is_a_protocol_error(event: ServerSentEvent) -> None:
     assert RetryConfig().retries(info.value) is False
 
 
+def test_a_tool_use_start_refused_as_malformed_leaves_no_block_behind() -> None:
+    """
+    With `skip_malformed_events` it is passed over; its block is not taken for a server tool's
+    then, whose input is nothing of ours: its arguments are refused as a block never started.
+    """
+    parser = AnthropicStreamParser(keep_raw=False)
+    with pytest.raises(UpstreamProtocolError):
+        parser.feed(ev("content_block_start", {"index": 0, "content_block": {"type": "tool_use", "name": "f"}}))
+    with pytest.raises(UpstreamProtocolError, match="never started"):
+        parser.feed(ev("content_block_delta", {"index": 0, "delta": {"type": "input_json_delta", "partial_json": "{"}}))
+
+
+def test_a_message_delta_refused_as_malformed_counts_no_tokens() -> None:
+    parser = AnthropicStreamParser(keep_raw=False)
+    feed_all(parser, [ev("message_start", {"message": {"usage": {"input_tokens": 5, "output_tokens": 1}}})])
+    with pytest.raises(UpstreamProtocolError):
+        parser.feed(ev("message_delta", {"delta": {"stop_reason": 7}, "usage": {"output_tokens": 900}}))
+    feed_all(parser, [ev("message_delta", {"delta": {"stop_reason": "end_turn"}})])
+    [stop] = parser.feed(ev("message_stop"))
+    assert stop.usage == Usage(prompt_tokens=5, completion_tokens=1)
+
+
 # --------------------------------------------------------------------------------------------
 # error_from_response
 

@@ -24,7 +24,7 @@ from trioproxy._request import (
 )
 from trioproxy._sse import ServerSentEvent
 from trioproxy.providers._base import MAX_ERROR_MESSAGE
-from trioproxy.providers.openai import OpenAIStreamParser, OpenAITranslation
+from trioproxy.providers.openai import OpenAIStreamParser, OpenAITranslation, delta_from_text_completion
 
 KEY = "sk-proj-TopSecretKey0123456789"
 URL = "http://127.0.0.1:9000/v1"
@@ -379,6 +379,8 @@ def test_non_object_is_a_protocol_error(data: str) -> None:
         ([1], "upstream chunk has a malformed 'choices' array"),
         ([{"index": 0, "delta": "hi"}], "upstream chunk has a malformed 'delta'"),
         ([{"index": 0, "delta": {"tool_calls": ["x"]}}], "upstream chunk has a malformed tool call"),
+        ([{"index": 0, "delta": {"tool_calls": 5}}], "upstream chunk has a malformed 'tool_calls' array"),
+        ([{"index": 0, "delta": {"tool_calls": {"index": 0}}}], "upstream chunk has a malformed 'tool_calls' array"),
         ([{"index": 0, "delta": {"tool_calls": [{"index": "0"}]}}], "upstream chunk has a malformed tool call"),
         (
             [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": "f"}]}}],
@@ -392,10 +394,45 @@ def test_malformed_chunk(choices: Any, message: str) -> None:
     assert info.value.message == message
 
 
-def test_malformed_usage() -> None:
+@pytest.mark.parametrize(
+    ("choice", "field"),
+    [
+        ({"index": 0, "delta": {}, "finish_reason": {"type": "stop"}}, "finish_reason"),
+        ({"index": 0, "delta": {"role": 1}}, "role"),
+        ({"index": 0, "delta": {"content": ["lost"]}}, "content"),
+        ({"index": 0, "delta": {"tool_calls": [{"index": 0, "id": 5}]}}, "id"),
+        ({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"name": ["f"]}}]}}, "name"),
+        ({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": {"a": 1}}}]}}, "arguments"),
+    ],
+)
+def test_a_field_that_is_not_a_string_is_a_protocol_error(choice: dict[str, Any], field: str) -> None:
+    """Passed on, it would crash a renderer (`TypeError`) or its text would be lost without a word."""
     with pytest.raises(UpstreamProtocolError) as info:
-        feed(OpenAIStreamParser(keep_raw=True), chunk([], usage={"prompt_tokens": "9", "completion_tokens": 2}))
-    assert info.value.message == "upstream usage has non-integer token counts"
+        feed(OpenAIStreamParser(keep_raw=True), chunk([choice]))
+    assert info.value.message.startswith(f"upstream chunk has a non-string {field!r}")
+
+
+@pytest.mark.parametrize("choice", [{"index": 0, "text": 5}, {"index": 0, "text": "", "finish_reason": ["stop"]}])
+def test_a_text_completion_field_that_is_not_a_string_is_a_protocol_error(choice: dict[str, Any]) -> None:
+    parser = OpenAIStreamParser(keep_raw=True, read=delta_from_text_completion)
+    with pytest.raises(UpstreamProtocolError):
+        feed(parser, chunk([choice]))
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": "9", "completion_tokens": 2},
+        {"prompt_tokens": -9, "completion_tokens": 2},
+        {"prompt_tokens": 9, "completion_tokens": True},
+        {"prompt_tokens": 9, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": -1}},
+    ],
+)
+def test_malformed_usage(usage: dict[str, Any]) -> None:
+    """A negative count would hand tokens back to the client's budget."""
+    with pytest.raises(UpstreamProtocolError) as info:
+        feed(OpenAIStreamParser(keep_raw=True), chunk([], usage=usage))
+    assert info.value.message.startswith("upstream usage has token counts that are not whole and non-negative")
 
 
 # --------------------------------------------------------------------------------------------

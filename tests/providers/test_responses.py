@@ -115,6 +115,61 @@ def test_an_event_whose_object_is_not_one_is_a_protocol_error(payload: dict[str,
         ResponsesStreamParser(keep_raw=False).feed(SSEDecoder().feed(event)[0])
 
 
+def one_event(payload: dict[str, Any]) -> Any:
+    return SSEDecoder().feed(b"event: x\ndata: " + orjson.dumps(payload) + b"\n\n")[0]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"type": "response.created", "response": "resp_1"},  # the renderer reads its id
+        {"type": "response.output_item.added", "item": {"type": "function_call", "id": "fc_1", "call_id": 1}},
+        {"type": "response.output_item.added", "item": {"type": "function_call", "id": "fc_1", "name": ["f"]}},
+        {"type": "response.output_item.added", "item": {"type": "function_call", "id": "fc_1", "arguments": {}}},
+        {"type": "response.output_item.added", "item": "fc_1"},
+        {"type": "response.output_item.done", "item": {"type": ["reasoning"], "id": "rs_1"}},
+        {"type": "response.completed", "response": {"usage": {"input_tokens": -5, "output_tokens": 1}}},
+        {"type": "response.completed", "response": {"usage": {"input_tokens": 5, "output_tokens": True}}},
+    ],
+)
+@pytest.mark.parametrize("keep_raw", [False, True])
+def test_a_field_of_the_wrong_type_is_a_protocol_error(payload: dict[str, Any], keep_raw: bool) -> None:
+    """Not a stray `TypeError` here, nor one in a renderer that takes the field as the protocol defines it."""
+    with pytest.raises(UpstreamProtocolError):
+        ResponsesStreamParser(keep_raw=keep_raw).feed(one_event(payload))
+
+
+@pytest.mark.parametrize("payload", [{}, {"type": 5, "delta": "x"}, {"type": "response.x\n\ndata: {}", "delta": "x"}])
+@pytest.mark.parametrize("keep_raw", [False, True])
+def test_an_event_without_a_one_line_string_type_is_a_protocol_error(payload: dict[str, Any], keep_raw: bool) -> None:
+    """
+    Its type names the event a Responses client is sent (`event:` line): without one, the
+    resumable stream's framing raised `KeyError`; with a line break, it would frame events of its own.
+    """
+    with pytest.raises(UpstreamProtocolError):
+        ResponsesStreamParser(keep_raw=keep_raw).feed(one_event(payload))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"type": "response.completed", "response": "done"},
+        {"type": "response.incomplete", "response": {"incomplete_details": "max_output_tokens"}},
+    ],
+)
+def test_a_terminal_event_refused_as_malformed_does_not_end_the_stream(payload: dict[str, Any]) -> None:
+    """
+    With `skip_malformed_events` it is passed over: the stream is not finished by it (its end
+    then says the answer was cut short), as if it never came.
+    """
+    parser = ResponsesStreamParser(keep_raw=False)
+    with pytest.raises(UpstreamProtocolError):
+        parser.feed(one_event(payload))
+    assert not parser.finished
+    with pytest.raises(UpstreamProtocolError, match="before a finish reason"):
+        parser.end()
+
+
 def test_a_responses_client_s_body_goes_up_whole() -> None:
     body = {"model": "resp/gpt", "input": "hi", "tools": [{"type": "web_search"}], "include": ["x"], "vendor": 1}
     chat = ChatRequest(body={}, model="resp/gpt", messages=[], native=NativeRequest("responses", body)).routed("gpt")

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from anthropic.lib.streaming._messages import accumulate_event
 
 from trioproxy._events import Delta, ToolCallDelta, Usage
 from trioproxy._exceptions import (
@@ -125,6 +126,28 @@ def test_a_failover_to_another_protocol_keeps_the_first_message_start() -> None:
         "message_stop",
     ]
     assert parsed[0][1]["message"]["id"] == BASIC_ID
+
+
+def test_a_failover_to_another_protocol_numbers_its_blocks_from_zero() -> None:
+    """The failed attempt's block start was never sent: the SDK indexes blocks by the number they carry."""
+    renderer = AnthropicEventRenderer(model=MODEL)
+    out = render(renderer, upstream_deltas(BASIC)[:3]) + renderer.notice(object())
+    out += render(renderer, [Delta(text="Hi"), Delta(finish_reason="stop")]) + renderer.done()
+    blocks = [data for name, data in events(out) if name.startswith("content_block")]
+    assert [data["index"] for data in blocks] == [0, 0, 0]
+    snapshot = None
+    for _, data in events(out):
+        snapshot = accumulate_event(event=data, current_snapshot=snapshot, json_bufs={})
+    assert snapshot is not None
+    assert snapshot.content[0].text == "Hi"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("deltas", [[], [Delta(finish_reason="stop")], [Delta(usage=Usage(3, 0))]])
+def test_an_answer_with_no_content_still_starts_with_message_start(deltas: list[Delta]) -> None:
+    """An upstream may send no token at all (`data: [DONE]` alone): the message is empty, not headless."""
+    renderer = AnthropicEventRenderer(model=MODEL)
+    names = [name for name, _ in events(render(renderer, deltas) + renderer.done())]
+    assert names == ["message_start", "message_delta", "message_stop"]
 
 
 def test_a_heartbeat_sends_the_waiting_message_start_then_a_ping() -> None:
@@ -313,3 +336,14 @@ def test_a_tool_input_that_is_not_json_is_the_upstream_s_fault() -> None:
     out = render(renderer, [Delta(tool_calls=(ToolCallDelta(index=0, id="c", name="f", arguments="{oops"),))])
     with pytest.raises(UpstreamProtocolError):
         message_from_events(out + renderer.done())
+
+
+def test_a_continuation_that_adds_no_text_still_closes_the_forwarded_text_block() -> None:
+    """The upstream broke mid-text; the continuation only finished it: the open block stops before the message ends."""
+    renderer = AnthropicEventRenderer(model=MODEL)
+    deltas = upstream_deltas(BASIC)
+    cut = next(i for i, delta in enumerate(deltas) if delta.text) + 1  # after its first text delta
+    out = render(renderer, deltas[:cut]) + render(renderer, [Delta(finish_reason="stop")]) + renderer.done()
+    names = [name for name, _ in events(out)]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert events(out)[-3][1]["index"] == 0

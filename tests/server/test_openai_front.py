@@ -11,6 +11,9 @@ from typing import Any
 
 import orjson
 import pytest
+from openai._models import construct_type
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from trioproxy._accumulator import Accumulator
 from trioproxy._events import Delta, ToolCallDelta, Usage
@@ -155,12 +158,33 @@ def test_tool_call_chunks() -> None:
         {
             "tool_calls": [
                 {"index": 0, "function": {"arguments": '"Paris"}'}},
-                {"index": 1, "id": "call_2", "type": "function"},
+                {"index": 1, "id": "call_2", "type": "function", "function": {"arguments": ""}},
             ]
         },
         {},
     ]
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_tool_call_that_opens_without_a_name_still_reads_in_the_sdk() -> None:
+    """
+    The SDK's stream accumulator reads a call's `function` once it has an id (`type`
+    "function"): a call opened without one raised `AttributeError` in the client at its next
+    fragment.
+    """
+    _, chunks = render(
+        [
+            Delta(tool_calls=(ToolCallDelta(index=0, id="call_1"),)),
+            Delta(tool_calls=(ToolCallDelta(index=0, arguments="{}"),)),
+            Delta(finish_reason="tool_calls"),
+        ],
+        include_usage=False,
+    )
+    state = ChatCompletionStreamState()
+    for chunk in chunks:
+        state.handle_chunk(construct_type(type_=ChatCompletionChunk, value=chunk))
+    [call] = state.get_final_completion().choices[0].message.tool_calls or []
+    assert (call.id, call.function.arguments) == ("call_1", "{}")
 
 
 def test_usage_only_delta_dropped_without_include_usage() -> None:

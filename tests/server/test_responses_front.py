@@ -260,3 +260,13 @@ def test_a_failure_after_a_responses_upstream_s_events_continues_its_numbering()
     out += r.error(UpstreamStatusError("cut", status=502, type="upstream_error"))
     assert [e["type"] for e in events(out)][-2:] == ["error", "response.failed"]
     assert events(out)[-1]["response"]["id"] == "resp_sanitized_streaming"
+
+
+def test_a_failure_after_the_upstream_s_held_terminal_event_continues_the_numbering_without_a_gap() -> None:
+    """The upstream's `response.completed` waits for done: a failure instead (a validator's) takes its number."""
+    r = ResponsesEventRenderer(request=REQUEST, model=MODEL)
+    out = b"".join(r.delta(d) for d in upstream_deltas(RECORDED))
+    out += r.error(UpstreamStatusError("refused at the end", status=502, type="upstream_error"))
+    numbers = [e["sequence_number"] for e in events(out)]
+    assert numbers == list(range(len(numbers)))
+    assert [e["type"] for e in events(out)][-2:] == ["error", "response.failed"]

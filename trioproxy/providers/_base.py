@@ -28,6 +28,7 @@ __all__ = [
     "Translation",
     "UpstreamRequest",
     "drop_or_refuse",
+    "is_count",
     "retry_after_seconds",
     "safe_message",
     "status_error",
@@ -169,6 +170,11 @@ def safe_message(message: str, *, secret: str | None) -> str:
     if len(message) > MAX_ERROR_MESSAGE:
         message = message[: MAX_ERROR_MESSAGE - 1] + "…"
     return message
+
+
+def is_count(value: object) -> bool:
+    """Whether `value` (from an upstream's JSON) is a token count: a whole number, not negative (and not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

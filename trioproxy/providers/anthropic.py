@@ -798,18 +798,20 @@ class AnthropicStreamParser:
     def _block_start(self, payload: dict[str, object]) -> list[Delta]:
         index = _field(payload, "index", int, "content_block_start")
         block = _field(payload, "content_block", dict, "content_block_start")
-        kind = self._blocks[index] = _field(block, "type", str, "content_block_start.content_block")
+        kind = _field(block, "type", str, "content_block_start.content_block")
+        deltas: list[Delta] = []  # none for thinking (its text comes in deltas), redacted_thinking, server tools
         if kind == "text":
             text = block.get("text") or ""
             if not isinstance(text, str):
                 raise UpstreamProtocolError("upstream text block has a non-string 'text'")
-            return [Delta(text=text)] if text else []
-        if kind == "tool_use":
+            deltas = [Delta(text=text)] if text else []
+        elif kind == "tool_use":
             id_ = _field(block, "id", str, "tool_use block")
             name = _field(block, "name", str, "tool_use block")
             tool_index = self._tool_index[index] = len(self._tool_index)
-            return [Delta(tool_calls=(ToolCallDelta(index=tool_index, id=id_, name=name, arguments=""),))]
-        return []  # thinking (its text comes in deltas), redacted_thinking, server tools
+            deltas = [Delta(tool_calls=(ToolCallDelta(index=tool_index, id=id_, name=name, arguments=""),))]
+        self._blocks[index] = kind  # once the block is read: one refused (and passed over) leaves nothing behind
+        return deltas
 
     def _block_delta(self, payload: dict[str, object]) -> list[Delta]:
         index = _field(payload, "index", int, "content_block_delta")
@@ -840,16 +842,17 @@ class AnthropicStreamParser:
     def _message_delta(self, payload: dict[str, object]) -> list[Delta]:
         delta = _field(payload, "delta", dict, "message_delta")
         usage = payload.get("usage")
-        if usage is not None:
-            if not isinstance(usage, dict):
-                raise UpstreamProtocolError("upstream 'message_delta' has a malformed 'usage'")
-            if usage.get("output_tokens") is not None:  # cumulative: latest wins
-                self._usage = replace(self._usage, completion_tokens=_count(usage, "output_tokens"))
+        if usage is not None and not isinstance(usage, dict):
+            raise UpstreamProtocolError("upstream 'message_delta' has a malformed 'usage'")
+        output_tokens = _optional_count(usage, "output_tokens") if usage is not None else None
         stop_reason = delta.get("stop_reason")
+        if stop_reason is not None and not isinstance(stop_reason, str):
+            raise UpstreamProtocolError("upstream 'message_delta' has a non-string 'stop_reason'")
+        # Read whole before any of it is kept: one refused is passed over whole.
+        if output_tokens is not None:  # cumulative: latest wins
+            self._usage = replace(self._usage, completion_tokens=output_tokens)
         if stop_reason is None or self._finish_sent:
             return []
-        if not isinstance(stop_reason, str):
-            raise UpstreamProtocolError("upstream 'message_delta' has a non-string 'stop_reason'")
         self._finish_sent = True
         stop_sequence = delta.get("stop_sequence")
         return [

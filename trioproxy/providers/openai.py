@@ -33,7 +33,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, DropParams, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import CUT_SHORT, StreamParser, UpstreamRequest, retry_after_seconds, safe_message, status_error
+from ._base import CUT_SHORT, StreamParser, UpstreamRequest, is_count, retry_after_seconds, safe_message, status_error
 
 __all__ = ["OpenAIStreamParser", "OpenAITranslation", "delta_from_chunk", "delta_from_text_completion"]
 
@@ -185,14 +185,12 @@ def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delt
     if not choices:
         return delta
     choice = choices[0]
-    delta.finish_reason = choice.get("finish_reason")
+    delta.finish_reason = _string(choice, "finish_reason")
     body = choice.get("delta") or {}
     if not isinstance(body, dict):
         raise UpstreamProtocolError("upstream chunk has a malformed 'delta'")
-    delta.role = body.get("role")
-    content = body.get("content")
-    if isinstance(content, str):
-        delta.text = content
+    delta.role = _string(body, "role")
+    delta.text = _string(body, "content") or ""
     reasoning = body.get("reasoning_content", body.get("reasoning"))
     if isinstance(reasoning, str):
         delta.reasoning = reasoning
@@ -201,6 +199,8 @@ def delta_from_chunk(chunk: dict[str, Any], *, raw: bytes | None = None) -> Delt
         delta.stop_sequence = stop_reason
     tool_calls = body.get("tool_calls")
     if tool_calls:
+        if not isinstance(tool_calls, list):
+            raise UpstreamProtocolError("upstream chunk has a malformed 'tool_calls' array")
         delta.tool_calls = tuple(_tool_call(tc) for tc in tool_calls)
     return delta
 
@@ -214,10 +214,8 @@ def delta_from_text_completion(chunk: dict[str, Any], *, raw: bytes | None = Non
     choice = next((choice for choice in _choices(chunk, delta) if choice.get("index", 0) == 0), None)
     if choice is None:
         return delta
-    delta.finish_reason = choice.get("finish_reason")
-    text = choice.get("text")
-    if isinstance(text, str):
-        delta.text = text
+    delta.finish_reason = _string(choice, "finish_reason")
+    delta.text = _string(choice, "text") or ""
     return delta
 
 
@@ -245,31 +243,40 @@ def _embeddings_delta(body: bytes) -> Delta:
 
 
 def _tool_call(tc: object) -> ToolCallDelta:
-    if not isinstance(tc, dict) or not isinstance(tc.get("index", 0), int):
+    if not isinstance(tc, dict) or not is_count(tc.get("index", 0)):
         raise UpstreamProtocolError("upstream chunk has a malformed tool call")
     function = tc.get("function") or {}
     if not isinstance(function, dict):
         raise UpstreamProtocolError("upstream chunk has a malformed tool call")
     return ToolCallDelta(
         index=tc.get("index", 0),
-        id=tc.get("id"),
-        name=function.get("name"),
-        arguments=function.get("arguments") or "",
+        id=_string(tc, "id"),
+        name=_string(function, "name"),
+        arguments=_string(function, "arguments") or "",
     )
+
+
+def _string(obj: dict[str, Any], key: str) -> str | None:
+    """
+    `obj[key]`, a string the protocol may leave out or null (`None`). Another type is refused:
+    passed on, it would crash a renderer, or its text would be lost without a word.
+    """
+    value = obj.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise UpstreamProtocolError(f"upstream chunk has a non-string {key!r} ({type(value).__name__})")
 
 
 def _usage(usage: dict[str, Any]) -> Usage:
     prompt = usage.get("prompt_tokens") or 0
     completion = usage.get("completion_tokens") or 0
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        raise UpstreamProtocolError("upstream usage has non-integer token counts")
     details = usage.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cache_read_tokens=cached if isinstance(cached, int) and not isinstance(cached, bool) else None,
-    )
+    if not (is_count(prompt) and is_count(completion) and (cached is None or is_count(cached))):
+        raise UpstreamProtocolError(
+            f"upstream usage has token counts that are not whole and non-negative: {usage!r:.200}"
+        )
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cache_read_tokens=cached)
 
 
 def _in_stream_error(error: object, *, secret: str | None) -> UpstreamStatusError:

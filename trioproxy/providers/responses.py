@@ -62,7 +62,7 @@ from .._events import Delta, ToolCallDelta, Usage
 from .._exceptions import RequestError, UpstreamProtocolError, UpstreamStatusError
 from .._request import ChatRequest, WireProtocol
 from .._sse import ServerSentEvent
-from ._base import CUT_SHORT, DropParams, UpstreamRequest, drop_or_refuse, safe_message, status_error
+from ._base import CUT_SHORT, DropParams, UpstreamRequest, drop_or_refuse, is_count, safe_message, status_error
 from .openai import OpenAITranslation
 
 __all__ = ["ResponsesStreamParser", "ResponsesTranslation", "responses_request_body"]
@@ -296,31 +296,38 @@ class ResponsesStreamParser:
             raise UpstreamProtocolError(f"upstream sent an event that is not JSON: {event.data[:200]!r}") from None
         if not isinstance(payload, dict):
             raise UpstreamProtocolError(f"upstream sent an event that is not a JSON object: {event.data[:200]!r}")
+        kind = payload.get("type")
+        if not isinstance(kind, str) or "\n" in kind or "\r" in kind:  # it names the event a client is sent
+            raise UpstreamProtocolError(f"upstream sent an event without a one-line string 'type': {event.data[:99]!r}")
         delta = self._parse(payload)
         if self._keep_raw:
-            delta.raw = b"event: " + str(payload.get("type")).encode() + b"\ndata: " + event.data.encode() + b"\n\n"
+            delta.raw = b"event: " + kind.encode() + b"\ndata: " + event.data.encode() + b"\n\n"
         return [delta] if delta.says_anything or delta.raw is not None else []
 
     def _parse(self, payload: dict[str, Any]) -> Delta:  # noqa: C901 - one branch per Responses event type, in the protocol's order
         kind = payload.get("type")
         if kind == "response.created":
+            _object(payload, "response")  # a Responses client's renderer reads its id
             return Delta(role="assistant")
         if kind == "response.output_text.delta":
             return Delta(text=_string(payload, "delta"))
         if kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
             return Delta(reasoning=_string(payload, "delta"))
         if kind == "response.output_item.added":
-            item = payload.get("item")
-            if isinstance(item, dict) and item.get("type") == "function_call":
-                index = self._calls[str(item.get("id"))] = len(self._calls)
+            item = _item(payload)
+            if item["type"] == "function_call":
                 call = ToolCallDelta(
-                    index=index, id=item.get("call_id"), name=item.get("name"), arguments=item.get("arguments") or ""
+                    index=len(self._calls),
+                    id=_optional_string(item, "call_id"),
+                    name=_optional_string(item, "name"),
+                    arguments=_optional_string(item, "arguments") or "",
                 )
+                self._calls[str(item.get("id"))] = call.index
                 return Delta(tool_calls=(call,))
             return Delta()
         if kind == "response.output_item.done":
-            item = payload.get("item")
-            if self._keep_raw and isinstance(item, dict) and item.get("type") not in _MODELLED_ITEMS:
+            item = _item(payload)
+            if self._keep_raw and item["type"] not in _MODELLED_ITEMS:
                 return Delta(raw_item=item)
             return Delta()
         if kind == "response.function_call_arguments.delta":
@@ -329,13 +336,14 @@ class ResponsesStreamParser:
                 raise UpstreamProtocolError("upstream sent arguments for a function call it never started")
             return Delta(tool_calls=(ToolCallDelta(index=started, arguments=_string(payload, "delta")),))
         if kind in ("response.completed", "response.incomplete"):
-            self._finished = True
             response = _object(payload, "response")
             reason = "tool_calls" if self._calls else "stop"
             if kind == "response.incomplete":
                 details = _object(response, "incomplete_details")
                 reason = INCOMPLETE_REASONS.get(str(details.get("reason")), "length")
-            return Delta(finish_reason=reason, usage=_usage(response.get("usage")))
+            delta = Delta(finish_reason=reason, usage=_usage(response.get("usage")))
+            self._finished = True  # once it is read: one refused (and passed over) leaves the stream going
+            return delta
         if kind == "error":
             error = payload.get("error")
             raise self._error(error if isinstance(error, dict) else payload)
@@ -364,6 +372,21 @@ def _object(payload: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
+def _item(payload: dict[str, Any]) -> dict[str, Any]:
+    """The output item of an `output_item.added` or `.done` event: an object with a string `type`."""
+    item = payload.get("item")
+    if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+        raise UpstreamProtocolError(f"upstream sent a {payload.get('type')} event without an item of a string 'type'")
+    return item
+
+
+def _optional_string(item: dict[str, Any], key: str) -> str | None:
+    value = item.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UpstreamProtocolError(f"upstream sent a {item.get('type')} item with a non-string {key!r}")
+    return value
+
+
 def _string(payload: dict[str, Any], key: str) -> str:
     value = payload.get(key)
     if not isinstance(value, str):
@@ -375,12 +398,10 @@ def _usage(usage: object) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        raise UpstreamProtocolError("upstream usage has non-integer token counts")
     details = usage.get("input_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        cache_read_tokens=cached if isinstance(cached, int) else None,
-    )
+    if not (is_count(prompt) and is_count(completion) and (cached is None or is_count(cached))):
+        raise UpstreamProtocolError(
+            f"upstream usage has token counts that are not whole and non-negative: {usage!r:.200}"
+        )
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, cache_read_tokens=cached)

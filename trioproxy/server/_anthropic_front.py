@@ -138,7 +138,9 @@ class AnthropicEventRenderer:
         return out + PING
 
     def notice(self, notice: object) -> bytes:
-        self._held.clear()  # the next attempt sends its own blocks
+        # The next attempt sends its own blocks, numbered from the first of the dropped ones.
+        self._blocks -= sum(raw.startswith(b"event: content_block_start") for raw in self._held)
+        self._held.clear()
         return b""
 
     def error(self, error: TrioproxyError) -> bytes:
@@ -147,6 +149,8 @@ class AnthropicEventRenderer:
     def done(self, session: object = None) -> bytes:
         if self._message_stop is not None:
             return self._flush() + self._message_stop
+        if not self._started:  # an answer with no content at all: still a message
+            self._start()
         out = self._flush() + self._close_block()
         usage = self._usage or Usage(
             prompt_tokens=estimated_tokens(self._prompt_chars),
@@ -260,10 +264,14 @@ class AnthropicEventRenderer:
         return out + encode_typed_event({"type": "content_block_start", "index": self._open[1], "content_block": block})
 
     def _close_block(self) -> bytes:
-        if self._open is None:
+        """Stop the open block: a rendered one, or the forwarded text block a continuation would have gone on in."""
+        if self._open is not None:
+            index = self._open[1]
+        elif self._forwarded_text is not None:
+            index = self._forwarded_text
+        else:
             return b""
-        index = self._open[1]
-        self._open = None
+        self._open = self._forwarded_text = None
         return encode_typed_event({"type": "content_block_stop", "index": index})
 
     def _block_delta(self, body: dict[str, Any], index: int | None = None) -> bytes:

@@ -136,7 +136,7 @@ def _tool_call(tc: ToolCallDelta) -> dict[str, Any]:
     function: dict[str, str] = {}
     if tc.name is not None:
         function["name"] = tc.name
-    if tc.arguments or tc.name is not None:
+    if tc.arguments or tc.name is not None or tc.id is not None:  # a call with an id has a `function`: SDKs read it
         function["arguments"] = tc.arguments
     if function:
         call["function"] = function

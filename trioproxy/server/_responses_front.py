@@ -273,10 +273,10 @@ class ResponsesEventRenderer:
         if self._frame is not encode_typed_event or delta.role or delta.finish_reason is not None or item_event:
             raw = self._read_forwarded(raw, item_event=item_event)
         self._started = True
-        self._sequence += 1
         if delta.finish_reason is not None:
-            self._terminal = raw
+            self._terminal = raw  # numbered once sent: an error of ours, sent instead, takes its number
             return b""
+        self._sequence += 1
         if delta.has_content:
             if self._open is not None:
                 arguments = "".join(call.arguments for call in delta.tool_calls)

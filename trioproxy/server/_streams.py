@@ -328,7 +328,17 @@ class BroadcastStream:
         if item is None:
             self._finish_events()
         else:
-            render(self.renderer, item)  # framed into `_pending` by `_frame`
+            try:
+                render(self.renderer, item)  # framed into `_pending` by `_frame`
+            except TrioproxyError as refusal:
+                # The protocol cannot carry the item (an upstream's tool calls interleaved):
+                # that is the stream's last word, as if the session had ended with it.
+                self._ended = True
+                delivered = self.session.accumulator
+                last_word = refusal.after_delivery(
+                    len(delivered.text), content_delivered=bool(delivered.content_deltas)
+                )
+                render(self.renderer, last_word)
         pending, self._pending = self._pending, []
         for event_id, data in pending:
             self.log.append(event_id, data)
