@@ -67,6 +67,20 @@ async def test_serve_then_chat_streams_to_the_terminal(nursery: trio.Nursery) ->
         assert await server.wait() == 0
 
 
+async def test_chat_takes_the_proxy_s_url_with_or_without_v1(nursery: trio.Nursery) -> None:
+    """Who is used to the SDKs' `base_url` passes `.../v1`: it means the same proxy, not `/v1/v1/...`."""
+    help_text = " ".join((await run_trioproxy("chat", "--help")).stdout.decode().split())  # as wrapped
+    assert "default: http://127.0.0.1:8000" in help_text
+    assert "without /v1" in help_text
+    server, url = await start_server(nursery)
+    try:
+        for given in (url + "/v1", url + "/v1/"):
+            result = await run_trioproxy("chat", "hi there", "--url", given)
+            assert (result.returncode, result.stdout) == (0, b"hi there\n"), result.stderr
+    finally:
+        server.send_signal(signal.SIGINT)
+
+
 async def test_chat_ends_a_cut_answer_on_stdout_and_reports_on_stderr(nursery: trio.Nursery, tmp_path: Path) -> None:
     config = tmp_path / "failing.toml"
     config.write_text(
