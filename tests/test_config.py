@@ -454,6 +454,36 @@ def test_unknown_simulated_setting() -> None:
     assert "ttft_ms" in problem
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("base_url", "http://127.0.0.1:9000/v1"),
+        ("base_urls", ["http://127.0.0.1:9000/v1"]),
+        ("targets", [{"base_url": "http://127.0.0.1:9000/v1"}]),
+        ("breaker", {"failures": 3}),
+        ("api_key_env", "SIM_KEY"),
+        ("headers", {"x-team": "a"}),
+        ("connect_timeout", 5),
+        ("max_connections", 10),
+        ("skip_malformed_events", True),
+    ],
+)
+def test_a_key_that_does_nothing_for_a_simulated_provider_is_refused(key: str, value: object) -> None:
+    assert only_problem({"providers": {"s": {"type": "simulated", key: value}}}) == (
+        f"[providers.s]: {key!r} does nothing for a simulated provider (it plays a script: no upstream, no connection)"
+    )
+
+
+def test_every_mistake_of_a_simulated_provider_is_reported_together() -> None:
+    problems = problems_of({"providers": {"s": {"type": "simulated", "headers": 5, "ttft": 1, "base_url": "x"}}})
+    assert [problem.split(" (")[0] for problem in problems] == [
+        "[providers.s]: 'headers' does nothing for a simulated provider",
+        "[providers.s]: unknown key 'ttft'",
+        "[providers.s]: 'base_url' does nothing for a simulated provider",
+    ]
+    assert "base_url" not in problems[1]  # not among the keys it knows
+
+
 def test_default_provider_naming_no_provider() -> None:
     assert only_problem({"default_provider": "nope"}) == "default_provider = 'nope' names no provider (declared: sim)"
 
