@@ -1239,10 +1239,17 @@ def test_tracing_off_by_default_and_table() -> None:
         "protocol": "grpc",
         "service_name": "edge-proxy",
         "sample_ratio": 0,
+        "shutdown_timeout": 0.5,
     }
     assert parse_config({"tracing": table}, environ={}).tracing == TracingConfig(
-        enabled=True, endpoint="http://collector:4318", protocol="grpc", service_name="edge-proxy", sample_ratio=0.0
+        enabled=True,
+        endpoint="http://collector:4318",
+        protocol="grpc",
+        service_name="edge-proxy",
+        sample_ratio=0.0,
+        shutdown_timeout=0.5,
     )
+    assert parse_config({}, environ={}).tracing.shutdown_timeout == 2.0
 
 
 @pytest.mark.parametrize(
@@ -1256,9 +1263,11 @@ def test_tracing_off_by_default_and_table() -> None:
         ),
         ({"service_name": " "}, "[tracing].service_name must be a non-empty string, got ' '"),
         ({"sample_ratio": 1.5}, "[tracing].sample_ratio must be a number from 0 to 1, got 1.5"),
+        ({"shutdown_timeout": 0}, "[tracing].shutdown_timeout must be a positive number of seconds, got 0"),
         (
             {"sample_ration": 1},
-            "[tracing]: unknown key 'sample_ration' (known: enabled, endpoint, protocol, sample_ratio, service_name)",
+            "[tracing]: unknown key 'sample_ration' (known: enabled, endpoint, protocol, sample_ratio, service_name, "
+            "shutdown_timeout)",
         ),
         ([], "[tracing] must be a table"),
     ],

@@ -55,6 +55,7 @@ DEFAULT_PORT: Final = 8000
 DEFAULT_WRITE_TIMEOUT: Final = 30.0
 DEFAULT_BODY_TIMEOUT: Final = 60.0
 DEFAULT_KEEP_ALIVE_TIMEOUT: Final = 75.0
+DEFAULT_TRACING_SHUTDOWN_TIMEOUT: Final = 2.0
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 DEFAULT_CORS_ALLOW_HEADERS: Final = (
     "authorization",
@@ -266,6 +267,8 @@ class TracingConfig:
     else a collector on localhost), `service_name` (`OTEL_SERVICE_NAME`, else "trioproxy") and
     `sample_ratio` (`OTEL_TRACES_SAMPLER`, else every trace the client's `traceparent` does not
     leave out). `endpoint` is the collector's URL; with no path, the signal's own (`/v1/traces`).
+    `shutdown_timeout`: seconds a stopping server waits for the last spans to be exported, so
+    that an unreachable collector (which the exporter retries for seconds) does not hold it up.
     """
 
     enabled: bool = False
@@ -273,6 +276,7 @@ class TracingConfig:
     protocol: str = "http/protobuf"
     service_name: str | None = None
     sample_ratio: float | None = None
+    shutdown_timeout: float = DEFAULT_TRACING_SHUTDOWN_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,6 +687,9 @@ def _tracing(table: Any, problems: list[str]) -> TracingConfig:
             problems.append(f"[tracing].sample_ratio must be a number from 0 to 1, got {ratio!r}")
         else:
             checked["sample_ratio"] = float(ratio)
+    checked["shutdown_timeout"] = _positive_seconds(
+        table, "shutdown_timeout", DEFAULT_TRACING_SHUTDOWN_TIMEOUT, "[tracing]", problems
+    )
     return TracingConfig(**checked)
 
 
