@@ -144,9 +144,15 @@ async def test_upstream_command_serves_a_scripted_stream(nursery: trio.Nursery) 
     process, output = await start_process(
         nursery,
         ["upstream", "--port", "0", "--tokens", "5", "--ttft-ms", "0", "--interval-ms", "0"],
-        b"(OpenAI)",
+        b"apart\n",
     )
-    url = re.search(rb"(http://127\.0\.0\.1:\d+)/v1 ", output).group(1).decode()
+    line = re.fullmatch(
+        rb"trioproxy upstream on (http://127\.0\.0\.1:\d+)/v1 \(OpenAI\), \1/v1/messages \(Anthropic\) and "
+        rb"\1/v1/responses \(Responses\): 5 tokens, 0 ms to the first, 0 ms apart\n",
+        output,
+    )
+    assert line, output
+    url = line.group(1).decode()
     try:
         async with openai_sdk(url) as sdk:
             stream = await sdk.chat.completions.create(

@@ -95,7 +95,8 @@ def _upstream(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             print(
-                f"trioproxy upstream on {server.url}/v1 (OpenAI) and {server.url}/v1/messages (Anthropic): "
+                f"trioproxy upstream on {server.url}/v1 (OpenAI), {server.url}/v1/messages (Anthropic) and "
+                f"{server.url}/v1/responses (Responses): "
                 f"{args.tokens} tokens, {args.ttft_ms:g} ms to the first, {args.interval_ms:g} ms apart",
                 flush=True,
             )
