@@ -48,6 +48,9 @@ HANG_UP_WAIT = 5.0
 PROCESS_RUN_BOUND = 20.0
 #: A signalled `trioproxy serve` process ends its streams (its grace period, when shorter) and exits.
 PROCESS_EXIT_BOUND = 10.0
+#: A server whose trace collector is unreachable stops: it waits `[tracing] shutdown_timeout` (the
+#: test's 0.5 s) for the last spans, not the OTLP exporter's retries (about 7 s).
+TRACING_SHUTDOWN_BOUND = 4.0
 #: A `trioproxy bench --quick` run: the proxy, the upstream and the load generator as processes, measuring.
 QUICK_BENCH_BOUND = 150.0
 

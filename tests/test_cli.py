@@ -67,6 +67,20 @@ async def test_serve_then_chat_streams_to_the_terminal(nursery: trio.Nursery) ->
         assert await server.wait() == 0
 
 
+async def test_chat_takes_the_proxy_s_url_with_or_without_v1(nursery: trio.Nursery) -> None:
+    """Who is used to the SDKs' `base_url` passes `.../v1`: it means the same proxy, not `/v1/v1/...`."""
+    help_text = " ".join((await run_trioproxy("chat", "--help")).stdout.decode().split())  # as wrapped
+    assert "default: http://127.0.0.1:8000" in help_text
+    assert "without /v1" in help_text
+    server, url = await start_server(nursery)
+    try:
+        for given in (url + "/v1", url + "/v1/"):
+            result = await run_trioproxy("chat", "hi there", "--url", given)
+            assert (result.returncode, result.stdout) == (0, b"hi there\n"), result.stderr
+    finally:
+        server.send_signal(signal.SIGINT)
+
+
 async def test_chat_ends_a_cut_answer_on_stdout_and_reports_on_stderr(nursery: trio.Nursery, tmp_path: Path) -> None:
     config = tmp_path / "failing.toml"
     config.write_text(
@@ -130,9 +144,15 @@ async def test_upstream_command_serves_a_scripted_stream(nursery: trio.Nursery) 
     process, output = await start_process(
         nursery,
         ["upstream", "--port", "0", "--tokens", "5", "--ttft-ms", "0", "--interval-ms", "0"],
-        b"(OpenAI)",
+        b"apart\n",
     )
-    url = re.search(rb"(http://127\.0\.0\.1:\d+)/v1 ", output).group(1).decode()
+    line = re.fullmatch(
+        rb"trioproxy upstream on (http://127\.0\.0\.1:\d+)/v1 \(OpenAI\), \1/v1/messages \(Anthropic\) and "
+        rb"\1/v1/responses \(Responses\): 5 tokens, 0 ms to the first, 0 ms apart\n",
+        output,
+    )
+    assert line, output
+    url = line.group(1).decode()
     try:
         async with openai_sdk(url) as sdk:
             stream = await sdk.chat.completions.create(

@@ -454,6 +454,36 @@ def test_unknown_simulated_setting() -> None:
     assert "ttft_ms" in problem
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("base_url", "http://127.0.0.1:9000/v1"),
+        ("base_urls", ["http://127.0.0.1:9000/v1"]),
+        ("targets", [{"base_url": "http://127.0.0.1:9000/v1"}]),
+        ("breaker", {"failures": 3}),
+        ("api_key_env", "SIM_KEY"),
+        ("headers", {"x-team": "a"}),
+        ("connect_timeout", 5),
+        ("max_connections", 10),
+        ("skip_malformed_events", True),
+    ],
+)
+def test_a_key_that_does_nothing_for_a_simulated_provider_is_refused(key: str, value: object) -> None:
+    assert only_problem({"providers": {"s": {"type": "simulated", key: value}}}) == (
+        f"[providers.s]: {key!r} does nothing for a simulated provider (it plays a script: no upstream, no connection)"
+    )
+
+
+def test_every_mistake_of_a_simulated_provider_is_reported_together() -> None:
+    problems = problems_of({"providers": {"s": {"type": "simulated", "headers": 5, "ttft": 1, "base_url": "x"}}})
+    assert [problem.split(" (")[0] for problem in problems] == [
+        "[providers.s]: 'headers' does nothing for a simulated provider",
+        "[providers.s]: unknown key 'ttft'",
+        "[providers.s]: 'base_url' does nothing for a simulated provider",
+    ]
+    assert "base_url" not in problems[1]  # not among the keys it knows
+
+
 def test_default_provider_naming_no_provider() -> None:
     assert only_problem({"default_provider": "nope"}) == "default_provider = 'nope' names no provider (declared: sim)"
 
@@ -1209,10 +1239,17 @@ def test_tracing_off_by_default_and_table() -> None:
         "protocol": "grpc",
         "service_name": "edge-proxy",
         "sample_ratio": 0,
+        "shutdown_timeout": 0.5,
     }
     assert parse_config({"tracing": table}, environ={}).tracing == TracingConfig(
-        enabled=True, endpoint="http://collector:4318", protocol="grpc", service_name="edge-proxy", sample_ratio=0.0
+        enabled=True,
+        endpoint="http://collector:4318",
+        protocol="grpc",
+        service_name="edge-proxy",
+        sample_ratio=0.0,
+        shutdown_timeout=0.5,
     )
+    assert parse_config({}, environ={}).tracing.shutdown_timeout == 2.0
 
 
 @pytest.mark.parametrize(
@@ -1226,9 +1263,11 @@ def test_tracing_off_by_default_and_table() -> None:
         ),
         ({"service_name": " "}, "[tracing].service_name must be a non-empty string, got ' '"),
         ({"sample_ratio": 1.5}, "[tracing].sample_ratio must be a number from 0 to 1, got 1.5"),
+        ({"shutdown_timeout": 0}, "[tracing].shutdown_timeout must be a positive number of seconds, got 0"),
         (
             {"sample_ration": 1},
-            "[tracing]: unknown key 'sample_ration' (known: enabled, endpoint, protocol, sample_ratio, service_name)",
+            "[tracing]: unknown key 'sample_ration' (known: enabled, endpoint, protocol, sample_ratio, service_name, "
+            "shutdown_timeout)",
         ),
         ([], "[tracing] must be a table"),
     ],

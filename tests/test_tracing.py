@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -24,7 +25,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.conftest import (
+    TRACING_SHUTDOWN_BOUND,
     anthropic_sdk,
+    free_port,
     openai_sdk,
     openai_upstream_config,
     serve_proxy,
@@ -356,6 +359,23 @@ async def test_tracing_configured_exports_over_otlp_by_the_time_the_server_stopp
     assert service == "proxy-under-test"
     # The sampled bit of each upstream request's trace flags (W3C Trace Context, level 2 sets others too).
     assert [int(request.headers["traceparent"][-2:], 16) & 1 for request in upstream.requests] == [1, 0]
+
+
+async def test_an_unreachable_collector_holds_the_server_s_stop_no_longer_than_shutdown_timeout(
+    upstream: FakeUpstream,
+) -> None:
+    """The exporter retries a refused connection for about 7 s; the server waits `shutdown_timeout` for it."""
+    upstream.push(Reply(tokens=TOKENS))
+    tracing = {"enabled": True, "endpoint": f"http://127.0.0.1:{free_port()}", "shutdown_timeout": 0.5}
+    config = openai_upstream_config(upstream, tracing=tracing)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        proxy = await serve_proxy(nursery, config, shutdown_trigger=stop.wait)
+        async with openai_sdk(proxy) as client:
+            await stream_text(client, "up/m")  # a span for the exporter to try
+        stop.set()
+        stopping = time.monotonic()  # the real clock: the exporter's thread waits on it
+    assert time.monotonic() - stopping < TRACING_SHUTDOWN_BOUND
 
 
 async def test_tracing_without_opentelemetry_installed_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:

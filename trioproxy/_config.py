@@ -55,6 +55,7 @@ DEFAULT_PORT: Final = 8000
 DEFAULT_WRITE_TIMEOUT: Final = 30.0
 DEFAULT_BODY_TIMEOUT: Final = 60.0
 DEFAULT_KEEP_ALIVE_TIMEOUT: Final = 75.0
+DEFAULT_TRACING_SHUTDOWN_TIMEOUT: Final = 2.0
 DEFAULT_MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 DEFAULT_CORS_ALLOW_HEADERS: Final = (
     "authorization",
@@ -266,6 +267,8 @@ class TracingConfig:
     else a collector on localhost), `service_name` (`OTEL_SERVICE_NAME`, else "trioproxy") and
     `sample_ratio` (`OTEL_TRACES_SAMPLER`, else every trace the client's `traceparent` does not
     leave out). `endpoint` is the collector's URL; with no path, the signal's own (`/v1/traces`).
+    `shutdown_timeout`: seconds a stopping server waits for the last spans to be exported, so
+    that an unreachable collector (which the exporter retries for seconds) does not hold it up.
     """
 
     enabled: bool = False
@@ -273,6 +276,7 @@ class TracingConfig:
     protocol: str = "http/protobuf"
     service_name: str | None = None
     sample_ratio: float | None = None
+    shutdown_timeout: float = DEFAULT_TRACING_SHUTDOWN_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -683,6 +687,9 @@ def _tracing(table: Any, problems: list[str]) -> TracingConfig:
             problems.append(f"[tracing].sample_ratio must be a number from 0 to 1, got {ratio!r}")
         else:
             checked["sample_ratio"] = float(ratio)
+    checked["shutdown_timeout"] = _positive_seconds(
+        table, "shutdown_timeout", DEFAULT_TRACING_SHUTDOWN_TIMEOUT, "[tracing]", problems
+    )
     return TracingConfig(**checked)
 
 
@@ -797,25 +804,28 @@ _FORWARD_PATH: Final = re.compile(r"^/v1/[A-Za-z0-9._~-][A-Za-z0-9._~/-]*$")
 _TIMEOUT_KEYS: Final = {"first_token_timeout", "silence_timeout", "total_timeout", "heartbeat_interval", "hedge_after"}
 _COMMON_KEYS: Final = {
     "type",
-    "base_url",
-    "base_urls",
-    "targets",
-    "breaker",
-    "api_key_env",
-    "headers",
     "models",
-    "connect_timeout",
-    "max_connections",
     "retry",
     "fallbacks",
     "context_fallbacks",
     "buffer",
     "transforms",
     "validators",
-    "skip_malformed_events",
     "continuation",
     *_TIMEOUT_KEYS,
 }
+_CONNECTION_KEYS: Final = {
+    "base_url",
+    "base_urls",
+    "targets",
+    "breaker",
+    "api_key_env",
+    "headers",
+    "connect_timeout",
+    "max_connections",
+    "skip_malformed_events",
+}
+"""How a provider reaches its upstream over HTTP: nothing a simulated provider, a script, has."""
 _CONTINUATION_WAYS: Final = {
     "openai": ("none", "continue_final_message"),
     "anthropic": ("none", "prefill"),
@@ -824,9 +834,9 @@ _CONTINUATION_WAYS: Final = {
 }
 """How each type of upstream can continue a broken answer (`trioproxy._continuation`)."""
 _TYPE_KEYS: Final = {
-    "openai": {"request_usage", "forward_paths", "drop_params"},
-    "openai_responses": {"drop_params"},
-    "anthropic": {"anthropic_version", "default_max_tokens", "forward_paths", "drop_params"},
+    "openai": {*_CONNECTION_KEYS, "request_usage", "forward_paths", "drop_params"},
+    "openai_responses": {*_CONNECTION_KEYS, "drop_params"},
+    "anthropic": {*_CONNECTION_KEYS, "anthropic_version", "default_max_tokens", "forward_paths", "drop_params"},
     "simulated": set(SimulatedSettings.__dataclass_fields__),
 }
 
@@ -844,8 +854,8 @@ def _provider(
     type_ = _provider_type(table, where, problems)
     if type_ is None:
         return None
-    _unknown_keys(table, _COMMON_KEYS | _TYPE_KEYS[type_], where, problems)
     before = len(problems)
+    table = _provider_keys(table, type_, where, problems)
     checked: dict[str, Any] = {}
     _base_url(table, type_, where, problems, checked)
     _api_key(table, env, where, problems, warnings, checked)
@@ -871,6 +881,22 @@ def _provider(
     if len(problems) > before:
         return None
     return ProviderConfig(name=name, type=type_, **checked)
+
+
+def _provider_keys(table: Mapping[str, object], type_: str, where: str, problems: list[str]) -> dict[str, object]:
+    """
+    `table` without the keys that do nothing for a provider of `type_` (a simulated one's
+    connection keys): each is a problem, as an unknown key is, in the table's order.
+    """
+    known = _COMMON_KEYS | _TYPE_KEYS[type_]
+    pointless = _CONNECTION_KEYS - known
+    for key in table:
+        if key in pointless:
+            why = "it plays a script: no upstream, no connection"
+            problems.append(f"{where}: {key!r} does nothing for a simulated provider ({why})")
+        elif key not in known:
+            problems.append(_unknown_key(key, known, where))
+    return {key: value for key, value in table.items() if key not in pointless}
 
 
 def _provider_type(table: Mapping[str, object], where: str, problems: list[str]) -> str | None:
@@ -1123,6 +1149,8 @@ def _bool(table: Mapping[str, object], key: str, where: str, problems: list[str]
 
 
 def _unknown_keys(table: Mapping[str, object], known: set[str], where: str, problems: list[str]) -> None:
-    for key in table:
-        if key not in known:
-            problems.append(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
+    problems.extend(_unknown_key(key, known, where) for key in table if key not in known)
+
+
+def _unknown_key(key: str, known: set[str], where: str) -> str:
+    return f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})"

@@ -20,6 +20,7 @@ trio's clock to the wall clock once, when it starts.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import urllib.parse
@@ -36,7 +37,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ._config import TracingConfig
+from ._config import DEFAULT_TRACING_SHUTDOWN_TIMEOUT, TracingConfig
 from ._exceptions import ConfigError, TrioproxyError, UpstreamError
 from ._policy import failure_kind
 from ._version import __version__
@@ -57,17 +58,22 @@ PROVIDER_NAMES: Final = {"openai": "openai", "openai_responses": "openai", "anth
 _PROPAGATOR: Final = TraceContextTextMapPropagator()
 """W3C Trace Context: `traceparent` and `tracestate`, in from the client and out to the upstream."""
 
+logger = logging.getLogger("trioproxy.tracing")
+
 
 class Tracing:
     """
     The spans of every request, made by `tracer_provider`'s tracer. `from_config` builds the
-    provider `[tracing]` describes (and `aclose` flushes and shuts it down); one handed in is
-    its owner's to shut down.
+    provider `[tracing]` describes (and `aclose` flushes and shuts it down, within
+    `shutdown_timeout` seconds); one handed in is its owner's to shut down.
     """
 
-    def __init__(self, tracer_provider: Any, *, owned: bool = False) -> None:
+    def __init__(
+        self, tracer_provider: Any, *, owned: bool = False, shutdown_timeout: float = DEFAULT_TRACING_SHUTDOWN_TIMEOUT
+    ) -> None:
         self._provider = tracer_provider
         self._owned = owned
+        self._shutdown_timeout = shutdown_timeout
         self._tracer = tracer_provider.get_tracer("trioproxy", __version__)
 
     @classmethod
@@ -77,7 +83,7 @@ class Tracing:
         sampler = None if config.sample_ratio is None else ParentBased(TraceIdRatioBased(config.sample_ratio))
         provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=sampler)
         provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
-        return cls(provider, owned=True)
+        return cls(provider, owned=True, shutdown_timeout=config.shutdown_timeout)
 
     def request(self, chat: ChatRequest, route: Route, *, endpoint: str, headers: Mapping[str, str]) -> RequestTrace:
         """The span of `chat`, to `route` first, asked on `endpoint` with `headers` (its trace context)."""
@@ -86,9 +92,23 @@ class Tracing:
         return RequestTrace(self._tracer, chat, route, endpoint=endpoint, parent=parent)
 
     async def aclose(self) -> None:
-        """Export what is left and stop (a provider of our own only): bounded by the exporter's timeout."""
-        if self._owned:
-            await trio.to_thread.run_sync(self._provider.shutdown)
+        """
+        Export what is left and stop (a provider of our own only), within `shutdown_timeout`.
+        The SDK has no bound of its own to give: `TracerProvider.shutdown` takes none, its batch
+        processor then waits up to 30 s for its export thread, whose exporter retries a collector
+        that refuses for about 7 s (`OTEL_EXPORTER_OTLP_TIMEOUT`, 10 s, bounds each batch, not
+        the lot), and `force_flush` ignores its `timeout_millis`. Past the bound, the spans not
+        yet exported are dropped: the shutdown's thread, a daemon, is left to the process's end.
+        """
+        if not self._owned:
+            return
+        with trio.move_on_after(self._shutdown_timeout) as waited:
+            await trio.to_thread.run_sync(self._provider.shutdown, abandon_on_cancel=True)
+        if waited.cancelled_caught:
+            logger.warning(
+                "the last spans were not exported within [tracing] shutdown_timeout (%g s): dropped",
+                self._shutdown_timeout,
+            )
 
 
 class RequestTrace:

@@ -46,7 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     chat = commands.add_parser("chat", help="stream a reply to the terminal")
     chat.add_argument("prompt")
     chat.add_argument("--model", default="sim/echo", help="model to ask (default: sim/echo)")
-    chat.add_argument("--url", default="http://127.0.0.1:8000", help="the proxy's base URL")
+    chat.add_argument(
+        "--url",
+        type=_proxy_url,
+        default="http://127.0.0.1:8000",
+        help="the proxy's base URL, without /v1 (default: http://127.0.0.1:8000)",
+    )
     chat.add_argument("--max-tokens", type=int)
     chat.add_argument("--api-key", help="client key, if the proxy requires one")
 
@@ -90,7 +95,8 @@ def _upstream(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             print(
-                f"trioproxy upstream on {server.url}/v1 (OpenAI) and {server.url}/v1/messages (Anthropic): "
+                f"trioproxy upstream on {server.url}/v1 (OpenAI), {server.url}/v1/messages (Anthropic) and "
+                f"{server.url}/v1/responses (Responses): "
                 f"{args.tokens} tokens, {args.ttft_ms:g} ms to the first, {args.interval_ms:g} ms apart",
                 flush=True,
             )
@@ -149,6 +155,11 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _proxy_url(text: str) -> str:
+    """The proxy's base URL: an SDK's `base_url` (`.../v1`) names the same proxy, not `.../v1/v1/...`."""
+    return text.rstrip("/").removesuffix("/v1")
 
 
 #: Net allocations of container objects between two young-generation collections (CPython: 700).

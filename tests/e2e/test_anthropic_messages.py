@@ -422,6 +422,17 @@ async def test_an_error_mid_stream_is_an_error_event_and_no_message_stop(
     assert "after 6 characters were delivered" in error["message"]  # "Hel", "lo", ","
 
 
+async def test_a_non_streaming_message_that_fails_midway_claims_no_delivered_text(
+    claude: anthropic.AsyncAnthropic, upstream: FakeUpstream
+) -> None:
+    """A non-streaming message is sent whole or not at all: its client got none of the text."""
+    upstream.push(Reply(tokens=TOKENS, error_after=2, error_message="overloaded right now"))
+    with pytest.raises(anthropic.APIStatusError) as info:
+        await claude.messages.create(**create(model="up/gpt-test"))
+    assert info.value.status_code == 502
+    assert info.value.body["error"]["message"] == "overloaded right now"
+
+
 async def test_unknown_paths_under_v1_messages_are_anthropic_404s(proxy_url: str) -> None:
     async with httpx.AsyncClient() as http:
         response = await http.post(proxy_url + "/v1/messages/batches", json={})

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ from tests.conftest import (
     proxy_config,
     serve_proxy,
     upstream_closed_soon_after,
+    wait_until,
 )
 from trioproxy import parse_config
 from trioproxy.testing import FakeUpstream, Reply, ToolCall
@@ -402,6 +404,22 @@ async def test_in_stream_upstream_error_is_an_api_error(client, upstream: FakeUp
     received, error = await content_until_error(stream)
     assert received == list(TOKENS[:2])
     assert "overloaded" in error.message.lower()
+    assert "after 5 characters were delivered; they are not repeated" in error.message  # "Hel", "lo"
+
+
+async def test_a_non_streaming_answer_that_fails_midway_claims_no_delivered_text(
+    client, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It is sent whole or not at all: its client got none of the text the upstream wrote, nor does the log say so."""
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    upstream.push(Reply(tokens=TOKENS, error_after=2, error_message="overloaded right now"))
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model="up/gpt-test", messages=MESSAGES)
+    assert info.value.status_code == 502
+    assert info.value.body["message"] == "overloaded right now"
+    await wait_until(lambda: any(r.name == "trioproxy.access" for r in caplog.records))
+    (line,) = [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+    assert line["error"] == "overloaded right now"
 
 
 @MODELS

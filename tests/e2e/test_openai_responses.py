@@ -328,6 +328,21 @@ async def test_the_sdk_raises_an_error_after_the_first_token(
             await stream.get_final_response()
 
 
+@pytest.mark.parametrize("store", [False, True])
+async def test_a_non_streaming_response_that_fails_midway_claims_no_delivered_text(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream, store: bool
+) -> None:
+    """
+    Sent whole or not at all: its client got none of the text. Stored, nobody else did either:
+    its id, to watch it by, is in the answer it never got.
+    """
+    upstream.push(Reply(tokens=TOKENS, error_after=2, error_message="overloaded right now"))
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.responses.create(model="up/gpt-test", input="hi", store=store)
+    assert info.value.status_code == 502
+    assert info.value.body["message"] == "overloaded right now"
+
+
 async def test_a_truncated_answer_is_incomplete(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
     upstream.push(Reply(tokens=TOKENS, finish_reason="length"))
     response = await client.responses.create(model="up/gpt-test", input="hi", max_output_tokens=6)

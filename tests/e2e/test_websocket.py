@@ -185,6 +185,18 @@ async def test_malformed_messages_get_error_events_and_the_connection_keeps_work
         assert [m["type"] for m in messages] == ["metadata"] + ["token"] * len(TOKENS) + ["done"]
 
 
+async def test_an_error_frame_is_one_json_object_and_nothing_after(proxy_url: str) -> None:
+    """Every frame is exactly its event's JSON, as a stream's are: no newline to strip."""
+    async with trio_websocket.open_websocket_url(ws(proxy_url)) as connection:
+        await connection.send_message(orjson.dumps({"id": "y", "type": "subscribe"}).decode())
+        with trio.fail_after(2):
+            frame = await connection.get_message()
+    assert frame == (
+        '{"type":"error","data":{"message":"unknown message type \'subscribe\': \'request\' or \'cancel\'",'
+        '"type":"invalid_request_error","code":null,"status":400},"metadata":{},"id":"y"}'
+    )
+
+
 async def test_closing_the_socket_cancels_every_stream(proxy_url: str, upstream: FakeUpstream) -> None:
     async with trio_websocket.open_websocket_url(ws(proxy_url)) as connection:
         for request_id in ("s1", "s2"):

@@ -14,7 +14,7 @@ import trio
 from trioproxy import SSEDecoder, StreamEvent, StreamsFullError
 from trioproxy._accumulator import Accumulator
 from trioproxy._events import OPENED, Delta
-from trioproxy._exceptions import SharedStateError
+from trioproxy._exceptions import SharedStateError, TrioproxyError
 from trioproxy._policy import StreamsConfig
 from trioproxy._redis import LoggedEvents
 from trioproxy.pipeline import SessionItem
@@ -38,6 +38,9 @@ class FakeSession:
         self.stats = SimpleNamespace(buffer_waits=[])
         self.completed = False
         self.cancelled_at: float | None = None
+
+    def ended_with(self, error: TrioproxyError) -> TrioproxyError:
+        return self.accumulator.ended_with(error)  # a streamed session's
 
     def cancel(self) -> None:
         if self.cancelled_at is None:

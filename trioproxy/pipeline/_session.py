@@ -50,12 +50,24 @@ class StreamSession:
 
     `accumulator` holds what was delivered (text, tool calls, usage), `stats` how it went
     (timings, retries, failures); `heartbeats` says whether idle keep-alives are sent (not for
-    non-streaming requests); `endpoint` names the route it serves, for metrics and logs.
+    non-streaming requests); `streamed` says whether its output reaches someone as it goes (a
+    stream's client or watchers), rather than as one answer sent whole or not at all: only
+    then has an error that ends it text to account for (`ended_with`); `endpoint` names the
+    route it serves, for metrics and logs.
     """
 
-    def __init__(self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True, endpoint: str = "") -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        chat: ChatRequest,
+        *,
+        heartbeats: bool = True,
+        streamed: bool = True,
+        endpoint: str = "",
+    ) -> None:
         self.pipeline = pipeline
         self.chat = chat
+        self.streamed = streamed
         self.endpoint = endpoint
         self.accumulator = Accumulator()
         first = pipeline.routes[0]
@@ -122,6 +134,14 @@ class StreamSession:
             self._interruption = error
         self._cancel_scope.cancel()
 
+    def ended_with(self, error: TrioproxyError) -> TrioproxyError:
+        """
+        `error` as this session's last word. Streamed, it says how much text went out before
+        it, which is not repeated; an answer sent whole or not at all delivered none, and
+        `error` is its whole story.
+        """
+        return self.accumulator.ended_with(error) if self.streamed else error
+
     @property
     def failed(self) -> bool:
         """An error was delivered: it was the stream's last word."""
@@ -183,7 +203,7 @@ class StreamSession:
             self._failed = True
             if isinstance(item, UpstreamError) and not self.stats.counted(item):
                 self.stats.failed(item)  # (a stream a continuation could not save ends with the failure it counted)
-            item = self.accumulator.ended_with(item)
+            item = self.ended_with(item)
             self.stats.error = item
         await self._send(item)
 
@@ -273,6 +293,7 @@ def start_session(
     chat: ChatRequest,
     *,
     heartbeats: bool = True,
+    streamed: bool = True,
     endpoint: str = "",
     registry: SessionRegistry | None = None,
     on_end: Callable[[StreamSession], None] | None = None,
@@ -286,7 +307,7 @@ def start_session(
     entered by its task first: what admission must wait for (shared limits) happens there; it
     may refuse the session (`interrupt` it before it began: its refusal is its only item).
     """
-    session = StreamSession(pipeline, chat, heartbeats=heartbeats, endpoint=endpoint)
+    session = StreamSession(pipeline, chat, heartbeats=heartbeats, streamed=streamed, endpoint=endpoint)
 
     async def run() -> None:
         try:

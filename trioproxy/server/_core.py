@@ -151,23 +151,32 @@ class Core:
         return pipeline_for(self.router, self.router.route(model, provider=provider), buffer=buffer)
 
     def start(
-        self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool = True, stream_id: str | None = None
+        self,
+        pipeline: Pipeline,
+        chat: ChatRequest,
+        *,
+        heartbeats: bool = True,
+        streamed: bool = True,
+        stream_id: str | None = None,
     ) -> StreamSession:
         """
         Start a session for the current request (or a WebSocket's stream `stream_id`), if
-        `[limits]` allow it: raises `RequestError` for a body of the wrong shape. The limits
+        `[limits]` allow it: raises `RequestError` for a body of the wrong shape. A
+        non-streaming answer is not `streamed` (`StreamSession`): nothing of it reaches its
+        client before it is whole, nor does its error claim any delivered text. The limits
         (`admitted`) decide in the session's task: their refusal (`RateLimitedError`,
         `OverloadedError`) is its only item. Traced, the request's span starts here and ends
         with its session, or with its refusal.
         """
-        return self._start(pipeline, chat, heartbeats=heartbeats, stream_id=stream_id)[0]
+        return self._start(pipeline, chat, heartbeats=heartbeats, streamed=streamed, stream_id=stream_id)[0]
 
     async def start_admitted(self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool) -> StreamSession:
         """
         `start`, returning once the limits admitted the session, or raising their refusal: for
-        a front that answers before the session's first item (a background response).
+        a front that answers before the session's first item (a background response: its
+        requester has its id at once, to watch it by, so it is `streamed`).
         """
-        session, admission = self._start(pipeline, chat, heartbeats=heartbeats, stream_id=None)
+        session, admission = self._start(pipeline, chat, heartbeats=heartbeats, streamed=True, stream_id=None)
         try:
             await admission.decided.wait()
         except BaseException:
@@ -178,7 +187,7 @@ class Core:
         return session
 
     def _start(  # noqa: C901 - its closures share the admission, trace and record: to become one object
-        self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool, stream_id: str | None
+        self, pipeline: Pipeline, chat: ChatRequest, *, heartbeats: bool, streamed: bool, stream_id: str | None
     ) -> tuple[StreamSession, _Admission]:
         limits = self.config.limits
         trace = None
@@ -227,6 +236,7 @@ class Core:
                 pipeline,
                 chat,
                 heartbeats=heartbeats,
+                streamed=streamed,
                 endpoint=route_label(),
                 registry=self.active,
                 on_end=on_end,

@@ -79,7 +79,7 @@ def last_word(renderer: Renderer, session: StreamSession) -> bytes:
     if session.completed:
         return renderer.done(session)
     interrupted = StreamInterrupted("the server ended the stream before it completed")
-    return renderer.error(session.accumulator.ended_with(interrupted))
+    return renderer.error(session.ended_with(interrupted))
 
 
 def generic_chat_request(body: dict[str, Any]) -> tuple[ChatRequest, str | None, BufferConfig | None]:

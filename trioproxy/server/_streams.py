@@ -406,7 +406,7 @@ class BroadcastStream:
                 if self.resumable
                 else "the server is shutting down and no client watched the stream: it was cancelled"
             )
-            self.renderer.error(self.session.accumulator.ended_with(interrupted))
+            self.renderer.error(self.session.ended_with(interrupted))
         else:
             last_word(self.renderer, self.session)
 

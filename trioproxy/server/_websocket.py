@@ -150,7 +150,7 @@ class _Connection:
         await self.outbox.send(None)
 
     async def send_error(self, error: TrioproxyError, request_id: str | int | None = None) -> None:
-        await self.outbox.send(_tagged(error_event(error), request_id))
+        await self.send_lines(_tagged(error_event(error), request_id))
 
     async def handle(self, text: str | bytes) -> None:
         """One message from the client."""
@@ -238,6 +238,7 @@ class _Connection:
             self._stream_ended = trio.Event()
 
     async def send_lines(self, framed: bytes) -> None:
+        """Each line of `framed` (events as `_tagged` frames them) as a message of its own, without its newline."""
         for line in framed.splitlines():
             await self.outbox.send(line)
 

@@ -47,7 +47,7 @@ def register(app: QuartTrio, core: Core) -> None:
         renderer = AnthropicEventRenderer(model=chat.model, prompt_chars=prompt_chars(chat))
         if chat.stream:
             return await core.stream(core.start(pipeline, chat), renderer, SSE, _error)
-        events = await rendered_answer(core.start(pipeline, chat, heartbeats=False), renderer)
+        events = await rendered_answer(core.start(pipeline, chat, heartbeats=False, streamed=False), renderer)
         if isinstance(events, TrioproxyError):
             return _error(events)
         try:

@@ -71,7 +71,7 @@ async def _answer(
         chunks = renderer(model=chat.model, include_usage=chat.include_usage)
         return await core.stream(core.start(pipeline, chat), chunks, SSE, _error)
     # A non-streaming answer is built from the upstream's stream, so retries and stages apply.
-    session = core.start(pipeline, chat, heartbeats=False)
+    session = core.start(pipeline, chat, heartbeats=False, streamed=False)
     error = await complete(session)
     if error is not None:
         return _error(error)

@@ -39,7 +39,7 @@ def register(app: QuartTrio, core: Core) -> None:
             if isinstance(item, Delta) and item.raw is not None:
                 answer.extend(item.raw)
 
-        error = await complete(core.start(pipeline, chat, heartbeats=False), take)
+        error = await complete(core.start(pipeline, chat, heartbeats=False, streamed=False), take)
         if error is not None:
             return error_response(request.path, error)
         return Response(bytes(answer), content_type="application/json")

@@ -231,7 +231,7 @@ class _Routes:
         renderer = ResponsesEventRenderer(request=echoed, model=chat.model, prompt_chars=prompt_chars(chat))
         if chat.stream:
             return await self.core.stream(self.core.start(pipeline, chat), renderer, SSE, _error)
-        events = await rendered_answer(self.core.start(pipeline, chat, heartbeats=False), renderer)
+        events = await rendered_answer(self.core.start(pipeline, chat, heartbeats=False, streamed=False), renderer)
         if isinstance(events, TrioproxyError):
             return _error(events)
         return json_response(response_from_events(events))
@@ -258,9 +258,10 @@ class _Routes:
         """
         Stored, not `background`: the requester watches the shared stream (`share`) to its end.
         Not streamed, it is answered once its conversation is kept (`[redis]`), so that any
-        process continues it at once.
+        process continues it at once; until then nobody has its id to watch it by, so it is not
+        `streamed` either: an error ending it claims no delivered text.
         """
-        session = self.core.start(pipeline, chat, heartbeats=chat.stream)
+        session = self.core.start(pipeline, chat, heartbeats=chat.stream, streamed=chat.stream)
         try:
             if chat.stream:
                 return watch_response(*await self.share(session, chat, echoed))
