@@ -284,6 +284,7 @@ def test_what_cannot_be_carried_is_a_400_naming_it(fields: dict[str, Any], param
     ("fields", "param"),
     [
         ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"role": ["user"], "content": "x"}]}, "input[0].role"),  # unhashable: no set lookup
         ({"input": [{"role": "user", "content": 3}]}, "input[0].content"),
         ({"input": [{"type": "function_call", "name": "f"}]}, "input[0]"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": 3}]}, "input[0].output"),

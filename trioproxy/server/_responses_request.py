@@ -274,7 +274,7 @@ def _messages(items: list[Any]) -> list[dict[str, object]]:
 
 def _message(item: dict[str, object], where: str) -> dict[str, object]:
     role = item.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:
         raise RequestError(
             f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}, not {role!r}", param=f"{where}.role"
         )
