@@ -290,6 +290,8 @@ def test_what_cannot_be_carried_is_a_400_naming_it(fields: dict[str, Any], param
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": 3}]}, "input[0].output"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format"),
+        ({"text": {"format": [{"type": "text"}]}}, "text.format"),
+        ({"text": {"format": "json_object"}}, "text.format"),
         ({"instructions": ["a"]}, "instructions"),
     ],
 )

@@ -433,10 +433,13 @@ def _text_config(text: object) -> dict[str, object]:
 
 
 def _format(format_: object) -> dict[str, object]:
-    kind = format_.get("type") if isinstance(format_, dict) else None
-    if format_ is None or kind == "text":
+    if format_ is None:
         return {}
-    assert isinstance(format_, dict)
+    if not isinstance(format_, dict):
+        raise RequestError("'text.format' must be an object with a 'type'", param="text.format")
+    kind = format_.get("type")
+    if kind == "text":
+        return {}
     if kind == "json_object":
         return {"response_format": {"type": "json_object"}}
     if kind == "json_schema":
