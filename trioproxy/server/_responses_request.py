@@ -151,7 +151,8 @@ def listed_input_items(response_id: str, items: list[Any]) -> list[dict[str, Any
                 text_type = "output_text" if out.get("role") == "assistant" else "input_text"
                 out["content"] = [{"type": text_type, "text": out["content"]}]
         if not isinstance(out.get("id"), str):
-            out["id"] = f"{_ITEM_ID_PREFIXES.get(kind, 'item')}_{response_id.removeprefix('resp_')}_{index}"
+            prefix = _ITEM_ID_PREFIXES.get(kind, "item") if isinstance(kind, str) else "item"
+            out["id"] = f"{prefix}_{response_id.removeprefix('resp_')}_{index}"
         listed.append(out)
     return listed
 
