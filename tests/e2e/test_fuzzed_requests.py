@@ -236,19 +236,87 @@ def headers(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
 # --------------------------------------------------------------------------------------------
 # Valid bodies, per endpoint
 
+IMAGE: Final = "data:image/png;base64,iVBORw0KGgo="
+#: A conversation with every kind of turn Chat Completions has: system, an image, a tool call and its result.
+CHAT_TURNS: Final = [
+    {"role": "system", "content": "Be brief."},
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": IMAGE}}],
+    },
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+]
+#: The same in Messages blocks, with an earlier answer's thinking and a cache hint.
+MESSAGES_TURNS: Final = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "What?"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+        ],
+    },
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "thinking", "thinking": "Hm.", "signature": "sig"},
+            {"type": "text", "text": "Asking f."},
+            {"type": "tool_use", "id": "tu_1", "name": "f", "input": {"a": 1}},
+        ],
+    },
+    {
+        "role": "user",
+        "content": [
+            {
+                "type": "tool_result",
+                "tool_use_id": "tu_1",
+                "content": [{"type": "text", "text": "42"}],
+                "is_error": False,
+            },
+            {"type": "text", "text": "Go on.", "cache_control": {"type": "ephemeral"}},
+        ],
+    },
+]
+#: The same in Responses items, with a reasoning item.
+RESPONSES_ITEMS: Final = [
+    {"role": "developer", "content": "Be brief."},
+    {
+        "type": "message",
+        "role": "user",
+        "content": [
+            {"type": "input_text", "text": "What?"},
+            {"type": "input_image", "image_url": IMAGE, "detail": "low"},
+        ],
+    },
+    {"type": "reasoning", "id": "rs_1", "summary": []},
+    {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": '{"a": 1}'},
+    {"type": "function_call_output", "call_id": "call_1", "output": "42"},
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Done."}]},
+]
+
 streams = st.booleans()
 models = st.sampled_from(MODELS)
 user_text = st.sampled_from(["Hi", "Say something.", "x" * 40])
+chat_messages = st.one_of(user_text.map(lambda t: [{"role": "user", "content": t}]), st.just(CHAT_TURNS))
+chat_tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 
 
 def chat_body() -> st.SearchStrategy[Any]:
     return st.fixed_dictionaries(
-        {"model": models, "stream": streams, "messages": user_text.map(lambda t: [{"role": "user", "content": t}])},
+        {"model": models, "stream": streams, "messages": chat_messages},
         optional={
             "max_tokens": st.integers(1, 64),
             "stream_options": st.just({"include_usage": True}),
             "temperature": st.just(0.5),
-            "tools": st.just([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+            "tools": st.just(chat_tools),
+            "tool_choice": st.sampled_from(["auto", {"type": "function", "function": {"name": "f"}}]),
+            "response_format": st.just({"type": "json_schema", "json_schema": {"name": "s", "schema": {}}}),
+            "stop": st.just(["\n"]),
+            "reasoning_effort": st.just("low"),
         },
     )
 
@@ -261,9 +329,10 @@ def completion_body() -> st.SearchStrategy[Any]:
 
 
 def messages_body(*, counting: bool = False) -> st.SearchStrategy[Any]:
+    simple = user_text.map(lambda t: [{"role": "user", "content": [{"type": "text", "text": t}]}])
     required: dict[str, st.SearchStrategy[Any]] = {
         "model": models,
-        "messages": user_text.map(lambda t: [{"role": "user", "content": [{"type": "text", "text": t}]}]),
+        "messages": st.one_of(simple, st.just(MESSAGES_TURNS)),
     }
     if not counting:
         required |= {"max_tokens": st.integers(1, 64), "stream": streams}
@@ -272,31 +341,46 @@ def messages_body(*, counting: bool = False) -> st.SearchStrategy[Any]:
         optional={
             "system": st.just([{"type": "text", "text": "Be brief."}]),
             "tools": st.just([{"name": "f", "input_schema": {"type": "object"}}]),
-            "tool_choice": st.just({"type": "auto"}),
+            "tool_choice": st.sampled_from([{"type": "auto"}, {"type": "tool", "name": "f"}]),
             "metadata": st.just({"user_id": "u"}),
+            "thinking": st.just({"type": "enabled", "budget_tokens": 1024}),
+            "stop_sequences": st.just(["\n"]),
+            "output_config": st.just({"format": {"type": "json_schema", "schema": {"type": "object"}}}),
+            "top_k": st.just(5),
         },
     )
 
 
 def responses_body(*, side: bool = False) -> st.SearchStrategy[Any]:
     items = user_text.map(lambda t: [{"role": "user", "content": [{"type": "input_text", "text": t}]}])
-    required: dict[str, st.SearchStrategy[Any]] = {"model": models, "input": st.one_of(user_text, items)}
+    required: dict[str, st.SearchStrategy[Any]] = {
+        "model": models,
+        "input": st.one_of(user_text, items, st.just(RESPONSES_ITEMS)),
+    }
     if not side:
         required |= {"stream": streams, "store": st.booleans()}
     return st.fixed_dictionaries(
         required,
         optional={
             "instructions": st.just("Be brief."),
-            "max_output_tokens": st.integers(16, 64),
+            "max_output_tokens": st.integers(16, 2048),
             "tools": st.just([{"type": "function", "name": "f", "parameters": {"type": "object"}}]),
-            "text": st.just({"format": {"type": "text"}}),
+            "tool_choice": st.sampled_from(["auto", {"type": "function", "name": "f"}]),
+            "text": st.sampled_from(
+                [{"format": {"type": "text"}}, {"format": {"type": "json_schema", "name": "s", "schema": {}}}]
+            ),
+            "reasoning": st.just({"effort": "low", "summary": "auto"}),
+            "parallel_tool_calls": st.booleans(),
+            "background": st.booleans(),
+            "include": st.just(["reasoning.encrypted_content"]),
+            "metadata": st.just({"k": "v"}),
         },
     )
 
 
 def generic_body() -> st.SearchStrategy[Any]:
     return st.fixed_dictionaries(
-        {"model": models, "messages": user_text.map(lambda t: [{"role": "user", "content": t}])},
+        {"model": models, "messages": chat_messages},
         optional={"max_tokens": st.integers(1, 64), "buffer_config": st.just({"min_chunk_size": 4})},
     )
 
@@ -355,13 +439,31 @@ def anthropic_events(answer: Answer) -> None:
     assert "error" not in names, names
 
 
-def responses_events(answer: Answer) -> None:
-    """Typed events numbered from 0, ending with exactly one terminal event, `response.failed` never."""
+def responses_events(answer: Answer, *, refusal: bool = False) -> None:
+    """
+    Typed events numbered from 0, ending with exactly one terminal event; `response.failed`
+    only when `refusal` allows it, after an `error` event saying the request was invalid.
+    """
     payloads = [orjson.loads(data) for _, data in answer.sse()]
     assert [p["sequence_number"] for p in payloads] == list(range(len(payloads))), payloads[-3:]
-    terminal = [p["type"] for p in payloads if p["type"] in ("response.completed", "response.incomplete")]
-    assert terminal == [payloads[-1]["type"]], payloads[-3:]
-    assert not [p for p in payloads if p["type"] in ("error", "response.failed")], payloads[-3:]
+    ends = ("response.completed", "response.incomplete", "response.failed")
+    types = [p["type"] for p in payloads]
+    assert [t for t in types if t in ends] == types[-1:], types
+    if refusal and types[-2:] == ["error", "response.failed"]:
+        assert payloads[-2]["error"]["type"] == "invalid_request_error", payloads[-2]
+    else:
+        assert types[-1] != "response.failed", payloads[-3:]
+        assert "error" not in types, payloads[-3:]
+
+
+def background_events(answer: Answer) -> None:
+    """
+    A background response is answered once the limits took it, before it is sent upstream: a
+    request the upstream's translation refuses (a 400 without `background`) is a stream that
+    fails with that refusal. Whether it should be the request's own 400 is left open: the
+    README promises only the limits' refusals (429, 503) as a background request's status.
+    """
+    responses_events(answer, refusal=True)
 
 
 def generic_events(answer: Answer) -> list[dict[str, Any]]:
@@ -400,6 +502,7 @@ def openai_whole(body: Any) -> bool:
 
 OPENAI = Protocol(openai_error, openai_chunks, openai_whole)
 RESPONSES = Protocol(openai_error, responses_events, openai_whole)
+BACKGROUND_RESPONSES = Protocol(openai_error, background_events, openai_whole)
 ANTHROPIC = Protocol(anthropic_error, anthropic_events, lambda body: isinstance(body, dict) and "error" not in body)
 EVENTS = Protocol(generic_error, generic_stream, lambda body: False)  # always a stream
 
@@ -510,7 +613,10 @@ async def test_any_body_and_headers_get_an_answer_in_the_protocol(
         async def example(drawn: tuple[Body, list[tuple[bytes, bytes]]]) -> None:
             body, head = drawn
             answer = await ask(http, "POST", endpoint.path, head, body.encoded())
-            check_answer(answer, endpoint.protocol, json_object=body.is_object)
+            background = (
+                endpoint.protocol is RESPONSES and isinstance(body.value, dict) and body.value.get("background") is True
+            )
+            check_answer(answer, BACKGROUND_RESPONSES if background else endpoint.protocol, json_object=body.is_object)
 
         await fuzz(caplog, st.tuples(bodies(endpoint.valid()), headers()), example)
 
