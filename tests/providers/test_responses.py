@@ -179,6 +179,22 @@ def test_a_malformed_tool_call_is_refused_by_name(call: object, param: str) -> N
     assert f"'{param}' must be an object" in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": False}, "tools"),
+        ({"tools": {"type": "function"}}, "tools"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": True}]}, "messages[0].tool_calls"),
+        ({"messages": [{"role": "assistant", "content": "x", "tool_calls": {"id": "c1"}}]}, "messages[0].tool_calls"),
+    ],
+)
+def test_tools_or_tool_calls_that_are_not_arrays_are_refused_by_name(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(RequestError) as info:
+        translate(**{"messages": [{"role": "user", "content": "hi"}], **fields})
+    assert info.value.param == param
+    assert f"'{param}' must be an array" in info.value.message
+
+
 ANSWER_CHANGING = [
     ("stop", "END"),
     ("logprobs", True),

@@ -165,7 +165,7 @@ def responses_request_body(chat: ChatRequest, *, drop_params: DropParams = False
         elif name == "reasoning_effort":
             body["reasoning"] = {"effort": value}
         elif name == "tools":
-            body["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(value)]
+            body["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(_array(value, "tools"))]
         elif name == "tool_choice":
             body["tool_choice"] = _tool_choice(value)
         elif name == "response_format":
@@ -180,6 +180,7 @@ def responses_request_body(chat: ChatRequest, *, drop_params: DropParams = False
 def _input(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
+        where = f"messages[{i}]"
         role = message.get("role")
         content = message.get("content")
         if role == "tool":
@@ -187,10 +188,17 @@ def _input(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             items.append({"type": "function_call_output", "call_id": message.get("tool_call_id"), "output": output})
             continue
         if content:
-            items.append({"type": "message", "role": role, "content": _content(content, role, f"messages[{i}]")})
-        for j, call in enumerate(message.get("tool_calls") or []):
-            items.append(_function_call(call, f"messages[{i}].tool_calls[{j}]"))
+            items.append({"type": "message", "role": role, "content": _content(content, role, where)})
+        for j, call in enumerate(_array(message.get("tool_calls") or [], f"{where}.tool_calls")):
+            items.append(_function_call(call, f"{where}.tool_calls[{j}]"))
     return items
+
+
+def _array(value: object, where: str) -> list[Any]:
+    """`value`, which must be an array (what the client sent at `where`)."""
+    if not isinstance(value, list):
+        raise RequestError(f"'{where}' must be an array", param=where)
+    return value
 
 
 def _function_call(call: object, where: str) -> dict[str, Any]:
