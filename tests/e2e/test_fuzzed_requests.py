@@ -112,7 +112,7 @@ def paths(value: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return found
 
 
-def found(value: Any, at: tuple[Any, ...]) -> Any:
+def value_at(value: Any, at: tuple[Any, ...]) -> Any:
     for step in at:
         value = value[step]
     return value
@@ -131,7 +131,7 @@ def replaced(value: Any, at: tuple[Any, ...], new: Any) -> Any:
 def deleted(value: Any, at: tuple[Any, ...]) -> Any:
     """`value` without what is at `at` (not the root)."""
     *parent_path, last = at
-    parent = found(value, tuple(parent_path))
+    parent = value_at(value, tuple(parent_path))
     if isinstance(parent, dict):
         rest: Any = {k: v for k, v in parent.items() if k != last}
     else:
@@ -141,10 +141,13 @@ def deleted(value: Any, at: tuple[Any, ...]) -> Any:
 
 @st.composite
 def mutated(draw: st.DrawFn, value: Any) -> Any:
-    """`value` with one to three changes: a value of another type, a key gone or added, deep nesting."""
+    """
+    `value` with one to three changes: a value of another type (or of the same) in a place, a
+    key gone, unknown keys added to an object, a place nested in arrays up to past the limit.
+    """
     for _ in range(draw(st.integers(1, 3))):
         at = draw(st.sampled_from(paths(value)))
-        old = found(value, at)
+        old = value_at(value, at)
         change = draw(st.sampled_from(["replace", "delete", "add", "nest"]))
         if change == "delete" and at:
             value = deleted(value, at)
@@ -604,21 +607,23 @@ ENDPOINTS: Final = [
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=[e.path for e in ENDPOINTS])
-async def test_any_body_and_headers_get_an_answer_in_the_protocol(
+async def test_any_body_headers_and_query_get_an_answer_in_the_protocol(
     nursery: trio.Nursery, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture, endpoint: Endpoint
 ) -> None:
     proxy = await start_proxy(nursery, upstream)
     async with httpx.AsyncClient(base_url=proxy, timeout=None) as http:
 
-        async def example(drawn: tuple[Body, list[tuple[bytes, bytes]]]) -> None:
-            body, head = drawn
-            answer = await ask(http, "POST", endpoint.path, head, body.encoded())
+        async def example(drawn: tuple[Body, Headers, dict[str, str]]) -> None:
+            body, head, params = drawn
+            target = httpx.URL(endpoint.path).copy_merge_params(params)
+            answer = await ask(http, "POST", str(target), head, body.encoded())
             background = (
                 endpoint.protocol is RESPONSES and isinstance(body.value, dict) and body.value.get("background") is True
             )
             check_answer(answer, BACKGROUND_RESPONSES if background else endpoint.protocol, json_object=body.is_object)
 
-        await fuzz(caplog, st.tuples(bodies(endpoint.valid()), headers()), example)
+        queries = st.dictionaries(st.sampled_from(["beta", "stream", "model", "api-version"]), st.text(max_size=6))
+        await fuzz(caplog, st.tuples(bodies(endpoint.valid()), headers(), queries), example)
 
 
 # --------------------------------------------------------------------------------------------
