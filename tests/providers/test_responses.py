@@ -195,6 +195,13 @@ def test_tools_or_tool_calls_that_are_not_arrays_are_refused_by_name(fields: dic
     assert f"'{param}' must be an array" in info.value.message
 
 
+@pytest.mark.parametrize("function", ["f", ["f"], 1])
+def test_a_tool_choice_whose_function_is_not_an_object_is_refused_by_name(function: object) -> None:
+    with pytest.raises(RequestError) as info:
+        translate(messages=[{"role": "user", "content": "hi"}], tool_choice={"type": "function", "function": function})
+    assert info.value.param == "tool_choice.function"
+
+
 ANSWER_CHANGING = [
     ("stop", "END"),
     ("logprobs", True),

@@ -256,7 +256,10 @@ def _tool(tool: object, where: str) -> dict[str, Any]:
 
 def _tool_choice(choice: object) -> Any:
     if isinstance(choice, dict) and choice.get("type") == "function":
-        return {"type": "function", "name": (choice.get("function") or {}).get("name")}
+        function = choice.get("function") or {}
+        if not isinstance(function, dict):
+            raise RequestError("'tool_choice.function' must be an object", param="tool_choice.function")
+        return {"type": "function", "name": function.get("name")}
     return choice
 
 
