@@ -202,6 +202,16 @@ def test_a_tool_choice_whose_function_is_not_an_object_is_refused_by_name(functi
     assert info.value.param == "tool_choice.function"
 
 
+@pytest.mark.parametrize("json_schema", ["s", ["s"], 1])
+def test_a_json_schema_response_format_that_is_not_an_object_is_refused_by_name(json_schema: object) -> None:
+    with pytest.raises(RequestError) as info:
+        translate(
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "json_schema", "json_schema": json_schema},
+        )
+    assert info.value.param == "response_format.json_schema"
+
+
 ANSWER_CHANGING = [
     ("stop", "END"),
     ("logprobs", True),

@@ -267,7 +267,10 @@ def _format(response_format: object) -> dict[str, Any]:
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "json_schema":
         assert isinstance(response_format, dict)
-        return {"type": "json_schema", **(response_format.get("json_schema") or {})}
+        json_schema = response_format.get("json_schema") or {}
+        if not isinstance(json_schema, dict):
+            raise RequestError("'response_format.json_schema' must be an object", param="response_format.json_schema")
+        return {"type": "json_schema", **json_schema}
     if kind in ("json_object", "text"):
         return {"type": kind}
     raise RequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'", param="response_format")
