@@ -212,6 +212,16 @@ def test_a_json_schema_response_format_that_is_not_an_object_is_refused_by_name(
     assert info.value.param == "response_format.json_schema"
 
 
+def test_a_tool_result_s_text_parts_that_are_not_strings_are_refused_by_name() -> None:
+    messages = [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": {"name": "f"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": 42}]},
+    ]
+    with pytest.raises(RequestError) as info:
+        translate(messages=messages)
+    assert info.value.param == "messages[1].content[0].text"
+
+
 ANSWER_CHANGING = [
     ("stop", "END"),
     ("logprobs", True),

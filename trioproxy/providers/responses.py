@@ -184,7 +184,7 @@ def _input(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         role = message.get("role")
         content = message.get("content")
         if role == "tool":
-            output = content if isinstance(content, str) else _text_of(content)
+            output = content if isinstance(content, str) else _text_of(content, f"{where}.content")
             items.append({"type": "function_call_output", "call_id": message.get("tool_call_id"), "output": output})
             continue
         if content:
@@ -216,10 +216,18 @@ def _function_call(call: object, where: str) -> dict[str, Any]:
     }
 
 
-def _text_of(content: object) -> str:
+def _text_of(content: object, where: str) -> str:
+    """The text parts of a tool message's `content` (at `where`), joined."""
     if not isinstance(content, list):
         return ""
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+    texts = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "text":
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise RequestError(f"'{where}[{j}].text' must be a string", param=f"{where}[{j}].text")
+            texts.append(text)
+    return "".join(texts)
 
 
 def _content(content: str | list[object], role: object, where: str) -> str | list[dict[str, Any]]:
