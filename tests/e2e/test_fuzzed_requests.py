@@ -45,7 +45,7 @@ ANSWER_BOUND: Final = 10.0
 EXAMPLES: Final = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 CLIENT_KEY: Final = "client-key"
 #: Every provider type the fronts translate to: Chat Completions, Anthropic, Responses, simulated.
-MODELS: Final = ("up/m", "claude/m", "resp/m", "sim/echo")
+MODELS: Final = ("up/m", "claude/m", "resp/m", "sim/echo", "sim/tools")
 #: A long string among the values: far beyond any field's expected size, well within `max_body_bytes`.
 LONG: Final = 20_000
 
