@@ -164,6 +164,16 @@ async def test_an_anthropic_provider_gets_its_own_key_and_version(
     assert sent.headers["anthropic-version"]
 
 
+async def test_a_header_value_past_ascii_goes_up_byte_for_byte(
+    proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
+) -> None:
+    """HTTP carries a header's value as bytes, read as Latin-1: forwarded as it is, those same bytes."""
+    answer = await http.get(proxy + "/v1/echo", headers=[(b"x-vendor", "café".encode("latin-1"))])
+
+    assert answer.status_code == 200
+    assert upstream.requests[-1].headers["x-vendor"] == "café"
+
+
 async def test_hop_by_hop_headers_stay_on_their_hop(
     proxy: str, upstream: FakeUpstream, http: httpx.AsyncClient
 ) -> None:

@@ -234,6 +234,49 @@ def test_a_malformed_tool_call_is_refused_by_name(call: object, param: str) -> N
     assert f"'{param}' must be an object" in info.value.message
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": False}, "tools"),
+        ({"tools": {"type": "function"}}, "tools"),
+        ({"messages": [{"role": "assistant", "content": None, "tool_calls": True}]}, "messages[0].tool_calls"),
+        ({"messages": [{"role": "assistant", "content": "x", "tool_calls": {"id": "c1"}}]}, "messages[0].tool_calls"),
+    ],
+)
+def test_tools_or_tool_calls_that_are_not_arrays_are_refused_by_name(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(RequestError) as info:
+        translate(**{"messages": [{"role": "user", "content": "hi"}], **fields})
+    assert info.value.param == param
+    assert f"'{param}' must be an array" in info.value.message
+
+
+@pytest.mark.parametrize("function", ["f", ["f"], 1])
+def test_a_tool_choice_whose_function_is_not_an_object_is_refused_by_name(function: object) -> None:
+    with pytest.raises(RequestError) as info:
+        translate(messages=[{"role": "user", "content": "hi"}], tool_choice={"type": "function", "function": function})
+    assert info.value.param == "tool_choice.function"
+
+
+@pytest.mark.parametrize("json_schema", ["s", ["s"], 1])
+def test_a_json_schema_response_format_that_is_not_an_object_is_refused_by_name(json_schema: object) -> None:
+    with pytest.raises(RequestError) as info:
+        translate(
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "json_schema", "json_schema": json_schema},
+        )
+    assert info.value.param == "response_format.json_schema"
+
+
+def test_a_tool_result_s_text_parts_that_are_not_strings_are_refused_by_name() -> None:
+    messages = [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": {"name": "f"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": 42}]},
+    ]
+    with pytest.raises(RequestError) as info:
+        translate(messages=messages)
+    assert info.value.param == "messages[1].content[0].text"
+
+
 ANSWER_CHANGING = [
     ("stop", "END"),
     ("logprobs", True),

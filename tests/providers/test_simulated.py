@@ -126,6 +126,13 @@ def test_tools_fragments_join_to_valid_json() -> None:
     assert steps[-1] == (0.0, Delta(usage=Usage(prompt_tokens=5, completion_tokens=1 + len(fragments))))
 
 
+@pytest.mark.parametrize("function", ["lookup", ["lookup"], {"name": 5}, {"name": ""}])
+def test_tools_default_name_for_a_tool_of_another_shape(function: object) -> None:
+    """The simulator answers any request: a first tool whose function has no name is not one to call."""
+    steps = list(script(chat("tools", "x", tools=[{"type": "function", "function": function}]), SETTINGS))
+    assert steps[1][1].tool_calls[0].name == "get_weather"
+
+
 def test_tools_default_name() -> None:
     steps = list(script(chat("tools", "x"), SETTINGS))
     assert steps[1][1].tool_calls[0].name == "get_weather"

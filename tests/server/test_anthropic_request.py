@@ -73,6 +73,14 @@ def test_the_request_keeps_its_native_form_and_the_protocol_headers() -> None:
     assert chat.common_body()["messages"] == [{"role": "user", "content": "Hi"}]
 
 
+@pytest.mark.parametrize("name", ["anthropic-version", "anthropic-beta"])
+def test_a_protocol_header_that_is_not_ascii_is_a_400_naming_it(name: str) -> None:
+    """HTTP hands its value over as Latin-1: it could never reach an upstream, whose headers are ASCII."""
+    with pytest.raises(RequestError, match=f"'{name}' header") as info:
+        parse_messages_request(body(), {name: "2023-06-01\x80"})
+    assert info.value.status == 400
+
+
 def test_an_unportable_field_does_not_refuse_the_request_itself() -> None:
     chat = parse_messages_request(body(container="container_01"), {})
     assert chat.native is not None

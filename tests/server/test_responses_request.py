@@ -15,7 +15,7 @@ import pytest
 from trioproxy._exceptions import RequestError
 from trioproxy._request import parse_chat_request
 from trioproxy.providers.anthropic import messages_request_body
-from trioproxy.server._responses_request import parse_responses_request, to_chat_completions
+from trioproxy.server._responses_request import listed_input_items, parse_responses_request, to_chat_completions
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "responses"
 
@@ -284,11 +284,14 @@ def test_what_cannot_be_carried_is_a_400_naming_it(fields: dict[str, Any], param
     ("fields", "param"),
     [
         ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
+        ({"input": [{"role": ["user"], "content": "x"}]}, "input[0].role"),  # unhashable: no set lookup
         ({"input": [{"role": "user", "content": 3}]}, "input[0].content"),
         ({"input": [{"type": "function_call", "name": "f"}]}, "input[0]"),
         ({"input": [{"type": "function_call_output", "call_id": "c", "output": 3}]}, "input[0].output"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format"),
+        ({"text": {"format": [{"type": "text"}]}}, "text.format"),
+        ({"text": {"format": "json_object"}}, "text.format"),
         ({"instructions": ["a"]}, "instructions"),
     ],
 )
@@ -333,3 +336,9 @@ def test_what_codex_always_sends_is_never_refused_by_an_anthropic_upstream(name:
     body = messages_request_body(chat, default_max_tokens=32000)
     assert body["tools"]
     assert "prompt_cache_key" not in body
+
+
+def test_input_items_are_listed_with_ids_whatever_their_type() -> None:
+    """An item a Responses upstream took as it was sent may have any `type`: its listing never fails."""
+    items = listed_input_items("resp_1", ["Hi", {"type": ["x"]}, {"type": {}}, {"role": "user", "content": "Hi"}])
+    assert [item["id"] for item in items] == ["msg_1_0", "item_1_1", "item_1_2", "msg_1_3"]

@@ -152,7 +152,9 @@ class HttpUpstream:
 
     async def forward(self, request: ForwardRequest, sink: ForwardSink) -> None:
         url = self.translation.forward_url(request.target)
-        headers = self.translation.forward_headers(request.headers)
+        # As the client sent them: a value the server read as Latin-1 goes up as the same bytes
+        # (httpx would encode a `str` as ASCII, and fail on any other character).
+        headers = httpx.Headers(self.translation.forward_headers(request.headers), encoding="latin-1")
         with mapped_httpx_errors():
             async with self._client.stream(request.method, url, headers=headers, content=request.body) as resp:
                 await sink.head(resp.status_code, resp.headers.multi_items())

@@ -165,7 +165,7 @@ def responses_request_body(chat: ChatRequest, *, drop_params: DropParams = False
         elif name == "reasoning_effort":
             body["reasoning"] = {"effort": value}
         elif name == "tools":
-            body["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(value)]
+            body["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(_array(value, "tools"))]
         elif name == "tool_choice":
             body["tool_choice"] = _tool_choice(value)
         elif name == "response_format":
@@ -180,17 +180,25 @@ def responses_request_body(chat: ChatRequest, *, drop_params: DropParams = False
 def _input(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
+        where = f"messages[{i}]"
         role = message.get("role")
         content = message.get("content")
         if role == "tool":
-            output = content if isinstance(content, str) else _text_of(content)
+            output = content if isinstance(content, str) else _text_of(content, f"{where}.content")
             items.append({"type": "function_call_output", "call_id": message.get("tool_call_id"), "output": output})
             continue
         if content:
-            items.append({"type": "message", "role": role, "content": _content(content, role, f"messages[{i}]")})
-        for j, call in enumerate(message.get("tool_calls") or []):
-            items.append(_function_call(call, f"messages[{i}].tool_calls[{j}]"))
+            items.append({"type": "message", "role": role, "content": _content(content, role, where)})
+        for j, call in enumerate(_array(message.get("tool_calls") or [], f"{where}.tool_calls")):
+            items.append(_function_call(call, f"{where}.tool_calls[{j}]"))
     return items
+
+
+def _array(value: object, where: str) -> list[Any]:
+    """`value`, which must be an array (what the client sent at `where`)."""
+    if not isinstance(value, list):
+        raise RequestError(f"'{where}' must be an array", param=where)
+    return value
 
 
 def _function_call(call: object, where: str) -> dict[str, Any]:
@@ -208,10 +216,18 @@ def _function_call(call: object, where: str) -> dict[str, Any]:
     }
 
 
-def _text_of(content: object) -> str:
+def _text_of(content: object, where: str) -> str:
+    """The text parts of a tool message's `content` (at `where`), joined."""
     if not isinstance(content, list):
         return ""
-    return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+    texts = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "text":
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise RequestError(f"'{where}[{j}].text' must be a string", param=f"{where}[{j}].text")
+            texts.append(text)
+    return "".join(texts)
 
 
 def _content(content: str | list[object], role: object, where: str) -> str | list[dict[str, Any]]:
@@ -248,7 +264,10 @@ def _tool(tool: object, where: str) -> dict[str, Any]:
 
 def _tool_choice(choice: object) -> Any:
     if isinstance(choice, dict) and choice.get("type") == "function":
-        return {"type": "function", "name": (choice.get("function") or {}).get("name")}
+        function = choice.get("function") or {}
+        if not isinstance(function, dict):
+            raise RequestError("'tool_choice.function' must be an object", param="tool_choice.function")
+        return {"type": "function", "name": function.get("name")}
     return choice
 
 
@@ -256,7 +275,10 @@ def _format(response_format: object) -> dict[str, Any]:
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "json_schema":
         assert isinstance(response_format, dict)
-        return {"type": "json_schema", **(response_format.get("json_schema") or {})}
+        json_schema = response_format.get("json_schema") or {}
+        if not isinstance(json_schema, dict):
+            raise RequestError("'response_format.json_schema' must be an object", param="response_format.json_schema")
+        return {"type": "json_schema", **json_schema}
     if kind in ("json_object", "text"):
         return {"type": kind}
     raise RequestError("'response_format.type' must be 'text', 'json_object' or 'json_schema'", param="response_format")

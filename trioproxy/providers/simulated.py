@@ -219,8 +219,9 @@ def _word_count(text: str) -> int:
 def _tool_call_pieces(chat: ChatRequest) -> Iterator[Delta]:
     name = "get_weather"
     tools = chat.body.get("tools")
-    if isinstance(tools, list) and tools and isinstance(tools[0], dict):
-        name = (tools[0].get("function") or {}).get("name") or name
+    function = tools[0].get("function") if isinstance(tools, list) and tools and isinstance(tools[0], dict) else None
+    if isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]:
+        name = function["name"]
     yield Delta(tool_calls=(ToolCallDelta(index=0, id="call_sim_0", name=name, arguments=""),))
     arguments = orjson.dumps({"input": chat.last_user_text}).decode()
     step = max(1, len(arguments) // 4)

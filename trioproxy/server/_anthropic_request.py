@@ -118,7 +118,6 @@ def parse_messages_request(body: dict[str, object], headers: Headers, *, countin
         max_tokens = 1
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise RequestError("'max_tokens' is required and must be a positive integer", param="max_tokens")
-    forwarded = {name: value for name in FORWARDED_HEADERS if (value := headers.get(name)) is not None}
     return translated_request(
         "anthropic",
         body,
@@ -127,8 +126,25 @@ def parse_messages_request(body: dict[str, object], headers: Headers, *, countin
         stream=parse_stream(body),
         max_tokens=max_tokens,
         names=_CLIENT_NAMES,
-        headers=forwarded,
+        headers=_forwarded_headers(headers),
     )
+
+
+def _forwarded_headers(headers: Headers) -> dict[str, str]:
+    """
+    The protocol headers an Anthropic upstream sees as they were sent. HTTP hands a header's
+    value over as Latin-1, but an upstream's headers are ASCII (as every value Anthropic
+    defines is): another character could never be sent, so it refuses the request here.
+    """
+    forwarded = {}
+    for name in FORWARDED_HEADERS:
+        value = headers.get(name)
+        if value is None:
+            continue
+        if not value.isascii():
+            raise RequestError(f"the '{name}' header must be ASCII, got {value[:40]!r}")
+        forwarded[name] = value
+    return forwarded
 
 
 def to_chat_completions(body: dict[str, Any], uncarried: dict[str, RequestError] | None = None) -> dict[str, Any]:

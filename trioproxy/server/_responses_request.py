@@ -151,7 +151,8 @@ def listed_input_items(response_id: str, items: list[Any]) -> list[dict[str, Any
                 text_type = "output_text" if out.get("role") == "assistant" else "input_text"
                 out["content"] = [{"type": text_type, "text": out["content"]}]
         if not isinstance(out.get("id"), str):
-            out["id"] = f"{_ITEM_ID_PREFIXES.get(kind, 'item')}_{response_id.removeprefix('resp_')}_{index}"
+            prefix = _ITEM_ID_PREFIXES.get(kind, "item") if isinstance(kind, str) else "item"
+            out["id"] = f"{prefix}_{response_id.removeprefix('resp_')}_{index}"
         listed.append(out)
     return listed
 
@@ -274,7 +275,7 @@ def _messages(items: list[Any]) -> list[dict[str, object]]:
 
 def _message(item: dict[str, object], where: str) -> dict[str, object]:
     role = item.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:
         raise RequestError(
             f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}, not {role!r}", param=f"{where}.role"
         )
@@ -433,10 +434,13 @@ def _text_config(text: object) -> dict[str, object]:
 
 
 def _format(format_: object) -> dict[str, object]:
-    kind = format_.get("type") if isinstance(format_, dict) else None
-    if format_ is None or kind == "text":
+    if format_ is None:
         return {}
-    assert isinstance(format_, dict)
+    if not isinstance(format_, dict):
+        raise RequestError("'text.format' must be an object with a 'type'", param="text.format")
+    kind = format_.get("type")
+    if kind == "text":
+        return {}
     if kind == "json_object":
         return {"response_format": {"type": "json_object"}}
     if kind == "json_schema":
