@@ -41,10 +41,11 @@ install-bench: $(VENV)/.installed-bench
 serve: $(VENV)/.installed
 	$(BIN)/trioproxy serve $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT)) $(if $(CONFIG),--config $(CONFIG))
 
-# Static checks, run first by `make test`: ruff (lint; settings in pyproject.toml) on the code, the
-# tests and the benchmarks, and mypy in strict mode on the package.
+# Static checks, run first by `make test`: ruff (lint, and the formatter's check; settings in
+# pyproject.toml) on the code, the tests and the benchmarks, and mypy in strict mode on the package.
 check: $(VENV)/.installed-test
 	$(BIN)/ruff check trioproxy tests benchmarks
+	$(BIN)/ruff format --check trioproxy tests benchmarks
 	$(BIN)/mypy
 
 test: check browser redis-server $(if $(shell command -v node),claude-code codex vercel-ai)

@@ -100,9 +100,7 @@ class World:
         for name, upstream in self.upstreams.items():
             resets = self.script(upstream).resets
             left_open = sum(
-                1
-                for r in upstream.requests
-                if not r.completed and not r.disconnected.is_set() and id(r) not in resets
+                1 for r in upstream.requests if not r.completed and not r.disconnected.is_set() and id(r) not in resets
             )
             parts.append(f"{name} {upstream.request_count}" + (f" ({left_open})" if left_open else ""))
         return ", ".join(parts)

@@ -248,9 +248,7 @@ def test_the_sims_output_cap_is_configured() -> None:
 
 
 def test_unknown_top_level_key() -> None:
-    assert only_problem({"providrs": {}}) == (
-        f"config: unknown key 'providrs' (known: {TOP_LEVEL_KEYS})"
-    )
+    assert only_problem({"providrs": {}}) == (f"config: unknown key 'providrs' (known: {TOP_LEVEL_KEYS})")
 
 
 def test_unknown_server_key() -> None:

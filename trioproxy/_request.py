@@ -71,6 +71,7 @@ def drops(drop_params: DropParams, *names: str) -> bool:
         return drop_params
     return any(name in drop_params for name in names)
 
+
 MAX_JSON_DEPTH: Final = 128
 """
 How deeply a body's arrays and objects may nest, the body itself being level 1. Far beyond a

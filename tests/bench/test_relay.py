@@ -74,4 +74,3 @@ async def test_a_response_cut_short_ends_the_client_connection(nursery: trio.Nur
 def test_the_upstream_must_be_an_http_url(upstream: str) -> None:
     with pytest.raises(SystemExit, match="--upstream must be http://HOST:PORT"):
         trio.run(relay.main, upstream, 0)
-

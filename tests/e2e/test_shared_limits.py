@@ -105,9 +105,7 @@ async def streams_running(http: httpx.AsyncClient, running: list[Proxy], count: 
     return sum([(await http.get(p.url + "/health")).json()["active_streams"] for p in running]) == count
 
 
-async def test_requests_per_minute_are_exact_across_three_processes(
-    tmp_path: Path, redis_server: RedisServer
-) -> None:
+async def test_requests_per_minute_are_exact_across_three_processes(tmp_path: Path, redis_server: RedisServer) -> None:
     async with proxies(tmp_path, config_text(redis_server.url, "requests_per_minute = 7")) as three:
         answers = await chats_at_once(three, 24)  # 8 to each process
         assert sorted(answer.status_code for answer in answers) == [200] * 7 + [429] * 17

@@ -171,7 +171,9 @@ async def test_a_conversation_over_max_replay_bytes_is_not_shared_and_the_refusa
     tmp_path: Path, redis_server: RedisServer, upstream: FakeUpstream
 ) -> None:
     upstream.push(Reply(tokens=("Long.",)), Reply(tokens=("Still here.",)))
-    text = config_text(redis_server.url, "") + f"""
+    text = (
+        config_text(redis_server.url, "")
+        + f"""
 [streams]
 max_replay_bytes = 10000
 
@@ -179,6 +181,7 @@ max_replay_bytes = 10000
 type = "openai"
 base_url = "{upstream.url}/v1"
 """
+    )
     async with (
         proxies(tmp_path, text, count=2) as (first, second),
         openai_sdk(first.url) as on_first,

@@ -128,13 +128,16 @@ async def test_two_workers_answer_on_one_address_with_one_metrics(tmp_path: Path
 async def test_every_front_is_served_by_the_workers_and_counted_in_one_metrics(tmp_path: Path) -> None:
     """Each request on a connection of its own (a new client each time): either worker may take it."""
     down = f"http://127.0.0.1:{free_port()}/v1"  # a port where nothing listens: its target's breaker opens
-    text = CONFIG + f"""
+    text = (
+        CONFIG
+        + f"""
 [providers.down]
 type = "openai"
 base_url = "{down}"
 retry = {{ max_retries = 0 }}
 breaker = {{ failures = 1, cooldown = 600 }}
 """
+    )
     messages = [{"role": "user", "content": "one two"}]
     async with supervisor(tmp_path, text=text) as proxy:
         await pids_answering(proxy.url, 2)

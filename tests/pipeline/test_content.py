@@ -327,7 +327,7 @@ def test_build_unknown_type() -> None:
         (
             build_transforms,
             {"type": "regex_redact", "pattern": "[a-"},
-            "w[0] (regex_redact): 'pattern' is not a regular expression: " "unterminated character set at position 0",
+            "w[0] (regex_redact): 'pattern' is not a regular expression: unterminated character set at position 0",
         ),
         (
             build_transforms,

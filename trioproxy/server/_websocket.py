@@ -251,7 +251,6 @@ class _Connection:
             scope.cancel()
 
 
-
 def _tagged(event: StreamEvent, request_id: str | int | None, extra: Mapping[str, str] | None = None) -> bytes:
     """`event` as one line of JSON with the request's `id` (and `extra` in stream_start's metadata)."""
     obj = event.to_dict()
