@@ -363,6 +363,6 @@ def test_interleaved_tool_calls_are_refused_rather_than_written_to_a_stopped_blo
             Delta(tool_calls=(ToolCallDelta(index=1, id="call_b", name="g"),)),
         ],
     )
-    with pytest.raises(UpstreamProtocolError, match="^the upstream went back to tool call 0 after starting another$"):
+    with pytest.raises(UpstreamProtocolError, match=r"^the upstream went back to tool call 0 after starting another$"):
         renderer.delta(Delta(tool_calls=(ToolCallDelta(index=0, arguments="{}"),)))
     assert [data["type"] for _, data in events(out)][-2:] == ["content_block_stop", "content_block_start"]
