@@ -23,13 +23,14 @@ from typing import Any, TypeVar
 import anthropic
 import httpx
 import openai
+import orjson
 import pytest
 import trio
 from openai.types.chat import ChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
 from trioproxy import Config, create_app, parse_config, serve
-from trioproxy.testing import FakeUpstream, RecordedRequest, open_fake_upstream
+from trioproxy.testing import FakeUpstream, RecordedRequest, Reply, open_fake_upstream
 
 T = TypeVar("T")
 
@@ -290,6 +291,42 @@ async def answer_statuses(proxy_url: str, route: str | None = None) -> dict[str,
             if sample.name == "trioproxy_requests_total" and route in (None, sample.labels["route"]):
                 counted[sample.labels["status"]] += sample.value
     return dict(counted)
+
+
+async def stream_outcomes(proxy_url: str, route: str) -> dict[str, float]:
+    """How many streams of `route` ended with each outcome, and how many upstream errors of each kind were counted."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(proxy_url + "/metrics")).text
+    counted: collections.Counter[str] = collections.Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "trioproxy_streams_total" and sample.labels["route"] == route:
+                counted[sample.labels["outcome"]] += sample.value
+            elif sample.name == "trioproxy_upstream_errors_total":
+                counted["upstream_errors:" + sample.labels["status"]] += sample.value
+    return dict(counted)
+
+
+def interleaved_tool_calls(*, in_one_chunk: bool = False) -> Reply:
+    """
+    A Chat Completions upstream that goes back to tool call 0 after starting tool call 1 (legal
+    there, but neither a Response's items nor Anthropic's content blocks can interleave), then
+    says nothing more, its connection open: only the proxy's cancel ends it. `in_one_chunk`:
+    the whole interleaving in the first chunk that carries a tool call.
+    """
+
+    def chunk(delta: dict[str, Any]) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": None}
+        return b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [choice]}) + b"\n\n"
+
+    calls = [
+        {"index": 0, "id": "call_a", "type": "function", "function": {"name": "f", "arguments": ""}},
+        {"index": 1, "id": "call_b", "type": "function", "function": {"name": "g", "arguments": ""}},
+        {"index": 0, "function": {"arguments": "{}"}},
+    ]
+    chunks = [{"tool_calls": calls}] if in_one_chunk else [{"tool_calls": [call]} for call in calls]
+    body = chunk({"role": "assistant", "content": ""}) + b"".join(chunk(delta) for delta in chunks)
+    return Reply(raw_body=body, stall_after=0)
 
 
 def installed(path: Path, what: str, make_target: str) -> Path:

@@ -7,6 +7,7 @@ OpenAI (`up`, translated), or the simulated one (`sim`).
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from tests.conftest import (
     collect_into,
     hang_up_mid_stream,
     hang_up_once_asked,
+    interleaved_tool_calls,
     proxy_config,
     serve_proxy,
+    stream_outcomes,
     wait_until,
 )
 from trioproxy import parse_config
@@ -561,6 +564,55 @@ async def test_limits_refuse_in_anthropic_s_shape_and_metrics_count_the_route(
         )
 
     await wait_until(counted)
+
+
+# --- what content blocks cannot carry ------------------------------------------------------------
+
+
+async def test_interleaved_tool_calls_end_the_stream_with_an_error_event(
+    claude: anthropic.AsyncAnthropic, proxy_url: str, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """
+    A Chat Completions upstream may go back to tool call 0 after starting tool call 1; a
+    stopped tool_use block takes no more deltas (the proxy wrote one, which the SDK happened to
+    swallow). Streamed, the client gets an `error` event as the stream's last word; refused
+    before anything was sent, or not streamed, the error is the answer's status. Each counts
+    as an upstream protocol error, with no bug logged.
+    """
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    upstream.push(
+        interleaved_tool_calls(),
+        interleaved_tool_calls(in_one_chunk=True),
+        interleaved_tool_calls(),
+    )
+    stream = await claude.messages.create(**create(model="up/gpt-test"), stream=True)
+    events: list[Any] = []
+    with pytest.raises(anthropic.APIStatusError) as streamed:
+        await collect_into(stream, events)
+    with pytest.raises(anthropic.InternalServerError) as held:
+        await claude.messages.create(**create(model="up/gpt-test"), stream=True)
+    with pytest.raises(anthropic.InternalServerError) as whole:
+        await claude.messages.create(**create(model="up/gpt-test"))
+
+    refusal = "the upstream went back to tool call 0 after starting another"
+    assert refusal in streamed.value.message
+    assert [event.type for event in events][-3:] == ["content_block_start", "content_block_stop", "content_block_start"]
+    assert (held.value.status_code, whole.value.status_code) == (502, 502)
+    assert held.value.body["error"]["message"].startswith(refusal)  # type: ignore[index]
+    assert whole.value.body["error"]["message"].startswith(refusal)  # type: ignore[index]
+
+    def access_lines() -> list[dict[str, Any]]:
+        return [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+
+    await wait_until(lambda: len(access_lines()) == 3)
+    assert [(line["status"], line["outcome"]) for line in access_lines()] == [
+        (200, "upstream_error"),
+        *[(502, "upstream_error")] * 2,
+    ]
+    assert await stream_outcomes(proxy_url, "/v1/messages") == {"upstream_error": 3, "upstream_errors:protocol": 3}
+    # The upstreams never ended their streams: the proxy cancelled each (or the client would still wait).
+    assert all(asked.disconnected.is_set() and not asked.completed for asked in upstream.requests)
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 # --- models ---------------------------------------------------------------------------------

@@ -27,10 +27,12 @@ from tests.conftest import (
     chat_text,
     collect_into,
     hang_up_once_asked,
+    interleaved_tool_calls,
     openai_sdk,
     openai_upstream_config,
     proxy_config,
     serve_proxy,
+    stream_outcomes,
     upstream_closed_soon_after,
     wait_until,
     wait_until_idle,
@@ -1147,37 +1149,67 @@ async def test_tool_calls_the_responses_protocol_cannot_carry_end_the_stream_wit
 ) -> None:
     """
     A Chat Completions upstream may go back to a tool call after starting another; a Response's
-    function_call items cannot interleave. The client is told so, as the stream's error, and
-    no bug is logged (it was: the broadcast failed, and the client heard only that the
-    server ended the stream).
+    function_call items cannot interleave. The client is told so, as the stream's error (or,
+    before anything was sent, or not streamed, as the answer's status), and no bug is logged
+    (it was: the broadcast failed, and the client heard only that the server ended the
+    stream). Each counts as an upstream protocol error.
     """
-
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return b"data: " + orjson.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [choice]}) + b"\n\n"
-
-    def call(index: int, **fields: Any) -> dict[str, Any]:
-        return {"tool_calls": [{"index": index, **fields}]}
-
-    interleaved = (
-        chunk({"role": "assistant", "content": ""})
-        + chunk(call(0, id="call_a", type="function", function={"name": "f", "arguments": ""}))
-        + chunk(call(1, id="call_b", type="function", function={"name": "g", "arguments": ""}))
-        + chunk(call(0, function={"arguments": "{}"}))
-        + chunk({}, "tool_calls")
-        + b"data: [DONE]\n\n"
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    upstream.push(
+        interleaved_tool_calls(),
+        interleaved_tool_calls(in_one_chunk=True),
+        interleaved_tool_calls(),
     )
-    upstream.push(Reply(raw_body=interleaved))
     async with httpx.AsyncClient(base_url=proxy_url) as http:
         body = {"model": "up/gpt-test", "input": "go", "stream": True, "store": store}
         response = await http.post("/v1/responses", json=body)
-        upstream.push(Reply(raw_body=interleaved))
+        held = await http.post("/v1/responses", json=body)
         whole = await http.post("/v1/responses", json={**body, "stream": False})
     events = [orjson.loads(event.data) for event in SSEDecoder().feed(response.content)]
     assert [event["type"] for event in events][-2:] == ["error", "response.failed"]
     assert events[-2]["error"]["message"].startswith("the upstream went back to tool call 0 after starting another")
     assert events[-1]["response"]["error"]["code"] == "upstream_error"
-    # Not streamed: the error, as the status the answer could not be given with.
-    assert whole.status_code == 502
+    # Refused before the first event, or not streamed: the status the answer could not be given with.
+    assert (held.status_code, whole.status_code) == (502, 502)
+    assert held.json()["error"]["message"].startswith("the upstream went back to tool call 0")
     assert whole.json()["error"]["message"].startswith("the upstream went back to tool call 0")
+
+    def access_lines() -> list[dict[str, Any]]:
+        return [r.fields for r in caplog.records if r.name == "trioproxy.access"]  # type: ignore[attr-defined]
+
+    await wait_until(lambda: len(access_lines()) == 3)
+    assert [(line["status"], line["outcome"]) for line in access_lines()] == [
+        (200, "upstream_error"),
+        (502, "upstream_error"),
+        (502, "upstream_error"),
+    ]
+    assert await stream_outcomes(proxy_url, "/v1/responses") == {"upstream_error": 3, "upstream_errors:protocol": 3}
+    # The upstreams never ended their streams: the proxy cancelled each (or the client would still wait).
+    assert all(asked.disconnected.is_set() and not asked.completed for asked in upstream.requests)
+    assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_websocket_mode_ends_a_response_it_cannot_carry_with_that_error(
+    proxy_url: str, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same over WebSocket: the response fails with the error, and the connection goes on."""
+    caplog.set_level(logging.INFO, logger="trioproxy.access")
+    upstream.push(interleaved_tool_calls(), interleaved_tool_calls(), Reply(tokens=TOKENS))
+    async with trio_websocket.open_websocket_url(ws_url(proxy_url)) as connection:
+        unkept = await one_response(connection, model="up/m", input="hi", store=False)
+        stored = await one_response(connection, model="up/m", input="hi")
+        answered = await one_response(connection, model="up/m", input="hi")
+    for events in (unkept, stored):
+        assert [event["type"] for event in events][-2:] == ["error", "response.failed"]
+        assert events[-2]["error"]["message"].startswith("the upstream went back to tool call 0 after starting another")
+    assert answered[-1]["type"] == "response.completed"
+    assert all(asked.disconnected.is_set() and not asked.completed for asked in list(upstream.requests)[:2])
+    await wait_until(
+        lambda: len([r for r in caplog.records if r.name == "trioproxy.access"]) == 4
+    )  # (and the socket's)
+    assert await stream_outcomes(proxy_url, "/v1/responses") == {
+        "upstream_error": 2,
+        "completed": 1,
+        "upstream_errors:protocol": 2,
+    }
     assert not [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]

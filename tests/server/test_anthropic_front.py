@@ -347,3 +347,22 @@ def test_a_continuation_that_adds_no_text_still_closes_the_forwarded_text_block(
     names = [name for name, _ in events(out)]
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert events(out)[-3][1]["index"] == 0
+
+
+def test_interleaved_tool_calls_are_refused_rather_than_written_to_a_stopped_block() -> None:
+    """
+    A Chat Completions upstream may go back to a tool call after starting another; a tool_use
+    block, once stopped, takes no more deltas. The renderer refuses the delta instead.
+    """
+    renderer = AnthropicEventRenderer(model=MODEL)
+    out = render(
+        renderer,
+        [
+            Delta(role="assistant"),
+            Delta(tool_calls=(ToolCallDelta(index=0, id="call_a", name="f"),)),
+            Delta(tool_calls=(ToolCallDelta(index=1, id="call_b", name="g"),)),
+        ],
+    )
+    with pytest.raises(UpstreamProtocolError, match=r"^the upstream went back to tool call 0 after starting another$"):
+        renderer.delta(Delta(tool_calls=(ToolCallDelta(index=0, arguments="{}"),)))
+    assert [data["type"] for _, data in events(out)][-2:] == ["content_block_stop", "content_block_start"]

@@ -37,6 +37,7 @@ class FakeSession:
         self.accumulator = Accumulator()
         self.stats = SimpleNamespace(buffer_waits=[])
         self.completed = False
+        self.failed = False  # it sends no error
         self.cancelled_at: float | None = None
 
     def ended_with(self, error: TrioproxyError) -> TrioproxyError:

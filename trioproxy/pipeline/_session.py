@@ -13,6 +13,8 @@ Items on `output` (`_items.py`): `OPENED` (the upstream accepted), `Delta`s, `Re
 of the channel; a channel that closes with `completed` still false was cut short, and the
 client must be told so rather than shown a truncated answer as whole. A session ended with
 `interrupt(error)` (the server is shutting down) says so itself: `error` is its last item.
+An item the client's protocol cannot carry ends it too, with the renderer's refusal as its
+last word (`refused`): a failure, like the upstream's.
 
 A response that has committed to streaming can take the items straight from the session's
 tasks instead (`deliver_to`): the task that read a token from the upstream then also writes
@@ -200,12 +202,28 @@ class StreamSession:
         if isinstance(item, RetryNotice):
             self._count(item)
         elif isinstance(item, TrioproxyError):
-            self._failed = True
-            if isinstance(item, UpstreamError) and not self.stats.counted(item):
-                self.stats.failed(item)  # (a stream a continuation could not save ends with the failure it counted)
-            item = self.ended_with(item)
-            self.stats.error = item
+            item = self._end_with(item)
         await self._send(item)
+
+    def refused(self, refusal: TrioproxyError) -> TrioproxyError:
+        """
+        The client's renderer refused an item its protocol cannot carry (an upstream's tool
+        calls interleaved): `refusal` ends the stream as its failure, counted as an error like
+        the upstream's own, and its upstream request is cancelled. Returns the stream's last
+        word, for the renderer to render in its place; nothing is delivered after it.
+        """
+        last_word = self._end_with(refusal)
+        if not self._writing:  # else `_write` cancels it once the last word is written (from inside it)
+            self.abort_upstream()
+        return last_word
+
+    def _end_with(self, error: TrioproxyError) -> TrioproxyError:
+        self._failed = True
+        if isinstance(error, UpstreamError) and not self.stats.counted(error):
+            self.stats.failed(error)  # (a stream a continuation could not save ends with the failure it counted)
+        error = self.ended_with(error)
+        self.stats.error = error
+        return error
 
     def _count(self, notice: RetryNotice) -> None:
         stats = self.stats
@@ -264,11 +282,14 @@ class StreamSession:
         while self._writing:
             await self._write_turn.park()
         self._writing = True
+        failed_before = self._failed
         try:
             self._last_output = trio.current_time()  # a write under way is not silence: no heartbeat
             await self._writer.send(item)
         finally:
             self._writing = False
+            if self._failed and not failed_before:  # the writer refused the item (`refused`); its last word is out
+                self.abort_upstream()
             if self._write_turn:  # a writer waits (rare): its turn
                 self._write_turn.unpark()
 

@@ -9,7 +9,8 @@ Two sources, one stream. A delta that still carries an Anthropic upstream's own 
 the client untouched. Any other delta (another upstream, or a stage that changed content) is
 rendered into blocks here: text → `text_delta`, reasoning → a thinking block (with its
 signature, when Anthropic signed it), tool-call fragments → a `tool_use` block with
-`input_json_delta`s.
+`input_json_delta`s. A stopped block takes no more deltas: an upstream that goes back to a
+tool call after starting another (Chat Completions may) is refused (`UpstreamProtocolError`).
 
 What the client sees is decided by the stream, not by each delta:
 
@@ -287,6 +288,8 @@ class AnthropicEventRenderer:
             block = {"type": "tool_use", "id": tool_id, "name": call.name or "", "input": {}}
             out += self._in_block(f"tool {call.index}", block)
             index = self._tool_blocks[call.index] = self._blocks - 1
+        elif self._open != (f"tool {call.index}", index):  # its block was stopped: it takes no more deltas
+            raise UpstreamProtocolError(f"the upstream went back to tool call {call.index} after starting another")
         if call.arguments:
             self._output_chars += len(call.arguments)
             out += self._block_delta({"type": "input_json_delta", "partial_json": call.arguments}, index)

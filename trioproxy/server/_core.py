@@ -48,7 +48,7 @@ from .._upstream import Upstream
 from ..pipeline import Pipeline, SessionItem, StreamSession, pipeline_for, start_session
 from ._access import AccessLog, request_record
 from ._auth import NO_KEY, key_name, presented_key
-from ._generic import Renderer, StreamInterrupted, commits, last_word, prompt_chars, render
+from ._generic import Renderer, StreamInterrupted, commits, last_word, prompt_chars, render_for
 from ._metrics import Metrics
 from ._shutdown import GracefulShutdown
 from ._streams import (
@@ -365,8 +365,9 @@ class Core:
     ) -> Response:
         """
         Wait until the session has something the client must see (`opening`): an error before
-        that still gets an HTTP status and the protocol's error body; else the response is
-        committed as a 200 stream, and its head carries every item held until then, in order.
+        that still gets an HTTP status and the protocol's error body, and so does the
+        renderer's refusal of an item held until then; else the response is committed as a
+        200 stream, and its head carries every item held until then, in order.
         """
         try:
             held = await opening(session, shows_notices=renderer.shows_notices)
@@ -376,7 +377,10 @@ class Core:
         if isinstance(held, TrioproxyError):
             session.cancel()
             return error_response(held)
-        head = b"".join(render(renderer, item) for item in held)
+        head = b"".join(render_for(session, renderer, item) for item in held)
+        if session.failed:  # the renderer refused a held item: nothing was sent yet, a status still can be
+            session.cancel()
+            return error_response(_refusal(session))
         body = _relay(session, renderer, head, kept_send(request.scope), body_lane(request.scope))
         return Response(body, status=200, content_type=content_type, headers=STREAM_HEADERS)
 
@@ -393,7 +397,8 @@ class Core:
         Like `stream`, but once the upstream accepted, the generation becomes a resumable
         stream (its own broadcast task) with the current request as its first watcher: the
         stream, what it said until now, and the watcher. Raises the error that ended the
-        session before that (or `StreamsFullError`), the session cancelled.
+        session before that (or the renderer's refusal of an item held until then, or
+        `StreamsFullError`), the session cancelled.
         """
         try:
             held = await opening(session, shows_notices=shows_notices)
@@ -405,6 +410,9 @@ class Core:
             raise
         for item in held:  # logged before the first watcher attaches: it gets them as one write
             stream.publish(item)
+        if session.failed:  # the renderer refused a held item: nobody saw the stream, a status still can be
+            self.streams.remove(stream.id)
+            raise _refusal(session)
         backlog, watcher = stream.attach()
         self.nursery.start_soon(stream.run, name=f"stream {stream.id}")
         return stream, backlog, watcher
@@ -444,6 +452,8 @@ async def complete(session: StreamSession, take: Callable[[SessionItem], None] |
                 return item
             if take is not None:
                 take(item)
+                if session.failed:  # `take` refused the item (`render_for`): that ended the session
+                    return _refusal(session)
         if not session.completed:
             return StreamInterrupted("the server ended the request before it completed")
         return None
@@ -457,7 +467,7 @@ async def rendered_answer(session: StreamSession, renderer: Renderer) -> bytes |
     fronts fold them into one object), or the error that ended the session.
     """
     events = bytearray()
-    error = await complete(session, lambda item: events.extend(render(renderer, item)))
+    error = await complete(session, lambda item: events.extend(render_for(session, renderer, item)))
     if error is not None:
         return error
     return bytes(events + renderer.done(session))
@@ -483,7 +493,8 @@ class _BodyWriter:
     lane when it has one and the lane takes them, else through its ASGI `send`.
     """
 
-    def __init__(self, renderer: Renderer, send: ASGISend, lane: BodyLane | None) -> None:
+    def __init__(self, session: StreamSession, renderer: Renderer, send: ASGISend, lane: BodyLane | None) -> None:
+        self._session = session
         self._renderer = renderer
         self._send = send
         self._lane = lane
@@ -491,7 +502,7 @@ class _BodyWriter:
         """False once the response ended: the client is gone."""
 
     async def send(self, item: SessionItem) -> None:
-        out = render(self._renderer, item)
+        out = render_for(self._session, self._renderer, item)
         if out and self.relaying:
             if self._lane is not None and (rest := self._lane.write(out)) is not None:
                 if rest:
@@ -508,7 +519,7 @@ async def _relay(
     themselves, through the request's own ASGI `send` (the one quart writes with); this only
     waits for the session to end, and then writes its last word. Never yields inside a nursery.
     """
-    writer = _BodyWriter(renderer, send, lane)
+    writer = _BodyWriter(session, renderer, send, lane)
     try:
         yield head
         session.deliver_to(writer)
@@ -518,6 +529,12 @@ async def _relay(
     finally:
         writer.relaying = False
         session.cancel()
+
+
+def _refusal(session: StreamSession) -> TrioproxyError:
+    """The error a session that `render_for` ended with the renderer's refusal ended with."""
+    assert session.stats.error is not None
+    return session.stats.error
 
 
 def _used_tokens(session: StreamSession) -> int | None:

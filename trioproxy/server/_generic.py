@@ -1,6 +1,7 @@
 """
 What the generic event endpoints share, over HTTP and WebSocket alike: reading the generic
-request body, the renderer interface of the front adapters, and rendering session items.
+request body, the renderer interface of the front adapters, and rendering session items (with
+what a renderer's refusal of one means for its session: `render_for`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "last_word",
     "prompt_chars",
     "render",
+    "render_for",
 ]
 
 
@@ -52,6 +54,21 @@ def render(renderer: Renderer, item: SessionItem) -> bytes:
     if isinstance(item, TrioproxyError):
         return renderer.error(item)
     return renderer.opened()
+
+
+def render_for(session: StreamSession, renderer: Renderer, item: SessionItem) -> bytes:
+    """
+    `item` of `session` in the renderer's protocol: every front renders a session's items here.
+    An item the protocol cannot carry (the renderer raised its `TrioproxyError`: an upstream's
+    tool calls interleaved) ends the session with that refusal, rendered as its last word;
+    after the last word, nothing.
+    """
+    if session.failed and not isinstance(item, TrioproxyError):
+        return b""  # (a heartbeat, or an item already on its way when a refusal ended the stream)
+    try:
+        return render(renderer, item)
+    except TrioproxyError as refusal:
+        return renderer.error(session.refused(refusal))
 
 
 def commits(item: SessionItem, *, shows_notices: bool) -> bool:

@@ -49,7 +49,7 @@ from .._request import ChatRequest
 from .._sse import SSEDecoder
 from ..pipeline import StreamSession
 from ._core import Core
-from ._generic import last_word, prompt_chars, render
+from ._generic import last_word, prompt_chars, render_for
 from ._responses_front import ResponsesEventRenderer, websocket_frame
 from ._responses_request import Turn, continued, input_items, parse_responses_request
 from ._streams import BroadcastStream, Watcher
@@ -208,8 +208,8 @@ async def _relay(
     async for item in session.output:
         if isinstance(item, TrioproxyError) and not renderer.started:
             raise item
-        await send(render(renderer, item))
-        if isinstance(item, TrioproxyError):
+        await send(render_for(session, renderer, item))
+        if session.failed:  # its error (or the renderer's refusal of the item) was the last word
             return False
     await send(last_word(renderer, session))
     return True

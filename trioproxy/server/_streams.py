@@ -51,7 +51,7 @@ from .._policy import StreamsConfig
 from .._redis import LoggedEvents
 from ..pipeline import Heartbeat, SessionItem
 from ._events_front import SSE_KEEP_ALIVE, sse_frame
-from ._generic import StreamInterrupted, last_word, render
+from ._generic import StreamInterrupted, last_word, render_for
 
 if TYPE_CHECKING:
     from ..pipeline import StreamSession
@@ -324,21 +324,12 @@ class BroadcastStream:
         if isinstance(item, Heartbeat):
             self._fan_out(SSE_KEEP_ALIVE)
             return
-        self._ended = self._ended or item is None or isinstance(item, TrioproxyError)
         if item is None:
+            self._ended = True
             self._finish_events()
         else:
-            try:
-                render(self.renderer, item)  # framed into `_pending` by `_frame`
-            except TrioproxyError as refusal:
-                # The protocol cannot carry the item (an upstream's tool calls interleaved):
-                # that is the stream's last word, as if the session had ended with it.
-                self._ended = True
-                delivered = self.session.accumulator
-                last_word = refusal.after_delivery(
-                    len(delivered.text), content_delivered=bool(delivered.content_deltas)
-                )
-                render(self.renderer, last_word)
+            render_for(self.session, self.renderer, item)  # framed into `_pending` by `_frame`
+            self._ended = self.session.failed  # its error, or the renderer's refusal of the item
         pending, self._pending = self._pending, []
         for event_id, data in pending:
             self.log.append(event_id, data)

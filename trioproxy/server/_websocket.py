@@ -52,7 +52,7 @@ from .._router import Router
 from ..pipeline import StreamSession, pipeline_for
 from ._access import request_record
 from ._events_front import EventRenderer, error_event
-from ._generic import generic_chat_request, last_word, prompt_chars, render
+from ._generic import generic_chat_request, last_word, prompt_chars, render_for
 from ._shutdown import GracefulShutdown
 
 __all__ = ["MAX_STREAMS", "SEND_QUEUE_SIZE", "register_websocket_routes"]
@@ -222,8 +222,8 @@ class _Connection:
         try:
             with scope:
                 async for item in session.output:  # no heartbeats: `start(..., heartbeats=False)`
-                    await self.send_lines(render(renderer, item))
-                    if isinstance(item, TrioproxyError):
+                    await self.send_lines(render_for(session, renderer, item))
+                    if session.failed:  # its error (or the renderer's refusal of the item) was the last word
                         return
                     if isinstance(item, Delta):
                         delivered += len(item.text)
