@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -30,10 +29,11 @@ import httpx
 import orjson
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from tests.conftest import proxy_config, serve_proxy
+from tests.fuzzing import fuzzed, json_paths, replaced, value_at
 from trioproxy import SSEDecoder
 from trioproxy._config import AuthConfig
 from trioproxy.testing import FakeUpstream, open_fake_upstream
@@ -41,21 +41,14 @@ from trioproxy.testing import FakeUpstream, open_fake_upstream
 #: Real seconds an answer may take, whole: a guard against a hang, not a measure (the upstream
 #: answers at once; a busy two-core machine stretches that many times).
 ANSWER_BOUND: Final = 10.0
-#: Examples per test: the file runs in about half a minute on two cores; more with FUZZ_EXAMPLES.
-EXAMPLES: Final = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 CLIENT_KEY: Final = "client-key"
 #: Every provider type the fronts translate to: Chat Completions, Anthropic, Responses, simulated.
 MODELS: Final = ("up/m", "claude/m", "resp/m", "sim/echo", "sim/tools")
 #: A long string among the values: far beyond any field's expected size, well within `max_body_bytes`.
 LONG: Final = 20_000
 
-FUZZ_SETTINGS: Final = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],  # a server's answer per example
-)
+#: 150 examples per test: the file runs in about half a minute on two cores.
+FUZZ_SETTINGS: Final = fuzzed(150, HealthCheck.data_too_large)  # a server's answer per example
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,34 +93,6 @@ json_values = st.recursive(
 )
 
 
-def paths(value: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every place in `value` a mutation may hit, the whole value first."""
-    found = [at]
-    if isinstance(value, dict):
-        for key, child in value.items():
-            found += paths(child, (*at, key))
-    elif isinstance(value, list):
-        for index, child in enumerate(value):
-            found += paths(child, (*at, index))
-    return found
-
-
-def value_at(value: Any, at: tuple[Any, ...]) -> Any:
-    for step in at:
-        value = value[step]
-    return value
-
-
-def replaced(value: Any, at: tuple[Any, ...], new: Any) -> Any:
-    """`value` with what is at `at` replaced by `new` (a copy along the path only)."""
-    if not at:
-        return new
-    head, *rest = at
-    if isinstance(value, dict):
-        return {**value, head: replaced(value[head], tuple(rest), new)}
-    return [replaced(child, tuple(rest), new) if i == head else child for i, child in enumerate(value)]
-
-
 def deleted(value: Any, at: tuple[Any, ...]) -> Any:
     """`value` without what is at `at` (not the root)."""
     *parent_path, last = at
@@ -146,7 +111,7 @@ def mutated(draw: st.DrawFn, value: Any) -> Any:
     key gone, unknown keys added to an object, a place nested in arrays up to past the limit.
     """
     for _ in range(draw(st.integers(1, 3))):
-        at = draw(st.sampled_from(paths(value)))
+        at = draw(st.sampled_from(json_paths(value)))
         old = value_at(value, at)
         change = draw(st.sampled_from(["replace", "delete", "add", "nest"]))
         if change == "delete" and at:

@@ -17,17 +17,17 @@ examples are few (`max_examples`) to keep the module under ~30 s.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Final
 
 import httpx
 import orjson
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from tests.conftest import serve_proxy
+from tests.fuzzing import fuzzed
 from tests.providers.test_fuzzed_streams import PROTOCOLS, mutated_stream
 from trioproxy import parse_config
 from trioproxy._sse import ServerSentEvent, SSEDecoder
@@ -35,12 +35,7 @@ from trioproxy.testing import Reply, open_fake_upstream
 
 #: Real seconds an example may take before it counts as a hang (a generous bound on a busy machine).
 EXAMPLE_BOUND: Final = 20.0
-E2E_FUZZ: Final = settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 25)),
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+E2E_FUZZ: Final = fuzzed(25, HealthCheck.function_scoped_fixture)
 
 #: Upstream protocol → the provider type that speaks it, and the model that routes to it.
 UPSTREAMS: Final = {

@@ -19,16 +19,16 @@ that is not JSON, the end marker early or missing). The properties:
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fuzzing import fuzzed, json_paths, replaced, value_at
 from trioproxy._events import Delta, ToolCallDelta, Usage
 from trioproxy._exceptions import UpstreamProtocolError, UpstreamStatusError
 from trioproxy._sse import ServerSentEvent, SSEDecoder
@@ -45,12 +45,7 @@ from trioproxy.testing._wire import (
 )
 
 FIXTURES: Final = Path(__file__).parent.parent / "fixtures"
-FUZZ: Final = settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 200)),  # set it higher to search longer
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+FUZZ: Final = fuzzed(200)
 
 REPLIES: Final = (
     Reply(tokens=("Hello", ",", " world", "!")),
@@ -202,33 +197,8 @@ _KEYS: Final = st.sampled_from(
 )  # fmt: skip
 
 
-def _paths(value: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every path into a JSON value (the root included)."""
-    paths = [at]
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            paths += _paths(inner, (*at, key))
-    elif isinstance(value, list):
-        for i, inner in enumerate(value):
-            paths += _paths(inner, (*at, i))
-    return paths
-
-
 def _containers(value: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    return [path for path in _paths(value, at) if isinstance(_get(value, path), dict)]
-
-
-def _get(value: Any, path: tuple[Any, ...]) -> Any:
-    for step in path:
-        value = value[step]
-    return value
-
-
-def _set(value: Any, path: tuple[Any, ...], new: Any) -> Any:
-    if not path:
-        return new
-    _get(value, path[:-1])[path[-1]] = new
-    return value
+    return [path for path in json_paths(value, at) if isinstance(value_at(value, path), dict)]
 
 
 def _json_data(event: ServerSentEvent) -> Any:
@@ -260,16 +230,16 @@ def mutated_event(draw: st.DrawFn, event: ServerSentEvent) -> ServerSentEvent:
         if draw(st.booleans()):
             return dataclasses.replace(event, data="[" * 2000 + "]" * 2000)  # deeper than orjson reads (1024)
         value = draw(st.sampled_from(["x" * 200_000, 2**64 - 1, -(2**63), _NESTED]))
-        return _with_data(event, _set(payload, draw(st.sampled_from(_paths(payload))), value))
+        return _with_data(event, replaced(payload, draw(st.sampled_from(json_paths(payload))), value))
     if kind == "replace":
-        paths = _paths(payload)
+        paths = json_paths(payload)
         depth = draw(st.integers(0, max(len(path) for path in paths)))  # as likely shallow as deep
         path = draw(st.sampled_from([path for path in paths if len(path) <= depth]))
-        return _with_data(event, _set(payload, path, draw(JSON)))
+        return _with_data(event, replaced(payload, path, draw(JSON)))
     containers = _containers(payload)
     if not containers:
         return event
-    container = _get(payload, draw(st.sampled_from(containers)))
+    container = value_at(payload, draw(st.sampled_from(containers)))
     if kind == "delete" and container:
         del container[draw(st.sampled_from(sorted(container)))]
     else:
@@ -419,7 +389,7 @@ def still_valid(draw: st.DrawFn, protocol_events: tuple[str, list[ServerSentEven
         at = draw(st.integers(0, len(events) - 1))
         payload = _json_data(events[at])
         if draw(st.booleans()) and isinstance(payload, dict):
-            container = _get(payload, draw(st.sampled_from(_containers(payload))))
+            container = value_at(payload, draw(st.sampled_from(_containers(payload))))
             container["x_vendor_" + draw(st.text("abc", max_size=3))] = draw(JSON)
             events[at] = _with_data(events[at], payload)
         else:

@@ -15,7 +15,6 @@ anywhere, and goes on with rendered text, as a continuation does.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Final
 import orjson
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from openai import omit
 from openai._models import construct_type
@@ -33,6 +32,7 @@ from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.chat import ChatCompletionChunk
 from openai.types.responses import ResponseStreamEvent
 
+from tests.fuzzing import fuzzed
 from trioproxy._events import Delta, ToolCallDelta, Usage
 from trioproxy._exceptions import TrioproxyError, UpstreamProtocolError, UpstreamStatusError
 from trioproxy._sse import SSEDecoder
@@ -48,12 +48,7 @@ from trioproxy.testing import Reply, ToolCall
 from trioproxy.testing._wire import anthropic_frames, openai_frames, responses_frames
 
 FIXTURES: Final = Path(__file__).parent.parent / "fixtures"
-FUZZ: Final = settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)),  # set it higher to search longer
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+FUZZ: Final = fuzzed(150)
 
 TEXT: Final = st.text(min_size=1, max_size=6)
 FINISH_REASONS: Final = st.sampled_from(["stop", "length", "tool_calls", "content_filter", "function_call"])
