@@ -75,7 +75,6 @@ class StreamSession:
         first = pipeline.routes[0]
         self.stats = StreamStats(started=trio.current_time(), provider=first.provider.name, model=first.upstream_model)
         self.completed = False
-        self._failed = False
         self.finished = trio.Event()
         self._heartbeat_interval = pipeline.timeouts.heartbeat_interval if heartbeats else 0.0
         self._cancel_scope = trio.CancelScope()
@@ -145,9 +144,14 @@ class StreamSession:
         return self.accumulator.ended_with(error) if self.streamed else error
 
     @property
+    def error(self) -> TrioproxyError | None:
+        """The error that was the stream's last word, once one was (the upstream's, a refusal, ...)."""
+        return self.stats.error
+
+    @property
     def failed(self) -> bool:
         """An error was delivered: it was the stream's last word."""
-        return self._failed
+        return self.stats.error is not None
 
     def deliver_to(self, writer: Sink) -> None:
         """
@@ -181,7 +185,7 @@ class StreamSession:
             async with receive:
                 async for item in receive:
                     await self.send(item)
-        self.completed = not self._failed and not self._upstream_scope.cancelled_caught
+        self.completed = not self.failed and not self._upstream_scope.cancelled_caught
 
     async def _read_upstream_into(self, send: trio.MemorySendChannel[SessionItem]) -> None:
         async with send:
@@ -191,7 +195,7 @@ class StreamSession:
 
     async def send(self, item: SessionItem) -> None:
         """Delivery, the last stage: account for what the client gets, then hand it over."""
-        if self._failed:
+        if self.failed:
             return  # the stream already ended with its error
         if isinstance(item, Delta):
             self.accumulator.add(item)
@@ -218,7 +222,6 @@ class StreamSession:
         return last_word
 
     def _end_with(self, error: TrioproxyError) -> TrioproxyError:
-        self._failed = True
         if isinstance(error, UpstreamError) and not self.stats.counted(error):
             self.stats.failed(error)  # (a stream a continuation could not save ends with the failure it counted)
         error = self.ended_with(error)
@@ -282,13 +285,13 @@ class StreamSession:
         while self._writing:
             await self._write_turn.park()
         self._writing = True
-        failed_before = self._failed
+        failed_before = self.failed
         try:
             self._last_output = trio.current_time()  # a write under way is not silence: no heartbeat
             await self._writer.send(item)
         finally:
             self._writing = False
-            if self._failed and not failed_before:  # the writer refused the item (`refused`); its last word is out
+            if self.failed and not failed_before:  # the writer refused the item (`refused`); its last word is out
                 self.abort_upstream()
             if self._write_turn:  # a writer waits (rare): its turn
                 self._write_turn.unpark()

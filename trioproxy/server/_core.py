@@ -378,9 +378,9 @@ class Core:
             session.cancel()
             return error_response(held)
         head = b"".join(render_for(session, renderer, item) for item in held)
-        if session.failed:  # the renderer refused a held item: nothing was sent yet, a status still can be
+        if (refusal := session.error) is not None:  # of a held item: nothing was sent yet, a status still can be
             session.cancel()
-            return error_response(_refusal(session))
+            return error_response(refusal)
         body = _relay(session, renderer, head, kept_send(request.scope), body_lane(request.scope))
         return Response(body, status=200, content_type=content_type, headers=STREAM_HEADERS)
 
@@ -410,9 +410,9 @@ class Core:
             raise
         for item in held:  # logged before the first watcher attaches: it gets them as one write
             stream.publish(item)
-        if session.failed:  # the renderer refused a held item: nobody saw the stream, a status still can be
+        if (refusal := session.error) is not None:  # of a held item: nobody saw the stream, a status still can be
             self.streams.remove(stream.id)
-            raise _refusal(session)
+            raise refusal
         backlog, watcher = stream.attach()
         self.nursery.start_soon(stream.run, name=f"stream {stream.id}")
         return stream, backlog, watcher
@@ -452,8 +452,8 @@ async def complete(session: StreamSession, take: Callable[[SessionItem], None] |
                 return item
             if take is not None:
                 take(item)
-                if session.failed:  # `take` refused the item (`render_for`): that ended the session
-                    return _refusal(session)
+                if (refusal := session.error) is not None:  # `take` refused the item (`render_for`)
+                    return refusal
         if not session.completed:
             return StreamInterrupted("the server ended the request before it completed")
         return None
@@ -529,12 +529,6 @@ async def _relay(
     finally:
         writer.relaying = False
         session.cancel()
-
-
-def _refusal(session: StreamSession) -> TrioproxyError:
-    """The error a session that `render_for` ended with the renderer's refusal ended with."""
-    assert session.stats.error is not None
-    return session.stats.error
 
 
 def _used_tokens(session: StreamSession) -> int | None:
